@@ -1,0 +1,22 @@
+//! Types shared by every ublk-mirror component: byte sizes as users write
+//! them, and the one error type of this crate.
+//!
+//! The wire protocol, block-range types, hashing and identity will live here
+//! too, so that the device daemon and the mirror server agree by construction.
+
+pub mod size;
+
+pub use size::ByteSize;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// A size written by a user could not be understood.
+    #[error("invalid size {input:?}: {reason}")]
+    InvalidSize {
+        /// What the user wrote.
+        input: String,
+        /// Why it was refused, in words.
+        reason: &'static str,
+    },
+}

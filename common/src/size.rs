@@ -1,0 +1,196 @@
+//! Byte sizes as people write them on a command line or in a config file.
+//!
+//! `4096`, `512K`, `10G`, `1.5TiB` and `64 MiB` all parse; suffixes are binary
+//! (`K` = 1024), as for `truncate -s` and `qemu-img`. Display picks the largest
+//! unit that shows the value exactly, so a size prints the way it was meant.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::Error;
+
+/// A number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ByteSize(pub u64);
+
+const UNITS: [(&str, u32); 6] = [
+    ("E", 60),
+    ("P", 50),
+    ("T", 40),
+    ("G", 30),
+    ("M", 20),
+    ("K", 10),
+];
+
+impl ByteSize {
+    /// The size in bytes.
+    pub const fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = Error;
+
+    fn from_str(input: &str) -> Result<Self, Error> {
+        let err = |reason| Error::InvalidSize {
+            input: input.to_string(),
+            reason,
+        };
+        let s = input.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        if number.is_empty() {
+            return Err(err("expected a number, like 10G or 4096"));
+        }
+        let unit = unit.trim();
+        let unit_upper = unit.to_ascii_uppercase();
+        let shift = match unit_upper.as_str() {
+            "" | "B" => 0,
+            u => {
+                let letter = u.trim_end_matches('B').trim_end_matches('I');
+                UNITS
+                    .iter()
+                    .find(|(name, _)| *name == letter)
+                    .map(|(_, shift)| *shift)
+                    .ok_or_else(|| err("unknown unit (use K, M, G, T, P or E; binary)"))?
+            }
+        };
+        let multiplier = 1u128 << shift;
+        let bytes: u128 = match number.split_once('.') {
+            None => {
+                let n: u128 = number.parse().map_err(|_| err("not a number"))?;
+                n.checked_mul(multiplier).ok_or_else(|| err("too large"))?
+            }
+            Some((whole, frac)) => {
+                if frac.contains('.') || (whole.is_empty() && frac.is_empty()) {
+                    return Err(err("not a number"));
+                }
+                if frac.len() > 18 {
+                    return Err(err("too many decimals"));
+                }
+                let whole: u128 = if whole.is_empty() {
+                    0
+                } else {
+                    whole.parse().map_err(|_| err("not a number"))?
+                };
+                let frac_digits: u128 = if frac.is_empty() {
+                    0
+                } else {
+                    frac.parse().map_err(|_| err("not a number"))?
+                };
+                let scale = 10u128.pow(frac.len() as u32);
+                let whole_bytes = whole
+                    .checked_mul(multiplier)
+                    .ok_or_else(|| err("too large"))?;
+                let frac_bytes = frac_digits * multiplier;
+                if frac_bytes % scale != 0 {
+                    return Err(err("not a whole number of bytes"));
+                }
+                whole_bytes + frac_bytes / scale
+            }
+        };
+        u64::try_from(bytes)
+            .map(ByteSize)
+            .map_err(|_| err("too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (name, shift) in UNITS {
+            let unit = 1u64 << shift;
+            if n >= unit && n % unit == 0 {
+                return write!(f, "{}{}iB", n >> shift, name);
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_what_people_write() {
+        let cases = [
+            ("4096", 4096),
+            ("0", 0),
+            ("512K", 512 << 10),
+            ("512k", 512 << 10),
+            ("10G", 10 << 30),
+            ("10GiB", 10 << 30),
+            ("10 GB", 10 << 30),
+            ("64 MiB", 64 << 20),
+            ("1.5T", 3 << 39),
+            ("0.5K", 512),
+            ("1B", 1),
+        ];
+        for (text, want) in cases {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(want)), "{text}");
+        }
+    }
+
+    #[test]
+    fn refuses_nonsense_with_a_reason() {
+        for bad in [
+            "",
+            "G",
+            "ten",
+            "10X",
+            "1.2.3",
+            "0.3K",
+            "99999999999E",
+            "-1",
+            ".",
+        ] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad:?} parsed");
+        }
+        let err = "10X".parse::<ByteSize>().unwrap_err();
+        assert!(err.to_string().contains("unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn displays_in_the_largest_exact_unit() {
+        assert_eq!(ByteSize(10 << 30).to_string(), "10GiB");
+        assert_eq!(ByteSize(1536 << 20).to_string(), "1536MiB");
+        assert_eq!(ByteSize(4097).to_string(), "4097B");
+        assert_eq!(ByteSize(0).to_string(), "0B");
+    }
+
+    proptest! {
+        #[test]
+        fn display_round_trips(n in any::<u64>()) {
+            let shown = ByteSize(n).to_string();
+            prop_assert_eq!(shown.parse::<ByteSize>(), Ok(ByteSize(n)));
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Device settings: the TOML device config, command-line overrides, and the
+//! validated [`DeviceSpec`] the rest of the program sees.
+//!
+//! A device config (conventionally `/etc/ublk-mirror/NAME.toml`, which the
+//! systemd unit `ublk-mirror@NAME` runs) looks like this; every key but
+//! `backing` is optional:
+//!
+//! ```toml
+//! backing = "/var/lib/ublk-mirror/disk.img"  # file (or block device) holding the data
+//! size = "20G"                # create a sparse file of this size if missing
+//! name = "disk"               # defaults to the config file's name
+//! id = 0                      # /dev/ublkb0; default: the first free id
+//! queues = 2                  # hardware queues (one thread each)
+//! depth = 128                 # requests in flight per queue
+//! logical_block_size = 512    # 512 or 4096
+//! direct_io = true            # O_DIRECT on the backing file (falls back when refused)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use ublk_mirror_common::ByteSize;
+
+use crate::error::{Error, Result};
+
+/// Most hardware queues a device may have. Each queue is one thread with its
+/// own ring; beyond the number of CPUs they only add wake-ups.
+pub const MAX_QUEUES: u16 = 32;
+/// Deepest queue: the ublk driver's `UBLK_MAX_QUEUE_DEPTH`.
+pub const MAX_DEPTH: u16 = 4096;
+/// Highest device id the ublk driver hands out (`UBLK_MAX_UBLKS` - 1).
+pub const MAX_ID: u32 = (1 << 20) - 1;
+/// Default queue depth: ublksrv's default, enough to keep NVMe busy.
+pub const DEFAULT_DEPTH: u16 = 128;
+
+/// Settings as written in a device config file or on the command line,
+/// before validation. `None` means "not given here".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Backing file path.
+    pub backing: Option<PathBuf>,
+    /// Size to create the backing file with.
+    pub size: Option<ByteSize>,
+    /// Device name.
+    pub name: Option<String>,
+    /// Device id (N in /dev/ublkbN).
+    pub id: Option<u32>,
+    /// Number of hardware queues.
+    pub queues: Option<u16>,
+    /// Queue depth.
+    pub depth: Option<u16>,
+    /// Logical block size in bytes.
+    pub logical_block_size: Option<u32>,
+    /// Use O_DIRECT on the backing file.
+    pub direct_io: Option<bool>,
+}
+
+impl DeviceConfig {
+    /// Read a TOML device config.
+    pub fn load(path: &Path) -> Result<DeviceConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let mut config: DeviceConfig = toml::from_str(&text).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            reason: e.message().to_string(),
+        })?;
+        // A relative backing path in a config file is relative to the file.
+        if let (Some(b), Some(dir)) = (&config.backing, path.parent()) {
+            if b.is_relative() {
+                config.backing = Some(dir.join(b));
+            }
+        }
+        if config.name.is_none() {
+            config.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        Ok(config)
+    }
+
+    /// These settings, with every value given in `over` taking precedence.
+    pub fn overridden_by(self, over: DeviceConfig) -> DeviceConfig {
+        DeviceConfig {
+            backing: over.backing.or(self.backing),
+            size: over.size.or(self.size),
+            name: over.name.or(self.name),
+            id: over.id.or(self.id),
+            queues: over.queues.or(self.queues),
+            depth: over.depth.or(self.depth),
+            logical_block_size: over.logical_block_size.or(self.logical_block_size),
+            direct_io: over.direct_io.or(self.direct_io),
+        }
+    }
+
+    /// Check every value and fill in defaults.
+    pub fn validate(self) -> Result<DeviceSpec> {
+        let invalid = |msg: String| Err(Error::InvalidConfig(msg));
+        let Some(backing) = self.backing else {
+            return invalid(
+                "no backing file: give --backing FILE (or `backing = \"...\"` in the config)"
+                    .into(),
+            );
+        };
+        if backing.as_os_str().is_empty() {
+            return invalid("the backing file path is empty".into());
+        }
+        let name = match self.name {
+            Some(n) => n,
+            None => backing
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return invalid(format!(
+                "invalid device name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+            ));
+        }
+        let queues = self.queues.unwrap_or_else(default_queues);
+        if !(1..=MAX_QUEUES).contains(&queues) {
+            return invalid(format!(
+                "--queues {queues} is out of range: use 1 to {MAX_QUEUES}"
+            ));
+        }
+        let depth = self.depth.unwrap_or(DEFAULT_DEPTH);
+        if !(1..=MAX_DEPTH).contains(&depth) {
+            return invalid(format!(
+                "--depth {depth} is out of range: use 1 to {MAX_DEPTH}"
+            ));
+        }
+        let logical_block_size = self.logical_block_size.unwrap_or(512);
+        if !matches!(logical_block_size, 512 | 4096) {
+            return invalid(format!(
+                "--logical-block-size {logical_block_size} is not supported: use 512 or 4096"
+            ));
+        }
+        if let Some(id) = self.id {
+            if id > MAX_ID {
+                return invalid(format!("--id {id} is out of range: use 0 to {MAX_ID}"));
+            }
+        }
+        if let Some(size) = self.size {
+            if size.0 == 0 {
+                return invalid("--size 0: a device needs at least one block".into());
+            }
+            if size.0 % u64::from(logical_block_size) != 0 {
+                return invalid(format!(
+                    "--size {size} is not a multiple of the logical block size ({logical_block_size} bytes)"
+                ));
+            }
+        }
+        Ok(DeviceSpec {
+            backing,
+            size: self.size.map(|s| s.0),
+            name,
+            id: self.id,
+            queues,
+            depth,
+            logical_block_size,
+            direct_io: self.direct_io.unwrap_or(true),
+        })
+    }
+}
+
+/// One queue per CPU, up to 4: ublk queues are per-CPU submission paths, and
+/// more than four rarely help a single backing file.
+fn default_queues() -> u16 {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(4) as u16)
+        .unwrap_or(1)
+}
+
+/// Validated device settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSpec {
+    /// Backing file path.
+    pub backing: PathBuf,
+    /// Size to create the backing file with, if it does not exist.
+    pub size: Option<u64>,
+    /// Device name.
+    pub name: String,
+    /// Requested device id; `None` lets the driver choose.
+    pub id: Option<u32>,
+    /// Hardware queues.
+    pub queues: u16,
+    /// Queue depth.
+    pub depth: u16,
+    /// Logical block size (512 or 4096).
+    pub logical_block_size: u32,
+    /// Whether to try O_DIRECT on the backing file.
+    pub direct_io: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> DeviceConfig {
+        DeviceConfig {
+            backing: Some("/tmp/disk.img".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let spec = base().validate().unwrap();
+        assert_eq!(spec.name, "disk");
+        assert_eq!(spec.depth, DEFAULT_DEPTH);
+        assert_eq!(spec.logical_block_size, 512);
+        assert!(spec.direct_io);
+        assert!((1..=4).contains(&spec.queues));
+        assert_eq!(spec.id, None);
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_with_the_range() {
+        let cases: Vec<(DeviceConfig, &str)> = vec![
+            (
+                DeviceConfig {
+                    queues: Some(0),
+                    ..base()
+                },
+                "1 to 32",
+            ),
+            (
+                DeviceConfig {
+                    queues: Some(33),
+                    ..base()
+                },
+                "1 to 32",
+            ),
+            (
+                DeviceConfig {
+                    depth: Some(0),
+                    ..base()
+                },
+                "1 to 4096",
+            ),
+            (
+                DeviceConfig {
+                    logical_block_size: Some(1000),
+                    ..base()
+                },
+                "512 or 4096",
+            ),
+            (
+                DeviceConfig {
+                    id: Some(MAX_ID + 1),
+                    ..base()
+                },
+                "0 to",
+            ),
+            (
+                DeviceConfig {
+                    size: Some(ByteSize(0)),
+                    ..base()
+                },
+                "at least one block",
+            ),
+            (
+                DeviceConfig {
+                    size: Some(ByteSize(1000)),
+                    ..base()
+                },
+                "multiple of the logical block size",
+            ),
+            (
+                DeviceConfig {
+                    name: Some("a b".into()),
+                    ..base()
+                },
+                "invalid device name",
+            ),
+            (DeviceConfig::default(), "no backing file"),
+        ];
+        for (config, want) in cases {
+            let err = config.clone().validate().unwrap_err().to_string();
+            assert!(err.contains(want), "{config:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn command_line_overrides_the_file() {
+        let file = DeviceConfig {
+            queues: Some(2),
+            depth: Some(64),
+            ..base()
+        };
+        let cli = DeviceConfig {
+            depth: Some(32),
+            ..Default::default()
+        };
+        let merged = file.overridden_by(cli);
+        assert_eq!((merged.queues, merged.depth), (Some(2), Some(32)));
+    }
+
+    #[test]
+    fn config_files_parse_and_name_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("laptop.toml");
+        std::fs::write(
+            &path,
+            "backing = \"disk.img\"\nsize = \"1G\"\nqueues = 2\nlogical_block_size = 4096\n",
+        )
+        .unwrap();
+        let spec = DeviceConfig::load(&path).unwrap().validate().unwrap();
+        assert_eq!(spec.name, "laptop");
+        assert_eq!(spec.backing, dir.path().join("disk.img"));
+        assert_eq!(spec.size, Some(1 << 30));
+        assert_eq!(spec.logical_block_size, 4096);
+
+        std::fs::write(&path, "backing = \"x\"\nqueus = 2\n").unwrap();
+        let err = DeviceConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field `queus`"), "{err}");
+    }
+}

@@ -1,0 +1,174 @@
+//! Engine steps as io_uring submissions.
+//!
+//! [`sqe`] builds the submission for one [`Step`]; the ublk queues push it on
+//! their own ring (the backing file registered as a fixed file), and
+//! [`LocalIo`] pushes it on a private ring with a plain descriptor. Both
+//! paths therefore issue exactly the same operations on the backing file,
+//! which is what lets `cargo test` exercise the device's I/O path without a
+//! kernel ublk driver.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::{drive, AlignedBuf, Engine, Errno, Request, Step, ZERO_CHUNK};
+
+/// How the submission names the backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRef {
+    /// An index into the ring's registered files.
+    Fixed(u32),
+    /// A plain file descriptor.
+    Raw(RawFd),
+}
+
+/// Build the submission for `step`. `buf` is the request buffer (its address,
+/// at least as long as the request) and `zeroes` a buffer of [`ZERO_CHUNK`]
+/// zero bytes. [`Step::FillZeroes`] touches no file and has no submission:
+/// [`drive`] runs it itself; here it becomes a no-op.
+pub fn sqe(step: Step, file: FileRef, buf: *mut u8, zeroes: *const u8) -> squeue::Entry {
+    macro_rules! on_file {
+        (|$fd:ident| $build:expr) => {
+            match file {
+                FileRef::Fixed(i) => {
+                    let $fd = types::Fixed(i);
+                    $build
+                }
+                FileRef::Raw(raw) => {
+                    let $fd = types::Fd(raw);
+                    $build
+                }
+            }
+        };
+    }
+    let dsync_flags = |dsync: bool| if dsync { libc::RWF_DSYNC } else { 0 };
+    match step {
+        Step::Read {
+            offset,
+            len,
+            buf_offset,
+        } => on_file!(
+            |fd| opcode::Read::new(fd, buf.wrapping_add(buf_offset as usize), len)
+                .offset(offset)
+                .build()
+        ),
+        Step::Write {
+            offset,
+            len,
+            buf_offset,
+            dsync,
+        } => on_file!(
+            |fd| opcode::Write::new(fd, buf.wrapping_add(buf_offset as usize), len)
+                .offset(offset)
+                .rw_flags(dsync_flags(dsync))
+                .build()
+        ),
+        Step::WriteZeroBuf { offset, len, dsync } => {
+            debug_assert!(len as usize <= ZERO_CHUNK);
+            on_file!(|fd| opcode::Write::new(fd, zeroes, len)
+                .offset(offset)
+                .rw_flags(dsync_flags(dsync))
+                .build())
+        }
+        Step::Fallocate { alloc, offset, len } => on_file!(|fd| opcode::Fallocate::new(fd, len)
+            .offset(offset)
+            .mode(alloc.mode())
+            .build()),
+        Step::DataSync => on_file!(|fd| opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()),
+        Step::FillZeroes { .. } => opcode::Nop::new().build(),
+    }
+}
+
+/// The engine run in-process on a private io_uring, one request at a time:
+/// the device's I/O path without the kernel's ublk driver. Used by tests and
+/// by tools that need to read or write a backing file the way the device does.
+pub struct LocalIo<'e> {
+    engine: &'e Engine,
+    file: &'e File,
+    ring: IoUring,
+    zeroes: AlignedBuf,
+    buf: AlignedBuf,
+}
+
+impl<'e> LocalIo<'e> {
+    /// Run `engine`'s requests against `file` (opened as the device would).
+    pub fn new(engine: &'e Engine, file: &'e File) -> std::io::Result<LocalIo<'e>> {
+        Ok(LocalIo {
+            engine,
+            file,
+            ring: IoUring::new(4)?,
+            zeroes: AlignedBuf::zeroed(ZERO_CHUNK),
+            buf: AlignedBuf::zeroed(engine.geometry().max_io as usize),
+        })
+    }
+
+    /// Carry out `req`. For a write, `data` holds the bytes to write; for a
+    /// read, the bytes read are returned. Errors come back as the errno the
+    /// kernel would have seen.
+    pub fn submit(&mut self, req: Request, data: &[u8]) -> Result<Vec<u8>, Errno> {
+        let io = self.engine.start(req)?;
+        let len = req.len as usize;
+        if req.op == super::Op::Write {
+            if data.len() != len {
+                return Err(Errno::INVAL);
+            }
+            self.buf.as_mut_slice()[..len].copy_from_slice(data);
+        }
+        let fd = FileRef::Raw(self.file.as_raw_fd());
+        let zeroes = self.zeroes.as_slice().as_ptr();
+        let ring = &mut self.ring;
+        let fut = drive(io, self.buf.as_mut_slice(), |step, base| {
+            std::future::ready(run_one(ring, sqe(step, fd, base, zeroes)))
+        });
+        let res = block_on_ready(fut);
+        if res < 0 {
+            return Err(Errno(-res));
+        }
+        Ok(match req.op {
+            super::Op::Read => self.buf.as_slice()[..len].to_vec(),
+            _ => Vec::new(),
+        })
+    }
+}
+
+impl std::fmt::Debug for LocalIo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalIo")
+            .field("engine", &self.engine)
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Submit one entry and wait for its completion.
+fn run_one(ring: &mut IoUring, entry: squeue::Entry) -> i32 {
+    // SAFETY: the buffers the entry points to (the request buffer and the
+    // zero buffer owned by LocalIo) outlive this call, which waits for the
+    // completion before returning.
+    if unsafe { ring.submission().push(&entry) }.is_err() {
+        return -libc::EBUSY;
+    }
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return -e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+    ring.completion().next().map_or(-libc::EIO, |c| c.result())
+}
+
+/// Poll a future whose every await point is immediately ready.
+fn block_on_ready<F: std::future::Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}

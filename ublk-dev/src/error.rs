@@ -1,0 +1,134 @@
+//! The one error type of the `ublk-dev` library, with a small stable
+//! [`ErrorKind`] that callers (the CLI's exit codes, tests) can match on.
+
+use std::path::PathBuf;
+
+/// What went wrong, with the context a user needs to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A setting is out of range or contradicts another one.
+    #[error("{0}")]
+    InvalidConfig(String),
+
+    /// The device config file could not be read or parsed.
+    #[error("config file {path}: {reason}")]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The backing file does not exist and no size was given to create it.
+    #[error("backing file {0} does not exist; give --size (e.g. --size 10G) to create it as a sparse file")]
+    BackingMissing(PathBuf),
+
+    /// The backing file's size disagrees with `--size`.
+    #[error("backing file {path} is {actual} bytes but --size asks for {wanted} bytes; drop --size to use the file as it is, or resize it yourself (truncate -s)")]
+    SizeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// The size asked for.
+        wanted: u64,
+    },
+
+    /// The backing file is locked by another device.
+    #[error("backing file {path} is already in use by another ublk-mirror device{holder}")]
+    BackingInUse {
+        /// The file.
+        path: PathBuf,
+        /// Who holds it, when known (" (device 3, pid 1234)"), else empty.
+        holder: String,
+    },
+
+    /// The backing file cannot be used (permissions, read-only, wrong type, bad size).
+    #[error("backing file {path}: {reason}")]
+    BackingUnusable {
+        /// The file.
+        path: PathBuf,
+        /// Why, in words.
+        reason: String,
+    },
+
+    /// The kernel has no ublk driver loaded.
+    #[error("the ublk driver is not available ({control} is missing): load it with `modprobe ublk_drv` (Linux 6.0 or later built with CONFIG_BLK_DEV_UBLK)")]
+    NoDriver {
+        /// The control node that was looked for.
+        control: PathBuf,
+    },
+
+    /// No ublk device has this id.
+    #[error("there is no ublk device {0} (see `ublk-mirror list`)")]
+    NoSuchDevice(u32),
+
+    /// The device exists but is in the wrong state for the request.
+    #[error("device {id}: {reason}")]
+    DeviceState {
+        /// The device id.
+        id: u32,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
+
+    /// The ublk driver refused a request.
+    #[error("ublk driver: {context}: {source}")]
+    Driver {
+        /// What we were doing.
+        context: String,
+        /// libublk's error, kept as text so that libublk types stay in one module.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A coarse classification of [`Error`], stable across versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The user asked for something invalid; nothing was changed.
+    Usage,
+    /// The environment (driver, files, permissions) is not as needed.
+    Environment,
+    /// A device is missing, busy or in the wrong state.
+    Device,
+    /// The system failed underneath us.
+    System,
+}
+
+impl Error {
+    /// The coarse kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidConfig(_) | Error::ConfigFile { .. } | Error::SizeMismatch { .. } => {
+                ErrorKind::Usage
+            }
+            Error::BackingMissing(_)
+            | Error::BackingUnusable { .. }
+            | Error::NoDriver { .. }
+            | Error::BackingInUse { .. } => ErrorKind::Environment,
+            Error::NoSuchDevice(_) | Error::DeviceState { .. } => ErrorKind::Device,
+            Error::Driver { .. } | Error::Io { .. } => ErrorKind::System,
+        }
+    }
+
+    /// Wrap an I/O error with what we were doing.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,401 @@
+//! `ublk-mirror`: the command line of the device daemon.
+//!
+//! `add` (and `recover`) run the device in the foreground until it is
+//! stopped; `list` and `del` manage devices from another shell.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ublk_dev::backing::{Backing, BackingOptions};
+use ublk_dev::config::{DeviceConfig, DeviceSpec};
+use ublk_dev::ublk::{self, DeviceInfo, Ready, Start};
+use ublk_dev::{system, Error, ErrorKind};
+use ublk_mirror_common::ByteSize;
+
+/// A ublk block device written through to a backing file.
+///
+/// `ublk-mirror add --backing disk.img --size 20G` gives you /dev/ublkbN: a
+/// real block device whose data lands in disk.img, at local-disk speed. Put a
+/// file system or a VM disk on it. The daemon runs in the foreground (like
+/// a systemd service); stop it with Ctrl-C or SIGTERM and the device goes
+/// away cleanly with the file synced. If the daemon is killed instead, the
+/// device stays and applications wait until `ublk-mirror recover ID`.
+///
+/// Needs root and the kernel's ublk driver (`modprobe ublk_drv`, Linux 6.0+).
+#[derive(Debug, Parser)]
+#[command(name = "ublk-mirror", version, propagate_version = true)]
+struct Cli {
+    /// Log as JSON lines instead of text (to stderr).
+    #[arg(long, global = true)]
+    log_json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a device on a backing file and serve it (foreground).
+    ///
+    /// Prints the device path (e.g. /dev/ublkb0) on stdout once it is ready.
+    /// If a device for the same backing file was left behind by a killed
+    /// daemon, it is recovered instead of created.
+    ///
+    /// Examples:
+    ///   ublk-mirror add --backing /var/lib/disk.img --size 20G
+    ///   ublk-mirror add --config /etc/ublk-mirror/laptop.toml
+    ///   ublk-mirror add --backing vm.img --queues 2 --logical-block-size 4096
+    #[command(verbatim_doc_comment)]
+    Add(AddArgs),
+
+    /// List ublk devices.
+    List {
+        /// Print JSON (an array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Stop and delete devices; their daemons sync and exit.
+    ///
+    /// Unmount file systems on the device first: a deleted device fails
+    /// all further I/O.
+    Del {
+        /// Device id (N in /dev/ublkbN).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u32>,
+        /// Delete every ublk-mirror device.
+        #[arg(long)]
+        all: bool,
+    },
+
+    /// Serve again a device whose daemon died (foreground).
+    ///
+    /// The device kept its I/O waiting; after recovery it continues with no
+    /// error seen by applications.
+    Recover {
+        /// Device id (N in /dev/ublkbN).
+        id: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AddArgs {
+    /// Device config file (TOML); command-line options override it.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Backing file (or block device) that holds the data.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    backing: Option<PathBuf>,
+
+    /// Create the backing file as a sparse file of this size if it does not
+    /// exist (e.g. 20G, 512M); if it exists, it must have this size.
+    #[arg(long, short = 's')]
+    size: Option<ByteSize>,
+
+    /// Device name [default: the config file's or backing file's name].
+    #[arg(long, short = 'n')]
+    name: Option<String>,
+
+    /// Device id, N in /dev/ublkbN [default: the first free one].
+    #[arg(long)]
+    id: Option<u32>,
+
+    /// Hardware queues, one thread each, 1-32 [default: CPUs, at most 4].
+    #[arg(long, short = 'q')]
+    queues: Option<u16>,
+
+    /// Requests in flight per queue, 1-4096 [default: 128].
+    #[arg(long, short = 'd')]
+    depth: Option<u16>,
+
+    /// Logical block size in bytes: 512 or 4096 [default: 512].
+    #[arg(long, value_name = "BYTES")]
+    logical_block_size: Option<u32>,
+
+    /// Use the page cache instead of O_DIRECT on the backing file.
+    #[arg(long)]
+    buffered: bool,
+}
+
+impl AddArgs {
+    fn to_config(&self) -> DeviceConfig {
+        DeviceConfig {
+            backing: self.backing.clone(),
+            size: self.size,
+            name: self.name.clone(),
+            id: self.id,
+            queues: self.queues,
+            depth: self.depth,
+            logical_block_size: self.logical_block_size,
+            direct_io: self.buffered.then_some(false),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ublk-mirror: error: {e:#}");
+            let kind = e.downcast_ref::<Error>().map(Error::kind);
+            ExitCode::from(match kind {
+                Some(ErrorKind::Usage) => 2,
+                Some(ErrorKind::Environment) => 3,
+                Some(ErrorKind::Device) => 4,
+                Some(ErrorKind::System) | None => 1,
+            })
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.with_target(false).init();
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Add(args) => add(&args),
+        Command::List { json } => list(json),
+        Command::Del { id, all } => del(id, all),
+        Command::Recover { id } => recover(id),
+    }
+}
+
+fn add(args: &AddArgs) -> anyhow::Result<()> {
+    let file_config = match &args.config {
+        Some(path) => DeviceConfig::load(path)?,
+        None => DeviceConfig::default(),
+    };
+    let spec = file_config.overridden_by(args.to_config()).validate()?;
+    let mut backing = open_backing(&spec, spec.size)?;
+    let served = Arc::new(AtomicBool::new(false));
+    let result = ublk::check_driver()
+        .map_err(anyhow::Error::from)
+        .and_then(|()| leftover_device(&spec, backing.path()))
+        .and_then(|leftover| {
+            let start = match leftover {
+                Some(id) => {
+                    tracing::info!(
+                        id,
+                        "found this device left behind by a stopped daemon: recovering it"
+                    );
+                    Start::Recover(id)
+                }
+                None => Start::Add,
+            };
+            let config = args
+                .config
+                .as_deref()
+                .map(std::path::absolute)
+                .transpose()?;
+            run_device(&spec, &backing, start, config, served.clone())
+        });
+    // A backing file created for a device that never came up holds nothing.
+    if result.is_err() && !served.load(Ordering::SeqCst) {
+        backing.discard_if_created();
+    }
+    result
+}
+
+fn recover(id: u32) -> anyhow::Result<()> {
+    let record = ublk::recoverable(id)?;
+    let info = ublk::info(id)?;
+    let spec = DeviceSpec {
+        backing: record.backing.clone(),
+        size: Some(record.size),
+        name: record.name.clone(),
+        id: Some(id),
+        queues: info.queues,
+        depth: info.depth,
+        logical_block_size: record.logical_block_size,
+        direct_io: record.direct_io,
+    };
+    let backing = open_backing(&spec, Some(record.size))?;
+    let served = Arc::new(AtomicBool::new(false));
+    run_device(&spec, &backing, Start::Recover(id), record.config, served)
+}
+
+/// Open the backing file, naming the device that holds it if it is locked.
+fn open_backing(spec: &DeviceSpec, size: Option<u64>) -> anyhow::Result<Backing> {
+    let opened = Backing::open(&BackingOptions {
+        path: &spec.backing,
+        create_size: size,
+        block_size: spec.logical_block_size,
+        direct_io: spec.direct_io,
+    });
+    match opened {
+        Err(Error::BackingInUse { path, .. }) => {
+            let holder = holder_of(&path)
+                .map(|d| format!(" (device {}, {}, pid {})", d.id, d.device.display(), d.pid))
+                .unwrap_or_default();
+            Err(Error::BackingInUse { path, holder }.into())
+        }
+        other => Ok(other?),
+    }
+}
+
+fn holder_of(path: &Path) -> Option<DeviceInfo> {
+    let path = std::path::absolute(path).ok()?;
+    ublk::list()
+        .ok()?
+        .into_iter()
+        .find(|d| d.record.as_ref().is_some_and(|r| r.backing == path))
+}
+
+/// A quiesced ublk-mirror device for this spec, left by a killed daemon.
+fn leftover_device(spec: &DeviceSpec, backing: &Path) -> anyhow::Result<Option<u32>> {
+    let backing = std::path::absolute(backing)?;
+    let same = |d: &DeviceInfo| d.record.as_ref().is_some_and(|r| r.backing == backing);
+    if let Some(id) = spec.id {
+        return match ublk::info(id) {
+            Err(Error::NoSuchDevice(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+            Ok(d) if d.is_ours() && same(&d) => Ok(Some(ublk::recoverable(id).map(|_| id)?)),
+            Ok(d) => Err(Error::DeviceState {
+                id,
+                reason: format!(
+                    "the id is taken by another device ({}, {}); pick another --id",
+                    d.record.map_or_else(
+                        || d.target.unwrap_or_else(|| "unknown".into()),
+                        |r| r.backing.display().to_string()
+                    ),
+                    d.state.as_str()
+                ),
+            }
+            .into()),
+        };
+    }
+    Ok(ublk::list()?
+        .into_iter()
+        .find(|d| d.is_ours() && same(d) && d.state == ublk::DeviceState::Quiesced && d.recoverable)
+        .map(|d| d.id))
+}
+
+fn run_device(
+    spec: &DeviceSpec,
+    backing: &Backing,
+    start: Start,
+    config: Option<PathBuf>,
+    served: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    system::private_mount_namespace()?;
+    let direct = if backing.direct_io() {
+        "O_DIRECT"
+    } else {
+        "buffered"
+    };
+    let summary = format!(
+        "{} on {} ({}, {} bytes, {}-byte blocks, {} queues x {})",
+        spec.name,
+        backing.path().display(),
+        direct,
+        backing.size(),
+        spec.logical_block_size,
+        spec.queues,
+        spec.depth
+    );
+    let on_ready = move |ready: &Ready| {
+        served.store(true, Ordering::SeqCst);
+        let verb = if ready.recovered {
+            "recovered"
+        } else {
+            "serving"
+        };
+        tracing::info!("{verb} {} as {}", summary, ready.device.display());
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", ready.device.display());
+        let _ = out.flush();
+        system::sd_notify(&format!(
+            "READY=1\nSTATUS={verb} {}",
+            ready.device.display()
+        ));
+    };
+    ublk::serve(spec, backing, start, config, on_ready)
+        .with_context(|| format!("device {}", spec.name))?;
+    system::sd_notify("STOPPING=1");
+    Ok(())
+}
+
+fn list(json: bool) -> anyhow::Result<()> {
+    let devices = ublk::list()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &devices)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<4} {:<13} {:<16} {:<9} {:>8} {:>9}  BACKING",
+        "ID", "DEVICE", "NAME", "STATE", "PID", "SIZE"
+    )?;
+    for d in &devices {
+        let (name, size, backing) = match &d.record {
+            Some(r) => (
+                r.name.clone(),
+                ByteSize(r.size).to_string(),
+                r.backing.display().to_string(),
+            ),
+            None => (
+                format!("({})", d.target.as_deref().unwrap_or("other")),
+                "-".into(),
+                "-".into(),
+            ),
+        };
+        writeln!(
+            out,
+            "{:<4} {:<13} {:<16} {:<9} {:>8} {:>9}  {}",
+            d.id,
+            d.device.display(),
+            name,
+            d.state.as_str(),
+            d.pid,
+            size,
+            backing
+        )?;
+    }
+    Ok(())
+}
+
+fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
+    let ids: Vec<u32> = if all {
+        ublk::list()?
+            .into_iter()
+            .filter(DeviceInfo::is_ours)
+            .map(|d| d.id)
+            .collect()
+    } else {
+        let id = id.context("give a device id or --all")?;
+        let d = ublk::info(id)?;
+        if !d.is_ours() {
+            return Err(Error::DeviceState {
+                id,
+                reason: "it is not a ublk-mirror device; not touching it".into(),
+            }
+            .into());
+        }
+        vec![id]
+    };
+    for id in ids {
+        ublk::delete(id)?;
+        println!("deleted /dev/ublkb{id}");
+    }
+    Ok(())
+}

@@ -1,0 +1,574 @@
+//! The glue to the kernel's ublk driver, and the only module that sees
+//! libublk's types.
+//!
+//! [`serve`] adds (or recovers) a device and runs its queues until the device
+//! is stopped: one thread per hardware queue, one async task per tag, each
+//! request carried out by the [`Engine`](crate::engine::Engine) with its
+//! steps submitted on the queue's own io_uring, where the backing file is
+//! registered as fixed file 1 (`/dev/ublkcN` is 0).
+//!
+//! Devices are created with `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`:
+//! when the daemon dies, the driver keeps `/dev/ublkbN`, parks new I/O and
+//! requeues what was in flight (state QUIESCED) until a new daemon recovers
+//! the device; re-issued writes are harmless because they write the same
+//! data to the same place.
+//!
+//! What the daemon needs to recover a device is kept in libublk's per-device
+//! JSON (`/run/ublksrvd/NNNN.json`) under `target_data`, as a
+//! [`TargetRecord`].
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::helpers::IoBuf;
+use libublk::io::{BufDesc, UblkDev, UblkQueue};
+use libublk::uring_async::ublk_submit_sqe_async;
+use libublk::{sys, UblkError, UblkFlags, UblkUringData};
+use serde::{Deserialize, Serialize};
+
+use crate::backing::Backing;
+use crate::config::DeviceSpec;
+use crate::engine::{self, uring, AlignedBuf, Engine, Geometry, Request, ZERO_CHUNK};
+use crate::error::{Error, Result};
+
+/// Target type written in libublk's device JSON; `list` and `recover` only
+/// touch devices of this type.
+pub const TARGET_TYPE: &str = "ublk-mirror";
+
+/// The ublk control node; present when `ublk_drv` is loaded.
+pub const CONTROL_PATH: &str = "/dev/ublk-control";
+
+/// Version of [`TargetRecord`]'s layout.
+///
+/// - 1: first version (name, backing, size, block size, direct I/O, config).
+const RECORD_VERSION: u32 = 1;
+
+// The engine decodes descriptors with its own copy of the ublk ABI numbers.
+const _: () = {
+    assert!(engine::abi::OP_READ == sys::UBLK_IO_OP_READ);
+    assert!(engine::abi::OP_WRITE == sys::UBLK_IO_OP_WRITE);
+    assert!(engine::abi::OP_FLUSH == sys::UBLK_IO_OP_FLUSH);
+    assert!(engine::abi::OP_DISCARD == sys::UBLK_IO_OP_DISCARD);
+    assert!(engine::abi::OP_WRITE_ZEROES == sys::UBLK_IO_OP_WRITE_ZEROES);
+    assert!(engine::abi::F_FUA == sys::UBLK_IO_F_FUA);
+    assert!(engine::abi::F_NOUNMAP == sys::UBLK_IO_F_NOUNMAP);
+};
+
+/// What a running device records about itself for `list` and `recover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// [`RECORD_VERSION`] of the writer.
+    pub version: u32,
+    /// Device name.
+    pub name: String,
+    /// Backing file, as an absolute path.
+    pub backing: PathBuf,
+    /// Device size in bytes.
+    pub size: u64,
+    /// Logical block size.
+    pub logical_block_size: u32,
+    /// Whether O_DIRECT was asked for.
+    pub direct_io: bool,
+    /// The device config file it was started from, if any.
+    pub config: Option<PathBuf>,
+}
+
+/// The driver's state of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Added but not started, or stopped.
+    Dead,
+    /// Serving I/O.
+    Live,
+    /// Its daemon is gone; I/O waits for `recover`.
+    Quiesced,
+    /// Its daemon is gone; I/O fails.
+    FailIo,
+    /// A state this version does not know.
+    Unknown,
+}
+
+impl DeviceState {
+    fn from_raw(state: u16) -> DeviceState {
+        match u32::from(state) {
+            sys::UBLK_S_DEV_DEAD => DeviceState::Dead,
+            sys::UBLK_S_DEV_LIVE => DeviceState::Live,
+            sys::UBLK_S_DEV_QUIESCED => DeviceState::Quiesced,
+            sys::UBLK_S_DEV_FAIL_IO => DeviceState::FailIo,
+            _ => DeviceState::Unknown,
+        }
+    }
+
+    /// The state as `list` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceState::Dead => "dead",
+            DeviceState::Live => "live",
+            DeviceState::Quiesced => "quiesced",
+            DeviceState::FailIo => "fail_io",
+            DeviceState::Unknown => "unknown",
+        }
+    }
+}
+
+/// One ublk device as the driver and its JSON describe it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceInfo {
+    /// N in /dev/ublkbN.
+    pub id: u32,
+    /// The block device.
+    pub device: PathBuf,
+    /// The driver's state.
+    pub state: DeviceState,
+    /// The daemon's pid (the last one, if the state is quiesced).
+    pub pid: i32,
+    /// Hardware queues.
+    pub queues: u16,
+    /// Queue depth.
+    pub depth: u16,
+    /// Target type (`ublk-mirror` for ours).
+    pub target: Option<String>,
+    /// Our record, for our devices.
+    #[serde(flatten)]
+    pub record: Option<TargetRecord>,
+    /// Whether the device can be recovered after its daemon died.
+    pub recoverable: bool,
+}
+
+impl DeviceInfo {
+    /// Whether this is a ublk-mirror device.
+    pub fn is_ours(&self) -> bool {
+        self.target.as_deref() == Some(TARGET_TYPE) && self.record.is_some()
+    }
+}
+
+fn driver_error(context: impl Into<String>, e: UblkError) -> Error {
+    Error::Driver {
+        context: context.into(),
+        source: Box::new(e),
+    }
+}
+
+/// Fail with a clear message unless the ublk driver is loaded.
+pub fn check_driver() -> Result<()> {
+    if Path::new(CONTROL_PATH).exists() {
+        Ok(())
+    } else {
+        Err(Error::NoDriver {
+            control: CONTROL_PATH.into(),
+        })
+    }
+}
+
+/// Ids of all ublk devices, ascending.
+fn device_ids() -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Every ublk device on this machine (ours and others).
+pub fn list() -> Result<Vec<DeviceInfo>> {
+    check_driver()?;
+    Ok(device_ids()
+        .into_iter()
+        .filter_map(|id| match info(id) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::debug!(id, "skipping device: {e}");
+                None
+            }
+        })
+        .collect())
+}
+
+fn open_ctrl(id: u32) -> Result<UblkCtrl> {
+    check_driver()?;
+    if !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        return Err(Error::NoSuchDevice(id));
+    }
+    UblkCtrl::new_simple(id as i32).map_err(|e| match e {
+        UblkError::OtherError(code) if code == -libc::ENODEV || code == -libc::ENOENT => {
+            Error::NoSuchDevice(id)
+        }
+        e => driver_error(format!("reading device {id}"), e),
+    })
+}
+
+fn describe(id: u32, ctrl: &UblkCtrl) -> DeviceInfo {
+    let di = ctrl.dev_info();
+    let record = ctrl
+        .get_target_data_from_json()
+        .and_then(|v| serde_json::from_value::<TargetRecord>(v).ok());
+    DeviceInfo {
+        id,
+        device: PathBuf::from(ctrl.get_bdev_path()),
+        state: DeviceState::from_raw(di.state),
+        pid: di.ublksrv_pid,
+        queues: di.nr_hw_queues,
+        depth: di.queue_depth,
+        target: ctrl.get_target_type_from_json().ok(),
+        record,
+        recoverable: di.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0,
+    }
+}
+
+/// One device.
+pub fn info(id: u32) -> Result<DeviceInfo> {
+    let ctrl = open_ctrl(id)?;
+    Ok(describe(id, &ctrl))
+}
+
+/// Stop and delete a device. A running daemon sees its queues go down and
+/// exits after syncing its backing file; this returns once the device is gone.
+pub fn delete(id: u32) -> Result<()> {
+    let ctrl = open_ctrl(id)?;
+    ctrl.del_dev()
+        .map(drop)
+        .map_err(|e| driver_error(format!("deleting device {id}"), e))
+}
+
+/// How [`serve`] gets its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Add a new device (with the spec's id, or one the driver picks).
+    Add,
+    /// Take over device `id`, whose daemon died (state quiesced).
+    Recover(u32),
+}
+
+/// Told to the caller once the device serves I/O.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// Device id.
+    pub id: u32,
+    /// The block device, e.g. `/dev/ublkb0`.
+    pub device: PathBuf,
+    /// Whether this was a recovery.
+    pub recovered: bool,
+}
+
+/// Check that device `id` can be recovered by us and return its record.
+pub fn recoverable(id: u32) -> Result<TargetRecord> {
+    let ctrl = open_ctrl(id)?;
+    let info = describe(id, &ctrl);
+    let state_err = |reason: String| Error::DeviceState { id, reason };
+    let Some(record) = info
+        .record
+        .filter(|_| info.target.as_deref() == Some(TARGET_TYPE))
+    else {
+        return Err(state_err("it is not a ublk-mirror device".into()));
+    };
+    if !info.recoverable {
+        return Err(state_err("it was created without user recovery".into()));
+    }
+    match info.state {
+        DeviceState::Quiesced => Ok(record),
+        DeviceState::Live => Err(state_err(format!(
+            "it is live, served by pid {}; nothing to recover",
+            info.pid
+        ))),
+        s => Err(state_err(format!(
+            "it is {}, not quiesced; delete it with `ublk-mirror del {id}` and add it again",
+            s.as_str()
+        ))),
+    }
+}
+
+/// Shared between the signal thread and the device: who to stop, and
+/// whether a stop was asked for before the device existed.
+#[derive(Debug, Default)]
+struct StopState {
+    id: AtomicI64,
+    requested: AtomicBool,
+}
+
+impl StopState {
+    fn new() -> StopState {
+        StopState {
+            id: AtomicI64::new(-1),
+            requested: AtomicBool::new(false),
+        }
+    }
+
+    /// Stop the device if it exists (called on SIGTERM/SIGINT).
+    fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let id = self.id.load(Ordering::SeqCst);
+        if id >= 0 {
+            kill(id as u32);
+        }
+    }
+}
+
+/// Ask the driver to stop device `id` from a thread other than the one that
+/// added it (the control ring is per thread; `new_simple` makes one here).
+fn kill(id: u32) {
+    match UblkCtrl::new_simple(id as i32).and_then(|c| c.kill_dev()) {
+        Ok(_) => tracing::info!(id, "stopping device"),
+        Err(e) => tracing::warn!(id, "cannot stop device: {e}"),
+    }
+}
+
+/// Run the device until it is stopped (SIGTERM, SIGINT, `ublk-mirror del`).
+///
+/// `on_ready` runs once the block device serves I/O. On a clean stop the
+/// backing file is synced and the device deleted; if the daemon is killed
+/// instead, the device stays (quiesced) for [`Start::Recover`].
+pub fn serve<R>(
+    spec: &DeviceSpec,
+    backing: &Backing,
+    start: Start,
+    config: Option<PathBuf>,
+    on_ready: R,
+) -> Result<()>
+where
+    R: FnOnce(&Ready) + Send + Sync + 'static,
+{
+    check_driver()?;
+    let backing_path = std::path::absolute(backing.path())
+        .map_err(|e| Error::io("resolving the backing path", e))?;
+    let record = TargetRecord {
+        version: RECORD_VERSION,
+        name: spec.name.clone(),
+        backing: backing_path,
+        size: backing.size(),
+        logical_block_size: spec.logical_block_size,
+        direct_io: spec.direct_io,
+        config,
+    };
+    let geometry = Geometry {
+        size: backing.size(),
+        block_size: spec.logical_block_size,
+        max_io: engine::MAX_IO_BYTES,
+    };
+    let engine = Arc::new(Engine::new(geometry));
+
+    let ctrl_flags =
+        u64::from(sys::UBLK_F_USER_RECOVERY) | u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
+    let (id, dev_flags) = match start {
+        Start::Add => (
+            spec.id.map_or(-1, |i| i as i32),
+            UblkFlags::UBLK_DEV_F_ADD_DEV,
+        ),
+        Start::Recover(id) => {
+            let simple = open_ctrl(id)?;
+            simple
+                .start_user_recover()
+                .map_err(|e| driver_error(format!("starting recovery of device {id}"), e))?;
+            (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        }
+    };
+    let ctrl = UblkCtrlBuilder::default()
+        .name(TARGET_TYPE)
+        .id(id)
+        .nr_queues(spec.queues)
+        .depth(spec.depth)
+        .io_buf_bytes(engine::MAX_IO_BYTES)
+        .ctrl_flags(ctrl_flags)
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(|e| match e {
+            UblkError::OtherError(c) if c == -libc::EEXIST => Error::DeviceState {
+                id: id as u32,
+                reason: "a device with this id already exists (see `ublk-mirror list`)".into(),
+            },
+            e => driver_error("creating the device", e),
+        })?;
+    let dev_id = ctrl.dev_info().dev_id;
+    let _span = tracing::info_span!("device", id = dev_id, name = %spec.name).entered();
+
+    let stop = Arc::new(StopState::new());
+    let signals = watch_signals(stop.clone())?;
+
+    let backing_fd = std::os::fd::AsRawFd::as_raw_fd(backing.file());
+    let record_json = serde_json::to_value(&record)
+        .map_err(|e| Error::io("encoding the device record", std::io::Error::other(e)))?;
+    let tgt_init = move |dev: &mut UblkDev| init_target(dev, backing_fd, geometry, record_json);
+    let queue_engine = engine.clone();
+    let recovered = matches!(start, Start::Recover(_));
+    let ready_stop = stop.clone();
+    let device_up = move |ctrl: &UblkCtrl| {
+        let id = ctrl.dev_info().dev_id;
+        ready_stop.id.store(i64::from(id), Ordering::SeqCst);
+        on_ready(&Ready {
+            id,
+            device: PathBuf::from(ctrl.get_bdev_path()),
+            recovered,
+        });
+        if ready_stop.requested.load(Ordering::SeqCst) {
+            if let Err(e) = ctrl.kill_dev() {
+                tracing::warn!("cannot stop device: {e}");
+            }
+        }
+    };
+    let run = ctrl.run_target(
+        tgt_init,
+        move |qid, dev: &UblkDev| serve_queue(qid, dev, &queue_engine),
+        device_up,
+    );
+    signals.close();
+
+    // The queues are down: whatever was written is in the backing file's
+    // page cache or on disk. Make it durable before the device goes away.
+    let synced = backing.sync();
+    if let Err(e) = ctrl.del_dev() {
+        tracing::debug!("deleting device after stop: {e}");
+    }
+    run.map_err(|e| driver_error("running the device", e))?;
+    synced?;
+    let s = engine.stats();
+    tracing::info!(
+        reads = s.reads.load(Ordering::Relaxed),
+        writes = s.writes.load(Ordering::Relaxed),
+        flushes = s.flushes.load(Ordering::Relaxed),
+        discards = s.discards.load(Ordering::Relaxed),
+        errors = s.errors.load(Ordering::Relaxed),
+        "device stopped; backing file synced"
+    );
+    Ok(())
+}
+
+/// Handle SIGTERM/SIGINT by stopping the device. The returned handle ends
+/// the watcher thread when closed.
+fn watch_signals(stop: Arc<StopState>) -> Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| Error::io("installing signal handlers", e))?;
+    let handle = signals.handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                tracing::info!(signal = sig, "stop requested");
+                stop.request();
+            }
+        })
+        .map_err(|e| Error::io("starting the signal thread", e))?;
+    Ok(handle)
+}
+
+/// Describe the device to the driver: size, block sizes, cache and discard
+/// support, and register the backing file as fixed file 1.
+fn init_target(
+    dev: &mut UblkDev,
+    backing_fd: i32,
+    g: Geometry,
+    record: serde_json::Value,
+) -> std::result::Result<(), UblkError> {
+    let tgt = &mut dev.tgt;
+    let slot = tgt.nr_fds as usize;
+    if slot >= tgt.fds.len() {
+        return Err(UblkError::InvalidVal);
+    }
+    tgt.fds[slot] = backing_fd;
+    tgt.nr_fds += 1;
+    tgt.dev_size = g.size;
+    let lbs_shift = g.block_size.trailing_zeros() as u8;
+    // Discard and write-zeroes requests are bounded by what one fallocate
+    // comfortably does; the block layer splits larger ones.
+    let max_discard_sectors = (1u32 << 30) >> 9;
+    tgt.params = sys::ublk_params {
+        types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
+        basic: sys::ublk_param_basic {
+            attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+            logical_bs_shift: lbs_shift,
+            physical_bs_shift: lbs_shift.max(12),
+            io_opt_shift: lbs_shift.max(12),
+            io_min_shift: lbs_shift,
+            max_sectors: g.max_io >> 9,
+            dev_sectors: g.size >> 9,
+            ..Default::default()
+        },
+        discard: sys::ublk_param_discard {
+            discard_granularity: g.block_size.max(4096),
+            max_discard_sectors,
+            max_write_zeroes_sectors: max_discard_sectors,
+            max_discard_segments: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    dev.set_target_json(record);
+    Ok(())
+}
+
+/// The body of one queue thread: a task per tag, all driven by the queue's ring.
+fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine) {
+    let queue = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            tracing::error!(qid, "cannot set up queue: {e}");
+            return;
+        }
+    };
+    let zeroes = Rc::new(AlignedBuf::zeroed(ZERO_CHUNK));
+    let exe = Rc::new(smol::LocalExecutor::new());
+    let tasks: Vec<_> = queue
+        .tags()
+        .map(|tag| {
+            let q = queue.clone();
+            let zeroes = zeroes.clone();
+            exe.spawn(async move {
+                match serve_tag(&q, tag, engine, &zeroes).await {
+                    Ok(()) | Err(UblkError::QueueIsDown) => {}
+                    Err(e) => tracing::error!(qid, tag, "I/O task failed: {e}"),
+                }
+            })
+        })
+        .collect();
+    let ticker = exe.clone();
+    smol::block_on(exe.run(async {
+        let run_ops = || while ticker.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&queue, Some(20), run_ops, done).await {
+            tracing::error!(qid, "queue stopped with an error: {e}");
+        }
+    }));
+}
+
+/// Serve one tag forever: fetch a request, carry it out, commit its result.
+async fn serve_tag(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    engine: &Engine,
+    zeroes: &AlignedBuf,
+) -> std::result::Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    let zero_ptr = zeroes.as_slice().as_ptr();
+    loop {
+        let iod = q.get_iod(tag);
+        let started = Request::decode(iod.op_flags, iod.start_sector, iod.nr_sectors)
+            .and_then(|req| engine.start(req));
+        let res = match started {
+            Err(e) => {
+                tracing::debug!(tag, "refused request: {e:?}");
+                e.negated()
+            }
+            Ok(io) => {
+                engine::drive(io, buf.as_mut_slice(), |step, base| {
+                    let sqe = uring::sqe(step, uring::FileRef::Fixed(1), base, zero_ptr);
+                    async move {
+                        ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+                            .await
+                            .unwrap_or(-libc::EIO)
+                    }
+                })
+                .await
+            }
+        };
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
+    }
+}

@@ -1,0 +1,274 @@
+//! The device's I/O path without the kernel: [`LocalIo`] issues the same
+//! io_uring operations as the ublk queues, on a real backing file.
+
+use std::os::unix::fs::MetadataExt;
+
+use proptest::prelude::*;
+use ublk_dev::backing::{Backing, BackingOptions};
+use ublk_dev::engine::uring::LocalIo;
+use ublk_dev::engine::{Engine, Errno, Geometry, Op, Request, MAX_IO_BYTES};
+
+const MIB: u64 = 1 << 20;
+
+struct Device {
+    _dir: tempfile::TempDir,
+    backing: Backing,
+    engine: Engine,
+}
+
+fn device(size: u64, block_size: u32, direct_io: bool) -> Device {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let backing = Backing::open(&BackingOptions {
+        path: &path,
+        create_size: Some(size),
+        block_size,
+        direct_io,
+    })
+    .unwrap();
+    let engine = Engine::new(Geometry {
+        size,
+        block_size,
+        max_io: MAX_IO_BYTES,
+    });
+    Device {
+        _dir: dir,
+        backing,
+        engine,
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8))
+        .collect()
+}
+
+fn allocated(d: &Device) -> u64 {
+    d.backing.file().metadata().unwrap().blocks() * 512
+}
+
+#[test]
+fn writes_read_back_and_land_in_the_file() {
+    let d = device(8 * MIB, 512, true);
+    assert!(
+        d.backing.direct_io(),
+        "O_DIRECT should work on this file system"
+    );
+    let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap();
+    let data = pattern(1, 64 * 1024);
+    io.submit(Request::write(MIB, data.len() as u64), &data)
+        .unwrap();
+    io.submit(Request::flush(), &[]).unwrap();
+    assert_eq!(
+        io.submit(Request::read(MIB, data.len() as u64), &[])
+            .unwrap(),
+        data
+    );
+    let on_disk = std::fs::read(d.backing.path()).unwrap();
+    assert_eq!(&on_disk[MIB as usize..][..data.len()], &data[..]);
+    assert!(on_disk[..MIB as usize].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn fua_writes_complete() {
+    let d = device(MIB, 4096, true);
+    let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap();
+    let data = pattern(2, 4096);
+    let req = Request {
+        fua: true,
+        ..Request::write(0, 4096)
+    };
+    io.submit(req, &data).unwrap();
+    assert_eq!(io.submit(Request::read(0, 4096), &[]).unwrap(), data);
+}
+
+#[test]
+fn discard_punches_holes_and_reads_zeroes() {
+    let d = device(8 * MIB, 512, true);
+    let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap();
+    let data = pattern(3, MAX_IO_BYTES as usize);
+    for i in 0..8 {
+        io.submit(
+            Request::write(i * u64::from(MAX_IO_BYTES), data.len() as u64),
+            &data,
+        )
+        .unwrap();
+    }
+    io.submit(Request::flush(), &[]).unwrap();
+    let before = allocated(&d);
+    assert!(before >= 4 * MIB, "{before}");
+    io.submit(Request::new(Op::Discard, 0, 2 * MIB), &[])
+        .unwrap();
+    let after = allocated(&d);
+    assert!(after <= before - 2 * MIB, "allocation {before} -> {after}");
+    assert!(io
+        .submit(Request::read(0, 65536), &[])
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    // Data outside the discarded range is untouched.
+    let rest = io
+        .submit(Request::read(2 * MIB, data.len() as u64), &[])
+        .unwrap();
+    assert_eq!(rest, data);
+}
+
+#[test]
+fn write_zeroes_with_and_without_unmap() {
+    let d = device(4 * MIB, 512, true);
+    let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap();
+    let data = pattern(4, MAX_IO_BYTES as usize);
+    io.submit(Request::write(0, data.len() as u64), &data)
+        .unwrap();
+    io.submit(Request::write(MIB, data.len() as u64), &data)
+        .unwrap();
+    io.submit(Request::flush(), &[]).unwrap();
+    let full = allocated(&d);
+
+    // NOUNMAP: zeroes in place, stays allocated.
+    let keep = Request {
+        no_unmap: true,
+        ..Request::new(Op::WriteZeroes, 0, 65536)
+    };
+    io.submit(keep, &[]).unwrap();
+    assert!(io
+        .submit(Request::read(0, 65536), &[])
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(allocated(&d), full);
+
+    // Without NOUNMAP: a hole.
+    io.submit(
+        Request::new(Op::WriteZeroes, MIB, u64::from(MAX_IO_BYTES)),
+        &[],
+    )
+    .unwrap();
+    assert!(io
+        .submit(Request::read(MIB, 4096), &[])
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    assert!(allocated(&d) < full, "write-zeroes did not deallocate");
+}
+
+#[test]
+fn misaligned_and_out_of_range_requests_fail_cleanly() {
+    let d = device(MIB, 4096, true);
+    let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap();
+    let data = vec![9u8; 4096];
+    assert_eq!(
+        io.submit(Request::write(512, 4096), &data).unwrap_err(),
+        Errno::INVAL
+    );
+    assert_eq!(
+        io.submit(Request::write(MIB, 4096), &data).unwrap_err(),
+        Errno::INVAL
+    );
+    assert_eq!(
+        io.submit(Request::read(0, 512), &[]).unwrap_err(),
+        Errno::INVAL
+    );
+    // Nothing was written.
+    assert!(std::fs::read(d.backing.path())
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+}
+
+#[test]
+fn buffered_mode_works_too() {
+    let d = device(MIB, 512, false);
+    assert!(!d.backing.direct_io());
+    let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap();
+    let data = pattern(5, 512);
+    io.submit(Request::write(512, 512), &data).unwrap();
+    assert_eq!(io.submit(Request::read(512, 512), &[]).unwrap(), data);
+}
+
+/// One step of a random workload.
+#[derive(Debug, Clone)]
+enum Action {
+    Write {
+        block: u64,
+        blocks: u64,
+        seed: u8,
+        fua: bool,
+    },
+    Read {
+        block: u64,
+        blocks: u64,
+    },
+    Discard {
+        block: u64,
+        blocks: u64,
+    },
+    Zeroes {
+        block: u64,
+        blocks: u64,
+        no_unmap: bool,
+    },
+    Flush,
+}
+
+const BLOCKS: u64 = 512; // of 4096 bytes: a 2 MiB device
+const BS: u64 = 4096;
+
+fn action() -> impl Strategy<Value = Action> {
+    let range = (0..BLOCKS).prop_flat_map(|b| (Just(b), 1..=(BLOCKS - b).min(128)));
+    prop_oneof![
+        4 => (range.clone(), any::<u8>(), any::<bool>())
+            .prop_map(|((block, blocks), seed, fua)| Action::Write { block, blocks, seed, fua }),
+        3 => range.clone().prop_map(|(block, blocks)| Action::Read { block, blocks }),
+        1 => range.clone().prop_map(|(block, blocks)| Action::Discard { block, blocks }),
+        1 => (range, any::<bool>())
+            .prop_map(|((block, blocks), no_unmap)| Action::Zeroes { block, blocks, no_unmap }),
+        1 => Just(Action::Flush),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Any sequence of requests leaves the device reading back exactly what
+    /// a plain byte array would hold, and the backing file equal to it.
+    #[test]
+    fn the_device_behaves_like_memory(actions in proptest::collection::vec(action(), 1..40)) {
+        let d = device(BLOCKS * BS, 4096, true);
+        let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap();
+        let mut model = vec![0u8; (BLOCKS * BS) as usize];
+        for a in actions {
+            match a {
+                Action::Write { block, blocks, seed, fua } => {
+                    let data = pattern(seed, (blocks * BS) as usize);
+                    let req = Request { fua, ..Request::write(block * BS, blocks * BS) };
+                    io.submit(req, &data).unwrap();
+                    model[(block * BS) as usize..][..data.len()].copy_from_slice(&data);
+                }
+                Action::Read { block, blocks } => {
+                    let got = io.submit(Request::read(block * BS, blocks * BS), &[]).unwrap();
+                    prop_assert_eq!(&got[..], &model[(block * BS) as usize..][..got.len()]);
+                }
+                Action::Discard { block, blocks } | Action::Zeroes { block, blocks, .. } => {
+                    let req = match a {
+                        Action::Zeroes { no_unmap, .. } => Request {
+                            no_unmap,
+                            ..Request::new(Op::WriteZeroes, block * BS, blocks * BS)
+                        },
+                        _ => Request::new(Op::Discard, block * BS, blocks * BS),
+                    };
+                    io.submit(req, &[]).unwrap();
+                    // Punched holes read as zeroes on every Linux file system
+                    // that supports them; the model follows.
+                    model[(block * BS) as usize..][..(blocks * BS) as usize].fill(0);
+                }
+                Action::Flush => {
+                    io.submit(Request::flush(), &[]).unwrap();
+                }
+            }
+        }
+        io.submit(Request::flush(), &[]).unwrap();
+        prop_assert!(std::fs::read(d.backing.path()).unwrap() == model);
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests of `ublk-dev`, in one binary to save link time:
+//! the engine driven in-process against real backing files through a real
+//! io_uring, and the `ublk-mirror` command line where it needs no kernel
+//! driver.
+
+mod cli;
+mod local_io;
