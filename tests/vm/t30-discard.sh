@@ -1,0 +1,36 @@
+#!/bin/bash
+# Discards reach the backing file as holes: fstrim on a mounted ext4 and
+# blkdiscard on the raw device make the file's allocated size shrink.
+source "$(dirname "$0")/lib.sh"
+
+IMG=$WORK/disk.img
+start_dev --backing "$IMG" --size 256M
+q=/sys/block/ublkb$DEV_ID/queue
+[ "$(cat $q/discard_max_bytes)" -gt 0 ] || fail "device does not advertise discard"
+[ "$(cat $q/write_zeroes_max_bytes)" -gt 0 ] || fail "device does not advertise write zeroes"
+
+mkfs.ext4 -q -F -E nodiscard "$DEV"
+mkdir -p "$WORK/mnt"; mount "$DEV" "$WORK/mnt"
+head -c 100M /dev/urandom > "$WORK/mnt/big"; sync
+full=$(allocated "$IMG")
+rm "$WORK/mnt/big"; sync
+fstrim -v "$WORK/mnt"
+trimmed=$(allocated "$IMG")
+log "allocated: after writing $((full >> 20)) MiB, after rm+fstrim $((trimmed >> 20)) MiB"
+[ $((full - trimmed)) -gt $((80 << 20)) ] || fail "fstrim did not punch holes ($full -> $trimmed)"
+umount "$WORK/mnt"
+
+dd if=/dev/urandom of="$DEV" bs=1M count=64 oflag=direct status=none
+before=$(allocated "$IMG")
+blkdiscard "$DEV"
+after=$(allocated "$IMG")
+log "allocated: before blkdiscard $((before >> 20)) MiB, after $((after >> 20)) MiB"
+[ "$after" -lt $((4 << 20)) ] || fail "blkdiscard left $after bytes allocated"
+cmp -n $((64 << 20)) "$DEV" /dev/zero || fail "discarded range does not read as zeroes"
+
+# write-zeroes (blkdiscard -z) keeps reading zeroes.
+dd if=/dev/urandom of="$DEV" bs=1M count=8 oflag=direct status=none
+blkdiscard -z -o 0 -l $((8 << 20)) "$DEV"
+cmp -n $((8 << 20)) "$DEV" /dev/zero || fail "write-zeroes range does not read as zeroes"
+log "blkdiscard -z reads back zeroes"
+stop_dev
