@@ -8,7 +8,7 @@ expect_fail 3 "does not exist; give --size" $U add --backing "$WORK/missing.img"
 [ ! -e "$WORK/missing.img" ] || fail "missing.img was created"
 
 truncate -s 64M "$IMG"
-expect_fail 2 "is 67108864 bytes but --size asks for 134217728" $U add --backing "$IMG" --size 128M
+expect_fail 2 "is 67108864 bytes but the device size is 134217728 bytes" $U add --backing "$IMG" --size 128M
 [ "$(stat -c %s "$IMG")" = 67108864 ] || fail "size changed"
 
 expect_fail 2 "--queues 0 is out of range" $U add --backing "$IMG" --queues 0
@@ -18,9 +18,9 @@ expect_fail 2 "invalid size" $U add --backing "$IMG" --size 12Q
 
 # The backing file of a running device is locked.
 start_dev --backing "$IMG"
-expect_fail 3 "already in use by another ublk-mirror device (device $DEV_ID" $U add --backing "$IMG"
+expect_fail 3 "is in use (locked by another process: ublk-mirror device $DEV_ID, /dev/ublkb$DEV_ID, pid $DEV_PID)" $U add --backing "$IMG"
 expect_fail 4 "it is live, served by pid $DEV_PID" $U recover "$DEV_ID"
-expect_fail 4 "the id is taken" $U add --backing "$WORK/other.img" --size 64M --id "$DEV_ID"
+expect_fail 4 "a device with this id already exists" $U add --backing "$WORK/other.img" --size 64M --id "$DEV_ID"
 [ ! -e "$WORK/other.img" ] || fail "other.img was left behind"
 stop_dev
 

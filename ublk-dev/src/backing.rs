@@ -20,9 +20,10 @@ use crate::error::{Error, Result};
 pub struct BackingOptions<'a> {
     /// The file (or block device).
     pub path: &'a Path,
-    /// Create a sparse file of this size when it does not exist; if it
-    /// exists, its size must be this.
-    pub create_size: Option<u64>,
+    /// The size the file must have, if known.
+    pub size: Option<u64>,
+    /// Create a sparse file of `size` bytes when it does not exist.
+    pub create: bool,
     /// The device's logical block size; the file's size must be a multiple.
     pub block_size: u32,
     /// Try `O_DIRECT`.
@@ -60,7 +61,7 @@ impl Backing {
                 )
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let Some(size) = opts.create_size else {
+                let Some(size) = opts.size.filter(|_| opts.create) else {
                     return Err(Error::BackingMissing(path.to_path_buf()));
                 };
                 let file = open_rw(path, true).map_err(|e| open_error(path, e))?;
@@ -103,7 +104,7 @@ impl Backing {
         let size = (&self.file)
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(format!("cannot size {}", path.display()), e))?;
-        if let Some(wanted) = opts.create_size {
+        if let Some(wanted) = opts.size {
             if wanted != size {
                 return Err(Error::SizeMismatch {
                     path,
@@ -263,7 +264,8 @@ mod tests {
     fn opts(path: &Path) -> BackingOptions<'_> {
         BackingOptions {
             path,
-            create_size: None,
+            size: None,
+            create: true,
             block_size: 512,
             direct_io: true,
         }
@@ -274,7 +276,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
         let b = Backing::open(&BackingOptions {
-            create_size: Some(1 << 30),
+            size: Some(1 << 30),
             ..opts(&path)
         })
         .unwrap();
@@ -306,7 +308,7 @@ mod tests {
         let path = dir.path().join("disk.img");
         std::fs::write(&path, vec![7u8; 8192]).unwrap();
         let err = Backing::open(&BackingOptions {
-            create_size: Some(4096),
+            size: Some(4096),
             ..opts(&path)
         })
         .unwrap_err();
@@ -359,7 +361,7 @@ mod tests {
         let path = dir.path().join("disk.img");
         // 1000 bytes is not a multiple of 4096: created, then refused.
         let err = Backing::open(&BackingOptions {
-            create_size: Some(1000),
+            size: Some(1000),
             block_size: 4096,
             ..opts(&path)
         })

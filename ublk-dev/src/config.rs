@@ -30,6 +30,10 @@ pub const MAX_QUEUES: u16 = 32;
 pub const MAX_DEPTH: u16 = 4096;
 /// Highest device id the ublk driver hands out (`UBLK_MAX_UBLKS` - 1).
 pub const MAX_ID: u32 = (1 << 20) - 1;
+/// Most requests in flight over all queues. Each has a buffer of
+/// [`MAX_IO_BYTES`](crate::engine::MAX_IO_BYTES) that fills in as it is used,
+/// so this bounds the daemon's memory at 2 GiB.
+pub const MAX_IN_FLIGHT: u32 = 4096;
 /// Default queue depth: ublksrv's default, enough to keep NVMe busy.
 pub const DEFAULT_DEPTH: u16 = 128;
 
@@ -132,6 +136,12 @@ impl DeviceConfig {
         if !(1..=MAX_DEPTH).contains(&depth) {
             return invalid(format!(
                 "--depth {depth} is out of range: use 1 to {MAX_DEPTH}"
+            ));
+        }
+        if u32::from(queues) * u32::from(depth) > MAX_IN_FLIGHT {
+            return invalid(format!(
+                "--queues {queues} x --depth {depth} is more than {MAX_IN_FLIGHT} requests in flight \
+                 (each one has a 512 KiB buffer); lower one of them"
             ));
         }
         let logical_block_size = self.logical_block_size.unwrap_or(512);

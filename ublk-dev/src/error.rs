@@ -24,7 +24,7 @@ pub enum Error {
     BackingMissing(PathBuf),
 
     /// The backing file's size disagrees with `--size`.
-    #[error("backing file {path} is {actual} bytes but --size asks for {wanted} bytes; drop --size to use the file as it is, or resize it yourself (truncate -s)")]
+    #[error("backing file {path} is {actual} bytes but the device size is {wanted} bytes (--size, or `size` in the config); drop the size to use the file as it is, or resize the file yourself (truncate -s)")]
     SizeMismatch {
         /// The file.
         path: PathBuf,
@@ -34,12 +34,12 @@ pub enum Error {
         wanted: u64,
     },
 
-    /// The backing file is locked by another device.
-    #[error("backing file {path} is already in use by another ublk-mirror device{holder}")]
+    /// The backing file is locked by another process.
+    #[error("backing file {path} is in use (locked by another process{holder})")]
     BackingInUse {
         /// The file.
         path: PathBuf,
-        /// Who holds it, when known (" (device 3, pid 1234)"), else empty.
+        /// Who holds it, when known (": ublk-mirror device 3, ..."), else empty.
         holder: String,
     },
 
@@ -51,6 +51,10 @@ pub enum Error {
         /// Why, in words.
         reason: String,
     },
+
+    /// Creating block devices needs root.
+    #[error("ublk-mirror must run as root to {0} (the ublk driver's control device needs CAP_SYS_ADMIN)")]
+    NotRoot(&'static str),
 
     /// The kernel has no ublk driver loaded.
     #[error("the ublk driver is not available ({control} is missing): load it with `modprobe ublk_drv` (Linux 6.0 or later built with CONFIG_BLK_DEV_UBLK)")]
@@ -115,6 +119,7 @@ impl Error {
             Error::BackingMissing(_)
             | Error::BackingUnusable { .. }
             | Error::NoDriver { .. }
+            | Error::NotRoot(_)
             | Error::BackingInUse { .. } => ErrorKind::Environment,
             Error::NoSuchDevice(_) | Error::DeviceState { .. } => ErrorKind::Device,
             Error::Driver { .. } | Error::Io { .. } => ErrorKind::System,

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ublk_dev::backing::{Backing, BackingOptions};
 use ublk_dev::config::{DeviceConfig, DeviceSpec};
-use ublk_dev::ublk::{self, DeviceInfo, Ready, Start};
+use ublk_dev::ublk::{self, DeviceInfo, Ready, Start, TargetRecord};
 use ublk_dev::{system, Error, ErrorKind};
 use ublk_mirror_common::ByteSize;
 
@@ -158,7 +158,8 @@ fn main() -> ExitCode {
 
 fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,libublk=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -184,29 +185,28 @@ fn add(args: &AddArgs) -> anyhow::Result<()> {
         None => DeviceConfig::default(),
     };
     let spec = file_config.overridden_by(args.to_config()).validate()?;
-    let mut backing = open_backing(&spec, spec.size)?;
+    require_root("create block devices")?;
+    let config = args
+        .config
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()?;
+    if let Some((id, record, info)) = leftover_device(&spec)? {
+        tracing::info!(
+            id,
+            "found this device left behind by a stopped daemon: recovering it"
+        );
+        let recovered = spec_for_recovery(id, &record, &info);
+        warn_if_changed(&spec, &recovered);
+        let backing = open_backing(&recovered, false)?;
+        let served = Arc::new(AtomicBool::new(false));
+        return run_device(&recovered, &backing, Start::Recover(id), config, served);
+    }
+    let mut backing = open_backing(&spec, true)?;
     let served = Arc::new(AtomicBool::new(false));
     let result = ublk::check_driver()
         .map_err(anyhow::Error::from)
-        .and_then(|()| leftover_device(&spec, backing.path()))
-        .and_then(|leftover| {
-            let start = match leftover {
-                Some(id) => {
-                    tracing::info!(
-                        id,
-                        "found this device left behind by a stopped daemon: recovering it"
-                    );
-                    Start::Recover(id)
-                }
-                None => Start::Add,
-            };
-            let config = args
-                .config
-                .as_deref()
-                .map(std::path::absolute)
-                .transpose()?;
-            run_device(&spec, &backing, start, config, served.clone())
-        });
+        .and_then(|()| run_device(&spec, &backing, Start::Add, config, served.clone()));
     // A backing file created for a device that never came up holds nothing.
     if result.is_err() && !served.load(Ordering::SeqCst) {
         backing.discard_if_created();
@@ -215,9 +215,26 @@ fn add(args: &AddArgs) -> anyhow::Result<()> {
 }
 
 fn recover(id: u32) -> anyhow::Result<()> {
+    require_root("recover block devices")?;
     let record = ublk::recoverable(id)?;
-    let info = ublk::info(id)?;
-    let spec = DeviceSpec {
+    let spec = spec_for_recovery(id, &record, &ublk::info(id)?);
+    let backing = open_backing(&spec, false)?;
+    let served = Arc::new(AtomicBool::new(false));
+    run_device(&spec, &backing, Start::Recover(id), record.config, served)
+}
+
+fn require_root(action: &'static str) -> anyhow::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(Error::NotRoot(action).into())
+    }
+}
+
+/// A recovered device keeps what the kernel and its record say: its queues,
+/// depth, block size and size cannot change while it exists.
+fn spec_for_recovery(id: u32, record: &TargetRecord, info: &DeviceInfo) -> DeviceSpec {
+    DeviceSpec {
         backing: record.backing.clone(),
         size: Some(record.size),
         name: record.name.clone(),
@@ -226,24 +243,47 @@ fn recover(id: u32) -> anyhow::Result<()> {
         depth: info.depth,
         logical_block_size: record.logical_block_size,
         direct_io: record.direct_io,
-    };
-    let backing = open_backing(&spec, Some(record.size))?;
-    let served = Arc::new(AtomicBool::new(false));
-    run_device(&spec, &backing, Start::Recover(id), record.config, served)
+    }
 }
 
-/// Open the backing file, naming the device that holds it if it is locked.
-fn open_backing(spec: &DeviceSpec, size: Option<u64>) -> anyhow::Result<Backing> {
+fn warn_if_changed(asked: &DeviceSpec, kept: &DeviceSpec) {
+    let pairs = [
+        ("queues", u64::from(asked.queues), u64::from(kept.queues)),
+        ("depth", u64::from(asked.depth), u64::from(kept.depth)),
+        (
+            "logical block size",
+            u64::from(asked.logical_block_size),
+            u64::from(kept.logical_block_size),
+        ),
+    ];
+    for (what, a, k) in pairs {
+        if a != k {
+            tracing::warn!("the recovered device keeps its {what} {k} (asked for {a}); delete and add it again to change it");
+        }
+    }
+}
+
+/// Open the backing file (creating it only if `create`), naming the device
+/// that holds it if it is locked.
+fn open_backing(spec: &DeviceSpec, create: bool) -> anyhow::Result<Backing> {
     let opened = Backing::open(&BackingOptions {
         path: &spec.backing,
-        create_size: size,
+        size: spec.size,
+        create,
         block_size: spec.logical_block_size,
         direct_io: spec.direct_io,
     });
     match opened {
         Err(Error::BackingInUse { path, .. }) => {
             let holder = holder_of(&path)
-                .map(|d| format!(" (device {}, {}, pid {})", d.id, d.device.display(), d.pid))
+                .map(|d| {
+                    format!(
+                        ": ublk-mirror device {}, {}, pid {}",
+                        d.id,
+                        d.device.display(),
+                        d.pid
+                    )
+                })
                 .unwrap_or_default();
             Err(Error::BackingInUse { path, holder }.into())
         }
@@ -252,40 +292,58 @@ fn open_backing(spec: &DeviceSpec, size: Option<u64>) -> anyhow::Result<Backing>
 }
 
 fn holder_of(path: &Path) -> Option<DeviceInfo> {
-    let path = std::path::absolute(path).ok()?;
+    let path = std::fs::canonicalize(path).ok()?;
     ublk::list()
         .ok()?
         .into_iter()
         .find(|d| d.record.as_ref().is_some_and(|r| r.backing == path))
 }
 
-/// A quiesced ublk-mirror device for this spec, left by a killed daemon.
-fn leftover_device(spec: &DeviceSpec, backing: &Path) -> anyhow::Result<Option<u32>> {
-    let backing = std::path::absolute(backing)?;
-    let same = |d: &DeviceInfo| d.record.as_ref().is_some_and(|r| r.backing == backing);
-    if let Some(id) = spec.id {
-        return match ublk::info(id) {
-            Err(Error::NoSuchDevice(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-            Ok(d) if d.is_ours() && same(&d) => Ok(Some(ublk::recoverable(id).map(|_| id)?)),
-            Ok(d) => Err(Error::DeviceState {
-                id,
-                reason: format!(
-                    "the id is taken by another device ({}, {}); pick another --id",
-                    d.record.map_or_else(
-                        || d.target.unwrap_or_else(|| "unknown".into()),
-                        |r| r.backing.display().to_string()
-                    ),
-                    d.state.as_str()
-                ),
-            }
-            .into()),
-        };
+/// A quiesced ublk-mirror device on this backing file, left by a killed
+/// daemon. Paths are compared canonically, so another name for the same file
+/// still finds it.
+fn leftover_device(spec: &DeviceSpec) -> anyhow::Result<Option<(u32, TargetRecord, DeviceInfo)>> {
+    if ublk::check_driver().is_err() {
+        return Ok(None);
     }
-    Ok(ublk::list()?
-        .into_iter()
-        .find(|d| d.is_ours() && same(d) && d.state == ublk::DeviceState::Quiesced && d.recoverable)
-        .map(|d| d.id))
+    // A device can only be recovered onto the file it was using.
+    let Ok(backing) = std::fs::canonicalize(&spec.backing) else {
+        return Ok(None);
+    };
+    let same = |d: &DeviceInfo| d.record.as_ref().is_some_and(|r| r.backing == backing);
+    let candidate = match spec.id {
+        Some(id) => match ublk::info(id) {
+            Err(Error::NoSuchDevice(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+            Ok(d) if d.is_ours() && same(&d) => d,
+            Ok(d) => {
+                return Err(Error::DeviceState {
+                    id,
+                    reason: format!(
+                        "the id is taken by another device ({}, {}); pick another --id",
+                        d.record.map_or_else(
+                            || d.target.unwrap_or_else(|| "unknown".into()),
+                            |r| r.backing.display().to_string()
+                        ),
+                        d.state.as_str()
+                    ),
+                }
+                .into())
+            }
+        },
+        None => match ublk::list()?.into_iter().find(|d| {
+            d.is_ours() && same(d) && d.state == ublk::DeviceState::Quiesced && d.recoverable
+        }) {
+            Some(d) => d,
+            None => return Ok(None),
+        },
+    };
+    if candidate.state == ublk::DeviceState::Live {
+        // Its daemon holds the file: opening it will say who.
+        return Ok(None);
+    }
+    let record = ublk::recoverable(candidate.id)?;
+    Ok(Some((candidate.id, record, candidate)))
 }
 
 fn run_device(
@@ -334,6 +392,7 @@ fn run_device(
 }
 
 fn list(json: bool) -> anyhow::Result<()> {
+    require_root("list devices")?;
     let devices = ublk::list()?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -375,6 +434,7 @@ fn list(json: bool) -> anyhow::Result<()> {
 }
 
 fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
+    require_root("delete block devices")?;
     let ids: Vec<u32> = if all {
         ublk::list()?
             .into_iter()

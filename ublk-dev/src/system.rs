@@ -6,14 +6,19 @@ use std::os::unix::net::UnixDatagram;
 use crate::error::{Error, Result};
 
 /// Move this process into a mount namespace of its own, with no mount
-/// propagation from the host.
+/// propagation from the host, holding no file system that lives on a ublk
+/// device.
 ///
-/// A file system mounted on `/dev/ublkbN` must never appear in the daemon's
-/// own namespace: if it did, the daemon's exit would have to unmount it,
-/// which needs I/O that only the exiting daemon could serve (libublk-rs
-/// issue #50). Must be called before any thread is started.
+/// A file system mounted on `/dev/ublkbN` must never stay mounted in the
+/// daemon's own namespace: the user's `umount` would not end it, writes
+/// would still reach a device being stopped, and the daemon's exit would
+/// have to unmount it, which needs I/O that only the exiting daemon could
+/// serve (libublk-rs issue #50). A daemon started after the file system was
+/// mounted (`recover`) inherits such mounts, so they are detached here;
+/// propagation being off, the host's mounts are untouched.
+/// Must be called before any thread is started.
 pub fn private_mount_namespace() -> Result<()> {
-    use nix::mount::{mount, MsFlags};
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| Error::io("creating a private mount namespace", e.into()))?;
     mount(
@@ -23,7 +28,74 @@ pub fn private_mount_namespace() -> Result<()> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(|e| Error::io("making mounts private", e.into()))
+    .map_err(|e| Error::io("making mounts private", e.into()))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+    for mount_point in mounts_of(&mountinfo, &ublk_block_devices()) {
+        match umount2(mount_point.as_str(), MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                tracing::debug!(%mount_point, "detached a ublk file system from the daemon's namespace")
+            }
+            Err(e) => {
+                tracing::warn!(%mount_point, "cannot detach from the daemon's namespace: {e}")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `major:minor` of every ublk block device.
+fn ublk_block_devices() -> Vec<String> {
+    std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ublkb"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("dev")).ok())
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+/// Mount points (deepest first) in `mountinfo` whose device is one of `devices`.
+fn mounts_of(mountinfo: &str, devices: &[String]) -> Vec<String> {
+    let mut found: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            // mountinfo(5): id parent major:minor root mount-point ...
+            let mut fields = line.split(' ');
+            let dev = fields.nth(2)?;
+            let mount_point = fields.nth(1)?;
+            devices
+                .iter()
+                .any(|d| d == dev)
+                .then(|| unescape_mountinfo(mount_point))
+        })
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.matches('/').count()));
+    found
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|o| bytes[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(o) => {
+                out.push(o.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Tell systemd (when started by it with `Type=notify`) about our state,
@@ -50,6 +122,22 @@ pub fn sd_notify(state: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_mounts_of_ublk_devices_deepest_first() {
+        let mountinfo = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 259:0 / /mnt/disk rw,relatime shared:9 - ext4 /dev/ublkb0 rw
+31 30 259:1 / /mnt/disk/inner\\040dir rw - xfs /dev/ublkb1 rw
+32 22 0:5 / /dev rw - devtmpfs udev rw
+";
+        let devices = vec!["259:0".to_string(), "259:1".to_string()];
+        assert_eq!(
+            mounts_of(mountinfo, &devices),
+            vec!["/mnt/disk/inner dir".to_string(), "/mnt/disk".to_string()]
+        );
+        assert!(mounts_of(mountinfo, &[]).is_empty());
+    }
 
     #[test]
     fn notifies_a_listening_socket() {

@@ -146,10 +146,23 @@ impl DeviceInfo {
     }
 }
 
+/// The errno inside a libublk error, if it carries one (positive).
+fn errno_of(e: &UblkError) -> Option<i32> {
+    match e {
+        UblkError::OtherError(c) | UblkError::UringIOError(c) => Some(c.abs()),
+        UblkError::IOError(io) => io.raw_os_error(),
+        _ => None,
+    }
+}
+
 fn driver_error(context: impl Into<String>, e: UblkError) -> Error {
+    let source: Box<dyn std::error::Error + Send + Sync> = match errno_of(&e) {
+        Some(errno) => Box::new(std::io::Error::from_raw_os_error(errno)),
+        None => Box::new(e),
+    };
     Error::Driver {
         context: context.into(),
-        source: Box::new(e),
+        source,
     }
 }
 
@@ -193,15 +206,43 @@ pub fn list() -> Result<Vec<DeviceInfo>> {
 
 fn open_ctrl(id: u32) -> Result<UblkCtrl> {
     check_driver()?;
-    if !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+    if !device_exists(id) {
         return Err(Error::NoSuchDevice(id));
     }
-    UblkCtrl::new_simple(id as i32).map_err(|e| match e {
-        UblkError::OtherError(code) if code == -libc::ENODEV || code == -libc::ENOENT => {
-            Error::NoSuchDevice(id)
-        }
-        e => driver_error(format!("reading device {id}"), e),
+    // libublk prints "device reload json failed" for devices without a
+    // JSON file (other programs' devices); that is not news to our users.
+    let json = format!("{}/{id:04}.json", UblkCtrl::run_dir());
+    let opened = if Path::new(&json).exists() {
+        UblkCtrl::new_simple(id as i32)
+    } else {
+        with_stderr_silenced(|| UblkCtrl::new_simple(id as i32))
+    };
+    opened.map_err(|e| match errno_of(&e) {
+        Some(libc::ENODEV) | Some(libc::ENOENT) => Error::NoSuchDevice(id),
+        _ => driver_error(format!("reading device {id}"), e),
     })
+}
+
+/// Run `f` with file descriptor 2 pointing at /dev/null. Only for short,
+/// single-threaded moments (listing devices): other threads' messages
+/// would be lost meanwhile.
+fn with_stderr_silenced<T>(f: impl FnOnce() -> T) -> T {
+    let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") else {
+        return f();
+    };
+    // SAFETY: dup/dup2/close on descriptor 2 and descriptors we own; the
+    // saved copy is restored and closed before returning.
+    unsafe {
+        let saved = libc::dup(2);
+        if saved < 0 {
+            return f();
+        }
+        libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 2);
+        let out = f();
+        libc::dup2(saved, 2);
+        libc::close(saved);
+        out
+    }
 }
 
 fn describe(id: u32, ctrl: &UblkCtrl) -> DeviceInfo {
@@ -228,13 +269,61 @@ pub fn info(id: u32) -> Result<DeviceInfo> {
     Ok(describe(id, &ctrl))
 }
 
-/// Stop and delete a device. A running daemon sees its queues go down and
-/// exits after syncing its backing file; this returns once the device is gone.
+/// How long `delete` waits for a daemon to sync and remove its device.
+const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Stop and delete a device; returns once it is gone.
+///
+/// A device with a live daemon is only stopped here: the daemon sees its
+/// queues go down, syncs the backing file and deletes the device itself, so
+/// the id stays taken until then (and nobody else's new device can be
+/// deleted by mistake). A device without a daemon is deleted directly.
 pub fn delete(id: u32) -> Result<()> {
     let ctrl = open_ctrl(id)?;
-    ctrl.del_dev()
-        .map(drop)
-        .map_err(|e| driver_error(format!("deleting device {id}"), e))
+    let info = describe(id, &ctrl);
+    let daemon_alive = info.state == DeviceState::Live && pid_alive(info.pid);
+    if !daemon_alive {
+        return ctrl
+            .del_dev()
+            .map(drop)
+            .map_err(|e| driver_error(format!("deleting device {id}"), e));
+    }
+    ctrl.kill_dev()
+        .map_err(|e| driver_error(format!("stopping device {id}"), e))?;
+    let started = std::time::Instant::now();
+    while started.elapsed() < DELETE_TIMEOUT {
+        if !device_exists(id) {
+            return Ok(());
+        }
+        if !pid_alive(info.pid) {
+            // The daemon exited without deleting (it failed to): finish its
+            // job, unless the id already belongs to someone else.
+            return match open_ctrl(id) {
+                Ok(c) if c.dev_info().ublksrv_pid == info.pid => c
+                    .del_dev()
+                    .map(drop)
+                    .map_err(|e| driver_error(format!("deleting device {id}"), e)),
+                _ => Ok(()),
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Err(Error::DeviceState {
+        id,
+        reason: format!(
+            "stopped, but its daemon (pid {}) has not removed it after {} s",
+            info.pid,
+            DELETE_TIMEOUT.as_secs()
+        ),
+    })
+}
+
+fn device_exists(id: u32) -> bool {
+    Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+}
+
+fn pid_alive(pid: i32) -> bool {
+    pid > 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// How [`serve`] gets its device.
@@ -322,8 +411,9 @@ fn kill(id: u32) {
 /// Run the device until it is stopped (SIGTERM, SIGINT, `ublk-mirror del`).
 ///
 /// `on_ready` runs once the block device serves I/O. On a clean stop the
-/// backing file is synced and the device deleted; if the daemon is killed
-/// instead, the device stays (quiesced) for [`Start::Recover`].
+/// backing file is synced and the device deleted. If the daemon is killed
+/// instead, the device stays (quiesced) for [`Start::Recover`]; so does a
+/// device whose recovery failed: its I/O keeps waiting rather than failing.
 pub fn serve<R>(
     spec: &DeviceSpec,
     backing: &Backing,
@@ -335,7 +425,27 @@ where
     R: FnOnce(&Ready) + Send + Sync + 'static,
 {
     check_driver()?;
-    let backing_path = std::path::absolute(backing.path())
+    // Signals first: a stop asked for while the device is being set up is
+    // carried out as soon as there is a device to stop.
+    let stop = Arc::new(StopState::new());
+    let signals = watch_signals(stop.clone())?;
+    let result = serve_device(spec, backing, start, config, on_ready, &stop);
+    signals.close();
+    result
+}
+
+fn serve_device<R>(
+    spec: &DeviceSpec,
+    backing: &Backing,
+    start: Start,
+    config: Option<PathBuf>,
+    on_ready: R,
+    stop: &Arc<StopState>,
+) -> Result<()>
+where
+    R: FnOnce(&Ready) + Send + Sync + 'static,
+{
+    let backing_path = std::fs::canonicalize(backing.path())
         .map_err(|e| Error::io("resolving the backing path", e))?;
     let record = TargetRecord {
         version: RECORD_VERSION,
@@ -377,18 +487,20 @@ where
         .ctrl_flags(ctrl_flags)
         .dev_flags(dev_flags)
         .build()
-        .map_err(|e| match e {
-            UblkError::OtherError(c) if c == -libc::EEXIST => Error::DeviceState {
+        .map_err(|e| match errno_of(&e) {
+            Some(libc::EEXIST) => Error::DeviceState {
                 id: id as u32,
                 reason: "a device with this id already exists (see `ublk-mirror list`)".into(),
             },
-            e => driver_error("creating the device", e),
+            _ => driver_error("creating the device", e),
         })?;
     let dev_id = ctrl.dev_info().dev_id;
     let _span = tracing::info_span!("device", id = dev_id, name = %spec.name).entered();
-
-    let stop = Arc::new(StopState::new());
-    let signals = watch_signals(stop.clone())?;
+    stop.id.store(i64::from(dev_id), Ordering::SeqCst);
+    if stop.requested.load(Ordering::SeqCst) {
+        tracing::info!("stop requested during set-up; not starting");
+        return leave(&ctrl, start, Ok(()));
+    }
 
     let backing_fd = std::os::fd::AsRawFd::as_raw_fd(backing.file());
     let record_json = serde_json::to_value(&record)
@@ -398,10 +510,8 @@ where
     let recovered = matches!(start, Start::Recover(_));
     let ready_stop = stop.clone();
     let device_up = move |ctrl: &UblkCtrl| {
-        let id = ctrl.dev_info().dev_id;
-        ready_stop.id.store(i64::from(id), Ordering::SeqCst);
         on_ready(&Ready {
-            id,
+            id: ctrl.dev_info().dev_id,
             device: PathBuf::from(ctrl.get_bdev_path()),
             recovered,
         });
@@ -411,21 +521,19 @@ where
             }
         }
     };
-    let run = ctrl.run_target(
-        tgt_init,
-        move |qid, dev: &UblkDev| serve_queue(qid, dev, &queue_engine),
-        device_up,
-    );
-    signals.close();
+    let run = ctrl
+        .run_target(
+            tgt_init,
+            move |qid, dev: &UblkDev| serve_queue(qid, dev, &queue_engine),
+            device_up,
+        )
+        .map(drop)
+        .map_err(|e| driver_error("running the device", e));
 
     // The queues are down: whatever was written is in the backing file's
     // page cache or on disk. Make it durable before the device goes away.
     let synced = backing.sync();
-    if let Err(e) = ctrl.del_dev() {
-        tracing::debug!("deleting device after stop: {e}");
-    }
-    run.map_err(|e| driver_error("running the device", e))?;
-    synced?;
+    let result = leave(&ctrl, start, run.and(synced));
     let s = engine.stats();
     tracing::info!(
         reads = s.reads.load(Ordering::Relaxed),
@@ -435,7 +543,30 @@ where
         errors = s.errors.load(Ordering::Relaxed),
         "device stopped; backing file synced"
     );
-    Ok(())
+    result
+}
+
+/// Decide the device's fate when the daemon is done with it: deleted after a
+/// clean stop or a failed add; left quiesced after a failed recovery, so
+/// that the I/O waiting in it is not failed under a mounted file system.
+fn leave(ctrl: &UblkCtrl, start: Start, result: Result<()>) -> Result<()> {
+    let id = ctrl.dev_info().dev_id;
+    match (&result, start) {
+        (Err(e), Start::Recover(_)) => {
+            tracing::error!(
+                "recovery failed ({e}); device {id} stays quiesced with its I/O waiting: \
+                 retry `ublk-mirror recover {id}`, or `ublk-mirror del {id}` to fail it"
+            );
+        }
+        _ => {
+            if let Err(e) = ctrl.del_dev() {
+                tracing::debug!("deleting device {id}: {e}");
+            }
+        }
+    }
+    // Deletion is decided above; the control handle must not repeat it on drop.
+    ctrl.disown();
+    result
 }
 
 /// Handle SIGTERM/SIGINT by stopping the device. The returned handle ends
@@ -508,6 +639,9 @@ fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine) {
         Ok(q) => Rc::new(q),
         Err(e) => {
             tracing::error!(qid, "cannot set up queue: {e}");
+            // Wake the thread starting the device, which waits for every
+            // queue to register its buffers: it fails instead of hanging.
+            dev.notify_buffer_registration_complete(true);
             return;
         }
     };

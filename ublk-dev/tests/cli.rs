@@ -104,7 +104,7 @@ fn a_size_mismatch_is_refused_and_the_file_kept() {
     let o = ublk_mirror(&["add", "--backing", img.to_str().unwrap(), "--size", "4K"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("is 8192 bytes but --size asks for 4096"),
+        stderr(&o).contains("is 8192 bytes but the device size is 4096 bytes"),
         "{}",
         stderr(&o)
     );

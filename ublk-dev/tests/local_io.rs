@@ -21,7 +21,8 @@ fn device(size: u64, block_size: u32, direct_io: bool) -> Device {
     let path = dir.path().join("disk.img");
     let backing = Backing::open(&BackingOptions {
         path: &path,
-        create_size: Some(size),
+        size: Some(size),
+        create: true,
         block_size,
         direct_io,
     })

@@ -133,6 +133,11 @@ impl Request {
             abi::OP_WRITE_ZEROES => Op::WriteZeroes,
             _ => return Err(Errno::NOTSUPP),
         };
+        if op == Op::Flush {
+            // A flush carries no range; its sector field is not meaningful
+            // (the block layer leaves it at whatever the request had).
+            return Ok(Request::flush());
+        }
         let offset = start_sector.checked_mul(SECTOR_SIZE).ok_or(Errno::INVAL)?;
         Ok(Request {
             op,
@@ -764,10 +769,11 @@ mod tests {
     }
 
     #[test]
-    fn errors_are_passed_up() {
-        let (_, res) = run(&engine(), Request::write(0, 4096), |_| -libc::ENOSPC);
+    fn errors_are_passed_up_and_counted() {
+        let e = engine();
+        let (_, res) = run(&e, Request::write(0, 4096), |_| -libc::ENOSPC);
         assert_eq!(res, -libc::ENOSPC);
-        assert_eq!(engine().stats().errors.load(Ordering::Relaxed), 0);
+        assert_eq!(e.stats().errors.load(Ordering::Relaxed), 1);
     }
 
     #[test]

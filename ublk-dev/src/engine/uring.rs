@@ -92,6 +92,9 @@ pub struct LocalIo<'e> {
     ring: IoUring,
     zeroes: AlignedBuf,
     buf: AlignedBuf,
+    /// Set when the ring failed in a way that may leave a submission behind:
+    /// its completion could be mistaken for a later request's, so no more.
+    broken: bool,
 }
 
 impl<'e> LocalIo<'e> {
@@ -103,6 +106,7 @@ impl<'e> LocalIo<'e> {
             ring: IoUring::new(4)?,
             zeroes: AlignedBuf::zeroed(ZERO_CHUNK),
             buf: AlignedBuf::zeroed(engine.geometry().max_io as usize),
+            broken: false,
         })
     }
 
@@ -110,6 +114,9 @@ impl<'e> LocalIo<'e> {
     /// read, the bytes read are returned. Errors come back as the errno the
     /// kernel would have seen.
     pub fn submit(&mut self, req: Request, data: &[u8]) -> Result<Vec<u8>, Errno> {
+        if self.broken {
+            return Err(Errno::IO);
+        }
         let io = self.engine.start(req)?;
         let len = req.len as usize;
         if req.op == super::Op::Write {
@@ -121,8 +128,13 @@ impl<'e> LocalIo<'e> {
         let fd = FileRef::Raw(self.file.as_raw_fd());
         let zeroes = self.zeroes.as_slice().as_ptr();
         let ring = &mut self.ring;
+        let broken = &mut self.broken;
         let fut = drive(io, self.buf.as_mut_slice(), |step, base| {
-            std::future::ready(run_one(ring, sqe(step, fd, base, zeroes)))
+            let res = run_one(ring, sqe(step, fd, base, zeroes));
+            std::future::ready(res.unwrap_or_else(|e| {
+                *broken = true;
+                e
+            }))
         });
         let res = block_on_ready(fut);
         if res < 0 {
@@ -144,22 +156,34 @@ impl std::fmt::Debug for LocalIo<'_> {
     }
 }
 
-/// Submit one entry and wait for its completion.
-fn run_one(ring: &mut IoUring, entry: squeue::Entry) -> i32 {
+/// Marks LocalIo's submissions, to recognise their completions.
+const LOCAL_TAG: u64 = 0x6c6f_6361_6c69_6f00;
+
+/// Submit one entry and wait for its completion. `Err` (a negated errno)
+/// means the ring itself failed and the entry's fate is unknown.
+fn run_one(ring: &mut IoUring, entry: squeue::Entry) -> Result<i32, i32> {
+    let entry = entry.user_data(LOCAL_TAG);
     // SAFETY: the buffers the entry points to (the request buffer and the
     // zero buffer owned by LocalIo) outlive this call, which waits for the
-    // completion before returning.
+    // completion before returning; if waiting fails, LocalIo is marked
+    // broken and never reuses the buffers for another request.
     if unsafe { ring.submission().push(&entry) }.is_err() {
-        return -libc::EBUSY;
+        return Err(-libc::EBUSY);
     }
     loop {
         match ring.submit_and_wait(1) {
-            Ok(_) => break,
+            Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return -e.raw_os_error().unwrap_or(libc::EIO),
+            Err(e) => return Err(-e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+        if let Some(c) = ring.completion().next() {
+            return if c.user_data() == LOCAL_TAG {
+                Ok(c.result())
+            } else {
+                Err(-libc::EIO)
+            };
         }
     }
-    ring.completion().next().map_or(-libc::EIO, |c| c.result())
 }
 
 /// Poll a future whose every await point is immediately ready.
