@@ -10,7 +10,7 @@
 //! size = "20G"                # create a sparse file of this size if missing
 //! name = "disk"               # defaults to the config file's name
 //! id = 0                      # /dev/ublkb0; default: the first free id
-//! queues = 2                  # hardware queues (one thread each)
+//! queues = 1                  # hardware queues (one thread each)
 //! depth = 128                 # requests in flight per queue
 //! logical_block_size = 512    # 512 or 4096
 //! direct_io = true            # O_DIRECT on the backing file (falls back when refused)
@@ -34,6 +34,11 @@ pub const MAX_ID: u32 = (1 << 20) - 1;
 /// [`MAX_IO_BYTES`](crate::engine::MAX_IO_BYTES) that fills in as it is used,
 /// so this bounds the daemon's memory at 2 GiB.
 pub const MAX_IN_FLIGHT: u32 = 4096;
+/// Default number of hardware queues: one, as ublksrv. A queue thread
+/// serves its whole depth asynchronously; `scripts/bench-io` measured two
+/// queues no faster than one on 2 CPUs. Raise it for many submitters on
+/// NVMe-class storage.
+pub const DEFAULT_QUEUES: u16 = 1;
 /// Default queue depth: ublksrv's default, enough to keep NVMe busy.
 pub const DEFAULT_DEPTH: u16 = 128;
 
@@ -126,7 +131,7 @@ impl DeviceConfig {
                 "invalid device name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
             ));
         }
-        let queues = self.queues.unwrap_or_else(default_queues);
+        let queues = self.queues.unwrap_or(DEFAULT_QUEUES);
         if !(1..=MAX_QUEUES).contains(&queues) {
             return invalid(format!(
                 "--queues {queues} is out of range: use 1 to {MAX_QUEUES}"
@@ -178,14 +183,6 @@ impl DeviceConfig {
     }
 }
 
-/// One queue per CPU, up to 4: ublk queues are per-CPU submission paths, and
-/// more than four rarely help a single backing file.
-fn default_queues() -> u16 {
-    std::thread::available_parallelism()
-        .map(|n| n.get().min(4) as u16)
-        .unwrap_or(1)
-}
-
 /// Validated device settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceSpec {
@@ -225,7 +222,7 @@ mod tests {
         assert_eq!(spec.depth, DEFAULT_DEPTH);
         assert_eq!(spec.logical_block_size, 512);
         assert!(spec.direct_io);
-        assert!((1..=4).contains(&spec.queues));
+        assert_eq!(spec.queues, DEFAULT_QUEUES);
         assert_eq!(spec.id, None);
     }
 

@@ -106,7 +106,7 @@ struct AddArgs {
     #[arg(long)]
     id: Option<u32>,
 
-    /// Hardware queues, one thread each, 1-32 [default: CPUs, at most 4].
+    /// Hardware queues, one thread each, 1-32 [default: 1].
     #[arg(long, short = 'q')]
     queues: Option<u16>,
 
