@@ -20,8 +20,9 @@ expect_fail 2 "invalid size" $U add --backing "$IMG" --size 12Q
 start_dev --backing "$IMG"
 expect_fail 3 "is in use (locked by another process: ublk-mirror device $DEV_ID, /dev/ublkb$DEV_ID, pid $DEV_PID)" $U add --backing "$IMG"
 expect_fail 4 "it is live, served by pid $DEV_PID" $U recover "$DEV_ID"
-expect_fail 4 "a device with this id already exists" $U add --backing "$WORK/other.img" --size 64M --id "$DEV_ID"
+expect_fail 4 "the id is taken by another device" $U add --backing "$WORK/other.img" --size 64M --id "$DEV_ID"
 [ ! -e "$WORK/other.img" ] || fail "other.img was left behind"
+[ "$(dev_state "$DEV_ID")" = live ] && kill -0 "$DEV_PID" || fail "refusing a taken id hurt the device that has it"
 stop_dev
 
 expect_fail 4 "there is no ublk device 4242" $U del 4242

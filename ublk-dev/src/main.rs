@@ -307,10 +307,12 @@ fn leftover_device(spec: &DeviceSpec) -> anyhow::Result<Option<(u32, TargetRecor
         return Ok(None);
     }
     // A device can only be recovered onto the file it was using.
-    let Ok(backing) = std::fs::canonicalize(&spec.backing) else {
-        return Ok(None);
+    let backing = std::fs::canonicalize(&spec.backing).ok();
+    let same = |d: &DeviceInfo| {
+        d.record
+            .as_ref()
+            .is_some_and(|r| Some(&r.backing) == backing.as_ref())
     };
-    let same = |d: &DeviceInfo| d.record.as_ref().is_some_and(|r| r.backing == backing);
     let candidate = match spec.id {
         Some(id) => match ublk::info(id) {
             Err(Error::NoSuchDevice(_)) => return Ok(None),
@@ -331,6 +333,7 @@ fn leftover_device(spec: &DeviceSpec) -> anyhow::Result<Option<(u32, TargetRecor
                 .into())
             }
         },
+        None if backing.is_none() => return Ok(None),
         None => match ublk::list()?.into_iter().find(|d| {
             d.is_ours() && same(d) && d.state == ublk::DeviceState::Quiesced && d.recoverable
         }) {
