@@ -70,7 +70,8 @@ pub struct TargetRecord {
     pub size: u64,
     /// Logical block size.
     pub logical_block_size: u32,
-    /// Whether O_DIRECT was asked for.
+    /// Whether the backing file is used with O_DIRECT (false when asked
+    /// for buffered I/O, or when the file system refused O_DIRECT).
     pub direct_io: bool,
     /// The device config file it was started from, if any.
     pub config: Option<PathBuf>,
@@ -453,7 +454,7 @@ where
         backing: backing_path,
         size: backing.size(),
         logical_block_size: spec.logical_block_size,
-        direct_io: spec.direct_io,
+        direct_io: backing.direct_io(),
         config,
     };
     let geometry = Geometry {
