@@ -40,7 +40,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create a device on a backing file and serve it (foreground).
+    /// Create a device on a backing file and serve it (foreground)
     ///
     /// Prints the device path (e.g. /dev/ublkb0) on stdout once it is ready.
     /// If a device for the same backing file was left behind by a killed
