@@ -1,11 +1,13 @@
 //! Types shared by every ublk-mirror component: byte sizes as users write
-//! them, and the one error type of this crate.
+//! them, sets of block ranges, and the one error type of this crate.
 //!
 //! The wire protocol, block-range types, hashing and identity will live here
 //! too, so that the device daemon and the mirror server agree by construction.
 
+pub mod range;
 pub mod size;
 
+pub use range::RangeSet;
 pub use size::ByteSize;
 
 /// Everything that can go wrong in this crate.
