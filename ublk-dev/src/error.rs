@@ -52,6 +52,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// The change journal is damaged beyond what it can repair, or is not ours.
+    #[error("journal {path}: {reason}; it cannot be trusted: move it away to start over with a full resync")]
+    JournalCorrupt {
+        /// The journal file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// Creating block devices needs root.
     #[error("ublk-mirror must run as root to {0} (the ublk driver's control device needs CAP_SYS_ADMIN)")]
     NotRoot(&'static str),
@@ -120,6 +129,7 @@ impl Error {
             | Error::BackingUnusable { .. }
             | Error::NoDriver { .. }
             | Error::NotRoot(_)
+            | Error::JournalCorrupt { .. }
             | Error::BackingInUse { .. } => ErrorKind::Environment,
             Error::NoSuchDevice(_) | Error::DeviceState { .. } => ErrorKind::Device,
             Error::Driver { .. } | Error::Io { .. } => ErrorKind::System,

@@ -6,6 +6,7 @@
 //! - [`config`]: device settings, from a TOML file and the command line;
 //! - [`backing`]: opening, creating, locking the backing file;
 //! - [`engine`]: the sans-IO I/O engine, and its io_uring execution;
+//! - [`journal`]: the crash-safe write-intent journal of changed regions;
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
 //! - [`system`]: process set-up (mount namespace, systemd notification).
 
@@ -13,6 +14,7 @@ pub mod backing;
 pub mod config;
 pub mod engine;
 mod error;
+pub mod journal;
 pub mod system;
 pub mod ublk;
 
