@@ -14,6 +14,11 @@
 //! depth = 128                 # requests in flight per queue
 //! logical_block_size = 512    # 512 or 4096
 //! direct_io = true            # O_DIRECT on the backing file (falls back when refused)
+//! tracking = true             # crash-safe change tracking (the write-intent journal)
+//! state_dir = "/var/lib/ublk-mirror/disk"  # where the journal lives (default: beside
+//!                             # the backing file, FILE.ublk-mirror/; for a block
+//!                             # device, /var/lib/ublk-mirror/NAME/)
+//! region_size = "4M"          # write-intent region size (power of two, >= 64K)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -63,6 +68,12 @@ pub struct DeviceConfig {
     pub logical_block_size: Option<u32>,
     /// Use O_DIRECT on the backing file.
     pub direct_io: Option<bool>,
+    /// Track changes in a write-intent journal.
+    pub tracking: Option<bool>,
+    /// Directory of the journal.
+    pub state_dir: Option<PathBuf>,
+    /// Write-intent region size.
+    pub region_size: Option<ByteSize>,
 }
 
 impl DeviceConfig {
@@ -99,6 +110,9 @@ impl DeviceConfig {
             depth: over.depth.or(self.depth),
             logical_block_size: over.logical_block_size.or(self.logical_block_size),
             direct_io: over.direct_io.or(self.direct_io),
+            tracking: over.tracking.or(self.tracking),
+            state_dir: over.state_dir.or(self.state_dir),
+            region_size: over.region_size.or(self.region_size),
         }
     }
 
@@ -170,6 +184,25 @@ impl DeviceConfig {
                 ));
             }
         }
+        let tracking = if self.tracking.unwrap_or(true) {
+            let region_size = self
+                .region_size
+                .map_or(crate::journal::DEFAULT_REGION_SIZE, |s| s.0);
+            if !region_size.is_power_of_two() || region_size < crate::journal::MIN_REGION_SIZE {
+                return invalid(format!(
+                    "--region-size {} must be a power of two of at least 64KiB",
+                    ByteSize(region_size)
+                ));
+            }
+            Some(TrackingSpec {
+                state_dir: self
+                    .state_dir
+                    .unwrap_or_else(|| default_state_dir(&backing, &name)),
+                region_size,
+            })
+        } else {
+            None
+        };
         Ok(DeviceSpec {
             backing,
             size: self.size.map(|s| s.0),
@@ -179,8 +212,37 @@ impl DeviceConfig {
             depth,
             logical_block_size,
             direct_io: self.direct_io.unwrap_or(true),
+            tracking,
         })
     }
+}
+
+/// Where the journals of block-device backings live: `/var/lib/ublk-mirror/NAME/`.
+pub const DEFAULT_STATE_ROOT: &str = "/var/lib/ublk-mirror";
+
+/// A regular backing file keeps its state beside it (`FILE.ublk-mirror/`):
+/// it moves with the file, and two files of the same name never share a
+/// journal. A block device's directory (`/dev`) cannot hold state, so it
+/// goes to `/var/lib/ublk-mirror/NAME/`.
+fn default_state_dir(backing: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::FileTypeExt;
+    let is_block_device = std::fs::metadata(backing).is_ok_and(|m| m.file_type().is_block_device());
+    if is_block_device {
+        Path::new(DEFAULT_STATE_ROOT).join(name)
+    } else {
+        let mut dir = backing.as_os_str().to_owned();
+        dir.push(".ublk-mirror");
+        PathBuf::from(dir)
+    }
+}
+
+/// Validated change-tracking settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackingSpec {
+    /// Directory holding the journal.
+    pub state_dir: PathBuf,
+    /// Write-intent region size in bytes.
+    pub region_size: u64,
 }
 
 /// Validated device settings.
@@ -202,6 +264,8 @@ pub struct DeviceSpec {
     pub logical_block_size: u32,
     /// Whether to try O_DIRECT on the backing file.
     pub direct_io: bool,
+    /// Change tracking, unless disabled.
+    pub tracking: Option<TrackingSpec>,
 }
 
 #[cfg(test)]
@@ -224,6 +288,16 @@ mod tests {
         assert!(spec.direct_io);
         assert_eq!(spec.queues, DEFAULT_QUEUES);
         assert_eq!(spec.id, None);
+        let t = spec.tracking.unwrap();
+        assert_eq!(t.state_dir, Path::new("/tmp/disk.img.ublk-mirror"));
+        assert_eq!(t.region_size, 4 << 20);
+        let off = DeviceConfig {
+            tracking: Some(false),
+            ..base()
+        }
+        .validate()
+        .unwrap();
+        assert!(off.tracking.is_none());
     }
 
     #[test]

@@ -19,11 +19,14 @@
 //!
 //! header:   magic   [u8; 8] = "UBLKMJNL"
 //!           version u32     = 1
-//!           state   u32     0 = clean, 1 = open (a daemon is or was running)
+//!           flags   u32     bit 0 OPEN: a daemon is or was running (not
+//!                           stopped cleanly); bit 1 RESYNC: an unclean stop
+//!                           was found and its regions are not settled yet
 //!           sequence     u64  incremented by every header write
 //!           region_size  u64  bytes per region, a power of two >= 64 KiB
 //!           device_size  u64  bytes
 //!           bitmap_blocks u64
+//!           backing_id   u64  fingerprint of the backing file's path
 //!           crc32c  u32     of every byte before it
 //! ```
 //!
@@ -71,7 +74,7 @@ const MAGIC: &[u8; 8] = b"UBLKMJNL";
 const VERSION: u32 = 1;
 const BITMAP_HEADER: usize = 8;
 /// Header bytes covered by the crc (everything before the crc field).
-const HEADER_CRC_AT: usize = 8 + 4 + 4 + 8 * 4;
+const HEADER_CRC_AT: usize = 8 + 4 + 4 + 8 * 5;
 
 /// Whether the last daemon stopped cleanly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,11 +85,18 @@ pub enum State {
     Open,
 }
 
+const FLAG_OPEN: u32 = 1;
+const FLAG_RESYNC: u32 = 2;
+
 /// The header of a journal file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     /// Clean or open.
     pub state: State,
+    /// An unclean stop was found and its marked regions still need a
+    /// resync (by hash comparison with the mirror); survives clean stops
+    /// until [`Journal::resync_done`].
+    pub resync: bool,
     /// Write counter; picks the newer of the two copies.
     pub sequence: u64,
     /// Bytes per region.
@@ -95,6 +105,8 @@ pub struct Header {
     pub device_size: u64,
     /// Number of bitmap blocks.
     pub bitmap_blocks: u64,
+    /// Fingerprint of the backing file this journal belongs to.
+    pub backing_id: u64,
 }
 
 /// Why bytes are not a valid header or bitmap block.
@@ -119,13 +131,15 @@ pub enum FormatError {
 
 impl Header {
     /// A header for a device of `device_size` bytes in regions of `region_size`.
-    pub fn new(device_size: u64, region_size: u64) -> Header {
+    pub fn new(device_size: u64, region_size: u64, backing_id: u64) -> Header {
         Header {
             state: State::Clean,
+            resync: false,
             sequence: 0,
             region_size,
             device_size,
             bitmap_blocks: regions(device_size, region_size).div_ceil(REGIONS_PER_BLOCK),
+            backing_id,
         }
     }
 
@@ -139,15 +153,19 @@ impl Header {
         let mut b = [0u8; BLOCK];
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        let state: u32 = match self.state {
-            State::Clean => 0,
-            State::Open => 1,
-        };
-        b[12..16].copy_from_slice(&state.to_le_bytes());
+        let mut flags = 0;
+        if self.state == State::Open {
+            flags |= FLAG_OPEN;
+        }
+        if self.resync {
+            flags |= FLAG_RESYNC;
+        }
+        b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..24].copy_from_slice(&self.sequence.to_le_bytes());
         b[24..32].copy_from_slice(&self.region_size.to_le_bytes());
         b[32..40].copy_from_slice(&self.device_size.to_le_bytes());
         b[40..48].copy_from_slice(&self.bitmap_blocks.to_le_bytes());
+        b[48..56].copy_from_slice(&self.backing_id.to_le_bytes());
         let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
         b[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
         b
@@ -174,26 +192,43 @@ impl Header {
         if version != VERSION {
             return Err(FormatError::Version(version));
         }
-        let state = match u32_at(12) {
-            0 => State::Clean,
-            1 => State::Open,
-            _ => return Err(FormatError::Invalid("state")),
-        };
+        let flags = u32_at(12);
+        if flags & !(FLAG_OPEN | FLAG_RESYNC) != 0 {
+            return Err(FormatError::Invalid("flags"));
+        }
         let h = Header {
-            state,
+            state: if flags & FLAG_OPEN != 0 {
+                State::Open
+            } else {
+                State::Clean
+            },
+            resync: flags & FLAG_RESYNC != 0,
             sequence: u64_at(16),
             region_size: u64_at(24),
             device_size: u64_at(32),
             bitmap_blocks: u64_at(40),
+            backing_id: u64_at(48),
         };
         if !h.region_size.is_power_of_two() || h.region_size < MIN_REGION_SIZE {
             return Err(FormatError::Invalid("region size"));
         }
-        if h.bitmap_blocks != Header::new(h.device_size, h.region_size).bitmap_blocks {
+        if h.bitmap_blocks != Header::new(h.device_size, h.region_size, 0).bitmap_blocks {
             return Err(FormatError::Invalid("bitmap size"));
         }
         Ok(h)
     }
+}
+
+/// The fingerprint of a backing file stored in its journal: a hash of its
+/// canonical path (FNV-1a, stable across versions and machines).
+pub fn backing_id(canonical_path: &Path) -> u64 {
+    canonical_path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
 }
 
 fn regions(device_size: u64, region_size: u64) -> u64 {
@@ -249,7 +284,12 @@ pub struct Journal {
 
 impl Journal {
     /// Create a new, clean journal with no region marked. Fails if the file exists.
-    pub fn create(path: &Path, device_size: u64, region_size: u64) -> Result<Journal> {
+    pub fn create(
+        path: &Path,
+        device_size: u64,
+        region_size: u64,
+        backing_id: u64,
+    ) -> Result<Journal> {
         if !region_size.is_power_of_two() || region_size < MIN_REGION_SIZE {
             return Err(Error::InvalidConfig(format!(
                 "region size {region_size} must be a power of two of at least {MIN_REGION_SIZE} bytes"
@@ -261,7 +301,7 @@ impl Journal {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(format!("cannot create journal {}", path.display()), e))?;
-        let header = Header::new(device_size, region_size);
+        let header = Header::new(device_size, region_size, backing_id);
         let mut journal = Journal {
             file,
             path: path.to_path_buf(),
@@ -282,7 +322,7 @@ impl Journal {
     /// Open an existing journal for a device of `device_size` bytes. Torn
     /// bitmap blocks are reported (their regions count as marked); a file
     /// that is not a journal, or is for another device, is an error.
-    pub fn open(path: &Path, device_size: u64) -> Result<(Journal, OpenReport)> {
+    pub fn open(path: &Path, device_size: u64, backing_id: u64) -> Result<(Journal, OpenReport)> {
         let corrupt = |reason: String| Error::JournalCorrupt {
             path: path.to_path_buf(),
             reason,
@@ -313,6 +353,11 @@ impl Journal {
                 first_error.map_or_else(|| "empty".into(), |e| e.to_string())
             )));
         };
+        if header.backing_id != backing_id {
+            return Err(corrupt(
+                "it belongs to another backing file (was the file moved or renamed?)".into(),
+            ));
+        }
         if header.device_size != device_size {
             return Err(corrupt(format!(
                 "it belongs to a device of {} bytes, not {device_size}",
@@ -347,12 +392,18 @@ impl Journal {
             damaged_blocks,
             damaged_headers,
         };
+        let mut header_dirty = !report.damaged_headers.is_empty();
+        if (report.unclean || !report.damaged_blocks.is_empty()) && !journal.header.resync {
+            journal.header.resync = true;
+            header_dirty = true;
+        }
         // Rewrite what was damaged, so the file is whole again (the marks
         // it now holds are a superset of what it held).
         for &b in &report.damaged_blocks {
             journal.write_bitmap_block(b)?;
         }
-        if !report.damaged_headers.is_empty() {
+        if header_dirty {
+            // Both copies, so that a damaged one is whole again.
             journal.write_header()?;
             journal.write_header()?;
         }
@@ -394,10 +445,25 @@ impl Journal {
 
     /// Record the daemon's state: [`State::Open`] before serving the first
     /// write, [`State::Clean`] after the final sync of the backing file.
+    /// Opening a journal found open sets the resync flag, which stays until
+    /// [`Journal::resync_done`].
     pub fn set_state(&mut self, state: State) -> Result<()> {
         self.header.state = state;
         self.write_header()?;
         self.sync()
+    }
+
+    /// The regions of an unclean stop have been settled with the mirror.
+    pub fn resync_done(&mut self) -> Result<()> {
+        self.header.resync = false;
+        self.write_header()?;
+        self.sync()
+    }
+
+    /// Swap the file under the journal (tests of write failures).
+    #[cfg(test)]
+    pub(crate) fn replace_file_for_test(&mut self, file: File) {
+        self.file = file;
     }
 
     fn update(&mut self, regions: impl IntoIterator<Item = u64>, set: bool) -> Result<bool> {
@@ -409,19 +475,34 @@ impl Journal {
             )));
         }
         let mut touched = std::collections::BTreeSet::new();
+        let mut changed = Vec::new();
         for r in regions {
             let (byte, bit) = ((r / 8) as usize, 1u8 << (r % 8));
             let before = self.bits[byte];
             self.bits[byte] = if set { before | bit } else { before & !bit };
             if self.bits[byte] != before {
                 touched.insert(r / REGIONS_PER_BLOCK);
+                changed.push(r);
             }
         }
-        for &b in &touched {
-            self.write_bitmap_block(b)?;
-        }
-        if !touched.is_empty() {
-            self.sync()?;
+        let written = touched
+            .iter()
+            .try_for_each(|&b| self.write_bitmap_block(b))
+            .and_then(|()| {
+                if touched.is_empty() {
+                    Ok(())
+                } else {
+                    self.sync()
+                }
+            });
+        if let Err(e) = written {
+            // What is on disk is unknown now; the bits in memory must not
+            // claim more than was made durable.
+            for &r in &changed {
+                let (byte, bit) = ((r / 8) as usize, 1u8 << (r % 8));
+                self.bits[byte] ^= bit;
+            }
+            return Err(e);
         }
         Ok(!touched.is_empty())
     }
@@ -483,11 +564,12 @@ mod tests {
     use std::collections::BTreeSet;
 
     const GIB: u64 = 1 << 30;
+    const ID: u64 = 0x1234_5678_9abc_def0;
 
     fn journal(dir: &Path, device_size: u64) -> (Journal, PathBuf) {
         let path = dir.join("disk.journal");
         (
-            Journal::create(&path, device_size, DEFAULT_REGION_SIZE).unwrap(),
+            Journal::create(&path, device_size, DEFAULT_REGION_SIZE, ID).unwrap(),
             path,
         )
     }
@@ -508,21 +590,24 @@ mod tests {
     fn header_bytes_are_pinned() {
         let h = Header {
             state: State::Open,
+            resync: true,
             sequence: 7,
             region_size: DEFAULT_REGION_SIZE,
             device_size: GIB,
             bitmap_blocks: 1,
+            backing_id: ID,
         };
         let b = h.encode();
         assert_eq!(&b[..8], b"UBLKMJNL");
         assert_eq!(b[8..12], [1, 0, 0, 0]); // version 1
-        assert_eq!(b[12..16], [1, 0, 0, 0]); // open
+        assert_eq!(b[12..16], [3, 0, 0, 0]); // open + resync
         assert_eq!(b[16..24], 7u64.to_le_bytes());
         assert_eq!(b[24..32], (4u64 << 20).to_le_bytes());
         assert_eq!(b[32..40], GIB.to_le_bytes());
         assert_eq!(b[40..48], 1u64.to_le_bytes());
-        assert_eq!(b[48..52], crc32c::crc32c(&b[..48]).to_le_bytes());
-        assert!(b[52..].iter().all(|&x| x == 0));
+        assert_eq!(b[48..56], ID.to_le_bytes());
+        assert_eq!(b[56..60], crc32c::crc32c(&b[..56]).to_le_bytes());
+        assert!(b[60..].iter().all(|&x| x == 0));
         assert_eq!(Header::decode(&b), Ok(h));
     }
 
@@ -535,8 +620,16 @@ mod tests {
         assert!(!j.mark([5]).unwrap(), "marking a marked region wrote again");
         j.clear([0]).unwrap();
         drop(j); // a crash: no clean state written
-        let (j, report) = Journal::open(&path, 10 * GIB).unwrap();
+        let (mut j, report) = Journal::open(&path, 10 * GIB, ID).unwrap();
         assert!(report.unclean);
+        assert!(j.header().resync);
+        // The resync flag survives a clean stop until the resync is done.
+        j.set_state(State::Clean).unwrap();
+        drop(j);
+        let (mut j, report) = Journal::open(&path, 10 * GIB, ID).unwrap();
+        assert!(!report.unclean && j.header().resync);
+        j.resync_done().unwrap();
+        assert!(!j.header().resync);
         assert!(report.damaged_blocks.is_empty() && report.damaged_headers.is_empty());
         assert_eq!(j.marked().collect::<Vec<_>>(), vec![5, 2559]);
     }
@@ -556,7 +649,7 @@ mod tests {
         j.set_state(State::Open).unwrap();
         j.mark([3]).unwrap();
         j.set_state(State::Clean).unwrap();
-        let (j, report) = Journal::open(&path, GIB).unwrap();
+        let (j, report) = Journal::open(&path, GIB, ID).unwrap();
         assert!(!report.unclean);
         assert_eq!(j.marked().collect::<Vec<_>>(), vec![3]);
     }
@@ -568,13 +661,13 @@ mod tests {
         j.set_state(State::Open).unwrap(); // sequence 2: copy A
         drop(j);
         corrupt_byte(&path, 20); // copy A's sequence field
-        let (j, report) = Journal::open(&path, GIB).unwrap();
+        let (j, report) = Journal::open(&path, GIB, ID).unwrap();
         assert_eq!(report.damaged_headers, vec![0]);
         // Copy B (sequence 1, clean) is what was there before the torn write.
         assert!(!report.unclean);
         drop(j);
         // The damaged copy was rewritten: a second open finds both valid.
-        let (_, report) = Journal::open(&path, GIB).unwrap();
+        let (_, report) = Journal::open(&path, GIB, ID).unwrap();
         assert!(report.damaged_headers.is_empty());
     }
 
@@ -585,17 +678,17 @@ mod tests {
         drop(j);
         corrupt_byte(&path, 30);
         corrupt_byte(&path, BLOCK as u64 + 30);
-        let err = Journal::open(&path, GIB).unwrap_err().to_string();
+        let err = Journal::open(&path, GIB, ID).unwrap_err().to_string();
         assert!(err.contains("no valid header (checksum mismatch)"), "{err}");
 
         let foreign = dir.path().join("foreign");
         std::fs::write(&foreign, vec![0x42u8; 3 * BLOCK]).unwrap();
-        let err = Journal::open(&foreign, GIB).unwrap_err().to_string();
+        let err = Journal::open(&foreign, GIB, ID).unwrap_err().to_string();
         assert!(err.contains("not a ublk-mirror journal"), "{err}");
 
         let empty = dir.path().join("empty");
         std::fs::write(&empty, b"").unwrap();
-        let err = Journal::open(&empty, GIB).unwrap_err().to_string();
+        let err = Journal::open(&empty, GIB, ID).unwrap_err().to_string();
         assert!(err.contains("truncated"), "{err}");
     }
 
@@ -604,7 +697,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (j, path) = journal(dir.path(), GIB);
         drop(j);
-        let err = Journal::open(&path, 2 * GIB).unwrap_err().to_string();
+        let err = Journal::open(&path, 2 * GIB, ID).unwrap_err().to_string();
         assert!(
             err.contains("belongs to a device of 1073741824 bytes"),
             "{err}"
@@ -621,7 +714,7 @@ mod tests {
         j.mark([1, 40_000]).unwrap();
         drop(j);
         corrupt_byte(&path, 2 * BLOCK as u64 + 100); // first bitmap block
-        let (j, report) = Journal::open(&path, size).unwrap();
+        let (j, report) = Journal::open(&path, size, ID).unwrap();
         assert_eq!(report.damaged_blocks, vec![0]);
         assert_eq!(
             j.marked().filter(|&r| r < REGIONS_PER_BLOCK).count() as u64,
@@ -633,7 +726,7 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(3 * BLOCK as u64 + 100).unwrap(); // cut the second bitmap block
         drop(f);
-        let (j, report) = Journal::open(&path, size).unwrap();
+        let (j, report) = Journal::open(&path, size, ID).unwrap();
         assert_eq!(report.damaged_blocks, vec![1]);
         assert_eq!(j.marked().count() as u64, j.header().regions());
     }
@@ -676,7 +769,7 @@ mod tests {
                         let clean = matches!(s, Step::CleanStop);
                         if clean { j.set_state(State::Clean).unwrap(); }
                         drop(j);
-                        let (reopened, report) = Journal::open(&path, size).unwrap();
+                        let (reopened, report) = Journal::open(&path, size, ID).unwrap();
                         prop_assert_eq!(report.unclean, !clean);
                         prop_assert!(report.damaged_blocks.is_empty());
                         prop_assert_eq!(reopened.marked().collect::<BTreeSet<_>>(), model.clone());

@@ -7,7 +7,9 @@
 //! - [`backing`]: opening, creating, locking the backing file;
 //! - [`engine`]: the sans-IO I/O engine, and its io_uring execution;
 //! - [`journal`]: the crash-safe write-intent journal of changed regions;
+//! - [`tracking`]: change tracking in the write path (journal + exact ranges);
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
+//! - [`status`]: the status a daemon publishes for `ublk-mirror status`;
 //! - [`system`]: process set-up (mount namespace, systemd notification).
 
 pub mod backing;
@@ -15,7 +17,9 @@ pub mod config;
 pub mod engine;
 mod error;
 pub mod journal;
+pub mod status;
 pub mod system;
+pub mod tracking;
 pub mod ublk;
 
 pub use error::{Error, ErrorKind, Result};

@@ -13,6 +13,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ublk_dev::backing::{Backing, BackingOptions};
 use ublk_dev::config::{DeviceConfig, DeviceSpec};
+use ublk_dev::status::DeviceStatus;
 use ublk_dev::ublk::{self, DeviceInfo, Ready, Start, TargetRecord};
 use ublk_dev::{system, Error, ErrorKind};
 use ublk_mirror_common::ByteSize;
@@ -55,6 +56,16 @@ enum Command {
 
     /// List ublk devices.
     List {
+        /// Print JSON (an array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Show each device's change tracking: dirty bytes, marked regions,
+    /// whether a resync is pending.
+    ///
+    /// A device whose daemon died shows the last status it published.
+    Status {
         /// Print JSON (an array of objects) instead of a table.
         #[arg(long)]
         json: bool,
@@ -121,6 +132,20 @@ struct AddArgs {
     /// Use the page cache instead of O_DIRECT on the backing file.
     #[arg(long)]
     buffered: bool,
+
+    /// Directory of the change journal [default: beside the backing file,
+    /// FILE.ublk-mirror/; /var/lib/ublk-mirror/NAME/ for a block device].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Write-intent region size, a power of two >= 64K [default: 4M]: the
+    /// first write into a region waits for one journal sync.
+    #[arg(long)]
+    region_size: Option<ByteSize>,
+
+    /// Do not track changes (no journal; nothing to mirror).
+    #[arg(long)]
+    no_tracking: bool,
 }
 
 impl AddArgs {
@@ -134,6 +159,9 @@ impl AddArgs {
             depth: self.depth,
             logical_block_size: self.logical_block_size,
             direct_io: self.buffered.then_some(false),
+            tracking: self.no_tracking.then_some(false),
+            state_dir: self.state_dir.clone(),
+            region_size: self.region_size,
         }
     }
 }
@@ -175,6 +203,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Add(args) => add(&args),
         Command::List { json } => list(json),
+        Command::Status { json } => status(json),
         Command::Del { id, all } => del(id, all),
         Command::Recover { id } => recover(id),
     }
@@ -204,6 +233,11 @@ fn add(args: &AddArgs) -> anyhow::Result<()> {
         return run_device(&recovered, &backing, Start::Recover(id), config, served);
     }
     let mut backing = open_backing(&spec, true)?;
+    let new_state_dir = spec
+        .tracking
+        .as_ref()
+        .map(|t| t.state_dir.clone())
+        .filter(|dir| !dir.exists());
     let served = Arc::new(AtomicBool::new(false));
     let result = ublk::check_driver()
         .map_err(anyhow::Error::from)
@@ -211,6 +245,10 @@ fn add(args: &AddArgs) -> anyhow::Result<()> {
     // A backing file created for a device that never came up holds nothing.
     if result.is_err() && !served.load(Ordering::SeqCst) {
         backing.discard_if_created();
+        // So is the journal made for it.
+        if let Some(dir) = new_state_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
     result
 }
@@ -244,6 +282,7 @@ fn spec_for_recovery(id: u32, record: &TargetRecord, info: &DeviceInfo) -> Devic
         depth: info.depth,
         logical_block_size: record.logical_block_size,
         direct_io: record.direct_io,
+        tracking: record.tracking.clone(),
     }
 }
 
@@ -432,6 +471,82 @@ fn list(json: bool) -> anyhow::Result<()> {
             d.pid,
             size,
             backing
+        )?;
+    }
+    Ok(())
+}
+
+fn status(json: bool) -> anyhow::Result<()> {
+    require_root("read device status")?;
+    let devices: Vec<(DeviceInfo, Option<DeviceStatus>)> = ublk::list()?
+        .into_iter()
+        .filter(DeviceInfo::is_ours)
+        .map(|d| {
+            let s = ublk_dev::status::read(d.id);
+            (d, s)
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let rows: Vec<serde_json::Value> = devices
+            .iter()
+            .map(|(d, s)| {
+                serde_json::json!({
+                    "id": d.id,
+                    "device": d.device,
+                    "name": d.record.as_ref().map(|r| &r.name),
+                    "state": d.state.as_str(),
+                    "status": s,
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<4} {:<13} {:<16} {:<9} {:>10} {:>10} {:>8} {:>7}  JOURNAL",
+        "ID", "DEVICE", "NAME", "STATE", "DIRTY", "ZEROED", "REGIONS", "RESYNC"
+    )?;
+    for (d, s) in &devices {
+        let name = d.record.as_ref().map_or("-", |r| r.name.as_str());
+        let t = s.as_ref().and_then(|s| s.tracking.as_ref());
+        let (dirty, zeroed, regions, resync, journal) = match t {
+            Some(t) => (
+                ByteSize(t.dirty_bytes).to_string(),
+                ByteSize(t.zeroed_bytes).to_string(),
+                t.regions_marked.to_string(),
+                if t.resync_pending { "yes" } else { "no" }.to_string(),
+                t.journal.clone(),
+            ),
+            None if s.is_some() => (
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "(tracking off)".into(),
+            ),
+            None => (
+                "?".into(),
+                "?".into(),
+                "?".into(),
+                "?".into(),
+                "(no status published)".into(),
+            ),
+        };
+        writeln!(
+            out,
+            "{:<4} {:<13} {:<16} {:<9} {:>10} {:>10} {:>8} {:>7}  {}",
+            d.id,
+            d.device.display(),
+            name,
+            d.state.as_str(),
+            dirty,
+            zeroed,
+            regions,
+            resync,
+            journal
         )?;
     }
     Ok(())

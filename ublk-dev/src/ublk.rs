@@ -30,9 +30,11 @@ use libublk::{sys, UblkError, UblkFlags, UblkUringData};
 use serde::{Deserialize, Serialize};
 
 use crate::backing::Backing;
-use crate::config::DeviceSpec;
+use crate::config::{DeviceSpec, TrackingSpec};
 use crate::engine::{self, uring, AlignedBuf, Engine, Geometry, Request, ZERO_CHUNK};
 use crate::error::{Error, Result};
+use crate::status::Publisher;
+use crate::tracking::Tracker;
 
 /// Target type written in libublk's device JSON; `list` and `recover` only
 /// touch devices of this type.
@@ -44,7 +46,8 @@ pub const CONTROL_PATH: &str = "/dev/ublk-control";
 /// Version of [`TargetRecord`]'s layout.
 ///
 /// - 1: first version (name, backing, size, block size, direct I/O, config).
-const RECORD_VERSION: u32 = 1;
+/// - 2: change tracking (state directory, region size).
+const RECORD_VERSION: u32 = 2;
 
 // The engine decodes descriptors with its own copy of the ublk ABI numbers.
 const _: () = {
@@ -75,6 +78,9 @@ pub struct TargetRecord {
     pub direct_io: bool,
     /// The device config file it was started from, if any.
     pub config: Option<PathBuf>,
+    /// Change tracking, if enabled (absent in version 1 records).
+    #[serde(default)]
+    pub tracking: Option<TrackingSpec>,
 }
 
 /// The driver's state of a device.
@@ -456,6 +462,7 @@ where
         logical_block_size: spec.logical_block_size,
         direct_io: backing.direct_io(),
         config,
+        tracking: spec.tracking.clone(),
     };
     let geometry = Geometry {
         size: backing.size(),
@@ -463,6 +470,14 @@ where
         max_io: engine::MAX_IO_BYTES,
     };
     let engine = Arc::new(Engine::new(geometry));
+    // The journal is opened (and marked open) before any write can arrive;
+    // a journal that cannot be trusted stops us before the device exists.
+    let tracker = match &spec.tracking {
+        Some(t) => Some(Arc::new(
+            Tracker::open(&t.state_dir, &record.backing, backing.size(), t.region_size)?.0,
+        )),
+        None => None,
+    };
 
     let ctrl_flags =
         u64::from(sys::UBLK_F_USER_RECOVERY) | u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
@@ -503,11 +518,13 @@ where
         return leave(&ctrl, start, Ok(()));
     }
 
+    let _status = Publisher::start(dev_id, engine.clone(), tracker.clone());
     let backing_fd = std::os::fd::AsRawFd::as_raw_fd(backing.file());
     let record_json = serde_json::to_value(&record)
         .map_err(|e| Error::io("encoding the device record", std::io::Error::other(e)))?;
     let tgt_init = move |dev: &mut UblkDev| init_target(dev, backing_fd, geometry, record_json);
     let queue_engine = engine.clone();
+    let queue_tracker = tracker.clone();
     let recovered = matches!(start, Start::Recover(_));
     let ready_stop = stop.clone();
     let device_up = move |ctrl: &UblkCtrl| {
@@ -526,7 +543,9 @@ where
     let run = ctrl
         .run_target(
             tgt_init,
-            move |qid, dev: &UblkDev| serve_queue(qid, dev, &queue_engine),
+            move |qid, dev: &UblkDev| {
+                serve_queue(qid, dev, &queue_engine, queue_tracker.as_deref())
+            },
             device_up,
         )
         .map(drop)
@@ -535,7 +554,12 @@ where
     // The queues are down: whatever was written is in the backing file's
     // page cache or on disk. Make it durable before the device goes away.
     let synced = backing.sync();
-    let result = leave(&ctrl, start, run.and(synced));
+    let clean = run.and(synced).and_then(|()| match &tracker {
+        // Only a clean stop, with the backing file synced, is recorded clean.
+        Some(t) => t.close_clean(),
+        None => Ok(()),
+    });
+    let result = leave(&ctrl, start, clean);
     let s = engine.stats();
     tracing::info!(
         reads = s.reads.load(Ordering::Relaxed),
@@ -658,7 +682,7 @@ fn init_target(
 }
 
 /// The body of one queue thread: a task per tag, all driven by the queue's ring.
-fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine) {
+fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, tracker: Option<&Tracker>) {
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -677,7 +701,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine) {
             let q = queue.clone();
             let zeroes = zeroes.clone();
             exe.spawn(async move {
-                match serve_tag(&q, tag, engine, &zeroes).await {
+                match serve_tag(&q, tag, engine, tracker, &zeroes).await {
                     Ok(()) | Err(UblkError::QueueIsDown) => {}
                     Err(e) => tracing::error!(qid, tag, "I/O task failed: {e}"),
                 }
@@ -699,6 +723,7 @@ async fn serve_tag(
     q: &UblkQueue<'_>,
     tag: u16,
     engine: &Engine,
+    tracker: Option<&Tracker>,
     zeroes: &AlignedBuf,
 ) -> std::result::Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
@@ -707,8 +732,15 @@ async fn serve_tag(
     let zero_ptr = zeroes.as_slice().as_ptr();
     loop {
         let iod = q.get_iod(tag);
+        // Tracking marks the write's regions durably before it is issued;
+        // this may block the queue for one journal sync, only on the first
+        // write into a region.
         let started = Request::decode(iod.op_flags, iod.start_sector, iod.nr_sectors)
-            .and_then(|req| engine.start(req));
+            .and_then(|req| engine.start(req))
+            .and_then(|io| match tracker {
+                Some(t) => t.before_write(io.request()).map(|()| io),
+                None => Ok(io),
+            });
         let res = match started {
             Err(e) => {
                 tracing::debug!(tag, "refused request: {e:?}");

@@ -92,6 +92,8 @@ pub struct LocalIo<'e> {
     ring: IoUring,
     zeroes: AlignedBuf,
     buf: AlignedBuf,
+    /// Change tracking, as on the device.
+    tracker: Option<&'e crate::tracking::Tracker>,
     /// Set when the ring failed in a way that may leave a submission behind:
     /// its completion could be mistaken for a later request's, so no more.
     broken: bool,
@@ -107,7 +109,14 @@ impl<'e> LocalIo<'e> {
             zeroes: AlignedBuf::zeroed(ZERO_CHUNK),
             buf: AlignedBuf::zeroed(engine.geometry().max_io as usize),
             broken: false,
+            tracker: None,
         })
+    }
+
+    /// Record every request with `tracker` first, as the device does.
+    pub fn with_tracker(mut self, tracker: &'e crate::tracking::Tracker) -> LocalIo<'e> {
+        self.tracker = Some(tracker);
+        self
     }
 
     /// Carry out `req`. For a write, `data` holds the bytes to write; for a
@@ -118,6 +127,9 @@ impl<'e> LocalIo<'e> {
             return Err(Errno::IO);
         }
         let io = self.engine.start(req)?;
+        if let Some(t) = self.tracker {
+            t.before_write(io.request())?;
+        }
         let len = req.len as usize;
         if req.op == super::Op::Write {
             if data.len() != len {
