@@ -31,6 +31,20 @@ impl ByteSize {
     }
 }
 
+impl ByteSize {
+    /// An approximate, short form for people: `16.0MiB`, `512B`, `1.5GiB`.
+    pub fn approx(self) -> String {
+        let n = self.0;
+        for (name, shift) in UNITS {
+            let unit = 1u64 << shift;
+            if n >= unit {
+                return format!("{:.1}{name}iB", n as f64 / unit as f64);
+            }
+        }
+        format!("{n}B")
+    }
+}
+
 impl FromStr for ByteSize {
     type Err = Error;
 
@@ -184,6 +198,13 @@ mod tests {
         assert_eq!(ByteSize(1536 << 20).to_string(), "1536MiB");
         assert_eq!(ByteSize(4097).to_string(), "4097B");
         assert_eq!(ByteSize(0).to_string(), "0B");
+    }
+
+    #[test]
+    fn approximates_for_people() {
+        assert_eq!(ByteSize(16409 << 10).approx(), "16.0MiB");
+        assert_eq!(ByteSize(512).approx(), "512B");
+        assert_eq!(ByteSize(3 << 29).approx(), "1.5GiB");
     }
 
     proptest! {

@@ -443,12 +443,7 @@ fn list(json: bool) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<4} {:<13} {:<16} {:<9} {:>8} {:>9}  BACKING",
-        "ID", "DEVICE", "NAME", "STATE", "PID", "SIZE"
-    )?;
-    for d in &devices {
+    let rows = devices.iter().map(|d| {
         let (name, size, backing) = match &d.record {
             Some(r) => (
                 r.name.clone(),
@@ -461,17 +456,51 @@ fn list(json: bool) -> anyhow::Result<()> {
                 "-".into(),
             ),
         };
-        writeln!(
-            out,
-            "{:<4} {:<13} {:<16} {:<9} {:>8} {:>9}  {}",
-            d.id,
-            d.device.display(),
+        let state = d.state.as_str().to_string();
+        [
+            d.id.to_string(),
+            d.device.display().to_string(),
             name,
-            d.state.as_str(),
-            d.pid,
+            state,
+            d.pid.to_string(),
             size,
-            backing
-        )?;
+            backing,
+        ]
+    });
+    print_table(
+        &mut out,
+        ["ID", "DEVICE", "NAME", "STATE", "PID", "SIZE", "BACKING"],
+        [-4, -13, -16, -9, 8, 9, 0],
+        rows,
+    )
+}
+
+/// Print aligned columns: a width per column (negative: left-aligned; 0:
+/// as wide as it is, for the last one).
+fn print_table<const N: usize>(
+    out: &mut impl Write,
+    header: [&str; N],
+    widths: [i32; N],
+    rows: impl Iterator<Item = [String; N]>,
+) -> anyhow::Result<()> {
+    let line = |out: &mut dyn Write, cells: [&str; N]| -> std::io::Result<()> {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, &w)| {
+                let width = w.unsigned_abs() as usize;
+                if w < 0 {
+                    format!("{cell:<width$}")
+                } else {
+                    format!("{cell:>width$}")
+                }
+            })
+            .collect();
+        writeln!(out, "{}", parts.join(" "))
+    };
+    line(out, header)?;
+    for row in rows {
+        line(out, row.each_ref().map(String::as_str))?;
     }
     Ok(())
 }
@@ -504,52 +533,44 @@ fn status(json: bool) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<4} {:<13} {:<16} {:<9} {:>10} {:>10} {:>8} {:>7}  JOURNAL",
-        "ID", "DEVICE", "NAME", "STATE", "DIRTY", "ZEROED", "REGIONS", "RESYNC"
-    )?;
-    for (d, s) in &devices {
-        let name = d.record.as_ref().map_or("-", |r| r.name.as_str());
-        let t = s.as_ref().and_then(|s| s.tracking.as_ref());
-        let (dirty, zeroed, regions, resync, journal) = match t {
-            Some(t) => (
-                ByteSize(t.dirty_bytes).to_string(),
-                ByteSize(t.zeroed_bytes).to_string(),
+    let rows = devices.iter().map(|(d, s)| {
+        let name = d
+            .record
+            .as_ref()
+            .map_or("-", |r| r.name.as_str())
+            .to_string();
+        let [dirty, zeroed, regions, resync, journal] = match s.as_ref().map(|s| &s.tracking) {
+            Some(Some(t)) => [
+                ByteSize(t.dirty_bytes).approx(),
+                ByteSize(t.zeroed_bytes).approx(),
                 t.regions_marked.to_string(),
                 if t.resync_pending { "yes" } else { "no" }.to_string(),
                 t.journal.clone(),
-            ),
-            None if s.is_some() => (
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "(tracking off)".into(),
-            ),
-            None => (
-                "?".into(),
-                "?".into(),
-                "?".into(),
-                "?".into(),
-                "(no status published)".into(),
-            ),
+            ],
+            Some(None) => ["-", "-", "-", "-", "(tracking off)"].map(String::from),
+            None => ["?", "?", "?", "?", "(no status published)"].map(String::from),
         };
-        writeln!(
-            out,
-            "{:<4} {:<13} {:<16} {:<9} {:>10} {:>10} {:>8} {:>7}  {}",
-            d.id,
-            d.device.display(),
+        let state = d.state.as_str().to_string();
+        [
+            d.id.to_string(),
+            d.device.display().to_string(),
             name,
-            d.state.as_str(),
+            state,
             dirty,
             zeroed,
             regions,
             resync,
-            journal
-        )?;
-    }
-    Ok(())
+            journal,
+        ]
+    });
+    print_table(
+        &mut out,
+        [
+            "ID", "DEVICE", "NAME", "STATE", "DIRTY", "ZEROED", "REGIONS", "RESYNC", "JOURNAL",
+        ],
+        [-4, -13, -16, -9, 10, 10, 8, 7, 0],
+        rows,
+    )
 }
 
 fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
