@@ -184,25 +184,25 @@ impl DeviceConfig {
                 ));
             }
         }
-        let tracking = if self.tracking.unwrap_or(true) {
-            let region_size = self
-                .region_size
-                .map_or(crate::journal::DEFAULT_REGION_SIZE, |s| s.0);
-            if !region_size.is_power_of_two() || region_size < crate::journal::MIN_REGION_SIZE {
-                return invalid(format!(
-                    "--region-size {} must be a power of two of at least 64KiB",
-                    ByteSize(region_size)
-                ));
-            }
-            Some(TrackingSpec {
-                state_dir: self
-                    .state_dir
-                    .unwrap_or_else(|| default_state_dir(&backing, &name)),
-                region_size,
-            })
-        } else {
-            None
+        let region_size = self
+            .region_size
+            .map_or(crate::journal::DEFAULT_REGION_SIZE, |s| s.0);
+        if !region_size.is_power_of_two() || region_size < crate::journal::MIN_REGION_SIZE {
+            return invalid(format!(
+                "--region-size {} must be a power of two of at least 64KiB",
+                ByteSize(region_size)
+            ));
+        }
+        let state_dir = self
+            .state_dir
+            .unwrap_or_else(|| default_state_dir(&backing, &name));
+        let tracking = TrackingSpec {
+            // Absolute, so that a recovery started elsewhere finds the same journal.
+            state_dir: absolute(state_dir)?,
+            region_size,
+            enabled: self.tracking.unwrap_or(true),
         };
+        let backing = absolute(backing)?;
         Ok(DeviceSpec {
             backing,
             size: self.size.map(|s| s.0),
@@ -239,10 +239,23 @@ fn default_state_dir(backing: &Path, name: &str) -> PathBuf {
 /// Validated change-tracking settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackingSpec {
-    /// Directory holding the journal.
+    /// Directory holding the journal (absolute).
     pub state_dir: PathBuf,
     /// Write-intent region size in bytes.
     pub region_size: u64,
+    /// Whether changes are tracked. When not, an existing journal in
+    /// `state_dir` is invalidated (every region marked), since it no longer
+    /// covers what the device writes.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+fn absolute(path: PathBuf) -> Result<PathBuf> {
+    std::path::absolute(&path).map_err(|e| Error::io(format!("resolving {}", path.display()), e))
 }
 
 /// Validated device settings.
@@ -264,8 +277,8 @@ pub struct DeviceSpec {
     pub logical_block_size: u32,
     /// Whether to try O_DIRECT on the backing file.
     pub direct_io: bool,
-    /// Change tracking, unless disabled.
-    pub tracking: Option<TrackingSpec>,
+    /// Change tracking.
+    pub tracking: TrackingSpec,
 }
 
 #[cfg(test)]
@@ -288,16 +301,23 @@ mod tests {
         assert!(spec.direct_io);
         assert_eq!(spec.queues, DEFAULT_QUEUES);
         assert_eq!(spec.id, None);
-        let t = spec.tracking.unwrap();
+        let t = spec.tracking;
         assert_eq!(t.state_dir, Path::new("/tmp/disk.img.ublk-mirror"));
         assert_eq!(t.region_size, 4 << 20);
+        assert!(t.enabled);
         let off = DeviceConfig {
             tracking: Some(false),
             ..base()
         }
         .validate()
         .unwrap();
-        assert!(off.tracking.is_none());
+        assert!(!off.tracking.enabled);
+        let relative = DeviceConfig {
+            backing: Some("disk.img".into()),
+            ..Default::default()
+        };
+        let spec = relative.validate().unwrap();
+        assert!(spec.backing.is_absolute() && spec.tracking.state_dir.is_absolute());
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //!           region_size  u64  bytes per region, a power of two >= 64 KiB
 //!           device_size  u64  bytes
 //!           bitmap_blocks u64
-//!           backing_id   u64  fingerprint of the backing file's path
+//!           backing_id   u64  fingerprint of the backing file (path and inode)
 //!           crc32c  u32     of every byte before it
 //! ```
 //!
@@ -219,13 +219,17 @@ impl Header {
     }
 }
 
-/// The fingerprint of a backing file stored in its journal: a hash of its
-/// canonical path (FNV-1a, stable across versions and machines).
-pub fn backing_id(canonical_path: &Path) -> u64 {
+/// The fingerprint of a backing file stored in its journal: a hash
+/// (FNV-1a, stable across versions) of its canonical path and its inode
+/// number. A file deleted and created again at the same path is another
+/// file, whose history this journal does not know. (The device number is
+/// left out: it can change across reboots.)
+pub fn backing_id(canonical_path: &Path, inode: u64) -> u64 {
     canonical_path
         .as_os_str()
         .as_encoded_bytes()
         .iter()
+        .chain(&inode.to_le_bytes())
         .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
         })
@@ -280,6 +284,9 @@ pub struct Journal {
     header: Header,
     /// The bitmap as on disk (after the last successful sync).
     bits: Vec<u8>,
+    /// A write or sync failed: what is on disk is unknown, so the journal
+    /// refuses every further update (fail-stop) rather than trust it.
+    failed: bool,
 }
 
 impl Journal {
@@ -307,12 +314,16 @@ impl Journal {
             path: path.to_path_buf(),
             header,
             bits: vec![0; header.bitmap_blocks as usize * (BLOCK - BITMAP_HEADER)],
+            failed: false,
         };
         for b in 0..header.bitmap_blocks {
             journal.write_block(2 + b, &encode_bitmap_block(b, &[]))?;
         }
-        // Both header copies valid from the start.
+        // Both header copies valid from the start, one synced before the
+        // other is written, so that no crash can tear both.
+        journal.sync()?;
         journal.write_block(0, &header.encode())?;
+        journal.sync()?;
         journal.header.sequence = 1;
         journal.write_block(1, &journal.header.encode())?;
         journal.sync()?;
@@ -385,6 +396,7 @@ impl Journal {
             path: path.to_path_buf(),
             header,
             bits,
+            failed: false,
         };
         journal.clear_bits_past_end();
         let report = OpenReport {
@@ -402,12 +414,15 @@ impl Journal {
         for &b in &report.damaged_blocks {
             journal.write_bitmap_block(b)?;
         }
-        if header_dirty {
-            // Both copies, so that a damaged one is whole again.
-            journal.write_header()?;
-            journal.write_header()?;
-        }
         journal.sync()?;
+        if header_dirty {
+            // Both copies, so that a damaged one is whole again: one at a
+            // time, synced, so that the repair cannot tear both.
+            journal.write_header()?;
+            journal.sync()?;
+            journal.write_header()?;
+            journal.sync()?;
+        }
         Ok((journal, report))
     }
 
@@ -448,7 +463,26 @@ impl Journal {
     /// Opening a journal found open sets the resync flag, which stays until
     /// [`Journal::resync_done`].
     pub fn set_state(&mut self, state: State) -> Result<()> {
+        if self.failed && state == State::Clean {
+            return Err(Error::io(
+                format!(
+                    "journal {} failed earlier; not recording a clean stop",
+                    self.path.display()
+                ),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.header.state = state;
+        self.write_header()?;
+        self.sync()
+    }
+
+    /// Mark every region and flag a resync: for a backing file whose
+    /// history is unknown (it existed before its journal did).
+    pub fn mark_all(&mut self) -> Result<()> {
+        let n = self.header.regions();
+        self.mark(0..n)?;
+        self.header.resync = true;
         self.write_header()?;
         self.sync()
     }
@@ -467,6 +501,12 @@ impl Journal {
     }
 
     fn update(&mut self, regions: impl IntoIterator<Item = u64>, set: bool) -> Result<bool> {
+        if self.failed {
+            return Err(Error::io(
+                format!("journal {} failed earlier", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         let n = self.header.regions();
         let regions: Vec<u64> = regions.into_iter().collect();
         if let Some(r) = regions.iter().find(|&&r| r >= n) {
@@ -496,12 +536,14 @@ impl Journal {
                 }
             });
         if let Err(e) = written {
-            // What is on disk is unknown now; the bits in memory must not
-            // claim more than was made durable.
+            // What is on disk is unknown now (a cleared bit may or may not
+            // have reached it): no later update may rely on it. Undo the
+            // change in memory and stop.
             for &r in &changed {
                 let (byte, bit) = ((r / 8) as usize, 1u8 << (r % 8));
                 self.bits[byte] ^= bit;
             }
+            self.failed = true;
             return Err(e);
         }
         Ok(!touched.is_empty())

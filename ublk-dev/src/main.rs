@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ublk_dev::backing::{Backing, BackingOptions};
-use ublk_dev::config::{DeviceConfig, DeviceSpec};
+use ublk_dev::config::{DeviceConfig, DeviceSpec, TrackingSpec};
 use ublk_dev::status::DeviceStatus;
 use ublk_dev::ublk::{self, DeviceInfo, Ready, Start, TargetRecord};
 use ublk_dev::{system, Error, ErrorKind};
@@ -233,11 +233,8 @@ fn add(args: &AddArgs) -> anyhow::Result<()> {
         return run_device(&recovered, &backing, Start::Recover(id), config, served);
     }
     let mut backing = open_backing(&spec, true)?;
-    let new_state_dir = spec
-        .tracking
-        .as_ref()
-        .map(|t| t.state_dir.clone())
-        .filter(|dir| !dir.exists());
+    let new_state_dir =
+        Some(spec.tracking.state_dir.clone()).filter(|dir| spec.tracking.enabled && !dir.exists());
     let served = Arc::new(AtomicBool::new(false));
     let result = ublk::check_driver()
         .map_err(anyhow::Error::from)
@@ -282,7 +279,12 @@ fn spec_for_recovery(id: u32, record: &TargetRecord, info: &DeviceInfo) -> Devic
         depth: info.depth,
         logical_block_size: record.logical_block_size,
         direct_io: record.direct_io,
-        tracking: record.tracking.clone(),
+        // A record from before tracking (version 1) had none.
+        tracking: record.tracking.clone().unwrap_or_else(|| TrackingSpec {
+            state_dir: PathBuf::from(format!("{}.ublk-mirror", record.backing.display())),
+            region_size: ublk_dev::journal::DEFAULT_REGION_SIZE,
+            enabled: false,
+        }),
     }
 }
 

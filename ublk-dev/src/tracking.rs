@@ -30,6 +30,23 @@ use crate::journal::{self, Journal, OpenReport, State};
 /// File name of the journal inside the state directory.
 pub const JOURNAL_FILE: &str = "journal";
 
+/// Most marked ranges `status` lists; beyond that it reports the count only.
+const MAX_STATUS_RANGES: usize = 4096;
+
+/// What is known about the backing file's past, which decides what a
+/// journal that does not exist yet must start with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum History {
+    /// The backing file was just created: nothing changed yet.
+    NewFile,
+    /// The file existed, with a history nobody recorded: a new journal
+    /// starts with every region marked (and a resync flagged).
+    ExistingFile,
+    /// A device is being recovered: its journal must exist; a missing one
+    /// would silently forget the changes of the crash.
+    Recovering,
+}
+
 /// The exact changes since the last release, in bytes.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
@@ -63,6 +80,7 @@ pub struct TrackingStatus {
 /// Change tracking for one device, shared by all its queues.
 #[derive(Debug)]
 pub struct Tracker {
+    path: PathBuf,
     region_shift: u32,
     regions: u64,
     /// Bit per region: durably marked in the journal (the fast path).
@@ -74,22 +92,24 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Open (or create) the journal of the device whose backing file is
-    /// `backing` (canonical path) in `state_dir`, and mark it open.
+    /// Open (or create) the journal in `state_dir` of the device whose
+    /// backing file is `backing` (canonical path, inode), and mark it open.
     pub fn open(
         state_dir: &Path,
-        backing: &Path,
+        backing: (&Path, u64),
         device_size: u64,
         region_size: u64,
+        history: History,
     ) -> Result<(Tracker, Option<OpenReport>)> {
-        std::fs::create_dir_all(state_dir).map_err(|e| {
-            Error::io(
-                format!("cannot create state directory {}", state_dir.display()),
-                e,
-            )
-        })?;
         let path = state_dir.join(JOURNAL_FILE);
-        let id = journal::backing_id(backing);
+        let id = journal::backing_id(backing.0, backing.1);
+        if !path.exists() && history == History::Recovering {
+            return Err(Error::JournalCorrupt {
+                path,
+                reason: "it is missing, but the device being recovered was tracked".into(),
+            });
+        }
+        create_dir_durably(state_dir)?;
         let (mut journal, report) = if path.exists() {
             let (j, report) = Journal::open(&path, device_size, id)?;
             if j.header().region_size != region_size {
@@ -100,7 +120,13 @@ impl Tracker {
             }
             (j, Some(report))
         } else {
-            (Journal::create(&path, device_size, region_size, id)?, None)
+            let mut j = Journal::create(&path, device_size, region_size, id)?;
+            sync_dir(state_dir)?;
+            if history == History::ExistingFile {
+                tracing::info!("new journal for an existing backing file: every region is marked");
+                j.mark_all()?;
+            }
+            (j, None)
         };
         if let Some(r) = &report {
             if r.unclean {
@@ -127,6 +153,7 @@ impl Tracker {
             durable[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::Relaxed);
         }
         let tracker = Tracker {
+            path,
             region_shift: header.region_size.trailing_zeros(),
             regions,
             durable,
@@ -212,19 +239,29 @@ impl Tracker {
 
     /// The state `status` shows.
     pub fn status(&self) -> TrackingStatus {
-        let changes = self.changes();
-        let journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        // Neither the journal lock nor a copy of the changes: writes do not
+        // wait for a status.
+        let (dirty_bytes, zeroed_bytes) = {
+            let c = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+            (c.data.len(), c.zeroed.len())
+        };
+        let regions_marked = self
+            .durable
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum();
         TrackingStatus {
-            journal: journal.path().to_path_buf(),
+            journal: self.path.clone(),
             region_size: self.region_size(),
-            regions_marked: self.marked_regions().len() as u64,
-            dirty_bytes: changes.data.len(),
-            zeroed_bytes: changes.zeroed.len(),
+            regions_marked,
+            dirty_bytes,
+            zeroed_bytes,
             resync_pending: self.resync_pending.load(Ordering::Relaxed),
             journal_syncs: self.journal_syncs.load(Ordering::Relaxed),
             marked: self
                 .marked_ranges()
                 .iter()
+                .take(MAX_STATUS_RANGES)
                 .map(|r| [r.start, r.end])
                 .collect(),
         }
@@ -246,16 +283,66 @@ impl Tracker {
     }
 }
 
+/// A journal left by a device that ran with tracking off no longer covers
+/// what was written meanwhile: mark every region of it (and flag a resync)
+/// so that turning tracking on again cannot trust it.
+pub fn invalidate(state_dir: &Path, backing: (&Path, u64), device_size: u64) -> Result<()> {
+    let path = state_dir.join(JOURNAL_FILE);
+    if !path.exists() {
+        return Ok(());
+    }
+    let id = journal::backing_id(backing.0, backing.1);
+    let (mut j, _) = Journal::open(&path, device_size, id)?;
+    j.set_state(State::Open)?;
+    j.mark_all()?;
+    tracing::warn!(journal = %path.display(), "tracking is off: the existing journal is marked entirely");
+    Ok(())
+}
+
+/// Create a directory (and parents) so that it survives a power cut.
+fn create_dir_durably(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::io(
+            format!("cannot create state directory {}", dir.display()),
+            e,
+        )
+    })?;
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        sync_dir(p)?;
+        d = p.parent().filter(|p| !p.as_os_str().is_empty());
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(format!("cannot sync directory {}", dir.display()), e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+    const BACKING: (&str, u64) = ("/x/disk.img", 42);
+
+    fn open(dir: &Path, history: History) -> Result<(Tracker, Option<OpenReport>)> {
+        Tracker::open(
+            dir,
+            (Path::new(BACKING.0), BACKING.1),
+            64 * MIB,
+            MIB,
+            history,
+        )
+    }
 
     fn tracker(dir: &Path) -> Tracker {
-        Tracker::open(dir, Path::new("/x/disk.img"), 64 * MIB, MIB)
-            .unwrap()
-            .0
+        open(dir, History::NewFile).unwrap().0
     }
 
     #[test]
@@ -311,20 +398,47 @@ mod tests {
         let t = tracker(dir.path());
         t.before_write(&Request::write(5 * MIB, 4096)).unwrap();
         drop(t); // no close_clean: a crash
-        let (t, report) =
-            Tracker::open(dir.path(), Path::new("/x/disk.img"), 64 * MIB, MIB).unwrap();
+        let (t, report) = open(dir.path(), History::Recovering).unwrap();
         assert!(report.unwrap().unclean);
         assert!(t.status().resync_pending);
         assert_eq!(t.marked_regions(), vec![5]);
         t.close_clean().unwrap();
         drop(t);
-        let (t, report) =
-            Tracker::open(dir.path(), Path::new("/x/disk.img"), 64 * MIB, MIB).unwrap();
+        let (t, report) = open(dir.path(), History::ExistingFile).unwrap();
         assert!(!report.unwrap().unclean);
         assert!(
             t.status().resync_pending,
             "a clean stop forgot the pending resync"
         );
+    }
+
+    #[test]
+    fn a_new_journal_for_an_existing_file_marks_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, report) = open(dir.path(), History::ExistingFile).unwrap();
+        assert!(report.is_none());
+        assert_eq!(t.marked_regions().len(), 64);
+        assert!(t.status().resync_pending);
+    }
+
+    #[test]
+    fn recovery_without_its_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = open(&dir.path().join("state"), History::Recovering).unwrap_err();
+        assert!(err.to_string().contains("it is missing"), "{err}");
+    }
+
+    #[test]
+    fn running_untracked_invalidates_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        t.before_write(&Request::write(0, 4096)).unwrap();
+        t.close_clean().unwrap();
+        drop(t);
+        invalidate(dir.path(), (Path::new(BACKING.0), BACKING.1), 64 * MIB).unwrap();
+        let (t, report) = open(dir.path(), History::ExistingFile).unwrap();
+        assert!(report.unwrap().unclean);
+        assert_eq!(t.marked_regions().len(), 64);
     }
 
     #[test]

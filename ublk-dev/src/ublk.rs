@@ -34,7 +34,7 @@ use crate::config::{DeviceSpec, TrackingSpec};
 use crate::engine::{self, uring, AlignedBuf, Engine, Geometry, Request, ZERO_CHUNK};
 use crate::error::{Error, Result};
 use crate::status::Publisher;
-use crate::tracking::Tracker;
+use crate::tracking::{self, History, Tracker};
 
 /// Target type written in libublk's device JSON; `list` and `recover` only
 /// touch devices of this type.
@@ -462,7 +462,7 @@ where
         logical_block_size: spec.logical_block_size,
         direct_io: backing.direct_io(),
         config,
-        tracking: spec.tracking.clone(),
+        tracking: Some(spec.tracking.clone()),
     };
     let geometry = Geometry {
         size: backing.size(),
@@ -472,11 +472,31 @@ where
     let engine = Arc::new(Engine::new(geometry));
     // The journal is opened (and marked open) before any write can arrive;
     // a journal that cannot be trusted stops us before the device exists.
-    let tracker = match &spec.tracking {
-        Some(t) => Some(Arc::new(
-            Tracker::open(&t.state_dir, &record.backing, backing.size(), t.region_size)?.0,
-        )),
-        None => None,
+    let inode = std::os::unix::fs::MetadataExt::ino(
+        &backing
+            .file()
+            .metadata()
+            .map_err(|e| Error::io("reading the backing file's metadata", e))?,
+    );
+    let identity = (record.backing.as_path(), inode);
+    let t = &spec.tracking;
+    let tracker = if t.enabled {
+        let history = match start {
+            Start::Recover(_) => History::Recovering,
+            Start::Add if backing.created() => History::NewFile,
+            Start::Add => History::ExistingFile,
+        };
+        let (tracker, _) = Tracker::open(
+            &t.state_dir,
+            identity,
+            backing.size(),
+            t.region_size,
+            history,
+        )?;
+        Some(Arc::new(tracker))
+    } else {
+        tracking::invalidate(&t.state_dir, identity, backing.size())?;
+        None
     };
 
     let ctrl_flags =
@@ -525,6 +545,8 @@ where
     let tgt_init = move |dev: &mut UblkDev| init_target(dev, backing_fd, geometry, record_json);
     let queue_engine = engine.clone();
     let queue_tracker = tracker.clone();
+    let queue_failed = Arc::new(AtomicBool::new(false));
+    let any_queue_failed = queue_failed.clone();
     let recovered = matches!(start, Start::Recover(_));
     let ready_stop = stop.clone();
     let device_up = move |ctrl: &UblkCtrl| {
@@ -544,12 +566,26 @@ where
         .run_target(
             tgt_init,
             move |qid, dev: &UblkDev| {
-                serve_queue(qid, dev, &queue_engine, queue_tracker.as_deref())
+                if !serve_queue(qid, dev, &queue_engine, queue_tracker.as_deref()) {
+                    queue_failed.store(true, Ordering::SeqCst);
+                }
             },
             device_up,
         )
         .map(drop)
-        .map_err(|e| driver_error("running the device", e));
+        .map_err(|e| driver_error("running the device", e))
+        .and_then(|()| {
+            // A queue that ended in an error may have left I/O in flight:
+            // the stop is not clean.
+            if any_queue_failed.load(Ordering::SeqCst) {
+                Err(Error::DeviceState {
+                    id: dev_id,
+                    reason: "a queue failed; see the log".into(),
+                })
+            } else {
+                Ok(())
+            }
+        });
 
     // The queues are down: whatever was written is in the backing file's
     // page cache or on disk. Make it durable before the device goes away.
@@ -681,8 +717,9 @@ fn init_target(
     Ok(())
 }
 
-/// The body of one queue thread: a task per tag, all driven by the queue's ring.
-fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, tracker: Option<&Tracker>) {
+/// The body of one queue thread: a task per tag, all driven by the queue's
+/// ring. Returns false if the queue ended in an error.
+fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, tracker: Option<&Tracker>) -> bool {
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -690,9 +727,11 @@ fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, tracker: Option<&Tracke
             // Wake the thread starting the device, which waits for every
             // queue to register its buffers: it fails instead of hanging.
             dev.notify_buffer_registration_complete(true);
-            return;
+            return false;
         }
     };
+    let failed_cell = std::cell::Cell::new(false);
+    let failed = &failed_cell;
     let zeroes = Rc::new(AlignedBuf::zeroed(ZERO_CHUNK));
     let exe = Rc::new(smol::LocalExecutor::new());
     let tasks: Vec<_> = queue
@@ -703,7 +742,10 @@ fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, tracker: Option<&Tracke
             exe.spawn(async move {
                 match serve_tag(&q, tag, engine, tracker, &zeroes).await {
                     Ok(()) | Err(UblkError::QueueIsDown) => {}
-                    Err(e) => tracing::error!(qid, tag, "I/O task failed: {e}"),
+                    Err(e) => {
+                        tracing::error!(qid, tag, "I/O task failed: {e}");
+                        failed.set(true);
+                    }
                 }
             })
         })
@@ -714,8 +756,10 @@ fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, tracker: Option<&Tracke
         let done = || tasks.iter().all(|t| t.is_finished());
         if let Err(e) = libublk::wait_and_handle_io_events(&queue, Some(20), run_ops, done).await {
             tracing::error!(qid, "queue stopped with an error: {e}");
+            failed.set(true);
         }
     }));
+    !failed_cell.get()
 }
 
 /// Serve one tag forever: fetch a request, carry it out, commit its result.

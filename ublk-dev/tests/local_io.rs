@@ -281,7 +281,7 @@ mod tracking {
 
     use super::*;
     use std::path::Path;
-    use ublk_dev::tracking::Tracker;
+    use ublk_dev::tracking::{History, Tracker};
 
     const REGION: u64 = 64 << 10; // the smallest, to have many regions
 
@@ -296,9 +296,9 @@ mod tracking {
             let d = device(BLOCKS * BS, 4096, true);
             let baseline = std::fs::read(d.backing.path()).unwrap();
             let state = tempfile::tempdir().unwrap();
-            let backing = Path::new("/test/disk.img");
+            let backing = (Path::new("/test/disk.img"), 1);
             {
-                let (tracker, _) = Tracker::open(state.path(), backing, BLOCKS * BS, REGION).unwrap();
+                let (tracker, _) = Tracker::open(state.path(), backing, BLOCKS * BS, REGION, History::NewFile).unwrap();
                 let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap().with_tracker(&tracker);
                 for a in actions.into_iter().take(crash_after) {
                     match a {
@@ -321,7 +321,7 @@ mod tracking {
                 }
                 // The tracker is dropped without a clean stop: a crash.
             }
-            let (tracker, report) = Tracker::open(state.path(), backing, BLOCKS * BS, REGION).unwrap();
+            let (tracker, report) = Tracker::open(state.path(), backing, BLOCKS * BS, REGION, History::Recovering).unwrap();
             prop_assert!(report.unwrap().unclean);
             let marked = tracker.marked_ranges();
             let now = std::fs::read(d.backing.path()).unwrap();

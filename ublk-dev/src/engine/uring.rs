@@ -127,15 +127,15 @@ impl<'e> LocalIo<'e> {
             return Err(Errno::IO);
         }
         let io = self.engine.start(req)?;
-        if let Some(t) = self.tracker {
-            t.before_write(io.request())?;
-        }
         let len = req.len as usize;
         if req.op == super::Op::Write {
             if data.len() != len {
                 return Err(Errno::INVAL);
             }
             self.buf.as_mut_slice()[..len].copy_from_slice(data);
+        }
+        if let Some(t) = self.tracker {
+            t.before_write(io.request())?;
         }
         let fd = FileRef::Raw(self.file.as_raw_fd());
         let zeroes = self.zeroes.as_slice().as_ptr();
