@@ -7,6 +7,18 @@
 # restart. A pre-existing file without a journal starts fully marked.
 source "$(dirname "$0")/lib.sh"
 
+# wait_status ID JQ: poll `status --json` (the daemon publishes every second)
+# until the running daemon ($DEV_PID) has published a status of device ID in
+# which JQ holds; the last status is left in $WORK/status.json.
+wait_status() {
+  for _ in $(seq 100); do
+    "$UBLK_MIRROR" status --json > "$WORK/status.json"
+    jq -e ".[] | select(.id == $1 and .status.pid == $DEV_PID) | $2" "$WORK/status.json" >/dev/null && return 0
+    sleep 0.2
+  done
+  cat "$WORK/status.json"; fail "device $1: status never satisfied: $2"
+}
+
 IMG=$WORK/disk.img
 start_dev --backing "$IMG" --size 256M --region-size 256K
 ID=$DEV_ID
@@ -29,11 +41,9 @@ kill -9 "$DEV_PID"; wait "$DEV_PID" 2>/dev/null || true
 log "daemon killed during writes"
 start_dev recover "$ID"
 wait $WRITER || fail "writer failed across the crash"
-sleep 1.5   # let the daemon publish a fresh status
+# a status written after the last write completed
+wait_status "$ID" ".status.tracking.resync_pending and .status.updated_ms > $(date +%s%3N)"
 "$UBLK_MIRROR" status
-"$UBLK_MIRROR" status --json > "$WORK/status.json"
-jq -e ".[] | select(.id == $ID) | .status.tracking.resync_pending" "$WORK/status.json" >/dev/null \
-  || { cat "$WORK/status.json"; fail "the unclean stop is not reported as a pending resync"; }
 stop_dev
 
 jq -r ".[] | select(.id == $ID) | .status.tracking.marked[] | \"\(.[0]) \(.[1])\"" "$WORK/status.json" > "$WORK/marked"
@@ -62,16 +72,12 @@ PY
 
 # A clean restart keeps the resync pending.
 start_dev --backing "$IMG"
-sleep 1.5
-"$UBLK_MIRROR" status --json | jq -e ".[] | select(.id == $DEV_ID) | .status.tracking.resync_pending" >/dev/null \
-  || fail "a restart forgot the pending resync"
+wait_status "$DEV_ID" '.status.tracking.resync_pending'
 stop_dev
 
 # A file that existed before its journal: its history is unknown, all marked.
 truncate -s 64M "$WORK/old.img"
 start_dev --backing "$WORK/old.img" --region-size 1M
-sleep 1.5
-"$UBLK_MIRROR" status --json | jq -e ".[] | select(.id == $DEV_ID) | .status.tracking.regions_marked == 64" >/dev/null \
-  || fail "a new journal for an existing file is not fully marked"
+wait_status "$DEV_ID" '.status.tracking.regions_marked == 64 and .status.tracking.resync_pending'
 stop_dev
 log "tracking covered every change across the crash, and no more than needed"

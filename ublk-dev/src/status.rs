@@ -26,6 +26,8 @@ const PERIOD: Duration = Duration::from_secs(1);
 pub struct DeviceStatus {
     /// Device id.
     pub id: u32,
+    /// The daemon that wrote it.
+    pub pid: u32,
     /// Milliseconds since the Unix epoch when this was written.
     pub updated_ms: u64,
     /// Requests served.
@@ -86,6 +88,7 @@ fn snapshot(id: u32, engine: &Engine, tracker: Option<&Tracker>) -> DeviceStatus
     let s = engine.stats();
     DeviceStatus {
         id,
+        pid: std::process::id(),
         updated_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
