@@ -55,6 +55,13 @@ stop_dev() {
   log "device $DEV stopped cleanly"
 }
 
+# crash_dev: kill the daemon with SIGKILL (as a crash would) and reap it;
+# the device stays, quiesced.
+crash_dev() {
+  kill -9 "$DEV_PID"
+  wait "$DEV_PID" 2>/dev/null || true
+}
+
 # dev_state ID: the state `ublk-mirror list --json` reports for device ID.
 dev_state() {
   "$UBLK_MIRROR" list --json | jq -r --argjson id "$1" '.[] | select(.id == $id) | .state'

@@ -13,7 +13,7 @@ fio --eta=never --name=crash --filename="$DEV" --ioengine=io_uring --direct=1 --
 FIO=$!
 sleep 3
 kill -0 $FIO || fail "fio ended before the crash"
-kill -9 "$DEV_PID"; wait "$DEV_PID" 2>/dev/null || true
+crash_dev
 log "daemon killed with SIGKILL while fio runs"
 sleep 1
 [ -b "$DEV" ] || fail "device vanished after kill -9"
@@ -32,7 +32,7 @@ log "fio finished after recovery with no error; verify passed"
 
 # A second crash, this time recovered by re-running `add` with the same
 # backing file (what the systemd unit does on restart).
-kill -9 "$DEV_PID"; wait "$DEV_PID" 2>/dev/null || true
+crash_dev
 start_dev --backing "$IMG" --queues 2 --depth 64
 [ "$DEV_ID" = "$ID" ] || fail "add created a new device instead of recovering $ID"
 grep -q "recovering it" "$WORK/daemon.$DAEMONS.log" || fail "add did not say it recovered"

@@ -14,7 +14,7 @@ head -c 16M /dev/urandom > "$WORK/mnt/before.bin"
 dd if=/dev/urandom of="$WORK/mnt/during.bin" bs=1M count=24 conv=fsync status=none &
 WRITER=$!
 sleep 0.5
-kill -9 "$DEV_PID"; wait "$DEV_PID" 2>/dev/null || true
+crash_dev
 log "daemon killed during writes to a mounted ext4"
 start_dev recover "$DEV_ID"
 wait $WRITER || fail "writer failed across the crash"

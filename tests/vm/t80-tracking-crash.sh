@@ -37,7 +37,7 @@ blkdiscard -o $((200 << 20)) -l $((2 << 20)) "$DEV"
 dd if=/dev/urandom of="$DEV" bs=64k count=64 seek=2000 oflag=direct status=none &
 WRITER=$!
 sleep 0.2
-kill -9 "$DEV_PID"; wait "$DEV_PID" 2>/dev/null || true
+crash_dev
 log "daemon killed during writes"
 start_dev recover "$ID"
 wait $WRITER || fail "writer failed across the crash"

@@ -38,7 +38,6 @@ pub struct Backing {
     size: u64,
     direct_io: bool,
     created: bool,
-    direct_io_note: Option<String>,
 }
 
 impl Backing {
@@ -80,7 +79,6 @@ impl Backing {
             size: 0,
             direct_io: false,
             created,
-            direct_io_note: None,
         };
         // From here on, a failure must not leave a file we created behind.
         match backing.check_and_lock(opts) {
@@ -134,7 +132,6 @@ impl Backing {
                 Ok(()) => self.direct_io = true,
                 Err(why) => {
                     tracing::warn!(path = %path.display(), "O_DIRECT not possible ({why}); using buffered I/O");
-                    self.direct_io_note = Some(why);
                 }
             }
         }
@@ -159,11 +156,6 @@ impl Backing {
     /// Whether I/O goes through `O_DIRECT`.
     pub fn direct_io(&self) -> bool {
         self.direct_io
-    }
-
-    /// Why `O_DIRECT` is off although it was asked for.
-    pub fn direct_io_note(&self) -> Option<&str> {
-        self.direct_io_note.as_deref()
     }
 
     /// Whether this open created the file.

@@ -547,7 +547,7 @@ fn status(json: bool) -> anyhow::Result<()> {
                 ByteSize(t.zeroed_bytes).approx(),
                 t.regions_marked.to_string(),
                 if t.resync_pending { "yes" } else { "no" }.to_string(),
-                t.journal.clone(),
+                t.journal.display().to_string(),
             ],
             Some(None) => ["-", "-", "-", "-", "(tracking off)"].map(String::from),
             None => ["?", "?", "?", "?", "(no status published)"].map(String::from),

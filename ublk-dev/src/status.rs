@@ -37,40 +37,7 @@ pub struct DeviceStatus {
     /// Failed requests.
     pub errors: u64,
     /// Change tracking, if enabled.
-    pub tracking: Option<TrackingSnapshot>,
-}
-
-/// [`TrackingStatus`] as stored (paths as strings).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TrackingSnapshot {
-    /// The journal file.
-    pub journal: String,
-    /// Bytes per region.
-    pub region_size: u64,
-    /// Regions marked in the journal.
-    pub regions_marked: u64,
-    /// Bytes changed with data since the last release.
-    pub dirty_bytes: u64,
-    /// Bytes discarded or zeroed since the last release.
-    pub zeroed_bytes: u64,
-    /// Regions of an unclean stop still to settle with the mirror.
-    pub resync_pending: bool,
-    /// Marked regions as byte ranges `[start, end)`.
-    pub marked: Vec<[u64; 2]>,
-}
-
-impl From<TrackingStatus> for TrackingSnapshot {
-    fn from(t: TrackingStatus) -> Self {
-        TrackingSnapshot {
-            journal: t.journal.display().to_string(),
-            region_size: t.region_size,
-            regions_marked: t.regions_marked,
-            dirty_bytes: t.dirty_bytes,
-            zeroed_bytes: t.zeroed_bytes,
-            resync_pending: t.resync_pending,
-            marked: t.marked,
-        }
-    }
+    pub tracking: Option<TrackingStatus>,
 }
 
 /// The status file of device `id`.
@@ -95,7 +62,7 @@ fn snapshot(id: u32, engine: &Engine, tracker: Option<&Tracker>) -> DeviceStatus
         reads: s.reads.load(Ordering::Relaxed),
         writes: s.writes.load(Ordering::Relaxed),
         errors: s.errors.load(Ordering::Relaxed),
-        tracking: tracker.map(|t| t.status().into()),
+        tracking: tracker.map(Tracker::status),
     }
 }
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use ublk_mirror_common::RangeSet;
 
 use crate::engine::{Errno, Op, Request};
@@ -56,8 +56,8 @@ pub struct Changes {
     pub zeroed: RangeSet,
 }
 
-/// What `status` shows about tracking.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// What `status` shows about tracking (also the form it is published in).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackingStatus {
     /// The journal file.
     pub journal: PathBuf,
