@@ -19,6 +19,8 @@
 //!                             # the backing file, FILE.ublk-mirror/; for a block
 //!                             # device, /var/lib/ublk-mirror/NAME/)
 //! region_size = "4M"          # write-intent region size (power of two, >= 64K)
+//! cow_memory = "64M"          # memory for blocks preserved for sealed epochs;
+//!                             # beyond it they spill to a file in state_dir
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -74,6 +76,8 @@ pub struct DeviceConfig {
     pub state_dir: Option<PathBuf>,
     /// Write-intent region size.
     pub region_size: Option<ByteSize>,
+    /// Memory for preserved chunks of sealed epochs.
+    pub cow_memory: Option<ByteSize>,
 }
 
 impl DeviceConfig {
@@ -113,6 +117,7 @@ impl DeviceConfig {
             tracking: over.tracking.or(self.tracking),
             state_dir: over.state_dir.or(self.state_dir),
             region_size: over.region_size.or(self.region_size),
+            cow_memory: over.cow_memory.or(self.cow_memory),
         }
     }
 
@@ -201,6 +206,9 @@ impl DeviceConfig {
             state_dir: absolute(state_dir)?,
             region_size,
             enabled: self.tracking.unwrap_or(true),
+            cow_memory: self
+                .cow_memory
+                .map_or(crate::epoch::DEFAULT_COW_MEMORY, |s| s.0),
         };
         let backing = absolute(backing)?;
         Ok(DeviceSpec {
@@ -248,10 +256,18 @@ pub struct TrackingSpec {
     /// covers what the device writes.
     #[serde(default = "enabled")]
     pub enabled: bool,
+    /// Memory for chunks preserved for sealed epochs before they spill to
+    /// a file in `state_dir`.
+    #[serde(default = "cow_memory")]
+    pub cow_memory: u64,
 }
 
 fn enabled() -> bool {
     true
+}
+
+fn cow_memory() -> u64 {
+    crate::epoch::DEFAULT_COW_MEMORY
 }
 
 fn absolute(path: PathBuf) -> Result<PathBuf> {

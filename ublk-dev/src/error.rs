@@ -94,6 +94,10 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// An epoch request cannot be met (not sealed, released, broken).
+    #[error(transparent)]
+    Epoch(crate::epoch::EpochError),
+
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -131,7 +135,9 @@ impl Error {
             | Error::NotRoot(_)
             | Error::JournalCorrupt { .. }
             | Error::BackingInUse { .. } => ErrorKind::Environment,
-            Error::NoSuchDevice(_) | Error::DeviceState { .. } => ErrorKind::Device,
+            Error::NoSuchDevice(_) | Error::DeviceState { .. } | Error::Epoch(_) => {
+                ErrorKind::Device
+            }
             Error::Driver { .. } | Error::Io { .. } => ErrorKind::System,
         }
     }

@@ -7,7 +7,7 @@
 //! every change that reached the backing file therefore lies in a marked
 //! region: at worst the journal says too much, never too little.
 //!
-//! # On-disk format, version 1
+//! # On-disk format, version 2
 //!
 //! All integers little-endian; the file is a sequence of 4096-byte blocks.
 //!
@@ -27,8 +27,15 @@
 //!           device_size  u64  bytes
 //!           bitmap_blocks u64
 //!           backing_id   u64  fingerprint of the backing file (path and inode)
+//!           released_epoch u64 the last epoch the consumer released (v2)
 //!           crc32c  u32     of every byte before it
 //! ```
+//!
+//! Versions:
+//! - 1: first format.
+//! - 2: `released_epoch` added before the crc, so that epoch numbers keep
+//!   rising across restarts. Version 1 files are read (as released epoch 0)
+//!   and rewritten as version 2 at the next header write.
 //!
 //! The bitmap block crc covers the block's index (u64 LE) followed by its
 //! 4088 bytes of bits, so a block written at the wrong place is caught too.
@@ -71,10 +78,12 @@ pub const DEFAULT_REGION_SIZE: u64 = 4 << 20;
 pub const MIN_REGION_SIZE: u64 = 64 << 10;
 
 const MAGIC: &[u8; 8] = b"UBLKMJNL";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const BITMAP_HEADER: usize = 8;
 /// Header bytes covered by the crc (everything before the crc field).
-const HEADER_CRC_AT: usize = 8 + 4 + 4 + 8 * 5;
+const HEADER_CRC_AT: usize = 8 + 4 + 4 + 8 * 6;
+/// Where version 1 kept its crc (it had no released epoch).
+const HEADER_CRC_AT_V1: usize = 8 + 4 + 4 + 8 * 5;
 
 /// Whether the last daemon stopped cleanly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +116,8 @@ pub struct Header {
     pub bitmap_blocks: u64,
     /// Fingerprint of the backing file this journal belongs to.
     pub backing_id: u64,
+    /// The last epoch the consumer released (0: none yet).
+    pub released_epoch: u64,
 }
 
 /// Why bytes are not a valid header or bitmap block.
@@ -140,6 +151,7 @@ impl Header {
             device_size,
             bitmap_blocks: regions(device_size, region_size).div_ceil(REGIONS_PER_BLOCK),
             backing_id,
+            released_epoch: 0,
         }
     }
 
@@ -166,6 +178,7 @@ impl Header {
         b[32..40].copy_from_slice(&self.device_size.to_le_bytes());
         b[40..48].copy_from_slice(&self.bitmap_blocks.to_le_bytes());
         b[48..56].copy_from_slice(&self.backing_id.to_le_bytes());
+        b[56..64].copy_from_slice(&self.released_epoch.to_le_bytes());
         let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
         b[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
         b
@@ -185,11 +198,18 @@ impl Header {
             a.copy_from_slice(&b[i..i + 8]);
             u64::from_le_bytes(a)
         };
-        if u32_at(HEADER_CRC_AT) != crc32c::crc32c(&b[..HEADER_CRC_AT]) {
+        // The version decides where the crc is; an unknown version is
+        // reported as such only if the block is otherwise intact.
+        let version = u32_at(8);
+        let crc_at = if version == 1 {
+            HEADER_CRC_AT_V1
+        } else {
+            HEADER_CRC_AT
+        };
+        if u32_at(crc_at) != crc32c::crc32c(&b[..crc_at]) {
             return Err(FormatError::Checksum);
         }
-        let version = u32_at(8);
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(FormatError::Version(version));
         }
         let flags = u32_at(12);
@@ -208,6 +228,7 @@ impl Header {
             device_size: u64_at(32),
             bitmap_blocks: u64_at(40),
             backing_id: u64_at(48),
+            released_epoch: if version == 1 { 0 } else { u64_at(56) },
         };
         if !h.region_size.is_power_of_two() || h.region_size < MIN_REGION_SIZE {
             return Err(FormatError::Invalid("region size"));
@@ -494,6 +515,23 @@ impl Journal {
         self.sync()
     }
 
+    /// Record that the consumer released every epoch up to `epoch`, and
+    /// whether the regions of an unclean stop are settled with it. Written
+    /// before the released regions are cleared: a crash in between leaves
+    /// them marked, which only costs a resync.
+    pub fn set_released(&mut self, epoch: u64, resync_done: bool) -> Result<()> {
+        let before = (self.header.released_epoch, self.header.resync);
+        self.header.released_epoch = epoch;
+        if resync_done {
+            self.header.resync = false;
+        }
+        if (self.header.released_epoch, self.header.resync) == before {
+            return Ok(());
+        }
+        self.write_header()?;
+        self.sync()
+    }
+
     /// Swap the file under the journal (tests of write failures).
     #[cfg(test)]
     pub(crate) fn replace_file_for_test(&mut self, file: File) {
@@ -638,19 +676,47 @@ mod tests {
             device_size: GIB,
             bitmap_blocks: 1,
             backing_id: ID,
+            released_epoch: 12,
         };
         let b = h.encode();
         assert_eq!(&b[..8], b"UBLKMJNL");
-        assert_eq!(b[8..12], [1, 0, 0, 0]); // version 1
+        assert_eq!(b[8..12], [2, 0, 0, 0]); // version 2
         assert_eq!(b[12..16], [3, 0, 0, 0]); // open + resync
         assert_eq!(b[16..24], 7u64.to_le_bytes());
         assert_eq!(b[24..32], (4u64 << 20).to_le_bytes());
         assert_eq!(b[32..40], GIB.to_le_bytes());
         assert_eq!(b[40..48], 1u64.to_le_bytes());
         assert_eq!(b[48..56], ID.to_le_bytes());
-        assert_eq!(b[56..60], crc32c::crc32c(&b[..56]).to_le_bytes());
-        assert!(b[60..].iter().all(|&x| x == 0));
+        assert_eq!(b[56..64], 12u64.to_le_bytes());
+        assert_eq!(b[64..68], crc32c::crc32c(&b[..64]).to_le_bytes());
+        assert!(b[68..].iter().all(|&x| x == 0));
         assert_eq!(Header::decode(&b), Ok(h));
+    }
+
+    #[test]
+    fn version_1_headers_are_read() {
+        // A version 1 header, as version 1 wrote it: no released epoch.
+        let mut b = [0u8; BLOCK];
+        b[..8].copy_from_slice(b"UBLKMJNL");
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[16..24].copy_from_slice(&3u64.to_le_bytes());
+        b[24..32].copy_from_slice(&DEFAULT_REGION_SIZE.to_le_bytes());
+        b[32..40].copy_from_slice(&GIB.to_le_bytes());
+        b[40..48].copy_from_slice(&1u64.to_le_bytes());
+        b[48..56].copy_from_slice(&ID.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..56]);
+        b[56..60].copy_from_slice(&crc.to_le_bytes());
+        let h = Header::decode(&b).unwrap();
+        assert_eq!(
+            (h.state, h.sequence, h.released_epoch),
+            (State::Clean, 3, 0)
+        );
+        assert_eq!(h.backing_id, ID);
+        // An unknown version with a valid crc is reported as such.
+        b[8..12].copy_from_slice(&9u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..64]);
+        b[64..68].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Header::decode(&b), Err(FormatError::Version(9)));
     }
 
     #[test]

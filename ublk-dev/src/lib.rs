@@ -8,6 +8,8 @@
 //! - [`engine`]: the sans-IO I/O engine, and its io_uring execution;
 //! - [`journal`]: the crash-safe write-intent journal of changed regions;
 //! - [`tracking`]: change tracking in the write path (journal + exact ranges);
+//! - [`epoch`]: consistent cuts of the changes, with copy-on-write of what
+//!   sealed epochs still need;
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
 //! - [`status`]: the status a daemon publishes for `ublk-mirror status`;
 //! - [`system`]: process set-up (mount namespace, systemd notification).
@@ -15,6 +17,7 @@
 pub mod backing;
 pub mod config;
 pub mod engine;
+pub mod epoch;
 mod error;
 pub mod journal;
 pub mod status;

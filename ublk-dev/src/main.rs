@@ -143,6 +143,12 @@ struct AddArgs {
     #[arg(long)]
     region_size: Option<ByteSize>,
 
+    /// Memory for blocks preserved for sealed epochs (copy-on-write of
+    /// what a cut still needs) before they spill to a file in the state
+    /// directory [default: 64M].
+    #[arg(long, value_name = "SIZE")]
+    cow_memory: Option<ByteSize>,
+
     /// Do not track changes (no journal; nothing to mirror).
     #[arg(long)]
     no_tracking: bool,
@@ -162,6 +168,7 @@ impl AddArgs {
             tracking: self.no_tracking.then_some(false),
             state_dir: self.state_dir.clone(),
             region_size: self.region_size,
+            cow_memory: self.cow_memory,
         }
     }
 }
@@ -284,6 +291,7 @@ fn spec_for_recovery(id: u32, record: &TargetRecord, info: &DeviceInfo) -> Devic
             state_dir: PathBuf::from(format!("{}.ublk-mirror", record.backing.display())),
             region_size: ublk_dev::journal::DEFAULT_REGION_SIZE,
             enabled: false,
+            cow_memory: ublk_dev::epoch::DEFAULT_COW_MEMORY,
         }),
     }
 }

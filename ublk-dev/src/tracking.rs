@@ -16,14 +16,21 @@
 //! journal cannot be written, the write fails with `EIO` instead of
 //! becoming a change nobody knows about.
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use ublk_mirror_common::RangeSet;
 
-use crate::engine::{Errno, Op, Request};
+use crate::engine::{AlignedBuf, Errno, Op, Request};
+pub use crate::epoch::{ChangeKind, Changes, Sealed, CHUNK, DEFAULT_COW_MEMORY};
+use crate::epoch::{EpochError, Epochs};
 use crate::error::{Error, Result};
 use crate::journal::{self, Journal, OpenReport, State};
 
@@ -32,6 +39,9 @@ pub const JOURNAL_FILE: &str = "journal";
 
 /// Most marked ranges `status` lists; beyond that it reports the count only.
 const MAX_STATUS_RANGES: usize = 4096;
+
+/// Most bytes read from the backing file at once for an epoch read.
+pub const MAX_EPOCH_READ: u64 = 1 << 20;
 
 /// What is known about the backing file's past, which decides what a
 /// journal that does not exist yet must start with.
@@ -47,13 +57,47 @@ pub enum History {
     Recovering,
 }
 
-/// The exact changes since the last release, in bytes.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Changes {
-    /// Ranges written with data.
-    pub data: RangeSet,
-    /// Ranges discarded or zeroed: they read as zeroes.
-    pub zeroed: RangeSet,
+/// Where to cut when sealing an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealAt {
+    /// At the next FLUSH the device receives (a point the filesystem made
+    /// durable), or at the deadline if none comes (an idle device).
+    Flush(Duration),
+    /// Right now.
+    Now,
+}
+
+/// A sealed epoch as `status` and the control socket show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochInfo {
+    /// Its number.
+    pub id: u64,
+    /// Bytes written with data.
+    pub data_bytes: u64,
+    /// Bytes discarded or zeroed.
+    pub zeroed_bytes: u64,
+    /// Bytes of unknown changes, to settle by hash comparison.
+    pub resync_bytes: u64,
+    /// Cut at a FLUSH (else on request, at the deadline).
+    pub at_flush: bool,
+    /// When it was sealed (ms since the Unix epoch).
+    pub sealed_ms: u64,
+    /// Why it cannot be read as its cut, if it cannot.
+    pub broken: Option<String>,
+}
+
+impl EpochInfo {
+    fn of(s: &Sealed) -> EpochInfo {
+        EpochInfo {
+            id: s.id,
+            data_bytes: s.changes.data.len(),
+            zeroed_bytes: s.changes.zeroed.len(),
+            resync_bytes: s.changes.resync.len(),
+            at_flush: s.at_flush,
+            sealed_ms: s.sealed_ms,
+            broken: s.broken.clone(),
+        }
+    }
 }
 
 /// What `status` shows about tracking (also the form it is published in).
@@ -69,12 +113,73 @@ pub struct TrackingStatus {
     pub dirty_bytes: u64,
     /// Bytes discarded or zeroed since the last release.
     pub zeroed_bytes: u64,
+    /// Bytes of regions found marked at start, whose changes are not known
+    /// exactly and are settled by hash comparison with the mirror.
+    pub resync_bytes: u64,
     /// An unclean stop left regions to settle with the mirror by hash comparison.
     pub resync_pending: bool,
+    /// The current (open) epoch.
+    pub current_epoch: u64,
+    /// The oldest sealed epoch not yet released, if any.
+    pub oldest_unreleased_epoch: Option<u64>,
+    /// The last epoch released.
+    pub released_epoch: u64,
+    /// The sealed, unreleased epochs.
+    pub sealed: Vec<EpochInfo>,
+    /// Memory holding preserved (copy-on-write) chunks of sealed epochs.
+    pub preserved_memory_bytes: u64,
+    /// Preserved chunks spilled to a file.
+    pub preserved_spilled_bytes: u64,
     /// Journal syncs made to mark regions.
     pub journal_syncs: u64,
     /// The marked regions as byte ranges `[start, end)` of the device.
     pub marked: Vec<[u64; 2]>,
+}
+
+/// How to open a [`Tracker`].
+#[derive(Debug)]
+pub struct TrackerOptions<'a> {
+    /// Directory of the journal (created if missing).
+    pub state_dir: &'a Path,
+    /// The backing file's canonical path and inode: the journal's identity.
+    pub identity: (&'a Path, u64),
+    /// The backing file as the device opened it; sealed epochs read it.
+    pub file: &'a File,
+    /// Device size in bytes.
+    pub device_size: u64,
+    /// Region size for a new journal.
+    pub region_size: u64,
+    /// What is known about the file's past.
+    pub history: History,
+    /// Memory for preserved chunks before they spill to a file.
+    pub cow_memory: u64,
+}
+
+/// A write-class request in flight: give it back to
+/// [`Tracker::after_write`] when it completed.
+#[derive(Debug)]
+#[must_use = "a ticket must be returned to Tracker::after_write"]
+pub struct Ticket(u64);
+
+/// What a release did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    /// The epochs released.
+    pub epochs: Vec<u64>,
+    /// Regions cleared in the journal.
+    pub regions_cleared: u64,
+    /// The resync of an unclean stop is settled.
+    pub resync_done: bool,
+}
+
+/// The epochs and the write-class requests in flight, under one lock.
+#[derive(Debug)]
+struct Live {
+    epochs: Epochs,
+    /// ticket -> what the request changes; carried into the next epoch
+    /// when a seal finds it still in flight.
+    in_flight: BTreeMap<u64, (ChangeKind, Range<u64>)>,
+    next_ticket: u64,
 }
 
 /// Change tracking for one device, shared by all its queues.
@@ -83,27 +188,41 @@ pub struct Tracker {
     path: PathBuf,
     region_shift: u32,
     regions: u64,
+    device_size: u64,
     /// Bit per region: durably marked in the journal (the fast path).
     durable: Vec<AtomicU64>,
+    /// Lock order: `journal` before `live`.
     journal: Mutex<Journal>,
-    changes: Mutex<Changes>,
+    live: Mutex<Live>,
+    /// Signalled when an epoch is sealed.
+    sealed: Condvar,
+    seal_requested: AtomicBool,
+    /// The backing file (a duplicate of the device's descriptor).
+    file: File,
     resync_pending: AtomicBool,
     journal_syncs: AtomicU64,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl Tracker {
-    /// Open (or create) the journal in `state_dir` of the device whose
-    /// backing file is `backing` (canonical path, inode), and mark it open.
-    pub fn open(
-        state_dir: &Path,
-        backing: (&Path, u64),
-        device_size: u64,
-        region_size: u64,
-        history: History,
-    ) -> Result<(Tracker, Option<OpenReport>)> {
+    /// Open (or create) the journal and mark it open. Regions found marked
+    /// become the current epoch's resync ranges: what changed in them is
+    /// not known exactly.
+    pub fn open(opts: &TrackerOptions<'_>) -> Result<(Tracker, Option<OpenReport>)> {
+        let state_dir = opts.state_dir;
+        let device_size = opts.device_size;
         let path = state_dir.join(JOURNAL_FILE);
-        let id = journal::backing_id(backing.0, backing.1);
-        if !path.exists() && history == History::Recovering {
+        let id = journal::backing_id(opts.identity.0, opts.identity.1);
+        if !path.exists() && opts.history == History::Recovering {
             return Err(Error::JournalCorrupt {
                 path,
                 reason: "it is missing, but the device being recovered was tracked".into(),
@@ -112,7 +231,7 @@ impl Tracker {
         create_dir_durably(state_dir)?;
         let (mut journal, report) = if path.exists() {
             let (j, report) = Journal::open(&path, device_size, id)?;
-            if j.header().region_size != region_size {
+            if j.header().region_size != opts.region_size {
                 tracing::info!(
                     region_size = j.header().region_size,
                     "keeping the journal's region size (changing it needs a new journal)"
@@ -120,9 +239,9 @@ impl Tracker {
             }
             (j, Some(report))
         } else {
-            let mut j = Journal::create(&path, device_size, region_size, id)?;
+            let mut j = Journal::create(&path, device_size, opts.region_size, id)?;
             sync_dir(state_dir)?;
-            if history == History::ExistingFile {
+            if opts.history == History::ExistingFile {
                 tracing::info!("new journal for an existing backing file: every region is marked");
                 j.mark_all()?;
             }
@@ -146,48 +265,134 @@ impl Tracker {
         journal.set_state(State::Open)?;
         let header = *journal.header();
         let regions = header.regions();
+        let region_size = header.region_size;
         let durable: Vec<AtomicU64> = (0..regions.div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect();
+        let mut resync = RangeSet::new();
         for r in journal.marked() {
             durable[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::Relaxed);
+            resync.insert(r * region_size..((r + 1) * region_size).min(device_size));
         }
+        let file = opts
+            .file
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the backing file's descriptor", e))?;
+        let epochs = Epochs::new(
+            device_size,
+            header.released_epoch,
+            resync,
+            opts.cow_memory,
+            state_dir.to_path_buf(),
+        );
         let tracker = Tracker {
             path,
-            region_shift: header.region_size.trailing_zeros(),
+            region_shift: region_size.trailing_zeros(),
             regions,
+            device_size,
             durable,
             resync_pending: AtomicBool::new(header.resync),
             journal: Mutex::new(journal),
-            changes: Mutex::new(Changes::default()),
+            live: Mutex::new(Live {
+                epochs,
+                in_flight: BTreeMap::new(),
+                next_ticket: 0,
+            }),
+            sealed: Condvar::new(),
+            seal_requested: AtomicBool::new(false),
+            file,
             journal_syncs: AtomicU64::new(0),
         };
         Ok((tracker, report))
     }
 
     /// Record a request before it is issued. Write-class requests have
-    /// their regions durably marked first; a failure to mark fails the
-    /// request (`EIO`), so no change ever goes unrecorded. May block for
-    /// one journal sync.
-    pub fn before_write(&self, req: &Request) -> std::result::Result<(), Errno> {
-        if !matches!(req.op, Op::Write | Op::Discard | Op::WriteZeroes) || req.len == 0 {
-            return Ok(());
+    /// their regions durably marked first (a failure to mark fails the
+    /// request with `EIO`, so no change ever goes unrecorded), and the
+    /// chunks sealed epochs still need are preserved. May block for one
+    /// journal sync, or for reading the chunks to preserve. A FLUSH takes a
+    /// cut that was asked for. The ticket of a write-class request goes
+    /// back to [`Tracker::after_write`] once it completed.
+    pub fn before_write(&self, req: &Request) -> std::result::Result<Option<Ticket>, Errno> {
+        let kind = match req.op {
+            Op::Write => ChangeKind::Data,
+            Op::Discard | Op::WriteZeroes => ChangeKind::Zeroed,
+            Op::Flush => {
+                if self.seal_requested.load(Ordering::Acquire) {
+                    let mut live = lock(&self.live);
+                    if self.seal_requested.swap(false, Ordering::AcqRel) {
+                        self.seal_locked(&mut live, true);
+                    }
+                }
+                return Ok(None);
+            }
+            Op::Read => return Ok(None),
+        };
+        if req.len == 0 {
+            return Ok(None);
         }
-        let end = req.offset + req.len;
-        let first = req.offset >> self.region_shift;
-        let last = ((end - 1) >> self.region_shift).min(self.regions - 1);
-        if !(first..=last).all(|r| self.is_durable(r)) {
-            self.mark(first..=last)?;
+        let range = req.offset..req.offset + req.len;
+        let first = range.start >> self.region_shift;
+        let last = ((range.end - 1) >> self.region_shift).min(self.regions - 1);
+        loop {
+            if !(first..=last).all(|r| self.is_durable(r)) {
+                self.mark(first..=last)?;
+            }
+            let mut live = lock(&self.live);
+            // A release may have cleared a region between the mark and
+            // here; under this lock it cannot any more.
+            if !(first..=last).all(|r| self.is_durable(r)) {
+                continue;
+            }
+            let chunks = live.epochs.to_preserve(range.clone());
+            if !chunks.is_empty() {
+                self.preserve(&mut live.epochs, &chunks);
+            }
+            live.epochs.record(kind, range.clone());
+            let ticket = live.next_ticket;
+            live.next_ticket += 1;
+            live.in_flight.insert(ticket, (kind, range));
+            return Ok(Some(Ticket(ticket)));
         }
-        let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
-        if req.op == Op::Write {
-            changes.zeroed.remove(req.offset..end);
-            changes.data.insert(req.offset..end);
-        } else {
-            changes.data.remove(req.offset..end);
-            changes.zeroed.insert(req.offset..end);
+    }
+
+    /// A write-class request completed (successfully or not).
+    pub fn after_write(&self, ticket: Ticket) {
+        lock(&self.live).in_flight.remove(&ticket.0);
+    }
+
+    /// Read the chunks to preserve from the backing file (contiguous runs
+    /// at once) and keep them.
+    fn preserve(&self, epochs: &mut Epochs, chunks: &[u64]) {
+        let mut i = 0;
+        while i < chunks.len() {
+            let mut j = i + 1;
+            while j < chunks.len() && chunks[j] == chunks[j - 1] + 1 {
+                j += 1;
+            }
+            let start = chunks[i] * CHUNK;
+            let end = epochs.chunk_range(chunks[j - 1]).end;
+            let mut buf = AlignedBuf::zeroed((end - start) as usize);
+            match self.file.read_exact_at(buf.as_mut_slice(), start) {
+                Ok(()) => {
+                    for &c in &chunks[i..j] {
+                        let r = epochs.chunk_range(c);
+                        let piece =
+                            &buf.as_slice()[(r.start - start) as usize..(r.end - start) as usize];
+                        epochs.preserve(c, piece);
+                    }
+                }
+                Err(e) => {
+                    for &c in &chunks[i..j] {
+                        epochs.preserve_failed(
+                            c,
+                            &format!("cannot read the backing file to preserve a chunk: {e}"),
+                        );
+                    }
+                }
+            }
+            i = j;
         }
-        Ok(())
     }
 
     fn is_durable(&self, r: u64) -> bool {
@@ -197,7 +402,7 @@ impl Tracker {
     fn mark(&self, regions: std::ops::RangeInclusive<u64>) -> std::result::Result<(), Errno> {
         // Whoever holds the lock marks what it needs; a queue that waited
         // for the lock usually finds its regions marked by then.
-        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut journal = lock(&self.journal);
         let needed: Vec<u64> = regions.filter(|&r| !self.is_durable(r)).collect();
         if needed.is_empty() {
             return Ok(());
@@ -219,12 +424,118 @@ impl Tracker {
         }
     }
 
-    /// A copy of the exact changes recorded so far.
+    fn seal_locked(&self, live: &mut Live, at_flush: bool) -> u64 {
+        let id = live.epochs.seal(at_flush, now_ms());
+        // Writes still in flight may land on either side of the cut: they
+        // belong to the next epoch as well, so that their final content is
+        // shipped with it.
+        for (kind, range) in live.in_flight.values() {
+            live.epochs.record_carried(*kind, range.clone());
+        }
+        self.sealed.notify_all();
+        tracing::debug!(epoch = id, at_flush, "epoch sealed");
+        id
+    }
+
+    /// Seal the current epoch and return its number. With
+    /// [`SealAt::Flush`], the cut is taken at the next FLUSH the device
+    /// serves, or at the deadline (then at that instant).
+    pub fn seal(&self, at: SealAt) -> u64 {
+        let mut live = lock(&self.live);
+        let start = live.epochs.current();
+        let deadline = match at {
+            SealAt::Now => return self.seal_locked(&mut live, false),
+            SealAt::Flush(wait) => Instant::now() + wait,
+        };
+        self.seal_requested.store(true, Ordering::Release);
+        loop {
+            if live.epochs.current() > start {
+                return live.epochs.current() - 1;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.seal_requested.store(false, Ordering::Release);
+                return self.seal_locked(&mut live, false);
+            }
+            live = self
+                .sealed
+                .wait_timeout(live, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Release every sealed epoch up to `upto`: the consumer has durably
+    /// taken them. Their preserved chunks are freed and the regions no
+    /// unreleased change touches are cleared in the journal.
+    pub fn release(&self, upto: u64) -> Result<Released> {
+        let mut journal = lock(&self.journal);
+        let (epochs, clear, resync_done) = {
+            let mut live = lock(&self.live);
+            let released = live.epochs.release(upto)?;
+            let keep = live.epochs.unreleased();
+            let size = self.region_size();
+            let clear: Vec<u64> = (0..self.regions)
+                .filter(|&r| self.is_durable(r) && !keep.intersects(r * size..(r + 1) * size))
+                .collect();
+            // From here a write into these regions marks them again (and
+            // waits for the journal lock, so after the clear below).
+            for &r in &clear {
+                self.durable[(r / 64) as usize].fetch_and(!(1 << (r % 64)), Ordering::AcqRel);
+            }
+            let resync_done = !live.epochs.resync_outstanding();
+            (
+                released.iter().map(|s| s.id).collect::<Vec<_>>(),
+                clear,
+                resync_done,
+            )
+        };
+        journal.set_released(upto, resync_done)?;
+        journal.clear(clear.iter().copied())?;
+        if resync_done {
+            self.resync_pending.store(false, Ordering::Relaxed);
+        }
+        tracing::debug!(upto, cleared = clear.len(), "epochs released");
+        Ok(Released {
+            epochs,
+            regions_cleared: clear.len() as u64,
+            resync_done,
+        })
+    }
+
+    /// A sealed, unreleased epoch's changes.
+    pub fn epoch(&self, id: u64) -> Result<Sealed> {
+        Ok(lock(&self.live).epochs.get(id)?.clone())
+    }
+
+    /// Read `buf.len()` bytes at `offset` as the device was at epoch `id`'s
+    /// cut. The range must lie in chunks the epoch changed ([`CHUNK`]s
+    /// meeting its data, zeroed or resync ranges).
+    pub fn read_epoch(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let check = |live: &Live| {
+            live.epochs
+                .check_read(id, offset..offset + buf.len() as u64)
+        };
+        check(&lock(&self.live))?;
+        // The file first, then the preserved versions: a write racing
+        // with this read preserved its chunk before it was issued.
+        let mut aligned = AlignedBuf::zeroed(buf.len().max(1));
+        let bytes = &mut aligned.as_mut_slice()[..buf.len()];
+        self.file
+            .read_exact_at(bytes, offset)
+            .map_err(|e| Error::io("reading the backing file for an epoch", e))?;
+        let live = lock(&self.live);
+        check(&live)?;
+        live.epochs
+            .overlay(id, offset, bytes)
+            .map_err(|e| Error::io("reading preserved chunks", e))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// The changes of the current epoch so far.
     pub fn changes(&self) -> Changes {
-        self.changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.live).epochs.changes().clone()
     }
 
     /// Regions marked in the journal, ascending.
@@ -237,13 +548,32 @@ impl Tracker {
         1 << self.region_shift
     }
 
+    /// Device size in bytes.
+    pub fn device_size(&self) -> u64 {
+        self.device_size
+    }
+
     /// The state `status` shows.
     pub fn status(&self) -> TrackingStatus {
-        // Neither the journal lock nor a copy of the changes: writes do not
-        // wait for a status.
-        let (dirty_bytes, zeroed_bytes) = {
-            let c = self.changes.lock().unwrap_or_else(|p| p.into_inner());
-            (c.data.len(), c.zeroed.len())
+        // Not the journal lock: writes do not wait for a status.
+        let (dirty, zeroed, resync, current, released, sealed, usage) = {
+            let live = lock(&self.live);
+            let e = &live.epochs;
+            let mut all = e.changes().clone();
+            for s in e.sealed() {
+                all.data.union_with(&s.changes.data);
+                all.zeroed.union_with(&s.changes.zeroed);
+                all.resync.union_with(&s.changes.resync);
+            }
+            (
+                all.data.len(),
+                all.zeroed.len(),
+                all.resync.len(),
+                e.current(),
+                e.released(),
+                e.sealed().map(EpochInfo::of).collect::<Vec<_>>(),
+                e.store_usage(),
+            )
         };
         let regions_marked = self
             .durable
@@ -254,9 +584,16 @@ impl Tracker {
             journal: self.path.clone(),
             region_size: self.region_size(),
             regions_marked,
-            dirty_bytes,
-            zeroed_bytes,
+            dirty_bytes: dirty,
+            zeroed_bytes: zeroed,
+            resync_bytes: resync,
             resync_pending: self.resync_pending.load(Ordering::Relaxed),
+            current_epoch: current,
+            oldest_unreleased_epoch: sealed.first().map(|s| s.id),
+            released_epoch: released,
+            sealed,
+            preserved_memory_bytes: usage.memory_bytes,
+            preserved_spilled_bytes: usage.spilled_bytes,
             journal_syncs: self.journal_syncs.load(Ordering::Relaxed),
             marked: self
                 .marked_ranges()
@@ -272,14 +609,19 @@ impl Tracker {
         let size = self.region_size();
         self.marked_regions()
             .into_iter()
-            .map(|r| r * size..(r + 1) * size)
+            .map(|r| r * size..((r + 1) * size).min(self.device_size))
             .collect()
     }
 
     /// Record a clean stop; call after the backing file was synced.
     pub fn close_clean(&self) -> Result<()> {
-        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        journal.set_state(State::Clean)
+        lock(&self.journal).set_state(State::Clean)
+    }
+}
+
+impl From<EpochError> for Error {
+    fn from(e: EpochError) -> Error {
+        Error::Epoch(e)
     }
 }
 
@@ -332,36 +674,178 @@ mod tests {
     const BACKING: (&str, u64) = ("/x/disk.img", 42);
 
     fn open(dir: &Path, history: History) -> Result<(Tracker, Option<OpenReport>)> {
-        Tracker::open(
-            dir,
-            (Path::new(BACKING.0), BACKING.1),
-            64 * MIB,
-            MIB,
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.with_extension("img"))
+            .unwrap();
+        file.set_len(64 * MIB).unwrap();
+        Tracker::open(&TrackerOptions {
+            state_dir: dir,
+            identity: (Path::new(BACKING.0), BACKING.1),
+            file: &file,
+            device_size: 64 * MIB,
+            region_size: MIB,
             history,
-        )
+            cow_memory: DEFAULT_COW_MEMORY,
+        })
     }
 
     fn tracker(dir: &Path) -> Tracker {
         open(dir, History::NewFile).unwrap().0
     }
 
+    /// A request issued and completed.
+    fn apply(t: &Tracker, req: &Request) {
+        if let Some(ticket) = t.before_write(req).unwrap() {
+            t.after_write(ticket);
+        }
+    }
+
+    fn epoch_bytes(t: &Tracker, id: u64, range: Range<u64>) -> Vec<u8> {
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        t.read_epoch(id, range.start, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_sealed_epoch_reads_as_the_device_at_its_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let disk = t.file.try_clone().unwrap();
+        disk.write_all_at(&[1; 8192], 0).unwrap();
+        apply(&t, &Request::write(0, 8192));
+        assert_eq!(t.seal(SealAt::Now), 1);
+        // Overwrite after the cut: the old content is preserved first.
+        apply(&t, &Request::write(4096, 4096));
+        disk.write_all_at(&[2; 4096], 4096).unwrap();
+        assert_eq!(epoch_bytes(&t, 1, 0..8192), vec![1; 8192]);
+        let s = t.status();
+        assert_eq!((s.current_epoch, s.oldest_unreleased_epoch), (2, Some(1)));
+        assert_eq!(s.preserved_memory_bytes, CHUNK);
+        // Outside what the epoch changed, or an epoch that is not sealed.
+        let mut buf = [0u8; 512];
+        assert!(t.read_epoch(1, 8192, &mut buf).is_err());
+        assert!(t.read_epoch(2, 0, &mut buf).is_err());
+        // A second cut, then releasing the first: epoch 2 still reads its cut.
+        assert_eq!(t.seal(SealAt::Now), 2);
+        apply(&t, &Request::new(Op::Discard, 4096, 4096));
+        disk.write_all_at(&[0; 4096], 4096).unwrap();
+        let released = t.release(1).unwrap();
+        assert_eq!(released.epochs, vec![1]);
+        assert_eq!(
+            released.regions_cleared, 0,
+            "region 0 is still changed by epoch 2"
+        );
+        assert_eq!(epoch_bytes(&t, 2, 4096..8192), vec![2; 4096]);
+        assert!(
+            t.read_epoch(1, 0, &mut buf).is_err(),
+            "a released epoch read"
+        );
+    }
+
+    #[test]
+    fn release_clears_the_regions_no_later_change_touches() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        apply(&t, &Request::write(0, 4096));
+        apply(&t, &Request::write(5 * MIB, 4096));
+        t.seal(SealAt::Now);
+        apply(&t, &Request::write(5 * MIB + 8192, 4096));
+        let r = t.release(1).unwrap();
+        assert_eq!(r.regions_cleared, 1);
+        assert_eq!(t.marked_regions(), vec![5]);
+        // A write into the cleared region marks it again.
+        apply(&t, &Request::write(100, 10));
+        assert_eq!(t.marked_regions(), vec![0, 5]);
+        drop(t);
+        // The journal on disk agrees, and epoch numbers go on.
+        let (t, _) = open(dir.path(), History::Recovering).unwrap();
+        assert_eq!(t.marked_regions(), vec![0, 5]);
+        assert_eq!(t.status().current_epoch, 2);
+        assert_eq!(t.status().released_epoch, 1);
+    }
+
+    #[test]
+    fn a_cut_at_a_flush_and_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = std::sync::Arc::new(tracker(dir.path()));
+        let t2 = t.clone();
+        let sealer = std::thread::spawn(move || t2.seal(SealAt::Flush(Duration::from_secs(60))));
+        while !t.seal_requested.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        apply(&t, &Request::write(0, 4096));
+        apply(&t, &Request::flush());
+        apply(&t, &Request::write(8192, 4096));
+        assert_eq!(sealer.join().unwrap(), 1);
+        let e = t.epoch(1).unwrap();
+        assert!(e.at_flush);
+        assert_eq!(e.changes.data.iter().collect::<Vec<_>>(), vec![0..4096]);
+        // No FLUSH comes: the cut is taken at the deadline.
+        assert_eq!(t.seal(SealAt::Flush(Duration::from_millis(10))), 2);
+        assert!(!t.epoch(2).unwrap().at_flush);
+        assert_eq!(t.epoch(2).unwrap().changes.data.len(), 4096);
+    }
+
+    #[test]
+    fn writes_in_flight_at_the_cut_belong_to_the_next_epoch_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let ticket = t.before_write(&Request::write(0, 4096)).unwrap().unwrap();
+        t.seal(SealAt::Now);
+        // Its content may land after the cut: epoch 2 ships it again.
+        assert_eq!(t.changes().data.iter().collect::<Vec<_>>(), vec![0..4096]);
+        t.after_write(ticket);
+        t.seal(SealAt::Now);
+        assert!(t.changes().is_empty());
+        // A later write into the chunk still preserves it for epoch 2.
+        let disk = t.file.try_clone().unwrap();
+        disk.write_all_at(&[7; 4096], 0).unwrap();
+        apply(&t, &Request::write(0, 512));
+        disk.write_all_at(&[8; 512], 0).unwrap();
+        assert_eq!(epoch_bytes(&t, 2, 0..4096), vec![7; 4096]);
+    }
+
+    #[test]
+    fn marked_regions_at_open_are_resynced_with_the_first_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        apply(&t, &Request::write(3 * MIB, 4096));
+        drop(t); // crash
+        let (t, _) = open(dir.path(), History::Recovering).unwrap();
+        assert_eq!(
+            t.changes().resync.iter().collect::<Vec<_>>(),
+            vec![3 * MIB..4 * MIB]
+        );
+        assert!(t.status().resync_pending);
+        let id = t.seal(SealAt::Now);
+        assert_eq!(t.epoch(id).unwrap().changes.resync.len(), MIB);
+        let r = t.release(id).unwrap();
+        assert!(r.resync_done);
+        assert!(!t.status().resync_pending);
+        assert!(t.marked_regions().is_empty());
+    }
+
     #[test]
     fn writes_mark_their_regions_once() {
         let dir = tempfile::tempdir().unwrap();
         let t = tracker(dir.path());
-        t.before_write(&Request::write(MIB - 4096, 8192)).unwrap(); // spans regions 0 and 1
+        apply(&t, &Request::write(MIB - 4096, 8192)); // spans regions 0 and 1
         assert_eq!(t.marked_regions(), vec![0, 1]);
         assert_eq!(t.status().journal_syncs, 1);
         for i in 0..100 {
-            t.before_write(&Request::write(i * 4096, 4096)).unwrap();
+            apply(&t, &Request::write(i * 4096, 4096));
         }
         assert_eq!(
             t.status().journal_syncs,
             1,
             "writes into marked regions synced again"
         );
-        t.before_write(&Request::read(10 * MIB, 4096)).unwrap();
-        t.before_write(&Request::flush()).unwrap();
+        apply(&t, &Request::read(10 * MIB, 4096));
+        apply(&t, &Request::flush());
         assert_eq!(
             t.marked_regions(),
             vec![0, 1],
@@ -373,11 +857,9 @@ mod tests {
     fn data_and_holes_are_tracked_apart() {
         let dir = tempfile::tempdir().unwrap();
         let t = tracker(dir.path());
-        t.before_write(&Request::write(0, 16384)).unwrap();
-        t.before_write(&Request::new(Op::Discard, 4096, 4096))
-            .unwrap();
-        t.before_write(&Request::new(Op::WriteZeroes, 3 * MIB, MIB))
-            .unwrap();
+        apply(&t, &Request::write(0, 16384));
+        apply(&t, &Request::new(Op::Discard, 4096, 4096));
+        apply(&t, &Request::new(Op::WriteZeroes, 3 * MIB, MIB));
         let c = t.changes();
         assert_eq!(
             c.data.iter().collect::<Vec<_>>(),
@@ -396,7 +878,7 @@ mod tests {
     fn marks_survive_a_crash_and_a_crash_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let t = tracker(dir.path());
-        t.before_write(&Request::write(5 * MIB, 4096)).unwrap();
+        apply(&t, &Request::write(5 * MIB, 4096));
         drop(t); // no close_clean: a crash
         let (t, report) = open(dir.path(), History::Recovering).unwrap();
         assert!(report.unwrap().unclean);
@@ -432,7 +914,7 @@ mod tests {
     fn running_untracked_invalidates_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let t = tracker(dir.path());
-        t.before_write(&Request::write(0, 4096)).unwrap();
+        apply(&t, &Request::write(0, 4096));
         t.close_clean().unwrap();
         drop(t);
         invalidate(dir.path(), (Path::new(BACKING.0), BACKING.1), 64 * MIB).unwrap();
@@ -451,7 +933,10 @@ mod tests {
             let path = j.path().to_path_buf();
             j.replace_file_for_test(std::fs::File::open(&path).unwrap());
         }
-        assert_eq!(t.before_write(&Request::write(0, 4096)), Err(Errno::IO));
+        assert!(matches!(
+            t.before_write(&Request::write(0, 4096)),
+            Err(Errno::IO)
+        ));
         assert!(t.marked_regions().is_empty());
         assert!(
             t.changes().data.is_empty(),

@@ -34,7 +34,7 @@ use crate::config::{DeviceSpec, TrackingSpec};
 use crate::engine::{self, uring, AlignedBuf, Engine, Geometry, Request, ZERO_CHUNK};
 use crate::error::{Error, Result};
 use crate::status::Publisher;
-use crate::tracking::{self, History, Tracker};
+use crate::tracking::{self, History, Tracker, TrackerOptions};
 
 /// Target type written in libublk's device JSON; `list` and `recover` only
 /// touch devices of this type.
@@ -486,13 +486,15 @@ where
             Start::Add if backing.created() => History::NewFile,
             Start::Add => History::ExistingFile,
         };
-        let (tracker, _) = Tracker::open(
-            &t.state_dir,
+        let (tracker, _) = Tracker::open(&TrackerOptions {
+            state_dir: &t.state_dir,
             identity,
-            backing.size(),
-            t.region_size,
+            file: backing.file(),
+            device_size: backing.size(),
+            region_size: t.region_size,
             history,
-        )?;
+            cow_memory: t.cow_memory,
+        })?;
         Some(Arc::new(tracker))
     } else {
         tracking::invalidate(&t.state_dir, identity, backing.size())?;
@@ -782,16 +784,16 @@ async fn serve_tag(
         let started = Request::decode(iod.op_flags, iod.start_sector, iod.nr_sectors)
             .and_then(|req| engine.start(req))
             .and_then(|io| match tracker {
-                Some(t) => t.before_write(io.request()).map(|()| io),
-                None => Ok(io),
+                Some(t) => t.before_write(io.request()).map(|ticket| (io, ticket)),
+                None => Ok((io, None)),
             });
         let res = match started {
             Err(e) => {
                 tracing::debug!(tag, "refused request: {e:?}");
                 e.negated()
             }
-            Ok(io) => {
-                engine::drive(io, buf.as_mut_slice(), |step, base| {
+            Ok((io, ticket)) => {
+                let res = engine::drive(io, buf.as_mut_slice(), |step, base| {
                     let sqe = uring::sqe(step, uring::FileRef::Fixed(1), base, zero_ptr);
                     async move {
                         ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
@@ -799,7 +801,11 @@ async fn serve_tag(
                             .unwrap_or(-libc::EIO)
                     }
                 })
-                .await
+                .await;
+                if let (Some(t), Some(ticket)) = (tracker, ticket) {
+                    t.after_write(ticket);
+                }
+                res
             }
         };
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)

@@ -275,62 +275,182 @@ proptest! {
 }
 
 mod tracking {
-    //! Change tracking on the in-process I/O path: after a crash at any
-    //! point, every block that differs from the file as it was when tracking
-    //! started lies in a marked region (invariant 2, "no lost change").
+    //! Change tracking and epochs on the in-process I/O path, against a
+    //! reference model (invariants 2 and 3):
+    //!
+    //! - a consumer that applies each sealed epoch's changes, read as the
+    //!   device at its cut, onto a copy ends with exactly the device at
+    //!   that cut, however the device was written meanwhile;
+    //! - after a crash at any point, every block that differs from the
+    //!   device at the last released cut lies in a marked region.
 
     use super::*;
+    use std::collections::BTreeMap;
     use std::path::Path;
-    use ublk_dev::tracking::{History, Tracker};
+    use ublk_dev::tracking::{History, SealAt, Tracker, TrackerOptions};
 
     const REGION: u64 = 64 << 10; // the smallest, to have many regions
 
+    /// One step of the model test: a device request or an epoch operation.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Io(Action),
+        Seal,
+        /// Read every byte the `n`th sealed epoch changed.
+        ReadEpoch(usize),
+        /// Release up to the `n`th sealed epoch, applying them to the copy.
+        Release(usize),
+        /// The daemon dies (no clean stop) and starts again.
+        Crash,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            10 => action().prop_map(Step::Io),
+            2 => Just(Step::Seal),
+            2 => (0usize..4).prop_map(Step::ReadEpoch),
+            2 => (0usize..4).prop_map(Step::Release),
+            1 => Just(Step::Crash),
+        ]
+    }
+
+    fn open(
+        state: &Path,
+        file: &std::fs::File,
+        history: History,
+        cow_memory: u64,
+    ) -> (Tracker, Option<ublk_dev::journal::OpenReport>) {
+        Tracker::open(&TrackerOptions {
+            state_dir: state,
+            identity: (Path::new("/test/disk.img"), 1),
+            file,
+            device_size: BLOCKS * BS,
+            region_size: REGION,
+            history,
+            cow_memory,
+        })
+        .unwrap()
+    }
+
+    /// Everything epoch `id` changed, read as the device at its cut.
+    fn read_epoch(t: &Tracker, id: u64) -> Vec<(std::ops::Range<u64>, Vec<u8>)> {
+        let touched = t.epoch(id).unwrap().changes.touched();
+        touched
+            .iter()
+            .map(|r| {
+                let mut buf = vec![0u8; (r.end - r.start) as usize];
+                t.read_epoch(id, r.start, &mut buf).unwrap();
+                (r, buf)
+            })
+            .collect()
+    }
+
+    /// Carry out a device request, and on the model.
+    fn run(model: &mut [u8], io: &mut LocalIo<'_>, a: &Action) {
+        match *a {
+            Action::Write {
+                block,
+                blocks,
+                seed,
+                fua,
+            } => {
+                let data = pattern(seed, (blocks * BS) as usize);
+                let req = Request {
+                    fua,
+                    ..Request::write(block * BS, blocks * BS)
+                };
+                io.submit(req, &data).unwrap();
+                model[(block * BS) as usize..][..data.len()].copy_from_slice(&data);
+            }
+            Action::Discard { block, blocks } | Action::Zeroes { block, blocks, .. } => {
+                let req = match *a {
+                    Action::Zeroes { no_unmap, .. } => Request {
+                        no_unmap,
+                        ..Request::new(Op::WriteZeroes, block * BS, blocks * BS)
+                    },
+                    _ => Request::new(Op::Discard, block * BS, blocks * BS),
+                };
+                io.submit(req, &[]).unwrap();
+                model[(block * BS) as usize..][..(blocks * BS) as usize].fill(0);
+            }
+            Action::Read { block, blocks } => {
+                io.submit(Request::read(block * BS, blocks * BS), &[])
+                    .unwrap();
+            }
+            Action::Flush => {
+                io.submit(Request::flush(), &[]).unwrap();
+            }
+        }
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
         #[test]
-        fn every_changed_block_is_in_a_marked_region(
-            actions in proptest::collection::vec(action(), 1..40),
-            crash_after in 0usize..40,
+        fn epochs_read_as_their_cut_and_crashes_lose_no_change(
+            steps in proptest::collection::vec(step(), 1..60),
+            cow_memory in prop_oneof![Just(0u64), Just(16 << 10), Just(64 << 20)],
         ) {
             let d = device(BLOCKS * BS, 4096, true);
-            let baseline = std::fs::read(d.backing.path()).unwrap();
             let state = tempfile::tempdir().unwrap();
-            let backing = (Path::new("/test/disk.img"), 1);
-            {
-                let (tracker, _) = Tracker::open(state.path(), backing, BLOCKS * BS, REGION, History::NewFile).unwrap();
-                let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap().with_tracker(&tracker);
-                for a in actions.into_iter().take(crash_after) {
-                    match a {
-                        Action::Write { block, blocks, seed, .. } => {
-                            let data = pattern(seed, (blocks * BS) as usize);
-                            io.submit(Request::write(block * BS, blocks * BS), &data).unwrap();
+            // The device now, at each unreleased cut, and the consumer's copy
+            // (the device at the last released cut).
+            let mut model = vec![0u8; (BLOCKS * BS) as usize];
+            let mut cuts: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+            let mut copy = model.clone();
+            let mut tracker = open(state.path(), d.backing.file(), History::NewFile, cow_memory).0;
+            for s in steps {
+                match s {
+                    Step::Io(a) => {
+                        let mut io = LocalIo::new(&d.engine, d.backing.file()).unwrap().with_tracker(&tracker);
+                        run(&mut model, &mut io, &a);
+                    }
+                    Step::Seal => {
+                        let id = tracker.seal(SealAt::Now);
+                        prop_assert!(cuts.keys().all(|&k| k < id), "epoch numbers went back");
+                        cuts.insert(id, model.clone());
+                    }
+                    Step::ReadEpoch(n) => {
+                        let Some((&id, cut)) = cuts.iter().nth(n) else { continue };
+                        for (r, bytes) in read_epoch(&tracker, id) {
+                            prop_assert!(bytes[..] == cut[r.start as usize..r.end as usize],
+                                "epoch {} does not read as its cut at {:?}", id, r);
                         }
-                        Action::Discard { block, blocks } => {
-                            io.submit(Request::new(Op::Discard, block * BS, blocks * BS), &[]).unwrap();
+                    }
+                    Step::Release(n) => {
+                        let Some(&upto) = cuts.keys().nth(n) else { continue };
+                        // The consumer applies each epoch in order, then releases.
+                        for (&id, cut) in cuts.range(..=upto) {
+                            for (r, bytes) in read_epoch(&tracker, id) {
+                                copy[r.start as usize..r.end as usize].copy_from_slice(&bytes);
+                            }
+                            prop_assert!(copy == *cut, "the copy after epoch {} is not the device at its cut", id);
                         }
-                        Action::Zeroes { block, blocks, no_unmap } => {
-                            let req = Request { no_unmap, ..Request::new(Op::WriteZeroes, block * BS, blocks * BS) };
-                            io.submit(req, &[]).unwrap();
+                        let released = tracker.release(upto).unwrap();
+                        prop_assert_eq!(released.epochs.last(), Some(&upto));
+                        cuts = cuts.split_off(&(upto + 1));
+                    }
+                    Step::Crash => {
+                        drop(tracker);
+                        let (t, report) = open(state.path(), d.backing.file(), History::Recovering, cow_memory);
+                        prop_assert!(report.unwrap().unclean);
+                        tracker = t;
+                        cuts.clear();
+                        // No lost change: every block that differs from the
+                        // last released cut is in a marked region.
+                        let marked = tracker.marked_ranges();
+                        for (i, (a, b)) in copy.chunks(BS as usize).zip(model.chunks(BS as usize)).enumerate() {
+                            if a != b {
+                                let off = i as u64 * BS;
+                                prop_assert!(marked.contains_range(off..off + BS),
+                                    "block {} changed since the last release but its region is not marked", i);
+                            }
                         }
-                        Action::Read { block, blocks } => {
-                            io.submit(Request::read(block * BS, blocks * BS), &[]).unwrap();
-                        }
-                        Action::Flush => { io.submit(Request::flush(), &[]).unwrap(); }
                     }
                 }
-                // The tracker is dropped without a clean stop: a crash.
             }
-            let (tracker, report) = Tracker::open(state.path(), backing, BLOCKS * BS, REGION, History::Recovering).unwrap();
-            prop_assert!(report.unwrap().unclean);
-            let marked = tracker.marked_ranges();
-            let now = std::fs::read(d.backing.path()).unwrap();
-            for (i, (a, b)) in baseline.chunks(BS as usize).zip(now.chunks(BS as usize)).enumerate() {
-                if a != b {
-                    let off = i as u64 * BS;
-                    prop_assert!(marked.contains_range(off..off + BS), "block {} changed but its region is not marked", i);
-                }
-            }
+            // The file is the device.
+            prop_assert!(std::fs::read(d.backing.path()).unwrap() == model);
         }
     }
 }

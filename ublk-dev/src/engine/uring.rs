@@ -134,9 +134,10 @@ impl<'e> LocalIo<'e> {
             }
             self.buf.as_mut_slice()[..len].copy_from_slice(data);
         }
-        if let Some(t) = self.tracker {
-            t.before_write(io.request())?;
-        }
+        let ticket = match self.tracker {
+            Some(t) => t.before_write(io.request())?,
+            None => None,
+        };
         let fd = FileRef::Raw(self.file.as_raw_fd());
         let zeroes = self.zeroes.as_slice().as_ptr();
         let ring = &mut self.ring;
@@ -149,6 +150,9 @@ impl<'e> LocalIo<'e> {
             }))
         });
         let res = block_on_ready(fut);
+        if let (Some(t), Some(ticket)) = (self.tracker, ticket) {
+            t.after_write(ticket);
+        }
         if res < 0 {
             return Err(Errno(-res));
         }

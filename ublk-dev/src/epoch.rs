@@ -1,0 +1,630 @@
+//! Epochs: consistent cuts of a running device's changes, sans I/O.
+//!
+//! The changes of the device are collected in the *current* epoch. Sealing
+//! it (at a FLUSH, or on request) makes it immutable and opens the next
+//! one, without pausing I/O. A sealed epoch is read back as exactly the
+//! device's contents at its cut, however the device is written afterwards:
+//! before a write touches a chunk that some unreleased sealed epoch still
+//! needs, the chunk's content is *preserved* (copy-on-write), in memory up
+//! to a limit and in a spill file beyond it. Releasing epochs (oldest
+//! first) frees what only they needed.
+//!
+//! # Why reads are exact
+//!
+//! Content is preserved per [`CHUNK`]. A *version* of a chunk is its
+//! content at the cut of epoch `C` (taken just before the first write to
+//! it in epoch `C + 1`). A write in the current epoch `E` preserves the
+//! version at cut `E - 1` when it is the first write to the chunk in `E`
+//! and the newest unreleased sealed epoch `S` that touched the chunk has
+//! no version at a cut `>= S` yet.
+//!
+//! The content of a chunk at the cut of a sealed epoch `S` that touched it
+//! is then the version with the smallest cut `>= S` or, without one, the
+//! backing file: any write to the chunk after cut `S` (in an epoch `F > S`)
+//! would have preserved the version at cut `F - 1 >= S`, with no write in
+//! between. A reader reads the backing file first and then looks for a
+//! version, so a write racing with the read is caught either way. Writes
+//! in flight at a cut may land on either side of it, as a crash at that
+//! instant could leave them: the cut is crash-consistent.
+//!
+//! The caller ([`crate::tracking::Tracker`]) does the I/O: it asks
+//! [`Epochs::to_preserve`] which chunks a write needs preserved, reads them
+//! from the backing file, and stores them with [`Epochs::preserve`], all
+//! before the write is issued and under one lock.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use ublk_mirror_common::RangeSet;
+
+/// Bytes per preserved chunk.
+pub const CHUNK: u64 = 4096;
+
+/// Default memory for preserved chunks before they spill to a file.
+pub const DEFAULT_COW_MEMORY: u64 = 64 << 20;
+
+/// Which kind of change a write-class request makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Data written.
+    Data,
+    /// Discarded or zeroed: reads as zeroes.
+    Zeroed,
+}
+
+/// The changes of one epoch, in bytes of the device.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Ranges written with data.
+    pub data: RangeSet,
+    /// Ranges discarded or zeroed (they travel as holes).
+    pub zeroed: RangeSet,
+    /// Ranges whose changes are not known exactly: the regions found marked
+    /// when the journal was opened. The consumer settles them by comparing
+    /// hashes with the mirror.
+    pub resync: RangeSet,
+}
+
+impl Changes {
+    /// Record a change: the last kind written to a byte wins.
+    pub fn record(&mut self, kind: ChangeKind, range: Range<u64>) {
+        match kind {
+            ChangeKind::Data => {
+                self.zeroed.remove(range.clone());
+                self.data.insert(range);
+            }
+            ChangeKind::Zeroed => {
+                self.data.remove(range.clone());
+                self.zeroed.insert(range);
+            }
+        }
+    }
+
+    /// Whether any of the three sets meets `range`.
+    pub fn touches(&self, range: Range<u64>) -> bool {
+        self.data.intersects(range.clone())
+            || self.zeroed.intersects(range.clone())
+            || self.resync.intersects(range)
+    }
+
+    /// The three sets together.
+    pub fn touched(&self) -> RangeSet {
+        let mut all = self.data.clone();
+        all.union_with(&self.zeroed);
+        all.union_with(&self.resync);
+        all
+    }
+
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty() && self.zeroed.is_empty() && self.resync.is_empty()
+    }
+}
+
+/// A sealed, unreleased epoch.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    /// Its number.
+    pub id: u64,
+    /// What changed in it.
+    pub changes: Changes,
+    /// Whether the cut was taken at a FLUSH (else on request, at an idle
+    /// moment or a timeout).
+    pub at_flush: bool,
+    /// When it was sealed, in milliseconds since the Unix epoch.
+    pub sealed_ms: u64,
+    /// Set when a chunk it needs could not be preserved: it can no longer
+    /// be read as its cut, and its regions stay marked for a resync.
+    pub broken: Option<String>,
+}
+
+/// Why an epoch operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EpochError {
+    /// The epoch is not sealed and unreleased.
+    #[error("epoch {id} is not a sealed, unreleased epoch (sealed and unreleased: {have})")]
+    NotSealed {
+        /// The epoch asked for.
+        id: u64,
+        /// What there is, in words.
+        have: String,
+    },
+    /// The epoch lost a preserved chunk.
+    #[error("epoch {id} cannot be read as its cut: {reason}; release it and resync its regions")]
+    Broken {
+        /// The epoch.
+        id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A read outside what the epoch changed.
+    #[error("bytes {start}..{end} are outside what epoch {id} changed")]
+    OutsideEpoch {
+        /// The epoch.
+        id: u64,
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+    },
+}
+
+/// Where a preserved chunk is.
+#[derive(Debug)]
+enum Slot {
+    Memory(Box<[u8]>),
+    /// Index of a [`CHUNK`]-sized slot of the spill file.
+    Spilled(u64),
+}
+
+/// Preserved chunk versions, in memory up to a limit, then in a spill file.
+#[derive(Debug)]
+struct Store {
+    /// chunk index -> versions (cut epoch, slot), ascending by cut.
+    versions: BTreeMap<u64, Vec<(u64, Slot)>>,
+    memory_limit: u64,
+    memory: u64,
+    spill_dir: PathBuf,
+    spill: Option<File>,
+    spill_free: Vec<u64>,
+    spill_slots: u64,
+    spilled: u64,
+}
+
+impl Store {
+    fn put(&mut self, chunk: u64, cut: u64, data: &[u8]) -> std::io::Result<()> {
+        let slot = if self.memory + data.len() as u64 <= self.memory_limit {
+            self.memory += data.len() as u64;
+            Slot::Memory(data.into())
+        } else {
+            let index = match self.spill_free.pop() {
+                Some(i) => i,
+                None => {
+                    self.spill_slots += 1;
+                    self.spill_slots - 1
+                }
+            };
+            let file = match &self.spill {
+                Some(f) => f,
+                None => {
+                    let f = tempfile::tempfile_in(&self.spill_dir)?;
+                    tracing::info!(
+                        dir = %self.spill_dir.display(),
+                        "preserved chunks spill to a file"
+                    );
+                    self.spill.insert(f)
+                }
+            };
+            if let Err(e) = file.write_all_at(data, index * CHUNK) {
+                self.spill_free.push(index);
+                return Err(e);
+            }
+            self.spilled += 1;
+            Slot::Spilled(index)
+        };
+        let list = self.versions.entry(chunk).or_default();
+        let at = list.partition_point(|(c, _)| *c < cut);
+        list.insert(at, (cut, slot));
+        Ok(())
+    }
+
+    /// The version of `chunk` with the smallest cut `>= epoch`, copied into `out`.
+    fn get(&self, chunk: u64, epoch: u64, out: &mut [u8]) -> std::io::Result<bool> {
+        let Some((_, slot)) = self
+            .versions
+            .get(&chunk)
+            .and_then(|l| l.iter().find(|(c, _)| *c >= epoch))
+        else {
+            return Ok(false);
+        };
+        match slot {
+            Slot::Memory(b) => out.copy_from_slice(&b[..out.len()]),
+            Slot::Spilled(i) => {
+                let f = self
+                    .spill
+                    .as_ref()
+                    .ok_or_else(|| std::io::Error::other("a spilled chunk without a spill file"))?;
+                f.read_exact_at(out, i * CHUNK)?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn has_version_since(&self, chunk: u64, epoch: u64) -> bool {
+        self.versions
+            .get(&chunk)
+            .is_some_and(|l| l.last().is_some_and(|(c, _)| *c >= epoch))
+    }
+
+    /// Drop every version at a cut `<= upto`.
+    fn release(&mut self, upto: u64) {
+        let (mut memory, mut freed) = (0, Vec::new());
+        self.versions.retain(|_, list| {
+            list.retain(|(cut, slot)| {
+                if *cut > upto {
+                    return true;
+                }
+                match slot {
+                    Slot::Memory(b) => memory += b.len() as u64,
+                    Slot::Spilled(i) => freed.push(*i),
+                }
+                false
+            });
+            !list.is_empty()
+        });
+        self.memory -= memory;
+        self.spilled -= freed.len() as u64;
+        self.spill_free.extend(freed);
+        if self.versions.is_empty() && self.spill.is_some() {
+            // Give the spill file's space back.
+            self.spill = None;
+            self.spill_free.clear();
+            self.spill_slots = 0;
+        }
+    }
+}
+
+/// What the preserved chunks take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreUsage {
+    /// Bytes held in memory.
+    pub memory_bytes: u64,
+    /// Bytes held in the spill file.
+    pub spilled_bytes: u64,
+}
+
+/// The epochs of one device: the current one, the sealed and unreleased
+/// ones, and the chunks they preserve.
+#[derive(Debug)]
+pub struct Epochs {
+    device_size: u64,
+    current: u64,
+    changes: Changes,
+    /// What requests issued in the current epoch wrote (`changes` may also
+    /// hold writes carried over from the previous epoch, which were in
+    /// flight at its cut and do not stand for a write after the cut).
+    written: RangeSet,
+    sealed: VecDeque<Sealed>,
+    released: u64,
+    store: Store,
+}
+
+impl Epochs {
+    /// Start after epoch `released` (the last one released), with the
+    /// current epoch's changes set to `resync` ranges of unknown content.
+    /// Preserved chunks use up to `memory_limit` bytes of memory, then a
+    /// spill file in `spill_dir` (created when first needed, unnamed).
+    pub fn new(
+        device_size: u64,
+        released: u64,
+        resync: RangeSet,
+        memory_limit: u64,
+        spill_dir: PathBuf,
+    ) -> Epochs {
+        Epochs {
+            device_size,
+            current: released + 1,
+            changes: Changes {
+                resync,
+                ..Changes::default()
+            },
+            written: RangeSet::new(),
+            sealed: VecDeque::new(),
+            released,
+            store: Store {
+                versions: BTreeMap::new(),
+                memory_limit,
+                memory: 0,
+                spill_dir,
+                spill: None,
+                spill_free: Vec::new(),
+                spill_slots: 0,
+                spilled: 0,
+            },
+        }
+    }
+
+    /// The current (open) epoch's number.
+    pub fn current(&self) -> u64 {
+        self.current
+    }
+
+    /// The last released epoch (0: none).
+    pub fn released(&self) -> u64 {
+        self.released
+    }
+
+    /// The current epoch's changes so far.
+    pub fn changes(&self) -> &Changes {
+        &self.changes
+    }
+
+    /// The sealed, unreleased epochs, oldest first.
+    pub fn sealed(&self) -> impl Iterator<Item = &Sealed> {
+        self.sealed.iter()
+    }
+
+    /// A sealed, unreleased epoch.
+    pub fn get(&self, id: u64) -> Result<&Sealed, EpochError> {
+        self.sealed
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| EpochError::NotSealed {
+                id,
+                have: self.sealed_words(),
+            })
+    }
+
+    fn sealed_words(&self) -> String {
+        match (self.sealed.front(), self.sealed.back()) {
+            (Some(a), Some(b)) if a.id == b.id => format!("{}", a.id),
+            (Some(a), Some(b)) => format!("{}..={}", a.id, b.id),
+            _ => "none".into(),
+        }
+    }
+
+    /// Memory and spill file taken by preserved chunks.
+    pub fn store_usage(&self) -> StoreUsage {
+        StoreUsage {
+            memory_bytes: self.store.memory,
+            spilled_bytes: self.store.spilled * CHUNK,
+        }
+    }
+
+    /// The byte range of chunk `c`.
+    pub fn chunk_range(&self, c: u64) -> Range<u64> {
+        c * CHUNK..((c + 1) * CHUNK).min(self.device_size)
+    }
+
+    /// The chunks (by index) whose content a write into `range` in the
+    /// current epoch must preserve before it is issued.
+    pub fn to_preserve(&self, range: Range<u64>) -> Vec<u64> {
+        if self.sealed.is_empty() || range.is_empty() {
+            return Vec::new();
+        }
+        let end = range.end.min(self.device_size);
+        (range.start / CHUNK..end.div_ceil(CHUNK))
+            .filter(|&c| {
+                let r = self.chunk_range(c);
+                // Written in this epoch already: preserved then, if needed.
+                if self.written.intersects(r.clone()) {
+                    return false;
+                }
+                match self
+                    .sealed
+                    .iter()
+                    .rev()
+                    .find(|s| s.changes.touches(r.clone()))
+                {
+                    Some(s) => !self.store.has_version_since(c, s.id),
+                    None => false,
+                }
+            })
+            .collect()
+    }
+
+    /// Keep `data`, chunk `c`'s content at the cut of the last sealed
+    /// epoch, for the sealed epochs that need it. On failure every sealed
+    /// epoch that needs the chunk is marked broken (the write goes ahead:
+    /// the cut is lost, never the local data).
+    pub fn preserve(&mut self, c: u64, data: &[u8]) {
+        debug_assert_eq!(data.len() as u64, self.chunk_range(c).end - c * CHUNK);
+        if let Err(e) = self.store.put(c, self.current - 1, data) {
+            self.preserve_failed(c, &format!("cannot preserve a chunk: {e}"));
+        }
+    }
+
+    /// A chunk that needed preserving could not be read or kept: the
+    /// epochs that needed it cannot be read as their cut any more.
+    pub fn preserve_failed(&mut self, c: u64, reason: &str) {
+        let r = self.chunk_range(c);
+        for s in self.sealed.iter_mut() {
+            if s.broken.is_none() && s.changes.touches(r.clone()) {
+                tracing::error!(epoch = s.id, "{reason}; the epoch will need a resync");
+                s.broken = Some(reason.to_string());
+            }
+        }
+    }
+
+    /// Record a write-class request of the current epoch (after
+    /// [`Epochs::to_preserve`]'s chunks were preserved).
+    pub fn record(&mut self, kind: ChangeKind, range: Range<u64>) {
+        self.written.insert(range.clone());
+        self.changes.record(kind, range);
+    }
+
+    /// Record, in the current epoch, a request of the previous one that was
+    /// still in flight at the cut: its final content must be shipped with
+    /// this epoch. Its chunks are not counted as written in this epoch, so
+    /// the next write to them still preserves them for the sealed epoch.
+    pub fn record_carried(&mut self, kind: ChangeKind, range: Range<u64>) {
+        self.changes.record(kind, range);
+    }
+
+    /// Seal the current epoch at this instant and open the next one;
+    /// returns the sealed epoch's number.
+    pub fn seal(&mut self, at_flush: bool, now_ms: u64) -> u64 {
+        let id = self.current;
+        self.sealed.push_back(Sealed {
+            id,
+            changes: std::mem::take(&mut self.changes),
+            at_flush,
+            sealed_ms: now_ms,
+            broken: None,
+        });
+        self.written.clear();
+        self.current += 1;
+        id
+    }
+
+    /// Release every sealed epoch up to `upto`: the consumer has durably
+    /// taken them. Returns them, oldest first.
+    pub fn release(&mut self, upto: u64) -> Result<Vec<Sealed>, EpochError> {
+        if !self.sealed.iter().any(|s| s.id == upto) {
+            return Err(EpochError::NotSealed {
+                id: upto,
+                have: self.sealed_words(),
+            });
+        }
+        let mut out = Vec::new();
+        while self.sealed.front().is_some_and(|s| s.id <= upto) {
+            out.extend(self.sealed.pop_front());
+        }
+        self.released = upto;
+        self.store.release(upto);
+        Ok(out)
+    }
+
+    /// Everything some unreleased epoch (sealed or current) changed: the
+    /// regions under it must stay marked.
+    pub fn unreleased(&self) -> RangeSet {
+        let mut all = self.changes.touched();
+        for s in &self.sealed {
+            all.union_with(&s.changes.touched());
+        }
+        all
+    }
+
+    /// Whether some unreleased epoch still carries resync ranges.
+    pub fn resync_outstanding(&self) -> bool {
+        !self.changes.resync.is_empty() || self.sealed.iter().any(|s| !s.changes.resync.is_empty())
+    }
+
+    /// Check that `range` can be read at epoch `id`'s cut: the epoch is
+    /// sealed, unbroken, and the range lies in chunks it touched.
+    pub fn check_read(&self, id: u64, range: Range<u64>) -> Result<(), EpochError> {
+        let s = self.get(id)?;
+        if let Some(reason) = &s.broken {
+            return Err(EpochError::Broken {
+                id,
+                reason: reason.clone(),
+            });
+        }
+        let outside = EpochError::OutsideEpoch {
+            id,
+            start: range.start,
+            end: range.end,
+        };
+        if range.end > self.device_size {
+            return Err(outside);
+        }
+        let first = range.start / CHUNK;
+        let last = range.end.div_ceil(CHUNK);
+        if (first..last).all(|c| s.changes.touches(self.chunk_range(c))) {
+            Ok(())
+        } else {
+            Err(outside)
+        }
+    }
+
+    /// Overlay preserved versions onto `buf`, which holds the backing
+    /// file's bytes at `offset` read *before* this call: afterwards `buf`
+    /// holds the device at epoch `id`'s cut. Call [`Epochs::check_read`]
+    /// under the same lock first.
+    pub fn overlay(&self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut chunk = vec![0u8; CHUNK as usize];
+        for c in offset / CHUNK..end.div_ceil(CHUNK) {
+            let r = self.chunk_range(c);
+            let piece = &mut chunk[..(r.end - r.start) as usize];
+            if self.store.get(c, id, piece)? {
+                let from = r.start.max(offset);
+                let to = r.end.min(end);
+                buf[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&piece[(from - r.start) as usize..(to - r.start) as usize]);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epochs(limit: u64) -> (Epochs, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Epochs::new(64 * CHUNK, 0, RangeSet::new(), limit, dir.path().into());
+        (e, dir)
+    }
+
+    #[test]
+    fn only_chunks_a_sealed_epoch_needs_are_preserved_once() {
+        let (mut e, _d) = epochs(1 << 20);
+        e.record(ChangeKind::Data, 0..2 * CHUNK);
+        assert!(e.to_preserve(0..CHUNK).is_empty(), "nothing sealed yet");
+        assert_eq!(e.seal(false, 0), 1);
+        // Chunk 0 and 1 were changed by epoch 1; chunk 5 was not.
+        assert_eq!(e.to_preserve(0..6 * CHUNK), vec![0, 1]);
+        e.preserve(0, &[1; CHUNK as usize]);
+        e.record(ChangeKind::Data, 0..100);
+        assert_eq!(e.to_preserve(0..CHUNK), Vec::<u64>::new());
+        // A second seal: chunk 0 has a version for epoch 1 and epoch 2
+        // changed it again, so it needs the version at cut 2.
+        assert_eq!(e.seal(true, 0), 2);
+        assert_eq!(e.to_preserve(0..2 * CHUNK), vec![0, 1]);
+        e.preserve(0, &[2; CHUNK as usize]);
+        let mut buf = vec![0u8; CHUNK as usize];
+        e.overlay(1, 0, &mut buf).unwrap();
+        assert_eq!(buf, vec![1; CHUNK as usize]);
+        e.overlay(2, 0, &mut buf).unwrap();
+        assert_eq!(buf, vec![2; CHUNK as usize]);
+        // Chunk 1 untouched since epoch 1: its (missing) version is the file.
+        assert_eq!(e.release(1).unwrap().len(), 1);
+        assert_eq!(e.store_usage().memory_bytes, CHUNK);
+        assert_eq!(e.release(2).unwrap()[0].id, 2);
+        assert_eq!(e.store_usage(), StoreUsage::default());
+        assert!(e.release(2).is_err(), "released twice");
+    }
+
+    #[test]
+    fn preserved_chunks_spill_past_the_memory_limit() {
+        let (mut e, _d) = epochs(CHUNK);
+        e.record(ChangeKind::Zeroed, 0..8 * CHUNK);
+        e.seal(false, 0);
+        for c in 0..8 {
+            e.preserve(c, &[c as u8 + 1; CHUNK as usize]);
+        }
+        assert_eq!(
+            e.store_usage(),
+            StoreUsage {
+                memory_bytes: CHUNK,
+                spilled_bytes: 7 * CHUNK
+            }
+        );
+        let mut buf = vec![0u8; 8 * CHUNK as usize];
+        e.check_read(1, 0..8 * CHUNK).unwrap();
+        e.overlay(1, 0, &mut buf).unwrap();
+        for c in 0..8 {
+            assert!(buf[c * CHUNK as usize..][..CHUNK as usize]
+                .iter()
+                .all(|&b| b == c as u8 + 1));
+        }
+        e.release(1).unwrap();
+        assert_eq!(e.store_usage(), StoreUsage::default());
+    }
+
+    #[test]
+    fn reads_are_limited_to_what_the_epoch_changed() {
+        let (mut e, _d) = epochs(1 << 20);
+        e.record(ChangeKind::Data, CHUNK..CHUNK + 10);
+        e.seal(false, 0);
+        e.check_read(1, CHUNK..2 * CHUNK).unwrap();
+        assert!(matches!(
+            e.check_read(1, 0..2 * CHUNK),
+            Err(EpochError::OutsideEpoch { .. })
+        ));
+        assert!(matches!(
+            e.check_read(2, CHUNK..2 * CHUNK),
+            Err(EpochError::NotSealed { .. })
+        ));
+        e.preserve_failed(1, "disk full");
+        assert!(matches!(
+            e.check_read(1, CHUNK..2 * CHUNK),
+            Err(EpochError::Broken { .. })
+        ));
+    }
+}
