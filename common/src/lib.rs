@@ -1,12 +1,14 @@
-//! Types shared by every ublk-mirror component: byte sizes as users write
-//! them, sets of block ranges, and the one error type of this crate.
+//! Types shared by every ublk-mirror component: byte sizes and durations as
+//! users write them, sets of block ranges, and the one error type of this crate.
 //!
 //! The wire protocol, block-range types, hashing and identity will live here
 //! too, so that the device daemon and the mirror server agree by construction.
 
+pub mod duration;
 pub mod range;
 pub mod size;
 
+pub use duration::Span;
 pub use range::RangeSet;
 pub use size::ByteSize;
 
@@ -16,6 +18,14 @@ pub enum Error {
     /// A size written by a user could not be understood.
     #[error("invalid size {input:?}: {reason}")]
     InvalidSize {
+        /// What the user wrote.
+        input: String,
+        /// Why it was refused, in words.
+        reason: &'static str,
+    },
+    /// A duration written by a user could not be understood.
+    #[error("invalid duration {input:?}: {reason}")]
+    InvalidDuration {
         /// What the user wrote.
         input: String,
         /// Why it was refused, in words.

@@ -98,6 +98,15 @@ pub enum Error {
     #[error(transparent)]
     Epoch(crate::epoch::EpochError),
 
+    /// A device's daemon refused or failed a control request.
+    #[error("{message}")]
+    Daemon {
+        /// Its words.
+        message: String,
+        /// How it classified the error.
+        kind: ErrorKind,
+    },
+
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -139,6 +148,7 @@ impl Error {
                 ErrorKind::Device
             }
             Error::Driver { .. } | Error::Io { .. } => ErrorKind::System,
+            Error::Daemon { kind, .. } => *kind,
         }
     }
 

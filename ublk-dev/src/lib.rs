@@ -12,10 +12,12 @@
 //!   sealed epochs still need;
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
 //! - [`status`]: the status a daemon publishes for `ublk-mirror status`;
+//! - [`control`]: the daemon's control socket (seal, read, release epochs);
 //! - [`system`]: process set-up (mount namespace, systemd notification).
 
 pub mod backing;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod epoch;
 mod error;

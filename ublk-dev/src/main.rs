@@ -13,10 +13,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ublk_dev::backing::{Backing, BackingOptions};
 use ublk_dev::config::{DeviceConfig, DeviceSpec, TrackingSpec};
+use ublk_dev::control::Client;
 use ublk_dev::status::DeviceStatus;
 use ublk_dev::ublk::{self, DeviceInfo, Ready, Start, TargetRecord};
 use ublk_dev::{system, Error, ErrorKind};
-use ublk_mirror_common::ByteSize;
+use ublk_mirror_common::{ByteSize, Span};
 
 /// A ublk block device written through to a backing file.
 ///
@@ -62,9 +63,13 @@ enum Command {
     },
 
     /// Show each device's change tracking: dirty bytes, marked regions,
-    /// whether a resync is pending.
+    /// the current and oldest unreleased epoch, whether a resync is pending.
     ///
-    /// A device whose daemon died shows the last status it published.
+    /// DIRTY and ZEROED count what changed since the last release; RESYNC
+    /// what is left of regions whose changes are not known exactly (found
+    /// marked at start, e.g. after a crash), to settle by hash comparison;
+    /// OLDEST is the oldest sealed epoch not yet released. A device whose
+    /// daemon died shows the last status it published.
     Status {
         /// Print JSON (an array of objects) instead of a table.
         #[arg(long)]
@@ -84,6 +89,28 @@ enum Command {
         all: bool,
     },
 
+    /// Cut, read and release epochs: consistent point-in-time pictures of
+    /// a running device's changes.
+    ///
+    /// The device's changes collect in the current epoch. `seal` cuts it
+    /// (at the next FLUSH, a point the filesystem made durable) without
+    /// pausing I/O; a sealed epoch reads back as exactly the device at its
+    /// cut, however it is written afterwards (blocks overwritten meanwhile
+    /// are preserved first). `apply` writes an epoch into a copy of the
+    /// device; `release` says the copy has it durably, freeing what the
+    /// epoch kept and clearing its regions from the journal.
+    ///
+    /// A copy kept in step with seal, apply (each epoch in order) and
+    /// release is the device as it was at the last cut:
+    ///   e=$(ublk-mirror epoch seal 0)
+    ///   ublk-mirror epoch apply 0 "$e" --to /backup/disk.copy
+    ///   ublk-mirror epoch release 0 "$e"
+    #[command(verbatim_doc_comment)]
+    Epoch {
+        #[command(subcommand)]
+        command: EpochCommand,
+    },
+
     /// Serve again a device whose daemon died (foreground).
     ///
     /// The device kept its I/O waiting; after recovery it continues with no
@@ -91,6 +118,57 @@ enum Command {
     Recover {
         /// Device id (N in /dev/ublkbN).
         id: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EpochCommand {
+    /// Seal the current epoch and print its number.
+    ///
+    /// The cut is taken at the next FLUSH the device receives (so it is a
+    /// point the filesystem asked to be durable), or at the deadline if
+    /// none comes (an idle device), or at once with --now.
+    Seal {
+        /// Device id (N in /dev/ublkbN).
+        id: u32,
+        /// Cut at once instead of at the next FLUSH.
+        #[arg(long)]
+        now: bool,
+        /// How long to wait for a FLUSH before cutting anyway.
+        #[arg(long, default_value = "5s", value_name = "DURATION")]
+        timeout: Span,
+    },
+    /// List the current epoch and the sealed, unreleased ones.
+    List {
+        /// Device id (N in /dev/ublkbN).
+        id: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write everything a sealed epoch changed, as the device was at its
+    /// cut, into a copy of the device (created sparse if missing).
+    ///
+    /// Applied to a copy of the device at the previous cut, the copy
+    /// becomes the device at this cut. Zeroed ranges become holes.
+    Apply {
+        /// Device id (N in /dev/ublkbN).
+        id: u32,
+        /// The sealed epoch.
+        epoch: u64,
+        /// The copy to write into.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
+    /// Release every sealed epoch up to EPOCH: the consumer has them.
+    ///
+    /// Frees what the epochs preserved and clears from the journal the
+    /// regions that no later change touches.
+    Release {
+        /// Device id (N in /dev/ublkbN).
+        id: u32,
+        /// The newest epoch to release.
+        epoch: u64,
     },
 }
 
@@ -213,7 +291,144 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Status { json } => status(json),
         Command::Del { id, all } => del(id, all),
         Command::Recover { id } => recover(id),
+        Command::Epoch { command } => epoch(command),
     }
+}
+
+fn epoch(command: EpochCommand) -> anyhow::Result<()> {
+    require_root("control devices")?;
+    match command {
+        EpochCommand::Seal { id, now, timeout } => {
+            let epoch = Client::for_device(id).seal((!now).then_some(timeout.0))?;
+            println!("{epoch}");
+        }
+        EpochCommand::List { id, json } => {
+            let list = Client::for_device(id).epochs()?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &list)?;
+                writeln!(out)?;
+                return Ok(());
+            }
+            writeln!(
+                out,
+                "current epoch {}, last released {}",
+                list.current, list.released
+            )?;
+            let rows = list.sealed.iter().map(|e| {
+                [
+                    e.id.to_string(),
+                    ByteSize(e.data_bytes).approx(),
+                    ByteSize(e.zeroed_bytes).approx(),
+                    ByteSize(e.resync_bytes).approx(),
+                    if e.at_flush { "flush" } else { "request" }.to_string(),
+                    e.broken
+                        .as_deref()
+                        .map_or_else(|| "ok".to_string(), |b| format!("broken: {b}")),
+                ]
+            });
+            print_table(
+                &mut out,
+                ["EPOCH", "DATA", "ZEROED", "RESYNC", "CUT AT", "STATE"],
+                [5, 10, 10, 10, -7, 0],
+                rows,
+            )?;
+        }
+        EpochCommand::Apply { id, epoch, to } => apply_epoch(id, epoch, &to)?,
+        EpochCommand::Release { id, epoch } => {
+            let r = Client::for_device(id).release(epoch)?;
+            println!(
+                "released epochs {}; {} regions cleared{}",
+                r.epochs
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.regions_cleared,
+                if r.resync_done {
+                    "; resync settled"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn apply_epoch(id: u32, epoch: u64, to: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let size = ublk::info(id)?
+        .record
+        .map(|r| r.size)
+        .with_context(|| format!("device {id} is not a ublk-mirror device"))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(to)
+        .with_context(|| format!("opening {}", to.display()))?;
+    let have = file.metadata()?.len();
+    if have == 0 {
+        file.set_len(size)?;
+    } else if have != size {
+        anyhow::bail!(
+            "{} is {have} bytes but the device is {size}: not a copy of it",
+            to.display()
+        );
+    }
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut done = 0u64;
+    let mut last = std::time::Instant::now();
+    let bytes = Client::for_device(id).read(epoch, |x, data| {
+        let io = |e| Error::io(format!("writing {}", to.display()), e);
+        match data {
+            Some(d) => file.write_all_at(d, x.offset).map_err(io)?,
+            None => punch_or_zero(&file, x.offset, x.len).map_err(io)?,
+        }
+        done += x.len;
+        if progress && last.elapsed() >= std::time::Duration::from_millis(500) {
+            last = std::time::Instant::now();
+            eprint!("\r{} applied", ByteSize(done).approx());
+        }
+        Ok(())
+    })?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", to.display()))?;
+    if progress {
+        eprint!("\r");
+    }
+    println!(
+        "epoch {epoch}: {} applied to {}",
+        ByteSize(bytes).approx(),
+        to.display()
+    );
+    Ok(())
+}
+
+/// Make a range of the copy read as zeroes: a hole where the file system
+/// can punch one, zeroes written where it cannot.
+fn punch_or_zero(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let punched = nix::fcntl::fallocate(
+        file,
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    );
+    if punched.is_ok() {
+        return Ok(());
+    }
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeroes.len() as u64);
+        file.write_all_at(&zeroes[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 fn add(args: &AddArgs) -> anyhow::Result<()> {
@@ -549,17 +764,25 @@ fn status(json: bool) -> anyhow::Result<()> {
             .as_ref()
             .map_or("-", |r| r.name.as_str())
             .to_string();
-        let [dirty, zeroed, regions, resync, journal] = match s.as_ref().map(|s| &s.tracking) {
-            Some(Some(t)) => [
-                ByteSize(t.dirty_bytes).approx(),
-                ByteSize(t.zeroed_bytes).approx(),
-                t.regions_marked.to_string(),
-                if t.resync_pending { "yes" } else { "no" }.to_string(),
-                t.journal.display().to_string(),
-            ],
-            Some(None) => ["-", "-", "-", "-", "(tracking off)"].map(String::from),
-            None => ["?", "?", "?", "?", "(no status published)"].map(String::from),
-        };
+        let [dirty, zeroed, regions, epoch, oldest, resync, journal] =
+            match s.as_ref().map(|s| &s.tracking) {
+                Some(Some(t)) => [
+                    ByteSize(t.dirty_bytes).approx(),
+                    ByteSize(t.zeroed_bytes).approx(),
+                    t.regions_marked.to_string(),
+                    t.current_epoch.to_string(),
+                    t.oldest_unreleased_epoch
+                        .map_or_else(|| "-".into(), |e| e.to_string()),
+                    match (t.resync_bytes, t.resync_pending) {
+                        (0, false) => "no".into(),
+                        (0, true) => "pending".into(),
+                        (n, _) => ByteSize(n).approx(),
+                    },
+                    t.journal.display().to_string(),
+                ],
+                Some(None) => ["-", "-", "-", "-", "-", "-", "(tracking off)"].map(String::from),
+                None => ["?", "?", "?", "?", "?", "?", "(no status published)"].map(String::from),
+            };
         let state = d.state.as_str().to_string();
         [
             d.id.to_string(),
@@ -569,6 +792,8 @@ fn status(json: bool) -> anyhow::Result<()> {
             dirty,
             zeroed,
             regions,
+            epoch,
+            oldest,
             resync,
             journal,
         ]
@@ -576,9 +801,10 @@ fn status(json: bool) -> anyhow::Result<()> {
     print_table(
         &mut out,
         [
-            "ID", "DEVICE", "NAME", "STATE", "DIRTY", "ZEROED", "REGIONS", "RESYNC", "JOURNAL",
+            "ID", "DEVICE", "NAME", "STATE", "DIRTY", "ZEROED", "REGIONS", "EPOCH", "OLDEST",
+            "RESYNC", "JOURNAL",
         ],
-        [-4, -13, -16, -9, 10, 10, 8, 7, 0],
+        [-4, -13, -16, -9, 10, 10, 8, 6, 6, 7, 0],
         rows,
     )
 }

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backing::Backing;
 use crate::config::{DeviceSpec, TrackingSpec};
+use crate::control;
 use crate::engine::{self, uring, AlignedBuf, Engine, Geometry, Request, ZERO_CHUNK};
 use crate::error::{Error, Result};
 use crate::status::Publisher;
@@ -541,6 +542,13 @@ where
     }
 
     let _status = Publisher::start(dev_id, engine.clone(), tracker.clone());
+    // The device works without its control socket; only epochs cannot be
+    // handled from outside then.
+    let _control = tracker.as_ref().and_then(|t| {
+        control::Server::start(dev_id, t.clone())
+            .map_err(|e| tracing::warn!("no control socket: {e}"))
+            .ok()
+    });
     let backing_fd = std::os::fd::AsRawFd::as_raw_fd(backing.file());
     let record_json = serde_json::to_value(&record)
         .map_err(|e| Error::io("encoding the device record", std::io::Error::other(e)))?;

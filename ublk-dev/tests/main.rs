@@ -4,4 +4,5 @@
 //! driver.
 
 mod cli;
+mod control;
 mod local_io;

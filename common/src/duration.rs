@@ -1,0 +1,100 @@
+//! Durations as people write them: `500ms`, `5s`, `2m`, `1h`, `1.5s`; a bare
+//! number is seconds. Used for timeouts and intervals on the command line
+//! and in config files.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::Error;
+
+/// A span of time written by a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Span(pub Duration);
+
+impl FromStr for Span {
+    type Err = Error;
+
+    fn from_str(input: &str) -> Result<Self, Error> {
+        let err = |reason| Error::InvalidDuration {
+            input: input.to_string(),
+            reason,
+        };
+        let s = input.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        if number.is_empty() {
+            return Err(err("expected a number, e.g. 5s or 500ms"));
+        }
+        let value: f64 = number.parse().map_err(|_| err("not a number"))?;
+        let seconds_per_unit = match unit.trim() {
+            "" | "s" | "sec" => 1.0,
+            "ms" => 1e-3,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            _ => return Err(err("unknown unit (use ms, s, m, h or d)")),
+        };
+        Duration::try_from_secs_f64(value * seconds_per_unit)
+            .map(Span)
+            .map_err(|_| err("too large"))
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 != 0 || ms == 0 {
+            write!(f, "{ms}ms")
+        } else if ms % 3_600_000 == 0 {
+            write!(f, "{}h", ms / 3_600_000)
+        } else if ms % 60_000 == 0 {
+            write!(f, "{}m", ms / 60_000)
+        } else {
+            write!(f, "{}s", ms / 1000)
+        }
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_people_write() {
+        let ms = |n| Span(Duration::from_millis(n));
+        assert_eq!("500ms".parse(), Ok(ms(500)));
+        assert_eq!("5s".parse(), Ok(ms(5000)));
+        assert_eq!("1.5s".parse(), Ok(ms(1500)));
+        assert_eq!("2m".parse(), Ok(ms(120_000)));
+        assert_eq!("1h".parse(), Ok(ms(3_600_000)));
+        assert_eq!("3".parse(), Ok(ms(3000)));
+        for bad in ["", "s", "5x", "-1s", "1e999s"] {
+            assert!(bad.parse::<Span>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn displays_the_way_it_parses() {
+        for text in ["500ms", "5s", "2m", "1h", "1500ms", "0ms"] {
+            assert_eq!(text.parse::<Span>().unwrap().to_string(), text);
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The control socket end to end, in-process: a tracker behind a real
+//! socket, written through the device's I/O path, and a consumer that keeps
+//! a copy with seal, read and release.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ublk_dev::backing::{Backing, BackingOptions};
+use ublk_dev::control::{Client, Server};
+use ublk_dev::engine::uring::LocalIo;
+use ublk_dev::engine::{Engine, Geometry, Op, Request, MAX_IO_BYTES};
+use ublk_dev::tracking::{History, Tracker, TrackerOptions, DEFAULT_COW_MEMORY};
+
+const SIZE: u64 = 8 << 20;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    backing: Backing,
+    engine: Engine,
+    tracker: Arc<Tracker>,
+    _server: Server,
+    client: Client,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = Backing::open(&BackingOptions {
+        path: &dir.path().join("disk.img"),
+        size: Some(SIZE),
+        create: true,
+        block_size: 4096,
+        direct_io: true,
+    })
+    .unwrap();
+    let (tracker, _) = Tracker::open(&TrackerOptions {
+        state_dir: &dir.path().join("state"),
+        identity: (Path::new("/test/disk.img"), 1),
+        file: backing.file(),
+        device_size: SIZE,
+        region_size: 64 << 10,
+        history: History::NewFile,
+        cow_memory: DEFAULT_COW_MEMORY,
+    })
+    .unwrap();
+    let tracker = Arc::new(tracker);
+    let sock = dir.path().join("ctl.sock");
+    let server = Server::start_at(&sock, tracker.clone()).unwrap();
+    let engine = Engine::new(Geometry {
+        size: SIZE,
+        block_size: 4096,
+        max_io: MAX_IO_BYTES,
+    });
+    Setup {
+        client: Client::at(&sock),
+        _server: server,
+        dir,
+        backing,
+        engine,
+        tracker,
+    }
+}
+
+fn apply(client: &Client, epoch: u64, copy: &std::fs::File) -> u64 {
+    client
+        .read(epoch, |x, data| {
+            let zeroes;
+            let bytes = match data {
+                Some(d) => d,
+                None => {
+                    zeroes = vec![0u8; x.len as usize];
+                    &zeroes
+                }
+            };
+            copy.write_all_at(bytes, x.offset).unwrap();
+            Ok(())
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_copy_kept_by_seal_apply_release_is_the_device_at_each_cut() {
+    let s = setup();
+    let mut io = LocalIo::new(&s.engine, s.backing.file())
+        .unwrap()
+        .with_tracker(&s.tracker);
+    let copy_path = s.dir.path().join("copy.img");
+    let copy = std::fs::File::create(&copy_path).unwrap();
+    copy.set_len(SIZE).unwrap();
+
+    io.submit(Request::write(0, 65536), &[0xaa; 65536]).unwrap();
+    io.submit(Request::write(3 << 20, 8192), &[0xbb; 8192])
+        .unwrap();
+    // Cut at a FLUSH: the sealer waits until one comes.
+    let client = Client::at(&s.dir.path().join("ctl.sock"));
+    let sealer = std::thread::spawn(move || client.seal(Some(Duration::from_secs(60))));
+    while s.tracker.status().sealed.is_empty() {
+        io.submit(Request::flush(), &[]).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let epoch = sealer.join().unwrap().unwrap();
+    assert_eq!(epoch, 1);
+    let at_cut = std::fs::read(s.backing.path()).unwrap();
+    // Overwrites and a discard after the cut do not reach the epoch.
+    io.submit(Request::write(4096, 4096), &[0xcc; 4096])
+        .unwrap();
+    io.submit(Request::new(Op::Discard, 3 << 20, 4096), &[])
+        .unwrap();
+    let list = s.client.epochs().unwrap();
+    assert_eq!((list.current, list.sealed.len()), (2, 1));
+    assert!(list.sealed[0].at_flush);
+    assert_eq!(list.sealed[0].data_bytes, 65536 + 8192);
+
+    assert_eq!(apply(&s.client, epoch, &copy), 65536 + 8192);
+    assert!(std::fs::read(&copy_path).unwrap() == at_cut);
+    let released = s.client.release(epoch).unwrap();
+    assert_eq!(released.epochs, vec![1]);
+    // Both regions of epoch 1 were written again in epoch 2: kept marked.
+    assert_eq!(released.regions_cleared, 0);
+    assert_eq!(s.tracker.status().regions_marked, 2);
+
+    // The next epoch, cut at once, brings the copy to the device now.
+    let epoch = s.client.seal(None).unwrap();
+    assert_eq!(epoch, 2);
+    apply(&s.client, epoch, &copy);
+    s.client.release(epoch).unwrap();
+    assert!(std::fs::read(&copy_path).unwrap() == std::fs::read(s.backing.path()).unwrap());
+    assert_eq!(s.tracker.status().regions_marked, 0);
+}
+
+#[test]
+fn bad_requests_get_clear_answers() {
+    let s = setup();
+    let err = s.client.release(7).unwrap_err().to_string();
+    assert!(
+        err.contains("epoch 7 is not a sealed, unreleased epoch"),
+        "{err}"
+    );
+    let err = s.client.read(1, |_, _| Ok(())).unwrap_err().to_string();
+    assert!(err.contains("not a sealed"), "{err}");
+    // A request in a protocol version this daemon does not speak.
+    use std::io::{BufRead, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(s.dir.path().join("ctl.sock")).unwrap();
+    conn.write_all(b"{\"version\":99,\"op\":\"epochs\"}\n")
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(conn).read_line(&mut line).unwrap();
+    assert!(line.contains("version 99 is not spoken here"), "{line}");
+    // Nobody listening.
+    let err = Client::at(&s.dir.path().join("nothing.sock"))
+        .epochs()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is the device's daemon running"), "{err}");
+}
