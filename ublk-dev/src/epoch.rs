@@ -155,6 +155,8 @@ pub enum EpochError {
 /// Where a preserved chunk is.
 #[derive(Debug)]
 enum Slot {
+    /// All zeroes (a hole, typically): nothing to keep.
+    Zero,
     Memory(Box<[u8]>),
     /// Index of a [`CHUNK`]-sized slot of the spill file.
     Spilled(u64),
@@ -176,7 +178,9 @@ struct Store {
 
 impl Store {
     fn put(&mut self, chunk: u64, cut: u64, data: &[u8]) -> std::io::Result<()> {
-        let slot = if self.memory + data.len() as u64 <= self.memory_limit {
+        let slot = if data.iter().all(|&b| b == 0) {
+            Slot::Zero
+        } else if self.memory + data.len() as u64 <= self.memory_limit {
             self.memory += data.len() as u64;
             Slot::Memory(data.into())
         } else {
@@ -221,6 +225,7 @@ impl Store {
             return Ok(false);
         };
         match slot {
+            Slot::Zero => out.fill(0),
             Slot::Memory(b) => out.copy_from_slice(&b[..out.len()]),
             Slot::Spilled(i) => {
                 let f = self
@@ -248,6 +253,7 @@ impl Store {
                     return true;
                 }
                 match slot {
+                    Slot::Zero => {}
                     Slot::Memory(b) => memory += b.len() as u64,
                     Slot::Spilled(i) => freed.push(*i),
                 }
@@ -605,6 +611,21 @@ mod tests {
         }
         e.release(1).unwrap();
         assert_eq!(e.store_usage(), StoreUsage::default());
+    }
+
+    #[test]
+    fn zero_chunks_cost_nothing_to_preserve() {
+        let (mut e, _d) = epochs(0);
+        e.record(ChangeKind::Zeroed, 0..4 * CHUNK);
+        e.seal(false, 0);
+        for c in 0..4 {
+            e.preserve(c, &[0; CHUNK as usize]);
+        }
+        assert_eq!(e.store_usage(), StoreUsage::default());
+        assert!(e.to_preserve(0..4 * CHUNK).is_empty(), "preserved twice");
+        let mut buf = vec![9u8; 4 * CHUNK as usize];
+        e.overlay(1, 0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
     }
 
     #[test]

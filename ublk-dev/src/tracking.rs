@@ -168,7 +168,7 @@ pub struct Released {
     pub epochs: Vec<u64>,
     /// Regions cleared in the journal.
     pub regions_cleared: u64,
-    /// The resync of an unclean stop is settled.
+    /// This release settled the resync of an unclean stop.
     pub resync_done: bool,
 }
 
@@ -366,8 +366,10 @@ impl Tracker {
     fn preserve(&self, epochs: &mut Epochs, chunks: &[u64]) {
         let mut i = 0;
         while i < chunks.len() {
+            // A run of adjacent chunks, read at once (at most MAX_EPOCH_READ).
+            let most = (MAX_EPOCH_READ / CHUNK) as usize;
             let mut j = i + 1;
-            while j < chunks.len() && chunks[j] == chunks[j - 1] + 1 {
+            while j < chunks.len() && j - i < most && chunks[j] == chunks[j - 1] + 1 {
                 j += 1;
             }
             let start = chunks[i] * CHUNK;
@@ -483,7 +485,9 @@ impl Tracker {
             for &r in &clear {
                 self.durable[(r / 64) as usize].fetch_and(!(1 << (r % 64)), Ordering::AcqRel);
             }
-            let resync_done = !live.epochs.resync_outstanding();
+            // Settled when the last epoch carrying resync ranges is taken.
+            let resync_done =
+                self.resync_pending.load(Ordering::Relaxed) && !live.epochs.resync_outstanding();
             (
                 released.iter().map(|s| s.id).collect::<Vec<_>>(),
                 clear,
