@@ -321,7 +321,7 @@ fn epoch(command: EpochCommand) -> anyhow::Result<()> {
                     ByteSize(e.data_bytes).approx(),
                     ByteSize(e.zeroed_bytes).approx(),
                     ByteSize(e.resync_bytes).approx(),
-                    if e.at_flush { "flush" } else { "request" }.to_string(),
+                    if e.at_flush { "flush" } else { "at once" }.to_string(),
                     e.broken
                         .as_deref()
                         .map_or_else(|| "ok".to_string(), |b| format!("broken: {b}")),
