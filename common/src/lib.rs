@@ -1,10 +1,13 @@
 //! Types shared by every ublk-mirror component: byte sizes and durations as
-//! users write them, sets of block ranges, and the one error type of this crate.
+//! users write them, sets of block ranges, the wire protocol, and the one
+//! error type of this crate.
 //!
-//! The wire protocol, block-range types, hashing and identity will live here
-//! too, so that the device daemon and the mirror server agree by construction.
+//! The replication wire protocol lives here ([`proto`]), so that the device
+//! daemon and the mirror server agree by construction.
 
 pub mod duration;
+pub mod fsutil;
+pub mod proto;
 pub mod range;
 pub mod size;
 

@@ -11,7 +11,8 @@
 # 3. After the last release, more writes, an epoch sealed and not released,
 #    then kill -9 mid-write and recover: every 4 KiB block that differs
 #    from the copy (the device at the last release) lies in a region the
-#    status reports marked. Epoch numbers go on after the crash.
+#    status reports marked. Epoch numbers go on after the crash, never
+#    reusing the unreleased one.
 source "$(dirname "$0")/lib.sh"
 
 IMG=$WORK/disk.img
@@ -113,7 +114,8 @@ start_dev recover "$ID"
 wait $WRITER || fail "writer failed across the crash"
 [ "$(status_of .resync_pending)" = true ] || fail "the crash left no resync pending"
 CURRENT=$(status_of .current_epoch)
-[ "$CURRENT" = 3 ] || fail "after the crash the current epoch is $CURRENT, expected 3 (released 2)"
+[ "$CURRENT" = $((E3 + 1)) ] || fail "after the crash the current epoch is $CURRENT, expected $((E3 + 1)): epoch $E3 was handed out before"
+[ "$(status_of .released_epoch)" = "$E2" ] || fail "the last released epoch is not $E2"
 expect_fail 4 "not a sealed, unreleased epoch" "$UBLK_MIRROR" epoch release "$ID" "$E3"
 status_of '.marked[] | "\(.[0]) \(.[1])"' > "$WORK/marked"
 stop_dev

@@ -11,7 +11,7 @@
 //! ```text
 //! {"version":1,"op":"seal","at_flush":true,"timeout_ms":2000}  -> {"ok":{"epoch":N}}
 //! {"version":1,"op":"epochs"}                      -> {"ok":{"current":N,"released":R,"sealed":[...]}}
-//! {"version":1,"op":"release","epoch":N}           -> {"ok":{"epochs":[..],"regions_cleared":K,"resync_done":B}}
+//! {"version":1,"op":"release","epoch":N}           -> {"ok":{"epoch":N,"released":B,"regions_cleared":K,"resync_done":B}}
 //! {"version":1,"op":"read","epoch":N}              -> {"ok":{"epoch":N,"bytes":B}}
 //!                                                     then extents, then {"end":true}
 //! ```
@@ -64,9 +64,9 @@ pub enum Request {
     },
     /// The epochs.
     Epochs,
-    /// Release every sealed epoch up to this one.
+    /// Release the oldest sealed epoch (epochs are released in order).
     Release {
-        /// The newest epoch to release.
+        /// The epoch.
         epoch: u64,
     },
     /// Read what the epoch changed, as the device at its cut.
@@ -253,6 +253,8 @@ fn send_line(out: &mut impl Write, value: &impl Serialize) -> std::io::Result<()
 }
 
 fn serve(conn: UnixStream, tracker: &Tracker) -> std::io::Result<()> {
+    // A client that connects and says nothing does not hold a thread forever.
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?).take(MAX_REQUEST);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -287,12 +289,7 @@ fn serve(conn: UnixStream, tracker: &Tracker) -> std::io::Result<()> {
             } else {
                 SealAt::Now
             };
-            answer(
-                &mut out,
-                Ok(SealReply {
-                    epoch: tracker.seal(at),
-                }),
-            )?;
+            answer(&mut out, tracker.seal(at).map(|epoch| SealReply { epoch }))?;
         }
         Request::Epochs => {
             let s = tracker.status();
@@ -454,7 +451,7 @@ impl Client {
         self.reply(&mut conn)
     }
 
-    /// Release every sealed epoch up to `epoch`.
+    /// Release the oldest sealed epoch, `epoch`.
     pub fn release(&self, epoch: u64) -> Result<Released> {
         let mut conn = self.request(Request::Release { epoch })?;
         self.reply(&mut conn)

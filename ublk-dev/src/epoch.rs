@@ -117,13 +117,23 @@ pub struct Sealed {
     /// When it was sealed, in milliseconds since the Unix epoch.
     pub sealed_ms: u64,
     /// Set when a chunk it needs could not be preserved: it can no longer
-    /// be read as its cut, and its regions stay marked for a resync.
+    /// be read as its cut. Releasing it moves what it changed into the
+    /// current epoch's resync ranges, so its regions stay marked and the
+    /// next epoch ships their content in full.
     pub broken: Option<String>,
 }
 
 /// Why an epoch operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EpochError {
+    /// Epochs are released oldest first.
+    #[error("release epochs in order: the oldest unreleased epoch is {oldest}, not {id}")]
+    OutOfOrder {
+        /// The epoch asked for.
+        id: u64,
+        /// The oldest sealed one.
+        oldest: u64,
+    },
     /// The epoch is not sealed and unreleased.
     #[error("epoch {id} is not a sealed, unreleased epoch (sealed and unreleased: {have})")]
     NotSealed {
@@ -133,7 +143,7 @@ pub enum EpochError {
         have: String,
     },
     /// The epoch lost a preserved chunk.
-    #[error("epoch {id} cannot be read as its cut: {reason}; release it and resync its regions")]
+    #[error("epoch {id} cannot be read as its cut: {reason}; release it: its changes move into the next epoch as resync ranges")]
     Broken {
         /// The epoch.
         id: u64,
@@ -299,20 +309,22 @@ pub struct Epochs {
 }
 
 impl Epochs {
-    /// Start after epoch `released` (the last one released), with the
-    /// current epoch's changes set to `resync` ranges of unknown content.
+    /// Start after epoch `released` (the last one released) and every
+    /// number up to `sealed` (the highest a past run may have used), with
+    /// the current epoch's changes set to `resync` ranges of unknown content.
     /// Preserved chunks use up to `memory_limit` bytes of memory, then a
     /// spill file in `spill_dir` (created when first needed, unnamed).
     pub fn new(
         device_size: u64,
         released: u64,
+        sealed: u64,
         resync: RangeSet,
         memory_limit: u64,
         spill_dir: PathBuf,
     ) -> Epochs {
         Epochs {
             device_size,
-            current: released + 1,
+            current: released.max(sealed) + 1,
             changes: Changes {
                 resync,
                 ..Changes::default()
@@ -391,8 +403,23 @@ impl Epochs {
         if self.sealed.is_empty() || range.is_empty() {
             return Vec::new();
         }
-        let end = range.end.min(self.device_size);
-        (range.start / CHUNK..end.div_ceil(CHUNK))
+        // Whole chunks: a chunk the write touches is preserved whole, also
+        // when the sealed epoch changed another part of it than the write.
+        let range =
+            range.start / CHUNK * CHUNK..range.end.min(self.device_size).div_ceil(CHUNK) * CHUNK;
+        // Only chunks some sealed epoch touched can need preserving: walk
+        // those, not every chunk of a large discard.
+        let mut candidates = RangeSet::new();
+        for s in &self.sealed {
+            for set in [&s.changes.data, &s.changes.zeroed, &s.changes.resync] {
+                for r in set.intersection(range.clone()) {
+                    candidates.insert(r.start / CHUNK * CHUNK..r.end.div_ceil(CHUNK) * CHUNK);
+                }
+            }
+        }
+        candidates
+            .iter()
+            .flat_map(|r| r.start / CHUNK..r.end / CHUNK)
             .filter(|&c| {
                 let r = self.chunk_range(c);
                 // Written in this epoch already: preserved then, if needed.
@@ -466,22 +493,39 @@ impl Epochs {
         id
     }
 
-    /// Release every sealed epoch up to `upto`: the consumer has durably
-    /// taken them. Returns them, oldest first.
-    pub fn release(&mut self, upto: u64) -> Result<Vec<Sealed>, EpochError> {
-        if !self.sealed.iter().any(|s| s.id == upto) {
+    /// Release the oldest sealed epoch, `id`: the consumer has durably
+    /// taken it. Releasing an epoch released before is a no-op (`None`).
+    /// What a broken epoch changed moves into the current epoch's resync
+    /// ranges: the consumer could not take it as its cut.
+    pub fn release(&mut self, id: u64) -> Result<Option<Sealed>, EpochError> {
+        if id <= self.released {
+            return Ok(None);
+        }
+        let Some(oldest) = self.sealed.front() else {
             return Err(EpochError::NotSealed {
-                id: upto,
+                id,
+                have: self.sealed_words(),
+            });
+        };
+        if oldest.id != id {
+            if self.sealed.iter().any(|s| s.id == id) {
+                return Err(EpochError::OutOfOrder {
+                    id,
+                    oldest: oldest.id,
+                });
+            }
+            return Err(EpochError::NotSealed {
+                id,
                 have: self.sealed_words(),
             });
         }
-        let mut out = Vec::new();
-        while self.sealed.front().is_some_and(|s| s.id <= upto) {
-            out.extend(self.sealed.pop_front());
+        let released = self.sealed.pop_front();
+        if let Some(s) = released.as_ref().filter(|s| s.broken.is_some()) {
+            self.changes.resync.union_with(&s.changes.touched());
         }
-        self.released = upto;
-        self.store.release(upto);
-        Ok(out)
+        self.released = id;
+        self.store.release(id);
+        Ok(released)
     }
 
     /// Everything some unreleased epoch (sealed or current) changed: the
@@ -553,7 +597,7 @@ mod tests {
 
     fn epochs(limit: u64) -> (Epochs, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let e = Epochs::new(64 * CHUNK, 0, RangeSet::new(), limit, dir.path().into());
+        let e = Epochs::new(64 * CHUNK, 0, 0, RangeSet::new(), limit, dir.path().into());
         (e, dir)
     }
 
@@ -579,11 +623,16 @@ mod tests {
         e.overlay(2, 0, &mut buf).unwrap();
         assert_eq!(buf, vec![2; CHUNK as usize]);
         // Chunk 1 untouched since epoch 1: its (missing) version is the file.
-        assert_eq!(e.release(1).unwrap().len(), 1);
+        assert!(matches!(e.release(2), Err(EpochError::OutOfOrder { .. })));
+        assert_eq!(e.release(1).unwrap().unwrap().id, 1);
         assert_eq!(e.store_usage().memory_bytes, CHUNK);
-        assert_eq!(e.release(2).unwrap()[0].id, 2);
+        assert_eq!(e.release(2).unwrap().unwrap().id, 2);
         assert_eq!(e.store_usage(), StoreUsage::default());
-        assert!(e.release(2).is_err(), "released twice");
+        assert!(
+            e.release(2).unwrap().is_none(),
+            "a second release is a no-op"
+        );
+        assert!(matches!(e.release(3), Err(EpochError::NotSealed { .. })));
     }
 
     #[test]
@@ -611,6 +660,19 @@ mod tests {
         }
         e.release(1).unwrap();
         assert_eq!(e.store_usage(), StoreUsage::default());
+    }
+
+    #[test]
+    fn a_write_beside_the_change_in_a_chunk_preserves_it() {
+        let (mut e, _d) = epochs(1 << 20);
+        e.record(ChangeKind::Data, 10 * CHUNK + 1024..10 * CHUNK + 2048);
+        e.seal(false, 0);
+        // The write misses the changed bytes but shares their chunk.
+        assert_eq!(e.to_preserve(10 * CHUNK..10 * CHUNK + 512), vec![10]);
+        // And the last, partial chunk of the device.
+        e.record(ChangeKind::Data, 64 * CHUNK - 100..64 * CHUNK);
+        e.seal(false, 0);
+        assert_eq!(e.to_preserve(63 * CHUNK..63 * CHUNK + 1), vec![63]);
     }
 
     #[test]
@@ -647,5 +709,12 @@ mod tests {
             e.check_read(1, CHUNK..2 * CHUNK),
             Err(EpochError::Broken { .. })
         ));
+        // Releasing the broken epoch keeps its changes, as resync ranges.
+        e.release(1).unwrap();
+        assert_eq!(
+            e.changes().resync.iter().collect::<Vec<_>>(),
+            vec![CHUNK..CHUNK + 10]
+        );
+        assert!(e.unreleased().contains_range(CHUNK..CHUNK + 10));
     }
 }

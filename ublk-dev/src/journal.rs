@@ -28,14 +28,16 @@
 //!           bitmap_blocks u64
 //!           backing_id   u64  fingerprint of the backing file (path and inode)
 //!           released_epoch u64 the last epoch the consumer released (v2)
+//!           sealed_epoch   u64 the highest epoch number handed out (v2)
 //!           crc32c  u32     of every byte before it
 //! ```
 //!
 //! Versions:
 //! - 1: first format.
-//! - 2: `released_epoch` added before the crc, so that epoch numbers keep
-//!   rising across restarts. Version 1 files are read (as released epoch 0)
-//!   and rewritten as version 2 at the next header write.
+//! - 2: `released_epoch` and `sealed_epoch` added before the crc, so that
+//!   epoch numbers keep rising across restarts and are never used twice.
+//!   Version 1 files are read (as epoch 0) and rewritten as version 2 at
+//!   the next header write.
 //!
 //! The bitmap block crc covers the block's index (u64 LE) followed by its
 //! 4088 bytes of bits, so a block written at the wrong place is caught too.
@@ -81,7 +83,7 @@ const MAGIC: &[u8; 8] = b"UBLKMJNL";
 const VERSION: u32 = 2;
 const BITMAP_HEADER: usize = 8;
 /// Header bytes covered by the crc (everything before the crc field).
-const HEADER_CRC_AT: usize = 8 + 4 + 4 + 8 * 6;
+const HEADER_CRC_AT: usize = 8 + 4 + 4 + 8 * 7;
 /// Where version 1 kept its crc (it had no released epoch).
 const HEADER_CRC_AT_V1: usize = 8 + 4 + 4 + 8 * 5;
 
@@ -118,6 +120,9 @@ pub struct Header {
     pub backing_id: u64,
     /// The last epoch the consumer released (0: none yet).
     pub released_epoch: u64,
+    /// The highest epoch number that may have been sealed: a new run
+    /// numbers its epochs after it.
+    pub sealed_epoch: u64,
 }
 
 /// Why bytes are not a valid header or bitmap block.
@@ -152,6 +157,7 @@ impl Header {
             bitmap_blocks: regions(device_size, region_size).div_ceil(REGIONS_PER_BLOCK),
             backing_id,
             released_epoch: 0,
+            sealed_epoch: 0,
         }
     }
 
@@ -179,6 +185,7 @@ impl Header {
         b[40..48].copy_from_slice(&self.bitmap_blocks.to_le_bytes());
         b[48..56].copy_from_slice(&self.backing_id.to_le_bytes());
         b[56..64].copy_from_slice(&self.released_epoch.to_le_bytes());
+        b[64..72].copy_from_slice(&self.sealed_epoch.to_le_bytes());
         let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
         b[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
         b
@@ -229,6 +236,7 @@ impl Header {
             bitmap_blocks: u64_at(40),
             backing_id: u64_at(48),
             released_epoch: if version == 1 { 0 } else { u64_at(56) },
+            sealed_epoch: if version == 1 { 0 } else { u64_at(64) },
         };
         if !h.region_size.is_power_of_two() || h.region_size < MIN_REGION_SIZE {
             return Err(FormatError::Invalid("region size"));
@@ -532,6 +540,17 @@ impl Journal {
         self.sync()
     }
 
+    /// Record that epoch numbers up to `epoch` may be in use, before the
+    /// epoch is sealed, so that a later run never hands one out again.
+    pub fn set_sealed(&mut self, epoch: u64) -> Result<()> {
+        if epoch <= self.header.sealed_epoch {
+            return Ok(());
+        }
+        self.header.sealed_epoch = epoch;
+        self.write_header()?;
+        self.sync()
+    }
+
     /// Swap the file under the journal (tests of write failures).
     #[cfg(test)]
     pub(crate) fn replace_file_for_test(&mut self, file: File) {
@@ -677,6 +696,7 @@ mod tests {
             bitmap_blocks: 1,
             backing_id: ID,
             released_epoch: 12,
+            sealed_epoch: 14,
         };
         let b = h.encode();
         assert_eq!(&b[..8], b"UBLKMJNL");
@@ -688,8 +708,9 @@ mod tests {
         assert_eq!(b[40..48], 1u64.to_le_bytes());
         assert_eq!(b[48..56], ID.to_le_bytes());
         assert_eq!(b[56..64], 12u64.to_le_bytes());
-        assert_eq!(b[64..68], crc32c::crc32c(&b[..64]).to_le_bytes());
-        assert!(b[68..].iter().all(|&x| x == 0));
+        assert_eq!(b[64..72], 14u64.to_le_bytes());
+        assert_eq!(b[72..76], crc32c::crc32c(&b[..72]).to_le_bytes());
+        assert!(b[76..].iter().all(|&x| x == 0));
         assert_eq!(Header::decode(&b), Ok(h));
     }
 
@@ -714,8 +735,8 @@ mod tests {
         assert_eq!(h.backing_id, ID);
         // An unknown version with a valid crc is reported as such.
         b[8..12].copy_from_slice(&9u32.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..64]);
-        b[64..68].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..72]);
+        b[72..76].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(Header::decode(&b), Err(FormatError::Version(9)));
     }
 

@@ -17,7 +17,7 @@ use ublk_dev::control::Client;
 use ublk_dev::status::DeviceStatus;
 use ublk_dev::ublk::{self, DeviceInfo, Ready, Start, TargetRecord};
 use ublk_dev::{system, Error, ErrorKind};
-use ublk_mirror_common::{ByteSize, Span};
+use ublk_mirror_common::{fsutil, ByteSize, Span};
 
 /// A ublk block device written through to a backing file.
 ///
@@ -160,14 +160,15 @@ enum EpochCommand {
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
     },
-    /// Release every sealed epoch up to EPOCH: the consumer has them.
+    /// Release the oldest sealed epoch: the consumer has it, durably.
     ///
-    /// Frees what the epochs preserved and clears from the journal the
-    /// regions that no later change touches.
+    /// Epochs are released in order. The backing file is synced, what the
+    /// epoch preserved is freed, and the regions no later change touches
+    /// are cleared from the journal. Releasing an epoch twice is harmless.
     Release {
         /// Device id (N in /dev/ublkbN).
         id: u32,
-        /// The newest epoch to release.
+        /// The epoch (the oldest sealed one).
         epoch: u64,
     },
 }
@@ -337,20 +338,19 @@ fn epoch(command: EpochCommand) -> anyhow::Result<()> {
         EpochCommand::Apply { id, epoch, to } => apply_epoch(id, epoch, &to)?,
         EpochCommand::Release { id, epoch } => {
             let r = Client::for_device(id).release(epoch)?;
-            println!(
-                "released epochs {}; {} regions cleared{}",
-                r.epochs
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                r.regions_cleared,
-                if r.resync_done {
-                    "; resync settled"
-                } else {
-                    ""
-                }
-            );
+            if !r.released {
+                println!("epoch {epoch} was released before; nothing to do");
+            } else {
+                println!(
+                    "released epoch {epoch}; {} regions cleared{}",
+                    r.regions_cleared,
+                    if r.resync_done {
+                        "; the resync is settled"
+                    } else {
+                        ""
+                    }
+                );
+            }
         }
     }
     Ok(())
@@ -385,7 +385,7 @@ fn apply_epoch(id: u32, epoch: u64, to: &Path) -> anyhow::Result<()> {
         let io = |e| Error::io(format!("writing {}", to.display()), e);
         match data {
             Some(d) => file.write_all_at(d, x.offset).map_err(io)?,
-            None => punch_or_zero(&file, x.offset, x.len).map_err(io)?,
+            None => fsutil::punch_or_zero(&file, x.offset, x.len).map_err(io)?,
         }
         done += x.len;
         if progress && last.elapsed() >= std::time::Duration::from_millis(500) {
@@ -404,30 +404,6 @@ fn apply_epoch(id: u32, epoch: u64, to: &Path) -> anyhow::Result<()> {
         ByteSize(bytes).approx(),
         to.display()
     );
-    Ok(())
-}
-
-/// Make a range of the copy read as zeroes: a hole where the file system
-/// can punch one, zeroes written where it cannot.
-fn punch_or_zero(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let punched = nix::fcntl::fallocate(
-        file,
-        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-        offset as i64,
-        len as i64,
-    );
-    if punched.is_ok() {
-        return Ok(());
-    }
-    let zeroes = vec![0u8; len.min(1 << 20) as usize];
-    let mut at = offset;
-    while at < offset + len {
-        let n = (offset + len - at).min(zeroes.len() as u64);
-        file.write_all_at(&zeroes[..n as usize], at)?;
-        at += n;
-    }
     Ok(())
 }
 

@@ -164,8 +164,10 @@ pub struct Ticket(u64);
 /// What a release did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Released {
-    /// The epochs released.
-    pub epochs: Vec<u64>,
+    /// The epoch.
+    pub epoch: u64,
+    /// False when it had been released before (nothing done).
+    pub released: bool,
     /// Regions cleared in the journal.
     pub regions_cleared: u64,
     /// This release settled the resync of an unclean stop.
@@ -281,6 +283,7 @@ impl Tracker {
         let epochs = Epochs::new(
             device_size,
             header.released_epoch,
+            header.sealed_epoch,
             resync,
             opts.cow_memory,
             state_dir.to_path_buf(),
@@ -427,6 +430,8 @@ impl Tracker {
     }
 
     fn seal_locked(&self, live: &mut Live, at_flush: bool) -> u64 {
+        // Whatever seal was asked for is answered by this cut.
+        self.seal_requested.store(false, Ordering::Release);
         let id = live.epochs.seal(at_flush, now_ms());
         // Writes still in flight may land on either side of the cut: they
         // belong to the next epoch as well, so that their final content is
@@ -441,23 +446,30 @@ impl Tracker {
 
     /// Seal the current epoch and return its number. With
     /// [`SealAt::Flush`], the cut is taken at the next FLUSH the device
-    /// serves, or at the deadline (then at that instant).
-    pub fn seal(&self, at: SealAt) -> u64 {
+    /// serves, or at the deadline (then at that instant). If another seal
+    /// cuts the epoch meanwhile, that cut is the answer. The number is
+    /// recorded in the journal first, so that no later run reuses it.
+    pub fn seal(&self, at: SealAt) -> Result<u64> {
+        let start = lock(&self.live).epochs.current();
+        lock(&self.journal).set_sealed(start)?;
         let mut live = lock(&self.live);
-        let start = live.epochs.current();
+        if live.epochs.current() != start {
+            return Ok(start);
+        }
         let deadline = match at {
-            SealAt::Now => return self.seal_locked(&mut live, false),
+            SealAt::Now => return Ok(self.seal_locked(&mut live, false)),
             SealAt::Flush(wait) => Instant::now() + wait,
         };
+        // Set under the lock while `start` is current: the FLUSH that
+        // answers it seals exactly `start`, whose number is recorded.
         self.seal_requested.store(true, Ordering::Release);
         loop {
             if live.epochs.current() > start {
-                return live.epochs.current() - 1;
+                return Ok(start);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                self.seal_requested.store(false, Ordering::Release);
-                return self.seal_locked(&mut live, false);
+                return Ok(self.seal_locked(&mut live, false));
             }
             live = self
                 .sealed
@@ -467,14 +479,26 @@ impl Tracker {
         }
     }
 
-    /// Release every sealed epoch up to `upto`: the consumer has durably
-    /// taken them. Their preserved chunks are freed and the regions no
-    /// unreleased change touches are cleared in the journal.
-    pub fn release(&self, upto: u64) -> Result<Released> {
+    /// Release the oldest sealed epoch, `id`: the consumer has durably
+    /// taken it. The backing file is synced first (what the consumer took
+    /// must also be durable here), then the epoch's preserved chunks are
+    /// freed and the regions no unreleased change touches are cleared in
+    /// the journal. Releasing an epoch released before does nothing.
+    pub fn release(&self, id: u64) -> Result<Released> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("syncing the backing file before a release", e))?;
         let mut journal = lock(&self.journal);
-        let (epochs, clear, resync_done) = {
+        let (released, clear, resync_done) = {
             let mut live = lock(&self.live);
-            let released = live.epochs.release(upto)?;
+            let Some(_) = live.epochs.release(id)? else {
+                return Ok(Released {
+                    epoch: id,
+                    released: false,
+                    regions_cleared: 0,
+                    resync_done: false,
+                });
+            };
             let keep = live.epochs.unreleased();
             let size = self.region_size();
             let clear: Vec<u64> = (0..self.regions)
@@ -488,20 +512,17 @@ impl Tracker {
             // Settled when the last epoch carrying resync ranges is taken.
             let resync_done =
                 self.resync_pending.load(Ordering::Relaxed) && !live.epochs.resync_outstanding();
-            (
-                released.iter().map(|s| s.id).collect::<Vec<_>>(),
-                clear,
-                resync_done,
-            )
+            (true, clear, resync_done)
         };
-        journal.set_released(upto, resync_done)?;
+        journal.set_released(id, resync_done)?;
         journal.clear(clear.iter().copied())?;
         if resync_done {
             self.resync_pending.store(false, Ordering::Relaxed);
         }
-        tracing::debug!(upto, cleared = clear.len(), "epochs released");
+        tracing::debug!(id, cleared = clear.len(), "epoch released");
         Ok(Released {
-            epochs,
+            epoch: id,
+            released,
             regions_cleared: clear.len() as u64,
             resync_done,
         })
@@ -721,7 +742,7 @@ mod tests {
         let disk = t.file.try_clone().unwrap();
         disk.write_all_at(&[1; 8192], 0).unwrap();
         apply(&t, &Request::write(0, 8192));
-        assert_eq!(t.seal(SealAt::Now), 1);
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
         // Overwrite after the cut: the old content is preserved first.
         apply(&t, &Request::write(4096, 4096));
         disk.write_all_at(&[2; 4096], 4096).unwrap();
@@ -734,11 +755,11 @@ mod tests {
         assert!(t.read_epoch(1, 8192, &mut buf).is_err());
         assert!(t.read_epoch(2, 0, &mut buf).is_err());
         // A second cut, then releasing the first: epoch 2 still reads its cut.
-        assert_eq!(t.seal(SealAt::Now), 2);
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 2);
         apply(&t, &Request::new(Op::Discard, 4096, 4096));
         disk.write_all_at(&[0; 4096], 4096).unwrap();
         let released = t.release(1).unwrap();
-        assert_eq!(released.epochs, vec![1]);
+        assert!(released.released);
         assert_eq!(
             released.regions_cleared, 0,
             "region 0 is still changed by epoch 2"
@@ -756,7 +777,7 @@ mod tests {
         let t = tracker(dir.path());
         apply(&t, &Request::write(0, 4096));
         apply(&t, &Request::write(5 * MIB, 4096));
-        t.seal(SealAt::Now);
+        t.seal(SealAt::Now).unwrap();
         apply(&t, &Request::write(5 * MIB + 8192, 4096));
         let r = t.release(1).unwrap();
         assert_eq!(r.regions_cleared, 1);
@@ -777,7 +798,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = std::sync::Arc::new(tracker(dir.path()));
         let t2 = t.clone();
-        let sealer = std::thread::spawn(move || t2.seal(SealAt::Flush(Duration::from_secs(60))));
+        let sealer =
+            std::thread::spawn(move || t2.seal(SealAt::Flush(Duration::from_secs(60))).unwrap());
         while !t.seal_requested.load(Ordering::Acquire) {
             std::thread::yield_now();
         }
@@ -789,7 +811,7 @@ mod tests {
         assert!(e.at_flush);
         assert_eq!(e.changes.data.iter().collect::<Vec<_>>(), vec![0..4096]);
         // No FLUSH comes: the cut is taken at the deadline.
-        assert_eq!(t.seal(SealAt::Flush(Duration::from_millis(10))), 2);
+        assert_eq!(t.seal(SealAt::Flush(Duration::from_millis(10))).unwrap(), 2);
         assert!(!t.epoch(2).unwrap().at_flush);
         assert_eq!(t.epoch(2).unwrap().changes.data.len(), 4096);
     }
@@ -799,11 +821,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = tracker(dir.path());
         let ticket = t.before_write(&Request::write(0, 4096)).unwrap().unwrap();
-        t.seal(SealAt::Now);
+        t.seal(SealAt::Now).unwrap();
         // Its content may land after the cut: epoch 2 ships it again.
         assert_eq!(t.changes().data.iter().collect::<Vec<_>>(), vec![0..4096]);
         t.after_write(ticket);
-        t.seal(SealAt::Now);
+        t.seal(SealAt::Now).unwrap();
         assert!(t.changes().is_empty());
         // A later write into the chunk still preserves it for epoch 2.
         let disk = t.file.try_clone().unwrap();
@@ -825,7 +847,7 @@ mod tests {
             vec![3 * MIB..4 * MIB]
         );
         assert!(t.status().resync_pending);
-        let id = t.seal(SealAt::Now);
+        let id = t.seal(SealAt::Now).unwrap();
         assert_eq!(t.epoch(id).unwrap().changes.resync.len(), MIB);
         let r = t.release(id).unwrap();
         assert!(r.resync_done);

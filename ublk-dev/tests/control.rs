@@ -115,7 +115,7 @@ fn a_copy_kept_by_seal_apply_release_is_the_device_at_each_cut() {
     assert_eq!(apply(&s.client, epoch, &copy), 65536 + 8192);
     assert!(std::fs::read(&copy_path).unwrap() == at_cut);
     let released = s.client.release(epoch).unwrap();
-    assert_eq!(released.epochs, vec![1]);
+    assert!(released.released);
     // Both regions of epoch 1 were written again in epoch 2: kept marked.
     assert_eq!(released.regions_cleared, 0);
     assert_eq!(s.tracker.status().regions_marked, 2);

@@ -1,0 +1,285 @@
+//! The replication wire protocol between `ublk-mirror` and `mirror-server`.
+//!
+//! # Framing
+//!
+//! A stream carries frames. A frame is a 4-byte little-endian length `n`
+//! followed by `n` bytes of a [postcard]-encoded [`Message`]. Headers are
+//! small: a frame longer than [`MAX_FRAME`] is refused before anything is
+//! read into memory. Block data travels apart from the headers: a
+//! [`Message::Block`] header is followed by exactly `data_len` raw bytes
+//! (at most [`MAX_BLOCK_DATA`]), so the bulk is never parsed.
+//!
+//! Any decoding failure (short frame, bad length, unknown variant, trailing
+//! bytes) is a [`ProtoError`]: the connection that sent it ends with the
+//! reason logged; nothing else is affected.
+//!
+//! # Versions
+//!
+//! The first frame of a connection is [`Message::Hello`] carrying
+//! [`MAGIC`] and the sender's [`Version`]; its bytes are pinned by a test,
+//! so that any change to them is a deliberate version bump.
+//!
+//! - [`Version::V1`]: first version.
+
+use serde::{Deserialize, Serialize};
+
+/// Marks a ublk-mirror connection's first frame.
+pub const MAGIC: [u8; 4] = *b"UBMR";
+
+/// Largest header frame, in bytes (its length prefix excluded).
+pub const MAX_FRAME: u32 = 64 << 10;
+
+/// Largest block of data a [`Message::Block`] may carry, uncompressed.
+pub const MAX_BLOCK: u32 = 1 << 20;
+
+/// Largest data a [`Message::Block`] header may announce: a block that
+/// compresses badly is sent raw, so never more than the block itself.
+pub const MAX_BLOCK_DATA: u32 = MAX_BLOCK;
+
+/// Protocol versions; a line in the module docs per bump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Version {
+    /// First version.
+    V1,
+}
+
+impl Version {
+    /// The version this build speaks.
+    pub const CURRENT: Version = Version::V1;
+}
+
+/// How a block's bytes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encoding {
+    /// As they are.
+    Raw,
+    /// zstd-compressed.
+    Zstd,
+    /// All zeroes: no data follows; the server makes it a hole.
+    Zero,
+}
+
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+
+/// One protocol message (a frame's content).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First frame of a connection, both ways.
+    Hello {
+        /// [`MAGIC`].
+        magic: [u8; 4],
+        /// The sender's version.
+        version: Version,
+    },
+    /// The peer's request cannot be met; the connection ends after it.
+    Refused {
+        /// Why, for the log and the user.
+        reason: String,
+    },
+    /// A block of an epoch: `data_len` bytes of data follow this frame.
+    Block {
+        /// Device offset in bytes.
+        offset: u64,
+        /// Bytes of the block once decoded.
+        len: u32,
+        /// SHA-256 of the decoded bytes.
+        sha256: Digest,
+        /// How the data travels.
+        encoding: Encoding,
+        /// Bytes that follow the frame (0 for [`Encoding::Zero`]).
+        data_len: u32,
+    },
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    /// A frame announced more than [`MAX_FRAME`] bytes.
+    #[error("frame of {0} bytes is larger than the limit of {MAX_FRAME}")]
+    FrameTooLarge(u32),
+    /// The frame's bytes are not a message of this version.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// A block header that cannot be right.
+    #[error("invalid block header: {0}")]
+    InvalidBlock(&'static str),
+    /// The first frame is not a ublk-mirror hello.
+    #[error("not a ublk-mirror peer (bad hello)")]
+    NotOurs,
+    /// The peer speaks no version we do.
+    #[error("peer speaks protocol {0:?}, this build speaks {current:?}", current = Version::CURRENT)]
+    Version(Version),
+}
+
+impl Message {
+    /// The hello of this build.
+    pub fn hello() -> Message {
+        Message::Hello {
+            magic: MAGIC,
+            version: Version::CURRENT,
+        }
+    }
+
+    /// Check a received hello; returns the peer's version.
+    pub fn check_hello(&self) -> Result<Version, ProtoError> {
+        match self {
+            Message::Hello { magic, version } if *magic == MAGIC => {
+                if *version == Version::CURRENT {
+                    Ok(*version)
+                } else {
+                    Err(ProtoError::Version(*version))
+                }
+            }
+            _ => Err(ProtoError::NotOurs),
+        }
+    }
+
+    /// Check what a message claims before acting on it.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        if let Message::Block {
+            offset,
+            len,
+            encoding,
+            data_len,
+            ..
+        } = *self
+        {
+            if len == 0 || len > MAX_BLOCK {
+                return Err(ProtoError::InvalidBlock("length out of range"));
+            }
+            if offset.checked_add(u64::from(len)).is_none() {
+                return Err(ProtoError::InvalidBlock("offset wraps"));
+            }
+            let data_ok = match encoding {
+                Encoding::Zero => data_len == 0,
+                Encoding::Raw => data_len == len,
+                Encoding::Zstd => data_len > 0 && data_len <= MAX_BLOCK_DATA,
+            };
+            if !data_ok {
+                return Err(ProtoError::InvalidBlock(
+                    "data length does not match the encoding",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The frame of this message: length prefix and postcard bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = postcard::to_allocvec(self).unwrap_or_default();
+        let mut frame = Vec::with_capacity(4 + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    /// Decode a frame's body (without its length prefix). Trailing bytes
+    /// are an error: one frame, one message.
+    pub fn decode(body: &[u8]) -> Result<Message, ProtoError> {
+        if body.len() > MAX_FRAME as usize {
+            return Err(ProtoError::FrameTooLarge(body.len() as u32));
+        }
+        let (message, rest) = postcard::take_from_bytes::<Message>(body)
+            .map_err(|e| ProtoError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(ProtoError::Malformed(format!(
+                "{} bytes after the message",
+                rest.len()
+            )));
+        }
+        message.validate()?;
+        Ok(message)
+    }
+
+    /// Read a frame's length prefix: the body's length, if acceptable.
+    pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
+        let n = u32::from_le_bytes(prefix);
+        if n > MAX_FRAME {
+            return Err(ProtoError::FrameTooLarge(n));
+        }
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_hello_bytes_are_pinned() {
+        // Changing these bytes breaks every peer: bump the version instead.
+        assert_eq!(
+            Message::hello().encode(),
+            [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 0]
+        );
+        assert_eq!(
+            Message::decode(&Message::hello().encode()[4..])
+                .unwrap()
+                .check_hello(),
+            Ok(Version::V1)
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        assert!(matches!(
+            Message::frame_len((MAX_FRAME + 1).to_le_bytes()),
+            Err(ProtoError::FrameTooLarge(_))
+        ));
+        assert!(matches!(
+            Message::decode(&[]),
+            Err(ProtoError::Malformed(_))
+        ));
+        assert!(matches!(
+            Message::decode(&[200]),
+            Err(ProtoError::Malformed(_))
+        ));
+        let mut hello = Message::hello().encode()[4..].to_vec();
+        hello.push(0);
+        assert!(matches!(
+            Message::decode(&hello),
+            Err(ProtoError::Malformed(_))
+        ));
+        let block = |len, encoding, data_len| Message::Block {
+            offset: u64::MAX - 10,
+            len,
+            sha256: [0; 32],
+            encoding,
+            data_len,
+        };
+        for m in [
+            block(4096, Encoding::Raw, 4096),
+            block(0, Encoding::Zero, 0),
+            block(MAX_BLOCK + 1, Encoding::Raw, MAX_BLOCK + 1),
+        ] {
+            assert!(matches!(
+                Message::decode(&m.encode()[4..]),
+                Err(ProtoError::InvalidBlock(_))
+            ));
+        }
+        let wrong = Message::Hello {
+            magic: *b"HTTP",
+            version: Version::V1,
+        };
+        assert_eq!(wrong.check_hello(), Err(ProtoError::NotOurs));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(m) = Message::decode(&bytes) {
+                // What decodes re-encodes to the same bytes.
+                prop_assert_eq!(&m.encode()[4..], &bytes[..]);
+            }
+        }
+
+        #[test]
+        fn blocks_round_trip(offset in 0u64..1 << 50, len in 1u32..=MAX_BLOCK, zero in any::<bool>(), sha in any::<[u8; 32]>()) {
+            let (encoding, data_len) = if zero { (Encoding::Zero, 0) } else { (Encoding::Raw, len) };
+            let m = Message::Block { offset, len, sha256: sha, encoding, data_len };
+            prop_assert_eq!(Message::decode(&m.encode()[4..]), Ok(m));
+        }
+    }
+}
