@@ -44,6 +44,9 @@ use ublk_mirror_common::proto::{Digest, Encoding, MAX_BLOCK};
 
 use crate::error::{Error, Result};
 
+/// Where the volumes live in the data directory: `volumes/CLIENT/VOLUME/`.
+pub const VOLUMES_DIR: &str = "volumes";
+
 const STATE_FORMAT: u32 = 1;
 const IMAGE: &str = "image";
 const STATE: &str = "state.json";
@@ -346,6 +349,44 @@ enum CommitStep {
     HalfApplied,
 }
 
+/// Every volume under `data`, as `CLIENT/VOLUME` with its state, sorted.
+/// Reads only (no recovery): a volume whose commit was interrupted shows
+/// the epoch published before it until the server opens it.
+pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
+    let root = data.join(VOLUMES_DIR);
+    if !root.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{} holds no volumes directory: is it the data directory? (`mirror-server init --data {}` makes one)",
+            data.display(),
+            data.display()
+        )));
+    }
+    let dirs = |p: &Path| -> Result<Vec<(String, PathBuf)>> {
+        let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(p)
+            .map_err(|e| Error::io(format!("listing {}", p.display()), e))?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let mut out = Vec::new();
+    for (client, cdir) in dirs(&root)? {
+        for (volume, vdir) in dirs(&cdir)? {
+            let path = vdir.join(STATE);
+            let state: VolumeState = std::fs::read_to_string(&path)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))
+                .and_then(|t| {
+                    serde_json::from_str(&t)
+                        .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
+                })?;
+            out.push((format!("{client}/{volume}"), state));
+        }
+    }
+    Ok(out)
+}
+
 /// An epoch being received: verified blocks, staged on disk.
 #[derive(Debug)]
 pub struct Staging {
@@ -479,7 +520,9 @@ mod tests {
     const SIZE: u64 = 1 << 20;
 
     fn block(seed: u8, len: usize) -> Vec<u8> {
-        (0..len).map(|i| seed.wrapping_add((i % 253) as u8)).collect()
+        (0..len)
+            .map(|i| seed.wrapping_add((i % 253) as u8))
+            .collect()
     }
 
     fn digest(b: &[u8]) -> Digest {
@@ -501,8 +544,12 @@ mod tests {
         // Refused blocks: nothing staged, the epoch goes on.
         let err = s.add(0, 8192, &digest(&b), Encoding::Raw, &a).unwrap_err();
         assert!(err.to_string().contains("sha256 mismatch"), "{err}");
-        assert!(s.add(0, 4096, &digest(&b), Encoding::Zstd, b"junk").is_err());
-        assert!(s.add(SIZE - 4096, 8192, &digest(&a), Encoding::Raw, &a).is_err());
+        assert!(s
+            .add(0, 4096, &digest(&b), Encoding::Zstd, b"junk")
+            .is_err());
+        assert!(s
+            .add(SIZE - 4096, 8192, &digest(&a), Encoding::Raw, &a)
+            .is_err());
         assert_eq!(s.blocks(), 2);
         // Not visible before the commit.
         let mut buf = vec![0u8; 8192];
@@ -514,7 +561,8 @@ mod tests {
         assert_eq!(v.state().published_epoch, 1);
         // A zero block becomes a hole.
         let mut s = v.begin(2).unwrap();
-        s.add(0, 4096, &zero_digest(4096), Encoding::Zero, &[]).unwrap();
+        s.add(0, 4096, &zero_digest(4096), Encoding::Zero, &[])
+            .unwrap();
         v.commit(s).unwrap();
         v.read_at(&mut buf, 0).unwrap();
         assert!(buf[..4096].iter().all(|&x| x == 0) && buf[4096..] == a[4096..]);
@@ -527,8 +575,16 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Blk {
-        Data { at: u64, blocks: u64, seed: u8, zstd: bool },
-        Zero { at: u64, blocks: u64 },
+        Data {
+            at: u64,
+            blocks: u64,
+            seed: u8,
+            zstd: bool,
+        },
+        Zero {
+            at: u64,
+            blocks: u64,
+        },
     }
 
     fn blk() -> impl Strategy<Value = Blk> {
