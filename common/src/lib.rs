@@ -7,16 +7,18 @@
 
 pub mod duration;
 pub mod fsutil;
+pub mod identity;
 pub mod proto;
 pub mod range;
 pub mod size;
+pub mod tls;
 
 pub use duration::Span;
 pub use range::RangeSet;
 pub use size::ByteSize;
 
 /// Everything that can go wrong in this crate.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A size written by a user could not be understood.
     #[error("invalid size {input:?}: {reason}")]
@@ -25,6 +27,21 @@ pub enum Error {
         input: String,
         /// Why it was refused, in words.
         reason: &'static str,
+    },
+    /// A key or certificate could not be made or used.
+    #[error("{0}")]
+    Identity(String),
+    /// TLS or QUIC set-up failed.
+    #[error("{0}")]
+    Tls(String),
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
     },
     /// A duration written by a user could not be understood.
     #[error("invalid duration {input:?}: {reason}")]
@@ -35,3 +52,16 @@ pub enum Error {
         reason: &'static str,
     },
 }
+
+impl Error {
+    /// Wrap an I/O error with what we were doing.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

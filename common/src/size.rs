@@ -169,7 +169,11 @@ mod tests {
             ("1B", 1),
         ];
         for (text, want) in cases {
-            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(want)), "{text}");
+            assert_eq!(
+                text.parse::<ByteSize>().ok(),
+                Some(ByteSize(want)),
+                "{text}"
+            );
         }
     }
 
@@ -211,7 +215,7 @@ mod tests {
         #[test]
         fn display_round_trips(n in any::<u64>()) {
             let shown = ByteSize(n).to_string();
-            prop_assert_eq!(shown.parse::<ByteSize>(), Ok(ByteSize(n)));
+            prop_assert_eq!(shown.parse::<ByteSize>().ok(), Some(ByteSize(n)));
         }
     }
 }

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mirror_server::config::ServerConfig;
-use mirror_server::identity::Identity;
 use mirror_server::store;
+use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::ByteSize;
 
 /// The mirror server of ublk-mirror: keeps every enrolled device's volumes
@@ -79,7 +79,8 @@ fn main() -> ExitCode {
 }
 
 fn init(data: &Path, listen: Option<std::net::SocketAddr>) -> mirror_server::Result<()> {
-    let identity = Identity::create(&data.join("identity"))?;
+    let identity = Identity::create(&data.join("identity"))
+        .map_err(|e| mirror_server::Error::Invalid(e.to_string()))?;
     let config = ServerConfig {
         listen: listen.unwrap_or(ServerConfig::default().listen),
     };

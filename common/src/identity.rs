@@ -1,9 +1,10 @@
-//! The server's identity: a key pair and a self-signed certificate, made
-//! once by `mirror-server init`. Clients pin the certificate by its
-//! fingerprint (carried in enrollment tokens), so no certificate authority
-//! is involved.
+//! Identities of both sides: a key pair and a self-signed certificate. The
+//! server makes one at `mirror-server init`, a client at `ublk-mirror
+//! enroll`. Each side pins the other's certificate by its fingerprint (the
+//! server's travels in the enrollment token; the client's is recorded at
+//! enrollment), so no certificate authority is involved.
 //!
-//! Files, in `DATA/identity/`: `key.pem` (PKCS#8, mode 0600) and
+//! Files, in the identity's directory: `key.pem` (PKCS#8, mode 0600) and
 //! `cert.pem`.
 
 use std::fmt;
@@ -15,10 +16,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
-/// Name in the server certificate (clients check the fingerprint, not it).
-pub const SERVER_NAME: &str = "mirror-server";
+/// Name in every certificate (peers check the fingerprint, not the name).
+pub const CERT_NAME: &str = "ublk-mirror";
 
 /// SHA-256 of a certificate's DER bytes: what a client pins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,7 +39,7 @@ impl fmt::Display for Fingerprint {
     }
 }
 
-/// The server's key and certificate.
+/// A key and its self-signed certificate.
 #[derive(Debug)]
 pub struct Identity {
     /// The certificate, DER.
@@ -56,20 +57,20 @@ impl Identity {
     pub fn create(dir: &Path) -> Result<Identity> {
         let (key_path, cert_path) = paths(dir);
         if key_path.exists() || cert_path.exists() {
-            return Err(Error::Invalid(format!(
-                "{} already holds a server identity; clients have pinned it, so it is never replaced",
+            return Err(Error::Identity(format!(
+                "{} already holds an identity; its peer has pinned it, so it is never replaced",
                 dir.display()
             )));
         }
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let key = rcgen::KeyPair::generate()
-            .map_err(|e| Error::Invalid(format!("generating a key: {e}")))?;
-        let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
-            .map_err(|e| Error::Invalid(format!("certificate parameters: {e}")))?;
+            .map_err(|e| Error::Identity(format!("generating a key: {e}")))?;
+        let params = rcgen::CertificateParams::new(vec![CERT_NAME.to_string()])
+            .map_err(|e| Error::Identity(format!("certificate parameters: {e}")))?;
         let cert = params
             .self_signed(&key)
-            .map_err(|e| Error::Invalid(format!("signing the certificate: {e}")))?;
+            .map_err(|e| Error::Identity(format!("signing the certificate: {e}")))?;
         let write = |path: &Path, mode: u32, text: &str| {
             std::fs::OpenOptions::new()
                 .write(true)
@@ -105,9 +106,9 @@ impl Identity {
             })
         };
         let key = rcgen::KeyPair::from_pem(&read(&key_path)?)
-            .map_err(|e| Error::Corrupt(format!("{}: {e}", key_path.display())))?;
+            .map_err(|e| Error::Identity(format!("{}: {e}", key_path.display())))?;
         let cert = CertificateDer::from_pem_file(&cert_path)
-            .map_err(|e| Error::Corrupt(format!("{}: {e}", cert_path.display())))?;
+            .map_err(|e| Error::Identity(format!("{}: {e}", cert_path.display())))?;
         Ok(Identity {
             cert_der: cert.to_vec(),
             key_der: key.serialize_der(),

@@ -1,0 +1,251 @@
+//! TLS 1.3 over QUIC with mutually pinned certificates.
+//!
+//! Neither side trusts a certificate authority. The client accepts exactly
+//! the server certificate whose fingerprint it pinned (from the enrollment
+//! token). The server asks every client for a certificate and checks that
+//! the client holds its key (the TLS handshake signature); *which* client
+//! it is, and what it may do, is decided after the handshake from the
+//! certificate's fingerprint ([`peer_fingerprint`]): an enrolled one gets
+//! its volumes, an unknown one may only enroll.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::identity::{Fingerprint, Identity, CERT_NAME};
+use crate::{Error, Result};
+
+/// The ALPN protocol name: peers that do not speak it fail the handshake.
+pub const ALPN: &[u8] = b"ublk-mirror/1";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Tls(format!("{what}: {e}"))
+}
+
+fn key_of(identity: &Identity) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key_der.clone()))
+}
+
+/// The QUIC server config: `identity` as the server, a certificate asked
+/// of every client.
+pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig> {
+    let provider = provider();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error("TLS versions", e))?
+        .with_client_cert_verifier(Arc::new(AnyClientKey { provider }))
+        .with_single_cert(
+            vec![CertificateDer::from(identity.cert_der.clone())],
+            key_of(identity),
+        )
+        .map_err(|e| tls_error("server certificate", e))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| tls_error("QUIC server crypto", e))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+/// The QUIC client config: `identity` as the client, trusting only the
+/// server certificate with fingerprint `server`.
+pub fn client_config(identity: &Identity, server: Fingerprint) -> Result<quinn::ClientConfig> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error("TLS versions", e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedServer {
+            fingerprint: server,
+            provider,
+        }))
+        .with_client_auth_cert(
+            vec![CertificateDer::from(identity.cert_der.clone())],
+            key_of(identity),
+        )
+        .map_err(|e| tls_error("client certificate", e))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| tls_error("QUIC client crypto", e))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// The server name clients connect to (the certificate's; only the
+/// fingerprint is checked).
+pub const SERVER_NAME: &str = CERT_NAME;
+
+/// The fingerprint of the certificate the peer presented.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| Fingerprint::of(c))
+}
+
+/// Accepts exactly one server certificate.
+#[derive(Debug)]
+struct PinnedServer {
+    fingerprint: Fingerprint,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        if Fingerprint::of(end_entity) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Asks every client for a certificate and checks it holds the key;
+/// who the client is gets decided from the fingerprint afterwards.
+#[derive(Debug)]
+struct AnyClientKey {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AnyClientKey {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn handshake(
+        server_id: &Identity,
+        client_id: &Identity,
+        pinned: Fingerprint,
+    ) -> std::result::Result<Option<Fingerprint>, quinn::ConnectionError> {
+        let server = quinn::Endpoint::server(
+            server_config(server_id).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await?;
+            Ok::<_, quinn::ConnectionError>(peer_fingerprint(&conn))
+        });
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config(client_id, pinned).unwrap());
+        let connected = client.connect(addr, SERVER_NAME).unwrap().await;
+        match connected {
+            Ok(_conn) => accept.await.unwrap(),
+            Err(e) => {
+                accept.abort();
+                Err(e)
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn pinned_peers_connect_and_a_wrong_fingerprint_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Identity::create(&dir.path().join("server")).unwrap();
+        let client = Identity::create(&dir.path().join("client")).unwrap();
+        // The server sees the client's fingerprint.
+        let seen = handshake(&server, &client, server.fingerprint())
+            .await
+            .unwrap();
+        assert_eq!(seen, Some(client.fingerprint()));
+        // A client that pinned another server refuses this one.
+        let other = Identity::create(&dir.path().join("other")).unwrap();
+        let err = handshake(&server, &client, other.fingerprint())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, quinn::ConnectionError::TransportError(_)),
+            "{err:?}"
+        );
+    }
+}
