@@ -5,6 +5,7 @@
 //! The replication wire protocol lives here ([`proto`]), so that the device
 //! daemon and the mirror server agree by construction.
 
+pub mod client;
 pub mod duration;
 pub mod fsutil;
 pub mod identity;
@@ -12,6 +13,8 @@ pub mod proto;
 pub mod range;
 pub mod size;
 pub mod tls;
+pub mod token;
+pub mod wire;
 
 pub use duration::Span;
 pub use range::RangeSet;
@@ -34,6 +37,15 @@ pub enum Error {
     /// TLS or QUIC set-up failed.
     #[error("{0}")]
     Tls(String),
+    /// The connection or a stream failed.
+    #[error("{0}")]
+    Link(String),
+    /// The peer sent something the protocol does not allow.
+    #[error(transparent)]
+    Proto(#[from] proto::ProtoError),
+    /// The peer refused the request.
+    #[error("the server refused: {0}")]
+    Refused(String),
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {

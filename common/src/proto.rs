@@ -90,6 +90,78 @@ pub enum Message {
         /// Bytes that follow the frame (0 for [`Encoding::Zero`]).
         data_len: u32,
     },
+    /// Client: enroll as `name` with the token's one-time secret. A client
+    /// the server does not know may send nothing else.
+    Enroll {
+        /// The name the token was made for.
+        name: String,
+        /// The token's secret.
+        secret: [u8; 32],
+    },
+    /// Server: enrollment accepted; this certificate is now `name`.
+    Enrolled {
+        /// The client's name.
+        name: String,
+    },
+    /// Client: open one of its volumes, created (sparse, all zeroes) if new.
+    OpenVolume {
+        /// Volume name.
+        volume: String,
+        /// Size in bytes (a volume's size never changes).
+        size: u64,
+    },
+    /// Server: a volume's state.
+    VolumeInfo {
+        /// Volume name.
+        volume: String,
+        /// Size in bytes.
+        size: u64,
+        /// The epoch its image holds (0: none).
+        published_epoch: u64,
+    },
+    /// Client: epoch `epoch` of `volume` follows as [`Message::Block`]s,
+    /// ended by [`Message::EndEpoch`].
+    BeginEpoch {
+        /// Volume name.
+        volume: String,
+        /// The epoch (newer than the published one).
+        epoch: u64,
+    },
+    /// Client: every block of the epoch was sent; publish it.
+    EndEpoch {
+        /// Blocks sent since [`Message::BeginEpoch`] (resent ones included).
+        blocks: u64,
+    },
+    /// Server: blocks that failed their checks: send them again, then
+    /// [`Message::EndEpoch`] again.
+    Resend {
+        /// `(offset, len)` of each refused block.
+        blocks: Vec<(u64, u32)>,
+    },
+    /// Server: the epoch is published, durably and whole.
+    Committed {
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+/// Longest client or volume name.
+pub const MAX_NAME: usize = 64;
+
+/// Check a client or volume name: 1 to [`MAX_NAME`] characters of
+/// `A-Z a-z 0-9 . _ -`, not starting with a dot (names become directories).
+pub fn check_name(name: &str) -> Result<(), ProtoError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtoError::InvalidName(name.chars().take(80).collect()))
+    }
 }
 
 /// Why bytes are not a valid frame.
@@ -104,6 +176,9 @@ pub enum ProtoError {
     /// A block header that cannot be right.
     #[error("invalid block header: {0}")]
     InvalidBlock(&'static str),
+    /// A name that cannot be a client or volume name.
+    #[error("invalid name {0:?}: use 1 to 64 of A-Z a-z 0-9 . _ -, not starting with a dot")]
+    InvalidName(String),
     /// The first frame is not a ublk-mirror hello.
     #[error("not a ublk-mirror peer (bad hello)")]
     NotOurs,
@@ -137,6 +212,13 @@ impl Message {
 
     /// Check what a message claims before acting on it.
     pub fn validate(&self) -> Result<(), ProtoError> {
+        match self {
+            Message::Enroll { name, .. } | Message::Enrolled { name } => check_name(name)?,
+            Message::OpenVolume { volume, .. }
+            | Message::VolumeInfo { volume, .. }
+            | Message::BeginEpoch { volume, .. } => check_name(volume)?,
+            _ => {}
+        }
         if let Message::Block {
             offset,
             len,
@@ -259,6 +341,20 @@ mod tests {
                 Err(ProtoError::InvalidBlock(_))
             ));
         }
+        for bad in ["", ".", "..", "a/b", "x".repeat(65).as_str(), "é"] {
+            let m = Message::OpenVolume {
+                volume: bad.to_string(),
+                size: 1,
+            };
+            assert!(
+                matches!(
+                    Message::decode(&m.encode()[4..]),
+                    Err(ProtoError::InvalidName(_))
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        check_name("root-1.img_x").unwrap();
         let wrong = Message::Hello {
             magic: *b"HTTP",
             version: Version::V1,

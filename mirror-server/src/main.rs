@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mirror_server::clients::Registry;
 use mirror_server::config::ServerConfig;
 use mirror_server::store;
 use ublk_mirror_common::identity::Identity;
-use ublk_mirror_common::ByteSize;
+use ublk_mirror_common::token::Token;
+use ublk_mirror_common::{ByteSize, Span};
 
 /// The mirror server of ublk-mirror: keeps every enrolled device's volumes
 /// as sparse images, each always one whole published epoch.
@@ -44,11 +46,55 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Serve: listen on QUIC (server.toml's `listen`) and take the
+    /// enrolled clients' epochs into their volumes, until SIGTERM/SIGINT.
+    ///
+    /// Prints "listening on ADDR" on stdout once it listens.
+    Serve {
+        /// Listen here instead of server.toml's address.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Enroll, list and revoke clients.
+    #[command(subcommand)]
+    Client(ClientCommand),
     /// List the volumes: size, published epoch and when.
     Volumes {
         /// Print JSON (an array of objects) instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientCommand {
+    /// Make an enrollment token for a new client and print it (one line).
+    ///
+    /// On the client: `ublk-mirror enroll TOKEN`. The token is good once,
+    /// until it expires; it carries the server's address and certificate
+    /// fingerprint, and a secret the server keeps only a hash of.
+    Add {
+        /// The client's name (1-64 of A-Z a-z 0-9 . _ -).
+        name: String,
+        /// Address clients reach this server at [default: this host's
+        /// name and the listen port].
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// How long the token is good for.
+        #[arg(long, default_value = "24h", value_name = "DURATION")]
+        ttl: Span,
+    },
+    /// List clients: pending, enrolled or revoked.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cut a client off for good: its connections are closed within a
+    /// second and it cannot connect again. Its volumes stay.
+    Revoke {
+        /// The client's name.
+        name: String,
     },
 }
 
@@ -65,6 +111,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init { listen } => init(&cli.data, listen),
         Command::Volumes { json } => volumes(&cli.data, json),
+        Command::Serve { listen } => serve(&cli.data, listen),
+        Command::Client(c) => client(&cli.data, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,4 +191,99 @@ fn age_seconds(ms: u64) -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     now.saturating_sub(ms) / 1000
+}
+
+fn serve(data: &Path, listen: Option<std::net::SocketAddr>) -> mirror_server::Result<()> {
+    let mut config = ServerConfig::load(data)?;
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| mirror_server::Error::io("starting the async runtime", e))?;
+    runtime.block_on(async {
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!("cannot watch SIGTERM: {e}");
+                        return std::future::pending().await;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        mirror_server::serve::run(
+            data,
+            &config,
+            |addr| {
+                println!("listening on {addr}");
+                let _ = std::io::stdout().flush();
+            },
+            shutdown,
+        )
+        .await
+    })
+}
+
+fn client(data: &Path, command: ClientCommand) -> mirror_server::Result<()> {
+    let registry = Registry::open(data)?;
+    match command {
+        ClientCommand::Add { name, address, ttl } => {
+            let identity = Identity::load(&data.join("identity")).map_err(|e| {
+                mirror_server::Error::Invalid(format!("{e} (run `mirror-server init` first)"))
+            })?;
+            let address = match address {
+                Some(a) => a,
+                None => {
+                    let port = ServerConfig::load(data)?.listen.port();
+                    let host = nix::unistd::gethostname()
+                        .map_err(|e| mirror_server::Error::io("reading the host name", e.into()))?;
+                    format!("{}:{port}", host.to_string_lossy())
+                }
+            };
+            let secret = registry.add(&name, ttl.0)?;
+            let token = Token {
+                name: name.clone(),
+                secret,
+                server: identity.fingerprint(),
+                address,
+            };
+            println!("{token}");
+            eprintln!(
+                "token for client {name}, good once for {ttl}: on the client run `ublk-mirror enroll TOKEN`"
+            );
+            Ok(())
+        }
+        ClientCommand::List { json } => {
+            let list = registry.list()?;
+            let mut out = std::io::stdout().lock();
+            let io = |e| mirror_server::Error::io("writing to stdout", e);
+            if json {
+                serde_json::to_writer_pretty(&mut out, &list)
+                    .map_err(|e| mirror_server::Error::io("writing JSON", e.into()))?;
+                return writeln!(out).map_err(io);
+            }
+            writeln!(out, "{:<24} {:<9} CERTIFICATE", "CLIENT", "STATE").map_err(io)?;
+            for c in &list {
+                let fp = c.fingerprint.as_deref().map_or_else(
+                    || "-".to_string(),
+                    |f| format!("sha256:{}", &f[..16.min(f.len())]),
+                );
+                writeln!(out, "{:<24} {:<9} {}", c.name, c.state(), fp).map_err(io)?;
+            }
+            Ok(())
+        }
+        ClientCommand::Revoke { name } => {
+            registry.revoke(&name)?;
+            println!(
+                "revoked client {name}; a running server closes its connections within a second"
+            );
+            Ok(())
+        }
+    }
 }

@@ -13,12 +13,14 @@
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
 //! - [`status`]: the status a daemon publishes for `ublk-mirror status`;
 //! - [`control`]: the daemon's control socket (seal, read, release epochs);
+//! - [`enrollment`]: this machine's identity and the mirror server it pinned;
 //! - [`system`]: process set-up (mount namespace, systemd notification).
 
 pub mod backing;
 pub mod config;
 pub mod control;
 pub mod engine;
+pub mod enrollment;
 pub mod epoch;
 mod error;
 pub mod journal;

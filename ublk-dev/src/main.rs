@@ -111,6 +111,21 @@ enum Command {
         command: EpochCommand,
     },
 
+    /// Enroll this machine with a mirror server, once.
+    ///
+    /// TOKEN is the line `mirror-server client add NAME` printed. This
+    /// makes the machine's key and certificate, connects to the server the
+    /// token names (trusting only the certificate it pins), and proves the
+    /// token's one-time secret; the server records this machine's
+    /// certificate from then on.
+    Enroll {
+        /// The enrollment token (umt1/...).
+        token: String,
+        /// Where the client's identity and enrollment are kept.
+        #[arg(long, value_name = "DIR", default_value = ublk_dev::enrollment::DEFAULT_CLIENT_DIR, env = "UBLK_MIRROR_CLIENT_DIR")]
+        client_dir: PathBuf,
+    },
+
     /// Serve again a device whose daemon died (foreground).
     ///
     /// The device kept its I/O waiting; after recovery it continues with no
@@ -293,6 +308,19 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Del { id, all } => del(id, all),
         Command::Recover { id } => recover(id),
         Command::Epoch { command } => epoch(command),
+        Command::Enroll { token, client_dir } => {
+            let token: ublk_mirror_common::token::Token = token
+                .parse()
+                .map_err(|e: ublk_mirror_common::Error| Error::InvalidConfig(e.to_string()))?;
+            let saved = ublk_dev::enrollment::enroll(&client_dir, &token)?;
+            println!(
+                "enrolled as {} with {}; saved in {}",
+                token.name,
+                token.address,
+                saved.display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,240 @@
+//! The client side of a connection to `mirror-server`: enrollment, opening
+//! volumes, shipping epochs.
+
+use std::net::SocketAddr;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::identity::{Fingerprint, Identity};
+use crate::proto::{Encoding, Message};
+use crate::{tls, wire, Error, Result};
+
+/// A volume as the server has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// The epoch its image holds (0: none yet).
+    pub published_epoch: u64,
+}
+
+/// Bytes on the wire for one epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shipped {
+    /// Blocks sent (resent ones included).
+    pub blocks: u64,
+    /// Block bytes before encoding.
+    pub bytes: u64,
+    /// Block bytes on the wire (after zstd; zero blocks cost none).
+    pub wire_bytes: u64,
+}
+
+/// A connection to the server.
+#[derive(Debug)]
+pub struct Link {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+/// Resolve `host:port` to its first address.
+pub async fn resolve(address: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| Error::io(format!("resolving {address}"), e))?
+        .next()
+        .ok_or_else(|| Error::Link(format!("{address} resolves to no address")))
+}
+
+impl Link {
+    /// Connect to the server at `address`, trusting only `server`.
+    pub async fn connect(identity: &Identity, server: Fingerprint, address: &str) -> Result<Link> {
+        let addr = resolve(address).await?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().map_err(|e| Error::Link(format!("{e}")))?
+        } else {
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|e| Error::Link(format!("{e}")))?
+        };
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| Error::io("opening a UDP socket", e))?;
+        endpoint.set_default_client_config(tls::client_config(identity, server)?);
+        let conn = endpoint
+            .connect(addr, tls::SERVER_NAME)
+            .map_err(|e| Error::Link(format!("connecting to {address}: {e}")))?
+            .await
+            .map_err(|e| Error::Link(format!("connecting to {address}: {e}")))?;
+        Ok(Link { endpoint, conn })
+    }
+
+    /// Open a request stream, hellos exchanged: for tools and tests that
+    /// speak the protocol themselves.
+    pub async fn stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Link(format!("opening a stream: {e}")))?;
+        wire::send(&mut send, &Message::hello()).await?;
+        match wire::expect(&mut recv).await? {
+            Message::Refused { reason } => return Err(Error::Refused(reason)),
+            hello => {
+                hello.check_hello()?;
+            }
+        }
+        Ok((send, recv))
+    }
+
+    async fn ask(&self, request: Message) -> Result<Message> {
+        let (mut send, mut recv) = self.stream().await?;
+        wire::send(&mut send, &request).await?;
+        let _ = send.finish();
+        match wire::expect(&mut recv).await? {
+            Message::Refused { reason } => Err(Error::Refused(reason)),
+            answer => Ok(answer),
+        }
+    }
+
+    /// Enroll this client's certificate as `name` with a token's secret.
+    pub async fn enroll(&self, name: &str, secret: [u8; 32]) -> Result<String> {
+        match self
+            .ask(Message::Enroll {
+                name: name.to_string(),
+                secret,
+            })
+            .await?
+        {
+            Message::Enrolled { name } => Ok(name),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Open (or create) one of this client's volumes.
+    pub async fn open_volume(&self, volume: &str, size: u64) -> Result<VolumeInfo> {
+        match self
+            .ask(Message::OpenVolume {
+                volume: volume.to_string(),
+                size,
+            })
+            .await?
+        {
+            Message::VolumeInfo {
+                size,
+                published_epoch,
+                ..
+            } => Ok(VolumeInfo {
+                size,
+                published_epoch,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Ship epoch `epoch` of `volume`: each of `blocks` (`(offset, len)`)
+    /// is read with `read`, hashed, compressed at zstd `level` when that
+    /// pays, and sent; blocks the server refuses are read and sent again.
+    /// Returns once the server has published the epoch.
+    pub async fn send_epoch(
+        &self,
+        volume: &str,
+        epoch: u64,
+        blocks: &[(u64, u32)],
+        level: i32,
+        mut read: impl FnMut(u64, u32) -> Result<Vec<u8>>,
+    ) -> Result<Shipped> {
+        let (mut send, mut recv) = self.stream().await?;
+        wire::send(
+            &mut send,
+            &Message::BeginEpoch {
+                volume: volume.to_string(),
+                epoch,
+            },
+        )
+        .await?;
+        let mut shipped = Shipped::default();
+        let mut todo: Vec<(u64, u32)> = blocks.to_vec();
+        for _attempt in 0..3 {
+            for &(offset, len) in &todo {
+                let data = read(offset, len)?;
+                let (header, payload) = encode_block(offset, &data, level);
+                wire::send_with_data(&mut send, &header, &payload).await?;
+                shipped.blocks += 1;
+                shipped.bytes += u64::from(len);
+                shipped.wire_bytes += payload.len() as u64;
+            }
+            wire::send(
+                &mut send,
+                &Message::EndEpoch {
+                    blocks: shipped.blocks,
+                },
+            )
+            .await?;
+            match wire::expect(&mut recv).await? {
+                Message::Committed { epoch: e } if e == epoch => {
+                    let _ = send.finish();
+                    return Ok(shipped);
+                }
+                Message::Resend { blocks } => {
+                    tracing::warn!(
+                        blocks = blocks.len(),
+                        "the server refused blocks; sending them again"
+                    );
+                    todo = blocks;
+                }
+                Message::Refused { reason } => return Err(Error::Refused(reason)),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Err(Error::Link(format!(
+            "epoch {epoch}: blocks kept failing their checks on the server"
+        )))
+    }
+
+    /// Whether the server closed the connection, and why.
+    pub fn close_reason(&self) -> Option<String> {
+        self.conn.close_reason().map(|r| r.to_string())
+    }
+
+    /// Close the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+fn unexpected(m: &Message) -> Error {
+    let name = format!("{m:?}");
+    Error::Link(format!(
+        "unexpected answer from the server: {}",
+        name.split([' ', '{', '(']).next().unwrap_or("?")
+    ))
+}
+
+/// The header and payload of one block: a zero block travels as a hole,
+/// others compressed when that makes them smaller.
+pub fn encode_block(offset: u64, data: &[u8], level: i32) -> (Message, Vec<u8>) {
+    let sha256: [u8; 32] = Sha256::digest(data).into();
+    let len = data.len() as u32;
+    if data.iter().all(|&b| b == 0) {
+        let header = Message::Block {
+            offset,
+            len,
+            sha256,
+            encoding: Encoding::Zero,
+            data_len: 0,
+        };
+        return (header, Vec::new());
+    }
+    let (encoding, payload) = match zstd::bulk::compress(data, level) {
+        Ok(z) if z.len() < data.len() => (Encoding::Zstd, z),
+        _ => (Encoding::Raw, data.to_vec()),
+    };
+    let header = Message::Block {
+        offset,
+        len,
+        sha256,
+        encoding,
+        data_len: payload.len() as u32,
+    };
+    (header, payload)
+}

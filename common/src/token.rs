@@ -1,0 +1,118 @@
+//! Enrollment tokens: what `mirror-server client add NAME` prints and
+//! `ublk-mirror enroll TOKEN` takes. One line a person can paste:
+//!
+//! ```text
+//! umt1/NAME/SECRET/FINGERPRINT/HOST:PORT
+//! ```
+//!
+//! `SECRET` is 32 random bytes in hex, good once and until it expires (the
+//! server keeps only its SHA-256); `FINGERPRINT` is the server
+//! certificate's SHA-256 in hex, which the client pins from then on. The
+//! address comes last, so an IPv6 address needs no quoting.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::identity::Fingerprint;
+use crate::proto::check_name;
+use crate::Error;
+
+const PREFIX: &str = "umt1";
+
+/// An enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The client name it enrolls.
+    pub name: String,
+    /// The one-time secret.
+    pub secret: [u8; 32],
+    /// The server certificate to pin.
+    pub server: Fingerprint,
+    /// Where the server listens (`host:port`).
+    pub address: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{PREFIX}/{}/{}/{}/{}",
+            self.name,
+            hex(&self.secret),
+            hex(&self.server.0),
+            self.address
+        )
+    }
+}
+
+impl FromStr for Token {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Token, Error> {
+        let bad = |why: &str| Error::Identity(format!("not an enrollment token: {why}"));
+        let mut parts = s.trim().splitn(5, '/');
+        if parts.next() != Some(PREFIX) {
+            return Err(bad("it does not start with umt1/ (copy the whole line `mirror-server client add` printed)"));
+        }
+        let (Some(name), Some(secret), Some(fp), Some(address)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("it is cut short"));
+        };
+        check_name(name).map_err(|e| bad(&e.to_string()))?;
+        let secret = unhex32(secret).ok_or_else(|| bad("the secret is not 64 hex digits"))?;
+        let server = unhex32(fp).ok_or_else(|| bad("the fingerprint is not 64 hex digits"))?;
+        if address.is_empty() || !address.contains(':') {
+            return Err(bad("the server address has no port"));
+        }
+        Ok(Token {
+            name: name.to_string(),
+            secret,
+            server: Fingerprint(server),
+            address: address.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_damage_is_explained() {
+        let t = Token {
+            name: "laptop-7".into(),
+            secret: [0xab; 32],
+            server: Fingerprint([0x01; 32]),
+            address: "[2001:db8::1]:4747".into(),
+        };
+        let line = t.to_string();
+        assert!(line.starts_with("umt1/laptop-7/abab"), "{line}");
+        assert_eq!(line.parse::<Token>().unwrap(), t);
+        for (bad, why) in [
+            ("x", "does not start"),
+            ("umt1/laptop", "cut short"),
+            ("umt1/a b/00/00/h:1", "invalid name"),
+            (&line.replace("abab", "zzzz"), "secret"),
+            (&line.replace("[2001:db8::1]:4747", "host"), "no port"),
+        ] {
+            let err = bad.parse::<Token>().unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Frames of [`crate::proto`] over QUIC streams, both sides.
+
+use crate::proto::{Message, ProtoError, MAX_BLOCK_DATA};
+use crate::{Error, Result};
+
+fn link(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Link(format!("{what}: {e}"))
+}
+
+/// Send one message.
+pub async fn send(stream: &mut quinn::SendStream, message: &Message) -> Result<()> {
+    stream
+        .write_all(&message.encode())
+        .await
+        .map_err(|e| link("sending", e))
+}
+
+/// Send one message followed by raw bytes (a block's data).
+pub async fn send_with_data(
+    stream: &mut quinn::SendStream,
+    message: &Message,
+    data: &[u8],
+) -> Result<()> {
+    send(stream, message).await?;
+    stream.write_all(data).await.map_err(|e| link("sending", e))
+}
+
+/// Receive one message; `None` when the peer finished the stream cleanly
+/// between messages.
+pub async fn recv(stream: &mut quinn::RecvStream) -> Result<Option<Message>> {
+    let mut prefix = [0u8; 4];
+    match stream.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(link("receiving", e)),
+    }
+    let len = Message::frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| link("receiving", e))?;
+    Ok(Some(Message::decode(&body)?))
+}
+
+/// Receive one message; the stream ending first is an error.
+pub async fn expect(stream: &mut quinn::RecvStream) -> Result<Message> {
+    recv(stream)
+        .await?
+        .ok_or_else(|| Error::Link("the peer ended the stream early".into()))
+}
+
+/// Receive the `len` raw bytes that follow a block header.
+pub async fn recv_data(stream: &mut quinn::RecvStream, len: u32) -> Result<Vec<u8>> {
+    if len > MAX_BLOCK_DATA {
+        return Err(ProtoError::InvalidBlock("data too long").into());
+    }
+    let mut data = vec![0u8; len as usize];
+    stream
+        .read_exact(&mut data)
+        .await
+        .map_err(|e| link("receiving block data", e))?;
+    Ok(data)
+}

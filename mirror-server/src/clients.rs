@@ -1,0 +1,275 @@
+//! Enrolled clients: who may connect, and as whom.
+//!
+//! One JSON file per client in `DATA/clients/NAME.json` (format 1):
+//!
+//! ```text
+//! {"format":1,"name":"laptop-7","created_ms":..,
+//!  "token":{"secret_sha256":"<hex>","expires_ms":..} | null,
+//!  "fingerprint":"<hex of the client certificate's sha256>" | null,
+//!  "revoked":false}
+//! ```
+//!
+//! `client add` writes a pending client with a token (the secret itself is
+//! printed once and never stored); `enroll` consumes the token and records
+//! the client's certificate fingerprint; `revoke` marks it revoked, which
+//! the server notices within a second and cuts the client off.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use ublk_mirror_common::identity::Fingerprint;
+use ublk_mirror_common::proto::check_name;
+
+use crate::error::{Error, Result};
+
+/// Directory of the client files in the data directory.
+pub const CLIENTS_DIR: &str = "clients";
+
+/// How long a token is good for, unless told otherwise.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+const FORMAT: u32 = 1;
+
+/// A pending enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingToken {
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+    /// When it stops being accepted, ms since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// One client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Client {
+    /// Format of the file.
+    pub format: u32,
+    /// Its name (also its directory of volumes).
+    pub name: String,
+    /// When `client add` made it.
+    pub created_ms: u64,
+    /// The token not used yet, if any.
+    pub token: Option<PendingToken>,
+    /// Its certificate, once enrolled (SHA-256, hex).
+    pub fingerprint: Option<String>,
+    /// Cut off for good.
+    pub revoked: bool,
+}
+
+impl Client {
+    /// `pending`, `enrolled` or `revoked`.
+    pub fn state(&self) -> &'static str {
+        if self.revoked {
+            "revoked"
+        } else if self.fingerprint.is_some() {
+            "enrolled"
+        } else {
+            "pending"
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The client files of a data directory.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    dir: PathBuf,
+}
+
+impl Registry {
+    /// The registry in `data` (its directory is created if missing).
+    pub fn open(data: &Path) -> Result<Registry> {
+        let dir = data.join(CLIENTS_DIR);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        Ok(Registry { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    /// Read one client.
+    pub fn get(&self, name: &str) -> Result<Option<Client>> {
+        check_name(name).map_err(|e| Error::Invalid(e.to_string()))?;
+        let path = self.path(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    fn put(&self, client: &Client) -> Result<()> {
+        let path = self.path(&client.name);
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(client).map_err(|e| Error::Corrupt(e.to_string()))?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Every client, by name.
+    pub fn list(&self) -> Result<Vec<Client>> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(format!("listing {}", self.dir.display()), e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = name.strip_suffix(".json") {
+                if let Some(c) = self.get(name)? {
+                    out.push(c);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Add a client, or give a pending one a new token; returns the secret
+    /// (shown once). An enrolled or revoked client is not touched.
+    pub fn add(&self, name: &str, ttl: Duration) -> Result<[u8; 32]> {
+        let mut client = match self.get(name)? {
+            Some(c) if c.state() != "pending" => {
+                return Err(Error::Invalid(format!(
+                    "client {name} is {} already; pick another name",
+                    c.state()
+                )))
+            }
+            Some(c) => c,
+            None => Client {
+                format: FORMAT,
+                name: name.to_string(),
+                created_ms: now_ms(),
+                token: None,
+                fingerprint: None,
+                revoked: false,
+            },
+        };
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret)
+            .map_err(|e| Error::Invalid(format!("no randomness for the secret: {e}")))?;
+        client.token = Some(PendingToken {
+            secret_sha256: hex(&Sha256::digest(secret)),
+            expires_ms: now_ms().saturating_add(ttl.as_millis() as u64),
+        });
+        self.put(&client)?;
+        Ok(secret)
+    }
+
+    /// Consume `name`'s token with `secret` and record `fingerprint` as
+    /// its certificate. Wrong, expired, used tokens and unknown names are
+    /// refused alike.
+    pub fn enroll(&self, name: &str, secret: &[u8; 32], fingerprint: Fingerprint) -> Result<()> {
+        let refused = || {
+            Error::Invalid(format!(
+                "enrollment of {name:?} refused: unknown name, or a wrong, used or expired token"
+            ))
+        };
+        let Some(mut client) = self.get(name).map_err(|_| refused())? else {
+            return Err(refused());
+        };
+        let Some(token) = client.token.as_ref().filter(|_| !client.revoked) else {
+            return Err(refused());
+        };
+        let offered = hex(&Sha256::digest(secret));
+        if !constant_time_eq(offered.as_bytes(), token.secret_sha256.as_bytes())
+            || token.expires_ms < now_ms()
+        {
+            return Err(refused());
+        }
+        client.token = None;
+        client.fingerprint = Some(hex(&fingerprint.0));
+        self.put(&client)
+    }
+
+    /// Mark a client revoked: it can connect no more.
+    pub fn revoke(&self, name: &str) -> Result<()> {
+        let Some(mut client) = self.get(name)? else {
+            return Err(Error::Invalid(format!("there is no client {name}")));
+        };
+        client.revoked = true;
+        client.token = None;
+        self.put(&client)
+    }
+
+    /// Whether this certificate belongs to a revoked client.
+    pub fn revoked(&self, fingerprint: Fingerprint) -> Result<bool> {
+        let fp = hex(&fingerprint.0);
+        Ok(self
+            .list()?
+            .iter()
+            .any(|c| c.revoked && c.fingerprint.as_deref() == Some(fp.as_str())))
+    }
+
+    /// The enrolled, unrevoked client with this certificate.
+    pub fn who(&self, fingerprint: Fingerprint) -> Result<Option<String>> {
+        let fp = hex(&fingerprint.0);
+        Ok(self
+            .list()?
+            .into_iter()
+            .find(|c| !c.revoked && c.fingerprint.as_deref() == Some(fp.as_str()))
+            .map(|c| c.name))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_enrolls_once_and_revocation_cuts_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path()).unwrap();
+        let secret = r.add("laptop", DEFAULT_TOKEN_TTL).unwrap();
+        assert_eq!(r.get("laptop").unwrap().unwrap().state(), "pending");
+        let fp = Fingerprint([7; 32]);
+        assert!(
+            r.enroll("laptop", &[0; 32], fp).is_err(),
+            "a wrong secret enrolled"
+        );
+        assert!(
+            r.enroll("other", &secret, fp).is_err(),
+            "an unknown name enrolled"
+        );
+        r.enroll("laptop", &secret, fp).unwrap();
+        assert!(
+            r.enroll("laptop", &secret, Fingerprint([8; 32])).is_err(),
+            "a token was reused"
+        );
+        assert_eq!(r.who(fp).unwrap().as_deref(), Some("laptop"));
+        assert!(
+            r.add("laptop", DEFAULT_TOKEN_TTL).is_err(),
+            "an enrolled client got a new token"
+        );
+        assert!(!r.revoked(fp).unwrap());
+        r.revoke("laptop").unwrap();
+        assert_eq!(r.who(fp).unwrap(), None);
+        assert!(r.revoked(fp).unwrap());
+        assert_eq!(r.list().unwrap()[0].state(), "revoked");
+        // An expired token is refused.
+        let s = r.add("old", Duration::ZERO).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(r.enroll("old", &s, fp).is_err());
+        assert!(r.get("../etc").is_err(), "a path as a name");
+    }
+}

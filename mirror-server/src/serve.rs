@@ -1,0 +1,393 @@
+//! The QUIC server: authenticates clients by their pinned certificates and
+//! takes epochs into their volumes.
+//!
+//! Each request is one bidirectional stream that starts with an exchange
+//! of [`Message::Hello`]s. A client whose certificate is not enrolled may
+//! only send [`Message::Enroll`]. Volumes live under the client's own
+//! directory (`volumes/CLIENT/VOLUME`), named by the authenticated
+//! certificate, never by the request: a client cannot even name another
+//! client's volume. A malformed frame ends that connection, with the reason
+//! logged; other connections go on. A revoked client's connections are
+//! closed within a second.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ublk_mirror_common::identity::{Fingerprint, Identity};
+use ublk_mirror_common::proto::{Message, ProtoError};
+use ublk_mirror_common::{tls, wire};
+
+use crate::clients::Registry;
+use crate::config::ServerConfig;
+use crate::error::{Error, Result};
+use crate::store::{Volume, VOLUMES_DIR};
+
+/// QUIC close code: the client was revoked.
+const CLOSE_REVOKED: u32 = 1;
+/// QUIC close code: the peer broke the protocol.
+const CLOSE_PROTOCOL: u32 = 2;
+
+/// How often connections re-check that their client is still allowed.
+const RECHECK: Duration = Duration::from_secs(1);
+
+type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
+
+/// What every connection shares.
+#[derive(Debug)]
+struct Shared {
+    data: PathBuf,
+    registry: Registry,
+    volumes: Mutex<HashMap<(String, String), SharedVolume>>,
+}
+
+/// Serve until `shutdown` resolves. `on_listening` gets the bound address
+/// (useful with port 0).
+pub async fn run(
+    data: &Path,
+    config: &ServerConfig,
+    on_listening: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let identity = Identity::load(&data.join("identity"))
+        .map_err(|e| Error::Invalid(format!("{e} (run `mirror-server init` first)")))?;
+    let server_config = tls::server_config(&identity).map_err(|e| Error::Invalid(e.to_string()))?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        .map_err(|e| Error::io(format!("listening on {} (udp)", config.listen), e))?;
+    let local = endpoint
+        .local_addr()
+        .map_err(|e| Error::io("reading the bound address", e))?;
+    tracing::info!(listen = %local, fingerprint = %identity.fingerprint(), "serving");
+    on_listening(local);
+    let shared = Arc::new(Shared {
+        data: data.to_path_buf(),
+        registry: Registry::open(data)?,
+        volumes: Mutex::new(HashMap::new()),
+    });
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    if let Err(e) = connection(shared, incoming).await {
+                        tracing::info!(%remote, "connection ended: {e}");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("shutting down");
+    endpoint.close(0u32.into(), b"server shutting down");
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+fn link(e: impl std::fmt::Display) -> Error {
+    Error::Invalid(e.to_string())
+}
+
+async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<()> {
+    let conn = incoming.await.map_err(link)?;
+    let fingerprint = tls::peer_fingerprint(&conn)
+        .ok_or_else(|| Error::Invalid("the client presented no certificate".into()))?;
+    let registry = shared.registry.clone();
+    let client = tokio::task::block_in_place(|| registry.who(fingerprint))?;
+    tracing::info!(
+        remote = %conn.remote_address(),
+        client = client.as_deref().unwrap_or("(not enrolled)"),
+        "connected"
+    );
+    // Revocation cuts a client off at once (within RECHECK), also one
+    // that enrolled on this very connection.
+    {
+        let watched = conn.clone();
+        let registry = shared.registry.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = watched.closed() => return,
+                    () = tokio::time::sleep(RECHECK) => {}
+                }
+                if tokio::task::block_in_place(|| registry.revoked(fingerprint)).unwrap_or(false) {
+                    tracing::warn!(%fingerprint, "client revoked: closing its connection");
+                    watched.close(CLOSE_REVOKED.into(), b"revoked");
+                    return;
+                }
+            }
+        });
+    }
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(quinn::ConnectionError::ApplicationClosed(_))
+            | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
+            Err(e) => return Err(link(e)),
+        };
+        let shared = shared.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            if let Err(e) = request(&shared, fingerprint, send, recv).await {
+                match e {
+                    Fault::Protocol(reason) => {
+                        tracing::warn!(remote = %conn.remote_address(), "protocol violation, closing: {reason}");
+                        conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+                    }
+                    Fault::Other(e) => tracing::info!("request failed: {e}"),
+                }
+            }
+        });
+    }
+}
+
+/// How a request ended badly.
+enum Fault {
+    /// The peer broke the protocol: the connection ends.
+    Protocol(String),
+    /// Anything else: the stream ends.
+    Other(Error),
+}
+
+impl From<ublk_mirror_common::Error> for Fault {
+    fn from(e: ublk_mirror_common::Error) -> Fault {
+        match e {
+            ublk_mirror_common::Error::Proto(p) => Fault::Protocol(p.to_string()),
+            other => Fault::Other(Error::Invalid(other.to_string())),
+        }
+    }
+}
+
+impl From<Error> for Fault {
+    fn from(e: Error) -> Fault {
+        Fault::Other(e)
+    }
+}
+
+async fn refuse(send: &mut quinn::SendStream, reason: String) -> std::result::Result<(), Fault> {
+    wire::send(send, &Message::Refused { reason }).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn request(
+    shared: &Shared,
+    fingerprint: Fingerprint,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> std::result::Result<(), Fault> {
+    let hello = wire::expect(&mut recv).await?;
+    if let Err(e) = hello.check_hello() {
+        refuse(&mut send, e.to_string()).await?;
+        return Err(Fault::Protocol(e.to_string()));
+    }
+    wire::send(&mut send, &Message::hello()).await?;
+    let req = wire::expect(&mut recv).await?;
+    if let Message::Enroll { name, secret } = &req {
+        let registry = shared.registry.clone();
+        let enrolled = tokio::task::block_in_place(|| registry.enroll(name, secret, fingerprint));
+        return match enrolled {
+            Ok(()) => {
+                tracing::info!(client = %name, %fingerprint, "client enrolled");
+                wire::send(&mut send, &Message::Enrolled { name: name.clone() }).await?;
+                let _ = send.finish();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(client = %name, "enrollment refused");
+                refuse(&mut send, e.to_string()).await
+            }
+        };
+    }
+    // Who the client is, now: enrolled on this connection, or revoked.
+    let registry = shared.registry.clone();
+    let client = tokio::task::block_in_place(|| registry.who(fingerprint))?;
+    let Some(client) = client.as_deref() else {
+        return refuse(
+            &mut send,
+            "this client is not enrolled: run `ublk-mirror enroll TOKEN` with a token from `mirror-server client add`".into(),
+        )
+        .await;
+    };
+    match req {
+        Message::OpenVolume { volume, size } => {
+            let opened = open_volume(shared, client, &volume, Some(size));
+            match opened {
+                Ok(v) => {
+                    let state = v.lock().await.state();
+                    wire::send(
+                        &mut send,
+                        &Message::VolumeInfo {
+                            volume,
+                            size: state.size,
+                            published_epoch: state.published_epoch,
+                        },
+                    )
+                    .await?;
+                    let _ = send.finish();
+                    Ok(())
+                }
+                Err(e) => refuse(&mut send, e.to_string()).await,
+            }
+        }
+        Message::BeginEpoch { volume, epoch } => {
+            let v = match open_volume(shared, client, &volume, None) {
+                Ok(v) => v,
+                Err(e) => return refuse(&mut send, e.to_string()).await,
+            };
+            receive_epoch(&v, epoch, &mut send, &mut recv).await
+        }
+        other => Err(Fault::Protocol(format!(
+            "a request cannot start with {}",
+            variant(&other)
+        ))),
+    }
+}
+
+fn variant(m: &Message) -> String {
+    format!("{m:?}")
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// The volume `client/volume`, opened once (finishing an interrupted
+/// commit) and shared; created when `size` is given and it is new.
+fn open_volume(
+    shared: &Shared,
+    client: &str,
+    volume: &str,
+    size: Option<u64>,
+) -> Result<SharedVolume> {
+    let key = (client.to_string(), volume.to_string());
+    let mut volumes = shared.volumes.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(v) = volumes.get(&key) {
+        if let Some(size) = size {
+            let have = v.try_lock().map(|v| v.state().size).unwrap_or(size);
+            if have != size {
+                return Err(size_mismatch(volume, have, size));
+            }
+        }
+        return Ok(v.clone());
+    }
+    let dir = shared.data.join(VOLUMES_DIR).join(client).join(volume);
+    let opened = if dir.exists() {
+        let (v, recovery) = tokio::task::block_in_place(|| Volume::open(&dir))?;
+        if recovery.completed.is_some() || !recovery.dropped.is_empty() {
+            tracing::warn!(client, volume, ?recovery, "volume recovered");
+        }
+        if let Some(size) = size {
+            if v.state().size != size {
+                return Err(size_mismatch(volume, v.state().size, size));
+            }
+        }
+        v
+    } else {
+        let Some(size) = size else {
+            return Err(Error::Invalid(format!(
+                "there is no volume {volume}: open it first"
+            )));
+        };
+        tracing::info!(client, volume, size, "new volume");
+        tokio::task::block_in_place(|| Volume::create(&dir, size))?
+    };
+    let v = Arc::new(tokio::sync::Mutex::new(opened));
+    volumes.insert(key, v.clone());
+    Ok(v)
+}
+
+fn size_mismatch(volume: &str, have: u64, asked: u64) -> Error {
+    Error::Invalid(format!(
+        "volume {volume} is {have} bytes on the server, not {asked}: a volume's size never changes (use another volume name)"
+    ))
+}
+
+/// Take one epoch: blocks until `EndEpoch`; refused blocks are asked for
+/// again; then publish and answer `Committed`. One epoch at a time per
+/// volume (the volume's lock is held throughout).
+async fn receive_epoch(
+    volume: &SharedVolume,
+    epoch: u64,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> std::result::Result<(), Fault> {
+    let mut v = volume.lock().await;
+    let mut staging = match v.begin(epoch) {
+        Ok(s) => s,
+        Err(e) => return refuse(send, e.to_string()).await,
+    };
+    let mut received = 0u64;
+    let mut refused: Vec<(u64, u32)> = Vec::new();
+    loop {
+        match wire::expect(recv).await? {
+            Message::Block {
+                offset,
+                len,
+                sha256,
+                encoding,
+                data_len,
+            } => {
+                let data = wire::recv_data(recv, data_len).await?;
+                received += 1;
+                let added = tokio::task::block_in_place(|| {
+                    staging.add(offset, len, &sha256, encoding, &data)
+                });
+                match added {
+                    Ok(()) => {}
+                    Err(Error::BadBlock(reason)) => {
+                        tracing::warn!(
+                            epoch,
+                            offset,
+                            "block refused, asking for it again: {reason}"
+                        );
+                        refused.push((offset, len));
+                    }
+                    Err(e) => return refuse(send, e.to_string()).await,
+                }
+            }
+            Message::EndEpoch { blocks } => {
+                if blocks != received {
+                    return Err(Fault::Protocol(format!(
+                        "epoch {epoch}: {blocks} blocks announced, {received} received"
+                    )));
+                }
+                if !refused.is_empty() {
+                    wire::send(
+                        send,
+                        &Message::Resend {
+                            blocks: std::mem::take(&mut refused),
+                        },
+                    )
+                    .await?;
+                    continue;
+                }
+                let committed = tokio::task::block_in_place(|| v.commit(staging));
+                return match committed {
+                    Ok(()) => {
+                        wire::send(send, &Message::Committed { epoch }).await?;
+                        let _ = send.finish();
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::error!(epoch, "cannot publish: {e}");
+                        refuse(
+                            send,
+                            format!("the server cannot publish epoch {epoch}: {e}"),
+                        )
+                        .await
+                    }
+                };
+            }
+            other => {
+                return Err(Fault::Protocol(
+                    ProtoError::Malformed(format!("{} inside an epoch", variant(&other)))
+                        .to_string(),
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! A real `mirror-server` process on 127.0.0.1 and clients speaking to it
+//! through the client library: enrollment, volumes, epochs, and the
+//! peers it must refuse.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use ublk_mirror_common::client::{encode_block, Link};
+use ublk_mirror_common::identity::Identity;
+use ublk_mirror_common::proto::{Encoding, Message};
+use ublk_mirror_common::token::Token;
+use ublk_mirror_common::wire;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mirror-server")
+}
+
+struct Server {
+    data: PathBuf,
+    child: Child,
+    address: String,
+}
+
+impl Server {
+    fn start(data: &Path) -> Server {
+        if !data.join("server.toml").exists() {
+            let init = Command::new(bin())
+                .args(["--data"])
+                .arg(data)
+                .args(["init", "--listen", "127.0.0.1:0"])
+                .output()
+                .unwrap();
+            assert!(init.status.success(), "{init:?}");
+        }
+        let mut child = Command::new(bin())
+            .arg("--data")
+            .arg(data)
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server {
+            data: data.to_path_buf(),
+            child,
+            address,
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .arg("--data")
+            .arg(&self.data)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn token(&self, name: &str) -> Token {
+        let out = self.cli(&["client", "add", name, "--address", &self.address]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    fn image(&self, client: &str, volume: &str) -> Vec<u8> {
+        std::fs::read(
+            self.data
+                .join("volumes")
+                .join(client)
+                .join(volume)
+                .join("image"),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn enrolled(server: &Server, dir: &Path, name: &str) -> (Identity, Link) {
+    let id = Identity::create(&dir.join(name)).unwrap();
+    let token = server.token(name);
+    let link = Link::connect(&id, token.server, &server.address)
+        .await
+        .unwrap();
+    assert_eq!(link.enroll(name, token.secret).await.unwrap(), name);
+    (id, link)
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add((i / 7) as u8)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrolled_clients_ship_epochs_into_their_own_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_a, a) = enrolled(&server, dir.path(), "laptop").await;
+    let (_b, b) = enrolled(&server, dir.path(), "desktop").await;
+    let size = 1 << 20;
+    assert_eq!(
+        a.open_volume("root", size).await.unwrap().published_epoch,
+        0
+    );
+    assert_eq!(
+        b.open_volume("root", size).await.unwrap().published_epoch,
+        0
+    );
+
+    let mut model = vec![0u8; size as usize];
+    let blocks = [(0u64, 65536u32), (196608, 4096), (512 * 1024, 131072)];
+    for &(o, l) in &blocks {
+        model[o as usize..][..l as usize].copy_from_slice(&pattern(o as u8, l as usize));
+    }
+    let snapshot = model.clone();
+    let shipped = a
+        .send_epoch("root", 1, &blocks, 3, |o, l| {
+            Ok(snapshot[o as usize..][..l as usize].to_vec())
+        })
+        .await
+        .unwrap();
+    assert_eq!(shipped.blocks, 3);
+    assert!(
+        shipped.wire_bytes < shipped.bytes,
+        "nothing was compressed: {shipped:?}"
+    );
+    assert!(server.image("laptop", "root") == model);
+    // The other client's volume of the same name is its own.
+    assert!(server.image("desktop", "root").iter().all(|&x| x == 0));
+    assert_eq!(
+        b.open_volume("root", size).await.unwrap().published_epoch,
+        0
+    );
+
+    // Epoch 2: a zero block becomes a hole; an old epoch number is refused.
+    model[0..65536].fill(0);
+    let snapshot = model.clone();
+    a.send_epoch("root", 2, &[(0, 65536)], 3, |o, l| {
+        Ok(snapshot[o as usize..][..l as usize].to_vec())
+    })
+    .await
+    .unwrap();
+    assert!(server.image("laptop", "root") == model);
+    let err = a
+        .send_epoch("root", 2, &[(0, 4096)], 3, |_, l| Ok(vec![1; l as usize]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not newer than the published epoch 2"),
+        "{err}"
+    );
+    // A size that differs from the volume's is refused.
+    let err = a
+        .open_volume("root", size * 2)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("size never changes"), "{err}");
+
+    let listed = server.cli(&["volumes", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(v[1]["volume"], "laptop/root");
+    assert_eq!(v[1]["published_epoch"], 2);
+    assert_eq!(v[0]["volume"], "desktop/root");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupted_block_is_refused_and_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    link.open_volume("v", 1 << 20).await.unwrap();
+    let data = pattern(9, 8192);
+    let (send, recv) = link.stream().await.unwrap();
+    let (mut send, mut recv) = (send, recv);
+    wire::send(
+        &mut send,
+        &Message::BeginEpoch {
+            volume: "v".into(),
+            epoch: 1,
+        },
+    )
+    .await
+    .unwrap();
+    // Damaged in transit: the bytes no longer match their hash.
+    let mut damaged = data.clone();
+    damaged[100] ^= 1;
+    let header = Message::Block {
+        offset: 0,
+        len: 8192,
+        sha256: Sha256::digest(&data).into(),
+        encoding: Encoding::Raw,
+        data_len: 8192,
+    };
+    wire::send_with_data(&mut send, &header, &damaged)
+        .await
+        .unwrap();
+    wire::send(&mut send, &Message::EndEpoch { blocks: 1 })
+        .await
+        .unwrap();
+    assert_eq!(
+        wire::expect(&mut recv).await.unwrap(),
+        Message::Resend {
+            blocks: vec![(0, 8192)]
+        }
+    );
+    assert!(
+        server.image("laptop", "v").iter().all(|&x| x == 0),
+        "a refused block reached the image"
+    );
+    let (header, payload) = encode_block(0, &data, 3);
+    wire::send_with_data(&mut send, &header, &payload)
+        .await
+        .unwrap();
+    wire::send(&mut send, &Message::EndEpoch { blocks: 2 })
+        .await
+        .unwrap();
+    assert_eq!(
+        wire::expect(&mut recv).await.unwrap(),
+        Message::Committed { epoch: 1 }
+    );
+    assert_eq!(server.image("laptop", "v")[..8192], data[..]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_reused_tokens_wrong_fingerprints_and_revoked_clients_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let token = server.token("laptop");
+
+    // A certificate that never enrolled may only enroll.
+    let stranger = Identity::create(&dir.path().join("stranger")).unwrap();
+    let link = Link::connect(&stranger, token.server, &server.address)
+        .await
+        .unwrap();
+    let err = link
+        .open_volume("root", 4096)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not enrolled"), "{err}");
+    let err = link
+        .enroll("laptop", [0; 32])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused"), "{err}");
+
+    // The token works once.
+    let mine = Identity::create(&dir.path().join("mine")).unwrap();
+    let link = Link::connect(&mine, token.server, &server.address)
+        .await
+        .unwrap();
+    link.enroll("laptop", token.secret).await.unwrap();
+    let again = Link::connect(&stranger, token.server, &server.address)
+        .await
+        .unwrap();
+    assert!(
+        again.enroll("laptop", token.secret).await.is_err(),
+        "a token was used twice"
+    );
+
+    // A client that pinned another server does not connect.
+    let impostor = Identity::create(&dir.path().join("impostor")).unwrap();
+    assert!(
+        Link::connect(&mine, impostor.fingerprint(), &server.address)
+            .await
+            .is_err()
+    );
+
+    // Revocation closes the live connection and refuses new ones.
+    link.open_volume("root", 4096).await.unwrap();
+    let out = server.cli(&["client", "revoke", "laptop"]);
+    assert!(out.status.success(), "{out:?}");
+    let mut closed = false;
+    for _ in 0..50 {
+        if link.close_reason().is_some() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed, "a revoked client's connection stayed open");
+    let link = Link::connect(&mine, token.server, &server.address)
+        .await
+        .unwrap();
+    let err = link
+        .open_volume("root", 4096)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not enrolled"), "{err}");
+    let listed = String::from_utf8_lossy(&server.cli(&["client", "list"]).stdout).to_string();
+    assert!(listed.contains("revoked"), "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_frame_ends_only_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_a, bad) = enrolled(&server, dir.path(), "bad").await;
+    let (_b, good) = enrolled(&server, dir.path(), "good").await;
+    good.open_volume("v", 1 << 20).await.unwrap();
+    let (mut send, _recv) = bad.stream().await.unwrap();
+    // A frame announcing more than the limit.
+    send.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+    send.write_all(&[0; 64]).await.unwrap();
+    let mut closed = false;
+    for _ in 0..50 {
+        if let Some(reason) = bad.close_reason() {
+            assert!(reason.contains("larger than the limit"), "{reason}");
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed, "the connection that sent garbage stayed open");
+    let data = pattern(1, 4096);
+    good.send_epoch("v", 1, &[(0, 4096)], 3, |_, _| Ok(data.clone()))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,117 @@
+//! This machine's enrollment with a mirror server: its identity (key and
+//! self-signed certificate) and the server it pinned.
+//!
+//! Files in the client directory (default `/var/lib/ublk-mirror/client/`):
+//! `key.pem` (0600), `cert.pem`, and `server.json` (format 1):
+//! `{"format":1,"name":"laptop-7","address":"host:4747","fingerprint":"<hex>"}`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use ublk_mirror_common::client::Link;
+use ublk_mirror_common::identity::{Fingerprint, Identity};
+use ublk_mirror_common::token::Token;
+
+use crate::error::{Error, Result};
+
+/// The default client directory.
+pub const DEFAULT_CLIENT_DIR: &str = "/var/lib/ublk-mirror/client";
+
+const SERVER_FILE: &str = "server.json";
+const FORMAT: u32 = 1;
+
+/// The server this machine is enrolled with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// Format of the file.
+    pub format: u32,
+    /// This client's name on the server.
+    pub name: String,
+    /// The server's address (`host:port`).
+    pub address: String,
+    /// The server certificate's SHA-256, hex.
+    pub fingerprint: String,
+}
+
+impl Enrollment {
+    /// The pinned server certificate.
+    pub fn server(&self) -> Result<Fingerprint> {
+        let bad = || Error::InvalidConfig(format!("{SERVER_FILE}: bad fingerprint"));
+        if self.fingerprint.len() != 64 {
+            return Err(bad());
+        }
+        let mut fp = [0u8; 32];
+        for (i, b) in fp.iter_mut().enumerate() {
+            *b = u8::from_str_radix(self.fingerprint.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(fp))
+    }
+
+    /// Read the enrollment in `dir`.
+    pub fn load(dir: &Path) -> Result<Enrollment> {
+        let path = dir.join(SERVER_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::io(
+                format!(
+                    "reading {} (enroll first: `ublk-mirror enroll TOKEN`)",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::ConfigFile {
+            path,
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn common_error(e: ublk_mirror_common::Error) -> Error {
+    Error::io("enrolling", std::io::Error::other(e.to_string()))
+}
+
+/// Enroll with the server a token names: make this machine's identity (once),
+/// prove the token's secret over a connection that pins the server, and
+/// record the server. Returns where it was saved.
+pub fn enroll(dir: &Path, token: &Token) -> Result<PathBuf> {
+    let path = dir.join(SERVER_FILE);
+    if path.exists() {
+        return Err(Error::InvalidConfig(format!(
+            "this machine is enrolled already ({}); remove the directory {} to enroll anew",
+            path.display(),
+            dir.display()
+        )));
+    }
+    let identity = if dir.join("key.pem").exists() {
+        Identity::load(dir).map_err(common_error)?
+    } else {
+        Identity::create(dir).map_err(common_error)?
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    let name = runtime
+        .block_on(async {
+            let link = Link::connect(&identity, token.server, &token.address).await?;
+            let name = link.enroll(&token.name, token.secret).await;
+            link.close().await;
+            name
+        })
+        .map_err(common_error)?;
+    let enrollment = Enrollment {
+        format: FORMAT,
+        name,
+        address: token.address.clone(),
+        fingerprint: token.server.0.iter().map(|b| format!("{b:02x}")).collect(),
+    };
+    let text = serde_json::to_vec_pretty(&enrollment)
+        .map_err(|e| Error::io("encoding the enrollment", std::io::Error::other(e)))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    Ok(path)
+}
