@@ -5,4 +5,5 @@
 
 mod cli;
 mod control;
+mod enroll;
 mod local_io;
