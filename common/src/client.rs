@@ -152,27 +152,67 @@ impl Link {
         )
         .await?;
         let mut shipped = Shipped::default();
+        let sent = self
+            .send_blocks(
+                &mut send,
+                &mut recv,
+                epoch,
+                blocks,
+                level,
+                &mut read,
+                &mut shipped,
+            )
+            .await;
+        match sent {
+            Err(Error::Link(e)) => {
+                // The server may have refused and ended the stream while
+                // blocks were still going out: its reason says more.
+                let answer = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    wire::expect(&mut recv),
+                )
+                .await;
+                match answer {
+                    Ok(Ok(Message::Refused { reason })) => Err(Error::Refused(reason)),
+                    _ => Err(Error::Link(e)),
+                }
+            }
+            other => other.map(|()| shipped),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_blocks(
+        &self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        epoch: u64,
+        blocks: &[(u64, u32)],
+        level: i32,
+        read: &mut impl FnMut(u64, u32) -> Result<Vec<u8>>,
+        shipped: &mut Shipped,
+    ) -> Result<()> {
         let mut todo: Vec<(u64, u32)> = blocks.to_vec();
         for _attempt in 0..3 {
             for &(offset, len) in &todo {
                 let data = read(offset, len)?;
                 let (header, payload) = encode_block(offset, &data, level);
-                wire::send_with_data(&mut send, &header, &payload).await?;
+                wire::send_with_data(send, &header, &payload).await?;
                 shipped.blocks += 1;
                 shipped.bytes += u64::from(len);
                 shipped.wire_bytes += payload.len() as u64;
             }
             wire::send(
-                &mut send,
+                send,
                 &Message::EndEpoch {
                     blocks: shipped.blocks,
                 },
             )
             .await?;
-            match wire::expect(&mut recv).await? {
+            match wire::expect(recv).await? {
                 Message::Committed { epoch: e } if e == epoch => {
                     let _ = send.finish();
-                    return Ok(shipped);
+                    return Ok(());
                 }
                 Message::Resend { blocks } => {
                     tracing::warn!(
@@ -188,6 +228,14 @@ impl Link {
         Err(Error::Link(format!(
             "epoch {epoch}: blocks kept failing their checks on the server"
         )))
+    }
+
+    /// Resolves when the connection ends, with why.
+    pub async fn closed(&self) -> Error {
+        Error::Link(format!(
+            "the connection ended: {}",
+            self.conn.closed().await
+        ))
     }
 
     /// Whether the server closed the connection, and why.

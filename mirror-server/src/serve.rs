@@ -39,7 +39,8 @@ type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
 struct Shared {
     data: PathBuf,
     registry: Registry,
-    volumes: Mutex<HashMap<(String, String), SharedVolume>>,
+    /// Open volumes by (client, volume), with their size.
+    volumes: Mutex<HashMap<(String, String), (u64, SharedVolume)>>,
 }
 
 /// Serve until `shutdown` resolves. `on_listening` gets the bound address
@@ -265,12 +266,9 @@ fn open_volume(
 ) -> Result<SharedVolume> {
     let key = (client.to_string(), volume.to_string());
     let mut volumes = shared.volumes.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(v) = volumes.get(&key) {
-        if let Some(size) = size {
-            let have = v.try_lock().map(|v| v.state().size).unwrap_or(size);
-            if have != size {
-                return Err(size_mismatch(volume, have, size));
-            }
+    if let Some((have, v)) = volumes.get(&key) {
+        if let Some(size) = size.filter(|s| s != have) {
+            return Err(size_mismatch(volume, *have, size));
         }
         return Ok(v.clone());
     }
@@ -295,8 +293,9 @@ fn open_volume(
         tracing::info!(client, volume, size, "new volume");
         tokio::task::block_in_place(|| Volume::create(&dir, size))?
     };
+    let have = opened.state().size;
     let v = Arc::new(tokio::sync::Mutex::new(opened));
-    volumes.insert(key, v.clone());
+    volumes.insert(key, (have, v.clone()));
     Ok(v)
 }
 

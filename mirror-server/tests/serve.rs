@@ -321,7 +321,8 @@ async fn a_malformed_frame_ends_only_its_connection() {
     let (mut send, _recv) = bad.stream().await.unwrap();
     // A frame announcing more than the limit.
     send.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
-    send.write_all(&[0; 64]).await.unwrap();
+    // (The server may have closed the connection already.)
+    let _ = send.write_all(&[0; 64]).await;
     let mut closed = false;
     for _ in 0..50 {
         if let Some(reason) = bad.close_reason() {

@@ -21,12 +21,16 @@
 //! region_size = "4M"          # write-intent region size (power of two, >= 64K)
 //! cow_memory = "64M"          # memory for blocks preserved for sealed epochs;
 //!                             # beyond it they spill to a file in state_dir
+//! mirror = "root"             # mirror to this volume on the enrolled server
+//! mirror_interval = "5s"      # least time between cuts shipped to the mirror
+//! zstd_level = 3              # compression of shipped blocks (1-19)
+//! client_dir = "/var/lib/ublk-mirror/client"  # this machine's enrollment
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use ublk_mirror_common::ByteSize;
+use ublk_mirror_common::{ByteSize, Span};
 
 use crate::error::{Error, Result};
 
@@ -78,6 +82,14 @@ pub struct DeviceConfig {
     pub region_size: Option<ByteSize>,
     /// Memory for preserved chunks of sealed epochs.
     pub cow_memory: Option<ByteSize>,
+    /// Mirror to this volume.
+    pub mirror: Option<String>,
+    /// Least time between cuts shipped to the mirror.
+    pub mirror_interval: Option<Span>,
+    /// zstd level for shipped blocks.
+    pub zstd_level: Option<i32>,
+    /// This machine's enrollment.
+    pub client_dir: Option<PathBuf>,
 }
 
 impl DeviceConfig {
@@ -118,6 +130,10 @@ impl DeviceConfig {
             state_dir: over.state_dir.or(self.state_dir),
             region_size: over.region_size.or(self.region_size),
             cow_memory: over.cow_memory.or(self.cow_memory),
+            mirror: over.mirror.or(self.mirror),
+            mirror_interval: over.mirror_interval.or(self.mirror_interval),
+            zstd_level: over.zstd_level.or(self.zstd_level),
+            client_dir: over.client_dir.or(self.client_dir),
         }
     }
 
@@ -210,6 +226,36 @@ impl DeviceConfig {
                 .cow_memory
                 .map_or(crate::epoch::DEFAULT_COW_MEMORY, |s| s.0),
         };
+        let mirror = match self.mirror {
+            None => None,
+            Some(volume) => {
+                ublk_mirror_common::proto::check_name(&volume)
+                    .map_err(|e| Error::InvalidConfig(format!("--mirror: {e}")))?;
+                if !tracking.enabled {
+                    return invalid("--mirror needs change tracking; drop --no-tracking".into());
+                }
+                let interval = self
+                    .mirror_interval
+                    .map_or(DEFAULT_MIRROR_INTERVAL, |s| s.0);
+                if interval < std::time::Duration::from_millis(100) {
+                    return invalid("--mirror-interval must be at least 100ms".into());
+                }
+                let zstd_level = self.zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL);
+                if !(1..=19).contains(&zstd_level) {
+                    return invalid(format!("--zstd-level {zstd_level} is out of range (1-19)"));
+                }
+                Some(MirrorSpec {
+                    volume,
+                    client_dir: absolute(
+                        self.client_dir.unwrap_or_else(|| {
+                            PathBuf::from(crate::enrollment::DEFAULT_CLIENT_DIR)
+                        }),
+                    )?,
+                    interval_ms: interval.as_millis() as u64,
+                    zstd_level,
+                })
+            }
+        };
         let backing = absolute(backing)?;
         Ok(DeviceSpec {
             backing,
@@ -221,6 +267,7 @@ impl DeviceConfig {
             logical_block_size,
             direct_io: self.direct_io.unwrap_or(true),
             tracking,
+            mirror,
         })
     }
 }
@@ -295,6 +342,27 @@ pub struct DeviceSpec {
     pub direct_io: bool,
     /// Change tracking.
     pub tracking: TrackingSpec,
+    /// Mirroring, if asked for.
+    #[serde(default)]
+    pub mirror: Option<MirrorSpec>,
+}
+
+/// Default least time between cuts shipped to the mirror.
+pub const DEFAULT_MIRROR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// Default zstd level for shipped blocks.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Validated mirroring settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorSpec {
+    /// The volume on the server.
+    pub volume: String,
+    /// This machine's enrollment (absolute).
+    pub client_dir: PathBuf,
+    /// Least time between cuts, ms.
+    pub interval_ms: u64,
+    /// zstd level.
+    pub zstd_level: i32,
 }
 
 #[cfg(test)]

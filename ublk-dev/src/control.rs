@@ -12,6 +12,7 @@
 //! {"version":1,"op":"seal","at_flush":true,"timeout_ms":2000}  -> {"ok":{"epoch":N}}
 //! {"version":1,"op":"epochs"}                      -> {"ok":{"current":N,"released":R,"sealed":[...]}}
 //! {"version":1,"op":"release","epoch":N}           -> {"ok":{"epoch":N,"released":B,"regions_cleared":K,"resync_done":B}}
+//! {"version":1,"op":"sync","timeout_ms":T}         -> {"ok":{"released":N}} once all written before is mirrored
 //! {"version":1,"op":"read","epoch":N}              -> {"ok":{"epoch":N,"bytes":B}}
 //!                                                     then extents, then {"end":true}
 //! ```
@@ -74,6 +75,19 @@ pub enum Request {
         /// The epoch.
         epoch: u64,
     },
+    /// Wait until everything written before this request is on the
+    /// mirror (asking the replicator for a cut now).
+    Sync {
+        /// How long to wait at most.
+        timeout_ms: u64,
+    },
+}
+
+/// The answer to `sync`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReply {
+    /// The last epoch released (on the mirror).
+    pub released: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -153,13 +167,22 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listen on device `id`'s socket (replacing a stale one).
-    pub fn start(id: u32, tracker: Arc<Tracker>) -> Result<Server> {
-        Server::start_at(&path(id), tracker)
+    /// Listen on device `id`'s socket (replacing a stale one). `kick`
+    /// asks the replicator for a cut, if the device is mirrored.
+    pub fn start(
+        id: u32,
+        tracker: Arc<Tracker>,
+        kick: Option<Arc<tokio::sync::Notify>>,
+    ) -> Result<Server> {
+        Server::start_at(&path(id), tracker, kick)
     }
 
     /// Listen on `path`.
-    pub fn start_at(path: &Path, tracker: Arc<Tracker>) -> Result<Server> {
+    pub fn start_at(
+        path: &Path,
+        tracker: Arc<Tracker>,
+        kick: Option<Arc<tokio::sync::Notify>>,
+    ) -> Result<Server> {
         let ctx = |what: &str| format!("{what} control socket {}", path.display());
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -194,10 +217,11 @@ impl Server {
                         }
                     };
                     let tracker = tracker.clone();
+                    let kick = kick.clone();
                     let spawned = std::thread::Builder::new()
                         .name("control-conn".into())
                         .spawn(move || {
-                            if let Err(e) = serve(conn, &tracker) {
+                            if let Err(e) = serve(conn, &tracker, kick.as_deref()) {
                                 tracing::debug!("control connection ended: {e}");
                             }
                         });
@@ -252,7 +276,11 @@ fn send_line(out: &mut impl Write, value: &impl Serialize) -> std::io::Result<()
     out.write_all(&line)
 }
 
-fn serve(conn: UnixStream, tracker: &Tracker) -> std::io::Result<()> {
+fn serve(
+    conn: UnixStream,
+    tracker: &Tracker,
+    kick: Option<&tokio::sync::Notify>,
+) -> std::io::Result<()> {
     // A client that connects and says nothing does not hold a thread forever.
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?).take(MAX_REQUEST);
@@ -302,6 +330,12 @@ fn serve(conn: UnixStream, tracker: &Tracker) -> std::io::Result<()> {
                 }),
             )?;
         }
+        Request::Sync { timeout_ms } => {
+            answer(
+                &mut out,
+                sync(tracker, kick, Duration::from_millis(timeout_ms)),
+            )?;
+        }
         Request::Release { epoch } => {
             let r: Result<Released> = tracker.release(epoch);
             answer(&mut out, r)?;
@@ -334,6 +368,45 @@ fn serve(conn: UnixStream, tracker: &Tracker) -> std::io::Result<()> {
         },
     }
     out.flush()
+}
+
+/// Wait until every change recorded before now is released (on the mirror).
+fn sync(
+    tracker: &Tracker,
+    kick: Option<&tokio::sync::Notify>,
+    timeout: Duration,
+) -> Result<SyncReply> {
+    let Some(kick) = kick else {
+        return Err(Error::InvalidConfig(
+            "this device is not mirrored (add it with --mirror VOLUME)".into(),
+        ));
+    };
+    // Changes so far lie in the current epoch (if it has any) or in the
+    // sealed ones before it.
+    let current = tracker.current_epoch();
+    let target = if tracker.has_changes() {
+        current
+    } else {
+        current - 1
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let released = tracker.released_epoch();
+        if released >= target {
+            return Ok(SyncReply { released });
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Daemon {
+                message: format!(
+                    "not everything is on the mirror after {} ms (released epoch {released}, waiting for {target}); see `ublk-mirror status`",
+                    timeout.as_millis()
+                ),
+                kind: ErrorKind::Device,
+            });
+        }
+        kick.notify_one();
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 enum StreamError {
@@ -448,6 +521,14 @@ impl Client {
     /// The device's epochs.
     pub fn epochs(&self) -> Result<EpochList> {
         let mut conn = self.request(Request::Epochs)?;
+        self.reply(&mut conn)
+    }
+
+    /// Wait until everything written before this call is on the mirror.
+    pub fn sync(&self, timeout: Duration) -> Result<SyncReply> {
+        let mut conn = self.request(Request::Sync {
+            timeout_ms: timeout.as_millis() as u64,
+        })?;
         self.reply(&mut conn)
     }
 

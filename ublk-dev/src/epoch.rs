@@ -40,6 +40,12 @@ use std::path::PathBuf;
 
 use ublk_mirror_common::RangeSet;
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Bytes per preserved chunk.
 pub const CHUNK: u64 = 4096;
 
@@ -116,6 +122,9 @@ pub struct Sealed {
     pub at_flush: bool,
     /// When it was sealed, in milliseconds since the Unix epoch.
     pub sealed_ms: u64,
+    /// When its first change was recorded (ms since the Unix epoch), if
+    /// it has any: the age of the oldest change not yet released.
+    pub first_change_ms: Option<u64>,
     /// Set when a chunk it needs could not be preserved: it can no longer
     /// be read as its cut. Releasing it moves what it changed into the
     /// current epoch's resync ranges, so its regions stay marked and the
@@ -303,6 +312,8 @@ pub struct Epochs {
     /// hold writes carried over from the previous epoch, which were in
     /// flight at its cut and do not stand for a write after the cut).
     written: RangeSet,
+    /// When the current epoch's first change was recorded.
+    first_change_ms: Option<u64>,
     sealed: VecDeque<Sealed>,
     released: u64,
     store: Store,
@@ -322,6 +333,7 @@ impl Epochs {
         memory_limit: u64,
         spill_dir: PathBuf,
     ) -> Epochs {
+        let first_change_ms = (!resync.is_empty()).then(now_ms);
         Epochs {
             device_size,
             current: released.max(sealed) + 1,
@@ -330,6 +342,7 @@ impl Epochs {
                 ..Changes::default()
             },
             written: RangeSet::new(),
+            first_change_ms,
             sealed: VecDeque::new(),
             released,
             store: Store {
@@ -467,6 +480,7 @@ impl Epochs {
     pub fn record(&mut self, kind: ChangeKind, range: Range<u64>) {
         self.written.insert(range.clone());
         self.changes.record(kind, range);
+        self.first_change_ms.get_or_insert_with(now_ms);
     }
 
     /// Record, in the current epoch, a request of the previous one that was
@@ -475,6 +489,18 @@ impl Epochs {
     /// the next write to them still preserves them for the sealed epoch.
     pub fn record_carried(&mut self, kind: ChangeKind, range: Range<u64>) {
         self.changes.record(kind, range);
+        self.first_change_ms.get_or_insert_with(now_ms);
+    }
+
+    /// The age of the oldest change not released yet, in ms since the
+    /// Unix epoch (`None`: nothing unreleased). Resync ranges count from
+    /// when they were found.
+    pub fn oldest_change_ms(&self) -> Option<u64> {
+        self.sealed
+            .iter()
+            .filter_map(|s| s.first_change_ms)
+            .chain(self.first_change_ms)
+            .min()
     }
 
     /// Seal the current epoch at this instant and open the next one;
@@ -486,6 +512,7 @@ impl Epochs {
             changes: std::mem::take(&mut self.changes),
             at_flush,
             sealed_ms: now_ms,
+            first_change_ms: self.first_change_ms.take(),
             broken: None,
         });
         self.written.clear();
@@ -522,6 +549,9 @@ impl Epochs {
         let released = self.sealed.pop_front();
         if let Some(s) = released.as_ref().filter(|s| s.broken.is_some()) {
             self.changes.resync.union_with(&s.changes.touched());
+            if let Some(t) = s.first_change_ms {
+                self.first_change_ms = Some(self.first_change_ms.map_or(t, |c| c.min(t)));
+            }
         }
         self.released = id;
         self.store.release(id);

@@ -10,6 +10,7 @@
 //! - [`tracking`]: change tracking in the write path (journal + exact ranges);
 //! - [`epoch`]: consistent cuts of the changes, with copy-on-write of what
 //!   sealed epochs still need;
+//! - [`replicator`]: ships sealed epochs to the mirror server (its own thread);
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
 //! - [`status`]: the status a daemon publishes for `ublk-mirror status`;
 //! - [`control`]: the daemon's control socket (seal, read, release epochs);
@@ -24,6 +25,7 @@ pub mod enrollment;
 pub mod epoch;
 mod error;
 pub mod journal;
+pub mod replicator;
 pub mod status;
 pub mod system;
 pub mod tracking;

@@ -111,6 +111,19 @@ enum Command {
         command: EpochCommand,
     },
 
+    /// Wait until everything written to a mirrored device before this
+    /// command is on the mirror (for scripts and shutdown).
+    ///
+    /// Asks the replicator for a cut now. Exits 0 once the mirror has it,
+    /// 4 if the timeout passes first (the link state is in `status`).
+    Sync {
+        /// Device id (N in /dev/ublkbN).
+        id: u32,
+        /// How long to wait at most.
+        #[arg(long, default_value = "5m", value_name = "DURATION")]
+        timeout: Span,
+    },
+
     /// Enroll this machine with a mirror server, once.
     ///
     /// TOKEN is the line `mirror-server client add NAME` printed. This
@@ -246,6 +259,25 @@ struct AddArgs {
     /// Do not track changes (no journal; nothing to mirror).
     #[arg(long)]
     no_tracking: bool,
+
+    /// Mirror the device to this volume on the server this machine is
+    /// enrolled with (`ublk-mirror enroll`). The mirror follows seconds
+    /// behind; local I/O never waits for it.
+    #[arg(long, value_name = "VOLUME")]
+    mirror: Option<String>,
+
+    /// Least time between cuts shipped to the mirror [default: 5s]; a
+    /// cut comes sooner when much is dirty or `ublk-mirror sync` asks.
+    #[arg(long, value_name = "DURATION")]
+    mirror_interval: Option<Span>,
+
+    /// zstd level for shipped blocks, 1-19 [default: 3].
+    #[arg(long, value_name = "N")]
+    zstd_level: Option<i32>,
+
+    /// This machine's enrollment [default: /var/lib/ublk-mirror/client].
+    #[arg(long, value_name = "DIR", env = "UBLK_MIRROR_CLIENT_DIR")]
+    client_dir: Option<PathBuf>,
 }
 
 impl AddArgs {
@@ -263,6 +295,10 @@ impl AddArgs {
             state_dir: self.state_dir.clone(),
             region_size: self.region_size,
             cow_memory: self.cow_memory,
+            mirror: self.mirror.clone(),
+            mirror_interval: self.mirror_interval,
+            zstd_level: self.zstd_level,
+            client_dir: self.client_dir.clone(),
         }
     }
 }
@@ -308,6 +344,15 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Del { id, all } => del(id, all),
         Command::Recover { id } => recover(id),
         Command::Epoch { command } => epoch(command),
+        Command::Sync { id, timeout } => {
+            require_root("control devices")?;
+            let r = Client::for_device(id).sync(timeout.0)?;
+            println!(
+                "device {id}: everything written before is on the mirror (epoch {})",
+                r.released
+            );
+            Ok(())
+        }
         Command::Enroll { token, client_dir } => {
             let token: ublk_mirror_common::token::Token = token
                 .parse()
@@ -512,6 +557,7 @@ fn spec_for_recovery(id: u32, record: &TargetRecord, info: &DeviceInfo) -> Devic
             enabled: false,
             cow_memory: ublk_dev::epoch::DEFAULT_COW_MEMORY,
         }),
+        mirror: record.mirror.clone(),
     }
 }
 
@@ -768,6 +814,10 @@ fn status(json: bool) -> anyhow::Result<()> {
             .as_ref()
             .map_or("-", |r| r.name.as_str())
             .to_string();
+        let (link, lag) = match s.as_ref().and_then(|s| s.mirror.as_ref()) {
+            Some(m) => (m.link.clone(), format!("{:.1}s", m.lag_ms as f64 / 1000.0)),
+            None => ("-".to_string(), "-".to_string()),
+        };
         let [dirty, zeroed, regions, epoch, oldest, resync, journal] =
             match s.as_ref().map(|s| &s.tracking) {
                 Some(Some(t)) => [
@@ -799,6 +849,8 @@ fn status(json: bool) -> anyhow::Result<()> {
             epoch,
             oldest,
             resync,
+            link,
+            lag,
             journal,
         ]
     });
@@ -806,9 +858,9 @@ fn status(json: bool) -> anyhow::Result<()> {
         &mut out,
         [
             "ID", "DEVICE", "NAME", "STATE", "DIRTY", "ZEROED", "REGIONS", "EPOCH", "OLDEST",
-            "RESYNC", "JOURNAL",
+            "RESYNC", "MIRROR", "LAG", "JOURNAL",
         ],
-        [-4, -13, -16, -9, 10, 10, 8, 6, 6, 7, 0],
+        [-4, -13, -16, -9, 10, 10, 8, 6, 6, 7, -12, 7, 0],
         rows,
     )
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
+use crate::replicator::{MirrorStatus, Replicator};
 use crate::tracking::{Tracker, TrackingStatus};
 
 /// Directory of the status files.
@@ -38,6 +39,9 @@ pub struct DeviceStatus {
     pub errors: u64,
     /// Change tracking, if enabled.
     pub tracking: Option<TrackingStatus>,
+    /// The mirror, if the device is mirrored.
+    #[serde(default)]
+    pub mirror: Option<MirrorStatus>,
 }
 
 /// The status file of device `id`.
@@ -51,7 +55,12 @@ pub fn read(id: u32) -> Option<DeviceStatus> {
     serde_json::from_str(&text).ok()
 }
 
-fn snapshot(id: u32, engine: &Engine, tracker: Option<&Tracker>) -> DeviceStatus {
+fn snapshot(
+    id: u32,
+    engine: &Engine,
+    tracker: Option<&Tracker>,
+    replicator: Option<&Replicator>,
+) -> DeviceStatus {
     let s = engine.stats();
     DeviceStatus {
         id,
@@ -63,6 +72,7 @@ fn snapshot(id: u32, engine: &Engine, tracker: Option<&Tracker>) -> DeviceStatus
         writes: s.writes.load(Ordering::Relaxed),
         errors: s.errors.load(Ordering::Relaxed),
         tracking: tracker.map(Tracker::status),
+        mirror: replicator.map(Replicator::status),
     }
 }
 
@@ -83,14 +93,24 @@ pub struct Publisher {
 
 impl Publisher {
     /// Start publishing device `id`'s status.
-    pub fn start(id: u32, engine: Arc<Engine>, tracker: Option<Arc<Tracker>>) -> Publisher {
+    pub fn start(
+        id: u32,
+        engine: Arc<Engine>,
+        tracker: Option<Arc<Tracker>>,
+        replicator: Option<Arc<Replicator>>,
+    ) -> Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("status".into())
             .spawn(move || loop {
                 let last = flag.load(Ordering::SeqCst);
-                if let Err(e) = write(&snapshot(id, &engine, tracker.as_deref())) {
+                if let Err(e) = write(&snapshot(
+                    id,
+                    &engine,
+                    tracker.as_deref(),
+                    replicator.as_deref(),
+                )) {
                     tracing::debug!("cannot write the status file: {e}");
                 }
                 if last {

@@ -558,6 +558,32 @@ impl Tracker {
         Ok(())
     }
 
+    /// The oldest sealed, unreleased epoch.
+    pub fn oldest_sealed(&self) -> Option<u64> {
+        lock(&self.live).epochs.sealed().next().map(|s| s.id)
+    }
+
+    /// Whether the current epoch has any change (a seal would not be empty).
+    pub fn has_changes(&self) -> bool {
+        !lock(&self.live).epochs.changes().is_empty()
+    }
+
+    /// The current epoch's number.
+    pub fn current_epoch(&self) -> u64 {
+        lock(&self.live).epochs.current()
+    }
+
+    /// The last released epoch.
+    pub fn released_epoch(&self) -> u64 {
+        lock(&self.live).epochs.released()
+    }
+
+    /// When the oldest change not released yet was recorded (ms since
+    /// the Unix epoch), if any.
+    pub fn oldest_change_ms(&self) -> Option<u64> {
+        lock(&self.live).epochs.oldest_change_ms()
+    }
+
     /// The changes of the current epoch so far.
     pub fn changes(&self) -> Changes {
         lock(&self.live).epochs.changes().clone()

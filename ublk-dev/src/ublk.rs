@@ -30,10 +30,11 @@ use libublk::{sys, UblkError, UblkFlags, UblkUringData};
 use serde::{Deserialize, Serialize};
 
 use crate::backing::Backing;
-use crate::config::{DeviceSpec, TrackingSpec};
+use crate::config::{DeviceSpec, MirrorSpec, TrackingSpec};
 use crate::control;
 use crate::engine::{self, uring, AlignedBuf, Engine, Geometry, Request, ZERO_CHUNK};
 use crate::error::{Error, Result};
+use crate::replicator::{MirrorSettings, Replicator};
 use crate::status::Publisher;
 use crate::tracking::{self, History, Tracker, TrackerOptions};
 
@@ -82,6 +83,9 @@ pub struct TargetRecord {
     /// Change tracking, if enabled (absent in version 1 records).
     #[serde(default)]
     pub tracking: Option<TrackingSpec>,
+    /// Mirroring, if asked for.
+    #[serde(default)]
+    pub mirror: Option<MirrorSpec>,
 }
 
 /// The driver's state of a device.
@@ -464,6 +468,7 @@ where
         direct_io: backing.direct_io(),
         config,
         tracking: Some(spec.tracking.clone()),
+        mirror: spec.mirror.clone(),
     };
     let geometry = Geometry {
         size: backing.size(),
@@ -500,6 +505,21 @@ where
     } else {
         tracking::invalidate(&t.state_dir, identity, backing.size())?;
         None
+    };
+
+    // Not enrolled stops us here, before the device exists; the network
+    // itself is never waited for.
+    let replicator = match (&spec.mirror, &tracker) {
+        (Some(m), Some(t)) => Some(Arc::new(Replicator::start(
+            t.clone(),
+            MirrorSettings {
+                volume: m.volume.clone(),
+                client_dir: m.client_dir.clone(),
+                interval: std::time::Duration::from_millis(m.interval_ms),
+                zstd_level: m.zstd_level,
+            },
+        )?)),
+        _ => None,
     };
 
     let ctrl_flags =
@@ -541,11 +561,11 @@ where
         return leave(&ctrl, start, Ok(()));
     }
 
-    let _status = Publisher::start(dev_id, engine.clone(), tracker.clone());
+    let _status = Publisher::start(dev_id, engine.clone(), tracker.clone(), replicator.clone());
     // The device works without its control socket; only epochs cannot be
     // handled from outside then.
     let _control = tracker.as_ref().and_then(|t| {
-        control::Server::start(dev_id, t.clone())
+        control::Server::start(dev_id, t.clone(), replicator.as_ref().map(|r| r.kick()))
             .map_err(|e| tracing::warn!("no control socket: {e}"))
             .ok()
     });

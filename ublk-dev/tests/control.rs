@@ -46,7 +46,7 @@ fn setup() -> Setup {
     .unwrap();
     let tracker = Arc::new(tracker);
     let sock = dir.path().join("ctl.sock");
-    let server = Server::start_at(&sock, tracker.clone()).unwrap();
+    let server = Server::start_at(&sock, tracker.clone(), None).unwrap();
     let engine = Engine::new(Geometry {
         size: SIZE,
         block_size: 4096,

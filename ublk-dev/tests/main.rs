@@ -7,3 +7,5 @@ mod cli;
 mod control;
 mod enroll;
 mod local_io;
+mod mirror;
+mod support;

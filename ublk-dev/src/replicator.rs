@@ -1,0 +1,409 @@
+//! The replicator: ships sealed epochs to the mirror server, in its own
+//! thread, so that the network never touches local I/O.
+//!
+//! The cycle:
+//! 1. wait until the interval passed since the last cut (or a `sync` asks,
+//!    or much is dirty) and the current epoch has changes;
+//! 2. seal it at a FLUSH ([`SealAt::Flush`]);
+//! 3. read it as the device at its cut, split into blocks of
+//!    [`BLOCK`] (aligned), hash, compress, send; the server publishes it
+//!    as its next epoch;
+//! 4. release it: its regions are cleared in the journal.
+//!
+//! A broken link leaves the sealed epoch in place (its blocks stay
+//! preserved) and the replicator reconnects with backoff; if the server
+//! had published the epoch before the link broke, the epoch is released
+//! without being sent again. Writes meanwhile collect in the current epoch.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use ublk_mirror_common::client::Link;
+use ublk_mirror_common::identity::Identity;
+
+use crate::enrollment::Enrollment;
+use crate::error::{Error, Result};
+use crate::tracking::{SealAt, Tracker};
+
+/// Bytes per shipped block (hashed and compressed as one).
+pub const BLOCK: u64 = 64 << 10;
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Dirty bytes that trigger a cut before the interval is over.
+const DIRTY_TRIGGER: u64 = 256 << 20;
+
+/// How to mirror a device.
+#[derive(Debug, Clone)]
+pub struct MirrorSettings {
+    /// The volume on the server.
+    pub volume: String,
+    /// Where this machine's enrollment is.
+    pub client_dir: PathBuf,
+    /// Least time between cuts.
+    pub interval: Duration,
+    /// zstd level.
+    pub zstd_level: i32,
+}
+
+/// What `status` shows about the mirror.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    /// The volume.
+    pub volume: String,
+    /// The server's address.
+    pub server: String,
+    /// `connecting`, `connected`, or `disconnected`.
+    pub link: String,
+    /// Why the link is down, when it is.
+    pub last_error: Option<String>,
+    /// The epoch the server's image holds.
+    pub server_epoch: u64,
+    /// Age of the oldest change not yet on the mirror, ms (0: none).
+    pub lag_ms: u64,
+    /// Bytes changed and not yet on the mirror.
+    pub bytes_behind: u64,
+    /// Bytes per second of the last epoch shipped.
+    pub throughput_bps: u64,
+    /// Bytes on the wire for the last epoch (after compression).
+    pub last_wire_bytes: u64,
+    /// Epochs shipped by this daemon.
+    pub epochs_shipped: u64,
+}
+
+/// A running replicator; stops when dropped.
+#[derive(Debug)]
+pub struct Replicator {
+    status: Arc<Mutex<MirrorStatus>>,
+    kick: Arc<tokio::sync::Notify>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Replicator {
+    /// Start mirroring `tracker`'s device per `settings`. Fails only if this
+    /// machine is not enrolled; the network is never waited for here.
+    pub fn start(tracker: Arc<Tracker>, settings: MirrorSettings) -> Result<Replicator> {
+        let enrollment = Enrollment::load(&settings.client_dir)?;
+        let identity = Identity::load(&settings.client_dir).map_err(|e| {
+            Error::InvalidConfig(format!("{e} (enroll first: `ublk-mirror enroll TOKEN`)"))
+        })?;
+        let server = enrollment.server()?;
+        let status = Arc::new(Mutex::new(MirrorStatus {
+            volume: settings.volume.clone(),
+            server: enrollment.address.clone(),
+            link: "connecting".into(),
+            ..MirrorStatus::default()
+        }));
+        let kick = Arc::new(tokio::sync::Notify::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = Context {
+            tracker,
+            settings,
+            identity,
+            server,
+            address: enrollment.address,
+            status: status.clone(),
+            kick: kick.clone(),
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("replicator".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!("replicator cannot start: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(ctx.run());
+            })
+            .map_err(|e| Error::io("starting the replicator thread", e))?;
+        Ok(Replicator {
+            status,
+            kick,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The mirror's state now.
+    pub fn status(&self) -> MirrorStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Ask for a cut now (a `sync` waits for everything written before it).
+    pub fn kick(&self) -> Arc<tokio::sync::Notify> {
+        self.kick.clone()
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick.notify_one();
+        if let Some(t) = self.thread.take() {
+            // The thread checks the flag at every wait; a transfer in
+            // progress is abandoned (the epoch stays unreleased, its
+            // regions marked).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!("the replicator did not stop in time; leaving it");
+            }
+        }
+    }
+}
+
+struct Context {
+    tracker: Arc<Tracker>,
+    settings: MirrorSettings,
+    identity: Identity,
+    server: ublk_mirror_common::identity::Fingerprint,
+    address: String,
+    status: Arc<Mutex<MirrorStatus>>,
+    kick: Arc<tokio::sync::Notify>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Context {
+    fn set(&self, f: impl FnOnce(&mut MirrorStatus)) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+    }
+
+    fn refresh_behind(&self) {
+        let t = self.tracker.status();
+        let lag = self
+            .tracker
+            .oldest_change_ms()
+            .map_or(0, |t| now_ms().saturating_sub(t));
+        self.set(|s| {
+            s.bytes_behind = t.dirty_bytes + t.zeroed_bytes + t.resync_bytes;
+            s.lag_ms = lag;
+        });
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Sleep up to `d`, woken early by a kick; false when stopping.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => {}
+            () = self.kick.notified() => {}
+        }
+        !self.stopping()
+    }
+
+    async fn run(self) {
+        let mut backoff = Duration::from_secs(1);
+        // The server epoch an unreleased local epoch was sent as, when the
+        // link broke before the answer: kept across reconnections.
+        let mut sent_as: Option<(u64, u64)> = None;
+        while !self.stopping() {
+            self.set(|s| s.link = "connecting".into());
+            match self.session(&mut sent_as).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(server = %self.address, "mirror link down: {e}; retrying in {backoff:?}");
+                    self.set(|s| {
+                        s.link = "disconnected".into();
+                        s.last_error = Some(e.to_string());
+                    });
+                    self.refresh_behind();
+                    if !self.pause(backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One connection's life: ship epochs until stopped or the link fails.
+    async fn session(
+        &self,
+        sent_as: &mut Option<(u64, u64)>,
+    ) -> std::result::Result<(), ublk_mirror_common::Error> {
+        let link = Link::connect(&self.identity, self.server, &self.address).await?;
+        let size = self.tracker.device_size();
+        let mut info = link.open_volume(&self.settings.volume, size).await?;
+        tracing::info!(
+            volume = %self.settings.volume,
+            server = %self.address,
+            server_epoch = info.published_epoch,
+            "mirror link up"
+        );
+        self.set(|s| {
+            s.link = "connected".into();
+            s.last_error = None;
+            s.server_epoch = info.published_epoch;
+        });
+        let mut last_cut = Instant::now();
+        // A `sync` asked for a cut now.
+        let mut forced = false;
+        loop {
+            self.refresh_behind();
+            if self.stopping() {
+                link.close().await;
+                return Ok(());
+            }
+            let epoch = match self.tracker.oldest_sealed() {
+                Some(e) => e,
+                None => {
+                    let due = forced
+                        || last_cut.elapsed() >= self.settings.interval
+                        || self.tracker.status().dirty_bytes >= DIRTY_TRIGGER;
+                    if !(due && self.tracker.has_changes()) {
+                        forced = false;
+                        let wait = self
+                            .settings
+                            .interval
+                            .saturating_sub(last_cut.elapsed())
+                            .max(Duration::from_millis(200));
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = self.kick.notified() => forced = true,
+                            e = link.closed() => return Err(e),
+                        }
+                        continue;
+                    }
+                    forced = false;
+                    last_cut = Instant::now();
+                    let tracker = self.tracker.clone();
+                    tokio::task::spawn_blocking(move || {
+                        tracker.seal(SealAt::Flush(Duration::from_secs(2)))
+                    })
+                    .await
+                    .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
+                    .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
+                }
+            };
+            // Published before the link broke: release, do not resend.
+            if let Some((local, remote)) = *sent_as {
+                if local == epoch && info.published_epoch >= remote {
+                    self.release(epoch)?;
+                    *sent_as = None;
+                    continue;
+                }
+            }
+            let sealed = self
+                .tracker
+                .epoch(epoch)
+                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+            if sealed.broken.is_some() {
+                // Its changes move into the current epoch as resync ranges.
+                self.release(epoch)?;
+                continue;
+            }
+            let blocks = split(&sealed.changes.touched(), size);
+            let remote = info.published_epoch + 1;
+            *sent_as = Some((epoch, remote));
+            let started = Instant::now();
+            let tracker = self.tracker.clone();
+            let shipped = link
+                .send_epoch(
+                    &self.settings.volume,
+                    remote,
+                    &blocks,
+                    self.settings.zstd_level,
+                    |offset, len| {
+                        let mut buf = vec![0u8; len as usize];
+                        tracker
+                            .read_epoch(epoch, offset, &mut buf)
+                            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+                        Ok(buf)
+                    },
+                )
+                .await;
+            // On failure the server may have published it all the same:
+            // the next session asks (`sent_as`).
+            let shipped = shipped?;
+            info.published_epoch = remote;
+            self.release(epoch)?;
+            *sent_as = None;
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            self.set(|s| {
+                s.server_epoch = remote;
+                s.epochs_shipped += 1;
+                s.throughput_bps = (shipped.bytes as f64 / secs) as u64;
+                s.last_wire_bytes = shipped.wire_bytes;
+            });
+            tracing::debug!(
+                epoch,
+                remote,
+                blocks = blocks.len(),
+                bytes = shipped.bytes,
+                wire = shipped.wire_bytes,
+                "epoch mirrored"
+            );
+        }
+    }
+
+    fn release(&self, epoch: u64) -> std::result::Result<(), ublk_mirror_common::Error> {
+        self.tracker
+            .release(epoch)
+            .map(drop)
+            .map_err(|e| ublk_mirror_common::Error::Link(format!("releasing epoch {epoch}: {e}")))
+    }
+}
+
+/// The blocks to ship for `ranges`: each range cut at [`BLOCK`] boundaries.
+pub fn split(ranges: &ublk_mirror_common::RangeSet, device_size: u64) -> Vec<(u64, u32)> {
+    let mut out = Vec::new();
+    for r in ranges.iter() {
+        let mut at = r.start;
+        let end = r.end.min(device_size);
+        while at < end {
+            let next = ((at / BLOCK) + 1) * BLOCK;
+            let stop = next.min(end);
+            out.push((at, (stop - at) as u32));
+            at = stop;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_at_block_boundaries() {
+        let set: ublk_mirror_common::RangeSet =
+            [100..200, BLOCK - 10..BLOCK * 2 + 5].into_iter().collect();
+        assert_eq!(
+            split(&set, 1 << 30),
+            vec![
+                (100, 100),
+                (BLOCK - 10, 10),
+                (BLOCK, BLOCK as u32),
+                (2 * BLOCK, 5)
+            ]
+        );
+        assert_eq!(split(&set, 150), vec![(100, 50)]);
+    }
+}

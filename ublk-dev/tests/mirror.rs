@@ -1,0 +1,165 @@
+//! Replication end to end without the kernel: the device's I/O path
+//! in-process (LocalIo, tracker), the replicator shipping epochs to a
+//! mirror server on 127.0.0.1, and the server's image compared with the
+//! backing file, across a server restart.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ublk_dev::backing::{Backing, BackingOptions};
+use ublk_dev::engine::uring::LocalIo;
+use ublk_dev::engine::{Engine, Geometry, Op, Request, MAX_IO_BYTES};
+use ublk_dev::replicator::{MirrorSettings, Replicator};
+use ublk_dev::tracking::{History, Tracker, TrackerOptions, DEFAULT_COW_MEMORY};
+
+use crate::support::TestServer;
+
+const SIZE: u64 = 32 << 20;
+
+/// Wait until everything recorded so far is released (on the mirror).
+fn synced(tracker: &Tracker, replicator: &Replicator) -> bool {
+    let target = if tracker.has_changes() {
+        tracker.current_epoch()
+    } else {
+        tracker.current_epoch() - 1
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if tracker.released_epoch() >= target {
+            return true;
+        }
+        replicator.kick().notify_one();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn workload(io: &mut LocalIo<'_>, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..60 {
+        let block = next() % (SIZE / 4096 - 64);
+        let blocks = 1 + next() % 32;
+        let (off, len) = (block * 4096, blocks * 4096);
+        match i % 7 {
+            5 => {
+                io.submit(Request::new(Op::Discard, off, len), &[]).unwrap();
+            }
+            6 => {
+                // Compressible text-like data.
+                let data: Vec<u8> = (0..len)
+                    .map(|j| b"the mirror follows "[(j % 19) as usize])
+                    .collect();
+                io.submit(Request::write(off, len), &data).unwrap();
+            }
+            _ => {
+                let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                io.submit(Request::write(off, len), &data).unwrap();
+            }
+        }
+    }
+}
+
+fn image(data: &Path) -> Vec<u8> {
+    std::fs::read(data.join("volumes/laptop/root/image")).unwrap()
+}
+
+#[test]
+fn the_mirror_follows_the_device_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    // A fixed port, so that a restarted server is where the client looks.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = TestServer::start(&data, &listen);
+    let client_dir = dir.path().join("client");
+    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+
+    let backing = Backing::open(&BackingOptions {
+        path: &dir.path().join("disk.img"),
+        size: Some(SIZE),
+        create: true,
+        block_size: 4096,
+        direct_io: true,
+    })
+    .unwrap();
+    let (tracker, _) = Tracker::open(&TrackerOptions {
+        state_dir: &dir.path().join("state"),
+        identity: (Path::new("/test/disk.img"), 1),
+        file: backing.file(),
+        device_size: SIZE,
+        region_size: 1 << 20,
+        history: History::NewFile,
+        cow_memory: DEFAULT_COW_MEMORY,
+    })
+    .unwrap();
+    let tracker = Arc::new(tracker);
+    let replicator = Replicator::start(
+        tracker.clone(),
+        MirrorSettings {
+            volume: "root".into(),
+            client_dir: client_dir.clone(),
+            interval: Duration::from_millis(100),
+            zstd_level: 3,
+        },
+    )
+    .unwrap();
+    let engine = Engine::new(Geometry {
+        size: SIZE,
+        block_size: 4096,
+        max_io: MAX_IO_BYTES,
+    });
+    let mut io = LocalIo::new(&engine, backing.file())
+        .unwrap()
+        .with_tracker(&tracker);
+
+    for round in 0..3 {
+        workload(&mut io, round);
+        assert!(
+            synced(&tracker, &replicator),
+            "round {round}: not synced: {:?}",
+            replicator.status()
+        );
+        assert!(
+            image(&data) == std::fs::read(backing.path()).unwrap(),
+            "round {round}: the mirror differs from the device"
+        );
+    }
+    let status = replicator.status();
+    assert_eq!(status.link, "connected");
+    assert!(status.epochs_shipped >= 3, "{status:?}");
+    assert_eq!(
+        tracker.status().regions_marked,
+        0,
+        "regions stayed marked after release"
+    );
+
+    // The server goes away; writes go on locally; it comes back.
+    drop(server);
+    workload(&mut io, 10);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_ne!(replicator.status().link, "connected");
+    assert!(tracker.status().regions_marked > 0);
+    let _server = TestServer::start(&data, &listen);
+    workload(&mut io, 11);
+    assert!(
+        synced(&tracker, &replicator),
+        "not synced after the restart: {:?}",
+        replicator.status()
+    );
+    assert!(
+        image(&data) == std::fs::read(backing.path()).unwrap(),
+        "the mirror differs from the device after the server restart"
+    );
+    assert_eq!(replicator.status().link, "connected");
+}

@@ -1,0 +1,82 @@
+//! A mirror server running in this process (the server's own code, on
+//! 127.0.0.1), and enrollment with it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use mirror_server::clients::Registry;
+use mirror_server::config::ServerConfig;
+use ublk_mirror_common::identity::Identity;
+use ublk_mirror_common::token::Token;
+
+/// A running server; stops when dropped.
+pub struct TestServer {
+    pub address: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Serve `data` (made on first use) on `listen` (127.0.0.1:0 for any port).
+    pub fn start(data: &Path, listen: &str) -> TestServer {
+        if !data.join("identity").exists() {
+            Identity::create(&data.join("identity")).unwrap();
+            std::fs::create_dir_all(data.join("volumes")).unwrap();
+        }
+        let config = ServerConfig {
+            listen: listen.parse().unwrap(),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let data = data.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(mirror_server::serve::run(
+                &data,
+                &config,
+                |addr| addr_tx.send(addr.to_string()).unwrap(),
+                async {
+                    let _ = stopped.await;
+                },
+            ))
+            .unwrap();
+        });
+        let address = addr_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        TestServer {
+            address,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// A token for a new client `name`.
+    pub fn token(&self, data: &Path, name: &str) -> Token {
+        let secret = Registry::open(data)
+            .unwrap()
+            .add(name, Duration::from_secs(60))
+            .unwrap();
+        Token {
+            name: name.into(),
+            secret,
+            server: Identity::load(&data.join("identity"))
+                .unwrap()
+                .fingerprint(),
+            address: self.address.clone(),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
