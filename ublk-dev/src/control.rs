@@ -337,7 +337,13 @@ fn serve(
             )?;
         }
         Request::Release { epoch } => {
-            let r: Result<Released> = tracker.release(epoch);
+            let r: Result<Released> = if kick.is_some() {
+                Err(Error::InvalidConfig(
+                    "this device is mirrored: the replicator releases its epochs once the mirror has them".into(),
+                ))
+            } else {
+                tracker.release(epoch)
+            };
             answer(&mut out, r)?;
         }
         Request::Read { epoch } => match tracker.epoch(epoch) {

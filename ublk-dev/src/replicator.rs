@@ -78,6 +78,7 @@ pub struct MirrorStatus {
 /// A running replicator; stops when dropped.
 #[derive(Debug)]
 pub struct Replicator {
+    tracker: Arc<Tracker>,
     status: Arc<Mutex<MirrorStatus>>,
     kick: Arc<tokio::sync::Notify>,
     stop: Arc<AtomicBool>,
@@ -108,7 +109,7 @@ impl Replicator {
         let kick = Arc::new(tokio::sync::Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = Context {
-            tracker,
+            tracker: tracker.clone(),
             settings,
             identity,
             server,
@@ -134,6 +135,7 @@ impl Replicator {
             })
             .map_err(|e| Error::io("starting the replicator thread", e))?;
         Ok(Replicator {
+            tracker,
             status,
             kick,
             stop,
@@ -143,10 +145,18 @@ impl Replicator {
 
     /// The mirror's state now.
     pub fn status(&self) -> MirrorStatus {
-        self.status
+        let mut s = self
+            .status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        let t = self.tracker.status();
+        s.bytes_behind = t.dirty_bytes + t.zeroed_bytes + t.resync_bytes;
+        s.lag_ms = self
+            .tracker
+            .oldest_change_ms()
+            .map_or(0, |t| now_ms().saturating_sub(t));
+        s
     }
 
     /// Ask for a cut now (a `sync` waits for everything written before it).
@@ -193,18 +203,6 @@ impl Context {
         f(&mut s);
     }
 
-    fn refresh_behind(&self) {
-        let t = self.tracker.status();
-        let lag = self
-            .tracker
-            .oldest_change_ms()
-            .map_or(0, |t| now_ms().saturating_sub(t));
-        self.set(|s| {
-            s.bytes_behind = t.dirty_bytes + t.zeroed_bytes + t.resync_bytes;
-            s.lag_ms = lag;
-        });
-    }
-
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
@@ -233,7 +231,6 @@ impl Context {
                         s.link = "disconnected".into();
                         s.last_error = Some(e.to_string());
                     });
-                    self.refresh_behind();
                     if !self.pause(backoff).await {
                         return;
                     }
@@ -266,7 +263,6 @@ impl Context {
         // A `sync` asked for a cut now.
         let mut forced = false;
         loop {
-            self.refresh_behind();
             if self.stopping() {
                 link.close().await;
                 return Ok(());
