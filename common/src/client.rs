@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use sha2::{Digest as _, Sha256};
 
 use crate::identity::{Fingerprint, Identity};
-use crate::proto::{Encoding, Message};
+use crate::proto::{Digest, Encoding, Message, Writer};
 use crate::{tls, wire, Error, Result};
 
 /// A volume as the server has it.
@@ -16,6 +16,10 @@ pub struct VolumeInfo {
     pub size: u64,
     /// The epoch its image holds (0: none yet).
     pub published_epoch: u64,
+    /// Made when the volume was created (another one: another volume).
+    pub uuid: [u8; 16],
+    /// The device and local epoch the image holds.
+    pub writer: Option<Writer>,
 }
 
 /// Bytes on the wire for one epoch.
@@ -121,23 +125,30 @@ impl Link {
             Message::VolumeInfo {
                 size,
                 published_epoch,
+                uuid,
+                writer,
                 ..
             } => Ok(VolumeInfo {
                 size,
                 published_epoch,
+                uuid,
+                writer,
             }),
             other => Err(unexpected(&other)),
         }
     }
 
-    /// Ship epoch `epoch` of `volume`: each of `blocks` (`(offset, len)`)
-    /// is read with `read`, hashed, compressed at zstd `level` when that
-    /// pays, and sent; blocks the server refuses are read and sent again.
-    /// Returns once the server has published the epoch.
+    /// Ship epoch `epoch` of `volume`, `writer`'s (a device and its local
+    /// epoch): each of `blocks` (`(offset, len)`) is read with `read`,
+    /// hashed, compressed at zstd `level` when that pays, and sent; blocks
+    /// the server refuses are read and sent again. Returns once the server
+    /// has published the epoch.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send_epoch(
         &self,
         volume: &str,
         epoch: u64,
+        writer: Writer,
         blocks: &[(u64, u32)],
         level: i32,
         mut read: impl FnMut(u64, u32) -> Result<Vec<u8>>,
@@ -148,6 +159,7 @@ impl Link {
             &Message::BeginEpoch {
                 volume: volume.to_string(),
                 epoch,
+                writer,
             },
         )
         .await?;
@@ -261,9 +273,9 @@ fn unexpected(m: &Message) -> Error {
 /// The header and payload of one block: a zero block travels as a hole,
 /// others compressed when that makes them smaller.
 pub fn encode_block(offset: u64, data: &[u8], level: i32) -> (Message, Vec<u8>) {
-    let sha256: [u8; 32] = Sha256::digest(data).into();
     let len = data.len() as u32;
     if data.iter().all(|&b| b == 0) {
+        let sha256 = zero_digest(len);
         let header = Message::Block {
             offset,
             len,
@@ -273,6 +285,7 @@ pub fn encode_block(offset: u64, data: &[u8], level: i32) -> (Message, Vec<u8>) 
         };
         return (header, Vec::new());
     }
+    let sha256: [u8; 32] = Sha256::digest(data).into();
     let (encoding, payload) = match zstd::bulk::compress(data, level) {
         Ok(z) if z.len() < data.len() => (Encoding::Zstd, z),
         _ => (Encoding::Raw, data.to_vec()),
@@ -285,4 +298,25 @@ pub fn encode_block(offset: u64, data: &[u8], level: i32) -> (Message, Vec<u8>) 
         data_len: payload.len() as u32,
     };
     (header, payload)
+}
+
+/// SHA-256 of `len` zero bytes (the common 64 KiB case computed once).
+pub fn zero_digest(len: u32) -> Digest {
+    static BLOCK_64K: std::sync::OnceLock<Digest> = std::sync::OnceLock::new();
+    let compute = |len: u32| -> Digest {
+        let mut h = Sha256::new();
+        let zeroes = [0u8; 4096];
+        let mut left = len as usize;
+        while left > 0 {
+            let n = left.min(zeroes.len());
+            h.update(&zeroes[..n]);
+            left -= n;
+        }
+        h.finalize().into()
+    };
+    if len == 64 << 10 {
+        *BLOCK_64K.get_or_init(|| compute(len))
+    } else {
+        compute(len)
+    }
 }

@@ -62,6 +62,15 @@ pub enum Encoding {
 /// A SHA-256 digest.
 pub type Digest = [u8; 32];
 
+/// A device and one of its (local) epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writer {
+    /// The device's id (random, made with its journal).
+    pub device: [u8; 16],
+    /// The device's own epoch number.
+    pub epoch: u64,
+}
+
 /// One protocol message (a frame's content).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -118,6 +127,11 @@ pub enum Message {
         size: u64,
         /// The epoch its image holds (0: none).
         published_epoch: u64,
+        /// Made when the volume was created: a volume created again
+        /// (another server, a wiped one) has another.
+        uuid: [u8; 16],
+        /// Which device's epoch the image holds, and its local number.
+        writer: Option<Writer>,
     },
     /// Client: epoch `epoch` of `volume` follows as [`Message::Block`]s,
     /// ended by [`Message::EndEpoch`].
@@ -126,6 +140,8 @@ pub enum Message {
         volume: String,
         /// The epoch (newer than the published one).
         epoch: u64,
+        /// Who sends it: a volume takes epochs from one device only.
+        writer: Writer,
     },
     /// Client: every block of the epoch was sent; publish it.
     EndEpoch {

@@ -50,7 +50,9 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| tls_error("QUIC server crypto", e))?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport()?);
+    Ok(config)
 }
 
 /// The QUIC client config: `identity` as the client, trusting only the
@@ -73,7 +75,28 @@ pub fn client_config(identity: &Identity, server: Fingerprint) -> Result<quinn::
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| tls_error("QUIC client crypto", e))?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport()?);
+    Ok(config)
+}
+
+/// Requests (streams) a peer may have open at once.
+pub const MAX_STREAMS: u32 = 8;
+
+/// Transport settings of both sides: keep-alives so that an idle link
+/// stays up (a device with nothing to ship sends nothing), an idle timeout
+/// that notices a dead one, and few concurrent streams.
+fn transport() -> Result<Arc<quinn::TransportConfig>> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    t.max_idle_timeout(Some(
+        std::time::Duration::from_secs(60)
+            .try_into()
+            .map_err(|e| tls_error("idle timeout", e))?,
+    ));
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    Ok(Arc::new(t))
 }
 
 /// The server name clients connect to (the certificate's; only the

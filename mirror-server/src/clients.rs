@@ -132,8 +132,11 @@ impl Registry {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(name) = name.strip_suffix(".json") {
-                if let Some(c) = self.get(name)? {
-                    out.push(c);
+                // One damaged file must not lock every client out.
+                match self.get(name) {
+                    Ok(Some(c)) => out.push(c),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("skipping client {name}: {e}"),
                 }
             }
         }
@@ -184,6 +187,17 @@ impl Registry {
         let Some(mut client) = self.get(name).map_err(|_| refused())? else {
             return Err(refused());
         };
+        let fp = hex(&fingerprint.0);
+        // The answer to an enrollment that went through may have been lost:
+        // the same certificate enrolling again as the same name is fine.
+        if !client.revoked && client.fingerprint.as_deref() == Some(fp.as_str()) {
+            return Ok(());
+        }
+        if self.who(fingerprint)?.is_some() {
+            return Err(Error::Invalid(
+                "this certificate is enrolled under another name already".into(),
+            ));
+        }
         let Some(token) = client.token.as_ref().filter(|_| !client.revoked) else {
             return Err(refused());
         };
@@ -194,7 +208,7 @@ impl Registry {
             return Err(refused());
         }
         client.token = None;
-        client.fingerprint = Some(hex(&fingerprint.0));
+        client.fingerprint = Some(fp);
         self.put(&client)
     }
 

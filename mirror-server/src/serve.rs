@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ublk_mirror_common::identity::{Fingerprint, Identity};
-use ublk_mirror_common::proto::{Message, ProtoError};
+use ublk_mirror_common::proto::{Message, ProtoError, Writer};
 use ublk_mirror_common::{tls, wire};
 
 use crate::clients::Registry;
@@ -31,6 +31,12 @@ const CLOSE_PROTOCOL: u32 = 2;
 
 /// How often connections re-check that their client is still allowed.
 const RECHECK: Duration = Duration::from_secs(1);
+
+/// Most blocks one `Resend` asks for (it must fit in a frame).
+const MAX_RESEND: usize = 2000;
+
+/// Longest wait for the next message of an epoch in progress.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
 
@@ -54,6 +60,7 @@ pub async fn run(
     let identity = Identity::load(&data.join("identity"))
         .map_err(|e| Error::Invalid(format!("{e} (run `mirror-server init` first)")))?;
     let server_config = tls::server_config(&identity).map_err(|e| Error::Invalid(e.to_string()))?;
+    recover_all(data)?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .map_err(|e| Error::io(format!("listening on {} (udp)", config.listen), e))?;
     let local = endpoint
@@ -85,6 +92,36 @@ pub async fn run(
     tracing::info!("shutting down");
     endpoint.close(0u32.into(), b"server shutting down");
     endpoint.wait_idle().await;
+    Ok(())
+}
+
+/// Open every volume once, finishing publications a crash interrupted,
+/// so that no image is left half-applied until its client comes back.
+fn recover_all(data: &Path) -> Result<()> {
+    let root = data.join(VOLUMES_DIR);
+    if !root.is_dir() {
+        return Ok(());
+    }
+    for client in std::fs::read_dir(&root)
+        .map_err(|e| Error::io(format!("listing {}", root.display()), e))?
+        .flatten()
+    {
+        for volume in std::fs::read_dir(client.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            match Volume::open(&volume.path()) {
+                Ok((_, r)) if r.completed.is_some() || !r.dropped.is_empty() => {
+                    tracing::warn!(volume = %volume.path().display(), recovery = ?r, "volume recovered");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(volume = %volume.path().display(), "cannot open volume: {e}");
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -218,13 +255,15 @@ async fn request(
             let opened = open_volume(shared, client, &volume, Some(size));
             match opened {
                 Ok(v) => {
-                    let state = v.lock().await.state();
+                    let state = v.lock().await.state().clone();
                     wire::send(
                         &mut send,
                         &Message::VolumeInfo {
                             volume,
                             size: state.size,
                             published_epoch: state.published_epoch,
+                            uuid: state.uuid_bytes(),
+                            writer: state.writer(),
                         },
                     )
                     .await?;
@@ -234,12 +273,16 @@ async fn request(
                 Err(e) => refuse(&mut send, e.to_string()).await,
             }
         }
-        Message::BeginEpoch { volume, epoch } => {
+        Message::BeginEpoch {
+            volume,
+            epoch,
+            writer,
+        } => {
             let v = match open_volume(shared, client, &volume, None) {
                 Ok(v) => v,
                 Err(e) => return refuse(&mut send, e.to_string()).await,
             };
-            receive_epoch(&v, epoch, &mut send, &mut recv).await
+            receive_epoch(&v, epoch, writer, &mut send, &mut recv).await
         }
         other => Err(Fault::Protocol(format!(
             "a request cannot start with {}",
@@ -311,18 +354,28 @@ fn size_mismatch(volume: &str, have: u64, asked: u64) -> Error {
 async fn receive_epoch(
     volume: &SharedVolume,
     epoch: u64,
+    writer: Writer,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
     let mut v = volume.lock().await;
-    let mut staging = match v.begin(epoch) {
+    let begun = tokio::task::block_in_place(|| v.begin(epoch, writer));
+    let mut staging = match begun {
         Ok(s) => s,
         Err(e) => return refuse(send, e.to_string()).await,
     };
     let mut received = 0u64;
     let mut refused: Vec<(u64, u32)> = Vec::new();
     loop {
-        match wire::expect(recv).await? {
+        // A client that stops sending mid-epoch does not hold the volume.
+        let next = tokio::time::timeout(MESSAGE_TIMEOUT, wire::expect(recv))
+            .await
+            .map_err(|_| {
+                Fault::Other(Error::Invalid(format!(
+                    "epoch {epoch}: nothing received for {MESSAGE_TIMEOUT:?}; dropping it"
+                )))
+            })??;
+        match next {
             Message::Block {
                 offset,
                 len,
@@ -343,6 +396,10 @@ async fn receive_epoch(
                             offset,
                             "block refused, asking for it again: {reason}"
                         );
+                        if refused.len() >= MAX_RESEND {
+                            let reason = format!("epoch {epoch}: more than {MAX_RESEND} blocks failed their checks; is the link corrupting data?");
+                            return refuse(send, reason).await;
+                        }
                         refused.push((offset, len));
                     }
                     Err(e) => return refuse(send, e.to_string()).await,

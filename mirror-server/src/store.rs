@@ -6,14 +6,16 @@
 //! ```text
 //! VOLUME_DIR/
 //!   image            sparse file, the volume as of the published epoch
-//!   state.json       {"format":1,"size":..,"published_epoch":..,"published_ms":..}
+//!   state.json       {"format":1,"size":..,"published_epoch":..,"published_ms":..,
+//!                     "uuid":"<hex>","owner":"<device hex>"|null,"writer_epoch":..}
 //!   staging/
 //!     N.data         decoded bytes of epoch N's data blocks, appended
 //!     N.index        postcard records of epoch N's blocks (offset, len,
 //!                    kind: data at an offset of N.data, or zero), each
 //!                    with its sha256
 //!     N.commit       written (via rename) once N.data and N.index are
-//!                    durable: the epoch is complete and must be published
+//!                    durable: the epoch is complete and must be published;
+//!                    JSON {"device":"<hex>","epoch":<the device's epoch>}
 //! ```
 //!
 //! # Why a reader never sees half an epoch
@@ -40,7 +42,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use ublk_mirror_common::fsutil;
-use ublk_mirror_common::proto::{Digest, Encoding, MAX_BLOCK};
+use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK};
 
 use crate::error::{Error, Result};
 
@@ -53,7 +55,7 @@ const STATE: &str = "state.json";
 const STAGING: &str = "staging";
 
 /// What `state.json` holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeState {
     /// Format of this file.
     pub format: u32,
@@ -63,6 +65,50 @@ pub struct VolumeState {
     pub published_epoch: u64,
     /// When it was published, ms since the Unix epoch (0: never).
     pub published_ms: u64,
+    /// Made at creation: a volume made again is another volume (hex).
+    pub uuid: String,
+    /// The device whose epochs this volume takes (hex), once it sent one.
+    pub owner: Option<String>,
+    /// That device's own number for the published epoch.
+    pub writer_epoch: u64,
+}
+
+impl VolumeState {
+    /// The uuid as bytes.
+    pub fn uuid_bytes(&self) -> [u8; 16] {
+        unhex16(&self.uuid).unwrap_or_default()
+    }
+
+    /// The device and local epoch the image holds.
+    pub fn writer(&self) -> Option<Writer> {
+        let device = unhex16(self.owner.as_deref()?)?;
+        Some(Writer {
+            device,
+            epoch: self.writer_epoch,
+        })
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// What a commit marker records.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Marker {
+    device: [u8; 16],
+    epoch: u64,
 }
 
 /// A staged block.
@@ -90,6 +136,9 @@ pub struct Volume {
     dir: PathBuf,
     image: File,
     state: VolumeState,
+    /// A publication failed: what the image holds is unknown until a
+    /// committed staging is applied again (at the next begin or open).
+    poisoned: bool,
 }
 
 fn now_ms() -> u64 {
@@ -125,14 +174,22 @@ impl Volume {
         image
             .sync_all()
             .map_err(|e| Error::io("syncing the new image", e))?;
+        let mut uuid = [0u8; 16];
+        getrandom::fill(&mut uuid)
+            .map_err(|e| Error::Invalid(format!("no randomness for the volume's uuid: {e}")))?;
         let state = VolumeState {
             format: STATE_FORMAT,
             size,
             published_epoch: 0,
             published_ms: 0,
+            uuid: hex(&uuid),
+            owner: None,
+            writer_epoch: 0,
         };
         write_state(dir, &state)?;
-        if let Some(parent) = dir.parent() {
+        // The directories made (VOLUME, CLIENT, volumes), so that the
+        // volume survives a power cut.
+        for parent in dir.ancestors().skip(1).take(3) {
             sync_dir(parent)?;
         }
         Volume::open(dir).map(|(v, _)| v)
@@ -161,6 +218,7 @@ impl Volume {
             dir: dir.to_path_buf(),
             image,
             state,
+            poisoned: false,
         };
         let recovery = volume.recover()?;
         Ok((volume, recovery))
@@ -191,7 +249,8 @@ impl Volume {
                     "finishing the publication of an epoch interrupted by a crash"
                 );
                 let index = read_index(&staging_path(&self.dir, epoch, "index"))?;
-                self.publish(epoch, &index, true)?;
+                let marker = read_marker(&staging_path(&self.dir, epoch, "commit"))?;
+                self.publish(epoch, &index, marker, true)?;
                 recovery.completed = Some(epoch);
             } else if !committed {
                 recovery.dropped.push(epoch);
@@ -202,8 +261,8 @@ impl Volume {
     }
 
     /// The volume's state.
-    pub fn state(&self) -> VolumeState {
-        self.state
+    pub fn state(&self) -> &VolumeState {
+        &self.state
     }
 
     /// Read the image (the published epoch) at `offset`.
@@ -222,9 +281,24 @@ impl Volume {
             .map_err(|e| Error::io("reading the image", e))
     }
 
-    /// Start staging `epoch`, which must be newer than the published one.
-    /// A staging left from an earlier attempt at the same epoch is replaced.
-    pub fn begin(&self, epoch: u64) -> Result<Staging> {
+    /// Start staging `epoch` of `writer`, which must be newer than the
+    /// published one. A volume takes epochs from one device only. A staging
+    /// left from an earlier attempt at the same epoch is replaced; one that
+    /// was committed but not published (a failed publication) is
+    /// published first.
+    pub fn begin(&mut self, epoch: u64, writer: Writer) -> Result<Staging> {
+        if self.poisoned {
+            self.recover()?;
+            self.poisoned = false;
+        }
+        if let Some(owner) = self.state.writer().map(|w| w.device) {
+            if owner != writer.device {
+                return Err(Error::Invalid(format!(
+                    "this volume is mirrored by another device ({}); mirror this one to another volume name",
+                    hex(&owner)
+                )));
+            }
+        }
         if epoch <= self.state.published_epoch {
             return Err(Error::Invalid(format!(
                 "epoch {epoch} is not newer than the published epoch {}",
@@ -243,6 +317,7 @@ impl Volume {
         };
         Ok(Staging {
             epoch,
+            writer,
             size: self.state.size,
             data: create("data")?,
             data_len: 0,
@@ -254,7 +329,13 @@ impl Volume {
     /// to the image, record the state. When this returns, the image is the
     /// epoch, durably.
     pub fn commit(&mut self, staging: Staging) -> Result<()> {
-        self.commit_until(staging, None)
+        let result = self.commit_until(staging, None);
+        if result.is_err() {
+            // The image may hold part of the epoch: publish it again
+            // before anything else (next begin, or next open).
+            self.poisoned = true;
+        }
+        result
     }
 
     /// [`Volume::commit`], stopping after `stop` as if the process died
@@ -277,8 +358,16 @@ impl Volume {
         if stop == Some(CommitStep::Staged) {
             return Ok(());
         }
+        // The staged files' names durable before the marker that says
+        // they are complete.
+        sync_dir(&self.dir.join(STAGING))?;
+        let marker = Marker {
+            device: staging.writer.device,
+            epoch: staging.writer.epoch,
+        };
         let tmp = staging_path(&self.dir, epoch, "commit.tmp");
-        std::fs::write(&tmp, epoch.to_string())
+        let marker_json = serde_json::to_vec(&marker).map_err(|e| Error::Corrupt(e.to_string()))?;
+        std::fs::write(&tmp, marker_json)
             .and_then(|()| File::open(&tmp)?.sync_all())
             .and_then(|()| std::fs::rename(&tmp, staging_path(&self.dir, epoch, "commit")))
             .map_err(|e| Error::io("writing the commit marker", e))?;
@@ -290,7 +379,7 @@ impl Volume {
             Some(CommitStep::HalfApplied) => staging.index.len() / 2,
             _ => staging.index.len(),
         };
-        self.publish(epoch, &staging.index[..applied], stop.is_none())?;
+        self.publish(epoch, &staging.index[..applied], marker, stop.is_none())?;
         if stop.is_some() {
             return Ok(());
         }
@@ -299,7 +388,7 @@ impl Volume {
     }
 
     /// Apply staged blocks to the image and (if `record`) record the epoch.
-    fn publish(&mut self, epoch: u64, index: &[Entry], record: bool) -> Result<()> {
+    fn publish(&mut self, epoch: u64, index: &[Entry], marker: Marker, record: bool) -> Result<()> {
         let data_path = staging_path(&self.dir, epoch, "data");
         let data = File::open(&data_path)
             .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
@@ -328,7 +417,9 @@ impl Volume {
         let state = VolumeState {
             published_epoch: epoch,
             published_ms: now_ms(),
-            ..self.state
+            owner: Some(hex(&marker.device)),
+            writer_epoch: marker.epoch,
+            ..self.state.clone()
         };
         write_state(&self.dir, &state)?;
         self.state = state;
@@ -391,6 +482,7 @@ pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
 #[derive(Debug)]
 pub struct Staging {
     epoch: u64,
+    writer: Writer,
     size: u64,
     data: File,
     data_len: u64,
@@ -477,17 +569,12 @@ impl Staging {
     }
 }
 
-/// SHA-256 of `len` zero bytes.
-pub fn zero_digest(len: u32) -> Digest {
-    let mut h = Sha256::new();
-    let zeroes = [0u8; 4096];
-    let mut left = len as usize;
-    while left > 0 {
-        let n = left.min(zeroes.len());
-        h.update(&zeroes[..n]);
-        left -= n;
-    }
-    h.finalize().into()
+pub use ublk_mirror_common::client::zero_digest;
+
+fn read_marker(path: &Path) -> Result<Marker> {
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
 }
 
 fn read_index(path: &Path) -> Result<Vec<Entry>> {
@@ -525,6 +612,13 @@ mod tests {
             .collect()
     }
 
+    fn me(epoch: u64) -> Writer {
+        Writer {
+            device: [1; 16],
+            epoch,
+        }
+    }
+
     fn digest(b: &[u8]) -> Digest {
         Sha256::digest(b).into()
     }
@@ -535,7 +629,7 @@ mod tests {
         let vdir = dir.path().join("vol");
         let mut v = Volume::create(&vdir, SIZE).unwrap();
         assert_eq!(v.state().published_epoch, 0);
-        let mut s = v.begin(1).unwrap();
+        let mut s = v.begin(1, me(1)).unwrap();
         let a = block(1, 8192);
         s.add(0, 8192, &digest(&a), Encoding::Raw, &a).unwrap();
         let b = block(2, 4096);
@@ -560,13 +654,21 @@ mod tests {
         assert_eq!(buf, a);
         assert_eq!(v.state().published_epoch, 1);
         // A zero block becomes a hole.
-        let mut s = v.begin(2).unwrap();
+        let mut s = v.begin(2, me(2)).unwrap();
         s.add(0, 4096, &zero_digest(4096), Encoding::Zero, &[])
             .unwrap();
         v.commit(s).unwrap();
         v.read_at(&mut buf, 0).unwrap();
         assert!(buf[..4096].iter().all(|&x| x == 0) && buf[4096..] == a[4096..]);
-        assert!(v.begin(2).is_err(), "an old epoch was accepted");
+        assert!(v.begin(2, me(3)).is_err(), "an old epoch was accepted");
+        // Another device's epochs are refused.
+        let other = Writer {
+            device: [9; 16],
+            epoch: 1,
+        };
+        let err = v.begin(3, other).unwrap_err().to_string();
+        assert!(err.contains("another device"), "{err}");
+        assert_eq!(v.state().writer(), Some(me(2)));
         drop(v);
         let (v, recovery) = Volume::open(&vdir).unwrap();
         assert_eq!(recovery, Recovery::default());
@@ -623,7 +725,7 @@ mod tests {
             for (n, (blocks, crash)) in epochs.into_iter().enumerate() {
                 let epoch = v.state().published_epoch + 1;
                 let mut next = published.clone();
-                let mut s = v.begin(epoch).unwrap();
+                let mut s = v.begin(epoch, me(epoch)).unwrap();
                 for b in &blocks {
                     match *b {
                         Blk::Data { at, blocks, seed, zstd } => {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 use ublk_mirror_common::client::{encode_block, Link};
 use ublk_mirror_common::identity::Identity;
-use ublk_mirror_common::proto::{Encoding, Message};
+use ublk_mirror_common::proto::{Encoding, Message, Writer};
 use ublk_mirror_common::token::Token;
 use ublk_mirror_common::wire;
 
@@ -103,6 +103,14 @@ async fn enrolled(server: &Server, dir: &Path, name: &str) -> (Identity, Link) {
     (id, link)
 }
 
+/// The writer of these tests' epochs: one device, its epoch `epoch`.
+fn w(epoch: u64) -> Writer {
+    Writer {
+        device: [7; 16],
+        epoch,
+    }
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add((i / 7) as u8)).collect()
 }
@@ -130,7 +138,7 @@ async fn enrolled_clients_ship_epochs_into_their_own_volumes() {
     }
     let snapshot = model.clone();
     let shipped = a
-        .send_epoch("root", 1, &blocks, 3, |o, l| {
+        .send_epoch("root", 1, w(1), &blocks, 3, |o, l| {
             Ok(snapshot[o as usize..][..l as usize].to_vec())
         })
         .await
@@ -151,14 +159,16 @@ async fn enrolled_clients_ship_epochs_into_their_own_volumes() {
     // Epoch 2: a zero block becomes a hole; an old epoch number is refused.
     model[0..65536].fill(0);
     let snapshot = model.clone();
-    a.send_epoch("root", 2, &[(0, 65536)], 3, |o, l| {
+    a.send_epoch("root", 2, w(2), &[(0, 65536)], 3, |o, l| {
         Ok(snapshot[o as usize..][..l as usize].to_vec())
     })
     .await
     .unwrap();
     assert!(server.image("laptop", "root") == model);
     let err = a
-        .send_epoch("root", 2, &[(0, 4096)], 3, |_, l| Ok(vec![1; l as usize]))
+        .send_epoch("root", 2, w(3), &[(0, 4096)], 3, |_, l| {
+            Ok(vec![1; l as usize])
+        })
         .await
         .unwrap_err()
         .to_string();
@@ -195,6 +205,7 @@ async fn a_corrupted_block_is_refused_and_sent_again() {
         &Message::BeginEpoch {
             volume: "v".into(),
             epoch: 1,
+            writer: w(1),
         },
     )
     .await
@@ -334,7 +345,7 @@ async fn a_malformed_frame_ends_only_its_connection() {
     }
     assert!(closed, "the connection that sent garbage stayed open");
     let data = pattern(1, 4096);
-    good.send_epoch("v", 1, &[(0, 4096)], 3, |_, _| Ok(data.clone()))
+    good.send_epoch("v", 1, w(1), &[(0, 4096)], 3, |_, _| Ok(data.clone()))
         .await
         .unwrap();
 }

@@ -568,6 +568,12 @@ impl Epochs {
         all
     }
 
+    /// The whole device becomes the current epoch's resync ranges.
+    pub fn resync_all(&mut self) {
+        self.changes.resync.insert(0..self.device_size);
+        self.first_change_ms.get_or_insert_with(now_ms);
+    }
+
     /// Whether some unreleased epoch still carries resync ranges.
     pub fn resync_outstanding(&self) -> bool {
         !self.changes.resync.is_empty() || self.sealed.iter().any(|s| !s.changes.resync.is_empty())

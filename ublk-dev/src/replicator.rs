@@ -15,14 +15,15 @@
 //! had published the epoch before the link broke, the epoch is released
 //! without being sent again. Writes meanwhile collect in the current epoch.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use ublk_mirror_common::client::Link;
+use ublk_mirror_common::client::{Link, VolumeInfo};
 use ublk_mirror_common::identity::Identity;
+use ublk_mirror_common::proto::Writer;
 
 use crate::enrollment::Enrollment;
 use crate::error::{Error, Result};
@@ -108,7 +109,9 @@ impl Replicator {
         }));
         let kick = Arc::new(tokio::sync::Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
+        let device = device_id(tracker.state_dir())?;
         let ctx = Context {
+            device,
             tracker: tracker.clone(),
             settings,
             identity,
@@ -187,6 +190,8 @@ impl Drop for Replicator {
 }
 
 struct Context {
+    /// This device's id (made once, kept in its state directory).
+    device: [u8; 16],
     tracker: Arc<Tracker>,
     settings: MirrorSettings,
     identity: Identity,
@@ -218,14 +223,15 @@ impl Context {
 
     async fn run(self) {
         let mut backoff = Duration::from_secs(1);
-        // The server epoch an unreleased local epoch was sent as, when the
-        // link broke before the answer: kept across reconnections.
-        let mut sent_as: Option<(u64, u64)> = None;
         while !self.stopping() {
             self.set(|s| s.link = "connecting".into());
-            match self.session(&mut sent_as).await {
+            let mut connected = false;
+            match self.session(&mut connected).await {
                 Ok(()) => return,
                 Err(e) => {
+                    if connected {
+                        backoff = Duration::from_secs(1);
+                    }
                     tracing::warn!(server = %self.address, "mirror link down: {e}; retrying in {backoff:?}");
                     self.set(|s| {
                         s.link = "disconnected".into();
@@ -240,14 +246,62 @@ impl Context {
         }
     }
 
+    /// Check that the volume holds this device's past; if it cannot be
+    /// trusted to (a new volume, another server, an image older than what
+    /// it confirmed), the whole device is shipped again.
+    async fn associate(
+        &self,
+        info: &VolumeInfo,
+    ) -> std::result::Result<(), ublk_mirror_common::Error> {
+        let link_err = |e: Error| ublk_mirror_common::Error::Link(e.to_string());
+        if let Some(w) = info.writer.filter(|w| w.device != self.device) {
+            return Err(ublk_mirror_common::Error::Refused(format!(
+                "volume {} is mirrored by another device ({}); mirror this one to another volume",
+                self.settings.volume,
+                hex(&w.device)
+            )));
+        }
+        let dir = self.tracker.state_dir().to_path_buf();
+        let known = Association::load(&dir);
+        let trusted = known.as_ref().is_some_and(|a| {
+            a.server == hex(&self.server.0)
+                && a.volume == self.settings.volume
+                && a.uuid == hex(&info.uuid)
+                && info.published_epoch >= a.confirmed_epoch
+        });
+        if !trusted {
+            tracing::warn!(
+                volume = %self.settings.volume,
+                "the mirror does not hold this device's past (new volume, other server, or an older image): shipping the whole device (zero blocks as holes)"
+            );
+            let tracker = self.tracker.clone();
+            tokio::task::spawn_blocking(move || tracker.resync_all())
+                .await
+                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
+                .map_err(link_err)?;
+            Association {
+                format: 1,
+                server: hex(&self.server.0),
+                volume: self.settings.volume.clone(),
+                uuid: hex(&info.uuid),
+                confirmed_epoch: info.published_epoch,
+            }
+            .save(&dir)
+            .map_err(link_err)?;
+        }
+        Ok(())
+    }
+
     /// One connection's life: ship epochs until stopped or the link fails.
     async fn session(
         &self,
-        sent_as: &mut Option<(u64, u64)>,
+        connected: &mut bool,
     ) -> std::result::Result<(), ublk_mirror_common::Error> {
         let link = Link::connect(&self.identity, self.server, &self.address).await?;
         let size = self.tracker.device_size();
         let mut info = link.open_volume(&self.settings.volume, size).await?;
+        *connected = true;
+        self.associate(&info).await?;
         tracing::info!(
             volume = %self.settings.volume,
             server = %self.address,
@@ -298,13 +352,15 @@ impl Context {
                     .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
                 }
             };
-            // Published before the link broke: release, do not resend.
-            if let Some((local, remote)) = *sent_as {
-                if local == epoch && info.published_epoch >= remote {
-                    self.release(epoch)?;
-                    *sent_as = None;
-                    continue;
-                }
+            // Published before the link broke (the server says whose
+            // epoch its image holds): release, do not resend.
+            let me = Writer {
+                device: self.device,
+                epoch,
+            };
+            if info.writer == Some(me) {
+                self.release(epoch)?;
+                continue;
             }
             let sealed = self
                 .tracker
@@ -317,13 +373,13 @@ impl Context {
             }
             let blocks = split(&sealed.changes.touched(), size);
             let remote = info.published_epoch + 1;
-            *sent_as = Some((epoch, remote));
             let started = Instant::now();
             let tracker = self.tracker.clone();
             let shipped = link
                 .send_epoch(
                     &self.settings.volume,
                     remote,
+                    me,
                     &blocks,
                     self.settings.zstd_level,
                     |offset, len| {
@@ -336,11 +392,13 @@ impl Context {
                 )
                 .await;
             // On failure the server may have published it all the same:
-            // the next session asks (`sent_as`).
+            // the next session sees it as the image's writer.
             let shipped = shipped?;
             info.published_epoch = remote;
+            info.writer = Some(me);
+            Association::confirm(self.tracker.state_dir(), remote)
+                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
             self.release(epoch)?;
-            *sent_as = None;
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             self.set(|s| {
                 s.server_epoch = remote;
@@ -364,6 +422,89 @@ impl Context {
             .release(epoch)
             .map(drop)
             .map_err(|e| ublk_mirror_common::Error::Link(format!("releasing epoch {epoch}: {e}")))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The device's id: 16 random bytes in `STATE_DIR/device-id` (hex), made
+/// the first time the device is mirrored.
+pub fn device_id(state_dir: &Path) -> Result<[u8; 16]> {
+    let path = state_dir.join("device-id");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let text = text.trim();
+        let mut id = [0u8; 16];
+        let parsed = text.len() == 32
+            && id.iter_mut().enumerate().all(|(i, b)| {
+                text.get(2 * i..2 * i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .map(|v| *b = v)
+                    .is_some()
+            });
+        if parsed {
+            return Ok(id);
+        }
+        return Err(Error::JournalCorrupt {
+            path,
+            reason: "not a device id".into(),
+        });
+    }
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id)
+        .map_err(|e| Error::io("making a device id", std::io::Error::other(e.to_string())))?;
+    write_durably(&path, hex(&id).as_bytes())?;
+    Ok(id)
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| std::fs::File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// Which volume on which server holds this device's past, up to which
+/// server epoch (`STATE_DIR/mirror.json`, format 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Association {
+    format: u32,
+    /// The server certificate's fingerprint (hex).
+    server: String,
+    volume: String,
+    /// The volume's uuid (hex).
+    uuid: String,
+    /// The newest server epoch known published with this device's data.
+    confirmed_epoch: u64,
+}
+
+impl Association {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("mirror.json")
+    }
+
+    fn load(dir: &Path) -> Option<Association> {
+        let text = std::fs::read_to_string(Self::path(dir)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::io("encoding mirror.json", std::io::Error::other(e)))?;
+        write_durably(&Self::path(dir), &bytes)
+    }
+
+    fn confirm(dir: &Path, epoch: u64) -> Result<()> {
+        match Self::load(dir) {
+            Some(mut a) => {
+                a.confirmed_epoch = epoch;
+                a.save(dir)
+            }
+            None => Ok(()),
+        }
     }
 }
 

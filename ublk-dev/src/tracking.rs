@@ -558,6 +558,27 @@ impl Tracker {
         Ok(())
     }
 
+    /// Mark every region and make the whole device the current epoch's
+    /// resync ranges: for a mirror that cannot be trusted to hold the
+    /// device's past (a new volume, another server, an older image). Durable
+    /// before it returns.
+    pub fn resync_all(&self) -> Result<()> {
+        let mut journal = lock(&self.journal);
+        journal.mark_all()?;
+        for r in 0..self.regions {
+            self.durable[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::Release);
+        }
+        let mut live = lock(&self.live);
+        live.epochs.resync_all();
+        self.resync_pending.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The directory of the journal (and of other per-device state).
+    pub fn state_dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("/"))
+    }
+
     /// The oldest sealed, unreleased epoch.
     pub fn oldest_sealed(&self) -> Option<u64> {
         lock(&self.live).epochs.sealed().next().map(|s| s.id)

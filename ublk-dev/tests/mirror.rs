@@ -150,7 +150,7 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
     std::thread::sleep(Duration::from_millis(500));
     assert_ne!(replicator.status().link, "connected");
     assert!(tracker.status().regions_marked > 0);
-    let _server = TestServer::start(&data, &listen);
+    let server = TestServer::start(&data, &listen);
     workload(&mut io, 11);
     assert!(
         synced(&tracker, &replicator),
@@ -162,4 +162,19 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
         "the mirror differs from the device after the server restart"
     );
     assert_eq!(replicator.status().link, "connected");
+
+    // The server loses the volume: the device's whole past is shipped again.
+    drop(server);
+    std::fs::remove_dir_all(data.join("volumes/laptop/root")).unwrap();
+    let _server = TestServer::start(&data, &listen);
+    workload(&mut io, 12);
+    assert!(
+        synced(&tracker, &replicator),
+        "not synced to a new volume: {:?}",
+        replicator.status()
+    );
+    assert!(
+        image(&data) == std::fs::read(backing.path()).unwrap(),
+        "a volume made anew does not hold the device's past"
+    );
 }
