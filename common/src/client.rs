@@ -138,6 +138,25 @@ impl Link {
         }
     }
 
+    /// The sha256 of blocks of the volume's image (any number; asked in
+    /// batches of [`crate::proto::MAX_HASH_BLOCKS`]).
+    pub async fn hashes(&self, volume: &str, blocks: &[(u64, u32)]) -> Result<Vec<Digest>> {
+        let mut out = Vec::with_capacity(blocks.len());
+        for batch in blocks.chunks(crate::proto::MAX_HASH_BLOCKS) {
+            match self
+                .ask(Message::HashRequest {
+                    volume: volume.to_string(),
+                    blocks: batch.to_vec(),
+                })
+                .await?
+            {
+                Message::Hashes { digests } if digests.len() == batch.len() => out.extend(digests),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(out)
+    }
+
     /// Ship epoch `epoch` of `volume`, `writer`'s (a device and its local
     /// epoch): each of `blocks` (`(offset, len)`) is read with `read`,
     /// hashed, compressed at zstd `level` when that pays, and sent; blocks

@@ -159,7 +159,24 @@ pub enum Message {
         /// The epoch.
         epoch: u64,
     },
+    /// Client: the sha256 of these blocks of the volume's image, to send
+    /// only the blocks that differ (resync after a crash, initial sync).
+    HashRequest {
+        /// Volume name.
+        volume: String,
+        /// `(offset, len)` of each block, at most [`MAX_HASH_BLOCKS`].
+        blocks: Vec<(u64, u32)>,
+    },
+    /// Server: the digests, in the order asked.
+    Hashes {
+        /// One per block.
+        digests: Vec<Digest>,
+    },
 }
+
+/// Most blocks one [`Message::HashRequest`] may name (its answer must fit
+/// in a frame).
+pub const MAX_HASH_BLOCKS: usize = 1024;
 
 /// Longest client or volume name.
 pub const MAX_NAME: usize = 64;
@@ -233,6 +250,22 @@ impl Message {
             Message::OpenVolume { volume, .. }
             | Message::VolumeInfo { volume, .. }
             | Message::BeginEpoch { volume, .. } => check_name(volume)?,
+            Message::HashRequest { volume, blocks } => {
+                check_name(volume)?;
+                if blocks.len() > MAX_HASH_BLOCKS {
+                    return Err(ProtoError::InvalidBlock(
+                        "too many blocks in one hash request",
+                    ));
+                }
+                if blocks
+                    .iter()
+                    .any(|&(o, l)| l == 0 || l > MAX_BLOCK || o.checked_add(u64::from(l)).is_none())
+                {
+                    return Err(ProtoError::InvalidBlock(
+                        "hash request for an impossible block",
+                    ));
+                }
+            }
             _ => {}
         }
         if let Message::Block {
@@ -376,6 +409,19 @@ mod tests {
             version: Version::V1,
         };
         assert_eq!(wrong.check_hello(), Err(ProtoError::NotOurs));
+    }
+
+    #[test]
+    fn the_largest_hash_answer_fits_in_a_frame() {
+        let m = Message::Hashes {
+            digests: vec![[0xff; 32]; MAX_HASH_BLOCKS],
+        };
+        assert!(m.encode().len() - 4 <= MAX_FRAME as usize);
+        let q = Message::HashRequest {
+            volume: "x".repeat(MAX_NAME),
+            blocks: vec![(u64::MAX / 2, MAX_BLOCK); MAX_HASH_BLOCKS],
+        };
+        assert_eq!(Message::decode(&q.encode()[4..]), Ok(q));
     }
 
     proptest! {

@@ -284,6 +284,22 @@ async fn request(
             };
             receive_epoch(&v, epoch, writer, &mut send, &mut recv).await
         }
+        Message::HashRequest { volume, blocks } => {
+            let v = match open_volume(shared, client, &volume, None) {
+                Ok(v) => v,
+                Err(e) => return refuse(&mut send, e.to_string()).await,
+            };
+            let v = v.lock().await;
+            let digests = tokio::task::block_in_place(|| v.hashes(&blocks));
+            match digests {
+                Ok(digests) => {
+                    wire::send(&mut send, &Message::Hashes { digests }).await?;
+                    let _ = send.finish();
+                    Ok(())
+                }
+                Err(e) => refuse(&mut send, e.to_string()).await,
+            }
+        }
         other => Err(Fault::Protocol(format!(
             "a request cannot start with {}",
             variant(&other)

@@ -281,6 +281,23 @@ impl Volume {
             .map_err(|e| Error::io("reading the image", e))
     }
 
+    /// The sha256 of each block of the image (the published epoch).
+    pub fn hashes(&self, blocks: &[(u64, u32)]) -> Result<Vec<Digest>> {
+        let mut buf = Vec::new();
+        blocks
+            .iter()
+            .map(|&(offset, len)| {
+                buf.resize(len as usize, 0);
+                self.read_at(&mut buf, offset)?;
+                Ok(if buf.iter().all(|&b| b == 0) {
+                    zero_digest(len)
+                } else {
+                    Sha256::digest(&buf).into()
+                })
+            })
+            .collect()
+    }
+
     /// Start staging `epoch` of `writer`, which must be newer than the
     /// published one. A volume takes epochs from one device only. A staging
     /// left from an earlier attempt at the same epoch is replaced; one that

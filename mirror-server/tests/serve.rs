@@ -149,6 +149,12 @@ async fn enrolled_clients_ship_epochs_into_their_own_volumes() {
         "nothing was compressed: {shipped:?}"
     );
     assert!(server.image("laptop", "root") == model);
+    // The server answers the image's hashes (what a resync compares).
+    let hashes = a.hashes("root", &blocks).await.unwrap();
+    for (&(o, l), h) in blocks.iter().zip(&hashes) {
+        let want: [u8; 32] = Sha256::digest(&model[o as usize..][..l as usize]).into();
+        assert_eq!(*h, want, "hash of the block at {o}");
+    }
     // The other client's volume of the same name is its own.
     assert!(server.image("desktop", "root").iter().all(|&x| x == 0));
     assert_eq!(

@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use ublk_mirror_common::client::{Link, VolumeInfo};
+use sha2::{Digest as _, Sha256};
+use ublk_mirror_common::client::{zero_digest, Link, VolumeInfo};
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Writer;
 
@@ -74,6 +75,8 @@ pub struct MirrorStatus {
     pub last_wire_bytes: u64,
     /// Epochs shipped by this daemon.
     pub epochs_shipped: u64,
+    /// Bytes a resync found already equal on the mirror (not sent).
+    pub resync_same_bytes: u64,
 }
 
 /// A running replicator; stops when dropped.
@@ -371,7 +374,44 @@ impl Context {
                 self.release(epoch)?;
                 continue;
             }
-            let blocks = split(&sealed.changes.touched(), size);
+            // Known changes travel; ranges of unknown change (after a
+            // crash, or a mirror that lost the device's past) travel only
+            // where the server's image differs.
+            let mut known = sealed.changes.data.clone();
+            known.union_with(&sealed.changes.zeroed);
+            let mut unknown = sealed.changes.resync.clone();
+            unknown.subtract(&known);
+            let mut blocks = split(&known, size);
+            let candidates = split(&unknown, size);
+            if !candidates.is_empty() {
+                let theirs = link.hashes(&self.settings.volume, &candidates).await?;
+                let mut buf = Vec::new();
+                let mut same = 0u64;
+                for (&(offset, len), theirs) in candidates.iter().zip(theirs) {
+                    buf.resize(len as usize, 0);
+                    self.tracker
+                        .read_epoch(epoch, offset, &mut buf)
+                        .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+                    let mine: [u8; 32] = if buf.iter().all(|&b| b == 0) {
+                        zero_digest(len)
+                    } else {
+                        Sha256::digest(&buf).into()
+                    };
+                    if mine == theirs {
+                        same += u64::from(len);
+                    } else {
+                        blocks.push((offset, len));
+                    }
+                }
+                blocks.sort_unstable();
+                tracing::info!(
+                    epoch,
+                    compared = unknown.len(),
+                    same,
+                    "resync: only blocks that differ from the mirror travel"
+                );
+                self.set(|s| s.resync_same_bytes += same);
+            }
             let remote = info.published_epoch + 1;
             let started = Instant::now();
             let tracker = self.tracker.clone();

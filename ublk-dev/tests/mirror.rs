@@ -177,4 +177,10 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
         image(&data) == std::fs::read(backing.path()).unwrap(),
         "a volume made anew does not hold the device's past"
     );
+    // Its zero blocks were found equal by hash, not sent.
+    assert!(
+        replicator.status().resync_same_bytes > 0,
+        "{:?}",
+        replicator.status()
+    );
 }
