@@ -38,6 +38,10 @@ pub struct Shipped {
 pub struct Link {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    /// Bytes per second block data may use, if limited.
+    bandwidth: Option<u64>,
+    /// When the limit lets the next bytes go.
+    next_free: std::sync::Mutex<tokio::time::Instant>,
 }
 
 /// Resolve `host:port` to its first address.
@@ -68,7 +72,34 @@ impl Link {
             .map_err(|e| Error::Link(format!("connecting to {address}: {e}")))?
             .await
             .map_err(|e| Error::Link(format!("connecting to {address}: {e}")))?;
-        Ok(Link { endpoint, conn })
+        Ok(Link {
+            endpoint,
+            conn,
+            bandwidth: None,
+            next_free: std::sync::Mutex::new(tokio::time::Instant::now()),
+        })
+    }
+
+    /// Limit block data to `bytes_per_second` (`None`: no limit).
+    pub fn set_bandwidth(&mut self, bytes_per_second: Option<u64>) {
+        self.bandwidth = bytes_per_second.filter(|&b| b > 0);
+    }
+
+    /// Wait until the bandwidth limit lets `bytes` more go.
+    async fn pace(&self, bytes: u64) {
+        let Some(rate) = self.bandwidth else { return };
+        let wait = {
+            let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start + std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+            // Up to 100 ms of burst goes at once.
+            next.saturating_duration_since(now)
+                .saturating_sub(std::time::Duration::from_millis(100))
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Open a request stream, hellos exchanged: for tools and tests that
@@ -228,6 +259,7 @@ impl Link {
             for &(offset, len) in &todo {
                 let data = read(offset, len)?;
                 let (header, payload) = encode_block(offset, &data, level);
+                self.pace(payload.len() as u64).await;
                 wire::send_with_data(send, &header, &payload).await?;
                 shipped.blocks += 1;
                 shipped.bytes += u64::from(len);

@@ -355,3 +355,109 @@ async fn a_malformed_frame_ends_only_its_connection() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_killed_during_commits_always_holds_a_published_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data);
+    let id = Identity::create(&dir.path().join("laptop")).unwrap();
+    let token = server.token("laptop");
+    let link = Link::connect(&id, token.server, &server.address)
+        .await
+        .unwrap();
+    link.enroll("laptop", token.secret).await.unwrap();
+    let size: u64 = 8 << 20;
+    // The device as of every epoch ever attempted: the server may have
+    // published one whose answer was lost.
+    let mut models: std::collections::BTreeMap<u64, Vec<u8>> =
+        [(0, vec![0u8; size as usize])].into();
+    let mut seed = 1u64;
+    for round in 0..5u64 {
+        let link = Link::connect(&id, token.server, &server.address)
+            .await
+            .unwrap();
+        let info = link.open_volume("root", size).await.unwrap();
+        // Before anything is sent: the image is exactly the published epoch.
+        let image = server.image("laptop", "root");
+        assert!(
+            image == models[&info.published_epoch],
+            "round {round}: the image is not published epoch {}",
+            info.published_epoch
+        );
+        let mut base = models[&info.published_epoch].clone();
+        let mut published = info.published_epoch;
+        let shipping = async {
+            loop {
+                let epoch = published + 1;
+                let mut next = base.clone();
+                let mut blocks = Vec::new();
+                for _ in 0..24 {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let at = (seed >> 33) % (size / 65536) * 65536;
+                    blocks.push((at, 65536u32));
+                    let fill: Vec<u8> = (0..65536u64).map(|i| (seed >> (i % 57)) as u8).collect();
+                    next[at as usize..][..65536].copy_from_slice(&fill);
+                }
+                blocks.sort_unstable();
+                blocks.dedup();
+                models.insert(epoch, next.clone());
+                let snapshot = next.clone();
+                let sent = link
+                    .send_epoch("root", epoch, w(epoch), &blocks, 1, |o, l| {
+                        Ok(snapshot[o as usize..][..l as usize].to_vec())
+                    })
+                    .await;
+                if sent.is_err() {
+                    return;
+                }
+                published = epoch;
+                base = next;
+            }
+        };
+        let kill_after = Duration::from_millis(150 + 97 * round);
+        tokio::select! {
+            () = shipping => panic!("shipping ended before the kill"),
+            () = tokio::time::sleep(kill_after) => {}
+        }
+        // kill -9 in the middle of whatever it was doing.
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        server = Server::start(&data);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bandwidth_limit_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_id, mut link) = enrolled(&server, dir.path(), "laptop").await;
+    link.open_volume("v", 8 << 20).await.unwrap();
+    link.set_bandwidth(Some(1 << 20));
+    // 2 MiB that do not compress, at 1 MiB/s: at least about 2 s (a slow
+    // machine only makes it longer, so this bound cannot flake).
+    let mut x = 88172645463325252u64;
+    let data: Vec<u8> = (0..2 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let blocks: Vec<(u64, u32)> = (0..32).map(|i| (i * 65536, 65536)).collect();
+    let started = std::time::Instant::now();
+    link.send_epoch("v", 1, w(1), &blocks, 1, |o, l| {
+        Ok(data[o as usize..][..l as usize].to_vec())
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1800),
+        "2 MiB at 1 MiB/s took only {took:?}"
+    );
+    assert!(server.image("laptop", "v")[..2 << 20] == data[..]);
+}

@@ -24,6 +24,7 @@
 //! mirror = "root"             # mirror to this volume on the enrolled server
 //! mirror_interval = "5s"      # least time between cuts shipped to the mirror
 //! zstd_level = 3              # compression of shipped blocks (1-19)
+//! mirror_bandwidth = "10M"    # bytes per second the mirror may use (default: no limit)
 //! client_dir = "/var/lib/ublk-mirror/client"  # this machine's enrollment
 //! ```
 
@@ -88,6 +89,8 @@ pub struct DeviceConfig {
     pub mirror_interval: Option<Span>,
     /// zstd level for shipped blocks.
     pub zstd_level: Option<i32>,
+    /// Bytes per second the mirror may use.
+    pub mirror_bandwidth: Option<ByteSize>,
     /// This machine's enrollment.
     pub client_dir: Option<PathBuf>,
 }
@@ -133,6 +136,7 @@ impl DeviceConfig {
             mirror: over.mirror.or(self.mirror),
             mirror_interval: over.mirror_interval.or(self.mirror_interval),
             zstd_level: over.zstd_level.or(self.zstd_level),
+            mirror_bandwidth: over.mirror_bandwidth.or(self.mirror_bandwidth),
             client_dir: over.client_dir.or(self.client_dir),
         }
     }
@@ -253,6 +257,7 @@ impl DeviceConfig {
                     )?,
                     interval_ms: interval.as_millis() as u64,
                     zstd_level,
+                    bandwidth: self.mirror_bandwidth.map(|b| b.0).filter(|&b| b > 0),
                 })
             }
         };
@@ -363,6 +368,9 @@ pub struct MirrorSpec {
     pub interval_ms: u64,
     /// zstd level.
     pub zstd_level: i32,
+    /// Bytes per second the mirror may use (`None`: no limit).
+    #[serde(default)]
+    pub bandwidth: Option<u64>,
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ enum Command {
     ///   ublk-mirror add --config /etc/ublk-mirror/laptop.toml
     ///   ublk-mirror add --backing vm.img --queues 2 --logical-block-size 4096
     #[command(verbatim_doc_comment)]
-    Add(AddArgs),
+    Add(Box<AddArgs>),
 
     /// List ublk devices.
     List {
@@ -275,6 +275,10 @@ struct AddArgs {
     #[arg(long, value_name = "N")]
     zstd_level: Option<i32>,
 
+    /// Bytes per second the mirror may use, e.g. 10M [default: no limit].
+    #[arg(long, value_name = "RATE")]
+    mirror_bandwidth: Option<ByteSize>,
+
     /// This machine's enrollment [default: /var/lib/ublk-mirror/client].
     #[arg(long, value_name = "DIR", env = "UBLK_MIRROR_CLIENT_DIR")]
     client_dir: Option<PathBuf>,
@@ -298,6 +302,7 @@ impl AddArgs {
             mirror: self.mirror.clone(),
             mirror_interval: self.mirror_interval,
             zstd_level: self.zstd_level,
+            mirror_bandwidth: self.mirror_bandwidth,
             client_dir: self.client_dir.clone(),
         }
     }

@@ -50,6 +50,8 @@ pub struct MirrorSettings {
     pub interval: Duration,
     /// zstd level.
     pub zstd_level: i32,
+    /// Bytes per second the mirror may use (`None`: no limit).
+    pub bandwidth: Option<u64>,
 }
 
 /// What `status` shows about the mirror.
@@ -300,7 +302,8 @@ impl Context {
         &self,
         connected: &mut bool,
     ) -> std::result::Result<(), ublk_mirror_common::Error> {
-        let link = Link::connect(&self.identity, self.server, &self.address).await?;
+        let mut link = Link::connect(&self.identity, self.server, &self.address).await?;
+        link.set_bandwidth(self.settings.bandwidth);
         let size = self.tracker.device_size();
         let mut info = link.open_volume(&self.settings.volume, size).await?;
         *connected = true;

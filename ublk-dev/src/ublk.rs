@@ -517,6 +517,7 @@ where
                 client_dir: m.client_dir.clone(),
                 interval: std::time::Duration::from_millis(m.interval_ms),
                 zstd_level: m.zstd_level,
+                bandwidth: m.bandwidth,
             },
         )?)),
         _ => None,

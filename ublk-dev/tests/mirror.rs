@@ -111,6 +111,7 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
             client_dir: client_dir.clone(),
             interval: Duration::from_millis(100),
             zstd_level: 3,
+            bandwidth: None,
         },
     )
     .unwrap();
