@@ -80,6 +80,24 @@ impl Link {
         })
     }
 
+    /// Move the connection to a new local UDP socket bound at `addr`, as
+    /// when a laptop changes networks: QUIC migrates the connection, and
+    /// requests go on.
+    pub fn rebind(&self, addr: SocketAddr) -> Result<()> {
+        let socket =
+            std::net::UdpSocket::bind(addr).map_err(|e| Error::io(format!("binding {addr}"), e))?;
+        self.endpoint
+            .rebind(socket)
+            .map_err(|e| Error::io("moving the connection to a new socket", e))
+    }
+
+    /// The local address the connection uses.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| Error::io("reading the local address", e))
+    }
+
     /// Limit block data to `bytes_per_second` (`None`: no limit).
     pub fn set_bandwidth(&mut self, bytes_per_second: Option<u64>) {
         self.bandwidth = bytes_per_second.filter(|&b| b > 0);

@@ -461,3 +461,98 @@ async fn a_bandwidth_limit_is_kept() {
     );
     assert!(server.image("laptop", "v")[..2 << 20] == data[..]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_changes_address_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    link.open_volume("v", 1 << 20).await.unwrap();
+    let data = pattern(3, 65536);
+    link.send_epoch("v", 1, w(1), &[(0, 65536)], 3, |_, _| Ok(data.clone()))
+        .await
+        .unwrap();
+    // A new network: another local address (port), same connection.
+    let before = link.local_addr().unwrap();
+    link.rebind("127.0.0.1:0".parse().unwrap()).unwrap();
+    assert_ne!(link.local_addr().unwrap(), before);
+    let more = pattern(4, 65536);
+    link.send_epoch("v", 2, w(2), &[(65536, 65536)], 3, |_, _| Ok(more.clone()))
+        .await
+        .unwrap();
+    assert!(
+        link.close_reason().is_none(),
+        "the connection did not survive the move"
+    );
+    assert_eq!(server.image("laptop", "v")[65536..131072], more[..]);
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallFs(at.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_server_disk_is_a_clean_error_and_the_client_resumes() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a small file system needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(fs) = SmallFs::mount(&data, "4M") else {
+        panic!("cannot mount a tmpfs as root");
+    };
+    let server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    link.open_volume("v", 16 << 20).await.unwrap();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data_8m: Vec<u8> = (0..8 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let blocks: Vec<(u64, u32)> = (0..128).map(|i| (i * 65536, 65536)).collect();
+    let read = |o: u64, l: u32| Ok(data_8m[o as usize..][..l as usize].to_vec());
+    let err = link
+        .send_epoch("v", 1, w(1), &blocks, 1, read)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("No space left"), "{err}");
+    // The server is fine; with space back, the same epoch goes through.
+    fs.resize("64M");
+    link.send_epoch("v", 1, w(1), &blocks, 1, read)
+        .await
+        .unwrap();
+    assert!(server.image("laptop", "v")[..8 << 20] == data_8m[..]);
+    drop(server);
+}
