@@ -36,6 +36,13 @@ pub const BLOCK: u64 = 64 << 10;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long a cut waits for a FLUSH (a point the file system made
+/// durable) before it is taken anyway.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// The same when a `sync` is waiting for the cut.
+const FORCED_FLUSH_WAIT: Duration = Duration::from_millis(250);
+
 /// Dirty bytes that trigger a cut before the interval is over.
 const DIRTY_TRIGGER: u64 = 256 << 20;
 
@@ -77,6 +84,8 @@ pub struct MirrorStatus {
     pub last_wire_bytes: u64,
     /// Epochs shipped by this daemon.
     pub epochs_shipped: u64,
+    /// Bytes on the wire for all of them.
+    pub wire_bytes_total: u64,
     /// Bytes a resync found already equal on the mirror (not sent).
     pub resync_same_bytes: u64,
 }
@@ -347,15 +356,19 @@ impl Context {
                         }
                         continue;
                     }
+                    // A `sync` waits for the cut: look for a FLUSH only briefly.
+                    let flush_wait = if forced {
+                        FORCED_FLUSH_WAIT
+                    } else {
+                        FLUSH_WAIT
+                    };
                     forced = false;
                     last_cut = Instant::now();
                     let tracker = self.tracker.clone();
-                    tokio::task::spawn_blocking(move || {
-                        tracker.seal(SealAt::Flush(Duration::from_secs(2)))
-                    })
-                    .await
-                    .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
-                    .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
+                    tokio::task::spawn_blocking(move || tracker.seal(SealAt::Flush(flush_wait)))
+                        .await
+                        .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
+                        .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
                 }
             };
             // Published before the link broke (the server says whose
@@ -448,6 +461,7 @@ impl Context {
                 s.epochs_shipped += 1;
                 s.throughput_bps = (shipped.bytes as f64 / secs) as u64;
                 s.last_wire_bytes = shipped.wire_bytes;
+                s.wire_bytes_total += shipped.wire_bytes;
             });
             tracing::debug!(
                 epoch,

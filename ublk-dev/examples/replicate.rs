@@ -1,0 +1,203 @@
+//! Benchmark driver for `scripts/bench-replication`: mirror an existing
+//! image file through the real replicator, without the kernel driver.
+//!
+//! The file is opened as a device's backing file would be, with a new
+//! journal (so its whole content is a resync), and the replicator ships it
+//! to the enrolled server. Then `--rewrite-percent` of its 4 KiB blocks are
+//! rewritten at random through the device's I/O path, and the mirror
+//! catches up. Each phase prints one JSON line: wall time, CPU time of this
+//! process, bytes read, bytes on the wire.
+//!
+//! ```text
+//! replicate --image IMG --client-dir DIR --state-dir DIR --volume NAME
+//!           [--rewrite-percent 1] [--server-pid PID]
+//! replicate --ceiling IMG      # sha256 + zstd of the same data, one thread, no network
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ublk_dev::backing::{Backing, BackingOptions};
+use ublk_dev::engine::uring::LocalIo;
+use ublk_dev::engine::{Engine, Geometry, Request, MAX_IO_BYTES};
+use ublk_dev::replicator::{MirrorSettings, Replicator};
+use ublk_dev::tracking::{History, Tracker, TrackerOptions, DEFAULT_COW_MEMORY};
+
+fn cpu_seconds() -> f64 {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage");
+    let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+    t(usage.user_time()) + t(usage.system_time())
+}
+
+/// CPU seconds a process (the server) used so far, from /proc.
+fn cpu_of(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Wait until everything recorded is released (on the mirror).
+fn sync(tracker: &Tracker, replicator: &Replicator) {
+    let target = if tracker.has_changes() {
+        tracker.current_epoch()
+    } else {
+        tracker.current_epoch() - 1
+    };
+    while tracker.released_epoch() < target {
+        replicator.kick().notify_one();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ceiling(image: &Path) {
+    use sha2::{Digest as _, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(image).expect("open image");
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut bytes, mut wire) = (0u64, 0u64);
+    let started = Instant::now();
+    let cpu = cpu_seconds();
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        let block = &buf[..n];
+        bytes += n as u64;
+        let _digest: [u8; 32] = Sha256::digest(block).into();
+        if block.iter().any(|&b| b != 0) {
+            wire += zstd::bulk::compress(block, 3).expect("zstd").len().min(n) as u64;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{{\"phase\":\"ceiling\",\"seconds\":{secs:.3},\"cpu_seconds\":{:.3},\"bytes\":{bytes},\"wire_bytes\":{wire},\"mib_per_s\":{:.1}}}",
+        cpu_seconds() - cpu,
+        bytes as f64 / (1 << 20) as f64 / secs
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(image) = arg(&args, "--ceiling") {
+        return ceiling(Path::new(&image));
+    }
+    let need =
+        |n: &str| arg(&args, n).unwrap_or_else(|| panic!("{n} is required (see the source)"));
+    let image = PathBuf::from(need("--image"));
+    let client_dir = PathBuf::from(need("--client-dir"));
+    let state_dir = PathBuf::from(need("--state-dir"));
+    let volume = need("--volume");
+    let percent: f64 = arg(&args, "--rewrite-percent").map_or(1.0, |p| p.parse().expect("percent"));
+    let server = arg(&args, "--server-pid").map(|p| p.parse::<u32>().expect("pid"));
+
+    let backing = Backing::open(&BackingOptions {
+        path: &image,
+        size: None,
+        create: false,
+        block_size: 4096,
+        direct_io: true,
+    })
+    .expect("open the image");
+    let size = backing.size();
+    let (tracker, _) = Tracker::open(&TrackerOptions {
+        state_dir: &state_dir,
+        identity: (&image, 1),
+        file: backing.file(),
+        device_size: size,
+        region_size: 4 << 20,
+        history: History::ExistingFile,
+        cow_memory: DEFAULT_COW_MEMORY,
+    })
+    .expect("open the journal");
+    let tracker = Arc::new(tracker);
+    let replicator = Replicator::start(
+        tracker.clone(),
+        MirrorSettings {
+            volume,
+            client_dir,
+            // Cuts only when asked (below), as a peer sees the final file.
+            interval: Duration::from_secs(3600),
+            zstd_level: 3,
+            bandwidth: None,
+        },
+    )
+    .expect("start the replicator");
+
+    // Phase 1: the initial sync (the whole file is a resync).
+    let started = Instant::now();
+    let cpu = cpu_seconds();
+    let server_cpu = cpu_of(server);
+    sync(&tracker, &replicator);
+    let s = replicator.status();
+    println!(
+        "{{\"phase\":\"initial\",\"seconds\":{:.3},\"cpu_seconds\":{:.3},\"server_cpu_seconds\":{:.3},\"bytes\":{size},\"wire_bytes\":{},\"same_bytes\":{}}}",
+        started.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu,
+        cpu_of(server) - server_cpu,
+        s.wire_bytes_total,
+        s.resync_same_bytes
+    );
+
+    // Phase 2: rewrite a share of the 4 KiB blocks at random, catch up.
+    let engine = Engine::new(Geometry {
+        size,
+        block_size: 4096,
+        max_io: MAX_IO_BYTES,
+    });
+    let mut io = LocalIo::new(&engine, backing.file())
+        .expect("io")
+        .with_tracker(&tracker);
+    let blocks = size / 4096;
+    let count = ((blocks as f64) * percent / 100.0) as u64;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut data = vec![0u8; 4096];
+    for _ in 0..count {
+        let b = next() % blocks;
+        for chunk in data.chunks_mut(8) {
+            chunk.copy_from_slice(&next().to_le_bytes());
+        }
+        io.submit(Request::write(b * 4096, 4096), &data)
+            .expect("rewrite");
+    }
+    let started = Instant::now();
+    let cpu = cpu_seconds();
+    let server_cpu = cpu_of(server);
+    let before = replicator.status();
+    sync(&tracker, &replicator);
+    let s = replicator.status();
+    println!(
+        "{{\"phase\":\"catch-up\",\"seconds\":{:.3},\"cpu_seconds\":{:.3},\"server_cpu_seconds\":{:.3},\"bytes\":{},\"wire_bytes\":{},\"epochs\":{}}}",
+        started.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu,
+        cpu_of(server) - server_cpu,
+        count * 4096,
+        s.wire_bytes_total - before.wire_bytes_total,
+        s.epochs_shipped - before.epochs_shipped
+    );
+}
