@@ -400,20 +400,34 @@ impl Context {
             let mut blocks = split(&known, size);
             let candidates = split(&unknown, size);
             if !candidates.is_empty() {
-                let theirs = link.hashes(&self.settings.volume, &candidates).await?;
+                // A volume nobody ever wrote is all zeroes: compare with
+                // that here instead of asking (and hashing twice).
+                let fresh = info.published_epoch == 0 && info.writer.is_none();
+                let theirs = if fresh {
+                    None
+                } else {
+                    Some(link.hashes(&self.settings.volume, &candidates).await?)
+                };
                 let mut buf = Vec::new();
                 let mut same = 0u64;
-                for (&(offset, len), theirs) in candidates.iter().zip(theirs) {
+                for (i, &(offset, len)) in candidates.iter().enumerate() {
                     buf.resize(len as usize, 0);
                     self.tracker
                         .read_epoch(epoch, offset, &mut buf)
                         .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
-                    let mine: [u8; 32] = if buf.iter().all(|&b| b == 0) {
-                        zero_digest(len)
-                    } else {
-                        Sha256::digest(&buf).into()
+                    let zero = buf.iter().all(|&b| b == 0);
+                    let equal = match &theirs {
+                        None => zero,
+                        Some(theirs) => {
+                            let mine: [u8; 32] = if zero {
+                                zero_digest(len)
+                            } else {
+                                Sha256::digest(&buf).into()
+                            };
+                            mine == theirs[i]
+                        }
                     };
-                    if mine == theirs {
+                    if equal {
                         same += u64::from(len);
                     } else {
                         blocks.push((offset, len));
