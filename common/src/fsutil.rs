@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 /// Make `len` bytes at `offset` read as zeroes: a hole where the file
 /// system can punch one, zeroes written where it cannot. The file keeps
@@ -27,6 +28,23 @@ pub fn punch_or_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> 
     Ok(())
 }
 
+/// Replace `path` with `bytes` so that a crash leaves either the old or
+/// the new content, durably: a temporary file, synced, renamed over it,
+/// and the directory synced.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,6 +60,20 @@ mod tests {
         assert!(buf[4096..12288].iter().all(|&b| b == 0));
         assert!(buf[12288..].iter().all(|&b| b == 7));
         assert_eq!(file.metadata().unwrap().len(), 16384);
+    }
+
+    #[test]
+    fn durable_writes_replace_the_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_durably(&path, b"one").unwrap();
+        write_durably(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "a temporary file was left"
+        );
     }
 
     fn tempfile_in_tmp() -> File {

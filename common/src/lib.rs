@@ -8,6 +8,7 @@
 pub mod client;
 pub mod duration;
 pub mod fsutil;
+pub mod hex;
 pub mod identity;
 pub mod proto;
 pub mod range;

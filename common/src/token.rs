@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use crate::identity::Fingerprint;
 use crate::proto::check_name;
-use crate::Error;
+use crate::{hex, Error};
 
 const PREFIX: &str = "umt1";
 
@@ -32,29 +32,14 @@ pub struct Token {
     pub address: String,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
-}
-
 impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "{PREFIX}/{}/{}/{}/{}",
             self.name,
-            hex(&self.secret),
-            hex(&self.server.0),
+            hex::encode(&self.secret),
+            hex::encode(&self.server.0),
             self.address
         )
     }
@@ -75,8 +60,10 @@ impl FromStr for Token {
             return Err(bad("it is cut short"));
         };
         check_name(name).map_err(|e| bad(&e.to_string()))?;
-        let secret = unhex32(secret).ok_or_else(|| bad("the secret is not 64 hex digits"))?;
-        let server = unhex32(fp).ok_or_else(|| bad("the fingerprint is not 64 hex digits"))?;
+        let secret =
+            hex::decode::<32>(secret).ok_or_else(|| bad("the secret is not 64 hex digits"))?;
+        let server =
+            hex::decode::<32>(fp).ok_or_else(|| bad("the fingerprint is not 64 hex digits"))?;
         if address.is_empty() || !address.contains(':') {
             return Err(bad("the server address has no port"));
         }

@@ -19,6 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use ublk_mirror_common::fsutil;
+use ublk_mirror_common::hex::encode as hex;
 use ublk_mirror_common::identity::Fingerprint;
 use ublk_mirror_common::proto::check_name;
 
@@ -71,10 +73,6 @@ impl Client {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -115,12 +113,8 @@ impl Registry {
 
     fn put(&self, client: &Client) -> Result<()> {
         let path = self.path(&client.name);
-        let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(client).map_err(|e| Error::Corrupt(e.to_string()))?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
+        fsutil::write_durably(&path, &text)
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 

@@ -42,6 +42,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use ublk_mirror_common::fsutil;
+use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK};
 
 use crate::error::{Error, Result};
@@ -76,32 +77,17 @@ pub struct VolumeState {
 impl VolumeState {
     /// The uuid as bytes.
     pub fn uuid_bytes(&self) -> [u8; 16] {
-        unhex16(&self.uuid).unwrap_or_default()
+        hex::decode(&self.uuid).unwrap_or_default()
     }
 
     /// The device and local epoch the image holds.
     pub fn writer(&self) -> Option<Writer> {
-        let device = unhex16(self.owner.as_deref()?)?;
+        let device = hex::decode(self.owner.as_deref()?)?;
         Some(Writer {
             device,
             epoch: self.writer_epoch,
         })
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex16(s: &str) -> Option<[u8; 16]> {
-    if s.len() != 32 || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 /// What a commit marker records.
@@ -182,7 +168,7 @@ impl Volume {
             size,
             published_epoch: 0,
             published_ms: 0,
-            uuid: hex(&uuid),
+            uuid: hex_encode(&uuid),
             owner: None,
             writer_epoch: 0,
         };
@@ -312,7 +298,7 @@ impl Volume {
             if owner != writer.device {
                 return Err(Error::Invalid(format!(
                     "this volume is mirrored by another device ({}); mirror this one to another volume name",
-                    hex(&owner)
+                    hex_encode(&owner)
                 )));
             }
         }
@@ -382,13 +368,9 @@ impl Volume {
             device: staging.writer.device,
             epoch: staging.writer.epoch,
         };
-        let tmp = staging_path(&self.dir, epoch, "commit.tmp");
         let marker_json = serde_json::to_vec(&marker).map_err(|e| Error::Corrupt(e.to_string()))?;
-        std::fs::write(&tmp, marker_json)
-            .and_then(|()| File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, staging_path(&self.dir, epoch, "commit")))
+        fsutil::write_durably(&staging_path(&self.dir, epoch, "commit"), &marker_json)
             .map_err(|e| Error::io("writing the commit marker", e))?;
-        sync_dir(&self.dir.join(STAGING))?;
         if stop == Some(CommitStep::Marked) {
             return Ok(());
         }
@@ -434,7 +416,7 @@ impl Volume {
         let state = VolumeState {
             published_epoch: epoch,
             published_ms: now_ms(),
-            owner: Some(hex(&marker.device)),
+            owner: Some(hex_encode(&marker.device)),
             writer_epoch: marker.epoch,
             ..self.state.clone()
         };
@@ -607,13 +589,9 @@ fn remove_staging(dir: &Path, epoch: u64) {
 }
 
 fn write_state(dir: &Path, state: &VolumeState) -> Result<()> {
-    let tmp = dir.join("state.json.tmp");
     let text = serde_json::to_vec_pretty(state).map_err(|e| Error::Corrupt(e.to_string()))?;
-    std::fs::write(&tmp, text)
-        .and_then(|()| File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, dir.join(STATE)))
-        .map_err(|e| Error::io(format!("writing {}", dir.join(STATE).display()), e))?;
-    sync_dir(dir)
+    fsutil::write_durably(&dir.join(STATE), &text)
+        .map_err(|e| Error::io(format!("writing {}", dir.join(STATE).display()), e))
 }
 
 #[cfg(test)]

@@ -111,6 +111,18 @@ fn w(epoch: u64) -> Writer {
     }
 }
 
+/// `len` bytes that do not compress (xorshift from `seed`).
+fn noise(mut seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add((i / 7) as u8)).collect()
 }
@@ -438,15 +450,7 @@ async fn a_bandwidth_limit_is_kept() {
     link.set_bandwidth(Some(1 << 20));
     // 2 MiB that do not compress, at 1 MiB/s: at least about 2 s (a slow
     // machine only makes it longer, so this bound cannot flake).
-    let mut x = 88172645463325252u64;
-    let data: Vec<u8> = (0..2 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = noise(88172645463325252, 2 << 20);
     let blocks: Vec<(u64, u32)> = (0..32).map(|i| (i * 65536, 65536)).collect();
     let started = std::time::Instant::now();
     link.send_epoch("v", 1, w(1), &blocks, 1, |o, l| {
@@ -531,15 +535,7 @@ async fn a_full_server_disk_is_a_clean_error_and_the_client_resumes() {
     let server = Server::start(&data);
     let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
     link.open_volume("v", 16 << 20).await.unwrap();
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let data_8m: Vec<u8> = (0..8 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data_8m = noise(0x2545_f491_4f6c_dd1d, 8 << 20);
     let blocks: Vec<(u64, u32)> = (0..128).map(|i| (i * 65536, 65536)).collect();
     let read = |o: u64, l: u32| Ok(data_8m[o as usize..][..l as usize].to_vec());
     let err = link

@@ -57,11 +57,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 /// Wait until everything recorded is released (on the mirror).
 fn sync(tracker: &Tracker, replicator: &Replicator) {
-    let target = if tracker.has_changes() {
-        tracker.current_epoch()
-    } else {
-        tracker.current_epoch() - 1
-    };
+    let target = tracker.sync_target();
     while tracker.released_epoch() < target {
         replicator.kick().notify_one();
         std::thread::sleep(Duration::from_millis(20));

@@ -387,14 +387,7 @@ fn sync(
             "this device is not mirrored (add it with --mirror VOLUME)".into(),
         ));
     };
-    // Changes so far lie in the current epoch (if it has any) or in the
-    // sealed ones before it.
-    let current = tracker.current_epoch();
-    let target = if tracker.has_changes() {
-        current
-    } else {
-        current - 1
-    };
+    let target = tracker.sync_target();
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let released = tracker.released_epoch();

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use ublk_mirror_common::client::Link;
 use ublk_mirror_common::identity::{Fingerprint, Identity};
 use ublk_mirror_common::token::Token;
+use ublk_mirror_common::{fsutil, hex};
 
 use crate::error::{Error, Result};
 
@@ -36,16 +37,9 @@ pub struct Enrollment {
 impl Enrollment {
     /// The pinned server certificate.
     pub fn server(&self) -> Result<Fingerprint> {
-        let bad = || Error::InvalidConfig(format!("{SERVER_FILE}: bad fingerprint"));
-        if self.fingerprint.len() != 64 {
-            return Err(bad());
-        }
-        let mut fp = [0u8; 32];
-        for (i, b) in fp.iter_mut().enumerate() {
-            *b = u8::from_str_radix(self.fingerprint.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
-                .map_err(|_| bad())?;
-        }
-        Ok(Fingerprint(fp))
+        hex::decode(&self.fingerprint)
+            .map(Fingerprint)
+            .ok_or_else(|| Error::InvalidConfig(format!("{SERVER_FILE}: bad fingerprint")))
     }
 
     /// Read the enrollment in `dir`.
@@ -104,14 +98,11 @@ pub fn enroll(dir: &Path, token: &Token) -> Result<PathBuf> {
         format: FORMAT,
         name,
         address: token.address.clone(),
-        fingerprint: token.server.0.iter().map(|b| format!("{b:02x}")).collect(),
+        fingerprint: hex::encode(&token.server.0),
     };
     let text = serde_json::to_vec_pretty(&enrollment)
         .map_err(|e| Error::io("encoding the enrollment", std::io::Error::other(e)))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, &path))
+    fsutil::write_durably(&path, &text)
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     Ok(path)
 }

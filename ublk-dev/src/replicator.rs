@@ -23,6 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use ublk_mirror_common::client::{zero_digest, Link, VolumeInfo};
+use ublk_mirror_common::fsutil;
+use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Writer;
 
@@ -272,15 +274,15 @@ impl Context {
             return Err(ublk_mirror_common::Error::Refused(format!(
                 "volume {} is mirrored by another device ({}); mirror this one to another volume",
                 self.settings.volume,
-                hex(&w.device)
+                hex_encode(&w.device)
             )));
         }
         let dir = self.tracker.state_dir().to_path_buf();
         let known = Association::load(&dir);
         let trusted = known.as_ref().is_some_and(|a| {
-            a.server == hex(&self.server.0)
+            a.server == hex_encode(&self.server.0)
                 && a.volume == self.settings.volume
-                && a.uuid == hex(&info.uuid)
+                && a.uuid == hex_encode(&info.uuid)
                 && info.published_epoch >= a.confirmed_epoch
         });
         if !trusted {
@@ -295,9 +297,9 @@ impl Context {
                 .map_err(link_err)?;
             Association {
                 format: 1,
-                server: hex(&self.server.0),
+                server: hex_encode(&self.server.0),
                 volume: self.settings.volume.clone(),
-                uuid: hex(&info.uuid),
+                uuid: hex_encode(&info.uuid),
                 confirmed_epoch: info.published_epoch,
             }
             .save(&dir)
@@ -496,28 +498,12 @@ impl Context {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// The device's id: 16 random bytes in `STATE_DIR/device-id` (hex), made
 /// the first time the device is mirrored.
 pub fn device_id(state_dir: &Path) -> Result<[u8; 16]> {
     let path = state_dir.join("device-id");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let text = text.trim();
-        let mut id = [0u8; 16];
-        let parsed = text.len() == 32
-            && id.iter_mut().enumerate().all(|(i, b)| {
-                text.get(2 * i..2 * i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .map(|v| *b = v)
-                    .is_some()
-            });
-        if parsed {
-            return Ok(id);
-        }
-        return Err(Error::JournalCorrupt {
+        return hex::decode(text.trim()).ok_or(Error::JournalCorrupt {
             path,
             reason: "not a device id".into(),
         });
@@ -525,16 +511,12 @@ pub fn device_id(state_dir: &Path) -> Result<[u8; 16]> {
     let mut id = [0u8; 16];
     getrandom::fill(&mut id)
         .map_err(|e| Error::io("making a device id", std::io::Error::other(e.to_string())))?;
-    write_durably(&path, hex(&id).as_bytes())?;
+    write_durably(&path, hex_encode(&id).as_bytes())?;
     Ok(id)
 }
 
 fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .and_then(|()| std::fs::File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all())
+    fsutil::write_durably(path, bytes)
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 

@@ -589,9 +589,17 @@ impl Tracker {
         !lock(&self.live).epochs.changes().is_empty()
     }
 
-    /// The current epoch's number.
-    pub fn current_epoch(&self) -> u64 {
-        lock(&self.live).epochs.current()
+    /// The epoch every change recorded so far lies in or before: the
+    /// current one if it has changes, else the newest sealed one. Once it
+    /// is released, all of them are on the mirror.
+    pub fn sync_target(&self) -> u64 {
+        let live = lock(&self.live);
+        let current = live.epochs.current();
+        if live.epochs.changes().is_empty() {
+            current - 1
+        } else {
+            current
+        }
     }
 
     /// The last released epoch.

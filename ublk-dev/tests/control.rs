@@ -3,15 +3,16 @@
 //! a copy with seal, read and release.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ublk_dev::backing::{Backing, BackingOptions};
+use ublk_dev::backing::Backing;
 use ublk_dev::control::{Client, Server};
+
+use crate::support::TrackedDevice;
 use ublk_dev::engine::uring::LocalIo;
-use ublk_dev::engine::{Engine, Geometry, Op, Request, MAX_IO_BYTES};
-use ublk_dev::tracking::{History, Tracker, TrackerOptions, DEFAULT_COW_MEMORY};
+use ublk_dev::engine::{Engine, Op, Request};
+use ublk_dev::tracking::Tracker;
 
 const SIZE: u64 = 8 << 20;
 
@@ -26,32 +27,13 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let backing = Backing::open(&BackingOptions {
-        path: &dir.path().join("disk.img"),
-        size: Some(SIZE),
-        create: true,
-        block_size: 4096,
-        direct_io: true,
-    })
-    .unwrap();
-    let (tracker, _) = Tracker::open(&TrackerOptions {
-        state_dir: &dir.path().join("state"),
-        identity: (Path::new("/test/disk.img"), 1),
-        file: backing.file(),
-        device_size: SIZE,
-        region_size: 64 << 10,
-        history: History::NewFile,
-        cow_memory: DEFAULT_COW_MEMORY,
-    })
-    .unwrap();
-    let tracker = Arc::new(tracker);
+    let TrackedDevice {
+        backing,
+        engine,
+        tracker,
+    } = TrackedDevice::new(dir.path(), SIZE, 64 << 10);
     let sock = dir.path().join("ctl.sock");
     let server = Server::start_at(&sock, tracker.clone(), None).unwrap();
-    let engine = Engine::new(Geometry {
-        size: SIZE,
-        block_size: 4096,
-        max_io: MAX_IO_BYTES,
-    });
     Setup {
         client: Client::at(&sock),
         _server: server,

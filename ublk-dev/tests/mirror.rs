@@ -4,26 +4,20 @@
 //! backing file, across a server restart.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ublk_dev::backing::{Backing, BackingOptions};
 use ublk_dev::engine::uring::LocalIo;
-use ublk_dev::engine::{Engine, Geometry, Op, Request, MAX_IO_BYTES};
+use ublk_dev::engine::{Op, Request};
 use ublk_dev::replicator::{MirrorSettings, Replicator};
-use ublk_dev::tracking::{History, Tracker, TrackerOptions, DEFAULT_COW_MEMORY};
+use ublk_dev::tracking::Tracker;
 
-use crate::support::TestServer;
+use crate::support::{TestServer, TrackedDevice};
 
 const SIZE: u64 = 32 << 20;
 
 /// Wait until everything recorded so far is released (on the mirror).
 fn synced(tracker: &Tracker, replicator: &Replicator) -> bool {
-    let target = if tracker.has_changes() {
-        tracker.current_epoch()
-    } else {
-        tracker.current_epoch() - 1
-    };
+    let target = tracker.sync_target();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if tracker.released_epoch() >= target {
@@ -85,25 +79,11 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
     let client_dir = dir.path().join("client");
     ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
 
-    let backing = Backing::open(&BackingOptions {
-        path: &dir.path().join("disk.img"),
-        size: Some(SIZE),
-        create: true,
-        block_size: 4096,
-        direct_io: true,
-    })
-    .unwrap();
-    let (tracker, _) = Tracker::open(&TrackerOptions {
-        state_dir: &dir.path().join("state"),
-        identity: (Path::new("/test/disk.img"), 1),
-        file: backing.file(),
-        device_size: SIZE,
-        region_size: 1 << 20,
-        history: History::NewFile,
-        cow_memory: DEFAULT_COW_MEMORY,
-    })
-    .unwrap();
-    let tracker = Arc::new(tracker);
+    let TrackedDevice {
+        backing,
+        engine,
+        tracker,
+    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
     let replicator = Replicator::start(
         tracker.clone(),
         MirrorSettings {
@@ -115,11 +95,6 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
         },
     )
     .unwrap();
-    let engine = Engine::new(Geometry {
-        size: SIZE,
-        block_size: 4096,
-        max_io: MAX_IO_BYTES,
-    });
     let mut io = LocalIo::new(&engine, backing.file())
         .unwrap()
         .with_tracker(&tracker);

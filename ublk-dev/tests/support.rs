@@ -1,13 +1,60 @@
-//! A mirror server running in this process (the server's own code, on
-//! 127.0.0.1), and enrollment with it.
+//! What several tests set up: a new tracked backing file with the
+//! device's engine, and a mirror server running in this process (the
+//! server's own code, on 127.0.0.1).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use ublk_dev::backing::{Backing, BackingOptions};
+use ublk_dev::engine::{Engine, Geometry, MAX_IO_BYTES};
+use ublk_dev::tracking::{History, Tracker, TrackerOptions, DEFAULT_COW_MEMORY};
 
 use mirror_server::clients::Registry;
 use mirror_server::config::ServerConfig;
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::token::Token;
+
+/// A new backing file of `size` bytes in `dir` (4096-byte blocks), its
+/// tracker (journal in `dir/state`) and the device's engine.
+pub struct TrackedDevice {
+    pub backing: Backing,
+    pub engine: Engine,
+    pub tracker: Arc<Tracker>,
+}
+
+impl TrackedDevice {
+    pub fn new(dir: &Path, size: u64, region_size: u64) -> TrackedDevice {
+        let backing = Backing::open(&BackingOptions {
+            path: &dir.join("disk.img"),
+            size: Some(size),
+            create: true,
+            block_size: 4096,
+            direct_io: true,
+        })
+        .unwrap();
+        let (tracker, _) = Tracker::open(&TrackerOptions {
+            state_dir: &dir.join("state"),
+            identity: (Path::new("/test/disk.img"), 1),
+            file: backing.file(),
+            device_size: size,
+            region_size,
+            history: History::NewFile,
+            cow_memory: DEFAULT_COW_MEMORY,
+        })
+        .unwrap();
+        let engine = Engine::new(Geometry {
+            size,
+            block_size: 4096,
+            max_io: MAX_IO_BYTES,
+        });
+        TrackedDevice {
+            backing,
+            engine,
+            tracker: Arc::new(tracker),
+        }
+    }
+}
 
 /// A running server; stops when dropped.
 pub struct TestServer {
