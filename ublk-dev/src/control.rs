@@ -452,16 +452,16 @@ pub struct Client {
 
 /// What went wrong talking to a daemon.
 fn client_error(path: &Path, e: std::io::Error) -> Error {
-    let hint = match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            " (is the device's daemon running, with change tracking on?)"
-        }
-        _ => "",
-    };
-    Error::io(
-        format!("talking to the daemon at {}{hint}", path.display()),
-        e,
-    )
+    match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Error::Daemon {
+            message: format!(
+                "no daemon answers at {}: is the device's daemon running, with change tracking on? (see `ublk-mirror list`)",
+                path.display()
+            ),
+            kind: ErrorKind::Device,
+        },
+        _ => Error::io(format!("talking to the daemon at {}", path.display()), e),
+    }
 }
 
 impl Client {

@@ -86,12 +86,12 @@ pub enum Error {
     },
 
     /// The ublk driver refused a request.
-    #[error("ublk driver: {context}: {source}")]
+    #[error("ublk driver: {context}: {error}")]
     Driver {
         /// What we were doing.
         context: String,
         /// libublk's error, kept as text so that libublk types stay in one module.
-        source: Box<dyn std::error::Error + Send + Sync>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
 
     /// An epoch request cannot be met (not sealed, released, broken).
@@ -107,14 +107,14 @@ pub enum Error {
         kind: ErrorKind,
     },
 
-    /// An operating-system call failed.
-    #[error("{context}: {source}")]
+    /// An operating-system call failed. (The error is part of the message,
+    /// not a `source`: printed as a chain it would show twice.)
+    #[error("{context}: {error}")]
     Io {
         /// What we were doing.
         context: String,
         /// The error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -156,10 +156,25 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
-            source,
+            error: source,
         }
     }
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_is_told_once() {
+        let e = anyhow::Error::from(Error::io(
+            "reading x",
+            std::io::Error::from_raw_os_error(libc::ENOENT),
+        ));
+        let shown = format!("{e:#}");
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+    }
+}

@@ -174,7 +174,7 @@ fn driver_error(context: impl Into<String>, e: UblkError) -> Error {
     };
     Error::Driver {
         context: context.into(),
-        source,
+        error: source,
     }
 }
 
