@@ -1,13 +1,16 @@
 //! The client side of a connection to `mirror-server`: enrollment, opening
-//! volumes, shipping epochs.
+//! volumes, shipping epochs (over several streams at once, resuming what an
+//! interrupted attempt left on the server).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
 use crate::identity::{Fingerprint, Identity};
 use crate::proto::{Digest, Encoding, Message, Writer};
-use crate::{tls, wire, Error, Result};
+use crate::{tls, wire, Error, RangeSet, Result};
 
 /// A volume as the server has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +34,20 @@ pub struct Shipped {
     pub bytes: u64,
     /// Block bytes on the wire (after zstd; zero blocks cost none).
     pub wire_bytes: u64,
+    /// Bytes of blocks that travelled as holes (all zeroes).
+    pub zero_bytes: u64,
+    /// Bytes the server held already from an interrupted attempt.
+    pub resumed_bytes: u64,
+}
+
+impl Shipped {
+    fn add(&mut self, other: &Shipped) {
+        self.blocks += other.blocks;
+        self.bytes += other.bytes;
+        self.wire_bytes += other.wire_bytes;
+        self.zero_bytes += other.zero_bytes;
+        self.resumed_bytes += other.resumed_bytes;
+    }
 }
 
 /// A connection to the server.
@@ -38,10 +55,158 @@ pub struct Shipped {
 pub struct Link {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    pacer: Pacer,
+}
+
+/// Keeps block data under a bandwidth limit, across streams.
+#[derive(Debug, Clone)]
+struct Pacer {
     /// Bytes per second block data may use, if limited.
-    bandwidth: Option<u64>,
+    rate: Option<u64>,
     /// When the limit lets the next bytes go.
-    next_free: std::sync::Mutex<tokio::time::Instant>,
+    next_free: Arc<std::sync::Mutex<tokio::time::Instant>>,
+}
+
+impl Pacer {
+    /// Wait until the limit lets `bytes` more go.
+    async fn pace(&self, bytes: u64) {
+        let Some(rate) = self.rate else { return };
+        let wait = {
+            let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start + std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
+            // Up to 100 ms of burst goes at once.
+            next.saturating_duration_since(now)
+                .saturating_sub(std::time::Duration::from_millis(100))
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Data streams one epoch is sent over at once.
+pub const DATA_STREAMS: usize = 4;
+
+/// The blocks of one round of data streams, taken one at a time.
+struct Work {
+    blocks: Vec<(u64, u32)>,
+    next: AtomicUsize,
+}
+
+impl Work {
+    fn take(&self) -> Option<(u64, u32)> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.blocks.get(i).copied()
+    }
+
+    /// Hand out no more blocks.
+    fn stop(&self) {
+        self.next.store(usize::MAX / 2, Ordering::Relaxed);
+    }
+}
+
+/// Open a request stream on `conn`, hellos exchanged.
+async fn open_stream(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| Error::Link(format!("opening a stream: {e}")))?;
+    wire::send(&mut send, &Message::hello()).await?;
+    match wire::expect(&mut recv).await? {
+        Message::Refused { reason } => return Err(Error::Refused(reason)),
+        hello => {
+            hello.check_hello()?;
+        }
+    }
+    Ok((send, recv))
+}
+
+/// After a send failed: the server may have refused and ended the stream
+/// while data was still going out; its reason says more.
+async fn refusal_or(recv: &mut quinn::RecvStream, err: Error) -> Error {
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(2), wire::expect(recv)).await;
+    match answer {
+        Ok(Ok(Message::Refused { reason })) => Error::Refused(reason),
+        _ => err,
+    }
+}
+
+/// A block ready to go: header, payload, and its length decoded.
+type Encoded = (Message, Vec<u8>, u32);
+
+/// Read and encode one block, on a blocking thread.
+fn encode_later<R>(
+    read: &Arc<R>,
+    block: Option<(u64, u32)>,
+    level: i32,
+) -> Option<tokio::task::JoinHandle<Result<Encoded>>>
+where
+    R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+{
+    let (offset, len) = block?;
+    let read = read.clone();
+    Some(tokio::task::spawn_blocking(move || {
+        let data = read(offset, len)?;
+        let (header, payload) = encode_block(offset, &data, level);
+        Ok((header, payload, len))
+    }))
+}
+
+/// One data stream: blocks taken from `work` until none are left, each
+/// read and encoded while the one before is sent. Returns the blocks the
+/// server refused, and what was shipped.
+async fn data_stream<R>(
+    conn: quinn::Connection,
+    pacer: Pacer,
+    volume: String,
+    epoch: u64,
+    work: Arc<Work>,
+    level: i32,
+    read: Arc<R>,
+) -> Result<(Vec<(u64, u32)>, Shipped)>
+where
+    R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+{
+    let (mut send, mut recv) = open_stream(&conn).await?;
+    let sent = async {
+        wire::send(&mut send, &Message::EpochData { volume, epoch }).await?;
+        let mut shipped = Shipped::default();
+        let mut pending = encode_later(&read, work.take(), level);
+        while let Some(job) = pending.take() {
+            let (header, payload, len) = job
+                .await
+                .map_err(|e| Error::Link(format!("encoding a block: {e}")))??;
+            pending = encode_later(&read, work.take(), level);
+            pacer.pace(payload.len() as u64).await;
+            wire::send_with_data(&mut send, &header, &payload).await?;
+            shipped.blocks += 1;
+            shipped.bytes += u64::from(len);
+            shipped.wire_bytes += payload.len() as u64;
+            if payload.is_empty() {
+                shipped.zero_bytes += u64::from(len);
+            }
+        }
+        wire::send(
+            &mut send,
+            &Message::EndData {
+                blocks: shipped.blocks,
+            },
+        )
+        .await?;
+        let _ = send.finish();
+        match wire::expect(&mut recv).await? {
+            Message::Resend { blocks } => Ok((blocks, shipped)),
+            Message::Refused { reason } => Err(Error::Refused(reason)),
+            other => Err(unexpected(&other)),
+        }
+    }
+    .await;
+    match sent {
+        Err(Error::Link(e)) => Err(refusal_or(&mut recv, Error::Link(e)).await),
+        other => other,
+    }
 }
 
 /// Resolve `host:port` to its first address.
@@ -75,8 +240,10 @@ impl Link {
         Ok(Link {
             endpoint,
             conn,
-            bandwidth: None,
-            next_free: std::sync::Mutex::new(tokio::time::Instant::now()),
+            pacer: Pacer {
+                rate: None,
+                next_free: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
+            },
         })
     }
 
@@ -100,42 +267,13 @@ impl Link {
 
     /// Limit block data to `bytes_per_second` (`None`: no limit).
     pub fn set_bandwidth(&mut self, bytes_per_second: Option<u64>) {
-        self.bandwidth = bytes_per_second.filter(|&b| b > 0);
-    }
-
-    /// Wait until the bandwidth limit lets `bytes` more go.
-    async fn pace(&self, bytes: u64) {
-        let Some(rate) = self.bandwidth else { return };
-        let wait = {
-            let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
-            let now = tokio::time::Instant::now();
-            let start = (*next).max(now);
-            *next = start + std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
-            // Up to 100 ms of burst goes at once.
-            next.saturating_duration_since(now)
-                .saturating_sub(std::time::Duration::from_millis(100))
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        self.pacer.rate = bytes_per_second.filter(|&b| b > 0);
     }
 
     /// Open a request stream, hellos exchanged: for tools and tests that
     /// speak the protocol themselves.
     pub async fn stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-        let (mut send, mut recv) = self
-            .conn
-            .open_bi()
-            .await
-            .map_err(|e| Error::Link(format!("opening a stream: {e}")))?;
-        wire::send(&mut send, &Message::hello()).await?;
-        match wire::expect(&mut recv).await? {
-            Message::Refused { reason } => return Err(Error::Refused(reason)),
-            hello => {
-                hello.check_hello()?;
-            }
-        }
-        Ok((send, recv))
+        open_stream(&self.conn).await
     }
 
     async fn ask(&self, request: Message) -> Result<Message> {
@@ -208,22 +346,61 @@ impl Link {
 
     /// Ship epoch `epoch` of `volume`, `writer`'s (a device and its local
     /// epoch): each of `blocks` (`(offset, len)`) is read with `read`,
-    /// hashed, compressed at zstd `level` when that pays, and sent; blocks
-    /// the server refuses are read and sent again. Returns once the server
+    /// hashed, compressed at zstd `level` when that pays, and sent over
+    /// [`DATA_STREAMS`] streams at once (reading and encoding on blocking
+    /// threads, so that they run in parallel). Blocks the server holds
+    /// already from an interrupted attempt at the same epoch do not travel;
+    /// blocks it refuses are read and sent again. Returns once the server
     /// has published the epoch.
     #[allow(clippy::too_many_arguments)]
-    pub async fn send_epoch(
+    pub async fn send_epoch<R>(
         &self,
         volume: &str,
         epoch: u64,
         writer: Writer,
         blocks: &[(u64, u32)],
         level: i32,
-        mut read: impl FnMut(u64, u32) -> Result<Vec<u8>>,
-    ) -> Result<Shipped> {
+        read: R,
+    ) -> Result<Shipped>
+    where
+        R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+    {
         let (mut send, mut recv) = self.stream().await?;
+        let sent = self
+            .run_epoch(
+                &mut send,
+                &mut recv,
+                volume,
+                epoch,
+                writer,
+                blocks,
+                level,
+                Arc::new(read),
+            )
+            .await;
+        match sent {
+            Err(Error::Link(e)) => Err(refusal_or(&mut recv, Error::Link(e)).await),
+            other => other,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_epoch<R>(
+        &self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        volume: &str,
+        epoch: u64,
+        writer: Writer,
+        blocks: &[(u64, u32)],
+        level: i32,
+        read: Arc<R>,
+    ) -> Result<Shipped>
+    where
+        R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+    {
         wire::send(
-            &mut send,
+            send,
             &Message::BeginEpoch {
                 volume: volume.to_string(),
                 epoch,
@@ -231,84 +408,122 @@ impl Link {
             },
         )
         .await?;
-        let mut shipped = Shipped::default();
-        let sent = self
-            .send_blocks(
-                &mut send,
-                &mut recv,
-                epoch,
-                blocks,
-                level,
-                &mut read,
-                &mut shipped,
-            )
-            .await;
-        match sent {
-            Err(Error::Link(e)) => {
-                // The server may have refused and ended the stream while
-                // blocks were still going out: its reason says more.
-                let answer = tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    wire::expect(&mut recv),
-                )
-                .await;
-                match answer {
-                    Ok(Ok(Message::Refused { reason })) => Err(Error::Refused(reason)),
-                    _ => Err(Error::Link(e)),
-                }
-            }
-            other => other.map(|()| shipped),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn send_blocks(
-        &self,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-        epoch: u64,
-        blocks: &[(u64, u32)],
-        level: i32,
-        read: &mut impl FnMut(u64, u32) -> Result<Vec<u8>>,
-        shipped: &mut Shipped,
-    ) -> Result<()> {
-        let mut todo: Vec<(u64, u32)> = blocks.to_vec();
-        for _attempt in 0..3 {
-            for &(offset, len) in &todo {
-                let data = read(offset, len)?;
-                let (header, payload) = encode_block(offset, &data, level);
-                self.pace(payload.len() as u64).await;
-                wire::send_with_data(send, &header, &payload).await?;
-                shipped.blocks += 1;
-                shipped.bytes += u64::from(len);
-                shipped.wire_bytes += payload.len() as u64;
-            }
-            wire::send(
-                send,
-                &Message::EndEpoch {
-                    blocks: shipped.blocks,
-                },
-            )
-            .await?;
+        // What the server holds already of this epoch.
+        let mut staged = RangeSet::new();
+        loop {
             match wire::expect(recv).await? {
-                Message::Committed { epoch: e } if e == epoch => {
-                    let _ = send.finish();
-                    return Ok(());
-                }
-                Message::Resend { blocks } => {
-                    tracing::warn!(
-                        blocks = blocks.len(),
-                        "the server refused blocks; sending them again"
-                    );
-                    todo = blocks;
+                Message::Staged { ranges, done } => {
+                    for (offset, len) in ranges {
+                        staged.insert(offset..offset + len);
+                    }
+                    if done {
+                        break;
+                    }
                 }
                 Message::Refused { reason } => return Err(Error::Refused(reason)),
                 other => return Err(unexpected(&other)),
             }
         }
-        Err(Error::Link(format!(
-            "epoch {epoch}: blocks kept failing their checks on the server"
-        )))
+        let mut shipped = Shipped::default();
+        let mut todo: Vec<(u64, u32)> = Vec::with_capacity(blocks.len());
+        for &(offset, len) in blocks {
+            if staged.contains_range(offset..offset + u64::from(len)) {
+                shipped.resumed_bytes += u64::from(len);
+            } else {
+                todo.push((offset, len));
+            }
+        }
+        if shipped.resumed_bytes > 0 {
+            tracing::info!(
+                epoch,
+                bytes = shipped.resumed_bytes,
+                "resuming: the server holds part of this epoch already"
+            );
+        }
+        for _attempt in 0..3 {
+            if todo.is_empty() {
+                break;
+            }
+            let refused = self
+                .send_data(volume, epoch, todo, level, read.clone(), &mut shipped)
+                .await?;
+            if !refused.is_empty() {
+                tracing::warn!(
+                    blocks = refused.len(),
+                    "the server refused blocks; sending them again"
+                );
+            }
+            todo = refused;
+        }
+        if !todo.is_empty() {
+            return Err(Error::Link(format!(
+                "epoch {epoch}: blocks kept failing their checks on the server"
+            )));
+        }
+        wire::send(send, &Message::EndEpoch).await?;
+        match wire::expect(recv).await? {
+            Message::Committed { epoch: e } if e == epoch => {
+                let _ = send.finish();
+                Ok(shipped)
+            }
+            Message::Refused { reason } => Err(Error::Refused(reason)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Send `blocks` over up to [`DATA_STREAMS`] data streams; returns the
+    /// blocks the server refused.
+    async fn send_data<R>(
+        &self,
+        volume: &str,
+        epoch: u64,
+        blocks: Vec<(u64, u32)>,
+        level: i32,
+        read: Arc<R>,
+        shipped: &mut Shipped,
+    ) -> Result<Vec<(u64, u32)>>
+    where
+        R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+    {
+        let streams = DATA_STREAMS.min(blocks.len().div_ceil(4)).max(1);
+        let work = Arc::new(Work {
+            blocks,
+            next: AtomicUsize::new(0),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..streams {
+            tasks.spawn(data_stream(
+                self.conn.clone(),
+                self.pacer.clone(),
+                volume.to_string(),
+                epoch,
+                work.clone(),
+                level,
+                read.clone(),
+            ));
+        }
+        let mut refused = Vec::new();
+        let mut failure = None;
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok((r, s))) => {
+                    refused.extend(r);
+                    shipped.add(&s);
+                }
+                Ok(Err(e)) => {
+                    // The first failure says why; the others follow from it.
+                    if failure.is_none() {
+                        failure = Some(e);
+                        work.stop();
+                    }
+                }
+                Err(e) => failure = failure.or(Some(Error::Link(format!("a sender failed: {e}")))),
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(refused),
+        }
     }
 
     /// Resolves when the connection ends, with why.

@@ -20,6 +20,26 @@
 //! so that any change to them is a deliberate version bump.
 //!
 //! - [`Version::V1`]: first version.
+//! - [`Version::V2`]: an epoch travels over several streams and resumes.
+//!   [`Message::BeginEpoch`] opens the epoch on a control stream; the
+//!   server answers with what it holds already ([`Message::Staged`], from
+//!   an interrupted attempt at the same epoch of the same writer); blocks
+//!   go over data streams ([`Message::EpochData`] .. [`Message::EndData`],
+//!   each answered by [`Message::Resend`]); [`Message::EndEpoch`] on the
+//!   control stream publishes.
+//!
+//! # An epoch, step by step (V2)
+//!
+//! ```text
+//! control stream                      data streams (any number, at once)
+//! -> BeginEpoch{volume,epoch,writer}
+//! <- Staged{ranges,done:false}*       -> EpochData{volume,epoch}
+//! <- Staged{ranges,done:true}         -> (Block + data)*
+//!                                     -> EndData{blocks}
+//!                                     <- Resend{blocks}   (empty: all good)
+//! -> EndEpoch
+//! <- Committed{epoch} | Refused{reason}
+//! ```
 
 use serde::{Deserialize, Serialize};
 
@@ -41,11 +61,13 @@ pub const MAX_BLOCK_DATA: u32 = MAX_BLOCK;
 pub enum Version {
     /// First version.
     V1,
+    /// Parallel data streams and resumable epochs.
+    V2,
 }
 
 impl Version {
     /// The version this build speaks.
-    pub const CURRENT: Version = Version::V1;
+    pub const CURRENT: Version = Version::V2;
 }
 
 /// How a block's bytes travel.
@@ -143,13 +165,12 @@ pub enum Message {
         /// Who sends it: a volume takes epochs from one device only.
         writer: Writer,
     },
-    /// Client: every block of the epoch was sent; publish it.
-    EndEpoch {
-        /// Blocks sent since [`Message::BeginEpoch`] (resent ones included).
-        blocks: u64,
-    },
-    /// Server: blocks that failed their checks: send them again, then
-    /// [`Message::EndEpoch`] again.
+    /// Client, on the control stream: every data stream of the epoch was
+    /// answered with an empty [`Message::Resend`]; publish it.
+    EndEpoch,
+    /// Server, answering [`Message::EndData`]: blocks of that data stream
+    /// that failed their checks (at most [`MAX_RESEND`]): send them again,
+    /// on another data stream. Empty: all were staged.
     Resend {
         /// `(offset, len)` of each refused block.
         blocks: Vec<(u64, u32)>,
@@ -172,7 +193,36 @@ pub enum Message {
         /// One per block.
         digests: Vec<Digest>,
     },
+    /// Server, answering [`Message::BeginEpoch`]: byte ranges of the epoch
+    /// it holds staged already (from an interrupted attempt at the same
+    /// epoch of the same writer), at most [`MAX_STAGED_RANGES`] a frame;
+    /// the last frame has `done`. Blocks wholly inside them need not travel.
+    Staged {
+        /// `(offset, len)` of each range.
+        ranges: Vec<(u64, u64)>,
+        /// No more `Staged` frames follow.
+        done: bool,
+    },
+    /// Client: a data stream of the epoch `BeginEpoch` opened on another
+    /// stream; [`Message::Block`]s follow, then [`Message::EndData`].
+    EpochData {
+        /// Volume name.
+        volume: String,
+        /// The epoch being staged.
+        epoch: u64,
+    },
+    /// Client: this data stream's last block was sent.
+    EndData {
+        /// Blocks sent on this stream.
+        blocks: u64,
+    },
 }
+
+/// Most ranges one [`Message::Staged`] carries (it must fit in a frame).
+pub const MAX_STAGED_RANGES: usize = 2048;
+
+/// Most blocks one [`Message::Resend`] asks for (it must fit in a frame).
+pub const MAX_RESEND: usize = 2048;
 
 /// Most blocks one [`Message::HashRequest`] may name (its answer must fit
 /// in a frame).
@@ -249,7 +299,21 @@ impl Message {
             Message::Enroll { name, .. } | Message::Enrolled { name } => check_name(name)?,
             Message::OpenVolume { volume, .. }
             | Message::VolumeInfo { volume, .. }
-            | Message::BeginEpoch { volume, .. } => check_name(volume)?,
+            | Message::BeginEpoch { volume, .. }
+            | Message::EpochData { volume, .. } => check_name(volume)?,
+            Message::Staged { ranges, .. } => {
+                if ranges.len() > MAX_STAGED_RANGES {
+                    return Err(ProtoError::InvalidBlock(
+                        "too many staged ranges in a frame",
+                    ));
+                }
+                if ranges.iter().any(|&(o, l)| o.checked_add(l).is_none()) {
+                    return Err(ProtoError::InvalidBlock("staged range wraps"));
+                }
+            }
+            Message::Resend { blocks } if blocks.len() > MAX_RESEND => {
+                return Err(ProtoError::InvalidBlock("too many blocks to resend"));
+            }
             Message::HashRequest { volume, blocks } => {
                 check_name(volume)?;
                 if blocks.len() > MAX_HASH_BLOCKS {
@@ -343,14 +407,20 @@ mod tests {
         // Changing these bytes breaks every peer: bump the version instead.
         assert_eq!(
             Message::hello().encode(),
-            [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 0]
+            [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 1]
         );
         assert_eq!(
             Message::decode(&Message::hello().encode()[4..])
                 .unwrap()
                 .check_hello(),
-            Ok(Version::V1)
+            Ok(Version::V2)
         );
+        // A V1 peer is told what it speaks and what we do.
+        let v1 = Message::Hello {
+            magic: MAGIC,
+            version: Version::V1,
+        };
+        assert_eq!(v1.check_hello(), Err(ProtoError::Version(Version::V1)));
     }
 
     #[test]
@@ -422,6 +492,15 @@ mod tests {
             blocks: vec![(u64::MAX / 2, MAX_BLOCK); MAX_HASH_BLOCKS],
         };
         assert_eq!(Message::decode(&q.encode()[4..]), Ok(q));
+        let staged = Message::Staged {
+            ranges: vec![(u64::MAX / 2, u64::MAX / 4); MAX_STAGED_RANGES],
+            done: false,
+        };
+        assert!(staged.encode().len() - 4 <= MAX_FRAME as usize);
+        let resend = Message::Resend {
+            blocks: vec![(u64::MAX / 2, MAX_BLOCK); MAX_RESEND],
+        };
+        assert!(resend.encode().len() - 4 <= MAX_FRAME as usize);
     }
 
     proptest! {

@@ -16,13 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ublk_mirror_common::identity::{Fingerprint, Identity};
-use ublk_mirror_common::proto::{Message, ProtoError, Writer};
+use ublk_mirror_common::proto::{Message, ProtoError, Writer, MAX_RESEND, MAX_STAGED_RANGES};
 use ublk_mirror_common::{tls, wire};
 
 use crate::clients::Registry;
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
-use crate::store::{Volume, VOLUMES_DIR};
+use crate::store::{Staging, Volume, VOLUMES_DIR};
 
 /// QUIC close code: the client was revoked.
 const CLOSE_REVOKED: u32 = 1;
@@ -31,9 +31,6 @@ const CLOSE_PROTOCOL: u32 = 2;
 
 /// How often connections re-check that their client is still allowed.
 const RECHECK: Duration = Duration::from_secs(1);
-
-/// Most blocks one `Resend` asks for (it must fit in a frame).
-const MAX_RESEND: usize = 2000;
 
 /// Longest wait for the next message of an epoch in progress.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -112,7 +109,7 @@ fn recover_all(data: &Path) -> Result<()> {
             .flatten()
         {
             match Volume::open(&volume.path()) {
-                Ok((_, r)) if r.completed.is_some() || !r.dropped.is_empty() => {
+                Ok((_, r)) if r != Default::default() => {
                     tracing::warn!(volume = %volume.path().display(), recovery = ?r, "volume recovered");
                 }
                 Ok(_) => {}
@@ -284,6 +281,22 @@ async fn request(
             };
             receive_epoch(&v, epoch, writer, &mut send, &mut recv).await
         }
+        Message::EpochData { volume, epoch } => {
+            let staging = match open_volume(shared, client, &volume, None) {
+                Ok(v) => v.lock().await.staging(epoch),
+                Err(e) => return refuse(&mut send, e.to_string()).await,
+            };
+            match staging {
+                Some(staging) => receive_data(&staging, &mut send, &mut recv).await,
+                None => {
+                    refuse(
+                        &mut send,
+                        format!("epoch {epoch} of {volume} is not being staged: begin it first"),
+                    )
+                    .await
+                }
+            }
+        }
         Message::HashRequest { volume, blocks } => {
             let v = match open_volume(shared, client, &volume, None) {
                 Ok(v) => v,
@@ -334,7 +347,7 @@ fn open_volume(
     let dir = shared.data.join(VOLUMES_DIR).join(client).join(volume);
     let opened = if dir.exists() {
         let (v, recovery) = tokio::task::block_in_place(|| Volume::open(&dir))?;
-        if recovery.completed.is_some() || !recovery.dropped.is_empty() {
+        if recovery != Default::default() {
             tracing::warn!(client, volume, ?recovery, "volume recovered");
         }
         if let Some(size) = size {
@@ -364,9 +377,10 @@ fn size_mismatch(volume: &str, have: u64, asked: u64) -> Error {
     ))
 }
 
-/// Take one epoch: blocks until `EndEpoch`; refused blocks are asked for
-/// again; then publish and answer `Committed`. One epoch at a time per
-/// volume (the volume's lock is held throughout).
+/// The control stream of one epoch: begin (or resume) its staging, tell
+/// the client what is staged already, wait for `EndEpoch`, publish, and
+/// answer `Committed`. Nothing is held while the data streams work: the
+/// volume's lock only for beginning and publishing.
 async fn receive_epoch(
     volume: &SharedVolume,
     epoch: u64,
@@ -374,21 +388,86 @@ async fn receive_epoch(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let mut v = volume.lock().await;
-    let begun = tokio::task::block_in_place(|| v.begin(epoch, writer));
-    let mut staging = match begun {
+    let begun = {
+        let mut v = volume.lock().await;
+        tokio::task::block_in_place(|| v.begin(epoch, writer))
+    };
+    let staging = match begun {
         Ok(s) => s,
         Err(e) => return refuse(send, e.to_string()).await,
     };
+    let ranges = staging.ranges();
+    let mut chunks = ranges.chunks(MAX_STAGED_RANGES).peekable();
+    if chunks.peek().is_none() {
+        wire::send(
+            send,
+            &Message::Staged {
+                ranges: Vec::new(),
+                done: true,
+            },
+        )
+        .await?;
+    }
+    while let Some(chunk) = chunks.next() {
+        let done = chunks.peek().is_none();
+        wire::send(
+            send,
+            &Message::Staged {
+                ranges: chunk.to_vec(),
+                done,
+            },
+        )
+        .await?;
+    }
+    // The data streams may take long (a whole disk): a dead peer is found
+    // by the connection's idle timeout, and its staging waits for it.
+    match wire::expect(recv).await? {
+        Message::EndEpoch => {}
+        other => {
+            return Err(Fault::Protocol(
+                ProtoError::Malformed(format!("{} inside an epoch", variant(&other))).to_string(),
+            ))
+        }
+    }
+    let committed = {
+        let mut v = volume.lock().await;
+        tokio::task::block_in_place(|| v.commit(&staging))
+    };
+    match committed {
+        Ok(()) => {
+            wire::send(send, &Message::Committed { epoch }).await?;
+            let _ = send.finish();
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(epoch, "cannot publish: {e}");
+            refuse(
+                send,
+                format!("the server cannot publish epoch {epoch}: {e}"),
+            )
+            .await
+        }
+    }
+}
+
+/// One data stream of an epoch: blocks until `EndData`, each verified and
+/// staged (several streams at once, in parallel); answered with the
+/// blocks that failed their checks.
+async fn receive_data(
+    staging: &Staging,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> std::result::Result<(), Fault> {
+    let epoch = staging.epoch();
     let mut received = 0u64;
     let mut refused: Vec<(u64, u32)> = Vec::new();
     loop {
-        // A client that stops sending mid-epoch does not hold the volume.
+        // A client that stops sending mid-epoch does not hold the stream.
         let next = tokio::time::timeout(MESSAGE_TIMEOUT, wire::expect(recv))
             .await
             .map_err(|_| {
                 Fault::Other(Error::Invalid(format!(
-                    "epoch {epoch}: nothing received for {MESSAGE_TIMEOUT:?}; dropping it"
+                    "epoch {epoch}: nothing received for {MESSAGE_TIMEOUT:?}; dropping the stream"
                 )))
             })??;
         match next {
@@ -421,42 +500,19 @@ async fn receive_epoch(
                     Err(e) => return refuse(send, e.to_string()).await,
                 }
             }
-            Message::EndEpoch { blocks } => {
+            Message::EndData { blocks } => {
                 if blocks != received {
                     return Err(Fault::Protocol(format!(
                         "epoch {epoch}: {blocks} blocks announced, {received} received"
                     )));
                 }
-                if !refused.is_empty() {
-                    wire::send(
-                        send,
-                        &Message::Resend {
-                            blocks: std::mem::take(&mut refused),
-                        },
-                    )
-                    .await?;
-                    continue;
-                }
-                let committed = tokio::task::block_in_place(|| v.commit(staging));
-                return match committed {
-                    Ok(()) => {
-                        wire::send(send, &Message::Committed { epoch }).await?;
-                        let _ = send.finish();
-                        Ok(())
-                    }
-                    Err(e) => {
-                        tracing::error!(epoch, "cannot publish: {e}");
-                        refuse(
-                            send,
-                            format!("the server cannot publish epoch {epoch}: {e}"),
-                        )
-                        .await
-                    }
-                };
+                wire::send(send, &Message::Resend { blocks: refused }).await?;
+                let _ = send.finish();
+                return Ok(());
             }
             other => {
                 return Err(Fault::Protocol(
-                    ProtoError::Malformed(format!("{} inside an epoch", variant(&other)))
+                    ProtoError::Malformed(format!("{} inside an epoch's data", variant(&other)))
                         .to_string(),
                 ))
             }

@@ -1,7 +1,10 @@
 //! Volumes on the server's disk: a sparse image that always holds one
 //! published epoch, and the staging through which the next one arrives.
 //!
-//! # On-disk layout, version 1
+//! # On-disk layout
+//!
+//! `state.json` is format 1; the staging log is format 2 (format 1 was a
+//! postcard index written at commit, which could not be resumed).
 //!
 //! ```text
 //! VOLUME_DIR/
@@ -9,14 +12,25 @@
 //!   state.json       {"format":1,"size":..,"published_epoch":..,"published_ms":..,
 //!                     "uuid":"<hex>","owner":"<device hex>"|null,"writer_epoch":..}
 //!   staging/
-//!     N.data         decoded bytes of epoch N's data blocks, appended
-//!     N.index        postcard records of epoch N's blocks (offset, len,
-//!                    kind: data at an offset of N.data, or zero), each
-//!                    with its sha256
-//!     N.commit       written (via rename) once N.data and N.index are
+//!     N.data         decoded bytes of epoch N's data blocks, in arrival order
+//!     N.log          32-byte header ("UBMS", format u32 LE = 2, the writer's
+//!                    device [16] and epoch u64 LE), then one 52-byte record
+//!                    per staged block, appended as it is staged: offset
+//!                    u64 LE, len u32 LE, offset in N.data u64 LE (all
+//!                    ones: a zero block), sha256 [32]
+//!     N.commit       written (via rename) once N.data and N.log are
 //!                    durable: the epoch is complete and must be published;
 //!                    JSON {"device":"<hex>","epoch":<the device's epoch>}
 //! ```
+//!
+//! # Resuming an interrupted epoch
+//!
+//! An epoch's blocks may come over several streams and several
+//! connections. When a connection breaks, the staging stays (in memory and
+//! on disk); when the same writer begins the same epoch again, the server
+//! tells it which byte ranges it holds already and only the rest travels.
+//! After a server restart, the log's blocks are checked against their
+//! hashes before they count (the data may not have reached the disk).
 //!
 //! # Why a reader never sees half an epoch
 //!
@@ -29,14 +43,15 @@
 //! commit marker of an epoch newer than the published one and applies it
 //! again (writing the same bytes to the same places is harmless), so the
 //! image ends as exactly that epoch. A staging without a commit marker is
-//! an epoch the client never saw acknowledged: it is dropped, and the
-//! client sends it again. In-process readers take the volume's lock, which
-//! publishing holds for writing.
+//! an epoch the client never saw acknowledged: it is kept for the client
+//! to resume, and dropped when another epoch begins. In-process readers
+//! take the volume's lock, which publishing holds for writing.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +59,7 @@ use sha2::{Digest as _, Sha256};
 use ublk_mirror_common::fsutil;
 use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK};
+use ublk_mirror_common::RangeSet;
 
 use crate::error::{Error, Result};
 
@@ -98,7 +114,7 @@ struct Marker {
 }
 
 /// A staged block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     offset: u64,
     len: u32,
@@ -114,6 +130,8 @@ pub struct Recovery {
     pub completed: Option<u64>,
     /// Incomplete stagings dropped (their clients send them again).
     pub dropped: Vec<u64>,
+    /// Incomplete stagings kept: their client resumes them.
+    pub resumable: Vec<u64>,
 }
 
 /// One volume: its image and state.
@@ -125,6 +143,9 @@ pub struct Volume {
     /// A publication failed: what the image holds is unknown until a
     /// committed staging is applied again (at the next begin or open).
     poisoned: bool,
+    /// The epoch being staged (kept when its connection breaks, so that
+    /// the client resumes it).
+    active: Option<Arc<Staging>>,
 }
 
 fn now_ms() -> u64 {
@@ -205,39 +226,30 @@ impl Volume {
             image,
             state,
             poisoned: false,
+            active: None,
         };
         let recovery = volume.recover()?;
         Ok((volume, recovery))
     }
 
     fn recover(&mut self) -> Result<Recovery> {
-        let staging = self.dir.join(STAGING);
-        let mut epochs: Vec<(u64, bool)> = Vec::new();
-        let entries = std::fs::read_dir(&staging)
-            .map_err(|e| Error::io(format!("listing {}", staging.display()), e))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some((n, ext)) = name.split_once('.') else {
-                continue;
-            };
-            let Ok(n) = n.parse::<u64>() else { continue };
-            match epochs.iter_mut().find(|(e, _)| *e == n) {
-                Some(e) => e.1 |= ext == "commit",
-                None => epochs.push((n, ext == "commit")),
-            }
-        }
-        epochs.sort_unstable();
         let mut recovery = Recovery::default();
-        for (epoch, committed) in epochs {
+        for (epoch, committed) in staging_epochs(&self.dir)? {
             if committed && epoch > self.state.published_epoch {
                 tracing::warn!(
                     epoch,
                     "finishing the publication of an epoch interrupted by a crash"
                 );
-                let index = read_index(&staging_path(&self.dir, epoch, "index"))?;
                 let marker = read_marker(&staging_path(&self.dir, epoch, "commit"))?;
-                self.publish(epoch, &index, marker, true)?;
+                self.publish(epoch, marker, None)?;
                 recovery.completed = Some(epoch);
+            } else if !committed
+                && epoch > self.state.published_epoch
+                && read_log_header(&staging_path(&self.dir, epoch, "log")).is_ok()
+            {
+                // Its client may come back for it: kept until then.
+                recovery.resumable.push(epoch);
+                continue;
             } else if !committed {
                 recovery.dropped.push(epoch);
             }
@@ -285,12 +297,17 @@ impl Volume {
     }
 
     /// Start staging `epoch` of `writer`, which must be newer than the
-    /// published one. A volume takes epochs from one device only. A staging
-    /// left from an earlier attempt at the same epoch is replaced; one that
-    /// was committed but not published (a failed publication) is
-    /// published first.
-    pub fn begin(&mut self, epoch: u64, writer: Writer) -> Result<Staging> {
+    /// published one. A volume takes epochs from one device only.
+    ///
+    /// An interrupted attempt at the same epoch of the same writer is
+    /// resumed: in memory when this process took it, else from its
+    /// `N.log`, whose blocks are checked against their hashes first (what
+    /// fails is dropped). Any other staging is dropped. A staging that was
+    /// committed but not published (a failed publication) is published
+    /// first.
+    pub fn begin(&mut self, epoch: u64, writer: Writer) -> Result<Arc<Staging>> {
         if self.poisoned {
+            self.active = None;
             self.recover()?;
             self.poisoned = false;
         }
@@ -308,31 +325,64 @@ impl Volume {
                 self.state.published_epoch
             )));
         }
-        remove_staging(&self.dir, epoch);
-        let create = |ext| {
-            let path = staging_path(&self.dir, epoch, ext);
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|e| Error::io(format!("creating {}", path.display()), e))
+        if let Some(s) = &self.active {
+            if s.epoch == epoch && s.writer == writer && s.is_open() {
+                return Ok(s.clone());
+            }
+        }
+        self.active = None;
+        let log_path = staging_path(&self.dir, epoch, "log");
+        let resumable = log_path.exists()
+            && !staging_path(&self.dir, epoch, "commit").exists()
+            && read_log_header(&log_path).is_ok_and(|w| w == writer);
+        for (n, _) in staging_epochs(&self.dir)? {
+            if !(resumable && n == epoch) {
+                remove_staging(&self.dir, n);
+            }
+        }
+        let staging = if resumable {
+            Staging::resume(&self.dir, epoch, writer, self.state.size)?
+        } else {
+            Staging::create(&self.dir, epoch, writer, self.state.size)?
         };
-        Ok(Staging {
-            epoch,
-            writer,
-            size: self.state.size,
-            data: create("data")?,
-            data_len: 0,
-            index: Vec::new(),
-        })
+        let staging = Arc::new(staging);
+        self.active = Some(staging.clone());
+        Ok(staging)
+    }
+
+    /// The epoch being staged, if it is `epoch`: for data streams.
+    pub fn staging(&self, epoch: u64) -> Option<Arc<Staging>> {
+        self.active
+            .as_ref()
+            .filter(|s| s.epoch == epoch && s.is_open())
+            .cloned()
     }
 
     /// Publish a fully staged epoch: durable staging, commit marker, apply
     /// to the image, record the state. When this returns, the image is the
-    /// epoch, durably.
-    pub fn commit(&mut self, staging: Staging) -> Result<()> {
-        let result = self.commit_until(staging, None);
+    /// epoch, durably. Refused if blocks that failed their checks were not
+    /// staged since, or if the staging is not the volume's current one
+    /// (another connection took the epoch over).
+    pub fn commit(&mut self, staging: &Arc<Staging>) -> Result<()> {
+        self.commit_until(staging, None)
+    }
+
+    /// [`Volume::commit`], stopping after `stop` as if the process died
+    /// there (what is on disk is left as it is); for crash tests.
+    fn commit_until(&mut self, staging: &Arc<Staging>, stop: Option<CommitStep>) -> Result<()> {
+        if !self
+            .active
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, staging))
+        {
+            return Err(Error::Invalid(format!(
+                "epoch {} is no longer being staged here (another connection took it over)",
+                staging.epoch
+            )));
+        }
+        staging.close()?;
+        self.active = None;
+        let result = self.apply(staging, stop);
         if result.is_err() {
             // The image may hold part of the epoch: publish it again
             // before anything else (next begin, or next open).
@@ -341,29 +391,19 @@ impl Volume {
         result
     }
 
-    /// [`Volume::commit`], stopping after `stop` as if the process died
-    /// there (what is on disk is left as it is); for crash tests.
-    fn commit_until(&mut self, staging: Staging, stop: Option<CommitStep>) -> Result<()> {
+    fn apply(&mut self, staging: &Staging, stop: Option<CommitStep>) -> Result<()> {
         let epoch = staging.epoch;
         staging
             .data
             .sync_all()
-            .map_err(|e| Error::io("syncing staged data", e))?;
-        let index_path = staging_path(&self.dir, epoch, "index");
-        let mut index = File::create(&index_path)
-            .map_err(|e| Error::io(format!("creating {}", index_path.display()), e))?;
-        let bytes = postcard::to_allocvec(&staging.index)
-            .map_err(|e| Error::Corrupt(format!("encoding the index: {e}")))?;
-        index
-            .write_all(&bytes)
-            .and_then(|()| index.sync_all())
-            .map_err(|e| Error::io(format!("writing {}", index_path.display()), e))?;
-        if stop == Some(CommitStep::Staged) {
-            return Ok(());
-        }
+            .and_then(|()| staging.log.sync_all())
+            .map_err(|e| Error::io("syncing the staged epoch", e))?;
         // The staged files' names durable before the marker that says
         // they are complete.
         sync_dir(&self.dir.join(STAGING))?;
+        if stop == Some(CommitStep::Staged) {
+            return Ok(());
+        }
         let marker = Marker {
             device: staging.writer.device,
             epoch: staging.writer.epoch,
@@ -374,11 +414,11 @@ impl Volume {
         if stop == Some(CommitStep::Marked) {
             return Ok(());
         }
-        let applied = match stop {
-            Some(CommitStep::HalfApplied) => staging.index.len() / 2,
-            _ => staging.index.len(),
+        let limit = match stop {
+            Some(CommitStep::HalfApplied) => Some(staging.blocks() / 2),
+            _ => None,
         };
-        self.publish(epoch, &staging.index[..applied], marker, stop.is_none())?;
+        self.publish(epoch, marker, limit)?;
         if stop.is_some() {
             return Ok(());
         }
@@ -386,13 +426,31 @@ impl Volume {
         Ok(())
     }
 
-    /// Apply staged blocks to the image and (if `record`) record the epoch.
-    fn publish(&mut self, epoch: u64, index: &[Entry], marker: Marker, record: bool) -> Result<()> {
+    /// Apply the blocks of epoch `epoch`'s log (the first `limit` of them,
+    /// for crash tests, which also leave the state unrecorded) to the image
+    /// and record the epoch.
+    fn publish(&mut self, epoch: u64, marker: Marker, limit: Option<usize>) -> Result<()> {
         let data_path = staging_path(&self.dir, epoch, "data");
         let data = File::open(&data_path)
             .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
+        let log_path = staging_path(&self.dir, epoch, "log");
+        let mut log = LogReader::open(&log_path)?;
         let mut buf = Vec::new();
-        for e in index {
+        let mut applied = 0usize;
+        while let Some(e) = log.next_entry()? {
+            if limit.is_some_and(|l| applied >= l) {
+                break;
+            }
+            if e.offset
+                .checked_add(u64::from(e.len))
+                .is_none_or(|end| end > self.state.size)
+            {
+                return Err(Error::Corrupt(format!(
+                    "{}: a block at {} is past the end of the volume",
+                    log_path.display(),
+                    e.offset
+                )));
+            }
             match e.data_at {
                 Some(at) => {
                     buf.resize(e.len as usize, 0);
@@ -406,11 +464,12 @@ impl Volume {
                 None => fsutil::punch_or_zero(&self.image, e.offset, u64::from(e.len))
                     .map_err(|err| Error::io("punching a hole in the image", err))?,
             }
+            applied += 1;
         }
         self.image
             .sync_all()
             .map_err(|e| Error::io("syncing the image", e))?;
-        if !record {
+        if limit.is_some() {
             return Ok(());
         }
         let state = VolumeState {
@@ -422,7 +481,7 @@ impl Volume {
         };
         write_state(&self.dir, &state)?;
         self.state = state;
-        tracing::info!(epoch, blocks = index.len(), "epoch published");
+        tracing::info!(epoch, blocks = applied, "epoch published");
         Ok(())
     }
 }
@@ -477,18 +536,126 @@ pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
     Ok(out)
 }
 
-/// An epoch being received: verified blocks, staged on disk.
+/// An epoch being received: verified blocks, staged on disk. Shared by
+/// the data streams that carry it: blocks are decoded and verified outside
+/// its lock, which covers only the bookkeeping.
 #[derive(Debug)]
 pub struct Staging {
     epoch: u64,
     writer: Writer,
     size: u64,
     data: File,
+    log: File,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Where the next block's bytes go in `N.data`.
     data_len: u64,
-    index: Vec<Entry>,
+    /// Where the next record goes in `N.log`.
+    log_len: u64,
+    /// Records in `N.log`.
+    blocks: usize,
+    /// Bytes of the volume the staged blocks cover.
+    staged: RangeSet,
+    /// Blocks refused and not staged since.
+    failed: BTreeSet<(u64, u32)>,
+    /// Committing: nothing more is staged.
+    closed: bool,
 }
 
 impl Staging {
+    fn open_file(path: &Path, create: bool) -> Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+    }
+
+    fn create(dir: &Path, epoch: u64, writer: Writer, size: u64) -> Result<Staging> {
+        let data = Staging::open_file(&staging_path(dir, epoch, "data"), true)?;
+        let log_path = staging_path(dir, epoch, "log");
+        let log = Staging::open_file(&log_path, true)?;
+        let header = log_header(writer);
+        log.write_all_at(&header, 0)
+            .map_err(|e| Error::io(format!("writing {}", log_path.display()), e))?;
+        Ok(Staging {
+            epoch,
+            writer,
+            size,
+            data,
+            log,
+            inner: Mutex::new(Inner {
+                log_len: header.len() as u64,
+                ..Inner::default()
+            }),
+        })
+    }
+
+    /// Take up an interrupted staging from disk: every block is checked
+    /// against its hash (a crash may have lost data the log names), and
+    /// the log rewritten with those that pass.
+    fn resume(dir: &Path, epoch: u64, writer: Writer, size: u64) -> Result<Staging> {
+        let data_path = staging_path(dir, epoch, "data");
+        let log_path = staging_path(dir, epoch, "log");
+        let data = Staging::open_file(&data_path, false)?;
+        let mut reader = LogReader::open(&log_path)?;
+        let mut kept = log_header(writer).to_vec();
+        let mut inner = Inner::default();
+        let mut buf = Vec::new();
+        let mut dropped = 0usize;
+        while let Some(e) = reader.next_entry()? {
+            let good = e
+                .offset
+                .checked_add(u64::from(e.len))
+                .is_some_and(|end| end <= size)
+                && match e.data_at {
+                    None => e.sha256 == zero_digest(e.len),
+                    Some(at) => {
+                        buf.resize(e.len as usize, 0);
+                        data.read_exact_at(&mut buf, at).is_ok()
+                            && Digest::from(Sha256::digest(&buf)) == e.sha256
+                    }
+                };
+            if !good {
+                dropped += 1;
+                continue;
+            }
+            if let Some(at) = e.data_at {
+                inner.data_len = inner.data_len.max(at + u64::from(e.len));
+            }
+            kept.extend_from_slice(&e.record());
+            inner.blocks += 1;
+            inner.staged.insert(e.offset..e.offset + u64::from(e.len));
+        }
+        fsutil::write_durably(&log_path, &kept)
+            .map_err(|e| Error::io(format!("rewriting {}", log_path.display()), e))?;
+        let log = Staging::open_file(&log_path, false)?;
+        inner.log_len = kept.len() as u64;
+        tracing::info!(
+            epoch,
+            blocks = inner.blocks,
+            bytes = inner.staged.len(),
+            dropped,
+            "resuming an interrupted epoch"
+        );
+        Ok(Staging {
+            epoch,
+            writer,
+            size,
+            data,
+            log,
+            inner: Mutex::new(inner),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The epoch staged.
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -496,43 +663,130 @@ impl Staging {
 
     /// Blocks staged so far.
     pub fn blocks(&self) -> usize {
-        self.index.len()
+        self.lock().blocks
+    }
+
+    /// `(offset, len)` of the byte ranges staged so far.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.lock()
+            .staged
+            .iter()
+            .map(|r| (r.start, r.end - r.start))
+            .collect()
+    }
+
+    fn is_open(&self) -> bool {
+        !self.lock().closed
+    }
+
+    /// Stop staging, for the commit; refused while blocks that failed
+    /// their checks were not staged since.
+    fn close(&self) -> Result<()> {
+        let mut inner = self.lock();
+        if let Some(&(offset, _)) = inner.failed.iter().next() {
+            return Err(Error::Invalid(format!(
+                "epoch {}: {} blocks failed their checks and were not sent again (the first at {offset})",
+                self.epoch,
+                inner.failed.len()
+            )));
+        }
+        inner.closed = true;
+        Ok(())
     }
 
     /// Decode, verify and stage one block. A block whose hash does not
     /// match is refused with [`Error::BadBlock`] and nothing is staged: the
-    /// sender sends it again.
+    /// sender sends it again. Safe to call from several threads at once.
     pub fn add(
-        &mut self,
+        &self,
         offset: u64,
         len: u32,
         sha256: &Digest,
         encoding: Encoding,
         bytes: &[u8],
     ) -> Result<()> {
+        let checked = self.check(offset, len, sha256, encoding, bytes);
+        let plain = match checked {
+            Ok(plain) => plain,
+            Err(e) => {
+                if matches!(e, Error::BadBlock(_)) {
+                    self.lock().failed.insert((offset, len));
+                }
+                return Err(e);
+            }
+        };
+        let closed = || Error::Invalid(format!("epoch {} is no longer being staged", self.epoch));
+        let data_at = match &plain {
+            Some(p) => {
+                let at = {
+                    let mut inner = self.lock();
+                    if inner.closed {
+                        return Err(closed());
+                    }
+                    let at = inner.data_len;
+                    inner.data_len += u64::from(len);
+                    at
+                };
+                self.data
+                    .write_all_at(p, at)
+                    .map_err(|e| Error::io("staging a block", e))?;
+                Some(at)
+            }
+            None => None,
+        };
+        let entry = Entry {
+            offset,
+            len,
+            data_at,
+            sha256: *sha256,
+        };
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(closed());
+        }
+        self.log
+            .write_all_at(&entry.record(), inner.log_len)
+            .map_err(|e| Error::io("logging a staged block", e))?;
+        inner.log_len += RECORD as u64;
+        inner.blocks += 1;
+        inner.staged.insert(offset..offset + u64::from(len));
+        inner.failed.remove(&(offset, len));
+        Ok(())
+    }
+
+    /// The decoded bytes of a block, once they match its hash (`None`: a
+    /// zero block).
+    fn check(
+        &self,
+        offset: u64,
+        len: u32,
+        sha256: &Digest,
+        encoding: Encoding,
+        bytes: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
+        // A block that cannot be right is the sender's bug, not the
+        // link's: not asked for again.
         if len == 0 || len > MAX_BLOCK {
-            return Err(Error::BadBlock(format!("block length {len} out of range")));
+            return Err(Error::Invalid(format!("block length {len} out of range")));
         }
         if offset
             .checked_add(u64::from(len))
             .is_none_or(|end| end > self.size)
         {
-            return Err(Error::BadBlock(format!(
+            return Err(Error::Invalid(format!(
                 "block of {len} bytes at {offset} is past the end of the volume ({} bytes)",
                 self.size
             )));
         }
-        let decoded;
-        let plain: Option<&[u8]> = match encoding {
+        let plain: Option<Vec<u8>> = match encoding {
             Encoding::Zero => None,
-            Encoding::Raw => Some(bytes),
-            Encoding::Zstd => {
-                decoded = zstd::bulk::decompress(bytes, len as usize)
-                    .map_err(|e| Error::BadBlock(format!("zstd: {e}")))?;
-                Some(&decoded)
-            }
+            Encoding::Raw => Some(bytes.to_vec()),
+            Encoding::Zstd => Some(
+                zstd::bulk::decompress(bytes, len as usize)
+                    .map_err(|e| Error::BadBlock(format!("zstd: {e}")))?,
+            ),
         };
-        let actual: Digest = match plain {
+        let actual: Digest = match &plain {
             Some(p) if p.len() != len as usize => {
                 return Err(Error::BadBlock(format!(
                     "block at {offset} decodes to {} bytes, not {len}",
@@ -547,25 +801,127 @@ impl Staging {
                 "block at {offset}: sha256 mismatch"
             )));
         }
-        let data_at = match plain {
-            Some(p) => {
-                self.data
-                    .write_all_at(p, self.data_len)
-                    .map_err(|e| Error::io("staging a block", e))?;
-                let at = self.data_len;
-                self.data_len += u64::from(len);
-                Some(at)
-            }
-            None => None,
-        };
-        self.index.push(Entry {
-            offset,
-            len,
-            data_at,
-            sha256: *sha256,
-        });
-        Ok(())
+        Ok(plain)
     }
+}
+
+/// Bytes of `N.log`'s header: [`LOG_MAGIC`], format (u32 LE), the writer's
+/// device and epoch (u64 LE).
+const LOG_HEADER: usize = 32;
+/// Bytes of one `N.log` record (see [`Entry::record`]).
+const RECORD: usize = 52;
+const LOG_MAGIC: [u8; 4] = *b"UBMS";
+const LOG_FORMAT: u32 = 2;
+
+fn log_header(writer: Writer) -> [u8; LOG_HEADER] {
+    let mut h = [0u8; LOG_HEADER];
+    h[..4].copy_from_slice(&LOG_MAGIC);
+    h[4..8].copy_from_slice(&LOG_FORMAT.to_le_bytes());
+    h[8..24].copy_from_slice(&writer.device);
+    h[24..32].copy_from_slice(&writer.epoch.to_le_bytes());
+    h
+}
+
+fn read_log_header(path: &Path) -> Result<Writer> {
+    let mut h = [0u8; LOG_HEADER];
+    File::open(path)
+        .and_then(|f| f.read_exact_at(&mut h, 0))
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    if h[..4] != LOG_MAGIC || h[4..8] != LOG_FORMAT.to_le_bytes() {
+        return Err(Error::Corrupt(format!(
+            "{}: not a staging log of format {LOG_FORMAT}",
+            path.display()
+        )));
+    }
+    let mut device = [0u8; 16];
+    device.copy_from_slice(&h[8..24]);
+    let mut epoch = [0u8; 8];
+    epoch.copy_from_slice(&h[24..32]);
+    Ok(Writer {
+        device,
+        epoch: u64::from_le_bytes(epoch),
+    })
+}
+
+impl Entry {
+    /// The entry as an `N.log` record: offset (u64 LE), len (u32 LE),
+    /// offset in `N.data` (u64 LE, all ones for a zero block), sha256.
+    fn record(&self) -> [u8; RECORD] {
+        let mut r = [0u8; RECORD];
+        r[..8].copy_from_slice(&self.offset.to_le_bytes());
+        r[8..12].copy_from_slice(&self.len.to_le_bytes());
+        r[12..20].copy_from_slice(&self.data_at.unwrap_or(u64::MAX).to_le_bytes());
+        r[20..].copy_from_slice(&self.sha256);
+        r
+    }
+
+    fn from_record(r: &[u8; RECORD]) -> Entry {
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&r[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&r[8..12]);
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(&r[20..]);
+        let data_at = u64_at(12);
+        Entry {
+            offset: u64_at(0),
+            len: u32::from_le_bytes(len),
+            data_at: (data_at != u64::MAX).then_some(data_at),
+            sha256,
+        }
+    }
+}
+
+/// Reads `N.log`'s records in order; a torn last record (a crash while
+/// it was written) ends the log.
+struct LogReader {
+    file: std::io::BufReader<File>,
+}
+
+impl LogReader {
+    fn open(path: &Path) -> Result<LogReader> {
+        read_log_header(path)?;
+        let mut file = File::open(path)
+            .map(std::io::BufReader::new)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(LOG_HEADER as u64))
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Ok(LogReader { file })
+    }
+
+    fn next_entry(&mut self) -> Result<Option<Entry>> {
+        let mut r = [0u8; RECORD];
+        match std::io::Read::read_exact(&mut self.file, &mut r) {
+            Ok(()) => Ok(Some(Entry::from_record(&r))),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(Error::io("reading a staging log", e)),
+        }
+    }
+}
+
+/// The epochs with files in the staging directory, and whether each has
+/// its commit marker; sorted.
+fn staging_epochs(dir: &Path) -> Result<Vec<(u64, bool)>> {
+    let staging = dir.join(STAGING);
+    let mut epochs: Vec<(u64, bool)> = Vec::new();
+    let entries = std::fs::read_dir(&staging)
+        .map_err(|e| Error::io(format!("listing {}", staging.display()), e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((n, ext)) = name.split_once('.') else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match epochs.iter_mut().find(|(e, _)| *e == n) {
+            Some(e) => e.1 |= ext == "commit",
+            None => epochs.push((n, ext == "commit")),
+        }
+    }
+    epochs.sort_unstable();
+    Ok(epochs)
 }
 
 pub use ublk_mirror_common::client::zero_digest;
@@ -576,14 +932,8 @@ fn read_marker(path: &Path) -> Result<Marker> {
     serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
 }
 
-fn read_index(path: &Path) -> Result<Vec<Entry>> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    postcard::from_bytes(&bytes).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
-}
-
 fn remove_staging(dir: &Path, epoch: u64) {
-    for ext in ["commit", "commit.tmp", "index", "data"] {
+    for ext in ["commit", "commit.tmp", "log", "log.tmp", "data"] {
         let _ = std::fs::remove_file(staging_path(dir, epoch, ext));
     }
 }
@@ -624,7 +974,7 @@ mod tests {
         let vdir = dir.path().join("vol");
         let mut v = Volume::create(&vdir, SIZE).unwrap();
         assert_eq!(v.state().published_epoch, 0);
-        let mut s = v.begin(1, me(1)).unwrap();
+        let s = v.begin(1, me(1)).unwrap();
         let a = block(1, 8192);
         s.add(0, 8192, &digest(&a), Encoding::Raw, &a).unwrap();
         let b = block(2, 4096);
@@ -644,15 +994,26 @@ mod tests {
         let mut buf = vec![0u8; 8192];
         v.read_at(&mut buf, 0).unwrap();
         assert!(buf.iter().all(|&x| x == 0));
-        v.commit(s).unwrap();
+        // Blocks refused and not sent again keep the epoch from publishing.
+        let err = v.commit(&s).unwrap_err().to_string();
+        assert!(err.contains("2 blocks failed their checks"), "{err}");
+        let s = v.begin(1, me(1)).unwrap();
+        assert_eq!(s.ranges(), [(0, 8192), (65536, 4096)], "not resumed");
+        s.add(0, 4096, &digest(&b), Encoding::Zstd, &z).unwrap();
+        s.add(0, 8192, &digest(&a), Encoding::Raw, &a).unwrap();
+        v.commit(&s).unwrap();
+        assert!(
+            s.add(0, 8192, &digest(&a), Encoding::Raw, &a).is_err(),
+            "staged after the commit"
+        );
         v.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf, a);
         assert_eq!(v.state().published_epoch, 1);
         // A zero block becomes a hole.
-        let mut s = v.begin(2, me(2)).unwrap();
+        let s = v.begin(2, me(2)).unwrap();
         s.add(0, 4096, &zero_digest(4096), Encoding::Zero, &[])
             .unwrap();
-        v.commit(s).unwrap();
+        v.commit(&s).unwrap();
         v.read_at(&mut buf, 0).unwrap();
         assert!(buf[..4096].iter().all(|&x| x == 0) && buf[4096..] == a[4096..]);
         assert!(v.begin(2, me(3)).is_err(), "an old epoch was accepted");
@@ -668,6 +1029,63 @@ mod tests {
         let (v, recovery) = Volume::open(&vdir).unwrap();
         assert_eq!(recovery, Recovery::default());
         assert_eq!(v.state().published_epoch, 2);
+    }
+
+    #[test]
+    fn an_interrupted_epoch_resumes_after_a_restart_keeping_only_blocks_that_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let vdir = dir.path().join("vol");
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        let s = v.begin(1, me(7)).unwrap();
+        let (a, b, c) = (block(1, 4096), block(2, 4096), block(3, 4096));
+        s.add(0, 4096, &digest(&a), Encoding::Raw, &a).unwrap();
+        s.add(8192, 4096, &digest(&b), Encoding::Raw, &b).unwrap();
+        s.add(16384, 4096, &zero_digest(4096), Encoding::Zero, &[])
+            .unwrap();
+        // The server dies; b's bytes never reached the disk.
+        drop((s, v));
+        let data = OpenOptions::new()
+            .write(true)
+            .open(staging_path(&vdir, 1, "data"))
+            .unwrap();
+        data.write_all_at(&[0xee; 16], 4096).unwrap();
+        // A torn record at the end of the log.
+        let log = OpenOptions::new()
+            .append(true)
+            .open(staging_path(&vdir, 1, "log"))
+            .unwrap();
+        std::io::Write::write_all(&mut &log, &[1, 2, 3]).unwrap();
+        let (mut v, recovery) = Volume::open(&vdir).unwrap();
+        assert_eq!(recovery.resumable, [1]);
+        // Another writer's epoch would not resume it; the same one does.
+        let s = v.begin(1, me(7)).unwrap();
+        assert_eq!(s.ranges(), [(0, 4096), (16384, 4096)]);
+        s.add(8192, 4096, &digest(&b), Encoding::Raw, &b).unwrap();
+        s.add(4096, 4096, &digest(&c), Encoding::Raw, &c).unwrap();
+        v.commit(&s).unwrap();
+        let mut image = vec![0u8; 20480];
+        v.read_at(&mut image, 0).unwrap();
+        assert_eq!(image[..4096], a);
+        assert_eq!(image[4096..8192], c);
+        assert_eq!(image[8192..12288], b);
+        assert!(image[12288..].iter().all(|&x| x == 0));
+        // A crash between the marker and the publication: the log is what
+        // is published again.
+        let s = v.begin(2, me(8)).unwrap();
+        s.add(0, 4096, &digest(&c), Encoding::Raw, &c).unwrap();
+        v.commit_until(&s, Some(CommitStep::Marked)).unwrap();
+        drop((s, v));
+        let (v, recovery) = Volume::open(&vdir).unwrap();
+        assert_eq!(recovery.completed, Some(2));
+        v.read_at(&mut image, 0).unwrap();
+        assert_eq!(image[..4096], c);
+        // A staging of another writer is dropped when an epoch begins.
+        let mut v = v;
+        let s = v.begin(3, me(9)).unwrap();
+        s.add(0, 4096, &digest(&a), Encoding::Raw, &a).unwrap();
+        drop(s);
+        let s = v.begin(3, me(10)).unwrap();
+        assert!(s.ranges().is_empty());
     }
 
     #[derive(Debug, Clone)]
@@ -720,7 +1138,9 @@ mod tests {
             for (n, (blocks, crash)) in epochs.into_iter().enumerate() {
                 let epoch = v.state().published_epoch + 1;
                 let mut next = published.clone();
-                let mut s = v.begin(epoch, me(epoch)).unwrap();
+                // Each attempt another writer epoch: what a crash left
+                // staged is not resumed (that is tested apart).
+                let s = v.begin(epoch, me(n as u64 + 1)).unwrap();
                 for b in &blocks {
                     match *b {
                         Blk::Data { at, blocks, seed, zstd } => {
@@ -741,13 +1161,13 @@ mod tests {
                         }
                     }
                 }
-                v.commit_until(s, crash).unwrap();
+                v.commit_until(&s, crash).unwrap();
                 if crash.is_some() {
                     drop(v);
                     let (reopened, recovery) = Volume::open(&vdir).unwrap();
                     v = reopened;
                     if crash == Some(CommitStep::Staged) {
-                        prop_assert_eq!(recovery.dropped, vec![epoch]);
+                        prop_assert_eq!(recovery.resumable, vec![epoch]);
                         prop_assert_eq!(v.state().published_epoch, epoch - 1);
                     } else {
                         prop_assert_eq!(recovery.completed, Some(epoch));
@@ -759,7 +1179,9 @@ mod tests {
                 let mut image = vec![0u8; SIZE as usize];
                 v.read_at(&mut image, 0).unwrap();
                 prop_assert!(image == published, "the image is not published epoch {}", v.state().published_epoch);
-                prop_assert!(std::fs::read_dir(vdir.join(STAGING)).unwrap().next().is_none(), "staging left behind");
+                if crash != Some(CommitStep::Staged) {
+                    prop_assert!(std::fs::read_dir(vdir.join(STAGING)).unwrap().next().is_none(), "staging left behind");
+                }
             }
         }
     }

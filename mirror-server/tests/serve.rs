@@ -123,6 +123,13 @@ fn noise(mut seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Reads blocks of `data`.
+fn reader(
+    data: Vec<u8>,
+) -> impl Fn(u64, u32) -> ublk_mirror_common::Result<Vec<u8>> + Send + Sync + 'static {
+    move |o, l| Ok(data[o as usize..][..l as usize].to_vec())
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add((i / 7) as u8)).collect()
 }
@@ -148,11 +155,8 @@ async fn enrolled_clients_ship_epochs_into_their_own_volumes() {
     for &(o, l) in &blocks {
         model[o as usize..][..l as usize].copy_from_slice(&pattern(o as u8, l as usize));
     }
-    let snapshot = model.clone();
     let shipped = a
-        .send_epoch("root", 1, w(1), &blocks, 3, |o, l| {
-            Ok(snapshot[o as usize..][..l as usize].to_vec())
-        })
+        .send_epoch("root", 1, w(1), &blocks, 3, reader(model.clone()))
         .await
         .unwrap();
     assert_eq!(shipped.blocks, 3);
@@ -176,12 +180,9 @@ async fn enrolled_clients_ship_epochs_into_their_own_volumes() {
 
     // Epoch 2: a zero block becomes a hole; an old epoch number is refused.
     model[0..65536].fill(0);
-    let snapshot = model.clone();
-    a.send_epoch("root", 2, w(2), &[(0, 65536)], 3, |o, l| {
-        Ok(snapshot[o as usize..][..l as usize].to_vec())
-    })
-    .await
-    .unwrap();
+    a.send_epoch("root", 2, w(2), &[(0, 65536)], 3, reader(model.clone()))
+        .await
+        .unwrap();
     assert!(server.image("laptop", "root") == model);
     let err = a
         .send_epoch("root", 2, w(3), &[(0, 4096)], 3, |_, l| {
@@ -216,18 +217,14 @@ async fn a_corrupted_block_is_refused_and_sent_again() {
     let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
     link.open_volume("v", 1 << 20).await.unwrap();
     let data = pattern(9, 8192);
-    let (send, recv) = link.stream().await.unwrap();
-    let (mut send, mut recv) = (send, recv);
-    wire::send(
-        &mut send,
-        &Message::BeginEpoch {
-            volume: "v".into(),
-            epoch: 1,
-            writer: w(1),
-        },
-    )
-    .await
-    .unwrap();
+    let (mut control, mut answers) = begin(&link, "v", 1, w(1)).await;
+    assert_eq!(
+        wire::expect(&mut answers).await.unwrap(),
+        Message::Staged {
+            ranges: vec![],
+            done: true
+        }
+    );
     // Damaged in transit: the bytes no longer match their hash.
     let mut damaged = data.clone();
     damaged[100] ^= 1;
@@ -238,34 +235,152 @@ async fn a_corrupted_block_is_refused_and_sent_again() {
         encoding: Encoding::Raw,
         data_len: 8192,
     };
-    wire::send_with_data(&mut send, &header, &damaged)
-        .await
-        .unwrap();
-    wire::send(&mut send, &Message::EndEpoch { blocks: 1 })
-        .await
-        .unwrap();
     assert_eq!(
-        wire::expect(&mut recv).await.unwrap(),
+        data_stream(&link, "v", 1, &[(header, damaged)]).await,
         Message::Resend {
             blocks: vec![(0, 8192)]
         }
     );
+    // Publishing without sending it again is refused.
+    wire::send(&mut control, &Message::EndEpoch).await.unwrap();
+    let Message::Refused { reason } = wire::expect(&mut answers).await.unwrap() else {
+        panic!("an epoch with a refused block was published");
+    };
+    assert!(reason.contains("failed their checks"), "{reason}");
     assert!(
         server.image("laptop", "v").iter().all(|&x| x == 0),
         "a refused block reached the image"
     );
+    // Begun again, sent again (on another stream), published.
+    let (mut control, mut answers) = begin(&link, "v", 1, w(1)).await;
+    assert!(matches!(
+        wire::expect(&mut answers).await.unwrap(),
+        Message::Staged { done: true, .. }
+    ));
     let (header, payload) = encode_block(0, &data, 3);
-    wire::send_with_data(&mut send, &header, &payload)
-        .await
-        .unwrap();
-    wire::send(&mut send, &Message::EndEpoch { blocks: 2 })
-        .await
-        .unwrap();
     assert_eq!(
-        wire::expect(&mut recv).await.unwrap(),
+        data_stream(&link, "v", 1, &[(header, payload)]).await,
+        Message::Resend { blocks: vec![] }
+    );
+    wire::send(&mut control, &Message::EndEpoch).await.unwrap();
+    assert_eq!(
+        wire::expect(&mut answers).await.unwrap(),
         Message::Committed { epoch: 1 }
     );
     assert_eq!(server.image("laptop", "v")[..8192], data[..]);
+}
+
+/// A control stream with `BeginEpoch` sent.
+async fn begin(
+    link: &Link,
+    volume: &str,
+    epoch: u64,
+    writer: Writer,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, recv) = link.stream().await.unwrap();
+    wire::send(
+        &mut send,
+        &Message::BeginEpoch {
+            volume: volume.into(),
+            epoch,
+            writer,
+        },
+    )
+    .await
+    .unwrap();
+    (send, recv)
+}
+
+/// Send `blocks` on a data stream of the epoch; the server's answer.
+async fn data_stream(
+    link: &Link,
+    volume: &str,
+    epoch: u64,
+    blocks: &[(Message, Vec<u8>)],
+) -> Message {
+    let (mut send, mut recv) = link.stream().await.unwrap();
+    wire::send(
+        &mut send,
+        &Message::EpochData {
+            volume: volume.into(),
+            epoch,
+        },
+    )
+    .await
+    .unwrap();
+    for (header, data) in blocks {
+        wire::send_with_data(&mut send, header, data).await.unwrap();
+    }
+    wire::send(
+        &mut send,
+        &Message::EndData {
+            blocks: blocks.len() as u64,
+        },
+    )
+    .await
+    .unwrap();
+    wire::expect(&mut recv).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_epoch_resumes_without_resending_what_the_server_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut server = Server::start(&data_dir);
+    let id = Identity::create(&dir.path().join("laptop")).unwrap();
+    let token = server.token("laptop");
+    let link = Link::connect(&id, token.server, &server.address)
+        .await
+        .unwrap();
+    link.enroll("laptop", token.secret).await.unwrap();
+    let size: u64 = 8 << 20;
+    link.open_volume("v", size).await.unwrap();
+    let blocks: Vec<(u64, u32)> = (0..64).map(|i| (i * 65536, 65536)).collect();
+    // The reading side fails half-way (a disk error, the process stopped):
+    // what arrived stays staged.
+    let failing = |data: Vec<u8>| {
+        move |o: u64, l: u32| {
+            if o >= 2 << 20 {
+                return Err(ublk_mirror_common::Error::io(
+                    "reading",
+                    std::io::Error::other("stopped"),
+                ));
+            }
+            Ok(data[o as usize..][..l as usize].to_vec())
+        }
+    };
+    let one = noise(7, 4 << 20);
+    assert!(link
+        .send_epoch("v", 1, w(1), &blocks, 1, failing(one.clone()))
+        .await
+        .is_err());
+    let shipped = link
+        .send_epoch("v", 1, w(1), &blocks, 1, reader(one.clone()))
+        .await
+        .unwrap();
+    assert!(shipped.resumed_bytes >= 1 << 20, "{shipped:?}");
+    assert_eq!(shipped.bytes + shipped.resumed_bytes, 4 << 20);
+    assert!(server.image("laptop", "v")[..4 << 20] == one[..]);
+
+    // The same across a server killed and restarted: the staged blocks
+    // are checked and kept.
+    let two = noise(8, 4 << 20);
+    assert!(link
+        .send_epoch("v", 2, w(2), &blocks, 1, failing(two.clone()))
+        .await
+        .is_err());
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    server = Server::start(&data_dir);
+    let link = Link::connect(&id, token.server, &server.address)
+        .await
+        .unwrap();
+    let shipped = link
+        .send_epoch("v", 2, w(2), &blocks, 1, reader(two.clone()))
+        .await
+        .unwrap();
+    assert!(shipped.resumed_bytes >= 1 << 20, "{shipped:?}");
+    assert!(server.image("laptop", "v")[..4 << 20] == two[..]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -363,7 +478,7 @@ async fn a_malformed_frame_ends_only_its_connection() {
     }
     assert!(closed, "the connection that sent garbage stayed open");
     let data = pattern(1, 4096);
-    good.send_epoch("v", 1, w(1), &[(0, 4096)], 3, |_, _| Ok(data.clone()))
+    good.send_epoch("v", 1, w(1), &[(0, 4096)], 3, move |_, _| Ok(data.clone()))
         .await
         .unwrap();
 }
@@ -385,6 +500,7 @@ async fn a_server_killed_during_commits_always_holds_a_published_epoch() {
     let mut models: std::collections::BTreeMap<u64, Vec<u8>> =
         [(0, vec![0u8; size as usize])].into();
     let mut seed = 1u64;
+    let mut attempt = 0u64;
     for round in 0..5u64 {
         let link = Link::connect(&id, token.server, &server.address)
             .await
@@ -416,11 +532,11 @@ async fn a_server_killed_during_commits_always_holds_a_published_epoch() {
                 blocks.sort_unstable();
                 blocks.dedup();
                 models.insert(epoch, next.clone());
-                let snapshot = next.clone();
+                // Every attempt is another epoch of the device (a device
+                // never gives one epoch number two contents).
+                attempt += 1;
                 let sent = link
-                    .send_epoch("root", epoch, w(epoch), &blocks, 1, |o, l| {
-                        Ok(snapshot[o as usize..][..l as usize].to_vec())
-                    })
+                    .send_epoch("root", epoch, w(attempt), &blocks, 1, reader(next.clone()))
                     .await;
                 if sent.is_err() {
                     return;
@@ -453,11 +569,9 @@ async fn a_bandwidth_limit_is_kept() {
     let data = noise(88172645463325252, 2 << 20);
     let blocks: Vec<(u64, u32)> = (0..32).map(|i| (i * 65536, 65536)).collect();
     let started = std::time::Instant::now();
-    link.send_epoch("v", 1, w(1), &blocks, 1, |o, l| {
-        Ok(data[o as usize..][..l as usize].to_vec())
-    })
-    .await
-    .unwrap();
+    link.send_epoch("v", 1, w(1), &blocks, 1, reader(data.clone()))
+        .await
+        .unwrap();
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(1800),
@@ -473,17 +587,23 @@ async fn a_client_that_changes_address_goes_on() {
     let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
     link.open_volume("v", 1 << 20).await.unwrap();
     let data = pattern(3, 65536);
-    link.send_epoch("v", 1, w(1), &[(0, 65536)], 3, |_, _| Ok(data.clone()))
-        .await
-        .unwrap();
+    link.send_epoch("v", 1, w(1), &[(0, 65536)], 3, {
+        let data = data.clone();
+        move |_, _| Ok(data.clone())
+    })
+    .await
+    .unwrap();
     // A new network: another local address (port), same connection.
     let before = link.local_addr().unwrap();
     link.rebind("127.0.0.1:0".parse().unwrap()).unwrap();
     assert_ne!(link.local_addr().unwrap(), before);
     let more = pattern(4, 65536);
-    link.send_epoch("v", 2, w(2), &[(65536, 65536)], 3, |_, _| Ok(more.clone()))
-        .await
-        .unwrap();
+    link.send_epoch("v", 2, w(2), &[(65536, 65536)], 3, {
+        let more = more.clone();
+        move |_, _| Ok(more.clone())
+    })
+    .await
+    .unwrap();
     assert!(
         link.close_reason().is_none(),
         "the connection did not survive the move"
@@ -537,18 +657,21 @@ async fn a_full_server_disk_is_a_clean_error_and_the_client_resumes() {
     link.open_volume("v", 16 << 20).await.unwrap();
     let data_8m = noise(0x2545_f491_4f6c_dd1d, 8 << 20);
     let blocks: Vec<(u64, u32)> = (0..128).map(|i| (i * 65536, 65536)).collect();
-    let read = |o: u64, l: u32| Ok(data_8m[o as usize..][..l as usize].to_vec());
     let err = link
-        .send_epoch("v", 1, w(1), &blocks, 1, read)
+        .send_epoch("v", 1, w(1), &blocks, 1, reader(data_8m.clone()))
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("No space left"), "{err}");
-    // The server is fine; with space back, the same epoch goes through.
+    // The server is fine; with space back, the same epoch goes through,
+    // without what was staged before the disk filled.
     fs.resize("64M");
-    link.send_epoch("v", 1, w(1), &blocks, 1, read)
+    let shipped = link
+        .send_epoch("v", 1, w(1), &blocks, 1, reader(data_8m.clone()))
         .await
         .unwrap();
+    assert!(shipped.resumed_bytes > 0, "{shipped:?}");
+    assert_eq!(shipped.bytes + shipped.resumed_bytes, 8 << 20);
     assert!(server.image("laptop", "v")[..8 << 20] == data_8m[..]);
     drop(server);
 }

@@ -32,6 +32,31 @@ use crate::enrollment::Enrollment;
 use crate::error::{Error, Result};
 use crate::tracking::{SealAt, Tracker};
 
+/// The blocks of `candidates` whose content at `epoch` differs from the
+/// mirror's digests `theirs` (in the same order).
+fn differing(
+    tracker: &Tracker,
+    epoch: u64,
+    candidates: &[(u64, u32)],
+    theirs: &[ublk_mirror_common::proto::Digest],
+) -> Result<Vec<(u64, u32)>> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    for (&(offset, len), their) in candidates.iter().zip(theirs) {
+        buf.resize(len as usize, 0);
+        tracker.read_epoch(epoch, offset, &mut buf)?;
+        let mine: [u8; 32] = if buf.iter().all(|&b| b == 0) {
+            zero_digest(len)
+        } else {
+            Sha256::digest(&buf).into()
+        };
+        if mine != *their {
+            out.push((offset, len));
+        }
+    }
+    Ok(out)
+}
+
 /// Bytes per shipped block (hashed and compressed as one).
 pub const BLOCK: u64 = 64 << 10;
 
@@ -401,40 +426,24 @@ impl Context {
             unknown.subtract(&known);
             let mut blocks = split(&known, size);
             let candidates = split(&unknown, size);
-            if !candidates.is_empty() {
-                // A volume nobody ever wrote is all zeroes: compare with
-                // that here instead of asking (and hashing twice).
-                let fresh = info.published_epoch == 0 && info.writer.is_none();
-                let theirs = if fresh {
-                    None
-                } else {
-                    Some(link.hashes(&self.settings.volume, &candidates).await?)
-                };
-                let mut buf = Vec::new();
-                let mut same = 0u64;
-                for (i, &(offset, len)) in candidates.iter().enumerate() {
-                    buf.resize(len as usize, 0);
-                    self.tracker
-                        .read_epoch(epoch, offset, &mut buf)
-                        .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
-                    let zero = buf.iter().all(|&b| b == 0);
-                    let equal = match &theirs {
-                        None => zero,
-                        Some(theirs) => {
-                            let mine: [u8; 32] = if zero {
-                                zero_digest(len)
-                            } else {
-                                Sha256::digest(&buf).into()
-                            };
-                            mine == theirs[i]
-                        }
-                    };
-                    if equal {
-                        same += u64::from(len);
-                    } else {
-                        blocks.push((offset, len));
-                    }
-                }
+            // A volume nobody ever wrote is all zeroes: its candidates all
+            // travel, zero ones as holes (a header each, no data), so the
+            // device is read once, in parallel with sending.
+            let fresh = info.published_epoch == 0 && info.writer.is_none();
+            if fresh {
+                blocks.extend_from_slice(&candidates);
+                blocks.sort_unstable();
+            } else if !candidates.is_empty() {
+                let theirs = link.hashes(&self.settings.volume, &candidates).await?;
+                let tracker = self.tracker.clone();
+                let differ = tokio::task::spawn_blocking(move || {
+                    differing(&tracker, epoch, &candidates, &theirs)
+                })
+                .await
+                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
+                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+                let same = unknown.len() - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
+                blocks.extend(differ);
                 blocks.sort_unstable();
                 tracing::info!(
                     epoch,
@@ -454,7 +463,7 @@ impl Context {
                     me,
                     &blocks,
                     self.settings.zstd_level,
-                    |offset, len| {
+                    move |offset, len| {
                         let mut buf = vec![0u8; len as usize];
                         tracker
                             .read_epoch(epoch, offset, &mut buf)
@@ -466,6 +475,11 @@ impl Context {
             // On failure the server may have published it all the same:
             // the next session sees it as the image's writer.
             let shipped = shipped?;
+            if fresh {
+                // Zero blocks of a fresh volume are what a resync by hash
+                // would have found the same.
+                self.set(|s| s.resync_same_bytes += shipped.zero_bytes);
+            }
             info.published_epoch = remote;
             info.writer = Some(me);
             Association::confirm(self.tracker.state_dir(), remote)
