@@ -383,6 +383,12 @@ impl Message {
                 rest.len()
             )));
         }
+        // One message, one encoding: an overlong varint (postcard reads
+        // `[142, 0]` as 14) is refused, so that no two peers can read the
+        // same bytes differently. Found by the fuzz target.
+        if postcard::to_allocvec(&message).map_or(true, |canonical| canonical != body) {
+            return Err(ProtoError::Malformed("not in canonical form".into()));
+        }
         message.validate()?;
         Ok(message)
     }
@@ -435,6 +441,11 @@ mod tests {
         ));
         assert!(matches!(
             Message::decode(&[200]),
+            Err(ProtoError::Malformed(_))
+        ));
+        // Found by fuzz/fuzz_targets/frame.rs: an overlong varint.
+        assert!(matches!(
+            Message::decode(&[93, 0, 61, 109, 10, 142, 0][4..]),
             Err(ProtoError::Malformed(_))
         ));
         let mut hello = Message::hello().encode()[4..].to_vec();

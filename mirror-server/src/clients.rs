@@ -13,8 +13,16 @@
 //! printed once and never stored); `enroll` consumes the token and records
 //! the client's certificate fingerprint; `revoke` marks it revoked, which
 //! the server notices within a second and cuts the client off.
+//!
+//! The server and the `client` commands are different processes: every
+//! read-modify-write takes an exclusive `flock` on `clients/.lock`, and
+//! each file is replaced whole (written, synced, renamed). The server
+//! answers "who is this certificate" from a copy in memory, read again
+//! when the directory changes (its mtime; a change less than a second old
+//! is never trusted to be the last, the way git treats racy index entries).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -83,7 +91,12 @@ fn now_ms() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Registry {
     dir: PathBuf,
+    /// Every client as of the directory's mtime.
+    cache: Arc<Mutex<Option<(SystemTime, Arc<Vec<Client>>)>>>,
 }
+
+/// Held while a client file is read, changed and written.
+struct WriteLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
 
 impl Registry {
     /// The registry in `data` (its directory is created if missing).
@@ -91,7 +104,42 @@ impl Registry {
         let dir = data.join(CLIENTS_DIR);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        Ok(Registry { dir })
+        Ok(Registry {
+            dir,
+            cache: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    fn lock(&self) -> Result<WriteLock> {
+        let path = self.dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map(WriteLock)
+            .map_err(|(_, e)| Error::io(format!("locking {}", path.display()), e.into()))
+    }
+
+    /// Every client, from memory while the directory has not changed.
+    fn snapshot(&self) -> Result<Arc<Vec<Client>>> {
+        let mtime = std::fs::metadata(&self.dir)
+            .and_then(|m| m.modified())
+            .map_err(|e| Error::io(format!("reading {}", self.dir.display()), e))?;
+        let settled = SystemTime::now()
+            .duration_since(mtime)
+            .is_ok_and(|age| age > Duration::from_secs(1));
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((when, clients)) = cache.as_ref() {
+            if *when == mtime && settled {
+                return Ok(clients.clone());
+            }
+        }
+        let clients = Arc::new(self.list()?);
+        *cache = Some((mtime, clients.clone()));
+        Ok(clients)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -125,7 +173,7 @@ impl Registry {
             .map_err(|e| Error::io(format!("listing {}", self.dir.display()), e))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(name) = name.strip_suffix(".json") {
+            if let Some(name) = name.strip_suffix(".json").filter(|n| !n.starts_with('.')) {
                 // One damaged file must not lock every client out.
                 match self.get(name) {
                     Ok(Some(c)) => out.push(c),
@@ -141,6 +189,7 @@ impl Registry {
     /// Add a client, or give a pending one a new token; returns the secret
     /// (shown once). An enrolled or revoked client is not touched.
     pub fn add(&self, name: &str, ttl: Duration) -> Result<[u8; 32]> {
+        let _lock = self.lock()?;
         let mut client = match self.get(name)? {
             Some(c) if c.state() != "pending" => {
                 return Err(Error::Invalid(format!(
@@ -178,6 +227,7 @@ impl Registry {
                 "enrollment of {name:?} refused: unknown name, or a wrong, used or expired token"
             ))
         };
+        let _lock = self.lock()?;
         let Some(mut client) = self.get(name).map_err(|_| refused())? else {
             return Err(refused());
         };
@@ -187,7 +237,11 @@ impl Registry {
         if !client.revoked && client.fingerprint.as_deref() == Some(fp.as_str()) {
             return Ok(());
         }
-        if self.who(fingerprint)?.is_some() {
+        if self
+            .list()?
+            .iter()
+            .any(|c| !c.revoked && c.fingerprint.as_deref() == Some(fp.as_str()))
+        {
             return Err(Error::Invalid(
                 "this certificate is enrolled under another name already".into(),
             ));
@@ -208,6 +262,7 @@ impl Registry {
 
     /// Mark a client revoked: it can connect no more.
     pub fn revoke(&self, name: &str) -> Result<()> {
+        let _lock = self.lock()?;
         let Some(mut client) = self.get(name)? else {
             return Err(Error::Invalid(format!("there is no client {name}")));
         };
@@ -220,7 +275,7 @@ impl Registry {
     pub fn revoked(&self, fingerprint: Fingerprint) -> Result<bool> {
         let fp = hex(&fingerprint.0);
         Ok(self
-            .list()?
+            .snapshot()?
             .iter()
             .any(|c| c.revoked && c.fingerprint.as_deref() == Some(fp.as_str())))
     }
@@ -229,10 +284,10 @@ impl Registry {
     pub fn who(&self, fingerprint: Fingerprint) -> Result<Option<String>> {
         let fp = hex(&fingerprint.0);
         Ok(self
-            .list()?
-            .into_iter()
+            .snapshot()?
+            .iter()
             .find(|c| !c.revoked && c.fingerprint.as_deref() == Some(fp.as_str()))
-            .map(|c| c.name))
+            .map(|c| c.name.clone()))
     }
 }
 
@@ -279,5 +334,44 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         assert!(r.enroll("old", &s, fp).is_err());
         assert!(r.get("../etc").is_err(), "a path as a name");
+    }
+
+    #[test]
+    fn another_process_s_changes_are_seen_at_once_and_none_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Registry::open(dir.path()).unwrap();
+        let secret = server.add("laptop", DEFAULT_TOKEN_TTL).unwrap();
+        let fp = Fingerprint([3; 32]);
+        server.enroll("laptop", &secret, fp).unwrap();
+        assert_eq!(server.who(fp).unwrap().as_deref(), Some("laptop"));
+        // `client revoke` in another process: the cached answer is not
+        // trusted past the change, even within the mtime's granularity.
+        let cli = Registry::open(dir.path()).unwrap();
+        cli.revoke("laptop").unwrap();
+        assert_eq!(server.who(fp).unwrap(), None);
+        assert!(server.revoked(fp).unwrap());
+        // Writers at once (threads standing in for processes; the lock is
+        // the same flock): every one of them lands.
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let r = Registry::open(dir.path()).unwrap();
+                std::thread::spawn(move || {
+                    let name = format!("c{i}");
+                    let s = r.add(&name, DEFAULT_TOKEN_TTL).unwrap();
+                    r.enroll(&name, &s, Fingerprint([i as u8 + 10; 32]))
+                        .unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let enrolled = server
+            .list()
+            .unwrap()
+            .iter()
+            .filter(|c| c.state() == "enrolled")
+            .count();
+        assert_eq!(enrolled, 8);
     }
 }

@@ -131,6 +131,7 @@ fn init(data: &Path, listen: Option<std::net::SocketAddr>) -> mirror_server::Res
         .map_err(|e| mirror_server::Error::Invalid(e.to_string()))?;
     let config = ServerConfig {
         listen: listen.unwrap_or(ServerConfig::default().listen),
+        ..ServerConfig::default()
     };
     config.write_new(data)?;
     std::fs::create_dir_all(data.join(store::VOLUMES_DIR))

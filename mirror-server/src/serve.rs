@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ublk_mirror_common::identity::{Fingerprint, Identity};
 use ublk_mirror_common::proto::{Message, ProtoError, Writer, MAX_RESEND, MAX_STAGED_RANGES};
-use ublk_mirror_common::{tls, wire};
+use ublk_mirror_common::{tls, wire, ByteSize};
 
 use crate::clients::Registry;
 use crate::config::ServerConfig;
@@ -41,6 +41,7 @@ type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
 #[derive(Debug)]
 struct Shared {
     data: PathBuf,
+    config: ServerConfig,
     registry: Registry,
     /// Open volumes by (client, volume), with their size.
     volumes: Mutex<HashMap<(String, String), (u64, SharedVolume)>>,
@@ -67,6 +68,7 @@ pub async fn run(
     on_listening(local);
     let shared = Arc::new(Shared {
         data: data.to_path_buf(),
+        config: config.clone(),
         registry: Registry::open(data)?,
         volumes: Mutex::new(HashMap::new()),
     });
@@ -362,6 +364,7 @@ fn open_volume(
                 "there is no volume {volume}: open it first"
             )));
         };
+        tokio::task::block_in_place(|| check_quota(shared, client, size))?;
         tracing::info!(client, volume, size, "new volume");
         tokio::task::block_in_place(|| Volume::create(&dir, size))?
     };
@@ -369,6 +372,37 @@ fn open_volume(
     let v = Arc::new(tokio::sync::Mutex::new(opened));
     volumes.insert(key, (have, v.clone()));
     Ok(v)
+}
+
+/// Refuse a new volume of `size` that would take `client` past the
+/// server's limits.
+fn check_quota(shared: &Shared, client: &str, size: u64) -> Result<()> {
+    let cdir = shared.data.join(VOLUMES_DIR).join(client);
+    let mut count = 0u32;
+    let mut bytes = 0u64;
+    for entry in std::fs::read_dir(&cdir).into_iter().flatten().flatten() {
+        if let Ok(state) = crate::store::read_state(&entry.path()) {
+            count += 1;
+            bytes = bytes.saturating_add(state.size);
+        }
+    }
+    let limits = &shared.config;
+    if count >= limits.max_volumes_per_client {
+        return Err(Error::Invalid(format!(
+            "client {client} has {count} volumes, the most this server allows (max_volumes_per_client in server.toml)"
+        )));
+    }
+    if let Some(max) = limits.max_bytes_per_client {
+        if bytes.saturating_add(size) > max.0 {
+            return Err(Error::Invalid(format!(
+                "a volume of {} would take client {client} past its {} (it has {} in volumes; max_bytes_per_client in server.toml)",
+                ByteSize(size),
+                max,
+                ByteSize(bytes)
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn size_mismatch(volume: &str, have: u64, asked: u64) -> Error {

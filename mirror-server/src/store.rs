@@ -205,10 +205,7 @@ impl Volume {
     /// Open a volume, finishing an interrupted publication and dropping
     /// incomplete stagings.
     pub fn open(dir: &Path) -> Result<(Volume, Recovery)> {
-        let text = std::fs::read_to_string(dir.join(STATE))
-            .map_err(|e| Error::io(format!("reading {}", dir.join(STATE).display()), e))?;
-        let state: VolumeState = serde_json::from_str(&text)
-            .map_err(|e| Error::Corrupt(format!("{}: {e}", dir.join(STATE).display())))?;
+        let state = read_state(dir)?;
         if state.format != STATE_FORMAT {
             return Err(Error::Corrupt(format!(
                 "{}: format {} is not supported (this is {STATE_FORMAT})",
@@ -523,17 +520,18 @@ pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
     let mut out = Vec::new();
     for (client, cdir) in dirs(&root)? {
         for (volume, vdir) in dirs(&cdir)? {
-            let path = vdir.join(STATE);
-            let state: VolumeState = std::fs::read_to_string(&path)
-                .map_err(|e| Error::io(format!("reading {}", path.display()), e))
-                .and_then(|t| {
-                    serde_json::from_str(&t)
-                        .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
-                })?;
-            out.push((format!("{client}/{volume}"), state));
+            out.push((format!("{client}/{volume}"), read_state(&vdir)?));
         }
     }
     Ok(out)
+}
+
+/// A volume's `state.json`, read only (no recovery).
+pub fn read_state(dir: &Path) -> Result<VolumeState> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
 }
 
 /// An epoch being received: verified blocks, staged on disk. Shared by

@@ -558,6 +558,39 @@ async fn a_server_killed_during_commits_always_holds_a_published_epoch() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_client_cannot_go_past_the_server_s_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    drop(server);
+    let config = data.join("server.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text
+        .replace("max_volumes_per_client = 64", "max_volumes_per_client = 2")
+        .replace(
+            "# max_bytes_per_client = \"4TiB\"",
+            "max_bytes_per_client = \"3M\"",
+        );
+    std::fs::write(&config, text).unwrap();
+    let server = Server::start(&data);
+    let (_a, a) = enrolled(&server, dir.path(), "laptop").await;
+    let (_b, b) = enrolled(&server, dir.path(), "desktop").await;
+    a.open_volume("one", 1 << 20).await.unwrap();
+    let err = a.open_volume("big", 4 << 20).await.unwrap_err().to_string();
+    assert!(err.contains("past its 3MiB"), "{err}");
+    a.open_volume("two", 1 << 20).await.unwrap();
+    let err = a
+        .open_volume("three", 1 << 20)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has 2 volumes"), "{err}");
+    // Opening one it has is no new volume; another client has its own limits.
+    a.open_volume("one", 1 << 20).await.unwrap();
+    b.open_volume("one", 2 << 20).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_bandwidth_limit_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("data"));

@@ -72,6 +72,7 @@ impl TestServer {
         }
         let config = ServerConfig {
             listen: listen.parse().unwrap(),
+            ..ServerConfig::default()
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
