@@ -92,8 +92,11 @@ fn now_ms() -> u64 {
 pub struct Registry {
     dir: PathBuf,
     /// Every client as of the directory's mtime.
-    cache: Arc<Mutex<Option<(SystemTime, Arc<Vec<Client>>)>>>,
+    cache: Arc<Mutex<Option<Snapshot>>>,
 }
+
+/// The clients as read at the directory's mtime.
+type Snapshot = (SystemTime, Arc<Vec<Client>>);
 
 /// Held while a client file is read, changed and written.
 struct WriteLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
