@@ -3,6 +3,8 @@
 //! - [`clients`]: enrolled clients, tokens, revocation;
 //! - [`config`]: the settings file, `server.toml`;
 //! - [`serve`]: the QUIC server;
+//! - [`snapshots`]: point-in-time versions of a volume, as backward deltas
+//!   that cost space in proportion to what changed;
 //! - [`store`]: volumes on disk — a sparse image holding one published
 //!   epoch, and the staging through which the next epoch arrives, verified
 //!   and published atomically (a reader never sees half an epoch, also
@@ -12,6 +14,7 @@ pub mod clients;
 pub mod config;
 mod error;
 pub mod serve;
+pub mod snapshots;
 pub mod store;
 
 pub use error::{Error, Result};

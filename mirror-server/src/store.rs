@@ -62,6 +62,7 @@ use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK};
 use ublk_mirror_common::RangeSet;
 
 use crate::error::{Error, Result};
+use crate::snapshots::{Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK};
 
 /// Where the volumes live in the data directory: `volumes/CLIENT/VOLUME/`.
 pub const VOLUMES_DIR: &str = "volumes";
@@ -146,6 +147,8 @@ pub struct Volume {
     /// The epoch being staged (kept when its connection breaks, so that
     /// the client resumes it).
     active: Option<Arc<Staging>>,
+    /// Its point-in-time versions.
+    snapshots: Snapshots,
 }
 
 fn now_ms() -> u64 {
@@ -224,6 +227,7 @@ impl Volume {
             state,
             poisoned: false,
             active: None,
+            snapshots: Snapshots::open(dir)?,
         };
         let recovery = volume.recover()?;
         Ok((volume, recovery))
@@ -258,6 +262,50 @@ impl Volume {
     /// The volume's state.
     pub fn state(&self) -> &VolumeState {
         &self.state
+    }
+
+    /// Its snapshots.
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.snapshots
+    }
+
+    /// Take a snapshot of the published epoch, named `name` or after the
+    /// time.
+    pub fn snapshot(&mut self, name: Option<&str>, kind: Kind) -> Result<SnapshotInfo> {
+        if self.poisoned {
+            // Never a snapshot of half an epoch.
+            self.active = None;
+            self.recover()?;
+            self.poisoned = false;
+        }
+        self.snapshots.create(
+            name,
+            self.state.published_epoch,
+            self.state.published_ms,
+            now_ms(),
+            kind,
+        )
+    }
+
+    /// Delete snapshot `name` (refused while it is read).
+    pub fn delete_snapshot(&mut self, name: &str) -> Result<SnapshotInfo> {
+        self.snapshots.delete(name)
+    }
+
+    /// Prune scheduled snapshots by `retention`; their names.
+    pub fn prune_snapshots(&mut self, retention: &Retention) -> Result<Vec<String>> {
+        self.snapshots.prune(retention, now_ms())
+    }
+
+    /// Keep snapshot `name` while the pin lives (for readers).
+    pub fn pin_snapshot(&mut self, name: &str) -> Result<(SnapshotInfo, Pin)> {
+        self.snapshots.pin(name)
+    }
+
+    /// Read snapshot `id` at `offset`.
+    pub fn read_snapshot(&self, id: u64, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.snapshots
+            .read(id, &self.image, self.state.size, buf, offset)
     }
 
     /// Read the image (the published epoch) at `offset`.
@@ -431,6 +479,19 @@ impl Volume {
         let data = File::open(&data_path)
             .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
         let log_path = staging_path(&self.dir, epoch, "log");
+        // What the epoch overwrites is kept for the newest snapshot first.
+        if !self.snapshots.list().is_empty() {
+            let mut chunks = BTreeSet::new();
+            let mut log = LogReader::open(&log_path)?;
+            while let Some(e) = log.next_entry()? {
+                if e.len > 0 {
+                    let end = e.offset.saturating_add(u64::from(e.len)) - 1;
+                    chunks.extend(e.offset / SNAPSHOT_CHUNK..=end / SNAPSHOT_CHUNK);
+                }
+            }
+            self.snapshots
+                .preserve(&self.image, self.state.size, &chunks)?;
+        }
         let mut log = LogReader::open(&log_path)?;
         let mut buf = Vec::new();
         let mut applied = 0usize;
@@ -1127,13 +1188,20 @@ mod tests {
         #[test]
         fn the_image_is_always_a_published_epoch(
             epochs in proptest::collection::vec(
-                (proptest::collection::vec(blk(), 1..8), crash()), 1..8),
+                (proptest::collection::vec(blk(), 1..8), crash(), any::<bool>()), 1..8),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let vdir = dir.path().join("vol");
             let mut v = Volume::create(&vdir, SIZE).unwrap();
             let mut published = vec![0u8; SIZE as usize];
-            for (n, (blocks, crash)) in epochs.into_iter().enumerate() {
+            // Snapshots taken on the way, with the image they must show
+            // (also after a crash mid-publication and its redo).
+            let mut snaps: Vec<(u64, Vec<u8>)> = Vec::new();
+            for (n, (blocks, crash, snap)) in epochs.into_iter().enumerate() {
+                if snap {
+                    let info = v.snapshot(None, Kind::Manual).unwrap();
+                    snaps.push((info.id, published.clone()));
+                }
                 let epoch = v.state().published_epoch + 1;
                 let mut next = published.clone();
                 // Each attempt another writer epoch: what a crash left
@@ -1179,6 +1247,11 @@ mod tests {
                 prop_assert!(image == published, "the image is not published epoch {}", v.state().published_epoch);
                 if crash != Some(CommitStep::Staged) {
                     prop_assert!(std::fs::read_dir(vdir.join(STAGING)).unwrap().next().is_none(), "staging left behind");
+                }
+                for (id, model) in &snaps {
+                    let mut seen = vec![0u8; SIZE as usize];
+                    v.read_snapshot(*id, &mut seen, 0).unwrap();
+                    prop_assert!(seen == *model, "snapshot {} is not the image it was taken of", id);
                 }
             }
         }

@@ -1,0 +1,871 @@
+//! Point-in-time versions of a volume: snapshots that cost space in
+//! proportion to what changed after them, on any file system.
+//!
+//! # How
+//!
+//! The image always holds the newest published epoch. A snapshot is the
+//! image as it was when the snapshot was taken; it keeps only what changed
+//! since then, as *backward deltas*: before publishing overwrites a 64 KiB
+//! chunk of the image, the chunk's old content is copied into the newest
+//! snapshot (unless that one holds the chunk already). Reading snapshot `S`
+//! at a chunk looks in `S`, then in each newer snapshot, then in the image:
+//! the first that has the chunk holds its content as of `S`. Taking a
+//! snapshot is free; the current image is read at full speed; the space a
+//! snapshot costs is the chunks overwritten while it was the newest. A
+//! chunk that was a hole costs an index record only.
+//!
+//! Deleting a snapshot hands its chunks to the next older one (which read
+//! through it) where that one lacks them, then removes it.
+//!
+//! # On-disk layout, format 1
+//!
+//! ```text
+//! VOLUME_DIR/snapshots/
+//!   manifest.json   {"format":1,"next_id":N,"snapshots":[{"id":..,"name":"..",
+//!                    "epoch":..,"epoch_ms":..,"created_ms":..,"kind":"manual"|"scheduled"}, ..]}
+//!                   oldest first; replaced whole (write, sync, rename)
+//!   ID/data         preserved chunks, CHUNK bytes each, appended
+//!   ID/index        16-byte records: chunk number u64 LE, offset of its bytes
+//!                   in ID/data u64 LE (all ones: the chunk was all zeroes)
+//! ```
+//!
+//! # Crash safety
+//!
+//! Preserved chunks are synced in `data` before their index records are
+//! written, and the index is synced before the image is touched; so a chunk
+//! overwritten in the image always has its old content durably in the
+//! snapshot, and publishing again after a crash (which [`crate::store`]
+//! does) skips chunks already preserved instead of saving the new content
+//! as old. A torn last index record is ignored: its chunk was not yet
+//! overwritten. Deleting merges first, then writes the manifest without
+//! the snapshot, then removes its directory; a crash in between is
+//! finished by deleting again, and directories no manifest names are
+//! removed when the volume is opened.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use ublk_mirror_common::fsutil;
+use ublk_mirror_common::proto::check_name;
+
+use crate::error::{Error, Result};
+
+/// Bytes of a preserved chunk.
+pub const CHUNK: u64 = 64 << 10;
+
+const DIR: &str = "snapshots";
+const MANIFEST: &str = "manifest.json";
+const FORMAT: u32 = 1;
+const RECORD: usize = 16;
+const ZERO: u64 = u64::MAX;
+
+/// Why a snapshot exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Asked for; kept until deleted.
+    Manual,
+    /// Taken by the schedule; pruned by the retention rules.
+    Scheduled,
+}
+
+/// One snapshot, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Its directory's number.
+    pub id: u64,
+    /// Its name (unique in the volume).
+    pub name: String,
+    /// The published epoch it holds.
+    pub epoch: u64,
+    /// When that epoch was published (ms since the Unix epoch): the point
+    /// in time the snapshot shows.
+    pub epoch_ms: u64,
+    /// When the snapshot was taken.
+    pub created_ms: u64,
+    /// Manual or scheduled.
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    next_id: u64,
+    snapshots: Vec<SnapshotInfo>,
+}
+
+/// One snapshot's preserved chunks.
+#[derive(Debug)]
+struct Delta {
+    data: File,
+    index: File,
+    /// Chunk number → offset in `data` ([`ZERO`]: zeroes).
+    chunks: HashMap<u64, u64>,
+    data_len: u64,
+    index_len: u64,
+}
+
+impl Delta {
+    fn open(dir: &Path, create: bool) -> Result<Delta> {
+        if create {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        let open = |name: &str| {
+            let path = dir.join(name);
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+        };
+        let data = open("data")?;
+        let index = open("index")?;
+        let bytes = std::fs::read(dir.join("index"))
+            .map_err(|e| Error::io(format!("reading {}", dir.join("index").display()), e))?;
+        let mut chunks = HashMap::new();
+        // A torn last record is ignored (its chunk was not overwritten).
+        for r in bytes.chunks_exact(RECORD) {
+            let chunk = u64::from_le_bytes(r[..8].try_into().unwrap_or_default());
+            let at = u64::from_le_bytes(r[8..].try_into().unwrap_or_default());
+            chunks.insert(chunk, at);
+        }
+        let index_len = (bytes.len() - bytes.len() % RECORD) as u64;
+        let data_len = data
+            .metadata()
+            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+            .len()
+            .next_multiple_of(CHUNK);
+        Ok(Delta {
+            data,
+            index,
+            chunks,
+            data_len,
+            index_len,
+        })
+    }
+
+    /// Save `chunks` (chunk number and content, `None` for zeroes)
+    /// durably: data synced before the index records that name it.
+    fn add(&mut self, chunks: &[(u64, Option<Vec<u8>>)]) -> Result<()> {
+        let mut records = Vec::with_capacity(chunks.len() * RECORD);
+        let mut placed = Vec::with_capacity(chunks.len());
+        for (chunk, content) in chunks {
+            let at = match content {
+                Some(bytes) => {
+                    let at = self.data_len;
+                    self.data
+                        .write_all_at(bytes, at)
+                        .map_err(|e| Error::io("preserving a chunk for a snapshot", e))?;
+                    self.data_len += CHUNK;
+                    at
+                }
+                None => ZERO,
+            };
+            records.extend_from_slice(&chunk.to_le_bytes());
+            records.extend_from_slice(&at.to_le_bytes());
+            placed.push((*chunk, at));
+        }
+        self.data
+            .sync_all()
+            .map_err(|e| Error::io("syncing a snapshot's data", e))?;
+        self.index
+            .write_all_at(&records, self.index_len)
+            .and_then(|()| self.index.sync_all())
+            .map_err(|e| Error::io("writing a snapshot's index", e))?;
+        self.index_len += records.len() as u64;
+        self.chunks.extend(placed);
+        Ok(())
+    }
+
+    fn read_chunk(&self, at: u64, buf: &mut [u8], within: u64) -> Result<()> {
+        if at == ZERO {
+            buf.fill(0);
+            return Ok(());
+        }
+        self.data
+            .read_exact_at(buf, at + within)
+            .map_err(|e| Error::io("reading a snapshot", e))
+    }
+}
+
+/// Retention rules for scheduled snapshots (Time Machine's by default):
+/// one an hour for `hourly` hours, one a day for `daily` days, one a week
+/// for `weekly` weeks (0: forever). Manual snapshots are never pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Hours in which one snapshot an hour is kept.
+    #[serde(default = "default_hourly")]
+    pub hourly: u32,
+    /// Days (after those hours) in which one snapshot a day is kept.
+    #[serde(default = "default_daily")]
+    pub daily: u32,
+    /// Weeks (after those days) in which one snapshot a week is kept;
+    /// 0: every week, forever.
+    #[serde(default)]
+    pub weekly: u32,
+}
+
+fn default_hourly() -> u32 {
+    24
+}
+
+fn default_daily() -> u32 {
+    30
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            hourly: default_hourly(),
+            daily: default_daily(),
+            weekly: 0,
+        }
+    }
+}
+
+impl Retention {
+    /// The scheduled snapshots (of `all`, as `(id, point in time ms)`) to
+    /// prune at `now_ms`: in each hour, day or week bucket of its tier only
+    /// the newest stays; what is older than every tier goes; the newest
+    /// snapshot of all always stays.
+    pub fn prune(&self, all: &[(u64, u64)], now_ms: u64) -> Vec<u64> {
+        const HOUR: u64 = 3600 * 1000;
+        const DAY: u64 = 24 * HOUR;
+        const WEEK: u64 = 7 * DAY;
+        let hours_end = u64::from(self.hourly) * HOUR;
+        let days_end = hours_end + u64::from(self.daily) * DAY;
+        let weeks_end = (self.weekly > 0).then(|| days_end + u64::from(self.weekly) * WEEK);
+        let mut sorted = all.to_vec();
+        // Newest first: the first seen in a bucket is the one kept.
+        sorted.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+        let mut seen: BTreeSet<(u8, u64)> = BTreeSet::new();
+        let mut prune = Vec::new();
+        for (i, &(id, at)) in sorted.iter().enumerate() {
+            if i == 0 {
+                continue;
+            }
+            let age = now_ms.saturating_sub(at);
+            let bucket = if age < hours_end {
+                Some((0, at / HOUR))
+            } else if age < days_end {
+                Some((1, at / DAY))
+            } else if weeks_end.is_none_or(|end| age < end) {
+                // Weeks counted from the Unix epoch (a Thursday).
+                Some((2, at / WEEK))
+            } else {
+                None
+            };
+            match bucket {
+                Some(b) if seen.insert(b) => {}
+                _ => prune.push(id),
+            }
+        }
+        prune
+    }
+}
+
+/// A volume's snapshots.
+#[derive(Debug)]
+pub struct Snapshots {
+    dir: PathBuf,
+    manifest: Manifest,
+    deltas: HashMap<u64, Delta>,
+    /// Readers (exports, restores) of each snapshot, by id: a snapshot
+    /// being read is never deleted.
+    pins: HashMap<u64, Arc<AtomicUsize>>,
+}
+
+/// Keeps a snapshot from being deleted while it is read.
+#[derive(Debug)]
+pub struct Pin(Arc<AtomicUsize>);
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Snapshots {
+    /// The snapshots of the volume in `volume_dir`, cleaning up what an
+    /// interrupted create or delete left.
+    pub fn open(volume_dir: &Path) -> Result<Snapshots> {
+        let dir = volume_dir.join(DIR);
+        let path = dir.join(MANIFEST);
+        let manifest = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let m: Manifest = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
+                if m.format != FORMAT {
+                    return Err(Error::Corrupt(format!(
+                        "{}: format {} is not supported (this is {FORMAT})",
+                        path.display(),
+                        m.format
+                    )));
+                }
+                m
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest {
+                format: FORMAT,
+                next_id: 1,
+                snapshots: Vec::new(),
+            },
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let mut deltas = HashMap::new();
+        for s in &manifest.snapshots {
+            deltas.insert(s.id, Delta::open(&dir.join(s.id.to_string()), false)?);
+        }
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Ok(id) = name.parse::<u64>() {
+                if !deltas.contains_key(&id) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(Snapshots {
+            dir,
+            manifest,
+            deltas,
+            pins: HashMap::new(),
+        })
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn list(&self) -> &[SnapshotInfo] {
+        &self.manifest.snapshots
+    }
+
+    /// The snapshot called `name`.
+    pub fn get(&self, name: &str) -> Option<&SnapshotInfo> {
+        self.manifest.snapshots.iter().find(|s| s.name == name)
+    }
+
+    /// The newest snapshot showing the volume at or before `ms`.
+    pub fn at(&self, ms: u64) -> Option<&SnapshotInfo> {
+        self.manifest
+            .snapshots
+            .iter()
+            .filter(|s| s.epoch_ms <= ms)
+            .max_by_key(|s| (s.epoch_ms, s.id))
+    }
+
+    fn write_manifest(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| Error::io(format!("creating {}", self.dir.display()), e))?;
+        let bytes =
+            serde_json::to_vec_pretty(&self.manifest).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let path = self.dir.join(MANIFEST);
+        fsutil::write_durably(&path, &bytes)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Take a snapshot of the image as it is (published `epoch` at
+    /// `epoch_ms`), named `name` or after the time.
+    pub fn create(
+        &mut self,
+        name: Option<&str>,
+        epoch: u64,
+        epoch_ms: u64,
+        now_ms: u64,
+        kind: Kind,
+    ) -> Result<SnapshotInfo> {
+        let name = match name {
+            Some(n) => {
+                check_name(n).map_err(|e| Error::Invalid(e.to_string()))?;
+                n.to_string()
+            }
+            None => {
+                let mut n = time_name(now_ms);
+                let mut k = 1;
+                while self.get(&n).is_some() {
+                    k += 1;
+                    n = format!("{}-{k}", time_name(now_ms));
+                }
+                n
+            }
+        };
+        if self.get(&name).is_some() {
+            return Err(Error::Invalid(format!(
+                "there is a snapshot called {name} already"
+            )));
+        }
+        let id = self.manifest.next_id;
+        let delta = Delta::open(&self.dir.join(id.to_string()), true)?;
+        let info = SnapshotInfo {
+            id,
+            name,
+            epoch,
+            epoch_ms,
+            created_ms: now_ms,
+            kind,
+        };
+        self.manifest.next_id += 1;
+        self.manifest.snapshots.push(info.clone());
+        if let Err(e) = self.write_manifest() {
+            self.manifest.snapshots.pop();
+            self.manifest.next_id -= 1;
+            return Err(e);
+        }
+        self.deltas.insert(id, delta);
+        Ok(info)
+    }
+
+    /// Before the image's `chunks` are overwritten: keep their content in
+    /// the newest snapshot (that lacks them), durably.
+    pub fn preserve(&mut self, image: &File, size: u64, chunks: &BTreeSet<u64>) -> Result<()> {
+        let Some(newest) = self.manifest.snapshots.last().map(|s| s.id) else {
+            return Ok(());
+        };
+        let Some(delta) = self.deltas.get_mut(&newest) else {
+            return Ok(());
+        };
+        let mut batch: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        for &chunk in chunks {
+            if delta.chunks.contains_key(&chunk) {
+                continue;
+            }
+            let at = chunk * CHUNK;
+            let len = CHUNK.min(size.saturating_sub(at)) as usize;
+            let mut buf = vec![0u8; CHUNK as usize];
+            image
+                .read_exact_at(&mut buf[..len], at)
+                .map_err(|e| Error::io("reading the image for a snapshot", e))?;
+            let content = (!buf.iter().all(|&b| b == 0)).then_some(buf);
+            batch.push((chunk, content));
+            // Bounded memory: 16 MiB at a time.
+            if batch.len() == 256 {
+                delta.add(&batch)?;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            delta.add(&batch)?;
+        }
+        Ok(())
+    }
+
+    /// Read snapshot `id` at `offset` (the image is the newest state).
+    pub fn read(
+        &self,
+        id: u64,
+        image: &File,
+        size: u64,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(Error::Invalid(format!(
+                "read of {} bytes at {offset} is past the end of the volume",
+                buf.len()
+            )));
+        }
+        let pos = self
+            .manifest
+            .snapshots
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| Error::Invalid(format!("there is no snapshot {id}")))?;
+        let chain: Vec<&Delta> = self.manifest.snapshots[pos..]
+            .iter()
+            .filter_map(|s| self.deltas.get(&s.id))
+            .collect();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let chunk = at / CHUNK;
+            let within = at % CHUNK;
+            let n = ((CHUNK - within) as usize).min(buf.len() - done);
+            let piece = &mut buf[done..done + n];
+            match chain
+                .iter()
+                .find_map(|d| d.chunks.get(&chunk).map(|&a| (d, a)))
+            {
+                Some((delta, data_at)) => delta.read_chunk(data_at, piece, within)?,
+                None => image
+                    .read_exact_at(piece, at)
+                    .map_err(|e| Error::io("reading the image", e))?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Keep snapshot `name` from being deleted while the pin lives.
+    pub fn pin(&mut self, name: &str) -> Result<(SnapshotInfo, Pin)> {
+        let info = self
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("there is no snapshot {name}")))?;
+        let count = self.pins.entry(info.id).or_default().clone();
+        count.fetch_add(1, Ordering::AcqRel);
+        Ok((info, Pin(count)))
+    }
+
+    fn pinned(&self, id: u64) -> bool {
+        self.pins
+            .get(&id)
+            .is_some_and(|c| c.load(Ordering::Acquire) > 0)
+    }
+
+    /// Delete snapshot `name`: its chunks go to the next older snapshot
+    /// (where that one lacks them), then it is gone. Refused while it is
+    /// being read.
+    pub fn delete(&mut self, name: &str) -> Result<SnapshotInfo> {
+        let pos = self
+            .manifest
+            .snapshots
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| Error::Invalid(format!("there is no snapshot {name}")))?;
+        let info = self.manifest.snapshots[pos].clone();
+        if self.pinned(info.id) {
+            return Err(Error::Invalid(format!(
+                "snapshot {name} is being read (an export or a restore); try again when it is done"
+            )));
+        }
+        if pos > 0 {
+            let older = self.manifest.snapshots[pos - 1].id;
+            let moved: Vec<(u64, Option<Vec<u8>>)> = {
+                let (Some(from), Some(to)) = (self.deltas.get(&info.id), self.deltas.get(&older))
+                else {
+                    return Err(Error::Corrupt(format!("snapshot {name} has no data")));
+                };
+                let mut moved = Vec::new();
+                for (&chunk, &at) in &from.chunks {
+                    if to.chunks.contains_key(&chunk) {
+                        continue;
+                    }
+                    let content = if at == ZERO {
+                        None
+                    } else {
+                        let mut buf = vec![0u8; CHUNK as usize];
+                        from.read_chunk(at, &mut buf, 0)?;
+                        Some(buf)
+                    };
+                    moved.push((chunk, content));
+                }
+                moved
+            };
+            let to = self
+                .deltas
+                .get_mut(&older)
+                .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no older data")))?;
+            for batch in moved.chunks(256) {
+                to.add(batch)?;
+            }
+        }
+        self.manifest.snapshots.remove(pos);
+        if let Err(e) = self.write_manifest() {
+            self.manifest.snapshots.insert(pos, info);
+            return Err(e);
+        }
+        self.deltas.remove(&info.id);
+        self.pins.remove(&info.id);
+        let _ = std::fs::remove_dir_all(self.dir.join(info.id.to_string()));
+        Ok(info)
+    }
+
+    /// Delete the scheduled snapshots `retention` no longer keeps at
+    /// `now_ms` (never one being read); returns their names.
+    pub fn prune(&mut self, retention: &Retention, now_ms: u64) -> Result<Vec<String>> {
+        let scheduled: Vec<(u64, u64)> = self
+            .manifest
+            .snapshots
+            .iter()
+            .filter(|s| s.kind == Kind::Scheduled)
+            .map(|s| (s.id, s.epoch_ms.max(s.created_ms)))
+            .collect();
+        let mut pruned = Vec::new();
+        for id in retention.prune(&scheduled, now_ms) {
+            if self.pinned(id) {
+                continue;
+            }
+            let Some(name) = self
+                .manifest
+                .snapshots
+                .iter()
+                .find(|s| s.id == id)
+                .map(|s| s.name.clone())
+            else {
+                continue;
+            };
+            self.delete(&name)?;
+            pruned.push(name);
+        }
+        Ok(pruned)
+    }
+
+    /// Bytes the snapshots take on disk (data files).
+    pub fn bytes(&self) -> u64 {
+        self.deltas.values().map(|d| d.data_len).sum()
+    }
+
+    /// The newest scheduled snapshot's creation time, if any.
+    pub fn last_scheduled_ms(&self) -> Option<u64> {
+        self.manifest
+            .snapshots
+            .iter()
+            .filter(|s| s.kind == Kind::Scheduled)
+            .map(|s| s.created_ms)
+            .max()
+    }
+}
+
+/// A snapshot's name from its time: `2026-11-22T16.30.05Z` (characters a
+/// name may have).
+pub fn time_name(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}.{:02}.{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// Parse what [`time_name`] writes, or RFC 3339-ish `YYYY-MM-DD[THH:MM[:SS]][Z]`
+/// (UTC), into ms since the Unix epoch.
+pub fn parse_time(text: &str) -> Option<u64> {
+    let t = text.trim_end_matches('Z');
+    let (date, time) = t.split_once(['T', ' ']).unwrap_or((t, "00:00:00"));
+    let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let mut hms = time.split([':', '.']).map(|p| p.parse::<u64>().ok());
+    let h = hms.next().flatten().unwrap_or(0);
+    let mi = hms.next().flatten().unwrap_or(0);
+    let s = hms.next().flatten().unwrap_or(0);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let days = days_from_civil(y, m as u32, d as u32);
+    let secs = u64::try_from(days).ok()? * 86400 + h * 3600 + mi * 60 + s;
+    Some(secs * 1000)
+}
+
+// Howard Hinnant's civil-date algorithms (public domain).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// How often the schedule takes a snapshot, unless told otherwise.
+pub const DEFAULT_EVERY: Duration = Duration::from_secs(3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HOUR: u64 = 3600 * 1000;
+    const DAY: u64 = 24 * HOUR;
+
+    #[test]
+    fn names_and_times_round_trip() {
+        let ms = 1_795_365_005_000; // 2026-11-22T16:30:05Z (date -u +%s)
+        assert_eq!(time_name(ms), "2026-11-22T16.30.05Z");
+        assert_eq!(parse_time(&time_name(ms)), Some(ms));
+        assert_eq!(parse_time("2026-11-22T16:30:05Z"), Some(ms));
+        assert_eq!(
+            parse_time("2026-11-22"),
+            Some(ms - (16 * 3600 + 30 * 60 + 5) * 1000)
+        );
+        assert_eq!(parse_time("2026-13-01"), None);
+        assert_eq!(parse_time("yesterday"), None);
+        check_name(&time_name(ms)).unwrap();
+    }
+
+    #[test]
+    fn retention_keeps_one_an_hour_then_a_day_then_a_week() {
+        let r = Retention {
+            hourly: 24,
+            daily: 30,
+            weekly: 4,
+        };
+        let now = 400 * DAY;
+        // One every 15 minutes for 60 days.
+        let all: Vec<(u64, u64)> = (0..60 * 24 * 4).map(|i| (i, now - i * HOUR / 4)).collect();
+        let pruned: BTreeSet<u64> = r.prune(&all, now).into_iter().collect();
+        let kept: Vec<u64> = all
+            .iter()
+            .filter(|(id, _)| !pruned.contains(id))
+            .map(|&(_, at)| at)
+            .collect();
+        let in_hours = kept.iter().filter(|&&at| now - at < 24 * HOUR).count();
+        let in_days = kept
+            .iter()
+            .filter(|&&at| (24 * HOUR..24 * HOUR + 30 * DAY).contains(&(now - at)))
+            .count();
+        let older = kept.len() - in_hours - in_days;
+        assert!((24..=25).contains(&in_hours), "{in_hours} in the last day");
+        assert!((30..=31).contains(&in_days), "{in_days} daily");
+        assert!((4..=5).contains(&older), "{older} weekly");
+        // The newest is always kept; pruning again prunes nothing.
+        assert!(!pruned.contains(&0));
+        let left: Vec<(u64, u64)> = all
+            .iter()
+            .copied()
+            .filter(|(id, _)| !pruned.contains(id))
+            .collect();
+        assert!(r.prune(&left, now).is_empty());
+    }
+
+    fn image(dir: &Path, size: u64) -> File {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("image"))
+            .unwrap();
+        f.set_len(size).unwrap();
+        f
+    }
+
+    /// What publishing does: preserve, then overwrite.
+    fn write(s: &mut Snapshots, img: &File, size: u64, at: u64, data: &[u8]) {
+        let chunks: BTreeSet<u64> = (at / CHUNK..=(at + data.len() as u64 - 1) / CHUNK).collect();
+        s.preserve(img, size, &chunks).unwrap();
+        img.write_all_at(data, at).unwrap();
+    }
+
+    fn read_all(s: &Snapshots, id: u64, img: &File, size: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; size as usize];
+        s.read(id, img, size, &mut buf, 0).unwrap();
+        buf
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Any mix of writes, snapshots, deletes and reopenings: every
+        /// snapshot reads back exactly as the image was when it was taken.
+        #[test]
+        fn every_snapshot_reads_as_the_image_was(
+            ops in proptest::collection::vec(
+                prop_oneof![
+                    4 => (0u64..(5 * CHUNK), 1usize..(3 * CHUNK as usize), any::<u8>())
+                        .prop_map(|(at, len, b)| (0u8, at, len, b)),
+                    2 => Just((1u8, 0, 0, 0)),
+                    1 => (0u64..8).prop_map(|k| (2u8, k, 0, 0)),
+                    1 => Just((3u8, 0, 0, 0)),
+                ],
+                1..40,
+            )
+        ) {
+            let size = 5 * CHUNK + 1000;
+            let dir = tempfile::tempdir().unwrap();
+            let img = image(dir.path(), size);
+            let mut s = Snapshots::open(dir.path()).unwrap();
+            let mut current = vec![0u8; size as usize];
+            let mut models: Vec<(u64, Vec<u8>)> = Vec::new();
+            for (i, (op, at, len, b)) in ops.into_iter().enumerate() {
+                match op {
+                    0 => {
+                        let len = len.min((size - at) as usize);
+                        // Zero writes too: a hole's chunk costs no data.
+                        let data = vec![if b % 3 == 0 { 0 } else { b }; len];
+                        write(&mut s, &img, size, at, &data);
+                        current[at as usize..][..len].copy_from_slice(&data);
+                    }
+                    1 => {
+                        let info = s.create(None, i as u64, i as u64, i as u64 * 1000, Kind::Manual).unwrap();
+                        models.push((info.id, current.clone()));
+                    }
+                    2 if !models.is_empty() => {
+                        let k = at as usize % models.len();
+                        let (id, _) = models.remove(k);
+                        let name = s.list().iter().find(|x| x.id == id).unwrap().name.clone();
+                        s.delete(&name).unwrap();
+                    }
+                    _ => s = Snapshots::open(dir.path()).unwrap(),
+                }
+                for (id, model) in &models {
+                    prop_assert!(read_all(&s, *id, &img, size) == *model, "snapshot {} differs", id);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn space_follows_change_and_readers_keep_their_snapshot() {
+        let size = 64 * CHUNK;
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), size);
+        let mut s = Snapshots::open(dir.path()).unwrap();
+        write(&mut s, &img, size, 0, &vec![7u8; (32 * CHUNK) as usize]);
+        let a = s.create(Some("a"), 1, 1000, 1000, Kind::Manual).unwrap();
+        assert_eq!(s.bytes(), 0, "taking a snapshot cost space");
+        // Two chunks change: two chunks of space.
+        write(
+            &mut s,
+            &img,
+            size,
+            3 * CHUNK,
+            &vec![9u8; (2 * CHUNK) as usize],
+        );
+        assert_eq!(s.bytes(), 2 * CHUNK);
+        // Writing them again costs nothing more; a hole costs no data.
+        write(
+            &mut s,
+            &img,
+            size,
+            3 * CHUNK,
+            &vec![8u8; (2 * CHUNK) as usize],
+        );
+        write(&mut s, &img, size, 40 * CHUNK, &[1u8; 100]);
+        assert_eq!(s.bytes(), 2 * CHUNK);
+        let (_, pin) = s.pin("a").unwrap();
+        let err = s.delete("a").unwrap_err().to_string();
+        assert!(err.contains("being read"), "{err}");
+        let retention = Retention {
+            hourly: 0,
+            daily: 0,
+            weekly: 1,
+        };
+        s.create(None, 2, 2000, 2000, Kind::Scheduled).unwrap();
+        s.create(None, 3, 3000, 3000, Kind::Scheduled).unwrap();
+        assert_eq!(
+            s.prune(&retention, 100 * DAY).unwrap().len(),
+            1,
+            "the newest is kept"
+        );
+        drop(pin);
+        s.delete("a").unwrap();
+        assert!(s.get("a").is_none() && s.list().len() == 1);
+        let _ = a;
+    }
+}
