@@ -325,6 +325,25 @@ impl Link {
         }
     }
 
+    /// Take a snapshot of `volume`'s published epoch; its name, epoch and
+    /// the time that epoch was published.
+    pub async fn snapshot(&self, volume: &str, name: Option<&str>) -> Result<(String, u64, u64)> {
+        match self
+            .ask(Message::TakeSnapshot {
+                volume: volume.to_string(),
+                name: name.map(str::to_string),
+            })
+            .await?
+        {
+            Message::SnapshotTaken {
+                name,
+                epoch,
+                epoch_ms,
+            } => Ok((name, epoch, epoch_ms)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The sha256 of blocks of the volume's image (any number; asked in
     /// batches of [`crate::proto::MAX_HASH_BLOCKS`]).
     pub async fn hashes(&self, volume: &str, blocks: &[(u64, u32)]) -> Result<Vec<Digest>> {

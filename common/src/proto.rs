@@ -20,7 +20,8 @@
 //! so that any change to them is a deliberate version bump.
 //!
 //! - [`Version::V1`]: first version.
-//! - [`Version::V2`]: an epoch travels over several streams and resumes.
+//! - [`Version::V2`]: an epoch travels over several streams and resumes;
+//!   snapshots ([`Message::TakeSnapshot`]).
 //!   [`Message::BeginEpoch`] opens the epoch on a control stream; the
 //!   server answers with what it holds already ([`Message::Staged`], from
 //!   an interrupted attempt at the same epoch of the same writer); blocks
@@ -216,6 +217,23 @@ pub enum Message {
         /// Blocks sent on this stream.
         blocks: u64,
     },
+    /// Client: take a snapshot of the volume's published epoch (manual:
+    /// kept until deleted).
+    TakeSnapshot {
+        /// Volume name.
+        volume: String,
+        /// Its name; `None`: named after the time.
+        name: Option<String>,
+    },
+    /// Server: the snapshot was taken.
+    SnapshotTaken {
+        /// Its name.
+        name: String,
+        /// The published epoch it holds.
+        epoch: u64,
+        /// When that epoch was published (ms since the Unix epoch).
+        epoch_ms: u64,
+    },
 }
 
 /// Most ranges one [`Message::Staged`] carries (it must fit in a frame).
@@ -301,6 +319,13 @@ impl Message {
             | Message::VolumeInfo { volume, .. }
             | Message::BeginEpoch { volume, .. }
             | Message::EpochData { volume, .. } => check_name(volume)?,
+            Message::TakeSnapshot { volume, name } => {
+                check_name(volume)?;
+                if let Some(name) = name {
+                    check_name(name)?;
+                }
+            }
+            Message::SnapshotTaken { name, .. } => check_name(name)?,
             Message::Staged { ranges, .. } => {
                 if ranges.len() > MAX_STAGED_RANGES {
                     return Err(ProtoError::InvalidBlock(

@@ -5,6 +5,15 @@
 //! listen = "[::]:4747"            # UDP address QUIC listens on
 //! max_volumes_per_client = 64     # volumes one client may create
 //! # max_bytes_per_client = "4TiB" # sum of one client's volume sizes (no limit unless set)
+//!
+//! [snapshots]                     # the schedule, for every volume
+//! every = "1h"                    # a snapshot when something changed ("0s": none)
+//! hourly = 24                     # keep one an hour for 24 hours,
+//! daily = 30                      # then one a day for 30 days,
+//! weekly = 0                      # then one a week (0: forever)
+//!
+//! [volumes."laptop/root"]         # one volume's own schedule (keys left
+//! every = "15m"                   # out take the defaults above)
 //! ```
 //!
 //! Port 4747/udp is ublk-mirror's default (unassigned by IANA).
@@ -12,8 +21,13 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use ublk_mirror_common::size::ByteSize;
+use ublk_mirror_common::Span;
+
+use crate::snapshots::{Retention, DEFAULT_EVERY};
 
 use crate::error::{Error, Result};
 
@@ -36,6 +50,38 @@ pub struct ServerConfig {
     /// Most bytes one client's volumes may add up to (their sizes).
     #[serde(default)]
     pub max_bytes_per_client: Option<ByteSize>,
+    /// The snapshot schedule and retention of every volume.
+    #[serde(default)]
+    pub snapshots: SnapshotPolicy,
+    /// Volumes (`CLIENT/VOLUME`) with a schedule of their own.
+    #[serde(default)]
+    pub volumes: BTreeMap<String, SnapshotPolicy>,
+}
+
+/// When scheduled snapshots are taken and how long they are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotPolicy {
+    /// How often a snapshot is taken, when the volume changed since the
+    /// last one; 0: never.
+    #[serde(default = "default_every")]
+    pub every: Span,
+    /// How long they are kept.
+    #[serde(flatten)]
+    pub retention: Retention,
+}
+
+fn default_every() -> Span {
+    Span(DEFAULT_EVERY)
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        SnapshotPolicy {
+            every: default_every(),
+            retention: Retention::default(),
+        }
+    }
 }
 
 fn default_max_volumes() -> u32 {
@@ -52,6 +98,8 @@ impl Default for ServerConfig {
             listen: default_listen(),
             max_volumes_per_client: default_max_volumes(),
             max_bytes_per_client: None,
+            snapshots: SnapshotPolicy::default(),
+            volumes: BTreeMap::new(),
         }
     }
 }
@@ -66,25 +114,46 @@ impl ServerConfig {
             .map_err(|e| Error::Invalid(format!("{}: {}", path.display(), e.message())))
     }
 
+    /// The snapshot policy of volume `CLIENT/VOLUME`.
+    pub fn policy(&self, volume: &str) -> SnapshotPolicy {
+        self.volumes.get(volume).copied().unwrap_or(self.snapshots)
+    }
+
     /// Write this config as `DATA/server.toml`, refusing to replace one.
     pub fn write_new(&self, data: &Path) -> Result<()> {
         let path = data.join(CONFIG_FILE);
+        let limit = match self.max_bytes_per_client {
+            Some(max) => format!("max_bytes_per_client = \"{max}\""),
+            None => "# max_bytes_per_client = \"4TiB\"".to_string(),
+        };
         let text = format!(
             "# mirror-server settings (see `mirror-server --help`)\n\
              # UDP address QUIC listens on; 4747 is ublk-mirror's default port\n\
-             listen = \"{}\"\n\
+             listen = \"{listen}\"\n\
              # volumes one client may create\n\
-             max_volumes_per_client = {}\n\
+             max_volumes_per_client = {volumes}\n\
              # sum of one client's volume sizes; no limit unless set\n\
-             {}max_bytes_per_client = \"{}\"\n",
-            self.listen,
-            self.max_volumes_per_client,
-            if self.max_bytes_per_client.is_some() {
-                ""
-            } else {
-                "# "
-            },
-            self.max_bytes_per_client.unwrap_or(ByteSize(4 << 40)),
+             {limit}\n\
+             \n\
+             # Scheduled snapshots of every volume (Time Machine's rules): one\n\
+             # `every` while the volume changes (\"0s\": none), kept one an hour for\n\
+             # `hourly` hours, one a day for `daily` days, then one a week for\n\
+             # `weekly` weeks (0: forever). Manual snapshots stay until deleted.\n\
+             [snapshots]\n\
+             every = \"{every}\"\n\
+             hourly = {hourly}\n\
+             daily = {daily}\n\
+             weekly = {weekly}\n\
+             \n\
+             # One volume's own schedule (keys left out take the built-in defaults):\n\
+             # [volumes.\"laptop/root\"]\n\
+             # every = \"15m\"\n",
+            listen = self.listen,
+            volumes = self.max_volumes_per_client,
+            every = self.snapshots.every,
+            hourly = self.snapshots.retention.hourly,
+            daily = self.snapshots.retention.daily,
+            weekly = self.snapshots.retention.weekly,
         );
         std::fs::OpenOptions::new()
             .write(true)

@@ -1,5 +1,7 @@
 //! `mirror-server`: the side of ublk-mirror that keeps the mirrors.
 //!
+//! - [`admin`]: the running server's admin socket (volume changes from
+//!   the command line);
 //! - [`clients`]: enrolled clients, tokens, revocation;
 //! - [`config`]: the settings file, `server.toml`;
 //! - [`serve`]: the QUIC server;
@@ -10,6 +12,7 @@
 //!   and published atomically (a reader never sees half an epoch, also
 //!   after a crash mid-commit).
 
+pub mod admin;
 pub mod clients;
 pub mod config;
 mod error;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mirror_server::clients::Registry;
 use mirror_server::config::ServerConfig;
-use mirror_server::store;
+use mirror_server::{admin, snapshots, store};
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::token::Token;
 use ublk_mirror_common::{ByteSize, Span};
@@ -64,6 +64,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take a snapshot of a volume now: its published epoch, kept until
+    /// deleted (scheduled ones follow server.toml's [snapshots]).
+    ///
+    /// A snapshot costs no space when taken; afterwards, what publishing
+    /// overwrites is kept for it (64 KiB chunks). Works with the server
+    /// running (it asks it) or not.
+    Snapshot {
+        /// The volume, as CLIENT/VOLUME (see `mirror-server volumes`).
+        volume: String,
+        /// Its name [default: the time, e.g. 2026-11-22T16.30.05Z].
+        name: Option<String>,
+    },
+    /// List a volume's snapshots, oldest first: the epoch and time each
+    /// shows, and the space it keeps.
+    Snapshots {
+        /// The volume, as CLIENT/VOLUME.
+        volume: String,
+        /// Print JSON (an array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot. Refused while it is exported or restored from.
+    ///
+    /// Its space is freed, except the chunks an older snapshot needs,
+    /// which move to that one.
+    Delete {
+        /// CLIENT/VOLUME@SNAPSHOT.
+        #[arg(value_name = "VOLUME@SNAPSHOT")]
+        target: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +143,32 @@ fn main() -> ExitCode {
         Command::Volumes { json } => volumes(&cli.data, json),
         Command::Serve { listen } => serve(&cli.data, listen),
         Command::Client(c) => client(&cli.data, c),
+        Command::Snapshot { volume, name } => {
+            admin::request(&cli.data, admin::Op::Snapshot { volume: volume.clone(), name }).map(
+                |info| {
+                    println!(
+                        "{volume}@{}: epoch {}, published {}",
+                        info.name,
+                        info.epoch,
+                        snapshots::time_name(info.epoch_ms)
+                    )
+                },
+            )
+        }
+        Command::Snapshots { volume, json } => list_snapshots(&cli.data, &volume, json),
+        Command::Delete { target } => match target.split_once('@') {
+            Some((volume, snapshot)) => admin::request(
+                &cli.data,
+                admin::Op::Delete {
+                    volume: volume.to_string(),
+                    snapshot: snapshot.to_string(),
+                },
+            )
+            .map(|info| println!("deleted {volume}@{}", info.name)),
+            None => Err(mirror_server::Error::Invalid(format!(
+                "{target:?}: name the snapshot as CLIENT/VOLUME@SNAPSHOT (see `mirror-server snapshots VOLUME`)"
+            ))),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,6 +237,49 @@ fn volumes(data: &Path, json: bool) -> mirror_server::Result<()> {
             ByteSize(s.size).to_string(),
             s.published_epoch,
             when
+        )
+        .map_err(io)?;
+    }
+    Ok(())
+}
+
+fn list_snapshots(data: &Path, volume: &str, json: bool) -> mirror_server::Result<()> {
+    let list = snapshots::list(&admin::volume_dir(data, volume)?)?;
+    let mut out = std::io::stdout().lock();
+    let io = |e| mirror_server::Error::io("writing to stdout", e);
+    if json {
+        let rows: Vec<_> = list
+            .iter()
+            .map(|(s, bytes)| {
+                serde_json::json!({
+                    "name": s.name,
+                    "epoch": s.epoch,
+                    "epoch_ms": s.epoch_ms,
+                    "created_ms": s.created_ms,
+                    "kind": s.kind,
+                    "bytes": bytes,
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &rows)
+            .map_err(|e| mirror_server::Error::io("writing JSON", e.into()))?;
+        return writeln!(out).map_err(io);
+    }
+    writeln!(
+        out,
+        "{:<28} {:>7} {:<22} {:<10} {:>9}",
+        "SNAPSHOT", "EPOCH", "SHOWS", "KIND", "KEEPS"
+    )
+    .map_err(io)?;
+    for (s, bytes) in &list {
+        writeln!(
+            out,
+            "{:<28} {:>7} {:<22} {:<10} {:>9}",
+            s.name,
+            s.epoch,
+            snapshots::time_name(s.epoch_ms),
+            format!("{:?}", s.kind).to_lowercase(),
+            ByteSize(*bytes).to_string()
         )
         .map_err(io)?;
     }

@@ -19,9 +19,11 @@ use ublk_mirror_common::identity::{Fingerprint, Identity};
 use ublk_mirror_common::proto::{Message, ProtoError, Writer, MAX_RESEND, MAX_STAGED_RANGES};
 use ublk_mirror_common::{tls, wire, ByteSize};
 
+use crate::admin::{self, ServerLock};
 use crate::clients::Registry;
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
+use crate::snapshots::Kind;
 use crate::store::{Staging, Volume, VOLUMES_DIR};
 
 /// QUIC close code: the client was revoked.
@@ -57,6 +59,12 @@ pub async fn run(
 ) -> Result<()> {
     let identity = Identity::load(&data.join("identity"))
         .map_err(|e| Error::Invalid(format!("{e} (run `mirror-server init` first)")))?;
+    let _lock = ServerLock::take(data).map_err(|_| {
+        Error::Invalid(format!(
+            "another mirror-server serves {} already",
+            data.display()
+        ))
+    })?;
     let server_config = tls::server_config(&identity).map_err(|e| Error::Invalid(e.to_string()))?;
     recover_all(data)?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
@@ -72,6 +80,40 @@ pub async fn run(
         registry: Registry::open(data)?,
         volumes: Mutex::new(HashMap::new()),
     });
+    let admin = admin_socket(data)?;
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                match admin.accept().await {
+                    Ok((stream, _)) => {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            let handled = admin::serve_one(stream, async |op| {
+                                let (client, name) = split_volume(admin::volume_of(&op))?;
+                                let v = open_volume(&shared, client, name, None)?;
+                                let mut v = v.lock().await;
+                                let done = tokio::task::block_in_place(|| admin::apply(&mut v, &op));
+                                if let Ok(info) = &done {
+                                    tracing::info!(?op, snapshot = %info.name, "admin request done");
+                                }
+                                done
+                            })
+                            .await;
+                            if let Err(e) = handled {
+                                tracing::warn!("admin request failed: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!("admin socket: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    tokio::spawn(schedule(shared.clone()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -91,7 +133,102 @@ pub async fn run(
     tracing::info!("shutting down");
     endpoint.close(0u32.into(), b"server shutting down");
     endpoint.wait_idle().await;
+    let _ = std::fs::remove_file(data.join(admin::SOCKET));
     Ok(())
+}
+
+/// Listen on `DATA/admin.sock`, for root only.
+fn admin_socket(data: &Path) -> Result<tokio::net::UnixListener> {
+    let path = data.join(admin::SOCKET);
+    // We hold the server lock: a socket left there is a dead server's.
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
+    Ok(listener)
+}
+
+fn split_volume(volume: &str) -> Result<(&str, &str)> {
+    volume
+        .split_once('/')
+        .ok_or_else(|| Error::Invalid(format!("{volume:?}: name a volume as CLIENT/VOLUME")))
+}
+
+/// Every `CLIENT/VOLUME` in the data directory.
+fn all_volumes(data: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let root = data.join(VOLUMES_DIR);
+    for client in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        for volume in std::fs::read_dir(client.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if volume.path().join("state.json").exists() {
+                out.push((
+                    client.file_name().to_string_lossy().into_owned(),
+                    volume.file_name().to_string_lossy().into_owned(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The snapshot schedule: for every volume whose policy takes them, a
+/// snapshot when the volume changed since its last one and `every` has
+/// passed since the last scheduled one; then pruning by its retention.
+async fn schedule(shared: Arc<Shared>) {
+    let every: Vec<Duration> = std::iter::once(shared.config.snapshots.every.0)
+        .chain(shared.config.volumes.values().map(|p| p.every.0))
+        .filter(|d| !d.is_zero())
+        .collect();
+    let Some(shortest) = every.iter().min().copied() else {
+        return;
+    };
+    let tick = (shortest / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(tick).await;
+        for (client, name) in all_volumes(&shared.data) {
+            let policy = shared.config.policy(&format!("{client}/{name}"));
+            if policy.every.0.is_zero() {
+                continue;
+            }
+            let Ok(v) = open_volume(&shared, &client, &name, None) else {
+                continue;
+            };
+            let mut v = v.lock().await;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let published = v.state().published_epoch;
+            let changed = published > 0
+                && v.snapshots()
+                    .list()
+                    .last()
+                    .is_none_or(|s| s.epoch < published);
+            let due = v
+                .snapshots()
+                .last_scheduled_ms()
+                .is_none_or(|last| now.saturating_sub(last) >= policy.every.0.as_millis() as u64);
+            let done = tokio::task::block_in_place(|| -> Result<()> {
+                if changed && due {
+                    let info = v.snapshot(None, Kind::Scheduled)?;
+                    tracing::info!(volume = %format!("{client}/{name}"), snapshot = %info.name, epoch = info.epoch, "scheduled snapshot");
+                }
+                let pruned = v.prune_snapshots(&policy.retention)?;
+                if !pruned.is_empty() {
+                    tracing::info!(volume = %format!("{client}/{name}"), ?pruned, "snapshots pruned");
+                }
+                Ok(())
+            });
+            if let Err(e) = done {
+                tracing::error!(volume = %format!("{client}/{name}"), "snapshot schedule: {e}");
+            }
+        }
+    }
 }
 
 /// Open every volume once, finishing publications a crash interrupted,
@@ -297,6 +434,31 @@ async fn request(
                     )
                     .await
                 }
+            }
+        }
+        Message::TakeSnapshot { volume, name } => {
+            let v = match open_volume(shared, client, &volume, None) {
+                Ok(v) => v,
+                Err(e) => return refuse(&mut send, e.to_string()).await,
+            };
+            let mut v = v.lock().await;
+            let taken = tokio::task::block_in_place(|| v.snapshot(name.as_deref(), Kind::Manual));
+            match taken {
+                Ok(info) => {
+                    tracing::info!(client, volume, snapshot = %info.name, epoch = info.epoch, "snapshot taken");
+                    wire::send(
+                        &mut send,
+                        &Message::SnapshotTaken {
+                            name: info.name,
+                            epoch: info.epoch,
+                            epoch_ms: info.epoch_ms,
+                        },
+                    )
+                    .await?;
+                    let _ = send.finish();
+                    Ok(())
+                }
+                Err(e) => refuse(&mut send, e.to_string()).await,
             }
         }
         Message::HashRequest { volume, blocks } => {

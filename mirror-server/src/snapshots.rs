@@ -625,6 +625,28 @@ impl Snapshots {
     }
 }
 
+/// A volume's snapshots as listed (read only: safe while a server runs),
+/// each with the bytes of data it keeps.
+pub fn list(volume_dir: &Path) -> Result<Vec<(SnapshotInfo, u64)>> {
+    let dir = volume_dir.join(DIR);
+    let path = dir.join(MANIFEST);
+    let manifest: Manifest = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    Ok(manifest
+        .snapshots
+        .into_iter()
+        .map(|s| {
+            let bytes =
+                std::fs::metadata(dir.join(s.id.to_string()).join("data")).map_or(0, |m| m.len());
+            (s, bytes)
+        })
+        .collect())
+}
+
 /// A snapshot's name from its time: `2026-11-22T16.30.05Z` (characters a
 /// name may have).
 pub fn time_name(ms: u64) -> String {

@@ -123,6 +123,13 @@ fn noise(mut seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The server's certificate fingerprint, from its identity.
+fn token_fp(data: &Path) -> ublk_mirror_common::identity::Fingerprint {
+    Identity::load(&data.join("identity"))
+        .unwrap()
+        .fingerprint()
+}
+
 /// Reads blocks of `data`.
 fn reader(
     data: Vec<u8>,
@@ -588,6 +595,120 @@ async fn a_client_cannot_go_past_the_server_s_limits() {
     // Opening one it has is no new volume; another client has its own limits.
     a.open_volume("one", 1 << 20).await.unwrap();
     b.open_volume("one", 2 << 20).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_are_taken_listed_and_deleted_with_the_server_running_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    let size: u64 = 4 << 20;
+    link.open_volume("v", size).await.unwrap();
+    let blocks: Vec<(u64, u32)> = (0..16).map(|i| (i * 65536, 65536)).collect();
+    let one = noise(1, 1 << 20);
+    link.send_epoch("v", 1, w(1), &blocks, 1, reader(one.clone()))
+        .await
+        .unwrap();
+    // From the client, over QUIC.
+    let (name, epoch, _) = link.snapshot("v", Some("first")).await.unwrap();
+    assert_eq!((name.as_str(), epoch), ("first", 1));
+    let err = link
+        .snapshot("v", Some("first"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already"), "{err}");
+    let two = noise(2, 1 << 20);
+    link.send_epoch("v", 2, w(2), &blocks[..8], 1, reader(two.clone()))
+        .await
+        .unwrap();
+    // From the command line, through the running server's admin socket.
+    let out = server.cli(&["snapshot", "laptop/v"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("epoch 2"),
+        "{out:?}"
+    );
+    let listed = server.cli(&["snapshots", "laptop/v", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(list[0]["name"], "first");
+    assert_eq!(list[0]["kind"], "manual");
+    // Epoch 2 overwrote 512 KiB of what "first" shows: that much is kept.
+    assert_eq!(list[0]["bytes"], 512 * 1024);
+    assert_eq!(list[1]["epoch"], 2);
+    let out = server.cli(&["delete", "laptop/v@nope"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot nope"));
+    let out = server.cli(&["delete", "laptop/x@first"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no volume laptop/x"),
+        "{out:?}"
+    );
+    // With no server running, the command does it itself.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let out = server.cli(&["snapshot", "laptop/v", "offline"]);
+    assert!(out.status.success(), "{out:?}");
+    let second = list[1]["name"].as_str().unwrap().to_string();
+    let out = server.cli(&["delete", &format!("laptop/v@{second}")]);
+    assert!(out.status.success(), "{out:?}");
+    // "first" still reads as epoch 1, through what "second" handed it.
+    let vdir = data.join("volumes/laptop/v");
+    let (v, _) = mirror_server::store::Volume::open(&vdir).unwrap();
+    let first = v.snapshots().get("first").unwrap().id;
+    let mut seen = vec![0u8; 1 << 20];
+    v.read_snapshot(first, &mut seen, 0).unwrap();
+    assert!(seen == one, "snapshot first is not epoch 1");
+    drop(v);
+    server = Server::start(&data);
+    let link = Link::connect(&_id, token_fp(&data), &server.address)
+        .await
+        .unwrap();
+    let (_, epoch, _) = link.snapshot("v", None).await.unwrap();
+    assert_eq!(epoch, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schedule_takes_snapshots_only_when_something_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    drop(Server::start(&data));
+    let config = data.join("server.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("every = \"1h\"", "every = \"1s\"");
+    std::fs::write(&config, text).unwrap();
+    let server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    link.open_volume("v", 1 << 20).await.unwrap();
+    let count = || {
+        let out = server.cli(&["snapshots", "laptop/v", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    // Nothing published: nothing to keep.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(count(), 0);
+    link.send_epoch("v", 1, w(1), &[(0, 65536)], 1, reader(noise(3, 65536)))
+        .await
+        .unwrap();
+    let mut waited = 0;
+    while count() == 0 {
+        waited += 1;
+        assert!(waited < 100, "no scheduled snapshot after 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The volume does not change: no more snapshots.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(count(), 1);
+    let out = server.cli(&["snapshots", "laptop/v", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["kind"], "scheduled");
+    assert_eq!(list[0]["epoch"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -107,6 +107,10 @@ pub enum Error {
         kind: ErrorKind,
     },
 
+    /// The mirror server refused a request or could not be reached.
+    #[error("mirror server: {0}")]
+    Mirror(String),
+
     /// An operating-system call failed. (The error is part of the message,
     /// not a `source`: printed as a chain it would show twice.)
     #[error("{context}: {error}")]
@@ -143,7 +147,8 @@ impl Error {
             | Error::NoDriver { .. }
             | Error::NotRoot(_)
             | Error::JournalCorrupt { .. }
-            | Error::BackingInUse { .. } => ErrorKind::Environment,
+            | Error::BackingInUse { .. }
+            | Error::Mirror(_) => ErrorKind::Environment,
             Error::NoSuchDevice(_) | Error::DeviceState { .. } | Error::Epoch(_) => {
                 ErrorKind::Device
             }

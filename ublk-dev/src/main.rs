@@ -124,6 +124,20 @@ enum Command {
         timeout: Span,
     },
 
+    /// Take a snapshot on the mirror of everything written to the device
+    /// before this command: waits until the mirror has it (like `sync`),
+    /// then asks the server to keep that epoch until the snapshot is
+    /// deleted (`mirror-server delete VOLUME@NAME`).
+    Snapshot {
+        /// Device id (N in /dev/ublkbN).
+        id: u32,
+        /// Its name [default: the time, e.g. 2026-11-22T16.30.05Z].
+        name: Option<String>,
+        /// How long to wait for the mirror at most.
+        #[arg(long, default_value = "5m", value_name = "DURATION")]
+        timeout: Span,
+    },
+
     /// Enroll this machine with a mirror server, once.
     ///
     /// TOKEN is the line `mirror-server client add NAME` printed. This
@@ -355,6 +369,32 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "device {id}: everything written before is on the mirror (epoch {})",
                 r.released
+            );
+            Ok(())
+        }
+        Command::Snapshot { id, name, timeout } => {
+            require_root("control devices")?;
+            if let Some(n) = &name {
+                ublk_mirror_common::proto::check_name(n)
+                    .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+            }
+            let mirror = ublk::info(id)?
+                .record
+                .and_then(|r| r.mirror)
+                .ok_or_else(|| {
+                    Error::InvalidConfig(format!(
+                        "device {id} is not mirrored (add it with --mirror VOLUME)"
+                    ))
+                })?;
+            Client::for_device(id).sync(timeout.0)?;
+            let (name, epoch, _) = ublk_dev::replicator::take_snapshot(
+                &mirror.client_dir,
+                &mirror.volume,
+                name.as_deref(),
+            )?;
+            println!(
+                "device {id}: snapshot {}@{name} holds epoch {epoch}",
+                mirror.volume
             );
             Ok(())
         }

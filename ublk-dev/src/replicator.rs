@@ -32,6 +32,32 @@ use crate::enrollment::Enrollment;
 use crate::error::{Error, Result};
 use crate::tracking::{SealAt, Tracker};
 
+/// Take a snapshot of `volume`'s published epoch on the server this
+/// machine is enrolled with (`client_dir`), named `name` or after the
+/// time; returns its name, epoch and the time that epoch was published.
+pub fn take_snapshot(
+    client_dir: &Path,
+    volume: &str,
+    name: Option<&str>,
+) -> Result<(String, u64, u64)> {
+    let enrollment = Enrollment::load(client_dir)?;
+    let identity = Identity::load(client_dir).map_err(|e| {
+        Error::InvalidConfig(format!("{e} (enroll first: `ublk-mirror enroll TOKEN`)"))
+    })?;
+    let server = enrollment.server()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the network runtime", e))?;
+    rt.block_on(async {
+        let link = Link::connect(&identity, server, &enrollment.address).await?;
+        let taken = link.snapshot(volume, name).await;
+        link.close().await;
+        taken
+    })
+    .map_err(|e| Error::Mirror(e.to_string()))
+}
+
 /// The blocks of `candidates` whose content at `epoch` differs from the
 /// mirror's digests `theirs` (in the same order).
 fn differing(

@@ -160,3 +160,57 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
         replicator.status()
     );
 }
+
+#[test]
+fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let server = TestServer::start(&data, "127.0.0.1:0");
+    let client_dir = dir.path().join("client");
+    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    let TrackedDevice {
+        backing,
+        engine,
+        tracker,
+    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
+    let replicator = Replicator::start(
+        tracker.clone(),
+        MirrorSettings {
+            volume: "root".into(),
+            client_dir: client_dir.clone(),
+            interval: Duration::from_millis(100),
+            zstd_level: 3,
+            bandwidth: None,
+        },
+    )
+    .unwrap();
+    let mut io = LocalIo::new(&engine, backing.file())
+        .unwrap()
+        .with_tracker(&tracker);
+    workload(&mut io, 1);
+    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    let before = std::fs::read(backing.path()).unwrap();
+    let (name, epoch, _) =
+        ublk_dev::replicator::take_snapshot(&client_dir, "root", Some("before")).unwrap();
+    assert_eq!(name, "before");
+    assert_eq!(epoch, replicator.status().server_epoch);
+    // Named after the time when no name is given; a name taken is refused.
+    let (auto, _, _) = ublk_dev::replicator::take_snapshot(&client_dir, "root", None).unwrap();
+    assert!(auto.starts_with("20") && auto.ends_with('Z'), "{auto}");
+    let err = ublk_dev::replicator::take_snapshot(&client_dir, "root", Some("before"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already"), "{err}");
+    workload(&mut io, 2);
+    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    drop(replicator);
+    drop(server);
+    let (volume, _) =
+        mirror_server::store::Volume::open(&data.join("volumes/laptop/root")).unwrap();
+    let id = volume.snapshots().get("before").unwrap().id;
+    let mut seen = vec![0u8; SIZE as usize];
+    volume.read_snapshot(id, &mut seen, 0).unwrap();
+    assert!(seen == before, "the snapshot is not the device as it was");
+    assert!(image(&data) == std::fs::read(backing.path()).unwrap());
+    assert!(image(&data) != before, "the workload changed nothing");
+}

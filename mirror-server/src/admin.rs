@@ -1,0 +1,190 @@
+//! Changing volumes while the server runs: the `mirror-server` commands
+//! that change a volume (snapshot, delete) ask the running server over a
+//! unix socket, `DATA/admin.sock` (mode 0600), so that one process owns
+//! each volume; with no server running they do it themselves, holding
+//! `DATA/server.lock` as the server would.
+//!
+//! # Protocol, version 1
+//!
+//! One JSON request per connection, one line, answered with one line:
+//!
+//! ```text
+//! -> {"v":1,"op":"snapshot","volume":"laptop/root","name":null}
+//! -> {"v":1,"op":"delete","volume":"laptop/root","snapshot":"before-upgrade"}
+//! <- {"ok":{"id":3,"name":"..","epoch":..,"epoch_ms":..,"created_ms":..,"kind":"manual"}}
+//! <- {"error":"there is no snapshot x"}
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::snapshots::{Kind, SnapshotInfo};
+use crate::store::{Volume, VOLUMES_DIR};
+
+/// The socket's file name in the data directory.
+pub const SOCKET: &str = "admin.sock";
+/// The lock the server holds while it runs.
+pub const LOCK: &str = "server.lock";
+const VERSION: u32 = 1;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Op {
+    /// Take a manual snapshot.
+    Snapshot {
+        /// `CLIENT/VOLUME`.
+        volume: String,
+        /// Its name (`None`: after the time).
+        name: Option<String>,
+    },
+    /// Delete a snapshot.
+    Delete {
+        /// `CLIENT/VOLUME`.
+        volume: String,
+        /// The snapshot.
+        snapshot: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Request {
+    v: u32,
+    #[serde(flatten)]
+    op: Op,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Reply {
+    Ok(SnapshotInfo),
+    Error(String),
+}
+
+/// Where volume `CLIENT/VOLUME` lives, checked to be one.
+pub fn volume_dir(data: &Path, volume: &str) -> Result<PathBuf> {
+    let (client, name) = volume.split_once('/').ok_or_else(|| {
+        Error::Invalid(format!(
+            "{volume:?}: name a volume as CLIENT/VOLUME (see `mirror-server volumes`)"
+        ))
+    })?;
+    for part in [client, name] {
+        ublk_mirror_common::proto::check_name(part).map_err(|e| Error::Invalid(e.to_string()))?;
+    }
+    let dir = data.join(VOLUMES_DIR).join(client).join(name);
+    if !dir.join("state.json").exists() {
+        return Err(Error::Invalid(format!(
+            "there is no volume {volume} (see `mirror-server volumes`)"
+        )));
+    }
+    Ok(dir)
+}
+
+/// Carry out `op` on an open volume.
+pub fn apply(volume: &mut Volume, op: &Op) -> Result<SnapshotInfo> {
+    match op {
+        Op::Snapshot { name, .. } => volume.snapshot(name.as_deref(), Kind::Manual),
+        Op::Delete { snapshot, .. } => volume.delete_snapshot(snapshot),
+    }
+}
+
+/// The volume `op` is about.
+pub fn volume_of(op: &Op) -> &str {
+    match op {
+        Op::Snapshot { volume, .. } | Op::Delete { volume, .. } => volume,
+    }
+}
+
+/// Serve one admin connection's request with `handle`.
+pub async fn serve_one(
+    stream: tokio::net::UnixStream,
+    handle: impl AsyncFnOnce(Op) -> Result<SnapshotInfo>,
+) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read).take(64 << 10);
+    reader
+        .read_line(&mut line)
+        .await
+        .map_err(|e| Error::io("reading an admin request", e))?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(r) if r.v == VERSION => match handle(r.op).await {
+            Ok(info) => Reply::Ok(info),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Ok(r) => Reply::Error(format!(
+            "admin protocol {} is not spoken here ({VERSION} is)",
+            r.v
+        )),
+        Err(e) => Reply::Error(format!("malformed admin request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&reply).map_err(|e| Error::Corrupt(e.to_string()))?;
+    out.push(b'\n');
+    write
+        .write_all(&out)
+        .await
+        .map_err(|e| Error::io("answering an admin request", e))
+}
+
+/// Carry out `op`: through the running server, or here when none runs.
+pub fn request(data: &Path, op: Op) -> Result<SnapshotInfo> {
+    volume_dir(data, volume_of(&op))?;
+    match UnixStream::connect(data.join(SOCKET)) {
+        Ok(mut stream) => {
+            let mut line = serde_json::to_vec(&Request { v: VERSION, op })
+                .map_err(|e| Error::Corrupt(e.to_string()))?;
+            line.push(b'\n');
+            stream
+                .write_all(&line)
+                .map_err(|e| Error::io("asking the server", e))?;
+            let mut answer = String::new();
+            BufReader::new(stream)
+                .read_line(&mut answer)
+                .map_err(|e| Error::io("reading the server's answer", e))?;
+            match serde_json::from_str::<Reply>(&answer) {
+                Ok(Reply::Ok(info)) => Ok(info),
+                Ok(Reply::Error(e)) => Err(Error::Invalid(e)),
+                Err(_) => Err(Error::Invalid(format!(
+                    "the server gave no answer ({:?})",
+                    answer.trim()
+                ))),
+            }
+        }
+        Err(_) => {
+            // No server: do it here, as the server would, holding its lock.
+            let _lock = ServerLock::take(data)?;
+            let (mut volume, _) = Volume::open(&volume_dir(data, volume_of(&op))?)?;
+            apply(&mut volume, &op)
+        }
+    }
+}
+
+/// The data directory's lock: one process at a time changes volumes.
+#[derive(Debug)]
+pub struct ServerLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+impl ServerLock {
+    /// Take it, or say who has it.
+    pub fn take(data: &Path) -> Result<ServerLock> {
+        let path = data.join(LOCK);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map(ServerLock)
+            .map_err(|_| {
+                Error::Invalid(format!(
+                    "another mirror-server is using {} (its admin socket does not answer: is it starting?)",
+                    data.display()
+                ))
+            })
+    }
+}
