@@ -86,6 +86,10 @@ impl Pacer {
     }
 }
 
+/// Largest piece a staged range this client would not have sent is sent
+/// again in (aligned): the replicator's block size.
+pub const VOUCH_PIECE: u64 = 64 << 10;
+
 /// Data streams one epoch is sent over at once.
 pub const DATA_STREAMS: usize = 4;
 
@@ -429,9 +433,15 @@ impl Link {
         .await?;
         // What the server holds already of this epoch.
         let mut staged = RangeSet::new();
+        let mut adopted = false;
         loop {
             match wire::expect(recv).await? {
-                Message::Staged { ranges, done } => {
+                Message::Staged {
+                    ranges,
+                    adopted: a,
+                    done,
+                } => {
+                    adopted |= a;
                     for (offset, len) in ranges {
                         staged.insert(offset..offset + len);
                     }
@@ -444,21 +454,29 @@ impl Link {
             }
         }
         let mut shipped = Shipped::default();
-        let mut todo: Vec<(u64, u32)> = Vec::with_capacity(blocks.len());
-        for &(offset, len) in blocks {
-            if staged.contains_range(offset..offset + u64::from(len)) {
-                shipped.resumed_bytes += u64::from(len);
-            } else {
-                todo.push((offset, len));
+        let todo = if adopted {
+            self.vouch(volume, epoch, blocks, &staged, &read, &mut shipped)
+                .await?
+        } else {
+            let mut todo: Vec<(u64, u32)> = Vec::with_capacity(blocks.len());
+            for &(offset, len) in blocks {
+                if staged.contains_range(offset..offset + u64::from(len)) {
+                    shipped.resumed_bytes += u64::from(len);
+                } else {
+                    todo.push((offset, len));
+                }
             }
-        }
+            todo
+        };
         if shipped.resumed_bytes > 0 {
             tracing::info!(
                 epoch,
                 bytes = shipped.resumed_bytes,
+                adopted,
                 "resuming: the server holds part of this epoch already"
             );
         }
+        let mut todo = todo;
         for _attempt in 0..3 {
             if todo.is_empty() {
                 break;
@@ -488,6 +506,88 @@ impl Link {
             Message::Refused { reason } => Err(Error::Refused(reason)),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// The blocks to send when the server took over a staging left by an
+    /// earlier epoch of this device: it publishes every staged block unless
+    /// sent again, so each must match this epoch. Blocks of `blocks` wholly
+    /// staged are compared by digest (read and hashed here) and skipped
+    /// when equal; staged bytes outside `blocks` are sent too (read at this
+    /// epoch, in aligned pieces of at most [`VOUCH_PIECE`]).
+    async fn vouch<R>(
+        &self,
+        volume: &str,
+        epoch: u64,
+        blocks: &[(u64, u32)],
+        staged: &RangeSet,
+        read: &Arc<R>,
+        shipped: &mut Shipped,
+    ) -> Result<Vec<(u64, u32)>>
+    where
+        R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+    {
+        let mut todo = Vec::with_capacity(blocks.len());
+        let mut check = Vec::new();
+        let mut covered = RangeSet::new();
+        for &(offset, len) in blocks {
+            let range = offset..offset + u64::from(len);
+            covered.insert(range.clone());
+            if staged.contains_range(range) {
+                check.push((offset, len));
+            } else {
+                todo.push((offset, len));
+            }
+        }
+        // Staged, and not ours to send: sent again as this epoch has it.
+        let mut extra = staged.clone();
+        extra.subtract(&covered);
+        for r in extra.iter() {
+            let mut at = r.start;
+            while at < r.end {
+                let end = ((at / VOUCH_PIECE + 1) * VOUCH_PIECE).min(r.end);
+                todo.push((at, (end - at) as u32));
+                at = end;
+            }
+        }
+        for batch in check.chunks(crate::proto::MAX_HASH_BLOCKS) {
+            let theirs = match self
+                .ask(Message::StagedHashes {
+                    volume: volume.to_string(),
+                    epoch,
+                    blocks: batch.to_vec(),
+                })
+                .await?
+            {
+                Message::Hashes { digests } if digests.len() == batch.len() => digests,
+                other => return Err(unexpected(&other)),
+            };
+            let read = read.clone();
+            let batch_owned = batch.to_vec();
+            let mine = tokio::task::spawn_blocking(move || -> Result<Vec<Digest>> {
+                batch_owned
+                    .iter()
+                    .map(|&(offset, len)| {
+                        let data = read(offset, len)?;
+                        Ok(if data.iter().all(|&b| b == 0) {
+                            zero_digest(len)
+                        } else {
+                            Sha256::digest(&data).into()
+                        })
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(|e| Error::Link(format!("hashing blocks: {e}")))??;
+            for ((&(offset, len), m), t) in batch.iter().zip(&mine).zip(&theirs) {
+                if m == t {
+                    shipped.resumed_bytes += u64::from(len);
+                } else {
+                    todo.push((offset, len));
+                }
+            }
+        }
+        todo.sort_unstable();
+        Ok(todo)
     }
 
     /// Send `blocks` over up to [`DATA_STREAMS`] data streams; returns the

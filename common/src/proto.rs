@@ -198,9 +198,18 @@ pub enum Message {
     /// it holds staged already (from an interrupted attempt at the same
     /// epoch of the same writer), at most [`MAX_STAGED_RANGES`] a frame;
     /// the last frame has `done`. Blocks wholly inside them need not travel.
+    ///
+    /// `adopted`: the staging was left by an *earlier* epoch of the same
+    /// device (its daemon restarted mid-epoch) and is taken over by this
+    /// one. Its blocks are published with this epoch unless sent again, so
+    /// the client must vouch for every one of them: ask their digests
+    /// ([`Message::StagedHashes`]) and send those that differ from its own,
+    /// and send any staged block it would not have sent.
     Staged {
         /// `(offset, len)` of each range.
         ranges: Vec<(u64, u64)>,
+        /// An earlier epoch's staging, taken over.
+        adopted: bool,
         /// No more `Staged` frames follow.
         done: bool,
     },
@@ -216,6 +225,17 @@ pub enum Message {
     EndData {
         /// Blocks sent on this stream.
         blocks: u64,
+    },
+    /// Client: the digests of blocks of the epoch being staged, answered
+    /// with [`Message::Hashes`]; a block not staged exactly so (same offset
+    /// and length) has the digest of all ones.
+    StagedHashes {
+        /// Volume name.
+        volume: String,
+        /// The epoch being staged.
+        epoch: u64,
+        /// `(offset, len)` of each block, at most [`MAX_HASH_BLOCKS`].
+        blocks: Vec<(u64, u32)>,
     },
     /// Client: take a snapshot of the volume's published epoch (manual:
     /// kept until deleted).
@@ -241,6 +261,9 @@ pub const MAX_STAGED_RANGES: usize = 2048;
 
 /// Most blocks one [`Message::Resend`] asks for (it must fit in a frame).
 pub const MAX_RESEND: usize = 2048;
+
+/// The digest [`Message::StagedHashes`] answers for a block not staged.
+pub const NOT_STAGED: Digest = [0xff; 32];
 
 /// Most blocks one [`Message::HashRequest`] may name (its answer must fit
 /// in a frame).
@@ -339,7 +362,8 @@ impl Message {
             Message::Resend { blocks } if blocks.len() > MAX_RESEND => {
                 return Err(ProtoError::InvalidBlock("too many blocks to resend"));
             }
-            Message::HashRequest { volume, blocks } => {
+            Message::HashRequest { volume, blocks }
+            | Message::StagedHashes { volume, blocks, .. } => {
                 check_name(volume)?;
                 if blocks.len() > MAX_HASH_BLOCKS {
                     return Err(ProtoError::InvalidBlock(
@@ -530,6 +554,7 @@ mod tests {
         assert_eq!(Message::decode(&q.encode()[4..]), Ok(q));
         let staged = Message::Staged {
             ranges: vec![(u64::MAX / 2, u64::MAX / 4); MAX_STAGED_RANGES],
+            adopted: true,
             done: false,
         };
         assert!(staged.encode().len() - 4 <= MAX_FRAME as usize);

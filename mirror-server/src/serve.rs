@@ -436,6 +436,27 @@ async fn request(
                 }
             }
         }
+        Message::StagedHashes {
+            volume,
+            epoch,
+            blocks,
+        } => {
+            let staging = match open_volume(shared, client, &volume, None) {
+                Ok(v) => v.lock().await.staging(epoch),
+                Err(e) => return refuse(&mut send, e.to_string()).await,
+            };
+            let Some(staging) = staging else {
+                return refuse(
+                    &mut send,
+                    format!("epoch {epoch} of {volume} is not being staged"),
+                )
+                .await;
+            };
+            let digests = staging.digests(&blocks);
+            wire::send(&mut send, &Message::Hashes { digests }).await?;
+            let _ = send.finish();
+            Ok(())
+        }
         Message::TakeSnapshot { volume, name } => {
             let v = match open_volume(shared, client, &volume, None) {
                 Ok(v) => v,
@@ -599,6 +620,7 @@ async fn receive_epoch(
             send,
             &Message::Staged {
                 ranges: Vec::new(),
+                adopted: staging.adopted(),
                 done: true,
             },
         )
@@ -610,6 +632,7 @@ async fn receive_epoch(
             send,
             &Message::Staged {
                 ranges: chunk.to_vec(),
+                adopted: staging.adopted(),
                 done,
             },
         )

@@ -18,6 +18,9 @@
 //!                    per staged block, appended as it is staged: offset
 //!                    u64 LE, len u32 LE, offset in N.data u64 LE (all
 //!                    ones: a zero block), sha256 [32]
+//!     N.adopted      present while N was taken over from an earlier epoch
+//!                    of the same device (its daemon restarted mid-epoch):
+//!                    the client must vouch for every staged block
 //!     N.commit       written (via rename) once N.data and N.log are
 //!                    durable: the epoch is complete and must be published;
 //!                    JSON {"device":"<hex>","epoch":<the device's epoch>}
@@ -31,6 +34,14 @@
 //! tells it which byte ranges it holds already and only the rest travels.
 //! After a server restart, the log's blocks are checked against their
 //! hashes before they count (the data may not have reached the disk).
+//!
+//! When the device's daemon restarted mid-epoch, it comes back with
+//! another epoch number (an unclean stop turns what was unreleased into
+//! resync ranges of its first epoch). Its new epoch *takes over* the
+//! staging: the client is told so, asks the staged blocks' digests and
+//! sends again only those that differ from its own, plus any staged block
+//! it would not have sent; later blocks overwrite earlier ones when the
+//! epoch is published, so what is published is the new epoch exactly.
 //!
 //! # Why a reader never sees half an epoch
 //!
@@ -47,7 +58,7 @@
 //! to resume, and dropped when another epoch begins. In-process readers
 //! take the volume's lock, which publishing holds for writing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -58,7 +69,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use ublk_mirror_common::fsutil;
 use ublk_mirror_common::hex::{self, encode as hex_encode};
-use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK};
+use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK, NOT_STAGED};
 use ublk_mirror_common::RangeSet;
 
 use crate::error::{Error, Result};
@@ -370,23 +381,44 @@ impl Volume {
                 self.state.published_epoch
             )));
         }
-        if let Some(s) = &self.active {
+        // This process's staging: the same epoch resumed, or an earlier
+        // epoch of the same device taken over.
+        let mut verify = true;
+        if let Some(s) = self.active.take() {
             if s.epoch == epoch && s.writer == writer && s.is_open() {
-                return Ok(s.clone());
+                self.active = Some(s.clone());
+                return Ok(s);
+            }
+            if s.epoch == epoch && s.writer.device == writer.device && s.close_for_adoption() {
+                // Its blocks are in this process's page cache: no need to
+                // read them back.
+                verify = false;
             }
         }
-        self.active = None;
         let log_path = staging_path(&self.dir, epoch, "log");
-        let resumable = log_path.exists()
-            && !staging_path(&self.dir, epoch, "commit").exists()
-            && read_log_header(&log_path).is_ok_and(|w| w == writer);
+        let left = (log_path.exists() && !staging_path(&self.dir, epoch, "commit").exists())
+            .then(|| read_log_header(&log_path).ok())
+            .flatten();
+        let resumable = left.is_some_and(|w| w.device == writer.device);
         for (n, _) in staging_epochs(&self.dir)? {
             if !(resumable && n == epoch) {
                 remove_staging(&self.dir, n);
             }
         }
         let staging = if resumable {
-            Staging::resume(&self.dir, epoch, writer, self.state.size)?
+            if left != Some(writer) {
+                // Taken over: marked so (durably) until it is published, so
+                // that the client vouches for its blocks on every attempt.
+                fsutil::write_durably(&staging_path(&self.dir, epoch, "adopted"), b"")
+                    .map_err(|e| Error::io("marking a staging taken over", e))?;
+                tracing::info!(
+                    epoch,
+                    from = left.map_or(0, |w| w.epoch),
+                    to = writer.epoch,
+                    "a restarted device takes over its earlier epoch's staging"
+                );
+            }
+            Staging::resume(&self.dir, epoch, writer, self.state.size, verify)?
         } else {
             Staging::create(&self.dir, epoch, writer, self.state.size)?
         };
@@ -605,11 +637,15 @@ pub struct Staging {
     size: u64,
     data: File,
     log: File,
+    /// Taken over from an earlier epoch of the device.
+    adopted: bool,
     inner: Mutex<Inner>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// The digest of the last block staged at each (offset, len).
+    digests: HashMap<(u64, u32), Digest>,
     /// Where the next block's bytes go in `N.data`.
     data_len: u64,
     /// Where the next record goes in `N.log`.
@@ -647,6 +683,7 @@ impl Staging {
             size,
             data,
             log,
+            adopted: false,
             inner: Mutex::new(Inner {
                 log_len: header.len() as u64,
                 ..Inner::default()
@@ -654,10 +691,11 @@ impl Staging {
         })
     }
 
-    /// Take up an interrupted staging from disk: every block is checked
-    /// against its hash (a crash may have lost data the log names), and
-    /// the log rewritten with those that pass.
-    fn resume(dir: &Path, epoch: u64, writer: Writer, size: u64) -> Result<Staging> {
+    /// Take up an interrupted staging from disk (with `verify`, every
+    /// block is checked against its hash first: a crash may have lost data
+    /// the log names), the log rewritten with the blocks kept and the
+    /// header naming `writer`.
+    fn resume(dir: &Path, epoch: u64, writer: Writer, size: u64, verify: bool) -> Result<Staging> {
         let data_path = staging_path(dir, epoch, "data");
         let log_path = staging_path(dir, epoch, "log");
         let data = Staging::open_file(&data_path, false)?;
@@ -667,19 +705,19 @@ impl Staging {
         let mut buf = Vec::new();
         let mut dropped = 0usize;
         while let Some(e) = reader.next_entry()? {
-            let good = e
+            let inside = e
                 .offset
                 .checked_add(u64::from(e.len))
-                .is_some_and(|end| end <= size)
-                && match e.data_at {
-                    None => e.sha256 == zero_digest(e.len),
-                    Some(at) => {
-                        buf.resize(e.len as usize, 0);
-                        data.read_exact_at(&mut buf, at).is_ok()
-                            && Digest::from(Sha256::digest(&buf)) == e.sha256
-                    }
-                };
-            if !good {
+                .is_some_and(|end| end <= size);
+            let mut intact = || match e.data_at {
+                None => e.sha256 == zero_digest(e.len),
+                Some(at) => {
+                    buf.resize(e.len as usize, 0);
+                    data.read_exact_at(&mut buf, at).is_ok()
+                        && Digest::from(Sha256::digest(&buf)) == e.sha256
+                }
+            };
+            if !inside || (verify && !intact()) {
                 dropped += 1;
                 continue;
             }
@@ -689,16 +727,19 @@ impl Staging {
             kept.extend_from_slice(&e.record());
             inner.blocks += 1;
             inner.staged.insert(e.offset..e.offset + u64::from(e.len));
+            inner.digests.insert((e.offset, e.len), e.sha256);
         }
         fsutil::write_durably(&log_path, &kept)
             .map_err(|e| Error::io(format!("rewriting {}", log_path.display()), e))?;
         let log = Staging::open_file(&log_path, false)?;
         inner.log_len = kept.len() as u64;
+        let adopted = staging_path(dir, epoch, "adopted").exists();
         tracing::info!(
             epoch,
             blocks = inner.blocks,
             bytes = inner.staged.len(),
             dropped,
+            adopted,
             "resuming an interrupted epoch"
         );
         Ok(Staging {
@@ -707,8 +748,32 @@ impl Staging {
             size,
             data,
             log,
+            adopted,
             inner: Mutex::new(inner),
         })
+    }
+
+    /// Whether this staging was taken over from an earlier epoch of its
+    /// device (the client must vouch for its blocks).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The digest of each of `blocks` as staged ([`NOT_STAGED`] for a
+    /// block not staged with that offset and length).
+    pub fn digests(&self, blocks: &[(u64, u32)]) -> Vec<Digest> {
+        let inner = self.lock();
+        blocks
+            .iter()
+            .map(|b| inner.digests.get(b).copied().unwrap_or(NOT_STAGED))
+            .collect()
+    }
+
+    /// Stop staging so that a later epoch of the device takes the files
+    /// over; false if it was closed already (being committed).
+    fn close_for_adoption(&self) -> bool {
+        let mut inner = self.lock();
+        !std::mem::replace(&mut inner.closed, true)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -809,6 +874,7 @@ impl Staging {
         inner.log_len += RECORD as u64;
         inner.blocks += 1;
         inner.staged.insert(offset..offset + u64::from(len));
+        inner.digests.insert((offset, len), *sha256);
         inner.failed.remove(&(offset, len));
         Ok(())
     }
@@ -992,7 +1058,15 @@ fn read_marker(path: &Path) -> Result<Marker> {
 }
 
 fn remove_staging(dir: &Path, epoch: u64) {
-    for ext in ["commit", "commit.tmp", "log", "log.tmp", "data"] {
+    for ext in [
+        "commit",
+        "commit.tmp",
+        "log",
+        "log.tmp",
+        "data",
+        "adopted",
+        "adopted.tmp",
+    ] {
         let _ = std::fs::remove_file(staging_path(dir, epoch, ext));
     }
 }
@@ -1138,13 +1212,35 @@ mod tests {
         assert_eq!(recovery.completed, Some(2));
         v.read_at(&mut image, 0).unwrap();
         assert_eq!(image[..4096], c);
-        // A staging of another writer is dropped when an epoch begins.
+        // A later epoch of the same device takes the staging over, marked
+        // so across a restart; its digests answer for the client.
         let mut v = v;
         let s = v.begin(3, me(9)).unwrap();
+        assert!(!s.adopted());
         s.add(0, 4096, &digest(&a), Encoding::Raw, &a).unwrap();
         drop(s);
         let s = v.begin(3, me(10)).unwrap();
-        assert!(s.ranges().is_empty());
+        assert!(s.adopted());
+        assert_eq!(s.ranges(), [(0, 4096)]);
+        assert_eq!(s.digests(&[(0, 4096), (0, 8192)]), [digest(&a), NOT_STAGED]);
+        drop((s, v));
+        let (mut v, _) = Volume::open(&vdir).unwrap();
+        let s = v.begin(3, me(10)).unwrap();
+        assert!(s.adopted(), "the take-over was forgotten by a restart");
+        v.commit(&s).unwrap();
+        assert!(!staging_path(&vdir, 3, "adopted").exists());
+        // Another device's staging is dropped (a volume nobody owns yet).
+        let fresh = dir.path().join("fresh");
+        let mut f = Volume::create(&fresh, SIZE).unwrap();
+        let s = f.begin(1, me(1)).unwrap();
+        s.add(0, 4096, &digest(&a), Encoding::Raw, &a).unwrap();
+        drop(s);
+        let other = Writer {
+            device: [2; 16],
+            epoch: 1,
+        };
+        let s = f.begin(1, other).unwrap();
+        assert!(s.ranges().is_empty() && !s.adopted());
     }
 
     #[derive(Debug, Clone)]
@@ -1207,6 +1303,14 @@ mod tests {
                 // Each attempt another writer epoch: what a crash left
                 // staged is not resumed (that is tested apart).
                 let s = v.begin(epoch, me(n as u64 + 1)).unwrap();
+                if s.adopted() {
+                    // What the crashed attempt staged is taken over: the
+                    // client vouches for it with this epoch's content.
+                    for (o, l) in s.ranges() {
+                        let bytes = &published[o as usize..][..l as usize];
+                        s.add(o, l as u32, &digest(bytes), Encoding::Raw, bytes).unwrap();
+                    }
+                }
                 for b in &blocks {
                     match *b {
                         Blk::Data { at, blocks, seed, zstd } => {

@@ -229,6 +229,7 @@ async fn a_corrupted_block_is_refused_and_sent_again() {
         wire::expect(&mut answers).await.unwrap(),
         Message::Staged {
             ranges: vec![],
+            adopted: false,
             done: true
         }
     );
@@ -562,6 +563,56 @@ async fn a_server_killed_during_commits_always_holds_a_published_epoch() {
         server.child.wait().unwrap();
         server = Server::start(&data);
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_device_takes_over_its_earlier_epoch_s_staging() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    let size: u64 = 8 << 20;
+    link.open_volume("v", size).await.unwrap();
+    let mut before = vec![0u8; size as usize];
+    before[..4 << 20].copy_from_slice(&noise(11, 4 << 20));
+    before[6 << 20..][..65536].copy_from_slice(&noise(12, 65536));
+    // Epoch 7 of the device: the block at 6 MiB goes first, then the
+    // first 4 MiB, until the daemon dies at 1 MiB.
+    let mut first: Vec<(u64, u32)> = vec![(6 << 20, 65536)];
+    first.extend((0..64).map(|i| (i * 65536, 65536u32)));
+    let dying = {
+        let data = before.clone();
+        move |o: u64, l: u32| {
+            if o == 1 << 20 {
+                return Err(ublk_mirror_common::Error::io(
+                    "reading",
+                    std::io::Error::other("killed"),
+                ));
+            }
+            Ok(data[o as usize..][..l as usize].to_vec())
+        }
+    };
+    assert!(link
+        .send_epoch("v", 1, w(7), &first, 1, dying)
+        .await
+        .is_err());
+    // It comes back as epoch 9 (an unclean stop: everything is resync),
+    // with two blocks changed meanwhile and the one at 6 MiB rewritten;
+    // its list has only the first 4 MiB.
+    let mut after = before.clone();
+    after[3 * 65536..][..65536].copy_from_slice(&noise(13, 65536));
+    after[10 * 65536..][..65536].fill(0);
+    after[6 << 20..][..65536].copy_from_slice(&noise(14, 65536));
+    let second: Vec<(u64, u32)> = (0..64).map(|i| (i * 65536, 65536u32)).collect();
+    let shipped = link
+        .send_epoch("v", 1, w(9), &second, 1, reader(after.clone()))
+        .await
+        .unwrap();
+    // What was staged and is still so did not travel again.
+    assert!(shipped.resumed_bytes >= 4 * 65536, "{shipped:?}");
+    assert!(
+        server.image("laptop", "v") == after,
+        "the published image is not epoch 9"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -141,6 +141,10 @@ pub struct MirrorStatus {
     pub wire_bytes_total: u64,
     /// Bytes a resync found already equal on the mirror (not sent).
     pub resync_same_bytes: u64,
+    /// Bytes the server held already from an interrupted attempt at an
+    /// epoch (not sent again).
+    #[serde(default)]
+    pub resumed_bytes: u64,
 }
 
 /// A running replicator; stops when dropped.
@@ -150,6 +154,7 @@ pub struct Replicator {
     status: Arc<Mutex<MirrorStatus>>,
     kick: Arc<tokio::sync::Notify>,
     stop: Arc<AtomicBool>,
+    stopped: Arc<tokio::sync::Notify>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -176,6 +181,7 @@ impl Replicator {
         }));
         let kick = Arc::new(tokio::sync::Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(tokio::sync::Notify::new());
         let device = device_id(tracker.state_dir())?;
         let ctx = Context {
             device,
@@ -187,6 +193,7 @@ impl Replicator {
             status: status.clone(),
             kick: kick.clone(),
             stop: stop.clone(),
+            stopped: stopped.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("replicator".into())
@@ -209,6 +216,7 @@ impl Replicator {
             status,
             kick,
             stop,
+            stopped,
             thread: Some(thread),
         })
     }
@@ -239,6 +247,8 @@ impl Drop for Replicator {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.kick.notify_one();
+        // A transfer in progress is abandoned (a permit is kept if none is).
+        self.stopped.notify_one();
         if let Some(t) = self.thread.take() {
             // The thread checks the flag at every wait; a transfer in
             // progress is abandoned (the epoch stays unreleased, its
@@ -267,6 +277,8 @@ struct Context {
     status: Arc<Mutex<MirrorStatus>>,
     kick: Arc<tokio::sync::Notify>,
     stop: Arc<AtomicBool>,
+    /// Told when the replicator stops.
+    stopped: Arc<tokio::sync::Notify>,
 }
 
 impl Context {
@@ -424,110 +436,132 @@ impl Context {
                         .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
                 }
             };
-            // Published before the link broke (the server says whose
-            // epoch its image holds): release, do not resend.
-            let me = Writer {
-                device: self.device,
-                epoch,
-            };
-            if info.writer == Some(me) {
-                self.release(epoch)?;
-                continue;
+            // A stop abandons the transfer (the epoch stays sealed and its
+            // regions marked; the server keeps what it staged).
+            tokio::select! {
+                shipped = self.ship(&link, &mut info, epoch, size) => shipped?,
+                () = self.stopped.notified() => {
+                    link.close().await;
+                    return Ok(());
+                }
             }
-            let sealed = self
-                .tracker
-                .epoch(epoch)
-                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
-            if sealed.broken.is_some() {
-                // Its changes move into the current epoch as resync ranges.
-                self.release(epoch)?;
-                continue;
-            }
-            // Known changes travel; ranges of unknown change (after a
-            // crash, or a mirror that lost the device's past) travel only
-            // where the server's image differs.
-            let mut known = sealed.changes.data.clone();
-            known.union_with(&sealed.changes.zeroed);
-            let mut unknown = sealed.changes.resync.clone();
-            unknown.subtract(&known);
-            let mut blocks = split(&known, size);
-            let candidates = split(&unknown, size);
-            // A volume nobody ever wrote is all zeroes: its candidates all
-            // travel, zero ones as holes (a header each, no data), so the
-            // device is read once, in parallel with sending.
-            let fresh = info.published_epoch == 0 && info.writer.is_none();
-            if fresh {
-                blocks.extend_from_slice(&candidates);
-                blocks.sort_unstable();
-            } else if !candidates.is_empty() {
-                let theirs = link.hashes(&self.settings.volume, &candidates).await?;
-                let tracker = self.tracker.clone();
-                let differ = tokio::task::spawn_blocking(move || {
-                    differing(&tracker, epoch, &candidates, &theirs)
-                })
-                .await
-                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
-                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
-                let same = unknown.len() - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
-                blocks.extend(differ);
-                blocks.sort_unstable();
-                tracing::info!(
-                    epoch,
-                    compared = unknown.len(),
-                    same,
-                    "resync: only blocks that differ from the mirror travel"
-                );
-                self.set(|s| s.resync_same_bytes += same);
-            }
-            let remote = info.published_epoch + 1;
-            let started = Instant::now();
-            let tracker = self.tracker.clone();
-            let shipped = link
-                .send_epoch(
-                    &self.settings.volume,
-                    remote,
-                    me,
-                    &blocks,
-                    self.settings.zstd_level,
-                    move |offset, len| {
-                        let mut buf = vec![0u8; len as usize];
-                        tracker
-                            .read_epoch(epoch, offset, &mut buf)
-                            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
-                        Ok(buf)
-                    },
-                )
-                .await;
-            // On failure the server may have published it all the same:
-            // the next session sees it as the image's writer.
-            let shipped = shipped?;
-            if fresh {
-                // Zero blocks of a fresh volume are what a resync by hash
-                // would have found the same.
-                self.set(|s| s.resync_same_bytes += shipped.zero_bytes);
-            }
-            info.published_epoch = remote;
-            info.writer = Some(me);
-            Association::confirm(self.tracker.state_dir(), remote)
-                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
-            self.release(epoch)?;
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            self.set(|s| {
-                s.server_epoch = remote;
-                s.epochs_shipped += 1;
-                s.throughput_bps = (shipped.bytes as f64 / secs) as u64;
-                s.last_wire_bytes = shipped.wire_bytes;
-                s.wire_bytes_total += shipped.wire_bytes;
-            });
-            tracing::debug!(
-                epoch,
-                remote,
-                blocks = blocks.len(),
-                bytes = shipped.bytes,
-                wire = shipped.wire_bytes,
-                "epoch mirrored"
-            );
         }
+    }
+
+    /// Ship sealed epoch `epoch` (or release it, if the server has it),
+    /// then release it.
+    async fn ship(
+        &self,
+        link: &Link,
+        info: &mut VolumeInfo,
+        epoch: u64,
+        size: u64,
+    ) -> std::result::Result<(), ublk_mirror_common::Error> {
+        // Published before the link broke (the server says whose
+        // epoch its image holds): release, do not resend.
+        let me = Writer {
+            device: self.device,
+            epoch,
+        };
+        if info.writer == Some(me) {
+            self.release(epoch)?;
+            return Ok(());
+        }
+        let sealed = self
+            .tracker
+            .epoch(epoch)
+            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+        if sealed.broken.is_some() {
+            // Its changes move into the current epoch as resync ranges.
+            self.release(epoch)?;
+            return Ok(());
+        }
+        // Known changes travel; ranges of unknown change (after a
+        // crash, or a mirror that lost the device's past) travel only
+        // where the server's image differs.
+        let mut known = sealed.changes.data.clone();
+        known.union_with(&sealed.changes.zeroed);
+        let mut unknown = sealed.changes.resync.clone();
+        unknown.subtract(&known);
+        let mut blocks = split(&known, size);
+        let candidates = split(&unknown, size);
+        // A volume nobody ever wrote is all zeroes: its candidates all
+        // travel, zero ones as holes (a header each, no data), so the
+        // device is read once, in parallel with sending.
+        let fresh = info.published_epoch == 0 && info.writer.is_none();
+        if fresh {
+            blocks.extend_from_slice(&candidates);
+            blocks.sort_unstable();
+        } else if !candidates.is_empty() {
+            let theirs = link.hashes(&self.settings.volume, &candidates).await?;
+            let tracker = self.tracker.clone();
+            let differ = tokio::task::spawn_blocking(move || {
+                differing(&tracker, epoch, &candidates, &theirs)
+            })
+            .await
+            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
+            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+            let same = unknown.len() - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
+            blocks.extend(differ);
+            blocks.sort_unstable();
+            tracing::info!(
+                epoch,
+                compared = unknown.len(),
+                same,
+                "resync: only blocks that differ from the mirror travel"
+            );
+            self.set(|s| s.resync_same_bytes += same);
+        }
+        let remote = info.published_epoch + 1;
+        let started = Instant::now();
+        let tracker = self.tracker.clone();
+        let shipped = link
+            .send_epoch(
+                &self.settings.volume,
+                remote,
+                me,
+                &blocks,
+                self.settings.zstd_level,
+                move |offset, len| {
+                    let mut buf = vec![0u8; len as usize];
+                    tracker
+                        .read_epoch(epoch, offset, &mut buf)
+                        .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+                    Ok(buf)
+                },
+            )
+            .await;
+        // On failure the server may have published it all the same:
+        // the next session sees it as the image's writer.
+        let shipped = shipped?;
+        if fresh {
+            // Zero blocks of a fresh volume are what a resync by hash
+            // would have found the same.
+            self.set(|s| s.resync_same_bytes += shipped.zero_bytes);
+        }
+        info.published_epoch = remote;
+        info.writer = Some(me);
+        Association::confirm(self.tracker.state_dir(), remote)
+            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+        self.release(epoch)?;
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        self.set(|s| {
+            s.server_epoch = remote;
+            s.epochs_shipped += 1;
+            s.throughput_bps = (shipped.bytes as f64 / secs) as u64;
+            s.last_wire_bytes = shipped.wire_bytes;
+            s.wire_bytes_total += shipped.wire_bytes;
+            s.resumed_bytes += shipped.resumed_bytes;
+        });
+        tracing::debug!(
+            epoch,
+            remote,
+            blocks = blocks.len(),
+            bytes = shipped.bytes,
+            wire = shipped.wire_bytes,
+            "epoch mirrored"
+        );
+        Ok(())
     }
 
     fn release(&self, epoch: u64) -> std::result::Result<(), ublk_mirror_common::Error> {

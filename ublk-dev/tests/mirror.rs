@@ -214,3 +214,74 @@ fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
     assert!(image(&data) == std::fs::read(backing.path()).unwrap());
     assert!(image(&data) != before, "the workload changed nothing");
 }
+
+#[test]
+fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let server = TestServer::start(&data, "127.0.0.1:0");
+    let client_dir = dir.path().join("client");
+    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    let settings = |bandwidth| MirrorSettings {
+        volume: "root".into(),
+        client_dir: client_dir.clone(),
+        interval: Duration::from_millis(100),
+        zstd_level: 1,
+        bandwidth,
+    };
+    {
+        let TrackedDevice {
+            backing,
+            engine,
+            tracker,
+        } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
+        let mut io = LocalIo::new(&engine, backing.file())
+            .unwrap()
+            .with_tracker(&tracker);
+        // Data that does not compress, all over the device.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..SIZE >> 17 {
+            let chunk: Vec<u8> = (0..1u64 << 17)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            io.submit(Request::write(i << 17, 1 << 17), &chunk).unwrap();
+        }
+        // 32 MiB at 8 MiB/s: the daemon stops once the server staged
+        // 8 MiB of it.
+        let replicator = Replicator::start(tracker.clone(), settings(Some(8 << 20))).unwrap();
+        let staged = data.join("volumes/laptop/root/staging/1.data");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::metadata(&staged).map_or(0, |m| m.len()) < 8 << 20 {
+            assert!(
+                Instant::now() < deadline,
+                "nothing staged: {:?}",
+                replicator.status()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = replicator.status();
+        assert!(
+            status.wire_bytes_total == 0,
+            "the sync ended already: {status:?}"
+        );
+        drop(replicator);
+    }
+    // The daemon comes back (its journal says every region is marked).
+    let TrackedDevice {
+        backing, tracker, ..
+    } = TrackedDevice::reopen(dir.path(), SIZE, 1 << 20);
+    let replicator = Replicator::start(tracker.clone(), settings(None)).unwrap();
+    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    let status = replicator.status();
+    assert!(status.resumed_bytes >= 4 << 20, "{status:?}");
+    assert!(
+        status.wire_bytes_total < SIZE - (4 << 20),
+        "everything travelled again: {status:?}"
+    );
+    assert!(image(&data) == std::fs::read(backing.path()).unwrap());
+}

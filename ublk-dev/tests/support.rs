@@ -25,10 +25,19 @@ pub struct TrackedDevice {
 
 impl TrackedDevice {
     pub fn new(dir: &Path, size: u64, region_size: u64) -> TrackedDevice {
+        TrackedDevice::open(dir, size, region_size, History::NewFile)
+    }
+
+    /// The same device again, after its daemon stopped (its journal kept).
+    pub fn reopen(dir: &Path, size: u64, region_size: u64) -> TrackedDevice {
+        TrackedDevice::open(dir, size, region_size, History::Recovering)
+    }
+
+    fn open(dir: &Path, size: u64, region_size: u64, history: History) -> TrackedDevice {
         let backing = Backing::open(&BackingOptions {
             path: &dir.join("disk.img"),
             size: Some(size),
-            create: true,
+            create: history == History::NewFile,
             block_size: 4096,
             direct_io: true,
         })
@@ -39,7 +48,7 @@ impl TrackedDevice {
             file: backing.file(),
             device_size: size,
             region_size,
-            history: History::NewFile,
+            history,
             cow_memory: DEFAULT_COW_MEMORY,
         })
         .unwrap();
