@@ -21,7 +21,7 @@
 //!
 //! - [`Version::V1`]: first version.
 //! - [`Version::V2`]: an epoch travels over several streams and resumes;
-//!   snapshots ([`Message::TakeSnapshot`]).
+//!   snapshots ([`Message::TakeSnapshot`]); restore ([`Message::Restore`]).
 //!   [`Message::BeginEpoch`] opens the epoch on a control stream; the
 //!   server answers with what it holds already ([`Message::Staged`], from
 //!   an interrupted attempt at the same epoch of the same writer); blocks
@@ -245,6 +245,46 @@ pub enum Message {
         /// Its name; `None`: named after the time.
         name: Option<String>,
     },
+    /// Client: restore the volume as of a snapshot (`at`: its name, or a
+    /// time `YYYY-MM-DD[THH:MM[:SS]]` UTC for the newest snapshot at or
+    /// before it; `None`: the published epoch now). Answered with
+    /// [`Message::RestoreInfo`]; then any number of [`Message::Have`]s,
+    /// each answered with the blocks that differ and [`Message::HaveDone`].
+    /// The snapshot is kept (never pruned) while the stream is open.
+    Restore {
+        /// Volume name.
+        volume: String,
+        /// Which version.
+        at: Option<String>,
+    },
+    /// Server: what is being restored.
+    RestoreInfo {
+        /// Volume size in bytes.
+        size: u64,
+        /// The snapshot read (a temporary one for "now").
+        snapshot: String,
+        /// The epoch it holds.
+        epoch: u64,
+        /// When that epoch was published (ms since the Unix epoch).
+        epoch_ms: u64,
+    },
+    /// Client: the digests of consecutive blocks of `len` bytes from
+    /// `offset` as the restore target holds them (the last block may end
+    /// at the volume's end); the server sends a [`Message::Block`] for each
+    /// whose content differs, then [`Message::HaveDone`].
+    Have {
+        /// Offset of the first block.
+        offset: u64,
+        /// Bytes per block.
+        len: u32,
+        /// One per block, at most [`MAX_HASH_BLOCKS`].
+        digests: Vec<Digest>,
+    },
+    /// Server: every differing block of the last [`Message::Have`] was sent.
+    HaveDone {
+        /// Blocks that were the same (not sent).
+        same: u64,
+    },
     /// Server: the snapshot was taken.
     SnapshotTaken {
         /// Its name.
@@ -349,6 +389,28 @@ impl Message {
                 }
             }
             Message::SnapshotTaken { name, .. } => check_name(name)?,
+            Message::Restore { volume, at } => {
+                check_name(volume)?;
+                if at.as_ref().is_some_and(|a| a.len() > MAX_NAME) {
+                    return Err(ProtoError::InvalidName(at.clone().unwrap_or_default()));
+                }
+            }
+            Message::RestoreInfo { snapshot, .. } => check_name(snapshot)?,
+            Message::Have {
+                offset,
+                len,
+                digests,
+            } => {
+                if *len == 0 || *len > MAX_BLOCK || digests.len() > MAX_HASH_BLOCKS {
+                    return Err(ProtoError::InvalidBlock("impossible blocks in a Have"));
+                }
+                if offset
+                    .checked_add(u64::from(*len) * digests.len() as u64)
+                    .is_none()
+                {
+                    return Err(ProtoError::InvalidBlock("Have wraps"));
+                }
+            }
             Message::Staged { ranges, .. } => {
                 if ranges.len() > MAX_STAGED_RANGES {
                     return Err(ProtoError::InvalidBlock(

@@ -23,8 +23,10 @@ use crate::admin::{self, ServerLock};
 use crate::clients::Registry;
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
-use crate::snapshots::Kind;
+use crate::snapshots::{Kind, SnapshotInfo};
 use crate::store::{Staging, Volume, VOLUMES_DIR};
+use sha2::Digest as _;
+use ublk_mirror_common::client::encode_block;
 
 /// QUIC close code: the client was revoked.
 const CLOSE_REVOKED: u32 = 1;
@@ -457,6 +459,28 @@ async fn request(
             let _ = send.finish();
             Ok(())
         }
+        Message::Restore { volume, at } => {
+            let v = match open_volume(shared, client, &volume, None) {
+                Ok(v) => v,
+                Err(e) => return refuse(&mut send, e.to_string()).await,
+            };
+            let pinned = {
+                let mut v = v.lock().await;
+                tokio::task::block_in_place(|| v.pin_version(at.as_deref()))
+            };
+            let (info, pin) = match pinned {
+                Ok(p) => p,
+                Err(e) => return refuse(&mut send, e.to_string()).await,
+            };
+            tracing::info!(client, volume, snapshot = %info.name, "restore started");
+            let served = serve_restore(&v, &info, &mut send, &mut recv).await;
+            let mut locked = v.lock().await;
+            if let Err(e) = tokio::task::block_in_place(|| locked.done_reading(&info, pin)) {
+                tracing::warn!(client, volume, "after a restore: {e}");
+            }
+            tracing::info!(client, volume, snapshot = %info.name, ok = served.is_ok(), "restore ended");
+            served
+        }
         Message::TakeSnapshot { volume, name } => {
             let v = match open_volume(shared, client, &volume, None) {
                 Ok(v) => v,
@@ -667,6 +691,92 @@ async fn receive_epoch(
             .await
         }
     }
+}
+
+/// A restore's stream: `RestoreInfo`, then for each `Have` the blocks of
+/// the snapshot whose digests differ from the target's, and `HaveDone`.
+async fn serve_restore(
+    volume: &SharedVolume,
+    info: &SnapshotInfo,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> std::result::Result<(), Fault> {
+    let size = volume.lock().await.state().size;
+    wire::send(
+        send,
+        &Message::RestoreInfo {
+            size,
+            snapshot: info.name.clone(),
+            epoch: info.epoch,
+            epoch_ms: info.epoch_ms,
+        },
+    )
+    .await?;
+    while let Some(next) = tokio::time::timeout(MESSAGE_TIMEOUT, wire::recv(recv))
+        .await
+        .map_err(|_| Fault::Other(Error::Invalid("restore: the client went quiet".into())))??
+    {
+        let Message::Have {
+            offset,
+            len,
+            digests,
+        } = next
+        else {
+            return Err(Fault::Protocol(format!(
+                "{} inside a restore",
+                variant(&next)
+            )));
+        };
+        if offset >= size || offset % u64::from(len) != 0 {
+            return refuse(
+                send,
+                format!("restore: blocks at {offset} are not in the volume"),
+            )
+            .await;
+        }
+        let blocks: Vec<(u64, u32)> = (0..digests.len() as u64)
+            .map(|i| offset + i * u64::from(len))
+            .take_while(|&at| at < size)
+            .map(|at| (at, (size - at).min(u64::from(len)) as u32))
+            .collect();
+        // Read under the volume's lock (a publication moves old chunks into
+        // the snapshot); hash and compress outside it.
+        let mut data = vec![0u8; blocks.iter().map(|&(_, l)| l as usize).sum()];
+        {
+            let v = volume.lock().await;
+            let read = tokio::task::block_in_place(|| {
+                let mut at = 0usize;
+                for &(o, l) in &blocks {
+                    v.read_snapshot(info.id, &mut data[at..at + l as usize], o)?;
+                    at += l as usize;
+                }
+                Ok::<(), Error>(())
+            });
+            if let Err(e) = read {
+                return refuse(send, format!("restore: {e}")).await;
+            }
+        }
+        let mut same = 0u64;
+        let mut at = 0usize;
+        for (i, &(o, l)) in blocks.iter().enumerate() {
+            let bytes = &data[at..at + l as usize];
+            at += l as usize;
+            let mine: ublk_mirror_common::proto::Digest = if bytes.iter().all(|&b| b == 0) {
+                ublk_mirror_common::client::zero_digest(l)
+            } else {
+                sha2::Sha256::digest(bytes).into()
+            };
+            if digests.get(i) == Some(&mine) {
+                same += 1;
+                continue;
+            }
+            let (header, payload) = tokio::task::block_in_place(|| encode_block(o, bytes, 3));
+            wire::send_with_data(send, &header, &payload).await?;
+        }
+        wire::send(send, &Message::HaveDone { same }).await?;
+    }
+    let _ = send.finish();
+    Ok(())
 }
 
 /// One data stream of an epoch: blocks until `EndData`, each verified and

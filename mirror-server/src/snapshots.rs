@@ -73,6 +73,9 @@ pub enum Kind {
     Manual,
     /// Taken by the schedule; pruned by the retention rules.
     Scheduled,
+    /// Taken for one reader (a restore of "now"), deleted when it is done
+    /// (or when the volume is next opened, after a crash).
+    Temporary,
 }
 
 /// One snapshot, as listed.

@@ -241,6 +241,17 @@ impl Volume {
             snapshots: Snapshots::open(dir)?,
         };
         let recovery = volume.recover()?;
+        // Temporary snapshots whose reader a crash took away.
+        let temporary: Vec<String> = volume
+            .snapshots
+            .list()
+            .iter()
+            .filter(|s| s.kind == Kind::Temporary)
+            .map(|s| s.name.clone())
+            .collect();
+        for name in temporary {
+            volume.snapshots.delete(&name)?;
+        }
         Ok((volume, recovery))
     }
 
@@ -311,6 +322,49 @@ impl Volume {
     /// Keep snapshot `name` while the pin lives (for readers).
     pub fn pin_snapshot(&mut self, name: &str) -> Result<(SnapshotInfo, Pin)> {
         self.snapshots.pin(name)
+    }
+
+    /// Pin the version `at` names for a reader: a snapshot's name, a time
+    /// (the newest snapshot at or before it), or `None` for the published
+    /// epoch now (a temporary snapshot, which the reader deletes with
+    /// [`Volume::done_reading`]).
+    pub fn pin_version(&mut self, at: Option<&str>) -> Result<(SnapshotInfo, Pin)> {
+        match at {
+            None => {
+                let name = format!("reader-{}", crate::snapshots::time_name(now_ms()));
+                let mut unique = name.clone();
+                let mut k = 1;
+                while self.snapshots.get(&unique).is_some() {
+                    k += 1;
+                    unique = format!("{name}-{k}");
+                }
+                self.snapshot(Some(&unique), Kind::Temporary)?;
+                self.snapshots.pin(&unique)
+            }
+            Some(a) if self.snapshots.get(a).is_some() => self.snapshots.pin(a),
+            Some(a) => {
+                let Some(ms) = crate::snapshots::parse_time(a) else {
+                    return Err(Error::Invalid(format!(
+                        "there is no snapshot {a} (name one, or give a time like 2026-11-22T16:30Z)"
+                    )));
+                };
+                let name = self
+                    .snapshots
+                    .at(ms)
+                    .map(|s| s.name.clone())
+                    .ok_or_else(|| Error::Invalid(format!("there is no snapshot as old as {a}")))?;
+                self.snapshots.pin(&name)
+            }
+        }
+    }
+
+    /// A reader of `info` is done: a temporary snapshot is deleted.
+    pub fn done_reading(&mut self, info: &SnapshotInfo, pin: Pin) -> Result<()> {
+        drop(pin);
+        if info.kind == Kind::Temporary {
+            self.snapshots.delete(&info.name)?;
+        }
+        Ok(())
     }
 
     /// Read snapshot `id` at `offset`.

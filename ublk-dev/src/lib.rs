@@ -11,6 +11,7 @@
 //! - [`epoch`]: consistent cuts of the changes, with copy-on-write of what
 //!   sealed epochs still need;
 //! - [`replicator`]: ships sealed epochs to the mirror server (its own thread);
+//! - [`restore`]: pull restore of a volume version from the mirror server;
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
 //! - [`status`]: the status a daemon publishes for `ublk-mirror status`;
 //! - [`control`]: the daemon's control socket (seal, read, release epochs);
@@ -26,6 +27,7 @@ pub mod epoch;
 mod error;
 pub mod journal;
 pub mod replicator;
+pub mod restore;
 pub mod status;
 pub mod system;
 pub mod tracking;

@@ -138,6 +138,33 @@ enum Command {
         timeout: Span,
     },
 
+    /// Restore a volume from the mirror: as of a snapshot, a time, or now,
+    /// into a file or a block device.
+    ///
+    /// The target's blocks are compared by hash and only those that differ
+    /// travel: restoring onto an older copy (or finishing a restore that
+    /// was cut short, by running it again) moves only what changed. A new
+    /// file is made sparse. A block device must not be mounted.
+    ///
+    ///   ublk-mirror restore --volume root --at 2026-11-20T09:00 --to /var/tmp/root.img
+    ///   ublk-mirror restore --volume root --at before-upgrade --to /dev/sdb
+    #[command(verbatim_doc_comment)]
+    Restore {
+        /// The volume on the mirror server (this machine's).
+        #[arg(long)]
+        volume: String,
+        /// A snapshot's name, or a time (UTC, YYYY-MM-DD[THH:MM[:SS]]) for
+        /// the newest snapshot at or before it [default: the mirror now].
+        #[arg(long, value_name = "SNAPSHOT|TIME")]
+        at: Option<String>,
+        /// Where to: a file (made if missing) or a block device.
+        #[arg(long, value_name = "FILE|DEVICE")]
+        to: PathBuf,
+        /// Where this machine's enrollment is kept.
+        #[arg(long, value_name = "DIR", default_value = ublk_dev::enrollment::DEFAULT_CLIENT_DIR, env = "UBLK_MIRROR_CLIENT_DIR")]
+        client_dir: PathBuf,
+    },
+
     /// Enroll this machine with a mirror server, once.
     ///
     /// TOKEN is the line `mirror-server client add NAME` printed. This
@@ -398,6 +425,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Restore {
+            volume,
+            at,
+            to,
+            client_dir,
+        } => restore(volume, at, to, client_dir),
         Command::Enroll { token, client_dir } => {
             let token: ublk_mirror_common::token::Token = token
                 .parse()
@@ -412,6 +445,56 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn restore(
+    volume: String,
+    at: Option<String>,
+    to: PathBuf,
+    client_dir: PathBuf,
+) -> anyhow::Result<()> {
+    ublk_mirror_common::proto::check_name(&volume)
+        .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    let req = ublk_dev::restore::RestoreRequest {
+        volume,
+        at,
+        to,
+        client_dir,
+    };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let started = std::time::Instant::now();
+    let shown = |p: &ublk_dev::restore::Progress| {
+        if !tty {
+            return;
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        let rate = p.done as f64 / secs;
+        let eta = (p.total.saturating_sub(p.done)) as f64 / rate.max(1.0);
+        eprint!(
+            "\rrestoring: {:>5.1}% of {}  {}/s  {} received  {:.0}s left   ",
+            p.done as f64 * 100.0 / p.total.max(1) as f64,
+            ByteSize(p.total).approx(),
+            ByteSize(rate as u64).approx(),
+            ByteSize(p.received).approx(),
+            eta
+        );
+    };
+    let done = ublk_dev::restore::restore(&req, shown);
+    if tty {
+        eprintln!();
+    }
+    let r = done?;
+    println!(
+        "restored {}@{} (epoch {}) to {}: {} blocks received ({} on the wire), {} already the same",
+        req.volume,
+        r.snapshot,
+        r.epoch,
+        req.to.display(),
+        r.blocks_received,
+        ByteSize(r.wire_bytes).approx(),
+        r.blocks_same
+    );
+    Ok(())
 }
 
 fn epoch(command: EpochCommand) -> anyhow::Result<()> {

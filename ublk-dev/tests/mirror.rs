@@ -203,6 +203,57 @@ fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
     assert!(err.contains("already"), "{err}");
     workload(&mut io, 2);
     assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    let now = std::fs::read(backing.path()).unwrap();
+
+    // Restore the snapshot into a new file: only data travels.
+    let restore = |at: Option<&str>, to: &Path| {
+        ublk_dev::restore::restore(
+            &ublk_dev::restore::RestoreRequest {
+                volume: "root".into(),
+                at: at.map(str::to_string),
+                to: to.to_path_buf(),
+                client_dir: client_dir.clone(),
+            },
+            |_| {},
+        )
+    };
+    let copy = dir.path().join("restored.img");
+    let r = restore(Some("before"), &copy).unwrap();
+    assert!(
+        std::fs::read(&copy).unwrap() == before,
+        "the restore is not the snapshot"
+    );
+    assert_eq!(r.snapshot, "before");
+    // Onto that older copy, the mirror as it is now: only what differs.
+    let r = restore(None, &copy).unwrap();
+    assert!(
+        std::fs::read(&copy).unwrap() == now,
+        "the restore is not the mirror now"
+    );
+    assert!(r.blocks_same > r.blocks_received, "{r:?}");
+    // A restore cut short is finished by running it again: here a few
+    // blocks of the target are wrong, and only they travel.
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+        use std::os::unix::fs::FileExt;
+        for at in [0u64, 5 << 16, 100 << 16] {
+            f.write_all_at(&[0xa5; 4096], at).unwrap();
+        }
+    }
+    let r = restore(None, &copy).unwrap();
+    assert_eq!(r.blocks_received, 3, "{r:?}");
+    assert!(std::fs::read(&copy).unwrap() == now);
+    // Bad requests say what is wrong and change nothing.
+    let err = restore(Some("nope"), &copy).unwrap_err().to_string();
+    assert!(err.contains("no snapshot nope"), "{err}");
+    let small = dir.path().join("small.img");
+    std::fs::write(&small, b"x").unwrap();
+    let err = restore(None, &small).unwrap_err().to_string();
+    assert!(err.contains("is 1 bytes"), "{err}");
+    assert_eq!(std::fs::read(&small).unwrap(), b"x");
+    // The restore of "now" left no snapshot behind.
+    let listed = mirror_server::snapshots::list(&data.join("volumes/laptop/root")).unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
     drop(replicator);
     drop(server);
     let (volume, _) =
