@@ -484,10 +484,12 @@ fn restore(
         eprintln!();
     }
     let r = done?;
+    let version = match &req.at {
+        Some(_) => format!("{}@{}", req.volume, r.snapshot),
+        None => format!("{} as it is now", req.volume),
+    };
     println!(
-        "restored {}@{} (epoch {}) to {}: {} blocks received ({} on the wire), {} already the same",
-        req.volume,
-        r.snapshot,
+        "restored {version} (epoch {}) to {}: {} blocks received ({} on the wire), {} already the same",
         r.epoch,
         req.to.display(),
         r.blocks_received,
