@@ -11,7 +11,11 @@
 //! ```text
 //! -> {"v":1,"op":"snapshot","volume":"laptop/root","name":null}
 //! -> {"v":1,"op":"delete","volume":"laptop/root","snapshot":"before-upgrade"}
+//! -> {"v":1,"op":"export","volume":"laptop/root","at":"before-upgrade",
+//!     "listen":"127.0.0.1:3260","name":null,"allow":[]}
+//! -> {"v":1,"op":"unexport","name":"iqn.2026-11.org.ublk-mirror:laptop.root.before-upgrade"}
 //! <- {"ok":{"id":3,"name":"..","epoch":..,"epoch_ms":..,"created_ms":..,"kind":"manual"}}
+//! <- {"ok":{"iqn":"..","portal":"127.0.0.1:3260","snapshot":"..","epoch":..}}
 //! <- {"error":"there is no snapshot x"}
 //! ```
 
@@ -49,6 +53,24 @@ pub enum Op {
         /// The snapshot.
         snapshot: String,
     },
+    /// Export a version over iSCSI (read-only) until unexported.
+    Export {
+        /// `CLIENT/VOLUME`.
+        volume: String,
+        /// A snapshot, a time, or `None` for now.
+        at: Option<String>,
+        /// Where the target listens.
+        listen: std::net::SocketAddr,
+        /// Its target name (default: made from the names).
+        name: Option<String>,
+        /// Initiator names allowed (empty: any).
+        allow: Vec<String>,
+    },
+    /// Stop an export.
+    Unexport {
+        /// Its target name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -61,7 +83,7 @@ struct Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Reply {
-    Ok(SnapshotInfo),
+    Ok(serde_json::Value),
     Error(String),
 }
 
@@ -84,25 +106,41 @@ pub fn volume_dir(data: &Path, volume: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Carry out `op` on an open volume.
+/// Carry out a snapshot or delete `op` on an open volume.
 pub fn apply(volume: &mut Volume, op: &Op) -> Result<SnapshotInfo> {
     match op {
         Op::Snapshot { name, .. } => volume.snapshot(name.as_deref(), Kind::Manual),
         Op::Delete { snapshot, .. } => volume.delete_snapshot(snapshot),
+        Op::Export { .. } | Op::Unexport { .. } => {
+            Err(Error::Invalid("exports run in a server process".into()))
+        }
     }
 }
 
-/// The volume `op` is about.
-pub fn volume_of(op: &Op) -> &str {
+/// The volume `op` is about, if any.
+pub fn volume_of(op: &Op) -> Option<&str> {
     match op {
-        Op::Snapshot { volume, .. } | Op::Delete { volume, .. } => volume,
+        Op::Snapshot { volume, .. } | Op::Delete { volume, .. } | Op::Export { volume, .. } => {
+            Some(volume)
+        }
+        Op::Unexport { .. } => None,
     }
+}
+
+/// Whether a server answers on `data`'s admin socket.
+pub fn server_running(data: &Path) -> bool {
+    UnixStream::connect(data.join(SOCKET)).is_ok()
+}
+
+/// A snapshot as the admin protocol shows it.
+pub fn snapshot_json(info: &SnapshotInfo) -> serde_json::Value {
+    serde_json::to_value(info).unwrap_or_default()
 }
 
 /// Serve one admin connection's request with `handle`.
 pub async fn serve_one(
     stream: tokio::net::UnixStream,
-    handle: impl AsyncFnOnce(Op) -> Result<SnapshotInfo>,
+    handle: impl AsyncFnOnce(Op) -> Result<serde_json::Value>,
 ) -> Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let (read, mut write) = stream.into_split();
@@ -131,9 +169,13 @@ pub async fn serve_one(
         .map_err(|e| Error::io("answering an admin request", e))
 }
 
-/// Carry out `op`: through the running server, or here when none runs.
-pub fn request(data: &Path, op: Op) -> Result<SnapshotInfo> {
-    volume_dir(data, volume_of(&op))?;
+/// Carry out `op`: through the running server, or here when none runs
+/// (snapshot and delete; an export without a server is the caller's to
+/// run in the foreground).
+pub fn request(data: &Path, op: Op) -> Result<serde_json::Value> {
+    if let Some(volume) = volume_of(&op) {
+        volume_dir(data, volume)?;
+    }
     match UnixStream::connect(data.join(SOCKET)) {
         Ok(mut stream) => {
             let mut line = serde_json::to_vec(&Request { v: VERSION, op })
@@ -157,9 +199,15 @@ pub fn request(data: &Path, op: Op) -> Result<SnapshotInfo> {
         }
         Err(_) => {
             // No server: do it here, as the server would, holding its lock.
+            let Some(name) = volume_of(&op) else {
+                return Err(Error::Invalid(format!(
+                    "no mirror-server serves {} (nothing is exported)",
+                    data.display()
+                )));
+            };
             let _lock = ServerLock::take(data)?;
-            let (mut volume, _) = Volume::open(&volume_dir(data, volume_of(&op))?)?;
-            apply(&mut volume, &op)
+            let (mut volume, _) = Volume::open(&volume_dir(data, name)?)?;
+            apply(&mut volume, &op).map(|info| snapshot_json(&info))
         }
     }
 }

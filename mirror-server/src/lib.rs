@@ -4,6 +4,7 @@
 //!   the command line);
 //! - [`clients`]: enrolled clients, tokens, revocation;
 //! - [`config`]: the settings file, `server.toml`;
+//! - [`iscsi`]: the built-in iSCSI target that exports volume versions;
 //! - [`serve`]: the QUIC server;
 //! - [`snapshots`]: point-in-time versions of a volume, as backward deltas
 //!   that cost space in proportion to what changed;
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod clients;
 pub mod config;
 mod error;
+pub mod iscsi;
 pub mod serve;
 pub mod snapshots;
 pub mod store;

@@ -85,6 +85,53 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a version of a volume as an iSCSI disk, read-only: any
+    /// initiator can attach it (Linux open-iscsi, qemu, Windows, macOS)
+    /// and nothing it does can change the backup.
+    ///
+    /// With the server running, the server serves it until `mirror-server
+    /// unexport NAME` (or it stops); otherwise this command serves it in
+    /// the foreground until Ctrl-C. The version is kept (never pruned)
+    /// while exported. Attach it with, for example:
+    ///   iscsiadm -m discovery -t st -p 127.0.0.1:3260 && iscsiadm -m node --login
+    ///   qemu-img convert -p -O raw iscsi://127.0.0.1:3260/IQN/0 disk.img
+    #[command(verbatim_doc_comment)]
+    Export {
+        /// CLIENT/VOLUME, CLIENT/VOLUME@SNAPSHOT, or CLIENT/VOLUME@TIME
+        /// (UTC, YYYY-MM-DD[THH:MM[:SS]]: the newest snapshot at or before
+        /// it); without @: the volume as it is now.
+        #[arg(value_name = "VOLUME[@SNAPSHOT|@TIME]")]
+        target: String,
+        /// TCP address the target listens on (0.0.0.0:3260 for the network).
+        #[arg(long, default_value = "127.0.0.1:3260", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// Its target name [default: iqn.2026-11.org.ublk-mirror:CLIENT.VOLUME.SNAPSHOT].
+        #[arg(long, value_name = "IQN")]
+        name: Option<String>,
+        /// Let in only this initiator name (repeat for several) [default: any].
+        #[arg(long = "allow", value_name = "INITIATOR")]
+        allow: Vec<String>,
+    },
+    /// Make a volume from an image file: to seed a mirror with a copy
+    /// brought by other means (a disk shipped, an old backup), or to serve
+    /// an image over iSCSI.
+    ///
+    /// The volume holds the image as its first epoch. A device that then
+    /// mirrors to it compares by hash and sends only the blocks that
+    /// differ. Zero blocks stay holes.
+    Import {
+        /// The new volume, as CLIENT/VOLUME.
+        volume: String,
+        /// The image file.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+    },
+    /// Stop an export the running server serves.
+    Unexport {
+        /// Its target name (as `export` printed it).
+        #[arg(value_name = "IQN")]
+        name: String,
+    },
     /// Delete a snapshot. Refused while it is exported or restored from.
     ///
     /// Its space is freed, except the chunks an older snapshot needs,
@@ -144,17 +191,26 @@ fn main() -> ExitCode {
         Command::Serve { listen } => serve(&cli.data, listen),
         Command::Client(c) => client(&cli.data, c),
         Command::Snapshot { volume, name } => {
-            admin::request(&cli.data, admin::Op::Snapshot { volume: volume.clone(), name }).map(
-                |info| {
+            admin::request(&cli.data, admin::Op::Snapshot { volume: volume.clone(), name })
+                .and_then(snapshot_info)
+                .map(|info| {
                     println!(
                         "{volume}@{}: epoch {}, published {}",
                         info.name,
                         info.epoch,
                         snapshots::time_name(info.epoch_ms)
                     )
-                },
-            )
+                })
         }
+        Command::Export {
+            target,
+            listen,
+            name,
+            allow,
+        } => export(&cli.data, &target, listen, name, allow),
+        Command::Import { volume, from } => import(&cli.data, &volume, &from),
+        Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
+            .map(|_| println!("stopped exporting {name}")),
         Command::Snapshots { volume, json } => list_snapshots(&cli.data, &volume, json),
         Command::Delete { target } => match target.split_once('@') {
             Some((volume, snapshot)) => admin::request(
@@ -164,6 +220,7 @@ fn main() -> ExitCode {
                     snapshot: snapshot.to_string(),
                 },
             )
+            .and_then(snapshot_info)
             .map(|info| println!("deleted {volume}@{}", info.name)),
             None => Err(mirror_server::Error::Invalid(format!(
                 "{target:?}: name the snapshot as CLIENT/VOLUME@SNAPSHOT (see `mirror-server snapshots VOLUME`)"
@@ -241,6 +298,125 @@ fn volumes(data: &Path, json: bool) -> mirror_server::Result<()> {
         .map_err(io)?;
     }
     Ok(())
+}
+
+fn import(data: &Path, volume: &str, from: &Path) -> mirror_server::Result<()> {
+    let (client, name) = volume.split_once('/').ok_or_else(|| {
+        mirror_server::Error::Invalid(format!("{volume:?}: name the volume as CLIENT/VOLUME"))
+    })?;
+    for part in [client, name] {
+        ublk_mirror_common::proto::check_name(part)
+            .map_err(|e| mirror_server::Error::Invalid(e.to_string()))?;
+    }
+    if !data.join(store::VOLUMES_DIR).is_dir() {
+        return Err(mirror_server::Error::Invalid(format!(
+            "{} is not a data directory (`mirror-server init` makes one)",
+            data.display()
+        )));
+    }
+    let dir = data.join(store::VOLUMES_DIR).join(client).join(name);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let state = store::import(&dir, from, |done, total| {
+        if tty && (done % (256 << 20) == 0 || done == total) {
+            eprint!(
+                "\rimporting: {:>5.1}% of {}   ",
+                done as f64 * 100.0 / total as f64,
+                ByteSize(total)
+            );
+        }
+    });
+    if tty {
+        eprintln!();
+    }
+    let state = state?;
+    println!(
+        "imported {} as {volume} ({}), epoch {}",
+        from.display(),
+        ByteSize(state.size),
+        state.published_epoch
+    );
+    Ok(())
+}
+
+fn snapshot_info(v: serde_json::Value) -> mirror_server::Result<snapshots::SnapshotInfo> {
+    serde_json::from_value(v)
+        .map_err(|e| mirror_server::Error::Invalid(format!("the server's answer: {e}")))
+}
+
+fn export(
+    data: &Path,
+    target: &str,
+    listen: std::net::SocketAddr,
+    name: Option<String>,
+    allow: Vec<String>,
+) -> mirror_server::Result<()> {
+    let (volume, at) = match target.split_once('@') {
+        Some((v, a)) => (v.to_string(), Some(a.to_string())),
+        None => (target.to_string(), None),
+    };
+    if let Some(iqn) = &name {
+        if !iqn.starts_with("iqn.") || iqn.len() > 223 || iqn.contains(char::is_whitespace) {
+            return Err(mirror_server::Error::Invalid(format!(
+                "{iqn:?} is not an iSCSI name (iqn.YYYY-MM.domain:anything, at most 223 characters)"
+            )));
+        }
+    }
+    let show = |info: &serde_json::Value| {
+        let iqn = info["iqn"].as_str().unwrap_or_default();
+        let portal = info["portal"].as_str().unwrap_or_default();
+        println!(
+            "exported {volume}@{} (epoch {}, published {}) read-only",
+            info["snapshot"].as_str().unwrap_or_default(),
+            info["epoch"],
+            snapshots::time_name(info["epoch_ms"].as_u64().unwrap_or(0))
+        );
+        println!("  target {iqn}");
+        println!("  portal {portal}");
+        println!("  iscsi://{portal}/{iqn}/0");
+        let _ = std::io::stdout().flush();
+    };
+    let op = admin::Op::Export {
+        volume: volume.clone(),
+        at: at.clone(),
+        listen,
+        name: name.clone(),
+        allow: allow.clone(),
+    };
+    if admin::server_running(data) {
+        let info = admin::request(data, op)?;
+        show(&info);
+        println!(
+            "the server serves it until `mirror-server unexport {}`",
+            info["iqn"].as_str().unwrap_or_default()
+        );
+        return Ok(());
+    }
+    // No server: serve it here until Ctrl-C, as the server would.
+    let _lock = admin::ServerLock::take(data)?;
+    let dir = admin::volume_dir(data, &volume)?;
+    let (client, vname) = volume.split_once('/').unwrap_or_default();
+    let (opened, _) = store::Volume::open(&dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| mirror_server::Error::io("starting the async runtime", e))?;
+    runtime.block_on(async {
+        let shared = std::sync::Arc::new(tokio::sync::Mutex::new(opened));
+        let running =
+            mirror_server::serve::export(shared, client, vname, at.as_deref(), listen, name, allow)
+                .await?;
+        show(&mirror_server::serve::export_json(&running));
+        println!("serving until Ctrl-C (or SIGTERM)");
+        let _ = std::io::stdout().flush();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| mirror_server::Error::io("watching SIGTERM", e))?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        running.stop().await;
+        Ok(())
+    })
 }
 
 fn list_snapshots(data: &Path, volume: &str, json: bool) -> mirror_server::Result<()> {

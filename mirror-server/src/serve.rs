@@ -23,6 +23,7 @@ use crate::admin::{self, ServerLock};
 use crate::clients::Registry;
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
+use crate::iscsi;
 use crate::snapshots::{Kind, SnapshotInfo};
 use crate::store::{Staging, Volume, VOLUMES_DIR};
 use sha2::Digest as _;
@@ -39,7 +40,8 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// Longest wait for the next message of an epoch in progress.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
 
-type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
+/// A volume shared by the connections (and exports) that use it.
+pub type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -49,6 +51,8 @@ struct Shared {
     registry: Registry,
     /// Open volumes by (client, volume), with their size.
     volumes: Mutex<HashMap<(String, String), (u64, SharedVolume)>>,
+    /// Running iSCSI exports by target name.
+    exports: Mutex<HashMap<String, iscsi::Running>>,
 }
 
 /// Serve until `shutdown` resolves. `on_listening` gets the bound address
@@ -81,6 +85,7 @@ pub async fn run(
         config: config.clone(),
         registry: Registry::open(data)?,
         volumes: Mutex::new(HashMap::new()),
+        exports: Mutex::new(HashMap::new()),
     });
     let admin = admin_socket(data)?;
     {
@@ -92,14 +97,7 @@ pub async fn run(
                         let shared = shared.clone();
                         tokio::spawn(async move {
                             let handled = admin::serve_one(stream, async |op| {
-                                let (client, name) = split_volume(admin::volume_of(&op))?;
-                                let v = open_volume(&shared, client, name, None)?;
-                                let mut v = v.lock().await;
-                                let done = tokio::task::block_in_place(|| admin::apply(&mut v, &op));
-                                if let Ok(info) = &done {
-                                    tracing::info!(?op, snapshot = %info.name, "admin request done");
-                                }
-                                done
+                                admin_request(&shared, op).await
                             })
                             .await;
                             if let Err(e) = handled {
@@ -133,10 +131,130 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down");
+    let exports: Vec<iscsi::Running> = shared
+        .exports
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .map(|(_, r)| r)
+        .collect();
+    for running in exports {
+        running.stop().await;
+    }
     endpoint.close(0u32.into(), b"server shutting down");
     endpoint.wait_idle().await;
     let _ = std::fs::remove_file(data.join(admin::SOCKET));
     Ok(())
+}
+
+/// Carry out an admin request in the server.
+async fn admin_request(shared: &Arc<Shared>, op: admin::Op) -> Result<serde_json::Value> {
+    match op {
+        admin::Op::Unexport { name } => {
+            let running = shared
+                .exports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+            let Some(running) = running else {
+                return Err(Error::Invalid(format!("nothing is exported as {name}")));
+            };
+            let info = serde_json::json!({"iqn": running.iqn, "portal": running.portal});
+            running.stop().await;
+            tracing::info!(iqn = %name, "export stopped");
+            Ok(info)
+        }
+        admin::Op::Export {
+            volume,
+            at,
+            listen,
+            name,
+            allow,
+        } => {
+            let (client, vname) = split_volume(&volume)?;
+            let v = open_volume(shared, client, vname, None)?;
+            let running = export(v, client, vname, at.as_deref(), listen, name, allow).await?;
+            let info = export_json(&running);
+            tracing::info!(iqn = %running.iqn, portal = %running.portal, snapshot = %running.snapshot.name, "exported");
+            let refused = {
+                let mut exports = shared.exports.lock().unwrap_or_else(|p| p.into_inner());
+                if exports.contains_key(&running.iqn) {
+                    Some(running)
+                } else {
+                    exports.insert(running.iqn.clone(), running);
+                    None
+                }
+            };
+            if let Some(running) = refused {
+                running.stop().await;
+                return Err(Error::Invalid(
+                    "that target name is exported already".into(),
+                ));
+            }
+            Ok(info)
+        }
+        op => {
+            let volume = admin::volume_of(&op).unwrap_or_default().to_string();
+            let (client, name) = split_volume(&volume)?;
+            let v = open_volume(shared, client, name, None)?;
+            let mut v = v.lock().await;
+            let done = tokio::task::block_in_place(|| admin::apply(&mut v, &op));
+            if let Ok(info) = &done {
+                tracing::info!(?op, snapshot = %info.name, "admin request done");
+            }
+            done.map(|info| admin::snapshot_json(&info))
+        }
+    }
+}
+
+/// What `mirror-server export` prints about a running export.
+pub fn export_json(running: &iscsi::Running) -> serde_json::Value {
+    serde_json::json!({
+        "iqn": running.iqn,
+        "portal": running.portal,
+        "snapshot": running.snapshot.name,
+        "epoch": running.snapshot.epoch,
+        "epoch_ms": running.snapshot.epoch_ms,
+    })
+}
+
+/// Export version `at` of `volume` (of `client`) over iSCSI on `listen`.
+pub async fn export(
+    volume: SharedVolume,
+    client: &str,
+    name: &str,
+    at: Option<&str>,
+    listen: std::net::SocketAddr,
+    iqn: Option<String>,
+    allow: Vec<String>,
+) -> Result<iscsi::Running> {
+    let (info, pin, size, uuid) = {
+        let mut v = volume.lock().await;
+        let (info, pin) = tokio::task::block_in_place(|| v.pin_version(at))?;
+        (info, pin, v.state().size, v.state().uuid.clone())
+    };
+    let iqn = iqn.unwrap_or_else(|| {
+        let shown = if at.is_none() {
+            "now"
+        } else {
+            info.name.as_str()
+        };
+        iscsi::export_name(client, name, shown)
+    });
+    let lun = Arc::new(iscsi::SnapshotLun::new(
+        volume.clone(),
+        info,
+        pin,
+        size,
+        &uuid,
+    ));
+    match iscsi::start(lun.clone(), iqn, listen, allow).await {
+        Ok(running) => Ok(running),
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || lun.release()).await;
+            Err(e)
+        }
+    }
 }
 
 /// Listen on `DATA/admin.sock`, for root only.
@@ -167,7 +285,8 @@ fn all_volumes(data: &Path) -> Vec<(String, String)> {
             .flatten()
             .flatten()
         {
-            if volume.path().join("state.json").exists() {
+            let hidden = volume.file_name().to_string_lossy().starts_with('.');
+            if !hidden && volume.path().join("state.json").exists() {
                 out.push((
                     client.file_name().to_string_lossy().into_owned(),
                     volume.file_name().to_string_lossy().into_owned(),
@@ -248,6 +367,7 @@ fn recover_all(data: &Path) -> Result<()> {
             .into_iter()
             .flatten()
             .flatten()
+            .filter(|v| !v.file_name().to_string_lossy().starts_with('.'))
         {
             match Volume::open(&volume.path()) {
                 Ok((_, r)) if r != Default::default() => {

@@ -507,6 +507,40 @@ impl Snapshots {
         Ok(())
     }
 
+    /// Whether snapshot `id` holds data at `offset` (else it reads as
+    /// zeroes), and how many bytes from there have the same answer (in
+    /// whole chunks, at most 1 GiB, so that the answer stays quick).
+    pub fn extent(&self, id: u64, image: &File, size: u64, offset: u64) -> Result<(bool, u64)> {
+        let pos = self
+            .manifest
+            .snapshots
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| Error::Invalid(format!("there is no snapshot {id}")))?;
+        let chain: Vec<&Delta> = self.manifest.snapshots[pos..]
+            .iter()
+            .filter_map(|s| self.deltas.get(&s.id))
+            .collect();
+        let mapped_at = |chunk: u64| -> bool {
+            match chain.iter().find_map(|d| d.chunks.get(&chunk)) {
+                Some(&at) => at != ZERO,
+                None => {
+                    let start = chunk * CHUNK;
+                    image_has_data(image, start, (start + CHUNK).min(size))
+                }
+            }
+        };
+        let first = offset / CHUNK;
+        let mapped = mapped_at(first);
+        let last = size.div_ceil(CHUNK);
+        let cap = first + (1 << 30) / CHUNK;
+        let mut end = first + 1;
+        while end < last.min(cap) && mapped_at(end) == mapped {
+            end += 1;
+        }
+        Ok((mapped, (end * CHUNK).min(size) - offset))
+    }
+
     /// Keep snapshot `name` from being deleted while the pin lives.
     pub fn pin(&mut self, name: &str) -> Result<(SnapshotInfo, Pin)> {
         let info = self
@@ -625,6 +659,18 @@ impl Snapshots {
             .filter(|s| s.kind == Kind::Scheduled)
             .map(|s| s.created_ms)
             .max()
+    }
+}
+
+/// Whether `file` has data (not a hole) anywhere in `[start, end)`; a file
+/// system that cannot tell says data.
+fn image_has_data(file: &File, start: u64, end: u64) -> bool {
+    // The file offset moves; nothing here uses it (reads are positional).
+    match nix::unistd::lseek(file, start as i64, nix::unistd::Whence::SeekData) {
+        Ok(at) => (at as u64) < end,
+        // ENXIO: no data after `start`.
+        Err(nix::errno::Errno::ENXIO) => false,
+        Err(_) => true,
     }
 }
 

@@ -367,6 +367,13 @@ impl Volume {
         Ok(())
     }
 
+    /// Whether snapshot `id` holds data at `offset`, and how far the same
+    /// answer goes.
+    pub fn snapshot_extent(&self, id: u64, offset: u64) -> Result<(bool, u64)> {
+        self.snapshots
+            .extent(id, &self.image, self.state.size, offset)
+    }
+
     /// Read snapshot `id` at `offset`.
     pub fn read_snapshot(&self, id: u64, buf: &mut [u8], offset: u64) -> Result<()> {
         self.snapshots
@@ -659,6 +666,7 @@ pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
             .map_err(|e| Error::io(format!("listing {}", p.display()), e))?
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
             .collect();
         v.sort();
@@ -671,6 +679,71 @@ pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
         }
     }
     Ok(out)
+}
+
+/// Make volume `dir` from the image file `from` (seeding a mirror with a
+/// copy brought by other means): its size, its content as published epoch
+/// 1, owned by no device yet (the first device to mirror to it compares
+/// by hash and sends only what differs). Built under a hidden name and
+/// renamed into place when whole, so no client sees it half made.
+/// `progress` gets the bytes copied so far.
+pub fn import(dir: &Path, from: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VolumeState> {
+    if dir.exists() {
+        return Err(Error::Invalid(format!(
+            "volume directory {} exists already",
+            dir.display()
+        )));
+    }
+    let source =
+        File::open(from).map_err(|e| Error::io(format!("opening {}", from.display()), e))?;
+    let size = source
+        .metadata()
+        .map_err(|e| Error::io(format!("reading {}", from.display()), e))?
+        .len();
+    if size == 0 {
+        return Err(Error::Invalid(format!("{} is empty", from.display())));
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.with_file_name(format!(".{name}.importing"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let volume = Volume::create(&tmp, size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        source
+            .read_exact_at(&mut buf[..n], at)
+            .map_err(|e| Error::io(format!("reading {}", from.display()), e))?;
+        // Zeroes stay holes.
+        if buf[..n].iter().any(|&b| b != 0) {
+            volume
+                .image
+                .write_all_at(&buf[..n], at)
+                .map_err(|e| Error::io("writing the image", e))?;
+        }
+        at += n as u64;
+        progress(at, size);
+    }
+    volume
+        .image
+        .sync_all()
+        .map_err(|e| Error::io("syncing the image", e))?;
+    let state = VolumeState {
+        published_epoch: 1,
+        published_ms: now_ms(),
+        ..volume.state.clone()
+    };
+    write_state(&tmp, &state)?;
+    drop(volume);
+    std::fs::rename(&tmp, dir)
+        .map_err(|e| Error::io(format!("moving the import into {}", dir.display()), e))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(state)
 }
 
 /// A volume's `state.json`, read only (no recovery).

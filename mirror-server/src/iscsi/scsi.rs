@@ -1,0 +1,666 @@
+//! SCSI block commands (SBC-3/SPC-4) for one logical unit, sans-IO over
+//! a [`Lun`]: what a restore disk needs (`../shared/notes/iscsi-anchors.md`
+//! §3), with every range checked before the backend is touched. A
+//! read-only unit answers every write-class command DATA PROTECT / WRITE
+//! PROTECTED and sets the WP bit.
+
+/// Bytes per logical block.
+pub const BLOCK: u64 = 512;
+/// Most blocks one READ or VERIFY may move (8 MiB; in the Block Limits
+/// page).
+pub const MAX_TRANSFER_BLOCKS: u64 = 16384;
+/// Most descriptors one GET LBA STATUS answer carries.
+const MAX_LBA_STATUS_DESCRIPTORS: usize = 64;
+
+/// What a logical unit stores.
+pub trait Lun: Send + Sync {
+    /// Bytes (a multiple of [`BLOCK`]).
+    fn size(&self) -> u64;
+    /// Read `buf.len()` bytes at `offset` (checked to be inside).
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Whether the bytes at `offset` are mapped (hold data) or a hole
+    /// (read as zeroes), and how far that goes.
+    fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)>;
+    /// A stable identifier (becomes the NAA designator and serial).
+    fn id(&self) -> u64;
+    /// Whether writes are taken.
+    fn writable(&self) -> bool {
+        false
+    }
+}
+
+/// Fixed-format sense: key, additional sense code and qualifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sense {
+    /// Sense key.
+    pub key: u8,
+    /// Additional sense code.
+    pub asc: u8,
+    /// Its qualifier.
+    pub ascq: u8,
+    /// The INFORMATION field (e.g. the offset of a miscompare).
+    pub info: Option<u32>,
+}
+
+impl Sense {
+    const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
+        Sense {
+            key,
+            asc,
+            ascq,
+            info: None,
+        }
+    }
+
+    /// 18 bytes of fixed-format sense data.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut s = vec![0u8; 18];
+        s[0] = 0x70;
+        s[2] = self.key;
+        if let Some(info) = self.info {
+            s[0] |= 0x80;
+            s[3..7].copy_from_slice(&info.to_be_bytes());
+        }
+        s[7] = 10;
+        s[12] = self.asc;
+        s[13] = self.ascq;
+        s
+    }
+}
+
+/// ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE.
+pub const INVALID_OPCODE: Sense = Sense::new(0x05, 0x20, 0x00);
+/// ILLEGAL REQUEST / INVALID FIELD IN CDB.
+pub const INVALID_FIELD: Sense = Sense::new(0x05, 0x24, 0x00);
+/// ILLEGAL REQUEST / LOGICAL BLOCK ADDRESS OUT OF RANGE.
+pub const LBA_OUT_OF_RANGE: Sense = Sense::new(0x05, 0x21, 0x00);
+/// ILLEGAL REQUEST / LOGICAL UNIT NOT SUPPORTED.
+pub const NO_SUCH_LUN: Sense = Sense::new(0x05, 0x25, 0x00);
+/// ILLEGAL REQUEST / SAVING PARAMETERS NOT SUPPORTED.
+pub const NO_SAVING: Sense = Sense::new(0x05, 0x39, 0x00);
+/// DATA PROTECT / WRITE PROTECTED.
+pub const WRITE_PROTECTED: Sense = Sense::new(0x07, 0x27, 0x00);
+/// MEDIUM ERROR / UNRECOVERED READ ERROR.
+pub const READ_ERROR: Sense = Sense::new(0x03, 0x11, 0x00);
+/// MISCOMPARE / MISCOMPARE DURING VERIFY OPERATION.
+pub const MISCOMPARE: Sense = Sense::new(0x0e, 0x1d, 0x00);
+
+/// SCSI status GOOD.
+pub const GOOD: u8 = 0x00;
+/// SCSI status CHECK CONDITION.
+pub const CHECK_CONDITION: u8 = 0x02;
+
+/// How a command ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// GOOD, with data for the initiator (possibly none).
+    Good(Vec<u8>),
+    /// CHECK CONDITION with this sense.
+    Check(Sense),
+}
+
+/// What a command needs from the initiator before it can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Nothing: run it.
+    Nothing,
+    /// This many bytes of data-out.
+    Data(u64),
+}
+
+fn be16(b: &[u8]) -> u64 {
+    u64::from(u16::from_be_bytes([b[0], b[1]]))
+}
+
+fn be32(b: &[u8]) -> u64 {
+    u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+/// Whether an opcode changes the medium.
+pub fn is_write_class(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        0x0a | 0x2a | 0xaa | 0x8a // WRITE 6/10/12/16
+            | 0x2e | 0xae | 0x8e // WRITE AND VERIFY
+            | 0x41 | 0x93 // WRITE SAME
+            | 0x42 // UNMAP
+            | 0x8b // ORWRITE
+            | 0x89 // COMPARE AND WRITE
+            | 0x9c // WRITE ATOMIC(16)
+            | 0x04 // FORMAT UNIT
+            | 0x48 // SANITIZE
+    )
+}
+
+/// The LBA and block count of a READ/VERIFY/SYNC/PRE-FETCH-like CDB.
+fn range(cdb: &[u8]) -> Option<(u64, u64)> {
+    Some(match cdb[0] {
+        0x08 => {
+            let lba = (u64::from(cdb[1] & 0x1f) << 16) | be16(&cdb[2..4]);
+            let n = if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) };
+            (lba, n)
+        }
+        0x28 | 0x2f | 0x35 | 0x34 => (be32(&cdb[2..6]), be16(&cdb[7..9])),
+        0xa8 | 0xaf => (be32(&cdb[2..6]), be32(&cdb[6..10])),
+        0x88 | 0x8f | 0x91 | 0x90 => (be64(&cdb[2..10]), be32(&cdb[10..14])),
+        _ => return None,
+    })
+}
+
+fn check_range(lun: &dyn Lun, lba: u64, n: u64) -> Result<(), Sense> {
+    let blocks = lun.size() / BLOCK;
+    match lba.checked_add(n) {
+        Some(end) if end <= blocks => Ok(()),
+        _ => Err(LBA_OUT_OF_RANGE),
+    }
+}
+
+/// The CDB's length for its opcode group, if it is one we parse.
+pub fn cdb_len(opcode: u8) -> usize {
+    match opcode >> 5 {
+        0 => 6,
+        1 | 2 => 10,
+        4 => 16,
+        5 => 12,
+        _ => 16,
+    }
+}
+
+/// Before a command runs: what it needs (data-out), or why it is refused
+/// at once (a write to a read-only unit, a bad field, a range).
+pub fn prepare(cdb: &[u8; 16], lun: Option<&dyn Lun>) -> Result<Needs, Sense> {
+    let Some(lun) = lun else {
+        return Ok(Needs::Nothing);
+    };
+    let opcode = cdb[0];
+    if is_write_class(opcode) && !lun.writable() {
+        return Err(WRITE_PROTECTED);
+    }
+    match opcode {
+        0x2f | 0xaf | 0x8f => {
+            let (lba, n) = range(cdb).ok_or(INVALID_FIELD)?;
+            if cdb[1] >> 5 != 0 {
+                return Err(INVALID_FIELD);
+            }
+            check_range(lun, lba, n)?;
+            match (cdb[1] >> 1) & 3 {
+                0 => Ok(Needs::Nothing),
+                1 if n <= MAX_TRANSFER_BLOCKS => Ok(Needs::Data(n * BLOCK)),
+                _ => Err(INVALID_FIELD),
+            }
+        }
+        _ => Ok(Needs::Nothing),
+    }
+}
+
+/// Run a command on `lun` (`None`: no unit at that LUN) with the data-out
+/// [`prepare`] asked for.
+pub fn execute(cdb: &[u8; 16], lun: Option<&dyn Lun>, data_out: &[u8]) -> Outcome {
+    match run(cdb, lun, data_out) {
+        Ok(data) => Outcome::Good(data),
+        Err(sense) => Outcome::Check(sense),
+    }
+}
+
+fn run(cdb: &[u8; 16], lun: Option<&dyn Lun>, data_out: &[u8]) -> Result<Vec<u8>, Sense> {
+    let opcode = cdb[0];
+    match (opcode, lun) {
+        (0xa0, _) => report_luns(cdb),
+        (0x12, None) => {
+            // Peripheral qualifier 3: no unit here.
+            if cdb[1] & 1 != 0 {
+                return Err(INVALID_FIELD);
+            }
+            let mut d = vec![0u8; 36];
+            d[0] = 0x7f;
+            d[4] = 31;
+            Ok(truncate(d, be16(&cdb[3..5])))
+        }
+        (0x03, None) => request_sense(cdb),
+        (_, None) => Err(NO_SUCH_LUN),
+        (_, Some(lun)) => run_on(cdb, lun, data_out),
+    }
+}
+
+fn truncate(mut d: Vec<u8>, alloc: u64) -> Vec<u8> {
+    d.truncate(alloc as usize);
+    d
+}
+
+fn request_sense(cdb: &[u8; 16]) -> Result<Vec<u8>, Sense> {
+    if cdb[1] & 1 != 0 {
+        // Descriptor format: header only (NO SENSE).
+        return Ok(truncate(vec![0x72, 0, 0, 0, 0, 0, 0, 0], u64::from(cdb[4])));
+    }
+    Ok(truncate(Sense::new(0, 0, 0).bytes(), u64::from(cdb[4])))
+}
+
+fn report_luns(cdb: &[u8; 16]) -> Result<Vec<u8>, Sense> {
+    let alloc = be32(&cdb[6..10]);
+    if alloc < 16 {
+        return Err(INVALID_FIELD);
+    }
+    if cdb[2] > 2 {
+        return Err(INVALID_FIELD);
+    }
+    let mut d = vec![0u8; 16];
+    d[3] = 8;
+    Ok(truncate(d, alloc))
+}
+
+fn run_on(cdb: &[u8; 16], lun: &dyn Lun, data_out: &[u8]) -> Result<Vec<u8>, Sense> {
+    let opcode = cdb[0];
+    if is_write_class(opcode) && !lun.writable() {
+        return Err(WRITE_PROTECTED);
+    }
+    let blocks = lun.size() / BLOCK;
+    match opcode {
+        0x00 | 0x1b | 0x1e => Ok(Vec::new()),
+        0x03 => request_sense(cdb),
+        0x12 => inquiry(cdb, lun),
+        0x25 => {
+            let mut d = vec![0u8; 8];
+            let last = blocks.saturating_sub(1).min(0xffff_ffff) as u32;
+            d[..4].copy_from_slice(&last.to_be_bytes());
+            d[4..].copy_from_slice(&(BLOCK as u32).to_be_bytes());
+            Ok(d)
+        }
+        0x9e => match cdb[1] & 0x1f {
+            0x10 => {
+                let mut d = vec![0u8; 32];
+                d[..8].copy_from_slice(&blocks.saturating_sub(1).to_be_bytes());
+                d[8..12].copy_from_slice(&(BLOCK as u32).to_be_bytes());
+                // 8 logical blocks per 4 KiB physical block.
+                d[13] = 3;
+                // LBPME: thin (holes reported); LBPRZ: holes read zeroes.
+                d[14] = 0x80 | 0x40;
+                Ok(truncate(d, be32(&cdb[10..14])))
+            }
+            0x12 => lba_status(cdb, lun),
+            _ => Err(INVALID_FIELD),
+        },
+        0x1a | 0x5a => mode_sense(cdb, lun),
+        0x08 | 0x28 | 0xa8 | 0x88 => {
+            if opcode != 0x08 && cdb[1] >> 5 != 0 {
+                // RDPROTECT: no protection information here.
+                return Err(INVALID_FIELD);
+            }
+            let (lba, n) = range(cdb).ok_or(INVALID_FIELD)?;
+            check_range(lun, lba, n)?;
+            if n > MAX_TRANSFER_BLOCKS {
+                return Err(INVALID_FIELD);
+            }
+            let mut data = vec![0u8; (n * BLOCK) as usize];
+            lun.read(lba * BLOCK, &mut data).map_err(|_| READ_ERROR)?;
+            Ok(data)
+        }
+        0x2f | 0xaf | 0x8f => {
+            let (lba, n) = range(cdb).ok_or(INVALID_FIELD)?;
+            if cdb[1] >> 5 != 0 {
+                return Err(INVALID_FIELD);
+            }
+            check_range(lun, lba, n)?;
+            if (cdb[1] >> 1) & 3 == 1 {
+                if data_out.len() as u64 != n * BLOCK {
+                    return Err(INVALID_FIELD);
+                }
+                let mut data = vec![0u8; data_out.len()];
+                lun.read(lba * BLOCK, &mut data).map_err(|_| READ_ERROR)?;
+                if let Some(at) = data.iter().zip(data_out).position(|(a, b)| a != b) {
+                    return Err(Sense {
+                        info: Some(at as u32),
+                        ..MISCOMPARE
+                    });
+                }
+            }
+            Ok(Vec::new())
+        }
+        0x35 | 0x91 | 0x34 | 0x90 => {
+            let (lba, n) = range(cdb).ok_or(INVALID_FIELD)?;
+            check_range(lun, lba, n)?;
+            Ok(Vec::new())
+        }
+        _ => Err(INVALID_OPCODE),
+    }
+}
+
+fn inquiry(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
+    let evpd = cdb[1] & 1 != 0;
+    let page = cdb[2];
+    let alloc = be16(&cdb[3..5]);
+    if cdb[1] & 0xfe != 0 || (!evpd && page != 0) {
+        return Err(INVALID_FIELD);
+    }
+    let id = lun.id();
+    let serial = format!("{id:016x}");
+    let d = if !evpd {
+        let mut d = vec![0u8; 74];
+        d[0] = 0x00; // direct access block device
+        d[2] = 0x06; // SPC-4
+        d[3] = 0x12; // HiSup, response data format 2
+        d[4] = (d.len() - 5) as u8;
+        d[7] = 0x02; // CmdQue
+        d[8..16].copy_from_slice(b"UBLKMIRR");
+        let product = if lun.writable() {
+            b"MIRROR OVERLAY  "
+        } else {
+            b"MIRROR SNAPSHOT "
+        };
+        d[16..32].copy_from_slice(product);
+        d[32..36].copy_from_slice(b"0001");
+        // Version descriptors: SBC-3, SPC-4, iSCSI.
+        for (i, v) in [0x04c0u16, 0x0460, 0x0960].iter().enumerate() {
+            d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
+        }
+        d
+    } else {
+        let mut body: Vec<u8> = match page {
+            0x00 => vec![0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2],
+            0x80 => serial.into_bytes(),
+            0x83 => {
+                // One designator: NAA locally assigned (type 3), binary,
+                // associated with the logical unit.
+                let naa = (3u64 << 60) | (id & ((1 << 60) - 1));
+                let mut v = vec![0x01, 0x03, 0x00, 0x08];
+                v.extend_from_slice(&naa.to_be_bytes());
+                v
+            }
+            0xb0 => {
+                let mut v = vec![0u8; 0x3c];
+                // Maximum and optimal transfer lengths.
+                v[4..8].copy_from_slice(&(MAX_TRANSFER_BLOCKS as u32).to_be_bytes());
+                v[8..12].copy_from_slice(&128u32.to_be_bytes());
+                v
+            }
+            0xb1 => {
+                let mut v = vec![0u8; 0x3c];
+                v[1] = 0x01; // non-rotating medium
+                v
+            }
+            0xb2 => {
+                // LBPRZ; thin provisioning (holes are reported); no UNMAP
+                // on a read-only unit.
+                let unmap = if lun.writable() {
+                    0x80 | 0x40 | 0x20
+                } else {
+                    0
+                };
+                vec![0x00, unmap | 0x04, 0x02, 0x00]
+            }
+            _ => return Err(INVALID_FIELD),
+        };
+        let mut d = vec![0x00, page];
+        d.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        d.append(&mut body);
+        d
+    };
+    Ok(truncate(d, alloc))
+}
+
+fn lba_status(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
+    let lba = be64(&cdb[2..10]);
+    let alloc = be32(&cdb[10..14]);
+    let blocks = lun.size() / BLOCK;
+    if lba >= blocks {
+        return Err(LBA_OUT_OF_RANGE);
+    }
+    let room = ((alloc.saturating_sub(8)) / 16) as usize;
+    let mut descriptors = Vec::new();
+    let mut at = lba;
+    while at < blocks && descriptors.len() < room.clamp(1, MAX_LBA_STATUS_DESCRIPTORS) {
+        let (mapped, len) = lun.extent(at * BLOCK).map_err(|_| READ_ERROR)?;
+        let n = (len / BLOCK).clamp(1, blocks - at).min(0xffff_ffff);
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&at.to_be_bytes());
+        d[8..12].copy_from_slice(&(n as u32).to_be_bytes());
+        d[12] = if mapped { 0 } else { 1 };
+        descriptors.push(d);
+        at += n;
+    }
+    let mut out = vec![0u8; 8];
+    let len = (4 + 16 * descriptors.len()) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    for d in descriptors {
+        out.extend_from_slice(&d);
+    }
+    Ok(truncate(out, alloc))
+}
+
+fn mode_sense(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
+    let ten = cdb[0] == 0x5a;
+    let dbd = cdb[1] & 0x08 != 0;
+    let pc = cdb[2] >> 6;
+    let page = cdb[2] & 0x3f;
+    let subpage = cdb[3];
+    let alloc = if ten {
+        be16(&cdb[7..9])
+    } else {
+        u64::from(cdb[4])
+    };
+    if pc == 3 {
+        return Err(NO_SAVING);
+    }
+    if subpage != 0 && subpage != 0xff {
+        return Err(INVALID_FIELD);
+    }
+    let changeable = pc == 1;
+    let caching = |c: bool| {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x08;
+        p[1] = 0x12;
+        if !c {
+            p[2] = 0x04; // WCE: a volatile cache (nothing is lost here)
+        }
+        p
+    };
+    let control = |c: bool| {
+        let mut p = vec![0u8; 12];
+        p[0] = 0x0a;
+        p[1] = 0x0a;
+        if !c {
+            p[2] = 0x02; // GLTSD
+            p[8] = 0xff; // busy timeout period: unlimited
+            p[9] = 0xff;
+        }
+        p
+    };
+    let exceptions = |_: bool| {
+        let mut p = vec![0u8; 12];
+        p[0] = 0x1c;
+        p[1] = 0x0a;
+        p
+    };
+    let mut pages = Vec::new();
+    match page {
+        0x08 => pages.extend(caching(changeable)),
+        0x0a => pages.extend(control(changeable)),
+        0x1c => pages.extend(exceptions(changeable)),
+        0x3f => {
+            pages.extend(caching(changeable));
+            pages.extend(control(changeable));
+            pages.extend(exceptions(changeable));
+        }
+        _ => return Err(INVALID_FIELD),
+    }
+    let blocks = lun.size() / BLOCK;
+    let mut descriptor = Vec::new();
+    if !dbd {
+        descriptor = vec![0u8; 8];
+        let n = if blocks > 0xff_ffff {
+            0xff_ffff
+        } else {
+            blocks
+        } as u32;
+        descriptor[..4].copy_from_slice(&n.to_be_bytes());
+        descriptor[4] = 0;
+        descriptor[5..8].copy_from_slice(&(BLOCK as u32).to_be_bytes()[1..]);
+    }
+    let device_specific = if lun.writable() { 0x10 } else { 0x80 | 0x10 };
+    let mut d = if ten {
+        let total = 8 + descriptor.len() + pages.len();
+        let mut h = vec![0u8; 8];
+        h[..2].copy_from_slice(&((total - 2) as u16).to_be_bytes());
+        h[3] = device_specific;
+        h[6..8].copy_from_slice(&(descriptor.len() as u16).to_be_bytes());
+        h
+    } else {
+        let total = 4 + descriptor.len() + pages.len();
+        vec![
+            (total - 1) as u8,
+            0,
+            device_specific,
+            descriptor.len() as u8,
+        ]
+    };
+    d.extend(descriptor);
+    d.extend(pages);
+    Ok(truncate(d, alloc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1 MiB: data in the first 64 KiB, then a hole.
+    struct Mem(Vec<u8>);
+
+    impl Lun for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..][..buf.len()]);
+            Ok(())
+        }
+        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+            Ok(if offset < 65536 {
+                (true, 65536 - offset)
+            } else {
+                (false, self.size() - offset)
+            })
+        }
+        fn id(&self) -> u64 {
+            0x1234
+        }
+    }
+
+    fn mem() -> Mem {
+        let mut v = vec![0u8; 1 << 20];
+        for (i, b) in v[..65536].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        Mem(v)
+    }
+
+    fn cdb(bytes: &[u8]) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..bytes.len()].copy_from_slice(bytes);
+        c
+    }
+
+    #[test]
+    fn reads_are_range_checked_and_writes_refused() {
+        let m = mem();
+        let lun: Option<&dyn Lun> = Some(&m);
+        let blocks = (1u64 << 20) / BLOCK;
+        // READ(10) of 2 blocks at LBA 1.
+        let Outcome::Good(d) = execute(&cdb(&[0x28, 0, 0, 0, 0, 1, 0, 0, 2, 0]), lun, &[]) else {
+            panic!()
+        };
+        assert_eq!(d, m.0[512..1536]);
+        // READ(16) past the end, and wrapping.
+        let mut c = cdb(&[0x88]);
+        c[2..10].copy_from_slice(&(blocks - 1).to_be_bytes());
+        c[10..14].copy_from_slice(&2u32.to_be_bytes());
+        assert_eq!(execute(&c, lun, &[]), Outcome::Check(LBA_OUT_OF_RANGE));
+        c[2..10].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(execute(&c, lun, &[]), Outcome::Check(LBA_OUT_OF_RANGE));
+        // RDPROTECT is refused.
+        assert_eq!(
+            execute(&cdb(&[0x28, 0x20, 0, 0, 0, 0, 0, 0, 1, 0]), lun, &[]),
+            Outcome::Check(INVALID_FIELD)
+        );
+        // Every write-class opcode: DATA PROTECT, before anything else.
+        for op in [
+            0x0a, 0x2a, 0xaa, 0x8a, 0x2e, 0xae, 0x8e, 0x41, 0x93, 0x42, 0x8b, 0x89,
+        ] {
+            assert_eq!(prepare(&cdb(&[op]), lun), Err(WRITE_PROTECTED), "{op:#x}");
+            assert_eq!(
+                execute(&cdb(&[op]), lun, &[]),
+                Outcome::Check(WRITE_PROTECTED)
+            );
+        }
+        // No unit at another LUN.
+        assert_eq!(
+            execute(&cdb(&[0x00]), None, &[]),
+            Outcome::Check(NO_SUCH_LUN)
+        );
+        assert_eq!(
+            execute(&cdb(&[0x99]), lun, &[]),
+            Outcome::Check(INVALID_OPCODE)
+        );
+    }
+
+    #[test]
+    fn verify_compares_and_reports_where() {
+        let m = mem();
+        let lun: Option<&dyn Lun> = Some(&m);
+        let c = cdb(&[0x2f, 0x02, 0, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(prepare(&c, lun), Ok(Needs::Data(512)));
+        let mut data = m.0[..512].to_vec();
+        assert_eq!(execute(&c, lun, &data), Outcome::Good(Vec::new()));
+        data[100] ^= 1;
+        let Outcome::Check(s) = execute(&c, lun, &data) else {
+            panic!()
+        };
+        assert_eq!((s.key, s.asc, s.info), (0x0e, 0x1d, Some(100)));
+    }
+
+    #[test]
+    fn capacity_holes_and_write_protect_are_reported() {
+        let m = mem();
+        let lun: Option<&dyn Lun> = Some(&m);
+        let mut c = cdb(&[0x9e, 0x10]);
+        c[13] = 32;
+        let Outcome::Good(d) = execute(&c, lun, &[]) else {
+            panic!()
+        };
+        assert_eq!(be64(&d[..8]), 2047);
+        assert_eq!(d[14] & 0x80, 0x80, "LBPME");
+        // GET LBA STATUS from LBA 0: mapped 128 blocks, then a hole.
+        let mut c = cdb(&[0x9e, 0x12]);
+        c[13] = 255;
+        let Outcome::Good(d) = execute(&c, lun, &[]) else {
+            panic!()
+        };
+        assert_eq!(be32(&d[..4]), 4 + 32);
+        assert_eq!((be64(&d[8..16]), be32(&d[16..20]), d[20]), (0, 128, 0));
+        assert_eq!((be64(&d[24..32]), be32(&d[32..36]), d[36]), (128, 1920, 1));
+        c[2..10].copy_from_slice(&(1u64 << 63).to_be_bytes());
+        assert_eq!(execute(&c, lun, &[]), Outcome::Check(LBA_OUT_OF_RANGE));
+        // MODE SENSE(6), all pages: WP set.
+        let Outcome::Good(d) = execute(&cdb(&[0x1a, 0, 0x3f, 0, 255, 0]), lun, &[]) else {
+            panic!()
+        };
+        assert_eq!(d[2] & 0x80, 0x80);
+        assert_eq!(usize::from(d[0]) + 1, d.len());
+        assert_eq!(
+            execute(&cdb(&[0x1a, 0, 0xc8, 0, 255, 0]), lun, &[]),
+            Outcome::Check(NO_SAVING)
+        );
+        // INQUIRY: EVPD=0 with a page code is refused.
+        assert_eq!(
+            execute(&cdb(&[0x12, 0, 0x80, 0, 255, 0]), lun, &[]),
+            Outcome::Check(INVALID_FIELD)
+        );
+        let Outcome::Good(d) = execute(&cdb(&[0x12, 1, 0x83, 0, 255, 0]), lun, &[]) else {
+            panic!()
+        };
+        assert_eq!(d[1], 0x83);
+        assert_eq!(d[8] >> 4, 3, "NAA type 3");
+    }
+}

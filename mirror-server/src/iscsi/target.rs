@@ -1,0 +1,676 @@
+//! The iSCSI target: TCP connections, login (security and operational
+//! negotiation), discovery, and the full feature phase that carries SCSI
+//! commands to a [`Lun`] (RFC 7143). One connection per session, error
+//! recovery level 0; commands run in CmdSN order.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::pdu::{op, Pdu, BHS, MAX_DATA_SEGMENT};
+use super::scsi::{self, Lun, Needs, Outcome};
+use super::text::{self, Params};
+
+/// Commands an initiator may have outstanding (MaxCmdSN - ExpCmdSN + 1).
+const WINDOW: u32 = 32;
+/// Longest wait for the next PDU of a login, or for solicited data.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a login's text may be, over all its PDUs.
+const MAX_LOGIN_TEXT: usize = 64 << 10;
+
+/// One exported logical unit, behind a target name.
+pub struct Export {
+    /// The target's name (an IQN).
+    pub iqn: String,
+    /// What it serves, as LUN 0.
+    pub lun: Arc<dyn Lun>,
+    /// Initiator names allowed (empty: any).
+    pub allowed: Vec<String>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("iqn", &self.iqn)
+            .field("allowed", &self.allowed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Export {
+    fn allows(&self, initiator: &str) -> bool {
+        self.allowed.is_empty() || self.allowed.iter().any(|a| a == initiator)
+    }
+}
+
+/// A target: its exports and the address it tells initiators.
+#[derive(Debug)]
+pub struct Target {
+    /// What it serves.
+    pub exports: Vec<Arc<Export>>,
+    /// Sessions made so far (TSIH source).
+    sessions: AtomicU16,
+}
+
+impl Target {
+    /// A target serving `exports`.
+    pub fn new(exports: Vec<Arc<Export>>) -> Target {
+        Target {
+            exports,
+            sessions: AtomicU16::new(0),
+        }
+    }
+
+    fn tsih(&self) -> u16 {
+        loop {
+            let n = self
+                .sessions
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            if n != 0 {
+                return n;
+            }
+        }
+    }
+}
+
+/// Serve `target` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    target: Arc<Target>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    // Connections end with the target.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let target = target.clone();
+                    connections.spawn(async move {
+                        match Connection::new(stream, peer, target).run().await {
+                            Ok(()) => tracing::debug!(%peer, "iSCSI connection closed"),
+                            Err(e) => tracing::info!(%peer, "iSCSI connection ended: {e}"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("iSCSI accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown => {
+                connections.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum End {
+    /// The peer closed it, or logged out.
+    Done,
+    /// Anything else, said for the log.
+    Error(String),
+}
+
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> End {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            End::Done
+        } else {
+            End::Error(e.to_string())
+        }
+    }
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Done => write!(f, "closed"),
+            End::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionType {
+    Discovery,
+    Normal,
+}
+
+struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    target: Arc<Target>,
+    params: Params,
+    /// Digests are used from the full feature phase on.
+    digests: bool,
+    stat_sn: u32,
+    exp_cmd_sn: u32,
+    export: Option<Arc<Export>>,
+    kind: SessionType,
+    initiator: String,
+    /// PDUs read while waiting for solicited data, to handle after.
+    pending: VecDeque<Pdu>,
+    next_ttt: u32,
+}
+
+impl Connection {
+    fn new(stream: TcpStream, peer: SocketAddr, target: Arc<Target>) -> Connection {
+        let _ = stream.set_nodelay(true);
+        Connection {
+            stream,
+            peer,
+            target,
+            params: Params::default(),
+            digests: false,
+            stat_sn: 0,
+            exp_cmd_sn: 0,
+            export: None,
+            kind: SessionType::Normal,
+            initiator: String::new(),
+            pending: VecDeque::new(),
+            next_ttt: 1,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), End> {
+        match tokio::time::timeout(LOGIN_TIMEOUT, self.login()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Ok(()),
+            Ok(Err(End::Done)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(End::Error("login timed out".into())),
+        }
+        tracing::info!(
+            peer = %self.peer,
+            initiator = %self.initiator,
+            target = self.export.as_ref().map_or("(discovery)", |e| e.iqn.as_str()),
+            "iSCSI session up"
+        );
+        match self.full_feature().await {
+            Ok(()) | Err(End::Done) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn read_pdu(&mut self) -> Result<Pdu, End> {
+        if let Some(p) = self.pending.pop_front() {
+            return Ok(p);
+        }
+        self.read_wire().await
+    }
+
+    async fn read_wire(&mut self) -> Result<Pdu, End> {
+        let mut bhs = [0u8; BHS];
+        self.stream.read_exact(&mut bhs).await?;
+        let (hd, dd) = self.digest_flags();
+        let len = Pdu::parse_bhs(&bhs, MAX_DATA_SEGMENT).map_err(|e| End::Error(e.to_string()))?;
+        let mut rest = vec![0u8; len.rest(hd, dd)];
+        self.stream.read_exact(&mut rest).await?;
+        Pdu::assemble(bhs, len, &rest, hd, dd).map_err(|e| End::Error(e.to_string()))
+    }
+
+    fn digest_flags(&self) -> (bool, bool) {
+        if self.digests {
+            (self.params.header_digest, self.params.data_digest)
+        } else {
+            (false, false)
+        }
+    }
+
+    async fn send(&mut self, pdu: &Pdu) -> Result<(), End> {
+        let (hd, dd) = self.digest_flags();
+        self.stream.write_all(&pdu.encode(hd, dd)).await?;
+        Ok(())
+    }
+
+    /// Status fields every response carries: StatSN (advanced when
+    /// `advance`), ExpCmdSN, MaxCmdSN.
+    fn stamp(&mut self, pdu: &mut Pdu, advance: bool) {
+        pdu.set_u32(24, self.stat_sn);
+        if advance {
+            self.stat_sn = self.stat_sn.wrapping_add(1);
+        }
+        pdu.set_u32(28, self.exp_cmd_sn);
+        pdu.set_u32(32, self.exp_cmd_sn.wrapping_add(WINDOW - 1));
+    }
+
+    /// The login phase; `Ok(true)` once in full feature phase, `Ok(false)`
+    /// when the login was refused (answered, connection to close).
+    async fn login(&mut self) -> Result<bool, End> {
+        let mut first = true;
+        let mut declared = false;
+        let mut text_in = Vec::new();
+        let mut tsih = 0u16;
+        loop {
+            let req = self.read_wire().await?;
+            if req.opcode() != op::LOGIN_REQ {
+                return Err(End::Error(format!(
+                    "opcode {:#04x} during login",
+                    req.opcode()
+                )));
+            }
+            let flags = req.flags();
+            let transit = flags & 0x80 != 0;
+            let cont = flags & 0x40 != 0;
+            let csg = (flags >> 2) & 3;
+            let nsg = flags & 3;
+            if first {
+                self.stat_sn = req.exp_stat_sn();
+                if req.bhs[3] > 0 {
+                    // Version-min above 0: we speak only 0.
+                    return self.refuse(&req, 0x02, 0x05).await;
+                }
+            }
+            self.exp_cmd_sn = req.cmd_sn();
+            text_in.extend_from_slice(&req.data);
+            if text_in.len() > MAX_LOGIN_TEXT {
+                return self.refuse(&req, 0x02, 0x00).await;
+            }
+            if cont {
+                // More text follows: acknowledge this part.
+                let mut rsp = self.login_response(&req, csg, csg, false, tsih);
+                rsp.data.clear();
+                self.send(&rsp).await?;
+                continue;
+            }
+            let Some(keys) = text::parse(&text_in) else {
+                return self.refuse(&req, 0x02, 0x00).await;
+            };
+            text_in.clear();
+            let get = |k: &str| keys.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+            let mut answers: Vec<(String, String)> = Vec::new();
+            if first {
+                let Some(initiator) = get("InitiatorName") else {
+                    return self.refuse(&req, 0x02, 0x07).await;
+                };
+                self.initiator = initiator;
+                self.kind = match get("SessionType").as_deref() {
+                    None | Some("Normal") => SessionType::Normal,
+                    Some("Discovery") => SessionType::Discovery,
+                    Some(_) => return self.refuse(&req, 0x02, 0x00).await,
+                };
+                if self.kind == SessionType::Normal {
+                    let Some(name) = get("TargetName") else {
+                        return self.refuse(&req, 0x02, 0x07).await;
+                    };
+                    let found = self.target.exports.iter().find(|e| e.iqn == name).cloned();
+                    let Some(export) = found else {
+                        tracing::info!(peer = %self.peer, target = %name, "login to an unknown target");
+                        return self.refuse(&req, 0x02, 0x03).await;
+                    };
+                    if !export.allows(&self.initiator) {
+                        // As if it were not there (tgt does the same).
+                        tracing::warn!(peer = %self.peer, initiator = %self.initiator, target = %name, "initiator not allowed");
+                        return self.refuse(&req, 0x02, 0x03).await;
+                    }
+                    self.export = Some(export);
+                    answers.push(("TargetPortalGroupTag".into(), "1".into()));
+                }
+                first = false;
+            }
+            if csg == 0 {
+                if let Some(methods) = get("AuthMethod") {
+                    if methods.split(',').any(|m| m == "None") {
+                        answers.push(("AuthMethod".into(), "None".into()));
+                    } else {
+                        return self.refuse(&req, 0x02, 0x01).await;
+                    }
+                }
+            } else if csg != 1 {
+                return self.refuse(&req, 0x02, 0x00).await;
+            }
+            let negotiated = text::negotiate(&keys, &mut self.params);
+            answers.extend(negotiated);
+            if csg == 1 && !declared {
+                answers.extend(text::declarations());
+                declared = true;
+            }
+            let (transit, nsg) = if transit { (true, nsg) } else { (false, csg) };
+            if transit && nsg == 3 {
+                tsih = self.target.tsih();
+                if !declared {
+                    answers.extend(text::declarations());
+                }
+            }
+            let mut rsp = self.login_response(&req, csg, nsg, transit, tsih);
+            rsp.data = text::encode(&answers);
+            self.send(&rsp).await?;
+            if transit && nsg == 3 {
+                self.digests = true;
+                return Ok(true);
+            }
+        }
+    }
+
+    fn login_response(&mut self, req: &Pdu, csg: u8, nsg: u8, transit: bool, tsih: u16) -> Pdu {
+        let mut rsp = Pdu::new(op::LOGIN_RSP);
+        rsp.bhs[1] = if transit {
+            0x80 | (csg << 2) | nsg
+        } else {
+            csg << 2
+        };
+        rsp.bhs[2] = 0; // version-max
+        rsp.bhs[3] = 0; // version-active
+        rsp.bhs[8..14].copy_from_slice(&req.bhs[8..14]);
+        rsp.bhs[14..16].copy_from_slice(&tsih.to_be_bytes());
+        rsp.set_u32(16, req.itt());
+        self.stamp(&mut rsp, true);
+        rsp
+    }
+
+    async fn refuse(&mut self, req: &Pdu, class: u8, detail: u8) -> Result<bool, End> {
+        let mut rsp = Pdu::new(op::LOGIN_RSP);
+        rsp.bhs[8..14].copy_from_slice(&req.bhs[8..14]);
+        rsp.set_u32(16, req.itt());
+        self.stamp(&mut rsp, false);
+        rsp.bhs[36] = class;
+        rsp.bhs[37] = detail;
+        self.send(&rsp).await?;
+        Ok(false)
+    }
+
+    async fn full_feature(&mut self) -> Result<(), End> {
+        loop {
+            let p = self.read_pdu().await?;
+            // Commands that consume a CmdSN: in order, or ignored.
+            let counted = !p.immediate()
+                && matches!(
+                    p.opcode(),
+                    op::SCSI_CMD | op::NOP_OUT | op::TEXT_REQ | op::LOGOUT_REQ | op::TMF_REQ
+                );
+            let nop_ping = p.opcode() == op::NOP_OUT && p.itt() == 0xffff_ffff;
+            if counted && !nop_ping {
+                if p.cmd_sn() != self.exp_cmd_sn {
+                    tracing::debug!(
+                        cmd_sn = p.cmd_sn(),
+                        expected = self.exp_cmd_sn,
+                        "CmdSN out of order: ignored"
+                    );
+                    continue;
+                }
+                self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
+            }
+            match p.opcode() {
+                op::NOP_OUT => {
+                    if p.itt() != 0xffff_ffff {
+                        let mut rsp = Pdu::new(op::NOP_IN);
+                        rsp.bhs[1] = 0x80;
+                        rsp.bhs[8..16].copy_from_slice(&p.bhs[8..16]);
+                        rsp.set_u32(16, p.itt());
+                        rsp.set_u32(20, 0xffff_ffff);
+                        self.stamp(&mut rsp, true);
+                        rsp.data = p.data.clone();
+                        rsp.data.truncate(self.params.max_send_data);
+                        self.send(&rsp).await?;
+                    }
+                }
+                op::SCSI_CMD => {
+                    if self.kind == SessionType::Discovery {
+                        self.reject(&p, 0x0b).await?;
+                        continue;
+                    }
+                    self.scsi_command(p).await?;
+                }
+                op::TEXT_REQ => self.text(p).await?,
+                op::LOGOUT_REQ => {
+                    let mut rsp = Pdu::new(op::LOGOUT_RSP);
+                    rsp.bhs[1] = 0x80;
+                    rsp.set_u32(16, p.itt());
+                    self.stamp(&mut rsp, true);
+                    self.send(&rsp).await?;
+                    let _ = self.stream.shutdown().await;
+                    return Err(End::Done);
+                }
+                op::TMF_REQ => {
+                    let function = p.flags() & 0x7f;
+                    let mut rsp = Pdu::new(op::TMF_RSP);
+                    rsp.bhs[1] = 0x80;
+                    // Commands run one at a time and are done by now: an
+                    // abort or reset finds nothing left to stop.
+                    rsp.bhs[2] = match function {
+                        1..=3 | 5..=7 => 0,
+                        _ => 5,
+                    };
+                    rsp.set_u32(16, p.itt());
+                    self.stamp(&mut rsp, true);
+                    self.send(&rsp).await?;
+                }
+                op::DATA_OUT => {
+                    // Not solicited (InitialR2T=Yes): a protocol error.
+                    self.reject(&p, 0x04).await?;
+                }
+                _ => self.reject(&p, 0x05).await?,
+            }
+        }
+    }
+
+    async fn reject(&mut self, p: &Pdu, reason: u8) -> Result<(), End> {
+        let mut rsp = Pdu::new(op::REJECT);
+        rsp.bhs[1] = 0x80;
+        rsp.bhs[2] = reason;
+        rsp.set_u32(16, 0xffff_ffff);
+        self.stamp(&mut rsp, true);
+        rsp.data = p.bhs.to_vec();
+        self.send(&rsp).await
+    }
+
+    async fn text(&mut self, p: Pdu) -> Result<(), End> {
+        let keys = text::parse(&p.data).unwrap_or_default();
+        let mut answers = Vec::new();
+        for (k, v) in &keys {
+            if k == "SendTargets" {
+                let address = self
+                    .stream
+                    .local_addr()
+                    .map(|a| match a {
+                        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+                        v4 => v4.to_string(),
+                    })
+                    .unwrap_or_default();
+                for e in &self.target.exports {
+                    let wanted = v == "All"
+                        || (v.is_empty() && self.export.as_ref().is_some_and(|x| x.iqn == e.iqn))
+                        || *v == e.iqn;
+                    if wanted && e.allows(&self.initiator) {
+                        answers.push(("TargetName".to_string(), e.iqn.clone()));
+                        answers.push(("TargetAddress".to_string(), format!("{address},1")));
+                    }
+                }
+            } else {
+                answers.push((k.clone(), "NotUnderstood".to_string()));
+            }
+        }
+        let mut rsp = Pdu::new(op::TEXT_RSP);
+        rsp.bhs[1] = 0x80;
+        rsp.set_u32(16, p.itt());
+        rsp.set_u32(20, 0xffff_ffff);
+        self.stamp(&mut rsp, true);
+        rsp.data = text::encode(&answers);
+        rsp.data.truncate(self.params.max_send_data);
+        self.send(&rsp).await
+    }
+
+    async fn scsi_command(&mut self, p: Pdu) -> Result<(), End> {
+        let flags = p.flags();
+        let write = flags & 0x20 != 0;
+        let edtl = p.u32_at(20) as usize;
+        let mut cdb = [0u8; 16];
+        cdb.copy_from_slice(&p.bhs[32..48]);
+        let lun_bytes = p.lun();
+        let lun_number = (u16::from(lun_bytes[0] & 0x3f) << 8) | u16::from(lun_bytes[1]);
+        let lun: Option<Arc<dyn Lun>> = match (&self.export, lun_number) {
+            (Some(e), 0) => Some(e.lun.clone()),
+            _ => None,
+        };
+        let prepared = scsi::prepare(&cdb, lun.as_deref());
+        let data_out = match prepared {
+            Err(sense) => {
+                return self.respond(&p, Outcome::Check(sense), edtl, write).await;
+            }
+            Ok(Needs::Nothing) => Vec::new(),
+            Ok(Needs::Data(n)) => {
+                if !write || (edtl as u64) < n {
+                    return self
+                        .respond(&p, Outcome::Check(scsi::INVALID_FIELD), edtl, write)
+                        .await;
+                }
+                self.collect(&p, edtl).await?
+            }
+        };
+        let outcome =
+            tokio::task::spawn_blocking(move || scsi::execute(&cdb, lun.as_deref(), &data_out))
+                .await
+                .map_err(|e| End::Error(format!("a command failed: {e}")))?;
+        self.respond(&p, outcome, edtl, write).await
+    }
+
+    /// Gather a write command's data: immediate, then solicited by R2T.
+    async fn collect(&mut self, cmd: &Pdu, edtl: usize) -> Result<Vec<u8>, End> {
+        let mut data = cmd.data.clone();
+        data.truncate(edtl);
+        data.resize(edtl, 0);
+        let mut have = cmd.data.len().min(edtl);
+        let mut r2t_sn = 0u32;
+        while have < edtl {
+            let want = (edtl - have).min(self.params.max_burst);
+            let ttt = self.next_ttt;
+            self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
+            let mut r2t = Pdu::new(op::R2T);
+            r2t.bhs[1] = 0x80;
+            r2t.bhs[8..16].copy_from_slice(&cmd.bhs[8..16]);
+            r2t.set_u32(16, cmd.itt());
+            r2t.set_u32(20, ttt);
+            self.stamp(&mut r2t, false);
+            r2t.set_u32(36, r2t_sn);
+            r2t.set_u32(40, have as u32);
+            r2t.set_u32(44, want as u32);
+            self.send(&r2t).await?;
+            r2t_sn += 1;
+            let mut got = 0usize;
+            let mut expect_sn = 0u32;
+            loop {
+                let p = tokio::time::timeout(LOGIN_TIMEOUT, self.read_wire())
+                    .await
+                    .map_err(|_| End::Error("solicited data never came".into()))??;
+                if p.opcode() != op::DATA_OUT || p.u32_at(20) != ttt {
+                    self.pending.push_back(p);
+                    continue;
+                }
+                let offset = p.u32_at(40) as usize;
+                if p.u32_at(36) != expect_sn
+                    || offset != have + got
+                    || offset + p.data.len() > edtl
+                    || got + p.data.len() > want
+                {
+                    return Err(End::Error("Data-Out out of sequence".into()));
+                }
+                expect_sn += 1;
+                data[offset..offset + p.data.len()].copy_from_slice(&p.data);
+                got += p.data.len();
+                if p.flags() & 0x80 != 0 {
+                    break;
+                }
+            }
+            have += got;
+            if got < want {
+                return Err(End::Error("a data burst ended short".into()));
+            }
+        }
+        Ok(data)
+    }
+
+    async fn respond(
+        &mut self,
+        cmd: &Pdu,
+        outcome: Outcome,
+        edtl: usize,
+        write: bool,
+    ) -> Result<(), End> {
+        match outcome {
+            Outcome::Good(data) if !data.is_empty() && !write => {
+                let sent = data.len().min(edtl);
+                let (flag, residual) = match data.len().cmp(&edtl) {
+                    std::cmp::Ordering::Greater => (0x04, data.len() - edtl),
+                    std::cmp::Ordering::Less => (0x02, edtl - data.len()),
+                    std::cmp::Ordering::Equal => (0, 0),
+                };
+                if sent == 0 {
+                    return self.status(cmd, scsi::GOOD, None, flag, residual).await;
+                }
+                let step = self.params.max_send_data.max(512);
+                let mut at = 0usize;
+                let mut data_sn = 0u32;
+                while at < sent {
+                    let end = (at + step).min(sent);
+                    let last = end == sent;
+                    let mut rsp = Pdu::new(op::DATA_IN);
+                    rsp.bhs[1] = if last { 0x80 | 0x01 | flag } else { 0 };
+                    rsp.set_u32(16, cmd.itt());
+                    rsp.set_u32(20, 0xffff_ffff);
+                    if last {
+                        rsp.bhs[3] = scsi::GOOD;
+                        self.stamp(&mut rsp, true);
+                        rsp.set_u32(44, residual as u32);
+                    } else {
+                        rsp.set_u32(28, self.exp_cmd_sn);
+                        rsp.set_u32(32, self.exp_cmd_sn.wrapping_add(WINDOW - 1));
+                    }
+                    rsp.set_u32(36, data_sn);
+                    rsp.set_u32(40, at as u32);
+                    rsp.data = data[at..end].to_vec();
+                    self.send(&rsp).await?;
+                    data_sn += 1;
+                    at = end;
+                }
+                Ok(())
+            }
+            Outcome::Good(_) => {
+                let (flag, residual) = if edtl > 0 && !write {
+                    (0x02, edtl)
+                } else {
+                    (0, 0)
+                };
+                self.status(cmd, scsi::GOOD, None, flag, residual).await
+            }
+            Outcome::Check(sense) => {
+                self.status(cmd, scsi::CHECK_CONDITION, Some(sense), 0, 0)
+                    .await
+            }
+        }
+    }
+
+    async fn status(
+        &mut self,
+        cmd: &Pdu,
+        status: u8,
+        sense: Option<scsi::Sense>,
+        flag: u8,
+        residual: usize,
+    ) -> Result<(), End> {
+        let mut rsp = Pdu::new(op::SCSI_RSP);
+        rsp.bhs[1] = 0x80 | flag;
+        rsp.bhs[2] = 0; // command completed at target
+        rsp.bhs[3] = status;
+        rsp.set_u32(16, cmd.itt());
+        self.stamp(&mut rsp, true);
+        rsp.set_u32(44, residual as u32);
+        if let Some(s) = sense {
+            let bytes = s.bytes();
+            rsp.data = (bytes.len() as u16).to_be_bytes().to_vec();
+            rsp.data.extend_from_slice(&bytes);
+        }
+        self.send(&rsp).await
+    }
+}
