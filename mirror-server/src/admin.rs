@@ -65,6 +65,10 @@ pub enum Op {
         name: Option<String>,
         /// Initiator names allowed (empty: any).
         allow: Vec<String>,
+        /// Serve a throwaway copy-on-write overlay (writes allowed, the
+        /// snapshot untouched).
+        #[serde(default)]
+        writable: bool,
     },
     /// Stop an export.
     Unexport {

@@ -111,6 +111,11 @@ enum Command {
         /// Let in only this initiator name (repeat for several) [default: any].
         #[arg(long = "allow", value_name = "INITIATOR")]
         allow: Vec<String>,
+        /// Serve a throwaway copy-on-write overlay: the initiator may
+        /// write (to boot or fsck a restored system); the writes are gone
+        /// when the export ends, and the snapshot is never touched.
+        #[arg(long)]
+        writable: bool,
     },
     /// Make a volume from an image file: to seed a mirror with a copy
     /// brought by other means (a disk shipped, an old backup), or to serve
@@ -207,7 +212,8 @@ fn main() -> ExitCode {
             listen,
             name,
             allow,
-        } => export(&cli.data, &target, listen, name, allow),
+            writable,
+        } => export(&cli.data, &target, listen, name, allow, writable),
         Command::Import { volume, from } => import(&cli.data, &volume, &from),
         Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
@@ -349,6 +355,7 @@ fn export(
     listen: std::net::SocketAddr,
     name: Option<String>,
     allow: Vec<String>,
+    writable: bool,
 ) -> mirror_server::Result<()> {
     let (volume, at) = match target.split_once('@') {
         Some((v, a)) => (v.to_string(), Some(a.to_string())),
@@ -365,10 +372,15 @@ fn export(
         let iqn = info["iqn"].as_str().unwrap_or_default();
         let portal = info["portal"].as_str().unwrap_or_default();
         println!(
-            "exported {volume}@{} (epoch {}, published {}) read-only",
+            "exported {volume}@{} (epoch {}, published {}) {}",
             info["snapshot"].as_str().unwrap_or_default(),
             info["epoch"],
-            snapshots::time_name(info["epoch_ms"].as_u64().unwrap_or(0))
+            snapshots::time_name(info["epoch_ms"].as_u64().unwrap_or(0)),
+            if writable {
+                "with a throwaway writable overlay"
+            } else {
+                "read-only"
+            }
         );
         println!("  target {iqn}");
         println!("  portal {portal}");
@@ -381,6 +393,7 @@ fn export(
         listen,
         name: name.clone(),
         allow: allow.clone(),
+        writable,
     };
     if admin::server_running(data) {
         let info = admin::request(data, op)?;
@@ -402,9 +415,18 @@ fn export(
         .map_err(|e| mirror_server::Error::io("starting the async runtime", e))?;
     runtime.block_on(async {
         let shared = std::sync::Arc::new(tokio::sync::Mutex::new(opened));
-        let running =
-            mirror_server::serve::export(shared, client, vname, at.as_deref(), listen, name, allow)
-                .await?;
+        let overlay = writable.then_some(dir.as_path());
+        let running = mirror_server::serve::export(
+            shared,
+            client,
+            vname,
+            at.as_deref(),
+            listen,
+            name,
+            allow,
+            overlay,
+        )
+        .await?;
         show(&mirror_server::serve::export_json(&running));
         println!("serving until Ctrl-C (or SIGTERM)");
         let _ = std::io::stdout().flush();

@@ -170,10 +170,23 @@ async fn admin_request(shared: &Arc<Shared>, op: admin::Op) -> Result<serde_json
             listen,
             name,
             allow,
+            writable,
         } => {
             let (client, vname) = split_volume(&volume)?;
             let v = open_volume(shared, client, vname, None)?;
-            let running = export(v, client, vname, at.as_deref(), listen, name, allow).await?;
+            let dir = shared.data.join(VOLUMES_DIR).join(client).join(vname);
+            let overlay = writable.then_some(dir.as_path());
+            let running = export(
+                v,
+                client,
+                vname,
+                at.as_deref(),
+                listen,
+                name,
+                allow,
+                overlay,
+            )
+            .await?;
             let info = export_json(&running);
             tracing::info!(iqn = %running.iqn, portal = %running.portal, snapshot = %running.snapshot.name, "exported");
             let refused = {
@@ -218,7 +231,9 @@ pub fn export_json(running: &iscsi::Running) -> serde_json::Value {
     })
 }
 
-/// Export version `at` of `volume` (of `client`) over iSCSI on `listen`.
+/// Export version `at` of `volume` (of `client`) over iSCSI on `listen`
+/// (with `overlay`: writable, its throwaway file made there).
+#[allow(clippy::too_many_arguments)]
 pub async fn export(
     volume: SharedVolume,
     client: &str,
@@ -227,6 +242,7 @@ pub async fn export(
     listen: std::net::SocketAddr,
     iqn: Option<String>,
     allow: Vec<String>,
+    overlay: Option<&Path>,
 ) -> Result<iscsi::Running> {
     let (info, pin, size, uuid) = {
         let mut v = volume.lock().await;
@@ -248,7 +264,7 @@ pub async fn export(
         size,
         &uuid,
     ));
-    match iscsi::start(lun.clone(), iqn, listen, allow).await {
+    match iscsi::start(lun.clone(), overlay, iqn, listen, allow).await {
         Ok(running) => Ok(running),
         Err(e) => {
             let _ = tokio::task::spawn_blocking(move || lun.release()).await;

@@ -9,6 +9,10 @@
 //! - [`scsi`]: the SCSI command set over a [`scsi::Lun`], sans-IO;
 //! - [`target`]: connections, login, discovery, the full feature phase.
 //!
+//! `--writable` serves a throwaway copy-on-write overlay instead
+//! ([`OverlayLun`]): writes land in an unnamed file that is gone when the
+//! export ends; the snapshot is never touched.
+//!
 //! An export reads a pinned snapshot through the volume (so publishing
 //! goes on meanwhile, and the snapshot is never pruned under it); an
 //! export of "now" pins a temporary snapshot, removed when the export
@@ -132,6 +136,121 @@ impl scsi::Lun for SnapshotLun {
     }
 }
 
+/// A throwaway copy-on-write overlay over a [`SnapshotLun`]: writes go to
+/// an unnamed sparse file (gone when the export ends), reads take what
+/// was written from it and the rest from the snapshot, which is never
+/// touched. To boot or fsck a restored system without changing the backup.
+#[derive(Debug)]
+pub struct OverlayLun {
+    base: Arc<SnapshotLun>,
+    file: std::fs::File,
+    /// Byte ranges whose content is the overlay's.
+    written: std::sync::Mutex<ublk_mirror_common::RangeSet>,
+}
+
+impl OverlayLun {
+    /// An overlay over `base`, its file made unnamed in `dir`.
+    pub fn new(base: Arc<SnapshotLun>, dir: &std::path::Path) -> crate::Result<OverlayLun> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc_o_tmpfile())
+            .mode(0o600)
+            .open(dir)
+            .map_err(|e| {
+                crate::Error::io(format!("making an overlay file in {}", dir.display()), e)
+            })?;
+        file.set_len(scsi::Lun::size(&*base))
+            .map_err(|e| crate::Error::io("sizing the overlay file", e))?;
+        Ok(OverlayLun {
+            base,
+            file,
+            written: std::sync::Mutex::new(ublk_mirror_common::RangeSet::new()),
+        })
+    }
+
+    /// The snapshot under it.
+    pub fn base(&self) -> &Arc<SnapshotLun> {
+        &self.base
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, ublk_mirror_common::RangeSet> {
+        self.written.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn libc_o_tmpfile() -> i32 {
+    nix::fcntl::OFlag::O_TMPFILE.bits()
+}
+
+impl scsi::Lun for OverlayLun {
+    fn size(&self) -> u64 {
+        scsi::Lun::size(&*self.base)
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = offset + buf.len() as u64;
+        let pieces: Vec<std::ops::Range<u64>> = self.written().intersection(offset..end).collect();
+        let mut at = offset;
+        for piece in pieces.iter().cloned().chain(std::iter::once(end..end)) {
+            if at < piece.start {
+                let b = &mut buf[(at - offset) as usize..(piece.start - offset) as usize];
+                scsi::Lun::read(&*self.base, at, b)?;
+            }
+            if piece.start < piece.end {
+                let b = &mut buf[(piece.start - offset) as usize..(piece.end - offset) as usize];
+                self.file.read_exact_at(b, piece.start)?;
+            }
+            at = at.max(piece.end);
+        }
+        Ok(())
+    }
+
+    fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+        let size = scsi::Lun::size(self);
+        let written = self.written();
+        if written.contains(offset) {
+            // What was written counts as data (zeroed ranges too: safe).
+            let end = written
+                .intersection(offset..size)
+                .next()
+                .map_or(offset + 1, |r| r.end);
+            return Ok((true, end - offset));
+        }
+        let next = written
+            .intersection(offset..size)
+            .next()
+            .map_or(size, |r| r.start);
+        drop(written);
+        let (mapped, len) = scsi::Lun::extent(&*self.base, offset)?;
+        Ok((mapped, len.min(next - offset).max(1)))
+    }
+
+    fn id(&self) -> u64 {
+        // Another unit than the snapshot itself.
+        scsi::Lun::id(&*self.base) ^ 0x0f0f_0f0f_0f0f_0f0f
+    }
+
+    fn writable(&self) -> bool {
+        true
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, offset)?;
+        self.written().insert(offset..offset + data.len() as u64);
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        ublk_mirror_common::fsutil::punch_or_zero(&self.file, offset, len)?;
+        self.written().insert(offset..offset + len);
+        Ok(())
+    }
+}
+
 /// A running export.
 #[derive(Debug)]
 pub struct Running {
@@ -157,14 +276,21 @@ impl Running {
     }
 }
 
-/// Serve `lun` as target `iqn` on `listen`, letting initiators named in
+/// Serve `base` (or an overlay over it, when `overlay` names a directory
+/// for its file) as target `iqn` on `listen`, letting initiators named in
 /// `allowed` in (empty: any).
 pub async fn start(
-    lun: Arc<SnapshotLun>,
+    base: Arc<SnapshotLun>,
+    overlay: Option<&std::path::Path>,
     iqn: String,
     listen: SocketAddr,
     allowed: Vec<String>,
 ) -> crate::Result<Running> {
+    let lun = base;
+    let unit: Arc<dyn scsi::Lun> = match overlay {
+        Some(dir) => Arc::new(OverlayLun::new(lun.clone(), dir)?),
+        None => lun.clone(),
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| crate::Error::io(format!("listening on {listen} (tcp)"), e))?;
@@ -173,7 +299,7 @@ pub async fn start(
         .map_err(|e| crate::Error::io("reading the bound address", e))?;
     let export = Arc::new(target::Export {
         iqn: iqn.clone(),
-        lun: lun.clone(),
+        lun: unit,
         allowed,
     });
     let target = Arc::new(target::Target::new(vec![export]));

@@ -5,6 +5,8 @@
 //! PROTECTED and sets the WP bit.
 
 /// Bytes per logical block.
+///
+/// (The unit is read-only or a throwaway overlay: see [`Lun::writable`].)
 pub const BLOCK: u64 = 512;
 /// Most blocks one READ or VERIFY may move (8 MiB; in the Block Limits
 /// page).
@@ -27,7 +29,26 @@ pub trait Lun: Send + Sync {
     fn writable(&self) -> bool {
         false
     }
+    /// Write `data` at `offset` (checked to be inside).
+    fn write(&self, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem))
+    }
+    /// Make `len` bytes at `offset` read as zeroes (unmapped).
+    fn zero(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem))
+    }
+    /// Make what was written durable.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
+
+/// Most blocks one COMPARE AND WRITE covers (Block Limits page).
+pub const MAX_COMPARE_AND_WRITE: u64 = 128;
+/// Most blocks one WRITE SAME or UNMAP descriptor covers.
+pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 22;
+/// Most UNMAP descriptors in one command.
+pub const MAX_UNMAP_DESCRIPTORS: u64 = 256;
 
 /// Fixed-format sense: key, additional sense code and qualifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +103,12 @@ pub const NO_SAVING: Sense = Sense::new(0x05, 0x39, 0x00);
 pub const WRITE_PROTECTED: Sense = Sense::new(0x07, 0x27, 0x00);
 /// MEDIUM ERROR / UNRECOVERED READ ERROR.
 pub const READ_ERROR: Sense = Sense::new(0x03, 0x11, 0x00);
+/// MEDIUM ERROR / WRITE ERROR.
+pub const WRITE_ERROR: Sense = Sense::new(0x03, 0x0c, 0x00);
+/// ILLEGAL REQUEST / PARAMETER LIST LENGTH ERROR.
+pub const PARAMETER_LENGTH: Sense = Sense::new(0x05, 0x1a, 0x00);
+/// ILLEGAL REQUEST / INVALID FIELD IN PARAMETER LIST.
+pub const INVALID_PARAMETER: Sense = Sense::new(0x05, 0x26, 0x00);
 /// MISCOMPARE / MISCOMPARE DURING VERIFY OPERATION.
 pub const MISCOMPARE: Sense = Sense::new(0x0e, 0x1d, 0x00);
 
@@ -151,6 +178,318 @@ fn range(cdb: &[u8]) -> Option<(u64, u64)> {
     })
 }
 
+/// The LBA and block count of a write-class CDB that moves blocks.
+fn write_range(cdb: &[u8]) -> Option<(u64, u64)> {
+    Some(match cdb[0] {
+        0x0a => {
+            let lba = (u64::from(cdb[1] & 0x1f) << 16) | be16(&cdb[2..4]);
+            let n = if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) };
+            (lba, n)
+        }
+        0x2a | 0x2e | 0x41 => (be32(&cdb[2..6]), be16(&cdb[7..9])),
+        0xaa | 0xae => (be32(&cdb[2..6]), be32(&cdb[6..10])),
+        0x8a | 0x8e | 0x8b | 0x93 => (be64(&cdb[2..10]), be32(&cdb[10..14])),
+        0x89 => (be64(&cdb[2..10]), u64::from(cdb[13])),
+        _ => return None,
+    })
+}
+
+/// What a write-class command on a writable unit needs, checked.
+fn prepare_write(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Needs, Sense> {
+    let opcode = cdb[0];
+    if opcode == 0x42 {
+        // UNMAP: ANCHOR is not supported; the parameter list follows.
+        if cdb[1] & 0x01 != 0 {
+            return Err(INVALID_FIELD);
+        }
+        let len = be16(&cdb[7..9]);
+        return Ok(if len == 0 {
+            Needs::Nothing
+        } else {
+            Needs::Data(len)
+        });
+    }
+    let Some((lba, n)) = write_range(cdb) else {
+        return Err(INVALID_OPCODE);
+    };
+    if opcode != 0x0a && cdb[1] >> 5 != 0 {
+        // WRPROTECT: no protection information here.
+        return Err(INVALID_FIELD);
+    }
+    match opcode {
+        0x41 | 0x93 => {
+            if n == 0 {
+                // WSNZ: a count of zero is not "to the end".
+                return Err(INVALID_FIELD);
+            }
+            if n > MAX_WRITE_SAME_BLOCKS {
+                return Err(INVALID_FIELD);
+            }
+            check_range(lun, lba, n)?;
+            let ndob = opcode == 0x93 && cdb[1] & 0x01 != 0;
+            Ok(if ndob {
+                Needs::Nothing
+            } else {
+                Needs::Data(BLOCK)
+            })
+        }
+        0x89 => {
+            if n > MAX_COMPARE_AND_WRITE {
+                return Err(INVALID_FIELD);
+            }
+            check_range(lun, lba, n)?;
+            Ok(if n == 0 {
+                Needs::Nothing
+            } else {
+                Needs::Data(2 * n * BLOCK)
+            })
+        }
+        _ => {
+            check_range(lun, lba, n)?;
+            if n > MAX_TRANSFER_BLOCKS {
+                return Err(INVALID_FIELD);
+            }
+            Ok(if n == 0 {
+                Needs::Nothing
+            } else {
+                Needs::Data(n * BLOCK)
+            })
+        }
+    }
+}
+
+/// Carry out a write-class command on a writable unit.
+fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sense> {
+    let opcode = cdb[0];
+    let needs = prepare_write(cdb, lun)?;
+    if let Needs::Data(n) = needs {
+        if (data.len() as u64) < n {
+            return Err(INVALID_FIELD);
+        }
+    }
+    if opcode == 0x42 {
+        return unmap(cdb, lun, data);
+    }
+    let (lba, n) = write_range(cdb).ok_or(INVALID_OPCODE)?;
+    let at = lba * BLOCK;
+    let len = n * BLOCK;
+    match opcode {
+        0x41 | 0x93 => {
+            let ndob = opcode == 0x93 && cdb[1] & 0x01 != 0;
+            let block: &[u8] = if ndob {
+                &[0u8; BLOCK as usize]
+            } else {
+                &data[..BLOCK as usize]
+            };
+            let unmap = cdb[1] & 0x08 != 0;
+            if block.iter().all(|&b| b == 0) {
+                // Zeroes (with UNMAP, or not): a hole either way.
+                lun.zero(at, len).map_err(|_| WRITE_ERROR)?;
+            } else if unmap {
+                // UNMAP asks for unmapped blocks, which read as zeroes.
+                return Err(INVALID_FIELD);
+            } else {
+                let per = (1u64 << 20) / BLOCK;
+                let chunk: Vec<u8> = block.repeat(per.min(n) as usize);
+                let mut done = 0u64;
+                while done < n {
+                    let k = per.min(n - done);
+                    lun.write(at + done * BLOCK, &chunk[..(k * BLOCK) as usize])
+                        .map_err(|_| WRITE_ERROR)?;
+                    done += k;
+                }
+            }
+        }
+        0x89 => {
+            if n > 0 {
+                let mut have = vec![0u8; len as usize];
+                lun.read(at, &mut have).map_err(|_| READ_ERROR)?;
+                let (verify, write) = data.split_at(len as usize);
+                if let Some(i) = have.iter().zip(verify).position(|(a, b)| a != b) {
+                    return Err(Sense {
+                        info: Some(i as u32),
+                        ..MISCOMPARE
+                    });
+                }
+                lun.write(at, &write[..len as usize])
+                    .map_err(|_| WRITE_ERROR)?;
+            }
+        }
+        0x8b => {
+            if n > 0 {
+                let mut have = vec![0u8; len as usize];
+                lun.read(at, &mut have).map_err(|_| READ_ERROR)?;
+                for (h, d) in have.iter_mut().zip(data) {
+                    *h |= d;
+                }
+                lun.write(at, &have).map_err(|_| WRITE_ERROR)?;
+            }
+        }
+        _ => {
+            if n > 0 {
+                lun.write(at, &data[..len as usize])
+                    .map_err(|_| WRITE_ERROR)?;
+            }
+            if cdb[1] & 0x08 != 0 && opcode != 0x0a {
+                // FUA: durable before GOOD.
+                lun.flush().map_err(|_| WRITE_ERROR)?;
+            }
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// UNMAP's parameter list: every descriptor is checked before any is
+/// carried out.
+fn unmap(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sense> {
+    let len = be16(&cdb[7..9]) as usize;
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    if len < 8 || data.len() < len {
+        return Err(PARAMETER_LENGTH);
+    }
+    let block_len = be16(&data[2..4]) as usize;
+    if block_len % 16 != 0 || 8 + block_len > len {
+        return Err(PARAMETER_LENGTH);
+    }
+    let descriptors: Vec<(u64, u64)> = data[8..8 + block_len]
+        .chunks_exact(16)
+        .map(|d| (be64(&d[..8]), be32(&d[8..12])))
+        .collect();
+    if descriptors.len() as u64 > MAX_UNMAP_DESCRIPTORS {
+        return Err(INVALID_PARAMETER);
+    }
+    for &(lba, n) in &descriptors {
+        if n > MAX_WRITE_SAME_BLOCKS {
+            return Err(INVALID_PARAMETER);
+        }
+        check_range(lun, lba, n)?;
+    }
+    for (lba, n) in descriptors {
+        if n > 0 {
+            lun.zero(lba * BLOCK, n * BLOCK).map_err(|_| WRITE_ERROR)?;
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Commands this unit reports as supported (REPORT SUPPORTED OPERATION
+/// CODES): opcode, service action (if any), CDB length.
+fn supported() -> Vec<(u8, Option<u16>, u16)> {
+    let mut v: Vec<(u8, Option<u16>, u16)> = vec![
+        (0x00, None, 6),
+        (0x03, None, 6),
+        (0x08, None, 6),
+        (0x12, None, 6),
+        (0x1a, None, 6),
+        (0x1b, None, 6),
+        (0x1e, None, 6),
+        (0x25, None, 10),
+        (0x28, None, 10),
+        (0x2f, None, 10),
+        (0x34, None, 10),
+        (0x35, None, 10),
+        (0x5a, None, 10),
+        (0x88, None, 16),
+        (0x8f, None, 16),
+        (0x90, None, 16),
+        (0x91, None, 16),
+        (0x9e, Some(0x10), 16),
+        (0x9e, Some(0x12), 16),
+        (0xa0, None, 12),
+        (0xa3, Some(0x0c), 12),
+        (0xa8, None, 12),
+        (0xaf, None, 12),
+    ];
+    // A read-only unit lists its writes too: they exist, and answer DATA
+    // PROTECT.
+    v.extend([
+        (0x0a, None, 6),
+        (0x2a, None, 10),
+        (0x2e, None, 10),
+        (0x41, None, 10),
+        (0x42, None, 10),
+        (0x89, None, 16),
+        (0x8a, None, 16),
+        (0x8b, None, 16),
+        (0x8e, None, 16),
+        (0x93, None, 16),
+        (0xaa, None, 12),
+        (0xae, None, 12),
+    ]);
+    v.sort_unstable();
+    v
+}
+
+fn report_opcodes(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
+    let rctd = cdb[2] & 0x80 != 0;
+    let options = cdb[2] & 0x07;
+    let opcode = cdb[3];
+    let sa = be16(&cdb[4..6]) as u16;
+    let alloc = be32(&cdb[6..10]);
+    let _ = lun;
+    let list = supported();
+    let timeouts = |out: &mut Vec<u8>| {
+        // Command timeouts descriptor: length 10, no recommendations.
+        out.extend_from_slice(&[0, 10, 0, 0]);
+        out.extend_from_slice(&[0; 8]);
+    };
+    match options {
+        0 => {
+            let mut body = Vec::new();
+            for &(op, action, len) in &list {
+                let mut d = [0u8; 8];
+                d[0] = op;
+                if let Some(a) = action {
+                    d[2..4].copy_from_slice(&a.to_be_bytes());
+                    d[5] |= 0x01;
+                }
+                if rctd {
+                    d[5] |= 0x02;
+                }
+                d[6..8].copy_from_slice(&len.to_be_bytes());
+                body.extend_from_slice(&d);
+                if rctd {
+                    timeouts(&mut body);
+                }
+            }
+            let mut out = (body.len() as u32).to_be_bytes().to_vec();
+            out.extend(body);
+            Ok(truncate(out, alloc))
+        }
+        1 | 2 => {
+            let found = list.iter().find(|&&(op, action, _)| {
+                op == opcode
+                    && (options == 1 && action.is_none() || options == 2 && action == Some(sa))
+            });
+            if options == 1 && list.iter().any(|&(op, a, _)| op == opcode && a.is_some()) {
+                // It has service actions: asking without one is an error.
+                return Err(INVALID_FIELD);
+            }
+            let mut out = vec![0u8; 4];
+            match found {
+                Some(&(op, _, len)) => {
+                    out[1] = 0x03 | if rctd { 0x80 } else { 0 };
+                    out[2..4].copy_from_slice(&len.to_be_bytes());
+                    let mut usage = vec![0xffu8; len as usize];
+                    usage[0] = op;
+                    if let Some(last) = usage.last_mut() {
+                        *last = 0x07;
+                    }
+                    out.extend(usage);
+                    if rctd {
+                        timeouts(&mut out);
+                    }
+                }
+                None => out[1] = 0x01,
+            }
+            Ok(truncate(out, alloc))
+        }
+        _ => Err(INVALID_FIELD),
+    }
+}
+
 fn check_range(lun: &dyn Lun, lba: u64, n: u64) -> Result<(), Sense> {
     let blocks = lun.size() / BLOCK;
     match lba.checked_add(n) {
@@ -177,8 +516,11 @@ pub fn prepare(cdb: &[u8; 16], lun: Option<&dyn Lun>) -> Result<Needs, Sense> {
         return Ok(Needs::Nothing);
     };
     let opcode = cdb[0];
-    if is_write_class(opcode) && !lun.writable() {
-        return Err(WRITE_PROTECTED);
+    if is_write_class(opcode) {
+        if !lun.writable() {
+            return Err(WRITE_PROTECTED);
+        }
+        return prepare_write(cdb, lun);
     }
     match opcode {
         0x2f | 0xaf | 0x8f => {
@@ -254,8 +596,11 @@ fn report_luns(cdb: &[u8; 16]) -> Result<Vec<u8>, Sense> {
 
 fn run_on(cdb: &[u8; 16], lun: &dyn Lun, data_out: &[u8]) -> Result<Vec<u8>, Sense> {
     let opcode = cdb[0];
-    if is_write_class(opcode) && !lun.writable() {
-        return Err(WRITE_PROTECTED);
+    if is_write_class(opcode) {
+        if !lun.writable() {
+            return Err(WRITE_PROTECTED);
+        }
+        return run_write(cdb, lun, data_out);
     }
     let blocks = lun.size() / BLOCK;
     match opcode {
@@ -319,11 +664,18 @@ fn run_on(cdb: &[u8; 16], lun: &dyn Lun, data_out: &[u8]) -> Result<Vec<u8>, Sen
             }
             Ok(Vec::new())
         }
-        0x35 | 0x91 | 0x34 | 0x90 => {
+        0x35 | 0x91 => {
+            let (lba, n) = range(cdb).ok_or(INVALID_FIELD)?;
+            check_range(lun, lba, n)?;
+            lun.flush().map_err(|_| WRITE_ERROR)?;
+            Ok(Vec::new())
+        }
+        0x34 | 0x90 => {
             let (lba, n) = range(cdb).ok_or(INVALID_FIELD)?;
             check_range(lun, lba, n)?;
             Ok(Vec::new())
         }
+        0xa3 if cdb[1] & 0x1f == 0x0c => report_opcodes(cdb, lun),
         _ => Err(INVALID_OPCODE),
     }
 }
@@ -370,10 +722,22 @@ fn inquiry(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
                 v
             }
             0xb0 => {
+                // Offsets are the page's, less its 4-byte header.
                 let mut v = vec![0u8; 0x3c];
+                // WSNZ: WRITE SAME of zero blocks is refused.
+                v[0] = 0x01;
+                if lun.writable() {
+                    v[1] = MAX_COMPARE_AND_WRITE as u8;
+                }
                 // Maximum and optimal transfer lengths.
                 v[4..8].copy_from_slice(&(MAX_TRANSFER_BLOCKS as u32).to_be_bytes());
                 v[8..12].copy_from_slice(&128u32.to_be_bytes());
+                if lun.writable() {
+                    v[16..20].copy_from_slice(&(MAX_WRITE_SAME_BLOCKS as u32).to_be_bytes());
+                    v[20..24].copy_from_slice(&(MAX_UNMAP_DESCRIPTORS as u32).to_be_bytes());
+                    v[24..28].copy_from_slice(&8u32.to_be_bytes());
+                    v[32..40].copy_from_slice(&MAX_WRITE_SAME_BLOCKS.to_be_bytes());
+                }
                 v
             }
             0xb1 => {

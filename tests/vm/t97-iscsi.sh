@@ -1,0 +1,87 @@
+#!/bin/bash
+# Restore over iSCSI, as a user would: a mirrored ext4, a snapshot, then
+# files changed and deleted; `mirror-server export VOLUME@SNAPSHOT` (the
+# running server serves it); the Linux open-iscsi initiator discovers and
+# logs in; the disk mounts read-only and holds the files as they were at
+# the snapshot, not as they are now; writes to the disk fail (a backup
+# cannot be changed) and the server's volume is untouched; logout and
+# unexport.
+source "$(dirname "$0")/lib.sh"
+
+MS=${MIRROR_SERVER:-$(dirname "$UBLK_MIRROR")/mirror-server}
+[ -x "$MS" ] || fail "no mirror-server binary at $MS"
+command -v iscsiadm >/dev/null || fail "iscsiadm is missing (open-iscsi; scripts/deps installs it)"
+DATA=$WORK/server
+IMG=$WORK/disk.img
+MNT=$WORK/mnt; mkdir -p "$MNT"
+
+"$MS" --data "$DATA" init --listen 127.0.0.1:4747
+"$MS" --data "$DATA" serve > "$WORK/server.out" 2> "$WORK/server.log" &
+SPID=$!
+for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" && break; sleep 0.1; done
+TOKEN=$("$MS" --data "$DATA" client add laptop --address 127.0.0.1:4747)
+"$UBLK_MIRROR" enroll "$TOKEN" --client-dir "$WORK/client"
+
+start_dev --backing "$IMG" --size 64M --mirror root --client-dir "$WORK/client" --mirror-interval 1s
+ID=$DEV_ID
+mkfs.ext4 -q -F "$DEV"
+mount "$DEV" "$MNT"
+mkdir "$MNT/photos"
+for i in $(seq 12); do head -c $((48 * 1024)) /dev/urandom > "$MNT/photos/p$i.jpg"; done
+echo "monday" > "$MNT/diary.txt"
+(cd "$MNT" && find . -type f -print0 | sort -z | xargs -0 md5sum) > "$WORK/monday.md5"
+umount "$MNT"
+"$UBLK_MIRROR" snapshot "$ID" monday --timeout 300s || fail "snapshot failed"
+mount "$DEV" "$MNT"
+rm "$MNT/photos/p1.jpg" "$MNT/photos/p2.jpg"
+echo "tuesday" > "$MNT/diary.txt"
+umount "$MNT"
+"$UBLK_MIRROR" sync "$ID" --timeout 300s || fail "sync failed"
+md5sum "$DATA/volumes/laptop/root/image" > "$WORK/image.md5"
+
+"$MS" --data "$DATA" export laptop/root@monday --listen 127.0.0.1:3260 | tee "$WORK/export.out" \
+  || { cat "$WORK/server.log"; fail "export failed"; }
+IQN=$(sed -n 's/^  target //p' "$WORK/export.out")
+[ -n "$IQN" ] || fail "export printed no target name"
+
+# open-iscsi: its state in a tmpfs (the VM's /etc is the host's, read-only).
+mount -t tmpfs tmpfs /etc/iscsi
+echo "InitiatorName=iqn.2026-11.test:vm" > /etc/iscsi/initiatorname.iscsi
+printf 'node.startup = manual\n' > /etc/iscsi/iscsid.conf
+mkdir -p /run/lock/iscsi
+modprobe iscsi_tcp
+modprobe sd_mod   # no udev here to load it when the disk appears
+# Its own session: iscsid signals its process group when it stops.
+setsid iscsid -f > "$WORK/iscsid.log" 2>&1 &
+sleep 1
+iscsiadm -m discovery -t sendtargets -p 127.0.0.1:3260 | tee "$WORK/discovery"
+grep -q "$IQN" "$WORK/discovery" || fail "discovery does not list $IQN"
+iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 --login || fail "login failed"
+SD=
+for _ in $(seq 100); do
+  SD=$(ls /sys/class/iscsi_session/*/device/target*/*/block 2>/dev/null | head -1)
+  [ -n "$SD" ] && [ -b "/dev/$SD" ] && break
+  sleep 0.1
+done
+[ -n "$SD" ] || fail "no disk appeared after login"
+log "logged in: /dev/$SD ($(cat /sys/block/$SD/size) sectors, ro=$(cat /sys/block/$SD/ro))"
+[ "$(cat /sys/block/$SD/ro)" = 1 ] || fail "the kernel does not see the disk as read-only"
+mkdir -p "$WORK/then"
+mount -o ro "/dev/$SD" "$WORK/then" || fail "the snapshot does not mount"
+(cd "$WORK/then" && md5sum -c --quiet "$WORK/monday.md5") || fail "the files are not as they were on monday"
+grep -q monday "$WORK/then/diary.txt" || fail "the diary is not monday's"
+umount "$WORK/then"
+log "the snapshot over iSCSI holds the files as they were"
+blockdev --setrw "/dev/$SD" 2>/dev/null || true
+if dd if=/dev/zero of="/dev/$SD" bs=4096 count=1 oflag=direct status=none 2> "$WORK/dd.err"; then
+  fail "a write to the exported backup succeeded"
+fi
+log "a write to the disk fails: $(head -1 "$WORK/dd.err")"
+iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 --logout || fail "logout failed"
+iscsiadm -k 0 2>/dev/null || pkill -x iscsid || true
+for _ in $(seq 50); do pgrep -x iscsid >/dev/null || break; sleep 0.1; done
+umount /etc/iscsi
+"$MS" --data "$DATA" unexport "$IQN" || fail "unexport failed"
+md5sum -c --quiet "$WORK/image.md5" || fail "the server's image changed"
+stop_dev
+kill -TERM "$SPID"; wait "$SPID" || fail "mirror-server did not stop cleanly"
