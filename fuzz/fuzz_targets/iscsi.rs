@@ -1,7 +1,8 @@
 //! What an iSCSI initiator sends, decoded: a PDU header and what follows
 //! it (with and without digests), login/text keys and their negotiation,
-//! and a CDB run against a small in-memory unit. Nothing may panic, and a
-//! command may never reach the unit outside its size.
+//! and a CDB (with any data-out) run against a small in-memory unit,
+//! read-only or writable. Nothing may panic; a command may never reach
+//! the unit outside its size, nor write to a read-only one.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,20 +10,39 @@ use mirror_server::iscsi::pdu::{Pdu, BHS, MAX_DATA_SEGMENT};
 use mirror_server::iscsi::scsi::{self, Lun};
 use mirror_server::iscsi::text;
 
-struct Mem(Vec<u8>);
+struct Mem(std::sync::Mutex<Vec<u8>>, bool);
 
 impl Lun for Mem {
     fn size(&self) -> u64 {
-        self.0.len() as u64
+        self.0.lock().unwrap().len() as u64
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let end = offset as usize + buf.len();
+        let v = self.0.lock().unwrap();
+        assert!(end <= v.len(), "read past the unit: {offset}+{}", buf.len());
+        buf.copy_from_slice(&v[offset as usize..end]);
+        Ok(())
+    }
+    fn writable(&self) -> bool {
+        self.1
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let end = offset as usize + data.len();
+        let mut v = self.0.lock().unwrap();
+        assert!(self.1, "a write reached a read-only unit");
         assert!(
-            end <= self.0.len(),
-            "read past the unit: {offset}+{}",
-            buf.len()
+            end <= v.len(),
+            "write past the unit: {offset}+{}",
+            data.len()
         );
-        buf.copy_from_slice(&self.0[offset as usize..end]);
+        v[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+    fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut v = self.0.lock().unwrap();
+        assert!(self.1, "a zeroing reached a read-only unit");
+        assert!(offset + len <= v.len() as u64, "zeroing past the unit");
+        v[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
     }
     fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
@@ -70,7 +90,10 @@ fuzz_target!(|data: &[u8]| {
             let Some((cdb, data_out)) = data.split_first_chunk::<16>() else {
                 return;
             };
-            let unit = Mem(vec![0x5a; 64 * 1024]);
+            let unit = Mem(
+                std::sync::Mutex::new(vec![0x5a; 64 * 1024]),
+                selector & 8 != 0,
+            );
             let lun: Option<&dyn Lun> = if selector & 4 != 0 { None } else { Some(&unit) };
             if let Ok(scsi::Needs::Data(n)) = scsi::prepare(cdb, lun) {
                 assert!(n <= 16384 * 512);

@@ -167,3 +167,93 @@ fn qemu_img_copies_a_snapshot_byte_for_byte_and_skips_holes() {
         "{allocated} bytes allocated: holes were copied"
     );
 }
+
+#[test]
+fn a_writable_export_takes_writes_and_leaves_the_snapshot_untouched() {
+    if !have("qemu-io") || !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (one, _) = make_volume(&data);
+    {
+        let export = Export::start(&data, "laptop/root@first", port(), &["--writable"]);
+        let io = Command::new("qemu-io")
+            .args(["-f", "raw", &export.url])
+            .args([
+                "-c",
+                "write -P 0xab 4096 65536",
+                "-c",
+                "read -P 0xab 4096 65536",
+            ])
+            .args([
+                "-c",
+                "discard 1048576 65536",
+                "-c",
+                "read -P 0 1048576 65536",
+            ])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&io.stdout);
+        assert!(
+            io.status.success() && !out.contains("Pattern verification failed"),
+            "{io:?}"
+        );
+    }
+    // The overlay is gone with the export; the snapshot never changed.
+    let export = Export::start(&data, "laptop/root@first", port(), &[]);
+    let copy = dir.path().join("again.raw");
+    let conv = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &export.url])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(conv.status.success(), "{conv:?}");
+    assert!(std::fs::read(&copy).unwrap() == one, "the snapshot changed");
+    // A read-only export: qemu sees the write protection and refuses.
+    let io = Command::new("qemu-io")
+        .args(["-f", "raw", &export.url, "-c", "write -P 0xab 0 4096"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&io.stderr);
+    assert!(
+        !io.status.success() && said.contains("write protected"),
+        "{io:?}"
+    );
+}
+
+#[test]
+fn only_allowed_initiators_get_in() {
+    if !have("iscsi-inq") || !have("iscsi-ls") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_volume(&data);
+    let p = port();
+    let export = Export::start(
+        &data,
+        "laptop/root",
+        p,
+        &["--allow", "iqn.2026-11.test:good"],
+    );
+    let inq = |who: &str| {
+        Command::new("iscsi-inq")
+            .args(["-i", who, &export.url])
+            .output()
+            .unwrap()
+    };
+    assert!(inq("iqn.2026-11.test:good").status.success());
+    let refused = inq("iqn.2026-11.test:bad");
+    assert!(!refused.status.success(), "{refused:?}");
+    // Discovery hides the target from others.
+    let ls = |who: &str| {
+        let o = Command::new("iscsi-ls")
+            .args(["-i", who, &format!("iscsi://127.0.0.1:{p}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(ls("iqn.2026-11.test:good").contains("laptop.root.now"));
+    assert!(!ls("iqn.2026-11.test:bad").contains("laptop.root"));
+}

@@ -45,8 +45,10 @@ pub trait Lun: Send + Sync {
 
 /// Most blocks one COMPARE AND WRITE covers (Block Limits page).
 pub const MAX_COMPARE_AND_WRITE: u64 = 128;
-/// Most blocks one WRITE SAME or UNMAP descriptor covers.
-pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 22;
+/// Most blocks one WRITE SAME covers (Block Limits page).
+pub const MAX_WRITE_SAME_BLOCKS: u64 = 16384;
+/// Most blocks one UNMAP command covers, over all its descriptors.
+pub const MAX_UNMAP_BLOCKS: u64 = 1 << 20;
 /// Most UNMAP descriptors in one command.
 pub const MAX_UNMAP_DESCRIPTORS: u64 = 256;
 
@@ -61,6 +63,8 @@ pub struct Sense {
     pub ascq: u8,
     /// The INFORMATION field (e.g. the offset of a miscompare).
     pub info: Option<u32>,
+    /// The CDB byte an INVALID FIELD IN CDB is about (sense-key specific).
+    pub field: Option<u16>,
 }
 
 impl Sense {
@@ -70,6 +74,15 @@ impl Sense {
             asc,
             ascq,
             info: None,
+            field: None,
+        }
+    }
+
+    /// This sense, pointing at CDB byte `byte`.
+    pub const fn at(self, byte: u16) -> Sense {
+        Sense {
+            field: Some(byte),
+            ..self
         }
     }
 
@@ -85,6 +98,11 @@ impl Sense {
         s[7] = 10;
         s[12] = self.asc;
         s[13] = self.ascq;
+        if let Some(byte) = self.field {
+            // SKSV, C/D (a CDB field), field pointer.
+            s[15] = 0xc0;
+            s[16..18].copy_from_slice(&byte.to_be_bytes());
+        }
         s
     }
 }
@@ -157,7 +175,6 @@ pub fn is_write_class(opcode: u8) -> bool {
             | 0x42 // UNMAP
             | 0x8b // ORWRITE
             | 0x89 // COMPARE AND WRITE
-            | 0x9c // WRITE ATOMIC(16)
             | 0x04 // FORMAT UNIT
             | 0x48 // SANITIZE
     )
@@ -218,6 +235,10 @@ fn prepare_write(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Needs, Sense> {
     }
     match opcode {
         0x41 | 0x93 => {
+            if cdb[1] & 0x10 != 0 {
+                // ANCHOR: not supported (ANC_SUP is 0).
+                return Err(INVALID_FIELD);
+            }
             if n == 0 {
                 // WSNZ: a count of zero is not "to the end".
                 return Err(INVALID_FIELD);
@@ -262,8 +283,9 @@ fn prepare_write(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Needs, Sense> {
 fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sense> {
     let opcode = cdb[0];
     let needs = prepare_write(cdb, lun)?;
+    let plain = matches!(opcode, 0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e);
     if let Needs::Data(n) = needs {
-        if (data.len() as u64) < n {
+        if (data.len() as u64) < n && !plain {
             return Err(INVALID_FIELD);
         }
     }
@@ -281,14 +303,11 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
             } else {
                 &data[..BLOCK as usize]
             };
-            let unmap = cdb[1] & 0x08 != 0;
             if block.iter().all(|&b| b == 0) {
                 // Zeroes (with UNMAP, or not): a hole either way.
                 lun.zero(at, len).map_err(|_| WRITE_ERROR)?;
-            } else if unmap {
-                // UNMAP asks for unmapped blocks, which read as zeroes.
-                return Err(INVALID_FIELD);
             } else {
+                // Data (UNMAP set or not): written, as SBC allows.
                 let per = (1u64 << 20) / BLOCK;
                 let chunk: Vec<u8> = block.repeat(per.min(n) as usize);
                 let mut done = 0u64;
@@ -326,8 +345,12 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
             }
         }
         _ => {
-            if n > 0 {
-                lun.write(at, &data[..len as usize])
+            // Less data than the CDB says (the initiator's expected length
+            // was shorter: an overflow, told in the residual): the whole
+            // blocks that came.
+            let whole = (data.len() as u64 / BLOCK).min(n) * BLOCK;
+            if whole > 0 {
+                lun.write(at, &data[..whole as usize])
                     .map_err(|_| WRITE_ERROR)?;
             }
             if cdb[1] & 0x08 != 0 && opcode != 0x0a {
@@ -360,10 +383,11 @@ fn unmap(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sense> {
     if descriptors.len() as u64 > MAX_UNMAP_DESCRIPTORS {
         return Err(INVALID_PARAMETER);
     }
+    let total: u64 = descriptors.iter().map(|&(_, n)| n).sum();
+    if total > MAX_UNMAP_BLOCKS {
+        return Err(INVALID_PARAMETER);
+    }
     for &(lba, n) in &descriptors {
-        if n > MAX_WRITE_SAME_BLOCKS {
-            return Err(INVALID_PARAMETER);
-        }
         check_range(lun, lba, n)?;
     }
     for (lba, n) in descriptors {
@@ -463,9 +487,14 @@ fn report_opcodes(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
                 op == opcode
                     && (options == 1 && action.is_none() || options == 2 && action == Some(sa))
             });
-            if options == 1 && list.iter().any(|&(op, a, _)| op == opcode && a.is_some()) {
+            let has_actions = list.iter().any(|&(op, a, _)| op == opcode && a.is_some());
+            if options == 1 && has_actions {
                 // It has service actions: asking without one is an error.
-                return Err(INVALID_FIELD);
+                return Err(INVALID_FIELD.at(2));
+            }
+            if options == 2 && !has_actions && list.iter().any(|&(op, _, _)| op == opcode) {
+                // It has none: asking for one is an error.
+                return Err(INVALID_FIELD.at(2));
             }
             let mut out = vec![0u8; 4];
             match found {
@@ -486,7 +515,7 @@ fn report_opcodes(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
             }
             Ok(truncate(out, alloc))
         }
-        _ => Err(INVALID_FIELD),
+        _ => Err(INVALID_FIELD.at(2)),
     }
 }
 
@@ -733,7 +762,7 @@ fn inquiry(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
                 v[4..8].copy_from_slice(&(MAX_TRANSFER_BLOCKS as u32).to_be_bytes());
                 v[8..12].copy_from_slice(&128u32.to_be_bytes());
                 if lun.writable() {
-                    v[16..20].copy_from_slice(&(MAX_WRITE_SAME_BLOCKS as u32).to_be_bytes());
+                    v[16..20].copy_from_slice(&(MAX_UNMAP_BLOCKS as u32).to_be_bytes());
                     v[20..24].copy_from_slice(&(MAX_UNMAP_DESCRIPTORS as u32).to_be_bytes());
                     v[24..28].copy_from_slice(&8u32.to_be_bytes());
                     v[32..40].copy_from_slice(&MAX_WRITE_SAME_BLOCKS.to_be_bytes());
@@ -967,6 +996,83 @@ mod tests {
             execute(&cdb(&[0x99]), lun, &[]),
             Outcome::Check(INVALID_OPCODE)
         );
+    }
+
+    /// A writable unit in memory.
+    struct RwMem(std::sync::Mutex<Vec<u8>>);
+
+    impl Lun for RwMem {
+        fn size(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.copy_from_slice(&self.0.lock().unwrap()[offset as usize..][..buf.len()]);
+            Ok(())
+        }
+        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+            Ok((true, self.size() - offset))
+        }
+        fn id(&self) -> u64 {
+            1
+        }
+        fn writable(&self) -> bool {
+            true
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.0.lock().unwrap()[offset as usize..][..data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.0.lock().unwrap()[offset as usize..][..len as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn writes_take_whole_blocks_of_what_came_and_check_their_fields() {
+        let m = RwMem(std::sync::Mutex::new(vec![7u8; 1 << 20]));
+        let lun: Option<&dyn Lun> = Some(&m);
+        // WRITE(10) of 2 blocks with only 200, then 700 bytes sent (the
+        // initiator's expected length was short): whole blocks only.
+        let c = cdb(&[0x2a, 0, 0, 0, 0, 4, 0, 0, 2, 0]);
+        assert_eq!(prepare(&c, lun), Ok(Needs::Data(1024)));
+        assert_eq!(execute(&c, lun, &[1u8; 200]), Outcome::Good(Vec::new()));
+        assert!(m.0.lock().unwrap()[2048..3072].iter().all(|&b| b == 7));
+        assert_eq!(execute(&c, lun, &[1u8; 700]), Outcome::Good(Vec::new()));
+        assert!(m.0.lock().unwrap()[2048..2560].iter().all(|&b| b == 1));
+        assert!(m.0.lock().unwrap()[2560..3072].iter().all(|&b| b == 7));
+        // WRITE SAME and COMPARE AND WRITE need their data whole.
+        let ws = cdb(&[0x41, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
+        assert_eq!(
+            execute(&ws, lun, &[1u8; 100]),
+            Outcome::Check(INVALID_FIELD)
+        );
+        assert_eq!(execute(&ws, lun, &[3u8; 512]), Outcome::Good(Vec::new()));
+        assert!(m.0.lock().unwrap()[..4096].iter().all(|&b| b == 3));
+        let mut caw = cdb(&[0x89]);
+        caw[13] = 1;
+        assert_eq!(
+            execute(&caw, lun, &[3u8; 600]),
+            Outcome::Check(INVALID_FIELD)
+        );
+        let mut both = vec![3u8; 512];
+        both.extend([9u8; 512]);
+        assert_eq!(execute(&caw, lun, &both), Outcome::Good(Vec::new()));
+        let Outcome::Check(s) = execute(&caw, lun, &both) else {
+            panic!("a miscompare was not told")
+        };
+        assert_eq!(s.key, 0x0e);
+        // UNMAP: a descriptor past the end refuses the whole list.
+        let mut param = vec![0u8; 24];
+        param[1] = 22;
+        param[3] = 16;
+        param[8..16].copy_from_slice(&((1u64 << 20) / 512).to_be_bytes());
+        param[19] = 1;
+        let un = cdb(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0]);
+        assert_eq!(execute(&un, lun, &param), Outcome::Check(LBA_OUT_OF_RANGE));
+        param[8..16].copy_from_slice(&0u64.to_be_bytes());
+        assert_eq!(execute(&un, lun, &param), Outcome::Good(Vec::new()));
+        assert!(m.0.lock().unwrap()[..512].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -437,10 +437,12 @@ impl Connection {
                     let function = p.flags() & 0x7f;
                     let mut rsp = Pdu::new(op::TMF_RSP);
                     rsp.bhs[1] = 0x80;
-                    // Commands run one at a time and are done by now: an
-                    // abort or reset finds nothing left to stop.
+                    // Commands run one at a time and are done by now: the
+                    // task to abort no longer exists; a reset finds
+                    // nothing left to stop.
                     rsp.bhs[2] = match function {
-                        1..=3 | 5..=7 => 0,
+                        1 => 1,
+                        2 | 3 | 5..=7 => 0,
                         _ => 5,
                     };
                     rsp.set_u32(16, p.itt());
@@ -515,25 +517,46 @@ impl Connection {
             _ => None,
         };
         let prepared = scsi::prepare(&cdb, lun.as_deref());
+        // The data-out the CDB asks for; what is taken is capped at what
+        // the initiator said it would send (the rest is a residual).
+        let mut need = 0usize;
         let data_out = match prepared {
             Err(sense) => {
-                return self.respond(&p, Outcome::Check(sense), edtl, write).await;
+                return self
+                    .respond(&p, Outcome::Check(sense), edtl, write, 0)
+                    .await;
+            }
+            // COMPARE AND WRITE's two halves, WRITE SAME's one block: the
+            // initiator must send exactly that.
+            Ok(needs)
+                if matches!(cdb[0], 0x89 | 0x41 | 0x93)
+                    && edtl as u64
+                        != match needs {
+                            Needs::Data(n) => n,
+                            Needs::Nothing => 0,
+                        } =>
+            {
+                return self
+                    .respond(&p, Outcome::Check(scsi::INVALID_FIELD), edtl, write, 0)
+                    .await;
             }
             Ok(Needs::Nothing) => Vec::new(),
             Ok(Needs::Data(n)) => {
-                if !write || (edtl as u64) < n {
+                need = n as usize;
+                let plain = matches!(cdb[0], 0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e);
+                if !write || (!plain && edtl < need) {
                     return self
-                        .respond(&p, Outcome::Check(scsi::INVALID_FIELD), edtl, write)
+                        .respond(&p, Outcome::Check(scsi::INVALID_FIELD), edtl, write, 0)
                         .await;
                 }
-                self.collect(&p, edtl).await?
+                self.collect(&p, edtl.min(need)).await?
             }
         };
         let outcome =
             tokio::task::spawn_blocking(move || scsi::execute(&cdb, lun.as_deref(), &data_out))
                 .await
                 .map_err(|e| End::Error(format!("a command failed: {e}")))?;
-        self.respond(&p, outcome, edtl, write).await
+        self.respond(&p, outcome, edtl, write, need).await
     }
 
     /// Gather a write command's data: immediate, then solicited by R2T.
@@ -591,12 +614,16 @@ impl Connection {
         Ok(data)
     }
 
+    /// Answer a command: its data (reads) and status, with the residual
+    /// against the expected length `edtl` (for a write, of the `need`
+    /// bytes its CDB asked for).
     async fn respond(
         &mut self,
         cmd: &Pdu,
         outcome: Outcome,
         edtl: usize,
         write: bool,
+        need: usize,
     ) -> Result<(), End> {
         match outcome {
             Outcome::Good(data) if !data.is_empty() && !write => {
@@ -637,7 +664,13 @@ impl Connection {
                 Ok(())
             }
             Outcome::Good(_) => {
-                let (flag, residual) = if edtl > 0 && !write {
+                let (flag, residual) = if write {
+                    match need.cmp(&edtl) {
+                        std::cmp::Ordering::Greater => (0x04, need - edtl),
+                        std::cmp::Ordering::Less => (0x02, edtl - need),
+                        std::cmp::Ordering::Equal => (0, 0),
+                    }
+                } else if edtl > 0 {
                     (0x02, edtl)
                 } else {
                     (0, 0)
