@@ -286,9 +286,13 @@ fn admin_socket(data: &Path) -> Result<tokio::net::UnixListener> {
 }
 
 fn split_volume(volume: &str) -> Result<(&str, &str)> {
-    volume
+    let (client, name) = volume
         .split_once('/')
-        .ok_or_else(|| Error::Invalid(format!("{volume:?}: name a volume as CLIENT/VOLUME")))
+        .ok_or_else(|| Error::Invalid(format!("{volume:?}: name a volume as CLIENT/VOLUME")))?;
+    for part in [client, name] {
+        ublk_mirror_common::proto::check_name(part).map_err(|e| Error::Invalid(e.to_string()))?;
+    }
+    Ok((client, name))
 }
 
 /// Every `CLIENT/VOLUME` in the data directory.
@@ -863,6 +867,10 @@ async fn serve_restore(
                 variant(&next)
             )));
         };
+        // Bounded memory: a batch is read whole.
+        if u64::from(len) * digests.len() as u64 > 64 << 20 {
+            return refuse(send, "restore: a batch of more than 64 MiB".into()).await;
+        }
         if offset >= size || offset % u64::from(len) != 0 {
             return refuse(
                 send,

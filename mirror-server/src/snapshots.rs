@@ -405,6 +405,17 @@ impl Snapshots {
         }
         let id = self.manifest.next_id;
         let delta = Delta::open(&self.dir.join(id.to_string()), true)?;
+        // Its files' names durable before the manifest names it.
+        for d in [self.dir.join(id.to_string()), self.dir.clone()] {
+            std::fs::File::open(&d)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(format!("syncing {}", d.display()), e))?;
+        }
+        if let Some(parent) = self.dir.parent() {
+            std::fs::File::open(parent)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(format!("syncing {}", parent.display()), e))?;
+        }
         let info = SnapshotInfo {
             id,
             name,
@@ -576,33 +587,32 @@ impl Snapshots {
         }
         if pos > 0 {
             let older = self.manifest.snapshots[pos - 1].id;
-            let moved: Vec<(u64, Option<Vec<u8>>)> = {
-                let (Some(from), Some(to)) = (self.deltas.get(&info.id), self.deltas.get(&older))
-                else {
-                    return Err(Error::Corrupt(format!("snapshot {name} has no data")));
-                };
-                let mut moved = Vec::new();
-                for (&chunk, &at) in &from.chunks {
-                    if to.chunks.contains_key(&chunk) {
-                        continue;
-                    }
-                    let content = if at == ZERO {
-                        None
-                    } else {
+            let [Some(from), Some(to)] = self.deltas.get_disjoint_mut([&info.id, &older]) else {
+                return Err(Error::Corrupt(format!("snapshot {name} has no data")));
+            };
+            let from: &Delta = from;
+            // What the older one reads through this one, handed over in
+            // batches (bounded memory: 16 MiB at a time).
+            let mut todo: Vec<(u64, u64)> = from
+                .chunks
+                .iter()
+                .filter(|(c, _)| !to.chunks.contains_key(c))
+                .map(|(&c, &at)| (c, at))
+                .collect();
+            todo.sort_unstable();
+            for batch in todo.chunks(256) {
+                let moved = batch
+                    .iter()
+                    .map(|&(chunk, at)| {
+                        if at == ZERO {
+                            return Ok((chunk, None));
+                        }
                         let mut buf = vec![0u8; CHUNK as usize];
                         from.read_chunk(at, &mut buf, 0)?;
-                        Some(buf)
-                    };
-                    moved.push((chunk, content));
-                }
-                moved
-            };
-            let to = self
-                .deltas
-                .get_mut(&older)
-                .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no older data")))?;
-            for batch in moved.chunks(256) {
-                to.add(batch)?;
+                        Ok((chunk, Some(buf)))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                to.add(&moved)?;
             }
         }
         self.manifest.snapshots.remove(pos);

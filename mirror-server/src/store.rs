@@ -58,7 +58,7 @@
 //! to resume, and dropped when another epoch begins. In-process readers
 //! take the volume's lock, which publishing holds for writing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -445,15 +445,20 @@ impl Volume {
         // This process's staging: the same epoch resumed, or an earlier
         // epoch of the same device taken over.
         let mut verify = true;
+        let mut reserved = 0u64;
         if let Some(s) = self.active.take() {
             if s.epoch == epoch && s.writer == writer && s.is_open() {
                 self.active = Some(s.clone());
                 return Ok(s);
             }
-            if s.epoch == epoch && s.writer.device == writer.device && s.close_for_adoption() {
-                // Its blocks are in this process's page cache: no need to
-                // read them back.
-                verify = false;
+            if s.epoch == epoch && s.writer.device == writer.device {
+                if let Some(end) = s.close_for_adoption() {
+                    // Its blocks are in this process's page cache: no need
+                    // to read them back. Its streams may still be writing
+                    // data they reserved: new data goes after all of it.
+                    verify = false;
+                    reserved = end;
+                }
             }
         }
         let log_path = staging_path(&self.dir, epoch, "log");
@@ -479,7 +484,7 @@ impl Volume {
                     "a restarted device takes over its earlier epoch's staging"
                 );
             }
-            Staging::resume(&self.dir, epoch, writer, self.state.size, verify)?
+            Staging::resume(&self.dir, epoch, writer, self.state.size, verify, reserved)?
         } else {
             Staging::create(&self.dir, epoch, writer, self.state.size)?
         };
@@ -696,10 +701,9 @@ pub fn import(dir: &Path, from: &Path, mut progress: impl FnMut(u64, u64)) -> Re
     }
     let source =
         File::open(from).map_err(|e| Error::io(format!("opening {}", from.display()), e))?;
-    let size = source
-        .metadata()
-        .map_err(|e| Error::io(format!("reading {}", from.display()), e))?
-        .len();
+    // A block device's length is its end, not its metadata.
+    let size = std::io::Seek::seek(&mut &source, std::io::SeekFrom::End(0))
+        .map_err(|e| Error::io(format!("sizing {}", from.display()), e))?;
     if size == 0 {
         return Err(Error::Invalid(format!("{} is empty", from.display())));
     }
@@ -771,8 +775,9 @@ pub struct Staging {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// The digest of the last block staged at each (offset, len).
-    digests: HashMap<(u64, u32), Digest>,
+    /// The digest of each staged block still whole: a block staged later
+    /// over part of another makes that one's digest unknown.
+    digests: BTreeMap<(u64, u32), Digest>,
     /// Where the next block's bytes go in `N.data`.
     data_len: u64,
     /// Where the next record goes in `N.log`.
@@ -785,6 +790,25 @@ struct Inner {
     failed: BTreeSet<(u64, u32)>,
     /// Committing: nothing more is staged.
     closed: bool,
+}
+
+impl Inner {
+    /// Record a staged block's digest, forgetting those of other blocks it
+    /// overlaps (their content is no longer theirs alone).
+    fn stage_digest(&mut self, offset: u64, len: u32, sha256: Digest) {
+        let end = offset + u64::from(len);
+        let from = offset.saturating_sub(u64::from(MAX_BLOCK));
+        let stale: Vec<(u64, u32)> = self
+            .digests
+            .range((from, 0)..(end, 0))
+            .map(|(&k, _)| k)
+            .filter(|&(o, l)| o + u64::from(l) > offset && (o, l) != (offset, len))
+            .collect();
+        for k in stale {
+            self.digests.remove(&k);
+        }
+        self.digests.insert((offset, len), sha256);
+    }
 }
 
 impl Staging {
@@ -822,7 +846,14 @@ impl Staging {
     /// block is checked against its hash first: a crash may have lost data
     /// the log names), the log rewritten with the blocks kept and the
     /// header naming `writer`.
-    fn resume(dir: &Path, epoch: u64, writer: Writer, size: u64, verify: bool) -> Result<Staging> {
+    fn resume(
+        dir: &Path,
+        epoch: u64,
+        writer: Writer,
+        size: u64,
+        verify: bool,
+        reserved: u64,
+    ) -> Result<Staging> {
         let data_path = staging_path(dir, epoch, "data");
         let log_path = staging_path(dir, epoch, "log");
         let data = Staging::open_file(&data_path, false)?;
@@ -854,8 +885,9 @@ impl Staging {
             kept.extend_from_slice(&e.record());
             inner.blocks += 1;
             inner.staged.insert(e.offset..e.offset + u64::from(e.len));
-            inner.digests.insert((e.offset, e.len), e.sha256);
+            inner.stage_digest(e.offset, e.len, e.sha256);
         }
+        inner.data_len = inner.data_len.max(reserved);
         fsutil::write_durably(&log_path, &kept)
             .map_err(|e| Error::io(format!("rewriting {}", log_path.display()), e))?;
         let log = Staging::open_file(&log_path, false)?;
@@ -897,10 +929,11 @@ impl Staging {
     }
 
     /// Stop staging so that a later epoch of the device takes the files
-    /// over; false if it was closed already (being committed).
-    fn close_for_adoption(&self) -> bool {
+    /// over; the end of the data reserved so far, or `None` if it was
+    /// closed already (being committed).
+    fn close_for_adoption(&self) -> Option<u64> {
         let mut inner = self.lock();
-        !std::mem::replace(&mut inner.closed, true)
+        (!std::mem::replace(&mut inner.closed, true)).then_some(inner.data_len)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -1001,7 +1034,7 @@ impl Staging {
         inner.log_len += RECORD as u64;
         inner.blocks += 1;
         inner.staged.insert(offset..offset + u64::from(len));
-        inner.digests.insert((offset, len), *sha256);
+        inner.stage_digest(offset, len, *sha256);
         inner.failed.remove(&(offset, len));
         Ok(())
     }
@@ -1350,6 +1383,21 @@ mod tests {
         assert!(s.adopted());
         assert_eq!(s.ranges(), [(0, 4096)]);
         assert_eq!(s.digests(&[(0, 4096), (0, 8192)]), [digest(&a), NOT_STAGED]);
+        // A block staged over part of another: that one's digest is no
+        // longer its content's.
+        s.add(
+            0,
+            8192,
+            &digest(&[a.clone(), a.clone()].concat()),
+            Encoding::Raw,
+            &[a.clone(), a.clone()].concat(),
+        )
+        .unwrap();
+        s.add(4096, 4096, &digest(&c), Encoding::Raw, &c).unwrap();
+        assert_eq!(
+            s.digests(&[(0, 8192), (4096, 4096)]),
+            [NOT_STAGED, digest(&c)]
+        );
         drop((s, v));
         let (mut v, _) = Volume::open(&vdir).unwrap();
         let s = v.begin(3, me(10)).unwrap();

@@ -22,6 +22,14 @@ const WINDOW: u32 = 32;
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a login's text may be, over all its PDUs.
 const MAX_LOGIN_TEXT: usize = 64 << 10;
+/// PDUs held while waiting for solicited data (beyond: the connection
+/// ends; an initiator has at most a window of commands outstanding).
+const MAX_PENDING: usize = 2 * WINDOW as usize;
+/// Connections one target takes at once.
+const MAX_CONNECTIONS: usize = 16;
+/// A session silent this long is closed (initiators ping every few
+/// seconds: open-iscsi's NOP-Out interval is 5 s).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One exported logical unit, behind a target name.
 pub struct Export {
@@ -91,6 +99,10 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) if connections.len() >= MAX_CONNECTIONS => {
+                    tracing::warn!(%peer, "iSCSI: {MAX_CONNECTIONS} connections already; refusing another");
+                    drop(stream);
+                }
                 Ok((stream, peer)) => {
                     let target = target.clone();
                     connections.spawn(async move {
@@ -208,7 +220,9 @@ impl Connection {
         if let Some(p) = self.pending.pop_front() {
             return Ok(p);
         }
-        self.read_wire().await
+        tokio::time::timeout(IDLE_TIMEOUT, self.read_wire())
+            .await
+            .map_err(|_| End::Error(format!("nothing received for {IDLE_TIMEOUT:?}")))?
     }
 
     async fn read_wire(&mut self) -> Result<Pdu, End> {
@@ -588,6 +602,11 @@ impl Connection {
                     .await
                     .map_err(|_| End::Error("solicited data never came".into()))??;
                 if p.opcode() != op::DATA_OUT || p.u32_at(20) != ttt {
+                    if self.pending.len() >= MAX_PENDING {
+                        return Err(End::Error(
+                            "too many PDUs while waiting for solicited data".into(),
+                        ));
+                    }
                     self.pending.push_back(p);
                     continue;
                 }
