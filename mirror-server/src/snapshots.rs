@@ -200,6 +200,33 @@ impl Delta {
     }
 }
 
+/// Give `to` (the next older snapshot) the chunks of `from` it reads
+/// through it, in batches (bounded memory: 16 MiB at a time).
+fn hand_over(from: &Delta, to: &mut Delta) -> Result<()> {
+    let mut todo: Vec<(u64, u64)> = from
+        .chunks
+        .iter()
+        .filter(|(c, _)| !to.chunks.contains_key(c))
+        .map(|(&c, &at)| (c, at))
+        .collect();
+    todo.sort_unstable();
+    for batch in todo.chunks(256) {
+        let moved = batch
+            .iter()
+            .map(|&(chunk, at)| {
+                if at == ZERO {
+                    return Ok((chunk, None));
+                }
+                let mut buf = vec![0u8; CHUNK as usize];
+                from.read_chunk(at, &mut buf, 0)?;
+                Ok((chunk, Some(buf)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        to.add(&moved)?;
+    }
+    Ok(())
+}
+
 /// Retention rules for scheduled snapshots (Time Machine's by default):
 /// one an hour for `hourly` hours, one a day for `daily` days, one a week
 /// for `weekly` weeks (0: forever). Manual snapshots are never pruned.
@@ -587,33 +614,15 @@ impl Snapshots {
         }
         if pos > 0 {
             let older = self.manifest.snapshots[pos - 1].id;
-            let [Some(from), Some(to)] = self.deltas.get_disjoint_mut([&info.id, &older]) else {
+            let Some(from) = self.deltas.remove(&info.id) else {
                 return Err(Error::Corrupt(format!("snapshot {name} has no data")));
             };
-            let from: &Delta = from;
-            // What the older one reads through this one, handed over in
-            // batches (bounded memory: 16 MiB at a time).
-            let mut todo: Vec<(u64, u64)> = from
-                .chunks
-                .iter()
-                .filter(|(c, _)| !to.chunks.contains_key(c))
-                .map(|(&c, &at)| (c, at))
-                .collect();
-            todo.sort_unstable();
-            for batch in todo.chunks(256) {
-                let moved = batch
-                    .iter()
-                    .map(|&(chunk, at)| {
-                        if at == ZERO {
-                            return Ok((chunk, None));
-                        }
-                        let mut buf = vec![0u8; CHUNK as usize];
-                        from.read_chunk(at, &mut buf, 0)?;
-                        Ok((chunk, Some(buf)))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                to.add(&moved)?;
-            }
+            let merged = match self.deltas.get_mut(&older) {
+                Some(to) => hand_over(&from, to),
+                None => Err(Error::Corrupt(format!("snapshot {name} has no older data"))),
+            };
+            self.deltas.insert(info.id, from);
+            merged?;
         }
         self.manifest.snapshots.remove(pos);
         if let Err(e) = self.write_manifest() {
