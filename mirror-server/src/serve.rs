@@ -65,6 +65,7 @@ pub async fn run(
 ) -> Result<()> {
     let identity = Identity::load(&data.join("identity"))
         .map_err(|e| Error::Invalid(format!("{e} (run `mirror-server init` first)")))?;
+    raise_open_files();
     let _lock = ServerLock::take(data).map_err(|_| {
         Error::Invalid(format!(
             "another mirror-server serves {} already",
@@ -367,6 +368,19 @@ async fn schedule(shared: Arc<Shared>) {
             });
             if let Err(e) = done {
                 tracing::error!(volume = %format!("{client}/{name}"), "snapshot schedule: {e}");
+            }
+        }
+    }
+}
+
+/// Every volume, snapshot and connection holds files open: take the hard
+/// limit on open files as the soft one (the usual soft 1024 is soon met).
+fn raise_open_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open-files limit from {soft}: {e}");
             }
         }
     }
