@@ -69,12 +69,72 @@ pub enum Op {
         /// snapshot untouched).
         #[serde(default)]
         writable: bool,
+        /// CHAP the initiator must pass.
+        #[serde(default)]
+        chap: Option<ChapSpec>,
     },
     /// Stop an export.
     Unexport {
         /// Its target name.
         name: String,
     },
+}
+
+/// CHAP settings of an export, as the admin protocol carries them (over
+/// the root-only socket).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChapSpec {
+    /// The initiator's CHAP name.
+    pub user: String,
+    /// Its secret.
+    pub secret: String,
+    /// Mutual CHAP: the target's name and secret.
+    pub mutual: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for ChapSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChapSpec")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChapSpec {
+    /// Check the secrets (RFC 7143 asks for at least 96 bits; initiators
+    /// such as open-iscsi take 12 to 16 characters) and make the target's
+    /// settings.
+    pub fn into_chap(self) -> Result<crate::iscsi::target::Chap> {
+        let check = |what: &str, secret: &str| {
+            if (12..=255).contains(&secret.len()) {
+                Ok(secret.as_bytes().to_vec())
+            } else {
+                Err(Error::Invalid(format!(
+                    "the {what} secret must have 12 to 255 characters (initiators such as open-iscsi take 12 to 16)"
+                )))
+            }
+        };
+        if self.user.is_empty() {
+            return Err(Error::Invalid("the CHAP user name is empty".into()));
+        }
+        let secret = check("CHAP", &self.secret)?;
+        let mutual = match self.mutual {
+            Some((user, s)) => {
+                if s == self.secret {
+                    return Err(Error::Invalid(
+                        "the mutual secret must differ from the initiator's".into(),
+                    ));
+                }
+                Some((user, check("mutual CHAP", &s)?))
+            }
+            None => None,
+        };
+        Ok(crate::iscsi::target::Chap {
+            user: self.user,
+            secret,
+            mutual,
+        })
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

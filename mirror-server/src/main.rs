@@ -116,6 +116,19 @@ enum Command {
         /// when the export ends, and the snapshot is never touched.
         #[arg(long)]
         writable: bool,
+        /// Require CHAP: the initiator logs in as USER ...
+        #[arg(long, value_name = "USER", requires = "chap_secret_file")]
+        chap_user: Option<String>,
+        /// ... with the secret in this file (12 to 16 characters for
+        /// open-iscsi; one line).
+        #[arg(long, value_name = "FILE", requires = "chap_user")]
+        chap_secret_file: Option<PathBuf>,
+        /// Mutual CHAP: the target proves itself as NAME ...
+        #[arg(long, value_name = "NAME", requires_all = ["mutual_secret_file", "chap_user"])]
+        mutual_user: Option<String>,
+        /// ... with the secret in this file.
+        #[arg(long, value_name = "FILE", requires = "mutual_user")]
+        mutual_secret_file: Option<PathBuf>,
     },
     /// Make a volume from an image file: to seed a mirror with a copy
     /// brought by other means (a disk shipped, an old backup), or to serve
@@ -213,7 +226,12 @@ fn main() -> ExitCode {
             name,
             allow,
             writable,
-        } => export(&cli.data, &target, listen, name, allow, writable),
+            chap_user,
+            chap_secret_file,
+            mutual_user,
+            mutual_secret_file,
+        } => chap_spec(chap_user, chap_secret_file, mutual_user, mutual_secret_file)
+            .and_then(|chap| export(&cli.data, &target, listen, name, allow, writable, chap)),
         Command::Import { volume, from } => import(&cli.data, &volume, &from),
         Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
@@ -349,6 +367,36 @@ fn snapshot_info(v: serde_json::Value) -> mirror_server::Result<snapshots::Snaps
         .map_err(|e| mirror_server::Error::Invalid(format!("the server's answer: {e}")))
 }
 
+/// CHAP settings from the command line, secrets read from their files.
+fn chap_spec(
+    user: Option<String>,
+    secret_file: Option<PathBuf>,
+    mutual_user: Option<String>,
+    mutual_secret_file: Option<PathBuf>,
+) -> mirror_server::Result<Option<admin::ChapSpec>> {
+    let read = |p: &Path| -> mirror_server::Result<String> {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| mirror_server::Error::io(format!("reading {}", p.display()), e))?;
+        Ok(text.trim_end_matches(['\n', '\r']).to_string())
+    };
+    let (Some(user), Some(file)) = (user, secret_file) else {
+        return Ok(None);
+    };
+    let mutual = match (mutual_user, mutual_secret_file) {
+        (Some(u), Some(f)) => Some((u, read(&f)?)),
+        _ => None,
+    };
+    let spec = admin::ChapSpec {
+        user,
+        secret: read(&file)?,
+        mutual,
+    };
+    // Checked here too, so that a bad secret is told before anything runs.
+    spec.clone().into_chap()?;
+    Ok(Some(spec))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn export(
     data: &Path,
     target: &str,
@@ -356,6 +404,7 @@ fn export(
     name: Option<String>,
     allow: Vec<String>,
     writable: bool,
+    chap: Option<admin::ChapSpec>,
 ) -> mirror_server::Result<()> {
     let (volume, at) = match target.split_once('@') {
         Some((v, a)) => (v.to_string(), Some(a.to_string())),
@@ -394,6 +443,7 @@ fn export(
         name: name.clone(),
         allow: allow.clone(),
         writable,
+        chap: chap.clone(),
     };
     if admin::server_running(data) {
         let info = admin::request(data, op)?;
@@ -425,6 +475,7 @@ fn export(
             name,
             allow,
             overlay,
+            chap.map(admin::ChapSpec::into_chap).transpose()?,
         )
         .await?;
         show(&mirror_server::serve::export_json(&running));

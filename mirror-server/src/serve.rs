@@ -172,7 +172,9 @@ async fn admin_request(shared: &Arc<Shared>, op: admin::Op) -> Result<serde_json
             name,
             allow,
             writable,
+            chap,
         } => {
+            let chap = chap.map(admin::ChapSpec::into_chap).transpose()?;
             let (client, vname) = split_volume(&volume)?;
             let v = open_volume(shared, client, vname, None)?;
             let dir = shared.data.join(VOLUMES_DIR).join(client).join(vname);
@@ -186,6 +188,7 @@ async fn admin_request(shared: &Arc<Shared>, op: admin::Op) -> Result<serde_json
                 name,
                 allow,
                 overlay,
+                chap,
             )
             .await?;
             let info = export_json(&running);
@@ -244,6 +247,7 @@ pub async fn export(
     iqn: Option<String>,
     allow: Vec<String>,
     overlay: Option<&Path>,
+    chap: Option<iscsi::target::Chap>,
 ) -> Result<iscsi::Running> {
     let (info, pin, size, uuid) = {
         let mut v = volume.lock().await;
@@ -265,7 +269,7 @@ pub async fn export(
         size,
         &uuid,
     ));
-    match iscsi::start(lun.clone(), overlay, iqn, listen, allow).await {
+    match iscsi::start(lun.clone(), overlay, iqn, listen, allow, chap).await {
         Ok(running) => Ok(running),
         Err(e) => {
             let _ = tokio::task::spawn_blocking(move || lun.release()).await;

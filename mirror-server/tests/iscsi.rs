@@ -257,3 +257,101 @@ fn only_allowed_initiators_get_in() {
     assert!(ls("iqn.2026-11.test:good").contains("laptop.root.now"));
     assert!(!ls("iqn.2026-11.test:bad").contains("laptop.root"));
 }
+
+#[test]
+fn chap_one_way_and_mutual() {
+    if !have("iscsi-inq") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_volume(&data);
+    let secret = dir.path().join("secret");
+    let mutual = dir.path().join("mutual");
+    std::fs::write(&secret, "abcdefghijkl12\n").unwrap();
+    std::fs::write(&mutual, "mutualsecret99\n").unwrap();
+    let inq = |url: &str| {
+        let o = Command::new("iscsi-inq").arg(url).output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let with = |url: &str, creds: &str| url.replacen("iscsi://", &format!("iscsi://{creds}@"), 1);
+    {
+        let s = secret.to_str().unwrap();
+        let export = Export::start(
+            &data,
+            "laptop/root",
+            port(),
+            &["--chap-user", "alice", "--chap-secret-file", s],
+        );
+        assert!(!inq(&export.url).0, "no credentials, and in");
+        assert!(
+            !inq(&with(&export.url, "alice%wrongwrongwrong")).0,
+            "a wrong secret, and in"
+        );
+        assert!(
+            !inq(&with(&export.url, "bob%abcdefghijkl12")).0,
+            "a wrong user, and in"
+        );
+        let (ok, out) = inq(&with(&export.url, "alice%abcdefghijkl12"));
+        assert!(ok && out.contains("UBLKMIRR"), "{out}");
+    }
+    let s = secret.to_str().unwrap();
+    let m = mutual.to_str().unwrap();
+    let export = Export::start(
+        &data,
+        "laptop/root",
+        port(),
+        &[
+            "--chap-user",
+            "alice",
+            "--chap-secret-file",
+            s,
+            "--mutual-user",
+            "tgt",
+            "--mutual-secret-file",
+            m,
+        ],
+    );
+    let good = with(&export.url, "alice%abcdefghijkl12");
+    assert!(
+        inq(&format!(
+            "{good}?target_user=tgt&target_password=mutualsecret99"
+        ))
+        .0
+    );
+    // The target cannot prove itself with the wrong secret: the initiator
+    // refuses it.
+    assert!(
+        !inq(&format!(
+            "{good}?target_user=tgt&target_password=notthesecret1"
+        ))
+        .0
+    );
+    // Set up to prove itself, the target wants to be asked.
+    assert!(!inq(&good).0);
+    // Too short a secret is refused before anything runs.
+    std::fs::write(&secret, "short\n").unwrap();
+    let out = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "export",
+            "laptop/root",
+            "--listen",
+            "127.0.0.1:0",
+            "--chap-user",
+            "a",
+            "--chap-secret-file",
+            s,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("12 to 255 characters"),
+        "{out:?}"
+    );
+}

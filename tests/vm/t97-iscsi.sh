@@ -1,8 +1,10 @@
 #!/bin/bash
 # Restore over iSCSI, as a user would: a mirrored ext4, a snapshot, then
-# files changed and deleted; `mirror-server export VOLUME@SNAPSHOT` (the
-# running server serves it); the Linux open-iscsi initiator discovers and
-# logs in; the disk mounts read-only and holds the files as they were at
+# files changed and deleted; `mirror-server export VOLUME@SNAPSHOT` with
+# mutual CHAP (the running server serves it); the Linux open-iscsi
+# initiator discovers it, is refused without the secret, and logs in with
+# it (checking the target's); the disk mounts read-only and holds the files
+# as they were at
 # the snapshot, not as they are now; writes to the disk fail (a backup
 # cannot be changed) and the server's volume is untouched; logout and
 # unexport.
@@ -39,7 +41,10 @@ umount "$MNT"
 "$UBLK_MIRROR" sync "$ID" --timeout 300s || fail "sync failed"
 md5sum "$DATA/volumes/laptop/root/image" > "$WORK/image.md5"
 
-"$MS" --data "$DATA" export laptop/root@monday --listen 127.0.0.1:3260 | tee "$WORK/export.out" \
+printf 'vm-initiator-secret\n' > "$WORK/chap"; printf 'vm-target-secret1\n' > "$WORK/chap-mutual"
+"$MS" --data "$DATA" export laptop/root@monday --listen 127.0.0.1:3260 \
+  --chap-user restorer --chap-secret-file "$WORK/chap" \
+  --mutual-user backup-server --mutual-secret-file "$WORK/chap-mutual" | tee "$WORK/export.out" \
   || { cat "$WORK/server.log"; fail "export failed"; }
 IQN=$(sed -n 's/^  target //p' "$WORK/export.out")
 [ -n "$IQN" ] || fail "export printed no target name"
@@ -56,7 +61,17 @@ setsid iscsid -f > "$WORK/iscsid.log" 2>&1 &
 sleep 1
 iscsiadm -m discovery -t sendtargets -p 127.0.0.1:3260 | tee "$WORK/discovery"
 grep -q "$IQN" "$WORK/discovery" || fail "discovery does not list $IQN"
-iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 --login || fail "login failed"
+if iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 --login 2> "$WORK/login.err"; then
+  fail "logged in without the CHAP secret"
+fi
+log "refused without CHAP: $(tail -1 "$WORK/login.err")"
+node() { iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 -o update -n "$1" -v "$2"; }
+node node.session.auth.authmethod CHAP
+node node.session.auth.username restorer
+node node.session.auth.password vm-initiator-secret
+node node.session.auth.username_in backup-server
+node node.session.auth.password_in vm-target-secret1
+iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 --login || fail "login with mutual CHAP failed"
 SD=
 for _ in $(seq 100); do
   SD=$(ls /sys/class/iscsi_session/*/device/target*/*/block 2>/dev/null | head -1)

@@ -285,6 +285,7 @@ pub async fn start(
     iqn: String,
     listen: SocketAddr,
     allowed: Vec<String>,
+    chap: Option<target::Chap>,
 ) -> crate::Result<Running> {
     let lun = base;
     let unit: Arc<dyn scsi::Lun> = match overlay {
@@ -301,6 +302,7 @@ pub async fn start(
         iqn: iqn.clone(),
         lun: unit,
         allowed,
+        chap,
     });
     let target = Arc::new(target::Target::new(vec![export]));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

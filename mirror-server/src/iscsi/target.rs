@@ -31,6 +31,57 @@ const MAX_CONNECTIONS: usize = 16;
 /// seconds: open-iscsi's NOP-Out interval is 5 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// CHAP credentials (RFC 7143 §12.1.3, MD5): what an initiator must
+/// prove, and for mutual CHAP, what the target proves back.
+#[derive(Clone)]
+pub struct Chap {
+    /// The name the initiator gives (CHAP_N).
+    pub user: String,
+    /// The secret it proves it knows.
+    pub secret: Vec<u8>,
+    /// For mutual CHAP: the target's name and secret.
+    pub mutual: Option<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Chap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secrets.
+        f.debug_struct("Chap")
+            .field("user", &self.user)
+            .field("mutual", &self.mutual.as_ref().map(|(u, _)| u))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The CHAP response: MD5 of the identifier, the secret and the challenge.
+pub fn chap_response(id: u8, secret: &[u8], challenge: &[u8]) -> [u8; 16] {
+    use md5::Digest as _;
+    let mut h = md5::Md5::new();
+    h.update([id]);
+    h.update(secret);
+    h.update(challenge);
+    h.finalize().into()
+}
+
+fn hex_value(v: &str) -> Option<Vec<u8>> {
+    let hex = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X"))?;
+    if hex.len() % 2 != 0 || hex.len() > 2048 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect()
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    let mut s = String::from("0x");
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
 /// One exported logical unit, behind a target name.
 pub struct Export {
     /// The target's name (an IQN).
@@ -39,6 +90,8 @@ pub struct Export {
     pub lun: Arc<dyn Lun>,
     /// Initiator names allowed (empty: any).
     pub allowed: Vec<String>,
+    /// CHAP the initiator must pass (`None`: no authentication).
+    pub chap: Option<Chap>,
 }
 
 impl std::fmt::Debug for Export {
@@ -267,6 +320,10 @@ impl Connection {
         let mut declared = false;
         let mut text_in = Vec::new();
         let mut tsih = 0u16;
+        // CHAP: the challenge sent (identifier, bytes), and whether the
+        // initiator has proven itself (true when no CHAP is asked).
+        let mut challenge: Option<(u8, Vec<u8>)> = None;
+        let mut authenticated = false;
         loop {
             let req = self.read_wire().await?;
             if req.opcode() != op::LOGIN_REQ {
@@ -334,17 +391,81 @@ impl Connection {
                 }
                 first = false;
             }
+            let chap = self.export.as_ref().and_then(|e| e.chap.clone());
+            if chap.is_none() {
+                authenticated = true;
+            }
             if csg == 0 {
                 if let Some(methods) = get("AuthMethod") {
-                    if methods.split(',').any(|m| m == "None") {
-                        answers.push(("AuthMethod".into(), "None".into()));
-                    } else {
+                    let offered: Vec<&str> = methods.split(',').collect();
+                    let pick = if chap.is_some() { "CHAP" } else { "None" };
+                    if !offered.contains(&pick) {
+                        tracing::warn!(peer = %self.peer, initiator = %self.initiator, offered = %methods, wanted = pick, "authentication method refused");
                         return self.refuse(&req, 0x02, 0x01).await;
+                    }
+                    answers.push(("AuthMethod".into(), pick.into()));
+                }
+                if let Some(chap) = &chap {
+                    if let Some(algorithms) = get("CHAP_A") {
+                        if !algorithms.split(',').any(|a| a == "5") {
+                            return self.refuse(&req, 0x02, 0x01).await;
+                        }
+                        let mut c = vec![0u8; 16];
+                        let mut id = [0u8; 1];
+                        if getrandom::fill(&mut c).is_err() || getrandom::fill(&mut id).is_err() {
+                            return self.refuse(&req, 0x03, 0x00).await;
+                        }
+                        answers.push(("CHAP_A".into(), "5".into()));
+                        answers.push(("CHAP_I".into(), id[0].to_string()));
+                        answers.push(("CHAP_C".into(), hex_string(&c)));
+                        challenge = Some((id[0], c));
+                    }
+                    if let (Some(name), Some(response)) = (get("CHAP_N"), get("CHAP_R")) {
+                        let Some((id, c)) = challenge.take() else {
+                            return self.refuse(&req, 0x02, 0x01).await;
+                        };
+                        let expected = chap_response(id, &chap.secret, &c);
+                        let proven = name == chap.user
+                            && hex_value(&response).is_some_and(|r| r == expected);
+                        if !proven {
+                            tracing::warn!(peer = %self.peer, initiator = %self.initiator, user = %name, "CHAP authentication failed");
+                            return self.refuse(&req, 0x02, 0x01).await;
+                        }
+                        // Mutual: the initiator challenges the target back.
+                        if let (Some(their_id), Some(their_c)) = (get("CHAP_I"), get("CHAP_C")) {
+                            let (Some((user, secret)), Ok(their_id), Some(their_c)) =
+                                (&chap.mutual, their_id.parse::<u8>(), hex_value(&their_c))
+                            else {
+                                return self.refuse(&req, 0x02, 0x01).await;
+                            };
+                            if their_c == c || their_c.is_empty() {
+                                // A reflected challenge proves nothing.
+                                return self.refuse(&req, 0x02, 0x01).await;
+                            }
+                            answers.push(("CHAP_N".into(), user.clone()));
+                            answers.push((
+                                "CHAP_R".into(),
+                                hex_string(&chap_response(their_id, secret, &their_c)),
+                            ));
+                        } else if chap.mutual.is_some() {
+                            // The target was set up to prove itself: the
+                            // initiator must ask (else it trusts anyone).
+                            return self.refuse(&req, 0x02, 0x01).await;
+                        }
+                        authenticated = true;
                     }
                 }
             } else if csg != 1 {
                 return self.refuse(&req, 0x02, 0x00).await;
             }
+            // No operational stage, and no full feature phase, before the
+            // initiator proved itself: the target holds the transit until
+            // then (the initiator asks for it at once).
+            if !authenticated && csg != 0 {
+                tracing::warn!(peer = %self.peer, initiator = %self.initiator, "login without the CHAP the target requires");
+                return self.refuse(&req, 0x02, 0x01).await;
+            }
+            let transit = transit && authenticated;
             let negotiated = text::negotiate(&keys, &mut self.params);
             answers.extend(negotiated);
             if csg == 1 && !declared {
