@@ -28,6 +28,23 @@ pub fn punch_or_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> 
     Ok(())
 }
 
+/// An exclusive `flock` on `path` (made if missing), held until the
+/// returned lock is dropped; with `wait: false`, `WouldBlock` when another
+/// holds it.
+pub fn lock_file(path: &Path, wait: bool) -> std::io::Result<nix::fcntl::Flock<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    let how = if wait {
+        nix::fcntl::FlockArg::LockExclusive
+    } else {
+        nix::fcntl::FlockArg::LockExclusiveNonblock
+    };
+    nix::fcntl::Flock::lock(file, how).map_err(|(_, e)| std::io::Error::from(e))
+}
+
 /// Replace `path` with `bytes` so that a crash leaves either the old or
 /// the new content, durably: a temporary file, synced, renamed over it,
 /// and the directory synced.

@@ -284,19 +284,13 @@ impl ServerLock {
     /// Take it, or say who has it.
     pub fn take(data: &Path) -> Result<ServerLock> {
         let path = data.join(LOCK);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map(ServerLock)
-            .map_err(|_| {
-                Error::Invalid(format!(
-                    "another mirror-server is using {} (its admin socket does not answer: is it starting?)",
-                    data.display()
-                ))
-            })
+        match ublk_mirror_common::fsutil::lock_file(&path, false) {
+            Ok(lock) => Ok(ServerLock(lock)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(Error::Invalid(format!(
+                "another mirror-server is using {} (its admin socket does not answer: is it starting?)",
+                data.display()
+            ))),
+            Err(e) => Err(Error::io(format!("locking {}", path.display()), e)),
+        }
     }
 }

@@ -115,15 +115,9 @@ impl Registry {
 
     fn lock(&self) -> Result<WriteLock> {
         let path = self.dir.join(".lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        fsutil::lock_file(&path, true)
             .map(WriteLock)
-            .map_err(|(_, e)| Error::io(format!("locking {}", path.display()), e.into()))
+            .map_err(|e| Error::io(format!("locking {}", path.display()), e))
     }
 
     /// Every client, from memory while the directory has not changed.

@@ -295,9 +295,7 @@ fn volumes(data: &Path, json: bool) -> mirror_server::Result<()> {
                 })
             })
             .collect();
-        serde_json::to_writer_pretty(&mut out, &rows)
-            .map_err(|e| mirror_server::Error::io("writing JSON", e.into()))?;
-        return writeln!(out).map_err(io);
+        return print_json(&rows);
     }
     writeln!(
         out,
@@ -459,11 +457,7 @@ fn export(
     let dir = admin::volume_dir(data, &volume)?;
     let (client, vname) = volume.split_once('/').unwrap_or_default();
     let (opened, _) = store::Volume::open(&dir)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| mirror_server::Error::io("starting the async runtime", e))?;
-    runtime.block_on(async {
+    runtime()?.block_on(async {
         let shared = std::sync::Arc::new(tokio::sync::Mutex::new(opened));
         let overlay = writable.then_some(dir.as_path());
         let running = mirror_server::serve::export(
@@ -481,12 +475,7 @@ fn export(
         show(&mirror_server::serve::export_json(&running));
         println!("serving until Ctrl-C (or SIGTERM)");
         let _ = std::io::stdout().flush();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| mirror_server::Error::io("watching SIGTERM", e))?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        stop_asked().await;
         running.stop().await;
         Ok(())
     })
@@ -510,9 +499,7 @@ fn list_snapshots(data: &Path, volume: &str, json: bool) -> mirror_server::Resul
                 })
             })
             .collect();
-        serde_json::to_writer_pretty(&mut out, &rows)
-            .map_err(|e| mirror_server::Error::io("writing JSON", e.into()))?;
-        return writeln!(out).map_err(io);
+        return print_json(&rows);
     }
     writeln!(
         out,
@@ -542,30 +529,44 @@ fn age_seconds(ms: u64) -> u64 {
     now.saturating_sub(ms) / 1000
 }
 
+fn runtime() -> mirror_server::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| mirror_server::Error::io("starting the async runtime", e))
+}
+
+/// Resolves at SIGTERM or Ctrl-C.
+async fn stop_asked() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `value` as pretty JSON on stdout.
+fn print_json(value: &impl serde::Serialize) -> mirror_server::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)
+        .map_err(|e| mirror_server::Error::io("writing JSON", e.into()))?;
+    writeln!(out).map_err(|e| mirror_server::Error::io("writing to stdout", e))
+}
+
 fn serve(data: &Path, listen: Option<std::net::SocketAddr>) -> mirror_server::Result<()> {
     let mut config = ServerConfig::load(data)?;
     if let Some(l) = listen {
         config.listen = l;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| mirror_server::Error::io("starting the async runtime", e))?;
-    runtime.block_on(async {
-        let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!("cannot watch SIGTERM: {e}");
-                        return std::future::pending().await;
-                    }
-                };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        };
+    runtime()?.block_on(async {
+        let shutdown = stop_asked();
         mirror_server::serve::run(
             data,
             &config,
@@ -613,9 +614,7 @@ fn client(data: &Path, command: ClientCommand) -> mirror_server::Result<()> {
             let mut out = std::io::stdout().lock();
             let io = |e| mirror_server::Error::io("writing to stdout", e);
             if json {
-                serde_json::to_writer_pretty(&mut out, &list)
-                    .map_err(|e| mirror_server::Error::io("writing JSON", e.into()))?;
-                return writeln!(out).map_err(io);
+                return print_json(&list);
             }
             writeln!(out, "{:<24} {:<9} CERTIFICATE", "CLIENT", "STATE").map_err(io)?;
             for c in &list {

@@ -514,16 +514,7 @@ impl Snapshots {
                 buf.len()
             )));
         }
-        let pos = self
-            .manifest
-            .snapshots
-            .iter()
-            .position(|s| s.id == id)
-            .ok_or_else(|| Error::Invalid(format!("there is no snapshot {id}")))?;
-        let chain: Vec<&Delta> = self.manifest.snapshots[pos..]
-            .iter()
-            .filter_map(|s| self.deltas.get(&s.id))
-            .collect();
+        let chain = self.chain(id)?;
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -545,20 +536,26 @@ impl Snapshots {
         Ok(())
     }
 
-    /// Whether snapshot `id` holds data at `offset` (else it reads as
-    /// zeroes), and how many bytes from there have the same answer (in
-    /// whole chunks, at most 1 GiB, so that the answer stays quick).
-    pub fn extent(&self, id: u64, image: &File, size: u64, offset: u64) -> Result<(bool, u64)> {
+    /// The deltas a read of snapshot `id` looks in, in order: its own, then
+    /// each newer one's (the image comes after them).
+    fn chain(&self, id: u64) -> Result<Vec<&Delta>> {
         let pos = self
             .manifest
             .snapshots
             .iter()
             .position(|s| s.id == id)
             .ok_or_else(|| Error::Invalid(format!("there is no snapshot {id}")))?;
-        let chain: Vec<&Delta> = self.manifest.snapshots[pos..]
+        Ok(self.manifest.snapshots[pos..]
             .iter()
             .filter_map(|s| self.deltas.get(&s.id))
-            .collect();
+            .collect())
+    }
+
+    /// Whether snapshot `id` holds data at `offset` (else it reads as
+    /// zeroes), and how many bytes from there have the same answer (in
+    /// whole chunks, at most 1 GiB, so that the answer stays quick).
+    pub fn extent(&self, id: u64, image: &File, size: u64, offset: u64) -> Result<(bool, u64)> {
+        let chain = self.chain(id)?;
         let mapped_at = |chunk: u64| -> bool {
             match chain.iter().find_map(|d| d.chunks.get(&chunk)) {
                 Some(&at) => at != ZERO,

@@ -4,6 +4,9 @@
 //! Without libiscsi-bin and qemu-block-extra (scripts/deps installs them)
 //! the tests say so and pass, except under CI, where they fail.
 
+mod common;
+use common::noise;
+
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -33,17 +36,6 @@ fn have(tool: &str) -> bool {
 }
 
 const SIZE: u64 = 64 << 20;
-
-fn noise(mut seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
-}
 
 /// A volume `laptop/root`: epoch 1 has data in the first 4 MiB and at
 /// 32 MiB, holes elsewhere; snapshot "first"; epoch 2 rewrites the first

@@ -2,6 +2,9 @@
 //! through the client library: enrollment, volumes, epochs, and the
 //! peers it must refuse.
 
+mod common;
+use common::noise;
+
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -109,18 +112,6 @@ fn w(epoch: u64) -> Writer {
         device: [7; 16],
         epoch,
     }
-}
-
-/// `len` bytes that do not compress (xorshift from `seed`).
-fn noise(mut seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
 }
 
 /// The server's certificate fingerprint, from its identity.
@@ -335,12 +326,7 @@ async fn an_interrupted_epoch_resumes_without_resending_what_the_server_holds() 
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let mut server = Server::start(&data_dir);
-    let id = Identity::create(&dir.path().join("laptop")).unwrap();
-    let token = server.token("laptop");
-    let link = Link::connect(&id, token.server, &server.address)
-        .await
-        .unwrap();
-    link.enroll("laptop", token.secret).await.unwrap();
+    let (id, link) = enrolled(&server, dir.path(), "laptop").await;
     let size: u64 = 8 << 20;
     link.open_volume("v", size).await.unwrap();
     let blocks: Vec<(u64, u32)> = (0..64).map(|i| (i * 65536, 65536)).collect();
@@ -380,7 +366,7 @@ async fn an_interrupted_epoch_resumes_without_resending_what_the_server_holds() 
     server.child.kill().unwrap();
     server.child.wait().unwrap();
     server = Server::start(&data_dir);
-    let link = Link::connect(&id, token.server, &server.address)
+    let link = Link::connect(&id, token_fp(&data_dir), &server.address)
         .await
         .unwrap();
     let shipped = link
@@ -496,12 +482,7 @@ async fn a_server_killed_during_commits_always_holds_a_published_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut server = Server::start(&data);
-    let id = Identity::create(&dir.path().join("laptop")).unwrap();
-    let token = server.token("laptop");
-    let link = Link::connect(&id, token.server, &server.address)
-        .await
-        .unwrap();
-    link.enroll("laptop", token.secret).await.unwrap();
+    let (id, _enrolled) = enrolled(&server, dir.path(), "laptop").await;
     let size: u64 = 8 << 20;
     // The device as of every epoch ever attempted: the server may have
     // published one whose answer was lost.
@@ -510,7 +491,7 @@ async fn a_server_killed_during_commits_always_holds_a_published_epoch() {
     let mut seed = 1u64;
     let mut attempt = 0u64;
     for round in 0..5u64 {
-        let link = Link::connect(&id, token.server, &server.address)
+        let link = Link::connect(&id, token_fp(&data), &server.address)
             .await
             .unwrap();
         let info = link.open_volume("root", size).await.unwrap();

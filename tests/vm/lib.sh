@@ -75,3 +75,26 @@ cleanup_devices() {
 }
 
 modprobe ublk_drv
+
+# start_mirror_server: a mirror server on 127.0.0.1:4747 with its data in
+# $WORK/server (DATA), and this machine enrolled as client "laptop" in
+# $WORK/client. Sets MS (the binary), DATA, SPID; stop it with
+# stop_mirror_server.
+start_mirror_server() {
+  MS=${MIRROR_SERVER:-$(dirname "$UBLK_MIRROR")/mirror-server}
+  [ -x "$MS" ] || fail "no mirror-server binary at $MS"
+  DATA=$WORK/server
+  "$MS" --data "$DATA" init --listen 127.0.0.1:4747
+  "$MS" --data "$DATA" serve > "$WORK/server.out" 2> "$WORK/server.log" &
+  SPID=$!
+  for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" && break; sleep 0.1; done
+  grep -q "listening on" "$WORK/server.out" || { cat "$WORK/server.log"; fail "mirror-server did not start"; }
+  local token
+  token=$("$MS" --data "$DATA" client add laptop --address 127.0.0.1:4747)
+  "$UBLK_MIRROR" enroll "$token" --client-dir "$WORK/client"
+}
+
+# stop_mirror_server: SIGTERM, and a clean exit.
+stop_mirror_server() {
+  kill -TERM "$SPID"; wait "$SPID" || fail "mirror-server did not stop cleanly"
+}

@@ -6,20 +6,11 @@
 # byte-identical to the backing file.
 source "$(dirname "$0")/lib.sh"
 
-MS=${MIRROR_SERVER:-$(dirname "$UBLK_MIRROR")/mirror-server}
-[ -x "$MS" ] || fail "no mirror-server binary at $MS"
-DATA=$WORK/server
 IMG=$WORK/disk.img
 MNT=$WORK/mnt; mkdir -p "$MNT"
-SERVER_IMG=$DATA/volumes/laptop/root/image
 
-"$MS" --data "$DATA" init --listen 127.0.0.1:4747
-"$MS" --data "$DATA" serve > "$WORK/server.out" 2> "$WORK/server.log" &
-SPID=$!
-for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" && break; sleep 0.1; done
-grep -q "listening on" "$WORK/server.out" || { cat "$WORK/server.log"; fail "mirror-server did not start"; }
-TOKEN=$("$MS" --data "$DATA" client add laptop --address 127.0.0.1:4747)
-"$UBLK_MIRROR" enroll "$TOKEN" --client-dir "$WORK/client"
+start_mirror_server
+SERVER_IMG=$DATA/volumes/laptop/root/image
 "$MS" --data "$DATA" client list | grep -q "laptop .*enrolled" || fail "the server does not list the enrolled client"
 log "server up, client enrolled"
 
@@ -59,4 +50,4 @@ umount "$MNT"
 stop_dev
 cmp "$IMG" "$SERVER_IMG" || fail "after recovery and sync the server's image differs from the backing file"
 log "after kill -9, recover and sync: the server's image is byte-identical to the backing file"
-kill -TERM "$SPID"; wait "$SPID" || fail "mirror-server did not stop cleanly"
+stop_mirror_server

@@ -7,20 +7,11 @@
 # the server's image byte for byte. The server lists and deletes snapshots.
 source "$(dirname "$0")/lib.sh"
 
-MS=${MIRROR_SERVER:-$(dirname "$UBLK_MIRROR")/mirror-server}
-[ -x "$MS" ] || fail "no mirror-server binary at $MS"
-DATA=$WORK/server
 IMG=$WORK/disk.img
 MNT=$WORK/mnt; mkdir -p "$MNT"
-SERVER_IMG=$DATA/volumes/laptop/root/image
 
-"$MS" --data "$DATA" init --listen 127.0.0.1:4747
-"$MS" --data "$DATA" serve > "$WORK/server.out" 2> "$WORK/server.log" &
-SPID=$!
-for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" && break; sleep 0.1; done
-grep -q "listening on" "$WORK/server.out" || { cat "$WORK/server.log"; fail "mirror-server did not start"; }
-TOKEN=$("$MS" --data "$DATA" client add laptop --address 127.0.0.1:4747)
-"$UBLK_MIRROR" enroll "$TOKEN" --client-dir "$WORK/client"
+start_mirror_server
+SERVER_IMG=$DATA/volumes/laptop/root/image
 
 start_dev --backing "$IMG" --size 128M --mirror root --client-dir "$WORK/client" --mirror-interval 1s
 ID=$DEV_ID
@@ -71,4 +62,4 @@ grep -q "no snapshot nope" "$WORK/err" || fail "unclear error: $(cat "$WORK/err"
 "$MS" --data "$DATA" delete laptop/root@before-edits || fail "delete failed"
 [ "$("$MS" --data "$DATA" snapshots laptop/root --json | jq length)" = 0 ] || fail "the snapshot is still listed"
 stop_dev
-kill -TERM "$SPID"; wait "$SPID" || fail "mirror-server did not stop cleanly"
+stop_mirror_server

@@ -10,19 +10,11 @@
 # unexport.
 source "$(dirname "$0")/lib.sh"
 
-MS=${MIRROR_SERVER:-$(dirname "$UBLK_MIRROR")/mirror-server}
-[ -x "$MS" ] || fail "no mirror-server binary at $MS"
 command -v iscsiadm >/dev/null || fail "iscsiadm is missing (open-iscsi; scripts/deps installs it)"
-DATA=$WORK/server
 IMG=$WORK/disk.img
 MNT=$WORK/mnt; mkdir -p "$MNT"
 
-"$MS" --data "$DATA" init --listen 127.0.0.1:4747
-"$MS" --data "$DATA" serve > "$WORK/server.out" 2> "$WORK/server.log" &
-SPID=$!
-for _ in $(seq 100); do grep -q "listening on" "$WORK/server.out" && break; sleep 0.1; done
-TOKEN=$("$MS" --data "$DATA" client add laptop --address 127.0.0.1:4747)
-"$UBLK_MIRROR" enroll "$TOKEN" --client-dir "$WORK/client"
+start_mirror_server
 
 start_dev --backing "$IMG" --size 64M --mirror root --client-dir "$WORK/client" --mirror-interval 1s
 ID=$DEV_ID
@@ -99,4 +91,4 @@ umount /etc/iscsi
 "$MS" --data "$DATA" unexport "$IQN" || fail "unexport failed"
 md5sum -c --quiet "$WORK/image.md5" || fail "the server's image changed"
 stop_dev
-kill -TERM "$SPID"; wait "$SPID" || fail "mirror-server did not stop cleanly"
+stop_mirror_server

@@ -60,6 +60,17 @@ fn workload(io: &mut LocalIo<'_>, seed: u64) {
     }
 }
 
+/// Mirror to volume "root", cutting every 100 ms.
+fn settings(client_dir: &Path, zstd_level: i32, bandwidth: Option<u64>) -> MirrorSettings {
+    MirrorSettings {
+        volume: "root".into(),
+        client_dir: client_dir.to_path_buf(),
+        interval: Duration::from_millis(100),
+        zstd_level,
+        bandwidth,
+    }
+}
+
 fn image(data: &Path) -> Vec<u8> {
     std::fs::read(data.join("volumes/laptop/root/image")).unwrap()
 }
@@ -84,17 +95,7 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
         engine,
         tracker,
     } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
-    let replicator = Replicator::start(
-        tracker.clone(),
-        MirrorSettings {
-            volume: "root".into(),
-            client_dir: client_dir.clone(),
-            interval: Duration::from_millis(100),
-            zstd_level: 3,
-            bandwidth: None,
-        },
-    )
-    .unwrap();
+    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
     let mut io = LocalIo::new(&engine, backing.file())
         .unwrap()
         .with_tracker(&tracker);
@@ -173,17 +174,7 @@ fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
         engine,
         tracker,
     } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
-    let replicator = Replicator::start(
-        tracker.clone(),
-        MirrorSettings {
-            volume: "root".into(),
-            client_dir: client_dir.clone(),
-            interval: Duration::from_millis(100),
-            zstd_level: 3,
-            bandwidth: None,
-        },
-    )
-    .unwrap();
+    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
     let mut io = LocalIo::new(&engine, backing.file())
         .unwrap()
         .with_tracker(&tracker);
@@ -273,13 +264,7 @@ fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
     let server = TestServer::start(&data, "127.0.0.1:0");
     let client_dir = dir.path().join("client");
     ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
-    let settings = |bandwidth| MirrorSettings {
-        volume: "root".into(),
-        client_dir: client_dir.clone(),
-        interval: Duration::from_millis(100),
-        zstd_level: 1,
-        bandwidth,
-    };
+    let settings = |bandwidth| settings(&client_dir, 1, bandwidth);
     {
         let TrackedDevice {
             backing,

@@ -155,7 +155,7 @@ impl OverlayLun {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc_o_tmpfile())
+            .custom_flags(nix::fcntl::OFlag::O_TMPFILE.bits())
             .mode(0o600)
             .open(dir)
             .map_err(|e| {
@@ -178,10 +178,6 @@ impl OverlayLun {
     fn written(&self) -> std::sync::MutexGuard<'_, ublk_mirror_common::RangeSet> {
         self.written.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-fn libc_o_tmpfile() -> i32 {
-    nix::fcntl::OFlag::O_TMPFILE.bits()
 }
 
 impl scsi::Lun for OverlayLun {
