@@ -352,7 +352,9 @@ async fn an_interrupted_epoch_resumes_without_resending_what_the_server_holds() 
         .send_epoch("v", 1, w(1), &blocks, 1, reader(one.clone()))
         .await
         .unwrap();
-    assert!(shipped.resumed_bytes >= 1 << 20, "{shipped:?}");
+    // How much was staged before the failure stopped the four streams
+    // depends on scheduling; that it all counts does not.
+    assert!(shipped.resumed_bytes > 0, "{shipped:?}");
     assert_eq!(shipped.bytes + shipped.resumed_bytes, 4 << 20);
     assert!(server.image("laptop", "v")[..4 << 20] == one[..]);
 
@@ -373,7 +375,8 @@ async fn an_interrupted_epoch_resumes_without_resending_what_the_server_holds() 
         .send_epoch("v", 2, w(2), &blocks, 1, reader(two.clone()))
         .await
         .unwrap();
-    assert!(shipped.resumed_bytes >= 1 << 20, "{shipped:?}");
+    assert!(shipped.resumed_bytes > 0, "{shipped:?}");
+    assert_eq!(shipped.bytes + shipped.resumed_bytes, 4 << 20);
     assert!(server.image("laptop", "v")[..4 << 20] == two[..]);
 }
 
