@@ -1,14 +1,17 @@
 //! What an iSCSI initiator sends, decoded: a PDU header and what follows
 //! it (with and without digests), login/text keys and their negotiation,
-//! and a CDB (with any data-out) run against a small in-memory unit,
-//! read-only or writable. Nothing may panic; a command may never reach
-//! the unit outside its size, nor write to a read-only one.
+//! and CDBs (with any data-out) from two I_T nexuses run against a small
+//! in-memory unit, read-only or writable. Nothing may panic; a command
+//! may never reach the unit outside its size, nor write to a read-only
+//! one.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use mirror_server::iscsi::pdu::{Pdu, BHS, MAX_DATA_SEGMENT};
 use mirror_server::iscsi::scsi::{self, Lun};
 use mirror_server::iscsi::text;
+use mirror_server::iscsi::unit::{Nexus, Unit};
+use std::sync::Arc;
 
 struct Mem(std::sync::Mutex<Vec<u8>>, bool);
 
@@ -86,19 +89,54 @@ fuzz_target!(|data: &[u8]| {
                 assert!(params.max_send_data <= MAX_DATA_SEGMENT);
             }
         }
-        _ => {
+        _ if selector & 4 != 0 => {
+            // No unit at the LUN asked.
             let Some((cdb, data_out)) = data.split_first_chunk::<16>() else {
                 return;
             };
-            let unit = Mem(
-                std::sync::Mutex::new(vec![0x5a; 64 * 1024]),
-                selector & 8 != 0,
-            );
-            let lun: Option<&dyn Lun> = if selector & 4 != 0 { None } else { Some(&unit) };
-            if let Ok(scsi::Needs::Data(n)) = scsi::prepare(cdb, lun) {
+            if let Ok(scsi::Needs::Data(n)) = scsi::prepare(cdb, None) {
                 assert!(n <= 16384 * 512);
             }
-            let _ = scsi::execute(cdb, lun, data_out);
+            let _ = scsi::execute(cdb, None, data_out);
+        }
+        _ => {
+            // Commands from two I_T nexuses in turn (reservations, mode
+            // pages, unit attentions between them), with resets and
+            // sessions ending between commands. Each: a control byte, a
+            // CDB, a data-out length byte and that much data.
+            let lun = Arc::new(Mem(
+                std::sync::Mutex::new(vec![0x5a; 64 * 1024]),
+                selector & 8 != 0,
+            ));
+            let unit = Unit::new(lun);
+            let nexuses = [Nexus::new("iqn.a", [1; 6]), Nexus::new("iqn.b", [2; 6])];
+            for n in &nexuses {
+                unit.attach(n);
+            }
+            let mut rest = data;
+            while let Some((&control, tail)) = rest.split_first() {
+                let Some((cdb, tail)) = tail.split_first_chunk::<16>() else {
+                    return;
+                };
+                let Some((&len, tail)) = tail.split_first() else {
+                    return;
+                };
+                let (data_out, tail) = tail.split_at(usize::from(len).min(tail.len()));
+                rest = tail;
+                let nexus = &nexuses[usize::from(control & 1)];
+                match (control >> 1) & 3 {
+                    1 => {
+                        unit.detach(nexus);
+                        unit.attach(nexus);
+                    }
+                    2 => unit.reset(nexus, control & 8 != 0),
+                    _ => {}
+                }
+                if let Ok(scsi::Needs::Data(n)) = unit.prepare(cdb, nexus) {
+                    assert!(n <= 16384 * 512);
+                }
+                let _ = unit.execute(cdb, nexus, data_out);
+            }
         }
     }
 });

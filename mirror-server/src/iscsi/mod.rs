@@ -7,6 +7,8 @@
 //! - [`pdu`]: PDUs on the wire (headers, data segments, CRC32C digests);
 //! - [`text`]: login and text keys, negotiation;
 //! - [`scsi`]: the SCSI command set over a [`scsi::Lun`], sans-IO;
+//! - [`unit`]: the logical unit its initiators share (reservations,
+//!   software write protect, unit attentions), sans-IO;
 //! - [`target`]: connections, login, discovery, the full feature phase.
 //!
 //! `--writable` serves a throwaway copy-on-write overlay instead
@@ -22,6 +24,7 @@ pub mod pdu;
 pub mod scsi;
 pub mod target;
 pub mod text;
+pub mod unit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -296,7 +299,7 @@ pub async fn start(
         .map_err(|e| crate::Error::io("reading the bound address", e))?;
     let export = Arc::new(target::Export {
         iqn: iqn.clone(),
-        lun: unit,
+        unit: Arc::new(unit::Unit::new(unit)),
         allowed,
         chap,
     });

@@ -41,6 +41,11 @@ pub trait Lun: Send + Sync {
     fn flush(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// Whether software write protect (the control page's SWP) is what
+    /// keeps it from writes just now.
+    fn software_protected(&self) -> bool {
+        false
+    }
 }
 
 /// Most blocks one COMPARE AND WRITE covers (Block Limits page).
@@ -68,7 +73,7 @@ pub struct Sense {
 }
 
 impl Sense {
-    const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
+    pub(crate) const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
         Sense {
             key,
             asc,
@@ -129,11 +134,20 @@ pub const PARAMETER_LENGTH: Sense = Sense::new(0x05, 0x1a, 0x00);
 pub const INVALID_PARAMETER: Sense = Sense::new(0x05, 0x26, 0x00);
 /// MISCOMPARE / MISCOMPARE DURING VERIFY OPERATION.
 pub const MISCOMPARE: Sense = Sense::new(0x0e, 0x1d, 0x00);
+/// ABORTED COMMAND / PROTOCOL SERVICE CRC ERROR: RFC 7143 §11.4.7.2's
+/// answer when a command's data went missing on the way (a Data-Out out
+/// of sequence implies an earlier one was lost).
+pub const DATA_LOST: Sense = Sense::new(0x0b, 0x47, 0x05);
+/// ABORTED COMMAND / (write error) INCORRECT AMOUNT OF DATA: a data
+/// burst that ended before what was asked (RFC 7143 §11.4.7.2).
+pub const WRONG_AMOUNT: Sense = Sense::new(0x0b, 0x0c, 0x0d);
 
 /// SCSI status GOOD.
 pub const GOOD: u8 = 0x00;
 /// SCSI status CHECK CONDITION.
 pub const CHECK_CONDITION: u8 = 0x02;
+/// SCSI status RESERVATION CONFLICT.
+pub const RESERVATION_CONFLICT: u8 = 0x18;
 
 /// How a command ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +156,8 @@ pub enum Outcome {
     Good(Vec<u8>),
     /// CHECK CONDITION with this sense.
     Check(Sense),
+    /// RESERVATION CONFLICT: another I_T nexus holds a reservation.
+    Conflict,
 }
 
 /// What a command needs from the initiator before it can run.
@@ -406,6 +422,9 @@ fn supported() -> Vec<(u8, Option<u16>, u16)> {
         (0x03, None, 6),
         (0x08, None, 6),
         (0x12, None, 6),
+        (0x15, None, 6),
+        (0x16, None, 6),
+        (0x17, None, 6),
         (0x1a, None, 6),
         (0x1b, None, 6),
         (0x1e, None, 6),
@@ -414,7 +433,19 @@ fn supported() -> Vec<(u8, Option<u16>, u16)> {
         (0x2f, None, 10),
         (0x34, None, 10),
         (0x35, None, 10),
+        (0x55, None, 10),
         (0x5a, None, 10),
+        (0x5e, Some(0), 10),
+        (0x5e, Some(1), 10),
+        (0x5e, Some(2), 10),
+        (0x5e, Some(3), 10),
+        (0x5f, Some(0), 10),
+        (0x5f, Some(1), 10),
+        (0x5f, Some(2), 10),
+        (0x5f, Some(3), 10),
+        (0x5f, Some(4), 10),
+        (0x5f, Some(5), 10),
+        (0x5f, Some(6), 10),
         (0x88, None, 16),
         (0x8f, None, 16),
         (0x90, None, 16),
@@ -648,8 +679,11 @@ fn run_on(cdb: &[u8; 16], lun: &dyn Lun, data_out: &[u8]) -> Result<Vec<u8>, Sen
                 let mut d = vec![0u8; 32];
                 d[..8].copy_from_slice(&blocks.saturating_sub(1).to_be_bytes());
                 d[8..12].copy_from_slice(&(BLOCK as u32).to_be_bytes());
-                // 8 logical blocks per 4 KiB physical block.
-                d[13] = 3;
+                // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0: any 512-byte
+                // block reads and writes on its own here (no read-modify-
+                // write); the 4 KiB that suits the store best is said as
+                // the optimal granularity in VPD page B0 instead.
+                d[13] = 0;
                 // LBPME: thin (holes reported); LBPRZ: holes read zeroes.
                 d[14] = 0x80 | 0x40;
                 Ok(truncate(d, be32(&cdb[10..14])))
@@ -758,7 +792,9 @@ fn inquiry(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
                 if lun.writable() {
                     v[1] = MAX_COMPARE_AND_WRITE as u8;
                 }
-                // Maximum and optimal transfer lengths.
+                // Optimal transfer length granularity (4 KiB), maximum and
+                // optimal transfer lengths.
+                v[2..4].copy_from_slice(&8u16.to_be_bytes());
                 v[4..8].copy_from_slice(&(MAX_TRANSFER_BLOCKS as u32).to_be_bytes());
                 v[8..12].copy_from_slice(&128u32.to_be_bytes());
                 if lun.writable() {
@@ -823,6 +859,41 @@ fn lba_status(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
     Ok(truncate(out, alloc))
 }
 
+/// The control mode page's current values, SWP as given.
+pub(crate) fn control_page(swp: bool) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p[0] = 0x0a;
+    p[1] = 0x0a;
+    p[2] = 0x02; // GLTSD
+    if swp {
+        p[4] = 0x08;
+    }
+    p[8] = 0xff; // busy timeout period: unlimited
+    p[9] = 0xff;
+    p
+}
+
+/// The current values of mode page `page` other than the control page
+/// (which MODE SELECT may change), `None` when there is no such page.
+pub(crate) fn mode_page(page: u8) -> Option<Vec<u8>> {
+    let mut p = vec![0u8; 20];
+    match page {
+        0x08 => {
+            p[0] = 0x08;
+            p[1] = 0x12;
+            p[2] = 0x04; // WCE: a volatile cache (nothing is lost here)
+            Some(p)
+        }
+        0x1c => {
+            p.truncate(12);
+            p[0] = 0x1c;
+            p[1] = 0x0a;
+            Some(p)
+        }
+        _ => None,
+    }
+}
+
 fn mode_sense(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
     let ten = cdb[0] == 0x5a;
     let dbd = cdb[1] & 0x08 != 0;
@@ -841,44 +912,26 @@ fn mode_sense(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
         return Err(INVALID_FIELD);
     }
     let changeable = pc == 1;
-    let caching = |c: bool| {
-        let mut p = vec![0u8; 20];
-        p[0] = 0x08;
-        p[1] = 0x12;
-        if !c {
-            p[2] = 0x04; // WCE: a volatile cache (nothing is lost here)
+    // Changeable values: only the control page's SWP.
+    let page_of = |code: u8| -> Vec<u8> {
+        let mut p = if code == 0x0a {
+            control_page(lun.software_protected())
+        } else {
+            mode_page(code).unwrap_or_default()
+        };
+        if changeable {
+            p[2..].fill(0);
+            if code == 0x0a {
+                p[4] = 0x08;
+            }
         }
         p
     };
-    let control = |c: bool| {
-        let mut p = vec![0u8; 12];
-        p[0] = 0x0a;
-        p[1] = 0x0a;
-        if !c {
-            p[2] = 0x02; // GLTSD
-            p[8] = 0xff; // busy timeout period: unlimited
-            p[9] = 0xff;
-        }
-        p
-    };
-    let exceptions = |_: bool| {
-        let mut p = vec![0u8; 12];
-        p[0] = 0x1c;
-        p[1] = 0x0a;
-        p
-    };
-    let mut pages = Vec::new();
-    match page {
-        0x08 => pages.extend(caching(changeable)),
-        0x0a => pages.extend(control(changeable)),
-        0x1c => pages.extend(exceptions(changeable)),
-        0x3f => {
-            pages.extend(caching(changeable));
-            pages.extend(control(changeable));
-            pages.extend(exceptions(changeable));
-        }
+    let pages = match page {
+        0x08 | 0x0a | 0x1c => page_of(page),
+        0x3f => [0x08, 0x0a, 0x1c].into_iter().flat_map(page_of).collect(),
         _ => return Err(INVALID_FIELD),
-    }
+    };
     let blocks = lun.size() / BLOCK;
     let mut descriptor = Vec::new();
     if !dbd {

@@ -13,8 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::pdu::{op, Pdu, BHS, MAX_DATA_SEGMENT};
-use super::scsi::{self, Lun, Needs, Outcome};
+use super::scsi::{self, Needs, Outcome, Sense};
 use super::text::{self, Params};
+use super::unit::{Nexus, Unit};
 
 /// Commands an initiator may have outstanding (MaxCmdSN - ExpCmdSN + 1).
 const WINDOW: u32 = 32;
@@ -87,7 +88,7 @@ pub struct Export {
     /// The target's name (an IQN).
     pub iqn: String,
     /// What it serves, as LUN 0.
-    pub lun: Arc<dyn Lun>,
+    pub unit: Arc<Unit>,
     /// Initiator names allowed (empty: any).
     pub allowed: Vec<String>,
     /// CHAP the initiator must pass (`None`: no authentication).
@@ -225,6 +226,8 @@ struct Connection {
     export: Option<Arc<Export>>,
     kind: SessionType,
     initiator: String,
+    /// The session's I_T nexus, once logged in to an export.
+    nexus: Option<Nexus>,
     /// PDUs read while waiting for solicited data, to handle after.
     pending: VecDeque<Pdu>,
     next_ttt: u32,
@@ -244,6 +247,7 @@ impl Connection {
             export: None,
             kind: SessionType::Normal,
             initiator: String::new(),
+            nexus: None,
             pending: VecDeque::new(),
             next_ttt: 1,
         }
@@ -263,7 +267,16 @@ impl Connection {
             target = self.export.as_ref().map_or("(discovery)", |e| e.iqn.as_str()),
             "iSCSI session up"
         );
-        match self.full_feature().await {
+        let unit = self.export.as_ref().map(|e| e.unit.clone());
+        if let (Some(unit), Some(nexus)) = (&unit, &self.nexus) {
+            unit.attach(nexus);
+        }
+        let ended = self.full_feature().await;
+        // Logout or a lost connection: the I_T nexus is gone.
+        if let (Some(unit), Some(nexus)) = (&unit, &self.nexus) {
+            unit.detach(nexus);
+        }
+        match ended {
             Ok(()) | Err(End::Done) => Ok(()),
             Err(e) => Err(e),
         }
@@ -285,7 +298,17 @@ impl Connection {
         let len = Pdu::parse_bhs(&bhs, MAX_DATA_SEGMENT).map_err(|e| End::Error(e.to_string()))?;
         let mut rest = vec![0u8; len.rest(hd, dd)];
         self.stream.read_exact(&mut rest).await?;
-        Pdu::assemble(bhs, len, &rest, hd, dd).map_err(|e| End::Error(e.to_string()))
+        let p = Pdu::assemble(bhs, len, &rest, hd, dd).map_err(|e| End::Error(e.to_string()))?;
+        tracing::trace!(
+            opcode = p.opcode(),
+            itt = p.itt(),
+            sn = p.u32_at(24),
+            sn2 = p.u32_at(36),
+            offset = p.u32_at(40),
+            len = p.data.len(),
+            "PDU in"
+        );
+        Ok(p)
     }
 
     fn digest_flags(&self) -> (bool, bool) {
@@ -298,6 +321,13 @@ impl Connection {
 
     async fn send(&mut self, pdu: &Pdu) -> Result<(), End> {
         let (hd, dd) = self.digest_flags();
+        tracing::trace!(
+            opcode = pdu.opcode(),
+            itt = pdu.itt(),
+            status = pdu.bhs[3],
+            len = pdu.data.len(),
+            "PDU out"
+        );
         self.stream.write_all(&pdu.encode(hd, dd)).await?;
         Ok(())
     }
@@ -484,6 +514,9 @@ impl Connection {
             self.send(&rsp).await?;
             if transit && nsg == 3 {
                 self.digests = true;
+                let mut isid = [0u8; 6];
+                isid.copy_from_slice(&req.bhs[8..14]);
+                self.nexus = Some(Nexus::new(&self.initiator, isid));
                 return Ok(true);
             }
         }
@@ -577,7 +610,16 @@ impl Connection {
                     // nothing left to stop.
                     rsp.bhs[2] = match function {
                         1 => 1,
-                        2 | 3 | 5..=7 => 0,
+                        2 | 3 => 0,
+                        5..=7 => {
+                            // LUN RESET, TARGET WARM/COLD RESET: the one
+                            // unit resets (RESERVE(6) released, others
+                            // told).
+                            if let (Some(e), Some(nexus)) = (&self.export, &self.nexus) {
+                                e.unit.reset(nexus, function != 5);
+                            }
+                            0
+                        }
                         _ => 5,
                     };
                     rsp.set_u32(16, p.itt());
@@ -647,20 +689,19 @@ impl Connection {
         cdb.copy_from_slice(&p.bhs[32..48]);
         let lun_bytes = p.lun();
         let lun_number = (u16::from(lun_bytes[0] & 0x3f) << 8) | u16::from(lun_bytes[1]);
-        let lun: Option<Arc<dyn Lun>> = match (&self.export, lun_number) {
-            (Some(e), 0) => Some(e.lun.clone()),
+        let unit: Option<(Arc<Unit>, Nexus)> = match (&self.export, &self.nexus, lun_number) {
+            (Some(e), Some(nexus), 0) => Some((e.unit.clone(), nexus.clone())),
             _ => None,
         };
-        let prepared = scsi::prepare(&cdb, lun.as_deref());
+        let prepared = match &unit {
+            Some((unit, nexus)) => unit.prepare(&cdb, nexus),
+            None => scsi::prepare(&cdb, None).map_err(Outcome::Check),
+        };
         // The data-out the CDB asks for; what is taken is capped at what
         // the initiator said it would send (the rest is a residual).
         let mut need = 0usize;
         let data_out = match prepared {
-            Err(sense) => {
-                return self
-                    .respond(&p, Outcome::Check(sense), edtl, write, 0)
-                    .await;
-            }
+            Err(outcome) => return self.respond(&p, outcome, edtl, write, 0).await,
             // COMPARE AND WRITE's two halves, WRITE SAME's one block: the
             // initiator must send exactly that.
             Ok(needs)
@@ -684,18 +725,34 @@ impl Connection {
                         .respond(&p, Outcome::Check(scsi::INVALID_FIELD), edtl, write, 0)
                         .await;
                 }
-                self.collect(&p, edtl.min(need)).await?
+                match self.collect(&p, edtl.min(need)).await? {
+                    Ok(data) => data,
+                    Err(sense) => {
+                        return self
+                            .respond(&p, Outcome::Check(sense), edtl, write, 0)
+                            .await
+                    }
+                }
             }
         };
-        let outcome =
-            tokio::task::spawn_blocking(move || scsi::execute(&cdb, lun.as_deref(), &data_out))
-                .await
-                .map_err(|e| End::Error(format!("a command failed: {e}")))?;
+        let outcome = tokio::task::spawn_blocking(move || match unit {
+            Some((unit, nexus)) => unit.execute(&cdb, &nexus, &data_out),
+            None => scsi::execute(&cdb, None, &data_out),
+        })
+        .await
+        .map_err(|e| End::Error(format!("a command failed: {e}")))?;
         self.respond(&p, outcome, edtl, write, need).await
     }
 
     /// Gather a write command's data: immediate, then solicited by R2T.
-    async fn collect(&mut self, cmd: &Pdu, edtl: usize) -> Result<Vec<u8>, End> {
+    ///
+    /// A sense when a burst came out of sequence (a DataSN or offset that
+    /// is not the next one, more than was asked, or less): at error
+    /// recovery level 0 the data cannot be asked again, so the rest of
+    /// that burst is read and dropped (up to its final PDU, RFC 7143
+    /// §11.4.2) and the command ends in CHECK CONDITION while the
+    /// connection goes on.
+    async fn collect(&mut self, cmd: &Pdu, edtl: usize) -> Result<Result<Vec<u8>, Sense>, End> {
         let mut data = cmd.data.clone();
         data.truncate(edtl);
         data.resize(edtl, 0);
@@ -718,6 +775,10 @@ impl Connection {
             r2t_sn += 1;
             let mut got = 0usize;
             let mut expect_sn = 0u32;
+            let mut broken = false;
+            // A burst of `want` bytes in PDUs of at least one byte each,
+            // bar a final empty one: more than that is not a burst.
+            let mut budget = want + 1;
             loop {
                 let p = tokio::time::timeout(LOGIN_TIMEOUT, self.read_wire())
                     .await
@@ -731,27 +792,36 @@ impl Connection {
                     self.pending.push_back(p);
                     continue;
                 }
+                budget = budget
+                    .checked_sub(1)
+                    .ok_or_else(|| End::Error("a data burst that never ends".into()))?;
                 let offset = p.u32_at(40) as usize;
-                if p.u32_at(36) != expect_sn
+                if broken
+                    || p.u32_at(36) != expect_sn
                     || offset != have + got
-                    || offset + p.data.len() > edtl
                     || got + p.data.len() > want
                 {
-                    return Err(End::Error("Data-Out out of sequence".into()));
+                    broken = true;
+                } else {
+                    data[offset..offset + p.data.len()].copy_from_slice(&p.data);
+                    got += p.data.len();
                 }
-                expect_sn += 1;
-                data[offset..offset + p.data.len()].copy_from_slice(&p.data);
-                got += p.data.len();
+                expect_sn = expect_sn.wrapping_add(1);
                 if p.flags() & 0x80 != 0 {
                     break;
                 }
             }
+            if broken {
+                tracing::debug!(itt = cmd.itt(), "Data-Out out of sequence: command ended");
+                return Ok(Err(scsi::DATA_LOST));
+            }
             have += got;
             if got < want {
-                return Err(End::Error("a data burst ended short".into()));
+                tracing::debug!(itt = cmd.itt(), "a data burst ended short: command ended");
+                return Ok(Err(scsi::WRONG_AMOUNT));
             }
         }
-        Ok(data)
+        Ok(Ok(data))
     }
 
     /// Answer a command: its data (reads) and status, with the residual
@@ -819,6 +889,10 @@ impl Connection {
             }
             Outcome::Check(sense) => {
                 self.status(cmd, scsi::CHECK_CONDITION, Some(sense), 0, 0)
+                    .await
+            }
+            Outcome::Conflict => {
+                self.status(cmd, scsi::RESERVATION_CONFLICT, None, 0, 0)
                     .await
             }
         }
