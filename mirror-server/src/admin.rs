@@ -80,6 +80,24 @@ pub enum Op {
     },
 }
 
+/// `CLIENT/VOLUME[@SNAPSHOT|@TIME]` split at the `@`.
+pub fn split_target(target: &str) -> (String, Option<String>) {
+    match target.split_once('@') {
+        Some((v, a)) => (v.to_string(), Some(a.to_string())),
+        None => (target.to_string(), None),
+    }
+}
+
+/// Refuse what is not an iSCSI qualified name.
+pub fn check_iqn(iqn: &str) -> Result<()> {
+    if !iqn.starts_with("iqn.") || iqn.len() > 223 || iqn.contains(char::is_whitespace) {
+        return Err(Error::Invalid(format!(
+            "{iqn:?} is not an iSCSI name (iqn.YYYY-MM.domain:anything, at most 223 characters)"
+        )));
+    }
+    Ok(())
+}
+
 /// CHAP settings of an export, as the admin protocol carries them (over
 /// the root-only socket).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +119,48 @@ impl std::fmt::Debug for ChapSpec {
 }
 
 impl ChapSpec {
+    /// CHAP settings from a user name and a secret file (one line), with
+    /// mutual CHAP when both of those are given too; `None` without a
+    /// user. The secrets are checked here, so that a bad one is told
+    /// before anything runs.
+    pub fn from_files(
+        user: Option<String>,
+        secret_file: Option<&Path>,
+        mutual_user: Option<String>,
+        mutual_secret_file: Option<&Path>,
+    ) -> Result<Option<ChapSpec>> {
+        let read = |p: &Path| -> Result<String> {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+            Ok(text.trim_end_matches(['\n', '\r']).to_string())
+        };
+        let (user, file) = match (user, secret_file) {
+            (Some(user), Some(file)) => (user, file),
+            (None, None) => return Ok(None),
+            _ => {
+                return Err(Error::Invalid(
+                    "CHAP needs both a user and a secret file".into(),
+                ))
+            }
+        };
+        let mutual = match (mutual_user, mutual_secret_file) {
+            (Some(u), Some(f)) => Some((u, read(f)?)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Invalid(
+                    "mutual CHAP needs both a user and a secret file".into(),
+                ))
+            }
+        };
+        let spec = ChapSpec {
+            user,
+            secret: read(file)?,
+            mutual,
+        };
+        spec.clone().into_chap()?;
+        Ok(Some(spec))
+    }
+
     /// Check the secrets (RFC 7143 asks for at least 96 bits; initiators
     /// such as open-iscsi take 12 to 16 characters) and make the target's
     /// settings.

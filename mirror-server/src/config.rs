@@ -14,6 +14,16 @@
 //!
 //! [volumes."laptop/root"]         # one volume's own schedule (keys left
 //! every = "15m"                   # out take the defaults above)
+//!
+//! [[exports]]                     # served over iSCSI while the server runs
+//! target = "laptop/root@2026-11-20"   # as `mirror-server export` takes it
+//! listen = "127.0.0.1:3260"       # the default
+//! # name = "iqn.…"                # default: made from the names
+//! # allow = ["iqn.1993-08.org.debian:01:restore-box"]
+//! # writable = false              # true: a throwaway overlay
+//! # chap_user = "restore"         # with chap_secret_file, and for mutual
+//! # chap_secret_file = "/etc/mirror-server/chap.secret"
+//! # mutual_user / mutual_secret_file
 //! ```
 //!
 //! Port 4747/udp is ublk-mirror's default (unassigned by IANA).
@@ -56,6 +66,72 @@ pub struct ServerConfig {
     /// Volumes (`CLIENT/VOLUME`) with a schedule of their own.
     #[serde(default)]
     pub volumes: BTreeMap<String, SnapshotPolicy>,
+    /// iSCSI exports started with the server.
+    #[serde(default)]
+    pub exports: Vec<ExportConfig>,
+}
+
+/// An iSCSI export the server starts (what `mirror-server export` takes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// `CLIENT/VOLUME`, `CLIENT/VOLUME@SNAPSHOT` or `CLIENT/VOLUME@TIME`;
+    /// without `@`: the volume as it is when the server starts.
+    pub target: String,
+    /// TCP address the target listens on.
+    #[serde(default = "default_export_listen")]
+    pub listen: SocketAddr,
+    /// Its target name (default: made from the names).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Initiator names let in (empty: any).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Serve a throwaway copy-on-write overlay.
+    #[serde(default)]
+    pub writable: bool,
+    /// CHAP: the initiator's user name ...
+    #[serde(default)]
+    pub chap_user: Option<String>,
+    /// ... and the file holding its secret.
+    #[serde(default)]
+    pub chap_secret_file: Option<std::path::PathBuf>,
+    /// Mutual CHAP: the target's name ...
+    #[serde(default)]
+    pub mutual_user: Option<String>,
+    /// ... and the file holding its secret.
+    #[serde(default)]
+    pub mutual_secret_file: Option<std::path::PathBuf>,
+}
+
+fn default_export_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], crate::iscsi::DEFAULT_PORT))
+}
+
+impl ExportConfig {
+    /// The admin request that starts it, its secrets read from their
+    /// files.
+    pub fn request(&self) -> Result<crate::admin::Op> {
+        let (volume, at) = crate::admin::split_target(&self.target);
+        if let Some(name) = &self.name {
+            crate::admin::check_iqn(name)?;
+        }
+        let chap = crate::admin::ChapSpec::from_files(
+            self.chap_user.clone(),
+            self.chap_secret_file.as_deref(),
+            self.mutual_user.clone(),
+            self.mutual_secret_file.as_deref(),
+        )?;
+        Ok(crate::admin::Op::Export {
+            volume,
+            at,
+            listen: self.listen,
+            name: self.name.clone(),
+            allow: self.allow.clone(),
+            writable: self.writable,
+            chap,
+        })
+    }
 }
 
 /// When scheduled snapshots are taken and how long they are kept.
@@ -100,6 +176,7 @@ impl Default for ServerConfig {
             max_bytes_per_client: None,
             snapshots: SnapshotPolicy::default(),
             volumes: BTreeMap::new(),
+            exports: Vec::new(),
         }
     }
 }
@@ -147,7 +224,17 @@ impl ServerConfig {
              \n\
              # One volume's own schedule (keys left out take the built-in defaults):\n\
              # [volumes.\"laptop/root\"]\n\
-             # every = \"15m\"\n",
+             # every = \"15m\"\n\
+             \n\
+             # iSCSI exports served while the server runs (as `mirror-server export`\n\
+             # takes them; target without @: the volume as it is at start):\n\
+             # [[exports]]\n\
+             # target = \"laptop/root@2026-11-20\"\n\
+             # listen = \"127.0.0.1:3260\"\n\
+             # allow = [\"iqn.1993-08.org.debian:01:restore-box\"]\n\
+             # writable = false\n\
+             # chap_user = \"restore\"\n\
+             # chap_secret_file = \"/etc/mirror-server/chap.secret\"\n",
             listen = self.listen,
             volumes = self.max_volumes_per_client,
             every = self.snapshots.every,
@@ -201,5 +288,54 @@ mod tests {
         let err = ServerConfig::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("unknown field"), "{err}");
         assert_eq!(ServerConfig::default().listen.port(), DEFAULT_PORT);
+    }
+
+    #[test]
+    fn the_written_export_example_works_once_uncommented() {
+        let dir = tempfile::tempdir().unwrap();
+        ServerConfig::default().write_new(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
+        let secret = dir.path().join("chap.secret");
+        std::fs::write(&secret, "twelve-chars-ok\n").unwrap();
+        let mut on = false;
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                on |= l == "# [[exports]]";
+                let l = if on { l.trim_start_matches("# ") } else { l };
+                l.replace("/etc/mirror-server/chap.secret", secret.to_str().unwrap()) + "\n"
+            })
+            .collect();
+        std::fs::write(dir.path().join(CONFIG_FILE), uncommented).unwrap();
+        let c = ServerConfig::load(dir.path()).unwrap();
+        assert_eq!(c.exports.len(), 1);
+        let e = &c.exports[0];
+        assert_eq!(e.listen, "127.0.0.1:3260".parse().unwrap());
+        match e.request().unwrap() {
+            crate::admin::Op::Export {
+                volume, at, chap, ..
+            } => {
+                assert_eq!(volume, "laptop/root");
+                assert_eq!(at.as_deref(), Some("2026-11-20"));
+                assert_eq!(chap.unwrap().secret, "twelve-chars-ok");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A secret file that is not there, or half a CHAP setting: told.
+        let missing = ExportConfig {
+            chap_secret_file: Some(dir.path().join("nope")),
+            ..e.clone()
+        };
+        assert!(missing.request().unwrap_err().to_string().contains("nope"));
+        let half = ExportConfig {
+            chap_secret_file: None,
+            ..e.clone()
+        };
+        assert!(half.request().is_err());
+        let bad_name = ExportConfig {
+            name: Some("not an iqn".into()),
+            ..e.clone()
+        };
+        assert!(bad_name.request().is_err());
     }
 }

@@ -230,8 +230,13 @@ fn main() -> ExitCode {
             chap_secret_file,
             mutual_user,
             mutual_secret_file,
-        } => chap_spec(chap_user, chap_secret_file, mutual_user, mutual_secret_file)
-            .and_then(|chap| export(&cli.data, &target, listen, name, allow, writable, chap)),
+        } => admin::ChapSpec::from_files(
+            chap_user,
+            chap_secret_file.as_deref(),
+            mutual_user,
+            mutual_secret_file.as_deref(),
+        )
+        .and_then(|chap| export(&cli.data, &target, listen, name, allow, writable, chap)),
         Command::Import { volume, from } => import(&cli.data, &volume, &from),
         Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
@@ -365,35 +370,6 @@ fn snapshot_info(v: serde_json::Value) -> mirror_server::Result<snapshots::Snaps
         .map_err(|e| mirror_server::Error::Invalid(format!("the server's answer: {e}")))
 }
 
-/// CHAP settings from the command line, secrets read from their files.
-fn chap_spec(
-    user: Option<String>,
-    secret_file: Option<PathBuf>,
-    mutual_user: Option<String>,
-    mutual_secret_file: Option<PathBuf>,
-) -> mirror_server::Result<Option<admin::ChapSpec>> {
-    let read = |p: &Path| -> mirror_server::Result<String> {
-        let text = std::fs::read_to_string(p)
-            .map_err(|e| mirror_server::Error::io(format!("reading {}", p.display()), e))?;
-        Ok(text.trim_end_matches(['\n', '\r']).to_string())
-    };
-    let (Some(user), Some(file)) = (user, secret_file) else {
-        return Ok(None);
-    };
-    let mutual = match (mutual_user, mutual_secret_file) {
-        (Some(u), Some(f)) => Some((u, read(&f)?)),
-        _ => None,
-    };
-    let spec = admin::ChapSpec {
-        user,
-        secret: read(&file)?,
-        mutual,
-    };
-    // Checked here too, so that a bad secret is told before anything runs.
-    spec.clone().into_chap()?;
-    Ok(Some(spec))
-}
-
 #[allow(clippy::too_many_arguments)]
 fn export(
     data: &Path,
@@ -404,16 +380,9 @@ fn export(
     writable: bool,
     chap: Option<admin::ChapSpec>,
 ) -> mirror_server::Result<()> {
-    let (volume, at) = match target.split_once('@') {
-        Some((v, a)) => (v.to_string(), Some(a.to_string())),
-        None => (target.to_string(), None),
-    };
+    let (volume, at) = admin::split_target(target);
     if let Some(iqn) = &name {
-        if !iqn.starts_with("iqn.") || iqn.len() > 223 || iqn.contains(char::is_whitespace) {
-            return Err(mirror_server::Error::Invalid(format!(
-                "{iqn:?} is not an iSCSI name (iqn.YYYY-MM.domain:anything, at most 223 characters)"
-            )));
-        }
+        admin::check_iqn(iqn)?;
     }
     let show = |info: &serde_json::Value| {
         let iqn = info["iqn"].as_str().unwrap_or_default();

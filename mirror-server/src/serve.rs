@@ -114,6 +114,7 @@ pub async fn run(
             }
         });
     }
+    start_exports(&shared).await;
     tokio::spawn(schedule(shared.clone()));
     tokio::pin!(shutdown);
     loop {
@@ -146,6 +147,27 @@ pub async fn run(
     endpoint.wait_idle().await;
     let _ = std::fs::remove_file(data.join(admin::SOCKET));
     Ok(())
+}
+
+/// Start the exports `server.toml` lists. One that cannot start (a
+/// snapshot gone, a port taken, a secret file missing) is logged as an
+/// error and the rest of the server goes on: replication must not stop
+/// for an export.
+async fn start_exports(shared: &Arc<Shared>) {
+    for (i, e) in shared.config.exports.iter().enumerate() {
+        let started = match e.request() {
+            Ok(op) => admin_request(shared, op).await,
+            Err(err) => Err(err),
+        };
+        match started {
+            Ok(_) => {}
+            Err(err) => tracing::error!(
+                target = %e.target,
+                "exports[{i}] in {} did not start: {err}",
+                crate::config::CONFIG_FILE
+            ),
+        }
+    }
 }
 
 /// Carry out an admin request in the server.

@@ -347,3 +347,75 @@ fn chap_one_way_and_mutual() {
         "{out:?}"
     );
 }
+
+/// `[[exports]]` in server.toml start with `mirror-server serve`: a
+/// snapshot behind CHAP is served, one that cannot start (no such
+/// snapshot) is logged and the server goes on, and `unexport` stops a
+/// configured export like any other.
+#[test]
+fn exports_in_server_toml_start_with_the_server() {
+    if !have("iscsi-inq") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_volume(&data);
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "abcdefghijkl12\n").unwrap();
+    let (good, bad) = (port(), port());
+    let mut config = std::fs::read_to_string(data.join("server.toml")).unwrap();
+    config.push_str(&format!(
+        "\n[[exports]]\ntarget = \"laptop/root@first\"\nlisten = \"127.0.0.1:{good}\"\n\
+         chap_user = \"alice\"\nchap_secret_file = {:?}\n\
+         \n[[exports]]\ntarget = \"laptop/root@no-such-snapshot\"\nlisten = \"127.0.0.1:{bad}\"\n",
+        secret.to_str().unwrap()
+    ));
+    std::fs::write(data.join("server.toml"), config).unwrap();
+    let log = dir.path().join("serve.log");
+    let mut serve = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let iqn = "iqn.2026-11.org.ublk-mirror:laptop.root.first";
+    let url = format!("iscsi://127.0.0.1:{good}/{iqn}/0");
+    let with_chap = format!("iscsi://alice%abcdefghijkl12@127.0.0.1:{good}/{iqn}/0");
+    let inq = |url: &str| {
+        Command::new("iscsi-inq")
+            .arg(url)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !inq(&with_chap) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the configured export never came up: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(!inq(&url), "CHAP asked in server.toml, and in without it");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("exports[1]") && text.contains("did not start"),
+        "{text}"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", bad)).is_err());
+    assert!(serve.try_wait().unwrap().is_none(), "the server stopped");
+    let un = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args(["unexport", iqn])
+        .output()
+        .unwrap();
+    assert!(un.status.success(), "{un:?}");
+    assert!(!inq(&with_chap), "still served after unexport");
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
