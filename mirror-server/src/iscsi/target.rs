@@ -265,6 +265,8 @@ impl Connection {
             peer = %self.peer,
             initiator = %self.initiator,
             target = self.export.as_ref().map_or("(discovery)", |e| e.iqn.as_str()),
+            header_digest = if self.params.header_digest { "CRC32C" } else { "None" },
+            data_digest = if self.params.data_digest { "CRC32C" } else { "None" },
             "iSCSI session up"
         );
         let unit = self.export.as_ref().map(|e| e.unit.clone());
