@@ -3,11 +3,10 @@
 # files changed and deleted; `mirror-server export VOLUME@SNAPSHOT` with
 # mutual CHAP (the running server serves it); the Linux open-iscsi
 # initiator discovers it, is refused without the secret, and logs in with
-# it (checking the target's); the disk mounts read-only and holds the files
-# as they were at
-# the snapshot, not as they are now; writes to the disk fail (a backup
-# cannot be changed) and the server's volume is untouched; logout and
-# unexport.
+# it (checking the target's), with CRC32C header and data digests; the
+# disk mounts read-only and holds the files as they were at the snapshot,
+# not as they are now; writes to the disk fail (a backup cannot be
+# changed) and the server's volume is untouched; logout and unexport.
 source "$(dirname "$0")/lib.sh"
 
 command -v iscsiadm >/dev/null || fail "iscsiadm is missing (open-iscsi; scripts/deps installs it)"
@@ -63,7 +62,14 @@ node node.session.auth.username restorer
 node node.session.auth.password vm-initiator-secret
 node node.session.auth.username_in backup-server
 node node.session.auth.password_in vm-target-secret1
+# CRC32C header and data digests, required (no "None" to fall back to).
+node 'node.conn[0].iscsi.HeaderDigest' CRC32C
+node 'node.conn[0].iscsi.DataDigest' CRC32C
 iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 --login || fail "login with mutual CHAP failed"
+grep 'session up' "$WORK/server.log" | grep 'initiator=iqn.2026-11.test:vm' | tail -1 \
+  | grep -q 'header_digest="CRC32C" data_digest="CRC32C"' \
+  || { cat "$WORK/server.log"; fail "the session did not run with CRC32C digests"; }
+log "logged in with mutual CHAP and CRC32C header and data digests"
 SD=
 for _ in $(seq 100); do
   SD=$(ls /sys/class/iscsi_session/*/device/target*/*/block 2>/dev/null | head -1)
