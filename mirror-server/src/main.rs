@@ -48,6 +48,8 @@ enum Command {
     },
     /// Serve: listen on QUIC (server.toml's `listen`) and take the
     /// enrolled clients' epochs into their volumes, until SIGTERM/SIGINT.
+    /// Takes scheduled snapshots and prunes them, and serves the iSCSI
+    /// exports server.toml lists (`[[exports]]`).
     ///
     /// Prints "listening on ADDR" on stdout once it listens.
     Serve {
@@ -95,6 +97,9 @@ enum Command {
     /// while exported. Attach it with, for example:
     ///   iscsiadm -m discovery -t st -p 127.0.0.1:3260 && iscsiadm -m node --login
     ///   qemu-img convert -p -O raw iscsi://127.0.0.1:3260/IQN/0 disk.img
+    /// Exports the server should always serve go in server.toml instead:
+    ///   [[exports]]
+    ///   target = "laptop/root@before-upgrade"   # and listen, allow, chap_user, ...
     #[command(verbatim_doc_comment)]
     Export {
         /// CLIENT/VOLUME, CLIENT/VOLUME@SNAPSHOT, or CLIENT/VOLUME@TIME
