@@ -227,6 +227,20 @@ fn write_range(cdb: &[u8]) -> Option<(u64, u64)> {
     })
 }
 
+/// A write-class command's LBA and block count; for WRITE SAME, a count
+/// of zero means up to the end of the unit (WSNZ is 0), refused past it.
+fn write_extent(cdb: &[u8], lun: &dyn Lun) -> Result<(u64, u64), Sense> {
+    let (lba, n) = write_range(cdb).ok_or(INVALID_OPCODE)?;
+    if matches!(cdb[0], 0x41 | 0x93) && n == 0 {
+        let blocks = lun.size() / BLOCK;
+        if lba >= blocks {
+            return Err(LBA_OUT_OF_RANGE);
+        }
+        return Ok((lba, blocks - lba));
+    }
+    Ok((lba, n))
+}
+
 /// What a write-class command on a writable unit needs, checked.
 fn prepare_write(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Needs, Sense> {
     let opcode = cdb[0];
@@ -242,9 +256,7 @@ fn prepare_write(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Needs, Sense> {
             Needs::Data(len)
         });
     }
-    let Some((lba, n)) = write_range(cdb) else {
-        return Err(INVALID_OPCODE);
-    };
+    let (lba, n) = write_extent(cdb, lun)?;
     if opcode != 0x0a && cdb[1] >> 5 != 0 {
         // WRPROTECT: no protection information here.
         return Err(INVALID_FIELD);
@@ -253,10 +265,6 @@ fn prepare_write(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Needs, Sense> {
         0x41 | 0x93 => {
             if cdb[1] & 0x10 != 0 {
                 // ANCHOR: not supported (ANC_SUP is 0).
-                return Err(INVALID_FIELD);
-            }
-            if n == 0 {
-                // WSNZ: a count of zero is not "to the end".
                 return Err(INVALID_FIELD);
             }
             if n > MAX_WRITE_SAME_BLOCKS {
@@ -308,7 +316,7 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
     if opcode == 0x42 {
         return unmap(cdb, lun, data);
     }
-    let (lba, n) = write_range(cdb).ok_or(INVALID_OPCODE)?;
+    let (lba, n) = write_extent(cdb, lun)?;
     let at = lba * BLOCK;
     let len = n * BLOCK;
     match opcode {
@@ -319,11 +327,12 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
             } else {
                 &data[..BLOCK as usize]
             };
-            if block.iter().all(|&b| b == 0) {
-                // Zeroes (with UNMAP, or not): a hole either way.
+            if cdb[1] & 0x08 != 0 || block.iter().all(|&b| b == 0) {
+                // UNMAP asked (whatever the block holds: unmapped blocks
+                // read as zeroes, LBPRZ), or zeroes: a hole either way.
                 lun.zero(at, len).map_err(|_| WRITE_ERROR)?;
             } else {
-                // Data (UNMAP set or not): written, as SBC allows.
+                // Data: written.
                 let per = (1u64 << 20) / BLOCK;
                 let chunk: Vec<u8> = block.repeat(per.min(n) as usize);
                 let mut done = 0u64;
@@ -787,8 +796,6 @@ fn inquiry(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
             0xb0 => {
                 // Offsets are the page's, less its 4-byte header.
                 let mut v = vec![0u8; 0x3c];
-                // WSNZ: WRITE SAME of zero blocks is refused.
-                v[0] = 0x01;
                 if lun.writable() {
                     v[1] = MAX_COMPARE_AND_WRITE as u8;
                 }
