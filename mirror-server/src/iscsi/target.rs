@@ -117,6 +117,12 @@ pub struct Target {
     pub exports: Vec<Arc<Export>>,
     /// Sessions made so far (TSIH source).
     sessions: AtomicU16,
+    /// Normal sessions by I_T nexus: a new login with the same initiator
+    /// name and ISID reinstates the session (RFC 7143 §6.3.5), and the
+    /// one it replaces is told to end.
+    live: std::sync::Mutex<std::collections::HashMap<Nexus, (u64, Arc<tokio::sync::Notify>)>>,
+    /// Numbers the sessions in `live`.
+    next_live: std::sync::atomic::AtomicU64,
 }
 
 impl Target {
@@ -125,6 +131,35 @@ impl Target {
         Target {
             exports,
             sessions: AtomicU16::new(0),
+            live: std::sync::Mutex::new(std::collections::HashMap::new()),
+            next_live: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// A session of `nexus` enters the full feature phase as number `id`:
+    /// what tells this one to end, and what tells the one it replaces.
+    fn enter(
+        &self,
+        nexus: &Nexus,
+        id: u64,
+    ) -> (Arc<tokio::sync::Notify>, Option<Arc<tokio::sync::Notify>>) {
+        let told = Arc::new(tokio::sync::Notify::new());
+        let old = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(nexus.clone(), (id, told.clone()));
+        (told, old.map(|(_, n)| n))
+    }
+
+    /// Session `id` of `nexus` ended; whether it was still the live one.
+    fn leave(&self, nexus: &Nexus, id: u64) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.get(nexus).is_some_and(|(i, _)| *i == id) {
+            live.remove(nexus);
+            true
+        } else {
+            false
         }
     }
 
@@ -228,6 +263,8 @@ struct Connection {
     initiator: String,
     /// The session's I_T nexus, once logged in to an export.
     nexus: Option<Nexus>,
+    /// Told when a new login reinstates this session.
+    reinstated: Option<Arc<tokio::sync::Notify>>,
     /// PDUs read while waiting for solicited data, to handle after.
     pending: VecDeque<Pdu>,
     next_ttt: u32,
@@ -248,6 +285,7 @@ impl Connection {
             kind: SessionType::Normal,
             initiator: String::new(),
             nexus: None,
+            reinstated: None,
             pending: VecDeque::new(),
             next_ttt: 1,
         }
@@ -270,13 +308,26 @@ impl Connection {
             "iSCSI session up"
         );
         let unit = self.export.as_ref().map(|e| e.unit.clone());
+        let id = self.target.next_live.fetch_add(1, Ordering::Relaxed);
         if let (Some(unit), Some(nexus)) = (&unit, &self.nexus) {
+            let (told, replaced) = self.target.enter(nexus, id);
+            if let Some(old) = replaced {
+                // Reinstatement ends the old session: an I_T nexus loss
+                // (its RESERVE(6) goes), then the old connection is told.
+                tracing::info!(peer = %self.peer, initiator = %self.initiator, "session reinstated");
+                unit.detach(nexus);
+                old.notify_one();
+            }
             unit.attach(nexus);
+            self.reinstated = Some(told);
         }
         let ended = self.full_feature().await;
-        // Logout or a lost connection: the I_T nexus is gone.
+        // Logout or a lost connection: the I_T nexus is gone (unless a
+        // new login took it over).
         if let (Some(unit), Some(nexus)) = (&unit, &self.nexus) {
-            unit.detach(nexus);
+            if self.target.leave(nexus, id) {
+                unit.detach(nexus);
+            }
         }
         match ended {
             Ok(()) | Err(End::Done) => Ok(()),
@@ -356,6 +407,9 @@ impl Connection {
         // initiator has proven itself (true when no CHAP is asked).
         let mut challenge: Option<(u8, Vec<u8>)> = None;
         let mut authenticated = false;
+        // Keys the initiator has said so far: none may be said again
+        // (RFC 7143 §6.2).
+        let mut said: std::collections::HashSet<String> = std::collections::HashSet::new();
         loop {
             let req = self.read_wire().await?;
             if req.opcode() != op::LOGIN_REQ {
@@ -375,6 +429,12 @@ impl Connection {
                     // Version-min above 0: we speak only 0.
                     return self.refuse(&req, 0x02, 0x05).await;
                 }
+                if req.bhs[14..16] != [0, 0] {
+                    // A connection for an existing session: sessions here
+                    // have one connection (MaxConnections=1), so the
+                    // session named does not exist.
+                    return self.refuse(&req, 0x02, 0x0a).await;
+                }
             }
             self.exp_cmd_sn = req.cmd_sn();
             text_in.extend_from_slice(&req.data);
@@ -392,6 +452,11 @@ impl Connection {
                 return self.refuse(&req, 0x02, 0x00).await;
             };
             text_in.clear();
+            tracing::trace!(csg, nsg, transit, ?keys, "login request");
+            if let Some((k, _)) = keys.iter().find(|(k, _)| !said.insert(k.clone())) {
+                tracing::info!(peer = %self.peer, key = %k, "login key said twice: refused");
+                return self.refuse(&req, 0x02, 0x00).await;
+            }
             let get = |k: &str| keys.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
             let mut answers: Vec<(String, String)> = Vec::new();
             if first {
@@ -500,16 +565,19 @@ impl Connection {
             let transit = transit && authenticated;
             let negotiated = text::negotiate(&keys, &mut self.params);
             answers.extend(negotiated);
-            if csg == 1 && !declared {
-                answers.extend(text::declarations());
-                declared = true;
-            }
             let (transit, nsg) = if transit { (true, nsg) } else { (false, csg) };
             if transit && nsg == 3 {
                 tsih = self.target.tsih();
-                if !declared {
-                    answers.extend(text::declarations());
+            }
+            if !declared && (csg == 1 || transit && nsg == 3) {
+                // The target's own declarations, but for keys answered
+                // already (a key is said once per response).
+                for (k, v) in text::declarations() {
+                    if !answers.iter().any(|(a, _)| *a == k) {
+                        answers.push((k, v));
+                    }
                 }
+                declared = true;
             }
             let mut rsp = self.login_response(&req, csg, nsg, transit, tsih);
             rsp.data = text::encode(&answers);
@@ -553,7 +621,15 @@ impl Connection {
 
     async fn full_feature(&mut self) -> Result<(), End> {
         loop {
-            let p = self.read_pdu().await?;
+            let p = match self.reinstated.clone() {
+                Some(told) => tokio::select! {
+                    p = self.read_pdu() => p?,
+                    () = told.notified() => {
+                        return Err(End::Error("a new login reinstated the session".into()));
+                    }
+                },
+                None => self.read_pdu().await?,
+            };
             // Commands that consume a CmdSN: in order, or ignored.
             let counted = !p.immediate()
                 && matches!(
