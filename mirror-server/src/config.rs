@@ -16,6 +16,7 @@
 //! every = "15m"                   # out take the defaults above)
 //!
 //! [[exports]]                     # served over iSCSI while the server runs
+//!                                 # (each on an address of its own)
 //! target = "laptop/root@2026-11-20"   # as `mirror-server export` takes it
 //! listen = "127.0.0.1:3260"       # the default
 //! # name = "iqn.…"                # default: made from the names
@@ -187,8 +188,33 @@ impl ServerConfig {
         let path = data.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        toml::from_str(&text)
-            .map_err(|e| Error::Invalid(format!("{}: {}", path.display(), e.message())))
+        let config: ServerConfig = toml::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: {}", path.display(), e.message())))?;
+        config
+            .check()
+            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        Ok(config)
+    }
+
+    /// What the file format cannot say: each export on its own address
+    /// (each has a listener of its own), its target a volume's name.
+    fn check(&self) -> std::result::Result<(), String> {
+        for (i, e) in self.exports.iter().enumerate() {
+            let (volume, _) = crate::admin::split_target(&e.target);
+            if volume.split('/').count() != 2 || volume.split('/').any(str::is_empty) {
+                return Err(format!(
+                    "exports[{i}]: target {:?} is not CLIENT/VOLUME[@SNAPSHOT|@TIME]",
+                    e.target
+                ));
+            }
+            if let Some(j) = self.exports[..i].iter().position(|o| o.listen == e.listen) {
+                return Err(format!(
+                    "exports[{j}] and exports[{i}] both listen on {} (each export needs its own address or port)",
+                    e.listen
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The snapshot policy of volume `CLIENT/VOLUME`.
@@ -337,5 +363,16 @@ mod tests {
             ..e.clone()
         };
         assert!(bad_name.request().is_err());
+        // Two exports on one address, or a target that is no volume: the
+        // file is refused as a whole.
+        let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
+        let twice = text.clone() + "\n[[exports]]\ntarget = \"laptop/home\"\n";
+        std::fs::write(dir.path().join(CONFIG_FILE), twice).unwrap();
+        let err = ServerConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("both listen on 127.0.0.1:3260"), "{err}");
+        let odd = text + "\n[[exports]]\ntarget = \"laptop\"\nlisten = \"127.0.0.1:3261\"\n";
+        std::fs::write(dir.path().join(CONFIG_FILE), odd).unwrap();
+        let err = ServerConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is not CLIENT/VOLUME"), "{err}");
     }
 }

@@ -3,9 +3,9 @@
 //! commands to a [`Lun`] (RFC 7143). One connection per session, error
 //! recovery level 0; commands run in CmdSN order.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,12 +117,38 @@ pub struct Target {
     pub exports: Vec<Arc<Export>>,
     /// Sessions made so far (TSIH source).
     sessions: AtomicU16,
-    /// Normal sessions by I_T nexus: a new login with the same initiator
-    /// name and ISID reinstates the session (RFC 7143 §6.3.5), and the
-    /// one it replaces is told to end.
-    live: std::sync::Mutex<std::collections::HashMap<Nexus, (u64, Arc<tokio::sync::Notify>)>>,
+    /// Normal sessions by target name and I_T nexus: a new login with
+    /// the same initiator name and ISID reinstates the session (RFC 7143
+    /// §6.3.5), and the one it replaces is told to end.
+    live: std::sync::Mutex<HashMap<(String, Nexus), Live>>,
     /// Numbers the sessions in `live`.
-    next_live: std::sync::atomic::AtomicU64,
+    next_live: AtomicU64,
+}
+
+/// A session in the full feature phase, as the target knows it.
+#[derive(Debug, Clone)]
+struct Live {
+    id: u64,
+    /// Set, and notified, when a new login reinstates the session.
+    ended: Arc<Ended>,
+}
+
+/// Tells a session that it was replaced.
+#[derive(Debug, Default)]
+struct Ended {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Ended {
+    fn end(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    fn is_ended(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
 }
 
 impl Target {
@@ -131,35 +157,50 @@ impl Target {
         Target {
             exports,
             sessions: AtomicU16::new(0),
-            live: std::sync::Mutex::new(std::collections::HashMap::new()),
-            next_live: std::sync::atomic::AtomicU64::new(0),
+            live: std::sync::Mutex::new(HashMap::new()),
+            next_live: AtomicU64::new(0),
         }
     }
 
-    /// A session of `nexus` enters the full feature phase as number `id`:
-    /// what tells this one to end, and what tells the one it replaces.
-    fn enter(
-        &self,
-        nexus: &Nexus,
-        id: u64,
-    ) -> (Arc<tokio::sync::Notify>, Option<Arc<tokio::sync::Notify>>) {
-        let told = Arc::new(tokio::sync::Notify::new());
-        let old = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(nexus.clone(), (id, told.clone()));
-        (told, old.map(|(_, n)| n))
+    /// Session `id` of `nexus` on `export` enters the full feature
+    /// phase: attached to the unit, and what tells it that it was
+    /// replaced. A live session of the same nexus is ended first: its
+    /// nexus is lost (its RESERVE(6) goes), then it is told. All under
+    /// the one lock, so that an ending session cannot detach its
+    /// successor.
+    fn enter(&self, export: &Export, nexus: &Nexus, id: u64) -> (Arc<Ended>, bool) {
+        let ended = Arc::new(Ended::default());
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let old = live.insert(
+            (export.iqn.clone(), nexus.clone()),
+            Live {
+                id,
+                ended: ended.clone(),
+            },
+        );
+        if let Some(old) = &old {
+            export.unit.detach(nexus);
+            old.ended.end();
+        }
+        export.unit.attach(nexus);
+        (ended, old.is_some())
     }
 
-    /// Session `id` of `nexus` ended; whether it was still the live one.
-    fn leave(&self, nexus: &Nexus, id: u64) -> bool {
+    /// Session `id` of `nexus` on `export` ended: detached from the unit,
+    /// unless a new login took the nexus over.
+    fn leave(&self, export: &Export, nexus: &Nexus, id: u64) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if live.get(nexus).is_some_and(|(i, _)| *i == id) {
-            live.remove(nexus);
-            true
-        } else {
-            false
+        let key = (export.iqn.clone(), nexus.clone());
+        if live.get(&key).is_some_and(|l| l.id == id) {
+            live.remove(&key);
+            export.unit.detach(nexus);
+        }
+    }
+
+    /// End every session in the full feature phase.
+    fn end_all(&self) {
+        for l in self.live.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            l.ended.end();
         }
     }
 
@@ -264,7 +305,7 @@ struct Connection {
     /// The session's I_T nexus, once logged in to an export.
     nexus: Option<Nexus>,
     /// Told when a new login reinstates this session.
-    reinstated: Option<Arc<tokio::sync::Notify>>,
+    reinstated: Option<Arc<Ended>>,
     /// PDUs read while waiting for solicited data, to handle after.
     pending: VecDeque<Pdu>,
     next_ttt: u32,
@@ -307,27 +348,20 @@ impl Connection {
             data_digest = if self.params.data_digest { "CRC32C" } else { "None" },
             "iSCSI session up"
         );
-        let unit = self.export.as_ref().map(|e| e.unit.clone());
+        let export = self.export.clone();
         let id = self.target.next_live.fetch_add(1, Ordering::Relaxed);
-        if let (Some(unit), Some(nexus)) = (&unit, &self.nexus) {
-            let (told, replaced) = self.target.enter(nexus, id);
-            if let Some(old) = replaced {
-                // Reinstatement ends the old session: an I_T nexus loss
-                // (its RESERVE(6) goes), then the old connection is told.
+        if let (Some(export), Some(nexus)) = (&export, &self.nexus) {
+            let (ended, replaced) = self.target.enter(export, nexus, id);
+            if replaced {
                 tracing::info!(peer = %self.peer, initiator = %self.initiator, "session reinstated");
-                unit.detach(nexus);
-                old.notify_one();
             }
-            unit.attach(nexus);
-            self.reinstated = Some(told);
+            self.reinstated = Some(ended);
         }
         let ended = self.full_feature().await;
         // Logout or a lost connection: the I_T nexus is gone (unless a
         // new login took it over).
-        if let (Some(unit), Some(nexus)) = (&unit, &self.nexus) {
-            if self.target.leave(nexus, id) {
-                unit.detach(nexus);
-            }
+        if let (Some(export), Some(nexus)) = (&export, &self.nexus) {
+            self.target.leave(export, nexus, id);
         }
         match ended {
             Ok(()) | Err(End::Done) => Ok(()),
@@ -463,6 +497,10 @@ impl Connection {
                 let Some(initiator) = get("InitiatorName") else {
                     return self.refuse(&req, 0x02, 0x07).await;
                 };
+                if initiator.is_empty() || initiator.len() > 223 {
+                    // Not an iSCSI name (RFC 7143 §4.2.7.1: 223 bytes).
+                    return self.refuse(&req, 0x02, 0x00).await;
+                }
                 self.initiator = initiator;
                 self.kind = match get("SessionType").as_deref() {
                     None | Some("Normal") => SessionType::Normal,
@@ -622,11 +660,13 @@ impl Connection {
     async fn full_feature(&mut self) -> Result<(), End> {
         loop {
             let p = match self.reinstated.clone() {
-                Some(told) => tokio::select! {
-                    p = self.read_pdu() => p?,
-                    () = told.notified() => {
-                        return Err(End::Error("a new login reinstated the session".into()));
+                Some(ended) => tokio::select! {
+                    // Replaced: nothing more of this session runs.
+                    biased;
+                    () = ended.notify.notified() => {
+                        return Err(End::Error("the session was ended (a new login reinstated it, or a target cold reset)".into()));
                     }
+                    p = self.read_pdu() => p?,
                 },
                 None => self.read_pdu().await?,
             };
@@ -681,6 +721,8 @@ impl Connection {
                 }
                 op::TMF_REQ => {
                     let function = p.flags() & 0x7f;
+                    let lun = p.lun();
+                    let lun0 = (u16::from(lun[0] & 0x3f) << 8 | u16::from(lun[1])) == 0;
                     let mut rsp = Pdu::new(op::TMF_RSP);
                     rsp.bhs[1] = 0x80;
                     // Commands run one at a time and are done by now: the
@@ -688,7 +730,9 @@ impl Connection {
                     // nothing left to stop.
                     rsp.bhs[2] = match function {
                         1 => 1,
-                        2 | 3 => 0,
+                        // LUN-addressed: only LUN 0 exists.
+                        2 | 4 | 5 if !lun0 || self.export.is_none() => 2,
+                        2..=4 => 0,
                         5..=7 => {
                             // LUN RESET, TARGET WARM/COLD RESET: the one
                             // unit resets (RESERVE(6) released, others
@@ -703,6 +747,11 @@ impl Connection {
                     rsp.set_u32(16, p.itt());
                     self.stamp(&mut rsp, true);
                     self.send(&rsp).await?;
+                    if function == 7 && rsp.bhs[2] == 0 {
+                        // TARGET COLD RESET: every session ends, this one
+                        // after its response (RFC 7143 §11.5.1).
+                        self.target.end_all();
+                    }
                 }
                 op::DATA_OUT => {
                     // Not solicited (InitialR2T=Yes): a protocol error.
@@ -813,6 +862,13 @@ impl Connection {
                 }
             }
         };
+        if self.reinstated.as_ref().is_some_and(|e| e.is_ended()) {
+            // A new login took the session over while this command's data
+            // came: it does not run.
+            return Err(End::Error(
+                "the session was ended (a new login reinstated it, or a target cold reset)".into(),
+            ));
+        }
         let outcome = tokio::task::spawn_blocking(move || match unit {
             Some((unit, nexus)) => unit.execute(&cdb, &nexus, &data_out),
             None => scsi::execute(&cdb, None, &data_out),

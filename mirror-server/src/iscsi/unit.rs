@@ -62,12 +62,14 @@ const PREEMPTED: Sense = Sense::new(0x06, 0x2a, 0x03);
 const RELEASED: Sense = Sense::new(0x06, 0x2a, 0x04);
 /// UNIT ATTENTION / REGISTRATIONS PREEMPTED.
 const REGISTRATIONS_PREEMPTED: Sense = Sense::new(0x06, 0x2a, 0x05);
+/// ILLEGAL REQUEST / INSUFFICIENT REGISTRATION RESOURCES.
+const NO_REGISTRATION_ROOM: Sense = Sense::new(0x05, 0x55, 0x04);
 /// ILLEGAL REQUEST / INVALID RELEASE OF PERSISTENT RESERVATION.
 const INVALID_RELEASE: Sense = Sense::new(0x05, 0x26, 0x04);
 
 /// Persistent reservation types (SPC-4 table 191).
 mod kind {
-    // Write exclusive (1) is the sixth type.
+    pub const WRITE_EXCLUSIVE: u8 = 1;
     pub const EXCLUSIVE_ACCESS: u8 = 3;
     pub const WRITE_EXCLUSIVE_REGISTRANTS_ONLY: u8 = 5;
     pub const EXCLUSIVE_ACCESS_REGISTRANTS_ONLY: u8 = 6;
@@ -76,7 +78,11 @@ mod kind {
 
     /// Whether `t` is a type this unit takes.
     pub fn valid(t: u8) -> bool {
-        matches!(t, 1 | 3 | 5..=8)
+        matches!(
+            t,
+            WRITE_EXCLUSIVE | EXCLUSIVE_ACCESS | WRITE_EXCLUSIVE_REGISTRANTS_ONLY
+                ..=EXCLUSIVE_ACCESS_ALL_REGISTRANTS
+        )
     }
 
     /// Registrants-only and all-registrants types: every registrant may
@@ -138,8 +144,7 @@ impl State {
         }
     }
 
-    /// Owe `sense` to every attached nexus but `except`, or only to those
-    /// `to` picks.
+    /// Owe `sense` to the attached nexuses `to` picks.
     fn tell(&mut self, sense: Sense, to: impl Fn(&Nexus) -> bool) {
         for (n, queue) in &mut self.attentions {
             if to(n) && !queue.contains(&sense) {
@@ -157,8 +162,7 @@ impl State {
             Some(r) => r.holder == *nexus,
             None => false,
         };
-        if released {
-            let r = self.reservation.take().expect("a reservation");
+        if let Some(r) = self.reservation.take_if(|_| released) {
             if kind::for_registrants(r.kind) && !kind::all_registrants(r.kind) {
                 // Registrants-only: the others lose access, and are told.
                 let registered: Vec<Nexus> =
@@ -173,7 +177,15 @@ impl State {
 pub struct Unit {
     lun: Arc<dyn Lun>,
     state: Mutex<State>,
+    /// Held shared by every medium command while it runs, and exclusively
+    /// by what changes who may access the medium (PERSISTENT RESERVE OUT,
+    /// MODE SELECT, RESERVE(6)): a preempted or fenced nexus's command
+    /// that passed its check is done before the change is answered.
+    gate: std::sync::RwLock<()>,
 }
+
+/// Most registrations a unit keeps (each initiator port one).
+const MAX_REGISTRATIONS: usize = 256;
 
 impl std::fmt::Debug for Unit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,6 +235,7 @@ impl Unit {
         Unit {
             lun,
             state: Mutex::new(State::default()),
+            gate: std::sync::RwLock::new(()),
         }
     }
 
@@ -278,6 +291,10 @@ impl Unit {
         let swp = {
             let mut s = self.state();
             if let Some(sense) = owed(&mut s, cdb[0], nexus) {
+                if cdb[0] == 0x03 {
+                    // REQUEST SENSE reports it as its data (and clears it).
+                    return Err(Outcome::Good(sense_data(cdb, sense)));
+                }
                 return Err(Outcome::Check(sense));
             }
             if conflicts(&s, cdb, nexus) {
@@ -287,7 +304,9 @@ impl Unit {
         };
         match cdb[0] {
             // MODE SELECT(6)/(10), PERSISTENT RESERVE OUT: a parameter list.
+            0x15 if cdb[4] == 0 => Ok(Needs::Nothing),
             0x15 => Ok(Needs::Data(u64::from(cdb[4]))),
+            0x55 if be16(&cdb[7..9]) == 0 => Ok(Needs::Nothing),
             0x55 => Ok(Needs::Data(be16(&cdb[7..9]))),
             // Without SPEC_I_PT, a PERSISTENT RESERVE OUT parameter list
             // is 24 bytes: refused before any data moves otherwise.
@@ -301,6 +320,12 @@ impl Unit {
     /// Run a command from `nexus` with the data-out [`Unit::prepare`]
     /// asked for.
     pub fn execute(&self, cdb: &[u8; 16], nexus: &Nexus, data_out: &[u8]) -> Outcome {
+        let changes_access = matches!(cdb[0], 0x15 | 0x55 | 0x5f | 0x16);
+        // Taken before the state lock, never the other way round.
+        let _exclusive =
+            changes_access.then(|| self.gate.write().unwrap_or_else(|p| p.into_inner()));
+        let _shared =
+            (!changes_access).then(|| self.gate.read().unwrap_or_else(|p| p.into_inner()));
         let swp = {
             let mut s = self.state();
             // Checked again: another nexus may have reserved meanwhile.
@@ -337,12 +362,25 @@ fn be64(b: &[u8]) -> u64 {
 }
 
 /// The unit attention `nexus` is owed, taken off its queue — for any
-/// command but INQUIRY, REPORT LUNS and REQUEST SENSE (SAM-5 §5.14).
+/// command but INQUIRY and REPORT LUNS (SAM-5 §5.14; REQUEST SENSE
+/// returns it as its data).
 fn owed(s: &mut State, opcode: u8, nexus: &Nexus) -> Option<Sense> {
-    if matches!(opcode, 0x12 | 0xa0 | 0x03) {
+    if matches!(opcode, 0x12 | 0xa0) {
         return None;
     }
     s.attentions.get_mut(nexus)?.pop_front()
+}
+
+/// REQUEST SENSE's data for `sense`: fixed format, or descriptor format
+/// when DESC is set; cut at the allocation length.
+fn sense_data(cdb: &[u8; 16], sense: Sense) -> Vec<u8> {
+    let mut d = if cdb[1] & 0x01 != 0 {
+        vec![0x72, sense.key, sense.asc, sense.ascq, 0, 0, 0, 0]
+    } else {
+        sense.bytes()
+    };
+    d.truncate(usize::from(cdb[4]));
+    d
 }
 
 /// Whether `nexus`'s command conflicts with a reservation (SPC-2 §5.5.1
@@ -350,9 +388,11 @@ fn owed(s: &mut State, opcode: u8, nexus: &Nexus) -> Option<Sense> {
 fn conflicts(s: &State, cdb: &[u8; 16], nexus: &Nexus) -> bool {
     let opcode = cdb[0];
     if let Some(holder) = &s.reserved {
-        // Another nexus may only ask who and what the unit is, read the
-        // persistent reservations, and release (with no effect).
-        return holder != nexus && !matches!(opcode, 0x12 | 0xa0 | 0x03 | 0xa3 | 0x17 | 0x5e);
+        // Persistent reservation commands conflict with a RESERVE(6), from
+        // any nexus (SPC-3 §5.6.3); another nexus may only ask who and
+        // what the unit is, and release (with no effect).
+        return matches!(opcode, 0x5e | 0x5f)
+            || holder != nexus && !matches!(opcode, 0x12 | 0xa0 | 0x03 | 0xa3 | 0x17);
     }
     let Some(r) = &s.reservation else {
         return false;
@@ -369,8 +409,10 @@ fn conflicts(s: &State, cdb: &[u8; 16], nexus: &Nexus) -> bool {
     match opcode {
         // Allowed under every type: identification, sense, the
         // reservations themselves, TEST UNIT READY (ALLOW COMMANDS 001b),
-        // READ CAPACITY(10), REPORT SUPPORTED OPERATION CODES.
+        // READ CAPACITY(10), REPORT SUPPORTED OPERATION CODES,
         0x12 | 0xa0 | 0x03 | 0x5e | 0x5f | 0x00 | 0x25 | 0xa3 => false,
+        // READ CAPACITY(16) (SBC-4 table of commands allowed).
+        0x9e if cdb[1] & 0x1f == 0x10 => false,
         // RESERVE(6)/RELEASE(6) meet a persistent reservation.
         0x16 | 0x17 => true,
         _ if writes => true,
@@ -574,6 +616,9 @@ fn persistent_out(s: &mut State, cdb: &[u8; 16], nexus: &Nexus, data: &[u8]) -> 
                 None if action == 0 && key != 0 => return Outcome::Conflict,
                 Some(k) if action == 0 && k != key => return Outcome::Conflict,
                 None if sa_key == 0 => return Outcome::Good(Vec::new()),
+                None if s.registrations.len() >= MAX_REGISTRATIONS => {
+                    return Outcome::Check(NO_REGISTRATION_ROOM)
+                }
                 None => s.registrations.push((nexus.clone(), sa_key)),
                 Some(_) if sa_key == 0 => s.unregister(nexus),
                 Some(_) => {
@@ -642,8 +687,10 @@ fn persistent_out(s: &mut State, cdb: &[u8; 16], nexus: &Nexus, data: &[u8]) -> 
             s.tell(PREEMPTED, |n| others.contains(n));
             Outcome::Good(Vec::new())
         }
-        // PREEMPT, PREEMPT AND ABORT (commands run one at a time per
-        // session and are done by now: nothing is left to abort).
+        // PREEMPT, PREEMPT AND ABORT: the preempted nexuses' commands
+        // that passed their checks have finished (the gate, taken in
+        // `execute`); their later ones conflict. Nothing else is queued
+        // here to abort (a session runs one command at a time).
         _ => preempt(s, nexus, sa_key, scope, kind),
     }
 }
@@ -681,10 +728,21 @@ fn preempt(s: &mut State, nexus: &Nexus, sa_key: u64, scope: u8, kind: u8) -> Ou
     }
     s.registrations.retain(|(n, _)| !gone.contains(n));
     if takes_reservation {
-        s.reservation = Some(Reservation {
+        let before = s.reservation.replace(Reservation {
             holder: nexus.clone(),
             kind,
         });
+        if before.is_some_and(|r| r.kind != kind) {
+            // A new type: the registrants that stay are told theirs went
+            // (SPC-4 §5.13.11.4.3).
+            let stay: Vec<Nexus> = s
+                .registrations
+                .iter()
+                .map(|(n, _)| n.clone())
+                .filter(|n| n != nexus)
+                .collect();
+            s.tell(RELEASED, |n| stay.contains(n));
+        }
     }
     s.generation = s.generation.wrapping_add(1);
     s.tell(REGISTRATIONS_PREEMPTED, |n| gone.contains(n));
@@ -1019,5 +1077,158 @@ mod tests {
         assert_eq!(mode_select6(&u, &b, false, |_| {}), EMPTY);
         assert_eq!(run(&u, &a, tur(), &[]), Outcome::Check(MODE_CHANGED));
         assert_eq!(write10(&u, &a), EMPTY);
+    }
+
+    #[test]
+    fn request_sense_reports_an_attention_and_clears_it() {
+        let (u, a, b) = unit();
+        u.reset(&b, false);
+        let mut c = simple(0x03);
+        c[4] = 252;
+        let d = good(run(&u, &a, c, &[]));
+        assert_eq!((d[2], d[12], d[13]), (0x06, 0x29, 0x03));
+        assert_eq!(run(&u, &a, tur(), &[]), EMPTY, "cleared");
+        // With nothing owed: NO SENSE.
+        assert_eq!(good(run(&u, &a, c, &[]))[2], 0);
+    }
+
+    #[test]
+    fn persistent_reservation_commands_conflict_with_reserve6_even_for_its_holder() {
+        let (u, a, b) = unit();
+        assert_eq!(run(&u, &a, simple(0x16), &[]), EMPTY);
+        assert_eq!(prout(&u, &a, 6, 0, 0, 1), Outcome::Conflict);
+        assert_eq!(prin(&u, &b, 0, 64), Outcome::Conflict);
+        // So RESERVE(6) can always be released by its holder.
+        assert_eq!(run(&u, &a, simple(0x17), &[]), EMPTY);
+        assert_eq!(prout(&u, &a, 6, 0, 0, 1), EMPTY);
+    }
+
+    #[test]
+    fn read_capacity16_is_allowed_under_exclusive_access() {
+        let (u, a, b) = unit();
+        prout(&u, &a, 6, 0, 0, 1);
+        prout(&u, &a, 1, 3, 1, 0);
+        let mut rc16 = simple(0x9e);
+        rc16[1] = 0x10;
+        rc16[13] = 32;
+        assert!(matches!(run(&u, &b, rc16, &[]), Outcome::Good(d) if d.len() == 32));
+        assert_eq!(run(&u, &b, read10(), &[]), Outcome::Conflict);
+    }
+
+    #[test]
+    fn a_preempt_that_changes_the_type_tells_the_registrants_that_stay() {
+        let (u, a, b) = unit();
+        let c = Nexus::new("iqn.c", [3; 6]);
+        u.attach(&c);
+        prout(&u, &a, 6, 0, 0, 1);
+        prout(&u, &b, 6, 0, 0, 2);
+        prout(&u, &c, 6, 0, 0, 3);
+        prout(&u, &a, 1, 5, 1, 0);
+        assert_eq!(prout(&u, &b, 4, 6, 2, 1), EMPTY);
+        assert_eq!(
+            run(&u, &a, tur(), &[]),
+            Outcome::Check(REGISTRATIONS_PREEMPTED)
+        );
+        assert_eq!(run(&u, &c, tur(), &[]), Outcome::Check(RELEASED));
+        assert_eq!(run(&u, &b, tur(), &[]), EMPTY, "not the preemptor");
+    }
+
+    #[test]
+    fn mode_select_with_no_parameter_list_needs_no_data() {
+        let (u, a, _) = unit();
+        assert_eq!(u.prepare(&simple(0x15), &a), Ok(Needs::Nothing));
+        assert_eq!(u.prepare(&simple(0x55), &a), Ok(Needs::Nothing));
+        assert_eq!(run(&u, &a, simple(0x55), &[]), EMPTY);
+    }
+
+    #[test]
+    fn registrations_are_capped() {
+        let (u, a, _) = unit();
+        for i in 0..MAX_REGISTRATIONS {
+            let n = Nexus::new(
+                "iqn.many",
+                (i as u64).to_be_bytes()[2..].try_into().unwrap(),
+            );
+            assert_eq!(prout(&u, &n, 6, 0, 0, 1 + i as u64), EMPTY);
+        }
+        assert_eq!(
+            prout(&u, &a, 6, 0, 0, 9999),
+            Outcome::Check(NO_REGISTRATION_ROOM)
+        );
+    }
+
+    /// A unit whose writes wait for a go-ahead, saying when one started.
+    struct Slow {
+        started: Mutex<std::sync::mpsc::Sender<()>>,
+        go: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Lun for Slow {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read(&self, _: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+            Ok((true, self.size() - offset))
+        }
+        fn id(&self) -> u64 {
+            2
+        }
+        fn writable(&self) -> bool {
+            true
+        }
+        fn write(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
+            self.started.lock().unwrap().send(()).unwrap();
+            self.go.lock().unwrap().recv().unwrap();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn preempt_and_abort_waits_for_the_preempted_nexus_commands_in_flight() {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let u = Arc::new(Unit::new(Arc::new(Slow {
+            started: Mutex::new(started_tx),
+            go: Mutex::new(go_rx),
+        })));
+        let a = Nexus::new("iqn.a", [1; 6]);
+        let b = Nexus::new("iqn.b", [2; 6]);
+        u.attach(&a);
+        u.attach(&b);
+        prout(&u, &a, 6, 0, 0, 1);
+        prout(&u, &b, 6, 0, 0, 2);
+        prout(&u, &b, 1, 5, 2, 0);
+        // B's write passes its check and is under way ...
+        let writer = {
+            let (u, b) = (u.clone(), b.clone());
+            std::thread::spawn(move || write10(&u, &b))
+        };
+        started.recv().unwrap();
+        // ... when A preempts B and aborts its tasks.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let preempt = {
+            let (u, a, done) = (u.clone(), a.clone(), done.clone());
+            std::thread::spawn(move || {
+                let o = prout(&u, &a, 5, 1, 1, 2);
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                o
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "PREEMPT AND ABORT answered while the preempted write still ran"
+        );
+        go.send(()).unwrap();
+        assert_eq!(writer.join().unwrap(), EMPTY);
+        assert_eq!(preempt.join().unwrap(), EMPTY);
+        // From now on B is fenced.
+        go.send(()).unwrap();
+        assert_eq!(write10(&u, &b), Outcome::Check(REGISTRATIONS_PREEMPTED));
+        assert_eq!(write10(&u, &b), Outcome::Conflict);
     }
 }
