@@ -271,10 +271,10 @@ pub async fn export(
     overlay: Option<&Path>,
     chap: Option<iscsi::target::Chap>,
 ) -> Result<iscsi::Running> {
-    let (info, pin, size, uuid) = {
+    let (info, pin, reader, uuid) = {
         let mut v = volume.lock().await;
         let (info, pin) = tokio::task::block_in_place(|| v.pin_version(at))?;
-        (info, pin, v.state().size, v.state().uuid.clone())
+        (info, pin, v.reader(), v.state().uuid.clone())
     };
     let iqn = iqn.unwrap_or_else(|| {
         let shown = if at.is_none() {
@@ -286,9 +286,9 @@ pub async fn export(
     });
     let lun = Arc::new(iscsi::SnapshotLun::new(
         volume.clone(),
+        reader,
         info,
         pin,
-        size,
         &uuid,
     ));
     match iscsi::start(lun.clone(), overlay, iqn, listen, allow, chap).await {
@@ -881,7 +881,10 @@ async fn serve_restore(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let size = volume.lock().await.state().size;
+    let (size, reader) = {
+        let v = volume.lock().await;
+        (v.state().size, v.reader())
+    };
     wire::send(
         send,
         &Message::RestoreInfo {
@@ -923,22 +926,20 @@ async fn serve_restore(
             .take_while(|&at| at < size)
             .map(|at| (at, (size - at).min(u64::from(len)) as u32))
             .collect();
-        // Read under the volume's lock (a publication moves old chunks into
-        // the snapshot); hash and compress outside it.
+        // Read through the snapshot reader: publishing goes on meanwhile
+        // (it preserves old chunks in the snapshot before it overwrites
+        // them); hash and compress after.
         let mut data = vec![0u8; blocks.iter().map(|&(_, l)| l as usize).sum()];
-        {
-            let v = volume.lock().await;
-            let read = tokio::task::block_in_place(|| {
-                let mut at = 0usize;
-                for &(o, l) in &blocks {
-                    v.read_snapshot(info.id, &mut data[at..at + l as usize], o)?;
-                    at += l as usize;
-                }
-                Ok::<(), Error>(())
-            });
-            if let Err(e) = read {
-                return refuse(send, format!("restore: {e}")).await;
+        let read = tokio::task::block_in_place(|| {
+            let mut at = 0usize;
+            for &(o, l) in &blocks {
+                reader.read(info.id, &mut data[at..at + l as usize], o)?;
+                at += l as usize;
             }
+            Ok::<(), Error>(())
+        });
+        if let Err(e) = read {
+            return refuse(send, format!("restore: {e}")).await;
         }
         let mut same = 0u64;
         let mut at = 0usize;

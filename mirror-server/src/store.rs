@@ -62,7 +62,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -150,7 +150,7 @@ pub struct Recovery {
 #[derive(Debug)]
 pub struct Volume {
     dir: PathBuf,
-    image: File,
+    image: Arc<File>,
     state: VolumeState,
     /// A publication failed: what the image holds is unknown until a
     /// committed staging is applied again (at the next begin or open).
@@ -158,8 +158,50 @@ pub struct Volume {
     /// The epoch being staged (kept when its connection breaks, so that
     /// the client resumes it).
     active: Option<Arc<Staging>>,
-    /// Its point-in-time versions.
-    snapshots: Snapshots,
+    /// Its point-in-time versions, shared with their readers (see
+    /// [`SnapshotReader`]).
+    snapshots: Arc<RwLock<Snapshots>>,
+}
+
+/// Chunks preserved for snapshots per hold of the snapshots' lock while
+/// an epoch is published (16 MiB).
+const PRESERVE_BATCH: usize = 256;
+
+/// Reads a volume's snapshots without the volume's lock, while epochs are
+/// published: publishing first preserves, in the newest snapshot and
+/// under the snapshots' write lock, every chunk the epoch overwrites, and
+/// only then writes the image; a read holds the read lock throughout, so
+/// it sees each chunk either untouched in the image or preserved — the
+/// snapshot as it was. (Snapshots are created, and temporary ones made,
+/// under the volume's lock, which a publication holds: never mid-epoch.)
+#[derive(Debug, Clone)]
+pub struct SnapshotReader {
+    snapshots: Arc<RwLock<Snapshots>>,
+    image: Arc<File>,
+    size: u64,
+}
+
+impl SnapshotReader {
+    fn snapshots(&self) -> RwLockReadGuard<'_, Snapshots> {
+        self.snapshots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Read snapshot `id` at `offset`.
+    pub fn read(&self, id: u64, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.snapshots()
+            .read(id, &self.image, self.size, buf, offset)
+    }
+
+    /// Whether snapshot `id` holds data at `offset`, and how far the same
+    /// answer goes.
+    pub fn extent(&self, id: u64, offset: u64) -> Result<(bool, u64)> {
+        self.snapshots().extent(id, &self.image, self.size, offset)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -234,23 +276,23 @@ impl Volume {
             .map_err(|e| Error::io(format!("opening the image in {}", dir.display()), e))?;
         let mut volume = Volume {
             dir: dir.to_path_buf(),
-            image,
+            image: Arc::new(image),
             state,
             poisoned: false,
             active: None,
-            snapshots: Snapshots::open(dir)?,
+            snapshots: Arc::new(RwLock::new(Snapshots::open(dir)?)),
         };
         let recovery = volume.recover()?;
         // Temporary snapshots whose reader a crash took away.
         let temporary: Vec<String> = volume
-            .snapshots
+            .snapshots()
             .list()
             .iter()
             .filter(|s| s.kind == Kind::Temporary)
             .map(|s| s.name.clone())
             .collect();
         for name in temporary {
-            volume.snapshots.delete(&name)?;
+            volume.snapshots_mut().delete(&name)?;
         }
         Ok((volume, recovery))
     }
@@ -287,8 +329,22 @@ impl Volume {
     }
 
     /// Its snapshots.
-    pub fn snapshots(&self) -> &Snapshots {
-        &self.snapshots
+    pub fn snapshots(&self) -> RwLockReadGuard<'_, Snapshots> {
+        self.snapshots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn snapshots_mut(&self) -> RwLockWriteGuard<'_, Snapshots> {
+        self.snapshots.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reader of its snapshots that needs no lock on the volume: exports
+    /// and restores read on while epochs are published.
+    pub fn reader(&self) -> SnapshotReader {
+        SnapshotReader {
+            snapshots: self.snapshots.clone(),
+            image: self.image.clone(),
+            size: self.state.size,
+        }
     }
 
     /// Take a snapshot of the published epoch, named `name` or after the
@@ -300,7 +356,7 @@ impl Volume {
             self.recover()?;
             self.poisoned = false;
         }
-        self.snapshots.create(
+        self.snapshots_mut().create(
             name,
             self.state.published_epoch,
             self.state.published_ms,
@@ -311,17 +367,17 @@ impl Volume {
 
     /// Delete snapshot `name` (refused while it is read).
     pub fn delete_snapshot(&mut self, name: &str) -> Result<SnapshotInfo> {
-        self.snapshots.delete(name)
+        self.snapshots_mut().delete(name)
     }
 
     /// Prune scheduled snapshots by `retention`; their names.
     pub fn prune_snapshots(&mut self, retention: &Retention) -> Result<Vec<String>> {
-        self.snapshots.prune(retention, now_ms())
+        self.snapshots_mut().prune(retention, now_ms())
     }
 
     /// Keep snapshot `name` while the pin lives (for readers).
     pub fn pin_snapshot(&mut self, name: &str) -> Result<(SnapshotInfo, Pin)> {
-        self.snapshots.pin(name)
+        self.snapshots_mut().pin(name)
     }
 
     /// Pin the version `at` names for a reader: a snapshot's name, a time
@@ -334,14 +390,14 @@ impl Volume {
                 let name = format!("reader-{}", crate::snapshots::time_name(now_ms()));
                 let mut unique = name.clone();
                 let mut k = 1;
-                while self.snapshots.get(&unique).is_some() {
+                while self.snapshots().get(&unique).is_some() {
                     k += 1;
                     unique = format!("{name}-{k}");
                 }
                 self.snapshot(Some(&unique), Kind::Temporary)?;
-                self.snapshots.pin(&unique)
+                self.snapshots_mut().pin(&unique)
             }
-            Some(a) if self.snapshots.get(a).is_some() => self.snapshots.pin(a),
+            Some(a) if self.snapshots().get(a).is_some() => self.snapshots_mut().pin(a),
             Some(a) => {
                 let Some(ms) = crate::snapshots::parse_time(a) else {
                     return Err(Error::Invalid(format!(
@@ -349,11 +405,11 @@ impl Volume {
                     )));
                 };
                 let name = self
-                    .snapshots
+                    .snapshots()
                     .at(ms)
                     .map(|s| s.name.clone())
                     .ok_or_else(|| Error::Invalid(format!("there is no snapshot as old as {a}")))?;
-                self.snapshots.pin(&name)
+                self.snapshots_mut().pin(&name)
             }
         }
     }
@@ -362,7 +418,7 @@ impl Volume {
     pub fn done_reading(&mut self, info: &SnapshotInfo, pin: Pin) -> Result<()> {
         drop(pin);
         if info.kind == Kind::Temporary {
-            self.snapshots.delete(&info.name)?;
+            self.snapshots_mut().delete(&info.name)?;
         }
         Ok(())
     }
@@ -370,14 +426,12 @@ impl Volume {
     /// Whether snapshot `id` holds data at `offset`, and how far the same
     /// answer goes.
     pub fn snapshot_extent(&self, id: u64, offset: u64) -> Result<(bool, u64)> {
-        self.snapshots
-            .extent(id, &self.image, self.state.size, offset)
+        self.reader().extent(id, offset)
     }
 
     /// Read snapshot `id` at `offset`.
     pub fn read_snapshot(&self, id: u64, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.snapshots
-            .read(id, &self.image, self.state.size, buf, offset)
+        self.reader().read(id, buf, offset)
     }
 
     /// Read the image (the published epoch) at `offset`.
@@ -578,7 +632,7 @@ impl Volume {
             .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
         let log_path = staging_path(&self.dir, epoch, "log");
         // What the epoch overwrites is kept for the newest snapshot first.
-        if !self.snapshots.list().is_empty() {
+        if !self.snapshots().list().is_empty() {
             let mut chunks = BTreeSet::new();
             let mut log = LogReader::open(&log_path)?;
             while let Some(e) = log.next_entry()? {
@@ -587,8 +641,18 @@ impl Volume {
                     chunks.extend(e.offset / SNAPSHOT_CHUNK..=end / SNAPSHOT_CHUNK);
                 }
             }
-            self.snapshots
-                .preserve(&self.image, self.state.size, &chunks)?;
+            // In batches, each under the snapshots' write lock: readers
+            // of snapshots (exports, restores) go on in between, and see
+            // each chunk either still in the image or already preserved.
+            // Everything is preserved before the image changes.
+            let chunks: Vec<u64> = chunks.into_iter().collect();
+            for batch in chunks.chunks(PRESERVE_BATCH) {
+                self.snapshots_mut().preserve(
+                    &self.image,
+                    self.state.size,
+                    &batch.iter().copied().collect(),
+                )?;
+            }
         }
         let mut log = LogReader::open(&log_path)?;
         let mut buf = Vec::new();
@@ -1259,6 +1323,67 @@ mod tests {
 
     fn digest(b: &[u8]) -> Digest {
         Sha256::digest(b).into()
+    }
+
+    /// Snapshot readers (exports, restores) need no volume lock: while
+    /// epochs that overwrite everything are published, concurrent reads
+    /// of older snapshots always return those snapshots exactly.
+    #[test]
+    fn snapshot_readers_see_their_version_while_epochs_publish() {
+        const BIG: u64 = 24 << 20; // 384 chunks: two preserve batches
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = Volume::create(&dir.path().join("vol"), BIG).unwrap();
+        let publish = |v: &mut Volume, epoch: u64| -> Vec<u8> {
+            let image: Vec<u8> = (0..BIG as usize)
+                .map(|i| (i / 4096) as u8 ^ (epoch as u8).wrapping_mul(37))
+                .collect();
+            let s = v.begin(epoch, me(epoch)).unwrap();
+            for at in (0..BIG).step_by(1 << 20) {
+                let b = &image[at as usize..][..1 << 20];
+                s.add(at, 1 << 20, &digest(b), Encoding::Raw, b).unwrap();
+            }
+            v.commit(&s).unwrap();
+            image
+        };
+        let one = publish(&mut v, 1);
+        let first = v.snapshot(Some("one"), Kind::Manual).unwrap();
+        let two = publish(&mut v, 2);
+        let second = v.snapshot(Some("two"), Kind::Manual).unwrap();
+        let reader = v.reader();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checker = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                let mut x = 12345u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 50 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let len = 4096 * (1 + (x % 128)) as usize;
+                    let at = (x >> 20) % (BIG - len as u64);
+                    let mut buf = vec![0u8; len];
+                    let (id, want) = if reads % 2 == 0 {
+                        (first.id, &one)
+                    } else {
+                        (second.id, &two)
+                    };
+                    reader.read(id, &mut buf, at).unwrap();
+                    assert!(
+                        buf == want[at as usize..at as usize + len],
+                        "read {reads}: {len} bytes at {at} of snapshot {id} are not as they were"
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for epoch in 3..=5 {
+            publish(&mut v, epoch);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reads = checker.join().unwrap();
+        assert!(reads >= 50);
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //! ([`OverlayLun`]): writes land in an unnamed file that is gone when the
 //! export ends; the snapshot is never touched.
 //!
-//! An export reads a pinned snapshot through the volume (so publishing
-//! goes on meanwhile, and the snapshot is never pruned under it); an
+//! An export reads a pinned snapshot without the volume's lock (so
+//! publishing goes on meanwhile; see [`SnapshotReader`]), and the
+//! snapshot is never pruned under it; an
 //! export of "now" pins a temporary snapshot, removed when the export
 //! ends.
 
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 
 use crate::snapshots::{Pin, SnapshotInfo};
-use crate::store::Volume;
+use crate::store::{SnapshotReader, Volume};
 
 /// iSCSI's port.
 pub const DEFAULT_PORT: u16 = 3260;
@@ -64,7 +65,10 @@ pub fn export_name(client: &str, volume: &str, snapshot: &str) -> String {
 /// A snapshot of a volume as a logical unit.
 #[derive(Debug)]
 pub struct SnapshotLun {
+    /// For letting go of the snapshot at the end.
     volume: Arc<tokio::sync::Mutex<Volume>>,
+    /// For reading it, without the volume's lock.
+    reader: SnapshotReader,
     info: SnapshotInfo,
     size: u64,
     id: u64,
@@ -72,15 +76,17 @@ pub struct SnapshotLun {
 }
 
 impl SnapshotLun {
-    /// Serve `info` (pinned by `pin`) of `volume`, whose uuid makes the
-    /// unit's identifier together with the snapshot's name.
+    /// Serve `info` (pinned by `pin`) of `volume`, read through `reader`;
+    /// the volume's uuid makes the unit's identifier together with the
+    /// snapshot's name.
     pub fn new(
         volume: Arc<tokio::sync::Mutex<Volume>>,
+        reader: SnapshotReader,
         info: SnapshotInfo,
         pin: Pin,
-        size: u64,
         uuid: &str,
     ) -> SnapshotLun {
+        let size = reader.size();
         let mut h = Sha256::new();
         h.update(uuid.as_bytes());
         h.update([0]);
@@ -89,6 +95,7 @@ impl SnapshotLun {
         let id = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
         SnapshotLun {
             volume,
+            reader,
             info,
             size: size - size % scsi::BLOCK,
             id,
@@ -121,17 +128,11 @@ impl scsi::Lun for SnapshotLun {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.volume
-            .blocking_lock()
-            .read_snapshot(self.info.id, buf, offset)
-            .map_err(io)
+        self.reader.read(self.info.id, buf, offset).map_err(io)
     }
 
     fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
-        self.volume
-            .blocking_lock()
-            .snapshot_extent(self.info.id, offset)
-            .map_err(io)
+        self.reader.extent(self.info.id, offset).map_err(io)
     }
 
     fn id(&self) -> u64 {
