@@ -118,7 +118,10 @@ enum Command {
         allow: Vec<String>,
         /// Serve a throwaway copy-on-write overlay: the initiator may
         /// write (to boot or fsck a restored system); the writes are gone
-        /// when the export ends, and the snapshot is never touched.
+        /// when the export ends, and the snapshot is never touched. The
+        /// overlay lives in the volume's directory, and its writes are
+        /// refused (DATA PROTECT, space allocation failed) before they
+        /// leave less than 5% (at most 1 GiB) of that file system free.
         #[arg(long)]
         writable: bool,
         /// Require CHAP: the initiator logs in as USER ...

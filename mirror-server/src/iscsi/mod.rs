@@ -239,6 +239,14 @@ impl scsi::Lun for OverlayLun {
 
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
+        let fs = nix::sys::statvfs::fstatvfs(&self.file).map_err(std::io::Error::from)?;
+        let free = u64::from(fs.blocks_available()) * u64::from(fs.fragment_size());
+        let total = u64::from(fs.blocks()) * u64::from(fs.fragment_size());
+        if !overlay_may_take(data.len() as u64, free, total) {
+            // The overlay lives beside the mirrors: a guest writing on
+            // must not fill the disk that replication needs.
+            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
         self.file.write_all_at(data, offset)?;
         self.written().insert(offset..offset + data.len() as u64);
         Ok(())
@@ -249,6 +257,14 @@ impl scsi::Lun for OverlayLun {
         self.written().insert(offset..offset + len);
         Ok(())
     }
+}
+
+/// Whether an overlay may take `len` more bytes on a file system with
+/// `free` of `total` bytes free: it always leaves 5% of the file system,
+/// and at most 1 GiB, to the mirror server.
+fn overlay_may_take(len: u64, free: u64, total: u64) -> bool {
+    let reserve = (total / 20).min(1 << 30);
+    free.saturating_sub(len) >= reserve
 }
 
 /// A running export.
@@ -324,4 +340,22 @@ pub async fn start(
         stop: Some(stop),
         task: Some(task),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overlay_leaves_room_to_the_mirrors() {
+        // 100 GiB file system: 1 GiB is kept.
+        let total = 100 << 30;
+        assert!(overlay_may_take(1 << 20, 2 << 30, total));
+        assert!(!overlay_may_take(1 << 20, 1 << 30, total));
+        assert!(!overlay_may_take(2 << 30, (2 << 30) + 1, total));
+        // 10 GiB: 5%, 512 MiB.
+        let total = 10 << 30;
+        assert!(overlay_may_take(1 << 20, 600 << 20, total));
+        assert!(!overlay_may_take(1 << 20, 512 << 20, total));
+    }
 }

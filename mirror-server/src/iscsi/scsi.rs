@@ -128,6 +128,19 @@ pub const WRITE_PROTECTED: Sense = Sense::new(0x07, 0x27, 0x00);
 pub const READ_ERROR: Sense = Sense::new(0x03, 0x11, 0x00);
 /// MEDIUM ERROR / WRITE ERROR.
 pub const WRITE_ERROR: Sense = Sense::new(0x03, 0x0c, 0x00);
+/// DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT: a thin unit
+/// whose backing store is (nearly) full.
+pub const NO_SPACE: Sense = Sense::new(0x07, 0x27, 0x07);
+
+/// The sense of a write the unit could not make: out of space, or an
+/// error of the medium.
+fn write_failed(e: std::io::Error) -> Sense {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        NO_SPACE
+    } else {
+        WRITE_ERROR
+    }
+}
 /// ILLEGAL REQUEST / PARAMETER LIST LENGTH ERROR.
 pub const PARAMETER_LENGTH: Sense = Sense::new(0x05, 0x1a, 0x00);
 /// ILLEGAL REQUEST / INVALID FIELD IN PARAMETER LIST.
@@ -330,7 +343,7 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
             if cdb[1] & 0x08 != 0 || block.iter().all(|&b| b == 0) {
                 // UNMAP asked (whatever the block holds: unmapped blocks
                 // read as zeroes, LBPRZ), or zeroes: a hole either way.
-                lun.zero(at, len).map_err(|_| WRITE_ERROR)?;
+                lun.zero(at, len).map_err(write_failed)?;
             } else {
                 // Data: written.
                 let per = (1u64 << 20) / BLOCK;
@@ -339,7 +352,7 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
                 while done < n {
                     let k = per.min(n - done);
                     lun.write(at + done * BLOCK, &chunk[..(k * BLOCK) as usize])
-                        .map_err(|_| WRITE_ERROR)?;
+                        .map_err(write_failed)?;
                     done += k;
                 }
             }
@@ -356,7 +369,7 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
                     });
                 }
                 lun.write(at, &write[..len as usize])
-                    .map_err(|_| WRITE_ERROR)?;
+                    .map_err(write_failed)?;
             }
         }
         0x8b => {
@@ -366,7 +379,7 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
                 for (h, d) in have.iter_mut().zip(data) {
                     *h |= d;
                 }
-                lun.write(at, &have).map_err(|_| WRITE_ERROR)?;
+                lun.write(at, &have).map_err(write_failed)?;
             }
         }
         _ => {
@@ -376,11 +389,11 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
             let whole = (data.len() as u64 / BLOCK).min(n) * BLOCK;
             if whole > 0 {
                 lun.write(at, &data[..whole as usize])
-                    .map_err(|_| WRITE_ERROR)?;
+                    .map_err(write_failed)?;
             }
             if cdb[1] & 0x08 != 0 && opcode != 0x0a {
                 // FUA: durable before GOOD.
-                lun.flush().map_err(|_| WRITE_ERROR)?;
+                lun.flush().map_err(write_failed)?;
             }
         }
     }
@@ -417,7 +430,7 @@ fn unmap(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sense> {
     }
     for (lba, n) in descriptors {
         if n > 0 {
-            lun.zero(lba * BLOCK, n * BLOCK).map_err(|_| WRITE_ERROR)?;
+            lun.zero(lba * BLOCK, n * BLOCK).map_err(write_failed)?;
         }
     }
     Ok(Vec::new())
@@ -739,7 +752,7 @@ fn run_on(cdb: &[u8; 16], lun: &dyn Lun, data_out: &[u8]) -> Result<Vec<u8>, Sen
         0x35 | 0x91 => {
             let (lba, n) = range(cdb).ok_or(INVALID_FIELD)?;
             check_range(lun, lba, n)?;
-            lun.flush().map_err(|_| WRITE_ERROR)?;
+            lun.flush().map_err(write_failed)?;
             Ok(Vec::new())
         }
         0x34 | 0x90 => {
@@ -1192,5 +1205,41 @@ mod tests {
         };
         assert_eq!(d[1], 0x83);
         assert_eq!(d[8] >> 4, 3, "NAA type 3");
+    }
+
+    /// A writable unit whose store is full.
+    struct Full;
+
+    impl Lun for Full {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read(&self, _: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+            Ok((false, self.size() - offset))
+        }
+        fn id(&self) -> u64 {
+            3
+        }
+        fn writable(&self) -> bool {
+            true
+        }
+        fn write(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
+            Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+        }
+    }
+
+    #[test]
+    fn a_full_store_is_space_allocation_failed_not_a_medium_error() {
+        let mut c = [0u8; 16];
+        c[0] = 0x2a;
+        c[8] = 1;
+        assert_eq!(
+            execute(&c, Some(&Full), &[1; 512]),
+            Outcome::Check(NO_SPACE)
+        );
     }
 }
