@@ -240,8 +240,8 @@ impl scsi::Lun for OverlayLun {
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         let fs = nix::sys::statvfs::fstatvfs(&self.file).map_err(std::io::Error::from)?;
-        let free = u64::from(fs.blocks_available()) * u64::from(fs.fragment_size());
-        let total = u64::from(fs.blocks()) * u64::from(fs.fragment_size());
+        let free = fs.blocks_available() * fs.fragment_size();
+        let total = fs.blocks() * fs.fragment_size();
         if !overlay_may_take(data.len() as u64, free, total) {
             // The overlay lives beside the mirrors: a guest writing on
             // must not fill the disk that replication needs.
