@@ -593,6 +593,53 @@ impl Snapshots {
             .is_some_and(|c| c.load(Ordering::Acquire) > 0)
     }
 
+    /// One step of deleting snapshot `name`: up to 256 of its chunks that
+    /// the next older snapshot lacks are copied there. Whether any were
+    /// (call again until not, then [`Snapshots::delete`], which is then
+    /// quick). Between steps a reader of an older snapshot finds each
+    /// chunk in either, with the same content: a caller that lets readers
+    /// in between steps (a lock per step) keeps them going while a big
+    /// snapshot is deleted.
+    pub fn hand_over_step(&mut self, name: &str) -> Result<bool> {
+        let Some(pos) = self.manifest.snapshots.iter().position(|s| s.name == name) else {
+            return Ok(false);
+        };
+        let id = self.manifest.snapshots[pos].id;
+        if pos == 0 || self.pinned(id) {
+            return Ok(false);
+        }
+        let older = self.manifest.snapshots[pos - 1].id;
+        let (Some(from), Some(to)) = (self.deltas.get(&id), self.deltas.get(&older)) else {
+            return Ok(false);
+        };
+        let batch: Vec<(u64, u64)> = from
+            .chunks
+            .iter()
+            .filter(|(c, _)| !to.chunks.contains_key(c))
+            .take(256)
+            .map(|(&c, &at)| (c, at))
+            .collect();
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        let moved = batch
+            .iter()
+            .map(|&(chunk, at)| {
+                if at == ZERO {
+                    return Ok((chunk, None));
+                }
+                let mut buf = vec![0u8; CHUNK as usize];
+                from.read_chunk(at, &mut buf, 0)?;
+                Ok((chunk, Some(buf)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.deltas
+            .get_mut(&older)
+            .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no older data")))?
+            .add(&moved)?;
+        Ok(true)
+    }
+
     /// Delete snapshot `name`: its chunks go to the next older snapshot
     /// (where that one lacks them), then it is gone. Refused while it is
     /// being read.
@@ -635,6 +682,17 @@ impl Snapshots {
     /// Delete the scheduled snapshots `retention` no longer keeps at
     /// `now_ms` (never one being read); returns their names.
     pub fn prune(&mut self, retention: &Retention, now_ms: u64) -> Result<Vec<String>> {
+        let mut pruned = Vec::new();
+        for name in self.prunable(retention, now_ms) {
+            self.delete(&name)?;
+            pruned.push(name);
+        }
+        Ok(pruned)
+    }
+
+    /// The scheduled snapshots `retention` no longer keeps at `now_ms`
+    /// (never one being read), oldest first.
+    pub fn prunable(&self, retention: &Retention, now_ms: u64) -> Vec<String> {
         let scheduled: Vec<(u64, u64)> = self
             .manifest
             .snapshots
@@ -642,24 +700,18 @@ impl Snapshots {
             .filter(|s| s.kind == Kind::Scheduled)
             .map(|s| (s.id, s.epoch_ms.max(s.created_ms)))
             .collect();
-        let mut pruned = Vec::new();
-        for id in retention.prune(&scheduled, now_ms) {
-            if self.pinned(id) {
-                continue;
-            }
-            let Some(name) = self
-                .manifest
-                .snapshots
-                .iter()
-                .find(|s| s.id == id)
-                .map(|s| s.name.clone())
-            else {
-                continue;
-            };
-            self.delete(&name)?;
-            pruned.push(name);
-        }
-        Ok(pruned)
+        retention
+            .prune(&scheduled, now_ms)
+            .into_iter()
+            .filter(|&id| !self.pinned(id))
+            .filter_map(|id| {
+                self.manifest
+                    .snapshots
+                    .iter()
+                    .find(|s| s.id == id)
+                    .map(|s| s.name.clone())
+            })
+            .collect()
     }
 
     /// Bytes the snapshots take on disk (data files).

@@ -55,8 +55,9 @@
 //! again (writing the same bytes to the same places is harmless), so the
 //! image ends as exactly that epoch. A staging without a commit marker is
 //! an epoch the client never saw acknowledged: it is kept for the client
-//! to resume, and dropped when another epoch begins. In-process readers
-//! take the volume's lock, which publishing holds for writing.
+//! to resume, and dropped when another epoch begins. Readers of snapshots
+//! (exports, restores) need no lock on the volume: see
+//! [`SnapshotReader`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -365,14 +366,21 @@ impl Volume {
         )
     }
 
-    /// Delete snapshot `name` (refused while it is read).
+    /// Delete snapshot `name` (refused while it is read). Its chunks are
+    /// handed to the next older one a batch per hold of the snapshots'
+    /// lock, so readers of other snapshots go on meanwhile.
     pub fn delete_snapshot(&mut self, name: &str) -> Result<SnapshotInfo> {
+        while self.snapshots_mut().hand_over_step(name)? {}
         self.snapshots_mut().delete(name)
     }
 
     /// Prune scheduled snapshots by `retention`; their names.
     pub fn prune_snapshots(&mut self, retention: &Retention) -> Result<Vec<String>> {
-        self.snapshots_mut().prune(retention, now_ms())
+        let names = self.snapshots().prunable(retention, now_ms());
+        for name in &names {
+            self.delete_snapshot(name)?;
+        }
+        Ok(names)
     }
 
     /// Keep snapshot `name` while the pin lives (for readers).
@@ -418,7 +426,7 @@ impl Volume {
     pub fn done_reading(&mut self, info: &SnapshotInfo, pin: Pin) -> Result<()> {
         drop(pin);
         if info.kind == Kind::Temporary {
-            self.snapshots_mut().delete(&info.name)?;
+            self.delete_snapshot(&info.name)?;
         }
         Ok(())
     }
@@ -1384,6 +1392,73 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let reads = checker.join().unwrap();
         assert!(reads >= 50);
+    }
+
+    /// Deleting a newer snapshot (its chunks handed to the older one, a
+    /// batch per hold of the lock) while the older one is read: every
+    /// read still returns the older snapshot exactly, and its extents
+    /// never call its data a hole.
+    #[test]
+    fn deleting_a_newer_snapshot_leaves_readers_of_an_older_one_exact() {
+        const BIG: u64 = 24 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = Volume::create(&dir.path().join("vol"), BIG).unwrap();
+        let publish = |v: &mut Volume, epoch: u64| -> Vec<u8> {
+            let image: Vec<u8> = (0..BIG as usize)
+                .map(|i| (i / 4096) as u8 ^ (epoch as u8).wrapping_mul(37) | 1)
+                .collect();
+            let s = v.begin(epoch, me(epoch)).unwrap();
+            for at in (0..BIG).step_by(1 << 20) {
+                let b = &image[at as usize..][..1 << 20];
+                s.add(at, 1 << 20, &digest(b), Encoding::Raw, b).unwrap();
+            }
+            v.commit(&s).unwrap();
+            image
+        };
+        let one = publish(&mut v, 1);
+        let first = v.snapshot(Some("one"), Kind::Manual).unwrap();
+        v.snapshot(Some("two"), Kind::Manual).unwrap();
+        // "two" is the newest: the next epochs' old chunks go to it, and
+        // "one" reads through it.
+        for epoch in 2..=3 {
+            let image: Vec<u8> = vec![epoch as u8; BIG as usize];
+            let s = v.begin(epoch, me(epoch)).unwrap();
+            for at in (0..BIG).step_by(1 << 20) {
+                let b = &image[at as usize..][..1 << 20];
+                s.add(at, 1 << 20, &digest(b), Encoding::Raw, b).unwrap();
+            }
+            v.commit(&s).unwrap();
+        }
+        let reader = v.reader();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checker = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                let mut x = 99u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 50 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let len = 4096 * (1 + (x % 64)) as usize;
+                    let at = (x >> 20) % (BIG - len as u64);
+                    let mut buf = vec![0u8; len];
+                    reader.read(first.id, &mut buf, at).unwrap();
+                    assert!(
+                        buf == one[at as usize..at as usize + len],
+                        "{len} bytes at {at} of snapshot one are not as they were"
+                    );
+                    let (mapped, _) = reader.extent(first.id, at).unwrap();
+                    assert!(mapped, "snapshot one's data at {at} reported as a hole");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        v.delete_snapshot("two").unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(checker.join().unwrap() >= 50);
+        assert!(v.snapshots().get("two").is_none());
     }
 
     #[test]
