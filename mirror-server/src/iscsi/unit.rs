@@ -124,8 +124,13 @@ struct State {
     reserved: Option<Nexus>,
     /// Software write protect (control mode page).
     swp: bool,
-    /// Nexuses with a session now, and the unit attentions each is owed.
+    /// The unit attentions each nexus is owed: every nexus with a
+    /// session now, and registered ones without (they hear what happened
+    /// to their registration when they come back), up to
+    /// [`MAX_ABSENT_ATTENTIONS`] absent ones.
     attentions: HashMap<Nexus, VecDeque<Sense>>,
+    /// Nexuses with a session now.
+    attached: std::collections::HashSet<Nexus>,
 }
 
 impl State {
@@ -149,6 +154,26 @@ impl State {
         for (n, queue) in &mut self.attentions {
             if to(n) && !queue.contains(&sense) {
                 queue.push_back(sense);
+            }
+        }
+    }
+
+    /// Forget what absent nexuses are owed beyond the bound (those no
+    /// longer registered first).
+    fn bound_absent(&mut self) {
+        let absent: Vec<Nexus> = self
+            .attentions
+            .keys()
+            .filter(|n| !self.attached.contains(*n))
+            .cloned()
+            .collect();
+        let mut over = absent.len().saturating_sub(MAX_ABSENT_ATTENTIONS);
+        for registered in [false, true] {
+            for n in &absent {
+                if over > 0 && (self.key_of(n).is_some() == registered) {
+                    self.attentions.remove(n);
+                    over -= 1;
+                }
             }
         }
     }
@@ -186,6 +211,8 @@ pub struct Unit {
 
 /// Most registrations a unit keeps (each initiator port one).
 const MAX_REGISTRATIONS: usize = 256;
+/// Most nexuses without a session a unit keeps unit attentions for.
+const MAX_ABSENT_ATTENTIONS: usize = 2 * MAX_REGISTRATIONS;
 
 impl std::fmt::Debug for Unit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -250,14 +277,20 @@ impl Unit {
 
     /// A session of `nexus` began.
     pub fn attach(&self, nexus: &Nexus) {
-        self.state().attentions.entry(nexus.clone()).or_default();
+        let mut s = self.state();
+        s.attached.insert(nexus.clone());
+        s.attentions.entry(nexus.clone()).or_default();
     }
 
     /// A session of `nexus` ended (logout or a lost connection): its
     /// RESERVE(6) reservation goes; its registrations stay.
     pub fn detach(&self, nexus: &Nexus) {
         let mut s = self.state();
-        s.attentions.remove(nexus);
+        s.attached.remove(nexus);
+        if s.key_of(nexus).is_none() {
+            s.attentions.remove(nexus);
+        }
+        s.bound_absent();
         if s.reserved.as_ref() == Some(nexus) {
             s.reserved = None;
         }
@@ -1230,5 +1263,49 @@ mod tests {
         go.send(()).unwrap();
         assert_eq!(write10(&u, &b), Outcome::Check(REGISTRATIONS_PREEMPTED));
         assert_eq!(write10(&u, &b), Outcome::Conflict);
+    }
+
+    #[test]
+    fn a_registrant_preempted_while_away_hears_it_when_back() {
+        let (u, a, b) = unit();
+        prout(&u, &a, 6, 0, 0, 1);
+        prout(&u, &b, 6, 0, 0, 2);
+        u.detach(&a);
+        assert_eq!(prout(&u, &b, 4, 1, 2, 1), EMPTY);
+        u.attach(&a);
+        assert_eq!(
+            run(&u, &a, tur(), &[]),
+            Outcome::Check(REGISTRATIONS_PREEMPTED)
+        );
+        assert_eq!(run(&u, &a, tur(), &[]), EMPTY);
+        // One that was never registered is owed nothing once gone.
+        let c = Nexus::new("iqn.c", [3; 6]);
+        u.attach(&c);
+        u.detach(&c);
+        assert!(!u.state().attentions.contains_key(&c));
+    }
+
+    #[test]
+    fn what_absent_nexuses_are_owed_is_bounded() {
+        let (u, a, _) = unit();
+        // Rounds of 200 nexuses that register, go, and are cleared while
+        // away: each keeps an attention for its return.
+        for round in 0..3u64 {
+            for i in 0..200u64 {
+                let isid = (round * 1000 + i).to_be_bytes()[2..].try_into().unwrap();
+                let n = Nexus::new("iqn.many", isid);
+                u.attach(&n);
+                assert_eq!(prout(&u, &n, 6, 0, 0, 1 + i), EMPTY);
+                u.detach(&n);
+            }
+            prout(&u, &a, 6, 0, 0, 9999);
+            assert_eq!(prout(&u, &a, 3, 0, 9999, 0), EMPTY);
+        }
+        let absent = u.state().attentions.len() - 2;
+        assert!(
+            absent <= MAX_ABSENT_ATTENTIONS,
+            "{absent} absent nexuses kept"
+        );
+        assert!(absent >= 200, "the latest round's attentions were dropped");
     }
 }
