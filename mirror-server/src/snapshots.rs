@@ -211,20 +211,25 @@ fn hand_over(from: &Delta, to: &mut Delta) -> Result<()> {
         .collect();
     todo.sort_unstable();
     for batch in todo.chunks(256) {
-        let moved = batch
-            .iter()
-            .map(|&(chunk, at)| {
-                if at == ZERO {
-                    return Ok((chunk, None));
-                }
-                let mut buf = vec![0u8; CHUNK as usize];
-                from.read_chunk(at, &mut buf, 0)?;
-                Ok((chunk, Some(buf)))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        to.add(&moved)?;
+        to.add(&read_chunks(from, batch)?)?;
     }
     Ok(())
+}
+
+/// The content of `chunks` (chunk, where) of `from`, as [`Delta::add`]
+/// takes it.
+fn read_chunks(from: &Delta, chunks: &[(u64, u64)]) -> Result<Vec<(u64, Option<Vec<u8>>)>> {
+    chunks
+        .iter()
+        .map(|&(chunk, at)| {
+            if at == ZERO {
+                return Ok((chunk, None));
+            }
+            let mut buf = vec![0u8; CHUNK as usize];
+            from.read_chunk(at, &mut buf, 0)?;
+            Ok((chunk, Some(buf)))
+        })
+        .collect()
 }
 
 /// Retention rules for scheduled snapshots (Time Machine's by default):
@@ -622,17 +627,7 @@ impl Snapshots {
         if batch.is_empty() {
             return Ok(false);
         }
-        let moved = batch
-            .iter()
-            .map(|&(chunk, at)| {
-                if at == ZERO {
-                    return Ok((chunk, None));
-                }
-                let mut buf = vec![0u8; CHUNK as usize];
-                from.read_chunk(at, &mut buf, 0)?;
-                Ok((chunk, Some(buf)))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let moved = read_chunks(from, &batch)?;
         self.deltas
             .get_mut(&older)
             .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no older data")))?

@@ -1333,6 +1333,17 @@ mod tests {
         Sha256::digest(b).into()
     }
 
+    /// Publish epoch `epoch` of `v` as `image`, whole, in 1 MiB blocks.
+    fn publish_whole(v: &mut Volume, epoch: u64, image: &[u8]) {
+        let s = v.begin(epoch, me(epoch)).unwrap();
+        for at in (0..image.len()).step_by(1 << 20) {
+            let b = &image[at..][..1 << 20];
+            s.add(at as u64, 1 << 20, &digest(b), Encoding::Raw, b)
+                .unwrap();
+        }
+        v.commit(&s).unwrap();
+    }
+
     /// Snapshot readers (exports, restores) need no volume lock: while
     /// epochs that overwrite everything are published, concurrent reads
     /// of older snapshots always return those snapshots exactly.
@@ -1345,12 +1356,7 @@ mod tests {
             let image: Vec<u8> = (0..BIG as usize)
                 .map(|i| (i / 4096) as u8 ^ (epoch as u8).wrapping_mul(37))
                 .collect();
-            let s = v.begin(epoch, me(epoch)).unwrap();
-            for at in (0..BIG).step_by(1 << 20) {
-                let b = &image[at as usize..][..1 << 20];
-                s.add(at, 1 << 20, &digest(b), Encoding::Raw, b).unwrap();
-            }
-            v.commit(&s).unwrap();
+            publish_whole(v, epoch, &image);
             image
         };
         let one = publish(&mut v, 1);
@@ -1403,31 +1409,16 @@ mod tests {
         const BIG: u64 = 24 << 20;
         let dir = tempfile::tempdir().unwrap();
         let mut v = Volume::create(&dir.path().join("vol"), BIG).unwrap();
-        let publish = |v: &mut Volume, epoch: u64| -> Vec<u8> {
-            let image: Vec<u8> = (0..BIG as usize)
-                .map(|i| (i / 4096) as u8 ^ (epoch as u8).wrapping_mul(37) | 1)
-                .collect();
-            let s = v.begin(epoch, me(epoch)).unwrap();
-            for at in (0..BIG).step_by(1 << 20) {
-                let b = &image[at as usize..][..1 << 20];
-                s.add(at, 1 << 20, &digest(b), Encoding::Raw, b).unwrap();
-            }
-            v.commit(&s).unwrap();
-            image
-        };
-        let one = publish(&mut v, 1);
+        let one: Vec<u8> = (0..BIG as usize)
+            .map(|i| (i / 4096) as u8 ^ 37 | 1)
+            .collect();
+        publish_whole(&mut v, 1, &one);
         let first = v.snapshot(Some("one"), Kind::Manual).unwrap();
         v.snapshot(Some("two"), Kind::Manual).unwrap();
         // "two" is the newest: the next epochs' old chunks go to it, and
         // "one" reads through it.
         for epoch in 2..=3 {
-            let image: Vec<u8> = vec![epoch as u8; BIG as usize];
-            let s = v.begin(epoch, me(epoch)).unwrap();
-            for at in (0..BIG).step_by(1 << 20) {
-                let b = &image[at as usize..][..1 << 20];
-                s.add(at, 1 << 20, &digest(b), Encoding::Raw, b).unwrap();
-            }
-            v.commit(&s).unwrap();
+            publish_whole(&mut v, epoch, &vec![epoch as u8; BIG as usize]);
         }
         let reader = v.reader();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
