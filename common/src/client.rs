@@ -676,9 +676,24 @@ fn unexpected(m: &Message) -> Error {
 /// The header and payload of one block: a zero block travels as a hole,
 /// others compressed when that makes them smaller.
 pub fn encode_block(offset: u64, data: &[u8], level: i32) -> (Message, Vec<u8>) {
+    let sha256 = if data.iter().all(|&b| b == 0) {
+        zero_digest(data.len() as u32)
+    } else {
+        Sha256::digest(data).into()
+    };
+    encode_hashed_block(offset, data, sha256, level)
+}
+
+/// [`encode_block`] for a block whose SHA-256 is known already (`sha256`
+/// must be `data`'s: it travels as the block's check).
+pub fn encode_hashed_block(
+    offset: u64,
+    data: &[u8],
+    sha256: Digest,
+    level: i32,
+) -> (Message, Vec<u8>) {
     let len = data.len() as u32;
     if data.iter().all(|&b| b == 0) {
-        let sha256 = zero_digest(len);
         let header = Message::Block {
             offset,
             len,
@@ -688,7 +703,6 @@ pub fn encode_block(offset: u64, data: &[u8], level: i32) -> (Message, Vec<u8>) 
         };
         return (header, Vec::new());
     }
-    let sha256: [u8; 32] = Sha256::digest(data).into();
     let (encoding, payload) = match zstd::bulk::compress(data, level) {
         Ok(z) if z.len() < data.len() => (Encoding::Zstd, z),
         _ => (Encoding::Raw, data.to_vec()),

@@ -27,7 +27,7 @@ use crate::iscsi;
 use crate::snapshots::{Kind, SnapshotInfo};
 use crate::store::{Staging, Volume, VOLUMES_DIR};
 use sha2::Digest as _;
-use ublk_mirror_common::client::encode_block;
+use ublk_mirror_common::client::encode_hashed_block;
 
 /// QUIC close code: the client was revoked.
 const CLOSE_REVOKED: u32 = 1;
@@ -955,7 +955,9 @@ async fn serve_restore(
                 same += 1;
                 continue;
             }
-            let (header, payload) = tokio::task::block_in_place(|| encode_block(o, bytes, 3));
+            // Hashed once: the digest compared is the one that travels.
+            let (header, payload) =
+                tokio::task::block_in_place(|| encode_hashed_block(o, bytes, mine, 3));
             wire::send_with_data(send, &header, &payload).await?;
         }
         wire::send(send, &Message::HaveDone { same }).await?;
