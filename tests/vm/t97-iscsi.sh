@@ -49,7 +49,8 @@ modprobe iscsi_tcp
 modprobe sd_mod   # no udev here to load it when the disk appears
 # Its own session: iscsid signals its process group when it stops.
 setsid iscsid -f > "$WORK/iscsid.log" 2>&1 &
-sleep 1
+# Ready once it listens for iscsiadm (an abstract unix socket).
+for _ in $(seq 100); do grep -q ISCSIADM_ABSTRACT_NAMESPACE /proc/net/unix && break; sleep 0.1; done
 iscsiadm -m discovery -t sendtargets -p 127.0.0.1:3260 | tee "$WORK/discovery"
 grep -q "$IQN" "$WORK/discovery" || fail "discovery does not list $IQN"
 if iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 --login 2> "$WORK/login.err"; then
