@@ -59,6 +59,11 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    sync_dir(dir)
+}
+
+/// Make the names in directory `dir` durable (fsync of the directory).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -881,10 +881,8 @@ async fn serve_restore(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let (size, reader) = {
-        let v = volume.lock().await;
-        (v.state().size, v.reader())
-    };
+    let reader = volume.lock().await.reader();
+    let size = reader.size();
     wire::send(
         send,
         &Message::RestoreInfo {

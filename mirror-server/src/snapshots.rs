@@ -203,6 +203,17 @@ impl Delta {
 /// Give `to` (the next older snapshot) the chunks of `from` it reads
 /// through it, in batches (bounded memory: 16 MiB at a time).
 fn hand_over(from: &Delta, to: &mut Delta) -> Result<()> {
+    for batch in missing(from, to).chunks(HAND_OVER_BATCH) {
+        to.add(&read_chunks(from, batch)?)?;
+    }
+    Ok(())
+}
+
+/// Chunks handed over at a time (16 MiB).
+const HAND_OVER_BATCH: usize = 256;
+
+/// The chunks of `from` (chunk, where) that `to` lacks, in order.
+fn missing(from: &Delta, to: &Delta) -> Vec<(u64, u64)> {
     let mut todo: Vec<(u64, u64)> = from
         .chunks
         .iter()
@@ -210,10 +221,7 @@ fn hand_over(from: &Delta, to: &mut Delta) -> Result<()> {
         .map(|(&c, &at)| (c, at))
         .collect();
     todo.sort_unstable();
-    for batch in todo.chunks(256) {
-        to.add(&read_chunks(from, batch)?)?;
-    }
-    Ok(())
+    todo
 }
 
 /// The content of `chunks` (chunk, where) of `from`, as [`Delta::add`]
@@ -438,15 +446,16 @@ impl Snapshots {
         let id = self.manifest.next_id;
         let delta = Delta::open(&self.dir.join(id.to_string()), true)?;
         // Its files' names durable before the manifest names it.
-        for d in [self.dir.join(id.to_string()), self.dir.clone()] {
-            std::fs::File::open(&d)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(format!("syncing {}", d.display()), e))?;
-        }
-        if let Some(parent) = self.dir.parent() {
-            std::fs::File::open(parent)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(format!("syncing {}", parent.display()), e))?;
+        let own = self.dir.join(id.to_string());
+        for d in [
+            Some(own.as_path()),
+            Some(self.dir.as_path()),
+            self.dir.parent(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fsutil::sync_dir(d).map_err(|e| Error::io(format!("syncing {}", d.display()), e))?;
         }
         let info = SnapshotInfo {
             id,
@@ -598,41 +607,55 @@ impl Snapshots {
             .is_some_and(|c| c.load(Ordering::Acquire) > 0)
     }
 
-    /// One step of deleting snapshot `name`: up to 256 of its chunks that
-    /// the next older snapshot lacks are copied there. Whether any were
-    /// (call again until not, then [`Snapshots::delete`], which is then
-    /// quick). Between steps a reader of an older snapshot finds each
-    /// chunk in either, with the same content: a caller that lets readers
-    /// in between steps (a lock per step) keeps them going while a big
-    /// snapshot is deleted.
-    pub fn hand_over_step(&mut self, name: &str) -> Result<bool> {
+    /// What deleting snapshot `name` hands to the next older one: the
+    /// chunks (chunk, where) that one lacks, to pass to
+    /// [`Snapshots::hand_over`] a batch at a time before
+    /// [`Snapshots::delete`], which is then quick. Nothing when it is the
+    /// oldest, being read, or unknown.
+    pub fn hand_over_plan(&self, name: &str) -> Vec<Vec<(u64, u64)>> {
         let Some(pos) = self.manifest.snapshots.iter().position(|s| s.name == name) else {
-            return Ok(false);
+            return Vec::new();
         };
         let id = self.manifest.snapshots[pos].id;
         if pos == 0 || self.pinned(id) {
-            return Ok(false);
+            return Vec::new();
         }
         let older = self.manifest.snapshots[pos - 1].id;
         let (Some(from), Some(to)) = (self.deltas.get(&id), self.deltas.get(&older)) else {
-            return Ok(false);
+            return Vec::new();
         };
-        let batch: Vec<(u64, u64)> = from
-            .chunks
+        missing(from, to)
+            .chunks(HAND_OVER_BATCH)
+            .map(<[_]>::to_vec)
+            .collect()
+    }
+
+    /// Copy `batch` (of [`Snapshots::hand_over_plan`]) of snapshot `name`
+    /// to the next older one. Between batches a reader of an older
+    /// snapshot finds each chunk in either, with the same content: a
+    /// caller that lets readers in between (a lock per batch) keeps them
+    /// going while a big snapshot is deleted.
+    pub fn hand_over(&mut self, name: &str, batch: &[(u64, u64)]) -> Result<()> {
+        let pos = self
+            .manifest
+            .snapshots
             .iter()
-            .filter(|(c, _)| !to.chunks.contains_key(c))
-            .take(256)
-            .map(|(&c, &at)| (c, at))
-            .collect();
-        if batch.is_empty() {
-            return Ok(false);
-        }
-        let moved = read_chunks(from, &batch)?;
+            .position(|s| s.name == name)
+            .filter(|&p| p > 0)
+            .ok_or_else(|| Error::Invalid(format!("there is no snapshot {name} to hand over")))?;
+        let (id, older) = (
+            self.manifest.snapshots[pos].id,
+            self.manifest.snapshots[pos - 1].id,
+        );
+        let from = self
+            .deltas
+            .get(&id)
+            .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no data")))?;
+        let moved = read_chunks(from, batch)?;
         self.deltas
             .get_mut(&older)
             .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no older data")))?
-            .add(&moved)?;
-        Ok(true)
+            .add(&moved)
     }
 
     /// Delete snapshot `name`: its chunks go to the next older snapshot

@@ -212,9 +212,7 @@ fn now_ms() -> u64 {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
+    fsutil::sync_dir(dir).map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
 fn staging_path(dir: &Path, epoch: u64, ext: &str) -> PathBuf {
@@ -370,7 +368,12 @@ impl Volume {
     /// handed to the next older one a batch per hold of the snapshots'
     /// lock, so readers of other snapshots go on meanwhile.
     pub fn delete_snapshot(&mut self, name: &str) -> Result<SnapshotInfo> {
-        while self.snapshots_mut().hand_over_step(name)? {}
+        // Planned once; each batch under its own hold of the lock (only
+        // this volume's holder changes snapshots, so the plan stays true).
+        let plan = self.snapshots().hand_over_plan(name);
+        for batch in &plan {
+            self.snapshots_mut().hand_over(name, batch)?;
+        }
         self.snapshots_mut().delete(name)
     }
 
@@ -1333,6 +1336,47 @@ mod tests {
         Sha256::digest(b).into()
     }
 
+    /// A thread checking reads while the test changes the volume: at
+    /// least 50, and on until stopped.
+    struct Checker {
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        thread: std::thread::JoinHandle<u64>,
+    }
+
+    impl Checker {
+        /// Call `check(read number, place, length)` on pseudo-random
+        /// places (xorshift from `seed`) inside `size`, each 1 to `blocks`
+        /// 4 KiB blocks long.
+        fn start(
+            seed: u64,
+            blocks: u64,
+            size: u64,
+            check: impl Fn(u64, u64, usize) + Send + 'static,
+        ) -> Checker {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopped = stop.clone();
+            let thread = std::thread::spawn(move || {
+                let (mut reads, mut x) = (0u64, seed);
+                while !stopped.load(std::sync::atomic::Ordering::Relaxed) || reads < 50 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let len = 4096 * (1 + (x % blocks));
+                    check(reads, (x >> 20) % (size - len), len as usize);
+                    reads += 1;
+                }
+                reads
+            });
+            Checker { stop, thread }
+        }
+
+        /// Stop, and check that it read at least 50 times.
+        fn stop(self) {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(self.thread.join().unwrap() >= 50);
+        }
+    }
+
     /// Publish epoch `epoch` of `v` as `image`, whole, in 1 MiB blocks.
     fn publish_whole(v: &mut Volume, epoch: u64, image: &[u8]) {
         let s = v.begin(epoch, me(epoch)).unwrap();
@@ -1364,40 +1408,23 @@ mod tests {
         let two = publish(&mut v, 2);
         let second = v.snapshot(Some("two"), Kind::Manual).unwrap();
         let reader = v.reader();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let checker = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut reads = 0u64;
-                let mut x = 12345u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 50 {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let len = 4096 * (1 + (x % 128)) as usize;
-                    let at = (x >> 20) % (BIG - len as u64);
-                    let mut buf = vec![0u8; len];
-                    let (id, want) = if reads % 2 == 0 {
-                        (first.id, &one)
-                    } else {
-                        (second.id, &two)
-                    };
-                    reader.read(id, &mut buf, at).unwrap();
-                    assert!(
-                        buf == want[at as usize..at as usize + len],
-                        "read {reads}: {len} bytes at {at} of snapshot {id} are not as they were"
-                    );
-                    reads += 1;
-                }
-                reads
-            })
-        };
+        let checker = Checker::start(12345, 128, BIG, move |read, at, len| {
+            let mut buf = vec![0u8; len];
+            let (id, want) = if read % 2 == 0 {
+                (first.id, &one)
+            } else {
+                (second.id, &two)
+            };
+            reader.read(id, &mut buf, at).unwrap();
+            assert!(
+                buf == want[at as usize..at as usize + len],
+                "read {read}: {len} bytes at {at} of snapshot {id} are not as they were"
+            );
+        });
         for epoch in 3..=5 {
             publish(&mut v, epoch);
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let reads = checker.join().unwrap();
-        assert!(reads >= 50);
+        checker.stop();
     }
 
     /// Deleting a newer snapshot (its chunks handed to the older one, a
@@ -1421,34 +1448,18 @@ mod tests {
             publish_whole(&mut v, epoch, &vec![epoch as u8; BIG as usize]);
         }
         let reader = v.reader();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let checker = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut reads = 0u64;
-                let mut x = 99u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 50 {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let len = 4096 * (1 + (x % 64)) as usize;
-                    let at = (x >> 20) % (BIG - len as u64);
-                    let mut buf = vec![0u8; len];
-                    reader.read(first.id, &mut buf, at).unwrap();
-                    assert!(
-                        buf == one[at as usize..at as usize + len],
-                        "{len} bytes at {at} of snapshot one are not as they were"
-                    );
-                    let (mapped, _) = reader.extent(first.id, at).unwrap();
-                    assert!(mapped, "snapshot one's data at {at} reported as a hole");
-                    reads += 1;
-                }
-                reads
-            })
-        };
+        let checker = Checker::start(99, 64, BIG, move |_, at, len| {
+            let mut buf = vec![0u8; len];
+            reader.read(first.id, &mut buf, at).unwrap();
+            assert!(
+                buf == one[at as usize..at as usize + len],
+                "{len} bytes at {at} of snapshot one are not as they were"
+            );
+            let (mapped, _) = reader.extent(first.id, at).unwrap();
+            assert!(mapped, "snapshot one's data at {at} reported as a hole");
+        });
         v.delete_snapshot("two").unwrap();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(checker.join().unwrap() >= 50);
+        checker.stop();
         assert!(v.snapshots().get("two").is_none());
     }
 

@@ -120,6 +120,15 @@ impl Drop for Export {
     }
 }
 
+/// `iscsi-inq URL`: whether it got in, and what it printed.
+fn inq(url: &str) -> (bool, String) {
+    let o = Command::new("iscsi-inq").arg(url).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
 fn port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -285,13 +294,6 @@ fn chap_one_way_and_mutual() {
     let mutual = dir.path().join("mutual");
     std::fs::write(&secret, "abcdefghijkl12\n").unwrap();
     std::fs::write(&mutual, "mutualsecret99\n").unwrap();
-    let inq = |url: &str| {
-        let o = Command::new("iscsi-inq").arg(url).output().unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-        )
-    };
     let with = |url: &str, creds: &str| url.replacen("iscsi://", &format!("iscsi://{creds}@"), 1);
     {
         let s = secret.to_str().unwrap();
@@ -406,16 +408,8 @@ fn exports_in_server_toml_start_with_the_server() {
     let iqn = "iqn.2026-11.org.ublk-mirror:laptop.root.first";
     let url = format!("iscsi://127.0.0.1:{good}/{iqn}/0");
     let with_chap = format!("iscsi://alice%abcdefghijkl12@127.0.0.1:{good}/{iqn}/0");
-    let inq = |url: &str| {
-        Command::new("iscsi-inq")
-            .arg(url)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !inq(&with_chap) {
+    while !inq(&with_chap).0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the configured export never came up: {}",
@@ -423,7 +417,7 @@ fn exports_in_server_toml_start_with_the_server() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    assert!(!inq(&url), "CHAP asked in server.toml, and in without it");
+    assert!(!inq(&url).0, "CHAP asked in server.toml, and in without it");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("exports[1]") && text.contains("did not start"),
@@ -438,7 +432,7 @@ fn exports_in_server_toml_start_with_the_server() {
         .output()
         .unwrap();
     assert!(un.status.success(), "{un:?}");
-    assert!(!inq(&with_chap), "still served after unexport");
+    assert!(!inq(&with_chap).0, "still served after unexport");
     let _ = serve.kill();
     let _ = serve.wait();
 }

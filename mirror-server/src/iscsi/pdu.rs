@@ -251,6 +251,13 @@ impl Pdu {
         l
     }
 
+    /// The LUN, as a single-level flat or peripheral address (the only
+    /// kinds a target with a few units gives out).
+    pub fn lun_number(&self) -> u16 {
+        let lun = self.lun();
+        (u16::from(lun[0] & 0x3f) << 8) | u16::from(lun[1])
+    }
+
     /// The Initiator Task Tag.
     pub fn itt(&self) -> u32 {
         self.u32_at(16)

@@ -182,15 +182,15 @@ pub enum Needs {
     Data(u64),
 }
 
-fn be16(b: &[u8]) -> u64 {
+pub(crate) fn be16(b: &[u8]) -> u64 {
     u64::from(u16::from_be_bytes([b[0], b[1]]))
 }
 
-fn be32(b: &[u8]) -> u64 {
+pub(crate) fn be32(b: &[u8]) -> u64 {
     u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-fn be64(b: &[u8]) -> u64 {
+pub(crate) fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
@@ -207,6 +207,13 @@ pub fn is_write_class(opcode: u8) -> bool {
             | 0x04 // FORMAT UNIT
             | 0x48 // SANITIZE
     )
+}
+
+/// Writes that take the whole blocks of whatever data came when the
+/// initiator sent less than the CDB asks (WRITE, WRITE AND VERIFY); the
+/// others need all of it.
+pub fn takes_short_data(opcode: u8) -> bool {
+    matches!(opcode, 0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e)
 }
 
 /// The LBA and block count of a READ/VERIFY/SYNC/PRE-FETCH-like CDB.
@@ -320,9 +327,8 @@ fn prepare_write(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Needs, Sense> {
 fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sense> {
     let opcode = cdb[0];
     let needs = prepare_write(cdb, lun)?;
-    let plain = matches!(opcode, 0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e);
     if let Needs::Data(n) = needs {
-        if (data.len() as u64) < n && !plain {
+        if (data.len() as u64) < n && !takes_short_data(opcode) {
             return Err(INVALID_FIELD);
         }
     }
@@ -656,11 +662,18 @@ fn truncate(mut d: Vec<u8>, alloc: u64) -> Vec<u8> {
 }
 
 fn request_sense(cdb: &[u8; 16]) -> Result<Vec<u8>, Sense> {
-    if cdb[1] & 1 != 0 {
-        // Descriptor format: header only (NO SENSE).
-        return Ok(truncate(vec![0x72, 0, 0, 0, 0, 0, 0, 0], u64::from(cdb[4])));
-    }
-    Ok(truncate(Sense::new(0, 0, 0).bytes(), u64::from(cdb[4])))
+    Ok(sense_data(cdb, Sense::new(0, 0, 0)))
+}
+
+/// REQUEST SENSE's data for `sense`: fixed format, or descriptor format
+/// (its header) when DESC is set; cut at the allocation length.
+pub(crate) fn sense_data(cdb: &[u8; 16], sense: Sense) -> Vec<u8> {
+    let d = if cdb[1] & 0x01 != 0 {
+        vec![0x72, sense.key, sense.asc, sense.ascq, 0, 0, 0, 0]
+    } else {
+        sense.bytes()
+    };
+    truncate(d, u64::from(cdb[4]))
 }
 
 fn report_luns(cdb: &[u8; 16]) -> Result<Vec<u8>, Sense> {
@@ -879,39 +892,30 @@ fn lba_status(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
     Ok(truncate(out, alloc))
 }
 
-/// The control mode page's current values, SWP as given.
-pub(crate) fn control_page(swp: bool) -> Vec<u8> {
-    let mut p = vec![0u8; 12];
-    p[0] = 0x0a;
-    p[1] = 0x0a;
-    p[2] = 0x02; // GLTSD
-    if swp {
-        p[4] = 0x08;
-    }
-    p[8] = 0xff; // busy timeout period: unlimited
-    p[9] = 0xff;
-    p
-}
-
-/// The current values of mode page `page` other than the control page
-/// (which MODE SELECT may change), `None` when there is no such page.
-pub(crate) fn mode_page(page: u8) -> Option<Vec<u8>> {
-    let mut p = vec![0u8; 20];
+/// The current values of mode page `page` (caching, control with SWP
+/// as given, informational exceptions), `None` when there is no such
+/// page. Of them, MODE SELECT may change only the control page's SWP.
+pub(crate) fn mode_page(page: u8, swp: bool) -> Option<Vec<u8>> {
+    let mut p = match page {
+        0x08 => vec![0u8; 20],
+        0x0a | 0x1c => vec![0u8; 12],
+        _ => return None,
+    };
+    p[0] = page;
+    p[1] = (p.len() - 2) as u8;
     match page {
-        0x08 => {
-            p[0] = 0x08;
-            p[1] = 0x12;
-            p[2] = 0x04; // WCE: a volatile cache (nothing is lost here)
-            Some(p)
+        0x08 => p[2] = 0x04, // WCE: a volatile cache (nothing is lost here)
+        0x0a => {
+            p[2] = 0x02; // GLTSD
+            if swp {
+                p[4] = 0x08;
+            }
+            p[8] = 0xff; // busy timeout period: unlimited
+            p[9] = 0xff;
         }
-        0x1c => {
-            p.truncate(12);
-            p[0] = 0x1c;
-            p[1] = 0x0a;
-            Some(p)
-        }
-        _ => None,
+        _ => {}
     }
+    Some(p)
 }
 
 fn mode_sense(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
@@ -934,11 +938,7 @@ fn mode_sense(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
     let changeable = pc == 1;
     // Changeable values: only the control page's SWP.
     let page_of = |code: u8| -> Vec<u8> {
-        let mut p = if code == 0x0a {
-            control_page(lun.software_protected())
-        } else {
-            mode_page(code).unwrap_or_default()
-        };
+        let mut p = mode_page(code, lun.software_protected()).unwrap_or_default();
         if changeable {
             p[2..].fill(0);
             if code == 0x0a {
@@ -985,6 +985,67 @@ fn mode_sense(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
     d.extend(descriptor);
     d.extend(pages);
     Ok(truncate(d, alloc))
+}
+
+/// Units in memory, for the tests of this module and of the unit.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Lun;
+    use std::sync::Mutex;
+
+    /// What a test unit does before each write: nothing, wait, or fail it.
+    pub(crate) type BeforeWrite = Box<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+    /// A writable unit in memory, all of it mapped.
+    pub(crate) struct RwMem {
+        /// What it holds.
+        pub(crate) data: Mutex<Vec<u8>>,
+        before_write: BeforeWrite,
+    }
+
+    impl RwMem {
+        /// A unit holding `data`.
+        pub(crate) fn new(data: Vec<u8>) -> RwMem {
+            RwMem::with(data, Box::new(|| Ok(())))
+        }
+
+        /// A unit holding `data` that calls `before_write` before each
+        /// write (its error fails the write).
+        pub(crate) fn with(data: Vec<u8>, before_write: BeforeWrite) -> RwMem {
+            RwMem {
+                data: Mutex::new(data),
+                before_write,
+            }
+        }
+    }
+
+    impl Lun for RwMem {
+        fn size(&self) -> u64 {
+            self.data.lock().unwrap().len() as u64
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.copy_from_slice(&self.data.lock().unwrap()[offset as usize..][..buf.len()]);
+            Ok(())
+        }
+        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+            Ok((true, self.size() - offset))
+        }
+        fn id(&self) -> u64 {
+            1
+        }
+        fn writable(&self) -> bool {
+            true
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            (self.before_write)()?;
+            self.data.lock().unwrap()[offset as usize..][..data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.data.lock().unwrap()[offset as usize..][..len as usize].fill(0);
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1071,49 +1132,19 @@ mod tests {
         );
     }
 
-    /// A writable unit in memory.
-    struct RwMem(std::sync::Mutex<Vec<u8>>);
-
-    impl Lun for RwMem {
-        fn size(&self) -> u64 {
-            self.0.lock().unwrap().len() as u64
-        }
-        fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-            buf.copy_from_slice(&self.0.lock().unwrap()[offset as usize..][..buf.len()]);
-            Ok(())
-        }
-        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
-            Ok((true, self.size() - offset))
-        }
-        fn id(&self) -> u64 {
-            1
-        }
-        fn writable(&self) -> bool {
-            true
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            self.0.lock().unwrap()[offset as usize..][..data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn zero(&self, offset: u64, len: u64) -> std::io::Result<()> {
-            self.0.lock().unwrap()[offset as usize..][..len as usize].fill(0);
-            Ok(())
-        }
-    }
-
     #[test]
     fn writes_take_whole_blocks_of_what_came_and_check_their_fields() {
-        let m = RwMem(std::sync::Mutex::new(vec![7u8; 1 << 20]));
+        let m = testing::RwMem::new(vec![7u8; 1 << 20]);
         let lun: Option<&dyn Lun> = Some(&m);
         // WRITE(10) of 2 blocks with only 200, then 700 bytes sent (the
         // initiator's expected length was short): whole blocks only.
         let c = cdb(&[0x2a, 0, 0, 0, 0, 4, 0, 0, 2, 0]);
         assert_eq!(prepare(&c, lun), Ok(Needs::Data(1024)));
         assert_eq!(execute(&c, lun, &[1u8; 200]), Outcome::Good(Vec::new()));
-        assert!(m.0.lock().unwrap()[2048..3072].iter().all(|&b| b == 7));
+        assert!(m.data.lock().unwrap()[2048..3072].iter().all(|&b| b == 7));
         assert_eq!(execute(&c, lun, &[1u8; 700]), Outcome::Good(Vec::new()));
-        assert!(m.0.lock().unwrap()[2048..2560].iter().all(|&b| b == 1));
-        assert!(m.0.lock().unwrap()[2560..3072].iter().all(|&b| b == 7));
+        assert!(m.data.lock().unwrap()[2048..2560].iter().all(|&b| b == 1));
+        assert!(m.data.lock().unwrap()[2560..3072].iter().all(|&b| b == 7));
         // WRITE SAME and COMPARE AND WRITE need their data whole.
         let ws = cdb(&[0x41, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
         assert_eq!(
@@ -1121,7 +1152,7 @@ mod tests {
             Outcome::Check(INVALID_FIELD)
         );
         assert_eq!(execute(&ws, lun, &[3u8; 512]), Outcome::Good(Vec::new()));
-        assert!(m.0.lock().unwrap()[..4096].iter().all(|&b| b == 3));
+        assert!(m.data.lock().unwrap()[..4096].iter().all(|&b| b == 3));
         let mut caw = cdb(&[0x89]);
         caw[13] = 1;
         assert_eq!(
@@ -1145,7 +1176,7 @@ mod tests {
         assert_eq!(execute(&un, lun, &param), Outcome::Check(LBA_OUT_OF_RANGE));
         param[8..16].copy_from_slice(&0u64.to_be_bytes());
         assert_eq!(execute(&un, lun, &param), Outcome::Good(Vec::new()));
-        assert!(m.0.lock().unwrap()[..512].iter().all(|&b| b == 0));
+        assert!(m.data.lock().unwrap()[..512].iter().all(|&b| b == 0));
     }
 
     #[test]
@@ -1207,38 +1238,17 @@ mod tests {
         assert_eq!(d[8] >> 4, 3, "NAA type 3");
     }
 
-    /// A writable unit whose store is full.
-    struct Full;
-
-    impl Lun for Full {
-        fn size(&self) -> u64 {
-            1 << 20
-        }
-        fn read(&self, _: u64, buf: &mut [u8]) -> std::io::Result<()> {
-            buf.fill(0);
-            Ok(())
-        }
-        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
-            Ok((false, self.size() - offset))
-        }
-        fn id(&self) -> u64 {
-            3
-        }
-        fn writable(&self) -> bool {
-            true
-        }
-        fn write(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
-            Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
-        }
-    }
-
     #[test]
     fn a_full_store_is_space_allocation_failed_not_a_medium_error() {
         let mut c = [0u8; 16];
         c[0] = 0x2a;
         c[8] = 1;
+        let full = testing::RwMem::with(
+            vec![0; 1 << 20],
+            Box::new(|| Err(std::io::Error::from(std::io::ErrorKind::StorageFull))),
+        );
         assert_eq!(
-            execute(&c, Some(&Full), &[1; 512]),
+            execute(&c, Some(&full), &[1; 512]),
             Outcome::Check(NO_SPACE)
         );
     }

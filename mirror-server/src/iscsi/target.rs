@@ -265,6 +265,15 @@ enum End {
     Error(String),
 }
 
+impl End {
+    /// A new login reinstated the session, or a target cold reset ended it.
+    fn replaced() -> End {
+        End::Error(
+            "the session was ended (a new login reinstated it, or a target cold reset)".into(),
+        )
+    }
+}
+
 impl From<std::io::Error> for End {
     fn from(e: std::io::Error) -> End {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -663,9 +672,7 @@ impl Connection {
                 Some(ended) => tokio::select! {
                     // Replaced: nothing more of this session runs.
                     biased;
-                    () = ended.notify.notified() => {
-                        return Err(End::Error("the session was ended (a new login reinstated it, or a target cold reset)".into()));
-                    }
+                    () = ended.notify.notified() => return Err(End::replaced()),
                     p = self.read_pdu() => p?,
                 },
                 None => self.read_pdu().await?,
@@ -721,8 +728,7 @@ impl Connection {
                 }
                 op::TMF_REQ => {
                     let function = p.flags() & 0x7f;
-                    let lun = p.lun();
-                    let lun0 = (u16::from(lun[0] & 0x3f) << 8 | u16::from(lun[1])) == 0;
+                    let lun0 = p.lun_number() == 0;
                     let mut rsp = Pdu::new(op::TMF_RSP);
                     rsp.bhs[1] = 0x80;
                     // Commands run one at a time and are done by now: the
@@ -814,9 +820,7 @@ impl Connection {
         let edtl = p.u32_at(20) as usize;
         let mut cdb = [0u8; 16];
         cdb.copy_from_slice(&p.bhs[32..48]);
-        let lun_bytes = p.lun();
-        let lun_number = (u16::from(lun_bytes[0] & 0x3f) << 8) | u16::from(lun_bytes[1]);
-        let unit: Option<(Arc<Unit>, Nexus)> = match (&self.export, &self.nexus, lun_number) {
+        let unit: Option<(Arc<Unit>, Nexus)> = match (&self.export, &self.nexus, p.lun_number()) {
             (Some(e), Some(nexus), 0) => Some((e.unit.clone(), nexus.clone())),
             _ => None,
         };
@@ -846,8 +850,7 @@ impl Connection {
             Ok(Needs::Nothing) => Vec::new(),
             Ok(Needs::Data(n)) => {
                 need = n as usize;
-                let plain = matches!(cdb[0], 0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e);
-                if !write || (!plain && edtl < need) {
+                if !write || (!scsi::takes_short_data(cdb[0]) && edtl < need) {
                     return self
                         .respond(&p, Outcome::Check(scsi::INVALID_FIELD), edtl, write, 0)
                         .await;
@@ -865,9 +868,7 @@ impl Connection {
         if self.reinstated.as_ref().is_some_and(|e| e.is_ended()) {
             // A new login took the session over while this command's data
             // came: it does not run.
-            return Err(End::Error(
-                "the session was ended (a new login reinstated it, or a target cold reset)".into(),
-            ));
+            return Err(End::replaced());
         }
         let outcome = tokio::task::spawn_blocking(move || match unit {
             Some((unit, nexus)) => unit.execute(&cdb, &nexus, &data_out),

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::scsi::{self, Lun, Needs, Outcome, Sense};
+use super::scsi::{self, be16, be32, be64, Lun, Needs, Outcome, Sense};
 
 /// An I_T nexus: one initiator port (its name and the session's ISID)
 /// on this target's one port.
@@ -149,13 +149,25 @@ impl State {
         }
     }
 
-    /// Owe `sense` to the attached nexuses `to` picks.
+    /// Owe `sense` to the nexuses `to` picks (of those attentions are
+    /// kept for: see `attentions`).
     fn tell(&mut self, sense: Sense, to: impl Fn(&Nexus) -> bool) {
         for (n, queue) in &mut self.attentions {
             if to(n) && !queue.contains(&sense) {
                 queue.push_back(sense);
             }
         }
+    }
+
+    /// Owe `sense` to every registered nexus but `except`.
+    fn tell_registrants(&mut self, sense: Sense, except: &Nexus) {
+        let registered: Vec<Nexus> = self
+            .registrations
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| n != except)
+            .collect();
+        self.tell(sense, |n| registered.contains(n));
     }
 
     /// Forget what absent nexuses are owed beyond the bound (those no
@@ -190,9 +202,7 @@ impl State {
         if let Some(r) = self.reservation.take_if(|_| released) {
             if kind::for_registrants(r.kind) && !kind::all_registrants(r.kind) {
                 // Registrants-only: the others lose access, and are told.
-                let registered: Vec<Nexus> =
-                    self.registrations.iter().map(|(n, _)| n.clone()).collect();
-                self.tell(RELEASED, |n| registered.contains(n));
+                self.tell_registrants(RELEASED, nexus);
             }
         }
     }
@@ -266,11 +276,6 @@ impl Unit {
         }
     }
 
-    /// The medium.
-    pub fn lun(&self) -> &Arc<dyn Lun> {
-        &self.lun
-    }
-
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -326,7 +331,7 @@ impl Unit {
             if let Some(sense) = owed(&mut s, cdb[0], nexus) {
                 if cdb[0] == 0x03 {
                     // REQUEST SENSE reports it as its data (and clears it).
-                    return Err(Outcome::Good(sense_data(cdb, sense)));
+                    return Err(Outcome::Good(scsi::sense_data(cdb, sense)));
                 }
                 return Err(Outcome::Check(sense));
             }
@@ -382,18 +387,6 @@ impl Unit {
     }
 }
 
-fn be16(b: &[u8]) -> u64 {
-    u64::from(u16::from_be_bytes([b[0], b[1]]))
-}
-
-fn be32(b: &[u8]) -> u64 {
-    u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-}
-
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-}
-
 /// The unit attention `nexus` is owed, taken off its queue — for any
 /// command but INQUIRY and REPORT LUNS (SAM-5 §5.14; REQUEST SENSE
 /// returns it as its data).
@@ -402,18 +395,6 @@ fn owed(s: &mut State, opcode: u8, nexus: &Nexus) -> Option<Sense> {
         return None;
     }
     s.attentions.get_mut(nexus)?.pop_front()
-}
-
-/// REQUEST SENSE's data for `sense`: fixed format, or descriptor format
-/// when DESC is set; cut at the allocation length.
-fn sense_data(cdb: &[u8; 16], sense: Sense) -> Vec<u8> {
-    let mut d = if cdb[1] & 0x01 != 0 {
-        vec![0x72, sense.key, sense.asc, sense.ascq, 0, 0, 0, 0]
-    } else {
-        sense.bytes()
-    };
-    d.truncate(usize::from(cdb[4]));
-    d
 }
 
 /// Whether `nexus`'s command conflicts with a reservation (SPC-2 §5.5.1
@@ -477,7 +458,6 @@ fn mode_select(s: &mut State, cdb: &[u8; 16], nexus: &Nexus, data: &[u8]) -> Out
     if at > data.len() {
         return Outcome::Check(scsi::PARAMETER_LENGTH);
     }
-    let current = scsi::control_page(s.swp);
     let mut swp = s.swp;
     while at < data.len() {
         if data.len() - at < 2 || data[at] & 0x40 != 0 {
@@ -488,30 +468,21 @@ fn mode_select(s: &mut State, cdb: &[u8; 16], nexus: &Nexus, data: &[u8]) -> Out
         let Some(page) = data.get(at..at + len) else {
             return Outcome::Check(scsi::PARAMETER_LENGTH);
         };
-        match page[0] & 0x3f {
-            0x0a if len == current.len() => {
-                // Only SWP may differ from what MODE SENSE shows.
-                let mut asked = page.to_vec();
-                asked[0] &= 0x3f;
-                swp = asked[4] & 0x08 != 0;
-                asked[4] &= !0x08;
-                let mut now = current.clone();
-                now[4] &= !0x08;
-                if asked != now {
-                    return Outcome::Check(scsi::INVALID_PARAMETER);
-                }
-            }
-            p => {
-                // Other pages: taken when they change nothing.
-                let Some(now) = scsi::mode_page(p) else {
-                    return Outcome::Check(scsi::INVALID_PARAMETER);
-                };
-                let mut asked = page.to_vec();
-                asked[0] &= 0x3f;
-                if asked != now {
-                    return Outcome::Check(scsi::INVALID_PARAMETER);
-                }
-            }
+        let code = page[0] & 0x3f;
+        let Some(mut now) = scsi::mode_page(code, s.swp) else {
+            return Outcome::Check(scsi::INVALID_PARAMETER);
+        };
+        let mut asked = page.to_vec();
+        asked[0] &= 0x3f;
+        if code == 0x0a && asked.len() == now.len() {
+            // Only SWP may differ from what MODE SENSE shows.
+            swp = asked[4] & 0x08 != 0;
+            asked[4] &= !0x08;
+            now[4] &= !0x08;
+        }
+        // Any other page is taken when it changes nothing.
+        if asked != now {
+            return Outcome::Check(scsi::INVALID_PARAMETER);
         }
         at += len;
     }
@@ -696,28 +667,16 @@ fn persistent_out(s: &mut State, cdb: &[u8; 16], nexus: &Nexus, data: &[u8]) -> 
             }
             s.reservation = None;
             if kind::for_registrants(r.kind) {
-                let registered: Vec<Nexus> = s
-                    .registrations
-                    .iter()
-                    .map(|(n, _)| n.clone())
-                    .filter(|n| n != nexus)
-                    .collect();
-                s.tell(RELEASED, |n| registered.contains(n));
+                s.tell_registrants(RELEASED, nexus);
             }
             Outcome::Good(Vec::new())
         }
         // CLEAR.
         3 => {
-            let others: Vec<Nexus> = s
-                .registrations
-                .iter()
-                .map(|(n, _)| n.clone())
-                .filter(|n| n != nexus)
-                .collect();
+            s.tell_registrants(PREEMPTED, nexus);
             s.registrations.clear();
             s.reservation = None;
             s.generation = s.generation.wrapping_add(1);
-            s.tell(PREEMPTED, |n| others.contains(n));
             Outcome::Good(Vec::new())
         }
         // PREEMPT, PREEMPT AND ABORT: the preempted nexuses' commands
@@ -768,13 +727,7 @@ fn preempt(s: &mut State, nexus: &Nexus, sa_key: u64, scope: u8, kind: u8) -> Ou
         if before.is_some_and(|r| r.kind != kind) {
             // A new type: the registrants that stay are told theirs went
             // (SPC-4 §5.13.11.4.3).
-            let stay: Vec<Nexus> = s
-                .registrations
-                .iter()
-                .map(|(n, _)| n.clone())
-                .filter(|n| n != nexus)
-                .collect();
-            s.tell(RELEASED, |n| stay.contains(n));
+            s.tell_registrants(RELEASED, nexus);
         }
     }
     s.generation = s.generation.wrapping_add(1);
@@ -785,37 +738,10 @@ fn preempt(s: &mut State, nexus: &Nexus, sa_key: u64, scope: u8, kind: u8) -> Ou
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// 64 KiB of 0x5a, writable.
-    struct Mem(Mutex<Vec<u8>>);
-
-    impl Lun for Mem {
-        fn size(&self) -> u64 {
-            self.0.lock().unwrap().len() as u64
-        }
-        fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-            let v = self.0.lock().unwrap();
-            buf.copy_from_slice(&v[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
-            Ok((true, self.size() - offset))
-        }
-        fn id(&self) -> u64 {
-            1
-        }
-        fn writable(&self) -> bool {
-            true
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            let mut v = self.0.lock().unwrap();
-            v[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-    }
+    use crate::iscsi::scsi::testing::RwMem;
 
     fn unit() -> (Unit, Nexus, Nexus) {
-        let unit = Unit::new(Arc::new(Mem(Mutex::new(vec![0x5a; 64 << 10]))));
+        let unit = Unit::new(Arc::new(RwMem::new(vec![0x5a; 64 << 10])));
         let a = Nexus::new("iqn.a", [1; 6]);
         let b = Nexus::new("iqn.b", [2; 6]);
         unit.attach(&a);
@@ -1074,7 +1000,7 @@ mod tests {
     }
 
     fn mode_select6(u: &Unit, n: &Nexus, swp: bool, tweak: impl Fn(&mut [u8])) -> Outcome {
-        let mut page = scsi::control_page(swp);
+        let mut page = scsi::mode_page(0x0a, swp).unwrap();
         tweak(&mut page);
         let mut data = vec![0u8; 4];
         data.extend(page);
@@ -1190,44 +1116,20 @@ mod tests {
         );
     }
 
-    /// A unit whose writes wait for a go-ahead, saying when one started.
-    struct Slow {
-        started: Mutex<std::sync::mpsc::Sender<()>>,
-        go: Mutex<std::sync::mpsc::Receiver<()>>,
-    }
-
-    impl Lun for Slow {
-        fn size(&self) -> u64 {
-            1 << 20
-        }
-        fn read(&self, _: u64, buf: &mut [u8]) -> std::io::Result<()> {
-            buf.fill(0);
-            Ok(())
-        }
-        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
-            Ok((true, self.size() - offset))
-        }
-        fn id(&self) -> u64 {
-            2
-        }
-        fn writable(&self) -> bool {
-            true
-        }
-        fn write(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
-            self.started.lock().unwrap().send(()).unwrap();
-            self.go.lock().unwrap().recv().unwrap();
-            Ok(())
-        }
-    }
-
     #[test]
     fn preempt_and_abort_waits_for_the_preempted_nexus_commands_in_flight() {
         let (started_tx, started) = std::sync::mpsc::channel();
         let (go, go_rx) = std::sync::mpsc::channel();
-        let u = Arc::new(Unit::new(Arc::new(Slow {
-            started: Mutex::new(started_tx),
-            go: Mutex::new(go_rx),
-        })));
+        // A unit whose writes say they started, then wait for a go-ahead.
+        let (started_tx, go_rx) = (Mutex::new(started_tx), Mutex::new(go_rx));
+        let u = Arc::new(Unit::new(Arc::new(RwMem::with(
+            vec![0; 1 << 20],
+            Box::new(move || {
+                started_tx.lock().unwrap().send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+                Ok(())
+            }),
+        ))));
         let a = Nexus::new("iqn.a", [1; 6]);
         let b = Nexus::new("iqn.b", [2; 6]);
         u.attach(&a);
