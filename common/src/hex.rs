@@ -7,14 +7,22 @@ pub fn encode(bytes: &[u8]) -> String {
 
 /// Exactly `N` bytes from `2 * N` hex digits.
 pub fn decode<const N: usize>(text: &str) -> Option<[u8; N]> {
-    if text.len() != 2 * N || !text.is_ascii() {
+    if text.len() != 2 * N {
         return None;
     }
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    decode_vec(text)?.try_into().ok()
+}
+
+/// The bytes of an even number of hex digits (`None` for anything else,
+/// never a panic: the text may come from a peer).
+pub fn decode_vec(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.is_ascii() {
+        return None;
     }
-    Some(out)
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -29,5 +37,10 @@ mod tests {
         assert_eq!(decode::<3>("00ab1"), None);
         assert_eq!(decode::<2>("zzzz"), None);
         assert_eq!(decode::<1>("é"), None);
+        assert_eq!(decode_vec("00ab10"), Some(vec![0, 0xab, 0x10]));
+        // Not ASCII: refused, whether or not a character boundary falls
+        // where a digit pair would be cut.
+        assert_eq!(decode_vec("aéa"), None);
+        assert_eq!(decode_vec("éé"), None);
     }
 }

@@ -64,23 +64,18 @@ pub fn chap_response(id: u8, secret: &[u8], challenge: &[u8]) -> [u8; 16] {
     h.finalize().into()
 }
 
+/// A CHAP binary value (RFC 7143 §6.1: "0x" and hex digits), at most
+/// 1024 bytes.
 fn hex_value(v: &str) -> Option<Vec<u8>> {
-    let hex = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X"))?;
-    if hex.len() % 2 != 0 || hex.len() > 2048 {
+    let digits = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X"))?;
+    if digits.len() > 2048 {
         return None;
     }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
-        .collect()
+    ublk_mirror_common::hex::decode_vec(digits)
 }
 
 fn hex_string(bytes: &[u8]) -> String {
-    let mut s = String::from("0x");
-    for b in bytes {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    format!("0x{}", ublk_mirror_common::hex::encode(bytes))
 }
 
 /// One exported logical unit, behind a target name.
@@ -1054,5 +1049,23 @@ impl Connection {
             rsp.data.extend_from_slice(&bytes);
         }
         self.send(&rsp).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chap_values_are_hex_and_anything_else_is_refused_without_a_panic() {
+        assert_eq!(hex_value("0x00ab"), Some(vec![0, 0xab]));
+        assert_eq!(hex_value("0X00AB"), Some(vec![0, 0xab]));
+        assert_eq!(hex_string(&[0, 0xab]), "0x00ab");
+        assert_eq!(hex_value("00ab"), None, "no 0x");
+        assert_eq!(hex_value("0xabc"), None, "odd");
+        assert_eq!(hex_value(&format!("0x{}", "00".repeat(1025))), None, "long");
+        // A CHAP_R from a stranger, before authentication: a character
+        // boundary inside a digit pair once panicked the connection.
+        assert_eq!(hex_value("0xaéa"), None);
     }
 }
