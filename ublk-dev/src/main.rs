@@ -824,7 +824,12 @@ fn run_device(
         } else {
             "serving"
         };
-        tracing::info!("{verb} {} as {}", summary, ready.device.display());
+        let copy = if ready.zero_copy {
+            "zero copy"
+        } else {
+            "copying"
+        };
+        tracing::info!("{verb} {} as {}, {copy}", summary, ready.device.display());
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", ready.device.display());
         let _ = out.flush();

@@ -16,6 +16,19 @@
 //! What the daemon needs to recover a device is kept in libublk's per-device
 //! JSON (`/run/ublksrvd/NNNN.json`) under `target_data`, as a
 //! [`TargetRecord`].
+//!
+//! **Zero copy.** Where the driver has `UBLK_F_AUTO_BUF_REG` (Linux 6.16 and
+//! later; not 6.12), a new device is created with it: the kernel registers
+//! each request's pages in the queue ring's buffer table at the request's
+//! tag, and READ and WRITE go between those pages and the backing file with
+//! fixed-buffer reads and writes, never through this process's memory.
+//! Nothing here needs the data itself: change tracking records the
+//! request's range, and copy-on-write reads the old content from the backing
+//! file before the write is issued, exactly as on the copying path. Zeroes
+//! for a short read at the end of the file come from a registered
+//! `/dev/zero` (fixed file 2). A recovered device keeps the flags it was
+//! created with. `UBLK_MIRROR_ZERO_COPY=0` in the environment turns it off
+//! for new devices.
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -32,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::backing::Backing;
 use crate::config::{DeviceSpec, MirrorSpec, TrackingSpec};
 use crate::control;
-use crate::engine::{self, uring, AlignedBuf, Engine, Geometry, Request, ZERO_CHUNK};
+use crate::engine::{self, uring, AlignedBuf, Engine, Geometry, Request, RequestBuf, ZERO_CHUNK};
 use crate::error::{Error, Result};
 use crate::replicator::{MirrorSettings, Replicator};
 use crate::status::Publisher;
@@ -356,6 +369,60 @@ pub struct Ready {
     pub device: PathBuf,
     /// Whether this was a recovery.
     pub recovered: bool,
+    /// Whether request data goes between the kernel's pages and the backing
+    /// file without a copy (`UBLK_F_AUTO_BUF_REG`).
+    pub zero_copy: bool,
+}
+
+/// The kernel's release, as `uname -r` prints it.
+fn kernel_release() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|r| r.trim().to_owned())
+}
+
+/// A ublk driver bug that this kernel's version number says it has, and
+/// what to do about it.
+///
+/// CVE-2025-37906 ("ublk: fix race between io_uring_cmd_complete_in_task and
+/// ublk_cancel_cmd", upstream f40139fde527 with its follow-up dd24f87f65c9):
+/// when the daemon dies (kill -9, OOM) while requests keep arriving, the
+/// driver can complete a queue thread's command a second time while its
+/// task work is still queued; the ring is freed, and the exiting thread's
+/// task work then dereferences it (`io_fallback_tw`, a NULL pointer
+/// dereference, then RCU stalls: the machine is lost). Linux 6.7 to 6.12.113,
+/// 6.13, and 6.14 before 6.14.6 have it; 6.12.114, 6.14.6 and 6.15 fixed it.
+/// A distribution may have backported the fix without the version saying
+/// so: this only reads the number.
+pub fn known_driver_bug(release: &str) -> Option<&'static str> {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return None;
+    };
+    let patch = parts.next().flatten().unwrap_or(0);
+    let affected = match (major, minor) {
+        (6, 7..=11) | (6, 13) => true,
+        (6, 12) => patch < 114,
+        (6, 14) => patch < 6,
+        _ => false,
+    };
+    affected.then_some(
+        "its ublk driver can crash the kernel when this daemon is killed (kill -9, \
+         the OOM killer) with I/O in flight (CVE-2025-37906, fixed in 6.12.114, 6.14.6 \
+         and 6.15): stop devices with `ublk-mirror del` or SIGTERM, never SIGKILL, \
+         and update the kernel",
+    )
+}
+
+/// Whether to ask for zero copy on a new device: when the driver offers
+/// `UBLK_F_AUTO_BUF_REG`, unless `UBLK_MIRROR_ZERO_COPY=0`.
+fn zero_copy_offered() -> bool {
+    if std::env::var_os("UBLK_MIRROR_ZERO_COPY").is_some_and(|v| v == "0") {
+        return false;
+    }
+    UblkCtrl::get_features().is_some_and(|f| f & u64::from(sys::UBLK_F_AUTO_BUF_REG) != 0)
 }
 
 /// Check that device `id` can be recovered by us and return its record.
@@ -437,6 +504,11 @@ where
     R: FnOnce(&Ready) + Send + Sync + 'static,
 {
     check_driver()?;
+    if let Some(release) = kernel_release() {
+        if let Some(bug) = known_driver_bug(&release) {
+            tracing::warn!("this kernel ({release}): {bug}");
+        }
+    }
     // Signals first: a stop asked for while the device is being set up is
     // carried out as soon as there is a device to stop.
     let stop = Arc::new(StopState::new());
@@ -523,8 +595,12 @@ where
         _ => None,
     };
 
-    let ctrl_flags =
+    let mut ctrl_flags =
         u64::from(sys::UBLK_F_USER_RECOVERY) | u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
+    // A recovery takes the flags the device was created with from the driver.
+    if start == Start::Add && zero_copy_offered() {
+        ctrl_flags |= u64::from(sys::UBLK_F_AUTO_BUF_REG);
+    }
     let (id, dev_flags) = match start {
         Start::Add => (
             spec.id.map_or(-1, |i| i as i32),
@@ -571,9 +647,15 @@ where
             .ok()
     });
     let backing_fd = std::os::fd::AsRawFd::as_raw_fd(backing.file());
+    // Zero copy reads zeroes from here into the kernel's pages; it stays
+    // open while the queues run.
+    let dev_zero =
+        std::fs::File::open("/dev/zero").map_err(|e| Error::io("opening /dev/zero", e))?;
+    let zero_fd = std::os::fd::AsRawFd::as_raw_fd(&dev_zero);
     let record_json = serde_json::to_value(&record)
         .map_err(|e| Error::io("encoding the device record", std::io::Error::other(e)))?;
-    let tgt_init = move |dev: &mut UblkDev| init_target(dev, backing_fd, geometry, record_json);
+    let tgt_init =
+        move |dev: &mut UblkDev| init_target(dev, [backing_fd, zero_fd], geometry, record_json);
     let queue_engine = engine.clone();
     let queue_tracker = tracker.clone();
     let queue_failed = Arc::new(AtomicBool::new(false));
@@ -586,6 +668,7 @@ where
             id: ctrl.dev_info().dev_id,
             device: PathBuf::from(ctrl.get_bdev_path()),
             recovered,
+            zero_copy: ctrl.dev_info().flags & u64::from(sys::UBLK_F_AUTO_BUF_REG) != 0,
         });
         if ready_stop.requested.load(Ordering::SeqCst) {
             if let Err(e) = ctrl.kill_dev() {
@@ -703,21 +786,29 @@ fn watch_signals(stop: Arc<StopState>) -> Result<signal_hook::iterator::Handle> 
     Ok(handle)
 }
 
+/// Registered file index of the backing file (0 is `/dev/ublkcN`).
+const BACKING_FILE: u32 = 1;
+/// Registered file index of `/dev/zero` (zero copy's zero fill).
+const ZERO_FILE: u32 = 2;
+
 /// Describe the device to the driver: size, block sizes, cache and discard
-/// support, and register the backing file as fixed file 1.
+/// support, and register the backing file and `/dev/zero` as fixed files
+/// [`BACKING_FILE`] and [`ZERO_FILE`].
 fn init_target(
     dev: &mut UblkDev,
-    backing_fd: i32,
+    fds: [i32; 2],
     g: Geometry,
     record: serde_json::Value,
 ) -> std::result::Result<(), UblkError> {
     let tgt = &mut dev.tgt;
-    let slot = tgt.nr_fds as usize;
-    if slot >= tgt.fds.len() {
-        return Err(UblkError::InvalidVal);
+    for (fd, index) in fds.into_iter().zip([BACKING_FILE, ZERO_FILE]) {
+        let slot = tgt.nr_fds as usize;
+        if slot != index as usize || slot >= tgt.fds.len() {
+            return Err(UblkError::InvalidVal);
+        }
+        tgt.fds[slot] = fd;
+        tgt.nr_fds += 1;
     }
-    tgt.fds[slot] = backing_fd;
-    tgt.nr_fds += 1;
     tgt.dev_size = g.size;
     let lbs_shift = g.block_size.trailing_zeros() as u8;
     // Discard and write-zeroes requests are bounded by what one fallocate
@@ -794,6 +885,10 @@ fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, tracker: Option<&Tracke
 }
 
 /// Serve one tag forever: fetch a request, carry it out, commit its result.
+///
+/// With zero copy the request's data stays in the kernel's pages,
+/// registered at index `tag` of the ring's buffer table from the fetch to
+/// the commit; otherwise it is copied into and out of a buffer of our own.
 async fn serve_tag(
     q: &UblkQueue<'_>,
     tag: u16,
@@ -801,8 +896,19 @@ async fn serve_tag(
     tracker: Option<&Tracker>,
     zeroes: &AlignedBuf,
 ) -> std::result::Result<(), UblkError> {
-    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+    let zero_copy = q.support_auto_buf_zc();
+    let mut buf = (!zero_copy).then(|| IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize));
+    let auto_reg = sys::ublk_auto_buf_reg {
+        index: tag,
+        ..Default::default()
+    };
+    fn desc(buf: &Option<IoBuf<u8>>, auto_reg: sys::ublk_auto_buf_reg) -> BufDesc<'_> {
+        match buf {
+            Some(b) => BufDesc::Slice(b.as_slice()),
+            None => BufDesc::AutoReg(auto_reg),
+        }
+    }
+    q.submit_io_prep_cmd(tag, desc(&buf, auto_reg), 0, buf.as_ref())
         .await?;
     let zero_ptr = zeroes.as_slice().as_ptr();
     loop {
@@ -822,8 +928,21 @@ async fn serve_tag(
                 e.negated()
             }
             Ok((io, ticket)) => {
-                let res = engine::drive(io, buf.as_mut_slice(), |step, base| {
-                    let sqe = uring::sqe(step, uring::FileRef::Fixed(1), base, zero_ptr);
+                let request_buf = match buf.as_mut() {
+                    Some(b) => RequestBuf::Memory(b.as_mut_slice()),
+                    None => RequestBuf::Registered,
+                };
+                let res = engine::drive(io, request_buf, |step, base| {
+                    let target = if zero_copy {
+                        uring::BufRef::Registered {
+                            index: tag,
+                            zero_file: ZERO_FILE,
+                        }
+                    } else {
+                        uring::BufRef::Addr(base)
+                    };
+                    let sqe =
+                        uring::sqe(step, uring::FileRef::Fixed(BACKING_FILE), target, zero_ptr);
                     async move {
                         ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
                             .await
@@ -837,7 +956,38 @@ async fn serve_tag(
                 res
             }
         };
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+        q.submit_io_commit_cmd(tag, desc(&buf, auto_reg), res)
             .await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::known_driver_bug;
+
+    #[test]
+    fn the_cancel_race_is_known_by_kernel_version() {
+        for affected in [
+            "6.7.0",
+            "6.11.11-amd64",
+            "6.12.95+deb12-amd64",
+            "6.12.113",
+            "6.13.2",
+            "6.14.5-300.fc42.x86_64",
+        ] {
+            assert!(known_driver_bug(affected).is_some(), "{affected}");
+        }
+        for fixed in [
+            "6.6.90",
+            "6.12.114",
+            "6.12.117+deb13-amd64",
+            "6.14.6",
+            "6.15.0-rc4",
+            "7.3.4+deb13-amd64",
+            "",
+            "weird",
+        ] {
+            assert!(known_driver_bug(fixed).is_none(), "{fixed}");
+        }
     }
 }

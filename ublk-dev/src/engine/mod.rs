@@ -512,24 +512,36 @@ impl Io<'_> {
     }
 }
 
+/// Where a request's data lives while [`drive`] carries it out.
+#[derive(Debug)]
+pub enum RequestBuf<'a> {
+    /// In this process's memory (the kernel copies it in and out).
+    Memory(&'a mut [u8]),
+    /// In the kernel's request pages, registered in the ring's buffer table
+    /// (ublk zero copy, `UBLK_F_AUTO_BUF_REG`): this process cannot touch
+    /// the bytes, so every step, [`Step::FillZeroes`] too, is submitted.
+    Registered,
+}
+
 /// Carry out one request: run each step with `submit` (or, for
-/// [`Step::FillZeroes`], on `buf` directly) until the request completes.
-/// Returns the result to hand back to the kernel: bytes for READ/WRITE,
-/// 0 for the rest, or a negated errno.
+/// [`Step::FillZeroes`] on a buffer in memory, on `buf` directly) until the
+/// request completes. Returns the result to hand back to the kernel: bytes
+/// for READ/WRITE, 0 for the rest, or a negated errno.
 ///
-/// `submit` receives the step and the address of `buf`, which stays valid and
-/// untouched by anything else until its future completes.
-pub async fn drive<F, Fut>(mut io: Io<'_>, buf: &mut [u8], mut submit: F) -> i32
+/// `submit` receives the step and the address of the buffer in memory
+/// (null for [`RequestBuf::Registered`]), which stays valid and untouched by
+/// anything else until its future completes.
+pub async fn drive<F, Fut>(mut io: Io<'_>, mut buf: RequestBuf<'_>, mut submit: F) -> i32
 where
     F: FnMut(Step, *mut u8) -> Fut,
     Fut: std::future::Future<Output = i32>,
 {
     loop {
-        let res = match io.step() {
-            None => 0,
-            Some(Step::FillZeroes { buf_offset, len }) => {
+        let res = match (io.step(), &mut buf) {
+            (None, _) => 0,
+            (Some(Step::FillZeroes { buf_offset, len }), RequestBuf::Memory(mem)) => {
                 let start = buf_offset as usize;
-                match buf.get_mut(start..start + len as usize) {
+                match mem.get_mut(start..start + len as usize) {
                     Some(range) => {
                         range.fill(0);
                         len as i32
@@ -537,7 +549,8 @@ where
                     None => -libc::EINVAL,
                 }
             }
-            Some(step) => submit(step, buf.as_mut_ptr()).await,
+            (Some(step), RequestBuf::Memory(mem)) => submit(step, mem.as_mut_ptr()).await,
+            (Some(step), RequestBuf::Registered) => submit(step, std::ptr::null_mut()).await,
         };
         if let Some(done) = io.advance(res) {
             return done;

@@ -13,7 +13,7 @@ use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{drive, AlignedBuf, Engine, Errno, Request, Step, ZERO_CHUNK};
+use super::{drive, AlignedBuf, Engine, Errno, Request, RequestBuf, Step, ZERO_CHUNK};
 
 /// How the submission names the backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,11 +24,28 @@ pub enum FileRef {
     Raw(RawFd),
 }
 
-/// Build the submission for `step`. `buf` is the request buffer (its address,
-/// at least as long as the request) and `zeroes` a buffer of [`ZERO_CHUNK`]
-/// zero bytes. [`Step::FillZeroes`] touches no file and has no submission:
-/// [`drive`] runs it itself; here it becomes a no-op.
-pub fn sqe(step: Step, file: FileRef, buf: *mut u8, zeroes: *const u8) -> squeue::Entry {
+/// Where a submission's data goes to or comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufRef {
+    /// The request buffer in memory: its address, at least as long as the
+    /// request.
+    Addr(*mut u8),
+    /// The request's pages in the kernel, registered in the ring's buffer
+    /// table at `index` (ublk zero copy); addresses are offsets into the
+    /// request. Zeroes come from reading `zero_file`, a registered
+    /// `/dev/zero`, since this process cannot write into the pages.
+    Registered {
+        /// The buffer table slot (the request's tag).
+        index: u16,
+        /// Registered file index of `/dev/zero`.
+        zero_file: u32,
+    },
+}
+
+/// Build the submission for `step`. `zeroes` is a buffer of [`ZERO_CHUNK`]
+/// zero bytes. [`Step::FillZeroes`] on a buffer in memory touches no file
+/// and has no submission ([`drive`] runs it itself): here it becomes a no-op.
+pub fn sqe(step: Step, file: FileRef, buf: BufRef, zeroes: *const u8) -> squeue::Entry {
     macro_rules! on_file {
         (|$fd:ident| $build:expr) => {
             match file {
@@ -44,43 +61,88 @@ pub fn sqe(step: Step, file: FileRef, buf: *mut u8, zeroes: *const u8) -> squeue
         };
     }
     let dsync_flags = |dsync: bool| if dsync { libc::RWF_DSYNC } else { 0 };
-    match step {
-        Step::Read {
-            offset,
-            len,
-            buf_offset,
-        } => on_file!(
-            |fd| opcode::Read::new(fd, buf.wrapping_add(buf_offset as usize), len)
+    match (step, buf) {
+        (
+            Step::Read {
+                offset,
+                len,
+                buf_offset,
+            },
+            BufRef::Addr(base),
+        ) => on_file!(
+            |fd| opcode::Read::new(fd, base.wrapping_add(buf_offset as usize), len)
                 .offset(offset)
                 .build()
         ),
-        Step::Write {
-            offset,
-            len,
-            buf_offset,
-            dsync,
-        } => on_file!(
-            |fd| opcode::Write::new(fd, buf.wrapping_add(buf_offset as usize), len)
+        (
+            Step::Read {
+                offset,
+                len,
+                buf_offset,
+            },
+            BufRef::Registered { index, .. },
+        ) => on_file!(
+            |fd| opcode::ReadFixed::new(fd, offset_addr(buf_offset), len, index)
+                .offset(offset)
+                .build()
+        ),
+        (
+            Step::Write {
+                offset,
+                len,
+                buf_offset,
+                dsync,
+            },
+            BufRef::Addr(base),
+        ) => on_file!(
+            |fd| opcode::Write::new(fd, base.wrapping_add(buf_offset as usize), len)
                 .offset(offset)
                 .rw_flags(dsync_flags(dsync))
                 .build()
         ),
-        Step::WriteZeroBuf { offset, len, dsync } => {
+        (
+            Step::Write {
+                offset,
+                len,
+                buf_offset,
+                dsync,
+            },
+            BufRef::Registered { index, .. },
+        ) => on_file!(
+            |fd| opcode::WriteFixed::new(fd, offset_addr(buf_offset), len, index)
+                .offset(offset)
+                .rw_flags(dsync_flags(dsync))
+                .build()
+        ),
+        (Step::WriteZeroBuf { offset, len, dsync }, _) => {
             debug_assert!(len as usize <= ZERO_CHUNK);
             on_file!(|fd| opcode::Write::new(fd, zeroes, len)
                 .offset(offset)
                 .rw_flags(dsync_flags(dsync))
                 .build())
         }
-        Step::Fallocate { alloc, offset, len } => on_file!(|fd| opcode::Fallocate::new(fd, len)
-            .offset(offset)
-            .mode(alloc.mode())
-            .build()),
-        Step::DataSync => on_file!(|fd| opcode::Fsync::new(fd)
+        (Step::Fallocate { alloc, offset, len }, _) => {
+            on_file!(|fd| opcode::Fallocate::new(fd, len)
+                .offset(offset)
+                .mode(alloc.mode())
+                .build())
+        }
+        (Step::DataSync, _) => on_file!(|fd| opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build()),
-        Step::FillZeroes { .. } => opcode::Nop::new().build(),
+        (Step::FillZeroes { .. }, BufRef::Addr(_)) => opcode::Nop::new().build(),
+        (Step::FillZeroes { buf_offset, len }, BufRef::Registered { index, zero_file }) => {
+            opcode::ReadFixed::new(types::Fixed(zero_file), offset_addr(buf_offset), len, index)
+                .offset(0)
+                .build()
+        }
     }
+}
+
+/// A kernel-registered buffer is addressed from 0: the "address" of a
+/// fixed read or write into it is the offset into the request.
+fn offset_addr(buf_offset: u32) -> *mut u8 {
+    std::ptr::null_mut::<u8>().wrapping_add(buf_offset as usize)
 }
 
 /// The engine run in-process on a private io_uring, one request at a time:
@@ -142,13 +204,17 @@ impl<'e> LocalIo<'e> {
         let zeroes = self.zeroes.as_slice().as_ptr();
         let ring = &mut self.ring;
         let broken = &mut self.broken;
-        let fut = drive(io, self.buf.as_mut_slice(), |step, base| {
-            let res = run_one(ring, sqe(step, fd, base, zeroes));
-            std::future::ready(res.unwrap_or_else(|e| {
-                *broken = true;
-                e
-            }))
-        });
+        let fut = drive(
+            io,
+            RequestBuf::Memory(self.buf.as_mut_slice()),
+            |step, base| {
+                let res = run_one(ring, sqe(step, fd, BufRef::Addr(base), zeroes));
+                std::future::ready(res.unwrap_or_else(|e| {
+                    *broken = true;
+                    e
+                }))
+            },
+        );
         let res = block_on_ready(fut);
         if let (Some(t), Some(ticket)) = (self.tracker, ticket) {
             t.after_write(ticket);
