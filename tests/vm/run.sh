@@ -53,6 +53,10 @@ for t in "${tests[@]}"; do
   fi
   "$UBLK_MIRROR" del --all >/dev/null 2>&1 || true
   mountpoint -q /scratch/mnt 2>/dev/null && umount /scratch/mnt
+  # /scratch is guest RAM: what a test left there is of no use to the next.
+  awk -v d="/scratch/$t/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r |
+    while read -r m; do umount -l "$m" 2>/dev/null; done
+  rm -rf "/scratch/$t"
 done
 echo "vm-suite: $pass passed, ${#failed[@]} failed"
 [ ${#failed[@]} = 0 ] || echo "failed: ${failed[*]}"

@@ -25,10 +25,13 @@ while True:
 LISTENER=$!
 for _ in $(seq 50); do [ -S "$SOCK" ] && break; sleep 0.1; done
 
-# wait_notify TEXT: until the listener has received a message containing TEXT.
+# wait_notify TEXT: until the listener has received a message containing
+# TEXT (60 s, as start_dev waits for a device: TCG can be slow).
 wait_notify() {
-  for _ in $(seq 100); do grep -qF -- "$1" "$WORK/notify.log" && return 0; sleep 0.1; done
-  cat "$WORK/notify.log"; fail "no notification containing '$1'"
+  for _ in $(seq 600); do grep -qF -- "$1" "$WORK/notify.log" && return 0; sleep 0.1; done
+  echo "notifications:"; cat "$WORK/notify.log"
+  echo "daemon log:"; cat "$WORK"/unit*.log
+  fail "no notification containing '$1'"
 }
 
 # shellcheck disable=SC2086 # the unit's command line is split like systemd does
