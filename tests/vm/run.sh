@@ -52,6 +52,11 @@ for t in "${tests[@]}"; do
     failed+=("$t"); echo "--- FAIL $t ($((SECONDS - start)) s)"
   fi
   "$UBLK_MIRROR" del --all >/dev/null 2>&1 || true
+  # A failed test may leave its mirror server running, holding the port.
+  if pkill -x mirror-server 2>/dev/null; then
+    for _ in $(seq 50); do pgrep -x mirror-server >/dev/null || break; sleep 0.1; done
+    pkill -KILL -x mirror-server 2>/dev/null
+  fi
   mountpoint -q /scratch/mnt 2>/dev/null && umount /scratch/mnt
   # /scratch is guest RAM: what a test left there is of no use to the next.
   awk -v d="/scratch/$t/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r |
