@@ -896,8 +896,8 @@ async fn serve_tag(
     tracker: Option<&Tracker>,
     zeroes: &AlignedBuf,
 ) -> std::result::Result<(), UblkError> {
-    let zero_copy = q.support_auto_buf_zc();
-    let mut buf = (!zero_copy).then(|| IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize));
+    let mut buf = (!q.support_auto_buf_zc())
+        .then(|| IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize));
     let auto_reg = sys::ublk_auto_buf_reg {
         index: tag,
         ..Default::default()
@@ -933,13 +933,12 @@ async fn serve_tag(
                     None => RequestBuf::Registered,
                 };
                 let res = engine::drive(io, request_buf, |step, base| {
-                    let target = if zero_copy {
-                        uring::BufRef::Registered {
+                    let target = match base {
+                        Some(addr) => uring::BufRef::Addr(addr),
+                        None => uring::BufRef::Registered {
                             index: tag,
                             zero_file: ZERO_FILE,
-                        }
-                    } else {
-                        uring::BufRef::Addr(base)
+                        },
                     };
                     let sqe =
                         uring::sqe(step, uring::FileRef::Fixed(BACKING_FILE), target, zero_ptr);

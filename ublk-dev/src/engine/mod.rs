@@ -529,11 +529,11 @@ pub enum RequestBuf<'a> {
 /// for READ/WRITE, 0 for the rest, or a negated errno.
 ///
 /// `submit` receives the step and the address of the buffer in memory
-/// (null for [`RequestBuf::Registered`]), which stays valid and untouched by
-/// anything else until its future completes.
+/// (`None` for [`RequestBuf::Registered`]), which stays valid and untouched
+/// by anything else until its future completes.
 pub async fn drive<F, Fut>(mut io: Io<'_>, mut buf: RequestBuf<'_>, mut submit: F) -> i32
 where
-    F: FnMut(Step, *mut u8) -> Fut,
+    F: FnMut(Step, Option<*mut u8>) -> Fut,
     Fut: std::future::Future<Output = i32>,
 {
     loop {
@@ -549,8 +549,8 @@ where
                     None => -libc::EINVAL,
                 }
             }
-            (Some(step), RequestBuf::Memory(mem)) => submit(step, mem.as_mut_ptr()).await,
-            (Some(step), RequestBuf::Registered) => submit(step, std::ptr::null_mut()).await,
+            (Some(step), RequestBuf::Memory(mem)) => submit(step, Some(mem.as_mut_ptr())).await,
+            (Some(step), RequestBuf::Registered) => submit(step, None).await,
         };
         if let Some(done) = io.advance(res) {
             return done;

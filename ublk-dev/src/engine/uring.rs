@@ -61,80 +61,64 @@ pub fn sqe(step: Step, file: FileRef, buf: BufRef, zeroes: *const u8) -> squeue:
         };
     }
     let dsync_flags = |dsync: bool| if dsync { libc::RWF_DSYNC } else { 0 };
-    match (step, buf) {
-        (
-            Step::Read {
-                offset,
-                len,
-                buf_offset,
-            },
-            BufRef::Addr(base),
-        ) => on_file!(
-            |fd| opcode::Read::new(fd, base.wrapping_add(buf_offset as usize), len)
+    match step {
+        Step::Read {
+            offset,
+            len,
+            buf_offset,
+        } => match buf.at(buf_offset) {
+            (addr, None) => on_file!(|fd| opcode::Read::new(fd, addr, len).offset(offset).build()),
+            (addr, Some(index)) => on_file!(|fd| opcode::ReadFixed::new(fd, addr, len, index)
                 .offset(offset)
-                .build()
-        ),
-        (
-            Step::Read {
-                offset,
-                len,
-                buf_offset,
-            },
-            BufRef::Registered { index, .. },
-        ) => on_file!(
-            |fd| opcode::ReadFixed::new(fd, offset_addr(buf_offset), len, index)
-                .offset(offset)
-                .build()
-        ),
-        (
-            Step::Write {
-                offset,
-                len,
-                buf_offset,
-                dsync,
-            },
-            BufRef::Addr(base),
-        ) => on_file!(
-            |fd| opcode::Write::new(fd, base.wrapping_add(buf_offset as usize), len)
+                .build()),
+        },
+        Step::Write {
+            offset,
+            len,
+            buf_offset,
+            dsync,
+        } => match buf.at(buf_offset) {
+            (addr, None) => on_file!(|fd| opcode::Write::new(fd, addr, len)
                 .offset(offset)
                 .rw_flags(dsync_flags(dsync))
-                .build()
-        ),
-        (
-            Step::Write {
-                offset,
-                len,
-                buf_offset,
-                dsync,
-            },
-            BufRef::Registered { index, .. },
-        ) => on_file!(
-            |fd| opcode::WriteFixed::new(fd, offset_addr(buf_offset), len, index)
+                .build()),
+            (addr, Some(index)) => on_file!(|fd| opcode::WriteFixed::new(fd, addr, len, index)
                 .offset(offset)
                 .rw_flags(dsync_flags(dsync))
-                .build()
-        ),
-        (Step::WriteZeroBuf { offset, len, dsync }, _) => {
+                .build()),
+        },
+        Step::WriteZeroBuf { offset, len, dsync } => {
             debug_assert!(len as usize <= ZERO_CHUNK);
             on_file!(|fd| opcode::Write::new(fd, zeroes, len)
                 .offset(offset)
                 .rw_flags(dsync_flags(dsync))
                 .build())
         }
-        (Step::Fallocate { alloc, offset, len }, _) => {
-            on_file!(|fd| opcode::Fallocate::new(fd, len)
-                .offset(offset)
-                .mode(alloc.mode())
-                .build())
-        }
-        (Step::DataSync, _) => on_file!(|fd| opcode::Fsync::new(fd)
+        Step::Fallocate { alloc, offset, len } => on_file!(|fd| opcode::Fallocate::new(fd, len)
+            .offset(offset)
+            .mode(alloc.mode())
+            .build()),
+        Step::DataSync => on_file!(|fd| opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build()),
-        (Step::FillZeroes { .. }, BufRef::Addr(_)) => opcode::Nop::new().build(),
-        (Step::FillZeroes { buf_offset, len }, BufRef::Registered { index, zero_file }) => {
-            opcode::ReadFixed::new(types::Fixed(zero_file), offset_addr(buf_offset), len, index)
-                .offset(0)
-                .build()
+        Step::FillZeroes { buf_offset, len } => match buf {
+            BufRef::Addr(_) => opcode::Nop::new().build(),
+            BufRef::Registered { index, zero_file } => {
+                opcode::ReadFixed::new(types::Fixed(zero_file), offset_addr(buf_offset), len, index)
+                    .offset(0)
+                    .build()
+            }
+        },
+    }
+}
+
+impl BufRef {
+    /// The address a submission gives for `buf_offset` into the request,
+    /// and the buffer table slot when the request is registered.
+    fn at(self, buf_offset: u32) -> (*mut u8, Option<u16>) {
+        match self {
+            BufRef::Addr(base) => (base.wrapping_add(buf_offset as usize), None),
+            BufRef::Registered { index, .. } => (offset_addr(buf_offset), Some(index)),
         }
     }
 }
@@ -208,7 +192,9 @@ impl<'e> LocalIo<'e> {
             io,
             RequestBuf::Memory(self.buf.as_mut_slice()),
             |step, base| {
-                let res = run_one(ring, sqe(step, fd, BufRef::Addr(base), zeroes));
+                // A buffer in memory: drive always hands its address.
+                let buf = BufRef::Addr(base.unwrap_or(std::ptr::null_mut()));
+                let res = run_one(ring, sqe(step, fd, buf, zeroes));
                 std::future::ready(res.unwrap_or_else(|e| {
                     *broken = true;
                     e
