@@ -6,10 +6,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use sha2::{Digest as _, Sha256};
-
+use crate::block;
 use crate::identity::{Fingerprint, Identity};
-use crate::proto::{Digest, Encoding, Message, Writer};
+use crate::proto::{Digest, Message, Writer};
 use crate::{tls, wire, Error, RangeSet, Result};
 
 /// A volume as the server has it.
@@ -153,7 +152,7 @@ where
     let read = read.clone();
     Some(tokio::task::spawn_blocking(move || {
         let data = read(offset, len)?;
-        let (header, payload) = encode_block(offset, &data, level);
+        let (header, payload) = block::encode(offset, &data, level);
         Ok((header, payload, len))
     }))
 }
@@ -566,14 +565,7 @@ impl Link {
             let mine = tokio::task::spawn_blocking(move || -> Result<Vec<Digest>> {
                 batch_owned
                     .iter()
-                    .map(|&(offset, len)| {
-                        let data = read(offset, len)?;
-                        Ok(if data.iter().all(|&b| b == 0) {
-                            zero_digest(len)
-                        } else {
-                            Sha256::digest(&data).into()
-                        })
-                    })
+                    .map(|&(offset, len)| Ok(block::digest(&read(offset, len)?)))
                     .collect()
             })
             .await
@@ -671,69 +663,4 @@ fn unexpected(m: &Message) -> Error {
         "unexpected answer from the server: {}",
         name.split([' ', '{', '(']).next().unwrap_or("?")
     ))
-}
-
-/// The header and payload of one block: a zero block travels as a hole,
-/// others compressed when that makes them smaller.
-pub fn encode_block(offset: u64, data: &[u8], level: i32) -> (Message, Vec<u8>) {
-    let sha256 = if data.iter().all(|&b| b == 0) {
-        zero_digest(data.len() as u32)
-    } else {
-        Sha256::digest(data).into()
-    };
-    encode_hashed_block(offset, data, sha256, level)
-}
-
-/// [`encode_block`] for a block whose SHA-256 is known already (`sha256`
-/// must be `data`'s: it travels as the block's check).
-pub fn encode_hashed_block(
-    offset: u64,
-    data: &[u8],
-    sha256: Digest,
-    level: i32,
-) -> (Message, Vec<u8>) {
-    let len = data.len() as u32;
-    if data.iter().all(|&b| b == 0) {
-        let header = Message::Block {
-            offset,
-            len,
-            sha256,
-            encoding: Encoding::Zero,
-            data_len: 0,
-        };
-        return (header, Vec::new());
-    }
-    let (encoding, payload) = match zstd::bulk::compress(data, level) {
-        Ok(z) if z.len() < data.len() => (Encoding::Zstd, z),
-        _ => (Encoding::Raw, data.to_vec()),
-    };
-    let header = Message::Block {
-        offset,
-        len,
-        sha256,
-        encoding,
-        data_len: payload.len() as u32,
-    };
-    (header, payload)
-}
-
-/// SHA-256 of `len` zero bytes (the common 64 KiB case computed once).
-pub fn zero_digest(len: u32) -> Digest {
-    static BLOCK_64K: std::sync::OnceLock<Digest> = std::sync::OnceLock::new();
-    let compute = |len: u32| -> Digest {
-        let mut h = Sha256::new();
-        let zeroes = [0u8; 4096];
-        let mut left = len as usize;
-        while left > 0 {
-            let n = left.min(zeroes.len());
-            h.update(&zeroes[..n]);
-            left -= n;
-        }
-        h.finalize().into()
-    };
-    if len == 64 << 10 {
-        *BLOCK_64K.get_or_init(|| compute(len))
-    } else {
-        compute(len)
-    }
 }

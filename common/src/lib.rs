@@ -5,7 +5,10 @@
 //! The replication wire protocol lives here ([`proto`]), so that the device
 //! daemon and the mirror server agree by construction.
 
+pub mod block;
+#[cfg(feature = "link")]
 pub mod client;
+pub mod clock;
 pub mod duration;
 pub mod fsutil;
 pub mod hex;
@@ -13,8 +16,10 @@ pub mod identity;
 pub mod proto;
 pub mod range;
 pub mod size;
+#[cfg(feature = "link")]
 pub mod tls;
 pub mod token;
+#[cfg(feature = "link")]
 pub mod wire;
 
 pub use duration::Span;

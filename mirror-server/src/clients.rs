@@ -23,7 +23,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -33,6 +33,7 @@ use ublk_mirror_common::identity::Fingerprint;
 use ublk_mirror_common::proto::check_name;
 
 use crate::error::{Error, Result};
+use ublk_mirror_common::clock::now_ms;
 
 /// Directory of the client files in the data directory.
 pub const CLIENTS_DIR: &str = "clients";
@@ -79,12 +80,6 @@ impl Client {
             "pending"
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The client files of a data directory.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ublk_mirror_common::identity::{Fingerprint, Identity};
 use ublk_mirror_common::proto::{Message, ProtoError, Writer, MAX_RESEND, MAX_STAGED_RANGES};
-use ublk_mirror_common::{tls, wire, ByteSize};
+use ublk_mirror_common::{block, tls, wire, ByteSize};
 
 use crate::admin::{self, ServerLock};
 use crate::clients::Registry;
@@ -26,8 +26,6 @@ use crate::error::{Error, Result};
 use crate::iscsi;
 use crate::snapshots::{Kind, SnapshotInfo};
 use crate::store::{Staging, Volume, VOLUMES_DIR};
-use sha2::Digest as _;
-use ublk_mirror_common::client::encode_hashed_block;
 
 /// QUIC close code: the client was revoked.
 const CLOSE_REVOKED: u32 = 1;
@@ -919,11 +917,8 @@ async fn serve_restore(
             )
             .await;
         }
-        let blocks: Vec<(u64, u32)> = (0..digests.len() as u64)
-            .map(|i| offset + i * u64::from(len))
-            .take_while(|&at| at < size)
-            .map(|at| (at, (size - at).min(u64::from(len)) as u32))
-            .collect();
+        let blocks: Vec<(u64, u32)> =
+            block::run_of(offset, u64::from(len), digests.len(), size).collect();
         // Read through the snapshot reader: publishing goes on meanwhile
         // (it preserves old chunks in the snapshot before it overwrites
         // them); hash and compress after.
@@ -944,18 +939,14 @@ async fn serve_restore(
         for (i, &(o, l)) in blocks.iter().enumerate() {
             let bytes = &data[at..at + l as usize];
             at += l as usize;
-            let mine: ublk_mirror_common::proto::Digest = if bytes.iter().all(|&b| b == 0) {
-                ublk_mirror_common::client::zero_digest(l)
-            } else {
-                sha2::Sha256::digest(bytes).into()
-            };
+            let mine = block::digest(bytes);
             if digests.get(i) == Some(&mine) {
                 same += 1;
                 continue;
             }
             // Hashed once: the digest compared is the one that travels.
             let (header, payload) =
-                tokio::task::block_in_place(|| encode_hashed_block(o, bytes, mine, 3));
+                tokio::task::block_in_place(|| block::encode_hashed(o, bytes, mine, 3));
             wire::send_with_data(send, &header, &payload).await?;
         }
         wire::send(send, &Message::HaveDone { same }).await?;

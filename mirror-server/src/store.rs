@@ -64,17 +64,16 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
-use ublk_mirror_common::fsutil;
 use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK, NOT_STAGED};
 use ublk_mirror_common::RangeSet;
+use ublk_mirror_common::{block, fsutil};
 
 use crate::error::{Error, Result};
 use crate::snapshots::{Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK};
+use ublk_mirror_common::clock::now_ms;
 
 /// Where the volumes live in the data directory: `volumes/CLIENT/VOLUME/`.
 pub const VOLUMES_DIR: &str = "volumes";
@@ -203,12 +202,6 @@ impl SnapshotReader {
     pub fn extent(&self, id: u64, offset: u64) -> Result<(bool, u64)> {
         self.snapshots().extent(id, &self.image, self.size, offset)
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -469,11 +462,7 @@ impl Volume {
             .map(|&(offset, len)| {
                 buf.resize(len as usize, 0);
                 self.read_at(&mut buf, offset)?;
-                Ok(if buf.iter().all(|&b| b == 0) {
-                    zero_digest(len)
-                } else {
-                    Sha256::digest(&buf).into()
-                })
+                Ok(block::digest(&buf))
             })
             .collect()
     }
@@ -946,8 +935,7 @@ impl Staging {
                 None => e.sha256 == zero_digest(e.len),
                 Some(at) => {
                     buf.resize(e.len as usize, 0);
-                    data.read_exact_at(&mut buf, at).is_ok()
-                        && Digest::from(Sha256::digest(&buf)) == e.sha256
+                    data.read_exact_at(&mut buf, at).is_ok() && block::digest(&buf) == e.sha256
                 }
             };
             if !inside || (verify && !intact()) {
@@ -1126,9 +1114,6 @@ impl Staging {
     ) -> Result<Option<Vec<u8>>> {
         // A block that cannot be right is the sender's bug, not the
         // link's: not asked for again.
-        if len == 0 || len > MAX_BLOCK {
-            return Err(Error::Invalid(format!("block length {len} out of range")));
-        }
         if offset
             .checked_add(u64::from(len))
             .is_none_or(|end| end > self.size)
@@ -1138,29 +1123,13 @@ impl Staging {
                 self.size
             )));
         }
-        let plain: Option<Vec<u8>> = match encoding {
-            Encoding::Zero => None,
-            Encoding::Raw => Some(bytes.to_vec()),
-            Encoding::Zstd => Some(
-                zstd::bulk::decompress(bytes, len as usize)
-                    .map_err(|e| Error::BadBlock(format!("zstd: {e}")))?,
-            ),
-        };
-        let actual: Digest = match &plain {
-            Some(p) if p.len() != len as usize => {
-                return Err(Error::BadBlock(format!(
-                    "block at {offset} decodes to {} bytes, not {len}",
-                    p.len()
-                )))
+        let plain = block::decode(len, sha256, encoding, bytes).map_err(|e| {
+            if e.is_damage() {
+                Error::BadBlock(format!("block at {offset}: {e}"))
+            } else {
+                Error::Invalid(e.to_string())
             }
-            Some(p) => Sha256::digest(p).into(),
-            None => zero_digest(len),
-        };
-        if actual != *sha256 {
-            return Err(Error::BadBlock(format!(
-                "block at {offset}: sha256 mismatch"
-            )));
-        }
+        })?;
         Ok(plain)
     }
 }
@@ -1284,7 +1253,7 @@ fn staging_epochs(dir: &Path) -> Result<Vec<(u64, bool)>> {
     Ok(epochs)
 }
 
-pub use ublk_mirror_common::client::zero_digest;
+pub use ublk_mirror_common::block::zero_digest;
 
 fn read_marker(path: &Path) -> Result<Marker> {
     let bytes =
@@ -1333,7 +1302,8 @@ mod tests {
     }
 
     fn digest(b: &[u8]) -> Digest {
-        Sha256::digest(b).into()
+        use sha2::Digest as _;
+        sha2::Sha256::digest(b).into()
     }
 
     /// A thread checking reads while the test changes the volume: at

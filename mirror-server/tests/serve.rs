@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
-use ublk_mirror_common::client::{encode_block, Link};
+use ublk_mirror_common::block::encode as encode_block;
+use ublk_mirror_common::client::Link;
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::{Encoding, Message, Writer};
 use ublk_mirror_common::token::Token;

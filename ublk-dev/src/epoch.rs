@@ -38,13 +38,8 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use ublk_mirror_common::clock::now_ms;
 use ublk_mirror_common::RangeSet;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Bytes per preserved chunk.
 pub const CHUNK: u64 = 4096;

@@ -6,7 +6,7 @@
 //!    or much is dirty) and the current epoch has changes;
 //! 2. seal it at a FLUSH ([`SealAt::Flush`]);
 //! 3. read it as the device at its cut, split into blocks of
-//!    [`BLOCK`] (aligned), hash, compress, send; the server publishes it
+//!    [`block::BLOCK`] (aligned), hash, compress, send; the server publishes it
 //!    as its next epoch;
 //! 4. release it: its regions are cleared in the journal.
 //!
@@ -18,11 +18,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
-use ublk_mirror_common::client::{zero_digest, Link, VolumeInfo};
+use ublk_mirror_common::block::{self, split};
+use ublk_mirror_common::client::{Link, VolumeInfo};
+use ublk_mirror_common::clock::now_ms;
 use ublk_mirror_common::fsutil;
 use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::identity::Identity;
@@ -71,20 +72,12 @@ fn differing(
     for (&(offset, len), their) in candidates.iter().zip(theirs) {
         buf.resize(len as usize, 0);
         tracker.read_epoch(epoch, offset, &mut buf)?;
-        let mine: [u8; 32] = if buf.iter().all(|&b| b == 0) {
-            zero_digest(len)
-        } else {
-            Sha256::digest(&buf).into()
-        };
-        if mine != *their {
+        if block::digest(&buf) != *their {
             out.push((offset, len));
         }
     }
     Ok(out)
 }
-
-/// Bytes per shipped block (hashed and compressed as one).
-pub const BLOCK: u64 = 64 << 10;
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -156,12 +149,6 @@ pub struct Replicator {
     stop: Arc<AtomicBool>,
     stopped: Arc<tokio::sync::Notify>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Replicator {
@@ -632,42 +619,5 @@ impl Association {
             }
             None => Ok(()),
         }
-    }
-}
-
-/// The blocks to ship for `ranges`: each range cut at [`BLOCK`] boundaries.
-pub fn split(ranges: &ublk_mirror_common::RangeSet, device_size: u64) -> Vec<(u64, u32)> {
-    let mut out = Vec::new();
-    for r in ranges.iter() {
-        let mut at = r.start;
-        let end = r.end.min(device_size);
-        while at < end {
-            let next = ((at / BLOCK) + 1) * BLOCK;
-            let stop = next.min(end);
-            out.push((at, (stop - at) as u32));
-            at = stop;
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_split_at_block_boundaries() {
-        let set: ublk_mirror_common::RangeSet =
-            [100..200, BLOCK - 10..BLOCK * 2 + 5].into_iter().collect();
-        assert_eq!(
-            split(&set, 1 << 30),
-            vec![
-                (100, 100),
-                (BLOCK - 10, 10),
-                (BLOCK, BLOCK as u32),
-                (2 * BLOCK, 5)
-            ]
-        );
-        assert_eq!(split(&set, 150), vec![(100, 50)]);
     }
 }

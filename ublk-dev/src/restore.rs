@@ -14,8 +14,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sha2::{Digest as _, Sha256};
-use ublk_mirror_common::client::{zero_digest, Link};
+use ublk_mirror_common::block::{self, BLOCK};
+use ublk_mirror_common::client::Link;
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::{Digest, Encoding, Message, MAX_HASH_BLOCKS};
 use ublk_mirror_common::{fsutil, wire};
@@ -23,8 +23,6 @@ use ublk_mirror_common::{fsutil, wire};
 use crate::enrollment::Enrollment;
 use crate::error::{Error, Result};
 
-/// Bytes per compared block.
-pub const BLOCK: u64 = 64 << 10;
 /// Blocks per batch ([`Message::Have`]).
 const BATCH: usize = 256;
 /// Batches asked for at once.
@@ -154,22 +152,15 @@ fn local_digests(
     size: u64,
 ) -> Result<Vec<Digest>> {
     let mut buf = vec![0u8; BLOCK as usize];
-    (0..n as u64)
-        .map(|i| offset + i * BLOCK)
-        .take_while(|&at| at < size)
-        .map(|at| {
-            let len = (size - at).min(BLOCK) as usize;
+    block::run(offset, n, size)
+        .map(|(at, len)| {
             if fresh {
-                return Ok(zero_digest(len as u32));
+                return Ok(block::zero_digest(len));
             }
-            file.read_exact_at(&mut buf[..len], at)
+            let bytes = &mut buf[..len as usize];
+            file.read_exact_at(bytes, at)
                 .map_err(|e| Error::io("reading the restore target", e))?;
-            let bytes = &buf[..len];
-            Ok(if bytes.iter().all(|&b| b == 0) {
-                zero_digest(len as u32)
-            } else {
-                Sha256::digest(bytes).into()
-            })
+            Ok(block::digest(bytes))
         })
         .collect()
 }
@@ -340,22 +331,8 @@ fn write_block(
     encoding: Encoding,
     payload: &[u8],
 ) -> Result<()> {
-    let bad = |why: String| Error::Mirror(format!("block at {offset}: {why}"));
-    let plain = match encoding {
-        Encoding::Zero => None,
-        Encoding::Raw => Some(payload.to_vec()),
-        Encoding::Zstd => Some(
-            zstd::bulk::decompress(payload, len as usize).map_err(|e| bad(format!("zstd: {e}")))?,
-        ),
-    };
-    let actual: Digest = match &plain {
-        Some(p) if p.len() != len as usize => return Err(bad("wrong length".into())),
-        Some(p) => Sha256::digest(p).into(),
-        None => zero_digest(len),
-    };
-    if actual != *sha256 {
-        return Err(bad("sha256 mismatch".into()));
-    }
+    let plain = block::decode(len, sha256, encoding, payload)
+        .map_err(|e| Error::Mirror(format!("block at {offset}: {e}")))?;
     match plain {
         Some(p) => file
             .write_all_at(&p, offset)

@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use ublk_mirror_common::RangeSet;
@@ -33,6 +33,7 @@ pub use crate::epoch::{ChangeKind, Changes, Sealed, CHUNK, DEFAULT_COW_MEMORY};
 use crate::epoch::{EpochError, Epochs};
 use crate::error::{Error, Result};
 use crate::journal::{self, Journal, OpenReport, State};
+use ublk_mirror_common::clock::now_ms;
 
 /// File name of the journal inside the state directory.
 pub const JOURNAL_FILE: &str = "journal";
@@ -207,12 +208,6 @@ pub struct Tracker {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Tracker {
