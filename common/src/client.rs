@@ -1,15 +1,22 @@
 //! The client side of a connection to `mirror-server`: enrollment, opening
-//! volumes, shipping epochs (over several streams at once, resuming what an
-//! interrupted attempt left on the server).
+//! volumes, and the async driver of [`EpochSender`] that ships epochs
+//! (over several data streams at once, resuming what an interrupted
+//! attempt left on the server). What to send, resume, vouch for and send
+//! again is decided by the state machine; this module only moves bytes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::block;
 use crate::identity::{Fingerprint, Identity};
 use crate::proto::{Digest, Message, Writer};
-use crate::{tls, wire, Error, RangeSet, Result};
+use crate::session::restore::{RestoreInfo, RestoreReader, RestoreStep};
+use crate::session::send::{DataSender, EpochSender, SendAction, SendEvent};
+use crate::session::{unexpected, Pacer};
+use crate::{tls, wire, Error, Result};
+
+pub use crate::session::Shipped;
 
 /// A volume as the server has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,70 +31,27 @@ pub struct VolumeInfo {
     pub writer: Option<Writer>,
 }
 
-/// Bytes on the wire for one epoch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Shipped {
-    /// Blocks sent (resent ones included).
-    pub blocks: u64,
-    /// Block bytes before encoding.
-    pub bytes: u64,
-    /// Block bytes on the wire (after zstd; zero blocks cost none).
-    pub wire_bytes: u64,
-    /// Bytes of blocks that travelled as holes (all zeroes).
-    pub zero_bytes: u64,
-    /// Bytes the server held already from an interrupted attempt.
-    pub resumed_bytes: u64,
-}
-
-impl Shipped {
-    fn add(&mut self, other: &Shipped) {
-        self.blocks += other.blocks;
-        self.bytes += other.bytes;
-        self.wire_bytes += other.wire_bytes;
-        self.zero_bytes += other.zero_bytes;
-        self.resumed_bytes += other.resumed_bytes;
-    }
-}
-
 /// A connection to the server.
 #[derive(Debug)]
 pub struct Link {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
-    pacer: Pacer,
+    pacer: SharedPacer,
 }
 
-/// Keeps block data under a bandwidth limit, across streams.
-#[derive(Debug, Clone)]
-struct Pacer {
-    /// Bytes per second block data may use, if limited.
-    rate: Option<u64>,
-    /// When the limit lets the next bytes go.
-    next_free: Arc<std::sync::Mutex<tokio::time::Instant>>,
-}
+/// The bandwidth limit, shared by the data streams.
+type SharedPacer = Arc<Mutex<Pacer>>;
 
-impl Pacer {
-    /// Wait until the limit lets `bytes` more go.
-    async fn pace(&self, bytes: u64) {
-        let Some(rate) = self.rate else { return };
-        let wait = {
-            let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
-            let now = tokio::time::Instant::now();
-            let start = (*next).max(now);
-            *next = start + std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
-            // Up to 100 ms of burst goes at once.
-            next.saturating_duration_since(now)
-                .saturating_sub(std::time::Duration::from_millis(100))
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+/// Wait until the limit lets `bytes` more go.
+async fn pace(pacer: &SharedPacer, bytes: u64) {
+    let wait = pacer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .delay(std::time::Instant::now(), bytes);
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
     }
 }
-
-/// Largest piece a staged range this client would not have sent is sent
-/// again in (aligned): the replicator's block size.
-pub const VOUCH_PIECE: u64 = 64 << 10;
 
 /// Data streams one epoch is sent over at once.
 pub const DATA_STREAMS: usize = 4;
@@ -162,7 +126,7 @@ where
 /// server refused, and what was shipped.
 async fn data_stream<R>(
     conn: quinn::Connection,
-    pacer: Pacer,
+    pacer: SharedPacer,
     volume: String,
     epoch: u64,
     work: Arc<Work>,
@@ -173,41 +137,26 @@ where
     R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
 {
     let (mut send, mut recv) = open_stream(&conn).await?;
+    let (mut stream, first) = DataSender::open(&volume, epoch);
     let sent = async {
-        wire::send(&mut send, &Message::EpochData { volume, epoch }).await?;
-        let mut shipped = Shipped::default();
+        wire::send(&mut send, &first).await?;
         let mut pending = encode_later(&read, work.take(), level);
         while let Some(job) = pending.take() {
             let (header, payload, len) = job
                 .await
                 .map_err(|e| Error::Link(format!("encoding a block: {e}")))??;
             pending = encode_later(&read, work.take(), level);
-            pacer.pace(payload.len() as u64).await;
+            pace(&pacer, payload.len() as u64).await;
             wire::send_with_data(&mut send, &header, &payload).await?;
-            shipped.blocks += 1;
-            shipped.bytes += u64::from(len);
-            shipped.wire_bytes += payload.len() as u64;
-            if payload.is_empty() {
-                shipped.zero_bytes += u64::from(len);
-            }
+            stream.sent(len, payload.len());
         }
-        wire::send(
-            &mut send,
-            &Message::EndData {
-                blocks: shipped.blocks,
-            },
-        )
-        .await?;
+        wire::send(&mut send, &stream.end()).await?;
         let _ = send.finish();
-        match wire::expect(&mut recv).await? {
-            Message::Resend { blocks } => Ok((blocks, shipped)),
-            Message::Refused { reason } => Err(Error::Refused(reason)),
-            other => Err(unexpected(&other)),
-        }
+        stream.answer(wire::expect(&mut recv).await?)
     }
     .await;
     match sent {
-        Err(Error::Link(e)) => Err(refusal_or(&mut recv, Error::Link(e)).await),
+        Err(e @ Error::Link(_)) => Err(refusal_or(&mut recv, e).await),
         other => other,
     }
 }
@@ -243,10 +192,7 @@ impl Link {
         Ok(Link {
             endpoint,
             conn,
-            pacer: Pacer {
-                rate: None,
-                next_free: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
-            },
+            pacer: Arc::new(Mutex::new(Pacer::new(None))),
         })
     }
 
@@ -270,7 +216,10 @@ impl Link {
 
     /// Limit block data to `bytes_per_second` (`None`: no limit).
     pub fn set_bandwidth(&mut self, bytes_per_second: Option<u64>) {
-        self.pacer.rate = bytes_per_second.filter(|&b| b > 0);
+        self.pacer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_rate(bytes_per_second);
     }
 
     /// Open a request stream, hellos exchanged: for tools and tests that
@@ -299,7 +248,7 @@ impl Link {
             .await?
         {
             Message::Enrolled { name } => Ok(name),
-            other => Err(unexpected(&other)),
+            other => Err(unexpected(&other, "as an answer")),
         }
     }
 
@@ -324,7 +273,7 @@ impl Link {
                 uuid,
                 writer,
             }),
-            other => Err(unexpected(&other)),
+            other => Err(unexpected(&other, "as an answer")),
         }
     }
 
@@ -343,7 +292,7 @@ impl Link {
                 epoch,
                 epoch_ms,
             } => Ok((name, epoch, epoch_ms)),
-            other => Err(unexpected(&other)),
+            other => Err(unexpected(&other, "as an answer")),
         }
     }
 
@@ -360,7 +309,7 @@ impl Link {
                 .await?
             {
                 Message::Hashes { digests } if digests.len() == batch.len() => out.extend(digests),
-                other => return Err(unexpected(&other)),
+                other => return Err(unexpected(&other, "as an answer")),
             }
         }
         Ok(out)
@@ -370,10 +319,12 @@ impl Link {
     /// epoch): each of `blocks` (`(offset, len)`) is read with `read`,
     /// hashed, compressed at zstd `level` when that pays, and sent over
     /// [`DATA_STREAMS`] streams at once (reading and encoding on blocking
-    /// threads, so that they run in parallel). Blocks the server holds
-    /// already from an interrupted attempt at the same epoch do not travel;
-    /// blocks it refuses are read and sent again. Returns once the server
-    /// has published the epoch.
+    /// threads, so that they run in parallel), as an [`EpochSender`]
+    /// decides: blocks the server holds already from an interrupted
+    /// attempt do not travel, a taken-over staging is vouched for, refused
+    /// blocks are read and sent again. Returns once the server has
+    /// published the epoch. `read` fails with a local error
+    /// ([`Error::Io`]) when the device cannot be read.
     #[allow(clippy::too_many_arguments)]
     pub async fn send_epoch<R>(
         &self,
@@ -388,202 +339,91 @@ impl Link {
         R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
     {
         let (mut send, mut recv) = self.stream().await?;
+        let mut sender = EpochSender::new(volume, epoch, writer, blocks.to_vec());
+        let read = Arc::new(read);
         let sent = self
-            .run_epoch(
+            .drive_epoch(
+                &mut sender,
                 &mut send,
                 &mut recv,
                 volume,
                 epoch,
-                writer,
-                blocks,
                 level,
-                Arc::new(read),
+                &read,
             )
             .await;
         match sent {
-            Err(Error::Link(e)) => Err(refusal_or(&mut recv, Error::Link(e)).await),
+            Err(e @ Error::Link(_)) => Err(refusal_or(&mut recv, e).await),
             other => other,
         }
     }
 
+    /// Do what `sender` says until it has published or failed.
     #[allow(clippy::too_many_arguments)]
-    async fn run_epoch<R>(
+    async fn drive_epoch<R>(
         &self,
+        sender: &mut EpochSender,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
         volume: &str,
         epoch: u64,
-        writer: Writer,
-        blocks: &[(u64, u32)],
         level: i32,
-        read: Arc<R>,
+        read: &Arc<R>,
     ) -> Result<Shipped>
     where
         R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
     {
-        wire::send(
-            send,
-            &Message::BeginEpoch {
-                volume: volume.to_string(),
-                epoch,
-                writer,
-            },
-        )
-        .await?;
-        // What the server holds already of this epoch.
-        let mut staged = RangeSet::new();
-        let mut adopted = false;
+        let mut next = Some(sender.start());
         loop {
-            match wire::expect(recv).await? {
-                Message::Staged {
-                    ranges,
-                    adopted: a,
-                    done,
-                } => {
-                    adopted |= a;
-                    for (offset, len) in ranges {
-                        staged.insert(offset..offset + len);
-                    }
-                    if done {
-                        break;
-                    }
+            let event = match next {
+                // Wait for the next control message.
+                None => SendEvent::Control(wire::expect(recv).await?),
+                Some(SendAction::Control(m)) => {
+                    wire::send(send, &m).await?;
+                    SendEvent::Control(wire::expect(recv).await?)
                 }
-                Message::Refused { reason } => return Err(Error::Refused(reason)),
-                other => return Err(unexpected(&other)),
-            }
-        }
-        let mut shipped = Shipped::default();
-        let todo = if adopted {
-            self.vouch(volume, epoch, blocks, &staged, &read, &mut shipped)
-                .await?
-        } else {
-            let mut todo: Vec<(u64, u32)> = Vec::with_capacity(blocks.len());
-            for &(offset, len) in blocks {
-                if staged.contains_range(offset..offset + u64::from(len)) {
-                    shipped.resumed_bytes += u64::from(len);
-                } else {
-                    todo.push((offset, len));
+                Some(SendAction::Compare(batch)) => {
+                    let theirs = self.staged_hashes(volume, epoch, &batch).await?;
+                    let mine = local_digests(read, batch).await?;
+                    SendEvent::Compared { theirs, mine }
                 }
-            }
-            todo
-        };
-        if shipped.resumed_bytes > 0 {
-            tracing::info!(
-                epoch,
-                bytes = shipped.resumed_bytes,
-                adopted,
-                "resuming: the server holds part of this epoch already"
-            );
-        }
-        let mut todo = todo;
-        for _attempt in 0..3 {
-            if todo.is_empty() {
-                break;
-            }
-            let refused = self
-                .send_data(volume, epoch, todo, level, read.clone(), &mut shipped)
-                .await?;
-            if !refused.is_empty() {
-                tracing::warn!(
-                    blocks = refused.len(),
-                    "the server refused blocks; sending them again"
-                );
-            }
-            todo = refused;
-        }
-        if !todo.is_empty() {
-            return Err(Error::Link(format!(
-                "epoch {epoch}: blocks kept failing their checks on the server"
-            )));
-        }
-        wire::send(send, &Message::EndEpoch).await?;
-        match wire::expect(recv).await? {
-            Message::Committed { epoch: e } if e == epoch => {
-                let _ = send.finish();
-                Ok(shipped)
-            }
-            Message::Refused { reason } => Err(Error::Refused(reason)),
-            other => Err(unexpected(&other)),
+                Some(SendAction::Round(blocks)) => {
+                    let (refused, shipped) = self
+                        .send_data(volume, epoch, blocks, level, read.clone())
+                        .await?;
+                    SendEvent::RoundDone { refused, shipped }
+                }
+                Some(SendAction::Published(shipped)) => {
+                    let _ = send.finish();
+                    return Ok(shipped);
+                }
+            };
+            next = sender.handle(event)?;
         }
     }
 
-    /// The blocks to send when the server took over a staging left by an
-    /// earlier epoch of this device: it publishes every staged block unless
-    /// sent again, so each must match this epoch. Blocks of `blocks` wholly
-    /// staged are compared by digest (read and hashed here) and skipped
-    /// when equal; staged bytes outside `blocks` are sent too (read at this
-    /// epoch, in aligned pieces of at most [`VOUCH_PIECE`]).
-    async fn vouch<R>(
+    /// The server's digests of blocks of the epoch being staged.
+    async fn staged_hashes(
         &self,
         volume: &str,
         epoch: u64,
-        blocks: &[(u64, u32)],
-        staged: &RangeSet,
-        read: &Arc<R>,
-        shipped: &mut Shipped,
-    ) -> Result<Vec<(u64, u32)>>
-    where
-        R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
-    {
-        let mut todo = Vec::with_capacity(blocks.len());
-        let mut check = Vec::new();
-        let mut covered = RangeSet::new();
-        for &(offset, len) in blocks {
-            let range = offset..offset + u64::from(len);
-            covered.insert(range.clone());
-            if staged.contains_range(range) {
-                check.push((offset, len));
-            } else {
-                todo.push((offset, len));
-            }
-        }
-        // Staged, and not ours to send: sent again as this epoch has it.
-        let mut extra = staged.clone();
-        extra.subtract(&covered);
-        for r in extra.iter() {
-            let mut at = r.start;
-            while at < r.end {
-                let end = ((at / VOUCH_PIECE + 1) * VOUCH_PIECE).min(r.end);
-                todo.push((at, (end - at) as u32));
-                at = end;
-            }
-        }
-        for batch in check.chunks(crate::proto::MAX_HASH_BLOCKS) {
-            let theirs = match self
-                .ask(Message::StagedHashes {
-                    volume: volume.to_string(),
-                    epoch,
-                    blocks: batch.to_vec(),
-                })
-                .await?
-            {
-                Message::Hashes { digests } if digests.len() == batch.len() => digests,
-                other => return Err(unexpected(&other)),
-            };
-            let read = read.clone();
-            let batch_owned = batch.to_vec();
-            let mine = tokio::task::spawn_blocking(move || -> Result<Vec<Digest>> {
-                batch_owned
-                    .iter()
-                    .map(|&(offset, len)| Ok(block::digest(&read(offset, len)?)))
-                    .collect()
+        batch: &[(u64, u32)],
+    ) -> Result<Vec<Digest>> {
+        match self
+            .ask(Message::StagedHashes {
+                volume: volume.to_string(),
+                epoch,
+                blocks: batch.to_vec(),
             })
-            .await
-            .map_err(|e| Error::Link(format!("hashing blocks: {e}")))??;
-            for ((&(offset, len), m), t) in batch.iter().zip(&mine).zip(&theirs) {
-                if m == t {
-                    shipped.resumed_bytes += u64::from(len);
-                } else {
-                    todo.push((offset, len));
-                }
-            }
+            .await?
+        {
+            Message::Hashes { digests } => Ok(digests),
+            other => Err(unexpected(&other, "answering StagedHashes")),
         }
-        todo.sort_unstable();
-        Ok(todo)
     }
 
     /// Send `blocks` over up to [`DATA_STREAMS`] data streams; returns the
-    /// blocks the server refused.
+    /// blocks the server refused, and what went.
     async fn send_data<R>(
         &self,
         volume: &str,
@@ -591,8 +431,7 @@ impl Link {
         blocks: Vec<(u64, u32)>,
         level: i32,
         read: Arc<R>,
-        shipped: &mut Shipped,
-    ) -> Result<Vec<(u64, u32)>>
+    ) -> Result<(Vec<(u64, u32)>, Shipped)>
     where
         R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
     {
@@ -614,6 +453,7 @@ impl Link {
             ));
         }
         let mut refused = Vec::new();
+        let mut shipped = Shipped::default();
         let mut failure = None;
         while let Some(done) = tasks.join_next().await {
             match done {
@@ -633,8 +473,22 @@ impl Link {
         }
         match failure {
             Some(e) => Err(e),
-            None => Ok(refused),
+            None => Ok((refused, shipped)),
         }
+    }
+
+    /// Start restoring `volume` as of `at` (a snapshot's name or a time;
+    /// `None`: now): the server pins that version while the returned
+    /// [`Restoring`] lives.
+    pub async fn restore(&self, volume: &str, at: Option<&str>) -> Result<Restoring> {
+        let (mut send, mut recv) = self.stream().await?;
+        wire::send(&mut send, &RestoreReader::request(volume, at)).await?;
+        let reader = RestoreReader::new(wire::expect(&mut recv).await?)?;
+        Ok(Restoring {
+            send: Some(send),
+            recv,
+            reader,
+        })
     }
 
     /// Resolves when the connection ends, with why.
@@ -657,10 +511,76 @@ impl Link {
     }
 }
 
-fn unexpected(m: &Message) -> Error {
-    let name = format!("{m:?}");
-    Error::Link(format!(
-        "unexpected answer from the server: {}",
-        name.split([' ', '{', '(']).next().unwrap_or("?")
-    ))
+/// This epoch's digests of `batch`, read and hashed on a blocking thread.
+async fn local_digests<R>(read: &Arc<R>, batch: Vec<(u64, u32)>) -> Result<Vec<Digest>>
+where
+    R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+{
+    let read = read.clone();
+    tokio::task::spawn_blocking(move || {
+        batch
+            .iter()
+            .map(|&(offset, len)| Ok(block::digest(&read(offset, len)?)))
+            .collect()
+    })
+    .await
+    .map_err(|e| Error::Link(format!("hashing blocks: {e}")))?
+}
+
+/// A restore in progress: the driver of a [`RestoreReader`] over its
+/// stream. Ask with [`Restoring::next_batch`] and [`Restoring::have`],
+/// take with [`Restoring::next`] until [`Restoring::is_done`].
+#[derive(Debug)]
+pub struct Restoring {
+    send: Option<quinn::SendStream>,
+    recv: quinn::RecvStream,
+    reader: RestoreReader,
+}
+
+impl Restoring {
+    /// What is being restored.
+    pub fn info(&self) -> &RestoreInfo {
+        self.reader.info()
+    }
+
+    /// The next batch of blocks to compare, when the window allows one.
+    pub fn next_batch(&mut self) -> Option<Vec<(u64, u32)>> {
+        self.reader.next_batch()
+    }
+
+    /// Send the target's digests of `batch`.
+    pub async fn have(&mut self, batch: &[(u64, u32)], digests: Vec<Digest>) -> Result<()> {
+        let send = self
+            .send
+            .as_mut()
+            .ok_or_else(|| Error::Link("the restore's stream is finished".into()))?;
+        wire::send(send, &RestoreReader::have(batch, digests)).await
+    }
+
+    /// Whether every batch was answered (the stream is then finished).
+    pub fn is_done(&mut self) -> bool {
+        let done = self.reader.is_done();
+        if done {
+            if let Some(mut send) = self.send.take() {
+                let _ = send.finish();
+            }
+        }
+        done
+    }
+
+    /// The next block to write (its data read and checked for place, not
+    /// yet for content: [`crate::session::restore::BlockToWrite::decode`]),
+    /// or the progress after a batch.
+    pub async fn next(&mut self) -> Result<RestoreStep> {
+        match self
+            .reader
+            .on_message(wire::expect(&mut self.recv).await?)?
+        {
+            RestoreStep::ReadData(len) => {
+                let data = wire::recv_data(&mut self.recv, len).await?;
+                self.reader.on_data(data)
+            }
+            step => Ok(step),
+        }
+    }
 }

@@ -15,6 +15,7 @@ pub mod hex;
 pub mod identity;
 pub mod proto;
 pub mod range;
+pub mod session;
 pub mod size;
 #[cfg(feature = "link")]
 pub mod tls;
@@ -46,9 +47,13 @@ pub enum Error {
     /// The connection or a stream failed.
     #[error("{0}")]
     Link(String),
-    /// The peer sent something the protocol does not allow.
+    /// The peer sent frames that are not the protocol.
     #[error(transparent)]
     Proto(#[from] proto::ProtoError),
+    /// The peer sent a valid frame where the protocol allows another, or
+    /// contents that cannot be right.
+    #[error("the peer broke the protocol: {0}")]
+    Peer(String),
     /// The peer refused the request.
     #[error("the server refused: {0}")]
     Refused(String),
@@ -71,7 +76,34 @@ pub enum Error {
     },
 }
 
+/// What kind of failure an [`Error`] is: what code deciding between
+/// retrying and stopping (and the exit code) looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad input from a user (a size, a duration).
+    Invalid,
+    /// Something on this machine: a file, a key, TLS set-up.
+    Local,
+    /// The connection or a stream failed: worth trying again.
+    Link,
+    /// The peer broke the protocol.
+    Peer,
+    /// The peer refused the request, saying why.
+    Refused,
+}
+
 impl Error {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidSize { .. } | Error::InvalidDuration { .. } => ErrorKind::Invalid,
+            Error::Identity(_) | Error::Tls(_) | Error::Io { .. } => ErrorKind::Local,
+            Error::Link(_) => ErrorKind::Link,
+            Error::Proto(_) | Error::Peer(_) => ErrorKind::Peer,
+            Error::Refused(_) => ErrorKind::Refused,
+        }
+    }
+
     /// Wrap an I/O error with what we were doing.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {

@@ -6,7 +6,10 @@
 //! The daemon listens on `/run/ublk-mirror/NNNN.sock` (mode 0600: root
 //! only). One request per connection: the client writes one JSON line; the
 //! daemon answers with one JSON line, `{"ok": ...}` or
-//! `{"error": {"message": "...", "kind": "usage"|"device"|"system"}}`.
+//! `{"error": {"message": "...", "kind": "usage"|"device"|"system"|"link"|"refused"|"peer"}}`
+//! (the last three: the mirror server could not be reached, refused, or
+//! broke the protocol; a client that does not know a kind takes it as
+//! "system").
 //!
 //! ```text
 //! {"version":1,"op":"seal","at_flush":true,"timeout_ms":2000}  -> {"ok":{"epoch":N}}
@@ -260,6 +263,9 @@ fn kind_name(e: &Error) -> &'static str {
         ErrorKind::Usage => "usage",
         ErrorKind::Device => "device",
         ErrorKind::Environment | ErrorKind::System => "system",
+        ErrorKind::Link => "link",
+        ErrorKind::Refused => "refused",
+        ErrorKind::Peer => "peer",
     }
 }
 
@@ -588,6 +594,9 @@ fn remote_error(e: WireError) -> Error {
     let kind = match e.kind.as_str() {
         "usage" => ErrorKind::Usage,
         "device" => ErrorKind::Device,
+        "link" => ErrorKind::Link,
+        "refused" => ErrorKind::Refused,
+        "peer" => ErrorKind::Peer,
         _ => ErrorKind::System,
     };
     Error::Daemon {

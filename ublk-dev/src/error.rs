@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use ublk_mirror_common::ErrorKind as MirrorKind;
+
 /// What went wrong, with the context a user needs to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -107,9 +109,10 @@ pub enum Error {
         kind: ErrorKind,
     },
 
-    /// The mirror server refused a request or could not be reached.
+    /// Talking to the mirror server failed: the link, a refusal, or a
+    /// server that broke the protocol (its kind says which).
     #[error("mirror server: {0}")]
-    Mirror(String),
+    Mirror(ublk_mirror_common::Error),
 
     /// An operating-system call failed. (The error is part of the message,
     /// not a `source`: printed as a chain it would show twice.)
@@ -133,6 +136,28 @@ pub enum ErrorKind {
     Device,
     /// The system failed underneath us.
     System,
+    /// The mirror server could not be reached, or the link failed: try
+    /// again later.
+    Link,
+    /// The mirror server refused, saying why.
+    Refused,
+    /// The mirror server broke the protocol (a bug or another program).
+    Peer,
+}
+
+impl ErrorKind {
+    /// The process exit status for this kind (documented in `--help`).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::System => 1,
+            ErrorKind::Usage => 2,
+            ErrorKind::Environment => 3,
+            ErrorKind::Device => 4,
+            ErrorKind::Link => 5,
+            ErrorKind::Refused => 6,
+            ErrorKind::Peer => 7,
+        }
+    }
 }
 
 impl Error {
@@ -147,8 +172,14 @@ impl Error {
             | Error::NoDriver { .. }
             | Error::NotRoot(_)
             | Error::JournalCorrupt { .. }
-            | Error::BackingInUse { .. }
-            | Error::Mirror(_) => ErrorKind::Environment,
+            | Error::BackingInUse { .. } => ErrorKind::Environment,
+            Error::Mirror(e) => match e.kind() {
+                MirrorKind::Link => ErrorKind::Link,
+                MirrorKind::Refused => ErrorKind::Refused,
+                MirrorKind::Peer => ErrorKind::Peer,
+                MirrorKind::Invalid => ErrorKind::Usage,
+                MirrorKind::Local => ErrorKind::System,
+            },
             Error::NoSuchDevice(_) | Error::DeviceState { .. } | Error::Epoch(_) => {
                 ErrorKind::Device
             }
@@ -172,6 +203,32 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirror_failures_keep_their_kind_to_the_exit_code() {
+        use ublk_mirror_common::Error as M;
+        let kinds: Vec<(ErrorKind, u8)> = [
+            M::Link("timed out".into()),
+            M::Refused("quota".into()),
+            M::Peer("stray frame".into()),
+            M::io("reading", std::io::Error::other("x")),
+        ]
+        .into_iter()
+        .map(|e| {
+            let k = Error::Mirror(e).kind();
+            (k, k.exit_code())
+        })
+        .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (ErrorKind::Link, 5),
+                (ErrorKind::Refused, 6),
+                (ErrorKind::Peer, 7),
+                (ErrorKind::System, 1)
+            ]
+        );
+    }
 
     #[test]
     fn an_io_error_is_told_once() {

@@ -29,6 +29,12 @@ use ublk_mirror_common::{fsutil, ByteSize, Span};
 /// device stays and applications wait until `ublk-mirror recover ID`.
 ///
 /// Needs root and the kernel's ublk driver (`modprobe ublk_drv`, Linux 6.0+).
+///
+/// Exit status: 0 done; 1 the system failed; 2 bad usage (nothing changed);
+/// 3 the environment is not as needed (driver, files, root); 4 a device is
+/// missing, busy or in the wrong state; 5 the mirror server could not be
+/// reached or the link failed (try again); 6 the mirror server refused; 7
+/// the mirror server broke the protocol.
 #[derive(Debug, Parser)]
 #[command(name = "ublk-mirror", version, propagate_version = true)]
 struct Cli {
@@ -357,12 +363,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("ublk-mirror: error: {e:#}");
             let kind = e.downcast_ref::<Error>().map(Error::kind);
-            ExitCode::from(match kind {
-                Some(ErrorKind::Usage) => 2,
-                Some(ErrorKind::Environment) => 3,
-                Some(ErrorKind::Device) => 4,
-                Some(ErrorKind::System) | None => 1,
-            })
+            ExitCode::from(kind.map_or(1, ErrorKind::exit_code))
         }
     }
 }

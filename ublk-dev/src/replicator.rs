@@ -30,7 +30,8 @@ use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Writer;
 
 use crate::enrollment::Enrollment;
-use crate::error::{Error, Result};
+use crate::epoch::Sealed;
+use crate::error::{Error, ErrorKind, Result};
 use crate::tracking::{SealAt, Tracker};
 
 /// Take a snapshot of `volume`'s published epoch on the server this
@@ -56,7 +57,7 @@ pub fn take_snapshot(
         link.close().await;
         taken
     })
-    .map_err(|e| Error::Mirror(e.to_string()))
+    .map_err(Error::Mirror)
 }
 
 /// The blocks of `candidates` whose content at `epoch` differs from the
@@ -288,26 +289,28 @@ impl Context {
     }
 
     async fn run(self) {
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = Backoff::default();
         while !self.stopping() {
             self.set(|s| s.link = "connecting".into());
             let mut connected = false;
-            match self.session(&mut connected).await {
-                Ok(()) => return,
-                Err(e) => {
-                    if connected {
-                        backoff = Duration::from_secs(1);
-                    }
-                    tracing::warn!(server = %self.address, "mirror link down: {e}; retrying in {backoff:?}");
-                    self.set(|s| {
-                        s.link = "disconnected".into();
-                        s.last_error = Some(e.to_string());
-                    });
-                    if !self.pause(backoff).await {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+            let Err(e) = self.session(&mut connected).await else {
+                return;
+            };
+            let wait = backoff.after(e.kind(), connected);
+            match e.kind() {
+                ErrorKind::Link => {
+                    tracing::warn!(server = %self.address, "mirror link down: {e}; retrying in {wait:?}")
                 }
+                _ => {
+                    tracing::error!(server = %self.address, "mirroring stopped: {e}; trying again in {wait:?}")
+                }
+            }
+            self.set(|s| {
+                s.link = "disconnected".into();
+                s.last_error = Some(e.to_string());
+            });
+            if !self.pause(wait).await {
+                return;
             }
         }
     }
@@ -315,58 +318,40 @@ impl Context {
     /// Check that the volume holds this device's past; if it cannot be
     /// trusted to (a new volume, another server, an image older than what
     /// it confirmed), the whole device is shipped again.
-    async fn associate(
-        &self,
-        info: &VolumeInfo,
-    ) -> std::result::Result<(), ublk_mirror_common::Error> {
-        let link_err = |e: Error| ublk_mirror_common::Error::Link(e.to_string());
-        if let Some(w) = info.writer.filter(|w| w.device != self.device) {
-            return Err(ublk_mirror_common::Error::Refused(format!(
-                "volume {} is mirrored by another device ({}); mirror this one to another volume",
-                self.settings.volume,
-                hex_encode(&w.device)
-            )));
-        }
+    async fn associate(&self, info: &VolumeInfo) -> Result<()> {
         let dir = self.tracker.state_dir().to_path_buf();
-        let known = Association::load(&dir);
-        let trusted = known.as_ref().is_some_and(|a| {
-            a.server == hex_encode(&self.server.0)
-                && a.volume == self.settings.volume
-                && a.uuid == hex_encode(&info.uuid)
-                && info.published_epoch >= a.confirmed_epoch
-        });
-        if !trusted {
-            tracing::warn!(
-                volume = %self.settings.volume,
-                "the mirror does not hold this device's past (new volume, other server, or an older image): shipping the whole device (zero blocks as holes)"
-            );
-            let tracker = self.tracker.clone();
-            tokio::task::spawn_blocking(move || tracker.resync_all())
-                .await
-                .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
-                .map_err(link_err)?;
-            Association {
-                format: 1,
-                server: hex_encode(&self.server.0),
-                volume: self.settings.volume.clone(),
-                uuid: hex_encode(&info.uuid),
-                confirmed_epoch: info.published_epoch,
+        let here = Association {
+            format: 1,
+            server: hex_encode(&self.server.0),
+            volume: self.settings.volume.clone(),
+            uuid: hex_encode(&info.uuid),
+            confirmed_epoch: info.published_epoch,
+        };
+        match trust(&here, info, self.device, Association::load(&dir).as_ref())? {
+            Trust::Trusted => Ok(()),
+            Trust::ShipAll => {
+                tracing::warn!(
+                    volume = %self.settings.volume,
+                    "the mirror does not hold this device's past (new volume, other server, or an older image): shipping the whole device (zero blocks as holes)"
+                );
+                let tracker = self.tracker.clone();
+                blocking(move || tracker.resync_all()).await?;
+                here.save(&dir)
             }
-            .save(&dir)
-            .map_err(link_err)?;
         }
-        Ok(())
     }
 
     /// One connection's life: ship epochs until stopped or the link fails.
-    async fn session(
-        &self,
-        connected: &mut bool,
-    ) -> std::result::Result<(), ublk_mirror_common::Error> {
-        let mut link = Link::connect(&self.identity, self.server, &self.address).await?;
+    async fn session(&self, connected: &mut bool) -> Result<()> {
+        let mut link = Link::connect(&self.identity, self.server, &self.address)
+            .await
+            .map_err(Error::Mirror)?;
         link.set_bandwidth(self.settings.bandwidth);
         let size = self.tracker.device_size();
-        let mut info = link.open_volume(&self.settings.volume, size).await?;
+        let mut info = link
+            .open_volume(&self.settings.volume, size)
+            .await
+            .map_err(Error::Mirror)?;
         *connected = true;
         self.associate(&info).await?;
         tracing::info!(
@@ -391,36 +376,29 @@ impl Context {
             let epoch = match self.tracker.oldest_sealed() {
                 Some(e) => e,
                 None => {
-                    let due = forced
-                        || last_cut.elapsed() >= self.settings.interval
-                        || self.tracker.status().dirty_bytes >= DIRTY_TRIGGER;
-                    if !(due && self.tracker.has_changes()) {
-                        forced = false;
-                        let wait = self
-                            .settings
-                            .interval
-                            .saturating_sub(last_cut.elapsed())
-                            .max(Duration::from_millis(200));
-                        tokio::select! {
-                            () = tokio::time::sleep(wait) => {}
-                            () = self.kick.notified() => forced = true,
-                            e = link.closed() => return Err(e),
-                        }
-                        continue;
-                    }
-                    // A `sync` waits for the cut: look for a FLUSH only briefly.
-                    let flush_wait = if forced {
-                        FORCED_FLUSH_WAIT
-                    } else {
-                        FLUSH_WAIT
-                    };
+                    let cut = Cut::decide(
+                        Instant::now(),
+                        last_cut,
+                        self.settings.interval,
+                        self.tracker.status().dirty_bytes,
+                        self.tracker.has_changes(),
+                        forced,
+                    );
                     forced = false;
+                    let flush_wait = match cut {
+                        Cut::Wait(wait) => {
+                            tokio::select! {
+                                () = tokio::time::sleep(wait) => {}
+                                () = self.kick.notified() => forced = true,
+                                e = link.closed() => return Err(Error::Mirror(e)),
+                            }
+                            continue;
+                        }
+                        Cut::Seal { flush_wait } => flush_wait,
+                    };
                     last_cut = Instant::now();
                     let tracker = self.tracker.clone();
-                    tokio::task::spawn_blocking(move || tracker.seal(SealAt::Flush(flush_wait)))
-                        .await
-                        .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
-                        .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
+                    blocking(move || tracker.seal(SealAt::Flush(flush_wait))).await?
                 }
             };
             // A stop abandons the transfer (the epoch stays sealed and its
@@ -437,63 +415,37 @@ impl Context {
 
     /// Ship sealed epoch `epoch` (or release it, if the server has it),
     /// then release it.
-    async fn ship(
-        &self,
-        link: &Link,
-        info: &mut VolumeInfo,
-        epoch: u64,
-        size: u64,
-    ) -> std::result::Result<(), ublk_mirror_common::Error> {
-        // Published before the link broke (the server says whose
-        // epoch its image holds): release, do not resend.
+    async fn ship(&self, link: &Link, info: &mut VolumeInfo, epoch: u64, size: u64) -> Result<()> {
         let me = Writer {
             device: self.device,
             epoch,
         };
-        if info.writer == Some(me) {
-            self.release(epoch)?;
-            return Ok(());
-        }
-        let sealed = self
-            .tracker
-            .epoch(epoch)
-            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
-        if sealed.broken.is_some() {
-            // Its changes move into the current epoch as resync ranges.
-            self.release(epoch)?;
-            return Ok(());
-        }
-        // Known changes travel; ranges of unknown change (after a
-        // crash, or a mirror that lost the device's past) travel only
-        // where the server's image differs.
-        let mut known = sealed.changes.data.clone();
-        known.union_with(&sealed.changes.zeroed);
-        let mut unknown = sealed.changes.resync.clone();
-        unknown.subtract(&known);
-        let mut blocks = split(&known, size);
-        let candidates = split(&unknown, size);
-        // A volume nobody ever wrote is all zeroes: its candidates all
-        // travel, zero ones as holes (a header each, no data), so the
-        // device is read once, in parallel with sending.
-        let fresh = info.published_epoch == 0 && info.writer.is_none();
-        if fresh {
-            blocks.extend_from_slice(&candidates);
-            blocks.sort_unstable();
-        } else if !candidates.is_empty() {
-            let theirs = link.hashes(&self.settings.volume, &candidates).await?;
+        let sealed = self.tracker.epoch(epoch)?;
+        let (mut blocks, candidates, unknown, fresh) = match plan(info, me, &sealed, size) {
+            // Published before the link broke (the server says whose
+            // epoch its image holds), or no longer readable as its cut
+            // (its changes move into the current epoch as resync ranges).
+            Plan::AlreadyPublished | Plan::Broken => return self.release(epoch),
+            Plan::Ship {
+                blocks,
+                candidates,
+                unknown,
+                fresh,
+            } => (blocks, candidates, unknown, fresh),
+        };
+        if !candidates.is_empty() {
+            let theirs = link
+                .hashes(&self.settings.volume, &candidates)
+                .await
+                .map_err(Error::Mirror)?;
             let tracker = self.tracker.clone();
-            let differ = tokio::task::spawn_blocking(move || {
-                differing(&tracker, epoch, &candidates, &theirs)
-            })
-            .await
-            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?
-            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
-            let same = unknown.len() - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
+            let differ = blocking(move || differing(&tracker, epoch, &candidates, &theirs)).await?;
+            let same = unknown - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
             blocks.extend(differ);
             blocks.sort_unstable();
             tracing::info!(
                 epoch,
-                compared = unknown.len(),
+                compared = unknown,
                 same,
                 "resync: only blocks that differ from the mirror travel"
             );
@@ -502,6 +454,8 @@ impl Context {
         let remote = info.published_epoch + 1;
         let started = Instant::now();
         let tracker = self.tracker.clone();
+        // On failure the server may have published it all the same: the
+        // next session sees it as the image's writer.
         let shipped = link
             .send_epoch(
                 &self.settings.volume,
@@ -511,16 +465,17 @@ impl Context {
                 self.settings.zstd_level,
                 move |offset, len| {
                     let mut buf = vec![0u8; len as usize];
-                    tracker
-                        .read_epoch(epoch, offset, &mut buf)
-                        .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+                    tracker.read_epoch(epoch, offset, &mut buf).map_err(|e| {
+                        ublk_mirror_common::Error::io(
+                            format!("reading epoch {epoch} at {offset}"),
+                            std::io::Error::other(e.to_string()),
+                        )
+                    })?;
                     Ok(buf)
                 },
             )
-            .await;
-        // On failure the server may have published it all the same:
-        // the next session sees it as the image's writer.
-        let shipped = shipped?;
+            .await
+            .map_err(Error::Mirror)?;
         if fresh {
             // Zero blocks of a fresh volume are what a resync by hash
             // would have found the same.
@@ -528,8 +483,7 @@ impl Context {
         }
         info.published_epoch = remote;
         info.writer = Some(me);
-        Association::confirm(self.tracker.state_dir(), remote)
-            .map_err(|e| ublk_mirror_common::Error::Link(e.to_string()))?;
+        Association::confirm(self.tracker.state_dir(), remote)?;
         self.release(epoch)?;
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         self.set(|s| {
@@ -551,11 +505,184 @@ impl Context {
         Ok(())
     }
 
-    fn release(&self, epoch: u64) -> std::result::Result<(), ublk_mirror_common::Error> {
-        self.tracker
-            .release(epoch)
-            .map(drop)
-            .map_err(|e| ublk_mirror_common::Error::Link(format!("releasing epoch {epoch}: {e}")))
+    fn release(&self, epoch: u64) -> Result<()> {
+        self.tracker.release(epoch).map(drop)
+    }
+}
+
+/// Run `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io("a replicator worker", std::io::Error::other(e.to_string())))?
+}
+
+// The replicator's decisions, as plain functions over state (time is a
+// value), so that each can be tested on its own.
+
+/// Whether to cut now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Not yet: wait this long (or for a kick).
+    Wait(Duration),
+    /// Seal now, at a FLUSH if one comes within `flush_wait`.
+    Seal {
+        /// How long to look for a FLUSH.
+        flush_wait: Duration,
+    },
+}
+
+impl Cut {
+    /// At `now`, with the last cut at `last_cut`: cut when there are
+    /// changes and the interval passed, much is dirty, or a `sync` asked
+    /// (`forced`: then a FLUSH is looked for only briefly, since the user
+    /// waits for the cut).
+    fn decide(
+        now: Instant,
+        last_cut: Instant,
+        interval: Duration,
+        dirty_bytes: u64,
+        has_changes: bool,
+        forced: bool,
+    ) -> Cut {
+        let since = now.saturating_duration_since(last_cut);
+        let due = forced || since >= interval || dirty_bytes >= DIRTY_TRIGGER;
+        if due && has_changes {
+            let flush_wait = if forced {
+                FORCED_FLUSH_WAIT
+            } else {
+                FLUSH_WAIT
+            };
+            return Cut::Seal { flush_wait };
+        }
+        Cut::Wait(interval.saturating_sub(since).max(MIN_WAIT))
+    }
+}
+
+/// Shortest wait between looks at the tracker.
+const MIN_WAIT: Duration = Duration::from_millis(200);
+
+/// Reconnection delays: doubling from 1 s up to [`MAX_BACKOFF`], back to
+/// 1 s once a link came up, after a lost link or a refusal (an admin may
+/// lift it at any moment); a server that broke the protocol, or a local
+/// failure (the journal, the backing file), waits the longest at once:
+/// trying again soon will not help.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            next: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Backoff {
+    /// How long to wait after a failure of `kind`; `connected`: the link
+    /// had come up before it failed.
+    fn after(&mut self, kind: ErrorKind, connected: bool) -> Duration {
+        if connected {
+            self.next = Duration::from_secs(1);
+        }
+        let wait = match kind {
+            ErrorKind::Link | ErrorKind::Refused => self.next,
+            _ => MAX_BACKOFF,
+        };
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        wait
+    }
+}
+
+/// Whether the mirror holds this device's past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// Yes: ship the sealed epochs as they are.
+    Trusted,
+    /// No (a new volume, another server, an image older than what it
+    /// confirmed): ship the whole device, by hash.
+    ShipAll,
+}
+
+/// Whether the volume described by `info` (as `here` names it) holds the
+/// past of device `device`, given what it last confirmed (`known`); a
+/// volume another device writes is refused.
+fn trust(
+    here: &Association,
+    info: &VolumeInfo,
+    device: [u8; 16],
+    known: Option<&Association>,
+) -> Result<Trust> {
+    if let Some(w) = info.writer.filter(|w| w.device != device) {
+        return Err(Error::Mirror(ublk_mirror_common::Error::Refused(format!(
+            "volume {} is mirrored by another device ({}); mirror this one to another volume",
+            here.volume,
+            hex_encode(&w.device)
+        ))));
+    }
+    let trusted = known.is_some_and(|a| {
+        a.server == here.server
+            && a.volume == here.volume
+            && a.uuid == here.uuid
+            && info.published_epoch >= a.confirmed_epoch
+    });
+    Ok(if trusted {
+        Trust::Trusted
+    } else {
+        Trust::ShipAll
+    })
+}
+
+/// What to do with a sealed epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Plan {
+    /// The server's image is this epoch already: release it.
+    AlreadyPublished,
+    /// It cannot be read as its cut: release it (its changes move into
+    /// the current epoch as resync ranges).
+    Broken,
+    /// Ship `blocks`, and those of `candidates` whose content differs
+    /// from the mirror's (`unknown`: their bytes). A `fresh` volume
+    /// (never written) has no candidates: every block travels, zero ones
+    /// as holes, so the device is read once.
+    Ship {
+        blocks: Vec<(u64, u32)>,
+        candidates: Vec<(u64, u32)>,
+        unknown: u64,
+        fresh: bool,
+    },
+}
+
+/// The plan for sealed epoch `sealed` of writer `me`, for the volume as
+/// `info` describes it, of `size` bytes.
+fn plan(info: &VolumeInfo, me: Writer, sealed: &Sealed, size: u64) -> Plan {
+    if info.writer == Some(me) {
+        return Plan::AlreadyPublished;
+    }
+    if sealed.broken.is_some() {
+        return Plan::Broken;
+    }
+    // Known changes travel; ranges of unknown change (after a crash, or a
+    // mirror that lost the device's past) travel only where the server's
+    // image differs.
+    let mut known = sealed.changes.data.clone();
+    known.union_with(&sealed.changes.zeroed);
+    let mut unknown = sealed.changes.resync.clone();
+    unknown.subtract(&known);
+    let mut blocks = split(&known, size);
+    let mut candidates = split(&unknown, size);
+    let fresh = info.published_epoch == 0 && info.writer.is_none();
+    if fresh {
+        blocks.append(&mut candidates);
+        blocks.sort_unstable();
+    }
+    Plan::Ship {
+        blocks,
+        candidates,
+        unknown: unknown.len(),
+        fresh,
     }
 }
 
@@ -619,5 +746,195 @@ impl Association {
             }
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::epoch::Changes;
+    use ublk_mirror_common::block::BLOCK;
+    use ublk_mirror_common::RangeSet;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_cut_waits_for_the_interval_a_sync_or_much_dirt_and_needs_changes() {
+        let t0 = Instant::now();
+        let interval = 10 * SEC;
+        // Early, nothing forced: wait for the rest of the interval.
+        assert_eq!(
+            Cut::decide(t0 + 4 * SEC, t0, interval, 1, true, false),
+            Cut::Wait(6 * SEC)
+        );
+        // Due, with changes: seal, looking for a FLUSH for a while.
+        assert_eq!(
+            Cut::decide(t0 + interval, t0, interval, 1, true, false),
+            Cut::Seal {
+                flush_wait: FLUSH_WAIT
+            }
+        );
+        // Due, nothing changed: look again soon.
+        assert_eq!(
+            Cut::decide(t0 + 20 * SEC, t0, interval, 0, false, false),
+            Cut::Wait(MIN_WAIT)
+        );
+        // A sync: at once, a FLUSH looked for only briefly.
+        assert_eq!(
+            Cut::decide(t0, t0, interval, 1, true, true),
+            Cut::Seal {
+                flush_wait: FORCED_FLUSH_WAIT
+            }
+        );
+        // ... but not without changes.
+        assert_eq!(
+            Cut::decide(t0, t0, interval, 0, false, true),
+            Cut::Wait(interval)
+        );
+        // Much dirty: before the interval.
+        assert!(matches!(
+            Cut::decide(t0 + SEC, t0, interval, DIRTY_TRIGGER, true, false),
+            Cut::Seal { .. }
+        ));
+    }
+
+    #[test]
+    fn backoff_doubles_on_link_failures_and_resets_after_a_link_came_up() {
+        let mut b = Backoff::default();
+        let waits: Vec<u64> = (0..7)
+            .map(|_| b.after(ErrorKind::Link, false).as_secs())
+            .collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(b.after(ErrorKind::Link, true), SEC);
+        // A refusal is tried again as often; a broken server or a local
+        // failure: no hammering.
+        let mut b = Backoff::default();
+        assert_eq!(b.after(ErrorKind::Refused, false), SEC);
+        assert_eq!(b.after(ErrorKind::Peer, false), MAX_BACKOFF);
+        assert_eq!(b.after(ErrorKind::System, true), MAX_BACKOFF);
+        assert_eq!(b.after(ErrorKind::Link, false), 2 * SEC);
+    }
+
+    fn volume(published_epoch: u64, writer: Option<Writer>) -> VolumeInfo {
+        VolumeInfo {
+            size: 1 << 30,
+            published_epoch,
+            uuid: [3; 16],
+            writer,
+        }
+    }
+
+    fn assoc(confirmed_epoch: u64) -> Association {
+        Association {
+            format: 1,
+            server: "aa".into(),
+            volume: "root".into(),
+            uuid: hex_encode(&[3; 16]),
+            confirmed_epoch,
+        }
+    }
+
+    #[test]
+    fn the_mirror_is_trusted_only_with_the_same_server_volume_and_a_newer_image() {
+        let me = [1; 16];
+        let w = |device| Some(Writer { device, epoch: 9 });
+        let here = assoc(5);
+        let info = volume(5, w(me));
+        assert_eq!(
+            trust(&here, &info, me, Some(&assoc(5))).unwrap(),
+            Trust::Trusted
+        );
+        // Nothing known: ship all.
+        assert_eq!(trust(&here, &info, me, None).unwrap(), Trust::ShipAll);
+        // The image is older than what was confirmed (restored server).
+        assert_eq!(
+            trust(&here, &info, me, Some(&assoc(6))).unwrap(),
+            Trust::ShipAll
+        );
+        // Another server, another volume, a volume made again.
+        for other in [
+            Association {
+                server: "bb".into(),
+                ..assoc(5)
+            },
+            Association {
+                volume: "home".into(),
+                ..assoc(5)
+            },
+            Association {
+                uuid: hex_encode(&[4; 16]),
+                ..assoc(5)
+            },
+        ] {
+            assert_eq!(
+                trust(&here, &info, me, Some(&other)).unwrap(),
+                Trust::ShipAll
+            );
+        }
+        // Another device's volume is refused.
+        let e = trust(&here, &volume(5, w([2; 16])), me, Some(&assoc(5))).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Refused);
+    }
+
+    fn sealed(data: RangeSet, resync: RangeSet, broken: bool) -> Sealed {
+        Sealed {
+            id: 4,
+            changes: Changes {
+                data,
+                zeroed: RangeSet::new(),
+                resync,
+            },
+            at_flush: true,
+            sealed_ms: 0,
+            first_change_ms: None,
+            broken: broken.then(|| "lost".to_string()),
+        }
+    }
+
+    #[test]
+    fn an_epoch_is_released_shipped_or_resynced_by_what_the_mirror_holds() {
+        let me = Writer {
+            device: [1; 16],
+            epoch: 4,
+        };
+        let mut data = RangeSet::new();
+        data.insert(0..100);
+        let mut resync = RangeSet::new();
+        resync.insert(50..BLOCK + 10);
+        let s = sealed(data.clone(), resync.clone(), false);
+        // The server holds it already.
+        assert_eq!(
+            plan(&volume(7, Some(me)), me, &s, 1 << 30),
+            Plan::AlreadyPublished
+        );
+        // It cannot be read as its cut.
+        let broken = sealed(data.clone(), resync.clone(), true);
+        assert_eq!(plan(&volume(7, None), me, &broken, 1 << 30), Plan::Broken);
+        // A volume with a past: known changes travel, the rest is compared.
+        let older = Writer { epoch: 3, ..me };
+        assert_eq!(
+            plan(&volume(7, Some(older)), me, &s, 1 << 30),
+            Plan::Ship {
+                blocks: vec![(0, 100)],
+                candidates: vec![(100, (BLOCK - 100) as u32), (BLOCK, 10)],
+                unknown: BLOCK + 10 - 100,
+                fresh: false,
+            }
+        );
+        // A fresh volume: everything travels, nothing is compared.
+        assert_eq!(
+            plan(&volume(0, None), me, &s, 1 << 30),
+            Plan::Ship {
+                blocks: vec![(0, 100), (100, (BLOCK - 100) as u32), (BLOCK, 10)],
+                candidates: vec![],
+                unknown: BLOCK + 10 - 100,
+                fresh: true,
+            }
+        );
+        // Nothing past the device's end.
+        let Plan::Ship { candidates, .. } = plan(&volume(7, Some(older)), me, &s, BLOCK) else {
+            panic!("not shipped")
+        };
+        assert_eq!(candidates, vec![(100, (BLOCK - 100) as u32)]);
     }
 }

@@ -6,7 +6,10 @@
 //! holes), so restoring onto an older copy moves only what changed, and a
 //! restore that was interrupted is finished by running it again. A new
 //! file is made sparse and counts as all zeroes, so only the data travels.
-//! Up to [`IN_FLIGHT`] batches are asked for at once.
+//! What to ask and what to accept is decided by
+//! [`ublk_mirror_common::session::restore::RestoreReader`] (up to
+//! [`IN_FLIGHT`] batches asked at once); this module opens the target,
+//! hashes, and writes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -15,18 +18,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ublk_mirror_common::block::{self, BLOCK};
-use ublk_mirror_common::client::Link;
+use ublk_mirror_common::client::{Link, Restoring};
+use ublk_mirror_common::fsutil;
 use ublk_mirror_common::identity::Identity;
-use ublk_mirror_common::proto::{Digest, Encoding, Message, MAX_HASH_BLOCKS};
-use ublk_mirror_common::{fsutil, wire};
+use ublk_mirror_common::proto::Digest;
+use ublk_mirror_common::session::restore::{BlockToWrite, RestoreStep};
+pub use ublk_mirror_common::session::restore::{Progress, IN_FLIGHT};
 
 use crate::enrollment::Enrollment;
 use crate::error::{Error, Result};
-
-/// Blocks per batch ([`Message::Have`]).
-const BATCH: usize = 256;
-/// Batches asked for at once.
-pub const IN_FLIGHT: usize = 4;
 
 /// What to restore, and where.
 #[derive(Debug, Clone)]
@@ -39,17 +39,6 @@ pub struct RestoreRequest {
     pub to: PathBuf,
     /// This machine's enrollment.
     pub client_dir: PathBuf,
-}
-
-/// How far a restore is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Progress {
-    /// Bytes of the volume compared and written so far.
-    pub done: u64,
-    /// The volume's size.
-    pub total: u64,
-    /// Block bytes received (after compression).
-    pub received: u64,
 }
 
 /// What a restore did.
@@ -72,7 +61,7 @@ pub struct Restored {
 }
 
 fn link_err(e: ublk_mirror_common::Error) -> Error {
-    Error::Mirror(e.to_string())
+    Error::Mirror(e)
 }
 
 /// Open (or make) the target for a volume of `size` bytes; `true` when it
@@ -142,18 +131,12 @@ fn open_target(path: &Path, size: u64) -> Result<(File, bool)> {
     }
 }
 
-/// The digests of the target's blocks `[offset, offset + n × BLOCK)`,
-/// clipped to `size` (a new target is all zeroes).
-fn local_digests(
-    file: &File,
-    fresh: bool,
-    offset: u64,
-    n: usize,
-    size: u64,
-) -> Result<Vec<Digest>> {
+/// The digests of the target's `blocks` (a new target is all zeroes).
+fn local_digests(file: &File, fresh: bool, blocks: &[(u64, u32)]) -> Result<Vec<Digest>> {
     let mut buf = vec![0u8; BLOCK as usize];
-    block::run(offset, n, size)
-        .map(|(at, len)| {
+    blocks
+        .iter()
+        .map(|&(at, len)| {
             if fresh {
                 return Ok(block::zero_digest(len));
             }
@@ -192,148 +175,86 @@ async fn run(
     req: &RestoreRequest,
     mut progress: impl FnMut(&Progress) + Send,
 ) -> Result<Restored> {
-    let (mut send, mut recv) = link.stream().await.map_err(link_err)?;
-    wire::send(
-        &mut send,
-        &Message::Restore {
-            volume: req.volume.clone(),
-            at: req.at.clone(),
-        },
-    )
-    .await
-    .map_err(link_err)?;
-    let (size, snapshot, epoch, epoch_ms) = match wire::expect(&mut recv).await.map_err(link_err)? {
-        Message::RestoreInfo {
-            size,
-            snapshot,
-            epoch,
-            epoch_ms,
-        } => (size, snapshot, epoch, epoch_ms),
-        Message::Refused { reason } => return Err(Error::Mirror(reason)),
-        other => return Err(Error::Mirror(format!("unexpected answer {other:?}"))),
-    };
+    let mut restoring = link
+        .restore(&req.volume, req.at.as_deref())
+        .await
+        .map_err(link_err)?;
+    let info = restoring.info().clone();
+    let size = info.size;
     let to = req.to.clone();
-    let (file, fresh) = tokio::task::spawn_blocking(move || open_target(&to, size))
-        .await
-        .map_err(|e| Error::Mirror(e.to_string()))??;
+    let (file, fresh) = blocking(move || open_target(&to, size)).await?;
     let file = Arc::new(file);
-    let batch = BATCH.min(MAX_HASH_BLOCKS);
-    let batches = size.div_ceil(BLOCK * batch as u64);
-    let window = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-
-    // Ask: the target's digests, batch after batch, a few ahead.
-    let asking = {
-        let file = file.clone();
-        let window = window.clone();
-        async move {
-            for b in 0..batches {
-                window
-                    .acquire()
-                    .await
-                    .map_err(|e| Error::Mirror(e.to_string()))?
-                    .forget();
-                let offset = b * BLOCK * batch as u64;
-                let f = file.clone();
-                let digests = tokio::task::spawn_blocking(move || {
-                    local_digests(&f, fresh, offset, batch, size)
-                })
-                .await
-                .map_err(|e| Error::Mirror(e.to_string()))??;
-                wire::send(
-                    &mut send,
-                    &Message::Have {
-                        offset,
-                        len: BLOCK as u32,
-                        digests,
-                    },
-                )
-                .await
-                .map_err(link_err)?;
-            }
-            let _ = send.finish();
-            Ok::<(), Error>(())
-        }
-    };
-    // Take: blocks that differ, verified, written in place.
-    let taking = async {
-        let mut out = Restored {
-            snapshot: snapshot.clone(),
-            epoch,
-            epoch_ms,
-            size,
-            blocks_same: 0,
-            blocks_received: 0,
-            wire_bytes: 0,
-        };
-        let mut p = Progress {
-            total: size,
-            ..Progress::default()
-        };
-        let mut finished = 0u64;
-        while finished < batches {
-            match wire::expect(&mut recv).await.map_err(link_err)? {
-                Message::Block {
-                    offset,
-                    len,
-                    sha256,
-                    encoding,
-                    data_len,
-                } => {
-                    let payload = wire::recv_data(&mut recv, data_len)
-                        .await
-                        .map_err(link_err)?;
-                    if offset
-                        .checked_add(u64::from(len))
-                        .is_none_or(|end| end > size)
-                    {
-                        return Err(Error::Mirror(format!(
-                            "a block at {offset} is past the volume's end"
-                        )));
-                    }
-                    let f = file.clone();
-                    tokio::task::spawn_blocking(move || {
-                        write_block(&f, offset, len, &sha256, encoding, &payload)
-                    })
-                    .await
-                    .map_err(|e| Error::Mirror(e.to_string()))??;
-                    out.blocks_received += 1;
-                    out.wire_bytes += u64::from(data_len);
-                    p.received += u64::from(data_len);
-                }
-                Message::HaveDone { same } => {
-                    out.blocks_same += same;
-                    finished += 1;
-                    p.done = (finished * BLOCK * batch as u64).min(size);
-                    progress(&p);
-                    window.add_permits(1);
-                }
-                Message::Refused { reason } => return Err(Error::Mirror(reason)),
-                other => return Err(Error::Mirror(format!("unexpected answer {other:?}"))),
-            }
-        }
-        Ok(out)
-    };
-    let ((), out) = tokio::try_join!(asking, taking)?;
+    let last = exchange(&mut restoring, &file, fresh, &mut progress).await?;
     let f = file.clone();
-    tokio::task::spawn_blocking(move || f.sync_all())
+    blocking(move || {
+        f.sync_all()
+            .map_err(|e| Error::io("syncing the restore target", e))
+    })
+    .await?;
+    Ok(Restored {
+        snapshot: info.snapshot,
+        epoch: info.epoch,
+        epoch_ms: info.epoch_ms,
+        size,
+        blocks_same: last.blocks_same,
+        blocks_received: last.blocks_received,
+        wire_bytes: last.received,
+    })
+}
+
+/// Ask (the target's digests, a window of batches ahead) and take (the
+/// blocks that differ, verified, written in place) until every batch is
+/// answered; the last progress.
+async fn exchange(
+    restoring: &mut Restoring,
+    file: &Arc<File>,
+    fresh: bool,
+    progress: &mut (impl FnMut(&Progress) + Send),
+) -> Result<Progress> {
+    let mut last = Progress {
+        total: restoring.info().size,
+        ..Progress::default()
+    };
+    loop {
+        while let Some(batch) = restoring.next_batch() {
+            let f = file.clone();
+            let (batch, digests) = blocking(move || {
+                let digests = local_digests(&f, fresh, &batch)?;
+                Ok((batch, digests))
+            })
+            .await?;
+            restoring.have(&batch, digests).await.map_err(link_err)?;
+        }
+        if restoring.is_done() {
+            return Ok(last);
+        }
+        match restoring.next().await.map_err(link_err)? {
+            RestoreStep::Write(block) => {
+                let f = file.clone();
+                blocking(move || write_block(&f, &block)).await?;
+            }
+            RestoreStep::Progress(p) => {
+                last = p;
+                progress(&p);
+            }
+            RestoreStep::ReadData(_) => {
+                unreachable!("Restoring::next reads block data itself")
+            }
+        }
+    }
+}
+
+/// Run `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::Mirror(e.to_string()))?
-        .map_err(|e| Error::io("syncing the restore target", e))?;
-    Ok(out)
+        .map_err(|e| Error::io("a restore worker", std::io::Error::other(e.to_string())))?
 }
 
 /// Decode and verify one block, then write it (a hole for zeroes).
-fn write_block(
-    file: &File,
-    offset: u64,
-    len: u32,
-    sha256: &Digest,
-    encoding: Encoding,
-    payload: &[u8],
-) -> Result<()> {
-    let plain = block::decode(len, sha256, encoding, payload)
-        .map_err(|e| Error::Mirror(format!("block at {offset}: {e}")))?;
-    match plain {
+fn write_block(file: &File, block: &BlockToWrite) -> Result<()> {
+    let (offset, len) = (block.offset, block.len);
+    match block.decode().map_err(link_err)? {
         Some(p) => file
             .write_all_at(&p, offset)
             .map_err(|e| Error::io("writing the restore target", e)),

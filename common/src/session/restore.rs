@@ -1,0 +1,391 @@
+//! A restore, both sides.
+//!
+//! ```text
+//! client (RestoreReader)                 server (plan_have)
+//! -> Restore{volume, at}
+//! <- RestoreInfo{size, snapshot, ...}   (or Refused)
+//! -> Have{offset, len, digests}  ×window  the target's digests of a batch
+//! <- (Block + data)*                       each block whose content differs
+//! <- HaveDone{same}                        per Have, in order
+//! ```
+//!
+//! The reader asks up to [`IN_FLIGHT`] batches ahead, checks that each
+//! block it receives lies inside a batch it asked for and inside the
+//! volume, and has its bytes verified ([`BlockToWrite::decode`]) before
+//! they are written. Progress is counted per batch answered.
+
+use crate::block::{self, BLOCK};
+use crate::proto::{Digest, Encoding, Message, MAX_HASH_BLOCKS};
+use crate::session::unexpected;
+use crate::{Error, Result};
+
+/// Blocks per batch ([`Message::Have`]).
+pub const BATCH: usize = 256;
+/// Batches asked for at once.
+pub const IN_FLIGHT: usize = 4;
+/// Most bytes one batch may cover (the server reads a batch whole).
+pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+
+/// What is being restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreInfo {
+    /// The volume's size.
+    pub size: u64,
+    /// The snapshot read.
+    pub snapshot: String,
+    /// The epoch it holds.
+    pub epoch: u64,
+    /// When that epoch was published (ms since the Unix epoch).
+    pub epoch_ms: u64,
+}
+
+/// How far a restore is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes of the volume compared and written so far.
+    pub done: u64,
+    /// The volume's size.
+    pub total: u64,
+    /// Block bytes received (after compression).
+    pub received: u64,
+    /// Blocks the target held already.
+    pub blocks_same: u64,
+    /// Blocks received.
+    pub blocks_received: u64,
+}
+
+/// A block received, to be verified and written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockToWrite {
+    /// Where it goes.
+    pub offset: u64,
+    /// Its length decoded.
+    pub len: u32,
+    sha256: Digest,
+    encoding: Encoding,
+    payload: Vec<u8>,
+}
+
+impl BlockToWrite {
+    /// Its bytes, verified (`None`: zeroes, to be written as a hole).
+    pub fn decode(&self) -> Result<Option<Vec<u8>>> {
+        block::decode(self.len, &self.sha256, self.encoding, &self.payload)
+            .map_err(|e| Error::Peer(format!("block at {}: {e}", self.offset)))
+    }
+}
+
+/// What the driver of a [`RestoreReader`] does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreStep {
+    /// Read `data_len` raw bytes and give them to
+    /// [`RestoreReader::on_data`].
+    ReadData(u32),
+    /// Verify and write this block.
+    Write(BlockToWrite),
+    /// A batch was answered: report progress.
+    Progress(Progress),
+}
+
+/// The client's side of a restore.
+#[derive(Debug, Clone)]
+pub struct RestoreReader {
+    info: RestoreInfo,
+    batches: u64,
+    asked: u64,
+    finished: u64,
+    /// The header of the block whose data is awaited.
+    header: Option<(u64, u32, Digest, Encoding)>,
+    progress: Progress,
+}
+
+impl RestoreReader {
+    /// The request that starts a restore of `volume` as of `at`.
+    pub fn request(volume: &str, at: Option<&str>) -> Message {
+        Message::Restore {
+            volume: volume.to_string(),
+            at: at.map(str::to_string),
+        }
+    }
+
+    /// The server's answer to the request.
+    pub fn new(answer: Message) -> Result<RestoreReader> {
+        let info = match answer {
+            Message::RestoreInfo {
+                size,
+                snapshot,
+                epoch,
+                epoch_ms,
+            } => RestoreInfo {
+                size,
+                snapshot,
+                epoch,
+                epoch_ms,
+            },
+            Message::Refused { reason } => return Err(Error::Refused(reason)),
+            other => return Err(unexpected(&other, "answering Restore")),
+        };
+        Ok(RestoreReader {
+            batches: info.size.div_ceil(Self::batch_bytes()),
+            asked: 0,
+            finished: 0,
+            header: None,
+            progress: Progress {
+                total: info.size,
+                ..Progress::default()
+            },
+            info,
+        })
+    }
+
+    fn batch_bytes() -> u64 {
+        BLOCK * BATCH.min(MAX_HASH_BLOCKS) as u64
+    }
+
+    /// What is being restored.
+    pub fn info(&self) -> &RestoreInfo {
+        &self.info
+    }
+
+    /// The next batch to hash and send as [`RestoreReader::have`], if the
+    /// window allows one: its blocks `(offset, len)`.
+    pub fn next_batch(&mut self) -> Option<Vec<(u64, u32)>> {
+        if self.asked >= self.batches || self.asked - self.finished >= IN_FLIGHT as u64 {
+            return None;
+        }
+        let offset = self.asked * Self::batch_bytes();
+        self.asked += 1;
+        Some(block::run(offset, BATCH.min(MAX_HASH_BLOCKS), self.info.size).collect())
+    }
+
+    /// The message for a batch from [`RestoreReader::next_batch`], with
+    /// the target's digests of its blocks.
+    pub fn have(batch: &[(u64, u32)], digests: Vec<Digest>) -> Message {
+        Message::Have {
+            offset: batch.first().map_or(0, |&(o, _)| o),
+            len: BLOCK as u32,
+            digests,
+        }
+    }
+
+    /// Whether every batch was answered.
+    pub fn is_done(&self) -> bool {
+        self.finished >= self.batches
+    }
+
+    /// A message from the server.
+    pub fn on_message(&mut self, m: Message) -> Result<RestoreStep> {
+        if self.header.is_some() {
+            return Err(Error::Link(
+                "a message while block data was awaited (a driver bug)".into(),
+            ));
+        }
+        match m {
+            Message::Block {
+                offset,
+                len,
+                sha256,
+                encoding,
+                data_len,
+            } => {
+                let end = offset.checked_add(u64::from(len));
+                if end.is_none_or(|end| end > self.info.size) {
+                    return Err(Error::Peer(format!(
+                        "a block at {offset} is past the volume's end"
+                    )));
+                }
+                let asked = (self.finished * Self::batch_bytes())
+                    ..(self.asked * Self::batch_bytes()).min(self.info.size);
+                if !asked.contains(&offset) {
+                    return Err(Error::Peer(format!(
+                        "a block at {offset}, outside the batches asked for"
+                    )));
+                }
+                self.header = Some((offset, len, sha256, encoding));
+                Ok(RestoreStep::ReadData(data_len))
+            }
+            Message::HaveDone { same } if self.finished < self.asked => {
+                self.finished += 1;
+                self.progress.blocks_same += same;
+                self.progress.done = (self.finished * Self::batch_bytes()).min(self.info.size);
+                Ok(RestoreStep::Progress(self.progress))
+            }
+            Message::Refused { reason } => Err(Error::Refused(reason)),
+            other => Err(unexpected(&other, "inside a restore")),
+        }
+    }
+
+    /// The data of the block announced last.
+    pub fn on_data(&mut self, payload: Vec<u8>) -> Result<RestoreStep> {
+        let (offset, len, sha256, encoding) = self
+            .header
+            .take()
+            .ok_or_else(|| Error::Link("block data without a header (a driver bug)".into()))?;
+        self.progress.blocks_received += 1;
+        self.progress.received += payload.len() as u64;
+        Ok(RestoreStep::Write(BlockToWrite {
+            offset,
+            len,
+            sha256,
+            encoding,
+            payload,
+        }))
+    }
+
+    /// The counts so far.
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+}
+
+/// The server's side: the blocks of a [`Message::Have`] for a volume of
+/// `size` bytes, or why it is refused.
+pub fn plan_have(
+    offset: u64,
+    len: u32,
+    digests: usize,
+    size: u64,
+) -> std::result::Result<Vec<(u64, u32)>, String> {
+    if u64::from(len) * digests as u64 > MAX_BATCH_BYTES {
+        return Err("restore: a batch of more than 64 MiB".into());
+    }
+    if len == 0 || offset >= size || offset % u64::from(len) != 0 {
+        return Err(format!("restore: blocks at {offset} are not in the volume"));
+    }
+    Ok(block::run_of(offset, u64::from(len), digests, size).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    fn info(size: u64) -> Message {
+        Message::RestoreInfo {
+            size,
+            snapshot: "s".into(),
+            epoch: 4,
+            epoch_ms: 5,
+        }
+    }
+
+    fn batch_bytes() -> u64 {
+        RestoreReader::batch_bytes()
+    }
+
+    #[test]
+    fn batches_are_asked_a_window_ahead_and_progress_per_answer() {
+        // Six batches, the last one short.
+        let size = 5 * batch_bytes() + 3;
+        let mut r = RestoreReader::new(info(size)).unwrap();
+        let mut asked = Vec::new();
+        while let Some(b) = r.next_batch() {
+            asked.push(b);
+        }
+        assert_eq!(asked.len(), IN_FLIGHT);
+        assert_eq!(asked[1][0], (batch_bytes(), BLOCK as u32));
+        assert_eq!(
+            RestoreReader::have(&asked[1], vec![]),
+            Message::Have {
+                offset: batch_bytes(),
+                len: BLOCK as u32,
+                digests: vec![]
+            }
+        );
+        let RestoreStep::Progress(p) = r.on_message(Message::HaveDone { same: 7 }).unwrap() else {
+            panic!("no progress")
+        };
+        assert_eq!((p.done, p.blocks_same, p.total), (batch_bytes(), 7, size));
+        // One answered: one more may be asked.
+        assert!(r.next_batch().is_some());
+        assert!(r.next_batch().is_none());
+        for _ in 0..IN_FLIGHT {
+            r.on_message(Message::HaveDone { same: 0 }).unwrap();
+        }
+        let last = r.next_batch().unwrap();
+        assert_eq!(last, vec![(5 * batch_bytes(), 3)]);
+        assert!(!r.is_done());
+        let RestoreStep::Progress(p) = r.on_message(Message::HaveDone { same: 0 }).unwrap() else {
+            panic!("no progress")
+        };
+        assert_eq!(p.done, size);
+        assert!(r.is_done());
+        // An answer nobody asked for.
+        assert!(r.on_message(Message::HaveDone { same: 0 }).is_err());
+    }
+
+    #[test]
+    fn blocks_are_checked_where_they_land_and_by_their_content() {
+        let size = 2 * batch_bytes();
+        let mut r = RestoreReader::new(info(size)).unwrap();
+        let first = r.next_batch().unwrap();
+        let data = vec![9u8; 1000];
+        let (header, payload) = block::encode(first[3].0, &data, 3);
+        let RestoreStep::ReadData(n) = r.on_message(header.clone()).unwrap() else {
+            panic!("no data asked")
+        };
+        assert_eq!(n as usize, payload.len());
+        let RestoreStep::Write(w) = r.on_data(payload.clone()).unwrap() else {
+            panic!("nothing to write")
+        };
+        assert_eq!((w.offset, w.len), (first[3].0, 1000));
+        assert_eq!(w.decode().unwrap(), Some(data));
+        assert_eq!(r.progress().blocks_received, 1);
+        // Damaged bytes are the peer's fault and never written.
+        r.on_message(header).unwrap();
+        let mut bad = payload;
+        bad[0] ^= 0xff;
+        let RestoreStep::Write(w) = r.on_data(bad).unwrap() else {
+            panic!("nothing to write")
+        };
+        assert_eq!(w.decode().unwrap_err().kind(), ErrorKind::Peer);
+        // In the second batch, not asked for yet.
+        let (header, _) = block::encode(batch_bytes(), &[1], 3);
+        assert_eq!(r.on_message(header).unwrap_err().kind(), ErrorKind::Peer);
+        // Past the end.
+        let mut r = RestoreReader::new(info(size)).unwrap();
+        r.next_batch();
+        r.next_batch();
+        let (header, _) = block::encode(size - 1, &[1, 2], 3);
+        assert_eq!(r.on_message(header).unwrap_err().kind(), ErrorKind::Peer);
+    }
+
+    #[test]
+    fn refusals_and_surprises_keep_their_kind() {
+        let e = RestoreReader::new(Message::Refused {
+            reason: "no such snapshot".into(),
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Refused);
+        assert_eq!(
+            RestoreReader::new(Message::EndEpoch).unwrap_err().kind(),
+            ErrorKind::Peer
+        );
+        let mut r = RestoreReader::new(info(10)).unwrap();
+        r.next_batch();
+        assert_eq!(
+            r.on_message(Message::Committed { epoch: 1 })
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Peer
+        );
+        // An empty volume is done at once.
+        let mut r = RestoreReader::new(info(0)).unwrap();
+        assert!(r.is_done());
+        assert!(r.next_batch().is_none());
+    }
+
+    #[test]
+    fn the_server_plans_a_have_inside_the_volume_only() {
+        let size = 3 * BLOCK + 5;
+        assert_eq!(
+            plan_have(2 * BLOCK, BLOCK as u32, 4, size).unwrap(),
+            vec![(2 * BLOCK, BLOCK as u32), (3 * BLOCK, 5)]
+        );
+        assert!(plan_have(size, BLOCK as u32, 1, size).is_err());
+        assert!(plan_have(1, BLOCK as u32, 1, size).is_err());
+        assert!(plan_have(0, 0, 1, size).is_err());
+        assert!(plan_have(0, BLOCK as u32, 1025, size)
+            .unwrap_err()
+            .contains("64 MiB"));
+    }
+}

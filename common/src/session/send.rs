@@ -1,0 +1,659 @@
+//! The client's side of an epoch: what to send, what the server holds
+//! already, what to vouch for, what to send again.
+//!
+//! ```text
+//!  start ─▶ Control(BeginEpoch)
+//!  Staged{done:false}*  ─▶ (wait)
+//!  Staged{done:true}    ─▶ Compare(batch)*   only when the staging was adopted
+//!  Compared             ─▶ Compare(next) | Round(todo)
+//!  RoundDone{refused}   ─▶ Round(refused)    at most ROUNDS rounds in all
+//!                       ─▶ Control(EndEpoch) nothing refused
+//!  Committed{epoch}     ─▶ Published(shipped)
+//!  Refused | Lost       ─▶ error (the epoch stays unpublished and is tried
+//!                          again on a new link, resuming what was staged)
+//! ```
+//!
+//! **Resume.** The server answers `BeginEpoch` with the ranges it holds
+//! staged from an interrupted attempt at the same epoch of the same
+//! writer; blocks wholly inside them do not travel again.
+//!
+//! **Take-over.** When the staging was left by an *earlier* epoch of the
+//! same device (`adopted`), the server publishes every staged byte with
+//! this epoch unless it is sent again, so the client vouches for all of
+//! it: staged blocks of this epoch are compared by digest (the server's
+//! against the device's at this epoch) and sent when they differ, and
+//! staged bytes outside this epoch's blocks are sent as this epoch has
+//! them, in aligned pieces of at most [`block::BLOCK`].
+
+use crate::block;
+use crate::proto::{Digest, Message, Writer, MAX_HASH_BLOCKS};
+use crate::session::{unexpected, Shipped};
+use crate::{Error, RangeSet, Result};
+
+/// Rounds of data streams an epoch may take (the first and resends).
+pub const ROUNDS: usize = 3;
+
+/// What the driver of an [`EpochSender`] does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendAction {
+    /// Send this on the control stream.
+    Control(Message),
+    /// Compare these staged blocks: ask the server their staged digests
+    /// ([`Message::StagedHashes`]) and hash them as this epoch has them;
+    /// report [`SendEvent::Compared`].
+    Compare(Vec<(u64, u32)>),
+    /// Send these blocks over data streams ([`DataSender`]); report
+    /// [`SendEvent::RoundDone`].
+    Round(Vec<(u64, u32)>),
+    /// The server published the epoch.
+    Published(Shipped),
+}
+
+/// What happened, for an [`EpochSender`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendEvent {
+    /// A message arrived on the control stream.
+    Control(Message),
+    /// The digests of a [`SendAction::Compare`] batch, in its order.
+    Compared {
+        /// The server's.
+        theirs: Vec<Digest>,
+        /// This epoch's.
+        mine: Vec<Digest>,
+    },
+    /// Every data stream of a round ended.
+    RoundDone {
+        /// Blocks the server refused (they failed their checks).
+        refused: Vec<(u64, u32)>,
+        /// What the round's streams sent.
+        shipped: Shipped,
+    },
+    /// The link failed (why).
+    Lost(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    New,
+    /// Waiting for the last `Staged` frame.
+    Opening,
+    /// Waiting for the digests of `check[next - 1]`.
+    Comparing {
+        next: usize,
+    },
+    /// Waiting for round `round` (1-based) to end.
+    Sending {
+        round: usize,
+    },
+    /// `EndEpoch` sent; waiting for `Committed`.
+    Ending,
+    Published,
+    Failed,
+}
+
+/// One epoch being sent.
+#[derive(Debug, Clone)]
+pub struct EpochSender {
+    volume: String,
+    epoch: u64,
+    writer: Writer,
+    blocks: Vec<(u64, u32)>,
+    state: State,
+    staged: RangeSet,
+    adopted: bool,
+    /// Staged blocks to compare, in batches.
+    check: Vec<Vec<(u64, u32)>>,
+    todo: Vec<(u64, u32)>,
+    shipped: Shipped,
+}
+
+impl EpochSender {
+    /// Send `blocks` (`(offset, len)`, in the order they should go) as
+    /// epoch `epoch` of `volume`, written by `writer`.
+    pub fn new(volume: &str, epoch: u64, writer: Writer, blocks: Vec<(u64, u32)>) -> EpochSender {
+        EpochSender {
+            volume: volume.to_string(),
+            epoch,
+            writer,
+            blocks,
+            state: State::New,
+            staged: RangeSet::new(),
+            adopted: false,
+            check: Vec::new(),
+            todo: Vec::new(),
+            shipped: Shipped::default(),
+        }
+    }
+
+    /// The first thing to do.
+    pub fn start(&mut self) -> SendAction {
+        assert_eq!(self.state, State::New, "started twice");
+        self.state = State::Opening;
+        SendAction::Control(Message::BeginEpoch {
+            volume: self.volume.clone(),
+            epoch: self.epoch,
+            writer: self.writer,
+        })
+    }
+
+    /// Whether the server took over an earlier epoch's staging.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// What has been shipped so far.
+    pub fn shipped(&self) -> Shipped {
+        self.shipped
+    }
+
+    /// Take `event`; the next thing to do, if any (`None`: wait for the
+    /// next event). An error ends the attempt.
+    pub fn handle(&mut self, event: SendEvent) -> Result<Option<SendAction>> {
+        let next = self.step(event);
+        if next.is_err() {
+            self.state = State::Failed;
+        }
+        next
+    }
+
+    fn step(&mut self, event: SendEvent) -> Result<Option<SendAction>> {
+        match (self.state.clone(), event) {
+            (_, SendEvent::Lost(why)) => Err(Error::Link(why)),
+            (State::Failed | State::Published | State::New, e) => Err(Error::Link(format!(
+                "epoch {}: {e:?} after the attempt ended",
+                self.epoch
+            ))),
+            (_, SendEvent::Control(Message::Refused { reason })) => Err(Error::Refused(reason)),
+            (
+                State::Opening,
+                SendEvent::Control(Message::Staged {
+                    ranges,
+                    adopted,
+                    done,
+                }),
+            ) => {
+                self.adopted |= adopted;
+                for (offset, len) in ranges {
+                    let end = offset.checked_add(len).ok_or_else(|| {
+                        Error::Peer(format!("a staged range at {offset} overflows"))
+                    })?;
+                    self.staged.insert(offset..end);
+                }
+                if !done {
+                    return Ok(None);
+                }
+                self.plan();
+                Ok(Some(self.after_compare(0)))
+            }
+            (State::Comparing { next }, SendEvent::Compared { theirs, mine }) => {
+                let batch = &self.check[next - 1];
+                if theirs.len() != batch.len() || mine.len() != batch.len() {
+                    return Err(Error::Peer(format!(
+                        "{} digests for {} staged blocks",
+                        theirs.len(),
+                        batch.len()
+                    )));
+                }
+                for ((&(offset, len), m), t) in batch.iter().zip(&mine).zip(&theirs) {
+                    if m == t {
+                        self.shipped.resumed_bytes += u64::from(len);
+                    } else {
+                        self.todo.push((offset, len));
+                    }
+                }
+                Ok(Some(self.after_compare(next)))
+            }
+            (State::Sending { round }, SendEvent::RoundDone { refused, shipped }) => {
+                self.shipped.add(&shipped);
+                if refused.is_empty() {
+                    return Ok(Some(self.end()));
+                }
+                if round >= ROUNDS {
+                    return Err(Error::Link(format!(
+                        "epoch {}: {} blocks kept failing their checks on the server",
+                        self.epoch,
+                        refused.len()
+                    )));
+                }
+                tracing::warn!(
+                    blocks = refused.len(),
+                    "the server refused blocks; sending them again"
+                );
+                self.state = State::Sending { round: round + 1 };
+                Ok(Some(SendAction::Round(refused)))
+            }
+            (State::Ending, SendEvent::Control(Message::Committed { epoch }))
+                if epoch == self.epoch =>
+            {
+                self.state = State::Published;
+                Ok(Some(SendAction::Published(self.shipped)))
+            }
+            (state, SendEvent::Control(m)) => Err(unexpected(&m, &format!("in {state:?}"))),
+            (state, e) => Err(Error::Link(format!(
+                "epoch {}: {e:?} while {state:?} (a driver bug)",
+                self.epoch
+            ))),
+        }
+    }
+
+    /// Split the epoch's blocks by what the server holds.
+    fn plan(&mut self) {
+        let mut check = Vec::new();
+        if self.adopted {
+            let mut covered = RangeSet::new();
+            for &(offset, len) in &self.blocks {
+                let range = offset..offset + u64::from(len);
+                covered.insert(range.clone());
+                if self.staged.contains_range(range) {
+                    check.push((offset, len));
+                } else {
+                    self.todo.push((offset, len));
+                }
+            }
+            // Staged, and not this epoch's to send: sent again as this
+            // epoch has it.
+            let mut extra = self.staged.clone();
+            extra.subtract(&covered);
+            self.todo
+                .extend(block::split_at(&extra, u64::MAX, block::BLOCK));
+        } else {
+            for &(offset, len) in &self.blocks {
+                if self.staged.contains_range(offset..offset + u64::from(len)) {
+                    self.shipped.resumed_bytes += u64::from(len);
+                } else {
+                    self.todo.push((offset, len));
+                }
+            }
+        }
+        self.check = check.chunks(MAX_HASH_BLOCKS).map(<[_]>::to_vec).collect();
+        if self.shipped.resumed_bytes > 0 || self.adopted {
+            tracing::info!(
+                epoch = self.epoch,
+                staged = self.staged.len(),
+                adopted = self.adopted,
+                "resuming: the server holds part of this epoch already"
+            );
+        }
+    }
+
+    /// After `done` compare batches: the next batch, or the first round.
+    fn after_compare(&mut self, done: usize) -> SendAction {
+        if let Some(batch) = self.check.get(done) {
+            self.state = State::Comparing { next: done + 1 };
+            return SendAction::Compare(batch.clone());
+        }
+        let mut todo = std::mem::take(&mut self.todo);
+        if self.adopted {
+            // Vouched-for blocks were added out of order.
+            todo.sort_unstable();
+        }
+        if todo.is_empty() {
+            return self.end();
+        }
+        self.state = State::Sending { round: 1 };
+        SendAction::Round(todo)
+    }
+
+    fn end(&mut self) -> SendAction {
+        self.state = State::Ending;
+        SendAction::Control(Message::EndEpoch)
+    }
+}
+
+/// One data stream of an epoch: opened, blocks counted as they go, ended
+/// with the count, answered with the blocks to send again.
+#[derive(Debug, Clone)]
+pub struct DataSender {
+    shipped: Shipped,
+    ended: bool,
+}
+
+impl DataSender {
+    /// A data stream of `epoch` of `volume`, and its first frame.
+    pub fn open(volume: &str, epoch: u64) -> (DataSender, Message) {
+        let first = Message::EpochData {
+            volume: volume.to_string(),
+            epoch,
+        };
+        let me = DataSender {
+            shipped: Shipped::default(),
+            ended: false,
+        };
+        (me, first)
+    }
+
+    /// A block of `len` bytes went as `wire` bytes of payload.
+    pub fn sent(&mut self, len: u32, wire: usize) {
+        debug_assert!(!self.ended, "a block after EndData");
+        self.shipped.count(len, wire);
+    }
+
+    /// No more blocks: the last frame.
+    pub fn end(&mut self) -> Message {
+        self.ended = true;
+        Message::EndData {
+            blocks: self.shipped.blocks,
+        }
+    }
+
+    /// The server's answer to [`DataSender::end`]: the blocks it refused,
+    /// and what this stream shipped.
+    pub fn answer(self, m: Message) -> Result<(Vec<(u64, u32)>, Shipped)> {
+        match m {
+            Message::Resend { blocks } if self.ended => Ok((blocks, self.shipped)),
+            Message::Refused { reason } => Err(Error::Refused(reason)),
+            other => Err(unexpected(&other, "ending a data stream")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    const B: u32 = block::BLOCK as u32;
+
+    fn me() -> Writer {
+        Writer {
+            device: [7; 16],
+            epoch: 40,
+        }
+    }
+
+    fn blocks(n: u64) -> Vec<(u64, u32)> {
+        (0..n).map(|i| (i * u64::from(B), B)).collect()
+    }
+
+    fn staged(ranges: Vec<(u64, u64)>, adopted: bool, done: bool) -> SendEvent {
+        SendEvent::Control(Message::Staged {
+            ranges,
+            adopted,
+            done,
+        })
+    }
+
+    fn round_ok(shipped_blocks: &[(u64, u32)]) -> SendEvent {
+        let mut shipped = Shipped::default();
+        for &(_, len) in shipped_blocks {
+            shipped.count(len, 10);
+        }
+        SendEvent::RoundDone {
+            refused: Vec::new(),
+            shipped,
+        }
+    }
+
+    /// A sender for 4 blocks, begun.
+    fn begun() -> EpochSender {
+        let mut s = EpochSender::new("v", 5, me(), blocks(4));
+        assert_eq!(
+            s.start(),
+            SendAction::Control(Message::BeginEpoch {
+                volume: "v".into(),
+                epoch: 5,
+                writer: me()
+            })
+        );
+        s
+    }
+
+    #[test]
+    fn a_fresh_epoch_sends_everything_and_publishes() {
+        let mut s = begun();
+        assert_eq!(
+            s.handle(staged(vec![], false, true)).unwrap(),
+            Some(SendAction::Round(blocks(4)))
+        );
+        assert_eq!(
+            s.handle(round_ok(&blocks(4))).unwrap(),
+            Some(SendAction::Control(Message::EndEpoch))
+        );
+        let Some(SendAction::Published(shipped)) = s
+            .handle(SendEvent::Control(Message::Committed { epoch: 5 }))
+            .unwrap()
+        else {
+            panic!("not published")
+        };
+        assert_eq!((shipped.blocks, shipped.resumed_bytes), (4, 0));
+        // Nothing after the end.
+        assert!(s.handle(round_ok(&[])).is_err());
+    }
+
+    #[test]
+    fn a_resumed_epoch_sends_only_what_is_not_staged() {
+        let mut s = begun();
+        // Staged over two frames: block 0 whole, block 2 whole, half of 3.
+        assert_eq!(
+            s.handle(staged(vec![(0, u64::from(B))], false, false))
+                .unwrap(),
+            None
+        );
+        let next = s
+            .handle(staged(
+                vec![(2 * u64::from(B), u64::from(B) + 100)],
+                false,
+                true,
+            ))
+            .unwrap();
+        assert_eq!(
+            next,
+            Some(SendAction::Round(vec![
+                (u64::from(B), B),
+                (3 * u64::from(B), B)
+            ]))
+        );
+        assert_eq!(s.shipped().resumed_bytes, 2 * u64::from(B));
+        // All staged: straight to the end.
+        let mut s = begun();
+        assert_eq!(
+            s.handle(staged(vec![(0, 4 * u64::from(B))], false, true))
+                .unwrap(),
+            Some(SendAction::Control(Message::EndEpoch))
+        );
+    }
+
+    #[test]
+    fn blocks_go_in_the_order_given() {
+        // The device may put what matters most first.
+        let mut order = blocks(4);
+        order.reverse();
+        let mut s = EpochSender::new("v", 5, me(), order.clone());
+        s.start();
+        assert_eq!(
+            s.handle(staged(vec![], false, true)).unwrap(),
+            Some(SendAction::Round(order))
+        );
+    }
+
+    #[test]
+    fn a_taken_over_staging_is_vouched_for_block_by_block() {
+        let mut s = begun();
+        // Staged by an earlier epoch: blocks 1 and 2, and 10 bytes past
+        // this epoch's blocks (at 6 × B), which this epoch must send too.
+        let six = 6 * u64::from(B);
+        let next = s
+            .handle(staged(
+                vec![(u64::from(B), 2 * u64::from(B)), (six, 10)],
+                true,
+                true,
+            ))
+            .unwrap();
+        assert!(s.adopted());
+        assert_eq!(
+            next,
+            Some(SendAction::Compare(vec![
+                (u64::from(B), B),
+                (2 * u64::from(B), B)
+            ]))
+        );
+        // Block 1 is the same, block 2 differs.
+        let next = s
+            .handle(SendEvent::Compared {
+                theirs: vec![[1; 32], [2; 32]],
+                mine: vec![[1; 32], [3; 32]],
+            })
+            .unwrap();
+        assert_eq!(
+            next,
+            Some(SendAction::Round(vec![
+                (0, B),
+                (2 * u64::from(B), B),
+                (3 * u64::from(B), B),
+                (six, 10)
+            ]))
+        );
+        assert_eq!(s.shipped().resumed_bytes, u64::from(B));
+    }
+
+    #[test]
+    fn compared_digests_must_match_the_batch() {
+        let mut s = begun();
+        s.handle(staged(vec![(0, u64::from(B))], true, true))
+            .unwrap();
+        let e = s
+            .handle(SendEvent::Compared {
+                theirs: vec![],
+                mine: vec![[0; 32]],
+            })
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Peer);
+    }
+
+    #[test]
+    fn refused_blocks_are_resent_for_a_few_rounds_then_given_up() {
+        let mut s = begun();
+        s.handle(staged(vec![], false, true)).unwrap();
+        let refused = vec![(0, B)];
+        let refuse = || SendEvent::RoundDone {
+            refused: refused.clone(),
+            shipped: Shipped::default(),
+        };
+        for _ in 1..ROUNDS {
+            assert_eq!(
+                s.handle(refuse()).unwrap(),
+                Some(SendAction::Round(refused.clone()))
+            );
+        }
+        let e = s.handle(refuse()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Link, "{e}");
+        // A resend that succeeds ends the epoch.
+        let mut s = begun();
+        s.handle(staged(vec![], false, true)).unwrap();
+        s.handle(refuse()).unwrap();
+        assert_eq!(
+            s.handle(round_ok(&refused)).unwrap(),
+            Some(SendAction::Control(Message::EndEpoch))
+        );
+    }
+
+    #[test]
+    fn refusals_and_surprises_end_the_attempt_with_their_kind() {
+        let mut s = begun();
+        let e = s
+            .handle(SendEvent::Control(Message::Refused {
+                reason: "quota".into(),
+            }))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Refused);
+        let mut s = begun();
+        let e = s.handle(SendEvent::Control(Message::EndEpoch)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Peer);
+        // Committed for another epoch is not this one's.
+        let mut s = begun();
+        s.handle(staged(vec![(0, 4 * u64::from(B))], false, true))
+            .unwrap();
+        let e = s
+            .handle(SendEvent::Control(Message::Committed { epoch: 4 }))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Peer);
+        // A staged range that overflows is the peer's fault.
+        let mut s = begun();
+        let e = s
+            .handle(staged(vec![(u64::MAX, 2)], false, true))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Peer);
+    }
+
+    /// The whole exchange, as events; the link is lost before event `k`.
+    fn script() -> Vec<SendEvent> {
+        vec![
+            staged(vec![(0, u64::from(B))], true, false),
+            staged(vec![], true, true),
+            SendEvent::Compared {
+                theirs: vec![[1; 32]],
+                mine: vec![[1; 32]],
+            },
+            SendEvent::RoundDone {
+                refused: vec![(u64::from(B), B)],
+                shipped: Shipped::default(),
+            },
+            round_ok(&blocks(3)),
+            SendEvent::Control(Message::Committed { epoch: 5 }),
+        ]
+    }
+
+    #[test]
+    fn a_link_lost_at_any_step_fails_the_attempt_and_never_publishes() {
+        let all = script();
+        // The script itself publishes.
+        let mut s = begun();
+        let mut last = None;
+        for e in all.clone() {
+            last = s.handle(e).unwrap();
+        }
+        assert!(matches!(last, Some(SendAction::Published(_))));
+        for k in 0..all.len() {
+            let mut s = begun();
+            for e in all[..k].iter().cloned() {
+                s.handle(e).unwrap();
+            }
+            let e = s.handle(SendEvent::Lost("gone".into())).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Link);
+            // Nothing more is taken from a failed attempt.
+            for e in all[k..].iter().cloned() {
+                assert!(s.handle(e).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn data_streams_count_and_take_their_answer() {
+        let (mut d, first) = DataSender::open("v", 5);
+        assert_eq!(
+            first,
+            Message::EpochData {
+                volume: "v".into(),
+                epoch: 5
+            }
+        );
+        d.sent(B, 0);
+        d.sent(100, 50);
+        assert_eq!(d.end(), Message::EndData { blocks: 2 });
+        let (refused, shipped) = d
+            .clone()
+            .answer(Message::Resend {
+                blocks: vec![(0, B)],
+            })
+            .unwrap();
+        assert_eq!(refused, vec![(0, B)]);
+        assert_eq!(
+            (shipped.blocks, shipped.zero_bytes, shipped.wire_bytes),
+            (2, u64::from(B), 50)
+        );
+        assert_eq!(
+            d.clone()
+                .answer(Message::Refused { reason: "x".into() })
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Refused
+        );
+        assert_eq!(
+            d.answer(Message::EndEpoch).unwrap_err().kind(),
+            ErrorKind::Peer
+        );
+        // An answer before the end is a surprise.
+        let (early, _) = DataSender::open("v", 5);
+        assert!(early.answer(Message::Resend { blocks: vec![] }).is_err());
+    }
+}
