@@ -1,9 +1,15 @@
 //! Types shared by every ublk-mirror component: byte sizes and durations as
-//! users write them, sets of block ranges, the wire protocol, and the one
-//! error type of this crate.
+//! users write them, sets of block ranges, the block codec, the wire
+//! protocol and its state machines, and the one error type of this crate.
 //!
-//! The replication wire protocol lives here ([`proto`]), so that the device
-//! daemon and the mirror server agree by construction.
+//! - [`proto`]: the wire protocol's messages and framing, so that the
+//!   device daemon and the mirror server agree by construction.
+//! - [`block`]: the block codec (block size, digest, encode,
+//!   decode-and-verify), the same on every side.
+//! - [`session`]: the protocol's decisions as sans-IO state machines.
+//! - With the `link` feature: `client` (the client's async drivers over
+//!   QUIC), `wire` (frames over QUIC streams) and `tls`; without it
+//!   this crate needs neither quinn nor tokio.
 
 pub mod block;
 #[cfg(feature = "link")]

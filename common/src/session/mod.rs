@@ -3,7 +3,7 @@
 //! piece of work finished, the link lost, the time now) and answers with
 //! what to do next (a message to send, blocks to compare or ship, bytes to
 //! write). It never touches a socket, a file or the clock; the async code
-//! that owns those ([`crate::client`], the server's session handlers, the
+//! that owns those (`crate::client`, the server's session handlers, the
 //! device's restore) is a driver that does what it is told and reports
 //! back, so every step can be tested one at a time, with fake time.
 //!
