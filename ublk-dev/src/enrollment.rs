@@ -93,7 +93,7 @@ pub fn enroll(dir: &Path, token: &Token) -> Result<PathBuf> {
             link.close().await;
             name
         })
-        .map_err(common_error)?;
+        .map_err(Error::Mirror)?;
     let enrollment = Enrollment {
         format: FORMAT,
         name,

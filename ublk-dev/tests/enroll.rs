@@ -47,9 +47,10 @@ fn a_token_enrolls_this_machine_once() {
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("enrolled already"));
 
-    // A used token fails on another machine too.
+    // A used token fails on another machine too: the server refused
+    // (exit status 6, not a local failure).
     let other = enroll(&token.to_string(), &dir.path().join("other"));
-    assert_ne!(other.status.code(), Some(0));
+    assert_eq!(other.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&other.stderr).contains("refused"));
 
     // Not a token at all.
