@@ -19,6 +19,7 @@ pub mod config;
 mod error;
 pub mod iscsi;
 pub mod serve;
+mod session;
 pub mod snapshots;
 pub mod store;
 
