@@ -270,11 +270,19 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mirror-server: error: {e}");
-            ExitCode::from(match e {
-                mirror_server::Error::Invalid(_) => 2,
-                _ => 1,
-            })
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit status of a command that failed with `e`: 2 for a request
+/// that cannot be met as asked (usage, names, refusals), 1 for the rest (a
+/// lost link, a system call, damaged data).
+fn exit_code(e: &mirror_server::Error) -> u8 {
+    use mirror_server::Error;
+    match e {
+        Error::Invalid(_) => 2,
+        Error::Link(_) | Error::BadBlock(_) | Error::Corrupt(_) | Error::Io { .. } => 1,
     }
 }
 

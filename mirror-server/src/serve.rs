@@ -439,8 +439,9 @@ fn recover_all(data: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A failed QUIC connection or stream.
 fn link(e: impl std::fmt::Display) -> Error {
-    Error::Invalid(e.to_string())
+    Error::Link(e.to_string())
 }
 
 async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<()> {

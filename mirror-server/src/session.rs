@@ -32,6 +32,10 @@ impl From<ublk_mirror_common::Error> for Fault {
     fn from(e: ublk_mirror_common::Error) -> Fault {
         match e {
             ublk_mirror_common::Error::Proto(p) => Fault::Protocol(p.to_string()),
+            ublk_mirror_common::Error::Link(reason) => Fault::Other(Error::Link(reason)),
+            ublk_mirror_common::Error::Io { context, source } => {
+                Fault::Other(Error::Io { context, source })
+            }
             other => Fault::Other(Error::Invalid(other.to_string())),
         }
     }
@@ -157,7 +161,7 @@ pub(crate) async fn serve_restore(
     .await?;
     while let Some(next) = tokio::time::timeout(MESSAGE_TIMEOUT, wire::recv(recv))
         .await
-        .map_err(|_| Fault::Other(Error::Invalid("restore: the client went quiet".into())))??
+        .map_err(|_| Fault::Other(Error::Link("restore: the client went quiet".into())))??
     {
         let Message::Have {
             offset,
@@ -235,7 +239,7 @@ pub(crate) async fn receive_data(
         let next = tokio::time::timeout(MESSAGE_TIMEOUT, wire::expect(recv))
             .await
             .map_err(|_| {
-                Fault::Other(Error::Invalid(format!(
+                Fault::Other(Error::Link(format!(
                     "epoch {epoch}: nothing received for {MESSAGE_TIMEOUT:?}; dropping the stream"
                 )))
             })??;
