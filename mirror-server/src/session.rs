@@ -13,9 +13,9 @@ use ublk_mirror_common::proto::{Message, ProtoError, Writer, MAX_RESEND, MAX_STA
 use ublk_mirror_common::{block, wire};
 
 use crate::error::Error;
-use crate::serve::SharedVolume;
 use crate::snapshots::SnapshotInfo;
 use crate::store::Staging;
+use crate::volumes::SharedVolume;
 
 /// Longest wait for the next message of an epoch in progress.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
