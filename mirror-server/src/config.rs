@@ -41,6 +41,7 @@ use ublk_mirror_common::Span;
 use crate::snapshots::{Retention, DEFAULT_EVERY};
 
 use crate::error::{Error, Result};
+use crate::exports::ExportSpec;
 
 /// The default QUIC port.
 pub const DEFAULT_PORT: u16 = 4747;
@@ -110,20 +111,19 @@ fn default_export_listen() -> SocketAddr {
 }
 
 impl ExportConfig {
-    /// The admin request that starts it, its secrets read from their
-    /// files.
-    pub fn request(&self) -> Result<crate::admin::Op> {
-        let (volume, at) = crate::admin::split_target(&self.target);
+    /// The export to start, its secrets read from their files.
+    pub fn spec(&self) -> Result<ExportSpec> {
+        let (volume, at) = crate::exports::split_target(&self.target);
         if let Some(name) = &self.name {
-            crate::admin::check_iqn(name)?;
+            crate::exports::check_iqn(name)?;
         }
-        let chap = crate::admin::ChapSpec::from_files(
+        let chap = crate::exports::ChapSpec::from_files(
             self.chap_user.clone(),
             self.chap_secret_file.as_deref(),
             self.mutual_user.clone(),
             self.mutual_secret_file.as_deref(),
         )?;
-        Ok(crate::admin::Op::Export {
+        Ok(ExportSpec {
             volume,
             at,
             listen: self.listen,
@@ -200,7 +200,7 @@ impl ServerConfig {
     /// (each has a listener of its own), its target a volume's name.
     fn check(&self) -> std::result::Result<(), String> {
         for (i, e) in self.exports.iter().enumerate() {
-            let (volume, _) = crate::admin::split_target(&e.target);
+            let (volume, _) = crate::exports::split_target(&e.target);
             if volume.split('/').count() != 2 || volume.split('/').any(str::is_empty) {
                 return Err(format!(
                     "exports[{i}]: target {:?} is not CLIENT/VOLUME[@SNAPSHOT|@TIME]",
@@ -337,32 +337,26 @@ mod tests {
         assert_eq!(c.exports.len(), 1);
         let e = &c.exports[0];
         assert_eq!(e.listen, "127.0.0.1:3260".parse().unwrap());
-        match e.request().unwrap() {
-            crate::admin::Op::Export {
-                volume, at, chap, ..
-            } => {
-                assert_eq!(volume, "laptop/root");
-                assert_eq!(at.as_deref(), Some("2026-11-20"));
-                assert_eq!(chap.unwrap().secret, "twelve-chars-ok");
-            }
-            other => panic!("{other:?}"),
-        }
+        let spec = e.spec().unwrap();
+        assert_eq!(spec.volume, "laptop/root");
+        assert_eq!(spec.at.as_deref(), Some("2026-11-20"));
+        assert_eq!(spec.chap.unwrap().secret, "twelve-chars-ok");
         // A secret file that is not there, or half a CHAP setting: told.
         let missing = ExportConfig {
             chap_secret_file: Some(dir.path().join("nope")),
             ..e.clone()
         };
-        assert!(missing.request().unwrap_err().to_string().contains("nope"));
+        assert!(missing.spec().unwrap_err().to_string().contains("nope"));
         let half = ExportConfig {
             chap_secret_file: None,
             ..e.clone()
         };
-        assert!(half.request().is_err());
+        assert!(half.spec().is_err());
         let bad_name = ExportConfig {
             name: Some("not an iqn".into()),
             ..e.clone()
         };
-        assert!(bad_name.request().is_err());
+        assert!(bad_name.spec().is_err());
         // Two exports on one address, or a target that is no volume: the
         // file is refused as a whole.
         let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();

@@ -1,4 +1,9 @@
-//! The one error type of the `mirror-server` library.
+//! The one error type of the `mirror-server` library, with a small set of
+//! kinds a caller can tell apart: a bad request ([`Error::Invalid`]), a
+//! block to send again ([`Error::BadBlock`]), damaged files of ours
+//! ([`Error::Corrupt`]), a failed system call ([`Error::Io`]) and a lost
+//! or silent peer ([`Error::Link`]). A peer that breaks the protocol ends
+//! its connection in [`crate::serve`] and never becomes an `Error`.
 
 /// What went wrong, with the context a user needs.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +20,11 @@ pub enum Error {
     /// A file of ours that does not read as we wrote it.
     #[error("damaged volume data: {0}")]
     Corrupt(String),
+
+    /// The connection or a stream to a peer failed, or the peer went
+    /// quiet: nothing about the request or the volume was wrong.
+    #[error("{0}")]
+    Link(String),
 
     /// An operating-system call failed.
     #[error("{context}: {source}")]

@@ -1,25 +1,36 @@
 //! `mirror-server`: the side of ublk-mirror that keeps the mirrors.
 //!
-//! - [`admin`]: the running server's admin socket (volume changes from
-//!   the command line);
+//! - [`admin`]: the admin socket's protocol, the commands' side of it and
+//!   the running server's ([`admin::dispatch`]);
 //! - [`clients`]: enrolled clients, tokens, revocation;
 //! - [`config`]: the settings file, `server.toml`;
+//! - [`exports`]: the export registry — starting, stopping and listing
+//!   iSCSI exports, however asked for;
 //! - [`iscsi`]: the built-in iSCSI target that exports volume versions;
-//! - [`serve`]: the QUIC server;
+//! - [`schedule`]: scheduled snapshots and their pruning;
+//! - [`serve`]: the QUIC server — connections, hellos, revocation, and
+//!   the dispatch of requests (whose epoch and restore protocol is in the
+//!   private `session` module);
 //! - [`snapshots`]: point-in-time versions of a volume, as backward deltas
 //!   that cost space in proportion to what changed;
 //! - [`store`]: volumes on disk — a sparse image holding one published
 //!   epoch, and the staging through which the next epoch arrives, verified
 //!   and published atomically (a reader never sees half an epoch, also
-//!   after a crash mid-commit).
+//!   after a crash mid-commit);
+//! - [`volumes`]: the volume registry — opening, creating within quotas,
+//!   sharing open volumes, recovery at start-up.
 
 pub mod admin;
 pub mod clients;
 pub mod config;
 mod error;
+pub mod exports;
 pub mod iscsi;
+pub mod schedule;
 pub mod serve;
+mod session;
 pub mod snapshots;
 pub mod store;
+pub mod volumes;
 
 pub use error::{Error, Result};

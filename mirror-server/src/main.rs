@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mirror_server::clients::Registry;
 use mirror_server::config::ServerConfig;
+use mirror_server::exports::{self, Exports};
+use mirror_server::volumes::{Quota, Volumes};
 use mirror_server::{admin, snapshots, store};
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::token::Token;
@@ -240,7 +242,7 @@ fn main() -> ExitCode {
             chap_secret_file,
             mutual_user,
             mutual_secret_file,
-        } => admin::ChapSpec::from_files(
+        } => exports::ChapSpec::from_files(
             chap_user,
             chap_secret_file.as_deref(),
             mutual_user,
@@ -270,11 +272,19 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mirror-server: error: {e}");
-            ExitCode::from(match e {
-                mirror_server::Error::Invalid(_) => 2,
-                _ => 1,
-            })
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit status of a command that failed with `e`: 2 for a request
+/// that cannot be met as asked (usage, names, refusals), 1 for the rest (a
+/// lost link, a system call, damaged data).
+fn exit_code(e: &mirror_server::Error) -> u8 {
+    use mirror_server::Error;
+    match e {
+        Error::Invalid(_) => 2,
+        Error::Link(_) | Error::BadBlock(_) | Error::Corrupt(_) | Error::Io { .. } => 1,
     }
 }
 
@@ -388,11 +398,11 @@ fn export(
     name: Option<String>,
     allow: Vec<String>,
     writable: bool,
-    chap: Option<admin::ChapSpec>,
+    chap: Option<exports::ChapSpec>,
 ) -> mirror_server::Result<()> {
-    let (volume, at) = admin::split_target(target);
+    let (volume, at) = exports::split_target(target);
     if let Some(iqn) = &name {
-        admin::check_iqn(iqn)?;
+        exports::check_iqn(iqn)?;
     }
     let show = |info: &serde_json::Value| {
         let iqn = info["iqn"].as_str().unwrap_or_default();
@@ -413,17 +423,17 @@ fn export(
         println!("  iscsi://{portal}/{iqn}/0");
         let _ = std::io::stdout().flush();
     };
-    let op = admin::Op::Export {
+    let spec = exports::ExportSpec {
         volume: volume.clone(),
-        at: at.clone(),
+        at,
         listen,
-        name: name.clone(),
-        allow: allow.clone(),
+        name,
+        allow,
         writable,
-        chap: chap.clone(),
+        chap,
     };
     if admin::server_running(data) {
-        let info = admin::request(data, op)?;
+        let info = admin::request(data, admin::Op::from(spec))?;
         show(&info);
         println!(
             "the server serves it until `mirror-server unexport {}`",
@@ -433,29 +443,16 @@ fn export(
     }
     // No server: serve it here until Ctrl-C, as the server would.
     let _lock = admin::ServerLock::take(data)?;
-    let dir = admin::volume_dir(data, &volume)?;
-    let (client, vname) = volume.split_once('/').unwrap_or_default();
-    let (opened, _) = store::Volume::open(&dir)?;
+    admin::volume_dir(data, &volume)?;
     runtime()?.block_on(async {
-        let shared = std::sync::Arc::new(tokio::sync::Mutex::new(opened));
-        let overlay = writable.then_some(dir.as_path());
-        let running = mirror_server::serve::export(
-            shared,
-            client,
-            vname,
-            at.as_deref(),
-            listen,
-            name,
-            allow,
-            overlay,
-            chap.map(admin::ChapSpec::into_chap).transpose()?,
-        )
-        .await?;
-        show(&mirror_server::serve::export_json(&running));
+        let volumes = Volumes::new(data, Quota::none());
+        let running = Exports::new();
+        let info = running.start(&volumes, spec).await?;
+        show(&info);
         println!("serving until Ctrl-C (or SIGTERM)");
         let _ = std::io::stdout().flush();
         stop_asked().await;
-        running.stop().await;
+        running.stop_all().await;
         Ok(())
     })
 }

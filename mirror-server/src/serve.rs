@@ -9,23 +9,31 @@
 //! client's volume. A malformed frame ends that connection, with the reason
 //! logged; other connections go on. A revoked client's connections are
 //! closed within a second.
+//!
+//! This module owns the transport: the endpoint, connections, hellos,
+//! enrollment, the revocation recheck, and the dispatch of each request to
+//! its handler; the volumes are [`crate::volumes`]'s, the epochs' and
+//! restores' protocol is in `session`. [`run`] starts the server's parts
+//! (the admin socket, the configured exports, the snapshot schedule)
+//! around it and stops them at shutdown.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ublk_mirror_common::identity::{Fingerprint, Identity};
-use ublk_mirror_common::proto::{Message, ProtoError, Writer, MAX_RESEND, MAX_STAGED_RANGES};
-use ublk_mirror_common::{block, tls, wire, ByteSize};
+use ublk_mirror_common::proto::{Digest, Message, Writer};
+use ublk_mirror_common::{tls, wire};
 
 use crate::admin::{self, ServerLock};
 use crate::clients::Registry;
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
-use crate::iscsi;
-use crate::snapshots::{Kind, SnapshotInfo};
-use crate::store::{Staging, Volume, VOLUMES_DIR};
+use crate::exports::Exports;
+use crate::schedule;
+use crate::session::{receive_data, receive_epoch, refuse, serve_restore, variant, Fault};
+use crate::snapshots::Kind;
+use crate::volumes::{Quota, Volumes};
 
 /// QUIC close code: the client was revoked.
 const CLOSE_REVOKED: u32 = 1;
@@ -35,22 +43,11 @@ const CLOSE_PROTOCOL: u32 = 2;
 /// How often connections re-check that their client is still allowed.
 const RECHECK: Duration = Duration::from_secs(1);
 
-/// Longest wait for the next message of an epoch in progress.
-const MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A volume shared by the connections (and exports) that use it.
-pub type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
-
 /// What every connection shares.
 #[derive(Debug)]
 struct Shared {
-    data: PathBuf,
-    config: ServerConfig,
     registry: Registry,
-    /// Open volumes by (client, volume), with their size.
-    volumes: Mutex<HashMap<(String, String), (u64, SharedVolume)>>,
-    /// Running iSCSI exports by target name.
-    exports: Mutex<HashMap<String, iscsi::Running>>,
+    volumes: Arc<Volumes>,
 }
 
 /// Serve until `shutdown` resolves. `on_listening` gets the bound address
@@ -71,7 +68,8 @@ pub async fn run(
         ))
     })?;
     let server_config = tls::server_config(&identity).map_err(|e| Error::Invalid(e.to_string()))?;
-    recover_all(data)?;
+    let volumes = Arc::new(Volumes::new(data, Quota::of(config)));
+    volumes.recover_all()?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .map_err(|e| Error::io(format!("listening on {} (udp)", config.listen), e))?;
     let local = endpoint
@@ -80,40 +78,34 @@ pub async fn run(
     tracing::info!(listen = %local, fingerprint = %identity.fingerprint(), "serving");
     on_listening(local);
     let shared = Arc::new(Shared {
-        data: data.to_path_buf(),
-        config: config.clone(),
         registry: Registry::open(data)?,
-        volumes: Mutex::new(HashMap::new()),
-        exports: Mutex::new(HashMap::new()),
+        volumes: volumes.clone(),
     });
-    let admin = admin_socket(data)?;
-    {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                match admin.accept().await {
-                    Ok((stream, _)) => {
-                        let shared = shared.clone();
-                        tokio::spawn(async move {
-                            let handled = admin::serve_one(stream, async |op| {
-                                admin_request(&shared, op).await
-                            })
-                            .await;
-                            if let Err(e) = handled {
-                                tracing::warn!("admin request failed: {e}");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::error!("admin socket: {e}");
-                        return;
-                    }
-                }
-            }
-        });
-    }
-    start_exports(&shared).await;
-    tokio::spawn(schedule(shared.clone()));
+    let exports = Arc::new(Exports::new());
+    let admin_socket = admin::dispatch::listen(data)?;
+    tokio::spawn(admin::dispatch::serve(
+        admin_socket,
+        volumes.clone(),
+        exports.clone(),
+    ));
+    exports.start_configured(&volumes, &config.exports).await;
+    tokio::spawn(schedule::run(config.clone(), volumes));
+    accept(&endpoint, shared, shutdown).await;
+    tracing::info!("shutting down");
+    exports.stop_all().await;
+    endpoint.close(0u32.into(), b"server shutting down");
+    endpoint.wait_idle().await;
+    let _ = std::fs::remove_file(data.join(admin::SOCKET));
+    Ok(())
+}
+
+/// Take connections, each on a task of its own, until `shutdown` resolves
+/// or the endpoint closes.
+async fn accept(
+    endpoint: &quinn::Endpoint,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -128,271 +120,6 @@ pub async fn run(
                 });
             }
             () = &mut shutdown => break,
-        }
-    }
-    tracing::info!("shutting down");
-    let exports: Vec<iscsi::Running> = shared
-        .exports
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .map(|(_, r)| r)
-        .collect();
-    for running in exports {
-        running.stop().await;
-    }
-    endpoint.close(0u32.into(), b"server shutting down");
-    endpoint.wait_idle().await;
-    let _ = std::fs::remove_file(data.join(admin::SOCKET));
-    Ok(())
-}
-
-/// Start the exports `server.toml` lists. One that cannot start (a
-/// snapshot gone, a port taken, a secret file missing) is logged as an
-/// error and the rest of the server goes on: replication must not stop
-/// for an export.
-async fn start_exports(shared: &Arc<Shared>) {
-    for (i, e) in shared.config.exports.iter().enumerate() {
-        let started = match e.request() {
-            Ok(op) => admin_request(shared, op).await,
-            Err(err) => Err(err),
-        };
-        match started {
-            Ok(_) => {}
-            Err(err) => tracing::error!(
-                target = %e.target,
-                "exports[{i}] in {} did not start: {err}",
-                crate::config::CONFIG_FILE
-            ),
-        }
-    }
-}
-
-/// Carry out an admin request in the server.
-async fn admin_request(shared: &Arc<Shared>, op: admin::Op) -> Result<serde_json::Value> {
-    match op {
-        admin::Op::Unexport { name } => {
-            let running = shared
-                .exports
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&name);
-            let Some(running) = running else {
-                return Err(Error::Invalid(format!("nothing is exported as {name}")));
-            };
-            let info = serde_json::json!({"iqn": running.iqn, "portal": running.portal});
-            running.stop().await;
-            tracing::info!(iqn = %name, "export stopped");
-            Ok(info)
-        }
-        admin::Op::Export {
-            volume,
-            at,
-            listen,
-            name,
-            allow,
-            writable,
-            chap,
-        } => {
-            let chap = chap.map(admin::ChapSpec::into_chap).transpose()?;
-            let (client, vname) = split_volume(&volume)?;
-            let v = open_volume(shared, client, vname, None)?;
-            let dir = shared.data.join(VOLUMES_DIR).join(client).join(vname);
-            let overlay = writable.then_some(dir.as_path());
-            let running = export(
-                v,
-                client,
-                vname,
-                at.as_deref(),
-                listen,
-                name,
-                allow,
-                overlay,
-                chap,
-            )
-            .await?;
-            let info = export_json(&running);
-            tracing::info!(iqn = %running.iqn, portal = %running.portal, snapshot = %running.snapshot.name, "exported");
-            let refused = {
-                let mut exports = shared.exports.lock().unwrap_or_else(|p| p.into_inner());
-                if exports.contains_key(&running.iqn) {
-                    Some(running)
-                } else {
-                    exports.insert(running.iqn.clone(), running);
-                    None
-                }
-            };
-            if let Some(running) = refused {
-                running.stop().await;
-                return Err(Error::Invalid(
-                    "that target name is exported already".into(),
-                ));
-            }
-            Ok(info)
-        }
-        op => {
-            let volume = admin::volume_of(&op).unwrap_or_default().to_string();
-            let (client, name) = split_volume(&volume)?;
-            let v = open_volume(shared, client, name, None)?;
-            let mut v = v.lock().await;
-            let done = tokio::task::block_in_place(|| admin::apply(&mut v, &op));
-            if let Ok(info) = &done {
-                tracing::info!(?op, snapshot = %info.name, "admin request done");
-            }
-            done.map(|info| admin::snapshot_json(&info))
-        }
-    }
-}
-
-/// What `mirror-server export` prints about a running export.
-pub fn export_json(running: &iscsi::Running) -> serde_json::Value {
-    serde_json::json!({
-        "iqn": running.iqn,
-        "portal": running.portal,
-        "snapshot": running.snapshot.name,
-        "epoch": running.snapshot.epoch,
-        "epoch_ms": running.snapshot.epoch_ms,
-    })
-}
-
-/// Export version `at` of `volume` (of `client`) over iSCSI on `listen`
-/// (with `overlay`: writable, its throwaway file made there).
-#[allow(clippy::too_many_arguments)]
-pub async fn export(
-    volume: SharedVolume,
-    client: &str,
-    name: &str,
-    at: Option<&str>,
-    listen: std::net::SocketAddr,
-    iqn: Option<String>,
-    allow: Vec<String>,
-    overlay: Option<&Path>,
-    chap: Option<iscsi::target::Chap>,
-) -> Result<iscsi::Running> {
-    let (info, pin, reader, uuid) = {
-        let mut v = volume.lock().await;
-        let (info, pin) = tokio::task::block_in_place(|| v.pin_version(at))?;
-        (info, pin, v.reader(), v.state().uuid.clone())
-    };
-    let iqn = iqn.unwrap_or_else(|| {
-        let shown = if at.is_none() {
-            "now"
-        } else {
-            info.name.as_str()
-        };
-        iscsi::export_name(client, name, shown)
-    });
-    let lun = Arc::new(iscsi::SnapshotLun::new(
-        volume.clone(),
-        reader,
-        info,
-        pin,
-        &uuid,
-    ));
-    match iscsi::start(lun.clone(), overlay, iqn, listen, allow, chap).await {
-        Ok(running) => Ok(running),
-        Err(e) => {
-            let _ = tokio::task::spawn_blocking(move || lun.release()).await;
-            Err(e)
-        }
-    }
-}
-
-/// Listen on `DATA/admin.sock`, for root only.
-fn admin_socket(data: &Path) -> Result<tokio::net::UnixListener> {
-    let path = data.join(admin::SOCKET);
-    // We hold the server lock: a socket left there is a dead server's.
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(|e| Error::io(format!("restricting {}", path.display()), e))?;
-    Ok(listener)
-}
-
-fn split_volume(volume: &str) -> Result<(&str, &str)> {
-    let (client, name) = volume
-        .split_once('/')
-        .ok_or_else(|| Error::Invalid(format!("{volume:?}: name a volume as CLIENT/VOLUME")))?;
-    for part in [client, name] {
-        ublk_mirror_common::proto::check_name(part).map_err(|e| Error::Invalid(e.to_string()))?;
-    }
-    Ok((client, name))
-}
-
-/// Every `CLIENT/VOLUME` in the data directory.
-fn all_volumes(data: &Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let root = data.join(VOLUMES_DIR);
-    for client in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for volume in std::fs::read_dir(client.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let hidden = volume.file_name().to_string_lossy().starts_with('.');
-            if !hidden && volume.path().join("state.json").exists() {
-                out.push((
-                    client.file_name().to_string_lossy().into_owned(),
-                    volume.file_name().to_string_lossy().into_owned(),
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// The snapshot schedule: for every volume whose policy takes them, a
-/// snapshot when the volume changed since its last one and `every` has
-/// passed since the last scheduled one; then pruning by its retention.
-async fn schedule(shared: Arc<Shared>) {
-    let every: Vec<Duration> = std::iter::once(shared.config.snapshots.every.0)
-        .chain(shared.config.volumes.values().map(|p| p.every.0))
-        .filter(|d| !d.is_zero())
-        .collect();
-    let Some(shortest) = every.iter().min().copied() else {
-        return;
-    };
-    let tick = (shortest / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
-    loop {
-        tokio::time::sleep(tick).await;
-        for (client, name) in all_volumes(&shared.data) {
-            let policy = shared.config.policy(&format!("{client}/{name}"));
-            if policy.every.0.is_zero() {
-                continue;
-            }
-            let Ok(v) = open_volume(&shared, &client, &name, None) else {
-                continue;
-            };
-            let mut v = v.lock().await;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let published = v.state().published_epoch;
-            let changed = published > 0
-                && v.snapshots()
-                    .list()
-                    .last()
-                    .is_none_or(|s| s.epoch < published);
-            let due = v
-                .snapshots()
-                .last_scheduled_ms()
-                .is_none_or(|last| now.saturating_sub(last) >= policy.every.0.as_millis() as u64);
-            let done = tokio::task::block_in_place(|| -> Result<()> {
-                if changed && due {
-                    let info = v.snapshot(None, Kind::Scheduled)?;
-                    tracing::info!(volume = %format!("{client}/{name}"), snapshot = %info.name, epoch = info.epoch, "scheduled snapshot");
-                }
-                let pruned = v.prune_snapshots(&policy.retention)?;
-                if !pruned.is_empty() {
-                    tracing::info!(volume = %format!("{client}/{name}"), ?pruned, "snapshots pruned");
-                }
-                Ok(())
-            });
-            if let Err(e) = done {
-                tracing::error!(volume = %format!("{client}/{name}"), "snapshot schedule: {e}");
-            }
         }
     }
 }
@@ -410,41 +137,12 @@ fn raise_open_files() {
     }
 }
 
-/// Open every volume once, finishing publications a crash interrupted,
-/// so that no image is left half-applied until its client comes back.
-fn recover_all(data: &Path) -> Result<()> {
-    let root = data.join(VOLUMES_DIR);
-    if !root.is_dir() {
-        return Ok(());
-    }
-    for client in std::fs::read_dir(&root)
-        .map_err(|e| Error::io(format!("listing {}", root.display()), e))?
-        .flatten()
-    {
-        for volume in std::fs::read_dir(client.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|v| !v.file_name().to_string_lossy().starts_with('.'))
-        {
-            match Volume::open(&volume.path()) {
-                Ok((_, r)) if r != Default::default() => {
-                    tracing::warn!(volume = %volume.path().display(), recovery = ?r, "volume recovered");
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(volume = %volume.path().display(), "cannot open volume: {e}");
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
+/// A failed QUIC connection or stream.
 fn link(e: impl std::fmt::Display) -> Error {
-    Error::Invalid(e.to_string())
+    Error::Link(e.to_string())
 }
 
+/// One client's connection: each stream a request, on a task of its own.
 async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<()> {
     let conn = incoming.await.map_err(link)?;
     let fingerprint = tls::peer_fingerprint(&conn)
@@ -458,23 +156,11 @@ async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<()
     );
     // Revocation cuts a client off at once (within RECHECK), also one
     // that enrolled on this very connection.
-    {
-        let watched = conn.clone();
-        let registry = shared.registry.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = watched.closed() => return,
-                    () = tokio::time::sleep(RECHECK) => {}
-                }
-                if tokio::task::block_in_place(|| registry.revoked(fingerprint)).unwrap_or(false) {
-                    tracing::warn!(%fingerprint, "client revoked: closing its connection");
-                    watched.close(CLOSE_REVOKED.into(), b"revoked");
-                    return;
-                }
-            }
-        });
-    }
+    tokio::spawn(watch_revocation(
+        conn.clone(),
+        shared.registry.clone(),
+        fingerprint,
+    ));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -498,63 +184,34 @@ async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<()
     }
 }
 
-/// How a request ended badly.
-enum Fault {
-    /// The peer broke the protocol: the connection ends.
-    Protocol(String),
-    /// Anything else: the stream ends.
-    Other(Error),
-}
-
-impl From<ublk_mirror_common::Error> for Fault {
-    fn from(e: ublk_mirror_common::Error) -> Fault {
-        match e {
-            ublk_mirror_common::Error::Proto(p) => Fault::Protocol(p.to_string()),
-            other => Fault::Other(Error::Invalid(other.to_string())),
+/// Close `conn` once `fingerprint`'s client is revoked (checked every
+/// [`RECHECK`]), or return when it closes.
+async fn watch_revocation(conn: quinn::Connection, registry: Registry, fingerprint: Fingerprint) {
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+        if tokio::task::block_in_place(|| registry.revoked(fingerprint)).unwrap_or(false) {
+            tracing::warn!(%fingerprint, "client revoked: closing its connection");
+            conn.close(CLOSE_REVOKED.into(), b"revoked");
+            return;
         }
     }
 }
 
-impl From<Error> for Fault {
-    fn from(e: Error) -> Fault {
-        Fault::Other(e)
-    }
-}
-
-async fn refuse(send: &mut quinn::SendStream, reason: String) -> std::result::Result<(), Fault> {
-    wire::send(send, &Message::Refused { reason }).await?;
-    let _ = send.finish();
-    Ok(())
-}
-
+/// One request's stream: the hellos, then enrollment, or a request of an
+/// enrolled client.
 async fn request(
     shared: &Shared,
     fingerprint: Fingerprint,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let hello = wire::expect(&mut recv).await?;
-    if let Err(e) = hello.check_hello() {
-        refuse(&mut send, e.to_string()).await?;
-        return Err(Fault::Protocol(e.to_string()));
-    }
-    wire::send(&mut send, &Message::hello()).await?;
+    hello(&mut send, &mut recv).await?;
     let req = wire::expect(&mut recv).await?;
     if let Message::Enroll { name, secret } = &req {
-        let registry = shared.registry.clone();
-        let enrolled = tokio::task::block_in_place(|| registry.enroll(name, secret, fingerprint));
-        return match enrolled {
-            Ok(()) => {
-                tracing::info!(client = %name, %fingerprint, "client enrolled");
-                wire::send(&mut send, &Message::Enrolled { name: name.clone() }).await?;
-                let _ = send.finish();
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(client = %name, "enrollment refused");
-                refuse(&mut send, e.to_string()).await
-            }
-        };
+        return enroll(shared, fingerprint, name, secret, &mut send).await;
     }
     // Who the client is, now: enrolled on this connection, or revoked.
     let registry = shared.registry.clone();
@@ -566,139 +223,88 @@ async fn request(
         )
         .await;
     };
+    dispatch(&shared.volumes, client, req, &mut send, &mut recv).await
+}
+
+/// Take the client's `Hello` and answer with ours; one that speaks
+/// another protocol is refused, and its connection ends.
+async fn hello(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> std::result::Result<(), Fault> {
+    let hello = wire::expect(recv).await?;
+    if let Err(e) = hello.check_hello() {
+        refuse(send, e.to_string()).await?;
+        return Err(Fault::Protocol(e.to_string()));
+    }
+    wire::send(send, &Message::hello()).await?;
+    Ok(())
+}
+
+/// Enroll the certificate `fingerprint` as client `name`, with the
+/// token's `secret`.
+async fn enroll(
+    shared: &Shared,
+    fingerprint: Fingerprint,
+    name: &str,
+    secret: &[u8; 32],
+    send: &mut quinn::SendStream,
+) -> std::result::Result<(), Fault> {
+    let registry = shared.registry.clone();
+    let enrolled = tokio::task::block_in_place(|| registry.enroll(name, secret, fingerprint));
+    match enrolled {
+        Ok(()) => {
+            tracing::info!(client = %name, %fingerprint, "client enrolled");
+            wire::send(
+                send,
+                &Message::Enrolled {
+                    name: name.to_string(),
+                },
+            )
+            .await?;
+            let _ = send.finish();
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(client = %name, "enrollment refused");
+            refuse(send, e.to_string()).await
+        }
+    }
+}
+
+/// Hand an enrolled `client`'s request to its handler.
+async fn dispatch(
+    volumes: &Volumes,
+    client: &str,
+    req: Message,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> std::result::Result<(), Fault> {
     match req {
         Message::OpenVolume { volume, size } => {
-            let opened = open_volume(shared, client, &volume, Some(size));
-            match opened {
-                Ok(v) => {
-                    let state = v.lock().await.state().clone();
-                    wire::send(
-                        &mut send,
-                        &Message::VolumeInfo {
-                            volume,
-                            size: state.size,
-                            published_epoch: state.published_epoch,
-                            uuid: state.uuid_bytes(),
-                            writer: state.writer(),
-                        },
-                    )
-                    .await?;
-                    let _ = send.finish();
-                    Ok(())
-                }
-                Err(e) => refuse(&mut send, e.to_string()).await,
-            }
+            open_volume(volumes, client, volume, size, send).await
         }
         Message::BeginEpoch {
             volume,
             epoch,
             writer,
-        } => {
-            let v = match open_volume(shared, client, &volume, None) {
-                Ok(v) => v,
-                Err(e) => return refuse(&mut send, e.to_string()).await,
-            };
-            receive_epoch(&v, epoch, writer, &mut send, &mut recv).await
-        }
+        } => begin_epoch(volumes, client, &volume, epoch, writer, send, recv).await,
         Message::EpochData { volume, epoch } => {
-            let staging = match open_volume(shared, client, &volume, None) {
-                Ok(v) => v.lock().await.staging(epoch),
-                Err(e) => return refuse(&mut send, e.to_string()).await,
-            };
-            match staging {
-                Some(staging) => receive_data(&staging, &mut send, &mut recv).await,
-                None => {
-                    refuse(
-                        &mut send,
-                        format!("epoch {epoch} of {volume} is not being staged: begin it first"),
-                    )
-                    .await
-                }
-            }
+            epoch_data(volumes, client, &volume, epoch, send, recv).await
         }
         Message::StagedHashes {
             volume,
             epoch,
             blocks,
-        } => {
-            let staging = match open_volume(shared, client, &volume, None) {
-                Ok(v) => v.lock().await.staging(epoch),
-                Err(e) => return refuse(&mut send, e.to_string()).await,
-            };
-            let Some(staging) = staging else {
-                return refuse(
-                    &mut send,
-                    format!("epoch {epoch} of {volume} is not being staged"),
-                )
-                .await;
-            };
-            let digests = staging.digests(&blocks);
-            wire::send(&mut send, &Message::Hashes { digests }).await?;
-            let _ = send.finish();
-            Ok(())
-        }
+        } => staged_hashes(volumes, client, &volume, epoch, &blocks, send).await,
         Message::Restore { volume, at } => {
-            let v = match open_volume(shared, client, &volume, None) {
-                Ok(v) => v,
-                Err(e) => return refuse(&mut send, e.to_string()).await,
-            };
-            let pinned = {
-                let mut v = v.lock().await;
-                tokio::task::block_in_place(|| v.pin_version(at.as_deref()))
-            };
-            let (info, pin) = match pinned {
-                Ok(p) => p,
-                Err(e) => return refuse(&mut send, e.to_string()).await,
-            };
-            tracing::info!(client, volume, snapshot = %info.name, "restore started");
-            let served = serve_restore(&v, &info, &mut send, &mut recv).await;
-            let mut locked = v.lock().await;
-            if let Err(e) = tokio::task::block_in_place(|| locked.done_reading(&info, pin)) {
-                tracing::warn!(client, volume, "after a restore: {e}");
-            }
-            tracing::info!(client, volume, snapshot = %info.name, ok = served.is_ok(), "restore ended");
-            served
+            restore(volumes, client, &volume, at.as_deref(), send, recv).await
         }
         Message::TakeSnapshot { volume, name } => {
-            let v = match open_volume(shared, client, &volume, None) {
-                Ok(v) => v,
-                Err(e) => return refuse(&mut send, e.to_string()).await,
-            };
-            let mut v = v.lock().await;
-            let taken = tokio::task::block_in_place(|| v.snapshot(name.as_deref(), Kind::Manual));
-            match taken {
-                Ok(info) => {
-                    tracing::info!(client, volume, snapshot = %info.name, epoch = info.epoch, "snapshot taken");
-                    wire::send(
-                        &mut send,
-                        &Message::SnapshotTaken {
-                            name: info.name,
-                            epoch: info.epoch,
-                            epoch_ms: info.epoch_ms,
-                        },
-                    )
-                    .await?;
-                    let _ = send.finish();
-                    Ok(())
-                }
-                Err(e) => refuse(&mut send, e.to_string()).await,
-            }
+            take_snapshot(volumes, client, &volume, name.as_deref(), send).await
         }
         Message::HashRequest { volume, blocks } => {
-            let v = match open_volume(shared, client, &volume, None) {
-                Ok(v) => v,
-                Err(e) => return refuse(&mut send, e.to_string()).await,
-            };
-            let v = v.lock().await;
-            let digests = tokio::task::block_in_place(|| v.hashes(&blocks));
-            match digests {
-                Ok(digests) => {
-                    wire::send(&mut send, &Message::Hashes { digests }).await?;
-                    let _ = send.finish();
-                    Ok(())
-                }
-                Err(e) => refuse(&mut send, e.to_string()).await,
-            }
+            hash_request(volumes, client, &volume, &blocks, send).await
         }
         other => Err(Fault::Protocol(format!(
             "a request cannot start with {}",
@@ -707,320 +313,189 @@ async fn request(
     }
 }
 
-fn variant(m: &Message) -> String {
-    format!("{m:?}")
-        .split([' ', '{', '('])
-        .next()
-        .unwrap_or("?")
-        .to_string()
+/// `OpenVolume`: open (or create, within the quota) the client's volume
+/// and answer what it is.
+async fn open_volume(
+    volumes: &Volumes,
+    client: &str,
+    volume: String,
+    size: u64,
+    send: &mut quinn::SendStream,
+) -> std::result::Result<(), Fault> {
+    let opened = volumes.open(client, &volume, Some(size));
+    match opened {
+        Ok(v) => {
+            let state = v.lock().await.state().clone();
+            wire::send(
+                send,
+                &Message::VolumeInfo {
+                    volume,
+                    size: state.size,
+                    published_epoch: state.published_epoch,
+                    uuid: state.uuid_bytes(),
+                    writer: state.writer(),
+                },
+            )
+            .await?;
+            let _ = send.finish();
+            Ok(())
+        }
+        Err(e) => refuse(send, e.to_string()).await,
+    }
 }
 
-/// The volume `client/volume`, opened once (finishing an interrupted
-/// commit) and shared; created when `size` is given and it is new.
-fn open_volume(
-    shared: &Shared,
+/// `BeginEpoch`: the epoch's control stream.
+async fn begin_epoch(
+    volumes: &Volumes,
     client: &str,
     volume: &str,
-    size: Option<u64>,
-) -> Result<SharedVolume> {
-    let key = (client.to_string(), volume.to_string());
-    let mut volumes = shared.volumes.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((have, v)) = volumes.get(&key) {
-        if let Some(size) = size.filter(|s| s != have) {
-            return Err(size_mismatch(volume, *have, size));
-        }
-        return Ok(v.clone());
-    }
-    let dir = shared.data.join(VOLUMES_DIR).join(client).join(volume);
-    let opened = if dir.exists() {
-        let (v, recovery) = tokio::task::block_in_place(|| Volume::open(&dir))?;
-        if recovery != Default::default() {
-            tracing::warn!(client, volume, ?recovery, "volume recovered");
-        }
-        if let Some(size) = size {
-            if v.state().size != size {
-                return Err(size_mismatch(volume, v.state().size, size));
-            }
-        }
-        v
-    } else {
-        let Some(size) = size else {
-            return Err(Error::Invalid(format!(
-                "there is no volume {volume}: open it first"
-            )));
-        };
-        tokio::task::block_in_place(|| check_quota(shared, client, size))?;
-        tracing::info!(client, volume, size, "new volume");
-        tokio::task::block_in_place(|| Volume::create(&dir, size))?
-    };
-    let have = opened.state().size;
-    let v = Arc::new(tokio::sync::Mutex::new(opened));
-    volumes.insert(key, (have, v.clone()));
-    Ok(v)
-}
-
-/// Refuse a new volume of `size` that would take `client` past the
-/// server's limits.
-fn check_quota(shared: &Shared, client: &str, size: u64) -> Result<()> {
-    let cdir = shared.data.join(VOLUMES_DIR).join(client);
-    let mut count = 0u32;
-    let mut bytes = 0u64;
-    for entry in std::fs::read_dir(&cdir).into_iter().flatten().flatten() {
-        if let Ok(state) = crate::store::read_state(&entry.path()) {
-            count += 1;
-            bytes = bytes.saturating_add(state.size);
-        }
-    }
-    let limits = &shared.config;
-    if count >= limits.max_volumes_per_client {
-        return Err(Error::Invalid(format!(
-            "client {client} has {count} volumes, the most this server allows (max_volumes_per_client in server.toml)"
-        )));
-    }
-    if let Some(max) = limits.max_bytes_per_client {
-        if bytes.saturating_add(size) > max.0 {
-            return Err(Error::Invalid(format!(
-                "a volume of {} would take client {client} past its {} (it has {} in volumes; max_bytes_per_client in server.toml)",
-                ByteSize(size),
-                max,
-                ByteSize(bytes)
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn size_mismatch(volume: &str, have: u64, asked: u64) -> Error {
-    Error::Invalid(format!(
-        "volume {volume} is {have} bytes on the server, not {asked}: a volume's size never changes (use another volume name)"
-    ))
-}
-
-/// The control stream of one epoch: begin (or resume) its staging, tell
-/// the client what is staged already, wait for `EndEpoch`, publish, and
-/// answer `Committed`. Nothing is held while the data streams work: the
-/// volume's lock only for beginning and publishing.
-async fn receive_epoch(
-    volume: &SharedVolume,
     epoch: u64,
     writer: Writer,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let begun = {
-        let mut v = volume.lock().await;
-        tokio::task::block_in_place(|| v.begin(epoch, writer))
-    };
-    let staging = match begun {
-        Ok(s) => s,
+    let v = match volumes.open(client, volume, None) {
+        Ok(v) => v,
         Err(e) => return refuse(send, e.to_string()).await,
     };
-    let ranges = staging.ranges();
-    let mut chunks = ranges.chunks(MAX_STAGED_RANGES).peekable();
-    if chunks.peek().is_none() {
-        wire::send(
-            send,
-            &Message::Staged {
-                ranges: Vec::new(),
-                adopted: staging.adopted(),
-                done: true,
-            },
-        )
-        .await?;
-    }
-    while let Some(chunk) = chunks.next() {
-        let done = chunks.peek().is_none();
-        wire::send(
-            send,
-            &Message::Staged {
-                ranges: chunk.to_vec(),
-                adopted: staging.adopted(),
-                done,
-            },
-        )
-        .await?;
-    }
-    // The data streams may take long (a whole disk): a dead peer is found
-    // by the connection's idle timeout, and its staging waits for it.
-    match wire::expect(recv).await? {
-        Message::EndEpoch => {}
-        other => {
-            return Err(Fault::Protocol(
-                ProtoError::Malformed(format!("{} inside an epoch", variant(&other))).to_string(),
-            ))
-        }
-    }
-    let committed = {
-        let mut v = volume.lock().await;
-        tokio::task::block_in_place(|| v.commit(&staging))
+    receive_epoch(&v, epoch, writer, send, recv).await
+}
+
+/// `EpochData`: one data stream of an epoch being staged.
+async fn epoch_data(
+    volumes: &Volumes,
+    client: &str,
+    volume: &str,
+    epoch: u64,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> std::result::Result<(), Fault> {
+    let staging = match volumes.open(client, volume, None) {
+        Ok(v) => v.lock().await.staging(epoch),
+        Err(e) => return refuse(send, e.to_string()).await,
     };
-    match committed {
-        Ok(()) => {
-            wire::send(send, &Message::Committed { epoch }).await?;
-            let _ = send.finish();
-            Ok(())
-        }
-        Err(e) => {
-            tracing::error!(epoch, "cannot publish: {e}");
+    match staging {
+        Some(staging) => receive_data(&staging, send, recv).await,
+        None => {
             refuse(
                 send,
-                format!("the server cannot publish epoch {epoch}: {e}"),
+                format!("epoch {epoch} of {volume} is not being staged: begin it first"),
             )
             .await
         }
     }
 }
 
-/// A restore's stream: `RestoreInfo`, then for each `Have` the blocks of
-/// the snapshot whose digests differ from the target's, and `HaveDone`.
-async fn serve_restore(
-    volume: &SharedVolume,
-    info: &SnapshotInfo,
+/// `StagedHashes`: the digests of blocks an epoch has staged.
+async fn staged_hashes(
+    volumes: &Volumes,
+    client: &str,
+    volume: &str,
+    epoch: u64,
+    blocks: &[(u64, u32)],
     send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let reader = volume.lock().await.reader();
-    let size = reader.size();
-    wire::send(
-        send,
-        &Message::RestoreInfo {
-            size,
-            snapshot: info.name.clone(),
-            epoch: info.epoch,
-            epoch_ms: info.epoch_ms,
-        },
-    )
-    .await?;
-    while let Some(next) = tokio::time::timeout(MESSAGE_TIMEOUT, wire::recv(recv))
-        .await
-        .map_err(|_| Fault::Other(Error::Invalid("restore: the client went quiet".into())))??
-    {
-        let Message::Have {
-            offset,
-            len,
-            digests,
-        } = next
-        else {
-            return Err(Fault::Protocol(format!(
-                "{} inside a restore",
-                variant(&next)
-            )));
-        };
-        // Bounded memory: a batch is read whole.
-        if u64::from(len) * digests.len() as u64 > 64 << 20 {
-            return refuse(send, "restore: a batch of more than 64 MiB".into()).await;
-        }
-        if offset >= size || offset % u64::from(len) != 0 {
-            return refuse(
-                send,
-                format!("restore: blocks at {offset} are not in the volume"),
-            )
-            .await;
-        }
-        let blocks: Vec<(u64, u32)> =
-            block::run_of(offset, u64::from(len), digests.len(), size).collect();
-        // Read through the snapshot reader: publishing goes on meanwhile
-        // (it preserves old chunks in the snapshot before it overwrites
-        // them); hash and compress after.
-        let mut data = vec![0u8; blocks.iter().map(|&(_, l)| l as usize).sum()];
-        let read = tokio::task::block_in_place(|| {
-            let mut at = 0usize;
-            for &(o, l) in &blocks {
-                reader.read(info.id, &mut data[at..at + l as usize], o)?;
-                at += l as usize;
-            }
-            Ok::<(), Error>(())
-        });
-        if let Err(e) = read {
-            return refuse(send, format!("restore: {e}")).await;
-        }
-        let mut same = 0u64;
-        let mut at = 0usize;
-        for (i, &(o, l)) in blocks.iter().enumerate() {
-            let bytes = &data[at..at + l as usize];
-            at += l as usize;
-            let mine = block::digest(bytes);
-            if digests.get(i) == Some(&mine) {
-                same += 1;
-                continue;
-            }
-            // Hashed once: the digest compared is the one that travels.
-            let (header, payload) =
-                tokio::task::block_in_place(|| block::encode_hashed(o, bytes, mine, 3));
-            wire::send_with_data(send, &header, &payload).await?;
-        }
-        wire::send(send, &Message::HaveDone { same }).await?;
-    }
+    let staging = match volumes.open(client, volume, None) {
+        Ok(v) => v.lock().await.staging(epoch),
+        Err(e) => return refuse(send, e.to_string()).await,
+    };
+    let Some(staging) = staging else {
+        return refuse(
+            send,
+            format!("epoch {epoch} of {volume} is not being staged"),
+        )
+        .await;
+    };
+    let digests = staging.digests(blocks);
+    wire::send(send, &Message::Hashes { digests }).await?;
     let _ = send.finish();
     Ok(())
 }
 
-/// One data stream of an epoch: blocks until `EndData`, each verified and
-/// staged (several streams at once, in parallel); answered with the
-/// blocks that failed their checks.
-async fn receive_data(
-    staging: &Staging,
+/// `Restore`: pin the version asked for, serve it, and let it go.
+async fn restore(
+    volumes: &Volumes,
+    client: &str,
+    volume: &str,
+    at: Option<&str>,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let epoch = staging.epoch();
-    let mut received = 0u64;
-    let mut refused: Vec<(u64, u32)> = Vec::new();
-    loop {
-        // A client that stops sending mid-epoch does not hold the stream.
-        let next = tokio::time::timeout(MESSAGE_TIMEOUT, wire::expect(recv))
-            .await
-            .map_err(|_| {
-                Fault::Other(Error::Invalid(format!(
-                    "epoch {epoch}: nothing received for {MESSAGE_TIMEOUT:?}; dropping the stream"
-                )))
-            })??;
-        match next {
-            Message::Block {
-                offset,
-                len,
-                sha256,
-                encoding,
-                data_len,
-            } => {
-                let data = wire::recv_data(recv, data_len).await?;
-                received += 1;
-                let added = tokio::task::block_in_place(|| {
-                    staging.add(offset, len, &sha256, encoding, &data)
-                });
-                match added {
-                    Ok(()) => {}
-                    Err(Error::BadBlock(reason)) => {
-                        tracing::warn!(
-                            epoch,
-                            offset,
-                            "block refused, asking for it again: {reason}"
-                        );
-                        if refused.len() >= MAX_RESEND {
-                            let reason = format!("epoch {epoch}: more than {MAX_RESEND} blocks failed their checks; is the link corrupting data?");
-                            return refuse(send, reason).await;
-                        }
-                        refused.push((offset, len));
-                    }
-                    Err(e) => return refuse(send, e.to_string()).await,
-                }
-            }
-            Message::EndData { blocks } => {
-                if blocks != received {
-                    return Err(Fault::Protocol(format!(
-                        "epoch {epoch}: {blocks} blocks announced, {received} received"
-                    )));
-                }
-                wire::send(send, &Message::Resend { blocks: refused }).await?;
-                let _ = send.finish();
-                return Ok(());
-            }
-            other => {
-                return Err(Fault::Protocol(
-                    ProtoError::Malformed(format!("{} inside an epoch's data", variant(&other)))
-                        .to_string(),
-                ))
-            }
+    let v = match volumes.open(client, volume, None) {
+        Ok(v) => v,
+        Err(e) => return refuse(send, e.to_string()).await,
+    };
+    let pinned = {
+        let mut v = v.lock().await;
+        tokio::task::block_in_place(|| v.pin_version(at))
+    };
+    let (info, pin) = match pinned {
+        Ok(p) => p,
+        Err(e) => return refuse(send, e.to_string()).await,
+    };
+    tracing::info!(client, volume, snapshot = %info.name, "restore started");
+    let served = serve_restore(&v, &info, send, recv).await;
+    let mut locked = v.lock().await;
+    if let Err(e) = tokio::task::block_in_place(|| locked.done_reading(&info, pin)) {
+        tracing::warn!(client, volume, "after a restore: {e}");
+    }
+    tracing::info!(client, volume, snapshot = %info.name, ok = served.is_ok(), "restore ended");
+    served
+}
+
+/// `TakeSnapshot`: a manual snapshot of the volume, now.
+async fn take_snapshot(
+    volumes: &Volumes,
+    client: &str,
+    volume: &str,
+    name: Option<&str>,
+    send: &mut quinn::SendStream,
+) -> std::result::Result<(), Fault> {
+    let v = match volumes.open(client, volume, None) {
+        Ok(v) => v,
+        Err(e) => return refuse(send, e.to_string()).await,
+    };
+    let mut v = v.lock().await;
+    let taken = tokio::task::block_in_place(|| v.snapshot(name, Kind::Manual));
+    match taken {
+        Ok(info) => {
+            tracing::info!(client, volume, snapshot = %info.name, epoch = info.epoch, "snapshot taken");
+            wire::send(
+                send,
+                &Message::SnapshotTaken {
+                    name: info.name,
+                    epoch: info.epoch,
+                    epoch_ms: info.epoch_ms,
+                },
+            )
+            .await?;
+            let _ = send.finish();
+            Ok(())
         }
+        Err(e) => refuse(send, e.to_string()).await,
+    }
+}
+
+/// `HashRequest`: the digests of blocks of the published image.
+async fn hash_request(
+    volumes: &Volumes,
+    client: &str,
+    volume: &str,
+    blocks: &[(u64, u32)],
+    send: &mut quinn::SendStream,
+) -> std::result::Result<(), Fault> {
+    let v = match volumes.open(client, volume, None) {
+        Ok(v) => v,
+        Err(e) => return refuse(send, e.to_string()).await,
+    };
+    let v = v.lock().await;
+    let digests: Result<Vec<Digest>> = tokio::task::block_in_place(|| v.hashes(blocks));
+    match digests {
+        Ok(digests) => {
+            wire::send(send, &Message::Hashes { digests }).await?;
+            let _ = send.finish();
+            Ok(())
+        }
+        Err(e) => refuse(send, e.to_string()).await,
     }
 }

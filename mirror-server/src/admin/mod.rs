@@ -18,6 +18,11 @@
 //! <- {"ok":{"iqn":"..","portal":"127.0.0.1:3260","snapshot":"..","epoch":..}}
 //! <- {"error":"there is no snapshot x"}
 //! ```
+//!
+//! This module is the protocol, the commands' side of it
+//! ([`request`]) and the lock; [`dispatch`] is the running server's side.
+
+pub mod dispatch;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -26,6 +31,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::exports::{ChapSpec, ExportSpec};
 use crate::snapshots::{Kind, SnapshotInfo};
 use crate::store::{Volume, VOLUMES_DIR};
 
@@ -80,123 +86,6 @@ pub enum Op {
     },
 }
 
-/// `CLIENT/VOLUME[@SNAPSHOT|@TIME]` split at the `@`.
-pub fn split_target(target: &str) -> (String, Option<String>) {
-    match target.split_once('@') {
-        Some((v, a)) => (v.to_string(), Some(a.to_string())),
-        None => (target.to_string(), None),
-    }
-}
-
-/// Refuse what is not an iSCSI qualified name.
-pub fn check_iqn(iqn: &str) -> Result<()> {
-    if !iqn.starts_with("iqn.") || iqn.len() > 223 || iqn.contains(char::is_whitespace) {
-        return Err(Error::Invalid(format!(
-            "{iqn:?} is not an iSCSI name (iqn.YYYY-MM.domain:anything, at most 223 characters)"
-        )));
-    }
-    Ok(())
-}
-
-/// CHAP settings of an export, as the admin protocol carries them (over
-/// the root-only socket).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChapSpec {
-    /// The initiator's CHAP name.
-    pub user: String,
-    /// Its secret.
-    pub secret: String,
-    /// Mutual CHAP: the target's name and secret.
-    pub mutual: Option<(String, String)>,
-}
-
-impl std::fmt::Debug for ChapSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChapSpec")
-            .field("user", &self.user)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ChapSpec {
-    /// CHAP settings from a user name and a secret file (one line), with
-    /// mutual CHAP when both of those are given too; `None` without a
-    /// user. The secrets are checked here, so that a bad one is told
-    /// before anything runs.
-    pub fn from_files(
-        user: Option<String>,
-        secret_file: Option<&Path>,
-        mutual_user: Option<String>,
-        mutual_secret_file: Option<&Path>,
-    ) -> Result<Option<ChapSpec>> {
-        let read = |p: &Path| -> Result<String> {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
-            Ok(text.trim_end_matches(['\n', '\r']).to_string())
-        };
-        let (user, file) = match (user, secret_file) {
-            (Some(user), Some(file)) => (user, file),
-            (None, None) => return Ok(None),
-            _ => {
-                return Err(Error::Invalid(
-                    "CHAP needs both a user and a secret file".into(),
-                ))
-            }
-        };
-        let mutual = match (mutual_user, mutual_secret_file) {
-            (Some(u), Some(f)) => Some((u, read(f)?)),
-            (None, None) => None,
-            _ => {
-                return Err(Error::Invalid(
-                    "mutual CHAP needs both a user and a secret file".into(),
-                ))
-            }
-        };
-        let spec = ChapSpec {
-            user,
-            secret: read(file)?,
-            mutual,
-        };
-        spec.clone().into_chap()?;
-        Ok(Some(spec))
-    }
-
-    /// Check the secrets (RFC 7143 asks for at least 96 bits; initiators
-    /// such as open-iscsi take 12 to 16 characters) and make the target's
-    /// settings.
-    pub fn into_chap(self) -> Result<crate::iscsi::target::Chap> {
-        let check = |what: &str, secret: &str| {
-            if (12..=255).contains(&secret.len()) {
-                Ok(secret.as_bytes().to_vec())
-            } else {
-                Err(Error::Invalid(format!(
-                    "the {what} secret must have 12 to 255 characters (initiators such as open-iscsi take 12 to 16)"
-                )))
-            }
-        };
-        if self.user.is_empty() {
-            return Err(Error::Invalid("the CHAP user name is empty".into()));
-        }
-        let secret = check("CHAP", &self.secret)?;
-        let mutual = match self.mutual {
-            Some((user, s)) => {
-                if s == self.secret {
-                    return Err(Error::Invalid(
-                        "the mutual secret must differ from the initiator's".into(),
-                    ));
-                }
-                Some((user, check("mutual CHAP", &s)?))
-            }
-            None => None,
-        };
-        Ok(crate::iscsi::target::Chap {
-            user: self.user,
-            secret,
-            mutual,
-        })
-    }
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 struct Request {
     v: u32,
@@ -230,6 +119,20 @@ pub fn volume_dir(data: &Path, volume: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+impl From<ExportSpec> for Op {
+    fn from(spec: ExportSpec) -> Op {
+        Op::Export {
+            volume: spec.volume,
+            at: spec.at,
+            listen: spec.listen,
+            name: spec.name,
+            allow: spec.allow,
+            writable: spec.writable,
+            chap: spec.chap,
+        }
+    }
+}
+
 /// Carry out a snapshot or delete `op` on an open volume.
 pub fn apply(volume: &mut Volume, op: &Op) -> Result<SnapshotInfo> {
     match op {
@@ -259,38 +162,6 @@ pub fn server_running(data: &Path) -> bool {
 /// A snapshot as the admin protocol shows it.
 pub fn snapshot_json(info: &SnapshotInfo) -> serde_json::Value {
     serde_json::to_value(info).unwrap_or_default()
-}
-
-/// Serve one admin connection's request with `handle`.
-pub async fn serve_one(
-    stream: tokio::net::UnixStream,
-    handle: impl AsyncFnOnce(Op) -> Result<serde_json::Value>,
-) -> Result<()> {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read).take(64 << 10);
-    reader
-        .read_line(&mut line)
-        .await
-        .map_err(|e| Error::io("reading an admin request", e))?;
-    let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(r) if r.v == VERSION => match handle(r.op).await {
-            Ok(info) => Reply::Ok(info),
-            Err(e) => Reply::Error(e.to_string()),
-        },
-        Ok(r) => Reply::Error(format!(
-            "admin protocol {} is not spoken here ({VERSION} is)",
-            r.v
-        )),
-        Err(e) => Reply::Error(format!("malformed admin request: {e}")),
-    };
-    let mut out = serde_json::to_vec(&reply).map_err(|e| Error::Corrupt(e.to_string()))?;
-    out.push(b'\n');
-    write
-        .write_all(&out)
-        .await
-        .map_err(|e| Error::io("answering an admin request", e))
 }
 
 /// Carry out `op`: through the running server, or here when none runs

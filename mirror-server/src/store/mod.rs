@@ -1,10 +1,16 @@
 //! Volumes on the server's disk: a sparse image that always holds one
 //! published epoch, and the staging through which the next one arrives.
 //!
+//! This module owns a volume's life ([`Volume`]: create, open and recover,
+//! begin an epoch, publish it, its snapshots) and its `state.json`. Its
+//! parts: [`staging`] (an epoch being received, [`Staging`]), [`log`] (the
+//! staging log's record format), [`reader`] ([`SnapshotReader`], listing
+//! the volumes, importing an image).
+//!
 //! # On-disk layout
 //!
-//! `state.json` is format 1; the staging log is format 2 (format 1 was a
-//! postcard index written at commit, which could not be resumed).
+//! `state.json` is format 1; the staging log is format 2 (its versions are
+//! in [`log`]).
 //!
 //! ```text
 //! VOLUME_DIR/
@@ -17,7 +23,7 @@
 //!                    device [16] and epoch u64 LE), then one 52-byte record
 //!                    per staged block, appended as it is staged: offset
 //!                    u64 LE, len u32 LE, offset in N.data u64 LE (all
-//!                    ones: a zero block), sha256 [32]
+//!                    ones: a zero block), sha256 [32] (see [`log`])
 //!     N.adopted      present while N was taken over from an earlier epoch
 //!                    of the same device (its daemon restarted mid-epoch):
 //!                    the client must vouch for every staged block
@@ -59,18 +65,25 @@
 //! (exports, restores) need no lock on the volume: see
 //! [`SnapshotReader`].
 
-use std::collections::{BTreeMap, BTreeSet};
+pub mod log;
+pub mod reader;
+pub mod staging;
+
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 use ublk_mirror_common::hex::{self, encode as hex_encode};
-use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK, NOT_STAGED};
-use ublk_mirror_common::RangeSet;
+use ublk_mirror_common::proto::{Digest, Writer};
 use ublk_mirror_common::{block, fsutil};
 
+use self::log::{read_log_header, LogReader};
+pub use self::reader::{import, list, SnapshotReader};
+pub use self::staging::Staging;
+use self::staging::{remove_staging, staging_epochs, staging_path, STAGING};
 use crate::error::{Error, Result};
 use crate::snapshots::{Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK};
 use ublk_mirror_common::clock::now_ms;
@@ -81,7 +94,6 @@ pub const VOLUMES_DIR: &str = "volumes";
 const STATE_FORMAT: u32 = 1;
 const IMAGE: &str = "image";
 const STATE: &str = "state.json";
-const STAGING: &str = "staging";
 
 /// What `state.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,16 +137,6 @@ struct Marker {
     epoch: u64,
 }
 
-/// A staged block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Entry {
-    offset: u64,
-    len: u32,
-    /// Offset of its bytes in `N.data`; `None`: zeroes.
-    data_at: Option<u64>,
-    sha256: Digest,
-}
-
 /// What opening a volume found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovery {
@@ -167,49 +169,8 @@ pub struct Volume {
 /// an epoch is published (16 MiB).
 const PRESERVE_BATCH: usize = 256;
 
-/// Reads a volume's snapshots without the volume's lock, while epochs are
-/// published: publishing first preserves, in the newest snapshot and
-/// under the snapshots' write lock, every chunk the epoch overwrites, and
-/// only then writes the image; a read holds the read lock throughout, so
-/// it sees each chunk either untouched in the image or preserved — the
-/// snapshot as it was. (Snapshots are created, and temporary ones made,
-/// under the volume's lock, which a publication holds: never mid-epoch.)
-#[derive(Debug, Clone)]
-pub struct SnapshotReader {
-    snapshots: Arc<RwLock<Snapshots>>,
-    image: Arc<File>,
-    size: u64,
-}
-
-impl SnapshotReader {
-    fn snapshots(&self) -> RwLockReadGuard<'_, Snapshots> {
-        self.snapshots.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The volume's size in bytes.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// Read snapshot `id` at `offset`.
-    pub fn read(&self, id: u64, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.snapshots()
-            .read(id, &self.image, self.size, buf, offset)
-    }
-
-    /// Whether snapshot `id` holds data at `offset`, and how far the same
-    /// answer goes.
-    pub fn extent(&self, id: u64, offset: u64) -> Result<(bool, u64)> {
-        self.snapshots().extent(id, &self.image, self.size, offset)
-    }
-}
-
 fn sync_dir(dir: &Path) -> Result<()> {
     fsutil::sync_dir(dir).map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
-}
-
-fn staging_path(dir: &Path, epoch: u64, ext: &str) -> PathBuf {
-    dir.join(STAGING).join(format!("{epoch}.{ext}"))
 }
 
 impl Volume {
@@ -332,11 +293,7 @@ impl Volume {
     /// A reader of its snapshots that needs no lock on the volume: exports
     /// and restores read on while epochs are published.
     pub fn reader(&self) -> SnapshotReader {
-        SnapshotReader {
-            snapshots: self.snapshots.clone(),
-            image: self.image.clone(),
-            size: self.state.size,
-        }
+        SnapshotReader::new(self.snapshots.clone(), self.image.clone(), self.state.size)
     }
 
     /// Take a snapshot of the published epoch, named `name` or after the
@@ -718,102 +675,6 @@ enum CommitStep {
     HalfApplied,
 }
 
-/// Every volume under `data`, as `CLIENT/VOLUME` with its state, sorted.
-/// Reads only (no recovery): a volume whose commit was interrupted shows
-/// the epoch published before it until the server opens it.
-pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
-    let root = data.join(VOLUMES_DIR);
-    if !root.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{} holds no volumes directory: is it the data directory? (`mirror-server init --data {}` makes one)",
-            data.display(),
-            data.display()
-        )));
-    }
-    let dirs = |p: &Path| -> Result<Vec<(String, PathBuf)>> {
-        let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(p)
-            .map_err(|e| Error::io(format!("listing {}", p.display()), e))?
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-            .collect();
-        v.sort();
-        Ok(v)
-    };
-    let mut out = Vec::new();
-    for (client, cdir) in dirs(&root)? {
-        for (volume, vdir) in dirs(&cdir)? {
-            out.push((format!("{client}/{volume}"), read_state(&vdir)?));
-        }
-    }
-    Ok(out)
-}
-
-/// Make volume `dir` from the image file `from` (seeding a mirror with a
-/// copy brought by other means): its size, its content as published epoch
-/// 1, owned by no device yet (the first device to mirror to it compares
-/// by hash and sends only what differs). Built under a hidden name and
-/// renamed into place when whole, so no client sees it half made.
-/// `progress` gets the bytes copied so far.
-pub fn import(dir: &Path, from: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VolumeState> {
-    if dir.exists() {
-        return Err(Error::Invalid(format!(
-            "volume directory {} exists already",
-            dir.display()
-        )));
-    }
-    let source =
-        File::open(from).map_err(|e| Error::io(format!("opening {}", from.display()), e))?;
-    // A block device's length is its end, not its metadata.
-    let size = std::io::Seek::seek(&mut &source, std::io::SeekFrom::End(0))
-        .map_err(|e| Error::io(format!("sizing {}", from.display()), e))?;
-    if size == 0 {
-        return Err(Error::Invalid(format!("{} is empty", from.display())));
-    }
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.with_file_name(format!(".{name}.importing"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let volume = Volume::create(&tmp, size)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    while at < size {
-        let n = (size - at).min(buf.len() as u64) as usize;
-        source
-            .read_exact_at(&mut buf[..n], at)
-            .map_err(|e| Error::io(format!("reading {}", from.display()), e))?;
-        // Zeroes stay holes.
-        if buf[..n].iter().any(|&b| b != 0) {
-            volume
-                .image
-                .write_all_at(&buf[..n], at)
-                .map_err(|e| Error::io("writing the image", e))?;
-        }
-        at += n as u64;
-        progress(at, size);
-    }
-    volume
-        .image
-        .sync_all()
-        .map_err(|e| Error::io("syncing the image", e))?;
-    let state = VolumeState {
-        published_epoch: 1,
-        published_ms: now_ms(),
-        ..volume.state.clone()
-    };
-    write_state(&tmp, &state)?;
-    drop(volume);
-    std::fs::rename(&tmp, dir)
-        .map_err(|e| Error::io(format!("moving the import into {}", dir.display()), e))?;
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(state)
-}
-
 /// A volume's `state.json`, read only (no recovery).
 pub fn read_state(dir: &Path) -> Result<VolumeState> {
     let path = dir.join(STATE);
@@ -822,457 +683,12 @@ pub fn read_state(dir: &Path) -> Result<VolumeState> {
     serde_json::from_str(&text).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
 }
 
-/// An epoch being received: verified blocks, staged on disk. Shared by
-/// the data streams that carry it: blocks are decoded and verified outside
-/// its lock, which covers only the bookkeeping.
-#[derive(Debug)]
-pub struct Staging {
-    epoch: u64,
-    writer: Writer,
-    size: u64,
-    data: File,
-    log: File,
-    /// Taken over from an earlier epoch of the device.
-    adopted: bool,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    /// The digest of each staged block still whole: a block staged later
-    /// over part of another makes that one's digest unknown.
-    digests: BTreeMap<(u64, u32), Digest>,
-    /// Where the next block's bytes go in `N.data`.
-    data_len: u64,
-    /// Where the next record goes in `N.log`.
-    log_len: u64,
-    /// Records in `N.log`.
-    blocks: usize,
-    /// Bytes of the volume the staged blocks cover.
-    staged: RangeSet,
-    /// Blocks refused and not staged since.
-    failed: BTreeSet<(u64, u32)>,
-    /// Committing: nothing more is staged.
-    closed: bool,
-}
-
-impl Inner {
-    /// Record a staged block's digest, forgetting those of other blocks it
-    /// overlaps (their content is no longer theirs alone).
-    fn stage_digest(&mut self, offset: u64, len: u32, sha256: Digest) {
-        let end = offset + u64::from(len);
-        let from = offset.saturating_sub(u64::from(MAX_BLOCK));
-        let stale: Vec<(u64, u32)> = self
-            .digests
-            .range((from, 0)..(end, 0))
-            .map(|(&k, _)| k)
-            .filter(|&(o, l)| o + u64::from(l) > offset && (o, l) != (offset, len))
-            .collect();
-        for k in stale {
-            self.digests.remove(&k);
-        }
-        self.digests.insert((offset, len), sha256);
-    }
-}
-
-impl Staging {
-    fn open_file(path: &Path, create: bool) -> Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(create)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))
-    }
-
-    fn create(dir: &Path, epoch: u64, writer: Writer, size: u64) -> Result<Staging> {
-        let data = Staging::open_file(&staging_path(dir, epoch, "data"), true)?;
-        let log_path = staging_path(dir, epoch, "log");
-        let log = Staging::open_file(&log_path, true)?;
-        let header = log_header(writer);
-        log.write_all_at(&header, 0)
-            .map_err(|e| Error::io(format!("writing {}", log_path.display()), e))?;
-        Ok(Staging {
-            epoch,
-            writer,
-            size,
-            data,
-            log,
-            adopted: false,
-            inner: Mutex::new(Inner {
-                log_len: header.len() as u64,
-                ..Inner::default()
-            }),
-        })
-    }
-
-    /// Take up an interrupted staging from disk (with `verify`, every
-    /// block is checked against its hash first: a crash may have lost data
-    /// the log names), the log rewritten with the blocks kept and the
-    /// header naming `writer`.
-    fn resume(
-        dir: &Path,
-        epoch: u64,
-        writer: Writer,
-        size: u64,
-        verify: bool,
-        reserved: u64,
-    ) -> Result<Staging> {
-        let data_path = staging_path(dir, epoch, "data");
-        let log_path = staging_path(dir, epoch, "log");
-        let data = Staging::open_file(&data_path, false)?;
-        let mut reader = LogReader::open(&log_path)?;
-        let mut kept = log_header(writer).to_vec();
-        let mut inner = Inner::default();
-        let mut buf = Vec::new();
-        let mut dropped = 0usize;
-        while let Some(e) = reader.next_entry()? {
-            let inside = e
-                .offset
-                .checked_add(u64::from(e.len))
-                .is_some_and(|end| end <= size);
-            let mut intact = || match e.data_at {
-                None => e.sha256 == zero_digest(e.len),
-                Some(at) => {
-                    buf.resize(e.len as usize, 0);
-                    data.read_exact_at(&mut buf, at).is_ok() && block::digest(&buf) == e.sha256
-                }
-            };
-            if !inside || (verify && !intact()) {
-                dropped += 1;
-                continue;
-            }
-            if let Some(at) = e.data_at {
-                inner.data_len = inner.data_len.max(at + u64::from(e.len));
-            }
-            kept.extend_from_slice(&e.record());
-            inner.blocks += 1;
-            inner.staged.insert(e.offset..e.offset + u64::from(e.len));
-            inner.stage_digest(e.offset, e.len, e.sha256);
-        }
-        inner.data_len = inner.data_len.max(reserved);
-        fsutil::write_durably(&log_path, &kept)
-            .map_err(|e| Error::io(format!("rewriting {}", log_path.display()), e))?;
-        let log = Staging::open_file(&log_path, false)?;
-        inner.log_len = kept.len() as u64;
-        let adopted = staging_path(dir, epoch, "adopted").exists();
-        tracing::info!(
-            epoch,
-            blocks = inner.blocks,
-            bytes = inner.staged.len(),
-            dropped,
-            adopted,
-            "resuming an interrupted epoch"
-        );
-        Ok(Staging {
-            epoch,
-            writer,
-            size,
-            data,
-            log,
-            adopted,
-            inner: Mutex::new(inner),
-        })
-    }
-
-    /// Whether this staging was taken over from an earlier epoch of its
-    /// device (the client must vouch for its blocks).
-    pub fn adopted(&self) -> bool {
-        self.adopted
-    }
-
-    /// The digest of each of `blocks` as staged ([`NOT_STAGED`] for a
-    /// block not staged with that offset and length).
-    pub fn digests(&self, blocks: &[(u64, u32)]) -> Vec<Digest> {
-        let inner = self.lock();
-        blocks
-            .iter()
-            .map(|b| inner.digests.get(b).copied().unwrap_or(NOT_STAGED))
-            .collect()
-    }
-
-    /// Stop staging so that a later epoch of the device takes the files
-    /// over; the end of the data reserved so far, or `None` if it was
-    /// closed already (being committed).
-    fn close_for_adoption(&self) -> Option<u64> {
-        let mut inner = self.lock();
-        (!std::mem::replace(&mut inner.closed, true)).then_some(inner.data_len)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The epoch staged.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
-    /// Blocks staged so far.
-    pub fn blocks(&self) -> usize {
-        self.lock().blocks
-    }
-
-    /// `(offset, len)` of the byte ranges staged so far.
-    pub fn ranges(&self) -> Vec<(u64, u64)> {
-        self.lock()
-            .staged
-            .iter()
-            .map(|r| (r.start, r.end - r.start))
-            .collect()
-    }
-
-    fn is_open(&self) -> bool {
-        !self.lock().closed
-    }
-
-    /// Stop staging, for the commit; refused while blocks that failed
-    /// their checks were not staged since.
-    fn close(&self) -> Result<()> {
-        let mut inner = self.lock();
-        if let Some(&(offset, _)) = inner.failed.iter().next() {
-            return Err(Error::Invalid(format!(
-                "epoch {}: {} blocks failed their checks and were not sent again (the first at {offset})",
-                self.epoch,
-                inner.failed.len()
-            )));
-        }
-        inner.closed = true;
-        Ok(())
-    }
-
-    /// Decode, verify and stage one block. A block whose hash does not
-    /// match is refused with [`Error::BadBlock`] and nothing is staged: the
-    /// sender sends it again. Safe to call from several threads at once.
-    pub fn add(
-        &self,
-        offset: u64,
-        len: u32,
-        sha256: &Digest,
-        encoding: Encoding,
-        bytes: &[u8],
-    ) -> Result<()> {
-        let checked = self.check(offset, len, sha256, encoding, bytes);
-        let plain = match checked {
-            Ok(plain) => plain,
-            Err(e) => {
-                if matches!(e, Error::BadBlock(_)) {
-                    self.lock().failed.insert((offset, len));
-                }
-                return Err(e);
-            }
-        };
-        let closed = || Error::Invalid(format!("epoch {} is no longer being staged", self.epoch));
-        let data_at = match &plain {
-            Some(p) => {
-                let at = {
-                    let mut inner = self.lock();
-                    if inner.closed {
-                        return Err(closed());
-                    }
-                    let at = inner.data_len;
-                    inner.data_len += u64::from(len);
-                    at
-                };
-                self.data
-                    .write_all_at(p, at)
-                    .map_err(|e| Error::io("staging a block", e))?;
-                Some(at)
-            }
-            None => None,
-        };
-        let entry = Entry {
-            offset,
-            len,
-            data_at,
-            sha256: *sha256,
-        };
-        let mut inner = self.lock();
-        if inner.closed {
-            return Err(closed());
-        }
-        self.log
-            .write_all_at(&entry.record(), inner.log_len)
-            .map_err(|e| Error::io("logging a staged block", e))?;
-        inner.log_len += RECORD as u64;
-        inner.blocks += 1;
-        inner.staged.insert(offset..offset + u64::from(len));
-        inner.stage_digest(offset, len, *sha256);
-        inner.failed.remove(&(offset, len));
-        Ok(())
-    }
-
-    /// The decoded bytes of a block, once they match its hash (`None`: a
-    /// zero block).
-    fn check(
-        &self,
-        offset: u64,
-        len: u32,
-        sha256: &Digest,
-        encoding: Encoding,
-        bytes: &[u8],
-    ) -> Result<Option<Vec<u8>>> {
-        // A block that cannot be right is the sender's bug, not the
-        // link's: not asked for again.
-        if offset
-            .checked_add(u64::from(len))
-            .is_none_or(|end| end > self.size)
-        {
-            return Err(Error::Invalid(format!(
-                "block of {len} bytes at {offset} is past the end of the volume ({} bytes)",
-                self.size
-            )));
-        }
-        let plain = block::decode(len, sha256, encoding, bytes).map_err(|e| {
-            if e.is_damage() {
-                Error::BadBlock(format!("block at {offset}: {e}"))
-            } else {
-                Error::Invalid(e.to_string())
-            }
-        })?;
-        Ok(plain)
-    }
-}
-
-/// Bytes of `N.log`'s header: [`LOG_MAGIC`], format (u32 LE), the writer's
-/// device and epoch (u64 LE).
-const LOG_HEADER: usize = 32;
-/// Bytes of one `N.log` record (see [`Entry::record`]).
-const RECORD: usize = 52;
-const LOG_MAGIC: [u8; 4] = *b"UBMS";
-const LOG_FORMAT: u32 = 2;
-
-fn log_header(writer: Writer) -> [u8; LOG_HEADER] {
-    let mut h = [0u8; LOG_HEADER];
-    h[..4].copy_from_slice(&LOG_MAGIC);
-    h[4..8].copy_from_slice(&LOG_FORMAT.to_le_bytes());
-    h[8..24].copy_from_slice(&writer.device);
-    h[24..32].copy_from_slice(&writer.epoch.to_le_bytes());
-    h
-}
-
-fn read_log_header(path: &Path) -> Result<Writer> {
-    let mut h = [0u8; LOG_HEADER];
-    File::open(path)
-        .and_then(|f| f.read_exact_at(&mut h, 0))
-        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    if h[..4] != LOG_MAGIC || h[4..8] != LOG_FORMAT.to_le_bytes() {
-        return Err(Error::Corrupt(format!(
-            "{}: not a staging log of format {LOG_FORMAT}",
-            path.display()
-        )));
-    }
-    let mut device = [0u8; 16];
-    device.copy_from_slice(&h[8..24]);
-    let mut epoch = [0u8; 8];
-    epoch.copy_from_slice(&h[24..32]);
-    Ok(Writer {
-        device,
-        epoch: u64::from_le_bytes(epoch),
-    })
-}
-
-impl Entry {
-    /// The entry as an `N.log` record: offset (u64 LE), len (u32 LE),
-    /// offset in `N.data` (u64 LE, all ones for a zero block), sha256.
-    fn record(&self) -> [u8; RECORD] {
-        let mut r = [0u8; RECORD];
-        r[..8].copy_from_slice(&self.offset.to_le_bytes());
-        r[8..12].copy_from_slice(&self.len.to_le_bytes());
-        r[12..20].copy_from_slice(&self.data_at.unwrap_or(u64::MAX).to_le_bytes());
-        r[20..].copy_from_slice(&self.sha256);
-        r
-    }
-
-    fn from_record(r: &[u8; RECORD]) -> Entry {
-        let u64_at = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&r[i..i + 8]);
-            u64::from_le_bytes(b)
-        };
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&r[8..12]);
-        let mut sha256 = [0u8; 32];
-        sha256.copy_from_slice(&r[20..]);
-        let data_at = u64_at(12);
-        Entry {
-            offset: u64_at(0),
-            len: u32::from_le_bytes(len),
-            data_at: (data_at != u64::MAX).then_some(data_at),
-            sha256,
-        }
-    }
-}
-
-/// Reads `N.log`'s records in order; a torn last record (a crash while
-/// it was written) ends the log.
-struct LogReader {
-    file: std::io::BufReader<File>,
-}
-
-impl LogReader {
-    fn open(path: &Path) -> Result<LogReader> {
-        read_log_header(path)?;
-        let mut file = File::open(path)
-            .map(std::io::BufReader::new)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(LOG_HEADER as u64))
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        Ok(LogReader { file })
-    }
-
-    fn next_entry(&mut self) -> Result<Option<Entry>> {
-        let mut r = [0u8; RECORD];
-        match std::io::Read::read_exact(&mut self.file, &mut r) {
-            Ok(()) => Ok(Some(Entry::from_record(&r))),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
-            Err(e) => Err(Error::io("reading a staging log", e)),
-        }
-    }
-}
-
-/// The epochs with files in the staging directory, and whether each has
-/// its commit marker; sorted.
-fn staging_epochs(dir: &Path) -> Result<Vec<(u64, bool)>> {
-    let staging = dir.join(STAGING);
-    let mut epochs: Vec<(u64, bool)> = Vec::new();
-    let entries = std::fs::read_dir(&staging)
-        .map_err(|e| Error::io(format!("listing {}", staging.display()), e))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((n, ext)) = name.split_once('.') else {
-            continue;
-        };
-        let Ok(n) = n.parse::<u64>() else { continue };
-        match epochs.iter_mut().find(|(e, _)| *e == n) {
-            Some(e) => e.1 |= ext == "commit",
-            None => epochs.push((n, ext == "commit")),
-        }
-    }
-    epochs.sort_unstable();
-    Ok(epochs)
-}
-
 pub use ublk_mirror_common::block::zero_digest;
 
 fn read_marker(path: &Path) -> Result<Marker> {
     let bytes =
         std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
-}
-
-fn remove_staging(dir: &Path, epoch: u64) {
-    for ext in [
-        "commit",
-        "commit.tmp",
-        "log",
-        "log.tmp",
-        "data",
-        "adopted",
-        "adopted.tmp",
-    ] {
-        let _ = std::fs::remove_file(staging_path(dir, epoch, ext));
-    }
 }
 
 fn write_state(dir: &Path, state: &VolumeState) -> Result<()> {
@@ -1285,6 +701,7 @@ fn write_state(dir: &Path, state: &VolumeState) -> Result<()> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use ublk_mirror_common::proto::{Encoding, NOT_STAGED};
 
     const SIZE: u64 = 1 << 20;
 

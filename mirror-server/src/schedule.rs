@@ -1,0 +1,71 @@
+//! The snapshot schedule of a running server: for every volume whose
+//! policy (`server.toml`'s `[snapshots]` and `[volumes."CLIENT/VOLUME"]`)
+//! takes them, a snapshot when the volume changed since its last one and
+//! `every` has passed since the last scheduled one; then pruning by its
+//! retention. What a snapshot is belongs to [`crate::snapshots`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{ServerConfig, SnapshotPolicy};
+use crate::error::Result;
+use crate::snapshots::Kind;
+use crate::volumes::Volumes;
+
+/// Run the schedule of `config` over `volumes`, forever (returns at once
+/// when no volume takes scheduled snapshots).
+pub async fn run(config: ServerConfig, volumes: Arc<Volumes>) {
+    let every: Vec<Duration> = std::iter::once(config.snapshots.every.0)
+        .chain(config.volumes.values().map(|p| p.every.0))
+        .filter(|d| !d.is_zero())
+        .collect();
+    let Some(shortest) = every.iter().min().copied() else {
+        return;
+    };
+    let tick = (shortest / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(tick).await;
+        for (client, name) in volumes.all() {
+            let policy = config.policy(&format!("{client}/{name}"));
+            if policy.every.0.is_zero() {
+                continue;
+            }
+            visit(&volumes, &client, &name, &policy).await;
+        }
+    }
+}
+
+/// One volume's turn: its snapshot if one is due, then its pruning.
+async fn visit(volumes: &Volumes, client: &str, name: &str, policy: &SnapshotPolicy) {
+    let Ok(v) = volumes.open(client, name, None) else {
+        return;
+    };
+    let mut v = v.lock().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let published = v.state().published_epoch;
+    let changed = published > 0
+        && v.snapshots()
+            .list()
+            .last()
+            .is_none_or(|s| s.epoch < published);
+    let due = v
+        .snapshots()
+        .last_scheduled_ms()
+        .is_none_or(|last| now.saturating_sub(last) >= policy.every.0.as_millis() as u64);
+    let done = tokio::task::block_in_place(|| -> Result<()> {
+        if changed && due {
+            let info = v.snapshot(None, Kind::Scheduled)?;
+            tracing::info!(volume = %format!("{client}/{name}"), snapshot = %info.name, epoch = info.epoch, "scheduled snapshot");
+        }
+        let pruned = v.prune_snapshots(&policy.retention)?;
+        if !pruned.is_empty() {
+            tracing::info!(volume = %format!("{client}/{name}"), ?pruned, "snapshots pruned");
+        }
+        Ok(())
+    });
+    if let Err(e) = done {
+        tracing::error!(volume = %format!("{client}/{name}"), "snapshot schedule: {e}");
+    }
+}

@@ -1,0 +1,158 @@
+//! Reading volumes without owning them: [`SnapshotReader`], which reads a
+//! volume's snapshots without the volume's lock while epochs are
+//! published; [`list`], the volumes of a data directory as their
+//! `state.json` says, with no recovery; and [`import`], which makes a
+//! volume from an image file.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use ublk_mirror_common::clock::now_ms;
+
+use super::{read_state, sync_dir, write_state, Volume, VolumeState, VOLUMES_DIR};
+use crate::error::{Error, Result};
+use crate::snapshots::Snapshots;
+
+/// Reads a volume's snapshots without the volume's lock, while epochs are
+/// published: publishing first preserves, in the newest snapshot and
+/// under the snapshots' write lock, every chunk the epoch overwrites, and
+/// only then writes the image; a read holds the read lock throughout, so
+/// it sees each chunk either untouched in the image or preserved — the
+/// snapshot as it was. (Snapshots are created, and temporary ones made,
+/// under the volume's lock, which a publication holds: never mid-epoch.)
+#[derive(Debug, Clone)]
+pub struct SnapshotReader {
+    snapshots: Arc<RwLock<Snapshots>>,
+    image: Arc<File>,
+    size: u64,
+}
+
+impl SnapshotReader {
+    /// A reader of `snapshots` over `image`, of a volume of `size` bytes.
+    pub(super) fn new(snapshots: Arc<RwLock<Snapshots>>, image: Arc<File>, size: u64) -> Self {
+        SnapshotReader {
+            snapshots,
+            image,
+            size,
+        }
+    }
+
+    fn snapshots(&self) -> RwLockReadGuard<'_, Snapshots> {
+        self.snapshots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Read snapshot `id` at `offset`.
+    pub fn read(&self, id: u64, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.snapshots()
+            .read(id, &self.image, self.size, buf, offset)
+    }
+
+    /// Whether snapshot `id` holds data at `offset`, and how far the same
+    /// answer goes.
+    pub fn extent(&self, id: u64, offset: u64) -> Result<(bool, u64)> {
+        self.snapshots().extent(id, &self.image, self.size, offset)
+    }
+}
+
+/// Every volume under `data`, as `CLIENT/VOLUME` with its state, sorted.
+/// Reads only (no recovery): a volume whose commit was interrupted shows
+/// the epoch published before it until the server opens it.
+pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
+    let root = data.join(VOLUMES_DIR);
+    if !root.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{} holds no volumes directory: is it the data directory? (`mirror-server init --data {}` makes one)",
+            data.display(),
+            data.display()
+        )));
+    }
+    let dirs = |p: &Path| -> Result<Vec<(String, PathBuf)>> {
+        let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(p)
+            .map_err(|e| Error::io(format!("listing {}", p.display()), e))?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let mut out = Vec::new();
+    for (client, cdir) in dirs(&root)? {
+        for (volume, vdir) in dirs(&cdir)? {
+            out.push((format!("{client}/{volume}"), read_state(&vdir)?));
+        }
+    }
+    Ok(out)
+}
+
+/// Make volume `dir` from the image file `from` (seeding a mirror with a
+/// copy brought by other means): its size, its content as published epoch
+/// 1, owned by no device yet (the first device to mirror to it compares
+/// by hash and sends only what differs). Built under a hidden name and
+/// renamed into place when whole, so no client sees it half made.
+/// `progress` gets the bytes copied so far.
+pub fn import(dir: &Path, from: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VolumeState> {
+    if dir.exists() {
+        return Err(Error::Invalid(format!(
+            "volume directory {} exists already",
+            dir.display()
+        )));
+    }
+    let source =
+        File::open(from).map_err(|e| Error::io(format!("opening {}", from.display()), e))?;
+    // A block device's length is its end, not its metadata.
+    let size = std::io::Seek::seek(&mut &source, std::io::SeekFrom::End(0))
+        .map_err(|e| Error::io(format!("sizing {}", from.display()), e))?;
+    if size == 0 {
+        return Err(Error::Invalid(format!("{} is empty", from.display())));
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.with_file_name(format!(".{name}.importing"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let volume = Volume::create(&tmp, size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        source
+            .read_exact_at(&mut buf[..n], at)
+            .map_err(|e| Error::io(format!("reading {}", from.display()), e))?;
+        // Zeroes stay holes.
+        if buf[..n].iter().any(|&b| b != 0) {
+            volume
+                .image
+                .write_all_at(&buf[..n], at)
+                .map_err(|e| Error::io("writing the image", e))?;
+        }
+        at += n as u64;
+        progress(at, size);
+    }
+    volume
+        .image
+        .sync_all()
+        .map_err(|e| Error::io("syncing the image", e))?;
+    let state = VolumeState {
+        published_epoch: 1,
+        published_ms: now_ms(),
+        ..volume.state.clone()
+    };
+    write_state(&tmp, &state)?;
+    drop(volume);
+    std::fs::rename(&tmp, dir)
+        .map_err(|e| Error::io(format!("moving the import into {}", dir.display()), e))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(state)
+}

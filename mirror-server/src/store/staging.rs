@@ -1,0 +1,376 @@
+//! The staging of an epoch being received ([`Staging`]): its verified
+//! blocks in `staging/N.data` and `staging/N.log` (the log's format is
+//! [`super::log`]'s), written by several data streams at once, resumed
+//! after a broken connection or a restart; and the staging directory's
+//! files (their names, which epochs have some, removing them). When a
+//! staging is published, and what a crash leaves, is [`super::Volume`]'s.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK, NOT_STAGED};
+use ublk_mirror_common::{block, fsutil, RangeSet};
+
+use super::log::{log_header, Entry, LogReader, RECORD};
+use crate::error::{Error, Result};
+
+/// The staging directory in a volume's directory.
+pub(super) const STAGING: &str = "staging";
+
+pub(super) fn staging_path(dir: &Path, epoch: u64, ext: &str) -> PathBuf {
+    dir.join(STAGING).join(format!("{epoch}.{ext}"))
+}
+
+/// An epoch being received: verified blocks, staged on disk. Shared by
+/// the data streams that carry it: blocks are decoded and verified outside
+/// its lock, which covers only the bookkeeping.
+#[derive(Debug)]
+pub struct Staging {
+    pub(super) epoch: u64,
+    pub(super) writer: Writer,
+    size: u64,
+    /// `N.data`: the staged blocks' decoded bytes.
+    pub(super) data: File,
+    /// `N.log`: a record per staged block (see [`super::log`]).
+    pub(super) log: File,
+    /// Taken over from an earlier epoch of the device.
+    adopted: bool,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// The digest of each staged block still whole: a block staged later
+    /// over part of another makes that one's digest unknown.
+    digests: BTreeMap<(u64, u32), Digest>,
+    /// Where the next block's bytes go in `N.data`.
+    data_len: u64,
+    /// Where the next record goes in `N.log`.
+    log_len: u64,
+    /// Records in `N.log`.
+    blocks: usize,
+    /// Bytes of the volume the staged blocks cover.
+    staged: RangeSet,
+    /// Blocks refused and not staged since.
+    failed: BTreeSet<(u64, u32)>,
+    /// Committing: nothing more is staged.
+    closed: bool,
+}
+
+impl Inner {
+    /// Record a staged block's digest, forgetting those of other blocks it
+    /// overlaps (their content is no longer theirs alone).
+    fn stage_digest(&mut self, offset: u64, len: u32, sha256: Digest) {
+        let end = offset + u64::from(len);
+        let from = offset.saturating_sub(u64::from(MAX_BLOCK));
+        let stale: Vec<(u64, u32)> = self
+            .digests
+            .range((from, 0)..(end, 0))
+            .map(|(&k, _)| k)
+            .filter(|&(o, l)| o + u64::from(l) > offset && (o, l) != (offset, len))
+            .collect();
+        for k in stale {
+            self.digests.remove(&k);
+        }
+        self.digests.insert((offset, len), sha256);
+    }
+}
+
+impl Staging {
+    fn open_file(path: &Path, create: bool) -> Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+    }
+
+    pub(super) fn create(dir: &Path, epoch: u64, writer: Writer, size: u64) -> Result<Staging> {
+        let data = Staging::open_file(&staging_path(dir, epoch, "data"), true)?;
+        let log_path = staging_path(dir, epoch, "log");
+        let log = Staging::open_file(&log_path, true)?;
+        let header = log_header(writer);
+        log.write_all_at(&header, 0)
+            .map_err(|e| Error::io(format!("writing {}", log_path.display()), e))?;
+        Ok(Staging {
+            epoch,
+            writer,
+            size,
+            data,
+            log,
+            adopted: false,
+            inner: Mutex::new(Inner {
+                log_len: header.len() as u64,
+                ..Inner::default()
+            }),
+        })
+    }
+
+    /// Take up an interrupted staging from disk (with `verify`, every
+    /// block is checked against its hash first: a crash may have lost data
+    /// the log names), the log rewritten with the blocks kept and the
+    /// header naming `writer`.
+    pub(super) fn resume(
+        dir: &Path,
+        epoch: u64,
+        writer: Writer,
+        size: u64,
+        verify: bool,
+        reserved: u64,
+    ) -> Result<Staging> {
+        let data_path = staging_path(dir, epoch, "data");
+        let log_path = staging_path(dir, epoch, "log");
+        let data = Staging::open_file(&data_path, false)?;
+        let mut reader = LogReader::open(&log_path)?;
+        let mut kept = log_header(writer).to_vec();
+        let mut inner = Inner::default();
+        let mut buf = Vec::new();
+        let mut dropped = 0usize;
+        while let Some(e) = reader.next_entry()? {
+            let inside = e
+                .offset
+                .checked_add(u64::from(e.len))
+                .is_some_and(|end| end <= size);
+            let mut intact = || match e.data_at {
+                None => e.sha256 == block::zero_digest(e.len),
+                Some(at) => {
+                    buf.resize(e.len as usize, 0);
+                    data.read_exact_at(&mut buf, at).is_ok() && block::digest(&buf) == e.sha256
+                }
+            };
+            if !inside || (verify && !intact()) {
+                dropped += 1;
+                continue;
+            }
+            if let Some(at) = e.data_at {
+                inner.data_len = inner.data_len.max(at + u64::from(e.len));
+            }
+            kept.extend_from_slice(&e.record());
+            inner.blocks += 1;
+            inner.staged.insert(e.offset..e.offset + u64::from(e.len));
+            inner.stage_digest(e.offset, e.len, e.sha256);
+        }
+        inner.data_len = inner.data_len.max(reserved);
+        fsutil::write_durably(&log_path, &kept)
+            .map_err(|e| Error::io(format!("rewriting {}", log_path.display()), e))?;
+        let log = Staging::open_file(&log_path, false)?;
+        inner.log_len = kept.len() as u64;
+        let adopted = staging_path(dir, epoch, "adopted").exists();
+        tracing::info!(
+            epoch,
+            blocks = inner.blocks,
+            bytes = inner.staged.len(),
+            dropped,
+            adopted,
+            "resuming an interrupted epoch"
+        );
+        Ok(Staging {
+            epoch,
+            writer,
+            size,
+            data,
+            log,
+            adopted,
+            inner: Mutex::new(inner),
+        })
+    }
+
+    /// Whether this staging was taken over from an earlier epoch of its
+    /// device (the client must vouch for its blocks).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The digest of each of `blocks` as staged ([`NOT_STAGED`] for a
+    /// block not staged with that offset and length).
+    pub fn digests(&self, blocks: &[(u64, u32)]) -> Vec<Digest> {
+        let inner = self.lock();
+        blocks
+            .iter()
+            .map(|b| inner.digests.get(b).copied().unwrap_or(NOT_STAGED))
+            .collect()
+    }
+
+    /// Stop staging so that a later epoch of the device takes the files
+    /// over; the end of the data reserved so far, or `None` if it was
+    /// closed already (being committed).
+    pub(super) fn close_for_adoption(&self) -> Option<u64> {
+        let mut inner = self.lock();
+        (!std::mem::replace(&mut inner.closed, true)).then_some(inner.data_len)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The epoch staged.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Blocks staged so far.
+    pub fn blocks(&self) -> usize {
+        self.lock().blocks
+    }
+
+    /// `(offset, len)` of the byte ranges staged so far.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.lock()
+            .staged
+            .iter()
+            .map(|r| (r.start, r.end - r.start))
+            .collect()
+    }
+
+    pub(super) fn is_open(&self) -> bool {
+        !self.lock().closed
+    }
+
+    /// Stop staging, for the commit; refused while blocks that failed
+    /// their checks were not staged since.
+    pub(super) fn close(&self) -> Result<()> {
+        let mut inner = self.lock();
+        if let Some(&(offset, _)) = inner.failed.iter().next() {
+            return Err(Error::Invalid(format!(
+                "epoch {}: {} blocks failed their checks and were not sent again (the first at {offset})",
+                self.epoch,
+                inner.failed.len()
+            )));
+        }
+        inner.closed = true;
+        Ok(())
+    }
+
+    /// Decode, verify and stage one block. A block whose hash does not
+    /// match is refused with [`Error::BadBlock`] and nothing is staged: the
+    /// sender sends it again. Safe to call from several threads at once.
+    pub fn add(
+        &self,
+        offset: u64,
+        len: u32,
+        sha256: &Digest,
+        encoding: Encoding,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let checked = self.check(offset, len, sha256, encoding, bytes);
+        let plain = match checked {
+            Ok(plain) => plain,
+            Err(e) => {
+                if matches!(e, Error::BadBlock(_)) {
+                    self.lock().failed.insert((offset, len));
+                }
+                return Err(e);
+            }
+        };
+        let closed = || Error::Invalid(format!("epoch {} is no longer being staged", self.epoch));
+        let data_at = match &plain {
+            Some(p) => {
+                let at = {
+                    let mut inner = self.lock();
+                    if inner.closed {
+                        return Err(closed());
+                    }
+                    let at = inner.data_len;
+                    inner.data_len += u64::from(len);
+                    at
+                };
+                self.data
+                    .write_all_at(p, at)
+                    .map_err(|e| Error::io("staging a block", e))?;
+                Some(at)
+            }
+            None => None,
+        };
+        let entry = Entry {
+            offset,
+            len,
+            data_at,
+            sha256: *sha256,
+        };
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(closed());
+        }
+        self.log
+            .write_all_at(&entry.record(), inner.log_len)
+            .map_err(|e| Error::io("logging a staged block", e))?;
+        inner.log_len += RECORD as u64;
+        inner.blocks += 1;
+        inner.staged.insert(offset..offset + u64::from(len));
+        inner.stage_digest(offset, len, *sha256);
+        inner.failed.remove(&(offset, len));
+        Ok(())
+    }
+
+    /// The decoded bytes of a block, once they match its hash (`None`: a
+    /// zero block).
+    fn check(
+        &self,
+        offset: u64,
+        len: u32,
+        sha256: &Digest,
+        encoding: Encoding,
+        bytes: &[u8],
+    ) -> Result<Option<Vec<u8>>> {
+        // A block that cannot be right is the sender's bug, not the
+        // link's: not asked for again.
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(Error::Invalid(format!(
+                "block of {len} bytes at {offset} is past the end of the volume ({} bytes)",
+                self.size
+            )));
+        }
+        let plain = block::decode(len, sha256, encoding, bytes).map_err(|e| {
+            if e.is_damage() {
+                Error::BadBlock(format!("block at {offset}: {e}"))
+            } else {
+                Error::Invalid(e.to_string())
+            }
+        })?;
+        Ok(plain)
+    }
+}
+
+/// The epochs with files in the staging directory, and whether each has
+/// its commit marker; sorted.
+pub(super) fn staging_epochs(dir: &Path) -> Result<Vec<(u64, bool)>> {
+    let staging = dir.join(STAGING);
+    let mut epochs: Vec<(u64, bool)> = Vec::new();
+    let entries = std::fs::read_dir(&staging)
+        .map_err(|e| Error::io(format!("listing {}", staging.display()), e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((n, ext)) = name.split_once('.') else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match epochs.iter_mut().find(|(e, _)| *e == n) {
+            Some(e) => e.1 |= ext == "commit",
+            None => epochs.push((n, ext == "commit")),
+        }
+    }
+    epochs.sort_unstable();
+    Ok(epochs)
+}
+
+/// Remove epoch `epoch`'s staging files, whatever is there.
+pub(super) fn remove_staging(dir: &Path, epoch: u64) {
+    for ext in [
+        "commit",
+        "commit.tmp",
+        "log",
+        "log.tmp",
+        "data",
+        "adopted",
+        "adopted.tmp",
+    ] {
+        let _ = std::fs::remove_file(staging_path(dir, epoch, ext));
+    }
+}

@@ -1,0 +1,222 @@
+//! The volume registry: which volumes a data directory holds
+//! (`DATA/volumes/CLIENT/VOLUME`), opening and creating them within the
+//! server's quotas, the cache of open volumes that connections, exports
+//! and the snapshot schedule share, and the recovery of every volume at
+//! start-up.
+//!
+//! A volume is opened once per process and then shared
+//! ([`SharedVolume`]): one [`Volume`] owns a volume's files while the
+//! process runs. What a volume is on disk is [`crate::store`]'s.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ublk_mirror_common::ByteSize;
+
+use crate::config::ServerConfig;
+use crate::error::{Error, Result};
+use crate::store::{Volume, VOLUMES_DIR};
+
+/// A volume shared by the connections (and exports) that use it.
+pub type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
+
+/// What one client's volumes may add up to (`server.toml`'s limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Most volumes one client may create.
+    pub max_volumes: u32,
+    /// Most bytes one client's volumes may add up to (their sizes).
+    pub max_bytes: Option<ByteSize>,
+}
+
+impl Quota {
+    /// The limits `config` sets.
+    pub fn of(config: &ServerConfig) -> Quota {
+        Quota {
+            max_volumes: config.max_volumes_per_client,
+            max_bytes: config.max_bytes_per_client,
+        }
+    }
+
+    /// No limits: for a process that creates no volumes (a foreground
+    /// export).
+    pub fn none() -> Quota {
+        Quota {
+            max_volumes: u32::MAX,
+            max_bytes: None,
+        }
+    }
+}
+
+/// The volumes of one data directory, and those of them open.
+#[derive(Debug)]
+pub struct Volumes {
+    data: PathBuf,
+    quota: Quota,
+    /// Open volumes by (client, volume), with their size.
+    open: Mutex<HashMap<(String, String), (u64, SharedVolume)>>,
+}
+
+impl Volumes {
+    /// The volumes under `data`, none open yet; new ones within `quota`.
+    pub fn new(data: &Path, quota: Quota) -> Volumes {
+        Volumes {
+            data: data.to_path_buf(),
+            quota,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where volume `client/volume` lives (whether or not it exists).
+    pub fn dir(&self, client: &str, volume: &str) -> PathBuf {
+        self.data.join(VOLUMES_DIR).join(client).join(volume)
+    }
+
+    /// Open every volume once, finishing publications a crash interrupted,
+    /// so that no image is left half-applied until its client comes back.
+    pub fn recover_all(&self) -> Result<()> {
+        let root = self.data.join(VOLUMES_DIR);
+        if !root.is_dir() {
+            return Ok(());
+        }
+        for client in std::fs::read_dir(&root)
+            .map_err(|e| Error::io(format!("listing {}", root.display()), e))?
+            .flatten()
+        {
+            for volume in std::fs::read_dir(client.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|v| !v.file_name().to_string_lossy().starts_with('.'))
+            {
+                match Volume::open(&volume.path()) {
+                    Ok((_, r)) if r != Default::default() => {
+                        tracing::warn!(volume = %volume.path().display(), recovery = ?r, "volume recovered");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(volume = %volume.path().display(), "cannot open volume: {e}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every `CLIENT/VOLUME` in the data directory, sorted.
+    pub fn all(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let root = self.data.join(VOLUMES_DIR);
+        for client in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            for volume in std::fs::read_dir(client.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let hidden = volume.file_name().to_string_lossy().starts_with('.');
+                if !hidden && volume.path().join("state.json").exists() {
+                    out.push((
+                        client.file_name().to_string_lossy().into_owned(),
+                        volume.file_name().to_string_lossy().into_owned(),
+                    ));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The volume `CLIENT/VOLUME` as one name (an admin request's, an
+    /// export's), opened: it must exist.
+    pub fn open_named(&self, volume: &str) -> Result<SharedVolume> {
+        let (client, name) = split_volume(volume)?;
+        self.open(client, name, None)
+    }
+
+    /// The volume `client/volume`, opened once (finishing an interrupted
+    /// commit) and shared; created when `size` is given and it is new.
+    pub fn open(&self, client: &str, volume: &str, size: Option<u64>) -> Result<SharedVolume> {
+        let key = (client.to_string(), volume.to_string());
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((have, v)) = open.get(&key) {
+            if let Some(size) = size.filter(|s| s != have) {
+                return Err(size_mismatch(volume, *have, size));
+            }
+            return Ok(v.clone());
+        }
+        let dir = self.dir(client, volume);
+        let opened = if dir.exists() {
+            let (v, recovery) = tokio::task::block_in_place(|| Volume::open(&dir))?;
+            if recovery != Default::default() {
+                tracing::warn!(client, volume, ?recovery, "volume recovered");
+            }
+            if let Some(size) = size {
+                if v.state().size != size {
+                    return Err(size_mismatch(volume, v.state().size, size));
+                }
+            }
+            v
+        } else {
+            let Some(size) = size else {
+                return Err(Error::Invalid(format!(
+                    "there is no volume {volume}: open it first"
+                )));
+            };
+            tokio::task::block_in_place(|| self.check_quota(client, size))?;
+            tracing::info!(client, volume, size, "new volume");
+            tokio::task::block_in_place(|| Volume::create(&dir, size))?
+        };
+        let have = opened.state().size;
+        let v = Arc::new(tokio::sync::Mutex::new(opened));
+        open.insert(key, (have, v.clone()));
+        Ok(v)
+    }
+
+    /// Refuse a new volume of `size` that would take `client` past the
+    /// quota.
+    fn check_quota(&self, client: &str, size: u64) -> Result<()> {
+        let cdir = self.data.join(VOLUMES_DIR).join(client);
+        let mut count = 0u32;
+        let mut bytes = 0u64;
+        for entry in std::fs::read_dir(&cdir).into_iter().flatten().flatten() {
+            if let Ok(state) = crate::store::read_state(&entry.path()) {
+                count += 1;
+                bytes = bytes.saturating_add(state.size);
+            }
+        }
+        if count >= self.quota.max_volumes {
+            return Err(Error::Invalid(format!(
+                "client {client} has {count} volumes, the most this server allows (max_volumes_per_client in server.toml)"
+            )));
+        }
+        if let Some(max) = self.quota.max_bytes {
+            if bytes.saturating_add(size) > max.0 {
+                return Err(Error::Invalid(format!(
+                    "a volume of {} would take client {client} past its {} (it has {} in volumes; max_bytes_per_client in server.toml)",
+                    ByteSize(size),
+                    max,
+                    ByteSize(bytes)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `CLIENT/VOLUME` split at the `/`, both names checked.
+pub fn split_volume(volume: &str) -> Result<(&str, &str)> {
+    let (client, name) = volume
+        .split_once('/')
+        .ok_or_else(|| Error::Invalid(format!("{volume:?}: name a volume as CLIENT/VOLUME")))?;
+    for part in [client, name] {
+        ublk_mirror_common::proto::check_name(part).map_err(|e| Error::Invalid(e.to_string()))?;
+    }
+    Ok((client, name))
+}
+
+fn size_mismatch(volume: &str, have: u64, asked: u64) -> Error {
+    Error::Invalid(format!(
+        "volume {volume} is {have} bytes on the server, not {asked}: a volume's size never changes (use another volume name)"
+    ))
+}
