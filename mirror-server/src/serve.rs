@@ -31,9 +31,10 @@ use crate::config::ServerConfig;
 use crate::error::{Error, Result};
 use crate::exports::Exports;
 use crate::schedule;
-use crate::session::{receive_data, receive_epoch, refuse, serve_restore, variant, Fault};
+use crate::session::{receive_data, receive_epoch, refuse, serve_restore, Fault};
 use crate::snapshots::Kind;
 use crate::volumes::{Quota, Volumes};
+use ublk_mirror_common::session::variant;
 
 /// QUIC close code: the client was revoked.
 const CLOSE_REVOKED: u32 = 1;

@@ -7,18 +7,20 @@
 //! [`crate::serve`] found in the volume registry; they know nothing of
 //! connections, hellos or clients.
 
-use std::time::Duration;
+use std::time::Instant;
 
-use ublk_mirror_common::proto::{Message, ProtoError, Writer, MAX_RESEND, MAX_STAGED_RANGES};
+use ublk_mirror_common::proto::{Message, Writer};
+use ublk_mirror_common::session::receive::{
+    DataAction, DataReceiver, EpochReceiver, StageOutcome, MESSAGE_TIMEOUT,
+};
+use ublk_mirror_common::session::restore::plan_have;
+use ublk_mirror_common::session::unexpected;
 use ublk_mirror_common::{block, wire};
 
 use crate::error::Error;
 use crate::snapshots::SnapshotInfo;
-use crate::store::Staging;
+use crate::store::{SnapshotReader, Staging};
 use crate::volumes::SharedVolume;
-
-/// Longest wait for the next message of an epoch in progress.
-const MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How a request ended badly.
 pub(crate) enum Fault {
@@ -32,6 +34,7 @@ impl From<ublk_mirror_common::Error> for Fault {
     fn from(e: ublk_mirror_common::Error) -> Fault {
         match e {
             ublk_mirror_common::Error::Proto(p) => Fault::Protocol(p.to_string()),
+            ublk_mirror_common::Error::Peer(p) => Fault::Protocol(p),
             ublk_mirror_common::Error::Link(reason) => Fault::Other(Error::Link(reason)),
             ublk_mirror_common::Error::Io { context, source } => {
                 Fault::Other(Error::Io { context, source })
@@ -56,18 +59,22 @@ pub(crate) async fn refuse(
     Ok(())
 }
 
-pub(crate) fn variant(m: &Message) -> String {
-    format!("{m:?}")
-        .split([' ', '{', '('])
-        .next()
-        .unwrap_or("?")
-        .to_string()
+/// Receive the next message, or fail once `deadline` passes.
+async fn next_before(
+    recv: &mut quinn::RecvStream,
+    deadline: Instant,
+    quiet: impl FnOnce() -> Error,
+) -> std::result::Result<Option<Message>, Fault> {
+    match tokio::time::timeout_at(deadline.into(), wire::recv(recv)).await {
+        Ok(m) => Ok(m?),
+        Err(_) => Err(Fault::Other(quiet())),
+    }
 }
 
-/// The control stream of one epoch: begin (or resume) its staging, tell
-/// the client what is staged already, wait for `EndEpoch`, publish, and
-/// answer `Committed`. Nothing is held while the data streams work: the
-/// volume's lock only for beginning and publishing.
+/// The control stream of one epoch, driving an [`EpochReceiver`]: begin
+/// (or resume) its staging, tell the client what is staged already, wait
+/// for `EndEpoch`, publish, and answer. Nothing is held while the data
+/// streams work: the volume's lock only for beginning and publishing.
 pub(crate) async fn receive_epoch(
     volume: &SharedVolume,
     epoch: u64,
@@ -75,6 +82,7 @@ pub(crate) async fn receive_epoch(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
+    let mut receiver = EpochReceiver::new(epoch);
     let begun = {
         let mut v = volume.lock().await;
         tokio::task::block_in_place(|| v.begin(epoch, writer))
@@ -83,60 +91,26 @@ pub(crate) async fn receive_epoch(
         Ok(s) => s,
         Err(e) => return refuse(send, e.to_string()).await,
     };
-    let ranges = staging.ranges();
-    let mut chunks = ranges.chunks(MAX_STAGED_RANGES).peekable();
-    if chunks.peek().is_none() {
-        wire::send(
-            send,
-            &Message::Staged {
-                ranges: Vec::new(),
-                adopted: staging.adopted(),
-                done: true,
-            },
-        )
-        .await?;
-    }
-    while let Some(chunk) = chunks.next() {
-        let done = chunks.peek().is_none();
-        wire::send(
-            send,
-            &Message::Staged {
-                ranges: chunk.to_vec(),
-                adopted: staging.adopted(),
-                done,
-            },
-        )
-        .await?;
+    for frame in receiver.staged(&staging.ranges(), staging.adopted()) {
+        wire::send(send, &frame).await?;
     }
     // The data streams may take long (a whole disk): a dead peer is found
     // by the connection's idle timeout, and its staging waits for it.
-    match wire::expect(recv).await? {
-        Message::EndEpoch => {}
-        other => {
-            return Err(Fault::Protocol(
-                ProtoError::Malformed(format!("{} inside an epoch", variant(&other))).to_string(),
-            ))
-        }
-    }
+    receiver.on_control(&wire::expect(recv).await?)?;
     let committed = {
         let mut v = volume.lock().await;
         tokio::task::block_in_place(|| v.commit(&staging))
     };
-    match committed {
-        Ok(()) => {
-            wire::send(send, &Message::Committed { epoch }).await?;
-            let _ = send.finish();
-            Ok(())
-        }
+    let answer = match committed {
+        Ok(()) => receiver.published(),
         Err(e) => {
             tracing::error!(epoch, "cannot publish: {e}");
-            refuse(
-                send,
-                format!("the server cannot publish epoch {epoch}: {e}"),
-            )
-            .await
+            receiver.publish_failed(&e.to_string())
         }
-    }
+    };
+    wire::send(send, &answer).await?;
+    let _ = send.finish();
+    Ok(())
 }
 
 /// A restore's stream: `RestoreInfo`, then for each `Have` the blocks of
@@ -159,56 +133,31 @@ pub(crate) async fn serve_restore(
         },
     )
     .await?;
-    while let Some(next) = tokio::time::timeout(MESSAGE_TIMEOUT, wire::recv(recv))
-        .await
-        .map_err(|_| Fault::Other(Error::Link("restore: the client went quiet".into())))??
-    {
+    let quiet = || Error::Link("restore: the client went quiet".into());
+    while let Some(next) = next_before(recv, Instant::now() + MESSAGE_TIMEOUT, quiet).await? {
         let Message::Have {
             offset,
             len,
             digests,
         } = next
         else {
-            return Err(Fault::Protocol(format!(
-                "{} inside a restore",
-                variant(&next)
-            )));
+            return Err(unexpected(&next, "inside a restore").into());
         };
-        // Bounded memory: a batch is read whole.
-        if u64::from(len) * digests.len() as u64 > 64 << 20 {
-            return refuse(send, "restore: a batch of more than 64 MiB".into()).await;
-        }
-        if offset >= size || offset % u64::from(len) != 0 {
-            return refuse(
-                send,
-                format!("restore: blocks at {offset} are not in the volume"),
-            )
-            .await;
-        }
-        let blocks: Vec<(u64, u32)> =
-            block::run_of(offset, u64::from(len), digests.len(), size).collect();
+        let blocks = match plan_have(offset, len, digests.len(), size) {
+            Ok(b) => b,
+            Err(reason) => return refuse(send, reason).await,
+        };
         // Read through the snapshot reader: publishing goes on meanwhile
         // (it preserves old chunks in the snapshot before it overwrites
         // them); hash and compress after.
-        let mut data = vec![0u8; blocks.iter().map(|&(_, l)| l as usize).sum()];
-        let read = tokio::task::block_in_place(|| {
-            let mut at = 0usize;
-            for &(o, l) in &blocks {
-                reader.read(info.id, &mut data[at..at + l as usize], o)?;
-                at += l as usize;
-            }
-            Ok::<(), Error>(())
-        });
-        if let Err(e) = read {
-            return refuse(send, format!("restore: {e}")).await;
-        }
+        let data = match tokio::task::block_in_place(|| read_blocks(&reader, info.id, &blocks)) {
+            Ok(d) => d,
+            Err(e) => return refuse(send, format!("restore: {e}")).await,
+        };
         let mut same = 0u64;
-        let mut at = 0usize;
-        for (i, &(o, l)) in blocks.iter().enumerate() {
-            let bytes = &data[at..at + l as usize];
-            at += l as usize;
+        for ((&(o, _), bytes), theirs) in blocks.iter().zip(&data).zip(&digests) {
             let mine = block::digest(bytes);
-            if digests.get(i) == Some(&mine) {
+            if *theirs == mine {
                 same += 1;
                 continue;
             }
@@ -223,28 +172,39 @@ pub(crate) async fn serve_restore(
     Ok(())
 }
 
-/// One data stream of an epoch: blocks until `EndData`, each verified and
-/// staged (several streams at once, in parallel); answered with the
-/// blocks that failed their checks.
+/// The bytes of `blocks` of snapshot `id`.
+fn read_blocks(
+    reader: &SnapshotReader,
+    id: u64,
+    blocks: &[(u64, u32)],
+) -> crate::Result<Vec<Vec<u8>>> {
+    blocks
+        .iter()
+        .map(|&(o, l)| {
+            let mut buf = vec![0u8; l as usize];
+            reader.read(id, &mut buf, o)?;
+            Ok(buf)
+        })
+        .collect()
+}
+
+/// One data stream of an epoch, driving a [`DataReceiver`]: blocks until
+/// `EndData`, each verified and staged (several streams at once, in
+/// parallel); answered with the blocks that failed their checks.
 pub(crate) async fn receive_data(
     staging: &Staging,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let epoch = staging.epoch();
-    let mut received = 0u64;
-    let mut refused: Vec<(u64, u32)> = Vec::new();
+    let mut receiver = DataReceiver::new(staging.epoch(), Instant::now());
     loop {
         // A client that stops sending mid-epoch does not hold the stream.
-        let next = tokio::time::timeout(MESSAGE_TIMEOUT, wire::expect(recv))
-            .await
-            .map_err(|_| {
-                Fault::Other(Error::Link(format!(
-                    "epoch {epoch}: nothing received for {MESSAGE_TIMEOUT:?}; dropping the stream"
-                )))
-            })??;
-        match next {
-            Message::Block {
+        let quiet = || Error::Link(receiver.timed_out().to_string());
+        let next = next_before(recv, receiver.deadline(), quiet)
+            .await?
+            .ok_or_else(|| Fault::Other(Error::Link("the peer ended the stream early".into())))?;
+        match receiver.on_message(next, Instant::now())? {
+            DataAction::Stage {
                 offset,
                 len,
                 sha256,
@@ -252,42 +212,22 @@ pub(crate) async fn receive_data(
                 data_len,
             } => {
                 let data = wire::recv_data(recv, data_len).await?;
-                received += 1;
                 let added = tokio::task::block_in_place(|| {
                     staging.add(offset, len, &sha256, encoding, &data)
                 });
-                match added {
-                    Ok(()) => {}
-                    Err(Error::BadBlock(reason)) => {
-                        tracing::warn!(
-                            epoch,
-                            offset,
-                            "block refused, asking for it again: {reason}"
-                        );
-                        if refused.len() >= MAX_RESEND {
-                            let reason = format!("epoch {epoch}: more than {MAX_RESEND} blocks failed their checks; is the link corrupting data?");
-                            return refuse(send, reason).await;
-                        }
-                        refused.push((offset, len));
-                    }
-                    Err(e) => return refuse(send, e.to_string()).await,
+                let outcome = match added {
+                    Ok(()) => StageOutcome::Staged,
+                    Err(Error::BadBlock(reason)) => StageOutcome::Damaged(reason),
+                    Err(e) => StageOutcome::Failed(e.to_string()),
+                };
+                if let Some(reason) = receiver.on_staged(offset, len, outcome) {
+                    return refuse(send, reason).await;
                 }
             }
-            Message::EndData { blocks } => {
-                if blocks != received {
-                    return Err(Fault::Protocol(format!(
-                        "epoch {epoch}: {blocks} blocks announced, {received} received"
-                    )));
-                }
-                wire::send(send, &Message::Resend { blocks: refused }).await?;
+            DataAction::Answer(answer) => {
+                wire::send(send, &answer).await?;
                 let _ = send.finish();
                 return Ok(());
-            }
-            other => {
-                return Err(Fault::Protocol(
-                    ProtoError::Malformed(format!("{} inside an epoch's data", variant(&other)))
-                        .to_string(),
-                ))
             }
         }
     }

@@ -127,7 +127,7 @@ pub enum DataAction {
 
 /// How staging one block went.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Staging {
+pub enum StageOutcome {
     /// Checked and staged.
     Staged,
     /// Its bytes failed their check (why): ask for it again.
@@ -166,12 +166,15 @@ impl DataReceiver {
     /// The deadline passed at `now` with nothing received: why the stream
     /// is dropped (`None`: it has not passed).
     pub fn on_timeout(&self, now: Instant) -> Option<Error> {
-        (now >= self.deadline).then(|| {
-            Error::Link(format!(
-                "epoch {}: nothing received for {MESSAGE_TIMEOUT:?}; dropping the stream",
-                self.epoch
-            ))
-        })
+        (now >= self.deadline).then(|| self.timed_out())
+    }
+
+    /// Why the stream is dropped once its deadline passed.
+    pub fn timed_out(&self) -> Error {
+        Error::Link(format!(
+            "epoch {}: nothing received for {MESSAGE_TIMEOUT:?}; dropping the stream",
+            self.epoch
+        ))
     }
 
     /// A message arrived at `now`.
@@ -213,10 +216,10 @@ impl DataReceiver {
 
     /// How staging the block at `offset` went; `Some(reason)`: refuse
     /// the stream with it.
-    pub fn on_staged(&mut self, offset: u64, len: u32, outcome: Staging) -> Option<String> {
+    pub fn on_staged(&mut self, offset: u64, len: u32, outcome: StageOutcome) -> Option<String> {
         match outcome {
-            Staging::Staged => None,
-            Staging::Damaged(why) => {
+            StageOutcome::Staged => None,
+            StageOutcome::Damaged(why) => {
                 tracing::warn!(
                     epoch = self.epoch,
                     offset,
@@ -231,7 +234,7 @@ impl DataReceiver {
                 self.refused.push((offset, len));
                 None
             }
-            Staging::Failed(why) => Some(why),
+            StageOutcome::Failed(why) => Some(why),
         }
     }
 }
@@ -312,9 +315,9 @@ mod tests {
         let t0 = Instant::now();
         let mut d = DataReceiver::new(9, t0);
         for (i, outcome) in [
-            Staging::Staged,
-            Staging::Damaged("sha256".into()),
-            Staging::Staged,
+            StageOutcome::Staged,
+            StageOutcome::Damaged("sha256".into()),
+            StageOutcome::Staged,
         ]
         .into_iter()
         .enumerate()
@@ -354,13 +357,15 @@ mod tests {
         let t0 = Instant::now();
         let mut d = DataReceiver::new(9, t0);
         for i in 0..MAX_RESEND as u64 {
-            assert_eq!(d.on_staged(i, 1, Staging::Damaged("x".into())), None);
+            assert_eq!(d.on_staged(i, 1, StageOutcome::Damaged("x".into())), None);
         }
-        let why = d.on_staged(0, 1, Staging::Damaged("x".into())).unwrap();
+        let why = d
+            .on_staged(0, 1, StageOutcome::Damaged("x".into()))
+            .unwrap();
         assert!(why.contains("corrupting"), "{why}");
         let mut d = DataReceiver::new(9, t0);
         assert_eq!(
-            d.on_staged(0, 1, Staging::Failed("disk full".into())),
+            d.on_staged(0, 1, StageOutcome::Failed("disk full".into())),
             Some("disk full".into())
         );
     }
