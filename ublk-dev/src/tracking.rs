@@ -26,7 +26,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use ublk_mirror_common::RangeSet;
+use ublk_mirror_common::{fsutil, RangeSet};
 
 use crate::engine::{AlignedBuf, Errno, Op, Request};
 pub use crate::epoch::{ChangeKind, Changes, Sealed, CHUNK, DEFAULT_COW_MEMORY};
@@ -237,7 +237,7 @@ impl Tracker {
             (j, Some(report))
         } else {
             let mut j = Journal::create(&path, device_size, opts.region_size, id)?;
-            sync_dir(state_dir)?;
+            fsutil::sync_dir(state_dir).map_err(|e| sync_dir_failed(state_dir, e))?;
             if opts.history == History::ExistingFile {
                 tracing::info!("new journal for an existing backing file: every region is marked");
                 j.mark_all()?;
@@ -729,16 +729,15 @@ fn create_dir_durably(dir: &Path) -> Result<()> {
     })?;
     let mut d = Some(dir);
     while let Some(p) = d {
-        sync_dir(p)?;
+        fsutil::sync_dir(p).map_err(|e| sync_dir_failed(p, e))?;
         d = p.parent().filter(|p| !p.as_os_str().is_empty());
     }
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(format!("cannot sync directory {}", dir.display()), e))
+/// The error of a failed directory sync.
+fn sync_dir_failed(dir: &Path, e: std::io::Error) -> Error {
+    Error::io(format!("cannot sync directory {}", dir.display()), e)
 }
 
 #[cfg(test)]
