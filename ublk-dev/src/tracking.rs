@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use ublk_mirror_common::{fsutil, RangeSet};
 
-use crate::engine::{AlignedBuf, Errno, Op, Request};
+pub use crate::engine::Ticket;
+use crate::engine::{AlignedBuf, ChangeTracking, Errno, Op, Request};
 pub use crate::epoch::{ChangeKind, Changes, Sealed, CHUNK, DEFAULT_COW_MEMORY};
 use crate::epoch::{EpochError, Epochs};
 use crate::error::{Error, Result};
@@ -155,12 +156,6 @@ pub struct TrackerOptions<'a> {
     /// Memory for preserved chunks before they spill to a file.
     pub cow_memory: u64,
 }
-
-/// A write-class request in flight: give it back to
-/// [`Tracker::after_write`] when it completed.
-#[derive(Debug)]
-#[must_use = "a ticket must be returned to Tracker::after_write"]
-pub struct Ticket(u64);
 
 /// What a release did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -691,6 +686,16 @@ impl Tracker {
     /// Record a clean stop; call after the backing file was synced.
     pub fn close_clean(&self) -> Result<()> {
         lock(&self.journal).set_state(State::Clean)
+    }
+}
+
+impl ChangeTracking for Tracker {
+    fn before_write(&self, req: &Request) -> std::result::Result<Option<Ticket>, Errno> {
+        Tracker::before_write(self, req)
+    }
+
+    fn after_write(&self, ticket: Ticket) {
+        Tracker::after_write(self, ticket);
     }
 }
 
