@@ -6,8 +6,23 @@
 //! device's contents at its cut, however the device is written afterwards:
 //! before a write touches a chunk that some unreleased sealed epoch still
 //! needs, the chunk's content is *preserved* (copy-on-write), in memory up
-//! to a limit and in a spill file beyond it. Releasing epochs (oldest
+//! to a limit and in [`Spill`] slots beyond it. Releasing epochs (oldest
 //! first) frees what only they needed.
+//!
+//! # What is and is not I/O here
+//!
+//! This module reads no file and no clock. Time comes in as a value (ms
+//! since the Unix epoch, from the caller's clock) wherever it is recorded:
+//! [`Epochs::new`], [`Epochs::record`], [`Epochs::record_carried`],
+//! [`Epochs::seal`], [`Epochs::resync_all`]. The content of chunks comes in
+//! as bytes the caller read from the backing file ([`Epochs::preserve`]),
+//! and backing-file bytes to overlay come in as a buffer
+//! ([`Epochs::overlay`]). Preserved chunks beyond the memory limit go to a
+//! [`Spill`] the caller provides: this module decides which slot holds
+//! which version and when the slots may be given back, the [`Spill`] does
+//! the I/O (the device's is [`crate::tracking`]'s unnamed spill file; tests
+//! use memory). What it does besides computing: it allocates memory for
+//! preserved chunks, and logs (`tracing`) when an epoch breaks.
 //!
 //! # Why reads are exact
 //!
@@ -33,12 +48,8 @@
 //! before the write is issued and under one lock.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 
-use ublk_mirror_common::clock::now_ms;
 use ublk_mirror_common::RangeSet;
 
 /// Bytes per preserved chunk.
@@ -166,27 +177,46 @@ pub enum EpochError {
     },
 }
 
+/// Storage for preserved chunks beyond the memory limit: slots of
+/// [`CHUNK`] bytes, numbered from 0. [`Epochs`] decides which slot holds
+/// what and reuses freed slots; the layer that does I/O provides the
+/// storage.
+pub trait Spill: std::fmt::Debug + Send {
+    /// Store `data` (at most [`CHUNK`] bytes) in slot `slot`, creating the
+    /// storage if there is none yet.
+    fn write(&mut self, slot: u64, data: &[u8]) -> std::io::Result<()>;
+
+    /// Read slot `slot`, written before, into `out` (at most [`CHUNK`] bytes).
+    fn read(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()>;
+
+    /// No slot holds anything any more: give the storage back. Slot numbers
+    /// start from 0 again after this.
+    fn clear(&mut self);
+}
+
 /// Where a preserved chunk is.
 #[derive(Debug)]
 enum Slot {
     /// All zeroes (a hole, typically): nothing to keep.
     Zero,
     Memory(Box<[u8]>),
-    /// Index of a [`CHUNK`]-sized slot of the spill file.
+    /// Index of a [`Spill`] slot.
     Spilled(u64),
 }
 
-/// Preserved chunk versions, in memory up to a limit, then in a spill file.
+/// Preserved chunk versions, in memory up to a limit, then in [`Spill`] slots.
 #[derive(Debug)]
 struct Store {
     /// chunk index -> versions (cut epoch, slot), ascending by cut.
     versions: BTreeMap<u64, Vec<(u64, Slot)>>,
     memory_limit: u64,
     memory: u64,
-    spill_dir: PathBuf,
-    spill: Option<File>,
+    spill: Box<dyn Spill>,
+    /// Slots below `spill_slots` that hold nothing (freed, or whose write failed).
     spill_free: Vec<u64>,
+    /// Slots handed out since the spill was last cleared.
     spill_slots: u64,
+    /// Slots holding a version.
     spilled: u64,
 }
 
@@ -205,18 +235,7 @@ impl Store {
                     self.spill_slots - 1
                 }
             };
-            let file = match &self.spill {
-                Some(f) => f,
-                None => {
-                    let f = tempfile::tempfile_in(&self.spill_dir)?;
-                    tracing::info!(
-                        dir = %self.spill_dir.display(),
-                        "preserved chunks spill to a file"
-                    );
-                    self.spill.insert(f)
-                }
-            };
-            if let Err(e) = file.write_all_at(data, index * CHUNK) {
+            if let Err(e) = self.spill.write(index, data) {
                 self.spill_free.push(index);
                 return Err(e);
             }
@@ -241,13 +260,7 @@ impl Store {
         match slot {
             Slot::Zero => out.fill(0),
             Slot::Memory(b) => out.copy_from_slice(&b[..out.len()]),
-            Slot::Spilled(i) => {
-                let f = self
-                    .spill
-                    .as_ref()
-                    .ok_or_else(|| std::io::Error::other("a spilled chunk without a spill file"))?;
-                f.read_exact_at(out, i * CHUNK)?;
-            }
+            Slot::Spilled(i) => self.spill.read(*i, out)?,
         }
         Ok(true)
     }
@@ -278,9 +291,9 @@ impl Store {
         self.memory -= memory;
         self.spilled -= freed.len() as u64;
         self.spill_free.extend(freed);
-        if self.versions.is_empty() && self.spill.is_some() {
-            // Give the spill file's space back.
-            self.spill = None;
+        if self.versions.is_empty() && self.spill_slots > 0 {
+            // Give the spill's space back.
+            self.spill.clear();
             self.spill_free.clear();
             self.spill_slots = 0;
         }
@@ -292,7 +305,7 @@ impl Store {
 pub struct StoreUsage {
     /// Bytes held in memory.
     pub memory_bytes: u64,
-    /// Bytes held in the spill file.
+    /// Bytes held in [`Spill`] slots.
     pub spilled_bytes: u64,
 }
 
@@ -317,18 +330,19 @@ pub struct Epochs {
 impl Epochs {
     /// Start after epoch `released` (the last one released) and every
     /// number up to `sealed` (the highest a past run may have used), with
-    /// the current epoch's changes set to `resync` ranges of unknown content.
-    /// Preserved chunks use up to `memory_limit` bytes of memory, then a
-    /// spill file in `spill_dir` (created when first needed, unnamed).
+    /// the current epoch's changes set to `resync` ranges of unknown content,
+    /// found at `now_ms` (ms since the Unix epoch). Preserved chunks use up
+    /// to `memory_limit` bytes of memory, then slots of `spill`.
     pub fn new(
         device_size: u64,
         released: u64,
         sealed: u64,
         resync: RangeSet,
         memory_limit: u64,
-        spill_dir: PathBuf,
+        spill: Box<dyn Spill>,
+        now_ms: u64,
     ) -> Epochs {
-        let first_change_ms = (!resync.is_empty()).then(now_ms);
+        let first_change_ms = (!resync.is_empty()).then_some(now_ms);
         Epochs {
             device_size,
             current: released.max(sealed) + 1,
@@ -344,8 +358,7 @@ impl Epochs {
                 versions: BTreeMap::new(),
                 memory_limit,
                 memory: 0,
-                spill_dir,
-                spill: None,
+                spill,
                 spill_free: Vec::new(),
                 spill_slots: 0,
                 spilled: 0,
@@ -392,7 +405,7 @@ impl Epochs {
         }
     }
 
-    /// Memory and spill file taken by preserved chunks.
+    /// Memory and spill slots taken by preserved chunks.
     pub fn store_usage(&self) -> StoreUsage {
         StoreUsage {
             memory_bytes: self.store.memory,
@@ -471,20 +484,21 @@ impl Epochs {
     }
 
     /// Record a write-class request of the current epoch (after
-    /// [`Epochs::to_preserve`]'s chunks were preserved).
-    pub fn record(&mut self, kind: ChangeKind, range: Range<u64>) {
+    /// [`Epochs::to_preserve`]'s chunks were preserved), issued at `now_ms`.
+    pub fn record(&mut self, kind: ChangeKind, range: Range<u64>, now_ms: u64) {
         self.written.insert(range.clone());
         self.changes.record(kind, range);
-        self.first_change_ms.get_or_insert_with(now_ms);
+        self.first_change_ms.get_or_insert(now_ms);
     }
 
     /// Record, in the current epoch, a request of the previous one that was
     /// still in flight at the cut: its final content must be shipped with
     /// this epoch. Its chunks are not counted as written in this epoch, so
     /// the next write to them still preserves them for the sealed epoch.
-    pub fn record_carried(&mut self, kind: ChangeKind, range: Range<u64>) {
+    /// `now_ms`: the time of the cut.
+    pub fn record_carried(&mut self, kind: ChangeKind, range: Range<u64>, now_ms: u64) {
         self.changes.record(kind, range);
-        self.first_change_ms.get_or_insert_with(now_ms);
+        self.first_change_ms.get_or_insert(now_ms);
     }
 
     /// The age of the oldest change not released yet, in ms since the
@@ -563,10 +577,10 @@ impl Epochs {
         all
     }
 
-    /// The whole device becomes the current epoch's resync ranges.
-    pub fn resync_all(&mut self) {
+    /// The whole device becomes the current epoch's resync ranges, at `now_ms`.
+    pub fn resync_all(&mut self, now_ms: u64) {
         self.changes.resync.insert(0..self.device_size);
-        self.first_change_ms.get_or_insert_with(now_ms);
+        self.first_change_ms.get_or_insert(now_ms);
     }
 
     /// Whether some unreleased epoch still carries resync ranges.
@@ -625,23 +639,78 @@ impl Epochs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
 
-    fn epochs(limit: u64) -> (Epochs, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let e = Epochs::new(64 * CHUNK, 0, 0, RangeSet::new(), limit, dir.path().into());
-        (e, dir)
+    /// Spill slots in memory, shared with the test that made them.
+    #[derive(Debug, Default, Clone)]
+    struct MemSpill(Arc<Mutex<MemSlots>>);
+
+    #[derive(Debug, Default)]
+    struct MemSlots {
+        slots: BTreeMap<u64, Vec<u8>>,
+        /// Writes fail (a full disk) while set.
+        fail_writes: bool,
+        /// How often the storage was given back.
+        clears: u32,
+    }
+
+    impl MemSpill {
+        fn slots(&self) -> std::sync::MutexGuard<'_, MemSlots> {
+            self.0.lock().unwrap()
+        }
+    }
+
+    impl Spill for MemSpill {
+        fn write(&mut self, slot: u64, data: &[u8]) -> std::io::Result<()> {
+            let mut s = self.slots();
+            if s.fail_writes {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            s.slots.insert(slot, data.to_vec());
+            Ok(())
+        }
+
+        fn read(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()> {
+            let s = self.slots();
+            let data = s
+                .slots
+                .get(&slot)
+                .ok_or_else(|| std::io::Error::other("slot never written"))?;
+            out.copy_from_slice(&data[..out.len()]);
+            Ok(())
+        }
+
+        fn clear(&mut self) {
+            let mut s = self.slots();
+            s.slots.clear();
+            s.clears += 1;
+        }
+    }
+
+    fn epochs(limit: u64) -> (Epochs, MemSpill) {
+        let spill = MemSpill::default();
+        let e = Epochs::new(
+            64 * CHUNK,
+            0,
+            0,
+            RangeSet::new(),
+            limit,
+            Box::new(spill.clone()),
+            0,
+        );
+        (e, spill)
     }
 
     #[test]
     fn only_chunks_a_sealed_epoch_needs_are_preserved_once() {
         let (mut e, _d) = epochs(1 << 20);
-        e.record(ChangeKind::Data, 0..2 * CHUNK);
+        e.record(ChangeKind::Data, 0..2 * CHUNK, 0);
         assert!(e.to_preserve(0..CHUNK).is_empty(), "nothing sealed yet");
         assert_eq!(e.seal(false, 0), 1);
         // Chunk 0 and 1 were changed by epoch 1; chunk 5 was not.
         assert_eq!(e.to_preserve(0..6 * CHUNK), vec![0, 1]);
         e.preserve(0, &[1; CHUNK as usize]);
-        e.record(ChangeKind::Data, 0..100);
+        e.record(ChangeKind::Data, 0..100, 0);
         assert_eq!(e.to_preserve(0..CHUNK), Vec::<u64>::new());
         // A second seal: chunk 0 has a version for epoch 1 and epoch 2
         // changed it again, so it needs the version at cut 2.
@@ -668,8 +737,8 @@ mod tests {
 
     #[test]
     fn preserved_chunks_spill_past_the_memory_limit() {
-        let (mut e, _d) = epochs(CHUNK);
-        e.record(ChangeKind::Zeroed, 0..8 * CHUNK);
+        let (mut e, spill) = epochs(CHUNK);
+        e.record(ChangeKind::Zeroed, 0..8 * CHUNK, 0);
         e.seal(false, 0);
         for c in 0..8 {
             e.preserve(c, &[c as u8 + 1; CHUNK as usize]);
@@ -689,19 +758,82 @@ mod tests {
                 .iter()
                 .all(|&b| b == c as u8 + 1));
         }
+        assert_eq!(spill.slots().slots.len(), 7);
         e.release(1).unwrap();
         assert_eq!(e.store_usage(), StoreUsage::default());
+        assert_eq!(spill.slots().clears, 1, "the spill was not given back");
+        assert!(spill.slots().slots.is_empty());
+    }
+
+    #[test]
+    fn a_chunk_the_spill_cannot_take_breaks_the_epochs_that_need_it() {
+        let (mut e, spill) = epochs(0);
+        e.record(ChangeKind::Data, 0..2 * CHUNK, 0);
+        e.seal(false, 0);
+        spill.slots().fail_writes = true;
+        e.preserve(0, &[1; CHUNK as usize]);
+        assert!(matches!(
+            e.check_read(1, 0..CHUNK),
+            Err(EpochError::Broken { .. })
+        ));
+        assert_eq!(e.store_usage(), StoreUsage::default());
+        // The slot of the failed write is used again.
+        spill.slots().fail_writes = false;
+        e.preserve(1, &[2; CHUNK as usize]);
+        assert_eq!(
+            spill.slots().slots.keys().copied().collect::<Vec<_>>(),
+            vec![0]
+        );
+        assert_eq!(e.store_usage().spilled_bytes, CHUNK);
+    }
+
+    #[test]
+    fn change_ages_follow_the_time_given() {
+        let spill = Box::new(MemSpill::default());
+        let mut resync = RangeSet::new();
+        resync.insert(0..CHUNK);
+        let mut e = Epochs::new(64 * CHUNK, 0, 0, resync, 0, spill, 1_000);
+        // Resync ranges count from when they were found.
+        assert_eq!(e.oldest_change_ms(), Some(1_000));
+        assert_eq!(e.seal(false, 2_000), 1);
+        let s = e.get(1).unwrap();
+        assert_eq!((s.sealed_ms, s.first_change_ms), (2_000, Some(1_000)));
+        assert_eq!(e.oldest_change_ms(), Some(1_000));
+        // The current epoch's age is its first change's, not a later one's.
+        e.record(ChangeKind::Data, CHUNK..2 * CHUNK, 3_000);
+        e.record(ChangeKind::Zeroed, 4 * CHUNK..5 * CHUNK, 4_000);
+        e.release(1).unwrap();
+        assert_eq!(e.oldest_change_ms(), Some(3_000));
+        // A request carried over a cut counts from the cut.
+        assert_eq!(e.seal(true, 5_000), 2);
+        e.record_carried(ChangeKind::Data, CHUNK..2 * CHUNK, 5_000);
+        e.release(2).unwrap();
+        assert_eq!(e.oldest_change_ms(), Some(5_000));
+        assert_eq!(e.seal(false, 6_000), 3);
+        e.release(3).unwrap();
+        assert_eq!(e.oldest_change_ms(), None, "nothing unreleased");
+        // A broken epoch's changes move on with their age.
+        e.record(ChangeKind::Data, 0..CHUNK, 7_000);
+        e.seal(false, 8_000);
+        e.preserve_failed(0, "disk full");
+        e.resync_all(9_000);
+        e.release(4).unwrap();
+        assert_eq!(e.oldest_change_ms(), Some(7_000));
+        e.seal(false, 10_000);
+        e.release(5).unwrap();
+        e.resync_all(11_000);
+        assert_eq!(e.oldest_change_ms(), Some(11_000));
     }
 
     #[test]
     fn a_write_beside_the_change_in_a_chunk_preserves_it() {
         let (mut e, _d) = epochs(1 << 20);
-        e.record(ChangeKind::Data, 10 * CHUNK + 1024..10 * CHUNK + 2048);
+        e.record(ChangeKind::Data, 10 * CHUNK + 1024..10 * CHUNK + 2048, 0);
         e.seal(false, 0);
         // The write misses the changed bytes but shares their chunk.
         assert_eq!(e.to_preserve(10 * CHUNK..10 * CHUNK + 512), vec![10]);
         // And the last, partial chunk of the device.
-        e.record(ChangeKind::Data, 64 * CHUNK - 100..64 * CHUNK);
+        e.record(ChangeKind::Data, 64 * CHUNK - 100..64 * CHUNK, 0);
         e.seal(false, 0);
         assert_eq!(e.to_preserve(63 * CHUNK..63 * CHUNK + 1), vec![63]);
     }
@@ -709,7 +841,7 @@ mod tests {
     #[test]
     fn zero_chunks_cost_nothing_to_preserve() {
         let (mut e, _d) = epochs(0);
-        e.record(ChangeKind::Zeroed, 0..4 * CHUNK);
+        e.record(ChangeKind::Zeroed, 0..4 * CHUNK, 0);
         e.seal(false, 0);
         for c in 0..4 {
             e.preserve(c, &[0; CHUNK as usize]);
@@ -724,7 +856,7 @@ mod tests {
     #[test]
     fn reads_are_limited_to_what_the_epoch_changed() {
         let (mut e, _d) = epochs(1 << 20);
-        e.record(ChangeKind::Data, CHUNK..CHUNK + 10);
+        e.record(ChangeKind::Data, CHUNK..CHUNK + 10, 0);
         e.seal(false, 0);
         e.check_read(1, CHUNK..2 * CHUNK).unwrap();
         assert!(matches!(

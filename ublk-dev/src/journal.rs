@@ -7,37 +7,50 @@
 //! every change that reached the backing file therefore lies in a marked
 //! region: at worst the journal says too much, never too little.
 //!
-//! # On-disk format, version 2
+//! # On-disk format
 //!
 //! All integers little-endian; the file is a sequence of 4096-byte blocks.
+//! This code writes version 2 and reads versions 1 and 2.
 //!
 //! ```text
-//! block 0   header copy A
-//! block 1   header copy B
-//! block 2.. bitmap blocks: [crc32c u32][reserved u32][4088 bytes of bits]
+//! block 0   header copy A (even sequence numbers)
+//! block 1   header copy B (odd sequence numbers)
+//! block 2.. bitmap blocks: [crc32c u32][reserved u32 = 0][4088 bytes of bits]
 //!           bit k of bitmap block b = region b * 32704 + k (LSB first)
 //!
-//! header:   magic   [u8; 8] = "UBLKMJNL"
-//!           version u32     = 1
-//!           flags   u32     bit 0 OPEN: a daemon is or was running (not
-//!                           stopped cleanly); bit 1 RESYNC: an unclean stop
-//!                           was found and its regions are not settled yet
-//!           sequence     u64  incremented by every header write
-//!           region_size  u64  bytes per region, a power of two >= 64 KiB
-//!           device_size  u64  bytes
-//!           bitmap_blocks u64
-//!           backing_id   u64  fingerprint of the backing file (path and inode)
-//!           released_epoch u64 the last epoch the consumer released (v2)
-//!           sealed_epoch   u64 the highest epoch number handed out (v2)
-//!           crc32c  u32     of every byte before it
+//! header, version 2 (the rest of the block is zeroes, not read):
+//!   0  magic          [u8; 8] "UBLKMJNL"
+//!   8  version        u32  2
+//!  12  flags          u32  bit 0 OPEN: a daemon is or was running (not
+//!                          stopped cleanly); bit 1 RESYNC: an unclean stop
+//!                          was found and its regions are not settled yet;
+//!                          any other bit set: the header is invalid
+//!  16  sequence       u64  incremented by every header write
+//!  24  region_size    u64  bytes per region, a power of two >= 64 KiB
+//!  32  device_size    u64  bytes
+//!  40  bitmap_blocks  u64  ceil(ceil(device_size / region_size) / 32704)
+//!  48  backing_id     u64  fingerprint of the backing file (path and inode)
+//!  56  released_epoch u64  the last epoch the consumer released
+//!  64  sealed_epoch   u64  the highest epoch number handed out
+//!  72  crc32c         u32  of bytes 0..72
 //! ```
 //!
 //! Versions:
-//! - 1: first format.
-//! - 2: `released_epoch` and `sealed_epoch` added before the crc, so that
-//!   epoch numbers keep rising across restarts and are never used twice.
-//!   Version 1 files are read (as epoch 0) and rewritten as version 2 at
-//!   the next header write.
+//! - 1: the same header up to `backing_id`, then its crc32c at byte 56
+//!   (of bytes 0..56); no epoch numbers.
+//! - 2: `released_epoch` and `sealed_epoch` added before the crc (which
+//!   moved to byte 72), so that epoch numbers keep rising across restarts
+//!   and are never used twice.
+//!
+//! Versions are told apart by the `version` field, which decides where the
+//! crc is read: at byte 56 for version 1, at byte 72 for any other value.
+//! A version 1 header is read with both epochs 0. Every header write
+//! writes version 2, so a version 1 file becomes version 2 one copy at a
+//! time, with the header writes that follow opening it (a device marks its
+//! journal open at once). A header whose crc at byte 72 holds but whose
+//! version is neither 1 nor 2 is refused as an unsupported version; one
+//! whose crc does not hold, as damaged. Opening counts a copy refused for
+//! either reason as invalid (see below).
 //!
 //! The bitmap block crc covers the block's index (u64 LE) followed by its
 //! 4088 bytes of bits, so a block written at the wrong place is caught too.
@@ -48,17 +61,34 @@
 //!   B) and are synced. A torn header write damages only the copy being
 //!   written; the other, with the previous sequence, stays valid. Opening
 //!   takes the valid copy with the highest sequence. Both invalid means the
-//!   file is not a journal we wrote: it is reported, not trusted.
+//!   file is not a journal we wrote: it is reported, not trusted. A new
+//!   journal writes its zeroed bitmap, then copy A (sequence 0), then copy
+//!   B (sequence 1), each synced before the next; a crash before copy A is
+//!   whole leaves a file with no valid header, refused like any other (no
+//!   write was served yet: the device starts only once its journal exists).
 //! - A bitmap block is rewritten whole and synced before the writes it
 //!   covers are issued. If a crash tears it, its crc fails and every region
 //!   of that block is reported dirty. That over-approximates both kinds of
 //!   interrupted update (setting bits before writes, clearing bits after the
 //!   consumer took the data), so no change is ever lost; the cost is a
 //!   resync of at most 32704 regions.
+//! - A release writes `released_epoch` (synced) before it clears the
+//!   released regions: a crash in between leaves them marked, which costs
+//!   only a resync. `sealed_epoch` is written (synced) before an epoch with
+//!   that number is sealed, so a later run never reuses a number.
 //! - The `clean` state is written only after the backing file was synced at
 //!   a clean stop, and `open` is written (synced) before the first write is
 //!   served. A journal found `open` means the daemon did not stop cleanly:
-//!   every marked region needs resync.
+//!   every marked region needs resync, and RESYNC is set until the consumer
+//!   settles them.
+//! - Opening repairs what it found damaged: torn bitmap blocks are written
+//!   back with every bit set (a superset of what they held) and synced
+//!   before the header; a damaged header copy is repaired by two header
+//!   writes, each synced, so the repair cannot tear both copies.
+//! - A bitmap write or sync that fails leaves the file's content unknown:
+//!   the journal then refuses every further mark or clear, and refuses to
+//!   record a clean stop (fail-stop), so the next start treats the stop as
+//!   unclean.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -26,11 +26,12 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use ublk_mirror_common::RangeSet;
+use ublk_mirror_common::{fsutil, RangeSet};
 
-use crate::engine::{AlignedBuf, Errno, Op, Request};
+pub use crate::engine::Ticket;
+use crate::engine::{AlignedBuf, ChangeTracking, Errno, Op, Request};
 pub use crate::epoch::{ChangeKind, Changes, Sealed, CHUNK, DEFAULT_COW_MEMORY};
-use crate::epoch::{EpochError, Epochs};
+use crate::epoch::{EpochError, Epochs, Spill};
 use crate::error::{Error, Result};
 use crate::journal::{self, Journal, OpenReport, State};
 use ublk_mirror_common::clock::now_ms;
@@ -156,12 +157,6 @@ pub struct TrackerOptions<'a> {
     pub cow_memory: u64,
 }
 
-/// A write-class request in flight: give it back to
-/// [`Tracker::after_write`] when it completed.
-#[derive(Debug)]
-#[must_use = "a ticket must be returned to Tracker::after_write"]
-pub struct Ticket(u64);
-
 /// What a release did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Released {
@@ -237,7 +232,7 @@ impl Tracker {
             (j, Some(report))
         } else {
             let mut j = Journal::create(&path, device_size, opts.region_size, id)?;
-            sync_dir(state_dir)?;
+            fsutil::sync_dir(state_dir).map_err(|e| sync_dir_failed(state_dir, e))?;
             if opts.history == History::ExistingFile {
                 tracing::info!("new journal for an existing backing file: every region is marked");
                 j.mark_all()?;
@@ -281,7 +276,8 @@ impl Tracker {
             header.sealed_epoch,
             resync,
             opts.cow_memory,
-            state_dir.to_path_buf(),
+            Box::new(SpillFile::new(state_dir)),
+            now_ms(),
         );
         let tracker = Tracker {
             path,
@@ -346,7 +342,7 @@ impl Tracker {
             if !chunks.is_empty() {
                 self.preserve(&mut live.epochs, &chunks);
             }
-            live.epochs.record(kind, range.clone());
+            live.epochs.record(kind, range.clone(), now_ms());
             let ticket = live.next_ticket;
             live.next_ticket += 1;
             live.in_flight.insert(ticket, (kind, range));
@@ -427,12 +423,13 @@ impl Tracker {
     fn seal_locked(&self, live: &mut Live, at_flush: bool) -> u64 {
         // Whatever seal was asked for is answered by this cut.
         self.seal_requested.store(false, Ordering::Release);
-        let id = live.epochs.seal(at_flush, now_ms());
+        let now = now_ms();
+        let id = live.epochs.seal(at_flush, now);
         // Writes still in flight may land on either side of the cut: they
         // belong to the next epoch as well, so that their final content is
         // shipped with it.
         for (kind, range) in live.in_flight.values() {
-            live.epochs.record_carried(*kind, range.clone());
+            live.epochs.record_carried(*kind, range.clone(), now);
         }
         self.sealed.notify_all();
         tracing::debug!(epoch = id, at_flush, "epoch sealed");
@@ -564,7 +561,7 @@ impl Tracker {
             self.durable[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::Release);
         }
         let mut live = lock(&self.live);
-        live.epochs.resync_all();
+        live.epochs.resync_all(now_ms());
         self.resync_pending.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -694,6 +691,16 @@ impl Tracker {
     }
 }
 
+impl ChangeTracking for Tracker {
+    fn before_write(&self, req: &Request) -> std::result::Result<Option<Ticket>, Errno> {
+        Tracker::before_write(self, req)
+    }
+
+    fn after_write(&self, ticket: Ticket) {
+        Tracker::after_write(self, ticket);
+    }
+}
+
 impl From<EpochError> for Error {
     fn from(e: EpochError) -> Error {
         Error::Epoch(e)
@@ -716,6 +723,53 @@ pub fn invalidate(state_dir: &Path, backing: (&Path, u64), device_size: u64) -> 
     Ok(())
 }
 
+/// The [`Spill`] of a device's preserved chunks: an unnamed file in the
+/// state directory, created when the first chunk spills and dropped (its
+/// space given back) when no chunk is left in it.
+#[derive(Debug)]
+struct SpillFile {
+    dir: PathBuf,
+    file: Option<File>,
+}
+
+impl SpillFile {
+    fn new(dir: &Path) -> SpillFile {
+        SpillFile {
+            dir: dir.to_path_buf(),
+            file: None,
+        }
+    }
+}
+
+impl Spill for SpillFile {
+    fn write(&mut self, slot: u64, data: &[u8]) -> std::io::Result<()> {
+        let file = match &self.file {
+            Some(f) => f,
+            None => {
+                let f = tempfile::tempfile_in(&self.dir)?;
+                tracing::info!(
+                    dir = %self.dir.display(),
+                    "preserved chunks spill to a file"
+                );
+                self.file.insert(f)
+            }
+        };
+        file.write_all_at(data, slot * CHUNK)
+    }
+
+    fn read(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("a spilled chunk without a spill file"))?;
+        file.read_exact_at(out, slot * CHUNK)
+    }
+
+    fn clear(&mut self) {
+        self.file = None;
+    }
+}
+
 /// Create a directory (and parents) so that it survives a power cut.
 fn create_dir_durably(dir: &Path) -> Result<()> {
     if dir.is_dir() {
@@ -729,16 +783,15 @@ fn create_dir_durably(dir: &Path) -> Result<()> {
     })?;
     let mut d = Some(dir);
     while let Some(p) = d {
-        sync_dir(p)?;
+        fsutil::sync_dir(p).map_err(|e| sync_dir_failed(p, e))?;
         d = p.parent().filter(|p| !p.as_os_str().is_empty());
     }
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(format!("cannot sync directory {}", dir.display()), e))
+/// The error of a failed directory sync.
+fn sync_dir_failed(dir: &Path, e: std::io::Error) -> Error {
+    Error::io(format!("cannot sync directory {}", dir.display()), e)
 }
 
 #[cfg(test)]
@@ -997,6 +1050,24 @@ mod tests {
         let (t, report) = open(dir.path(), History::ExistingFile).unwrap();
         assert!(report.unwrap().unclean);
         assert_eq!(t.marked_regions().len(), 64);
+    }
+
+    #[test]
+    fn the_spill_file_is_made_when_first_needed_and_dropped_when_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spill = SpillFile::new(dir.path());
+        let mut out = [0u8; CHUNK as usize];
+        assert!(spill.read(0, &mut out).is_err(), "read without a file");
+        spill.write(3, &[7; CHUNK as usize]).unwrap();
+        spill.write(0, &[1; 100]).unwrap();
+        spill.read(3, &mut out).unwrap();
+        assert_eq!(out, [7; CHUNK as usize]);
+        spill.read(0, &mut out[..100]).unwrap();
+        assert_eq!(out[..100], [1; 100]);
+        // Unnamed: nothing shows in the directory.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        spill.clear();
+        assert!(spill.read(3, &mut out).is_err(), "a cleared slot read");
     }
 
     #[test]

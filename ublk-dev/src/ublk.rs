@@ -529,19 +529,7 @@ fn serve_device<R>(
 where
     R: FnOnce(&Ready) + Send + Sync + 'static,
 {
-    let backing_path = std::fs::canonicalize(backing.path())
-        .map_err(|e| Error::io("resolving the backing path", e))?;
-    let record = TargetRecord {
-        version: RECORD_VERSION,
-        name: spec.name.clone(),
-        backing: backing_path,
-        size: backing.size(),
-        logical_block_size: spec.logical_block_size,
-        direct_io: backing.direct_io(),
-        config,
-        tracking: Some(spec.tracking.clone()),
-        mirror: spec.mirror.clone(),
-    };
+    let record = target_record(spec, backing, config)?;
     let geometry = Geometry {
         size: backing.size(),
         block_size: spec.logical_block_size,
@@ -550,86 +538,12 @@ where
     let engine = Arc::new(Engine::new(geometry));
     // The journal is opened (and marked open) before any write can arrive;
     // a journal that cannot be trusted stops us before the device exists.
-    let inode = std::os::unix::fs::MetadataExt::ino(
-        &backing
-            .file()
-            .metadata()
-            .map_err(|e| Error::io("reading the backing file's metadata", e))?,
-    );
-    let identity = (record.backing.as_path(), inode);
-    let t = &spec.tracking;
-    let tracker = if t.enabled {
-        let history = match start {
-            Start::Recover(_) => History::Recovering,
-            Start::Add if backing.created() => History::NewFile,
-            Start::Add => History::ExistingFile,
-        };
-        let (tracker, _) = Tracker::open(&TrackerOptions {
-            state_dir: &t.state_dir,
-            identity,
-            file: backing.file(),
-            device_size: backing.size(),
-            region_size: t.region_size,
-            history,
-            cow_memory: t.cow_memory,
-        })?;
-        Some(Arc::new(tracker))
-    } else {
-        tracking::invalidate(&t.state_dir, identity, backing.size())?;
-        None
-    };
-
+    let tracker = open_tracking(spec, backing, start, &record.backing)?;
     // Not enrolled stops us here, before the device exists; the network
     // itself is never waited for.
-    let replicator = match (&spec.mirror, &tracker) {
-        (Some(m), Some(t)) => Some(Arc::new(Replicator::start(
-            t.clone(),
-            MirrorSettings {
-                volume: m.volume.clone(),
-                client_dir: m.client_dir.clone(),
-                interval: std::time::Duration::from_millis(m.interval_ms),
-                zstd_level: m.zstd_level,
-                bandwidth: m.bandwidth,
-            },
-        )?)),
-        _ => None,
-    };
+    let replicator = start_replicator(spec, tracker.as_ref())?;
 
-    let mut ctrl_flags =
-        u64::from(sys::UBLK_F_USER_RECOVERY) | u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
-    // A recovery takes the flags the device was created with from the driver.
-    if start == Start::Add && zero_copy_offered() {
-        ctrl_flags |= u64::from(sys::UBLK_F_AUTO_BUF_REG);
-    }
-    let (id, dev_flags) = match start {
-        Start::Add => (
-            spec.id.map_or(-1, |i| i as i32),
-            UblkFlags::UBLK_DEV_F_ADD_DEV,
-        ),
-        Start::Recover(id) => {
-            let simple = open_ctrl(id)?;
-            simple
-                .start_user_recover()
-                .map_err(|e| driver_error(format!("starting recovery of device {id}"), e))?;
-            (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
-        }
-    };
-    let ctrl = UblkCtrlBuilder::default()
-        .name(TARGET_TYPE)
-        .id(id)
-        .nr_queues(spec.queues)
-        .depth(spec.depth)
-        .io_buf_bytes(engine::MAX_IO_BYTES)
-        .ctrl_flags(ctrl_flags)
-        .dev_flags(dev_flags)
-        .build()
-        .map_err(|e| match errno_of(&e) {
-            Some(libc::EEXIST) => Error::DeviceState {
-                id: id as u32,
-                reason: "a device with this id already exists (see `ublk-mirror list`)".into(),
-            },
-            _ => driver_error("creating the device", e),
-        })?;
+    let ctrl = create_device(spec, start)?;
     let dev_id = ctrl.dev_info().dev_id;
     let _span = tracing::info_span!("device", id = dev_id, name = %spec.name).entered();
     stop.id.store(i64::from(dev_id), Ordering::SeqCst);
@@ -656,13 +570,144 @@ where
         .map_err(|e| Error::io("encoding the device record", std::io::Error::other(e)))?;
     let tgt_init =
         move |dev: &mut UblkDev| init_target(dev, [backing_fd, zero_fd], geometry, record_json);
-    let queue_engine = engine.clone();
-    let queue_tracker = tracker.clone();
-    let queue_failed = Arc::new(AtomicBool::new(false));
-    let any_queue_failed = queue_failed.clone();
     let recovered = matches!(start, Start::Recover(_));
-    let ready_stop = stop.clone();
-    let device_up = move |ctrl: &UblkCtrl| {
+    let device_up = when_up(on_ready, recovered, stop.clone());
+    let run = run_queues(&ctrl, tgt_init, &engine, tracker.as_ref(), device_up);
+    finish(&ctrl, start, backing, &engine, tracker.as_deref(), run)
+}
+
+/// What the daemon records in libublk's device JSON to recover the device.
+fn target_record(
+    spec: &DeviceSpec,
+    backing: &Backing,
+    config: Option<PathBuf>,
+) -> Result<TargetRecord> {
+    let backing_path = std::fs::canonicalize(backing.path())
+        .map_err(|e| Error::io("resolving the backing path", e))?;
+    Ok(TargetRecord {
+        version: RECORD_VERSION,
+        name: spec.name.clone(),
+        backing: backing_path,
+        size: backing.size(),
+        logical_block_size: spec.logical_block_size,
+        direct_io: backing.direct_io(),
+        config,
+        tracking: Some(spec.tracking.clone()),
+        mirror: spec.mirror.clone(),
+    })
+}
+
+/// Open the device's change tracking (its journal marked open), or, with
+/// tracking off, invalidate a journal a tracked run left.
+/// `canonical_backing` is the backing file's canonical path.
+fn open_tracking(
+    spec: &DeviceSpec,
+    backing: &Backing,
+    start: Start,
+    canonical_backing: &Path,
+) -> Result<Option<Arc<Tracker>>> {
+    let inode = std::os::unix::fs::MetadataExt::ino(
+        &backing
+            .file()
+            .metadata()
+            .map_err(|e| Error::io("reading the backing file's metadata", e))?,
+    );
+    let identity = (canonical_backing, inode);
+    let t = &spec.tracking;
+    if !t.enabled {
+        tracking::invalidate(&t.state_dir, identity, backing.size())?;
+        return Ok(None);
+    }
+    let history = match start {
+        Start::Recover(_) => History::Recovering,
+        Start::Add if backing.created() => History::NewFile,
+        Start::Add => History::ExistingFile,
+    };
+    let (tracker, _) = Tracker::open(&TrackerOptions {
+        state_dir: &t.state_dir,
+        identity,
+        file: backing.file(),
+        device_size: backing.size(),
+        region_size: t.region_size,
+        history,
+        cow_memory: t.cow_memory,
+    })?;
+    Ok(Some(Arc::new(tracker)))
+}
+
+/// Start shipping epochs to the mirror, when one is set up and changes
+/// are tracked.
+fn start_replicator(
+    spec: &DeviceSpec,
+    tracker: Option<&Arc<Tracker>>,
+) -> Result<Option<Arc<Replicator>>> {
+    let (Some(m), Some(t)) = (&spec.mirror, tracker) else {
+        return Ok(None);
+    };
+    let replicator = Replicator::start(
+        t.clone(),
+        MirrorSettings {
+            volume: m.volume.clone(),
+            client_dir: m.client_dir.clone(),
+            interval: std::time::Duration::from_millis(m.interval_ms),
+            zstd_level: m.zstd_level,
+            bandwidth: m.bandwidth,
+        },
+    )?;
+    Ok(Some(Arc::new(replicator)))
+}
+
+/// Add the device to the driver, or take over a quiesced one to recover it.
+fn create_device(spec: &DeviceSpec, start: Start) -> Result<UblkCtrl> {
+    let mut ctrl_flags =
+        u64::from(sys::UBLK_F_USER_RECOVERY) | u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
+    // A recovery takes the flags the device was created with from the driver.
+    if start == Start::Add && zero_copy_offered() {
+        ctrl_flags |= u64::from(sys::UBLK_F_AUTO_BUF_REG);
+    }
+    let (id, dev_flags) = match start {
+        Start::Add => (
+            spec.id.map_or(-1, |i| i as i32),
+            UblkFlags::UBLK_DEV_F_ADD_DEV,
+        ),
+        Start::Recover(id) => {
+            let simple = open_ctrl(id)?;
+            simple
+                .start_user_recover()
+                .map_err(|e| driver_error(format!("starting recovery of device {id}"), e))?;
+            (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        }
+    };
+    UblkCtrlBuilder::default()
+        .name(TARGET_TYPE)
+        .id(id)
+        .nr_queues(spec.queues)
+        .depth(spec.depth)
+        .io_buf_bytes(engine::MAX_IO_BYTES)
+        .ctrl_flags(ctrl_flags)
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(|e| match errno_of(&e) {
+            Some(libc::EEXIST) => Error::DeviceState {
+                id: id as u32,
+                reason: "a device with this id already exists (see `ublk-mirror list`)".into(),
+            },
+            _ => driver_error("creating the device", e),
+        })
+}
+
+/// What runs once the block device serves I/O: the queue threads may move
+/// between CPUs, `on_ready` is told, and a stop asked for meanwhile is
+/// carried out.
+fn when_up<R>(
+    on_ready: R,
+    recovered: bool,
+    stop: Arc<StopState>,
+) -> impl FnOnce(&UblkCtrl) + Send + Sync + 'static
+where
+    R: FnOnce(&Ready) + Send + Sync + 'static,
+{
+    move |ctrl: &UblkCtrl| {
         unpin_queue_threads(ctrl);
         on_ready(&Ready {
             id: ctrl.dev_info().dev_id,
@@ -670,46 +715,72 @@ where
             recovered,
             zero_copy: ctrl.dev_info().flags & u64::from(sys::UBLK_F_AUTO_BUF_REG) != 0,
         });
-        if ready_stop.requested.load(Ordering::SeqCst) {
+        if stop.requested.load(Ordering::SeqCst) {
             if let Err(e) = ctrl.kill_dev() {
                 tracing::warn!("cannot stop device: {e}");
             }
         }
-    };
-    let run = ctrl
-        .run_target(
-            tgt_init,
-            move |qid, dev: &UblkDev| {
-                if !serve_queue(qid, dev, &queue_engine, queue_tracker.as_deref()) {
-                    queue_failed.store(true, Ordering::SeqCst);
-                }
-            },
-            device_up,
-        )
-        .map(drop)
-        .map_err(|e| driver_error("running the device", e))
-        .and_then(|()| {
-            // A queue that ended in an error may have left I/O in flight:
-            // the stop is not clean.
-            if any_queue_failed.load(Ordering::SeqCst) {
-                Err(Error::DeviceState {
-                    id: dev_id,
-                    reason: "a queue failed; see the log".into(),
-                })
-            } else {
-                Ok(())
-            }
-        });
+    }
+}
 
+/// Start the device and serve its queues until it is stopped. A queue that
+/// ended in an error makes the stop unclean.
+fn run_queues(
+    ctrl: &UblkCtrl,
+    tgt_init: impl FnOnce(&mut UblkDev) -> std::result::Result<(), UblkError>,
+    engine: &Arc<Engine>,
+    tracker: Option<&Arc<Tracker>>,
+    device_up: impl FnOnce(&UblkCtrl) + Send + Sync + 'static,
+) -> Result<()> {
+    let dev_id = ctrl.dev_info().dev_id;
+    let queue_engine = engine.clone();
+    let queue_tracker = tracker.cloned();
+    let queue_failed = Arc::new(AtomicBool::new(false));
+    let any_queue_failed = queue_failed.clone();
+    ctrl.run_target(
+        tgt_init,
+        move |qid, dev: &UblkDev| {
+            if !serve_queue(qid, dev, &queue_engine, queue_tracker.as_deref()) {
+                queue_failed.store(true, Ordering::SeqCst);
+            }
+        },
+        device_up,
+    )
+    .map(drop)
+    .map_err(|e| driver_error("running the device", e))
+    .and_then(|()| {
+        // A queue that ended in an error may have left I/O in flight:
+        // the stop is not clean.
+        if any_queue_failed.load(Ordering::SeqCst) {
+            Err(Error::DeviceState {
+                id: dev_id,
+                reason: "a queue failed; see the log".into(),
+            })
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// After the queues are down: make what was written durable, record a
+/// clean stop if it was one, and decide the device's fate ([`leave`]).
+fn finish(
+    ctrl: &UblkCtrl,
+    start: Start,
+    backing: &Backing,
+    engine: &Engine,
+    tracker: Option<&Tracker>,
+    run: Result<()>,
+) -> Result<()> {
     // The queues are down: whatever was written is in the backing file's
     // page cache or on disk. Make it durable before the device goes away.
     let synced = backing.sync();
-    let clean = run.and(synced).and_then(|()| match &tracker {
+    let clean = run.and(synced).and_then(|()| match tracker {
         // Only a clean stop, with the backing file synced, is recorded clean.
         Some(t) => t.close_clean(),
         None => Ok(()),
     });
-    let result = leave(&ctrl, start, clean);
+    let result = leave(ctrl, start, clean);
     let s = engine.stats();
     tracing::info!(
         reads = s.reads.load(Ordering::Relaxed),

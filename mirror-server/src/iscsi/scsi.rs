@@ -1,8 +1,13 @@
-//! SCSI block commands (SBC-3/SPC-4) for one logical unit, sans-IO over
-//! a [`Lun`]: what a restore disk needs (`../shared/notes/iscsi-anchors.md`
-//! §3), with every range checked before the backend is touched. A
-//! read-only unit answers every write-class command DATA PROTECT / WRITE
-//! PROTECTED and sets the WP bit.
+//! SCSI commands for one logical unit, sans-IO over a [`Lun`], with every
+//! range checked before the backend is touched: from SPC-4's "Commands for
+//! all device types", those an initiator probes a unit with (INQUIRY and
+//! its vital product data pages, REPORT LUNS, TEST UNIT READY, REQUEST
+//! SENSE, MODE SENSE, REPORT SUPPORTED OPERATION CODES); from SBC-3's
+//! "Commands for direct access block devices", those a disk is read and
+//! written with (READ CAPACITY, READ, VERIFY, SYNCHRONIZE CACHE, PRE-FETCH,
+//! GET LBA STATUS, and the write class: WRITE, WRITE AND VERIFY, WRITE
+//! SAME, UNMAP, ORWRITE, COMPARE AND WRITE). A read-only unit answers every
+//! write-class command DATA PROTECT / WRITE PROTECTED and sets the WP bit.
 
 /// Bytes per logical block.
 ///

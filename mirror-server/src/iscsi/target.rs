@@ -288,6 +288,115 @@ impl std::fmt::Display for End {
     }
 }
 
+/// Why a login is refused: the Status-Class and Status-Detail of the
+/// Login Response (RFC 7143 §11.13.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Refusal {
+    class: u8,
+    detail: u8,
+}
+
+/// Initiator error: a malformed or unacceptable request.
+const INITIATOR_ERROR: Refusal = Refusal {
+    class: 0x02,
+    detail: 0x00,
+};
+/// Authentication failed (or was not offered where required).
+const AUTHENTICATION_FAILURE: Refusal = Refusal {
+    class: 0x02,
+    detail: 0x01,
+};
+/// The target is not here (or not for this initiator).
+const NOT_FOUND: Refusal = Refusal {
+    class: 0x02,
+    detail: 0x03,
+};
+/// No version in the initiator's range is spoken here.
+const UNSUPPORTED_VERSION: Refusal = Refusal {
+    class: 0x02,
+    detail: 0x05,
+};
+/// A key the login needs is missing.
+const MISSING_PARAMETER: Refusal = Refusal {
+    class: 0x02,
+    detail: 0x07,
+};
+/// The session the connection names does not exist.
+const SESSION_DOES_NOT_EXIST: Refusal = Refusal {
+    class: 0x02,
+    detail: 0x0a,
+};
+/// The target failed (no random challenge).
+const TARGET_ERROR: Refusal = Refusal {
+    class: 0x03,
+    detail: 0x00,
+};
+
+/// The stages a login request is in and asks for (its flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LoginStage {
+    /// T: the initiator is ready to move to `nsg`.
+    transit: bool,
+    /// C: more text follows in the next request.
+    cont: bool,
+    /// The current stage: 0 security, 1 operational.
+    csg: u8,
+    /// The next stage: 1 operational, 3 full feature phase.
+    nsg: u8,
+}
+
+impl LoginStage {
+    fn of(req: &Pdu) -> LoginStage {
+        let flags = req.flags();
+        LoginStage {
+            transit: flags & 0x80 != 0,
+            cont: flags & 0x40 != 0,
+            csg: (flags >> 2) & 3,
+            nsg: flags & 3,
+        }
+    }
+}
+
+/// What a login keeps from one request to the next.
+#[derive(Debug)]
+struct LoginProgress {
+    /// The login's first text (the initiator's and target's names) is
+    /// still to come.
+    first: bool,
+    /// The target's own declarations were sent.
+    declared: bool,
+    /// Text of requests continued (C bit) so far.
+    text_in: Vec<u8>,
+    /// The session's TSIH, once it is made.
+    tsih: u16,
+    /// CHAP: the challenge sent (identifier, bytes).
+    challenge: Option<(u8, Vec<u8>)>,
+    /// The initiator has proven itself (true when no CHAP is asked).
+    authenticated: bool,
+    /// Keys the initiator has said so far: none may be said again
+    /// (RFC 7143 §6.2).
+    said: std::collections::HashSet<String>,
+}
+
+impl LoginProgress {
+    fn new() -> LoginProgress {
+        LoginProgress {
+            first: true,
+            declared: false,
+            text_in: Vec::new(),
+            tsih: 0,
+            challenge: None,
+            authenticated: false,
+            said: std::collections::HashSet::new(),
+        }
+    }
+}
+
+/// The value of key `k` in a login request's `keys`.
+fn key(keys: &[(String, String)], k: &str) -> Option<String> {
+    keys.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SessionType {
     Discovery,
@@ -437,17 +546,7 @@ impl Connection {
     /// The login phase; `Ok(true)` once in full feature phase, `Ok(false)`
     /// when the login was refused (answered, connection to close).
     async fn login(&mut self) -> Result<bool, End> {
-        let mut first = true;
-        let mut declared = false;
-        let mut text_in = Vec::new();
-        let mut tsih = 0u16;
-        // CHAP: the challenge sent (identifier, bytes), and whether the
-        // initiator has proven itself (true when no CHAP is asked).
-        let mut challenge: Option<(u8, Vec<u8>)> = None;
-        let mut authenticated = false;
-        // Keys the initiator has said so far: none may be said again
-        // (RFC 7143 §6.2).
-        let mut said: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut login = LoginProgress::new();
         loop {
             let req = self.read_wire().await?;
             if req.opcode() != op::LOGIN_REQ {
@@ -456,175 +555,23 @@ impl Connection {
                     req.opcode()
                 )));
             }
-            let flags = req.flags();
-            let transit = flags & 0x80 != 0;
-            let cont = flags & 0x40 != 0;
-            let csg = (flags >> 2) & 3;
-            let nsg = flags & 3;
-            if first {
-                self.stat_sn = req.exp_stat_sn();
-                if req.bhs[3] > 0 {
-                    // Version-min above 0: we speak only 0.
-                    return self.refuse(&req, 0x02, 0x05).await;
-                }
-                if req.bhs[14..16] != [0, 0] {
-                    // A connection for an existing session: sessions here
-                    // have one connection (MaxConnections=1), so the
-                    // session named does not exist.
-                    return self.refuse(&req, 0x02, 0x0a).await;
-                }
+            let stage = LoginStage::of(&req);
+            if let Err(refusal) = self.take_login_request(&mut login, &req) {
+                return self.refuse(&req, refusal).await;
             }
-            self.exp_cmd_sn = req.cmd_sn();
-            text_in.extend_from_slice(&req.data);
-            if text_in.len() > MAX_LOGIN_TEXT {
-                return self.refuse(&req, 0x02, 0x00).await;
-            }
-            if cont {
+            if stage.cont {
                 // More text follows: acknowledge this part.
-                let mut rsp = self.login_response(&req, csg, csg, false, tsih);
+                let mut rsp = self.login_response(&req, stage.csg, stage.csg, false, login.tsih);
                 rsp.data.clear();
                 self.send(&rsp).await?;
                 continue;
             }
-            let Some(keys) = text::parse(&text_in) else {
-                return self.refuse(&req, 0x02, 0x00).await;
+            let (rsp, full_feature) = match self.answer_login(&mut login, &req, stage) {
+                Ok(answer) => answer,
+                Err(refusal) => return self.refuse(&req, refusal).await,
             };
-            text_in.clear();
-            tracing::trace!(csg, nsg, transit, ?keys, "login request");
-            if let Some((k, _)) = keys.iter().find(|(k, _)| !said.insert(k.clone())) {
-                tracing::info!(peer = %self.peer, key = %k, "login key said twice: refused");
-                return self.refuse(&req, 0x02, 0x00).await;
-            }
-            let get = |k: &str| keys.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
-            let mut answers: Vec<(String, String)> = Vec::new();
-            if first {
-                let Some(initiator) = get("InitiatorName") else {
-                    return self.refuse(&req, 0x02, 0x07).await;
-                };
-                if initiator.is_empty() || initiator.len() > 223 {
-                    // Not an iSCSI name (RFC 7143 §4.2.7.1: 223 bytes).
-                    return self.refuse(&req, 0x02, 0x00).await;
-                }
-                self.initiator = initiator;
-                self.kind = match get("SessionType").as_deref() {
-                    None | Some("Normal") => SessionType::Normal,
-                    Some("Discovery") => SessionType::Discovery,
-                    Some(_) => return self.refuse(&req, 0x02, 0x00).await,
-                };
-                if self.kind == SessionType::Normal {
-                    let Some(name) = get("TargetName") else {
-                        return self.refuse(&req, 0x02, 0x07).await;
-                    };
-                    let found = self.target.exports.iter().find(|e| e.iqn == name).cloned();
-                    let Some(export) = found else {
-                        tracing::info!(peer = %self.peer, target = %name, "login to an unknown target");
-                        return self.refuse(&req, 0x02, 0x03).await;
-                    };
-                    if !export.allows(&self.initiator) {
-                        // As if it were not there (tgt does the same).
-                        tracing::warn!(peer = %self.peer, initiator = %self.initiator, target = %name, "initiator not allowed");
-                        return self.refuse(&req, 0x02, 0x03).await;
-                    }
-                    self.export = Some(export);
-                    answers.push(("TargetPortalGroupTag".into(), "1".into()));
-                }
-                first = false;
-            }
-            let chap = self.export.as_ref().and_then(|e| e.chap.clone());
-            if chap.is_none() {
-                authenticated = true;
-            }
-            if csg == 0 {
-                if let Some(methods) = get("AuthMethod") {
-                    let offered: Vec<&str> = methods.split(',').collect();
-                    let pick = if chap.is_some() { "CHAP" } else { "None" };
-                    if !offered.contains(&pick) {
-                        tracing::warn!(peer = %self.peer, initiator = %self.initiator, offered = %methods, wanted = pick, "authentication method refused");
-                        return self.refuse(&req, 0x02, 0x01).await;
-                    }
-                    answers.push(("AuthMethod".into(), pick.into()));
-                }
-                if let Some(chap) = &chap {
-                    if let Some(algorithms) = get("CHAP_A") {
-                        if !algorithms.split(',').any(|a| a == "5") {
-                            return self.refuse(&req, 0x02, 0x01).await;
-                        }
-                        let mut c = vec![0u8; 16];
-                        let mut id = [0u8; 1];
-                        if getrandom::fill(&mut c).is_err() || getrandom::fill(&mut id).is_err() {
-                            return self.refuse(&req, 0x03, 0x00).await;
-                        }
-                        answers.push(("CHAP_A".into(), "5".into()));
-                        answers.push(("CHAP_I".into(), id[0].to_string()));
-                        answers.push(("CHAP_C".into(), hex_string(&c)));
-                        challenge = Some((id[0], c));
-                    }
-                    if let (Some(name), Some(response)) = (get("CHAP_N"), get("CHAP_R")) {
-                        let Some((id, c)) = challenge.take() else {
-                            return self.refuse(&req, 0x02, 0x01).await;
-                        };
-                        let expected = chap_response(id, &chap.secret, &c);
-                        let proven = name == chap.user
-                            && hex_value(&response).is_some_and(|r| r == expected);
-                        if !proven {
-                            tracing::warn!(peer = %self.peer, initiator = %self.initiator, user = %name, "CHAP authentication failed");
-                            return self.refuse(&req, 0x02, 0x01).await;
-                        }
-                        // Mutual: the initiator challenges the target back.
-                        if let (Some(their_id), Some(their_c)) = (get("CHAP_I"), get("CHAP_C")) {
-                            let (Some((user, secret)), Ok(their_id), Some(their_c)) =
-                                (&chap.mutual, their_id.parse::<u8>(), hex_value(&their_c))
-                            else {
-                                return self.refuse(&req, 0x02, 0x01).await;
-                            };
-                            if their_c == c || their_c.is_empty() {
-                                // A reflected challenge proves nothing.
-                                return self.refuse(&req, 0x02, 0x01).await;
-                            }
-                            answers.push(("CHAP_N".into(), user.clone()));
-                            answers.push((
-                                "CHAP_R".into(),
-                                hex_string(&chap_response(their_id, secret, &their_c)),
-                            ));
-                        } else if chap.mutual.is_some() {
-                            // The target was set up to prove itself: the
-                            // initiator must ask (else it trusts anyone).
-                            return self.refuse(&req, 0x02, 0x01).await;
-                        }
-                        authenticated = true;
-                    }
-                }
-            } else if csg != 1 {
-                return self.refuse(&req, 0x02, 0x00).await;
-            }
-            // No operational stage, and no full feature phase, before the
-            // initiator proved itself: the target holds the transit until
-            // then (the initiator asks for it at once).
-            if !authenticated && csg != 0 {
-                tracing::warn!(peer = %self.peer, initiator = %self.initiator, "login without the CHAP the target requires");
-                return self.refuse(&req, 0x02, 0x01).await;
-            }
-            let transit = transit && authenticated;
-            let negotiated = text::negotiate(&keys, &mut self.params);
-            answers.extend(negotiated);
-            let (transit, nsg) = if transit { (true, nsg) } else { (false, csg) };
-            if transit && nsg == 3 {
-                tsih = self.target.tsih();
-            }
-            if !declared && (csg == 1 || transit && nsg == 3) {
-                // The target's own declarations, but for keys answered
-                // already (a key is said once per response).
-                for (k, v) in text::declarations() {
-                    if !answers.iter().any(|(a, _)| *a == k) {
-                        answers.push((k, v));
-                    }
-                }
-                declared = true;
-            }
-            let mut rsp = self.login_response(&req, csg, nsg, transit, tsih);
-            rsp.data = text::encode(&answers);
             self.send(&rsp).await?;
-            if transit && nsg == 3 {
+            if full_feature {
                 self.digests = true;
                 let mut isid = [0u8; 6];
                 isid.copy_from_slice(&req.bhs[8..14]);
@@ -632,6 +579,225 @@ impl Connection {
                 return Ok(true);
             }
         }
+    }
+
+    /// Take one login request's sequence numbers and text; the first
+    /// request of the login is checked for what this target cannot do.
+    fn take_login_request(&mut self, login: &mut LoginProgress, req: &Pdu) -> Result<(), Refusal> {
+        if login.first {
+            self.stat_sn = req.exp_stat_sn();
+            if req.bhs[3] > 0 {
+                // Version-min above 0: we speak only 0.
+                return Err(UNSUPPORTED_VERSION);
+            }
+            if req.bhs[14..16] != [0, 0] {
+                // A connection for an existing session: sessions here
+                // have one connection (MaxConnections=1), so the
+                // session named does not exist.
+                return Err(SESSION_DOES_NOT_EXIST);
+            }
+        }
+        self.exp_cmd_sn = req.cmd_sn();
+        login.text_in.extend_from_slice(&req.data);
+        if login.text_in.len() > MAX_LOGIN_TEXT {
+            return Err(INITIATOR_ERROR);
+        }
+        Ok(())
+    }
+
+    /// Answer a login request whose text is complete: the response, and
+    /// whether it moves the connection to the full feature phase.
+    fn answer_login(
+        &mut self,
+        login: &mut LoginProgress,
+        req: &Pdu,
+        stage: LoginStage,
+    ) -> Result<(Pdu, bool), Refusal> {
+        let Some(keys) = text::parse(&login.text_in) else {
+            return Err(INITIATOR_ERROR);
+        };
+        login.text_in.clear();
+        let LoginStage {
+            transit, csg, nsg, ..
+        } = stage;
+        tracing::trace!(csg, nsg, transit, ?keys, "login request");
+        if let Some((k, _)) = keys.iter().find(|(k, _)| !login.said.insert(k.clone())) {
+            tracing::info!(peer = %self.peer, key = %k, "login key said twice: refused");
+            return Err(INITIATOR_ERROR);
+        }
+        let mut answers: Vec<(String, String)> = Vec::new();
+        if login.first {
+            self.take_login_names(&keys, &mut answers)?;
+            login.first = false;
+        }
+        self.authenticate(login, &keys, csg, &mut answers)?;
+        // No operational stage, and no full feature phase, before the
+        // initiator proved itself: the target holds the transit until
+        // then (the initiator asks for it at once).
+        if !login.authenticated && csg != 0 {
+            tracing::warn!(peer = %self.peer, initiator = %self.initiator, "login without the CHAP the target requires");
+            return Err(AUTHENTICATION_FAILURE);
+        }
+        let transit = transit && login.authenticated;
+        let negotiated = text::negotiate(&keys, &mut self.params);
+        answers.extend(negotiated);
+        let (transit, nsg) = if transit { (true, nsg) } else { (false, csg) };
+        let full_feature = transit && nsg == 3;
+        if full_feature {
+            login.tsih = self.target.tsih();
+        }
+        if !login.declared && (csg == 1 || full_feature) {
+            // The target's own declarations, but for keys answered
+            // already (a key is said once per response).
+            for (k, v) in text::declarations() {
+                if !answers.iter().any(|(a, _)| *a == k) {
+                    answers.push((k, v));
+                }
+            }
+            login.declared = true;
+        }
+        let mut rsp = self.login_response(req, csg, nsg, transit, login.tsih);
+        rsp.data = text::encode(&answers);
+        Ok((rsp, full_feature))
+    }
+
+    /// The names the first request of a login carries: the initiator's,
+    /// the session type, and for a normal session the target's, which must
+    /// be an export that allows the initiator.
+    fn take_login_names(
+        &mut self,
+        keys: &[(String, String)],
+        answers: &mut Vec<(String, String)>,
+    ) -> Result<(), Refusal> {
+        let Some(initiator) = key(keys, "InitiatorName") else {
+            return Err(MISSING_PARAMETER);
+        };
+        if initiator.is_empty() || initiator.len() > 223 {
+            // Not an iSCSI name (RFC 7143 §4.2.7.1: 223 bytes).
+            return Err(INITIATOR_ERROR);
+        }
+        self.initiator = initiator;
+        self.kind = match key(keys, "SessionType").as_deref() {
+            None | Some("Normal") => SessionType::Normal,
+            Some("Discovery") => SessionType::Discovery,
+            Some(_) => return Err(INITIATOR_ERROR),
+        };
+        if self.kind == SessionType::Normal {
+            let Some(name) = key(keys, "TargetName") else {
+                return Err(MISSING_PARAMETER);
+            };
+            let found = self.target.exports.iter().find(|e| e.iqn == name).cloned();
+            let Some(export) = found else {
+                tracing::info!(peer = %self.peer, target = %name, "login to an unknown target");
+                return Err(NOT_FOUND);
+            };
+            if !export.allows(&self.initiator) {
+                // As if it were not there (tgt does the same).
+                tracing::warn!(peer = %self.peer, initiator = %self.initiator, target = %name, "initiator not allowed");
+                return Err(NOT_FOUND);
+            }
+            self.export = Some(export);
+            answers.push(("TargetPortalGroupTag".into(), "1".into()));
+        }
+        Ok(())
+    }
+
+    /// The security stage (`csg` 0): the authentication method, and CHAP
+    /// where the export asks for it. Without CHAP the initiator counts as
+    /// authenticated; a stage other than security or operational (1) is
+    /// refused.
+    fn authenticate(
+        &self,
+        login: &mut LoginProgress,
+        keys: &[(String, String)],
+        csg: u8,
+        answers: &mut Vec<(String, String)>,
+    ) -> Result<(), Refusal> {
+        let chap = self.export.as_ref().and_then(|e| e.chap.clone());
+        if chap.is_none() {
+            login.authenticated = true;
+        }
+        if csg != 0 {
+            return if csg == 1 {
+                Ok(())
+            } else {
+                Err(INITIATOR_ERROR)
+            };
+        }
+        if let Some(methods) = key(keys, "AuthMethod") {
+            let offered: Vec<&str> = methods.split(',').collect();
+            let pick = if chap.is_some() { "CHAP" } else { "None" };
+            if !offered.contains(&pick) {
+                tracing::warn!(peer = %self.peer, initiator = %self.initiator, offered = %methods, wanted = pick, "authentication method refused");
+                return Err(AUTHENTICATION_FAILURE);
+            }
+            answers.push(("AuthMethod".into(), pick.into()));
+        }
+        let Some(chap) = &chap else {
+            return Ok(());
+        };
+        if let Some(algorithms) = key(keys, "CHAP_A") {
+            if !algorithms.split(',').any(|a| a == "5") {
+                return Err(AUTHENTICATION_FAILURE);
+            }
+            let mut c = vec![0u8; 16];
+            let mut id = [0u8; 1];
+            if getrandom::fill(&mut c).is_err() || getrandom::fill(&mut id).is_err() {
+                return Err(TARGET_ERROR);
+            }
+            answers.push(("CHAP_A".into(), "5".into()));
+            answers.push(("CHAP_I".into(), id[0].to_string()));
+            answers.push(("CHAP_C".into(), hex_string(&c)));
+            login.challenge = Some((id[0], c));
+        }
+        if let (Some(name), Some(response)) = (key(keys, "CHAP_N"), key(keys, "CHAP_R")) {
+            let Some((id, c)) = login.challenge.take() else {
+                return Err(AUTHENTICATION_FAILURE);
+            };
+            self.check_chap(chap, keys, (id, &c), (&name, &response), answers)?;
+            login.authenticated = true;
+        }
+        Ok(())
+    }
+
+    /// Check the initiator's CHAP response (`name`, `response`) to our
+    /// `challenge`, and for mutual CHAP answer the initiator's challenge.
+    fn check_chap(
+        &self,
+        chap: &Chap,
+        keys: &[(String, String)],
+        (id, c): (u8, &[u8]),
+        (name, response): (&str, &str),
+        answers: &mut Vec<(String, String)>,
+    ) -> Result<(), Refusal> {
+        let expected = chap_response(id, &chap.secret, c);
+        let proven = name == chap.user && hex_value(response).is_some_and(|r| r == expected);
+        if !proven {
+            tracing::warn!(peer = %self.peer, initiator = %self.initiator, user = %name, "CHAP authentication failed");
+            return Err(AUTHENTICATION_FAILURE);
+        }
+        // Mutual: the initiator challenges the target back.
+        if let (Some(their_id), Some(their_c)) = (key(keys, "CHAP_I"), key(keys, "CHAP_C")) {
+            let (Some((user, secret)), Ok(their_id), Some(their_c)) =
+                (&chap.mutual, their_id.parse::<u8>(), hex_value(&their_c))
+            else {
+                return Err(AUTHENTICATION_FAILURE);
+            };
+            if their_c == c || their_c.is_empty() {
+                // A reflected challenge proves nothing.
+                return Err(AUTHENTICATION_FAILURE);
+            }
+            answers.push(("CHAP_N".into(), user.clone()));
+            answers.push((
+                "CHAP_R".into(),
+                hex_string(&chap_response(their_id, secret, &their_c)),
+            ));
+        } else if chap.mutual.is_some() {
+            // The target was set up to prove itself: the
+            // initiator must ask (else it trusts anyone).
+            return Err(AUTHENTICATION_FAILURE);
+        }
+        Ok(())
     }
 
     fn login_response(&mut self, req: &Pdu, csg: u8, nsg: u8, transit: bool, tsih: u16) -> Pdu {
@@ -650,13 +816,14 @@ impl Connection {
         rsp
     }
 
-    async fn refuse(&mut self, req: &Pdu, class: u8, detail: u8) -> Result<bool, End> {
+    /// Answer `req` with `refusal`; the login ends (`Ok(false)`).
+    async fn refuse(&mut self, req: &Pdu, refusal: Refusal) -> Result<bool, End> {
         let mut rsp = Pdu::new(op::LOGIN_RSP);
         rsp.bhs[8..14].copy_from_slice(&req.bhs[8..14]);
         rsp.set_u32(16, req.itt());
         self.stamp(&mut rsp, false);
-        rsp.bhs[36] = class;
-        rsp.bhs[37] = detail;
+        rsp.bhs[36] = refusal.class;
+        rsp.bhs[37] = refusal.detail;
         self.send(&rsp).await?;
         Ok(false)
     }

@@ -8,7 +8,9 @@
 //! and with which result. Who runs the steps is not its business: the ublk
 //! queues turn them into io_uring SQEs on the queue's own ring
 //! ([`uring::sqe`]); tests and tools run them on a private ring
-//! ([`uring::LocalIo`]); unit tests run them against a fake.
+//! ([`uring::LocalIo`]); unit tests run them against a fake. The engine
+//! uses nothing from the layers above it: change tracking, which must see
+//! every request before it is issued, comes in as a [`ChangeTracking`].
 //!
 //! Semantics follow the kernel loop driver and ublksrv's loop target, not
 //! libublk's example (whose FLUSH makes nothing durable):
@@ -174,6 +176,38 @@ impl Request {
         }
     }
 }
+
+/// What records the device's changes (the tracker, a layer above the
+/// engine): whoever runs requests ([`uring::LocalIo`], the ublk queues)
+/// shows it every request before issuing it, and hands back the ticket of a
+/// write-class one once that completed.
+pub trait ChangeTracking {
+    /// `req` is about to be issued. `Err`: fail the request with this errno
+    /// instead (nothing is issued). A ticket: the request must be reported
+    /// to [`ChangeTracking::after_write`] once it completed.
+    fn before_write(&self, req: &Request) -> Result<Option<Ticket>, Errno>;
+
+    /// The request `ticket` was given for completed (successfully or not).
+    fn after_write(&self, ticket: Ticket);
+}
+
+/// A shared tracker tracks as the tracker does.
+impl<T: ChangeTracking + ?Sized> ChangeTracking for std::sync::Arc<T> {
+    fn before_write(&self, req: &Request) -> Result<Option<Ticket>, Errno> {
+        (**self).before_write(req)
+    }
+
+    fn after_write(&self, ticket: Ticket) {
+        (**self).after_write(ticket);
+    }
+}
+
+/// A write-class request in flight, as [`ChangeTracking::before_write`]
+/// numbered it: give it back to [`ChangeTracking::after_write`] when it
+/// completed.
+#[derive(Debug)]
+#[must_use = "a ticket must be returned to after_write"]
+pub struct Ticket(pub(crate) u64);
 
 /// Shape of the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

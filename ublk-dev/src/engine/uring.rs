@@ -13,7 +13,9 @@ use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{drive, AlignedBuf, Engine, Errno, Request, RequestBuf, Step, ZERO_CHUNK};
+use super::{
+    drive, AlignedBuf, ChangeTracking, Engine, Errno, Request, RequestBuf, Step, ZERO_CHUNK,
+};
 
 /// How the submission names the backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +141,7 @@ pub struct LocalIo<'e> {
     zeroes: AlignedBuf,
     buf: AlignedBuf,
     /// Change tracking, as on the device.
-    tracker: Option<&'e crate::tracking::Tracker>,
+    tracker: Option<&'e dyn ChangeTracking>,
     /// Set when the ring failed in a way that may leave a submission behind:
     /// its completion could be mistaken for a later request's, so no more.
     broken: bool,
@@ -160,7 +162,7 @@ impl<'e> LocalIo<'e> {
     }
 
     /// Record every request with `tracker` first, as the device does.
-    pub fn with_tracker(mut self, tracker: &'e crate::tracking::Tracker) -> LocalIo<'e> {
+    pub fn with_tracker(mut self, tracker: &'e dyn ChangeTracking) -> LocalIo<'e> {
         self.tracker = Some(tracker);
         self
     }
