@@ -84,28 +84,12 @@ async fn serve_one(
 
 /// Carry out an admin request in the server.
 pub async fn dispatch(volumes: &Volumes, exports: &Exports, op: Op) -> Result<serde_json::Value> {
+    let op = match ExportSpec::try_from(op) {
+        Ok(spec) => return exports.start(volumes, spec).await,
+        Err(op) => op,
+    };
     match op {
         Op::Unexport { name } => exports.stop(&name).await,
-        Op::Export {
-            volume,
-            at,
-            listen,
-            name,
-            allow,
-            writable,
-            chap,
-        } => {
-            let spec = ExportSpec {
-                volume,
-                at,
-                listen,
-                name,
-                allow,
-                writable,
-                chap,
-            };
-            exports.start(volumes, spec).await
-        }
         op => {
             let volume = volume_of(&op).unwrap_or_default();
             let v = volumes.open_named(volume)?;

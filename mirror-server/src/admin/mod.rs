@@ -133,6 +133,34 @@ impl From<ExportSpec> for Op {
     }
 }
 
+impl TryFrom<Op> for ExportSpec {
+    type Error = Op;
+
+    /// The export an [`Op::Export`] asks for (any other op comes back).
+    fn try_from(op: Op) -> std::result::Result<ExportSpec, Op> {
+        match op {
+            Op::Export {
+                volume,
+                at,
+                listen,
+                name,
+                allow,
+                writable,
+                chap,
+            } => Ok(ExportSpec {
+                volume,
+                at,
+                listen,
+                name,
+                allow,
+                writable,
+                chap,
+            }),
+            other => Err(other),
+        }
+    }
+}
+
 /// Carry out a snapshot or delete `op` on an open volume.
 pub fn apply(volume: &mut Volume, op: &Op) -> Result<SnapshotInfo> {
     match op {

@@ -296,41 +296,26 @@ struct Refusal {
     detail: u8,
 }
 
+impl Refusal {
+    const fn new(class: u8, detail: u8) -> Refusal {
+        Refusal { class, detail }
+    }
+}
+
 /// Initiator error: a malformed or unacceptable request.
-const INITIATOR_ERROR: Refusal = Refusal {
-    class: 0x02,
-    detail: 0x00,
-};
+const INITIATOR_ERROR: Refusal = Refusal::new(0x02, 0x00);
 /// Authentication failed (or was not offered where required).
-const AUTHENTICATION_FAILURE: Refusal = Refusal {
-    class: 0x02,
-    detail: 0x01,
-};
+const AUTHENTICATION_FAILURE: Refusal = Refusal::new(0x02, 0x01);
 /// The target is not here (or not for this initiator).
-const NOT_FOUND: Refusal = Refusal {
-    class: 0x02,
-    detail: 0x03,
-};
+const NOT_FOUND: Refusal = Refusal::new(0x02, 0x03);
 /// No version in the initiator's range is spoken here.
-const UNSUPPORTED_VERSION: Refusal = Refusal {
-    class: 0x02,
-    detail: 0x05,
-};
+const UNSUPPORTED_VERSION: Refusal = Refusal::new(0x02, 0x05);
 /// A key the login needs is missing.
-const MISSING_PARAMETER: Refusal = Refusal {
-    class: 0x02,
-    detail: 0x07,
-};
+const MISSING_PARAMETER: Refusal = Refusal::new(0x02, 0x07);
 /// The session the connection names does not exist.
-const SESSION_DOES_NOT_EXIST: Refusal = Refusal {
-    class: 0x02,
-    detail: 0x0a,
-};
+const SESSION_DOES_NOT_EXIST: Refusal = Refusal::new(0x02, 0x0a);
 /// The target failed (no random challenge).
-const TARGET_ERROR: Refusal = Refusal {
-    class: 0x03,
-    detail: 0x00,
-};
+const TARGET_ERROR: Refusal = Refusal::new(0x03, 0x00);
 
 /// The stages a login request is in and asks for (its flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
