@@ -3,7 +3,7 @@
 //!
 //! [`serve`] adds (or recovers) a device and runs its queues until the device
 //! is stopped: one thread per hardware queue, one async task per tag, each
-//! request carried out by the [`Engine`](crate::engine::Engine) with its
+//! request carried out by the [`crate::engine::Engine`] with its
 //! steps submitted on the queue's own io_uring, where the backing file is
 //! registered as fixed file 1 (`/dev/ublkcN` is 0).
 //!
@@ -78,7 +78,7 @@ const _: () = {
 /// What a running device records about itself for `list` and `recover`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetRecord {
-    /// [`RECORD_VERSION`] of the writer.
+    /// `RECORD_VERSION` of the writer.
     pub version: u32,
     /// Device name.
     pub name: String,

@@ -7,7 +7,7 @@
 //! - [`pdu`]: PDUs on the wire (headers, data segments, CRC32C digests);
 //! - [`text`]: login and text keys, negotiation;
 //! - [`scsi`]: the SCSI command set over a [`scsi::Lun`], sans-IO;
-//! - [`unit`]: the logical unit its initiators share (reservations,
+//! - [`unit`](mod@unit): the logical unit its initiators share (reservations,
 //!   software write protect, unit attentions), sans-IO;
 //! - [`target`]: connections, login, discovery, the full feature phase.
 //!

@@ -1,6 +1,6 @@
 //! The iSCSI target: TCP connections, login (security and operational
 //! negotiation), discovery, and the full feature phase that carries SCSI
-//! commands to a [`Lun`] (RFC 7143). One connection per session, error
+//! commands to a [`Lun`](super::scsi::Lun) (RFC 7143). One connection per session, error
 //! recovery level 0; commands run in CmdSN order.
 
 use std::collections::{HashMap, VecDeque};

@@ -4,7 +4,7 @@
 //! holder, the software write protect bit (MODE SELECT, control page), and
 //! the unit attentions each nexus has yet to hear.
 //!
-//! Sans-IO like [`scsi`](super::scsi): the target hands each command in
+//! Sans-IO like [`super::scsi`]: the target hands each command in
 //! with the [`Nexus`] it came from; the medium commands themselves run in
 //! `scsi`, through a view of the unit that is read-only while SWP is set.
 //!
