@@ -13,6 +13,14 @@
 //! bytes) is a [`ProtoError`]: the connection that sent it ends with the
 //! reason logged; nothing else is affected.
 //!
+//! # Blocks
+//!
+//! A device travels in blocks of at most [`crate::block::BLOCK`] (64 KiB)
+//! aligned to it, each named by the SHA-256 of its decoded bytes and
+//! encoded as [`crate::block`] says (a hole, zstd, or raw); any block up
+//! to [`MAX_BLOCK`] is accepted. What each side decides at each step is
+//! in [`crate::session`].
+//!
 //! # Versions
 //!
 //! The first frame of a connection is [`Message::Hello`] carrying
