@@ -62,10 +62,13 @@
 //!   written; the other, with the previous sequence, stays valid. Opening
 //!   takes the valid copy with the highest sequence. Both invalid means the
 //!   file is not a journal we wrote: it is reported, not trusted. A new
-//!   journal writes its zeroed bitmap, then copy A (sequence 0), then copy
-//!   B (sequence 1), each synced before the next; a crash before copy A is
-//!   whole leaves a file with no valid header, refused like any other (no
-//!   write was served yet: the device starts only once its journal exists).
+//!   journal writes its bitmap (zeroed; or, for a backing file that existed
+//!   before its journal, every region marked, with the resync flag in both
+//!   copies), then copy A (sequence 0), then copy B (sequence 1), each
+//!   synced before the next; a crash before copy A is whole leaves a file
+//!   with no valid header, refused like any other (no write was served yet:
+//!   the device starts only once its journal exists). So a journal is
+//!   never valid and clean for a file whose history is unknown.
 //! - A bitmap block is rewritten whole and synced before the writes it
 //!   covers are issued. If a crash tears it, its crc fails and every region
 //!   of that block is reported dirty. That over-approximates both kinds of
@@ -356,6 +359,29 @@ impl Journal {
         region_size: u64,
         backing_id: u64,
     ) -> Result<Journal> {
+        Self::create_as(path, device_size, region_size, backing_id, false)
+    }
+
+    /// Create a new journal with every region marked and a resync flagged:
+    /// for a backing file whose history is unknown (it existed before its
+    /// journal did). The marks are in the file before either header copy
+    /// is valid, so no crash can leave a journal that looks clean.
+    pub fn create_all_marked(
+        path: &Path,
+        device_size: u64,
+        region_size: u64,
+        backing_id: u64,
+    ) -> Result<Journal> {
+        Self::create_as(path, device_size, region_size, backing_id, true)
+    }
+
+    fn create_as(
+        path: &Path,
+        device_size: u64,
+        region_size: u64,
+        backing_id: u64,
+        all_marked: bool,
+    ) -> Result<Journal> {
         if !region_size.is_power_of_two() || region_size < MIN_REGION_SIZE {
             return Err(Error::InvalidConfig(format!(
                 "region size {region_size} must be a power of two of at least {MIN_REGION_SIZE} bytes"
@@ -367,16 +393,26 @@ impl Journal {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(format!("cannot create journal {}", path.display()), e))?;
-        let header = Header::new(device_size, region_size, backing_id);
+        let mut header = Header::new(device_size, region_size, backing_id);
+        header.resync = all_marked;
+        let per_block = BLOCK - BITMAP_HEADER;
+        let mut bits = vec![0; header.bitmap_blocks as usize * per_block];
+        if all_marked {
+            for r in 0..header.regions() {
+                bits[(r / 8) as usize] |= 1 << (r % 8);
+            }
+        }
         let mut journal = Journal {
             file,
             path: path.to_path_buf(),
             header,
-            bits: vec![0; header.bitmap_blocks as usize * (BLOCK - BITMAP_HEADER)],
+            bits,
             failed: false,
         };
         for b in 0..header.bitmap_blocks {
-            journal.write_block(2 + b, &encode_bitmap_block(b, &[]))?;
+            let block =
+                encode_bitmap_block(b, &journal.bits[b as usize * per_block..][..per_block]);
+            journal.write_block(2 + b, &block)?;
         }
         // Both header copies valid from the start, one synced before the
         // other is written, so that no crash can tear both.
@@ -791,6 +827,23 @@ mod tests {
         assert!(!j.header().resync);
         assert!(report.damaged_blocks.is_empty() && report.damaged_headers.is_empty());
         assert_eq!(j.marked().collect::<Vec<_>>(), vec![5, 2559]);
+    }
+
+    #[test]
+    fn a_journal_for_an_existing_file_is_born_marked() {
+        // Two bitmap blocks' worth of regions, the last one partial.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.journal");
+        let size = 200 * GIB + 1;
+        let j = Journal::create_all_marked(&path, size, DEFAULT_REGION_SIZE, ID).unwrap();
+        let regions = j.header().regions();
+        assert!(j.header().bitmap_blocks >= 2);
+        drop(j); // a crash right after creation
+        let (j, report) = Journal::open(&path, size, ID).unwrap();
+        assert!(j.header().resync, "a resync is flagged from the start");
+        assert!(report.damaged_blocks.is_empty());
+        assert_eq!(j.marked().count() as u64, regions);
+        assert!(j.is_marked(regions - 1) && !j.is_marked(regions));
     }
 
     #[test]

@@ -231,12 +231,16 @@ impl Tracker {
             }
             (j, Some(report))
         } else {
-            let mut j = Journal::create(&path, device_size, opts.region_size, id)?;
-            fsutil::sync_dir(state_dir).map_err(|e| sync_dir_failed(state_dir, e))?;
-            if opts.history == History::ExistingFile {
+            // An existing backing file's history is unknown: its journal
+            // is born with every region marked (never clean, even for a
+            // moment a crash could catch).
+            let j = if opts.history == History::ExistingFile {
                 tracing::info!("new journal for an existing backing file: every region is marked");
-                j.mark_all()?;
-            }
+                Journal::create_all_marked(&path, device_size, opts.region_size, id)?
+            } else {
+                Journal::create(&path, device_size, opts.region_size, id)?
+            };
+            fsutil::sync_dir(state_dir).map_err(|e| sync_dir_failed(state_dir, e))?;
             (j, None)
         };
         if let Some(r) = &report {
