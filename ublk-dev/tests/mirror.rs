@@ -235,12 +235,15 @@ fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
     assert_eq!(r.blocks_received, 3, "{r:?}");
     assert!(std::fs::read(&copy).unwrap() == now);
     // Bad requests say what is wrong and change nothing.
-    let err = restore(Some("nope"), &copy).unwrap_err().to_string();
-    assert!(err.contains("no snapshot nope"), "{err}");
+    // The server's refusal stays a refusal; the target's size is bad usage.
+    let err = restore(Some("nope"), &copy).unwrap_err();
+    assert_eq!(err.kind(), ublk_dev::ErrorKind::Refused, "{err}");
+    assert!(err.to_string().contains("no snapshot nope"), "{err}");
     let small = dir.path().join("small.img");
     std::fs::write(&small, b"x").unwrap();
-    let err = restore(None, &small).unwrap_err().to_string();
-    assert!(err.contains("is 1 bytes"), "{err}");
+    let err = restore(None, &small).unwrap_err();
+    assert_eq!(err.kind(), ublk_dev::ErrorKind::Usage, "{err}");
+    assert!(err.to_string().contains("is 1 bytes"), "{err}");
     assert_eq!(std::fs::read(&small).unwrap(), b"x");
     // The restore of "now" left no snapshot behind.
     let listed = mirror_server::snapshots::list(&data.join("volumes/laptop/root")).unwrap();
