@@ -529,7 +529,8 @@ where
 
 /// A restore in progress: the driver of a [`RestoreReader`] over its
 /// stream. Ask with [`Restoring::next_batch`] and [`Restoring::have`],
-/// take with [`Restoring::next`] until [`Restoring::is_done`].
+/// take with [`Restoring::next`] until [`Restoring::is_done`], then
+/// [`Restoring::finish`].
 #[derive(Debug)]
 pub struct Restoring {
     send: Option<quinn::SendStream>,
@@ -557,15 +558,16 @@ impl Restoring {
         wire::send(send, &RestoreReader::have(batch, digests)).await
     }
 
-    /// Whether every batch was answered (the stream is then finished).
-    pub fn is_done(&mut self) -> bool {
-        let done = self.reader.is_done();
-        if done {
-            if let Some(mut send) = self.send.take() {
-                let _ = send.finish();
-            }
+    /// Whether every batch was answered.
+    pub fn is_done(&self) -> bool {
+        self.reader.is_done()
+    }
+
+    /// End the restore: the server lets go of the version it pinned.
+    pub fn finish(mut self) {
+        if let Some(mut send) = self.send.take() {
+            let _ = send.finish();
         }
-        done
     }
 
     /// The next block to write (its data read and checked for place, not

@@ -185,6 +185,7 @@ async fn run(
     let (file, fresh) = blocking(move || open_target(&to, size)).await?;
     let file = Arc::new(file);
     let last = exchange(&mut restoring, &file, fresh, &mut progress).await?;
+    restoring.finish();
     let f = file.clone();
     blocking(move || {
         f.sync_all()
