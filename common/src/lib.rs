@@ -16,6 +16,7 @@ pub mod block;
 pub mod client;
 pub mod clock;
 pub mod duration;
+mod error;
 pub mod fsutil;
 pub mod hex;
 pub mod identity;
@@ -30,94 +31,6 @@ pub mod token;
 pub mod wire;
 
 pub use duration::Span;
+pub use error::{Error, ErrorKind, Result};
 pub use range::RangeSet;
 pub use size::ByteSize;
-
-/// Everything that can go wrong in this crate.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A size written by a user could not be understood.
-    #[error("invalid size {input:?}: {reason}")]
-    InvalidSize {
-        /// What the user wrote.
-        input: String,
-        /// Why it was refused, in words.
-        reason: &'static str,
-    },
-    /// A key or certificate could not be made or used.
-    #[error("{0}")]
-    Identity(String),
-    /// TLS or QUIC set-up failed.
-    #[error("{0}")]
-    Tls(String),
-    /// The connection or a stream failed.
-    #[error("{0}")]
-    Link(String),
-    /// The peer sent frames that are not the protocol.
-    #[error(transparent)]
-    Proto(#[from] proto::ProtoError),
-    /// The peer sent a valid frame where the protocol allows another, or
-    /// contents that cannot be right.
-    #[error("the peer broke the protocol: {0}")]
-    Peer(String),
-    /// The peer refused the request.
-    #[error("the server refused: {0}")]
-    Refused(String),
-    /// An operating-system call failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What we were doing.
-        context: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A duration written by a user could not be understood.
-    #[error("invalid duration {input:?}: {reason}")]
-    InvalidDuration {
-        /// What the user wrote.
-        input: String,
-        /// Why it was refused, in words.
-        reason: &'static str,
-    },
-}
-
-/// What kind of failure an [`Error`] is: what code deciding between
-/// retrying and stopping (and the exit code) looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Bad input from a user (a size, a duration).
-    Invalid,
-    /// Something on this machine: a file, a key, TLS set-up.
-    Local,
-    /// The connection or a stream failed: worth trying again.
-    Link,
-    /// The peer broke the protocol.
-    Peer,
-    /// The peer refused the request, saying why.
-    Refused,
-}
-
-impl Error {
-    /// What kind of failure this is.
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            Error::InvalidSize { .. } | Error::InvalidDuration { .. } => ErrorKind::Invalid,
-            Error::Identity(_) | Error::Tls(_) | Error::Io { .. } => ErrorKind::Local,
-            Error::Link(_) => ErrorKind::Link,
-            Error::Proto(_) | Error::Peer(_) => ErrorKind::Peer,
-            Error::Refused(_) => ErrorKind::Refused,
-        }
-    }
-
-    /// Wrap an I/O error with what we were doing.
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
-    }
-}
-
-/// `Result` with this crate's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -41,7 +41,8 @@ use ublk_mirror_common::Span;
 use crate::snapshots::{Retention, DEFAULT_EVERY};
 
 use crate::error::{Error, Result};
-use crate::exports::ExportSpec;
+use crate::exports::{ExportSpec, Exports};
+use crate::volumes::{Quota, Volumes};
 
 /// The default QUIC port.
 pub const DEFAULT_PORT: u16 = 4747;
@@ -183,6 +184,33 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The per-client limits this file sets.
+    pub fn quota(&self) -> Quota {
+        Quota {
+            max_volumes: self.max_volumes_per_client,
+            max_bytes: self.max_bytes_per_client,
+        }
+    }
+
+    /// Start the exports this file lists. One that cannot start (a
+    /// snapshot gone, a port taken, a secret file missing) is logged as an
+    /// error and the rest goes on: replication must not stop for an
+    /// export.
+    pub async fn start_exports(&self, exports: &Exports, volumes: &Volumes) {
+        for (i, e) in self.exports.iter().enumerate() {
+            let started = match e.spec() {
+                Ok(spec) => exports.start(volumes, spec).await,
+                Err(err) => Err(err),
+            };
+            if let Err(err) = started {
+                tracing::error!(
+                    target = %e.target,
+                    "exports[{i}] in {CONFIG_FILE} did not start: {err}"
+                );
+            }
+        }
+    }
+
     /// Read `DATA/server.toml`.
     pub fn load(data: &Path) -> Result<ServerConfig> {
         let path = data.join(CONFIG_FILE);

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ExportConfig;
 use crate::error::{Error, Result};
 use crate::iscsi;
 use crate::volumes::{split_volume, SharedVolume, Volumes};
@@ -97,27 +96,6 @@ impl Exports {
             ));
         }
         Ok(info)
-    }
-
-    /// Start the exports `server.toml` lists. One that cannot start (a
-    /// snapshot gone, a port taken, a secret file missing) is logged as an
-    /// error and the rest goes on: replication must not stop for an
-    /// export.
-    pub async fn start_configured(&self, volumes: &Volumes, configured: &[ExportConfig]) {
-        for (i, e) in configured.iter().enumerate() {
-            let started = match e.spec() {
-                Ok(spec) => self.start(volumes, spec).await,
-                Err(err) => Err(err),
-            };
-            match started {
-                Ok(_) => {}
-                Err(err) => tracing::error!(
-                    target = %e.target,
-                    "exports[{i}] in {} did not start: {err}",
-                    crate::config::CONFIG_FILE
-                ),
-            }
-        }
     }
 
     /// Stop the export named `name`; answers its target name and portal.

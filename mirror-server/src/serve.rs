@@ -33,7 +33,7 @@ use crate::exports::Exports;
 use crate::schedule;
 use crate::session::{receive_data, receive_epoch, refuse, serve_restore, Fault};
 use crate::snapshots::Kind;
-use crate::volumes::{Quota, Volumes};
+use crate::volumes::Volumes;
 use ublk_mirror_common::session::variant;
 
 /// QUIC close code: the client was revoked.
@@ -69,7 +69,7 @@ pub async fn run(
         ))
     })?;
     let server_config = tls::server_config(&identity).map_err(|e| Error::Invalid(e.to_string()))?;
-    let volumes = Arc::new(Volumes::new(data, Quota::of(config)));
+    let volumes = Arc::new(Volumes::new(data, config.quota()));
     volumes.recover_all()?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .map_err(|e| Error::io(format!("listening on {} (udp)", config.listen), e))?;
@@ -89,7 +89,7 @@ pub async fn run(
         volumes.clone(),
         exports.clone(),
     ));
-    exports.start_configured(&volumes, &config.exports).await;
+    config.start_exports(&exports, &volumes).await;
     tokio::spawn(schedule::run(config.clone(), volumes));
     accept(&endpoint, shared, shutdown).await;
     tracing::info!("shutting down");

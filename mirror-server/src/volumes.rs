@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use ublk_mirror_common::ByteSize;
 
-use crate::config::ServerConfig;
 use crate::error::{Error, Result};
 use crate::store::{Volume, VOLUMES_DIR};
 
@@ -31,14 +30,6 @@ pub struct Quota {
 }
 
 impl Quota {
-    /// The limits `config` sets.
-    pub fn of(config: &ServerConfig) -> Quota {
-        Quota {
-            max_volumes: config.max_volumes_per_client,
-            max_bytes: config.max_bytes_per_client,
-        }
-    }
-
     /// No limits: for a process that creates no volumes (a foreground
     /// export).
     pub fn none() -> Quota {
