@@ -18,7 +18,7 @@ use crate::volumes::{split_volume, SharedVolume, Volumes};
 
 /// An export to start: what `mirror-server export` takes, a
 /// `server.toml` `[[exports]]` entry says, and the admin protocol carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportSpec {
     /// `CLIENT/VOLUME`.
     pub volume: String,
@@ -32,8 +32,10 @@ pub struct ExportSpec {
     pub allow: Vec<String>,
     /// Serve a throwaway copy-on-write overlay (writes allowed, the
     /// snapshot untouched).
+    #[serde(default)]
     pub writable: bool,
     /// CHAP the initiator must pass.
+    #[serde(default)]
     pub chap: Option<ChapSpec>,
 }
 

@@ -433,7 +433,7 @@ fn export(
         chap,
     };
     if admin::server_running(data) {
-        let info = admin::request(data, admin::Op::from(spec))?;
+        let info = admin::request(data, admin::Op::Export(spec))?;
         show(&info);
         println!(
             "the server serves it until `mirror-server unexport {}`",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{apply, snapshot_json, volume_of, Op, Reply, Request, SOCKET, VERSION};
 use crate::error::{Error, Result};
-use crate::exports::{ExportSpec, Exports};
+use crate::exports::Exports;
 use crate::volumes::Volumes;
 
 /// Listen on `DATA/admin.sock`, for root only.
@@ -84,11 +84,8 @@ async fn serve_one(
 
 /// Carry out an admin request in the server.
 pub async fn dispatch(volumes: &Volumes, exports: &Exports, op: Op) -> Result<serde_json::Value> {
-    let op = match ExportSpec::try_from(op) {
-        Ok(spec) => return exports.start(volumes, spec).await,
-        Err(op) => op,
-    };
     match op {
+        Op::Export(spec) => exports.start(volumes, spec).await,
         Op::Unexport { name } => exports.stop(&name).await,
         op => {
             let volume = volume_of(&op).unwrap_or_default();

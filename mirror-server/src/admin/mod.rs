@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::exports::{ChapSpec, ExportSpec};
+use crate::exports::ExportSpec;
 use crate::snapshots::{Kind, SnapshotInfo};
 use crate::store::{Volume, VOLUMES_DIR};
 
@@ -59,26 +59,9 @@ pub enum Op {
         /// The snapshot.
         snapshot: String,
     },
-    /// Export a version over iSCSI (read-only) until unexported.
-    Export {
-        /// `CLIENT/VOLUME`.
-        volume: String,
-        /// A snapshot, a time, or `None` for now.
-        at: Option<String>,
-        /// Where the target listens.
-        listen: std::net::SocketAddr,
-        /// Its target name (default: made from the names).
-        name: Option<String>,
-        /// Initiator names allowed (empty: any).
-        allow: Vec<String>,
-        /// Serve a throwaway copy-on-write overlay (writes allowed, the
-        /// snapshot untouched).
-        #[serde(default)]
-        writable: bool,
-        /// CHAP the initiator must pass.
-        #[serde(default)]
-        chap: Option<ChapSpec>,
-    },
+    /// Export a version over iSCSI until unexported (its fields beside
+    /// `op`, as [`ExportSpec`] has them).
+    Export(ExportSpec),
     /// Stop an export.
     Unexport {
         /// Its target name.
@@ -119,54 +102,12 @@ pub fn volume_dir(data: &Path, volume: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-impl From<ExportSpec> for Op {
-    fn from(spec: ExportSpec) -> Op {
-        Op::Export {
-            volume: spec.volume,
-            at: spec.at,
-            listen: spec.listen,
-            name: spec.name,
-            allow: spec.allow,
-            writable: spec.writable,
-            chap: spec.chap,
-        }
-    }
-}
-
-impl TryFrom<Op> for ExportSpec {
-    type Error = Op;
-
-    /// The export an [`Op::Export`] asks for (any other op comes back).
-    fn try_from(op: Op) -> std::result::Result<ExportSpec, Op> {
-        match op {
-            Op::Export {
-                volume,
-                at,
-                listen,
-                name,
-                allow,
-                writable,
-                chap,
-            } => Ok(ExportSpec {
-                volume,
-                at,
-                listen,
-                name,
-                allow,
-                writable,
-                chap,
-            }),
-            other => Err(other),
-        }
-    }
-}
-
 /// Carry out a snapshot or delete `op` on an open volume.
 pub fn apply(volume: &mut Volume, op: &Op) -> Result<SnapshotInfo> {
     match op {
         Op::Snapshot { name, .. } => volume.snapshot(name.as_deref(), Kind::Manual),
         Op::Delete { snapshot, .. } => volume.delete_snapshot(snapshot),
-        Op::Export { .. } | Op::Unexport { .. } => {
+        Op::Export(_) | Op::Unexport { .. } => {
             Err(Error::Invalid("exports run in a server process".into()))
         }
     }
@@ -175,9 +116,8 @@ pub fn apply(volume: &mut Volume, op: &Op) -> Result<SnapshotInfo> {
 /// The volume `op` is about, if any.
 pub fn volume_of(op: &Op) -> Option<&str> {
     match op {
-        Op::Snapshot { volume, .. } | Op::Delete { volume, .. } | Op::Export { volume, .. } => {
-            Some(volume)
-        }
+        Op::Snapshot { volume, .. } | Op::Delete { volume, .. } => Some(volume),
+        Op::Export(spec) => Some(&spec.volume),
         Op::Unexport { .. } => None,
     }
 }
@@ -251,5 +191,37 @@ impl ServerLock {
             ))),
             Err(e) => Err(Error::io(format!("locking {}", path.display()), e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_request_has_its_fields_beside_the_op() {
+        let spec = ExportSpec {
+            volume: "laptop/root".into(),
+            at: Some("before-upgrade".into()),
+            listen: "127.0.0.1:3260".parse().unwrap(),
+            name: None,
+            allow: vec![],
+            writable: false,
+            chap: None,
+        };
+        let req = Request {
+            v: VERSION,
+            op: Op::Export(spec.clone()),
+        };
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"v":1,"op":"export","volume":"laptop/root","at":"before-upgrade","listen":"127.0.0.1:3260","name":null,"allow":[],"writable":false,"chap":null}"#
+        );
+        // As the module doc shows it: writable and chap may be left out.
+        let read: Request = serde_json::from_str(
+            r#"{"v":1,"op":"export","volume":"laptop/root","at":"before-upgrade","listen":"127.0.0.1:3260","name":null,"allow":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(read.op, Op::Export(spec));
     }
 }
