@@ -156,17 +156,12 @@ pub fn decode(
 /// The blocks (`(offset, len)`) of `ranges` below `size`: each range cut
 /// at [`BLOCK`] boundaries.
 pub fn split(ranges: &RangeSet, size: u64) -> Vec<(u64, u32)> {
-    split_at(ranges, size, BLOCK)
-}
-
-/// [`split`] with pieces of at most `piece` bytes, aligned to `piece`.
-pub fn split_at(ranges: &RangeSet, size: u64, piece: u64) -> Vec<(u64, u32)> {
     let mut out = Vec::new();
     for r in ranges.iter() {
         let mut at = r.start;
         let end = r.end.min(size);
         while at < end {
-            let stop = ((at / piece + 1) * piece).min(end);
+            let stop = ((at / BLOCK + 1) * BLOCK).min(end);
             out.push((at, (stop - at) as u32));
             at = stop;
         }

@@ -36,14 +36,16 @@ pub struct VolumeInfo {
 pub struct Link {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
-    pacer: SharedPacer,
+    /// The bandwidth limit, if there is one.
+    pacer: Option<SharedPacer>,
 }
 
 /// The bandwidth limit, shared by the data streams.
 type SharedPacer = Arc<Mutex<Pacer>>;
 
-/// Wait until the limit lets `bytes` more go.
-async fn pace(pacer: &SharedPacer, bytes: u64) {
+/// Wait until the limit (if any) lets `bytes` more go.
+async fn pace(pacer: &Option<SharedPacer>, bytes: u64) {
+    let Some(pacer) = pacer else { return };
     let wait = pacer
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -126,7 +128,7 @@ where
 /// server refused, and what was shipped.
 async fn data_stream<R>(
     conn: quinn::Connection,
-    pacer: SharedPacer,
+    pacer: Option<SharedPacer>,
     volume: String,
     epoch: u64,
     work: Arc<Work>,
@@ -192,7 +194,7 @@ impl Link {
         Ok(Link {
             endpoint,
             conn,
-            pacer: Arc::new(Mutex::new(Pacer::new(None))),
+            pacer: None,
         })
     }
 
@@ -216,10 +218,9 @@ impl Link {
 
     /// Limit block data to `bytes_per_second` (`None`: no limit).
     pub fn set_bandwidth(&mut self, bytes_per_second: Option<u64>) {
-        self.pacer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_rate(bytes_per_second);
+        self.pacer = bytes_per_second
+            .filter(|&b| b > 0)
+            .map(|rate| Arc::new(Mutex::new(Pacer::new(Some(rate)))));
     }
 
     /// Open a request stream, hellos exchanged: for tools and tests that
@@ -342,15 +343,7 @@ impl Link {
         let mut sender = EpochSender::new(volume, epoch, writer, blocks.to_vec());
         let read = Arc::new(read);
         let sent = self
-            .drive_epoch(
-                &mut sender,
-                &mut send,
-                &mut recv,
-                volume,
-                epoch,
-                level,
-                &read,
-            )
+            .drive_epoch(&mut sender, &mut send, &mut recv, level, &read)
             .await;
         match sent {
             Err(e @ Error::Link(_)) => Err(refusal_or(&mut recv, e).await),
@@ -359,20 +352,19 @@ impl Link {
     }
 
     /// Do what `sender` says until it has published or failed.
-    #[allow(clippy::too_many_arguments)]
     async fn drive_epoch<R>(
         &self,
         sender: &mut EpochSender,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
-        volume: &str,
-        epoch: u64,
         level: i32,
         read: &Arc<R>,
     ) -> Result<Shipped>
     where
         R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
     {
+        let volume = sender.volume().to_string();
+        let epoch = sender.epoch();
         let mut next = Some(sender.start());
         loop {
             let event = match next {
@@ -383,13 +375,13 @@ impl Link {
                     SendEvent::Control(wire::expect(recv).await?)
                 }
                 Some(SendAction::Compare(batch)) => {
-                    let theirs = self.staged_hashes(volume, epoch, &batch).await?;
+                    let theirs = self.staged_hashes(&volume, epoch, &batch).await?;
                     let mine = local_digests(read, batch).await?;
                     SendEvent::Compared { theirs, mine }
                 }
                 Some(SendAction::Round(blocks)) => {
                     let (refused, shipped) = self
-                        .send_data(volume, epoch, blocks, level, read.clone())
+                        .send_data(&volume, epoch, blocks, level, read.clone())
                         .await?;
                     SendEvent::RoundDone { refused, shipped }
                 }
@@ -547,6 +539,12 @@ impl Restoring {
     /// The next batch of blocks to compare, when the window allows one.
     pub fn next_batch(&mut self) -> Option<Vec<(u64, u32)>> {
         self.reader.next_batch()
+    }
+
+    /// The batch [`Restoring::next_batch`] gives next, once the window
+    /// allows: to hash it ahead.
+    pub fn upcoming(&self) -> Option<Vec<(u64, u32)>> {
+        self.reader.upcoming()
     }
 
     /// Send the target's digests of `batch`.

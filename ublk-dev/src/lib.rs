@@ -34,3 +34,21 @@ pub mod tracking;
 pub mod ublk;
 
 pub use error::{Error, ErrorKind, Result};
+
+/// Run `f` on a blocking thread (`what`: the worker, for the error if it
+/// panicked).
+pub(crate) async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    joined(what, tokio::task::spawn_blocking(f)).await
+}
+
+/// The result of blocking work started earlier ([`blocking`] at once).
+pub(crate) async fn joined<T>(
+    what: &'static str,
+    job: tokio::task::JoinHandle<Result<T>>,
+) -> Result<T> {
+    job.await
+        .map_err(|e| Error::io(what, std::io::Error::other(e.to_string())))?
+}

@@ -29,6 +29,7 @@ use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Writer;
 
+use crate::blocking;
 use crate::enrollment::Enrollment;
 use crate::epoch::Sealed;
 use crate::error::{Error, ErrorKind, Result};
@@ -335,7 +336,7 @@ impl Context {
                     "the mirror does not hold this device's past (new volume, other server, or an older image): shipping the whole device (zero blocks as holes)"
                 );
                 let tracker = self.tracker.clone();
-                blocking(move || tracker.resync_all()).await?;
+                blocking("a replicator worker", move || tracker.resync_all()).await?;
                 here.save(&dir)
             }
         }
@@ -398,7 +399,10 @@ impl Context {
                     };
                     last_cut = Instant::now();
                     let tracker = self.tracker.clone();
-                    blocking(move || tracker.seal(SealAt::Flush(flush_wait))).await?
+                    blocking("a replicator worker", move || {
+                        tracker.seal(SealAt::Flush(flush_wait))
+                    })
+                    .await?
                 }
             };
             // A stop abandons the transfer (the epoch stays sealed and its
@@ -439,7 +443,10 @@ impl Context {
                 .await
                 .map_err(Error::Mirror)?;
             let tracker = self.tracker.clone();
-            let differ = blocking(move || differing(&tracker, epoch, &candidates, &theirs)).await?;
+            let differ = blocking("a replicator worker", move || {
+                differing(&tracker, epoch, &candidates, &theirs)
+            })
+            .await?;
             let same = unknown - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
             blocks.extend(differ);
             blocks.sort_unstable();
@@ -508,13 +515,6 @@ impl Context {
     fn release(&self, epoch: u64) -> Result<()> {
         self.tracker.release(epoch).map(drop)
     }
-}
-
-/// Run `f` on a blocking thread.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::io("a replicator worker", std::io::Error::other(e.to_string())))?
 }
 
 // The replicator's decisions, as plain functions over state (time is a

@@ -27,6 +27,7 @@ pub use ublk_mirror_common::session::restore::{Progress, IN_FLIGHT};
 
 use crate::enrollment::Enrollment;
 use crate::error::{Error, Result};
+use crate::{blocking, joined};
 
 /// What to restore, and where.
 #[derive(Debug, Clone)]
@@ -182,12 +183,12 @@ async fn run(
     let info = restoring.info().clone();
     let size = info.size;
     let to = req.to.clone();
-    let (file, fresh) = blocking(move || open_target(&to, size)).await?;
+    let (file, fresh) = blocking("a restore worker", move || open_target(&to, size)).await?;
     let file = Arc::new(file);
     let last = exchange(&mut restoring, &file, fresh, &mut progress).await?;
     restoring.finish();
     let f = file.clone();
-    blocking(move || {
+    blocking("a restore worker", move || {
         f.sync_all()
             .map_err(|e| Error::io("syncing the restore target", e))
     })
@@ -205,7 +206,9 @@ async fn run(
 
 /// Ask (the target's digests, a window of batches ahead) and take (the
 /// blocks that differ, verified, written in place) until every batch is
-/// answered; the last progress.
+/// answered; the last progress. The batch to ask next is hashed on a
+/// blocking thread while blocks are taken, so reading the target and
+/// writing it overlap.
 async fn exchange(
     restoring: &mut Restoring,
     file: &Arc<File>,
@@ -216,15 +219,18 @@ async fn exchange(
         total: restoring.info().size,
         ..Progress::default()
     };
+    let hash = |batch: Vec<(u64, u32)>| {
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || local_digests(&f, fresh, &batch))
+    };
+    let mut ahead = restoring.upcoming().map(hash);
     loop {
         while let Some(batch) = restoring.next_batch() {
-            let f = file.clone();
-            let (batch, digests) = blocking(move || {
-                let digests = local_digests(&f, fresh, &batch)?;
-                Ok((batch, digests))
-            })
-            .await?;
+            // Hashed ahead: `upcoming` was this batch.
+            let job = ahead.take().unwrap_or_else(|| hash(batch.clone()));
+            let digests = joined("a restore worker", job).await?;
             restoring.have(&batch, digests).await.map_err(link_err)?;
+            ahead = restoring.upcoming().map(hash);
         }
         if restoring.is_done() {
             return Ok(last);
@@ -232,7 +238,7 @@ async fn exchange(
         match restoring.next().await.map_err(link_err)? {
             RestoreStep::Write(block) => {
                 let f = file.clone();
-                blocking(move || write_block(&f, &block)).await?;
+                blocking("a restore worker", move || write_block(&f, &block)).await?;
             }
             RestoreStep::Progress(p) => {
                 last = p;
@@ -243,13 +249,6 @@ async fn exchange(
             }
         }
     }
-}
-
-/// Run `f` on a blocking thread.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::io("a restore worker", std::io::Error::other(e.to_string())))?
 }
 
 /// Decode and verify one block, then write it (a hole for zeroes).

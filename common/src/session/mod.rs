@@ -85,11 +85,6 @@ impl Pacer {
         }
     }
 
-    /// Change the limit (`None` or 0: none).
-    pub fn set_rate(&mut self, bytes_per_second: Option<u64>) {
-        self.rate = bytes_per_second.filter(|&b| b > 0);
-    }
-
     /// `bytes` are about to go at `now`: how long to wait first. Up to
     /// [`BURST`] worth goes at once.
     pub fn delay(&mut self, now: Instant, bytes: u64) -> Duration {
@@ -132,8 +127,7 @@ mod tests {
         // Later, the debt is paid: a burst again.
         let later = t0 + Duration::from_secs(1);
         assert_eq!(p.delay(later, 100_000), Duration::ZERO);
-        p.set_rate(None);
-        assert_eq!(p.delay(later, 1 << 40), Duration::ZERO);
+        assert_eq!(Pacer::new(None).delay(later, 1 << 40), Duration::ZERO);
         assert_eq!(Pacer::new(Some(0)).delay(t0, 1 << 40), Duration::ZERO);
     }
 

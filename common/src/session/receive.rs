@@ -163,13 +163,8 @@ impl DataReceiver {
         self.deadline
     }
 
-    /// The deadline passed at `now` with nothing received: why the stream
-    /// is dropped (`None`: it has not passed).
-    pub fn on_timeout(&self, now: Instant) -> Option<Error> {
-        (now >= self.deadline).then(|| self.timed_out())
-    }
-
-    /// Why the stream is dropped once its deadline passed.
+    /// Why the stream is dropped once its [`DataReceiver::deadline`]
+    /// passed with nothing received.
     pub fn timed_out(&self) -> Error {
         Error::Link(format!(
             "epoch {}: nothing received for {MESSAGE_TIMEOUT:?}; dropping the stream",
@@ -375,11 +370,9 @@ mod tests {
         let t0 = Instant::now();
         let mut d = DataReceiver::new(9, t0);
         assert_eq!(d.deadline(), t0 + MESSAGE_TIMEOUT);
-        assert!(d.on_timeout(t0 + MESSAGE_TIMEOUT / 2).is_none());
         let later = t0 + MESSAGE_TIMEOUT / 2;
         d.on_message(block(0), later).unwrap();
-        assert!(d.on_timeout(t0 + MESSAGE_TIMEOUT).is_none());
-        let e = d.on_timeout(later + MESSAGE_TIMEOUT).unwrap();
-        assert_eq!(e.kind(), ErrorKind::Link);
+        assert_eq!(d.deadline(), later + MESSAGE_TIMEOUT);
+        assert_eq!(d.timed_out().kind(), ErrorKind::Link);
     }
 }

@@ -149,11 +149,22 @@ impl RestoreReader {
     /// The next batch to hash and send as [`RestoreReader::have`], if the
     /// window allows one: its blocks `(offset, len)`.
     pub fn next_batch(&mut self) -> Option<Vec<(u64, u32)>> {
-        if self.asked >= self.batches || self.asked - self.finished >= IN_FLIGHT as u64 {
+        if self.asked - self.finished >= IN_FLIGHT as u64 {
+            return None;
+        }
+        let batch = self.upcoming()?;
+        self.asked += 1;
+        Some(batch)
+    }
+
+    /// The batch [`RestoreReader::next_batch`] hands out next, once the
+    /// window allows (`None`: every batch was asked for): so that its
+    /// digests can be computed ahead.
+    pub fn upcoming(&self) -> Option<Vec<(u64, u32)>> {
+        if self.asked >= self.batches {
             return None;
         }
         let offset = self.asked * Self::batch_bytes();
-        self.asked += 1;
         Some(block::run(offset, BATCH.min(MAX_HASH_BLOCKS), self.info.size).collect())
     }
 
@@ -282,6 +293,11 @@ mod tests {
             asked.push(b);
         }
         assert_eq!(asked.len(), IN_FLIGHT);
+        // The window is full; the next batch is known all the same.
+        assert_eq!(
+            r.upcoming().unwrap()[0],
+            (IN_FLIGHT as u64 * batch_bytes(), BLOCK as u32)
+        );
         assert_eq!(asked[1][0], (batch_bytes(), BLOCK as u32));
         assert_eq!(
             RestoreReader::have(&asked[1], vec![]),

@@ -136,6 +136,16 @@ impl EpochSender {
         })
     }
 
+    /// The volume the epoch is for.
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// The epoch's number on the server.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Whether the server took over an earlier epoch's staging.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -254,8 +264,7 @@ impl EpochSender {
             // epoch has it.
             let mut extra = self.staged.clone();
             extra.subtract(&covered);
-            self.todo
-                .extend(block::split_at(&extra, u64::MAX, block::BLOCK));
+            self.todo.extend(block::split(&extra, u64::MAX));
         } else {
             for &(offset, len) in &self.blocks {
                 if self.staged.contains_range(offset..offset + u64::from(len)) {
