@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use crate::block;
 use crate::identity::{Fingerprint, Identity};
 use crate::proto::{Digest, Message, Writer};
-use crate::session::restore::{RestoreInfo, RestoreReader, RestoreStep};
+use crate::session::restore::{BlockToWrite, Progress, RestoreInfo, RestoreReader, RestoreStep};
 use crate::session::send::{DataSender, EpochSender, SendAction, SendEvent};
 use crate::session::{unexpected, Pacer};
 use crate::{tls, wire, Error, Result};
@@ -569,18 +569,31 @@ impl Restoring {
     }
 
     /// The next block to write (its data read and checked for place, not
-    /// yet for content: [`crate::session::restore::BlockToWrite::decode`]),
-    /// or the progress after a batch.
-    pub async fn next(&mut self) -> Result<RestoreStep> {
-        match self
+    /// yet for content: [`BlockToWrite::decode`]), or the progress after a
+    /// batch.
+    pub async fn next(&mut self) -> Result<Taken> {
+        let mut step = self
             .reader
-            .on_message(wire::expect(&mut self.recv).await?)?
-        {
-            RestoreStep::ReadData(len) => {
-                let data = wire::recv_data(&mut self.recv, len).await?;
-                self.reader.on_data(data)
-            }
-            step => Ok(step),
+            .on_message(wire::expect(&mut self.recv).await?)?;
+        if let RestoreStep::ReadData(len) = step {
+            let data = wire::recv_data(&mut self.recv, len).await?;
+            step = self.reader.on_data(data)?;
+        }
+        match step {
+            RestoreStep::Write(block) => Ok(Taken::Write(block)),
+            RestoreStep::Progress(p) => Ok(Taken::Progress(p)),
+            RestoreStep::ReadData(_) => Err(Error::Link(
+                "block data announced twice (a driver bug)".into(),
+            )),
         }
     }
+}
+
+/// What [`Restoring::next`] took from the server.
+#[derive(Debug)]
+pub enum Taken {
+    /// A block to verify and write.
+    Write(BlockToWrite),
+    /// A batch was answered.
+    Progress(Progress),
 }

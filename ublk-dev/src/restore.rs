@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ublk_mirror_common::block::{self, BLOCK};
-use ublk_mirror_common::client::{Link, Restoring};
+use ublk_mirror_common::client::{Link, Restoring, Taken};
 use ublk_mirror_common::fsutil;
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Digest;
-use ublk_mirror_common::session::restore::{BlockToWrite, RestoreStep};
+use ublk_mirror_common::session::restore::BlockToWrite;
 pub use ublk_mirror_common::session::restore::{Progress, IN_FLIGHT};
 
 use crate::enrollment::Enrollment;
@@ -236,16 +236,13 @@ async fn exchange(
             return Ok(last);
         }
         match restoring.next().await.map_err(link_err)? {
-            RestoreStep::Write(block) => {
+            Taken::Write(block) => {
                 let f = file.clone();
                 blocking("a restore worker", move || write_block(&f, &block)).await?;
             }
-            RestoreStep::Progress(p) => {
+            Taken::Progress(p) => {
                 last = p;
                 progress(&p);
-            }
-            RestoreStep::ReadData(_) => {
-                unreachable!("Restoring::next reads block data itself")
             }
         }
     }
