@@ -25,6 +25,10 @@
 //! # chap_user = "restore"         # with chap_secret_file, and for mutual
 //! # chap_secret_file = "/etc/mirror-server/chap.secret"
 //! # mutual_user / mutual_secret_file
+//!
+//! [store]                         # every version of every volume (see
+//! url = "store"                   # `chunks::backend` for S3 and its keys)
+//! pack_size = "32MiB"
 //! ```
 //!
 //! Port 4747/udp is ublk-mirror's default (unassigned by IANA).
@@ -40,9 +44,11 @@ use ublk_mirror_common::Span;
 
 use crate::snapshots::{Retention, DEFAULT_EVERY};
 
+use crate::chunks::{ChunkStore, StoreConfig};
 use crate::error::{Error, Result};
 use crate::exports::{ExportSpec, Exports};
 use crate::volumes::{Quota, Volumes};
+use std::sync::Arc;
 
 /// The default QUIC port.
 pub const DEFAULT_PORT: u16 = 4747;
@@ -72,6 +78,10 @@ pub struct ServerConfig {
     /// iSCSI exports started with the server.
     #[serde(default)]
     pub exports: Vec<ExportConfig>,
+    /// Where every version of every volume is kept (the chunk store);
+    /// without the section, the directory `store` in the data directory.
+    #[serde(default = "StoreConfig::local_default")]
+    pub store: StoreConfig,
 }
 
 /// An iSCSI export the server starts (what `mirror-server export` takes).
@@ -179,6 +189,7 @@ impl Default for ServerConfig {
             snapshots: SnapshotPolicy::default(),
             volumes: BTreeMap::new(),
             exports: Vec::new(),
+            store: StoreConfig::local_default(),
         }
     }
 }
@@ -190,6 +201,14 @@ impl ServerConfig {
             max_volumes: self.max_volumes_per_client,
             max_bytes: self.max_bytes_per_client,
         }
+    }
+
+    /// Open the chunk store this file names (a directory relative to
+    /// `data`, or a bucket): checked, claimed if empty, its index loaded.
+    pub fn chunk_store(&self, data: &Path) -> Result<Arc<ChunkStore>> {
+        let store = ChunkStore::open(&self.store, data)?;
+        tracing::info!(store = %store.describe(), "chunk store open");
+        Ok(Arc::new(store))
     }
 
     /// Start the exports this file lists. One that cannot start (a
@@ -288,13 +307,27 @@ impl ServerConfig {
              # allow = [\"iqn.1993-08.org.debian:01:restore-box\"]\n\
              # writable = false\n\
              # chap_user = \"restore\"\n\
-             # chap_secret_file = \"/etc/mirror-server/chap.secret\"\n",
+             # chap_secret_file = \"/etc/mirror-server/chap.secret\"\n\
+             \n\
+             # Where every version of every volume is kept, deduplicated: a directory\n\
+             # (relative: in this data directory), file:///PATH, or s3://BUCKET/PREFIX\n\
+             # on any S3-compatible store with conditional writes. The images under\n\
+             # volumes/ are a cache of it, rebuilt from it when missing.\n\
+             [store]\n\
+             url = \"{store_url}\"\n\
+             # endpoint = \"https://s3.example.net\"    # else AWS, or $AWS_ENDPOINT\n\
+             # region = \"us-east-1\"                   # else $AWS_REGION\n\
+             # path_style = true                        # bucket in the path, not the host\n\
+             # credentials_file = \"/etc/mirror-server/s3.credentials\"  # else $AWS_ACCESS_KEY_ID...\n\
+             pack_size = \"{pack}\"\n",
             listen = self.listen,
             volumes = self.max_volumes_per_client,
             every = self.snapshots.every,
             hourly = self.snapshots.retention.hourly,
             daily = self.snapshots.retention.daily,
             weekly = self.snapshots.retention.weekly,
+            store_url = self.store.url,
+            pack = self.store.pack_size,
         );
         std::fs::OpenOptions::new()
             .write(true)
@@ -356,6 +389,7 @@ mod tests {
             .lines()
             .map(|l| {
                 on |= l == "# [[exports]]";
+                on &= !l.is_empty();
                 let l = if on { l.trim_start_matches("# ") } else { l };
                 l.replace("/etc/mirror-server/chap.secret", secret.to_str().unwrap()) + "\n"
             })

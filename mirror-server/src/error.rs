@@ -2,7 +2,8 @@
 //! kinds a caller can tell apart: a bad request ([`Error::Invalid`]), a
 //! block to send again ([`Error::BadBlock`]), damaged files of ours
 //! ([`Error::Corrupt`]), a failed system call ([`Error::Io`]) and a lost
-//! or silent peer ([`Error::Link`]). A peer that breaks the protocol ends
+//! or silent peer ([`Error::Link`]) and a failed or unreachable chunk store
+//! ([`Error::Store`]). A peer that breaks the protocol ends
 //! its connection in [`crate::serve`] and never becomes an `Error`.
 
 /// What went wrong, with the context a user needs.
@@ -25,6 +26,12 @@ pub enum Error {
     /// quiet: nothing about the request or the volume was wrong.
     #[error("{0}")]
     Link(String),
+
+    /// The chunk store (a directory or an S3-compatible bucket) failed or
+    /// could not be reached: nothing was published; asking again later
+    /// may work.
+    #[error("chunk store: {0}")]
+    Store(String),
 
     /// An operating-system call failed.
     #[error("{context}: {source}")]

@@ -2,6 +2,9 @@
 //!
 //! - [`admin`]: the admin socket's protocol, the commands' side of it and
 //!   the running server's ([`admin::dispatch`]);
+//! - [`chunks`]: the chunk store — every version of every volume as
+//!   deduplicated chunks in packs, on a directory or an S3-compatible
+//!   bucket, published with one create-only write;
 //! - [`clients`]: enrolled clients, tokens, revocation;
 //! - [`config`]: the settings file, `server.toml`;
 //! - [`exports`]: the export registry — starting, stopping and listing
@@ -21,6 +24,7 @@
 //!   sharing open volumes, recovery at start-up.
 
 pub mod admin;
+pub mod chunks;
 pub mod clients;
 pub mod config;
 mod error;

@@ -154,6 +154,24 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         from: PathBuf,
     },
+    /// Show the chunk store (server.toml's [store]): where it is, what it
+    /// holds — distinct chunks, their bytes before and after compression,
+    /// packs, the dedup ratio — and each volume's versions.
+    ///
+    /// Every published epoch of every volume is a version in the store;
+    /// a block stored once is never stored again, whichever client sends
+    /// it.
+    Store {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store every volume of a data directory written before the chunk
+    /// store as the volume's first version, and catch images up with the
+    /// store. The server does the same when it starts; this does it now,
+    /// volume by volume, and says what it did. Refused while the server
+    /// runs.
+    Upgrade,
     /// Stop an export the running server serves.
     Unexport {
         /// Its target name (as `export` printed it).
@@ -250,6 +268,8 @@ fn main() -> ExitCode {
         )
         .and_then(|chap| export(&cli.data, &target, listen, name, allow, writable, chap)),
         Command::Import { volume, from } => import(&cli.data, &volume, &from),
+        Command::Store { json } => store_info(&cli.data, json),
+        Command::Upgrade => upgrade(&cli.data),
         Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
         Command::Snapshots { volume, json } => list_snapshots(&cli.data, &volume, json),
@@ -284,7 +304,11 @@ fn exit_code(e: &mirror_server::Error) -> u8 {
     use mirror_server::Error;
     match e {
         Error::Invalid(_) => 2,
-        Error::Link(_) | Error::BadBlock(_) | Error::Corrupt(_) | Error::Io { .. } => 1,
+        Error::Link(_)
+        | Error::Store(_)
+        | Error::BadBlock(_)
+        | Error::Corrupt(_)
+        | Error::Io { .. } => 1,
     }
 }
 
@@ -454,6 +478,102 @@ fn export(
         stop_asked().await;
         running.stop_all().await;
         Ok(())
+    })
+}
+
+fn store_info(data: &Path, json: bool) -> mirror_server::Result<()> {
+    let config = ServerConfig::load(data)?;
+    let store = config.chunk_store(data)?;
+    let usage = store.usage();
+    let mut rows = Vec::new();
+    let mut referenced = 0u64;
+    for name in store.volumes()? {
+        let versions = store.versions(&name)?;
+        let head = match versions.last() {
+            Some(&seq) => Some(store.version(&name, seq)?),
+            None => None,
+        };
+        if let Some(h) = &head {
+            referenced += h.size;
+        }
+        rows.push(serde_json::json!({
+            "volume": name,
+            "versions": versions.len(),
+            "head": head.as_ref().map(|h| h.seq),
+            "epoch": head.as_ref().map(|h| h.epoch),
+            "size": head.as_ref().map(|h| h.size),
+            "published": head.as_ref().map(|h| snapshots::time_name(h.created_ms)),
+        }));
+    }
+    if json {
+        let out = serde_json::json!({
+            "store": store.describe(),
+            "chunks": usage.chunks,
+            "raw_bytes": usage.raw_bytes,
+            "stored_bytes": usage.stored_bytes,
+            "packs": usage.packs,
+            "volumes": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(());
+    }
+    println!("store        {}", store.describe());
+    println!(
+        "chunks       {} ({} of data, {} stored after compression, in {} packs)",
+        usage.chunks,
+        ByteSize(usage.raw_bytes),
+        ByteSize(usage.stored_bytes),
+        usage.packs
+    );
+    println!(
+        "volumes      {} ({} of volume size)",
+        rows.len(),
+        ByteSize(referenced)
+    );
+    for r in &rows {
+        println!(
+            "  {:<32} {:>4} versions, newest {} (epoch {}, {})",
+            r["volume"].as_str().unwrap_or_default(),
+            r["versions"],
+            r["head"],
+            r["epoch"],
+            r["published"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+fn upgrade(data: &Path) -> mirror_server::Result<()> {
+    let _lock = admin::ServerLock::take(data)?;
+    let config = ServerConfig::load(data)?;
+    runtime()?.block_on(async {
+        let store = config.chunk_store(data)?;
+        println!("chunk store: {}", store.describe());
+        let volumes = Volumes::new(data, Quota::none()).with_store(store);
+        let mut failed = 0;
+        for (client, volume) in volumes.all() {
+            let name = format!("{client}/{volume}");
+            match volumes.open(&client, &volume, None) {
+                Ok(v) => {
+                    let v = v.lock().await;
+                    let seq = v.stored().map_or(0, |(_, _, seq)| seq);
+                    println!(
+                        "{name}: version {seq} in the store (epoch {})",
+                        v.state().published_epoch
+                    );
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("{name}: {e}");
+                }
+            }
+        }
+        match failed {
+            0 => Ok(()),
+            n => Err(mirror_server::Error::Invalid(format!(
+                "{n} volumes could not be upgraded (see above)"
+            ))),
+        }
     })
 }
 

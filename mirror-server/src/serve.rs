@@ -69,8 +69,9 @@ pub async fn run(
         ))
     })?;
     let server_config = tls::server_config(&identity).map_err(|e| Error::Invalid(e.to_string()))?;
-    let volumes = Arc::new(Volumes::new(data, config.quota()));
-    volumes.recover_all()?;
+    let chunks = tokio::task::block_in_place(|| config.chunk_store(data))?;
+    let volumes = Arc::new(Volumes::new(data, config.quota()).with_store(chunks));
+    tokio::task::block_in_place(|| volumes.recover_all())?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .map_err(|e| Error::io(format!("listening on {} (udp)", config.listen), e))?;
     let local = endpoint

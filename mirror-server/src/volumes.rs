@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use ublk_mirror_common::ByteSize;
 
+use crate::chunks::ChunkStore;
 use crate::error::{Error, Result};
-use crate::store::{Volume, VOLUMES_DIR};
+use crate::store::{Recovery, Volume, VOLUMES_DIR};
 
 /// A volume shared by the connections (and exports) that use it.
 pub type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
@@ -47,6 +48,9 @@ pub struct Volumes {
     quota: Quota,
     /// Open volumes by (client, volume), with their size.
     open: Mutex<HashMap<(String, String), (u64, SharedVolume)>>,
+    /// The chunk store every volume is attached to when opened (none:
+    /// images only, as commands that run without the server use them).
+    chunks: Option<Arc<ChunkStore>>,
 }
 
 impl Volumes {
@@ -56,7 +60,48 @@ impl Volumes {
             data: data.to_path_buf(),
             quota,
             open: Mutex::new(HashMap::new()),
+            chunks: None,
         }
+    }
+
+    /// Attach every volume opened to `store`: published epochs become its
+    /// versions, and an image that is missing or behind is (re)built from
+    /// it.
+    pub fn with_store(mut self, store: Arc<ChunkStore>) -> Volumes {
+        self.chunks = Some(store);
+        self
+    }
+
+    /// The chunk store, if any.
+    pub fn chunk_store(&self) -> Option<&Arc<ChunkStore>> {
+        self.chunks.as_ref()
+    }
+
+    /// Open `dir` and attach it to the chunk store.
+    fn open_dir(&self, dir: &Path, client: &str, volume: &str) -> Result<(Volume, Recovery)> {
+        let (mut v, recovery) = Volume::open(dir)?;
+        if let Some(store) = &self.chunks {
+            v.attach(store.clone(), &format!("{client}/{volume}"))?;
+        }
+        Ok((v, recovery))
+    }
+
+    /// The volume's image made again from the chunk store, when the store
+    /// has it but this data directory does not (a new server on the
+    /// bucket, or a lost cache): `None` when the store has no version.
+    fn rebuild(&self, client: &str, volume: &str) -> Result<Option<Volume>> {
+        let Some(store) = &self.chunks else {
+            return Ok(None);
+        };
+        let name = format!("{client}/{volume}");
+        let Some(head) = store.head(&name)? else {
+            return Ok(None);
+        };
+        tracing::info!(volume = %name, seq = head.seq, "rebuilding the volume's image from the chunk store");
+        let dir = self.dir(client, volume);
+        let mut v = Volume::create(&dir, head.size)?;
+        v.attach(store.clone(), &name)?;
+        Ok(Some(v))
     }
 
     /// Where volume `client/volume` lives (whether or not it exists).
@@ -81,7 +126,11 @@ impl Volumes {
                 .flatten()
                 .filter(|v| !v.file_name().to_string_lossy().starts_with('.'))
             {
-                match Volume::open(&volume.path()) {
+                let (c, v) = (
+                    client.file_name().to_string_lossy().into_owned(),
+                    volume.file_name().to_string_lossy().into_owned(),
+                );
+                match self.open_dir(&volume.path(), &c, &v) {
                     Ok((_, r)) if r != Default::default() => {
                         tracing::warn!(volume = %volume.path().display(), recovery = ?r, "volume recovered");
                     }
@@ -114,7 +163,17 @@ impl Volumes {
                 }
             }
         }
+        if let Some(store) = &self.chunks {
+            match store.volumes() {
+                Ok(names) => out.extend(names.iter().filter_map(|n| {
+                    let (c, v) = split_volume(n).ok()?;
+                    Some((c.to_string(), v.to_string()))
+                })),
+                Err(e) => tracing::warn!("cannot list the chunk store's volumes: {e}"),
+            }
+        }
         out.sort();
+        out.dedup();
         out
     }
 
@@ -137,8 +196,19 @@ impl Volumes {
             return Ok(v.clone());
         }
         let dir = self.dir(client, volume);
-        let opened = if dir.exists() {
-            let (v, recovery) = tokio::task::block_in_place(|| Volume::open(&dir))?;
+        let rebuilt = if dir.exists() {
+            None
+        } else {
+            tokio::task::block_in_place(|| self.rebuild(client, volume))?
+        };
+        let opened = if let Some(v) = rebuilt {
+            if let Some(size) = size.filter(|&s| s != v.state().size) {
+                return Err(size_mismatch(volume, v.state().size, size));
+            }
+            v
+        } else if dir.exists() {
+            let (v, recovery) =
+                tokio::task::block_in_place(|| self.open_dir(&dir, client, volume))?;
             if recovery != Default::default() {
                 tracing::warn!(client, volume, ?recovery, "volume recovered");
             }
@@ -156,7 +226,13 @@ impl Volumes {
             };
             tokio::task::block_in_place(|| self.check_quota(client, size))?;
             tracing::info!(client, volume, size, "new volume");
-            tokio::task::block_in_place(|| Volume::create(&dir, size))?
+            tokio::task::block_in_place(|| {
+                let mut v = Volume::create(&dir, size)?;
+                if let Some(store) = &self.chunks {
+                    v.attach(store.clone(), &format!("{client}/{volume}"))?;
+                }
+                Ok::<_, Error>(v)
+            })?
         };
         let have = opened.state().size;
         let v = Arc::new(tokio::sync::Mutex::new(opened));

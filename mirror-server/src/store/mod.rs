@@ -69,7 +69,7 @@ pub mod log;
 pub mod reader;
 pub mod staging;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -84,6 +84,8 @@ use self::log::{read_log_header, LogReader};
 pub use self::reader::{import, list, SnapshotReader};
 pub use self::staging::Staging;
 use self::staging::{remove_staging, staging_epochs, staging_path, STAGING};
+use crate::chunks::format::{VersionRecord, WriterRecord, HOLE};
+use crate::chunks::{blocks_of, ChunkStore};
 use crate::error::{Error, Result};
 use crate::snapshots::{Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK};
 use ublk_mirror_common::clock::now_ms;
@@ -112,6 +114,11 @@ pub struct VolumeState {
     pub owner: Option<String>,
     /// That device's own number for the published epoch.
     pub writer_epoch: u64,
+    /// The chunk store's version of this volume the image holds (0: none
+    /// yet; absent in files written before the chunk store, which are
+    /// upgraded when the volume is attached to one).
+    #[serde(default)]
+    pub store_seq: u64,
 }
 
 impl VolumeState {
@@ -163,6 +170,9 @@ pub struct Volume {
     /// Its point-in-time versions, shared with their readers (see
     /// [`SnapshotReader`]).
     snapshots: Arc<RwLock<Snapshots>>,
+    /// The chunk store that keeps its versions, once attached, and the
+    /// volume's name there.
+    chunks: Option<(Arc<ChunkStore>, String)>,
 }
 
 /// Chunks preserved for snapshots per hold of the snapshots' lock while
@@ -201,6 +211,7 @@ impl Volume {
             uuid: hex_encode(&uuid),
             owner: None,
             writer_epoch: 0,
+            store_seq: 0,
         };
         write_state(dir, &state)?;
         // The directories made (VOLUME, CLIENT, volumes), so that the
@@ -234,6 +245,7 @@ impl Volume {
             poisoned: false,
             active: None,
             snapshots: Arc::new(RwLock::new(Snapshots::open(dir)?)),
+            chunks: None,
         };
         let recovery = volume.recover()?;
         // Temporary snapshots whose reader a crash took away.
@@ -562,6 +574,13 @@ impl Volume {
             device: staging.writer.device,
             epoch: staging.writer.epoch,
         };
+        // The epoch becomes a version in the chunk store before anything
+        // here says it is complete: if the store fails, the staging stays
+        // and the client resumes it; if this process dies after, opening
+        // the volume catches the image up from the store.
+        if let Some(seq) = self.store_epoch(staging)? {
+            self.state.store_seq = seq;
+        }
         let marker_json = serde_json::to_vec(&marker).map_err(|e| Error::Corrupt(e.to_string()))?;
         fsutil::write_durably(&staging_path(&self.dir, epoch, "commit"), &marker_json)
             .map_err(|e| Error::io("writing the commit marker", e))?;
@@ -661,6 +680,275 @@ impl Volume {
         tracing::info!(epoch, blocks = applied, "epoch published");
         Ok(())
     }
+}
+
+/// The chunk store's side of a volume: attaching (upgrading, catching up,
+/// rebuilding) and storing each epoch.
+impl Volume {
+    /// Keep this volume's versions in `store` as `name` (`CLIENT/VOLUME`).
+    ///
+    /// When the store is ahead of the image (another server published, or
+    /// this one died between storing and applying, or the image was made
+    /// new because the cache was lost), the image catches up from the
+    /// store. When the store has no version of a volume that has data (a
+    /// data directory from before the chunk store), the image is stored as
+    /// the first version: the upgrade.
+    pub fn attach(&mut self, store: Arc<ChunkStore>, name: &str) -> Result<()> {
+        let head = store.head(name)?;
+        match head {
+            None if self.state.published_epoch > 0 || self.state.store_seq > 0 => {
+                tracing::info!(
+                    volume = name,
+                    "storing the image as the volume's first version (upgrade)"
+                );
+                let seq = self.store_image(&store, name)?;
+                self.state.store_seq = seq;
+                write_state(&self.dir, &self.state)?;
+            }
+            None => {}
+            Some(h) if h.size != self.state.size => {
+                return Err(Error::Corrupt(format!(
+                    "volume {name} is {} bytes in the store {} but {} here",
+                    h.size,
+                    store.describe(),
+                    self.state.size
+                )));
+            }
+            Some(h) if h.seq == self.state.store_seq => {}
+            Some(h) if h.seq > self.state.store_seq => {
+                let old = match self.state.store_seq {
+                    0 => None,
+                    seq => store.version(name, seq).ok(),
+                };
+                self.catch_up(&store, old.as_ref(), &h)?;
+            }
+            Some(h) => {
+                return Err(Error::Corrupt(format!(
+                    "volume {name}: this image holds version {} of the store {} but the store's newest is {} (a store restored from an older copy?)",
+                    self.state.store_seq,
+                    store.describe(),
+                    h.seq
+                )));
+            }
+        }
+        self.chunks = Some((store, name.to_string()));
+        Ok(())
+    }
+
+    /// The chunk store version the image holds, if attached.
+    pub fn stored(&self) -> Option<(&Arc<ChunkStore>, &str, u64)> {
+        self.chunks
+            .as_ref()
+            .map(|(s, n)| (s, n.as_str(), self.state.store_seq))
+    }
+
+    /// Store the whole image as the next version.
+    fn store_image(&self, store: &ChunkStore, name: &str) -> Result<u64> {
+        let base = store.head(name)?;
+        let mut p = store.publication(name, base.as_ref(), self.state.size)?;
+        let mut buf = vec![0u8; block::BLOCK as usize];
+        for n in 0..blocks_of(self.state.size) {
+            let offset = n * block::BLOCK;
+            let len = (self.state.size - offset).min(block::BLOCK) as usize;
+            self.read_at(&mut buf[..len], offset)?;
+            let data = &buf[..len];
+            if block::is_zero(data) {
+                p.put(n, None, HOLE)?;
+            } else {
+                p.put(n, Some(data), block::digest(data))?;
+            }
+        }
+        let writer = self.state.writer().map(|w| WriterRecord {
+            device: w.device,
+            epoch: w.epoch,
+        });
+        Ok(p.finish(self.state.published_epoch, writer)?.record.seq)
+    }
+
+    /// Bring the image from version `old` of the store (`None`: unknown,
+    /// every block is written) to `new`, keeping what it overwrites for
+    /// the newest snapshot first, and record `new`'s epoch.
+    fn catch_up(
+        &mut self,
+        store: &Arc<ChunkStore>,
+        old: Option<&VersionRecord>,
+        new: &VersionRecord,
+    ) -> Result<()> {
+        tracing::info!(
+            from = old.map_or(0, |o| o.seq),
+            to = new.seq,
+            "catching the image up from the chunk store"
+        );
+        let reader = store.reader(new)?;
+        let old_reader = old.map(|o| store.reader(o)).transpose()?;
+        let segments = new.segments.len();
+        let mut changed = Vec::new();
+        for s in 0..segments {
+            if old.is_some_and(|o| o.segments.get(s) == Some(&new.segments[s])) {
+                continue;
+            }
+            let now = reader.segment(s)?;
+            let was = old_reader.as_ref().map(|r| r.segment(s)).transpose()?;
+            for (slot, d) in now.iter().enumerate() {
+                if was.as_ref().is_none_or(|w| w.get(slot) != Some(d)) {
+                    changed.push((s * crate::chunks::format::SEGMENT_BLOCKS + slot) as u64);
+                }
+            }
+        }
+        if !self.snapshots().list().is_empty() {
+            let chunks: Vec<u64> = changed
+                .iter()
+                .map(|n| n * block::BLOCK / SNAPSHOT_CHUNK)
+                .collect::<BTreeSet<u64>>()
+                .into_iter()
+                .collect();
+            for batch in chunks.chunks(PRESERVE_BATCH) {
+                self.snapshots_mut().preserve(
+                    &self.image,
+                    self.state.size,
+                    &batch.iter().copied().collect(),
+                )?;
+            }
+        }
+        for batch in changed.chunks(256) {
+            for (&n, data) in batch.iter().zip(reader.blocks(batch)?) {
+                let offset = n * block::BLOCK;
+                match data {
+                    Some(d) => self
+                        .image
+                        .write_all_at(&d, offset)
+                        .map_err(|e| Error::io("writing the image", e))?,
+                    None => {
+                        let len = (self.state.size - offset).min(block::BLOCK);
+                        fsutil::punch_or_zero(&self.image, offset, len)
+                            .map_err(|e| Error::io("punching a hole in the image", e))?
+                    }
+                }
+            }
+        }
+        self.image
+            .sync_all()
+            .map_err(|e| Error::io("syncing the image", e))?;
+        let state = VolumeState {
+            published_epoch: new.epoch,
+            published_ms: new.created_ms,
+            owner: new
+                .writer
+                .map(|w| hex_encode(&w.device))
+                .or(self.state.owner.clone()),
+            writer_epoch: new.writer.map_or(self.state.writer_epoch, |w| w.epoch),
+            store_seq: new.seq,
+            ..self.state.clone()
+        };
+        write_state(&self.dir, &state)?;
+        self.state = state;
+        tracing::info!(blocks = changed.len(), seq = new.seq, "image caught up");
+        Ok(())
+    }
+
+    /// Store a complete staging as the next version (when attached): its
+    /// sequence number. A staging stored already (its answer lost) is not
+    /// stored twice.
+    fn store_epoch(&self, staging: &Staging) -> Result<Option<u64>> {
+        let Some((store, name)) = &self.chunks else {
+            return Ok(None);
+        };
+        let writer = WriterRecord {
+            device: staging.writer.device,
+            epoch: staging.writer.epoch,
+        };
+        let head = store.head(name)?;
+        if let Some(h) = &head {
+            if h.writer == Some(writer) && h.epoch == staging.epoch {
+                return Ok(Some(h.seq));
+            }
+        }
+        let head_seq = head.as_ref().map_or(0, |h| h.seq);
+        if head_seq != self.state.store_seq {
+            return Err(Error::Invalid(format!(
+                "volume {name} moved on in the store {} (version {head_seq}, this image holds {}): another server took it; reconnect",
+                store.describe(),
+                self.state.store_seq
+            )));
+        }
+        let mut p = store.publication(name, head.as_ref(), self.state.size)?;
+        let data_path = staging_path(&self.dir, staging.epoch, "data");
+        let data = File::open(&data_path)
+            .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
+        let log_path = staging_path(&self.dir, staging.epoch, "log");
+        let size = self.state.size;
+        let block_len = |n: u64| (size - n * block::BLOCK).min(block::BLOCK);
+        // The protocol allows any extent; a store version is whole blocks.
+        // A block some extent covers only in part is made from the image
+        // (which holds the store's newest version) and every extent on it,
+        // in order; the others are stored as they come.
+        let mut partial = BTreeSet::new();
+        let mut log = LogReader::open(&log_path)?;
+        while let Some(e) = log.next_entry()? {
+            for (n, from, to) in pieces(e.offset, e.len, size) {
+                if to - from != block_len(n) {
+                    partial.insert(n);
+                }
+            }
+        }
+        let mut merged: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for &n in &partial {
+            let mut buf = vec![0u8; block_len(n) as usize];
+            self.read_at(&mut buf, n * block::BLOCK)?;
+            merged.insert(n, buf);
+        }
+        let mut log = LogReader::open(&log_path)?;
+        let mut buf = Vec::new();
+        while let Some(e) = log.next_entry()? {
+            if let Some(at) = e.data_at {
+                buf.resize(e.len as usize, 0);
+                data.read_exact_at(&mut buf, at)
+                    .map_err(|err| Error::io(format!("reading {}", data_path.display()), err))?;
+            }
+            for (n, from, to) in pieces(e.offset, e.len, size) {
+                let start = n * block::BLOCK;
+                let piece = e
+                    .data_at
+                    .map(|_| &buf[(from - e.offset) as usize..(to - e.offset) as usize]);
+                if let Some(m) = merged.get_mut(&n) {
+                    let dst = &mut m[(from - start) as usize..(to - start) as usize];
+                    match piece {
+                        Some(d) => dst.copy_from_slice(d),
+                        None => dst.fill(0),
+                    }
+                } else if let Some(d) = piece {
+                    let hash = if from == e.offset && u64::from(e.len) == to - from {
+                        e.sha256
+                    } else {
+                        block::digest(d)
+                    };
+                    p.put(n, Some(d), hash)?;
+                } else {
+                    p.put(n, None, HOLE)?;
+                }
+            }
+        }
+        for (n, m) in merged {
+            p.put(n, Some(&m), block::digest(&m))?;
+        }
+        Ok(Some(p.finish(staging.epoch, Some(writer))?.record.seq))
+    }
+}
+
+/// The blocks an extent of `len` bytes at `offset` touches: (block, from,
+/// to) with the byte range of the volume it covers in each.
+fn pieces(offset: u64, len: u32, size: u64) -> impl Iterator<Item = (u64, u64, u64)> {
+    let end = (offset + u64::from(len)).min(size);
+    let first = offset / block::BLOCK;
+    let last = if end > offset {
+        (end - 1) / block::BLOCK
+    } else {
+        first.saturating_sub(1)
+    };
+    (first..=last).filter(move |_| end > offset).map(move |n| {
+        let start = n * block::BLOCK;
+        (n, offset.max(start), end.min(start + block::BLOCK))
+    })
 }
 
 /// Where a simulated crash stops [`Volume::commit`] (crash tests).

@@ -1,0 +1,460 @@
+//! The chunk store's object formats, sans I/O: packs, their indexes, map
+//! segments and version records. Every format starts with a magic and a
+//! version byte; a reader refuses versions it does not know.
+//!
+//! # Pack (`packs/AA/ID`, format 1)
+//!
+//! ```text
+//! "UMPK" ver=1 [0;3]
+//! chunk bytes, back to back (each raw or zstd, as its entry says)
+//! trailer: N entries of 49 bytes:
+//!     sha256 of the raw chunk [32] | offset in the pack u64 LE |
+//!     stored length u32 LE | raw length u32 LE | codec u8 (0 raw, 1 zstd)
+//! N u32 LE | sha256(trailer) [32] | "KPMU"
+//! ```
+//!
+//! `ID` is the hex sha256 of the whole pack, so a pack is written with a
+//! create-only put and an `AlreadyExists` answer means it is there. The
+//! trailer makes a pack self-describing: a lost index is rebuilt from the
+//! last 40 bytes and one ranged read.
+//!
+//! # Pack index (`idx/AA/ID`, format 1)
+//!
+//! ```text
+//! "UMIX" ver=1 [0;3] | the pack's trailer | N u32 LE | sha256(trailer) [32] | "XIMU"
+//! ```
+//!
+//! Written after its pack; the store's chunk index is the union of them.
+//!
+//! # Map segment (`maps/AA/ID`, format 1)
+//!
+//! ```text
+//! "UMSG" ver=1 [0;3] | count u32 LE | count × sha256 [32]
+//! ```
+//!
+//! The digests of [`SEGMENT_BLOCKS`] consecutive blocks of a volume (the
+//! last segment may be shorter); all zero bytes mean a hole (a block of
+//! zeroes, never stored). `ID` is the sha256 of the encoded segment, so
+//! segments are shared between versions and volumes like chunks.
+//!
+//! # Version record (`vol/CLIENT/VOLUME/v/SEQ`, format 1, JSON)
+//!
+//! [`VersionRecord`]: the volume's size, the epoch it holds, who wrote it,
+//! and the list of its segments. `SEQ` is 20 decimal digits, so names sort
+//! as numbers. Records are created with a create-only put (If-None-Match),
+//! which is the publication: see the crash argument in [`super`].
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use ublk_mirror_common::proto::Digest;
+
+use crate::error::{Error, Result};
+
+/// Blocks per map segment: 4096 × 64 KiB = 256 MiB of volume, 128 KiB of
+/// digests.
+pub const SEGMENT_BLOCKS: usize = 4096;
+
+/// The digest that marks a hole in a segment.
+pub const HOLE: Digest = [0; 32];
+
+const PACK_MAGIC: &[u8; 4] = b"UMPK";
+const PACK_END: &[u8; 4] = b"KPMU";
+const INDEX_MAGIC: &[u8; 4] = b"UMIX";
+const INDEX_END: &[u8; 4] = b"XIMU";
+const SEGMENT_MAGIC: &[u8; 4] = b"UMSG";
+const FORMAT: u8 = 1;
+const HEADER: usize = 8;
+const ENTRY: usize = 49;
+/// What follows the trailer: count, its digest, the end magic.
+pub const FOOTER: usize = 4 + 32 + 4;
+
+/// How a chunk is stored in its pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// As it is.
+    Raw,
+    /// zstd.
+    Zstd,
+}
+
+/// One chunk of a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// sha256 of the raw chunk: its name.
+    pub hash: Digest,
+    /// Where its stored bytes start in the pack.
+    pub offset: u64,
+    /// How many bytes it takes in the pack.
+    pub stored: u32,
+    /// Its length once decoded.
+    pub raw: u32,
+    /// How it is stored.
+    pub codec: Codec,
+}
+
+/// sha256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> Digest {
+    Sha256::digest(bytes).into()
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(d: &Digest) -> String {
+    ublk_mirror_common::hex::encode(d)
+}
+
+/// `DIR/AA/HEX`: content-named objects spread over 256 prefixes.
+pub fn spread(dir: &str, d: &Digest) -> String {
+    let h = hex(d);
+    format!("{dir}/{}/{h}", &h[..2])
+}
+
+/// A pack being filled.
+#[derive(Debug)]
+pub struct PackBuilder {
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
+    level: i32,
+}
+
+impl PackBuilder {
+    /// An empty pack; chunks compressed with zstd at `level`.
+    pub fn new(level: i32) -> PackBuilder {
+        let mut bytes = Vec::with_capacity(HEADER);
+        bytes.extend_from_slice(PACK_MAGIC);
+        bytes.extend_from_slice(&[FORMAT, 0, 0, 0]);
+        PackBuilder {
+            bytes,
+            entries: Vec::new(),
+            level,
+        }
+    }
+
+    /// Add a chunk whose sha256 is `hash` (checked by the caller).
+    pub fn add(&mut self, hash: Digest, raw: &[u8]) {
+        let offset = self.bytes.len() as u64;
+        let compressed = zstd::bulk::compress(raw, self.level).ok();
+        let (codec, stored) = match compressed {
+            Some(c) if c.len() < raw.len() => {
+                self.bytes.extend_from_slice(&c);
+                (Codec::Zstd, c.len())
+            }
+            _ => {
+                self.bytes.extend_from_slice(raw);
+                (Codec::Raw, raw.len())
+            }
+        };
+        self.entries.push(Entry {
+            hash,
+            offset,
+            stored: stored as u32,
+            raw: raw.len() as u32,
+            codec,
+        });
+    }
+
+    /// Bytes so far.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// No chunk yet.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The pack's bytes, its index object's bytes and its entries.
+    pub fn finish(mut self) -> (Vec<u8>, Vec<u8>, Vec<Entry>) {
+        let trailer = encode_trailer(&self.entries);
+        self.bytes.extend_from_slice(&trailer);
+        footer(&mut self.bytes, &trailer, self.entries.len(), PACK_END);
+        let mut index = Vec::with_capacity(HEADER + trailer.len() + FOOTER);
+        index.extend_from_slice(INDEX_MAGIC);
+        index.extend_from_slice(&[FORMAT, 0, 0, 0]);
+        index.extend_from_slice(&trailer);
+        footer(&mut index, &trailer, self.entries.len(), INDEX_END);
+        (self.bytes, index, self.entries)
+    }
+}
+
+fn encode_trailer(entries: &[Entry]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(entries.len() * ENTRY);
+    for e in entries {
+        t.extend_from_slice(&e.hash);
+        t.extend_from_slice(&e.offset.to_le_bytes());
+        t.extend_from_slice(&e.stored.to_le_bytes());
+        t.extend_from_slice(&e.raw.to_le_bytes());
+        t.push(match e.codec {
+            Codec::Raw => 0,
+            Codec::Zstd => 1,
+        });
+    }
+    t
+}
+
+fn footer(out: &mut Vec<u8>, trailer: &[u8], n: usize, end: &[u8; 4]) {
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    out.extend_from_slice(&sha256(trailer));
+    out.extend_from_slice(end);
+}
+
+fn decode_trailer(trailer: &[u8], footer: &[u8], end: &[u8; 4], what: &str) -> Result<Vec<Entry>> {
+    let bad = |why: &str| Error::Corrupt(format!("{what}: {why}"));
+    if footer.len() != FOOTER || &footer[36..] != end {
+        return Err(bad("no end marker"));
+    }
+    let n = u32::from_le_bytes(footer[..4].try_into().expect("4 bytes")) as usize;
+    if trailer.len() != n * ENTRY {
+        return Err(bad("the trailer's length does not match its count"));
+    }
+    if sha256(trailer)[..] != footer[4..36] {
+        return Err(bad("the trailer fails its checksum"));
+    }
+    trailer
+        .chunks_exact(ENTRY)
+        .map(|e| {
+            Ok(Entry {
+                hash: e[..32].try_into().expect("32 bytes"),
+                offset: u64::from_le_bytes(e[32..40].try_into().expect("8 bytes")),
+                stored: u32::from_le_bytes(e[40..44].try_into().expect("4 bytes")),
+                raw: u32::from_le_bytes(e[44..48].try_into().expect("4 bytes")),
+                codec: match e[48] {
+                    0 => Codec::Raw,
+                    1 => Codec::Zstd,
+                    c => return Err(bad(&format!("unknown codec {c}"))),
+                },
+            })
+        })
+        .collect()
+}
+
+/// The entries of an index object.
+pub fn decode_index(bytes: &[u8], what: &str) -> Result<Vec<Entry>> {
+    if bytes.len() < HEADER + FOOTER || &bytes[..4] != INDEX_MAGIC {
+        return Err(Error::Corrupt(format!("{what}: not a pack index")));
+    }
+    if bytes[4] != FORMAT {
+        return Err(Error::Corrupt(format!(
+            "{what}: pack index format {} is not supported (this is {FORMAT})",
+            bytes[4]
+        )));
+    }
+    let (trailer, footer) = bytes[HEADER..].split_at(bytes.len() - HEADER - FOOTER);
+    decode_trailer(trailer, footer, INDEX_END, what)
+}
+
+/// How many trailer bytes a pack's last [`FOOTER`] bytes announce.
+pub fn pack_trailer_len(footer: &[u8], what: &str) -> Result<usize> {
+    if footer.len() != FOOTER || &footer[36..] != PACK_END {
+        return Err(Error::Corrupt(format!("{what}: not a pack")));
+    }
+    Ok(u32::from_le_bytes(footer[..4].try_into().expect("4 bytes")) as usize * ENTRY)
+}
+
+/// The entries of a pack, from its trailer and footer (rebuilding a lost
+/// index).
+pub fn decode_pack_trailer(trailer: &[u8], footer: &[u8], what: &str) -> Result<Vec<Entry>> {
+    decode_trailer(trailer, footer, PACK_END, what)
+}
+
+/// A chunk's raw bytes from its stored bytes, checked against its name.
+pub fn decode_chunk(entry: &Entry, stored: &[u8]) -> Result<Vec<u8>> {
+    let damaged = |why: String| Error::Corrupt(format!("chunk {}: {why}", hex(&entry.hash)));
+    let raw = match entry.codec {
+        Codec::Raw => stored.to_vec(),
+        Codec::Zstd => zstd::bulk::decompress(stored, entry.raw as usize)
+            .map_err(|e| damaged(format!("does not decompress: {e}")))?,
+    };
+    if raw.len() != entry.raw as usize || sha256(&raw) != entry.hash {
+        return Err(damaged("its content does not match its sha256".into()));
+    }
+    Ok(raw)
+}
+
+/// A map segment's bytes.
+pub fn encode_segment(digests: &[Digest]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 4 + digests.len() * 32);
+    out.extend_from_slice(SEGMENT_MAGIC);
+    out.extend_from_slice(&[FORMAT, 0, 0, 0]);
+    out.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+    for d in digests {
+        out.extend_from_slice(d);
+    }
+    out
+}
+
+/// A map segment from its bytes, checked against its name `id`.
+pub fn decode_segment(bytes: &[u8], id: &Digest) -> Result<Vec<Digest>> {
+    let what = format!("map segment {}", hex(id));
+    if sha256(bytes) != *id {
+        return Err(Error::Corrupt(format!(
+            "{what}: its content does not match its sha256"
+        )));
+    }
+    if bytes.len() < HEADER + 4 || &bytes[..4] != SEGMENT_MAGIC || bytes[4] != FORMAT {
+        return Err(Error::Corrupt(format!(
+            "{what}: not a map segment of format {FORMAT}"
+        )));
+    }
+    let n = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    let body = &bytes[12..];
+    if body.len() != n * 32 || n > SEGMENT_BLOCKS {
+        return Err(Error::Corrupt(format!("{what}: wrong length")));
+    }
+    Ok(body
+        .chunks_exact(32)
+        .map(|d| d.try_into().expect("32 bytes"))
+        .collect())
+}
+
+/// The device and its epoch a version holds (as in the staging's marker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriterRecord {
+    /// The device (hex).
+    #[serde(with = "hex16")]
+    pub device: [u8; 16],
+    /// Its own epoch number.
+    pub epoch: u64,
+}
+
+/// A version of a volume: what `vol/CLIENT/VOLUME/v/SEQ` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Format of this record (1).
+    pub format: u32,
+    /// Its place in the volume's chain (1, 2, …).
+    pub seq: u64,
+    /// The volume's size in bytes.
+    pub size: u64,
+    /// The server-side epoch number it holds (as in `state.json`).
+    pub epoch: u64,
+    /// The device epoch it holds, if a device wrote it (none: imported).
+    pub writer: Option<WriterRecord>,
+    /// When it was published, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Which server published it (host name and process id).
+    pub server: String,
+    /// Random, per publication: tells our own record from another's when a
+    /// create-only put's answer was lost and it was retried.
+    pub nonce: String,
+    /// The map: one segment id (hex) per [`SEGMENT_BLOCKS`] blocks.
+    pub segments: Vec<String>,
+}
+
+/// The format a version record is written in.
+pub const VERSION_FORMAT: u32 = 1;
+
+impl VersionRecord {
+    /// The segment ids as digests.
+    pub fn segment_ids(&self) -> Result<Vec<Digest>> {
+        self.segments
+            .iter()
+            .map(|s| {
+                ublk_mirror_common::hex::decode::<32>(s).ok_or_else(|| {
+                    Error::Corrupt(format!("version {}: bad segment id {s:?}", self.seq))
+                })
+            })
+            .collect()
+    }
+}
+
+mod hex16 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&ublk_mirror_common::hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        let text = String::deserialize(d)?;
+        ublk_mirror_common::hex::decode::<16>(&text)
+            .ok_or_else(|| serde::de::Error::custom("expected 32 hex digits"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pack_round_trips_and_its_index_matches_its_trailer() {
+        let mut b = PackBuilder::new(1);
+        let zeroish = vec![7u8; 65536];
+        let mut x = 88172645463325252u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        b.add(sha256(&zeroish), &zeroish);
+        b.add(sha256(&noise), &noise);
+        let (pack, index, entries) = b.finish();
+        assert_eq!(entries[0].codec, Codec::Zstd);
+        assert_eq!(entries[1].codec, Codec::Raw);
+        assert_eq!(decode_index(&index, "t").unwrap(), entries);
+        let footer = &pack[pack.len() - FOOTER..];
+        let tl = pack_trailer_len(footer, "t").unwrap();
+        let trailer = &pack[pack.len() - FOOTER - tl..pack.len() - FOOTER];
+        assert_eq!(decode_pack_trailer(trailer, footer, "t").unwrap(), entries);
+        for (e, want) in entries.iter().zip([&zeroish, &noise]) {
+            let stored = &pack[e.offset as usize..e.offset as usize + e.stored as usize];
+            assert_eq!(&decode_chunk(e, stored).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn damage_is_found_not_served() {
+        let mut b = PackBuilder::new(1);
+        let data = vec![1u8; 1000];
+        b.add(sha256(&data), &data);
+        let (mut pack, mut index, entries) = b.finish();
+        let e = entries[0];
+        let mut stored =
+            pack[e.offset as usize..(e.offset + u64::from(e.stored)) as usize].to_vec();
+        stored[0] ^= 1;
+        assert!(matches!(decode_chunk(&e, &stored), Err(Error::Corrupt(_))));
+        let last = index.len() - FOOTER - 1;
+        index[last] ^= 1;
+        assert!(decode_index(&index, "t").is_err());
+        let n = pack.len();
+        pack[n - 1] = b'X';
+        assert!(pack_trailer_len(&pack[n - FOOTER..], "t").is_err());
+    }
+
+    #[test]
+    fn a_segment_is_checked_against_its_name() {
+        let digests = vec![HOLE, [5; 32], [9; 32]];
+        let bytes = encode_segment(&digests);
+        let id = sha256(&bytes);
+        assert_eq!(decode_segment(&bytes, &id).unwrap(), digests);
+        let mut bad = bytes.clone();
+        bad[20] ^= 1;
+        assert!(decode_segment(&bad, &id).is_err());
+        assert!(decode_segment(&bytes, &[0; 32]).is_err());
+    }
+
+    #[test]
+    fn a_version_record_reads_back() {
+        let r = VersionRecord {
+            format: VERSION_FORMAT,
+            seq: 3,
+            size: 1 << 30,
+            epoch: 7,
+            writer: Some(WriterRecord {
+                device: [0xab; 16],
+                epoch: 9,
+            }),
+            created_ms: 1,
+            server: "h/1".into(),
+            nonce: "00".into(),
+            segments: vec![hex(&[1; 32])],
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"device\":\"abababab"), "{json}");
+        let back: VersionRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.segment_ids().unwrap(), vec![[1; 32]]);
+    }
+}

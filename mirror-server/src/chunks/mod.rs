@@ -1,0 +1,823 @@
+//! The chunk store: every published version of every volume, kept as
+//! content-addressed chunks in packs plus small version records, on a
+//! local directory or an S3-compatible bucket (through `object_store`).
+//!
+//! A volume's image in the data directory is then a cache of the store's
+//! newest version of it ([`crate::store`] keeps it in step and rebuilds it
+//! from here when it is missing or behind).
+//!
+//! # Layout (format 1; the object formats are in [`format`])
+//!
+//! ```text
+//! store.json                   {"format":1,"kind":"ublk-mirror chunk store",
+//!                               "block":65536,"hash":"sha256","segment_blocks":4096}
+//! packs/AA/ID                  chunks, named by their sha256, packed ~32 MiB
+//! idx/AA/ID                    each pack's index (written after its pack)
+//! maps/AA/ID                   map segments: the chunk digests of 4096 blocks
+//! vol/CLIENT/VOLUME/v/SEQ      version records (JSON), SEQ = 1, 2, …
+//! ```
+//!
+//! # Deduplication
+//!
+//! A chunk is stored once per store, whichever volume or client sends it:
+//! a publication looks each block's sha256 up in the chunk index (the
+//! union of `idx/`, held in memory and refreshed from the store) and packs
+//! only what is new. Map segments are content-named too, so an epoch
+//! writes only the segments it changes, and two volumes with the same
+//! content share them. Holes (blocks of zeroes) are never stored.
+//!
+//! # Why packs
+//!
+//! 64 KiB chunks one object each would make 1.5 billion objects of a
+//! 100 TB store: as many PUTs to upload it, and as many keys to list for
+//! every garbage collection. Packs of 32 MiB (configurable) make that
+//! about 3 million; a block is read with one ranged GET, and ranges near
+//! each other are coalesced. The cost is that a partly dead pack must be
+//! rewritten to free its space (restic's prune works the same way).
+//!
+//! # Publication and the crash argument
+//!
+//! Publishing version N of a volume is, in this order:
+//! 1. every new chunk into packs: each pack, then its index (create-only
+//!    puts of content-named objects: "already exists" means it is there);
+//! 2. the changed map segments (content-named, the same way);
+//! 3. the version record `v/N`, with a **create-only** put (If-None-Match:
+//!    `*` on S3, a hard link in a directory).
+//!
+//! Step 3 is the one write that makes the version visible; everything it
+//! names was written and acknowledged before it. A server that dies before
+//! it leaves only unreferenced objects (collected later); one that dies
+//! after it published N whole. A reader takes the highest `v/N` and so
+//! always sees whole versions. Two servers that publish on the same base
+//! race for the same name and exactly one wins; the other is told the
+//! volume moved on ([`Error::Invalid`]) and publishes nothing. When the
+//! answer to step 3 is lost and the put retried, "already exists" is read
+//! back and recognised by the record's random nonce.
+
+pub mod backend;
+pub mod format;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use ublk_mirror_common::block::{self, BLOCK};
+use ublk_mirror_common::clock::now_ms;
+use ublk_mirror_common::proto::Digest;
+
+pub use self::backend::StoreConfig;
+use self::format::{Entry, PackBuilder, VersionRecord, WriterRecord, HOLE, SEGMENT_BLOCKS};
+use crate::error::{Error, Result};
+
+const STORE_RECORD: &str = "store.json";
+const STORE_KIND: &str = "ublk-mirror chunk store";
+const STORE_FORMAT: u32 = 1;
+/// zstd level for chunks the client sent uncompressed or that were
+/// imported (the wire's blocks were decoded on arrival).
+const LEVEL: i32 = 1;
+
+/// What `store.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoreRecord {
+    format: u32,
+    kind: String,
+    block: u64,
+    hash: String,
+    segment_blocks: usize,
+}
+
+impl StoreRecord {
+    fn ours() -> StoreRecord {
+        StoreRecord {
+            format: STORE_FORMAT,
+            kind: STORE_KIND.into(),
+            block: BLOCK,
+            hash: "sha256".into(),
+            segment_blocks: SEGMENT_BLOCKS,
+        }
+    }
+}
+
+/// Where a chunk is.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    pack: Digest,
+    entry: Entry,
+}
+
+/// What the chunk index knows.
+#[derive(Debug, Default)]
+struct Index {
+    chunks: HashMap<Digest, Loc>,
+    packs: HashSet<Digest>,
+}
+
+/// Sizes of what a store holds, for `mirror-server store-stats` and the
+/// benchmark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Distinct chunks.
+    pub chunks: u64,
+    /// Their raw bytes.
+    pub raw_bytes: u64,
+    /// Packs.
+    pub packs: u64,
+    /// Bytes of chunks in packs (as stored, compressed).
+    pub stored_bytes: u64,
+}
+
+/// The chunk store of one server process.
+pub struct ChunkStore {
+    rt: Option<tokio::runtime::Runtime>,
+    store: Arc<dyn ObjectStore>,
+    describe: String,
+    index: Mutex<Index>,
+    pack_target: usize,
+    server: String,
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("store", &self.describe)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ChunkStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn store_err(what: impl std::fmt::Display, e: object_store::Error) -> Error {
+    Error::Store(format!("{what}: {e}"))
+}
+
+fn version_path(volume: &str, seq: u64) -> ObjPath {
+    ObjPath::from(format!("vol/{volume}/v/{seq:020}"))
+}
+
+/// `I/O` on the store from synchronous code (the volume's publication runs
+/// on blocking threads).
+impl ChunkStore {
+    /// Open the store `config` names, with `data` as the base of a
+    /// relative directory: check that it works and is ours (or empty, and
+    /// make it ours), check that it honours create-only puts, and load its
+    /// chunk index.
+    pub fn open(config: &StoreConfig, data: &std::path::Path) -> Result<ChunkStore> {
+        let (store, describe) = backend::open(config, data)?;
+        ChunkStore::with(store, describe, config.pack_size.0 as usize)
+    }
+
+    /// A store over any `object_store` (tests use an in-memory one with
+    /// faults).
+    pub fn with(
+        store: Arc<dyn ObjectStore>,
+        describe: String,
+        pack_target: usize,
+    ) -> Result<ChunkStore> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("chunk-store")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the chunk store's runtime", e))?;
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let chunks = ChunkStore {
+            rt: Some(rt),
+            store,
+            describe,
+            index: Mutex::new(Index::default()),
+            pack_target: pack_target.max(1 << 20),
+            server: format!("{host}/{}", std::process::id()),
+        };
+        chunks.run(chunks.claim())?;
+        chunks.run(chunks.probe())?;
+        chunks.refresh_index()?;
+        Ok(chunks)
+    }
+
+    /// Where the store is, for messages.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// Run `f` on the store's runtime and wait for it; from a task of the
+    /// server's (multi-threaded) runtime too, whose worker is handed over
+    /// meanwhile.
+    fn run<F: std::future::Future>(&self, f: F) -> F::Output {
+        let rt = self.rt.as_ref().expect("runtime until drop");
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(|| rt.block_on(f))
+        } else {
+            rt.block_on(f)
+        }
+    }
+
+    /// `store.json`: read it, or write it into an empty store.
+    async fn claim(&self) -> Result<()> {
+        let path = ObjPath::from(STORE_RECORD);
+        let ours = StoreRecord::ours();
+        match self.store.get(&path).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(|e| store_err(&self.describe, e))?;
+                return self.check_record(&bytes);
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(store_err(format!("reading {}", self.describe), e)),
+        }
+        let first = self
+            .store
+            .list(None)
+            .try_next()
+            .await
+            .map_err(|e| store_err(format!("listing {}", self.describe), e))?;
+        if let Some(other) = first {
+            return Err(Error::Invalid(format!(
+                "the store {} holds something else (for example {}) and no {STORE_RECORD}: give the chunk store a bucket or prefix of its own",
+                self.describe, other.location
+            )));
+        }
+        let json = serde_json::to_vec_pretty(&ours).map_err(|e| Error::Corrupt(e.to_string()))?;
+        match self.create(&path, json.into()).await {
+            Ok(true) => {
+                tracing::info!(store = %self.describe, "a new chunk store");
+                Ok(())
+            }
+            Ok(false) => {
+                // Another server made it at the same time.
+                let r = self.get(&path).await?;
+                self.check_record(&r)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn check_record(&self, bytes: &[u8]) -> Result<()> {
+        let record: StoreRecord = serde_json::from_slice(bytes).map_err(|e| {
+            Error::Invalid(format!(
+                "{}/{STORE_RECORD} is not a ublk-mirror chunk store's ({e})",
+                self.describe
+            ))
+        })?;
+        if record.kind != STORE_KIND {
+            return Err(Error::Invalid(format!(
+                "{}/{STORE_RECORD} is not a ublk-mirror chunk store's",
+                self.describe
+            )));
+        }
+        if record != StoreRecord::ours() {
+            return Err(Error::Invalid(format!(
+                "{} is a chunk store of format {} (block {}, {} blocks a segment); this server reads format {STORE_FORMAT}",
+                self.describe, record.format, record.block, record.segment_blocks
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuse a store that does not honour create-only puts: publication
+    /// depends on them.
+    async fn probe(&self) -> Result<()> {
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
+        let path = ObjPath::from(format!("probe/{}", ublk_mirror_common::hex::encode(&nonce)));
+        let first = self.create(&path, Bytes::from_static(b"1")).await?;
+        let second = self.create(&path, Bytes::from_static(b"2")).await?;
+        let _ = self.store.delete(&path).await;
+        if !first || second {
+            return Err(Error::Invalid(format!(
+                "the store {} does not honour conditional writes (If-None-Match); a chunk store needs them (SeaweedFS 3.97 or later, AWS S3, …)",
+                self.describe
+            )));
+        }
+        Ok(())
+    }
+
+    /// Create-only put: `Ok(true)` when written, `Ok(false)` when the name
+    /// existed.
+    async fn create(&self, path: &ObjPath, bytes: Bytes) -> Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(store_err(format!("writing {}/{path}", self.describe), e)),
+        }
+    }
+
+    async fn get(&self, path: &ObjPath) -> Result<Bytes> {
+        let r = self
+            .store
+            .get(path)
+            .await
+            .map_err(|e| store_err(format!("reading {}/{path}", self.describe), e))?;
+        r.bytes()
+            .await
+            .map_err(|e| store_err(format!("reading {}/{path}", self.describe), e))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjPath>> {
+        let prefix = ObjPath::from(prefix);
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| store_err(format!("listing {}/{prefix}", self.describe), e))?;
+        Ok(metas.into_iter().map(|m| m.location).collect())
+    }
+
+    /// Read the indexes of packs this process does not know yet (written
+    /// by another server, or before this one started).
+    pub fn refresh_index(&self) -> Result<()> {
+        let paths = self.run(self.list("idx"))?;
+        let known: HashSet<Digest> = self.index().packs.clone();
+        let new: Vec<(Digest, ObjPath)> = paths
+            .into_iter()
+            .filter_map(|p| {
+                let id = ublk_mirror_common::hex::decode::<32>(p.filename()?)?;
+                (!known.contains(&id)).then_some((id, p))
+            })
+            .collect();
+        for (id, path) in new {
+            let bytes = self.run(self.get(&path))?;
+            let entries = format::decode_index(&bytes, &format!("{}/{path}", self.describe))?;
+            self.remember(id, &entries);
+        }
+        Ok(())
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, pack: Digest, entries: &[Entry]) {
+        let mut index = self.index();
+        index.packs.insert(pack);
+        for e in entries {
+            index
+                .chunks
+                .entry(e.hash)
+                .or_insert(Loc { pack, entry: *e });
+        }
+    }
+
+    /// Does the store hold the chunk `hash`?
+    pub fn has(&self, hash: &Digest) -> bool {
+        self.index().chunks.contains_key(hash)
+    }
+
+    /// What the store holds, by its chunk index.
+    pub fn usage(&self) -> Usage {
+        let index = self.index();
+        let mut u = Usage {
+            chunks: index.chunks.len() as u64,
+            packs: index.packs.len() as u64,
+            ..Usage::default()
+        };
+        for loc in index.chunks.values() {
+            u.raw_bytes += u64::from(loc.entry.raw);
+            u.stored_bytes += u64::from(loc.entry.stored);
+        }
+        u
+    }
+
+    /// The sequence numbers of `volume`'s versions, oldest first.
+    pub fn versions(&self, volume: &str) -> Result<Vec<u64>> {
+        let paths = self.run(self.list(&format!("vol/{volume}/v")))?;
+        let mut seqs: Vec<u64> = paths
+            .iter()
+            .filter_map(|p| p.filename()?.parse().ok())
+            .collect();
+        seqs.sort_unstable();
+        Ok(seqs)
+    }
+
+    /// Version `seq` of `volume`.
+    pub fn version(&self, volume: &str, seq: u64) -> Result<VersionRecord> {
+        let path = version_path(volume, seq);
+        let bytes = self.run(self.get(&path))?;
+        let record: VersionRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Corrupt(format!("{}/{path}: {e}", self.describe)))?;
+        if record.format != format::VERSION_FORMAT || record.seq != seq {
+            return Err(Error::Corrupt(format!(
+                "{}/{path}: format {} seq {} (this server reads format {})",
+                self.describe,
+                record.format,
+                record.seq,
+                format::VERSION_FORMAT
+            )));
+        }
+        Ok(record)
+    }
+
+    /// The newest version of `volume`, if it has one.
+    pub fn head(&self, volume: &str) -> Result<Option<VersionRecord>> {
+        match self.versions(volume)?.last() {
+            Some(&seq) => self.version(volume, seq).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The volumes (`CLIENT/VOLUME`) with at least one version.
+    pub fn volumes(&self) -> Result<Vec<String>> {
+        let paths = self.run(self.list("vol"))?;
+        let mut out: Vec<String> = paths
+            .iter()
+            .filter_map(|p| {
+                let parts: Vec<_> = p.parts().map(|s| s.as_ref().to_string()).collect();
+                (parts.len() == 5 && parts[3] == "v").then(|| format!("{}/{}", parts[1], parts[2]))
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Start publishing the next version of `volume` (of `size` bytes)
+    /// on `base`, its newest version as this server knows it (none: the
+    /// volume's first).
+    pub fn publication<'a>(
+        &'a self,
+        volume: &str,
+        base: Option<&VersionRecord>,
+        size: u64,
+    ) -> Result<Publication<'a>> {
+        if let Some(b) = base {
+            if b.size != size {
+                return Err(Error::Invalid(format!(
+                    "volume {volume} is {} bytes in the store, not {size}",
+                    b.size
+                )));
+            }
+        }
+        Ok(Publication {
+            store: self,
+            volume: volume.to_string(),
+            base: match base {
+                Some(b) => Some((b.seq, b.segment_ids()?)),
+                None => None,
+            },
+            size,
+            pack: PackBuilder::new(LEVEL),
+            pending: HashSet::new(),
+            changes: BTreeMap::new(),
+            written_packs: 0,
+            written_bytes: 0,
+        })
+    }
+
+    async fn upload_pack(&self, pack: PackBuilder) -> Result<()> {
+        let (bytes, index, entries) = pack.finish();
+        let id = format::sha256(&bytes);
+        self.create(&ObjPath::from(format::spread("packs", &id)), bytes.into())
+            .await?;
+        self.create(&ObjPath::from(format::spread("idx", &id)), index.into())
+            .await?;
+        self.remember(id, &entries);
+        Ok(())
+    }
+
+    /// The digests of segment `id`.
+    fn segment(&self, id: &Digest) -> Result<Vec<Digest>> {
+        let bytes = self.run(self.get(&ObjPath::from(format::spread("maps", id))))?;
+        format::decode_segment(&bytes, id)
+    }
+
+    /// A reader of version `record`.
+    pub fn reader(self: &Arc<Self>, record: &VersionRecord) -> Result<VersionReader> {
+        Ok(VersionReader {
+            store: self.clone(),
+            segments: record.segment_ids()?,
+            size: record.size,
+            cached: Mutex::new(None),
+        })
+    }
+
+    /// Read the chunks `hashes` (none a hole), each checked against its
+    /// name; ranges of one pack are fetched together.
+    fn chunks(&self, hashes: &[Digest]) -> Result<Vec<Vec<u8>>> {
+        let mut locs = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            let loc = self.index().chunks.get(h).copied();
+            let loc = match loc {
+                Some(l) => l,
+                None => {
+                    self.refresh_index()?;
+                    self.index().chunks.get(h).copied().ok_or_else(|| {
+                        Error::Corrupt(format!(
+                            "chunk {} is missing from the store {}",
+                            format::hex(h),
+                            self.describe
+                        ))
+                    })?
+                }
+            };
+            locs.push(loc);
+        }
+        let mut by_pack: BTreeMap<Digest, Vec<usize>> = BTreeMap::new();
+        for (i, l) in locs.iter().enumerate() {
+            by_pack.entry(l.pack).or_default().push(i);
+        }
+        let mut out = vec![Vec::new(); hashes.len()];
+        for (pack, which) in by_pack {
+            let ranges: Vec<std::ops::Range<u64>> = which
+                .iter()
+                .map(|&i| {
+                    let e = locs[i].entry;
+                    e.offset..e.offset + u64::from(e.stored)
+                })
+                .collect();
+            let path = ObjPath::from(format::spread("packs", &pack));
+            let got = self
+                .run(self.store.get_ranges(&path, &ranges))
+                .map_err(|e| store_err(format!("reading {}/{path}", self.describe), e))?;
+            for (&i, stored) in which.iter().zip(got.iter()) {
+                out[i] = format::decode_chunk(&locs[i].entry, stored)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Blocks in a volume of `size` bytes.
+pub fn blocks_of(size: u64) -> u64 {
+    size.div_ceil(BLOCK)
+}
+
+/// Blocks in segment `n` of a volume of `size` bytes.
+fn segment_len(size: u64, n: usize) -> usize {
+    let blocks = blocks_of(size);
+    let start = n as u64 * SEGMENT_BLOCKS as u64;
+    (blocks - start).min(SEGMENT_BLOCKS as u64) as usize
+}
+
+/// A version being published: blocks go in ([`Publication::put`]), new
+/// chunks are packed and uploaded as packs fill, and
+/// [`Publication::finish`] writes the map and the version record.
+#[derive(Debug)]
+pub struct Publication<'a> {
+    store: &'a ChunkStore,
+    volume: String,
+    base: Option<(u64, Vec<Digest>)>,
+    size: u64,
+    pack: PackBuilder,
+    /// Chunks in the pack being filled.
+    pending: HashSet<Digest>,
+    /// Block number → its new digest ([`HOLE`]: zeroes).
+    changes: BTreeMap<u64, Digest>,
+    written_packs: u64,
+    written_bytes: u64,
+}
+
+/// What a publication wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The new version.
+    pub record: VersionRecord,
+    /// Packs written (chunks the store did not hold yet).
+    pub packs: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl Publication<'_> {
+    /// Block `n` of the volume is now `data` (`None`: zeroes), whose
+    /// sha256 is `hash`. A later put of the same block wins.
+    pub fn put(&mut self, n: u64, data: Option<&[u8]>, hash: Digest) -> Result<()> {
+        let blocks = blocks_of(self.size);
+        if n >= blocks {
+            return Err(Error::Invalid(format!(
+                "block {n} is past the end of the volume ({blocks} blocks)"
+            )));
+        }
+        let data = data.filter(|d| !block::is_zero(d));
+        let Some(data) = data else {
+            self.changes.insert(n, HOLE);
+            return Ok(());
+        };
+        let want = (self.size - n * BLOCK).min(BLOCK) as usize;
+        if data.len() != want {
+            return Err(Error::Invalid(format!(
+                "block {n} is {} bytes, not {want}",
+                data.len()
+            )));
+        }
+        self.changes.insert(n, hash);
+        if self.store.has(&hash) || self.pending.contains(&hash) {
+            return Ok(());
+        }
+        self.pack.add(hash, data);
+        self.pending.insert(hash);
+        if self.pack.len() >= self.store.pack_target {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        let pack = std::mem::replace(&mut self.pack, PackBuilder::new(LEVEL));
+        self.written_bytes += pack.len() as u64;
+        self.written_packs += 1;
+        self.store.run(self.store.upload_pack(pack))?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Write the map and create the version record: the version is
+    /// published when this returns `Ok`. `epoch` and `writer` are what it
+    /// holds (see [`VersionRecord`]).
+    pub fn finish(mut self, epoch: u64, writer: Option<WriterRecord>) -> Result<Published> {
+        self.flush()?;
+        let segs = blocks_of(self.size).div_ceil(SEGMENT_BLOCKS as u64) as usize;
+        let mut ids: Vec<Digest> = match &self.base {
+            Some((_, ids)) if ids.len() == segs => ids.clone(),
+            Some((seq, ids)) => {
+                return Err(Error::Corrupt(format!(
+                    "version {seq} of {} has {} map segments, not {segs}",
+                    self.volume,
+                    ids.len()
+                )))
+            }
+            None => Vec::new(),
+        };
+        let mut touched: BTreeMap<usize, Vec<(usize, Digest)>> = BTreeMap::new();
+        for (&n, &d) in &self.changes {
+            let s = n as usize / SEGMENT_BLOCKS;
+            touched
+                .entry(s)
+                .or_default()
+                .push((n as usize % SEGMENT_BLOCKS, d));
+        }
+        let store = self.store;
+        let mut new_segments: Vec<(Digest, Vec<u8>)> = Vec::new();
+        for s in 0..segs {
+            let changes = touched.get(&s);
+            if s < ids.len() && changes.is_none() {
+                continue;
+            }
+            let mut digests = if s < ids.len() {
+                store.segment(&ids[s])?
+            } else {
+                vec![HOLE; segment_len(self.size, s)]
+            };
+            for &(slot, d) in changes.into_iter().flatten() {
+                digests[slot] = d;
+            }
+            let bytes = format::encode_segment(&digests);
+            let id = format::sha256(&bytes);
+            if s < ids.len() {
+                ids[s] = id;
+            } else {
+                ids.push(id);
+            }
+            new_segments.push((id, bytes));
+        }
+        store.run(async {
+            for (id, bytes) in new_segments {
+                store
+                    .create(&ObjPath::from(format::spread("maps", &id)), bytes.into())
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        })?;
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
+        let seq = self.base.as_ref().map_or(1, |(seq, _)| seq + 1);
+        let record = VersionRecord {
+            format: format::VERSION_FORMAT,
+            seq,
+            size: self.size,
+            epoch,
+            writer,
+            created_ms: now_ms(),
+            server: store.server.clone(),
+            nonce: ublk_mirror_common::hex::encode(&nonce),
+            segments: ids.iter().map(format::hex).collect(),
+        };
+        let json = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let path = version_path(&self.volume, seq);
+        if !store.run(store.create(&path, json.into()))? {
+            // Ours, if the first answer was lost and the put retried.
+            let there = store.version(&self.volume, seq)?;
+            if there.nonce != record.nonce {
+                return Err(Error::Invalid(format!(
+                    "volume {} moved on in the store: version {seq} was published by {} (this server's copy is behind; it catches up when the volume is opened again)",
+                    self.volume, there.server
+                )));
+            }
+        }
+        tracing::info!(volume = %self.volume, seq, packs = self.written_packs, bytes = self.written_bytes, "version stored");
+        Ok(Published {
+            record,
+            packs: self.written_packs,
+            bytes: self.written_bytes,
+        })
+    }
+}
+
+/// Reads the blocks of one version.
+#[derive(Debug)]
+pub struct VersionReader {
+    store: Arc<ChunkStore>,
+    segments: Vec<Digest>,
+    size: u64,
+    cached: Mutex<Option<(usize, Arc<Vec<Digest>>)>>,
+}
+
+impl VersionReader {
+    /// The version's size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The digests of segment `n` (all of the segment's blocks).
+    pub fn segment(&self, n: usize) -> Result<Arc<Vec<Digest>>> {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((m, d)) = cached.as_ref() {
+            if *m == n {
+                return Ok(d.clone());
+            }
+        }
+        let id = self
+            .segments
+            .get(n)
+            .ok_or_else(|| Error::Invalid(format!("segment {n} is past the end of the version")))?;
+        let d = Arc::new(self.store.segment(id)?);
+        if d.len() != segment_len(self.size, n) {
+            return Err(Error::Corrupt(format!(
+                "map segment {} has {} blocks, not {}",
+                format::hex(id),
+                d.len(),
+                segment_len(self.size, n)
+            )));
+        }
+        *cached = Some((n, d.clone()));
+        Ok(d)
+    }
+
+    /// The digest of block `n` ([`HOLE`] for zeroes).
+    pub fn digest(&self, n: u64) -> Result<Digest> {
+        let seg = self.segment(n as usize / SEGMENT_BLOCKS)?;
+        Ok(seg[n as usize % SEGMENT_BLOCKS])
+    }
+
+    /// Blocks `ns` (`None`: zeroes), each checked against its digest.
+    pub fn blocks(&self, ns: &[u64]) -> Result<Vec<Option<Vec<u8>>>> {
+        let digests: Vec<Digest> = ns.iter().map(|&n| self.digest(n)).collect::<Result<_>>()?;
+        let wanted: Vec<Digest> = digests.iter().copied().filter(|d| *d != HOLE).collect();
+        let mut got = self.store.chunks(&wanted)?.into_iter();
+        Ok(digests
+            .iter()
+            .map(|d| (*d != HOLE).then(|| got.next().expect("one per digest")))
+            .collect())
+    }
+
+    /// Read `buf.len()` bytes at `offset` (any alignment).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                Error::Invalid(format!("read at {offset} is past the end of the version"))
+            })?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first = offset / BLOCK;
+        let last = (end - 1) / BLOCK;
+        let ns: Vec<u64> = (first..=last).collect();
+        for (n, data) in ns.iter().zip(self.blocks(&ns)?) {
+            let start = n * BLOCK;
+            let from = offset.max(start);
+            let to = end.min(start + BLOCK);
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            match data {
+                Some(d) => dst.copy_from_slice(&d[(from - start) as usize..(to - start) as usize]),
+                None => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

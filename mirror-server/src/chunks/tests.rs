@@ -1,0 +1,518 @@
+//! The chunk store on an in-memory store (with faults injected at every
+//! request), on a directory, and on a real SeaweedFS.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::memory::InMemory;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
+    PutMultipartOptions, PutResult,
+};
+use proptest::prelude::*;
+
+use super::*;
+
+#[path = "../../tests/common/seaweed.rs"]
+#[allow(dead_code)]
+mod seaweed;
+
+const VOL: &str = "laptop/root";
+
+fn block_of(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A volume as the tests expect it: block number → content seed (absent:
+/// zeroes).
+type Model = BTreeMap<u64, u64>;
+
+fn expected(size: u64, model: &Model) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    for (&n, &seed) in model {
+        let start = (n * BLOCK) as usize;
+        let len = (size - n * BLOCK).min(BLOCK) as usize;
+        out[start..start + len].copy_from_slice(&block_of(seed, len));
+    }
+    out
+}
+
+/// Publish `changes` (block → seed, 0: zeroes) on `base`.
+fn publish(
+    store: &ChunkStore,
+    volume: &str,
+    base: Option<&VersionRecord>,
+    size: u64,
+    changes: &Model,
+    epoch: u64,
+) -> Result<Published> {
+    let mut p = store.publication(volume, base, size)?;
+    for (&n, &seed) in changes {
+        let len = (size - n * BLOCK).min(BLOCK) as usize;
+        if seed == 0 {
+            p.put(n, None, HOLE)?;
+        } else {
+            let data = block_of(seed, len);
+            p.put(n, Some(&data), format::sha256(&data))?;
+        }
+    }
+    p.finish(epoch, None)
+}
+
+fn apply(model: &mut Model, changes: &Model) {
+    for (&n, &seed) in changes {
+        if seed == 0 {
+            model.remove(&n);
+        } else {
+            model.insert(n, seed);
+        }
+    }
+}
+
+fn read_all(store: &Arc<ChunkStore>, record: &VersionRecord) -> Vec<u8> {
+    let r = store.reader(record).unwrap();
+    let mut buf = vec![0u8; record.size as usize];
+    r.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+fn memory() -> Arc<InMemory> {
+    Arc::new(InMemory::new())
+}
+
+fn open_on(inner: Arc<dyn ObjectStore>) -> Arc<ChunkStore> {
+    Arc::new(ChunkStore::with(inner, "test".into(), 1 << 20).unwrap())
+}
+
+/// Publish, change, publish again, read both versions back; a second
+/// volume with the same content costs no chunk.
+fn round_trip_and_dedup(store: &Arc<ChunkStore>) {
+    // A volume of two segments and a bit, ending in a partial block.
+    let size = (2 * SEGMENT_BLOCKS as u64 + 3) * BLOCK - 1000;
+    let mut model = Model::new();
+    let first: Model = [(0, 1), (1, 2), (4096, 3), (8194, 4), (100, 1)].into();
+    apply(&mut model, &first);
+    let v1 = publish(store, VOL, None, size, &first, 1).unwrap();
+    assert_eq!(v1.record.seq, 1);
+    assert_eq!(read_all(store, &v1.record), expected(size, &model));
+    // Blocks 0 and 100 are the same: one chunk.
+    assert_eq!(store.usage().chunks, 4);
+
+    let second: Model = [(1, 0), (4097, 5), (8194, 6)].into();
+    let before = model.clone();
+    apply(&mut model, &second);
+    let v2 = publish(store, VOL, Some(&v1.record), size, &second, 2).unwrap();
+    assert_eq!(v2.record.seq, 2);
+    // Segment 0 changed (a hole), 1 and 2 too: all three new ids.
+    assert_ne!(v1.record.segments[0], v2.record.segments[0]);
+    assert_eq!(read_all(store, &v2.record), expected(size, &model));
+    // The old version reads as it was.
+    assert_eq!(store.version(VOL, 1).unwrap(), v1.record);
+    assert_eq!(read_all(store, &v1.record), expected(size, &before));
+    assert_eq!(store.head(VOL).unwrap().unwrap(), v2.record);
+    assert_eq!(store.versions(VOL).unwrap(), vec![1, 2]);
+
+    // Another client's copy of the same content: nothing new is stored.
+    let usage = store.usage();
+    let copy = publish(store, "other/copy", None, size, &model, 1).unwrap();
+    assert_eq!((copy.packs, copy.bytes), (0, 0));
+    assert_eq!(store.usage(), usage);
+    assert_eq!(
+        copy.record.segments, v2.record.segments,
+        "segments shared too"
+    );
+    assert_eq!(
+        store.volumes().unwrap(),
+        vec![VOL.to_string(), "other/copy".into()]
+    );
+}
+
+#[test]
+fn versions_round_trip_and_dedup_in_memory() {
+    round_trip_and_dedup(&open_on(memory()));
+}
+
+#[test]
+fn versions_round_trip_and_dedup_in_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig::local_default();
+    let store = Arc::new(ChunkStore::open(&cfg, dir.path()).unwrap());
+    round_trip_and_dedup(&store);
+    // Opened again (a restarted server): the index comes back from idx/.
+    let again = Arc::new(ChunkStore::open(&cfg, dir.path()).unwrap());
+    assert_eq!(again.usage(), store.usage());
+    let head = again.head(VOL).unwrap().unwrap();
+    assert_eq!(read_all(&again, &head), read_all(&store, &head));
+}
+
+#[test]
+fn versions_round_trip_and_dedup_on_seaweedfs() {
+    let weed = seaweed::Seaweed::start();
+    let store = Arc::new(open_weed(&weed, "t1").unwrap());
+    round_trip_and_dedup(&store);
+    let again = Arc::new(open_weed(&weed, "t1").unwrap());
+    assert_eq!(again.usage(), store.usage());
+}
+
+fn weed_config(weed: &seaweed::Seaweed, prefix: &str) -> (StoreConfig, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cred = dir.path().join("s3.credentials");
+    std::fs::write(
+        &cred,
+        format!(
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            weed.key_id, weed.secret
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cred, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cfg = StoreConfig {
+        url: format!("s3://{}/{prefix}", weed.bucket),
+        endpoint: Some(weed.endpoint.clone()),
+        region: None,
+        path_style: true,
+        credentials_file: Some(cred),
+        pack_size: ublk_mirror_common::size::ByteSize(1 << 20),
+    };
+    (cfg, dir)
+}
+
+fn open_weed(weed: &seaweed::Seaweed, prefix: &str) -> Result<ChunkStore> {
+    let (cfg, dir) = weed_config(weed, prefix);
+    ChunkStore::open(&cfg, dir.path())
+}
+
+#[test]
+fn bad_buckets_and_keys_are_clear_errors() {
+    let mut weed = seaweed::Seaweed::start();
+    // Wrong keys.
+    let (cfg, dir) = weed_config(&weed, "keys");
+    std::fs::write(
+        cfg.credentials_file.as_ref().unwrap(),
+        "aws_access_key_id = nobody\naws_secret_access_key = wrong\n",
+    )
+    .unwrap();
+    let e = ChunkStore::open(&cfg, dir.path()).unwrap_err();
+    assert!(matches!(e, Error::Store(_)), "{e}");
+    // A bucket that does not exist.
+    let (mut cfg, dir) = weed_config(&weed, "x");
+    cfg.url = "s3://no-such-bucket/x".into();
+    let e = ChunkStore::open(&cfg, dir.path()).unwrap_err();
+    assert!(matches!(e, Error::Store(_)), "{e}");
+    // The bucket's root, which holds a store under a prefix: something
+    // else.
+    drop(open_weed(&weed, "mine").unwrap());
+    let e = open_weed(&weed, "").unwrap_err();
+    assert!(e.to_string().contains("holds something else"), "{e}");
+    // Unreachable: the store stopped; nothing is published.
+    let store = open_weed(&weed, "down").unwrap();
+    weed.stop();
+    let e = publish(&store, VOL, None, BLOCK, &[(0, 1)].into(), 1).unwrap_err();
+    assert!(matches!(e, Error::Store(_)), "{e}");
+    weed.restart();
+    // Back: the same publication goes through.
+    let ok = publish(&store, VOL, None, BLOCK, &[(0, 1)].into(), 1).unwrap();
+    assert_eq!(ok.record.seq, 1);
+    assert_eq!(
+        read_all(&Arc::new(store), &ok.record),
+        block_of(1, BLOCK as usize)
+    );
+}
+
+#[test]
+fn a_store_of_something_else_is_refused() {
+    let inner = memory();
+    inner
+        .put(
+            &ObjPath::from("photos/cat.jpg"),
+            PutPayload::from_static(b"meow"),
+        )
+        .now_or_never_blocking();
+    let e = ChunkStore::with(inner.clone(), "test".into(), 1 << 20).unwrap_err();
+    assert!(e.to_string().contains("holds something else"), "{e}");
+    // And a store.json that is not ours.
+    let other = memory();
+    other
+        .put(
+            &ObjPath::from(STORE_RECORD),
+            PutPayload::from_static(b"{\"x\":1}"),
+        )
+        .now_or_never_blocking();
+    let e = ChunkStore::with(other, "test".into(), 1 << 20).unwrap_err();
+    assert!(
+        e.to_string().contains("not a ublk-mirror chunk store"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_store_without_conditional_writes_is_refused() {
+    let faulty = Arc::new(Faulty::new(memory()));
+    faulty.ignore_create.store(true, Ordering::SeqCst);
+    let e = ChunkStore::with(faulty, "test".into(), 1 << 20).unwrap_err();
+    assert!(e.to_string().contains("conditional writes"), "{e}");
+}
+
+#[test]
+fn two_servers_on_one_base_publish_once() {
+    let inner = memory();
+    let a = open_on(inner.clone());
+    let b = open_on(inner);
+    let size = 4 * BLOCK;
+    let v1 = publish(&a, VOL, None, size, &[(0, 1)].into(), 1).unwrap();
+    let v1b = b.head(VOL).unwrap().unwrap();
+    publish(&a, VOL, Some(&v1.record), size, &[(1, 2)].into(), 2).unwrap();
+    let e = publish(&b, VOL, Some(&v1b), size, &[(2, 3)].into(), 2).unwrap_err();
+    assert!(e.to_string().contains("moved on"), "{e}");
+    assert_eq!(a.versions(VOL).unwrap(), vec![1, 2]);
+    let head = a.head(VOL).unwrap().unwrap();
+    assert_eq!(
+        read_all(&a, &head),
+        expected(size, &[(0, 1), (1, 2)].into())
+    );
+}
+
+trait Blocking {
+    fn now_or_never_blocking(self);
+}
+
+impl<F: std::future::Future<Output = object_store::Result<PutResult>>> Blocking for F {
+    fn now_or_never_blocking(self) {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(self)
+            .unwrap();
+    }
+}
+
+/// An object store that fails its `fail_at`-th request (counting from 0):
+/// before doing it, or after doing it (the answer lost).
+#[derive(Debug)]
+struct Faulty {
+    inner: Arc<dyn ObjectStore>,
+    count: AtomicUsize,
+    fail_at: AtomicUsize,
+    after: AtomicBool,
+    ignore_create: AtomicBool,
+}
+
+impl Faulty {
+    fn new(inner: Arc<dyn ObjectStore>) -> Faulty {
+        Faulty {
+            inner,
+            count: AtomicUsize::new(0),
+            fail_at: AtomicUsize::new(usize::MAX),
+            after: AtomicBool::new(false),
+            ignore_create: AtomicBool::new(false),
+        }
+    }
+
+    /// Fail the request `n` requests from now.
+    fn arm(&self, n: usize, after: bool) {
+        self.after.store(after, Ordering::SeqCst);
+        self.fail_at
+            .store(self.count.load(Ordering::SeqCst) + n, Ordering::SeqCst);
+    }
+
+    /// Is this request the one to fail? Counts it.
+    fn hit(&self) -> bool {
+        self.count.fetch_add(1, Ordering::SeqCst) == self.fail_at.load(Ordering::SeqCst)
+    }
+
+    fn fault() -> object_store::Error {
+        object_store::Error::Generic {
+            store: "faulty",
+            source: "injected fault".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Faulty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "faulty")
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Faulty {
+    async fn put_opts(
+        &self,
+        location: &ObjPath,
+        payload: PutPayload,
+        mut opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        if self.ignore_create.load(Ordering::SeqCst) {
+            opts.mode = PutMode::Overwrite;
+        }
+        let hit = self.hit();
+        if hit && !self.after.load(Ordering::SeqCst) {
+            return Err(Self::fault());
+        }
+        let r = self.inner.put_opts(location, payload, opts).await;
+        if hit {
+            return Err(Self::fault());
+        }
+        r
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        if self.hit() {
+            return Err(Self::fault());
+        }
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &ObjPath,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        if self.hit() {
+            return Err(Self::fault());
+        }
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        if self.hit() {
+            return futures::stream::once(async { Err(Faulty::fault()) }).boxed();
+        }
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> object_store::Result<ListResult> {
+        if self.hit() {
+            return Err(Self::fault());
+        }
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// Requests a clean publication of `changes` on `base` makes.
+fn requests_of(inner: &Arc<InMemory>, changes: &Model, size: u64) -> usize {
+    let faulty = Arc::new(Faulty::new(copy_of(inner)));
+    let store = open_on(faulty.clone());
+    let base = store.head(VOL).unwrap();
+    let before = faulty.count.load(Ordering::SeqCst);
+    publish(&store, VOL, base.as_ref(), size, changes, 2).unwrap();
+    faulty.count.load(Ordering::SeqCst) - before
+}
+
+/// A copy of an in-memory store (each fault case starts from the same
+/// state).
+fn copy_of(inner: &Arc<InMemory>) -> Arc<InMemory> {
+    let out = Arc::new(InMemory::new());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let metas: Vec<ObjectMeta> = inner.list(None).try_collect().await.unwrap();
+        for m in metas {
+            let bytes = inner.get(&m.location).await.unwrap().bytes().await.unwrap();
+            out.put(&m.location, bytes.into()).await.unwrap();
+        }
+    });
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    /// Fail each request of a publication in turn, before it is done and
+    /// after (its answer lost): the store then holds exactly the old
+    /// version or exactly the new one, every block of it readable; and
+    /// publishing again from what the store holds ends with the new
+    /// version, published once.
+    #[test]
+    fn a_publication_failing_at_any_request_leaves_a_whole_version(
+        first in proptest::collection::btree_map(0u64..40, 1u64..6, 1..20),
+        second in proptest::collection::btree_map(0u64..40, 0u64..9, 1..20),
+    ) {
+        let size = 40 * BLOCK - 123;
+        let base_store = memory();
+        {
+            let s = open_on(base_store.clone());
+            publish(&s, VOL, None, size, &first, 1).unwrap();
+        }
+        let mut old = Model::new();
+        apply(&mut old, &first);
+        let mut new = old.clone();
+        apply(&mut new, &second);
+        let n = requests_of(&base_store, &second, size);
+        prop_assert!(n >= 3, "a publication takes at least a segment and a record");
+        for k in 0..n {
+            for after in [false, true] {
+                let inner = copy_of(&base_store);
+                let faulty = Arc::new(Faulty::new(inner.clone()));
+                let store = open_on(faulty.clone());
+                let base = store.head(VOL).unwrap();
+                faulty.arm(k, after);
+                let result = publish(&store, VOL, base.as_ref(), size, &second, 2);
+                // What any server now finds.
+                let fresh = open_on(inner.clone());
+                let head = fresh.head(VOL).unwrap().unwrap();
+                let content = read_all(&fresh, &head);
+                if head.seq == 1 {
+                    prop_assert!(result.is_err(), "fault {k} after={after}: Ok, yet not published");
+                    prop_assert_eq!(&content, &expected(size, &old));
+                    // Published again from what the store holds.
+                    let again = publish(&fresh, VOL, Some(&head), size, &second, 2).unwrap();
+                    prop_assert_eq!(again.record.seq, 2);
+                } else {
+                    prop_assert_eq!(head.seq, 2, "fault {} after={}", k, after);
+                    prop_assert_eq!(head.epoch, 2);
+                }
+                let head = fresh.head(VOL).unwrap().unwrap();
+                prop_assert_eq!(head.seq, 2);
+                prop_assert_eq!(fresh.versions(VOL).unwrap(), vec![1, 2]);
+                prop_assert_eq!(read_all(&fresh, &head), expected(size, &new));
+            }
+        }
+    }
+}
