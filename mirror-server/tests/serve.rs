@@ -38,6 +38,9 @@ impl Server {
                 .output()
                 .unwrap();
             assert!(init.status.success(), "{init:?}");
+            if std::env::var("MIRROR_TEST_STORE").as_deref() == Ok("s3") {
+                on_seaweed(data);
+            }
         }
         let mut child = Command::new(bin())
             .arg("--data")
@@ -88,6 +91,44 @@ impl Server {
         )
         .unwrap()
     }
+}
+
+thread_local! {
+    /// The SeaweedFS of each data directory of this test (`MIRROR_TEST_STORE=s3`):
+    /// alive across restarts of its server, stopped when the test ends.
+    static WEEDS: std::cell::RefCell<Vec<common::seaweed::Seaweed>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Point the server of `data` at a bucket of a SeaweedFS of its own
+/// instead of the store directory `init` chose: the server tests run on
+/// both backends (scripts/test runs them with MIRROR_TEST_STORE=s3 too).
+fn on_seaweed(data: &Path) {
+    let weed = common::seaweed::Seaweed::start();
+    let cred = data.join("s3.credentials");
+    std::fs::write(
+        &cred,
+        format!(
+            "aws_access_key_id = {}\naws_secret_access_key = {}\n",
+            weed.key_id, weed.secret
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cred, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = data.join("server.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("url = \"store\"\n"), "{text}");
+    let text = text.replace(
+        "url = \"store\"\n",
+        &format!(
+            "url = \"s3://{}/server\"\nendpoint = \"{}\"\ncredentials_file = \"{}\"\n",
+            weed.bucket,
+            weed.endpoint,
+            cred.display()
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    WEEDS.with(|w| w.borrow_mut().push(weed));
 }
 
 impl Drop for Server {
@@ -864,4 +905,145 @@ async fn a_full_server_disk_is_a_clean_error_and_the_client_resumes() {
     assert_eq!(shipped.bytes + shipped.resumed_bytes, 8 << 20);
     assert!(server.image("laptop", "v")[..8 << 20] == data_8m[..]);
     drop(server);
+}
+
+/// `mirror-server store --json` of a server's data directory.
+fn store_json(data: &Path) -> serde_json::Value {
+    let out = Command::new(bin())
+        .arg("--data")
+        .arg(data)
+        .args(["store", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chunk_store_keeps_every_epoch_deduplicated_and_rebuilds_lost_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (a_id, a) = enrolled(&server, dir.path(), "laptop").await;
+    let (_b_id, b) = enrolled(&server, dir.path(), "desktop").await;
+    let size: u64 = 4 << 20;
+    let all: Vec<(u64, u32)> = (0..size / 65536).map(|i| (i * 65536, 65536)).collect();
+    a.open_volume("root", size).await.unwrap();
+    b.open_volume("root", size).await.unwrap();
+    let mut model = noise(1, size as usize);
+    // A hole stays a hole: never stored.
+    model[65536..131072].fill(0);
+    a.send_epoch("root", 1, w(1), &all, 3, reader(model.clone()))
+        .await
+        .unwrap();
+    let first = store_json(&data);
+    let s3 = std::env::var("MIRROR_TEST_STORE").as_deref() == Ok("s3");
+    assert_eq!(
+        first["store"].as_str().unwrap().starts_with("s3://"),
+        s3,
+        "{first}"
+    );
+    assert_eq!(first["chunks"], 63, "{first}");
+    assert_eq!(first["volumes"][0]["volume"], "laptop/root");
+    assert_eq!(first["volumes"][0]["versions"], 1);
+
+    // The desktop mirrors a clone of the laptop's disk with one block of
+    // its own: the store takes one chunk more.
+    let mut clone = model.clone();
+    clone[..65536].copy_from_slice(&noise(2, 65536));
+    let desktop = Writer {
+        device: [8; 16],
+        epoch: 1,
+    };
+    b.send_epoch("root", 1, desktop, &all, 3, reader(clone.clone()))
+        .await
+        .unwrap();
+    let second = store_json(&data);
+    assert_eq!(second["chunks"], 64, "{second}");
+    let added = second["stored_bytes"].as_u64().unwrap() - first["stored_bytes"].as_u64().unwrap();
+    assert!(added <= 65536 + 1024, "a clone cost {added} bytes");
+
+    // Epoch 2 of the laptop: a version of its own.
+    model[3 * 65536..4 * 65536].copy_from_slice(&noise(3, 65536));
+    a.send_epoch(
+        "root",
+        2,
+        w(2),
+        &[(3 * 65536, 65536)],
+        3,
+        reader(model.clone()),
+    )
+    .await
+    .unwrap();
+    let third = store_json(&data);
+    let laptop = &third["volumes"][1];
+    assert_eq!(
+        (laptop["volume"].as_str(), laptop["versions"].as_u64()),
+        (Some("laptop/root"), Some(2))
+    );
+    assert_eq!(third["chunks"], 65);
+
+    // The laptop's image is lost with the server's cache: the server
+    // rebuilds it from the store, and the next epoch lands on it.
+    drop(a);
+    drop(b);
+    drop(server);
+    let cache = data.join("volumes/laptop/root");
+    std::fs::remove_dir_all(&cache).unwrap();
+    let server = Server::start(&data);
+    let a = Link::connect(&a_id, token_fp(&data), &server.address)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.open_volume("root", size).await.unwrap().published_epoch,
+        2
+    );
+    assert!(
+        server.image("laptop", "root") == model,
+        "the image was not rebuilt"
+    );
+    model[..65536].copy_from_slice(&noise(4, 65536));
+    a.send_epoch("root", 3, w(3), &[(0, 65536)], 3, reader(model.clone()))
+        .await
+        .unwrap();
+    assert!(server.image("laptop", "root") == model);
+    drop(a);
+    drop(server);
+
+    // Another server on the same store, with nothing of its own: its
+    // upgrade makes every volume's image from the store.
+    let other = dir.path().join("other");
+    let init = Command::new(bin())
+        .arg("--data")
+        .arg(&other)
+        .args(["init", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let text = std::fs::read_to_string(data.join("server.toml")).unwrap();
+    let store_section = &text[text.find("[store]").unwrap()..];
+    let store_section = if s3 {
+        store_section.to_string()
+    } else {
+        store_section.replace(
+            "url = \"store\"",
+            &format!("url = \"file://{}\"", data.join("store").display()),
+        )
+    };
+    let mine = std::fs::read_to_string(other.join("server.toml")).unwrap();
+    let mine = format!("{}{store_section}", &mine[..mine.find("[store]").unwrap()]);
+    std::fs::write(other.join("server.toml"), mine).unwrap();
+    let up = Command::new(bin())
+        .arg("--data")
+        .arg(&other)
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{up:?}");
+    let said = String::from_utf8_lossy(&up.stdout);
+    assert!(said.contains("laptop/root: version 3"), "{said}");
+    let image =
+        |d: &Path, c: &str| std::fs::read(d.join("volumes").join(c).join("root/image")).unwrap();
+    assert!(image(&other, "laptop") == model);
+    assert!(image(&other, "desktop") == clone);
 }
