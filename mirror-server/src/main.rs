@@ -505,9 +505,12 @@ fn store_info(data: &Path, json: bool) -> mirror_server::Result<()> {
             "published": head.as_ref().map(|h| snapshots::time_name(h.created_ms)),
         }));
     }
+    let (objects, object_bytes) = store.objects()?;
     if json {
         let out = serde_json::json!({
             "store": store.describe(),
+            "objects": objects,
+            "object_bytes": object_bytes,
             "chunks": usage.chunks,
             "raw_bytes": usage.raw_bytes,
             "stored_bytes": usage.stored_bytes,

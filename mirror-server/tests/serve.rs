@@ -547,6 +547,14 @@ async fn a_server_killed_during_commits_always_holds_a_published_epoch() {
             "round {round}: the image is not published epoch {}",
             info.published_epoch
         );
+        // And the chunk store's newest version is that epoch, whole.
+        if info.published_epoch > 0 {
+            let store = store_json(&data);
+            assert_eq!(
+                store["volumes"][0]["epoch"], info.published_epoch,
+                "round {round}: {store}"
+            );
+        }
         let mut base = models[&info.published_epoch].clone();
         let mut published = info.published_epoch;
         let shipping = async {

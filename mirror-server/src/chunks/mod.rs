@@ -397,6 +397,20 @@ impl ChunkStore {
         u
     }
 
+    /// How many objects the store holds, and their bytes (one listing of
+    /// everything: for `mirror-server store` and the benchmark).
+    pub fn objects(&self) -> Result<(u64, u64)> {
+        self.run(async {
+            let metas: Vec<_> = self
+                .store
+                .list(None)
+                .try_collect()
+                .await
+                .map_err(|e| store_err(format!("listing {}", self.describe), e))?;
+            Ok((metas.len() as u64, metas.iter().map(|m| m.size).sum()))
+        })
+    }
+
     /// The sequence numbers of `volume`'s versions, oldest first.
     pub fn versions(&self, volume: &str) -> Result<Vec<u64>> {
         let paths = self.run(self.list(&format!("vol/{volume}/v")))?;
