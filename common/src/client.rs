@@ -172,10 +172,58 @@ pub async fn resolve(address: &str) -> Result<SocketAddr> {
         .ok_or_else(|| Error::Link(format!("{address} resolves to no address")))
 }
 
+/// How long one address may take to answer a connection before the next
+/// one of a server list is tried.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
 impl Link {
     /// Connect to the server at `address`, trusting only `server`.
+    ///
+    /// `address` may name several interchangeable servers, comma-separated
+    /// (`a.example:4747,b.example:4747`), and each name may resolve to
+    /// several addresses: they are tried in order, each for at most
+    /// [`CONNECT_TIMEOUT`], and the first that answers (with the pinned
+    /// certificate) is used.
     pub async fn connect(identity: &Identity, server: Fingerprint, address: &str) -> Result<Link> {
-        let addr = resolve(address).await?;
+        let mut last = None;
+        for one in address.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(one).await {
+                Ok(a) => a.collect(),
+                Err(e) => {
+                    last = Some(Error::io(format!("resolving {one}"), e));
+                    continue;
+                }
+            };
+            if addrs.is_empty() {
+                last = Some(Error::Link(format!("{one} resolves to no address")));
+            }
+            for addr in addrs {
+                match tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    Link::connect_to(identity, server, one, addr),
+                )
+                .await
+                {
+                    Ok(Ok(link)) => return Ok(link),
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => {
+                        last = Some(Error::Link(format!(
+                            "connecting to {one} ({addr}): no answer in {}s",
+                            CONNECT_TIMEOUT.as_secs()
+                        )))
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Link(format!("{address:?} names no server address"))))
+    }
+
+    async fn connect_to(
+        identity: &Identity,
+        server: Fingerprint,
+        address: &str,
+        addr: SocketAddr,
+    ) -> Result<Link> {
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0".parse().map_err(|e| Error::Link(format!("{e}")))?
         } else {

@@ -200,8 +200,11 @@ enum ClientCommand {
         /// The client's name (1-64 of A-Z a-z 0-9 . _ -).
         name: String,
         /// Address clients reach this server at [default: this host's
-        /// name and the listen port].
-        #[arg(long, value_name = "HOST:PORT")]
+        /// name and the listen port]. Servers that share one chunk store
+        /// (and this server's identity and clients) are interchangeable:
+        /// list them all, comma-separated, and the client tries them in
+        /// order (a name that resolves to several addresses works too).
+        #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
         address: Option<String>,
         /// How long the token is good for.
         #[arg(long, default_value = "24h", value_name = "DURATION")]

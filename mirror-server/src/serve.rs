@@ -327,7 +327,12 @@ async fn open_volume(
     let opened = volumes.open(client, &volume, Some(size));
     match opened {
         Ok(v) => {
-            let state = v.lock().await.state().clone();
+            let mut v = v.lock().await;
+            if let Err(e) = tokio::task::block_in_place(|| v.refresh()) {
+                return refuse(send, e.to_string()).await;
+            }
+            let state = v.state().clone();
+            drop(v);
             wire::send(
                 send,
                 &Message::VolumeInfo {

@@ -1055,3 +1055,124 @@ async fn the_chunk_store_keeps_every_epoch_deduplicated_and_rebuilds_lost_images
     assert!(image(&other, "laptop") == model);
     assert!(image(&other, "desktop") == clone);
 }
+
+/// A second server for `data`'s chunk store: its own data directory with
+/// the first one's identity and clients (what makes servers
+/// interchangeable for a client), and `data`'s `[store]`.
+fn second_server_dir(data: &Path, other: &Path) {
+    let init = Command::new(bin())
+        .arg("--data")
+        .arg(other)
+        .args(["init", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    for shared in ["identity", "clients"] {
+        let _ = std::fs::remove_dir_all(other.join(shared));
+        std::fs::create_dir_all(other.join(shared)).unwrap();
+        for f in std::fs::read_dir(data.join(shared)).unwrap().flatten() {
+            std::fs::copy(f.path(), other.join(shared).join(f.file_name())).unwrap();
+        }
+    }
+    let text = std::fs::read_to_string(data.join("server.toml")).unwrap();
+    let section = text[text.find("[store]").unwrap()..].replace(
+        "url = \"store\"",
+        &format!("url = \"file://{}\"", data.join("store").display()),
+    );
+    let mine = std::fs::read_to_string(other.join("server.toml")).unwrap();
+    let mine = format!("{}{section}", &mine[..mine.find("[store]").unwrap()]);
+    std::fs::write(other.join("server.toml"), mine).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_fails_over_to_another_server_on_the_same_store_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_a = dir.path().join("a");
+    let data_b = dir.path().join("b");
+    let mut a = Server::start(&data_a);
+    let (id, enrolled_link) = enrolled(&a, dir.path(), "laptop").await;
+    drop(enrolled_link);
+    second_server_dir(&data_a, &data_b);
+    let b = Server::start(&data_b);
+    // The client knows both (as `client add --address A,B` would say).
+    let both = format!("{},{}", a.address, b.address);
+    let fp = token_fp(&data_a);
+    let size: u64 = 4 << 20;
+    let all: Vec<(u64, u32)> = (0..size / 65536).map(|i| (i * 65536, 65536)).collect();
+
+    let link = Link::connect(&id, fp, &both).await.unwrap();
+    assert_eq!(
+        link.open_volume("root", size)
+            .await
+            .unwrap()
+            .published_epoch,
+        0
+    );
+    let one = noise(21, size as usize);
+    link.send_epoch("root", 1, w(1), &all, 3, reader(one.clone()))
+        .await
+        .unwrap();
+    assert!(a.image("laptop", "root") == one);
+
+    // Epoch 2 is on its way when the serving server dies (kill -9).
+    let mut two = one.clone();
+    for i in (0..64).step_by(5) {
+        two[i * 65536..][..65536].copy_from_slice(&noise(100 + i as u64, 65536));
+    }
+    let slow = {
+        let two = two.clone();
+        move |o: u64, l: u32| {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(two[o as usize..][..l as usize].to_vec())
+        }
+    };
+    let shipping = link.send_epoch("root", 2, w(2), &all, 1, slow);
+    let killed = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        a.child.kill().unwrap();
+        a.child.wait().unwrap();
+    };
+    let (sent, ()) = tokio::join!(shipping, killed);
+    assert!(sent.is_err(), "epoch 2 went through before the kill");
+    drop(link);
+
+    // The client reconnects: the first address is dead, the second
+    // answers with the same certificate and takes the volume over from
+    // the store, at epoch 1.
+    let link = Link::connect(&id, fp, &both).await.unwrap();
+    let info = link.open_volume("root", size).await.unwrap();
+    assert_eq!(info.published_epoch, 1);
+    assert!(b.image("laptop", "root") == one, "B's image is not epoch 1");
+    link.send_epoch("root", 2, w(2), &all, 3, reader(two.clone()))
+        .await
+        .unwrap();
+    assert!(b.image("laptop", "root") == two);
+    // Published once, by B; epoch 1 by A.
+    let store = store_json(&data_b);
+    assert_eq!(store["volumes"][0]["versions"], 2, "{store}");
+    assert_eq!(store["volumes"][0]["epoch"], 2, "{store}");
+
+    // A comes back: it catches up from the store, and serves epoch 3 on
+    // top of B's epoch 2.
+    drop(link);
+    let a = Server::start(&data_a);
+    let link = Link::connect(&id, fp, &format!("{},{}", a.address, b.address))
+        .await
+        .unwrap();
+    assert_eq!(
+        link.open_volume("root", size)
+            .await
+            .unwrap()
+            .published_epoch,
+        2
+    );
+    assert!(a.image("laptop", "root") == two, "A did not catch up");
+    let mut three = two.clone();
+    three[..65536].fill(0);
+    link.send_epoch("root", 3, w(3), &[(0, 65536)], 3, reader(three.clone()))
+        .await
+        .unwrap();
+    assert!(a.image("laptop", "root") == three);
+    let store = store_json(&data_a);
+    assert_eq!(store["volumes"][0]["versions"], 3, "{store}");
+}

@@ -338,6 +338,10 @@ pub struct VersionRecord {
     pub nonce: String,
     /// The map: one segment id (hex) per [`SEGMENT_BLOCKS`] blocks.
     pub segments: Vec<String>,
+    /// The volume's uuid (hex, as in its `state.json`): the same volume on
+    /// whichever server, so that its clients trust a rebuilt image.
+    #[serde(default)]
+    pub uuid: String,
 }
 
 /// The format a version record is written in.
@@ -450,6 +454,7 @@ mod tests {
             server: "h/1".into(),
             nonce: "00".into(),
             segments: vec![hex(&[1; 32])],
+            uuid: "ab".repeat(16),
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"device\":\"abababab"), "{json}");

@@ -657,9 +657,14 @@ impl Publication<'_> {
     }
 
     /// Write the map and create the version record: the version is
-    /// published when this returns `Ok`. `epoch` and `writer` are what it
-    /// holds (see [`VersionRecord`]).
-    pub fn finish(mut self, epoch: u64, writer: Option<WriterRecord>) -> Result<Published> {
+    /// published when this returns `Ok`. `epoch`, `writer` and `uuid` are
+    /// what it holds (see [`VersionRecord`]).
+    pub fn finish(
+        mut self,
+        epoch: u64,
+        writer: Option<WriterRecord>,
+        uuid: &str,
+    ) -> Result<Published> {
         self.flush()?;
         let segs = blocks_of(self.size).div_ceil(SEGMENT_BLOCKS as u64) as usize;
         let mut ids: Vec<Digest> = match &self.base {
@@ -726,6 +731,7 @@ impl Publication<'_> {
             server: store.server.clone(),
             nonce: ublk_mirror_common::hex::encode(&nonce),
             segments: ids.iter().map(format::hex).collect(),
+            uuid: uuid.to_string(),
         };
         let json = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
         let path = version_path(&self.volume, seq);

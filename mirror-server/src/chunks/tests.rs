@@ -67,7 +67,7 @@ fn publish(
             p.put(n, Some(&data), format::sha256(&data))?;
         }
     }
-    p.finish(epoch, None)
+    p.finish(epoch, None, "")
 }
 
 fn apply(model: &mut Model, changes: &Model) {

@@ -451,6 +451,8 @@ impl Volume {
             self.recover()?;
             self.poisoned = false;
         }
+        // Another server on the same store may have published since.
+        self.refresh()?;
         if let Some(owner) = self.state.writer().map(|w| w.device) {
             if owner != writer.device {
                 return Err(Error::Invalid(format!(
@@ -694,14 +696,27 @@ impl Volume {
     /// data directory from before the chunk store), the image is stored as
     /// the first version: the upgrade.
     pub fn attach(&mut self, store: Arc<ChunkStore>, name: &str) -> Result<()> {
-        let head = store.head(name)?;
+        self.chunks = Some((store, name.to_string()));
+        let result = self.refresh();
+        if result.is_err() {
+            self.chunks = None;
+        }
+        result
+    }
+
+    /// Catch the image up with the chunk store if the store moved on
+    /// (another server published: the servers on one store are
+    /// interchangeable), or store it first (the upgrade). A no-op when not
+    /// attached.
+    pub fn refresh(&mut self) -> Result<()> {
+        let Some((store, name)) = self.chunks.clone() else {
+            return Ok(());
+        };
+        let head = store.head(&name)?;
         match head {
             None if self.state.published_epoch > 0 || self.state.store_seq > 0 => {
-                tracing::info!(
-                    volume = name,
-                    "storing the image as the volume's first version (upgrade)"
-                );
-                let seq = self.store_image(&store, name)?;
+                tracing::info!(volume = %name, "storing the image as the volume's first version (upgrade)");
+                let seq = self.store_image(&store, &name)?;
                 self.state.store_seq = seq;
                 write_state(&self.dir, &self.state)?;
             }
@@ -718,7 +733,7 @@ impl Volume {
             Some(h) if h.seq > self.state.store_seq => {
                 let old = match self.state.store_seq {
                     0 => None,
-                    seq => store.version(name, seq).ok(),
+                    seq => store.version(&name, seq).ok(),
                 };
                 self.catch_up(&store, old.as_ref(), &h)?;
             }
@@ -731,7 +746,6 @@ impl Volume {
                 )));
             }
         }
-        self.chunks = Some((store, name.to_string()));
         Ok(())
     }
 
@@ -762,7 +776,11 @@ impl Volume {
             device: w.device,
             epoch: w.epoch,
         });
-        Ok(p.finish(self.state.published_epoch, writer)?.record.seq)
+        Ok(
+            p.finish(self.state.published_epoch, writer, &self.state.uuid)?
+                .record
+                .seq,
+        )
     }
 
     /// Bring the image from version `old` of the store (`None`: unknown,
@@ -838,6 +856,11 @@ impl Volume {
                 .or(self.state.owner.clone()),
             writer_epoch: new.writer.map_or(self.state.writer_epoch, |w| w.epoch),
             store_seq: new.seq,
+            uuid: if new.uuid.is_empty() {
+                self.state.uuid.clone()
+            } else {
+                new.uuid.clone()
+            },
             ..self.state.clone()
         };
         write_state(&self.dir, &state)?;
@@ -931,7 +954,11 @@ impl Volume {
         for (n, m) in merged {
             p.put(n, Some(&m), block::digest(&m))?;
         }
-        Ok(Some(p.finish(staging.epoch, Some(writer))?.record.seq))
+        Ok(Some(
+            p.finish(staging.epoch, Some(writer), &self.state.uuid)?
+                .record
+                .seq,
+        ))
     }
 }
 
