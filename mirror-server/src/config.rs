@@ -319,7 +319,11 @@ impl ServerConfig {
              # region = \"us-east-1\"                   # else $AWS_REGION\n\
              # path_style = true                        # bucket in the path, not the host\n\
              # credentials_file = \"/etc/mirror-server/s3.credentials\"  # else $AWS_ACCESS_KEY_ID...\n\
-             pack_size = \"{pack}\"\n",
+             pack_size = \"{pack}\"\n\
+             # Garbage collection while serving: how often, and how long a dead object\n\
+             # waits before it goes (longer than any publication; 1445m = 24h5m).\n\
+             gc_every = \"{gc_every}\"\n\
+             gc_window = \"{gc_window}\"\n",
             listen = self.listen,
             volumes = self.max_volumes_per_client,
             every = self.snapshots.every,
@@ -328,6 +332,8 @@ impl ServerConfig {
             weekly = self.snapshots.retention.weekly,
             store_url = self.store.url,
             pack = self.store.pack_size,
+            gc_every = self.store.gc_every,
+            gc_window = self.store.gc_window,
         );
         std::fs::OpenOptions::new()
             .write(true)

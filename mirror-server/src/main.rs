@@ -166,6 +166,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Collect the chunk store's garbage now: delete the versions no
+    /// snapshot pins (a volume keeps its newest two and those younger than
+    /// the window), then the packs and map segments no kept version needs
+    /// and that a run at least the window ago condemned already. The
+    /// running server does it every `gc_every` (server.toml's [store]).
+    Gc {
+        /// How long a dead object stays condemned before it goes
+        /// [default: server.toml's gc_window, 1445m]. Shorter is only safe
+        /// when no server publishes meanwhile.
+        #[arg(long, value_name = "DURATION")]
+        window: Option<Span>,
+    },
     /// Store every volume of a data directory written before the chunk
     /// store as the volume's first version, and catch images up with the
     /// store. The server does the same when it starts; this does it now,
@@ -273,6 +285,7 @@ fn main() -> ExitCode {
         Command::Import { volume, from } => import(&cli.data, &volume, &from),
         Command::Store { json } => store_info(&cli.data, json),
         Command::Upgrade => upgrade(&cli.data),
+        Command::Gc { window } => gc(&cli.data, window),
         Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
         Command::Snapshots { volume, json } => list_snapshots(&cli.data, &volume, json),
@@ -546,6 +559,24 @@ fn store_info(data: &Path, json: bool) -> mirror_server::Result<()> {
             r["published"].as_str().unwrap_or("-")
         );
     }
+    Ok(())
+}
+
+fn gc(data: &Path, window: Option<Span>) -> mirror_server::Result<()> {
+    let config = ServerConfig::load(data)?;
+    let store = config.chunk_store(data)?;
+    let window = window.unwrap_or(config.store.gc_window);
+    let r = store.gc(window.0, |step| eprintln!("gc: {step}"))?;
+    println!(
+        "versions: {} deleted, {} kept; packs: {} deleted ({} freed), {} condemned; map segments: {} deleted, {} condemned (condemned objects go at a run {window} or more from now if still unused)",
+        r.versions_deleted,
+        r.versions_kept,
+        r.packs_deleted,
+        ByteSize(r.bytes_freed),
+        r.packs_condemned,
+        r.segments_deleted,
+        r.segments_condemned
+    );
     Ok(())
 }
 

@@ -25,12 +25,34 @@ pub async fn run(config: ServerConfig, volumes: Arc<Volumes>) {
     let tick = (shortest / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         tokio::time::sleep(tick).await;
-        for (client, name) in volumes.all() {
+        for (client, name) in volumes.cached() {
             let policy = config.policy(&format!("{client}/{name}"));
             if policy.every.0.is_zero() {
                 continue;
             }
             visit(&volumes, &client, &name, &policy).await;
+        }
+    }
+}
+
+/// Garbage-collect the chunk store every `every`, with the store's window,
+/// forever (`every` zero: never). Another server's run at the same time
+/// is refused by the store's lock, and this one tries at its next turn.
+pub async fn collect(volumes: Arc<Volumes>, every: Duration, window: Duration) {
+    let Some(store) = volumes.chunk_store().cloned() else {
+        return;
+    };
+    if every.is_zero() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(every).await;
+        let store = store.clone();
+        let done = tokio::task::spawn_blocking(move || store.gc(window, |_| {})).await;
+        match done {
+            Ok(Ok(r)) => tracing::info!(?r, "chunk store garbage collection"),
+            Ok(Err(e)) => tracing::warn!("chunk store garbage collection: {e}"),
+            Err(e) => tracing::error!("chunk store garbage collection panicked: {e}"),
         }
     }
 }

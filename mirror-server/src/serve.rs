@@ -91,6 +91,11 @@ pub async fn run(
         exports.clone(),
     ));
     config.start_exports(&exports, &volumes).await;
+    tokio::spawn(schedule::collect(
+        volumes.clone(),
+        config.store.gc_every.0,
+        config.store.gc_window.0,
+    ));
     tokio::spawn(schedule::run(config.clone(), volumes));
     accept(&endpoint, shared, shutdown).await;
     tracing::info!("shutting down");

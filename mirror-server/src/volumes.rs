@@ -144,8 +144,27 @@ impl Volumes {
         Ok(())
     }
 
-    /// Every `CLIENT/VOLUME` in the data directory, sorted.
+    /// Every `CLIENT/VOLUME` in the data directory or the chunk store,
+    /// sorted.
     pub fn all(&self) -> Vec<(String, String)> {
+        let mut out = self.cached();
+        if let Some(store) = &self.chunks {
+            match store.volumes() {
+                Ok(names) => out.extend(names.iter().filter_map(|n| {
+                    let (c, v) = split_volume(n).ok()?;
+                    Some((c.to_string(), v.to_string()))
+                })),
+                Err(e) => tracing::warn!("cannot list the chunk store's volumes: {e}"),
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Every `CLIENT/VOLUME` with an image in the data directory (what
+    /// this server serves), sorted.
+    pub fn cached(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         let root = self.data.join(VOLUMES_DIR);
         for client in std::fs::read_dir(root).into_iter().flatten().flatten() {
@@ -163,17 +182,7 @@ impl Volumes {
                 }
             }
         }
-        if let Some(store) = &self.chunks {
-            match store.volumes() {
-                Ok(names) => out.extend(names.iter().filter_map(|n| {
-                    let (c, v) = split_volume(n).ok()?;
-                    Some((c.to_string(), v.to_string()))
-                })),
-                Err(e) => tracing::warn!("cannot list the chunk store's volumes: {e}"),
-            }
-        }
         out.sort();
-        out.dedup();
         out
     }
 

@@ -1176,3 +1176,69 @@ async fn a_client_fails_over_to_another_server_on_the_same_store_and_nothing_is_
     let store = store_json(&data_a);
     assert_eq!(store["volumes"][0]["versions"], 3, "{store}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_collection_keeps_what_snapshots_and_the_newest_versions_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    let size: u64 = 2 << 20;
+    let all: Vec<(u64, u32)> = (0..size / 65536).map(|i| (i * 65536, 65536)).collect();
+    link.open_volume("root", size).await.unwrap();
+    let mut model = noise(31, size as usize);
+    link.send_epoch("root", 1, w(1), &all, 3, reader(model.clone()))
+        .await
+        .unwrap();
+    let snap = server.cli(&["snapshot", "laptop/root", "keep"]);
+    assert!(snap.status.success(), "{snap:?}");
+    // Four more epochs, each rewriting the first 8 blocks.
+    for epoch in 2..=5u64 {
+        model[..8 * 65536].copy_from_slice(&noise(100 + epoch, 8 * 65536));
+        link.send_epoch("root", epoch, w(epoch), &all[..8], 3, reader(model.clone()))
+            .await
+            .unwrap();
+    }
+    let before = store_json(&data);
+    assert_eq!(before["volumes"][0]["versions"], 5, "{before}");
+    let gc = |expect: &str| {
+        let out = server.cli(&["gc", "--window", "0s"]);
+        assert!(out.status.success(), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(said.contains(expect), "{said}");
+    };
+    // Versions 2 and 3 go at once; their packs are condemned, then go.
+    gc("versions: 2 deleted, 3 kept; packs: 0 deleted");
+    gc("packs: 2 deleted");
+    let after = store_json(&data);
+    assert_eq!(after["volumes"][0]["versions"], 3, "{after}");
+    assert!(
+        after["object_bytes"].as_u64() < before["object_bytes"].as_u64(),
+        "{before} {after}"
+    );
+    // Deleting the snapshot unpins its version.
+    let del = server.cli(&["delete", "laptop/root@keep"]);
+    assert!(del.status.success(), "{del:?}");
+    let out = server.cli(&["gc", "--window", "0s"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("versions: 1 deleted"),
+        "{out:?}"
+    );
+    // The server goes on; the store still makes the whole volume.
+    model[..65536].fill(7);
+    link.send_epoch("root", 6, w(6), &all[..1], 3, reader(model.clone()))
+        .await
+        .unwrap();
+    drop(link);
+    drop(server);
+    std::fs::remove_dir_all(data.join("volumes")).unwrap();
+    let up = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{up:?}");
+    let image = std::fs::read(data.join("volumes/laptop/root/image")).unwrap();
+    assert!(image == model, "the store does not make the volume");
+}

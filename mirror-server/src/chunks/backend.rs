@@ -13,6 +13,8 @@
 //! # credentials_file = "/etc/mirror-server/s3.credentials"
 //! #                                  # else AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
 //! # pack_size = "32MiB"              # target size of a pack of chunks
+//! # gc_every = "1d"                  # garbage collection by the running server
+//! # gc_window = "1445m"              # a dead object waits this long (24h5m)
 //! ```
 //!
 //! A credentials file is in the AWS shared-credentials shape (only the
@@ -36,6 +38,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 use serde::{Deserialize, Serialize};
 use ublk_mirror_common::size::ByteSize;
+use ublk_mirror_common::Span;
 
 use crate::error::{Error, Result};
 
@@ -64,6 +67,22 @@ pub struct StoreConfig {
     /// Target size of a pack.
     #[serde(default = "default_pack")]
     pub pack_size: ByteSize,
+    /// How often the running server collects garbage ("0s": never; then
+    /// `mirror-server gc`).
+    #[serde(default = "default_gc_every")]
+    pub gc_every: Span,
+    /// How long a dead object stays condemned before it is deleted: longer
+    /// than any publication takes (see `chunks::gc`).
+    #[serde(default = "default_gc_window")]
+    pub gc_window: Span,
+}
+
+fn default_gc_every() -> Span {
+    Span(Duration::from_secs(24 * 3600))
+}
+
+fn default_gc_window() -> Span {
+    Span(super::gc::DEFAULT_WINDOW)
 }
 
 fn yes() -> bool {
@@ -84,6 +103,8 @@ impl StoreConfig {
             path_style: true,
             credentials_file: None,
             pack_size: default_pack(),
+            gc_every: default_gc_every(),
+            gc_window: default_gc_window(),
         }
     }
 }

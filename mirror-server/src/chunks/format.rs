@@ -13,8 +13,9 @@
 //! N u32 LE | sha256(trailer) [32] | "KPMU"
 //! ```
 //!
-//! `ID` is the hex sha256 of the whole pack, so a pack is written with a
-//! create-only put and an `AlreadyExists` answer means it is there. The
+//! `ID` is 32 random bytes (hex), new for every pack written: a pack
+//! never takes the name of another, so garbage collection can condemn and
+//! later delete a pack while a chunk of it is stored again elsewhere. The
 //! trailer makes a pack self-describing: a lost index is rebuilt from the
 //! last 40 bytes and one ranged read.
 //!
@@ -29,13 +30,15 @@
 //! # Map segment (`maps/AA/ID`, format 1)
 //!
 //! ```text
-//! "UMSG" ver=1 [0;3] | count u32 LE | count × sha256 [32]
+//! "UMSG" ver=1 salt [3] | count u32 LE | count × sha256 [32]
 //! ```
 //!
 //! The digests of [`SEGMENT_BLOCKS`] consecutive blocks of a volume (the
 //! last segment may be shorter); all zero bytes mean a hole (a block of
 //! zeroes, never stored). `ID` is the sha256 of the encoded segment, so
-//! segments are shared between versions and volumes like chunks.
+//! segments are shared between versions and volumes like chunks. The salt
+//! is zero, except when the zero-salt segment is condemned by garbage
+//! collection: then a random salt gives the same digests another name.
 //!
 //! # Version record (`vol/CLIENT/VOLUME/v/SEQ`, format 1, JSON)
 //!
@@ -270,11 +273,11 @@ pub fn decode_chunk(entry: &Entry, stored: &[u8]) -> Result<Vec<u8>> {
     Ok(raw)
 }
 
-/// A map segment's bytes.
-pub fn encode_segment(digests: &[Digest]) -> Vec<u8> {
+/// A map segment's bytes (`salt`: see the module docs; normally 0).
+pub fn encode_segment(digests: &[Digest], salt: [u8; 3]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + 4 + digests.len() * 32);
     out.extend_from_slice(SEGMENT_MAGIC);
-    out.extend_from_slice(&[FORMAT, 0, 0, 0]);
+    out.extend_from_slice(&[FORMAT, salt[0], salt[1], salt[2]]);
     out.extend_from_slice(&(digests.len() as u32).to_le_bytes());
     for d in digests {
         out.extend_from_slice(d);
@@ -430,8 +433,11 @@ mod tests {
     #[test]
     fn a_segment_is_checked_against_its_name() {
         let digests = vec![HOLE, [5; 32], [9; 32]];
-        let bytes = encode_segment(&digests);
+        let bytes = encode_segment(&digests, [0; 3]);
         let id = sha256(&bytes);
+        let salted = encode_segment(&digests, [1, 2, 3]);
+        assert_ne!(sha256(&salted), id);
+        assert_eq!(decode_segment(&salted, &sha256(&salted)).unwrap(), digests);
         assert_eq!(decode_segment(&bytes, &id).unwrap(), digests);
         let mut bad = bytes.clone();
         bad[20] ^= 1;

@@ -56,6 +56,7 @@
 
 pub mod backend;
 pub mod format;
+pub mod gc;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -113,7 +114,24 @@ struct Loc {
 #[derive(Debug, Default)]
 struct Index {
     chunks: HashMap<Digest, Loc>,
-    packs: HashSet<Digest>,
+    /// Every pack known, with its chunks' names and stored bytes.
+    packs: HashMap<Digest, (Vec<Digest>, u64)>,
+    /// What garbage collection condemned, as of `generation`: never
+    /// deduplicated against (see [`gc`]).
+    condemned: gc::Condemned,
+    /// The `gc/state` generation last applied (`None`: never read).
+    generation: Option<u64>,
+}
+
+impl Index {
+    /// The usable location of `hash`: none when only a condemned pack
+    /// holds it.
+    fn usable(&self, hash: &Digest) -> Option<Loc> {
+        self.chunks
+            .get(hash)
+            .filter(|l| !self.condemned.packs.contains_key(&l.pack))
+            .copied()
+    }
 }
 
 /// Sizes of what a store holds, for `mirror-server store-stats` and the
@@ -346,7 +364,7 @@ impl ChunkStore {
     /// by another server, or before this one started).
     pub fn refresh_index(&self) -> Result<()> {
         let paths = self.run(self.list("idx"))?;
-        let known: HashSet<Digest> = self.index().packs.clone();
+        let known: HashSet<Digest> = self.index().packs.keys().copied().collect();
         let new: Vec<(Digest, ObjPath)> = paths
             .into_iter()
             .filter_map(|p| {
@@ -368,18 +386,42 @@ impl ChunkStore {
 
     fn remember(&self, pack: Digest, entries: &[Entry]) {
         let mut index = self.index();
-        index.packs.insert(pack);
+        let stored = entries.iter().map(|e| u64::from(e.stored)).sum();
+        index
+            .packs
+            .insert(pack, (entries.iter().map(|e| e.hash).collect(), stored));
         for e in entries {
-            index
+            let loc = Loc { pack, entry: *e };
+            let condemned = index
                 .chunks
-                .entry(e.hash)
-                .or_insert(Loc { pack, entry: *e });
+                .get(&e.hash)
+                .is_some_and(|l| index.condemned.packs.contains_key(&l.pack));
+            match index.chunks.entry(e.hash) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(loc);
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) if condemned => {
+                    o.insert(loc);
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {}
+            }
         }
     }
 
-    /// Does the store hold the chunk `hash`?
+    /// Forget every pack and read the indexes again (after garbage
+    /// collection deleted some).
+    fn rebuild_index(&self) -> Result<()> {
+        {
+            let mut index = self.index();
+            index.chunks.clear();
+            index.packs.clear();
+        }
+        self.refresh_index()
+    }
+
+    /// Does the store hold the chunk `hash` (in a pack not condemned)?
     pub fn has(&self, hash: &Digest) -> bool {
-        self.index().chunks.contains_key(hash)
+        self.index().usable(hash).is_some()
     }
 
     /// What the store holds, by its chunk index.
@@ -392,8 +434,8 @@ impl ChunkStore {
         };
         for loc in index.chunks.values() {
             u.raw_bytes += u64::from(loc.entry.raw);
-            u.stored_bytes += u64::from(loc.entry.stored);
         }
+        u.stored_bytes = index.packs.values().map(|(_, b)| b).sum();
         u
     }
 
@@ -413,10 +455,25 @@ impl ChunkStore {
 
     /// The sequence numbers of `volume`'s versions, oldest first.
     pub fn versions(&self, volume: &str) -> Result<Vec<u64>> {
-        let paths = self.run(self.list(&format!("vol/{volume}/v")))?;
-        let mut seqs: Vec<u64> = paths
+        Ok(self
+            .versions_dated(volume)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect())
+    }
+
+    /// `volume`'s versions, oldest first, with when each was written (ms).
+    fn versions_dated(&self, volume: &str) -> Result<Vec<(u64, u64)>> {
+        let prefix = ObjPath::from(format!("vol/{volume}/v"));
+        let metas: Vec<_> = self
+            .run(self.store.list(Some(&prefix)).try_collect::<Vec<_>>())
+            .map_err(|e| store_err(format!("listing {}/{prefix}", self.describe), e))?;
+        let mut seqs: Vec<(u64, u64)> = metas
             .iter()
-            .filter_map(|p| p.filename()?.parse().ok())
+            .filter_map(|m| {
+                let seq = m.location.filename()?.parse().ok()?;
+                Some((seq, m.last_modified.timestamp_millis().max(0) as u64))
+            })
             .collect();
         seqs.sort_unstable();
         Ok(seqs)
@@ -480,6 +537,8 @@ impl ChunkStore {
                 )));
             }
         }
+        // What garbage collection condemned is not deduplicated against.
+        self.sync_gc()?;
         Ok(Publication {
             store: self,
             volume: volume.to_string(),
@@ -498,7 +557,8 @@ impl ChunkStore {
 
     async fn upload_pack(&self, pack: PackBuilder) -> Result<()> {
         let (bytes, index, entries) = pack.finish();
-        let id = format::sha256(&bytes);
+        let mut id = [0u8; 32];
+        getrandom::fill(&mut id).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
         self.create(&ObjPath::from(format::spread("packs", &id)), bytes.into())
             .await?;
         self.create(&ObjPath::from(format::spread("idx", &id)), index.into())
@@ -528,7 +588,10 @@ impl ChunkStore {
     fn chunks(&self, hashes: &[Digest]) -> Result<Vec<Vec<u8>>> {
         let mut locs = Vec::with_capacity(hashes.len());
         for h in hashes {
-            let loc = self.index().chunks.get(h).copied();
+            let loc = {
+                let index = self.index();
+                index.usable(h).or_else(|| index.chunks.get(h).copied())
+            };
             let loc = match loc {
                 Some(l) => l,
                 None => {
@@ -701,8 +764,15 @@ impl Publication<'_> {
             for &(slot, d) in changes.into_iter().flatten() {
                 digests[slot] = d;
             }
-            let bytes = format::encode_segment(&digests);
-            let id = format::sha256(&bytes);
+            let mut bytes = format::encode_segment(&digests, [0; 3]);
+            let mut id = format::sha256(&bytes);
+            while store.index().condemned.segments.contains_key(&id) {
+                let mut salt = [0u8; 3];
+                getrandom::fill(&mut salt)
+                    .map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
+                bytes = format::encode_segment(&digests, salt);
+                id = format::sha256(&bytes);
+            }
             if s < ids.len() {
                 ids[s] = id;
             } else {

@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -184,6 +185,7 @@ fn weed_config(weed: &seaweed::Seaweed, prefix: &str) -> (StoreConfig, tempfile:
         path_style: true,
         credentials_file: Some(cred),
         pack_size: ublk_mirror_common::size::ByteSize(1 << 20),
+        ..StoreConfig::local_default()
     };
     (cfg, dir)
 }
@@ -515,4 +517,91 @@ proptest! {
             }
         }
     }
+}
+
+/// Garbage collection frees what no kept version needs, never what one
+/// does: pins keep versions, condemned chunks are stored again rather
+/// than relied on, and nothing goes before its window.
+fn gc_frees_only_the_dead(store: &Arc<ChunkStore>) {
+    let size = 3 * BLOCK;
+    let mut model = Model::new();
+    let mut versions = Vec::new();
+    let mut base: Option<VersionRecord> = None;
+    // Block 0 stays (seed 1); block 1 is rewritten by every epoch.
+    for (epoch, seed) in [(1u64, 10u64), (2, 20), (3, 30), (4, 40)] {
+        let changes: Model = if epoch == 1 {
+            [(0, 1), (1, seed)].into()
+        } else {
+            [(1, seed)].into()
+        };
+        apply(&mut model, &changes);
+        let v = publish(store, VOL, base.as_ref(), size, &changes, epoch).unwrap();
+        versions.push((v.record.clone(), expected(size, &model)));
+        base = Some(v.record);
+    }
+    store.pin(VOL, "before", 1).unwrap();
+    assert_eq!(store.pins(VOL).unwrap(), [("before".to_string(), 1)].into());
+    // A long window: versions and packs are all too young to go.
+    let r = store.gc(Duration::from_secs(3600), |_| {}).unwrap();
+    assert_eq!((r.versions_deleted, r.packs_deleted), (0, 0), "{r:?}");
+    // No window: version 2 goes (neither pinned nor one of the newest
+    // two); its pack is condemned, not deleted yet.
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert_eq!((r.versions_deleted, r.versions_kept), (1, 3), "{r:?}");
+    assert_eq!((r.packs_condemned, r.packs_deleted), (1, 0), "{r:?}");
+    assert_eq!(store.versions(VOL).unwrap(), vec![1, 3, 4]);
+    // Meanwhile a publication stores block 1 as epoch 2 had it: the
+    // condemned pack is not relied on; the chunk is stored again.
+    let changes: Model = [(1, 20)].into();
+    apply(&mut model, &changes);
+    let v5 = publish(store, VOL, base.as_ref(), size, &changes, 5).unwrap();
+    assert_eq!(v5.packs, 1, "a condemned chunk was deduplicated against");
+    versions.push((v5.record.clone(), expected(size, &model)));
+    // The next run deletes the condemned pack: everything kept reads.
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert_eq!(r.packs_deleted, 1, "{r:?}");
+    assert!(r.bytes_freed > 0);
+    for (record, content) in &versions {
+        if store.versions(VOL).unwrap().contains(&record.seq) {
+            assert_eq!(&read_all(store, record), content, "version {}", record.seq);
+        }
+    }
+    assert_eq!(store.versions(VOL).unwrap(), vec![1, 4, 5]);
+    // Unpinned, version 1 goes; its pack also holds block 0, which every
+    // version has, so it stays whole (no repacking yet).
+    store.unpin(VOL, "before").unwrap();
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert_eq!(r.versions_deleted, 1, "{r:?}");
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert_eq!(r.packs_deleted, 0, "{r:?}");
+    assert_eq!(store.versions(VOL).unwrap(), vec![4, 5]);
+    for (record, content) in &versions[3..] {
+        assert_eq!(&read_all(store, record), content, "version {}", record.seq);
+    }
+    // Another process on the store sees the same.
+    let again = open_on_same(store);
+    let head = again.head(VOL).unwrap().unwrap();
+    assert_eq!(read_all(&again, &head), expected(size, &model));
+    // One run at a time.
+    let lock = ObjPath::from("gc/lock");
+    store
+        .run(store.create(&lock, Bytes::from_static(b"{}")))
+        .unwrap();
+    let e = store.gc(Duration::ZERO, |_| {}).unwrap_err();
+    assert!(e.to_string().contains("running already"), "{e}");
+}
+
+fn open_on_same(store: &Arc<ChunkStore>) -> Arc<ChunkStore> {
+    Arc::new(ChunkStore::with(store.store.clone(), "again".into(), 1 << 20).unwrap())
+}
+
+#[test]
+fn gc_frees_only_the_dead_in_memory() {
+    gc_frees_only_the_dead(&open_on(memory()));
+}
+
+#[test]
+fn gc_frees_only_the_dead_on_seaweedfs() {
+    let weed = seaweed::Seaweed::start();
+    gc_frees_only_the_dead(&Arc::new(open_weed(&weed, "gc").unwrap()));
 }

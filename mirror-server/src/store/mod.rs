@@ -317,13 +317,24 @@ impl Volume {
             self.recover()?;
             self.poisoned = false;
         }
-        self.snapshots_mut().create(
+        let info = self.snapshots_mut().create(
             name,
             self.state.published_epoch,
             self.state.published_ms,
             now_ms(),
             kind,
-        )
+        )?;
+        // A snapshot pins its version in the chunk store (a reader's
+        // temporary one needs none: it reads the cache).
+        if let Some((store, volume)) = &self.chunks {
+            if kind != Kind::Temporary && self.state.store_seq > 0 {
+                if let Err(e) = store.pin(volume, &info.name, self.state.store_seq) {
+                    let _ = self.snapshots_mut().delete(&info.name);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(info)
     }
 
     /// Delete snapshot `name` (refused while it is read). Its chunks are
@@ -336,7 +347,14 @@ impl Volume {
         for batch in &plan {
             self.snapshots_mut().hand_over(name, batch)?;
         }
-        self.snapshots_mut().delete(name)
+        let info = self.snapshots_mut().delete(name)?;
+        if let Some((store, volume)) = &self.chunks {
+            // A pin left behind only keeps a version longer.
+            if let Err(e) = store.unpin(volume, name) {
+                tracing::warn!(volume = %volume, snapshot = name, "cannot unpin the snapshot's version: {e}");
+            }
+        }
+        Ok(info)
     }
 
     /// Prune scheduled snapshots by `retention`; their names.

@@ -1,0 +1,401 @@
+//! Garbage collection of the chunk store, and the pins that keep
+//! versions: nothing any kept version needs is ever deleted, also while
+//! other servers publish.
+//!
+//! # What is kept
+//!
+//! A volume keeps its newest two versions, every version a pin names
+//! (`vol/CLIENT/VOLUME/pins/NAME`: a snapshot of the volume, JSON
+//! `{"seq":N}`), and every version younger than the window. Other
+//! version records are deleted. Kept versions make their map segments
+//! live, and those their chunks; a pack with no live chunk is dead, and so
+//! is a condemned pack whose live chunks were all stored again in packs
+//! that are not condemned (a partly dead pack is kept whole: repacking is
+//! not done yet).
+//!
+//! # Condemn, then delete (`gc/state`, format 1, JSON)
+//!
+//! A publication uploads packs and segments before the version record
+//! that references them, and deduplicates against what it believes the
+//! store holds: a collector that deleted whatever looks dead at one
+//! instant could delete what a publication in flight is about to
+//! reference. So a run only *condemns* dead objects, recording them with
+//! the time in `gc/state` (`{"format":1,"generation":G,"packs":{"ID":ms},
+//! "segments":{"ID":ms}}`), and deletes an object only when
+//! 1. it was condemned at least the window ago, and
+//! 2. it is dead again at this run's mark.
+//!
+//! Every publication reads `gc/state` first and never relies on a
+//! condemned object: a chunk only a condemned pack holds is stored again
+//! (in a new pack: pack names are random), a segment whose name is
+//! condemned is written under a salted name. So a publication that read
+//! the state after an object was condemned does not need it; one that read
+//! it before (or started earlier) created its version record within the
+//! window — publications are far shorter than the window (24 h 5 min by
+//! default, as Proxmox Backup Server's) — so at the run that could delete
+//! the object, the object is live and survives. A server that sees a new
+//! generation rebuilds its chunk index from `idx/`, forgetting deleted
+//! packs. An index is deleted before its pack.
+//!
+//! One run at a time: `gc/lock` is created (create-only) for the run and
+//! deleted after; a lock older than an hour is taken as abandoned.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use ublk_mirror_common::clock::now_ms;
+use ublk_mirror_common::proto::Digest;
+
+use super::format::{self, HOLE};
+use super::{store_err, ChunkStore};
+use crate::error::{Error, Result};
+
+const STATE: &str = "gc/state";
+const LOCK: &str = "gc/lock";
+const STATE_FORMAT: u32 = 1;
+/// A run's lock older than this is abandoned.
+const STALE_LOCK: Duration = Duration::from_secs(3600);
+
+/// The default window: longer than any publication, and than the time a
+/// server takes to notice a new generation.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(24 * 3600 + 5 * 60);
+
+/// Condemned objects and when each was condemned (ms).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Condemned {
+    /// Packs.
+    pub packs: BTreeMap<Digest, u64>,
+    /// Map segments.
+    pub segments: BTreeMap<Digest, u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StateRecord {
+    format: u32,
+    generation: u64,
+    packs: BTreeMap<String, u64>,
+    segments: BTreeMap<String, u64>,
+}
+
+fn to_hex(m: &BTreeMap<Digest, u64>) -> BTreeMap<String, u64> {
+    m.iter().map(|(k, v)| (format::hex(k), *v)).collect()
+}
+
+fn from_hex(m: &BTreeMap<String, u64>) -> Result<BTreeMap<Digest, u64>> {
+    m.iter()
+        .map(|(k, v)| {
+            ublk_mirror_common::hex::decode::<32>(k)
+                .map(|d| (d, *v))
+                .ok_or_else(|| Error::Corrupt(format!("{STATE}: bad id {k:?}")))
+        })
+        .collect()
+}
+
+/// A snapshot's pin of a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct PinRecord {
+    seq: u64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Version records deleted.
+    pub versions_deleted: u64,
+    /// Versions kept.
+    pub versions_kept: u64,
+    /// Packs (and their indexes) deleted.
+    pub packs_deleted: u64,
+    /// Their stored bytes.
+    pub bytes_freed: u64,
+    /// Map segments deleted.
+    pub segments_deleted: u64,
+    /// Packs condemned now (deleted by a run at least a window later if
+    /// still dead).
+    pub packs_condemned: u64,
+    /// Segments condemned now.
+    pub segments_condemned: u64,
+}
+
+fn pin_path(volume: &str, name: &str) -> ObjPath {
+    ObjPath::from(format!("vol/{volume}/pins/{name}"))
+}
+
+impl ChunkStore {
+    /// Keep version `seq` of `volume` as long as the pin `name` (a
+    /// snapshot's name) exists.
+    pub fn pin(&self, volume: &str, name: &str, seq: u64) -> Result<()> {
+        let body =
+            serde_json::to_vec(&PinRecord { seq }).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let path = pin_path(volume, name);
+        self.run(self.store.put(&path, PutPayload::from(body)))
+            .map_err(|e| store_err(format!("writing {}/{path}", self.describe), e))?;
+        Ok(())
+    }
+
+    /// Drop the pin `name` of `volume` (no error if there is none).
+    pub fn unpin(&self, volume: &str, name: &str) -> Result<()> {
+        let path = pin_path(volume, name);
+        match self.run(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err(format!("deleting {}/{path}", self.describe), e)),
+        }
+    }
+
+    /// The pins of `volume`: name → version.
+    pub fn pins(&self, volume: &str) -> Result<BTreeMap<String, u64>> {
+        let prefix = format!("vol/{volume}/pins");
+        let mut out = BTreeMap::new();
+        for path in self.run(self.list(&prefix))? {
+            let Some(name) = path.filename().map(str::to_string) else {
+                continue;
+            };
+            let bytes = self.run(self.get(&path))?;
+            let pin: PinRecord = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Corrupt(format!("{}/{path}: {e}", self.describe)))?;
+            out.insert(name, pin.seq);
+        }
+        Ok(out)
+    }
+
+    /// Read `gc/state` and apply it to the index if it changed.
+    pub(super) fn sync_gc(&self) -> Result<()> {
+        let (generation, condemned) = self.run(self.read_state())?;
+        let known = self.index().generation;
+        if known == Some(generation) {
+            return Ok(());
+        }
+        if known.is_some() || generation > 0 {
+            // Packs may have been deleted since the index was read.
+            self.rebuild_index()?;
+        }
+        let mut index = self.index();
+        index.condemned = condemned;
+        index.generation = Some(generation);
+        Ok(())
+    }
+
+    async fn read_state(&self) -> Result<(u64, Condemned)> {
+        match self.store.get(&ObjPath::from(STATE)).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(|e| store_err(STATE, e))?;
+                let rec: StateRecord = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Corrupt(format!("{}/{STATE}: {e}", self.describe)))?;
+                if rec.format != STATE_FORMAT {
+                    return Err(Error::Corrupt(format!(
+                        "{}/{STATE}: format {} (this server reads {STATE_FORMAT})",
+                        self.describe, rec.format
+                    )));
+                }
+                Ok((
+                    rec.generation,
+                    Condemned {
+                        packs: from_hex(&rec.packs)?,
+                        segments: from_hex(&rec.segments)?,
+                    },
+                ))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok((0, Condemned::default())),
+            Err(e) => Err(store_err(format!("reading {}/{STATE}", self.describe), e)),
+        }
+    }
+
+    /// Take the run's lock, or say who holds it.
+    async fn lock(&self) -> Result<()> {
+        let path = ObjPath::from(LOCK);
+        let body = serde_json::json!({"server": self.server, "started_ms": now_ms()}).to_string();
+        if self.create(&path, Bytes::from(body.clone())).await? {
+            return Ok(());
+        }
+        let meta = self
+            .store
+            .head(&path)
+            .await
+            .map_err(|e| store_err(LOCK, e))?;
+        let age = now_ms().saturating_sub(meta.last_modified.timestamp_millis().max(0) as u64);
+        if age < STALE_LOCK.as_millis() as u64 {
+            let holder = self.get(&path).await.unwrap_or_default();
+            return Err(Error::Invalid(format!(
+                "a garbage collection of {} is running already ({})",
+                self.describe,
+                String::from_utf8_lossy(&holder)
+            )));
+        }
+        tracing::warn!("taking over an abandoned garbage collection lock");
+        let _ = self.store.delete(&path).await;
+        if self.create(&path, Bytes::from(body)).await? {
+            Ok(())
+        } else {
+            Err(Error::Invalid(
+                "another garbage collection took the lock".into(),
+            ))
+        }
+    }
+
+    /// One garbage collection run with safety window `window` (see the
+    /// module docs). `progress` is told what the run is doing.
+    pub fn gc(&self, window: Duration, mut progress: impl FnMut(&str)) -> Result<Report> {
+        self.run(self.lock())?;
+        let result = self.gc_locked(window, &mut progress);
+        let _ = self.run(self.store.delete(&ObjPath::from(LOCK)));
+        result
+    }
+
+    fn gc_locked(&self, window: Duration, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+        let now = now_ms();
+        let old = now.saturating_sub(window.as_millis() as u64);
+        let mut report = Report::default();
+        let (generation, before) = self.run(self.read_state())?;
+        // Mark: the versions kept, their segments, their chunks.
+        progress("marking");
+        let mut live_segments: HashSet<Digest> = HashSet::new();
+        for volume in self.volumes()? {
+            let dated = self.versions_dated(&volume)?;
+            let pins: HashSet<u64> = self.pins(&volume)?.into_values().collect();
+            let newest: Vec<u64> = dated.iter().rev().take(2).map(|(s, _)| *s).collect();
+            for (seq, written) in dated {
+                if newest.contains(&seq) || pins.contains(&seq) || written > old {
+                    report.versions_kept += 1;
+                    for id in self.version(&volume, seq)?.segment_ids()? {
+                        live_segments.insert(id);
+                    }
+                } else {
+                    let path = super::version_path(&volume, seq);
+                    self.run(self.store.delete(&path))
+                        .map_err(|e| store_err(format!("deleting {}/{path}", self.describe), e))?;
+                    report.versions_deleted += 1;
+                }
+            }
+        }
+        let mut live_chunks: HashSet<Digest> = HashSet::new();
+        for id in &live_segments {
+            for d in self.segment(id)? {
+                if d != HOLE {
+                    live_chunks.insert(d);
+                }
+            }
+        }
+        // The packs and segments there are, with their age.
+        self.rebuild_index()?;
+        let packs: Vec<(Digest, Vec<Digest>, u64)> = self
+            .index()
+            .packs
+            .iter()
+            .map(|(id, (hashes, bytes))| (*id, hashes.clone(), *bytes))
+            .collect();
+        let segments = self.run(self.dated("maps"))?;
+        // Sweep: delete what was condemned a window ago and is still dead;
+        // condemn what is dead now.
+        progress("sweeping");
+        let mut condemned = super::gc::Condemned::default();
+        // A live chunk also held by a pack that is not condemned does not
+        // keep a condemned pack (a publication stored it again).
+        let mut held_elsewhere: HashSet<Digest> = HashSet::new();
+        for (id, hashes, _) in &packs {
+            if !before.packs.contains_key(id) {
+                held_elsewhere.extend(hashes.iter().copied());
+            }
+        }
+        for (id, hashes, bytes) in packs {
+            let needed = |h: &Digest| {
+                live_chunks.contains(h)
+                    && (!before.packs.contains_key(&id) || !held_elsewhere.contains(h))
+            };
+            if hashes.iter().any(needed) {
+                continue;
+            }
+            match before.packs.get(&id) {
+                Some(&at) if at <= old => {
+                    for dir in ["idx", "packs"] {
+                        let path = ObjPath::from(format::spread(dir, &id));
+                        match self.run(self.store.delete(&path)) {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => {
+                                return Err(store_err(
+                                    format!("deleting {}/{path}", self.describe),
+                                    e,
+                                ))
+                            }
+                        }
+                    }
+                    report.packs_deleted += 1;
+                    report.bytes_freed += bytes;
+                }
+                Some(&at) => {
+                    condemned.packs.insert(id, at);
+                }
+                None => {
+                    condemned.packs.insert(id, now);
+                    report.packs_condemned += 1;
+                }
+            }
+        }
+        for (id, _written) in segments {
+            if live_segments.contains(&id) {
+                continue;
+            }
+            match before.segments.get(&id) {
+                Some(&at) if at <= old => {
+                    let path = ObjPath::from(format::spread("maps", &id));
+                    match self.run(self.store.delete(&path)) {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => {
+                            return Err(store_err(format!("deleting {}/{path}", self.describe), e))
+                        }
+                    }
+                    report.segments_deleted += 1;
+                }
+                Some(&at) => {
+                    condemned.segments.insert(id, at);
+                }
+                None => {
+                    condemned.segments.insert(id, now);
+                    report.segments_condemned += 1;
+                }
+            }
+        }
+        let record = StateRecord {
+            format: STATE_FORMAT,
+            generation: generation + 1,
+            packs: to_hex(&condemned.packs),
+            segments: to_hex(&condemned.segments),
+        };
+        let body = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let opts = PutOptions {
+            mode: PutMode::Overwrite,
+            ..Default::default()
+        };
+        self.run(
+            self.store
+                .put_opts(&ObjPath::from(STATE), PutPayload::from(body), opts),
+        )
+        .map_err(|e| store_err(format!("writing {}/{STATE}", self.describe), e))?;
+        self.sync_gc()?;
+        progress("done");
+        Ok(report)
+    }
+
+    /// The content-named objects under `dir` (`maps`), by id, with when
+    /// each was written.
+    async fn dated(&self, dir: &str) -> Result<Vec<(Digest, u64)>> {
+        let prefix = ObjPath::from(dir);
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| store_err(format!("listing {}/{dir}", self.describe), e))?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| {
+                let id = ublk_mirror_common::hex::decode::<32>(m.location.filename()?)?;
+                Some((id, m.last_modified.timestamp_millis().max(0) as u64))
+            })
+            .collect())
+    }
+}
