@@ -323,7 +323,10 @@ impl ServerConfig {
              # Garbage collection while serving: how often, and how long a dead object\n\
              # waits before it goes (longer than any publication; 1445m = 24h5m).\n\
              gc_every = \"{gc_every}\"\n\
-             gc_window = \"{gc_window}\"\n",
+             gc_window = \"{gc_window}\"\n\
+             # Re-read and re-hash every stored chunk this often (repairs from the images\n\
+             # here what they still hold; `mirror-server verify` does it now).\n\
+             verify_every = \"{verify_every}\"\n",
             listen = self.listen,
             volumes = self.max_volumes_per_client,
             every = self.snapshots.every,
@@ -334,6 +337,7 @@ impl ServerConfig {
             pack = self.store.pack_size,
             gc_every = self.store.gc_every,
             gc_window = self.store.gc_window,
+            verify_every = self.store.verify_every,
         );
         std::fs::OpenOptions::new()
             .write(true)

@@ -178,6 +178,22 @@ enum Command {
         #[arg(long, value_name = "DURATION")]
         window: Option<Span>,
     },
+    /// Verify the chunk store: re-read every chunk and map segment that a
+    /// volume's versions need and check each against its sha256.
+    ///
+    /// A damaged chunk that this server's image of the volume still holds
+    /// is stored again (repaired). Any other is reported with the versions
+    /// that need it, recorded in the store, never served and never
+    /// deduplicated against: the next time a device sends that content it
+    /// is stored again. Exit status 1 when damage is left. The running
+    /// server does it every `verify_every` (server.toml's [store]).
+    Verify {
+        /// Only this volume (CLIENT/VOLUME) [default: all].
+        volume: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Store every volume of a data directory written before the chunk
     /// store as the volume's first version, and catch images up with the
     /// store. The server does the same when it starts; this does it now,
@@ -286,6 +302,7 @@ fn main() -> ExitCode {
         Command::Store { json } => store_info(&cli.data, json),
         Command::Upgrade => upgrade(&cli.data),
         Command::Gc { window } => gc(&cli.data, window),
+        Command::Verify { volume, json } => verify(&cli.data, volume.as_deref(), json),
         Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
         Command::Snapshots { volume, json } => list_snapshots(&cli.data, &volume, json),
@@ -512,9 +529,11 @@ fn store_info(data: &Path, json: bool) -> mirror_server::Result<()> {
         if let Some(h) = &head {
             referenced += h.size;
         }
+        let damaged = store.damaged_versions(&name)?;
         rows.push(serde_json::json!({
             "volume": name,
             "versions": versions.len(),
+            "damaged": damaged,
             "head": head.as_ref().map(|h| h.seq),
             "epoch": head.as_ref().map(|h| h.epoch),
             "size": head.as_ref().map(|h| h.size),
@@ -551,15 +570,59 @@ fn store_info(data: &Path, json: bool) -> mirror_server::Result<()> {
     );
     for r in &rows {
         println!(
-            "  {:<32} {:>4} versions, newest {} (epoch {}, {})",
+            "  {:<32} {:>4} versions, newest {} (epoch {}, {}){}",
             r["volume"].as_str().unwrap_or_default(),
             r["versions"],
             r["head"],
             r["epoch"],
-            r["published"].as_str().unwrap_or("-")
+            r["published"].as_str().unwrap_or("-"),
+            match r["damaged"].as_array() {
+                Some(d) if !d.is_empty() => format!("; DAMAGED versions {}", r["damaged"]),
+                _ => String::new(),
+            }
         );
     }
     Ok(())
+}
+
+fn verify(data: &Path, volume: Option<&str>, json: bool) -> mirror_server::Result<()> {
+    if let Some(v) = volume {
+        mirror_server::volumes::split_volume(v)?;
+    }
+    let config = ServerConfig::load(data)?;
+    let volumes = Volumes::new(data, Quota::none()).with_store(config.chunk_store(data)?);
+    let mut last = std::time::Instant::now();
+    let r = volumes.verify(volume, |done, total| {
+        if last.elapsed() >= std::time::Duration::from_secs(2) || done == total {
+            eprintln!("verify: {done}/{total} chunks");
+            last = std::time::Instant::now();
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        println!(
+            "{} versions, {} chunks ({}) read and checked; {} repaired from the images here; {} damaged, {} map segments damaged",
+            r.versions,
+            r.chunks,
+            ByteSize(r.bytes),
+            r.repaired.len(),
+            r.damaged.len(),
+            r.damaged_segments.len()
+        );
+        for (chunk, versions) in r.damaged.iter().chain(&r.damaged_segments) {
+            println!("  damaged {chunk}: needed by {}", versions.join(", "));
+        }
+    }
+    if r.is_clean() {
+        Ok(())
+    } else {
+        Err(mirror_server::Error::Corrupt(format!(
+            "{} chunks and {} map segments are damaged; the versions that need them are marked so (a device that sends that content again repairs it)",
+            r.damaged.len(),
+            r.damaged_segments.len()
+        )))
+    }
 }
 
 fn gc(data: &Path, window: Option<Span>) -> mirror_server::Result<()> {

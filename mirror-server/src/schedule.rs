@@ -57,6 +57,32 @@ pub async fn collect(volumes: Arc<Volumes>, every: Duration, window: Duration) {
     }
 }
 
+/// Verify the chunk store every `every` ("0s": never), repairing from this
+/// server's images what they still hold; damage left is logged as an error.
+pub async fn verify(volumes: Arc<Volumes>, every: Duration) {
+    if every.is_zero() || volumes.chunk_store().is_none() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(every).await;
+        let v = volumes.clone();
+        match tokio::task::spawn_blocking(move || v.verify(None, |_, _| {})).await {
+            Ok(Ok(r)) if r.is_clean() => {
+                tracing::info!(
+                    chunks = r.chunks,
+                    repaired = r.repaired.len(),
+                    "chunk store verified"
+                )
+            }
+            Ok(Ok(r)) => {
+                tracing::error!(damaged = ?r.damaged, segments = ?r.damaged_segments, "chunk store verify found damage it cannot repair here")
+            }
+            Ok(Err(e)) => tracing::warn!("chunk store verify: {e}"),
+            Err(e) => tracing::error!("chunk store verify panicked: {e}"),
+        }
+    }
+}
+
 /// One volume's turn: its snapshot if one is due, then its pruning.
 async fn visit(volumes: &Volumes, client: &str, name: &str, policy: &SnapshotPolicy) {
     let Ok(v) = volumes.open(client, name, None) else {

@@ -96,6 +96,10 @@ pub async fn run(
         config.store.gc_every.0,
         config.store.gc_window.0,
     ));
+    tokio::spawn(schedule::verify(
+        volumes.clone(),
+        config.store.verify_every.0,
+    ));
     tokio::spawn(schedule::run(config.clone(), volumes));
     accept(&endpoint, shared, shutdown).await;
     tracing::info!("shutting down");

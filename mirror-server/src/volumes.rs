@@ -72,6 +72,40 @@ impl Volumes {
         self
     }
 
+    /// Block `n` of volume `name`'s image in this data directory, if it has
+    /// one (for verify's repairs, which check it against the store's
+    /// sha256: no lock needed).
+    pub fn cached_block(&self, name: &str, n: u64) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let (client, volume) = split_volume(name).ok()?;
+        let dir = self.dir(client, volume);
+        let size = crate::store::read_state(&dir).ok()?.size;
+        let offset = n.checked_mul(ublk_mirror_common::block::BLOCK)?;
+        let len = size
+            .checked_sub(offset)?
+            .min(ublk_mirror_common::block::BLOCK);
+        let mut buf = vec![0u8; len as usize];
+        std::fs::File::open(dir.join("image"))
+            .ok()?
+            .read_exact_at(&mut buf, offset)
+            .ok()?;
+        Some(buf)
+    }
+
+    /// Verify the chunk store (one volume, or all), repairing from the
+    /// images here what they still hold.
+    pub fn verify(
+        &self,
+        volume: Option<&str>,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<crate::chunks::verify::Report> {
+        let store = self
+            .chunks
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("this server has no chunk store".into()))?;
+        store.verify(volume, |v, n, _| self.cached_block(v, n), progress)
+    }
+
     /// The chunk store, if any.
     pub fn chunk_store(&self) -> Option<&Arc<ChunkStore>> {
         self.chunks.as_ref()

@@ -1242,3 +1242,91 @@ async fn garbage_collection_keeps_what_snapshots_and_the_newest_versions_need() 
     let image = std::fs::read(data.join("volumes/laptop/root/image")).unwrap();
     assert!(image == model, "the store does not make the volume");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_repairs_from_the_image_and_reports_what_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    let size: u64 = 1 << 20;
+    let all: Vec<(u64, u32)> = (0..size / 65536).map(|i| (i * 65536, 65536)).collect();
+    link.open_volume("root", size).await.unwrap();
+    let model = noise(41, size as usize);
+    link.send_epoch("root", 1, w(1), &all, 3, reader(model.clone()))
+        .await
+        .unwrap();
+    let ok = server.cli(&["verify"]);
+    assert!(ok.status.success(), "{ok:?}");
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        said.contains("16 chunks") && said.contains("0 damaged"),
+        "{said}"
+    );
+    if std::env::var("MIRROR_TEST_STORE").as_deref() == Ok("s3") {
+        return; // the damage below is done to files of the directory store
+    }
+    let pack = std::fs::read_dir(data.join("store/packs"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .next()
+        .unwrap()
+        .path();
+    let rot = |at: usize| {
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[at] ^= 1;
+        std::fs::write(&pack, bytes).unwrap();
+    };
+    // The image here still has the block: repaired.
+    rot(100);
+    let fixed = server.cli(&["verify", "laptop/root"]);
+    assert!(fixed.status.success(), "{fixed:?}");
+    assert!(
+        String::from_utf8_lossy(&fixed.stdout).contains("1 repaired"),
+        "{fixed:?}"
+    );
+    // With the image gone too, it is reported, exit status 1, and the
+    // version is marked damaged.
+    drop(link);
+    drop(server);
+    let packs: Vec<_> = std::fs::read_dir(data.join("store/packs"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .collect();
+    for p in &packs {
+        let mut bytes = std::fs::read(p).unwrap();
+        bytes[200] ^= 1;
+        std::fs::write(p, bytes).unwrap();
+    }
+    std::fs::remove_dir_all(data.join("volumes")).unwrap();
+    let bad = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .arg("verify")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    let said = String::from_utf8_lossy(&bad.stdout);
+    assert!(said.contains("needed by laptop/root@1"), "{said}");
+    let store = store_json(&data);
+    assert_eq!(
+        store["volumes"][0]["damaged"],
+        serde_json::json!([1]),
+        "{store}"
+    );
+    // And nothing is served from it: the image is not rebuilt.
+    let up = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    assert!(!up.status.success(), "{up:?}");
+    assert!(
+        String::from_utf8_lossy(&up.stderr).contains("does not match its sha256"),
+        "{up:?}"
+    );
+}

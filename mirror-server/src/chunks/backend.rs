@@ -15,6 +15,7 @@
 //! # pack_size = "32MiB"              # target size of a pack of chunks
 //! # gc_every = "1d"                  # garbage collection by the running server
 //! # gc_window = "1445m"              # a dead object waits this long (24h5m)
+//! # verify_every = "7d"              # re-read and re-hash every chunk
 //! ```
 //!
 //! A credentials file is in the AWS shared-credentials shape (only the
@@ -75,6 +76,14 @@ pub struct StoreConfig {
     /// than any publication takes (see `chunks::gc`).
     #[serde(default = "default_gc_window")]
     pub gc_window: Span,
+    /// How often the running server re-reads and re-hashes every chunk
+    /// its volumes need ("0s": never; then `mirror-server verify`).
+    #[serde(default = "default_verify_every")]
+    pub verify_every: Span,
+}
+
+fn default_verify_every() -> Span {
+    Span(Duration::from_secs(7 * 24 * 3600))
 }
 
 fn default_gc_every() -> Span {
@@ -105,6 +114,7 @@ impl StoreConfig {
             pack_size: default_pack(),
             gc_every: default_gc_every(),
             gc_window: default_gc_window(),
+            verify_every: default_verify_every(),
         }
     }
 }

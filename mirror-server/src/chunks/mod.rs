@@ -57,6 +57,7 @@
 pub mod backend;
 pub mod format;
 pub mod gc;
+pub mod verify;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -121,6 +122,9 @@ struct Index {
     condemned: gc::Condemned,
     /// The `gc/state` generation last applied (`None`: never read).
     generation: Option<u64>,
+    /// Copies of chunks found damaged by verify: (pack, chunk). Never
+    /// deduplicated against; a good copy stored later takes their place.
+    damaged: HashSet<(Digest, Digest)>,
 }
 
 impl Index {
@@ -129,8 +133,12 @@ impl Index {
     fn usable(&self, hash: &Digest) -> Option<Loc> {
         self.chunks
             .get(hash)
-            .filter(|l| !self.condemned.packs.contains_key(&l.pack))
+            .filter(|l| !self.condemned.packs.contains_key(&l.pack) && !self.bad(l, hash))
             .copied()
+    }
+
+    fn bad(&self, loc: &Loc, hash: &Digest) -> bool {
+        self.damaged.contains(&(loc.pack, *hash))
     }
 }
 
@@ -220,6 +228,9 @@ impl ChunkStore {
         };
         chunks.run(chunks.claim())?;
         chunks.run(chunks.probe())?;
+        for (hash, pack) in chunks.run(chunks.read_damaged())? {
+            chunks.index().damaged.insert((pack, hash));
+        }
         chunks.refresh_index()?;
         Ok(chunks)
     }
@@ -392,10 +403,9 @@ impl ChunkStore {
             .insert(pack, (entries.iter().map(|e| e.hash).collect(), stored));
         for e in entries {
             let loc = Loc { pack, entry: *e };
-            let condemned = index
-                .chunks
-                .get(&e.hash)
-                .is_some_and(|l| index.condemned.packs.contains_key(&l.pack));
+            let condemned = index.chunks.get(&e.hash).is_some_and(|l| {
+                index.condemned.packs.contains_key(&l.pack) || index.bad(l, &e.hash)
+            }) && !index.damaged.contains(&(pack, e.hash));
             match index.chunks.entry(e.hash) {
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(loc);
@@ -581,6 +591,22 @@ impl ChunkStore {
             size: record.size,
             cached: Mutex::new(None),
         })
+    }
+
+    /// [`ChunkStore::chunks`], with an answer for each chunk: one damaged
+    /// chunk does not hide the others (for verify).
+    fn chunks_each(&self, hashes: &[Digest]) -> Vec<Result<Vec<u8>>> {
+        match self.chunks(hashes) {
+            Ok(all) => all.into_iter().map(Ok).collect(),
+            Err(_) if hashes.len() > 1 => hashes
+                .iter()
+                .map(|h| {
+                    self.chunks(std::slice::from_ref(h))
+                        .map(|mut v| v.remove(0))
+                })
+                .collect(),
+            Err(e) => vec![Err(e)],
+        }
     }
 
     /// Read the chunks `hashes` (none a hole), each checked against its

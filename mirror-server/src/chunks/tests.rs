@@ -605,3 +605,104 @@ fn gc_frees_only_the_dead_on_seaweedfs() {
     let weed = seaweed::Seaweed::start();
     gc_frees_only_the_dead(&Arc::new(open_weed(&weed, "gc").unwrap()));
 }
+
+/// Flip a byte of every pack holding `hash` (as a failing disk would).
+fn corrupt(store: &ChunkStore, hash: &Digest) {
+    let loc = store.index().chunks.get(hash).copied().unwrap();
+    let path = ObjPath::from(format::spread("packs", &loc.pack));
+    store.run(async {
+        let mut bytes = store
+            .store
+            .get(&path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        bytes[loc.entry.offset as usize + 3] ^= 0x40;
+        store
+            .store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .unwrap();
+    });
+}
+
+fn verify_finds_damage_and_repairs_it(store: &Arc<ChunkStore>) {
+    let size = 2 * BLOCK;
+    let v1 = publish(store, VOL, None, size, &[(0, 1), (1, 2)].into(), 1).unwrap();
+    let v2 = publish(store, VOL, Some(&v1.record), size, &[(1, 3)].into(), 2).unwrap();
+    let clean = store.verify(None, |_, _, _| None, |_, _| {}).unwrap();
+    assert!(clean.is_clean(), "{clean:?}");
+    assert_eq!((clean.versions, clean.chunks), (2, 3));
+
+    // Block 0's chunk rots: both versions need it; nothing serves it.
+    let h1 = format::sha256(&block_of(1, BLOCK as usize));
+    corrupt(store, &h1);
+    let r = store.verify(None, |_, _, _| None, |_, _| {}).unwrap();
+    assert_eq!(
+        r.damaged.get(&format::hex(&h1)),
+        Some(&vec![format!("{VOL}@1"), format!("{VOL}@2")]),
+        "{r:?}"
+    );
+    assert_eq!(store.damaged_versions(VOL).unwrap(), vec![1, 2]);
+    let reader = store.reader(&v2.record).unwrap();
+    let mut buf = vec![0u8; size as usize];
+    assert!(matches!(
+        reader.read_at(&mut buf, 0),
+        Err(Error::Corrupt(_))
+    ));
+    assert!(!store.has(&h1), "a damaged chunk is deduplicated against");
+    // Another server opening the store knows it too.
+    assert!(!open_on_same(store).has(&h1));
+
+    // An image cache still has it: repaired, and every version reads.
+    let r = store
+        .verify(
+            None,
+            |v, n, _| (v == VOL && n == 0).then(|| block_of(1, BLOCK as usize)),
+            |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(r.repaired, vec![format::hex(&h1)], "{r:?}");
+    assert!(r.is_clean(), "{r:?}");
+    assert!(store.damaged_versions(VOL).unwrap().is_empty());
+    assert_eq!(
+        read_all(store, &v2.record),
+        expected(size, &[(0, 1), (1, 3)].into())
+    );
+    assert_eq!(
+        read_all(&open_on_same(store), &v1.record),
+        expected(size, &[(0, 1), (1, 2)].into())
+    );
+
+    // Block 1's chunk of version 2 rots with no cache to help: the next
+    // time the device sends that content, it is stored again.
+    let h3 = format::sha256(&block_of(3, BLOCK as usize));
+    corrupt(store, &h3);
+    let r = store.verify(None, |_, _, _| None, |_, _| {}).unwrap();
+    assert_eq!(
+        r.damaged.get(&format::hex(&h3)),
+        Some(&vec![format!("{VOL}@2")])
+    );
+    let v3 = publish(store, VOL, Some(&v2.record), size, &[(1, 3)].into(), 3).unwrap();
+    assert_eq!(v3.packs, 1, "the damaged chunk was not stored again");
+    let r = store.verify(None, |_, _, _| None, |_, _| {}).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(
+        read_all(store, &v2.record),
+        expected(size, &[(0, 1), (1, 3)].into())
+    );
+}
+
+#[test]
+fn verify_finds_damage_and_repairs_it_in_memory() {
+    verify_finds_damage_and_repairs_it(&open_on(memory()));
+}
+
+#[test]
+fn verify_finds_damage_and_repairs_it_on_seaweedfs() {
+    let weed = seaweed::Seaweed::start();
+    verify_finds_damage_and_repairs_it(&Arc::new(open_weed(&weed, "verify").unwrap()));
+}
