@@ -4,10 +4,12 @@
 //!
 //! # What is kept
 //!
-//! A volume keeps its newest two versions, every version a pin names
+//! A volume keeps its newest two versions and every version a pin names
 //! (`vol/CLIENT/VOLUME/pins/NAME`: a snapshot of the volume, JSON
-//! `{"seq":N}`), and every version younger than the window. Other
-//! version records are deleted. Kept versions make their map segments
+//! `{"seq":N}`). Other version records are deleted at once: a record is
+//! whole once written, no publication builds on any but the newest, and a
+//! server whose image holds a deleted version catches up by comparing
+//! every block instead of the changed segments. Kept versions make their map segments
 //! live, and those their chunks; a pack with no live chunk is dead, and so
 //! is a condemned pack whose live chunks were all stored again in packs
 //! that are not condemned (a partly dead pack is kept whole: repacking is
@@ -255,11 +257,11 @@ impl ChunkStore {
         progress("marking");
         let mut live_segments: HashSet<Digest> = HashSet::new();
         for volume in self.volumes()? {
-            let dated = self.versions_dated(&volume)?;
+            let seqs = self.versions(&volume)?;
             let pins: HashSet<u64> = self.pins(&volume)?.into_values().collect();
-            let newest: Vec<u64> = dated.iter().rev().take(2).map(|(s, _)| *s).collect();
-            for (seq, written) in dated {
-                if newest.contains(&seq) || pins.contains(&seq) || written > old {
+            let newest: Vec<u64> = seqs.iter().rev().take(2).copied().collect();
+            for seq in seqs {
+                if newest.contains(&seq) || pins.contains(&seq) {
                     report.versions_kept += 1;
                     for id in self.version(&volume, seq)?.segment_ids()? {
                         live_segments.insert(id);
