@@ -915,14 +915,20 @@ async fn a_full_server_disk_is_a_clean_error_and_the_client_resumes() {
     drop(server);
 }
 
-/// `mirror-server store --json` of a server's data directory.
-fn store_json(data: &Path) -> serde_json::Value {
-    let out = Command::new(bin())
+/// `mirror-server ARGS` on data directory `data` (a server running on it
+/// or not).
+fn cli_at(data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
         .arg("--data")
         .arg(data)
-        .args(["store", "--json"])
+        .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `mirror-server store --json` of a server's data directory.
+fn store_json(data: &Path) -> serde_json::Value {
+    let out = cli_at(data, &["store", "--json"]);
     assert!(out.status.success(), "{out:?}");
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -1041,12 +1047,7 @@ async fn the_chunk_store_keeps_every_epoch_deduplicated_and_rebuilds_lost_images
     let mine = std::fs::read_to_string(other.join("server.toml")).unwrap();
     let mine = format!("{}{store_section}", &mine[..mine.find("[store]").unwrap()]);
     std::fs::write(other.join("server.toml"), mine).unwrap();
-    let up = Command::new(bin())
-        .arg("--data")
-        .arg(&other)
-        .arg("upgrade")
-        .output()
-        .unwrap();
+    let up = cli_at(&other, &["upgrade"]);
     assert!(up.status.success(), "{up:?}");
     let said = String::from_utf8_lossy(&up.stdout);
     assert!(said.contains("laptop/root: version 3"), "{said}");
@@ -1232,12 +1233,7 @@ async fn garbage_collection_keeps_what_snapshots_and_the_newest_versions_need() 
     drop(link);
     drop(server);
     std::fs::remove_dir_all(data.join("volumes")).unwrap();
-    let up = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .arg("upgrade")
-        .output()
-        .unwrap();
+    let up = cli_at(&data, &["upgrade"]);
     assert!(up.status.success(), "{up:?}");
     let image = std::fs::read(data.join("volumes/laptop/root/image")).unwrap();
     assert!(image == model, "the store does not make the volume");
@@ -1302,12 +1298,7 @@ async fn verify_repairs_from_the_image_and_reports_what_it_cannot() {
         std::fs::write(p, bytes).unwrap();
     }
     std::fs::remove_dir_all(data.join("volumes")).unwrap();
-    let bad = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .arg("verify")
-        .output()
-        .unwrap();
+    let bad = cli_at(&data, &["verify"]);
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
     let said = String::from_utf8_lossy(&bad.stdout);
     assert!(said.contains("needed by laptop/root@1"), "{said}");
@@ -1318,12 +1309,7 @@ async fn verify_repairs_from_the_image_and_reports_what_it_cannot() {
         "{store}"
     );
     // And nothing is served from it: the image is not rebuilt.
-    let up = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .arg("upgrade")
-        .output()
-        .unwrap();
+    let up = cli_at(&data, &["upgrade"]);
     assert!(!up.status.success(), "{up:?}");
     assert!(
         String::from_utf8_lossy(&up.stderr).contains("does not match its sha256"),
