@@ -164,10 +164,12 @@ async fn launch(
     overlay: Option<&Path>,
     chap: Option<iscsi::target::Chap>,
 ) -> Result<iscsi::Running> {
-    let (info, pin, reader, uuid) = {
+    let (lun, info) = {
         let mut v = volume.lock().await;
-        let (info, pin) = tokio::task::block_in_place(|| v.pin_version(at))?;
-        (info, pin, v.reader(), v.state().uuid.clone())
+        let uuid = v.state().uuid.clone();
+        let (info, pin, source) = tokio::task::block_in_place(|| v.open_version(at))?;
+        let lun = iscsi::SnapshotLun::new(volume.clone(), source, info.clone(), pin, &uuid);
+        (lun, info)
     };
     let iqn = iqn.unwrap_or_else(|| {
         let shown = if at.is_none() {
@@ -177,13 +179,7 @@ async fn launch(
         };
         iscsi::export_name(client, name, shown)
     });
-    let lun = Arc::new(iscsi::SnapshotLun::new(
-        volume.clone(),
-        reader,
-        info,
-        pin,
-        &uuid,
-    ));
+    let lun = Arc::new(lun);
     match iscsi::start(lun.clone(), overlay, iqn, listen, allow, chap).await {
         Ok(running) => Ok(running),
         Err(e) => {

@@ -501,8 +501,9 @@ fn export(
     // No server: serve it here until Ctrl-C, as the server would.
     let _lock = admin::ServerLock::take(data)?;
     admin::volume_dir(data, &volume)?;
+    let chunks = ServerConfig::load(data)?.chunk_store(data)?;
     runtime()?.block_on(async {
-        let volumes = Volumes::new(data, Quota::none());
+        let volumes = Volumes::new(data, Quota::none()).with_store(chunks);
         let running = Exports::new();
         let info = running.start(&volumes, spec).await?;
         show(&info);

@@ -441,16 +441,16 @@ async fn restore(
         Ok(v) => v,
         Err(e) => return refuse(send, e.to_string()).await,
     };
-    let pinned = {
+    let opened = {
         let mut v = v.lock().await;
-        tokio::task::block_in_place(|| v.pin_version(at))
+        tokio::task::block_in_place(|| v.open_version(at))
     };
-    let (info, pin) = match pinned {
+    let (info, pin, source) = match opened {
         Ok(p) => p,
         Err(e) => return refuse(send, e.to_string()).await,
     };
-    tracing::info!(client, volume, snapshot = %info.name, "restore started");
-    let served = serve_restore(&v, &info, send, recv).await;
+    tracing::info!(client, volume, snapshot = %info.name, from_store = pin.is_none(), "restore started");
+    let served = serve_restore(&source, &info, send, recv).await;
     let mut locked = v.lock().await;
     if let Err(e) = tokio::task::block_in_place(|| locked.done_reading(&info, pin)) {
         tracing::warn!(client, volume, "after a restore: {e}");

@@ -19,7 +19,7 @@ use ublk_mirror_common::{block, wire};
 
 use crate::error::Error;
 use crate::snapshots::SnapshotInfo;
-use crate::store::{SnapshotReader, Staging};
+use crate::store::{Staging, VersionSource};
 use crate::volumes::SharedVolume;
 
 /// How a request ended badly.
@@ -116,12 +116,11 @@ pub(crate) async fn receive_epoch(
 /// A restore's stream: `RestoreInfo`, then for each `Have` the blocks of
 /// the snapshot whose digests differ from the target's, and `HaveDone`.
 pub(crate) async fn serve_restore(
-    volume: &SharedVolume,
+    reader: &VersionSource,
     info: &SnapshotInfo,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let reader = volume.lock().await.reader();
     let size = reader.size();
     wire::send(
         send,
@@ -150,7 +149,7 @@ pub(crate) async fn serve_restore(
         // Read through the snapshot reader: publishing goes on meanwhile
         // (it preserves old chunks in the snapshot before it overwrites
         // them); hash and compress after.
-        let data = match tokio::task::block_in_place(|| read_blocks(&reader, info.id, &blocks)) {
+        let data = match tokio::task::block_in_place(|| read_blocks(reader, &blocks)) {
             Ok(d) => d,
             Err(e) => return refuse(send, format!("restore: {e}")).await,
         };
@@ -172,17 +171,13 @@ pub(crate) async fn serve_restore(
     Ok(())
 }
 
-/// The bytes of `blocks` of snapshot `id`.
-fn read_blocks(
-    reader: &SnapshotReader,
-    id: u64,
-    blocks: &[(u64, u32)],
-) -> crate::Result<Vec<Vec<u8>>> {
+/// The bytes of `blocks` of the version `reader` reads.
+fn read_blocks(reader: &VersionSource, blocks: &[(u64, u32)]) -> crate::Result<Vec<Vec<u8>>> {
     blocks
         .iter()
         .map(|&(o, l)| {
             let mut buf = vec![0u8; l as usize];
-            reader.read(id, &mut buf, o)?;
+            reader.read(&mut buf, o)?;
             Ok(buf)
         })
         .collect()

@@ -41,6 +41,12 @@ const SIZE: u64 = 64 << 20;
 /// 32 MiB, holes elsewhere; snapshot "first"; epoch 2 rewrites the first
 /// MiB. Returns both images.
 fn make_volume(data: &Path) -> (Vec<u8>, Vec<u8>) {
+    make_volume_in(data, false)
+}
+
+/// [`make_volume`], with every epoch and the snapshot kept in the data
+/// directory's chunk store too (`stored`), as a running server does.
+fn make_volume_in(data: &Path, stored: bool) -> (Vec<u8>, Vec<u8>) {
     let init = Command::new(bin())
         .arg("--data")
         .arg(data)
@@ -49,6 +55,11 @@ fn make_volume(data: &Path) -> (Vec<u8>, Vec<u8>) {
         .unwrap();
     assert!(init.status.success(), "{init:?}");
     let mut v = Volume::create(&data.join("volumes/laptop/root"), SIZE).unwrap();
+    if stored {
+        let config = mirror_server::config::ServerConfig::load(data).unwrap();
+        v.attach(config.chunk_store(data).unwrap(), "laptop/root")
+            .unwrap();
+    }
     let me = |epoch| Writer {
         device: [1; 16],
         epoch,
@@ -190,6 +201,59 @@ fn qemu_img_copies_a_snapshot_byte_for_byte_and_skips_holes() {
         allocated <= 6 << 20,
         "{allocated} bytes allocated: holes were copied"
     );
+}
+
+#[test]
+fn a_snapshot_the_cache_lost_is_exported_from_the_chunk_store() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (one, two) = make_volume_in(&data, true);
+    // The cache is lost (or this is another server on the same store):
+    // the image comes back from the store, the snapshot stays there.
+    std::fs::remove_dir_all(data.join("volumes")).unwrap();
+    let up = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{up:?}");
+    assert!(std::fs::read(data.join("volumes/laptop/root/image")).unwrap() == two);
+    let export = Export::start(&data, "laptop/root@first", port(), &[]);
+    let out = dir.path().join("first.raw");
+    let conv = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&export.url)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(conv.status.success(), "{conv:?}");
+    assert!(
+        std::fs::read(&out).unwrap() == one,
+        "the copy is not snapshot first"
+    );
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&out).unwrap()) * 512;
+    assert!(
+        allocated <= 6 << 20,
+        "{allocated} bytes allocated: holes were copied"
+    );
+    drop(export);
+    // A name neither has is still refused.
+    let none = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "export",
+            "laptop/root@nothing",
+            "--listen",
+            &format!("127.0.0.1:{}", port()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(2), "{none:?}");
 }
 
 #[test]

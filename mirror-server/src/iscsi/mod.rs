@@ -33,7 +33,7 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 
 use crate::snapshots::{Pin, SnapshotInfo};
-use crate::store::{SnapshotReader, Volume};
+use crate::store::{VersionSource, Volume};
 
 /// iSCSI's port.
 pub const DEFAULT_PORT: u16 = 3260;
@@ -68,11 +68,20 @@ pub struct SnapshotLun {
     /// For letting go of the snapshot at the end.
     volume: Arc<tokio::sync::Mutex<Volume>>,
     /// For reading it, without the volume's lock.
-    reader: SnapshotReader,
+    source: VersionSource,
     info: SnapshotInfo,
     size: u64,
     id: u64,
     pin: std::sync::Mutex<Option<Pin>>,
+}
+
+fn lun_id(uuid: &str, name: &str) -> u64 {
+    let mut h = Sha256::new();
+    h.update(uuid.as_bytes());
+    h.update([0]);
+    h.update(name.as_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
 impl SnapshotLun {
@@ -81,25 +90,19 @@ impl SnapshotLun {
     /// snapshot's name.
     pub fn new(
         volume: Arc<tokio::sync::Mutex<Volume>>,
-        reader: SnapshotReader,
+        source: VersionSource,
         info: SnapshotInfo,
-        pin: Pin,
+        pin: Option<Pin>,
         uuid: &str,
     ) -> SnapshotLun {
-        let size = reader.size();
-        let mut h = Sha256::new();
-        h.update(uuid.as_bytes());
-        h.update([0]);
-        h.update(info.name.as_bytes());
-        let d = h.finalize();
-        let id = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+        let size = source.size();
         SnapshotLun {
             volume,
-            reader,
+            source,
+            id: lun_id(uuid, &info.name),
             info,
             size: size - size % scsi::BLOCK,
-            id,
-            pin: std::sync::Mutex::new(Some(pin)),
+            pin: std::sync::Mutex::new(pin),
         }
     }
 
@@ -112,7 +115,10 @@ impl SnapshotLun {
     pub fn release(&self) -> crate::Result<()> {
         let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner()).take();
         match pin {
-            Some(pin) => self.volume.blocking_lock().done_reading(&self.info, pin),
+            Some(pin) => self
+                .volume
+                .blocking_lock()
+                .done_reading(&self.info, Some(pin)),
             None => Ok(()),
         }
     }
@@ -128,11 +134,11 @@ impl scsi::Lun for SnapshotLun {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.reader.read(self.info.id, buf, offset).map_err(io)
+        self.source.read(buf, offset).map_err(io)
     }
 
     fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
-        self.reader.extent(self.info.id, offset).map_err(io)
+        self.source.extent(offset).map_err(io)
     }
 
     fn id(&self) -> u64 {

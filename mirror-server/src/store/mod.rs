@@ -81,7 +81,7 @@ use ublk_mirror_common::proto::{Digest, Writer};
 use ublk_mirror_common::{block, fsutil};
 
 use self::log::{read_log_header, LogReader};
-pub use self::reader::{import, list, SnapshotReader};
+pub use self::reader::{import, list, SnapshotReader, VersionSource};
 pub use self::staging::Staging;
 use self::staging::{remove_staging, staging_epochs, staging_path, STAGING};
 use crate::chunks::format::{VersionRecord, WriterRecord, HOLE};
@@ -406,7 +406,10 @@ impl Volume {
     }
 
     /// A reader of `info` is done: a temporary snapshot is deleted.
-    pub fn done_reading(&mut self, info: &SnapshotInfo, pin: Pin) -> Result<()> {
+    pub fn done_reading(&mut self, info: &SnapshotInfo, pin: Option<Pin>) -> Result<()> {
+        let Some(pin) = pin else {
+            return Ok(());
+        };
         drop(pin);
         if info.kind == Kind::Temporary {
             self.delete_snapshot(&info.name)?;
@@ -765,6 +768,56 @@ impl Volume {
             }
         }
         Ok(())
+    }
+
+    /// Version `at` of the volume to read (see [`Volume::pin_version`]),
+    /// from the cache's snapshots, or else, for a snapshot name the chunk
+    /// store pins, from the store. The pin (none for the store's: its pin
+    /// keeps it) goes back with [`Volume::done_reading`].
+    pub fn open_version(
+        &mut self,
+        at: Option<&str>,
+    ) -> Result<(SnapshotInfo, Option<Pin>, VersionSource)> {
+        match self.pin_version(at) {
+            Ok((info, pin)) => {
+                let source = VersionSource::Cache {
+                    reader: self.reader(),
+                    id: info.id,
+                };
+                Ok((info, Some(pin), source))
+            }
+            Err(e) => match at
+                .map(|name| self.stored_snapshot(name))
+                .transpose()?
+                .flatten()
+            {
+                Some((reader, info)) => Ok((info, None, VersionSource::Store(reader))),
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Snapshot `name` as the chunk store keeps it (its pin), if it does.
+    fn stored_snapshot(
+        &self,
+        name: &str,
+    ) -> Result<Option<(crate::chunks::VersionReader, SnapshotInfo)>> {
+        let Some((store, volume)) = &self.chunks else {
+            return Ok(None);
+        };
+        let Some(&seq) = store.pins(volume)?.get(name) else {
+            return Ok(None);
+        };
+        let record = store.version(volume, seq)?;
+        let info = SnapshotInfo {
+            id: 0,
+            name: name.to_string(),
+            epoch: record.epoch,
+            epoch_ms: record.created_ms,
+            created_ms: record.created_ms,
+            kind: Kind::Manual,
+        };
+        Ok(Some((store.reader(&record)?, info)))
     }
 
     /// The chunk store version the image holds, if attached.

@@ -93,6 +93,56 @@ pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
     Ok(out)
 }
 
+/// A version of a volume to read, wherever it is: a snapshot of the
+/// image cache, or a version the chunk store keeps (a snapshot this
+/// server's cache does not have: taken on another server on the same
+/// store, or before the cache was rebuilt).
+#[derive(Debug)]
+pub enum VersionSource {
+    /// Snapshot `id` of the cache.
+    Cache {
+        /// The cache's snapshots.
+        reader: SnapshotReader,
+        /// Which one.
+        id: u64,
+    },
+    /// A version in the chunk store.
+    Store(crate::chunks::VersionReader),
+}
+
+impl VersionSource {
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            VersionSource::Cache { reader, .. } => reader.size(),
+            VersionSource::Store(r) => r.size(),
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self {
+            VersionSource::Cache { reader, id } => reader.read(*id, buf, offset),
+            VersionSource::Store(r) => r.read_at(buf, offset),
+        }
+    }
+
+    /// Whether the bytes at `offset` hold data or a hole, and how far that
+    /// answer goes.
+    pub fn extent(&self, offset: u64) -> Result<(bool, u64)> {
+        match self {
+            VersionSource::Cache { reader, id } => reader.extent(*id, offset),
+            VersionSource::Store(r) => {
+                let block = ublk_mirror_common::block::BLOCK;
+                let n = offset / block;
+                let end = ((n + 1) * block).min(r.size());
+                let mapped = r.digest(n)? != crate::chunks::format::HOLE;
+                Ok((mapped, end - offset))
+            }
+        }
+    }
+}
+
 /// Make volume `dir` from the image file `from` (seeding a mirror with a
 /// copy brought by other means): its size, its content as published epoch
 /// 1, owned by no device yet (the first device to mirror to it compares
