@@ -337,8 +337,13 @@ async fn open_volume(
     match opened {
         Ok(v) => {
             let mut v = v.lock().await;
-            if let Err(e) = tokio::task::block_in_place(|| v.refresh()) {
-                return refuse(send, e.to_string()).await;
+            match tokio::task::block_in_place(|| v.refresh()) {
+                Ok(()) => {}
+                // The cache answers; the commit waits for the store.
+                Err(Error::Store(e)) => {
+                    tracing::warn!(client, volume, "the chunk store cannot be read now: {e}")
+                }
+                Err(e) => return refuse(send, e.to_string()).await,
             }
             let state = v.state().clone();
             drop(v);

@@ -105,6 +105,12 @@ thread_local! {
 /// both backends (scripts/test runs them with MIRROR_TEST_STORE=s3 too).
 fn on_seaweed(data: &Path) {
     let weed = common::seaweed::Seaweed::start();
+    use_seaweed(data, &weed);
+    WEEDS.with(|w| w.borrow_mut().push(weed));
+}
+
+/// Point the server of `data` (made by `init`) at a bucket of `weed`.
+fn use_seaweed(data: &Path, weed: &common::seaweed::Seaweed) {
     let cred = data.join("s3.credentials");
     std::fs::write(
         &cred,
@@ -128,7 +134,6 @@ fn on_seaweed(data: &Path) {
         ),
     );
     std::fs::write(&config, text).unwrap();
-    WEEDS.with(|w| w.borrow_mut().push(weed));
 }
 
 impl Drop for Server {
@@ -1315,4 +1320,54 @@ async fn verify_repairs_from_the_image_and_reports_what_it_cannot() {
         String::from_utf8_lossy(&up.stderr).contains("does not match its sha256"),
         "{up:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_store_refuses_the_commit_and_the_epoch_resumes_when_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let init = cli_at(&data, &["init", "--listen", "127.0.0.1:0"]);
+    assert!(init.status.success(), "{init:?}");
+    let mut weed = common::seaweed::Seaweed::start();
+    use_seaweed(&data, &weed);
+    let server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    let size: u64 = 4 << 20;
+    let all: Vec<(u64, u32)> = (0..size / 65536).map(|i| (i * 65536, 65536)).collect();
+    link.open_volume("root", size).await.unwrap();
+    let one = noise(51, size as usize);
+    link.send_epoch("root", 1, w(1), &all, 3, reader(one.clone()))
+        .await
+        .unwrap();
+    // The store goes away: the epoch arrives but cannot be published.
+    weed.stop();
+    let mut two = one.clone();
+    two[..8 * 65536].copy_from_slice(&noise(52, 8 * 65536));
+    let err = link
+        .send_epoch("root", 2, w(2), &all[..8], 3, reader(two.clone()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chunk store"), "{err}");
+    assert!(
+        server.image("laptop", "root") == one,
+        "the image moved without the store"
+    );
+    // Back: the epoch resumes (its blocks stayed staged) and is published.
+    weed.restart();
+    assert_eq!(
+        link.open_volume("root", size)
+            .await
+            .unwrap()
+            .published_epoch,
+        1
+    );
+    let shipped = link
+        .send_epoch("root", 2, w(2), &all[..8], 3, reader(two.clone()))
+        .await
+        .unwrap();
+    assert_eq!(shipped.resumed_bytes, 8 * 65536, "{shipped:?}");
+    assert!(server.image("laptop", "root") == two);
+    let store = store_json(&data);
+    assert_eq!(store["volumes"][0]["versions"], 2, "{store}");
 }

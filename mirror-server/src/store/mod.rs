@@ -472,8 +472,16 @@ impl Volume {
             self.recover()?;
             self.poisoned = false;
         }
-        // Another server on the same store may have published since.
-        self.refresh()?;
+        // Another server on the same store may have published since. A
+        // store out of reach does not stop the staging: the epoch's blocks
+        // are taken, and its commit waits for the store (it checks again
+        // that the store did not move on).
+        if let Err(e) = self.refresh() {
+            tracing::warn!(
+                epoch,
+                "the chunk store cannot be read now; staging anyway: {e}"
+            );
+        }
         if let Some(owner) = self.state.writer().map(|w| w.device) {
             if owner != writer.device {
                 return Err(Error::Invalid(format!(
@@ -718,11 +726,20 @@ impl Volume {
     /// the first version: the upgrade.
     pub fn attach(&mut self, store: Arc<ChunkStore>, name: &str) -> Result<()> {
         self.chunks = Some((store, name.to_string()));
-        let result = self.refresh();
-        if result.is_err() {
-            self.chunks = None;
+        match self.refresh() {
+            Ok(()) => Ok(()),
+            // Out of reach now: the image serves as it is, and staging
+            // goes on; the store is read again before each epoch and
+            // checked at each commit.
+            Err(Error::Store(e)) => {
+                tracing::warn!(volume = name, "the chunk store cannot be read now: {e}");
+                Ok(())
+            }
+            Err(e) => {
+                self.chunks = None;
+                Err(e)
+            }
         }
-        result
     }
 
     /// Catch the image up with the chunk store if the store moved on
