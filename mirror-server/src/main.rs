@@ -679,7 +679,32 @@ fn upgrade(data: &Path) -> mirror_server::Result<()> {
 }
 
 fn list_snapshots(data: &Path, volume: &str, json: bool) -> mirror_server::Result<()> {
-    let list = snapshots::list(&admin::volume_dir(data, volume)?)?;
+    let mut list = snapshots::list(&admin::volume_dir(data, volume)?)?;
+    // Snapshots the chunk store pins that this cache does not have (taken
+    // on another server on the store, or before the cache was rebuilt):
+    // exports and restores read them from the store. Shown as kind
+    // "stored", keeping nothing here.
+    if let Ok(store) = ServerConfig::load(data).and_then(|c| c.chunk_store(data)) {
+        for (name, seq) in store.pins(volume).unwrap_or_default() {
+            if list.iter().any(|(s, _)| s.name == name) {
+                continue;
+            }
+            if let Ok(record) = store.version(volume, seq) {
+                list.push((
+                    snapshots::SnapshotInfo {
+                        id: 0,
+                        name,
+                        epoch: record.epoch,
+                        epoch_ms: record.created_ms,
+                        created_ms: record.created_ms,
+                        kind: snapshots::Kind::Stored,
+                    },
+                    0,
+                ));
+            }
+        }
+        list.sort_by_key(|(s, _)| (s.epoch_ms, s.created_ms));
+    }
     let mut out = std::io::stdout().lock();
     let io = |e| mirror_server::Error::io("writing to stdout", e);
     if json {

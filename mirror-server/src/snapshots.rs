@@ -76,6 +76,10 @@ pub enum Kind {
     /// Taken for one reader (a restore of "now"), deleted when it is done
     /// (or when the volume is next opened, after a crash).
     Temporary,
+    /// Not in this server's cache: a version the chunk store pins under
+    /// this name (never written to a manifest; listed and read from the
+    /// store).
+    Stored,
 }
 
 /// One snapshot, as listed.

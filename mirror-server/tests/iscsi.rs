@@ -222,6 +222,19 @@ fn a_snapshot_the_cache_lost_is_exported_from_the_chunk_store() {
         .unwrap();
     assert!(up.status.success(), "{up:?}");
     assert!(std::fs::read(data.join("volumes/laptop/root/image")).unwrap() == two);
+    let listed = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args(["snapshots", "laptop/root"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("first ") && l.contains("stored")),
+        "{listed}"
+    );
     let export = Export::start(&data, "laptop/root@first", port(), &[]);
     let out = dir.path().join("first.raw");
     let conv = Command::new("qemu-img")

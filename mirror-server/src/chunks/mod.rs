@@ -183,7 +183,16 @@ impl Drop for ChunkStore {
 }
 
 fn store_err(what: impl std::fmt::Display, e: object_store::Error) -> Error {
-    Error::Store(format!("{what}: {e}"))
+    let hint = match &e {
+        object_store::Error::PermissionDenied { .. } => {
+            " (the store refuses these credentials this operation: a read-only key or bucket? the chunk store must write)"
+        }
+        object_store::Error::Unauthenticated { .. } => {
+            " (check the keys: [store] credentials_file or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        }
+        _ => "",
+    };
+    Error::Store(format!("{what}: {e}{hint}"))
 }
 
 fn version_path(volume: &str, seq: u64) -> ObjPath {

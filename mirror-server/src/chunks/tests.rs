@@ -267,6 +267,33 @@ fn a_store_without_conditional_writes_is_refused() {
 }
 
 #[test]
+fn a_read_only_store_is_a_clear_error_and_nothing_is_published() {
+    let inner = memory();
+    drop(open_on(inner.clone()));
+    let faulty = Arc::new(Faulty::new(inner.clone()));
+    faulty.read_only.store(true, Ordering::SeqCst);
+    let e = ChunkStore::with(faulty.clone(), "test".into(), 1 << 20).unwrap_err();
+    assert!(matches!(e, Error::Store(_)), "{e}");
+    assert!(e.to_string().contains("read-only"), "{e}");
+    // Made read-only after it opened: the publication fails, nothing is
+    // published, and it goes through once the store takes writes again.
+    faulty.read_only.store(false, Ordering::SeqCst);
+    let store = open_on(faulty.clone());
+    faulty.read_only.store(true, Ordering::SeqCst);
+    let e = publish(&store, VOL, None, BLOCK, &[(0, 1)].into(), 1).unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+    assert!(store.head(VOL).unwrap().is_none());
+    faulty.read_only.store(false, Ordering::SeqCst);
+    assert_eq!(
+        publish(&store, VOL, None, BLOCK, &[(0, 1)].into(), 1)
+            .unwrap()
+            .record
+            .seq,
+        1
+    );
+}
+
+#[test]
 fn two_servers_on_one_base_publish_once() {
     let inner = memory();
     let a = open_on(inner.clone());
@@ -308,6 +335,7 @@ struct Faulty {
     fail_at: AtomicUsize,
     after: AtomicBool,
     ignore_create: AtomicBool,
+    read_only: AtomicBool,
 }
 
 impl Faulty {
@@ -318,6 +346,7 @@ impl Faulty {
             fail_at: AtomicUsize::new(usize::MAX),
             after: AtomicBool::new(false),
             ignore_create: AtomicBool::new(false),
+            read_only: AtomicBool::new(false),
         }
     }
 
@@ -357,6 +386,12 @@ impl ObjectStore for Faulty {
     ) -> object_store::Result<PutResult> {
         if self.ignore_create.load(Ordering::SeqCst) {
             opts.mode = PutMode::Overwrite;
+        }
+        if self.read_only.load(Ordering::SeqCst) {
+            return Err(object_store::Error::PermissionDenied {
+                path: location.to_string(),
+                source: "AccessDenied".into(),
+            });
         }
         let hit = self.hit();
         if hit && !self.after.load(Ordering::SeqCst) {

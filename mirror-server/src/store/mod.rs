@@ -832,7 +832,7 @@ impl Volume {
             epoch: record.epoch,
             epoch_ms: record.created_ms,
             created_ms: record.created_ms,
-            kind: Kind::Manual,
+            kind: Kind::Stored,
         };
         Ok(Some((store.reader(&record)?, info)))
     }
