@@ -14,8 +14,11 @@ use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::token::Token;
 use ublk_mirror_common::{ByteSize, Span};
 
-/// The mirror server of ublk-mirror: keeps every enrolled device's volumes
-/// as sparse images, each always one whole published epoch.
+/// The mirror server of ublk-mirror: keeps every enrolled device's volumes,
+/// each always one whole published epoch, and every epoch as a version in
+/// a deduplicated chunk store (a directory, or an S3-compatible bucket
+/// that several servers can share); the images in the data directory are
+/// its cache.
 ///
 /// Start with `mirror-server init` on the machine with the big disks.
 #[derive(Debug, Parser)]
@@ -156,7 +159,8 @@ enum Command {
     },
     /// Show the chunk store (server.toml's [store]): where it is, what it
     /// holds — distinct chunks, their bytes before and after compression,
-    /// packs, the dedup ratio — and each volume's versions.
+    /// packs, objects — and each volume's versions (and damage verify
+    /// found).
     ///
     /// Every published epoch of every volume is a version in the store;
     /// a block stored once is never stored again, whichever client sends
@@ -167,9 +171,9 @@ enum Command {
         json: bool,
     },
     /// Collect the chunk store's garbage now: delete the versions no
-    /// snapshot pins (a volume keeps its newest two and those younger than
-    /// the window), then the packs and map segments no kept version needs
-    /// and that a run at least the window ago condemned already. The
+    /// snapshot pins (a volume keeps its newest two), then the packs and
+    /// map segments no kept version needs and that a run at least the
+    /// window ago condemned already. The
     /// running server does it every `gc_every` (server.toml's [store]).
     Gc {
         /// How long a dead object stays condemned before it goes
