@@ -81,6 +81,13 @@ const STORE_FORMAT: u32 = 1;
 /// zstd level for chunks the client sent uncompressed or that were
 /// imported (the wire's blocks were decoded on arrival).
 const LEVEL: i32 = 1;
+/// Packs a publication has on their way at once, besides the one filling
+/// (each up to the pack size in memory).
+const UPLOADS: usize = 3;
+
+fn joined(e: tokio::task::JoinError) -> Error {
+    Error::Store(format!("an upload to the store ended: {e}"))
+}
 
 /// What `store.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -568,6 +575,7 @@ impl ChunkStore {
             size,
             pack: PackBuilder::new(LEVEL),
             pending: HashSet::new(),
+            uploads: std::collections::VecDeque::new(),
             changes: BTreeMap::new(),
             written_packs: 0,
             written_bytes: 0,
@@ -575,15 +583,37 @@ impl ChunkStore {
     }
 
     async fn upload_pack(&self, pack: PackBuilder) -> Result<()> {
-        let (bytes, index, entries) = pack.finish();
-        let mut id = [0u8; 32];
-        getrandom::fill(&mut id).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
-        self.create(&ObjPath::from(format::spread("packs", &id)), bytes.into())
-            .await?;
-        self.create(&ObjPath::from(format::spread("idx", &id)), index.into())
-            .await?;
+        let (id, entries) = self.spawn_upload(pack).await.map_err(joined)??;
         self.remember(id, &entries);
         Ok(())
+    }
+
+    /// Upload a pack, then its index, on the store's runtime: its name and
+    /// entries once both are stored (the caller remembers them).
+    fn spawn_upload(
+        &self,
+        pack: PackBuilder,
+    ) -> tokio::task::JoinHandle<Result<(Digest, Vec<Entry>)>> {
+        let store = self.store.clone();
+        let describe = self.describe.clone();
+        let rt = self.rt.as_ref().expect("runtime until drop");
+        rt.spawn(async move {
+            let (bytes, index, entries) = pack.finish();
+            let mut id = [0u8; 32];
+            getrandom::fill(&mut id).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
+            let opts = || PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            for (dir, body) in [("packs", bytes), ("idx", index)] {
+                let path = ObjPath::from(format::spread(dir, &id));
+                match store.put_opts(&path, PutPayload::from(body), opts()).await {
+                    Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(store_err(format!("writing {describe}/{path}"), e)),
+                }
+            }
+            Ok((id, entries))
+        })
     }
 
     /// The digests of segment `id`.
@@ -689,8 +719,10 @@ pub struct Publication<'a> {
     base: Option<(u64, Vec<Digest>)>,
     size: u64,
     pack: PackBuilder,
-    /// Chunks in the pack being filled.
+    /// Chunks this publication packed (uploaded or on their way).
     pending: HashSet<Digest>,
+    /// Packs on their way, oldest first.
+    uploads: std::collections::VecDeque<tokio::task::JoinHandle<Result<(Digest, Vec<Entry>)>>>,
     /// Block number → its new digest ([`HOLE`]: zeroes).
     changes: BTreeMap<u64, Digest>,
     written_packs: u64,
@@ -742,6 +774,8 @@ impl Publication<'_> {
         Ok(())
     }
 
+    /// Send the pack being filled on its way (up to [`UPLOADS`] at once,
+    /// while the next fills).
     fn flush(&mut self) -> Result<()> {
         if self.pack.is_empty() {
             return Ok(());
@@ -749,8 +783,19 @@ impl Publication<'_> {
         let pack = std::mem::replace(&mut self.pack, PackBuilder::new(LEVEL));
         self.written_bytes += pack.len() as u64;
         self.written_packs += 1;
-        self.store.run(self.store.upload_pack(pack))?;
-        self.pending.clear();
+        self.uploads.push_back(self.store.spawn_upload(pack));
+        while self.uploads.len() > UPLOADS {
+            self.join_one()?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the oldest upload and remember its chunks.
+    fn join_one(&mut self) -> Result<()> {
+        if let Some(upload) = self.uploads.pop_front() {
+            let (id, entries) = self.store.run(upload).map_err(joined)??;
+            self.store.remember(id, &entries);
+        }
         Ok(())
     }
 
@@ -764,6 +809,10 @@ impl Publication<'_> {
         uuid: &str,
     ) -> Result<Published> {
         self.flush()?;
+        // Every pack stored before anything names it.
+        while !self.uploads.is_empty() {
+            self.join_one()?;
+        }
         let segs = blocks_of(self.size).div_ceil(SEGMENT_BLOCKS as u64) as usize;
         let mut ids: Vec<Digest> = match &self.base {
             Some((_, ids)) if ids.len() == segs => ids.clone(),
