@@ -85,6 +85,9 @@ const LEVEL: i32 = 1;
 /// (each up to the pack size in memory).
 const UPLOADS: usize = 3;
 
+/// A pack on its way: its name and entries once stored.
+type Upload = tokio::task::JoinHandle<Result<(Digest, Vec<Entry>)>>;
+
 fn joined(e: tokio::task::JoinError) -> Error {
     Error::Store(format!("an upload to the store ended: {e}"))
 }
@@ -722,7 +725,7 @@ pub struct Publication<'a> {
     /// Chunks this publication packed (uploaded or on their way).
     pending: HashSet<Digest>,
     /// Packs on their way, oldest first.
-    uploads: std::collections::VecDeque<tokio::task::JoinHandle<Result<(Digest, Vec<Entry>)>>>,
+    uploads: std::collections::VecDeque<Upload>,
     /// Block number → its new digest ([`HOLE`]: zeroes).
     changes: BTreeMap<u64, Digest>,
     written_packs: u64,
