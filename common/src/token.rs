@@ -101,5 +101,11 @@ mod tests {
             let err = bad.parse::<Token>().unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
+        // Interchangeable servers: several addresses, tried in order.
+        let several = Token {
+            address: "a.example:4747,[2001:db8::2]:4747".into(),
+            ..t
+        };
+        assert_eq!(several.to_string().parse::<Token>().unwrap(), several);
     }
 }
