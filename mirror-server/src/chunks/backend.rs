@@ -16,6 +16,7 @@
 //! # gc_every = "1d"                  # garbage collection by the running server
 //! # gc_window = "1445m"              # a dead object waits this long (24h5m)
 //! # verify_every = "7d"              # re-read and re-hash every chunk
+//! # chunk_cache = "256MiB"           # memory for chunks read lately
 //! ```
 //!
 //! A credentials file is in the AWS shared-credentials shape (only the
@@ -45,6 +46,9 @@ use crate::error::{Error, Result};
 
 /// The default target size of a pack.
 pub const DEFAULT_PACK: u64 = 32 << 20;
+
+/// The default size of the in-memory cache of chunks read.
+pub const DEFAULT_CHUNK_CACHE: u64 = 256 << 20;
 
 /// The `[store]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +84,14 @@ pub struct StoreConfig {
     /// its volumes need ("0s": never; then `mirror-server verify`).
     #[serde(default = "default_verify_every")]
     pub verify_every: Span,
+    /// Memory for chunks read from the store lately (exports and restores
+    /// of stored versions read each chunk once; "0B": none).
+    #[serde(default = "default_chunk_cache")]
+    pub chunk_cache: ByteSize,
+}
+
+fn default_chunk_cache() -> ByteSize {
+    ByteSize(DEFAULT_CHUNK_CACHE)
 }
 
 fn default_verify_every() -> Span {
@@ -115,6 +127,7 @@ impl StoreConfig {
             gc_every: default_gc_every(),
             gc_window: default_gc_window(),
             verify_every: default_verify_every(),
+            chunk_cache: default_chunk_cache(),
         }
     }
 }

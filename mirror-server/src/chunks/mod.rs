@@ -166,6 +166,40 @@ pub struct Usage {
     pub stored_bytes: u64,
 }
 
+/// Chunks read lately, up to a number of bytes (oldest out first): reads of
+/// a stored version by small requests (an iSCSI initiator's) fetch each
+/// chunk once.
+#[derive(Debug, Default)]
+struct ChunkCache {
+    map: HashMap<Digest, Arc<Vec<u8>>>,
+    order: std::collections::VecDeque<Digest>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl ChunkCache {
+    fn get(&self, h: &Digest) -> Option<Vec<u8>> {
+        self.map.get(h).map(|d| d.to_vec())
+    }
+
+    fn put(&mut self, h: Digest, data: &[u8]) {
+        if data.len() > self.cap || self.map.contains_key(&h) {
+            return;
+        }
+        self.map.insert(h, Arc::new(data.to_vec()));
+        self.order.push_back(h);
+        self.bytes += data.len();
+        while self.bytes > self.cap {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.map.remove(&old) {
+                self.bytes -= d.len();
+            }
+        }
+    }
+}
+
 /// The chunk store of one server process.
 pub struct ChunkStore {
     rt: Option<tokio::runtime::Runtime>,
@@ -174,6 +208,7 @@ pub struct ChunkStore {
     index: Mutex<Index>,
     pack_target: usize,
     server: String,
+    cache: Mutex<ChunkCache>,
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -218,7 +253,9 @@ impl ChunkStore {
     /// chunk index.
     pub fn open(config: &StoreConfig, data: &std::path::Path) -> Result<ChunkStore> {
         let (store, describe) = backend::open(config, data)?;
-        ChunkStore::with(store, describe, config.pack_size.0 as usize)
+        let chunks = ChunkStore::with(store, describe, config.pack_size.0 as usize)?;
+        chunks.cache.lock().unwrap_or_else(|p| p.into_inner()).cap = config.chunk_cache.0 as usize;
+        Ok(chunks)
     }
 
     /// A store over any `object_store` (tests use an in-memory one with
@@ -244,6 +281,10 @@ impl ChunkStore {
             index: Mutex::new(Index::default()),
             pack_target: pack_target.max(1 << 20),
             server: format!("{host}/{}", std::process::id()),
+            cache: Mutex::new(ChunkCache {
+                cap: backend::DEFAULT_CHUNK_CACHE as usize,
+                ..ChunkCache::default()
+            }),
         };
         chunks.run(chunks.claim())?;
         chunks.run(chunks.probe())?;
@@ -635,15 +676,16 @@ impl ChunkStore {
         })
     }
 
-    /// [`ChunkStore::chunks`], with an answer for each chunk: one damaged
-    /// chunk does not hide the others (for verify).
+    /// The chunks `hashes` from the store itself (never the cache), with
+    /// an answer for each: one damaged chunk does not hide the others (for
+    /// verify).
     fn chunks_each(&self, hashes: &[Digest]) -> Vec<Result<Vec<u8>>> {
-        match self.chunks(hashes) {
+        match self.read_chunks(hashes) {
             Ok(all) => all.into_iter().map(Ok).collect(),
             Err(_) if hashes.len() > 1 => hashes
                 .iter()
                 .map(|h| {
-                    self.chunks(std::slice::from_ref(h))
+                    self.read_chunks(std::slice::from_ref(h))
                         .map(|mut v| v.remove(0))
                 })
                 .collect(),
@@ -654,6 +696,29 @@ impl ChunkStore {
     /// Read the chunks `hashes` (none a hole), each checked against its
     /// name; ranges of one pack are fetched together.
     fn chunks(&self, hashes: &[Digest]) -> Result<Vec<Vec<u8>>> {
+        let mut out: Vec<Option<Vec<u8>>> = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            hashes.iter().map(|h| cache.get(h)).collect()
+        };
+        let missing: Vec<usize> = (0..hashes.len()).filter(|&i| out[i].is_none()).collect();
+        if !missing.is_empty() {
+            let wanted: Vec<Digest> = missing.iter().map(|&i| hashes[i]).collect();
+            let got = self.read_chunks(&wanted)?;
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            for (&i, data) in missing.iter().zip(got) {
+                cache.put(hashes[i], &data);
+                out[i] = Some(data);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|d| d.expect("every chunk read"))
+            .collect())
+    }
+
+    /// [`ChunkStore::chunks`] from the store itself, never the cache (what
+    /// verify reads).
+    fn read_chunks(&self, hashes: &[Digest]) -> Result<Vec<Vec<u8>>> {
         let mut locs = Vec::with_capacity(hashes.len());
         for h in hashes {
             let loc = {

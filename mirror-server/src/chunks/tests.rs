@@ -740,3 +740,26 @@ fn verify_finds_damage_and_repairs_it_on_seaweedfs() {
     let weed = seaweed::Seaweed::start();
     verify_finds_damage_and_repairs_it(&Arc::new(open_weed(&weed, "verify").unwrap()));
 }
+
+#[test]
+fn chunks_read_lately_come_from_the_bounded_cache() {
+    let store = open_on(memory());
+    let size = 4 * BLOCK;
+    let model: Model = [(0, 1), (1, 2), (2, 3), (3, 4)].into();
+    let v = publish(&store, VOL, None, size, &model, 1).unwrap();
+    // Room for two chunks: reading all four keeps the last two.
+    store.cache.lock().unwrap().cap = 2 * BLOCK as usize;
+    assert_eq!(read_all(&store, &v.record), expected(size, &model));
+    assert_eq!(store.cache.lock().unwrap().map.len(), 2);
+    // Small reads of one block fetch it once: with its pack gone, a
+    // cached block still reads, an evicted one does not.
+    let packs: Vec<ObjPath> = store.run(store.list("packs")).unwrap();
+    for p in &packs {
+        store.run(store.store.delete(p)).unwrap();
+    }
+    let reader = store.reader(&v.record).unwrap();
+    let mut small = vec![0u8; 4096];
+    reader.read_at(&mut small, 3 * BLOCK + 8192).unwrap();
+    assert_eq!(small, block_of(4, BLOCK as usize)[8192..8192 + 4096]);
+    assert!(reader.read_at(&mut small, 0).is_err());
+}
