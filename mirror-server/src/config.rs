@@ -207,7 +207,7 @@ impl ServerConfig {
     /// `data`, or a bucket): checked, claimed if empty, its index loaded.
     pub fn chunk_store(&self, data: &Path) -> Result<Arc<ChunkStore>> {
         let store = ChunkStore::open(&self.store, data)?;
-        tracing::info!(store = %store.describe(), "chunk store open");
+        tracing::debug!(store = %store.describe(), "chunk store open");
         Ok(Arc::new(store))
     }
 

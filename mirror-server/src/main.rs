@@ -564,14 +564,15 @@ fn store_info(data: &Path, json: bool) -> mirror_server::Result<()> {
     println!(
         "chunks       {} ({} of data, {} stored after compression, in {} packs)",
         usage.chunks,
-        ByteSize(usage.raw_bytes),
-        ByteSize(usage.stored_bytes),
+        human(usage.raw_bytes),
+        human(usage.stored_bytes),
         usage.packs
     );
+    println!("objects      {objects} ({} in all)", human(object_bytes));
     println!(
         "volumes      {} ({} of volume size)",
         rows.len(),
-        ByteSize(referenced)
+        human(referenced)
     );
     for r in &rows {
         println!(
@@ -588,6 +589,21 @@ fn store_info(data: &Path, json: bool) -> mirror_server::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `bytes` for people: 1023 B, 96.1 MiB, 2.0 GiB.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 fn verify(data: &Path, volume: Option<&str>, json: bool) -> mirror_server::Result<()> {
@@ -610,7 +626,7 @@ fn verify(data: &Path, volume: Option<&str>, json: bool) -> mirror_server::Resul
             "{} versions, {} chunks ({}) read and checked; {} repaired from the images here; {} damaged, {} map segments damaged",
             r.versions,
             r.chunks,
-            ByteSize(r.bytes),
+            human(r.bytes),
             r.repaired.len(),
             r.damaged.len(),
             r.damaged_segments.len()
@@ -640,7 +656,7 @@ fn gc(data: &Path, window: Option<Span>) -> mirror_server::Result<()> {
         r.versions_deleted,
         r.versions_kept,
         r.packs_deleted,
-        ByteSize(r.bytes_freed),
+        human(r.bytes_freed),
         r.packs_condemned,
         r.segments_deleted,
         r.segments_condemned

@@ -70,6 +70,7 @@ pub async fn run(
     })?;
     let server_config = tls::server_config(&identity).map_err(|e| Error::Invalid(e.to_string()))?;
     let chunks = tokio::task::block_in_place(|| config.chunk_store(data))?;
+    tracing::info!(store = %chunks.describe(), "chunk store open");
     let volumes = Arc::new(Volumes::new(data, config.quota()).with_store(chunks));
     tokio::task::block_in_place(|| volumes.recover_all())?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
