@@ -200,9 +200,9 @@ enum Command {
     },
     /// Store every volume of a data directory written before the chunk
     /// store as the volume's first version, and catch images up with the
-    /// store. The server does the same when it starts; this does it now,
-    /// volume by volume, and says what it did. Refused while the server
-    /// runs.
+    /// store. The server does the same for each volume when it is first
+    /// opened; this does them all now, volume by volume, and says what it
+    /// did. Refused while the server runs.
     Upgrade,
     /// Stop an export the running server serves.
     Unexport {

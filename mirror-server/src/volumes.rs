@@ -145,6 +145,10 @@ impl Volumes {
 
     /// Open every volume once, finishing publications a crash interrupted,
     /// so that no image is left half-applied until its client comes back.
+    /// (The chunk store is not read here: each volume is caught up with it,
+    /// or stored into it the first time, when it is first opened, so that
+    /// a large data directory from before the chunk store does not keep
+    /// the server from listening; `mirror-server upgrade` does them all.)
     pub fn recover_all(&self) -> Result<()> {
         let root = self.data.join(VOLUMES_DIR);
         if !root.is_dir() {
@@ -160,11 +164,7 @@ impl Volumes {
                 .flatten()
                 .filter(|v| !v.file_name().to_string_lossy().starts_with('.'))
             {
-                let (c, v) = (
-                    client.file_name().to_string_lossy().into_owned(),
-                    volume.file_name().to_string_lossy().into_owned(),
-                );
-                match self.open_dir(&volume.path(), &c, &v) {
+                match Volume::open(&volume.path()) {
                     Ok((_, r)) if r != Default::default() => {
                         tracing::warn!(volume = %volume.path().display(), recovery = ?r, "volume recovered");
                     }
