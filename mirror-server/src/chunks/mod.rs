@@ -673,6 +673,7 @@ impl ChunkStore {
             segments: record.segment_ids()?,
             size: record.size,
             cached: Mutex::new(None),
+            next: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
     }
 
@@ -983,7 +984,13 @@ pub struct VersionReader {
     segments: Vec<Digest>,
     size: u64,
     cached: Mutex<Option<(usize, Arc<Vec<Digest>>)>>,
+    /// Where the last read ended: a read that starts there is sequential,
+    /// and the blocks after it are fetched with it (into the chunk cache).
+    next: std::sync::atomic::AtomicU64,
 }
+
+/// Blocks fetched ahead of a sequential read (2 MiB).
+const READAHEAD: u64 = 32;
 
 impl VersionReader {
     /// The version's size.
@@ -1046,8 +1053,17 @@ impl VersionReader {
         }
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
-        let ns: Vec<u64> = (first..=last).collect();
-        for (n, data) in ns.iter().zip(self.blocks(&ns)?) {
+        let mut ns: Vec<u64> = (first..=last).collect();
+        let wanted = ns.len();
+        let sequential = self.next.swap(end, std::sync::atomic::Ordering::Relaxed) == offset;
+        if sequential {
+            let after = (last + 1..blocks_of(self.size)).take(READAHEAD as usize);
+            ns.extend(after);
+        }
+        let mut got = self.blocks(&ns)?;
+        got.truncate(wanted);
+        ns.truncate(wanted);
+        for (n, data) in ns.iter().zip(got) {
             let start = n * BLOCK;
             let from = offset.max(start);
             let to = end.min(start + BLOCK);
