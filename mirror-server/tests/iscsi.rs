@@ -140,6 +140,17 @@ fn inq(url: &str) -> (bool, String) {
     )
 }
 
+/// Copy the whole LUN at `url` into `out` with qemu-img.
+fn copy(url: &str, out: &Path) {
+    let conv = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(url)
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(conv.status.success(), "{conv:?}");
+}
+
 fn port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -164,13 +175,7 @@ fn qemu_img_copies_a_snapshot_byte_for_byte_and_skips_holes() {
         "{inq:?}"
     );
     let out = dir.path().join("first.raw");
-    let conv = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&export.url)
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(conv.status.success(), "{conv:?}");
+    copy(&export.url, &out);
     assert!(
         std::fs::read(&out).unwrap() == one,
         "the copy is not snapshot first"
@@ -237,13 +242,7 @@ fn a_snapshot_the_cache_lost_is_exported_from_the_chunk_store() {
     );
     let export = Export::start(&data, "laptop/root@first", port(), &[]);
     let out = dir.path().join("first.raw");
-    let conv = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&export.url)
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(conv.status.success(), "{conv:?}");
+    copy(&export.url, &out);
     assert!(
         std::fs::read(&out).unwrap() == one,
         "the copy is not snapshot first"

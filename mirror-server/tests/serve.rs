@@ -1032,12 +1032,7 @@ async fn the_chunk_store_keeps_every_epoch_deduplicated_and_rebuilds_lost_images
     // Another server on the same store, with nothing of its own: its
     // upgrade makes every volume's image from the store.
     let other = dir.path().join("other");
-    let init = Command::new(bin())
-        .arg("--data")
-        .arg(&other)
-        .args(["init", "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let init = cli_at(&other, &["init", "--listen", "127.0.0.1:0"]);
     assert!(init.status.success(), "{init:?}");
     let text = std::fs::read_to_string(data.join("server.toml")).unwrap();
     let store_section = &text[text.find("[store]").unwrap()..];
@@ -1066,12 +1061,7 @@ async fn the_chunk_store_keeps_every_epoch_deduplicated_and_rebuilds_lost_images
 /// the first one's identity and clients (what makes servers
 /// interchangeable for a client), and `data`'s `[store]`.
 fn second_server_dir(data: &Path, other: &Path) {
-    let init = Command::new(bin())
-        .arg("--data")
-        .arg(other)
-        .args(["init", "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let init = cli_at(other, &["init", "--listen", "127.0.0.1:0"]);
     assert!(init.status.success(), "{init:?}");
     for shared in ["identity", "clients"] {
         let _ = std::fs::remove_dir_all(other.join(shared));

@@ -46,7 +46,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -290,7 +289,11 @@ impl ChunkStore {
             .iter()
             .map(|(id, (hashes, bytes))| (*id, hashes.clone(), *bytes))
             .collect();
-        let segments = self.run(self.dated("maps"))?;
+        let segments: Vec<Digest> = self
+            .run(self.list("maps"))?
+            .iter()
+            .filter_map(|p| ublk_mirror_common::hex::decode::<32>(p.filename()?))
+            .collect();
         // Sweep: delete what was condemned a window ago and is still dead;
         // condemn what is dead now.
         progress("sweeping");
@@ -337,7 +340,7 @@ impl ChunkStore {
                 }
             }
         }
-        for (id, _written) in segments {
+        for id in segments {
             if live_segments.contains(&id) {
                 continue;
             }
@@ -380,24 +383,5 @@ impl ChunkStore {
         self.sync_gc()?;
         progress("done");
         Ok(report)
-    }
-
-    /// The content-named objects under `dir` (`maps`), by id, with when
-    /// each was written.
-    async fn dated(&self, dir: &str) -> Result<Vec<(Digest, u64)>> {
-        let prefix = ObjPath::from(dir);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| store_err(format!("listing {}/{dir}", self.describe), e))?;
-        Ok(metas
-            .iter()
-            .filter_map(|m| {
-                let id = ublk_mirror_common::hex::decode::<32>(m.location.filename()?)?;
-                Some((id, m.last_modified.timestamp_millis().max(0) as u64))
-            })
-            .collect())
     }
 }

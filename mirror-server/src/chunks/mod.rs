@@ -525,25 +525,10 @@ impl ChunkStore {
 
     /// The sequence numbers of `volume`'s versions, oldest first.
     pub fn versions(&self, volume: &str) -> Result<Vec<u64>> {
-        Ok(self
-            .versions_dated(volume)?
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect())
-    }
-
-    /// `volume`'s versions, oldest first, with when each was written (ms).
-    fn versions_dated(&self, volume: &str) -> Result<Vec<(u64, u64)>> {
-        let prefix = ObjPath::from(format!("vol/{volume}/v"));
-        let metas: Vec<_> = self
-            .run(self.store.list(Some(&prefix)).try_collect::<Vec<_>>())
-            .map_err(|e| store_err(format!("listing {}/{prefix}", self.describe), e))?;
-        let mut seqs: Vec<(u64, u64)> = metas
+        let paths = self.run(self.list(&format!("vol/{volume}/v")))?;
+        let mut seqs: Vec<u64> = paths
             .iter()
-            .filter_map(|m| {
-                let seq = m.location.filename()?.parse().ok()?;
-                Some((seq, m.last_modified.timestamp_millis().max(0) as u64))
-            })
+            .filter_map(|p| p.filename()?.parse().ok())
             .collect();
         seqs.sort_unstable();
         Ok(seqs)

@@ -164,32 +164,30 @@ impl ChunkStore {
         }
         self.mark_damaged(&still)?;
         let mut per_version: BTreeMap<String, DamagedVersion> = BTreeMap::new();
-        for h in &still {
-            let versions: Vec<String> = needs[h].iter().cloned().collect();
-            for v in &versions {
-                per_version
+        let mut record = |versions: &[String], what: String, segment: bool| {
+            for v in versions {
+                let d = per_version
                     .entry(v.clone())
                     .or_insert_with(|| DamagedVersion {
                         chunks: vec![],
                         segments: vec![],
-                    })
-                    .chunks
-                    .push(format::hex(h));
+                    });
+                if segment {
+                    &mut d.segments
+                } else {
+                    &mut d.chunks
+                }
+                .push(what.clone());
             }
+        };
+        for h in &still {
+            let versions: Vec<String> = needs[h].iter().cloned().collect();
+            record(&versions, format::hex(h), false);
             report.damaged.insert(format::hex(h), versions);
         }
         for (id, versions) in bad_segments {
             let versions: Vec<String> = versions.into_iter().collect();
-            for v in &versions {
-                per_version
-                    .entry(v.clone())
-                    .or_insert_with(|| DamagedVersion {
-                        chunks: vec![],
-                        segments: vec![],
-                    })
-                    .segments
-                    .push(format::hex(&id));
-            }
+            record(&versions, format::hex(&id), true);
             report.damaged_segments.insert(format::hex(&id), versions);
         }
         for (label, damage) in per_version {

@@ -634,10 +634,7 @@ impl Volume {
     /// for crash tests, which also leave the state unrecorded) to the image
     /// and record the epoch.
     fn publish(&mut self, epoch: u64, marker: Marker, limit: Option<usize>) -> Result<()> {
-        let data_path = staging_path(&self.dir, epoch, "data");
-        let data = File::open(&data_path)
-            .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
-        let log_path = staging_path(&self.dir, epoch, "log");
+        let (data, data_path, log_path) = self.staged_files(epoch)?;
         // What the epoch overwrites is kept for the newest snapshot first.
         if !self.snapshots().list().is_empty() {
             let mut chunks = BTreeSet::new();
@@ -983,10 +980,7 @@ impl Volume {
             )));
         }
         let mut p = store.publication(name, head.as_ref(), self.state.size)?;
-        let data_path = staging_path(&self.dir, staging.epoch, "data");
-        let data = File::open(&data_path)
-            .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
-        let log_path = staging_path(&self.dir, staging.epoch, "log");
+        let (data, data_path, log_path) = self.staged_files(staging.epoch)?;
         let size = self.state.size;
         let block_len = |n: u64| (size - n * block::BLOCK).min(block::BLOCK);
         // The protocol allows any extent; a store version is whole blocks.
@@ -1047,6 +1041,17 @@ impl Volume {
                 .record
                 .seq,
         ))
+    }
+}
+
+impl Volume {
+    /// Epoch `epoch`'s staged data (open) with its path, and its log's
+    /// path.
+    fn staged_files(&self, epoch: u64) -> Result<(File, PathBuf, PathBuf)> {
+        let data_path = staging_path(&self.dir, epoch, "data");
+        let data = File::open(&data_path)
+            .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
+        Ok((data, data_path, staging_path(&self.dir, epoch, "log")))
     }
 }
 
