@@ -108,13 +108,17 @@ pub enum BlockError {
     /// The decoded bytes are not the ones named.
     #[error("sha256 mismatch")]
     Mismatch,
+    /// A [`Encoding::Known`] block carries no bytes: the server's own
+    /// store has them.
+    #[error("a Known block carries no bytes to decode")]
+    Known,
 }
 
 impl BlockError {
     /// Whether sending the block again may help (the bytes were damaged
     /// on the way), rather than the header being wrong in itself.
     pub fn is_damage(&self) -> bool {
-        !matches!(self, BlockError::Length(_))
+        !matches!(self, BlockError::Length(_) | BlockError::Known)
     }
 }
 
@@ -131,6 +135,7 @@ pub fn decode(
     }
     let plain = match encoding {
         Encoding::Zero => None,
+        Encoding::Known => return Err(BlockError::Known),
         Encoding::Raw => Some(payload.to_vec()),
         Encoding::Zstd => Some(
             zstd::bulk::decompress(payload, len as usize)

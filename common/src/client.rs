@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::block;
 use crate::identity::{Fingerprint, Identity};
-use crate::proto::{Digest, Message, Writer};
+use crate::proto::{self, Digest, Encoding, Message, Version, Writer};
 use crate::session::restore::{BlockToWrite, Progress, RestoreInfo, RestoreReader, RestoreStep};
 use crate::session::send::{DataSender, EpochSender, SendAction, SendEvent};
 use crate::session::{unexpected, Pacer};
@@ -70,26 +70,41 @@ impl Work {
         self.blocks.get(i).copied()
     }
 
+    /// Up to `n` blocks at once (fewer, or none, near the end).
+    fn take_many(&self, n: usize) -> Vec<(u64, u32)> {
+        let i = self.next.fetch_add(n, Ordering::Relaxed);
+        self.blocks
+            .get(i.min(self.blocks.len())..(i + n).min(self.blocks.len()))
+            .unwrap_or_default()
+            .to_vec()
+    }
+
     /// Hand out no more blocks.
     fn stop(&self) {
         self.next.store(usize::MAX / 2, Ordering::Relaxed);
     }
 }
 
+/// A stream, both ways, and the protocol version it speaks.
+pub type Stream = (quinn::SendStream, quinn::RecvStream, Version);
+
 /// Open a request stream on `conn`, hellos exchanged.
-async fn open_stream(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+async fn open_stream(conn: &quinn::Connection) -> Result<Stream> {
+    open_stream_at(conn, Version::CURRENT).await
+}
+
+/// [`open_stream`], offering `version`.
+async fn open_stream_at(conn: &quinn::Connection, version: Version) -> Result<Stream> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
         .map_err(|e| Error::Link(format!("opening a stream: {e}")))?;
-    wire::send(&mut send, &Message::hello()).await?;
-    match wire::expect(&mut recv).await? {
+    wire::send(&mut send, &Message::hello_at(version)).await?;
+    let version = match wire::expect(&mut recv).await? {
         Message::Refused { reason } => return Err(Error::Refused(reason)),
-        hello => {
-            hello.check_hello()?;
-        }
-    }
-    Ok((send, recv))
+        hello => hello.check_hello()?,
+    };
+    Ok((send, recv, version))
 }
 
 /// After a send failed: the server may have refused and ended the stream
@@ -123,9 +138,111 @@ where
     }))
 }
 
+/// Blocks a data stream reads, hashes and asks the server about at once
+/// (2 MiB of full blocks); a stream holds at most two batches and the
+/// compressed copy of one.
+pub const QUERY_BATCH: usize = 32;
+
+/// A block read and named, before it is encoded.
+struct Read {
+    offset: u64,
+    data: Vec<u8>,
+    digest: Digest,
+    zero: bool,
+}
+
+/// A batch of blocks read and named; `failed`: the read of the block
+/// after the last one failed (the ones before it still go).
+#[derive(Default)]
+struct Batch {
+    blocks: Vec<Read>,
+    failed: Option<Error>,
+}
+
+/// Read and hash a batch of blocks, on a blocking thread.
+fn read_later<R>(read: &Arc<R>, blocks: Vec<(u64, u32)>) -> tokio::task::JoinHandle<Batch>
+where
+    R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+{
+    let read = read.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut batch = Batch::default();
+        for (offset, len) in blocks {
+            let data = match read(offset, len) {
+                Ok(d) => d,
+                Err(e) => {
+                    batch.failed = Some(e);
+                    break;
+                }
+            };
+            let zero = block::is_zero(&data);
+            let digest = if zero {
+                block::zero_digest(len)
+            } else {
+                block::digest(&data)
+            };
+            batch.blocks.push(Read {
+                offset,
+                data,
+                digest,
+                zero,
+            });
+        }
+        batch
+    })
+}
+
+async fn read_batch(job: tokio::task::JoinHandle<Batch>) -> Result<Batch> {
+    job.await
+        .map_err(|e| Error::Link(format!("reading blocks: {e}")))
+}
+
+/// Ask which blocks of `batch` the server holds (zero blocks are never
+/// asked about: they travel as holes); `false` when nothing was asked.
+async fn ask_known(send: &mut quinn::SendStream, batch: &[Read]) -> Result<bool> {
+    let digests: Vec<Digest> = batch.iter().filter(|b| !b.zero).map(|b| b.digest).collect();
+    if digests.is_empty() {
+        return Ok(false);
+    }
+    wire::send(send, &Message::HaveChunks { digests }).await?;
+    Ok(true)
+}
+
+/// The server's answer about `batch` (asked when `asked`): whether each
+/// block may travel as [`Encoding::Known`].
+async fn known_answer(
+    recv: &mut quinn::RecvStream,
+    batch: &[Read],
+    asked: bool,
+) -> Result<Vec<bool>> {
+    if !asked {
+        return Ok(vec![false; batch.len()]);
+    }
+    let asked_n = batch.iter().filter(|b| !b.zero).count();
+    let flags = match wire::expect(recv).await? {
+        Message::KnownChunks { bits } => proto::unpack_bits(&bits, asked_n).ok_or_else(|| {
+            Error::Peer(format!(
+                "KnownChunks answers {} bytes for {asked_n} digests",
+                bits.len()
+            ))
+        })?,
+        Message::Refused { reason } => return Err(Error::Refused(reason)),
+        other => return Err(unexpected(&other, "answering HaveChunks")),
+    };
+    let mut flags = flags.into_iter();
+    Ok(batch
+        .iter()
+        .map(|b| !b.zero && flags.next().unwrap_or(false))
+        .collect())
+}
+
 /// One data stream: blocks taken from `work` until none are left, each
-/// read and encoded while the one before is sent. Returns the blocks the
-/// server refused, and what was shipped.
+/// read and encoded while the one before is sent. With `dedup` (a V3
+/// server, a first round), blocks go in batches of [`QUERY_BATCH`]: the
+/// server is asked about the next batch before this one's blocks go,
+/// and a block it holds travels as [`Encoding::Known`], without its
+/// bytes. Returns the blocks the server refused, and what was shipped.
+#[allow(clippy::too_many_arguments)]
 async fn data_stream<R>(
     conn: quinn::Connection,
     pacer: Option<SharedPacer>,
@@ -133,24 +250,84 @@ async fn data_stream<R>(
     epoch: u64,
     work: Arc<Work>,
     level: i32,
+    dedup: bool,
     read: Arc<R>,
 ) -> Result<(Vec<(u64, u32)>, Shipped)>
 where
     R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
 {
-    let (mut send, mut recv) = open_stream(&conn).await?;
+    let (mut send, mut recv, version) = open_stream(&conn).await?;
     let (mut stream, first) = DataSender::open(&volume, epoch);
+    let dedup = dedup && version >= Version::V3;
     let sent = async {
         wire::send(&mut send, &first).await?;
-        let mut pending = encode_later(&read, work.take(), level);
-        while let Some(job) = pending.take() {
-            let (header, payload, len) = job
-                .await
-                .map_err(|e| Error::Link(format!("encoding a block: {e}")))??;
-            pending = encode_later(&read, work.take(), level);
-            pace(&pacer, payload.len() as u64).await;
-            wire::send_with_data(&mut send, &header, &payload).await?;
-            stream.sent(len, payload.len());
+        if dedup {
+            let mut batch = read_batch(read_later(&read, work.take_many(QUERY_BATCH))).await?;
+            let mut asked = ask_known(&mut send, &batch.blocks).await?;
+            while !batch.blocks.is_empty() || batch.failed.is_some() {
+                let failed = batch.failed.take();
+                let next = failed
+                    .is_none()
+                    .then(|| read_later(&read, work.take_many(QUERY_BATCH)));
+                let known = known_answer(&mut recv, &batch.blocks, asked).await?;
+                // Compress this batch while the next is read.
+                let encoded: Vec<_> = batch
+                    .blocks
+                    .into_iter()
+                    .zip(&known)
+                    .map(|(b, &known)| {
+                        tokio::task::spawn_blocking(move || {
+                            let len = b.data.len() as u32;
+                            if known {
+                                let header = Message::Block {
+                                    offset: b.offset,
+                                    len,
+                                    sha256: b.digest,
+                                    encoding: Encoding::Known,
+                                    data_len: 0,
+                                };
+                                (header, Vec::new(), len, true)
+                            } else {
+                                let (h, p) =
+                                    block::encode_hashed(b.offset, &b.data, b.digest, level);
+                                (h, p, len, false)
+                            }
+                        })
+                    })
+                    .collect();
+                batch = match next {
+                    Some(next) => read_batch(next).await?,
+                    None => Batch::default(),
+                };
+                asked = ask_known(&mut send, &batch.blocks).await?;
+                for job in encoded {
+                    let (header, payload, len, known) = job
+                        .await
+                        .map_err(|e| Error::Link(format!("encoding a block: {e}")))?;
+                    pace(&pacer, payload.len() as u64).await;
+                    wire::send_with_data(&mut send, &header, &payload).await?;
+                    if known {
+                        stream.sent_known(len);
+                    } else {
+                        stream.sent(len, payload.len());
+                    }
+                }
+                // What was read before a failed read went; now fail.
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+            }
+        } else {
+            let mut pending = encode_later(&read, work.take(), level);
+            while let Some(job) = pending.take() {
+                let (header, payload, len) = job
+                    .await
+                    .map_err(|e| Error::Link(format!("encoding a block: {e}")))??;
+                pending = encode_later(&read, work.take(), level);
+                pace(&pacer, payload.len() as u64).await;
+                wire::send_with_data(&mut send, &header, &payload).await?;
+                stream.sent(len, payload.len());
+            }
         }
         wire::send(&mut send, &stream.end()).await?;
         let _ = send.finish();
@@ -274,7 +451,14 @@ impl Link {
     /// Open a request stream, hellos exchanged: for tools and tests that
     /// speak the protocol themselves.
     pub async fn stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-        open_stream(&self.conn).await
+        let (send, recv, _) = open_stream(&self.conn).await?;
+        Ok((send, recv))
+    }
+
+    /// A request stream that offers `version` (as an older client would):
+    /// the stream and the version the server answered with.
+    pub async fn stream_at(&self, version: Version) -> Result<Stream> {
+        open_stream_at(&self.conn, version).await
     }
 
     async fn ask(&self, request: Message) -> Result<Message> {
@@ -414,6 +598,9 @@ impl Link {
         let volume = sender.volume().to_string();
         let epoch = sender.epoch();
         let mut next = Some(sender.start());
+        // The first round asks the server which blocks it holds; a resend
+        // carries the bytes (the server could not produce them).
+        let mut first_round = true;
         loop {
             let event = match next {
                 // Wait for the next control message.
@@ -428,8 +615,9 @@ impl Link {
                     SendEvent::Compared { theirs, mine }
                 }
                 Some(SendAction::Round(blocks)) => {
+                    let dedup = std::mem::replace(&mut first_round, false);
                     let (refused, shipped) = self
-                        .send_data(&volume, epoch, blocks, level, read.clone())
+                        .send_data(&volume, epoch, blocks, level, dedup, read.clone())
                         .await?;
                     SendEvent::RoundDone { refused, shipped }
                 }
@@ -462,14 +650,16 @@ impl Link {
         }
     }
 
-    /// Send `blocks` over up to [`DATA_STREAMS`] data streams; returns the
-    /// blocks the server refused, and what went.
+    /// Send `blocks` over up to [`DATA_STREAMS`] data streams (`dedup`:
+    /// asking which the server holds); returns the blocks the server
+    /// refused, and what went.
     async fn send_data<R>(
         &self,
         volume: &str,
         epoch: u64,
         blocks: Vec<(u64, u32)>,
         level: i32,
+        dedup: bool,
         read: Arc<R>,
     ) -> Result<(Vec<(u64, u32)>, Shipped)>
     where
@@ -489,6 +679,7 @@ impl Link {
                 epoch,
                 work.clone(),
                 level,
+                dedup,
                 read.clone(),
             ));
         }

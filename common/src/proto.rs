@@ -36,6 +36,14 @@
 //!   go over data streams ([`Message::EpochData`] .. [`Message::EndData`],
 //!   each answered by [`Message::Resend`]); [`Message::EndEpoch`] on the
 //!   control stream publishes.
+//! - [`Version::V3`]: deduplication on the wire. A data stream may ask
+//!   which blocks the server holds already ([`Message::HaveChunks`],
+//!   answered by [`Message::KnownChunks`]); a block it holds travels as
+//!   [`Encoding::Known`]: its header, no data. The server answers only
+//!   from chunks the asking client's own volumes reference, so no client
+//!   learns what another stores. A V3 server speaks V2 to a V2 client
+//!   (the hello it answers with is the older of the two); a V3 client
+//!   needs a V3 server (upgrade servers first).
 //!
 //! # An epoch, step by step (V2)
 //!
@@ -49,6 +57,25 @@
 //! -> EndEpoch
 //! <- Committed{epoch} | Refused{reason}
 //! ```
+//!
+//! In V3 a data stream interleaves questions with its blocks; answers
+//! come back in order, so a client asks about the next batch before it
+//! sends the blocks of this one, and never waits a round trip:
+//!
+//! ```text
+//! -> EpochData{volume,epoch}
+//! -> HaveChunks{digests}              (batch 1)
+//! -> HaveChunks{digests}              (batch 2)
+//!                                     <- KnownChunks{bits}   (batch 1)
+//! -> (Block + data | Block{Known})*   (batch 1)
+//! ...
+//! -> EndData{blocks}
+//!                                     <- Resend{blocks}
+//! ```
+//!
+//! A `Known` block the server cannot produce after all (its chunk was
+//! collected meanwhile, or the store cannot be read) is asked for again
+//! in `Resend`; a resent block always carries its data.
 
 use serde::{Deserialize, Serialize};
 
@@ -72,11 +99,15 @@ pub enum Version {
     V1,
     /// Parallel data streams and resumable epochs.
     V2,
+    /// Deduplication on the wire ([`Message::HaveChunks`]).
+    V3,
 }
 
 impl Version {
-    /// The version this build speaks.
-    pub const CURRENT: Version = Version::V2;
+    /// The newest version this build speaks.
+    pub const CURRENT: Version = Version::V3;
+    /// The oldest version this build still speaks (as a server).
+    pub const OLDEST: Version = Version::V2;
 }
 
 /// How a block's bytes travel.
@@ -88,6 +119,10 @@ pub enum Encoding {
     Zstd,
     /// All zeroes: no data follows; the server makes it a hole.
     Zero,
+    /// (V3) The server said it holds a chunk of this digest
+    /// ([`Message::KnownChunks`]): no data follows; the server takes the
+    /// bytes from its store.
+    Known,
 }
 
 /// A SHA-256 digest.
@@ -302,6 +337,20 @@ pub enum Message {
         /// When that epoch was published (ms since the Unix epoch).
         epoch_ms: u64,
     },
+    /// Client (V3), on a data stream: which of these chunks does the
+    /// server hold for this client? Answered, in order with the stream's
+    /// other answers, by [`Message::KnownChunks`].
+    HaveChunks {
+        /// Digests of blocks about to be sent, at most [`MAX_HASH_BLOCKS`].
+        digests: Vec<Digest>,
+    },
+    /// Server (V3): bit `i` (of byte `i / 8`, least significant first)
+    /// set: the server holds the chunk of digest `i` of the question, for
+    /// this client; the block may travel as [`Encoding::Known`].
+    KnownChunks {
+        /// One bit per digest asked, rounded up to whole bytes.
+        bits: Vec<u8>,
+    },
 }
 
 /// Most ranges one [`Message::Staged`] carries (it must fit in a frame).
@@ -351,34 +400,87 @@ pub enum ProtoError {
     /// A name that cannot be a client or volume name.
     #[error("invalid name {0:?}: use 1 to 64 of A-Z a-z 0-9 . _ -, not starting with a dot")]
     InvalidName(String),
+    /// A message of a newer version than the stream speaks.
+    #[error("{0} is not part of protocol {1:?}")]
+    TooNew(&'static str, Version),
     /// The first frame is not a ublk-mirror hello.
     #[error("not a ublk-mirror peer (bad hello)")]
     NotOurs,
     /// The peer speaks no version we do.
-    #[error("peer speaks protocol {0:?}, this build speaks {current:?}", current = Version::CURRENT)]
+    #[error("peer speaks protocol {0:?}, this build speaks {oldest:?} to {current:?}{hint}", oldest = Version::OLDEST, current = Version::CURRENT, hint = if *.0 < Version::OLDEST { " (upgrade the client)" } else { " (upgrade this side)" })]
     Version(Version),
+}
+
+/// Pack one flag a digest into [`Message::KnownChunks`] bits.
+pub fn pack_bits(flags: &[bool]) -> Vec<u8> {
+    let mut bits = vec![0u8; flags.len().div_ceil(8)];
+    for (i, _) in flags.iter().enumerate().filter(|(_, &f)| f) {
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    bits
+}
+
+/// The flags of `n` digests from [`Message::KnownChunks`] bits; `None`
+/// when the bits are not for `n` digests (a peer's mistake).
+pub fn unpack_bits(bits: &[u8], n: usize) -> Option<Vec<bool>> {
+    if bits.len() != n.div_ceil(8) {
+        return None;
+    }
+    let flags: Vec<bool> = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
+    // Padding bits past `n` are zero: one answer, one encoding.
+    (pack_bits(&flags) == bits).then_some(flags)
 }
 
 impl Message {
     /// The hello of this build.
     pub fn hello() -> Message {
+        Message::hello_at(Version::CURRENT)
+    }
+
+    /// A hello that speaks `version` (a server answers an older client
+    /// with the client's version).
+    pub fn hello_at(version: Version) -> Message {
         Message::Hello {
             magic: MAGIC,
-            version: Version::CURRENT,
+            version,
         }
     }
 
-    /// Check a received hello; returns the peer's version.
+    /// Check a received hello; returns the version the stream speaks: the
+    /// older of the peer's and ours (a version older than
+    /// [`Version::OLDEST`] is refused).
     pub fn check_hello(&self) -> Result<Version, ProtoError> {
         match self {
             Message::Hello { magic, version } if *magic == MAGIC => {
-                if *version == Version::CURRENT {
-                    Ok(*version)
+                if *version >= Version::OLDEST {
+                    Ok((*version).min(Version::CURRENT))
                 } else {
                     Err(ProtoError::Version(*version))
                 }
             }
             _ => Err(ProtoError::NotOurs),
+        }
+    }
+
+    /// The oldest version that has this message, and its name (`None`:
+    /// every version has it).
+    fn since(&self) -> Option<(Version, &'static str)> {
+        match self {
+            Message::HaveChunks { .. } => Some((Version::V3, "HaveChunks")),
+            Message::KnownChunks { .. } => Some((Version::V3, "KnownChunks")),
+            Message::Block {
+                encoding: Encoding::Known,
+                ..
+            } => Some((Version::V3, "a Known block")),
+            _ => None,
+        }
+    }
+
+    /// Refuse this message on a stream that speaks `version`.
+    pub fn check_version(&self, version: Version) -> Result<(), ProtoError> {
+        match self.since() {
+            Some((v, name)) if v > version => Err(ProtoError::TooNew(name, version)),
+            _ => Ok(()),
         }
     }
 
@@ -432,6 +534,14 @@ impl Message {
             Message::Resend { blocks } if blocks.len() > MAX_RESEND => {
                 return Err(ProtoError::InvalidBlock("too many blocks to resend"));
             }
+            Message::HaveChunks { digests } if digests.len() > MAX_HASH_BLOCKS => {
+                return Err(ProtoError::InvalidBlock(
+                    "too many digests in one HaveChunks",
+                ));
+            }
+            Message::KnownChunks { bits } if bits.len() > MAX_HASH_BLOCKS.div_ceil(8) => {
+                return Err(ProtoError::InvalidBlock("too many bits in one KnownChunks"));
+            }
             Message::HashRequest { volume, blocks }
             | Message::StagedHashes { volume, blocks, .. } => {
                 check_name(volume)?;
@@ -466,7 +576,7 @@ impl Message {
                 return Err(ProtoError::InvalidBlock("offset wraps"));
             }
             let data_ok = match encoding {
-                Encoding::Zero => data_len == 0,
+                Encoding::Zero | Encoding::Known => data_len == 0,
                 Encoding::Raw => data_len == len,
                 Encoding::Zstd => data_len > 0 && data_len <= MAX_BLOCK_DATA,
             };
@@ -532,20 +642,79 @@ mod tests {
         // Changing these bytes breaks every peer: bump the version instead.
         assert_eq!(
             Message::hello().encode(),
+            [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 2]
+        );
+        assert_eq!(
+            Message::hello_at(Version::V2).encode(),
             [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 1]
         );
         assert_eq!(
             Message::decode(&Message::hello().encode()[4..])
                 .unwrap()
                 .check_hello(),
+            Ok(Version::V3)
+        );
+        // A V2 peer is spoken to in V2; a V1 peer is told what we speak.
+        assert_eq!(
+            Message::hello_at(Version::V2).check_hello(),
             Ok(Version::V2)
         );
-        // A V1 peer is told what it speaks and what we do.
-        let v1 = Message::Hello {
-            magic: MAGIC,
-            version: Version::V1,
-        };
+        let v1 = Message::hello_at(Version::V1);
         assert_eq!(v1.check_hello(), Err(ProtoError::Version(Version::V1)));
+        assert!(v1
+            .check_hello()
+            .unwrap_err()
+            .to_string()
+            .contains("upgrade the client"));
+    }
+
+    #[test]
+    fn v3_messages_are_refused_on_a_v2_stream() {
+        let ask = Message::HaveChunks {
+            digests: vec![[3; 32]],
+        };
+        let known = Message::Block {
+            offset: 0,
+            len: 4096,
+            sha256: [3; 32],
+            encoding: Encoding::Known,
+            data_len: 0,
+        };
+        for m in [&ask, &known] {
+            assert_eq!(m.check_version(Version::V3), Ok(()));
+            assert!(matches!(
+                m.check_version(Version::V2),
+                Err(ProtoError::TooNew(_, Version::V2))
+            ));
+        }
+        assert_eq!(Message::EndEpoch.check_version(Version::V2), Ok(()));
+        // A Known block carries nothing.
+        let with_data = Message::Block {
+            offset: 0,
+            len: 4096,
+            sha256: [3; 32],
+            encoding: Encoding::Known,
+            data_len: 1,
+        };
+        assert!(matches!(
+            Message::decode(&with_data.encode()[4..]),
+            Err(ProtoError::InvalidBlock(_))
+        ));
+    }
+
+    #[test]
+    fn known_bits_round_trip_and_padding_is_zero() {
+        for n in [0usize, 1, 7, 8, 9, 33, MAX_HASH_BLOCKS] {
+            let flags: Vec<bool> = (0..n).map(|i| i % 3 == 0).collect();
+            let bits = pack_bits(&flags);
+            assert_eq!(bits.len(), n.div_ceil(8));
+            assert_eq!(unpack_bits(&bits, n), Some(flags));
+        }
+        // Too short, too long, or a padding bit set: not an answer for 3.
+        assert_eq!(unpack_bits(&[], 3), None);
+        assert_eq!(unpack_bits(&[0, 0], 3), None);
+        assert_eq!(unpack_bits(&[0b1000], 3), None);
+        assert_eq!(unpack_bits(&[0b101], 3), Some(vec![true, false, true]));
     }
 
     #[test]
@@ -632,6 +801,14 @@ mod tests {
             blocks: vec![(u64::MAX / 2, MAX_BLOCK); MAX_RESEND],
         };
         assert!(resend.encode().len() - 4 <= MAX_FRAME as usize);
+        let ask = Message::HaveChunks {
+            digests: vec![[0xff; 32]; MAX_HASH_BLOCKS],
+        };
+        assert_eq!(Message::decode(&ask.encode()[4..]), Ok(ask));
+        let known = Message::KnownChunks {
+            bits: vec![0xff; MAX_HASH_BLOCKS / 8],
+        };
+        assert_eq!(Message::decode(&known.encode()[4..]), Ok(known));
     }
 
     proptest! {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ublk_mirror_common::identity::{Fingerprint, Identity};
-use ublk_mirror_common::proto::{Digest, Message, Writer};
+use ublk_mirror_common::proto::{Digest, Message, Version, Writer};
 use ublk_mirror_common::{tls, wire};
 
 use crate::admin::{self, ServerLock};
@@ -31,7 +31,7 @@ use crate::config::ServerConfig;
 use crate::error::{Error, Result};
 use crate::exports::Exports;
 use crate::schedule;
-use crate::session::{receive_data, receive_epoch, refuse, serve_restore, Fault};
+use crate::session::{receive_data, receive_epoch, refuse, serve_restore, Fault, Sender};
 use crate::snapshots::Kind;
 use crate::volumes::Volumes;
 use ublk_mirror_common::session::variant;
@@ -220,8 +220,10 @@ async fn request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    hello(&mut send, &mut recv).await?;
+    let version = hello(&mut send, &mut recv).await?;
     let req = wire::expect(&mut recv).await?;
+    req.check_version(version)
+        .map_err(|e| Fault::Protocol(e.to_string()))?;
     if let Message::Enroll { name, secret } = &req {
         return enroll(shared, fingerprint, name, secret, &mut send).await;
     }
@@ -235,22 +237,26 @@ async fn request(
         )
         .await;
     };
-    dispatch(&shared.volumes, client, req, &mut send, &mut recv).await
+    dispatch(&shared.volumes, client, version, req, &mut send, &mut recv).await
 }
 
-/// Take the client's `Hello` and answer with ours; one that speaks
-/// another protocol is refused, and its connection ends.
+/// Take the client's `Hello` and answer with the version the stream
+/// speaks (the older of the client's and ours); one that speaks no
+/// version we do is refused, and its connection ends.
 async fn hello(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
-) -> std::result::Result<(), Fault> {
+) -> std::result::Result<Version, Fault> {
     let hello = wire::expect(recv).await?;
-    if let Err(e) = hello.check_hello() {
-        refuse(send, e.to_string()).await?;
-        return Err(Fault::Protocol(e.to_string()));
-    }
-    wire::send(send, &Message::hello()).await?;
-    Ok(())
+    let version = match hello.check_hello() {
+        Ok(v) => v,
+        Err(e) => {
+            refuse(send, e.to_string()).await?;
+            return Err(Fault::Protocol(e.to_string()));
+        }
+    };
+    wire::send(send, &Message::hello_at(version)).await?;
+    Ok(version)
 }
 
 /// Enroll the certificate `fingerprint` as client `name`, with the
@@ -288,6 +294,7 @@ async fn enroll(
 async fn dispatch(
     volumes: &Volumes,
     client: &str,
+    version: Version,
     req: Message,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
@@ -302,7 +309,12 @@ async fn dispatch(
             writer,
         } => begin_epoch(volumes, client, &volume, epoch, writer, send, recv).await,
         Message::EpochData { volume, epoch } => {
-            epoch_data(volumes, client, &volume, epoch, send, recv).await
+            let from = Sender {
+                client,
+                version,
+                volumes,
+            };
+            epoch_data(volumes, from, &volume, epoch, send, recv).await
         }
         Message::StagedHashes {
             volume,
@@ -380,24 +392,25 @@ async fn begin_epoch(
         Ok(v) => v,
         Err(e) => return refuse(send, e.to_string()).await,
     };
-    receive_epoch(&v, epoch, writer, send, recv).await
+    let published = |digests| volumes.published(client, digests);
+    receive_epoch(&v, published, epoch, writer, send, recv).await
 }
 
 /// `EpochData`: one data stream of an epoch being staged.
 async fn epoch_data(
     volumes: &Volumes,
-    client: &str,
+    from: Sender<'_>,
     volume: &str,
     epoch: u64,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let staging = match volumes.open(client, volume, None) {
+    let staging = match volumes.open(from.client, volume, None) {
         Ok(v) => v.lock().await.staging(epoch),
         Err(e) => return refuse(send, e.to_string()).await,
     };
     match staging {
-        Some(staging) => receive_data(&staging, send, recv).await,
+        Some(staging) => receive_data(&staging, from, send, recv).await,
         None => {
             refuse(
                 send,

@@ -9,7 +9,9 @@
 
 use std::time::Instant;
 
-use ublk_mirror_common::proto::{Message, Writer};
+use std::collections::{HashMap, VecDeque};
+
+use ublk_mirror_common::proto::{self, Digest, Encoding, Message, Version, Writer};
 use ublk_mirror_common::session::receive::{
     DataAction, DataReceiver, EpochReceiver, StageOutcome, MESSAGE_TIMEOUT,
 };
@@ -20,7 +22,7 @@ use ublk_mirror_common::{block, wire};
 use crate::error::Error;
 use crate::snapshots::SnapshotInfo;
 use crate::store::{Staging, VersionSource};
-use crate::volumes::SharedVolume;
+use crate::volumes::{SharedVolume, Volumes};
 
 /// How a request ended badly.
 pub(crate) enum Fault {
@@ -75,8 +77,10 @@ async fn next_before(
 /// (or resume) its staging, tell the client what is staged already, wait
 /// for `EndEpoch`, publish, and answer. Nothing is held while the data
 /// streams work: the volume's lock only for beginning and publishing.
+/// `published` is told the digests of a published epoch.
 pub(crate) async fn receive_epoch(
     volume: &SharedVolume,
+    published: impl FnOnce(Vec<Digest>),
     epoch: u64,
     writer: Writer,
     send: &mut quinn::SendStream,
@@ -102,7 +106,10 @@ pub(crate) async fn receive_epoch(
         tokio::task::block_in_place(|| v.commit(&staging))
     };
     let answer = match committed {
-        Ok(()) => receiver.published(),
+        Ok(()) => {
+            published(staging.staged_digests());
+            receiver.published()
+        }
         Err(e) => {
             tracing::error!(epoch, "cannot publish: {e}");
             receiver.publish_failed(&e.to_string())
@@ -183,15 +190,62 @@ fn read_blocks(reader: &VersionSource, blocks: &[(u64, u32)]) -> crate::Result<V
         .collect()
 }
 
+/// Chunks fetched from the store for a data stream's `Known` blocks, at
+/// most [`PREFETCH`] (the oldest go first; a block whose chunk went is
+/// fetched when it arrives).
+#[derive(Default)]
+struct Prefetched {
+    chunks: HashMap<Digest, Vec<u8>>,
+    order: VecDeque<Digest>,
+}
+
+/// Chunks a data stream holds fetched ahead (8 MiB of full blocks: two
+/// batches of a client's questions, and more).
+const PREFETCH: usize = 128;
+
+impl Prefetched {
+    fn put(&mut self, d: Digest, data: Vec<u8>) {
+        if self.chunks.insert(d, data).is_none() {
+            self.order.push_back(d);
+        }
+        while self.order.len() > PREFETCH {
+            if let Some(old) = self.order.pop_front() {
+                self.chunks.remove(&old);
+            }
+        }
+    }
+
+    fn take(&mut self, d: &Digest) -> Option<Vec<u8>> {
+        let data = self.chunks.remove(d)?;
+        self.order.retain(|o| o != d);
+        Some(data)
+    }
+}
+
+/// Who sends a data stream, and what answers its questions.
+pub(crate) struct Sender<'a> {
+    /// The enrolled client.
+    pub client: &'a str,
+    /// The protocol its stream speaks.
+    pub version: Version,
+    /// Answers `HaveChunks` from the client's own volumes.
+    pub volumes: &'a Volumes,
+}
+
 /// One data stream of an epoch, driving a [`DataReceiver`]: blocks until
 /// `EndData`, each verified and staged (several streams at once, in
-/// parallel); answered with the blocks that failed their checks.
+/// parallel); answered with the blocks that failed their checks. In V3,
+/// questions about chunks are answered as they come, and a `Known`
+/// block's bytes are taken from the store (fetched when it was asked
+/// about), checked like any others.
 pub(crate) async fn receive_data(
     staging: &Staging,
+    from: Sender<'_>,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let mut receiver = DataReceiver::new(staging.epoch(), Instant::now());
+    let mut receiver = DataReceiver::new(staging.epoch(), from.version, Instant::now());
+    let mut prefetched = Prefetched::default();
     loop {
         // A client that stops sending mid-epoch does not hold the stream.
         let quiet = || Error::Link(receiver.timed_out().to_string());
@@ -199,6 +253,29 @@ pub(crate) async fn receive_data(
             .await?
             .ok_or_else(|| Fault::Other(Error::Link("the peer ended the stream early".into())))?;
         match receiver.on_message(next, Instant::now())? {
+            DataAction::Query(digests) => {
+                let known = tokio::task::block_in_place(|| {
+                    let known = from.volumes.known(from.client, &digests);
+                    let wanted: Vec<Digest> = digests
+                        .iter()
+                        .zip(&known)
+                        .filter(|(_, &k)| k)
+                        .map(|(d, _)| *d)
+                        .take(PREFETCH)
+                        .collect();
+                    for (d, data) in wanted
+                        .iter()
+                        .zip(from.volumes.known_chunks(from.client, &wanted))
+                    {
+                        if let Some(data) = data {
+                            prefetched.put(*d, data);
+                        }
+                    }
+                    known
+                });
+                let bits = proto::pack_bits(&known);
+                wire::send(send, &Message::KnownChunks { bits }).await?;
+            }
             DataAction::Stage {
                 offset,
                 len,
@@ -206,10 +283,30 @@ pub(crate) async fn receive_data(
                 encoding,
                 data_len,
             } => {
-                let data = wire::recv_data(recv, data_len).await?;
-                let added = tokio::task::block_in_place(|| {
-                    staging.add(offset, len, &sha256, encoding, &data)
-                });
+                let added = if encoding == Encoding::Known {
+                    let data = match prefetched.take(&sha256) {
+                        Some(d) => Some(d),
+                        None => tokio::task::block_in_place(|| {
+                            from.volumes
+                                .known_chunks(from.client, &[sha256])
+                                .pop()
+                                .flatten()
+                        }),
+                    };
+                    match data {
+                        Some(data) => tokio::task::block_in_place(|| {
+                            staging.add(offset, len, &sha256, Encoding::Raw, &data)
+                        }),
+                        None => Err(Error::BadBlock(
+                            "sent as Known, but this server cannot give that chunk for this client now: send its bytes".into(),
+                        )),
+                    }
+                } else {
+                    let data = wire::recv_data(recv, data_len).await?;
+                    tokio::task::block_in_place(|| {
+                        staging.add(offset, len, &sha256, encoding, &data)
+                    })
+                };
                 let outcome = match added {
                     Ok(()) => StageOutcome::Staged,
                     Err(Error::BadBlock(reason)) => StageOutcome::Damaged(reason),

@@ -12,8 +12,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use ublk_mirror_common::proto::Digest;
 use ublk_mirror_common::ByteSize;
 
+use crate::chunks::refs::Refs;
 use crate::chunks::ChunkStore;
 use crate::error::{Error, Result};
 use crate::store::{Recovery, Volume, VOLUMES_DIR};
@@ -51,6 +53,9 @@ pub struct Volumes {
     /// The chunk store every volume is attached to when opened (none:
     /// images only, as commands that run without the server use them).
     chunks: Option<Arc<ChunkStore>>,
+    /// What each client's volumes reference, for deduplication on the
+    /// wire.
+    refs: Refs,
 }
 
 impl Volumes {
@@ -61,6 +66,7 @@ impl Volumes {
             quota,
             open: Mutex::new(HashMap::new()),
             chunks: None,
+            refs: Refs::new(),
         }
     }
 
@@ -109,6 +115,61 @@ impl Volumes {
     /// The chunk store, if any.
     pub fn chunk_store(&self) -> Option<&Arc<ChunkStore>> {
         self.chunks.as_ref()
+    }
+
+    /// For each of `digests`: may `client` send that block as `Known`
+    /// (the store holds the chunk and one of the client's volumes
+    /// references it)? A store that cannot be read answers "no" to all:
+    /// the blocks travel.
+    pub fn known(&self, client: &str, digests: &[Digest]) -> Vec<bool> {
+        let Some(store) = &self.chunks else {
+            return vec![false; digests.len()];
+        };
+        match self.refs.known(store, client, digests) {
+            Ok(known) => known,
+            Err(e) => {
+                tracing::warn!(client, "cannot tell which chunks the client's volumes hold; its blocks travel whole: {e}");
+                vec![false; digests.len()]
+            }
+        }
+    }
+
+    /// The bytes of chunks `digests`, each one `client` may send as
+    /// `Known` (checked again: a client may send `Known` for what it was
+    /// never told). `None` for each the client may not name or the store
+    /// cannot give now.
+    pub fn known_chunks(&self, client: &str, digests: &[Digest]) -> Vec<Option<Vec<u8>>> {
+        let known = self.known(client, digests);
+        let wanted: Vec<Digest> = digests
+            .iter()
+            .zip(&known)
+            .filter(|(_, &k)| k)
+            .map(|(d, _)| *d)
+            .collect();
+        let mut got = match (&self.chunks, wanted.is_empty()) {
+            (Some(store), false) => match store.chunks(&wanted) {
+                Ok(all) => all.into_iter().map(Some).collect(),
+                Err(e) => {
+                    tracing::warn!(
+                        client,
+                        "cannot read known chunks from the store; asking for their bytes: {e}"
+                    );
+                    vec![None; wanted.len()]
+                }
+            },
+            _ => Vec::new(),
+        }
+        .into_iter();
+        known
+            .iter()
+            .map(|&k| if k { got.next().flatten() } else { None })
+            .collect()
+    }
+
+    /// `client` published an epoch naming `digests` (for
+    /// [`Volumes::known`]).
+    pub fn published(&self, client: &str, digests: impl IntoIterator<Item = Digest>) {
+        self.refs.add(client, digests);
     }
 
     /// Open `dir` and attach it to the chunk store.

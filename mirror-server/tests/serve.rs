@@ -14,7 +14,7 @@ use sha2::{Digest as _, Sha256};
 use ublk_mirror_common::block::encode as encode_block;
 use ublk_mirror_common::client::Link;
 use ublk_mirror_common::identity::Identity;
-use ublk_mirror_common::proto::{Encoding, Message, Writer};
+use ublk_mirror_common::proto::{Encoding, Message, Version, Writer};
 use ublk_mirror_common::token::Token;
 use ublk_mirror_common::wire;
 
@@ -648,9 +648,13 @@ async fn a_restarted_device_takes_over_its_earlier_epoch_s_staging() {
         .unwrap();
     // What was staged and is still so did not travel again.
     assert!(shipped.resumed_bytes >= 4 * 65536, "{shipped:?}");
+    let image = server.image("laptop", "v");
+    let wrong: Vec<usize> = (0..size as usize / 65536)
+        .filter(|&b| image[b * 65536..][..65536] != after[b * 65536..][..65536])
+        .collect();
     assert!(
-        server.image("laptop", "v") == after,
-        "the published image is not epoch 9"
+        wrong.is_empty(),
+        "the published image is not epoch 9: blocks {wrong:?} differ ({shipped:?})"
     );
 }
 
@@ -1055,6 +1059,195 @@ async fn the_chunk_store_keeps_every_epoch_deduplicated_and_rebuilds_lost_images
         |d: &Path, c: &str| std::fs::read(d.join("volumes").join(c).join("root/image")).unwrap();
     assert!(image(&other, "laptop") == model);
     assert!(image(&other, "desktop") == clone);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wire_carries_only_what_the_client_s_own_volumes_do_not_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (a_id, a) = enrolled(&server, dir.path(), "laptop").await;
+    let (b_id, b) = enrolled(&server, dir.path(), "desktop").await;
+    const B: usize = 65536;
+    let size: u64 = 4 << 20;
+    let all: Vec<(u64, u32)> = (0..size / B as u64)
+        .map(|i| (i * B as u64, B as u32))
+        .collect();
+    let mut model = noise(1, size as usize);
+    model[B..2 * B].fill(0);
+    a.open_volume("root", size).await.unwrap();
+    let first = a
+        .send_epoch("root", 1, w(1), &all, 3, reader(model.clone()))
+        .await
+        .unwrap();
+    assert_eq!(first.known_bytes, 0, "{first:?}");
+
+    // Another client mirrors a clone: the store deduplicates it, but the
+    // desktop may not learn what the laptop holds, so all of it travels.
+    let mut clone = model.clone();
+    clone[..B].copy_from_slice(&noise(2, B));
+    b.open_volume("root", size).await.unwrap();
+    let desktop = |epoch| Writer {
+        device: [8; 16],
+        epoch,
+    };
+    let shipped = b
+        .send_epoch("root", 1, desktop(1), &all, 3, reader(clone.clone()))
+        .await
+        .unwrap();
+    assert_eq!(shipped.known_bytes, 0, "{shipped:?}");
+    assert!(shipped.wire_bytes > 60 * B as u64, "{shipped:?}");
+    assert_eq!(store_json(&data)["chunks"], 64);
+
+    // The laptop, after a server restart (its reference set read from the
+    // store), mirrors a copy of its own disk as a second volume, with one
+    // block new and one moved: only the new block travels.
+    drop((a, b));
+    drop(server);
+    let server = Server::start(&data);
+    let a = Link::connect(&a_id, token_fp(&data), &server.address)
+        .await
+        .unwrap();
+    let b = Link::connect(&b_id, token_fp(&data), &server.address)
+        .await
+        .unwrap();
+    let mut copy = model.clone();
+    copy[5 * B..6 * B].copy_from_slice(&noise(3, B));
+    copy.copy_within(7 * B..8 * B, 9 * B);
+    a.open_volume("copy", size).await.unwrap();
+    let shipped = a
+        .send_epoch("copy", 1, w(2), &all, 3, reader(copy.clone()))
+        .await
+        .unwrap();
+    // 64 blocks: one hole, one new, 62 the laptop's volumes hold.
+    assert_eq!(shipped.known_bytes, 62 * B as u64, "{shipped:?}");
+    assert_eq!(shipped.zero_bytes, B as u64, "{shipped:?}");
+    assert!(
+        shipped.wire_bytes <= B as u64 + 1024,
+        "{} bytes travelled for one new block",
+        shipped.wire_bytes
+    );
+    assert!(
+        server.image("laptop", "copy") == copy,
+        "the copy's image differs"
+    );
+    assert_eq!(store_json(&data)["chunks"], 65);
+
+    // A chunk only the desktop sent travels whole from the laptop too,
+    // though the store holds it; once the laptop published it, it is the
+    // laptop's (a set held grows with each epoch published).
+    model[..B].copy_from_slice(&clone[..B]);
+    let shipped = a
+        .send_epoch("root", 2, w(3), &[(0, B as u32)], 3, reader(model.clone()))
+        .await
+        .unwrap();
+    assert_eq!(shipped.known_bytes, 0, "{shipped:?}");
+    let shipped = a
+        .send_epoch("copy", 2, w(4), &[(0, B as u32)], 3, reader(model.clone()))
+        .await
+        .unwrap();
+    assert_eq!(shipped.known_bytes, B as u64, "{shipped:?}");
+
+    // A client that names a chunk it was never told of (the desktop's
+    // newest) gets no bytes from it: the block is asked for again.
+    let secret = noise(5, B);
+    clone[3 * B..4 * B].copy_from_slice(&secret);
+    b.send_epoch(
+        "root",
+        2,
+        desktop(2),
+        &[(3 * B as u64, B as u32)],
+        3,
+        reader(clone.clone()),
+    )
+    .await
+    .unwrap();
+    let (mut control, mut answers) = begin(&a, "root", 3, w(5)).await;
+    assert!(matches!(
+        wire::expect(&mut answers).await.unwrap(),
+        Message::Staged { done: true, .. }
+    ));
+    let known = |offset: u64, content: &[u8]| Message::Block {
+        offset,
+        len: B as u32,
+        sha256: Sha256::digest(content).into(),
+        encoding: Encoding::Known,
+        data_len: 0,
+    };
+    assert_eq!(
+        data_stream(
+            &a,
+            "root",
+            3,
+            &[
+                (known(0, &secret), vec![]),
+                (known(2 * B as u64, &model[4 * B..5 * B]), vec![]),
+            ]
+        )
+        .await,
+        Message::Resend {
+            blocks: vec![(0, B as u32)]
+        }
+    );
+    let (header, payload) = encode_block(0, &secret, 3);
+    assert_eq!(
+        data_stream(&a, "root", 3, &[(header, payload)]).await,
+        Message::Resend { blocks: vec![] }
+    );
+    wire::send(&mut control, &Message::EndEpoch).await.unwrap();
+    assert_eq!(
+        wire::expect(&mut answers).await.unwrap(),
+        Message::Committed { epoch: 3 }
+    );
+    model[..B].copy_from_slice(&secret);
+    model.copy_within(4 * B..5 * B, 2 * B);
+    assert!(server.image("laptop", "root") == model);
+
+    // A client of the last version is spoken to in it, and may not ask.
+    let (mut send, mut recv, version) = a.stream_at(Version::V2).await.unwrap();
+    assert_eq!(version, Version::V2);
+    wire::send(
+        &mut send,
+        &Message::OpenVolume {
+            volume: "root".into(),
+            size,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        wire::expect(&mut recv).await.unwrap(),
+        Message::VolumeInfo {
+            published_epoch: 3,
+            ..
+        }
+    ));
+    let (_control, mut answers) = begin(&a, "root", 4, w(6)).await;
+    assert!(matches!(
+        wire::expect(&mut answers).await.unwrap(),
+        Message::Staged { done: true, .. }
+    ));
+    let (mut send, mut recv, _) = a.stream_at(Version::V2).await.unwrap();
+    wire::send(
+        &mut send,
+        &Message::EpochData {
+            volume: "root".into(),
+            epoch: 4,
+        },
+    )
+    .await
+    .unwrap();
+    wire::send(&mut send, &Message::HaveChunks { digests: vec![] })
+        .await
+        .unwrap();
+    // A protocol violation: the connection ends, with the reason.
+    let got = wire::recv(&mut recv).await;
+    assert!(!matches!(got, Ok(Some(_))), "{got:?}");
+    tokio::time::timeout(Duration::from_secs(10), a.closed())
+        .await
+        .unwrap();
+    let why = a.close_reason().unwrap_or_default();
+    assert!(why.contains("HaveChunks"), "{why}");
 }
 
 /// A second server for `data`'s chunk store: its own data directory with

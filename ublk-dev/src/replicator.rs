@@ -140,6 +140,10 @@ pub struct MirrorStatus {
     /// epoch (not sent again).
     #[serde(default)]
     pub resumed_bytes: u64,
+    /// Bytes the server held already as chunks of this client's volumes
+    /// (sent as their digests only).
+    #[serde(default)]
+    pub known_bytes: u64,
 }
 
 /// A running replicator; stops when dropped.
@@ -500,6 +504,7 @@ impl Context {
             s.last_wire_bytes = shipped.wire_bytes;
             s.wire_bytes_total += shipped.wire_bytes;
             s.resumed_bytes += shipped.resumed_bytes;
+            s.known_bytes += shipped.known_bytes;
         });
         tracing::debug!(
             epoch,
@@ -507,6 +512,7 @@ impl Context {
             blocks = blocks.len(),
             bytes = shipped.bytes,
             wire = shipped.wire_bytes,
+            known = shipped.known_bytes,
             "epoch mirrored"
         );
         Ok(())

@@ -40,6 +40,9 @@ pub struct Shipped {
     pub zero_bytes: u64,
     /// Bytes the server held already from an interrupted attempt.
     pub resumed_bytes: u64,
+    /// Bytes of blocks the server held already as chunks of this client's
+    /// volumes: sent as their digest only ([`crate::proto::Encoding::Known`]).
+    pub known_bytes: u64,
 }
 
 impl Shipped {
@@ -53,6 +56,14 @@ impl Shipped {
         }
     }
 
+    /// Count one block of `len` bytes the server held already (sent as
+    /// its digest only).
+    pub fn count_known(&mut self, len: u32) {
+        self.blocks += 1;
+        self.bytes += u64::from(len);
+        self.known_bytes += u64::from(len);
+    }
+
     /// Add what another stream shipped.
     pub fn add(&mut self, other: &Shipped) {
         self.blocks += other.blocks;
@@ -60,6 +71,7 @@ impl Shipped {
         self.wire_bytes += other.wire_bytes;
         self.zero_bytes += other.zero_bytes;
         self.resumed_bytes += other.resumed_bytes;
+        self.known_bytes += other.known_bytes;
     }
 }
 
@@ -143,7 +155,8 @@ mod tests {
                 bytes: 69632,
                 wire_bytes: 100,
                 zero_bytes: 65536,
-                resumed_bytes: 0
+                resumed_bytes: 0,
+                known_bytes: 0,
             }
         );
         assert_eq!(variant(&Message::EndEpoch), "EndEpoch");

@@ -8,6 +8,12 @@
 //! published() ─▶ Committed                EndData   ─▶ Resend{refused}
 //! ```
 //!
+//! In V3 a data stream may also ask which chunks the server holds
+//! (`HaveChunks` ─▶ [`DataAction::Query`]; the driver answers
+//! `KnownChunks` at once, in order with the stream's other answers), and
+//! a block may then travel as `Known`: its bytes come from the server's
+//! store, and are checked against the digest like any others.
+//!
 //! A block that fails its check (damaged on the way) is asked for again,
 //! up to [`MAX_RESEND`] a stream; more than that, or a failure of the
 //! server's own storage, refuses the stream with the reason. A block
@@ -18,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::proto::{Digest, Encoding, Message, MAX_RESEND, MAX_STAGED_RANGES};
+use crate::proto::{Digest, Encoding, Message, Version, MAX_RESEND, MAX_STAGED_RANGES};
 use crate::session::unexpected;
 use crate::{Error, Result};
 
@@ -121,6 +127,9 @@ pub enum DataAction {
         /// Bytes that follow the header.
         data_len: u32,
     },
+    /// (V3) Answer with [`Message::KnownChunks`]: which of these chunks
+    /// the server holds for this client.
+    Query(Vec<Digest>),
     /// The stream is over: send this answer and finish.
     Answer(Message),
 }
@@ -140,6 +149,7 @@ pub enum StageOutcome {
 #[derive(Debug, Clone)]
 pub struct DataReceiver {
     epoch: u64,
+    version: Version,
     received: u64,
     refused: Vec<(u64, u32)>,
     deadline: Instant,
@@ -147,10 +157,11 @@ pub struct DataReceiver {
 }
 
 impl DataReceiver {
-    /// A data stream of `epoch`, opened at `now`.
-    pub fn new(epoch: u64, now: Instant) -> DataReceiver {
+    /// A data stream of `epoch` that speaks `version`, opened at `now`.
+    pub fn new(epoch: u64, version: Version, now: Instant) -> DataReceiver {
         DataReceiver {
             epoch,
+            version,
             received: 0,
             refused: Vec::new(),
             deadline: now + MESSAGE_TIMEOUT,
@@ -178,7 +189,9 @@ impl DataReceiver {
             return Err(unexpected(&m, "after EndData"));
         }
         self.deadline = now + MESSAGE_TIMEOUT;
+        m.check_version(self.version)?;
         match m {
+            Message::HaveChunks { digests } => Ok(DataAction::Query(digests)),
             Message::Block {
                 offset,
                 len,
@@ -308,7 +321,7 @@ mod tests {
     #[test]
     fn a_data_stream_stages_blocks_and_answers_with_the_damaged_ones() {
         let t0 = Instant::now();
-        let mut d = DataReceiver::new(9, t0);
+        let mut d = DataReceiver::new(9, Version::CURRENT, t0);
         for (i, outcome) in [
             StageOutcome::Staged,
             StageOutcome::Damaged("sha256".into()),
@@ -336,13 +349,13 @@ mod tests {
     #[test]
     fn a_miscount_or_a_stray_frame_is_a_violation() {
         let t0 = Instant::now();
-        let mut d = DataReceiver::new(9, t0);
+        let mut d = DataReceiver::new(9, Version::CURRENT, t0);
         d.on_message(block(0), t0).unwrap();
         let e = d
             .on_message(Message::EndData { blocks: 2 }, t0)
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Peer);
-        let mut d = DataReceiver::new(9, t0);
+        let mut d = DataReceiver::new(9, Version::CURRENT, t0);
         let e = d.on_message(Message::EndEpoch, t0).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Peer);
     }
@@ -350,7 +363,7 @@ mod tests {
     #[test]
     fn too_many_damaged_blocks_or_a_storage_failure_refuse_the_stream() {
         let t0 = Instant::now();
-        let mut d = DataReceiver::new(9, t0);
+        let mut d = DataReceiver::new(9, Version::CURRENT, t0);
         for i in 0..MAX_RESEND as u64 {
             assert_eq!(d.on_staged(i, 1, StageOutcome::Damaged("x".into())), None);
         }
@@ -358,7 +371,7 @@ mod tests {
             .on_staged(0, 1, StageOutcome::Damaged("x".into()))
             .unwrap();
         assert!(why.contains("corrupting"), "{why}");
-        let mut d = DataReceiver::new(9, t0);
+        let mut d = DataReceiver::new(9, Version::CURRENT, t0);
         assert_eq!(
             d.on_staged(0, 1, StageOutcome::Failed("disk full".into())),
             Some("disk full".into())
@@ -366,9 +379,46 @@ mod tests {
     }
 
     #[test]
+    fn v3_streams_ask_which_chunks_are_known_and_v2_streams_may_not() {
+        let t0 = Instant::now();
+        let ask = Message::HaveChunks {
+            digests: vec![[1; 32], [2; 32]],
+        };
+        let known = Message::Block {
+            offset: 0,
+            len: 4096,
+            sha256: [1; 32],
+            encoding: Encoding::Known,
+            data_len: 0,
+        };
+        let mut d = DataReceiver::new(9, Version::V3, t0);
+        assert_eq!(
+            d.on_message(ask.clone(), t0).unwrap(),
+            DataAction::Query(vec![[1; 32], [2; 32]])
+        );
+        assert!(matches!(
+            d.on_message(known.clone(), t0).unwrap(),
+            DataAction::Stage {
+                encoding: Encoding::Known,
+                ..
+            }
+        ));
+        // Questions are not blocks: the count is of blocks only.
+        assert_eq!(
+            d.on_message(Message::EndData { blocks: 1 }, t0).unwrap(),
+            DataAction::Answer(Message::Resend { blocks: vec![] })
+        );
+        for m in [ask, known] {
+            let mut d = DataReceiver::new(9, Version::V2, t0);
+            let e = d.on_message(m, t0).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Peer, "{e}");
+        }
+    }
+
+    #[test]
     fn a_silent_stream_times_out_and_each_message_extends_it() {
         let t0 = Instant::now();
-        let mut d = DataReceiver::new(9, t0);
+        let mut d = DataReceiver::new(9, Version::CURRENT, t0);
         assert_eq!(d.deadline(), t0 + MESSAGE_TIMEOUT);
         let later = t0 + MESSAGE_TIMEOUT / 2;
         d.on_message(block(0), later).unwrap();

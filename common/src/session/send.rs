@@ -337,6 +337,13 @@ impl DataSender {
         self.shipped.count(len, wire);
     }
 
+    /// A block of `len` bytes went as its digest only (the server holds
+    /// it).
+    pub fn sent_known(&mut self, len: u32) {
+        debug_assert!(!self.ended, "a block after EndData");
+        self.shipped.count_known(len);
+    }
+
     /// No more blocks: the last frame.
     pub fn end(&mut self) -> Message {
         self.ended = true;

@@ -26,6 +26,10 @@
 //! writes only the segments it changes, and two volumes with the same
 //! content share them. Holes (blocks of zeroes) are never stored.
 //!
+//! The wire is deduplicated too, within what a client may know: before
+//! sending, a client asks which of its blocks the server holds, and is
+//! answered from the chunks its own volumes reference ([`refs`]).
+//!
 //! # Why packs
 //!
 //! 64 KiB chunks one object each would make 1.5 billion objects of a
@@ -57,6 +61,7 @@
 pub mod backend;
 pub mod format;
 pub mod gc;
+pub mod refs;
 pub mod verify;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -562,7 +567,16 @@ impl ChunkStore {
 
     /// The volumes (`CLIENT/VOLUME`) with at least one version.
     pub fn volumes(&self) -> Result<Vec<String>> {
-        let paths = self.run(self.list("vol"))?;
+        self.volumes_under("vol")
+    }
+
+    /// The volumes of `client` that have versions (`CLIENT/VOLUME`).
+    pub fn client_volumes(&self, client: &str) -> Result<Vec<String>> {
+        self.volumes_under(&format!("vol/{client}"))
+    }
+
+    fn volumes_under(&self, prefix: &str) -> Result<Vec<String>> {
+        let paths = self.run(self.list(prefix))?;
         let mut out: Vec<String> = paths
             .iter()
             .filter_map(|p| {
@@ -646,7 +660,7 @@ impl ChunkStore {
     }
 
     /// The digests of segment `id`.
-    fn segment(&self, id: &Digest) -> Result<Vec<Digest>> {
+    pub(crate) fn segment(&self, id: &Digest) -> Result<Vec<Digest>> {
         let bytes = self.run(self.get(&ObjPath::from(format::spread("maps", id))))?;
         format::decode_segment(&bytes, id)
     }
@@ -681,7 +695,7 @@ impl ChunkStore {
 
     /// Read the chunks `hashes` (none a hole), each checked against its
     /// name; ranges of one pack are fetched together.
-    fn chunks(&self, hashes: &[Digest]) -> Result<Vec<Vec<u8>>> {
+    pub(crate) fn chunks(&self, hashes: &[Digest]) -> Result<Vec<Vec<u8>>> {
         let mut out: Vec<Option<Vec<u8>>> = {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             hashes.iter().map(|h| cache.get(h)).collect()

@@ -195,6 +195,12 @@ impl Staging {
             .collect()
     }
 
+    /// The digest of every block staged whole (what the epoch names, for
+    /// deduplication once it is published).
+    pub fn staged_digests(&self) -> Vec<Digest> {
+        self.lock().digests.values().copied().collect()
+    }
+
     /// Stop staging so that a later epoch of the device takes the files
     /// over; the end of the data reserved so far, or `None` if it was
     /// closed already (being committed).
