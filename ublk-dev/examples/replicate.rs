@@ -146,12 +146,13 @@ fn main() {
     sync(&tracker, &replicator);
     let s = replicator.status();
     println!(
-        "{{\"phase\":\"initial\",\"seconds\":{:.3},\"cpu_seconds\":{:.3},\"server_cpu_seconds\":{:.3},\"bytes\":{size},\"wire_bytes\":{},\"same_bytes\":{}}}",
+        "{{\"phase\":\"initial\",\"seconds\":{:.3},\"cpu_seconds\":{:.3},\"server_cpu_seconds\":{:.3},\"bytes\":{size},\"wire_bytes\":{},\"same_bytes\":{},\"known_bytes\":{}}}",
         started.elapsed().as_secs_f64(),
         cpu_seconds() - cpu,
         cpu_of(server) - server_cpu,
         s.wire_bytes_total,
-        s.resync_same_bytes
+        s.resync_same_bytes,
+        s.known_bytes
     );
 
     // Phase 2: rewrite a share of the 4 KiB blocks at random, catch up.

@@ -495,7 +495,8 @@ impl Context {
         info.published_epoch = remote;
         info.writer = Some(me);
         Association::confirm(self.tracker.state_dir(), remote)?;
-        self.release(epoch)?;
+        // The status first: whoever sees the epoch released sees its
+        // figures.
         let secs = started.elapsed().as_secs_f64().max(1e-3);
         self.set(|s| {
             s.server_epoch = remote;
@@ -506,6 +507,7 @@ impl Context {
             s.resumed_bytes += shipped.resumed_bytes;
             s.known_bytes += shipped.known_bytes;
         });
+        self.release(epoch)?;
         tracing::debug!(
             epoch,
             remote,

@@ -14,7 +14,7 @@
 //! volumes), kept while it is used, and dropped [`IDLE`] after its last
 //! use or when more than [`MAX_CLIENTS`] sets are held (least recently
 //! used first). Each entry is the first 16 bytes of a digest: 16 bytes
-//! and the hash table's overhead per distinct chunk, about 24 MiB for a
+//! and the hash table's overhead per distinct chunk, about 32 MiB for a
 //! client whose volumes hold 64 GiB of distinct data, held only while it
 //! is mirroring.
 //!

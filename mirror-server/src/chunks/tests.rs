@@ -763,3 +763,63 @@ fn chunks_read_lately_come_from_the_bounded_cache() {
     assert_eq!(small, block_of(4, BLOCK as usize)[8192..8192 + 4096]);
     assert!(reader.read_at(&mut small, 0).is_err());
 }
+
+#[test]
+fn a_client_is_told_only_of_chunks_its_own_volumes_reference() {
+    let store = open_on(memory());
+    let size = 8 * BLOCK;
+    // The laptop's two volumes, the desktop's one; one chunk they share.
+    let laptop: Model = [(0, 1), (1, 2), (2, 0)].into();
+    publish(&store, "laptop/root", None, size, &laptop, 1).unwrap();
+    let v1 = store.head("laptop/root").unwrap().unwrap();
+    publish(&store, "laptop/root", Some(&v1), size, &[(1, 3)].into(), 2).unwrap();
+    publish(&store, "laptop/data", None, size, &[(5, 4)].into(), 1).unwrap();
+    publish(
+        &store,
+        "desktop/root",
+        None,
+        size,
+        &[(0, 1), (3, 5)].into(),
+        1,
+    )
+    .unwrap();
+    let d = |seed| format::sha256(&block_of(seed, BLOCK as usize));
+    let refs = refs::Refs::new();
+    // Every version of every volume of the laptop counts (seed 2 is only
+    // in its older version); the desktop's own chunk (5) does not, nor a
+    // chunk nobody stored (6), nor the hole.
+    assert_eq!(
+        refs.known(
+            &store,
+            "laptop",
+            &[d(1), d(2), d(3), d(4), d(5), d(6), HOLE]
+        )
+        .unwrap(),
+        [true, true, true, true, false, false, false]
+    );
+    assert_eq!(
+        refs.known(&store, "desktop", &[d(1), d(2), d(5)]).unwrap(),
+        [true, false, true]
+    );
+    // A held set grows with what the client publishes; one not held is
+    // read from the store when next asked.
+    let base = store.head("laptop/data").unwrap().unwrap();
+    publish(
+        &store,
+        "laptop/data",
+        Some(&base),
+        size,
+        &[(6, 5)].into(),
+        2,
+    )
+    .unwrap();
+    assert_eq!(refs.known(&store, "laptop", &[d(5)]).unwrap(), [false]);
+    refs.add("laptop", [d(5)]);
+    assert_eq!(refs.known(&store, "laptop", &[d(5)]).unwrap(), [true]);
+    let fresh = refs::Refs::new();
+    assert_eq!(fresh.known(&store, "laptop", &[d(5)]).unwrap(), [true]);
+    refs.add("nobody", [d(1)]);
+    assert_eq!(refs.held(), 2);
+    // A client with no volumes knows nothing.
+    assert_eq!(refs.known(&store, "nobody", &[d(1)]).unwrap(), [false]);
+}
