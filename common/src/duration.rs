@@ -45,6 +45,21 @@ impl FromStr for Span {
     }
 }
 
+impl Span {
+    /// For people, to the largest two units: `45s`, `12m`, `3h 12m`,
+    /// `2d 4h` (an age, a lag; not to be parsed back).
+    pub fn approx(self) -> String {
+        let secs = self.0.as_secs();
+        let (d, h, m) = (secs / 86400, secs % 86400 / 3600, secs % 3600 / 60);
+        match (d, h, m) {
+            (0, 0, 0) => format!("{secs}s"),
+            (0, 0, m) => format!("{m}m"),
+            (0, h, m) => format!("{h}h {m}m"),
+            (d, h, _) => format!("{d}d {h}h"),
+        }
+    }
+}
+
 impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
@@ -89,6 +104,15 @@ mod tests {
         for bad in ["", "s", "5x", "-1s", "1e999s"] {
             assert!(bad.parse::<Span>().is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn approximates_for_people() {
+        let s = |secs| Span(Duration::from_secs(secs)).approx();
+        assert_eq!(s(45), "45s");
+        assert_eq!(s(12 * 60 + 5), "12m");
+        assert_eq!(s(3 * 3600 + 12 * 60), "3h 12m");
+        assert_eq!(s(2 * 86400 + 4 * 3600 + 59), "2d 4h");
     }
 
     #[test]

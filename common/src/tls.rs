@@ -83,14 +83,23 @@ pub fn client_config(identity: &Identity, server: Fingerprint) -> Result<quinn::
 /// Requests (streams) a peer may have open at once.
 pub const MAX_STREAMS: u32 = 8;
 
+/// How often an idle link says it is alive.
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Silence after which a link is dead: four keep-alives missed. A client
+/// then reconnects (to another server, when it knows several) and resumes;
+/// a server drops the connection and keeps its stagings for the client's
+/// return.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Transport settings of both sides: keep-alives so that an idle link
 /// stays up (a device with nothing to ship sends nothing), an idle timeout
 /// that notices a dead one, and few concurrent streams.
 fn transport() -> Result<Arc<quinn::TransportConfig>> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
-        std::time::Duration::from_secs(60)
+        IDLE_TIMEOUT
             .try_into()
             .map_err(|e| tls_error("idle timeout", e))?,
     ));

@@ -211,6 +211,12 @@ impl ServerConfig {
         Ok(Arc::new(store))
     }
 
+    /// The chunk store `[store]` names, opened only to list its versions
+    /// ([`ChunkStore::open_for_listing`]).
+    pub fn chunk_store_for_listing(&self, data: &Path) -> Result<ChunkStore> {
+        ChunkStore::open_for_listing(&self.store, data)
+    }
+
     /// Start the exports this file lists. One that cannot start (a
     /// snapshot gone, a port taken, a secret file missing) is logged as an
     /// error and the rest goes on: replication must not stop for an

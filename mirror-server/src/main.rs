@@ -65,11 +65,24 @@ enum Command {
     /// Enroll, list and revoke clients.
     #[command(subcommand)]
     Client(ClientCommand),
-    /// List the volumes: size, published epoch and when.
+    /// List the volumes: size, published epoch and how long ago.
+    ///
+    /// For cron and monitoring: `--stale 24h` flags every volume whose
+    /// newest publication is older than that (or that never published)
+    /// and exits with status 1 when any is.
     Volumes {
         /// Print JSON (an array of objects) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Flag volumes not published for this long (`36h`, `2d`); exit
+        /// status 1 when any is.
+        #[arg(long, value_name = "DURATION")]
+        stale: Option<Span>,
+        /// Also read the chunk store's version records: volumes that other
+        /// servers on the same store serve, and publications they made
+        /// (what a fleet with interchangeable servers should watch).
+        #[arg(long)]
+        store: bool,
     },
     /// Take a snapshot of a volume now: its published epoch, kept until
     /// deleted (scheduled ones follow server.toml's [snapshots]).
@@ -270,7 +283,19 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Init { listen } => init(&cli.data, listen),
-        Command::Volumes { json } => volumes(&cli.data, json),
+        Command::Volumes { json, stale, store } => {
+            match volumes(&cli.data, json, stale, store) {
+                // Stale volumes are an answer, not an error: status 1.
+                Ok(n) if n > 0 => {
+                    eprintln!(
+                        "mirror-server: {n} volumes have published nothing for {} or more",
+                        stale.unwrap_or_default()
+                    );
+                    return ExitCode::from(1);
+                }
+                other => other.map(drop),
+            }
+        }
         Command::Serve { listen } => serve(&cli.data, listen),
         Command::Client(c) => client(&cli.data, c),
         Command::Snapshot { volume, name } => {
@@ -365,47 +390,110 @@ fn init(data: &Path, listen: Option<std::net::SocketAddr>) -> mirror_server::Res
     Ok(())
 }
 
-fn volumes(data: &Path, json: bool) -> mirror_server::Result<()> {
-    let list = store::list(data)?;
-    let mut out = std::io::stdout().lock();
-    let io = |e| mirror_server::Error::io("writing to stdout", e);
+/// One row of `mirror-server volumes`.
+struct VolumeRow {
+    size: u64,
+    published_epoch: u64,
+    /// Newest publication (ms since the Unix epoch; 0: never).
+    published_ms: u64,
+    /// Only in the chunk store (another server serves it).
+    store_only: bool,
+}
+
+fn volumes(
+    data: &Path,
+    json: bool,
+    stale: Option<Span>,
+    with_store: bool,
+) -> mirror_server::Result<usize> {
+    let mut rows: std::collections::BTreeMap<String, VolumeRow> = store::list(data)?
+        .into_iter()
+        .map(|(name, s)| {
+            let row = VolumeRow {
+                size: s.size,
+                published_epoch: s.published_epoch,
+                published_ms: s.published_ms,
+                store_only: false,
+            };
+            (name, row)
+        })
+        .collect();
+    if with_store {
+        let config = ServerConfig::load(data)?;
+        let chunks = config.chunk_store_for_listing(data)?;
+        for name in chunks.volumes()? {
+            let Some(head) = chunks.head(&name)? else {
+                continue;
+            };
+            let row = rows.entry(name).or_insert(VolumeRow {
+                size: head.size,
+                published_epoch: 0,
+                published_ms: 0,
+                store_only: true,
+            });
+            if head.created_ms > row.published_ms {
+                row.published_ms = head.created_ms;
+            }
+            row.published_epoch = row.published_epoch.max(head.epoch);
+        }
+    }
+    let limit = stale.map(|s| s.0.as_secs());
+    let age = |r: &VolumeRow| (r.published_ms > 0).then(|| age_seconds(r.published_ms));
+    let is_stale = |r: &VolumeRow| limit.is_some_and(|l| age(r).is_none_or(|a| a >= l));
+    let stale_count = rows.values().filter(|r| is_stale(r)).count();
     if json {
-        let rows: Vec<_> = list
+        let out: Vec<_> = rows
             .iter()
-            .map(|(name, s)| {
-                serde_json::json!({
+            .map(|(name, r)| {
+                let mut v = serde_json::json!({
                     "volume": name,
-                    "size": s.size,
-                    "published_epoch": s.published_epoch,
-                    "published_ms": s.published_ms,
-                })
+                    "size": r.size,
+                    "published_epoch": r.published_epoch,
+                    "published_ms": r.published_ms,
+                    "age_seconds": age(r),
+                });
+                if r.store_only {
+                    v["only_in_store"] = true.into();
+                }
+                if limit.is_some() {
+                    v["stale"] = is_stale(r).into();
+                }
+                v
             })
             .collect();
-        return print_json(&rows);
-    }
-    writeln!(
-        out,
-        "{:<32} {:>9} {:>7} PUBLISHED",
-        "VOLUME", "SIZE", "EPOCH"
-    )
-    .map_err(io)?;
-    for (name, s) in &list {
-        let when = if s.published_ms == 0 {
-            "never".to_string()
-        } else {
-            format!("{}s ago", age_seconds(s.published_ms))
-        };
+        print_json(&out)?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        let io = |e| mirror_server::Error::io("writing to stdout", e);
         writeln!(
             out,
-            "{:<32} {:>9} {:>7} {}",
-            name,
-            ByteSize(s.size).to_string(),
-            s.published_epoch,
-            when
+            "{:<32} {:>9} {:>7} PUBLISHED",
+            "VOLUME", "SIZE", "EPOCH"
         )
         .map_err(io)?;
+        for (name, r) in &rows {
+            let mut when = match age(r) {
+                None => "never".to_string(),
+                Some(a) => format!("{} ago", Span(std::time::Duration::from_secs(a)).approx()),
+            };
+            if r.store_only {
+                when.push_str(" (in the store only)");
+            }
+            if is_stale(r) {
+                when.push_str("  STALE");
+            }
+            writeln!(
+                out,
+                "{:<32} {:>9} {:>7} {}",
+                name,
+                ByteSize(r.size).to_string(),
+                r.published_epoch,
+                when
+            )
+            .map_err(io)?;
+        }
     }
-    Ok(())
+    Ok(stale_count)
 }
 
 fn import(data: &Path, volume: &str, from: &Path) -> mirror_server::Result<()> {
@@ -443,6 +531,22 @@ fn import(data: &Path, volume: &str, from: &Path) -> mirror_server::Result<()> {
         ByteSize(state.size),
         state.published_epoch
     );
+    // Into the chunk store at once (the image here is its cache): what
+    // other servers serve, and what survives this machine.
+    let stored = ServerConfig::load(data).and_then(|config| {
+        runtime()?.block_on(async {
+            let volumes = Volumes::new(data, Quota::none()).with_store(config.chunk_store(data)?);
+            let v = volumes.open(client, name, None)?;
+            let v = v.lock().await;
+            Ok(v.stored().map_or(0, |(_, _, seq)| seq))
+        })
+    });
+    match stored {
+        Ok(seq) => println!("  stored as version {seq} in the chunk store"),
+        Err(e) => eprintln!(
+            "mirror-server: warning: {volume} is not in the chunk store yet ({e}); the server stores it when it first opens the volume, or run `mirror-server upgrade`"
+        ),
+    }
     Ok(())
 }
 

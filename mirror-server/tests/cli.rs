@@ -48,3 +48,61 @@ fn a_missing_data_directory_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mirror-server init --data"), "{err}");
 }
+
+#[test]
+fn volumes_flags_the_stale_ones_for_cron_and_reads_the_store_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(server(&data, &["init"]).status.success());
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let out = server(
+        &data,
+        &["import", "test/fresh", "--from", img.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+    mirror_server::store::Volume::create(&data.join("volumes/laptop/never"), 1 << 20).unwrap();
+
+    // Published a moment ago: not stale within an hour; never published:
+    // stale. Any stale volume: exit status 1, for cron.
+    let out = server(&data, &["volumes", "--stale", "1h"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |name: &str| text.lines().find(|l| l.contains(name)).unwrap().to_string();
+    assert!(line("laptop/never").contains("STALE"), "{text}");
+    assert!(!line("test/fresh").contains("STALE"), "{text}");
+    assert!(line("test/fresh").contains("s ago"), "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 volumes have published nothing for 1h")
+    );
+    let out = server(&data, &["volumes", "--stale", "1h", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["volume"], "laptop/never");
+    assert_eq!(rows[0]["stale"], true);
+    assert_eq!(rows[1]["stale"], false);
+    assert!(rows[1]["age_seconds"].as_u64().unwrap() < 600, "{rows}");
+    // Without --stale nothing is judged.
+    assert!(server(&data, &["volumes"]).status.success());
+    std::fs::remove_dir_all(data.join("volumes/laptop")).unwrap();
+    assert!(server(&data, &["volumes", "--stale", "1h"])
+        .status
+        .success());
+
+    // A volume this server's cache lacks (another server serves it) is
+    // listed from the chunk store with --store.
+    std::fs::remove_dir_all(data.join("volumes/test")).unwrap();
+    let out = server(&data, &["volumes", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let out = server(&data, &["volumes", "--json", "--store", "--stale", "1d"]);
+    assert!(out.status.success(), "{out:?}");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["volume"], "test/fresh");
+    assert_eq!(rows[0]["only_in_store"], true);
+    assert_eq!(rows[0]["size"], 1 << 20);
+    assert_eq!(rows[0]["stale"], false);
+    // A bad threshold is a usage error.
+    assert_eq!(
+        server(&data, &["volumes", "--stale", "soon"]).status.code(),
+        Some(2)
+    );
+}

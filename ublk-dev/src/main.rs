@@ -76,10 +76,17 @@ enum Command {
     /// marked at start, e.g. after a crash), to settle by hash comparison;
     /// OLDEST is the oldest sealed epoch not yet released. A device whose
     /// daemon died shows the last status it published.
+    ///
+    /// A mirrored device with changes older than --stale that are not on
+    /// the mirror yet is named below the table, in words, and the exit
+    /// status is 1 (for cron and monitoring scripts).
     Status {
         /// Print JSON (an array of objects) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Call a mirror stale when changes this old are not on it yet.
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        stale: Span,
     },
 
     /// Stop and delete devices; their daemons sync and exit.
@@ -387,7 +394,13 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Add(args) => add(&args),
         Command::List { json } => list(json),
-        Command::Status { json } => status(json),
+        Command::Status { json, stale } => {
+            let behind = status(json, stale)?;
+            if behind > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Del { id, all } => del(id, all),
         Command::Recover { id } => recover(id),
         Command::Epoch { command } => epoch(command),
@@ -916,8 +929,22 @@ fn print_table<const N: usize>(
     Ok(())
 }
 
-fn status(json: bool) -> anyhow::Result<()> {
+/// How long changes of a mirrored device have waited for the mirror, as
+/// of now: the lag it last published plus the time since (its daemon may
+/// have died meanwhile); `None` when it is not mirrored.
+fn mirror_behind_ms(s: &DeviceStatus, now_ms: u64) -> Option<u64> {
+    let m = s.mirror.as_ref()?;
+    if m.lag_ms == 0 && m.bytes_behind == 0 {
+        return Some(0);
+    }
+    Some(m.lag_ms + now_ms.saturating_sub(s.updated_ms))
+}
+
+/// Show the devices (see the command's help); how many mirrors are stale.
+fn status(json: bool, stale: Span) -> anyhow::Result<usize> {
     require_root("read device status")?;
+    let now = ublk_mirror_common::clock::now_ms();
+    let limit = stale.0.as_millis() as u64;
     let devices: Vec<(DeviceInfo, Option<DeviceStatus>)> = ublk::list()?
         .into_iter()
         .filter(DeviceInfo::is_ours)
@@ -931,18 +958,21 @@ fn status(json: bool) -> anyhow::Result<()> {
         let rows: Vec<serde_json::Value> = devices
             .iter()
             .map(|(d, s)| {
+                let behind = s.as_ref().and_then(|s| mirror_behind_ms(s, now));
                 serde_json::json!({
                     "id": d.id,
                     "device": d.device,
                     "name": d.record.as_ref().map(|r| &r.name),
                     "state": d.state.as_str(),
                     "status": s,
+                    "mirror_behind_ms": behind,
+                    "stale": behind.is_some_and(|b| b >= limit),
                 })
             })
             .collect();
         serde_json::to_writer_pretty(&mut out, &rows)?;
         writeln!(out)?;
-        return Ok(());
+        return Ok(rows.iter().filter(|r| r["stale"] == true).count());
     }
     let rows = devices.iter().map(|(d, s)| {
         let name = d
@@ -998,7 +1028,28 @@ fn status(json: bool) -> anyhow::Result<()> {
         ],
         [-4, -13, -16, -9, 10, 10, 8, 6, 6, 7, -12, 7, 0],
         rows,
-    )
+    )?;
+    let mut behind = 0;
+    for (d, s) in &devices {
+        let Some(s) = s else { continue };
+        let Some(ms) = mirror_behind_ms(s, now).filter(|&ms| ms >= limit) else {
+            continue;
+        };
+        behind += 1;
+        let name = d.record.as_ref().map_or("-", |r| r.name.as_str());
+        let why = s
+            .mirror
+            .as_ref()
+            .and_then(|m| m.last_error.clone())
+            .map_or_else(String::new, |e| format!(" (last error: {e})"));
+        writeln!(
+            out,
+            "{} ({name}): NOT BACKED UP for {}: changes that old are only on this machine{why}",
+            d.device.display(),
+            Span(std::time::Duration::from_millis(ms)).approx(),
+        )?;
+    }
+    Ok(behind)
 }
 
 fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
@@ -1026,4 +1077,35 @@ fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
         println!("deleted /dev/ublkb{id}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ublk_dev::replicator::MirrorStatus;
+
+    #[test]
+    fn a_mirror_is_behind_by_its_lag_plus_the_time_its_daemon_was_silent() {
+        let at = |lag_ms, bytes_behind| DeviceStatus {
+            id: 0,
+            pid: 1,
+            updated_ms: 10_000,
+            reads: 0,
+            writes: 0,
+            errors: 0,
+            tracking: None,
+            mirror: Some(MirrorStatus {
+                lag_ms,
+                bytes_behind,
+                ..MirrorStatus::default()
+            }),
+        };
+        // Nothing to ship: never behind, however old the status.
+        assert_eq!(mirror_behind_ms(&at(0, 0), 99_000), Some(0));
+        // Changes 5 s old when written, read 20 s later.
+        assert_eq!(mirror_behind_ms(&at(5_000, 4096), 30_000), Some(25_000));
+        let mut plain = at(0, 0);
+        plain.mirror = None;
+        assert_eq!(mirror_behind_ms(&plain, 30_000), None);
+    }
 }

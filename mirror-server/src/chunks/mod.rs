@@ -263,9 +263,15 @@ impl ChunkStore {
         Ok(chunks)
     }
 
-    /// A store over any `object_store` (tests use an in-memory one with
-    /// faults).
-    pub fn with(
+    /// Open the store `config` names only to read its version records (for
+    /// listings): nothing is checked, written or indexed, so it is quick
+    /// however large the store; it cannot publish or read chunks.
+    pub fn open_for_listing(config: &StoreConfig, data: &std::path::Path) -> Result<ChunkStore> {
+        let (store, describe) = backend::open(config, data)?;
+        ChunkStore::unchecked(store, describe, config.pack_size.0 as usize)
+    }
+
+    fn unchecked(
         store: Arc<dyn ObjectStore>,
         describe: String,
         pack_target: usize,
@@ -291,6 +297,17 @@ impl ChunkStore {
                 ..ChunkCache::default()
             }),
         };
+        Ok(chunks)
+    }
+
+    /// A store over any `object_store` (tests use an in-memory one with
+    /// faults).
+    pub fn with(
+        store: Arc<dyn ObjectStore>,
+        describe: String,
+        pack_target: usize,
+    ) -> Result<ChunkStore> {
+        let chunks = ChunkStore::unchecked(store, describe, pack_target)?;
         chunks.run(chunks.claim())?;
         chunks.run(chunks.probe())?;
         for (hash, pack) in chunks.run(chunks.read_damaged())? {
