@@ -48,6 +48,14 @@ pub enum Error {
         /// Why it was refused, in words.
         reason: &'static str,
     },
+    /// A time written by a user (`--at`) could not be understood.
+    #[error("invalid time {input:?}: {reason} (try `yesterday 18:00`, `2h ago`, `2026-12-02 18:00` or a snapshot's name)")]
+    InvalidTime {
+        /// What the user wrote.
+        input: String,
+        /// Why it was refused.
+        reason: String,
+    },
 }
 
 /// What kind of failure an [`Error`] is: what code deciding between
@@ -70,7 +78,9 @@ impl Error {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidSize { .. } | Error::InvalidDuration { .. } => ErrorKind::Invalid,
+            Error::InvalidSize { .. }
+            | Error::InvalidDuration { .. }
+            | Error::InvalidTime { .. } => ErrorKind::Invalid,
             Error::Identity(_) | Error::Tls(_) | Error::Io { .. } => ErrorKind::Local,
             Error::Link(_) => ErrorKind::Link,
             Error::Proto(_) | Error::Peer(_) => ErrorKind::Peer,

@@ -7,6 +7,8 @@
 //! - [`block`]: the block codec (block size, digest, encode,
 //!   decode-and-verify), the same on every side.
 //! - [`session`]: the protocol's decisions as sans-IO state machines.
+//! - [`when`]: times as people write them (`--at yesterday 18:00`) and
+//!   as they are shown, in the local time zone.
 //! - With the `link` feature: `client` (the client's async drivers over
 //!   QUIC), `wire` (frames over QUIC streams) and `tls`; without it
 //!   this crate needs neither quinn nor tokio.
@@ -27,6 +29,7 @@ pub mod size;
 #[cfg(feature = "link")]
 pub mod tls;
 pub mod token;
+pub mod when;
 #[cfg(feature = "link")]
 pub mod wire;
 

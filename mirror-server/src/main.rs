@@ -104,6 +104,9 @@ enum Command {
         /// Print JSON (an array of objects) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show times in UTC [default: this machine's time zone].
+        #[arg(long)]
+        utc: bool,
     },
     /// Serve a version of a volume as an iSCSI disk, read-only: any
     /// initiator can attach it (Linux open-iscsi, qemu, Windows, macOS)
@@ -121,8 +124,9 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Export {
         /// CLIENT/VOLUME, CLIENT/VOLUME@SNAPSHOT, or CLIENT/VOLUME@TIME
-        /// (UTC, YYYY-MM-DD[THH:MM[:SS]]: the newest snapshot at or before
-        /// it); without @: the volume as it is now.
+        /// (the newest snapshot at or before it; local time: `@yesterday
+        /// 18:00`, `@2h ago`, `@2026-12-02 18:00`, or an instant with Z or
+        /// an offset); without @: the volume as it is now.
         #[arg(value_name = "VOLUME[@SNAPSHOT|@TIME]")]
         target: String,
         /// TCP address the target listens on (0.0.0.0:3260 for the network).
@@ -334,7 +338,9 @@ fn main() -> ExitCode {
         Command::Verify { volume, json } => verify(&cli.data, volume.as_deref(), json),
         Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
-        Command::Snapshots { volume, json } => list_snapshots(&cli.data, &volume, json),
+        Command::Snapshots { volume, json, utc } => {
+            list_snapshots(&cli.data, &volume, json, utc)
+        }
         Command::Delete { target } => match target.split_once('@') {
             Some((volume, snapshot)) => admin::request(
                 &cli.data,
@@ -566,6 +572,10 @@ fn export(
     chap: Option<exports::ChapSpec>,
 ) -> mirror_server::Result<()> {
     let (volume, at) = exports::split_target(target);
+    let at = at
+        .map(|a| ublk_mirror_common::when::resolve_at(&a))
+        .transpose()
+        .map_err(|e| mirror_server::Error::Invalid(e.to_string()))?;
     if let Some(iqn) = &name {
         exports::check_iqn(iqn)?;
     }
@@ -802,7 +812,7 @@ fn upgrade(data: &Path) -> mirror_server::Result<()> {
     })
 }
 
-fn list_snapshots(data: &Path, volume: &str, json: bool) -> mirror_server::Result<()> {
+fn list_snapshots(data: &Path, volume: &str, json: bool, utc: bool) -> mirror_server::Result<()> {
     let mut list = snapshots::list(&admin::volume_dir(data, volume)?)?;
     // Snapshots the chunk store pins that this cache does not have (taken
     // on another server on the store, or before the cache was rebuilt):
@@ -849,17 +859,17 @@ fn list_snapshots(data: &Path, volume: &str, json: bool) -> mirror_server::Resul
     }
     writeln!(
         out,
-        "{:<28} {:>7} {:<22} {:<10} {:>9}",
+        "{:<28} {:>7} {:<24} {:<10} {:>9}",
         "SNAPSHOT", "EPOCH", "SHOWS", "KIND", "KEEPS"
     )
     .map_err(io)?;
     for (s, bytes) in &list {
         writeln!(
             out,
-            "{:<28} {:>7} {:<22} {:<10} {:>9}",
+            "{:<28} {:>7} {:<24} {:<10} {:>9}",
             s.name,
             s.epoch,
-            snapshots::time_name(s.epoch_ms),
+            ublk_mirror_common::when::show(s.epoch_ms, utc),
             format!("{:?}", s.kind).to_lowercase(),
             ByteSize(*bytes).to_string()
         )

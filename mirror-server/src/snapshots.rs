@@ -789,58 +789,24 @@ pub fn list(volume_dir: &Path) -> Result<Vec<(SnapshotInfo, u64)>> {
 /// A snapshot's name from its time: `2026-11-22T16.30.05Z` (characters a
 /// name may have).
 pub fn time_name(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rest) = (secs / 86400, secs % 86400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}.{:02}.{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
-}
-
-/// Parse what [`time_name`] writes, or RFC 3339-ish `YYYY-MM-DD[THH:MM[:SS]][Z]`
-/// (UTC), into ms since the Unix epoch.
-pub fn parse_time(text: &str) -> Option<u64> {
-    let t = text.trim_end_matches('Z');
-    let (date, time) = t.split_once(['T', ' ']).unwrap_or((t, "00:00:00"));
-    let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
-    let mut hms = time.split([':', '.']).map(|p| p.parse::<u64>().ok());
-    let h = hms.next().flatten().unwrap_or(0);
-    let mi = hms.next().flatten().unwrap_or(0);
-    let s = hms.next().flatten().unwrap_or(0);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
-        return None;
+    match jiff::Timestamp::from_millisecond(ms as i64) {
+        Ok(ts) => ts.strftime("%Y-%m-%dT%H.%M.%SZ").to_string(),
+        Err(_) => format!("t{ms}"),
     }
-    let days = days_from_civil(y, m as u32, d as u32);
-    let secs = u64::try_from(days).ok()? * 86400 + h * 3600 + mi * 60 + s;
-    Some(secs * 1000)
 }
 
-// Howard Hinnant's civil-date algorithms (public domain).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Parse what [`time_name`] writes, or `YYYY-MM-DD[THH:MM[:SS]][Z]` (UTC:
+/// clients send times so, having made the user's local time an instant),
+/// into ms since the Unix epoch.
+pub fn parse_time(text: &str) -> Option<u64> {
+    let t = text.strip_suffix('Z').unwrap_or(text);
+    let (date, time) = match t.split_once(['T', ' ']) {
+        Some((d, tm)) => (d, tm.replace('.', ":")),
+        None => (t, "00:00".to_string()),
+    };
+    let dt: jiff::civil::DateTime = format!("{date}T{time}").parse().ok()?;
+    let ts = dt.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp();
+    u64::try_from(ts.as_millisecond()).ok()
 }
 
 /// How often the schedule takes a snapshot, unless told otherwise.

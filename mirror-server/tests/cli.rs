@@ -106,3 +106,36 @@ fn volumes_flags_the_stale_ones_for_cron_and_reads_the_store_too() {
         Some(2)
     );
 }
+
+#[test]
+fn snapshot_times_show_in_the_local_time_zone_or_utc() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(server(&data, &["init"]).status.success());
+    let img = dir.path().join("img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    assert!(server(
+        &data,
+        &["import", "test/v", "--from", img.to_str().unwrap()]
+    )
+    .status
+    .success());
+    assert!(server(&data, &["snapshot", "test/v", "first"])
+        .status
+        .success());
+    let list = |tz: &str, extra: &[&str]| {
+        let mut args = vec!["--data", data.to_str().unwrap(), "snapshots", "test/v"];
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_mirror-server"))
+            .env("TZ", tz)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let tokyo = list("Asia/Tokyo", &[]);
+    assert!(tokyo.contains("first") && tokyo.contains(" JST"), "{tokyo}");
+    let utc = list("Asia/Tokyo", &["--utc"]);
+    assert!(utc.contains(" UTC") && !utc.contains("JST"), "{utc}");
+}

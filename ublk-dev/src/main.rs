@@ -159,15 +159,18 @@ enum Command {
     /// was cut short, by running it again) moves only what changed. A new
     /// file is made sparse. A block device must not be mounted.
     ///
-    ///   ublk-mirror restore --volume root --at 2026-11-20T09:00 --to /var/tmp/root.img
+    ///   ublk-mirror restore --volume root --at 'yesterday 18:00' --to /var/tmp/root.img
+    ///   ublk-mirror restore --volume root --at '2h ago' --to /var/tmp/root.img
     ///   ublk-mirror restore --volume root --at before-upgrade --to /dev/sdb
     #[command(verbatim_doc_comment)]
     Restore {
         /// The volume on the mirror server (this machine's).
         #[arg(long)]
         volume: String,
-        /// A snapshot's name, or a time (UTC, YYYY-MM-DD[THH:MM[:SS]]) for
-        /// the newest snapshot at or before it [default: the mirror now].
+        /// A snapshot's name, or a time for the newest snapshot at or before
+        /// it, in this machine's time zone: `yesterday 18:00`, `today 9:30`,
+        /// `2h ago`, `2026-12-02 18:00`, or an instant with Z or an offset
+        /// [default: the mirror now].
         #[arg(long, value_name = "SNAPSHOT|TIME")]
         at: Option<String>,
         /// Where to: a file (made if missing) or a block device.
@@ -468,6 +471,11 @@ fn restore(
     client_dir: PathBuf,
 ) -> anyhow::Result<()> {
     ublk_mirror_common::proto::check_name(&volume)
+        .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    // A time is made an instant here, in this machine's time zone.
+    let at = at
+        .map(|a| ublk_mirror_common::when::resolve_at(&a))
+        .transpose()
         .map_err(|e| Error::InvalidConfig(e.to_string()))?;
     let req = ublk_dev::restore::RestoreRequest {
         volume,

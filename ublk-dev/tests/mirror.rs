@@ -234,6 +234,48 @@ fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
     let r = restore(None, &copy).unwrap();
     assert_eq!(r.blocks_received, 3, "{r:?}");
     assert!(std::fs::read(&copy).unwrap() == now);
+    // `--at` is read in the user's own time zone (TZ), on the command
+    // line: a minute from now in Tokyo finds the newest snapshot (the
+    // unnamed one, taken right after "before"); an hour ago in Tokyo is
+    // before every snapshot (read as UTC it would be eight hours ahead).
+    let tokyo = |offset: &str| {
+        let out = std::process::Command::new("date")
+            .env("TZ", "Asia/Tokyo")
+            .args(["-d", offset, "+%Y-%m-%d %H:%M"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let cli_restore = |at: &str, to: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+            .env("TZ", "Asia/Tokyo")
+            .args(["restore", "--volume", "root", "--at", at, "--to"])
+            .arg(to)
+            .arg("--client-dir")
+            .arg(&client_dir)
+            .output()
+            .unwrap()
+    };
+    let at_copy = dir.path().join("at.img");
+    let out = cli_restore(&tokyo("+1 min"), &at_copy);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&auto),
+        "{out:?}"
+    );
+    assert!(std::fs::read(&at_copy).unwrap() == before);
+    let out = cli_restore(&tokyo("-1 hour"), &at_copy);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no snapshot as old as"),
+        "{out:?}"
+    );
+    let out = cli_restore("yesterday 25:00", &at_copy);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid time"),
+        "{out:?}"
+    );
     // Bad requests say what is wrong and change nothing.
     // The server's refusal stays a refusal; the target's size is bad usage.
     let err = restore(Some("nope"), &copy).unwrap_err();
