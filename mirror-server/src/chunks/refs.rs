@@ -16,7 +16,7 @@
 //! used first). Each entry is the first 16 bytes of a digest: 16 bytes
 //! and the hash table's overhead per distinct chunk, about 32 MiB for a
 //! client whose volumes hold 64 GiB of distinct data, held only while it
-//! is mirroring.
+//! is mirroring; a set stops growing at [`MAX_CHUNKS`].
 //!
 //! A set only grows while it is held: a chunk whose last version was
 //! collected since is still in it. That leaks nothing (the client did
@@ -39,6 +39,11 @@ pub const IDLE: Duration = Duration::from_secs(15 * 60);
 
 /// Most sets held at once.
 pub const MAX_CLIENTS: usize = 256;
+
+/// Most chunks one set holds (256 GiB of a client's distinct data, about
+/// 128 MiB of memory): past it, the rest of a client's chunks are not
+/// known and their blocks travel. Never more answers, only fewer.
+pub const MAX_CHUNKS: usize = 4 << 20;
 
 fn key(d: &Digest) -> u128 {
     let mut k = [0u8; 16];
@@ -129,7 +134,12 @@ impl Refs {
         };
         let mut set = refs.lock();
         if let Some(set) = set.as_mut() {
-            set.extend(digests.into_iter().filter(|d| *d != HOLE).map(|d| key(&d)));
+            for d in digests.into_iter().filter(|d| *d != HOLE) {
+                if set.len() >= MAX_CHUNKS {
+                    break;
+                }
+                set.insert(key(&d));
+            }
         }
     }
 
@@ -150,8 +160,12 @@ fn read_set(store: &ChunkStore, client: &str) -> Result<HashSet<u128>> {
         }
     }
     let mut set = HashSet::new();
-    for id in segments {
+    'read: for id in segments {
         for d in store.segment(&id)? {
+            if set.len() >= MAX_CHUNKS {
+                tracing::info!(client, "the client's volumes reference more than {MAX_CHUNKS} chunks: the rest are not deduplicated on the wire");
+                break 'read;
+            }
             if d != HOLE {
                 set.insert(key(&d));
             }
