@@ -517,19 +517,20 @@ fn import(data: &Path, volume: &str, from: &Path) -> mirror_server::Result<()> {
         )));
     }
     let dir = data.join(store::VOLUMES_DIR).join(client).join(name);
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // A progress bar on a terminal; nothing otherwise.
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "importing [{bar:30}] {percent:>3}% of {total_bytes}  {binary_bytes_per_sec}  {eta} left",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
     let state = store::import(&dir, from, |done, total| {
-        if tty && (done % (256 << 20) == 0 || done == total) {
-            eprint!(
-                "\rimporting: {:>5.1}% of {}   ",
-                done as f64 * 100.0 / total as f64,
-                ByteSize(total)
-            );
-        }
+        bar.set_length(total);
+        bar.set_position(done);
     });
-    if tty {
-        eprintln!();
-    }
+    bar.finish_and_clear();
     let state = state?;
     println!(
         "imported {} as {volume} ({}), epoch {}",

@@ -409,7 +409,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Epoch { command } => epoch(command),
         Command::Sync { id, timeout } => {
             require_root("control devices")?;
-            let r = Client::for_device(id).sync(timeout.0)?;
+            let r = sync_with_progress(id, timeout.0)?;
             println!(
                 "device {id}: everything written before is on the mirror (epoch {})",
                 r.released
@@ -483,28 +483,15 @@ fn restore(
         to,
         client_dir,
     };
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let started = std::time::Instant::now();
+    // A progress bar on a terminal; nothing otherwise.
+    let bar = progress_bar("restoring");
     let shown = |p: &ublk_dev::restore::Progress| {
-        if !tty {
-            return;
-        }
-        let secs = started.elapsed().as_secs_f64().max(1e-3);
-        let rate = p.done as f64 / secs;
-        let eta = (p.total.saturating_sub(p.done)) as f64 / rate.max(1.0);
-        eprint!(
-            "\rrestoring: {:>5.1}% of {}  {}/s  {} received  {:.0}s left   ",
-            p.done as f64 * 100.0 / p.total.max(1) as f64,
-            ByteSize(p.total).approx(),
-            ByteSize(rate as u64).approx(),
-            ByteSize(p.received).approx(),
-            eta
-        );
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        bar.set_message(format!("{} received", ByteSize(p.received).approx()));
     };
     let done = ublk_dev::restore::restore(&req, shown);
-    if tty {
-        eprintln!();
-    }
+    bar.finish_and_clear();
     let r = done?;
     let version = match &req.at {
         Some(_) => format!("{}@{}", req.volume, r.snapshot),
@@ -935,6 +922,50 @@ fn print_table<const N: usize>(
         line(out, row.each_ref().map(String::as_str))?;
     }
     Ok(())
+}
+
+/// A bar of bytes for long work, drawn on stderr when it is a terminal
+/// (hidden otherwise: logs and scripts see only the result).
+fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {percent:>3}% of {total_bytes}  {binary_bytes_per_sec}  {eta} left  {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// `sync`, with a bar of the bytes the mirror still lacks (from the
+/// device's published status) while it waits.
+fn sync_with_progress(
+    id: u32,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ublk_dev::control::SyncReply> {
+    let bar = progress_bar("syncing");
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (bar, done) = (bar.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut total = 0;
+            while !done.load(Ordering::Acquire) {
+                let behind = ublk_dev::status::read(id)
+                    .and_then(|s| s.mirror)
+                    .map_or(0, |m| m.bytes_behind);
+                total = total.max(behind);
+                bar.set_length(total);
+                bar.set_position(total - behind);
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+        })
+    };
+    let r = Client::for_device(id).sync(timeout);
+    done.store(true, Ordering::Release);
+    let _ = watcher.join();
+    bar.finish_and_clear();
+    Ok(r?)
 }
 
 /// How long changes of a mirrored device have waited for the mirror, as
