@@ -26,6 +26,9 @@
 //! # chap_secret_file = "/etc/mirror-server/chap.secret"
 //! # mutual_user / mutual_secret_file
 //!
+//! [metrics]                       # Prometheus, GET /metrics (off without it)
+//! listen = "127.0.0.1:9464"
+//!
 //! [store]                         # every version of every volume (see
 //! url = "store"                   # `chunks::backend` for S3 and its keys)
 //! pack_size = "32MiB"
@@ -82,6 +85,18 @@ pub struct ServerConfig {
     /// without the section, the directory `store` in the data directory.
     #[serde(default = "StoreConfig::local_default")]
     pub store: StoreConfig,
+    /// Prometheus metrics (off without the section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: where `GET /metrics` is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address (`127.0.0.1:9464`: keep it local or on a management
+    /// network; the metrics name clients and volumes).
+    pub listen: SocketAddr,
 }
 
 /// An iSCSI export the server starts (what `mirror-server export` takes).
@@ -190,6 +205,7 @@ impl Default for ServerConfig {
             volumes: BTreeMap::new(),
             exports: Vec::new(),
             store: StoreConfig::local_default(),
+            metrics: None,
         }
     }
 }
@@ -315,6 +331,10 @@ impl ServerConfig {
              # chap_user = \"restore\"\n\
              # chap_secret_file = \"/etc/mirror-server/chap.secret\"\n\
              \n\
+             # Prometheus metrics on GET /metrics, over TCP (off unless set; keep it\n\
+             # on localhost or a management network: it names clients and volumes):\n\
+             {metrics}\n\
+             \n\
              # Where every version of every volume is kept, deduplicated: a directory\n\
              # (relative: in this data directory), file:///PATH, or s3://BUCKET/PREFIX\n\
              # on any S3-compatible store with conditional writes. The images under\n\
@@ -334,6 +354,10 @@ impl ServerConfig {
              # here what they still hold; `mirror-server verify` does it now).\n\
              verify_every = \"{verify_every}\"\n",
             listen = self.listen,
+            metrics = match &self.metrics {
+                Some(m) => format!("[metrics]\nlisten = \"{}\"", m.listen),
+                None => "# [metrics]\n# listen = \"127.0.0.1:9464\"".to_string(),
+            },
             volumes = self.max_volumes_per_client,
             every = self.snapshots.every,
             hourly = self.snapshots.retention.hourly,

@@ -10,6 +10,7 @@
 //! - [`exports`]: the export registry — starting, stopping and listing
 //!   iSCSI exports, however asked for;
 //! - [`iscsi`]: the built-in iSCSI target that exports volume versions;
+//! - [`metrics`]: Prometheus metrics on `GET /metrics` (`[metrics]`);
 //! - [`schedule`]: scheduled snapshots and their pruning;
 //! - [`serve`]: the QUIC server — connections, hellos, revocation, and
 //!   the dispatch of requests (whose epoch and restore protocol is in the
@@ -30,6 +31,7 @@ pub mod config;
 mod error;
 pub mod exports;
 pub mod iscsi;
+pub mod metrics;
 pub mod schedule;
 pub mod serve;
 mod session;

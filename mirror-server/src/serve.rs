@@ -30,6 +30,7 @@ use crate::clients::Registry;
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
 use crate::exports::Exports;
+use crate::metrics::Metrics;
 use crate::schedule;
 use crate::session::{receive_data, receive_epoch, refuse, serve_restore, Fault, Sender};
 use crate::snapshots::Kind;
@@ -49,6 +50,7 @@ const RECHECK: Duration = Duration::from_secs(1);
 struct Shared {
     registry: Registry,
     volumes: Arc<Volumes>,
+    metrics: Arc<Metrics>,
 }
 
 /// Serve until `shutdown` resolves. `on_listening` gets the bound address
@@ -80,11 +82,25 @@ pub async fn run(
         .map_err(|e| Error::io("reading the bound address", e))?;
     tracing::info!(listen = %local, fingerprint = %identity.fingerprint(), "serving");
     on_listening(local);
+    let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared {
         registry: Registry::open(data)?,
         volumes: volumes.clone(),
+        metrics: metrics.clone(),
     });
     let exports = Arc::new(Exports::new());
+    if let Some(m) = &config.metrics {
+        let listener = tokio::net::TcpListener::bind(m.listen)
+            .await
+            .map_err(|e| Error::io(format!("serving metrics on {} (tcp)", m.listen), e))?;
+        tracing::info!(listen = %m.listen, "metrics on GET /metrics");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics,
+            volumes.clone(),
+            exports.clone(),
+        ));
+    }
     let admin_socket = admin::dispatch::listen(data)?;
     tokio::spawn(admin::dispatch::serve(
         admin_socket,
@@ -157,6 +173,7 @@ fn link(e: impl std::fmt::Display) -> Error {
 /// One client's connection: each stream a request, on a task of its own.
 async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<()> {
     let conn = incoming.await.map_err(link)?;
+    let _counted = shared.metrics.connected();
     let fingerprint = tls::peer_fingerprint(&conn)
         .ok_or_else(|| Error::Invalid("the client presented no certificate".into()))?;
     let registry = shared.registry.clone();
@@ -237,7 +254,13 @@ async fn request(
         )
         .await;
     };
-    dispatch(&shared.volumes, client, version, req, &mut send, &mut recv).await
+    let to = Handler {
+        volumes: &shared.volumes,
+        metrics: &shared.metrics,
+        client,
+        version,
+    };
+    dispatch(to, req, &mut send, &mut recv).await
 }
 
 /// Take the client's `Hello` and answer with the version the stream
@@ -290,15 +313,29 @@ async fn enroll(
     }
 }
 
-/// Hand an enrolled `client`'s request to its handler.
-async fn dispatch(
-    volumes: &Volumes,
-    client: &str,
+/// Who a request is for: the registries, the enrolled client, and the
+/// version its stream speaks.
+#[derive(Clone, Copy)]
+struct Handler<'a> {
+    volumes: &'a Volumes,
+    metrics: &'a Metrics,
+    client: &'a str,
     version: Version,
+}
+
+/// Hand an enrolled client's request to its handler.
+async fn dispatch(
+    to: Handler<'_>,
     req: Message,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
+    let Handler {
+        volumes,
+        metrics,
+        client,
+        version,
+    } = to;
     match req {
         Message::OpenVolume { volume, size } => {
             open_volume(volumes, client, volume, size, send).await
@@ -307,12 +344,13 @@ async fn dispatch(
             volume,
             epoch,
             writer,
-        } => begin_epoch(volumes, client, &volume, epoch, writer, send, recv).await,
+        } => begin_epoch(to, &volume, epoch, writer, send, recv).await,
         Message::EpochData { volume, epoch } => {
             let from = Sender {
                 client,
                 version,
                 volumes,
+                metrics,
             };
             epoch_data(volumes, from, &volume, epoch, send, recv).await
         }
@@ -380,19 +418,21 @@ async fn open_volume(
 
 /// `BeginEpoch`: the epoch's control stream.
 async fn begin_epoch(
-    volumes: &Volumes,
-    client: &str,
+    to: Handler<'_>,
     volume: &str,
     epoch: u64,
     writer: Writer,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let v = match volumes.open(client, volume, None) {
+    let v = match to.volumes.open(to.client, volume, None) {
         Ok(v) => v,
         Err(e) => return refuse(send, e.to_string()).await,
     };
-    let published = |digests| volumes.published(client, digests);
+    let published = |digests| {
+        to.volumes.published(to.client, digests);
+        to.metrics.published(to.client);
+    };
     receive_epoch(&v, published, epoch, writer, send, recv).await
 }
 

@@ -20,6 +20,7 @@ use ublk_mirror_common::session::unexpected;
 use ublk_mirror_common::{block, wire};
 
 use crate::error::Error;
+use crate::metrics::Traffic;
 use crate::snapshots::SnapshotInfo;
 use crate::store::{Staging, VersionSource};
 use crate::volumes::{SharedVolume, Volumes};
@@ -230,6 +231,8 @@ pub(crate) struct Sender<'a> {
     pub version: Version,
     /// Answers `HaveChunks` from the client's own volumes.
     pub volumes: &'a Volumes,
+    /// Counts what arrives.
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 /// One data stream of an epoch, driving a [`DataReceiver`]: blocks until
@@ -283,7 +286,13 @@ pub(crate) async fn receive_data(
                 encoding,
                 data_len,
             } => {
+                let mut traffic = Traffic {
+                    blocks: 1,
+                    wire_bytes: u64::from(data_len),
+                    ..Traffic::default()
+                };
                 let added = if encoding == Encoding::Known {
+                    traffic.known_bytes = u64::from(len);
                     let data = match prefetched.take(&sha256) {
                         Some(d) => Some(d),
                         None => tokio::task::block_in_place(|| {
@@ -309,9 +318,16 @@ pub(crate) async fn receive_data(
                 };
                 let outcome = match added {
                     Ok(()) => StageOutcome::Staged,
-                    Err(Error::BadBlock(reason)) => StageOutcome::Damaged(reason),
+                    Err(Error::BadBlock(reason)) => {
+                        // A Known block the store could not give is no mismatch.
+                        let mismatch = u64::from(encoding != Encoding::Known);
+                        (traffic.blocks, traffic.known_bytes, traffic.mismatches) =
+                            (0, 0, mismatch);
+                        StageOutcome::Damaged(reason)
+                    }
                     Err(e) => StageOutcome::Failed(e.to_string()),
                 };
+                from.metrics.traffic(from.client, traffic);
                 if let Some(reason) = receiver.on_staged(offset, len, outcome) {
                     return refuse(send, reason).await;
                 }

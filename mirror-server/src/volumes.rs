@@ -112,6 +112,20 @@ impl Volumes {
         store.verify(volume, |v, n, _| self.cached_block(v, n), progress)
     }
 
+    /// Every volume of this data directory with its state (as `state.json`
+    /// has it now; for listings and metrics).
+    pub fn states(&self) -> Vec<(String, crate::store::VolumeState)> {
+        crate::store::list(&self.data).unwrap_or_default()
+    }
+
+    /// The directory of volume `name` (`CLIENT/VOLUME`).
+    pub fn volume_dir(&self, name: &str) -> PathBuf {
+        match split_volume(name) {
+            Ok((client, volume)) => self.dir(client, volume),
+            Err(_) => self.data.join(VOLUMES_DIR).join(name),
+        }
+    }
+
     /// The chunk store, if any.
     pub fn chunk_store(&self) -> Option<&Arc<ChunkStore>> {
         self.chunks.as_ref()

@@ -1250,6 +1250,154 @@ async fn the_wire_carries_only_what_the_client_s_own_volumes_do_not_hold() {
     assert!(why.contains("HaveChunks"), "{why}");
 }
 
+/// A free TCP port on 127.0.0.1 (for a listener the server binds).
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` at `addr`, read by Prometheus' own Python parser
+/// (prometheus_client, installed by scripts/deps): each sample's name,
+/// labels and value.
+fn scrape(addr: &str) -> Vec<(String, serde_json::Value, f64)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let python = "/var/cache/ublk-mirror/pytools/bin/python3";
+    assert!(
+        Path::new(python).exists(),
+        "{python} is missing: run scripts/deps (it installs prometheus-client)"
+    );
+    let mut parse = Command::new(python)
+        .args([
+            "-c",
+            "import sys, json\n\
+             from prometheus_client.parser import text_string_to_metric_families as parse\n\
+             print(json.dumps([[s.name, s.labels, s.value] for f in parse(sys.stdin.read()) for s in f.samples]))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    parse
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = parse.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the parser refused the metrics:\n{body}"
+    );
+    let samples: Vec<(String, serde_json::Value, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    samples
+}
+
+/// The value of sample `name` whose labels include `labels`.
+fn sample(
+    samples: &[(String, serde_json::Value, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    samples
+        .iter()
+        .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l[*k] == *v))
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in {samples:?}"))
+        .2
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_served_in_prometheus_format_and_move_with_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let init = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args(["init", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    if std::env::var("MIRROR_TEST_STORE").as_deref() == Ok("s3") {
+        on_seaweed(&data);
+    }
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let mut config = std::fs::read_to_string(data.join("server.toml")).unwrap();
+    config.push_str(&format!("\n[metrics]\nlisten = \"{metrics}\"\n"));
+    std::fs::write(data.join("server.toml"), config).unwrap();
+    let server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    link.open_volume("root", 1 << 20).await.unwrap();
+    let model = noise(21, 1 << 20);
+    let blocks: Vec<(u64, u32)> = (0..4).map(|i| (i * 65536, 65536)).collect();
+    link.send_epoch("root", 1, w(1), &blocks, 3, reader(model.clone()))
+        .await
+        .unwrap();
+    let laptop = [("client", "laptop")];
+    let root = [("client", "laptop"), ("volume", "root")];
+    let m = scrape(&metrics);
+    assert_eq!(sample(&m, "mirror_epochs_received_total", &laptop), 1.0);
+    assert_eq!(sample(&m, "mirror_blocks_received_total", &laptop), 4.0);
+    assert!(sample(&m, "mirror_received_wire_bytes_total", &laptop) >= 4.0 * 65536.0);
+    assert_eq!(sample(&m, "mirror_volume_published_epoch", &root), 1.0);
+    assert_eq!(sample(&m, "mirror_volume_size_bytes", &root), 1048576.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let published = sample(&m, "mirror_volume_last_publish_timestamp_seconds", &root);
+    assert!((now - published).abs() < 120.0, "{published} vs {now}");
+    assert!(sample(&m, "mirror_connections", &[]) >= 1.0);
+    assert_eq!(sample(&m, "mirror_store_chunks", &[]), 4.0);
+    assert!(sample(&m, "process_resident_memory_bytes", &[]) > 1e6);
+
+    // Another epoch, a block damaged on the way, a block the server holds:
+    // the counters follow.
+    let mut changed = model.clone();
+    changed[..65536].copy_from_slice(&model[65536..131072]);
+    link.send_epoch("root", 2, w(2), &[(0, 65536)], 3, reader(changed))
+        .await
+        .unwrap();
+    let (_control, mut answers) = begin(&link, "root", 3, w(3)).await;
+    wire::expect(&mut answers).await.unwrap();
+    let good = noise(22, 4096);
+    let mut bad = good.clone();
+    bad[0] ^= 1;
+    let header = Message::Block {
+        offset: 0,
+        len: 4096,
+        sha256: Sha256::digest(&good).into(),
+        encoding: Encoding::Raw,
+        data_len: 4096,
+    };
+    data_stream(&link, "root", 3, &[(header, bad)]).await;
+    let m = scrape(&metrics);
+    assert_eq!(sample(&m, "mirror_epochs_received_total", &laptop), 2.0);
+    assert_eq!(
+        sample(&m, "mirror_deduplicated_wire_bytes_total", &laptop),
+        65536.0
+    );
+    assert_eq!(sample(&m, "mirror_hash_mismatches_total", &laptop), 1.0);
+    assert_eq!(sample(&m, "mirror_volume_published_epoch", &root), 2.0);
+}
+
 /// A second server for `data`'s chunk store: its own data directory with
 /// the first one's identity and clients (what makes servers
 /// interchangeable for a client), and `data`'s `[store]`.

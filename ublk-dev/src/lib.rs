@@ -14,6 +14,7 @@
 //! - [`restore`]: pull restore of a volume version from the mirror server;
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
 //! - [`status`]: the status a daemon publishes for `ublk-mirror status`;
+//! - [`metrics`]: that status in Prometheus' text format;
 //! - [`control`]: the daemon's control socket (seal, read, release epochs);
 //! - [`enrollment`]: this machine's identity and the mirror server it pinned;
 //! - [`system`]: process set-up (mount namespace, systemd notification).
@@ -26,6 +27,7 @@ pub mod enrollment;
 pub mod epoch;
 mod error;
 pub mod journal;
+pub mod metrics;
 pub mod replicator;
 pub mod restore;
 pub mod status;

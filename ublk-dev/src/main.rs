@@ -89,6 +89,20 @@ enum Command {
         stale: Span,
     },
 
+    /// Print every device's metrics in Prometheus' text format (from the
+    /// status its daemon publishes), or write them for node_exporter's
+    /// textfile collector.
+    ///
+    ///   ublk-mirror metrics --textfile /var/lib/prometheus/node-exporter/ublk-mirror.prom
+    ///
+    /// systemd/ublk-mirror-metrics.timer runs that every 15 s.
+    #[command(verbatim_doc_comment)]
+    Metrics {
+        /// Write here (atomically) instead of printing.
+        #[arg(long, value_name = "FILE")]
+        textfile: Option<PathBuf>,
+    },
+
     /// Stop and delete devices; their daemons sync and exit.
     ///
     /// Unmount file systems on the device first: a deleted device fails
@@ -405,6 +419,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Del { id, all } => del(id, all),
+        Command::Metrics { textfile } => metrics(textfile),
         Command::Recover { id } => recover(id),
         Command::Epoch { command } => epoch(command),
         Command::Sync { id, timeout } => {
@@ -922,6 +937,35 @@ fn print_table<const N: usize>(
         line(out, row.each_ref().map(String::as_str))?;
     }
     Ok(())
+}
+
+/// `ublk-mirror metrics`: every device's status as Prometheus metrics.
+fn metrics(textfile: Option<PathBuf>) -> anyhow::Result<()> {
+    require_root("read device status")?;
+    let devices: Vec<ublk_dev::metrics::Device> = ublk::list()?
+        .into_iter()
+        .filter(DeviceInfo::is_ours)
+        .map(|d| ublk_dev::metrics::Device {
+            device: d.device.file_name().map_or_else(
+                || d.device.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
+            name: d
+                .record
+                .as_ref()
+                .map_or_else(String::new, |r| r.name.clone()),
+            status: ublk_dev::status::read(d.id),
+        })
+        .collect();
+    let text = ublk_dev::metrics::render(&devices);
+    match textfile {
+        Some(path) => ublk_dev::metrics::write_textfile(&path, &text)
+            .with_context(|| format!("writing {}", path.display())),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
 }
 
 /// A bar of bytes for long work, drawn on stderr when it is a terminal

@@ -366,3 +366,109 @@ fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
     );
     assert!(image(&data) == std::fs::read(backing.path()).unwrap());
 }
+
+/// Prometheus' own parser (Python's prometheus_client, installed by
+/// scripts/deps) on `text`: each sample's name, labels and value.
+fn parse_metrics(text: &str) -> Vec<(String, serde_json::Value, f64)> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let python = "/var/cache/ublk-mirror/pytools/bin/python3";
+    assert!(
+        Path::new(python).exists(),
+        "{python} is missing: run scripts/deps (it installs prometheus-client)"
+    );
+    let mut parse = Command::new(python)
+        .args([
+            "-c",
+            "import sys, json\n\
+             from prometheus_client.parser import text_string_to_metric_families as parse\n\
+             print(json.dumps([[s.name, s.labels, s.value] for f in parse(sys.stdin.read()) for s in f.samples]))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    parse
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = parse.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the parser refused the metrics:\n{text}"
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn device_metrics_parse_as_prometheus_and_follow_the_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let server = TestServer::start(&data, "127.0.0.1:0");
+    let client_dir = dir.path().join("client");
+    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    let TrackedDevice {
+        backing,
+        engine,
+        tracker,
+    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
+    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
+    let mut io = LocalIo::new(&engine, backing.file())
+        .unwrap()
+        .with_tracker(&tracker);
+    // The metrics of the status a daemon would publish now.
+    let now = || {
+        let status = ublk_dev::status::DeviceStatus {
+            id: 3,
+            pid: std::process::id(),
+            updated_ms: ublk_mirror_common::clock::now_ms(),
+            reads: 0,
+            writes: 7,
+            errors: 0,
+            tracking: Some(tracker.status()),
+            mirror: Some(replicator.status()),
+        };
+        let device = ublk_dev::metrics::Device {
+            device: "ublkb3".into(),
+            name: "root".into(),
+            status: Some(status),
+        };
+        parse_metrics(&ublk_dev::metrics::render(&[device]))
+    };
+    let value = |m: &[(String, serde_json::Value, f64)], name: &str| {
+        m.iter()
+            .find(|(n, l, _)| n == name && l["device"] == "ublkb3" && l["name"] == "root")
+            .unwrap_or_else(|| panic!("no {name} in {m:?}"))
+            .2
+    };
+    workload(&mut io, 1);
+    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    let first = now();
+    assert_eq!(value(&first, "ublk_mirror_link_up"), 1.0);
+    assert_eq!(value(&first, "ublk_mirror_lag_seconds"), 0.0);
+    assert_eq!(value(&first, "ublk_mirror_behind_bytes"), 0.0);
+    let shipped = value(&first, "ublk_mirror_epochs_shipped_total");
+    let wire = value(&first, "ublk_mirror_sent_wire_bytes_total");
+    assert!(shipped >= 1.0 && wire > 0.0, "{first:?}");
+    assert!(value(&first, "ublk_mirror_status_updated_timestamp_seconds") > 1.7e9);
+    // More writes: the dirty bytes show before the mirror has them, the
+    // counters move once it has.
+    workload(&mut io, 2);
+    let pending = now();
+    assert!(
+        value(&pending, "ublk_mirror_dirty_bytes") > 0.0
+            || value(&pending, "ublk_mirror_epochs_shipped_total") > shipped,
+        "{pending:?}"
+    );
+    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    let second = now();
+    assert!(value(&second, "ublk_mirror_epochs_shipped_total") > shipped);
+    assert!(value(&second, "ublk_mirror_sent_wire_bytes_total") > wire);
+    assert_eq!(
+        value(&second, "ublk_mirror_server_epoch"),
+        replicator.status().server_epoch as f64
+    );
+    drop(replicator);
+}

@@ -531,6 +531,18 @@ impl ChunkStore {
         u
     }
 
+    /// Distinct chunks, bytes in packs, and chunk copies found damaged, as
+    /// this server's index knows them: cheap (for metrics).
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let index = self.index();
+        let stored = index.packs.values().map(|(_, b)| b).sum();
+        (
+            index.chunks.len() as u64,
+            stored,
+            index.damaged.len() as u64,
+        )
+    }
+
     /// How many objects the store holds, and their bytes (one listing of
     /// everything: for `mirror-server store` and the benchmark).
     pub fn objects(&self) -> Result<(u64, u64)> {
