@@ -4,6 +4,7 @@
 
 mod common;
 use common::noise;
+use common::prom::value as sample;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -1259,10 +1260,8 @@ fn free_tcp_port() -> u16 {
         .port()
 }
 
-/// `GET /metrics` at `addr`, read by Prometheus' own Python parser
-/// (prometheus_client, installed by scripts/deps): each sample's name,
-/// labels and value.
-fn scrape(addr: &str) -> Vec<(String, serde_json::Value, f64)> {
+/// `GET /metrics` at `addr`, read by Prometheus' own parser.
+fn scrape(addr: &str) -> Vec<common::prom::Sample> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
@@ -1279,49 +1278,7 @@ fn scrape(addr: &str) -> Vec<(String, serde_json::Value, f64)> {
             .contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
-    let python = "/var/cache/ublk-mirror/pytools/bin/python3";
-    assert!(
-        Path::new(python).exists(),
-        "{python} is missing: run scripts/deps (it installs prometheus-client)"
-    );
-    let mut parse = Command::new(python)
-        .args([
-            "-c",
-            "import sys, json\n\
-             from prometheus_client.parser import text_string_to_metric_families as parse\n\
-             print(json.dumps([[s.name, s.labels, s.value] for f in parse(sys.stdin.read()) for s in f.samples]))",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    parse
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = parse.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the parser refused the metrics:\n{body}"
-    );
-    let samples: Vec<(String, serde_json::Value, f64)> =
-        serde_json::from_slice(&out.stdout).unwrap();
-    samples
-}
-
-/// The value of sample `name` whose labels include `labels`.
-fn sample(
-    samples: &[(String, serde_json::Value, f64)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> f64 {
-    samples
-        .iter()
-        .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l[*k] == *v))
-        .unwrap_or_else(|| panic!("no {name} {labels:?} in {samples:?}"))
-        .2
+    common::prom::parse(body)
 }
 
 #[tokio::test(flavor = "multi_thread")]

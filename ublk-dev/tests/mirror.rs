@@ -367,40 +367,8 @@ fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
     assert!(image(&data) == std::fs::read(backing.path()).unwrap());
 }
 
-/// Prometheus' own parser (Python's prometheus_client, installed by
-/// scripts/deps) on `text`: each sample's name, labels and value.
-fn parse_metrics(text: &str) -> Vec<(String, serde_json::Value, f64)> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let python = "/var/cache/ublk-mirror/pytools/bin/python3";
-    assert!(
-        Path::new(python).exists(),
-        "{python} is missing: run scripts/deps (it installs prometheus-client)"
-    );
-    let mut parse = Command::new(python)
-        .args([
-            "-c",
-            "import sys, json\n\
-             from prometheus_client.parser import text_string_to_metric_families as parse\n\
-             print(json.dumps([[s.name, s.labels, s.value] for f in parse(sys.stdin.read()) for s in f.samples]))",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    parse
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = parse.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the parser refused the metrics:\n{text}"
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+#[path = "../../mirror-server/tests/common/prom.rs"]
+mod prom;
 
 #[test]
 fn device_metrics_parse_as_prometheus_and_follow_the_mirror() {
@@ -435,13 +403,10 @@ fn device_metrics_parse_as_prometheus_and_follow_the_mirror() {
             name: "root".into(),
             status: Some(status),
         };
-        parse_metrics(&ublk_dev::metrics::render(&[device]))
+        prom::parse(&ublk_dev::metrics::render(&[device]))
     };
-    let value = |m: &[(String, serde_json::Value, f64)], name: &str| {
-        m.iter()
-            .find(|(n, l, _)| n == name && l["device"] == "ublkb3" && l["name"] == "root")
-            .unwrap_or_else(|| panic!("no {name} in {m:?}"))
-            .2
+    let value = |m: &[prom::Sample], name: &str| {
+        prom::value(m, name, &[("device", "ublkb3"), ("name", "root")])
     };
     workload(&mut io, 1);
     assert!(synced(&tracker, &replicator), "{:?}", replicator.status());

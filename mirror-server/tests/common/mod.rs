@@ -2,6 +2,8 @@
 
 // Each test crate uses a different part of it, or none.
 #[allow(dead_code)]
+pub mod prom;
+#[allow(dead_code)]
 pub mod seaweed;
 
 /// `len` bytes that do not compress, from `seed` (xorshift).
