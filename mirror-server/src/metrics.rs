@@ -56,6 +56,53 @@ pub struct Traffic {
     pub mismatches: u64,
 }
 
+impl Traffic {
+    fn add(&mut self, o: Traffic) {
+        self.blocks += o.blocks;
+        self.wire_bytes += o.wire_bytes;
+        self.known_bytes += o.known_bytes;
+        self.mismatches += o.mismatches;
+    }
+}
+
+/// A data stream's [`Traffic`], gathered as it comes and counted into the
+/// metrics once: when [`StreamTraffic::flush`]ed, or when dropped (a
+/// stream that failed).
+#[derive(Debug)]
+pub struct StreamTraffic<'a> {
+    metrics: &'a Metrics,
+    client: &'a str,
+    gathered: Traffic,
+}
+
+impl<'a> StreamTraffic<'a> {
+    /// Nothing gathered yet.
+    pub fn new(metrics: &'a Metrics, client: &'a str) -> Self {
+        StreamTraffic {
+            metrics,
+            client,
+            gathered: Traffic::default(),
+        }
+    }
+
+    /// One block's worth more.
+    pub fn add(&mut self, t: Traffic) {
+        self.gathered.add(t);
+    }
+
+    /// Count what was gathered.
+    pub fn flush(&mut self) {
+        let t = std::mem::take(&mut self.gathered);
+        self.metrics.traffic(self.client, t);
+    }
+}
+
+impl Drop for StreamTraffic<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// The server's metrics (see the module docs).
 #[derive(Debug)]
 pub struct Metrics {

@@ -20,7 +20,7 @@ use ublk_mirror_common::session::unexpected;
 use ublk_mirror_common::{block, wire};
 
 use crate::error::Error;
-use crate::metrics::Traffic;
+use crate::metrics::{StreamTraffic, Traffic};
 use crate::snapshots::SnapshotInfo;
 use crate::store::{Staging, VersionSource};
 use crate::volumes::{SharedVolume, Volumes};
@@ -249,6 +249,7 @@ pub(crate) async fn receive_data(
 ) -> std::result::Result<(), Fault> {
     let mut receiver = DataReceiver::new(staging.epoch(), from.version, Instant::now());
     let mut prefetched = Prefetched::default();
+    let mut counted = StreamTraffic::new(from.metrics, from.client);
     loop {
         // A client that stops sending mid-epoch does not hold the stream.
         let quiet = || Error::Link(receiver.timed_out().to_string());
@@ -268,7 +269,7 @@ pub(crate) async fn receive_data(
                         .collect();
                     for (d, data) in wanted
                         .iter()
-                        .zip(from.volumes.known_chunks(from.client, &wanted))
+                        .zip(from.volumes.fetch_chunks(from.client, &wanted))
                     {
                         if let Some(data) = data {
                             prefetched.put(*d, data);
@@ -327,12 +328,14 @@ pub(crate) async fn receive_data(
                     }
                     Err(e) => StageOutcome::Failed(e.to_string()),
                 };
-                from.metrics.traffic(from.client, traffic);
+                counted.add(traffic);
                 if let Some(reason) = receiver.on_staged(offset, len, outcome) {
                     return refuse(send, reason).await;
                 }
             }
             DataAction::Answer(answer) => {
+                // Counted before the client hears the stream is done.
+                counted.flush();
                 wire::send(send, &answer).await?;
                 let _ = send.finish();
                 return Ok(());

@@ -160,24 +160,30 @@ impl Volumes {
             .filter(|(_, &k)| k)
             .map(|(d, _)| *d)
             .collect();
-        let mut got = match (&self.chunks, wanted.is_empty()) {
-            (Some(store), false) => match store.chunks(&wanted) {
-                Ok(all) => all.into_iter().map(Some).collect(),
-                Err(e) => {
-                    tracing::warn!(
-                        client,
-                        "cannot read known chunks from the store; asking for their bytes: {e}"
-                    );
-                    vec![None; wanted.len()]
-                }
-            },
-            _ => Vec::new(),
-        }
-        .into_iter();
+        let mut got = self.fetch_chunks(client, &wanted).into_iter();
         known
             .iter()
             .map(|&k| if k { got.next().flatten() } else { None })
             .collect()
+    }
+
+    /// The bytes of chunks `digests` from the store, which the caller
+    /// found `client` may name ([`Volumes::known`]); `None` for each the
+    /// store cannot give now.
+    pub fn fetch_chunks(&self, client: &str, digests: &[Digest]) -> Vec<Option<Vec<u8>>> {
+        let Some(store) = self.chunks.as_ref().filter(|_| !digests.is_empty()) else {
+            return vec![None; digests.len()];
+        };
+        match store.chunks(digests) {
+            Ok(all) => all.into_iter().map(Some).collect(),
+            Err(e) => {
+                tracing::warn!(
+                    client,
+                    "cannot read known chunks from the store; asking for their bytes: {e}"
+                );
+                vec![None; digests.len()]
+            }
+        }
     }
 
     /// `client` published an epoch naming `digests` (for
