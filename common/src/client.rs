@@ -65,11 +65,6 @@ struct Work {
 }
 
 impl Work {
-    fn take(&self) -> Option<(u64, u32)> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.blocks.get(i).copied()
-    }
-
     /// Up to `n` blocks at once (fewer, or none, near the end).
     fn take_many(&self, n: usize) -> Vec<(u64, u32)> {
         let i = self.next.fetch_add(n, Ordering::Relaxed);
@@ -115,27 +110,6 @@ async fn refusal_or(recv: &mut quinn::RecvStream, err: Error) -> Error {
         Ok(Ok(Message::Refused { reason })) => Error::Refused(reason),
         _ => err,
     }
-}
-
-/// A block ready to go: header, payload, and its length decoded.
-type Encoded = (Message, Vec<u8>, u32);
-
-/// Read and encode one block, on a blocking thread.
-fn encode_later<R>(
-    read: &Arc<R>,
-    block: Option<(u64, u32)>,
-    level: i32,
-) -> Option<tokio::task::JoinHandle<Result<Encoded>>>
-where
-    R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
-{
-    let (offset, len) = block?;
-    let read = read.clone();
-    Some(tokio::task::spawn_blocking(move || {
-        let data = read(offset, len)?;
-        let (header, payload) = block::encode(offset, &data, level);
-        Ok((header, payload, len))
-    }))
 }
 
 /// Blocks a data stream reads, hashes and asks the server about at once
@@ -236,12 +210,13 @@ async fn known_answer(
         .collect())
 }
 
-/// One data stream: blocks taken from `work` until none are left, each
-/// read and encoded while the one before is sent. With `dedup` (a V3
-/// server, a first round), blocks go in batches of [`QUERY_BATCH`]: the
-/// server is asked about the next batch before this one's blocks go,
-/// and a block it holds travels as [`Encoding::Known`], without its
-/// bytes. Returns the blocks the server refused, and what was shipped.
+/// One data stream: blocks taken from `work` in batches of
+/// [`QUERY_BATCH`] until none are left, each batch read and hashed while
+/// the one before is compressed and sent. With `dedup` (a V3 server, a
+/// first round) the server is asked about the next batch before this
+/// one's blocks go, and a block it holds travels as [`Encoding::Known`],
+/// without its bytes. Returns the blocks the server refused, and what
+/// was shipped.
 #[allow(clippy::too_many_arguments)]
 async fn data_stream<R>(
     conn: quinn::Connection,
@@ -261,72 +236,58 @@ where
     let dedup = dedup && version >= Version::V3;
     let sent = async {
         wire::send(&mut send, &first).await?;
-        if dedup {
-            let mut batch = read_batch(read_later(&read, work.take_many(QUERY_BATCH))).await?;
-            let mut asked = ask_known(&mut send, &batch.blocks).await?;
-            while !batch.blocks.is_empty() || batch.failed.is_some() {
-                let failed = batch.failed.take();
-                let next = failed
-                    .is_none()
-                    .then(|| read_later(&read, work.take_many(QUERY_BATCH)));
-                let known = known_answer(&mut recv, &batch.blocks, asked).await?;
-                // Compress this batch while the next is read.
-                let encoded: Vec<_> = batch
-                    .blocks
-                    .into_iter()
-                    .zip(&known)
-                    .map(|(b, &known)| {
-                        tokio::task::spawn_blocking(move || {
-                            let len = b.data.len() as u32;
-                            if known {
-                                let header = Message::Block {
-                                    offset: b.offset,
-                                    len,
-                                    sha256: b.digest,
-                                    encoding: Encoding::Known,
-                                    data_len: 0,
-                                };
-                                (header, Vec::new(), len, true)
-                            } else {
-                                let (h, p) =
-                                    block::encode_hashed(b.offset, &b.data, b.digest, level);
-                                (h, p, len, false)
-                            }
-                        })
+        let mut batch = read_batch(read_later(&read, work.take_many(QUERY_BATCH))).await?;
+        let mut asked = dedup && ask_known(&mut send, &batch.blocks).await?;
+        while !batch.blocks.is_empty() || batch.failed.is_some() {
+            let failed = batch.failed.take();
+            let next = failed
+                .is_none()
+                .then(|| read_later(&read, work.take_many(QUERY_BATCH)));
+            let known = known_answer(&mut recv, &batch.blocks, asked).await?;
+            // Compress this batch while the next is read.
+            let encoded: Vec<_> = batch
+                .blocks
+                .into_iter()
+                .zip(&known)
+                .map(|(b, &known)| {
+                    tokio::task::spawn_blocking(move || {
+                        let len = b.data.len() as u32;
+                        if known {
+                            let header = Message::Block {
+                                offset: b.offset,
+                                len,
+                                sha256: b.digest,
+                                encoding: Encoding::Known,
+                                data_len: 0,
+                            };
+                            (header, Vec::new(), len, true)
+                        } else {
+                            let (h, p) = block::encode_hashed(b.offset, &b.data, b.digest, level);
+                            (h, p, len, false)
+                        }
                     })
-                    .collect();
-                batch = match next {
-                    Some(next) => read_batch(next).await?,
-                    None => Batch::default(),
-                };
-                asked = ask_known(&mut send, &batch.blocks).await?;
-                for job in encoded {
-                    let (header, payload, len, known) = job
-                        .await
-                        .map_err(|e| Error::Link(format!("encoding a block: {e}")))?;
-                    pace(&pacer, payload.len() as u64).await;
-                    wire::send_with_data(&mut send, &header, &payload).await?;
-                    if known {
-                        stream.sent_known(len);
-                    } else {
-                        stream.sent(len, payload.len());
-                    }
-                }
-                // What was read before a failed read went; now fail.
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-            }
-        } else {
-            let mut pending = encode_later(&read, work.take(), level);
-            while let Some(job) = pending.take() {
-                let (header, payload, len) = job
+                })
+                .collect();
+            batch = match next {
+                Some(next) => read_batch(next).await?,
+                None => Batch::default(),
+            };
+            asked = dedup && ask_known(&mut send, &batch.blocks).await?;
+            for job in encoded {
+                let (header, payload, len, known) = job
                     .await
-                    .map_err(|e| Error::Link(format!("encoding a block: {e}")))??;
-                pending = encode_later(&read, work.take(), level);
+                    .map_err(|e| Error::Link(format!("encoding a block: {e}")))?;
                 pace(&pacer, payload.len() as u64).await;
                 wire::send_with_data(&mut send, &header, &payload).await?;
-                stream.sent(len, payload.len());
+                if known {
+                    stream.sent_known(len);
+                } else {
+                    stream.sent(len, payload.len());
+                }
+            }
+            // What was read before a failed read went; now fail.
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
         wire::send(&mut send, &stream.end()).await?;
