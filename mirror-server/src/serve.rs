@@ -81,6 +81,17 @@ pub async fn run(
         .local_addr()
         .map_err(|e| Error::io("reading the bound address", e))?;
     tracing::info!(listen = %local, fingerprint = %identity.fingerprint(), "serving");
+    // Every listener is bound before the server says it listens.
+    let metrics_listener = match &config.metrics {
+        Some(m) => {
+            let listener = tokio::net::TcpListener::bind(m.listen)
+                .await
+                .map_err(|e| Error::io(format!("serving metrics on {} (tcp)", m.listen), e))?;
+            tracing::info!(listen = %m.listen, "metrics on GET /metrics");
+            Some(listener)
+        }
+        None => None,
+    };
     on_listening(local);
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared {
@@ -89,11 +100,7 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     let exports = Arc::new(Exports::new());
-    if let Some(m) = &config.metrics {
-        let listener = tokio::net::TcpListener::bind(m.listen)
-            .await
-            .map_err(|e| Error::io(format!("serving metrics on {} (tcp)", m.listen), e))?;
-        tracing::info!(listen = %m.listen, "metrics on GET /metrics");
+    if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::serve(
             listener,
             metrics,
