@@ -17,6 +17,7 @@ pub mod block;
 #[cfg(feature = "link")]
 pub mod client;
 pub mod clock;
+pub mod docs;
 pub mod duration;
 mod error;
 pub mod fsutil;

@@ -1,5 +1,9 @@
-//! The server config file, `DATA/server.toml`, written by `mirror-server
-//! init` with every default spelled out:
+//! The server config file, written by `mirror-server init` with every
+//! default spelled out. It is `DATA/server.toml`, or the file `--config`
+//! names; with the default data directory and no `DATA/server.toml`, it is
+//! `/etc/mirror-server/server.toml` when that exists (the Debian package's
+//! layout: config under /etc, data under /var/lib). Relative paths in it
+//! (the store's `url`) are relative to the data directory.
 //!
 //! ```toml
 //! listen = "[::]:4747"            # UDP address QUIC listens on
@@ -37,7 +41,7 @@
 //! Port 4747/udp is ublk-mirror's default (unassigned by IANA).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::collections::BTreeMap;
 
@@ -58,6 +62,28 @@ pub const DEFAULT_PORT: u16 = 4747;
 
 /// File name of the config inside the data directory.
 pub const CONFIG_FILE: &str = "server.toml";
+
+/// The data directory when none is given.
+pub const DEFAULT_DATA: &str = "/var/lib/mirror-server";
+
+/// The config of the default data directory when that has none of its own
+/// (where the Debian package puts it).
+pub const SYSTEM_CONFIG: &str = "/etc/mirror-server/server.toml";
+
+/// The config file of data directory `data`: `explicit` when given (the
+/// `--config` option); else `DATA/server.toml`, unless `data` is the
+/// default data directory, which has no such file, and [`SYSTEM_CONFIG`]
+/// exists.
+pub fn locate(data: &Path, explicit: Option<&Path>) -> PathBuf {
+    if let Some(path) = explicit {
+        return path.to_path_buf();
+    }
+    let own = data.join(CONFIG_FILE);
+    if data == Path::new(DEFAULT_DATA) && !own.exists() && Path::new(SYSTEM_CONFIG).exists() {
+        return PathBuf::from(SYSTEM_CONFIG);
+    }
+    own
+}
 
 /// Server settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,10 +278,9 @@ impl ServerConfig {
         }
     }
 
-    /// Read `DATA/server.toml`.
-    pub fn load(data: &Path) -> Result<ServerConfig> {
-        let path = data.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path)
+    /// Read the config file at `path` (see [`locate`]).
+    pub fn load(path: &Path) -> Result<ServerConfig> {
+        let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         let config: ServerConfig = toml::from_str(&text)
             .map_err(|e| Error::Invalid(format!("{}: {}", path.display(), e.message())))?;
@@ -291,9 +316,8 @@ impl ServerConfig {
         self.volumes.get(volume).copied().unwrap_or(self.snapshots)
     }
 
-    /// Write this config as `DATA/server.toml`, refusing to replace one.
-    pub fn write_new(&self, data: &Path) -> Result<()> {
-        let path = data.join(CONFIG_FILE);
+    /// Write this config as the file `path`, refusing to replace one.
+    pub fn write_new(&self, path: &Path) -> Result<()> {
         let limit = match self.max_bytes_per_client {
             Some(max) => format!("max_bytes_per_client = \"{max}\""),
             None => "# max_bytes_per_client = \"4TiB\"".to_string(),
@@ -372,7 +396,7 @@ impl ServerConfig {
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&path)
+            .open(path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
@@ -382,6 +406,27 @@ impl ServerConfig {
 mod tests {
     use super::*;
 
+    /// The Debian package's /etc/mirror-server/server.toml is what `init`
+    /// writes: the same defaults, the same comments.
+    #[test]
+    fn the_packaged_config_is_the_one_init_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        ServerConfig::default().write_new(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            include_str!("../debian/server.toml"),
+            "mirror-server/debian/server.toml is stale: make it again with \
+             `mirror-server --data $(mktemp -d) --config mirror-server/debian/server.toml init` \
+             (remove it first)"
+        );
+        assert_eq!(locate(dir.path(), None), path);
+        assert_eq!(
+            locate(dir.path(), Some(Path::new("/x.toml"))),
+            Path::new("/x.toml")
+        );
+    }
+
     #[test]
     fn written_configs_read_back_and_typos_are_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -389,30 +434,41 @@ mod tests {
             listen: "127.0.0.1:9000".parse().unwrap(),
             ..ServerConfig::default()
         };
-        c.write_new(dir.path()).unwrap();
-        assert_eq!(ServerConfig::load(dir.path()).unwrap(), c);
+        c.write_new(&dir.path().join(CONFIG_FILE)).unwrap();
+        assert_eq!(
+            ServerConfig::load(&dir.path().join(CONFIG_FILE)).unwrap(),
+            c
+        );
         let limited = tempfile::tempdir().unwrap();
         let l = ServerConfig {
             max_volumes_per_client: 3,
             max_bytes_per_client: Some(ByteSize(1 << 30)),
             ..c.clone()
         };
-        l.write_new(limited.path()).unwrap();
-        assert_eq!(ServerConfig::load(limited.path()).unwrap(), l);
+        l.write_new(&limited.path().join(CONFIG_FILE)).unwrap();
+        assert_eq!(
+            ServerConfig::load(&limited.path().join(CONFIG_FILE)).unwrap(),
+            l
+        );
         std::fs::write(
             limited.path().join(CONFIG_FILE),
             "max_bytes_per_client = \"2G\"\n",
         )
         .unwrap();
         assert_eq!(
-            ServerConfig::load(limited.path())
+            ServerConfig::load(&limited.path().join(CONFIG_FILE))
                 .unwrap()
                 .max_bytes_per_client,
             Some(ByteSize(2 << 30))
         );
-        assert!(c.write_new(dir.path()).is_err(), "replaced a config");
+        assert!(
+            c.write_new(&dir.path().join(CONFIG_FILE)).is_err(),
+            "replaced a config"
+        );
         std::fs::write(dir.path().join(CONFIG_FILE), "lisen = \"[::]:1\"\n").unwrap();
-        let err = ServerConfig::load(dir.path()).unwrap_err().to_string();
+        let err = ServerConfig::load(&dir.path().join(CONFIG_FILE))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field"), "{err}");
         assert_eq!(ServerConfig::default().listen.port(), DEFAULT_PORT);
     }
@@ -420,7 +476,9 @@ mod tests {
     #[test]
     fn the_written_export_example_works_once_uncommented() {
         let dir = tempfile::tempdir().unwrap();
-        ServerConfig::default().write_new(dir.path()).unwrap();
+        ServerConfig::default()
+            .write_new(&dir.path().join(CONFIG_FILE))
+            .unwrap();
         let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
         let secret = dir.path().join("chap.secret");
         std::fs::write(&secret, "twelve-chars-ok\n").unwrap();
@@ -435,7 +493,7 @@ mod tests {
             })
             .collect();
         std::fs::write(dir.path().join(CONFIG_FILE), uncommented).unwrap();
-        let c = ServerConfig::load(dir.path()).unwrap();
+        let c = ServerConfig::load(&dir.path().join(CONFIG_FILE)).unwrap();
         assert_eq!(c.exports.len(), 1);
         let e = &c.exports[0];
         assert_eq!(e.listen, "127.0.0.1:3260".parse().unwrap());
@@ -464,11 +522,15 @@ mod tests {
         let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
         let twice = text.clone() + "\n[[exports]]\ntarget = \"laptop/home\"\n";
         std::fs::write(dir.path().join(CONFIG_FILE), twice).unwrap();
-        let err = ServerConfig::load(dir.path()).unwrap_err().to_string();
+        let err = ServerConfig::load(&dir.path().join(CONFIG_FILE))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("both listen on 127.0.0.1:3260"), "{err}");
         let odd = text + "\n[[exports]]\ntarget = \"laptop\"\nlisten = \"127.0.0.1:3261\"\n";
         std::fs::write(dir.path().join(CONFIG_FILE), odd).unwrap();
-        let err = ServerConfig::load(dir.path()).unwrap_err().to_string();
+        let err = ServerConfig::load(&dir.path().join(CONFIG_FILE))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not CLIENT/VOLUME"), "{err}");
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use mirror_server::clients::Registry;
-use mirror_server::config::ServerConfig;
+use mirror_server::config::{self, ServerConfig};
 use mirror_server::exports::{self, Exports};
 use mirror_server::volumes::{Quota, Volumes};
 use mirror_server::{admin, snapshots, store};
@@ -29,10 +29,16 @@ struct Cli {
         long,
         global = true,
         env = "MIRROR_SERVER_DATA",
-        default_value = "/var/lib/mirror-server",
+        default_value = config::DEFAULT_DATA,
         value_name = "DIR"
     )]
     data: PathBuf,
+
+    /// Config file [default: DATA/server.toml; with the default data
+    /// directory and no DATA/server.toml, /etc/mirror-server/server.toml
+    /// when it exists, as the Debian package installs it].
+    #[arg(long, global = true, env = "MIRROR_SERVER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -236,6 +242,24 @@ enum Command {
         #[arg(value_name = "VOLUME@SNAPSHOT")]
         target: String,
     },
+    /// Print the completion script of a shell to stdout.
+    ///
+    /// Examples:
+    ///   mirror-server completions bash > /etc/bash_completion.d/mirror-server
+    ///   mirror-server completions zsh > "${fpath[1]}/_mirror-server"
+    ///   mirror-server completions fish > ~/.config/fish/completions/mirror-server.fish
+    /// (The Debian package installs them for bash, zsh and fish.)
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: ublk_mirror_common::docs::Shell,
+    },
+    /// Write the man pages (one per command) into DIR (for packaging).
+    #[command(hide = true)]
+    ManPages {
+        /// Where to write mirror-server.1 and mirror-server-COMMAND.1.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,10 +309,32 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    if !matches!(
+        cli.command,
+        Command::Completions { .. } | Command::ManPages { .. }
+    ) {
+        if let Err(e) = act_as_data_owner(&cli.data) {
+            eprintln!("mirror-server: error: {e}");
+            return ExitCode::from(exit_code(&e));
+        }
+    }
+    let cfg = config::locate(&cli.data, cli.config.as_deref());
+    let cfg = cfg.as_path();
     let result = match cli.command {
-        Command::Init { listen } => init(&cli.data, listen),
+        Command::Completions { shell } => {
+            let cli = <Cli as clap::CommandFactory>::command();
+            ublk_mirror_common::docs::write_completions(shell, cli, &mut std::io::stdout());
+            Ok(())
+        }
+        Command::ManPages { dir } => ublk_mirror_common::docs::write_man_pages(
+            <Cli as clap::CommandFactory>::command(),
+            &dir,
+        )
+        .map(|n| println!("{n} man pages in {}", dir.display()))
+        .map_err(|e| mirror_server::Error::io(format!("writing man pages into {}", dir.display()), e)),
+        Command::Init { listen } => init(&cli.data, cfg, listen),
         Command::Volumes { json, stale, store } => {
-            match volumes(&cli.data, json, stale, store) {
+            match volumes(&cli.data, cfg, json, stale, store) {
                 // Stale volumes are an answer, not an error: status 1.
                 Ok(n) if n > 0 => {
                     eprintln!(
@@ -300,8 +346,8 @@ fn main() -> ExitCode {
                 other => other.map(drop),
             }
         }
-        Command::Serve { listen } => serve(&cli.data, listen),
-        Command::Client(c) => client(&cli.data, c),
+        Command::Serve { listen } => serve(&cli.data, cfg, listen),
+        Command::Client(c) => client(&cli.data, cfg, c),
         Command::Snapshot { volume, name } => {
             admin::request(&cli.data, admin::Op::Snapshot { volume: volume.clone(), name })
                 .and_then(snapshot_info)
@@ -330,16 +376,16 @@ fn main() -> ExitCode {
             mutual_user,
             mutual_secret_file.as_deref(),
         )
-        .and_then(|chap| export(&cli.data, &target, listen, name, allow, writable, chap)),
-        Command::Import { volume, from } => import(&cli.data, &volume, &from),
-        Command::Store { json } => store_info(&cli.data, json),
-        Command::Upgrade => upgrade(&cli.data),
-        Command::Gc { window } => gc(&cli.data, window),
-        Command::Verify { volume, json } => verify(&cli.data, volume.as_deref(), json),
+        .and_then(|chap| export(&cli.data, cfg, &target, listen, name, allow, writable, chap)),
+        Command::Import { volume, from } => import(&cli.data, cfg, &volume, &from),
+        Command::Store { json } => store_info(&cli.data, cfg, json),
+        Command::Upgrade => upgrade(&cli.data, cfg),
+        Command::Gc { window } => gc(&cli.data, cfg, window),
+        Command::Verify { volume, json } => verify(&cli.data, cfg, volume.as_deref(), json),
         Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
         Command::Snapshots { volume, json, utc } => {
-            list_snapshots(&cli.data, &volume, json, utc)
+            list_snapshots(&cli.data, cfg, &volume, json, utc)
         }
         Command::Delete { target } => match target.split_once('@') {
             Some((volume, snapshot)) => admin::request(
@@ -368,6 +414,38 @@ fn main() -> ExitCode {
 /// The exit status of a command that failed with `e`: 2 for a request
 /// that cannot be met as asked (usage, names, refusals), 1 for the rest (a
 /// lost link, a system call, damaged data).
+/// Run as root on a data directory that belongs to another user (the
+/// package's `mirror-server` system user), become that user first, so that
+/// what an admin's command writes (clients, snapshots, the store) stays
+/// readable and writable by the server.
+fn act_as_data_owner(data: &Path) -> mirror_server::Result<()> {
+    use nix::unistd::{Gid, Uid};
+    use std::os::unix::fs::MetadataExt;
+    if !Uid::effective().is_root() {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::metadata(data) else {
+        return Ok(()); // not made yet: `init` makes it as the caller
+    };
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    let (uid, gid) = (Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid()));
+    let drop = || -> nix::Result<()> {
+        nix::unistd::setgroups(&[gid])?;
+        nix::unistd::setgid(gid)?;
+        nix::unistd::setuid(uid)
+    };
+    drop().map_err(|e| {
+        mirror_server::Error::io(
+            format!("becoming {}'s owner (uid {uid})", data.display()),
+            e.into(),
+        )
+    })?;
+    tracing::debug!("acting as uid {uid}, the owner of {}", data.display());
+    Ok(())
+}
+
 fn exit_code(e: &mirror_server::Error) -> u8 {
     use mirror_server::Error;
     match e {
@@ -380,18 +458,40 @@ fn exit_code(e: &mirror_server::Error) -> u8 {
     }
 }
 
-fn init(data: &Path, listen: Option<std::net::SocketAddr>) -> mirror_server::Result<()> {
+fn init(
+    data: &Path,
+    cfg: &Path,
+    listen: Option<std::net::SocketAddr>,
+) -> mirror_server::Result<()> {
+    // A config already there (the package's, under /etc) is used as it
+    // is; otherwise one is written with the defaults.
+    let existing = cfg.exists();
+    let config = if existing {
+        ServerConfig::load(cfg)?
+    } else {
+        ServerConfig {
+            listen: listen.unwrap_or(ServerConfig::default().listen),
+            ..ServerConfig::default()
+        }
+    };
+    if existing && listen.is_some_and(|l| l != config.listen) {
+        return Err(mirror_server::Error::Invalid(format!(
+            "--listen: {} exists already and says listen = \"{}\"; change it there",
+            cfg.display(),
+            config.listen
+        )));
+    }
     let identity = Identity::create(&data.join("identity"))
         .map_err(|e| mirror_server::Error::Invalid(e.to_string()))?;
-    let config = ServerConfig {
-        listen: listen.unwrap_or(ServerConfig::default().listen),
-        ..ServerConfig::default()
-    };
-    config.write_new(data)?;
+    if !existing {
+        config.write_new(cfg)?;
+    }
     std::fs::create_dir_all(data.join(store::VOLUMES_DIR))
         .map_err(|e| mirror_server::Error::io("creating the volumes directory", e))?;
     println!("initialised {}", data.display());
     println!("  certificate fingerprint: {}", identity.fingerprint());
+    let how = if existing { "kept" } else { "written" };
+    println!("  config: {} ({how})", cfg.display());
     println!("  listen: {} (udp)", config.listen);
     Ok(())
 }
@@ -408,6 +508,7 @@ struct VolumeRow {
 
 fn volumes(
     data: &Path,
+    cfg: &Path,
     json: bool,
     stale: Option<Span>,
     with_store: bool,
@@ -425,7 +526,7 @@ fn volumes(
         })
         .collect();
     if with_store {
-        let config = ServerConfig::load(data)?;
+        let config = ServerConfig::load(cfg)?;
         let chunks = config.chunk_store_for_listing(data)?;
         for name in chunks.volumes()? {
             let Some(head) = chunks.head(&name)? else {
@@ -502,7 +603,7 @@ fn volumes(
     Ok(stale_count)
 }
 
-fn import(data: &Path, volume: &str, from: &Path) -> mirror_server::Result<()> {
+fn import(data: &Path, cfg: &Path, volume: &str, from: &Path) -> mirror_server::Result<()> {
     let (client, name) = volume.split_once('/').ok_or_else(|| {
         mirror_server::Error::Invalid(format!("{volume:?}: name the volume as CLIENT/VOLUME"))
     })?;
@@ -540,7 +641,7 @@ fn import(data: &Path, volume: &str, from: &Path) -> mirror_server::Result<()> {
     );
     // Into the chunk store at once (the image here is its cache): what
     // other servers serve, and what survives this machine.
-    let stored = ServerConfig::load(data).and_then(|config| {
+    let stored = ServerConfig::load(cfg).and_then(|config| {
         runtime()?.block_on(async {
             let volumes = Volumes::new(data, Quota::none()).with_store(config.chunk_store(data)?);
             let v = volumes.open(client, name, None)?;
@@ -565,6 +666,7 @@ fn snapshot_info(v: serde_json::Value) -> mirror_server::Result<snapshots::Snaps
 #[allow(clippy::too_many_arguments)]
 fn export(
     data: &Path,
+    cfg: &Path,
     target: &str,
     listen: std::net::SocketAddr,
     name: Option<String>,
@@ -620,7 +722,7 @@ fn export(
     // No server: serve it here until Ctrl-C, as the server would.
     let _lock = admin::ServerLock::take(data)?;
     admin::volume_dir(data, &volume)?;
-    let chunks = ServerConfig::load(data)?.chunk_store(data)?;
+    let chunks = ServerConfig::load(cfg)?.chunk_store(data)?;
     runtime()?.block_on(async {
         let volumes = Volumes::new(data, Quota::none()).with_store(chunks);
         let running = Exports::new();
@@ -634,8 +736,8 @@ fn export(
     })
 }
 
-fn store_info(data: &Path, json: bool) -> mirror_server::Result<()> {
-    let config = ServerConfig::load(data)?;
+fn store_info(data: &Path, cfg: &Path, json: bool) -> mirror_server::Result<()> {
+    let config = ServerConfig::load(cfg)?;
     let store = config.chunk_store(data)?;
     let usage = store.usage();
     let mut rows = Vec::new();
@@ -721,11 +823,11 @@ fn human(bytes: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
-fn verify(data: &Path, volume: Option<&str>, json: bool) -> mirror_server::Result<()> {
+fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_server::Result<()> {
     if let Some(v) = volume {
         mirror_server::volumes::split_volume(v)?;
     }
-    let config = ServerConfig::load(data)?;
+    let config = ServerConfig::load(cfg)?;
     let volumes = Volumes::new(data, Quota::none()).with_store(config.chunk_store(data)?);
     let mut last = std::time::Instant::now();
     let r = volumes.verify(volume, |done, total| {
@@ -761,8 +863,8 @@ fn verify(data: &Path, volume: Option<&str>, json: bool) -> mirror_server::Resul
     }
 }
 
-fn gc(data: &Path, window: Option<Span>) -> mirror_server::Result<()> {
-    let config = ServerConfig::load(data)?;
+fn gc(data: &Path, cfg: &Path, window: Option<Span>) -> mirror_server::Result<()> {
+    let config = ServerConfig::load(cfg)?;
     let store = config.chunk_store(data)?;
     let window = window.unwrap_or(config.store.gc_window);
     let r = store.gc(window.0, |step| eprintln!("gc: {step}"))?;
@@ -779,9 +881,9 @@ fn gc(data: &Path, window: Option<Span>) -> mirror_server::Result<()> {
     Ok(())
 }
 
-fn upgrade(data: &Path) -> mirror_server::Result<()> {
+fn upgrade(data: &Path, cfg: &Path) -> mirror_server::Result<()> {
     let _lock = admin::ServerLock::take(data)?;
-    let config = ServerConfig::load(data)?;
+    let config = ServerConfig::load(cfg)?;
     runtime()?.block_on(async {
         let store = config.chunk_store(data)?;
         println!("chunk store: {}", store.describe());
@@ -813,13 +915,19 @@ fn upgrade(data: &Path) -> mirror_server::Result<()> {
     })
 }
 
-fn list_snapshots(data: &Path, volume: &str, json: bool, utc: bool) -> mirror_server::Result<()> {
+fn list_snapshots(
+    data: &Path,
+    cfg: &Path,
+    volume: &str,
+    json: bool,
+    utc: bool,
+) -> mirror_server::Result<()> {
     let mut list = snapshots::list(&admin::volume_dir(data, volume)?)?;
     // Snapshots the chunk store pins that this cache does not have (taken
     // on another server on the store, or before the cache was rebuilt):
     // exports and restores read them from the store. Shown as kind
     // "stored", keeping nothing here.
-    if let Ok(store) = ServerConfig::load(data).and_then(|c| c.chunk_store(data)) {
+    if let Ok(store) = ServerConfig::load(cfg).and_then(|c| c.chunk_store(data)) {
         for (name, seq) in store.pins(volume).unwrap_or_default() {
             if list.iter().any(|(s, _)| s.name == name) {
                 continue;
@@ -917,8 +1025,12 @@ fn print_json(value: &impl serde::Serialize) -> mirror_server::Result<()> {
     writeln!(out).map_err(|e| mirror_server::Error::io("writing to stdout", e))
 }
 
-fn serve(data: &Path, listen: Option<std::net::SocketAddr>) -> mirror_server::Result<()> {
-    let mut config = ServerConfig::load(data)?;
+fn serve(
+    data: &Path,
+    cfg: &Path,
+    listen: Option<std::net::SocketAddr>,
+) -> mirror_server::Result<()> {
+    let mut config = ServerConfig::load(cfg)?;
     if let Some(l) = listen {
         config.listen = l;
     }
@@ -937,7 +1049,7 @@ fn serve(data: &Path, listen: Option<std::net::SocketAddr>) -> mirror_server::Re
     })
 }
 
-fn client(data: &Path, command: ClientCommand) -> mirror_server::Result<()> {
+fn client(data: &Path, cfg: &Path, command: ClientCommand) -> mirror_server::Result<()> {
     let registry = Registry::open(data)?;
     match command {
         ClientCommand::Add { name, address, ttl } => {
@@ -947,7 +1059,7 @@ fn client(data: &Path, command: ClientCommand) -> mirror_server::Result<()> {
             let address = match address {
                 Some(a) => a,
                 None => {
-                    let port = ServerConfig::load(data)?.listen.port();
+                    let port = ServerConfig::load(cfg)?.listen.port();
                     let host = nix::unistd::gethostname()
                         .map_err(|e| mirror_server::Error::io("reading the host name", e.into()))?;
                     format!("{}:{port}", host.to_string_lossy())

@@ -56,7 +56,10 @@ fn make_volume_in(data: &Path, stored: bool) -> (Vec<u8>, Vec<u8>) {
     assert!(init.status.success(), "{init:?}");
     let mut v = Volume::create(&data.join("volumes/laptop/root"), SIZE).unwrap();
     if stored {
-        let config = mirror_server::config::ServerConfig::load(data).unwrap();
+        let config = mirror_server::config::ServerConfig::load(
+            &data.join(mirror_server::config::CONFIG_FILE),
+        )
+        .unwrap();
         v.attach(config.chunk_store(data).unwrap(), "laptop/root")
             .unwrap();
     }

@@ -11,7 +11,7 @@ mkdir -p /etc/ublk-mirror
 printf 'backing = "%s/unit.img"\nsize = "64M"\n' "$WORK" > /etc/ublk-mirror/$NAME.toml
 exec_start=$(sed -n 's/^ExecStart=//p' "$UNIT")
 exec_start=${exec_start//%i/$NAME}
-exec_start=${exec_start/\/usr\/local\/bin\/ublk-mirror/$UBLK_MIRROR}
+exec_start=${exec_start/\/usr\/bin\/ublk-mirror/$UBLK_MIRROR}
 log "ExecStart: $exec_start"
 
 SOCK=$WORK/notify.sock

@@ -302,6 +302,114 @@ fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
     assert!(image(&data) != before, "the workload changed nothing");
 }
 
+/// `--at 'yesterday 18:00'` means six in the evening of the day before, in
+/// the time zone of the user who types it (TZ). Two snapshots are dated,
+/// while the server is down, yesterday at 17:00 and at 19:00 in Tokyo
+/// (their manifest's times, as an old volume would have them); then the
+/// same words restore the 17:00 one in Tokyo and the 19:00 one in New York
+/// (where yesterday 18:00 comes after both).
+#[test]
+fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = TestServer::start(&data, &listen);
+    let client_dir = dir.path().join("client");
+    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    let TrackedDevice {
+        backing,
+        engine,
+        tracker,
+    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
+    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
+    let mut io = LocalIo::new(&engine, backing.file())
+        .unwrap()
+        .with_tracker(&tracker);
+    let mut states = Vec::new();
+    for (seed, name) in [(1, "five-pm"), (2, "seven-pm")] {
+        workload(&mut io, seed);
+        assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+        states.push(std::fs::read(backing.path()).unwrap());
+        ublk_dev::replicator::take_snapshot(&client_dir, "root", Some(name)).unwrap();
+    }
+    workload(&mut io, 3);
+    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    drop(replicator);
+    drop(server);
+
+    // Yesterday's evening in Tokyo, in ms since the epoch, as `date` says.
+    let tokyo_ms = |when: &str| -> u64 {
+        let out = std::process::Command::new("date")
+            .env("TZ", "Asia/Tokyo")
+            .args(["-d", when, "+%s"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+            * 1000
+    };
+    let manifest = data.join("volumes/laptop/root/snapshots/manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    for s in m["snapshots"].as_array_mut().unwrap() {
+        let ms = match s["name"].as_str().unwrap() {
+            "five-pm" => tokyo_ms("yesterday 17:00"),
+            "seven-pm" => tokyo_ms("yesterday 19:00"),
+            other => panic!("unexpected snapshot {other}"),
+        };
+        s["epoch_ms"] = ms.into();
+        s["created_ms"] = ms.into();
+    }
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let _server = TestServer::start(&data, &listen);
+
+    let restore_at = |tz: &str, at: &str, to: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+            .env("TZ", tz)
+            .args(["restore", "--volume", "root", "--at", at, "--to"])
+            .arg(to)
+            .arg("--client-dir")
+            .arg(&client_dir)
+            .output()
+            .unwrap()
+    };
+    for (tz, want, state) in [
+        ("Asia/Tokyo", "five-pm", &states[0]),
+        ("America/New_York", "seven-pm", &states[1]),
+    ] {
+        let to = dir.path().join(format!("{want}.img"));
+        let out = restore_at(tz, "yesterday 18:00", &to);
+        assert!(out.status.success(), "{tz}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(want),
+            "{tz}: {out:?}"
+        );
+        assert!(
+            std::fs::read(&to).unwrap() == *state,
+            "{tz}: not {want}'s data"
+        );
+    }
+    // Before both: nothing to restore, and it says so.
+    let out = restore_at(
+        "Asia/Tokyo",
+        "yesterday 16:00",
+        &dir.path().join("none.img"),
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no snapshot as old as"),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
     let dir = tempfile::tempdir().unwrap();
