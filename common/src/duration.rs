@@ -1,6 +1,8 @@
-//! Durations as people write them: `500ms`, `5s`, `2m`, `1h`, `1.5s`; a bare
-//! number is seconds. Used for timeouts and intervals on the command line
-//! and in config files.
+//! Durations as people write them: `500ms`, `5s`, `2m`, `1h`, `1.5s`,
+//! `1h30m`, `2 days`, `1w`; a bare number is seconds. Used for timeouts and
+//! intervals on the command line and in config files. Parsing is `jiff`'s
+//! "friendly" span format (ISO 8601's `PT5M` too), with days of 24 hours;
+//! months and years, which have no fixed length, are refused.
 
 use std::fmt;
 use std::str::FromStr;
@@ -23,23 +25,26 @@ impl FromStr for Span {
             reason,
         };
         let s = input.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        if number.is_empty() {
+        if s.is_empty() {
             return Err(err("expected a number, e.g. 5s or 500ms"));
         }
-        let value: f64 = number.parse().map_err(|_| err("not a number"))?;
-        let seconds_per_unit = match unit.trim() {
-            "" | "s" | "sec" => 1.0,
-            "ms" => 1e-3,
-            "m" | "min" => 60.0,
-            "h" => 3600.0,
-            "d" => 86400.0,
-            _ => return Err(err("unknown unit (use ms, s, m, h or d)")),
-        };
-        Duration::try_from_secs_f64(value * seconds_per_unit)
+        // A bare number is seconds (`--timeout 30`).
+        if s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            let secs: f64 = s.parse().map_err(|_| err("not a number"))?;
+            return Duration::try_from_secs_f64(secs)
+                .map(Span)
+                .map_err(|_| err("too large"));
+        }
+        let span: jiff::Span = s
+            .parse()
+            .map_err(|_| err("expected e.g. 500ms, 5s, 2m, 1h30m or 2d"))?;
+        if span.is_negative() {
+            return Err(err("negative"));
+        }
+        let d = span
+            .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+            .map_err(|_| err("months and years have no fixed length (use days)"))?;
+        Duration::try_from(d)
             .map(Span)
             .map_err(|_| err("too large"))
     }
@@ -101,7 +106,14 @@ mod tests {
         assert_eq!("2m".parse::<Span>().ok(), Some(ms(120_000)));
         assert_eq!("1h".parse::<Span>().ok(), Some(ms(3_600_000)));
         assert_eq!("3".parse::<Span>().ok(), Some(ms(3000)));
-        for bad in ["", "s", "5x", "-1s", "1e999s"] {
+        assert_eq!("1h30m".parse::<Span>().ok(), Some(ms(5_400_000)));
+        assert_eq!("24h5m".parse::<Span>().ok(), Some(ms(86_700_000)));
+        assert_eq!("2 days".parse::<Span>().ok(), Some(ms(172_800_000)));
+        assert_eq!("1d".parse::<Span>().ok(), Some(ms(86_400_000)));
+        assert_eq!("1w".parse::<Span>().ok(), Some(ms(604_800_000)));
+        assert_eq!("10 min".parse::<Span>().ok(), Some(ms(600_000)));
+        assert_eq!("PT5M".parse::<Span>().ok(), Some(ms(300_000)));
+        for bad in ["", "s", "5x", "-1s", "1e999s", "1mo", "2y", "1.5.2"] {
             assert!(bad.parse::<Span>().is_err(), "{bad:?} parsed");
         }
     }

@@ -1,7 +1,8 @@
 //! Byte sizes as people write them on a command line or in a config file.
 //!
-//! `4096`, `512K`, `10G`, `1.5TiB` and `64 MiB` all parse; suffixes are binary
-//! (`K` = 1024), as for `truncate -s` and `qemu-img`. Display picks the largest
+//! `4096`, `512K`, `10G`, `1.5TiB` and `64 MiB` all parse (the `parse-size`
+//! crate); suffixes are binary (`K` = 1024, and `KB` too), as for
+//! `truncate -s` and `qemu-img`; a fraction of a byte rounds to the nearest. Display picks the largest
 //! unit that shows the value exactly, so a size prints the way it was meant.
 
 use std::fmt;
@@ -53,64 +54,18 @@ impl FromStr for ByteSize {
             input: input.to_string(),
             reason,
         };
-        let s = input.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        if number.is_empty() {
-            return Err(err("expected a number, like 10G or 4096"));
-        }
-        let unit = unit.trim();
-        let unit_upper = unit.to_ascii_uppercase();
-        let shift = match unit_upper.as_str() {
-            "" | "B" => 0,
-            u => {
-                let letter = u.trim_end_matches('B').trim_end_matches('I');
-                UNITS
-                    .iter()
-                    .find(|(name, _)| *name == letter)
-                    .map(|(_, shift)| *shift)
-                    .ok_or_else(|| err("unknown unit (use K, M, G, T, P or E; binary)"))?
-            }
-        };
-        let multiplier = 1u128 << shift;
-        let bytes: u128 = match number.split_once('.') {
-            None => {
-                let n: u128 = number.parse().map_err(|_| err("not a number"))?;
-                n.checked_mul(multiplier).ok_or_else(|| err("too large"))?
-            }
-            Some((whole, frac)) => {
-                if frac.contains('.') || (whole.is_empty() && frac.is_empty()) {
-                    return Err(err("not a number"));
-                }
-                if frac.len() > 18 {
-                    return Err(err("too many decimals"));
-                }
-                let whole: u128 = if whole.is_empty() {
-                    0
-                } else {
-                    whole.parse().map_err(|_| err("not a number"))?
-                };
-                let frac_digits: u128 = if frac.is_empty() {
-                    0
-                } else {
-                    frac.parse().map_err(|_| err("not a number"))?
-                };
-                let scale = 10u128.pow(frac.len() as u32);
-                let whole_bytes = whole
-                    .checked_mul(multiplier)
-                    .ok_or_else(|| err("too large"))?;
-                let frac_bytes = frac_digits * multiplier;
-                if frac_bytes % scale != 0 {
-                    return Err(err("not a whole number of bytes"));
-                }
-                whole_bytes + frac_bytes / scale
-            }
-        };
-        u64::try_from(bytes)
+        parse_size::Config::new()
+            .with_binary()
+            .parse_size(input.trim())
             .map(ByteSize)
-            .map_err(|_| err("too large"))
+            .map_err(|e| match e {
+                parse_size::Error::Empty => err("expected a number, like 10G or 4096"),
+                parse_size::Error::InvalidDigit => {
+                    err("not a number with a known unit (K, M, G, T, P or E; binary)")
+                }
+                parse_size::Error::PosOverflow => err("too large"),
+                _ => err("not a size"),
+            })
     }
 }
 
@@ -179,21 +134,12 @@ mod tests {
 
     #[test]
     fn refuses_nonsense_with_a_reason() {
-        for bad in [
-            "",
-            "G",
-            "ten",
-            "10X",
-            "1.2.3",
-            "0.3K",
-            "99999999999E",
-            "-1",
-            ".",
-        ] {
+        for bad in ["", "G", "ten", "10X", "1.2.3", "99999999999E", "-1", "."] {
             assert!(bad.parse::<ByteSize>().is_err(), "{bad:?} parsed");
         }
         let err = "10X".parse::<ByteSize>().unwrap_err();
-        assert!(err.to_string().contains("unknown unit"), "{err}");
+        assert!(err.to_string().contains("known unit"), "{err}");
+        assert_eq!("0.3K".parse::<ByteSize>().ok(), Some(ByteSize(307)));
     }
 
     #[test]

@@ -147,6 +147,7 @@ pub fn export_json(running: &iscsi::Running) -> serde_json::Value {
         "snapshot": running.snapshot.name,
         "epoch": running.snapshot.epoch,
         "epoch_ms": running.snapshot.epoch_ms,
+        "connections": running.connections(),
     })
 }
 

@@ -48,7 +48,8 @@ struct Cli {
 enum Command {
     /// Create the data directory: the server identity (a key and a
     /// self-signed certificate, which clients pin by fingerprint) and
-    /// server.toml with the defaults.
+    /// server.toml with the defaults (a config that exists already, such
+    /// as the Debian package's /etc/mirror-server/server.toml, is kept).
     ///
     /// Prints the certificate's fingerprint. The identity is never
     /// replaced: enrolled clients trust exactly it.

@@ -10,7 +10,8 @@
 //! - **gauges of what is held**, read when scraped: per volume the last
 //!   publication's time, its epoch, size and snapshots; the chunk store's
 //!   chunks, bytes and damaged chunks (as this server's index knows them);
-//!   exports; this process's memory, CPU and files.
+//!   exports and the initiator connections open on each (its readers);
+//!   this process's memory, CPU and files.
 //!
 //! Names follow Prometheus' conventions: a `mirror_` prefix, units in the
 //! names, `_total` for counters; labels `client` and `volume`.
@@ -119,6 +120,7 @@ pub struct Metrics {
     size: Family<Labels, Gauge>,
     snapshots: Family<Labels, Gauge>,
     exports: Gauge,
+    export_connections: Family<Labels, Gauge>,
     store_chunks: Gauge,
     store_damaged: Gauge,
     store_stored: Gauge,
@@ -151,6 +153,7 @@ impl Metrics {
             size: Family::default(),
             snapshots: Family::default(),
             exports: Gauge::default(),
+            export_connections: Family::default(),
             store_chunks: Gauge::default(),
             store_damaged: Gauge::default(),
             store_stored: Gauge::default(),
@@ -220,6 +223,11 @@ impl Metrics {
             m.snapshots.clone(),
         );
         r.register("mirror_exports", "iSCSI exports served", m.exports.clone());
+        r.register(
+            "mirror_export_connections",
+            "Initiator connections open on an iSCSI export (its readers), by target name",
+            m.export_connections.clone(),
+        );
         r.register(
             "mirror_store_chunks",
             "Distinct chunks in the chunk store",
@@ -304,7 +312,20 @@ impl Metrics {
             let snaps = crate::snapshots::list(&volumes.volume_dir(&name)).map_or(0, |l| l.len());
             self.snapshots.get_or_create(&l).set(snaps as i64);
         }
-        self.exports.set(exports.list().len() as i64);
+        let running = exports.list();
+        self.exports.set(running.len() as i64);
+        // Only the exports running now: a stopped one's series ends.
+        self.export_connections.clear();
+        for e in &running {
+            let labels = vec![(
+                "target".into(),
+                e["iqn"].as_str().unwrap_or_default().into(),
+            )];
+            let open = e["connections"].as_u64().unwrap_or(0);
+            self.export_connections
+                .get_or_create(&labels)
+                .set(open as i64);
+        }
         if let Some(store) = volumes.chunk_store() {
             let (chunks, stored, damaged) = store.counts();
             self.store_chunks.set(chunks as i64);

@@ -1325,6 +1325,48 @@ async fn metrics_are_served_in_prometheus_format_and_move_with_the_data() {
     assert_eq!(sample(&m, "mirror_store_chunks", &[]), 4.0);
     assert!(sample(&m, "process_resident_memory_bytes", &[]) > 1e6);
 
+    // An export and its readers: a connection open on its portal counts
+    // while it is open; a stopped export's series is gone.
+    let portal = format!("127.0.0.1:{}", free_tcp_port());
+    let out = server.cli(&["export", "laptop/root", "--listen", &portal]);
+    assert!(out.status.success(), "{out:?}");
+    let iqn = "iqn.2026-11.org.ublk-mirror:laptop.root.now";
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(iqn),
+        "{out:?}"
+    );
+    let readers =
+        |m: &[common::prom::Sample]| sample(m, "mirror_export_connections", &[("target", iqn)]);
+    let reader_conn = std::net::TcpStream::connect(&portal).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = scrape(&metrics);
+        if readers(&m) == 1.0 || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(sample(&m, "mirror_exports", &[]), 1.0);
+    assert_eq!(readers(&m), 1.0);
+    drop(reader_conn);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while readers(&scrape(&metrics)) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = server.cli(&["unexport", iqn]);
+    assert!(out.status.success(), "{out:?}");
+    let m = scrape(&metrics);
+    assert_eq!(sample(&m, "mirror_exports", &[]), 0.0);
+    assert!(
+        !m.iter()
+            .any(|(name, _, _)| name == "mirror_export_connections"),
+        "{m:?}"
+    );
+
     // Another epoch, a block damaged on the way, a block the server holds:
     // the counters follow.
     let mut changed = model.clone();

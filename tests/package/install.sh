@@ -66,12 +66,14 @@ say "man pages and completions are installed"
 # 3. a client, a device from /etc/ublk-mirror/NAME.toml, its data mirrored
 token=$(mirror-server client add pkgtest --address 127.0.0.1:4747)
 ublk-mirror enroll "$token" > /tmp/enroll.log 2>&1 || { cat /tmp/enroll.log; fail "enroll"; }
-cat > /etc/ublk-mirror/pkgtest.toml <<TOML
-backing = "/var/lib/ublk-mirror/pkgtest.img"
-size = "64M"
-mirror = "disk"
-mirror_interval = "1s"
-TOML
+mirror-server client list | grep -q pkgtest || fail "client list does not show pkgtest"
+# the README's way: the packaged example, edited
+cp /etc/ublk-mirror/device.toml.example /etc/ublk-mirror/pkgtest.toml
+sed -i -e 's|NAME\.img|pkgtest.img|' -e 's|^size = .*|size = "64M"|' \
+  -e 's|^# mirror = .*|mirror = "disk"|' -e 's|^# mirror_interval = .*|mirror_interval = "1s"|' \
+  /etc/ublk-mirror/pkgtest.toml
+grep -q '^mirror = "disk"' /etc/ublk-mirror/pkgtest.toml || fail "the example has no mirror line to uncomment"
+systemctl enable ublk-mirror@pkgtest 2>/dev/null || fail "systemctl enable ublk-mirror@pkgtest"
 systemctl start ublk-mirror@pkgtest || fail "systemctl start ublk-mirror@pkgtest"
 dev=$(systemctl show -p StatusText --value ublk-mirror@pkgtest | grep -o '/dev/ublkb[0-9]*')
 [ -b "$dev" ] || fail "no block device after start (status: $(systemctl show -p StatusText --value ublk-mirror@pkgtest))"
@@ -87,7 +89,7 @@ say "what was written on $dev is on the server"
 # root's admin commands (client add, volumes) act as the data's owner
 foreign=$(find /var/lib/mirror-server ! -user mirror-server)
 [ -z "$foreign" ] || fail "files in /var/lib/mirror-server the server's user does not own: $foreign"
-systemctl stop ublk-mirror@pkgtest
+systemctl disable --now ublk-mirror@pkgtest 2>/dev/null
 [ ! -e "$dev" ] || fail "$dev still there after systemctl stop"
 
 # 4. purge

@@ -282,11 +282,17 @@ pub struct Running {
     pub portal: SocketAddr,
     /// The snapshot it serves.
     pub snapshot: SnapshotInfo,
+    target: Arc<target::Target>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
+    /// Initiator connections open now (its readers).
+    pub fn connections(&self) -> usize {
+        self.target.connections()
+    }
+
     /// Stop serving; the snapshot is let go of once connections end.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -329,8 +335,9 @@ pub async fn start(
     let target = Arc::new(target::Target::new(vec![export]));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let snapshot = lun.info().clone();
+    let served = target.clone();
     let task = tokio::spawn(async move {
-        target::serve(listener, target, async {
+        target::serve(listener, served, async {
             let _ = stopped.await;
         })
         .await;
@@ -343,6 +350,7 @@ pub async fn start(
         iqn,
         portal,
         snapshot,
+        target,
         stop: Some(stop),
         task: Some(task),
     })

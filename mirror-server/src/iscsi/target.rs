@@ -118,6 +118,8 @@ pub struct Target {
     live: std::sync::Mutex<HashMap<(String, Nexus), Live>>,
     /// Numbers the sessions in `live`.
     next_live: AtomicU64,
+    /// TCP connections open now (an export's readers, for the metrics).
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 /// A session in the full feature phase, as the target knows it.
@@ -154,7 +156,13 @@ impl Target {
             sessions: AtomicU16::new(0),
             live: std::sync::Mutex::new(HashMap::new()),
             next_live: AtomicU64::new(0),
+            connections: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// TCP connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Session `id` of `nexus` on `export` enters the full feature
@@ -231,6 +239,7 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     let target = target.clone();
                     connections.spawn(async move {
+                        let _counted = Counted::new(target.clone());
                         match Connection::new(stream, peer, target).run().await {
                             Ok(()) => tracing::debug!(%peer, "iSCSI connection closed"),
                             Err(e) => tracing::info!(%peer, "iSCSI connection ended: {e}"),
@@ -248,6 +257,22 @@ pub async fn serve(
                 return;
             }
         }
+    }
+}
+
+/// A connection counted in [`Target::connections`] while it lives.
+struct Counted(Arc<Target>);
+
+impl Counted {
+    fn new(target: Arc<Target>) -> Counted {
+        target.connections.fetch_add(1, Ordering::Relaxed);
+        Counted(target)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
