@@ -11,7 +11,9 @@
 //!   publication's time, its epoch, size and snapshots; the chunk store's
 //!   chunks, bytes and damaged chunks (as this server's index knows them);
 //!   exports and the initiator connections open on each (its readers);
-//!   this process's memory, CPU and files.
+//!   this process's memory, CPU and files;
+//! - **what the schedules did**: snapshots the retention pruned, and the
+//!   last verification's time and findings.
 //!
 //! Names follow Prometheus' conventions: a `mirror_` prefix, units in the
 //! names, `_total` for counters; labels `client` and `volume`.
@@ -123,6 +125,11 @@ pub struct Metrics {
     export_connections: Family<Labels, Gauge>,
     store_chunks: Gauge,
     store_damaged: Gauge,
+    pruned: Family<Labels, Counter>,
+    verify_runs: Counter,
+    verify_last: FloatGauge,
+    verify_unrepaired: Gauge,
+    verify_repaired: Counter,
     store_stored: Gauge,
     rss: Gauge,
     cpu: Counter<f64, AtomicU64>,
@@ -156,6 +163,11 @@ impl Metrics {
             export_connections: Family::default(),
             store_chunks: Gauge::default(),
             store_damaged: Gauge::default(),
+            pruned: Family::default(),
+            verify_runs: Counter::default(),
+            verify_last: FloatGauge::default(),
+            verify_unrepaired: Gauge::default(),
+            verify_repaired: Counter::default(),
             store_stored: Gauge::default(),
             rss: Gauge::default(),
             cpu: Counter::default(),
@@ -238,6 +250,32 @@ impl Metrics {
             "Chunk copies verify found damaged and could not repair",
             m.store_damaged.clone(),
         );
+        r.register(
+            "mirror_snapshots_pruned",
+            "Scheduled snapshots removed by the retention policy",
+            m.pruned.clone(),
+        );
+        r.register(
+            "mirror_verify_runs",
+            "Scheduled verifications of the chunk store that ran to the end",
+            m.verify_runs.clone(),
+        );
+        r.register_with_unit(
+            "mirror_verify_last_timestamp",
+            "When the last scheduled verification ended (Unix time)",
+            Unit::Seconds,
+            m.verify_last.clone(),
+        );
+        r.register(
+            "mirror_verify_unrepaired_objects",
+            "Chunks and segments the last verification found damaged and could not repair here",
+            m.verify_unrepaired.clone(),
+        );
+        r.register(
+            "mirror_verify_repaired_chunks",
+            "Damaged chunks verification stored again from this server's images",
+            m.verify_repaired.clone(),
+        );
         r.register_with_unit(
             "mirror_store_stored",
             "Bytes of chunks as stored in packs",
@@ -291,6 +329,26 @@ impl Metrics {
         self.wire.get_or_create(&l).inc_by(t.wire_bytes);
         self.known.get_or_create(&l).inc_by(t.known_bytes);
         self.mismatches.get_or_create(&l).inc_by(t.mismatches);
+    }
+
+    /// The retention policy removed `count` scheduled snapshots of volume
+    /// `CLIENT/VOLUME`.
+    pub fn pruned(&self, volume: &str, count: usize) {
+        self.pruned
+            .get_or_create(&volume_labels(volume))
+            .inc_by(count as u64);
+    }
+
+    /// A scheduled verification ended: `repaired` chunks stored again,
+    /// `unrepaired` chunks and segments left damaged.
+    pub fn verified(&self, repaired: usize, unrepaired: usize) {
+        self.verify_runs.inc();
+        self.verify_repaired.inc_by(repaired as u64);
+        self.verify_unrepaired.set(unrepaired as i64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.verify_last.set(now);
     }
 
     /// `client` published an epoch.

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use crate::config::{ServerConfig, SnapshotPolicy};
 use crate::error::Result;
+use crate::metrics::Metrics;
 use crate::snapshots::Kind;
 use crate::volumes::Volumes;
 
 /// Run the schedule of `config` over `volumes`, forever (returns at once
 /// when no volume takes scheduled snapshots).
-pub async fn run(config: ServerConfig, volumes: Arc<Volumes>) {
+pub async fn run(config: ServerConfig, volumes: Arc<Volumes>, metrics: Arc<Metrics>) {
     let every: Vec<Duration> = std::iter::once(config.snapshots.every.0)
         .chain(config.volumes.values().map(|p| p.every.0))
         .filter(|d| !d.is_zero())
@@ -30,7 +31,7 @@ pub async fn run(config: ServerConfig, volumes: Arc<Volumes>) {
             if policy.every.0.is_zero() {
                 continue;
             }
-            visit(&volumes, &client, &name, &policy).await;
+            visit(&volumes, &client, &name, &policy, &metrics).await;
         }
     }
 }
@@ -58,15 +59,21 @@ pub async fn collect(volumes: Arc<Volumes>, every: Duration, window: Duration) {
 }
 
 /// Verify the chunk store every `every` ("0s": never), repairing from this
-/// server's images what they still hold; damage left is logged as an error.
-pub async fn verify(volumes: Arc<Volumes>, every: Duration) {
+/// server's images what they still hold; damage left is logged as an error
+/// and shown in the metrics.
+pub async fn verify(volumes: Arc<Volumes>, every: Duration, metrics: Arc<Metrics>) {
     if every.is_zero() || volumes.chunk_store().is_none() {
         return;
     }
     loop {
         tokio::time::sleep(every).await;
         let v = volumes.clone();
-        match tokio::task::spawn_blocking(move || v.verify(None, |_, _| {})).await {
+        let done = tokio::task::spawn_blocking(move || v.verify(None, |_, _| {})).await;
+        if let Ok(Ok(r)) = &done {
+            let unrepaired = r.damaged.len() + r.damaged_segments.len();
+            metrics.verified(r.repaired.len(), unrepaired);
+        }
+        match done {
             Ok(Ok(r)) if r.is_clean() => {
                 tracing::info!(
                     chunks = r.chunks,
@@ -84,7 +91,13 @@ pub async fn verify(volumes: Arc<Volumes>, every: Duration) {
 }
 
 /// One volume's turn: its snapshot if one is due, then its pruning.
-async fn visit(volumes: &Volumes, client: &str, name: &str, policy: &SnapshotPolicy) {
+async fn visit(
+    volumes: &Volumes,
+    client: &str,
+    name: &str,
+    policy: &SnapshotPolicy,
+    metrics: &Metrics,
+) {
     let Ok(v) = volumes.open(client, name, None) else {
         return;
     };
@@ -110,6 +123,7 @@ async fn visit(volumes: &Volumes, client: &str, name: &str, policy: &SnapshotPol
         let pruned = v.prune_snapshots(&policy.retention)?;
         if !pruned.is_empty() {
             tracing::info!(volume = %format!("{client}/{name}"), ?pruned, "snapshots pruned");
+            metrics.pruned(&format!("{client}/{name}"), pruned.len());
         }
         Ok(())
     });

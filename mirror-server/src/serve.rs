@@ -103,7 +103,7 @@ pub async fn run(
     if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::serve(
             listener,
-            metrics,
+            metrics.clone(),
             volumes.clone(),
             exports.clone(),
         ));
@@ -123,8 +123,9 @@ pub async fn run(
     tokio::spawn(schedule::verify(
         volumes.clone(),
         config.store.verify_every.0,
+        metrics.clone(),
     ));
-    tokio::spawn(schedule::run(config.clone(), volumes));
+    tokio::spawn(schedule::run(config.clone(), volumes, metrics));
     accept(&endpoint, shared, shutdown).await;
     tracing::info!("shutting down");
     exports.stop_all().await;

@@ -1397,6 +1397,85 @@ async fn metrics_are_served_in_prometheus_format_and_move_with_the_data() {
     assert_eq!(sample(&m, "mirror_volume_published_epoch", &root), 2.0);
 }
 
+/// The schedules show in the metrics: scheduled snapshots that the
+/// retention prunes (three in one hour keep one), and the chunk store's
+/// verification with its findings.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_and_verification_show_in_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let init = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args(["init", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    if std::env::var("MIRROR_TEST_STORE").as_deref() == Ok("s3") {
+        on_seaweed(&data);
+    }
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let config = std::fs::read_to_string(data.join("server.toml")).unwrap();
+    assert!(config.contains("every = \"1h\"") && config.contains("verify_every = \"168h\""));
+    let config = config
+        .replace("every = \"1h\"", "every = \"1s\"")
+        .replace("verify_every = \"168h\"", "verify_every = \"1s\"");
+    std::fs::write(
+        data.join("server.toml"),
+        format!("{config}\n[metrics]\nlisten = \"{metrics}\"\n"),
+    )
+    .unwrap();
+    let server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    link.open_volume("root", 1 << 20).await.unwrap();
+    let root = [("client", "laptop"), ("volume", "root")];
+    for epoch in 1..=3u64 {
+        let content = noise(30 + epoch, 1 << 20);
+        link.send_epoch("root", epoch, w(epoch), &[(0, 65536)], 3, reader(content))
+            .await
+            .unwrap();
+        // the next scheduled snapshot takes this epoch
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let listed = server.cli(&["snapshots", "laptop/root", "--json"]);
+            let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+            let newest = listed
+                .as_array()
+                .and_then(|a| a.last())
+                .map(|s| s["epoch"].clone());
+            if newest == Some(epoch.into()) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no snapshot of epoch {epoch}: {listed}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = scrape(&metrics);
+        let pruned = m
+            .iter()
+            .any(|(n, _, v)| n == "mirror_snapshots_pruned_total" && *v >= 1.0);
+        if pruned && sample(&m, "mirror_verify_runs_total", &[]) >= 1.0 {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Three in one hour (or two, across an hour's end): at least one went.
+    assert!(sample(&m, "mirror_snapshots_pruned_total", &root) >= 1.0);
+    assert_eq!(sample(&m, "mirror_verify_unrepaired_objects", &[]), 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = sample(&m, "mirror_verify_last_timestamp_seconds", &[]);
+    assert!((now - last).abs() < 120.0, "{last} vs {now}");
+}
+
 /// A second server for `data`'s chunk store: its own data directory with
 /// the first one's identity and clients (what makes servers
 /// interchangeable for a client), and `data`'s `[store]`.
