@@ -4,9 +4,57 @@
 //! `scripts/package` runs to put the pages into the Debian packages.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use clap_complete::Shell;
+
+/// The commands both binaries have, flattened into their own.
+#[derive(Debug, clap::Subcommand)]
+pub enum DocsCommand {
+    /// Print the completion script of a shell to stdout.
+    ///
+    /// The Debian package installs them for bash, zsh and fish. By hand,
+    /// e.g. for bash, with this command's name as NAME:
+    ///   NAME completions bash > /etc/bash_completion.d/NAME
+    #[command(verbatim_doc_comment)]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages (one per command) into DIR (for packaging).
+    #[command(hide = true)]
+    ManPages {
+        /// Where to write NAME.1 and NAME-COMMAND.1.
+        dir: PathBuf,
+    },
+}
+
+impl DocsCommand {
+    /// Carry it out for the binary whose command line is `cli`.
+    pub fn run(self, cli: clap::Command) -> std::io::Result<()> {
+        match self {
+            DocsCommand::Completions { shell } => {
+                let script = completions(shell, cli);
+                match std::io::stdout().lock().write_all(&script) {
+                    // `| head` read what it wanted
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                    done => done,
+                }
+            }
+            DocsCommand::ManPages { dir } => {
+                let n = write_man_pages(cli, &dir).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("writing man pages into {}: {e}", dir.display()),
+                    )
+                })?;
+                println!("{n} man pages in {}", dir.display());
+                Ok(())
+            }
+        }
+    }
+}
 
 /// Write one page per command into `dir` (section 1): `NAME.1`, and
 /// `NAME-SUB.1` for each visible subcommand, nested ones too. Returns how
@@ -21,10 +69,12 @@ pub fn write_man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<usize>
     Ok(pages)
 }
 
-/// Print the completion script of `shell` for `cmd` to `out`.
-pub fn write_completions(shell: Shell, mut cmd: clap::Command, out: &mut dyn Write) {
+/// The completion script of `shell` for `cmd`.
+pub fn completions(shell: Shell, mut cmd: clap::Command) -> Vec<u8> {
     let name = cmd.get_name().to_string();
-    clap_complete::generate(shell, &mut cmd, name, out);
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    script
 }
 
 #[cfg(test)]
@@ -50,9 +100,7 @@ mod tests {
         assert!(add.contains("\\-\\-size"), "{add}");
         assert!(!dir.path().join("tool-secret.1").exists());
 
-        let mut bash = Vec::new();
-        write_completions(Shell::Bash, cli(), &mut bash);
-        let bash = String::from_utf8(bash).unwrap();
+        let bash = String::from_utf8(completions(Shell::Bash, cli())).unwrap();
         assert!(
             bash.contains("--size") && bash.contains("complete -F"),
             "{bash}"

@@ -243,24 +243,8 @@ enum Command {
         #[arg(value_name = "VOLUME@SNAPSHOT")]
         target: String,
     },
-    /// Print the completion script of a shell to stdout.
-    ///
-    /// Examples:
-    ///   mirror-server completions bash > /etc/bash_completion.d/mirror-server
-    ///   mirror-server completions zsh > "${fpath[1]}/_mirror-server"
-    ///   mirror-server completions fish > ~/.config/fish/completions/mirror-server.fish
-    /// (The Debian package installs them for bash, zsh and fish.)
-    Completions {
-        /// The shell.
-        #[arg(value_enum)]
-        shell: ublk_mirror_common::docs::Shell,
-    },
-    /// Write the man pages (one per command) into DIR (for packaging).
-    #[command(hide = true)]
-    ManPages {
-        /// Where to write mirror-server.1 and mirror-server-COMMAND.1.
-        dir: PathBuf,
-    },
+    #[command(flatten)]
+    Docs(ublk_mirror_common::docs::DocsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -310,10 +294,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    if !matches!(
-        cli.command,
-        Command::Completions { .. } | Command::ManPages { .. }
-    ) {
+    if !matches!(cli.command, Command::Docs(_)) {
         if let Err(e) = act_as_data_owner(&cli.data) {
             eprintln!("mirror-server: error: {e}");
             return ExitCode::from(exit_code(&e));
@@ -322,17 +303,9 @@ fn main() -> ExitCode {
     let cfg = config::locate(&cli.data, cli.config.as_deref());
     let cfg = cfg.as_path();
     let result = match cli.command {
-        Command::Completions { shell } => {
-            let cli = <Cli as clap::CommandFactory>::command();
-            ublk_mirror_common::docs::write_completions(shell, cli, &mut std::io::stdout());
-            Ok(())
-        }
-        Command::ManPages { dir } => ublk_mirror_common::docs::write_man_pages(
-            <Cli as clap::CommandFactory>::command(),
-            &dir,
-        )
-        .map(|n| println!("{n} man pages in {}", dir.display()))
-        .map_err(|e| mirror_server::Error::io(format!("writing man pages into {}", dir.display()), e)),
+        Command::Docs(d) => d
+            .run(<Cli as clap::CommandFactory>::command())
+            .map_err(|e| mirror_server::Error::io("writing the documentation", e)),
         Command::Init { listen } => init(&cli.data, cfg, listen),
         Command::Volumes { json, stale, store } => {
             match volumes(&cli.data, cfg, json, stale, store) {

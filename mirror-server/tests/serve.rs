@@ -1260,6 +1260,23 @@ fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// A data directory under `dir` (on SeaweedFS when the tests ask for S3)
+/// whose server.toml, changed by `edit`, serves metrics on a free port:
+/// the directory and that address.
+fn with_metrics(dir: &Path, edit: impl FnOnce(String) -> String) -> (PathBuf, String) {
+    let data = dir.join("data");
+    let init = cli_at(&data, &["init", "--listen", "127.0.0.1:0"]);
+    assert!(init.status.success(), "{init:?}");
+    if std::env::var("MIRROR_TEST_STORE").as_deref() == Ok("s3") {
+        on_seaweed(&data);
+    }
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let config = edit(std::fs::read_to_string(data.join("server.toml")).unwrap());
+    let config = format!("{config}\n[metrics]\nlisten = \"{metrics}\"\n");
+    std::fs::write(data.join("server.toml"), config).unwrap();
+    (data, metrics)
+}
+
 /// `GET /metrics` at `addr`, read by Prometheus' own parser.
 fn scrape(addr: &str) -> Vec<common::prom::Sample> {
     use std::io::{Read, Write};
@@ -1284,21 +1301,7 @@ fn scrape(addr: &str) -> Vec<common::prom::Sample> {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_are_served_in_prometheus_format_and_move_with_the_data() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let init = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .args(["init", "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
-    if std::env::var("MIRROR_TEST_STORE").as_deref() == Ok("s3") {
-        on_seaweed(&data);
-    }
-    let metrics = format!("127.0.0.1:{}", free_tcp_port());
-    let mut config = std::fs::read_to_string(data.join("server.toml")).unwrap();
-    config.push_str(&format!("\n[metrics]\nlisten = \"{metrics}\"\n"));
-    std::fs::write(data.join("server.toml"), config).unwrap();
+    let (data, metrics) = with_metrics(dir.path(), |config| config);
     let server = Server::start(&data);
     let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
     link.open_volume("root", 1 << 20).await.unwrap();
@@ -1403,28 +1406,12 @@ async fn metrics_are_served_in_prometheus_format_and_move_with_the_data() {
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_and_verification_show_in_the_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let init = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .args(["init", "--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
-    if std::env::var("MIRROR_TEST_STORE").as_deref() == Ok("s3") {
-        on_seaweed(&data);
-    }
-    let metrics = format!("127.0.0.1:{}", free_tcp_port());
-    let config = std::fs::read_to_string(data.join("server.toml")).unwrap();
-    assert!(config.contains("every = \"1h\"") && config.contains("verify_every = \"168h\""));
-    let config = config
-        .replace("every = \"1h\"", "every = \"1s\"")
-        .replace("verify_every = \"168h\"", "verify_every = \"1s\"");
-    std::fs::write(
-        data.join("server.toml"),
-        format!("{config}\n[metrics]\nlisten = \"{metrics}\"\n"),
-    )
-    .unwrap();
+    let (data, metrics) = with_metrics(dir.path(), |config| {
+        assert!(config.contains("every = \"1h\"") && config.contains("verify_every = \"168h\""));
+        config
+            .replace("every = \"1h\"", "every = \"1s\"")
+            .replace("verify_every = \"168h\"", "verify_every = \"1s\"")
+    });
     let server = Server::start(&data);
     let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
     link.open_volume("root", 1 << 20).await.unwrap();

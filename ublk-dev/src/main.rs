@@ -218,24 +218,8 @@ enum Command {
         /// Device id (N in /dev/ublkbN).
         id: u32,
     },
-    /// Print the completion script of a shell to stdout.
-    ///
-    /// Examples:
-    ///   ublk-mirror completions bash > /etc/bash_completion.d/ublk-mirror
-    ///   ublk-mirror completions zsh > "${fpath[1]}/_ublk-mirror"
-    ///   ublk-mirror completions fish > ~/.config/fish/completions/ublk-mirror.fish
-    /// (The Debian package installs them for bash, zsh and fish.)
-    Completions {
-        /// The shell.
-        #[arg(value_enum)]
-        shell: ublk_mirror_common::docs::Shell,
-    },
-    /// Write the man pages (one per command) into DIR (for packaging).
-    #[command(hide = true)]
-    ManPages {
-        /// Where to write ublk-mirror.1 and ublk-mirror-COMMAND.1.
-        dir: PathBuf,
-    },
+    #[command(flatten)]
+    Docs(ublk_mirror_common::docs::DocsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -427,18 +411,7 @@ fn init_logging(json: bool) {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Completions { shell } => {
-            let cli = <Cli as clap::CommandFactory>::command();
-            ublk_mirror_common::docs::write_completions(shell, cli, &mut std::io::stdout());
-            Ok(())
-        }
-        Command::ManPages { dir } => {
-            let cli = <Cli as clap::CommandFactory>::command();
-            let n = ublk_mirror_common::docs::write_man_pages(cli, &dir)
-                .with_context(|| format!("writing man pages into {}", dir.display()))?;
-            println!("{n} man pages in {}", dir.display());
-            Ok(())
-        }
+        Command::Docs(d) => Ok(d.run(<Cli as clap::CommandFactory>::command())?),
         Command::Add(args) => add(&args),
         Command::List { json } => list(json),
         Command::Status { json, stale } => {

@@ -71,6 +71,13 @@ fn settings(client_dir: &Path, zstd_level: i32, bandwidth: Option<u64>) -> Mirro
     }
 }
 
+/// A free UDP address on 127.0.0.1, for a server that is restarted where
+/// the client looks for it.
+fn fixed_listen() -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", socket.local_addr().unwrap().port())
+}
+
 fn image(data: &Path) -> Vec<u8> {
     std::fs::read(data.join("volumes/laptop/root/image")).unwrap()
 }
@@ -80,12 +87,7 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("server");
     // A fixed port, so that a restarted server is where the client looks.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = fixed_listen();
     let server = TestServer::start(&data, &listen);
     let client_dir = dir.path().join("client");
     ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
@@ -312,12 +314,7 @@ fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
 fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("server");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = fixed_listen();
     let server = TestServer::start(&data, &listen);
     let client_dir = dir.path().join("client");
     ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
