@@ -8,10 +8,18 @@
 //! catches up. Each phase prints one JSON line: wall time, CPU time of this
 //! process, bytes read, bytes on the wire.
 //!
+//! Each line also says this process's memory: its resident set at the
+//! end of the phase and its peak during it. A last line, `idle`, is the
+//! resident set a second after the catch-up, with nothing to do.
+//!
 //! ```text
 //! replicate --image IMG --client-dir DIR --state-dir DIR --volume NAME
 //!           [--rewrite-percent 1] [--server-pid PID]
 //! replicate --ceiling IMG      # sha256 + zstd of the same data, one thread, no network
+//! replicate --memory-probe SIZE --state-dir DIR [--writes N]
+//!     # memory of tracking a sparse device of SIZE (e.g. 1T): resident set
+//!     # before, after opening it with a new journal (all of it to resync),
+//!     # and after N (10000) scattered 4 KiB writes recorded as changes
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -47,6 +55,80 @@ fn cpu_of(pid: Option<u32>) -> f64 {
         .flatten()
         .unwrap_or(100) as f64;
     (ticks(11) + ticks(12)) / hz
+}
+
+/// This process's resident set and its peak since the last
+/// [`reset_peak`], in bytes (from /proc/self/status).
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (kib("VmRSS:"), kib("VmHWM:"))
+}
+
+/// Start counting the peak resident set again (Linux: clear_refs 5).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// `--memory-probe`: what tracking a sparse device of `size` costs.
+fn memory_probe(size: u64, state_dir: &Path, writes: u64) {
+    std::fs::create_dir_all(state_dir).expect("state dir");
+    let path = state_dir.join("probe.img");
+    let _ = std::fs::remove_file(&path);
+    let (before, _) = memory();
+    let backing = Backing::open(&BackingOptions {
+        path: &path,
+        size: Some(size),
+        create: true,
+        block_size: 4096,
+        direct_io: true,
+    })
+    .expect("make the sparse probe file");
+    let (tracker, _) = Tracker::open(&TrackerOptions {
+        state_dir: &state_dir.join("journal"),
+        identity: (&path, 1),
+        file: backing.file(),
+        device_size: size,
+        region_size: 4 << 20,
+        history: History::ExistingFile,
+        cow_memory: DEFAULT_COW_MEMORY,
+    })
+    .expect("open the journal");
+    let (opened, _) = memory();
+    let engine = Engine::new(Geometry {
+        size,
+        block_size: 4096,
+        max_io: MAX_IO_BYTES,
+    });
+    let tracker = Arc::new(tracker);
+    let mut io = LocalIo::new(&engine, backing.file())
+        .expect("io")
+        .with_tracker(&tracker);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data = vec![0x5au8; 4096];
+    for _ in 0..writes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        io.submit(Request::write((x % (size / 4096)) * 4096, 4096), &data)
+            .expect("write");
+    }
+    let (written, peak) = memory();
+    println!(
+        "{{\"phase\":\"memory-probe\",\"device_bytes\":{size},\"rss_before\":{before},\"rss_opened\":{opened},\"rss_after_writes\":{written},\"peak_rss_bytes\":{peak},\"writes\":{writes},\"regions\":{}}}",
+        tracker.status().regions_marked
+    );
+    drop(io);
+    drop(tracker);
+    let _ = std::fs::remove_file(&path);
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -97,6 +179,12 @@ fn main() {
     if let Some(image) = arg(&args, "--ceiling") {
         return ceiling(Path::new(&image));
     }
+    if let Some(size) = arg(&args, "--memory-probe") {
+        let size: ublk_mirror_common::ByteSize = size.parse().expect("--memory-probe SIZE");
+        let state_dir = PathBuf::from(arg(&args, "--state-dir").expect("--state-dir"));
+        let writes = arg(&args, "--writes").map_or(10_000, |w| w.parse().expect("--writes N"));
+        return memory_probe(size.bytes(), &state_dir, writes);
+    }
     let need =
         |n: &str| arg(&args, n).unwrap_or_else(|| panic!("{n} is required (see the source)"));
     let image = PathBuf::from(need("--image"));
@@ -140,13 +228,15 @@ fn main() {
     .expect("start the replicator");
 
     // Phase 1: the initial sync (the whole file is a resync).
+    reset_peak();
     let started = Instant::now();
     let cpu = cpu_seconds();
     let server_cpu = cpu_of(server);
     sync(&tracker, &replicator);
     let s = replicator.status();
+    let (rss, peak) = memory();
     println!(
-        "{{\"phase\":\"initial\",\"seconds\":{:.3},\"cpu_seconds\":{:.3},\"server_cpu_seconds\":{:.3},\"bytes\":{size},\"wire_bytes\":{},\"same_bytes\":{},\"known_bytes\":{}}}",
+        "{{\"phase\":\"initial\",\"seconds\":{:.3},\"cpu_seconds\":{:.3},\"server_cpu_seconds\":{:.3},\"bytes\":{size},\"wire_bytes\":{},\"same_bytes\":{},\"known_bytes\":{},\"rss_bytes\":{rss},\"peak_rss_bytes\":{peak}}}",
         started.elapsed().as_secs_f64(),
         cpu_seconds() - cpu,
         cpu_of(server) - server_cpu,
@@ -182,14 +272,16 @@ fn main() {
         io.submit(Request::write(b * 4096, 4096), &data)
             .expect("rewrite");
     }
+    reset_peak();
     let started = Instant::now();
     let cpu = cpu_seconds();
     let server_cpu = cpu_of(server);
     let before = replicator.status();
     sync(&tracker, &replicator);
     let s = replicator.status();
+    let (rss, peak) = memory();
     println!(
-        "{{\"phase\":\"catch-up\",\"seconds\":{:.3},\"cpu_seconds\":{:.3},\"server_cpu_seconds\":{:.3},\"bytes\":{},\"wire_bytes\":{},\"epochs\":{}}}",
+        "{{\"phase\":\"catch-up\",\"seconds\":{:.3},\"cpu_seconds\":{:.3},\"server_cpu_seconds\":{:.3},\"bytes\":{},\"wire_bytes\":{},\"epochs\":{},\"rss_bytes\":{rss},\"peak_rss_bytes\":{peak}}}",
         started.elapsed().as_secs_f64(),
         cpu_seconds() - cpu,
         cpu_of(server) - server_cpu,
@@ -197,4 +289,9 @@ fn main() {
         s.wire_bytes_total - before.wire_bytes_total,
         s.epochs_shipped - before.epochs_shipped
     );
+
+    // Idle: mirrored, nothing to do.
+    std::thread::sleep(Duration::from_secs(1));
+    let (rss, _) = memory();
+    println!("{{\"phase\":\"idle\",\"rss_bytes\":{rss}}}");
 }
