@@ -175,6 +175,8 @@ fn ceiling(image: &Path) {
 }
 
 fn main() {
+    // as the daemon does
+    ublk_dev::system::limit_heap_arenas();
     let args: Vec<String> = std::env::args().collect();
     if let Some(image) = arg(&args, "--ceiling") {
         return ceiling(Path::new(&image));

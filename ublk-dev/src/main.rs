@@ -382,6 +382,7 @@ impl AddArgs {
 }
 
 fn main() -> ExitCode {
+    ublk_dev::system::limit_heap_arenas();
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match run(cli.command) {

@@ -508,6 +508,9 @@ impl Context {
             s.known_bytes += shipped.known_bytes;
         });
         self.release(epoch)?;
+        // The epoch's buffers are free now: give them back, so that an
+        // idle daemon is small again after a big epoch.
+        crate::system::return_free_memory();
         tracing::debug!(
             epoch,
             remote,

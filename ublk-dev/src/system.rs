@@ -1,9 +1,33 @@
-//! Process-level set-up of the device daemon: its own mount namespace and
-//! readiness notification to systemd.
+//! Process-level set-up of the device daemon: its own mount namespace,
+//! readiness notification to systemd, and a heap that stays small.
 
 use std::os::unix::net::UnixDatagram;
 
 use crate::error::{Error, Result};
+
+/// Keep the heap small: at most two malloc arenas (glibc), however many
+/// threads allocate. glibc gives each thread that meets contention an
+/// arena of its own and keeps what was freed in each; with the
+/// replicator's data streams on blocking threads that held some 100 MiB
+/// after an initial sync, against 45 MiB with two (bench-replication).
+/// Call it first thing, before threads start.
+pub fn limit_heap_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tunable of the allocator.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Hand the heap's free memory back to the system (glibc keeps it
+/// otherwise): after a big epoch, an idle daemon shrinks to its working set.
+pub fn return_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// Move this process into a mount namespace of its own, with no mount
 /// propagation from the host, holding no file system that lives on a ublk
