@@ -124,6 +124,16 @@ impl Exports {
         list
     }
 
+    /// Initiator connections open now on each running export, by target
+    /// name.
+    pub fn connections(&self) -> Vec<(String, usize)> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .values()
+            .map(|r| (r.iqn.clone(), r.connections()))
+            .collect()
+    }
+
     /// Stop every export (at shutdown).
     pub async fn stop_all(&self) {
         let exports: Vec<iscsi::Running> = self

@@ -370,16 +370,12 @@ impl Metrics {
             let snaps = crate::snapshots::list(&volumes.volume_dir(&name)).map_or(0, |l| l.len());
             self.snapshots.get_or_create(&l).set(snaps as i64);
         }
-        let running = exports.list();
+        let running = exports.connections();
         self.exports.set(running.len() as i64);
         // Only the exports running now: a stopped one's series ends.
         self.export_connections.clear();
-        for e in &running {
-            let labels = vec![(
-                "target".into(),
-                e["iqn"].as_str().unwrap_or_default().into(),
-            )];
-            let open = e["connections"].as_u64().unwrap_or(0);
+        for (iqn, open) in running {
+            let labels = vec![("target".into(), iqn)];
             self.export_connections
                 .get_or_create(&labels)
                 .set(open as i64);

@@ -78,30 +78,47 @@ fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// `path` opened as a device's backing file (made sparse at `create`'s
+/// size when given), with a new journal in `state_dir`: all of it to resync.
+fn open_tracked(path: &Path, create: Option<u64>, state_dir: &Path) -> (Backing, Tracker) {
+    let backing = Backing::open(&BackingOptions {
+        path,
+        size: create,
+        create: create.is_some(),
+        block_size: 4096,
+        direct_io: true,
+    })
+    .expect("open the backing file");
+    let (tracker, _) = Tracker::open(&TrackerOptions {
+        state_dir,
+        identity: (path, 1),
+        file: backing.file(),
+        device_size: backing.size(),
+        region_size: 4 << 20,
+        history: History::ExistingFile,
+        cow_memory: DEFAULT_COW_MEMORY,
+    })
+    .expect("open the journal");
+    (backing, tracker)
+}
+
+/// A xorshift64 generator: cheap, repeatable offsets and data.
+fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 /// `--memory-probe`: what tracking a sparse device of `size` costs.
 fn memory_probe(size: u64, state_dir: &Path, writes: u64) {
     std::fs::create_dir_all(state_dir).expect("state dir");
     let path = state_dir.join("probe.img");
     let _ = std::fs::remove_file(&path);
     let (before, _) = memory();
-    let backing = Backing::open(&BackingOptions {
-        path: &path,
-        size: Some(size),
-        create: true,
-        block_size: 4096,
-        direct_io: true,
-    })
-    .expect("make the sparse probe file");
-    let (tracker, _) = Tracker::open(&TrackerOptions {
-        state_dir: &state_dir.join("journal"),
-        identity: (&path, 1),
-        file: backing.file(),
-        device_size: size,
-        region_size: 4 << 20,
-        history: History::ExistingFile,
-        cow_memory: DEFAULT_COW_MEMORY,
-    })
-    .expect("open the journal");
+    let (backing, tracker) = open_tracked(&path, Some(size), &state_dir.join("journal"));
     let (opened, _) = memory();
     let engine = Engine::new(Geometry {
         size,
@@ -112,13 +129,10 @@ fn memory_probe(size: u64, state_dir: &Path, writes: u64) {
     let mut io = LocalIo::new(&engine, backing.file())
         .expect("io")
         .with_tracker(&tracker);
-    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let data = vec![0x5au8; 4096];
     for _ in 0..writes {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        io.submit(Request::write((x % (size / 4096)) * 4096, 4096), &data)
+        io.submit(Request::write((next() % (size / 4096)) * 4096, 4096), &data)
             .expect("write");
     }
     let (written, peak) = memory();
@@ -196,25 +210,8 @@ fn main() {
     let percent: f64 = arg(&args, "--rewrite-percent").map_or(1.0, |p| p.parse().expect("percent"));
     let server = arg(&args, "--server-pid").map(|p| p.parse::<u32>().expect("pid"));
 
-    let backing = Backing::open(&BackingOptions {
-        path: &image,
-        size: None,
-        create: false,
-        block_size: 4096,
-        direct_io: true,
-    })
-    .expect("open the image");
+    let (backing, tracker) = open_tracked(&image, None, &state_dir);
     let size = backing.size();
-    let (tracker, _) = Tracker::open(&TrackerOptions {
-        state_dir: &state_dir,
-        identity: (&image, 1),
-        file: backing.file(),
-        device_size: size,
-        region_size: 4 << 20,
-        history: History::ExistingFile,
-        cow_memory: DEFAULT_COW_MEMORY,
-    })
-    .expect("open the journal");
     let tracker = Arc::new(tracker);
     let replicator = Replicator::start(
         tracker.clone(),
@@ -258,13 +255,7 @@ fn main() {
         .with_tracker(&tracker);
     let blocks = size / 4096;
     let count = ((blocks as f64) * percent / 100.0) as u64;
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     let mut data = vec![0u8; 4096];
     for _ in 0..count {
         let b = next() % blocks;
