@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use crate::block;
 use crate::identity::{Fingerprint, Identity};
 use crate::proto::{self, Digest, Encoding, Message, Version, Writer};
-use crate::session::restore::{BlockToWrite, Progress, RestoreInfo, RestoreReader, RestoreStep};
+use crate::session::restore::{
+    BlockReader, BlockToWrite, Progress, ReadStep, RestoreInfo, RestoreReader, RestoreStep,
+};
 use crate::session::send::{DataSender, EpochSender, SendAction, SendEvent};
 use crate::session::{unexpected, Pacer};
 use crate::{tls, wire, Error, Result};
@@ -683,6 +685,16 @@ impl Link {
         })
     }
 
+    /// Start reading chosen blocks of `volume` as of `at` (a snapshot's
+    /// name or a time; `None`: now), in any order: the server pins that
+    /// version while the returned [`VersionRead`] lives.
+    pub async fn read_version(&self, volume: &str, at: Option<&str>) -> Result<VersionRead> {
+        let (mut send, mut recv) = self.stream().await?;
+        wire::send(&mut send, &RestoreReader::request(volume, at)).await?;
+        let reader = BlockReader::new(wire::expect(&mut recv).await?)?;
+        Ok(VersionRead { send, recv, reader })
+    }
+
     /// Resolves when the connection ends, with why.
     pub async fn closed(&self) -> Error {
         Error::Link(format!(
@@ -786,6 +798,56 @@ impl Restoring {
                 "block data announced twice (a driver bug)".into(),
             )),
         }
+    }
+}
+
+/// Chosen blocks of one version being read: the driver of a
+/// [`BlockReader`] over its stream. [`VersionRead::ask`] for a run, then
+/// [`VersionRead::next`] until it is [`ReadStep::Answered`]; runs are
+/// answered in the order asked.
+#[derive(Debug)]
+pub struct VersionRead {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    reader: BlockReader,
+}
+
+impl VersionRead {
+    /// The version being read.
+    pub fn info(&self) -> &RestoreInfo {
+        self.reader.info()
+    }
+
+    /// Ask for `count` blocks from `offset` (a multiple of
+    /// [`block::BLOCK`]), with the reader's digests of them
+    /// ([`crate::session::restore::NO_DIGEST`] for none).
+    pub async fn ask(&mut self, offset: u64, count: usize, digests: Vec<Digest>) -> Result<()> {
+        let message = self.reader.ask(offset, count, digests)?;
+        wire::send(&mut self.send, &message).await
+    }
+
+    /// The next block of the oldest run asked for (checked for place, not
+    /// yet for content: [`BlockToWrite::decode`]), or that run's end.
+    /// Never [`ReadStep::ReadData`].
+    pub async fn next(&mut self) -> Result<ReadStep> {
+        let mut step = self
+            .reader
+            .on_message(wire::expect(&mut self.recv).await?)?;
+        if let ReadStep::ReadData(len) = step {
+            let data = wire::recv_data(&mut self.recv, len).await?;
+            step = self.reader.on_data(data)?;
+        }
+        if let ReadStep::ReadData(_) = step {
+            return Err(Error::Link(
+                "block data announced twice (a driver bug)".into(),
+            ));
+        }
+        Ok(step)
+    }
+
+    /// End the reading: the server lets go of the version it pinned.
+    pub fn finish(mut self) {
+        let _ = self.send.finish();
     }
 }
 

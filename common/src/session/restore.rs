@@ -72,6 +72,27 @@ impl BlockToWrite {
         block::decode(self.len, &self.sha256, self.encoding, &self.payload)
             .map_err(|e| Error::Peer(format!("block at {}: {e}", self.offset)))
     }
+
+    /// The block whose header was announced, with its data.
+    fn announced(
+        header: Option<(u64, u32, Digest, Encoding)>,
+        payload: Vec<u8>,
+    ) -> Result<BlockToWrite> {
+        let (offset, len, sha256, encoding) = header
+            .ok_or_else(|| Error::Link("block data without a header (a driver bug)".into()))?;
+        Ok(BlockToWrite {
+            offset,
+            len,
+            sha256,
+            encoding,
+            payload,
+        })
+    }
+
+    /// Its bytes as they travelled.
+    pub fn wire_len(&self) -> u64 {
+        self.payload.len() as u64
+    }
 }
 
 /// What the driver of a [`RestoreReader`] does next.
@@ -227,24 +248,173 @@ impl RestoreReader {
 
     /// The data of the block announced last.
     pub fn on_data(&mut self, payload: Vec<u8>) -> Result<RestoreStep> {
-        let (offset, len, sha256, encoding) = self
-            .header
-            .take()
-            .ok_or_else(|| Error::Link("block data without a header (a driver bug)".into()))?;
+        let block = BlockToWrite::announced(self.header.take(), payload)?;
         self.progress.blocks_received += 1;
-        self.progress.received += payload.len() as u64;
-        Ok(RestoreStep::Write(BlockToWrite {
-            offset,
-            len,
-            sha256,
-            encoding,
-            payload,
-        }))
+        self.progress.received += block.wire_len();
+        Ok(RestoreStep::Write(block))
     }
 
     /// The counts so far.
     pub fn progress(&self) -> Progress {
         self.progress
+    }
+}
+
+/// A digest no content has: sent for a block the reader holds nothing
+/// of, so the server sends it whatever it is (zeroes as a hole).
+pub const NO_DIGEST: Digest = [0u8; 32];
+
+/// Blocks per [`BlockReader::ask`] at most.
+pub const MAX_ASK: usize = BATCH;
+
+/// What the driver of a [`BlockReader`] does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadStep {
+    /// Read `data_len` raw bytes and give them to [`BlockReader::on_data`].
+    ReadData(u32),
+    /// A block of the oldest run asked for: verify and keep it.
+    Block(BlockToWrite),
+    /// The oldest run asked for is answered: `blocks` were asked, and the
+    /// server sent exactly `received` of them (the others are as the
+    /// reader's digests said).
+    Answered {
+        /// The run asked for, `(offset, len)`.
+        blocks: Vec<(u64, u32)>,
+        /// Offsets of the blocks sent.
+        received: Vec<u64>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Asked {
+    blocks: Vec<(u64, u32)>,
+    received: Vec<u64>,
+}
+
+/// The client's side of reading chosen blocks of one version, in any
+/// order: what `attach` and an instant restore fetch on demand.
+///
+/// The same exchange as a whole restore ([`RestoreReader`]): the request
+/// pins a version; each [`Message::Have`] names a run of blocks with the
+/// reader's digests of them (or [`NO_DIGEST`]), and the server answers
+/// runs in the order asked, sending each block whose content differs, then
+/// [`Message::HaveDone`]. The reader checks every block it receives
+/// belongs to the oldest run unanswered and comes once, and that the
+/// count the server calls the same adds up.
+#[derive(Debug, Clone)]
+pub struct BlockReader {
+    info: RestoreInfo,
+    asked: std::collections::VecDeque<Asked>,
+    header: Option<(u64, u32, Digest, Encoding)>,
+}
+
+impl BlockReader {
+    /// The server's answer to [`RestoreReader::request`].
+    pub fn new(answer: Message) -> Result<BlockReader> {
+        let info = RestoreReader::new(answer)?.info;
+        Ok(BlockReader {
+            info,
+            asked: std::collections::VecDeque::new(),
+            header: None,
+        })
+    }
+
+    /// The version being read.
+    pub fn info(&self) -> &RestoreInfo {
+        &self.info
+    }
+
+    /// Runs asked for and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.asked.len()
+    }
+
+    /// Ask for `count` blocks from `offset` (a multiple of [`BLOCK`]),
+    /// given the reader's digests of them: the message to send.
+    pub fn ask(&mut self, offset: u64, count: usize, digests: Vec<Digest>) -> Result<Message> {
+        if offset % BLOCK != 0 || offset >= self.info.size || count == 0 || count > MAX_ASK {
+            return Err(Error::Link(format!(
+                "asking for {count} blocks at {offset} of a volume of {} (a driver bug)",
+                self.info.size
+            )));
+        }
+        let blocks: Vec<(u64, u32)> = block::run(offset, count, self.info.size).collect();
+        if digests.len() != blocks.len() {
+            return Err(Error::Link(format!(
+                "{} digests for {} blocks (a driver bug)",
+                digests.len(),
+                blocks.len()
+            )));
+        }
+        let message = RestoreReader::have(&blocks, digests);
+        self.asked.push_back(Asked {
+            blocks,
+            received: Vec::new(),
+        });
+        Ok(message)
+    }
+
+    /// A message from the server.
+    pub fn on_message(&mut self, m: Message) -> Result<ReadStep> {
+        if self.header.is_some() {
+            return Err(Error::Link(
+                "a message while block data was awaited (a driver bug)".into(),
+            ));
+        }
+        let Some(front) = self.asked.front() else {
+            return match m {
+                Message::Refused { reason } => Err(Error::Refused(reason)),
+                other => Err(unexpected(&other, "with no blocks asked for")),
+            };
+        };
+        match m {
+            Message::Block {
+                offset,
+                len,
+                sha256,
+                encoding,
+                data_len,
+            } => {
+                if !front.blocks.contains(&(offset, len)) {
+                    return Err(Error::Peer(format!(
+                        "a block at {offset} ({len} bytes), outside the run asked for"
+                    )));
+                }
+                if front.received.contains(&offset) {
+                    return Err(Error::Peer(format!("the block at {offset} came twice")));
+                }
+                self.header = Some((offset, len, sha256, encoding));
+                Ok(ReadStep::ReadData(data_len))
+            }
+            Message::HaveDone { same } => {
+                let Some(done) = self.asked.pop_front() else {
+                    unreachable!("a front was found above")
+                };
+                if (done.received.len() as u64).checked_add(same) != Some(done.blocks.len() as u64)
+                {
+                    return Err(Error::Peer(format!(
+                        "{} blocks asked for, {} sent and {same} called the same",
+                        done.blocks.len(),
+                        done.received.len()
+                    )));
+                }
+                Ok(ReadStep::Answered {
+                    blocks: done.blocks,
+                    received: done.received,
+                })
+            }
+            Message::Refused { reason } => Err(Error::Refused(reason)),
+            other => Err(unexpected(&other, "inside a restore")),
+        }
+    }
+
+    /// The data of the block announced last.
+    pub fn on_data(&mut self, payload: Vec<u8>) -> Result<ReadStep> {
+        let block = BlockToWrite::announced(self.header.take(), payload)?;
+        if let Some(front) = self.asked.front_mut() {
+            front.received.push(block.offset);
+        }
+        Ok(ReadStep::Block(block))
     }
 }
 
@@ -281,6 +451,74 @@ mod tests {
 
     fn batch_bytes() -> u64 {
         RestoreReader::batch_bytes()
+    }
+
+    #[test]
+    fn chosen_runs_are_answered_in_order_and_checked() {
+        let size = 10 * BLOCK + 100;
+        let mut r = BlockReader::new(info(size)).unwrap();
+        // The last block is short; a run past the end is cut at the end.
+        let m = r.ask(9 * BLOCK, 4, vec![NO_DIGEST; 2]).unwrap();
+        assert!(
+            matches!(m, Message::Have { offset, ref digests, .. } if offset == 9 * BLOCK && digests.len() == 2)
+        );
+        r.ask(2 * BLOCK, 1, vec![NO_DIGEST]).unwrap();
+        assert_eq!(r.in_flight(), 2);
+        let block = |offset: u64, len: u32| Message::Block {
+            offset,
+            len,
+            sha256: NO_DIGEST,
+            encoding: Encoding::Zero,
+            data_len: 0,
+        };
+        // A block of the second run while the first is unanswered.
+        assert_eq!(
+            r.clone()
+                .on_message(block(2 * BLOCK, BLOCK as u32))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Peer
+        );
+        assert_eq!(
+            r.on_message(block(10 * BLOCK, 100)).unwrap(),
+            ReadStep::ReadData(0)
+        );
+        assert!(
+            matches!(r.on_data(Vec::new()).unwrap(), ReadStep::Block(b) if b.offset == 10 * BLOCK && b.len == 100)
+        );
+        // Twice is refused.
+        let mut twice = r.clone();
+        assert_eq!(
+            twice.on_message(block(10 * BLOCK, 100)).unwrap_err().kind(),
+            ErrorKind::Peer
+        );
+        // The counts must add up.
+        assert_eq!(
+            r.clone()
+                .on_message(Message::HaveDone { same: 0 })
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Peer
+        );
+        assert_eq!(
+            r.on_message(Message::HaveDone { same: 1 }).unwrap(),
+            ReadStep::Answered {
+                blocks: vec![(9 * BLOCK, BLOCK as u32), (10 * BLOCK, 100)],
+                received: vec![10 * BLOCK],
+            }
+        );
+        assert_eq!(
+            r.on_message(Message::HaveDone { same: 1 }).unwrap(),
+            ReadStep::Answered {
+                blocks: vec![(2 * BLOCK, BLOCK as u32)],
+                received: vec![],
+            }
+        );
+        // Nothing asked: an answer is a protocol error; misaligned asks are bugs.
+        assert!(r.clone().on_message(Message::HaveDone { same: 0 }).is_err());
+        assert!(r.ask(1, 1, vec![NO_DIGEST]).is_err());
+        assert!(r.ask(11 * BLOCK, 1, vec![NO_DIGEST]).is_err());
+        assert!(r.ask(0, 2, vec![NO_DIGEST]).is_err());
     }
 
     #[test]
