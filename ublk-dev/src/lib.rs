@@ -11,6 +11,7 @@
 //! - [`epoch`]: consistent cuts of the changes, with copy-on-write of what
 //!   sealed epochs still need;
 //! - [`replicator`]: ships sealed epochs to the mirror server (its own thread);
+//! - [`ondemand`]: a mirror version read on demand (`attach`);
 //! - [`restore`]: pull restore of a volume version from the mirror server;
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
 //! - [`status`]: the status a daemon publishes for `ublk-mirror status`;
@@ -28,6 +29,7 @@ pub mod epoch;
 mod error;
 pub mod journal;
 pub mod metrics;
+pub mod ondemand;
 pub mod replicator;
 pub mod restore;
 pub mod status;

@@ -176,6 +176,18 @@ enum Command {
     ///   ublk-mirror restore --volume root --at 'yesterday 18:00' --to /var/tmp/root.img
     ///   ublk-mirror restore --volume root --at '2h ago' --to /var/tmp/root.img
     ///   ublk-mirror restore --volume root --at before-upgrade --to /dev/sdb
+    ///
+    /// With --instant the target is served at once as a block device
+    /// (printed on stdout), to mount and work on while it fills: a read of
+    /// a block not yet here fetches it first, a background fill copies the
+    /// rest (only blocks that differ from what the target holds), and
+    /// writes land on the target and are never overwritten by the fill.
+    /// The fill survives `kill -9` (`ublk-mirror recover N`) and reboots
+    /// (run the same command again): its state is in --state-dir. When
+    /// every block is here it is an ordinary device on the target.
+    ///
+    ///   dev=$(ublk-mirror restore --instant --volume root --to /var/lib/disk.img --background)
+    ///   mount "$dev" /mnt     # at once; `ublk-mirror status` shows the fill
     #[command(verbatim_doc_comment)]
     Restore {
         /// The volume on the mirror server (this machine's).
@@ -193,6 +205,67 @@ enum Command {
         /// Where this machine's enrollment is kept.
         #[arg(long, value_name = "DIR", default_value = ublk_dev::enrollment::DEFAULT_CLIENT_DIR, env = "UBLK_MIRROR_CLIENT_DIR")]
         client_dir: PathBuf,
+        /// Serve the target as a block device at once and fill it behind.
+        #[arg(long)]
+        instant: bool,
+        /// (--instant) Return once the device is ready (its log goes to
+        /// /run/ublk-mirror/NNNN.restoring.log).
+        #[arg(long, requires = "instant")]
+        background: bool,
+        /// (--instant) Where fill states are kept.
+        #[arg(
+            long,
+            value_name = "DIR",
+            default_value = "/var/lib/ublk-mirror/restore",
+            requires = "instant"
+        )]
+        state_dir: PathBuf,
+        /// (--instant) How long a read waits for an unreachable mirror
+        /// before it fails with an I/O error (0: for ever).
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "0s",
+            requires = "instant"
+        )]
+        timeout: Span,
+        /// (--instant) Device id to ask for (N in /dev/ublkbN).
+        #[arg(long, requires = "instant")]
+        id: Option<u32>,
+        /// (--instant) Most bytes per second the background fill fetches
+        /// (e.g. 20M); reads that wait are never held back [default: no
+        /// limit].
+        #[arg(long, value_name = "SIZE", requires = "instant")]
+        fill_rate: Option<ByteSize>,
+    },
+
+    /// Attach a version of a volume on the mirror as a local block device
+    /// whose blocks are fetched as they are read (foreground).
+    ///
+    /// Prints the device (e.g. /dev/ublkb1) on stdout once it is ready; with
+    /// --background it then returns and the device keeps being served.
+    /// Every block is checked against its SHA-256 before it is served.
+    /// Blocks read are kept in a local cache of --cache bytes; sequential
+    /// reads are fetched ahead. If the link to the mirror drops, reads wait
+    /// and resume; one that waited --timeout fails with an I/O error.
+    ///
+    /// The device is read-only; mount it with `-o ro` (ext4 whose journal
+    /// needs replaying: `-o ro,noload`). --writable keeps writes in a local
+    /// overlay that the mirror never sees and that is gone on detach.
+    /// Without --at a snapshot of the mirror as it is now is taken first
+    /// (named attach-TIME), so the version stays while it is read.
+    ///
+    ///   dev=$(ublk-mirror attach --volume laptop --at 'yesterday 18:00' --background)
+    ///   mount -o ro "$dev" /mnt && cp /mnt/home/me/report.odt ~ && umount /mnt
+    ///   ublk-mirror detach "$dev"
+    #[command(verbatim_doc_comment)]
+    Attach(Box<AttachArgs>),
+
+    /// Stop and delete an attached device (its cache and any local writes
+    /// are dropped). Unmount it first.
+    Detach {
+        /// The device: its id (N in /dev/ublkbN) or its path.
+        device: String,
     },
 
     /// Enroll this machine with a mirror server, once.
@@ -381,6 +454,58 @@ impl AddArgs {
     }
 }
 
+/// `ublk-mirror restore --instant`.
+#[derive(Debug)]
+struct InstantArgs {
+    volume: String,
+    at: Option<String>,
+    to: PathBuf,
+    client_dir: PathBuf,
+    background: bool,
+    state_dir: PathBuf,
+    timeout: Span,
+    id: Option<u32>,
+    fill_rate: Option<ByteSize>,
+}
+
+/// `ublk-mirror attach`.
+#[derive(Debug, clap::Args)]
+struct AttachArgs {
+    /// The volume on the mirror server (this machine's).
+    #[arg(long)]
+    volume: String,
+    /// A snapshot's name, or a time for the newest snapshot at or before
+    /// it, in this machine's time zone: `yesterday 18:00`, `2h ago`,
+    /// `2026-12-02 18:00` [default: a snapshot of the mirror now].
+    #[arg(long, value_name = "SNAPSHOT|TIME")]
+    at: Option<String>,
+    /// Accept writes, kept in a local overlay (never sent to the mirror).
+    #[arg(long)]
+    writable: bool,
+    /// Most bytes of fetched blocks kept locally; past it, blocks are
+    /// dropped in clock order and fetched again if read.
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    cache: ByteSize,
+    /// How long a read waits for an unreachable mirror before it fails
+    /// with an I/O error (0: for ever).
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    timeout: Span,
+    /// Where the cache file is made (it is unlinked at once: nothing is
+    /// left there, even after a crash).
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/ublk-mirror")]
+    cache_dir: PathBuf,
+    /// Device id to ask for (N in /dev/ublkbN) [default: the next free].
+    #[arg(long)]
+    id: Option<u32>,
+    /// Return once the device is ready, serving it in the background (its
+    /// log goes to /run/ublk-mirror/NNNN.attached.log).
+    #[arg(long)]
+    background: bool,
+    /// Where this machine's enrollment is kept.
+    #[arg(long, value_name = "DIR", default_value = ublk_dev::enrollment::DEFAULT_CLIENT_DIR, env = "UBLK_MIRROR_CLIENT_DIR")]
+    client_dir: PathBuf,
+}
+
 fn main() -> ExitCode {
     ublk_dev::system::limit_heap_arenas();
     let cli = Cli::parse();
@@ -466,7 +591,32 @@ fn run(command: Command) -> anyhow::Result<()> {
             at,
             to,
             client_dir,
+            instant: true,
+            background,
+            state_dir,
+            timeout,
+            id,
+            fill_rate,
+        } => instant_restore(InstantArgs {
+            volume,
+            at,
+            to,
+            client_dir,
+            background,
+            state_dir,
+            timeout,
+            id,
+            fill_rate,
+        }),
+        Command::Restore {
+            volume,
+            at,
+            to,
+            client_dir,
+            ..
         } => restore(volume, at, to, client_dir),
+        Command::Attach(args) => attach(*args),
+        Command::Detach { device } => detach(&device),
         Command::Enroll { token, client_dir } => {
             let token: ublk_mirror_common::token::Token = token
                 .parse()
@@ -489,13 +639,7 @@ fn restore(
     to: PathBuf,
     client_dir: PathBuf,
 ) -> anyhow::Result<()> {
-    ublk_mirror_common::proto::check_name(&volume)
-        .map_err(|e| Error::InvalidConfig(e.to_string()))?;
-    // A time is made an instant here, in this machine's time zone.
-    let at = at
-        .map(|a| ublk_mirror_common::when::resolve_at(&a))
-        .transpose()
-        .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    let at = version_asked(&volume, at.as_deref())?;
     let req = ublk_dev::restore::RestoreRequest {
         volume,
         at,
@@ -524,6 +668,403 @@ fn restore(
         ByteSize(r.wire_bytes).approx(),
         r.blocks_same
     );
+    Ok(())
+}
+
+/// The volume's name checked, and `--at` made an instant in this
+/// machine's time zone (a snapshot's name stays as it is).
+fn version_asked(volume: &str, at: Option<&str>) -> anyhow::Result<Option<String>> {
+    ublk_mirror_common::proto::check_name(volume)
+        .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    Ok(at
+        .map(ublk_mirror_common::when::resolve_at)
+        .transpose()
+        .map_err(|e| Error::InvalidConfig(e.to_string()))?)
+}
+
+/// Before an on-demand device is made: root and the driver checked, then
+/// (with `background`) the process forked, the parent returning with the
+/// device's path or the child's failure, then the daemon's own mount
+/// namespace. Before any thread exists.
+fn start_on_demand_daemon(background: bool) -> anyhow::Result<()> {
+    require_root("create block devices")?;
+    ublk::check_driver()?;
+    if background {
+        if let Some(code) = system::background()? {
+            std::process::exit(code);
+        }
+    }
+    system::private_mount_namespace()?;
+    Ok(())
+}
+
+fn attach(args: AttachArgs) -> anyhow::Result<()> {
+    use ublk_dev::ondemand::{Fetcher, OnDemandOptions};
+    let at = version_asked(&args.volume, args.at.as_deref())?;
+    start_on_demand_daemon(args.background)?;
+    std::fs::create_dir_all(&args.cache_dir)
+        .with_context(|| format!("making {}", args.cache_dir.display()))?;
+    let cache_path =
+        args.cache_dir
+            .join(format!("attach-{}-{}.img", args.volume, std::process::id()));
+    let cache = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&cache_path)
+        .with_context(|| format!("making the cache {}", cache_path.display()))?;
+    let opened = Fetcher::open(
+        OnDemandOptions {
+            volume: args.volume.clone(),
+            at,
+            client_dir: args.client_dir.clone(),
+            writable: args.writable,
+            cache_limit: args.cache.0,
+            timeout: (!args.timeout.0.is_zero()).then_some(args.timeout.0),
+            fill: None,
+        },
+        |info| {
+            cache
+                .set_len(info.size)
+                .map_err(|e| Error::io("sizing the cache", e))?;
+            Ok((cache, true))
+        },
+    );
+    let fetcher = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_file(&cache_path);
+            return Err(e.into());
+        }
+    };
+    let info = fetcher.shared().info().clone();
+    // The device opens the cache by its path, which then goes: a killed
+    // daemon leaves nothing behind.
+    let backing = Backing::open(&BackingOptions {
+        path: &cache_path,
+        size: Some(info.size),
+        create: false,
+        block_size: 512,
+        direct_io: false,
+    });
+    let _ = std::fs::remove_file(&cache_path);
+    let record = ublk::AttachRecord {
+        volume: args.volume.clone(),
+        snapshot: info.snapshot.clone(),
+        writable: args.writable,
+        fill_state: None,
+        client_dir: Some(args.client_dir.clone()),
+        timeout_ms: None,
+        fill_rate: None,
+    };
+    serve_on_demand(OnDemandRun {
+        spec: on_demand_spec(
+            &cache_path,
+            info.size,
+            format!("{}@{}", args.volume, info.snapshot),
+            args.id,
+        ),
+        backing: backing?,
+        fetcher,
+        record,
+        start: Start::Add,
+        background: args.background,
+        verb: "attached",
+    })
+}
+
+/// The settings of a device served on demand.
+fn on_demand_spec(backing: &Path, size: u64, name: String, id: Option<u32>) -> DeviceSpec {
+    DeviceSpec {
+        backing: backing.to_path_buf(),
+        size: Some(size),
+        name,
+        id,
+        queues: 1,
+        depth: 64,
+        logical_block_size: 512,
+        direct_io: false,
+        tracking: TrackingSpec {
+            state_dir: PathBuf::from("/nonexistent"),
+            region_size: 1 << 20,
+            enabled: false,
+            cow_memory: 0,
+        },
+        mirror: None,
+    }
+}
+
+/// A device served on demand, ready to start.
+struct OnDemandRun {
+    spec: DeviceSpec,
+    backing: Backing,
+    fetcher: ublk_dev::ondemand::Fetcher,
+    record: ublk::AttachRecord,
+    start: Start,
+    background: bool,
+    verb: &'static str,
+}
+
+fn serve_on_demand(run: OnDemandRun) -> anyhow::Result<()> {
+    let od = run.fetcher.shared().clone();
+    let info = od.info().clone();
+    let fetcher = run.fetcher;
+    let fetching = std::thread::Builder::new()
+        .name("fetcher".into())
+        .spawn(move || fetcher.run())
+        .context("starting the fetcher")?;
+    let background = run.background;
+    let verb = run.verb;
+    let summary = format!(
+        "{}@{} (epoch {}, {}){}",
+        run.record.volume,
+        info.snapshot,
+        info.epoch,
+        ByteSize(info.size).approx(),
+        if run.record.writable && run.record.fill_state.is_none() {
+            ", writable"
+        } else {
+            ""
+        }
+    );
+    let progress_od = od.clone();
+    let filling = run.record.fill_state.is_some();
+    let on_ready = move |ready: &Ready| {
+        tracing::info!("{verb} {summary} as {}", ready.device.display());
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", ready.device.display());
+        let _ = out.flush();
+        drop(out);
+        if background {
+            let log = PathBuf::from(format!(
+                "{}/{:04}.{verb}.log",
+                ublk_dev::status::STATUS_DIR,
+                ready.id
+            ));
+            system::detach_output(&log);
+        } else if filling {
+            show_fill_progress(progress_od);
+        }
+        system::sd_notify(&format!(
+            "READY=1\nSTATUS={verb} {}",
+            ready.device.display()
+        ));
+    };
+    let served = ublk::serve_on_demand(
+        &run.spec,
+        &run.backing,
+        run.start,
+        od.clone(),
+        run.record,
+        on_ready,
+    );
+    od.stop();
+    let _ = fetching.join();
+    served.with_context(|| format!("{verb} {}", run.spec.name))?;
+    Ok(())
+}
+
+/// A progress bar for a fill in the foreground, on a terminal.
+fn show_fill_progress(od: std::sync::Arc<ublk_dev::ondemand::OnDemand>) {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("progress".into())
+        .spawn(move || {
+            let bar = progress_bar("filling");
+            loop {
+                let s = od.status();
+                bar.set_length(s.size);
+                bar.set_position(s.size - s.remaining_bytes);
+                bar.set_message(format!(
+                    "{} fetched, {}/s",
+                    ByteSize(s.fetched_bytes).approx(),
+                    ByteSize(s.rate).approx()
+                ));
+                if s.filled {
+                    bar.finish_with_message("every block is local");
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        });
+}
+
+/// Where an instant restore of `target` keeps its fill state: a readable
+/// name, and a checksum of the whole path (two paths never share one).
+fn fill_state_path(state_dir: &Path, target: &Path) -> PathBuf {
+    let path = target.to_string_lossy();
+    let name: String = path
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let sum = crc32c::crc32c(path.as_bytes());
+    state_dir.join(format!("{name}-{sum:08x}.fill"))
+}
+
+/// The live fill state beside `state` (on /run: gone at a reboot).
+fn live_fill_state_path(state: &Path) -> PathBuf {
+    let dir = PathBuf::from(ublk_dev::status::STATUS_DIR).join("restore");
+    let _ = std::fs::create_dir_all(&dir);
+    let name = state
+        .file_name()
+        .map_or_else(|| "fill".into(), |n| n.to_string_lossy().into_owned());
+    dir.join(format!("{name}.live"))
+}
+
+/// `restore --instant`: the target served at once, filled from the mirror.
+fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
+    use ublk_dev::ondemand::{Fetcher, FillOptions, OnDemandOptions};
+    let at = version_asked(&args.volume, args.at.as_deref())?;
+    let target = std::path::absolute(&args.to)?;
+    start_on_demand_daemon(args.background)?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("making {}", args.state_dir.display()))?;
+    let state = fill_state_path(&args.state_dir, &target);
+    let timeout = (!args.timeout.0.is_zero()).then_some(args.timeout.0);
+    let mut opened_backing = None;
+    let fetcher = Fetcher::open(
+        OnDemandOptions {
+            volume: args.volume.clone(),
+            at,
+            client_dir: args.client_dir.clone(),
+            writable: true,
+            cache_limit: u64::MAX,
+            timeout,
+            fill: Some(FillOptions {
+                live: live_fill_state_path(&state),
+                state: state.clone(),
+                target: target.clone(),
+                rate: args.fill_rate.map(|r| r.0),
+            }),
+        },
+        |info| {
+            let backing = open_backing(
+                &on_demand_spec(&target, info.size, String::new(), None),
+                true,
+            )
+            .map_err(|e| Error::InvalidConfig(format!("{e:#}")))?;
+            let file = backing
+                .file()
+                .try_clone()
+                .map_err(|e| Error::io("opening the target", e))?;
+            let fresh = backing.created();
+            opened_backing = Some(backing);
+            Ok((file, fresh))
+        },
+    )?;
+    let backing = opened_backing.context("the target was not opened")?;
+    let info = fetcher.shared().info().clone();
+    let record = ublk::AttachRecord {
+        volume: args.volume.clone(),
+        snapshot: info.snapshot.clone(),
+        writable: true,
+        fill_state: Some(state),
+        client_dir: Some(args.client_dir.clone()),
+        timeout_ms: timeout.map(|t| t.as_millis() as u64),
+        fill_rate: args.fill_rate.map(|r| r.0),
+    };
+    serve_on_demand(OnDemandRun {
+        spec: on_demand_spec(
+            &target,
+            info.size,
+            format!("restore-{}", args.volume),
+            args.id,
+        ),
+        backing,
+        fetcher,
+        record,
+        start: Start::Add,
+        background: args.background,
+        verb: "restoring",
+    })
+}
+
+/// Recover an instant restore whose daemon died: the fill goes on from
+/// its state; a restore that had finished is an ordinary device.
+fn recover_instant(
+    id: u32,
+    record: TargetRecord,
+    attach: ublk::AttachRecord,
+) -> anyhow::Result<()> {
+    use ublk_dev::ondemand::{Fetcher, FillOptions, OnDemandOptions};
+    let info = ublk::info(id)?;
+    let Some(state) = attach.fill_state.clone() else {
+        anyhow::bail!("device {id} is not an instant restore");
+    };
+    let mut spec = on_demand_spec(&record.backing, record.size, record.name.clone(), Some(id));
+    spec.queues = info.queues;
+    spec.depth = info.depth;
+    let backing = open_backing(&spec, false)?;
+    system::private_mount_namespace()?;
+    if !state.exists() {
+        // Filled before the daemon died.
+        let served = Arc::new(AtomicBool::new(false));
+        return run_device(&spec, &backing, Start::Recover(id), None, served);
+    }
+    let file = backing.file().try_clone()?;
+    let fetcher = Fetcher::open(
+        OnDemandOptions {
+            volume: attach.volume.clone(),
+            at: Some(attach.snapshot.clone()),
+            client_dir: attach
+                .client_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(ublk_dev::enrollment::DEFAULT_CLIENT_DIR)),
+            writable: true,
+            cache_limit: u64::MAX,
+            timeout: attach.timeout_ms.map(std::time::Duration::from_millis),
+            fill: Some(FillOptions {
+                live: live_fill_state_path(&state),
+                state,
+                target: record.backing.clone(),
+                rate: attach.fill_rate,
+            }),
+        },
+        |_| Ok((file, false)),
+    )?;
+    serve_on_demand(OnDemandRun {
+        spec,
+        backing,
+        fetcher,
+        record: attach,
+        start: Start::Recover(id),
+        background: false,
+        verb: "restoring",
+    })
+}
+
+fn detach(device: &str) -> anyhow::Result<()> {
+    require_root("delete block devices")?;
+    let id: u32 = device
+        .trim_start_matches("/dev/ublkb")
+        .parse()
+        .map_err(|_| {
+            Error::InvalidConfig(format!("{device}: give a device id (N) or /dev/ublkbN"))
+        })?;
+    let d = ublk::info(id)?;
+    if d.record
+        .as_ref()
+        .and_then(|r| r.attached.as_ref())
+        .is_none()
+    {
+        return Err(Error::DeviceState {
+            id,
+            reason: "it is not an attached version (see `ublk-mirror list`; `del` deletes devices)"
+                .into(),
+        }
+        .into());
+    }
+    ublk::delete(id)?;
+    println!("detached {}", d.device.display());
     Ok(())
 }
 
@@ -682,6 +1223,9 @@ fn add(args: &AddArgs) -> anyhow::Result<()> {
 fn recover(id: u32) -> anyhow::Result<()> {
     require_root("recover block devices")?;
     let record = ublk::recoverable(id)?;
+    if let Some(attach) = record.attached.clone() {
+        return recover_instant(id, record, attach);
+    }
     let spec = spec_for_recovery(id, &record, &ublk::info(id)?);
     let backing = open_backing(&spec, false)?;
     let served = Arc::new(AtomicBool::new(false));
@@ -1087,6 +1631,9 @@ fn status(json: bool, stale: Span) -> anyhow::Result<usize> {
                     },
                     t.journal.display().to_string(),
                 ],
+                Some(None) if s.as_ref().is_some_and(|s| s.attach.is_some()) => {
+                    ["-", "-", "-", "-", "-", "-", "(attached: below)"].map(String::from)
+                }
                 Some(None) => ["-", "-", "-", "-", "-", "-", "(tracking off)"].map(String::from),
                 None => ["?", "?", "?", "?", "?", "?", "(no status published)"].map(String::from),
             };
@@ -1116,6 +1663,54 @@ fn status(json: bool, stale: Span) -> anyhow::Result<usize> {
         [-4, -13, -16, -9, 10, 10, 8, 6, 6, 7, -12, 7, 0],
         rows,
     )?;
+    let attached: Vec<_> = devices
+        .iter()
+        .filter_map(|(d, s)| Some((d, s.as_ref()?.attach.as_ref()?)))
+        .collect();
+    if !attached.is_empty() {
+        writeln!(out)?;
+        let rows = attached.iter().map(|(d, a)| {
+            [
+                d.id.to_string(),
+                d.device.display().to_string(),
+                format!("{}@{}", a.volume, a.snapshot),
+                match (&a.restore_target, a.filled, a.writable) {
+                    (Some(_), true, _) => "filled",
+                    (Some(_), false, _) => "filling",
+                    (None, _, true) => "writable",
+                    (None, _, false) => "read-only",
+                }
+                .to_string(),
+                ByteSize(a.fetched_bytes).approx(),
+                ByteSize(a.cached_bytes).approx(),
+                ByteSize(a.dirty_bytes).approx(),
+                ByteSize(a.remaining_bytes).approx(),
+                format!("{}/s", ByteSize(a.rate).approx()),
+                if a.link_up { "up" } else { "DOWN" }.to_string(),
+                a.waiting.to_string(),
+                a.timed_out.to_string(),
+            ]
+        });
+        print_table(
+            &mut out,
+            [
+                "ID",
+                "DEVICE",
+                "ATTACHED",
+                "MODE",
+                "FETCHED",
+                "CACHED",
+                "WRITTEN",
+                "REMAINING",
+                "RATE",
+                "LINK",
+                "WAITING",
+                "TIMED-OUT",
+            ],
+            [-4, -13, -24, -9, 9, 9, 9, 10, 10, -5, 8, 0],
+            rows,
+        )?;
+    }
     let mut behind = 0;
     for (d, s) in &devices {
         let Some(s) = s else { continue };
@@ -1186,6 +1781,7 @@ mod tests {
                 bytes_behind,
                 ..MirrorStatus::default()
             }),
+            attach: None,
         };
         // Nothing to ship: never behind, however old the status.
         assert_eq!(mirror_behind_ms(&at(0, 0), 99_000), Some(0));

@@ -164,6 +164,30 @@ pub fn render(devices: &[Device]) -> String {
         "Bytes the server held already (sent as digests)",
         Some(Unit::Bytes),
     );
+    let fetched = counters(
+        &mut r,
+        "ublk_mirror_attach_fetched",
+        "Bytes an attached version or instant restore fetched from the mirror",
+        Some(Unit::Bytes),
+    );
+    let remaining = gauges(
+        &mut r,
+        "ublk_mirror_attach_remaining",
+        "Bytes of an attached version or instant restore not held locally",
+        Some(Unit::Bytes),
+    );
+    let waiting = gauges(
+        &mut r,
+        "ublk_mirror_attach_waiting_requests",
+        "Requests waiting for blocks from the mirror",
+        None,
+    );
+    let timed_out = counters(
+        &mut r,
+        "ublk_mirror_attach_timed_out_requests",
+        "Requests failed because the mirror was out of reach past the timeout",
+        None,
+    );
     for d in devices {
         let Some(s) = &d.status else { continue };
         let l: Labels = vec![
@@ -199,6 +223,13 @@ pub fn render(devices: &[Device]) -> String {
             shipped.get_or_create(&l).inc_by(m.epochs_shipped);
             wire.get_or_create(&l).inc_by(m.wire_bytes_total);
             known.get_or_create(&l).inc_by(m.known_bytes);
+        }
+        if let Some(a) = &s.attach {
+            up.get_or_create(&l).set(i64::from(a.link_up));
+            fetched.get_or_create(&l).inc_by(a.fetched_bytes);
+            remaining.get_or_create(&l).set(a.remaining_bytes as i64);
+            waiting.get_or_create(&l).set(a.waiting as i64);
+            timed_out.get_or_create(&l).inc_by(a.timed_out);
         }
     }
     let mut out = String::new();

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
+use crate::ondemand::{AttachStatus, OnDemand};
 use crate::replicator::{MirrorStatus, Replicator};
 use crate::tracking::{Tracker, TrackingStatus};
 
@@ -42,6 +43,9 @@ pub struct DeviceStatus {
     /// The mirror, if the device is mirrored.
     #[serde(default)]
     pub mirror: Option<MirrorStatus>,
+    /// The mirror version the device reads on demand, if attached.
+    #[serde(default)]
+    pub attach: Option<AttachStatus>,
 }
 
 /// The status file of device `id`.
@@ -60,6 +64,7 @@ fn snapshot(
     engine: &Engine,
     tracker: Option<&Tracker>,
     replicator: Option<&Replicator>,
+    od: Option<&OnDemand>,
 ) -> DeviceStatus {
     let s = engine.stats();
     DeviceStatus {
@@ -73,6 +78,7 @@ fn snapshot(
         errors: s.errors.load(Ordering::Relaxed),
         tracking: tracker.map(Tracker::status),
         mirror: replicator.map(Replicator::status),
+        attach: od.map(OnDemand::status),
     }
 }
 
@@ -98,6 +104,7 @@ impl Publisher {
         engine: Arc<Engine>,
         tracker: Option<Arc<Tracker>>,
         replicator: Option<Arc<Replicator>>,
+        od: Option<Arc<OnDemand>>,
     ) -> Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -110,6 +117,7 @@ impl Publisher {
                     &engine,
                     tracker.as_deref(),
                     replicator.as_deref(),
+                    od.as_deref(),
                 )) {
                     tracing::debug!("cannot write the status file: {e}");
                 }

@@ -29,6 +29,64 @@ pub fn return_free_memory() {
     }
 }
 
+/// Go on in the background: fork; the child (`Ok(None)`) carries on in a
+/// session of its own with its stdout a pipe to the parent; the parent
+/// waits for the child's first line, prints it and returns `Some(0)`, or,
+/// if the child ends before saying anything, returns `Some` of its exit
+/// status. Call before any thread is started.
+pub fn background() -> Result<Option<i32>> {
+    use nix::unistd::{dup2_stdout, fork, setsid, ForkResult};
+    use std::io::BufRead;
+    let (read, write) = nix::unistd::pipe().map_err(|e| Error::io("making a pipe", e.into()))?;
+    // SAFETY: no thread has been started (the caller's contract), so the
+    // child may run anything.
+    match unsafe { fork() }.map_err(|e| Error::io("forking", e.into()))? {
+        ForkResult::Child => {
+            drop(read);
+            dup2_stdout(&write).map_err(|e| Error::io("redirecting stdout", e.into()))?;
+            drop(write);
+            let _ = setsid();
+            Ok(None)
+        }
+        ForkResult::Parent { child } => {
+            drop(write);
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(std::fs::File::from(read)).read_line(&mut line);
+            if !line.is_empty() {
+                print!("{line}");
+                return Ok(Some(0));
+            }
+            let code = match nix::sys::wait::waitpid(child, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, code)) if code != 0 => code,
+                _ => 1,
+            };
+            Ok(Some(code))
+        }
+    }
+}
+
+/// After [`background`]'s child is ready: its output goes to `log`
+/// (appended), its input is `/dev/null`, and the parent's pipe is closed.
+pub fn detach_output(log: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let opened = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .or_else(|_| std::fs::OpenOptions::new().write(true).open("/dev/null"));
+    let null = std::fs::File::open("/dev/null");
+    // SAFETY: dup2 onto the standard descriptors of this process.
+    unsafe {
+        if let Ok(f) = &opened {
+            libc::dup2(f.as_raw_fd(), 1);
+            libc::dup2(f.as_raw_fd(), 2);
+        }
+        if let Ok(n) = &null {
+            libc::dup2(n.as_raw_fd(), 0);
+        }
+    }
+}
+
 /// Move this process into a mount namespace of its own, with no mount
 /// propagation from the host, holding no file system that lives on a ublk
 /// device.

@@ -47,6 +47,7 @@ use crate::config::{DeviceSpec, MirrorSpec, TrackingSpec};
 use crate::control;
 use crate::engine::{self, uring, AlignedBuf, Engine, Geometry, Request, RequestBuf, ZERO_CHUNK};
 use crate::error::{Error, Result};
+use crate::ondemand::{OnDemand, Pinned, Prepared};
 use crate::replicator::{MirrorSettings, Replicator};
 use crate::status::Publisher;
 use crate::tracking::{self, History, Tracker, TrackerOptions};
@@ -62,7 +63,8 @@ pub const CONTROL_PATH: &str = "/dev/ublk-control";
 ///
 /// - 1: first version (name, backing, size, block size, direct I/O, config).
 /// - 2: change tracking (state directory, region size).
-const RECORD_VERSION: u32 = 2;
+/// - 3: attached versions (`attached`).
+const RECORD_VERSION: u32 = 3;
 
 // The engine decodes descriptors with its own copy of the ublk ABI numbers.
 const _: () = {
@@ -99,6 +101,34 @@ pub struct TargetRecord {
     /// Mirroring, if asked for.
     #[serde(default)]
     pub mirror: Option<MirrorSpec>,
+    /// The mirror version this device reads on demand (`attach`); its
+    /// backing file is an unlinked cache.
+    #[serde(default)]
+    pub attached: Option<AttachRecord>,
+}
+
+/// What an attached device reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachRecord {
+    /// The volume.
+    pub volume: String,
+    /// The snapshot.
+    pub snapshot: String,
+    /// Whether writes are allowed (kept locally).
+    pub writable: bool,
+    /// An instant restore: its fill state (the backing file is the
+    /// target; the device is recoverable).
+    #[serde(default)]
+    pub fill_state: Option<PathBuf>,
+    /// The enrollment it reads with.
+    #[serde(default)]
+    pub client_dir: Option<PathBuf>,
+    /// How long a read waits for the mirror (ms; `None`: for ever).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// The fill's limit, bytes per second.
+    #[serde(default)]
+    pub fill_rate: Option<u64>,
 }
 
 /// The driver's state of a device.
@@ -313,8 +343,19 @@ pub fn delete(id: u32) -> Result<()> {
             .map(drop)
             .map_err(|e| driver_error(format!("deleting device {id}"), e));
     }
-    ctrl.kill_dev()
-        .map_err(|e| driver_error(format!("stopping device {id}"), e))?;
+    let on_demand = info.record.as_ref().is_some_and(|r| r.attached.is_some());
+    if on_demand {
+        // Its daemon stops it: it first fails the reads that wait for the
+        // mirror, which the driver would otherwise wait for.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(info.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .map_err(|e| Error::io(format!("stopping device {id}'s daemon"), e.into()))?;
+    } else {
+        ctrl.kill_dev()
+            .map_err(|e| driver_error(format!("stopping device {id}"), e))?;
+    }
     let started = std::time::Instant::now();
     while started.elapsed() < DELETE_TIMEOUT {
         if !device_exists(id) {
@@ -454,10 +495,22 @@ pub fn recoverable(id: u32) -> Result<TargetRecord> {
 
 /// Shared between the signal thread and the device: who to stop, and
 /// whether a stop was asked for before the device existed.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct StopState {
     id: AtomicI64,
     requested: AtomicBool,
+    /// Run first on a stop: an on-demand device fails the requests that
+    /// wait for the mirror, or the queues could never drain.
+    first: std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for StopState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopState")
+            .field("id", &self.id)
+            .field("requested", &self.requested)
+            .finish()
+    }
 }
 
 impl StopState {
@@ -465,11 +518,20 @@ impl StopState {
         StopState {
             id: AtomicI64::new(-1),
             requested: AtomicBool::new(false),
+            first: std::sync::Mutex::new(None),
         }
     }
 
     /// Stop the device if it exists (called on SIGTERM/SIGINT).
     fn request(&self) {
+        if let Some(first) = self
+            .first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            first();
+        }
         self.requested.store(true, Ordering::SeqCst);
         let id = self.id.load(Ordering::SeqCst);
         if id >= 0 {
@@ -513,7 +575,39 @@ where
     // carried out as soon as there is a device to stop.
     let stop = Arc::new(StopState::new());
     let signals = watch_signals(stop.clone())?;
-    let result = serve_device(spec, backing, start, config, on_ready, &stop);
+    let result = serve_device(spec, backing, start, config, None, on_ready, &stop);
+    signals.close();
+    result
+}
+
+/// Run a device whose blocks come on demand from `od` until it is
+/// stopped: `attach` (read-only unless `od` allows writes; never
+/// recoverable: the cache dies with the daemon, so its I/O fails rather
+/// than waits) or an instant restore (recoverable: the target and its fill
+/// state outlive the daemon).
+pub fn serve_on_demand<R>(
+    spec: &DeviceSpec,
+    backing: &Backing,
+    start: Start,
+    od: Arc<OnDemand>,
+    record: AttachRecord,
+    on_ready: R,
+) -> Result<()>
+where
+    R: FnOnce(&Ready) + Send + Sync + 'static,
+{
+    check_driver()?;
+    let stop = Arc::new(StopState::new());
+    let signals = watch_signals(stop.clone())?;
+    let result = serve_device(
+        spec,
+        backing,
+        start,
+        None,
+        Some((od, record)),
+        on_ready,
+        &stop,
+    );
     signals.close();
     result
 }
@@ -523,13 +617,28 @@ fn serve_device<R>(
     backing: &Backing,
     start: Start,
     config: Option<PathBuf>,
+    on_demand: Option<(Arc<OnDemand>, AttachRecord)>,
     on_ready: R,
     stop: &Arc<StopState>,
 ) -> Result<()>
 where
     R: FnOnce(&Ready) + Send + Sync + 'static,
 {
-    let record = target_record(spec, backing, config)?;
+    let restoring = on_demand
+        .as_ref()
+        .is_some_and(|(_, r)| r.fill_state.is_some());
+    // An attached device's cache is unlinked once open; a restore's target
+    // is a real path.
+    let mut record = target_record(spec, backing, config, on_demand.is_none() || restoring)?;
+    let read_only = on_demand.as_ref().is_some_and(|(o, _)| !o.writable());
+    let od = on_demand.map(|(o, r)| {
+        record.tracking = None;
+        record.attached = Some(r);
+        let stopping = o.clone();
+        *stop.first.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Box::new(move || stopping.stop()));
+        o
+    });
     let geometry = Geometry {
         size: backing.size(),
         block_size: spec.logical_block_size,
@@ -538,12 +647,15 @@ where
     let engine = Arc::new(Engine::new(geometry));
     // The journal is opened (and marked open) before any write can arrive;
     // a journal that cannot be trusted stops us before the device exists.
-    let tracker = open_tracking(spec, backing, start, &record.backing)?;
+    let tracker = match od {
+        Some(_) => None,
+        None => open_tracking(spec, backing, start, &record.backing)?,
+    };
     // Not enrolled stops us here, before the device exists; the network
     // itself is never waited for.
     let replicator = start_replicator(spec, tracker.as_ref())?;
 
-    let ctrl = create_device(spec, start)?;
+    let ctrl = create_device(spec, start, od.is_none() || restoring)?;
     let dev_id = ctrl.dev_info().dev_id;
     let _span = tracing::info_span!("device", id = dev_id, name = %spec.name).entered();
     stop.id.store(i64::from(dev_id), Ordering::SeqCst);
@@ -552,7 +664,13 @@ where
         return leave(&ctrl, start, Ok(()));
     }
 
-    let _status = Publisher::start(dev_id, engine.clone(), tracker.clone(), replicator.clone());
+    let _status = Publisher::start(
+        dev_id,
+        engine.clone(),
+        tracker.clone(),
+        replicator.clone(),
+        od.clone(),
+    );
     // The device works without its control socket; only epochs cannot be
     // handled from outside then.
     let _control = tracker.as_ref().and_then(|t| {
@@ -568,11 +686,12 @@ where
     let zero_fd = std::os::fd::AsRawFd::as_raw_fd(&dev_zero);
     let record_json = serde_json::to_value(&record)
         .map_err(|e| Error::io("encoding the device record", std::io::Error::other(e)))?;
-    let tgt_init =
-        move |dev: &mut UblkDev| init_target(dev, [backing_fd, zero_fd], geometry, record_json);
+    let tgt_init = move |dev: &mut UblkDev| {
+        init_target(dev, [backing_fd, zero_fd], geometry, read_only, record_json)
+    };
     let recovered = matches!(start, Start::Recover(_));
     let device_up = when_up(on_ready, recovered, stop.clone());
-    let run = run_queues(&ctrl, tgt_init, &engine, tracker.as_ref(), device_up);
+    let run = run_queues(&ctrl, tgt_init, &engine, tracker.as_ref(), od, device_up);
     finish(&ctrl, start, backing, &engine, tracker.as_deref(), run)
 }
 
@@ -581,9 +700,16 @@ fn target_record(
     spec: &DeviceSpec,
     backing: &Backing,
     config: Option<PathBuf>,
+    canonical: bool,
 ) -> Result<TargetRecord> {
-    let backing_path = std::fs::canonicalize(backing.path())
-        .map_err(|e| Error::io("resolving the backing path", e))?;
+    // An attached device's cache is unlinked once open: its path is only
+    // a name then.
+    let backing_path = if canonical {
+        std::fs::canonicalize(backing.path())
+            .map_err(|e| Error::io("resolving the backing path", e))?
+    } else {
+        backing.path().to_path_buf()
+    };
     Ok(TargetRecord {
         version: RECORD_VERSION,
         name: spec.name.clone(),
@@ -594,6 +720,7 @@ fn target_record(
         config,
         tracking: Some(spec.tracking.clone()),
         mirror: spec.mirror.clone(),
+        attached: None,
     })
 }
 
@@ -658,9 +785,13 @@ fn start_replicator(
 }
 
 /// Add the device to the driver, or take over a quiesced one to recover it.
-fn create_device(spec: &DeviceSpec, start: Start) -> Result<UblkCtrl> {
-    let mut ctrl_flags =
-        u64::from(sys::UBLK_F_USER_RECOVERY) | u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
+/// A device that is not `recoverable` fails its I/O when its daemon dies.
+fn create_device(spec: &DeviceSpec, start: Start, recoverable: bool) -> Result<UblkCtrl> {
+    let mut ctrl_flags = if recoverable {
+        u64::from(sys::UBLK_F_USER_RECOVERY) | u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE)
+    } else {
+        0
+    };
     // A recovery takes the flags the device was created with from the driver.
     if start == Start::Add && zero_copy_offered() {
         ctrl_flags |= u64::from(sys::UBLK_F_AUTO_BUF_REG);
@@ -730,6 +861,7 @@ fn run_queues(
     tgt_init: impl FnOnce(&mut UblkDev) -> std::result::Result<(), UblkError>,
     engine: &Arc<Engine>,
     tracker: Option<&Arc<Tracker>>,
+    od: Option<Arc<OnDemand>>,
     device_up: impl FnOnce(&UblkCtrl) + Send + Sync + 'static,
 ) -> Result<()> {
     let dev_id = ctrl.dev_info().dev_id;
@@ -740,7 +872,13 @@ fn run_queues(
     ctrl.run_target(
         tgt_init,
         move |qid, dev: &UblkDev| {
-            if !serve_queue(qid, dev, &queue_engine, queue_tracker.as_deref()) {
+            if !serve_queue(
+                qid,
+                dev,
+                &queue_engine,
+                queue_tracker.as_deref(),
+                od.as_deref(),
+            ) {
                 queue_failed.store(true, Ordering::SeqCst);
             }
         },
@@ -869,6 +1007,7 @@ fn init_target(
     dev: &mut UblkDev,
     fds: [i32; 2],
     g: Geometry,
+    read_only: bool,
     record: serde_json::Value,
 ) -> std::result::Result<(), UblkError> {
     let tgt = &mut dev.tgt;
@@ -888,7 +1027,13 @@ fn init_target(
     tgt.params = sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
         basic: sys::ublk_param_basic {
-            attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+            attrs: sys::UBLK_ATTR_VOLATILE_CACHE
+                | sys::UBLK_ATTR_FUA
+                | if read_only {
+                    sys::UBLK_ATTR_READ_ONLY
+                } else {
+                    0
+                },
             logical_bs_shift: lbs_shift,
             physical_bs_shift: lbs_shift.max(12),
             io_opt_shift: lbs_shift.max(12),
@@ -912,7 +1057,13 @@ fn init_target(
 
 /// The body of one queue thread: a task per tag, all driven by the queue's
 /// ring. Returns false if the queue ended in an error.
-fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, tracker: Option<&Tracker>) -> bool {
+fn serve_queue(
+    qid: u16,
+    dev: &UblkDev,
+    engine: &Engine,
+    tracker: Option<&Tracker>,
+    od: Option<&OnDemand>,
+) -> bool {
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -933,7 +1084,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, engine: &Engine, tracker: Option<&Tracke
             let q = queue.clone();
             let zeroes = zeroes.clone();
             exe.spawn(async move {
-                match serve_tag(&q, tag, engine, tracker, &zeroes).await {
+                match serve_tag(&q, tag, engine, tracker, od, &zeroes).await {
                     Ok(()) | Err(UblkError::QueueIsDown) => {}
                     Err(e) => {
                         tracing::error!(qid, tag, "I/O task failed: {e}");
@@ -965,6 +1116,7 @@ async fn serve_tag(
     tag: u16,
     engine: &Engine,
     tracker: Option<&Tracker>,
+    od: Option<&OnDemand>,
     zeroes: &AlignedBuf,
 ) -> std::result::Result<(), UblkError> {
     let mut buf = (!q.support_auto_buf_zc())
@@ -988,11 +1140,20 @@ async fn serve_tag(
         // this may block the queue for one journal sync, only on the first
         // write into a region.
         let started = Request::decode(iod.op_flags, iod.start_sector, iod.nr_sectors)
-            .and_then(|req| engine.start(req))
-            .and_then(|io| match tracker {
-                Some(t) => t.before_write(io.request()).map(|ticket| (io, ticket)),
-                None => Ok((io, None)),
-            });
+            .and_then(|req| engine.start(req));
+        // An attached device's blocks are made local first; the request
+        // waits on the ring meanwhile, not the queue.
+        let (started, pinned) = match (started, od) {
+            (Ok(io), Some(od)) => match local(od, io.request()).await {
+                Ok(pin) => (Ok(io), Some(pin)),
+                Err(e) => (Err(e), None),
+            },
+            (started, _) => (started, None),
+        };
+        let started = started.and_then(|io| match tracker {
+            Some(t) => t.before_write(io.request()).map(|ticket| (io, ticket)),
+            None => Ok((io, None)),
+        });
         let res = match started {
             Err(e) => {
                 tracing::debug!(tag, "refused request: {e:?}");
@@ -1023,11 +1184,35 @@ async fn serve_tag(
                 if let (Some(t), Some(ticket)) = (tracker, ticket) {
                     t.after_write(ticket);
                 }
+                if let (Some(od), Some(pin)) = (od, pinned) {
+                    od.release(pin);
+                }
                 res
             }
         };
         q.submit_io_commit_cmd(tag, desc(&buf, auto_reg), res)
             .await?;
+    }
+}
+
+/// Wait until the blocks `req` touches are local (see
+/// [`crate::ondemand`]), polling the waiter's eventfd on the queue's ring.
+async fn local(od: &OnDemand, req: &Request) -> std::result::Result<Pinned, engine::Errno> {
+    loop {
+        match od.prepare(req)? {
+            Prepared::Go(pin) => return Ok(pin),
+            Prepared::Wait(waiter) => {
+                let sqe = io_uring::opcode::PollAdd::new(
+                    io_uring::types::Fd(waiter.fd()),
+                    libc::POLLIN as u32,
+                )
+                .build();
+                let _ = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await;
+                if waiter.failed() {
+                    return Err(engine::Errno::IO);
+                }
+            }
+        }
     }
 }
 

@@ -34,6 +34,29 @@ fn help_teaches_with_examples() {
     ] {
         assert!(text.contains(want), "add --help lacks {want}:\n{text}");
     }
+    let o = ublk_mirror(&["attach", "--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "--at",
+        "--writable",
+        "--cache",
+        "--timeout",
+        "--background",
+        "detach",
+    ] {
+        assert!(text.contains(want), "attach --help lacks {want}:\n{text}");
+    }
+}
+
+#[test]
+fn attach_refuses_a_bad_volume_name_before_anything() {
+    let o = ublk_mirror(&["attach", "--volume", "../x"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("../x") || err.contains("name"), "{err}");
+    let o = ublk_mirror(&["detach", "sda"]);
+    assert!(!o.status.success());
 }
 
 #[test]

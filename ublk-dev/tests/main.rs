@@ -3,6 +3,7 @@
 //! io_uring, and the `ublk-mirror` command line where it needs no kernel
 //! driver.
 
+mod attach;
 mod cli;
 mod control;
 mod enroll;

@@ -13,10 +13,10 @@ use ublk_dev::tracking::Tracker;
 
 use crate::support::{TestServer, TrackedDevice};
 
-const SIZE: u64 = 32 << 20;
+pub const SIZE: u64 = 32 << 20;
 
 /// Wait until everything recorded so far is released (on the mirror).
-fn synced(tracker: &Tracker, replicator: &Replicator) -> bool {
+pub fn synced(tracker: &Tracker, replicator: &Replicator) -> bool {
     let target = tracker.sync_target();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -29,7 +29,7 @@ fn synced(tracker: &Tracker, replicator: &Replicator) -> bool {
     false
 }
 
-fn workload(io: &mut LocalIo<'_>, seed: u64) {
+pub fn workload(io: &mut LocalIo<'_>, seed: u64) {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut next = move || {
         x ^= x << 13;
@@ -61,7 +61,7 @@ fn workload(io: &mut LocalIo<'_>, seed: u64) {
 }
 
 /// Mirror to volume "root", cutting every 100 ms.
-fn settings(client_dir: &Path, zstd_level: i32, bandwidth: Option<u64>) -> MirrorSettings {
+pub fn settings(client_dir: &Path, zstd_level: i32, bandwidth: Option<u64>) -> MirrorSettings {
     MirrorSettings {
         volume: "root".into(),
         client_dir: client_dir.to_path_buf(),
@@ -73,7 +73,7 @@ fn settings(client_dir: &Path, zstd_level: i32, bandwidth: Option<u64>) -> Mirro
 
 /// A free UDP address on 127.0.0.1, for a server that is restarted where
 /// the client looks for it.
-fn fixed_listen() -> String {
+pub fn fixed_listen() -> String {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     format!("127.0.0.1:{}", socket.local_addr().unwrap().port())
 }
@@ -306,10 +306,10 @@ fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
 
 /// `--at 'yesterday 18:00'` means six in the evening of the day before, in
 /// the time zone of the user who types it (TZ). Two snapshots are dated,
-/// while the server is down, yesterday at 17:00 and at 19:00 in Tokyo
-/// (their manifest's times, as an old volume would have them); then the
-/// same words restore the 17:00 one in Tokyo and the 19:00 one in New York
-/// (where yesterday 18:00 comes after both).
+/// while the server is down, an hour before yesterday 18:00 in Tokyo and
+/// an hour before yesterday 18:00 in New York (their manifest's times, as
+/// an old volume would have them); then the same words restore, in each
+/// zone, that zone's snapshot, whatever the time of day the test runs.
 #[test]
 fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone() {
     let dir = tempfile::tempdir().unwrap();
@@ -339,10 +339,13 @@ fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone()
     drop(replicator);
     drop(server);
 
-    // Yesterday's evening in Tokyo, in ms since the epoch, as `date` says.
-    let tokyo_ms = |when: &str| -> u64 {
+    // "yesterday 18:00" in each zone, in ms since the epoch, as `date`
+    // says. Tokyo's is 14 h before New York's, or (while Tokyo is already
+    // a day ahead) 10 h after it: either way the zones disagree, and each
+    // must get the snapshot taken an hour before its own.
+    let zone_ms = |tz: &str, when: &str| -> u64 {
         let out = std::process::Command::new("date")
-            .env("TZ", "Asia/Tokyo")
+            .env("TZ", tz)
             .args(["-d", when, "+%s"])
             .output()
             .unwrap();
@@ -353,13 +356,22 @@ fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone()
             .unwrap()
             * 1000
     };
+    let mut zones = [
+        ("Asia/Tokyo", zone_ms("Asia/Tokyo", "yesterday 18:00")),
+        (
+            "America/New_York",
+            zone_ms("America/New_York", "yesterday 18:00"),
+        ),
+    ];
+    zones.sort_by_key(|&(_, ms)| ms);
+    let hour = 3_600_000;
     let manifest = data.join("volumes/laptop/root/snapshots/manifest.json");
     let mut m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     for s in m["snapshots"].as_array_mut().unwrap() {
         let ms = match s["name"].as_str().unwrap() {
-            "five-pm" => tokyo_ms("yesterday 17:00"),
-            "seven-pm" => tokyo_ms("yesterday 19:00"),
+            "five-pm" => zones[0].1 - hour,
+            "seven-pm" => zones[1].1 - hour,
             other => panic!("unexpected snapshot {other}"),
         };
         s["epoch_ms"] = ms.into();
@@ -367,7 +379,6 @@ fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone()
     }
     std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
     let _server = TestServer::start(&data, &listen);
-
     let restore_at = |tz: &str, at: &str, to: &Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
             .env("TZ", tz)
@@ -378,9 +389,9 @@ fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone()
             .output()
             .unwrap()
     };
-    for (tz, want, state) in [
-        ("Asia/Tokyo", "five-pm", &states[0]),
-        ("America/New_York", "seven-pm", &states[1]),
+    for ((tz, _), want, state) in [
+        (zones[0], "five-pm", &states[0]),
+        (zones[1], "seven-pm", &states[1]),
     ] {
         let to = dir.path().join(format!("{want}.img"));
         let out = restore_at(tz, "yesterday 18:00", &to);
@@ -395,11 +406,7 @@ fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone()
         );
     }
     // Before both: nothing to restore, and it says so.
-    let out = restore_at(
-        "Asia/Tokyo",
-        "yesterday 16:00",
-        &dir.path().join("none.img"),
-    );
+    let out = restore_at(zones[0].0, "yesterday 16:00", &dir.path().join("none.img"));
     assert!(!out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no snapshot as old as"),
@@ -473,7 +480,7 @@ fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
 }
 
 #[path = "../../mirror-server/tests/common/prom.rs"]
-mod prom;
+pub mod prom;
 
 #[test]
 fn device_metrics_parse_as_prometheus_and_follow_the_mirror() {
@@ -501,6 +508,7 @@ fn device_metrics_parse_as_prometheus_and_follow_the_mirror() {
             writes: 7,
             errors: 0,
             tracking: Some(tracker.status()),
+            attach: None,
             mirror: Some(replicator.status()),
         };
         let device = ublk_dev::metrics::Device {

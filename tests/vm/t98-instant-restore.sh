@@ -1,0 +1,73 @@
+#!/bin/bash
+# Restore a lost disk and keep working while it fills: `ublk-mirror
+# restore --instant` serves the target at once; the ext4 on it mounts at
+# once and its files read right while the background fill runs; files are
+# written; the daemon is killed with SIGKILL mid-fill and recovered; the
+# fill goes on from its crash-safe state; at the end every old and new
+# file is right, e2fsck is clean, and the fill state is gone.
+source "$(dirname "$0")/lib.sh"
+
+IMG=$WORK/disk.img
+MNT=$WORK/mnt; mkdir -p "$MNT"
+TARGET=$WORK/restored.img
+
+start_mirror_server
+start_dev --backing "$IMG" --size 256M --mirror root --client-dir "$WORK/client" --mirror-interval 1s
+ID=$DEV_ID
+mkfs.ext4 -q -F "$DEV"
+mount "$DEV" "$MNT"
+mkdir "$MNT/docs"
+for i in $(seq 8); do head -c $((4 * 1024 * 1024)) /dev/urandom > "$MNT/docs/old$i"; done
+echo "before the laptop was lost" > "$MNT/docs/letter.txt"
+(cd "$MNT" && find docs -type f -print0 | sort -z | xargs -0 md5sum) > "$WORK/old.md5"
+umount "$MNT"
+"$UBLK_MIRROR" snapshot "$ID" base --timeout 300s || fail "snapshot failed"
+stop_dev
+log "volume root holds an ext4 with 32 MiB of files (snapshot base)"
+
+# wait_line FILE: the first line a daemon prints (its device)
+wait_line() {
+  for _ in $(seq 600); do [ -s "$1" ] && break; sleep 0.1; done
+  head -n1 "$1"
+}
+fill_status() { "$UBLK_MIRROR" status --json | jq -r --argjson id "$1" ".[] | select(.id == \$id) | .status.attach.$2"; }
+
+"$UBLK_MIRROR" restore --instant --volume root --at base --to "$TARGET" --fill-rate 2M \
+  --client-dir "$WORK/client" --state-dir "$WORK/state" > "$WORK/r1.out" 2> "$WORK/r1.log" &
+RPID=$!
+RDEV=$(wait_line "$WORK/r1.out")
+[ -b "$RDEV" ] || { cat "$WORK/r1.log" >&2; fail "restore --instant printed no device: '$RDEV'"; }
+RID=${RDEV#/dev/ublkb}
+mount "$RDEV" "$MNT" || fail "the restoring device does not mount at once"
+(cd "$MNT" && md5sum -c --quiet "$WORK/old.md5") || fail "files read during the fill are wrong"
+remaining=$(fill_status "$RID" remaining_bytes)
+[ "$remaining" -gt 0 ] || fail "the fill was over before the test could work during it"
+log "mounted at once and the files read right, $remaining bytes still to fill"
+head -c $((3 * 1024 * 1024)) /dev/urandom > "$MNT/docs/new1"
+echo "written while it filled" > "$MNT/docs/note.txt"
+sync
+md5sum "$MNT/docs/new1" "$MNT/docs/note.txt" | sed "s#$MNT/##" > "$WORK/new.md5"
+
+kill -KILL "$RPID"; wait "$RPID" 2>/dev/null || true
+ls "$WORK/state"/*.fill >/dev/null || fail "no fill state after the kill"
+"$UBLK_MIRROR" recover "$RID" > "$WORK/r2.out" 2> "$WORK/r2.log" &
+RPID=$!
+[ "$(wait_line "$WORK/r2.out")" = "$RDEV" ] || { cat "$WORK/r2.log" >&2; fail "recover of the restoring device failed"; }
+log "daemon killed mid-fill and recovered"
+head -c $((2 * 1024 * 1024)) /dev/urandom > "$MNT/docs/new2"
+sync
+md5sum "$MNT/docs/new2" | sed "s#$MNT/##" >> "$WORK/new.md5"
+for _ in $(seq 600); do [ "$(fill_status "$RID" filled)" = true ] && break; sleep 1; done
+[ "$(fill_status "$RID" filled)" = true ] || { "$UBLK_MIRROR" status; fail "the fill did not finish"; }
+"$UBLK_MIRROR" status
+[ -z "$(ls "$WORK/state")" ] || fail "the fill state outlived the fill"
+echo 3 > /proc/sys/vm/drop_caches
+(cd "$MNT" && md5sum -c --quiet "$WORK/old.md5" && md5sum -c --quiet "$WORK/new.md5") \
+  || fail "after the fill, the files are not right"
+umount "$MNT"
+e2fsck -fn "$RDEV" || fail "e2fsck finds the restored file system damaged"
+kill -TERM "$RPID"; wait "$RPID" || { cat "$WORK/r2.log" >&2; fail "the restore daemon did not stop cleanly"; }
+for _ in $(seq 50); do [ -e "$RDEV" ] || break; sleep 0.1; done
+e2fsck -fn "$TARGET" || fail "the target file does not pass e2fsck"
+log "filled: every file right, e2fsck clean, an ordinary image"
+stop_mirror_server

@@ -1,0 +1,423 @@
+//! `attach` without the kernel: a version on a mirror server on 127.0.0.1
+//! read on demand through [`ublk_dev::ondemand`] exactly as the device's
+//! queues read it, checked against the device as it was at the snapshot,
+//! with a cache smaller than the volume, across link loss, and with a
+//! writable overlay.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ublk_dev::engine::uring::LocalIo;
+use ublk_dev::engine::Request;
+use ublk_dev::ondemand::{Fetcher, OnDemand, OnDemandOptions};
+use ublk_dev::replicator::Replicator;
+
+use crate::mirror::{fixed_listen, settings, synced, workload, SIZE};
+use crate::support::{TestServer, TrackedDevice};
+
+/// A mirror server on 127.0.0.1 (at a fixed address, to be restarted
+/// where the client looks), this machine enrolled as "laptop", and what a
+/// device mirrored to its volume "root" held after each step.
+struct Mirrored {
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    listen: String,
+    client_dir: PathBuf,
+    server: TestServer,
+    versions: Vec<Vec<u8>>,
+}
+
+/// For each `(seed, snapshot)`: the workload of `seed` written and on the
+/// mirror, then the snapshot taken if named; the device's bytes then.
+fn mirrored(steps: &[(u64, Option<&str>)]) -> Mirrored {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let listen = fixed_listen();
+    let server = TestServer::start(&data, &listen);
+    let client_dir = dir.path().join("client");
+    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    let TrackedDevice {
+        backing,
+        engine,
+        tracker,
+    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
+    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
+    let mut io = LocalIo::new(&engine, backing.file())
+        .unwrap()
+        .with_tracker(&tracker);
+    let mut versions = Vec::new();
+    for &(seed, snapshot) in steps {
+        workload(&mut io, seed);
+        assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+        versions.push(std::fs::read(backing.path()).unwrap());
+        if let Some(name) = snapshot {
+            ublk_dev::replicator::take_snapshot(&client_dir, "root", Some(name)).unwrap();
+        }
+    }
+    Mirrored {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+        versions,
+    }
+}
+
+fn options(client_dir: &Path, at: Option<&str>, cache_limit: u64) -> OnDemandOptions {
+    OnDemandOptions {
+        volume: "root".into(),
+        at: at.map(str::to_string),
+        client_dir: client_dir.to_path_buf(),
+        writable: false,
+        cache_limit,
+        timeout: Some(Duration::from_secs(60)),
+        fill: None,
+    }
+}
+
+/// Open `opts` on a cache in `dir` and run its fetcher on a thread.
+fn attach(
+    dir: &Path,
+    opts: OnDemandOptions,
+) -> (std::sync::Arc<OnDemand>, std::thread::JoinHandle<()>) {
+    let cache = tempfile::tempfile_in(dir).unwrap();
+    let fetcher = Fetcher::open(opts, |info| {
+        cache.set_len(info.size).unwrap();
+        Ok((cache, true))
+    })
+    .unwrap();
+    let od = fetcher.shared().clone();
+    (od, std::thread::spawn(move || fetcher.run()))
+}
+
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Random reads (any alignment a block device allows) equal `expected`.
+fn random_reads_match(od: &OnDemand, expected: &[u8], reads: usize, seed: u64) {
+    let mut x = seed | 1;
+    for _ in 0..reads {
+        let sector = next(&mut x) % (SIZE / 512 - 1);
+        let len = (512 * (1 + next(&mut x) % 256)).min(SIZE - sector * 512);
+        let mut buf = vec![0u8; len as usize];
+        let at = sector * 512;
+        od.read_blocking(&mut buf, at).unwrap();
+        assert!(
+            buf == expected[at as usize..(at + len) as usize],
+            "{len} bytes at {at} differ from the version"
+        );
+    }
+}
+
+#[test]
+fn an_attached_version_reads_as_it_was_through_a_small_cache_and_link_loss() {
+    // Snapshot "then"; the device moves on, the mirror follows.
+    let Mirrored {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+        versions,
+    } = mirrored(&[(1, Some("then")), (2, None)]);
+    let [then, now] = <[Vec<u8>; 2]>::try_from(versions).unwrap();
+    assert_ne!(then, now);
+
+    // A 2 MiB cache for a 32 MiB volume: blocks are evicted and fetched again.
+    let (od, fetching) = attach(dir.path(), options(&client_dir, Some("then"), 2 << 20));
+    assert_eq!(od.info().snapshot, "then");
+    assert_eq!(od.info().size, SIZE);
+    random_reads_match(&od, &then, 300, 7);
+    // A whole sequential pass, twice.
+    for _ in 0..2 {
+        let mut buf = vec![0u8; 512 << 10];
+        for at in (0..SIZE).step_by(buf.len()) {
+            od.read_blocking(&mut buf, at).unwrap();
+            assert!(buf == then[at as usize..at as usize + buf.len()], "at {at}");
+        }
+    }
+    let s = od.status();
+    assert!(s.cached_bytes <= 2 << 20, "{s:?}");
+    // Its metrics, as `ublk-mirror metrics` renders the status.
+    let status = ublk_dev::status::DeviceStatus {
+        id: 1,
+        pid: 1,
+        updated_ms: 0,
+        reads: 0,
+        writes: 0,
+        errors: 0,
+        tracking: None,
+        mirror: None,
+        attach: Some(s.clone()),
+    };
+    let device = ublk_dev::metrics::Device {
+        device: "ublkb1".into(),
+        name: "root@then".into(),
+        status: Some(status),
+    };
+    let m = crate::mirror::prom::parse(&ublk_dev::metrics::render(&[device]));
+    let value = |name: &str| {
+        crate::mirror::prom::value(&m, name, &[("device", "ublkb1"), ("name", "root@then")])
+    };
+    assert_eq!(
+        value("ublk_mirror_attach_fetched_bytes_total"),
+        s.fetched_bytes as f64
+    );
+    assert_eq!(
+        value("ublk_mirror_attach_remaining_bytes"),
+        s.remaining_bytes as f64
+    );
+    assert_eq!(value("ublk_mirror_link_up"), 1.0);
+    assert!(
+        s.fetched_bytes > SIZE,
+        "evicted blocks were fetched again: {s:?}"
+    );
+    assert!(s.link_up);
+    assert_eq!(
+        (s.snapshot.as_str(), s.waiting, s.timed_out),
+        ("then", 0, 0)
+    );
+
+    // The server goes away: a read waits, and goes on when it is back.
+    drop(server);
+    let reader = {
+        let od = od.clone();
+        let then = then.clone();
+        std::thread::spawn(move || random_reads_match(&od, &then, 40, 11))
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!reader.is_finished(), "reads went on without the mirror");
+    let _server = TestServer::start(&data, &listen);
+    reader.join().unwrap();
+    assert!(od.status().link_up);
+    od.stop();
+    fetching.join().unwrap();
+
+    // Now, with no --at: a snapshot of the mirror as it is now.
+    let (od, fetching) = attach(dir.path(), options(&client_dir, None, 64 << 20));
+    assert!(od.info().snapshot.starts_with("attach-"), "{:?}", od.info());
+    random_reads_match(&od, &now, 200, 13);
+    od.stop();
+    fetching.join().unwrap();
+}
+
+#[test]
+fn reads_fail_after_the_timeout_and_a_writable_overlay_keeps_writes_locally() {
+    let Mirrored {
+        dir,
+        client_dir,
+        server,
+        mut versions,
+        ..
+    } = mirrored(&[(3, Some("v"))]);
+    let version = versions.remove(0);
+
+    let mut opts = options(&client_dir, Some("v"), 64 << 20);
+    opts.writable = true;
+    opts.timeout = Some(Duration::from_secs(2));
+    let (od, fetching) = attach(dir.path(), opts);
+    // Read-only requests are refused only without --writable.
+    let mut expected = version.clone();
+    let mut x = 5u64;
+    for _ in 0..100 {
+        let at = 512 * (next(&mut x) % (SIZE / 512 - 300));
+        let len = 512 * (1 + next(&mut x) % 300) as usize;
+        if next(&mut x) % 2 == 0 {
+            let bytes: Vec<u8> = (0..len).map(|_| next(&mut x) as u8).collect();
+            od.write_blocking(&bytes, at).unwrap();
+            expected[at as usize..at as usize + len].copy_from_slice(&bytes);
+        } else {
+            let mut buf = vec![0u8; len];
+            od.read_blocking(&mut buf, at).unwrap();
+            assert!(
+                buf == expected[at as usize..at as usize + len],
+                "{len} at {at}"
+            );
+        }
+    }
+    assert!(od.status().dirty_bytes > 0);
+    // The mirror never saw the writes.
+    let mut whole = vec![0u8; SIZE as usize];
+    od.read_blocking(&mut whole, 0).unwrap();
+    assert!(whole == expected);
+    let fresh = attach(dir.path(), options(&client_dir, Some("v"), 64 << 20));
+    let mut again = vec![0u8; SIZE as usize];
+    fresh.0.read_blocking(&mut again, 0).unwrap();
+    assert!(again == version, "the mirror's version changed");
+    fresh.0.stop();
+    fresh.1.join().unwrap();
+    od.stop();
+    fetching.join().unwrap();
+
+    // Without the mirror, a read of what is not local fails after the
+    // timeout, with an error and never with other data.
+    let (od, fetching) = attach(dir.path(), {
+        let mut o = options(&client_dir, Some("v"), 64 << 20);
+        o.timeout = Some(Duration::from_secs(2));
+        o
+    });
+    let mut buf = vec![0u8; 4096];
+    od.read_blocking(&mut buf, 0).unwrap();
+    assert!(
+        od.prepare(&Request::write(0, 4096)).is_err(),
+        "a read-only version took a write"
+    );
+    drop(server);
+    let started = std::time::Instant::now();
+    let err = od.read_blocking(&mut buf, SIZE - 4096).unwrap_err();
+    assert!(started.elapsed() >= Duration::from_secs(2), "{err}");
+    assert_eq!(od.status().timed_out, 1);
+    // What is local still reads.
+    od.read_blocking(&mut buf, 0).unwrap();
+    assert!(buf == version[..4096]);
+    od.stop();
+    fetching.join().unwrap();
+}
+
+/// An instant restore of version "v" onto `target`, its fill running.
+fn instant(
+    client_dir: &Path,
+    target: &Path,
+    state: &Path,
+) -> (std::sync::Arc<OnDemand>, std::thread::JoinHandle<()>) {
+    let opts = OnDemandOptions {
+        volume: "root".into(),
+        at: Some("v".into()),
+        client_dir: client_dir.to_path_buf(),
+        writable: true,
+        cache_limit: u64::MAX,
+        timeout: None,
+        fill: Some(ublk_dev::ondemand::FillOptions {
+            live: state.with_extension("live"),
+            state: state.to_path_buf(),
+            target: target.to_path_buf(),
+            // 32 MiB in about 8 s: the work below happens while it fills.
+            rate: Some(4 << 20),
+        }),
+    };
+    let fetcher = Fetcher::open(opts, |info| {
+        let fresh = !target.exists();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(target)
+            .unwrap();
+        if fresh {
+            file.set_len(info.size).unwrap();
+        }
+        Ok((file, fresh))
+    })
+    .unwrap();
+    let od = fetcher.shared().clone();
+    (od, std::thread::spawn(move || fetcher.run()))
+}
+
+/// Random writes and reads through `od` while it fills; `expected` is the
+/// version with the writes made so far.
+fn work_while_filling(od: &OnDemand, expected: &mut [u8], ops: usize, x: &mut u64) {
+    for _ in 0..ops {
+        let at = 512 * (next(x) % (SIZE / 512 - 300));
+        let len = 512 * (1 + next(x) % 300) as usize;
+        if next(x) % 2 == 0 {
+            let bytes: Vec<u8> = (0..len).map(|_| next(x) as u8).collect();
+            od.write_blocking(&bytes, at).unwrap();
+            expected[at as usize..at as usize + len].copy_from_slice(&bytes);
+        } else {
+            let mut buf = vec![0u8; len];
+            od.read_blocking(&mut buf, at).unwrap();
+            assert!(
+                buf == expected[at as usize..at as usize + len],
+                "{len} at {at}"
+            );
+        }
+    }
+}
+
+fn wait_filled(od: &OnDemand) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !od.status().filled {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not filled: {:?}",
+            od.status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_instant_restore_is_the_version_plus_the_writes_across_a_daemon_kill_and_a_server_restart() {
+    let Mirrored {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+        mut versions,
+    } = mirrored(&[(4, Some("v"))]);
+    let version = versions.remove(0);
+
+    let target = dir.path().join("restored.img");
+    let state = dir.path().join("restored.fill");
+    let mut expected = version.clone();
+    let mut x = 17u64;
+    let (od, fetching) = instant(&client_dir, &target, &state);
+    assert!(state.exists(), "no fill state before the first write");
+    work_while_filling(&od, &mut expected, 60, &mut x);
+    // The file system flushes; then the daemon dies (its fill state as
+    // last persisted, its target as written).
+    assert!(matches!(
+        od.prepare(&Request::flush()),
+        Ok(ublk_dev::ondemand::Prepared::Go(_))
+    ));
+    od.stop();
+    fetching.join().unwrap();
+    assert!(state.exists());
+    assert!(!od.status().filled);
+
+    // A new daemon resumes from the fill state; the server restarts under it.
+    let (od, fetching) = instant(&client_dir, &target, &state);
+    let before = od.status();
+    assert!(
+        before.remaining_bytes < SIZE,
+        "nothing was resumed: {before:?}"
+    );
+    work_while_filling(&od, &mut expected, 30, &mut x);
+    drop(server);
+    std::thread::sleep(Duration::from_secs(1));
+    let server = TestServer::start(&data, &listen);
+    work_while_filling(&od, &mut expected, 30, &mut x);
+    wait_filled(&od);
+    // An ordinary device now: writes and reads go straight to the target.
+    work_while_filling(&od, &mut expected, 20, &mut x);
+    assert!(!state.exists(), "the fill state outlived the fill");
+    assert!(
+        std::fs::read(&target).unwrap() == expected,
+        "the target is not the version plus the writes"
+    );
+    od.stop();
+    fetching.join().unwrap();
+
+    // Restoring the version again onto that target moves only the blocks
+    // the writes changed.
+    let (od, fetching) = instant(&client_dir, &target, &state);
+    wait_filled(&od);
+    let s = od.status();
+    assert!(std::fs::read(&target).unwrap() == version);
+    let changed = version
+        .chunks(64 << 10)
+        .zip(expected.chunks(64 << 10))
+        .filter(|(a, b)| a != b)
+        .count() as u64;
+    assert_eq!(s.fetched_bytes, changed * (64 << 10), "{s:?}");
+    od.stop();
+    fetching.join().unwrap();
+    drop(server);
+}
