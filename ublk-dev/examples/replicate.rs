@@ -20,6 +20,14 @@
 //!     # memory of tracking a sparse device of SIZE (e.g. 1T): resident set
 //!     # before, after opening it with a new journal (all of it to resync),
 //!     # and after N (10000) scattered 4 KiB writes recorded as changes
+//! replicate --lag --image IMG --client-dir DIR --state-dir DIR --volume NAME
+//!           [--rate 50M] [--seconds 60] [--interval-ms 5000]
+//!     # sustained writes: 64 KiB random writes at --rate for --seconds,
+//!     # once mirrored (cuts every --interval-ms, as the daemon's default)
+//!     # and once with the mirror detached (tracked, never cut); per phase
+//!     # the write latency (p50, p99, max, writes over 100 ms), the rate
+//!     # reached, and while mirrored the lag `status` shows, sampled every
+//!     # 100 ms (p50, p99, max), and how long the mirror took to catch up
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -188,12 +196,152 @@ fn ceiling(image: &Path) {
     );
 }
 
+/// The value at quantile `q` (0..=1) of sorted `v`.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// One phase of `--lag`: 64 KiB random writes at `rate` bytes per second
+/// for `seconds`, paced open-loop (a write that falls behind its slot goes
+/// at once, so a stall shows as latency, not as a slower schedule). Prints
+/// the phase's line; with a replicator, also the lag `status` showed.
+fn sustained(
+    label: &str,
+    io: &mut LocalIo<'_>,
+    size: u64,
+    rate: u64,
+    seconds: u64,
+    mirror: Option<(&Tracker, &Replicator)>,
+    seed: u64,
+) {
+    let replicator = mirror.map(|(_, r)| r);
+    const WRITE: u64 = 64 << 10;
+    let count = rate * seconds / WRITE;
+    let period = Duration::from_secs_f64(WRITE as f64 / rate as f64);
+    let mut next = xorshift(seed);
+    let mut data = vec![0u8; WRITE as usize];
+    let mut latencies = Vec::with_capacity(count as usize);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let lags = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut lags = Vec::new();
+            while let Some(r) = replicator {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                lags.push(r.status().lag_ms as f64 / 1000.0);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            lags
+        });
+        let started = Instant::now();
+        for i in 0..count {
+            let slot = started + period * i as u32;
+            if let Some(wait) = slot.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let at = (next() % (size / WRITE)) * WRITE;
+            for word in data.chunks_mut(8) {
+                word.copy_from_slice(&next().to_le_bytes());
+            }
+            let t = Instant::now();
+            io.submit(Request::write(at, WRITE), &data).expect("write");
+            latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut lags = sampler.join().expect("the lag sampler");
+        lags.sort_by(f64::total_cmp);
+        (lags, elapsed)
+    });
+    let (lags, elapsed) = lags;
+    // How long the mirror takes to hold everything written.
+    let drain = mirror.map_or(0.0, |(tracker, r)| {
+        let t = Instant::now();
+        sync(tracker, r);
+        t.elapsed().as_secs_f64()
+    });
+    let stalls = latencies.iter().filter(|&&l| l > 100.0).count();
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "{{\"phase\":\"{label}\",\"writes\":{count},\"mb_per_s\":{:.1},\"latency_ms_p50\":{:.3},\"latency_ms_p99\":{:.3},\"latency_ms_max\":{:.3},\"writes_over_100ms\":{stalls},\"lag_s_p50\":{:.2},\"lag_s_p99\":{:.2},\"lag_s_max\":{:.2},\"drain_seconds\":{drain:.2}}}",
+        (count * WRITE) as f64 / 1e6 / elapsed,
+        quantile(&latencies, 0.5),
+        quantile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(0.0),
+        quantile(&lags, 0.5),
+        quantile(&lags, 0.99),
+        lags.last().copied().unwrap_or(0.0),
+    );
+}
+
+/// `--lag`: sustained writes with the mirror attached, then without.
+fn lag(args: &[String]) {
+    let need = |n: &str| arg(args, n).unwrap_or_else(|| panic!("{n} is required (see the source)"));
+    let image = PathBuf::from(need("--image"));
+    let rate: ublk_mirror_common::ByteSize = arg(args, "--rate")
+        .unwrap_or_else(|| "50M".into())
+        .parse()
+        .expect("--rate SIZE");
+    // --rate counts as the benchmark's MB/s: decimal megabytes.
+    let rate = rate.bytes() * 1_000_000 / (1 << 20);
+    let seconds: u64 = arg(args, "--seconds").map_or(60, |s| s.parse().expect("--seconds N"));
+    let interval: u64 =
+        arg(args, "--interval-ms").map_or(5000, |s| s.parse().expect("--interval-ms N"));
+    let (backing, tracker) = open_tracked(&image, None, Path::new(&need("--state-dir")));
+    let size = backing.size();
+    let tracker = Arc::new(tracker);
+    let engine = Engine::new(Geometry {
+        size,
+        block_size: 4096,
+        max_io: MAX_IO_BYTES,
+    });
+    let mut io = LocalIo::new(&engine, backing.file())
+        .expect("io")
+        .with_tracker(&*tracker);
+    let replicator = Replicator::start(
+        tracker.clone(),
+        MirrorSettings {
+            volume: need("--volume"),
+            client_dir: PathBuf::from(need("--client-dir")),
+            interval: Duration::from_millis(interval),
+            zstd_level: 3,
+            bandwidth: None,
+        },
+    )
+    .expect("start the replicator");
+    // The device on the mirror first, so that only the writes are behind.
+    let t = Instant::now();
+    sync(&tracker, &replicator);
+    println!(
+        "{{\"phase\":\"initial\",\"seconds\":{:.3},\"bytes\":{size}}}",
+        t.elapsed().as_secs_f64()
+    );
+    sustained(
+        "mirrored",
+        &mut io,
+        size,
+        rate,
+        seconds,
+        Some((&tracker, &replicator)),
+        1,
+    );
+    drop(replicator);
+    sustained("detached", &mut io, size, rate, seconds, None, 2);
+}
+
 fn main() {
     // as the daemon does
     ublk_dev::system::limit_heap_arenas();
     let args: Vec<String> = std::env::args().collect();
     if let Some(image) = arg(&args, "--ceiling") {
         return ceiling(Path::new(&image));
+    }
+    if args.iter().any(|a| a == "--lag") {
+        return lag(&args);
     }
     if let Some(size) = arg(&args, "--memory-probe") {
         let size: ublk_mirror_common::ByteSize = size.parse().expect("--memory-probe SIZE");
