@@ -110,6 +110,16 @@ fn open_tracked(path: &Path, create: Option<u64>, state_dir: &Path) -> (Backing,
     (backing, tracker)
 }
 
+/// The engine of a device of `size` bytes with 4 KiB blocks, as the
+/// daemon makes it.
+fn engine(size: u64) -> Engine {
+    Engine::new(Geometry {
+        size,
+        block_size: 4096,
+        max_io: MAX_IO_BYTES,
+    })
+}
+
 /// A xorshift64 generator: cheap, repeatable offsets and data.
 fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
     move || {
@@ -128,11 +138,7 @@ fn memory_probe(size: u64, state_dir: &Path, writes: u64) {
     let (before, _) = memory();
     let (backing, tracker) = open_tracked(&path, Some(size), &state_dir.join("journal"));
     let (opened, _) = memory();
-    let engine = Engine::new(Geometry {
-        size,
-        block_size: 4096,
-        max_io: MAX_IO_BYTES,
-    });
+    let engine = engine(size);
     let tracker = Arc::new(tracker);
     let mut io = LocalIo::new(&engine, backing.file())
         .expect("io")
@@ -294,11 +300,7 @@ fn lag(args: &[String]) {
     let (backing, tracker) = open_tracked(&image, None, Path::new(&need("--state-dir")));
     let size = backing.size();
     let tracker = Arc::new(tracker);
-    let engine = Engine::new(Geometry {
-        size,
-        block_size: 4096,
-        max_io: MAX_IO_BYTES,
-    });
+    let engine = engine(size);
     let mut io = LocalIo::new(&engine, backing.file())
         .expect("io")
         .with_tracker(&*tracker);
@@ -393,11 +395,7 @@ fn main() {
     );
 
     // Phase 2: rewrite a share of the 4 KiB blocks at random, catch up.
-    let engine = Engine::new(Geometry {
-        size,
-        block_size: 4096,
-        max_io: MAX_IO_BYTES,
-    });
+    let engine = engine(size);
     let mut io = LocalIo::new(&engine, backing.file())
         .expect("io")
         .with_tracker(&tracker);

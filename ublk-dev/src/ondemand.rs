@@ -1521,9 +1521,15 @@ mod tests {
         }
     }
 
-    fn bit(dir: &Path, b: usize) -> bool {
-        let (_, bitmap) = read_fill_state(&dir.join("fill")).unwrap().unwrap();
+    /// Whether block `b` is local in the fill state file `name` of `dir`.
+    fn bit_in(dir: &Path, name: &str, b: usize) -> bool {
+        let (_, bitmap) = read_fill_state(&dir.join(name)).unwrap().unwrap();
         bitmap[b / 8] & (1 << (b % 8)) != 0
+    }
+
+    /// ... in the durable one.
+    fn bit(dir: &Path, b: usize) -> bool {
+        bit_in(dir, "fill", b)
     }
 
     #[test]
@@ -1585,9 +1591,9 @@ mod tests {
         assert!(bit(dir.path(), 5));
     }
 
+    /// ... in the live one.
     fn live_bit(dir: &Path, b: usize) -> bool {
-        let (_, bitmap) = read_fill_state(&dir.join("live")).unwrap().unwrap();
-        bitmap[b / 8] & (1 << (b % 8)) != 0
+        bit_in(dir, "live", b)
     }
 
     #[test]

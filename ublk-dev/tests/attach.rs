@@ -4,65 +4,14 @@
 //! with a cache smaller than the volume, across link loss, and with a
 //! writable overlay.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use ublk_dev::engine::uring::LocalIo;
 use ublk_dev::engine::Request;
 use ublk_dev::ondemand::{Fetcher, OnDemand, OnDemandOptions};
-use ublk_dev::replicator::Replicator;
 
-use crate::mirror::{fixed_listen, settings, synced, workload, SIZE};
-use crate::support::{TestServer, TrackedDevice};
-
-/// A mirror server on 127.0.0.1 (at a fixed address, to be restarted
-/// where the client looks), this machine enrolled as "laptop", and what a
-/// device mirrored to its volume "root" held after each step.
-struct Mirrored {
-    dir: tempfile::TempDir,
-    data: PathBuf,
-    listen: String,
-    client_dir: PathBuf,
-    server: TestServer,
-    versions: Vec<Vec<u8>>,
-}
-
-/// For each `(seed, snapshot)`: the workload of `seed` written and on the
-/// mirror, then the snapshot taken if named; the device's bytes then.
-fn mirrored(steps: &[(u64, Option<&str>)]) -> Mirrored {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("server");
-    let listen = fixed_listen();
-    let server = TestServer::start(&data, &listen);
-    let client_dir = dir.path().join("client");
-    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
-    let TrackedDevice {
-        backing,
-        engine,
-        tracker,
-    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
-    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
-    let mut io = LocalIo::new(&engine, backing.file())
-        .unwrap()
-        .with_tracker(&tracker);
-    let mut versions = Vec::new();
-    for &(seed, snapshot) in steps {
-        workload(&mut io, seed);
-        assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
-        versions.push(std::fs::read(backing.path()).unwrap());
-        if let Some(name) = snapshot {
-            ublk_dev::replicator::take_snapshot(&client_dir, "root", Some(name)).unwrap();
-        }
-    }
-    Mirrored {
-        dir,
-        data,
-        listen,
-        client_dir,
-        server,
-        versions,
-    }
-}
+use crate::mirror::{mirrored, Mirrored, SIZE};
+use crate::support::TestServer;
 
 fn options(client_dir: &Path, at: Option<&str>, cache_limit: u64) -> OnDemandOptions {
     OnDemandOptions {
@@ -223,23 +172,7 @@ fn reads_fail_after_the_timeout_and_a_writable_overlay_keeps_writes_locally() {
     let (od, fetching) = attach(dir.path(), opts);
     // Read-only requests are refused only without --writable.
     let mut expected = version.clone();
-    let mut x = 5u64;
-    for _ in 0..100 {
-        let at = 512 * (next(&mut x) % (SIZE / 512 - 300));
-        let len = 512 * (1 + next(&mut x) % 300) as usize;
-        if next(&mut x) % 2 == 0 {
-            let bytes: Vec<u8> = (0..len).map(|_| next(&mut x) as u8).collect();
-            od.write_blocking(&bytes, at).unwrap();
-            expected[at as usize..at as usize + len].copy_from_slice(&bytes);
-        } else {
-            let mut buf = vec![0u8; len];
-            od.read_blocking(&mut buf, at).unwrap();
-            assert!(
-                buf == expected[at as usize..at as usize + len],
-                "{len} at {at}"
-            );
-        }
-    }
+    random_writes_and_reads(&od, &mut expected, 100, &mut 5);
     assert!(od.status().dirty_bytes > 0);
     // The mirror never saw the writes.
     let mut whole = vec![0u8; SIZE as usize];
@@ -319,9 +252,9 @@ fn instant(
     (od, std::thread::spawn(move || fetcher.run()))
 }
 
-/// Random writes and reads through `od` while it fills; `expected` is the
-/// version with the writes made so far.
-fn work_while_filling(od: &OnDemand, expected: &mut [u8], ops: usize, x: &mut u64) {
+/// Random writes and reads through `od` (an overlay, or a restore while it
+/// fills); `expected` is the version with the writes made so far.
+fn random_writes_and_reads(od: &OnDemand, expected: &mut [u8], ops: usize, x: &mut u64) {
     for _ in 0..ops {
         let at = 512 * (next(x) % (SIZE / 512 - 300));
         let len = 512 * (1 + next(x) % 300) as usize;
@@ -370,7 +303,7 @@ fn an_instant_restore_is_the_version_plus_the_writes_across_a_daemon_kill_and_a_
     let mut x = 17u64;
     let (od, fetching) = instant(&client_dir, &target, &state);
     assert!(state.exists(), "no fill state before the first write");
-    work_while_filling(&od, &mut expected, 60, &mut x);
+    random_writes_and_reads(&od, &mut expected, 60, &mut x);
     // The file system flushes; then the daemon dies (its fill state as
     // last persisted, its target as written).
     assert!(matches!(
@@ -389,14 +322,14 @@ fn an_instant_restore_is_the_version_plus_the_writes_across_a_daemon_kill_and_a_
         before.remaining_bytes < SIZE,
         "nothing was resumed: {before:?}"
     );
-    work_while_filling(&od, &mut expected, 30, &mut x);
+    random_writes_and_reads(&od, &mut expected, 30, &mut x);
     drop(server);
     std::thread::sleep(Duration::from_secs(1));
     let server = TestServer::start(&data, &listen);
-    work_while_filling(&od, &mut expected, 30, &mut x);
+    random_writes_and_reads(&od, &mut expected, 30, &mut x);
     wait_filled(&od);
     // An ordinary device now: writes and reads go straight to the target.
-    work_while_filling(&od, &mut expected, 20, &mut x);
+    random_writes_and_reads(&od, &mut expected, 20, &mut x);
     assert!(!state.exists(), "the fill state outlived the fill");
     assert!(
         std::fs::read(&target).unwrap() == expected,

@@ -3,7 +3,7 @@
 //! mirror server on 127.0.0.1, and the server's image compared with the
 //! backing file, across a server restart.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ublk_dev::engine::uring::LocalIo;
@@ -14,6 +14,55 @@ use ublk_dev::tracking::Tracker;
 use crate::support::{TestServer, TrackedDevice};
 
 pub const SIZE: u64 = 32 << 20;
+
+/// A mirror server on 127.0.0.1 (at a fixed address, to be restarted
+/// where the client looks), this machine enrolled as "laptop", and what a
+/// device mirrored to its volume "root" held after each step.
+pub struct Mirrored {
+    pub dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub listen: String,
+    pub client_dir: PathBuf,
+    pub server: TestServer,
+    pub versions: Vec<Vec<u8>>,
+}
+
+/// For each `(seed, snapshot)`: the workload of `seed` written and on the
+/// mirror, then the snapshot taken if named; the device's bytes then.
+pub fn mirrored(steps: &[(u64, Option<&str>)]) -> Mirrored {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let listen = fixed_listen();
+    let server = TestServer::start(&data, &listen);
+    let client_dir = dir.path().join("client");
+    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    let TrackedDevice {
+        backing,
+        engine,
+        tracker,
+    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
+    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
+    let mut io = LocalIo::new(&engine, backing.file())
+        .unwrap()
+        .with_tracker(&tracker);
+    let mut versions = Vec::new();
+    for &(seed, snapshot) in steps {
+        workload(&mut io, seed);
+        assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+        versions.push(std::fs::read(backing.path()).unwrap());
+        if let Some(name) = snapshot {
+            ublk_dev::replicator::take_snapshot(&client_dir, "root", Some(name)).unwrap();
+        }
+    }
+    Mirrored {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+        versions,
+    }
+}
 
 /// Wait until everything recorded so far is released (on the mirror).
 pub fn synced(tracker: &Tracker, replicator: &Replicator) -> bool {
@@ -312,31 +361,14 @@ fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
 /// zone, that zone's snapshot, whatever the time of day the test runs.
 #[test]
 fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("server");
-    let listen = fixed_listen();
-    let server = TestServer::start(&data, &listen);
-    let client_dir = dir.path().join("client");
-    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
-    let TrackedDevice {
-        backing,
-        engine,
-        tracker,
-    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
-    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
-    let mut io = LocalIo::new(&engine, backing.file())
-        .unwrap()
-        .with_tracker(&tracker);
-    let mut states = Vec::new();
-    for (seed, name) in [(1, "five-pm"), (2, "seven-pm")] {
-        workload(&mut io, seed);
-        assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
-        states.push(std::fs::read(backing.path()).unwrap());
-        ublk_dev::replicator::take_snapshot(&client_dir, "root", Some(name)).unwrap();
-    }
-    workload(&mut io, 3);
-    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
-    drop(replicator);
+    let Mirrored {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+        versions: states,
+    } = mirrored(&[(1, Some("five-pm")), (2, Some("seven-pm")), (3, None)]);
     drop(server);
 
     // "yesterday 18:00" in each zone, in ms since the epoch, as `date`
