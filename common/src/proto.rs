@@ -44,6 +44,14 @@
 //!   learns what another stores. A V3 server speaks V2 to a V2 client
 //!   (the hello it answers with is the older of the two); a V3 client
 //!   needs a V3 server (upgrade servers first).
+//! - [`Version::V4`]: a device takes a volume over
+//!   ([`Message::TakeOver`], answered by [`Message::Committed`]): an
+//!   instant restore that goes on mirroring becomes the volume's writer,
+//!   and the device that wrote it before is refused from then on. The
+//!   server publishes an empty epoch whose writer is the new device, by
+//!   the same create-only write of the version record as every epoch, so
+//!   of two servers (or two devices) racing, one wins. A V4 server speaks
+//!   V3 and V2 to older clients.
 //!
 //! # An epoch, step by step (V2)
 //!
@@ -101,11 +109,13 @@ pub enum Version {
     V2,
     /// Deduplication on the wire ([`Message::HaveChunks`]).
     V3,
+    /// Taking a volume over ([`Message::TakeOver`]).
+    V4,
 }
 
 impl Version {
     /// The newest version this build speaks.
-    pub const CURRENT: Version = Version::V3;
+    pub const CURRENT: Version = Version::V4;
     /// The oldest version this build still speaks (as a server).
     pub const OLDEST: Version = Version::V2;
 }
@@ -351,6 +361,19 @@ pub enum Message {
         /// One bit per digest asked, rounded up to whole bytes.
         bits: Vec<u8>,
     },
+    /// Client (V4): device `device` becomes the writer of `volume`, whose
+    /// writer is `from` now (compare and swap: refused if the volume moved
+    /// on). The server publishes an empty epoch written by `device` (its
+    /// local epoch 0) and answers [`Message::Committed`] with it; epochs
+    /// of any other device are refused from then on.
+    TakeOver {
+        /// Volume name.
+        volume: String,
+        /// The writer the client saw ([`Message::VolumeInfo`]).
+        from: Option<Writer>,
+        /// The device taking over.
+        device: [u8; 16],
+    },
 }
 
 /// Most ranges one [`Message::Staged`] carries (it must fit in a frame).
@@ -467,6 +490,7 @@ impl Message {
     fn since(&self) -> Option<(Version, &'static str)> {
         match self {
             Message::HaveChunks { .. } => Some((Version::V3, "HaveChunks")),
+            Message::TakeOver { .. } => Some((Version::V4, "TakeOver")),
             Message::KnownChunks { .. } => Some((Version::V3, "KnownChunks")),
             Message::Block {
                 encoding: Encoding::Known,
@@ -491,6 +515,7 @@ impl Message {
             Message::OpenVolume { volume, .. }
             | Message::VolumeInfo { volume, .. }
             | Message::BeginEpoch { volume, .. }
+            | Message::TakeOver { volume, .. }
             | Message::EpochData { volume, .. } => check_name(volume)?,
             Message::TakeSnapshot { volume, name } => {
                 check_name(volume)?;
@@ -642,6 +667,10 @@ mod tests {
         // Changing these bytes breaks every peer: bump the version instead.
         assert_eq!(
             Message::hello().encode(),
+            [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 3]
+        );
+        assert_eq!(
+            Message::hello_at(Version::V3).encode(),
             [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 2]
         );
         assert_eq!(
@@ -652,7 +681,7 @@ mod tests {
             Message::decode(&Message::hello().encode()[4..])
                 .unwrap()
                 .check_hello(),
-            Ok(Version::V3)
+            Ok(Version::V4)
         );
         // A V2 peer is spoken to in V2; a V1 peer is told what we speak.
         assert_eq!(

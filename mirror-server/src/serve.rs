@@ -376,6 +376,11 @@ async fn dispatch(
         Message::HashRequest { volume, blocks } => {
             hash_request(volumes, client, &volume, &blocks, send).await
         }
+        Message::TakeOver {
+            volume,
+            from,
+            device,
+        } => take_over(volumes, client, &volume, from, device, send).await,
         other => Err(Fault::Protocol(format!(
             "a request cannot start with {}",
             variant(&other)
@@ -552,6 +557,33 @@ async fn take_snapshot(
                 },
             )
             .await?;
+            let _ = send.finish();
+            Ok(())
+        }
+        Err(e) => refuse(send, e.to_string()).await,
+    }
+}
+
+/// `TakeOver`: make `device` the volume's writer (V4).
+async fn take_over(
+    volumes: &Volumes,
+    client: &str,
+    volume: &str,
+    from: Option<Writer>,
+    device: [u8; 16],
+    send: &mut quinn::SendStream,
+) -> std::result::Result<(), Fault> {
+    let v = match volumes.open(client, volume, None) {
+        Ok(v) => v,
+        Err(e) => return refuse(send, e.to_string()).await,
+    };
+    let mut v = v.lock().await;
+    let taken = tokio::task::block_in_place(|| v.take_over(from, device));
+    drop(v);
+    match taken {
+        Ok(epoch) => {
+            tracing::info!(client, volume, epoch, "volume taken over by a new device");
+            wire::send(send, &Message::Committed { epoch }).await?;
             let _ = send.finish();
             Ok(())
         }

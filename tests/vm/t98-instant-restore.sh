@@ -4,7 +4,10 @@
 # once and its files read right while the background fill runs; files are
 # written; the daemon is killed with SIGKILL mid-fill and recovered; the
 # fill goes on from its crash-safe state; at the end every old and new
-# file is right, e2fsck is clean, and the fill state is gone.
+# file is right, e2fsck is clean, and the fill state is gone. With
+# --mirror the restored device took the volume over: once filled it
+# mirrors, the mirror ends equal to it, and the lost laptop's device is
+# refused.
 source "$(dirname "$0")/lib.sh"
 
 IMG=$WORK/disk.img
@@ -32,7 +35,7 @@ wait_line() {
 }
 fill_status() { "$UBLK_MIRROR" status --json | jq -r --argjson id "$1" ".[] | select(.id == \$id) | .status.attach.$2"; }
 
-"$UBLK_MIRROR" restore --instant --volume root --at base --to "$TARGET" --fill-rate 2M \
+"$UBLK_MIRROR" restore --instant --mirror --volume root --at base --to "$TARGET" --fill-rate 2M \
   --client-dir "$WORK/client" --state-dir "$WORK/state" > "$WORK/r1.out" 2> "$WORK/r1.log" &
 RPID=$!
 RDEV=$(wait_line "$WORK/r1.out")
@@ -66,8 +69,29 @@ echo 3 > /proc/sys/vm/drop_caches
   || fail "after the fill, the files are not right"
 umount "$MNT"
 e2fsck -fn "$RDEV" || fail "e2fsck finds the restored file system damaged"
+"$UBLK_MIRROR" sync "$RID" --timeout 300s || { cat "$WORK/r2.log" >&2; fail "the filled device does not mirror"; }
+"$UBLK_MIRROR" status --json | jq -e ".[] | select(.id == $RID) | .status.mirror.resync_same_bytes > 0" >/dev/null \
+  || { "$UBLK_MIRROR" status; fail "the first epoch did not compare by hash"; }
 kill -TERM "$RPID"; wait "$RPID" || { cat "$WORK/r2.log" >&2; fail "the restore daemon did not stop cleanly"; }
 for _ in $(seq 50); do [ -e "$RDEV" ] || break; sleep 0.1; done
 e2fsck -fn "$TARGET" || fail "the target file does not pass e2fsck"
-log "filled: every file right, e2fsck clean, an ordinary image"
+log "filled: every file right, e2fsck clean, an ordinary image, mirrored"
+"$UBLK_MIRROR" restore --volume root --to "$WORK/mirror.img" --client-dir "$WORK/client" \
+  || fail "restoring the volume's newest version failed"
+cmp "$WORK/mirror.img" "$TARGET" || fail "the mirror is not the restored device"
+"$UBLK_MIRROR" restore --volume root --at base --to "$WORK/base.img" --client-dir "$WORK/client" \
+  || fail "the volume's history was lost"
+rm -f "$WORK/mirror.img" "$WORK/base.img"
+# The lost laptop comes back online: its device is refused by the mirror.
+start_dev --backing "$IMG" --mirror root --client-dir "$WORK/client" --mirror-interval 1s
+dd if=/dev/urandom of="$DEV" bs=1M count=1 oflag=direct status=none
+refused=
+for _ in $(seq 60); do
+  "$UBLK_MIRROR" status --json | jq -r ".[] | select(.id == $DEV_ID) | .status.mirror.last_error // empty" \
+    | grep -q "another device" && { refused=1; break; }
+  sleep 1
+done
+[ -n "$refused" ] || { "$UBLK_MIRROR" status; fail "the old device was not refused after the take-over"; }
+stop_dev
+log "the mirror equals the restored device, its history is kept, the old device is refused"
 stop_mirror_server

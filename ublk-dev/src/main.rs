@@ -188,6 +188,14 @@ enum Command {
     ///
     ///   dev=$(ublk-mirror restore --instant --volume root --to /var/lib/disk.img --background)
     ///   mount "$dev" /mnt     # at once; `ublk-mirror status` shows the fill
+    ///
+    /// With --mirror as well, this device becomes the volume's writer (the
+    /// device that wrote it before is refused from then on; the volume's
+    /// versions are kept) and, once every block is here, goes on mirroring
+    /// to it: its writes meanwhile are tracked, and its first epoch sends
+    /// only the blocks that differ from the mirror.
+    ///
+    ///   dev=$(ublk-mirror restore --instant --mirror --volume root --to /var/lib/disk.img --background)
     #[command(verbatim_doc_comment)]
     Restore {
         /// The volume on the mirror server (this machine's).
@@ -237,6 +245,12 @@ enum Command {
         /// limit].
         #[arg(long, value_name = "SIZE", requires = "instant")]
         fill_rate: Option<ByteSize>,
+        /// (--instant) Take the volume over and go on mirroring to it once
+        /// the fill is done (its change journal goes where `add --backing
+        /// TARGET` looks: TARGET.ublk-mirror/, or /var/lib/ublk-mirror/NAME/
+        /// for a block device /dev/NAME).
+        #[arg(long, requires = "instant")]
+        mirror: bool,
     },
 
     /// Attach a version of a volume on the mirror as a local block device
@@ -466,6 +480,7 @@ struct InstantArgs {
     timeout: Span,
     id: Option<u32>,
     fill_rate: Option<ByteSize>,
+    mirror: bool,
 }
 
 /// `ublk-mirror attach`.
@@ -597,6 +612,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             timeout,
             id,
             fill_rate,
+            mirror,
         } => instant_restore(InstantArgs {
             volume,
             at,
@@ -607,6 +623,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             timeout,
             id,
             fill_rate,
+            mirror,
         }),
         Command::Restore {
             volume,
@@ -972,13 +989,36 @@ fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
         timeout_ms: timeout.map(|t| t.as_millis() as u64),
         fill_rate: args.fill_rate.map(|r| r.0),
     };
-    serve_on_demand(OnDemandRun {
-        spec: on_demand_spec(
-            &target,
+    let name = format!("restore-{}", args.volume);
+    let mut spec = on_demand_spec(&target, info.size, name, args.id);
+    if args.mirror {
+        // Tracked from the first write, and the volume's writer before
+        // the device exists: the device that wrote it is fenced off.
+        // Its journal where `add --backing TARGET --mirror VOLUME` finds
+        // it later (the same device, the volume's writer).
+        let mirrored = DeviceConfig {
+            backing: Some(target.clone()),
+            mirror: Some(args.volume.clone()),
+            client_dir: Some(args.client_dir.clone()),
+            ..DeviceConfig::default()
+        }
+        .validate()?;
+        spec.tracking = mirrored.tracking;
+        spec.mirror = mirrored.mirror;
+        let epoch = ublk_dev::replicator::take_over(
+            &args.client_dir,
+            &args.volume,
             info.size,
-            format!("restore-{}", args.volume),
-            args.id,
-        ),
+            &spec.tracking.state_dir,
+        )?;
+        tracing::info!(
+            volume = %args.volume,
+            epoch,
+            "this device is the volume's writer; it mirrors once every block is here"
+        );
+    }
+    serve_on_demand(OnDemandRun {
+        spec,
         backing,
         fetcher,
         record,
@@ -1000,9 +1040,15 @@ fn recover_instant(
     let Some(state) = attach.fill_state.clone() else {
         anyhow::bail!("device {id} is not an instant restore");
     };
-    let mut spec = on_demand_spec(&record.backing, record.size, record.name.clone(), Some(id));
-    spec.queues = info.queues;
-    spec.depth = info.depth;
+    // A restore that mirrors keeps its tracking and mirror settings.
+    let spec = if record.mirror.is_some() {
+        spec_for_recovery(id, &record, &info)
+    } else {
+        let mut spec = on_demand_spec(&record.backing, record.size, record.name.clone(), Some(id));
+        spec.queues = info.queues;
+        spec.depth = info.depth;
+        spec
+    };
     let backing = open_backing(&spec, false)?;
     system::private_mount_namespace()?;
     if !state.exists() {

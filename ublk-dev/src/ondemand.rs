@@ -91,6 +91,21 @@
 //! settled, and is written before any write whose blocks it does not hold
 //! yet completes. A recovered daemon takes the union of both states; after
 //! a reboot the live one is gone and the durable one alone holds.
+//!
+//! **Mirroring on** (`restore --instant --mirror`). The device takes the
+//! volume over first ([`crate::replicator::take_over`]: it becomes the
+//! writer; the volume's versions stay) and tracks its writes from the
+//! start, like any mirrored device; its replicator is held until the fill
+//! is done ([`crate::replicator::Hold`], [`OnDemand::filled`]). The fill
+//! writes the target behind the tracking's back, so the device's first
+//! epoch must compare every block with the mirror by hash. It does: the
+//! take-over drops the device's record of what the volume holds of its
+//! past (`mirror.json`) durably before the device exists, and only a
+//! running replicator writes that record again, after it marked the whole
+//! device for that comparison; a held replicator never runs. A kill or a
+//! reboot mid-fill changes none of this (the record stays dropped; the
+//! replicator of the recovered daemon is held too), and a kill after the
+//! fill but before the first epoch finds the record dropped as well.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -750,6 +765,11 @@ impl OnDemand {
                 }
             }
         }
+    }
+
+    /// Whether every block is local (an instant restore's fill is done).
+    pub fn filled(&self) -> bool {
+        self.filled.load(Ordering::Relaxed)
     }
 
     /// What `status` shows.

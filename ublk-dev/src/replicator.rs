@@ -43,6 +43,15 @@ pub fn take_snapshot(
     volume: &str,
     name: Option<&str>,
 ) -> Result<(String, u64, u64)> {
+    with_link(client_dir, async |link| link.snapshot(volume, name).await)
+}
+
+/// Run `ask` over a link to the server this machine is enrolled with
+/// (`client_dir`), on a runtime of its own; the link is closed after.
+fn with_link<T>(
+    client_dir: &Path,
+    ask: impl AsyncFnOnce(&Link) -> ublk_mirror_common::Result<T>,
+) -> Result<T> {
     let enrollment = Enrollment::load(client_dir)?;
     let identity = Identity::load(client_dir).map_err(|e| {
         Error::InvalidConfig(format!("{e} (enroll first: `ublk-mirror enroll TOKEN`)"))
@@ -54,11 +63,35 @@ pub fn take_snapshot(
         .map_err(|e| Error::io("starting the network runtime", e))?;
     rt.block_on(async {
         let link = Link::connect(&identity, server, &enrollment.address).await?;
-        let taken = link.snapshot(volume, name).await;
+        let answer = ask(&link).await;
         link.close().await;
-        taken
+        answer
     })
     .map_err(Error::Mirror)
+}
+
+/// Make the device whose change tracking lives in `state_dir` the writer
+/// of `volume` (of `size` bytes) on the server this machine is enrolled
+/// with (`client_dir`), so that it goes on mirroring a volume another
+/// device wrote (an instant restore with `--mirror`). The volume keeps its
+/// history; the device that wrote it before is refused from then on.
+///
+/// The device's record of what the volume holds of its past is dropped
+/// first, so that its first epoch compares the whole device with the
+/// volume by hash (what travels is only what differs). Returns the
+/// server epoch that holds the change; a device that is the writer
+/// already changes nothing on the server.
+pub fn take_over(client_dir: &Path, volume: &str, size: u64, state_dir: &Path) -> Result<u64> {
+    // Enrolled, before anything changes here.
+    Enrollment::load(client_dir)?;
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| Error::io(format!("making {}", state_dir.display()), e))?;
+    let device = device_id(state_dir)?;
+    Association::forget(state_dir)?;
+    with_link(client_dir, async |link| {
+        let info = link.open_volume(volume, size).await?;
+        link.take_over(volume, info.writer, device).await
+    })
 }
 
 /// The blocks of `candidates` whose content at `epoch` differs from the
@@ -146,6 +179,11 @@ pub struct MirrorStatus {
     pub known_bytes: u64,
 }
 
+/// Says whether the replicator must still wait before it connects (an
+/// instant restore's fill that is not done: the device is not yet what
+/// it will be, and its first epoch compares it whole with the mirror).
+pub type Hold = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// A running replicator; stops when dropped.
 #[derive(Debug)]
 pub struct Replicator {
@@ -161,6 +199,17 @@ impl Replicator {
     /// Start mirroring `tracker`'s device per `settings`. Fails only if this
     /// machine is not enrolled; the network is never waited for here.
     pub fn start(tracker: Arc<Tracker>, settings: MirrorSettings) -> Result<Replicator> {
+        Self::start_held(tracker, settings, None)
+    }
+
+    /// [`Replicator::start`], connecting only once `hold` says no more
+    /// (checked every second); writes meanwhile collect in the current
+    /// epoch, and nothing is cut.
+    pub fn start_held(
+        tracker: Arc<Tracker>,
+        settings: MirrorSettings,
+        hold: Option<Hold>,
+    ) -> Result<Replicator> {
         let enrollment = Enrollment::load(&settings.client_dir)?;
         let identity = Identity::load(&settings.client_dir).map_err(|e| {
             Error::InvalidConfig(format!("{e} (enroll first: `ublk-mirror enroll TOKEN`)"))
@@ -187,6 +236,7 @@ impl Replicator {
             kick: kick.clone(),
             stop: stop.clone(),
             stopped: stopped.clone(),
+            hold,
         };
         let thread = std::thread::Builder::new()
             .name("replicator".into())
@@ -272,6 +322,8 @@ struct Context {
     stop: Arc<AtomicBool>,
     /// Told when the replicator stops.
     stopped: Arc<tokio::sync::Notify>,
+    /// Wait while it says so.
+    hold: Option<Hold>,
 }
 
 impl Context {
@@ -294,6 +346,17 @@ impl Context {
     }
 
     async fn run(self) {
+        if let Some(hold) = &self.hold {
+            if hold() {
+                tracing::info!("mirroring starts when every block is local");
+                self.set(|s| s.link = "waiting for the fill".into());
+            }
+            while hold() {
+                if !self.pause(Duration::from_secs(1)).await {
+                    return;
+                }
+            }
+        }
         let mut backoff = Backoff::default();
         while !self.stopping() {
             self.set(|s| s.link = "connecting".into());
@@ -747,6 +810,17 @@ impl Association {
         let bytes = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::io("encoding mirror.json", std::io::Error::other(e)))?;
         write_durably(&Self::path(dir), &bytes)
+    }
+
+    /// Drop the record: the device's next session ships it whole (by
+    /// hash). Durable before it returns.
+    fn forget(dir: &Path) -> Result<()> {
+        match std::fs::remove_file(Self::path(dir)) {
+            Ok(()) => fsutil::sync_dir(dir)
+                .map_err(|e| Error::io(format!("syncing {}", dir.display()), e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("removing mirror.json", e)),
+        }
     }
 
     fn confirm(dir: &Path, epoch: u64) -> Result<()> {

@@ -632,7 +632,11 @@ where
     let mut record = target_record(spec, backing, config, on_demand.is_none() || restoring)?;
     let read_only = on_demand.as_ref().is_some_and(|(o, _)| !o.writable());
     let od = on_demand.map(|(o, r)| {
-        record.tracking = None;
+        // An instant restore that goes on mirroring tracks its writes from
+        // the start; other devices served on demand track nothing.
+        if !spec.tracking.enabled {
+            record.tracking = None;
+        }
         record.attached = Some(r);
         let stopping = o.clone();
         *stop.first.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -647,13 +651,20 @@ where
     let engine = Arc::new(Engine::new(geometry));
     // The journal is opened (and marked open) before any write can arrive;
     // a journal that cannot be trusted stops us before the device exists.
-    let tracker = match od {
-        Some(_) => None,
-        None => open_tracking(spec, backing, start, &record.backing)?,
+    let tracker = if od.is_some() && !spec.tracking.enabled {
+        None
+    } else {
+        open_tracking(spec, backing, start, &record.backing)?
     };
+    // A restore's device mirrors only once it is whole: until then it is
+    // not yet what the user will have.
+    let hold = od.as_ref().filter(|_| restoring).map(|o| {
+        let o = o.clone();
+        Arc::new(move || !o.filled()) as crate::replicator::Hold
+    });
     // Not enrolled stops us here, before the device exists; the network
     // itself is never waited for.
-    let replicator = start_replicator(spec, tracker.as_ref())?;
+    let replicator = start_replicator(spec, tracker.as_ref(), hold)?;
 
     let ctrl = create_device(spec, start, od.is_none() || restoring)?;
     let dev_id = ctrl.dev_info().dev_id;
@@ -767,11 +778,12 @@ fn open_tracking(
 fn start_replicator(
     spec: &DeviceSpec,
     tracker: Option<&Arc<Tracker>>,
+    hold: Option<crate::replicator::Hold>,
 ) -> Result<Option<Arc<Replicator>>> {
     let (Some(m), Some(t)) = (&spec.mirror, tracker) else {
         return Ok(None);
     };
-    let replicator = Replicator::start(
+    let replicator = Replicator::start_held(
         t.clone(),
         MirrorSettings {
             volume: m.volume.clone(),
@@ -780,6 +792,7 @@ fn start_replicator(
             zstd_level: m.zstd_level,
             bandwidth: m.bandwidth,
         },
+        hold,
     )?;
     Ok(Some(Arc::new(replicator)))
 }

@@ -10,7 +10,12 @@ use std::time::Duration;
 use ublk_dev::engine::Request;
 use ublk_dev::ondemand::{Fetcher, OnDemand, OnDemandOptions};
 
-use crate::mirror::{mirrored, Mirrored, SIZE};
+use ublk_dev::replicator::Replicator;
+use ublk_dev::tracking::{Tracker, TrackerOptions};
+use ublk_mirror_common::client::Link;
+use ublk_mirror_common::proto::Writer;
+
+use crate::mirror::{image, mirrored, settings, synced, Mirrored, SIZE};
 use crate::support::TestServer;
 
 fn options(client_dir: &Path, at: Option<&str>, cache_limit: u64) -> OnDemandOptions {
@@ -353,4 +358,154 @@ fn an_instant_restore_is_the_version_plus_the_writes_across_a_daemon_kill_and_a_
     od.stop();
     fetching.join().unwrap();
     drop(server);
+}
+
+/// Change tracking on a restore target, as `restore --instant --mirror`
+/// opens it (`history`: a new target, or the same after a daemon kill).
+fn tracked_target(target: &Path, history: ublk_dev::tracking::History) -> std::sync::Arc<Tracker> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(target)
+        .unwrap();
+    let (tracker, _) = Tracker::open(&TrackerOptions {
+        state_dir: &target.with_extension("ublk-mirror"),
+        identity: (target, 1),
+        file: &file,
+        device_size: SIZE,
+        region_size: 1 << 20,
+        history,
+        cow_memory: ublk_dev::epoch::DEFAULT_COW_MEMORY,
+    })
+    .unwrap();
+    std::sync::Arc::new(tracker)
+}
+
+/// Writes through the restore and its tracking, as the device's queues
+/// make them: tracked before they land.
+fn tracked_writes(od: &OnDemand, tracker: &Tracker, expected: &mut [u8], ops: usize, x: &mut u64) {
+    for _ in 0..ops {
+        let at = 4096 * (next(x) % (SIZE / 4096 - 40));
+        let len = 4096 * (1 + next(x) % 40) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| next(x) as u8).collect();
+        let ticket = tracker
+            .before_write(&Request::write(at, len as u64))
+            .unwrap();
+        od.write_blocking(&bytes, at).unwrap();
+        if let Some(t) = ticket {
+            tracker.after_write(t);
+        }
+        expected[at as usize..at as usize + len].copy_from_slice(&bytes);
+    }
+}
+
+#[test]
+fn an_instant_restore_that_mirrors_takes_the_volume_over_and_ships_only_what_differs() {
+    // The old laptop wrote "v", then more; its disk is lost.
+    let Mirrored {
+        dir,
+        data,
+        client_dir,
+        server,
+        versions,
+        ..
+    } = mirrored(&[(4, Some("v")), (9, None)]);
+    let (version, newest) = (&versions[0], &versions[1]);
+    assert!(version != newest);
+    let old_device = ublk_dev::replicator::device_id(&dir.path().join("state")).unwrap();
+
+    let target = dir.path().join("restored.img");
+    let state = dir.path().join("restored.fill");
+    let tracking = target.with_extension("ublk-mirror");
+    let mut expected = version.clone();
+    let mut x = 29u64;
+    let (od, fetching) = instant(&client_dir, &target, &state);
+    // The new device becomes the writer before its first write.
+    let epoch = ublk_dev::replicator::take_over(&client_dir, "root", SIZE, &tracking).unwrap();
+    assert_eq!(
+        ublk_dev::replicator::take_over(&client_dir, "root", SIZE, &tracking).unwrap(),
+        epoch,
+        "a retried take-over is not the same"
+    );
+    let hold = |od: &std::sync::Arc<OnDemand>| {
+        let od = od.clone();
+        Some(std::sync::Arc::new(move || !od.filled()) as ublk_dev::replicator::Hold)
+    };
+    let tracker = tracked_target(&target, ublk_dev::tracking::History::NewFile);
+    let replicator =
+        Replicator::start_held(tracker.clone(), settings(&client_dir, 3, None), hold(&od)).unwrap();
+    tracked_writes(&od, &tracker, &mut expected, 20, &mut x);
+    assert_eq!(replicator.status().link, "waiting for the fill");
+
+    // The daemon dies mid-fill; a new one goes on, tracking and holding.
+    drop(replicator);
+    drop(tracker);
+    od.stop();
+    fetching.join().unwrap();
+    assert!(
+        state.exists(),
+        "filled before the kill: make the fill slower"
+    );
+    let (od, fetching) = instant(&client_dir, &target, &state);
+    let tracker = tracked_target(&target, ublk_dev::tracking::History::Recovering);
+    let replicator =
+        Replicator::start_held(tracker.clone(), settings(&client_dir, 3, None), hold(&od)).unwrap();
+    tracked_writes(&od, &tracker, &mut expected, 20, &mut x);
+    wait_filled(&od);
+    // Mirroring now: the first epoch compares the device with the volume
+    // (the newest version, not "v") and sends what differs.
+    tracked_writes(&od, &tracker, &mut expected, 10, &mut x);
+    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    assert!(std::fs::read(&target).unwrap() == expected);
+    assert!(
+        image(&data) == expected,
+        "the mirror is not the restored device"
+    );
+    let s = replicator.status();
+    assert!(s.server_epoch > epoch, "{s:?}");
+    assert!(
+        s.resync_same_bytes > SIZE / 4,
+        "blocks the same travelled: {s:?}"
+    );
+
+    // The volume's history is kept; the old device is refused.
+    let (v, reading) = attach(dir.path(), options(&client_dir, Some("v"), u64::MAX));
+    random_reads_match(&v, version, 50, 3);
+    v.stop();
+    reading.join().unwrap();
+    let err = refused_epoch(&client_dir, old_device);
+    assert!(err.contains("another device"), "{err}");
+    drop(replicator);
+    od.stop();
+    fetching.join().unwrap();
+    drop(server);
+}
+
+/// What the server answers an epoch of `device` on volume "root".
+fn refused_epoch(client_dir: &Path, device: [u8; 16]) -> String {
+    let enrollment = ublk_dev::enrollment::Enrollment::load(client_dir).unwrap();
+    let identity = ublk_mirror_common::identity::Identity::load(client_dir).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let link = Link::connect(&identity, enrollment.server().unwrap(), &enrollment.address)
+            .await
+            .unwrap();
+        let info = link.open_volume("root", SIZE).await.unwrap();
+        let writer = Writer { device, epoch: 99 };
+        let sent = link
+            .send_epoch(
+                "root",
+                info.published_epoch + 1,
+                writer,
+                &[(0, 4096)],
+                3,
+                |_, len| Ok(vec![1u8; len as usize]),
+            )
+            .await;
+        link.close().await;
+        sent.map(|_| "published").unwrap_err().to_string()
+    })
 }

@@ -127,7 +127,7 @@ pub fn fixed_listen() -> String {
     format!("127.0.0.1:{}", socket.local_addr().unwrap().port())
 }
 
-fn image(data: &Path) -> Vec<u8> {
+pub fn image(data: &Path) -> Vec<u8> {
     std::fs::read(data.join("volumes/laptop/root/image")).unwrap()
 }
 

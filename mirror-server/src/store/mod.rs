@@ -547,6 +547,56 @@ impl Volume {
         Ok(staging)
     }
 
+    /// Make `device` the volume's writer, if its writer is `from` now
+    /// (compare and swap; protocol V4's `TakeOver`): an empty epoch written
+    /// by `device` (its local epoch 0) is published, so that the change is
+    /// a version like any other, made by the chunk store's create-only
+    /// write of the version record (of two servers racing, one wins; the
+    /// other sees the volume moved on). Any staging of the old writer is
+    /// dropped, and its epochs are refused from then on ([`Volume::begin`]).
+    /// Returns the epoch that holds the change; a device that is the
+    /// writer already gets the published epoch (a retried take-over).
+    pub fn take_over(&mut self, from: Option<Writer>, device: [u8; 16]) -> Result<u64> {
+        if self.poisoned {
+            self.active = None;
+            self.recover()?;
+            self.poisoned = false;
+        }
+        // A compare and swap must compare with the newest.
+        self.refresh()?;
+        let now = self.state.writer();
+        if now.is_some_and(|w| w.device == device) {
+            return Ok(self.state.published_epoch);
+        }
+        if now != from {
+            return Err(Error::Invalid(format!(
+                "the volume moved on (now at epoch {}, written by {}): look again and retry",
+                self.state.published_epoch,
+                now.map_or_else(|| "no device".into(), |w| hex_encode(&w.device))
+            )));
+        }
+        self.active = None;
+        for (n, _) in staging_epochs(&self.dir)? {
+            remove_staging(&self.dir, n);
+        }
+        let epoch = self.state.published_epoch + 1;
+        let staging = Arc::new(Staging::create(
+            &self.dir,
+            epoch,
+            Writer { device, epoch: 0 },
+            self.state.size,
+        )?);
+        self.active = Some(staging.clone());
+        self.commit(&staging)?;
+        tracing::info!(
+            epoch,
+            from = %from.map_or_else(|| "none".into(), |w| hex_encode(&w.device)),
+            to = %hex_encode(&device),
+            "a device took the volume over"
+        );
+        Ok(epoch)
+    }
+
     /// The epoch being staged, if it is `epoch`: for data streams.
     pub fn staging(&self, epoch: u64) -> Option<Arc<Staging>> {
         self.active
@@ -1319,6 +1369,62 @@ mod tests {
         let (v, recovery) = Volume::open(&vdir).unwrap();
         assert_eq!(recovery, Recovery::default());
         assert_eq!(v.state().published_epoch, 2);
+    }
+
+    #[test]
+    fn a_take_over_fences_the_old_writer_and_keeps_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let vdir = dir.path().join("vol");
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        let image = block(5, SIZE as usize);
+        publish_whole(&mut v, 1, &image);
+        v.snapshot(Some("before"), Kind::Manual).unwrap();
+        let new = [7u8; 16];
+        // The old writer has an epoch half staged.
+        let half = v.begin(2, me(2)).unwrap();
+        let a = block(9, 4096);
+        half.add(0, 4096, &digest(&a), Encoding::Raw, &a).unwrap();
+        // A swap against a writer that is not the volume's is refused.
+        let err = v.take_over(None, new).unwrap_err().to_string();
+        assert!(err.contains("moved on"), "{err}");
+        assert_eq!(v.take_over(Some(me(1)), new).unwrap(), 2);
+        let mine = Writer {
+            device: new,
+            epoch: 0,
+        };
+        assert_eq!(v.state().writer(), Some(mine));
+        assert_eq!(v.state().published_epoch, 2);
+        // The image and the history are as they were.
+        let mut buf = vec![0u8; SIZE as usize];
+        v.read_at(&mut buf, 0).unwrap();
+        assert!(buf == image, "the image changed");
+        assert_eq!(v.snapshots().list().len(), 1);
+        // The old writer's staging is gone, and its epochs are refused.
+        assert!(
+            v.commit(&half).is_err(),
+            "a fenced writer's epoch published"
+        );
+        let err = v.begin(3, me(3)).unwrap_err().to_string();
+        assert!(err.contains("another device"), "{err}");
+        // Retried (the answer was lost): the same epoch, nothing new.
+        assert_eq!(v.take_over(Some(me(1)), new).unwrap(), 2);
+        // The new writer's epochs are taken, also after a restart.
+        drop(v);
+        let (mut v, _) = Volume::open(&vdir).unwrap();
+        assert_eq!(v.state().writer(), Some(mine));
+        let s = v
+            .begin(
+                3,
+                Writer {
+                    device: new,
+                    epoch: 1,
+                },
+            )
+            .unwrap();
+        s.add(0, 4096, &digest(&a), Encoding::Raw, &a).unwrap();
+        v.commit(&s).unwrap();
+        v.read_at(&mut buf[..4096], 0).unwrap();
+        assert_eq!(&buf[..4096], &a[..]);
     }
 
     #[test]
