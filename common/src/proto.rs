@@ -51,7 +51,8 @@
 //!   server publishes an empty epoch whose writer is the new device, by
 //!   the same create-only write of the version record as every epoch, so
 //!   of two servers (or two devices) racing, one wins. A V4 server speaks
-//!   V3 and V2 to older clients.
+//!   V3 and V2 to older clients; a V4 client needs a V4 server (upgrade
+//!   servers first).
 //!
 //! # An epoch, step by step (V2)
 //!

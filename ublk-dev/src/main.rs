@@ -1052,7 +1052,11 @@ fn recover_instant(
     let backing = open_backing(&spec, false)?;
     system::private_mount_namespace()?;
     if !state.exists() {
-        // Filled before the daemon died.
+        // Filled before the daemon died: an ordinary device, mirrored if
+        // it was to be.
+        if spec.mirror.is_some() {
+            ublk_dev::replicator::restore_filled(&spec.tracking.state_dir)?;
+        }
         let served = Arc::new(AtomicBool::new(false));
         return run_device(&spec, &backing, Start::Recover(id), None, served);
     }

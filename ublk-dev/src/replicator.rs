@@ -87,11 +87,31 @@ pub fn take_over(client_dir: &Path, volume: &str, size: u64, state_dir: &Path) -
     std::fs::create_dir_all(state_dir)
         .map_err(|e| Error::io(format!("making {}", state_dir.display()), e))?;
     let device = device_id(state_dir)?;
+    // Until the fill is done this device must not mirror, whoever runs
+    // it (`add --backing TARGET` too): its unfilled blocks are not the
+    // disk yet.
+    write_durably(&state_dir.join(RESTORING), b"")?;
     Association::forget(state_dir)?;
     with_link(client_dir, async |link| {
         let info = link.open_volume(volume, size).await?;
         link.take_over(volume, info.writer, device).await
     })
+}
+
+/// In a device's state directory while it is an instant restore that
+/// will mirror and is not yet filled ([`take_over`] makes it,
+/// [`restore_filled`] removes it): its replicator does not ship.
+const RESTORING: &str = "restoring";
+
+/// The instant restore of the device whose state is in `state_dir` is
+/// filled: it may mirror. Durable before it returns.
+pub fn restore_filled(state_dir: &Path) -> Result<()> {
+    match std::fs::remove_file(state_dir.join(RESTORING)) {
+        Ok(()) => fsutil::sync_dir(state_dir)
+            .map_err(|e| Error::io(format!("syncing {}", state_dir.display()), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing the restore marker", e)),
+    }
 }
 
 /// The blocks of `candidates` whose content at `epoch` differs from the
@@ -353,6 +373,26 @@ impl Context {
             }
             while hold() {
                 if !self.pause(Duration::from_secs(1)).await {
+                    return;
+                }
+            }
+            let dir = self.tracker.state_dir().to_path_buf();
+            if let Err(e) = blocking("a replicator worker", move || restore_filled(&dir)).await {
+                tracing::error!("mirroring cannot start: {e}");
+                self.set(|s| s.last_error = Some(e.to_string()));
+                return;
+            }
+        } else if self.tracker.state_dir().join(RESTORING).exists() {
+            let why = "this disk is an instant restore that is not filled yet: run the same \
+                       `ublk-mirror restore --instant --mirror` again to finish it (or \
+                       `ublk-mirror recover N` if its device is still there); it mirrors then";
+            tracing::error!("not mirroring: {why}");
+            self.set(|s| {
+                s.link = "not filled".into();
+                s.last_error = Some(why.into());
+            });
+            while self.tracker.state_dir().join(RESTORING).exists() {
+                if !self.pause(Duration::from_secs(5)).await {
                     return;
                 }
             }

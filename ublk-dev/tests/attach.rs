@@ -446,6 +446,22 @@ fn an_instant_restore_that_mirrors_takes_the_volume_over_and_ships_only_what_dif
         state.exists(),
         "filled before the kill: make the fill slower"
     );
+    // Added as an ordinary mirrored device instead, the unfilled disk is
+    // not shipped over the volume.
+    let tracker = tracked_target(&target, ublk_dev::tracking::History::Recovering);
+    let plain = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while plain.status().link != "not filled" {
+        assert!(std::time::Instant::now() < deadline, "{:?}", plain.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(plain
+        .status()
+        .last_error
+        .unwrap()
+        .contains("restore --instant --mirror"));
+    drop(plain);
+    drop(tracker);
     let (od, fetching) = instant(&client_dir, &target, &state);
     let tracker = tracked_target(&target, ublk_dev::tracking::History::Recovering);
     let replicator =
@@ -468,6 +484,10 @@ fn an_instant_restore_that_mirrors_takes_the_volume_over_and_ships_only_what_dif
         "blocks the same travelled: {s:?}"
     );
 
+    assert!(
+        !tracking.join("restoring").exists(),
+        "the restore marker outlived the fill"
+    );
     // The volume's history is kept; the old device is refused.
     let (v, reading) = attach(dir.path(), options(&client_dir, Some("v"), u64::MAX));
     random_reads_match(&v, version, 50, 3);

@@ -565,7 +565,11 @@ impl Volume {
         // A compare and swap must compare with the newest.
         self.refresh()?;
         let now = self.state.writer();
-        if now.is_some_and(|w| w.device == device) {
+        let taken = Writer { device, epoch: 0 };
+        // Only the take-over's own epoch is a retry: a device whose
+        // journal began again (its local epochs from 1 again) gets a new
+        // one, so that none of its epochs looks published already.
+        if now == Some(taken) {
             return Ok(self.state.published_epoch);
         }
         if now != from {
@@ -580,12 +584,7 @@ impl Volume {
             remove_staging(&self.dir, n);
         }
         let epoch = self.state.published_epoch + 1;
-        let staging = Arc::new(Staging::create(
-            &self.dir,
-            epoch,
-            Writer { device, epoch: 0 },
-            self.state.size,
-        )?);
+        let staging = Arc::new(Staging::create(&self.dir, epoch, taken, self.state.size)?);
         self.active = Some(staging.clone());
         self.commit(&staging)?;
         tracing::info!(
@@ -1425,6 +1424,14 @@ mod tests {
         v.commit(&s).unwrap();
         v.read_at(&mut buf[..4096], 0).unwrap();
         assert_eq!(&buf[..4096], &a[..]);
+        // Taken over again by the same device (its journal began again):
+        // a new epoch, so that its local epoch 1 is not taken as published.
+        let first = Writer {
+            device: new,
+            epoch: 1,
+        };
+        assert_eq!(v.take_over(Some(first), new).unwrap(), 4);
+        assert_eq!(v.state().writer(), Some(mine));
     }
 
     #[test]
