@@ -495,34 +495,22 @@ impl Link {
     /// Make `device` the writer of `volume`, whose writer is `from` now
     /// (as [`Link::open_volume`] said): the server publishes an empty
     /// epoch of `device` and refuses other devices' epochs from then on.
-    /// Returns that epoch. Refused if the volume moved on meanwhile, and
-    /// by a server older than [`Version::V4`].
+    /// Returns that epoch. Refused if the volume moved on meanwhile.
     pub async fn take_over(
         &self,
         volume: &str,
         from: Option<Writer>,
         device: [u8; 16],
     ) -> Result<u64> {
-        let (mut send, mut recv, version) = open_stream(&self.conn).await?;
-        if version < Version::V4 {
-            return Err(Error::Refused(format!(
-                "the mirror server speaks protocol {version:?}; taking a volume over needs {:?} (upgrade the server)",
-                Version::V4
-            )));
-        }
-        wire::send(
-            &mut send,
-            &Message::TakeOver {
+        match self
+            .ask(Message::TakeOver {
                 volume: volume.to_string(),
                 from,
                 device,
-            },
-        )
-        .await?;
-        let _ = send.finish();
-        match wire::expect(&mut recv).await? {
+            })
+            .await?
+        {
             Message::Committed { epoch } => Ok(epoch),
-            Message::Refused { reason } => Err(Error::Refused(reason)),
             other => Err(unexpected(&other, "as an answer")),
         }
     }

@@ -106,12 +106,8 @@ const RESTORING: &str = "restoring";
 /// The instant restore of the device whose state is in `state_dir` is
 /// filled: it may mirror. Durable before it returns.
 pub fn restore_filled(state_dir: &Path) -> Result<()> {
-    match std::fs::remove_file(state_dir.join(RESTORING)) {
-        Ok(()) => fsutil::sync_dir(state_dir)
-            .map_err(|e| Error::io(format!("syncing {}", state_dir.display()), e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("removing the restore marker", e)),
-    }
+    fsutil::remove_durably(&state_dir.join(RESTORING))
+        .map_err(|e| Error::io("removing the restore marker", e))
 }
 
 /// The blocks of `candidates` whose content at `epoch` differs from the
@@ -855,12 +851,7 @@ impl Association {
     /// Drop the record: the device's next session ships it whole (by
     /// hash). Durable before it returns.
     fn forget(dir: &Path) -> Result<()> {
-        match std::fs::remove_file(Self::path(dir)) {
-            Ok(()) => fsutil::sync_dir(dir)
-                .map_err(|e| Error::io(format!("syncing {}", dir.display()), e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("removing mirror.json", e)),
-        }
+        fsutil::remove_durably(&Self::path(dir)).map_err(|e| Error::io("removing mirror.json", e))
     }
 
     fn confirm(dir: &Path, epoch: u64) -> Result<()> {

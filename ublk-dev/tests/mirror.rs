@@ -27,28 +27,65 @@ pub struct Mirrored {
     pub versions: Vec<Vec<u8>>,
 }
 
-/// For each `(seed, snapshot)`: the workload of `seed` written and on the
-/// mirror, then the snapshot taken if named; the device's bytes then.
-pub fn mirrored(steps: &[(u64, Option<&str>)]) -> Mirrored {
+/// A mirror server on 127.0.0.1 at a fixed address (so that a restarted
+/// server is where the client looks) with its data in `dir`/server, and
+/// this machine enrolled with it as "laptop" (`dir`/client).
+pub struct Enrolled {
+    pub dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub listen: String,
+    pub client_dir: PathBuf,
+    pub server: TestServer,
+}
+
+pub fn enrolled() -> Enrolled {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("server");
     let listen = fixed_listen();
     let server = TestServer::start(&data, &listen);
     let client_dir = dir.path().join("client");
     ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    Enrolled {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+    }
+}
+
+/// A new tracked device in `dir`, mirrored to volume "root" as
+/// `client_dir` is enrolled.
+pub fn mirrored_device(dir: &Path, client_dir: &Path) -> (TrackedDevice, Replicator) {
+    let device = TrackedDevice::new(dir, SIZE, 1 << 20);
+    let replicator =
+        Replicator::start(device.tracker.clone(), settings(client_dir, 3, None)).unwrap();
+    (device, replicator)
+}
+
+/// For each `(seed, snapshot)`: the workload of `seed` written and on the
+/// mirror, then the snapshot taken if named; the device's bytes then.
+pub fn mirrored(steps: &[(u64, Option<&str>)]) -> Mirrored {
+    let Enrolled {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+    } = enrolled();
+    let (device, replicator) = mirrored_device(dir.path(), &client_dir);
     let TrackedDevice {
         backing,
         engine,
         tracker,
-    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
-    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
-    let mut io = LocalIo::new(&engine, backing.file())
+    } = &device;
+    let mut io = LocalIo::new(engine, backing.file())
         .unwrap()
-        .with_tracker(&tracker);
+        .with_tracker(tracker);
     let mut versions = Vec::new();
     for &(seed, snapshot) in steps {
         workload(&mut io, seed);
-        assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+        assert!(synced(tracker, &replicator), "{:?}", replicator.status());
         versions.push(std::fs::read(backing.path()).unwrap());
         if let Some(name) = snapshot {
             ublk_dev::replicator::take_snapshot(&client_dir, "root", Some(name)).unwrap();
@@ -133,28 +170,27 @@ pub fn image(data: &Path) -> Vec<u8> {
 
 #[test]
 fn the_mirror_follows_the_device_across_a_server_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("server");
-    // A fixed port, so that a restarted server is where the client looks.
-    let listen = fixed_listen();
-    let server = TestServer::start(&data, &listen);
-    let client_dir = dir.path().join("client");
-    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
-
+    let Enrolled {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+    } = enrolled();
+    let (device, replicator) = mirrored_device(dir.path(), &client_dir);
     let TrackedDevice {
         backing,
         engine,
         tracker,
-    } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
-    let replicator = Replicator::start(tracker.clone(), settings(&client_dir, 3, None)).unwrap();
-    let mut io = LocalIo::new(&engine, backing.file())
+    } = &device;
+    let mut io = LocalIo::new(engine, backing.file())
         .unwrap()
-        .with_tracker(&tracker);
+        .with_tracker(tracker);
 
     for round in 0..3 {
         workload(&mut io, round);
         assert!(
-            synced(&tracker, &replicator),
+            synced(tracker, &replicator),
             "round {round}: not synced: {:?}",
             replicator.status()
         );
@@ -181,7 +217,7 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
     let server = TestServer::start(&data, &listen);
     workload(&mut io, 11);
     assert!(
-        synced(&tracker, &replicator),
+        synced(tracker, &replicator),
         "not synced after the restart: {:?}",
         replicator.status()
     );
@@ -197,7 +233,7 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
     let _server = TestServer::start(&data, &listen);
     workload(&mut io, 12);
     assert!(
-        synced(&tracker, &replicator),
+        synced(tracker, &replicator),
         "not synced to a new volume: {:?}",
         replicator.status()
     );
