@@ -67,6 +67,23 @@ dev_state() {
   "$UBLK_MIRROR" list --json | jq -r --argjson id "$1" '.[] | select(.id == $id) | .state'
 }
 
+# fresh_status ID JQ: JQ over device ID's `status --json` entry, once its
+# daemon has published a status newer than now (it publishes about once a
+# second, so a status read right after some I/O may not count it yet).
+fresh_status() {
+  local now; now=$(date +%s%3N)
+  for _ in $(seq 100); do
+    "$UBLK_MIRROR" status --json > "$WORK/status.json"
+    if jq -e --argjson id "$1" --argjson now "$now" \
+        '.[] | select(.id == $id and .status.updated_ms > $now)' "$WORK/status.json" >/dev/null; then
+      jq -r --argjson id "$1" ".[] | select(.id == \$id) | $2" "$WORK/status.json"
+      return 0
+    fi
+    sleep 0.2
+  done
+  cat "$WORK/status.json" >&2; fail "device $1 published no status for 20 s"
+}
+
 # allocated FILE: bytes the file occupies on disk.
 allocated() { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
 

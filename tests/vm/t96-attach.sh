@@ -47,7 +47,7 @@ grep -v ' docs/big$' "$WORK/then.md5" > "$WORK/small.md5"
 grep -q "the way it was" "$AT/docs/letter.txt" || fail "the letter is not as it was"
 [ ! -e "$AT/docs/new1" ] || fail "a file written after the snapshot is in the attached version"
 [ -e "$AT/docs/old1" ] || fail "a file deleted after the snapshot is missing from the attached version"
-fetched=$("$UBLK_MIRROR" status --json | jq --argjson id "$AID" '.[] | select(.id == $id) | .status.attach.fetched_bytes')
+fetched=$(fresh_status "$AID" .status.attach.fetched_bytes)
 log "small files read from the attached version: $fetched bytes fetched"
 # Reading the small files (and the file system's metadata, sequentially,
 # with read-ahead) fetches a fraction of the 256 MiB volume; the 24 MiB
@@ -62,7 +62,7 @@ stop_mirror_server
 READER=$!
 sleep 5
 kill -0 "$READER" 2>/dev/null || fail "the read finished without the mirror"
-"$UBLK_MIRROR" status --json | jq -e --argjson id "$AID" '.[] | select(.id == $id) | .status.attach.link_up == false' >/dev/null \
+[ "$(fresh_status "$AID" .status.attach.link_up)" = false ] \
   || fail "status does not show the link down"
 "$MS" --data "$DATA" serve > "$WORK/server2.out" 2> "$WORK/server2.log" &
 SPID=$!

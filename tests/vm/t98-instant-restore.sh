@@ -70,7 +70,7 @@ echo 3 > /proc/sys/vm/drop_caches
 umount "$MNT"
 e2fsck -fn "$RDEV" || fail "e2fsck finds the restored file system damaged"
 "$UBLK_MIRROR" sync "$RID" --timeout 300s || { cat "$WORK/r2.log" >&2; fail "the filled device does not mirror"; }
-"$UBLK_MIRROR" status --json | jq -e ".[] | select(.id == $RID) | .status.mirror.resync_same_bytes > 0" >/dev/null \
+[ "$(fresh_status "$RID" .status.mirror.resync_same_bytes)" -gt 0 ] \
   || { "$UBLK_MIRROR" status; fail "the first epoch did not compare by hash"; }
 kill -TERM "$RPID"; wait "$RPID" || { cat "$WORK/r2.log" >&2; fail "the restore daemon did not stop cleanly"; }
 for _ in $(seq 50); do [ -e "$RDEV" ] || break; sleep 0.1; done

@@ -26,6 +26,12 @@
 //! (the extent reads as zeroes). The stream ends with `{"end":true}`, or
 //! `{"error":...}` if the read failed midway. A request with a `version`
 //! this daemon does not speak is answered with an error naming its own.
+//!
+//! A mirrored instant restore refuses `seal` until its replicator has
+//! opened the first epoch, which compares the whole device with the
+//! mirror (an epoch sealed before would ship the old image plus a few
+//! writes: a disk that never was), and answers `sync` at once with an
+//! error while it fills.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -38,6 +44,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::replicator::Handle;
 use crate::status::STATUS_DIR;
 use crate::tracking::{EpochInfo, Released, SealAt, Tracker, MAX_EPOCH_READ};
 
@@ -170,22 +177,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listen on device `id`'s socket (replacing a stale one). `kick`
-    /// asks the replicator for a cut, if the device is mirrored.
-    pub fn start(
-        id: u32,
-        tracker: Arc<Tracker>,
-        kick: Option<Arc<tokio::sync::Notify>>,
-    ) -> Result<Server> {
-        Server::start_at(&path(id), tracker, kick)
+    /// Listen on device `id`'s socket (replacing a stale one). `mirror`
+    /// is the replicator's handle, if the device is mirrored.
+    pub fn start(id: u32, tracker: Arc<Tracker>, mirror: Option<Handle>) -> Result<Server> {
+        Server::start_at(&path(id), tracker, mirror)
     }
 
     /// Listen on `path`.
-    pub fn start_at(
-        path: &Path,
-        tracker: Arc<Tracker>,
-        kick: Option<Arc<tokio::sync::Notify>>,
-    ) -> Result<Server> {
+    pub fn start_at(path: &Path, tracker: Arc<Tracker>, mirror: Option<Handle>) -> Result<Server> {
         let ctx = |what: &str| format!("{what} control socket {}", path.display());
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -220,11 +219,11 @@ impl Server {
                         }
                     };
                     let tracker = tracker.clone();
-                    let kick = kick.clone();
+                    let mirror = mirror.clone();
                     let spawned = std::thread::Builder::new()
                         .name("control-conn".into())
                         .spawn(move || {
-                            if let Err(e) = serve(conn, &tracker, kick.as_deref()) {
+                            if let Err(e) = serve(conn, &tracker, mirror.as_ref()) {
                                 tracing::debug!("control connection ended: {e}");
                             }
                         });
@@ -282,11 +281,7 @@ fn send_line(out: &mut impl Write, value: &impl Serialize) -> std::io::Result<()
     out.write_all(&line)
 }
 
-fn serve(
-    conn: UnixStream,
-    tracker: &Tracker,
-    kick: Option<&tokio::sync::Notify>,
-) -> std::io::Result<()> {
+fn serve(conn: UnixStream, tracker: &Tracker, mirror: Option<&Handle>) -> std::io::Result<()> {
     // A client that connects and says nothing does not hold a thread forever.
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?).take(MAX_REQUEST);
@@ -323,7 +318,19 @@ fn serve(
             } else {
                 SealAt::Now
             };
-            answer(&mut out, tracker.seal(at).map(|epoch| SealReply { epoch }))?;
+            let sealed = match mirror {
+                Some(m) if !m.started() => Err(Error::Daemon {
+                    message: "this device is an instant restore whose mirroring has not begun: \
+                              its first epoch compares the whole device with the mirror once \
+                              every block is local and the mirror is reached, and an epoch \
+                              sealed before it would make a version of a disk that never was \
+                              (see `ublk-mirror status`)"
+                        .into(),
+                    kind: ErrorKind::Device,
+                }),
+                _ => tracker.seal(at).map(|epoch| SealReply { epoch }),
+            };
+            answer(&mut out, sealed)?;
         }
         Request::Epochs => {
             let s = tracker.status();
@@ -339,11 +346,11 @@ fn serve(
         Request::Sync { timeout_ms } => {
             answer(
                 &mut out,
-                sync(tracker, kick, Duration::from_millis(timeout_ms)),
+                sync(tracker, mirror, Duration::from_millis(timeout_ms)),
             )?;
         }
         Request::Release { epoch } => {
-            let r: Result<Released> = if kick.is_some() {
+            let r: Result<Released> = if mirror.is_some() {
                 Err(Error::InvalidConfig(
                     "this device is mirrored: the replicator releases its epochs once the mirror has them".into(),
                 ))
@@ -383,16 +390,21 @@ fn serve(
 }
 
 /// Wait until every change recorded before now is released (on the mirror).
-fn sync(
-    tracker: &Tracker,
-    kick: Option<&tokio::sync::Notify>,
-    timeout: Duration,
-) -> Result<SyncReply> {
-    let Some(kick) = kick else {
+fn sync(tracker: &Tracker, mirror: Option<&Handle>, timeout: Duration) -> Result<SyncReply> {
+    let Some(mirror) = mirror else {
         return Err(Error::InvalidConfig(
             "this device is not mirrored (add it with --mirror VOLUME)".into(),
         ));
     };
+    if mirror.filling() {
+        // Hours, for a big disk: no use waiting out a timeout.
+        return Err(Error::Daemon {
+            message: "this device is an instant restore still filling: it begins mirroring \
+                      once every block is local (see `ublk-mirror status`); sync then"
+                .into(),
+            kind: ErrorKind::Device,
+        });
+    }
     let target = tracker.sync_target();
     let deadline = std::time::Instant::now() + timeout;
     loop {
@@ -409,7 +421,7 @@ fn sync(
                 kind: ErrorKind::Device,
             });
         }
-        kick.notify_one();
+        mirror.kick();
         std::thread::sleep(Duration::from_millis(50));
     }
 }

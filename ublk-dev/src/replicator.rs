@@ -200,12 +200,46 @@ pub struct MirrorStatus {
 /// it will be, and its first epoch compares it whole with the mirror).
 pub type Hold = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// What the control socket may ask of a device's replicator: a cut now,
+/// and whether epochs sealed now would ship as versions.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    kick: Arc<tokio::sync::Notify>,
+    started: Arc<AtomicBool>,
+    filling: Arc<AtomicBool>,
+}
+
+impl Handle {
+    /// Ask for a cut now.
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Whether an epoch sealed now ships as a version of the device.
+    /// Not yet for an instant restore before its first epoch (which
+    /// compares the whole device with the mirror) is open: an epoch sealed
+    /// before it would publish the old image plus a few writes, a disk
+    /// that never was.
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// Whether the replicator waits for an instant restore's fill.
+    pub fn filling(&self) -> bool {
+        self.filling.load(Ordering::SeqCst)
+    }
+}
+
 /// A running replicator; stops when dropped.
 #[derive(Debug)]
 pub struct Replicator {
     tracker: Arc<Tracker>,
     status: Arc<Mutex<MirrorStatus>>,
     kick: Arc<tokio::sync::Notify>,
+    /// See [`Handle::started`].
+    started: Arc<AtomicBool>,
+    /// See [`Handle::filling`].
+    filling: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     stopped: Arc<tokio::sync::Notify>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -240,6 +274,8 @@ impl Replicator {
         let kick = Arc::new(tokio::sync::Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::new(tokio::sync::Notify::new());
+        let started = Arc::new(AtomicBool::new(false));
+        let filling = Arc::new(AtomicBool::new(hold.is_some()));
         let device = device_id(tracker.state_dir())?;
         let ctx = Context {
             device,
@@ -253,6 +289,8 @@ impl Replicator {
             stop: stop.clone(),
             stopped: stopped.clone(),
             hold,
+            started: started.clone(),
+            filling: filling.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("replicator".into())
@@ -276,6 +314,8 @@ impl Replicator {
             kick,
             stop,
             stopped,
+            started,
+            filling,
             thread: Some(thread),
         })
     }
@@ -299,6 +339,15 @@ impl Replicator {
     /// Ask for a cut now (a `sync` waits for everything written before it).
     pub fn kick(&self) -> Arc<tokio::sync::Notify> {
         self.kick.clone()
+    }
+
+    /// What the control socket needs of it.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            kick: self.kick.clone(),
+            started: self.started.clone(),
+            filling: self.filling.clone(),
+        }
     }
 }
 
@@ -340,6 +389,10 @@ struct Context {
     stopped: Arc<tokio::sync::Notify>,
     /// Wait while it says so.
     hold: Option<Hold>,
+    /// See [`Handle::started`].
+    started: Arc<AtomicBool>,
+    /// See [`Handle::filling`].
+    filling: Arc<AtomicBool>,
 }
 
 impl Context {
@@ -372,6 +425,7 @@ impl Context {
                     return;
                 }
             }
+            self.filling.store(false, Ordering::SeqCst);
             let dir = self.tracker.state_dir().to_path_buf();
             if let Err(e) = blocking("a replicator worker", move || restore_filled(&dir)).await {
                 tracing::error!("mirroring cannot start: {e}");
@@ -392,6 +446,10 @@ impl Context {
                     return;
                 }
             }
+        } else {
+            // No whole-device comparison to wait for: what is sealed from
+            // now on ships as it is.
+            self.started.store(true, Ordering::SeqCst);
         }
         let mut backoff = Backoff::default();
         while !self.stopping() {
@@ -458,6 +516,8 @@ impl Context {
             .map_err(Error::Mirror)?;
         *connected = true;
         self.associate(&info).await?;
+        // A restore's first epoch (the whole device, compared) is open now.
+        self.started.store(true, Ordering::SeqCst);
         tracing::info!(
             volume = %self.settings.volume,
             server = %self.address,

@@ -685,7 +685,7 @@ where
     // The device works without its control socket; only epochs cannot be
     // handled from outside then.
     let _control = tracker.as_ref().and_then(|t| {
-        control::Server::start(dev_id, t.clone(), replicator.as_ref().map(|r| r.kick()))
+        control::Server::start(dev_id, t.clone(), replicator.as_ref().map(|r| r.handle()))
             .map_err(|e| tracing::warn!("no control socket: {e}"))
             .ok()
     });

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use ublk_dev::control::{Client, Server};
 use ublk_dev::engine::Request;
 use ublk_dev::ondemand::{Fetcher, OnDemand, OnDemandOptions};
 
@@ -436,6 +437,22 @@ fn an_instant_restore_that_mirrors_takes_the_volume_over_and_ships_only_what_dif
         Replicator::start_held(tracker.clone(), settings(&client_dir, 3, None), hold(&od)).unwrap();
     tracked_writes(&od, &tracker, &mut expected, 20, &mut x);
     assert_eq!(replicator.status().link, "waiting for the fill");
+    // From outside, no epoch is sealed before the whole-device comparison
+    // (it would publish the old image plus these writes), and a sync says
+    // at once why it cannot be done yet.
+    let sock = dir.path().join("control.sock");
+    let control = Server::start_at(&sock, tracker.clone(), Some(replicator.handle())).unwrap();
+    let err = Client::at(&sock).seal(None).unwrap_err().to_string();
+    assert!(err.contains("mirroring has not begun"), "{err}");
+    let asked = std::time::Instant::now();
+    let err = Client::at(&sock)
+        .sync(Duration::from_secs(60))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("still filling"), "{err}");
+    assert!(asked.elapsed() < Duration::from_secs(30), "sync waited");
+    assert_eq!(tracker.status().current_epoch, 1, "an epoch was sealed");
+    drop(control);
 
     // The daemon dies mid-fill; a new one goes on, tracking and holding.
     drop(replicator);
@@ -460,6 +477,7 @@ fn an_instant_restore_that_mirrors_takes_the_volume_over_and_ships_only_what_dif
         .last_error
         .unwrap()
         .contains("restore --instant --mirror"));
+    assert!(!plain.handle().started(), "an unfilled disk takes seals");
     drop(plain);
     drop(tracker);
     let (od, fetching) = instant(&client_dir, &target, &state);
@@ -472,6 +490,7 @@ fn an_instant_restore_that_mirrors_takes_the_volume_over_and_ships_only_what_dif
     // (the newest version, not "v") and sends what differs.
     tracked_writes(&od, &tracker, &mut expected, 10, &mut x);
     assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    assert!(replicator.handle().started() && !replicator.handle().filling());
     assert!(std::fs::read(&target).unwrap() == expected);
     assert!(
         image(&data) == expected,
