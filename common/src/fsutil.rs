@@ -28,6 +28,37 @@ pub fn punch_or_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> 
     Ok(())
 }
 
+/// The holes of `file` in `range` (`SEEK_DATA`/`SEEK_HOLE`), ascending:
+/// parts that read as zeroes without being stored. Beyond the end of the
+/// file counts as a hole. A file system (or block device) that cannot tell
+/// has none: everything is data, which is never wrong, only slower. The
+/// file offset moves (nothing here uses it: reads are positional).
+pub fn holes(file: &File, range: std::ops::Range<u64>) -> Vec<std::ops::Range<u64>> {
+    use nix::unistd::{lseek, Whence};
+    let mut out = Vec::new();
+    let mut at = range.start;
+    while at < range.end {
+        let data = match lseek(file, at as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            // No data from `at` to the end of the file.
+            Err(nix::errno::Errno::ENXIO) => range.end,
+            Err(_) => return Vec::new(),
+        };
+        if data > at {
+            out.push(at..data.min(range.end));
+        }
+        if data >= range.end {
+            break;
+        }
+        at = match lseek(file, data as i64, Whence::SeekHole) {
+            Ok(h) if h as u64 > data => h as u64,
+            // A hole must follow data (the end of the file is one).
+            _ => return Vec::new(),
+        };
+    }
+    out
+}
+
 /// An exclusive `flock` on `path` (made if missing), held until the
 /// returned lock is dropped; with `wait: false`, `WouldBlock` when another
 /// holds it.
@@ -113,15 +144,44 @@ mod tests {
     }
 
     fn tempfile_in_tmp() -> File {
-        let path = std::env::temp_dir().join(format!("fsutil-test-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
+        tempfile::tempfile().unwrap()
+    }
+
+    #[test]
+    fn holes_are_what_reads_as_zeroes_unstored_and_data_is_never_one() {
+        const MIB: u64 = 1 << 20;
+        let file = tempfile_in_tmp();
+        file.set_len(8 * MIB).unwrap();
+        let data = [MIB..MIB + 65536, 3 * MIB..3 * MIB + 4096];
+        for r in &data {
+            file.write_all_at(&vec![9u8; (r.end - r.start) as usize], r.start)
+                .unwrap();
+        }
+        let holes = holes(&file, 0..8 * MIB);
+        for h in &holes {
+            assert!(h.start < h.end && h.end <= 8 * MIB, "{holes:?}");
+            for d in &data {
+                assert!(
+                    h.end <= d.start || d.end <= h.start,
+                    "data in a hole: {holes:?}"
+                );
+            }
+            let mut buf = vec![1u8; (h.end - h.start) as usize];
+            file.read_exact_at(&mut buf, h.start).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "a hole that is not zero");
+        }
+        let total: u64 = holes.iter().map(|h| h.end - h.start).sum();
+        // ext4 (this machine's, CI's) tells holes at its block size.
+        assert_eq!(total, 8 * MIB - 65536 - 4096, "{holes:?}");
+        // A range inside one hole, one inside data, and past the end.
+        assert_eq!(
+            super::holes(&file, 5 * MIB..6 * MIB),
+            vec![5 * MIB..6 * MIB]
+        );
+        assert!(super::holes(&file, MIB + 4096..MIB + 8192).is_empty());
+        assert_eq!(
+            super::holes(&file, 8 * MIB..9 * MIB),
+            vec![8 * MIB..9 * MIB]
+        );
     }
 }

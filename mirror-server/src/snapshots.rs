@@ -755,13 +755,8 @@ impl Snapshots {
 /// Whether `file` has data (not a hole) anywhere in `[start, end)`; a file
 /// system that cannot tell says data.
 fn image_has_data(file: &File, start: u64, end: u64) -> bool {
-    // The file offset moves; nothing here uses it (reads are positional).
-    match nix::unistd::lseek(file, start as i64, nix::unistd::Whence::SeekData) {
-        Ok(at) => (at as u64) < end,
-        // ENXIO: no data after `start`.
-        Err(nix::errno::Errno::ENXIO) => false,
-        Err(_) => true,
-    }
+    let holes = ublk_mirror_common::fsutil::holes(file, start..end);
+    holes.first() != Some(&(start..end))
 }
 
 /// A volume's snapshots as listed (read only: safe while a server runs),

@@ -15,7 +15,7 @@
 //! ```text
 //! replicate --image IMG --client-dir DIR --state-dir DIR --volume NAME
 //!           [--rewrite-percent 1] [--server-pid PID]
-//! replicate --ceiling IMG      # sha256 + zstd of the same data, one thread, no network
+//! replicate --ceiling IMG [--threads N]  # sha256 + zstd of the same data, no network (N: all cores)
 //! replicate --memory-probe SIZE --state-dir DIR [--writes N]
 //!     # memory of tracking a sparse device of SIZE (e.g. 1T): resident set
 //!     # before, after opening it with a new journal (all of it to resync),
@@ -30,6 +30,7 @@
 //!     # 100 ms (p50, p99, max), and how long the mirror took to catch up
 //! ```
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,31 +175,46 @@ fn sync(tracker: &Tracker, replicator: &Replicator) {
     }
 }
 
-fn ceiling(image: &Path) {
+/// sha256 + zstd (level 3) of every 64 KiB block of `image` (zero blocks
+/// hashed, not compressed, as the replicator does), on `threads` threads
+/// each taking a contiguous part: what the CPUs allow, with no network and
+/// no store.
+fn ceiling(image: &Path, threads: usize) {
     use sha2::{Digest as _, Sha256};
-    use std::io::Read;
-    let mut f = std::fs::File::open(image).expect("open image");
-    let mut buf = vec![0u8; 64 << 10];
-    let (mut bytes, mut wire) = (0u64, 0u64);
+    let size = std::fs::metadata(image).expect("stat image").len();
+    let part = size.div_ceil(threads as u64).div_ceil(64 << 10) * (64 << 10);
     let started = Instant::now();
     let cpu = cpu_seconds();
-    loop {
-        let n = f.read(&mut buf).expect("read");
-        if n == 0 {
-            break;
-        }
-        let block = &buf[..n];
-        bytes += n as u64;
-        let _digest: [u8; 32] = Sha256::digest(block).into();
-        if block.iter().any(|&b| b != 0) {
-            wire += zstd::bulk::compress(block, 3).expect("zstd").len().min(n) as u64;
-        }
-    }
+    let wire: u64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads as u64)
+            .map(|i| {
+                scope.spawn(move || {
+                    let f = std::fs::File::open(image).expect("open image");
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut wire = 0u64;
+                    let mut at = i * part;
+                    while at < ((i + 1) * part).min(size) {
+                        let n = (size - at).min(buf.len() as u64) as usize;
+                        f.read_exact_at(&mut buf[..n], at).expect("read");
+                        let block = &buf[..n];
+                        let _digest: [u8; 32] = Sha256::digest(block).into();
+                        if block.iter().any(|&b| b != 0) {
+                            wire +=
+                                zstd::bulk::compress(block, 3).expect("zstd").len().min(n) as u64;
+                        }
+                        at += n as u64;
+                    }
+                    wire
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("worker")).sum()
+    });
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{{\"phase\":\"ceiling\",\"seconds\":{secs:.3},\"cpu_seconds\":{:.3},\"bytes\":{bytes},\"wire_bytes\":{wire},\"mib_per_s\":{:.1}}}",
+        "{{\"phase\":\"ceiling\",\"threads\":{threads},\"seconds\":{secs:.3},\"cpu_seconds\":{:.3},\"bytes\":{size},\"wire_bytes\":{wire},\"mib_per_s\":{:.1}}}",
         cpu_seconds() - cpu,
-        bytes as f64 / (1 << 20) as f64 / secs
+        size as f64 / (1 << 20) as f64 / secs
     );
 }
 
@@ -340,7 +356,11 @@ fn main() {
     ublk_dev::system::limit_heap_arenas();
     let args: Vec<String> = std::env::args().collect();
     if let Some(image) = arg(&args, "--ceiling") {
-        return ceiling(Path::new(&image));
+        let threads = arg(&args, "--threads").map_or_else(
+            || std::thread::available_parallelism().map_or(1, usize::from),
+            |t| t.parse().expect("--threads N"),
+        );
+        return ceiling(Path::new(&image), threads.max(1));
     }
     if args.iter().any(|a| a == "--lag") {
         return lag(&args);

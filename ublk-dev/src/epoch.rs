@@ -413,6 +413,19 @@ impl Epochs {
         }
     }
 
+    /// The chunks of `range` (as byte ranges) a read of epoch `id` takes
+    /// from preserved versions: written since its cut.
+    pub fn preserved(&self, id: u64, range: Range<u64>) -> RangeSet {
+        let mut out = RangeSet::new();
+        let chunks = range.start / CHUNK..range.end.div_ceil(CHUNK);
+        for (&c, list) in self.store.versions.range(chunks) {
+            if list.iter().any(|(cut, _)| *cut >= id) {
+                out.insert(self.chunk_range(c));
+            }
+        }
+        out
+    }
+
     /// The byte range of chunk `c`.
     pub fn chunk_range(&self, c: u64) -> Range<u64> {
         c * CHUNK..((c + 1) * CHUNK).min(self.device_size)

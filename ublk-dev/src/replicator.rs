@@ -21,13 +21,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use ublk_mirror_common::block::{self, split};
+use ublk_mirror_common::block::{self, split, BLOCK};
 use ublk_mirror_common::client::{Link, VolumeInfo};
 use ublk_mirror_common::clock::now_ms;
 use ublk_mirror_common::fsutil;
 use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Writer;
+use ublk_mirror_common::RangeSet;
 
 use crate::blocking;
 use crate::enrollment::Enrollment;
@@ -588,18 +589,41 @@ impl Context {
             epoch,
         };
         let sealed = self.tracker.epoch(epoch)?;
-        let (mut blocks, candidates, unknown, fresh) = match plan(info, me, &sealed, size) {
-            // Published before the link broke (the server says whose
-            // epoch its image holds), or no longer readable as its cut
-            // (its changes move into the current epoch as resync ranges).
-            Plan::AlreadyPublished | Plan::Broken => return self.release(epoch),
-            Plan::Ship {
-                blocks,
-                candidates,
-                unknown,
-                fresh,
-            } => (blocks, candidates, unknown, fresh),
+        // A fresh volume is zeroes: what is a hole here need not travel,
+        // nor be read (a sparse disk's first sync reads its data only).
+        let holes = if fresh(info) && sealed.broken.is_none() {
+            let mut changed = sealed.changes.data.clone();
+            changed.union_with(&sealed.changes.zeroed);
+            changed.union_with(&sealed.changes.resync);
+            let tracker = self.tracker.clone();
+            blocking("a replicator worker", move || {
+                tracker.holes_at_cut(epoch, &changed)
+            })
+            .await?
+        } else {
+            RangeSet::new()
         };
+        let (mut blocks, candidates, unknown, fresh, skipped) =
+            match plan(info, me, &sealed, size, &holes) {
+                // Published before the link broke (the server says whose
+                // epoch its image holds), or no longer readable as its cut
+                // (its changes move into the current epoch as resync ranges).
+                Plan::AlreadyPublished | Plan::Broken => return self.release(epoch),
+                Plan::Ship {
+                    blocks,
+                    candidates,
+                    unknown,
+                    fresh,
+                    skipped,
+                } => (blocks, candidates, unknown, fresh, skipped),
+            };
+        if skipped > 0 {
+            tracing::info!(
+                epoch,
+                skipped,
+                "first sync: holes of the device are not read nor sent (the new volume is zeroes there)"
+            );
+        }
         if !candidates.is_empty() {
             let theirs = link
                 .hashes(&self.settings.volume, &candidates)
@@ -649,7 +673,7 @@ impl Context {
         if fresh {
             // Zero blocks of a fresh volume are what a resync by hash
             // would have found the same.
-            self.set(|s| s.resync_same_bytes += shipped.zero_bytes);
+            self.set(|s| s.resync_same_bytes += shipped.zero_bytes + skipped);
         }
         info.published_epoch = remote;
         info.writer = Some(me);
@@ -816,18 +840,45 @@ enum Plan {
     /// Ship `blocks`, and those of `candidates` whose content differs
     /// from the mirror's (`unknown`: their bytes). A `fresh` volume
     /// (never written) has no candidates: every block travels, zero ones
-    /// as holes, so the device is read once.
+    /// as holes, so the device is read once, except whole blocks that
+    /// are holes at the cut (`skipped` bytes): a fresh volume is zeroes
+    /// there already, and they are not even read.
     Ship {
         blocks: Vec<(u64, u32)>,
         candidates: Vec<(u64, u32)>,
         unknown: u64,
         fresh: bool,
+        skipped: u64,
     },
 }
 
+/// Whether the volume was never written (its image is all zeroes).
+fn fresh(info: &VolumeInfo) -> bool {
+    info.published_epoch == 0 && info.writer.is_none()
+}
+
+/// The whole blocks (of the [`BLOCK`] grid, the last one short) of
+/// `ranges`, on a device of `size` bytes.
+fn whole_blocks(ranges: &RangeSet, size: u64) -> RangeSet {
+    let mut out = RangeSet::new();
+    for r in ranges.iter() {
+        let start = r.start.div_ceil(BLOCK) * BLOCK;
+        let end = if r.end >= size {
+            size
+        } else {
+            r.end / BLOCK * BLOCK
+        };
+        if start < end {
+            out.insert(start..end);
+        }
+    }
+    out
+}
+
 /// The plan for sealed epoch `sealed` of writer `me`, for the volume as
-/// `info` describes it, of `size` bytes.
-fn plan(info: &VolumeInfo, me: Writer, sealed: &Sealed, size: u64) -> Plan {
+/// `info` describes it, of `size` bytes; `holes` read as zeroes at the cut
+/// (used for a fresh volume only).
+fn plan(info: &VolumeInfo, me: Writer, sealed: &Sealed, size: u64, holes: &RangeSet) -> Plan {
     if info.writer == Some(me) {
         return Plan::AlreadyPublished;
     }
@@ -841,18 +892,25 @@ fn plan(info: &VolumeInfo, me: Writer, sealed: &Sealed, size: u64) -> Plan {
     known.union_with(&sealed.changes.zeroed);
     let mut unknown = sealed.changes.resync.clone();
     unknown.subtract(&known);
-    let mut blocks = split(&known, size);
-    let mut candidates = split(&unknown, size);
-    let fresh = info.published_epoch == 0 && info.writer.is_none();
-    if fresh {
-        blocks.append(&mut candidates);
-        blocks.sort_unstable();
+    if fresh(info) {
+        let mut all = known;
+        all.union_with(&unknown);
+        let before = all.len();
+        all.subtract(&whole_blocks(holes, size));
+        return Plan::Ship {
+            blocks: split(&all, size),
+            candidates: Vec::new(),
+            unknown: unknown.len(),
+            fresh: true,
+            skipped: before - all.len(),
+        };
     }
     Plan::Ship {
-        blocks,
-        candidates,
+        blocks: split(&known, size),
+        candidates: split(&unknown, size),
         unknown: unknown.len(),
-        fresh,
+        fresh: false,
+        skipped: 0,
     }
 }
 
@@ -929,8 +987,6 @@ impl Association {
 mod tests {
     use super::*;
     use crate::epoch::Changes;
-    use ublk_mirror_common::block::BLOCK;
-    use ublk_mirror_common::RangeSet;
 
     const SEC: Duration = Duration::from_secs(1);
 
@@ -1069,6 +1125,7 @@ mod tests {
 
     #[test]
     fn an_epoch_is_released_shipped_or_resynced_by_what_the_mirror_holds() {
+        let none = RangeSet::new();
         let me = Writer {
             device: [1; 16],
             epoch: 4,
@@ -1080,35 +1137,79 @@ mod tests {
         let s = sealed(data.clone(), resync.clone(), false);
         // The server holds it already.
         assert_eq!(
-            plan(&volume(7, Some(me)), me, &s, 1 << 30),
+            plan(&volume(7, Some(me)), me, &s, 1 << 30, &none),
             Plan::AlreadyPublished
         );
         // It cannot be read as its cut.
         let broken = sealed(data.clone(), resync.clone(), true);
-        assert_eq!(plan(&volume(7, None), me, &broken, 1 << 30), Plan::Broken);
+        assert_eq!(
+            plan(&volume(7, None), me, &broken, 1 << 30, &none),
+            Plan::Broken
+        );
         // A volume with a past: known changes travel, the rest is compared.
         let older = Writer { epoch: 3, ..me };
         assert_eq!(
-            plan(&volume(7, Some(older)), me, &s, 1 << 30),
+            plan(&volume(7, Some(older)), me, &s, 1 << 30, &none),
             Plan::Ship {
                 blocks: vec![(0, 100)],
                 candidates: vec![(100, (BLOCK - 100) as u32), (BLOCK, 10)],
                 unknown: BLOCK + 10 - 100,
                 fresh: false,
+                skipped: 0,
             }
         );
         // A fresh volume: everything travels, nothing is compared.
         assert_eq!(
-            plan(&volume(0, None), me, &s, 1 << 30),
+            plan(&volume(0, None), me, &s, 1 << 30, &none),
             Plan::Ship {
-                blocks: vec![(0, 100), (100, (BLOCK - 100) as u32), (BLOCK, 10)],
+                blocks: vec![(0, BLOCK as u32), (BLOCK, 10)],
                 candidates: vec![],
                 unknown: BLOCK + 10 - 100,
                 fresh: true,
+                skipped: 0,
             }
         );
+        // Except whole blocks that are holes at the cut (a part of one
+        // travels: the block is not all hole); holes count on a volume
+        // with a past only by comparing.
+        let mut whole = RangeSet::new();
+        whole.insert(0..8 * BLOCK);
+        let all = sealed(RangeSet::new(), whole, false);
+        let mut holes = RangeSet::new();
+        holes.insert(BLOCK / 2..3 * BLOCK);
+        holes.insert(6 * BLOCK + 1..8 * BLOCK);
+        assert_eq!(
+            plan(&volume(0, None), me, &all, 8 * BLOCK, &holes),
+            Plan::Ship {
+                blocks: vec![
+                    (0, BLOCK as u32),
+                    (3 * BLOCK, BLOCK as u32),
+                    (4 * BLOCK, BLOCK as u32),
+                    (5 * BLOCK, BLOCK as u32),
+                    (6 * BLOCK, BLOCK as u32),
+                ],
+                candidates: vec![],
+                unknown: 8 * BLOCK,
+                fresh: true,
+                skipped: 3 * BLOCK,
+            }
+        );
+        // The device's last, short block is whole when the hole reaches
+        // its end.
+        let Plan::Ship {
+            blocks, skipped, ..
+        } = plan(&volume(0, None), me, &all, 7 * BLOCK + 5, &holes)
+        else {
+            panic!("not shipped")
+        };
+        assert_eq!((blocks.len(), skipped), (5, 2 * BLOCK + 5));
+        assert!(matches!(
+            plan(&volume(7, Some(older)), me, &all, 8 * BLOCK, &holes),
+            Plan::Ship { skipped: 0, ref candidates, .. } if candidates.len() == 8
+        ));
         // Nothing past the device's end.
-        let Plan::Ship { candidates, .. } = plan(&volume(7, Some(older)), me, &s, BLOCK) else {
+        let Plan::Ship { candidates, .. } = plan(&volume(7, Some(older)), me, &s, BLOCK, &none)
+        else {
             panic!("not shipped")
         };
         assert_eq!(candidates, vec![(100, (BLOCK - 100) as u32)]);

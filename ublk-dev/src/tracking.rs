@@ -554,6 +554,33 @@ impl Tracker {
         Ok(())
     }
 
+    /// The parts of `within` that read as zeroes at epoch `id`'s cut,
+    /// found without reading a byte: holes of the backing file in chunks
+    /// nothing was preserved of since the cut. `within` must lie in what
+    /// the epoch changed (as for [`Tracker::read_epoch`]).
+    ///
+    /// Why it is the cut: the file is asked first, then the preserved
+    /// versions. A write after the cut into a chunk the epoch changed
+    /// preserves the chunk before it is issued; if it came before the file
+    /// was asked, its chunk is found preserved and taken out; if after,
+    /// the hole the file showed was still the cut's.
+    pub fn holes_at_cut(&self, id: u64, within: &RangeSet) -> Result<RangeSet> {
+        let mut holes = RangeSet::new();
+        for r in within.iter() {
+            for h in fsutil::holes(&self.file, r) {
+                holes.insert(h);
+            }
+        }
+        let live = lock(&self.live);
+        live.epochs.get(id)?;
+        let mut preserved = RangeSet::new();
+        for h in holes.iter() {
+            preserved.union_with(&live.epochs.preserved(id, h));
+        }
+        holes.subtract(&preserved);
+        Ok(holes)
+    }
+
     /// Mark every region and make the whole device the current epoch's
     /// resync ranges: for a mirror that cannot be trusted to hold the
     /// device's past (a new volume, another server, an older image). Durable

@@ -12,7 +12,8 @@ use ublk_dev::control::{Client, Server};
 use crate::support::TrackedDevice;
 use ublk_dev::engine::uring::LocalIo;
 use ublk_dev::engine::{Engine, Op, Request};
-use ublk_dev::tracking::Tracker;
+use ublk_dev::tracking::{SealAt, Tracker};
+use ublk_mirror_common::RangeSet;
 
 const SIZE: u64 = 8 << 20;
 
@@ -135,4 +136,43 @@ fn bad_requests_get_clear_answers() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("is the device's daemon running"), "{err}");
+}
+
+#[test]
+fn holes_at_a_cut_read_as_zeroes_at_the_cut_whatever_came_after() {
+    let s = setup();
+    let mut io = LocalIo::new(&s.engine, s.backing.file())
+        .unwrap()
+        .with_tracker(&s.tracker);
+    let (a, b, c) = (1u64 << 20, 4u64 << 20, 6u64 << 20);
+    io.submit(Request::write(a, 65536), &[0xaa; 65536]).unwrap();
+    io.submit(Request::write(b, 65536), &[0xbb; 65536]).unwrap();
+    // The whole device is the epoch, as for a first sync.
+    s.tracker.resync_all().unwrap();
+    let epoch = s.tracker.seal(SealAt::Now).unwrap();
+    // After the cut, the data at `a` is discarded (a hole in the file
+    // now) and a hole at `c` is written.
+    io.submit(Request::new(Op::Discard, a, 65536), &[]).unwrap();
+    io.submit(Request::write(c, 4096), &[0xcc; 4096]).unwrap();
+    assert!(
+        ublk_mirror_common::fsutil::holes(s.backing.file(), a..a + 65536).first()
+            == Some(&(a..a + 65536)),
+        "the discard made no hole: this test tests nothing"
+    );
+    let mut all = RangeSet::new();
+    all.insert(0..SIZE);
+    let holes = s.tracker.holes_at_cut(epoch, &all).unwrap();
+    assert!(
+        !holes.intersects(a..a + 65536),
+        "data at the cut taken for a hole"
+    );
+    assert!(!holes.intersects(b..b + 65536), "data taken for a hole");
+    for h in holes.iter() {
+        let mut buf = vec![1u8; (h.end - h.start) as usize];
+        s.tracker.read_epoch(epoch, h.start, &mut buf).unwrap();
+        assert!(buf.iter().all(|&x| x == 0), "{h:?} is not zero at the cut");
+    }
+    // The rest of the device is holes (the write at `c` filled one).
+    assert_eq!(holes.len(), SIZE - 2 * 65536 - 4096, "{holes:?}");
+    s.tracker.release(epoch).unwrap();
 }
