@@ -175,8 +175,9 @@ fn sync(tracker: &Tracker, replicator: &Replicator) {
     }
 }
 
-/// sha256 + zstd (level 3) of every 64 KiB block of `image` (zero blocks
-/// hashed, not compressed, as the replicator does), on `threads` threads
+/// sha256 + zstd (level 3) of every 64 KiB block of `image` but its holes
+/// (zero blocks hashed, not compressed, as the replicator does), on
+/// `threads` threads
 /// each taking a contiguous part: what the CPUs allow, with no network and
 /// no store.
 fn ceiling(image: &Path, threads: usize) {
@@ -193,7 +194,14 @@ fn ceiling(image: &Path, threads: usize) {
                     let mut buf = vec![0u8; 64 << 10];
                     let mut wire = 0u64;
                     let mut at = i * part;
-                    while at < ((i + 1) * part).min(size) {
+                    let end = ((i + 1) * part).min(size);
+                    // The holes are skipped unread, as the first sync does.
+                    let holes = ublk_mirror_common::fsutil::holes(&f, at.min(end)..end);
+                    while at < end {
+                        if let Some(h) = holes.iter().find(|h| h.contains(&at)) {
+                            at = h.end;
+                            continue;
+                        }
                         let n = (size - at).min(buf.len() as u64) as usize;
                         f.read_exact_at(&mut buf[..n], at).expect("read");
                         let block = &buf[..n];

@@ -399,7 +399,7 @@ fn sync(tracker: &Tracker, mirror: Option<&Handle>, timeout: Duration) -> Result
     if mirror.filling() {
         // Hours, for a big disk: no use waiting out a timeout.
         return Err(Error::Daemon {
-            message: "this device is an instant restore still filling: it begins mirroring \
+            message: "this device is an instant restore not filled yet: it begins mirroring \
                       once every block is local (see `ublk-mirror status`); sync then"
                 .into(),
             kind: ErrorKind::Device,

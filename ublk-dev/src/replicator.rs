@@ -225,7 +225,9 @@ impl Handle {
         self.started.load(Ordering::SeqCst)
     }
 
-    /// Whether the replicator waits for an instant restore's fill.
+    /// Whether the replicator waits for an instant restore's fill (or,
+    /// started as an ordinary device on an unfilled restore, for the
+    /// restore to be run again).
     pub fn filling(&self) -> bool {
         self.filling.load(Ordering::SeqCst)
     }
@@ -276,7 +278,9 @@ impl Replicator {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::new(tokio::sync::Notify::new());
         let started = Arc::new(AtomicBool::new(false));
-        let filling = Arc::new(AtomicBool::new(hold.is_some()));
+        let filling = Arc::new(AtomicBool::new(
+            hold.is_some() || tracker.state_dir().join(RESTORING).exists(),
+        ));
         let device = device_id(tracker.state_dir())?;
         let ctx = Context {
             device,
@@ -447,6 +451,7 @@ impl Context {
                     return;
                 }
             }
+            self.filling.store(false, Ordering::SeqCst);
         } else {
             // No whole-device comparison to wait for: what is sealed from
             // now on ships as it is.

@@ -572,7 +572,11 @@ impl Tracker {
             }
         }
         let live = lock(&self.live);
-        live.epochs.get(id)?;
+        if live.epochs.get(id)?.broken.is_some() {
+            // A chunk it could not preserve may be a hole now: no hole is
+            // known (reading the epoch says it is broken).
+            return Ok(RangeSet::new());
+        }
         let mut preserved = RangeSet::new();
         for h in holes.iter() {
             preserved.union_with(&live.epochs.preserved(id, h));

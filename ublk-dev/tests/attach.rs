@@ -449,7 +449,7 @@ fn an_instant_restore_that_mirrors_takes_the_volume_over_and_ships_only_what_dif
         .sync(Duration::from_secs(60))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("still filling"), "{err}");
+    assert!(err.contains("not filled yet"), "{err}");
     assert!(asked.elapsed() < Duration::from_secs(30), "sync waited");
     assert_eq!(tracker.status().current_epoch, 1, "an epoch was sealed");
     drop(control);
@@ -478,6 +478,10 @@ fn an_instant_restore_that_mirrors_takes_the_volume_over_and_ships_only_what_dif
         .unwrap()
         .contains("restore --instant --mirror"));
     assert!(!plain.handle().started(), "an unfilled disk takes seals");
+    assert!(
+        plain.handle().filling(),
+        "a sync on an unfilled disk would wait"
+    );
     drop(plain);
     drop(tracker);
     let (od, fetching) = instant(&client_dir, &target, &state);
