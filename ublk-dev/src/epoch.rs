@@ -44,8 +44,11 @@
 //!
 //! The caller ([`crate::tracking::Tracker`]) does the I/O: it asks
 //! [`Epochs::to_preserve`] which chunks a write needs preserved, reads them
-//! from the backing file, and stores them with [`Epochs::preserve`], all
-//! before the write is issued and under one lock.
+//! from the backing file, and stores them with [`Epochs::preserve_at`]
+//! (at the cut it was asked for), all before the write is issued. The
+//! read need not happen under the caller's lock, as long as no write to
+//! those chunks is issued between the question and the store: see
+//! [`crate::tracking`].
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
@@ -460,11 +463,14 @@ impl Epochs {
                 if self.written.intersects(r.clone()) {
                     return false;
                 }
+                // A broken epoch is resynced, never read as its cut: it
+                // needs nothing kept (and a chunk whose preservation
+                // failed is not asked for again).
                 match self
                     .sealed
                     .iter()
                     .rev()
-                    .find(|s| s.changes.touches(r.clone()))
+                    .find(|s| s.broken.is_none() && s.changes.touches(r.clone()))
                 {
                     Some(s) => !self.store.has_version_since(c, s.id),
                     None => false,
@@ -478,8 +484,20 @@ impl Epochs {
     /// epoch that needs the chunk is marked broken (the write goes ahead:
     /// the cut is lost, never the local data).
     pub fn preserve(&mut self, c: u64, data: &[u8]) {
+        self.preserve_at(c, self.current - 1, data);
+    }
+
+    /// Keep `data`, chunk `c`'s content at the cut of epoch `cut` (the last
+    /// sealed one when [`Epochs::to_preserve`] asked for it: a caller that
+    /// read the chunk since, with no write to it issued in between, may
+    /// store it after later cuts). Nothing is kept once `cut` is released:
+    /// no epoch needs it any more.
+    pub fn preserve_at(&mut self, c: u64, cut: u64, data: &[u8]) {
         debug_assert_eq!(data.len() as u64, self.chunk_range(c).end - c * CHUNK);
-        if let Err(e) = self.store.put(c, self.current - 1, data) {
+        if cut <= self.released {
+            return;
+        }
+        if let Err(e) = self.store.put(c, cut, data) {
             self.preserve_failed(c, &format!("cannot preserve a chunk: {e}"));
         }
     }

@@ -36,6 +36,7 @@ pub mod status;
 pub mod system;
 pub mod tracking;
 pub mod ublk;
+pub mod wake;
 
 pub use error::{Error, ErrorKind, Result};
 

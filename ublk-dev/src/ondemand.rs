@@ -12,8 +12,8 @@
 //!
 //! **Reading.** Before the engine issues a request ([`OnDemand::prepare`],
 //! on the queue thread, never waiting there), every block it touches must
-//! be local. If one is not, the request waits on an eventfd
-//! ([`Waiter`]) that the queue's own io_uring polls, so other requests of
+//! be local. If one is not, the request waits on a [`crate::wake::Wake`]
+//! ([`Waiter`]), an eventfd that the queue's own io_uring polls, so other requests of
 //! the queue go on meanwhile; the fetcher thread asks the server for the
 //! missing blocks and wakes it. Blocks a request is about to read are
 //! *pinned* until it completes ([`OnDemand::release`]), so eviction never
@@ -109,10 +109,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -125,6 +124,7 @@ use ublk_mirror_common::session::restore::{ReadStep, RestoreInfo, MAX_ASK, NO_DI
 use crate::engine::{Errno, Op, Request};
 use crate::enrollment::Enrollment;
 use crate::error::{Error, Result};
+use crate::wake::Wake;
 
 /// Blocks asked for on a random miss.
 pub const FIRST_RUN: usize = 2;
@@ -318,34 +318,20 @@ pub struct AttachStatus {
     pub filled: bool,
 }
 
-/// A request waiting for blocks: the queue polls `fd` (an eventfd) on its
-/// ring; the fetcher signals it when the blocks are local, or when the
-/// wait timed out.
+/// A request waiting for blocks: the queue polls its [`Wake`] on its
+/// ring; the fetcher sets it when the blocks are local, or when the wait
+/// timed out.
 #[derive(Debug)]
 pub struct Waiter {
-    fd: OwnedFd,
+    wake: Wake,
     blocks: Vec<u64>,
     deadline: Option<Instant>,
-    /// 0: waiting; 1: ready (prepare again); 2: failed.
-    outcome: AtomicU8,
 }
 
 impl Waiter {
-    /// The eventfd to poll.
-    pub fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
-    /// Whether the wait failed (the request fails with `EIO`).
-    pub fn failed(&self) -> bool {
-        self.outcome.load(Ordering::SeqCst) == 2
-    }
-
-    fn signal(&self, ok: bool) {
-        self.outcome.store(if ok { 1 } else { 2 }, Ordering::SeqCst);
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writing 8 bytes from a valid buffer to our eventfd.
-        let _ = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    /// What the request waits on.
+    pub fn wake(&self) -> &Wake {
+        &self.wake
     }
 }
 
@@ -570,12 +556,10 @@ impl OnDemand {
                 // No fetcher any more: nothing would wake a wait.
                 return Err(Errno::IO);
             }
-            let fd = eventfd()?;
             let waiter = Arc::new(Waiter {
-                fd,
+                wake: Wake::new()?,
                 blocks: missing.clone(),
                 deadline: self.opts.timeout.map(|t| Instant::now() + t),
-                outcome: AtomicU8::new(0),
             });
             for b in missing {
                 if !s.wanted.contains(&b) {
@@ -751,18 +735,7 @@ impl OnDemand {
         loop {
             match self.prepare(req).map_err(|e| failed(e.0))? {
                 Prepared::Go(pin) => return Ok(pin),
-                Prepared::Wait(w) => {
-                    let mut fds = [libc::pollfd {
-                        fd: w.fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    }];
-                    // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
-                    if w.failed() {
-                        return Err(failed(libc::EIO));
-                    }
-                }
+                Prepared::Wait(w) => w.wake().wait_blocking().map_err(|e| failed(e.0))?,
             }
         }
     }
@@ -815,7 +788,7 @@ impl OnDemand {
         let mut s = self.lock();
         s.stop = true;
         for w in s.waiters.drain(..) {
-            w.signal(false);
+            w.wake.signal(false);
         }
         drop(s);
         self.work.notify_all();
@@ -1003,10 +976,10 @@ impl OnDemand {
         let mut timed_out = 0;
         s.waiters.retain(|w| {
             if w.blocks.iter().all(|&b| blocks[b as usize] != ABSENT) {
-                w.signal(true);
+                w.wake.signal(true);
                 false
             } else if w.deadline.is_some_and(|d| now >= d) {
-                w.signal(false);
+                w.wake.signal(false);
                 timed_out += 1;
                 false
             } else {
@@ -1056,20 +1029,6 @@ impl OnDemand {
             s.clean -= len;
         }
     }
-}
-
-fn eventfd() -> std::result::Result<OwnedFd, Errno> {
-    // SAFETY: plain syscall; the fd is owned below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Errno(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        ));
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn punch(file: &File, offset: u64, len: u64) -> Result<()> {

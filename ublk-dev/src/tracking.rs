@@ -1,5 +1,6 @@
 //! Change tracking of a running device: every write-class request passes
-//! [`Tracker::before_write`] before it reaches the backing file.
+//! [`Tracker::prepare_write`] (or [`Tracker::before_write`], which waits on
+//! its caller's thread) before it reaches the backing file.
 //!
 //! Two records are kept:
 //!
@@ -15,14 +16,46 @@
 //! A write is never issued unless its regions are durably marked: if the
 //! journal cannot be written, the write fails with `EIO` instead of
 //! becoming a change nobody knows about.
+//!
+//! # Copy-on-write off the queue threads
+//!
+//! A write into a chunk that a sealed, unreleased epoch still needs must
+//! not be issued before the chunk's content is preserved (see
+//! [`crate::epoch`]). Reading that content is left to [`PRESERVERS`]
+//! threads: [`Tracker::prepare_write`] notes the chunks as *being
+//! preserved* (with the cut they are preserved for), queues them, and
+//! answers [`Prepared::Wait`]; the queue polls the request's
+//! [`Wake`] on its ring and serves its other requests meanwhile, and
+//! prepares the request again once woken. Writes to other chunks, reads,
+//! and flushes never wait for a chunk they do not touch.
+//!
+//! Why the preserved content is exactly the chunk at the cut: from the
+//! moment a chunk is noted as being preserved until its content is stored
+//! (both under the tracker's lock), every write that needs it waits, so
+//! no write into it is issued in between, and the bytes the preserver
+//! reads are the bytes at the cut it was asked for. Cuts taken meanwhile
+//! change nothing: with no write in between, the chunk at the later cut is
+//! the same, and a write after them that needs a newer version finds the
+//! chunk being preserved, waits, and asks again. A write that needs it no
+//! longer (every epoch needing it was released meanwhile) goes ahead, and
+//! the preserver's bytes, now possibly torn, are dropped: nothing is kept
+//! for a released cut. A reader of a sealed epoch reads the backing file
+//! and then looks for a preserved version (as before); a chunk still
+//! being preserved is untouched in the file. Writes in flight at the cut
+//! may be seen or not, as before: they are on both sides of it. Memory
+//! stays bounded: the queue of chunks to read is at most every request in
+//! flight, and each preserver holds one read of at most
+//! [`MAX_EPOCH_READ`] at a time; what is kept obeys the copy-on-write
+//! memory limit and spills beyond it. Nothing of this is on disk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +67,7 @@ pub use crate::epoch::{ChangeKind, Changes, Sealed, CHUNK, DEFAULT_COW_MEMORY};
 use crate::epoch::{EpochError, Epochs, Spill};
 use crate::error::{Error, Result};
 use crate::journal::{self, Journal, OpenReport, State};
+use crate::wake::Wake;
 use ublk_mirror_common::clock::now_ms;
 
 /// File name of the journal inside the state directory.
@@ -42,8 +76,12 @@ pub const JOURNAL_FILE: &str = "journal";
 /// Most marked ranges `status` lists; beyond that it reports the count only.
 const MAX_STATUS_RANGES: usize = 4096;
 
-/// Most bytes read from the backing file at once for an epoch read.
+/// Most bytes read from the backing file at once for an epoch read (and
+/// by a preserver).
 pub const MAX_EPOCH_READ: u64 = 1 << 20;
+
+/// Threads that read chunks to preserve (see the module docs).
+pub const PRESERVERS: usize = 2;
 
 /// What is known about the backing file's past, which decides what a
 /// journal that does not exist yet must start with.
@@ -132,6 +170,9 @@ pub struct TrackingStatus {
     pub preserved_memory_bytes: u64,
     /// Preserved chunks spilled to a file.
     pub preserved_spilled_bytes: u64,
+    /// Writes waiting now for the chunks they overwrite to be preserved.
+    #[serde(default)]
+    pub writes_waiting_for_cow: u64,
     /// Journal syncs made to mark regions.
     pub journal_syncs: u64,
     /// The marked regions as byte ranges `[start, end)` of the device.
@@ -178,6 +219,87 @@ struct Live {
     /// when a seal finds it still in flight.
     in_flight: BTreeMap<u64, (ChangeKind, Range<u64>)>,
     next_ticket: u64,
+    /// Chunks being preserved -> the cut they are preserved for: no write
+    /// that needs one is issued until it is stored.
+    preserving: BTreeMap<u64, u64>,
+    /// Writes waiting for chunks being preserved, with their wake-ups.
+    waiting: Vec<(Vec<u64>, Arc<Wake>)>,
+}
+
+impl Live {
+    /// Wake the writes none of whose chunks is being preserved any more
+    /// (`ok: false`: fail them all, the tracker is going away).
+    fn wake_waiting(&mut self, ok: bool) {
+        let preserving = &self.preserving;
+        self.waiting.retain(|(chunks, wake)| {
+            if ok && chunks.iter().any(|c| preserving.contains_key(c)) {
+                return true;
+            }
+            wake.signal(ok);
+            false
+        });
+    }
+}
+
+/// Chunks to preserve, at one cut, for a preserver.
+#[derive(Debug)]
+struct Job {
+    cut: u64,
+    chunks: Vec<u64>,
+}
+
+/// The preservers' queue of jobs.
+#[derive(Debug, Default)]
+struct Jobs {
+    queue: Mutex<JobQueue>,
+    work: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct JobQueue {
+    jobs: VecDeque<Job>,
+    stop: bool,
+    /// Tests hold the preservers to see what waits for them.
+    #[cfg(test)]
+    paused: bool,
+}
+
+impl Jobs {
+    fn push(&self, job: Job) {
+        lock(&self.queue).jobs.push_back(job);
+        self.work.notify_one();
+    }
+
+    /// The next job, or `None` once the tracker stops.
+    fn next(&self) -> Option<Job> {
+        let mut q = lock(&self.queue);
+        loop {
+            if q.stop {
+                return None;
+            }
+            #[cfg(test)]
+            let paused = q.paused;
+            #[cfg(not(test))]
+            let paused = false;
+            if !paused {
+                if let Some(job) = q.jobs.pop_front() {
+                    return Some(job);
+                }
+            }
+            q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// What [`Tracker::prepare_write`] decided.
+#[derive(Debug)]
+pub enum Prepared {
+    /// Issue the request; hand the ticket (if any) back to
+    /// [`Tracker::after_write`] once it completed.
+    Go(Option<Ticket>),
+    /// Chunks it overwrites are being preserved: wait for the wake-up,
+    /// then prepare it again.
+    Wait(Arc<Wake>),
 }
 
 /// Change tracking for one device, shared by all its queues.
@@ -189,16 +311,71 @@ pub struct Tracker {
     device_size: u64,
     /// Bit per region: durably marked in the journal (the fast path).
     durable: Vec<AtomicU64>,
-    /// Lock order: `journal` before `live`.
+    /// Lock order: `journal` before `live`; `live` and the preservers'
+    /// queue are never held together.
     journal: Mutex<Journal>,
-    live: Mutex<Live>,
+    live: Arc<Mutex<Live>>,
     /// Signalled when an epoch is sealed.
     sealed: Condvar,
     seal_requested: AtomicBool,
     /// The backing file (a duplicate of the device's descriptor).
-    file: File,
+    file: Arc<File>,
     resync_pending: AtomicBool,
     journal_syncs: AtomicU64,
+    jobs: Arc<Jobs>,
+    preservers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        lock(&self.jobs.queue).stop = true;
+        self.jobs.work.notify_all();
+        for t in self.preservers.drain(..) {
+            let _ = t.join();
+        }
+        let mut live = lock(&self.live);
+        live.preserving.clear();
+        live.wake_waiting(false);
+    }
+}
+
+/// A preserver: read the chunks of each job from the backing file (no lock
+/// held) and store them at the job's cut (see the module docs).
+fn preserver(live: &Mutex<Live>, file: &File, jobs: &Jobs, device_size: u64) {
+    let chunk_end = |c: u64| ((c + 1) * CHUNK).min(device_size);
+    while let Some(job) = jobs.next() {
+        let chunks = &job.chunks;
+        let mut i = 0;
+        while i < chunks.len() {
+            // A run of adjacent chunks, read at once (at most MAX_EPOCH_READ).
+            let most = (MAX_EPOCH_READ / CHUNK) as usize;
+            let mut j = i + 1;
+            while j < chunks.len() && j - i < most && chunks[j] == chunks[j - 1] + 1 {
+                j += 1;
+            }
+            let start = chunks[i] * CHUNK;
+            let mut buf = AlignedBuf::zeroed((chunk_end(chunks[j - 1]) - start) as usize);
+            let read = file.read_exact_at(buf.as_mut_slice(), start);
+            let mut live = lock(live);
+            for &c in &chunks[i..j] {
+                match &read {
+                    Ok(()) => {
+                        let piece = &buf.as_slice()
+                            [(c * CHUNK - start) as usize..(chunk_end(c) - start) as usize];
+                        live.epochs.preserve_at(c, job.cut, piece);
+                    }
+                    Err(e) => live.epochs.preserve_failed(
+                        c,
+                        &format!("cannot read the backing file to preserve a chunk: {e}"),
+                    ),
+                }
+                live.preserving.remove(&c);
+            }
+            live.wake_waiting(true);
+            drop(live);
+            i = j;
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -291,27 +468,56 @@ impl Tracker {
             durable,
             resync_pending: AtomicBool::new(header.resync),
             journal: Mutex::new(journal),
-            live: Mutex::new(Live {
+            live: Arc::new(Mutex::new(Live {
                 epochs,
                 in_flight: BTreeMap::new(),
                 next_ticket: 0,
-            }),
+                preserving: BTreeMap::new(),
+                waiting: Vec::new(),
+            })),
             sealed: Condvar::new(),
             seal_requested: AtomicBool::new(false),
-            file,
+            file: Arc::new(file),
             journal_syncs: AtomicU64::new(0),
+            jobs: Arc::new(Jobs::default()),
+            preservers: Vec::new(),
         };
+        let mut tracker = tracker;
+        for i in 0..PRESERVERS {
+            let (live, file, jobs) = (
+                tracker.live.clone(),
+                tracker.file.clone(),
+                tracker.jobs.clone(),
+            );
+            let t = std::thread::Builder::new()
+                .name(format!("ublk-cow-{i}"))
+                .spawn(move || preserver(&live, &file, &jobs, device_size))
+                .map_err(|e| Error::io("starting a copy-on-write thread", e))?;
+            tracker.preservers.push(t);
+        }
         Ok((tracker, report))
+    }
+
+    /// [`Tracker::prepare_write`], waiting on this thread for chunks being
+    /// preserved: for callers without a ring to wait on.
+    pub fn before_write(&self, req: &Request) -> std::result::Result<Option<Ticket>, Errno> {
+        loop {
+            match self.prepare_write(req)? {
+                Prepared::Go(ticket) => return Ok(ticket),
+                Prepared::Wait(wake) => wake.wait_blocking()?,
+            }
+        }
     }
 
     /// Record a request before it is issued. Write-class requests have
     /// their regions durably marked first (a failure to mark fails the
-    /// request with `EIO`, so no change ever goes unrecorded), and the
-    /// chunks sealed epochs still need are preserved. May block for one
-    /// journal sync, or for reading the chunks to preserve. A FLUSH takes a
-    /// cut that was asked for. The ticket of a write-class request goes
+    /// request with `EIO`, so no change ever goes unrecorded). A write into
+    /// chunks that sealed epochs still need waits ([`Prepared::Wait`])
+    /// until the preservers kept them; then it is prepared again. May
+    /// block for one journal sync, never for reading chunks. A FLUSH takes
+    /// a cut that was asked for. The ticket of a write-class request goes
     /// back to [`Tracker::after_write`] once it completed.
-    pub fn before_write(&self, req: &Request) -> std::result::Result<Option<Ticket>, Errno> {
+    pub fn prepare_write(&self, req: &Request) -> std::result::Result<Prepared, Errno> {
         let kind = match req.op {
             Op::Write => ChangeKind::Data,
             Op::Discard | Op::WriteZeroes => ChangeKind::Zeroed,
@@ -322,12 +528,12 @@ impl Tracker {
                         self.seal_locked(&mut live, true);
                     }
                 }
-                return Ok(None);
+                return Ok(Prepared::Go(None));
             }
-            Op::Read => return Ok(None),
+            Op::Read => return Ok(Prepared::Go(None)),
         };
         if req.len == 0 {
-            return Ok(None);
+            return Ok(Prepared::Go(None));
         }
         let range = req.offset..req.offset + req.len;
         let first = range.start >> self.region_shift;
@@ -344,55 +550,34 @@ impl Tracker {
             }
             let chunks = live.epochs.to_preserve(range.clone());
             if !chunks.is_empty() {
-                self.preserve(&mut live.epochs, &chunks);
+                let cut = live.epochs.current() - 1;
+                let fresh: Vec<u64> = chunks
+                    .iter()
+                    .copied()
+                    .filter(|c| !live.preserving.contains_key(c))
+                    .collect();
+                for &c in &fresh {
+                    live.preserving.insert(c, cut);
+                }
+                let wake = Arc::new(Wake::new()?);
+                live.waiting.push((chunks, wake.clone()));
+                drop(live);
+                if !fresh.is_empty() {
+                    self.jobs.push(Job { cut, chunks: fresh });
+                }
+                return Ok(Prepared::Wait(wake));
             }
             live.epochs.record(kind, range.clone(), now_ms());
             let ticket = live.next_ticket;
             live.next_ticket += 1;
             live.in_flight.insert(ticket, (kind, range));
-            return Ok(Some(Ticket(ticket)));
+            return Ok(Prepared::Go(Some(Ticket(ticket))));
         }
     }
 
     /// A write-class request completed (successfully or not).
     pub fn after_write(&self, ticket: Ticket) {
         lock(&self.live).in_flight.remove(&ticket.0);
-    }
-
-    /// Read the chunks to preserve from the backing file (contiguous runs
-    /// at once) and keep them.
-    fn preserve(&self, epochs: &mut Epochs, chunks: &[u64]) {
-        let mut i = 0;
-        while i < chunks.len() {
-            // A run of adjacent chunks, read at once (at most MAX_EPOCH_READ).
-            let most = (MAX_EPOCH_READ / CHUNK) as usize;
-            let mut j = i + 1;
-            while j < chunks.len() && j - i < most && chunks[j] == chunks[j - 1] + 1 {
-                j += 1;
-            }
-            let start = chunks[i] * CHUNK;
-            let end = epochs.chunk_range(chunks[j - 1]).end;
-            let mut buf = AlignedBuf::zeroed((end - start) as usize);
-            match self.file.read_exact_at(buf.as_mut_slice(), start) {
-                Ok(()) => {
-                    for &c in &chunks[i..j] {
-                        let r = epochs.chunk_range(c);
-                        let piece =
-                            &buf.as_slice()[(r.start - start) as usize..(r.end - start) as usize];
-                        epochs.preserve(c, piece);
-                    }
-                }
-                Err(e) => {
-                    for &c in &chunks[i..j] {
-                        epochs.preserve_failed(
-                            c,
-                            &format!("cannot read the backing file to preserve a chunk: {e}"),
-                        );
-                    }
-                }
-            }
-            i = j;
-        }
     }
 
     fn is_durable(&self, r: u64) -> bool {
@@ -663,7 +848,7 @@ impl Tracker {
     /// The state `status` shows.
     pub fn status(&self) -> TrackingStatus {
         // Not the journal lock: writes do not wait for a status.
-        let (dirty, zeroed, resync, current, released, sealed, usage) = {
+        let (dirty, zeroed, resync, current, released, sealed, usage, waiting) = {
             let live = lock(&self.live);
             let e = &live.epochs;
             let mut all = e.changes().clone();
@@ -680,6 +865,7 @@ impl Tracker {
                 e.released(),
                 e.sealed().map(EpochInfo::of).collect::<Vec<_>>(),
                 e.store_usage(),
+                live.waiting.len() as u64,
             )
         };
         let regions_marked = self
@@ -701,6 +887,7 @@ impl Tracker {
             sealed,
             preserved_memory_bytes: usage.memory_bytes,
             preserved_spilled_bytes: usage.spilled_bytes,
+            writes_waiting_for_cow: waiting,
             journal_syncs: self.journal_syncs.load(Ordering::Relaxed),
             marked: self
                 .marked_ranges()
@@ -1124,5 +1311,155 @@ mod tests {
             t.changes().data.is_empty(),
             "a failed mark still recorded the write"
         );
+    }
+
+    fn pause_preservers(t: &Tracker, paused: bool) {
+        lock(&t.jobs.queue).paused = paused;
+        t.jobs.work.notify_all();
+    }
+
+    fn waits(p: Prepared) -> Arc<Wake> {
+        match p {
+            Prepared::Wait(w) => w,
+            Prepared::Go(_) => panic!("the write went ahead before its chunks were preserved"),
+        }
+    }
+
+    fn goes(p: Prepared) -> Option<Ticket> {
+        match p {
+            Prepared::Go(t) => t,
+            Prepared::Wait(_) => panic!("the request waited for copy-on-write it does not need"),
+        }
+    }
+
+    #[test]
+    fn copy_on_write_makes_only_the_writes_into_its_chunks_wait_and_off_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let disk = t.file.try_clone().unwrap();
+        disk.write_all_at(&[1; 16384], 0).unwrap();
+        apply(&t, &Request::write(0, 16384));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
+        pause_preservers(&t, true);
+        // The first overwrite of chunk 0 after the cut waits for it to be
+        // preserved: prepare_write answers at once, without reading it.
+        let w1 = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        assert!(!w1.is_set());
+        assert_eq!(t.status().writes_waiting_for_cow, 1);
+        // Another write into the same chunk waits for the same preservation.
+        let w2 = waits(t.prepare_write(&Request::write(512, 512)).unwrap());
+        assert_eq!(lock(&t.jobs.queue).jobs.len(), 1, "one read per chunk");
+        // Everything else goes on: a write the epoch does not need, a
+        // read, a flush.
+        let other = goes(t.prepare_write(&Request::write(MIB, 4096)).unwrap());
+        t.after_write(other.expect("a tracked write has a ticket"));
+        assert!(goes(t.prepare_write(&Request::read(0, 4096)).unwrap()).is_none());
+        assert!(goes(t.prepare_write(&Request::flush()).unwrap()).is_none());
+        // The epoch reads as its cut meanwhile (the chunk is untouched),
+        // and a cut taken meanwhile changes nothing.
+        assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 2);
+        pause_preservers(&t, false);
+        w1.wait_blocking().unwrap();
+        w2.wait_blocking().unwrap();
+        let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        disk.write_all_at(&[2; 4096], 0).unwrap();
+        t.after_write(ticket.unwrap());
+        assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
+        assert_eq!(t.status().preserved_memory_bytes, CHUNK);
+        // Preserved once: the second write into chunk 0 needs nothing more.
+        apply(&t, &Request::write(512, 512));
+        assert_eq!(t.status().preserved_memory_bytes, CHUNK);
+    }
+
+    #[test]
+    fn a_chunk_preserved_for_an_epoch_released_meanwhile_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let disk = t.file.try_clone().unwrap();
+        disk.write_all_at(&[1; 4096], 0).unwrap();
+        apply(&t, &Request::write(0, 4096));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
+        pause_preservers(&t, true);
+        let w = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        assert!(t.release(1).unwrap().released);
+        // No epoch needs the chunk now: the write goes ahead at once, and
+        // what the preserver reads later (maybe torn by it) is dropped.
+        let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        disk.write_all_at(&[2; 4096], 0).unwrap();
+        t.after_write(ticket.unwrap());
+        pause_preservers(&t, false);
+        w.wait_blocking().unwrap();
+        assert_eq!(t.status().preserved_memory_bytes, 0);
+    }
+
+    #[test]
+    fn concurrent_writers_never_change_a_sealed_epoch() {
+        const SPAN: u64 = 64 * CHUNK;
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(tracker(dir.path()));
+        let disk = Arc::new(t.file.try_clone().unwrap());
+        let writers = 4;
+        let rounds = 12;
+        let barrier = Arc::new(std::sync::Barrier::new(writers + 1));
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let (t, disk, barrier) = (t.clone(), disk.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (w as u64 + 1);
+                    let mut next = move || {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x
+                    };
+                    for round in 0..rounds {
+                        barrier.wait(); // the cut is taken
+                        barrier.wait(); // its content is noted
+                        for _ in 0..40 {
+                            let len = 512 * (1 + next() % 24);
+                            let offset = next() % (SPAN - len) / 512 * 512;
+                            let byte = (round * writers + w + 1) as u8;
+                            let ticket = t.before_write(&Request::write(offset, len)).unwrap();
+                            disk.write_all_at(&vec![byte; len as usize], offset)
+                                .unwrap();
+                            t.after_write(ticket.unwrap());
+                        }
+                        barrier.wait(); // the round's writes are done
+                    }
+                })
+            })
+            .collect();
+        // Round 0 writes into a device whose whole span changed in epoch 1.
+        apply(&t, &Request::write(0, SPAN));
+        for _ in 0..rounds {
+            let id = t.seal(SealAt::Now).unwrap();
+            barrier.wait();
+            let mut cut = vec![0u8; SPAN as usize];
+            disk.read_exact_at(&mut cut, 0).unwrap();
+            barrier.wait();
+            // Read the epoch while the writers overwrite it.
+            let changed = t.epoch(id).unwrap().changes.data;
+            for _ in 0..3 {
+                for r in changed.iter() {
+                    assert_eq!(
+                        epoch_bytes(&t, id, r.clone()),
+                        cut[r.start as usize..r.end as usize],
+                        "epoch {id} at {r:?} is not the device at its cut"
+                    );
+                }
+            }
+            barrier.wait();
+            for r in changed.iter() {
+                assert_eq!(
+                    epoch_bytes(&t, id, r.clone()),
+                    cut[r.start as usize..r.end as usize]
+                );
+            }
+            t.release(id).unwrap();
+        }
+        for th in threads {
+            th.join().unwrap();
+        }
     }
 }

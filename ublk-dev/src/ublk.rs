@@ -50,7 +50,8 @@ use crate::error::{Error, Result};
 use crate::ondemand::{OnDemand, Pinned, Prepared};
 use crate::replicator::{MirrorSettings, Replicator};
 use crate::status::Publisher;
-use crate::tracking::{self, History, Tracker, TrackerOptions};
+use crate::tracking::{self, History, Ticket, Tracker, TrackerOptions};
+use crate::wake::Wake;
 
 /// Target type written in libublk's device JSON; `list` and `recover` only
 /// touch devices of this type.
@@ -1163,10 +1164,10 @@ async fn serve_tag(
             },
             (started, _) => (started, None),
         };
-        let started = started.and_then(|io| match tracker {
-            Some(t) => t.before_write(io.request()).map(|ticket| (io, ticket)),
-            None => Ok((io, None)),
-        });
+        let started = match (started, tracker) {
+            (Ok(io), Some(t)) => tracked(t, io.request()).await.map(|ticket| (io, ticket)),
+            (started, _) => started.map(|io| (io, None)),
+        };
         let res = match started {
             Err(e) => {
                 tracing::debug!(tag, "refused request: {e:?}");
@@ -1214,18 +1215,39 @@ async fn local(od: &OnDemand, req: &Request) -> std::result::Result<Pinned, engi
     loop {
         match od.prepare(req)? {
             Prepared::Go(pin) => return Ok(pin),
-            Prepared::Wait(waiter) => {
-                let sqe = io_uring::opcode::PollAdd::new(
-                    io_uring::types::Fd(waiter.fd()),
-                    libc::POLLIN as u32,
-                )
-                .build();
-                let _ = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await;
-                if waiter.failed() {
-                    return Err(engine::Errno::IO);
-                }
-            }
+            Prepared::Wait(waiter) => woken(waiter.wake()).await?,
         }
+    }
+}
+
+/// Record `req` with tracking, waiting (on the queue's ring, not the
+/// thread) while chunks it overwrites are preserved (see
+/// [`crate::tracking`]).
+async fn tracked(
+    tracker: &Tracker,
+    req: &Request,
+) -> std::result::Result<Option<Ticket>, engine::Errno> {
+    loop {
+        match tracker.prepare_write(req)? {
+            tracking::Prepared::Go(ticket) => return Ok(ticket),
+            tracking::Prepared::Wait(wake) => woken(&wake).await?,
+        }
+    }
+}
+
+/// Wait for `wake` on the queue's ring: the queue serves its other
+/// requests meanwhile.
+async fn woken(wake: &Wake) -> std::result::Result<(), engine::Errno> {
+    while !wake.is_set() {
+        let sqe =
+            io_uring::opcode::PollAdd::new(io_uring::types::Fd(wake.fd()), libc::POLLIN as u32)
+                .build();
+        let _ = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await;
+    }
+    if wake.failed() {
+        Err(engine::Errno::IO)
+    } else {
+        Ok(())
     }
 }
 
