@@ -490,23 +490,41 @@ impl Epochs {
     /// Keep `data`, chunk `c`'s content at the cut of epoch `cut` (the last
     /// sealed one when [`Epochs::to_preserve`] asked for it: a caller that
     /// read the chunk since, with no write to it issued in between, may
-    /// store it after later cuts). Nothing is kept once `cut` is released:
-    /// no epoch needs it any more.
+    /// store it after later cuts). Nothing is kept when no epoch reads it
+    /// any more (those sealed up to `cut` that touched the chunk were
+    /// released or broken meanwhile): the bytes may be torn by a write
+    /// that no longer had to wait.
     pub fn preserve_at(&mut self, c: u64, cut: u64, data: &[u8]) {
         debug_assert_eq!(data.len() as u64, self.chunk_range(c).end - c * CHUNK);
-        if cut <= self.released {
+        if !self.needs(c, cut) {
             return;
         }
         if let Err(e) = self.store.put(c, cut, data) {
-            self.preserve_failed(c, &format!("cannot preserve a chunk: {e}"));
+            self.preserve_failed_at(c, cut, &format!("cannot preserve a chunk: {e}"));
         }
+    }
+
+    /// Whether an unreleased epoch that is not broken, sealed at or before
+    /// `cut`, touched chunk `c`: only those read its version at `cut`.
+    fn needs(&self, c: u64, cut: u64) -> bool {
+        let r = self.chunk_range(c);
+        self.sealed
+            .iter()
+            .any(|s| s.id <= cut && s.broken.is_none() && s.changes.touches(r.clone()))
     }
 
     /// A chunk that needed preserving could not be read or kept: the
     /// epochs that needed it cannot be read as their cut any more.
     pub fn preserve_failed(&mut self, c: u64, reason: &str) {
+        self.preserve_failed_at(c, u64::MAX, reason);
+    }
+
+    /// Chunk `c`'s version at `cut` could not be read or kept: the epochs
+    /// sealed at or before `cut` that needed it cannot be read as their cut
+    /// any more (later ones ask for a version of their own).
+    pub fn preserve_failed_at(&mut self, c: u64, cut: u64, reason: &str) {
         let r = self.chunk_range(c);
-        for s in self.sealed.iter_mut() {
+        for s in self.sealed.iter_mut().filter(|s| s.id <= cut) {
             if s.broken.is_none() && s.changes.touches(r.clone()) {
                 tracing::error!(epoch = s.id, "{reason}; the epoch will need a resync");
                 s.broken = Some(reason.to_string());
@@ -799,7 +817,9 @@ mod tests {
     #[test]
     fn a_chunk_the_spill_cannot_take_breaks_the_epochs_that_need_it() {
         let (mut e, spill) = epochs(0);
-        e.record(ChangeKind::Data, 0..2 * CHUNK, 0);
+        e.record(ChangeKind::Data, 0..CHUNK, 0);
+        e.seal(false, 0);
+        e.record(ChangeKind::Data, CHUNK..2 * CHUNK, 0);
         e.seal(false, 0);
         spill.slots().fail_writes = true;
         e.preserve(0, &[1; CHUNK as usize]);
@@ -807,9 +827,14 @@ mod tests {
             e.check_read(1, 0..CHUNK),
             Err(EpochError::Broken { .. })
         ));
+        assert!(e.check_read(2, CHUNK..2 * CHUNK).is_ok());
+        assert_eq!(e.store_usage(), StoreUsage::default());
+        // A broken epoch asks nothing kept, and nothing is kept for it.
+        assert!(e.to_preserve(0..CHUNK).is_empty());
+        spill.slots().fail_writes = false;
+        e.preserve(0, &[1; CHUNK as usize]);
         assert_eq!(e.store_usage(), StoreUsage::default());
         // The slot of the failed write is used again.
-        spill.slots().fail_writes = false;
         e.preserve(1, &[2; CHUNK as usize]);
         assert_eq!(
             spill.slots().slots.keys().copied().collect::<Vec<_>>(),

@@ -37,9 +37,11 @@
 //! change nothing: with no write in between, the chunk at the later cut is
 //! the same, and a write after them that needs a newer version finds the
 //! chunk being preserved, waits, and asks again. A write that needs it no
-//! longer (every epoch needing it was released meanwhile) goes ahead, and
-//! the preserver's bytes, now possibly torn, are dropped: nothing is kept
-//! for a released cut. A reader of a sealed epoch reads the backing file
+//! longer (every epoch needing it was released or broke meanwhile) goes
+//! ahead, and the preserver's bytes, now possibly torn, are dropped:
+//! nothing is kept that no unreleased, unbroken epoch sealed at or before
+//! its cut touched. A failed read breaks only those epochs; later ones ask
+//! for a version of their own. A reader of a sealed epoch reads the backing file
 //! and then looks for a preserved version (as before); a chunk still
 //! being preserved is untouched in the file. Writes in flight at the cut
 //! may be seen or not, as before: they are on both sides of it. Memory
@@ -222,22 +224,48 @@ struct Live {
     /// Chunks being preserved -> the cut they are preserved for: no write
     /// that needs one is issued until it is stored.
     preserving: BTreeMap<u64, u64>,
-    /// Writes waiting for chunks being preserved, with their wake-ups.
-    waiting: Vec<(Vec<u64>, Arc<Wake>)>,
+    /// Writes waiting for chunks being preserved: waiter -> (chunks of
+    /// its still being preserved, its wake-up).
+    waiting: BTreeMap<u64, (usize, Arc<Wake>)>,
+    /// Chunk being preserved -> the waiters waiting for it.
+    waiters_of: BTreeMap<u64, Vec<u64>>,
+    next_waiter: u64,
 }
 
 impl Live {
-    /// Wake the writes none of whose chunks is being preserved any more
-    /// (`ok: false`: fail them all, the tracker is going away).
-    fn wake_waiting(&mut self, ok: bool) {
-        let preserving = &self.preserving;
-        self.waiting.retain(|(chunks, wake)| {
-            if ok && chunks.iter().any(|c| preserving.contains_key(c)) {
-                return true;
+    /// A write waits for `chunks`, every one of them being preserved.
+    fn wait_for(&mut self, chunks: &[u64], wake: Arc<Wake>) {
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        for &c in chunks {
+            debug_assert!(self.preserving.contains_key(&c));
+            self.waiters_of.entry(c).or_default().push(id);
+        }
+        self.waiting.insert(id, (chunks.len(), wake));
+    }
+
+    /// Chunk `c` is preserved (or could not be): wake the writes that
+    /// waited for nothing else.
+    fn preserved(&mut self, c: u64) {
+        self.preserving.remove(&c);
+        for id in self.waiters_of.remove(&c).unwrap_or_default() {
+            if let Some((left, wake)) = self.waiting.get_mut(&id) {
+                *left -= 1;
+                if *left == 0 {
+                    wake.signal(true);
+                    self.waiting.remove(&id);
+                }
             }
-            wake.signal(ok);
-            false
-        });
+        }
+    }
+
+    /// The tracker is going away: fail every waiting write.
+    fn fail_waiting(&mut self) {
+        for (_, wake) in std::mem::take(&mut self.waiting).into_values() {
+            wake.signal(false);
+        }
+        self.waiters_of.clear();
+        self.preserving.clear();
     }
 }
 
@@ -333,48 +361,63 @@ impl Drop for Tracker {
         for t in self.preservers.drain(..) {
             let _ = t.join();
         }
-        let mut live = lock(&self.live);
-        live.preserving.clear();
-        live.wake_waiting(false);
+        lock(&self.live).fail_waiting();
     }
 }
 
 /// A preserver: read the chunks of each job from the backing file (no lock
-/// held) and store them at the job's cut (see the module docs).
+/// held) and store them at the job's cut (see the module docs). A job
+/// that panics counts as a failed read for the chunks it had left, so no
+/// write waits for them forever.
 fn preserver(live: &Mutex<Live>, file: &File, jobs: &Jobs, device_size: u64) {
-    let chunk_end = |c: u64| ((c + 1) * CHUNK).min(device_size);
     while let Some(job) = jobs.next() {
-        let chunks = &job.chunks;
-        let mut i = 0;
-        while i < chunks.len() {
-            // A run of adjacent chunks, read at once (at most MAX_EPOCH_READ).
-            let most = (MAX_EPOCH_READ / CHUNK) as usize;
-            let mut j = i + 1;
-            while j < chunks.len() && j - i < most && chunks[j] == chunks[j - 1] + 1 {
-                j += 1;
-            }
-            let start = chunks[i] * CHUNK;
-            let mut buf = AlignedBuf::zeroed((chunk_end(chunks[j - 1]) - start) as usize);
-            let read = file.read_exact_at(buf.as_mut_slice(), start);
+        let mut done = 0;
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            preserve_job(live, file, &job, device_size, &mut done);
+        }));
+        if run.is_err() {
             let mut live = lock(live);
-            for &c in &chunks[i..j] {
-                match &read {
-                    Ok(()) => {
-                        let piece = &buf.as_slice()
-                            [(c * CHUNK - start) as usize..(chunk_end(c) - start) as usize];
-                        live.epochs.preserve_at(c, job.cut, piece);
-                    }
-                    Err(e) => live.epochs.preserve_failed(
-                        c,
-                        &format!("cannot read the backing file to preserve a chunk: {e}"),
-                    ),
-                }
-                live.preserving.remove(&c);
+            for &c in &job.chunks[done..] {
+                live.epochs
+                    .preserve_failed_at(c, job.cut, "preserving a chunk failed (a panic)");
+                live.preserved(c);
             }
-            live.wake_waiting(true);
-            drop(live);
-            i = j;
         }
+    }
+}
+
+/// Preserve `job`'s chunks, in runs of adjacent chunks read at once (at
+/// most [`MAX_EPOCH_READ`]); `done`: how many are settled so far.
+fn preserve_job(live: &Mutex<Live>, file: &File, job: &Job, device_size: u64, done: &mut usize) {
+    let chunk_end = |c: u64| ((c + 1) * CHUNK).min(device_size);
+    let chunks = &job.chunks;
+    let most = (MAX_EPOCH_READ / CHUNK) as usize;
+    while *done < chunks.len() {
+        let i = *done;
+        let mut j = i + 1;
+        while j < chunks.len() && j - i < most && chunks[j] == chunks[j - 1] + 1 {
+            j += 1;
+        }
+        let start = chunks[i] * CHUNK;
+        let mut buf = AlignedBuf::zeroed((chunk_end(chunks[j - 1]) - start) as usize);
+        let read = file.read_exact_at(buf.as_mut_slice(), start);
+        let mut live = lock(live);
+        for &c in &chunks[i..j] {
+            match &read {
+                Ok(()) => {
+                    let piece = &buf.as_slice()
+                        [(c * CHUNK - start) as usize..(chunk_end(c) - start) as usize];
+                    live.epochs.preserve_at(c, job.cut, piece);
+                }
+                Err(e) => live.epochs.preserve_failed_at(
+                    c,
+                    job.cut,
+                    &format!("cannot read the backing file to preserve a chunk: {e}"),
+                ),
+            }
+            live.preserved(c);
+        }
+        *done = j;
     }
 }
 
@@ -473,7 +516,9 @@ impl Tracker {
                 in_flight: BTreeMap::new(),
                 next_ticket: 0,
                 preserving: BTreeMap::new(),
-                waiting: Vec::new(),
+                waiting: BTreeMap::new(),
+                waiters_of: BTreeMap::new(),
+                next_waiter: 0,
             })),
             sealed: Condvar::new(),
             seal_requested: AtomicBool::new(false),
@@ -551,6 +596,9 @@ impl Tracker {
             let chunks = live.epochs.to_preserve(range.clone());
             if !chunks.is_empty() {
                 let cut = live.epochs.current() - 1;
+                // Before anything is noted: a write that cannot wait
+                // leaves nothing behind.
+                let wake = Arc::new(Wake::new()?);
                 let fresh: Vec<u64> = chunks
                     .iter()
                     .copied()
@@ -559,8 +607,7 @@ impl Tracker {
                 for &c in &fresh {
                     live.preserving.insert(c, cut);
                 }
-                let wake = Arc::new(Wake::new()?);
-                live.waiting.push((chunks, wake.clone()));
+                live.wait_for(&chunks, wake.clone());
                 drop(live);
                 if !fresh.is_empty() {
                     self.jobs.push(Job { cut, chunks: fresh });
@@ -1391,6 +1438,31 @@ mod tests {
         pause_preservers(&t, false);
         w.wait_blocking().unwrap();
         assert_eq!(t.status().preserved_memory_bytes, 0);
+    }
+
+    #[test]
+    fn a_chunk_read_for_a_later_cut_is_dropped_when_its_epoch_goes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let disk = t.file.try_clone().unwrap();
+        disk.write_all_at(&[1; 4096], 0).unwrap();
+        apply(&t, &Request::write(0, 4096));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
+        apply(&t, &Request::write(MIB, 4096));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 2);
+        pause_preservers(&t, true);
+        // Chunk 0 is read for cut 2 (epoch 1 needs it; epoch 2 did not
+        // touch it), then epoch 1 is released: cut 2 is not, but nobody
+        // reads chunk 0 at it, and the write no longer waits.
+        let w = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        assert!(t.release(1).unwrap().released);
+        let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        disk.write_all_at(&[2; 4096], 0).unwrap();
+        t.after_write(ticket.unwrap());
+        pause_preservers(&t, false);
+        w.wait_blocking().unwrap();
+        assert_eq!(t.status().preserved_memory_bytes, 0);
+        assert!(t.epoch(2).unwrap().broken.is_none());
     }
 
     #[test]

@@ -1171,6 +1171,9 @@ async fn serve_tag(
         let res = match started {
             Err(e) => {
                 tracing::debug!(tag, "refused request: {e:?}");
+                if let (Some(od), Some(pin)) = (od, pinned) {
+                    od.release(pin);
+                }
                 e.negated()
             }
             Ok((io, ticket)) => {
@@ -1242,7 +1245,18 @@ async fn woken(wake: &Wake) -> std::result::Result<(), engine::Errno> {
         let sqe =
             io_uring::opcode::PollAdd::new(io_uring::types::Fd(wake.fd()), libc::POLLIN as u32)
                 .build();
-        let _ = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await;
+        let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+            .await
+            .unwrap_or(-libc::EIO);
+        if res < 0 && res != -libc::EINTR && !wake.is_set() {
+            // The ring cannot poll (the queue is going down): fail the
+            // request rather than spin.
+            tracing::debug!(
+                "cannot wait on the ring: {}",
+                std::io::Error::from_raw_os_error(-res)
+            );
+            return Err(engine::Errno::IO);
+        }
     }
     if wake.failed() {
         Err(engine::Errno::IO)
