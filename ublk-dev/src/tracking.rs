@@ -50,7 +50,7 @@
 //! [`MAX_EPOCH_READ`] at a time; what is kept obeys the copy-on-write
 //! memory limit and spills beyond it. Nothing of this is on disk.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -221,9 +221,9 @@ struct Live {
     /// when a seal finds it still in flight.
     in_flight: BTreeMap<u64, (ChangeKind, Range<u64>)>,
     next_ticket: u64,
-    /// Chunks being preserved -> the cut they are preserved for: no write
-    /// that needs one is issued until it is stored.
-    preserving: BTreeMap<u64, u64>,
+    /// Chunks being preserved (each by one job, which knows its cut): no
+    /// write that needs one is issued until it is stored.
+    preserving: BTreeSet<u64>,
     /// Writes waiting for chunks being preserved: waiter -> (chunks of
     /// its still being preserved, its wake-up).
     waiting: BTreeMap<u64, (usize, Arc<Wake>)>,
@@ -238,7 +238,7 @@ impl Live {
         let id = self.next_waiter;
         self.next_waiter += 1;
         for &c in chunks {
-            debug_assert!(self.preserving.contains_key(&c));
+            debug_assert!(self.preserving.contains(&c));
             self.waiters_of.entry(c).or_default().push(id);
         }
         self.waiting.insert(id, (chunks.len(), wake));
@@ -503,7 +503,7 @@ impl Tracker {
             Box::new(SpillFile::new(state_dir)),
             now_ms(),
         );
-        let tracker = Tracker {
+        let mut tracker = Tracker {
             path,
             region_shift: region_size.trailing_zeros(),
             regions,
@@ -515,7 +515,7 @@ impl Tracker {
                 epochs,
                 in_flight: BTreeMap::new(),
                 next_ticket: 0,
-                preserving: BTreeMap::new(),
+                preserving: BTreeSet::new(),
                 waiting: BTreeMap::new(),
                 waiters_of: BTreeMap::new(),
                 next_waiter: 0,
@@ -527,7 +527,6 @@ impl Tracker {
             jobs: Arc::new(Jobs::default()),
             preservers: Vec::new(),
         };
-        let mut tracker = tracker;
         for i in 0..PRESERVERS {
             let (live, file, jobs) = (
                 tracker.live.clone(),
@@ -602,10 +601,10 @@ impl Tracker {
                 let fresh: Vec<u64> = chunks
                     .iter()
                     .copied()
-                    .filter(|c| !live.preserving.contains_key(c))
+                    .filter(|c| !live.preserving.contains(c))
                     .collect();
                 for &c in &fresh {
-                    live.preserving.insert(c, cut);
+                    live.preserving.insert(c);
                 }
                 live.wait_for(&chunks, wake.clone());
                 drop(live);
@@ -1379,14 +1378,21 @@ mod tests {
         }
     }
 
+    /// A tracker whose device was written with ones over `len` bytes at 0
+    /// in epoch 1, sealed; and its backing file.
+    fn sealed_over_ones(dir: &Path, len: usize) -> (Tracker, File) {
+        let t = tracker(dir);
+        let disk = t.file.try_clone().unwrap();
+        disk.write_all_at(&vec![1; len], 0).unwrap();
+        apply(&t, &Request::write(0, len as u64));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
+        (t, disk)
+    }
+
     #[test]
     fn copy_on_write_makes_only_the_writes_into_its_chunks_wait_and_off_the_caller() {
         let dir = tempfile::tempdir().unwrap();
-        let t = tracker(dir.path());
-        let disk = t.file.try_clone().unwrap();
-        disk.write_all_at(&[1; 16384], 0).unwrap();
-        apply(&t, &Request::write(0, 16384));
-        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
+        let (t, disk) = sealed_over_ones(dir.path(), 16384);
         pause_preservers(&t, true);
         // The first overwrite of chunk 0 after the cut waits for it to be
         // preserved: prepare_write answers at once, without reading it.
@@ -1422,20 +1428,21 @@ mod tests {
     #[test]
     fn a_chunk_preserved_for_an_epoch_released_meanwhile_is_not_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let t = tracker(dir.path());
-        let disk = t.file.try_clone().unwrap();
-        disk.write_all_at(&[1; 4096], 0).unwrap();
-        apply(&t, &Request::write(0, 4096));
-        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
-        pause_preservers(&t, true);
+        let (t, disk) = sealed_over_ones(dir.path(), 4096);
+        release_epoch_1_mid_preservation(&t, &disk);
+    }
+
+    /// Chunk 0 waits to be preserved, then epoch 1 is released: no epoch
+    /// needs the chunk now, so the write goes ahead at once, and what the
+    /// preserver reads later (maybe torn by it) is dropped.
+    fn release_epoch_1_mid_preservation(t: &Tracker, disk: &File) {
+        pause_preservers(t, true);
         let w = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
         assert!(t.release(1).unwrap().released);
-        // No epoch needs the chunk now: the write goes ahead at once, and
-        // what the preserver reads later (maybe torn by it) is dropped.
         let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
         disk.write_all_at(&[2; 4096], 0).unwrap();
         t.after_write(ticket.unwrap());
-        pause_preservers(&t, false);
+        pause_preservers(t, false);
         w.wait_blocking().unwrap();
         assert_eq!(t.status().preserved_memory_bytes, 0);
     }
@@ -1443,25 +1450,13 @@ mod tests {
     #[test]
     fn a_chunk_read_for_a_later_cut_is_dropped_when_its_epoch_goes_first() {
         let dir = tempfile::tempdir().unwrap();
-        let t = tracker(dir.path());
-        let disk = t.file.try_clone().unwrap();
-        disk.write_all_at(&[1; 4096], 0).unwrap();
-        apply(&t, &Request::write(0, 4096));
-        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
+        let (t, disk) = sealed_over_ones(dir.path(), 4096);
         apply(&t, &Request::write(MIB, 4096));
         assert_eq!(t.seal(SealAt::Now).unwrap(), 2);
-        pause_preservers(&t, true);
         // Chunk 0 is read for cut 2 (epoch 1 needs it; epoch 2 did not
         // touch it), then epoch 1 is released: cut 2 is not, but nobody
         // reads chunk 0 at it, and the write no longer waits.
-        let w = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
-        assert!(t.release(1).unwrap().released);
-        let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
-        disk.write_all_at(&[2; 4096], 0).unwrap();
-        t.after_write(ticket.unwrap());
-        pause_preservers(&t, false);
-        w.wait_blocking().unwrap();
-        assert_eq!(t.status().preserved_memory_bytes, 0);
+        release_epoch_1_mid_preservation(&t, &disk);
         assert!(t.epoch(2).unwrap().broken.is_none());
     }
 
