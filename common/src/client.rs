@@ -14,9 +14,10 @@ use crate::proto::{self, Digest, Encoding, Message, Version, Writer};
 use crate::session::restore::{
     BlockReader, BlockToWrite, Progress, ReadStep, RestoreInfo, RestoreReader, RestoreStep,
 };
+pub use crate::session::send::Finish;
 use crate::session::send::{DataSender, EpochSender, SendAction, SendEvent};
 use crate::session::{unexpected, Pacer};
-use crate::{tls, wire, Error, Result};
+use crate::{tls, wire, Error, RangeSet, Result};
 
 pub use crate::session::Shipped;
 
@@ -557,15 +558,58 @@ impl Link {
     where
         R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
     {
+        let sender = EpochSender::new(volume, epoch, writer, blocks.to_vec());
+        match self.send_with(sender, level, read).await? {
+            (Finish::Publish, shipped) => Ok(shipped),
+            (Finish::Round, _) => Err(Error::Link(format!(
+                "epoch {epoch} was staged but not published (a driver bug)"
+            ))),
+        }
+    }
+
+    /// Send `blocks` as a pre-copy round of epoch `epoch` (V5; see
+    /// [`crate::session::send`]): ended as `finish` says, `held` the bytes
+    /// earlier rounds of the same epoch and writer sent (`None`: the
+    /// first round). Returns how it ended ([`Finish::Round`] also when a
+    /// round that was to publish found earlier rounds' blocks missing on
+    /// the server and sent them, as `read` has them now), and what went.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_round<R>(
+        &self,
+        volume: &str,
+        epoch: u64,
+        writer: Writer,
+        blocks: &[(u64, u32)],
+        level: i32,
+        finish: Finish,
+        held: Option<RangeSet>,
+        read: R,
+    ) -> Result<(Finish, Shipped)>
+    where
+        R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+    {
+        let sender = EpochSender::round(volume, epoch, writer, blocks.to_vec(), finish, held);
+        self.send_with(sender, level, read).await
+    }
+
+    async fn send_with<R>(
+        &self,
+        mut sender: EpochSender,
+        level: i32,
+        read: R,
+    ) -> Result<(Finish, Shipped)>
+    where
+        R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
+    {
         let (mut send, mut recv) = self.stream().await?;
-        let mut sender = EpochSender::new(volume, epoch, writer, blocks.to_vec());
         let read = Arc::new(read);
         let sent = self
             .drive_epoch(&mut sender, &mut send, &mut recv, level, &read)
             .await;
         match sent {
             Err(e @ Error::Link(_)) => Err(refusal_or(&mut recv, e).await),
-            other => other,
+            Ok(shipped) => Ok((sender.finish(), shipped)),
+            Err(e) => Err(e),
         }
     }
 
@@ -607,7 +651,7 @@ impl Link {
                         .await?;
                     SendEvent::RoundDone { refused, shipped }
                 }
-                Some(SendAction::Published(shipped)) => {
+                Some(SendAction::Published(shipped) | SendAction::RoundStaged(shipped)) => {
                     let _ = send.finish();
                     return Ok(shipped);
                 }

@@ -53,6 +53,18 @@
 //!   of two servers (or two devices) racing, one wins. A V4 server speaks
 //!   V3 and V2 to older clients; a V4 client needs a V4 server (upgrade
 //!   servers first).
+//! - [`Version::V5`]: pre-copy rounds. A client may end an epoch's
+//!   control stream with [`Message::EndRound`] instead of
+//!   [`Message::EndEpoch`]: the server makes what is staged durable,
+//!   answers [`Message::RoundStaged`], and keeps the staging for the same
+//!   writer without publishing it; the next `BeginEpoch` of the same epoch
+//!   and writer finds it (its `Staged` answer says what it holds, which the
+//!   client checks against what it sent), and a later round may send a
+//!   block again (the later copy wins when the epoch is published). So a
+//!   large first sync travels while the device is written, and is
+//!   published once, with the consistent cut that ends it (see the
+//!   client's `replicator`). A V5 server speaks V4 and older to older
+//!   clients; a V5 client needs a V5 server (upgrade servers first).
 //!
 //! # An epoch, step by step (V2)
 //!
@@ -63,8 +75,8 @@
 //! <- Staged{ranges,done:true}         -> (Block + data)*
 //!                                     -> EndData{blocks}
 //!                                     <- Resend{blocks}   (empty: all good)
-//! -> EndEpoch
-//! <- Committed{epoch} | Refused{reason}
+//! -> EndEpoch                           (V5: or EndRound)
+//! <- Committed{epoch} | Refused{reason} (V5: RoundStaged{epoch})
 //! ```
 //!
 //! In V3 a data stream interleaves questions with its blocks; answers
@@ -112,11 +124,13 @@ pub enum Version {
     V3,
     /// Taking a volume over ([`Message::TakeOver`]).
     V4,
+    /// Pre-copy rounds ([`Message::EndRound`]).
+    V5,
 }
 
 impl Version {
     /// The newest version this build speaks.
-    pub const CURRENT: Version = Version::V4;
+    pub const CURRENT: Version = Version::V5;
     /// The oldest version this build still speaks (as a server).
     pub const OLDEST: Version = Version::V2;
 }
@@ -375,6 +389,19 @@ pub enum Message {
         /// The device taking over.
         device: [u8; 16],
     },
+    /// Client (V5), on the control stream instead of [`Message::EndEpoch`]:
+    /// every data stream was answered with an empty [`Message::Resend`];
+    /// make what is staged durable and keep it for this writer, but do not
+    /// publish (a pre-copy round). Answered by [`Message::RoundStaged`];
+    /// the next round (or the epoch's end) comes with a new
+    /// [`Message::BeginEpoch`] of the same epoch and writer.
+    EndRound,
+    /// Server (V5): what the epoch's staging holds is durable; it stays
+    /// staged for the same writer.
+    RoundStaged {
+        /// The epoch.
+        epoch: u64,
+    },
 }
 
 /// Most ranges one [`Message::Staged`] carries (it must fit in a frame).
@@ -492,6 +519,8 @@ impl Message {
         match self {
             Message::HaveChunks { .. } => Some((Version::V3, "HaveChunks")),
             Message::TakeOver { .. } => Some((Version::V4, "TakeOver")),
+            Message::EndRound => Some((Version::V5, "EndRound")),
+            Message::RoundStaged { .. } => Some((Version::V5, "RoundStaged")),
             Message::KnownChunks { .. } => Some((Version::V3, "KnownChunks")),
             Message::Block {
                 encoding: Encoding::Known,
@@ -668,6 +697,10 @@ mod tests {
         // Changing these bytes breaks every peer: bump the version instead.
         assert_eq!(
             Message::hello().encode(),
+            [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 4]
+        );
+        assert_eq!(
+            Message::hello_at(Version::V4).encode(),
             [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 3]
         );
         assert_eq!(
@@ -682,7 +715,7 @@ mod tests {
             Message::decode(&Message::hello().encode()[4..])
                 .unwrap()
                 .check_hello(),
-            Ok(Version::V4)
+            Ok(Version::V5)
         );
         // A V2 peer is spoken to in V2; a V1 peer is told what we speak.
         assert_eq!(
@@ -696,6 +729,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("upgrade the client"));
+    }
+
+    #[test]
+    fn rounds_are_refused_on_a_v4_stream() {
+        for m in [Message::EndRound, Message::RoundStaged { epoch: 3 }] {
+            assert_eq!(m.check_version(Version::V5), Ok(()));
+            assert!(matches!(
+                m.check_version(Version::V4),
+                Err(ProtoError::TooNew(_, Version::V4))
+            ));
+            assert_eq!(Message::decode(&m.encode()[4..]).unwrap(), m);
+        }
     }
 
     #[test]

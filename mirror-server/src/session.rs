@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 
 use ublk_mirror_common::proto::{self, Digest, Encoding, Message, Version, Writer};
 use ublk_mirror_common::session::receive::{
-    DataAction, DataReceiver, EpochReceiver, StageOutcome, MESSAGE_TIMEOUT,
+    DataAction, DataReceiver, Ending, EpochReceiver, StageOutcome, MESSAGE_TIMEOUT,
 };
 use ublk_mirror_common::session::restore::plan_have;
 use ublk_mirror_common::session::unexpected;
@@ -101,7 +101,19 @@ pub(crate) async fn receive_epoch(
     }
     // The data streams may take long (a whole disk): a dead peer is found
     // by the connection's idle timeout, and its staging waits for it.
-    receiver.on_control(&wire::expect(recv).await?)?;
+    if receiver.on_control(&wire::expect(recv).await?)? == Ending::Round {
+        let dir = volume.lock().await.dir().to_path_buf();
+        let answer = match tokio::task::block_in_place(|| staging.sync_round(&dir)) {
+            Ok(()) => receiver.synced(),
+            Err(e) => {
+                tracing::error!(epoch, "cannot make a pre-copy round durable: {e}");
+                receiver.publish_failed(&e.to_string())
+            }
+        };
+        wire::send(send, &answer).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
     let committed = {
         let mut v = volume.lock().await;
         tokio::task::block_in_place(|| v.commit(&staging))

@@ -336,6 +336,7 @@ fn lag(args: &[String]) {
             interval: Duration::from_millis(interval),
             zstd_level: 3,
             bandwidth: None,
+            precopy: Some(ublk_dev::config::DEFAULT_PRECOPY),
         },
     )
     .expect("start the replicator");
@@ -400,6 +401,7 @@ fn main() {
             interval: Duration::from_secs(3600),
             zstd_level: 3,
             bandwidth: None,
+            precopy: Some(ublk_dev::config::DEFAULT_PRECOPY),
         },
     )
     .expect("start the replicator");

@@ -25,6 +25,8 @@
 //! mirror_interval = "5s"      # least time between cuts shipped to the mirror
 //! zstd_level = 3              # compression of shipped blocks (1-19)
 //! mirror_bandwidth = "10M"    # bytes per second the mirror may use (default: no limit)
+//! mirror_precopy = "256M"     # an epoch this big (a first sync, a resync) travels in
+//!                             # pre-copy rounds, without copy-on-write ("0": never)
 //! client_dir = "/var/lib/ublk-mirror/client"  # this machine's enrollment
 //! ```
 
@@ -91,6 +93,8 @@ pub struct DeviceConfig {
     pub zstd_level: Option<i32>,
     /// Bytes per second the mirror may use.
     pub mirror_bandwidth: Option<ByteSize>,
+    /// Epochs at least this big travel in pre-copy rounds (0: never).
+    pub mirror_precopy: Option<ByteSize>,
     /// This machine's enrollment.
     pub client_dir: Option<PathBuf>,
 }
@@ -137,6 +141,7 @@ impl DeviceConfig {
             mirror_interval: over.mirror_interval.or(self.mirror_interval),
             zstd_level: over.zstd_level.or(self.zstd_level),
             mirror_bandwidth: over.mirror_bandwidth.or(self.mirror_bandwidth),
+            mirror_precopy: over.mirror_precopy.or(self.mirror_precopy),
             client_dir: over.client_dir.or(self.client_dir),
         }
     }
@@ -258,6 +263,9 @@ impl DeviceConfig {
                     interval_ms: interval.as_millis() as u64,
                     zstd_level,
                     bandwidth: self.mirror_bandwidth.map(|b| b.0).filter(|&b| b > 0),
+                    precopy: self
+                        .mirror_precopy
+                        .map_or(Some(DEFAULT_PRECOPY), |b| Some(b.0).filter(|&b| b > 0)),
                 })
             }
         };
@@ -371,6 +379,18 @@ pub struct MirrorSpec {
     /// Bytes per second the mirror may use (`None`: no limit).
     #[serde(default)]
     pub bandwidth: Option<u64>,
+    /// Epochs of at least this many bytes travel in pre-copy rounds
+    /// (`None`: never).
+    #[serde(default = "default_precopy")]
+    pub precopy: Option<u64>,
+}
+
+/// Epochs this big (a first sync, a resync, a burst) travel in pre-copy
+/// rounds by default.
+pub const DEFAULT_PRECOPY: u64 = 256 << 20;
+
+fn default_precopy() -> Option<u64> {
+    Some(DEFAULT_PRECOPY)
 }
 
 #[cfg(test)]

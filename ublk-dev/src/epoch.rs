@@ -139,6 +139,18 @@ pub struct Sealed {
     /// current epoch's resync ranges, so its regions stay marked and the
     /// next epoch ships their content in full.
     pub broken: Option<String>,
+    /// A pre-copy round ([`Epochs::seal_precopy`]): no cut is kept for
+    /// it. Nothing is preserved for it, and it reads as the device *now*
+    /// (any range of it), never as its cut.
+    pub precopy: bool,
+}
+
+impl Sealed {
+    /// Whether it is read as its cut (so chunks are preserved for it): not
+    /// broken, not a pre-copy round.
+    pub fn keeps_cut(&self) -> bool {
+        self.broken.is_none() && !self.precopy
+    }
 }
 
 /// Why an epoch operation was refused.
@@ -447,7 +459,7 @@ impl Epochs {
         // Only chunks some sealed epoch touched can need preserving: walk
         // those, not every chunk of a large discard.
         let mut candidates = RangeSet::new();
-        for s in &self.sealed {
+        for s in self.sealed.iter().filter(|s| !s.precopy) {
             for set in [&s.changes.data, &s.changes.zeroed, &s.changes.resync] {
                 for r in set.intersection(range.clone()) {
                     candidates.insert(r.start / CHUNK * CHUNK..r.end.div_ceil(CHUNK) * CHUNK);
@@ -465,12 +477,13 @@ impl Epochs {
                 }
                 // A broken epoch is resynced, never read as its cut: it
                 // needs nothing kept (and a chunk whose preservation
-                // failed is not asked for again).
+                // failed is not asked for again); nor does a pre-copy
+                // round, read live.
                 match self
                     .sealed
                     .iter()
                     .rev()
-                    .find(|s| s.broken.is_none() && s.changes.touches(r.clone()))
+                    .find(|s| s.keeps_cut() && s.changes.touches(r.clone()))
                 {
                     Some(s) => !self.store.has_version_since(c, s.id),
                     None => false,
@@ -510,7 +523,7 @@ impl Epochs {
         let r = self.chunk_range(c);
         self.sealed
             .iter()
-            .any(|s| s.id <= cut && s.broken.is_none() && s.changes.touches(r.clone()))
+            .any(|s| s.id <= cut && s.keeps_cut() && s.changes.touches(r.clone()))
     }
 
     /// A chunk that needed preserving could not be read or kept: the
@@ -525,7 +538,7 @@ impl Epochs {
     pub fn preserve_failed_at(&mut self, c: u64, cut: u64, reason: &str) {
         let r = self.chunk_range(c);
         for s in self.sealed.iter_mut().filter(|s| s.id <= cut) {
-            if s.broken.is_none() && s.changes.touches(r.clone()) {
+            if s.keeps_cut() && s.changes.touches(r.clone()) {
                 tracing::error!(epoch = s.id, "{reason}; the epoch will need a resync");
                 s.broken = Some(reason.to_string());
             }
@@ -564,6 +577,19 @@ impl Epochs {
     /// Seal the current epoch at this instant and open the next one;
     /// returns the sealed epoch's number.
     pub fn seal(&mut self, at_flush: bool, now_ms: u64) -> u64 {
+        self.seal_as(at_flush, false, now_ms)
+    }
+
+    /// Seal the current epoch as a *pre-copy round*: its changes are
+    /// closed and the next epoch opens (what is written from now on is
+    /// recorded there), but no cut is kept: nothing is preserved for it,
+    /// and it reads as the live device ([`Sealed::precopy`]). Returns its
+    /// number.
+    pub fn seal_precopy(&mut self, now_ms: u64) -> u64 {
+        self.seal_as(false, true, now_ms)
+    }
+
+    fn seal_as(&mut self, at_flush: bool, precopy: bool, now_ms: u64) -> u64 {
         let id = self.current;
         self.sealed.push_back(Sealed {
             id,
@@ -572,6 +598,7 @@ impl Epochs {
             sealed_ms: now_ms,
             first_change_ms: self.first_change_ms.take(),
             broken: None,
+            precopy,
         });
         self.written.clear();
         self.current += 1;
@@ -638,9 +665,20 @@ impl Epochs {
     }
 
     /// Check that `range` can be read at epoch `id`'s cut: the epoch is
-    /// sealed, unbroken, and the range lies in chunks it touched.
+    /// sealed, unbroken, and the range lies in chunks it touched (or, for
+    /// a pre-copy round, read live, anywhere on the device).
     pub fn check_read(&self, id: u64, range: Range<u64>) -> Result<(), EpochError> {
         let s = self.get(id)?;
+        if s.precopy {
+            if range.end > self.device_size {
+                return Err(EpochError::OutsideEpoch {
+                    id,
+                    start: range.start,
+                    end: range.end,
+                });
+            }
+            return Ok(());
+        }
         if let Some(reason) = &s.broken {
             return Err(EpochError::Broken {
                 id,
@@ -669,6 +707,10 @@ impl Epochs {
     /// holds the device at epoch `id`'s cut. Call [`Epochs::check_read`]
     /// under the same lock first.
     pub fn overlay(&self, id: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if self.get(id).is_ok_and(|s| s.precopy) {
+            // Read live: the backing file's bytes are the answer.
+            return Ok(());
+        }
         let end = offset + buf.len() as u64;
         let mut chunk = vec![0u8; CHUNK as usize];
         for c in offset / CHUNK..end.div_ceil(CHUNK) {
@@ -782,6 +824,36 @@ mod tests {
             "a second release is a no-op"
         );
         assert!(matches!(e.release(3), Err(EpochError::NotSealed { .. })));
+    }
+
+    #[test]
+    fn a_pre_copy_round_keeps_no_cut_and_reads_live_anywhere() {
+        let (mut e, _d) = epochs(1 << 20);
+        e.record(ChangeKind::Data, 0..4 * CHUNK, 0);
+        assert_eq!(e.seal_precopy(0), 1);
+        assert!(e.get(1).unwrap().precopy);
+        // Writes into what the round changed wait for nothing.
+        assert!(e.to_preserve(0..4 * CHUNK).is_empty());
+        e.record(ChangeKind::Data, 0..CHUNK, 0);
+        // It reads anywhere on the device, as the file has it.
+        e.check_read(1, 10 * CHUNK..12 * CHUNK).unwrap();
+        assert!(e.check_read(1, 63 * CHUNK..65 * CHUNK).is_err());
+        // A cut after it (the end of a run) keeps its own chunks only,
+        // and a version kept for it is no round's.
+        assert_eq!(e.seal(true, 0), 2);
+        assert_eq!(e.to_preserve(0..4 * CHUNK), vec![0]);
+        e.preserve(0, &[9; CHUNK as usize]);
+        let mut buf = vec![5u8; CHUNK as usize];
+        e.overlay(1, 0, &mut buf).unwrap();
+        assert_eq!(buf, vec![5; CHUNK as usize], "a round reads the file");
+        e.overlay(2, 0, &mut buf).unwrap();
+        assert_eq!(buf, vec![9; CHUNK as usize], "the cut reads its version");
+        // A failure to preserve breaks the cut, never the round.
+        e.preserve_failed(1, "disk gone");
+        assert!(e.get(1).unwrap().broken.is_none());
+        assert_eq!(e.release(1).unwrap().unwrap().id, 1);
+        assert_eq!(e.release(2).unwrap().unwrap().id, 2);
+        assert_eq!(e.store_usage(), StoreUsage::default());
     }
 
     #[test]

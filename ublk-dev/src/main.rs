@@ -439,6 +439,14 @@ struct AddArgs {
     #[arg(long, value_name = "RATE")]
     mirror_bandwidth: Option<ByteSize>,
 
+    /// An epoch at least this big (a first sync, a resync) travels in
+    /// pre-copy rounds: the device is read as it is, without
+    /// copy-on-write, while what changes meanwhile is tracked and sent in
+    /// the next round; one small consistent cut ends it, and the server
+    /// publishes it all as one version. "0": never [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    mirror_precopy: Option<ByteSize>,
+
     /// This machine's enrollment [default: /var/lib/ublk-mirror/client].
     #[arg(long, value_name = "DIR", env = "UBLK_MIRROR_CLIENT_DIR")]
     client_dir: Option<PathBuf>,
@@ -463,6 +471,7 @@ impl AddArgs {
             mirror_interval: self.mirror_interval,
             zstd_level: self.zstd_level,
             mirror_bandwidth: self.mirror_bandwidth,
+            mirror_precopy: self.mirror_precopy,
             client_dir: self.client_dir.clone(),
         }
     }

@@ -14,6 +14,65 @@
 //! preserved) and the replicator reconnects with backoff; if the server
 //! had published the epoch before the link broke, the epoch is released
 //! without being sent again. Writes meanwhile collect in the current epoch.
+//!
+//! # Pre-copy: big epochs without copy-on-write
+//!
+//! A first sync, a resync, or a burst of writes makes an epoch too big to
+//! hold as a cut: copy-on-write would stall the device's writes for as
+//! long as it takes to ship (invariant 1). An epoch of at least
+//! [`MirrorSettings::precopy`] bytes travels in *rounds* instead, as live
+//! migration pre-copies memory:
+//!
+//! 1. the current epoch is sealed as a pre-copy round
+//!    ([`Tracker::seal_precopy`]): no cut is kept, no chunk preserved;
+//!    writes from then on (and those in flight at that instant) are
+//!    recorded in the next epoch, as always;
+//! 2. its blocks are read *as the device is now* and sent as the server's
+//!    next epoch, which the server keeps staged without publishing
+//!    (protocol V5's `EndRound`, durable when answered);
+//! 3. while the next epoch's changes are more than an eighth of the
+//!    threshold and shrink by half or more, it becomes the next round
+//!    (at most six rounds); every block of a later round is sent
+//!    again, whatever the server holds;
+//! 4. then the next epoch is sealed as an ordinary cut (at a FLUSH, with
+//!    copy-on-write, but only for what changed since the last round) and
+//!    sent as the last part of the same server epoch, which the server
+//!    publishes with everything staged, later copies over earlier ones;
+//! 5. only then are the rounds and the cut released.
+//!
+//! Why the published image is the device at the cut: take any block. If
+//! no write touched it after the last round that read it, the bytes that
+//! round read are its bytes at the cut, and no later copy is staged. If a
+//! write did, that write was recorded in an epoch sealed after the read
+//! began (a write in flight when a round was sealed is recorded in the
+//! next epoch too), so a later round, or the cut, sends it again, and the
+//! cut's copy is the content at the cut. A block no round or cut changed
+//! is the image's (a fresh volume's zeroes, or the same block a resync
+//! found equal by hash). The server publishes only at the cut's
+//! `EndEpoch`, so nothing before the cut is ever visible (invariant 3).
+//!
+//! What can go wrong meanwhile:
+//! - *the link breaks*: the rounds stay sealed (their regions marked) and
+//!   the run goes on over the next link; the first round resumes from what
+//!   the server staged; a later round is sent whole again;
+//! - *the server lost the staging* (a restart before a round was durable,
+//!   another server behind the same address): every `BeginEpoch` answers
+//!   what the server holds, and what earlier rounds sent and it no longer
+//!   holds is sent again as the device is now; if the cut found it so, it
+//!   ends as one more round, and another cut follows;
+//! - *the server published the cut but the answer was lost*: the next
+//!   link sees the image written by the run's first round, releases it,
+//!   and ships the rest again as a new run (its content is already there);
+//! - *the daemon dies*: every unreleased epoch becomes resync ranges; the
+//!   next run's first round takes the server's staging over and vouches
+//!   for every staged block by hash (the ordinary take-over), so what the
+//!   dead run staged is published only where it matches the device;
+//! - *a cut breaks* (a chunk could not be preserved): it is sent as one
+//!   more round, read as the device is now, and another cut follows.
+//!
+//! The tests in `tests/precopy.rs` check this with a writer that never
+//! stops: the first version the server publishes is the device after a
+//! prefix of the writes, through all of the above.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +81,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use ublk_mirror_common::block::{self, split, BLOCK};
-use ublk_mirror_common::client::{Link, VolumeInfo};
+use ublk_mirror_common::client::{Finish, Link, VolumeInfo};
 use ublk_mirror_common::clock::now_ms;
 use ublk_mirror_common::fsutil;
 use ublk_mirror_common::hex::{self, encode as hex_encode};
@@ -157,6 +216,9 @@ pub struct MirrorSettings {
     pub zstd_level: i32,
     /// Bytes per second the mirror may use (`None`: no limit).
     pub bandwidth: Option<u64>,
+    /// Epochs of at least this many bytes travel in pre-copy rounds
+    /// (`None`: never); see the module docs.
+    pub precopy: Option<u64>,
 }
 
 /// What `status` shows about the mirror.
@@ -194,6 +256,10 @@ pub struct MirrorStatus {
     /// (sent as their digests only).
     #[serde(default)]
     pub known_bytes: u64,
+    /// Pre-copy rounds staged on the server and not yet published (0: no
+    /// pre-copy run in progress).
+    #[serde(default)]
+    pub precopy_rounds: u64,
 }
 
 /// Says whether the replicator must still wait before it connects (an
@@ -296,6 +362,7 @@ impl Replicator {
             hold,
             started: started.clone(),
             filling: filling.clone(),
+            run: Mutex::new(None),
         };
         let thread = std::thread::Builder::new()
             .name("replicator".into())
@@ -398,7 +465,34 @@ struct Context {
     started: Arc<AtomicBool>,
     /// See [`Handle::filling`].
     filling: Arc<AtomicBool>,
+    /// The pre-copy run in progress, if any.
+    run: Mutex<Option<Run>>,
 }
+
+/// A pre-copy run in progress (see the module docs): rounds staged on
+/// the server as one epoch, not yet published.
+#[derive(Debug, Clone)]
+struct Run {
+    /// The server's epoch being staged.
+    remote: u64,
+    /// The writer's epoch the server knows the staging by: the first
+    /// round's.
+    first: u64,
+    /// Local epochs staged as rounds, oldest first.
+    rounds: Vec<u64>,
+    /// The bytes they sent.
+    held: RangeSet,
+    /// Bytes the last round changed: a next round must be much smaller to
+    /// be worth it.
+    last_bytes: u64,
+}
+
+/// Most pre-copy rounds before the cut that ends a run.
+const MAX_ROUNDS: usize = 6;
+
+/// A pre-copy run ends with a cut once the changes since the last round
+/// are at most this part of the pre-copy threshold (or stop halving).
+const FINAL_CUT_PART: u64 = 8;
 
 impl Context {
     fn set(&self, f: impl FnOnce(&mut MirrorStatus)) {
@@ -543,9 +637,35 @@ impl Context {
                 link.close().await;
                 return Ok(());
             }
-            let epoch = match self.tracker.oldest_sealed() {
-                Some(e) => e,
-                None => {
+            let sealed = self.tracker.sealed_epochs();
+            let run = self.current_run(&info, &sealed);
+            let next = sealed
+                .iter()
+                .find(|(id, _)| run.as_ref().is_none_or(|r| !r.rounds.contains(id)))
+                .copied();
+            let (epoch, round) = match (next, &run) {
+                (Some((id, precopy)), _) => (id, precopy || run.is_some()),
+                (None, Some(r)) => {
+                    // Every round is staged: another round while the
+                    // changes since shrink, else the cut that ends the run.
+                    let bytes = self.tracker.current_change_bytes();
+                    let final_cut = self.settings.precopy.unwrap_or(0) / FINAL_CUT_PART;
+                    let again = bytes > final_cut
+                        && r.rounds.len() < MAX_ROUNDS
+                        && bytes < r.last_bytes / 2;
+                    let tracker = self.tracker.clone();
+                    let id = blocking("a replicator worker", move || {
+                        if again {
+                            tracker.seal_precopy()
+                        } else {
+                            tracker.seal(SealAt::Flush(FLUSH_WAIT))
+                        }
+                    })
+                    .await?;
+                    last_cut = Instant::now();
+                    (id, true)
+                }
+                (None, None) => {
                     let cut = Cut::decide(
                         Instant::now(),
                         last_cut,
@@ -567,17 +687,35 @@ impl Context {
                         Cut::Seal { flush_wait } => flush_wait,
                     };
                     last_cut = Instant::now();
+                    // A big epoch (a first sync, a resync) is not frozen
+                    // under copy-on-write: it travels in pre-copy rounds.
+                    let precopy = self
+                        .settings
+                        .precopy
+                        .is_some_and(|min| self.tracker.current_change_bytes() >= min);
                     let tracker = self.tracker.clone();
-                    blocking("a replicator worker", move || {
-                        tracker.seal(SealAt::Flush(flush_wait))
+                    let id = blocking("a replicator worker", move || {
+                        if precopy {
+                            tracker.seal_precopy()
+                        } else {
+                            tracker.seal(SealAt::Flush(flush_wait))
+                        }
                     })
-                    .await?
+                    .await?;
+                    (id, precopy)
                 }
             };
             // A stop abandons the transfer (the epoch stays sealed and its
             // regions marked; the server keeps what it staged).
+            let shipping = async {
+                if round {
+                    self.ship_round(&link, &mut info, epoch, size).await
+                } else {
+                    self.ship(&link, &mut info, epoch, size).await
+                }
+            };
             tokio::select! {
-                shipped = self.ship(&link, &mut info, epoch, size) => shipped?,
+                shipped = shipping => shipped?,
                 () = self.stopped.notified() => {
                     link.close().await;
                     return Ok(());
@@ -713,6 +851,196 @@ impl Context {
 
     fn release(&self, epoch: u64) -> Result<()> {
         self.tracker.release(epoch).map(drop)
+    }
+
+    fn run_lock(&self) -> std::sync::MutexGuard<'_, Option<Run>> {
+        self.run.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pre-copy run in progress, unless the server or the tracker
+    /// moved on without it (the server published its epoch, or its
+    /// rounds were released): then it is forgotten, and what is still
+    /// sealed travels again (a first round of a published run finds
+    /// itself published and is released).
+    fn current_run(&self, info: &VolumeInfo, sealed: &[(u64, bool)]) -> Option<Run> {
+        let mut run = self.run_lock();
+        let stale = run.as_ref().is_some_and(|r| {
+            r.remote != info.published_epoch + 1
+                || sealed.first().map(|s| s.0) != Some(r.first)
+                || !r.rounds.iter().all(|id| sealed.iter().any(|s| s.0 == *id))
+        });
+        if stale {
+            tracing::info!("the server or the device moved on: the pre-copy run begins again");
+            *run = None;
+        }
+        self.set(|s| s.precopy_rounds = run.as_ref().map_or(0, |r| r.rounds.len() as u64));
+        run.clone()
+    }
+
+    /// Ship sealed epoch `epoch` as a round of the pre-copy run (which it
+    /// begins, if none is in progress): a pre-copy epoch, read as the
+    /// device is now, is kept staged on the server; a cut (an ordinary
+    /// epoch) ends the run, and the server publishes every round and the
+    /// cut as one epoch. Then the rounds and the cut are released.
+    async fn ship_round(
+        &self,
+        link: &Link,
+        info: &mut VolumeInfo,
+        epoch: u64,
+        size: u64,
+    ) -> Result<()> {
+        let sealed = self.tracker.epoch(epoch)?;
+        let mut run = self.run_lock().clone().unwrap_or_else(|| Run {
+            remote: info.published_epoch + 1,
+            first: epoch,
+            rounds: Vec::new(),
+            held: RangeSet::new(),
+            last_bytes: u64::MAX,
+        });
+        let me = Writer {
+            device: self.device,
+            epoch: run.first,
+        };
+        // A cut that broke is sent as one more round (read as the device
+        // is now), and another cut follows.
+        let finish = if sealed.precopy || sealed.broken.is_some() {
+            Finish::Round
+        } else {
+            Finish::Publish
+        };
+        let first_round = run.rounds.is_empty();
+        let (blocks, skipped) = if first_round {
+            // As an ordinary epoch: the holes of a fresh volume stay
+            // behind, ranges of unknown change go where they differ.
+            let holes = if fresh(info) {
+                let changed = sealed.changes.touched();
+                let tracker = self.tracker.clone();
+                blocking("a replicator worker", move || {
+                    tracker.holes_at_cut(epoch, &changed)
+                })
+                .await?
+            } else {
+                RangeSet::new()
+            };
+            let mut unbroken = sealed.clone();
+            unbroken.broken = None;
+            match plan(info, me, &unbroken, size, &holes) {
+                Plan::AlreadyPublished | Plan::Broken => {
+                    *self.run_lock() = None;
+                    return self.release(epoch);
+                }
+                Plan::Ship {
+                    mut blocks,
+                    candidates,
+                    unknown,
+                    skipped,
+                    ..
+                } => {
+                    if !candidates.is_empty() {
+                        let theirs = link
+                            .hashes(&self.settings.volume, &candidates)
+                            .await
+                            .map_err(Error::Mirror)?;
+                        let tracker = self.tracker.clone();
+                        let differ = blocking("a replicator worker", move || {
+                            differing(&tracker, epoch, &candidates, &theirs)
+                        })
+                        .await?;
+                        let same = unknown - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
+                        blocks.extend(differ);
+                        blocks.sort_unstable();
+                        self.set(|s| s.resync_same_bytes += same);
+                    }
+                    (blocks, skipped)
+                }
+            }
+        } else {
+            // A later round: every change travels (a hole or a block the
+            // mirror's image has may be staged otherwise by an earlier
+            // round).
+            (split(&sealed.changes.touched(), size), 0)
+        };
+        let held = (!first_round).then(|| run.held.clone());
+        tracing::info!(
+            epoch,
+            round = run.rounds.len() + 1,
+            bytes = blocks.iter().map(|&(_, l)| u64::from(l)).sum::<u64>(),
+            skipped,
+            last = finish == Finish::Publish,
+            "pre-copy round"
+        );
+        let started = Instant::now();
+        let tracker = self.tracker.clone();
+        let live = finish == Finish::Round;
+        let (ended, shipped) = link
+            .send_round(
+                &self.settings.volume,
+                run.remote,
+                me,
+                &blocks,
+                self.settings.zstd_level,
+                finish,
+                held,
+                move |offset, len| {
+                    let mut buf = vec![0u8; len as usize];
+                    let read = if live {
+                        tracker.read_live(offset, &mut buf)
+                    } else {
+                        tracker.read_cut_or_live(epoch, offset, &mut buf)
+                    };
+                    read.map_err(|e| {
+                        ublk_mirror_common::Error::io(
+                            format!("reading epoch {epoch} at {offset}"),
+                            std::io::Error::other(e.to_string()),
+                        )
+                    })?;
+                    Ok(buf)
+                },
+            )
+            .await
+            .map_err(Error::Mirror)?;
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        self.set(|s| {
+            s.throughput_bps = (shipped.bytes as f64 / secs) as u64;
+            s.last_wire_bytes = shipped.wire_bytes;
+            s.wire_bytes_total += shipped.wire_bytes;
+            s.resumed_bytes += shipped.resumed_bytes;
+            s.known_bytes += shipped.known_bytes;
+            if first_round && fresh(info) {
+                s.resync_same_bytes += shipped.zero_bytes + skipped;
+            }
+        });
+        if ended == Finish::Round {
+            run.rounds.push(epoch);
+            for &(offset, len) in &blocks {
+                run.held.insert(offset..offset + u64::from(len));
+            }
+            run.last_bytes = sealed.changes.touched().len();
+            self.set(|s| s.precopy_rounds = run.rounds.len() as u64);
+            *self.run_lock() = Some(run);
+            return Ok(());
+        }
+        info.published_epoch = run.remote;
+        info.writer = Some(me);
+        Association::confirm(self.tracker.state_dir(), run.remote)?;
+        self.set(|s| {
+            s.server_epoch = run.remote;
+            s.epochs_shipped += 1;
+            s.precopy_rounds = 0;
+        });
+        *self.run_lock() = None;
+        tracing::info!(
+            epoch,
+            remote = run.remote,
+            rounds = run.rounds.len(),
+            "pre-copy run published"
+        );
+        for id in run.rounds {
+            self.release(id)?;
+        }
+        self.release(epoch)?;
+        crate::system::return_free_memory();
+        Ok(())
     }
 }
 
@@ -1125,6 +1453,7 @@ mod tests {
             sealed_ms: 0,
             first_change_ms: None,
             broken: broken.then(|| "lost".to_string()),
+            precopy: false,
         }
     }
 

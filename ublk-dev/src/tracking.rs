@@ -126,6 +126,10 @@ pub struct EpochInfo {
     pub sealed_ms: u64,
     /// Why it cannot be read as its cut, if it cannot.
     pub broken: Option<String>,
+    /// A pre-copy round: shipped as the device is now, published only
+    /// with the cut that ends the pre-copy.
+    #[serde(default)]
+    pub precopy: bool,
 }
 
 impl EpochInfo {
@@ -138,6 +142,7 @@ impl EpochInfo {
             at_flush: s.at_flush,
             sealed_ms: s.sealed_ms,
             broken: s.broken.clone(),
+            precopy: s.precopy,
         }
     }
 }
@@ -660,15 +665,41 @@ impl Tracker {
         self.seal_requested.store(false, Ordering::Release);
         let now = now_ms();
         let id = live.epochs.seal(at_flush, now);
+        self.carry_in_flight(live, now);
+        self.sealed.notify_all();
+        tracing::debug!(epoch = id, at_flush, "epoch sealed");
+        id
+    }
+
+    /// Seal the current epoch as a pre-copy round (see
+    /// [`Epochs::seal_precopy`] and [`crate::replicator`]): no cut, no
+    /// copy-on-write; it reads as the live device. What is written from
+    /// now on is recorded in the next epoch, and so is every write in
+    /// flight now (it may land after a round reads its blocks). The
+    /// number is recorded in the journal first, as for [`Tracker::seal`].
+    pub fn seal_precopy(&self) -> Result<u64> {
+        loop {
+            let start = lock(&self.live).epochs.current();
+            lock(&self.journal).set_sealed(start)?;
+            let mut live = lock(&self.live);
+            if live.epochs.current() != start {
+                continue;
+            }
+            let now = now_ms();
+            let id = live.epochs.seal_precopy(now);
+            self.carry_in_flight(&mut live, now);
+            tracing::debug!(epoch = id, "pre-copy round sealed");
+            return Ok(id);
+        }
+    }
+
+    fn carry_in_flight(&self, live: &mut Live, now: u64) {
         // Writes still in flight may land on either side of the cut: they
         // belong to the next epoch as well, so that their final content is
         // shipped with it.
         for (kind, range) in live.in_flight.values() {
             live.epochs.record_carried(*kind, range.clone(), now);
         }
-        self.sealed.notify_all();
-        tracing::debug!(epoch = id, at_flush, "epoch sealed");
-        id
     }
 
     /// Seal the current epoch and return its number. With
@@ -835,6 +866,53 @@ impl Tracker {
     /// The directory of the journal (and of other per-device state).
     pub fn state_dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("/"))
+    }
+
+    /// The sealed, unreleased epochs, oldest first, and whether each is a
+    /// pre-copy round.
+    pub fn sealed_epochs(&self) -> Vec<(u64, bool)> {
+        lock(&self.live)
+            .epochs
+            .sealed()
+            .map(|s| (s.id, s.precopy))
+            .collect()
+    }
+
+    /// Bytes the current epoch changed so far (data, zeroed and resync
+    /// ranges together): what sealing it now would ship at most.
+    pub fn current_change_bytes(&self) -> u64 {
+        lock(&self.live).epochs.changes().touched().len()
+    }
+
+    /// Read `buf.len()` bytes at `offset` of the device as it is now (the
+    /// backing file): for pre-copy rounds.
+    pub fn read_live(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset.saturating_add(buf.len() as u64) > self.device_size {
+            return Err(Error::Epoch(EpochError::OutsideEpoch {
+                id: 0,
+                start: offset,
+                end: offset.saturating_add(buf.len() as u64),
+            }));
+        }
+        let mut aligned = AlignedBuf::zeroed(buf.len().max(1));
+        let bytes = &mut aligned.as_mut_slice()[..buf.len()];
+        self.file
+            .read_exact_at(bytes, offset)
+            .map_err(|e| Error::io("reading the backing file for a pre-copy round", e))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Read as [`Tracker::read_epoch`] where epoch `id` changed, and as
+    /// the device is now ([`Tracker::read_live`]) elsewhere: for the cut
+    /// that ends a pre-copy run, which also sends what the server lost of
+    /// earlier rounds (and then becomes a round itself). A broken epoch
+    /// still fails.
+    pub fn read_cut_or_live(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self.read_epoch(id, offset, buf) {
+            Err(Error::Epoch(EpochError::OutsideEpoch { .. })) => self.read_live(offset, buf),
+            other => other,
+        }
     }
 
     /// The oldest sealed, unreleased epoch.
@@ -1204,6 +1282,54 @@ mod tests {
         apply(&t, &Request::write(0, 512));
         disk.write_all_at(&[8; 512], 0).unwrap();
         assert_eq!(epoch_bytes(&t, 2, 0..4096), vec![7; 4096]);
+    }
+
+    #[test]
+    fn a_pre_copy_round_reads_the_device_as_it_is_and_never_makes_writes_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let disk = t.file.try_clone().unwrap();
+        apply(&t, &Request::write(0, 8192));
+        disk.write_all_at(&[1; 8192], 0).unwrap();
+        let in_flight = t
+            .before_write(&Request::write(8192, 4096))
+            .unwrap()
+            .unwrap();
+        let round = t.seal_precopy().unwrap();
+        assert!(t.status().sealed[0].precopy);
+        // The write in flight may land after the round reads: the next
+        // epoch has it too.
+        assert_eq!(
+            t.changes().data.iter().collect::<Vec<_>>(),
+            vec![8192..12288]
+        );
+        t.after_write(in_flight);
+        // Writes into what the round changed go at once (no copy kept).
+        assert!(matches!(
+            t.prepare_write(&Request::write(0, 4096)).unwrap(),
+            Prepared::Go(Some(_))
+        ));
+        disk.write_all_at(&[2; 4096], 0).unwrap();
+        assert_eq!(t.status().preserved_memory_bytes, 0);
+        // It reads as the device is now, anywhere.
+        let mut now = vec![0u8; 8192];
+        t.read_epoch(round, 0, &mut now).unwrap();
+        assert_eq!(&now[..4096], &[2; 4096][..]);
+        assert_eq!(&now[4096..], &[1; 4096][..]);
+        let mut far = vec![9u8; 4096];
+        t.read_epoch(round, 1 << 20, &mut far).unwrap();
+        assert_eq!(far, vec![0; 4096]);
+        // The cut that ends the run reads its own changes at the cut, and
+        // elsewhere the device as it is.
+        let cut = t.seal(SealAt::Now).unwrap();
+        apply(&t, &Request::write(0, 4096));
+        disk.write_all_at(&[3; 4096], 0).unwrap();
+        let mut at = vec![0u8; 4096];
+        t.read_cut_or_live(cut, 0, &mut at).unwrap();
+        assert_eq!(at, vec![2; 4096]);
+        t.read_cut_or_live(cut, 4096, &mut at).unwrap();
+        assert_eq!(at, vec![1; 4096]);
+        assert_eq!(t.sealed_epochs(), vec![(round, true), (cut, false)]);
     }
 
     #[test]

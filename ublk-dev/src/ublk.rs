@@ -792,6 +792,7 @@ fn start_replicator(
             interval: std::time::Duration::from_millis(m.interval_ms),
             zstd_level: m.zstd_level,
             bandwidth: m.bandwidth,
+            precopy: m.precopy,
         },
         hold,
     )?;

@@ -9,4 +9,5 @@ mod control;
 mod enroll;
 mod local_io;
 mod mirror;
+mod precopy;
 mod support;

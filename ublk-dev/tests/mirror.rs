@@ -154,6 +154,7 @@ pub fn settings(client_dir: &Path, zstd_level: i32, bandwidth: Option<u64>) -> M
         interval: Duration::from_millis(100),
         zstd_level,
         bandwidth,
+        precopy: None,
     }
 }
 

@@ -6,6 +6,8 @@
 //! staged()    ─▶ Staged frames            Block     ─▶ Stage (driver checks,
 //! EndEpoch    ─▶ Publish                               stages, reports back)
 //! published() ─▶ Committed                EndData   ─▶ Resend{refused}
+//! EndRound    ─▶ Sync (V5: durable, kept, not published)
+//! synced()    ─▶ RoundStaged
 //! ```
 //!
 //! In V3 a data stream may also ask which chunks the server holds
@@ -36,7 +38,18 @@ enum State {
     Opening,
     Receiving,
     Publishing,
+    Syncing,
     Done,
+}
+
+/// What the driver does once the client ended the control stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// `EndEpoch`: publish the epoch, then [`EpochReceiver::published`].
+    Publish,
+    /// `EndRound` (V5): make the staging durable and keep it for the same
+    /// writer, then [`EpochReceiver::synced`].
+    Round,
 }
 
 /// The control stream of one epoch being received.
@@ -83,12 +96,16 @@ impl EpochReceiver {
     }
 
     /// A message on the control stream after the `Staged` frames: only
-    /// `EndEpoch` (publish now) is allowed.
-    pub fn on_control(&mut self, m: &Message) -> Result<()> {
+    /// `EndEpoch` (publish now) or `EndRound` (keep it staged) is allowed.
+    pub fn on_control(&mut self, m: &Message) -> Result<Ending> {
         match (self.state, m) {
             (State::Receiving, Message::EndEpoch) => {
                 self.state = State::Publishing;
-                Ok(())
+                Ok(Ending::Publish)
+            }
+            (State::Receiving, Message::EndRound) => {
+                self.state = State::Syncing;
+                Ok(Ending::Round)
             }
             (state, m) => Err(unexpected(m, &format!("inside an epoch ({state:?})"))),
         }
@@ -101,7 +118,14 @@ impl EpochReceiver {
         Message::Committed { epoch: self.epoch }
     }
 
-    /// Publishing failed (`why`): the answer.
+    /// The round's staging is durable: the answer.
+    pub fn synced(&mut self) -> Message {
+        assert_eq!(self.state, State::Syncing, "synced before EndRound");
+        self.state = State::Done;
+        Message::RoundStaged { epoch: self.epoch }
+    }
+
+    /// Publishing (or syncing a round) failed (`why`): the answer.
     pub fn publish_failed(&mut self, why: &str) -> Message {
         self.state = State::Done;
         Message::Refused {
@@ -306,6 +330,19 @@ mod tests {
         assert!(
             matches!(r.publish_failed("disk full"), Message::Refused { reason } if reason.contains("epoch 4") && reason.contains("disk full"))
         );
+    }
+
+    #[test]
+    fn end_round_keeps_the_epoch_staged() {
+        let mut r = EpochReceiver::new(3);
+        r.staged(&[], false);
+        assert_eq!(r.on_control(&Message::EndRound).unwrap(), Ending::Round);
+        assert_eq!(r.synced(), Message::RoundStaged { epoch: 3 });
+        // One ending per control stream.
+        assert!(r.on_control(&Message::EndEpoch).is_err());
+        let mut r = EpochReceiver::new(3);
+        r.staged(&[], false);
+        assert_eq!(r.on_control(&Message::EndEpoch).unwrap(), Ending::Publish);
     }
 
     fn block(offset: u64) -> Message {

@@ -8,7 +8,9 @@
 //!  Compared             ─▶ Compare(next) | Round(todo)
 //!  RoundDone{refused}   ─▶ Round(refused)    at most ROUNDS rounds in all
 //!                       ─▶ Control(EndEpoch) nothing refused
+//!                          (a pre-copy round: Control(EndRound))
 //!  Committed{epoch}     ─▶ Published(shipped)
+//!  RoundStaged{epoch}   ─▶ RoundStaged(shipped)
 //!  Refused | Lost       ─▶ error (the epoch stays unpublished and is tried
 //!                          again on a new link, resuming what was staged)
 //! ```
@@ -24,6 +26,17 @@
 //! against the device's at this epoch) and sent when they differ, and
 //! staged bytes outside this epoch's blocks are sent as this epoch has
 //! them, in aligned pieces of at most [`block::BLOCK`].
+//!
+//! **Pre-copy rounds** (V5, [`EpochSender::round`]). An epoch may be sent
+//! in rounds of the same epoch and writer, each but the last ended with
+//! `EndRound` (kept staged, not published). The first round resumes as
+//! above. A later round (`held`: what the earlier rounds sent) skips
+//! nothing: a staged copy of one of its blocks may be an earlier round's,
+//! older than the device's. What the earlier rounds sent and the server
+//! no longer holds (another server, a staging dropped) is sent again, as
+//! the device has it now; a round that was to publish then ends with
+//! `EndRound` instead ([`SendAction::RoundStaged`]): those blocks were
+//! not read at its cut, so another round must follow.
 
 use crate::block;
 use crate::proto::{Digest, Message, Writer, MAX_HASH_BLOCKS};
@@ -47,6 +60,17 @@ pub enum SendAction {
     Round(Vec<(u64, u32)>),
     /// The server published the epoch.
     Published(Shipped),
+    /// The server holds the round durably staged, unpublished.
+    RoundStaged(Shipped),
+}
+
+/// How an epoch's sending ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// `EndEpoch`: publish it.
+    Publish,
+    /// `EndRound` (V5): keep it staged for another round.
+    Round,
 }
 
 /// What happened, for an [`EpochSender`].
@@ -85,7 +109,8 @@ enum State {
     Sending {
         round: usize,
     },
-    /// `EndEpoch` sent; waiting for `Committed`.
+    /// `EndEpoch` (or `EndRound`) sent; waiting for `Committed` (or
+    /// `RoundStaged`).
     Ending,
     Published,
     Failed,
@@ -105,12 +130,34 @@ pub struct EpochSender {
     check: Vec<Vec<(u64, u32)>>,
     todo: Vec<(u64, u32)>,
     shipped: Shipped,
+    finish: Finish,
+    /// A later pre-copy round: what the earlier ones sent.
+    held: Option<RangeSet>,
+    /// Part of a pre-copy run ([`EpochSender::round`]): may end as a
+    /// round instead of publishing.
+    rounds: bool,
 }
 
 impl EpochSender {
     /// Send `blocks` (`(offset, len)`, in the order they should go) as
     /// epoch `epoch` of `volume`, written by `writer`.
     pub fn new(volume: &str, epoch: u64, writer: Writer, blocks: Vec<(u64, u32)>) -> EpochSender {
+        let mut sender = EpochSender::round(volume, epoch, writer, blocks, Finish::Publish, None);
+        sender.rounds = false;
+        sender
+    }
+
+    /// A pre-copy round (see the module docs): `blocks` of epoch `epoch`,
+    /// ended as `finish` says; `held`: the bytes earlier rounds of the
+    /// same epoch and writer sent (`None`: this is the first).
+    pub fn round(
+        volume: &str,
+        epoch: u64,
+        writer: Writer,
+        blocks: Vec<(u64, u32)>,
+        finish: Finish,
+        held: Option<RangeSet>,
+    ) -> EpochSender {
         EpochSender {
             volume: volume.to_string(),
             epoch,
@@ -122,7 +169,16 @@ impl EpochSender {
             check: Vec::new(),
             todo: Vec::new(),
             shipped: Shipped::default(),
+            finish,
+            held,
+            rounds: true,
         }
+    }
+
+    /// How it ends: [`Finish::Round`] also when it was to publish but
+    /// found earlier rounds' blocks missing on the server.
+    pub fn finish(&self) -> Finish {
+        self.finish
     }
 
     /// The first thing to do.
@@ -233,10 +289,16 @@ impl EpochSender {
                 Ok(Some(SendAction::Round(refused)))
             }
             (State::Ending, SendEvent::Control(Message::Committed { epoch }))
-                if epoch == self.epoch =>
+                if epoch == self.epoch && self.finish == Finish::Publish =>
             {
                 self.state = State::Published;
                 Ok(Some(SendAction::Published(self.shipped)))
+            }
+            (State::Ending, SendEvent::Control(Message::RoundStaged { epoch }))
+                if epoch == self.epoch && self.finish == Finish::Round =>
+            {
+                self.state = State::Published;
+                Ok(Some(SendAction::RoundStaged(self.shipped)))
             }
             (state, SendEvent::Control(m)) => Err(unexpected(&m, &format!("in {state:?}"))),
             (state, e) => Err(Error::Link(format!(
@@ -249,7 +311,12 @@ impl EpochSender {
     /// Split the epoch's blocks by what the server holds.
     fn plan(&mut self) {
         let mut check = Vec::new();
-        if self.adopted {
+        if self.held.is_some() {
+            // A later round: the first one vouched for what it took
+            // over, and a staged copy may be an earlier round's.
+            self.adopted = false;
+            self.todo.extend(self.blocks.iter().copied());
+        } else if self.adopted {
             let mut covered = RangeSet::new();
             for &(offset, len) in &self.blocks {
                 let range = offset..offset + u64::from(len);
@@ -264,6 +331,11 @@ impl EpochSender {
             // epoch has it.
             let mut extra = self.staged.clone();
             extra.subtract(&covered);
+            if !extra.is_empty() && self.rounds {
+                // A pre-copy run reads them as the device is now, not
+                // at a cut: another round must follow.
+                self.finish = Finish::Round;
+            }
             self.todo.extend(block::split(&extra, u64::MAX));
         } else {
             for &(offset, len) in &self.blocks {
@@ -272,6 +344,27 @@ impl EpochSender {
                 } else {
                     self.todo.push((offset, len));
                 }
+            }
+        }
+        if let Some(held) = &self.held {
+            let mut missing = held.clone();
+            missing.subtract(&self.staged);
+            let mine: RangeSet = self
+                .blocks
+                .iter()
+                .map(|&(o, l)| o..o + u64::from(l))
+                .collect();
+            missing.subtract(&mine);
+            if !missing.is_empty() {
+                tracing::warn!(
+                    epoch = self.epoch,
+                    bytes = missing.len(),
+                    "the server no longer holds what earlier pre-copy rounds sent: sending it again"
+                );
+                self.todo.extend(block::split(&missing, u64::MAX));
+                self.todo.sort_unstable();
+                // Read now, not at a cut: another round must follow.
+                self.finish = Finish::Round;
             }
         }
         self.check = check.chunks(MAX_HASH_BLOCKS).map(<[_]>::to_vec).collect();
@@ -305,7 +398,10 @@ impl EpochSender {
 
     fn end(&mut self) -> SendAction {
         self.state = State::Ending;
-        SendAction::Control(Message::EndEpoch)
+        SendAction::Control(match self.finish {
+            Finish::Publish => Message::EndEpoch,
+            Finish::Round => Message::EndRound,
+        })
     }
 }
 
@@ -434,6 +530,116 @@ mod tests {
         assert_eq!((shipped.blocks, shipped.resumed_bytes), (4, 0));
         // Nothing after the end.
         assert!(s.handle(round_ok(&[])).is_err());
+    }
+
+    fn held(n: u64) -> RangeSet {
+        blocks(n)
+            .into_iter()
+            .map(|(o, l)| o..o + u64::from(l))
+            .collect()
+    }
+
+    #[test]
+    fn a_later_round_skips_nothing_and_ends_staged() {
+        let mut s = EpochSender::round("v", 5, me(), blocks(2), Finish::Round, Some(held(4)));
+        s.start();
+        // All staged (by earlier rounds; a leftover adoption mark is
+        // theirs): every block of this round goes all the same.
+        assert_eq!(
+            s.handle(staged(vec![(0, 4 * u64::from(B))], true, true))
+                .unwrap(),
+            Some(SendAction::Round(blocks(2)))
+        );
+        assert_eq!(s.shipped().resumed_bytes, 0);
+        assert_eq!(
+            s.handle(round_ok(&blocks(2))).unwrap(),
+            Some(SendAction::Control(Message::EndRound))
+        );
+        // Only RoundStaged ends a round.
+        let mut wrong = s.clone();
+        assert!(wrong
+            .handle(SendEvent::Control(Message::Committed { epoch: 5 }))
+            .is_err());
+        assert!(matches!(
+            s.handle(SendEvent::Control(Message::RoundStaged { epoch: 5 }))
+                .unwrap(),
+            Some(SendAction::RoundStaged(shipped)) if shipped.blocks == 2
+        ));
+        assert_eq!(s.finish(), Finish::Round);
+    }
+
+    #[test]
+    fn what_the_server_lost_of_earlier_rounds_goes_again_and_the_cut_becomes_a_round() {
+        let b = u64::from(B);
+        // The cut changed block 2; earlier rounds sent blocks 0..4; the
+        // server holds only block 0 (another server, a staging lost).
+        let mut s = EpochSender::round(
+            "v",
+            5,
+            me(),
+            vec![(2 * b, B)],
+            Finish::Publish,
+            Some(held(4)),
+        );
+        s.start();
+        assert_eq!(
+            s.handle(staged(vec![(0, b)], false, true)).unwrap(),
+            Some(SendAction::Round(vec![(b, B), (2 * b, B), (3 * b, B)]))
+        );
+        // Blocks 1 and 3 were read as the device is now, not at the cut:
+        // this is not the end of the run.
+        assert_eq!(s.finish(), Finish::Round);
+        assert_eq!(
+            s.handle(round_ok(&blocks(3))).unwrap(),
+            Some(SendAction::Control(Message::EndRound))
+        );
+        // With nothing lost, the cut publishes.
+        let mut s = EpochSender::round(
+            "v",
+            5,
+            me(),
+            vec![(2 * b, B)],
+            Finish::Publish,
+            Some(held(4)),
+        );
+        s.start();
+        assert_eq!(
+            s.handle(staged(vec![(0, 4 * b)], false, true)).unwrap(),
+            Some(SendAction::Round(vec![(2 * b, B)]))
+        );
+        assert_eq!(
+            s.handle(round_ok(&[(2 * b, B)])).unwrap(),
+            Some(SendAction::Control(Message::EndEpoch))
+        );
+        assert!(matches!(
+            s.handle(SendEvent::Control(Message::Committed { epoch: 5 }))
+                .unwrap(),
+            Some(SendAction::Published(_))
+        ));
+    }
+
+    #[test]
+    fn only_a_run_s_first_round_ends_staged_after_vouching_for_a_take_over() {
+        let b = u64::from(B);
+        // Taken over with bytes outside the blocks: a first round reads
+        // them as the device is now and stays a round...
+        let mut s = EpochSender::round("v", 5, me(), blocks(1), Finish::Publish, None);
+        s.start();
+        s.handle(staged(vec![(3 * b, b)], true, true)).unwrap();
+        assert_eq!(s.finish(), Finish::Round);
+        // ...an ordinary epoch sends them as it has them and publishes.
+        let mut s = begun();
+        assert_eq!(
+            s.handle(staged(vec![(5 * b, b)], true, true)).unwrap(),
+            Some(SendAction::Round(vec![
+                (0, B),
+                (b, B),
+                (2 * b, B),
+                (3 * b, B),
+                (5 * b, B)
+            ]))
+        );
+        assert_eq!(s.finish(), Finish::Publish);
     }
 
     #[test]

@@ -596,6 +596,11 @@ impl Volume {
         Ok(epoch)
     }
 
+    /// The volume's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The epoch being staged, if it is `epoch`: for data streams.
     pub fn staging(&self, epoch: u64) -> Option<Arc<Staging>> {
         self.active
@@ -1368,6 +1373,46 @@ mod tests {
         let (v, recovery) = Volume::open(&vdir).unwrap();
         assert_eq!(recovery, Recovery::default());
         assert_eq!(v.state().published_epoch, 2);
+    }
+
+    #[test]
+    fn pre_copy_rounds_stay_staged_across_a_restart_and_the_last_copy_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let vdir = dir.path().join("vol");
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        let (old, new) = (block(1, 8192), block(2, 8192));
+        let s = v.begin(1, me(1)).unwrap();
+        s.add(0, 8192, &digest(&old), Encoding::Raw, &old).unwrap();
+        s.add(65536, 8192, &digest(&old), Encoding::Raw, &old)
+            .unwrap();
+        // A round ends: durable, open, nothing published.
+        s.sync_round(v.dir()).unwrap();
+        assert!(s.is_open());
+        assert_eq!(v.state().published_epoch, 0);
+        // The next round of the same writer finds it, and sends a block again.
+        let again = v.begin(1, me(1)).unwrap();
+        assert!(Arc::ptr_eq(&s, &again));
+        again
+            .add(0, 8192, &digest(&new), Encoding::Raw, &new)
+            .unwrap();
+        again.sync_round(v.dir()).unwrap();
+        // The server restarts: the rounds are still there, as they were.
+        drop((s, again, v));
+        let (mut v, _) = Volume::open(&vdir).unwrap();
+        let s = v.begin(1, me(1)).unwrap();
+        assert_eq!(s.ranges(), [(0, 8192), (65536, 8192)]);
+        assert!(!s.adopted());
+        v.commit(&s).unwrap();
+        let mut buf = vec![0u8; 8192];
+        v.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, new, "the later round's copy is published");
+        v.read_at(&mut buf, 65536).unwrap();
+        assert_eq!(buf, old);
+        // A round with a block that failed its check is not ended.
+        let s = v.begin(2, me(2)).unwrap();
+        assert!(s.add(0, 8192, &digest(&old), Encoding::Raw, &new).is_err());
+        let err = s.sync_round(v.dir()).unwrap_err().to_string();
+        assert!(err.contains("failed their checks"), "{err}");
     }
 
     #[test]

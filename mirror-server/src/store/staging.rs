@@ -240,15 +240,35 @@ impl Staging {
     /// their checks were not staged since.
     pub(super) fn close(&self) -> Result<()> {
         let mut inner = self.lock();
+        Self::check_complete(&inner, self.epoch)?;
+        inner.closed = true;
+        Ok(())
+    }
+
+    fn check_complete(inner: &Inner, epoch: u64) -> Result<()> {
         if let Some(&(offset, _)) = inner.failed.iter().next() {
             return Err(Error::Invalid(format!(
-                "epoch {}: {} blocks failed their checks and were not sent again (the first at {offset})",
-                self.epoch,
+                "epoch {epoch}: {} blocks failed their checks and were not sent again (the first at {offset})",
                 inner.failed.len()
             )));
         }
-        inner.closed = true;
         Ok(())
+    }
+
+    /// Make what is staged durable (its data, its log, and their names in
+    /// `dir`'s staging directory), staying open for more: the end of a
+    /// pre-copy round (protocol V5's `EndRound`). Refused, as a commit
+    /// is, while blocks that failed their checks were not staged since.
+    pub fn sync_round(&self, dir: &Path) -> Result<()> {
+        Self::check_complete(&self.lock(), self.epoch)?;
+        self.data
+            .sync_all()
+            .and_then(|()| self.log.sync_all())
+            .map_err(|e| Error::io("syncing a staged round", e))?;
+        let staging = dir.join(STAGING);
+        File::open(&staging)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("syncing {}", staging.display()), e))
     }
 
     /// Decode, verify and stage one block. A block whose hash does not
