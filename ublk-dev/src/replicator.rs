@@ -653,12 +653,19 @@ impl Context {
                     let again = bytes > final_cut
                         && r.rounds.len() < MAX_ROUNDS
                         && bytes < r.last_bytes / 2;
+                    // Nothing written since the last round: its reads are
+                    // the device now, and the cut need not wait for a FLUSH.
+                    let at = if bytes == 0 {
+                        SealAt::Now
+                    } else {
+                        SealAt::Flush(FLUSH_WAIT)
+                    };
                     let tracker = self.tracker.clone();
                     let id = blocking("a replicator worker", move || {
                         if again {
                             tracker.seal_precopy()
                         } else {
-                            tracker.seal(SealAt::Flush(FLUSH_WAIT))
+                            tracker.seal(at)
                         }
                     })
                     .await?;
