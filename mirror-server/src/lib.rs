@@ -40,3 +40,35 @@ pub mod store;
 pub mod volumes;
 
 pub use error::{Error, Result};
+
+/// Faults a test can inject into a server running in its process (inert
+/// unless a test sets them).
+#[doc(hidden)]
+pub mod faults {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static DROP_NEXT_COMMITTED: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+    /// The next epoch published under `dir` (a data directory) ends its
+    /// control stream without answering `Committed`, as a link lost at
+    /// that instant would.
+    pub fn drop_next_committed(dir: &Path) {
+        *DROP_NEXT_COMMITTED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
+    }
+
+    /// Whether the answer for an epoch of the volume in `volume_dir` is to
+    /// be dropped (once).
+    pub(crate) fn take_drop_committed(volume_dir: &Path) -> bool {
+        let mut f = DROP_NEXT_COMMITTED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let hit = f.as_ref().is_some_and(|d| volume_dir.starts_with(d));
+        if hit {
+            *f = None;
+        }
+        hit
+    }
+}

@@ -102,8 +102,11 @@ pub(crate) async fn receive_epoch(
     // The data streams may take long (a whole disk): a dead peer is found
     // by the connection's idle timeout, and its staging waits for it.
     if receiver.on_control(&wire::expect(recv).await?)? == Ending::Round {
-        let dir = volume.lock().await.dir().to_path_buf();
-        let answer = match tokio::task::block_in_place(|| staging.sync_round(&dir)) {
+        let synced = {
+            let v = volume.lock().await;
+            tokio::task::block_in_place(|| v.sync_round(&staging))
+        };
+        let answer = match synced {
             Ok(()) => receiver.synced(),
             Err(e) => {
                 tracing::error!(epoch, "cannot make a pre-copy round durable: {e}");
@@ -121,6 +124,11 @@ pub(crate) async fn receive_epoch(
     let answer = match committed {
         Ok(()) => {
             published(staging.staged_digests());
+            let dir = volume.lock().await.dir().to_path_buf();
+            if crate::faults::take_drop_committed(&dir) {
+                tracing::warn!(epoch, "fault injected: the Committed answer is dropped");
+                return Err(Fault::Other(Error::Link("fault injected".into())));
+            }
             receiver.published()
         }
         Err(e) => {

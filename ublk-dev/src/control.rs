@@ -361,6 +361,12 @@ fn serve(conn: UnixStream, tracker: &Tracker, mirror: Option<&Handle>) -> std::i
         }
         Request::Read { epoch } => match tracker.epoch(epoch) {
             Err(e) => answer::<()>(&mut out, Err(e))?,
+            Ok(sealed) if sealed.precopy => answer::<()>(
+                &mut out,
+                Err(Error::InvalidConfig(format!(
+                    "epoch {epoch} is a pre-copy round of the mirror (the device as it is, not a cut): it cannot be read as a cut"
+                ))),
+            )?,
             Ok(sealed) => {
                 let touched = sealed.changes.touched();
                 answer(

@@ -589,6 +589,17 @@ impl Epochs {
         self.seal_as(false, true, now_ms)
     }
 
+    /// Make sealed epoch `id` a pre-copy round (see
+    /// [`Epochs::seal_precopy`]): nothing more is preserved for it, and it
+    /// reads live; versions kept for it stay until it is released.
+    pub fn demote(&mut self, id: u64) -> Result<(), EpochError> {
+        self.get(id)?;
+        if let Some(s) = self.sealed.iter_mut().find(|s| s.id == id) {
+            s.precopy = true;
+        }
+        Ok(())
+    }
+
     fn seal_as(&mut self, at_flush: bool, precopy: bool, now_ms: u64) -> u64 {
         let id = self.current;
         self.sealed.push_back(Sealed {

@@ -125,7 +125,9 @@ enum Command {
     /// cut, however it is written afterwards (blocks overwritten meanwhile
     /// are preserved first). `apply` writes an epoch into a copy of the
     /// device; `release` says the copy has it durably, freeing what the
-    /// epoch kept and clearing its regions from the journal.
+    /// epoch kept and clearing its regions from the journal. (A mirrored
+    /// device's first sync may hold pre-copy rounds: epochs with no cut,
+    /// which `read` refuses; its replicator releases them.)
     ///
     /// A copy kept in step with seal, apply (each epoch in order) and
     /// release is the device as it was at the last cut:

@@ -37,7 +37,11 @@
 //! 4. then the next epoch is sealed as an ordinary cut (at a FLUSH, with
 //!    copy-on-write, but only for what changed since the last round) and
 //!    sent as the last part of the same server epoch, which the server
-//!    publishes with everything staged, later copies over earlier ones;
+//!    publishes with everything staged, later copies over earlier ones.
+//!    A cut must be sealed after the last round's reads ended: an
+//!    ordinary epoch sealed before that (by `ublk-mirror epoch seal`, say,
+//!    while a round was read) is sent as one more round
+//!    ([`Tracker::demote`]), and a new cut follows;
 //! 5. only then are the rounds and the cut released.
 //!
 //! Why the published image is the device at the cut: take any block. If
@@ -61,14 +65,22 @@
 //!   holds is sent again as the device is now; if the cut found it so, it
 //!   ends as one more round, and another cut follows;
 //! - *the server published the cut but the answer was lost*: the next
-//!   link sees the image written by the run's first round, releases it,
-//!   and ships the rest again as a new run (its content is already there);
+//!   link sees the run's epoch published, written by its first round's
+//!   epoch, and the rounds and the cut are released (a daemon that
+//!   restarted meanwhile resyncs them instead);
 //! - *the daemon dies*: every unreleased epoch becomes resync ranges; the
 //!   next run's first round takes the server's staging over and vouches
 //!   for every staged block by hash (the ordinary take-over), so what the
 //!   dead run staged is published only where it matches the device;
 //! - *a cut breaks* (a chunk could not be preserved): it is sent as one
-//!   more round, read as the device is now, and another cut follows.
+//!   more round, read as the device is now, and another cut follows;
+//! - *a seal comes from elsewhere*: a seal waiting for a FLUSH while a
+//!   round is sealed cuts the next epoch instead (a round is no cut), and
+//!   an ordinary epoch sealed during a round is sent as a round (above).
+//!
+//! A block a dead connection was still sending when a round resumed
+//! could in theory land after a newer copy of it; a later round sends
+//! every block written since, so it would have to outlive that round.
 //!
 //! The tests in `tests/precopy.rs` check this with a writer that never
 //! stops: the first version the server publishes is the device after a
@@ -485,6 +497,13 @@ struct Run {
     /// Bytes the last round changed: a next round must be much smaller to
     /// be worth it.
     last_bytes: u64,
+    /// The tracker's current epoch when the last round was staged: an
+    /// epoch sealed before it was sealed while a round was still read, so
+    /// it cannot be the cut that ends the run (it is sent as a round).
+    min_cut: u64,
+    /// The cut sent to end the run, once sent: if the server published it
+    /// but the answer was lost, the rounds and it are released.
+    cut: Option<u64>,
 }
 
 /// Most pre-copy rounds before the cut that ends a run.
@@ -637,8 +656,8 @@ impl Context {
                 link.close().await;
                 return Ok(());
             }
+            let run = self.current_run(&info, &self.tracker.sealed_epochs())?;
             let sealed = self.tracker.sealed_epochs();
-            let run = self.current_run(&info, &sealed);
             let next = sealed
                 .iter()
                 .find(|(id, _)| run.as_ref().is_none_or(|r| !r.rounds.contains(id)))
@@ -869,8 +888,29 @@ impl Context {
     /// rounds were released): then it is forgotten, and what is still
     /// sealed travels again (a first round of a published run finds
     /// itself published and is released).
-    fn current_run(&self, info: &VolumeInfo, sealed: &[(u64, bool)]) -> Option<Run> {
+    fn current_run(&self, info: &VolumeInfo, sealed: &[(u64, bool)]) -> Result<Option<Run>> {
         let mut run = self.run_lock();
+        let me = |r: &Run| Writer {
+            device: self.device,
+            epoch: r.first,
+        };
+        let published = run.as_ref().is_some_and(|r| {
+            r.cut.is_some() && info.published_epoch == r.remote && info.writer == Some(me(r))
+        });
+        if published {
+            // The run was published, the answer lost: all of it is there.
+            if let Some(r) = run.take() {
+                tracing::info!(
+                    remote = r.remote,
+                    "the pre-copy run was published before the link broke"
+                );
+                for id in r.rounds.iter().copied().chain(r.cut) {
+                    self.release(id)?;
+                }
+            }
+            self.set(|s| s.precopy_rounds = 0);
+            return Ok(None);
+        }
         let stale = run.as_ref().is_some_and(|r| {
             r.remote != info.published_epoch + 1
                 || sealed.first().map(|s| s.0) != Some(r.first)
@@ -881,7 +921,7 @@ impl Context {
             *run = None;
         }
         self.set(|s| s.precopy_rounds = run.as_ref().map_or(0, |r| r.rounds.len() as u64));
-        run.clone()
+        Ok(run.clone())
     }
 
     /// Ship sealed epoch `epoch` as a round of the pre-copy run (which it
@@ -903,18 +943,26 @@ impl Context {
             rounds: Vec::new(),
             held: RangeSet::new(),
             last_bytes: u64::MAX,
+            min_cut: 0,
+            cut: None,
         });
         let me = Writer {
             device: self.device,
             epoch: run.first,
         };
-        // A cut that broke is sent as one more round (read as the device
-        // is now), and another cut follows.
-        let finish = if sealed.precopy || sealed.broken.is_some() {
+        // A cut that broke, or that was sealed while a round was still
+        // read (its cut is before reads of that round), is sent as one more
+        // round (read as the device is now), and another cut follows.
+        let finish = if sealed.precopy || sealed.broken.is_some() || epoch < run.min_cut {
             Finish::Round
         } else {
             Finish::Publish
         };
+        if finish == Finish::Round && !sealed.precopy {
+            self.tracker.demote(epoch)?;
+        }
+        run.cut = (finish == Finish::Publish).then_some(epoch);
+        *self.run_lock() = Some(run.clone()).filter(|r| !r.rounds.is_empty() || r.cut.is_some());
         let first_round = run.rounds.is_empty();
         let (blocks, skipped) = if first_round {
             // As an ordinary epoch: the holes of a fresh volume stay
@@ -1018,6 +1066,13 @@ impl Context {
             }
         });
         if ended == Finish::Round {
+            if !sealed.precopy {
+                // A cut the server could not publish as one (it lost
+                // earlier rounds): a round now.
+                self.tracker.demote(epoch)?;
+            }
+            run.cut = None;
+            run.min_cut = self.tracker.current_epoch();
             run.rounds.push(epoch);
             for &(offset, len) in &blocks {
                 run.held.insert(offset..offset + u64::from(len));

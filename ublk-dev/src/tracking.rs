@@ -688,6 +688,8 @@ impl Tracker {
             let now = now_ms();
             let id = live.epochs.seal_precopy(now);
             self.carry_in_flight(&mut live, now);
+            // A seal waiting for a FLUSH looks again (this was no cut).
+            self.sealed.notify_all();
             tracing::debug!(epoch = id, "pre-copy round sealed");
             return Ok(id);
         }
@@ -705,29 +707,48 @@ impl Tracker {
     /// Seal the current epoch and return its number. With
     /// [`SealAt::Flush`], the cut is taken at the next FLUSH the device
     /// serves, or at the deadline (then at that instant). If another seal
-    /// cuts the epoch meanwhile, that cut is the answer. The number is
-    /// recorded in the journal first, so that no later run reuses it.
+    /// cuts the epoch meanwhile, that cut is the answer (a pre-copy round
+    /// sealed meanwhile is no cut: the next epoch is sealed instead). The
+    /// number is recorded in the journal first, so that no later run
+    /// reuses it.
     pub fn seal(&self, at: SealAt) -> Result<u64> {
+        let deadline = match at {
+            SealAt::Now => None,
+            SealAt::Flush(wait) => Some(Instant::now() + wait),
+        };
+        loop {
+            if let Some(id) = self.seal_once(deadline)? {
+                return Ok(id);
+            }
+        }
+    }
+
+    /// One attempt of [`Tracker::seal`]: `None` when the epoch it meant to
+    /// cut became a pre-copy round meanwhile.
+    fn seal_once(&self, deadline: Option<Instant>) -> Result<Option<u64>> {
         let start = lock(&self.live).epochs.current();
         lock(&self.journal).set_sealed(start)?;
         let mut live = lock(&self.live);
+        let cut_by_another = |live: &Live| {
+            let precopy = live.epochs.get(start).is_ok_and(|s| s.precopy);
+            (!precopy).then_some(start)
+        };
         if live.epochs.current() != start {
-            return Ok(start);
+            return Ok(cut_by_another(&live));
         }
-        let deadline = match at {
-            SealAt::Now => return Ok(self.seal_locked(&mut live, false)),
-            SealAt::Flush(wait) => Instant::now() + wait,
+        let Some(deadline) = deadline else {
+            return Ok(Some(self.seal_locked(&mut live, false)));
         };
         // Set under the lock while `start` is current: the FLUSH that
         // answers it seals exactly `start`, whose number is recorded.
         self.seal_requested.store(true, Ordering::Release);
         loop {
             if live.epochs.current() > start {
-                return Ok(start);
+                return Ok(cut_by_another(&live));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(self.seal_locked(&mut live, false));
+                return Ok(Some(self.seal_locked(&mut live, false)));
             }
             live = self
                 .sealed
@@ -868,6 +889,15 @@ impl Tracker {
         self.path.parent().unwrap_or(Path::new("/"))
     }
 
+    /// Make sealed epoch `id` a pre-copy round: it is no longer read as
+    /// its cut, nothing more is preserved for it, and it reads as the
+    /// device is now (what it kept stays until it is released). For a cut
+    /// that could not end a pre-copy run and was sent as a round.
+    pub fn demote(&self, id: u64) -> Result<()> {
+        lock(&self.live).epochs.demote(id)?;
+        Ok(())
+    }
+
     /// The sealed, unreleased epochs, oldest first, and whether each is a
     /// pre-copy round.
     pub fn sealed_epochs(&self) -> Vec<(u64, bool)> {
@@ -928,6 +958,12 @@ impl Tracker {
     /// The epoch every change recorded so far lies in or before: the
     /// current one if it has changes, else the newest sealed one. Once it
     /// is released, all of them are on the mirror.
+    /// The current (open) epoch's number: every epoch sealed from now on
+    /// has at least this number.
+    pub fn current_epoch(&self) -> u64 {
+        lock(&self.live).epochs.current()
+    }
+
     pub fn sync_target(&self) -> u64 {
         let live = lock(&self.live);
         let current = live.epochs.current();

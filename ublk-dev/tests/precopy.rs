@@ -152,6 +152,12 @@ enum Trouble {
     /// journal: everything unreleased is resynced, and the server's staging
     /// is taken over and vouched for).
     Daemon,
+    /// The server publishes the run but its answer is lost: the next
+    /// version must still be a cut (checked instead of the first).
+    LostCommitted,
+    /// An ordinary epoch is sealed (`ublk-mirror epoch seal`) while the
+    /// first round is read: it cannot be the cut that ends the run.
+    OutsideSeal,
 }
 
 fn run(trouble: Trouble) {
@@ -173,6 +179,9 @@ fn run(trouble: Trouble) {
     };
     let log = Mutex::new(Vec::new());
     let mut device = Some(device);
+    if trouble == Trouble::LostCommitted {
+        mirror_server::faults::drop_next_committed(&data);
+    }
     let mut most_rounds = 0;
     // Each life of the daemon: a device, its replicator, and the writer.
     for life in 0..2 {
@@ -221,6 +230,12 @@ fn run(trouble: Trouble) {
                     assert!(lost > 0, "nothing was staged");
                     server = Some(TestServer::start(&data, &listen));
                 }
+                (Trouble::OutsideSeal, 0) => {
+                    wait_for("the link up", || status().link == "connected");
+                    std::thread::sleep(Duration::from_millis(800));
+                    assert_eq!(status().precopy_rounds, 0, "{:?}", status());
+                    d.tracker.seal(ublk_dev::tracking::SealAt::Now).unwrap();
+                }
                 (Trouble::Daemon, 0) => {
                     wait_for("a round staged", || status().precopy_rounds >= 1);
                     most_rounds = most_rounds.max(status().precopy_rounds);
@@ -234,6 +249,23 @@ fn run(trouble: Trouble) {
                 most_rounds = most_rounds.max(status().precopy_rounds);
                 status().server_epoch >= 1
             });
+            if trouble == Trouble::LostCommitted {
+                // The run was released whole (nothing cut since: the
+                // interval is an hour); the first version is a cut, and so
+                // is the next one, asked for now.
+                let first = image(&data);
+                let log = log.lock().unwrap().clone();
+                assert!(
+                    is_a_prefix_state(&start, &log, &first).is_some(),
+                    "the first version is not a cut"
+                );
+                wait_for("the run released", || d.tracker.sealed_epochs().is_empty());
+                assert_eq!(status().epochs_shipped, 0, "the answer was not lost");
+                replicator.kick().notify_one();
+                wait_for("the second version published", || {
+                    status().server_epoch >= 2
+                });
+            }
             // A moment more of writes after the cut, then stop.
             std::thread::sleep(Duration::from_millis(200));
             stop.store(true, Ordering::SeqCst);
@@ -246,7 +278,7 @@ fn run(trouble: Trouble) {
             drop(d);
             continue;
         }
-        // The first version is a cut of the writes, whatever happened.
+        // The version is a cut of the writes, whatever happened.
         let first = image(&data);
         let log = log.lock().unwrap();
         let k = is_a_prefix_state(&start, &log, &first);
@@ -296,4 +328,14 @@ fn pre_copy_survives_a_server_restart_and_a_lost_staging() {
 #[test]
 fn pre_copy_survives_the_daemon_dying_mid_run() {
     run(Trouble::Daemon);
+}
+
+#[test]
+fn a_run_published_with_its_answer_lost_is_released_whole() {
+    run(Trouble::LostCommitted);
+}
+
+#[test]
+fn an_outside_seal_during_a_round_is_sent_as_a_round() {
+    run(Trouble::OutsideSeal);
 }

@@ -601,6 +601,24 @@ impl Volume {
         &self.dir
     }
 
+    /// End a pre-copy round of `staging` (protocol V5's `EndRound`): its
+    /// blocks durable, the staging kept open for the same writer. Refused
+    /// if it is no longer the volume's current staging (taken over,
+    /// dropped, or being committed).
+    pub fn sync_round(&self, staging: &Arc<Staging>) -> Result<()> {
+        let current = self
+            .active
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, staging) && a.is_open());
+        if !current {
+            return Err(Error::Invalid(format!(
+                "epoch {} is no longer being staged here (another connection took it over)",
+                staging.epoch
+            )));
+        }
+        staging.sync_round(&self.dir)
+    }
+
     /// The epoch being staged, if it is `epoch`: for data streams.
     pub fn staging(&self, epoch: u64) -> Option<Arc<Staging>> {
         self.active
@@ -1386,7 +1404,7 @@ mod tests {
         s.add(65536, 8192, &digest(&old), Encoding::Raw, &old)
             .unwrap();
         // A round ends: durable, open, nothing published.
-        s.sync_round(v.dir()).unwrap();
+        v.sync_round(&s).unwrap();
         assert!(s.is_open());
         assert_eq!(v.state().published_epoch, 0);
         // The next round of the same writer finds it, and sends a block again.
@@ -1395,7 +1413,7 @@ mod tests {
         again
             .add(0, 8192, &digest(&new), Encoding::Raw, &new)
             .unwrap();
-        again.sync_round(v.dir()).unwrap();
+        v.sync_round(&again).unwrap();
         // The server restarts: the rounds are still there, as they were.
         drop((s, again, v));
         let (mut v, _) = Volume::open(&vdir).unwrap();
@@ -1411,8 +1429,12 @@ mod tests {
         // A round with a block that failed its check is not ended.
         let s = v.begin(2, me(2)).unwrap();
         assert!(s.add(0, 8192, &digest(&old), Encoding::Raw, &new).is_err());
-        let err = s.sync_round(v.dir()).unwrap_err().to_string();
-        assert!(err.contains("failed their checks"), "{err}");
+        let err = v.sync_round(&s).unwrap_err().to_string();
+        assert!(err.contains("failed their checks"), "{err}"); // A staging another begin took over is no longer ours to end.
+        let other = v.begin(2, me(3)).unwrap();
+        assert!(!Arc::ptr_eq(&s, &other));
+        let err = v.sync_round(&s).unwrap_err().to_string();
+        assert!(err.contains("no longer being staged"), "{err}");
     }
 
     #[test]
