@@ -99,6 +99,7 @@ use ublk_mirror_common::fsutil;
 use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Writer;
+use ublk_mirror_common::session::Shipped;
 use ublk_mirror_common::RangeSet;
 
 use crate::blocking;
@@ -200,6 +201,41 @@ fn differing(
         }
     }
     Ok(out)
+}
+
+/// How a shipped epoch's blocks are read.
+#[derive(Debug, Clone, Copy)]
+enum Reading {
+    /// As the device was at the epoch's cut.
+    Cut,
+    /// At the cut where the epoch changed, as the device is now elsewhere
+    /// (the cut that ends a pre-copy run).
+    CutOrLive,
+    /// As the device is now (a pre-copy round).
+    Live,
+}
+
+/// The reader of epoch `epoch`'s blocks that a link sends from.
+fn block_reader(
+    tracker: Arc<Tracker>,
+    epoch: u64,
+    how: Reading,
+) -> impl Fn(u64, u32) -> ublk_mirror_common::Result<Vec<u8>> + Send + Sync + 'static {
+    move |offset, len| {
+        let mut buf = vec![0u8; len as usize];
+        let read = match how {
+            Reading::Cut => tracker.read_epoch(epoch, offset, &mut buf),
+            Reading::CutOrLive => tracker.read_cut_or_live(epoch, offset, &mut buf),
+            Reading::Live => tracker.read_live(offset, &mut buf),
+        };
+        read.map_err(|e| {
+            ublk_mirror_common::Error::io(
+                format!("reading epoch {epoch} at {offset}"),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        Ok(buf)
+    }
 }
 
 /// Longest wait between reconnection attempts.
@@ -758,20 +794,7 @@ impl Context {
             epoch,
         };
         let sealed = self.tracker.epoch(epoch)?;
-        // A fresh volume is zeroes: what is a hole here need not travel,
-        // nor be read (a sparse disk's first sync reads its data only).
-        let holes = if fresh(info) && sealed.broken.is_none() {
-            let mut changed = sealed.changes.data.clone();
-            changed.union_with(&sealed.changes.zeroed);
-            changed.union_with(&sealed.changes.resync);
-            let tracker = self.tracker.clone();
-            blocking("a replicator worker", move || {
-                tracker.holes_at_cut(epoch, &changed)
-            })
-            .await?
-        } else {
-            RangeSet::new()
-        };
+        let holes = self.fresh_holes(info, epoch, &sealed).await?;
         let (mut blocks, candidates, unknown, fresh, skipped) =
             match plan(info, me, &sealed, size, &holes) {
                 // Published before the link broke (the server says whose
@@ -793,30 +816,10 @@ impl Context {
                 "first sync: holes of the device are not read nor sent (the new volume is zeroes there)"
             );
         }
-        if !candidates.is_empty() {
-            let theirs = link
-                .hashes(&self.settings.volume, &candidates)
-                .await
-                .map_err(Error::Mirror)?;
-            let tracker = self.tracker.clone();
-            let differ = blocking("a replicator worker", move || {
-                differing(&tracker, epoch, &candidates, &theirs)
-            })
+        self.add_differing(link, epoch, &mut blocks, candidates, unknown)
             .await?;
-            let same = unknown - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
-            blocks.extend(differ);
-            blocks.sort_unstable();
-            tracing::info!(
-                epoch,
-                compared = unknown,
-                same,
-                "resync: only blocks that differ from the mirror travel"
-            );
-            self.set(|s| s.resync_same_bytes += same);
-        }
         let remote = info.published_epoch + 1;
         let started = Instant::now();
-        let tracker = self.tracker.clone();
         // On failure the server may have published it all the same: the
         // next session sees it as the image's writer.
         let shipped = link
@@ -826,16 +829,7 @@ impl Context {
                 me,
                 &blocks,
                 self.settings.zstd_level,
-                move |offset, len| {
-                    let mut buf = vec![0u8; len as usize];
-                    tracker.read_epoch(epoch, offset, &mut buf).map_err(|e| {
-                        ublk_mirror_common::Error::io(
-                            format!("reading epoch {epoch} at {offset}"),
-                            std::io::Error::other(e.to_string()),
-                        )
-                    })?;
-                    Ok(buf)
-                },
+                block_reader(self.tracker.clone(), epoch, Reading::Cut),
             )
             .await
             .map_err(Error::Mirror)?;
@@ -849,15 +843,10 @@ impl Context {
         Association::confirm(self.tracker.state_dir(), remote)?;
         // The status first: whoever sees the epoch released sees its
         // figures.
-        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        self.count_shipped(&shipped, started);
         self.set(|s| {
             s.server_epoch = remote;
             s.epochs_shipped += 1;
-            s.throughput_bps = (shipped.bytes as f64 / secs) as u64;
-            s.last_wire_bytes = shipped.wire_bytes;
-            s.wire_bytes_total += shipped.wire_bytes;
-            s.resumed_bytes += shipped.resumed_bytes;
-            s.known_bytes += shipped.known_bytes;
         });
         self.release(epoch)?;
         // The epoch's buffers are free now: give them back, so that an
@@ -877,6 +866,74 @@ impl Context {
 
     fn release(&self, epoch: u64) -> Result<()> {
         self.tracker.release(epoch).map(drop)
+    }
+
+    /// For a fresh volume (zeroes), what `sealed` changed that is a hole
+    /// at its cut: it need not travel, nor be read (a sparse disk's first
+    /// sync reads its data only). Nothing otherwise.
+    async fn fresh_holes(
+        &self,
+        info: &VolumeInfo,
+        epoch: u64,
+        sealed: &Sealed,
+    ) -> Result<RangeSet> {
+        if !fresh(info) || sealed.broken.is_some() {
+            return Ok(RangeSet::new());
+        }
+        let changed = sealed.changes.touched();
+        let tracker = self.tracker.clone();
+        blocking("a replicator worker", move || {
+            tracker.holes_at_cut(epoch, &changed)
+        })
+        .await
+    }
+
+    /// Add to `blocks` those of `candidates` (ranges of unknown change,
+    /// `unknown` bytes) whose content at epoch `epoch` differs from the
+    /// mirror's image, by hash; what is the same is counted as such.
+    async fn add_differing(
+        &self,
+        link: &Link,
+        epoch: u64,
+        blocks: &mut Vec<(u64, u32)>,
+        candidates: Vec<(u64, u32)>,
+        unknown: u64,
+    ) -> Result<()> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let theirs = link
+            .hashes(&self.settings.volume, &candidates)
+            .await
+            .map_err(Error::Mirror)?;
+        let tracker = self.tracker.clone();
+        let differ = blocking("a replicator worker", move || {
+            differing(&tracker, epoch, &candidates, &theirs)
+        })
+        .await?;
+        let same = unknown - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
+        blocks.extend(differ);
+        blocks.sort_unstable();
+        tracing::info!(
+            epoch,
+            compared = unknown,
+            same,
+            "resync: only blocks that differ from the mirror travel"
+        );
+        self.set(|s| s.resync_same_bytes += same);
+        Ok(())
+    }
+
+    /// What an epoch (or a round) shipped, since `started`, into the status.
+    fn count_shipped(&self, shipped: &Shipped, started: Instant) {
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        self.set(|s| {
+            s.throughput_bps = (shipped.bytes as f64 / secs) as u64;
+            s.last_wire_bytes = shipped.wire_bytes;
+            s.wire_bytes_total += shipped.wire_bytes;
+            s.resumed_bytes += shipped.resumed_bytes;
+            s.known_bytes += shipped.known_bytes;
+        });
     }
 
     fn run_lock(&self) -> std::sync::MutexGuard<'_, Option<Run>> {
@@ -966,20 +1023,10 @@ impl Context {
         let first_round = run.rounds.is_empty();
         let (blocks, skipped) = if first_round {
             // As an ordinary epoch: the holes of a fresh volume stay
-            // behind, ranges of unknown change go where they differ.
-            let holes = if fresh(info) {
-                let changed = sealed.changes.touched();
-                let tracker = self.tracker.clone();
-                blocking("a replicator worker", move || {
-                    tracker.holes_at_cut(epoch, &changed)
-                })
-                .await?
-            } else {
-                RangeSet::new()
-            };
-            let mut unbroken = sealed.clone();
-            unbroken.broken = None;
-            match plan(info, me, &unbroken, size, &holes) {
+            // behind, ranges of unknown change go where they differ (a
+            // first round is a pre-copy epoch, which never breaks).
+            let holes = self.fresh_holes(info, epoch, &sealed).await?;
+            match plan(info, me, &sealed, size, &holes) {
                 Plan::AlreadyPublished | Plan::Broken => {
                     *self.run_lock() = None;
                     return self.release(epoch);
@@ -991,21 +1038,8 @@ impl Context {
                     skipped,
                     ..
                 } => {
-                    if !candidates.is_empty() {
-                        let theirs = link
-                            .hashes(&self.settings.volume, &candidates)
-                            .await
-                            .map_err(Error::Mirror)?;
-                        let tracker = self.tracker.clone();
-                        let differ = blocking("a replicator worker", move || {
-                            differing(&tracker, epoch, &candidates, &theirs)
-                        })
+                    self.add_differing(link, epoch, &mut blocks, candidates, unknown)
                         .await?;
-                        let same = unknown - differ.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
-                        blocks.extend(differ);
-                        blocks.sort_unstable();
-                        self.set(|s| s.resync_same_bytes += same);
-                    }
                     (blocks, skipped)
                 }
             }
@@ -1025,8 +1059,10 @@ impl Context {
             "pre-copy round"
         );
         let started = Instant::now();
-        let tracker = self.tracker.clone();
-        let live = finish == Finish::Round;
+        let reading = match finish {
+            Finish::Round => Reading::Live,
+            Finish::Publish => Reading::CutOrLive,
+        };
         let (ended, shipped) = link
             .send_round(
                 &self.settings.volume,
@@ -1036,37 +1072,18 @@ impl Context {
                 self.settings.zstd_level,
                 finish,
                 held,
-                move |offset, len| {
-                    let mut buf = vec![0u8; len as usize];
-                    let read = if live {
-                        tracker.read_live(offset, &mut buf)
-                    } else {
-                        tracker.read_cut_or_live(epoch, offset, &mut buf)
-                    };
-                    read.map_err(|e| {
-                        ublk_mirror_common::Error::io(
-                            format!("reading epoch {epoch} at {offset}"),
-                            std::io::Error::other(e.to_string()),
-                        )
-                    })?;
-                    Ok(buf)
-                },
+                block_reader(self.tracker.clone(), epoch, reading),
             )
             .await
             .map_err(Error::Mirror)?;
-        let secs = started.elapsed().as_secs_f64().max(1e-3);
-        self.set(|s| {
-            s.throughput_bps = (shipped.bytes as f64 / secs) as u64;
-            s.last_wire_bytes = shipped.wire_bytes;
-            s.wire_bytes_total += shipped.wire_bytes;
-            s.resumed_bytes += shipped.resumed_bytes;
-            s.known_bytes += shipped.known_bytes;
-            if first_round && fresh(info) {
-                s.resync_same_bytes += shipped.zero_bytes + skipped;
-            }
-        });
+        self.count_shipped(&shipped, started);
+        if first_round && fresh(info) {
+            // Zero blocks of a fresh volume are what a resync by hash
+            // would have found the same.
+            self.set(|s| s.resync_same_bytes += shipped.zero_bytes + skipped);
+        }
         if ended == Finish::Round {
-            if !sealed.precopy {
+            if finish == Finish::Publish {
                 // A cut the server could not publish as one (it lost
                 // earlier rounds): a round now.
                 self.tracker.demote(epoch)?;
