@@ -18,7 +18,12 @@
 //!   state.json       {"format":1,"size":..,"published_epoch":..,"published_ms":..,
 //!                     "uuid":"<hex>","owner":"<device hex>"|null,"writer_epoch":..}
 //!   staging/
-//!     N.data         decoded bytes of epoch N's data blocks, in arrival order
+//!     N.data         decoded bytes of epoch N's data blocks, in arrival order;
+//!                    for a direct staging, a sparse file the size of the
+//!                    volume with each block at its own offset
+//!     N.direct       present (made durable before N.data and N.log exist)
+//!                    when N is staged direct: the first epoch of a volume
+//!                    with nothing published (see [`staging`])
 //!     N.log          32-byte header ("UBMS", format u32 LE = 2, the writer's
 //!                    device [16] and epoch u64 LE), then one 52-byte record
 //!                    per staged block, appended as it is staged: offset
@@ -59,7 +64,16 @@
 //! the server dies anywhere in that sequence, opening the volume finds the
 //! commit marker of an epoch newer than the published one and applies it
 //! again (writing the same bytes to the same places is harmless), so the
-//! image ends as exactly that epoch. A staging without a commit marker is
+//! image ends as exactly that epoch.
+//!
+//! A *direct* staging (a new volume's first epoch, whose image is all
+//! zeroes and never published) is already the image the epoch makes:
+//! publishing renames `N.data` over the image, after syncing it and with
+//! the commit marker in place, so the epoch's bytes are written once. If the
+//! server dies after the rename, `N.data` is gone and the image is the
+//! epoch: only the state is left to record. While a reader holds the old
+//! image (an export of the empty volume, a snapshot), the touched blocks are
+//! copied instead, as for any other epoch. A staging without a commit marker is
 //! an epoch the client never saw acknowledged: it is kept for the client
 //! to resume, and dropped when another epoch begins. Readers of snapshots
 //! (exports, restores) need no lock on the volume: see
@@ -519,7 +533,11 @@ impl Volume {
         let left = (log_path.exists() && !staging_path(&self.dir, epoch, "commit").exists())
             .then(|| read_log_header(&log_path).ok())
             .flatten();
-        let resumable = left.is_some_and(|w| w.device == writer.device);
+        // A direct staging stands for the all-zero image it was begun on:
+        // one begun before the image got content (caught up from the store)
+        // is dropped.
+        let resumable = left.is_some_and(|w| w.device == writer.device)
+            && (!staging_path(&self.dir, epoch, "direct").exists() || self.is_new());
         for (n, _) in staging_epochs(&self.dir)? {
             if !(resumable && n == epoch) {
                 remove_staging(&self.dir, n);
@@ -540,7 +558,8 @@ impl Volume {
             }
             Staging::resume(&self.dir, epoch, writer, self.state.size, verify, reserved)?
         } else {
-            Staging::create(&self.dir, epoch, writer, self.state.size)?
+            let direct = self.is_new() && self.snapshots().list().is_empty();
+            Staging::create(&self.dir, epoch, writer, self.state.size, direct)?
         };
         let staging = Arc::new(staging);
         self.active = Some(staging.clone());
@@ -584,7 +603,13 @@ impl Volume {
             remove_staging(&self.dir, n);
         }
         let epoch = self.state.published_epoch + 1;
-        let staging = Arc::new(Staging::create(&self.dir, epoch, taken, self.state.size)?);
+        let staging = Arc::new(Staging::create(
+            &self.dir,
+            epoch,
+            taken,
+            self.state.size,
+            false,
+        )?);
         self.active = Some(staging.clone());
         self.commit(&staging)?;
         tracing::info!(
@@ -594,6 +619,12 @@ impl Volume {
             "a device took the volume over"
         );
         Ok(epoch)
+    }
+
+    /// Nothing was ever published here, in the image or the chunk store:
+    /// the image is all zeroes, and a first epoch may be staged direct.
+    fn is_new(&self) -> bool {
+        self.state.published_epoch == 0 && self.state.store_seq == 0
     }
 
     /// The volume's directory.
@@ -646,6 +677,17 @@ impl Volume {
         {
             return Err(Error::Invalid(format!(
                 "epoch {} is no longer being staged here (another connection took it over)",
+                staging.epoch
+            )));
+        }
+        if staging.direct && !self.is_new() {
+            // The image got content while the epoch was staged (caught
+            // up from the chunk store): the staging no longer stands for
+            // it. The client sends the epoch again.
+            self.active = None;
+            remove_staging(&self.dir, staging.epoch);
+            return Err(Error::Invalid(format!(
+                "epoch {}: the volume was published elsewhere while it was staged; send it again",
                 staging.epoch
             )));
         }
@@ -706,30 +748,11 @@ impl Volume {
     /// for crash tests, which also leave the state unrecorded) to the image
     /// and record the epoch.
     fn publish(&mut self, epoch: u64, marker: Marker, limit: Option<usize>) -> Result<()> {
-        let (data, data_path, log_path) = self.staged_files(epoch)?;
-        // What the epoch overwrites is kept for the newest snapshot first.
-        if !self.snapshots().list().is_empty() {
-            let mut chunks = BTreeSet::new();
-            let mut log = LogReader::open(&log_path)?;
-            while let Some(e) = log.next_entry()? {
-                if e.len > 0 {
-                    let end = e.offset.saturating_add(u64::from(e.len)) - 1;
-                    chunks.extend(e.offset / SNAPSHOT_CHUNK..=end / SNAPSHOT_CHUNK);
-                }
-            }
-            // In batches, each under the snapshots' write lock: readers
-            // of snapshots (exports, restores) go on in between, and see
-            // each chunk either still in the image or already preserved.
-            // Everything is preserved before the image changes.
-            let chunks: Vec<u64> = chunks.into_iter().collect();
-            for batch in chunks.chunks(PRESERVE_BATCH) {
-                self.snapshots_mut().preserve(
-                    &self.image,
-                    self.state.size,
-                    &batch.iter().copied().collect(),
-                )?;
-            }
+        if staging_path(&self.dir, epoch, "direct").exists() {
+            return self.publish_direct(epoch, marker, limit);
         }
+        let (data, data_path, log_path) = self.staged_files(epoch)?;
+        self.preserve_for(&log_path)?;
         let mut log = LogReader::open(&log_path)?;
         let mut buf = Vec::new();
         let mut applied = 0usize;
@@ -768,6 +791,104 @@ impl Volume {
         if limit.is_some() {
             return Ok(());
         }
+        self.record_published(epoch, marker, applied)
+    }
+
+    /// What the epoch logged in `log_path` overwrites, kept for the newest
+    /// snapshot first (if there is one).
+    fn preserve_for(&self, log_path: &Path) -> Result<()> {
+        if self.snapshots().list().is_empty() {
+            return Ok(());
+        }
+        let mut chunks = BTreeSet::new();
+        let mut log = LogReader::open(log_path)?;
+        while let Some(e) = log.next_entry()? {
+            if e.len > 0 {
+                let end = e.offset.saturating_add(u64::from(e.len)) - 1;
+                chunks.extend(e.offset / SNAPSHOT_CHUNK..=end / SNAPSHOT_CHUNK);
+            }
+        }
+        // In batches, each under the snapshots' write lock: readers of
+        // snapshots (exports, restores) go on in between, and see each
+        // chunk either still in the image or already preserved. Everything
+        // is preserved before the image changes.
+        let chunks: Vec<u64> = chunks.into_iter().collect();
+        for batch in chunks.chunks(PRESERVE_BATCH) {
+            self.snapshots_mut().preserve(
+                &self.image,
+                self.state.size,
+                &batch.iter().copied().collect(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Publish a direct staging (see [`staging`]'s module docs): its
+    /// `N.data` is the image this epoch makes of the all-zero one. With
+    /// nobody reading the image (no reader handed out, no snapshot), it is
+    /// renamed over the image: the epoch's bytes are written once. Else the
+    /// blocks it touches are copied, as a staging in arrival order is.
+    ///
+    /// Crash argument: the commit marker exists before the rename, so a
+    /// restart comes back here; `N.data` gone means the rename happened
+    /// (a rename is atomic, and the directory is synced before the state
+    /// records the epoch), so only the state is left to write.
+    fn publish_direct(&mut self, epoch: u64, marker: Marker, limit: Option<usize>) -> Result<()> {
+        let data_path = staging_path(&self.dir, epoch, "data");
+        let log_path = staging_path(&self.dir, epoch, "log");
+        let blocks = if data_path.exists() {
+            let data = File::open(&data_path)
+                .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
+            let read_by_others =
+                Arc::strong_count(&self.image) > 1 || !self.snapshots().list().is_empty();
+            if read_by_others {
+                self.preserve_for(&log_path)?;
+                let touched = direct_blocks(&log_path, self.state.size)?;
+                let mut buf = Vec::new();
+                for n in touched.iter() {
+                    let (at, len) = (n * block::BLOCK, block_len(self.state.size, n));
+                    buf.resize(len as usize, 0);
+                    data.read_exact_at(&mut buf, at)
+                        .map_err(|e| Error::io(format!("reading {}", data_path.display()), e))?;
+                    if block::is_zero(&buf) {
+                        fsutil::punch_or_zero(&self.image, at, len)
+                            .map_err(|e| Error::io("punching a hole in the image", e))?;
+                    } else {
+                        self.image
+                            .write_all_at(&buf, at)
+                            .map_err(|e| Error::io("writing the image", e))?;
+                    }
+                }
+                self.image
+                    .sync_all()
+                    .map_err(|e| Error::io("syncing the image", e))?;
+                touched.len()
+            } else {
+                data.sync_all()
+                    .map_err(|e| Error::io(format!("syncing {}", data_path.display()), e))?;
+                let image_path = self.dir.join(IMAGE);
+                std::fs::rename(&data_path, &image_path)
+                    .map_err(|e| Error::io("renaming a direct staging to the image", e))?;
+                sync_dir(&self.dir)?;
+                let image = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&image_path)
+                    .map_err(|e| Error::io("opening the published image", e))?;
+                self.image = Arc::new(image);
+                direct_blocks(&log_path, self.state.size)?.len()
+            }
+        } else {
+            0
+        };
+        if limit.is_some() {
+            return Ok(());
+        }
+        self.record_published(epoch, marker, blocks)
+    }
+
+    /// Record in the state that the image is `epoch`, written by `marker`.
+    fn record_published(&mut self, epoch: u64, marker: Marker, applied: usize) -> Result<()> {
         let state = VolumeState {
             published_epoch: epoch,
             published_ms: now_ms(),
@@ -1054,7 +1175,28 @@ impl Volume {
         let mut p = store.publication(name, head.as_ref(), self.state.size)?;
         let (data, data_path, log_path) = self.staged_files(staging.epoch)?;
         let size = self.state.size;
-        let block_len = |n: u64| (size - n * block::BLOCK).min(block::BLOCK);
+        if staging.direct {
+            // `N.data` holds each touched block as the epoch leaves it (on
+            // an all-zero image); named by what it holds (see the staging's
+            // module docs on resends).
+            let mut buf = Vec::new();
+            for n in direct_blocks(&log_path, size)?.iter() {
+                buf.resize(block_len(size, n) as usize, 0);
+                data.read_exact_at(&mut buf, n * block::BLOCK)
+                    .map_err(|e| Error::io(format!("reading {}", data_path.display()), e))?;
+                if block::is_zero(&buf) {
+                    p.put(n, None, HOLE)?;
+                } else {
+                    p.put(n, Some(&buf), block::digest(&buf))?;
+                }
+            }
+            return Ok(Some(
+                p.finish(staging.epoch, Some(writer), &self.state.uuid)?
+                    .record
+                    .seq,
+            ));
+        }
+        let block_len = |n: u64| block_len(size, n);
         // The protocol allows any extent; a store version is whole blocks.
         // A block some extent covers only in part is made from the image
         // (which holds the store's newest version) and every extent on it,
@@ -1124,6 +1266,43 @@ impl Volume {
         let data = File::open(&data_path)
             .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
         Ok((data, data_path, staging_path(&self.dir, epoch, "log")))
+    }
+}
+
+/// The length of block `n` of a volume of `size` bytes (the last may be
+/// short).
+fn block_len(size: u64, n: u64) -> u64 {
+    (size - n * block::BLOCK).min(block::BLOCK)
+}
+
+/// The blocks the entries of the staging log at `log_path` touch, in part
+/// or whole, ascending (a bit per block of the volume: 2 MiB for 1 TiB).
+fn direct_blocks(log_path: &Path, size: u64) -> Result<BlockBits> {
+    let mut bits = vec![0u64; size.div_ceil(block::BLOCK).div_ceil(64) as usize];
+    let mut log = LogReader::open(log_path)?;
+    while let Some(e) = log.next_entry()? {
+        for (n, _, _) in pieces(e.offset, e.len, size) {
+            bits[(n / 64) as usize] |= 1 << (n % 64);
+        }
+    }
+    Ok(BlockBits(bits))
+}
+
+/// A set of a volume's blocks, a bit each.
+struct BlockBits(Vec<u64>);
+
+impl BlockBits {
+    /// The blocks in the set, ascending.
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().enumerate().flat_map(|(i, &w)| {
+            (0..64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| i as u64 * 64 + b)
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
     }
 }
 
@@ -1502,6 +1681,94 @@ mod tests {
     }
 
     #[test]
+    fn a_new_volumes_first_epoch_lands_in_place_and_becomes_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (block(1, 8192), block(2, 4096), block(3, 4096));
+        // Staged blocks: a over 0..8192, then a later copy of 4096..8192
+        // (c), then b at 65536 and a zero block over it, then b again at
+        // 131072.
+        let stage = |v: &mut Volume| {
+            let s = v.begin(1, me(1)).unwrap();
+            assert!(s.direct, "a new volume's first epoch is staged direct");
+            s.add(0, 8192, &digest(&a), Encoding::Raw, &a).unwrap();
+            s.add(4096, 4096, &digest(&c), Encoding::Raw, &c).unwrap();
+            s.add(65536, 4096, &digest(&b), Encoding::Raw, &b).unwrap();
+            s.add(65536, 4096, &zero_digest(4096), Encoding::Zero, &[])
+                .unwrap();
+            s.add(131072, 4096, &digest(&b), Encoding::Raw, &b).unwrap();
+            s
+        };
+        let check = |v: &Volume| {
+            let mut image = vec![0u8; SIZE as usize];
+            v.read_at(&mut image, 0).unwrap();
+            let mut want = vec![0u8; SIZE as usize];
+            want[..4096].copy_from_slice(&a[..4096]);
+            want[4096..8192].copy_from_slice(&c);
+            want[131072..135168].copy_from_slice(&b);
+            assert!(image == want, "the image is not the epoch");
+            assert_eq!(v.state().published_epoch, 1);
+            assert!(staging_epochs(&v.dir).unwrap().is_empty());
+        };
+        // Nobody reads the image: the staging is renamed over it; a crash
+        // right after the rename publishes on the next open.
+        let vdir = dir.path().join("renamed");
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        let s = stage(&mut v);
+        let data = staging_path(&vdir, 1, "data");
+        assert_eq!(std::fs::metadata(&data).unwrap().len(), SIZE);
+        v.commit_until(&s, Some(CommitStep::HalfApplied)).unwrap();
+        assert!(!data.exists(), "the staged data was not renamed");
+        assert_eq!(v.state().published_epoch, 0);
+        drop((s, v));
+        let (v, recovery) = Volume::open(&vdir).unwrap();
+        assert_eq!(recovery.completed, Some(1));
+        check(&v);
+        // A reader of the empty image is handed out meanwhile: the blocks
+        // are copied (the reader's handle stays the image's).
+        let vdir = dir.path().join("copied");
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        let s = stage(&mut v);
+        let reader = v.reader();
+        v.commit(&s).unwrap();
+        check(&v);
+        let mut got = vec![0u8; 4096];
+        v.read_at(&mut got, 131072).unwrap();
+        assert_eq!(got, b);
+        drop(reader);
+        // The next epoch is staged as usual, in arrival order.
+        let s = v.begin(2, me(2)).unwrap();
+        assert!(!s.direct);
+        // A resume after a crash: an entry whose bytes no longer check is
+        // dropped, and what no kept entry covers reads as zeroes again; a
+        // zero block whose hole was lost is dropped too.
+        let vdir = dir.path().join("resumed");
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        let s = stage(&mut v);
+        drop((s, v));
+        let data = OpenOptions::new()
+            .write(true)
+            .open(staging_path(&vdir, 1, "data"))
+            .unwrap();
+        data.write_all_at(&[0xee; 16], 0).unwrap();
+        data.write_all_at(&[0xee; 16], 65536).unwrap();
+        let (mut v, recovery) = Volume::open(&vdir).unwrap();
+        assert_eq!(recovery.resumable, [1]);
+        let s = v.begin(1, me(1)).unwrap();
+        assert!(s.direct);
+        assert_eq!(s.ranges(), [(4096, 4096), (131072, 4096)]);
+        let mut got = vec![0u8; 4096];
+        s.data.read_exact_at(&mut got, 0).unwrap();
+        assert!(block::is_zero(&got), "a dropped entry's bytes stayed");
+        // The client sends what is missing again.
+        s.add(0, 4096, &digest(&a[..4096]), Encoding::Raw, &a[..4096])
+            .unwrap();
+        s.add(65536, 4096, &zero_digest(4096), Encoding::Zero, &[])
+            .unwrap();
+        v.commit(&s).unwrap();
+        check(&v);
+    }
+
+    #[test]
     fn an_interrupted_epoch_resumes_after_a_restart_keeping_only_blocks_that_check() {
         let dir = tempfile::tempdir().unwrap();
         let vdir = dir.path().join("vol");
@@ -1512,13 +1779,19 @@ mod tests {
         s.add(8192, 4096, &digest(&b), Encoding::Raw, &b).unwrap();
         s.add(16384, 4096, &zero_digest(4096), Encoding::Zero, &[])
             .unwrap();
-        // The server dies; b's bytes never reached the disk.
+        // The server dies; b's bytes never reached the disk (wherever the
+        // log says they are: a first epoch is staged direct).
         drop((s, v));
+        let mut log = LogReader::open(&staging_path(&vdir, 1, "log")).unwrap();
+        let b_at = std::iter::from_fn(|| log.next_entry().unwrap())
+            .find(|e| e.offset == 8192)
+            .and_then(|e| e.data_at)
+            .unwrap();
         let data = OpenOptions::new()
             .write(true)
             .open(staging_path(&vdir, 1, "data"))
             .unwrap();
-        data.write_all_at(&[0xee; 16], 4096).unwrap();
+        data.write_all_at(&[0xee; 16], b_at).unwrap();
         // A torn record at the end of the log.
         let log = OpenOptions::new()
             .append(true)

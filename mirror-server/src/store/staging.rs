@@ -4,6 +4,27 @@
 //! after a broken connection or a restart; and the staging directory's
 //! files (their names, which epochs have some, removing them). When a
 //! staging is published, and what a crash leaves, is [`super::Volume`]'s.
+//!
+//! # Direct stagings
+//!
+//! The first epoch of a brand-new volume (nothing published, no snapshot,
+//! nothing in the chunk store) is staged *direct*: `N.data` is a sparse
+//! file the size of the volume, and each block is written at its own
+//! offset (a zero block punches a hole there) instead of appended. So
+//! `N.data` is, at any time, the volume as the staged blocks make it on an
+//! all-zero image, and publishing can rename it over the image instead of
+//! copying every byte a second time (see [`super::Volume`]). The marker
+//! `N.direct` is made durable before `N.data` and `N.log` exist, so a log
+//! is never read with the wrong meaning of its `data_at`.
+//!
+//! Two copies of one block (a resend) land in place, so what `N.data`
+//! holds there is one of them, not necessarily the one logged last: both
+//! are verified copies, and everything that names the published content
+//! (the chunk store's digests) hashes what `N.data` holds. On a resume, an
+//! entry whose bytes no longer check (a crash lost them, or a later copy
+//! overwrote them) is dropped as it always is, and the part of it that no
+//! kept entry covers is punched back to zeroes: the client sends those
+//! bytes again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -38,6 +59,9 @@ pub struct Staging {
     pub(super) log: File,
     /// Taken over from an earlier epoch of the device.
     adopted: bool,
+    /// Blocks are written at their own offset in `N.data` (see the module
+    /// docs).
+    pub(super) direct: bool,
     inner: Mutex<Inner>,
 }
 
@@ -89,8 +113,24 @@ impl Staging {
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))
     }
 
-    pub(super) fn create(dir: &Path, epoch: u64, writer: Writer, size: u64) -> Result<Staging> {
+    /// Start staging `epoch` afresh; `direct`: as a direct staging (see
+    /// the module docs).
+    pub(super) fn create(
+        dir: &Path,
+        epoch: u64,
+        writer: Writer,
+        size: u64,
+        direct: bool,
+    ) -> Result<Staging> {
+        if direct {
+            fsutil::write_durably(&staging_path(dir, epoch, "direct"), b"")
+                .map_err(|e| Error::io("marking a direct staging", e))?;
+        }
         let data = Staging::open_file(&staging_path(dir, epoch, "data"), true)?;
+        if direct {
+            data.set_len(size)
+                .map_err(|e| Error::io("sizing a direct staging", e))?;
+        }
         let log_path = staging_path(dir, epoch, "log");
         let log = Staging::open_file(&log_path, true)?;
         let header = log_header(writer);
@@ -103,6 +143,7 @@ impl Staging {
             data,
             log,
             adopted: false,
+            direct,
             inner: Mutex::new(Inner {
                 log_len: header.len() as u64,
                 ..Inner::default()
@@ -125,17 +166,27 @@ impl Staging {
         let data_path = staging_path(dir, epoch, "data");
         let log_path = staging_path(dir, epoch, "log");
         let data = Staging::open_file(&data_path, false)?;
+        let direct = staging_path(dir, epoch, "direct").exists();
         let mut reader = LogReader::open(&log_path)?;
         let mut kept = log_header(writer).to_vec();
         let mut inner = Inner::default();
         let mut buf = Vec::new();
         let mut dropped = 0usize;
+        let mut lost = RangeSet::new();
         while let Some(e) = reader.next_entry()? {
             let inside = e
                 .offset
                 .checked_add(u64::from(e.len))
                 .is_some_and(|end| end <= size);
             let mut intact = || match e.data_at {
+                // A direct staging's zero block is a hole punched in place,
+                // which a crash may have lost.
+                None if direct => {
+                    buf.resize(e.len as usize, 0);
+                    e.sha256 == block::zero_digest(e.len)
+                        && data.read_exact_at(&mut buf, e.offset).is_ok()
+                        && block::is_zero(&buf)
+                }
                 None => e.sha256 == block::zero_digest(e.len),
                 Some(at) => {
                     buf.resize(e.len as usize, 0);
@@ -144,6 +195,9 @@ impl Staging {
             };
             if !inside || (verify && !intact()) {
                 dropped += 1;
+                if inside {
+                    lost.insert(e.offset..e.offset + u64::from(e.len));
+                }
                 continue;
             }
             if let Some(at) = e.data_at {
@@ -155,6 +209,17 @@ impl Staging {
             inner.stage_digest(e.offset, e.len, e.sha256);
         }
         inner.data_len = inner.data_len.max(reserved);
+        if direct {
+            // What no kept entry vouches for reads as zeroes again, as on
+            // the all-zero image this staging stands for.
+            lost.subtract(&inner.staged);
+            for r in lost.iter() {
+                fsutil::punch_or_zero(&data, r.start, r.end - r.start)
+                    .map_err(|e| Error::io(format!("clearing {}", data_path.display()), e))?;
+            }
+            data.sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", data_path.display()), e))?;
+        }
         fsutil::write_durably(&log_path, &kept)
             .map_err(|e| Error::io(format!("rewriting {}", log_path.display()), e))?;
         let log = Staging::open_file(&log_path, false)?;
@@ -166,6 +231,7 @@ impl Staging {
             bytes = inner.staged.len(),
             dropped,
             adopted,
+            direct,
             "resuming an interrupted epoch"
         );
         Ok(Staging {
@@ -175,6 +241,7 @@ impl Staging {
             data,
             log,
             adopted,
+            direct,
             inner: Mutex::new(inner),
         })
     }
@@ -294,6 +361,23 @@ impl Staging {
         };
         let closed = || Error::Invalid(format!("epoch {} is no longer being staged", self.epoch));
         let data_at = match &plain {
+            Some(p) if self.direct => {
+                if self.lock().closed {
+                    return Err(closed());
+                }
+                self.data
+                    .write_all_at(p, offset)
+                    .map_err(|e| Error::io("staging a block", e))?;
+                Some(offset)
+            }
+            None if self.direct => {
+                if self.lock().closed {
+                    return Err(closed());
+                }
+                fsutil::punch_or_zero(&self.data, offset, u64::from(len))
+                    .map_err(|e| Error::io("staging a zero block", e))?;
+                None
+            }
             Some(p) => {
                 let at = {
                     let mut inner = self.lock();
@@ -396,6 +480,8 @@ pub(super) fn remove_staging(dir: &Path, epoch: u64) {
         "data",
         "adopted",
         "adopted.tmp",
+        "direct",
+        "direct.tmp",
     ] {
         let _ = std::fs::remove_file(staging_path(dir, epoch, ext));
     }
