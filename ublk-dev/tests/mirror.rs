@@ -518,7 +518,10 @@ fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
         let replicator = Replicator::start(tracker.clone(), settings(Some(8 << 20))).unwrap();
         let staged = data.join("volumes/laptop/root/staging/1.data");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::fs::metadata(&staged).map_or(0, |m| m.len()) < 8 << 20 {
+        // A new volume's first epoch is staged in place in a sparse file:
+        // what is staged is what is allocated.
+        let allocated = |m: std::fs::Metadata| std::os::unix::fs::MetadataExt::blocks(&m) * 512;
+        while std::fs::metadata(&staged).map_or(0, allocated) < 8 << 20 {
             assert!(
                 Instant::now() < deadline,
                 "nothing staged: {:?}",

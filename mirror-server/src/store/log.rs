@@ -26,7 +26,8 @@
 //! # Crashes
 //!
 //! A record is written after its block's bytes (at their reserved place
-//! in `N.data`), and the log is only trusted as a whole once the commit
+//! in `N.data`; in a direct staging, at the block's own offset, see
+//! [`super::staging`]), and the log is only trusted as a whole once the commit
 //! marker, written after both files are synced, exists. Before that, a
 //! crash may leave a torn last record, which the log reader takes as the
 //! end of the log, and records whose data never reached the disk: a

@@ -864,22 +864,33 @@ impl Volume {
                     .map_err(|e| Error::io("syncing the image", e))?;
                 touched.len()
             } else {
-                data.sync_all()
-                    .map_err(|e| Error::io(format!("syncing {}", data_path.display()), e))?;
-                let image_path = self.dir.join(IMAGE);
-                std::fs::rename(&data_path, &image_path)
-                    .map_err(|e| Error::io("renaming a direct staging to the image", e))?;
-                sync_dir(&self.dir)?;
+                // Opened for writing before the rename, so that the image
+                // is never left behind on the file it replaces.
                 let image = OpenOptions::new()
                     .read(true)
                     .write(true)
-                    .open(&image_path)
-                    .map_err(|e| Error::io("opening the published image", e))?;
+                    .open(&data_path)
+                    .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
+                image
+                    .sync_all()
+                    .map_err(|e| Error::io(format!("syncing {}", data_path.display()), e))?;
+                std::fs::rename(&data_path, self.dir.join(IMAGE))
+                    .map_err(|e| Error::io("renaming a direct staging to the image", e))?;
                 self.image = Arc::new(image);
+                sync_dir(&self.dir)?;
                 direct_blocks(&log_path, self.state.size)?.len()
             }
         } else {
-            0
+            // Renamed already (the process died, or failed, after it): the
+            // image is the epoch; this handle may still be the old file's.
+            let image_path = self.dir.join(IMAGE);
+            let image = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&image_path)
+                .map_err(|e| Error::io(format!("opening {}", image_path.display()), e))?;
+            self.image = Arc::new(image);
+            direct_blocks(&log_path, self.state.size)?.len()
         };
         if limit.is_some() {
             return Ok(());
@@ -1751,6 +1762,10 @@ mod tests {
             .unwrap();
         data.write_all_at(&[0xee; 16], 0).unwrap();
         data.write_all_at(&[0xee; 16], 65536).unwrap();
+        // Bytes whose record never reached the log, and a length a power
+        // cut lost.
+        data.write_all_at(&[0xee; 16], 262144).unwrap();
+        data.set_len(262144 + 16).unwrap();
         let (mut v, recovery) = Volume::open(&vdir).unwrap();
         assert_eq!(recovery.resumable, [1]);
         let s = v.begin(1, me(1)).unwrap();
@@ -1759,6 +1774,9 @@ mod tests {
         let mut got = vec![0u8; 4096];
         s.data.read_exact_at(&mut got, 0).unwrap();
         assert!(block::is_zero(&got), "a dropped entry's bytes stayed");
+        s.data.read_exact_at(&mut got, 262144).unwrap();
+        assert!(block::is_zero(&got), "unlogged bytes stayed");
+        assert_eq!(s.data.metadata().unwrap().len(), SIZE);
         // The client sends what is missing again.
         s.add(0, 4096, &digest(&a[..4096]), Encoding::Raw, &a[..4096])
             .unwrap();

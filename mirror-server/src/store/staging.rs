@@ -22,15 +22,17 @@
 //! are verified copies, and everything that names the published content
 //! (the chunk store's digests) hashes what `N.data` holds. On a resume, an
 //! entry whose bytes no longer check (a crash lost them, or a later copy
-//! overwrote them) is dropped as it always is, and the part of it that no
-//! kept entry covers is punched back to zeroes: the client sends those
-//! bytes again.
+//! overwrote them) is dropped as it always is, and everything no kept
+//! entry covers is punched back to zeroes (also bytes whose record never
+//! reached the log): the client sends what it needs again. Closing a
+//! staging waits for the writes in flight, and no block is written after
+//! it, so nothing lands in `N.data` once it is the image.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK, NOT_STAGED};
 use ublk_mirror_common::{block, fsutil, RangeSet};
@@ -62,6 +64,11 @@ pub struct Staging {
     /// Blocks are written at their own offset in `N.data` (see the module
     /// docs).
     pub(super) direct: bool,
+    /// Held shared by each [`Staging::add`] from its check that the
+    /// staging is open until its block is logged, and exclusively to
+    /// close it: once closed, no block is written any more (a direct
+    /// staging's `N.data` becomes the image).
+    writes: RwLock<()>,
     inner: Mutex<Inner>,
 }
 
@@ -144,6 +151,7 @@ impl Staging {
             log,
             adopted: false,
             direct,
+            writes: RwLock::new(()),
             inner: Mutex::new(Inner {
                 log_len: header.len() as u64,
                 ..Inner::default()
@@ -172,7 +180,6 @@ impl Staging {
         let mut inner = Inner::default();
         let mut buf = Vec::new();
         let mut dropped = 0usize;
-        let mut lost = RangeSet::new();
         while let Some(e) = reader.next_entry()? {
             let inside = e
                 .offset
@@ -195,9 +202,6 @@ impl Staging {
             };
             if !inside || (verify && !intact()) {
                 dropped += 1;
-                if inside {
-                    lost.insert(e.offset..e.offset + u64::from(e.len));
-                }
                 continue;
             }
             if let Some(at) = e.data_at {
@@ -211,9 +215,15 @@ impl Staging {
         inner.data_len = inner.data_len.max(reserved);
         if direct {
             // What no kept entry vouches for reads as zeroes again, as on
-            // the all-zero image this staging stands for.
-            lost.subtract(&inner.staged);
-            for r in lost.iter() {
+            // the all-zero image this staging stands for: entries dropped,
+            // and bytes written whose record never made it to the log. A
+            // power cut may have lost the file's length too.
+            data.set_len(size)
+                .map_err(|e| Error::io(format!("sizing {}", data_path.display()), e))?;
+            let mut unvouched = RangeSet::new();
+            unvouched.insert(0..size);
+            unvouched.subtract(&inner.staged);
+            for r in unvouched.iter() {
                 fsutil::punch_or_zero(&data, r.start, r.end - r.start)
                     .map_err(|e| Error::io(format!("clearing {}", data_path.display()), e))?;
             }
@@ -242,6 +252,7 @@ impl Staging {
             log,
             adopted,
             direct,
+            writes: RwLock::new(()),
             inner: Mutex::new(inner),
         })
     }
@@ -272,6 +283,7 @@ impl Staging {
     /// over; the end of the data reserved so far, or `None` if it was
     /// closed already (being committed).
     pub(super) fn close_for_adoption(&self) -> Option<u64> {
+        let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
         let mut inner = self.lock();
         (!std::mem::replace(&mut inner.closed, true)).then_some(inner.data_len)
     }
@@ -306,6 +318,7 @@ impl Staging {
     /// Stop staging, for the commit; refused while blocks that failed
     /// their checks were not staged since.
     pub(super) fn close(&self) -> Result<()> {
+        let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
         let mut inner = self.lock();
         Self::check_complete(&inner, self.epoch)?;
         inner.closed = true;
@@ -360,6 +373,7 @@ impl Staging {
             }
         };
         let closed = || Error::Invalid(format!("epoch {} is no longer being staged", self.epoch));
+        let _writing = self.writes.read().unwrap_or_else(|p| p.into_inner());
         let data_at = match &plain {
             Some(p) if self.direct => {
                 if self.lock().closed {
