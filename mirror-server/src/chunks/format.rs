@@ -111,71 +111,80 @@ pub fn spread(dir: &str, d: &Digest) -> String {
     format!("{dir}/{}/{h}", &h[..2])
 }
 
-/// A pack being filled.
+/// A pack being filled: its chunks are kept as they come and compressed
+/// by [`PackBuilder::finish`], so that a publication fills the next pack
+/// while earlier ones are compressed on other cores.
 #[derive(Debug)]
 pub struct PackBuilder {
-    bytes: Vec<u8>,
-    entries: Vec<Entry>,
+    chunks: Vec<(Digest, Vec<u8>)>,
+    raw: usize,
     level: i32,
 }
 
 impl PackBuilder {
     /// An empty pack; chunks compressed with zstd at `level`.
     pub fn new(level: i32) -> PackBuilder {
-        let mut bytes = Vec::with_capacity(HEADER);
-        bytes.extend_from_slice(PACK_MAGIC);
-        bytes.extend_from_slice(&[FORMAT, 0, 0, 0]);
         PackBuilder {
-            bytes,
-            entries: Vec::new(),
+            chunks: Vec::new(),
+            raw: 0,
             level,
         }
     }
 
     /// Add a chunk whose sha256 is `hash` (checked by the caller).
     pub fn add(&mut self, hash: Digest, raw: &[u8]) {
-        let offset = self.bytes.len() as u64;
-        let compressed = zstd::bulk::compress(raw, self.level).ok();
-        let (codec, stored) = match compressed {
-            Some(c) if c.len() < raw.len() => {
-                self.bytes.extend_from_slice(&c);
-                (Codec::Zstd, c.len())
-            }
-            _ => {
-                self.bytes.extend_from_slice(raw);
-                (Codec::Raw, raw.len())
-            }
-        };
-        self.entries.push(Entry {
-            hash,
-            offset,
-            stored: stored as u32,
-            raw: raw.len() as u32,
-            codec,
-        });
+        self.raw += raw.len();
+        self.chunks.push((hash, raw.to_vec()));
     }
 
-    /// Bytes so far.
+    /// Bytes of the chunks so far, before compression.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.raw
     }
 
     /// No chunk yet.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.chunks.is_empty()
     }
 
-    /// The pack's bytes, its index object's bytes and its entries.
-    pub fn finish(mut self) -> (Vec<u8>, Vec<u8>, Vec<Entry>) {
-        let trailer = encode_trailer(&self.entries);
-        self.bytes.extend_from_slice(&trailer);
-        footer(&mut self.bytes, &trailer, self.entries.len(), PACK_END);
+    /// Compress the chunks (each with zstd at the builder's level, or kept
+    /// raw where that does not shrink it): the pack's bytes, its index
+    /// object's bytes and its entries.
+    pub fn finish(self) -> (Vec<u8>, Vec<u8>, Vec<Entry>) {
+        let mut bytes = Vec::with_capacity(HEADER + self.raw / 2);
+        bytes.extend_from_slice(PACK_MAGIC);
+        bytes.extend_from_slice(&[FORMAT, 0, 0, 0]);
+        let mut entries = Vec::with_capacity(self.chunks.len());
+        for (hash, raw) in self.chunks {
+            let offset = bytes.len() as u64;
+            let compressed = zstd::bulk::compress(&raw, self.level).ok();
+            let (codec, stored) = match compressed {
+                Some(c) if c.len() < raw.len() => {
+                    bytes.extend_from_slice(&c);
+                    (Codec::Zstd, c.len())
+                }
+                _ => {
+                    bytes.extend_from_slice(&raw);
+                    (Codec::Raw, raw.len())
+                }
+            };
+            entries.push(Entry {
+                hash,
+                offset,
+                stored: stored as u32,
+                raw: raw.len() as u32,
+                codec,
+            });
+        }
+        let trailer = encode_trailer(&entries);
+        bytes.extend_from_slice(&trailer);
+        footer(&mut bytes, &trailer, entries.len(), PACK_END);
         let mut index = Vec::with_capacity(HEADER + trailer.len() + FOOTER);
         index.extend_from_slice(INDEX_MAGIC);
         index.extend_from_slice(&[FORMAT, 0, 0, 0]);
         index.extend_from_slice(&trailer);
-        footer(&mut index, &trailer, self.entries.len(), INDEX_END);
-        (self.bytes, index, self.entries)
+        footer(&mut index, &trailer, entries.len(), INDEX_END);
+        (bytes, index, entries)
     }
 }
 

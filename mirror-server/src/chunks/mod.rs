@@ -86,8 +86,9 @@ const STORE_FORMAT: u32 = 1;
 /// zstd level for chunks the client sent uncompressed or that were
 /// imported (the wire's blocks were decoded on arrival).
 const LEVEL: i32 = 1;
-/// Packs a publication has on their way at once, besides the one filling
-/// (each up to the pack size in memory).
+/// Packs a publication has on their way at once (each compressed on a
+/// blocking thread, then uploaded), besides the one filling; each up to
+/// the pack size in memory before compression.
 const UPLOADS: usize = 3;
 
 /// A pack on its way: its name and entries once stored.
@@ -670,7 +671,11 @@ impl ChunkStore {
         let describe = self.describe.clone();
         let rt = self.rt.as_ref().expect("runtime until drop");
         rt.spawn(async move {
-            let (bytes, index, entries) = pack.finish();
+            // Compressed on a blocking thread: the publication goes on
+            // filling the next pack meanwhile, on another core.
+            let (bytes, index, entries) = tokio::task::spawn_blocking(move || pack.finish())
+                .await
+                .map_err(joined)?;
             let mut id = [0u8; 32];
             getrandom::fill(&mut id).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
             let opts = || PutOptions {
@@ -878,7 +883,6 @@ impl Publication<'_> {
             return Ok(());
         }
         let pack = std::mem::replace(&mut self.pack, PackBuilder::new(LEVEL));
-        self.written_bytes += pack.len() as u64;
         self.written_packs += 1;
         self.uploads.push_back(self.store.spawn_upload(pack));
         while self.uploads.len() > UPLOADS {
@@ -891,6 +895,7 @@ impl Publication<'_> {
     fn join_one(&mut self) -> Result<()> {
         if let Some(upload) = self.uploads.pop_front() {
             let (id, entries) = self.store.run(upload).map_err(joined)??;
+            self.written_bytes += entries.iter().map(|e| u64::from(e.stored)).sum::<u64>();
             self.store.remember(id, &entries);
         }
         Ok(())
