@@ -571,16 +571,19 @@ mod tests {
     #[test]
     fn what_the_server_lost_of_earlier_rounds_goes_again_and_the_cut_becomes_a_round() {
         let b = u64::from(B);
+        let cut = || {
+            EpochSender::round(
+                "v",
+                5,
+                me(),
+                vec![(2 * b, B)],
+                Finish::Publish,
+                Some(held(4)),
+            )
+        };
         // The cut changed block 2; earlier rounds sent blocks 0..4; the
         // server holds only block 0 (another server, a staging lost).
-        let mut s = EpochSender::round(
-            "v",
-            5,
-            me(),
-            vec![(2 * b, B)],
-            Finish::Publish,
-            Some(held(4)),
-        );
+        let mut s = cut();
         s.start();
         assert_eq!(
             s.handle(staged(vec![(0, b)], false, true)).unwrap(),
@@ -594,14 +597,7 @@ mod tests {
             Some(SendAction::Control(Message::EndRound))
         );
         // With nothing lost, the cut publishes.
-        let mut s = EpochSender::round(
-            "v",
-            5,
-            me(),
-            vec![(2 * b, B)],
-            Finish::Publish,
-            Some(held(4)),
-        );
+        let mut s = cut();
         s.start();
         assert_eq!(
             s.handle(staged(vec![(0, 4 * b)], false, true)).unwrap(),

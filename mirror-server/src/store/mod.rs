@@ -97,7 +97,7 @@ use ublk_mirror_common::{block, fsutil};
 use self::log::{read_log_header, LogReader};
 pub use self::reader::{import, list, SnapshotReader, VersionSource};
 pub use self::staging::Staging;
-use self::staging::{remove_staging, staging_epochs, staging_path, STAGING};
+use self::staging::{is_direct, remove_staging, staging_epochs, staging_path, STAGING};
 use crate::chunks::format::{VersionRecord, WriterRecord, HOLE};
 use crate::chunks::{blocks_of, ChunkStore};
 use crate::error::{Error, Result};
@@ -247,11 +247,7 @@ impl Volume {
                 state.format
             )));
         }
-        let image = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.join(IMAGE))
-            .map_err(|e| Error::io(format!("opening the image in {}", dir.display()), e))?;
+        let image = open_rw(&dir.join(IMAGE))?;
         let mut volume = Volume {
             dir: dir.to_path_buf(),
             image: Arc::new(image),
@@ -537,7 +533,7 @@ impl Volume {
         // one begun before the image got content (caught up from the store)
         // is dropped.
         let resumable = left.is_some_and(|w| w.device == writer.device)
-            && (!staging_path(&self.dir, epoch, "direct").exists() || self.is_new());
+            && (!is_direct(&self.dir, epoch) || self.is_new());
         for (n, _) in staging_epochs(&self.dir)? {
             if !(resumable && n == epoch) {
                 remove_staging(&self.dir, n);
@@ -748,7 +744,7 @@ impl Volume {
     /// for crash tests, which also leave the state unrecorded) to the image
     /// and record the epoch.
     fn publish(&mut self, epoch: u64, marker: Marker, limit: Option<usize>) -> Result<()> {
-        if staging_path(&self.dir, epoch, "direct").exists() {
+        if is_direct(&self.dir, epoch) {
             return self.publish_direct(epoch, marker, limit);
         }
         let (data, data_path, log_path) = self.staged_files(epoch)?;
@@ -791,7 +787,7 @@ impl Volume {
         if limit.is_some() {
             return Ok(());
         }
-        self.record_published(epoch, marker, applied)
+        self.record_published(epoch, marker, Some(applied))
     }
 
     /// What the epoch logged in `log_path` overwrites, kept for the newest
@@ -808,11 +804,15 @@ impl Volume {
                 chunks.extend(e.offset / SNAPSHOT_CHUNK..=end / SNAPSHOT_CHUNK);
             }
         }
-        // In batches, each under the snapshots' write lock: readers of
-        // snapshots (exports, restores) go on in between, and see each
-        // chunk either still in the image or already preserved. Everything
-        // is preserved before the image changes.
-        let chunks: Vec<u64> = chunks.into_iter().collect();
+        self.preserve_chunks(&chunks.into_iter().collect::<Vec<_>>())
+    }
+
+    /// Keep snapshot chunks `chunks` (ascending) of the image for the
+    /// newest snapshot before the image changes there. In batches, each
+    /// under the snapshots' write lock: readers of snapshots (exports,
+    /// restores) go on in between, and see each chunk either still in the
+    /// image or already preserved.
+    fn preserve_chunks(&self, chunks: &[u64]) -> Result<()> {
         for batch in chunks.chunks(PRESERVE_BATCH) {
             self.snapshots_mut().preserve(
                 &self.image,
@@ -836,70 +836,59 @@ impl Volume {
     fn publish_direct(&mut self, epoch: u64, marker: Marker, limit: Option<usize>) -> Result<()> {
         let data_path = staging_path(&self.dir, epoch, "data");
         let log_path = staging_path(&self.dir, epoch, "log");
-        let blocks = if data_path.exists() {
-            let data = File::open(&data_path)
-                .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
-            let read_by_others =
-                Arc::strong_count(&self.image) > 1 || !self.snapshots().list().is_empty();
-            if read_by_others {
-                self.preserve_for(&log_path)?;
-                let touched = direct_blocks(&log_path, self.state.size)?;
-                let mut buf = Vec::new();
-                for n in touched.iter() {
-                    let (at, len) = (n * block::BLOCK, block_len(self.state.size, n));
-                    buf.resize(len as usize, 0);
-                    data.read_exact_at(&mut buf, at)
-                        .map_err(|e| Error::io(format!("reading {}", data_path.display()), e))?;
-                    if block::is_zero(&buf) {
-                        fsutil::punch_or_zero(&self.image, at, len)
-                            .map_err(|e| Error::io("punching a hole in the image", e))?;
-                    } else {
-                        self.image
-                            .write_all_at(&buf, at)
-                            .map_err(|e| Error::io("writing the image", e))?;
-                    }
-                }
-                self.image
-                    .sync_all()
-                    .map_err(|e| Error::io("syncing the image", e))?;
-                touched.len()
-            } else {
-                // Opened for writing before the rename, so that the image
-                // is never left behind on the file it replaces.
-                let image = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&data_path)
-                    .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
-                image
-                    .sync_all()
-                    .map_err(|e| Error::io(format!("syncing {}", data_path.display()), e))?;
-                std::fs::rename(&data_path, self.dir.join(IMAGE))
-                    .map_err(|e| Error::io("renaming a direct staging to the image", e))?;
-                self.image = Arc::new(image);
-                sync_dir(&self.dir)?;
-                direct_blocks(&log_path, self.state.size)?.len()
-            }
-        } else {
+        let read_by_others =
+            Arc::strong_count(&self.image) > 1 || !self.snapshots().list().is_empty();
+        let applied = if !data_path.exists() {
             // Renamed already (the process died, or failed, after it): the
             // image is the epoch; this handle may still be the old file's.
-            let image_path = self.dir.join(IMAGE);
-            let image = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&image_path)
-                .map_err(|e| Error::io(format!("opening {}", image_path.display()), e))?;
+            self.image = Arc::new(open_rw(&self.dir.join(IMAGE))?);
+            None
+        } else if read_by_others {
+            self.preserve_for(&log_path)?;
+            let image = self.image.clone();
+            let touched = each_direct_block(&data_path, &log_path, self.state.size, |n, buf| {
+                let at = n * block::BLOCK;
+                if block::is_zero(buf) {
+                    fsutil::punch_or_zero(&image, at, buf.len() as u64)
+                        .map_err(|e| Error::io("punching a hole in the image", e))
+                } else {
+                    image
+                        .write_all_at(buf, at)
+                        .map_err(|e| Error::io("writing the image", e))
+                }
+            })?;
+            self.image
+                .sync_all()
+                .map_err(|e| Error::io("syncing the image", e))?;
+            Some(touched)
+        } else {
+            // Opened for writing before the rename, so that the image is
+            // never left behind on the file it replaces.
+            let image = open_rw(&data_path)?;
+            image
+                .sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", data_path.display()), e))?;
+            std::fs::rename(&data_path, self.dir.join(IMAGE))
+                .map_err(|e| Error::io("renaming a direct staging to the image", e))?;
             self.image = Arc::new(image);
-            direct_blocks(&log_path, self.state.size)?.len()
+            sync_dir(&self.dir)?;
+            None
         };
         if limit.is_some() {
             return Ok(());
         }
-        self.record_published(epoch, marker, blocks)
+        self.record_published(epoch, marker, applied)
     }
 
-    /// Record in the state that the image is `epoch`, written by `marker`.
-    fn record_published(&mut self, epoch: u64, marker: Marker, applied: usize) -> Result<()> {
+    /// Record in the state that the image is `epoch`, written by `marker`
+    /// (`applied`: the blocks written to the image; `None`: it was
+    /// renamed into place).
+    fn record_published(
+        &mut self,
+        epoch: u64,
+        marker: Marker,
+        applied: Option<usize>,
+    ) -> Result<()> {
         let state = VolumeState {
             published_epoch: epoch,
             published_ms: now_ms(),
@@ -1109,13 +1098,7 @@ impl Volume {
                 .collect::<BTreeSet<u64>>()
                 .into_iter()
                 .collect();
-            for batch in chunks.chunks(PRESERVE_BATCH) {
-                self.snapshots_mut().preserve(
-                    &self.image,
-                    self.state.size,
-                    &batch.iter().copied().collect(),
-                )?;
-            }
+            self.preserve_chunks(&chunks)?;
         }
         for batch in changed.chunks(256) {
             for (&n, data) in batch.iter().zip(reader.blocks(batch)?) {
@@ -1184,29 +1167,26 @@ impl Volume {
             )));
         }
         let mut p = store.publication(name, head.as_ref(), self.state.size)?;
-        let (data, data_path, log_path) = self.staged_files(staging.epoch)?;
         let size = self.state.size;
         if staging.direct {
             // `N.data` holds each touched block as the epoch leaves it (on
             // an all-zero image); named by what it holds (see the staging's
             // module docs on resends).
-            let mut buf = Vec::new();
-            for n in direct_blocks(&log_path, size)?.iter() {
-                buf.resize(block_len(size, n) as usize, 0);
-                data.read_exact_at(&mut buf, n * block::BLOCK)
-                    .map_err(|e| Error::io(format!("reading {}", data_path.display()), e))?;
-                if block::is_zero(&buf) {
-                    p.put(n, None, HOLE)?;
+            let path = |ext| staging_path(&self.dir, staging.epoch, ext);
+            each_direct_block(&path("data"), &path("log"), size, |n, buf| {
+                if block::is_zero(buf) {
+                    p.put(n, None, HOLE)
                 } else {
-                    p.put(n, Some(&buf), block::digest(&buf))?;
+                    p.put(n, Some(buf), block::digest(buf))
                 }
-            }
+            })?;
             return Ok(Some(
                 p.finish(staging.epoch, Some(writer), &self.state.uuid)?
                     .record
                     .seq,
             ));
         }
+        let (data, data_path, log_path) = self.staged_files(staging.epoch)?;
         let block_len = |n: u64| block_len(size, n);
         // The protocol allows any extent; a store version is whole blocks.
         // A block some extent covers only in part is made from the image
@@ -1286,9 +1266,17 @@ fn block_len(size: u64, n: u64) -> u64 {
     (size - n * block::BLOCK).min(block::BLOCK)
 }
 
-/// The blocks the entries of the staging log at `log_path` touch, in part
-/// or whole, ascending (a bit per block of the volume: 2 MiB for 1 TiB).
-fn direct_blocks(log_path: &Path, size: u64) -> Result<BlockBits> {
+/// Call `f` with each block of a volume of `size` bytes that the entries
+/// of a direct staging's log (`log_path`) touch, in part or whole,
+/// ascending, and its bytes as its `N.data` (`data_path`) holds them: the
+/// block as the epoch leaves it. Returns how many there were. The blocks
+/// are found first, a bit per block of the volume (2 MiB for 1 TiB).
+fn each_direct_block(
+    data_path: &Path,
+    log_path: &Path,
+    size: u64,
+    mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<usize> {
     let mut bits = vec![0u64; size.div_ceil(block::BLOCK).div_ceil(64) as usize];
     let mut log = LogReader::open(log_path)?;
     while let Some(e) = log.next_entry()? {
@@ -1296,25 +1284,30 @@ fn direct_blocks(log_path: &Path, size: u64) -> Result<BlockBits> {
             bits[(n / 64) as usize] |= 1 << (n % 64);
         }
     }
-    Ok(BlockBits(bits))
+    let data = File::open(data_path)
+        .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
+    let mut buf = Vec::new();
+    let mut count = 0;
+    for (i, &word) in bits.iter().enumerate() {
+        for b in (0..64).filter(|b| word & (1 << b) != 0) {
+            let n = i as u64 * 64 + b;
+            buf.resize(block_len(size, n) as usize, 0);
+            data.read_exact_at(&mut buf, n * block::BLOCK)
+                .map_err(|e| Error::io(format!("reading {}", data_path.display()), e))?;
+            f(n, &buf)?;
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
-/// A set of a volume's blocks, a bit each.
-struct BlockBits(Vec<u64>);
-
-impl BlockBits {
-    /// The blocks in the set, ascending.
-    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.0.iter().enumerate().flat_map(|(i, &w)| {
-            (0..64)
-                .filter(move |b| w & (1 << b) != 0)
-                .map(move |b| i as u64 * 64 + b)
-        })
-    }
-
-    fn len(&self) -> usize {
-        self.0.iter().map(|w| w.count_ones() as usize).sum()
-    }
+/// Open `path` (an image) for reading and writing.
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
 }
 
 /// The blocks an extent of `len` bytes at `offset` touches: (block, from,

@@ -47,6 +47,11 @@ pub(super) fn staging_path(dir: &Path, epoch: u64, ext: &str) -> PathBuf {
     dir.join(STAGING).join(format!("{epoch}.{ext}"))
 }
 
+/// Whether epoch `epoch`'s staging is direct (its `N.direct` marker).
+pub(super) fn is_direct(dir: &Path, epoch: u64) -> bool {
+    staging_path(dir, epoch, "direct").exists()
+}
+
 /// An epoch being received: verified blocks, staged on disk. Shared by
 /// the data streams that carry it: blocks are decoded and verified outside
 /// its lock, which covers only the bookkeeping.
@@ -174,7 +179,7 @@ impl Staging {
         let data_path = staging_path(dir, epoch, "data");
         let log_path = staging_path(dir, epoch, "log");
         let data = Staging::open_file(&data_path, false)?;
-        let direct = staging_path(dir, epoch, "direct").exists();
+        let direct = is_direct(dir, epoch);
         let mut reader = LogReader::open(&log_path)?;
         let mut kept = log_header(writer).to_vec();
         let mut inner = Inner::default();
@@ -346,8 +351,7 @@ impl Staging {
             .and_then(|()| self.log.sync_all())
             .map_err(|e| Error::io("syncing a staged round", e))?;
         let staging = dir.join(STAGING);
-        File::open(&staging)
-            .and_then(|d| d.sync_all())
+        fsutil::sync_dir(&staging)
             .map_err(|e| Error::io(format!("syncing {}", staging.display()), e))
     }
 
@@ -372,40 +376,33 @@ impl Staging {
                 return Err(e);
             }
         };
-        let closed = || Error::Invalid(format!("epoch {} is no longer being staged", self.epoch));
+        // Closing waits for this guard: the staging stays open until the
+        // block is logged.
         let _writing = self.writes.read().unwrap_or_else(|p| p.into_inner());
+        if self.lock().closed {
+            return Err(Error::Invalid(format!(
+                "epoch {} is no longer being staged",
+                self.epoch
+            )));
+        }
         let data_at = match &plain {
-            Some(p) if self.direct => {
-                if self.lock().closed {
-                    return Err(closed());
-                }
-                self.data
-                    .write_all_at(p, offset)
-                    .map_err(|e| Error::io("staging a block", e))?;
-                Some(offset)
-            }
-            None if self.direct => {
-                if self.lock().closed {
-                    return Err(closed());
-                }
-                fsutil::punch_or_zero(&self.data, offset, u64::from(len))
-                    .map_err(|e| Error::io("staging a zero block", e))?;
-                None
-            }
             Some(p) => {
-                let at = {
+                let at = if self.direct {
+                    offset
+                } else {
                     let mut inner = self.lock();
-                    if inner.closed {
-                        return Err(closed());
-                    }
-                    let at = inner.data_len;
                     inner.data_len += u64::from(len);
-                    at
+                    inner.data_len - u64::from(len)
                 };
                 self.data
                     .write_all_at(p, at)
                     .map_err(|e| Error::io("staging a block", e))?;
                 Some(at)
+            }
+            None if self.direct => {
+                fsutil::punch_or_zero(&self.data, offset, u64::from(len))
+                    .map_err(|e| Error::io("staging a zero block", e))?;
+                None
             }
             None => None,
         };
@@ -416,9 +413,6 @@ impl Staging {
             sha256: *sha256,
         };
         let mut inner = self.lock();
-        if inner.closed {
-            return Err(closed());
-        }
         self.log
             .write_all_at(&entry.record(), inner.log_len)
             .map_err(|e| Error::io("logging a staged block", e))?;
