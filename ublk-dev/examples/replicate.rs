@@ -238,22 +238,36 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 /// for `seconds`, paced open-loop (a write that falls behind its slot goes
 /// at once, so a stall shows as latency, not as a slower schedule). Prints
 /// the phase's line; with a replicator, also the lag `status` showed.
-fn sustained(
-    label: &str,
-    io: &mut LocalIo<'_>,
+/// The writes of `--lag`: at `rate` bytes per second for `seconds` on a
+/// device of `size` bytes.
+#[derive(Clone, Copy)]
+struct Load {
     size: u64,
     rate: u64,
     seconds: u64,
-    mirror: Option<(&Tracker, &Replicator)>,
+}
+
+fn sustained(
+    label: &str,
+    io: &mut LocalIo<'_>,
+    Load {
+        size,
+        rate,
+        seconds,
+    }: Load,
+    tracker: &Tracker,
+    replicator: Option<&Replicator>,
     seed: u64,
 ) {
-    let replicator = mirror.map(|(_, r)| r);
     const WRITE: u64 = 64 << 10;
     let count = rate * seconds / WRITE;
     let period = Duration::from_secs_f64(WRITE as f64 / rate as f64);
     let mut next = xorshift(seed);
     let mut data = vec![0u8; WRITE as usize];
     let mut latencies = Vec::with_capacity(count as usize);
+    // Writes during which the journal was synced: a region marked again
+    // (one cleared by a release, the mirror's doing) before the write.
+    let mut marking = Vec::new();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let lags = std::thread::scope(|scope| {
         let sampler = scope.spawn(|| {
@@ -277,9 +291,14 @@ fn sustained(
             for word in data.chunks_mut(8) {
                 word.copy_from_slice(&next().to_le_bytes());
             }
+            let syncs = tracker.status().journal_syncs;
             let t = Instant::now();
             io.submit(Request::write(at, WRITE), &data).expect("write");
-            latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+            let took = t.elapsed().as_secs_f64() * 1000.0;
+            latencies.push(took);
+            if tracker.status().journal_syncs != syncs {
+                marking.push(took);
+            }
         }
         let elapsed = started.elapsed().as_secs_f64();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -289,19 +308,22 @@ fn sustained(
     });
     let (lags, elapsed) = lags;
     // How long the mirror takes to hold everything written.
-    let drain = mirror.map_or(0.0, |(tracker, r)| {
+    let drain = replicator.map_or(0.0, |r| {
         let t = Instant::now();
         sync(tracker, r);
         t.elapsed().as_secs_f64()
     });
     let stalls = latencies.iter().filter(|&&l| l > 100.0).count();
     latencies.sort_by(f64::total_cmp);
+    marking.sort_by(f64::total_cmp);
     println!(
-        "{{\"phase\":\"{label}\",\"writes\":{count},\"mb_per_s\":{:.1},\"latency_ms_p50\":{:.3},\"latency_ms_p99\":{:.3},\"latency_ms_max\":{:.3},\"writes_over_100ms\":{stalls},\"lag_s_p50\":{:.2},\"lag_s_p99\":{:.2},\"lag_s_max\":{:.2},\"drain_seconds\":{drain:.2}}}",
+        "{{\"phase\":\"{label}\",\"writes\":{count},\"mb_per_s\":{:.1},\"latency_ms_p50\":{:.3},\"latency_ms_p99\":{:.3},\"latency_ms_max\":{:.3},\"writes_over_100ms\":{stalls},\"writes_marking\":{},\"latency_ms_p99_marking\":{:.3},\"lag_s_p50\":{:.2},\"lag_s_p99\":{:.2},\"lag_s_max\":{:.2},\"drain_seconds\":{drain:.2}}}",
         (count * WRITE) as f64 / 1e6 / elapsed,
         quantile(&latencies, 0.5),
         quantile(&latencies, 0.99),
         latencies.last().copied().unwrap_or(0.0),
+        marking.len(),
+        quantile(&marking, 0.99),
         quantile(&lags, 0.5),
         quantile(&lags, 0.99),
         lags.last().copied().unwrap_or(0.0),
@@ -347,17 +369,14 @@ fn lag(args: &[String]) {
         "{{\"phase\":\"initial\",\"seconds\":{:.3},\"bytes\":{size}}}",
         t.elapsed().as_secs_f64()
     );
-    sustained(
-        "mirrored",
-        &mut io,
+    let load = Load {
         size,
         rate,
         seconds,
-        Some((&tracker, &replicator)),
-        1,
-    );
+    };
+    sustained("mirrored", &mut io, load, &tracker, Some(&replicator), 1);
     drop(replicator);
-    sustained("detached", &mut io, size, rate, seconds, None, 2);
+    sustained("detached", &mut io, load, &tracker, None, 2);
 }
 
 fn main() {

@@ -4,7 +4,9 @@
 //! The cycle:
 //! 1. wait until the interval passed since the last cut (or a `sync` asks,
 //!    or much is dirty) and the current epoch has changes;
-//! 2. seal it at a FLUSH ([`SealAt::Flush`]);
+//! 2. seal it at a FLUSH ([`SealAt::Flush`]) if the device flushed since
+//!    the last cut, else at once (a device that does not flush would make
+//!    every cut late by the whole wait);
 //! 3. read it as the device at its cut, split into blocks of
 //!    [`block::BLOCK`] (aligned), hash, compress, send; the server publishes it
 //!    as its next epoch;
@@ -242,7 +244,9 @@ fn block_reader(
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How long a cut waits for a FLUSH (a point the file system made
-/// durable) before it is taken anyway.
+/// durable) before it is taken anyway. Only a device that flushed since
+/// the last cut is waited for ([`flush_wait`]): one that does not flush
+/// would make every cut late by this much, and the mirror's lag with it.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// The same when a `sync` is waiting for the cut.
@@ -710,10 +714,11 @@ impl Context {
                         && bytes < r.last_bytes / 2;
                     // Nothing written since the last round: its reads are
                     // the device now, and the cut need not wait for a FLUSH.
-                    let at = if bytes == 0 {
+                    let wait = flush_wait(FLUSH_WAIT, self.tracker.flushed_since_cut());
+                    let at = if bytes == 0 || wait.is_zero() {
                         SealAt::Now
                     } else {
-                        SealAt::Flush(FLUSH_WAIT)
+                        SealAt::Flush(wait)
                     };
                     let tracker = self.tracker.clone();
                     let id = blocking("a replicator worker", move || {
@@ -734,6 +739,7 @@ impl Context {
                         self.settings.interval,
                         self.tracker.status().dirty_bytes,
                         self.tracker.has_changes(),
+                        self.tracker.flushed_since_cut(),
                         forced,
                     );
                     forced = false;
@@ -759,6 +765,8 @@ impl Context {
                     let id = blocking("a replicator worker", move || {
                         if precopy {
                             tracker.seal_precopy()
+                        } else if flush_wait.is_zero() {
+                            tracker.seal(SealAt::Now)
                         } else {
                             tracker.seal(SealAt::Flush(flush_wait))
                         }
@@ -1142,26 +1150,42 @@ impl Cut {
     /// At `now`, with the last cut at `last_cut`: cut when there are
     /// changes and the interval passed, much is dirty, or a `sync` asked
     /// (`forced`: then a FLUSH is looked for only briefly, since the user
-    /// waits for the cut).
+    /// waits for the cut). A FLUSH is looked for only if the device
+    /// `flushed` since the last cut ([`flush_wait`]).
     fn decide(
         now: Instant,
         last_cut: Instant,
         interval: Duration,
         dirty_bytes: u64,
         has_changes: bool,
+        flushed: bool,
         forced: bool,
     ) -> Cut {
         let since = now.saturating_duration_since(last_cut);
         let due = forced || since >= interval || dirty_bytes >= DIRTY_TRIGGER;
         if due && has_changes {
-            let flush_wait = if forced {
+            let wait = if forced {
                 FORCED_FLUSH_WAIT
             } else {
                 FLUSH_WAIT
             };
-            return Cut::Seal { flush_wait };
+            return Cut::Seal {
+                flush_wait: flush_wait(wait, flushed),
+            };
         }
         Cut::Wait(interval.saturating_sub(since).max(MIN_WAIT))
+    }
+}
+
+/// How long a cut looks for a FLUSH: `wait` on a device that `flushed`
+/// since the last cut (a file system commits its journal every few
+/// seconds, so the next FLUSH is near), none on one that did not (it is
+/// not expected to flush now, and waiting would only delay the mirror).
+fn flush_wait(wait: Duration, flushed: bool) -> Duration {
+    if flushed {
+        wait
+    } else {
+        Duration::ZERO
     }
 }
 
@@ -1408,36 +1432,46 @@ mod tests {
         let interval = 10 * SEC;
         // Early, nothing forced: wait for the rest of the interval.
         assert_eq!(
-            Cut::decide(t0 + 4 * SEC, t0, interval, 1, true, false),
+            Cut::decide(t0 + 4 * SEC, t0, interval, 1, true, true, false),
             Cut::Wait(6 * SEC)
         );
         // Due, with changes: seal, looking for a FLUSH for a while.
         assert_eq!(
-            Cut::decide(t0 + interval, t0, interval, 1, true, false),
+            Cut::decide(t0 + interval, t0, interval, 1, true, true, false),
             Cut::Seal {
                 flush_wait: FLUSH_WAIT
             }
         );
         // Due, nothing changed: look again soon.
         assert_eq!(
-            Cut::decide(t0 + 20 * SEC, t0, interval, 0, false, false),
+            Cut::decide(t0 + 20 * SEC, t0, interval, 0, false, true, false),
             Cut::Wait(MIN_WAIT)
         );
         // A sync: at once, a FLUSH looked for only briefly.
         assert_eq!(
-            Cut::decide(t0, t0, interval, 1, true, true),
+            Cut::decide(t0, t0, interval, 1, true, true, true),
             Cut::Seal {
                 flush_wait: FORCED_FLUSH_WAIT
             }
         );
         // ... but not without changes.
         assert_eq!(
-            Cut::decide(t0, t0, interval, 0, false, true),
+            Cut::decide(t0, t0, interval, 0, false, true, true),
             Cut::Wait(interval)
         );
+        // A device that did not flush since the last cut is cut at once,
+        // on the interval as on a sync: no FLUSH is coming to wait for.
+        for forced in [false, true] {
+            assert_eq!(
+                Cut::decide(t0 + interval, t0, interval, 1, true, false, forced),
+                Cut::Seal {
+                    flush_wait: Duration::ZERO
+                }
+            );
+        }
         // Much dirty: before the interval.
         assert!(matches!(
-            Cut::decide(t0 + SEC, t0, interval, DIRTY_TRIGGER, true, false),
+            Cut::decide(t0 + SEC, t0, interval, DIRTY_TRIGGER, true, true, false),
             Cut::Seal { .. }
         ));
     }

@@ -351,6 +351,8 @@ pub struct Tracker {
     /// Signalled when an epoch is sealed.
     sealed: Condvar,
     seal_requested: AtomicBool,
+    /// The device served a FLUSH since the last cut (or pre-copy round).
+    flushed: AtomicBool,
     /// The backing file (a duplicate of the device's descriptor).
     file: Arc<File>,
     resync_pending: AtomicBool,
@@ -527,6 +529,7 @@ impl Tracker {
             })),
             sealed: Condvar::new(),
             seal_requested: AtomicBool::new(false),
+            flushed: AtomicBool::new(false),
             file: Arc::new(file),
             journal_syncs: AtomicU64::new(0),
             jobs: Arc::new(Jobs::default()),
@@ -571,6 +574,7 @@ impl Tracker {
             Op::Write => ChangeKind::Data,
             Op::Discard | Op::WriteZeroes => ChangeKind::Zeroed,
             Op::Flush => {
+                self.flushed.store(true, Ordering::Release);
                 if self.seal_requested.load(Ordering::Acquire) {
                     let mut live = lock(&self.live);
                     if self.seal_requested.swap(false, Ordering::AcqRel) {
@@ -663,6 +667,7 @@ impl Tracker {
     fn seal_locked(&self, live: &mut Live, at_flush: bool) -> u64 {
         // Whatever seal was asked for is answered by this cut.
         self.seal_requested.store(false, Ordering::Release);
+        self.flushed.store(false, Ordering::Release);
         let now = now_ms();
         let id = live.epochs.seal(at_flush, now);
         self.carry_in_flight(live, now);
@@ -685,6 +690,7 @@ impl Tracker {
             if live.epochs.current() != start {
                 continue;
             }
+            self.flushed.store(false, Ordering::Release);
             let now = now_ms();
             let id = live.epochs.seal_precopy(now);
             self.carry_in_flight(&mut live, now);
@@ -948,6 +954,14 @@ impl Tracker {
     /// The oldest sealed, unreleased epoch.
     pub fn oldest_sealed(&self) -> Option<u64> {
         lock(&self.live).epochs.sealed().next().map(|s| s.id)
+    }
+
+    /// Whether the device served a FLUSH since the last cut or pre-copy
+    /// round. A device that did not (a raw writer, a database on
+    /// `O_DIRECT` without `fsync`) is not expected to flush soon, so a cut
+    /// that waited for one would only add lag.
+    pub fn flushed_since_cut(&self) -> bool {
+        self.flushed.load(Ordering::Acquire)
     }
 
     /// Whether the current epoch has any change (a seal would not be empty).
@@ -1299,6 +1313,35 @@ mod tests {
         assert_eq!(t.seal(SealAt::Flush(Duration::from_millis(10))).unwrap(), 2);
         assert!(!t.epoch(2).unwrap().at_flush);
         assert_eq!(t.epoch(2).unwrap().changes.data.len(), 4096);
+    }
+
+    #[test]
+    fn the_tracker_knows_whether_the_device_flushed_since_the_last_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        assert!(!t.flushed_since_cut());
+        apply(&t, &Request::write(0, 4096));
+        assert!(!t.flushed_since_cut(), "a write is no FLUSH");
+        apply(&t, &Request::flush());
+        assert!(t.flushed_since_cut());
+        t.seal(SealAt::Now).unwrap();
+        assert!(!t.flushed_since_cut(), "a cut starts over");
+        apply(&t, &Request::flush());
+        t.seal_precopy().unwrap();
+        assert!(!t.flushed_since_cut(), "so does a pre-copy round");
+        // A FLUSH that takes the cut asked for is the cut's, not the next
+        // epoch's.
+        apply(&t, &Request::write(0, 4096));
+        let t = std::sync::Arc::new(t);
+        let t2 = t.clone();
+        let sealer =
+            std::thread::spawn(move || t2.seal(SealAt::Flush(Duration::from_secs(60))).unwrap());
+        while !t.seal_requested.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        apply(&t, &Request::flush());
+        sealer.join().unwrap();
+        assert!(!t.flushed_since_cut());
     }
 
     #[test]
