@@ -10,7 +10,9 @@
 //! 3. read it as the device at its cut, split into blocks of
 //!    [`block::BLOCK`] (aligned), hash, compress, send; the server publishes it
 //!    as its next epoch;
-//! 4. release it: its regions are cleared in the journal.
+//! 4. release it: its regions are cleared in the journal (those written
+//!    in the last [`KEEP_MARKED`] stay marked while the device writes on:
+//!    [`Tracker::release_keeping`]).
 //!
 //! A broken link leaves the sealed epoch in place (its blocks stay
 //! preserved) and the replicator reconnects with backoff; if the server
@@ -251,6 +253,11 @@ const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// The same when a `sync` is waiting for the cut.
 const FORCED_FLUSH_WAIT: Duration = Duration::from_millis(250);
+
+/// How long the journal regions a released epoch changed stay marked
+/// while the device goes on writing ([`Tracker::release_keeping`]): a
+/// write into them meanwhile needs no journal sync; a crash resyncs them.
+const KEEP_MARKED: Duration = Duration::from_secs(10);
 
 /// Dirty bytes that trigger a cut before the interval is over.
 const DIRTY_TRIGGER: u64 = 256 << 20;
@@ -873,7 +880,7 @@ impl Context {
     }
 
     fn release(&self, epoch: u64) -> Result<()> {
-        self.tracker.release(epoch).map(drop)
+        self.tracker.release_keeping(epoch, KEEP_MARKED).map(drop)
     }
 
     /// For a fresh volume (zeroes), what `sealed` changed that is a hole

@@ -235,6 +235,10 @@ struct Live {
     /// Chunk being preserved -> the waiters waiting for it.
     waiters_of: BTreeMap<u64, Vec<u64>>,
     next_waiter: u64,
+    /// What epochs released with [`Tracker::release_keeping`] changed,
+    /// with when (ms), oldest first: their regions stay marked while
+    /// recent.
+    recent: VecDeque<(u64, RangeSet)>,
 }
 
 impl Live {
@@ -526,6 +530,7 @@ impl Tracker {
                 waiting: BTreeMap::new(),
                 waiters_of: BTreeMap::new(),
                 next_waiter: 0,
+                recent: VecDeque::new(),
             })),
             sealed: Condvar::new(),
             seal_requested: AtomicBool::new(false),
@@ -770,13 +775,28 @@ impl Tracker {
     /// freed and the regions no unreleased change touches are cleared in
     /// the journal. Releasing an epoch released before does nothing.
     pub fn release(&self, id: u64) -> Result<Released> {
+        self.release_keeping(id, Duration::ZERO)
+    }
+
+    /// [`Tracker::release`], but while the device goes on writing, the
+    /// regions that epochs released in the last `hot` changed stay marked
+    /// in the journal (this one's too), as DRBD's activity log keeps its
+    /// hot extents: a device that writes where it just wrote then does not
+    /// wait for a journal sync to mark them again after every release.
+    /// They are cleared by a later release once `hot` has passed, or by
+    /// the first release that finds nothing written since the cut (a quiet
+    /// device keeps nothing marked). Only a crash meanwhile pays: its
+    /// resync compares them with the mirror by hash. Keeping a region
+    /// marked longer is always safe: the journal's promise is only that
+    /// every change is in a marked region.
+    pub fn release_keeping(&self, id: u64, hot: Duration) -> Result<Released> {
         self.file
             .sync_data()
             .map_err(|e| Error::io("syncing the backing file before a release", e))?;
         let mut journal = lock(&self.journal);
         let (released, clear, resync_done) = {
             let mut live = lock(&self.live);
-            let Some(_) = live.epochs.release(id)? else {
+            let Some(sealed) = live.epochs.release(id)? else {
                 return Ok(Released {
                     epoch: id,
                     released: false,
@@ -784,16 +804,16 @@ impl Tracker {
                     resync_done: false,
                 });
             };
-            let keep = live.epochs.unreleased();
-            let size = self.region_size();
-            let clear: Vec<u64> = (0..self.regions)
-                .filter(|&r| self.is_durable(r) && !keep.intersects(r * size..(r + 1) * size))
-                .collect();
-            // From here a write into these regions marks them again (and
-            // waits for the journal lock, so after the clear below).
-            for &r in &clear {
-                self.durable[(r / 64) as usize].fetch_and(!(1 << (r % 64)), Ordering::AcqRel);
+            let now = now_ms();
+            let hot = if live.epochs.changes().is_empty() {
+                Duration::ZERO
+            } else {
+                hot
+            };
+            if !hot.is_zero() {
+                live.recent.push_back((now, sealed.changes.touched()));
             }
+            let clear = self.cold_regions(&mut live, hot, now);
             // Settled when the last epoch carrying resync ranges is taken.
             let resync_done =
                 self.resync_pending.load(Ordering::Relaxed) && !live.epochs.resync_outstanding();
@@ -811,6 +831,35 @@ impl Tracker {
             regions_cleared: clear.len() as u64,
             resync_done,
         })
+    }
+
+    /// Forget the releases older than `hot`, then take out of the
+    /// durable bits (and return) the regions that are marked while no
+    /// unreleased change and no recent release touches them (with `hot`
+    /// zero: every release is old). From then a write into one marks it
+    /// again (and waits for the journal lock, so after the caller clears
+    /// them). The caller holds the journal lock.
+    fn cold_regions(&self, live: &mut Live, hot: Duration, now: u64) -> Vec<u64> {
+        let hot_ms = u64::try_from(hot.as_millis()).unwrap_or(u64::MAX);
+        while live
+            .recent
+            .front()
+            .is_some_and(|(at, _)| hot_ms == 0 || now.saturating_sub(*at) >= hot_ms)
+        {
+            live.recent.pop_front();
+        }
+        let mut keep = live.epochs.unreleased();
+        for (_, touched) in &live.recent {
+            keep.union_with(touched);
+        }
+        let size = self.region_size();
+        let clear: Vec<u64> = (0..self.regions)
+            .filter(|&r| self.is_durable(r) && !keep.intersects(r * size..(r + 1) * size))
+            .collect();
+        for &r in &clear {
+            self.durable[(r / 64) as usize].fetch_and(!(1 << (r % 64)), Ordering::AcqRel);
+        }
+        clear
     }
 
     /// A sealed, unreleased epoch's changes.
@@ -1313,6 +1362,47 @@ mod tests {
         assert_eq!(t.seal(SealAt::Flush(Duration::from_millis(10))).unwrap(), 2);
         assert!(!t.epoch(2).unwrap().at_flush);
         assert_eq!(t.epoch(2).unwrap().changes.data.len(), 4096);
+    }
+
+    #[test]
+    fn regions_of_recent_releases_stay_marked_while_the_device_writes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        let region = t.region_size();
+        let hour = Duration::from_secs(3600);
+        apply(&t, &Request::write(0, 4096));
+        apply(&t, &Request::write(3 * region, 4096));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
+        apply(&t, &Request::write(5 * region, 4096));
+        // The device writes on: epoch 1's regions are hot, none cleared.
+        let r = t.release_keeping(1, hour).unwrap();
+        assert!(r.released);
+        assert_eq!(r.regions_cleared, 0);
+        assert_eq!(t.marked_regions(), vec![0, 3, 5]);
+        // Writing there again costs no journal sync.
+        let syncs = t.status().journal_syncs;
+        apply(&t, &Request::write(0, 4096));
+        assert_eq!(t.status().journal_syncs, syncs);
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 2);
+        apply(&t, &Request::write(7 * region, 4096));
+        // Once `hot` has passed, epoch 1's region 3 (written by no later
+        // epoch) is cleared; epoch 2's stay, the device still writing.
+        std::thread::sleep(Duration::from_millis(30));
+        let r = t.release_keeping(2, Duration::from_millis(20)).unwrap();
+        assert_eq!(r.regions_cleared, 1);
+        assert_eq!(t.marked_regions(), vec![0, 5, 7]);
+        // A release that finds nothing written since the cut keeps
+        // nothing marked.
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 3);
+        let r = t.release_keeping(3, hour).unwrap();
+        assert_eq!(r.regions_cleared, 3);
+        assert!(t.marked_regions().is_empty());
+        // A plain release keeps nothing either.
+        apply(&t, &Request::write(region, 4096));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 4);
+        apply(&t, &Request::write(2 * region, 4096));
+        t.release(4).unwrap();
+        assert_eq!(t.marked_regions(), vec![2]);
     }
 
     #[test]
