@@ -235,8 +235,8 @@ struct Live {
     /// Chunk being preserved -> the waiters waiting for it.
     waiters_of: BTreeMap<u64, Vec<u64>>,
     next_waiter: u64,
-    /// What epochs released with [`Tracker::release_keeping`] changed,
-    /// with when (ms), oldest first: their regions stay marked while
+    /// The regions epochs released with [`Tracker::release_keeping`]
+    /// changed, with when (ms), oldest first: they stay marked while
     /// recent.
     recent: VecDeque<(u64, RangeSet)>,
 }
@@ -811,7 +811,13 @@ impl Tracker {
                 hot
             };
             if !hot.is_zero() {
-                live.recent.push_back((now, sealed.changes.touched()));
+                // Whole regions: a few ranges however scattered the writes.
+                let size = self.region_size();
+                let mut regions = RangeSet::new();
+                for r in sealed.changes.touched().iter() {
+                    regions.insert(r.start / size * size..r.end.div_ceil(size) * size);
+                }
+                live.recent.push_back((now, regions));
             }
             let clear = self.cold_regions(&mut live, hot, now);
             // Settled when the last epoch carrying resync ranges is taken.
