@@ -291,12 +291,12 @@ fn sustained(
             for word in data.chunks_mut(8) {
                 word.copy_from_slice(&next().to_le_bytes());
             }
-            let syncs = tracker.status().journal_syncs;
+            let syncs = tracker.journal_syncs();
             let t = Instant::now();
             io.submit(Request::write(at, WRITE), &data).expect("write");
             let took = t.elapsed().as_secs_f64() * 1000.0;
             latencies.push(took);
-            if tracker.status().journal_syncs != syncs {
+            if tracker.journal_syncs() != syncs {
                 marking.push(took);
             }
         }

@@ -721,11 +721,13 @@ impl Context {
                         && bytes < r.last_bytes / 2;
                     // Nothing written since the last round: its reads are
                     // the device now, and the cut need not wait for a FLUSH.
-                    let wait = flush_wait(FLUSH_WAIT, self.tracker.flushed_since_cut());
-                    let at = if bytes == 0 || wait.is_zero() {
+                    let at = if bytes == 0 {
                         SealAt::Now
                     } else {
-                        SealAt::Flush(wait)
+                        SealAt::flush_within(flush_wait(
+                            FLUSH_WAIT,
+                            self.tracker.flushed_since_cut(),
+                        ))
                     };
                     let tracker = self.tracker.clone();
                     let id = blocking("a replicator worker", move || {
@@ -772,10 +774,8 @@ impl Context {
                     let id = blocking("a replicator worker", move || {
                         if precopy {
                             tracker.seal_precopy()
-                        } else if flush_wait.is_zero() {
-                            tracker.seal(SealAt::Now)
                         } else {
-                            tracker.seal(SealAt::Flush(flush_wait))
+                            tracker.seal(SealAt::flush_within(flush_wait))
                         }
                     })
                     .await?;

@@ -109,6 +109,17 @@ pub enum SealAt {
     Now,
 }
 
+impl SealAt {
+    /// At a FLUSH within `wait`, or right now when `wait` is zero.
+    pub fn flush_within(wait: Duration) -> SealAt {
+        if wait.is_zero() {
+            SealAt::Now
+        } else {
+            SealAt::Flush(wait)
+        }
+    }
+}
+
 /// A sealed epoch as `status` and the control socket show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochInfo {
@@ -850,7 +861,7 @@ impl Tracker {
         while live
             .recent
             .front()
-            .is_some_and(|(at, _)| hot_ms == 0 || now.saturating_sub(*at) >= hot_ms)
+            .is_some_and(|(at, _)| now.saturating_sub(*at) >= hot_ms)
         {
             live.recent.pop_front();
         }
@@ -1009,6 +1020,12 @@ impl Tracker {
     /// The oldest sealed, unreleased epoch.
     pub fn oldest_sealed(&self) -> Option<u64> {
         lock(&self.live).epochs.sealed().next().map(|s| s.id)
+    }
+
+    /// Journal syncs made to mark regions so far (as in
+    /// [`Tracker::status`], without building the rest of it).
+    pub fn journal_syncs(&self) -> u64 {
+        self.journal_syncs.load(Ordering::Relaxed)
     }
 
     /// Whether the device served a FLUSH since the last cut or pre-copy
