@@ -372,8 +372,9 @@ impl Link {
                 .parse()
                 .map_err(|e| Error::Link(format!("{e}")))?
         };
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| Error::io("opening a UDP socket", e))?;
+        let mut endpoint = std::net::UdpSocket::bind(bind)
+            .and_then(|socket| tls::endpoint(socket, None))
+            .map_err(|e| Error::io("opening a UDP socket", e))?;
         endpoint.set_default_client_config(tls::client_config(identity, server)?);
         let conn = endpoint
             .connect(addr, tls::SERVER_NAME)

@@ -75,7 +75,8 @@ pub async fn run(
     tracing::info!(store = %chunks.describe(), "chunk store open");
     let volumes = Arc::new(Volumes::new(data, config.quota()).with_store(chunks));
     tokio::task::block_in_place(|| volumes.recover_all())?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+    let endpoint = std::net::UdpSocket::bind(config.listen)
+        .and_then(|socket| tls::endpoint(socket, Some(server_config)))
         .map_err(|e| Error::io(format!("listening on {} (udp)", config.listen), e))?;
     let local = endpoint
         .local_addr()

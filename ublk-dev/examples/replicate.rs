@@ -207,8 +207,10 @@ fn ceiling(image: &Path, threads: usize) {
                         let block = &buf[..n];
                         let _digest: [u8; 32] = Sha256::digest(block).into();
                         if block.iter().any(|&b| b != 0) {
-                            wire +=
-                                zstd::bulk::compress(block, 3).expect("zstd").len().min(n) as u64;
+                            wire += ublk_mirror_common::block::compress(block, 3)
+                                .expect("zstd")
+                                .len()
+                                .min(n) as u64;
                         }
                         at += n as u64;
                     }

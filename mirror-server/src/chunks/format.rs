@@ -49,6 +49,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use ublk_mirror_common::block;
 use ublk_mirror_common::proto::Digest;
 
 use crate::error::{Error, Result};
@@ -157,7 +158,7 @@ impl PackBuilder {
         let mut entries = Vec::with_capacity(self.chunks.len());
         for (hash, raw) in self.chunks {
             let offset = bytes.len() as u64;
-            let compressed = zstd::bulk::compress(&raw, self.level).ok();
+            let compressed = block::compress(&raw, self.level).ok();
             let (codec, stored) = match compressed {
                 Some(c) if c.len() < raw.len() => {
                     bytes.extend_from_slice(&c);
@@ -273,7 +274,7 @@ pub fn decode_chunk(entry: &Entry, stored: &[u8]) -> Result<Vec<u8>> {
     let damaged = |why: String| Error::Corrupt(format!("chunk {}: {why}", hex(&entry.hash)));
     let raw = match entry.codec {
         Codec::Raw => stored.to_vec(),
-        Codec::Zstd => zstd::bulk::decompress(stored, entry.raw as usize)
+        Codec::Zstd => block::decompress(stored, entry.raw as usize)
             .map_err(|e| damaged(format!("does not decompress: {e}")))?,
     };
     if raw.len() != entry.raw as usize || sha256(&raw) != entry.hash {

@@ -650,6 +650,7 @@ impl ChunkStore {
             pending: HashSet::new(),
             uploads: std::collections::VecDeque::new(),
             changes: BTreeMap::new(),
+            started: std::time::Instant::now(),
             written_packs: 0,
             written_bytes: 0,
         })
@@ -827,6 +828,8 @@ pub struct Publication<'a> {
     uploads: std::collections::VecDeque<Upload>,
     /// Block number → its new digest ([`HOLE`]: zeroes).
     changes: BTreeMap<u64, Digest>,
+    /// When it began (its time is logged).
+    started: std::time::Instant,
     written_packs: u64,
     written_bytes: u64,
 }
@@ -873,6 +876,32 @@ impl Publication<'_> {
         if self.pack.len() >= self.store.pack_target {
             self.flush()?;
         }
+        Ok(())
+    }
+
+    /// Whether the chunk named `hash` is neither in the store nor packed
+    /// by this publication: a [`Publication::put`] of it needs its bytes.
+    pub fn needs(&self, hash: &Digest) -> bool {
+        !self.store.has(hash) && !self.pending.contains(hash)
+    }
+
+    /// Block `n` of the volume is now the chunk named `hash`, which the
+    /// store holds or this publication packed ([`Publication::needs`] is
+    /// false): no bytes needed.
+    pub fn put_known(&mut self, n: u64, hash: Digest) -> Result<()> {
+        let blocks = blocks_of(self.size);
+        if n >= blocks {
+            return Err(Error::Invalid(format!(
+                "block {n} is past the end of the volume ({blocks} blocks)"
+            )));
+        }
+        if self.needs(&hash) {
+            return Err(Error::Invalid(format!(
+                "block {n}: chunk {} is not in the store",
+                format::hex(&hash)
+            )));
+        }
+        self.changes.insert(n, hash);
         Ok(())
     }
 
@@ -1001,7 +1030,15 @@ impl Publication<'_> {
                 )));
             }
         }
-        tracing::info!(volume = %self.volume, seq, packs = self.written_packs, bytes = self.written_bytes, "version stored");
+        tracing::info!(
+            volume = %self.volume,
+            seq,
+            blocks = self.changes.len(),
+            packs = self.written_packs,
+            bytes = self.written_bytes,
+            ms = self.started.elapsed().as_millis() as u64,
+            "version stored"
+        );
         Ok(Published {
             record,
             packs: self.written_packs,

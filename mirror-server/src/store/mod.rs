@@ -518,9 +518,10 @@ impl Volume {
             if s.epoch == epoch && s.writer.device == writer.device {
                 if let Some(end) = s.close_for_adoption() {
                     // Its blocks are in this process's page cache: no need
-                    // to read them back. Its streams may still be writing
-                    // data they reserved: new data goes after all of it.
-                    verify = false;
+                    // to read them back (unless a write went unlogged).
+                    // Its streams may still be writing data they
+                    // reserved: new data goes after all of it.
+                    verify = s.unlogged();
                     reserved = end;
                 }
             }
@@ -1172,14 +1173,33 @@ impl Volume {
             // `N.data` holds each touched block as the epoch leaves it (on
             // an all-zero image); named by what it holds (see the staging's
             // module docs on resends).
+            // A block whose digest the log tells is read only if the
+            // store lacks it, and not hashed again.
             let path = |ext| staging_path(&self.dir, staging.epoch, ext);
-            each_direct_block(&path("data"), &path("log"), size, |n, buf| {
-                if block::is_zero(buf) {
-                    p.put(n, None, HOLE)
-                } else {
-                    p.put(n, Some(buf), block::digest(buf))
+            let data_path = path("data");
+            let data = File::open(&data_path)
+                .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
+            let mut buf = Vec::new();
+            for (n, known) in direct_blocks(&path("log"), size, !staging.unlogged())? {
+                let len = block_len(size, n);
+                match known {
+                    Some(d) if d == block::zero_digest(len as u32) => p.put(n, None, HOLE)?,
+                    Some(d) if !p.needs(&d) => p.put_known(n, d)?,
+                    _ => {
+                        buf.resize(len as usize, 0);
+                        data.read_exact_at(&mut buf, n * block::BLOCK)
+                            .map_err(|e| {
+                                Error::io(format!("reading {}", data_path.display()), e)
+                            })?;
+                        if block::is_zero(&buf) {
+                            p.put(n, None, HOLE)?;
+                        } else {
+                            let d = known.unwrap_or_else(|| block::digest(&buf));
+                            p.put(n, Some(&buf), d)?;
+                        }
+                    }
                 }
-            })?;
+            }
             return Ok(Some(
                 p.finish(staging.epoch, Some(writer), &self.state.uuid)?
                     .record
@@ -1266,39 +1286,58 @@ fn block_len(size: u64, n: u64) -> u64 {
     (size - n * block::BLOCK).min(block::BLOCK)
 }
 
-/// Call `f` with each block of a volume of `size` bytes that the entries
-/// of a direct staging's log (`log_path`) touch, in part or whole,
-/// ascending, and its bytes as its `N.data` (`data_path`) holds them: the
-/// block as the epoch leaves it. Returns how many there were. The blocks
-/// are found first, a bit per block of the volume (2 MiB for 1 TiB).
+/// The blocks of a volume of `size` bytes that the entries of a direct
+/// staging's log (`log_path`) touch, in part or whole, ascending, each
+/// with the digest of what `N.data` holds there when the log alone tells
+/// it (else `None`: read it and hash it). The log tells it for a block
+/// with exactly one entry, which is that block exactly, when `trust_log` (no write
+/// to `N.data` went unlogged, [`Staging::unlogged`]): that entry's bytes
+/// were verified against its digest before they were written, and
+/// nothing else was written there. A block with two entries holds one of
+/// them, not necessarily the one logged last (see [`staging`]), and one
+/// covered in part holds several.
+fn direct_blocks(
+    log_path: &Path,
+    size: u64,
+    trust_log: bool,
+) -> Result<Vec<(u64, Option<Digest>)>> {
+    let mut blocks: BTreeMap<u64, Option<Digest>> = BTreeMap::new();
+    let mut log = LogReader::open(log_path)?;
+    while let Some(e) = log.next_entry()? {
+        for (n, _, _) in pieces(e.offset, e.len, size) {
+            // The entry is this block, no more and no less: its digest is
+            // the block's.
+            let whole = e.offset == n * block::BLOCK && u64::from(e.len) == block_len(size, n);
+            blocks
+                .entry(n)
+                .and_modify(|d| *d = None)
+                .or_insert((whole && trust_log).then_some(e.sha256));
+        }
+    }
+    Ok(blocks.into_iter().collect())
+}
+
+/// Call `f` with each block that a direct staging's log (`log_path`)
+/// touches ([`direct_blocks`]) and its bytes as its `N.data`
+/// (`data_path`) holds them: the block as the epoch leaves it. Returns
+/// how many there were.
 fn each_direct_block(
     data_path: &Path,
     log_path: &Path,
     size: u64,
     mut f: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<usize> {
-    let mut bits = vec![0u64; size.div_ceil(block::BLOCK).div_ceil(64) as usize];
-    let mut log = LogReader::open(log_path)?;
-    while let Some(e) = log.next_entry()? {
-        for (n, _, _) in pieces(e.offset, e.len, size) {
-            bits[(n / 64) as usize] |= 1 << (n % 64);
-        }
-    }
+    let blocks = direct_blocks(log_path, size, false)?;
     let data = File::open(data_path)
         .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
     let mut buf = Vec::new();
-    let mut count = 0;
-    for (i, &word) in bits.iter().enumerate() {
-        for b in (0..64).filter(|b| word & (1 << b) != 0) {
-            let n = i as u64 * 64 + b;
-            buf.resize(block_len(size, n) as usize, 0);
-            data.read_exact_at(&mut buf, n * block::BLOCK)
-                .map_err(|e| Error::io(format!("reading {}", data_path.display()), e))?;
-            f(n, &buf)?;
-            count += 1;
-        }
+    for &(n, _) in &blocks {
+        buf.resize(block_len(size, n) as usize, 0);
+        data.read_exact_at(&mut buf, n * block::BLOCK)
+            .map_err(|e| Error::io(format!("reading {}", data_path.display()), e))?;
+        f(n, &buf)?;
     }
-    Ok(count)
+    Ok(blocks.len())
 }
 
 /// Open `path` (an image) for reading and writing.
@@ -1777,6 +1816,57 @@ mod tests {
             .unwrap();
         v.commit(&s).unwrap();
         check(&v);
+    }
+
+    #[test]
+    fn a_direct_stagings_log_names_only_blocks_staged_once_and_whole() {
+        // What store_epoch trusts without hashing N.data again.
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = Volume::create(&dir.path().join("v"), SIZE).unwrap();
+        let s = v.begin(1, me(1)).unwrap();
+        assert!(s.direct);
+        let n = block::BLOCK;
+        let (whole, other, part) = (block(1, n as usize), block(2, n as usize), block(3, 4096));
+        // Block 0 once, whole; block 1 twice (a resend); block 2 in part;
+        // block 3 once, as a zero block; blocks 4 and 5 in one entry.
+        s.add(0, n as u32, &digest(&whole), Encoding::Raw, &whole)
+            .unwrap();
+        for _ in 0..2 {
+            s.add(n, n as u32, &digest(&other), Encoding::Raw, &other)
+                .unwrap();
+        }
+        s.add(2 * n, 4096, &digest(&part), Encoding::Raw, &part)
+            .unwrap();
+        s.add(3 * n, n as u32, &zero_digest(n as u32), Encoding::Zero, &[])
+            .unwrap();
+        let two = block(4, 2 * n as usize);
+        s.add(4 * n, 2 * n as u32, &digest(&two), Encoding::Raw, &two)
+            .unwrap();
+        assert!(!s.unlogged());
+        let log = staging_path(&v.dir, 1, "log");
+        assert_eq!(
+            direct_blocks(&log, SIZE, true).unwrap(),
+            [
+                (0, Some(digest(&whole))),
+                (1, None),
+                (2, None),
+                (3, Some(zero_digest(n as u32))),
+                (4, None),
+                (5, None)
+            ]
+        );
+        // A write that went unlogged: nothing is trusted.
+        assert_eq!(
+            direct_blocks(&log, SIZE, false).unwrap(),
+            [
+                (0, None),
+                (1, None),
+                (2, None),
+                (3, None),
+                (4, None),
+                (5, None)
+            ]
+        );
     }
 
     #[test]

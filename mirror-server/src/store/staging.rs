@@ -20,7 +20,12 @@
 //! Two copies of one block (a resend) land in place, so what `N.data`
 //! holds there is one of them, not necessarily the one logged last: both
 //! are verified copies, and everything that names the published content
-//! (the chunk store's digests) hashes what `N.data` holds. On a resume, an
+//! (the chunk store's digests) hashes what `N.data` holds. Only a block
+//! with a single record covering it whole is named by that record's
+//! digest without hashing it again, and only while no write went
+//! unlogged ([`Staging::unlogged`]): its bytes were checked against that
+//! digest before they were written, and nothing else was written there.
+//! On a resume, an
 //! entry whose bytes no longer check (a crash lost them, or a later copy
 //! overwrote them) is dropped as it always is, and everything no kept
 //! entry covers is punched back to zeroes (also bytes whose record never
@@ -32,6 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK, NOT_STAGED};
@@ -74,6 +80,9 @@ pub struct Staging {
     /// close it: once closed, no block is written any more (a direct
     /// staging's `N.data` becomes the image).
     writes: RwLock<()>,
+    /// A write to `N.data` failed, or its record did not reach `N.log`:
+    /// `N.data` may hold bytes no record names (see [`Staging::unlogged`]).
+    unlogged: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -157,6 +166,7 @@ impl Staging {
             adopted: false,
             direct,
             writes: RwLock::new(()),
+            unlogged: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 log_len: header.len() as u64,
                 ..Inner::default()
@@ -258,6 +268,7 @@ impl Staging {
             adopted,
             direct,
             writes: RwLock::new(()),
+            unlogged: AtomicBool::new(false),
             inner: Mutex::new(inner),
         })
     }
@@ -295,6 +306,14 @@ impl Staging {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a block's bytes may have reached `N.data` without their
+    /// record reaching `N.log` (a write or the log failed): then the log
+    /// does not tell what every block of `N.data` holds. A resume with
+    /// `verify` clears it (what no record vouches for is dropped).
+    pub(super) fn unlogged(&self) -> bool {
+        self.unlogged.load(Ordering::Relaxed)
     }
 
     /// The epoch staged.
@@ -394,14 +413,17 @@ impl Staging {
                     inner.data_len += u64::from(len);
                     inner.data_len - u64::from(len)
                 };
-                self.data
-                    .write_all_at(p, at)
-                    .map_err(|e| Error::io("staging a block", e))?;
+                self.data.write_all_at(p, at).map_err(|e| {
+                    self.unlogged.store(true, Ordering::Relaxed);
+                    Error::io("staging a block", e)
+                })?;
                 Some(at)
             }
             None if self.direct => {
-                fsutil::punch_or_zero(&self.data, offset, u64::from(len))
-                    .map_err(|e| Error::io("staging a zero block", e))?;
+                fsutil::punch_or_zero(&self.data, offset, u64::from(len)).map_err(|e| {
+                    self.unlogged.store(true, Ordering::Relaxed);
+                    Error::io("staging a zero block", e)
+                })?;
                 None
             }
             None => None,
@@ -415,7 +437,10 @@ impl Staging {
         let mut inner = self.lock();
         self.log
             .write_all_at(&entry.record(), inner.log_len)
-            .map_err(|e| Error::io("logging a staged block", e))?;
+            .map_err(|e| {
+                self.unlogged.store(true, Ordering::Relaxed);
+                Error::io("logging a staged block", e)
+            })?;
         inner.log_len += RECORD as u64;
         inner.blocks += 1;
         inner.staged.insert(offset..offset + u64::from(len));
