@@ -14,6 +14,8 @@
 //!
 //! Nothing here does I/O; the wire framing is [`crate::proto`]'s.
 
+use std::borrow::Cow;
+
 use sha2::{Digest as _, Sha256};
 
 use crate::proto::{Digest, Encoding, Message, MAX_BLOCK};
@@ -163,16 +165,27 @@ pub fn decode(
     encoding: Encoding,
     payload: &[u8],
 ) -> Result<Option<Vec<u8>>, BlockError> {
+    decode_borrowed(len, sha256, encoding, payload).map(|p| p.map(Cow::into_owned))
+}
+
+/// [`decode`], with a raw block's bytes checked where they are instead
+/// of copied.
+pub fn decode_borrowed<'a>(
+    len: u32,
+    sha256: &Digest,
+    encoding: Encoding,
+    payload: &'a [u8],
+) -> Result<Option<Cow<'a, [u8]>>, BlockError> {
     if len == 0 || len > MAX_BLOCK {
         return Err(BlockError::Length(len));
     }
     let plain = match encoding {
         Encoding::Zero => None,
         Encoding::Known => return Err(BlockError::Known),
-        Encoding::Raw => Some(payload.to_vec()),
-        Encoding::Zstd => {
-            Some(decompress(payload, len as usize).map_err(|e| BlockError::Zstd(e.to_string()))?)
-        }
+        Encoding::Raw => Some(Cow::Borrowed(payload)),
+        Encoding::Zstd => Some(Cow::Owned(
+            decompress(payload, len as usize).map_err(|e| BlockError::Zstd(e.to_string()))?,
+        )),
     };
     let actual = match &plain {
         Some(p) if p.len() != len as usize => {

@@ -33,6 +33,7 @@
 //! staging waits for the writes in flight, and no block is written after
 //! it, so nothing lands in `N.data` once it is the image.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -451,14 +452,14 @@ impl Staging {
 
     /// The decoded bytes of a block, once they match its hash (`None`: a
     /// zero block).
-    fn check(
+    fn check<'a>(
         &self,
         offset: u64,
         len: u32,
         sha256: &Digest,
         encoding: Encoding,
-        bytes: &[u8],
-    ) -> Result<Option<Vec<u8>>> {
+        bytes: &'a [u8],
+    ) -> Result<Option<Cow<'a, [u8]>>> {
         // A block that cannot be right is the sender's bug, not the
         // link's: not asked for again.
         if offset
@@ -470,7 +471,7 @@ impl Staging {
                 self.size
             )));
         }
-        let plain = block::decode(len, sha256, encoding, bytes).map_err(|e| {
+        let plain = block::decode_borrowed(len, sha256, encoding, bytes).map_err(|e| {
             if e.is_damage() {
                 Error::BadBlock(format!("block at {offset}: {e}"))
             } else {
