@@ -89,37 +89,72 @@ pub fn encode_hashed(offset: u64, data: &[u8], sha256: Digest, level: i32) -> (M
     (header, payload)
 }
 
-thread_local! {
-    /// This thread's zstd compression context and its level: making one
-    /// per block cost a tenth of a sender's CPU (it zeroes its tables).
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { std::cell::RefCell::new(None) };
-    /// This thread's zstd decompression context.
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
+/// zstd contexts kept for reuse: making one per block cost a tenth of a
+/// sender's CPU (each zeroes its tables). At most one of each kind per CPU
+/// is kept (about 1 MiB each), whatever the number of threads that
+/// compress; [`drop_contexts`] hands them back.
+struct Contexts {
+    compressors: Vec<(i32, zstd::bulk::Compressor<'static>)>,
+    decompressors: Vec<zstd::bulk::Decompressor<'static>>,
+}
+
+static CONTEXTS: std::sync::Mutex<Contexts> = std::sync::Mutex::new(Contexts {
+    compressors: Vec::new(),
+    decompressors: Vec::new(),
+});
+
+fn contexts() -> std::sync::MutexGuard<'static, Contexts> {
+    CONTEXTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How many contexts of each kind are kept: one per CPU.
+fn kept() -> usize {
+    static KEPT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KEPT.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
 /// `data` compressed by zstd at `level` (one frame, its size in the
-/// header), with this thread's context.
+/// header), with a kept context.
 pub fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-    COMPRESSOR.with_borrow_mut(|c| {
-        if c.as_ref().is_none_or(|(l, _)| *l != level) {
-            *c = Some((level, zstd::bulk::Compressor::new(level)?));
-        }
-        let (_, compressor) = c.as_mut().expect("made above");
-        compressor.compress(data)
-    })
+    let kept_one = {
+        let mut c = contexts();
+        let at = c.compressors.iter().position(|(l, _)| *l == level);
+        at.map(|i| c.compressors.swap_remove(i))
+    };
+    let (_, mut compressor) = match kept_one {
+        Some(c) => c,
+        None => (level, zstd::bulk::Compressor::new(level)?),
+    };
+    let out = compressor.compress(data);
+    let mut c = contexts();
+    if c.compressors.len() < kept() {
+        c.compressors.push((level, compressor));
+    }
+    out
 }
 
 /// The `capacity` bytes at most that zstd frame `data` decompresses to,
-/// with this thread's context.
+/// with a kept context.
 pub fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
-    DECOMPRESSOR.with_borrow_mut(|d| {
-        if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
-        }
-        d.as_mut().expect("made above").decompress(data, capacity)
-    })
+    let kept_one = contexts().decompressors.pop();
+    let mut decompressor = match kept_one {
+        Some(d) => d,
+        None => zstd::bulk::Decompressor::new()?,
+    };
+    let out = decompressor.decompress(data, capacity);
+    let mut c = contexts();
+    if c.decompressors.len() < kept() {
+        c.decompressors.push(decompressor);
+    }
+    out
+}
+
+/// Free the kept zstd contexts (a daemon going idle hands its memory
+/// back); the next block makes new ones.
+pub fn drop_contexts() {
+    let mut c = contexts();
+    c.compressors.clear();
+    c.decompressors.clear();
 }
 
 /// Why a block's bytes were not accepted.
@@ -255,6 +290,29 @@ mod tests {
         };
         assert_eq!(encoding, Encoding::Zero);
         assert_eq!(decode(BLOCK as u32, &sha256, encoding, &payload), Ok(None));
+    }
+
+    #[test]
+    fn kept_zstd_contexts_compress_at_the_level_asked_and_stay_few() {
+        let data = b"a block of text, a block of text ".repeat(2000);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let data = data.clone();
+                std::thread::spawn(move || {
+                    for level in [1, 3, 19, 3] {
+                        let z = compress(&data, level).unwrap();
+                        // The same frame a new context makes at that level.
+                        assert_eq!(z, zstd::bulk::compress(&data, level).unwrap());
+                        assert_eq!(decompress(&z, data.len()).unwrap(), data);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let c = contexts();
+        assert!(c.compressors.len() <= kept() && c.decompressors.len() <= kept());
     }
 
     #[test]

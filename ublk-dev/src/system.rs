@@ -20,8 +20,10 @@ pub fn limit_heap_arenas() {
 }
 
 /// Hand the heap's free memory back to the system (glibc keeps it
-/// otherwise): after a big epoch, an idle daemon shrinks to its working set.
+/// otherwise), with the kept zstd contexts: after a big epoch, an idle
+/// daemon shrinks to its working set.
 pub fn return_free_memory() {
+    ublk_mirror_common::block::drop_contexts();
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free heap pages.
     unsafe {

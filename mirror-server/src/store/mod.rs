@@ -274,6 +274,14 @@ impl Volume {
 
     fn recover(&mut self) -> Result<Recovery> {
         let mut recovery = Recovery::default();
+        let staging = self.dir.join(STAGING);
+        if !staging.exists() {
+            // Removed by hand (or lost): nothing was being staged, and
+            // nothing could be staged without it.
+            tracing::warn!(dir = %staging.display(), "the staging directory was missing: made again");
+            std::fs::create_dir_all(&staging)
+                .map_err(|e| Error::io(format!("making {}", staging.display()), e))?;
+        }
         for (epoch, committed) in staging_epochs(&self.dir)? {
             if committed && epoch > self.state.published_epoch {
                 tracing::warn!(
@@ -1816,6 +1824,24 @@ mod tests {
             .unwrap();
         v.commit(&s).unwrap();
         check(&v);
+    }
+
+    #[test]
+    fn a_volume_whose_staging_directory_was_removed_opens_and_takes_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let vdir = dir.path().join("v");
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        publish_whole(&mut v, 1, &block(1, SIZE as usize));
+        drop(v);
+        std::fs::remove_dir_all(vdir.join(STAGING)).unwrap();
+        let (mut v, recovery) = Volume::open(&vdir).unwrap();
+        assert_eq!(recovery, Recovery::default());
+        assert_eq!(v.state().published_epoch, 1);
+        let image = block(2, SIZE as usize);
+        publish_whole(&mut v, 2, &image);
+        let mut got = vec![0u8; SIZE as usize];
+        v.read_at(&mut got, 0).unwrap();
+        assert!(got == image);
     }
 
     #[test]
