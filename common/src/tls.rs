@@ -106,21 +106,27 @@ pub fn endpoint(
     socket: std::net::UdpSocket,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
-    use nix::sys::socket::{setsockopt, sockopt};
-    // Best effort: a smaller buffer than asked for only costs speed. Past
-    // the cap, a process that may (CAP_NET_ADMIN: the device daemon runs
-    // as root) forces it.
-    let _ = setsockopt(&socket, sockopt::RcvBuf, &SOCKET_BUFFER);
-    if nix::sys::socket::getsockopt(&socket, sockopt::RcvBuf).is_ok_and(|n| n < SOCKET_BUFFER) {
-        let _ = setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER);
-    }
-    let _ = setsockopt(&socket, sockopt::SndBuf, &SOCKET_BUFFER);
-    if nix::sys::socket::getsockopt(&socket, sockopt::SndBuf).is_ok_and(|n| n < SOCKET_BUFFER) {
-        let _ = setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER);
-    }
+    use nix::sys::socket::sockopt;
+    grow(&socket, sockopt::RcvBuf, sockopt::RcvBufForce);
+    grow(&socket, sockopt::SndBuf, sockopt::SndBufForce);
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
     quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+}
+
+/// Ask for a [`SOCKET_BUFFER`] with `opt`, best effort (a smaller buffer
+/// only costs speed); past the kernel's cap, force it with `force` where
+/// the process may (CAP_NET_ADMIN: the device daemon runs as root).
+fn grow<O, F>(socket: &std::net::UdpSocket, opt: O, force: F)
+where
+    O: nix::sys::socket::SetSockOpt<Val = usize> + nix::sys::socket::GetSockOpt<Val = usize> + Copy,
+    F: nix::sys::socket::SetSockOpt<Val = usize>,
+{
+    use nix::sys::socket::{getsockopt, setsockopt};
+    let _ = setsockopt(socket, opt, &SOCKET_BUFFER);
+    if getsockopt(socket, opt).is_ok_and(|n| n < SOCKET_BUFFER) {
+        let _ = setsockopt(socket, force, &SOCKET_BUFFER);
+    }
 }
 
 /// Transport settings of both sides: keep-alives so that an idle link

@@ -94,7 +94,7 @@ use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::proto::{Digest, Writer};
 use ublk_mirror_common::{block, fsutil};
 
-use self::log::{read_log_header, LogReader};
+use self::log::{read_log_header, Entry, LogReader};
 pub use self::reader::{import, list, SnapshotReader, VersionSource};
 pub use self::staging::Staging;
 use self::staging::{is_direct, remove_staging, staging_epochs, staging_path, STAGING};
@@ -1181,31 +1181,33 @@ impl Volume {
             // `N.data` holds each touched block as the epoch leaves it (on
             // an all-zero image); named by what it holds (see the staging's
             // module docs on resends).
-            // A block whose digest the log tells is read only if the
-            // store lacks it, and not hashed again.
             let path = |ext| staging_path(&self.dir, staging.epoch, ext);
-            let data_path = path("data");
+            let (data_path, log_path) = (path("data"), path("log"));
             let data = File::open(&data_path)
                 .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
+            let direct = DirectLog::read(&log_path, size, !staging.unlogged())?;
             let mut buf = Vec::new();
-            for (n, known) in direct_blocks(&path("log"), size, !staging.unlogged())? {
-                let len = block_len(size, n);
-                match known {
-                    Some(d) if d == block::zero_digest(len as u32) => p.put(n, None, HOLE)?,
-                    Some(d) if !p.needs(&d) => p.put_known(n, d)?,
-                    _ => {
-                        buf.resize(len as usize, 0);
-                        data.read_exact_at(&mut buf, n * block::BLOCK)
-                            .map_err(|e| {
-                                Error::io(format!("reading {}", data_path.display()), e)
-                            })?;
-                        if block::is_zero(&buf) {
-                            p.put(n, None, HOLE)?;
-                        } else {
-                            let d = known.unwrap_or_else(|| block::digest(&buf));
-                            p.put(n, Some(&buf), d)?;
-                        }
-                    }
+            // A block the log names is stored under the digest checked on
+            // arrival, and read only if the store lacks it.
+            let mut log = LogReader::open(&log_path)?;
+            while let Some(e) = log.next_entry()? {
+                let Some(n) = direct.named(&e) else { continue };
+                if e.sha256 == block::zero_digest(e.len) {
+                    p.put(n, None, HOLE)?;
+                } else if !p.needs(&e.sha256) {
+                    p.put_known(n, e.sha256)?;
+                } else {
+                    read_block(&data, &data_path, size, n, &mut buf)?;
+                    p.put(n, Some(&buf), e.sha256)?;
+                }
+            }
+            // The others are read and hashed.
+            for n in direct.blocks().filter(|&n| direct.unsure(n)) {
+                read_block(&data, &data_path, size, n, &mut buf)?;
+                if block::is_zero(&buf) {
+                    p.put(n, None, HOLE)?;
+                } else {
+                    p.put(n, Some(&buf), block::digest(&buf))?;
                 }
             }
             return Ok(Some(
@@ -1294,39 +1296,80 @@ fn block_len(size: u64, n: u64) -> u64 {
     (size - n * block::BLOCK).min(block::BLOCK)
 }
 
-/// The blocks of a volume of `size` bytes that the entries of a direct
-/// staging's log (`log_path`) touch, in part or whole, ascending, each
-/// with the digest of what `N.data` holds there when the log alone tells
-/// it (else `None`: read it and hash it). The log tells it for a block
-/// with exactly one entry, which is that block exactly, when `trust_log` (no write
-/// to `N.data` went unlogged, [`Staging::unlogged`]): that entry's bytes
-/// were verified against its digest before they were written, and
-/// nothing else was written there. A block with two entries holds one of
-/// them, not necessarily the one logged last (see [`staging`]), and one
-/// covered in part holds several.
-fn direct_blocks(
-    log_path: &Path,
+/// What a direct staging's log (`N.log`) says of the blocks of a volume
+/// of `size` bytes: which its entries touch, in part or whole, and which
+/// of those the log names, two bits per block of the volume (4 MiB for
+/// 1 TiB). The log names a block that exactly one entry touches, that
+/// block exactly, when it is trusted (no write to `N.data` went
+/// unlogged, [`Staging::unlogged`]): that entry's bytes were verified
+/// against its digest before they were written, and nothing else was
+/// written there. A block with two entries holds one of them, not
+/// necessarily the one logged last (see [`staging`]), and one covered in
+/// part holds several: those are *unsure*, read and hashed.
+struct DirectLog {
     size: u64,
-    trust_log: bool,
-) -> Result<Vec<(u64, Option<Digest>)>> {
-    let mut blocks: BTreeMap<u64, Option<Digest>> = BTreeMap::new();
-    let mut log = LogReader::open(log_path)?;
-    while let Some(e) = log.next_entry()? {
-        for (n, _, _) in pieces(e.offset, e.len, size) {
-            // The entry is this block, no more and no less: its digest is
-            // the block's.
-            let whole = e.offset == n * block::BLOCK && u64::from(e.len) == block_len(size, n);
-            blocks
-                .entry(n)
-                .and_modify(|d| *d = None)
-                .or_insert((whole && trust_log).then_some(e.sha256));
+    touched: Vec<u64>,
+    unsure: Vec<u64>,
+}
+
+impl DirectLog {
+    fn read(log_path: &Path, size: u64, trusted: bool) -> Result<DirectLog> {
+        let words = size.div_ceil(block::BLOCK).div_ceil(64) as usize;
+        let mut d = DirectLog {
+            size,
+            touched: vec![0; words],
+            unsure: vec![0; words],
+        };
+        let mut log = LogReader::open(log_path)?;
+        while let Some(e) = log.next_entry()? {
+            for (n, _, _) in pieces(e.offset, e.len, size) {
+                let (w, bit) = ((n / 64) as usize, 1 << (n % 64));
+                if !trusted || d.touched[w] & bit != 0 || d.whole(&e) != Some(n) {
+                    d.unsure[w] |= bit;
+                }
+                d.touched[w] |= bit;
+            }
         }
+        Ok(d)
     }
-    Ok(blocks.into_iter().collect())
+
+    /// The block `e` is, no more and no less.
+    fn whole(&self, e: &Entry) -> Option<u64> {
+        let n = e.offset / block::BLOCK;
+        (e.offset == n * block::BLOCK
+            && n < self.size.div_ceil(block::BLOCK)
+            && u64::from(e.len) == block_len(self.size, n))
+        .then_some(n)
+    }
+
+    /// The block `e` names (see the type's docs), if any.
+    fn named(&self, e: &Entry) -> Option<u64> {
+        self.whole(e).filter(|&n| !self.unsure(n))
+    }
+
+    fn unsure(&self, n: u64) -> bool {
+        self.unsure[(n / 64) as usize] & (1 << (n % 64)) != 0
+    }
+
+    /// The blocks touched, ascending.
+    fn blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.touched.iter().enumerate().flat_map(|(i, &word)| {
+            (0..64)
+                .filter(move |b| word & (1 << b) != 0)
+                .map(move |b| i as u64 * 64 + b)
+        })
+    }
+}
+
+/// Read block `n` (of a volume of `size` bytes) from `data` into `buf`.
+fn read_block(data: &File, data_path: &Path, size: u64, n: u64, buf: &mut Vec<u8>) -> Result<()> {
+    buf.resize(block_len(size, n) as usize, 0);
+    data.read_exact_at(buf, n * block::BLOCK)
+        .map_err(|e| Error::io(format!("reading {}", data_path.display()), e))
 }
 
 /// Call `f` with each block that a direct staging's log (`log_path`)
-/// touches ([`direct_blocks`]) and its bytes as its `N.data`
+/// touches ([`DirectLog`]), ascending, and its bytes as its `N.data`
 /// (`data_path`) holds them: the block as the epoch leaves it. Returns
 /// how many there were.
 fn each_direct_block(
@@ -1335,17 +1378,17 @@ fn each_direct_block(
     size: u64,
     mut f: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<usize> {
-    let blocks = direct_blocks(log_path, size, false)?;
+    let direct = DirectLog::read(log_path, size, false)?;
     let data = File::open(data_path)
         .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
     let mut buf = Vec::new();
-    for &(n, _) in &blocks {
-        buf.resize(block_len(size, n) as usize, 0);
-        data.read_exact_at(&mut buf, n * block::BLOCK)
-            .map_err(|e| Error::io(format!("reading {}", data_path.display()), e))?;
+    let mut count = 0;
+    for n in direct.blocks() {
+        read_block(&data, data_path, size, n, &mut buf)?;
         f(n, &buf)?;
+        count += 1;
     }
-    Ok(blocks.len())
+    Ok(count)
 }
 
 /// Open `path` (an image) for reading and writing.
@@ -1842,6 +1885,23 @@ mod tests {
         let mut got = vec![0u8; SIZE as usize];
         v.read_at(&mut got, 0).unwrap();
         assert!(got == image);
+    }
+
+    /// Each block a direct staging's log touches, ascending, with the
+    /// digest it names it by (what store_epoch trusts).
+    fn direct_blocks(log: &Path, size: u64, trusted: bool) -> Result<Vec<(u64, Option<Digest>)>> {
+        let direct = DirectLog::read(log, size, trusted)?;
+        let mut named = BTreeMap::new();
+        let mut entries = LogReader::open(log)?;
+        while let Some(e) = entries.next_entry()? {
+            if let Some(n) = direct.named(&e) {
+                named.insert(n, e.sha256);
+            }
+        }
+        Ok(direct
+            .blocks()
+            .map(|n| (n, named.get(&n).copied()))
+            .collect())
     }
 
     #[test]
