@@ -133,7 +133,12 @@ fn open_target(path: &Path, size: u64) -> Result<(File, bool)> {
 }
 
 /// The digests of the target's `blocks` (a new target is all zeroes).
-fn local_digests(file: &File, fresh: bool, blocks: &[(u64, u32)]) -> Result<Vec<Digest>> {
+fn local_digests(
+    file: &File,
+    fresh: bool,
+    blocks: &[(u64, u32)],
+    streamed: &fsutil::Streamed,
+) -> Result<Vec<Digest>> {
     let mut buf = vec![0u8; BLOCK as usize];
     blocks
         .iter()
@@ -144,6 +149,7 @@ fn local_digests(file: &File, fresh: bool, blocks: &[(u64, u32)]) -> Result<Vec<
             let bytes = &mut buf[..len as usize];
             file.read_exact_at(bytes, at)
                 .map_err(|e| Error::io("reading the restore target", e))?;
+            streamed.moved(file, u64::from(len));
             Ok(block::digest(bytes))
         })
         .collect()
@@ -219,9 +225,11 @@ async fn exchange(
         total: restoring.info().size,
         ..Progress::default()
     };
+    // A whole volume passes through: it is kept out of the page cache.
+    let streamed = Arc::new(fsutil::Streamed::new());
     let hash = |batch: Vec<(u64, u32)>| {
-        let f = file.clone();
-        tokio::task::spawn_blocking(move || local_digests(&f, fresh, &batch))
+        let (f, s) = (file.clone(), streamed.clone());
+        tokio::task::spawn_blocking(move || local_digests(&f, fresh, &batch, &s))
     };
     let mut ahead = restoring.upcoming().map(hash);
     loop {
@@ -237,8 +245,8 @@ async fn exchange(
         }
         match restoring.next().await.map_err(link_err)? {
             Taken::Write(block) => {
-                let f = file.clone();
-                blocking("a restore worker", move || write_block(&f, &block)).await?;
+                let (f, s) = (file.clone(), streamed.clone());
+                blocking("a restore worker", move || write_block(&f, &block, &s)).await?;
             }
             Taken::Progress(p) => {
                 last = p;
@@ -249,12 +257,15 @@ async fn exchange(
 }
 
 /// Decode and verify one block, then write it (a hole for zeroes).
-fn write_block(file: &File, block: &BlockToWrite) -> Result<()> {
+fn write_block(file: &File, block: &BlockToWrite, streamed: &fsutil::Streamed) -> Result<()> {
     let (offset, len) = (block.offset, block.len);
     match block.decode().map_err(link_err)? {
-        Some(p) => file
-            .write_all_at(&p, offset)
-            .map_err(|e| Error::io("writing the restore target", e)),
+        Some(p) => {
+            file.write_all_at(&p, offset)
+                .map_err(|e| Error::io("writing the restore target", e))?;
+            streamed.moved(file, p.len() as u64);
+            Ok(())
+        }
         None => fsutil::punch_or_zero(file, offset, u64::from(len))
             .map_err(|e| Error::io("zeroing in the restore target", e)),
     }

@@ -74,6 +74,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use serde::{Deserialize, Serialize};
 use ublk_mirror_common::block::{self, BLOCK};
 use ublk_mirror_common::clock::now_ms;
+use ublk_mirror_common::fsutil;
 use ublk_mirror_common::proto::Digest;
 
 pub use self::backend::StoreConfig;
@@ -215,6 +216,9 @@ pub struct ChunkStore {
     pack_target: usize,
     server: String,
     cache: Mutex<ChunkCache>,
+    /// The directory of a local store: what is written there is dropped
+    /// from the page cache once durable (see [`fsutil::Streamed`]).
+    local: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -259,7 +263,10 @@ impl ChunkStore {
     /// chunk index.
     pub fn open(config: &StoreConfig, data: &std::path::Path) -> Result<ChunkStore> {
         let (store, describe) = backend::open(config, data)?;
-        let chunks = ChunkStore::with(store, describe, config.pack_size.0 as usize)?;
+        let mut chunks = ChunkStore::with(store, describe, config.pack_size.0 as usize)?;
+        if let backend::Location::Dir(dir) = backend::location(&config.url, data)? {
+            chunks.local = Some(dir);
+        }
         chunks.cache.lock().unwrap_or_else(|p| p.into_inner()).cap = config.chunk_cache.0 as usize;
         Ok(chunks)
     }
@@ -297,6 +304,7 @@ impl ChunkStore {
                 cap: backend::DEFAULT_CHUNK_CACHE as usize,
                 ..ChunkCache::default()
             }),
+            local: None,
         };
         Ok(chunks)
     }
@@ -421,12 +429,21 @@ impl ChunkStore {
             mode: PutMode::Create,
             ..Default::default()
         };
+        let len = bytes.len();
         match self
             .store
             .put_opts(path, PutPayload::from(bytes), opts)
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                if let Some(dir) = self.local.as_ref().filter(|_| len >= 1 << 20) {
+                    // A pack, synced: nothing reads it again soon.
+                    if let Ok(f) = std::fs::File::open(dir.join(path.as_ref())) {
+                        fsutil::drop_cached(&f);
+                    }
+                }
+                Ok(true)
+            }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(store_err(format!("writing {}/{path}", self.describe), e)),
         }

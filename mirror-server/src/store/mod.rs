@@ -761,6 +761,9 @@ impl Volume {
         let mut log = LogReader::open(&log_path)?;
         let mut buf = Vec::new();
         let mut applied = 0usize;
+        // A big epoch (a resync) is written to the image without filling
+        // the page cache (exports and snapshots read it, if anyone does).
+        let to_image = fsutil::Streamed::new();
         while let Some(e) = log.next_entry()? {
             if limit.is_some_and(|l| applied >= l) {
                 break;
@@ -784,6 +787,7 @@ impl Volume {
                     self.image
                         .write_all_at(&buf, e.offset)
                         .map_err(|err| Error::io("writing the image", err))?;
+                    to_image.moved(&self.image, buf.len() as u64);
                 }
                 None => fsutil::punch_or_zero(&self.image, e.offset, u64::from(e.len))
                     .map_err(|err| Error::io("punching a hole in the image", err))?,
@@ -1109,14 +1113,17 @@ impl Volume {
                 .collect();
             self.preserve_chunks(&chunks)?;
         }
+        let streamed = fsutil::Streamed::new();
         for batch in changed.chunks(256) {
             for (&n, data) in batch.iter().zip(reader.blocks(batch)?) {
                 let offset = n * block::BLOCK;
                 match data {
-                    Some(d) => self
-                        .image
-                        .write_all_at(&d, offset)
-                        .map_err(|e| Error::io("writing the image", e))?,
+                    Some(d) => {
+                        self.image
+                            .write_all_at(&d, offset)
+                            .map_err(|e| Error::io("writing the image", e))?;
+                        streamed.moved(&self.image, d.len() as u64);
+                    }
                     None => {
                         let len = (self.state.size - offset).min(block::BLOCK);
                         fsutil::punch_or_zero(&self.image, offset, len)
@@ -1187,6 +1194,7 @@ impl Volume {
                 .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
             let direct = DirectLog::read(&log_path, size, !staging.unlogged())?;
             let mut buf = Vec::new();
+            let streamed = fsutil::Streamed::new();
             // A block the log names is stored under the digest checked on
             // arrival, and read only if the store lacks it.
             let mut log = LogReader::open(&log_path)?;
@@ -1198,12 +1206,14 @@ impl Volume {
                     p.put_known(n, e.sha256)?;
                 } else {
                     read_block(&data, &data_path, size, n, &mut buf)?;
+                    streamed.moved(&data, buf.len() as u64);
                     p.put(n, Some(&buf), e.sha256)?;
                 }
             }
             // The others are read and hashed.
             for n in direct.blocks().filter(|&n| direct.unsure(n)) {
                 read_block(&data, &data_path, size, n, &mut buf)?;
+                streamed.moved(&data, buf.len() as u64);
                 if block::is_zero(&buf) {
                     p.put(n, None, HOLE)?;
                 } else {

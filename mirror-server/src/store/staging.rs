@@ -84,6 +84,11 @@ pub struct Staging {
     /// A write to `N.data` failed, or its record did not reach `N.log`:
     /// `N.data` may hold bytes no record names (see [`Staging::unlogged`]).
     unlogged: AtomicBool,
+    /// A direct staging's `N.data` (a first sync's, the size of the
+    /// volume) is written back behind the writers and kept out of the page
+    /// cache. Another's is read again soon (stored, then applied), then
+    /// removed, which frees its cache.
+    streamed: fsutil::Streamed,
     inner: Mutex<Inner>,
 }
 
@@ -168,6 +173,7 @@ impl Staging {
             direct,
             writes: RwLock::new(()),
             unlogged: AtomicBool::new(false),
+            streamed: fsutil::Streamed::new(),
             inner: Mutex::new(Inner {
                 log_len: header.len() as u64,
                 ..Inner::default()
@@ -270,6 +276,7 @@ impl Staging {
             direct,
             writes: RwLock::new(()),
             unlogged: AtomicBool::new(false),
+            streamed: fsutil::Streamed::new(),
             inner: Mutex::new(inner),
         })
     }
@@ -418,6 +425,9 @@ impl Staging {
                     self.unlogged.store(true, Ordering::Relaxed);
                     Error::io("staging a block", e)
                 })?;
+                if self.direct {
+                    self.streamed.moved(&self.data, p.len() as u64);
+                }
                 Some(at)
             }
             None if self.direct => {
