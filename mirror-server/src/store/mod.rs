@@ -1231,55 +1231,69 @@ impl Volume {
         // The protocol allows any extent; a store version is whole blocks.
         // A block some extent covers only in part is made from the image
         // (which holds the store's newest version) and every extent on it,
-        // in order; the others are stored as they come.
-        let mut partial = BTreeSet::new();
+        // in order, one block at a time (scattered 4 KiB writes make one
+        // of those per write: held all at once, 1.3 GiB for 1% of an
+        // 8 GiB volume); the others are stored as they come.
+        let mut partial: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
         let mut log = LogReader::open(&log_path)?;
         while let Some(e) = log.next_entry()? {
             for (n, from, to) in pieces(e.offset, e.len, size) {
                 if to - from != block_len(n) {
-                    partial.insert(n);
+                    partial.entry(n).or_default();
                 }
             }
-        }
-        let mut merged: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for &n in &partial {
-            let mut buf = vec![0u8; block_len(n) as usize];
-            self.read_at(&mut buf, n * block::BLOCK)?;
-            merged.insert(n, buf);
         }
         let mut log = LogReader::open(&log_path)?;
         let mut buf = Vec::new();
         while let Some(e) = log.next_entry()? {
+            let whole: Vec<_> = pieces(e.offset, e.len, size)
+                .filter(|&(n, from, to)| match partial.get_mut(&n) {
+                    Some(on) => {
+                        // Where the piece's bytes are in `N.data`.
+                        let at = e.data_at.map(|at| at + (from - e.offset));
+                        on.push(Piece { from, to, at });
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            if whole.is_empty() {
+                continue;
+            }
             if let Some(at) = e.data_at {
                 buf.resize(e.len as usize, 0);
                 data.read_exact_at(&mut buf, at)
                     .map_err(|err| Error::io(format!("reading {}", data_path.display()), err))?;
             }
-            for (n, from, to) in pieces(e.offset, e.len, size) {
-                let start = n * block::BLOCK;
-                let piece = e
-                    .data_at
-                    .map(|_| &buf[(from - e.offset) as usize..(to - e.offset) as usize]);
-                if let Some(m) = merged.get_mut(&n) {
-                    let dst = &mut m[(from - start) as usize..(to - start) as usize];
-                    match piece {
-                        Some(d) => dst.copy_from_slice(d),
-                        None => dst.fill(0),
-                    }
-                } else if let Some(d) = piece {
-                    let hash = if from == e.offset && u64::from(e.len) == to - from {
-                        e.sha256
-                    } else {
-                        block::digest(d)
-                    };
-                    p.put(n, Some(d), hash)?;
-                } else {
+            for (n, from, to) in whole {
+                if e.data_at.is_none() {
                     p.put(n, None, HOLE)?;
+                    continue;
                 }
+                let d = &buf[(from - e.offset) as usize..(to - e.offset) as usize];
+                let hash = if from == e.offset && u64::from(e.len) == to - from {
+                    e.sha256
+                } else {
+                    block::digest(d)
+                };
+                p.put(n, Some(d), hash)?;
             }
         }
-        for (n, m) in merged {
-            p.put(n, Some(&m), block::digest(&m))?;
+        let mut block = Vec::new();
+        for (n, on) in partial {
+            let start = n * block::BLOCK;
+            block.resize(block_len(n) as usize, 0);
+            self.read_at(&mut block, start)?;
+            for piece in on {
+                let dst = &mut block[(piece.from - start) as usize..(piece.to - start) as usize];
+                match piece.at {
+                    Some(at) => data.read_exact_at(dst, at).map_err(|err| {
+                        Error::io(format!("reading {}", data_path.display()), err)
+                    })?,
+                    None => dst.fill(0),
+                }
+            }
+            p.put(n, Some(&block), block::digest(&block))?;
         }
         Ok(Some(
             p.finish(staging.epoch, Some(writer), &self.state.uuid)?
@@ -1424,6 +1438,15 @@ fn pieces(offset: u64, len: u32, size: u64) -> impl Iterator<Item = (u64, u64, u
         let start = n * block::BLOCK;
         (n, offset.max(start), end.min(start + block::BLOCK))
     })
+}
+
+/// Part of a block that an extent of a staging covers: `from..to` of the
+/// volume, its bytes at `at` in `N.data` (`None`: zeroes).
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    from: u64,
+    to: u64,
+    at: Option<u64>,
 }
 
 /// Where a simulated crash stops [`Volume::commit`] (crash tests).
@@ -1877,6 +1900,74 @@ mod tests {
             .unwrap();
         v.commit(&s).unwrap();
         check(&v);
+    }
+
+    /// An epoch of extents smaller than a store block (scattered 4 KiB
+    /// writes, zeroes, one across two blocks, one over a block written
+    /// whole in the same epoch) is stored as whole blocks made from the
+    /// image and every extent on them in order.
+    #[test]
+    fn partial_extents_are_stored_as_whole_blocks_merged_in_order() {
+        const B: u64 = block::BLOCK;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            ChunkStore::with(
+                Arc::new(object_store::memory::InMemory::new()),
+                "test".into(),
+                1 << 20,
+            )
+            .unwrap(),
+        );
+        let mut v = Volume::create(&dir.path().join("vol"), SIZE).unwrap();
+        v.attach(store.clone(), "c/vol").unwrap();
+        let mut model: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8 + 1).collect();
+        publish_whole(&mut v, 1, &model);
+        let s = v.begin(2, me(2)).unwrap();
+        assert!(!s.direct);
+        let mut put = |at: u64, bytes: Option<Vec<u8>>, len: usize| {
+            let range = at as usize..at as usize + len;
+            match &bytes {
+                Some(b) => {
+                    s.add(at, len as u32, &digest(b), Encoding::Raw, b).unwrap();
+                    model[range].copy_from_slice(b);
+                }
+                None => {
+                    s.add(
+                        at,
+                        len as u32,
+                        &zero_digest(len as u32),
+                        Encoding::Zero,
+                        &[],
+                    )
+                    .unwrap();
+                    model[range].fill(0);
+                }
+            }
+        };
+        put(0, Some(block(7, B as usize)), B as usize);
+        put(4096, Some(block(8, 4096)), 4096);
+        put(B + 8192, Some(block(9, 4096)), 4096);
+        put(B + 8192, None, 4096);
+        put(B + 12288, Some(block(10, 4096)), 4096);
+        put(3 * B - 4096, Some(block(11, 8192)), 8192);
+        put(5 * B, Some(block(12, B as usize)), B as usize);
+        put(7 * B + 512, Some(block(13, 1024)), 1024);
+        v.commit(&s).unwrap();
+        let head = store.head("c/vol").unwrap().unwrap();
+        assert_eq!((head.seq, head.epoch), (2, 2));
+        let ns: Vec<u64> = (0..SIZE / B).collect();
+        let stored: Vec<u8> = store
+            .reader(&head)
+            .unwrap()
+            .blocks(&ns)
+            .unwrap()
+            .into_iter()
+            .flat_map(|b| b.unwrap_or_else(|| vec![0; B as usize]))
+            .collect();
+        assert!(stored == model, "the stored version is not the epoch");
+        let mut image = vec![0u8; SIZE as usize];
+        v.read_at(&mut image, 0).unwrap();
+        assert!(image == model, "the image is not the epoch");
     }
 
     #[test]
