@@ -426,8 +426,14 @@ impl Replicator {
         let thread = std::thread::Builder::new()
             .name("replicator".into())
             .spawn(move || {
+                // This thread and the blocking ones it hashes and
+                // compresses on yield the CPU to the device's I/O.
+                crate::system::lower_this_thread(crate::system::REPLICATOR_NICE);
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .on_thread_start(|| {
+                        crate::system::lower_this_thread(crate::system::REPLICATOR_NICE)
+                    })
                     .build()
                 {
                     Ok(rt) => rt,

@@ -31,6 +31,28 @@ pub fn return_free_memory() {
     }
 }
 
+/// The nice value of the replicator's threads (reading the device,
+/// hashing, compressing, sending): when the CPU is short, the device's
+/// own I/O comes first (invariant 1: local I/O never pays for the
+/// network). A weight of 110 against 1024 for the queue threads, not
+/// idle-only, so a busy machine still mirrors.
+pub const REPLICATOR_NICE: i32 = 10;
+
+/// Run the calling thread (not the whole process: on Linux the nice value
+/// is a thread's) at `nice`, if that is lower priority than it has; a
+/// hint, failing quietly.
+pub fn lower_this_thread(nice: i32) {
+    // SAFETY: getpriority/setpriority with PRIO_PROCESS and 0 read and
+    // set the calling thread's nice value; no memory is involved.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if *libc::__errno_location() == 0 && now < nice {
+            libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+        }
+    }
+}
+
 /// Go on in the background: fork; the child (`Ok(None)`) carries on in a
 /// session of its own with its stdout a pipe to the parent; the parent
 /// waits for the child's first line, prints it and returns `Some(0)`, or,
@@ -221,6 +243,30 @@ mod tests {
             vec!["/mnt/disk/inner dir".to_string(), "/mnt/disk".to_string()]
         );
         assert!(mounts_of(mountinfo, &[]).is_empty());
+    }
+
+    fn nice_of_this_thread() -> i32 {
+        // SAFETY: reads the calling thread's nice value.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+    }
+
+    /// The replicator's threads yield to the device's: lowering one
+    /// thread leaves the others (the queue threads) as they were, and
+    /// never raises a thread already lower.
+    #[test]
+    fn a_thread_is_lowered_alone_and_never_raised() {
+        let before = nice_of_this_thread();
+        let (lowered, lower_still) = std::thread::spawn(move || {
+            lower_this_thread(before + 5);
+            let lowered = nice_of_this_thread();
+            lower_this_thread(before + 2);
+            (lowered, nice_of_this_thread())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(lowered, (before + 5).min(19));
+        assert_eq!(lower_still, lowered, "raised back");
+        assert_eq!(nice_of_this_thread(), before, "the other threads changed");
     }
 
     #[test]
