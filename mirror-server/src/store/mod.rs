@@ -1244,10 +1244,11 @@ impl Volume {
             }
         }
         let mut log = LogReader::open(&log_path)?;
-        let mut buf = Vec::new();
+        let (mut buf, mut whole) = (Vec::new(), Vec::new());
         while let Some(e) = log.next_entry()? {
-            let whole: Vec<_> = pieces(e.offset, e.len, size)
-                .filter(|&(n, from, to)| match partial.get_mut(&n) {
+            whole.clear();
+            whole.extend(pieces(e.offset, e.len, size).filter(|&(n, from, to)| {
+                match partial.get_mut(&n) {
                     Some(on) => {
                         // Where the piece's bytes are in `N.data`.
                         let at = e.data_at.map(|at| at + (from - e.offset));
@@ -1255,8 +1256,8 @@ impl Volume {
                         false
                     }
                     None => true,
-                })
-                .collect();
+                }
+            }));
             if whole.is_empty() {
                 continue;
             }
@@ -1265,7 +1266,7 @@ impl Volume {
                 data.read_exact_at(&mut buf, at)
                     .map_err(|err| Error::io(format!("reading {}", data_path.display()), err))?;
             }
-            for (n, from, to) in whole {
+            for &(n, from, to) in &whole {
                 if e.data_at.is_none() {
                     p.put(n, None, HOLE)?;
                     continue;
