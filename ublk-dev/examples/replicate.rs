@@ -270,6 +270,10 @@ fn sustained(
     // Writes during which the journal was synced: a region marked again
     // (one cleared by a release, the mirror's doing) before the write.
     let mut marking = Vec::new();
+    // Writes held back until the chunks they overwrite were preserved for
+    // the sealed epoch being shipped (copy-on-write), and the others.
+    let mut cow = Vec::new();
+    let mut other = Vec::new();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let lags = std::thread::scope(|scope| {
         let sampler = scope.spawn(|| {
@@ -294,12 +298,19 @@ fn sustained(
                 word.copy_from_slice(&next().to_le_bytes());
             }
             let syncs = tracker.journal_syncs();
+            let waits = tracker.cow_waits();
             let t = Instant::now();
             io.submit(Request::write(at, WRITE), &data).expect("write");
             let took = t.elapsed().as_secs_f64() * 1000.0;
             latencies.push(took);
-            if tracker.journal_syncs() != syncs {
+            let marked = tracker.journal_syncs() != syncs;
+            if marked {
                 marking.push(took);
+            }
+            if tracker.cow_waits() != waits {
+                cow.push(took);
+            } else if !marked {
+                other.push(took);
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
@@ -318,14 +329,19 @@ fn sustained(
     let stalls = latencies.iter().filter(|&&l| l > 100.0).count();
     latencies.sort_by(f64::total_cmp);
     marking.sort_by(f64::total_cmp);
+    cow.sort_by(f64::total_cmp);
+    other.sort_by(f64::total_cmp);
     println!(
-        "{{\"phase\":\"{label}\",\"writes\":{count},\"mb_per_s\":{:.1},\"latency_ms_p50\":{:.3},\"latency_ms_p99\":{:.3},\"latency_ms_max\":{:.3},\"writes_over_100ms\":{stalls},\"writes_marking\":{},\"latency_ms_p99_marking\":{:.3},\"lag_s_p50\":{:.2},\"lag_s_p99\":{:.2},\"lag_s_max\":{:.2},\"drain_seconds\":{drain:.2}}}",
+        "{{\"phase\":\"{label}\",\"writes\":{count},\"mb_per_s\":{:.1},\"latency_ms_p50\":{:.3},\"latency_ms_p99\":{:.3},\"latency_ms_max\":{:.3},\"writes_over_100ms\":{stalls},\"writes_marking\":{},\"latency_ms_p99_marking\":{:.3},\"writes_cow\":{},\"latency_ms_p99_cow\":{:.3},\"latency_ms_p99_other\":{:.3},\"lag_s_p50\":{:.2},\"lag_s_p99\":{:.2},\"lag_s_max\":{:.2},\"drain_seconds\":{drain:.2}}}",
         (count * WRITE) as f64 / 1e6 / elapsed,
         quantile(&latencies, 0.5),
         quantile(&latencies, 0.99),
         latencies.last().copied().unwrap_or(0.0),
         marking.len(),
         quantile(&marking, 0.99),
+        cow.len(),
+        quantile(&cow, 0.99),
+        quantile(&other, 0.99),
         quantile(&lags, 0.5),
         quantile(&lags, 0.99),
         lags.last().copied().unwrap_or(0.0),

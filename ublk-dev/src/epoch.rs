@@ -143,6 +143,11 @@ pub struct Sealed {
     /// it. Nothing is preserved for it, and it reads as the device *now*
     /// (any range of it), never as its cut.
     pub precopy: bool,
+    /// Whole chunks (as byte ranges) whose content at the cut the
+    /// consumer has read already ([`Epochs::take`]) and will not read
+    /// again: nothing more is preserved for them, and reading them as the
+    /// cut is refused ([`EpochError::Taken`]).
+    pub taken: RangeSet,
 }
 
 impl Sealed {
@@ -150,6 +155,13 @@ impl Sealed {
     /// broken, not a pre-copy round.
     pub fn keeps_cut(&self) -> bool {
         self.broken.is_none() && !self.precopy
+    }
+
+    /// Whether chunk `r` (its byte range) is still to be read as this
+    /// epoch's cut: it keeps its cut, changed the chunk, and its consumer
+    /// has not taken the chunk yet.
+    fn needs_chunk(&self, r: Range<u64>) -> bool {
+        self.keeps_cut() && self.changes.touches(r.clone()) && !self.taken.intersects(r)
     }
 }
 
@@ -179,6 +191,16 @@ pub enum EpochError {
         id: u64,
         /// Why.
         reason: String,
+    },
+    /// A read of chunks whose cut the consumer took already.
+    #[error("bytes {start}..{end} of epoch {id} were read by its consumer (the mirror) already and are no longer kept as at its cut")]
+    Taken {
+        /// The epoch.
+        id: u64,
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
     },
     /// A read outside what the epoch changed.
     #[error("bytes {start}..{end} are outside what epoch {id} changed")]
@@ -284,6 +306,27 @@ impl Store {
         self.versions
             .get(&chunk)
             .is_some_and(|l| l.last().is_some_and(|(c, _)| *c >= epoch))
+    }
+
+    /// Drop `chunk`'s version at `cut`, if kept.
+    fn drop_version(&mut self, chunk: u64, cut: u64) {
+        let Some(list) = self.versions.get_mut(&chunk) else {
+            return;
+        };
+        let Some(at) = list.iter().position(|(c, _)| *c == cut) else {
+            return;
+        };
+        match list.remove(at).1 {
+            Slot::Zero => {}
+            Slot::Memory(b) => self.memory -= b.len() as u64,
+            Slot::Spilled(i) => {
+                self.spilled -= 1;
+                self.spill_free.push(i);
+            }
+        }
+        if list.is_empty() {
+            self.versions.remove(&chunk);
+        }
     }
 
     /// Drop every version at a cut `<= upto`.
@@ -479,12 +522,8 @@ impl Epochs {
                 // needs nothing kept (and a chunk whose preservation
                 // failed is not asked for again); nor does a pre-copy
                 // round, read live.
-                match self
-                    .sealed
-                    .iter()
-                    .rev()
-                    .find(|s| s.keeps_cut() && s.changes.touches(r.clone()))
-                {
+                // Nor does an epoch whose consumer took the chunk already.
+                match self.sealed.iter().rev().find(|s| s.needs_chunk(r.clone())) {
                     Some(s) => !self.store.has_version_since(c, s.id),
                     None => false,
                 }
@@ -523,7 +562,7 @@ impl Epochs {
         let r = self.chunk_range(c);
         self.sealed
             .iter()
-            .any(|s| s.id <= cut && s.keeps_cut() && s.changes.touches(r.clone()))
+            .any(|s| s.id <= cut && s.needs_chunk(r.clone()))
     }
 
     /// A chunk that needed preserving could not be read or kept: the
@@ -610,6 +649,7 @@ impl Epochs {
             first_change_ms: self.first_change_ms.take(),
             broken: None,
             precopy,
+            taken: RangeSet::new(),
         });
         self.written.clear();
         self.current += 1;
@@ -706,11 +746,54 @@ impl Epochs {
         }
         let first = range.start / CHUNK;
         let last = range.end.div_ceil(CHUNK);
-        if (first..last).all(|c| s.changes.touches(self.chunk_range(c))) {
-            Ok(())
-        } else {
-            Err(outside)
+        if !(first..last).all(|c| s.changes.touches(self.chunk_range(c))) {
+            return Err(outside);
         }
+        if s.taken.intersects(range.clone()) {
+            return Err(EpochError::Taken {
+                id,
+                start: range.start,
+                end: range.end,
+            });
+        }
+        Ok(())
+    }
+
+    /// The consumer of sealed epoch `id` has read `range` as its cut
+    /// (after [`Epochs::check_read`] and [`Epochs::overlay`], under the
+    /// same lock) and will not read it again: the chunks it lies in need
+    /// nothing more preserved for this epoch, and versions no epoch needs
+    /// any more are dropped. No-op for an epoch that keeps no cut.
+    ///
+    /// Why nothing is lost: a write into a taken chunk is issued only
+    /// after this, so the bytes read were the cut's. Should the consumer
+    /// need them again after all (the link broke before the server kept
+    /// them), the read is refused, and the epoch can only travel as a
+    /// pre-copy round ([`Epochs::demote`]) followed by a new cut.
+    pub fn take(&mut self, id: u64, range: Range<u64>) -> Result<(), EpochError> {
+        let Some(s) = self.sealed.iter_mut().find(|s| s.id == id) else {
+            return Err(EpochError::NotSealed {
+                id,
+                have: self.sealed_words(),
+            });
+        };
+        if !s.keeps_cut() || range.is_empty() {
+            return Ok(());
+        }
+        let chunks = range.start / CHUNK..range.end.div_ceil(CHUNK);
+        s.taken
+            .insert(chunks.start * CHUNK..(chunks.end * CHUNK).min(self.device_size));
+        let unneeded: Vec<(u64, u64)> = self
+            .store
+            .versions
+            .range(chunks)
+            .flat_map(|(&c, list)| list.iter().map(move |(cut, _)| (c, *cut)))
+            .filter(|&(c, cut)| !self.needs(c, cut))
+            .collect();
+        for (c, cut) in unneeded {
+            self.store.drop_version(c, cut);
+        }
+        Ok(())
     }
 
     /// Overlay preserved versions onto `buf`, which holds the backing
@@ -835,6 +918,58 @@ mod tests {
             "a second release is a no-op"
         );
         assert!(matches!(e.release(3), Err(EpochError::NotSealed { .. })));
+    }
+
+    #[test]
+    fn a_chunk_its_consumer_took_needs_no_copy_and_is_not_read_again() {
+        // Spill past one chunk of memory: freed slots are counted too.
+        let (mut e, spill) = epochs(CHUNK);
+        e.record(ChangeKind::Data, 0..4 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 1);
+        // Chunks 0 and 1 are overwritten before the consumer read them:
+        // preserved, one in memory, one spilled.
+        assert_eq!(e.to_preserve(0..2 * CHUNK), vec![0, 1]);
+        e.preserve(0, &[1; CHUNK as usize]);
+        e.preserve(1, &[1; CHUNK as usize]);
+        e.record(ChangeKind::Data, 0..2 * CHUNK, 0);
+        assert_eq!(e.store_usage().spilled_bytes, CHUNK);
+        // The consumer reads chunks 1..3 (a range inside them) once.
+        e.check_read(1, CHUNK + 100..3 * CHUNK - 100).unwrap();
+        e.take(1, CHUNK + 100..3 * CHUNK - 100).unwrap();
+        // What only it needed is dropped (chunk 1's spilled version), and
+        // a write into chunk 2 no longer waits; chunk 3 still does.
+        assert_eq!(
+            e.store_usage(),
+            StoreUsage {
+                memory_bytes: CHUNK,
+                spilled_bytes: 0
+            }
+        );
+        assert_eq!(e.to_preserve(0..4 * CHUNK), vec![3]);
+        // A taken chunk is not read as the cut again, whole or in part;
+        // the others still are.
+        for range in [CHUNK..2 * CHUNK, 2 * CHUNK + 5..2 * CHUNK + 6, 0..4 * CHUNK] {
+            assert!(
+                matches!(
+                    e.check_read(1, range.clone()),
+                    Err(EpochError::Taken { id: 1, .. })
+                ),
+                "{range:?}"
+            );
+        }
+        e.check_read(1, 0..CHUNK).unwrap();
+        e.check_read(1, 3 * CHUNK..4 * CHUNK).unwrap();
+        // Epoch 2 changed chunk 2 after epoch 1 took it: a write in epoch 3
+        // preserves it for epoch 2, whose consumer has not read it.
+        e.record(ChangeKind::Data, 2 * CHUNK..2 * CHUNK + 1, 0);
+        assert_eq!(e.seal(false, 0), 2);
+        assert_eq!(e.to_preserve(2 * CHUNK..3 * CHUNK), vec![2]);
+        // A taking of a round, or of an unknown epoch, changes nothing.
+        e.demote(1).unwrap();
+        e.take(1, 3 * CHUNK..4 * CHUNK).unwrap();
+        assert!(e.check_read(1, 3 * CHUNK..4 * CHUNK).is_ok());
+        assert!(matches!(e.take(9, 0..1), Err(EpochError::NotSealed { .. })));
+        assert_eq!(spill.slots().clears, 0);
     }
 
     #[test]

@@ -121,6 +121,12 @@ pub fn render(devices: &[Device]) -> String {
         "Journal syncs made to mark regions",
         None,
     );
+    let cow_waits = counters(
+        &mut r,
+        "ublk_mirror_cow_waits",
+        "Times a write was held back until the chunks it overwrites were preserved for a sealed epoch",
+        None,
+    );
     let up = gauges(
         &mut r,
         "ublk_mirror_link_up",
@@ -214,6 +220,7 @@ pub fn render(devices: &[Device]) -> String {
                 .get_or_create(&l)
                 .set(t.preserved_spilled_bytes as i64);
             syncs.get_or_create(&l).inc_by(t.journal_syncs);
+            cow_waits.get_or_create(&l).inc_by(t.cow_waits);
         }
         if let Some(m) = &s.mirror {
             up.get_or_create(&l).set(i64::from(m.link == "connected"));

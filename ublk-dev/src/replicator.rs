@@ -9,15 +9,25 @@
 //!    every cut late by the whole wait);
 //! 3. read it as the device at its cut, split into blocks of
 //!    [`block::BLOCK`] (aligned), hash, compress, send; the server publishes it
-//!    as its next epoch;
+//!    as its next epoch. Each block is read as the cut once
+//!    ([`Tracker::take_epoch`]): from then on a write into it no longer
+//!    waits for copy-on-write, so the device pays for the cut only until
+//!    the link has read a block, not until the server has published it;
 //! 4. release it: its regions are cleared in the journal (those written
 //!    in the last [`KEEP_MARKED`] stay marked while the device writes on:
 //!    [`Tracker::release_keeping`]).
 //!
-//! A broken link leaves the sealed epoch in place (its blocks stay
-//! preserved) and the replicator reconnects with backoff; if the server
-//! had published the epoch before the link broke, the epoch is released
-//! without being sent again. Writes meanwhile collect in the current epoch.
+//! A broken link leaves the sealed epoch in place (the blocks not yet read
+//! stay preserved) and the replicator reconnects with backoff; if the
+//! server had published the epoch before the link broke, the epoch is
+//! released without being sent again; if it staged it in part, the rest
+//! is sent. Writes meanwhile collect in the current epoch. Should the
+//! server ask for a block read once already (it lost what was in flight,
+//! or refused it), that read is refused: the epoch is demoted
+//! ([`Tracker::demote`]) and goes on as the first round of a pre-copy run
+//! (below), read as the device is now, and a new cut follows. What the
+//! server staged of it is the cut's, and a block written since the cut is
+//! in a later epoch, so the argument below holds for it as for any round.
 //!
 //! # Pre-copy: big epochs without copy-on-write
 //!
@@ -108,7 +118,7 @@ use ublk_mirror_common::RangeSet;
 
 use crate::blocking;
 use crate::enrollment::Enrollment;
-use crate::epoch::Sealed;
+use crate::epoch::{EpochError, Sealed};
 use crate::error::{Error, ErrorKind, Result};
 use crate::tracking::{SealAt, Tracker};
 
@@ -208,10 +218,17 @@ fn differing(
 }
 
 /// How a shipped epoch's blocks are read.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Reading {
-    /// As the device was at the epoch's cut.
-    Cut,
+    /// As the device was at the epoch's cut, each block for the last time
+    /// ([`Tracker::take_epoch`]): once read, its chunks are no longer kept
+    /// for copy-on-write, so writes into them stop waiting. A block asked
+    /// for again (the server lost it, or vouches for a dead run's copy) is
+    /// refused and `again` set: the epoch then travels as a pre-copy round.
+    TakeCut {
+        /// Set when a block was asked for a second time.
+        again: Arc<AtomicBool>,
+    },
     /// At the cut where the epoch changed, as the device is now elsewhere
     /// (the cut that ends a pre-copy run).
     CutOrLive,
@@ -227,8 +244,14 @@ fn block_reader(
 ) -> impl Fn(u64, u32) -> ublk_mirror_common::Result<Vec<u8>> + Send + Sync + 'static {
     move |offset, len| {
         let mut buf = vec![0u8; len as usize];
-        let read = match how {
-            Reading::Cut => tracker.read_epoch(epoch, offset, &mut buf),
+        let read = match &how {
+            Reading::TakeCut { again } => {
+                let read = tracker.take_epoch(epoch, offset, &mut buf);
+                if let Err(Error::Epoch(EpochError::Taken { .. })) = &read {
+                    again.store(true, Ordering::SeqCst);
+                }
+                read
+            }
             Reading::CutOrLive => tracker.read_cut_or_live(epoch, offset, &mut buf),
             Reading::Live => tracker.read_live(offset, &mut buf),
         };
@@ -843,17 +866,36 @@ impl Context {
         let started = Instant::now();
         // On failure the server may have published it all the same: the
         // next session sees it as the image's writer.
-        let shipped = link
+        let again = Arc::new(AtomicBool::new(false));
+        let reading = Reading::TakeCut {
+            again: again.clone(),
+        };
+        let sent = link
             .send_epoch(
                 &self.settings.volume,
                 remote,
                 me,
                 &blocks,
                 self.settings.zstd_level,
-                block_reader(self.tracker.clone(), epoch, Reading::Cut),
+                block_reader(self.tracker.clone(), epoch, reading),
             )
-            .await
-            .map_err(Error::Mirror)?;
+            .await;
+        let shipped = match sent {
+            Ok(shipped) => shipped,
+            Err(e) if again.load(Ordering::SeqCst) => {
+                // Blocks read once were asked for again: their cut is no
+                // longer kept. What the server staged stays (it is the
+                // cut's); the epoch goes on as a pre-copy round, read as
+                // the device is now, and a new cut follows (module docs).
+                tracing::info!(
+                    epoch,
+                    "blocks already read were asked for again ({e}): the epoch goes as a pre-copy round, then a new cut"
+                );
+                self.tracker.demote(epoch)?;
+                return Ok(());
+            }
+            Err(e) => return Err(Error::Mirror(e)),
+        };
         if fresh {
             // Zero blocks of a fresh volume are what a resync by hash
             // would have found the same.
@@ -1579,6 +1621,7 @@ mod tests {
             sealed_ms: 0,
             first_change_ms: None,
             broken: broken.then(|| "lost".to_string()),
+            taken: RangeSet::new(),
             precopy: false,
         }
     }

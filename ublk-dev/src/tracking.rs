@@ -49,6 +49,20 @@
 //! flight, and each preserver holds one read of at most
 //! [`MAX_EPOCH_READ`] at a time; what is kept obeys the copy-on-write
 //! memory limit and spills beyond it. Nothing of this is on disk.
+//!
+//! # Chunks the consumer took
+//!
+//! The replicator reads each block of a sealed epoch once
+//! ([`Tracker::take_epoch`]). Under the same lock as the read's check and
+//! overlay, the chunks read are marked *taken*: no write into them waits
+//! for copy-on-write any more, and what was kept for them alone is
+//! dropped. A write issued after that cannot have changed the bytes read
+//! (it was not issued yet), and one issued before had preserved the chunk
+//! first, so the read found that version. A taken chunk is never read as
+//! the cut again: that read is refused ([`EpochError::Taken`]), and the
+//! consumer sends the epoch as a pre-copy round instead (see
+//! [`crate::replicator`]). So a write waits only for chunks of an epoch
+//! the link has not read yet, instead of until the server published it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
@@ -191,6 +205,10 @@ pub struct TrackingStatus {
     /// Writes waiting now for the chunks they overwrite to be preserved.
     #[serde(default)]
     pub writes_waiting_for_cow: u64,
+    /// How many times a write was held back for copy-on-write since the
+    /// daemon started (once per wait, however many chunks it waited for).
+    #[serde(default)]
+    pub cow_waits: u64,
     /// Journal syncs made to mark regions.
     pub journal_syncs: u64,
     /// The marked regions as byte ranges `[start, end)` of the device.
@@ -372,6 +390,7 @@ pub struct Tracker {
     file: Arc<File>,
     resync_pending: AtomicBool,
     journal_syncs: AtomicU64,
+    cow_waits: AtomicU64,
     jobs: Arc<Jobs>,
     preservers: Vec<JoinHandle<()>>,
 }
@@ -548,6 +567,7 @@ impl Tracker {
             flushed: AtomicBool::new(false),
             file: Arc::new(file),
             journal_syncs: AtomicU64::new(0),
+            cow_waits: AtomicU64::new(0),
             jobs: Arc::new(Jobs::default()),
             preservers: Vec::new(),
         };
@@ -633,6 +653,7 @@ impl Tracker {
                 }
                 live.wait_for(&chunks, wake.clone());
                 drop(live);
+                self.cow_waits.fetch_add(1, Ordering::Relaxed);
                 if !fresh.is_empty() {
                     self.jobs.push(Job { cut, chunks: fresh });
                 }
@@ -888,6 +909,19 @@ impl Tracker {
     /// cut. The range must lie in chunks the epoch changed ([`CHUNK`]s
     /// meeting its data, zeroed or resync ranges).
     pub fn read_epoch(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_cut(id, offset, buf, false)
+    }
+
+    /// [`Tracker::read_epoch`], by the epoch's consumer for the last time:
+    /// from then on the range needs nothing preserved for this epoch
+    /// (writes into it no longer wait for copy-on-write), and reading it
+    /// again as the cut is refused ([`EpochError::Taken`]). See
+    /// [`crate::epoch::Epochs::take`] for why the cut is kept all the same.
+    pub fn take_epoch(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_cut(id, offset, buf, true)
+    }
+
+    fn read_cut(&self, id: u64, offset: u64, buf: &mut [u8], take: bool) -> Result<()> {
         let check = |live: &Live| {
             live.epochs
                 .check_read(id, offset..offset + buf.len() as u64)
@@ -900,11 +934,16 @@ impl Tracker {
         self.file
             .read_exact_at(bytes, offset)
             .map_err(|e| Error::io("reading the backing file for an epoch", e))?;
-        let live = lock(&self.live);
+        let mut live = lock(&self.live);
         check(&live)?;
         live.epochs
             .overlay(id, offset, bytes)
             .map_err(|e| Error::io("reading preserved chunks", e))?;
+        if take {
+            // Under the same lock: a write into these chunks after this is
+            // no longer held back, and the bytes read were the cut's.
+            live.epochs.take(id, offset..offset + buf.len() as u64)?;
+        }
         buf.copy_from_slice(bytes);
         Ok(())
     }
@@ -1028,6 +1067,11 @@ impl Tracker {
         self.journal_syncs.load(Ordering::Relaxed)
     }
 
+    /// How many times a write was held back for copy-on-write.
+    pub fn cow_waits(&self) -> u64 {
+        self.cow_waits.load(Ordering::Relaxed)
+    }
+
     /// Whether the device served a FLUSH since the last cut or pre-copy
     /// round. A device that did not (a raw writer, a database on
     /// `O_DIRECT` without `fsync`) is not expected to flush soon, so a cut
@@ -1134,6 +1178,7 @@ impl Tracker {
             preserved_memory_bytes: usage.memory_bytes,
             preserved_spilled_bytes: usage.spilled_bytes,
             writes_waiting_for_cow: waiting,
+            cow_waits: self.cow_waits.load(Ordering::Relaxed),
             journal_syncs: self.journal_syncs.load(Ordering::Relaxed),
             marked: self
                 .marked_ranges()
@@ -1726,6 +1771,7 @@ mod tests {
         t.after_write(other.expect("a tracked write has a ticket"));
         assert!(goes(t.prepare_write(&Request::read(0, 4096)).unwrap()).is_none());
         assert!(goes(t.prepare_write(&Request::flush()).unwrap()).is_none());
+        assert_eq!(t.cow_waits(), 2, "each held-back write is counted");
         // The epoch reads as its cut meanwhile (the chunk is untouched),
         // and a cut taken meanwhile changes nothing.
         assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
@@ -1741,6 +1787,49 @@ mod tests {
         // Preserved once: the second write into chunk 0 needs nothing more.
         apply(&t, &Request::write(512, 512));
         assert_eq!(t.status().preserved_memory_bytes, CHUNK);
+        assert_eq!(
+            t.status().cow_waits,
+            2,
+            "writes after the copy wait no more"
+        );
+    }
+
+    #[test]
+    fn chunks_the_consumer_took_are_not_copied_and_not_read_as_the_cut_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, disk) = sealed_over_ones(dir.path(), 16384);
+        pause_preservers(&t, true);
+        // A write into chunk 0 waits for its copy; meanwhile the consumer
+        // reads chunks 0 and 1 as the cut, for the last time.
+        let w1 = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        let mut buf = vec![0u8; 8192];
+        t.take_epoch(1, 0, &mut buf).unwrap();
+        assert_eq!(buf, vec![1; 8192]);
+        // A write into chunk 1 goes at once now.
+        let ticket = goes(t.prepare_write(&Request::write(4096, 4096)).unwrap());
+        disk.write_all_at(&[2; 4096], 4096).unwrap();
+        t.after_write(ticket.unwrap());
+        // Chunk 0's copy, read once the preservers go on, is not kept.
+        pause_preservers(&t, false);
+        w1.wait_blocking().unwrap();
+        let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        disk.write_all_at(&[3; 4096], 0).unwrap();
+        t.after_write(ticket.unwrap());
+        assert_eq!(t.status().preserved_memory_bytes, 0);
+        // Taken chunks are not read as the cut again; the others are, and
+        // a write into them still waits for their copy.
+        assert!(matches!(
+            t.read_epoch(1, 0, &mut buf),
+            Err(Error::Epoch(EpochError::Taken { id: 1, .. }))
+        ));
+        assert!(t.take_epoch(1, 4096, &mut buf[..4096]).is_err());
+        apply(&t, &Request::write(8192, 4096));
+        disk.write_all_at(&[4; 4096], 8192).unwrap();
+        assert_eq!(epoch_bytes(&t, 1, 8192..16384), vec![1; 8192]);
+        assert_eq!(t.cow_waits(), 2, "chunks 0 and 2, not chunk 1");
+        // Released as usual.
+        t.release(1).unwrap();
+        assert_eq!(t.status().preserved_memory_bytes, 0);
     }
 
     #[test]

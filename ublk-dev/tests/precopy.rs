@@ -51,14 +51,15 @@ impl Rng {
 /// Mirror to "root" with pre-copy above 1 MiB (so a final cut at 128
 /// KiB), cuts only when asked, and a bandwidth limit that makes the first
 /// round last a few seconds.
-fn settings(client_dir: &std::path::Path) -> MirrorSettings {
+/// With `Trouble::OrdinaryLost`, pre-copy is off.
+fn settings(client_dir: &std::path::Path, trouble: Trouble) -> MirrorSettings {
     MirrorSettings {
         volume: "root".into(),
         client_dir: client_dir.to_path_buf(),
         interval: Duration::from_secs(3600),
         zstd_level: 1,
         bandwidth: Some(12 << 20),
-        precopy: Some(1 << 20),
+        precopy: (trouble != Trouble::OrdinaryLost).then_some(1 << 20),
     }
 }
 
@@ -158,6 +159,12 @@ enum Trouble {
     /// An ordinary epoch is sealed (`ublk-mirror epoch seal`) while the
     /// first round is read: it cannot be the cut that ends the run.
     OutsideSeal,
+    /// Pre-copy is off: the first sync is one ordinary epoch, whose blocks
+    /// are taken as they are read (writes into them no longer wait for
+    /// copy-on-write). The server restarts mid-epoch having lost its
+    /// staging, so blocks read already are asked for again: the epoch must
+    /// go as a pre-copy round, and a cut follow.
+    OrdinaryLost,
 }
 
 fn run(trouble: Trouble) {
@@ -188,7 +195,8 @@ fn run(trouble: Trouble) {
         let d = device
             .take()
             .unwrap_or_else(|| TrackedDevice::reopen(dir.path(), SIZE, 1 << 20));
-        let replicator = Replicator::start(d.tracker.clone(), settings(&client_dir)).unwrap();
+        let replicator =
+            Replicator::start(d.tracker.clone(), settings(&client_dir, trouble)).unwrap();
         replicator.kick().notify_one();
         let stop = AtomicBool::new(false);
         // A failed check stops the writer too (the scope waits for it).
@@ -228,6 +236,18 @@ fn run(trouble: Trouble) {
                         lost += 1;
                     }
                     assert!(lost > 0, "nothing was staged");
+                    server = Some(TestServer::start(&data, &listen));
+                }
+                (Trouble::OrdinaryLost, 0) => {
+                    wait_for("the link up", || status().link == "connected");
+                    std::thread::sleep(Duration::from_millis(1200));
+                    assert_eq!(status().precopy_rounds, 0, "{:?}", status());
+                    assert_eq!(d.tracker.sealed_epochs(), vec![(1, false)]);
+                    drop(server.take());
+                    let staging = data.join("volumes/laptop/root/staging");
+                    for f in std::fs::read_dir(&staging).unwrap() {
+                        std::fs::remove_file(f.unwrap().path()).unwrap();
+                    }
                     server = Some(TestServer::start(&data, &listen));
                 }
                 (Trouble::OutsideSeal, 0) => {
@@ -338,4 +358,9 @@ fn a_run_published_with_its_answer_lost_is_released_whole() {
 #[test]
 fn an_outside_seal_during_a_round_is_sent_as_a_round() {
     run(Trouble::OutsideSeal);
+}
+
+#[test]
+fn an_ordinary_epoch_whose_read_blocks_were_lost_goes_as_a_round() {
+    run(Trouble::OrdinaryLost);
 }
