@@ -761,9 +761,9 @@ impl Epochs {
 
     /// The consumer of sealed epoch `id` has read `range` as its cut
     /// (after [`Epochs::check_read`] and [`Epochs::overlay`], under the
-    /// same lock) and will not read it again: the chunks it lies in need
-    /// nothing more preserved for this epoch, and versions no epoch needs
-    /// any more are dropped. No-op for an epoch that keeps no cut.
+    /// same lock) and will not read it again: the chunks it covers whole
+    /// need nothing more preserved for this epoch, and versions no epoch
+    /// needs any more are dropped. No-op for an epoch that keeps no cut.
     ///
     /// Why nothing is lost: a write into a taken chunk is issued only
     /// after this, so the bytes read were the cut's. Should the consumer
@@ -777,10 +777,20 @@ impl Epochs {
                 have: self.sealed_words(),
             });
         };
-        if !s.keeps_cut() || range.is_empty() {
+        // Only chunks read whole (the device's last one may be short): a
+        // chunk read in part may be read again in its other parts (the
+        // changes of an epoch are exact ranges, so two small writes into
+        // one chunk are two reads), and stays kept until then.
+        let first = range.start.div_ceil(CHUNK);
+        let end = if range.end >= self.device_size {
+            self.device_size.div_ceil(CHUNK)
+        } else {
+            range.end / CHUNK
+        };
+        if !s.keeps_cut() || first >= end {
             return Ok(());
         }
-        let chunks = range.start / CHUNK..range.end.div_ceil(CHUNK);
+        let chunks = first..end;
         s.taken
             .insert(chunks.start * CHUNK..(chunks.end * CHUNK).min(self.device_size));
         let unneeded: Vec<(u64, u64)> = self
@@ -933,9 +943,15 @@ mod tests {
         e.preserve(1, &[1; CHUNK as usize]);
         e.record(ChangeKind::Data, 0..2 * CHUNK, 0);
         assert_eq!(e.store_usage().spilled_bytes, CHUNK);
-        // The consumer reads chunks 1..3 (a range inside them) once.
-        e.check_read(1, CHUNK + 100..3 * CHUNK - 100).unwrap();
+        // Reads of parts of chunks take nothing: the rest of each may be
+        // read later (two small writes into one chunk are two reads).
         e.take(1, CHUNK + 100..3 * CHUNK - 100).unwrap();
+        e.take(1, 3 * CHUNK..3 * CHUNK + 512).unwrap();
+        assert_eq!(e.to_preserve(0..4 * CHUNK), vec![2, 3]);
+        e.check_read(1, CHUNK + 100..3 * CHUNK - 100).unwrap();
+        // The consumer reads chunks 1 and 2 whole, once.
+        e.check_read(1, CHUNK..3 * CHUNK).unwrap();
+        e.take(1, CHUNK..3 * CHUNK).unwrap();
         // What only it needed is dropped (chunk 1's spilled version), and
         // a write into chunk 2 no longer waits; chunk 3 still does.
         assert_eq!(

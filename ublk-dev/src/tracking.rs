@@ -54,7 +54,8 @@
 //!
 //! The replicator reads each block of a sealed epoch once
 //! ([`Tracker::take_epoch`]). Under the same lock as the read's check and
-//! overlay, the chunks read are marked *taken*: no write into them waits
+//! overlay, the chunks read whole are marked *taken* (a chunk read in part
+//! may still be read in its other parts): no write into them waits
 //! for copy-on-write any more, and what was kept for them alone is
 //! dropped. A write issued after that cannot have changed the bytes read
 //! (it was not issued yet), and one issued before had preserved the chunk
