@@ -316,7 +316,16 @@ impl Store {
         let Some(at) = list.iter().position(|(c, _)| *c == cut) else {
             return;
         };
-        match list.remove(at).1 {
+        let (_, slot) = list.remove(at);
+        if list.is_empty() {
+            self.versions.remove(&chunk);
+        }
+        self.free(slot);
+    }
+
+    /// Give back what `slot` held (memory, or a spill slot to reuse).
+    fn free(&mut self, slot: Slot) {
+        match slot {
             Slot::Zero => {}
             Slot::Memory(b) => self.memory -= b.len() as u64,
             Slot::Spilled(i) => {
@@ -324,31 +333,19 @@ impl Store {
                 self.spill_free.push(i);
             }
         }
-        if list.is_empty() {
-            self.versions.remove(&chunk);
-        }
     }
 
     /// Drop every version at a cut `<= upto`.
     fn release(&mut self, upto: u64) {
-        let (mut memory, mut freed) = (0, Vec::new());
+        let mut freed = Vec::new();
         self.versions.retain(|_, list| {
-            list.retain(|(cut, slot)| {
-                if *cut > upto {
-                    return true;
-                }
-                match slot {
-                    Slot::Zero => {}
-                    Slot::Memory(b) => memory += b.len() as u64,
-                    Slot::Spilled(i) => freed.push(*i),
-                }
-                false
-            });
+            let at = list.partition_point(|(cut, _)| *cut <= upto);
+            freed.extend(list.drain(..at).map(|(_, slot)| slot));
             !list.is_empty()
         });
-        self.memory -= memory;
-        self.spilled -= freed.len() as u64;
-        self.spill_free.extend(freed);
+        for slot in freed {
+            self.free(slot);
+        }
         if self.versions.is_empty() && self.spill_slots > 0 {
             // Give the spill's space back.
             self.spill.clear();
@@ -771,11 +768,9 @@ impl Epochs {
     /// them), the read is refused, and the epoch can only travel as a
     /// pre-copy round ([`Epochs::demote`]) followed by a new cut.
     pub fn take(&mut self, id: u64, range: Range<u64>) -> Result<(), EpochError> {
+        self.get(id)?;
         let Some(s) = self.sealed.iter_mut().find(|s| s.id == id) else {
-            return Err(EpochError::NotSealed {
-                id,
-                have: self.sealed_words(),
-            });
+            return Ok(());
         };
         // Only chunks read whole (the device's last one may be short): a
         // chunk read in part may be read again in its other parts (the
