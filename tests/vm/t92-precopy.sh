@@ -4,14 +4,16 @@
 # sync asked for, and meanwhile
 #
 # 1. fio random writes during the first pre-copy round: no chunk is kept
-#    for copy-on-write and no write waits for one; the write rate is
-#    printed next to the same fio once the mirror is idle, and must not
-#    collapse. (Under TCG the ratio measures mostly the CPU: the client's
+#    for copy-on-write and no write waits for one, and the round gives way
+#    to the busy device (reads at the default minimum rate, 1 MiB/s:
+#    `status` says it yields); the write rate is printed next to the same
+#    fio once the mirror is idle, and must stay above half of it (0.9 in
+#    a quiet VM; without the yielding it was 0.35 to 0.53: the client's
 #    and the server's hashing, compression and QUIC share the guest's two
-#    emulated CPUs with fio; scripts/bench-io measures it with the sync
-#    paced down to 1 MB/s.)
-# 2. a writer that stamps each 4 KiB it writes with a sequence number,
-#    until after the server published: the published image is the device
+#    emulated CPUs with fio);
+# 2. a writer that stamps each 4 KiB it writes with a sequence number
+#    (about 40 a second: a device the sync need not yield to), until
+#    after the server published: the published image is the device
 #    at one cut: outside the stamped area it equals the backing file (no
 #    write touched it since fio ended), and inside it holds exactly the
 #    stamps of a prefix of the writes;
@@ -51,7 +53,9 @@ DURING=$(fio_iops 1)
 [ "$(tracking preserved_memory_bytes)" = 0 ] && [ "$(tracking preserved_spilled_bytes)" = 0 ] ||
   fail "chunks were kept for copy-on-write during a pre-copy round"
 [ "$(tracking writes_waiting_for_cow)" = 0 ] || fail "writes wait for copy-on-write during a pre-copy round"
-log "fio during the first round: $DURING IOPS; nothing kept for copy-on-write"
+YIELDED=$(mirror yielded_ms)
+[ "$YIELDED" -gt 0 ] || fail "the first sync did not give way to fio's writes"
+log "fio during the first round: $DURING IOPS; nothing kept for copy-on-write; the sync yielded (${YIELDED} ms at the minimum rate)"
 
 # --- 2. stamped writes until after the first version is published
 cat > "$WORK/stamp.py" <<'EOF'
@@ -69,7 +73,7 @@ with open(log_path, "w") as log:
         buf.write(struct.pack("<8sQQ", b"STAMPSEQ", seq, off) + rnd.randbytes(4072))
         os.pwrite(fd, buf, off)  # O_DIRECT: on the device when it returns
         log.write(f"{seq} {off}\n")
-        time.sleep(0.002)
+        time.sleep(0.02)
 EOF
 cat > "$WORK/check.py" <<'EOF'
 import struct, sys
@@ -120,7 +124,7 @@ log "the published image is the device at one cut, written all along"
 AFTER=$(fio_iops 2)
 RATIO=$(awk -v a="$DURING" -v b="$AFTER" 'BEGIN { printf "%.2f", a / b }')
 log "fio: $DURING IOPS during the first sync, $AFTER IOPS with the mirror idle: ratio $RATIO"
-awk -v r="$RATIO" 'BEGIN { exit !(r >= 0.1) }' || fail "writes during the first sync ran at $RATIO of the idle rate"
+awk -v r="$RATIO" 'BEGIN { exit !(r >= 0.5) }' || fail "writes during the first sync ran at $RATIO of the idle rate"
 
 # --- 3. in sync: the backing file, byte for byte
 "$UBLK_MIRROR" sync "$ID" --timeout 300s || { cat "$WORK/daemon.$DAEMONS.log"; fail "sync failed"; }

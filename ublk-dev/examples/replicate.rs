@@ -377,6 +377,9 @@ fn lag(args: &[String]) {
             zstd_level: 3,
             bandwidth: None,
             precopy: Some(ublk_dev::config::DEFAULT_PRECOPY),
+            // Nothing else uses the device while it syncs.
+            min_rate: 0,
+            activity: None,
         },
     )
     .expect("start the replicator");
@@ -439,6 +442,9 @@ fn main() {
             zstd_level: 3,
             bandwidth: None,
             precopy: Some(ublk_dev::config::DEFAULT_PRECOPY),
+            // Nothing else uses the device while it syncs.
+            min_rate: 0,
+            activity: None,
         },
     )
     .expect("start the replicator");

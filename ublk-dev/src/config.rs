@@ -27,6 +27,8 @@
 //! mirror_bandwidth = "10M"    # bytes per second the mirror may use (default: no limit)
 //! mirror_precopy = "256M"     # an epoch this big (a first sync, a resync) travels in
 //!                             # pre-copy rounds, without copy-on-write ("0": never)
+//! mirror_min_rate = "1M"      # while the device is busy, a pre-copy round reads at
+//!                             # most this much a second ("0": full speed always)
 //! client_dir = "/var/lib/ublk-mirror/client"  # this machine's enrollment
 //! ```
 
@@ -36,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use ublk_mirror_common::{ByteSize, Span};
 
 use crate::error::{Error, Result};
+use crate::yielding::{DEFAULT_MIN_RATE, MIN_MIN_RATE};
 
 /// Most hardware queues a device may have. Each queue is one thread with its
 /// own ring; beyond the number of CPUs they only add wake-ups.
@@ -95,6 +98,9 @@ pub struct DeviceConfig {
     pub mirror_bandwidth: Option<ByteSize>,
     /// Epochs at least this big travel in pre-copy rounds (0: never).
     pub mirror_precopy: Option<ByteSize>,
+    /// What a pre-copy round reads a second while the device is busy
+    /// (0: no yielding).
+    pub mirror_min_rate: Option<ByteSize>,
     /// This machine's enrollment.
     pub client_dir: Option<PathBuf>,
 }
@@ -142,6 +148,7 @@ impl DeviceConfig {
             zstd_level: over.zstd_level.or(self.zstd_level),
             mirror_bandwidth: over.mirror_bandwidth.or(self.mirror_bandwidth),
             mirror_precopy: over.mirror_precopy.or(self.mirror_precopy),
+            mirror_min_rate: over.mirror_min_rate.or(self.mirror_min_rate),
             client_dir: over.client_dir.or(self.client_dir),
         }
     }
@@ -253,6 +260,14 @@ impl DeviceConfig {
                 if !(1..=19).contains(&zstd_level) {
                     return invalid(format!("--zstd-level {zstd_level} is out of range (1-19)"));
                 }
+                let min_rate = self.mirror_min_rate.map_or(DEFAULT_MIN_RATE, |b| b.0);
+                if min_rate > 0 && min_rate < MIN_MIN_RATE {
+                    return invalid(format!(
+                        "--mirror-min-rate {} is below {} a second (\"0\" turns the yielding off)",
+                        ByteSize(min_rate),
+                        ByteSize(MIN_MIN_RATE)
+                    ));
+                }
                 Some(MirrorSpec {
                     volume,
                     client_dir: absolute(
@@ -266,6 +281,7 @@ impl DeviceConfig {
                     precopy: self
                         .mirror_precopy
                         .map_or(Some(DEFAULT_PRECOPY), |b| Some(b.0).filter(|&b| b > 0)),
+                    min_rate,
                 })
             }
         };
@@ -383,6 +399,10 @@ pub struct MirrorSpec {
     /// (`None`: never).
     #[serde(default = "default_precopy")]
     pub precopy: Option<u64>,
+    /// Bytes per second a pre-copy round reads while the device is busy
+    /// (0: full speed always).
+    #[serde(default = "default_min_rate")]
+    pub min_rate: u64,
 }
 
 /// Epochs this big (a first sync, a resync, a burst) travel in pre-copy
@@ -391,6 +411,10 @@ pub const DEFAULT_PRECOPY: u64 = 256 << 20;
 
 fn default_precopy() -> Option<u64> {
     Some(DEFAULT_PRECOPY)
+}
+
+fn default_min_rate() -> u64 {
+    DEFAULT_MIN_RATE
 }
 
 #[cfg(test)]
@@ -430,6 +454,28 @@ mod tests {
         };
         let spec = relative.validate().unwrap();
         assert!(spec.backing.is_absolute() && spec.tracking.state_dir.is_absolute());
+    }
+
+    #[test]
+    fn the_minimum_rate_of_a_first_sync_defaults_and_can_be_turned_off() {
+        let mirrored = |rate: Option<&str>| DeviceConfig {
+            mirror: Some("root".into()),
+            mirror_min_rate: rate.map(|r| r.parse().unwrap()),
+            ..base()
+        };
+        let rate = |c: DeviceConfig| c.validate().unwrap().mirror.unwrap().min_rate;
+        assert_eq!(rate(mirrored(None)), DEFAULT_MIN_RATE);
+        assert_eq!(rate(mirrored(Some("8M"))), 8 << 20);
+        assert_eq!(rate(mirrored(Some("0"))), 0);
+        let low = mirrored(Some("4K")).validate().unwrap_err().to_string();
+        assert!(low.contains("below 64KiB"), "{low}");
+        // A spec written before the setting existed (a device recovered
+        // after an upgrade) yields at the default rate.
+        let old: MirrorSpec = serde_json::from_str(
+            r#"{"volume":"root","client_dir":"/c","interval_ms":5000,"zstd_level":3}"#,
+        )
+        .unwrap();
+        assert_eq!(old.min_rate, DEFAULT_MIN_RATE);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`epoch`]: consistent cuts of the changes, with copy-on-write of what
 //!   sealed epochs still need;
 //! - [`replicator`]: ships sealed epochs to the mirror server (its own thread);
+//! - [`yielding`]: a pre-copy round gives way to the device's own I/O;
 //! - [`ondemand`]: a mirror version read on demand (`attach`);
 //! - [`restore`]: pull restore of a volume version from the mirror server;
 //! - [`ublk`]: the glue to the kernel driver (the only module using libublk);
@@ -37,6 +38,7 @@ pub mod system;
 pub mod tracking;
 pub mod ublk;
 pub mod wake;
+pub mod yielding;
 
 pub use error::{Error, ErrorKind, Result};
 

@@ -449,6 +449,15 @@ struct AddArgs {
     #[arg(long, value_name = "SIZE")]
     mirror_precopy: Option<ByteSize>,
 
+    /// While the device is busy (100 requests a second or more), a
+    /// pre-copy round (a first sync, a resync) reads at most this much of
+    /// it a second, so that the device's own I/O comes first; at full
+    /// speed while it is quiet. A floor, like DRBD's c-min-rate: a device
+    /// never quiet still gets its
+    /// first sync. "0": full speed always [default: 1M].
+    #[arg(long, value_name = "RATE")]
+    mirror_min_rate: Option<ByteSize>,
+
     /// This machine's enrollment [default: /var/lib/ublk-mirror/client].
     #[arg(long, value_name = "DIR", env = "UBLK_MIRROR_CLIENT_DIR")]
     client_dir: Option<PathBuf>,
@@ -474,6 +483,7 @@ impl AddArgs {
             zstd_level: self.zstd_level,
             mirror_bandwidth: self.mirror_bandwidth,
             mirror_precopy: self.mirror_precopy,
+            mirror_min_rate: self.mirror_min_rate,
             client_dir: self.client_dir.clone(),
         }
     }
@@ -1673,6 +1683,11 @@ fn status(json: bool, stale: Span) -> anyhow::Result<usize> {
             .map_or("-", |r| r.name.as_str())
             .to_string();
         let (link, lag) = match s.as_ref().and_then(|s| s.mirror.as_ref()) {
+            // A first sync or resync held back for the device's own I/O.
+            Some(m) if m.yielding => (
+                format!("{} (sync yields)", m.link),
+                format!("{:.1}s", m.lag_ms as f64 / 1000.0),
+            ),
             Some(m) => (m.link.clone(), format!("{:.1}s", m.lag_ms as f64 / 1000.0)),
             None => ("-".to_string(), "-".to_string()),
         };

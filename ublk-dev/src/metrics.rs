@@ -170,6 +170,19 @@ pub fn render(devices: &[Device]) -> String {
         "Bytes the server held already (sent as digests)",
         Some(Unit::Bytes),
     );
+    let yielding = gauges(
+        &mut r,
+        "ublk_mirror_precopy_yielding",
+        "1 while a first sync or resync reads at the minimum rate, the device being busy",
+        None,
+    );
+    let yielded = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    r.register_with_unit(
+        "ublk_mirror_precopy_yielded",
+        "Time of first sync or resync reading held to the minimum rate for the device's own I/O",
+        Unit::Seconds,
+        yielded.clone(),
+    );
     let fetched = counters(
         &mut r,
         "ublk_mirror_attach_fetched",
@@ -230,6 +243,10 @@ pub fn render(devices: &[Device]) -> String {
             shipped.get_or_create(&l).inc_by(m.epochs_shipped);
             wire.get_or_create(&l).inc_by(m.wire_bytes_total);
             known.get_or_create(&l).inc_by(m.known_bytes);
+            yielding.get_or_create(&l).set(i64::from(m.yielding));
+            yielded
+                .get_or_create(&l)
+                .inc_by(m.yielded_ms as f64 / 1000.0);
         }
         if let Some(a) = &s.attach {
             up.get_or_create(&l).set(i64::from(a.link_up));

@@ -121,6 +121,7 @@ use crate::enrollment::Enrollment;
 use crate::epoch::{EpochError, Sealed};
 use crate::error::{Error, ErrorKind, Result};
 use crate::tracking::{SealAt, Tracker};
+use crate::yielding::{Activity, Yielder};
 
 /// Take a snapshot of `volume`'s published epoch on the server this
 /// machine is enrolled with (`client_dir`), named `name` or after the
@@ -241,6 +242,7 @@ fn block_reader(
     tracker: Arc<Tracker>,
     epoch: u64,
     how: Reading,
+    yielder: Option<Yielder>,
 ) -> impl Fn(u64, u32) -> ublk_mirror_common::Result<Vec<u8>> + Send + Sync + 'static {
     move |offset, len| {
         let mut buf = vec![0u8; len as usize];
@@ -253,7 +255,12 @@ fn block_reader(
                 read
             }
             Reading::CutOrLive => tracker.read_cut_or_live(epoch, offset, &mut buf),
-            Reading::Live => tracker.read_live(offset, &mut buf),
+            Reading::Live => {
+                if let Some(y) = &yielder {
+                    y.before_read(u64::from(len));
+                }
+                tracker.read_live(offset, &mut buf)
+            }
         };
         read.map_err(|e| {
             ublk_mirror_common::Error::io(
@@ -301,6 +308,12 @@ pub struct MirrorSettings {
     /// Epochs of at least this many bytes travel in pre-copy rounds
     /// (`None`: never); see the module docs.
     pub precopy: Option<u64>,
+    /// Bytes per second a pre-copy round reads while the device is busy
+    /// (0: full speed always); see [`crate::yielding`].
+    pub min_rate: u64,
+    /// The device's request count, to tell when it is busy (`None`: a
+    /// pre-copy round never yields).
+    pub activity: Option<Activity>,
 }
 
 /// What `status` shows about the mirror.
@@ -342,6 +355,15 @@ pub struct MirrorStatus {
     /// pre-copy run in progress).
     #[serde(default)]
     pub precopy_rounds: u64,
+    /// Whether pre-copy reads are held to the minimum rate now, the
+    /// device being busy ([`crate::yielding`]).
+    #[serde(default)]
+    pub yielding: bool,
+    /// Milliseconds of pre-copy reading held to the minimum rate so far
+    /// (the time the bytes read while the device was busy take at that
+    /// rate).
+    #[serde(default)]
+    pub yielded_ms: u64,
 }
 
 /// Says whether the replicator must still wait before it connects (an
@@ -385,6 +407,8 @@ impl Handle {
 #[derive(Debug)]
 pub struct Replicator {
     tracker: Arc<Tracker>,
+    /// How pre-copy reads give way to the device, if they do.
+    yielder: Option<Yielder>,
     status: Arc<Mutex<MirrorStatus>>,
     kick: Arc<tokio::sync::Notify>,
     /// See [`Handle::started`].
@@ -430,7 +454,13 @@ impl Replicator {
             hold.is_some() || tracker.state_dir().join(RESTORING).exists(),
         ));
         let device = device_id(tracker.state_dir())?;
+        let yielder = settings
+            .activity
+            .clone()
+            .filter(|_| settings.min_rate > 0)
+            .map(|a| Yielder::new(settings.min_rate, a));
         let ctx = Context {
+            yielder: yielder.clone(),
             device,
             tracker: tracker.clone(),
             settings,
@@ -470,6 +500,7 @@ impl Replicator {
             .map_err(|e| Error::io("starting the replicator thread", e))?;
         Ok(Replicator {
             tracker,
+            yielder,
             status,
             kick,
             stop,
@@ -493,6 +524,10 @@ impl Replicator {
             .tracker
             .oldest_change_ms()
             .map_or(0, |t| now_ms().saturating_sub(t));
+        if let Some(y) = &self.yielder {
+            s.yielding = y.busy();
+            s.yielded_ms = y.held().as_millis() as u64;
+        }
         s
     }
 
@@ -537,6 +572,8 @@ impl Drop for Replicator {
 struct Context {
     /// This device's id (made once, kept in its state directory).
     device: [u8; 16],
+    /// How pre-copy reads give way to the device, if they do.
+    yielder: Option<Yielder>,
     tracker: Arc<Tracker>,
     settings: MirrorSettings,
     identity: Identity,
@@ -877,7 +914,7 @@ impl Context {
                 me,
                 &blocks,
                 self.settings.zstd_level,
-                block_reader(self.tracker.clone(), epoch, reading),
+                block_reader(self.tracker.clone(), epoch, reading, None),
             )
             .await;
         let shipped = match sent {
@@ -1135,7 +1172,7 @@ impl Context {
                 self.settings.zstd_level,
                 finish,
                 held,
-                block_reader(self.tracker.clone(), epoch, reading),
+                block_reader(self.tracker.clone(), epoch, reading, self.yielder.clone()),
             )
             .await
             .map_err(Error::Mirror)?;

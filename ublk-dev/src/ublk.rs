@@ -665,7 +665,11 @@ where
     });
     // Not enrolled stops us here, before the device exists; the network
     // itself is never waited for.
-    let replicator = start_replicator(spec, tracker.as_ref(), hold)?;
+    let activity = {
+        let engine = engine.clone();
+        crate::yielding::Activity::new(move || engine.stats().requests())
+    };
+    let replicator = start_replicator(spec, tracker.as_ref(), hold, activity)?;
 
     let ctrl = create_device(spec, start, od.is_none() || restoring)?;
     let dev_id = ctrl.dev_info().dev_id;
@@ -780,6 +784,7 @@ fn start_replicator(
     spec: &DeviceSpec,
     tracker: Option<&Arc<Tracker>>,
     hold: Option<crate::replicator::Hold>,
+    activity: crate::yielding::Activity,
 ) -> Result<Option<Arc<Replicator>>> {
     let (Some(m), Some(t)) = (&spec.mirror, tracker) else {
         return Ok(None);
@@ -793,6 +798,8 @@ fn start_replicator(
             zstd_level: m.zstd_level,
             bandwidth: m.bandwidth,
             precopy: m.precopy,
+            min_rate: m.min_rate,
+            activity: Some(activity),
         },
         hold,
     )?;

@@ -90,6 +90,17 @@ fn out_of_range_values_are_refused_before_touching_anything() {
             &["--size", "64M", "--id", "99999999"],
             "--id 99999999 is out of range",
         ),
+        (
+            &[
+                "--size",
+                "64M",
+                "--mirror",
+                "root",
+                "--mirror-min-rate",
+                "1K",
+            ],
+            "--mirror-min-rate 1KiB is below 64KiB a second",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["add", "--backing", img];

@@ -155,6 +155,8 @@ pub fn settings(client_dir: &Path, zstd_level: i32, bandwidth: Option<u64>) -> M
         zstd_level,
         bandwidth,
         precopy: None,
+        min_rate: 0,
+        activity: None,
     }
 }
 

@@ -60,6 +60,8 @@ fn settings(client_dir: &std::path::Path, trouble: Trouble) -> MirrorSettings {
         zstd_level: 1,
         bandwidth: Some(12 << 20),
         precopy: (trouble != Trouble::OrdinaryLost).then_some(1 << 20),
+        min_rate: 0,
+        activity: None,
     }
 }
 
@@ -363,4 +365,87 @@ fn an_outside_seal_during_a_round_is_sent_as_a_round() {
 #[test]
 fn an_ordinary_epoch_whose_read_blocks_were_lost_goes_as_a_round() {
     run(Trouble::OrdinaryLost);
+}
+
+/// A first sync gives way to a device that is busy (more than 100
+/// requests a second): its pre-copy round reads at the minimum rate, so
+/// after 3 s of writes it has read a fraction of the device and published
+/// nothing; `status` says it yields. Once the writes stop, it goes on at
+/// full speed, and the mirror ends up equal to the device.
+#[test]
+fn a_first_sync_gives_way_to_a_busy_device_and_goes_on_when_it_is_quiet() {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    let Enrolled {
+        dir,
+        data,
+        client_dir,
+        server: _server,
+        ..
+    } = enrolled();
+    let mut rng = Rng(0xb5);
+    let d = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
+    let requests = Arc::new(AtomicU64::new(0));
+    {
+        let mut io = LocalIo::new(&d.engine, d.backing.file())
+            .unwrap()
+            .with_tracker(&*d.tracker);
+        fill(&mut io, &mut rng);
+    }
+    // 32 MiB at 1 MiB/s while busy: half a minute; at full speed, a
+    // moment.
+    let mut settings = settings(&client_dir, Trouble::None);
+    settings.bandwidth = None;
+    settings.min_rate = 1 << 20;
+    settings.activity = Some({
+        let requests = requests.clone();
+        ublk_dev::yielding::Activity::new(move || requests.load(Ordering::Relaxed))
+    });
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // About 500 small writes a second, counted as the device's requests.
+        let writes = s.spawn(|| {
+            let mut io = LocalIo::new(&d.engine, d.backing.file())
+                .unwrap()
+                .with_tracker(&*d.tracker);
+            let mut rng = Rng(0x77);
+            while !stop.load(Ordering::SeqCst) {
+                let offset = (rng.next() % (SIZE / BLOCK as u64)) * BLOCK as u64;
+                io.submit(Request::write(offset, BLOCK as u64), &rng.bytes(BLOCK))
+                    .unwrap();
+                requests.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let replicator = Replicator::start(d.tracker.clone(), settings).unwrap();
+        replicator.kick().notify_one();
+        let status = || replicator.status();
+        wait_for("the link up", || status().link == "connected");
+        std::thread::sleep(Duration::from_secs(3));
+        let busy = status();
+        stop.store(true, Ordering::SeqCst);
+        writes.join().unwrap();
+        assert_eq!(
+            busy.server_epoch, 0,
+            "the first sync did not give way to the busy device: {busy:?}"
+        );
+        assert_eq!(busy.precopy_rounds, 0, "{busy:?}");
+        assert!(
+            busy.yielding,
+            "status does not say the sync yields: {busy:?}"
+        );
+        assert!(busy.yielded_ms > 1000, "{busy:?}");
+        // Quiet now: the rest goes at full speed, then a sync.
+        wait_for("the yielding over", || !status().yielding);
+        assert!(synced(&d.tracker, &replicator), "{:?}", status());
+        assert!(
+            image(&data) == std::fs::read(d.backing.path()).unwrap(),
+            "the mirror differs from the device after a sync"
+        );
+        let done = status();
+        assert!(
+            !done.yielding && done.yielded_ms >= busy.yielded_ms,
+            "{done:?}"
+        );
+    });
 }

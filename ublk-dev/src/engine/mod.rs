@@ -312,6 +312,22 @@ pub struct Stats {
     pub discards_unsupported: AtomicU64,
 }
 
+impl Stats {
+    /// Requests of every kind completed (failed ones included).
+    pub fn requests(&self) -> u64 {
+        [
+            &self.reads,
+            &self.writes,
+            &self.flushes,
+            &self.discards,
+            &self.errors,
+        ]
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .sum()
+    }
+}
+
 /// The engine of one device: validates requests and plans their steps.
 #[derive(Debug)]
 pub struct Engine {
