@@ -17,7 +17,12 @@
 #    at one cut: outside the stamped area it equals the backing file (no
 #    write touched it since fio ended), and inside it holds exactly the
 #    stamps of a prefix of the writes;
-# 3. then a sync, and the server's image is the backing file, byte for byte.
+# 3. then a sync, and the server's image is the backing file, byte for byte;
+# 4. the mirror away in the middle of an ordinary epoch (48 MiB, under the
+#    pre-copy size): 10 s later the epoch lets go of its cut (status
+#    counts it) and fio's writes into its unread blocks wait for no
+#    copy-on-write; the server back, a sync, and the image is the backing
+#    file again.
 source "$(dirname "$0")/lib.sh"
 
 IMG=$WORK/disk.img
@@ -128,6 +133,29 @@ awk -v r="$RATIO" 'BEGIN { exit !(r >= 0.5) }' || fail "writes during the first 
 
 # --- 3. in sync: the backing file, byte for byte
 "$UBLK_MIRROR" sync "$ID" --timeout 300s || { cat "$WORK/daemon.$DAEMONS.log"; fail "sync failed"; }
+cmp "$IMG" "$SERVER_IMG" || fail "after a sync the server's image differs from the backing file"
+log "after a sync the server's image is the backing file"
+
+# --- 4. the mirror away mid-epoch
+dd if=/dev/urandom of="$DEV" bs=1M count=48 seek=64 oflag=direct status=none
+"$UBLK_MIRROR" sync "$ID" --timeout 600s > "$WORK/sync4.out" 2>&1 &
+SYNC=$!
+for _ in $(seq 100); do [ "$(tracking 'sealed | length')" -ge 1 ] && break; sleep 0.1; done
+sleep 1 # some blocks read, most not (12 MB/s)
+[ "$(tracking 'sealed | map(select(.precopy | not)) | length')" = 1 ] ||
+  fail "no ordinary epoch was being shipped: $(tracking sealed)"
+kill -TERM "$SPID"; wait "$SPID" || fail "mirror-server did not stop cleanly"
+for _ in $(seq 150); do [ "$(mirror cuts_let_go)" -ge 1 ] && break; sleep 0.2; done
+[ "$(mirror cuts_let_go)" = 1 ] || fail "the epoch kept its cut with the mirror away: $(mirror link) $(tracking sealed)"
+[ "$(tracking 'sealed | map(select(.precopy | not)) | length')" = 0 ] || fail "an epoch still holds a cut"
+WAITS=$(tracking cow_waits)
+fio --eta=never --name=away --filename="$DEV" --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
+  --iodepth=8 --offset=64M --size=48M --runtime=3 --time_based --output=/dev/null
+[ "$(tracking cow_waits)" = "$WAITS" ] || fail "writes waited for copy-on-write with the cut let go of"
+log "the mirror away: the epoch let go of its cut, and fio's writes into it waited for no copy"
+"$MS" --data "$DATA" serve > "$WORK/server.out" 2> "$WORK/server.log" &
+SPID=$!
+wait $SYNC || { cat "$WORK/sync4.out" "$WORK/daemon.$DAEMONS.log"; fail "the sync across the mirror's absence failed"; }
 stop_dev
 cmp "$IMG" "$SERVER_IMG" || fail "after a sync the server's image differs from the backing file"
 log "after a sync the server's image is the backing file"

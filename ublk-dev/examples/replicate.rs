@@ -380,6 +380,7 @@ fn lag(args: &[String]) {
             // Nothing else uses the device while it syncs.
             min_rate: 0,
             activity: None,
+            let_go_after: ublk_dev::replicator::LET_GO_AFTER,
         },
     )
     .expect("start the replicator");
@@ -445,6 +446,7 @@ fn main() {
             // Nothing else uses the device while it syncs.
             min_rate: 0,
             activity: None,
+            let_go_after: ublk_dev::replicator::LET_GO_AFTER,
         },
     )
     .expect("start the replicator");

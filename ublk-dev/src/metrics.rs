@@ -183,6 +183,12 @@ pub fn render(devices: &[Device]) -> String {
         Unit::Seconds,
         yielded.clone(),
     );
+    let let_go = counters(
+        &mut r,
+        "ublk_mirror_cuts_let_go",
+        "Sealed epochs that let go of their cuts while the mirror was out of reach",
+        None,
+    );
     let fetched = counters(
         &mut r,
         "ublk_mirror_attach_fetched",
@@ -244,6 +250,7 @@ pub fn render(devices: &[Device]) -> String {
             wire.get_or_create(&l).inc_by(m.wire_bytes_total);
             known.get_or_create(&l).inc_by(m.known_bytes);
             yielding.get_or_create(&l).set(i64::from(m.yielding));
+            let_go.get_or_create(&l).inc_by(m.cuts_let_go);
             yielded
                 .get_or_create(&l)
                 .inc_by(m.yielded_ms as f64 / 1000.0);

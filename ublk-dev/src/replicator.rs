@@ -18,7 +18,14 @@
 //!    [`Tracker::release_keeping`]).
 //!
 //! A broken link leaves the sealed epoch in place (the blocks not yet read
-//! stay preserved) and the replicator reconnects with backoff; if the
+//! stay preserved) and the replicator reconnects with backoff. Should the
+//! mirror stay out of reach for [`LET_GO_AFTER`] (a laptop offline for
+//! hours), the sealed epochs let go of their cuts: they are demoted to
+//! pre-copy rounds ([`Tracker::demote`]), so writes stop waiting for
+//! copy-on-write while the mirror is away; once it is back they travel as
+//! the first round of a pre-copy run and a new cut follows, as for a
+//! block asked for again (below). The mirror keeps its last version
+//! meanwhile; the next one is a later cut. If the
 //! server had published the epoch before the link broke, the epoch is
 //! released without being sent again; if it staged it in part, the rest
 //! is sent. Writes meanwhile collect in the current epoch. Should the
@@ -314,7 +321,15 @@ pub struct MirrorSettings {
     /// The device's request count, to tell when it is busy (`None`: a
     /// pre-copy round never yields).
     pub activity: Option<Activity>,
+    /// How long the mirror may be out of reach before the epochs sealed
+    /// for it let go of their cuts ([`LET_GO_AFTER`]; see the module
+    /// docs).
+    pub let_go_after: Duration,
 }
+
+/// How long the mirror may be out of reach (counted from when the link
+/// was found down) before the sealed epochs let go of their cuts.
+pub const LET_GO_AFTER: Duration = Duration::from_secs(10);
 
 /// What `status` shows about the mirror.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,6 +379,10 @@ pub struct MirrorStatus {
     /// rate).
     #[serde(default)]
     pub yielded_ms: u64,
+    /// Sealed epochs that let go of their cuts because the mirror was out
+    /// of reach too long (sent as pre-copy rounds instead).
+    #[serde(default)]
+    pub cuts_let_go: u64,
 }
 
 /// Says whether the replicator must still wait before it connects (an
@@ -684,12 +703,20 @@ impl Context {
             self.started.store(true, Ordering::SeqCst);
         }
         let mut backoff = Backoff::default();
+        // Since when the mirror is out of reach.
+        let mut down_since: Option<Instant> = None;
         while !self.stopping() {
+            if down_since.is_some_and(|t| t.elapsed() >= self.settings.let_go_after) {
+                self.let_go_of_cuts().await;
+            }
             self.set(|s| s.link = "connecting".into());
             let mut connected = false;
             let Err(e) = self.session(&mut connected).await else {
                 return;
             };
+            if connected || down_since.is_none() {
+                down_since = Some(Instant::now());
+            }
             let wait = backoff.after(e.kind(), connected);
             match e.kind() {
                 ErrorKind::Link => {
@@ -706,6 +733,38 @@ impl Context {
             if !self.pause(wait).await {
                 return;
             }
+        }
+    }
+
+    /// The mirror has been out of reach for [`MirrorSettings::let_go_after`]:
+    /// every sealed ordinary epoch becomes a pre-copy round
+    /// ([`Tracker::demote`]), so that writes into the blocks the link had
+    /// not read stop waiting for copy-on-write while the mirror is away.
+    /// Once it is back, they travel as the first round of a pre-copy run
+    /// and a new cut ends it (see the module docs).
+    async fn let_go_of_cuts(&self) {
+        let tracker = self.tracker.clone();
+        let let_go = blocking("a replicator worker", move || {
+            let mut ids = Vec::new();
+            for (id, precopy) in tracker.sealed_epochs() {
+                if !precopy {
+                    tracker.demote(id)?;
+                    ids.push(id);
+                }
+            }
+            Ok(ids)
+        })
+        .await;
+        match let_go {
+            Ok(ids) if ids.is_empty() => {}
+            Ok(ids) => {
+                tracing::info!(
+                    epochs = ?ids,
+                    "the mirror is out of reach: the sealed epochs let go of their cuts (writes no longer wait for copy-on-write); they travel as a pre-copy round once it is back"
+                );
+                self.set(|s| s.cuts_let_go += ids.len() as u64);
+            }
+            Err(e) => tracing::error!("letting go of the sealed epochs' cuts: {e}"),
         }
     }
 

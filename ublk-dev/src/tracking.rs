@@ -1004,7 +1004,8 @@ impl Tracker {
     /// Make sealed epoch `id` a pre-copy round: it is no longer read as
     /// its cut, nothing more is preserved for it, and it reads as the
     /// device is now (what it kept stays until it is released). For a cut
-    /// that could not end a pre-copy run and was sent as a round.
+    /// that could not end a pre-copy run and was sent as a round, and for
+    /// cuts the mirror stayed out of reach too long for.
     pub fn demote(&self, id: u64) -> Result<()> {
         lock(&self.live).epochs.demote(id)?;
         Ok(())

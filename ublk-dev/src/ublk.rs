@@ -800,6 +800,7 @@ fn start_replicator(
             precopy: m.precopy,
             min_rate: m.min_rate,
             activity: Some(activity),
+            let_go_after: crate::replicator::LET_GO_AFTER,
         },
         hold,
     )?;

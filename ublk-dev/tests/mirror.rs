@@ -157,6 +157,7 @@ pub fn settings(client_dir: &Path, zstd_level: i32, bandwidth: Option<u64>) -> M
         precopy: None,
         min_rate: 0,
         activity: None,
+        let_go_after: ublk_dev::replicator::LET_GO_AFTER,
     }
 }
 

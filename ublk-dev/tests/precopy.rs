@@ -59,9 +59,14 @@ fn settings(client_dir: &std::path::Path, trouble: Trouble) -> MirrorSettings {
         interval: Duration::from_secs(3600),
         zstd_level: 1,
         bandwidth: Some(12 << 20),
-        precopy: (trouble != Trouble::OrdinaryLost).then_some(1 << 20),
+        precopy: (!matches!(trouble, Trouble::OrdinaryLost | Trouble::Outage)).then_some(1 << 20),
         min_rate: 0,
         activity: None,
+        let_go_after: if trouble == Trouble::Outage {
+            Duration::from_secs(1)
+        } else {
+            ublk_dev::replicator::LET_GO_AFTER
+        },
     }
 }
 
@@ -167,6 +172,12 @@ enum Trouble {
     /// staging, so blocks read already are asked for again: the epoch must
     /// go as a pre-copy round, and a cut follow.
     OrdinaryLost,
+    /// Pre-copy is off, and the server goes away mid-epoch for longer
+    /// than the let-go time (1 s here): the epoch lets go of its cut, so
+    /// writes into the blocks not read yet stop waiting for copy-on-write;
+    /// once the server is back the epoch goes as a pre-copy round, and a
+    /// cut follows.
+    Outage,
 }
 
 fn run(trouble: Trouble) {
@@ -250,6 +261,25 @@ fn run(trouble: Trouble) {
                     for f in std::fs::read_dir(&staging).unwrap() {
                         std::fs::remove_file(f.unwrap().path()).unwrap();
                     }
+                    server = Some(TestServer::start(&data, &listen));
+                }
+                (Trouble::Outage, 0) => {
+                    wait_for("the link up", || status().link == "connected");
+                    std::thread::sleep(Duration::from_millis(1200));
+                    assert_eq!(d.tracker.sealed_epochs(), vec![(1, false)]);
+                    drop(server.take());
+                    wait_for("the cut let go of", || {
+                        d.tracker.sealed_epochs() == vec![(1, true)]
+                    });
+                    assert_eq!(status().cuts_let_go, 1, "{:?}", status());
+                    // The writer goes on, and no write waits for a copy.
+                    let before = d.tracker.status().cow_waits;
+                    std::thread::sleep(Duration::from_millis(1000));
+                    assert_eq!(
+                        d.tracker.status().cow_waits,
+                        before,
+                        "writes waited for copy-on-write after the cut was let go of"
+                    );
                     server = Some(TestServer::start(&data, &listen));
                 }
                 (Trouble::OutsideSeal, 0) => {
@@ -355,6 +385,11 @@ fn pre_copy_survives_the_daemon_dying_mid_run() {
 #[test]
 fn a_run_published_with_its_answer_lost_is_released_whole() {
     run(Trouble::LostCommitted);
+}
+
+#[test]
+fn an_epoch_lets_go_of_its_cut_while_the_mirror_is_away() {
+    run(Trouble::Outage);
 }
 
 #[test]
