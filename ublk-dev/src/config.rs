@@ -468,7 +468,7 @@ mod tests {
         assert_eq!(rate(mirrored(Some("8M"))), 8 << 20);
         assert_eq!(rate(mirrored(Some("0"))), 0);
         let low = mirrored(Some("4K")).validate().unwrap_err().to_string();
-        assert!(low.contains("below 64KiB"), "{low}");
+        assert!(low.contains("below 256KiB"), "{low}");
         // A spec written before the setting existed (a device recovered
         // after an upgrade) yields at the default rate.
         let old: MirrorSpec = serde_json::from_str(

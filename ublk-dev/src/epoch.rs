@@ -626,12 +626,26 @@ impl Epochs {
     }
 
     /// Make sealed epoch `id` a pre-copy round (see
-    /// [`Epochs::seal_precopy`]): nothing more is preserved for it, and it
-    /// reads live; versions kept for it stay until it is released.
+    /// [`Epochs::seal_precopy`]): nothing more is preserved for it, it
+    /// reads live, and the versions only it needed are dropped.
     pub fn demote(&mut self, id: u64) -> Result<(), EpochError> {
         self.get(id)?;
-        if let Some(s) = self.sealed.iter_mut().find(|s| s.id == id) {
-            s.precopy = true;
+        let Some(s) = self.sealed.iter_mut().find(|s| s.id == id) else {
+            return Ok(());
+        };
+        if s.precopy {
+            return Ok(());
+        }
+        s.precopy = true;
+        let unneeded: Vec<(u64, u64)> = self
+            .store
+            .versions
+            .iter()
+            .flat_map(|(&c, list)| list.iter().map(move |(cut, _)| (c, *cut)))
+            .filter(|&(c, cut)| !self.needs(c, cut))
+            .collect();
+        for (c, cut) in unneeded {
+            self.store.drop_version(c, cut);
         }
         Ok(())
     }
@@ -981,6 +995,34 @@ mod tests {
         assert!(e.check_read(1, 3 * CHUNK..4 * CHUNK).is_ok());
         assert!(matches!(e.take(9, 0..1), Err(EpochError::NotSealed { .. })));
         assert_eq!(spill.slots().clears, 0);
+    }
+
+    #[test]
+    fn a_demoted_epoch_drops_what_only_it_kept() {
+        let (mut e, _spill) = epochs(1 << 20);
+        e.record(ChangeKind::Data, 0..2 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 1);
+        // Chunk 0 is kept for epoch 1, then changed again and sealed in
+        // epoch 2; a write after that keeps chunk 0 for epoch 2 too.
+        assert_eq!(e.to_preserve(0..CHUNK), vec![0]);
+        e.preserve(0, &[1; CHUNK as usize]);
+        e.record(ChangeKind::Data, 0..CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 2);
+        assert_eq!(e.to_preserve(0..CHUNK), vec![0]);
+        e.preserve(0, &[2; CHUNK as usize]);
+        assert_eq!(e.store_usage().memory_bytes, 2 * CHUNK);
+        // Epoch 1 lets go of its cut: its version goes, epoch 2's stays,
+        // and a write into chunk 1 (epoch 1's alone) waits for nothing.
+        e.demote(1).unwrap();
+        assert_eq!(e.store_usage().memory_bytes, CHUNK);
+        assert!(e.to_preserve(CHUNK..2 * CHUNK).is_empty());
+        let mut buf = vec![0u8; CHUNK as usize];
+        e.check_read(2, 0..CHUNK).unwrap();
+        e.overlay(2, 0, &mut buf).unwrap();
+        assert_eq!(buf, vec![2; CHUNK as usize]);
+        // Again: nothing changes.
+        e.demote(1).unwrap();
+        assert_eq!(e.store_usage().memory_bytes, CHUNK);
     }
 
     #[test]

@@ -20,9 +20,11 @@
 //! A broken link leaves the sealed epoch in place (the blocks not yet read
 //! stay preserved) and the replicator reconnects with backoff. Should the
 //! mirror stay out of reach for [`LET_GO_AFTER`] (a laptop offline for
-//! hours), the sealed epochs let go of their cuts: they are demoted to
-//! pre-copy rounds ([`Tracker::demote`]), so writes stop waiting for
-//! copy-on-write while the mirror is away; once it is back they travel as
+//! hours), the epochs it sealed let go of their cuts (not those sealed by
+//! `ublk-mirror epoch seal`, at a point the user chose): they are demoted
+//! to pre-copy rounds ([`Tracker::demote`], which also drops what only
+//! they kept), so writes stop waiting for copy-on-write while the mirror
+//! is away; once it is back they travel as
 //! the first round of a pre-copy run and a new cut follows, as for a
 //! block asked for again (below). The mirror keeps its last version
 //! meanwhile; the next one is a later cut. If the
@@ -128,7 +130,7 @@ use crate::enrollment::Enrollment;
 use crate::epoch::{EpochError, Sealed};
 use crate::error::{Error, ErrorKind, Result};
 use crate::tracking::{SealAt, Tracker};
-use crate::yielding::{Activity, Yielder};
+use crate::yielding::{Activity, Ticket, Yielder};
 
 /// Take a snapshot of `volume`'s published epoch on the server this
 /// machine is enrolled with (`client_dir`), named `name` or after the
@@ -249,7 +251,7 @@ fn block_reader(
     tracker: Arc<Tracker>,
     epoch: u64,
     how: Reading,
-    yielder: Option<Yielder>,
+    yielder: Option<Ticket>,
 ) -> impl Fn(u64, u32) -> ublk_mirror_common::Result<Vec<u8>> + Send + Sync + 'static {
     move |offset, len| {
         let mut buf = vec![0u8; len as usize];
@@ -263,8 +265,14 @@ fn block_reader(
             }
             Reading::CutOrLive => tracker.read_cut_or_live(epoch, offset, &mut buf),
             Reading::Live => {
-                if let Some(y) = &yielder {
-                    y.before_read(u64::from(len));
+                if yielder
+                    .as_ref()
+                    .is_some_and(|y| !y.before_read(u64::from(len)))
+                {
+                    return Err(ublk_mirror_common::Error::io(
+                        format!("reading epoch {epoch} at {offset}"),
+                        std::io::Error::other("the link it was read for is gone"),
+                    ));
                 }
                 tracker.read_live(offset, &mut buf)
             }
@@ -494,6 +502,7 @@ impl Replicator {
             started: started.clone(),
             filling: filling.clone(),
             run: Mutex::new(None),
+            own_cuts: Mutex::new(Vec::new()),
         };
         let thread = std::thread::Builder::new()
             .name("replicator".into())
@@ -568,6 +577,9 @@ impl Replicator {
 impl Drop for Replicator {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        if let Some(y) = &self.yielder {
+            y.call_off();
+        }
         self.kick.notify_one();
         // A transfer in progress is abandoned (a permit is kept if none is).
         self.stopped.notify_one();
@@ -611,6 +623,9 @@ struct Context {
     filling: Arc<AtomicBool>,
     /// The pre-copy run in progress, if any.
     run: Mutex<Option<Run>>,
+    /// The ordinary epochs this replicator sealed (cuts of its own, not
+    /// `ublk-mirror epoch seal`'s): those it may let go of.
+    own_cuts: Mutex<Vec<u64>>,
 }
 
 /// A pre-copy run in progress (see the module docs): rounds staged on
@@ -703,21 +718,35 @@ impl Context {
             self.started.store(true, Ordering::SeqCst);
         }
         let mut backoff = Backoff::default();
-        // Since when the mirror is out of reach.
+        // Since when the mirror is out of reach, and whether the cuts were
+        // let go of since.
         let mut down_since: Option<Instant> = None;
+        let mut let_go = false;
         while !self.stopping() {
-            if down_since.is_some_and(|t| t.elapsed() >= self.settings.let_go_after) {
+            if !let_go && down_since.is_some_and(|t| t.elapsed() >= self.settings.let_go_after) {
                 self.let_go_of_cuts().await;
+                let_go = true;
             }
             self.set(|s| s.link = "connecting".into());
             let mut connected = false;
-            let Err(e) = self.session(&mut connected).await else {
+            let ended = self.session(&mut connected).await;
+            // Readers of a round still sleeping for the device read no
+            // more: their link is gone.
+            if let Some(y) = &self.yielder {
+                y.call_off();
+            }
+            let Err(e) = ended else {
                 return;
             };
             if connected || down_since.is_none() {
                 down_since = Some(Instant::now());
+                let_go = false;
             }
-            let wait = backoff.after(e.kind(), connected);
+            let mut wait = backoff.after(e.kind(), connected);
+            if let (false, Some(t)) = (let_go, down_since) {
+                // Not past the time to let go of the cuts.
+                wait = wait.min(self.settings.let_go_after.saturating_sub(t.elapsed()));
+            }
             match e.kind() {
                 ErrorKind::Link => {
                     tracing::warn!(server = %self.address, "mirror link down: {e}; retrying in {wait:?}")
@@ -737,17 +766,26 @@ impl Context {
     }
 
     /// The mirror has been out of reach for [`MirrorSettings::let_go_after`]:
-    /// every sealed ordinary epoch becomes a pre-copy round
+    /// every ordinary epoch it sealed becomes a pre-copy round
     /// ([`Tracker::demote`]), so that writes into the blocks the link had
     /// not read stop waiting for copy-on-write while the mirror is away.
     /// Once it is back, they travel as the first round of a pre-copy run
     /// and a new cut ends it (see the module docs).
     async fn let_go_of_cuts(&self) {
         let tracker = self.tracker.clone();
+        let own = {
+            let sealed = self.tracker.sealed_epochs();
+            let mut own = self.own_cuts_lock();
+            own.retain(|id| sealed.iter().any(|(s, _)| s == id));
+            own.clone()
+        };
         let let_go = blocking("a replicator worker", move || {
             let mut ids = Vec::new();
             for (id, precopy) in tracker.sealed_epochs() {
-                if !precopy {
+                // An epoch sealed by `ublk-mirror epoch seal` (at a point
+                // the user chose, an fsfreeze say) keeps its cut: the
+                // mirror's version of it is that point.
+                if !precopy && own.contains(&id) {
                     tracker.demote(id)?;
                     ids.push(id);
                 }
@@ -766,6 +804,10 @@ impl Context {
             }
             Err(e) => tracing::error!("letting go of the sealed epochs' cuts: {e}"),
         }
+    }
+
+    fn own_cuts_lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.own_cuts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Check that the volume holds this device's past; if it cannot be
@@ -863,6 +905,9 @@ impl Context {
                         }
                     })
                     .await?;
+                    if !again {
+                        self.own_cuts_lock().push(id);
+                    }
                     last_cut = Instant::now();
                     (id, true)
                 }
@@ -904,6 +949,9 @@ impl Context {
                         }
                     })
                     .await?;
+                    if !precopy {
+                        self.own_cuts_lock().push(id);
+                    }
                     (id, precopy)
                 }
             };
@@ -1231,7 +1279,12 @@ impl Context {
                 self.settings.zstd_level,
                 finish,
                 held,
-                block_reader(self.tracker.clone(), epoch, reading, self.yielder.clone()),
+                block_reader(
+                    self.tracker.clone(),
+                    epoch,
+                    reading,
+                    self.yielder.as_ref().map(Yielder::ticket),
+                ),
             )
             .await
             .map_err(Error::Mirror)?;

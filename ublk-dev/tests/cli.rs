@@ -99,7 +99,7 @@ fn out_of_range_values_are_refused_before_touching_anything() {
                 "--mirror-min-rate",
                 "1K",
             ],
-            "--mirror-min-rate 1KiB is below 64KiB a second",
+            "--mirror-min-rate 1KiB is below 256KiB a second",
         ),
     ];
     for (extra, want) in cases {
