@@ -451,6 +451,19 @@ fn stream_range(
         tracker
             .read_epoch(epoch, at, piece)
             .map_err(StreamError::Tracker)?;
+        // A cut the mirror let go of meanwhile (it sends the epoch as a
+        // pre-copy round) reads as the device is now: from the moment it
+        // was demoted, what is read is no longer the cut. Checked after
+        // the read, so a demotion before it is always seen.
+        if tracker
+            .sealed_epochs()
+            .iter()
+            .any(|&(id, precopy)| id == epoch && precopy)
+        {
+            return Err(StreamError::Tracker(Error::InvalidConfig(format!(
+                "epoch {epoch} became a pre-copy round of the mirror while it was read (the device as it is, not a cut): what was read is not a cut"
+            ))));
+        }
         for (i, part) in piece.chunks(EXTENT as usize).enumerate() {
             let zero = part.iter().all(|&b| b == 0);
             let extent = Extent {

@@ -176,3 +176,45 @@ fn holes_at_a_cut_read_as_zeroes_at_the_cut_whatever_came_after() {
     assert_eq!(holes.len(), SIZE - 2 * 65536 - 4096, "{holes:?}");
     s.tracker.release(epoch).unwrap();
 }
+
+/// An epoch demoted to a pre-copy round while it is read (the mirror sends
+/// a hand-sealed epoch as a round during a pre-copy run) no longer reads as
+/// its cut: the read fails from there on instead of going on with the
+/// device as it is.
+#[test]
+fn a_read_fails_once_its_epoch_is_no_longer_a_cut() {
+    let s = setup();
+    let mut io = LocalIo::new(&s.engine, s.backing.file())
+        .unwrap()
+        .with_tracker(&s.tracker);
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let data: Vec<u8> = (0..SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for (i, piece) in data.chunks(256 << 10).enumerate() {
+        io.submit(Request::write(i as u64 * (256 << 10), 256 << 10), piece)
+            .unwrap();
+    }
+    let epoch = s.tracker.seal(SealAt::Now).unwrap();
+    // The whole device (8 MiB) is far more than the socket holds: most of
+    // it is read after the demotion.
+    let mut demoted = false;
+    let mut after = 0u64;
+    let read = s.client.read(epoch, |x, _| {
+        if demoted {
+            after += x.len;
+        } else {
+            s.tracker.demote(epoch).unwrap();
+            demoted = true;
+        }
+        Ok(())
+    });
+    let e = read.expect_err("an epoch read on after it stopped being a cut");
+    assert!(e.to_string().contains("not a cut"), "{e}");
+    assert!(after < SIZE / 2, "{after} bytes came after the demotion");
+}
