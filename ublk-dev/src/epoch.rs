@@ -555,6 +555,20 @@ impl Epochs {
 
     /// Whether an unreleased epoch that is not broken, sealed at or before
     /// `cut`, touched chunk `c`: only those read its version at `cut`.
+    /// Drop the versions of `chunks` that no epoch needs any more.
+    fn drop_unneeded(&mut self, chunks: impl std::ops::RangeBounds<u64>) {
+        let unneeded: Vec<(u64, u64)> = self
+            .store
+            .versions
+            .range(chunks)
+            .flat_map(|(&c, list)| list.iter().map(move |(cut, _)| (c, *cut)))
+            .filter(|&(c, cut)| !self.needs(c, cut))
+            .collect();
+        for (c, cut) in unneeded {
+            self.store.drop_version(c, cut);
+        }
+    }
+
     fn needs(&self, c: u64, cut: u64) -> bool {
         let r = self.chunk_range(c);
         self.sealed
@@ -637,16 +651,7 @@ impl Epochs {
             return Ok(());
         }
         s.precopy = true;
-        let unneeded: Vec<(u64, u64)> = self
-            .store
-            .versions
-            .iter()
-            .flat_map(|(&c, list)| list.iter().map(move |(cut, _)| (c, *cut)))
-            .filter(|&(c, cut)| !self.needs(c, cut))
-            .collect();
-        for (c, cut) in unneeded {
-            self.store.drop_version(c, cut);
-        }
+        self.drop_unneeded(..);
         Ok(())
     }
 
@@ -802,16 +807,7 @@ impl Epochs {
         let chunks = first..end;
         s.taken
             .insert(chunks.start * CHUNK..(chunks.end * CHUNK).min(self.device_size));
-        let unneeded: Vec<(u64, u64)> = self
-            .store
-            .versions
-            .range(chunks)
-            .flat_map(|(&c, list)| list.iter().map(move |(cut, _)| (c, *cut)))
-            .filter(|&(c, cut)| !self.needs(c, cut))
-            .collect();
-        for (c, cut) in unneeded {
-            self.store.drop_version(c, cut);
-        }
+        self.drop_unneeded(chunks);
         Ok(())
     }
 

@@ -772,23 +772,23 @@ impl Context {
     /// Once it is back, they travel as the first round of a pre-copy run
     /// and a new cut ends it (see the module docs).
     async fn let_go_of_cuts(&self) {
-        let tracker = self.tracker.clone();
-        let own = {
+        // An epoch sealed by `ublk-mirror epoch seal` (at a point the user
+        // chose, an fsfreeze say) keeps its cut: the mirror's version of it
+        // is that point.
+        let ids: Vec<u64> = {
             let sealed = self.tracker.sealed_epochs();
             let mut own = self.own_cuts_lock();
             own.retain(|id| sealed.iter().any(|(s, _)| s == id));
-            own.clone()
+            sealed
+                .iter()
+                .filter(|&&(id, precopy)| !precopy && own.contains(&id))
+                .map(|&(id, _)| id)
+                .collect()
         };
+        let tracker = self.tracker.clone();
         let let_go = blocking("a replicator worker", move || {
-            let mut ids = Vec::new();
-            for (id, precopy) in tracker.sealed_epochs() {
-                // An epoch sealed by `ublk-mirror epoch seal` (at a point
-                // the user chose, an fsfreeze say) keeps its cut: the
-                // mirror's version of it is that point.
-                if !precopy && own.contains(&id) {
-                    tracker.demote(id)?;
-                    ids.push(id);
-                }
+            for &id in &ids {
+                tracker.demote(id)?;
             }
             Ok(ids)
         })

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ublk_dev::backing::Backing;
 use ublk_dev::control::{Client, Server};
 
-use crate::support::TrackedDevice;
+use crate::support::{Rng, TrackedDevice};
 use ublk_dev::engine::uring::LocalIo;
 use ublk_dev::engine::{Engine, Op, Request};
 use ublk_dev::tracking::{SealAt, Tracker};
@@ -187,15 +187,7 @@ fn a_read_fails_once_its_epoch_is_no_longer_a_cut() {
     let mut io = LocalIo::new(&s.engine, s.backing.file())
         .unwrap()
         .with_tracker(&s.tracker);
-    let mut x = 0x9e3779b97f4a7c15u64;
-    let data: Vec<u8> = (0..SIZE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = Rng(0x9e37_79b9_7f4a_7c15).bytes(SIZE as usize);
     for (i, piece) in data.chunks(256 << 10).enumerate() {
         io.submit(Request::write(i as u64 * (256 << 10), 256 << 10), piece)
             .unwrap();

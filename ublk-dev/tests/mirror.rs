@@ -11,7 +11,7 @@ use ublk_dev::engine::{Op, Request};
 use ublk_dev::replicator::{MirrorSettings, Replicator};
 use ublk_dev::tracking::Tracker;
 
-use crate::support::{TestServer, TrackedDevice};
+use crate::support::{Rng, TestServer, TrackedDevice};
 
 pub const SIZE: u64 = 32 << 20;
 
@@ -504,16 +504,9 @@ fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
             .unwrap()
             .with_tracker(&tracker);
         // Data that does not compress, all over the device.
-        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         for i in 0..SIZE >> 17 {
-            let chunk: Vec<u8> = (0..1u64 << 17)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let chunk = rng.bytes(1 << 17);
             io.submit(Request::write(i << 17, 1 << 17), &chunk).unwrap();
         }
         // 32 MiB at 8 MiB/s: the daemon stops once the server staged

@@ -20,7 +20,7 @@ use ublk_dev::replicator::{MirrorSettings, Replicator};
 use ublk_dev::tracking::Tracker;
 
 use crate::mirror::{enrolled, image, synced, Enrolled};
-use crate::support::{TestServer, TrackedDevice};
+use crate::support::{Rng, TestServer, TrackedDevice};
 
 const SIZE: u64 = 32 << 20;
 const BLOCK: usize = 4096;
@@ -31,21 +31,6 @@ struct Written {
     offset: u64,
     data: Option<Vec<u8>>,
     len: u64,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
 }
 
 /// Mirror to "root" with pre-copy above 1 MiB (so a final cut at 128

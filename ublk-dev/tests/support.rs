@@ -137,3 +137,20 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// A small xorshift generator: the same bytes for the same seed (not 0),
+/// and none of them compress.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
