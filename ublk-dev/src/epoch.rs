@@ -821,9 +821,15 @@ impl Epochs {
             return Ok(());
         }
         let end = offset + buf.len() as u64;
-        let mut chunk = vec![0u8; CHUNK as usize];
+        // Under the tracker's lock: a chunk's worth of memory only when a
+        // version is kept.
+        let mut chunk = Vec::new();
         for c in offset / CHUNK..end.div_ceil(CHUNK) {
+            if !self.store.has_version_since(c, id) {
+                continue;
+            }
             let r = self.chunk_range(c);
+            chunk.resize(CHUNK as usize, 0);
             let piece = &mut chunk[..(r.end - r.start) as usize];
             if self.store.get(c, id, piece)? {
                 let from = r.start.max(offset);

@@ -935,15 +935,17 @@ impl Tracker {
         self.file
             .read_exact_at(bytes, offset)
             .map_err(|e| Error::io("reading the backing file for an epoch", e))?;
-        let mut live = lock(&self.live);
-        check(&live)?;
-        live.epochs
-            .overlay(id, offset, bytes)
-            .map_err(|e| Error::io("reading preserved chunks", e))?;
-        if take {
-            // Under the same lock: a write into these chunks after this is
-            // no longer held back, and the bytes read were the cut's.
-            live.epochs.take(id, offset..offset + buf.len() as u64)?;
+        {
+            let mut live = lock(&self.live);
+            check(&live)?;
+            live.epochs
+                .overlay(id, offset, bytes)
+                .map_err(|e| Error::io("reading preserved chunks", e))?;
+            if take {
+                // Under the same lock: a write into these chunks after this
+                // is no longer held back, and the bytes read were the cut's.
+                live.epochs.take(id, offset..offset + buf.len() as u64)?;
+            }
         }
         buf.copy_from_slice(bytes);
         Ok(())
