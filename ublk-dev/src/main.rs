@@ -1614,12 +1614,12 @@ fn sync_with_progress(
         std::thread::spawn(move || {
             let mut total = 0;
             while !done.load(Ordering::Acquire) {
-                let behind = ublk_dev::status::read(id)
-                    .and_then(|s| s.mirror)
-                    .map_or(0, |m| m.bytes_behind);
+                let mirror = ublk_dev::status::read(id).and_then(|s| s.mirror);
+                let behind = mirror.as_ref().map_or(0, |m| m.bytes_behind);
                 total = total.max(behind);
                 bar.set_length(total);
                 bar.set_position(total - behind);
+                bar.set_message(mirror.as_ref().map_or_else(String::new, sync_note));
                 std::thread::sleep(std::time::Duration::from_millis(250));
             }
         })
@@ -1629,6 +1629,32 @@ fn sync_with_progress(
     let _ = watcher.join();
     bar.finish_and_clear();
     Ok(r?)
+}
+
+/// Why a sync goes slower than the link could, for its bar: the mirror
+/// out of reach, or a first sync (or resync) giving way to the device's
+/// own I/O; how many pre-copy rounds wait on the server for the cut
+/// that publishes them. Empty when there is nothing to say.
+fn sync_note(m: &ublk_dev::replicator::MirrorStatus) -> String {
+    if m.link != "connected" {
+        return match &m.last_error {
+            Some(why) => format!("mirror {}: {why}", m.link),
+            None => format!("mirror {}", m.link),
+        };
+    }
+    let rounds = match m.precopy_rounds {
+        0 => None,
+        1 => Some("1 pre-copy round staged".to_string()),
+        n => Some(format!("{n} pre-copy rounds staged")),
+    };
+    let yields = m
+        .yielding
+        .then_some("giving way to the device's I/O (--mirror-min-rate)");
+    rounds
+        .into_iter()
+        .chain(yields.map(String::from))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How long changes of a mirrored device have waited for the mirror, as
@@ -1841,6 +1867,35 @@ fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use ublk_dev::replicator::MirrorStatus;
+
+    /// The sync bar says what holds a sync back, and nothing when nothing
+    /// does.
+    #[test]
+    fn the_sync_bar_says_why_a_sync_is_slow() {
+        let m = |link: &str, rounds, yielding| MirrorStatus {
+            link: link.into(),
+            precopy_rounds: rounds,
+            yielding,
+            ..Default::default()
+        };
+        assert_eq!(sync_note(&m("connected", 0, false)), "");
+        assert_eq!(
+            sync_note(&m("connected", 0, true)),
+            "giving way to the device's I/O (--mirror-min-rate)"
+        );
+        assert_eq!(
+            sync_note(&m("connected", 2, true)),
+            "2 pre-copy rounds staged, giving way to the device's I/O (--mirror-min-rate)"
+        );
+        assert_eq!(
+            sync_note(&m("connected", 1, false)),
+            "1 pre-copy round staged"
+        );
+        let mut down = m("disconnected", 3, true);
+        assert_eq!(sync_note(&down), "mirror disconnected");
+        down.last_error = Some("connection refused".into());
+        assert_eq!(sync_note(&down), "mirror disconnected: connection refused");
+    }
 
     #[test]
     fn a_mirror_is_behind_by_its_lag_plus_the_time_its_daemon_was_silent() {
