@@ -169,6 +169,78 @@ where
     })
 }
 
+/// A block ready to go: its header and payload, its length, and whether
+/// it goes as a digest the server holds.
+struct Encoded {
+    header: Message,
+    payload: Vec<u8>,
+    len: u32,
+    known: bool,
+}
+
+/// Encoders per data stream: with the other streams', one per core.
+fn encoders() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .div_ceil(DATA_STREAMS)
+}
+
+/// Encode `blocks` (compressed, or as their digest where `known`) on
+/// [`encoders`] blocking threads, block `i` on encoder `i % n`: each is
+/// handed on with its index as soon as it is done. A thread per batch,
+/// not per block: a block is a few dozen microseconds of work, and a
+/// thread woken for each (thousands a second) is CPU the device's own
+/// I/O competes with.
+fn encode_later(
+    blocks: Vec<Read>,
+    known: &[bool],
+    level: i32,
+) -> tokio::sync::mpsc::UnboundedReceiver<(usize, Encoded)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let n = encoders().min(blocks.len()).max(1);
+    let mut shares: Vec<Vec<(usize, Read, bool)>> = (0..n).map(|_| Vec::new()).collect();
+    for (i, (b, &k)) in blocks.into_iter().zip(known).enumerate() {
+        shares[i % n].push((i, b, k));
+    }
+    for share in shares {
+        let tx = tx.clone();
+        tokio::task::spawn_blocking(move || {
+            for (i, b, known) in share {
+                let len = b.data.len() as u32;
+                let e = if known {
+                    let header = Message::Block {
+                        offset: b.offset,
+                        len,
+                        sha256: b.digest,
+                        encoding: Encoding::Known,
+                        data_len: 0,
+                    };
+                    Encoded {
+                        header,
+                        payload: Vec::new(),
+                        len,
+                        known,
+                    }
+                } else {
+                    let (header, payload) =
+                        block::encode_hashed(b.offset, &b.data, b.digest, level);
+                    Encoded {
+                        header,
+                        payload,
+                        len,
+                        known,
+                    }
+                };
+                if tx.send((i, e)).is_err() {
+                    // The stream went away: nobody waits for the rest.
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
 async fn read_batch(job: tokio::task::JoinHandle<Batch>) -> Result<Batch> {
     job.await
         .map_err(|e| Error::Link(format!("reading blocks: {e}")))
@@ -248,38 +320,29 @@ where
                 .then(|| read_later(&read, work.take_many(QUERY_BATCH)));
             let known = known_answer(&mut recv, &batch.blocks, asked).await?;
             // Compress this batch while the next is read.
-            let encoded: Vec<_> = batch
-                .blocks
-                .into_iter()
-                .zip(&known)
-                .map(|(b, &known)| {
-                    tokio::task::spawn_blocking(move || {
-                        let len = b.data.len() as u32;
-                        if known {
-                            let header = Message::Block {
-                                offset: b.offset,
-                                len,
-                                sha256: b.digest,
-                                encoding: Encoding::Known,
-                                data_len: 0,
-                            };
-                            (header, Vec::new(), len, true)
-                        } else {
-                            let (h, p) = block::encode_hashed(b.offset, &b.data, b.digest, level);
-                            (h, p, len, false)
-                        }
-                    })
-                })
-                .collect();
+            let mut encoded = encode_later(batch.blocks, &known, level);
             batch = match next {
                 Some(next) => read_batch(next).await?,
                 None => Batch::default(),
             };
             asked = dedup && ask_known(&mut send, &batch.blocks).await?;
-            for job in encoded {
-                let (header, payload, len, known) = job
-                    .await
-                    .map_err(|e| Error::Link(format!("encoding a block: {e}")))?;
+            // In order, each as soon as it and those before it are done.
+            let mut done = std::collections::BTreeMap::new();
+            for i in 0..known.len() {
+                let Encoded {
+                    header,
+                    payload,
+                    len,
+                    known,
+                } = loop {
+                    if let Some(e) = done.remove(&i) {
+                        break e;
+                    }
+                    let (at, e) = encoded.recv().await.ok_or_else(|| {
+                        Error::Link("encoding a block: an encoder stopped".to_string())
+                    })?;
+                    done.insert(at, e);
+                };
                 pace(&pacer, payload.len() as u64).await;
                 wire::send_with_data(&mut send, &header, &payload).await?;
                 if known {
@@ -926,4 +989,55 @@ pub enum Taken {
     Write(BlockToWrite),
     /// A batch was answered.
     Progress(Progress),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every block comes out of the encoders once, with its own index,
+    /// encoded as asked (a digest the server holds, a hole, or
+    /// compressed), however many encoders share the batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_encoders_hand_on_every_block_once_as_asked() {
+        let blocks: Vec<Read> = (0..37u64)
+            .map(|i| {
+                let data = if i % 5 == 0 {
+                    vec![0u8; block::BLOCK as usize]
+                } else {
+                    vec![i as u8; block::BLOCK as usize]
+                };
+                Read {
+                    offset: i * block::BLOCK,
+                    digest: block::digest(&data),
+                    zero: i % 5 == 0,
+                    data,
+                }
+            })
+            .collect();
+        let known: Vec<bool> = (0..37).map(|i| i % 3 == 1).collect();
+        let mut rx = encode_later(blocks, &known, 3);
+        let mut seen = [false; 37];
+        while let Some((i, e)) = rx.recv().await {
+            assert!(!seen[i], "block {i} twice");
+            seen[i] = true;
+            let Message::Block {
+                offset, encoding, ..
+            } = e.header
+            else {
+                panic!("not a block header");
+            };
+            assert_eq!(offset, i as u64 * block::BLOCK);
+            assert_eq!(e.known, known[i]);
+            let want = if known[i] {
+                Encoding::Known
+            } else if i % 5 == 0 {
+                Encoding::Zero
+            } else {
+                Encoding::Zstd
+            };
+            assert_eq!(encoding, want, "block {i}");
+        }
+        assert!(seen.iter().all(|&s| s), "every block came out");
+    }
 }
