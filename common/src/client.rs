@@ -186,7 +186,7 @@ fn encoders() -> usize {
 }
 
 /// Encode `blocks` (compressed, or as their digest where `known`) on
-/// [`encoders`] blocking threads, block `i` on encoder `i % n`: each is
+/// `n` blocking threads ([`encoders`]), block `i` on thread `i % n`: each is
 /// handed on with its index as soon as it is done. A thread per batch,
 /// not per block: a block is a few dozen microseconds of work, and a
 /// thread woken for each (thousands a second) is CPU the device's own
@@ -195,9 +195,13 @@ fn encode_later(
     blocks: Vec<Read>,
     known: &[bool],
     level: i32,
+    n: usize,
 ) -> tokio::sync::mpsc::UnboundedReceiver<(usize, Encoded)> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let n = encoders().min(blocks.len()).max(1);
+    if blocks.is_empty() {
+        return rx;
+    }
+    let n = n.min(blocks.len()).max(1);
     let mut shares: Vec<Vec<(usize, Read, bool)>> = (0..n).map(|_| Vec::new()).collect();
     for (i, (b, &k)) in blocks.into_iter().zip(known).enumerate() {
         shares[i % n].push((i, b, k));
@@ -320,7 +324,7 @@ where
                 .then(|| read_later(&read, work.take_many(QUERY_BATCH)));
             let known = known_answer(&mut recv, &batch.blocks, asked).await?;
             // Compress this batch while the next is read.
-            let mut encoded = encode_later(batch.blocks, &known, level);
+            let mut encoded = encode_later(batch.blocks, &known, level, encoders());
             batch = match next {
                 Some(next) => read_batch(next).await?,
                 None => Batch::default(),
@@ -1000,44 +1004,52 @@ mod tests {
     /// compressed), however many encoders share the batch.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_encoders_hand_on_every_block_once_as_asked() {
-        let blocks: Vec<Read> = (0..37u64)
-            .map(|i| {
-                let data = if i % 5 == 0 {
-                    vec![0u8; block::BLOCK as usize]
-                } else {
-                    vec![i as u8; block::BLOCK as usize]
+        const N: usize = 37;
+        for encoders in [1, 3, 8, 64] {
+            let blocks: Vec<Read> = (0..N as u64)
+                .map(|i| {
+                    let data = if i % 5 == 0 {
+                        vec![0u8; block::BLOCK as usize]
+                    } else {
+                        vec![i as u8; block::BLOCK as usize]
+                    };
+                    Read {
+                        offset: i * block::BLOCK,
+                        digest: block::digest(&data),
+                        zero: i % 5 == 0,
+                        data,
+                    }
+                })
+                .collect();
+            let known: Vec<bool> = (0..N).map(|i| i % 3 == 1).collect();
+            let mut rx = encode_later(blocks, &known, 3, encoders);
+            let mut seen = [false; N];
+            while let Some((i, e)) = rx.recv().await {
+                assert!(!seen[i], "block {i} twice ({encoders} encoders)");
+                seen[i] = true;
+                let Message::Block {
+                    offset, encoding, ..
+                } = e.header
+                else {
+                    panic!("not a block header");
                 };
-                Read {
-                    offset: i * block::BLOCK,
-                    digest: block::digest(&data),
-                    zero: i % 5 == 0,
-                    data,
-                }
-            })
-            .collect();
-        let known: Vec<bool> = (0..37).map(|i| i % 3 == 1).collect();
-        let mut rx = encode_later(blocks, &known, 3);
-        let mut seen = [false; 37];
-        while let Some((i, e)) = rx.recv().await {
-            assert!(!seen[i], "block {i} twice");
-            seen[i] = true;
-            let Message::Block {
-                offset, encoding, ..
-            } = e.header
-            else {
-                panic!("not a block header");
-            };
-            assert_eq!(offset, i as u64 * block::BLOCK);
-            assert_eq!(e.known, known[i]);
-            let want = if known[i] {
-                Encoding::Known
-            } else if i % 5 == 0 {
-                Encoding::Zero
-            } else {
-                Encoding::Zstd
-            };
-            assert_eq!(encoding, want, "block {i}");
+                assert_eq!(offset, i as u64 * block::BLOCK);
+                assert_eq!(e.known, known[i]);
+                let want = if known[i] {
+                    Encoding::Known
+                } else if i % 5 == 0 {
+                    Encoding::Zero
+                } else {
+                    Encoding::Zstd
+                };
+                assert_eq!(encoding, want, "block {i} ({encoders} encoders)");
+            }
+            assert!(
+                seen.iter().all(|&s| s),
+                "every block came out ({encoders} encoders)"
+            );
         }
-        assert!(seen.iter().all(|&s| s), "every block came out");
+        // Nothing to encode: the channel just ends.
+        assert!(encode_later(Vec::new(), &[], 3, 2).recv().await.is_none());
     }
 }
