@@ -1615,10 +1615,9 @@ fn sync_with_progress(
             let mut total = 0;
             while !done.load(Ordering::Acquire) {
                 let mirror = ublk_dev::status::read(id).and_then(|s| s.mirror);
-                let behind = mirror.as_ref().map_or(0, |m| m.bytes_behind);
-                total = total.max(behind);
-                bar.set_length(total);
-                bar.set_position(total - behind);
+                let (length, done) = sync_bar(mirror.as_ref(), &mut total);
+                bar.set_length(length);
+                bar.set_position(done);
                 bar.set_message(mirror.as_ref().map_or_else(String::new, sync_note));
                 std::thread::sleep(std::time::Duration::from_millis(250));
             }
@@ -1629,6 +1628,20 @@ fn sync_with_progress(
     let _ = watcher.join();
     bar.finish_and_clear();
     Ok(r?)
+}
+
+/// The sync bar's length and position: the epoch (or pre-copy round)
+/// being sent and how much of it went, while one is; otherwise the most
+/// the mirror lacked since the sync began (`most`) and what of it it has
+/// since (what is not published yet stays behind until the epoch that
+/// carries it is: a first sync's rounds and cut all at once).
+fn sync_bar(m: Option<&ublk_dev::replicator::MirrorStatus>, most: &mut u64) -> (u64, u64) {
+    let behind = m.map_or(0, |m| m.bytes_behind);
+    *most = (*most).max(behind);
+    match m {
+        Some(m) if m.sending_bytes > 0 => (m.sending_bytes, m.sending_done.min(m.sending_bytes)),
+        _ => (*most, *most - behind),
+    }
 }
 
 /// Why a sync goes slower than the link could, for its bar: the mirror
@@ -1867,6 +1880,26 @@ fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use ublk_dev::replicator::MirrorStatus;
+
+    /// The sync bar follows the epoch being sent while one is (what is
+    /// behind falls only once it is published), and what is behind
+    /// otherwise.
+    #[test]
+    fn the_sync_bar_follows_the_epoch_being_sent() {
+        let m = |behind, sending, done| MirrorStatus {
+            bytes_behind: behind,
+            sending_bytes: sending,
+            sending_done: done,
+            ..Default::default()
+        };
+        let mut most = 0;
+        assert_eq!(sync_bar(Some(&m(800, 0, 0)), &mut most), (800, 0));
+        assert_eq!(sync_bar(Some(&m(900, 600, 150)), &mut most), (600, 150));
+        assert_eq!(sync_bar(Some(&m(900, 600, 700)), &mut most), (600, 600));
+        // Between epochs: against the most that was behind.
+        assert_eq!(sync_bar(Some(&m(300, 0, 0)), &mut most), (900, 600));
+        assert_eq!(sync_bar(None, &mut most), (900, 900));
+    }
 
     /// The sync bar says what holds a sync back, and nothing when nothing
     /// does.

@@ -110,7 +110,7 @@
 //! prefix of the writes, through all of the above.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -252,8 +252,25 @@ fn block_reader(
     epoch: u64,
     how: Reading,
     yielder: Option<Ticket>,
+    sending: Arc<Sending>,
 ) -> impl Fn(u64, u32) -> ublk_mirror_common::Result<Vec<u8>> + Send + Sync + 'static {
     move |offset, len| {
+        let buf = read_block(&tracker, epoch, &how, yielder.as_ref(), offset, len)?;
+        sending.read(u64::from(len));
+        Ok(buf)
+    }
+}
+
+/// One block of [`block_reader`].
+fn read_block(
+    tracker: &Tracker,
+    epoch: u64,
+    how: &Reading,
+    yielder: Option<&Ticket>,
+    offset: u64,
+    len: u32,
+) -> ublk_mirror_common::Result<Vec<u8>> {
+    {
         let mut buf = vec![0u8; len as usize];
         let read = match &how {
             Reading::TakeCut { again } => {
@@ -265,10 +282,7 @@ fn block_reader(
             }
             Reading::CutOrLive => tracker.read_cut_or_live(epoch, offset, &mut buf),
             Reading::Live => {
-                if yielder
-                    .as_ref()
-                    .is_some_and(|y| !y.before_read(u64::from(len)))
-                {
+                if yielder.is_some_and(|y| !y.before_read(u64::from(len))) {
                     return Err(ublk_mirror_common::Error::io(
                         format!("reading epoch {epoch} at {offset}"),
                         std::io::Error::other("the link it was read for is gone"),
@@ -391,6 +405,42 @@ pub struct MirrorStatus {
     /// of reach too long (sent as pre-copy rounds instead).
     #[serde(default)]
     pub cuts_let_go: u64,
+    /// Bytes of the epoch (or pre-copy round) being sent now, 0 when none
+    /// is: with [`MirrorStatus::sending_done`], the progress of one
+    /// epoch, where `bytes_behind` only falls once it is published (a
+    /// first sync's rounds and cut all at once).
+    #[serde(default)]
+    pub sending_bytes: u64,
+    /// How much of [`MirrorStatus::sending_bytes`] has been read and sent.
+    #[serde(default)]
+    pub sending_done: u64,
+}
+
+/// How far the epoch being sent has got: its size and what of it was
+/// read, bumped by the block readers of its data streams.
+#[derive(Debug, Default)]
+struct Sending {
+    bytes: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Sending {
+    /// An epoch of `bytes` starts (0: none is being sent).
+    fn start(&self, bytes: u64) {
+        self.done.store(0, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    fn read(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// (size, done), the done part never above the size (a block asked
+    /// for again is read twice).
+    fn now(&self) -> (u64, u64) {
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        (bytes, self.done.load(Ordering::Relaxed).min(bytes))
+    }
 }
 
 /// Says whether the replicator must still wait before it connects (an
@@ -436,6 +486,8 @@ pub struct Replicator {
     tracker: Arc<Tracker>,
     /// How pre-copy reads give way to the device, if they do.
     yielder: Option<Yielder>,
+    /// How far the epoch being sent has got.
+    sending: Arc<Sending>,
     status: Arc<Mutex<MirrorStatus>>,
     kick: Arc<tokio::sync::Notify>,
     /// See [`Handle::started`].
@@ -486,8 +538,10 @@ impl Replicator {
             .clone()
             .filter(|_| settings.min_rate > 0)
             .map(|a| Yielder::new(settings.min_rate, a));
+        let sending = Arc::new(Sending::default());
         let ctx = Context {
             yielder: yielder.clone(),
+            sending: sending.clone(),
             device,
             tracker: tracker.clone(),
             settings,
@@ -529,6 +583,7 @@ impl Replicator {
         Ok(Replicator {
             tracker,
             yielder,
+            sending,
             status,
             kick,
             stop,
@@ -556,6 +611,7 @@ impl Replicator {
             s.yielding = y.busy();
             s.yielded_ms = y.held().as_millis() as u64;
         }
+        (s.sending_bytes, s.sending_done) = self.sending.now();
         s
     }
 
@@ -605,6 +661,8 @@ struct Context {
     device: [u8; 16],
     /// How pre-copy reads give way to the device, if they do.
     yielder: Option<Yielder>,
+    /// How far the epoch being sent has got (shown by `status`).
+    sending: Arc<Sending>,
     tracker: Arc<Tracker>,
     settings: MirrorSettings,
     identity: Identity,
@@ -1014,6 +1072,8 @@ impl Context {
         let reading = Reading::TakeCut {
             again: again.clone(),
         };
+        self.sending
+            .start(blocks.iter().map(|&(_, l)| u64::from(l)).sum());
         let sent = link
             .send_epoch(
                 &self.settings.volume,
@@ -1021,9 +1081,16 @@ impl Context {
                 me,
                 &blocks,
                 self.settings.zstd_level,
-                block_reader(self.tracker.clone(), epoch, reading, None),
+                block_reader(
+                    self.tracker.clone(),
+                    epoch,
+                    reading,
+                    None,
+                    self.sending.clone(),
+                ),
             )
             .await;
+        self.sending.start(0);
         let shipped = match sent {
             Ok(shipped) => shipped,
             Err(e) if again.load(Ordering::SeqCst) => {
@@ -1270,7 +1337,9 @@ impl Context {
             Finish::Round => Reading::Live,
             Finish::Publish => Reading::CutOrLive,
         };
-        let (ended, shipped) = link
+        self.sending
+            .start(blocks.iter().map(|&(_, l)| u64::from(l)).sum());
+        let sent = link
             .send_round(
                 &self.settings.volume,
                 run.remote,
@@ -1284,10 +1353,12 @@ impl Context {
                     epoch,
                     reading,
                     self.yielder.as_ref().map(Yielder::ticket),
+                    self.sending.clone(),
                 ),
             )
-            .await
-            .map_err(Error::Mirror)?;
+            .await;
+        self.sending.start(0);
+        let (ended, shipped) = sent.map_err(Error::Mirror)?;
         self.count_shipped(&shipped, started);
         if first_round && fresh(info) {
             // Zero blocks of a fresh volume are what a resync by hash

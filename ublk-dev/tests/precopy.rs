@@ -454,6 +454,16 @@ fn a_first_sync_gives_way_to_a_busy_device_and_goes_on_when_it_is_quiet() {
             "status does not say the sync yields: {busy:?}"
         );
         assert!(busy.yielded_ms > 1000, "{busy:?}");
+        // What the round has sent so far shows, though nothing is
+        // published yet (a sync's bar follows it).
+        assert!(
+            busy.sending_bytes >= 32 << 20,
+            "the round being sent is not shown: {busy:?}"
+        );
+        assert!(
+            busy.sending_done > 0 && busy.sending_done < busy.sending_bytes,
+            "the round's progress is not shown: {busy:?}"
+        );
         // Quiet now: the rest goes at full speed, then a sync.
         wait_for("the yielding over", || !status().yielding);
         assert!(synced(&d.tracker, &replicator), "{:?}", status());
@@ -462,5 +472,10 @@ fn a_first_sync_gives_way_to_a_busy_device_and_goes_on_when_it_is_quiet() {
             "the mirror differs from the device after a sync"
         );
         assert!(!status().yielding, "{:?}", status());
+        assert_eq!(
+            status().sending_bytes,
+            0,
+            "nothing is being sent after a sync"
+        );
     });
 }
