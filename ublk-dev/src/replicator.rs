@@ -270,35 +270,33 @@ fn read_block(
     offset: u64,
     len: u32,
 ) -> ublk_mirror_common::Result<Vec<u8>> {
-    {
-        let mut buf = vec![0u8; len as usize];
-        let read = match &how {
-            Reading::TakeCut { again } => {
-                let read = tracker.take_epoch(epoch, offset, &mut buf);
-                if let Err(Error::Epoch(EpochError::Taken { .. })) = &read {
-                    again.store(true, Ordering::SeqCst);
-                }
-                read
+    let mut buf = vec![0u8; len as usize];
+    let read = match how {
+        Reading::TakeCut { again } => {
+            let read = tracker.take_epoch(epoch, offset, &mut buf);
+            if let Err(Error::Epoch(EpochError::Taken { .. })) = &read {
+                again.store(true, Ordering::SeqCst);
             }
-            Reading::CutOrLive => tracker.read_cut_or_live(epoch, offset, &mut buf),
-            Reading::Live => {
-                if yielder.is_some_and(|y| !y.before_read(u64::from(len))) {
-                    return Err(ublk_mirror_common::Error::io(
-                        format!("reading epoch {epoch} at {offset}"),
-                        std::io::Error::other("the link it was read for is gone"),
-                    ));
-                }
-                tracker.read_live(offset, &mut buf)
+            read
+        }
+        Reading::CutOrLive => tracker.read_cut_or_live(epoch, offset, &mut buf),
+        Reading::Live => {
+            if yielder.is_some_and(|y| !y.before_read(u64::from(len))) {
+                return Err(ublk_mirror_common::Error::io(
+                    format!("reading epoch {epoch} at {offset}"),
+                    std::io::Error::other("the link it was read for is gone"),
+                ));
             }
-        };
-        read.map_err(|e| {
-            ublk_mirror_common::Error::io(
-                format!("reading epoch {epoch} at {offset}"),
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
-        Ok(buf)
-    }
+            tracker.read_live(offset, &mut buf)
+        }
+    };
+    read.map_err(|e| {
+        ublk_mirror_common::Error::io(
+            format!("reading epoch {epoch} at {offset}"),
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    Ok(buf)
 }
 
 /// Longest wait between reconnection attempts.
@@ -425,10 +423,12 @@ struct Sending {
 }
 
 impl Sending {
-    /// An epoch of `bytes` starts (0: none is being sent).
-    fn start(&self, bytes: u64) {
+    /// An epoch of `bytes` is being sent until the guard goes (however
+    /// its send ends: done, failed or dropped).
+    fn start(&self, bytes: u64) -> SendingGuard<'_> {
         self.done.store(0, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
+        SendingGuard(self)
     }
 
     fn read(&self, bytes: u64) {
@@ -440,6 +440,16 @@ impl Sending {
     fn now(&self) -> (u64, u64) {
         let bytes = self.bytes.load(Ordering::Relaxed);
         (bytes, self.done.load(Ordering::Relaxed).min(bytes))
+    }
+}
+
+/// See [`Sending::start`]: nothing is being sent once it is dropped.
+struct SendingGuard<'a>(&'a Sending);
+
+impl Drop for SendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.bytes.store(0, Ordering::Relaxed);
+        self.0.done.store(0, Ordering::Relaxed);
     }
 }
 
@@ -1072,7 +1082,8 @@ impl Context {
         let reading = Reading::TakeCut {
             again: again.clone(),
         };
-        self.sending
+        let sending = self
+            .sending
             .start(blocks.iter().map(|&(_, l)| u64::from(l)).sum());
         let sent = link
             .send_epoch(
@@ -1090,7 +1101,7 @@ impl Context {
                 ),
             )
             .await;
-        self.sending.start(0);
+        drop(sending);
         let shipped = match sent {
             Ok(shipped) => shipped,
             Err(e) if again.load(Ordering::SeqCst) => {
@@ -1324,10 +1335,11 @@ impl Context {
             (split(&sealed.changes.touched(), size), 0)
         };
         let held = (!first_round).then(|| run.held.clone());
+        let bytes = blocks.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
         tracing::info!(
             epoch,
             round = run.rounds.len() + 1,
-            bytes = blocks.iter().map(|&(_, l)| u64::from(l)).sum::<u64>(),
+            bytes,
             skipped,
             last = finish == Finish::Publish,
             "pre-copy round"
@@ -1337,8 +1349,7 @@ impl Context {
             Finish::Round => Reading::Live,
             Finish::Publish => Reading::CutOrLive,
         };
-        self.sending
-            .start(blocks.iter().map(|&(_, l)| u64::from(l)).sum());
+        let sending = self.sending.start(bytes);
         let sent = link
             .send_round(
                 &self.settings.volume,
@@ -1357,7 +1368,7 @@ impl Context {
                 ),
             )
             .await;
-        self.sending.start(0);
+        drop(sending);
         let (ended, shipped) = sent.map_err(Error::Mirror)?;
         self.count_shipped(&shipped, started);
         if first_round && fresh(info) {
