@@ -745,6 +745,7 @@ fn store_info(data: &Path, cfg: &Path, json: bool) -> mirror_server::Result<()> 
             "chunks": usage.chunks,
             "raw_bytes": usage.raw_bytes,
             "stored_bytes": usage.stored_bytes,
+            "patches": usage.patches,
             "packs": usage.packs,
             "volumes": rows,
         });
@@ -753,11 +754,12 @@ fn store_info(data: &Path, cfg: &Path, json: bool) -> mirror_server::Result<()> 
     }
     println!("store        {}", store.describe());
     println!(
-        "chunks       {} ({} of data, {} stored after compression, in {} packs)",
+        "chunks       {} ({} of data, {} stored after compression, in {} packs; {} as patches on another)",
         usage.chunks,
         human(usage.raw_bytes),
         human(usage.stored_bytes),
-        usage.packs
+        usage.packs,
+        usage.patches
     );
     println!("objects      {objects} ({} in all)", human(object_bytes));
     println!(

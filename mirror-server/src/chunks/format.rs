@@ -2,14 +2,16 @@
 //! segments and version records. Every format starts with a magic and a
 //! version byte; a reader refuses versions it does not know.
 //!
-//! # Pack (`packs/AA/ID`, format 1)
+//! # Pack (`packs/AA/ID`, formats 1 and 2)
 //!
 //! ```text
-//! "UMPK" ver=1 [0;3]
-//! chunk bytes, back to back (each raw or zstd, as its entry says)
-//! trailer: N entries of 49 bytes:
+//! "UMPK" ver [0;3]
+//! chunk bytes, back to back (each raw, zstd or a zstd patch, as its entry says)
+//! trailer: N entries of 49 bytes (format 1) or 81 bytes (format 2):
 //!     sha256 of the raw chunk [32] | offset in the pack u64 LE |
-//!     stored length u32 LE | raw length u32 LE | codec u8 (0 raw, 1 zstd)
+//!     stored length u32 LE | raw length u32 LE |
+//!     codec u8 (0 raw, 1 zstd, 2 patch: format 2 only) |
+//!     format 2: the base's sha256 [32] (a patch's; zeroes otherwise)
 //! N u32 LE | sha256(trailer) [32] | "KPMU"
 //! ```
 //!
@@ -17,15 +19,38 @@
 //! never takes the name of another, so garbage collection can condemn and
 //! later delete a pack while a chunk of it is stored again elsewhere. The
 //! trailer makes a pack self-describing: a lost index is rebuilt from the
-//! last 40 bytes and one ranged read.
+//! header, the last 40 bytes and one ranged read. A pack with no patch is
+//! written in format 1, which servers before patches read too.
 //!
-//! # Pack index (`idx/AA/ID`, format 1)
+//! ## Patches (codec 2)
+//!
+//! A chunk is still named by the sha256 of its whole raw bytes, but may be
+//! stored as the bytes that differ from another chunk, its *base*: the
+//! zstd of
 //!
 //! ```text
-//! "UMIX" ver=1 [0;3] | the pack's trailer | N u32 LE | sha256(trailer) [32] | "XIMU"
+//! count u32 LE | count × (offset u32 LE, length u32 LE) | the bytes, back to back
 //! ```
 //!
-//! Written after its pack; the store's chunk index is the union of them.
+//! (ranges in order, not overlapping, inside the raw length). Reading one
+//! reads its base (itself maybe a patch: a chain is at most
+//! [`MAX_CHAIN`] patches long), writes the ranges over it, and checks the
+//! sha256 of the result against the name, as for any chunk. A 4 KiB write
+//! into a 64 KiB block so costs the store 4 KiB, not a new 64 KiB chunk.
+//! What keeps a base: garbage collection marks the base of every live
+//! patch live (see [`super::gc`]), and a publication patches only on a
+//! base it could deduplicate against (in a pack not condemned, not
+//! damaged), so the condemn-then-delete argument covers bases as it
+//! covers chunks deduplicated against.
+//!
+//! # Pack index (`idx/AA/ID`, formats 1 and 2)
+//!
+//! ```text
+//! "UMIX" ver [0;3] | the pack's trailer | N u32 LE | sha256(trailer) [32] | "XIMU"
+//! ```
+//!
+//! Written after its pack, in its pack's format; the store's chunk index is
+//! the union of them.
 //!
 //! # Map segment (`maps/AA/ID`, format 1)
 //!
@@ -67,8 +92,17 @@ const INDEX_MAGIC: &[u8; 4] = b"UMIX";
 const INDEX_END: &[u8; 4] = b"XIMU";
 const SEGMENT_MAGIC: &[u8; 4] = b"UMSG";
 const FORMAT: u8 = 1;
+/// The pack and index format of a pack holding a patch.
+const PATCH_FORMAT: u8 = 2;
 const HEADER: usize = 8;
+/// A trailer entry of format 1.
 const ENTRY: usize = 49;
+/// A trailer entry of format 2 (the base's digest after it).
+const ENTRY_2: usize = ENTRY + 32;
+/// The longest chain of patches a chunk is read through.
+pub const MAX_CHAIN: usize = 4;
+/// Ranges a patch holds at most.
+pub const MAX_RANGES: usize = 256;
 /// What follows the trailer: count, its digest, the end magic.
 pub const FOOTER: usize = 4 + 32 + 4;
 
@@ -79,6 +113,12 @@ pub enum Codec {
     Raw,
     /// zstd.
     Zstd,
+    /// The zstd of the ranges that differ from the chunk `base` (see
+    /// the module docs).
+    Patch {
+        /// The sha256 of the chunk the ranges are written over.
+        base: Digest,
+    },
 }
 
 /// One chunk of a pack.
@@ -112,12 +152,25 @@ pub fn spread(dir: &str, d: &Digest) -> String {
     format!("{dir}/{}/{h}", &h[..2])
 }
 
+/// A chunk waiting in a [`PackBuilder`].
+#[derive(Debug)]
+enum Body {
+    Whole(Vec<u8>),
+    /// A patch's ranges (encoded, not compressed yet) on `base`, of a
+    /// chunk of `raw` bytes.
+    Patch {
+        base: Digest,
+        ranges: Vec<u8>,
+        raw: u32,
+    },
+}
+
 /// A pack being filled: its chunks are kept as they come and compressed
 /// by [`PackBuilder::finish`], so that a publication fills the next pack
 /// while earlier ones are compressed on other cores.
 #[derive(Debug)]
 pub struct PackBuilder {
-    chunks: Vec<(Digest, Vec<u8>)>,
+    chunks: Vec<(Digest, Body)>,
     raw: usize,
     level: i32,
 }
@@ -135,7 +188,23 @@ impl PackBuilder {
     /// Add a chunk whose sha256 is `hash` (checked by the caller).
     pub fn add(&mut self, hash: Digest, raw: &[u8]) {
         self.raw += raw.len();
-        self.chunks.push((hash, raw.to_vec()));
+        self.chunks.push((hash, Body::Whole(raw.to_vec())));
+    }
+
+    /// Add the chunk `hash` (checked by the caller) as a patch: `chunk`'s
+    /// bytes in `ranges` (in order, not overlapping) written over the
+    /// chunk `base`, which is as long as `chunk`.
+    pub fn add_patch(&mut self, hash: Digest, base: Digest, chunk: &[u8], ranges: &[(u32, u32)]) {
+        let ranges = encode_patch(chunk, ranges);
+        self.raw += ranges.len();
+        self.chunks.push((
+            hash,
+            Body::Patch {
+                base,
+                ranges,
+                raw: chunk.len() as u32,
+            },
+        ));
     }
 
     /// Bytes of the chunks so far, before compression.
@@ -152,45 +221,106 @@ impl PackBuilder {
     /// raw where that does not shrink it): the pack's bytes, its index
     /// object's bytes and its entries.
     pub fn finish(self) -> (Vec<u8>, Vec<u8>, Vec<Entry>) {
+        let format = if self
+            .chunks
+            .iter()
+            .any(|(_, b)| matches!(b, Body::Patch { .. }))
+        {
+            PATCH_FORMAT
+        } else {
+            FORMAT
+        };
         let mut bytes = Vec::with_capacity(HEADER + self.raw / 2);
         bytes.extend_from_slice(PACK_MAGIC);
-        bytes.extend_from_slice(&[FORMAT, 0, 0, 0]);
+        bytes.extend_from_slice(&[format, 0, 0, 0]);
         let mut entries = Vec::with_capacity(self.chunks.len());
-        for (hash, raw) in self.chunks {
+        for (hash, body) in self.chunks {
             let offset = bytes.len() as u64;
-            let compressed = block::compress(&raw, self.level).ok();
-            let (codec, stored) = match compressed {
-                Some(c) if c.len() < raw.len() => {
+            let (codec, stored, raw) = match body {
+                Body::Whole(raw) => match block::compress(&raw, self.level).ok() {
+                    Some(c) if c.len() < raw.len() => {
+                        bytes.extend_from_slice(&c);
+                        (Codec::Zstd, c.len(), raw.len())
+                    }
+                    _ => {
+                        bytes.extend_from_slice(&raw);
+                        (Codec::Raw, raw.len(), raw.len())
+                    }
+                },
+                Body::Patch { base, ranges, raw } => {
+                    let c =
+                        block::compress(&ranges, self.level).expect("zstd compresses into memory");
                     bytes.extend_from_slice(&c);
-                    (Codec::Zstd, c.len())
-                }
-                _ => {
-                    bytes.extend_from_slice(&raw);
-                    (Codec::Raw, raw.len())
+                    (Codec::Patch { base }, c.len(), raw as usize)
                 }
             };
             entries.push(Entry {
                 hash,
                 offset,
                 stored: stored as u32,
-                raw: raw.len() as u32,
+                raw: raw as u32,
                 codec,
             });
         }
-        let trailer = encode_trailer(&entries);
+        let trailer = encode_trailer(&entries, format);
         bytes.extend_from_slice(&trailer);
         footer(&mut bytes, &trailer, entries.len(), PACK_END);
         let mut index = Vec::with_capacity(HEADER + trailer.len() + FOOTER);
         index.extend_from_slice(INDEX_MAGIC);
-        index.extend_from_slice(&[FORMAT, 0, 0, 0]);
+        index.extend_from_slice(&[format, 0, 0, 0]);
         index.extend_from_slice(&trailer);
         footer(&mut index, &trailer, entries.len(), INDEX_END);
         (bytes, index, entries)
     }
 }
 
-fn encode_trailer(entries: &[Entry]) -> Vec<u8> {
-    let mut t = Vec::with_capacity(entries.len() * ENTRY);
+/// A patch's ranges, uncompressed (see the module docs).
+fn encode_patch(chunk: &[u8], ranges: &[(u32, u32)]) -> Vec<u8> {
+    let len: usize = ranges.iter().map(|r| r.1 as usize).sum();
+    let mut out = Vec::with_capacity(4 + 8 * ranges.len() + len);
+    out.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+    for &(at, n) in ranges {
+        out.extend_from_slice(&at.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    for &(at, n) in ranges {
+        out.extend_from_slice(&chunk[at as usize..(at + n) as usize]);
+    }
+    out
+}
+
+/// Write a patch's ranges over `base` (a copy of the base chunk, as long
+/// as the chunk): `Err` says what is wrong with them.
+fn apply_patch(body: &[u8], base: &mut [u8]) -> std::result::Result<(), &'static str> {
+    let n = body
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or("no range count")?;
+    if n > MAX_RANGES {
+        return Err("too many ranges");
+    }
+    let heads = body.get(4..4 + 8 * n).ok_or("its ranges are cut short")?;
+    let mut data = &body[4 + 8 * n..];
+    let mut end = 0usize;
+    for h in heads.chunks_exact(8) {
+        let at = u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) as usize;
+        let len = u32::from_le_bytes(h[4..].try_into().expect("4 bytes")) as usize;
+        if at < end || at + len > base.len() || len > data.len() {
+            return Err("a range is out of order or out of bounds");
+        }
+        base[at..at + len].copy_from_slice(&data[..len]);
+        data = &data[len..];
+        end = at + len;
+    }
+    if !data.is_empty() {
+        return Err("bytes follow the last range");
+    }
+    Ok(())
+}
+
+fn encode_trailer(entries: &[Entry], format: u8) -> Vec<u8> {
+    let size = if format == FORMAT { ENTRY } else { ENTRY_2 };
+    let mut t = Vec::with_capacity(entries.len() * size);
     for e in entries {
         t.extend_from_slice(&e.hash);
         t.extend_from_slice(&e.offset.to_le_bytes());
@@ -199,7 +329,14 @@ fn encode_trailer(entries: &[Entry]) -> Vec<u8> {
         t.push(match e.codec {
             Codec::Raw => 0,
             Codec::Zstd => 1,
+            Codec::Patch { .. } => 2,
         });
+        if format == PATCH_FORMAT {
+            t.extend_from_slice(match &e.codec {
+                Codec::Patch { base } => base,
+                _ => &HOLE,
+            });
+        }
     }
     t
 }
@@ -210,20 +347,38 @@ fn footer(out: &mut Vec<u8>, trailer: &[u8], n: usize, end: &[u8; 4]) {
     out.extend_from_slice(end);
 }
 
-fn decode_trailer(trailer: &[u8], footer: &[u8], end: &[u8; 4], what: &str) -> Result<Vec<Entry>> {
+/// The size of a trailer entry of pack or index format `format`.
+fn entry_size(format: u8, what: &str) -> Result<usize> {
+    match format {
+        FORMAT => Ok(ENTRY),
+        PATCH_FORMAT => Ok(ENTRY_2),
+        f => Err(Error::Corrupt(format!(
+            "{what}: pack format {f} is not supported (this server reads {FORMAT} and {PATCH_FORMAT})"
+        ))),
+    }
+}
+
+fn decode_trailer(
+    trailer: &[u8],
+    footer: &[u8],
+    end: &[u8; 4],
+    format: u8,
+    what: &str,
+) -> Result<Vec<Entry>> {
     let bad = |why: &str| Error::Corrupt(format!("{what}: {why}"));
+    let size = entry_size(format, what)?;
     if footer.len() != FOOTER || &footer[36..] != end {
         return Err(bad("no end marker"));
     }
     let n = u32::from_le_bytes(footer[..4].try_into().expect("4 bytes")) as usize;
-    if trailer.len() != n * ENTRY {
+    if trailer.len() != n * size {
         return Err(bad("the trailer's length does not match its count"));
     }
     if sha256(trailer)[..] != footer[4..36] {
         return Err(bad("the trailer fails its checksum"));
     }
     trailer
-        .chunks_exact(ENTRY)
+        .chunks_exact(size)
         .map(|e| {
             Ok(Entry {
                 hash: e[..32].try_into().expect("32 bytes"),
@@ -233,6 +388,9 @@ fn decode_trailer(trailer: &[u8], footer: &[u8], end: &[u8; 4], what: &str) -> R
                 codec: match e[48] {
                     0 => Codec::Raw,
                     1 => Codec::Zstd,
+                    2 if format == PATCH_FORMAT => Codec::Patch {
+                        base: e[49..81].try_into().expect("32 bytes"),
+                    },
                     c => return Err(bad(&format!("unknown codec {c}"))),
                 },
             })
@@ -245,37 +403,68 @@ pub fn decode_index(bytes: &[u8], what: &str) -> Result<Vec<Entry>> {
     if bytes.len() < HEADER + FOOTER || &bytes[..4] != INDEX_MAGIC {
         return Err(Error::Corrupt(format!("{what}: not a pack index")));
     }
-    if bytes[4] != FORMAT {
-        return Err(Error::Corrupt(format!(
-            "{what}: pack index format {} is not supported (this is {FORMAT})",
-            bytes[4]
-        )));
-    }
     let (trailer, footer) = bytes[HEADER..].split_at(bytes.len() - HEADER - FOOTER);
-    decode_trailer(trailer, footer, INDEX_END, what)
+    decode_trailer(trailer, footer, INDEX_END, bytes[4], what)
 }
 
-/// How many trailer bytes a pack's last [`FOOTER`] bytes announce.
-pub fn pack_trailer_len(footer: &[u8], what: &str) -> Result<usize> {
-    if footer.len() != FOOTER || &footer[36..] != PACK_END {
+/// How many trailer bytes a pack announces, from its first [`HEADER`]
+/// bytes and its last [`FOOTER`] bytes.
+pub fn pack_trailer_len(header: &[u8], footer: &[u8], what: &str) -> Result<usize> {
+    if header.len() < HEADER
+        || &header[..4] != PACK_MAGIC
+        || footer.len() != FOOTER
+        || &footer[36..] != PACK_END
+    {
         return Err(Error::Corrupt(format!("{what}: not a pack")));
     }
-    Ok(u32::from_le_bytes(footer[..4].try_into().expect("4 bytes")) as usize * ENTRY)
+    let n = u32::from_le_bytes(footer[..4].try_into().expect("4 bytes")) as usize;
+    Ok(n * entry_size(header[4], what)?)
 }
 
-/// The entries of a pack, from its trailer and footer (rebuilding a lost
-/// index).
-pub fn decode_pack_trailer(trailer: &[u8], footer: &[u8], what: &str) -> Result<Vec<Entry>> {
-    decode_trailer(trailer, footer, PACK_END, what)
+/// The entries of a pack, from its header, trailer and footer (rebuilding
+/// a lost index).
+pub fn decode_pack_trailer(
+    header: &[u8],
+    trailer: &[u8],
+    footer: &[u8],
+    what: &str,
+) -> Result<Vec<Entry>> {
+    if header.len() < HEADER || &header[..4] != PACK_MAGIC {
+        return Err(Error::Corrupt(format!("{what}: not a pack")));
+    }
+    decode_trailer(trailer, footer, PACK_END, header[4], what)
 }
 
 /// A chunk's raw bytes from its stored bytes, checked against its name.
-pub fn decode_chunk(entry: &Entry, stored: &[u8]) -> Result<Vec<u8>> {
+/// A patch ([`Codec::Patch`]) needs its base's raw bytes: `base`.
+pub fn decode_chunk(entry: &Entry, stored: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>> {
     let damaged = |why: String| Error::Corrupt(format!("chunk {}: {why}", hex(&entry.hash)));
     let raw = match entry.codec {
         Codec::Raw => stored.to_vec(),
         Codec::Zstd => block::decompress(stored, entry.raw as usize)
             .map_err(|e| damaged(format!("does not decompress: {e}")))?,
+        Codec::Patch { base: name } => {
+            let Some(base) = base else {
+                return Err(damaged(format!(
+                    "a patch read without its base {}",
+                    hex(&name)
+                )));
+            };
+            if base.len() != entry.raw as usize {
+                return Err(damaged(format!(
+                    "its base {} is {} bytes, not {}",
+                    hex(&name),
+                    base.len(),
+                    entry.raw
+                )));
+            }
+            let cap = 4 + 8 * MAX_RANGES + entry.raw as usize;
+            let body = block::decompress(stored, cap)
+                .map_err(|e| damaged(format!("does not decompress: {e}")))?;
+            let mut raw = base.to_vec();
+            apply_patch(&body, &mut raw).map_err(|why| damaged(format!("a bad patch: {why}")))?;
+            raw
+        }
     };
     if raw.len() != entry.raw as usize || sha256(&raw) != entry.hash {
         return Err(damaged("its content does not match its sha256".into()));
@@ -412,13 +601,90 @@ mod tests {
         assert_eq!(entries[1].codec, Codec::Raw);
         assert_eq!(decode_index(&index, "t").unwrap(), entries);
         let footer = &pack[pack.len() - FOOTER..];
-        let tl = pack_trailer_len(footer, "t").unwrap();
+        let tl = pack_trailer_len(&pack[..HEADER], footer, "t").unwrap();
         let trailer = &pack[pack.len() - FOOTER - tl..pack.len() - FOOTER];
-        assert_eq!(decode_pack_trailer(trailer, footer, "t").unwrap(), entries);
+        assert_eq!(
+            decode_pack_trailer(&pack[..HEADER], trailer, footer, "t").unwrap(),
+            entries
+        );
         for (e, want) in entries.iter().zip([&zeroish, &noise]) {
             let stored = &pack[e.offset as usize..e.offset as usize + e.stored as usize];
-            assert_eq!(&decode_chunk(e, stored).unwrap(), want);
+            assert_eq!(&decode_chunk(e, stored, None).unwrap(), want);
         }
+        // No patch in it: format 1, as servers before patches wrote.
+        assert_eq!(pack[4], FORMAT);
+        assert_eq!(index[4], FORMAT);
+    }
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_patch_is_stored_small_and_reads_back_over_its_base_only() {
+        let base = noise(3, 65536);
+        let mut chunk = base.clone();
+        chunk[4096..8192].copy_from_slice(&noise(4, 4096));
+        chunk[65000..65536].copy_from_slice(&noise(5, 536));
+        let ranges = [(4096, 4096), (65000, 536)];
+        let mut b = PackBuilder::new(1);
+        b.add(sha256(&base), &base);
+        b.add_patch(sha256(&chunk), sha256(&base), &chunk, &ranges);
+        let (pack, index, entries) = b.finish();
+        assert_eq!(pack[4], PATCH_FORMAT);
+        assert_eq!(decode_index(&index, "t").unwrap(), entries);
+        let footer = &pack[pack.len() - FOOTER..];
+        let tl = pack_trailer_len(&pack[..HEADER], footer, "t").unwrap();
+        assert_eq!(tl, 2 * ENTRY_2);
+        let trailer = &pack[pack.len() - FOOTER - tl..pack.len() - FOOTER];
+        assert_eq!(
+            decode_pack_trailer(&pack[..HEADER], trailer, footer, "t").unwrap(),
+            entries
+        );
+        let e = entries[1];
+        assert_eq!(
+            e.codec,
+            Codec::Patch {
+                base: sha256(&base)
+            }
+        );
+        assert_eq!(e.raw, 65536);
+        assert!(e.stored < 4096 + 536 + 100, "{}", e.stored);
+        let stored = &pack[e.offset as usize..e.offset as usize + e.stored as usize];
+        assert_eq!(decode_chunk(&e, stored, Some(&base)).unwrap(), chunk);
+        // Without its base, or over another, it is damage, never wrong bytes.
+        assert!(matches!(
+            decode_chunk(&e, stored, None),
+            Err(Error::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode_chunk(&e, stored, Some(&noise(6, 65536))),
+            Err(Error::Corrupt(_))
+        ));
+        assert!(decode_chunk(&e, stored, Some(&base[..4096])).is_err());
+        // Ranges out of order or past the end are refused.
+        for bad in [
+            encode_patch(&chunk, &[(8000, 10), (4096, 10)]),
+            encode_patch(&chunk, &[(65530, 6)])[..10].to_vec(),
+            [encode_patch(&chunk, &[(0, 4)]), vec![1]].concat(),
+        ] {
+            assert!(apply_patch(&bad, &mut base.clone()).is_err());
+        }
+        let mut over = base.clone();
+        let body = encode_patch(&chunk, &ranges);
+        apply_patch(&body, &mut over).unwrap();
+        assert_eq!(over, chunk);
+        let mut past = body.clone();
+        past[4..8].copy_from_slice(&65535u32.to_le_bytes());
+        assert!(apply_patch(&past, &mut base.clone()).is_err());
     }
 
     #[test]
@@ -427,17 +693,25 @@ mod tests {
         let data = vec![1u8; 1000];
         b.add(sha256(&data), &data);
         let (mut pack, mut index, entries) = b.finish();
+        let clean = index.clone();
         let e = entries[0];
         let mut stored =
             pack[e.offset as usize..(e.offset + u64::from(e.stored)) as usize].to_vec();
         stored[0] ^= 1;
-        assert!(matches!(decode_chunk(&e, &stored), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            decode_chunk(&e, &stored, None),
+            Err(Error::Corrupt(_))
+        ));
         let last = index.len() - FOOTER - 1;
         index[last] ^= 1;
         assert!(decode_index(&index, "t").is_err());
         let n = pack.len();
         pack[n - 1] = b'X';
-        assert!(pack_trailer_len(&pack[n - FOOTER..], "t").is_err());
+        assert!(pack_trailer_len(&pack[..HEADER], &pack[n - FOOTER..], "t").is_err());
+        // A format this server does not know is refused, not misread.
+        let mut future = clean;
+        future[4] = 9;
+        assert!(decode_index(&future, "t").is_err());
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! whole once written, no publication builds on any but the newest, and a
 //! server whose image holds a deleted version catches up by comparing
 //! every block instead of the changed segments. Kept versions make their map segments
-//! live, and those their chunks; a pack with no live chunk is dead, and so
+//! live, and those their chunks, and a live chunk stored as a patch its
+//! base (down the chain); a pack with no live chunk is dead, and so
 //! is a condemned pack whose live chunks were all stored again in packs
 //! that are not condemned (a partly dead pack is kept whole: repacking is
 //! not done yet).
@@ -283,12 +284,35 @@ impl ChunkStore {
         }
         // The packs and segments there are, with their age.
         self.rebuild_index()?;
-        let packs: Vec<(Digest, Vec<Digest>, u64)> = self
-            .index()
-            .packs
-            .iter()
-            .map(|(id, (hashes, bytes))| (*id, hashes.clone(), *bytes))
-            .collect();
+        let packs: Vec<(Digest, Vec<Digest>, u64)> = {
+            let index = self.index();
+            // The base of a live patch is live, down every chain (any
+            // copy of a live chunk may be the one read).
+            let mut bases: std::collections::HashMap<Digest, Vec<Digest>> =
+                std::collections::HashMap::new();
+            for info in index.packs.values() {
+                for (chunk, base) in &info.patches {
+                    bases.entry(*chunk).or_default().push(*base);
+                }
+            }
+            let mut todo: Vec<Digest> = live_chunks
+                .iter()
+                .filter(|h| bases.contains_key(*h))
+                .copied()
+                .collect();
+            while let Some(h) = todo.pop() {
+                for b in bases.get(&h).into_iter().flatten() {
+                    if live_chunks.insert(*b) && bases.contains_key(b) {
+                        todo.push(*b);
+                    }
+                }
+            }
+            index
+                .packs
+                .iter()
+                .map(|(id, p)| (*id, p.hashes.clone(), p.stored))
+                .collect()
+        };
         let segments: Vec<Digest> = self
             .run(self.list("maps"))?
             .iter()

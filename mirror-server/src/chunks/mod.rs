@@ -128,12 +128,23 @@ struct Loc {
     entry: Entry,
 }
 
+/// What the chunk index knows of one pack.
+#[derive(Debug, Clone, Default)]
+struct PackInfo {
+    /// Its chunks' names.
+    hashes: Vec<Digest>,
+    /// Its patches: (chunk, base).
+    patches: Vec<(Digest, Digest)>,
+    /// Bytes of chunks in it.
+    stored: u64,
+}
+
 /// What the chunk index knows.
 #[derive(Debug, Default)]
 struct Index {
     chunks: HashMap<Digest, Loc>,
-    /// Every pack known, with its chunks' names and stored bytes.
-    packs: HashMap<Digest, (Vec<Digest>, u64)>,
+    /// Every pack known.
+    packs: HashMap<Digest, PackInfo>,
     /// What garbage collection condemned, as of `generation`: never
     /// deduplicated against (see [`gc`]).
     condemned: gc::Condemned,
@@ -157,6 +168,19 @@ impl Index {
     fn bad(&self, loc: &Loc, hash: &Digest) -> bool {
         self.damaged.contains(&(loc.pack, *hash))
     }
+
+    /// How many patches reading the usable copy of `hash` goes through (0:
+    /// stored whole); `None` when some chunk on the way is not usable.
+    fn chain(&self, hash: &Digest) -> Option<usize> {
+        let mut at = *hash;
+        for depth in 0..=format::MAX_CHAIN {
+            match self.usable(&at)?.entry.codec {
+                format::Codec::Patch { base } => at = base,
+                _ => return Some(depth),
+            }
+        }
+        None
+    }
 }
 
 /// Sizes of what a store holds, for `mirror-server store-stats` and the
@@ -171,6 +195,8 @@ pub struct Usage {
     pub packs: u64,
     /// Bytes of chunks in packs (as stored, compressed).
     pub stored_bytes: u64,
+    /// Distinct chunks stored as patches on another.
+    pub patches: u64,
 }
 
 /// Chunks read lately, up to a number of bytes (oldest out first): reads of
@@ -497,10 +523,18 @@ impl ChunkStore {
 
     fn remember(&self, pack: Digest, entries: &[Entry]) {
         let mut index = self.index();
-        let stored = entries.iter().map(|e| u64::from(e.stored)).sum();
-        index
-            .packs
-            .insert(pack, (entries.iter().map(|e| e.hash).collect(), stored));
+        let info = PackInfo {
+            hashes: entries.iter().map(|e| e.hash).collect(),
+            patches: entries
+                .iter()
+                .filter_map(|e| match e.codec {
+                    format::Codec::Patch { base } => Some((e.hash, base)),
+                    _ => None,
+                })
+                .collect(),
+            stored: entries.iter().map(|e| u64::from(e.stored)).sum(),
+        };
+        index.packs.insert(pack, info);
         for e in entries {
             let loc = Loc { pack, entry: *e };
             let condemned = index.chunks.get(&e.hash).is_some_and(|l| {
@@ -544,8 +578,9 @@ impl ChunkStore {
         };
         for loc in index.chunks.values() {
             u.raw_bytes += u64::from(loc.entry.raw);
+            u.patches += u64::from(matches!(loc.entry.codec, format::Codec::Patch { .. }));
         }
-        u.stored_bytes = index.packs.values().map(|(_, b)| b).sum();
+        u.stored_bytes = index.packs.values().map(|p| p.stored).sum();
         u
     }
 
@@ -553,7 +588,7 @@ impl ChunkStore {
     /// this server's index knows them: cheap (for metrics).
     pub fn counts(&self) -> (u64, u64, u64) {
         let index = self.index();
-        let stored = index.packs.values().map(|(_, b)| b).sum();
+        let stored = index.packs.values().map(|p| p.stored).sum();
         (
             index.chunks.len() as u64,
             stored,
@@ -665,6 +700,7 @@ impl ChunkStore {
             size,
             pack: PackBuilder::new(LEVEL),
             pending: HashSet::new(),
+            base_segment: None,
             uploads: std::collections::VecDeque::new(),
             changes: BTreeMap::new(),
             started: std::time::Instant::now(),
@@ -771,6 +807,13 @@ impl ChunkStore {
     /// [`ChunkStore::chunks`] from the store itself, never the cache (what
     /// verify reads).
     fn read_chunks(&self, hashes: &[Digest]) -> Result<Vec<Vec<u8>>> {
+        self.read_chained(hashes, 0)
+    }
+
+    /// [`ChunkStore::read_chunks`] of chunks `depth` patches down a chain:
+    /// the bases of the patches among them are read (together) one level
+    /// further down.
+    fn read_chained(&self, hashes: &[Digest], depth: usize) -> Result<Vec<Vec<u8>>> {
         let mut locs = Vec::with_capacity(hashes.len());
         for h in hashes {
             let loc = {
@@ -796,7 +839,7 @@ impl ChunkStore {
         for (i, l) in locs.iter().enumerate() {
             by_pack.entry(l.pack).or_default().push(i);
         }
-        let mut out = vec![Vec::new(); hashes.len()];
+        let mut stored = vec![Bytes::new(); hashes.len()];
         for (pack, which) in by_pack {
             let ranges: Vec<std::ops::Range<u64>> = which
                 .iter()
@@ -809,11 +852,40 @@ impl ChunkStore {
             let got = self
                 .run(self.store.get_ranges(&path, &ranges))
                 .map_err(|e| store_err(format!("reading {}/{path}", self.describe), e))?;
-            for (&i, stored) in which.iter().zip(got.iter()) {
-                out[i] = format::decode_chunk(&locs[i].entry, stored)?;
+            for (&i, bytes) in which.iter().zip(got) {
+                stored[i] = bytes;
             }
         }
-        Ok(out)
+        let bases: Vec<Digest> = locs
+            .iter()
+            .filter_map(|l| match l.entry.codec {
+                format::Codec::Patch { base } => Some(base),
+                _ => None,
+            })
+            .collect();
+        if !bases.is_empty() && depth >= format::MAX_CHAIN {
+            return Err(Error::Corrupt(format!(
+                "chunk {} is read through more than {} patches",
+                format::hex(&bases[0]),
+                format::MAX_CHAIN
+            )));
+        }
+        let mut bases = if bases.is_empty() {
+            Vec::new()
+        } else {
+            self.read_chained(&bases, depth + 1)?
+        }
+        .into_iter();
+        locs.iter()
+            .zip(&stored)
+            .map(|(l, bytes)| {
+                let base = match l.entry.codec {
+                    format::Codec::Patch { .. } => Some(bases.next().expect("one per patch")),
+                    _ => None,
+                };
+                format::decode_chunk(&l.entry, bytes, base.as_deref())
+            })
+            .collect()
     }
 }
 
@@ -841,6 +913,8 @@ pub struct Publication<'a> {
     pack: PackBuilder,
     /// Chunks this publication packed (uploaded or on their way).
     pending: HashSet<Digest>,
+    /// The base's map segment read last (by [`Publication::base_digest`]).
+    base_segment: Option<(usize, Vec<Digest>)>,
     /// Packs on their way, oldest first.
     uploads: std::collections::VecDeque<Upload>,
     /// Block number → its new digest ([`HOLE`]: zeroes).
@@ -894,6 +968,67 @@ impl Publication<'_> {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Block `n` is now `block` (as long as the block), whose sha256 is
+    /// `hash`: the base version's block `n` with the bytes in `ranges`
+    /// (offsets in the block, in order, not overlapping) written over it.
+    /// Stored as a patch on the base's chunk where that is small and the
+    /// base is one to rely on (see the patches in [`format`]), else as
+    /// [`Publication::put`] does.
+    pub fn put_patched(
+        &mut self,
+        n: u64,
+        block: &[u8],
+        hash: Digest,
+        ranges: &[(u32, u32)],
+    ) -> Result<()> {
+        let patched: usize = ranges.iter().map(|r| r.1 as usize).sum();
+        let small = patched <= block.len() / 4 && ranges.len() <= format::MAX_RANGES;
+        if !small || block::is_zero(block) || !self.needs(&hash) {
+            return self.put(n, Some(block), hash);
+        }
+        let base = self.base_digest(n)?;
+        let chained = self.store.index().chain(&base);
+        match chained {
+            // `chain` is `None` unless every chunk on the way is usable.
+            Some(c) if base != HOLE && c < format::MAX_CHAIN => {}
+            _ => return self.put(n, Some(block), hash),
+        }
+        let want = (self.size - n * BLOCK).min(BLOCK) as usize;
+        if block.len() != want {
+            return Err(Error::Invalid(format!(
+                "block {n} is {} bytes, not {want}",
+                block.len()
+            )));
+        }
+        self.changes.insert(n, hash);
+        self.pack.add_patch(hash, base, block, ranges);
+        self.pending.insert(hash);
+        if self.pack.len() >= self.store.pack_target {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The digest of block `n` in the version this one is published on
+    /// ([`HOLE`] where there is none).
+    pub fn base_digest(&mut self, n: u64) -> Result<Digest> {
+        let Some((_, ids)) = &self.base else {
+            return Ok(HOLE);
+        };
+        let s = n as usize / SEGMENT_BLOCKS;
+        let Some(id) = ids.get(s) else {
+            return Ok(HOLE);
+        };
+        if self.base_segment.as_ref().is_none_or(|(at, _)| *at != s) {
+            self.base_segment = Some((s, self.store.segment(id)?));
+        }
+        let (_, digests) = self.base_segment.as_ref().expect("just read");
+        Ok(digests
+            .get(n as usize % SEGMENT_BLOCKS)
+            .copied()
+            .unwrap_or(HOLE))
     }
 
     /// Whether the chunk named `hash` is neither in the store nor packed

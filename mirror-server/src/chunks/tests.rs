@@ -741,6 +741,148 @@ fn verify_finds_damage_and_repairs_it_on_seaweedfs() {
     verify_finds_damage_and_repairs_it(&Arc::new(open_weed(&weed, "verify").unwrap()));
 }
 
+/// Publish a 4 KiB write of `seed` at byte `at` of `image` on `base`, as
+/// a server stores a catch-up's partial blocks.
+fn publish_write(
+    store: &ChunkStore,
+    base: &VersionRecord,
+    image: &mut [u8],
+    at: u64,
+    seed: u64,
+    epoch: u64,
+) -> Published {
+    let mut p = store
+        .publication(VOL, Some(base), image.len() as u64)
+        .unwrap();
+    image[at as usize..at as usize + 4096].copy_from_slice(&block_of(seed, 4096));
+    let n = at / BLOCK;
+    let start = (n * BLOCK) as usize;
+    let end = (start + BLOCK as usize).min(image.len());
+    let block = &image[start..end];
+    p.put_patched(
+        n,
+        block,
+        format::sha256(block),
+        &[((at - n * BLOCK) as u32, 4096)],
+    )
+    .unwrap();
+    p.finish(epoch, None, "").unwrap()
+}
+
+/// Small writes are stored as patches on the chunk they change, read back
+/// through chains no longer than [`format::MAX_CHAIN`]; a base only a
+/// patch needs outlives every garbage collection; a base gone bad fails
+/// its patches' reads (never wrong bytes), verify names them, and it is
+/// not patched on again.
+fn patches_are_small_and_keep_their_bases(store: &Arc<ChunkStore>) {
+    let size = 3 * BLOCK;
+    let v1 = publish(store, VOL, None, size, &[(0, 1), (1, 2)].into(), 1).unwrap();
+    let mut image = expected(size, &[(0, 1), (1, 2)].into());
+    let mut versions = vec![(v1.record.clone(), image.clone())];
+    let mut head = v1.record;
+    let mut wholes = 0;
+    for (i, epoch) in (2..2 + 2 * format::MAX_CHAIN as u64).enumerate() {
+        let at = BLOCK + (i as u64 % 16) * 4096;
+        let v = publish_write(store, &head, &mut image, at, 100 + epoch, epoch);
+        let digest = format::sha256(&image[BLOCK as usize..2 * BLOCK as usize]);
+        let chain = store.index().chain(&digest).unwrap();
+        assert!(chain <= format::MAX_CHAIN, "a chain of {chain}");
+        if chain == 0 {
+            wholes += 1;
+            assert!(v.bytes > BLOCK / 2, "{v:?}");
+        } else {
+            assert!(v.bytes < 4096 + 256, "a patch of {} bytes", v.bytes);
+        }
+        assert_eq!(read_all(store, &v.record), image, "version {epoch}");
+        versions.push((v.record.clone(), image.clone()));
+        head = v.record;
+    }
+    // Every MAX_CHAIN + 1st write of the block stores it whole.
+    assert_eq!(wholes, 1);
+    assert!(store.usage().patches >= 2 * format::MAX_CHAIN as u64 - 1);
+    for (record, content) in &versions {
+        assert_eq!(&read_all(store, record), content, "version {}", record.seq);
+    }
+
+    // Block 0 changes twice: block 1's first patch after the whole copy is
+    // then needed only as the base of what the newest two versions hold.
+    let mut seq = head.seq;
+    for seed in [7, 8] {
+        seq += 1;
+        let v = publish(store, VOL, Some(&head), size, &[(0, seed)].into(), seq).unwrap();
+        image[..BLOCK as usize].copy_from_slice(&block_of(seed, BLOCK as usize));
+        head = v.record;
+    }
+    let a = publish_write(store, &head, &mut image, BLOCK, 99, seq + 1);
+    head = a.record;
+    let v = publish(store, VOL, Some(&head), size, &[(0, 9)].into(), seq + 2).unwrap();
+    image[..BLOCK as usize].copy_from_slice(&block_of(9, BLOCK as usize));
+    head = v.record;
+    for _ in 0..2 {
+        store.gc(Duration::ZERO, |_| {}).unwrap();
+    }
+    assert_eq!(store.versions(VOL).unwrap().len(), 2);
+    assert_eq!(read_all(store, &head), image);
+    assert_eq!(read_all(&open_on_same(store), &head), image);
+
+    // The whole copy under block 1's chain rots: the newest versions'
+    // block 1 fails its reads and verify names it; the next write of it
+    // is not patched on the bad chain.
+    let block1 = |img: &[u8]| format::sha256(&img[BLOCK as usize..2 * BLOCK as usize]);
+    let mut at = block1(&image);
+    while let Some(Loc {
+        entry: Entry {
+            codec: format::Codec::Patch { base },
+            ..
+        },
+        ..
+    }) = store.index().usable(&at)
+    {
+        at = base;
+    }
+    corrupt(store, &at);
+    let r = store.verify(None, |_, _, _| None, |_, _| {}).unwrap();
+    assert!(
+        r.damaged.contains_key(&format::hex(&block1(&image))),
+        "{r:?}"
+    );
+    // (Another server: this one's cache holds the block, checked.)
+    let reader = open_on_same(store).reader(&head).unwrap();
+    let mut buf = vec![0u8; size as usize];
+    assert!(matches!(
+        reader.read_at(&mut buf, 0),
+        Err(Error::Corrupt(_))
+    ));
+    let before = image.clone();
+    let v = publish_write(store, &head, &mut image, BLOCK + 8192, 123, seq + 3);
+    assert!(v.bytes > BLOCK / 2, "patched on a damaged base: {v:?}");
+    assert_eq!(read_all(store, &v.record), image);
+    assert_eq!(read_all(&open_on_same(store), &v.record), image);
+    // The damage stays with the versions that hold it, not the new one.
+    let r = store.verify(None, |_, _, _| None, |_, _| {}).unwrap();
+    let old = format::hex(&block1(&before));
+    assert_eq!(
+        r.damaged.get(&old),
+        Some(&vec![
+            format!("{VOL}@{}", seq + 1),
+            format!("{VOL}@{}", seq + 2)
+        ]),
+        "{r:?}"
+    );
+    assert_eq!(r.damaged.len(), 1, "{r:?}");
+}
+
+#[test]
+fn patches_are_small_and_keep_their_bases_in_memory() {
+    patches_are_small_and_keep_their_bases(&open_on(memory()));
+}
+
+#[test]
+fn patches_are_small_and_keep_their_bases_on_seaweedfs() {
+    let weed = seaweed::Seaweed::start();
+    patches_are_small_and_keep_their_bases(&Arc::new(open_weed(&weed, "patch").unwrap()));
+}
+
 #[test]
 fn chunks_read_lately_come_from_the_bounded_cache() {
     let store = open_on(memory());
