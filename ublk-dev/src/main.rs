@@ -1558,6 +1558,28 @@ fn print_table<const N: usize>(
     Ok(())
 }
 
+/// The MIRROR cell of `status`: the link, how much of the epoch or round
+/// being sent has gone, and whether a first sync or resync is held back
+/// for the device's own I/O.
+fn mirror_cell(m: &ublk_dev::replicator::MirrorStatus) -> String {
+    let mut notes = Vec::new();
+    if m.sending_bytes > 0 {
+        let done = m.sending_done.min(m.sending_bytes);
+        notes.push(format!(
+            "sending {}%",
+            done as u128 * 100 / u128::from(m.sending_bytes)
+        ));
+    }
+    if m.yielding {
+        notes.push("sync yields".to_string());
+    }
+    if notes.is_empty() {
+        m.link.clone()
+    } else {
+        format!("{} ({})", m.link, notes.join(", "))
+    }
+}
+
 /// `ublk-mirror metrics`: every device's status as Prometheus metrics.
 fn metrics(textfile: Option<PathBuf>) -> anyhow::Result<()> {
     require_root("read device status")?;
@@ -1722,12 +1744,7 @@ fn status(json: bool, stale: Span) -> anyhow::Result<usize> {
             .map_or("-", |r| r.name.as_str())
             .to_string();
         let (link, lag) = match s.as_ref().and_then(|s| s.mirror.as_ref()) {
-            // A first sync or resync held back for the device's own I/O.
-            Some(m) if m.yielding => (
-                format!("{} (sync yields)", m.link),
-                format!("{:.1}s", m.lag_ms as f64 / 1000.0),
-            ),
-            Some(m) => (m.link.clone(), format!("{:.1}s", m.lag_ms as f64 / 1000.0)),
+            Some(m) => (mirror_cell(m), format!("{:.1}s", m.lag_ms as f64 / 1000.0)),
             None => ("-".to_string(), "-".to_string()),
         };
         let [dirty, zeroed, regions, epoch, oldest, resync, journal] =
@@ -1899,6 +1916,29 @@ mod tests {
         // Between epochs: against the most that was behind.
         assert_eq!(sync_bar(Some(&m(300, 0, 0)), &mut most), (900, 600));
         assert_eq!(sync_bar(None, &mut most), (900, 900));
+    }
+
+    /// `status` says how far the epoch being sent is, and that a first
+    /// sync yields, beside the link.
+    #[test]
+    fn the_status_mirror_cell_says_how_far_a_send_is() {
+        let m = |sending, done, yielding| MirrorStatus {
+            link: "connected".into(),
+            sending_bytes: sending,
+            sending_done: done,
+            yielding,
+            ..Default::default()
+        };
+        assert_eq!(mirror_cell(&m(0, 0, false)), "connected");
+        assert_eq!(mirror_cell(&m(0, 0, true)), "connected (sync yields)");
+        assert_eq!(
+            mirror_cell(&m(8 << 30, 3 << 30, false)),
+            "connected (sending 37%)"
+        );
+        assert_eq!(
+            mirror_cell(&m(1000, 2000, true)),
+            "connected (sending 100%, sync yields)"
+        );
     }
 
     /// The sync bar says what holds a sync back, and nothing when nothing

@@ -146,6 +146,18 @@ pub fn render(devices: &[Device]) -> String {
         "Bytes changed and not yet on the mirror",
         Some(Unit::Bytes),
     );
+    let sending = gauges(
+        &mut r,
+        "ublk_mirror_sending",
+        "Bytes of the epoch or first-sync round being sent now (0: none)",
+        Some(Unit::Bytes),
+    );
+    let sending_done = gauges(
+        &mut r,
+        "ublk_mirror_sending_done",
+        "Bytes of the epoch or first-sync round being sent that have gone",
+        Some(Unit::Bytes),
+    );
     let server_epoch = gauges(
         &mut r,
         "ublk_mirror_server_epoch",
@@ -245,6 +257,10 @@ pub fn render(devices: &[Device]) -> String {
             up.get_or_create(&l).set(i64::from(m.link == "connected"));
             lag.get_or_create(&l).set(m.lag_ms as f64 / 1000.0);
             behind.get_or_create(&l).set(m.bytes_behind as i64);
+            sending.get_or_create(&l).set(m.sending_bytes as i64);
+            sending_done
+                .get_or_create(&l)
+                .set(m.sending_done.min(m.sending_bytes) as i64);
             server_epoch.get_or_create(&l).set(m.server_epoch as i64);
             shipped.get_or_create(&l).inc_by(m.epochs_shipped);
             wire.get_or_create(&l).inc_by(m.wire_bytes_total);

@@ -464,6 +464,34 @@ fn a_first_sync_gives_way_to_a_busy_device_and_goes_on_when_it_is_quiet() {
             busy.sending_done > 0 && busy.sending_done < busy.sending_bytes,
             "the round's progress is not shown: {busy:?}"
         );
+        // And to monitoring.
+        let device = ublk_dev::metrics::Device {
+            device: "ublkb5".into(),
+            name: "root".into(),
+            status: Some(ublk_dev::status::DeviceStatus {
+                id: 5,
+                pid: std::process::id(),
+                updated_ms: ublk_mirror_common::clock::now_ms(),
+                reads: 0,
+                writes: 0,
+                errors: 0,
+                tracking: None,
+                attach: None,
+                mirror: Some(busy.clone()),
+            }),
+        };
+        let m = crate::mirror::prom::parse(&ublk_dev::metrics::render(&[device]));
+        let value = |name: &str| {
+            crate::mirror::prom::value(&m, name, &[("device", "ublkb5"), ("name", "root")])
+        };
+        assert_eq!(
+            value("ublk_mirror_sending_bytes"),
+            busy.sending_bytes as f64
+        );
+        assert_eq!(
+            value("ublk_mirror_sending_done_bytes"),
+            busy.sending_done as f64
+        );
         // Quiet now: the rest goes at full speed, then a sync.
         wait_for("the yielding over", || !status().yielding);
         assert!(synced(&d.tracker, &replicator), "{:?}", status());
