@@ -274,6 +274,13 @@ impl PackBuilder {
     }
 }
 
+/// Whether a chunk of `len` bytes changed in `ranges` (offset, length) is
+/// worth a patch: a quarter of it or less, in at most [`MAX_RANGES`].
+pub fn patchable(len: usize, ranges: &[(u32, u32)]) -> bool {
+    let changed: usize = ranges.iter().map(|r| r.1 as usize).sum();
+    !ranges.is_empty() && ranges.len() <= MAX_RANGES && changed <= len / 4
+}
+
 /// A patch's ranges, uncompressed (see the module docs).
 fn encode_patch(chunk: &[u8], ranges: &[(u32, u32)]) -> Vec<u8> {
     let len: usize = ranges.iter().map(|r| r.1 as usize).sum();

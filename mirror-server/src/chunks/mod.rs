@@ -970,37 +970,35 @@ impl Publication<'_> {
         Ok(())
     }
 
-    /// Block `n` is now `block` (as long as the block), whose sha256 is
-    /// `hash`: the base version's block `n` with the bytes in `ranges`
-    /// (offsets in the block, in order, not overlapping) written over it.
-    /// Stored as a patch on the base's chunk where that is small and the
-    /// base is one to rely on (see the patches in [`format`]), else as
+    /// Block `n` is now `block`, whose sha256 is `hash`: the chunk `base`
+    /// (the caller checked) with the bytes in `ranges` (offsets in the
+    /// block, in order, not overlapping) written over it. Stored as a
+    /// patch on `base` where that is small ([`format::patchable`]) and
+    /// `base` is one to rely on (see the patches in [`format`]), else as
     /// [`Publication::put`] does.
     pub fn put_patched(
         &mut self,
         n: u64,
         block: &[u8],
         hash: Digest,
+        base: Digest,
         ranges: &[(u32, u32)],
     ) -> Result<()> {
-        let patched: usize = ranges.iter().map(|r| r.1 as usize).sum();
-        let small = patched <= block.len() / 4 && ranges.len() <= format::MAX_RANGES;
-        if !small || block::is_zero(block) || !self.needs(&hash) {
+        let want = (self.size.saturating_sub(n * BLOCK)).min(BLOCK) as usize;
+        if n >= blocks_of(self.size)
+            || block.len() != want
+            || base == HOLE
+            || !format::patchable(block.len(), ranges)
+            || block::is_zero(block)
+            || !self.needs(&hash)
+        {
             return self.put(n, Some(block), hash);
         }
-        let base = self.base_digest(n)?;
-        let chained = self.store.index().chain(&base);
-        match chained {
-            // `chain` is `None` unless every chunk on the way is usable.
-            Some(c) if base != HOLE && c < format::MAX_CHAIN => {}
-            _ => return self.put(n, Some(block), hash),
-        }
-        let want = (self.size - n * BLOCK).min(BLOCK) as usize;
-        if block.len() != want {
-            return Err(Error::Invalid(format!(
-                "block {n} is {} bytes, not {want}",
-                block.len()
-            )));
+        // `chain` is `None` unless every chunk on the way is usable (the
+        // index's lock let go before `put` takes it again).
+        let chain = self.store.index().chain(&base);
+        if chain.is_none_or(|c| c >= format::MAX_CHAIN) {
+            return self.put(n, Some(block), hash);
         }
         self.changes.insert(n, hash);
         self.pack.add_patch(hash, base, block, ranges);

@@ -754,15 +754,18 @@ fn publish_write(
     let mut p = store
         .publication(VOL, Some(base), image.len() as u64)
         .unwrap();
-    image[at as usize..at as usize + 4096].copy_from_slice(&block_of(seed, 4096));
     let n = at / BLOCK;
     let start = (n * BLOCK) as usize;
     let end = (start + BLOCK as usize).min(image.len());
+    let was = format::sha256(&image[start..end]);
+    assert_eq!(p.base_digest(n).unwrap(), was);
+    image[at as usize..at as usize + 4096].copy_from_slice(&block_of(seed, 4096));
     let block = &image[start..end];
     p.put_patched(
         n,
         block,
         format::sha256(block),
+        was,
         &[((at - n * BLOCK) as u32, 4096)],
     )
     .unwrap();

@@ -98,7 +98,7 @@ use self::log::{read_log_header, Entry, LogReader};
 pub use self::reader::{import, list, SnapshotReader, VersionSource};
 pub use self::staging::Staging;
 use self::staging::{is_direct, remove_staging, staging_epochs, staging_path, STAGING};
-use crate::chunks::format::{VersionRecord, WriterRecord, HOLE};
+use crate::chunks::format::{self, VersionRecord, WriterRecord, HOLE};
 use crate::chunks::{blocks_of, ChunkStore};
 use crate::error::{Error, Result};
 use crate::snapshots::{Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK};
@@ -1281,10 +1281,27 @@ impl Volume {
             }
         }
         let (mut block, mut ranges) = (Vec::new(), Vec::new());
+        let mut differ = 0u64;
         for (n, on) in partial {
             let start = n * block::BLOCK;
             block.resize(block_len(n) as usize, 0);
             self.read_at(&mut block, start)?;
+            // What changes in the block: where that is small, the block is
+            // stored as a patch on the version's chunk, once the image's
+            // block is checked to be that chunk (else the patch would not
+            // read back: a bug, or the image's disk rotting).
+            changed_ranges(&on, start, &mut ranges);
+            let mut base = None;
+            if format::patchable(block.len(), &ranges) {
+                let was = p.base_digest(n)?;
+                if was != HOLE {
+                    if block::digest(&block) == was {
+                        base = Some(was);
+                    } else {
+                        differ += 1;
+                    }
+                }
+            }
             for piece in &on {
                 let dst = &mut block[(piece.from - start) as usize..(piece.to - start) as usize];
                 match piece.at {
@@ -1294,10 +1311,18 @@ impl Volume {
                     None => dst.fill(0),
                 }
             }
-            // What changed in the block: stored as a patch on the base's
-            // chunk where that is small.
-            changed_ranges(&on, start, &mut ranges);
-            p.put_patched(n, &block, block::digest(&block), &ranges)?;
+            let hash = block::digest(&block);
+            match base {
+                Some(base) => p.put_patched(n, &block, hash, base, &ranges)?,
+                None => p.put(n, Some(&block), hash)?,
+            }
+        }
+        if differ > 0 {
+            tracing::warn!(
+                volume = %name,
+                blocks = differ,
+                "blocks of the image differ from the store's version they should hold: stored whole (verify the volume)"
+            );
         }
         Ok(Some(
             p.finish(staging.epoch, Some(writer), &self.state.uuid)?
@@ -1997,6 +2022,30 @@ mod tests {
             .flat_map(|b| b.unwrap_or_else(|| vec![0; B as usize]))
             .collect();
         assert!(read == model, "another server reads the patches otherwise");
+        // The image's block 7 rots on disk: the next small write to it is
+        // stored whole (a patch on the version's chunk would not read
+        // back as what the image now holds).
+        let image = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("vol").join(IMAGE))
+            .unwrap();
+        image.write_all_at(&[0xEE], 7 * B + 9000).unwrap();
+        model[(7 * B + 9000) as usize] = 0xEE;
+        let s = v.begin(3, me(3)).unwrap();
+        let bytes = block(14, 4096);
+        s.add(7 * B + 4096, 4096, &digest(&bytes), Encoding::Raw, &bytes)
+            .unwrap();
+        model[(7 * B + 4096) as usize..(7 * B + 8192) as usize].copy_from_slice(&bytes);
+        v.commit(&s).unwrap();
+        assert_eq!(store.usage().patches, 4, "{:?}", store.usage());
+        let head = store.head("c/vol").unwrap().unwrap();
+        let mut got = vec![0u8; B as usize];
+        store
+            .reader(&head)
+            .unwrap()
+            .read_at(&mut got, 7 * B)
+            .unwrap();
+        assert!(got[..] == model[(7 * B) as usize..(8 * B) as usize]);
     }
 
     #[test]
