@@ -119,6 +119,22 @@ pub fn drop_cached(file: &File) {
     );
 }
 
+/// Start reading `len` bytes of `file` at `offset` into the page cache
+/// without waiting (`POSIX_FADV_WILLNEED`): scattered reads made in turn
+/// then find their pages there, the disk having had many in flight. A
+/// hint: nothing fails.
+pub fn will_need(file: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    let _ = nix::fcntl::posix_fadvise(
+        file,
+        offset,
+        len,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+    );
+}
+
 /// Keeps a big stream of I/O on one file that nothing reads again soon
 /// (a first sync's blocks on the server, a pack) out of the page cache:
 /// every [`Streamed::EVERY`] bytes, what was written back since the last
