@@ -26,6 +26,10 @@
 //! writes only the segments it changes, and two volumes with the same
 //! content share them. Holes (blocks of zeroes) are never stored.
 //!
+//! A block that an epoch changed by a quarter or less (scattered small
+//! writes) is packed as a patch on the chunk it held before: what changed,
+//! not a new 64 KiB chunk ([`format`], "Patches"; [`Publication::put_patched`]).
+//!
 //! The wire is deduplicated too, within what a client may know: before
 //! sending, a client asks which of its blocks the server holds, and is
 //! answered from the chunks its own volumes reference ([`refs`]).
