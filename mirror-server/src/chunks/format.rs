@@ -414,7 +414,7 @@ pub fn decode_index(bytes: &[u8], what: &str) -> Result<Vec<Entry>> {
     decode_trailer(trailer, footer, INDEX_END, bytes[4], what)
 }
 
-/// How many trailer bytes a pack announces, from its first [`HEADER`]
+/// How many trailer bytes a pack announces, from its first 8
 /// bytes and its last [`FOOTER`] bytes.
 pub fn pack_trailer_len(header: &[u8], footer: &[u8], what: &str) -> Result<usize> {
     if header.len() < HEADER

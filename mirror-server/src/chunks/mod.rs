@@ -6,7 +6,7 @@
 //! newest version of it ([`crate::store`] keeps it in step and rebuilds it
 //! from here when it is missing or behind).
 //!
-//! # Layout (format 1; the object formats are in [`format`])
+//! # Layout (format 1; the object formats are in [`format`](mod@format))
 //!
 //! ```text
 //! store.json                   {"format":1,"kind":"ublk-mirror chunk store",
@@ -28,7 +28,7 @@
 //!
 //! A block that an epoch changed by a quarter or less (scattered small
 //! writes) is packed as a patch on the chunk it held before: what changed,
-//! not a new 64 KiB chunk ([`format`], "Patches"; [`Publication::put_patched`]).
+//! not a new 64 KiB chunk ([`format`](mod@format), "Patches"; [`Publication::put_patched`]).
 //!
 //! The wire is deduplicated too, within what a client may know: before
 //! sending, a client asks which of its blocks the server holds, and is
@@ -978,7 +978,7 @@ impl Publication<'_> {
     /// (the caller checked) with the bytes in `ranges` (offsets in the
     /// block, in order, not overlapping) written over it. Stored as a
     /// patch on `base` where that is small ([`format::patchable`]) and
-    /// `base` is one to rely on (see the patches in [`format`]), else as
+    /// `base` is one to rely on (see the patches in [`format`](mod@format)), else as
     /// [`Publication::put`] does.
     pub fn put_patched(
         &mut self,
