@@ -16,7 +16,7 @@
 //! export ends; the snapshot is never touched.
 //!
 //! An export reads a pinned snapshot without the volume's lock (so
-//! publishing goes on meanwhile; see [`SnapshotReader`]), and the
+//! publishing goes on meanwhile; see [`SnapshotReader`](crate::store::SnapshotReader)), and the
 //! snapshot is never pruned under it; an
 //! export of "now" pins a temporary snapshot, removed when the export
 //! ends.

@@ -23,7 +23,7 @@
 //! (the chunk store's digests) hashes what `N.data` holds. Only a block
 //! with a single record covering it whole is named by that record's
 //! digest without hashing it again, and only while no write went
-//! unlogged ([`Staging::unlogged`]): its bytes were checked against that
+//! unlogged (`Staging::unlogged`): its bytes were checked against that
 //! digest before they were written, and nothing else was written there.
 //! On a resume, an
 //! entry whose bytes no longer check (a crash lost them, or a later copy
