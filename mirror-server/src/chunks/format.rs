@@ -592,15 +592,7 @@ mod tests {
     fn a_pack_round_trips_and_its_index_matches_its_trailer() {
         let mut b = PackBuilder::new(1);
         let zeroish = vec![7u8; 65536];
-        let mut x = 88172645463325252u64;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise(88172645463325252, 4096);
         b.add(sha256(&zeroish), &zeroish);
         b.add(sha256(&noise), &noise);
         let (pack, index, entries) = b.finish();

@@ -1293,9 +1293,8 @@ impl Volume {
             }
         };
         (0..READ_AHEAD).for_each(ask);
-        for (i, (n, on)) in partial.iter().enumerate() {
+        for (i, &(n, ref on)) in partial.iter().enumerate() {
             ask(i + READ_AHEAD);
-            let (n, on) = (*n, on);
             let start = n * block::BLOCK;
             block.resize(block_len(n) as usize, 0);
             self.read_at(&mut block, start)?;
@@ -2022,15 +2021,20 @@ mod tests {
         let head = store.head("c/vol").unwrap().unwrap();
         assert_eq!((head.seq, head.epoch), (2, 2));
         let ns: Vec<u64> = (0..SIZE / B).collect();
-        let stored: Vec<u8> = store
-            .reader(&head)
-            .unwrap()
-            .blocks(&ns)
-            .unwrap()
-            .into_iter()
-            .flat_map(|b| b.unwrap_or_else(|| vec![0; B as usize]))
-            .collect();
-        assert!(stored == model, "the stored version is not the epoch");
+        // The version `head` as the store `on` reads it.
+        let stored = |on: &Arc<ChunkStore>, head: &VersionRecord| -> Vec<u8> {
+            on.reader(head)
+                .unwrap()
+                .blocks(&ns)
+                .unwrap()
+                .into_iter()
+                .flat_map(|b| b.unwrap_or_else(|| vec![0; B as usize]))
+                .collect()
+        };
+        assert!(
+            stored(&store, &head) == model,
+            "the stored version is not the epoch"
+        );
         let mut image = vec![0u8; SIZE as usize];
         v.read_at(&mut image, 0).unwrap();
         assert!(image == model, "the image is not the epoch");
@@ -2038,15 +2042,10 @@ mod tests {
         // version 1's chunks; block 0 (written whole, then in part) whole.
         assert_eq!(store.usage().patches, 4, "{:?}", store.usage());
         let again = Arc::new(ChunkStore::with(memory, "again".into(), 1 << 20).unwrap());
-        let read: Vec<u8> = again
-            .reader(&head)
-            .unwrap()
-            .blocks(&ns)
-            .unwrap()
-            .into_iter()
-            .flat_map(|b| b.unwrap_or_else(|| vec![0; B as usize]))
-            .collect();
-        assert!(read == model, "another server reads the patches otherwise");
+        assert!(
+            stored(&again, &head) == model,
+            "another server reads the patches otherwise"
+        );
         // The image's block 7 rots on disk: the next small write to it is
         // made on the store's chunk, not the image's block (the store
         // keeps what the device wrote).
