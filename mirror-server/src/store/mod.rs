@@ -99,7 +99,7 @@ pub use self::reader::{import, list, SnapshotReader, VersionSource};
 pub use self::staging::Staging;
 use self::staging::{is_direct, remove_staging, staging_epochs, staging_path, STAGING};
 use crate::chunks::format::{self, VersionRecord, WriterRecord, HOLE};
-use crate::chunks::{blocks_of, ChunkStore};
+use crate::chunks::{blocks_of, ChunkStore, Publication};
 use crate::error::{Error, Result};
 use crate::snapshots::{Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK};
 use ublk_mirror_common::clock::now_ms;
@@ -1280,63 +1280,76 @@ impl Volume {
                 p.put(n, Some(d), hash)?;
             }
         }
-        let (mut block, mut ranges) = (Vec::new(), Vec::new());
         let mut differ = 0u64;
         // The image's blocks are read in turn, mostly from disk (a catch-up
-        // of scattered writes touches blocks nothing read lately): each is
-        // asked for READ_AHEAD blocks before it is read, so that the disk
-        // has that many reads in flight instead of one.
+        // of scattered writes touches blocks nothing read lately): each
+        // batch's blocks are asked for READ_AHEAD batches before they are
+        // read, so that the disk has many reads in flight instead of one.
+        // A batch's blocks are read, checked and hashed (two SHA-256 of
+        // the whole block each: most of this loop's work) on every core;
+        // the publication takes them in order.
         let partial: Vec<(u64, Vec<Piece>)> = partial.into_iter().collect();
-        let ask = |i: usize| {
-            if let Some(&(n, _)) = partial.get(i) {
+        let ask = |batch: &[(u64, Vec<Piece>)]| {
+            for &(n, _) in batch {
                 fsutil::will_need(&self.image, n * block::BLOCK, block_len(n));
             }
         };
-        (0..READ_AHEAD).for_each(ask);
-        for (i, &(n, ref on)) in partial.iter().enumerate() {
-            ask(i + READ_AHEAD);
-            let start = n * block::BLOCK;
-            block.resize(block_len(n) as usize, 0);
-            self.read_at(&mut block, start)?;
-            // What changes in the block: where that is small, the block is
-            // stored as a patch on the version's chunk, once the image's
-            // block is checked to be that chunk. Where it is not (a bug,
-            // or the image's disk rotting), the block is made from the
-            // chunk itself, so the store keeps what the device wrote.
-            changed_ranges(on, start, &mut ranges);
-            let mut base = None;
-            if format::patchable(block.len(), &ranges) {
-                let was = p.base_digest(n)?;
-                if was != HOLE {
-                    if block::digest(&block) != was {
-                        differ += 1;
+        let batches: Vec<&[(u64, Vec<Piece>)]> = partial.chunks(REBUILD_BATCH).collect();
+        for b in batches.iter().take(READ_AHEAD) {
+            ask(b);
+        }
+        // A batch is put in the publication (in order, on this thread)
+        // while the next one is rebuilt.
+        let mut done: Option<(Vec<Rebuild<'_>>, Vec<Rebuilt>)> = None;
+        for (i, batch) in batches.iter().enumerate() {
+            if let Some(next) = batches.get(i + READ_AHEAD) {
+                ask(next);
+            }
+            // What the version had in each block, where a patch on it may
+            // do (the publication reads it from the store's records).
+            let mut jobs = Vec::with_capacity(batch.len());
+            for &(n, ref on) in batch.iter() {
+                let start = n * block::BLOCK;
+                let mut ranges = Vec::new();
+                changed_ranges(on, start, &mut ranges);
+                let base = if format::patchable(block_len(n) as usize, &ranges) {
+                    Some(p.base_digest(n)?).filter(|&was| was != HOLE)
+                } else {
+                    None
+                };
+                jobs.push(Rebuild {
+                    n,
+                    on,
+                    ranges,
+                    base,
+                });
+            }
+            let before = done.take();
+            let rebuilt = rebuild_all(
+                &jobs,
+                |job| {
+                    self.rebuild(job, &data, &data_path, |was| {
                         let chunk = store.chunks(&[was])?.remove(0);
-                        if chunk.len() != block.len() {
+                        if chunk.len() as u64 != block_len(job.n) {
                             return Err(Error::Corrupt(format!(
-                                "block {n} of {name} is {} bytes in the store, not {}",
+                                "block {} of {name} is {} bytes in the store, not {}",
+                                job.n,
                                 chunk.len(),
-                                block.len()
+                                block_len(job.n)
                             )));
                         }
-                        block.copy_from_slice(&chunk);
-                    }
-                    base = Some(was);
-                }
-            }
-            for piece in on {
-                let dst = &mut block[(piece.from - start) as usize..(piece.to - start) as usize];
-                match piece.at {
-                    Some(at) => data.read_exact_at(dst, at).map_err(|err| {
-                        Error::io(format!("reading {}", data_path.display()), err)
-                    })?,
-                    None => dst.fill(0),
-                }
-            }
-            let hash = block::digest(&block);
-            match base {
-                Some(base) => p.put_patched(n, &block, hash, base, &ranges)?,
-                None => p.put(n, Some(&block), hash)?,
-            }
+                        Ok(chunk)
+                    })
+                },
+                || match before {
+                    Some((jobs, rebuilt)) => put_rebuilt(&mut p, &jobs, rebuilt, &mut differ),
+                    None => Ok(()),
+                },
+            )?;
+            done = Some((jobs, rebuilt));
+        }
+        if let Some((jobs, rebuilt)) = done {
+            put_rebuilt(&mut p, &jobs, rebuilt, &mut differ)?;
         }
         if differ > 0 {
             tracing::warn!(
@@ -1361,6 +1374,42 @@ impl Volume {
         let data = File::open(&data_path)
             .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
         Ok((data, data_path, staging_path(&self.dir, epoch, "log")))
+    }
+
+    /// Block `job.n` as the epoch leaves it: the image's block (which
+    /// holds the store's newest version) with every piece the epoch wrote
+    /// on it, and its digest; and whether the image's block differed from
+    /// the version's chunk it should hold (`job.base`), in which case the
+    /// block is made from that chunk (from `chunk`, the store's copy)
+    /// instead, so that a patch on it stays true.
+    fn rebuild(
+        &self,
+        job: &Rebuild<'_>,
+        data: &File,
+        data_path: &Path,
+        chunk: impl Fn(Digest) -> Result<Vec<u8>>,
+    ) -> Result<(Vec<u8>, Digest, bool)> {
+        let start = job.n * block::BLOCK;
+        let mut block = vec![0u8; block_len(self.state.size, job.n) as usize];
+        self.read_at(&mut block, start)?;
+        let mut differed = false;
+        if let Some(was) = job.base {
+            if block::digest(&block) != was {
+                differed = true;
+                block = chunk(was)?;
+            }
+        }
+        for piece in job.on {
+            let dst = &mut block[(piece.from - start) as usize..(piece.to - start) as usize];
+            match piece.at {
+                Some(at) => data
+                    .read_exact_at(dst, at)
+                    .map_err(|err| Error::io(format!("reading {}", data_path.display()), err))?,
+                None => dst.fill(0),
+            }
+        }
+        let hash = block::digest(&block);
+        Ok((block, hash, differed))
     }
 }
 
@@ -1499,8 +1548,77 @@ struct Piece {
     at: Option<u64>,
 }
 
-/// Image blocks asked of the disk ahead of a catch-up's reads (2 MiB).
-const READ_AHEAD: usize = 32;
+/// Blocks covered in part that a catch-up rebuilds at once (read ahead,
+/// then read, checked and hashed on every core): 4 MiB of blocks held.
+const REBUILD_BATCH: usize = 64;
+
+/// Batches asked of the disk ahead of the one rebuilt.
+const READ_AHEAD: usize = 4;
+
+/// A block an epoch covers in part, to rebuild ([`Volume::rebuild`]).
+struct Rebuild<'a> {
+    n: u64,
+    /// The epoch's pieces on it, in the order written.
+    on: &'a [Piece],
+    /// The changed ranges in it ([`changed_ranges`]).
+    ranges: Vec<(u32, u32)>,
+    /// The chunk the version has there, where the block is to be a patch
+    /// on it ([`format::patchable`]).
+    base: Option<Digest>,
+}
+
+/// A rebuilt block ([`Volume::rebuild`]): its bytes, its digest, and
+/// whether the image's block differed from the version's.
+type Rebuilt = (Vec<u8>, Digest, bool);
+
+/// Put rebuilt blocks in the publication, each as a patch on its base
+/// where it has one; `differ` counts those whose image block differed.
+fn put_rebuilt(
+    p: &mut Publication<'_>,
+    jobs: &[Rebuild<'_>],
+    rebuilt: Vec<Rebuilt>,
+    differ: &mut u64,
+) -> Result<()> {
+    for (job, (block, hash, differed)) in jobs.iter().zip(rebuilt) {
+        *differ += u64::from(differed);
+        match job.base {
+            Some(base) => p.put_patched(job.n, &block, hash, base, &job.ranges)?,
+            None => p.put(job.n, Some(&block), hash)?,
+        }
+    }
+    Ok(())
+}
+
+/// `work` done on each of `jobs`, spread over the machine's cores, while
+/// this thread does `meanwhile`; the results in the jobs' order, or the
+/// first error.
+fn rebuild_all<J: Sync, T: Send>(
+    jobs: &[J],
+    work: impl Fn(&J) -> Result<T> + Sync,
+    meanwhile: impl FnOnce() -> Result<()>,
+) -> Result<Vec<T>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len());
+    if threads <= 1 {
+        meanwhile()?;
+        return jobs.iter().map(&work).collect();
+    }
+    let per = jobs.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = jobs
+            .chunks(per)
+            .map(|part| scope.spawn(|| part.iter().map(&work).collect::<Result<Vec<T>>>()))
+            .collect();
+        let before = meanwhile();
+        let mut out = Vec::with_capacity(jobs.len());
+        for part in parts {
+            out.extend(part.join().expect("a rebuilding thread panicked")?);
+        }
+        before?;
+        Ok(out)
+    })
+}
 
 /// The ranges of a block (at `start`) that `pieces` cover, in order and
 /// merged where they touch or overlap, as (offset in the block, length).
@@ -2069,6 +2187,50 @@ mod tests {
             .read_at(&mut got, 7 * B)
             .unwrap();
         assert!(got[..] == model[(7 * B) as usize..(8 * B) as usize]);
+    }
+
+    /// Blocks covered in part are rebuilt in batches, on several threads
+    /// while the batch before is put: many batches' worth, each its own
+    /// patch on its block's chunk, make the epoch exactly, in the store and
+    /// in the image.
+    #[test]
+    fn many_partial_blocks_are_rebuilt_in_batches_in_order() {
+        const B: u64 = block::BLOCK;
+        const BIG: u64 = 256 * B;
+        let dir = tempfile::tempdir().unwrap();
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let store = Arc::new(ChunkStore::with(memory, "test".into(), 1 << 20).unwrap());
+        let mut v = Volume::create(&dir.path().join("vol"), BIG).unwrap();
+        v.attach(store.clone(), "c/vol").unwrap();
+        let mut model: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8 + 1).collect();
+        publish_whole(&mut v, 1, &model);
+        let s = v.begin(2, me(2)).unwrap();
+        let touched: Vec<u64> = (0..BIG / B).filter(|n| n % 5 != 0).collect();
+        assert!(touched.len() > 3 * REBUILD_BATCH);
+        for &n in &touched {
+            // Somewhere else in each block, two writes in one of them.
+            let at = n * B + (n % 15) * 4096;
+            let bytes = block(n as u8, 4096);
+            s.add(at, 4096, &digest(&bytes), Encoding::Raw, &bytes)
+                .unwrap();
+            model[at as usize..][..4096].copy_from_slice(&bytes);
+        }
+        v.commit(&s).unwrap();
+        let head = store.head("c/vol").unwrap().unwrap();
+        let ns: Vec<u64> = (0..BIG / B).collect();
+        let stored: Vec<u8> = store
+            .reader(&head)
+            .unwrap()
+            .blocks(&ns)
+            .unwrap()
+            .into_iter()
+            .flat_map(|b| b.unwrap())
+            .collect();
+        assert!(stored == model, "the stored version is not the epoch");
+        let mut image = vec![0u8; BIG as usize];
+        v.read_at(&mut image, 0).unwrap();
+        assert!(image == model, "the image is not the epoch");
+        assert_eq!(store.usage().patches, touched.len() as u64);
     }
 
     #[test]
