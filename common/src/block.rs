@@ -70,13 +70,23 @@ pub fn encode(offset: u64, data: &[u8], level: i32) -> (Message, Vec<u8>) {
 /// [`encode`] for a block whose digest is known already (`sha256` must be
 /// `data`'s [`digest`]: it travels as the block's check).
 pub fn encode_hashed(offset: u64, data: &[u8], sha256: Digest, level: i32) -> (Message, Vec<u8>) {
+    encode_with(offset, Cow::Borrowed(data), sha256, level)
+}
+
+/// [`encode_hashed`] of a block the caller gives up: a block that does
+/// not compress travels as these very bytes, not a copy.
+pub fn encode_owned(offset: u64, data: Vec<u8>, sha256: Digest, level: i32) -> (Message, Vec<u8>) {
+    encode_with(offset, Cow::Owned(data), sha256, level)
+}
+
+fn encode_with(offset: u64, data: Cow<'_, [u8]>, sha256: Digest, level: i32) -> (Message, Vec<u8>) {
     let len = data.len() as u32;
-    let (encoding, payload) = if is_zero(data) {
+    let (encoding, payload) = if is_zero(&data) {
         (Encoding::Zero, Vec::new())
     } else {
-        match compress(data, level) {
+        match compress(&data, level) {
             Ok(z) if z.len() < data.len() => (Encoding::Zstd, z),
-            _ => (Encoding::Raw, data.to_vec()),
+            _ => (Encoding::Raw, data.into_owned()),
         }
     };
     let header = Message::Block {
@@ -346,7 +356,20 @@ mod tests {
                 decode(len, &sha256, encoding, &payload),
                 Ok(Some(data.clone()))
             );
+            // Given up by its owner, the same block travels the same way
+            // (a raw one as its very bytes).
+            let owned = encode_owned(7, data.clone(), digest(data), 3);
+            assert_eq!(owned, (header, payload));
         }
+        let zero = encode_owned(0, vec![0; 4096], zero_digest(4096), 3);
+        assert_eq!(zero, encode(0, &[0; 4096], 3));
+        assert!(matches!(
+            zero.0,
+            Message::Block {
+                encoding: Encoding::Zero,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -226,8 +226,7 @@ fn encode_later(
                         known,
                     }
                 } else {
-                    let (header, payload) =
-                        block::encode_hashed(b.offset, &b.data, b.digest, level);
+                    let (header, payload) = block::encode_owned(b.offset, b.data, b.digest, level);
                     Encoded {
                         header,
                         payload,
@@ -348,11 +347,12 @@ where
                     done.insert(at, e);
                 };
                 pace(&pacer, payload.len() as u64).await;
-                wire::send_with_data(&mut send, &header, &payload).await?;
+                let payload_len = payload.len();
+                wire::send_with_data(&mut send, &header, payload).await?;
                 if known {
                     stream.sent_known(len);
                 } else {
-                    stream.sent(len, payload.len());
+                    stream.sent(len, payload_len);
                 }
             }
             // What was read before a failed read went; now fail.

@@ -9,20 +9,27 @@ fn link(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// Send one message.
 pub async fn send(stream: &mut quinn::SendStream, message: &Message) -> Result<()> {
+    // Handed over whole: no copy into the stream's buffers.
     stream
-        .write_all(&message.encode())
+        .write_chunk(bytes::Bytes::from(message.encode()))
         .await
         .map_err(|e| link("sending", e))
 }
 
-/// Send one message followed by raw bytes (a block's data).
+/// Send one message followed by raw bytes (a block's data), both handed
+/// to the stream without a copy.
 pub async fn send_with_data(
     stream: &mut quinn::SendStream,
     message: &Message,
-    data: &[u8],
+    data: Vec<u8>,
 ) -> Result<()> {
-    send(stream, message).await?;
-    stream.write_all(data).await.map_err(|e| link("sending", e))
+    stream
+        .write_all_chunks(&mut [
+            bytes::Bytes::from(message.encode()),
+            bytes::Bytes::from(data),
+        ])
+        .await
+        .map_err(|e| link("sending", e))
 }
 
 /// Receive one message; `None` when the peer finished the stream cleanly

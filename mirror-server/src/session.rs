@@ -182,16 +182,16 @@ pub(crate) async fn serve_restore(
             Err(e) => return refuse(send, format!("restore: {e}")).await,
         };
         let mut same = 0u64;
-        for ((&(o, _), bytes), theirs) in blocks.iter().zip(&data).zip(&digests) {
-            let mine = block::digest(bytes);
+        for ((&(o, _), bytes), theirs) in blocks.iter().zip(data).zip(&digests) {
+            let mine = block::digest(&bytes);
             if *theirs == mine {
                 same += 1;
                 continue;
             }
             // Hashed once: the digest compared is the one that travels.
             let (header, payload) =
-                tokio::task::block_in_place(|| block::encode_hashed(o, bytes, mine, 3));
-            wire::send_with_data(send, &header, &payload).await?;
+                tokio::task::block_in_place(|| block::encode_owned(o, bytes, mine, 3));
+            wire::send_with_data(send, &header, payload).await?;
         }
         wire::send(send, &Message::HaveDone { same }).await?;
     }

@@ -356,7 +356,9 @@ async fn data_stream(
     .await
     .unwrap();
     for (header, data) in blocks {
-        wire::send_with_data(&mut send, header, data).await.unwrap();
+        wire::send_with_data(&mut send, header, data.to_vec())
+            .await
+            .unwrap();
     }
     wire::send(
         &mut send,
