@@ -1589,9 +1589,13 @@ fn put_rebuilt(
     Ok(())
 }
 
-/// `work` done on each of `jobs`, spread over the machine's cores, while
-/// this thread does `meanwhile`; the results in the jobs' order, or the
-/// first error.
+/// Threads one publication rebuilds blocks on, at most: a server
+/// publishes many volumes' epochs at once.
+const REBUILD_THREADS: usize = 4;
+
+/// `work` done on each of `jobs`, spread over the machine's cores (up to
+/// [`REBUILD_THREADS`]), while this thread does `meanwhile`; the results
+/// in the jobs' order, or the first error.
 fn rebuild_all<J: Sync, T: Send>(
     jobs: &[J],
     work: impl Fn(&J) -> Result<T> + Sync,
@@ -1599,6 +1603,7 @@ fn rebuild_all<J: Sync, T: Send>(
 ) -> Result<Vec<T>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
+        .min(REBUILD_THREADS)
         .min(jobs.len());
     if threads <= 1 {
         meanwhile()?;
