@@ -1327,20 +1327,7 @@ impl Volume {
             let before = done.take();
             let rebuilt = rebuild_all(
                 &jobs,
-                |job| {
-                    self.rebuild(job, &data, &data_path, |was| {
-                        let chunk = store.chunks(&[was])?.remove(0);
-                        if chunk.len() as u64 != block_len(job.n) {
-                            return Err(Error::Corrupt(format!(
-                                "block {} of {name} is {} bytes in the store, not {}",
-                                job.n,
-                                chunk.len(),
-                                block_len(job.n)
-                            )));
-                        }
-                        Ok(chunk)
-                    })
-                },
+                |job| self.rebuild(job, &data, &data_path, store, name),
                 || match before {
                     Some((jobs, rebuilt)) => put_rebuilt(&mut p, &jobs, rebuilt, &mut differ),
                     None => Ok(()),
@@ -1380,23 +1367,32 @@ impl Volume {
     /// holds the store's newest version) with every piece the epoch wrote
     /// on it, and its digest; and whether the image's block differed from
     /// the version's chunk it should hold (`job.base`), in which case the
-    /// block is made from that chunk (from `chunk`, the store's copy)
-    /// instead, so that a patch on it stays true.
+    /// block is made from that chunk (read from `store`, where the volume
+    /// is `name`) instead, so that a patch on it stays true.
     fn rebuild(
         &self,
         job: &Rebuild<'_>,
         data: &File,
         data_path: &Path,
-        chunk: impl Fn(Digest) -> Result<Vec<u8>>,
-    ) -> Result<(Vec<u8>, Digest, bool)> {
+        store: &ChunkStore,
+        name: &str,
+    ) -> Result<Rebuilt> {
         let start = job.n * block::BLOCK;
-        let mut block = vec![0u8; block_len(self.state.size, job.n) as usize];
+        let len = block_len(self.state.size, job.n) as usize;
+        let mut block = vec![0u8; len];
         self.read_at(&mut block, start)?;
         let mut differed = false;
         if let Some(was) = job.base {
             if block::digest(&block) != was {
                 differed = true;
-                block = chunk(was)?;
+                block = store.chunks(&[was])?.remove(0);
+                if block.len() != len {
+                    return Err(Error::Corrupt(format!(
+                        "block {} of {name} is {} bytes in the store, not {len}",
+                        job.n,
+                        block.len()
+                    )));
+                }
             }
         }
         for piece in job.on {
@@ -2213,7 +2209,7 @@ mod tests {
         let touched: Vec<u64> = (0..BIG / B).filter(|n| n % 5 != 0).collect();
         assert!(touched.len() > 3 * REBUILD_BATCH);
         for &n in &touched {
-            // Somewhere else in each block, two writes in one of them.
+            // One 4 KiB write in each, at a place that varies.
             let at = n * B + (n % 15) * 4096;
             let bytes = block(n as u8, 4096);
             s.add(at, 4096, &digest(&bytes), Encoding::Raw, &bytes)
