@@ -37,7 +37,12 @@
 //! snapshot, and publishing again after a crash (which [`crate::store`]
 //! does) skips chunks already preserved instead of saving the new content
 //! as old. A torn last index record is ignored: its chunk was not yet
-//! overwritten. Deleting merges first, then writes the manifest without
+//! overwritten. A publication copies many chunks aside before it keeps
+//! them ([`Snapshots::copy_aside`], then one [`Snapshots::keep`]: one
+//! sync of the data, then the index records, then one sync of the index):
+//! bytes copied aside but never named by the index (a crash before the
+//! keep) are a tail of `data` that nothing reads, whose chunks the image
+//! still holds unchanged. Deleting merges first, then writes the manifest without
 //! the snapshot, then removes its directory; a crash in between is
 //! finished by deleting again, and directories no manifest names are
 //! removed when the volume is opened.
@@ -51,8 +56,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use ublk_mirror_common::fsutil;
 use ublk_mirror_common::proto::check_name;
+use ublk_mirror_common::{block, fsutil};
 
 use crate::error::{Error, Result};
 
@@ -105,6 +110,31 @@ struct Manifest {
     format: u32,
     next_id: u64,
     snapshots: Vec<SnapshotInfo>,
+}
+
+/// Chunks copied aside for the newest snapshot by
+/// [`Snapshots::copy_aside`], not yet part of it ([`Snapshots::keep`]).
+/// 16 bytes per chunk.
+#[derive(Debug, Default)]
+pub struct Aside {
+    snapshot: Option<u64>,
+    /// (chunk, offset in the snapshot's data or [`ZERO`]).
+    placed: Vec<(u64, u64)>,
+    /// The chunks' bytes are on their way to the disk while more are
+    /// read (and kept out of the page cache: nobody reads them soon).
+    streamed: fsutil::Streamed,
+}
+
+impl Aside {
+    /// How many chunks it holds.
+    pub fn len(&self) -> usize {
+        self.placed.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.placed.is_empty()
+    }
 }
 
 /// One snapshot's preserved chunks.
@@ -163,23 +193,40 @@ impl Delta {
     /// Save `chunks` (chunk number and content, `None` for zeroes)
     /// durably: data synced before the index records that name it.
     fn add(&mut self, chunks: &[(u64, Option<Vec<u8>>)]) -> Result<()> {
-        let mut records = Vec::with_capacity(chunks.len() * RECORD);
         let mut placed = Vec::with_capacity(chunks.len());
         for (chunk, content) in chunks {
             let at = match content {
-                Some(bytes) => {
-                    let at = self.data_len;
-                    self.data
-                        .write_all_at(bytes, at)
-                        .map_err(|e| Error::io("preserving a chunk for a snapshot", e))?;
-                    self.data_len += CHUNK;
-                    at
-                }
+                Some(bytes) => self.append(bytes)?,
                 None => ZERO,
             };
+            placed.push((*chunk, at));
+        }
+        self.name(&placed)
+    }
+
+    /// Write one chunk's content at the end of `data`, not synced and not
+    /// yet named by the index ([`Delta::name`] does both): where it went.
+    fn append(&mut self, bytes: &[u8]) -> Result<u64> {
+        let at = self.data_len;
+        self.data
+            .write_all_at(bytes, at)
+            .map_err(|e| Error::io("preserving a chunk for a snapshot", e))?;
+        self.data_len += CHUNK;
+        Ok(at)
+    }
+
+    /// Make `placed` (chunk, offset in `data` or [`ZERO`]) part of the
+    /// snapshot, durably: `data` synced before the index records that
+    /// name its bytes are written, the index synced before this returns
+    /// (and so before the image is overwritten there).
+    fn name(&mut self, placed: &[(u64, u64)]) -> Result<()> {
+        if placed.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::with_capacity(placed.len() * RECORD);
+        for (chunk, at) in placed {
             records.extend_from_slice(&chunk.to_le_bytes());
             records.extend_from_slice(&at.to_le_bytes());
-            placed.push((*chunk, at));
         }
         self.data
             .sync_all()
@@ -189,7 +236,7 @@ impl Delta {
             .and_then(|()| self.index.sync_all())
             .map_err(|e| Error::io("writing a snapshot's index", e))?;
         self.index_len += records.len() as u64;
-        self.chunks.extend(placed);
+        self.chunks.extend(placed.iter().copied());
         Ok(())
     }
 
@@ -483,35 +530,74 @@ impl Snapshots {
     /// Before the image's `chunks` are overwritten: keep their content in
     /// the newest snapshot (that lacks them), durably.
     pub fn preserve(&mut self, image: &File, size: u64, chunks: &BTreeSet<u64>) -> Result<()> {
+        let mut aside = Aside::default();
+        self.copy_aside(image, size, chunks, &mut aside)?;
+        self.keep(aside)
+    }
+
+    /// The first half of [`Snapshots::preserve`], which a caller may do in
+    /// parts (each under its own hold of the lock, so that readers go on
+    /// in between) before one [`Snapshots::keep`]: copy the content of the
+    /// image's `chunks` that the newest snapshot lacks to the end of its
+    /// data, not synced and not named by its index. Until `keep`, readers
+    /// read those chunks in the image, which must not change there before
+    /// (nor may snapshots be taken or deleted: the publication that calls
+    /// this holds the volume).
+    pub fn copy_aside(
+        &mut self,
+        image: &File,
+        size: u64,
+        chunks: &BTreeSet<u64>,
+        aside: &mut Aside,
+    ) -> Result<()> {
         let Some(newest) = self.manifest.snapshots.last().map(|s| s.id) else {
             return Ok(());
         };
+        if aside.placed.is_empty() {
+            aside.snapshot = Some(newest);
+        } else if aside.snapshot != Some(newest) {
+            return Err(Error::Invalid(
+                "the newest snapshot changed while chunks were preserved for it".into(),
+            ));
+        }
         let Some(delta) = self.deltas.get_mut(&newest) else {
             return Ok(());
         };
-        let mut batch: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        let mut buf = vec![0u8; CHUNK as usize];
         for &chunk in chunks {
             if delta.chunks.contains_key(&chunk) {
                 continue;
             }
             let at = chunk * CHUNK;
             let len = CHUNK.min(size.saturating_sub(at)) as usize;
-            let mut buf = vec![0u8; CHUNK as usize];
+            buf[len..].fill(0);
             image
                 .read_exact_at(&mut buf[..len], at)
                 .map_err(|e| Error::io("reading the image for a snapshot", e))?;
-            let content = (!buf.iter().all(|&b| b == 0)).then_some(buf);
-            batch.push((chunk, content));
-            // Bounded memory: 16 MiB at a time.
-            if batch.len() == 256 {
-                delta.add(&batch)?;
-                batch.clear();
-            }
-        }
-        if !batch.is_empty() {
-            delta.add(&batch)?;
+            let at = if block::is_zero(&buf) {
+                ZERO
+            } else {
+                let at = delta.append(&buf)?;
+                aside.streamed.moved(&delta.data, CHUNK);
+                at
+            };
+            aside.placed.push((chunk, at));
         }
         Ok(())
+    }
+
+    /// The second half of [`Snapshots::preserve`]: the chunks copied aside
+    /// become the newest snapshot's, durably (one sync of its data, then
+    /// one of its index, however many chunks). After it the image may be
+    /// overwritten there.
+    pub fn keep(&mut self, aside: Aside) -> Result<()> {
+        let Some(id) = aside.snapshot else {
+            return Ok(());
+        };
+        let delta = self.deltas.get_mut(&id).ok_or_else(|| {
+            Error::Invalid("the snapshot chunks were preserved for is gone".into())
+        })?;
+        delta.name(&aside.placed)
     }
 
     /// Read snapshot `id` at `offset` (the image is the newest state).
@@ -877,10 +963,19 @@ mod tests {
         f
     }
 
-    /// What publishing does: preserve, then overwrite.
+    fn chunks_of(at: u64, len: usize) -> BTreeSet<u64> {
+        (at / CHUNK..=(at + len as u64 - 1) / CHUNK).collect()
+    }
+
+    /// What publishing does: preserve (copied aside in two parts, kept at
+    /// once), then overwrite.
     fn write(s: &mut Snapshots, img: &File, size: u64, at: u64, data: &[u8]) {
-        let chunks: BTreeSet<u64> = (at / CHUNK..=(at + data.len() as u64 - 1) / CHUNK).collect();
-        s.preserve(img, size, &chunks).unwrap();
+        let mut chunks = chunks_of(at, data.len());
+        let later = chunks.split_off(&(at / CHUNK + 1));
+        let mut aside = Aside::default();
+        s.copy_aside(img, size, &chunks, &mut aside).unwrap();
+        s.copy_aside(img, size, &later, &mut aside).unwrap();
+        s.keep(aside).unwrap();
         img.write_all_at(data, at).unwrap();
     }
 
@@ -904,6 +999,8 @@ mod tests {
                     2 => Just((1u8, 0, 0, 0)),
                     1 => (0u64..8).prop_map(|k| (2u8, k, 0, 0)),
                     1 => Just((3u8, 0, 0, 0)),
+                    1 => (0u64..(5 * CHUNK), 1usize..(3 * CHUNK as usize))
+                        .prop_map(|(at, len)| (4u8, at, len, 0)),
                 ],
                 1..40,
             )
@@ -932,6 +1029,16 @@ mod tests {
                         let (id, _) = models.remove(k);
                         let name = s.list().iter().find(|x| x.id == id).unwrap().name.clone();
                         s.delete(&name).unwrap();
+                    }
+                    4 => {
+                        // The server dies after chunks were copied aside,
+                        // before they were kept (and so before the image
+                        // changed): they are not the snapshot's.
+                        let len = len.min((size - at) as usize);
+                        let mut aside = Aside::default();
+                        s.copy_aside(&img, size, &chunks_of(at, len), &mut aside).unwrap();
+                        drop(aside);
+                        s = Snapshots::open(dir.path()).unwrap();
                     }
                     _ => s = Snapshots::open(dir.path()).unwrap(),
                 }

@@ -465,7 +465,7 @@ fn stream_range(
             ))));
         }
         for (i, part) in piece.chunks(EXTENT as usize).enumerate() {
-            let zero = part.iter().all(|&b| b == 0);
+            let zero = ublk_mirror_common::block::is_zero(part);
             let extent = Extent {
                 offset: at + i as u64 * EXTENT,
                 len: part.len() as u64,

@@ -53,7 +53,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
-use ublk_mirror_common::RangeSet;
+use ublk_mirror_common::{block, RangeSet};
 
 /// Bytes per preserved chunk.
 pub const CHUNK: u64 = 4096;
@@ -259,7 +259,7 @@ struct Store {
 
 impl Store {
     fn put(&mut self, chunk: u64, cut: u64, data: &[u8]) -> std::io::Result<()> {
-        let slot = if data.iter().all(|&b| b == 0) {
+        let slot = if block::is_zero(data) {
             Slot::Zero
         } else if self.memory + data.len() as u64 <= self.memory_limit {
             self.memory += data.len() as u64;

@@ -351,7 +351,7 @@ fn run_write(cdb: &[u8; 16], lun: &dyn Lun, data: &[u8]) -> Result<Vec<u8>, Sens
             } else {
                 &data[..BLOCK as usize]
             };
-            if cdb[1] & 0x08 != 0 || block.iter().all(|&b| b == 0) {
+            if cdb[1] & 0x08 != 0 || ublk_mirror_common::block::is_zero(block) {
                 // UNMAP asked (whatever the block holds: unmapped blocks
                 // read as zeroes, LBPRZ), or zeroes: a hole either way.
                 lun.zero(at, len).map_err(write_failed)?;

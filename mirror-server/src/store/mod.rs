@@ -101,7 +101,9 @@ use self::staging::{is_direct, remove_staging, staging_epochs, staging_path, STA
 use crate::chunks::format::{self, VersionRecord, WriterRecord, HOLE};
 use crate::chunks::{blocks_of, ChunkStore, Publication};
 use crate::error::{Error, Result};
-use crate::snapshots::{Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK};
+use crate::snapshots::{
+    Aside, Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK,
+};
 use ublk_mirror_common::clock::now_ms;
 
 /// Where the volumes live in the data directory: `volumes/CLIENT/VOLUME/`.
@@ -192,6 +194,10 @@ pub struct Volume {
 /// Chunks preserved for snapshots per hold of the snapshots' lock while
 /// an epoch is published (16 MiB).
 const PRESERVE_BATCH: usize = 256;
+
+/// Chunks preserved for snapshots with one sync, at most (1 GiB of the
+/// image; what is remembered of them meanwhile is 16 bytes each).
+const PRESERVE_KEEP: usize = 16384;
 
 fn sync_dir(dir: &Path) -> Result<()> {
     fsutil::sync_dir(dir).map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
@@ -821,17 +827,26 @@ impl Volume {
     }
 
     /// Keep snapshot chunks `chunks` (ascending) of the image for the
-    /// newest snapshot before the image changes there. In batches, each
-    /// under the snapshots' write lock: readers of snapshots (exports,
-    /// restores) go on in between, and see each chunk either still in the
-    /// image or already preserved.
+    /// newest snapshot before the image changes there. Copied aside in
+    /// batches, each under the snapshots' write lock: readers of snapshots
+    /// (exports, restores) go on in between, and read each chunk in the
+    /// image until it is kept, which happens for up to [`PRESERVE_KEEP`]
+    /// chunks at once, with one sync of the snapshot's data and one of its
+    /// index. Meanwhile the data is on its way to the disk as it is
+    /// written (a sync per batch left the disk idle while the next batch
+    /// was read).
     fn preserve_chunks(&self, chunks: &[u64]) -> Result<()> {
-        for batch in chunks.chunks(PRESERVE_BATCH) {
-            self.snapshots_mut().preserve(
-                &self.image,
-                self.state.size,
-                &batch.iter().copied().collect(),
-            )?;
+        for group in chunks.chunks(PRESERVE_KEEP) {
+            let mut aside = Aside::default();
+            for batch in group.chunks(PRESERVE_BATCH) {
+                self.snapshots_mut().copy_aside(
+                    &self.image,
+                    self.state.size,
+                    &batch.iter().copied().collect(),
+                    &mut aside,
+                )?;
+            }
+            self.snapshots_mut().keep(aside)?;
         }
         Ok(())
     }
