@@ -734,7 +734,7 @@ impl Volume {
         // here says it is complete: if the store fails, the staging stays
         // and the client resumes it; if this process dies after, opening
         // the volume catches the image up from the store.
-        if let Some(seq) = self.store_epoch(staging)? {
+        if let Some(seq) = self.store_epoch_preserving(staging)? {
             self.state.store_seq = seq;
         }
         let marker_json = serde_json::to_vec(&marker).map_err(|e| Error::Corrupt(e.to_string()))?;
@@ -807,6 +807,34 @@ impl Volume {
             return Ok(());
         }
         self.record_published(epoch, marker, Some(applied))
+    }
+
+    /// [`Volume::store_epoch`], and meanwhile, on a thread of its own, what
+    /// the epoch will overwrite in the image kept for the newest snapshot
+    /// ([`Volume::preserve_for`], which [`Volume::publish`] then finds
+    /// done). Both only read the image, which nothing changes before the
+    /// commit marker: the store step mostly hashes, the preservation
+    /// mostly writes. Keeping chunks the epoch is then never published
+    /// over (the store refused it, the server died) costs their space
+    /// only: each holds what the image held since the snapshot was taken.
+    fn store_epoch_preserving(&self, staging: &Staging) -> Result<Option<u64>> {
+        if is_direct(&self.dir, staging.epoch) || self.snapshots().list().is_empty() {
+            return self.store_epoch(staging);
+        }
+        let log_path = staging_path(&self.dir, staging.epoch, "log");
+        std::thread::scope(|scope| {
+            let preserving = std::thread::Builder::new()
+                .name("preserve".into())
+                .spawn_scoped(scope, || self.preserve_for(&log_path))
+                .map_err(|e| Error::io("starting a thread", e))?;
+            let stored = self.store_epoch(staging);
+            let preserved = preserving
+                .join()
+                .expect("preserving chunks for a snapshot panicked");
+            let seq = stored?;
+            preserved?;
+            Ok(seq)
+        })
     }
 
     /// What the epoch logged in `log_path` overwrites, kept for the newest
@@ -2104,6 +2132,79 @@ mod tests {
             .unwrap();
         v.commit(&s).unwrap();
         check(&v);
+    }
+
+    /// With a chunk store attached, an epoch published over a snapshot
+    /// keeps what it overwrites for the snapshot while the store takes the
+    /// epoch: the snapshot reads as it was, the image and the store's
+    /// version as the epoch. When the store refuses the next epoch
+    /// (another server moved the volume on), what was kept for it costs
+    /// space only: the snapshot and the image read as before.
+    #[test]
+    fn a_snapshot_keeps_what_an_epoch_overwrites_while_the_store_takes_it() {
+        const BIG: u64 = 4 << 20;
+        const B: u64 = block::BLOCK;
+        let dir = tempfile::tempdir().unwrap();
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let store = Arc::new(ChunkStore::with(memory, "test".into(), 1 << 20).unwrap());
+        let mut v = Volume::create(&dir.path().join("vol"), BIG).unwrap();
+        v.attach(store.clone(), "c/vol").unwrap();
+        let one: Vec<u8> = (0..BIG as usize).map(|i| (i / 4096) as u8 | 1).collect();
+        publish_whole(&mut v, 1, &one);
+        let snap = v.snapshot(Some("one"), Kind::Manual).unwrap();
+        // A 4 KiB write in every other block (even ones in even epochs),
+        // staged.
+        let scattered = |v: &mut Volume, epoch: u64, model: &mut Vec<u8>| {
+            let s = v.begin(epoch, me(epoch)).unwrap();
+            for k in (epoch % 2..BIG / B).step_by(2) {
+                let at = k * B + 8192;
+                let b = block(k as u8 ^ epoch as u8, 4096);
+                s.add(at, 4096, &digest(&b), Encoding::Raw, &b).unwrap();
+                model[at as usize..][..4096].copy_from_slice(&b);
+            }
+            s
+        };
+        let read = |v: &Volume| {
+            let mut snapshot = vec![0u8; BIG as usize];
+            v.reader().read(snap.id, &mut snapshot, 0).unwrap();
+            let mut image = vec![0u8; BIG as usize];
+            v.read_at(&mut image, 0).unwrap();
+            (snapshot, image)
+        };
+        let mut two = one.clone();
+        let s = scattered(&mut v, 2, &mut two);
+        v.commit(&s).unwrap();
+        let (snapshot, image) = read(&v);
+        assert!(snapshot == one, "the snapshot changed");
+        assert!(image == two, "the image is not the epoch");
+        let head = store.head("c/vol").unwrap().unwrap();
+        assert_eq!(head.epoch, 2);
+        let ns: Vec<u64> = (0..BIG / B).collect();
+        let stored: Vec<u8> = store
+            .reader(&head)
+            .unwrap()
+            .blocks(&ns)
+            .unwrap()
+            .into_iter()
+            .flat_map(|b| b.unwrap_or_else(|| vec![0; B as usize]))
+            .collect();
+        assert!(stored == two, "the stored version is not the epoch");
+        assert_eq!(v.snapshots().bytes(), BIG / B / 2 * SNAPSHOT_CHUNK);
+        // Another server publishes a version of the volume while epoch 3
+        // is staged here.
+        let mut three = two.clone();
+        let s = scattered(&mut v, 3, &mut three);
+        let mut p = store.publication("c/vol", Some(&head), BIG).unwrap();
+        let b = block(99, B as usize);
+        p.put(1, Some(&b), digest(&b)).unwrap();
+        p.finish(7, None, "").unwrap();
+        let err = v.commit(&s).unwrap_err().to_string();
+        assert!(err.contains("another server took it"), "{err}");
+        let (snapshot, image) = read(&v);
+        assert!(snapshot == one, "a refused epoch changed the snapshot");
+        assert!(image == two, "a refused epoch changed the image");
+        // The blocks it would have overwritten were kept meanwhile.
+        assert_eq!(v.snapshots().bytes(), BIG / B * SNAPSHOT_CHUNK);
     }
 
     /// An epoch of extents smaller than a store block (scattered 4 KiB
