@@ -42,10 +42,12 @@
 //! sync of the data, then the index records, then one sync of the index):
 //! bytes copied aside but never named by the index (a crash before the
 //! keep) are a tail of `data` that nothing reads, whose chunks the image
-//! still holds unchanged. Deleting merges first, then writes the manifest without
-//! the snapshot, then removes its directory; a crash in between is
-//! finished by deleting again, and directories no manifest names are
-//! removed when the volume is opened.
+//! still holds unchanged. A deletion hands chunks to the next older
+//! snapshot the same way ([`Snapshots::hand_over`], then one keep), and
+//! the snapshot it deletes holds them until the manifest drops it. Deleting merges first, then writes the
+//! manifest without the snapshot, then removes its directory; a crash in
+//! between is finished by deleting again, and directories no manifest
+//! names are removed when the volume is opened.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -261,7 +263,12 @@ fn hand_over(from: &Delta, to: &mut Delta) -> Result<()> {
 }
 
 /// Chunks handed over at a time (16 MiB).
-const HAND_OVER_BATCH: usize = 256;
+pub const HAND_OVER_BATCH: usize = 256;
+
+/// Chunks copied aside (for a publication, or handed over by a deletion)
+/// that are kept with one sync, at most: 1 GiB of data, 256 KiB of what
+/// [`Aside`] remembers meanwhile.
+pub const KEEP_AT_ONCE: usize = 16384;
 
 /// The chunks of `from` (chunk, where) that `to` lacks, in order.
 fn missing(from: &Delta, to: &Delta) -> Vec<(u64, u64)> {
@@ -721,11 +728,13 @@ impl Snapshots {
     }
 
     /// Copy `batch` (of [`Snapshots::hand_over_plan`]) of snapshot `name`
-    /// to the next older one. Between batches a reader of an older
-    /// snapshot finds each chunk in either, with the same content: a
-    /// caller that lets readers in between (a lock per batch) keeps them
-    /// going while a big snapshot is deleted.
-    pub fn hand_over(&mut self, name: &str, batch: &[(u64, u64)]) -> Result<()> {
+    /// to the end of the next older one's data, not yet named there: one
+    /// [`Snapshots::keep`] then makes many batches that one's (as
+    /// [`Snapshots::copy_aside`] does for a publication). Between batches
+    /// a reader of an older snapshot finds each chunk in either, with the
+    /// same content: a caller that lets readers in between (a lock per
+    /// batch) keeps them going while a big snapshot is deleted.
+    pub fn hand_over(&mut self, name: &str, batch: &[(u64, u64)], aside: &mut Aside) -> Result<()> {
         let pos = self
             .manifest
             .snapshots
@@ -737,15 +746,34 @@ impl Snapshots {
             self.manifest.snapshots[pos].id,
             self.manifest.snapshots[pos - 1].id,
         );
+        if aside.placed.is_empty() {
+            aside.snapshot = Some(older);
+        } else if aside.snapshot != Some(older) {
+            return Err(Error::Invalid(format!(
+                "the snapshot before {name} changed while chunks were handed to it"
+            )));
+        }
         let from = self
             .deltas
             .get(&id)
             .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no data")))?;
         let moved = read_chunks(from, batch)?;
-        self.deltas
+        let to = self
+            .deltas
             .get_mut(&older)
-            .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no older data")))?
-            .add(&moved)
+            .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no older data")))?;
+        for (chunk, content) in moved {
+            let at = match content {
+                Some(bytes) => {
+                    let at = to.append(&bytes)?;
+                    aside.streamed.moved(&to.data, CHUNK);
+                    at
+                }
+                None => ZERO,
+            };
+            aside.placed.push((chunk, at));
+        }
+        Ok(())
     }
 
     /// Delete snapshot `name`: its chunks go to the next older snapshot
@@ -1001,6 +1029,7 @@ mod tests {
                     1 => Just((3u8, 0, 0, 0)),
                     1 => (0u64..(5 * CHUNK), 1usize..(3 * CHUNK as usize))
                         .prop_map(|(at, len)| (4u8, at, len, 0)),
+                    1 => (0u64..8).prop_map(|k| (5u8, k, 0, 0)),
                 ],
                 1..40,
             )
@@ -1028,7 +1057,28 @@ mod tests {
                         let k = at as usize % models.len();
                         let (id, _) = models.remove(k);
                         let name = s.list().iter().find(|x| x.id == id).unwrap().name.clone();
+                        if at % 2 == 0 {
+                            // As the volume deletes: handed over a batch
+                            // at a time, kept at once, then deleted.
+                            let mut aside = Aside::default();
+                            for batch in s.hand_over_plan(&name) {
+                                s.hand_over(&name, &batch, &mut aside).unwrap();
+                            }
+                            s.keep(aside).unwrap();
+                        }
                         s.delete(&name).unwrap();
+                    }
+                    5 if !models.is_empty() => {
+                        // The server dies while a deletion hands chunks
+                        // over, before they are kept: nothing is deleted.
+                        let (id, _) = models[at as usize % models.len()];
+                        let name = s.list().iter().find(|x| x.id == id).unwrap().name.clone();
+                        let mut aside = Aside::default();
+                        for batch in s.hand_over_plan(&name) {
+                            s.hand_over(&name, &batch, &mut aside).unwrap();
+                        }
+                        drop(aside);
+                        s = Snapshots::open(dir.path()).unwrap();
                     }
                     4 => {
                         // The server dies after chunks were copied aside,

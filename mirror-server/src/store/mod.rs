@@ -102,7 +102,8 @@ use crate::chunks::format::{self, VersionRecord, WriterRecord, HOLE};
 use crate::chunks::{blocks_of, ChunkStore, Publication};
 use crate::error::{Error, Result};
 use crate::snapshots::{
-    Aside, Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK,
+    Aside, Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK, HAND_OVER_BATCH,
+    KEEP_AT_ONCE,
 };
 use ublk_mirror_common::clock::now_ms;
 
@@ -194,10 +195,6 @@ pub struct Volume {
 /// Chunks preserved for snapshots per hold of the snapshots' lock while
 /// an epoch is published (16 MiB).
 const PRESERVE_BATCH: usize = 256;
-
-/// Chunks preserved for snapshots with one sync, at most (1 GiB of the
-/// image; what is remembered of them meanwhile is 16 bytes each).
-const PRESERVE_KEEP: usize = 16384;
 
 fn sync_dir(dir: &Path) -> Result<()> {
     fsutil::sync_dir(dir).map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
@@ -363,13 +360,19 @@ impl Volume {
 
     /// Delete snapshot `name` (refused while it is read). Its chunks are
     /// handed to the next older one a batch per hold of the snapshots'
-    /// lock, so readers of other snapshots go on meanwhile.
+    /// lock, so readers of other snapshots go on meanwhile, and kept there
+    /// with one sync per [`KEEP_AT_ONCE`] chunks.
     pub fn delete_snapshot(&mut self, name: &str) -> Result<SnapshotInfo> {
         // Planned once; each batch under its own hold of the lock (only
         // this volume's holder changes snapshots, so the plan stays true).
         let plan = self.snapshots().hand_over_plan(name);
-        for batch in &plan {
-            self.snapshots_mut().hand_over(name, batch)?;
+        let per_keep = (KEEP_AT_ONCE / HAND_OVER_BATCH).max(1);
+        for group in plan.chunks(per_keep) {
+            let mut aside = Aside::default();
+            for batch in group {
+                self.snapshots_mut().hand_over(name, batch, &mut aside)?;
+            }
+            self.snapshots_mut().keep(aside)?;
         }
         let info = self.snapshots_mut().delete(name)?;
         if let Some((store, volume)) = &self.chunks {
@@ -858,13 +861,13 @@ impl Volume {
     /// newest snapshot before the image changes there. Copied aside in
     /// batches, each under the snapshots' write lock: readers of snapshots
     /// (exports, restores) go on in between, and read each chunk in the
-    /// image until it is kept, which happens for up to [`PRESERVE_KEEP`]
+    /// image until it is kept, which happens for up to [`KEEP_AT_ONCE`]
     /// chunks at once, with one sync of the snapshot's data and one of its
     /// index. Meanwhile the data is on its way to the disk as it is
     /// written (a sync per batch left the disk idle while the next batch
     /// was read).
     fn preserve_chunks(&self, chunks: &[u64]) -> Result<()> {
-        for group in chunks.chunks(PRESERVE_KEEP) {
+        for group in chunks.chunks(KEEP_AT_ONCE) {
             let mut aside = Aside::default();
             for batch in group.chunks(PRESERVE_BATCH) {
                 self.snapshots_mut().copy_aside(
