@@ -1785,6 +1785,20 @@ mod tests {
         }
     }
 
+    /// Version `head` of a volume of `size` bytes, whole, as the store
+    /// `on` reads it (holes as zeroes).
+    fn read_version(on: &Arc<ChunkStore>, head: &VersionRecord, size: u64) -> Vec<u8> {
+        let ns: Vec<u64> = (0..size.div_ceil(block::BLOCK)).collect();
+        on.reader(head)
+            .unwrap()
+            .blocks(&ns)
+            .unwrap()
+            .into_iter()
+            .zip(&ns)
+            .flat_map(|(b, &n)| b.unwrap_or_else(|| vec![0; block_len(size, n) as usize]))
+            .collect()
+    }
+
     /// Publish epoch `epoch` of `v` as `image`, whole, in 1 MiB blocks.
     fn publish_whole(v: &mut Volume, epoch: u64, image: &[u8]) {
         let s = v.begin(epoch, me(epoch)).unwrap();
@@ -2182,16 +2196,10 @@ mod tests {
         assert!(image == two, "the image is not the epoch");
         let head = store.head("c/vol").unwrap().unwrap();
         assert_eq!(head.epoch, 2);
-        let ns: Vec<u64> = (0..BIG / B).collect();
-        let stored: Vec<u8> = store
-            .reader(&head)
-            .unwrap()
-            .blocks(&ns)
-            .unwrap()
-            .into_iter()
-            .flat_map(|b| b.unwrap_or_else(|| vec![0; B as usize]))
-            .collect();
-        assert!(stored == two, "the stored version is not the epoch");
+        assert!(
+            read_version(&store, &head, BIG) == two,
+            "the stored version is not the epoch"
+        );
         assert_eq!(v.snapshots().bytes(), BIG / B / 2 * SNAPSHOT_CHUNK);
         // Another server publishes a version of the volume while epoch 3
         // is staged here.
@@ -2258,19 +2266,9 @@ mod tests {
         v.commit(&s).unwrap();
         let head = store.head("c/vol").unwrap().unwrap();
         assert_eq!((head.seq, head.epoch), (2, 2));
-        let ns: Vec<u64> = (0..SIZE / B).collect();
         // The version `head` as the store `on` reads it.
-        let stored = |on: &Arc<ChunkStore>, head: &VersionRecord| -> Vec<u8> {
-            on.reader(head)
-                .unwrap()
-                .blocks(&ns)
-                .unwrap()
-                .into_iter()
-                .flat_map(|b| b.unwrap_or_else(|| vec![0; B as usize]))
-                .collect()
-        };
         assert!(
-            stored(&store, &head) == model,
+            read_version(&store, &head, SIZE) == model,
             "the stored version is not the epoch"
         );
         let mut image = vec![0u8; SIZE as usize];
@@ -2281,7 +2279,7 @@ mod tests {
         assert_eq!(store.usage().patches, 4, "{:?}", store.usage());
         let again = Arc::new(ChunkStore::with(memory, "again".into(), 1 << 20).unwrap());
         assert!(
-            stored(&again, &head) == model,
+            read_version(&again, &head, SIZE) == model,
             "another server reads the patches otherwise"
         );
         // The image's block 7 rots on disk: the next small write to it is
@@ -2337,16 +2335,10 @@ mod tests {
         }
         v.commit(&s).unwrap();
         let head = store.head("c/vol").unwrap().unwrap();
-        let ns: Vec<u64> = (0..BIG / B).collect();
-        let stored: Vec<u8> = store
-            .reader(&head)
-            .unwrap()
-            .blocks(&ns)
-            .unwrap()
-            .into_iter()
-            .flat_map(|b| b.unwrap())
-            .collect();
-        assert!(stored == model, "the stored version is not the epoch");
+        assert!(
+            read_version(&store, &head, BIG) == model,
+            "the stored version is not the epoch"
+        );
         let mut image = vec![0u8; BIG as usize];
         v.read_at(&mut image, 0).unwrap();
         assert!(image == model, "the image is not the epoch");
