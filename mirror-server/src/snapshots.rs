@@ -137,6 +137,32 @@ impl Aside {
     pub fn is_empty(&self) -> bool {
         self.placed.is_empty()
     }
+
+    /// Go on copying chunks aside for snapshot `id`: the one it copied
+    /// them for so far, if any (else `changed` says what happened).
+    fn aim(&mut self, id: u64, changed: impl FnOnce() -> String) -> Result<()> {
+        if self.placed.is_empty() {
+            self.snapshot = Some(id);
+        } else if self.snapshot != Some(id) {
+            return Err(Error::Invalid(changed()));
+        }
+        Ok(())
+    }
+
+    /// Copy `chunk`'s content (`None`: zeroes, which take no data) to the
+    /// end of `delta`'s data, not yet named by its index.
+    fn place(&mut self, delta: &mut Delta, chunk: u64, content: Option<&[u8]>) -> Result<()> {
+        let at = match content {
+            Some(bytes) => {
+                let at = delta.append(bytes)?;
+                self.streamed.moved(&delta.data, CHUNK);
+                at
+            }
+            None => ZERO,
+        };
+        self.placed.push((chunk, at));
+        Ok(())
+    }
 }
 
 /// One snapshot's preserved chunks.
@@ -560,13 +586,9 @@ impl Snapshots {
         let Some(newest) = self.manifest.snapshots.last().map(|s| s.id) else {
             return Ok(());
         };
-        if aside.placed.is_empty() {
-            aside.snapshot = Some(newest);
-        } else if aside.snapshot != Some(newest) {
-            return Err(Error::Invalid(
-                "the newest snapshot changed while chunks were preserved for it".into(),
-            ));
-        }
+        aside.aim(newest, || {
+            "the newest snapshot changed while chunks were preserved for it".into()
+        })?;
         let Some(delta) = self.deltas.get_mut(&newest) else {
             return Ok(());
         };
@@ -581,14 +603,7 @@ impl Snapshots {
             image
                 .read_exact_at(&mut buf[..len], at)
                 .map_err(|e| Error::io("reading the image for a snapshot", e))?;
-            let at = if block::is_zero(&buf) {
-                ZERO
-            } else {
-                let at = delta.append(&buf)?;
-                aside.streamed.moved(&delta.data, CHUNK);
-                at
-            };
-            aside.placed.push((chunk, at));
+            aside.place(delta, chunk, (!block::is_zero(&buf)).then_some(&buf[..]))?;
         }
         Ok(())
     }
@@ -746,13 +761,9 @@ impl Snapshots {
             self.manifest.snapshots[pos].id,
             self.manifest.snapshots[pos - 1].id,
         );
-        if aside.placed.is_empty() {
-            aside.snapshot = Some(older);
-        } else if aside.snapshot != Some(older) {
-            return Err(Error::Invalid(format!(
-                "the snapshot before {name} changed while chunks were handed to it"
-            )));
-        }
+        aside.aim(older, || {
+            format!("the snapshot before {name} changed while chunks were handed to it")
+        })?;
         let from = self
             .deltas
             .get(&id)
@@ -763,15 +774,7 @@ impl Snapshots {
             .get_mut(&older)
             .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no older data")))?;
         for (chunk, content) in moved {
-            let at = match content {
-                Some(bytes) => {
-                    let at = to.append(&bytes)?;
-                    aside.streamed.moved(&to.data, CHUNK);
-                    at
-                }
-                None => ZERO,
-            };
-            aside.placed.push((chunk, at));
+            aside.place(to, chunk, content.as_deref())?;
         }
         Ok(())
     }
