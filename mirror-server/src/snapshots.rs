@@ -5,50 +5,45 @@
 //!
 //! The image always holds the newest published epoch. A snapshot is the
 //! image as it was when the snapshot was taken; it keeps only what changed
-//! since then, as *backward deltas*: before publishing overwrites a 64 KiB
-//! chunk of the image, the chunk's old content is copied into the newest
-//! snapshot (unless that one holds the chunk already). Reading snapshot `S`
-//! at a chunk looks in `S`, then in each newer snapshot, then in the image:
-//! the first that has the chunk holds its content as of `S`. Taking a
+//! since then, as *backward deltas*: before publishing overwrites 4 KiB
+//! units of the image, their old content is copied into the newest
+//! snapshot (unless that one holds them already). Reading snapshot `S`
+//! at a unit looks in `S`, then in each newer snapshot, then in the image:
+//! the first that has the unit holds its content as of `S`. Taking a
 //! snapshot is free; the current image is read at full speed; the space a
-//! snapshot costs is the chunks overwritten while it was the newest. A
-//! chunk that was a hole costs an index record only.
+//! snapshot costs is the units overwritten while it was the newest (a
+//! 4 KiB write costs 4 KiB, not the 64 KiB chunk it lands in). Units that
+//! were zeroes cost an index record only.
 //!
-//! Deleting a snapshot hands its chunks to the next older one (which read
+//! Deleting a snapshot hands its units to the next older one (which read
 //! through it) where that one lacks them, then removes it.
 //!
-//! # On-disk layout, format 1
+//! # On-disk layout, format 2
 //!
 //! ```text
 //! VOLUME_DIR/snapshots/
-//!   manifest.json   {"format":1,"next_id":N,"snapshots":[{"id":..,"name":"..",
+//!   manifest.json   {"format":2,"next_id":N,"snapshots":[{"id":..,"name":"..",
 //!                    "epoch":..,"epoch_ms":..,"created_ms":..,"kind":"manual"|"scheduled"}, ..]}
 //!                   oldest first; replaced whole (write, sync, rename)
-//!   ID/data         preserved chunks, CHUNK bytes each, appended
-//!   ID/index        16-byte records: chunk number u64 LE, offset of its bytes
-//!                   in ID/data u64 LE (all ones: the chunk was all zeroes)
+//!   ID/data         preserved units, appended: a record's units, 4 KiB each,
+//!                   in ascending order, one after the other
+//!   ID/index        16-byte records: u64 LE whose low 48 bits are a 64 KiB
+//!                   chunk's number and whose high 16 bits are the units of
+//!                   the chunk the record does NOT hold (bit i: the 4 KiB at
+//!                   i * 4 KiB in the chunk); then the offset of its units'
+//!                   bytes in ID/data, u64 LE (all ones: they were all zeroes)
 //! ```
 //!
-//! # Crash safety
+//! A chunk's units may be held by several records of one snapshot (each
+//! kept by a different publication), never the same unit twice.
 //!
-//! Preserved chunks are synced in `data` before their index records are
-//! written, and the index is synced before the image is touched; so a chunk
-//! overwritten in the image always has its old content durably in the
-//! snapshot, and publishing again after a crash (which [`crate::store`]
-//! does) skips chunks already preserved instead of saving the new content
-//! as old. A torn last index record is ignored: its chunk was not yet
-//! overwritten. A publication copies many chunks aside before it keeps
-//! them ([`Snapshots::copy_aside`], then one [`Snapshots::keep`]: one
-//! sync of the data, then the index records, then one sync of the index):
-//! bytes copied aside but never named by the index (a crash before the
-//! keep) are a tail of `data` that nothing reads, whose chunks the image
-//! still holds unchanged. A deletion hands chunks to the next older
-//! snapshot the same way ([`Snapshots::hand_over`], then one keep), and
-//! the snapshot it deletes holds them until the manifest drops it. Deleting merges first, then writes the
-//! manifest without the snapshot, then removes its directory; a crash in
-//! between is finished by deleting again, and directories no manifest
-//! names are removed when the volume is opened.
-
+//! Format 1 had the same files with whole chunks only: its records have
+//! the high 16 bits clear, which reads as every unit, so a format-1
+//! snapshot is read as it is. The manifest says format 2 from the first
+//! record that holds part of a chunk on (written before that record), so
+//! that a server from before this format, which would take such a record
+//! for a chunk it has not got, refuses the volume instead.
+//!
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -63,14 +58,46 @@ use ublk_mirror_common::{block, fsutil};
 
 use crate::error::{Error, Result};
 
-/// Bytes of a preserved chunk.
+/// Bytes of a chunk: the index names units by the chunk they are in.
 pub const CHUNK: u64 = 64 << 10;
+
+/// Bytes of a unit: what a snapshot keeps at least.
+pub const UNIT: u64 = 4 << 10;
+
+/// A chunk's units, as a mask (bit i: the unit at `i * UNIT` in it).
+pub type Units = u16;
+
+/// Every unit of a chunk.
+pub const WHOLE: Units = Units::MAX;
 
 const DIR: &str = "snapshots";
 const MANIFEST: &str = "manifest.json";
-const FORMAT: u32 = 1;
+/// The format this server writes; it reads format 1 too.
+const FORMAT: u32 = 2;
 const RECORD: usize = 16;
 const ZERO: u64 = u64::MAX;
+/// The chunk number's bits in a record's first word (the rest: the units
+/// it does not hold).
+const CHUNK_BITS: u32 = 48;
+
+/// The units of `chunk` that the bytes `[start, end)` of the volume touch.
+pub fn units_of(chunk: u64, start: u64, end: u64) -> Units {
+    let from = start.max(chunk * CHUNK);
+    let to = end.min((chunk + 1) * CHUNK);
+    if from >= to {
+        return 0;
+    }
+    let first = (from - chunk * CHUNK) / UNIT;
+    let last = (to - 1 - chunk * CHUNK) / UNIT;
+    let span = last - first + 1;
+    let mask = if span >= 16 { WHOLE } else { (1 << span) - 1 };
+    mask << first
+}
+
+/// Where unit `unit` of a record holding `units` is in its bytes.
+fn rank(units: Units, unit: u32) -> u64 {
+    u64::from((units & ((1u32 << unit) - 1) as Units).count_ones()) * UNIT
+}
 
 /// Why a snapshot exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,21 +141,22 @@ struct Manifest {
     snapshots: Vec<SnapshotInfo>,
 }
 
-/// Chunks copied aside for the newest snapshot by
+/// Units copied aside for the newest snapshot by
 /// [`Snapshots::copy_aside`], not yet part of it ([`Snapshots::keep`]).
-/// 16 bytes per chunk.
+/// 24 bytes per chunk.
 #[derive(Debug, Default)]
 pub struct Aside {
     snapshot: Option<u64>,
-    /// (chunk, offset in the snapshot's data or [`ZERO`]).
-    placed: Vec<(u64, u64)>,
-    /// The chunks' bytes are on their way to the disk while more are
+    /// (chunk, its units, offset of their bytes in the snapshot's data or
+    /// [`ZERO`]).
+    placed: Vec<(u64, Units, u64)>,
+    /// The units' bytes are on their way to the disk while more are
     /// read (and kept out of the page cache: nobody reads them soon).
     streamed: fsutil::Streamed,
 }
 
 impl Aside {
-    /// How many chunks it holds.
+    /// How many records it holds (a chunk's units each).
     pub fn len(&self) -> usize {
         self.placed.len()
     }
@@ -138,7 +166,7 @@ impl Aside {
         self.placed.is_empty()
     }
 
-    /// Go on copying chunks aside for snapshot `id`: the one it copied
+    /// Go on copying units aside for snapshot `id`: the one it copied
     /// them for so far, if any (else `changed` says what happened).
     fn aim(&mut self, id: u64, changed: impl FnOnce() -> String) -> Result<()> {
         if self.placed.is_empty() {
@@ -149,29 +177,65 @@ impl Aside {
         Ok(())
     }
 
-    /// Copy `chunk`'s content (`None`: zeroes, which take no data) to the
-    /// end of `delta`'s data, not yet named by its index.
-    fn place(&mut self, delta: &mut Delta, chunk: u64, content: Option<&[u8]>) -> Result<()> {
+    /// Copy the content of `chunk`'s `units` (their bytes one after the
+    /// other; `None`: zeroes, which take no data) to the end of `delta`'s
+    /// data, not yet named by its index.
+    fn place(
+        &mut self,
+        delta: &mut Delta,
+        chunk: u64,
+        units: Units,
+        content: Option<&[u8]>,
+    ) -> Result<()> {
         let at = match content {
             Some(bytes) => {
                 let at = delta.append(bytes)?;
-                self.streamed.moved(&delta.data, CHUNK);
+                self.streamed.moved(&delta.data, bytes.len() as u64);
                 at
             }
             None => ZERO,
         };
-        self.placed.push((chunk, at));
+        self.placed.push((chunk, units, at));
         Ok(())
     }
 }
 
-/// One snapshot's preserved chunks.
+/// Some units of a chunk that a snapshot holds, and where their bytes
+/// are (one after the other, in ascending order; [`ZERO`]: zeroes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    units: Units,
+    at: u64,
+}
+
+impl Piece {
+    /// Where unit `unit`'s bytes are in the data, if this piece holds it
+    /// (`Some(ZERO)`: it is zeroes).
+    fn find(self, unit: u32) -> Option<u64> {
+        if self.units & (1 << unit) == 0 {
+            None
+        } else if self.at == ZERO {
+            Some(ZERO)
+        } else {
+            Some(self.at + rank(self.units, unit))
+        }
+    }
+}
+
+/// Units of a chunk and their content, one after the other (`None`:
+/// all zeroes), as [`Delta::add`] saves them.
+type Record = (u64, Units, Option<Vec<u8>>);
+
+/// One snapshot's preserved units.
 #[derive(Debug)]
 struct Delta {
     data: File,
     index: File,
-    /// Chunk number → offset in `data` ([`ZERO`]: zeroes).
-    chunks: HashMap<u64, u64>,
+    /// Chunk number → the first record of its units.
+    chunks: HashMap<u64, Piece>,
+    /// Chunk number → its further records, for the few chunks whose units
+    /// were kept by more than one publication.
+    more: HashMap<u64, Vec<Piece>>,
     data_len: u64,
     index_len: u64,
 }
@@ -196,64 +260,102 @@ impl Delta {
         let index = open("index")?;
         let bytes = std::fs::read(dir.join("index"))
             .map_err(|e| Error::io(format!("reading {}", dir.join("index").display()), e))?;
-        let mut chunks = HashMap::new();
-        // A torn last record is ignored (its chunk was not overwritten).
-        for r in bytes.chunks_exact(RECORD) {
-            let chunk = u64::from_le_bytes(r[..8].try_into().unwrap_or_default());
-            let at = u64::from_le_bytes(r[8..].try_into().unwrap_or_default());
-            chunks.insert(chunk, at);
-        }
-        let index_len = (bytes.len() - bytes.len() % RECORD) as u64;
         let data_len = data
             .metadata()
             .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
             .len()
-            .next_multiple_of(CHUNK);
-        Ok(Delta {
+            .next_multiple_of(UNIT);
+        let mut delta = Delta {
             data,
             index,
-            chunks,
+            chunks: HashMap::new(),
+            more: HashMap::new(),
             data_len,
-            index_len,
-        })
+            index_len: (bytes.len() - bytes.len() % RECORD) as u64,
+        };
+        // A torn last record is ignored (its units were not overwritten).
+        for r in bytes.chunks_exact(RECORD) {
+            let word = u64::from_le_bytes(r[..8].try_into().unwrap_or_default());
+            let at = u64::from_le_bytes(r[8..].try_into().unwrap_or_default());
+            let chunk = word & ((1 << CHUNK_BITS) - 1);
+            let units = !((word >> CHUNK_BITS) as Units);
+            delta.hold(chunk, Piece { units, at });
+        }
+        Ok(delta)
     }
 
-    /// Save `chunks` (chunk number and content, `None` for zeroes)
+    /// Remember that `piece` of `chunk` is held.
+    fn hold(&mut self, chunk: u64, piece: Piece) {
+        if piece.units == 0 {
+            return;
+        }
+        match self.chunks.entry(chunk) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(piece);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.more.entry(chunk).or_default().push(piece)
+            }
+        }
+    }
+
+    /// The records of `chunk`, first first.
+    fn pieces(&self, chunk: u64) -> impl Iterator<Item = Piece> + '_ {
+        let first = self.chunks.get(&chunk);
+        let more = first
+            .filter(|_| !self.more.is_empty())
+            .and_then(|_| self.more.get(&chunk));
+        first.into_iter().chain(more.into_iter().flatten()).copied()
+    }
+
+    /// The units of `chunk` this snapshot holds.
+    fn units(&self, chunk: u64) -> Units {
+        self.pieces(chunk).fold(0, |held, p| held | p.units)
+    }
+
+    /// Where unit `unit` of `chunk` is in the data, if held (`Some(ZERO)`:
+    /// zeroes).
+    fn find(&self, chunk: u64, unit: u32) -> Option<u64> {
+        self.pieces(chunk).find_map(|p| p.find(unit))
+    }
+
+    /// Save `records` (chunk, units, their content or `None` for zeroes)
     /// durably: data synced before the index records that name it.
-    fn add(&mut self, chunks: &[(u64, Option<Vec<u8>>)]) -> Result<()> {
-        let mut placed = Vec::with_capacity(chunks.len());
-        for (chunk, content) in chunks {
+    fn add(&mut self, records: &[Record]) -> Result<()> {
+        let mut placed = Vec::with_capacity(records.len());
+        for (chunk, units, content) in records {
             let at = match content {
                 Some(bytes) => self.append(bytes)?,
                 None => ZERO,
             };
-            placed.push((*chunk, at));
+            placed.push((*chunk, *units, at));
         }
         self.name(&placed)
     }
 
-    /// Write one chunk's content at the end of `data`, not synced and not
+    /// Write some units' content at the end of `data`, not synced and not
     /// yet named by the index ([`Delta::name`] does both): where it went.
     fn append(&mut self, bytes: &[u8]) -> Result<u64> {
         let at = self.data_len;
         self.data
             .write_all_at(bytes, at)
             .map_err(|e| Error::io("preserving a chunk for a snapshot", e))?;
-        self.data_len += CHUNK;
+        self.data_len += (bytes.len() as u64).next_multiple_of(UNIT);
         Ok(at)
     }
 
-    /// Make `placed` (chunk, offset in `data` or [`ZERO`]) part of the
-    /// snapshot, durably: `data` synced before the index records that
+    /// Make `placed` (chunk, units, offset in `data` or [`ZERO`]) part of
+    /// the snapshot, durably: `data` synced before the index records that
     /// name its bytes are written, the index synced before this returns
     /// (and so before the image is overwritten there).
-    fn name(&mut self, placed: &[(u64, u64)]) -> Result<()> {
+    fn name(&mut self, placed: &[(u64, Units, u64)]) -> Result<()> {
         if placed.is_empty() {
             return Ok(());
         }
         let mut records = Vec::with_capacity(placed.len() * RECORD);
-        for (chunk, at) in placed {
-            records.extend_from_slice(&chunk.to_le_bytes());
+        for &(chunk, units, at) in placed {
+            let word = chunk | (u64::from(!units) << CHUNK_BITS);
+            records.extend_from_slice(&word.to_le_bytes());
             records.extend_from_slice(&at.to_le_bytes());
         }
         self.data
@@ -264,63 +366,83 @@ impl Delta {
             .and_then(|()| self.index.sync_all())
             .map_err(|e| Error::io("writing a snapshot's index", e))?;
         self.index_len += records.len() as u64;
-        self.chunks.extend(placed.iter().copied());
+        for &(chunk, units, at) in placed {
+            self.hold(chunk, Piece { units, at });
+        }
         Ok(())
     }
 
-    fn read_chunk(&self, at: u64, buf: &mut [u8], within: u64) -> Result<()> {
-        if at == ZERO {
-            buf.fill(0);
-            return Ok(());
+    /// The content of `units` of `chunk`, which this snapshot holds, one
+    /// after the other (`None`: all zeroes).
+    fn read_units(&self, chunk: u64, units: Units) -> Result<Option<Vec<u8>>> {
+        let mut out = vec![0u8; units.count_ones() as usize * UNIT as usize];
+        let mut filled = 0usize;
+        let mut unit = 0u32;
+        while unit < 16 {
+            if units & (1 << unit) == 0 {
+                unit += 1;
+                continue;
+            }
+            let at = self.find(chunk, unit).ok_or_else(|| {
+                Error::Corrupt(format!("a snapshot lost unit {unit} of chunk {chunk}"))
+            })?;
+            // A run of units stored one after the other is read at once.
+            let mut run = 1u32;
+            while unit + run < 16
+                && units & (1 << (unit + run)) != 0
+                && at != ZERO
+                && self.find(chunk, unit + run) == Some(at + u64::from(run) * UNIT)
+            {
+                run += 1;
+            }
+            let len = run as usize * UNIT as usize;
+            if at != ZERO {
+                self.data
+                    .read_exact_at(&mut out[filled..filled + len], at)
+                    .map_err(|e| Error::io("reading a snapshot", e))?;
+            }
+            filled += len;
+            unit += run;
         }
-        self.data
-            .read_exact_at(buf, at + within)
-            .map_err(|e| Error::io("reading a snapshot", e))
+        Ok((!block::is_zero(&out)).then_some(out))
     }
 }
 
-/// Give `to` (the next older snapshot) the chunks of `from` it reads
-/// through it, in batches (bounded memory: 16 MiB at a time).
+/// Give `to` (the next older snapshot) the units of `from` it reads
+/// through it, in batches (bounded memory: at most 16 MiB at a time).
 fn hand_over(from: &Delta, to: &mut Delta) -> Result<()> {
     for batch in missing(from, to).chunks(HAND_OVER_BATCH) {
-        to.add(&read_chunks(from, batch)?)?;
+        to.add(&read_units(from, batch)?)?;
     }
     Ok(())
 }
 
-/// Chunks handed over at a time (16 MiB).
+/// Chunks' units handed over at a time (at most 16 MiB).
 pub const HAND_OVER_BATCH: usize = 256;
 
-/// Chunks copied aside (for a publication, or handed over by a deletion)
-/// that are kept with one sync, at most: 1 GiB of data, 256 KiB of what
-/// [`Aside`] remembers meanwhile.
+/// Chunks' units copied aside (for a publication, or handed over by a
+/// deletion) that are kept with one sync, at most: 1 GiB of data, 384 KiB
+/// of what [`Aside`] remembers meanwhile.
 pub const KEEP_AT_ONCE: usize = 16384;
 
-/// The chunks of `from` (chunk, where) that `to` lacks, in order.
-fn missing(from: &Delta, to: &Delta) -> Vec<(u64, u64)> {
-    let mut todo: Vec<(u64, u64)> = from
+/// The units of `from` that `to` lacks (chunk, units), in chunk order.
+fn missing(from: &Delta, to: &Delta) -> Vec<(u64, Units)> {
+    let mut todo: Vec<(u64, Units)> = from
         .chunks
-        .iter()
-        .filter(|(c, _)| !to.chunks.contains_key(c))
-        .map(|(&c, &at)| (c, at))
+        .keys()
+        .map(|&c| (c, from.units(c) & !to.units(c)))
+        .filter(|&(_, units)| units != 0)
         .collect();
     todo.sort_unstable();
     todo
 }
 
-/// The content of `chunks` (chunk, where) of `from`, as [`Delta::add`]
+/// The content of `records` (chunk, units) of `from`, as [`Delta::add`]
 /// takes it.
-fn read_chunks(from: &Delta, chunks: &[(u64, u64)]) -> Result<Vec<(u64, Option<Vec<u8>>)>> {
-    chunks
+fn read_units(from: &Delta, records: &[(u64, Units)]) -> Result<Vec<Record>> {
+    records
         .iter()
-        .map(|&(chunk, at)| {
-            if at == ZERO {
-                return Ok((chunk, None));
-            }
-            let mut buf = vec![0u8; CHUNK as usize];
-            from.read_chunk(at, &mut buf, 0)?;
-            Ok((chunk, Some(buf)))
-        })
+        .map(|&(chunk, units)| Ok((chunk, units, from.read_units(chunk, units)?)))
         .collect()
 }
 
@@ -432,7 +554,7 @@ impl Snapshots {
             Ok(bytes) => {
                 let m: Manifest = serde_json::from_slice(&bytes)
                     .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
-                if m.format != FORMAT {
+                if !(1..=FORMAT).contains(&m.format) {
                     return Err(Error::Corrupt(format!(
                         "{}: format {} is not supported (this is {FORMAT})",
                         path.display(),
@@ -560,27 +682,28 @@ impl Snapshots {
         Ok(info)
     }
 
-    /// Before the image's `chunks` are overwritten: keep their content in
-    /// the newest snapshot (that lacks them), durably.
-    pub fn preserve(&mut self, image: &File, size: u64, chunks: &BTreeSet<u64>) -> Result<()> {
+    /// Before the image's `units` (chunk, its units) are overwritten: keep
+    /// their content in the newest snapshot (where it lacks them),
+    /// durably.
+    pub fn preserve(&mut self, image: &File, size: u64, units: &[(u64, Units)]) -> Result<()> {
         let mut aside = Aside::default();
-        self.copy_aside(image, size, chunks, &mut aside)?;
+        self.copy_aside(image, size, units, &mut aside)?;
         self.keep(aside)
     }
 
     /// The first half of [`Snapshots::preserve`], which a caller may do in
     /// parts (each under its own hold of the lock, so that readers go on
     /// in between) before one [`Snapshots::keep`]: copy the content of the
-    /// image's `chunks` that the newest snapshot lacks to the end of its
-    /// data, not synced and not named by its index. Until `keep`, readers
-    /// read those chunks in the image, which must not change there before
-    /// (nor may snapshots be taken or deleted: the publication that calls
-    /// this holds the volume).
+    /// image's `units` (chunk, its units) that the newest snapshot lacks
+    /// to the end of its data, not synced and not named by its index.
+    /// Until `keep`, readers read those units in the image, which must not
+    /// change there before (nor may snapshots be taken or deleted: the
+    /// publication that calls this holds the volume).
     pub fn copy_aside(
         &mut self,
         image: &File,
         size: u64,
-        chunks: &BTreeSet<u64>,
+        units: &[(u64, Units)],
         aside: &mut Aside,
     ) -> Result<()> {
         let Some(newest) = self.manifest.snapshots.last().map(|s| s.id) else {
@@ -593,29 +716,37 @@ impl Snapshots {
             return Ok(());
         };
         let mut buf = vec![0u8; CHUNK as usize];
-        for &chunk in chunks {
-            if delta.chunks.contains_key(&chunk) {
+        for &(chunk, wanted) in units {
+            let lacking = wanted & !delta.units(chunk);
+            if lacking == 0 {
                 continue;
             }
-            let at = chunk * CHUNK;
-            let len = CHUNK.min(size.saturating_sub(at)) as usize;
-            buf[len..].fill(0);
-            image
-                .read_exact_at(&mut buf[..len], at)
-                .map_err(|e| Error::io("reading the image for a snapshot", e))?;
-            aside.place(delta, chunk, (!block::is_zero(&buf)).then_some(&buf[..]))?;
+            let len = read_image_units(image, size, chunk, lacking, &mut buf)?;
+            let bytes = &buf[..len];
+            aside.place(
+                delta,
+                chunk,
+                lacking,
+                (!block::is_zero(bytes)).then_some(bytes),
+            )?;
         }
         Ok(())
     }
 
-    /// The second half of [`Snapshots::preserve`]: the chunks copied aside
+    /// The second half of [`Snapshots::preserve`]: the units copied aside
     /// become the newest snapshot's, durably (one sync of its data, then
-    /// one of its index, however many chunks). After it the image may be
+    /// one of its index, however many). After it the image may be
     /// overwritten there.
     pub fn keep(&mut self, aside: Aside) -> Result<()> {
         let Some(id) = aside.snapshot else {
             return Ok(());
         };
+        if self.manifest.format < FORMAT && aside.placed.iter().any(|p| p.1 != WHOLE) {
+            // A server that reads only whole chunks must refuse the
+            // volume from the first record that holds part of one.
+            self.manifest.format = FORMAT;
+            self.write_manifest()?;
+        }
         let delta = self.deltas.get_mut(&id).ok_or_else(|| {
             Error::Invalid("the snapshot chunks were preserved for is gone".into())
         })?;
@@ -642,17 +773,48 @@ impl Snapshots {
         }
         let chain = self.chain(id)?;
         let mut done = 0usize;
+        let mut resolved: Option<(u64, [Source; 16])> = None;
         while done < buf.len() {
             let at = offset + done as u64;
             let chunk = at / CHUNK;
-            let within = at % CHUNK;
-            let n = ((CHUNK - within) as usize).min(buf.len() - done);
+            let unit = ((at % CHUNK) / UNIT) as usize;
+            let within = at % UNIT;
+            let units = match resolved {
+                Some((c, units)) if c == chunk => units,
+                _ => {
+                    let units = resolve(&chain, chunk);
+                    resolved = Some((chunk, units));
+                    units
+                }
+            };
+            // A run of units from the same place, read at once.
+            let from = units[unit];
+            let mut n = (UNIT - within) as usize;
+            let mut next = unit + 1;
+            while next < 16 && done + n < buf.len() {
+                let step = (next - unit) as u64 * UNIT;
+                let same = match (from, units[next]) {
+                    (None, None) => true,
+                    (Some((d, ZERO)), Some((e, ZERO))) => std::ptr::eq(d, e),
+                    (Some((d, a)), Some((e, b))) => {
+                        std::ptr::eq(d, e) && a != ZERO && b == a + step
+                    }
+                    _ => false,
+                };
+                if !same {
+                    break;
+                }
+                n += UNIT as usize;
+                next += 1;
+            }
+            let n = n.min(buf.len() - done);
             let piece = &mut buf[done..done + n];
-            match chain
-                .iter()
-                .find_map(|d| d.chunks.get(&chunk).map(|&a| (d, a)))
-            {
-                Some((delta, data_at)) => delta.read_chunk(data_at, piece, within)?,
+            match from {
+                Some((_, ZERO)) => piece.fill(0),
+                Some((delta, data_at)) => delta
+                    .data
+                    .read_exact_at(piece, data_at + within)
+                    .map_err(|e| Error::io("reading a snapshot", e))?,
                 None => image
                     .read_exact_at(piece, at)
                     .map_err(|e| Error::io("reading the image", e))?,
@@ -682,14 +844,20 @@ impl Snapshots {
     /// whole chunks, at most 1 GiB, so that the answer stays quick).
     pub fn extent(&self, id: u64, image: &File, size: u64, offset: u64) -> Result<(bool, u64)> {
         let chain = self.chain(id)?;
+        // Data where a unit is in some delta's data, or read from the
+        // image where the image has data in that chunk (a file system
+        // that cannot tell says data): zeroes only where sure.
         let mapped_at = |chunk: u64| -> bool {
-            match chain.iter().find_map(|d| d.chunks.get(&chunk)) {
-                Some(&at) => at != ZERO,
-                None => {
-                    let start = chunk * CHUNK;
-                    image_has_data(image, start, (start + CHUNK).min(size))
+            let mut from_image = false;
+            for source in resolve(&chain, chunk) {
+                match source {
+                    Some((_, ZERO)) => {}
+                    Some(_) => return true,
+                    None => from_image = true,
                 }
             }
+            let start = chunk * CHUNK;
+            from_image && image_has_data(image, start, (start + CHUNK).min(size))
         };
         let first = offset / CHUNK;
         let mapped = mapped_at(first);
@@ -720,11 +888,11 @@ impl Snapshots {
     }
 
     /// What deleting snapshot `name` hands to the next older one: the
-    /// chunks (chunk, where) that one lacks, to pass to
+    /// units (chunk, its units) that one lacks, to pass to
     /// [`Snapshots::hand_over`] a batch at a time before
     /// [`Snapshots::delete`], which is then quick. Nothing when it is the
     /// oldest, being read, or unknown.
-    pub fn hand_over_plan(&self, name: &str) -> Vec<Vec<(u64, u64)>> {
+    pub fn hand_over_plan(&self, name: &str) -> Vec<Vec<(u64, Units)>> {
         let Some(pos) = self.manifest.snapshots.iter().position(|s| s.name == name) else {
             return Vec::new();
         };
@@ -749,7 +917,12 @@ impl Snapshots {
     /// a reader of an older snapshot finds each chunk in either, with the
     /// same content: a caller that lets readers in between (a lock per
     /// batch) keeps them going while a big snapshot is deleted.
-    pub fn hand_over(&mut self, name: &str, batch: &[(u64, u64)], aside: &mut Aside) -> Result<()> {
+    pub fn hand_over(
+        &mut self,
+        name: &str,
+        batch: &[(u64, Units)],
+        aside: &mut Aside,
+    ) -> Result<()> {
         let pos = self
             .manifest
             .snapshots
@@ -768,13 +941,13 @@ impl Snapshots {
             .deltas
             .get(&id)
             .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no data")))?;
-        let moved = read_chunks(from, batch)?;
+        let moved = read_units(from, batch)?;
         let to = self
             .deltas
             .get_mut(&older)
             .ok_or_else(|| Error::Corrupt(format!("snapshot {name} has no older data")))?;
-        for (chunk, content) in moved {
-            aside.place(to, chunk, content.as_deref())?;
+        for (chunk, units, content) in moved {
+            aside.place(to, chunk, units, content.as_deref())?;
         }
         Ok(())
     }
@@ -867,6 +1040,67 @@ impl Snapshots {
             .map(|s| s.created_ms)
             .max()
     }
+}
+
+/// Where a unit is for a read: the delta that holds it and where in its
+/// data ([`ZERO`]: zeroes); `None`: in the image.
+type Source<'a> = Option<(&'a Delta, u64)>;
+
+/// Where each unit of `chunk` is for a read through `chain` (a snapshot's
+/// delta, then each newer one's): the first delta that holds it. One
+/// lookup per delta, however many units.
+fn resolve<'a>(chain: &[&'a Delta], chunk: u64) -> [Source<'a>; 16] {
+    let mut out = [None; 16];
+    let mut left = WHOLE;
+    for d in chain {
+        for p in d.pieces(chunk) {
+            let mut take = p.units & left;
+            while take != 0 {
+                let unit = take.trailing_zeros();
+                out[unit as usize] = p.find(unit).map(|at| (*d, at));
+                take &= take - 1;
+            }
+            left &= !p.units;
+        }
+        if left == 0 {
+            break;
+        }
+    }
+    out
+}
+
+/// Read `units` of the image's `chunk` into `buf`, one after the other
+/// (zeroes past its `size`): how many bytes that is.
+fn read_image_units(
+    image: &File,
+    size: u64,
+    chunk: u64,
+    units: Units,
+    buf: &mut [u8],
+) -> Result<usize> {
+    let mut filled = 0usize;
+    let mut unit = 0u32;
+    while unit < 16 {
+        if units & (1 << unit) == 0 {
+            unit += 1;
+            continue;
+        }
+        let mut run = 1u32;
+        while unit + run < 16 && units & (1 << (unit + run)) != 0 {
+            run += 1;
+        }
+        let at = chunk * CHUNK + u64::from(unit) * UNIT;
+        let len = (u64::from(run) * UNIT) as usize;
+        let have = (len as u64).min(size.saturating_sub(at)) as usize;
+        let piece = &mut buf[filled..filled + len];
+        piece[have..].fill(0);
+        image
+            .read_exact_at(&mut piece[..have], at)
+            .map_err(|e| Error::io("reading the image for a snapshot", e))?;
+        filled += len;
+        unit += run;
+    }
+    Ok(filled)
 }
 
 /// Whether `file` has data (not a hole) anywhere in `[start, end)`; a file
@@ -994,18 +1228,22 @@ mod tests {
         f
     }
 
-    fn chunks_of(at: u64, len: usize) -> BTreeSet<u64> {
-        (at / CHUNK..=(at + len as u64 - 1) / CHUNK).collect()
+    /// The units `len` bytes at `at` touch, as a publication finds them.
+    fn units_at(at: u64, len: usize) -> Vec<(u64, Units)> {
+        let end = at + len as u64;
+        (at / CHUNK..=(end - 1) / CHUNK)
+            .map(|c| (c, units_of(c, at, end)))
+            .collect()
     }
 
     /// What publishing does: preserve (copied aside in two parts, kept at
     /// once), then overwrite.
     fn write(s: &mut Snapshots, img: &File, size: u64, at: u64, data: &[u8]) {
-        let mut chunks = chunks_of(at, data.len());
-        let later = chunks.split_off(&(at / CHUNK + 1));
+        let units = units_at(at, data.len());
+        let (first, later) = units.split_at(1);
         let mut aside = Aside::default();
-        s.copy_aside(img, size, &chunks, &mut aside).unwrap();
-        s.copy_aside(img, size, &later, &mut aside).unwrap();
+        s.copy_aside(img, size, first, &mut aside).unwrap();
+        s.copy_aside(img, size, later, &mut aside).unwrap();
         s.keep(aside).unwrap();
         img.write_all_at(data, at).unwrap();
     }
@@ -1017,7 +1255,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
         /// Any mix of writes, snapshots, deletes and reopenings: every
         /// snapshot reads back exactly as the image was when it was taken.
@@ -1027,6 +1265,9 @@ mod tests {
                 prop_oneof![
                     4 => (0u64..(5 * CHUNK), 1usize..(3 * CHUNK as usize), any::<u8>())
                         .prop_map(|(at, len, b)| (0u8, at, len, b)),
+                    // Small writes: parts of chunks, at any byte.
+                    4 => (0u64..(5 * CHUNK), 1usize..(3 * UNIT as usize), any::<u8>())
+                        .prop_map(|(at, len, b)| (0u8, at, len, b)),
                     2 => Just((1u8, 0, 0, 0)),
                     1 => (0u64..8).prop_map(|k| (2u8, k, 0, 0)),
                     1 => Just((3u8, 0, 0, 0)),
@@ -1034,7 +1275,7 @@ mod tests {
                         .prop_map(|(at, len)| (4u8, at, len, 0)),
                     1 => (0u64..8).prop_map(|k| (5u8, k, 0, 0)),
                 ],
-                1..40,
+                1..48,
             )
         ) {
             let size = 5 * CHUNK + 1000;
@@ -1089,7 +1330,7 @@ mod tests {
                         // changed): they are not the snapshot's.
                         let len = len.min((size - at) as usize);
                         let mut aside = Aside::default();
-                        s.copy_aside(&img, size, &chunks_of(at, len), &mut aside).unwrap();
+                        s.copy_aside(&img, size, &units_at(at, len), &mut aside).unwrap();
                         drop(aside);
                         s = Snapshots::open(dir.path()).unwrap();
                     }
@@ -1097,6 +1338,17 @@ mod tests {
                 }
                 for (id, model) in &models {
                     prop_assert!(read_all(&s, *id, &img, size) == *model, "snapshot {} differs", id);
+                    // What an export maps as a hole reads as zeroes.
+                    let mut off = 0;
+                    while off < size {
+                        let (mapped, len) = s.extent(*id, &img, size, off).unwrap();
+                        prop_assert!(len > 0);
+                        prop_assert!(
+                            mapped || block::is_zero(&model[off as usize..(off + len) as usize]),
+                            "snapshot {} has data in a hole at {}", id, off
+                        );
+                        off += len;
+                    }
                 }
             }
         }
@@ -1130,6 +1382,23 @@ mod tests {
         );
         write(&mut s, &img, size, 40 * CHUNK, &[1u8; 100]);
         assert_eq!(s.bytes(), 2 * CHUNK);
+        // A 4 KiB write costs 4 KiB, and 100 bytes across two units 8.
+        write(
+            &mut s,
+            &img,
+            size,
+            10 * CHUNK + 3 * UNIT,
+            &[2u8; UNIT as usize],
+        );
+        assert_eq!(s.bytes(), 2 * CHUNK + UNIT);
+        write(&mut s, &img, size, 11 * CHUNK + 2 * UNIT - 50, &[3u8; 100]);
+        assert_eq!(s.bytes(), 2 * CHUNK + 3 * UNIT);
+        // The rest of that chunk later: the units it lacks only.
+        write(&mut s, &img, size, 11 * CHUNK, &vec![4u8; CHUNK as usize]);
+        assert_eq!(s.bytes(), 3 * CHUNK + UNIT);
+        let mut back = vec![0u8; (2 * CHUNK) as usize];
+        s.read(a.id, &img, size, &mut back, 10 * CHUNK).unwrap();
+        assert!(back.iter().all(|&b| b == 7), "snapshot a reads wrong");
         let (_, pin) = s.pin("a").unwrap();
         let err = s.delete("a").unwrap_err().to_string();
         assert!(err.contains("being read"), "{err}");
@@ -1148,6 +1417,62 @@ mod tests {
         drop(pin);
         s.delete("a").unwrap();
         assert!(s.get("a").is_none() && s.list().len() == 1);
-        let _ = a;
+    }
+
+    #[test]
+    fn units_of_a_range() {
+        assert_eq!(units_of(0, 0, 1), 0b1);
+        assert_eq!(units_of(0, 4095, 4097), 0b11);
+        assert_eq!(units_of(1, 0, CHUNK), 0, "another chunk");
+        assert_eq!(units_of(1, 0, CHUNK + 1), 0b1);
+        assert_eq!(units_of(2, 2 * CHUNK + 15 * UNIT, 9 * CHUNK), 1 << 15);
+        assert_eq!(units_of(3, 0, u64::MAX), WHOLE);
+        assert_eq!(rank(0b1011_0000, 7), 2 * UNIT);
+        assert_eq!(rank(WHOLE, 0), 0);
+    }
+
+    /// A volume whose snapshots a server of format 1 kept (whole chunks,
+    /// manifest format 1) reads as it did; the first part of a chunk kept
+    /// makes the manifest say format 2 (which that server refuses).
+    #[test]
+    fn format_1_snapshots_are_read_and_upgraded_when_parts_are_kept() {
+        let size = 8 * CHUNK;
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), size);
+        img.write_all_at(&vec![5u8; size as usize], 0).unwrap();
+        let snaps = dir.path().join(DIR);
+        std::fs::create_dir_all(snaps.join("1")).unwrap();
+        // Snapshot 1 kept chunk 2 (all 6) and chunk 5 (zeroes) whole.
+        std::fs::write(snaps.join("1/data"), vec![6u8; CHUNK as usize]).unwrap();
+        let mut index = Vec::new();
+        for (chunk, at) in [(2u64, 0u64), (5, ZERO)] {
+            index.extend_from_slice(&chunk.to_le_bytes());
+            index.extend_from_slice(&at.to_le_bytes());
+        }
+        std::fs::write(snaps.join("1/index"), &index).unwrap();
+        std::fs::write(
+            snaps.join(MANIFEST),
+            r#"{"format":1,"next_id":2,"snapshots":[{"id":1,"name":"old","epoch":1,
+               "epoch_ms":1000,"created_ms":1000,"kind":"manual"}]}"#,
+        )
+        .unwrap();
+        let mut expect = vec![5u8; size as usize];
+        expect[(2 * CHUNK) as usize..][..CHUNK as usize].fill(6);
+        expect[(5 * CHUNK) as usize..][..CHUNK as usize].fill(0);
+        let mut s = Snapshots::open(dir.path()).unwrap();
+        assert!(read_all(&s, 1, &img, size) == expect);
+        // Whole chunks keep format 1; a part of one needs format 2.
+        write(&mut s, &img, size, 3 * CHUNK, &vec![1u8; CHUNK as usize]);
+        let format = || -> u64 {
+            let m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(snaps.join(MANIFEST)).unwrap()).unwrap();
+            m["format"].as_u64().unwrap()
+        };
+        assert_eq!(format(), 1);
+        write(&mut s, &img, size, 2 * CHUNK + 100, &[9u8; 10]);
+        write(&mut s, &img, size, 6 * CHUNK + 100, &[9u8; 10]);
+        assert_eq!(format(), 2);
+        let s = Snapshots::open(dir.path()).unwrap();
+        assert!(read_all(&s, 1, &img, size) == expect, "snapshot 1 differs");
     }
 }

@@ -102,8 +102,8 @@ use crate::chunks::format::{self, VersionRecord, WriterRecord, HOLE};
 use crate::chunks::{blocks_of, ChunkStore, Publication};
 use crate::error::{Error, Result};
 use crate::snapshots::{
-    Aside, Kind, Pin, Retention, SnapshotInfo, Snapshots, CHUNK as SNAPSHOT_CHUNK, HAND_OVER_BATCH,
-    KEEP_AT_ONCE,
+    units_of, Aside, Kind, Pin, Retention, SnapshotInfo, Snapshots, Units, CHUNK as SNAPSHOT_CHUNK,
+    HAND_OVER_BATCH, KEEP_AT_ONCE, WHOLE,
 };
 use ublk_mirror_common::clock::now_ms;
 
@@ -192,8 +192,8 @@ pub struct Volume {
     chunks: Option<(Arc<ChunkStore>, String)>,
 }
 
-/// Chunks preserved for snapshots per hold of the snapshots' lock while
-/// an epoch is published (16 MiB).
+/// Chunks whose units are preserved for snapshots per hold of the
+/// snapshots' lock while an epoch is published (at most 16 MiB).
 const PRESERVE_BATCH: usize = 256;
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -846,18 +846,22 @@ impl Volume {
         if self.snapshots().list().is_empty() {
             return Ok(());
         }
-        let mut chunks = BTreeSet::new();
+        // The 4 KiB units each extent touches, by chunk: a 4 KiB write
+        // keeps 4 KiB, not its 64 KiB chunk.
+        let mut units: BTreeMap<u64, Units> = BTreeMap::new();
         let mut log = LogReader::open(log_path)?;
         while let Some(e) = log.next_entry()? {
             if e.len > 0 {
-                let end = e.offset.saturating_add(u64::from(e.len)) - 1;
-                chunks.extend(e.offset / SNAPSHOT_CHUNK..=end / SNAPSHOT_CHUNK);
+                let end = e.offset.saturating_add(u64::from(e.len));
+                for chunk in e.offset / SNAPSHOT_CHUNK..=(end - 1) / SNAPSHOT_CHUNK {
+                    *units.entry(chunk).or_default() |= units_of(chunk, e.offset, end);
+                }
             }
         }
-        self.preserve_chunks(&chunks.into_iter().collect::<Vec<_>>())
+        self.preserve_units(&units.into_iter().collect::<Vec<_>>())
     }
 
-    /// Keep snapshot chunks `chunks` (ascending) of the image for the
+    /// Keep `units` (chunk, its units; ascending) of the image for the
     /// newest snapshot before the image changes there. Copied aside in
     /// batches, each under the snapshots' write lock: readers of snapshots
     /// (exports, restores) go on in between, and read each chunk in the
@@ -866,16 +870,12 @@ impl Volume {
     /// index. Meanwhile the data is on its way to the disk as it is
     /// written (a sync per batch left the disk idle while the next batch
     /// was read).
-    fn preserve_chunks(&self, chunks: &[u64]) -> Result<()> {
-        for group in chunks.chunks(KEEP_AT_ONCE) {
+    fn preserve_units(&self, units: &[(u64, Units)]) -> Result<()> {
+        for group in units.chunks(KEEP_AT_ONCE) {
             let mut aside = Aside::default();
             for batch in group.chunks(PRESERVE_BATCH) {
-                self.snapshots_mut().copy_aside(
-                    &self.image,
-                    self.state.size,
-                    &batch.iter().copied().collect(),
-                    &mut aside,
-                )?;
+                self.snapshots_mut()
+                    .copy_aside(&self.image, self.state.size, batch, &mut aside)?;
             }
             self.snapshots_mut().keep(aside)?;
         }
@@ -1151,13 +1151,15 @@ impl Volume {
             }
         }
         if !self.snapshots().list().is_empty() {
-            let chunks: Vec<u64> = changed
+            // Whole blocks change: their chunks' every unit.
+            let units: Vec<(u64, Units)> = changed
                 .iter()
                 .map(|n| n * block::BLOCK / SNAPSHOT_CHUNK)
                 .collect::<BTreeSet<u64>>()
                 .into_iter()
+                .map(|chunk| (chunk, WHOLE))
                 .collect();
-            self.preserve_chunks(&chunks)?;
+            self.preserve_units(&units)?;
         }
         let streamed = fsutil::Streamed::new();
         for batch in changed.chunks(256) {
@@ -2200,7 +2202,8 @@ mod tests {
             read_version(&store, &head, BIG) == two,
             "the stored version is not the epoch"
         );
-        assert_eq!(v.snapshots().bytes(), BIG / B / 2 * SNAPSHOT_CHUNK);
+        // 4 KiB kept per 4 KiB written, not the 64 KiB chunk.
+        assert_eq!(v.snapshots().bytes(), BIG / B / 2 * crate::snapshots::UNIT);
         // Another server publishes a version of the volume while epoch 3
         // is staged here.
         let mut three = two.clone();
@@ -2215,7 +2218,7 @@ mod tests {
         assert!(snapshot == one, "a refused epoch changed the snapshot");
         assert!(image == two, "a refused epoch changed the image");
         // The blocks it would have overwritten were kept meanwhile.
-        assert_eq!(v.snapshots().bytes(), BIG / B * SNAPSHOT_CHUNK);
+        assert_eq!(v.snapshots().bytes(), BIG / B * crate::snapshots::UNIT);
     }
 
     /// An epoch of extents smaller than a store block (scattered 4 KiB
