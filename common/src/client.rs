@@ -136,37 +136,77 @@ struct Batch {
     failed: Option<Error>,
 }
 
-/// Read and hash a batch of blocks, on a blocking thread.
+/// Blocking threads that read and hash one batch, each a contiguous
+/// part of it. A catch-up's blocks are small writes scattered over the
+/// device, and the device's backing file is read with `O_DIRECT`: each
+/// read waits for the disk, and read one after the other they left it
+/// idle between (an 8 GiB catch-up of 20683 4 KiB blocks spent 1.3 s
+/// reading).
+const READ_PARTS: usize = 4;
+
+/// Read and hash a batch of blocks, in [`READ_PARTS`] parts at once on
+/// blocking threads; started at once. A failed read ends the batch there
+/// (what comes after it is dropped).
 fn read_later<R>(read: &Arc<R>, blocks: Vec<(u64, u32)>) -> tokio::task::JoinHandle<Batch>
 where
     R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
 {
-    let read = read.clone();
-    tokio::task::spawn_blocking(move || {
+    let share = blocks.len().div_ceil(READ_PARTS).max(1);
+    let parts: Vec<tokio::task::JoinHandle<Batch>> = blocks
+        .chunks(share)
+        .map(|part| {
+            let (read, part) = (read.clone(), part.to_vec());
+            tokio::task::spawn_blocking(move || read_part(&*read, part))
+        })
+        .collect();
+    tokio::spawn(async move {
         let mut batch = Batch::default();
-        for (offset, len) in blocks {
-            let data = match read(offset, len) {
-                Ok(d) => d,
-                Err(e) => {
-                    batch.failed = Some(e);
-                    break;
-                }
+        for part in parts {
+            let part = match part.await {
+                Ok(p) => p,
+                Err(e) => Batch {
+                    blocks: Vec::new(),
+                    failed: Some(Error::Link(format!("reading blocks: {e}"))),
+                },
             };
-            let zero = block::is_zero(&data);
-            let digest = if zero {
-                block::zero_digest(len)
-            } else {
-                block::digest(&data)
-            };
-            batch.blocks.push(Read {
-                offset,
-                data,
-                digest,
-                zero,
-            });
+            batch.blocks.extend(part.blocks);
+            if part.failed.is_some() {
+                batch.failed = part.failed;
+                break;
+            }
         }
         batch
     })
+}
+
+/// Read and hash `blocks` in order, up to the first that fails.
+fn read_part<R>(read: &R, blocks: Vec<(u64, u32)>) -> Batch
+where
+    R: Fn(u64, u32) -> Result<Vec<u8>>,
+{
+    let mut batch = Batch::default();
+    for (offset, len) in blocks {
+        let data = match read(offset, len) {
+            Ok(d) => d,
+            Err(e) => {
+                batch.failed = Some(e);
+                break;
+            }
+        };
+        let zero = block::is_zero(&data);
+        let digest = if zero {
+            block::zero_digest(len)
+        } else {
+            block::digest(&data)
+        };
+        batch.blocks.push(Read {
+            offset,
+            data,
+            digest,
+            zero,
+        });
+    }
+    batch
 }
 
 /// A block ready to go: its header and payload, its length, and whether
@@ -714,9 +754,17 @@ impl Link {
                 }
                 Some(SendAction::Round(blocks)) => {
                     let dedup = std::mem::replace(&mut first_round, false);
+                    let (count, started) = (blocks.len(), std::time::Instant::now());
                     let (refused, shipped) = self
                         .send_data(&volume, epoch, blocks, level, dedup, read.clone())
                         .await?;
+                    tracing::debug!(
+                        volume,
+                        epoch,
+                        blocks = count,
+                        ms = started.elapsed().as_millis() as u64,
+                        "an epoch's blocks are sent"
+                    );
                     SendEvent::RoundDone { refused, shipped }
                 }
                 Some(SendAction::Published(shipped) | SendAction::RoundStaged(shipped)) => {

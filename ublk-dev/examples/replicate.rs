@@ -404,6 +404,13 @@ fn lag(args: &[String]) {
 fn main() {
     // as the daemon does
     ublk_dev::system::limit_heap_arenas();
+    // RUST_LOG=debug shows where an epoch's time goes (on stderr).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().collect();
     if let Some(image) = arg(&args, "--ceiling") {
         let threads = arg(&args, "--threads").map_or_else(
