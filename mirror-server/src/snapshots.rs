@@ -94,6 +94,21 @@ pub fn units_of(chunk: u64, start: u64, end: u64) -> Units {
     mask << first
 }
 
+/// The runs of consecutive units in `units`: (first unit, how many), in
+/// order.
+fn runs(units: Units) -> impl Iterator<Item = (u32, u32)> {
+    let mut left = u32::from(units);
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let first = left.trailing_zeros();
+        let len = (left >> first).trailing_ones();
+        left &= !(((1u32 << len) - 1) << first);
+        Some((first, len))
+    })
+}
+
 /// Where unit `unit` of a record holding `units` is in its bytes.
 fn rank(units: Units, unit: u32) -> u64 {
     u64::from((units & ((1u32 << unit) - 1) as Units).count_ones()) * UNIT
@@ -377,32 +392,29 @@ impl Delta {
     fn read_units(&self, chunk: u64, units: Units) -> Result<Option<Vec<u8>>> {
         let mut out = vec![0u8; units.count_ones() as usize * UNIT as usize];
         let mut filled = 0usize;
-        let mut unit = 0u32;
-        while unit < 16 {
-            if units & (1 << unit) == 0 {
-                unit += 1;
-                continue;
+        for (first, len) in runs(units) {
+            let mut unit = first;
+            while unit < first + len {
+                let at = self.find(chunk, unit).ok_or_else(|| {
+                    Error::Corrupt(format!("a snapshot lost unit {unit} of chunk {chunk}"))
+                })?;
+                // Units stored one after the other are read at once.
+                let mut run = 1u32;
+                while unit + run < first + len
+                    && at != ZERO
+                    && self.find(chunk, unit + run) == Some(at + u64::from(run) * UNIT)
+                {
+                    run += 1;
+                }
+                let bytes = run as usize * UNIT as usize;
+                if at != ZERO {
+                    self.data
+                        .read_exact_at(&mut out[filled..filled + bytes], at)
+                        .map_err(|e| Error::io("reading a snapshot", e))?;
+                }
+                filled += bytes;
+                unit += run;
             }
-            let at = self.find(chunk, unit).ok_or_else(|| {
-                Error::Corrupt(format!("a snapshot lost unit {unit} of chunk {chunk}"))
-            })?;
-            // A run of units stored one after the other is read at once.
-            let mut run = 1u32;
-            while unit + run < 16
-                && units & (1 << (unit + run)) != 0
-                && at != ZERO
-                && self.find(chunk, unit + run) == Some(at + u64::from(run) * UNIT)
-            {
-                run += 1;
-            }
-            let len = run as usize * UNIT as usize;
-            if at != ZERO {
-                self.data
-                    .read_exact_at(&mut out[filled..filled + len], at)
-                    .map_err(|e| Error::io("reading a snapshot", e))?;
-            }
-            filled += len;
-            unit += run;
         }
         Ok((!block::is_zero(&out)).then_some(out))
     }
@@ -1079,16 +1091,7 @@ fn read_image_units(
     buf: &mut [u8],
 ) -> Result<usize> {
     let mut filled = 0usize;
-    let mut unit = 0u32;
-    while unit < 16 {
-        if units & (1 << unit) == 0 {
-            unit += 1;
-            continue;
-        }
-        let mut run = 1u32;
-        while unit + run < 16 && units & (1 << (unit + run)) != 0 {
-            run += 1;
-        }
+    for (unit, run) in runs(units) {
         let at = chunk * CHUNK + u64::from(unit) * UNIT;
         let len = (u64::from(run) * UNIT) as usize;
         let have = (len as u64).min(size.saturating_sub(at)) as usize;
@@ -1098,7 +1101,6 @@ fn read_image_units(
             .read_exact_at(&mut piece[..have], at)
             .map_err(|e| Error::io("reading the image for a snapshot", e))?;
         filled += len;
-        unit += run;
     }
     Ok(filled)
 }
@@ -1429,6 +1431,12 @@ mod tests {
         assert_eq!(units_of(3, 0, u64::MAX), WHOLE);
         assert_eq!(rank(0b1011_0000, 7), 2 * UNIT);
         assert_eq!(rank(WHOLE, 0), 0);
+        assert_eq!(runs(0).count(), 0);
+        assert_eq!(runs(WHOLE).collect::<Vec<_>>(), [(0, 16)]);
+        assert_eq!(
+            runs(0b1100_0000_0111_0001).collect::<Vec<_>>(),
+            [(0, 1), (4, 3), (14, 2)]
+        );
     }
 
     /// A volume whose snapshots a server of format 1 kept (whole chunks,
