@@ -1523,10 +1523,12 @@ async fn a_client_fails_over_to_another_server_on_the_same_store_and_nothing_is_
     for i in (0..64).step_by(5) {
         two[i * 65536..][..65536].copy_from_slice(&noise(100 + i as u64, 65536));
     }
+    // Slow enough that no batch is read by the kill, however many
+    // blocks the client reads at once (four parts of 8 blocks: 0.8 s).
     let slow = {
         let two = two.clone();
         move |o: u64, l: u32| {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(100));
             Ok(two[o as usize..][..l as usize].to_vec())
         }
     };
