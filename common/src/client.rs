@@ -145,38 +145,19 @@ struct Batch {
 const READ_PARTS: usize = 4;
 
 /// Read and hash a batch of blocks, in [`READ_PARTS`] parts at once on
-/// blocking threads; started at once. A failed read ends the batch there
-/// (what comes after it is dropped).
-fn read_later<R>(read: &Arc<R>, blocks: Vec<(u64, u32)>) -> tokio::task::JoinHandle<Batch>
+/// blocking threads, started at once; [`read_batch`] puts them together.
+fn read_later<R>(read: &Arc<R>, blocks: Vec<(u64, u32)>) -> Vec<tokio::task::JoinHandle<Batch>>
 where
     R: Fn(u64, u32) -> Result<Vec<u8>> + Send + Sync + 'static,
 {
     let share = blocks.len().div_ceil(READ_PARTS).max(1);
-    let parts: Vec<tokio::task::JoinHandle<Batch>> = blocks
+    blocks
         .chunks(share)
         .map(|part| {
             let (read, part) = (read.clone(), part.to_vec());
             tokio::task::spawn_blocking(move || read_part(&*read, part))
         })
-        .collect();
-    tokio::spawn(async move {
-        let mut batch = Batch::default();
-        for part in parts {
-            let part = match part.await {
-                Ok(p) => p,
-                Err(e) => Batch {
-                    blocks: Vec::new(),
-                    failed: Some(Error::Link(format!("reading blocks: {e}"))),
-                },
-            };
-            batch.blocks.extend(part.blocks);
-            if part.failed.is_some() {
-                batch.failed = part.failed;
-                break;
-            }
-        }
-        batch
-    })
+        .collect()
 }
 
 /// Read and hash `blocks` in order, up to the first that fails.
@@ -284,9 +265,22 @@ fn encode_later(
     rx
 }
 
-async fn read_batch(job: tokio::task::JoinHandle<Batch>) -> Result<Batch> {
-    job.await
-        .map_err(|e| Error::Link(format!("reading blocks: {e}")))
+/// The batch [`read_later`] read, its parts in order.
+async fn read_batch(parts: Vec<tokio::task::JoinHandle<Batch>>) -> Result<Batch> {
+    let mut batch = Batch::default();
+    for part in parts {
+        let part = part
+            .await
+            .map_err(|e| Error::Link(format!("reading blocks: {e}")))?;
+        batch.blocks.extend(part.blocks);
+        if part.failed.is_some() {
+            // A failed read ends the batch there: what comes after it
+            // is dropped.
+            batch.failed = part.failed;
+            break;
+        }
+    }
+    Ok(batch)
 }
 
 /// Ask which blocks of `batch` the server holds (zero blocks are never

@@ -328,12 +328,6 @@ impl Delta {
         self.pieces(chunk).fold(0, |held, p| held | p.units)
     }
 
-    /// Where unit `unit` of `chunk` is in the data, if held (`Some(ZERO)`:
-    /// zeroes).
-    fn find(&self, chunk: u64, unit: u32) -> Option<u64> {
-        self.pieces(chunk).find_map(|p| p.find(unit))
-    }
-
     /// Save `records` (chunk, units, their content or `None` for zeroes)
     /// durably: data synced before the index records that name it.
     fn add(&mut self, records: &[Record]) -> Result<()> {
@@ -390,23 +384,25 @@ impl Delta {
     /// The content of `units` of `chunk`, which this snapshot holds, one
     /// after the other (`None`: all zeroes).
     fn read_units(&self, chunk: u64, units: Units) -> Result<Option<Vec<u8>>> {
+        let sources = resolve(&[self], chunk);
         let mut out = vec![0u8; units.count_ones() as usize * UNIT as usize];
         let mut filled = 0usize;
         for (first, len) in runs(units) {
-            let mut unit = first;
-            while unit < first + len {
-                let at = self.find(chunk, unit).ok_or_else(|| {
-                    Error::Corrupt(format!("a snapshot lost unit {unit} of chunk {chunk}"))
-                })?;
+            let (mut unit, end) = (first as usize, (first + len) as usize);
+            while unit < end {
+                let Some((_, at)) = sources[unit] else {
+                    return Err(Error::Corrupt(format!(
+                        "a snapshot lost unit {unit} of chunk {chunk}"
+                    )));
+                };
                 // Units stored one after the other are read at once.
-                let mut run = 1u32;
-                while unit + run < first + len
-                    && at != ZERO
-                    && self.find(chunk, unit + run) == Some(at + u64::from(run) * UNIT)
+                let mut run = 1;
+                while unit + run < end
+                    && continues(sources[unit], sources[unit + run], run as u64 * UNIT)
                 {
                     run += 1;
                 }
-                let bytes = run as usize * UNIT as usize;
+                let bytes = run * UNIT as usize;
                 if at != ZERO {
                     self.data
                         .read_exact_at(&mut out[filled..filled + bytes], at)
@@ -803,19 +799,10 @@ impl Snapshots {
             let from = units[unit];
             let mut n = (UNIT - within) as usize;
             let mut next = unit + 1;
-            while next < 16 && done + n < buf.len() {
-                let step = (next - unit) as u64 * UNIT;
-                let same = match (from, units[next]) {
-                    (None, None) => true,
-                    (Some((d, ZERO)), Some((e, ZERO))) => std::ptr::eq(d, e),
-                    (Some((d, a)), Some((e, b))) => {
-                        std::ptr::eq(d, e) && a != ZERO && b == a + step
-                    }
-                    _ => false,
-                };
-                if !same {
-                    break;
-                }
+            while next < 16
+                && done + n < buf.len()
+                && continues(from, units[next], (next - unit) as u64 * UNIT)
+            {
                 n += UNIT as usize;
                 next += 1;
             }
@@ -1057,6 +1044,18 @@ impl Snapshots {
 /// Where a unit is for a read: the delta that holds it and where in its
 /// data ([`ZERO`]: zeroes); `None`: in the image.
 type Source<'a> = Option<(&'a Delta, u64)>;
+
+/// Whether a unit found at `next`, `step` bytes after one found at
+/// `from`, is read with it at once: both in the image, both zeroes of the
+/// same delta, or one after the other in the same delta's data.
+fn continues(from: Source, next: Source, step: u64) -> bool {
+    match (from, next) {
+        (None, None) => true,
+        (Some((d, ZERO)), Some((e, ZERO))) => std::ptr::eq(d, e),
+        (Some((d, a)), Some((e, b))) => std::ptr::eq(d, e) && a != ZERO && b == a + step,
+        _ => false,
+    }
+}
 
 /// Where each unit of `chunk` is for a read through `chain` (a snapshot's
 /// delta, then each newer one's): the first delta that holds it. One
