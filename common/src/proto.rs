@@ -41,7 +41,10 @@
 //!   answered by [`Message::KnownChunks`]); a block it holds travels as
 //!   [`Encoding::Known`]: its header, no data. The server answers only
 //!   from chunks the asking client's own volumes reference, so no client
-//!   learns what another stores. A V3 server speaks V2 to a V2 client
+//!   learns what another stores, and from blocks staged earlier in the
+//!   same epoch (a block repeated within an epoch, a first sync's most of
+//!   all, travels once; the answer means the same to the client, so this
+//!   needed no new version). A V3 server speaks V2 to a V2 client
 //!   (the hello it answers with is the older of the two); a V3 client
 //!   needs a V3 server (upgrade servers first).
 //! - [`Version::V4`]: a device takes a volume over

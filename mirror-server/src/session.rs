@@ -260,7 +260,9 @@ pub(crate) struct Sender<'a> {
 /// parallel); answered with the blocks that failed their checks. In V3,
 /// questions about chunks are answered as they come, and a `Known`
 /// block's bytes are taken from the store (fetched when it was asked
-/// about), checked like any others.
+/// about), checked like any others, or, for a block the store lacks but
+/// this epoch staged already, from that copy's frame
+/// ([`Staging::add_again`]).
 pub(crate) async fn receive_data(
     staging: &Staging,
     from: Sender<'_>,
@@ -279,7 +281,7 @@ pub(crate) async fn receive_data(
         match receiver.on_message(next, Instant::now())? {
             DataAction::Query(digests) => {
                 let known = tokio::task::block_in_place(|| {
-                    let known = from.volumes.known(from.client, &digests);
+                    let mut known = from.volumes.known(from.client, &digests);
                     let wanted: Vec<Digest> = digests
                         .iter()
                         .zip(&known)
@@ -294,6 +296,11 @@ pub(crate) async fn receive_data(
                         if let Some(data) = data {
                             prefetched.put(*d, data);
                         }
+                    }
+                    // What the store lacks, this epoch may have staged
+                    // already: sent once, staged again from its frame.
+                    for (k, d) in known.iter_mut().zip(&digests) {
+                        *k = *k || staging.holds(d);
                     }
                     known
                 });
@@ -314,23 +321,25 @@ pub(crate) async fn receive_data(
                 };
                 let added = if encoding == Encoding::Known {
                     traffic.known_bytes = u64::from(len);
-                    let data = match prefetched.take(&sha256) {
-                        Some(d) => Some(d),
-                        None => tokio::task::block_in_place(|| {
-                            from.volumes
+                    tokio::task::block_in_place(|| {
+                        let data = match prefetched.take(&sha256) {
+                            Some(d) => Some(d),
+                            None if staging.holds(&sha256) => {
+                                return staging.add_again(offset, len, &sha256);
+                            }
+                            None => from
+                                .volumes
                                 .known_chunks(from.client, &[sha256])
                                 .pop()
-                                .flatten()
-                        }),
-                    };
-                    match data {
-                        Some(data) => tokio::task::block_in_place(|| {
-                            staging.add(offset, len, &sha256, Encoding::Raw, &data)
-                        }),
-                        None => Err(Error::BadBlock(
-                            "sent as Known, but this server cannot give that chunk for this client now: send its bytes".into(),
-                        )),
-                    }
+                                .flatten(),
+                        };
+                        match data {
+                            Some(data) => staging.add(offset, len, &sha256, Encoding::Raw, &data),
+                            None => Err(Error::BadBlock(
+                                "sent as Known, but this server cannot give that chunk for this client now: send its bytes".into(),
+                            )),
+                        }
+                    })
                 } else {
                     let data = wire::recv_data(recv, data_len).await?;
                     tokio::task::block_in_place(|| {

@@ -1064,6 +1064,71 @@ async fn the_chunk_store_keeps_every_epoch_deduplicated_and_rebuilds_lost_images
     assert!(image(&other, "desktop") == clone);
 }
 
+/// A block that an epoch holds many times travels once: once the first
+/// copy is staged, the server answers the client's question about the
+/// next batches' digests as held (the store has none of them yet), and
+/// stages each copy again from the first one's frame, compressed or raw.
+/// The image is the epoch exactly, in a first sync (staged direct) and a
+/// later epoch, and the store keeps one chunk per distinct block.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_block_repeated_in_an_epoch_travels_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (_, a) = enrolled(&server, dir.path(), "laptop").await;
+    const B: usize = 65536;
+    let size: u64 = 64 << 20;
+    let blocks = size as usize / B;
+    let all: Vec<(u64, u32)> = (0..blocks as u64)
+        .map(|i| (i * B as u64, B as u32))
+        .collect();
+    let text = pattern(9, B);
+    let random = noise(11, B);
+    // Blocks 0 and 1 are the two repeated ones, then every block from 256
+    // on is one of them (the rest distinct). Each of the client's four
+    // streams asks about its next batch (32 blocks) before it sends one,
+    // so up to 256 blocks are asked about before the first is staged.
+    let mut model = noise(1, size as usize);
+    for k in (0..2).chain(256..blocks) {
+        let b = if k % 2 == 0 { &text } else { &random };
+        model[k * B..][..B].copy_from_slice(b);
+    }
+    a.open_volume("root", size).await.unwrap();
+    let first = a
+        .send_epoch("root", 1, w(1), &all, 3, reader(model.clone()))
+        .await
+        .unwrap();
+    let repeats = (blocks - 256) as u64 * B as u64;
+    // Copies asked about before the first one was staged still travel.
+    assert!(
+        first.known_bytes >= repeats / 2 && first.known_bytes <= repeats,
+        "{first:?}"
+    );
+    assert!(
+        first.wire_bytes < size - repeats / 2,
+        "{} bytes travelled for {} distinct",
+        first.wire_bytes,
+        256 * B
+    );
+    assert!(server.image("laptop", "root") == model, "epoch 1 differs");
+    assert_eq!(store_json(&data)["chunks"], 256);
+    // A later epoch repeats a new block (not the store's yet).
+    let new = noise(12, B);
+    for k in (0..blocks).step_by(2) {
+        model[k * B..][..B].copy_from_slice(&new);
+    }
+    let even: Vec<(u64, u32)> = all.iter().copied().step_by(2).collect();
+    let second = a
+        .send_epoch("root", 2, w(2), &even, 3, reader(model.clone()))
+        .await
+        .unwrap();
+    assert!(
+        second.known_bytes >= (blocks as u64 / 2 - 288) * B as u64,
+        "{second:?}"
+    );
+    assert!(server.image("laptop", "root") == model, "epoch 2 differs");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_wire_carries_only_what_the_client_s_own_volumes_do_not_hold() {
     let dir = tempfile::tempdir().unwrap();

@@ -152,10 +152,32 @@ pub fn spread(dir: &str, d: &Digest) -> String {
     format!("{dir}/{}/{h}", &h[..2])
 }
 
+/// A chunk's bytes as a client sent them, checked to be the chunk (see
+/// [`PackBuilder::add_sent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// A zstd frame of the chunk's `raw` bytes.
+    Zstd { frame: Vec<u8>, raw: u32 },
+    /// The chunk itself: the client found it does not compress.
+    Raw(Vec<u8>),
+}
+
+impl Sent {
+    /// The chunk's length.
+    pub fn raw_len(&self) -> u32 {
+        match self {
+            Sent::Zstd { raw, .. } => *raw,
+            Sent::Raw(b) => b.len() as u32,
+        }
+    }
+}
+
 /// A chunk waiting in a [`PackBuilder`].
 #[derive(Debug)]
 enum Body {
     Whole(Vec<u8>),
+    /// A chunk as the client sent it, stored as it is.
+    Sent(Sent),
     /// A patch's ranges (encoded, not compressed yet) on `base`, of a
     /// chunk of `raw` bytes.
     Patch {
@@ -189,6 +211,14 @@ impl PackBuilder {
     pub fn add(&mut self, hash: Digest, raw: &[u8]) {
         self.raw += raw.len();
         self.chunks.push((hash, Body::Whole(raw.to_vec())));
+    }
+
+    /// Add the chunk whose sha256 is `hash` as the client sent it
+    /// (checked by the caller), stored as it is: not compressed again
+    /// (zstd), or not tried (raw: the client's zstd did not shrink it).
+    pub fn add_sent(&mut self, hash: Digest, sent: Sent) {
+        self.raw += sent.raw_len() as usize;
+        self.chunks.push((hash, Body::Sent(sent)));
     }
 
     /// Add the chunk `hash` (checked by the caller) as a patch: `chunk`'s
@@ -247,6 +277,14 @@ impl PackBuilder {
                         (Codec::Raw, raw.len(), raw.len())
                     }
                 },
+                Body::Sent(Sent::Zstd { frame, raw }) => {
+                    bytes.extend_from_slice(&frame);
+                    (Codec::Zstd, frame.len(), raw as usize)
+                }
+                Body::Sent(Sent::Raw(raw)) => {
+                    bytes.extend_from_slice(&raw);
+                    (Codec::Raw, raw.len(), raw.len())
+                }
                 Body::Patch { base, ranges, raw } => {
                     let c =
                         block::compress(&ranges, self.level).expect("zstd compresses into memory");

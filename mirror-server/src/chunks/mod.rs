@@ -82,7 +82,7 @@ use ublk_mirror_common::fsutil;
 use ublk_mirror_common::proto::Digest;
 
 pub use self::backend::StoreConfig;
-use self::format::{Entry, PackBuilder, VersionRecord, WriterRecord, HOLE, SEGMENT_BLOCKS};
+use self::format::{Entry, PackBuilder, Sent, VersionRecord, WriterRecord, HOLE, SEGMENT_BLOCKS};
 use crate::error::{Error, Result};
 
 const STORE_RECORD: &str = "store.json";
@@ -710,6 +710,7 @@ impl ChunkStore {
             started: std::time::Instant::now(),
             written_packs: 0,
             written_bytes: 0,
+            as_sent: 0,
         })
     }
 
@@ -927,6 +928,8 @@ pub struct Publication<'a> {
     started: std::time::Instant,
     written_packs: u64,
     written_bytes: u64,
+    /// Chunks packed as the client sent them ([`Publication::put_sent`]).
+    as_sent: u64,
 }
 
 /// What a publication wrote.
@@ -967,6 +970,36 @@ impl Publication<'_> {
             return Ok(());
         }
         self.pack.add(hash, data);
+        self.pending.insert(hash);
+        if self.pack.len() >= self.store.pack_target {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Block `n` of the volume is now the chunk whose sha256 is `hash`,
+    /// as the client sent it (checked by the caller): as
+    /// [`Publication::put`], but packed as sent instead of compressed
+    /// again.
+    pub fn put_sent(&mut self, n: u64, sent: Sent, hash: Digest) -> Result<()> {
+        let blocks = blocks_of(self.size);
+        let want = (self.size.saturating_sub(n * BLOCK)).min(BLOCK);
+        let raw = sent.raw_len();
+        if n >= blocks || u64::from(raw) != want {
+            return Err(Error::Invalid(format!(
+                "block {n} of {raw} bytes does not fit a volume of {blocks} blocks of {BLOCK}"
+            )));
+        }
+        if hash == block::zero_digest(raw) {
+            self.changes.insert(n, HOLE);
+            return Ok(());
+        }
+        self.changes.insert(n, hash);
+        if !self.needs(&hash) {
+            return Ok(());
+        }
+        self.pack.add_sent(hash, sent);
+        self.as_sent += 1;
         self.pending.insert(hash);
         if self.pack.len() >= self.store.pack_target {
             self.flush()?;
@@ -1190,6 +1223,7 @@ impl Publication<'_> {
             blocks = self.changes.len(),
             packs = self.written_packs,
             bytes = self.written_bytes,
+            as_sent = self.as_sent,
             ms = self.started.elapsed().as_millis() as u64,
             "version stored"
         );

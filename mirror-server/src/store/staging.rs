@@ -44,6 +44,7 @@ use std::sync::{Mutex, RwLock};
 use ublk_mirror_common::proto::{Digest, Encoding, Writer, MAX_BLOCK, NOT_STAGED};
 use ublk_mirror_common::{block, fsutil, RangeSet};
 
+use super::frames::{FrameReader, Frames};
 use super::log::{log_header, Entry, LogReader, RECORD};
 use crate::error::{Error, Result};
 
@@ -89,6 +90,9 @@ pub struct Staging {
     /// cache. Another's is read again soon (stored, then applied), then
     /// removed, which frees its cache.
     streamed: fsutil::Streamed,
+    /// The zstd frames of the blocks this process staged, for the chunk
+    /// store (see [`super::frames`]); `None` without one.
+    frames: Option<Frames>,
     inner: Mutex<Inner>,
 }
 
@@ -103,6 +107,8 @@ struct Inner {
     log_len: u64,
     /// Records in `N.log`.
     blocks: usize,
+    /// Bytes reserved in the frames file.
+    frames_len: u64,
     /// Bytes of the volume the staged blocks cover.
     staged: RangeSet,
     /// Blocks refused and not staged since.
@@ -148,6 +154,7 @@ impl Staging {
         writer: Writer,
         size: u64,
         direct: bool,
+        keep_frames: bool,
     ) -> Result<Staging> {
         if direct {
             fsutil::write_durably(&staging_path(dir, epoch, "direct"), b"")
@@ -174,6 +181,9 @@ impl Staging {
             writes: RwLock::new(()),
             unlogged: AtomicBool::new(false),
             streamed: fsutil::Streamed::new(),
+            frames: keep_frames
+                .then(|| Frames::new(&dir.join(STAGING)))
+                .flatten(),
             inner: Mutex::new(Inner {
                 log_len: header.len() as u64,
                 ..Inner::default()
@@ -192,6 +202,7 @@ impl Staging {
         size: u64,
         verify: bool,
         reserved: u64,
+        keep_frames: bool,
     ) -> Result<Staging> {
         let data_path = staging_path(dir, epoch, "data");
         let log_path = staging_path(dir, epoch, "log");
@@ -277,6 +288,9 @@ impl Staging {
             writes: RwLock::new(()),
             unlogged: AtomicBool::new(false),
             streamed: fsutil::Streamed::new(),
+            frames: keep_frames
+                .then(|| Frames::new(&dir.join(STAGING)))
+                .flatten(),
             inner: Mutex::new(inner),
         })
     }
@@ -393,7 +407,28 @@ impl Staging {
         encoding: Encoding,
         bytes: &[u8],
     ) -> Result<()> {
-        let checked = self.check(offset, len, sha256, encoding, bytes);
+        self.add_decoded(
+            offset,
+            len,
+            sha256,
+            self.check(offset, len, sha256, encoding, bytes),
+            encoding,
+            bytes,
+        )
+    }
+
+    /// Stage a block as [`Staging::add`] does, once decoded (`checked`:
+    /// its plain bytes, or why it cannot be staged); `encoding` and
+    /// `bytes` as it came, for its frame.
+    fn add_decoded(
+        &self,
+        offset: u64,
+        len: u32,
+        sha256: &Digest,
+        checked: Result<Option<Cow<'_, [u8]>>>,
+        encoding: Encoding,
+        bytes: &[u8],
+    ) -> Result<()> {
         let plain = match checked {
             Ok(plain) => plain,
             Err(e) => {
@@ -452,12 +487,80 @@ impl Staging {
                 self.unlogged.store(true, Ordering::Relaxed);
                 Error::io("logging a staged block", e)
             })?;
+        // The frame's place is taken in the log's order (see
+        // `super::frames`), its bytes written once the lock is let go.
+        let frame = match (&self.frames, encoding) {
+            (Some(frames), Encoding::Zstd | Encoding::Raw) => {
+                let at = inner.frames_len;
+                inner.frames_len += Frames::space(bytes.len());
+                Some((frames, at, inner.blocks as u64))
+            }
+            _ => None,
+        };
         inner.log_len += RECORD as u64;
         inner.blocks += 1;
         inner.staged.insert(offset..offset + u64::from(len));
         inner.stage_digest(offset, len, *sha256);
         inner.failed.remove(&(offset, len));
+        drop(inner);
+        if let Some((frames, at, record)) = frame {
+            frames.write(at, record, encoding == Encoding::Raw, bytes, sha256);
+        }
         Ok(())
+    }
+
+    /// Whether a block named `sha256` was staged earlier in this epoch by
+    /// this process, with its frame remembered: [`Staging::add_again`]
+    /// can stage it again without its bytes (see [`super::frames`]).
+    pub fn holds(&self, sha256: &Digest) -> bool {
+        self.frames.as_ref().is_some_and(|f| f.holds(sha256))
+    }
+
+    /// Stage a block named `sha256` from the frame of one staged before
+    /// ([`Staging::holds`]), decoded (not hashed again: that frame was
+    /// checked against `sha256` before it was written, and frames are
+    /// never changed). Refused with [`Error::BadBlock`] if that frame
+    /// cannot be read any more or is not `len` bytes (the sender then
+    /// sends the block's bytes).
+    pub fn add_again(&self, offset: u64, len: u32, sha256: &Digest) -> Result<()> {
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(Error::Invalid(format!(
+                "block of {len} bytes at {offset} is past the end of the volume ({} bytes)",
+                self.size
+            )));
+        }
+        let gone = || {
+            Error::BadBlock(format!(
+                "block at {offset}: no earlier copy of it in this epoch to stage again"
+            ))
+        };
+        let Some((raw, frame)) = self.frames.as_ref().and_then(|f| f.get(sha256)) else {
+            return self.add_decoded(offset, len, sha256, Err(gone()), Encoding::Known, &[]);
+        };
+        let encoding = if raw { Encoding::Raw } else { Encoding::Zstd };
+        let plain = if raw {
+            Some(Cow::Borrowed(&frame[..]))
+        } else {
+            block::decompress(&frame, len as usize).ok().map(Cow::Owned)
+        };
+        let checked = match plain {
+            Some(p) if p.len() == len as usize => Ok(Some(p)),
+            _ => Err(gone()),
+        };
+        self.add_decoded(offset, len, sha256, checked, encoding, &frame)
+    }
+
+    /// The frames of the blocks staged, by log record, once the staging is
+    /// closed (see [`super::frames`]); `None` if none were kept.
+    pub(super) fn frames(&self) -> Option<FrameReader<'_>> {
+        let inner = self.lock();
+        if !inner.closed {
+            return None;
+        }
+        self.frames.as_ref()?.reader(inner.frames_len)
     }
 
     /// The decoded bytes of a block, once they match its hash (`None`: a
