@@ -511,7 +511,7 @@ impl Staging {
 
     /// Whether a block named `sha256` was staged earlier in this epoch by
     /// this process, with its frame remembered: [`Staging::add_again`]
-    /// can stage it again without its bytes (see [`super::frames`]).
+    /// can stage it again without its bytes (see the `frames` module).
     pub fn holds(&self, sha256: &Digest) -> bool {
         self.frames.as_ref().is_some_and(|f| f.holds(sha256))
     }
