@@ -41,6 +41,15 @@
 //! compressed and sent once. Frames are written once and never changed, so a
 //! frame found by its digest is still that block's.
 //!
+//! # Space
+//!
+//! The frames take the staging disk's space beside `N.data` until the
+//! epoch is stored: up to the compressed size of what the epoch sends
+//! (a first sync: the disk's used blocks, compressed). So a staging keeps
+//! frames only while they take less than a quarter of the space its
+//! file system had free when the staging began ([`Frames::budget`]);
+//! the blocks past that are compressed again when stored, as before.
+//!
 //! # Why it is safe
 //!
 //! A frame is written only after its block was decoded and matched its
@@ -82,6 +91,8 @@ pub(super) const REMEMBERED: usize = 1 << 18;
 #[derive(Debug)]
 pub(super) struct Frames {
     file: File,
+    /// Most bytes the file may take (see the module docs).
+    budget: u64,
     /// A write failed: the file has a gap; nothing is read from it.
     broken: AtomicBool,
     /// Where the frame of each digest remembered is, newest last.
@@ -106,6 +117,8 @@ impl Frames {
             .open(dir)
         {
             Ok(file) => Some(Frames {
+                budget: nix::sys::statvfs::fstatvfs(&file)
+                    .map_or(0, |fs| fs.blocks_available() * fs.fragment_size() / 4),
                 file,
                 broken: AtomicBool::new(false),
                 remembered: Mutex::default(),
@@ -120,6 +133,12 @@ impl Frames {
     /// Bytes that a frame of `len` bytes takes in the file.
     pub(super) fn space(len: usize) -> u64 {
         HEADER + len as u64
+    }
+
+    /// Most bytes the frames may take: a frame that would end past it is
+    /// not kept.
+    pub(super) fn budget(&self) -> u64 {
+        self.budget
     }
 
     /// Write the frame of log record `record` at `at` (reserved with
@@ -306,6 +325,18 @@ mod tests {
         let mut short = frames.reader(Frames::space(4)).unwrap();
         assert_eq!(short.take(0, 1), zstd(b"zero", 1));
         assert_eq!(short.take(2, 5), None);
+    }
+
+    #[test]
+    fn frames_may_take_a_quarter_of_the_free_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames = Frames::new(dir.path()).unwrap();
+        let fs = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        let free = fs.blocks_available() * fs.fragment_size();
+        assert!(frames.budget() > 0);
+        assert!(
+            frames.budget() <= free / 4 + (64 << 20) && frames.budget() >= free / 4 - (64 << 20)
+        );
     }
 
     #[test]

@@ -490,7 +490,9 @@ impl Staging {
         // The frame's place is taken in the log's order (see
         // `super::frames`), its bytes written once the lock is let go.
         let frame = match (&self.frames, encoding) {
-            (Some(frames), Encoding::Zstd | Encoding::Raw) => {
+            (Some(frames), Encoding::Zstd | Encoding::Raw)
+                if inner.frames_len + Frames::space(bytes.len()) <= frames.budget() =>
+            {
                 let at = inner.frames_len;
                 inner.frames_len += Frames::space(bytes.len());
                 Some((frames, at, inner.blocks as u64))
