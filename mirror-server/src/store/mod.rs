@@ -2284,15 +2284,10 @@ mod tests {
             let words = format!("block {k} of epoch {epoch}, a line that repeats. ");
             words.bytes().cycle().take(B as usize).collect()
         };
+        // Incompressible: digests of counters, back to back.
         let noise = |seed: u64| -> Vec<u8> {
-            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            (0..B)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
+            (0..B / 32)
+                .flat_map(|i| digest(&[seed, i].map(u64::to_le_bytes).concat()))
                 .collect()
         };
         let sent = |b: &[u8]| zstd::bulk::compress(b, 19).unwrap();

@@ -525,15 +525,7 @@ impl Staging {
     /// cannot be read any more or is not `len` bytes (the sender then
     /// sends the block's bytes).
     pub fn add_again(&self, offset: u64, len: u32, sha256: &Digest) -> Result<()> {
-        if offset
-            .checked_add(u64::from(len))
-            .is_none_or(|end| end > self.size)
-        {
-            return Err(Error::Invalid(format!(
-                "block of {len} bytes at {offset} is past the end of the volume ({} bytes)",
-                self.size
-            )));
-        }
+        self.fits(offset, len)?;
         let gone = || {
             Error::BadBlock(format!(
                 "block at {offset}: no earlier copy of it in this epoch to stage again"
@@ -565,6 +557,21 @@ impl Staging {
         self.frames.as_ref()?.reader(inner.frames_len)
     }
 
+    /// A block that does not fit the volume is the sender's bug, not the
+    /// link's: refused, and not asked for again.
+    fn fits(&self, offset: u64, len: u32) -> Result<()> {
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(Error::Invalid(format!(
+                "block of {len} bytes at {offset} is past the end of the volume ({} bytes)",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+
     /// The decoded bytes of a block, once they match its hash (`None`: a
     /// zero block).
     fn check<'a>(
@@ -575,17 +582,7 @@ impl Staging {
         encoding: Encoding,
         bytes: &'a [u8],
     ) -> Result<Option<Cow<'a, [u8]>>> {
-        // A block that cannot be right is the sender's bug, not the
-        // link's: not asked for again.
-        if offset
-            .checked_add(u64::from(len))
-            .is_none_or(|end| end > self.size)
-        {
-            return Err(Error::Invalid(format!(
-                "block of {len} bytes at {offset} is past the end of the volume ({} bytes)",
-                self.size
-            )));
-        }
+        self.fits(offset, len)?;
         let plain = block::decode_borrowed(len, sha256, encoding, bytes).map_err(|e| {
             if e.is_damage() {
                 Error::BadBlock(format!("block at {offset}: {e}"))
