@@ -45,10 +45,12 @@
 //!
 //! The frames take the staging disk's space beside `N.data` until the
 //! epoch is stored: up to the compressed size of what the epoch sends
-//! (a first sync: the disk's used blocks, compressed). So a staging keeps
-//! frames only while they take less than a quarter of the space its
-//! file system had free when the staging began ([`Frames::budget`]);
-//! the blocks past that are compressed again when stored, as before.
+//! (a first sync: the disk's used blocks, compressed), beside the other
+//! volumes' stagings. So frames are kept only while their file system
+//! keeps a quarter of its size free (looked at every [`CHECK_EVERY`] of
+//! frames, [`Frames::room`]); once it does not, the staging keeps no more
+//! of them, and the blocks past that are compressed again when stored,
+//! as before.
 //!
 //! # Why it is safe
 //!
@@ -68,7 +70,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -79,6 +81,15 @@ use crate::chunks::format::Sent;
 
 /// Bytes before each frame.
 const HEADER: u64 = 12;
+
+/// Bytes of frames between two looks at the file system's free space.
+const CHECK_EVERY: u64 = 64 << 20;
+
+/// Whether a file system with `free` of `total` bytes free may take
+/// [`CHECK_EVERY`] more bytes of frames and keep a quarter of it free.
+fn keeps_room(free: u64, total: u64) -> bool {
+    free.saturating_sub(CHECK_EVERY) >= total / 4
+}
 
 /// The bit of a frame's length that says it is the block raw.
 const RAW: u32 = 1 << 31;
@@ -91,8 +102,11 @@ pub(super) const REMEMBERED: usize = 1 << 18;
 #[derive(Debug)]
 pub(super) struct Frames {
     file: File,
-    /// Most bytes the file may take (see the module docs).
-    budget: u64,
+    /// Frames may go up to here before the file system is looked at
+    /// again ([`Frames::room`]).
+    next_check: AtomicU64,
+    /// The file system had too little room: no more frames.
+    full: AtomicBool,
     /// A write failed: the file has a gap; nothing is read from it.
     broken: AtomicBool,
     /// Where the frame of each digest remembered is, newest last.
@@ -117,9 +131,9 @@ impl Frames {
             .open(dir)
         {
             Ok(file) => Some(Frames {
-                budget: nix::sys::statvfs::fstatvfs(&file)
-                    .map_or(0, |fs| fs.blocks_available() * fs.fragment_size() / 4),
                 file,
+                next_check: AtomicU64::new(0),
+                full: AtomicBool::new(false),
                 broken: AtomicBool::new(false),
                 remembered: Mutex::default(),
             }),
@@ -135,10 +149,31 @@ impl Frames {
         HEADER + len as u64
     }
 
-    /// Most bytes the frames may take: a frame that would end past it is
-    /// not kept.
-    pub(super) fn budget(&self) -> u64 {
-        self.budget
+    /// Whether a frame ending at `end` (bytes into the file) may be kept:
+    /// its file system keeps a quarter of its size free (looked at again
+    /// each [`CHECK_EVERY`]; once not, never again for this staging).
+    pub(super) fn room(&self, end: u64) -> bool {
+        if self.full.load(Ordering::Relaxed) {
+            return false;
+        }
+        if end > self.next_check.load(Ordering::Relaxed) {
+            let roomy = nix::sys::statvfs::fstatvfs(&self.file).is_ok_and(|fs| {
+                keeps_room(
+                    fs.blocks_available() * fs.fragment_size(),
+                    fs.blocks() * fs.fragment_size(),
+                )
+            });
+            if !roomy {
+                tracing::info!(
+                    kept = end,
+                    "the staging disk is three quarters full: this epoch's further blocks are compressed again when stored"
+                );
+                self.full.store(true, Ordering::Relaxed);
+                return false;
+            }
+            self.next_check.store(end + CHECK_EVERY, Ordering::Relaxed);
+        }
+        true
     }
 
     /// Write the frame of log record `record` at `at` (reserved with
@@ -328,15 +363,29 @@ mod tests {
     }
 
     #[test]
-    fn frames_may_take_a_quarter_of_the_free_space() {
+    fn frames_leave_a_quarter_of_the_file_system_free() {
+        const G: u64 = 1 << 30;
+        assert!(keeps_room(30 * G, 100 * G));
+        assert!(
+            !keeps_room(25 * G, 100 * G),
+            "the next 64 MiB would cross it"
+        );
+        assert!(!keeps_room(0, 100 * G));
+        assert!(keeps_room(G, 2 * G));
+        // As the file system the frames are on says now.
         let dir = tempfile::tempdir().unwrap();
         let frames = Frames::new(dir.path()).unwrap();
         let fs = nix::sys::statvfs::statvfs(dir.path()).unwrap();
-        let free = fs.blocks_available() * fs.fragment_size();
-        assert!(frames.budget() > 0);
-        assert!(
-            frames.budget() <= free / 4 + (64 << 20) && frames.budget() >= free / 4 - (64 << 20)
+        let roomy = keeps_room(
+            fs.blocks_available() * fs.fragment_size(),
+            fs.blocks() * fs.fragment_size(),
         );
+        assert_eq!(frames.room(1), roomy);
+        // Not looked at again before the next 64 MiB; a full one stays so.
+        frames.full.store(!roomy, Ordering::Relaxed);
+        assert_eq!(frames.room(2), roomy);
+        frames.full.store(true, Ordering::Relaxed);
+        assert!(!frames.room(3));
     }
 
     #[test]

@@ -491,7 +491,7 @@ impl Staging {
         // `super::frames`), its bytes written once the lock is let go.
         let frame = match (&self.frames, encoding) {
             (Some(frames), Encoding::Zstd | Encoding::Raw)
-                if inner.frames_len + Frames::space(bytes.len()) <= frames.budget() =>
+                if frames.room(inner.frames_len + Frames::space(bytes.len())) =>
             {
                 let at = inner.frames_len;
                 inner.frames_len += Frames::space(bytes.len());
