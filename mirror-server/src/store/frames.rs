@@ -46,11 +46,13 @@
 //! The frames take the staging disk's space beside `N.data` until the
 //! epoch is stored: up to the compressed size of what the epoch sends
 //! (a first sync: the disk's used blocks, compressed), beside the other
-//! volumes' stagings. So frames are kept only while their file system
-//! keeps a quarter of its size free (looked at every [`CHECK_EVERY`] of
-//! frames, [`Frames::room`]); once it does not, the staging keeps no more
-//! of them, and the blocks past that are compressed again when stored,
-//! as before.
+//! volumes' stagings, and the packs the store step makes of them take
+//! about as much again before the staging is removed. So a staging keeps
+//! frames only while its file system's free space covers the frames kept
+//! so far (their packs to come) and a twentieth of the file system
+//! besides (looked at every [`CHECK_EVERY`] of frames, [`Frames::room`]);
+//! once it does not, it keeps no more, and the blocks past that are
+//! compressed again when stored, as before.
 //!
 //! # Why it is safe
 //!
@@ -86,9 +88,11 @@ const HEADER: u64 = 12;
 const CHECK_EVERY: u64 = 64 << 20;
 
 /// Whether a file system with `free` of `total` bytes free may take
-/// [`CHECK_EVERY`] more bytes of frames and keep a quarter of it free.
-fn keeps_room(free: u64, total: u64) -> bool {
-    free.saturating_sub(CHECK_EVERY) >= total / 4
+/// [`CHECK_EVERY`] more bytes of frames where `kept` are kept already:
+/// what is left covers the packs of those (about as big) and a twentieth
+/// of the file system.
+fn keeps_room(free: u64, total: u64, kept: u64) -> bool {
+    free.saturating_sub(CHECK_EVERY) >= kept + total / 20
 }
 
 /// The bit of a frame's length that says it is the block raw.
@@ -149,9 +153,9 @@ impl Frames {
         HEADER + len as u64
     }
 
-    /// Whether a frame ending at `end` (bytes into the file) may be kept:
-    /// its file system keeps a quarter of its size free (looked at again
-    /// each [`CHECK_EVERY`]; once not, never again for this staging).
+    /// Whether a frame ending at `end` (bytes into the file) may be kept
+    /// ([`keeps_room`], looked at again each [`CHECK_EVERY`]; once not,
+    /// never again for this staging).
     pub(super) fn room(&self, end: u64) -> bool {
         if self.full.load(Ordering::Relaxed) {
             return false;
@@ -161,12 +165,13 @@ impl Frames {
                 keeps_room(
                     fs.blocks_available() * fs.fragment_size(),
                     fs.blocks() * fs.fragment_size(),
+                    end,
                 )
             });
             if !roomy {
                 tracing::info!(
                     kept = end,
-                    "the staging disk is three quarters full: this epoch's further blocks are compressed again when stored"
+                    "the staging disk has too little room for more frames: this epoch's further blocks are compressed again when stored"
                 );
                 self.full.store(true, Ordering::Relaxed);
                 return false;
@@ -363,15 +368,17 @@ mod tests {
     }
 
     #[test]
-    fn frames_leave_a_quarter_of_the_file_system_free() {
+    fn frames_leave_room_for_their_packs_and_a_twentieth() {
         const G: u64 = 1 << 30;
-        assert!(keeps_room(30 * G, 100 * G));
+        assert!(keeps_room(30 * G, 100 * G, 0));
+        assert!(keeps_room(30 * G, 100 * G, 24 * G));
         assert!(
-            !keeps_room(25 * G, 100 * G),
+            !keeps_room(30 * G, 100 * G, 25 * G),
             "the next 64 MiB would cross it"
         );
-        assert!(!keeps_room(0, 100 * G));
-        assert!(keeps_room(G, 2 * G));
+        assert!(!keeps_room(5 * G, 100 * G, 0));
+        assert!(!keeps_room(0, 100 * G, 0));
+        assert!(keeps_room(G, 2 * G, 0));
         // As the file system the frames are on says now.
         let dir = tempfile::tempdir().unwrap();
         let frames = Frames::new(dir.path()).unwrap();
@@ -379,6 +386,7 @@ mod tests {
         let roomy = keeps_room(
             fs.blocks_available() * fs.fragment_size(),
             fs.blocks() * fs.fragment_size(),
+            1,
         );
         assert_eq!(frames.room(1), roomy);
         // Not looked at again before the next 64 MiB; a full one stays so.

@@ -1339,13 +1339,14 @@ impl Volume {
             if whole.is_empty() {
                 continue;
             }
-            // A block that came whole is packed as it came.
+            // A block that came whole is packed as it came, or not at all
+            // where its chunk is there already (a copy of an earlier one).
             if let [(n, from, to)] = whole[..] {
-                if e.data_at.is_some()
-                    && from == e.offset
-                    && to - from == u64::from(e.len)
-                    && p.needs(&e.sha256)
-                {
+                if e.data_at.is_some() && from == e.offset && to - from == u64::from(e.len) {
+                    if !p.needs(&e.sha256) {
+                        p.put_known(n, e.sha256)?;
+                        continue;
+                    }
                     if let Some(sent) = frames.as_mut().and_then(|f| f.take(record - 1, e.len)) {
                         p.put_sent(n, sent, e.sha256)?;
                         continue;

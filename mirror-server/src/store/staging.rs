@@ -534,7 +534,6 @@ impl Staging {
         let Some((raw, frame)) = self.frames.as_ref().and_then(|f| f.get(sha256)) else {
             return self.add_decoded(offset, len, sha256, Err(gone()), Encoding::Known, &[]);
         };
-        let encoding = if raw { Encoding::Raw } else { Encoding::Zstd };
         let plain = if raw {
             Some(Cow::Borrowed(&frame[..]))
         } else {
@@ -544,7 +543,9 @@ impl Staging {
             Some(p) if p.len() == len as usize => Ok(Some(p)),
             _ => Err(gone()),
         };
-        self.add_decoded(offset, len, sha256, checked, encoding, &frame)
+        // No frame of its own: the store step packs the first copy's, and
+        // finds this one's chunk packed by then.
+        self.add_decoded(offset, len, sha256, checked, Encoding::Known, &[])
     }
 
     /// The frames of the blocks staged, by log record, once the staging is
