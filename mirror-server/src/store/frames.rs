@@ -101,7 +101,7 @@ const RAW: u32 = 1 << 31;
 /// Most digests whose frames are remembered for deduplication within an
 /// epoch: the newest 8 GiB of distinct 64 KiB blocks, in about 10 MiB
 /// (a map entry and a place in the order, 80 bytes each).
-pub(super) const REMEMBERED: usize = 1 << 17;
+const REMEMBERED: usize = 1 << 17;
 
 /// The frames of one staging (see the module docs).
 #[derive(Debug)]

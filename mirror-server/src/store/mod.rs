@@ -1269,15 +1269,16 @@ impl Volume {
             // compressed.
             let mut frames = staging.frames();
             let mut log = LogReader::open(&log_path)?;
-            let mut record = 0u64;
+            let mut next_record = 0u64;
             while let Some(e) = log.next_entry()? {
-                record += 1;
+                let record = next_record;
+                next_record += 1;
                 let Some(n) = direct.named(&e) else { continue };
                 if e.sha256 == block::zero_digest(e.len) {
                     p.put(n, None, HOLE)?;
                 } else if !p.needs(&e.sha256) {
                     p.put_known(n, e.sha256)?;
-                } else if let Some(sent) = frames.as_mut().and_then(|f| f.take(record - 1, e.len)) {
+                } else if let Some(sent) = frames.as_mut().and_then(|f| f.take(record, e.len)) {
                     p.put_sent(n, sent, e.sha256)?;
                 } else {
                     read_block(&data, &data_path, size, n, &mut buf)?;
@@ -1321,9 +1322,10 @@ impl Volume {
         let mut log = LogReader::open(&log_path)?;
         let (mut buf, mut whole) = (Vec::new(), Vec::new());
         let mut frames = staging.frames();
-        let mut record = 0u64;
+        let mut next_record = 0u64;
         while let Some(e) = log.next_entry()? {
-            record += 1;
+            let record = next_record;
+            next_record += 1;
             whole.clear();
             whole.extend(pieces(e.offset, e.len, size).filter(|&(n, from, to)| {
                 match partial.get_mut(&n) {
@@ -1347,7 +1349,7 @@ impl Volume {
                         p.put_known(n, e.sha256)?;
                         continue;
                     }
-                    if let Some(sent) = frames.as_mut().and_then(|f| f.take(record - 1, e.len)) {
+                    if let Some(sent) = frames.as_mut().and_then(|f| f.take(record, e.len)) {
                         p.put_sent(n, sent, e.sha256)?;
                         continue;
                     }

@@ -90,8 +90,9 @@ pub struct Staging {
     /// cache. Another's is read again soon (stored, then applied), then
     /// removed, which frees its cache.
     streamed: fsutil::Streamed,
-    /// The zstd frames of the blocks this process staged, for the chunk
-    /// store (see [`super::frames`]); `None` without one.
+    /// The blocks this process staged, as they came, for the chunk store
+    /// and for copies later in the epoch (see [`super::frames`]); `None`
+    /// without a chunk store.
     frames: Option<Frames>,
     inner: Mutex<Inner>,
 }
