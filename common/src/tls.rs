@@ -7,6 +7,10 @@
 //! it is, and what it may do, is decided after the handshake from the
 //! certificate's fingerprint ([`peer_fingerprint`]): an enrolled one gets
 //! its volumes, an unknown one may only enroll.
+//!
+//! A server's QUIC endpoint also takes its stateless-reset and
+//! connection-ID keys from its identity ([`endpoint`]), so that its clients
+//! learn at once that a restarted server lost their connections.
 
 use std::sync::Arc;
 
@@ -100,18 +104,58 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20)
 /// that shrinks its sending window.
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
-/// A QUIC endpoint on `socket`, with [`SOCKET_BUFFER`]s; `server`: a
-/// server's configuration (none for a client).
+/// A QUIC endpoint on `socket`, with [`SOCKET_BUFFER`]s. `server`: a
+/// server's configuration and the identity it serves as, whose key the
+/// endpoint's stateless resets are derived from ([`reset_key`]); none for
+/// a client, whose endpoint lives as long as its one connection.
 pub fn endpoint(
     socket: std::net::UdpSocket,
-    server: Option<quinn::ServerConfig>,
+    server: Option<(quinn::ServerConfig, &Identity)>,
 ) -> std::io::Result<quinn::Endpoint> {
     use nix::sys::socket::sockopt;
     grow(&socket, sockopt::RcvBuf, sockopt::RcvBufForce);
     grow(&socket, sockopt::SndBuf, sockopt::SndBufForce);
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+    let (config, server) = match server {
+        Some((server, identity)) => {
+            let (reset, ids) = reset_keys(identity);
+            let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(ids))
+            });
+            (config, Some(server))
+        }
+        None => (quinn::EndpointConfig::default(), None),
+    };
+    quinn::Endpoint::new(config, server, socket, runtime)
+}
+
+/// The keys a server's stateless resets are made with (and the one its
+/// connection IDs are signed with, by which it tells its own from garbage
+/// that deserves no reset): derived from its identity's private key, so
+/// that a server restarted on the same address (after a crash, an
+/// upgrade, `systemctl restart`) still knows the connection IDs of its
+/// previous run and answers their packets with a reset the clients accept
+/// (RFC 9000, 10.3). They then reconnect and resume at once, where with
+/// keys drawn anew for each run (quinn's default) the new run dropped
+/// their packets and they waited out [`IDLE_TIMEOUT`] (20 s) first. The
+/// reset key is as secret as the key it comes from; a reset forged
+/// without it is ignored.
+fn reset_keys(identity: &Identity) -> (ring::hmac::Key, u64) {
+    use sha2::Digest as _;
+    let derive = |what: &[u8]| {
+        sha2::Sha256::new()
+            .chain_update(b"ublk-mirror server endpoint, v1: ")
+            .chain_update(what)
+            .chain_update(b"\0")
+            .chain_update(&identity.key_der)
+            .finalize()
+    };
+    let reset = derive(b"stateless reset key");
+    let ids = derive(b"connection ID key");
+    let ids = u64::from_le_bytes(ids[..8].try_into().expect("a sha256 has 8 bytes"));
+    (ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset), ids)
 }
 
 /// Ask for a [`SOCKET_BUFFER`] with `opt`, best effort (a smaller buffer
@@ -324,6 +368,81 @@ mod tests {
         assert!(
             matches!(err, quinn::ConnectionError::TransportError(_)),
             "{err:?}"
+        );
+    }
+
+    /// A server that dies without a word (its runtime stops: nothing is
+    /// sent) and comes back on the same address with the same identity
+    /// resets the connections of its previous run: the client hears a
+    /// stateless reset as soon as it sends, instead of waiting out the
+    /// idle timeout (a reset made with another key is ignored).
+    #[test]
+    fn a_server_back_on_its_address_resets_its_previous_runs_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let server_id = Identity::create(&dir.path().join("server")).unwrap();
+        let client_id = Identity::create(&dir.path().join("client")).unwrap();
+        let serve = |rt: &tokio::runtime::Runtime, socket: std::net::UdpSocket| {
+            let _entered = rt.enter();
+            let server = endpoint(
+                socket,
+                Some((server_config(&server_id).unwrap(), &server_id)),
+            )
+            .unwrap();
+            // Accepts and holds what comes, until its runtime stops.
+            rt.spawn(async move {
+                let mut held = Vec::new();
+                while let Some(incoming) = server.accept().await {
+                    if let Ok(conn) = incoming.await {
+                        held.push(conn);
+                    }
+                }
+            });
+        };
+        let runtime = || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let first = runtime();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        serve(&first, socket);
+
+        let client_rt = runtime();
+        let conn = client_rt.block_on(async {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut client = endpoint(socket, None).unwrap();
+            client.set_default_client_config(
+                client_config(&client_id, server_id.fingerprint()).unwrap(),
+            );
+            let conn = client.connect(addr, SERVER_NAME).unwrap().await.unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            send.write_all(b"hello").await.unwrap();
+            (client, conn, send)
+        });
+        // The server dies: its tasks are dropped unpolled, nothing is sent.
+        first.shutdown_background();
+        let second = runtime();
+        let socket = (0..100)
+            .find_map(|_| {
+                std::net::UdpSocket::bind(addr).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .expect("the address is free again");
+        serve(&second, socket);
+        let (_client, conn, mut send) = conn;
+        let closed = client_rt.block_on(async move {
+            // Sending makes the new run answer.
+            let _ = send.write_all(&[0u8; 4096]).await;
+            conn.closed().await
+        });
+        assert!(
+            matches!(closed, quinn::ConnectionError::Reset),
+            "the connection ended with {closed:?}, not a stateless reset"
         );
     }
 }

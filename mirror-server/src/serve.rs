@@ -76,7 +76,7 @@ pub async fn run(
     let volumes = Arc::new(Volumes::new(data, config.quota()).with_store(chunks));
     tokio::task::block_in_place(|| volumes.recover_all())?;
     let endpoint = std::net::UdpSocket::bind(config.listen)
-        .and_then(|socket| tls::endpoint(socket, Some(server_config)))
+        .and_then(|socket| tls::endpoint(socket, Some((server_config, &identity))))
         .map_err(|e| Error::io(format!("listening on {} (udp)", config.listen), e))?;
     let local = endpoint
         .local_addr()
