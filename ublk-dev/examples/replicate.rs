@@ -14,7 +14,8 @@
 //!
 //! ```text
 //! replicate --image IMG --client-dir DIR --state-dir DIR --volume NAME
-//!           [--rewrite-percent 1] [--server-pid PID]
+//!           [--rewrite-percent 1] [--server-pid PID] [--cold]
+//!     # --cold: the page cache dropped before each phase (needs root)
 //! replicate --ceiling IMG [--threads N]  # sha256 + zstd of the same data, no network (N: all cores)
 //! replicate --memory-probe SIZE --state-dir DIR [--writes N]
 //!     # memory of tracking a sparse device of SIZE (e.g. 1T): resident set
@@ -401,6 +402,18 @@ fn lag(args: &[String]) {
     sustained("detached", &mut io, load, &tracker, None, 2);
 }
 
+/// With `--cold`, before a timed phase: everything written reaches the
+/// disk and the page cache is emptied, as for a disk that is not in
+/// memory (needs root).
+fn drop_caches(cold: bool) {
+    if cold {
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        std::fs::write("/proc/sys/vm/drop_caches", "3")
+            .expect("--cold: dropping the page cache (needs root)");
+    }
+}
+
 fn main() {
     // as the daemon does
     ublk_dev::system::limit_heap_arenas();
@@ -436,6 +449,7 @@ fn main() {
     let volume = need("--volume");
     let percent: f64 = arg(&args, "--rewrite-percent").map_or(1.0, |p| p.parse().expect("percent"));
     let server = arg(&args, "--server-pid").map(|p| p.parse::<u32>().expect("pid"));
+    let cold = args.iter().any(|a| a == "--cold");
 
     let (backing, tracker) = open_tracked(&image, None, &state_dir);
     let size = backing.size();
@@ -459,6 +473,7 @@ fn main() {
     .expect("start the replicator");
 
     // Phase 1: the initial sync (the whole file is a resync).
+    drop_caches(cold);
     reset_peak();
     let started = Instant::now();
     let cpu = cpu_seconds();
@@ -493,6 +508,7 @@ fn main() {
         io.submit(Request::write(b * 4096, 4096), &data)
             .expect("rewrite");
     }
+    drop_caches(cold);
     reset_peak();
     let started = Instant::now();
     let cpu = cpu_seconds();
