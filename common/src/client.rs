@@ -108,9 +108,19 @@ async fn open_stream_at(conn: &quinn::Connection, version: Version) -> Result<St
 /// After a send failed: the server may have refused and ended the stream
 /// while data was still going out; its reason says more.
 async fn refusal_or(recv: &mut quinn::RecvStream, err: Error) -> Error {
-    let answer = tokio::time::timeout(std::time::Duration::from_secs(2), wire::expect(recv)).await;
-    match answer {
-        Ok(Ok(Message::Refused { reason })) => Error::Refused(reason),
+    // Answers the server sent before it refused (a data stream's
+    // `KnownChunks`) come first: passed over.
+    let refusal = async {
+        loop {
+            match wire::recv(recv).await {
+                Ok(Some(Message::Refused { reason })) => return Some(reason),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), refusal).await {
+        Ok(Some(reason)) => Error::Refused(reason),
         _ => err,
     }
 }

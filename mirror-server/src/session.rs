@@ -359,6 +359,13 @@ pub(crate) async fn receive_data(
                 };
                 counted.add(traffic);
                 if let Some(reason) = receiver.on_staged(offset, len, outcome) {
+                    // The server's own trouble (a full disk) or a link
+                    // that corrupts: the operator hears of it here.
+                    tracing::warn!(
+                        client = from.client,
+                        epoch = staging.epoch(),
+                        "a data stream refused: {reason}"
+                    );
                     return refuse(send, reason).await;
                 }
             }

@@ -905,25 +905,29 @@ async fn a_full_server_disk_is_a_clean_error_and_the_client_resumes() {
     };
     let server = Server::start(&data);
     let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
-    link.open_volume("v", 16 << 20).await.unwrap();
-    let data_8m = noise(0x2545_f491_4f6c_dd1d, 8 << 20);
-    let blocks: Vec<(u64, u32)> = (0..128).map(|i| (i * 65536, 65536)).collect();
+    link.open_volume("v", 48 << 20).await.unwrap();
+    // Far more than QUIC lets the client have in flight: it is still
+    // sending (and its answers to questions about chunks wait unread
+    // before the refusal) when the server stops the stream; the reason
+    // reaches it all the same.
+    let data = noise(0x2545_f491_4f6c_dd1d, 32 << 20);
+    let blocks: Vec<(u64, u32)> = (0..512).map(|i| (i * 65536, 65536)).collect();
     let err = link
-        .send_epoch("v", 1, w(1), &blocks, 1, reader(data_8m.clone()))
+        .send_epoch("v", 1, w(1), &blocks, 1, reader(data.clone()))
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("No space left"), "{err}");
     // The server is fine; with space back, the same epoch goes through,
     // without what was staged before the disk filled.
-    fs.resize("64M");
+    fs.resize("128M");
     let shipped = link
-        .send_epoch("v", 1, w(1), &blocks, 1, reader(data_8m.clone()))
+        .send_epoch("v", 1, w(1), &blocks, 1, reader(data.clone()))
         .await
         .unwrap();
     assert!(shipped.resumed_bytes > 0, "{shipped:?}");
-    assert_eq!(shipped.bytes + shipped.resumed_bytes, 8 << 20);
-    assert!(server.image("laptop", "v")[..8 << 20] == data_8m[..]);
+    assert_eq!(shipped.bytes + shipped.resumed_bytes, 32 << 20);
+    assert!(server.image("laptop", "v")[..32 << 20] == data[..]);
     drop(server);
 }
 
