@@ -201,6 +201,12 @@ pub fn render(devices: &[Device]) -> String {
         "Sealed epochs that let go of their cuts while the mirror was out of reach",
         None,
     );
+    let failures = counters(
+        &mut r,
+        "ublk_mirror_failures",
+        "Times mirroring failed and was tried again (the link lost, the server refused)",
+        None,
+    );
     let fetched = counters(
         &mut r,
         "ublk_mirror_attach_fetched",
@@ -267,6 +273,7 @@ pub fn render(devices: &[Device]) -> String {
             known.get_or_create(&l).inc_by(m.known_bytes);
             yielding.get_or_create(&l).set(i64::from(m.yielding));
             let_go.get_or_create(&l).inc_by(m.cuts_let_go);
+            failures.get_or_create(&l).inc_by(m.failures);
             yielded
                 .get_or_create(&l)
                 .inc_by(m.yielded_ms as f64 / 1000.0);

@@ -351,6 +351,10 @@ pub struct MirrorSettings {
 /// was found down) before the sealed epochs let go of their cuts.
 pub const LET_GO_AFTER: Duration = Duration::from_secs(10);
 
+/// The least time between a failed attempt to mirror and the next, even
+/// when asked for a sync meanwhile (see [`MirrorStatus::failures`]).
+pub const RETRY_FLOOR: Duration = Duration::from_secs(1);
+
 /// What `status` shows about the mirror.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MirrorStatus {
@@ -412,6 +416,11 @@ pub struct MirrorStatus {
     /// How much of [`MirrorStatus::sending_bytes`] has been read and sent.
     #[serde(default)]
     pub sending_done: u64,
+    /// Times mirroring failed and was tried again (the link lost, the
+    /// server refused) since the daemon started: retries come at most
+    /// once a second ([`RETRY_FLOOR`]), however often `sync` asks.
+    #[serde(default)]
+    pub failures: u64,
 }
 
 /// How far the epoch being sent has got: its size and what of it was
@@ -738,6 +747,28 @@ impl Context {
         self.stop.load(Ordering::SeqCst)
     }
 
+    /// After a failure, wait `d` before trying again; a kick (a `sync`
+    /// waiting, which asks every 50 ms) cuts it short, but not before
+    /// [`RETRY_FLOOR`]: a server that refuses (its disk full, say) is not
+    /// asked twenty times a second. False when stopping.
+    async fn pause_after_failure(&self, d: Duration) -> bool {
+        let start = tokio::time::Instant::now();
+        let floor = start + d.min(RETRY_FLOOR);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(start + d) => return !self.stopping(),
+                () = self.kick.notified() => {
+                    if self.stopping() {
+                        return false;
+                    }
+                    if tokio::time::Instant::now() >= floor {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
     /// Sleep up to `d`, woken early by a kick; false when stopping.
     async fn pause(&self, d: Duration) -> bool {
         tokio::select! {
@@ -826,8 +857,9 @@ impl Context {
             self.set(|s| {
                 s.link = "disconnected".into();
                 s.last_error = Some(e.to_string());
+                s.failures += 1;
             });
-            if !self.pause(wait).await {
+            if !self.pause_after_failure(wait).await {
                 return;
             }
         }

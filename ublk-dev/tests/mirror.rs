@@ -618,3 +618,52 @@ fn device_metrics_parse_as_prometheus_and_follow_the_mirror() {
     );
     drop(replicator);
 }
+
+/// A server that refuses every attempt (here: the volume is over the
+/// client's quota) while a `sync` waits, kicking the replicator every
+/// 50 ms: the replicator tries again at most once a second (its backoff's
+/// floor), not at every kick, and says why it failed.
+#[test]
+fn a_sync_waiting_on_a_refusing_server_retries_at_most_once_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let server = TestServer::start_with(
+        &data,
+        mirror_server::config::ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_bytes_per_client: Some(ublk_mirror_common::size::ByteSize(SIZE / 2)),
+            ..mirror_server::config::ServerConfig::default()
+        },
+    );
+    let client_dir = dir.path().join("client");
+    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    let (device, replicator) = mirrored_device(dir.path(), &client_dir);
+    let mut io = LocalIo::new(&device.engine, device.backing.file())
+        .unwrap()
+        .with_tracker(&device.tracker);
+    workload(&mut io, 1);
+    // The first failure, then 3 s of a sync asking.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while replicator.status().failures == 0 && Instant::now() < deadline {
+        replicator.kick().notify_one();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first = replicator.status();
+    assert!(first.failures > 0, "never refused: {first:?}");
+    let asking = Instant::now();
+    while asking.elapsed() < Duration::from_secs(3) {
+        replicator.kick().notify_one();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = replicator.status();
+    let tries = after.failures - first.failures;
+    // 60 kicks; at most one try per second of them (and the one the
+    // first failure's wait may end in).
+    assert!(
+        (1..=4).contains(&tries),
+        "{tries} tries in 3 s of kicks: {after:?}"
+    );
+    let why = after.last_error.unwrap_or_default();
+    assert!(why.contains("max_bytes_per_client"), "{why}");
+    assert_eq!(device.tracker.released_epoch(), 0);
+}

@@ -75,14 +75,21 @@ pub struct TestServer {
 impl TestServer {
     /// Serve `data` (made on first use) on `listen` (127.0.0.1:0 for any port).
     pub fn start(data: &Path, listen: &str) -> TestServer {
+        TestServer::start_with(
+            data,
+            ServerConfig {
+                listen: listen.parse().unwrap(),
+                ..ServerConfig::default()
+            },
+        )
+    }
+
+    /// Serve `data` (made on first use) with `config`.
+    pub fn start_with(data: &Path, config: ServerConfig) -> TestServer {
         if !data.join("identity").exists() {
             Identity::create(&data.join("identity")).unwrap();
             std::fs::create_dir_all(data.join("volumes")).unwrap();
         }
-        let config = ServerConfig {
-            listen: listen.parse().unwrap(),
-            ..ServerConfig::default()
-        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let data = data.to_path_buf();
