@@ -14,7 +14,7 @@
 //!    waits for copy-on-write, so the device pays for the cut only until
 //!    the link has read a block, not until the server has published it;
 //! 4. release it: its regions are cleared in the journal (those written
-//!    in the last [`KEEP_MARKED`] stay marked while the device writes on:
+//!    in the last `KEEP_MARKED` (10 s) stay marked while the device writes on:
 //!    [`Tracker::release_keeping`]).
 //!
 //! A broken link leaves the sealed epoch in place (the blocks not yet read

@@ -282,7 +282,7 @@ impl Yielder {
     }
 
     /// Call off every reader holding a ticket (their link is gone, or the
-    /// daemon stops): they stop sleeping within [`SLICE`] and read no
+    /// daemon stops): they stop sleeping within `SLICE` and read no
     /// more, and what they had reserved of the rate is forgotten.
     pub fn call_off(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
