@@ -106,7 +106,7 @@ pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// A QUIC endpoint on `socket`, with [`SOCKET_BUFFER`]s. `server`: a
 /// server's configuration and the identity it serves as, whose key the
-/// endpoint's stateless resets are derived from ([`reset_key`]); none for
+/// endpoint's stateless resets are derived from (see `reset_keys`); none for
 /// a client, whose endpoint lives as long as its one connection.
 pub fn endpoint(
     socket: std::net::UdpSocket,
