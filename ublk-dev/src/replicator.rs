@@ -747,13 +747,13 @@ impl Context {
         self.stop.load(Ordering::SeqCst)
     }
 
-    /// After a failure, wait `d` before trying again; a kick (a `sync`
-    /// waiting, which asks every 50 ms) cuts it short, but not before
-    /// [`RETRY_FLOOR`]: a server that refuses (its disk full, say) is not
-    /// asked twenty times a second. False when stopping.
-    async fn pause_after_failure(&self, d: Duration) -> bool {
+    /// Sleep up to `d`, woken early by a kick once `floor` has passed (after
+    /// a failure [`RETRY_FLOOR`]: a `sync` waiting asks every 50 ms, and a
+    /// server that refuses, its disk full say, is not asked twenty times a
+    /// second). False when stopping.
+    async fn pause_at_least(&self, d: Duration, floor: Duration) -> bool {
         let start = tokio::time::Instant::now();
-        let floor = start + d.min(RETRY_FLOOR);
+        let floor = start + d.min(floor);
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(start + d) => return !self.stopping(),
@@ -771,11 +771,7 @@ impl Context {
 
     /// Sleep up to `d`, woken early by a kick; false when stopping.
     async fn pause(&self, d: Duration) -> bool {
-        tokio::select! {
-            () = tokio::time::sleep(d) => {}
-            () = self.kick.notified() => {}
-        }
-        !self.stopping()
+        self.pause_at_least(d, Duration::ZERO).await
     }
 
     async fn run(self) {
@@ -859,7 +855,7 @@ impl Context {
                 s.last_error = Some(e.to_string());
                 s.failures += 1;
             });
-            if !self.pause_after_failure(wait).await {
+            if !self.pause_at_least(wait, RETRY_FLOOR).await {
                 return;
             }
         }

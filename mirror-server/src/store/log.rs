@@ -131,6 +131,8 @@ impl Entry {
 /// it was written) ends the log.
 pub(super) struct LogReader {
     file: std::io::BufReader<File>,
+    /// Records read so far.
+    read: u64,
 }
 
 impl LogReader {
@@ -141,15 +143,25 @@ impl LogReader {
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(LOG_HEADER as u64))
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        Ok(LogReader { file })
+        Ok(LogReader { file, read: 0 })
     }
 
     pub(super) fn next_entry(&mut self) -> Result<Option<Entry>> {
         let mut r = [0u8; RECORD];
         match std::io::Read::read_exact(&mut self.file, &mut r) {
-            Ok(()) => Ok(Some(Entry::from_record(&r))),
+            Ok(()) => {
+                self.read += 1;
+                Ok(Some(Entry::from_record(&r)))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
             Err(e) => Err(Error::io("reading a staging log", e)),
         }
+    }
+
+    /// The next record with its number in the log (the first is 0), as
+    /// frames are numbered (see `super::frames`).
+    pub(super) fn next_numbered(&mut self) -> Result<Option<(u64, Entry)>> {
+        let record = self.read;
+        Ok(self.next_entry()?.map(|e| (record, e)))
     }
 }

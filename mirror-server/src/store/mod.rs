@@ -1269,10 +1269,7 @@ impl Volume {
             // compressed.
             let mut frames = staging.frames();
             let mut log = LogReader::open(&log_path)?;
-            let mut next_record = 0u64;
-            while let Some(e) = log.next_entry()? {
-                let record = next_record;
-                next_record += 1;
+            while let Some((record, e)) = log.next_numbered()? {
                 let Some(n) = direct.named(&e) else { continue };
                 if e.sha256 == block::zero_digest(e.len) {
                     p.put(n, None, HOLE)?;
@@ -1322,10 +1319,7 @@ impl Volume {
         let mut log = LogReader::open(&log_path)?;
         let (mut buf, mut whole) = (Vec::new(), Vec::new());
         let mut frames = staging.frames();
-        let mut next_record = 0u64;
-        while let Some(e) = log.next_entry()? {
-            let record = next_record;
-            next_record += 1;
+        while let Some((record, e)) = log.next_numbered()? {
             whole.clear();
             whole.extend(pieces(e.offset, e.len, size).filter(|&(n, from, to)| {
                 match partial.get_mut(&n) {
