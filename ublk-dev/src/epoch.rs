@@ -223,6 +223,15 @@ pub trait Spill: std::fmt::Debug + Send {
     /// storage if there is none yet.
     fn write(&mut self, slot: u64, data: &[u8]) -> std::io::Result<()>;
 
+    /// Store `data` in the slots from `first` on, [`CHUNK`] bytes each (the
+    /// last may be shorter): one write where the storage allows it.
+    fn write_slots(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
+        for (i, piece) in data.chunks(CHUNK as usize).enumerate() {
+            self.write(first + i as u64, piece)?;
+        }
+        Ok(())
+    }
+
     /// Read slot `slot`, written before, into `out` (at most [`CHUNK`] bytes).
     fn read(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()>;
 
@@ -258,31 +267,77 @@ struct Store {
 }
 
 impl Store {
-    fn put(&mut self, chunk: u64, cut: u64, data: &[u8]) -> std::io::Result<()> {
-        let slot = if block::is_zero(data) {
+    /// Keep the versions at `cut` of `chunks`, each with its bytes in
+    /// `data`; those bound for the spill go in one write per run of
+    /// adjacent chunks given adjacent slots. What could not be kept is
+    /// answered, with why.
+    fn put_run(
+        &mut self,
+        cut: u64,
+        data: &[u8],
+        chunks: &[(u64, Range<usize>)],
+    ) -> Vec<(u64, std::io::Error)> {
+        let slots: Vec<Slot> = chunks
+            .iter()
+            .map(|(_, r)| self.slot_for(&data[r.clone()]))
+            .collect();
+        let mut kept = vec![true; chunks.len()];
+        let mut failed = Vec::new();
+        let mut i = 0;
+        while i < chunks.len() {
+            let Slot::Spilled(first) = slots[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < chunks.len()
+                && chunks[j].0 == chunks[j - 1].0 + 1
+                && chunks[j].1.start == chunks[j - 1].1.end
+                && matches!(slots[j], Slot::Spilled(s) if s == first + (j - i) as u64)
+            {
+                j += 1;
+            }
+            let bytes = &data[chunks[i].1.start..chunks[j - 1].1.end];
+            if let Err(e) = self.spill.write_slots(first, bytes) {
+                for (k, (chunk, _)) in chunks.iter().enumerate().take(j).skip(i) {
+                    kept[k] = false;
+                    self.spill_free.push(first + (k - i) as u64);
+                    failed.push((*chunk, std::io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+            i = j;
+        }
+        for ((&(chunk, _), slot), kept) in chunks.iter().zip(slots).zip(kept) {
+            if !kept {
+                continue;
+            }
+            if let Slot::Spilled(_) = slot {
+                self.spilled += 1;
+            }
+            let list = self.versions.entry(chunk).or_default();
+            let at = list.partition_point(|(c, _)| *c < cut);
+            list.insert(at, (cut, slot));
+        }
+        failed
+    }
+
+    /// Where `data` is to be kept: nowhere (zeroes), in memory while the
+    /// limit allows, else a spill slot (written by the caller).
+    fn slot_for(&mut self, data: &[u8]) -> Slot {
+        if block::is_zero(data) {
             Slot::Zero
         } else if self.memory + data.len() as u64 <= self.memory_limit {
             self.memory += data.len() as u64;
             Slot::Memory(data.into())
         } else {
-            let index = match self.spill_free.pop() {
+            Slot::Spilled(match self.spill_free.pop() {
                 Some(i) => i,
                 None => {
                     self.spill_slots += 1;
                     self.spill_slots - 1
                 }
-            };
-            if let Err(e) = self.spill.write(index, data) {
-                self.spill_free.push(index);
-                return Err(e);
-            }
-            self.spilled += 1;
-            Slot::Spilled(index)
-        };
-        let list = self.versions.entry(chunk).or_default();
-        let at = list.partition_point(|(c, _)| *c < cut);
-        list.insert(at, (cut, slot));
-        Ok(())
+            })
+        }
     }
 
     /// The version of `chunk` with the smallest cut `>= epoch`, copied into `out`.
@@ -544,11 +599,27 @@ impl Epochs {
     /// released or broken meanwhile): the bytes may be torn by a write
     /// that no longer had to wait.
     pub fn preserve_at(&mut self, c: u64, cut: u64, data: &[u8]) {
-        debug_assert_eq!(data.len() as u64, self.chunk_range(c).end - c * CHUNK);
-        if !self.needs(c, cut) {
-            return;
+        self.preserve_run_at(c, cut, data);
+    }
+
+    /// [`Epochs::preserve_at`] for the adjacent chunks from `first` on,
+    /// whose content is `data` (whole chunks; the device's last may be
+    /// short): those bound for the spill go in as few writes as it
+    /// allows.
+    pub fn preserve_run_at(&mut self, first: u64, cut: u64, data: &[u8]) {
+        let mut chunks = Vec::new();
+        let (mut at, mut c) = (0, first);
+        while at < data.len() {
+            let r = self.chunk_range(c);
+            let end = (at + (r.end - r.start) as usize).min(data.len());
+            debug_assert_eq!(end - at, (r.end - r.start) as usize, "whole chunks");
+            if self.needs(c, cut) {
+                chunks.push((c, at..end));
+            }
+            at = end;
+            c += 1;
         }
-        if let Err(e) = self.store.put(c, cut, data) {
+        for (c, e) in self.store.put_run(cut, data, &chunks) {
             self.preserve_failed_at(c, cut, &format!("cannot preserve a chunk: {e}"));
         }
     }
@@ -858,6 +929,8 @@ mod tests {
         fail_writes: bool,
         /// How often the storage was given back.
         clears: u32,
+        /// Calls that wrote slots.
+        writes: u32,
     }
 
     impl MemSpill {
@@ -868,11 +941,18 @@ mod tests {
 
     impl Spill for MemSpill {
         fn write(&mut self, slot: u64, data: &[u8]) -> std::io::Result<()> {
+            self.write_slots(slot, data)
+        }
+
+        fn write_slots(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
             let mut s = self.slots();
             if s.fail_writes {
                 return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
             }
-            s.slots.insert(slot, data.to_vec());
+            s.writes += 1;
+            for (i, piece) in data.chunks(CHUNK as usize).enumerate() {
+                s.slots.insert(first + i as u64, piece.to_vec());
+            }
             Ok(())
         }
 
@@ -939,6 +1019,42 @@ mod tests {
             "a second release is a no-op"
         );
         assert!(matches!(e.release(3), Err(EpochError::NotSealed { .. })));
+    }
+
+    #[test]
+    fn a_run_of_chunks_spills_in_one_write_per_stretch_of_adjacent_slots() {
+        let (mut e, spill) = epochs(CHUNK);
+        e.record(ChangeKind::Data, 0..8 * CHUNK, 0);
+        e.record(ChangeKind::Data, 10 * CHUNK..12 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 1);
+        // Chunk i holds i + 1, but chunk 3 is a hole; 8 and 9 were not
+        // changed by epoch 1 and need no copy.
+        let data: Vec<u8> = (0..12u8)
+            .flat_map(|i| vec![if i == 3 { 0 } else { i + 1 }; CHUNK as usize])
+            .collect();
+        e.preserve_run_at(0, 1, &data[..8 * CHUNK as usize]);
+        // Chunk 0 in memory (the limit), 1-2 and 4-7 spilled in a write
+        // each, the hole kept as nothing; then 10-11 in one more.
+        assert_eq!(spill.slots().writes, 2);
+        assert_eq!(e.store_usage().spilled_bytes, 6 * CHUNK);
+        e.preserve_run_at(10, 1, &data[10 * CHUNK as usize..]);
+        assert_eq!(spill.slots().writes, 3);
+        assert_eq!(e.store_usage().spilled_bytes, 8 * CHUNK);
+        // Each chunk reads back as the cut, whatever the file holds now.
+        for c in (0..8).chain(10..12) {
+            let mut buf = vec![9u8; CHUNK as usize];
+            e.overlay(1, c * CHUNK, &mut buf).unwrap();
+            let want = &data[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize];
+            assert_eq!(buf, want, "chunk {c}");
+        }
+        // A spill that fails breaks the epoch and keeps nothing.
+        let (mut e, spill) = epochs(0);
+        e.record(ChangeKind::Data, 0..4 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 1);
+        spill.slots().fail_writes = true;
+        e.preserve_run_at(0, 1, &data[..4 * CHUNK as usize]);
+        assert!(e.get(1).unwrap().broken.is_some());
+        assert_eq!(e.store_usage(), StoreUsage::default());
     }
 
     #[test]

@@ -21,19 +21,36 @@
 //!
 //! A write into a chunk that a sealed, unreleased epoch still needs must
 //! not be issued before the chunk's content is preserved (see
-//! [`crate::epoch`]). Reading that content is left to [`PRESERVERS`]
-//! threads: [`Tracker::prepare_write`] notes the chunks as *being
-//! preserved* (with the cut they are preserved for), queues them, and
-//! answers [`Prepared::Wait`]; the queue polls the request's
-//! [`Wake`] on its ring and serves its other requests meanwhile, and
-//! prepares the request again once woken. Writes to other chunks, reads,
-//! and flushes never wait for a chunk they do not touch.
+//! [`crate::epoch`]). The thread that serves the write never blocks on
+//! reading it:
+//!
+//! - the ublk queues read it themselves, on their rings
+//!   ([`Tracker::prepare_write_reading`] answers [`Prepared::Read`]): the
+//!   chunks are noted as *being preserved* (with the cut they are
+//!   preserved for), the request reads them with an io_uring read while
+//!   the queue serves its other requests, hands them over
+//!   ([`Tracker::preserve_read`]) and is prepared again. No thread hop and
+//!   no wake-up: with a held epoch, 4 KiB random writes ran 1.5x faster
+//!   this way than through the preservers (VM, TCG). At most
+//!   [`READ_BUDGET`] bytes are read this way at once;
+//! - a write whose chunks another request is preserving, or past that
+//!   budget, or from a caller that does not read (tests), is left to
+//!   [`PRESERVERS`] threads: [`Tracker::prepare_write`] notes the chunks it
+//!   is the first to need, queues them, and answers [`Prepared::Wait`];
+//!   the queue polls the request's [`Wake`] on its ring and serves its
+//!   other requests meanwhile, and prepares the request again once woken.
+//!   A preserver takes every job queued (up to [`MAX_EPOCH_READ`]), reads
+//!   them, and stores them under one hold of the lock, spilled chunks in
+//!   one write per run of adjacent ones.
+//!
+//! Writes to other chunks, reads, and flushes never wait for a chunk they
+//! do not touch.
 //!
 //! Why the preserved content is exactly the chunk at the cut: from the
 //! moment a chunk is noted as being preserved until its content is stored
 //! (both under the tracker's lock), every write that needs it waits, so
-//! no write into it is issued in between, and the bytes the preserver
-//! reads are the bytes at the cut it was asked for. Cuts taken meanwhile
+//! no write into it is issued in between, and the bytes read (by the
+//! request or a preserver) are the bytes at the cut it was asked for. Cuts taken meanwhile
 //! change nothing: with no write in between, the chunk at the later cut is
 //! the same, and a write after them that needs a newer version finds the
 //! chunk being preserved, waits, and asks again. A write that needs it no
@@ -46,9 +63,14 @@
 //! being preserved is untouched in the file. Writes in flight at the cut
 //! may be seen or not, as before: they are on both sides of it. Memory
 //! stays bounded: the queue of chunks to read is at most every request in
-//! flight, and each preserver holds one read of at most
-//! [`MAX_EPOCH_READ`] at a time; what is kept obeys the copy-on-write
-//! memory limit and spills beyond it. Nothing of this is on disk.
+//! flight, each preserver holds the reads of one batch (at most
+//! [`MAX_EPOCH_READ`], or one request's chunks), and the requests' own
+//! reads at most [`READ_BUDGET`] in all; what is kept obeys the
+//! copy-on-write memory limit and spills beyond it. A request that gives
+//! up before handing its read over (its queue going down) fails those
+//! chunks, as a failed read does: the epochs needing them break (they
+//! resync), and nothing waits for them forever. Nothing of this is on
+//! disk.
 //!
 //! # Chunks the consumer took
 //!
@@ -96,6 +118,10 @@ const MAX_STATUS_RANGES: usize = 4096;
 /// Most bytes read from the backing file at once for an epoch read (and
 /// by a preserver).
 pub const MAX_EPOCH_READ: u64 = 1 << 20;
+
+/// Most bytes of chunks that requests read to preserve themselves at a
+/// time ([`Prepared::Read`]); past it they are left to the preservers.
+pub const READ_BUDGET: u64 = 4 << 20;
 
 /// Threads that read chunks to preserve (see the module docs).
 pub const PRESERVERS: usize = 2;
@@ -269,6 +295,9 @@ struct Live {
     /// changed, with when (ms), oldest first: they stay marked while
     /// recent.
     recent: VecDeque<(u64, RangeSet)>,
+    /// Bytes of chunks that requests are reading to preserve themselves
+    /// ([`Prepared::Read`]): at most [`READ_BUDGET`].
+    reading: u64,
 }
 
 impl Live {
@@ -308,13 +337,6 @@ impl Live {
     }
 }
 
-/// Chunks to preserve, at one cut, for a preserver.
-#[derive(Debug)]
-struct Job {
-    cut: u64,
-    chunks: Vec<u64>,
-}
-
 /// The preservers' queue of jobs.
 #[derive(Debug, Default)]
 struct Jobs {
@@ -324,7 +346,7 @@ struct Jobs {
 
 #[derive(Debug, Default)]
 struct JobQueue {
-    jobs: VecDeque<Job>,
+    jobs: VecDeque<Preservation>,
     stop: bool,
     /// Tests hold the preservers to see what waits for them.
     #[cfg(test)]
@@ -332,13 +354,14 @@ struct JobQueue {
 }
 
 impl Jobs {
-    fn push(&self, job: Job) {
+    fn push(&self, job: Preservation) {
         lock(&self.queue).jobs.push_back(job);
         self.work.notify_one();
     }
 
-    /// The next job, or `None` once the tracker stops.
-    fn next(&self) -> Option<Job> {
+    /// The next jobs, as many as are queued up to [`MAX_EPOCH_READ`] of
+    /// chunks in all (at least one), or `None` once the tracker stops.
+    fn next_batch(&self) -> Option<Vec<Preservation>> {
         let mut q = lock(&self.queue);
         loop {
             if q.stop {
@@ -348,10 +371,18 @@ impl Jobs {
             let paused = q.paused;
             #[cfg(not(test))]
             let paused = false;
-            if !paused {
-                if let Some(job) = q.jobs.pop_front() {
-                    return Some(job);
+            if !paused && !q.jobs.is_empty() {
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                while let Some(job) = q.jobs.front() {
+                    let len = job.chunks.len() as u64 * CHUNK;
+                    if !batch.is_empty() && bytes + len > MAX_EPOCH_READ {
+                        break;
+                    }
+                    bytes += len;
+                    batch.extend(q.jobs.pop_front());
                 }
+                return Some(batch);
             }
             q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
         }
@@ -367,6 +398,107 @@ pub enum Prepared {
     /// Chunks it overwrites are being preserved: wait for the wake-up,
     /// then prepare it again.
     Wait(Arc<Wake>),
+    /// The chunks it overwrites are the caller's to preserve: read them
+    /// (as [`Preservation::runs`] says), hand them to
+    /// [`Tracker::preserve_read`], then prepare it again.
+    Read(Preservation),
+}
+
+/// Chunks a request preserves itself (see [`Prepared::Read`]). Dropped
+/// before [`Tracker::preserve_read`] took it (its request failed, its
+/// queue went down), it counts as a failed read, so that no write waits
+/// for its chunks forever.
+#[derive(Debug)]
+pub struct Preservation {
+    cut: u64,
+    chunks: Vec<u64>,
+    /// What it counts against [`READ_BUDGET`].
+    bytes: u64,
+    device_size: u64,
+    live: Arc<Mutex<Live>>,
+}
+
+impl Preservation {
+    /// The byte ranges of the backing file to read, in order: its chunks,
+    /// adjacent ones in one range of at most [`MAX_EPOCH_READ`].
+    pub fn runs(&self) -> Vec<Range<u64>> {
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for &c in &self.chunks {
+            let r = c * CHUNK..((c + 1) * CHUNK).min(self.device_size);
+            match runs.last_mut() {
+                Some(last) if last.end == r.start && r.end - last.start <= MAX_EPOCH_READ => {
+                    last.end = r.end;
+                }
+                _ => runs.push(r),
+            }
+        }
+        runs
+    }
+
+    /// Store what was read (`reads[i]`: [`Preservation::runs`]'s `i`th
+    /// range, at least that long, or why it could not be read) and wake
+    /// the writes that waited for it. Under the lock.
+    fn settle(&mut self, live: &mut Live, reads: Vec<std::io::Result<AlignedBuf>>) {
+        let runs = self.runs();
+        debug_assert_eq!(runs.len(), reads.len());
+        let mut reads = reads.into_iter();
+        for run in runs {
+            let first = run.start / CHUNK;
+            let len = (run.end - run.start) as usize;
+            match reads
+                .next()
+                .unwrap_or_else(|| Err(std::io::Error::other("not read")))
+            {
+                Ok(buf) if buf.as_slice().len() >= len => {
+                    live.epochs
+                        .preserve_run_at(first, self.cut, &buf.as_slice()[..len]);
+                }
+                Ok(_) => fail_run(
+                    live,
+                    first..run.end.div_ceil(CHUNK),
+                    self.cut,
+                    "a short read",
+                ),
+                Err(e) => fail_run(
+                    live,
+                    first..run.end.div_ceil(CHUNK),
+                    self.cut,
+                    &e.to_string(),
+                ),
+            }
+        }
+        for c in std::mem::take(&mut self.chunks) {
+            live.preserved(c);
+        }
+        live.reading -= std::mem::take(&mut self.bytes);
+    }
+}
+
+/// The version at `cut` of `chunks` could not be read.
+fn fail_run(live: &mut Live, chunks: Range<u64>, cut: u64, why: &str) {
+    for c in chunks {
+        live.epochs.preserve_failed_at(
+            c,
+            cut,
+            &format!("cannot read the backing file to preserve a chunk: {why}"),
+        );
+    }
+}
+
+impl Drop for Preservation {
+    fn drop(&mut self) {
+        if self.chunks.is_empty() {
+            return;
+        }
+        let live = self.live.clone();
+        let mut live = lock(&live);
+        let reads = self
+            .runs()
+            .iter()
+            .map(|_| Err(std::io::Error::other("the request gave up")))
+            .collect();
+        self.settle(&mut live, reads);
+    }
 }
 
 /// Change tracking for one device, shared by all its queues.
@@ -407,60 +539,31 @@ impl Drop for Tracker {
     }
 }
 
-/// A preserver: read the chunks of each job from the backing file (no lock
-/// held) and store them at the job's cut (see the module docs). A job
-/// that panics counts as a failed read for the chunks it had left, so no
-/// write waits for them forever.
-fn preserver(live: &Mutex<Live>, file: &File, jobs: &Jobs, device_size: u64) {
-    while let Some(job) = jobs.next() {
-        let mut done = 0;
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            preserve_job(live, file, &job, device_size, &mut done);
-        }));
-        if run.is_err() {
+/// A preserver: read the chunks of each batch of jobs from the backing
+/// file (no lock held) and store them at their jobs' cuts under one hold
+/// of the lock (see the module docs). A batch that panics drops what it
+/// had not settled, which fails those chunks ([`Preservation`]'s drop),
+/// so no write waits for them forever; the thread goes on.
+fn preserver(live: &Mutex<Live>, file: &File, jobs: &Jobs) {
+    while let Some(mut batch) = jobs.next_batch() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let reads: Vec<Vec<_>> = batch
+                .iter()
+                .map(|p| p.runs().into_iter().map(|r| read_run(file, r)).collect())
+                .collect();
             let mut live = lock(live);
-            for &c in &job.chunks[done..] {
-                live.epochs
-                    .preserve_failed_at(c, job.cut, "preserving a chunk failed (a panic)");
-                live.preserved(c);
+            for (p, reads) in batch.iter_mut().zip(reads) {
+                p.settle(&mut live, reads);
             }
-        }
+        }));
     }
 }
 
-/// Preserve `job`'s chunks, in runs of adjacent chunks read at once (at
-/// most [`MAX_EPOCH_READ`]); `done`: how many are settled so far.
-fn preserve_job(live: &Mutex<Live>, file: &File, job: &Job, device_size: u64, done: &mut usize) {
-    let chunk_end = |c: u64| ((c + 1) * CHUNK).min(device_size);
-    let chunks = &job.chunks;
-    let most = (MAX_EPOCH_READ / CHUNK) as usize;
-    while *done < chunks.len() {
-        let i = *done;
-        let mut j = i + 1;
-        while j < chunks.len() && j - i < most && chunks[j] == chunks[j - 1] + 1 {
-            j += 1;
-        }
-        let start = chunks[i] * CHUNK;
-        let mut buf = AlignedBuf::zeroed((chunk_end(chunks[j - 1]) - start) as usize);
-        let read = file.read_exact_at(buf.as_mut_slice(), start);
-        let mut live = lock(live);
-        for &c in &chunks[i..j] {
-            match &read {
-                Ok(()) => {
-                    let piece = &buf.as_slice()
-                        [(c * CHUNK - start) as usize..(chunk_end(c) - start) as usize];
-                    live.epochs.preserve_at(c, job.cut, piece);
-                }
-                Err(e) => live.epochs.preserve_failed_at(
-                    c,
-                    job.cut,
-                    &format!("cannot read the backing file to preserve a chunk: {e}"),
-                ),
-            }
-            live.preserved(c);
-        }
-        *done = j;
-    }
+/// `range` of `file`, read on this thread.
+fn read_run(file: &File, range: Range<u64>) -> std::io::Result<AlignedBuf> {
+    let mut buf = AlignedBuf::zeroed((range.end - range.start) as usize);
+    file.read_exact_at(buf.as_mut_slice(), range.start)?;
+    Ok(buf)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -562,6 +665,7 @@ impl Tracker {
                 waiters_of: BTreeMap::new(),
                 next_waiter: 0,
                 recent: VecDeque::new(),
+                reading: 0,
             })),
             sealed: Condvar::new(),
             seal_requested: AtomicBool::new(false),
@@ -580,20 +684,29 @@ impl Tracker {
             );
             let t = std::thread::Builder::new()
                 .name(format!("ublk-cow-{i}"))
-                .spawn(move || preserver(&live, &file, &jobs, device_size))
+                .spawn(move || preserver(&live, &file, &jobs))
                 .map_err(|e| Error::io("starting a copy-on-write thread", e))?;
             tracker.preservers.push(t);
         }
         Ok((tracker, report))
     }
 
-    /// [`Tracker::prepare_write`], waiting on this thread for chunks being
-    /// preserved: for callers without a ring to wait on.
+    /// [`Tracker::prepare_write`], reading chunks to preserve and waiting
+    /// for those being preserved on this thread: for callers without a
+    /// ring.
     pub fn before_write(&self, req: &Request) -> std::result::Result<Option<Ticket>, Errno> {
         loop {
-            match self.prepare_write(req)? {
+            match self.prepare_write_reading(req)? {
                 Prepared::Go(ticket) => return Ok(ticket),
                 Prepared::Wait(wake) => wake.wait_blocking()?,
+                Prepared::Read(p) => {
+                    let reads = p
+                        .runs()
+                        .into_iter()
+                        .map(|r| read_run(&self.file, r))
+                        .collect();
+                    self.preserve_read(p, reads);
+                }
             }
         }
     }
@@ -607,6 +720,29 @@ impl Tracker {
     /// a cut that was asked for. The ticket of a write-class request goes
     /// back to [`Tracker::after_write`] once it completed.
     pub fn prepare_write(&self, req: &Request) -> std::result::Result<Prepared, Errno> {
+        self.prepare(req, false)
+    }
+
+    /// [`Tracker::prepare_write`] for a caller that reads the chunks its
+    /// write must preserve itself ([`Prepared::Read`]: the ublk queues, on
+    /// their rings), where no other request is preserving any of them
+    /// already and [`READ_BUDGET`] allows; otherwise as
+    /// [`Tracker::prepare_write`].
+    pub fn prepare_write_reading(&self, req: &Request) -> std::result::Result<Prepared, Errno> {
+        self.prepare(req, true)
+    }
+
+    /// Hand over what a [`Prepared::Read`] read: `reads[i]` holds the
+    /// bytes of [`Preservation::runs`]'s `i`th range (a buffer at least
+    /// that long), or why it could not be read, which breaks the epochs
+    /// that needed them (see [`crate::epoch`]). Writes waiting for those
+    /// chunks go on.
+    pub fn preserve_read(&self, mut p: Preservation, reads: Vec<std::io::Result<AlignedBuf>>) {
+        let mut live = lock(&self.live);
+        p.settle(&mut live, reads);
+    }
+
+    fn prepare(&self, req: &Request, reader: bool) -> std::result::Result<Prepared, Errno> {
         let kind = match req.op {
             Op::Write => ChangeKind::Data,
             Op::Discard | Op::WriteZeroes => ChangeKind::Zeroed,
@@ -641,6 +777,25 @@ impl Tracker {
             let chunks = live.epochs.to_preserve(range.clone());
             if !chunks.is_empty() {
                 let cut = live.epochs.current() - 1;
+                let bytes = chunks.len() as u64 * CHUNK;
+                if reader
+                    && live.reading + bytes <= READ_BUDGET
+                    && chunks.iter().all(|c| !live.preserving.contains(c))
+                {
+                    for &c in &chunks {
+                        live.preserving.insert(c);
+                    }
+                    live.reading += bytes;
+                    drop(live);
+                    self.cow_waits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Prepared::Read(Preservation {
+                        cut,
+                        chunks,
+                        bytes,
+                        device_size: self.device_size,
+                        live: self.live.clone(),
+                    }));
+                }
                 // Before anything is noted: a write that cannot wait
                 // leaves nothing behind.
                 let wake = Arc::new(Wake::new()?);
@@ -656,7 +811,13 @@ impl Tracker {
                 drop(live);
                 self.cow_waits.fetch_add(1, Ordering::Relaxed);
                 if !fresh.is_empty() {
-                    self.jobs.push(Job { cut, chunks: fresh });
+                    self.jobs.push(Preservation {
+                        cut,
+                        chunks: fresh,
+                        bytes: 0,
+                        device_size: self.device_size,
+                        live: self.live.clone(),
+                    });
                 }
                 return Ok(Prepared::Wait(wake));
             }
@@ -1258,20 +1419,25 @@ impl SpillFile {
     }
 }
 
+impl SpillFile {
+    /// The spill file, made by the first write.
+    fn file(&mut self) -> std::io::Result<&File> {
+        if self.file.is_none() {
+            let f = tempfile::tempfile_in(&self.dir)?;
+            tracing::info!(dir = %self.dir.display(), "preserved chunks spill to a file");
+            self.file = Some(f);
+        }
+        Ok(self.file.as_ref().expect("made above"))
+    }
+}
+
 impl Spill for SpillFile {
     fn write(&mut self, slot: u64, data: &[u8]) -> std::io::Result<()> {
-        let file = match &self.file {
-            Some(f) => f,
-            None => {
-                let f = tempfile::tempfile_in(&self.dir)?;
-                tracing::info!(
-                    dir = %self.dir.display(),
-                    "preserved chunks spill to a file"
-                );
-                self.file.insert(f)
-            }
-        };
-        file.write_all_at(data, slot * CHUNK)
+        self.write_slots(slot, data)
+    }
+
+    fn write_slots(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file()?.write_all_at(data, first * CHUNK)
     }
 
     fn read(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()> {
@@ -1735,13 +1901,21 @@ mod tests {
         match p {
             Prepared::Wait(w) => w,
             Prepared::Go(_) => panic!("the write went ahead before its chunks were preserved"),
+            Prepared::Read(_) => panic!("the write read chunks another request preserves"),
         }
     }
 
     fn goes(p: Prepared) -> Option<Ticket> {
         match p {
             Prepared::Go(t) => t,
-            Prepared::Wait(_) => panic!("the request waited for copy-on-write it does not need"),
+            _ => panic!("the request waited for copy-on-write it does not need"),
+        }
+    }
+
+    fn reads(p: Prepared) -> Preservation {
+        match p {
+            Prepared::Read(p) => p,
+            other => panic!("the write did not read its chunks: {other:?}"),
         }
     }
 
@@ -1796,6 +1970,103 @@ mod tests {
             2,
             "writes after the copy wait no more"
         );
+    }
+
+    #[test]
+    fn a_write_that_reads_its_own_chunks_holds_back_only_the_writes_into_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, disk) = sealed_over_ones(dir.path(), 16384);
+        pause_preservers(&t, true);
+        // The first overwrite of chunks 1 and 2 reads them itself: one run.
+        let p = reads(
+            t.prepare_write_reading(&Request::write(4096, 8192))
+                .unwrap(),
+        );
+        assert_eq!(p.runs(), vec![4096..12288]);
+        assert_eq!(lock(&t.live).reading, 8192);
+        // A write into chunk 2 waits for that read, whoever asks; one into
+        // chunks 2 and 3 too (chunk 3 goes to the preservers, not read
+        // twice); writes elsewhere, reads and flushes go on.
+        let w1 = waits(t.prepare_write_reading(&Request::write(8192, 512)).unwrap());
+        let w2 = waits(
+            t.prepare_write_reading(&Request::write(8192, 8192))
+                .unwrap(),
+        );
+        assert_eq!(lock(&t.jobs.queue).jobs.len(), 1, "chunk 3 only");
+        let other = goes(t.prepare_write_reading(&Request::write(MIB, 4096)).unwrap());
+        t.after_write(other.unwrap());
+        assert!(goes(t.prepare_write_reading(&Request::read(4096, 4096)).unwrap()).is_none());
+        assert!(goes(t.prepare_write_reading(&Request::flush()).unwrap()).is_none());
+        // The epoch reads as its cut meanwhile.
+        assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
+        // The read handed over: the write into chunk 2 alone goes on, the
+        // one that also waits for chunk 3 when the preservers did.
+        let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
+        t.preserve_read(p, runs);
+        assert_eq!(lock(&t.live).reading, 0);
+        w1.wait_blocking().unwrap();
+        assert!(!w2.is_set());
+        pause_preservers(&t, false);
+        w2.wait_blocking().unwrap();
+        // Each is prepared again and goes; the device changes under the cut.
+        for r in [Request::write(4096, 8192), Request::write(8192, 8192)] {
+            let ticket = goes(t.prepare_write_reading(&r).unwrap());
+            disk.write_all_at(&vec![2; r.len as usize], r.offset)
+                .unwrap();
+            t.after_write(ticket.unwrap());
+        }
+        assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
+        assert_eq!(t.status().preserved_memory_bytes, 3 * CHUNK);
+        assert_eq!(t.cow_waits(), 3);
+    }
+
+    #[test]
+    fn a_read_given_up_breaks_only_the_epochs_that_needed_it_and_frees_its_waiters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _disk) = sealed_over_ones(dir.path(), 8192);
+        let p = reads(t.prepare_write_reading(&Request::write(0, 4096)).unwrap());
+        let w = waits(t.prepare_write_reading(&Request::write(0, 512)).unwrap());
+        // The request's queue went down before its read came back.
+        drop(p);
+        w.wait_blocking().unwrap();
+        assert_eq!(lock(&t.live).reading, 0);
+        assert!(t.epoch(1).unwrap().broken.is_some());
+        // Nothing waits on a broken epoch's chunks any more; an epoch
+        // sealed after it asks for its own copies.
+        let ticket = goes(t.prepare_write_reading(&Request::write(0, 512)).unwrap());
+        t.after_write(ticket.unwrap());
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 2);
+        let p = reads(t.prepare_write_reading(&Request::write(0, 4096)).unwrap());
+        // A read that failed does the same.
+        let err = vec![Err(std::io::Error::from_raw_os_error(libc::EIO))];
+        t.preserve_read(p, err);
+        assert!(t.epoch(2).unwrap().broken.is_some());
+        assert_eq!(t.status().preserved_memory_bytes, 0);
+    }
+
+    #[test]
+    fn reads_past_the_budget_are_left_to_the_preservers() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = READ_BUDGET as usize;
+        let (t, _disk) = sealed_over_ones(dir.path(), budget + 8192);
+        let p = reads(
+            t.prepare_write_reading(&Request::write(0, READ_BUDGET))
+                .unwrap(),
+        );
+        let w = waits(
+            t.prepare_write_reading(&Request::write(READ_BUDGET, 4096))
+                .unwrap(),
+        );
+        w.wait_blocking().unwrap();
+        // Once the budget is back, a request reads its chunks again.
+        let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
+        t.preserve_read(p, runs);
+        let p = reads(
+            t.prepare_write_reading(&Request::write(READ_BUDGET + 4096, 4096))
+                .unwrap(),
+        );
+        assert_eq!(p.runs(), vec![READ_BUDGET + 4096..READ_BUDGET + 8192]);
+        assert_eq!(t.epoch(1).unwrap().broken, None);
     }
 
     #[test]

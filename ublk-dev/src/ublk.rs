@@ -1240,11 +1240,66 @@ async fn tracked(
     req: &Request,
 ) -> std::result::Result<Option<Ticket>, engine::Errno> {
     loop {
-        match tracker.prepare_write(req)? {
+        match tracker.prepare_write_reading(req)? {
             tracking::Prepared::Go(ticket) => return Ok(ticket),
             tracking::Prepared::Wait(wake) => woken(&wake).await?,
+            tracking::Prepared::Read(p) => {
+                let mut reads = Vec::new();
+                for run in p.runs() {
+                    reads.push(read_on_ring(run).await);
+                }
+                tracker.preserve_read(p, reads);
+            }
         }
     }
+}
+
+/// How often an interrupted read of chunks to preserve is tried again.
+const READ_RETRIES: u32 = 8;
+
+/// Read `range` of the backing file on the queue's ring into a new
+/// buffer (aligned for `O_DIRECT`). Should the request be dropped while
+/// the read is in flight (the queue going down), the buffer is leaked
+/// rather than freed under the kernel's feet.
+async fn read_on_ring(range: std::ops::Range<u64>) -> std::io::Result<AlignedBuf> {
+    struct InFlight(Option<AlignedBuf>);
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            std::mem::forget(self.0.take());
+        }
+    }
+    let len = (range.end - range.start) as usize;
+    let mut buf = InFlight(Some(AlignedBuf::zeroed(len)));
+    let (mut done, mut retries) = (0, 0);
+    while done < len {
+        let to = &mut buf.0.as_mut().expect("held until done").as_mut_slice()[done..];
+        let sqe = io_uring::opcode::Read::new(
+            io_uring::types::Fixed(BACKING_FILE),
+            to.as_mut_ptr(),
+            to.len() as u32,
+        )
+        .offset(range.start + done as u64)
+        .build();
+        let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+            .await
+            .unwrap_or(-libc::EIO);
+        // Not in flight any more: an error frees the buffer.
+        let err = match res {
+            n if n > 0 => {
+                done += n as usize;
+                continue;
+            }
+            0 => std::io::ErrorKind::UnexpectedEof.into(),
+            n if (n == -libc::EINTR || n == -libc::EAGAIN) && retries < READ_RETRIES => {
+                retries += 1;
+                continue;
+            }
+            n => std::io::Error::from_raw_os_error(-n),
+        };
+        drop(buf.0.take());
+        return Err(err);
+    }
+    Ok(buf.0.take().expect("held until done"))
 }
 
 /// Wait for `wake` on the queue's ring: the queue serves its other
