@@ -240,6 +240,16 @@ pub trait Spill: std::fmt::Debug + Send {
     fn clear(&mut self);
 }
 
+/// Where preserved chunks may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// In memory up to the limit, then in the [`Spill`].
+    AsTheLimitSays,
+    /// In memory, past the limit if need be (the caller bounds what it
+    /// adds: a thread that must not wait for the spill's writes).
+    InMemory,
+}
+
 /// Where a preserved chunk is.
 #[derive(Debug)]
 enum Slot {
@@ -276,10 +286,11 @@ impl Store {
         cut: u64,
         data: &[u8],
         chunks: &[(u64, Range<usize>)],
+        keep: Keep,
     ) -> Vec<(u64, std::io::Error)> {
         let slots: Vec<Slot> = chunks
             .iter()
-            .map(|(_, r)| self.slot_for(&data[r.clone()]))
+            .map(|(_, r)| self.slot_for(&data[r.clone()], keep))
             .collect();
         let mut kept = vec![true; chunks.len()];
         let mut failed = Vec::new();
@@ -322,11 +333,12 @@ impl Store {
     }
 
     /// Where `data` is to be kept: nowhere (zeroes), in memory while the
-    /// limit allows, else a spill slot (written by the caller).
-    fn slot_for(&mut self, data: &[u8]) -> Slot {
+    /// limit allows (or always, for [`Keep::InMemory`]), else a spill slot
+    /// (written by the caller).
+    fn slot_for(&mut self, data: &[u8], keep: Keep) -> Slot {
         if block::is_zero(data) {
             Slot::Zero
-        } else if self.memory + data.len() as u64 <= self.memory_limit {
+        } else if keep == Keep::InMemory || self.memory + data.len() as u64 <= self.memory_limit {
             self.memory += data.len() as u64;
             Slot::Memory(data.into())
         } else {
@@ -599,14 +611,19 @@ impl Epochs {
     /// released or broken meanwhile): the bytes may be torn by a write
     /// that no longer had to wait.
     pub fn preserve_at(&mut self, c: u64, cut: u64, data: &[u8]) {
-        self.preserve_run_at(c, cut, data);
+        self.preserve_run_at(c, cut, data, Keep::AsTheLimitSays);
+    }
+
+    /// How many more bytes of chunks memory holds before they spill.
+    pub fn memory_room(&self) -> u64 {
+        self.store.memory_limit.saturating_sub(self.store.memory)
     }
 
     /// [`Epochs::preserve_at`] for the adjacent chunks from `first` on,
     /// whose content is `data` (whole chunks; the device's last may be
-    /// short): those bound for the spill go in as few writes as it
-    /// allows.
-    pub fn preserve_run_at(&mut self, first: u64, cut: u64, data: &[u8]) {
+    /// short): those bound for the spill (unless `keep` says memory) go in
+    /// as few writes as it allows.
+    pub fn preserve_run_at(&mut self, first: u64, cut: u64, data: &[u8], keep: Keep) {
         let mut chunks = Vec::new();
         let (mut at, mut c) = (0, first);
         while at < data.len() {
@@ -619,7 +636,7 @@ impl Epochs {
             at = end;
             c += 1;
         }
-        for (c, e) in self.store.put_run(cut, data, &chunks) {
+        for (c, e) in self.store.put_run(cut, data, &chunks, keep) {
             self.preserve_failed_at(c, cut, &format!("cannot preserve a chunk: {e}"));
         }
     }
@@ -1032,12 +1049,12 @@ mod tests {
         let data: Vec<u8> = (0..12u8)
             .flat_map(|i| vec![if i == 3 { 0 } else { i + 1 }; CHUNK as usize])
             .collect();
-        e.preserve_run_at(0, 1, &data[..8 * CHUNK as usize]);
+        e.preserve_run_at(0, 1, &data[..8 * CHUNK as usize], Keep::AsTheLimitSays);
         // Chunk 0 in memory (the limit), 1-2 and 4-7 spilled in a write
         // each, the hole kept as nothing; then 10-11 in one more.
         assert_eq!(spill.slots().writes, 2);
         assert_eq!(e.store_usage().spilled_bytes, 6 * CHUNK);
-        e.preserve_run_at(10, 1, &data[10 * CHUNK as usize..]);
+        e.preserve_run_at(10, 1, &data[10 * CHUNK as usize..], Keep::AsTheLimitSays);
         assert_eq!(spill.slots().writes, 3);
         assert_eq!(e.store_usage().spilled_bytes, 8 * CHUNK);
         // Each chunk reads back as the cut, whatever the file holds now.
@@ -1052,9 +1069,45 @@ mod tests {
         e.record(ChangeKind::Data, 0..4 * CHUNK, 0);
         assert_eq!(e.seal(false, 0), 1);
         spill.slots().fail_writes = true;
-        e.preserve_run_at(0, 1, &data[..4 * CHUNK as usize]);
+        e.preserve_run_at(0, 1, &data[..4 * CHUNK as usize], Keep::AsTheLimitSays);
         assert!(e.get(1).unwrap().broken.is_some());
         assert_eq!(e.store_usage(), StoreUsage::default());
+    }
+
+    #[test]
+    fn chunks_spilled_into_reused_slots_read_back_as_theirs() {
+        let (mut e, spill) = epochs(0);
+        let fill = |byte: u8, chunks: usize| vec![byte; chunks * CHUNK as usize];
+        e.record(ChangeKind::Data, 0..4 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 1);
+        e.record(ChangeKind::Data, 10 * CHUNK..12 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 2);
+        e.preserve_run_at(0, 1, &fill(1, 4), Keep::AsTheLimitSays);
+        e.preserve_run_at(10, 2, &fill(2, 2), Keep::AsTheLimitSays);
+        assert_eq!(spill.slots().writes, 2);
+        // Epoch 1's slots are given back and handed out again, not in
+        // ascending order: each chunk of the next run is a write of its own.
+        e.release(1).unwrap();
+        e.record(ChangeKind::Data, 20 * CHUNK..23 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 3);
+        let data: Vec<u8> = (0..3u8)
+            .flat_map(|i| vec![10 + i; CHUNK as usize])
+            .collect();
+        e.preserve_run_at(20, 3, &data, Keep::AsTheLimitSays);
+        assert_eq!(spill.slots().writes, 5);
+        for (c, want) in [(20, 10), (21, 11), (22, 12), (10, 2), (11, 2)] {
+            let id = if c < 20 { 2 } else { 3 };
+            let mut buf = vec![0u8; CHUNK as usize];
+            e.overlay(id, c * CHUNK, &mut buf).unwrap();
+            assert_eq!(buf, vec![want; CHUNK as usize], "chunk {c}");
+        }
+        // What must stay in memory does, past the limit.
+        e.record(ChangeKind::Data, 30 * CHUNK..31 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 4);
+        assert_eq!(e.memory_room(), 0);
+        e.preserve_run_at(30, 4, &fill(7, 1), Keep::InMemory);
+        assert_eq!(spill.slots().writes, 5);
+        assert_eq!(e.store_usage().memory_bytes, CHUNK);
     }
 
     #[test]

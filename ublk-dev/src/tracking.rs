@@ -31,10 +31,13 @@
 //!   the queue serves its other requests, hands them over
 //!   ([`Tracker::preserve_read`]) and is prepared again. No thread hop and
 //!   no wake-up: with a held epoch, 4 KiB random writes ran 1.5x faster
-//!   this way than through the preservers (VM, TCG). At most
-//!   [`READ_BUDGET`] bytes are read this way at once;
-//! - a write whose chunks another request is preserving, or past that
-//!   budget, or from a caller that does not read (tests), is left to
+//!   this way than through the preservers (VM, TCG). What a request reads
+//!   is kept in memory, never written to the spill by its queue thread,
+//!   so a request reads only while the memory left for preserved chunks
+//!   has room for what all such reads hold, and at most [`READ_BUDGET`]
+//!   bytes are read this way at once;
+//! - a write whose chunks another request is preserving, past that
+//!   room or budget, or from a caller that does not read (tests), is left to
 //!   [`PRESERVERS`] threads: [`Tracker::prepare_write`] notes the chunks it
 //!   is the first to need, queues them, and answers [`Prepared::Wait`];
 //!   the queue polls the request's [`Wake`] on its ring and serves its
@@ -66,7 +69,9 @@
 //! flight, each preserver holds the reads of one batch (at most
 //! [`MAX_EPOCH_READ`], or one request's chunks), and the requests' own
 //! reads at most [`READ_BUDGET`] in all; what is kept obeys the
-//! copy-on-write memory limit and spills beyond it. A request that gives
+//! copy-on-write memory limit and spills beyond it (the requests' own
+//! chunks may pass the limit by what preservers stored while they read,
+//! at most [`READ_BUDGET`]). A request that gives
 //! up before handing its read over (its queue going down) fails those
 //! chunks, as a failed read does: the epochs needing them break (they
 //! resync), and nothing waits for them forever. Nothing of this is on
@@ -103,7 +108,7 @@ use ublk_mirror_common::{fsutil, RangeSet};
 pub use crate::engine::Ticket;
 use crate::engine::{AlignedBuf, ChangeTracking, Errno, Op, Request};
 pub use crate::epoch::{ChangeKind, Changes, Sealed, CHUNK, DEFAULT_COW_MEMORY};
-use crate::epoch::{EpochError, Epochs, Spill};
+use crate::epoch::{EpochError, Epochs, Keep, Spill};
 use crate::error::{Error, Result};
 use crate::journal::{self, Journal, OpenReport, State};
 use crate::wake::Wake;
@@ -296,8 +301,11 @@ struct Live {
     /// recent.
     recent: VecDeque<(u64, RangeSet)>,
     /// Bytes of chunks that requests are reading to preserve themselves
-    /// ([`Prepared::Read`]): at most [`READ_BUDGET`].
+    /// ([`Prepared::Read`]): at most [`READ_BUDGET`], and at most the
+    /// memory left for preserved chunks when they began.
     reading: u64,
+    /// How many requests are reading so.
+    readers: u64,
 }
 
 impl Live {
@@ -408,14 +416,25 @@ pub enum Prepared {
 /// before [`Tracker::preserve_read`] took it (its request failed, its
 /// queue went down), it counts as a failed read, so that no write waits
 /// for its chunks forever.
-#[derive(Debug)]
 pub struct Preservation {
     cut: u64,
     chunks: Vec<u64>,
-    /// What it counts against [`READ_BUDGET`].
+    /// What it counts against [`READ_BUDGET`] (a request's own read; none
+    /// for a preserver's job). A request's chunks are kept in memory: its
+    /// queue thread never writes the spill.
     bytes: u64,
     device_size: u64,
     live: Arc<Mutex<Live>>,
+}
+
+impl std::fmt::Debug for Preservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preservation")
+            .field("cut", &self.cut)
+            .field("chunks", &self.chunks)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Preservation {
@@ -450,8 +469,13 @@ impl Preservation {
                 .unwrap_or_else(|| Err(std::io::Error::other("not read")))
             {
                 Ok(buf) if buf.as_slice().len() >= len => {
+                    let keep = if self.bytes > 0 {
+                        Keep::InMemory
+                    } else {
+                        Keep::AsTheLimitSays
+                    };
                     live.epochs
-                        .preserve_run_at(first, self.cut, &buf.as_slice()[..len]);
+                        .preserve_run_at(first, self.cut, &buf.as_slice()[..len], keep);
                 }
                 Ok(_) => fail_run(
                     live,
@@ -470,7 +494,11 @@ impl Preservation {
         for c in std::mem::take(&mut self.chunks) {
             live.preserved(c);
         }
-        live.reading -= std::mem::take(&mut self.bytes);
+        let bytes = std::mem::take(&mut self.bytes);
+        if bytes > 0 {
+            live.reading -= bytes;
+            live.readers -= 1;
+        }
     }
 }
 
@@ -666,6 +694,7 @@ impl Tracker {
                 next_waiter: 0,
                 recent: VecDeque::new(),
                 reading: 0,
+                readers: 0,
             })),
             sealed: Condvar::new(),
             seal_requested: AtomicBool::new(false),
@@ -778,14 +807,18 @@ impl Tracker {
             if !chunks.is_empty() {
                 let cut = live.epochs.current() - 1;
                 let bytes = chunks.len() as u64 * CHUNK;
+                // What a request reads it keeps in memory (its queue
+                // thread never writes the spill): only while there is room.
+                let room = READ_BUDGET.min(live.epochs.memory_room());
                 if reader
-                    && live.reading + bytes <= READ_BUDGET
+                    && live.reading + bytes <= room
                     && chunks.iter().all(|c| !live.preserving.contains(c))
                 {
                     for &c in &chunks {
                         live.preserving.insert(c);
                     }
                     live.reading += bytes;
+                    live.readers += 1;
                     drop(live);
                     self.cow_waits.fetch_add(1, Ordering::Relaxed);
                     return Ok(Prepared::Read(Preservation {
@@ -810,10 +843,12 @@ impl Tracker {
                 live.wait_for(&chunks, wake.clone());
                 drop(live);
                 self.cow_waits.fetch_add(1, Ordering::Relaxed);
-                if !fresh.is_empty() {
+                // In jobs of at most one read each (a discard may span a
+                // GiB): a preserver's batch stays within MAX_EPOCH_READ.
+                for job in fresh.chunks((MAX_EPOCH_READ / CHUNK) as usize) {
                     self.jobs.push(Preservation {
                         cut,
-                        chunks: fresh,
+                        chunks: job.to_vec(),
                         bytes: 0,
                         device_size: self.device_size,
                         live: self.live.clone(),
@@ -1320,7 +1355,7 @@ impl Tracker {
                 e.released(),
                 e.sealed().map(EpochInfo::of).collect::<Vec<_>>(),
                 e.store_usage(),
-                live.waiting.len() as u64,
+                live.waiting.len() as u64 + live.readers,
             )
         };
         let regions_marked = self
@@ -1485,6 +1520,14 @@ mod tests {
     const BACKING: (&str, u64) = ("/x/disk.img", 42);
 
     fn open(dir: &Path, history: History) -> Result<(Tracker, Option<OpenReport>)> {
+        open_with(dir, history, DEFAULT_COW_MEMORY)
+    }
+
+    fn open_with(
+        dir: &Path,
+        history: History,
+        cow_memory: u64,
+    ) -> Result<(Tracker, Option<OpenReport>)> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1500,7 +1543,7 @@ mod tests {
             device_size: 64 * MIB,
             region_size: MIB,
             history,
-            cow_memory: DEFAULT_COW_MEMORY,
+            cow_memory,
         })
     }
 
@@ -1912,6 +1955,16 @@ mod tests {
         }
     }
 
+    /// Wait for `w` at most 10 s (a test that hangs tells nothing).
+    fn woken(w: &Wake) {
+        let start = Instant::now();
+        while !w.is_set() {
+            assert!(start.elapsed() < Duration::from_secs(10), "never woken");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!w.failed(), "woken to fail");
+    }
+
     fn reads(p: Prepared) -> Preservation {
         match p {
             Prepared::Read(p) => p,
@@ -2004,10 +2057,10 @@ mod tests {
         let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
         t.preserve_read(p, runs);
         assert_eq!(lock(&t.live).reading, 0);
-        w1.wait_blocking().unwrap();
+        woken(&w1);
         assert!(!w2.is_set());
         pause_preservers(&t, false);
-        w2.wait_blocking().unwrap();
+        woken(&w2);
         // Each is prepared again and goes; the device changes under the cut.
         for r in [Request::write(4096, 8192), Request::write(8192, 8192)] {
             let ticket = goes(t.prepare_write_reading(&r).unwrap());
@@ -2028,7 +2081,7 @@ mod tests {
         let w = waits(t.prepare_write_reading(&Request::write(0, 512)).unwrap());
         // The request's queue went down before its read came back.
         drop(p);
-        w.wait_blocking().unwrap();
+        woken(&w);
         assert_eq!(lock(&t.live).reading, 0);
         assert!(t.epoch(1).unwrap().broken.is_some());
         // Nothing waits on a broken epoch's chunks any more; an epoch
@@ -2045,6 +2098,46 @@ mod tests {
     }
 
     #[test]
+    fn a_request_reads_its_chunks_only_while_memory_has_room_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open_with(dir.path(), History::NewFile, 2 * CHUNK)
+            .unwrap()
+            .0;
+        let disk = t.file.try_clone().unwrap();
+        disk.write_all_at(&[1; 16384], 0).unwrap();
+        apply(&t, &Request::write(0, 16384));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
+        // Room for two chunks: a request reads two itself; meanwhile one
+        // more is left to the preservers, which keep it in memory.
+        let p = reads(t.prepare_write_reading(&Request::write(0, 8192)).unwrap());
+        assert_eq!(t.status().writes_waiting_for_cow, 1);
+        let w = waits(
+            t.prepare_write_reading(&Request::write(8192, 4096))
+                .unwrap(),
+        );
+        woken(&w);
+        // The request's chunks stay in memory past the limit: its queue
+        // thread does not write the spill.
+        let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
+        t.preserve_read(p, runs);
+        let status = t.status();
+        assert_eq!(status.preserved_memory_bytes, 3 * CHUNK);
+        assert_eq!(status.preserved_spilled_bytes, 0);
+        assert_eq!(status.writes_waiting_for_cow, 0);
+        // No room left: the next chunk goes to the preservers, and spills.
+        let w = waits(
+            t.prepare_write_reading(&Request::write(12288, 4096))
+                .unwrap(),
+        );
+        woken(&w);
+        assert_eq!(t.status().preserved_spilled_bytes, CHUNK);
+        let ticket = goes(t.prepare_write_reading(&Request::write(0, 16384)).unwrap());
+        disk.write_all_at(&[2; 16384], 0).unwrap();
+        t.after_write(ticket.unwrap());
+        assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
+    }
+
+    #[test]
     fn reads_past_the_budget_are_left_to_the_preservers() {
         let dir = tempfile::tempdir().unwrap();
         let budget = READ_BUDGET as usize;
@@ -2057,7 +2150,7 @@ mod tests {
             t.prepare_write_reading(&Request::write(READ_BUDGET, 4096))
                 .unwrap(),
         );
-        w.wait_blocking().unwrap();
+        woken(&w);
         // Once the budget is back, a request reads its chunks again.
         let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
         t.preserve_read(p, runs);
@@ -2067,6 +2160,27 @@ mod tests {
         );
         assert_eq!(p.runs(), vec![READ_BUDGET + 4096..READ_BUDGET + 8192]);
         assert_eq!(t.epoch(1).unwrap().broken, None);
+        let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
+        t.preserve_read(p, runs);
+        // A discard of it all is left to the preservers, in jobs of one
+        // read each, so that a preserver holds no more at once.
+        apply(&t, &Request::write(0, READ_BUDGET + 8192));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 2);
+        pause_preservers(&t, true);
+        let discard = Request {
+            op: Op::Discard,
+            ..Request::write(0, READ_BUDGET + 8192)
+        };
+        let w = waits(t.prepare_write_reading(&discard).unwrap());
+        let jobs: Vec<usize> = lock(&t.jobs.queue)
+            .jobs
+            .iter()
+            .map(|p| p.chunks.len())
+            .collect();
+        let most = (MAX_EPOCH_READ / CHUNK) as usize;
+        assert_eq!(jobs, [most, most, most, most, 2]);
+        pause_preservers(&t, false);
+        woken(&w);
     }
 
     #[test]
