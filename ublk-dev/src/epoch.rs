@@ -219,18 +219,10 @@ pub enum EpochError {
 /// what and reuses freed slots; the layer that does I/O provides the
 /// storage.
 pub trait Spill: std::fmt::Debug + Send {
-    /// Store `data` (at most [`CHUNK`] bytes) in slot `slot`, creating the
-    /// storage if there is none yet.
-    fn write(&mut self, slot: u64, data: &[u8]) -> std::io::Result<()>;
-
     /// Store `data` in the slots from `first` on, [`CHUNK`] bytes each (the
-    /// last may be shorter): one write where the storage allows it.
-    fn write_slots(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
-        for (i, piece) in data.chunks(CHUNK as usize).enumerate() {
-            self.write(first + i as u64, piece)?;
-        }
-        Ok(())
-    }
+    /// last may be shorter), in one write, creating the storage if there
+    /// is none yet.
+    fn write(&mut self, first: u64, data: &[u8]) -> std::io::Result<()>;
 
     /// Read slot `slot`, written before, into `out` (at most [`CHUNK`] bytes).
     fn read(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()>;
@@ -309,7 +301,7 @@ impl Store {
                 j += 1;
             }
             let bytes = &data[chunks[i].1.start..chunks[j - 1].1.end];
-            if let Err(e) = self.spill.write_slots(first, bytes) {
+            if let Err(e) = self.spill.write(first, bytes) {
                 for (k, (chunk, _)) in chunks.iter().enumerate().take(j).skip(i) {
                     kept[k] = false;
                     self.spill_free.push(first + (k - i) as u64);
@@ -957,11 +949,7 @@ mod tests {
     }
 
     impl Spill for MemSpill {
-        fn write(&mut self, slot: u64, data: &[u8]) -> std::io::Result<()> {
-            self.write_slots(slot, data)
-        }
-
-        fn write_slots(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
+        fn write(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
             let mut s = self.slots();
             if s.fail_writes {
                 return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));

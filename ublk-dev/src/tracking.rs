@@ -25,7 +25,7 @@
 //! reading it:
 //!
 //! - the ublk queues read it themselves, on their rings
-//!   ([`Tracker::prepare_write_reading`] answers [`Prepared::Read`]): the
+//!   ([`Tracker::prepare_write`] answers [`Prepared::Read`]): the
 //!   chunks are noted as *being preserved* (with the cut they are
 //!   preserved for), the request reads them with an io_uring read while
 //!   the queue serves its other requests, hands them over
@@ -36,9 +36,9 @@
 //!   so a request reads only while the memory left for preserved chunks
 //!   has room for what all such reads hold, and at most [`READ_BUDGET`]
 //!   bytes are read this way at once;
-//! - a write whose chunks another request is preserving, past that
-//!   room or budget, or from a caller that does not read (tests), is left to
-//!   [`PRESERVERS`] threads: [`Tracker::prepare_write`] notes the chunks it
+//! - a write whose chunks another request is preserving, or that finds
+//!   no room or budget left, is left to [`PRESERVERS`] threads:
+//!   [`Tracker::prepare_write`] notes the chunks it
 //!   is the first to need, queues them, and answers [`Prepared::Wait`];
 //!   the queue polls the request's [`Wake`] on its ring and serves its
 //!   other requests meanwhile, and prepares the request again once woken.
@@ -53,7 +53,8 @@
 //! moment a chunk is noted as being preserved until its content is stored
 //! (both under the tracker's lock), every write that needs it waits, so
 //! no write into it is issued in between, and the bytes read (by the
-//! request or a preserver) are the bytes at the cut it was asked for. Cuts taken meanwhile
+//! request or a preserver) are the bytes at the cut it was asked for.
+//! Cuts taken meanwhile
 //! change nothing: with no write in between, the chunk at the later cut is
 //! the same, and a write after them that needs a newer version finds the
 //! chunk being preserved, waits, and asks again. A write that needs it no
@@ -460,35 +461,39 @@ impl Preservation {
     fn settle(&mut self, live: &mut Live, reads: Vec<std::io::Result<AlignedBuf>>) {
         let runs = self.runs();
         debug_assert_eq!(runs.len(), reads.len());
+        let keep = if self.bytes > 0 {
+            Keep::InMemory
+        } else {
+            Keep::AsTheLimitSays
+        };
         let mut reads = reads.into_iter();
         for run in runs {
             let first = run.start / CHUNK;
             let len = (run.end - run.start) as usize;
-            match reads
+            let read = reads
                 .next()
                 .unwrap_or_else(|| Err(std::io::Error::other("not read")))
-            {
-                Ok(buf) if buf.as_slice().len() >= len => {
-                    let keep = if self.bytes > 0 {
-                        Keep::InMemory
+                .and_then(|buf| {
+                    if buf.as_slice().len() >= len {
+                        Ok(buf)
                     } else {
-                        Keep::AsTheLimitSays
-                    };
+                        Err(std::io::Error::other("a short read"))
+                    }
+                });
+            match read {
+                Ok(buf) => {
                     live.epochs
                         .preserve_run_at(first, self.cut, &buf.as_slice()[..len], keep);
                 }
-                Ok(_) => fail_run(
-                    live,
-                    first..run.end.div_ceil(CHUNK),
-                    self.cut,
-                    "a short read",
-                ),
-                Err(e) => fail_run(
-                    live,
-                    first..run.end.div_ceil(CHUNK),
-                    self.cut,
-                    &e.to_string(),
-                ),
+                Err(e) => {
+                    for c in first..run.end.div_ceil(CHUNK) {
+                        live.epochs.preserve_failed_at(
+                            c,
+                            self.cut,
+                            &format!("cannot read the backing file to preserve a chunk: {e}"),
+                        );
+                    }
+                }
             }
         }
         for c in std::mem::take(&mut self.chunks) {
@@ -499,17 +504,6 @@ impl Preservation {
             live.reading -= bytes;
             live.readers -= 1;
         }
-    }
-}
-
-/// The version at `cut` of `chunks` could not be read.
-fn fail_run(live: &mut Live, chunks: Range<u64>, cut: u64, why: &str) {
-    for c in chunks {
-        live.epochs.preserve_failed_at(
-            c,
-            cut,
-            &format!("cannot read the backing file to preserve a chunk: {why}"),
-        );
     }
 }
 
@@ -725,7 +719,7 @@ impl Tracker {
     /// ring.
     pub fn before_write(&self, req: &Request) -> std::result::Result<Option<Ticket>, Errno> {
         loop {
-            match self.prepare_write_reading(req)? {
+            match self.prepare_write(req)? {
                 Prepared::Go(ticket) => return Ok(ticket),
                 Prepared::Wait(wake) => wake.wait_blocking()?,
                 Prepared::Read(p) => {
@@ -743,22 +737,23 @@ impl Tracker {
     /// Record a request before it is issued. Write-class requests have
     /// their regions durably marked first (a failure to mark fails the
     /// request with `EIO`, so no change ever goes unrecorded). A write into
-    /// chunks that sealed epochs still need waits ([`Prepared::Wait`])
-    /// until the preservers kept them; then it is prepared again. May
-    /// block for one journal sync, never for reading chunks. A FLUSH takes
-    /// a cut that was asked for. The ticket of a write-class request goes
-    /// back to [`Tracker::after_write`] once it completed.
+    /// chunks that sealed epochs still need reads them itself
+    /// ([`Prepared::Read`]) where no other request is preserving any of
+    /// them and memory and [`READ_BUDGET`] have room, else waits
+    /// ([`Prepared::Wait`]) until the preservers kept them; either way it
+    /// is prepared again after. May block for one journal sync, never for
+    /// reading chunks. A FLUSH takes a cut that was asked for. The ticket
+    /// of a write-class request goes back to [`Tracker::after_write`] once
+    /// it completed.
     pub fn prepare_write(&self, req: &Request) -> std::result::Result<Prepared, Errno> {
-        self.prepare(req, false)
+        self.prepare(req, true)
     }
 
-    /// [`Tracker::prepare_write`] for a caller that reads the chunks its
-    /// write must preserve itself ([`Prepared::Read`]: the ublk queues, on
-    /// their rings), where no other request is preserving any of them
-    /// already and [`READ_BUDGET`] allows; otherwise as
-    /// [`Tracker::prepare_write`].
-    pub fn prepare_write_reading(&self, req: &Request) -> std::result::Result<Prepared, Errno> {
-        self.prepare(req, true)
+    /// [`Tracker::prepare_write`] that leaves every chunk to the
+    /// preservers: how tests reach them.
+    #[cfg(test)]
+    fn prepare_write_leaving_reads(&self, req: &Request) -> std::result::Result<Prepared, Errno> {
+        self.prepare(req, false)
     }
 
     /// Hand over what a [`Prepared::Read`] read: `reads[i]` holds the
@@ -1467,11 +1462,7 @@ impl SpillFile {
 }
 
 impl Spill for SpillFile {
-    fn write(&mut self, slot: u64, data: &[u8]) -> std::io::Result<()> {
-        self.write_slots(slot, data)
-    }
-
-    fn write_slots(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
+    fn write(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
         self.file()?.write_all_at(data, first * CHUNK)
     }
 
@@ -1756,7 +1747,8 @@ mod tests {
         t.after_write(in_flight);
         // Writes into what the round changed go at once (no copy kept).
         assert!(matches!(
-            t.prepare_write(&Request::write(0, 4096)).unwrap(),
+            t.prepare_write_leaving_reads(&Request::write(0, 4096))
+                .unwrap(),
             Prepared::Go(Some(_))
         ));
         disk.write_all_at(&[2; 4096], 0).unwrap();
@@ -1990,18 +1982,31 @@ mod tests {
         pause_preservers(&t, true);
         // The first overwrite of chunk 0 after the cut waits for it to be
         // preserved: prepare_write answers at once, without reading it.
-        let w1 = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        let w1 = waits(
+            t.prepare_write_leaving_reads(&Request::write(0, 4096))
+                .unwrap(),
+        );
         assert!(!w1.is_set());
         assert_eq!(t.status().writes_waiting_for_cow, 1);
         // Another write into the same chunk waits for the same preservation.
-        let w2 = waits(t.prepare_write(&Request::write(512, 512)).unwrap());
+        let w2 = waits(
+            t.prepare_write_leaving_reads(&Request::write(512, 512))
+                .unwrap(),
+        );
         assert_eq!(lock(&t.jobs.queue).jobs.len(), 1, "one read per chunk");
         // Everything else goes on: a write the epoch does not need, a
         // read, a flush.
-        let other = goes(t.prepare_write(&Request::write(MIB, 4096)).unwrap());
+        let other = goes(
+            t.prepare_write_leaving_reads(&Request::write(MIB, 4096))
+                .unwrap(),
+        );
         t.after_write(other.expect("a tracked write has a ticket"));
-        assert!(goes(t.prepare_write(&Request::read(0, 4096)).unwrap()).is_none());
-        assert!(goes(t.prepare_write(&Request::flush()).unwrap()).is_none());
+        assert!(goes(
+            t.prepare_write_leaving_reads(&Request::read(0, 4096))
+                .unwrap()
+        )
+        .is_none());
+        assert!(goes(t.prepare_write_leaving_reads(&Request::flush()).unwrap()).is_none());
         assert_eq!(t.cow_waits(), 2, "each held-back write is counted");
         // The epoch reads as its cut meanwhile (the chunk is untouched),
         // and a cut taken meanwhile changes nothing.
@@ -2010,7 +2015,10 @@ mod tests {
         pause_preservers(&t, false);
         w1.wait_blocking().unwrap();
         w2.wait_blocking().unwrap();
-        let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        let ticket = goes(
+            t.prepare_write_leaving_reads(&Request::write(0, 4096))
+                .unwrap(),
+        );
         disk.write_all_at(&[2; 4096], 0).unwrap();
         t.after_write(ticket.unwrap());
         assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
@@ -2031,25 +2039,19 @@ mod tests {
         let (t, disk) = sealed_over_ones(dir.path(), 16384);
         pause_preservers(&t, true);
         // The first overwrite of chunks 1 and 2 reads them itself: one run.
-        let p = reads(
-            t.prepare_write_reading(&Request::write(4096, 8192))
-                .unwrap(),
-        );
+        let p = reads(t.prepare_write(&Request::write(4096, 8192)).unwrap());
         assert_eq!(p.runs(), vec![4096..12288]);
         assert_eq!(lock(&t.live).reading, 8192);
         // A write into chunk 2 waits for that read, whoever asks; one into
         // chunks 2 and 3 too (chunk 3 goes to the preservers, not read
         // twice); writes elsewhere, reads and flushes go on.
-        let w1 = waits(t.prepare_write_reading(&Request::write(8192, 512)).unwrap());
-        let w2 = waits(
-            t.prepare_write_reading(&Request::write(8192, 8192))
-                .unwrap(),
-        );
+        let w1 = waits(t.prepare_write(&Request::write(8192, 512)).unwrap());
+        let w2 = waits(t.prepare_write(&Request::write(8192, 8192)).unwrap());
         assert_eq!(lock(&t.jobs.queue).jobs.len(), 1, "chunk 3 only");
-        let other = goes(t.prepare_write_reading(&Request::write(MIB, 4096)).unwrap());
+        let other = goes(t.prepare_write(&Request::write(MIB, 4096)).unwrap());
         t.after_write(other.unwrap());
-        assert!(goes(t.prepare_write_reading(&Request::read(4096, 4096)).unwrap()).is_none());
-        assert!(goes(t.prepare_write_reading(&Request::flush()).unwrap()).is_none());
+        assert!(goes(t.prepare_write(&Request::read(4096, 4096)).unwrap()).is_none());
+        assert!(goes(t.prepare_write(&Request::flush()).unwrap()).is_none());
         // The epoch reads as its cut meanwhile.
         assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
         // The read handed over: the write into chunk 2 alone goes on, the
@@ -2063,7 +2065,7 @@ mod tests {
         woken(&w2);
         // Each is prepared again and goes; the device changes under the cut.
         for r in [Request::write(4096, 8192), Request::write(8192, 8192)] {
-            let ticket = goes(t.prepare_write_reading(&r).unwrap());
+            let ticket = goes(t.prepare_write(&r).unwrap());
             disk.write_all_at(&vec![2; r.len as usize], r.offset)
                 .unwrap();
             t.after_write(ticket.unwrap());
@@ -2077,8 +2079,8 @@ mod tests {
     fn a_read_given_up_breaks_only_the_epochs_that_needed_it_and_frees_its_waiters() {
         let dir = tempfile::tempdir().unwrap();
         let (t, _disk) = sealed_over_ones(dir.path(), 8192);
-        let p = reads(t.prepare_write_reading(&Request::write(0, 4096)).unwrap());
-        let w = waits(t.prepare_write_reading(&Request::write(0, 512)).unwrap());
+        let p = reads(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        let w = waits(t.prepare_write(&Request::write(0, 512)).unwrap());
         // The request's queue went down before its read came back.
         drop(p);
         woken(&w);
@@ -2086,10 +2088,10 @@ mod tests {
         assert!(t.epoch(1).unwrap().broken.is_some());
         // Nothing waits on a broken epoch's chunks any more; an epoch
         // sealed after it asks for its own copies.
-        let ticket = goes(t.prepare_write_reading(&Request::write(0, 512)).unwrap());
+        let ticket = goes(t.prepare_write(&Request::write(0, 512)).unwrap());
         t.after_write(ticket.unwrap());
         assert_eq!(t.seal(SealAt::Now).unwrap(), 2);
-        let p = reads(t.prepare_write_reading(&Request::write(0, 4096)).unwrap());
+        let p = reads(t.prepare_write(&Request::write(0, 4096)).unwrap());
         // A read that failed does the same.
         let err = vec![Err(std::io::Error::from_raw_os_error(libc::EIO))];
         t.preserve_read(p, err);
@@ -2109,12 +2111,9 @@ mod tests {
         assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
         // Room for two chunks: a request reads two itself; meanwhile one
         // more is left to the preservers, which keep it in memory.
-        let p = reads(t.prepare_write_reading(&Request::write(0, 8192)).unwrap());
+        let p = reads(t.prepare_write(&Request::write(0, 8192)).unwrap());
         assert_eq!(t.status().writes_waiting_for_cow, 1);
-        let w = waits(
-            t.prepare_write_reading(&Request::write(8192, 4096))
-                .unwrap(),
-        );
+        let w = waits(t.prepare_write(&Request::write(8192, 4096)).unwrap());
         woken(&w);
         // The request's chunks stay in memory past the limit: its queue
         // thread does not write the spill.
@@ -2125,13 +2124,10 @@ mod tests {
         assert_eq!(status.preserved_spilled_bytes, 0);
         assert_eq!(status.writes_waiting_for_cow, 0);
         // No room left: the next chunk goes to the preservers, and spills.
-        let w = waits(
-            t.prepare_write_reading(&Request::write(12288, 4096))
-                .unwrap(),
-        );
+        let w = waits(t.prepare_write(&Request::write(12288, 4096)).unwrap());
         woken(&w);
         assert_eq!(t.status().preserved_spilled_bytes, CHUNK);
-        let ticket = goes(t.prepare_write_reading(&Request::write(0, 16384)).unwrap());
+        let ticket = goes(t.prepare_write(&Request::write(0, 16384)).unwrap());
         disk.write_all_at(&[2; 16384], 0).unwrap();
         t.after_write(ticket.unwrap());
         assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
@@ -2142,20 +2138,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let budget = READ_BUDGET as usize;
         let (t, _disk) = sealed_over_ones(dir.path(), budget + 8192);
-        let p = reads(
-            t.prepare_write_reading(&Request::write(0, READ_BUDGET))
-                .unwrap(),
-        );
-        let w = waits(
-            t.prepare_write_reading(&Request::write(READ_BUDGET, 4096))
-                .unwrap(),
-        );
+        let p = reads(t.prepare_write(&Request::write(0, READ_BUDGET)).unwrap());
+        let w = waits(t.prepare_write(&Request::write(READ_BUDGET, 4096)).unwrap());
         woken(&w);
         // Once the budget is back, a request reads its chunks again.
         let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
         t.preserve_read(p, runs);
         let p = reads(
-            t.prepare_write_reading(&Request::write(READ_BUDGET + 4096, 4096))
+            t.prepare_write(&Request::write(READ_BUDGET + 4096, 4096))
                 .unwrap(),
         );
         assert_eq!(p.runs(), vec![READ_BUDGET + 4096..READ_BUDGET + 8192]);
@@ -2171,7 +2161,7 @@ mod tests {
             op: Op::Discard,
             ..Request::write(0, READ_BUDGET + 8192)
         };
-        let w = waits(t.prepare_write_reading(&discard).unwrap());
+        let w = waits(t.prepare_write(&discard).unwrap());
         let jobs: Vec<usize> = lock(&t.jobs.queue)
             .jobs
             .iter()
@@ -2190,18 +2180,27 @@ mod tests {
         pause_preservers(&t, true);
         // A write into chunk 0 waits for its copy; meanwhile the consumer
         // reads chunks 0 and 1 as the cut, for the last time.
-        let w1 = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        let w1 = waits(
+            t.prepare_write_leaving_reads(&Request::write(0, 4096))
+                .unwrap(),
+        );
         let mut buf = vec![0u8; 8192];
         t.take_epoch(1, 0, &mut buf).unwrap();
         assert_eq!(buf, vec![1; 8192]);
         // A write into chunk 1 goes at once now.
-        let ticket = goes(t.prepare_write(&Request::write(4096, 4096)).unwrap());
+        let ticket = goes(
+            t.prepare_write_leaving_reads(&Request::write(4096, 4096))
+                .unwrap(),
+        );
         disk.write_all_at(&[2; 4096], 4096).unwrap();
         t.after_write(ticket.unwrap());
         // Chunk 0's copy, read once the preservers go on, is not kept.
         pause_preservers(&t, false);
         w1.wait_blocking().unwrap();
-        let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        let ticket = goes(
+            t.prepare_write_leaving_reads(&Request::write(0, 4096))
+                .unwrap(),
+        );
         disk.write_all_at(&[3; 4096], 0).unwrap();
         t.after_write(ticket.unwrap());
         assert_eq!(t.status().preserved_memory_bytes, 0);
@@ -2233,9 +2232,15 @@ mod tests {
     /// preserver reads later (maybe torn by it) is dropped.
     fn release_epoch_1_mid_preservation(t: &Tracker, disk: &File) {
         pause_preservers(t, true);
-        let w = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        let w = waits(
+            t.prepare_write_leaving_reads(&Request::write(0, 4096))
+                .unwrap(),
+        );
         assert!(t.release(1).unwrap().released);
-        let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        let ticket = goes(
+            t.prepare_write_leaving_reads(&Request::write(0, 4096))
+                .unwrap(),
+        );
         disk.write_all_at(&[2; 4096], 0).unwrap();
         t.after_write(ticket.unwrap());
         pause_preservers(t, false);

@@ -1240,7 +1240,7 @@ async fn tracked(
     req: &Request,
 ) -> std::result::Result<Option<Ticket>, engine::Errno> {
     loop {
-        match tracker.prepare_write_reading(req)? {
+        match tracker.prepare_write(req)? {
             tracking::Prepared::Go(ticket) => return Ok(ticket),
             tracking::Prepared::Wait(wake) => woken(&wake).await?,
             tracking::Prepared::Read(p) => {
