@@ -49,9 +49,20 @@
 //! read need not happen under the caller's lock, as long as no write to
 //! those chunks is issued between the question and the store: see
 //! [`crate::tracking`].
+//!
+//! Nor need a spill write: [`Epochs::preserve_run_deferred`] keeps what
+//! memory takes at once and *reserves* spill slots for the rest, which
+//! the caller writes without the lock and hands back to
+//! [`Epochs::spill_written`]; only then is the version there to read.
+//! Until then a reader of the cut reads the chunk from the backing file,
+//! which is still its content at the cut as long as the caller issues no
+//! write to it before [`Epochs::spill_written`] (the same rule as for the
+//! read). A reserved slot is nobody else's: it is not reused, and the
+//! spill is not given back, until it was handed back.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
+use std::sync::Arc;
 
 use ublk_mirror_common::{block, RangeSet};
 
@@ -218,18 +229,43 @@ pub enum EpochError {
 /// [`CHUNK`] bytes, numbered from 0. [`Epochs`] decides which slot holds
 /// what and reuses freed slots; the layer that does I/O provides the
 /// storage.
-pub trait Spill: std::fmt::Debug + Send {
+///
+/// It is shared: [`Epochs`] reads and clears it under its owner's lock,
+/// and a caller writes the slots it reserved ([`Epochs::spill`]) without
+/// that lock. [`Epochs`] never clears it while a slot is reserved, and
+/// hands no slot to two writers.
+pub trait Spill: std::fmt::Debug + Send + Sync {
     /// Store `data` in the slots from `first` on, [`CHUNK`] bytes each (the
     /// last may be shorter), in one write, creating the storage if there
     /// is none yet.
-    fn write(&mut self, first: u64, data: &[u8]) -> std::io::Result<()>;
+    fn write(&self, first: u64, data: &[u8]) -> std::io::Result<()>;
 
     /// Read slot `slot`, written before, into `out` (at most [`CHUNK`] bytes).
     fn read(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()>;
 
     /// No slot holds anything any more: give the storage back. Slot numbers
     /// start from 0 again after this.
-    fn clear(&mut self);
+    fn clear(&self);
+}
+
+/// Spill slots reserved for a run of adjacent chunks at one cut
+/// ([`Epochs::preserve_run_deferred`]): write `data[at]` to the slots from
+/// `first_slot` on ([`Spill::write`]), then hand the run and the result to
+/// [`Epochs::spill_written`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a reserved run must be handed back to Epochs::spill_written"]
+pub struct SpillRun {
+    /// The run's cut.
+    pub cut: u64,
+    /// Its first chunk; the others follow it.
+    pub first_chunk: u64,
+    /// Its first slot; the others follow it.
+    pub first_slot: u64,
+    /// Chunks (and slots) in the run.
+    pub count: u64,
+    /// Where its bytes are in the data given to
+    /// [`Epochs::preserve_run_deferred`].
+    pub at: Range<usize>,
 }
 
 /// Where preserved chunks may go.
@@ -259,69 +295,93 @@ struct Store {
     versions: BTreeMap<u64, Vec<(u64, Slot)>>,
     memory_limit: u64,
     memory: u64,
-    spill: Box<dyn Spill>,
+    spill: Arc<dyn Spill>,
     /// Slots below `spill_slots` that hold nothing (freed, or whose write failed).
     spill_free: Vec<u64>,
     /// Slots handed out since the spill was last cleared.
     spill_slots: u64,
     /// Slots holding a version.
     spilled: u64,
+    /// Slots reserved for a write not handed back yet ([`SpillRun`]).
+    reserved: u64,
 }
 
 impl Store {
     /// Keep the versions at `cut` of `chunks`, each with its bytes in
-    /// `data`; those bound for the spill go in one write per run of
-    /// adjacent chunks given adjacent slots. What could not be kept is
-    /// answered, with why.
+    /// `data`: zeroes and what memory takes at once; for those bound for
+    /// the spill, slots are reserved, adjacent ones for each run of
+    /// adjacent chunks, and answered as runs to write
+    /// ([`Store::spill_written`]).
     fn put_run(
         &mut self,
         cut: u64,
         data: &[u8],
         chunks: &[(u64, Range<usize>)],
         keep: Keep,
-    ) -> Vec<(u64, std::io::Error)> {
-        let slots: Vec<Slot> = chunks
-            .iter()
-            .map(|(_, r)| self.slot_for(&data[r.clone()], keep))
-            .collect();
-        let mut kept = vec![true; chunks.len()];
-        let mut failed = Vec::new();
-        let mut i = 0;
-        while i < chunks.len() {
-            let Slot::Spilled(first) = slots[i] else {
-                i += 1;
-                continue;
-            };
-            let mut j = i + 1;
-            while j < chunks.len()
-                && chunks[j].0 == chunks[j - 1].0 + 1
-                && chunks[j].1.start == chunks[j - 1].1.end
-                && matches!(slots[j], Slot::Spilled(s) if s == first + (j - i) as u64)
-            {
-                j += 1;
-            }
-            let bytes = &data[chunks[i].1.start..chunks[j - 1].1.end];
-            if let Err(e) = self.spill.write(first, bytes) {
-                for (k, (chunk, _)) in chunks.iter().enumerate().take(j).skip(i) {
-                    kept[k] = false;
-                    self.spill_free.push(first + (k - i) as u64);
-                    failed.push((*chunk, std::io::Error::new(e.kind(), e.to_string())));
+    ) -> Vec<SpillRun> {
+        let mut runs: Vec<SpillRun> = Vec::new();
+        for (chunk, r) in chunks {
+            let slot = match self.slot_for(&data[r.clone()], keep) {
+                Slot::Spilled(slot) => slot,
+                slot => {
+                    self.insert(*chunk, cut, slot);
+                    continue;
                 }
+            };
+            self.reserved += 1;
+            match runs.last_mut() {
+                Some(run)
+                    if run.first_chunk + run.count == *chunk
+                        && run.first_slot + run.count == slot
+                        && run.at.end == r.start =>
+                {
+                    run.count += 1;
+                    run.at.end = r.end;
+                }
+                _ => runs.push(SpillRun {
+                    cut,
+                    first_chunk: *chunk,
+                    first_slot: slot,
+                    count: 1,
+                    at: r.clone(),
+                }),
             }
-            i = j;
         }
-        for ((&(chunk, _), slot), kept) in chunks.iter().zip(slots).zip(kept) {
-            if !kept {
-                continue;
-            }
-            if let Slot::Spilled(_) = slot {
+        runs
+    }
+
+    /// `run`'s slots were written (or not: `result`): keep the versions of
+    /// its chunks that `needed` still asks for, free the other slots, and
+    /// answer the chunks that could not be kept.
+    fn spill_written(
+        &mut self,
+        run: SpillRun,
+        result: &std::io::Result<()>,
+        needed: impl Fn(u64) -> bool,
+    ) -> Vec<u64> {
+        self.reserved -= run.count;
+        let mut failed = Vec::new();
+        for i in 0..run.count {
+            let (chunk, slot) = (run.first_chunk + i, run.first_slot + i);
+            if result.is_err() {
+                failed.push(chunk);
+                self.spill_free.push(slot);
+            } else if needed(chunk) {
                 self.spilled += 1;
+                self.insert(chunk, run.cut, Slot::Spilled(slot));
+            } else {
+                self.spill_free.push(slot);
             }
-            let list = self.versions.entry(chunk).or_default();
-            let at = list.partition_point(|(c, _)| *c < cut);
-            list.insert(at, (cut, slot));
         }
+        self.clear_if_empty();
         failed
+    }
+
+    /// Keep `slot` as `chunk`'s version at `cut`.
+    fn insert(&mut self, chunk: u64, cut: u64, slot: Slot) {
+        let list = self.versions.entry(chunk).or_default();
+        let at = list.partition_point(|(c, _)| *c < cut);
+        list.insert(at, (cut, slot));
     }
 
     /// Where `data` is to be kept: nowhere (zeroes), in memory while the
@@ -405,8 +465,12 @@ impl Store {
         for slot in freed {
             self.free(slot);
         }
-        if self.versions.is_empty() && self.spill_slots > 0 {
-            // Give the spill's space back.
+        self.clear_if_empty();
+    }
+
+    /// Give the spill's space back when no slot holds or awaits a version.
+    fn clear_if_empty(&mut self) {
+        if self.versions.is_empty() && self.reserved == 0 && self.spill_slots > 0 {
             self.spill.clear();
             self.spill_free.clear();
             self.spill_slots = 0;
@@ -453,7 +517,7 @@ impl Epochs {
         sealed: u64,
         resync: RangeSet,
         memory_limit: u64,
-        spill: Box<dyn Spill>,
+        spill: Arc<dyn Spill>,
         now_ms: u64,
     ) -> Epochs {
         let first_change_ms = (!resync.is_empty()).then_some(now_ms);
@@ -476,6 +540,7 @@ impl Epochs {
                 spill_free: Vec::new(),
                 spill_slots: 0,
                 spilled: 0,
+                reserved: 0,
             },
         }
     }
@@ -614,8 +679,29 @@ impl Epochs {
     /// [`Epochs::preserve_at`] for the adjacent chunks from `first` on,
     /// whose content is `data` (whole chunks; the device's last may be
     /// short): those bound for the spill (unless `keep` says memory) go in
-    /// as few writes as it allows.
+    /// as few writes as it allows, made here.
     pub fn preserve_run_at(&mut self, first: u64, cut: u64, data: &[u8], keep: Keep) {
+        for run in self.preserve_run_deferred(first, cut, data, keep) {
+            let result = self
+                .store
+                .spill
+                .write(run.first_slot, &data[run.at.clone()]);
+            self.spill_written(run, result);
+        }
+    }
+
+    /// [`Epochs::preserve_run_at`], but the spill writes are the caller's:
+    /// write each run answered ([`Epochs::spill`]), with no write to its
+    /// chunks issued meanwhile, and hand it back to
+    /// [`Epochs::spill_written`]. Until then the run's chunks read from
+    /// the backing file (see the module docs).
+    pub fn preserve_run_deferred(
+        &mut self,
+        first: u64,
+        cut: u64,
+        data: &[u8],
+        keep: Keep,
+    ) -> Vec<SpillRun> {
         let mut chunks = Vec::new();
         let (mut at, mut c) = (0, first);
         while at < data.len() {
@@ -628,8 +714,31 @@ impl Epochs {
             at = end;
             c += 1;
         }
-        for (c, e) in self.store.put_run(cut, data, &chunks, keep) {
-            self.preserve_failed_at(c, cut, &format!("cannot preserve a chunk: {e}"));
+        self.store.put_run(cut, data, &chunks, keep)
+    }
+
+    /// The spill, for writing the runs [`Epochs::preserve_run_deferred`]
+    /// reserved.
+    pub fn spill(&self) -> Arc<dyn Spill> {
+        self.store.spill.clone()
+    }
+
+    /// `run`, reserved by [`Epochs::preserve_run_deferred`], was written
+    /// (or not: `result`): its chunks' versions are kept where an epoch
+    /// still needs them; a failed write breaks the epochs that needed its
+    /// chunks, as a failed read does.
+    pub fn spill_written(&mut self, run: SpillRun, result: std::io::Result<()>) {
+        let (cut, first) = (run.cut, run.first_chunk);
+        let needed: Vec<bool> = (first..first + run.count)
+            .map(|c| self.needs(c, cut))
+            .collect();
+        let failed = self
+            .store
+            .spill_written(run, &result, |c| needed[(c - first) as usize]);
+        if let Err(e) = &result {
+            for c in failed {
+                self.preserve_failed_at(c, cut, &format!("cannot preserve a chunk: {e}"));
+            }
         }
     }
 
@@ -925,7 +1034,7 @@ impl Epochs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     /// Spill slots in memory, shared with the test that made them.
     #[derive(Debug, Default, Clone)]
@@ -949,7 +1058,7 @@ mod tests {
     }
 
     impl Spill for MemSpill {
-        fn write(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
+        fn write(&self, first: u64, data: &[u8]) -> std::io::Result<()> {
             let mut s = self.slots();
             if s.fail_writes {
                 return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
@@ -971,7 +1080,7 @@ mod tests {
             Ok(())
         }
 
-        fn clear(&mut self) {
+        fn clear(&self) {
             let mut s = self.slots();
             s.slots.clear();
             s.clears += 1;
@@ -986,7 +1095,7 @@ mod tests {
             0,
             RangeSet::new(),
             limit,
-            Box::new(spill.clone()),
+            Arc::new(spill.clone()),
             0,
         );
         (e, spill)
@@ -1096,6 +1205,62 @@ mod tests {
         e.preserve_run_at(30, 4, &fill(7, 1), Keep::InMemory);
         assert_eq!(spill.slots().writes, 5);
         assert_eq!(e.store_usage().memory_bytes, CHUNK);
+    }
+
+    #[test]
+    fn reserved_spill_slots_are_nobody_elses_until_handed_back() {
+        let (mut e, spill) = epochs(0);
+        let fill = |byte: u8, chunks: usize| vec![byte; chunks * CHUNK as usize];
+        e.record(ChangeKind::Data, 0..4 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 1);
+        // Chunks 0-3 get slots 0-3, in one run; nothing is written yet,
+        // and a reader of the cut reads the file's bytes (still the cut).
+        let mut runs = e.preserve_run_deferred(0, 1, &fill(1, 4), Keep::AsTheLimitSays);
+        assert_eq!(
+            runs,
+            [SpillRun {
+                cut: 1,
+                first_chunk: 0,
+                first_slot: 0,
+                count: 4,
+                at: 0..4 * CHUNK as usize,
+            }]
+        );
+        assert_eq!(spill.slots().writes, 0);
+        let mut buf = fill(9, 1);
+        e.overlay(1, 0, &mut buf).unwrap();
+        assert_eq!(buf, fill(9, 1), "a version read before it was written");
+        // Another epoch's chunks get other slots.
+        e.record(ChangeKind::Data, 10 * CHUNK..11 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 2);
+        let other = e.preserve_run_deferred(10, 2, &fill(2, 1), Keep::AsTheLimitSays);
+        assert_eq!(other[0].first_slot, 4);
+        // Epoch 1 released meanwhile: its slots are not given back, nor
+        // the spill, until its write is handed back.
+        let run = runs.remove(0);
+        e.release(1).unwrap();
+        e.spill_written(run, Ok(()));
+        for run in other {
+            e.spill().write(run.first_slot, &fill(2, 1)).unwrap();
+            e.spill_written(run, Ok(()));
+        }
+        assert_eq!(spill.slots().clears, 0);
+        assert_eq!(e.store_usage().spilled_bytes, CHUNK);
+        let mut buf = fill(9, 1);
+        e.overlay(2, 10 * CHUNK, &mut buf).unwrap();
+        assert_eq!(buf, fill(2, 1));
+        // Released: nothing holds or awaits a slot, the spill is given back.
+        e.release(2).unwrap();
+        assert_eq!(spill.slots().clears, 1);
+        assert_eq!(e.store_usage(), StoreUsage::default());
+        // A write that failed breaks the epoch that needed it.
+        e.record(ChangeKind::Data, 0..CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 3);
+        for run in e.preserve_run_deferred(0, 3, &fill(3, 1), Keep::AsTheLimitSays) {
+            e.spill_written(run, Err(std::io::Error::other("a full disk")));
+        }
+        assert!(e.get(3).unwrap().broken.is_some());
+        assert_eq!(e.store_usage(), StoreUsage::default());
     }
 
     #[test]
@@ -1275,7 +1440,7 @@ mod tests {
 
     #[test]
     fn change_ages_follow_the_time_given() {
-        let spill = Box::new(MemSpill::default());
+        let spill = Arc::new(MemSpill::default());
         let mut resync = RangeSet::new();
         resync.insert(0..CHUNK);
         let mut e = Epochs::new(64 * CHUNK, 0, 0, resync, 0, spill, 1_000);

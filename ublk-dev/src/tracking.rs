@@ -43,15 +43,19 @@
 //!   the queue polls the request's [`Wake`] on its ring and serves its
 //!   other requests meanwhile, and prepares the request again once woken.
 //!   A preserver takes every job queued (up to [`MAX_EPOCH_READ`]), reads
-//!   them, and stores them under one hold of the lock, spilled chunks in
-//!   one write per run of adjacent ones.
+//!   them, and stores them under one hold of the lock: what memory takes
+//!   at once, and for the rest spill slots reserved, adjacent ones for
+//!   adjacent chunks. It writes those without the lock (one write per run),
+//!   so no other request's preparation waits for the disk, and hands them
+//!   back under a second hold, which wakes the writes into them.
 //!
 //! Writes to other chunks, reads, and flushes never wait for a chunk they
 //! do not touch.
 //!
 //! Why the preserved content is exactly the chunk at the cut: from the
 //! moment a chunk is noted as being preserved until its content is stored
-//! (both under the tracker's lock), every write that needs it waits, so
+//! (both under the tracker's lock; for a spilled chunk, until its slot is
+//! written and handed back), every write that needs it waits, so
 //! no write into it is issued in between, and the bytes read (by the
 //! request or a preserver) are the bytes at the cut it was asked for.
 //! Cuts taken meanwhile
@@ -64,7 +68,9 @@
 //! its cut touched. A failed read breaks only those epochs; later ones ask
 //! for a version of their own. A reader of a sealed epoch reads the backing file
 //! and then looks for a preserved version (as before); a chunk still
-//! being preserved is untouched in the file. Writes in flight at the cut
+//! being preserved is untouched in the file (a spilled version is there
+//! to read only once its slot is written; until then the file still
+//! holds it). Writes in flight at the cut
 //! may be seen or not, as before: they are on both sides of it. Memory
 //! stays bounded: the queue of chunks to read is at most every request in
 //! flight, each preserver holds the reads of one batch (at most
@@ -109,7 +115,7 @@ use ublk_mirror_common::{fsutil, RangeSet};
 pub use crate::engine::Ticket;
 use crate::engine::{AlignedBuf, ChangeTracking, Errno, Op, Request};
 pub use crate::epoch::{ChangeKind, Changes, Sealed, CHUNK, DEFAULT_COW_MEMORY};
-use crate::epoch::{EpochError, Epochs, Keep, Spill};
+use crate::epoch::{EpochError, Epochs, Keep, Spill, SpillRun};
 use crate::error::{Error, Result};
 use crate::journal::{self, Journal, OpenReport, State};
 use crate::wake::Wake;
@@ -426,6 +432,12 @@ pub struct Preservation {
     bytes: u64,
     device_size: u64,
     live: Arc<Mutex<Live>>,
+    /// [`Preservation::store`] ran.
+    stored: bool,
+    /// What was read that goes to spill slots reserved for it, to write
+    /// without the lock, and the spill.
+    spilling: Vec<(AlignedBuf, Vec<SpillRun>)>,
+    spill: Option<Arc<dyn Spill>>,
 }
 
 impl std::fmt::Debug for Preservation {
@@ -457,8 +469,21 @@ impl Preservation {
 
     /// Store what was read (`reads[i]`: [`Preservation::runs`]'s `i`th
     /// range, at least that long, or why it could not be read) and wake
-    /// the writes that waited for it. Under the lock.
+    /// the writes that waited for it, all under the lock: for a request's
+    /// own read (kept in memory, so no spill write) and one given up.
     fn settle(&mut self, live: &mut Live, reads: Vec<std::io::Result<AlignedBuf>>) {
+        self.store(live, reads);
+        let written = self.write_spill();
+        self.finish(live, written);
+    }
+
+    /// Settling's first step, under the lock: keep what memory takes of
+    /// what was read (see [`Preservation::settle`]), reserve spill slots
+    /// for the rest, to write without the lock
+    /// ([`Preservation::write_spill`]), and fail what could not be read.
+    /// The chunks stay noted as being preserved: no write into them is
+    /// issued before [`Preservation::finish`].
+    fn store(&mut self, live: &mut Live, reads: Vec<std::io::Result<AlignedBuf>>) {
         let runs = self.runs();
         debug_assert_eq!(runs.len(), reads.len());
         let keep = if self.bytes > 0 {
@@ -482,8 +507,16 @@ impl Preservation {
                 });
             match read {
                 Ok(buf) => {
-                    live.epochs
-                        .preserve_run_at(first, self.cut, &buf.as_slice()[..len], keep);
+                    let spill = live.epochs.preserve_run_deferred(
+                        first,
+                        self.cut,
+                        &buf.as_slice()[..len],
+                        keep,
+                    );
+                    if !spill.is_empty() {
+                        self.spill.get_or_insert_with(|| live.epochs.spill());
+                        self.spilling.push((buf, spill));
+                    }
                 }
                 Err(e) => {
                     for c in first..run.end.div_ceil(CHUNK) {
@@ -494,6 +527,37 @@ impl Preservation {
                         );
                     }
                 }
+            }
+        }
+        self.stored = true;
+    }
+
+    /// Settling's second step, without the lock: write the spill slots
+    /// [`Preservation::store`] reserved, one write per run.
+    fn write_spill(&self) -> Vec<std::io::Result<()>> {
+        let Some(spill) = &self.spill else {
+            return Vec::new();
+        };
+        self.spilling
+            .iter()
+            .flat_map(|(buf, runs)| {
+                runs.iter()
+                    .map(|r| spill.write(r.first_slot, &buf.as_slice()[r.at.clone()]))
+            })
+            .collect()
+    }
+
+    /// Settling's last step, under the lock: hand back the spill writes
+    /// (`written`, in [`Preservation::write_spill`]'s order; missing ones
+    /// count as failed) and wake the writes that waited for the chunks.
+    fn finish(&mut self, live: &mut Live, written: Vec<std::io::Result<()>>) {
+        let mut written = written.into_iter();
+        for (_, runs) in std::mem::take(&mut self.spilling) {
+            for run in runs {
+                let result = written
+                    .next()
+                    .unwrap_or_else(|| Err(std::io::Error::other("not written")));
+                live.epochs.spill_written(run, result);
             }
         }
         for c in std::mem::take(&mut self.chunks) {
@@ -514,12 +578,17 @@ impl Drop for Preservation {
         }
         let live = self.live.clone();
         let mut live = lock(&live);
-        let reads = self
-            .runs()
-            .iter()
-            .map(|_| Err(std::io::Error::other("the request gave up")))
-            .collect();
-        self.settle(&mut live, reads);
+        if self.stored {
+            // Dropped between storing and finishing: its spill writes fail.
+            self.finish(&mut live, Vec::new());
+        } else {
+            let reads = self
+                .runs()
+                .iter()
+                .map(|_| Err(std::io::Error::other("the request gave up")))
+                .collect();
+            self.settle(&mut live, reads);
+        }
     }
 }
 
@@ -548,6 +617,9 @@ pub struct Tracker {
     cow_waits: AtomicU64,
     jobs: Arc<Jobs>,
     preservers: Vec<JoinHandle<()>>,
+    /// Tests hold its writes ([`SpillFile::gate`]).
+    #[cfg(test)]
+    spill: Arc<SpillFile>,
 }
 
 impl Drop for Tracker {
@@ -562,10 +634,13 @@ impl Drop for Tracker {
 }
 
 /// A preserver: read the chunks of each batch of jobs from the backing
-/// file (no lock held) and store them at their jobs' cuts under one hold
-/// of the lock (see the module docs). A batch that panics drops what it
-/// had not settled, which fails those chunks ([`Preservation`]'s drop),
-/// so no write waits for them forever; the thread goes on.
+/// file (no lock held), store them at their jobs' cuts under one hold of
+/// the lock, write the spill slots reserved for those past the memory
+/// limit (no lock held: other requests' preparation never waits for the
+/// disk), and wake their writes under a second hold (see the module
+/// docs). A batch that panics drops what it had not settled, which fails
+/// those chunks ([`Preservation`]'s drop), so no write waits for them
+/// forever; the thread goes on.
 fn preserver(live: &Mutex<Live>, file: &File, jobs: &Jobs) {
     while let Some(mut batch) = jobs.next_batch() {
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -573,9 +648,16 @@ fn preserver(live: &Mutex<Live>, file: &File, jobs: &Jobs) {
                 .iter()
                 .map(|p| p.runs().into_iter().map(|r| read_run(file, r)).collect())
                 .collect();
+            {
+                let mut live = lock(live);
+                for (p, reads) in batch.iter_mut().zip(reads) {
+                    p.store(&mut live, reads);
+                }
+            }
+            let written: Vec<_> = batch.iter().map(Preservation::write_spill).collect();
             let mut live = lock(live);
-            for (p, reads) in batch.iter_mut().zip(reads) {
-                p.settle(&mut live, reads);
+            for (p, written) in batch.iter_mut().zip(written) {
+                p.finish(&mut live, written);
             }
         }));
     }
@@ -661,13 +743,14 @@ impl Tracker {
             .file
             .try_clone()
             .map_err(|e| Error::io("duplicating the backing file's descriptor", e))?;
+        let spill = Arc::new(SpillFile::new(state_dir));
         let epochs = Epochs::new(
             device_size,
             header.released_epoch,
             header.sealed_epoch,
             resync,
             opts.cow_memory,
-            Box::new(SpillFile::new(state_dir)),
+            spill.clone(),
             now_ms(),
         );
         let mut tracker = Tracker {
@@ -698,6 +781,8 @@ impl Tracker {
             cow_waits: AtomicU64::new(0),
             jobs: Arc::new(Jobs::default()),
             preservers: Vec::new(),
+            #[cfg(test)]
+            spill,
         };
         for i in 0..PRESERVERS {
             let (live, file, jobs) = (
@@ -822,6 +907,9 @@ impl Tracker {
                         bytes,
                         device_size: self.device_size,
                         live: self.live.clone(),
+                        stored: false,
+                        spilling: Vec::new(),
+                        spill: None,
                     }));
                 }
                 // Before anything is noted: a write that cannot wait
@@ -847,6 +935,9 @@ impl Tracker {
                         bytes: 0,
                         device_size: self.device_size,
                         live: self.live.clone(),
+                        stored: false,
+                        spilling: Vec::new(),
+                        spill: None,
                     });
                 }
                 return Ok(Prepared::Wait(wake));
@@ -1433,49 +1524,56 @@ pub fn invalidate(state_dir: &Path, backing: (&Path, u64), device_size: u64) -> 
 
 /// The [`Spill`] of a device's preserved chunks: an unnamed file in the
 /// state directory, created when the first chunk spills and dropped (its
-/// space given back) when no chunk is left in it.
+/// space given back) when no chunk is left in it. Its writers hold the
+/// inner lock only to find (or make) the file, never while writing.
 #[derive(Debug)]
 struct SpillFile {
     dir: PathBuf,
-    file: Option<File>,
+    file: Mutex<Option<Arc<File>>>,
+    /// Tests hold its writes here.
+    #[cfg(test)]
+    gate: tests::Gate,
 }
 
 impl SpillFile {
     fn new(dir: &Path) -> SpillFile {
         SpillFile {
             dir: dir.to_path_buf(),
-            file: None,
+            file: Mutex::new(None),
+            #[cfg(test)]
+            gate: tests::Gate::default(),
         }
     }
-}
 
-impl SpillFile {
     /// The spill file, made by the first write.
-    fn file(&mut self) -> std::io::Result<&File> {
-        if self.file.is_none() {
-            let f = tempfile::tempfile_in(&self.dir)?;
-            tracing::info!(dir = %self.dir.display(), "preserved chunks spill to a file");
-            self.file = Some(f);
+    fn file(&self) -> std::io::Result<Arc<File>> {
+        let mut file = lock(&self.file);
+        if let Some(f) = &*file {
+            return Ok(f.clone());
         }
-        Ok(self.file.as_ref().expect("made above"))
+        let f = Arc::new(tempfile::tempfile_in(&self.dir)?);
+        tracing::info!(dir = %self.dir.display(), "preserved chunks spill to a file");
+        *file = Some(f.clone());
+        Ok(f)
     }
 }
 
 impl Spill for SpillFile {
-    fn write(&mut self, first: u64, data: &[u8]) -> std::io::Result<()> {
+    fn write(&self, first: u64, data: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        self.gate.pass()?;
         self.file()?.write_all_at(data, first * CHUNK)
     }
 
     fn read(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()> {
-        let file = self
-            .file
-            .as_ref()
+        let file = lock(&self.file)
+            .clone()
             .ok_or_else(|| std::io::Error::other("a spilled chunk without a spill file"))?;
         file.read_exact_at(out, slot * CHUNK)
     }
 
-    fn clear(&mut self) {
-        self.file = None;
+    fn clear(&self) {
+        *lock(&self.file) = None;
     }
 }
 
@@ -1891,7 +1989,7 @@ mod tests {
     #[test]
     fn the_spill_file_is_made_when_first_needed_and_dropped_when_cleared() {
         let dir = tempfile::tempdir().unwrap();
-        let mut spill = SpillFile::new(dir.path());
+        let spill = SpillFile::new(dir.path());
         let mut out = [0u8; CHUNK as usize];
         assert!(spill.read(0, &mut out).is_err(), "read without a file");
         spill.write(3, &[7; CHUNK as usize]).unwrap();
@@ -1924,6 +2022,143 @@ mod tests {
         assert!(
             t.changes().data.is_empty(),
             "a failed mark still recorded the write"
+        );
+    }
+
+    /// Holds the spill's writes while set, so that a test sees what waits
+    /// for them; a write let through fails if told to (a full disk).
+    #[derive(Debug, Default)]
+    pub(super) struct Gate {
+        state: Mutex<GateState>,
+        changed: Condvar,
+    }
+
+    #[derive(Debug, Default)]
+    struct GateState {
+        held: bool,
+        fail: bool,
+        waiting: u32,
+    }
+
+    impl Gate {
+        fn set(&self, held: bool, fail: bool) {
+            let mut g = lock(&self.state);
+            (g.held, g.fail) = (held, fail);
+            self.changed.notify_all();
+        }
+
+        pub(super) fn pass(&self) -> std::io::Result<()> {
+            let mut g = lock(&self.state);
+            g.waiting += 1;
+            self.changed.notify_all();
+            while g.held {
+                g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.waiting -= 1;
+            if g.fail {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            Ok(())
+        }
+
+        /// Hold the writes until the answer is dropped (a failed test
+        /// included: the tracker's drop waits for its preservers).
+        fn hold(&self) -> impl Drop + '_ {
+            struct Held<'a>(&'a Gate);
+            impl Drop for Held<'_> {
+                fn drop(&mut self) {
+                    self.0.set(false, false);
+                }
+            }
+            self.set(true, false);
+            Held(self)
+        }
+
+        /// Wait (at most 10 s) for a write held at the gate.
+        fn writer_held(&self) {
+            let mut g = lock(&self.state);
+            let start = Instant::now();
+            while g.waiting == 0 {
+                assert!(start.elapsed() < Duration::from_secs(10), "no spill write");
+                g = self
+                    .changed
+                    .wait_timeout(g, Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+    }
+
+    /// A tracker with no memory for preserved chunks (they all spill)
+    /// whose device was written with ones over `len` bytes at 0 in epoch
+    /// 1, sealed; and its backing file.
+    fn sealed_spilling(dir: &Path, len: usize) -> (Tracker, File) {
+        let t = open_with(dir, History::NewFile, 0).unwrap().0;
+        let disk = t.file.try_clone().unwrap();
+        disk.write_all_at(&vec![1; len], 0).unwrap();
+        apply(&t, &Request::write(0, len as u64));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
+        (t, disk)
+    }
+
+    #[test]
+    fn a_preserver_writes_the_spill_without_holding_back_other_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, disk) = sealed_spilling(dir.path(), 16384);
+        let held = t.spill.gate.hold();
+        // No room in memory: a preserver reads chunk 0, reserves a spill
+        // slot for it, and writes it without the tracker's lock.
+        let w = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        t.spill.gate.writer_held();
+        assert!(
+            t.live.try_lock().is_ok(),
+            "the spill is written under the tracker's lock"
+        );
+        let other = goes(t.prepare_write(&Request::write(MIB, 4096)).unwrap());
+        t.after_write(other.unwrap());
+        // Writes into chunk 0 wait until its slot is written; the epoch
+        // reads as its cut meanwhile (from the file, untouched).
+        let w2 = waits(t.prepare_write(&Request::write(512, 512)).unwrap());
+        assert!(!w.is_set());
+        assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
+        assert_eq!(t.status().preserved_spilled_bytes, 0);
+        drop(held);
+        woken(&w);
+        woken(&w2);
+        assert_eq!(t.status().preserved_spilled_bytes, CHUNK);
+        let ticket = goes(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        disk.write_all_at(&[2; 4096], 0).unwrap();
+        t.after_write(ticket.unwrap());
+        assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
+        // A spill write that fails breaks the epoch; its writes go on.
+        t.spill.gate.set(false, true);
+        let w = waits(t.prepare_write(&Request::write(4096, 4096)).unwrap());
+        woken(&w);
+        assert!(t.epoch(1).unwrap().broken.is_some());
+        assert_eq!(t.status().preserved_spilled_bytes, CHUNK);
+        t.spill.gate.set(false, false);
+        goes(t.prepare_write(&Request::write(4096, 4096)).unwrap());
+    }
+
+    #[test]
+    fn an_epoch_released_while_its_chunks_spill_gives_the_slots_and_the_file_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _disk) = sealed_spilling(dir.path(), 8192);
+        let held = t.spill.gate.hold();
+        let w = waits(t.prepare_write(&Request::write(0, 8192)).unwrap());
+        t.spill.gate.writer_held();
+        // Released while the slots are being written: the spill file is
+        // not given back under the write (its slots could be handed out
+        // again), but once the write is done.
+        t.release(1).unwrap();
+        drop(held);
+        woken(&w);
+        let status = t.status();
+        assert_eq!(status.preserved_spilled_bytes, 0);
+        assert_eq!(status.preserved_memory_bytes, 0);
+        assert!(
+            lock(&t.spill.file).is_none(),
+            "the spill file outlived its last chunk"
         );
     }
 
