@@ -268,16 +268,6 @@ pub struct SpillRun {
     pub at: Range<usize>,
 }
 
-/// Where preserved chunks may go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keep {
-    /// In memory up to the limit, then in the [`Spill`].
-    AsTheLimitSays,
-    /// In memory, past the limit if need be (the caller bounds what it
-    /// adds: a thread that must not wait for the spill's writes).
-    InMemory,
-}
-
 /// Where a preserved chunk is.
 #[derive(Debug)]
 enum Slot {
@@ -312,16 +302,10 @@ impl Store {
     /// the spill, slots are reserved, adjacent ones for each run of
     /// adjacent chunks, and answered as runs to write
     /// ([`Store::spill_written`]).
-    fn put_run(
-        &mut self,
-        cut: u64,
-        data: &[u8],
-        chunks: &[(u64, Range<usize>)],
-        keep: Keep,
-    ) -> Vec<SpillRun> {
+    fn put_run(&mut self, cut: u64, data: &[u8], chunks: &[(u64, Range<usize>)]) -> Vec<SpillRun> {
         let mut runs: Vec<SpillRun> = Vec::new();
         for (chunk, r) in chunks {
-            let slot = match self.slot_for(&data[r.clone()], keep) {
+            let slot = match self.slot_for(&data[r.clone()]) {
                 Slot::Spilled(slot) => slot,
                 slot => {
                     self.insert(*chunk, cut, slot);
@@ -377,6 +361,15 @@ impl Store {
         failed
     }
 
+    /// `run`'s write may still be in flight, its outcome unknown: its
+    /// chunks are not kept, and its slots are not handed out again before
+    /// the spill is cleared (answered: the chunks).
+    fn spill_lost(&mut self, run: SpillRun) -> Range<u64> {
+        self.reserved -= run.count;
+        self.clear_if_empty();
+        run.first_chunk..run.first_chunk + run.count
+    }
+
     /// Keep `slot` as `chunk`'s version at `cut`.
     fn insert(&mut self, chunk: u64, cut: u64, slot: Slot) {
         let list = self.versions.entry(chunk).or_default();
@@ -385,12 +378,12 @@ impl Store {
     }
 
     /// Where `data` is to be kept: nowhere (zeroes), in memory while the
-    /// limit allows (or always, for [`Keep::InMemory`]), else a spill slot
+    /// limit allows, else a spill slot
     /// (written by the caller).
-    fn slot_for(&mut self, data: &[u8], keep: Keep) -> Slot {
+    fn slot_for(&mut self, data: &[u8]) -> Slot {
         if block::is_zero(data) {
             Slot::Zero
-        } else if keep == Keep::InMemory || self.memory + data.len() as u64 <= self.memory_limit {
+        } else if self.memory + data.len() as u64 <= self.memory_limit {
             self.memory += data.len() as u64;
             Slot::Memory(data.into())
         } else {
@@ -668,20 +661,15 @@ impl Epochs {
     /// released or broken meanwhile): the bytes may be torn by a write
     /// that no longer had to wait.
     pub fn preserve_at(&mut self, c: u64, cut: u64, data: &[u8]) {
-        self.preserve_run_at(c, cut, data, Keep::AsTheLimitSays);
-    }
-
-    /// How many more bytes of chunks memory holds before they spill.
-    pub fn memory_room(&self) -> u64 {
-        self.store.memory_limit.saturating_sub(self.store.memory)
+        self.preserve_run_at(c, cut, data);
     }
 
     /// [`Epochs::preserve_at`] for the adjacent chunks from `first` on,
     /// whose content is `data` (whole chunks; the device's last may be
-    /// short): those bound for the spill (unless `keep` says memory) go in
-    /// as few writes as it allows, made here.
-    pub fn preserve_run_at(&mut self, first: u64, cut: u64, data: &[u8], keep: Keep) {
-        for run in self.preserve_run_deferred(first, cut, data, keep) {
+    /// short): those past the memory limit go to the spill in as few
+    /// writes as it allows, made here.
+    pub fn preserve_run_at(&mut self, first: u64, cut: u64, data: &[u8]) {
+        for run in self.preserve_run_deferred(first, cut, data) {
             let result = self
                 .store
                 .spill
@@ -695,13 +683,7 @@ impl Epochs {
     /// chunks issued meanwhile, and hand it back to
     /// [`Epochs::spill_written`]. Until then the run's chunks read from
     /// the backing file (see the module docs).
-    pub fn preserve_run_deferred(
-        &mut self,
-        first: u64,
-        cut: u64,
-        data: &[u8],
-        keep: Keep,
-    ) -> Vec<SpillRun> {
+    pub fn preserve_run_deferred(&mut self, first: u64, cut: u64, data: &[u8]) -> Vec<SpillRun> {
         let mut chunks = Vec::new();
         let (mut at, mut c) = (0, first);
         while at < data.len() {
@@ -714,7 +696,18 @@ impl Epochs {
             at = end;
             c += 1;
         }
-        self.store.put_run(cut, data, &chunks, keep)
+        self.store.put_run(cut, data, &chunks)
+    }
+
+    /// `run`, reserved by [`Epochs::preserve_run_deferred`], may still be
+    /// being written, its outcome unknown (its writer went away): its
+    /// chunks are lost to the epochs that needed them, as by a failed
+    /// write, and its slots are not used again until the spill is cleared.
+    pub fn spill_lost(&mut self, run: SpillRun) {
+        let cut = run.cut;
+        for c in self.store.spill_lost(run) {
+            self.preserve_failed_at(c, cut, "a chunk's spill write was given up");
+        }
     }
 
     /// The spill, for writing the runs [`Epochs::preserve_run_deferred`]
@@ -1146,12 +1139,12 @@ mod tests {
         let data: Vec<u8> = (0..12u8)
             .flat_map(|i| vec![if i == 3 { 0 } else { i + 1 }; CHUNK as usize])
             .collect();
-        e.preserve_run_at(0, 1, &data[..8 * CHUNK as usize], Keep::AsTheLimitSays);
+        e.preserve_run_at(0, 1, &data[..8 * CHUNK as usize]);
         // Chunk 0 in memory (the limit), 1-2 and 4-7 spilled in a write
         // each, the hole kept as nothing; then 10-11 in one more.
         assert_eq!(spill.slots().writes, 2);
         assert_eq!(e.store_usage().spilled_bytes, 6 * CHUNK);
-        e.preserve_run_at(10, 1, &data[10 * CHUNK as usize..], Keep::AsTheLimitSays);
+        e.preserve_run_at(10, 1, &data[10 * CHUNK as usize..]);
         assert_eq!(spill.slots().writes, 3);
         assert_eq!(e.store_usage().spilled_bytes, 8 * CHUNK);
         // Each chunk reads back as the cut, whatever the file holds now.
@@ -1166,7 +1159,7 @@ mod tests {
         e.record(ChangeKind::Data, 0..4 * CHUNK, 0);
         assert_eq!(e.seal(false, 0), 1);
         spill.slots().fail_writes = true;
-        e.preserve_run_at(0, 1, &data[..4 * CHUNK as usize], Keep::AsTheLimitSays);
+        e.preserve_run_at(0, 1, &data[..4 * CHUNK as usize]);
         assert!(e.get(1).unwrap().broken.is_some());
         assert_eq!(e.store_usage(), StoreUsage::default());
     }
@@ -1179,8 +1172,8 @@ mod tests {
         assert_eq!(e.seal(false, 0), 1);
         e.record(ChangeKind::Data, 10 * CHUNK..12 * CHUNK, 0);
         assert_eq!(e.seal(false, 0), 2);
-        e.preserve_run_at(0, 1, &fill(1, 4), Keep::AsTheLimitSays);
-        e.preserve_run_at(10, 2, &fill(2, 2), Keep::AsTheLimitSays);
+        e.preserve_run_at(0, 1, &fill(1, 4));
+        e.preserve_run_at(10, 2, &fill(2, 2));
         assert_eq!(spill.slots().writes, 2);
         // Epoch 1's slots are given back and handed out again, not in
         // ascending order: each chunk of the next run is a write of its own.
@@ -1190,7 +1183,7 @@ mod tests {
         let data: Vec<u8> = (0..3u8)
             .flat_map(|i| vec![10 + i; CHUNK as usize])
             .collect();
-        e.preserve_run_at(20, 3, &data, Keep::AsTheLimitSays);
+        e.preserve_run_at(20, 3, &data);
         assert_eq!(spill.slots().writes, 5);
         for (c, want) in [(20, 10), (21, 11), (22, 12), (10, 2), (11, 2)] {
             let id = if c < 20 { 2 } else { 3 };
@@ -1198,13 +1191,6 @@ mod tests {
             e.overlay(id, c * CHUNK, &mut buf).unwrap();
             assert_eq!(buf, vec![want; CHUNK as usize], "chunk {c}");
         }
-        // What must stay in memory does, past the limit.
-        e.record(ChangeKind::Data, 30 * CHUNK..31 * CHUNK, 0);
-        assert_eq!(e.seal(false, 0), 4);
-        assert_eq!(e.memory_room(), 0);
-        e.preserve_run_at(30, 4, &fill(7, 1), Keep::InMemory);
-        assert_eq!(spill.slots().writes, 5);
-        assert_eq!(e.store_usage().memory_bytes, CHUNK);
     }
 
     #[test]
@@ -1215,7 +1201,7 @@ mod tests {
         assert_eq!(e.seal(false, 0), 1);
         // Chunks 0-3 get slots 0-3, in one run; nothing is written yet,
         // and a reader of the cut reads the file's bytes (still the cut).
-        let mut runs = e.preserve_run_deferred(0, 1, &fill(1, 4), Keep::AsTheLimitSays);
+        let mut runs = e.preserve_run_deferred(0, 1, &fill(1, 4));
         assert_eq!(
             runs,
             [SpillRun {
@@ -1233,7 +1219,7 @@ mod tests {
         // Another epoch's chunks get other slots.
         e.record(ChangeKind::Data, 10 * CHUNK..11 * CHUNK, 0);
         assert_eq!(e.seal(false, 0), 2);
-        let other = e.preserve_run_deferred(10, 2, &fill(2, 1), Keep::AsTheLimitSays);
+        let other = e.preserve_run_deferred(10, 2, &fill(2, 1));
         assert_eq!(other[0].first_slot, 4);
         // Epoch 1 released meanwhile: its slots are not given back, nor
         // the spill, until its write is handed back.
@@ -1256,7 +1242,7 @@ mod tests {
         // A write that failed breaks the epoch that needed it.
         e.record(ChangeKind::Data, 0..CHUNK, 0);
         assert_eq!(e.seal(false, 0), 3);
-        for run in e.preserve_run_deferred(0, 3, &fill(3, 1), Keep::AsTheLimitSays) {
+        for run in e.preserve_run_deferred(0, 3, &fill(3, 1)) {
             e.spill_written(run, Err(std::io::Error::other("a full disk")));
         }
         assert!(e.get(3).unwrap().broken.is_some());

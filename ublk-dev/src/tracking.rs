@@ -29,15 +29,17 @@
 //!   chunks are noted as *being preserved* (with the cut they are
 //!   preserved for), the request reads them with an io_uring read while
 //!   the queue serves its other requests, hands them over
-//!   ([`Tracker::preserve_read`]) and is prepared again. No thread hop and
+//!   ([`Tracker::store_read`]) and is prepared again. No thread hop and
 //!   no wake-up: with a held epoch, 4 KiB random writes ran 1.5x faster
-//!   this way than through the preservers (VM, TCG). What a request reads
-//!   is kept in memory, never written to the spill by its queue thread,
-//!   so a request reads only while the memory left for preserved chunks
-//!   has room for what all such reads hold, and at most [`READ_BUDGET`]
-//!   bytes are read this way at once;
+//!   this way than through the preservers (VM, TCG). What memory takes is
+//!   kept at once; for chunks past the memory limit, spill slots are
+//!   reserved under the lock, and the request writes them on its ring too
+//!   (`ublk.rs`, `spill_on_ring`) before it hands them back
+//!   ([`Tracker::spill_written`]). At most [`READ_BUDGET`] bytes are read
+//!   this way at once. Callers without a ring do the same on their thread
+//!   ([`Tracker::preserve_read`]);
 //! - a write whose chunks another request is preserving, or that finds
-//!   no room or budget left, is left to [`PRESERVERS`] threads:
+//!   no budget left, is left to [`PRESERVERS`] threads:
 //!   [`Tracker::prepare_write`] notes the chunks it
 //!   is the first to need, queues them, and answers [`Prepared::Wait`];
 //!   the queue polls the request's [`Wake`] on its ring and serves its
@@ -58,6 +60,9 @@
 //! written and handed back), every write that needs it waits, so
 //! no write into it is issued in between, and the bytes read (by the
 //! request or a preserver) are the bytes at the cut it was asked for.
+//! Neither the tracker's lock nor any other request waits for a spill
+//! write: a reserved slot is its writer's alone until handed back, and
+//! the spill file is not given back while one is reserved.
 //! Cuts taken meanwhile
 //! change nothing: with no write in between, the chunk at the later cut is
 //! the same, and a write after them that needs a newer version finds the
@@ -76,13 +81,15 @@
 //! flight, each preserver holds the reads of one batch (at most
 //! [`MAX_EPOCH_READ`], or one request's chunks), and the requests' own
 //! reads at most [`READ_BUDGET`] in all; what is kept obeys the
-//! copy-on-write memory limit and spills beyond it (the requests' own
-//! chunks may pass the limit by what preservers stored while they read,
-//! at most [`READ_BUDGET`]). A request that gives
+//! copy-on-write memory limit and spills beyond it. A request that gives
 //! up before handing its read over (its queue going down) fails those
 //! chunks, as a failed read does: the epochs needing them break (they
-//! resync), and nothing waits for them forever. Nothing of this is on
-//! disk.
+//! resync), and nothing waits for them forever. One that gives up with a
+//! spill write in flight also leaks that buffer (the kernel may still
+//! read it), and its slots are not handed out again before the spill
+//! file is given back: a late write can only land in slots nobody reads,
+//! or in the old, unlinked file. Nothing of this is on disk but the
+//! spill, an unnamed file that does not outlive the process.
 //!
 //! # Chunks the consumer took
 //!
@@ -115,7 +122,7 @@ use ublk_mirror_common::{fsutil, RangeSet};
 pub use crate::engine::Ticket;
 use crate::engine::{AlignedBuf, ChangeTracking, Errno, Op, Request};
 pub use crate::epoch::{ChangeKind, Changes, Sealed, CHUNK, DEFAULT_COW_MEMORY};
-use crate::epoch::{EpochError, Epochs, Keep, Spill, SpillRun};
+use crate::epoch::{EpochError, Epochs, Spill, SpillRun};
 use crate::error::{Error, Result};
 use crate::journal::{self, Journal, OpenReport, State};
 use crate::wake::Wake;
@@ -415,20 +422,20 @@ pub enum Prepared {
     Wait(Arc<Wake>),
     /// The chunks it overwrites are the caller's to preserve: read them
     /// (as [`Preservation::runs`] says), hand them to
-    /// [`Tracker::preserve_read`], then prepare it again.
+    /// [`Tracker::preserve_read`] (or [`Tracker::store_read`], writing the
+    /// spill itself), then prepare it again.
     Read(Preservation),
 }
 
 /// Chunks a request preserves itself (see [`Prepared::Read`]). Dropped
-/// before [`Tracker::preserve_read`] took it (its request failed, its
-/// queue went down), it counts as a failed read, so that no write waits
-/// for its chunks forever.
+/// before it was handed back (its request failed, its queue went down),
+/// it counts as a failed read, or write, so that no write waits for its
+/// chunks forever.
 pub struct Preservation {
     cut: u64,
     chunks: Vec<u64>,
     /// What it counts against [`READ_BUDGET`] (a request's own read; none
-    /// for a preserver's job). A request's chunks are kept in memory: its
-    /// queue thread never writes the spill.
+    /// for a preserver's job).
     bytes: u64,
     device_size: u64,
     live: Arc<Mutex<Live>>,
@@ -467,30 +474,17 @@ impl Preservation {
         runs
     }
 
-    /// Store what was read (`reads[i]`: [`Preservation::runs`]'s `i`th
-    /// range, at least that long, or why it could not be read) and wake
-    /// the writes that waited for it, all under the lock: for a request's
-    /// own read (kept in memory, so no spill write) and one given up.
-    fn settle(&mut self, live: &mut Live, reads: Vec<std::io::Result<AlignedBuf>>) {
-        self.store(live, reads);
-        let written = self.write_spill();
-        self.finish(live, written);
-    }
-
-    /// Settling's first step, under the lock: keep what memory takes of
-    /// what was read (see [`Preservation::settle`]), reserve spill slots
-    /// for the rest, to write without the lock
-    /// ([`Preservation::write_spill`]), and fail what could not be read.
-    /// The chunks stay noted as being preserved: no write into them is
-    /// issued before [`Preservation::finish`].
+    /// Settling's first step, under the lock: keep what was read
+    /// (`reads[i]`: [`Preservation::runs`]'s `i`th range, at least that
+    /// long, or why it could not be read), in memory while the limit
+    /// allows, reserve spill slots for the rest, to write without the lock
+    /// ([`Preservation::write_spill`]), and fail what could not be read
+    /// (which breaks the epochs that needed it). The chunks stay noted as
+    /// being preserved: no write into them is issued before
+    /// [`Preservation::finish`].
     fn store(&mut self, live: &mut Live, reads: Vec<std::io::Result<AlignedBuf>>) {
         let runs = self.runs();
         debug_assert_eq!(runs.len(), reads.len());
-        let keep = if self.bytes > 0 {
-            Keep::InMemory
-        } else {
-            Keep::AsTheLimitSays
-        };
         let mut reads = reads.into_iter();
         for run in runs {
             let first = run.start / CHUNK;
@@ -507,12 +501,9 @@ impl Preservation {
                 });
             match read {
                 Ok(buf) => {
-                    let spill = live.epochs.preserve_run_deferred(
-                        first,
-                        self.cut,
-                        &buf.as_slice()[..len],
-                        keep,
-                    );
+                    let spill =
+                        live.epochs
+                            .preserve_run_deferred(first, self.cut, &buf.as_slice()[..len]);
                     if !spill.is_empty() {
                         self.spill.get_or_insert_with(|| live.epochs.spill());
                         self.spilling.push((buf, spill));
@@ -543,6 +534,18 @@ impl Preservation {
             .flat_map(|(buf, runs)| {
                 runs.iter()
                     .map(|r| spill.write(r.first_slot, &buf.as_slice()[r.at.clone()]))
+            })
+            .collect()
+    }
+
+    /// The spill writes [`Tracker::store_read`] left to its caller, in
+    /// order: where in [`Tracker::spill_file`], and what.
+    pub fn spill_writes(&self) -> Vec<(u64, &[u8])> {
+        self.spilling
+            .iter()
+            .flat_map(|(buf, runs)| {
+                runs.iter()
+                    .map(|r| (SpillFile::at(r.first_slot), &buf.as_slice()[r.at.clone()]))
             })
             .collect()
     }
@@ -578,17 +581,26 @@ impl Drop for Preservation {
         }
         let live = self.live.clone();
         let mut live = lock(&live);
-        if self.stored {
-            // Dropped between storing and finishing: its spill writes fail.
-            self.finish(&mut live, Vec::new());
-        } else {
+        if !self.stored {
+            // Given up before its read was handed over: a failed read.
             let reads = self
                 .runs()
                 .iter()
                 .map(|_| Err(std::io::Error::other("the request gave up")))
                 .collect();
-            self.settle(&mut live, reads);
+            self.store(&mut live, reads);
         }
+        // Given up between storing and finishing, a spill write may be in
+        // flight (a queue going down): its buffers are leaked and its
+        // slots not used again until the spill is cleared (a write landing
+        // late goes to the old, unlinked file then).
+        for (buf, runs) in std::mem::take(&mut self.spilling) {
+            std::mem::forget(buf);
+            for run in runs {
+                live.epochs.spill_lost(run);
+            }
+        }
+        self.finish(&mut live, Vec::new());
     }
 }
 
@@ -617,8 +629,8 @@ pub struct Tracker {
     cow_waits: AtomicU64,
     jobs: Arc<Jobs>,
     preservers: Vec<JoinHandle<()>>,
-    /// Tests hold its writes ([`SpillFile::gate`]).
-    #[cfg(test)]
+    /// The spill of [`Live::epochs`], for requests that write it on their
+    /// rings ([`Tracker::store_read`]).
     spill: Arc<SpillFile>,
 }
 
@@ -781,7 +793,6 @@ impl Tracker {
             cow_waits: AtomicU64::new(0),
             jobs: Arc::new(Jobs::default()),
             preservers: Vec::new(),
-            #[cfg(test)]
             spill,
         };
         for i in 0..PRESERVERS {
@@ -824,7 +835,7 @@ impl Tracker {
     /// request with `EIO`, so no change ever goes unrecorded). A write into
     /// chunks that sealed epochs still need reads them itself
     /// ([`Prepared::Read`]) where no other request is preserving any of
-    /// them and memory and [`READ_BUDGET`] have room, else waits
+    /// them and [`READ_BUDGET`] has room, else waits
     /// ([`Prepared::Wait`]) until the preservers kept them; either way it
     /// is prepared again after. May block for one journal sync, never for
     /// reading chunks. A FLUSH takes a cut that was asked for. The ticket
@@ -846,9 +857,49 @@ impl Tracker {
     /// that long), or why it could not be read, which breaks the epochs
     /// that needed them (see [`crate::epoch`]). Writes waiting for those
     /// chunks go on.
-    pub fn preserve_read(&self, mut p: Preservation, reads: Vec<std::io::Result<AlignedBuf>>) {
+    pub fn preserve_read(&self, p: Preservation, reads: Vec<std::io::Result<AlignedBuf>>) {
+        if let Some(p) = self.store_read(p, reads) {
+            let written = p.write_spill();
+            self.spill_written(p, written);
+        }
+    }
+
+    /// [`Tracker::preserve_read`] for a caller that writes the spill itself
+    /// (on its ring): what memory takes is kept at once; if chunks go to
+    /// the spill, the preservation is answered, its writes still owed:
+    /// write [`Preservation::spill_writes`] into [`Tracker::spill_file`]
+    /// and hand the results to [`Tracker::spill_written`]. Until then the
+    /// writes into its chunks wait. Dropped before that (its queue going
+    /// down), its chunks fail and its slots are not used again: a write
+    /// may still be in flight into them.
+    pub fn store_read(
+        &self,
+        mut p: Preservation,
+        reads: Vec<std::io::Result<AlignedBuf>>,
+    ) -> Option<Preservation> {
         let mut live = lock(&self.live);
-        p.settle(&mut live, reads);
+        p.store(&mut live, reads);
+        if p.spilling.is_empty() {
+            p.finish(&mut live, Vec::new());
+            return None;
+        }
+        Some(p)
+    }
+
+    /// The file a request writes its chunks to ([`Tracker::store_read`]),
+    /// made if there is none yet.
+    pub fn spill_file(&self) -> std::io::Result<Arc<File>> {
+        self.spill.file()
+    }
+
+    /// Hand back the spill writes of a preservation
+    /// ([`Tracker::store_read`]): `written[i]` is how
+    /// [`Preservation::spill_writes`]'s `i`th write went. Writes waiting
+    /// for its chunks go on; those whose write failed break the epochs
+    /// that needed them.
+    pub fn spill_written(&self, mut p: Preservation, written: Vec<std::io::Result<()>>) {
+        let mut live = lock(&self.live);
+        p.finish(&mut live, written);
     }
 
     fn prepare(&self, req: &Request, reader: bool) -> std::result::Result<Prepared, Errno> {
@@ -887,11 +938,8 @@ impl Tracker {
             if !chunks.is_empty() {
                 let cut = live.epochs.current() - 1;
                 let bytes = chunks.len() as u64 * CHUNK;
-                // What a request reads it keeps in memory (its queue
-                // thread never writes the spill): only while there is room.
-                let room = READ_BUDGET.min(live.epochs.memory_room());
                 if reader
-                    && live.reading + bytes <= room
+                    && live.reading + bytes <= READ_BUDGET
                     && chunks.iter().all(|c| !live.preserving.contains(c))
                 {
                     for &c in &chunks {
@@ -1545,6 +1593,11 @@ impl SpillFile {
         }
     }
 
+    /// Where slot `slot` is in the file.
+    fn at(slot: u64) -> u64 {
+        slot * CHUNK
+    }
+
     /// The spill file, made by the first write.
     fn file(&self) -> std::io::Result<Arc<File>> {
         let mut file = lock(&self.file);
@@ -1562,14 +1615,14 @@ impl Spill for SpillFile {
     fn write(&self, first: u64, data: &[u8]) -> std::io::Result<()> {
         #[cfg(test)]
         self.gate.pass()?;
-        self.file()?.write_all_at(data, first * CHUNK)
+        self.file()?.write_all_at(data, SpillFile::at(first))
     }
 
     fn read(&self, slot: u64, out: &mut [u8]) -> std::io::Result<()> {
         let file = lock(&self.file)
             .clone()
             .ok_or_else(|| std::io::Error::other("a spilled chunk without a spill file"))?;
-        file.read_exact_at(out, slot * CHUNK)
+        file.read_exact_at(out, SpillFile::at(slot))
     }
 
     fn clear(&self) {
@@ -2108,7 +2161,10 @@ mod tests {
         let held = t.spill.gate.hold();
         // No room in memory: a preserver reads chunk 0, reserves a spill
         // slot for it, and writes it without the tracker's lock.
-        let w = waits(t.prepare_write(&Request::write(0, 4096)).unwrap());
+        let w = waits(
+            t.prepare_write_leaving_reads(&Request::write(0, 4096))
+                .unwrap(),
+        );
         t.spill.gate.writer_held();
         assert!(
             t.live.try_lock().is_ok(),
@@ -2132,7 +2188,10 @@ mod tests {
         assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
         // A spill write that fails breaks the epoch; its writes go on.
         t.spill.gate.set(false, true);
-        let w = waits(t.prepare_write(&Request::write(4096, 4096)).unwrap());
+        let w = waits(
+            t.prepare_write_leaving_reads(&Request::write(4096, 4096))
+                .unwrap(),
+        );
         woken(&w);
         assert!(t.epoch(1).unwrap().broken.is_some());
         assert_eq!(t.status().preserved_spilled_bytes, CHUNK);
@@ -2145,7 +2204,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (t, _disk) = sealed_spilling(dir.path(), 8192);
         let held = t.spill.gate.hold();
-        let w = waits(t.prepare_write(&Request::write(0, 8192)).unwrap());
+        let w = waits(
+            t.prepare_write_leaving_reads(&Request::write(0, 8192))
+                .unwrap(),
+        );
         t.spill.gate.writer_held();
         // Released while the slots are being written: the spill file is
         // not given back under the write (its slots could be handed out
@@ -2335,7 +2397,7 @@ mod tests {
     }
 
     #[test]
-    fn a_request_reads_its_chunks_only_while_memory_has_room_for_them() {
+    fn a_request_keeps_what_memory_takes_and_owes_the_spill_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let t = open_with(dir.path(), History::NewFile, 2 * CHUNK)
             .unwrap()
@@ -2344,28 +2406,84 @@ mod tests {
         disk.write_all_at(&[1; 16384], 0).unwrap();
         apply(&t, &Request::write(0, 16384));
         assert_eq!(t.seal(SealAt::Now).unwrap(), 1);
-        // Room for two chunks: a request reads two itself; meanwhile one
-        // more is left to the preservers, which keep it in memory.
+        // Room for two chunks: a request reading two keeps them in memory
+        // and owes nothing.
         let p = reads(t.prepare_write(&Request::write(0, 8192)).unwrap());
-        assert_eq!(t.status().writes_waiting_for_cow, 1);
-        let w = waits(t.prepare_write(&Request::write(8192, 4096)).unwrap());
-        woken(&w);
-        // The request's chunks stay in memory past the limit: its queue
-        // thread does not write the spill.
         let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
-        t.preserve_read(p, runs);
-        let status = t.status();
-        assert_eq!(status.preserved_memory_bytes, 3 * CHUNK);
-        assert_eq!(status.preserved_spilled_bytes, 0);
-        assert_eq!(status.writes_waiting_for_cow, 0);
-        // No room left: the next chunk goes to the preservers, and spills.
-        let w = waits(t.prepare_write(&Request::write(12288, 4096)).unwrap());
+        assert!(t.store_read(p, runs).is_none());
+        assert_eq!(t.status().preserved_memory_bytes, 2 * CHUNK);
+        // No room left: the next request's chunks get spill slots, which
+        // it writes itself (on its ring, in the daemon), without the lock.
+        let p = reads(t.prepare_write(&Request::write(8192, 8192)).unwrap());
+        let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
+        let p = t.store_read(p, runs).expect("spill writes owed");
+        let writes: Vec<(u64, Vec<u8>)> = p
+            .spill_writes()
+            .into_iter()
+            .map(|(at, data)| (at, data.to_vec()))
+            .collect();
+        assert_eq!(writes, [(0, vec![1; 8192])], "one write of two slots");
+        // Until handed back, writes into its chunks wait, others go on,
+        // and the epoch reads as its cut (the file, untouched).
+        let w = waits(t.prepare_write(&Request::write(12288, 512)).unwrap());
+        t.after_write(goes(t.prepare_write(&Request::write(MIB, 4096)).unwrap()).unwrap());
+        assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
+        assert_eq!(t.status().writes_waiting_for_cow, 2);
+        let file = t.spill_file().unwrap();
+        let written = writes
+            .iter()
+            .map(|(at, data)| file.write_all_at(data, *at))
+            .collect();
+        t.spill_written(p, written);
         woken(&w);
-        assert_eq!(t.status().preserved_spilled_bytes, CHUNK);
+        let status = t.status();
+        assert_eq!(status.preserved_memory_bytes, 2 * CHUNK);
+        assert_eq!(status.preserved_spilled_bytes, 2 * CHUNK);
+        assert_eq!(status.writes_waiting_for_cow, 0);
         let ticket = goes(t.prepare_write(&Request::write(0, 16384)).unwrap());
         disk.write_all_at(&[2; 16384], 0).unwrap();
         t.after_write(ticket.unwrap());
         assert_eq!(epoch_bytes(&t, 1, 0..16384), vec![1; 16384]);
+    }
+
+    #[test]
+    fn a_request_gone_with_its_spill_write_owed_breaks_the_epoch_and_its_slots_stay_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, _disk) = sealed_spilling(dir.path(), 16384);
+        let owing = |offset| {
+            let p = reads(t.prepare_write(&Request::write(offset, 4096)).unwrap());
+            let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
+            t.store_read(p, runs).expect("spill writes owed")
+        };
+        let p = owing(0);
+        assert_eq!(p.spill_writes()[0].0, 0);
+        let q = owing(4096);
+        assert_eq!(q.spill_writes()[0].0, CHUNK);
+        let written = q.spill_writes().iter().map(|_| Ok(())).collect();
+        t.spill_written(q, written);
+        let w = waits(t.prepare_write(&Request::write(0, 512)).unwrap());
+        // Its queue went down with the write in flight: the epoch breaks,
+        // the waiting write goes on.
+        drop(p);
+        woken(&w);
+        assert!(t.epoch(1).unwrap().broken.is_some());
+        // An epoch sealed after it asks for its own copies, and never gets
+        // the slot that late write may still land in.
+        apply(&t, &Request::write(0, 16384));
+        assert_eq!(t.seal(SealAt::Now).unwrap(), 2);
+        let p = owing(8192);
+        assert_eq!(
+            p.spill_writes()[0].0,
+            2 * CHUNK,
+            "a lost slot handed out again"
+        );
+        let written = p.spill_writes().iter().map(|_| Ok(())).collect();
+        t.spill_written(p, written);
+        assert_eq!(t.status().preserved_spilled_bytes, 2 * CHUNK);
+        // Released: the spill is given back, the lost slot with it.
+        t.release(1).unwrap();
+        t.release(2).unwrap();
+        assert!(lock(&t.spill.file).is_none());
     }
 
     #[test]

@@ -30,6 +30,7 @@
 //! created with. `UBLK_MIRROR_ZERO_COPY=0` in the environment turns it off
 //! for new devices.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -1248,14 +1249,83 @@ async fn tracked(
                 for run in p.runs() {
                     reads.push(read_on_ring(run).await);
                 }
-                tracker.preserve_read(p, reads);
+                if let Some(p) = tracker.store_read(p, reads) {
+                    spill_on_ring(tracker, p).await;
+                }
             }
         }
     }
 }
 
-/// How often an interrupted read of chunks to preserve is tried again.
-const READ_RETRIES: u32 = 8;
+/// Write the chunks a request keeps past the memory limit into the spill
+/// file on the queue's ring, and hand them back
+/// ([`Tracker::store_read`]). Should the request be dropped while a
+/// write is in flight, the preservation's drop leaks its buffers and
+/// gives up its slots, and the file stays open.
+async fn spill_on_ring(tracker: &Tracker, p: tracking::Preservation) {
+    struct InFlight(Option<tracking::Preservation>, Option<Arc<std::fs::File>>);
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            std::mem::forget(self.1.take());
+        }
+    }
+    let file = match tracker.spill_file() {
+        Ok(f) => f,
+        Err(e) => {
+            let n = p.spill_writes().len();
+            let failed = (0..n)
+                .map(|_| Err(std::io::Error::new(e.kind(), e.to_string())))
+                .collect();
+            return tracker.spill_written(p, failed);
+        }
+    };
+    let fd = file.as_raw_fd();
+    let mut held = InFlight(Some(p), Some(file));
+    let writes: Vec<(u64, *const u8, usize)> = held
+        .0
+        .as_ref()
+        .expect("held")
+        .spill_writes()
+        .into_iter()
+        .map(|(at, data)| (at, data.as_ptr(), data.len()))
+        .collect();
+    let mut written = Vec::new();
+    for (at, ptr, len) in writes {
+        written.push(write_on_ring(fd, at, ptr, len).await);
+    }
+    let p = held.0.take().expect("held");
+    drop(held.1.take());
+    tracker.spill_written(p, written);
+}
+
+/// Write `len` bytes from `ptr` at `at` of `fd` on the queue's ring; the
+/// caller keeps both alive until it answers (or leaks them).
+async fn write_on_ring(fd: i32, at: u64, ptr: *const u8, len: usize) -> std::io::Result<()> {
+    let (mut done, mut retries) = (0, 0);
+    while done < len {
+        // SAFETY: within the caller's buffer, kept alive as documented.
+        let from = unsafe { ptr.add(done) };
+        let sqe = io_uring::opcode::Write::new(io_uring::types::Fd(fd), from, (len - done) as u32)
+            .offset(at + done as u64)
+            .build();
+        let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+            .await
+            .unwrap_or(-libc::EIO);
+        match res {
+            n if n > 0 => done += n as usize,
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n if (n == -libc::EINTR || n == -libc::EAGAIN) && retries < RING_RETRIES => {
+                retries += 1
+            }
+            n => return Err(std::io::Error::from_raw_os_error(-n)),
+        }
+    }
+    Ok(())
+}
+
+/// How often an interrupted read of chunks to preserve, or write of them
+/// to the spill, is tried again.
+const RING_RETRIES: u32 = 8;
 
 /// Read `range` of the backing file on the queue's ring into a new
 /// buffer (aligned for `O_DIRECT`). Should the request be dropped while
@@ -1290,7 +1360,7 @@ async fn read_on_ring(range: std::ops::Range<u64>) -> std::io::Result<AlignedBuf
                 continue;
             }
             0 => std::io::ErrorKind::UnexpectedEof.into(),
-            n if (n == -libc::EINTR || n == -libc::EAGAIN) && retries < READ_RETRIES => {
+            n if (n == -libc::EINTR || n == -libc::EAGAIN) && retries < RING_RETRIES => {
                 retries += 1;
                 continue;
             }
