@@ -2154,18 +2154,22 @@ mod tests {
         (t, disk)
     }
 
+    /// `req`, left to the preservers, waits for its chunks, whose spill
+    /// write is held at the gate until the first answer is dropped.
+    fn spill_held<'a>(t: &'a Tracker, req: &Request) -> (impl Drop + 'a, Arc<Wake>) {
+        let held = t.spill.gate.hold();
+        let w = waits(t.prepare_write_leaving_reads(req).unwrap());
+        t.spill.gate.writer_held();
+        (held, w)
+    }
+
     #[test]
     fn a_preserver_writes_the_spill_without_holding_back_other_writes() {
         let dir = tempfile::tempdir().unwrap();
         let (t, disk) = sealed_spilling(dir.path(), 16384);
-        let held = t.spill.gate.hold();
         // No room in memory: a preserver reads chunk 0, reserves a spill
         // slot for it, and writes it without the tracker's lock.
-        let w = waits(
-            t.prepare_write_leaving_reads(&Request::write(0, 4096))
-                .unwrap(),
-        );
-        t.spill.gate.writer_held();
+        let (held, w) = spill_held(&t, &Request::write(0, 4096));
         assert!(
             t.live.try_lock().is_ok(),
             "the spill is written under the tracker's lock"
@@ -2203,12 +2207,7 @@ mod tests {
     fn an_epoch_released_while_its_chunks_spill_gives_the_slots_and_the_file_back() {
         let dir = tempfile::tempdir().unwrap();
         let (t, _disk) = sealed_spilling(dir.path(), 8192);
-        let held = t.spill.gate.hold();
-        let w = waits(
-            t.prepare_write_leaving_reads(&Request::write(0, 8192))
-                .unwrap(),
-        );
-        t.spill.gate.writer_held();
+        let (held, w) = spill_held(&t, &Request::write(0, 8192));
         // Released while the slots are being written: the spill file is
         // not given back under the write (its slots could be handed out
         // again), but once the write is done.
