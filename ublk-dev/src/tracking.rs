@@ -60,9 +60,11 @@
 //! written and handed back), every write that needs it waits, so
 //! no write into it is issued in between, and the bytes read (by the
 //! request or a preserver) are the bytes at the cut it was asked for.
-//! Neither the tracker's lock nor any other request waits for a spill
-//! write: a reserved slot is its writer's alone until handed back, and
-//! the spill file is not given back while one is reserved.
+//! The tracker's lock is never held for a spill write, and a write waits
+//! for no spill write but that of the chunks it writes into (and of the
+//! other jobs in their preserver's batch, handed back together): a
+//! reserved slot is its writer's alone until handed back, and the spill
+//! file is not given back while one is reserved.
 //! Cuts taken meanwhile
 //! change nothing: with no write in between, the chunk at the later cut is
 //! the same, and a write after them that needs a newer version finds the
@@ -314,9 +316,8 @@ struct Live {
     /// changed, with when (ms), oldest first: they stay marked while
     /// recent.
     recent: VecDeque<(u64, RangeSet)>,
-    /// Bytes of chunks that requests are reading to preserve themselves
-    /// ([`Prepared::Read`]): at most [`READ_BUDGET`], and at most the
-    /// memory left for preserved chunks when they began.
+    /// Bytes of chunks that requests are reading (or spilling) to
+    /// preserve themselves ([`Prepared::Read`]): at most [`READ_BUDGET`].
     reading: u64,
     /// How many requests are reading so.
     readers: u64,
@@ -554,14 +555,21 @@ impl Preservation {
     /// (`written`, in [`Preservation::write_spill`]'s order; missing ones
     /// count as failed) and wake the writes that waited for the chunks.
     fn finish(&mut self, live: &mut Live, written: Vec<std::io::Result<()>>) {
-        let mut written = written.into_iter();
-        for (_, runs) in std::mem::take(&mut self.spilling) {
-            for run in runs {
-                let result = written
-                    .next()
-                    .unwrap_or_else(|| Err(std::io::Error::other("not written")));
-                live.epochs.spill_written(run, result);
-            }
+        // Runs are handed back one at a time, from the last: should one
+        // panic, those left are still here for the drop to give up.
+        let mut at: usize = self.spilling.iter().map(|(_, runs)| runs.len()).sum();
+        let mut written: Vec<_> = written.into_iter().map(Some).collect();
+        while let Some((_, runs)) = self.spilling.last_mut() {
+            let Some(run) = runs.pop() else {
+                self.spilling.pop();
+                continue;
+            };
+            at -= 1;
+            let result = written
+                .get_mut(at)
+                .and_then(Option::take)
+                .unwrap_or_else(|| Err(std::io::Error::other("not written")));
+            live.epochs.spill_written(run, result);
         }
         for c in std::mem::take(&mut self.chunks) {
             live.preserved(c);
@@ -664,6 +672,11 @@ fn preserver(live: &Mutex<Live>, file: &File, jobs: &Jobs) {
                 let mut live = lock(live);
                 for (p, reads) in batch.iter_mut().zip(reads) {
                     p.store(&mut live, reads);
+                    if p.spilling.is_empty() {
+                        // Kept in memory: its writes need not wait for
+                        // the others' spill writes.
+                        p.finish(&mut live, Vec::new());
+                    }
                 }
             }
             let written: Vec<_> = batch.iter().map(Preservation::write_spill).collect();
@@ -2446,19 +2459,51 @@ mod tests {
     }
 
     #[test]
+    fn each_spill_write_is_handed_back_to_its_own_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, disk) = sealed_spilling(dir.path(), 16384);
+        // Chunk 1 a hole (kept as nothing): runs of chunk 0, then 2-3.
+        disk.write_all_at(&[0; 4096], 4096).unwrap();
+        let p = reads(t.prepare_write(&Request::write(0, 16384)).unwrap());
+        let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
+        let p = t.store_read(p, runs).expect("spill writes owed");
+        let at: Vec<(u64, usize)> = p
+            .spill_writes()
+            .iter()
+            .map(|(at, data)| (*at, data.len()))
+            .collect();
+        assert_eq!(at, [(0, 4096), (CHUNK, 8192)]);
+        // The first failed, the second was written: chunks 2-3 are kept,
+        // chunk 0 breaks the epoch.
+        let file = t.spill_file().unwrap();
+        file.write_all_at(&[1; 8192], CHUNK).unwrap();
+        let failed = Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        t.spill_written(p, vec![failed, Ok(())]);
+        assert_eq!(t.status().preserved_spilled_bytes, 2 * CHUNK);
+        assert!(t.epoch(1).unwrap().broken.is_some());
+    }
+
+    #[test]
     fn a_request_gone_with_its_spill_write_owed_breaks_the_epoch_and_its_slots_stay_unused() {
         let dir = tempfile::tempdir().unwrap();
-        let (t, _disk) = sealed_spilling(dir.path(), 16384);
+        let (t, disk) = sealed_spilling(dir.path(), 16384);
         let owing = |offset| {
             let p = reads(t.prepare_write(&Request::write(offset, 4096)).unwrap());
             let runs = p.runs().into_iter().map(|r| read_run(&t.file, r)).collect();
             t.store_read(p, runs).expect("spill writes owed")
         };
+        let pay = |p: &Preservation| -> Vec<std::io::Result<()>> {
+            let file = t.spill_file().unwrap();
+            p.spill_writes()
+                .into_iter()
+                .map(|(at, data)| file.write_all_at(data, at))
+                .collect()
+        };
         let p = owing(0);
         assert_eq!(p.spill_writes()[0].0, 0);
         let q = owing(4096);
         assert_eq!(q.spill_writes()[0].0, CHUNK);
-        let written = q.spill_writes().iter().map(|_| Ok(())).collect();
+        let written = pay(&q);
         t.spill_written(q, written);
         let w = waits(t.prepare_write(&Request::write(0, 512)).unwrap());
         // Its queue went down with the write in flight: the epoch breaks,
@@ -2476,10 +2521,13 @@ mod tests {
             2 * CHUNK,
             "a lost slot handed out again"
         );
-        let written = p.spill_writes().iter().map(|_| Ok(())).collect();
+        let written = pay(&p);
         t.spill_written(p, written);
+        disk.write_all_at(&[2; 4096], 8192).unwrap();
+        assert_eq!(epoch_bytes(&t, 2, 8192..12288), vec![1; 4096]);
         assert_eq!(t.status().preserved_spilled_bytes, 2 * CHUNK);
         // Released: the spill is given back, the lost slot with it.
+        assert!(lock(&t.spill.file).is_some());
         t.release(1).unwrap();
         t.release(2).unwrap();
         assert!(lock(&t.spill.file).is_none());

@@ -1258,8 +1258,8 @@ async fn tracked(
 }
 
 /// Write the chunks a request keeps past the memory limit into the spill
-/// file on the queue's ring, and hand them back
-/// ([`Tracker::store_read`]). Should the request be dropped while a
+/// file on the queue's ring (owed since [`Tracker::store_read`]), and
+/// hand them back ([`Tracker::spill_written`]). Should the request be dropped while a
 /// write is in flight, the preservation's drop leaks its buffers and
 /// gives up its slots, and the file stays open.
 async fn spill_on_ring(tracker: &Tracker, p: tracking::Preservation) {
