@@ -15,7 +15,8 @@
 //! since the Unix epoch, from the caller's clock) wherever it is recorded:
 //! [`Epochs::new`], [`Epochs::record`], [`Epochs::record_carried`],
 //! [`Epochs::seal`], [`Epochs::resync_all`]. The content of chunks comes in
-//! as bytes the caller read from the backing file ([`Epochs::preserve`]),
+//! as bytes the caller read from the backing file
+//! ([`Epochs::preserve_run_deferred`]),
 //! and backing-file bytes to overlay come in as a buffer
 //! ([`Epochs::overlay`]). Preserved chunks beyond the memory limit go to a
 //! [`Spill`] the caller provides: this module decides which slot holds
@@ -44,7 +45,8 @@
 //!
 //! The caller ([`crate::tracking::Tracker`]) does the I/O: it asks
 //! [`Epochs::to_preserve`] which chunks a write needs preserved, reads them
-//! from the backing file, and stores them with [`Epochs::preserve_at`]
+//! from the backing file, and stores them with
+//! [`Epochs::preserve_run_deferred`]
 //! (at the cut it was asked for), all before the write is issued. The
 //! read need not happen under the caller's lock, as long as no write to
 //! those chunks is issued between the question and the store: see
@@ -231,8 +233,7 @@ pub enum EpochError {
 /// storage.
 ///
 /// It is shared: [`Epochs`] reads and clears it under its owner's lock,
-/// and a caller writes the slots it reserved ([`Epochs::spill`]) without
-/// that lock. [`Epochs`] never clears it while a slot is reserved, and
+/// and a caller writes the slots it reserved without that lock. [`Epochs`] never clears it while a slot is reserved, and
 /// hands no slot to two writers.
 pub trait Spill: std::fmt::Debug + Send + Sync {
     /// Store `data` in the slots from `first` on, [`CHUNK`] bytes each (the
@@ -334,23 +335,14 @@ impl Store {
         runs
     }
 
-    /// `run`'s slots were written (or not: `result`): keep the versions of
-    /// its chunks that `needed` still asks for, free the other slots, and
-    /// answer the chunks that could not be kept.
-    fn spill_written(
-        &mut self,
-        run: SpillRun,
-        result: &std::io::Result<()>,
-        needed: impl Fn(u64) -> bool,
-    ) -> Vec<u64> {
+    /// `run`'s slots were written: keep the version of its `i`th chunk
+    /// where `keep[i]` (all false: the write failed), and free the other
+    /// slots.
+    fn spill_written(&mut self, run: SpillRun, keep: &[bool]) {
         self.reserved -= run.count;
-        let mut failed = Vec::new();
-        for i in 0..run.count {
+        for (i, &keep) in (0..run.count).zip(keep) {
             let (chunk, slot) = (run.first_chunk + i, run.first_slot + i);
-            if result.is_err() {
-                failed.push(chunk);
-                self.spill_free.push(slot);
-            } else if needed(chunk) {
+            if keep {
                 self.spilled += 1;
                 self.insert(chunk, run.cut, Slot::Spilled(slot));
             } else {
@@ -358,16 +350,14 @@ impl Store {
             }
         }
         self.clear_if_empty();
-        failed
     }
 
     /// `run`'s write may still be in flight, its outcome unknown: its
     /// chunks are not kept, and its slots are not handed out again before
-    /// the spill is cleared (answered: the chunks).
-    fn spill_lost(&mut self, run: SpillRun) -> Range<u64> {
+    /// the spill is cleared.
+    fn spill_lost(&mut self, run: SpillRun) {
         self.reserved -= run.count;
         self.clear_if_empty();
-        run.first_chunk..run.first_chunk + run.count
     }
 
     /// Keep `slot` as `chunk`'s version at `cut`.
@@ -645,30 +635,16 @@ impl Epochs {
             .collect()
     }
 
-    /// Keep `data`, chunk `c`'s content at the cut of the last sealed
-    /// epoch, for the sealed epochs that need it. On failure every sealed
-    /// epoch that needs the chunk is marked broken (the write goes ahead:
-    /// the cut is lost, never the local data).
-    pub fn preserve(&mut self, c: u64, data: &[u8]) {
-        self.preserve_at(c, self.current - 1, data);
+    /// [`Epochs::preserve_run_at`] of one chunk at the cut of the last
+    /// sealed epoch.
+    #[cfg(test)]
+    fn preserve(&mut self, c: u64, data: &[u8]) {
+        self.preserve_run_at(c, self.current - 1, data);
     }
 
-    /// Keep `data`, chunk `c`'s content at the cut of epoch `cut` (the last
-    /// sealed one when [`Epochs::to_preserve`] asked for it: a caller that
-    /// read the chunk since, with no write to it issued in between, may
-    /// store it after later cuts). Nothing is kept when no epoch reads it
-    /// any more (those sealed up to `cut` that touched the chunk were
-    /// released or broken meanwhile): the bytes may be torn by a write
-    /// that no longer had to wait.
-    pub fn preserve_at(&mut self, c: u64, cut: u64, data: &[u8]) {
-        self.preserve_run_at(c, cut, data);
-    }
-
-    /// [`Epochs::preserve_at`] for the adjacent chunks from `first` on,
-    /// whose content is `data` (whole chunks; the device's last may be
-    /// short): those past the memory limit go to the spill in as few
-    /// writes as it allows, made here.
-    pub fn preserve_run_at(&mut self, first: u64, cut: u64, data: &[u8]) {
+    /// [`Epochs::preserve_run_deferred`], its spill writes made here.
+    #[cfg(test)]
+    fn preserve_run_at(&mut self, first: u64, cut: u64, data: &[u8]) {
         for run in self.preserve_run_deferred(first, cut, data) {
             let result = self
                 .store
@@ -678,9 +654,20 @@ impl Epochs {
         }
     }
 
-    /// [`Epochs::preserve_run_at`], but the spill writes are the caller's:
-    /// write each run answered ([`Epochs::spill`]), with no write to its
-    /// chunks issued meanwhile, and hand it back to
+    /// Keep `data`, the content at the cut of epoch `cut` of the adjacent
+    /// chunks from `first` on (whole chunks; the device's last may be
+    /// short), for the sealed epochs that need them. `cut` is the last
+    /// sealed epoch when [`Epochs::to_preserve`] asked for them: a caller
+    /// that read them since, with no write to them issued in between, may
+    /// store them after later cuts. Nothing is kept of a chunk no epoch
+    /// reads any more (those sealed up to `cut` that touched it were
+    /// released or broke meanwhile): its bytes may be torn by a write that
+    /// no longer had to wait.
+    ///
+    /// What memory takes is kept at once. For the rest, spill slots are
+    /// reserved and answered as runs (adjacent slots for adjacent chunks):
+    /// the caller writes each ([`Spill::write`]), with no write to its
+    /// chunks issued meanwhile, and hands it back to
     /// [`Epochs::spill_written`]. Until then the run's chunks read from
     /// the backing file (see the module docs).
     pub fn preserve_run_deferred(&mut self, first: u64, cut: u64, data: &[u8]) -> Vec<SpillRun> {
@@ -704,16 +691,11 @@ impl Epochs {
     /// chunks are lost to the epochs that needed them, as by a failed
     /// write, and its slots are not used again until the spill is cleared.
     pub fn spill_lost(&mut self, run: SpillRun) {
-        let cut = run.cut;
-        for c in self.store.spill_lost(run) {
+        let (cut, chunks) = (run.cut, run.first_chunk..run.first_chunk + run.count);
+        self.store.spill_lost(run);
+        for c in chunks {
             self.preserve_failed_at(c, cut, "a chunk's spill write was given up");
         }
-    }
-
-    /// The spill, for writing the runs [`Epochs::preserve_run_deferred`]
-    /// reserved.
-    pub fn spill(&self) -> Arc<dyn Spill> {
-        self.store.spill.clone()
     }
 
     /// `run`, reserved by [`Epochs::preserve_run_deferred`], was written
@@ -721,15 +703,14 @@ impl Epochs {
     /// still needs them; a failed write breaks the epochs that needed its
     /// chunks, as a failed read does.
     pub fn spill_written(&mut self, run: SpillRun, result: std::io::Result<()>) {
-        let (cut, first) = (run.cut, run.first_chunk);
-        let needed: Vec<bool> = (first..first + run.count)
-            .map(|c| self.needs(c, cut))
+        let (cut, chunks) = (run.cut, run.first_chunk..run.first_chunk + run.count);
+        let keep: Vec<bool> = chunks
+            .clone()
+            .map(|c| result.is_ok() && self.needs(c, cut))
             .collect();
-        let failed = self
-            .store
-            .spill_written(run, &result, |c| needed[(c - first) as usize]);
-        if let Err(e) = &result {
-            for c in failed {
+        self.store.spill_written(run, &keep);
+        if let Err(e) = result {
+            for c in chunks {
                 self.preserve_failed_at(c, cut, &format!("cannot preserve a chunk: {e}"));
             }
         }
@@ -1094,6 +1075,19 @@ mod tests {
         (e, spill)
     }
 
+    /// `chunks` chunks of `byte`.
+    fn fill(byte: u8, chunks: usize) -> Vec<u8> {
+        vec![byte; chunks * CHUNK as usize]
+    }
+
+    /// Chunk `c` as epoch `id` reads it where the backing file holds
+    /// `file` bytes.
+    fn chunk_at_cut(e: &Epochs, id: u64, c: u64, file: u8) -> Vec<u8> {
+        let mut buf = vec![file; CHUNK as usize];
+        e.overlay(id, c * CHUNK, &mut buf).unwrap();
+        buf
+    }
+
     #[test]
     fn only_chunks_a_sealed_epoch_needs_are_preserved_once() {
         let (mut e, _d) = epochs(1 << 20);
@@ -1149,10 +1143,8 @@ mod tests {
         assert_eq!(e.store_usage().spilled_bytes, 8 * CHUNK);
         // Each chunk reads back as the cut, whatever the file holds now.
         for c in (0..8).chain(10..12) {
-            let mut buf = vec![9u8; CHUNK as usize];
-            e.overlay(1, c * CHUNK, &mut buf).unwrap();
             let want = &data[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize];
-            assert_eq!(buf, want, "chunk {c}");
+            assert_eq!(chunk_at_cut(&e, 1, c, 9), want, "chunk {c}");
         }
         // A spill that fails breaks the epoch and keeps nothing.
         let (mut e, spill) = epochs(0);
@@ -1167,7 +1159,6 @@ mod tests {
     #[test]
     fn chunks_spilled_into_reused_slots_read_back_as_theirs() {
         let (mut e, spill) = epochs(0);
-        let fill = |byte: u8, chunks: usize| vec![byte; chunks * CHUNK as usize];
         e.record(ChangeKind::Data, 0..4 * CHUNK, 0);
         assert_eq!(e.seal(false, 0), 1);
         e.record(ChangeKind::Data, 10 * CHUNK..12 * CHUNK, 0);
@@ -1187,8 +1178,7 @@ mod tests {
         assert_eq!(spill.slots().writes, 5);
         for (c, want) in [(20, 10), (21, 11), (22, 12), (10, 2), (11, 2)] {
             let id = if c < 20 { 2 } else { 3 };
-            let mut buf = vec![0u8; CHUNK as usize];
-            e.overlay(id, c * CHUNK, &mut buf).unwrap();
+            let buf = chunk_at_cut(&e, id, c, 0);
             assert_eq!(buf, vec![want; CHUNK as usize], "chunk {c}");
         }
     }
@@ -1196,7 +1186,6 @@ mod tests {
     #[test]
     fn reserved_spill_slots_are_nobody_elses_until_handed_back() {
         let (mut e, spill) = epochs(0);
-        let fill = |byte: u8, chunks: usize| vec![byte; chunks * CHUNK as usize];
         e.record(ChangeKind::Data, 0..4 * CHUNK, 0);
         assert_eq!(e.seal(false, 0), 1);
         // Chunks 0-3 get slots 0-3, in one run; nothing is written yet,
@@ -1213,9 +1202,11 @@ mod tests {
             }]
         );
         assert_eq!(spill.slots().writes, 0);
-        let mut buf = fill(9, 1);
-        e.overlay(1, 0, &mut buf).unwrap();
-        assert_eq!(buf, fill(9, 1), "a version read before it was written");
+        assert_eq!(
+            chunk_at_cut(&e, 1, 0, 9),
+            fill(9, 1),
+            "a version read before it was written"
+        );
         // Another epoch's chunks get other slots.
         e.record(ChangeKind::Data, 10 * CHUNK..11 * CHUNK, 0);
         assert_eq!(e.seal(false, 0), 2);
@@ -1227,14 +1218,12 @@ mod tests {
         e.release(1).unwrap();
         e.spill_written(run, Ok(()));
         for run in other {
-            e.spill().write(run.first_slot, &fill(2, 1)).unwrap();
+            spill.write(run.first_slot, &fill(2, 1)).unwrap();
             e.spill_written(run, Ok(()));
         }
         assert_eq!(spill.slots().clears, 0);
         assert_eq!(e.store_usage().spilled_bytes, CHUNK);
-        let mut buf = fill(9, 1);
-        e.overlay(2, 10 * CHUNK, &mut buf).unwrap();
-        assert_eq!(buf, fill(2, 1));
+        assert_eq!(chunk_at_cut(&e, 2, 10, 9), fill(2, 1));
         // Released: nothing holds or awaits a slot, the spill is given back.
         e.release(2).unwrap();
         assert_eq!(spill.slots().clears, 1);

@@ -443,9 +443,8 @@ pub struct Preservation {
     /// [`Preservation::store`] ran.
     stored: bool,
     /// What was read that goes to spill slots reserved for it, to write
-    /// without the lock, and the spill.
+    /// without the lock.
     spilling: Vec<(AlignedBuf, Vec<SpillRun>)>,
-    spill: Option<Arc<dyn Spill>>,
 }
 
 impl std::fmt::Debug for Preservation {
@@ -506,7 +505,6 @@ impl Preservation {
                         live.epochs
                             .preserve_run_deferred(first, self.cut, &buf.as_slice()[..len]);
                     if !spill.is_empty() {
-                        self.spill.get_or_insert_with(|| live.epochs.spill());
                         self.spilling.push((buf, spill));
                     }
                 }
@@ -524,30 +522,28 @@ impl Preservation {
         self.stored = true;
     }
 
-    /// Settling's second step, without the lock: write the spill slots
-    /// [`Preservation::store`] reserved, one write per run.
-    fn write_spill(&self) -> Vec<std::io::Result<()>> {
-        let Some(spill) = &self.spill else {
-            return Vec::new();
-        };
-        self.spilling
-            .iter()
-            .flat_map(|(buf, runs)| {
-                runs.iter()
-                    .map(|r| spill.write(r.first_slot, &buf.as_slice()[r.at.clone()]))
-            })
+    /// The runs [`Preservation::store`] reserved, in order: the first
+    /// slot of each, and its bytes.
+    fn spill_runs(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.spilling.iter().flat_map(|(buf, runs)| {
+            runs.iter()
+                .map(|r| (r.first_slot, &buf.as_slice()[r.at.clone()]))
+        })
+    }
+
+    /// Settling's second step, without the lock: write the runs into
+    /// `spill`, one write each.
+    fn write_spill(&self, spill: &dyn Spill) -> Vec<std::io::Result<()>> {
+        self.spill_runs()
+            .map(|(slot, data)| spill.write(slot, data))
             .collect()
     }
 
     /// The spill writes [`Tracker::store_read`] left to its caller, in
     /// order: where in [`Tracker::spill_file`], and what.
     pub fn spill_writes(&self) -> Vec<(u64, &[u8])> {
-        self.spilling
-            .iter()
-            .flat_map(|(buf, runs)| {
-                runs.iter()
-                    .map(|r| (SpillFile::at(r.first_slot), &buf.as_slice()[r.at.clone()]))
-            })
+        self.spill_runs()
+            .map(|(slot, data)| (SpillFile::at(slot), data))
             .collect()
     }
 
@@ -637,8 +633,8 @@ pub struct Tracker {
     cow_waits: AtomicU64,
     jobs: Arc<Jobs>,
     preservers: Vec<JoinHandle<()>>,
-    /// The spill of [`Live::epochs`], for requests that write it on their
-    /// rings ([`Tracker::store_read`]).
+    /// The spill of [`Live::epochs`], which the preservers and requests
+    /// ([`Tracker::store_read`]) write.
     spill: Arc<SpillFile>,
 }
 
@@ -661,7 +657,7 @@ impl Drop for Tracker {
 /// docs). A batch that panics drops what it had not settled, which fails
 /// those chunks ([`Preservation`]'s drop), so no write waits for them
 /// forever; the thread goes on.
-fn preserver(live: &Mutex<Live>, file: &File, jobs: &Jobs) {
+fn preserver(live: &Mutex<Live>, file: &File, spill: &SpillFile, jobs: &Jobs) {
     while let Some(mut batch) = jobs.next_batch() {
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let reads: Vec<Vec<_>> = batch
@@ -679,7 +675,7 @@ fn preserver(live: &Mutex<Live>, file: &File, jobs: &Jobs) {
                     }
                 }
             }
-            let written: Vec<_> = batch.iter().map(Preservation::write_spill).collect();
+            let written: Vec<_> = batch.iter().map(|p| p.write_spill(spill)).collect();
             let mut live = lock(live);
             for (p, written) in batch.iter_mut().zip(written) {
                 p.finish(&mut live, written);
@@ -809,14 +805,15 @@ impl Tracker {
             spill,
         };
         for i in 0..PRESERVERS {
-            let (live, file, jobs) = (
+            let (live, file, spill, jobs) = (
                 tracker.live.clone(),
                 tracker.file.clone(),
+                tracker.spill.clone(),
                 tracker.jobs.clone(),
             );
             let t = std::thread::Builder::new()
                 .name(format!("ublk-cow-{i}"))
-                .spawn(move || preserver(&live, &file, &jobs))
+                .spawn(move || preserver(&live, &file, &spill, &jobs))
                 .map_err(|e| Error::io("starting a copy-on-write thread", e))?;
             tracker.preservers.push(t);
         }
@@ -872,7 +869,7 @@ impl Tracker {
     /// chunks go on.
     pub fn preserve_read(&self, p: Preservation, reads: Vec<std::io::Result<AlignedBuf>>) {
         if let Some(p) = self.store_read(p, reads) {
-            let written = p.write_spill();
+            let written = p.write_spill(self.spill.as_ref());
             self.spill_written(p, written);
         }
     }
@@ -970,7 +967,6 @@ impl Tracker {
                         live: self.live.clone(),
                         stored: false,
                         spilling: Vec::new(),
-                        spill: None,
                     }));
                 }
                 // Before anything is noted: a write that cannot wait
@@ -998,7 +994,6 @@ impl Tracker {
                         live: self.live.clone(),
                         stored: false,
                         spilling: Vec::new(),
-                        spill: None,
                     });
                 }
                 return Ok(Prepared::Wait(wake));
