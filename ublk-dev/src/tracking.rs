@@ -813,7 +813,11 @@ impl Tracker {
             );
             let t = std::thread::Builder::new()
                 .name(format!("ublk-cow-{i}"))
-                .spawn(move || preserver(&live, &file, &spill, &jobs))
+                .spawn(move || {
+                    // Writes wait for it: run it as soon as it can go on.
+                    crate::system::shorten_this_threads_slice(crate::system::IO_THREAD_SLICE);
+                    preserver(&live, &file, &spill, &jobs)
+                })
                 .map_err(|e| Error::io("starting a copy-on-write thread", e))?;
             tracker.preservers.push(t);
         }
