@@ -6,6 +6,18 @@ source "$(dirname "$0")/lib.sh"
 
 IMG=$WORK/disk.img
 start_dev --backing "$IMG" --size 512M --queues 2
+# The device's I/O threads ask for a short time slice, so that they run as
+# soon as their I/O completes (kernels 6.12 and later take it and show it
+# in /proc): its 2 queue threads and 2 copy-on-write threads at least, and
+# not the daemon's other threads.
+# (A thread may end meanwhile: read each file once, quietly.)
+slices=$(grep -HE '^se\.slice ' /proc/"$DEV_PID"/task/*/sched 2>/dev/null || true)
+short=$(grep -cE ': +100000$' <<< "$slices" || true)
+longer=$(grep -cvE ': +100000$' <<< "$slices" || true)
+names=$(grep -E ': +100000$' <<< "$slices" | sed 's,/sched:.*,/comm,' | xargs cat 2>/dev/null | sort | tr '\n' ' ' || true)
+[ "$short" -ge 4 ] || fail "$short of the daemon's threads run with a 100 us slice ($names), not its 2 queues' and 2 copy-on-write threads'"
+[ "$longer" -ge 1 ] || fail "every thread of the daemon has the I/O threads' short slice"
+log "$short of the daemon's threads have the I/O threads' 100 us slice ($names), $longer the default"
 mkfs.ext4 -q -F -L ublk-e2e "$DEV"
 mkdir -p "$WORK/mnt"
 mount "$DEV" "$WORK/mnt"
