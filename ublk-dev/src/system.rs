@@ -88,6 +88,7 @@ struct SchedAttr {
 pub fn shorten_this_threads_slice(slice: std::time::Duration) -> bool {
     const SCHED_OTHER: u32 = 0;
     const SCHED_BATCH: u32 = 3;
+    const SCHED_FLAG_RESET_ON_FORK: u64 = 1;
     let size = std::mem::size_of::<SchedAttr>() as u32;
     let mut attr = SchedAttr::default();
     // SAFETY: sched_getattr writes at most `size` bytes into `attr`, a
@@ -105,6 +106,8 @@ pub fn shorten_this_threads_slice(slice: std::time::Duration) -> bool {
         return false;
     }
     attr.size = size;
+    // Only what this first version of the struct can carry (no clamps).
+    attr.flags &= SCHED_FLAG_RESET_ON_FORK;
     attr.runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
     // SAFETY: sched_setattr reads `attr`, a valid `struct sched_attr` of
     // `attr.size` bytes, and changes only the calling thread.
