@@ -289,7 +289,7 @@ fn sustained(
             lags
         });
         // The writer is what a queue thread of the daemon would be.
-        ublk_dev::system::shorten_this_threads_slice(ublk_dev::system::IO_THREAD_SLICE);
+        ublk_dev::system::shorten_this_threads_slice();
         let started = Instant::now();
         for i in 0..count {
             let slot = started + period * i as u32;

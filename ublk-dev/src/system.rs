@@ -73,22 +73,38 @@ struct SchedAttr {
     period: u64,
 }
 
-/// Ask the scheduler to give the calling thread `slice` at a time (the
-/// kernel keeps it between 0.1 and 100 ms), keeping its policy and nice
-/// value: true if the kernel took it. A thread with a shorter slice than
-/// the one running preempts it when it wakes (EEVDF's custom slices,
-/// Linux 6.12 and later). Without one, a queue thread whose I/O
-/// completed waits for the running thread's slice to end (1.4 ms on 2
-/// CPUs, up to 2.8 ms on more; whatever its nice value), so the
-/// replicator's threads at nice 10 still added up to a millisecond to the
-/// device's write latency at p99 (`scripts/bench-lag`).
+/// Ask the scheduler to give the calling thread [`IO_THREAD_SLICE`] at a
+/// time, keeping its policy and nice value: true if the kernel took it. A
+/// thread with a shorter slice than the one running preempts it when it
+/// wakes (EEVDF's custom slices, Linux 6.12 and later). Without one, a
+/// queue thread whose I/O completed waits for the running thread's slice
+/// to end (1.4 ms on 2 CPUs, up to 2.8 ms on more; whatever its nice
+/// value), so the replicator's threads at nice 10 still added up to a
+/// millisecond to the device's write latency at p99 (`scripts/bench-lag`).
 /// Only normal and batch threads are changed (a thread made real-time by
 /// its admin is left as it is). A hint: older kernels ignore it, and it
 /// fails quietly.
-pub fn shorten_this_threads_slice(slice: std::time::Duration) -> bool {
+pub fn shorten_this_threads_slice() -> bool {
     const SCHED_OTHER: u32 = 0;
     const SCHED_BATCH: u32 = 3;
     const SCHED_FLAG_RESET_ON_FORK: u64 = 1;
+    let Some(mut attr) =
+        this_threads_attr().filter(|a| matches!(a.policy, SCHED_OTHER | SCHED_BATCH))
+    else {
+        return false;
+    };
+    // Only what this first version of the struct can carry (no clamps).
+    attr.flags &= SCHED_FLAG_RESET_ON_FORK;
+    attr.runtime = u64::try_from(IO_THREAD_SLICE.as_nanos()).unwrap_or(u64::MAX);
+    // SAFETY: sched_setattr reads `attr`, a valid `struct sched_attr` of
+    // `attr.size` bytes, and changes only the calling thread.
+    let set = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    set == 0 && this_threads_slice() == Some(attr.runtime)
+}
+
+/// The calling thread's scheduling attributes (`sched_getattr`), with
+/// `size` set for [`SchedAttr`].
+fn this_threads_attr() -> Option<SchedAttr> {
     let size = std::mem::size_of::<SchedAttr>() as u32;
     let mut attr = SchedAttr::default();
     // SAFETY: sched_getattr writes at most `size` bytes into `attr`, a
@@ -102,34 +118,13 @@ pub fn shorten_this_threads_slice(slice: std::time::Duration) -> bool {
             0,
         )
     };
-    if got != 0 || !matches!(attr.policy, SCHED_OTHER | SCHED_BATCH) {
-        return false;
-    }
-    attr.size = size;
-    // Only what this first version of the struct can carry (no clamps).
-    attr.flags &= SCHED_FLAG_RESET_ON_FORK;
-    attr.runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
-    // SAFETY: sched_setattr reads `attr`, a valid `struct sched_attr` of
-    // `attr.size` bytes, and changes only the calling thread.
-    let set = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
-    set == 0 && this_threads_slice() == Some(attr.runtime)
+    (got == 0).then_some(SchedAttr { size, ..attr })
 }
 
 /// The calling thread's time slice in ns, as the kernel reports it (Linux
 /// 6.12 and later; `None` before, where it reports none).
 fn this_threads_slice() -> Option<u64> {
-    let mut attr = SchedAttr::default();
-    // SAFETY: as in `shorten_this_threads_slice`.
-    let got = unsafe {
-        libc::syscall(
-            libc::SYS_sched_getattr,
-            0,
-            &mut attr as *mut SchedAttr,
-            std::mem::size_of::<SchedAttr>() as u32,
-            0,
-        )
-    };
-    (got == 0 && attr.runtime != 0).then_some(attr.runtime)
+    this_threads_attr().map(|a| a.runtime).filter(|&ns| ns != 0)
 }
 
 /// Go on in the background: fork; the child (`Ok(None)`) carries on in a
@@ -357,7 +352,7 @@ mod tests {
         let nice = nice_of_this_thread();
         let (took, slice, nice_after) = std::thread::spawn(move || {
             lower_this_thread(nice + 3);
-            let took = shorten_this_threads_slice(IO_THREAD_SLICE);
+            let took = shorten_this_threads_slice();
             (took, this_threads_slice(), nice_of_this_thread())
         })
         .join()

@@ -815,7 +815,7 @@ impl Tracker {
                 .name(format!("ublk-cow-{i}"))
                 .spawn(move || {
                     // Writes wait for it: run it as soon as it can go on.
-                    crate::system::shorten_this_threads_slice(crate::system::IO_THREAD_SLICE);
+                    crate::system::shorten_this_threads_slice();
                     preserver(&live, &file, &spill, &jobs)
                 })
                 .map_err(|e| Error::io("starting a copy-on-write thread", e))?;

@@ -1090,7 +1090,7 @@ fn serve_queue(
 ) -> bool {
     // Its work between two waits is short: run it as soon as its I/O
     // completes, not after the replicator's slice.
-    let short = crate::system::shorten_this_threads_slice(crate::system::IO_THREAD_SLICE);
+    let short = crate::system::shorten_this_threads_slice();
     tracing::debug!(qid, short, "queue thread started");
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
