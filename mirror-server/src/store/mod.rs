@@ -94,6 +94,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::proto::{Digest, Writer};
 use ublk_mirror_common::{block, fsutil};
@@ -1369,63 +1370,48 @@ impl Volume {
             }
         }
         let mut differ = 0u64;
-        // The image's blocks are read in turn, mostly from disk (a catch-up
-        // of scattered writes touches blocks nothing read lately): each
-        // batch's blocks are asked for READ_AHEAD batches before they are
-        // read, so that the disk has many reads in flight instead of one.
-        // A batch's blocks are read, checked and hashed (two SHA-256 of
-        // the whole block each: most of this loop's work) on every core;
-        // the publication takes them in order.
-        let partial: Vec<(u64, Vec<Piece>)> = partial.into_iter().collect();
-        let ask = |batch: &[(u64, Vec<Piece>)]| {
-            for &(n, _) in batch {
-                fsutil::will_need(&self.image, n * block::BLOCK, block_len(n));
-            }
+        // The image's blocks are read, mostly from disk (a catch-up of
+        // scattered writes touches blocks nothing read lately), then
+        // checked and hashed: on every core, without waiting for each
+        // other. Each block is asked of the disk when its job is handed
+        // out, [`REBUILD_AHEAD`] blocks before the publication takes it,
+        // so that the disk has many reads in flight instead of one; the
+        // publication takes them in order, on this thread.
+        let mut blocks = partial.iter();
+        let next = |p: &mut Publication<'_>| -> Result<Option<Rebuild<'_>>> {
+            let Some((&n, on)) = blocks.next() else {
+                return Ok(None);
+            };
+            fsutil::will_need(&self.image, n * block::BLOCK, block_len(n));
+            let mut ranges = Vec::new();
+            changed_ranges(on, n * block::BLOCK, &mut ranges);
+            // What the version had there, where a patch on it may do (the
+            // publication reads it from the store's records).
+            let base = if format::patchable(block_len(n) as usize, &ranges) {
+                Some(p.base_digest(n)?).filter(|&was| was != HOLE)
+            } else {
+                None
+            };
+            Ok(Some(Rebuild {
+                n,
+                on,
+                ranges,
+                base,
+            }))
         };
-        let batches: Vec<&[(u64, Vec<Piece>)]> = partial.chunks(REBUILD_BATCH).collect();
-        for b in batches.iter().take(READ_AHEAD) {
-            ask(b);
-        }
-        // A batch is put in the publication (in order, on this thread)
-        // while the next one is rebuilt.
-        let mut done: Option<(Vec<Rebuild<'_>>, Vec<Rebuilt>)> = None;
-        for (i, batch) in batches.iter().enumerate() {
-            if let Some(next) = batches.get(i + READ_AHEAD) {
-                ask(next);
-            }
-            // What the version had in each block, where a patch on it may
-            // do (the publication reads it from the store's records).
-            let mut jobs = Vec::with_capacity(batch.len());
-            for &(n, ref on) in batch.iter() {
-                let start = n * block::BLOCK;
-                let mut ranges = Vec::new();
-                changed_ranges(on, start, &mut ranges);
-                let base = if format::patchable(block_len(n) as usize, &ranges) {
-                    Some(p.base_digest(n)?).filter(|&was| was != HOLE)
-                } else {
-                    None
-                };
-                jobs.push(Rebuild {
-                    n,
-                    on,
-                    ranges,
-                    base,
-                });
-            }
-            let before = done.take();
-            let rebuilt = rebuild_all(
-                &jobs,
-                |job| self.rebuild(job, &data, &data_path, store, name),
-                || match before {
-                    Some((jobs, rebuilt)) => put_rebuilt(&mut p, &jobs, rebuilt, &mut differ),
-                    None => Ok(()),
-                },
-            )?;
-            done = Some((jobs, rebuilt));
-        }
-        if let Some((jobs, rebuilt)) = done {
-            put_rebuilt(&mut p, &jobs, rebuilt, &mut differ)?;
-        }
+        in_order(
+            &mut p,
+            REBUILD_AHEAD,
+            next,
+            |job| self.rebuild(job, &data, &data_path, store, name),
+            |p, job, (block, hash, differed)| {
+                differ += u64::from(differed);
+                match job.base {
+                    Some(base) => p.put_patched(job.n, &block, hash, base, &job.ranges),
+                    None => p.put(job.n, Some(&block), hash),
+                }
+            },
+        )?;
         if differ > 0 {
             tracing::warn!(
                 volume = %name,
@@ -1469,10 +1455,21 @@ impl Volume {
         let len = block_len(self.state.size, job.n) as usize;
         let mut block = vec![0u8; len];
         self.read_at(&mut block, start)?;
+        // The bytes before the first changed range are the same in the
+        // image's block and in the new one: hashed once, for both digests
+        // (a random 4 KiB write saves half of a hash on average).
+        let same = job.ranges.first().map_or(len, |&(at, _)| at as usize);
+        let shared = same.min(len) / SHA256_BLOCK * SHA256_BLOCK;
+        let mut prefix = Sha256::new();
+        prefix.update(&block[..shared]);
         let mut differed = false;
         if let Some(was) = job.base {
-            if block::digest(&block) != was {
+            let mut image = prefix.clone();
+            image.update(&block[shared..]);
+            if <[u8; 32]>::from(image.finalize()) != was {
                 differed = true;
+                // Made again from another block: nothing is shared.
+                prefix = Sha256::new();
                 block = store.chunks(&[was])?.remove(0);
                 if block.len() != len {
                     return Err(Error::Corrupt(format!(
@@ -1492,8 +1489,8 @@ impl Volume {
                 None => dst.fill(0),
             }
         }
-        let hash = block::digest(&block);
-        Ok((block, hash, differed))
+        prefix.update(&block[if differed { 0 } else { shared }..]);
+        Ok((block, prefix.finalize().into(), differed))
     }
 }
 
@@ -1632,12 +1629,14 @@ struct Piece {
     at: Option<u64>,
 }
 
-/// Blocks covered in part that a catch-up rebuilds at once (read ahead,
-/// then read, checked and hashed on every core): 4 MiB of blocks held.
-const REBUILD_BATCH: usize = 64;
+/// Blocks covered in part that a catch-up hands out to be rebuilt and
+/// does not yet hold in its publication, at most: asked of the disk that
+/// far ahead, and 16 MiB of blocks held.
+const REBUILD_AHEAD: usize = 256;
 
-/// Batches asked of the disk ahead of the one rebuilt.
-const READ_AHEAD: usize = 4;
+/// The bytes SHA-256 takes at a time: a hash's state after a multiple of
+/// them can be carried on with different bytes.
+const SHA256_BLOCK: usize = 64;
 
 /// A block an epoch covers in part, to rebuild ([`Volume::rebuild`]).
 struct Rebuild<'a> {
@@ -1655,57 +1654,113 @@ struct Rebuild<'a> {
 /// whether the image's block differed from the version's.
 type Rebuilt = (Vec<u8>, Digest, bool);
 
-/// Put rebuilt blocks in the publication, each as a patch on its base
-/// where it has one; `differ` counts those whose image block differed.
-fn put_rebuilt(
-    p: &mut Publication<'_>,
-    jobs: &[Rebuild<'_>],
-    rebuilt: Vec<Rebuilt>,
-    differ: &mut u64,
-) -> Result<()> {
-    for (job, (block, hash, differed)) in jobs.iter().zip(rebuilt) {
-        *differ += u64::from(differed);
-        match job.base {
-            Some(base) => p.put_patched(job.n, &block, hash, base, &job.ranges)?,
-            None => p.put(job.n, Some(&block), hash)?,
-        }
-    }
-    Ok(())
-}
-
 /// Threads one publication rebuilds blocks on, at most: a server
 /// publishes many volumes' epochs at once.
 const REBUILD_THREADS: usize = 4;
 
-/// `work` done on each of `jobs`, spread over the machine's cores (up to
-/// [`REBUILD_THREADS`]), while this thread does `meanwhile`; the results
-/// in the jobs' order, or the first error.
-fn rebuild_all<J: Sync, T: Send>(
-    jobs: &[J],
+/// What a rebuilding thread hands back: the job, and its result or its
+/// panic (resumed on the calling thread, once the others have stopped).
+type Done<J, T> = (usize, J, std::thread::Result<Result<T>>);
+
+/// `work` done on each job `next` hands out (until `None`), spread over
+/// the machine's cores (up to [`REBUILD_THREADS`], no thread waiting for
+/// another), while this thread hands out jobs and `take`s each job's
+/// result in the order they were handed out. At most `ahead` jobs are
+/// out and not yet taken: what bounds the memory held. `state` is lent
+/// to `next` and `take` in turn. Stops at the first error.
+fn in_order<S, J: Send, T: Send>(
+    state: &mut S,
+    ahead: usize,
+    mut next: impl FnMut(&mut S) -> Result<Option<J>>,
     work: impl Fn(&J) -> Result<T> + Sync,
-    meanwhile: impl FnOnce() -> Result<()>,
-) -> Result<Vec<T>> {
+    mut take: impl FnMut(&mut S, J, T) -> Result<()>,
+) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(REBUILD_THREADS)
-        .min(jobs.len());
+        .min(REBUILD_THREADS);
     if threads <= 1 {
-        meanwhile()?;
-        return jobs.iter().map(&work).collect();
-    }
-    let per = jobs.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let parts: Vec<_> = jobs
-            .chunks(per)
-            .map(|part| scope.spawn(|| part.iter().map(&work).collect::<Result<Vec<T>>>()))
-            .collect();
-        let before = meanwhile();
-        let mut out = Vec::with_capacity(jobs.len());
-        for part in parts {
-            out.extend(part.join().expect("a rebuilding thread panicked")?);
+        while let Some(job) = next(state)? {
+            let done = work(&job)?;
+            take(state, job, done)?;
         }
-        before?;
-        Ok(out)
+        return Ok(());
+    }
+    // The jobs handed out and not yet begun, and whether no more come.
+    let queue = std::sync::Mutex::new((std::collections::VecDeque::<(usize, J)>::new(), false));
+    let handed = std::sync::Condvar::new();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Done<J, T>>();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let (queue, handed, work) = (&queue, &handed, &work);
+            scope.spawn(move || loop {
+                let job = {
+                    let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                    loop {
+                        if let Some(job) = q.0.pop_front() {
+                            break Some(job);
+                        }
+                        if q.1 {
+                            break None;
+                        }
+                        q = handed.wait(q).unwrap_or_else(|e| e.into_inner());
+                    }
+                };
+                let Some((i, job)) = job else { return };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&job)));
+                if done_tx.send((i, job, result)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        let mut panicked = None;
+        let result = (|| {
+            let (mut out, mut taken, mut more) = (0usize, 0usize, true);
+            let mut finished = BTreeMap::new();
+            loop {
+                while more && out - taken < ahead {
+                    match next(state)? {
+                        Some(job) => {
+                            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                            q.0.push_back((out, job));
+                            handed.notify_one();
+                            out += 1;
+                        }
+                        None => more = false,
+                    }
+                }
+                if taken == out {
+                    return Ok(());
+                }
+                let (i, job, result) = done_rx
+                    .recv()
+                    .expect("a job is out, so a rebuilding thread holds it");
+                finished.insert(i, (job, result));
+                while let Some((job, result)) = finished.remove(&taken) {
+                    match result {
+                        Ok(done) => take(state, job, done?)?,
+                        Err(panic) => {
+                            panicked = Some(panic);
+                            return Ok(());
+                        }
+                    }
+                    taken += 1;
+                }
+            }
+        })();
+        // The threads stop once the queue is empty (after an error, what
+        // is left in it is dropped).
+        {
+            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.0.clear();
+            q.1 = true;
+        }
+        handed.notify_all();
+        if let Some(panic) = panicked {
+            std::panic::resume_unwind(panic);
+        }
+        result
     })
 }
 
@@ -2506,11 +2561,14 @@ mod tests {
         );
         // The image's block 7 rots on disk: the next small write to it is
         // made on the store's chunk, not the image's block (the store
-        // keeps what the device wrote).
+        // keeps what the device wrote). It rots before the write and after
+        // it (the bytes before the first change are hashed once for both
+        // the image's block and the new one).
         let image = OpenOptions::new()
             .write(true)
             .open(dir.path().join("vol").join(IMAGE))
             .unwrap();
+        image.write_all_at(&[0xEE], 7 * B + 100).unwrap();
         image.write_all_at(&[0xEE], 7 * B + 9000).unwrap();
         let s = v.begin(3, me(3)).unwrap();
         let bytes = block(14, 4096);
@@ -2529,14 +2587,14 @@ mod tests {
         assert!(got[..] == model[(7 * B) as usize..(8 * B) as usize]);
     }
 
-    /// Blocks covered in part are rebuilt in batches, on several threads
-    /// while the batch before is put: many batches' worth, each its own
+    /// Blocks covered in part are rebuilt on several threads while the
+    /// ones before are put: many windows' worth, each its own
     /// patch on its block's chunk, make the epoch exactly, in the store and
     /// in the image.
     #[test]
     fn many_partial_blocks_are_rebuilt_in_batches_in_order() {
         const B: u64 = block::BLOCK;
-        const BIG: u64 = 256 * B;
+        const BIG: u64 = 1024 * B;
         let dir = tempfile::tempdir().unwrap();
         let memory = Arc::new(object_store::memory::InMemory::new());
         let store = Arc::new(ChunkStore::with(memory, "test".into(), 1 << 20).unwrap());
@@ -2546,7 +2604,7 @@ mod tests {
         publish_whole(&mut v, 1, &model);
         let s = v.begin(2, me(2)).unwrap();
         let touched: Vec<u64> = (0..BIG / B).filter(|n| n % 5 != 0).collect();
-        assert!(touched.len() > 3 * REBUILD_BATCH);
+        assert!(touched.len() > 3 * REBUILD_AHEAD);
         for &n in &touched {
             // One 4 KiB write in each, at a place that varies.
             let at = n * B + (n % 15) * 4096;
@@ -2565,6 +2623,90 @@ mod tests {
         v.read_at(&mut image, 0).unwrap();
         assert!(image == model, "the image is not the epoch");
         assert_eq!(store.usage().patches, touched.len() as u64);
+    }
+
+    /// Jobs that finish out of order are taken in the order they were
+    /// handed out, with never more than `ahead` of them out.
+    #[test]
+    fn rebuilt_blocks_are_taken_in_order_with_a_bounded_number_out() {
+        let (ahead, jobs) = (8usize, 200usize);
+        // (handed out, taken, the most out at once)
+        let mut seen = (0usize, Vec::new(), 0usize);
+        in_order(
+            &mut seen,
+            ahead,
+            |s| {
+                if s.0 == jobs {
+                    return Ok(None);
+                }
+                s.0 += 1;
+                s.2 = s.2.max(s.0 - s.1.len());
+                Ok(Some(s.0 - 1))
+            },
+            |&i| {
+                // Later jobs often finish first.
+                std::thread::sleep(std::time::Duration::from_micros((i % 7 * 150) as u64));
+                Ok(i * 2)
+            },
+            |s, i, doubled| {
+                assert_eq!(doubled, i * 2);
+                s.1.push(i);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen.1, (0..jobs).collect::<Vec<_>>());
+        assert!(seen.2 <= ahead, "{} out at once", seen.2);
+        assert!(seen.2 > 1, "nothing was rebuilt beside another");
+    }
+
+    /// The first error stops the rebuilding: what comes before it is
+    /// taken, nothing after it; a panic comes back to the caller.
+    #[test]
+    fn rebuilding_stops_at_the_first_error_or_panic() {
+        let mut taken = Vec::new();
+        let mut given = 0usize;
+        let err = in_order(
+            &mut taken,
+            4,
+            |_| {
+                given += 1;
+                Ok((given <= 100).then_some(given - 1))
+            },
+            |&i| match i {
+                37 => Err(Error::Corrupt("block 37 rotted".into())),
+                _ => Ok(i),
+            },
+            |t: &mut Vec<usize>, i, _| {
+                t.push(i);
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("block 37 rotted"), "{err}");
+        assert_eq!(taken, (0..37).collect::<Vec<_>>());
+        assert!(given < 100, "jobs were handed out after the error");
+        let panicked = std::panic::catch_unwind(|| {
+            let mut n = 0usize;
+            in_order(
+                &mut n,
+                4,
+                |n| {
+                    *n += 1;
+                    Ok((*n <= 20).then_some(*n))
+                },
+                |&i| {
+                    if i == 9 {
+                        panic!("job 9 panicked")
+                    } else {
+                        Ok(())
+                    }
+                },
+                |_, _, ()| Ok(()),
+            )
+        })
+        .unwrap_err();
+        assert_eq!(panicked.downcast_ref::<&str>(), Some(&"job 9 panicked"));
     }
 
     #[test]
