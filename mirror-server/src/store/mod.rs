@@ -1675,15 +1675,24 @@ fn in_order<S, J: Send, T: Send>(
     work: impl Fn(&J) -> Result<T> + Sync,
     mut take: impl FnMut(&mut S, J, T) -> Result<()>,
 ) -> Result<()> {
+    // No thread is started for nothing (most epochs cover no block in
+    // part).
+    let Some(first) = next(state)? else {
+        return Ok(());
+    };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(REBUILD_THREADS);
     if threads <= 1 {
-        while let Some(job) = next(state)? {
+        let mut job = first;
+        loop {
             let done = work(&job)?;
             take(state, job, done)?;
+            match next(state)? {
+                Some(j) => job = j,
+                None => return Ok(()),
+            }
         }
-        return Ok(());
     }
     // The jobs handed out and not yet begun, and whether no more come.
     let queue = std::sync::Mutex::new((std::collections::VecDeque::<(usize, J)>::new(), false));
@@ -1715,12 +1724,17 @@ fn in_order<S, J: Send, T: Send>(
         }
         drop(done_tx);
         let mut panicked = None;
+        let mut first = Some(first);
         let result = (|| {
             let (mut out, mut taken, mut more) = (0usize, 0usize, true);
             let mut finished = BTreeMap::new();
             loop {
                 while more && out - taken < ahead {
-                    match next(state)? {
+                    let job = match first.take() {
+                        Some(job) => Some(job),
+                        None => next(state)?,
+                    };
+                    match job {
                         Some(job) => {
                             let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
                             q.0.push_back((out, job));
