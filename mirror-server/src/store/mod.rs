@@ -1662,6 +1662,27 @@ const REBUILD_THREADS: usize = 4;
 /// panic (resumed on the calling thread, once the others have stopped).
 type Done<J, T> = (usize, J, std::thread::Result<Result<T>>);
 
+/// The jobs [`in_order`] handed out and not yet begun, and whether no
+/// more come.
+type Queue<J> = std::sync::Mutex<(std::collections::VecDeque<(usize, J)>, bool)>;
+
+/// Tells [`in_order`]'s threads that no more jobs come, however the
+/// calling thread leaves (done, an error, or a panic of `next` or
+/// `take`): else they would wait for jobs forever, and the scope for
+/// them. What is left in the queue is dropped; a thread finishes the job
+/// it holds.
+struct Closing<'a, J>(&'a Queue<J>, &'a std::sync::Condvar);
+
+impl<J> Drop for Closing<'_, J> {
+    fn drop(&mut self) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.0.clear();
+        q.1 = true;
+        drop(q);
+        self.1.notify_all();
+    }
+}
+
 /// `work` done on each job `next` hands out (until `None`), spread over
 /// the machine's cores (up to [`REBUILD_THREADS`], no thread waiting for
 /// another), while this thread hands out jobs and `take`s each job's
@@ -1694,11 +1715,12 @@ fn in_order<S, J: Send, T: Send>(
             }
         }
     }
-    // The jobs handed out and not yet begun, and whether no more come.
-    let queue = std::sync::Mutex::new((std::collections::VecDeque::<(usize, J)>::new(), false));
+    let queue: Queue<J> = std::sync::Mutex::new((std::collections::VecDeque::new(), false));
     let handed = std::sync::Condvar::new();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Done<J, T>>();
     std::thread::scope(|scope| {
+        // Before the threads: one that fails to start panics here.
+        let closing = Closing(&queue, &handed);
         for _ in 0..threads {
             let done_tx = done_tx.clone();
             let (queue, handed, work) = (&queue, &handed, &work);
@@ -1763,14 +1785,7 @@ fn in_order<S, J: Send, T: Send>(
                 }
             }
         })();
-        // The threads stop once the queue is empty (after an error, what
-        // is left in it is dropped).
-        {
-            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-            q.0.clear();
-            q.1 = true;
-        }
-        handed.notify_all();
+        drop(closing);
         if let Some(panic) = panicked {
             std::panic::resume_unwind(panic);
         }
@@ -2721,6 +2736,29 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(panicked.downcast_ref::<&str>(), Some(&"job 9 panicked"));
+        // A panic on the calling thread (taking a job) stops the threads
+        // too, instead of leaving them waiting for jobs.
+        let panicked = std::panic::catch_unwind(|| {
+            let mut n = 0usize;
+            in_order(
+                &mut n,
+                4,
+                |n| {
+                    *n += 1;
+                    Ok((*n <= 20).then_some(*n))
+                },
+                |&i| Ok(i),
+                |_, i, _| {
+                    if i == 5 {
+                        panic!("taking 5 panicked")
+                    } else {
+                        Ok(())
+                    }
+                },
+            )
+        })
+        .unwrap_err();
+        assert_eq!(panicked.downcast_ref::<&str>(), Some(&"taking 5 panicked"));
     }
 
     #[test]
