@@ -2715,30 +2715,23 @@ mod tests {
         assert!(err.to_string().contains("block 37 rotted"), "{err}");
         assert_eq!(taken, (0..37).collect::<Vec<_>>());
         assert!(given < 100, "jobs were handed out after the error");
-        let panicked = std::panic::catch_unwind(|| {
-            let mut n = 0usize;
-            in_order(
-                &mut n,
-                4,
-                |n| {
-                    *n += 1;
-                    Ok((*n <= 20).then_some(*n))
-                },
-                |&i| {
-                    if i == 9 {
-                        panic!("job 9 panicked")
-                    } else {
-                        Ok(())
-                    }
-                },
-                |_, _, ()| Ok(()),
-            )
-        })
-        .unwrap_err();
+        // A panic in a job comes back to the caller.
+        let panicked = panic_of(|i| (i == 9).then_some("job 9 panicked"), |_| None);
         assert_eq!(panicked.downcast_ref::<&str>(), Some(&"job 9 panicked"));
         // A panic on the calling thread (taking a job) stops the threads
         // too, instead of leaving them waiting for jobs.
-        let panicked = std::panic::catch_unwind(|| {
+        let panicked = panic_of(|_| None, |i| (i == 5).then_some("taking 5 panicked"));
+        assert_eq!(panicked.downcast_ref::<&str>(), Some(&"taking 5 panicked"));
+    }
+
+    /// The panic of [`in_order`] over jobs 1 to 20, 4 out at once, where
+    /// doing job `i` panics with what `in_work(i)` says, and taking it
+    /// with what `in_take(i)` says.
+    fn panic_of(
+        in_work: impl Fn(usize) -> Option<&'static str> + Sync,
+        in_take: impl Fn(usize) -> Option<&'static str>,
+    ) -> Box<dyn std::any::Any + Send> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut n = 0usize;
             in_order(
                 &mut n,
@@ -2747,18 +2740,17 @@ mod tests {
                     *n += 1;
                     Ok((*n <= 20).then_some(*n))
                 },
-                |&i| Ok(i),
-                |_, i, _| {
-                    if i == 5 {
-                        panic!("taking 5 panicked")
-                    } else {
-                        Ok(())
-                    }
+                |&i| match in_work(i) {
+                    Some(why) => std::panic::panic_any(why),
+                    None => Ok(i),
+                },
+                |_, i, _| match in_take(i) {
+                    Some(why) => std::panic::panic_any(why),
+                    None => Ok(()),
                 },
             )
-        })
-        .unwrap_err();
-        assert_eq!(panicked.downcast_ref::<&str>(), Some(&"taking 5 panicked"));
+        }))
+        .unwrap_err()
     }
 
     #[test]
