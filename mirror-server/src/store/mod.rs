@@ -16,7 +16,13 @@
 //! VOLUME_DIR/
 //!   image            sparse file, the volume as of the published epoch
 //!   state.json       {"format":1,"size":..,"published_epoch":..,"published_ms":..,
-//!                     "uuid":"<hex>","owner":"<device hex>"|null,"writer_epoch":..}
+//!                     "uuid":"<hex>","owner":"<device hex>"|null,"writer_epoch":..,
+//!                     "store_seq":..} (the chunk store's version the image holds)
+//!   catching-up      {"format":1,"to":SEQ}, written durably before a catch-up
+//!                    from the chunk store writes the image, removed once
+//!                    state.json records SEQ: while its SEQ is newer than
+//!                    store_seq, the image may hold part of two versions
+//!                    (see [`Volume::catch_up`])
 //!   staging/
 //!     N.data         decoded bytes of epoch N's data blocks, in arrival order;
 //!                    for a direct staging, a sparse file the size of the
@@ -118,6 +124,15 @@ pub const VOLUMES_DIR: &str = "volumes";
 const STATE_FORMAT: u32 = 1;
 const IMAGE: &str = "image";
 const STATE: &str = "state.json";
+const CATCHING_UP: &str = "catching-up";
+const CATCHING_UP_FORMAT: u32 = 1;
+
+/// What `catching-up` holds (see the module docs).
+#[derive(Debug, Serialize, Deserialize)]
+struct CatchingUp {
+    format: u32,
+    to: u64,
+}
 
 /// What `state.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +210,10 @@ pub struct Volume {
     /// The chunk store that keeps its versions, once attached, and the
     /// volume's name there.
     chunks: Option<(Arc<ChunkStore>, String)>,
+    /// A catch-up from the chunk store to this version stopped part way
+    /// (`catching-up`): the image may hold part of it, so no snapshot is
+    /// taken until a catch-up ends.
+    catching_up: Option<u64>,
 }
 
 /// Chunks whose units are preserved for snapshots per hold of the
@@ -264,7 +283,9 @@ impl Volume {
             active: None,
             snapshots: Arc::new(RwLock::new(Snapshots::open(dir)?)),
             chunks: None,
+            catching_up: None,
         };
+        volume.catching_up = read_catching_up(dir)?.filter(|&to| to > volume.state.store_seq);
         let recovery = volume.recover()?;
         // Temporary snapshots whose reader a crash took away.
         let temporary: Vec<String> = volume
@@ -342,6 +363,19 @@ impl Volume {
             self.active = None;
             self.recover()?;
             self.poisoned = false;
+        }
+        if let Some(to) = self.catching_up {
+            // Nor of half a catch-up: finish it first.
+            let refreshed = self.refresh();
+            if self.catching_up.is_some() {
+                let why = refreshed.err().map_or_else(
+                    || "the chunk store is not attached".to_string(),
+                    |e| e.to_string(),
+                );
+                return Err(Error::Store(format!(
+                    "the image is part way through catching up with version {to} of the chunk store, and cannot be snapshotted until that ends: {why}"
+                )));
+            }
         }
         let info = self.snapshots_mut().create(
             name,
@@ -758,12 +792,17 @@ impl Volume {
         // here says it is complete: if the store fails, the staging stays
         // and the client resumes it; if this process dies after, opening
         // the volume catches the image up from the store.
-        if let Some(seq) = self.store_epoch_preserving(staging)? {
-            self.state.store_seq = seq;
-        }
+        let stored = self.store_epoch_preserving(staging)?;
         let marker_json = serde_json::to_vec(&marker).map_err(|e| Error::Corrupt(e.to_string()))?;
         fsutil::write_durably(&staging_path(&self.dir, epoch, "commit"), &marker_json)
             .map_err(|e| Error::io("writing the commit marker", e))?;
+        // Only now does the image stand for the stored version: with no
+        // marker (it could not be written), the image is still the one
+        // before, and so must be what a snapshot pins until the next
+        // refresh catches the image up to the store's newest.
+        if let Some(seq) = stored {
+            self.state.store_seq = seq;
+        }
         if stop == Some(CommitStep::Marked) {
             return Ok(());
         }
@@ -1040,6 +1079,10 @@ impl Volume {
             Some(h) if h.seq == self.state.store_seq => {}
             Some(h) if h.seq > self.state.store_seq => {
                 let old = match self.state.store_seq {
+                    // An interrupted catch-up wrote blocks of another
+                    // version, which the changes to this one may not
+                    // cover: every block is written.
+                    _ if self.catching_up.is_some() => None,
                     0 => None,
                     seq => store.version(&name, seq).ok(),
                 };
@@ -1144,6 +1187,16 @@ impl Volume {
     /// Bring the image from version `old` of the store (`None`: unknown,
     /// every block is written) to `new`, keeping what it overwrites for
     /// the newest snapshot first, and record `new`'s epoch.
+    ///
+    /// Crash argument: the image is written only between `catching-up`
+    /// made durable and `state.json` recording `new`. Stopped between
+    /// them (a store error, a crash), the image holds `old` with some of
+    /// `new`'s blocks: the marker says so across a restart, no snapshot
+    /// is taken meanwhile ([`Volume::snapshot`] finishes the catch-up
+    /// first or refuses), no epoch is published on it (the store is
+    /// ahead of the state, so [`Volume::store_epoch`] refuses), and the
+    /// next catch-up writes every block, since the blocks written may
+    /// not be among those that differ between `old` and a later head.
     fn catch_up(
         &mut self,
         store: &Arc<ChunkStore>,
@@ -1182,6 +1235,18 @@ impl Volume {
                 .collect();
             self.preserve_units(&units)?;
         }
+        // From here the image may hold part of `new`: marked durably
+        // first, so that however this ends (an error, a crash), no
+        // snapshot is taken of it and the next catch-up writes every
+        // block, until one ends.
+        let marker = serde_json::to_vec(&CatchingUp {
+            format: CATCHING_UP_FORMAT,
+            to: new.seq,
+        })
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+        fsutil::write_durably(&self.dir.join(CATCHING_UP), &marker)
+            .map_err(|e| Error::io("marking the image as catching up", e))?;
+        self.catching_up = Some(new.seq);
         let streamed = fsutil::Streamed::new();
         for batch in changed.chunks(256) {
             for (&n, data) in batch.iter().zip(reader.blocks(batch)?) {
@@ -1222,6 +1287,12 @@ impl Volume {
         };
         write_state(&self.dir, &state)?;
         self.state = state;
+        // A marker left behind (the removal lost in a crash) names a
+        // version no newer than the state's: it is ignored.
+        self.catching_up = None;
+        if let Err(e) = fsutil::remove_durably(&self.dir.join(CATCHING_UP)) {
+            tracing::warn!("removing {}: {e}", self.dir.join(CATCHING_UP).display());
+        }
         tracing::info!(blocks = changed.len(), seq = new.seq, "image caught up");
         Ok(())
     }
@@ -1242,6 +1313,16 @@ impl Volume {
             if h.writer == Some(writer) && h.epoch == staging.epoch {
                 return Ok(Some(h.seq));
             }
+        }
+        if head.is_none() && (self.state.published_epoch > 0 || self.state.store_seq > 0) {
+            // The image has data the store never got (its first upload,
+            // [`Volume::refresh`], could not run when the epoch began): a
+            // version with no base would call all of it holes. The epoch
+            // waits, staged, for the upload at its next begin.
+            return Err(Error::Store(format!(
+                "volume {name} has data that is not in the store {} yet (its first upload has not run): the epoch is kept staged until it has",
+                store.describe()
+            )));
         }
         let head_seq = head.as_ref().map_or(0, |h| h.seq);
         if head_seq != self.state.store_seq {
@@ -1831,6 +1912,27 @@ pub fn read_state(dir: &Path) -> Result<VolumeState> {
 }
 
 pub use ublk_mirror_common::block::zero_digest;
+
+/// The version an interrupted catch-up was writing (`catching-up`), if
+/// its marker is there.
+fn read_catching_up(dir: &Path) -> Result<Option<u64>> {
+    let path = dir.join(CATCHING_UP);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let c: CatchingUp = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
+    if c.format != CATCHING_UP_FORMAT {
+        return Err(Error::Corrupt(format!(
+            "{}: format {} is not supported (this is {CATCHING_UP_FORMAT})",
+            path.display(),
+            c.format
+        )));
+    }
+    Ok(Some(c.to))
+}
 
 fn read_marker(path: &Path) -> Result<Marker> {
     let bytes =
@@ -2769,6 +2871,205 @@ mod tests {
         let mut got = vec![0u8; SIZE as usize];
         v.read_at(&mut got, 0).unwrap();
         assert!(got == image);
+    }
+
+    /// Incompressible bytes (digests of counters, back to back).
+    fn noise(seed: u64, len: u64) -> Vec<u8> {
+        (0..len / 32)
+            .flat_map(|i| digest(&[seed, i].map(u64::to_le_bytes).concat()))
+            .collect()
+    }
+
+    /// A store of 1 MiB packs in memory, with its objects at hand.
+    fn memory_store() -> (Arc<object_store::memory::InMemory>, Arc<ChunkStore>) {
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let store = Arc::new(ChunkStore::with(memory.clone(), "test".into(), 1 << 20).unwrap());
+        (memory, store)
+    }
+
+    /// A volume with data the store never got (its first upload could
+    /// not run when the epoch began: the store was out of reach) does not
+    /// store the epoch as its first version, which would call the rest of
+    /// the image holes: the commit is refused and the staging kept; when
+    /// the client resumes, the image is uploaded first and the epoch
+    /// stored on it.
+    #[test]
+    fn an_epoch_waits_for_the_first_upload_of_the_image() {
+        const B: u64 = block::BLOCK;
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = Volume::create(&dir.path().join("vol"), SIZE).unwrap();
+        let one = block(1, SIZE as usize);
+        publish_whole(&mut v, 1, &one);
+        let (_, store) = memory_store();
+        // Epoch 2 begins while the store is out of reach...
+        let s = v.begin(2, me(2)).unwrap();
+        let b = block(7, 4096);
+        s.add(B + 4096, 4096, &digest(&b), Encoding::Raw, &b)
+            .unwrap();
+        let mut two = one.clone();
+        two[(B + 4096) as usize..][..4096].copy_from_slice(&b);
+        // ...and the store is there when it commits.
+        v.chunks = Some((store.clone(), "c/vol".into()));
+        let err = v.commit(&s).unwrap_err().to_string();
+        assert!(err.contains("first upload"), "{err}");
+        assert!(
+            store.head("c/vol").unwrap().is_none(),
+            "a version was stored"
+        );
+        let mut image = vec![0u8; SIZE as usize];
+        v.read_at(&mut image, 0).unwrap();
+        assert!(image == one, "a refused epoch changed the image");
+        // The client resumes: the image goes first, then the epoch.
+        let s = v.begin(2, me(2)).unwrap();
+        assert_eq!(s.ranges(), vec![(B + 4096, 4096)], "the staging was lost");
+        v.commit(&s).unwrap();
+        let head = store.head("c/vol").unwrap().unwrap();
+        assert_eq!((head.seq, head.epoch), (2, 2));
+        assert!(
+            read_version(&store, &head, SIZE) == two,
+            "the stored version is not the epoch"
+        );
+        v.read_at(&mut image, 0).unwrap();
+        assert!(image == two);
+    }
+
+    /// An epoch stored in the chunk store whose commit marker could not
+    /// be written (the staging disk failed) is not what the image holds:
+    /// a snapshot taken then pins the version the image holds; the next
+    /// refresh catches the image up to the stored epoch.
+    #[test]
+    fn a_snapshot_after_a_failed_commit_marker_pins_what_the_image_holds() {
+        const B: u64 = block::BLOCK;
+        let dir = tempfile::tempdir().unwrap();
+        let vdir = dir.path().join("vol");
+        let (_, store) = memory_store();
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        v.attach(store.clone(), "c/vol").unwrap();
+        let one = block(1, SIZE as usize);
+        publish_whole(&mut v, 1, &one);
+        let s = v.begin(2, me(2)).unwrap();
+        let b = block(9, B as usize);
+        s.add(2 * B, B as u32, &digest(&b), Encoding::Raw, &b)
+            .unwrap();
+        let mut two = one.clone();
+        two[(2 * B) as usize..][..B as usize].copy_from_slice(&b);
+        // The marker cannot be renamed into place.
+        let blocker = staging_path(&vdir, 2, "commit");
+        std::fs::create_dir_all(blocker.join("x")).unwrap();
+        let err = v.commit(&s).unwrap_err().to_string();
+        assert!(err.contains("commit marker"), "{err}");
+        assert_eq!(store.head("c/vol").unwrap().unwrap().epoch, 2, "not stored");
+        std::fs::remove_dir_all(&blocker).unwrap();
+        let snap = v.snapshot(Some("s"), Kind::Manual).unwrap();
+        assert_eq!(snap.epoch, 1);
+        assert_eq!(
+            store.pins("c/vol").unwrap().get("s"),
+            Some(&1),
+            "the snapshot pins a version its image does not hold"
+        );
+        // The client comes back for epoch 2: the store has it, and the
+        // image catches up with it (the client is told it is published).
+        let err = v.begin(2, me(2)).unwrap_err().to_string();
+        assert!(err.contains("not newer"), "{err}");
+        assert_eq!(v.state().published_epoch, 2);
+        let mut image = vec![0u8; SIZE as usize];
+        v.read_at(&mut image, 0).unwrap();
+        assert!(image == two, "the image did not catch up");
+        v.reader().read(snap.id, &mut image, 0).unwrap();
+        assert!(image == one, "the snapshot changed");
+    }
+
+    /// A catch-up from the chunk store that stops part way (a pack out of
+    /// reach) leaves the image holding blocks of two versions: it is
+    /// marked so, across a restart; no snapshot is taken of it; and the
+    /// next catch-up writes every block, also one that a later version
+    /// changed back (which the changes between the two versions would
+    /// miss).
+    #[test]
+    fn an_interrupted_catch_up_is_finished_before_any_snapshot() {
+        const B: u64 = block::BLOCK;
+        const BIG: u64 = 320 * B; // two batches of the catch-up's reads
+        let dir = tempfile::tempdir().unwrap();
+        let vdir = dir.path().join("vol");
+        let (memory, store) = memory_store();
+        let mut v = Volume::create(&vdir, BIG).unwrap();
+        v.attach(store.clone(), "c/vol").unwrap();
+        let one = noise(1, BIG);
+        publish_whole(&mut v, 1, &one);
+        let v1 = store.head("c/vol").unwrap().unwrap();
+        // Another server publishes versions 2 (blocks 0 to 259 new) and
+        // 3 (blocks 260 to 299): the packs of 3 are then out of reach.
+        let publish =
+            |base: &VersionRecord, epoch: u64, blocks: std::ops::Range<u64>, from: &[u8]| {
+                let mut image = from.to_vec();
+                let mut p = store.publication("c/vol", Some(base), BIG).unwrap();
+                for n in blocks {
+                    let b = noise(epoch * 1000 + n, B);
+                    p.put(n, Some(&b), digest(&b)).unwrap();
+                    image[(n * B) as usize..][..B as usize].copy_from_slice(&b);
+                }
+                (p.finish(epoch, None, "").unwrap().record, image)
+            };
+        use futures::TryStreamExt as _;
+        use object_store::{ObjectStore as _, ObjectStoreExt as _};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let packs = || {
+            rt.block_on(memory.list(Some(&"packs".into())).try_collect::<Vec<_>>())
+                .unwrap()
+                .into_iter()
+                .map(|m| m.location)
+                .collect::<BTreeSet<_>>()
+        };
+        let (v2, two) = publish(&v1, 2, 0..260, &one);
+        let before = packs();
+        let (v3, three) = publish(&v2, 3, 260..300, &two);
+        let mut hidden = Vec::new();
+        for path in packs().difference(&before) {
+            let bytes = rt
+                .block_on(async { memory.get(path).await?.bytes().await })
+                .unwrap();
+            rt.block_on(memory.delete(path)).unwrap();
+            hidden.push((path.clone(), bytes));
+        }
+        assert!(!hidden.is_empty());
+        assert!(v.refresh().is_err(), "the catch-up did not fail");
+        let mut image = vec![0u8; BIG as usize];
+        v.read_at(&mut image, 0).unwrap();
+        assert!(
+            image[..B as usize] == two[..B as usize],
+            "the first batch was not written"
+        );
+        assert!(image != three);
+        assert_eq!(v.catching_up, Some(3));
+        let err = v.snapshot(Some("s"), Kind::Manual).unwrap_err().to_string();
+        assert!(err.contains("catching up with version 3"), "{err}");
+        assert!(v.snapshots().list().is_empty());
+        // Across a restart too, with the store not attached.
+        drop(v);
+        let (mut v, _) = Volume::open(&vdir).unwrap();
+        assert_eq!(v.catching_up, Some(3));
+        let err = v.snapshot(None, Kind::Temporary).unwrap_err().to_string();
+        assert!(err.contains("not attached"), "{err}");
+        // Version 4 changes block 10 back to what version 1 had: the
+        // changes from 1 to 4 do not name it, but the image holds 2's.
+        let (v4, mut four) = publish(&v3, 4, 0..0, &three);
+        let mut p = store.publication("c/vol", Some(&v4), BIG).unwrap();
+        let was = &one[(10 * B) as usize..][..B as usize];
+        p.put(10, Some(was), digest(was)).unwrap();
+        p.finish(5, None, "").unwrap();
+        four[(10 * B) as usize..][..B as usize].copy_from_slice(was);
+        for (path, bytes) in hidden {
+            rt.block_on(memory.put(&path, bytes.into())).unwrap();
+        }
+        v.attach(store.clone(), "c/vol").unwrap();
+        assert_eq!(v.catching_up, None);
+        assert_eq!(v.state().published_epoch, 5);
+        v.read_at(&mut image, 0).unwrap();
+        assert!(image == four, "the image is not the store's newest version");
+        assert!(!vdir.join(CATCHING_UP).exists());
+        v.snapshot(Some("s"), Kind::Manual).unwrap();
     }
 
     /// Each block a direct staging's log touches, ascending, with the
