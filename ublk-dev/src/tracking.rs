@@ -1395,9 +1395,20 @@ impl Tracker {
     /// that ends a pre-copy run, which also sends what the server lost of
     /// earlier rounds (and then becomes a round itself). A broken epoch
     /// still fails.
+    ///
+    /// The first read elsewhere demotes the epoch ([`Tracker::demote`])
+    /// before it reads: bytes read as the device is now are not the cut's,
+    /// and a server that staged them must never publish them as the cut,
+    /// also when the answer that made the epoch a round is lost and the
+    /// epoch is sent again (it then goes as a round, read live, and
+    /// another cut follows). What was read as the cut before stands for a
+    /// round as well: any write after the cut is in a later epoch.
     pub fn read_cut_or_live(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         match self.read_epoch(id, offset, buf) {
-            Err(Error::Epoch(EpochError::OutsideEpoch { .. })) => self.read_live(offset, buf),
+            Err(Error::Epoch(EpochError::OutsideEpoch { .. })) => {
+                self.demote(id)?;
+                self.read_live(offset, buf)
+            }
             other => other,
         }
     }
@@ -1932,9 +1943,14 @@ mod tests {
         let mut at = vec![0u8; 4096];
         t.read_cut_or_live(cut, 0, &mut at).unwrap();
         assert_eq!(at, vec![2; 4096]);
+        assert_eq!(t.sealed_epochs(), vec![(round, true), (cut, false)]);
         t.read_cut_or_live(cut, 4096, &mut at).unwrap();
         assert_eq!(at, vec![1; 4096]);
-        assert_eq!(t.sealed_epochs(), vec![(round, true), (cut, false)]);
+        // Read live elsewhere, it is no longer a cut (a server may have
+        // staged those bytes): a round, read live everywhere.
+        assert_eq!(t.sealed_epochs(), vec![(round, true), (cut, true)]);
+        t.read_cut_or_live(cut, 0, &mut at).unwrap();
+        assert_eq!(at, vec![3; 4096]);
     }
 
     #[test]
