@@ -169,8 +169,13 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 /// Wait until everything recorded is released (on the mirror).
 fn sync(tracker: &Tracker, replicator: &Replicator) {
-    let target = tracker.sync_target();
-    while tracker.released_epoch() < target {
+    let mut target = tracker.sync_target();
+    loop {
+        let released;
+        (released, target) = tracker.sync_progress(target);
+        if released >= target {
+            return;
+        }
         replicator.kick().notify_one();
         std::thread::sleep(Duration::from_millis(20));
     }

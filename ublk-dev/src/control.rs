@@ -411,10 +411,14 @@ fn sync(tracker: &Tracker, mirror: Option<&Handle>, timeout: Duration) -> Result
             kind: ErrorKind::Device,
         });
     }
-    let target = tracker.sync_target();
+    let mut target = tracker.sync_target();
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let released = tracker.released_epoch();
+        // An epoch that broke (a chunk could not be kept for its cut) is
+        // released unsent, its changes moved into a later epoch: that one
+        // is then what holds them.
+        let released;
+        (released, target) = tracker.sync_progress(target);
         if released >= target {
             return Ok(SyncReply { released });
         }

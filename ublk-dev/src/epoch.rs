@@ -485,8 +485,15 @@ pub struct Epochs {
     first_change_ms: Option<u64>,
     sealed: VecDeque<Sealed>,
     released: u64,
+    /// Broken epochs released lately, and the epoch their changes moved
+    /// into (at most [`CARRIED_KEPT`], the newest): what a `sync` waits
+    /// for ([`Epochs::carried_target`]).
+    carried: BTreeMap<u64, u64>,
     store: Store,
 }
+
+/// Broken epochs whose new home [`Epochs::carried_target`] remembers.
+const CARRIED_KEPT: usize = 64;
 
 impl Epochs {
     /// Start after epoch `released` (the last one released) and every
@@ -515,6 +522,7 @@ impl Epochs {
             first_change_ms,
             sealed: VecDeque::new(),
             released,
+            carried: BTreeMap::new(),
             store: Store {
                 versions: BTreeMap::new(),
                 memory_limit,
@@ -867,10 +875,29 @@ impl Epochs {
             if let Some(t) = s.first_change_ms {
                 self.first_change_ms = Some(self.first_change_ms.map_or(t, |c| c.min(t)));
             }
+            self.carried.insert(id, self.current);
+            if self.carried.len() > CARRIED_KEPT {
+                self.carried.pop_first();
+            }
         }
         self.released = id;
         self.store.release(id);
         Ok(released)
+    }
+
+    /// The epoch to wait for so that every change of the epochs up to
+    /// `target` is released: `target`, or later where a broken epoch up
+    /// to it was released and its changes moved into a later epoch (and
+    /// so on, should that one break too). A broken epoch released before
+    /// the caller's `target` was taken moved its changes into an epoch no
+    /// later than it. Remembers the newest [`CARRIED_KEPT`] breaks.
+    pub fn carried_target(&self, mut target: u64) -> u64 {
+        for (&id, &into) in &self.carried {
+            if id <= target {
+                target = target.max(into);
+            }
+        }
+        target
     }
 
     /// Everything some unreleased epoch (sealed or current) changed: the
@@ -1449,6 +1476,37 @@ mod tests {
         e.release(5).unwrap();
         e.resync_all(11_000);
         assert_eq!(e.oldest_change_ms(), Some(11_000));
+    }
+
+    /// A `sync` waits for the changes of a broken epoch where they went:
+    /// released unsent, they are in a later epoch (which may break too).
+    #[test]
+    fn a_broken_epochs_changes_are_waited_for_where_they_moved() {
+        let (mut e, _d) = epochs(1 << 20);
+        e.record(ChangeKind::Data, 0..CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 1);
+        e.record(ChangeKind::Data, 2 * CHUNK..3 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 2);
+        // A sync now waits for epoch 2.
+        assert_eq!(e.carried_target(2), 2);
+        e.release(1).unwrap();
+        assert_eq!(e.carried_target(2), 2, "epoch 1 was sent");
+        e.preserve_failed(2, "disk full");
+        e.release(2).unwrap();
+        assert_eq!(e.released(), 2);
+        assert_eq!(
+            e.changes().resync.iter().collect::<Vec<_>>(),
+            vec![2 * CHUNK..3 * CHUNK]
+        );
+        assert_eq!(e.carried_target(2), 3, "epoch 2's changes are in epoch 3");
+        assert_eq!(e.carried_target(1), 1, "epoch 1's are not");
+        // Epoch 3 breaks too: 4 holds them.
+        assert_eq!(e.seal(false, 0), 3);
+        e.preserve_failed(2, "disk full");
+        e.release(3).unwrap();
+        assert_eq!(e.carried_target(2), 4);
+        // A sync that began later, with its own target, waits for no less.
+        assert_eq!(e.carried_target(5), 5);
     }
 
     #[test]

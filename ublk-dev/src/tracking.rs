@@ -1461,6 +1461,17 @@ impl Tracker {
         }
     }
 
+    /// For a `sync` that began with `target` ([`Tracker::sync_target`]):
+    /// the last released epoch, and the epoch it waits for now, `target`
+    /// or a later one that holds the changes of a broken epoch up to it
+    /// ([`crate::epoch::Epochs::carried_target`]); read together, so that
+    /// a broken epoch's release is never seen without where its changes
+    /// went.
+    pub fn sync_progress(&self, target: u64) -> (u64, u64) {
+        let live = lock(&self.live);
+        (live.epochs.released(), live.epochs.carried_target(target))
+    }
+
     /// The last released epoch.
     pub fn released_epoch(&self) -> u64 {
         lock(&self.live).epochs.released()

@@ -103,10 +103,12 @@ pub fn mirrored(steps: &[(u64, Option<&str>)]) -> Mirrored {
 
 /// Wait until everything recorded so far is released (on the mirror).
 pub fn synced(tracker: &Tracker, replicator: &Replicator) -> bool {
-    let target = tracker.sync_target();
+    let mut target = tracker.sync_target();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if tracker.released_epoch() >= target {
+        let released;
+        (released, target) = tracker.sync_progress(target);
+        if released >= target {
             return true;
         }
         replicator.kick().notify_one();
