@@ -588,8 +588,11 @@ impl Volume {
             .flatten();
         // A direct staging stands for the all-zero image it was begun on:
         // one begun before the image got content (caught up from the store)
-        // is dropped.
-        let resumable = left.is_some_and(|w| w.device == writer.device)
+        // is dropped. And a staging is resumed only by the same device, at
+        // the same epoch or a later one (a daemon that restarted numbers
+        // on; an earlier epoch is one sealed before the staged one and
+        // sent after it, which must not vouch for its blocks).
+        let resumable = left.is_some_and(|w| w.device == writer.device && w.epoch <= writer.epoch)
             && (!is_direct(&self.dir, epoch) || self.is_new());
         for (n, _) in staging_epochs(&self.dir)? {
             if !(resumable && n == epoch) {
@@ -3226,6 +3229,21 @@ mod tests {
         assert!(s.adopted(), "the take-over was forgotten by a restart");
         v.commit(&s).unwrap();
         assert!(!staging_path(&vdir, 3, "adopted").exists());
+        // An earlier epoch of the device is no restart (a restarted daemon
+        // numbers on): it does not take over a later one's staging, whose
+        // blocks it would have to vouch for (an epoch sealed by hand just
+        // before a pre-copy round, sent after it); the staging is dropped.
+        let s = v.begin(4, me(12)).unwrap();
+        s.add(0, 4096, &digest(&a), Encoding::Raw, &a).unwrap();
+        drop(s);
+        let s = v.begin(4, me(11)).unwrap();
+        assert!(s.ranges().is_empty() && !s.adopted());
+        drop(s);
+        drop((v,));
+        let (mut v, _) = Volume::open(&vdir).unwrap();
+        let s = v.begin(4, me(11)).unwrap();
+        assert!(s.ranges().is_empty() && !s.adopted(), "dropped on disk too");
+        drop(s);
         // Another device's staging is dropped (a volume nobody owns yet).
         let fresh = dir.path().join("fresh");
         let mut f = Volume::create(&fresh, SIZE).unwrap();
