@@ -1071,6 +1071,9 @@ impl Tracker {
                 continue;
             }
             self.flushed.store(false, Ordering::Release);
+            // A seal waiting for a FLUSH meant to cut `start`, sealed now:
+            // it tries again, recording the next number first.
+            self.seal_requested.store(false, Ordering::Release);
             let now = now_ms();
             let id = live.epochs.seal_precopy(now);
             self.carry_in_flight(&mut live, now);
@@ -1128,20 +1131,25 @@ impl Tracker {
         // Set under the lock while `start` is current: the FLUSH that
         // answers it seals exactly `start`, whose number is recorded.
         self.seal_requested.store(true, Ordering::Release);
-        loop {
+        let answer = loop {
             if live.epochs.current() > start {
-                return Ok(cut_by_another(&live));
+                break cut_by_another(&live);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(Some(self.seal_locked(&mut live, false)));
+                break Some(self.seal_locked(&mut live, false));
             }
             live = self
                 .sealed
                 .wait_timeout(live, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        }
+        };
+        // However it was answered (a pre-copy round sealed `start` too),
+        // no FLUSH may cut for it any more: the next epoch's number may
+        // not be in the journal yet (a retry records it first).
+        self.seal_requested.store(false, Ordering::Release);
+        Ok(answer)
     }
 
     /// Release the oldest sealed epoch, `id`: the consumer has durably
@@ -1819,6 +1827,35 @@ mod tests {
         assert_eq!(t.seal(SealAt::Flush(Duration::from_millis(10))).unwrap(), 2);
         assert!(!t.epoch(2).unwrap().at_flush);
         assert_eq!(t.epoch(2).unwrap().changes.data.len(), 4096);
+    }
+
+    /// A seal waiting for a FLUSH whose epoch a pre-copy round sealed
+    /// meanwhile asks no more: a FLUSH then cuts nothing until it asks
+    /// again, having recorded the next number in the journal first.
+    #[test]
+    fn a_seal_overtaken_by_a_pre_copy_round_leaves_no_request_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = std::sync::Arc::new(tracker(dir.path()));
+        apply(&t, &Request::write(0, 4096));
+        let t2 = t.clone();
+        let waiting = std::thread::spawn(move || {
+            t2.seal_once(Some(Instant::now() + Duration::from_secs(60)))
+                .unwrap()
+        });
+        while !t.seal_requested.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        assert_eq!(t.seal_precopy().unwrap(), 1);
+        assert!(!t.seal_requested.load(Ordering::Acquire));
+        assert_eq!(waiting.join().unwrap(), None, "a round is no cut");
+        apply(&t, &Request::write(8192, 4096));
+        apply(&t, &Request::flush());
+        assert_eq!(
+            t.current_epoch(),
+            2,
+            "a FLUSH cut an epoch nobody asked for"
+        );
+        assert_eq!(t.seal(SealAt::Flush(Duration::from_millis(10))).unwrap(), 2);
     }
 
     #[test]
