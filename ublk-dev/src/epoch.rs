@@ -755,11 +755,12 @@ impl Epochs {
 
     /// Chunk `c`'s version at `cut` could not be read or kept: the epochs
     /// sealed at or before `cut` that needed it cannot be read as their cut
-    /// any more (later ones ask for a version of their own).
+    /// any more (later ones ask for a version of their own). One whose
+    /// consumer took the chunk already has what it needed of it.
     pub fn preserve_failed_at(&mut self, c: u64, cut: u64, reason: &str) {
         let r = self.chunk_range(c);
         for s in self.sealed.iter_mut().filter(|s| s.id <= cut) {
-            if s.keeps_cut() && s.changes.touches(r.clone()) {
+            if s.needs_chunk(r.clone()) {
                 tracing::error!(epoch = s.id, "{reason}; the epoch will need a resync");
                 s.broken = Some(reason.to_string());
             }
@@ -1507,6 +1508,24 @@ mod tests {
         assert_eq!(e.carried_target(2), 4);
         // A sync that began later, with its own target, waits for no less.
         assert_eq!(e.carried_target(5), 5);
+    }
+
+    /// A chunk that could not be kept breaks the epochs still to read it,
+    /// not one whose consumer took it already (a resync for nothing).
+    #[test]
+    fn a_failed_copy_breaks_only_epochs_that_still_need_the_chunk() {
+        let (mut e, _d) = epochs(1 << 20);
+        e.record(ChangeKind::Data, 0..2 * CHUNK, 0);
+        assert_eq!(e.seal(false, 0), 1);
+        e.check_read(1, 0..CHUNK).unwrap();
+        e.take(1, 0..CHUNK).unwrap();
+        e.preserve_failed(0, "disk full");
+        assert!(
+            e.get(1).unwrap().broken.is_none(),
+            "broken by a chunk it took"
+        );
+        e.preserve_failed(1, "disk full");
+        assert!(e.get(1).unwrap().broken.is_some());
     }
 
     #[test]
