@@ -958,11 +958,30 @@ fn live_fill_state_path(state: &Path) -> PathBuf {
     dir.join(format!("{name}.live"))
 }
 
+/// `path` resolved as the device records its backing file (`recover`
+/// finds the restore by it): symlinks followed (`/dev/vg/lv`,
+/// `/dev/disk/by-id/...`), or, for a file not made yet, its directory's.
+fn resolved_target(path: &Path) -> anyhow::Result<PathBuf> {
+    let absolute = std::path::absolute(path)?;
+    match std::fs::canonicalize(&absolute) {
+        Ok(p) => Ok(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (Some(dir), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+                anyhow::bail!("{}: not a file's path", path.display());
+            };
+            let dir = std::fs::canonicalize(dir)
+                .with_context(|| format!("the directory of {}", path.display()))?;
+            Ok(dir.join(name))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("resolving {}", path.display()))),
+    }
+}
+
 /// `restore --instant`: the target served at once, filled from the mirror.
 fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
     use ublk_dev::ondemand::{Fetcher, FillOptions, OnDemandOptions};
     let at = version_asked(&args.volume, args.at.as_deref())?;
-    let target = std::path::absolute(&args.to)?;
+    let target = resolved_target(&args.to)?;
     start_on_demand_daemon(args.background)?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("making {}", args.state_dir.display()))?;
@@ -1897,6 +1916,29 @@ fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use ublk_dev::replicator::MirrorStatus;
+
+    /// A restore's target is recorded as the device records its backing
+    /// file (resolved), whether it exists yet or not, so that `recover`
+    /// finds its fill state.
+    #[test]
+    fn a_restore_target_is_resolved_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(real.join("vg")).unwrap();
+        std::fs::write(real.join("vg/lv-real"), b"").unwrap();
+        std::os::unix::fs::symlink(real.join("vg/lv-real"), real.join("vg/lv")).unwrap();
+        std::os::unix::fs::symlink(real.join("vg"), real.join("link")).unwrap();
+        assert_eq!(
+            resolved_target(&real.join("link/lv")).unwrap(),
+            real.join("vg/lv-real")
+        );
+        assert_eq!(
+            resolved_target(&real.join("link/new.img")).unwrap(),
+            real.join("vg/new.img"),
+            "a target not made yet"
+        );
+        assert!(resolved_target(&real.join("none/new.img")).is_err());
+    }
 
     /// The sync bar follows the epoch being sent while one is (what is
     /// behind falls only once it is published), and what is behind

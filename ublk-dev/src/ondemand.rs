@@ -1082,7 +1082,7 @@ impl Fetcher {
             None => None,
         };
         if let (Some(f), Some((h, bitmap))) = (&opts.fill, resumed.as_mut()) {
-            if h.target != f.target {
+            if !same_path(&h.target, &f.target) {
                 return Err(Error::InvalidConfig(format!(
                     "the fill state {} is for {}, not {}",
                     f.state.display(),
@@ -1461,11 +1461,38 @@ async fn open_reading<'a>(
     Ok(read)
 }
 
+/// Whether `a` and `b` name the same file: equal, or equal once
+/// resolved (a restore's target may be named through a symlink, as
+/// `/dev/vg/lv` or `/dev/disk/by-id/...` are, and is recorded resolved).
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const SIZE: u64 = 8 * BLOCK + 4096;
+
+    /// A fill state recorded with a target's path through a symlink (by an
+    /// earlier build) is the same target as its resolved path.
+    #[test]
+    fn a_target_named_through_a_symlink_is_the_same_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("disk");
+        std::fs::write(&real, b"").unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        assert!(same_path(
+            &dir.path().join("link"),
+            &real.canonicalize().unwrap()
+        ));
+        assert!(same_path(&real, &real));
+        assert!(!same_path(&real, &dir.path().join("other")));
+    }
 
     fn od(dir: &Path, fill: bool, writable: bool, cache_limit: u64) -> OnDemand {
         let file = tempfile::tempfile_in(dir).unwrap();
