@@ -23,20 +23,26 @@
 //! store holds: a collector that deleted whatever looks dead at one
 //! instant could delete what a publication in flight is about to
 //! reference. So a run only *condemns* dead objects, recording them with
-//! the time in `gc/state` (`{"format":1,"generation":G,"packs":{"ID":ms},
-//! "segments":{"ID":ms}}`), and deletes an object only when
+//! the time in `gc/state` (`{"format":1,"generation":G,"nonce":"HEX",
+//! "packs":{"ID":ms},"segments":{"ID":ms}}`; the nonce is new at each
+//! write, absent in states written before it), and deletes an object only
+//! when
 //! 1. it was condemned at least the window ago, and
 //! 2. it is dead again at this run's mark.
 //!
 //! Every publication reads `gc/state` first and never relies on a
 //! condemned object: a chunk only a condemned pack holds is stored again
 //! (in a new pack: pack names are random), a segment whose name is
-//! condemned is written under a salted name. So a publication that read
-//! the state after an object was condemned does not need it; one that read
-//! it before (or started earlier) created its version record within the
-//! window — publications are far shorter than the window (24 h 5 min by
-//! default, as Proxmox Backup Server's) — so at the run that could delete
-//! the object, the object is live and survives. A server that sees a new
+//! condemned is written under a salted name. And it reads the state again
+//! when it finishes, before its version record, and refuses to publish
+//! if a chunk it names is no longer in a pack it may rely on (condemned,
+//! or deleted: a publication longer than the window, such as the first
+//! upload of a very big volume, may see its own packs condemned and
+//! deleted); it is then made again. So a publication relies only on
+//! objects not condemned as of its last reading of the state, and creates
+//! its version record within the window of that reading — a moment —, so
+//! at the run that could delete such an object, the object is live and
+//! survives. A server that sees a new
 //! generation rebuilds its chunk index from `idx/`, forgetting deleted
 //! packs. An index is deleted before its pack.
 //!
@@ -80,6 +86,12 @@ pub struct Condemned {
 struct StateRecord {
     format: u32,
     generation: u64,
+    /// Random, new at each write: two runs that overlapped (the second
+    /// took a lock it judged abandoned) both write `generation + 1`, and
+    /// a server must see the second state too. Absent (empty) in states
+    /// written before it was added.
+    #[serde(default)]
+    nonce: String,
     packs: BTreeMap<String, u64>,
     segments: BTreeMap<String, u64>,
 }
@@ -165,24 +177,27 @@ impl ChunkStore {
         Ok(out)
     }
 
-    /// Read `gc/state` and apply it to the index if it changed.
-    pub(super) fn sync_gc(&self) -> Result<()> {
+    /// Read `gc/state` and apply it to the index if it changed: whether
+    /// it had.
+    pub(super) fn sync_gc(&self) -> Result<bool> {
         let (generation, condemned) = self.run(self.read_state())?;
-        let known = self.index().generation;
-        if known == Some(generation) {
-            return Ok(());
+        let known = self.index().generation.clone();
+        if known.as_ref() == Some(&generation) {
+            return Ok(false);
         }
-        if known.is_some() || generation > 0 {
+        // What is condemned first, so that the indexes read again place
+        // each chunk in a pack that is not.
+        self.index().condemned = condemned;
+        if known.is_some() || generation.0 > 0 {
             // Packs may have been deleted since the index was read.
             self.rebuild_index()?;
         }
-        let mut index = self.index();
-        index.condemned = condemned;
-        index.generation = Some(generation);
-        Ok(())
+        self.index().generation = Some(generation);
+        Ok(true)
     }
 
-    async fn read_state(&self) -> Result<(u64, Condemned)> {
+    /// The state's generation and nonce, and what it condemns.
+    async fn read_state(&self) -> Result<((u64, String), Condemned)> {
         match self.store.get(&ObjPath::from(STATE)).await {
             Ok(r) => {
                 let bytes = r.bytes().await.map_err(|e| store_err(STATE, e))?;
@@ -195,14 +210,16 @@ impl ChunkStore {
                     )));
                 }
                 Ok((
-                    rec.generation,
+                    (rec.generation, rec.nonce),
                     Condemned {
                         packs: from_hex(&rec.packs)?,
                         segments: from_hex(&rec.segments)?,
                     },
                 ))
             }
-            Err(object_store::Error::NotFound { .. }) => Ok((0, Condemned::default())),
+            Err(object_store::Error::NotFound { .. }) => {
+                Ok(((0, String::new()), Condemned::default()))
+            }
             Err(e) => Err(store_err(format!("reading {}/{STATE}", self.describe), e)),
         }
     }
@@ -252,7 +269,7 @@ impl ChunkStore {
         let now = now_ms();
         let old = now.saturating_sub(window.as_millis() as u64);
         let mut report = Report::default();
-        let (generation, before) = self.run(self.read_state())?;
+        let ((generation, _), before) = self.run(self.read_state())?;
         // Mark: the versions kept, their segments, their chunks.
         progress("marking");
         let mut live_segments: HashSet<Digest> = HashSet::new();
@@ -388,9 +405,12 @@ impl ChunkStore {
                 }
             }
         }
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
         let record = StateRecord {
             format: STATE_FORMAT,
             generation: generation + 1,
+            nonce: ublk_mirror_common::hex::encode(&nonce),
             packs: to_hex(&condemned.packs),
             segments: to_hex(&condemned.segments),
         };

@@ -152,8 +152,9 @@ struct Index {
     /// What garbage collection condemned, as of `generation`: never
     /// deduplicated against (see [`gc`]).
     condemned: gc::Condemned,
-    /// The `gc/state` generation last applied (`None`: never read).
-    generation: Option<u64>,
+    /// The `gc/state` generation (and nonce) last applied (`None`: never
+    /// read).
+    generation: Option<(u64, String)>,
     /// Copies of chunks found damaged by verify: (pack, chunk). Never
     /// deduplicated against; a good copy stored later takes their place.
     damaged: HashSet<(Digest, Digest)>,
@@ -854,9 +855,17 @@ impl ChunkStore {
                 })
                 .collect();
             let path = ObjPath::from(format::spread("packs", &pack));
-            let got = self
-                .run(self.store.get_ranges(&path, &ranges))
-                .map_err(|e| store_err(format!("reading {}/{path}", self.describe), e))?;
+            let got = match self.run(self.store.get_ranges(&path, &ranges)) {
+                Ok(got) => got,
+                // Deleted by garbage collection (another server's), the
+                // chunks held again elsewhere: the index, read again,
+                // places them there. Only when the state moved on, so
+                // this ends.
+                Err(object_store::Error::NotFound { .. }) if self.sync_gc()? => {
+                    return self.read_chained(hashes, depth);
+                }
+                Err(e) => return Err(store_err(format!("reading {}/{path}", self.describe), e)),
+            };
             for (&i, bytes) in which.iter().zip(got) {
                 stored[i] = bytes;
             }
@@ -1131,6 +1140,27 @@ impl Publication<'_> {
         while !self.uploads.is_empty() {
             self.join_one()?;
         }
+        // And still there to rely on: garbage collection may have condemned
+        // (or, after the window, deleted) what this publication packed or
+        // found in the store, if it took long (see [`gc`]).
+        self.store.sync_gc()?;
+        {
+            let index = self.store.index();
+            let gone = self
+                .changes
+                .values()
+                .filter(|&&d| d != HOLE && index.chain(&d).is_none())
+                .count();
+            if gone > 0 {
+                return Err(Error::Store(format!(
+                    "garbage collection of {} condemned {gone} chunks while version {} of {} was made ({} s): it is made again",
+                    self.store.describe,
+                    self.base.as_ref().map_or(1, |(seq, _)| seq + 1),
+                    self.volume,
+                    self.started.elapsed().as_secs()
+                )));
+            }
+        }
         let segs = blocks_of(self.size).div_ceil(SEGMENT_BLOCKS as u64) as usize;
         let mut ids: Vec<Digest> = match &self.base {
             Some((_, ids)) if ids.len() == segs => ids.clone(),
@@ -1163,6 +1193,15 @@ impl Publication<'_> {
             } else {
                 vec![HOLE; segment_len(self.size, s)]
             };
+            if digests.len() != segment_len(self.size, s) {
+                return Err(Error::Corrupt(format!(
+                    "map segment {} of {} has {} blocks, not {}",
+                    format::hex(&ids[s]),
+                    self.volume,
+                    digests.len(),
+                    segment_len(self.size, s)
+                )));
+            }
             for &(slot, d) in changes.into_iter().flatten() {
                 digests[slot] = d;
             }

@@ -574,6 +574,10 @@ fn gc_frees_only_the_dead(store: &Arc<ChunkStore>) {
         versions.push((v.record.clone(), expected(size, &model)));
         base = Some(v.record);
     }
+    // Another server, which read the indexes now and publishes nothing
+    // (it serves restores): its index goes stale.
+    let stale = open_on_same(store);
+    stale.refresh_index().unwrap();
     store.pin(VOL, "before", 1).unwrap();
     assert_eq!(store.pins(VOL).unwrap(), [("before".to_string(), 1)].into());
     // Version 2 goes at once (neither pinned nor one of the newest two);
@@ -591,10 +595,16 @@ fn gc_frees_only_the_dead(store: &Arc<ChunkStore>) {
     let v5 = publish(store, VOL, base.as_ref(), size, &changes, 5).unwrap();
     assert_eq!(v5.packs, 1, "a condemned chunk was deduplicated against");
     versions.push((v5.record.clone(), expected(size, &model)));
-    // The next run deletes the condemned pack: everything kept reads.
+    // The next run deletes the condemned pack: everything kept reads, also
+    // on the server whose index placed block 1's chunk in it.
     let r = store.gc(Duration::ZERO, |_| {}).unwrap();
     assert_eq!(r.packs_deleted, 1, "{r:?}");
     assert!(r.bytes_freed > 0);
+    assert_eq!(
+        read_all(&stale, &v5.record),
+        expected(size, &model),
+        "a server whose index was stale"
+    );
     for (record, content) in &versions {
         if store.versions(VOL).unwrap().contains(&record.seq) {
             assert_eq!(&read_all(store, record), content, "version {}", record.seq);
@@ -623,6 +633,69 @@ fn gc_frees_only_the_dead(store: &Arc<ChunkStore>) {
         .unwrap();
     let e = store.gc(Duration::ZERO, |_| {}).unwrap_err();
     assert!(e.to_string().contains("running already"), "{e}");
+}
+
+/// A publication that outlasts garbage collection's window (here zero:
+/// two runs while it is made) sees its packs condemned, then deleted, and
+/// names none of them: it refuses to publish, and is made again.
+#[test]
+fn a_publication_names_no_chunk_collected_while_it_was_made() {
+    let store = open_on(memory());
+    let size = 64 * BLOCK;
+    let model: Model = (0..32).map(|n| (n, n + 1)).collect();
+    let mut p = store.publication(VOL, None, size).unwrap();
+    for (&n, &seed) in &model {
+        let d = block_of(seed, BLOCK as usize);
+        p.put(n, Some(&d), format::sha256(&d)).unwrap();
+    }
+    // 2 MiB of chunks in 1 MiB packs: in the store, named by no version.
+    while !p.uploads.is_empty() {
+        p.join_one().unwrap();
+    }
+    assert!(p.written_packs >= 1);
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert!(r.packs_condemned >= 1, "{r:?}");
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert!(r.packs_deleted >= 1, "{r:?}");
+    let e = p.finish(1, None, "").unwrap_err().to_string();
+    assert!(e.contains("made again"), "{e}");
+    assert!(store.head(VOL).unwrap().is_none());
+    let v = publish(&store, VOL, None, size, &model, 1).unwrap();
+    assert_eq!(read_all(&store, &v.record), expected(size, &model));
+}
+
+/// Two garbage collection runs that overlapped (the second took a lock it
+/// judged abandoned) both write the next generation: a server that read
+/// the first one's state still sees the second's.
+#[test]
+fn a_gc_state_written_again_at_the_same_generation_is_seen() {
+    let inner = memory();
+    let store = open_on(inner.clone());
+    let model: Model = [(0, 7)].into();
+    publish(&store, VOL, None, BLOCK, &model, 1).unwrap();
+    store.gc(Duration::from_secs(3600), |_| {}).unwrap();
+    assert!(!store.sync_gc().unwrap(), "nothing new");
+    let chunk = format::sha256(&block_of(7, BLOCK as usize));
+    assert!(store.has(&chunk));
+    let pack = store.index().chunks[&chunk].pack;
+    let state = serde_json::json!({
+        "format": 1,
+        "generation": 1,
+        "nonce": "00ff",
+        "packs": {format::hex(&pack): 0},
+        "segments": {},
+    });
+    store
+        .run(store.store.put(
+            &ObjPath::from("gc/state"),
+            PutPayload::from(state.to_string().into_bytes()),
+        ))
+        .unwrap();
+    assert!(store.sync_gc().unwrap());
+    assert!(
+        !store.has(&chunk),
+        "the other run's condemned pack was not seen"
+    );
 }
 
 fn open_on_same(store: &Arc<ChunkStore>) -> Arc<ChunkStore> {
