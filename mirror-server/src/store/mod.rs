@@ -335,6 +335,17 @@ impl Volume {
         Ok(recovery)
     }
 
+    /// After a publication failed ([`Volume::poisoned`]), publish the
+    /// committed staging again, so that the image is a published epoch.
+    fn unpoison(&mut self) -> Result<()> {
+        if self.poisoned {
+            self.active = None;
+            self.recover()?;
+            self.poisoned = false;
+        }
+        Ok(())
+    }
+
     /// The volume's state.
     pub fn state(&self) -> &VolumeState {
         &self.state
@@ -358,12 +369,8 @@ impl Volume {
     /// Take a snapshot of the published epoch, named `name` or after the
     /// time.
     pub fn snapshot(&mut self, name: Option<&str>, kind: Kind) -> Result<SnapshotInfo> {
-        if self.poisoned {
-            // Never a snapshot of half an epoch.
-            self.active = None;
-            self.recover()?;
-            self.poisoned = false;
-        }
+        // Never a snapshot of half an epoch.
+        self.unpoison()?;
         if let Some(to) = self.catching_up {
             // Nor of half a catch-up: finish it first.
             let refreshed = self.refresh();
@@ -533,11 +540,7 @@ impl Volume {
     /// committed but not published (a failed publication) is published
     /// first.
     pub fn begin(&mut self, epoch: u64, writer: Writer) -> Result<Arc<Staging>> {
-        if self.poisoned {
-            self.active = None;
-            self.recover()?;
-            self.poisoned = false;
-        }
+        self.unpoison()?;
         // Another server on the same store may have published since. A
         // store out of reach does not stop the staging: the epoch's blocks
         // are taken, and its commit waits for the store (it checks again
@@ -647,11 +650,7 @@ impl Volume {
     /// Returns the epoch that holds the change; a device that is the
     /// writer already gets the published epoch (a retried take-over).
     pub fn take_over(&mut self, from: Option<Writer>, device: [u8; 16]) -> Result<u64> {
-        if self.poisoned {
-            self.active = None;
-            self.recover()?;
-            self.poisoned = false;
-        }
+        self.unpoison()?;
         // A compare and swap must compare with the newest.
         self.refresh()?;
         let now = self.state.writer();
@@ -1062,6 +1061,10 @@ impl Volume {
         let Some((store, name)) = self.chunks.clone() else {
             return Ok(());
         };
+        // An epoch whose publication failed part way is finished first: a
+        // catch-up writes only the blocks that differ from the version the
+        // state names, and the image must be that version.
+        self.unpoison()?;
         let head = store.head(&name)?;
         match head {
             None if self.state.published_epoch > 0 || self.state.store_seq > 0 => {
@@ -2980,6 +2983,47 @@ mod tests {
         assert!(image == two, "the image did not catch up");
         v.reader().read(snap.id, &mut image, 0).unwrap();
         assert!(image == one, "the snapshot changed");
+    }
+
+    /// A publication that failed part way (the image holds half the epoch)
+    /// is finished before the image catches up with a newer version in
+    /// the store (another server's), which writes only what differs from
+    /// the epoch the publication was making: else the half not written
+    /// stayed behind.
+    #[test]
+    fn a_failed_publication_is_finished_before_a_catch_up() {
+        const B: u64 = block::BLOCK;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = memory_store();
+        let mut v = Volume::create(&dir.path().join("vol"), SIZE).unwrap();
+        v.attach(store.clone(), "c/vol").unwrap();
+        let one = block(1, SIZE as usize);
+        publish_whole(&mut v, 1, &one);
+        let s = v.begin(2, me(2)).unwrap();
+        let mut image = one.clone();
+        for (k, seed) in [(3u64, 30u8), (9, 90)] {
+            let b = block(seed, B as usize);
+            s.add(k * B, B as u32, &digest(&b), Encoding::Raw, &b)
+                .unwrap();
+            image[(k * B) as usize..][..B as usize].copy_from_slice(&b);
+        }
+        // Stored, marked, half applied, and then the image write failed.
+        v.commit_until(&s, Some(CommitStep::HalfApplied)).unwrap();
+        v.poisoned = true;
+        // Another server publishes version 3 on it.
+        let head = store.head("c/vol").unwrap().unwrap();
+        assert_eq!(head.epoch, 2);
+        let mut p = store.publication("c/vol", Some(&head), SIZE).unwrap();
+        let c = block(5, B as usize);
+        p.put(12, Some(&c), digest(&c)).unwrap();
+        p.finish(3, None, "").unwrap();
+        image[(12 * B) as usize..][..B as usize].copy_from_slice(&c);
+        // A client opens the volume: the image catches up.
+        v.refresh().unwrap();
+        assert_eq!(v.state().published_epoch, 3);
+        let mut got = vec![0u8; SIZE as usize];
+        v.read_at(&mut got, 0).unwrap();
+        assert!(got == image, "the image is not version 3");
     }
 
     /// A catch-up from the chunk store that stops part way (a pack out of
