@@ -44,6 +44,19 @@
 //! that a server from before this format, which would take such a record
 //! for a chunk it has not got, refuses the volume instead.
 //!
+//! # Crashes
+//!
+//! Units are kept (data synced, then index records appended and synced)
+//! before the image is overwritten there, so a crash leaves each unit in
+//! the snapshot or in the image; a record whose data is not there is never
+//! written. A manifest whose rename happened but whose directory could
+//! not be synced stands in memory (it is what the file says), but no unit
+//! is kept for any snapshot, and so the image is not overwritten, until
+//! it is synced ([`Snapshots::keep`]): a crash that brings back the old
+//! manifest finds the units where that one expects them. A deleted
+//! snapshot's files are removed only once the manifest without it is
+//! durable; an open drops files no manifest names.
+//!
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -540,6 +553,25 @@ pub struct Snapshots {
     /// Readers (exports, restores) of each snapshot, by id: a snapshot
     /// being read is never deleted.
     pins: HashMap<u64, Arc<AtomicUsize>>,
+    /// The manifest in place may not be durable (its directory's sync
+    /// failed, [`Written::InPlace`]): synced before anything is kept for
+    /// a snapshot ([`Snapshots::keep`]), so that the image is never
+    /// overwritten on the word of a manifest a crash could take back.
+    unsynced: bool,
+    /// Tests: syncing the directory after the manifest's rename fails.
+    #[cfg(test)]
+    fail_dir_sync: bool,
+}
+
+/// What [`Snapshots::write_manifest`] did when it did not fail outright.
+#[derive(Debug)]
+enum Written {
+    /// The new manifest is in place, durably.
+    Durably,
+    /// The new manifest is in place (it is what the file holds now), but
+    /// its directory could not be synced: a crash may bring the old one
+    /// back.
+    InPlace(Error),
 }
 
 /// Keeps a snapshot from being deleted while it is read.
@@ -595,6 +627,9 @@ impl Snapshots {
             manifest,
             deltas,
             pins: HashMap::new(),
+            unsynced: false,
+            #[cfg(test)]
+            fail_dir_sync: false,
         })
     }
 
@@ -617,14 +652,46 @@ impl Snapshots {
             .max_by_key(|s| (s.epoch_ms, s.id))
     }
 
-    fn write_manifest(&self) -> Result<()> {
+    /// Write the manifest (a temporary file, synced, renamed over it, the
+    /// directory synced). `Err`: the old manifest stands, and memory is
+    /// to go back to it; [`Written::InPlace`]: the new one stands, and
+    /// memory must stay with it, though a crash may bring the old one back
+    /// (so nothing it no longer names may be removed yet).
+    fn write_manifest(&mut self) -> Result<Written> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| Error::io(format!("creating {}", self.dir.display()), e))?;
         let bytes =
             serde_json::to_vec_pretty(&self.manifest).map_err(|e| Error::Corrupt(e.to_string()))?;
         let path = self.dir.join(MANIFEST);
-        fsutil::write_durably(&path, &bytes)
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
+        std::fs::write(&tmp, &bytes)
+            .and_then(|()| File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        self.unsynced = true;
+        Ok(match self.settle() {
+            Ok(()) => Written::Durably,
+            Err(e) => Written::InPlace(e),
+        })
+    }
+
+    /// Make the manifest in place durable if it may not be (see
+    /// [`Snapshots::unsynced`]).
+    fn settle(&mut self) -> Result<()> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self.fail_dir_sync {
+            return Err(Error::io(
+                format!("syncing {}", self.dir.display()),
+                std::io::Error::other("injected"),
+            ));
+        }
+        fsutil::sync_dir(&self.dir)
+            .map_err(|e| Error::io(format!("syncing {}", self.dir.display()), e))?;
+        self.unsynced = false;
+        Ok(())
     }
 
     /// Take a snapshot of the image as it is (published `epoch` at
@@ -681,13 +748,22 @@ impl Snapshots {
         };
         self.manifest.next_id += 1;
         self.manifest.snapshots.push(info.clone());
-        if let Err(e) = self.write_manifest() {
-            self.manifest.snapshots.pop();
-            self.manifest.next_id -= 1;
-            return Err(e);
+        match self.write_manifest() {
+            Err(e) => {
+                self.manifest.snapshots.pop();
+                self.manifest.next_id -= 1;
+                Err(e)
+            }
+            Ok(written) => {
+                // The manifest names it: epochs keep what they overwrite
+                // for it from now on, whatever the answer.
+                self.deltas.insert(id, delta);
+                match written {
+                    Written::Durably => Ok(info),
+                    Written::InPlace(e) => Err(e),
+                }
+            }
         }
-        self.deltas.insert(id, delta);
-        Ok(info)
     }
 
     /// Before the image's `units` (chunk, its units) are overwritten: keep
@@ -749,11 +825,14 @@ impl Snapshots {
         let Some(id) = aside.snapshot else {
             return Ok(());
         };
+        self.settle()?;
         if self.manifest.format < FORMAT && aside.placed.iter().any(|p| p.1 != WHOLE) {
             // A server that reads only whole chunks must refuse the
             // volume from the first record that holds part of one.
             self.manifest.format = FORMAT;
-            self.write_manifest()?;
+            if let Written::InPlace(e) = self.write_manifest()? {
+                return Err(e);
+            }
         }
         let delta = self.deltas.get_mut(&id).ok_or_else(|| {
             Error::Invalid("the snapshot chunks were preserved for is gone".into())
@@ -980,14 +1059,26 @@ impl Snapshots {
             merged?;
         }
         self.manifest.snapshots.remove(pos);
-        if let Err(e) = self.write_manifest() {
-            self.manifest.snapshots.insert(pos, info);
-            return Err(e);
-        }
+        let written = match self.write_manifest() {
+            Ok(w) => w,
+            Err(e) => {
+                self.manifest.snapshots.insert(pos, info);
+                return Err(e);
+            }
+        };
+        // The manifest no longer names it: gone, whatever the answer (its
+        // units were handed to the older one first).
         self.deltas.remove(&info.id);
         self.pins.remove(&info.id);
-        let _ = std::fs::remove_dir_all(self.dir.join(info.id.to_string()));
-        Ok(info)
+        match written {
+            Written::Durably => {
+                let _ = std::fs::remove_dir_all(self.dir.join(info.id.to_string()));
+                Ok(info)
+            }
+            // An old manifest that a crash brings back names its data,
+            // kept: the next open drops it if the manifest does not.
+            Written::InPlace(e) => Err(e),
+        }
     }
 
     /// Delete the scheduled snapshots `retention` no longer keeps at
@@ -1353,6 +1444,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A manifest renamed into place whose directory could not be synced
+    /// stands (memory follows it), but nothing is kept for a snapshot, and
+    /// so the image is not overwritten, until it is durable; a deleted
+    /// snapshot's data stays until then (a crash may bring back the
+    /// manifest that names it).
+    #[test]
+    fn a_manifest_not_known_durable_holds_back_the_image() {
+        let size = 16 * CHUNK;
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), size);
+        let mut s = Snapshots::open(dir.path()).unwrap();
+        write(&mut s, &img, size, 0, &vec![1u8; size as usize]);
+        s.create(Some("a"), 1, 1000, 1000, Kind::Manual).unwrap();
+        write(&mut s, &img, size, 0, &vec![2u8; CHUNK as usize]);
+        let b = s.create(Some("b"), 2, 2000, 2000, Kind::Manual).unwrap();
+        s.fail_dir_sync = true;
+        let err = s.delete("b").unwrap_err().to_string();
+        assert!(err.contains("injected"), "{err}");
+        assert_eq!(
+            s.list().iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+        let data_of_b = dir.path().join(DIR).join(b.id.to_string());
+        assert!(data_of_b.exists(), "b's data went");
+        let err = s
+            .create(Some("c"), 3, 3000, 3000, Kind::Manual)
+            .unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(s.list().len(), 2, "c stands, as the manifest says");
+        let mut aside = Aside::default();
+        s.copy_aside(&img, size, &units_at(0, CHUNK as usize), &mut aside)
+            .unwrap();
+        assert!(s.keep(aside).is_err(), "kept on an unsynced manifest");
+        s.fail_dir_sync = false;
+        write(&mut s, &img, size, 0, &vec![3u8; CHUNK as usize]);
+        drop(s);
+        let s = Snapshots::open(dir.path()).unwrap();
+        assert_eq!(
+            s.list().iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert!(!data_of_b.exists(), "b's data stayed");
     }
 
     #[test]
