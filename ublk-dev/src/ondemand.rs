@@ -75,7 +75,8 @@
 //! then writes the state. A fetched block is written before it is marked;
 //! a write that makes an absent block local marks it first (so the fill
 //! never overwrites it) but is *unsettled* until it completes, and an
-//! unsettled block is left out of the bitmap persisted. So after a crash a
+//! unsettled block is left out of the bitmap persisted; if no write on it
+//! completes well (refused, or failed), it is absent again and fetched. So after a crash a
 //! block whose bit is clear is fetched (or found the same) again: that
 //! loses only a write never flushed, which a crash may lose anyway. A
 //! FLUSH persists the state before it completes, and a FUA write whose
@@ -235,6 +236,14 @@ pub fn read_fill_state(path: &Path) -> Result<Option<(FillHeader, Vec<u8>)>> {
     Ok(Some((header, bitmap)))
 }
 
+/// The writes in flight on a block they made local (see
+/// [`State::unsettled`]).
+#[derive(Debug, Default)]
+struct Unsettled {
+    writes: u32,
+    done_well: bool,
+}
+
 /// One bit per block: local, and not made so by a write still in flight.
 fn settled_bitmap(s: &State) -> Vec<u8> {
     let mut bitmap = vec![0u8; s.blocks.len().div_ceil(8)];
@@ -379,8 +388,11 @@ struct State {
     dirty: u64,
     hand: u64,
     stop: bool,
-    /// Blocks made local by writes in flight (count per block).
-    unsettled: HashMap<u64, u32>,
+    /// Blocks made local by writes in flight: the writes on each (the
+    /// one that made it local and any since), and whether one of them
+    /// completed well. If none did, the block is absent again: nothing
+    /// the user wrote is there, and the version's content is fetched.
+    unsettled: HashMap<u64, Unsettled>,
     /// Local blocks.
     local: u64,
     /// The bitmap changed since it was last persisted.
@@ -577,10 +589,18 @@ impl OnDemand {
                 let len = block_len(self.info.size, b);
                 match s.blocks[b as usize] {
                     CLEAN => s.clean -= len,
-                    DIRTY => continue,
+                    DIRTY => {
+                        // Made local by a write still in flight: this one
+                        // settles it too, if it completes well.
+                        if let Some(u) = s.unsettled.get_mut(&b) {
+                            u.writes += 1;
+                            unsettled.push(b);
+                        }
+                        continue;
+                    }
                     _ => {
                         unsettled.push(b);
-                        *s.unsettled.entry(b).or_insert(0) += 1;
+                        s.unsettled.entry(b).or_default().writes += 1;
                         s.local += 1;
                         s.changed = true;
                     }
@@ -603,6 +623,18 @@ impl OnDemand {
 
     /// A request prepared with [`Prepared::Go`] completed.
     pub fn release(&self, pinned: Pinned) {
+        self.release_as(pinned, true);
+    }
+
+    /// A request prepared with [`Prepared::Go`] failed, or was never
+    /// issued: a block it alone made local (absent before it) is absent
+    /// again, and fetched; what a failed write leaves there is undefined
+    /// to the writer, and the version's content is as good as any.
+    pub fn release_failed(&self, pinned: Pinned) {
+        self.release_as(pinned, false);
+    }
+
+    fn release_as(&self, pinned: Pinned, ok: bool) {
         if pinned.blocks.is_empty() && pinned.written.is_empty() {
             return;
         }
@@ -615,13 +647,33 @@ impl OnDemand {
                 }
             }
         }
-        for b in &pinned.unsettled {
-            if let Some(n) = s.unsettled.get_mut(b) {
-                *n -= 1;
-                if *n == 0 {
-                    s.unsettled.remove(b);
-                }
+        for &b in &pinned.unsettled {
+            let Some(u) = s.unsettled.get_mut(&b) else {
+                continue;
+            };
+            u.writes -= 1;
+            u.done_well |= ok;
+            if u.writes > 0 {
+                continue;
             }
+            let done_well = u.done_well;
+            s.unsettled.remove(&b);
+            if !done_well {
+                s.blocks[b as usize] = ABSENT;
+                s.local -= 1;
+                s.dirty -= block_len(self.info.size, b);
+                s.changed = true;
+            }
+        }
+        if !ok {
+            // Nothing of it is the user's to keep: no state is saved for
+            // it (a block still made local by another write in flight is
+            // saved when that one completes).
+            drop(s);
+            if !pinned.unsettled.is_empty() {
+                self.work.notify_all();
+            }
+            return;
         }
         // Before the write completes, its blocks must be local in the saved
         // states: in the live one (a daemon killed and recovered must not
@@ -725,7 +777,11 @@ impl OnDemand {
     pub fn write_blocking(&self, data: &[u8], offset: u64) -> Result<()> {
         let pin = self.wait_blocking(&Request::write(offset, data.len() as u64))?;
         let written = self.file.write_all_at(data, offset);
-        self.release(pin);
+        if written.is_ok() {
+            self.release(pin);
+        } else {
+            self.release_failed(pin);
+        }
         written.map_err(|e| Error::io("writing the cache", e))
     }
 
@@ -1536,6 +1592,37 @@ mod tests {
     /// ... in the durable one.
     fn bit(dir: &Path, b: usize) -> bool {
         bit_in(dir, "fill", b)
+    }
+
+    /// A write that made an absent block local and then failed (or was
+    /// refused) leaves it absent: it is fetched, never kept as local with
+    /// what the target held before the restore. One that completed well
+    /// beside it keeps it local.
+    #[test]
+    fn a_failed_write_leaves_its_block_to_be_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let od = od(dir.path(), true, true, u64::MAX);
+        let pin = go(od.prepare(&Request::write(BLOCK, BLOCK)));
+        assert_eq!(od.status().dirty_bytes, BLOCK);
+        od.release_failed(pin);
+        assert_eq!(od.status().dirty_bytes, 0);
+        assert!(
+            matches!(
+                od.prepare(&Request::read(BLOCK, 4096)),
+                Ok(Prepared::Wait(_))
+            ),
+            "the block counts as local"
+        );
+        // A failed write and a good one on the same block, in flight at
+        // once: the good one's.
+        let first = go(od.prepare(&Request::write(2 * BLOCK, BLOCK)));
+        let second = go(od.prepare(&Request::write(2 * BLOCK, 4096)));
+        od.release(second);
+        od.release_failed(first);
+        assert_eq!(od.status().dirty_bytes, BLOCK);
+        od.release(go(od.prepare(&Request::read(2 * BLOCK, 4096))));
+        od.persist().unwrap();
+        assert!(bit(dir.path(), 2) && !bit(dir.path(), 1));
     }
 
     #[test]

@@ -1186,7 +1186,7 @@ async fn serve_tag(
             Err(e) => {
                 tracing::debug!(tag, "refused request: {e:?}");
                 if let (Some(od), Some(pin)) = (od, pinned) {
-                    od.release(pin);
+                    od.release_failed(pin);
                 }
                 e.negated()
             }
@@ -1216,7 +1216,11 @@ async fn serve_tag(
                     t.after_write(ticket);
                 }
                 if let (Some(od), Some(pin)) = (od, pinned) {
-                    od.release(pin);
+                    if res < 0 {
+                        od.release_failed(pin);
+                    } else {
+                        od.release(pin);
+                    }
                 }
                 res
             }
