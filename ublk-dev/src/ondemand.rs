@@ -1229,6 +1229,24 @@ impl Fetcher {
             );
             resumed = None;
         }
+        if let (Some(f), None) = (&opts.fill, &resumed) {
+            // A restore that starts over takes nothing from a live state
+            // an earlier one left (killed, or between the two removals of
+            // a finished fill): its header would match this one's, and its
+            // blocks be taken as local by a recovery.
+            match std::fs::remove_file(&f.live) {
+                Ok(()) => {
+                    tracing::info!(path = %f.live.display(), "an earlier restore's live fill state removed")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("removing the earlier live fill state {}", f.live.display()),
+                        e,
+                    ))
+                }
+            }
+        }
         let bitmap = resumed.as_ref().map(|(_, b)| b.as_slice());
         let shared = Arc::new(OnDemand::new(opts, info, file, fresh, bitmap));
         // The version is recorded before anything is written to the target.
