@@ -215,6 +215,11 @@ impl Aside {
         units: Units,
         content: Option<&[u8]>,
     ) -> Result<()> {
+        if self.placed.is_empty() {
+            // The first copy of this batch of work: whatever an earlier
+            // one left unkept is written over.
+            delta.reclaim();
+        }
         let at = match content {
             Some(bytes) => {
                 let at = delta.append(bytes)?;
@@ -264,7 +269,13 @@ struct Delta {
     /// Chunk number → its further records, for the few chunks whose units
     /// were kept by more than one publication.
     more: HashMap<u64, Vec<Piece>>,
+    /// Where the next units' bytes go.
     data_len: u64,
+    /// The end of the bytes the index names: what lies between it and
+    /// `data_len` was copied aside and never kept (the publication or
+    /// deletion failed), and is written over by the next copy
+    /// ([`Delta::reclaim`]) instead of taking space for good.
+    named_len: u64,
     index_len: u64,
 }
 
@@ -288,17 +299,13 @@ impl Delta {
         let index = open("index")?;
         let bytes = std::fs::read(dir.join("index"))
             .map_err(|e| Error::io(format!("reading {}", dir.join("index").display()), e))?;
-        let data_len = data
-            .metadata()
-            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
-            .len()
-            .next_multiple_of(UNIT);
         let mut delta = Delta {
             data,
             index,
             chunks: HashMap::new(),
             more: HashMap::new(),
-            data_len,
+            data_len: 0,
+            named_len: 0,
             index_len: (bytes.len() - bytes.len() % RECORD) as u64,
         };
         // A torn last record is ignored (its units were not overwritten).
@@ -307,8 +314,14 @@ impl Delta {
             let at = u64::from_le_bytes(r[8..].try_into().unwrap_or_default());
             let chunk = word & ((1 << CHUNK_BITS) - 1);
             let units = !((word >> CHUNK_BITS) as Units);
+            if at != ZERO && units != 0 {
+                let end = at.saturating_add(u64::from(units.count_ones()) * UNIT);
+                delta.named_len = delta.named_len.max(end);
+            }
             delta.hold(chunk, Piece { units, at });
         }
+        // Bytes past the last named (copied aside, never kept) are free.
+        delta.data_len = delta.named_len;
         Ok(delta)
     }
 
@@ -344,6 +357,7 @@ impl Delta {
     /// Save `records` (chunk, units, their content or `None` for zeroes)
     /// durably: data synced before the index records that name it.
     fn add(&mut self, records: &[Record]) -> Result<()> {
+        self.reclaim();
         let mut placed = Vec::with_capacity(records.len());
         for (chunk, units, content) in records {
             let at = match content {
@@ -353,6 +367,15 @@ impl Delta {
             placed.push((*chunk, *units, at));
         }
         self.name(&placed)
+    }
+
+    /// Drop what was copied aside and never kept: the next bytes go where
+    /// the named ones end. Only when no copy aside into this snapshot is
+    /// still to be kept (one publication or deletion at a time, under the
+    /// volume's lock: a new one begins after the last was kept, or
+    /// failed).
+    fn reclaim(&mut self) {
+        self.data_len = self.named_len;
     }
 
     /// Write some units' content at the end of `data`, not synced and not
@@ -388,6 +411,7 @@ impl Delta {
             .and_then(|()| self.index.sync_all())
             .map_err(|e| Error::io("writing a snapshot's index", e))?;
         self.index_len += records.len() as u64;
+        self.named_len = self.data_len;
         for &(chunk, units, at) in placed {
             self.hold(chunk, Piece { units, at });
         }
@@ -1444,6 +1468,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Units copied aside and never kept (the publication failed after
+    /// copying, and is tried again, again and again) take no space: the
+    /// next copy writes over them, also after a restart.
+    #[test]
+    fn units_copied_aside_and_never_kept_take_no_space() {
+        let size = 16 * CHUNK;
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path(), size);
+        let mut s = Snapshots::open(dir.path()).unwrap();
+        write(&mut s, &img, size, 0, &vec![1u8; size as usize]);
+        let a = s.create(Some("a"), 1, 1000, 1000, Kind::Manual).unwrap();
+        for _ in 0..5 {
+            let mut aside = Aside::default();
+            s.copy_aside(&img, size, &units_at(0, 4 * CHUNK as usize), &mut aside)
+                .unwrap();
+            drop(aside);
+        }
+        assert_eq!(s.bytes(), 4 * CHUNK, "the last try's copies only");
+        drop(s);
+        let mut s = Snapshots::open(dir.path()).unwrap();
+        assert_eq!(s.bytes(), 0, "copies never kept count after a restart");
+        write(&mut s, &img, size, 0, &vec![2u8; 2 * CHUNK as usize]);
+        assert_eq!(s.bytes(), 2 * CHUNK);
+        assert!(read_all(&s, a.id, &img, size).iter().all(|&b| b == 1));
+        drop(s);
+        let s = Snapshots::open(dir.path()).unwrap();
+        assert_eq!(s.bytes(), 2 * CHUNK);
+        assert!(read_all(&s, a.id, &img, size).iter().all(|&b| b == 1));
     }
 
     /// A manifest renamed into place whose directory could not be synced
