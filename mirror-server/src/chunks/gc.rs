@@ -11,7 +11,8 @@
 //! server whose image holds a deleted version catches up by comparing
 //! every block instead of the changed segments. Kept versions make their map segments
 //! live, and those their chunks, and a live chunk stored as a patch its
-//! base (down the chain); a pack with no live chunk is dead, and so
+//! base (down the chain); a pack with no live chunk is dead (so is one
+//! whose index was never written: its server died between the two), and so
 //! is a condemned pack whose live chunks were all stored again in packs
 //! that are not condemned (a partly dead pack is kept whole: repacking is
 //! not done yet).
@@ -330,6 +331,23 @@ impl ChunkStore {
                 .map(|(id, p)| (*id, p.hashes.clone(), p.stored))
                 .collect()
         };
+        // A pack whose index was never written (its server died between
+        // the two, or the index's upload failed) holds nothing any version
+        // names: dead, as any other pack no live chunk keeps. Only just
+        // uploaded, its publication's index follows within moments, long
+        // before a run a window later could delete it.
+        let indexed: HashSet<Digest> = packs.iter().map(|(id, _, _)| *id).collect();
+        let mut packs = packs;
+        for path in self.run(self.list("packs"))? {
+            if let Some(id) = path
+                .filename()
+                .and_then(ublk_mirror_common::hex::decode::<32>)
+            {
+                if !indexed.contains(&id) {
+                    packs.push((id, Vec::new(), 0));
+                }
+            }
+        }
         let segments: Vec<Digest> = self
             .run(self.list("maps"))?
             .iter()

@@ -698,6 +698,29 @@ fn a_gc_state_written_again_at_the_same_generation_is_seen() {
     );
 }
 
+/// A pack whose index was never written (its server died between the two
+/// uploads) is collected like any dead pack: condemned, then deleted a
+/// window later.
+#[test]
+fn a_pack_left_without_its_index_is_collected() {
+    let store = open_on(memory());
+    let model: Model = [(0, 3)].into();
+    let v = publish(&store, VOL, None, BLOCK, &model, 1).unwrap();
+    let orphan = ObjPath::from(format::spread("packs", &[0xab; 32]));
+    store
+        .run(store.store.put(&orphan, PutPayload::from(vec![1u8; 4096])))
+        .unwrap();
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert_eq!((r.packs_condemned, r.packs_deleted), (1, 0), "{r:?}");
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert_eq!(r.packs_deleted, 1, "{r:?}");
+    assert!(matches!(
+        store.run(store.store.head(&orphan)),
+        Err(object_store::Error::NotFound { .. })
+    ));
+    assert_eq!(read_all(&store, &v.record), expected(BLOCK, &model));
+}
+
 fn open_on_same(store: &Arc<ChunkStore>) -> Arc<ChunkStore> {
     Arc::new(ChunkStore::with(store.store.clone(), "again".into(), 1 << 20).unwrap())
 }
