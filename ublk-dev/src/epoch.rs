@@ -891,7 +891,7 @@ impl Epochs {
     /// to it was released and its changes moved into a later epoch (and
     /// so on, should that one break too). A broken epoch released before
     /// the caller's `target` was taken moved its changes into an epoch no
-    /// later than it. Remembers the newest [`CARRIED_KEPT`] breaks.
+    /// later than it. Remembers the newest 64 breaks (`CARRIED_KEPT`).
     pub fn carried_target(&self, mut target: u64) -> u64 {
         for (&id, &into) in &self.carried {
             if id <= target {
