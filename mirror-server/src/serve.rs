@@ -546,6 +546,9 @@ async fn take_snapshot(
     };
     let mut v = v.lock().await;
     let taken = tokio::task::block_in_place(|| v.snapshot(name, Kind::Manual));
+    // Not held while the answer waits for the client to read it: a client
+    // that never reads would hold the volume (and the schedule) for good.
+    drop(v);
     match taken {
         Ok(info) => {
             tracing::info!(client, volume, snapshot = %info.name, epoch = info.epoch, "snapshot taken");
@@ -606,6 +609,7 @@ async fn hash_request(
     };
     let v = v.lock().await;
     let digests: Result<Vec<Digest>> = tokio::task::block_in_place(|| v.hashes(blocks));
+    drop(v);
     match digests {
         Ok(digests) => {
             wire::send(send, &Message::Hashes { digests }).await?;

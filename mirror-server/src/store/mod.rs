@@ -2985,6 +2985,41 @@ mod tests {
         assert!(image == one, "the snapshot changed");
     }
 
+    /// A block staged again, same bytes, same place, nothing staged over
+    /// it since, is not staged twice: a client repeating a 50-byte
+    /// `Known` block cannot grow the staging by 64 KiB each time. Staged
+    /// after something else landed on part of it, it is (the last copy
+    /// wins).
+    #[test]
+    fn a_block_staged_again_unchanged_takes_no_more_room() {
+        const B: u64 = block::BLOCK;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = memory_store();
+        let mut v = Volume::create(&dir.path().join("vol"), SIZE).unwrap();
+        v.attach(store, "c/vol").unwrap();
+        let mut model = block(1, SIZE as usize);
+        publish_whole(&mut v, 1, &model);
+        let s = v.begin(2, me(2)).unwrap();
+        let a = block(7, B as usize);
+        s.add(B, B as u32, &digest(&a), Encoding::Raw, &a).unwrap();
+        assert!(s.holds(&digest(&a)));
+        for _ in 0..100 {
+            s.add_again(B, B as u32, &digest(&a)).unwrap();
+            s.add(B, B as u32, &digest(&a), Encoding::Raw, &a).unwrap();
+        }
+        assert_eq!(s.blocks(), 1, "staged again and again");
+        let c = block(9, 4096);
+        s.add(B + 4096, 4096, &digest(&c), Encoding::Raw, &c)
+            .unwrap();
+        s.add_again(B, B as u32, &digest(&a)).unwrap();
+        assert_eq!(s.blocks(), 3);
+        model[B as usize..][..B as usize].copy_from_slice(&a);
+        v.commit(&s).unwrap();
+        let mut image = vec![0u8; SIZE as usize];
+        v.read_at(&mut image, 0).unwrap();
+        assert!(image == model, "the last copy did not win");
+    }
+
     /// A publication that failed part way (the image holds half the epoch)
     /// is finished before the image catches up with a newer version in
     /// the store (another server's), which writes only what differs from

@@ -442,11 +442,22 @@ impl Staging {
         // Closing waits for this guard: the staging stays open until the
         // block is logged.
         let _writing = self.writes.read().unwrap_or_else(|p| p.into_inner());
-        if self.lock().closed {
-            return Err(Error::Invalid(format!(
-                "epoch {} is no longer being staged",
-                self.epoch
-            )));
+        {
+            let inner = self.lock();
+            if inner.closed {
+                return Err(Error::Invalid(format!(
+                    "epoch {} is no longer being staged",
+                    self.epoch
+                )));
+            }
+            // The same bytes at the same place as the copy staged last
+            // there (nothing staged over any of it since): staging them
+            // again changes nothing, and would only grow `N.data` (a
+            // client repeating a 50-byte `Known` block would make 64 KiB
+            // of it each time).
+            if !self.direct && inner.digests.get(&(offset, len)) == Some(sha256) {
+                return Ok(());
+            }
         }
         let data_at = match &plain {
             Some(p) => {
