@@ -320,3 +320,86 @@ mod tests {
         );
     }
 }
+
+/// `file` opened again, as a new open file of its own (same access and
+/// `O_DIRECT`/`O_DSYNC`/`O_SYNC` flags), through `/proc/self/fd`: also
+/// an unlinked file. Not a duplicate descriptor: the kernel reports a
+/// write-back error once per open file, so two parts that each sync the
+/// same file (the device's FLUSH, the tracker's syncs before a release)
+/// must not share one, or whichever syncs first takes the error and the
+/// other is told all is durable. Falls back to a duplicate where
+/// `/proc` is not mounted.
+pub fn reopen(file: &File) -> std::io::Result<File> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = OFlag::from_bits_truncate(fcntl(file, FcntlArg::F_GETFL)?);
+    let writable = flags & OFlag::O_ACCMODE == OFlag::O_RDWR;
+    let kept = flags & (OFlag::O_DIRECT | OFlag::O_DSYNC | OFlag::O_SYNC);
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(kept.bits())
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => file.try_clone(),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod reopen_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// Reopened: another open file (its own offset and errors), the same
+    /// data, the same flags; also once unlinked.
+    #[test]
+    fn a_file_reopened_is_a_new_open_file_of_the_same_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all_at(b"hello", 0).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let g = reopen(&f).unwrap();
+        let mut buf = [0u8; 5];
+        g.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"hello");
+        g.write_all_at(b"J", 0).unwrap();
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"Jello");
+        // Not a duplicate: closing one leaves the other, and their
+        // offsets (of the open file) are their own.
+        use std::io::{Read, Seek};
+        let mut f2 = &f;
+        let mut g2 = &g;
+        f2.seek(std::io::SeekFrom::Start(3)).unwrap();
+        let mut one = [0u8; 1];
+        g2.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"J", "the offset is shared: a duplicate");
+        assert_ne!(f.as_raw_fd(), g.as_raw_fd());
+        // O_DIRECT goes with it (where the file system has it).
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dir.path().join("d"));
+        if let Ok(d) = direct {
+            let again = reopen(&d).unwrap();
+            let flags = OFlag::from_bits_truncate(fcntl(&again, FcntlArg::F_GETFL).unwrap());
+            assert!(flags.contains(OFlag::O_DIRECT));
+            assert_eq!(flags & OFlag::O_ACCMODE, OFlag::O_RDWR);
+        }
+    }
+}

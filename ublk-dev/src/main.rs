@@ -1009,9 +1009,10 @@ fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
                 true,
             )
             .map_err(|e| Error::InvalidConfig(format!("{e:#}")))?;
-            let file = backing
-                .file()
-                .try_clone()
+            // An open file of its own (see `fsutil::reopen`): the fill
+            // state's syncs and the device's FLUSH each see a write-back
+            // error.
+            let file = ublk_mirror_common::fsutil::reopen(backing.file())
                 .map_err(|e| Error::io("opening the target", e))?;
             let fresh = backing.created();
             opened_backing = Some(backing);
@@ -1100,7 +1101,7 @@ fn recover_instant(
         let served = Arc::new(AtomicBool::new(false));
         return run_device(&spec, &backing, Start::Recover(id), None, served);
     }
-    let file = backing.file().try_clone()?;
+    let file = ublk_mirror_common::fsutil::reopen(backing.file())?;
     let fetcher = Fetcher::open(
         OnDemandOptions {
             volume: attach.volume.clone(),

@@ -760,10 +760,10 @@ impl Tracker {
             durable[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::Relaxed);
             resync.insert(r * region_size..((r + 1) * region_size).min(device_size));
         }
-        let file = opts
-            .file
-            .try_clone()
-            .map_err(|e| Error::io("duplicating the backing file's descriptor", e))?;
+        // An open file of its own: its syncs (before each release) must
+        // not take a write-back error the device's FLUSH is to report.
+        let file = fsutil::reopen(opts.file)
+            .map_err(|e| Error::io("opening the backing file again", e))?;
         let spill = Arc::new(SpillFile::new(state_dir));
         let epochs = Epochs::new(
             device_size,
