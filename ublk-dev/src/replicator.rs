@@ -1100,8 +1100,26 @@ impl Context {
                 "first sync: holes of the device are not read nor sent (the new volume is zeroes there)"
             );
         }
-        self.add_differing(link, epoch, &mut blocks, candidates, unknown)
-            .await?;
+        match self
+            .add_differing(link, epoch, &mut blocks, candidates, unknown)
+            .await
+        {
+            Ok(()) => {}
+            Err(Error::Epoch(EpochError::Taken { .. })) => {
+                // A retry: blocks found different last time were read
+                // then, and their cut is no longer kept, so they cannot be
+                // compared again as the cut. As for a block asked for
+                // again: a pre-copy round, read as the device is now, and
+                // a new cut follows (retrying as it was failed for good).
+                tracing::info!(
+                    epoch,
+                    "blocks compared and read before the link broke are no longer kept as the cut: the epoch goes as a pre-copy round, then a new cut"
+                );
+                self.tracker.demote(epoch)?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
         let remote = info.published_epoch + 1;
         let started = Instant::now();
         // On failure the server may have published it all the same: the
