@@ -549,6 +549,63 @@ fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
     assert!(image(&data) == std::fs::read(backing.path()).unwrap());
 }
 
+/// A resync (the daemon died: the regions it had marked are compared
+/// with the mirror by hash) whose link breaks after blocks found different
+/// were read: their cut is let go once read, so the retry cannot compare
+/// them as the cut again. It goes on as a pre-copy round and a new cut,
+/// instead of failing the same way for good.
+#[test]
+fn a_resync_cut_short_after_its_blocks_were_read_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let listen = fixed_listen();
+    let server = TestServer::start(&data, &listen);
+    let client_dir = dir.path().join("client");
+    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    {
+        let TrackedDevice {
+            backing,
+            engine,
+            tracker,
+        } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
+        let mut io = LocalIo::new(&engine, backing.file())
+            .unwrap()
+            .with_tracker(&tracker);
+        for i in 0..SIZE >> 17 {
+            let chunk = rng.bytes(1 << 17);
+            io.submit(Request::write(i << 17, 1 << 17), &chunk).unwrap();
+        }
+        let replicator =
+            Replicator::start(tracker.clone(), settings(&client_dir, 1, None)).unwrap();
+        assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+        drop(replicator);
+        // Unmirrored writes all over, and the daemon dies.
+        for i in 0..SIZE >> 17 {
+            let chunk = rng.bytes(1 << 16);
+            io.submit(Request::write(i << 17, 1 << 16), &chunk).unwrap();
+        }
+    }
+    let TrackedDevice {
+        backing, tracker, ..
+    } = TrackedDevice::reopen(dir.path(), SIZE, 1 << 20);
+    assert!(tracker.status().regions_marked > 0);
+    // 16 MiB differ, sent at 4 MiB/s: the link breaks after 1 MiB.
+    let replicator =
+        Replicator::start(tracker.clone(), settings(&client_dir, 1, Some(4 << 20))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while replicator.status().sending_done < 1 << 20 {
+        assert!(Instant::now() < deadline, "{:?}", replicator.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(replicator.status().epochs_shipped, 0, "sent already");
+    drop(server);
+    std::thread::sleep(Duration::from_millis(300));
+    let _server = TestServer::start(&data, &listen);
+    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    assert!(image(&data) == std::fs::read(backing.path()).unwrap());
+}
+
 #[path = "../../mirror-server/tests/common/prom.rs"]
 pub mod prom;
 
