@@ -1310,7 +1310,10 @@ impl Tracker {
     /// versions. A write after the cut into a chunk the epoch changed
     /// preserves the chunk before it is issued; if it came before the file
     /// was asked, its chunk is found preserved and taken out; if after,
-    /// the hole the file showed was still the cut's.
+    /// the hole the file showed was still the cut's. A chunk the epoch's
+    /// consumer took already is not preserved by later writes, so a hole
+    /// there says nothing of the cut: never one (asked again, the block
+    /// is refused as taken, and the epoch goes as a pre-copy round).
     pub fn holes_at_cut(&self, id: u64, within: &RangeSet) -> Result<RangeSet> {
         let mut holes = RangeSet::new();
         for r in within.iter() {
@@ -1329,6 +1332,7 @@ impl Tracker {
             preserved.union_with(&live.epochs.preserved(id, h));
         }
         holes.subtract(&preserved);
+        holes.subtract(&live.epochs.get(id)?.taken);
         Ok(holes)
     }
 

@@ -174,6 +174,16 @@ fn holes_at_a_cut_read_as_zeroes_at_the_cut_whatever_came_after() {
     }
     // The rest of the device is holes (the write at `c` filled one).
     assert_eq!(holes.len(), SIZE - 2 * 65536 - 4096, "{holes:?}");
+    // The data at `b`, read once by the mirror (its cut let go), is then
+    // discarded: a hole in the file that says nothing of the cut.
+    let mut buf = vec![0u8; 65536];
+    s.tracker.take_epoch(epoch, b, &mut buf).unwrap();
+    io.submit(Request::new(Op::Discard, b, 65536), &[]).unwrap();
+    let holes = s.tracker.holes_at_cut(epoch, &all).unwrap();
+    assert!(
+        !holes.intersects(b..b + 65536),
+        "a block read once, then discarded, taken for a hole at the cut"
+    );
     s.tracker.release(epoch).unwrap();
 }
 
