@@ -507,7 +507,11 @@ impl Io<'_> {
         let req = self.req;
         let next = match (self.phase, res) {
             (Phase::Done, _) => Phase::Done,
-            (Phase::Allocate(_), e) if e == -libc::EOPNOTSUPP => match req.op {
+            // EINVAL: a block device under us refuses ranges that are not
+            // multiples of its logical block size (a 4Kn disk under a
+            // device of 512-byte blocks). Both mean: not this way.
+            (Phase::Allocate(_), e) if e == -libc::EOPNOTSUPP || e == -libc::EINVAL => match req.op
+            {
                 Op::Discard => {
                     // Discard is advisory: a file system without holes keeps
                     // the data, which is allowed (we do not promise zeroes).
@@ -534,7 +538,19 @@ impl Io<'_> {
                     Phase::Transfer { done }
                 }
             }
-            (Phase::ZeroFill { .. }, _) => Phase::Done,
+            (Phase::ZeroFill { done }, n) => {
+                // With zero copy the fill is a read of /dev/zero, which
+                // may come back short (a signal, a reschedule): the rest
+                // is filled by another, never taken as filled.
+                let done = done + n as u64;
+                if done >= req.len {
+                    Phase::Done
+                } else if n == 0 {
+                    return Some(engine.fail(Errno::IO).negated());
+                } else {
+                    Phase::ZeroFill { done }
+                }
+            }
             (Phase::ZeroWrite { done }, n) => {
                 let done = done + n as u64;
                 if n == 0 {
@@ -809,6 +825,37 @@ mod tests {
         );
     }
 
+    /// A zero fill that comes back short (zero copy: a read of /dev/zero,
+    /// cut short by a signal) fills the rest with another; one that fills
+    /// nothing fails the read, never completes it with stale bytes.
+    #[test]
+    fn a_short_zero_fill_fills_the_rest() {
+        let mut calls = 0;
+        let (steps, res) = run(&engine(), Request::read(0, 16384), |s| {
+            calls += 1;
+            match (calls, s) {
+                (1, _) => 0,
+                (2, Step::FillZeroes { .. }) => 4096,
+                _ => full(s),
+            }
+        });
+        assert_eq!(res, 16384);
+        assert_eq!(
+            steps.last(),
+            Some(&Step::FillZeroes {
+                buf_offset: 4096,
+                len: 12288
+            })
+        );
+        let mut calls = 0;
+        let (_, res) = run(&engine(), Request::read(0, 8192), |_| {
+            calls += 1;
+            0
+        });
+        assert_eq!(res, -libc::EIO);
+        assert_eq!(calls, 2, "a fill of nothing is not retried");
+    }
+
     #[test]
     fn a_write_that_makes_no_progress_fails() {
         let (_, res) = run(&engine(), Request::write(0, 4096), |_| 0);
@@ -861,6 +908,24 @@ mod tests {
         });
         assert_eq!(res, 0);
         assert_eq!(e.stats().discards_unsupported.load(Ordering::Relaxed), 1);
+        // A block device that refuses the range (a 4Kn disk under 512-byte
+        // blocks): the same.
+        let (_, res) = run(&e, Request::new(Op::Discard, 512, 512), |_| -libc::EINVAL);
+        assert_eq!(res, 0);
+        assert_eq!(e.stats().discards_unsupported.load(Ordering::Relaxed), 2);
+        let (steps, res) = run(&e, Request::new(Op::WriteZeroes, 512, 512), |s| match s {
+            Step::Fallocate { .. } => -libc::EINVAL,
+            s => full(s),
+        });
+        assert_eq!(res, 0);
+        assert!(matches!(
+            steps[1],
+            Step::WriteZeroBuf {
+                offset: 512,
+                len: 512,
+                ..
+            }
+        ));
     }
 
     #[test]
