@@ -7,13 +7,32 @@ fn link(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Link(format!("{what}: {e}"))
 }
 
+/// A failed write; a lost connection says why (the peer's reason: its
+/// client revoked, too many connections, ...).
+fn write_failed(what: &str, e: quinn::WriteError) -> Error {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => link(what, format!("connection lost ({c})")),
+        e => link(what, e),
+    }
+}
+
+/// A failed read, as [`write_failed`].
+fn read_failed(what: &str, e: quinn::ReadExactError) -> Error {
+    match e {
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
+            link(what, format!("connection lost ({c})"))
+        }
+        e => link(what, e),
+    }
+}
+
 /// Send one message.
 pub async fn send(stream: &mut quinn::SendStream, message: &Message) -> Result<()> {
     // Handed over whole: no copy into the stream's buffers.
     stream
         .write_chunk(bytes::Bytes::from(message.encode()))
         .await
-        .map_err(|e| link("sending", e))
+        .map_err(|e| write_failed("sending", e))
 }
 
 /// Send one message followed by raw bytes (a block's data), both handed
@@ -29,7 +48,7 @@ pub async fn send_with_data(
             bytes::Bytes::from(data),
         ])
         .await
-        .map_err(|e| link("sending", e))
+        .map_err(|e| write_failed("sending", e))
 }
 
 /// Receive one message; `None` when the peer finished the stream cleanly
@@ -39,14 +58,14 @@ pub async fn recv(stream: &mut quinn::RecvStream) -> Result<Option<Message>> {
     match stream.read_exact(&mut prefix).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(link("receiving", e)),
+        Err(e) => return Err(read_failed("receiving", e)),
     }
     let len = Message::frame_len(prefix)?;
     let mut body = vec![0u8; len];
     stream
         .read_exact(&mut body)
         .await
-        .map_err(|e| link("receiving", e))?;
+        .map_err(|e| read_failed("receiving", e))?;
     Ok(Some(Message::decode(&body)?))
 }
 
@@ -66,6 +85,6 @@ pub async fn recv_data(stream: &mut quinn::RecvStream, len: u32) -> Result<Vec<u
     stream
         .read_exact(&mut data)
         .await
-        .map_err(|e| link("receiving block data", e))?;
+        .map_err(|e| read_failed("receiving block data", e))?;
     Ok(data)
 }

@@ -42,8 +42,21 @@ const CLOSE_REVOKED: u32 = 1;
 /// QUIC close code: the peer broke the protocol.
 const CLOSE_PROTOCOL: u32 = 2;
 
+/// QUIC close code: the client has too many connections open already.
+const CLOSE_TOO_MANY: u32 = 3;
+
 /// How often connections re-check that their client is still allowed.
 const RECHECK: Duration = Duration::from_secs(1);
+
+/// Connections one certificate may hold open at once: a machine's
+/// daemons (one per device) and its commands (restore, snapshots, sync)
+/// together, with room to spare. Each may hold a few streams' buffers (a
+/// restore's batch is up to 64 MiB), so that no one client can take the
+/// server's memory with connections.
+const CONNECTIONS_PER_CLIENT: usize = 32;
+
+/// How long a new stream may take to say hello and ask its request.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -51,6 +64,47 @@ struct Shared {
     registry: Registry,
     volumes: Arc<Volumes>,
     metrics: Arc<Metrics>,
+    /// Connections open, by certificate.
+    connections: std::sync::Mutex<std::collections::HashMap<Fingerprint, usize>>,
+}
+
+/// One of a certificate's connections, counted while it lives.
+struct Counted<'a> {
+    shared: &'a Shared,
+    fingerprint: Fingerprint,
+}
+
+impl Counted<'_> {
+    /// Count a connection of `fingerprint`, unless it holds
+    /// [`CONNECTIONS_PER_CLIENT`] already.
+    fn new(shared: &Shared, fingerprint: Fingerprint) -> Option<Counted<'_>> {
+        let mut open = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(fingerprint).or_insert(0);
+        if *n >= CONNECTIONS_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(Counted {
+            shared,
+            fingerprint,
+        })
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let mut open = self
+            .shared
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.fingerprint) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.fingerprint);
+            }
+        }
+    }
 }
 
 /// Serve until `shutdown` resolves. `on_listening` gets the bound address
@@ -99,6 +153,7 @@ pub async fn run(
         registry: Registry::open(data)?,
         volumes: volumes.clone(),
         metrics: metrics.clone(),
+        connections: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let exports = Arc::new(Exports::new());
     if let Some(listener) = metrics_listener {
@@ -185,6 +240,16 @@ async fn connection(shared: Arc<Shared>, incoming: quinn::Incoming) -> Result<()
     let _counted = shared.metrics.connected();
     let fingerprint = tls::peer_fingerprint(&conn)
         .ok_or_else(|| Error::Invalid("the client presented no certificate".into()))?;
+    let Some(_one_of_its) = Counted::new(&shared, fingerprint) else {
+        conn.close(
+            CLOSE_TOO_MANY.into(),
+            format!("too many connections from this client (at most {CONNECTIONS_PER_CLIENT})")
+                .as_bytes(),
+        );
+        return Err(Error::Invalid(format!(
+            "{fingerprint}: more than {CONNECTIONS_PER_CLIENT} connections at once; closed"
+        )));
+    };
     let registry = shared.registry.clone();
     let client = tokio::task::block_in_place(|| registry.who(fingerprint))?;
     tracing::info!(
@@ -246,8 +311,14 @@ async fn request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> std::result::Result<(), Fault> {
-    let version = hello(&mut send, &mut recv).await?;
-    let req = wire::expect(&mut recv).await?;
+    // A stream that says nothing does not stay open for good.
+    let (version, req) = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let version = hello(&mut send, &mut recv).await?;
+        let req = wire::expect(&mut recv).await?;
+        Ok::<_, Fault>((version, req))
+    })
+    .await
+    .map_err(|_| Fault::Other(Error::Link("a stream asked nothing in time".into())))??;
     req.check_version(version)
         .map_err(|e| Fault::Protocol(e.to_string()))?;
     if let Message::Enroll { name, secret } = &req {

@@ -191,7 +191,14 @@ pub(crate) async fn serve_restore(
             // Hashed once: the digest compared is the one that travels.
             let (header, payload) =
                 tokio::task::block_in_place(|| block::encode_owned(o, bytes, mine, 3));
-            wire::send_with_data(send, &header, payload).await?;
+            // A client that reads nothing does not hold the batch (up to
+            // 64 MiB) and the stream for good.
+            tokio::time::timeout(
+                MESSAGE_TIMEOUT,
+                wire::send_with_data(send, &header, payload),
+            )
+            .await
+            .map_err(|_| Error::Link("restore: the client reads nothing".into()))??;
         }
         wire::send(send, &Message::HaveDone { same }).await?;
     }
@@ -341,7 +348,13 @@ pub(crate) async fn receive_data(
                         }
                     })
                 } else {
-                    let data = wire::recv_data(recv, data_len).await?;
+                    // Its bytes within the stream's deadline too.
+                    let data = tokio::time::timeout_at(
+                        receiver.deadline().into(),
+                        wire::recv_data(recv, data_len),
+                    )
+                    .await
+                    .map_err(|_| Error::Link(receiver.timed_out().to_string()))??;
                     tokio::task::block_in_place(|| {
                         staging.add(offset, len, &sha256, encoding, &data)
                     })

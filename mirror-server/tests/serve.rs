@@ -692,6 +692,36 @@ async fn a_client_cannot_go_past_the_server_s_limits() {
     // Opening one it has is no new volume; another client has its own limits.
     a.open_volume("one", 1 << 20).await.unwrap();
     b.open_volume("one", 2 << 20).await.unwrap();
+    // At most 32 connections per client at once (each may hold buffers).
+    let (a_id, token) = (_a, server.token("spare"));
+    let mut more = Vec::new();
+    for _ in 0..31 {
+        let link = Link::connect(&a_id, token.server, &server.address)
+            .await
+            .unwrap();
+        link.open_volume("one", 1 << 20).await.unwrap();
+        more.push(link);
+    }
+    let extra = Link::connect(&a_id, token.server, &server.address).await;
+    let err = match extra {
+        Ok(link) => link.open_volume("one", 1 << 20).await.unwrap_err(),
+        Err(e) => e,
+    }
+    .to_string();
+    assert!(err.contains("too many connections"), "{err}");
+    b.open_volume("one", 2 << 20).await.unwrap();
+    drop(more.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let link = Link::connect(&a_id, token.server, &server.address)
+            .await
+            .unwrap();
+        match link.open_volume("one", 1 << 20).await {
+            Ok(_) => break,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
