@@ -1489,6 +1489,19 @@ fn discovery_and_text(s: &Server) {
     );
     assert_eq!(r.data, wire[..BHS], "the rejected header");
     a.check_status(&r);
+    // Nor a task management function: a TARGET COLD RESET from a
+    // discovery session (no CHAP, no allow-list) would end every session.
+    let mut t = Pdu::new(op::TMF_REQ);
+    t.bhs[0] |= 0x40;
+    t.bhs[1] = 0x80 | 7;
+    t.set_u32(16, a.next_itt());
+    t.set_u32(20, 0xffff_ffff);
+    t.set_u32(24, a.cmd_sn);
+    t.set_u32(28, a.stat_sn);
+    a.send(&t);
+    let r = a.recv();
+    assert_eq!(r.opcode(), op::REJECT, "a TMF in discovery: {:02x?}", r.bhs);
+    a.check_status(&r);
     // Text: junk, then SendTargets with a key it does not know.
     for (data, want) in [
         (vec![0xff, 0x00, b'=', 0], Vec::new()),

@@ -899,6 +899,13 @@ impl Connection {
                     return Err(End::Done);
                 }
                 op::TMF_REQ => {
+                    // A discovery session (no CHAP, no allow-list: it only
+                    // lists targets) manages no task: a TARGET COLD RESET
+                    // from one would end every session of the export.
+                    if self.kind == SessionType::Discovery {
+                        self.reject(&p, 0x0b).await?;
+                        continue;
+                    }
                     let function = p.flags() & 0x7f;
                     let lun0 = p.lun_number() == 0;
                     let mut rsp = Pdu::new(op::TMF_RSP);

@@ -358,7 +358,11 @@ impl Unit {
     /// Run a command from `nexus` with the data-out [`Unit::prepare`]
     /// asked for.
     pub fn execute(&self, cdb: &[u8; 16], nexus: &Nexus, data_out: &[u8]) -> Outcome {
-        let changes_access = matches!(cdb[0], 0x15 | 0x55 | 0x5f | 0x16);
+        // COMPARE AND WRITE's read, compare and write (and ORWRITE's read
+        // and write) are one step to every other command, of every
+        // session (VMFS takes its locks with COMPARE AND WRITE: two hosts
+        // must not both win one).
+        let changes_access = matches!(cdb[0], 0x15 | 0x55 | 0x5f | 0x16 | 0x89 | 0x8b);
         // Taken before the state lock, never the other way round.
         let _exclusive =
             changes_access.then(|| self.gate.write().unwrap_or_else(|p| p.into_inner()));
@@ -1165,6 +1169,52 @@ mod tests {
         go.send(()).unwrap();
         assert_eq!(write10(&u, &b), Outcome::Check(REGISTRATIONS_PREEMPTED));
         assert_eq!(write10(&u, &b), Outcome::Conflict);
+    }
+
+    /// Two COMPARE AND WRITEs of one block from two sessions, with the
+    /// same compare data: one writes, the other miscompares, also while
+    /// the first's write is slow (the second waits for it).
+    #[test]
+    fn compare_and_write_is_one_step_across_sessions() {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let (started_tx, go_rx) = (Mutex::new(started_tx), Mutex::new(go_rx));
+        let u = Arc::new(Unit::new(Arc::new(RwMem::with(
+            vec![0; 1 << 20],
+            Box::new(move || {
+                started_tx.lock().unwrap().send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+                Ok(())
+            }),
+        ))));
+        let a = Nexus::new("iqn.a", [1; 6]);
+        let b = Nexus::new("iqn.b", [2; 6]);
+        u.attach(&a);
+        u.attach(&b);
+        let caw = |u: Arc<Unit>, n: Nexus, new: u8| {
+            std::thread::spawn(move || {
+                let mut c = [0u8; 16];
+                c[0] = 0x89;
+                c[13] = 1;
+                let mut data = vec![0u8; 512];
+                data.extend([new; 512]);
+                run(&u, &n, c, &data)
+            })
+        };
+        let first = caw(u.clone(), a, 1);
+        started.recv().unwrap();
+        let second = caw(u.clone(), b, 2);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        go.send(()).unwrap();
+        // (Were they not one step, the second's write would wait here too.)
+        let _ = go.send(());
+        assert_eq!(first.join().unwrap(), EMPTY);
+        match second.join().unwrap() {
+            Outcome::Check(s) => {
+                assert_eq!((s.key, s.asc), (scsi::MISCOMPARE.key, scsi::MISCOMPARE.asc))
+            }
+            other => panic!("both compared equal: {other:?}"),
+        }
     }
 
     #[test]
