@@ -294,6 +294,32 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    // What the command names outside the data directory (an image or a
+    // disk to import, CHAP secret files) is opened as whoever runs it,
+    // before it acts as the data's owner: a disk (root:disk) or a file
+    // only root reads still opens.
+    let mut import_source = match &cli.command {
+        Command::Import { from, .. } => Some(
+            std::fs::File::open(from)
+                .map_err(|e| mirror_server::Error::io(format!("opening {}", from.display()), e)),
+        ),
+        _ => None,
+    };
+    let mut chap = match &cli.command {
+        Command::Export {
+            chap_user,
+            chap_secret_file,
+            mutual_user,
+            mutual_secret_file,
+            ..
+        } => Some(exports::ChapSpec::from_files(
+            chap_user.clone(),
+            chap_secret_file.as_deref(),
+            mutual_user.clone(),
+            mutual_secret_file.as_deref(),
+        )),
+        _ => None,
+    };
     if !matches!(cli.command, Command::Docs(_)) {
         if let Err(e) = act_as_data_owner(&cli.data) {
             eprintln!("mirror-server: error: {e}");
@@ -340,18 +366,15 @@ fn main() -> ExitCode {
             name,
             allow,
             writable,
-            chap_user,
-            chap_secret_file,
-            mutual_user,
-            mutual_secret_file,
-        } => exports::ChapSpec::from_files(
-            chap_user,
-            chap_secret_file.as_deref(),
-            mutual_user,
-            mutual_secret_file.as_deref(),
-        )
-        .and_then(|chap| export(&cli.data, cfg, &target, listen, name, allow, writable, chap)),
-        Command::Import { volume, from } => import(&cli.data, cfg, &volume, &from),
+            ..
+        } => chap
+            .take()
+            .expect("read before")
+            .and_then(|chap| export(&cli.data, cfg, &target, listen, name, allow, writable, chap)),
+        Command::Import { volume, from } => import_source
+            .take()
+            .expect("opened before")
+            .and_then(|source| import(&cli.data, cfg, &volume, source, &from)),
         Command::Store { json } => store_info(&cli.data, cfg, json),
         Command::Upgrade => upgrade(&cli.data, cfg),
         Command::Gc { window } => gc(&cli.data, cfg, window),
@@ -577,7 +600,13 @@ fn volumes(
     Ok(stale_count)
 }
 
-fn import(data: &Path, cfg: &Path, volume: &str, from: &Path) -> mirror_server::Result<()> {
+fn import(
+    data: &Path,
+    cfg: &Path,
+    volume: &str,
+    source: std::fs::File,
+    from: &Path,
+) -> mirror_server::Result<()> {
     let (client, name) = volume.split_once('/').ok_or_else(|| {
         mirror_server::Error::Invalid(format!("{volume:?}: name the volume as CLIENT/VOLUME"))
     })?;
@@ -601,7 +630,7 @@ fn import(data: &Path, cfg: &Path, volume: &str, from: &Path) -> mirror_server::
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let state = store::import(&dir, from, |done, total| {
+    let state = store::import(&dir, source, from, |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     });

@@ -84,7 +84,16 @@ grep -q '"pkgtest/disk"' /tmp/volumes.json || { cat /tmp/volumes.json; fail "the
 cmp -n 1048576 /tmp/data /var/lib/mirror-server/volumes/pkgtest/disk/image ||
   fail "the server's image does not hold what was written"
 say "what was written on $dev is on the server"
-# root's admin commands (client add, volumes) act as the data's owner
+# root imports an image only root reads (opened before the command acts
+# as the data's owner)
+head -c 1M /dev/urandom > /root/seed.img
+chmod 600 /root/seed.img
+mirror-server import pkgtest/seeded --from /root/seed.img > /tmp/import.log 2>&1 ||
+  { cat /tmp/import.log; fail "mirror-server import of a file only root reads"; }
+cmp /root/seed.img /var/lib/mirror-server/volumes/pkgtest/seeded/image ||
+  fail "the imported image differs from its file"
+say "root imports an image only root reads"
+# root's admin commands (client add, volumes, import) act as the data's owner
 foreign=$(find /var/lib/mirror-server ! -user mirror-server)
 [ -z "$foreign" ] || fail "files in /var/lib/mirror-server the server's user does not own: $foreign"
 systemctl disable --now ublk-mirror@pkgtest 2>/dev/null

@@ -143,21 +143,26 @@ impl VersionSource {
     }
 }
 
-/// Make volume `dir` from the image file `from` (seeding a mirror with a
-/// copy brought by other means): its size, its content as published epoch
+/// Make volume `dir` from `source`, the image file (or disk) `from` (to
+/// seed a mirror with a copy brought by other means), opened by the
+/// caller as whoever runs the command (a root-only disk still opens once
+/// the command acts as the data's owner): its size, its content as published epoch
 /// 1, owned by no device yet (the first device to mirror to it compares
 /// by hash and sends only what differs). Built under a hidden name and
 /// renamed into place when whole, so no client sees it half made.
 /// `progress` gets the bytes copied so far.
-pub fn import(dir: &Path, from: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VolumeState> {
+pub fn import(
+    dir: &Path,
+    source: File,
+    from: &Path,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<VolumeState> {
     if dir.exists() {
         return Err(Error::Invalid(format!(
             "volume directory {} exists already",
             dir.display()
         )));
     }
-    let source =
-        File::open(from).map_err(|e| Error::io(format!("opening {}", from.display()), e))?;
     // A block device's length is its end, not its metadata.
     let size = std::io::Seek::seek(&mut &source, std::io::SeekFrom::End(0))
         .map_err(|e| Error::io(format!("sizing {}", from.display()), e))?;
