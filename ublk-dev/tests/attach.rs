@@ -366,17 +366,10 @@ fn an_instant_restore_is_the_version_plus_the_writes_across_a_daemon_kill_and_a_
 /// was killed: recovered, it is the version, whole.
 #[test]
 fn a_restore_started_over_takes_nothing_from_an_earlier_live_state() {
-    let Mirrored {
-        dir,
-        client_dir,
-        server,
-        mut versions,
-        ..
-    } = mirrored(&[(4, Some("v"))]);
-    let version = versions.remove(0);
-    let target = dir.path().join("restored.img");
-    let state = dir.path().join("restored.fill");
-    let (od, fetching) = instant(&client_dir, &target, &state);
+    let m = mirrored(&[(4, Some("v"))]);
+    let (version, client_dir) = (&m.versions[0], &m.client_dir);
+    let (target, state) = (m.dir.path().join("t.img"), m.dir.path().join("t.fill"));
+    let (od, fetching) = instant(client_dir, &target, &state);
     let mut expected = version.clone();
     let mut x = 5u64;
     random_writes_and_reads(&od, &mut expected, 40, &mut x);
@@ -386,18 +379,17 @@ fn a_restore_started_over_takes_nothing_from_an_earlier_live_state() {
     std::fs::remove_file(&target).unwrap();
     std::fs::remove_file(&state).unwrap();
     // Started over, and killed before its first write; then recovered.
-    let (od, fetching) = instant(&client_dir, &target, &state);
+    let (od, fetching) = instant(client_dir, &target, &state);
     od.stop();
     fetching.join().unwrap();
-    let (od, fetching) = instant(&client_dir, &target, &state);
+    let (od, fetching) = instant(client_dir, &target, &state);
     wait_filled(&od);
     assert!(
-        std::fs::read(&target).unwrap() == version,
+        std::fs::read(&target).unwrap() == *version,
         "blocks the earlier restore wrote were taken as local"
     );
     od.stop();
     fetching.join().unwrap();
-    drop(server);
 }
 
 /// Change tracking on a restore target, as `restore --instant --mirror`

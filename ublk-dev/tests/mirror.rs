@@ -505,12 +505,7 @@ fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
         let mut io = LocalIo::new(&engine, backing.file())
             .unwrap()
             .with_tracker(&tracker);
-        // Data that does not compress, all over the device.
-        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-        for i in 0..SIZE >> 17 {
-            let chunk = rng.bytes(1 << 17);
-            io.submit(Request::write(i << 17, 1 << 17), &chunk).unwrap();
-        }
+        fill_random(&mut io, &mut Rng(0x2545_f491_4f6c_dd1d));
         // 32 MiB at 8 MiB/s: the daemon stops once the server staged
         // 8 MiB of it.
         let replicator = Replicator::start(tracker.clone(), settings(Some(8 << 20))).unwrap();
@@ -556,29 +551,24 @@ fn an_initial_sync_cut_short_by_a_daemon_restart_resumes_where_it_was() {
 /// instead of failing the same way for good.
 #[test]
 fn a_resync_cut_short_after_its_blocks_were_read_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("server");
-    let listen = fixed_listen();
-    let server = TestServer::start(&data, &listen);
-    let client_dir = dir.path().join("client");
-    ublk_dev::enrollment::enroll(&client_dir, &server.token(&data, "laptop")).unwrap();
+    let Enrolled {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+    } = enrolled();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     {
-        let TrackedDevice {
-            backing,
-            engine,
-            tracker,
-        } = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
-        let mut io = LocalIo::new(&engine, backing.file())
+        let device = TrackedDevice::new(dir.path(), SIZE, 1 << 20);
+        let tracker = &device.tracker;
+        let mut io = LocalIo::new(&device.engine, device.backing.file())
             .unwrap()
-            .with_tracker(&tracker);
-        for i in 0..SIZE >> 17 {
-            let chunk = rng.bytes(1 << 17);
-            io.submit(Request::write(i << 17, 1 << 17), &chunk).unwrap();
-        }
+            .with_tracker(tracker);
+        fill_random(&mut io, &mut rng);
         let replicator =
             Replicator::start(tracker.clone(), settings(&client_dir, 1, None)).unwrap();
-        assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+        assert!(synced(tracker, &replicator), "{:?}", replicator.status());
         drop(replicator);
         // Unmirrored writes all over, and the daemon dies.
         for i in 0..SIZE >> 17 {
@@ -604,6 +594,14 @@ fn a_resync_cut_short_after_its_blocks_were_read_goes_on() {
     let _server = TestServer::start(&data, &listen);
     assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
     assert!(image(&data) == std::fs::read(backing.path()).unwrap());
+}
+
+/// Data that does not compress, all over the device, 128 KiB at a time.
+fn fill_random(io: &mut LocalIo<'_>, rng: &mut Rng) {
+    for i in 0..SIZE >> 17 {
+        let chunk = rng.bytes(1 << 17);
+        io.submit(Request::write(i << 17, 1 << 17), &chunk).unwrap();
+    }
 }
 
 #[path = "../../mirror-server/tests/common/prom.rs"]

@@ -1120,13 +1120,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn preempt_and_abort_waits_for_the_preempted_nexus_commands_in_flight() {
+    /// A unit whose writes say they started (`started`), then wait for a
+    /// go-ahead (`go`), and two nexuses attached to it.
+    struct Slow {
+        unit: Arc<Unit>,
+        started: std::sync::mpsc::Receiver<()>,
+        go: std::sync::mpsc::Sender<()>,
+        a: Nexus,
+        b: Nexus,
+    }
+
+    fn slow_unit() -> Slow {
         let (started_tx, started) = std::sync::mpsc::channel();
         let (go, go_rx) = std::sync::mpsc::channel();
-        // A unit whose writes say they started, then wait for a go-ahead.
         let (started_tx, go_rx) = (Mutex::new(started_tx), Mutex::new(go_rx));
-        let u = Arc::new(Unit::new(Arc::new(RwMem::with(
+        let unit = Arc::new(Unit::new(Arc::new(RwMem::with(
             vec![0; 1 << 20],
             Box::new(move || {
                 started_tx.lock().unwrap().send(()).unwrap();
@@ -1136,8 +1144,26 @@ mod tests {
         ))));
         let a = Nexus::new("iqn.a", [1; 6]);
         let b = Nexus::new("iqn.b", [2; 6]);
-        u.attach(&a);
-        u.attach(&b);
+        unit.attach(&a);
+        unit.attach(&b);
+        Slow {
+            unit,
+            started,
+            go,
+            a,
+            b,
+        }
+    }
+
+    #[test]
+    fn preempt_and_abort_waits_for_the_preempted_nexus_commands_in_flight() {
+        let Slow {
+            unit: u,
+            started,
+            go,
+            a,
+            b,
+        } = slow_unit();
         prout(&u, &a, 6, 0, 0, 1);
         prout(&u, &b, 6, 0, 0, 2);
         prout(&u, &b, 1, 5, 2, 0);
@@ -1176,21 +1202,13 @@ mod tests {
     /// the first's write is slow (the second waits for it).
     #[test]
     fn compare_and_write_is_one_step_across_sessions() {
-        let (started_tx, started) = std::sync::mpsc::channel();
-        let (go, go_rx) = std::sync::mpsc::channel();
-        let (started_tx, go_rx) = (Mutex::new(started_tx), Mutex::new(go_rx));
-        let u = Arc::new(Unit::new(Arc::new(RwMem::with(
-            vec![0; 1 << 20],
-            Box::new(move || {
-                started_tx.lock().unwrap().send(()).unwrap();
-                go_rx.lock().unwrap().recv().unwrap();
-                Ok(())
-            }),
-        ))));
-        let a = Nexus::new("iqn.a", [1; 6]);
-        let b = Nexus::new("iqn.b", [2; 6]);
-        u.attach(&a);
-        u.attach(&b);
+        let Slow {
+            unit: u,
+            started,
+            go,
+            a,
+            b,
+        } = slow_unit();
         let caw = |u: Arc<Unit>, n: Nexus, new: u8| {
             std::thread::spawn(move || {
                 let mut c = [0u8; 16];
