@@ -49,11 +49,12 @@ const CLOSE_TOO_MANY: u32 = 3;
 const RECHECK: Duration = Duration::from_secs(1);
 
 /// Connections one certificate may hold open at once: a machine's
-/// daemons (one per device) and its commands (restore, snapshots, sync)
-/// together, with room to spare. Each may hold a few streams' buffers (a
+/// daemons (one per device, each with a link) and its commands (restore,
+/// snapshots, sync) together, with room to spare for a host of many
+/// devices. Each may hold a few streams' buffers (a
 /// restore's batch is up to 64 MiB), so that no one client can take the
 /// server's memory with connections.
-const CONNECTIONS_PER_CLIENT: usize = 32;
+const CONNECTIONS_PER_CLIENT: usize = 128;
 
 /// How long a new stream may take to say hello and ask its request.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);

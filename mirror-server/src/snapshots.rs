@@ -375,7 +375,19 @@ impl Delta {
     /// volume's lock: a new one begins after the last was kept, or
     /// failed).
     fn reclaim(&mut self) {
-        self.data_len = self.named_len;
+        if self.data_len == self.named_len {
+            return;
+        }
+        // Records a failed `name` may have left past `index_len` name the
+        // bytes about to be written over: gone first, or nothing is.
+        if self
+            .index
+            .set_len(self.index_len)
+            .and_then(|()| self.index.sync_all())
+            .is_ok()
+        {
+            self.data_len = self.named_len;
+        }
     }
 
     /// Write some units' content at the end of `data`, not synced and not

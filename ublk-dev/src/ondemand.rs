@@ -76,7 +76,9 @@
 //! a write that makes an absent block local marks it first (so the fill
 //! never overwrites it) but is *unsettled* until it completes, and an
 //! unsettled block is left out of the bitmap persisted; if no write on it
-//! completes well (refused, or failed), it is absent again and fetched. So after a crash a
+//! completes well (refused, or failed), it is absent again and fetched
+//! (one that does, even a write of part of it, keeps it local: what a
+//! failed write leaves is undefined to its writer). So after a crash a
 //! block whose bit is clear is fetched (or found the same) again: that
 //! loses only a write never flushed, which a crash may lose anyway. A
 //! FLUSH persists the state before it completes, and a FUA write whose

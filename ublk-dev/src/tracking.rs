@@ -623,7 +623,10 @@ pub struct Tracker {
     live: Arc<Mutex<Live>>,
     /// Signalled when an epoch is sealed.
     sealed: Condvar,
-    seal_requested: AtomicBool,
+    /// The epoch a seal waits to cut at the next FLUSH (0: none); its
+    /// number is in the journal. A FLUSH cuts only that epoch, while it is
+    /// the current one.
+    seal_requested: AtomicU64,
     /// The device served a FLUSH since the last cut (or pre-copy round).
     flushed: AtomicBool,
     /// The backing file (a duplicate of the device's descriptor).
@@ -795,7 +798,7 @@ impl Tracker {
                 readers: 0,
             })),
             sealed: Condvar::new(),
-            seal_requested: AtomicBool::new(false),
+            seal_requested: AtomicU64::new(0),
             flushed: AtomicBool::new(false),
             file: Arc::new(file),
             journal_syncs: AtomicU64::new(0),
@@ -922,9 +925,10 @@ impl Tracker {
             Op::Discard | Op::WriteZeroes => ChangeKind::Zeroed,
             Op::Flush => {
                 self.flushed.store(true, Ordering::Release);
-                if self.seal_requested.load(Ordering::Acquire) {
+                if self.seal_requested.load(Ordering::Acquire) != 0 {
                     let mut live = lock(&self.live);
-                    if self.seal_requested.swap(false, Ordering::AcqRel) {
+                    let asked = self.seal_requested.swap(0, Ordering::AcqRel);
+                    if asked != 0 && asked == live.epochs.current() {
                         self.seal_locked(&mut live, true);
                     }
                 }
@@ -1046,7 +1050,7 @@ impl Tracker {
 
     fn seal_locked(&self, live: &mut Live, at_flush: bool) -> u64 {
         // Whatever seal was asked for is answered by this cut.
-        self.seal_requested.store(false, Ordering::Release);
+        self.seal_requested.store(0, Ordering::Release);
         self.flushed.store(false, Ordering::Release);
         let now = now_ms();
         let id = live.epochs.seal(at_flush, now);
@@ -1073,7 +1077,9 @@ impl Tracker {
             self.flushed.store(false, Ordering::Release);
             // A seal waiting for a FLUSH meant to cut `start`, sealed now:
             // it tries again, recording the next number first.
-            self.seal_requested.store(false, Ordering::Release);
+            let _ =
+                self.seal_requested
+                    .compare_exchange(start, 0, Ordering::AcqRel, Ordering::Acquire);
             let now = now_ms();
             let id = live.epochs.seal_precopy(now);
             self.carry_in_flight(&mut live, now);
@@ -1130,7 +1136,7 @@ impl Tracker {
         };
         // Set under the lock while `start` is current: the FLUSH that
         // answers it seals exactly `start`, whose number is recorded.
-        self.seal_requested.store(true, Ordering::Release);
+        self.seal_requested.store(start, Ordering::Release);
         let answer = loop {
             if live.epochs.current() > start {
                 break cut_by_another(&live);
@@ -1146,9 +1152,11 @@ impl Tracker {
                 .0;
         };
         // However it was answered (a pre-copy round sealed `start` too),
-        // no FLUSH may cut for it any more: the next epoch's number may
-        // not be in the journal yet (a retry records it first).
-        self.seal_requested.store(false, Ordering::Release);
+        // no FLUSH may cut for it any more; a later seal's request (for a
+        // later epoch) stays.
+        let _ = self
+            .seal_requested
+            .compare_exchange(start, 0, Ordering::AcqRel, Ordering::Acquire);
         Ok(answer)
     }
 
@@ -1817,7 +1825,7 @@ mod tests {
         let t2 = t.clone();
         let sealer =
             std::thread::spawn(move || t2.seal(SealAt::Flush(Duration::from_secs(60))).unwrap());
-        while !t.seal_requested.load(Ordering::Acquire) {
+        while t.seal_requested.load(Ordering::Acquire) == 0 {
             std::thread::yield_now();
         }
         apply(&t, &Request::write(0, 4096));
@@ -1846,11 +1854,11 @@ mod tests {
             t2.seal_once(Some(Instant::now() + Duration::from_secs(60)))
                 .unwrap()
         });
-        while !t.seal_requested.load(Ordering::Acquire) {
+        while t.seal_requested.load(Ordering::Acquire) == 0 {
             std::thread::yield_now();
         }
         assert_eq!(t.seal_precopy().unwrap(), 1);
-        assert!(!t.seal_requested.load(Ordering::Acquire));
+        assert_eq!(t.seal_requested.load(Ordering::Acquire), 0);
         assert_eq!(waiting.join().unwrap(), None, "a round is no cut");
         apply(&t, &Request::write(8192, 4096));
         apply(&t, &Request::flush());
@@ -1924,7 +1932,7 @@ mod tests {
         let t2 = t.clone();
         let sealer =
             std::thread::spawn(move || t2.seal(SealAt::Flush(Duration::from_secs(60))).unwrap());
-        while !t.seal_requested.load(Ordering::Acquire) {
+        while t.seal_requested.load(Ordering::Acquire) == 0 {
             std::thread::yield_now();
         }
         apply(&t, &Request::flush());

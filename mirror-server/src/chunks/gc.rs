@@ -25,9 +25,9 @@
 //! instant could delete what a publication in flight is about to
 //! reference. So a run only *condemns* dead objects, recording them with
 //! the time in `gc/state` (`{"format":1,"generation":G,"nonce":"HEX",
-//! "packs":{"ID":ms},"segments":{"ID":ms}}`; the nonce is new at each
-//! write, absent in states written before it), and deletes an object only
-//! when
+//! "window_ms":W,"packs":{"ID":ms},"segments":{"ID":ms}}`; the nonce is
+//! new at each write; nonce and window are absent in states written before
+//! them), and deletes an object only when
 //! 1. it was condemned at least the window ago, and
 //! 2. it is dead again at this run's mark.
 //!
@@ -35,15 +35,17 @@
 //! condemned object: a chunk only a condemned pack holds is stored again
 //! (in a new pack: pack names are random), a segment whose name is
 //! condemned is written under a salted name. And it reads the state again
-//! when it finishes, before its version record, and refuses to publish
-//! if a chunk it names is no longer in a pack it may rely on (condemned,
-//! or deleted: a publication longer than the window, such as the first
-//! upload of a very big volume, may see its own packs condemned and
-//! deleted); it is then made again. So a publication relies only on
-//! objects not condemned as of its last reading of the state, and creates
-//! its version record within the window of that reading — a moment —, so
-//! at the run that could delete such an object, the object is live and
-//! survives. A server that sees a new
+//! when it finishes, before its version record (a publication longer than
+//! the window, such as the first upload of a very big volume, may see its
+//! own packs condemned, then deleted), and refuses to publish if a chunk
+//! it names is gone, or in a pack condemned so long ago (the window the
+//! run recorded, `window_ms`, less a margin) that a run could delete it
+//! before the record exists; it is then made again. A pack condemned
+//! lately (a run while the publication went on: its packs were named by
+//! nothing yet) is still relied on: no run deletes it before a window has
+//! passed, and by then the version names it, so that run finds it live.
+//! So every object a version names is live at any run that could delete
+//! it. A server that sees a new
 //! generation rebuilds its chunk index from `idx/`, forgetting deleted
 //! packs. An index is deleted before its pack.
 //!
@@ -93,6 +95,11 @@ struct StateRecord {
     /// written before it was added.
     #[serde(default)]
     nonce: String,
+    /// The window the run used, ms (0, or absent: the default): how soon
+    /// after its condemnation an object may go (see
+    /// [`Publication::finish`](super::Publication::finish)).
+    #[serde(default)]
+    window_ms: u64,
     packs: BTreeMap<String, u64>,
     segments: BTreeMap<String, u64>,
 }
@@ -181,14 +188,18 @@ impl ChunkStore {
     /// Read `gc/state` and apply it to the index if it changed: whether
     /// it had.
     pub(super) fn sync_gc(&self) -> Result<bool> {
-        let (generation, condemned) = self.run(self.read_state())?;
+        let (generation, condemned, window_ms) = self.run(self.read_state())?;
         let known = self.index().generation.clone();
         if known.as_ref() == Some(&generation) {
             return Ok(false);
         }
         // What is condemned first, so that the indexes read again place
         // each chunk in a pack that is not.
-        self.index().condemned = condemned;
+        {
+            let mut index = self.index();
+            index.condemned = condemned;
+            index.gc_window_ms = window_ms;
+        }
         if known.is_some() || generation.0 > 0 {
             // Packs may have been deleted since the index was read.
             self.rebuild_index()?;
@@ -197,8 +208,9 @@ impl ChunkStore {
         Ok(true)
     }
 
-    /// The state's generation and nonce, and what it condemns.
-    async fn read_state(&self) -> Result<((u64, String), Condemned)> {
+    /// The state's generation and nonce, what it condemns, and its window
+    /// (ms; 0: the default).
+    async fn read_state(&self) -> Result<((u64, String), Condemned, u64)> {
         match self.store.get(&ObjPath::from(STATE)).await {
             Ok(r) => {
                 let bytes = r.bytes().await.map_err(|e| store_err(STATE, e))?;
@@ -216,10 +228,11 @@ impl ChunkStore {
                         packs: from_hex(&rec.packs)?,
                         segments: from_hex(&rec.segments)?,
                     },
+                    rec.window_ms,
                 ))
             }
             Err(object_store::Error::NotFound { .. }) => {
-                Ok(((0, String::new()), Condemned::default()))
+                Ok(((0, String::new()), Condemned::default(), 0))
             }
             Err(e) => Err(store_err(format!("reading {}/{STATE}", self.describe), e)),
         }
@@ -270,7 +283,7 @@ impl ChunkStore {
         let now = now_ms();
         let old = now.saturating_sub(window.as_millis() as u64);
         let mut report = Report::default();
-        let ((generation, _), before) = self.run(self.read_state())?;
+        let ((generation, _), before, _) = self.run(self.read_state())?;
         // Mark: the versions kept, their segments, their chunks.
         progress("marking");
         let mut live_segments: HashSet<Digest> = HashSet::new();
@@ -429,6 +442,7 @@ impl ChunkStore {
             format: STATE_FORMAT,
             generation: generation + 1,
             nonce: ublk_mirror_common::hex::encode(&nonce),
+            window_ms: window.as_millis() as u64,
             packs: to_hex(&condemned.packs),
             segments: to_hex(&condemned.segments),
         };

@@ -155,6 +155,8 @@ struct Index {
     /// The `gc/state` generation (and nonce) last applied (`None`: never
     /// read).
     generation: Option<(u64, String)>,
+    /// The window of the run that wrote it, ms (0: not said; the default).
+    gc_window_ms: u64,
     /// Copies of chunks found damaged by verify: (pack, chunk). Never
     /// deduplicated against; a good copy stored later takes their place.
     damaged: HashSet<(Digest, Digest)>,
@@ -172,6 +174,37 @@ impl Index {
 
     fn bad(&self, loc: &Loc, hash: &Digest) -> bool {
         self.damaged.contains(&(loc.pack, *hash))
+    }
+
+    /// Whether chunk `hash`, and every base down its chain, is in a pack
+    /// no garbage collection run can delete before a moment from now: there,
+    /// not found damaged, and not condemned for nearly the window (see
+    /// [`gc`]: a pack condemned lately is still relied on).
+    fn lasting(&self, hash: &Digest, now_ms: u64) -> bool {
+        let window = match self.gc_window_ms {
+            0 => gc::DEFAULT_WINDOW.as_millis() as u64,
+            w => w,
+        };
+        let margin = (window / 4).min(3_600_000);
+        let mut at = *hash;
+        for _ in 0..=format::MAX_CHAIN {
+            let Some(loc) = self.chunks.get(&at) else {
+                return false;
+            };
+            if self.bad(loc, &at) {
+                return false;
+            }
+            if let Some(&since) = self.condemned.packs.get(&loc.pack) {
+                if now_ms.saturating_sub(since).saturating_add(margin) >= window {
+                    return false;
+                }
+            }
+            match loc.entry.codec {
+                format::Codec::Patch { base } => at = base,
+                _ => return true,
+            }
+        }
+        false
     }
 
     /// How many patches reading the usable copy of `hash` goes through (0:
@@ -1140,20 +1173,21 @@ impl Publication<'_> {
         while !self.uploads.is_empty() {
             self.join_one()?;
         }
-        // And still there to rely on: garbage collection may have condemned
-        // (or, after the window, deleted) what this publication packed or
-        // found in the store, if it took long (see [`gc`]).
+        // And still there to rely on: garbage collection may have deleted
+        // what this publication packed or found in the store, or condemned
+        // it nearly a window ago, if it took long (see [`gc`]).
         self.store.sync_gc()?;
         {
             let index = self.store.index();
+            let now = now_ms();
             let gone = self
                 .changes
                 .values()
-                .filter(|&&d| d != HOLE && index.chain(&d).is_none())
+                .filter(|&&d| d != HOLE && !index.lasting(&d, now))
                 .count();
             if gone > 0 {
                 return Err(Error::Store(format!(
-                    "garbage collection of {} condemned {gone} chunks while version {} of {} was made ({} s): it is made again",
+                    "garbage collection of {} deleted {gone} chunks (or is about to) while version {} of {} was made ({} s): it is made again",
                     self.store.describe,
                     self.base.as_ref().map_or(1, |(seq, _)| seq + 1),
                     self.volume,

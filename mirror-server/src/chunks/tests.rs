@@ -635,32 +635,45 @@ fn gc_frees_only_the_dead(store: &Arc<ChunkStore>) {
     assert!(e.to_string().contains("running already"), "{e}");
 }
 
-/// A publication that outlasts garbage collection's window (here zero:
-/// two runs while it is made) sees its packs condemned, then deleted, and
+/// A publication during which garbage collection runs sees its packs
+/// (named by no version yet) condemned: it publishes all the same, as no
+/// run deletes them before a window has passed. One that outlasts the
+/// window (here zero: two runs while it is made) sees them deleted, and
 /// names none of them: it refuses to publish, and is made again.
 #[test]
 fn a_publication_names_no_chunk_collected_while_it_was_made() {
     let store = open_on(memory());
     let size = 64 * BLOCK;
     let model: Model = (0..32).map(|n| (n, n + 1)).collect();
-    let mut p = store.publication(VOL, None, size).unwrap();
-    for (&n, &seed) in &model {
-        let d = block_of(seed, BLOCK as usize);
-        p.put(n, Some(&d), format::sha256(&d)).unwrap();
-    }
-    // 2 MiB of chunks in 1 MiB packs: in the store, named by no version.
-    while !p.uploads.is_empty() {
-        p.join_one().unwrap();
-    }
-    assert!(p.written_packs >= 1);
+    let publication = |model: &Model| {
+        let mut p = store.publication(VOL, None, size).unwrap();
+        for (&n, &seed) in model {
+            let d = block_of(seed, BLOCK as usize);
+            p.put(n, Some(&d), format::sha256(&d)).unwrap();
+        }
+        // 2 MiB of chunks in 1 MiB packs: in the store, named by no version.
+        while !p.uploads.is_empty() {
+            p.join_one().unwrap();
+        }
+        assert!(p.written_packs >= 1);
+        p
+    };
+    let other: Model = (0..32).map(|n| (n, n + 100)).collect();
+    let p = publication(&other);
+    let r = store.gc(Duration::from_secs(3600), |_| {}).unwrap();
+    assert!(r.packs_condemned >= 1, "{r:?}");
+    let v = p.finish(1, None, "").unwrap();
+    assert_eq!(read_all(&store, &v.record), expected(size, &other));
+    let p = publication(&model);
+    let base = Some(v.record);
     let r = store.gc(Duration::ZERO, |_| {}).unwrap();
     assert!(r.packs_condemned >= 1, "{r:?}");
     let r = store.gc(Duration::ZERO, |_| {}).unwrap();
     assert!(r.packs_deleted >= 1, "{r:?}");
-    let e = p.finish(1, None, "").unwrap_err().to_string();
+    let e = p.finish(2, None, "").unwrap_err().to_string();
     assert!(e.contains("made again"), "{e}");
-    assert!(store.head(VOL).unwrap().is_none());
-    let v = publish(&store, VOL, None, size, &model, 1).unwrap();
+    assert_eq!(store.head(VOL).unwrap().unwrap().seq, 1);
+    let v = publish(&store, VOL, base.as_ref(), size, &model, 2).unwrap();
     assert_eq!(read_all(&store, &v.record), expected(size, &model));
 }
 

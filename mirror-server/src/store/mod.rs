@@ -420,14 +420,20 @@ impl Volume {
             }
             self.snapshots_mut().keep(aside)?;
         }
-        let info = self.snapshots_mut().delete(name)?;
-        if let Some((store, volume)) = &self.chunks {
+        let listed = |v: &Self| v.snapshots().list().iter().any(|s| s.name == name);
+        let existed = listed(self);
+        let deleted = self.snapshots_mut().delete(name);
+        // Gone also when the answer is an error that left it gone (the
+        // manifest without it in place, its durability unknown): its pin
+        // goes too, or the store would go on serving it by name.
+        let gone = deleted.is_ok() || existed && !listed(self);
+        if let (true, Some((store, volume))) = (gone, &self.chunks) {
             // A pin left behind only keeps a version longer.
             if let Err(e) = store.unpin(volume, name) {
                 tracing::warn!(volume = %volume, snapshot = name, "cannot unpin the snapshot's version: {e}");
             }
         }
-        Ok(info)
+        deleted
     }
 
     /// Prune scheduled snapshots by `retention`; their names.
@@ -790,6 +796,13 @@ impl Volume {
             device: staging.writer.device,
             epoch: staging.writer.epoch,
         };
+        if let (Some(to), None) = (self.catching_up, &self.chunks) {
+            // Not published on an image holding part of another version
+            // (attached, the store refuses it: it moved on).
+            return Err(Error::Store(format!(
+                "the image is part way through catching up with version {to} of the chunk store, which is not attached: the epoch waits, staged"
+            )));
+        }
         // The epoch becomes a version in the chunk store before anything
         // here says it is complete: if the store fails, the staging stays
         // and the client resumes it; if this process dies after, opening
@@ -1019,6 +1032,15 @@ impl Volume {
         };
         write_state(&self.dir, &state)?;
         self.state = state;
+        // An interrupted catch-up to the version this epoch is (stored by
+        // this server, its answer lost): the epoch wrote every block that
+        // version changed, so the image is that version.
+        if self
+            .catching_up
+            .is_some_and(|to| self.state.store_seq >= to)
+        {
+            self.caught_up();
+        }
         tracing::info!(epoch, blocks = applied, "epoch published");
         Ok(())
     }
@@ -1200,7 +1222,8 @@ impl Volume {
     /// `new`'s blocks: the marker says so across a restart, no snapshot
     /// is taken meanwhile ([`Volume::snapshot`] finishes the catch-up
     /// first or refuses), no epoch is published on it (the store is
-    /// ahead of the state, so [`Volume::store_epoch`] refuses), and the
+    /// ahead of the state, so [`Volume::store_epoch`] refuses; with no
+    /// store attached, the commit refuses), and the
     /// next catch-up writes every block, since the blocks written may
     /// not be among those that differ between `old` and a later head.
     fn catch_up(
@@ -1293,14 +1316,19 @@ impl Volume {
         };
         write_state(&self.dir, &state)?;
         self.state = state;
-        // A marker left behind (the removal lost in a crash) names a
-        // version no newer than the state's: it is ignored.
+        self.caught_up();
+        tracing::info!(blocks = changed.len(), seq = new.seq, "image caught up");
+        Ok(())
+    }
+
+    /// The image is the version the state names again: no catch-up is
+    /// part way. A marker left behind (its removal lost in a crash) names
+    /// a version no newer than the state's, and is ignored.
+    fn caught_up(&mut self) {
         self.catching_up = None;
         if let Err(e) = fsutil::remove_durably(&self.dir.join(CATCHING_UP)) {
             tracing::warn!("removing {}: {e}", self.dir.join(CATCHING_UP).display());
         }
-        tracing::info!(blocks = changed.len(), seq = new.seq, "image caught up");
-        Ok(())
     }
 
     /// Store a complete staging as the next version (when attached): its
@@ -3008,6 +3036,13 @@ mod tests {
             s.add(B, B as u32, &digest(&a), Encoding::Raw, &a).unwrap();
         }
         assert_eq!(s.blocks(), 1, "staged again and again");
+        // A copy that fails its check, then a good one: the epoch commits.
+        let bad = block(8, B as usize);
+        let err = s
+            .add(B, B as u32, &digest(&a), Encoding::Raw, &bad)
+            .unwrap_err();
+        assert!(matches!(err, Error::BadBlock(_)), "{err}");
+        s.add(B, B as u32, &digest(&a), Encoding::Raw, &a).unwrap();
         let c = block(9, 4096);
         s.add(B + 4096, 4096, &digest(&c), Encoding::Raw, &c)
             .unwrap();

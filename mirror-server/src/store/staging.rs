@@ -443,7 +443,7 @@ impl Staging {
         // block is logged.
         let _writing = self.writes.read().unwrap_or_else(|p| p.into_inner());
         {
-            let inner = self.lock();
+            let mut inner = self.lock();
             if inner.closed {
                 return Err(Error::Invalid(format!(
                     "epoch {} is no longer being staged",
@@ -456,6 +456,8 @@ impl Staging {
             // client repeating a 50-byte `Known` block would make 64 KiB
             // of it each time).
             if !self.direct && inner.digests.get(&(offset, len)) == Some(sha256) {
+                // A copy of it that failed its check since is answered.
+                inner.failed.remove(&(offset, len));
                 return Ok(());
             }
         }
