@@ -77,31 +77,36 @@ pub fn lock_file(path: &Path, wait: bool) -> std::io::Result<nix::fcntl::Flock<F
 }
 
 /// Replace `path` with `bytes` so that a crash leaves either the old or
-/// the new content, durably: a temporary file, synced, renamed over it,
-/// and the directory synced.
+/// the new content, durably: [`replace`], then the directory synced.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes)?;
+    sync_dir(parent_of(path))
+}
+
+/// Replace `path` with `bytes` whole: a temporary file, synced, renamed
+/// over it. Once this returns, `path` holds the new bytes; they are
+/// durable once its directory is synced ([`write_durably`] does both).
+pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
     std::fs::write(&tmp, bytes)?;
     File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    let dir = path
-        .parent()
+    std::fs::rename(&tmp, path)
+}
+
+/// The directory `path` is in (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    sync_dir(dir)
+        .unwrap_or(Path::new("."))
 }
 
 /// Remove `path`, durably (its directory synced); a path that is not
 /// there is removed already.
 pub fn remove_durably(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
-        Ok(()) => sync_dir(
-            path.parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new(".")),
-        ),
+        Ok(()) => sync_dir(parent_of(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }

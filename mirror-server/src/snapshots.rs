@@ -699,10 +699,7 @@ impl Snapshots {
         let bytes =
             serde_json::to_vec_pretty(&self.manifest).map_err(|e| Error::Corrupt(e.to_string()))?;
         let path = self.dir.join(MANIFEST);
-        let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
-        std::fs::write(&tmp, &bytes)
-            .and_then(|()| File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        fsutil::replace(&path, &bytes)
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         self.unsynced = true;
         Ok(match self.settle() {

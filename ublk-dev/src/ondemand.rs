@@ -667,21 +667,13 @@ impl OnDemand {
                 s.changed = true;
             }
         }
-        if !ok {
-            // Nothing of it is the user's to keep: no state is saved for
-            // it (a block still made local by another write in flight is
-            // saved when that one completes).
-            drop(s);
-            if !pinned.unsettled.is_empty() {
-                self.work.notify_all();
-            }
-            return;
-        }
         // Before the write completes, its blocks must be local in the saved
         // states: in the live one (a daemon killed and recovered must not
         // fill them again: the kernel saw the write complete), and for FUA
-        // in the durable one.
-        let fill = self.fill.is_some() && !self.filled.load(Ordering::Acquire);
+        // in the durable one. A failed one leaves nothing of the user's to
+        // keep (a block still made local by another write in flight is
+        // saved when that one completes).
+        let fill = ok && self.fill.is_some() && !self.filled.load(Ordering::Acquire);
         let unsaved = |saved: &[u8]| {
             pinned
                 .written

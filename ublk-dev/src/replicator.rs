@@ -1111,12 +1111,10 @@ impl Context {
                 // compared again as the cut. As for a block asked for
                 // again: a pre-copy round, read as the device is now, and
                 // a new cut follows (retrying as it was failed for good).
-                tracing::info!(
+                return self.goes_as_round(
                     epoch,
-                    "blocks compared and read before the link broke are no longer kept as the cut: the epoch goes as a pre-copy round, then a new cut"
+                    "blocks compared and read before the link broke are no longer kept as the cut",
                 );
-                self.tracker.demote(epoch)?;
-                return Ok(());
             }
             Err(e) => return Err(e),
         }
@@ -1155,12 +1153,10 @@ impl Context {
                 // longer kept. What the server staged stays (it is the
                 // cut's); the epoch goes on as a pre-copy round, read as
                 // the device is now, and a new cut follows (module docs).
-                tracing::info!(
+                return self.goes_as_round(
                     epoch,
-                    "blocks already read were asked for again ({e}): the epoch goes as a pre-copy round, then a new cut"
+                    &format!("blocks already read were asked for again ({e})"),
                 );
-                self.tracker.demote(epoch)?;
-                return Ok(());
             }
             Err(e) => return Err(Error::Mirror(e)),
         };
@@ -1193,6 +1189,17 @@ impl Context {
             "epoch mirrored"
         );
         Ok(())
+    }
+
+    /// Ordinary epoch `epoch` can no longer be read as its cut (`why`):
+    /// it goes on as a pre-copy round, read as the device is now, and a new
+    /// cut follows (module docs).
+    fn goes_as_round(&self, epoch: u64, why: &str) -> Result<()> {
+        tracing::info!(
+            epoch,
+            "{why}: the epoch goes as a pre-copy round, then a new cut"
+        );
+        self.tracker.demote(epoch)
     }
 
     fn release(&self, epoch: u64) -> Result<()> {

@@ -186,33 +186,32 @@ impl Index {
             w => w,
         };
         let margin = (window / 4).min(3_600_000);
-        let mut at = *hash;
-        for _ in 0..=format::MAX_CHAIN {
-            let Some(loc) = self.chunks.get(&at) else {
-                return false;
-            };
-            if self.bad(loc, &at) {
-                return false;
-            }
-            if let Some(&since) = self.condemned.packs.get(&loc.pack) {
-                if now_ms.saturating_sub(since).saturating_add(margin) >= window {
-                    return false;
-                }
-            }
-            match loc.entry.codec {
-                format::Codec::Patch { base } => at = base,
-                _ => return true,
-            }
-        }
-        false
+        self.chain_where(hash, |pack| {
+            self.condemned
+                .packs
+                .get(pack)
+                .is_none_or(|&since| now_ms.saturating_sub(since).saturating_add(margin) < window)
+        })
+        .is_some()
     }
 
     /// How many patches reading the usable copy of `hash` goes through (0:
     /// stored whole); `None` when some chunk on the way is not usable.
     fn chain(&self, hash: &Digest) -> Option<usize> {
+        self.chain_where(hash, |pack| !self.condemned.packs.contains_key(pack))
+    }
+
+    /// How many patches reading `hash` goes through, where every chunk on
+    /// the way is held, not found damaged, and in a pack `keep` takes;
+    /// `None` otherwise (or past [`format::MAX_CHAIN`]).
+    fn chain_where(&self, hash: &Digest, keep: impl Fn(&Digest) -> bool) -> Option<usize> {
         let mut at = *hash;
         for depth in 0..=format::MAX_CHAIN {
-            match self.usable(&at)?.entry.codec {
+            let loc = self
+                .chunks
+                .get(&at)
+                .filter(|l| !self.bad(l, &at) && keep(&l.pack))?;
+            match loc.entry.codec {
                 format::Codec::Patch { base } => at = base,
                 _ => return Some(depth),
             }

@@ -1089,7 +1089,7 @@ impl Volume {
         self.unpoison()?;
         let head = store.head(&name)?;
         match head {
-            None if self.state.published_epoch > 0 || self.state.store_seq > 0 => {
+            None if !self.is_new() => {
                 tracing::info!(volume = %name, "storing the image as the volume's first version (upgrade)");
                 let seq = self.store_image(&store, &name)?;
                 self.state.store_seq = seq;
@@ -1348,7 +1348,7 @@ impl Volume {
                 return Ok(Some(h.seq));
             }
         }
-        if head.is_none() && (self.state.published_epoch > 0 || self.state.store_seq > 0) {
+        if head.is_none() && !self.is_new() {
             // The image has data the store never got (its first upload,
             // [`Volume::refresh`], could not run when the epoch began): a
             // version with no base would call all of it holes. The epoch
