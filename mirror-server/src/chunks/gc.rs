@@ -49,8 +49,14 @@
 //! generation rebuilds its chunk index from `idx/`, forgetting deleted
 //! packs. An index is deleted before its pack.
 //!
-//! One run at a time: `gc/lock` is created (create-only) for the run and
-//! deleted after; a lock older than an hour is taken as abandoned.
+//! One run at a time: `gc/lock` (JSON `{"server":S,"started_ms":T,
+//! "nonce":HEX}`) is created (create-only) for the run and deleted after.
+//! The run keeps it fresh: at each step, and at least every minute while it
+//! deletes or marks, it reads the lock back and writes it again; a lock not
+//! written for an hour is taken as abandoned, and another run may take it.
+//! A run that finds the lock is no longer its own (its nonce) stops at
+//! once, before deleting anything more or writing the state, and never
+//! deletes a lock that is not its own.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -69,8 +75,19 @@ use crate::error::{Error, Result};
 const STATE: &str = "gc/state";
 const LOCK: &str = "gc/lock";
 const STATE_FORMAT: u32 = 1;
-/// A run's lock older than this is abandoned.
+/// A run's lock not written for this long is abandoned.
 const STALE_LOCK: Duration = Duration::from_secs(3600);
+/// How often a run writes its lock again, at least.
+const KEEP_LOCK: Duration = Duration::from_secs(60);
+
+/// A run's hold on `gc/lock`.
+struct RunLock {
+    /// Random: tells this run's lock from any other's.
+    nonce: String,
+    started_ms: u64,
+    /// When the lock was last written.
+    kept: std::cell::Cell<std::time::Instant>,
+}
 
 /// The default window: longer than any publication, and than the time a
 /// server takes to notice a new generation.
@@ -239,11 +256,17 @@ impl ChunkStore {
     }
 
     /// Take the run's lock, or say who holds it.
-    async fn lock(&self) -> Result<()> {
+    async fn lock(&self) -> Result<RunLock> {
         let path = ObjPath::from(LOCK);
-        let body = serde_json::json!({"server": self.server, "started_ms": now_ms()}).to_string();
-        if self.create(&path, Bytes::from(body.clone())).await? {
-            return Ok(());
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
+        let lock = RunLock {
+            nonce: ublk_mirror_common::hex::encode(&nonce),
+            started_ms: now_ms(),
+            kept: std::cell::Cell::new(std::time::Instant::now()),
+        };
+        if self.create(&path, self.lock_body(&lock)).await? {
+            return Ok(lock);
         }
         let meta = self
             .store
@@ -259,10 +282,13 @@ impl ChunkStore {
                 String::from_utf8_lossy(&holder)
             )));
         }
-        tracing::warn!("taking over an abandoned garbage collection lock");
+        tracing::warn!(
+            "taking over an abandoned garbage collection lock (not written for {} min)",
+            age / 60_000
+        );
         let _ = self.store.delete(&path).await;
-        if self.create(&path, Bytes::from(body)).await? {
-            Ok(())
+        if self.create(&path, self.lock_body(&lock)).await? {
+            Ok(lock)
         } else {
             Err(Error::Invalid(
                 "another garbage collection took the lock".into(),
@@ -270,24 +296,82 @@ impl ChunkStore {
         }
     }
 
+    fn lock_body(&self, lock: &RunLock) -> Bytes {
+        Bytes::from(
+            serde_json::json!({
+                "server": self.server,
+                "started_ms": lock.started_ms,
+                "nonce": lock.nonce,
+            })
+            .to_string(),
+        )
+    }
+
+    /// Whether the lock in the store is `lock` (its nonce).
+    async fn holds(&self, lock: &RunLock) -> Result<bool> {
+        let path = ObjPath::from(LOCK);
+        match self.store.get(&path).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(|e| store_err(LOCK, e))?;
+                let held: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                Ok(held.get("nonce").and_then(|n| n.as_str()) == Some(lock.nonce.as_str()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_err(format!("reading {}/{LOCK}", self.describe), e)),
+        }
+    }
+
+    /// Keep the run's lock fresh (write it again), at once if `now`, else
+    /// at most once a minute; an error if it is no longer this run's.
+    fn keep_lock(&self, lock: &RunLock, now: bool) -> Result<()> {
+        if !now && lock.kept.get().elapsed() < KEEP_LOCK {
+            return Ok(());
+        }
+        if !self.run(self.holds(lock))? {
+            return Err(Error::Invalid(format!(
+                "garbage collection of {} stopped: another run took its lock \
+                 (this one was taken for abandoned); nothing more was deleted",
+                self.describe
+            )));
+        }
+        let path = ObjPath::from(LOCK);
+        self.run(
+            self.store
+                .put(&path, PutPayload::from(self.lock_body(lock))),
+        )
+        .map_err(|e| store_err(format!("writing {}/{LOCK}", self.describe), e))?;
+        lock.kept.set(std::time::Instant::now());
+        Ok(())
+    }
+
     /// One garbage collection run with safety window `window` (see the
     /// module docs). `progress` is told what the run is doing.
     pub fn gc(&self, window: Duration, mut progress: impl FnMut(&str)) -> Result<Report> {
-        self.run(self.lock())?;
-        let result = self.gc_locked(window, &mut progress);
-        let _ = self.run(self.store.delete(&ObjPath::from(LOCK)));
+        let lock = self.run(self.lock())?;
+        let result = self.gc_locked(window, &lock, &mut progress);
+        // Only this run's own lock is deleted.
+        if let Ok(true) = self.run(self.holds(&lock)) {
+            let _ = self.run(self.store.delete(&ObjPath::from(LOCK)));
+        }
         result
     }
 
-    fn gc_locked(&self, window: Duration, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+    fn gc_locked(
+        &self,
+        window: Duration,
+        lock: &RunLock,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Report> {
         let now = now_ms();
         let old = now.saturating_sub(window.as_millis() as u64);
         let mut report = Report::default();
         let ((generation, _), before, _) = self.run(self.read_state())?;
         // Mark: the versions kept, their segments, their chunks.
         progress("marking");
+        self.keep_lock(lock, true)?;
         let mut live_segments: HashSet<Digest> = HashSet::new();
         for volume in self.volumes()? {
+            self.keep_lock(lock, false)?;
             let seqs = self.versions(&volume)?;
             let pins: HashSet<u64> = self.pins(&volume)?.into_values().collect();
             let newest: Vec<u64> = seqs.iter().rev().take(2).copied().collect();
@@ -307,6 +391,7 @@ impl ChunkStore {
         }
         let mut live_chunks: HashSet<Digest> = HashSet::new();
         for id in &live_segments {
+            self.keep_lock(lock, false)?;
             for d in self.segment(id)? {
                 if d != HOLE {
                     live_chunks.insert(d);
@@ -369,6 +454,7 @@ impl ChunkStore {
         // Sweep: delete what was condemned a window ago and is still dead;
         // condemn what is dead now.
         progress("sweeping");
+        self.keep_lock(lock, true)?;
         let mut condemned = super::gc::Condemned::default();
         // A live chunk also held by a pack that is not condemned does not
         // keep a condemned pack (a publication stored it again).
@@ -379,6 +465,7 @@ impl ChunkStore {
             }
         }
         for (id, hashes, bytes) in packs {
+            self.keep_lock(lock, false)?;
             let needed = |h: &Digest| {
                 live_chunks.contains(h)
                     && (!before.packs.contains_key(&id) || !held_elsewhere.contains(h))
@@ -413,6 +500,7 @@ impl ChunkStore {
             }
         }
         for id in segments {
+            self.keep_lock(lock, false)?;
             if live_segments.contains(&id) {
                 continue;
             }
@@ -447,6 +535,8 @@ impl ChunkStore {
             segments: to_hex(&condemned.segments),
         };
         let body = serde_json::to_vec(&record).map_err(|e| Error::Corrupt(e.to_string()))?;
+        // The state is written only by the run that holds the lock.
+        self.keep_lock(lock, true)?;
         let opts = PutOptions {
             mode: PutMode::Overwrite,
             ..Default::default()

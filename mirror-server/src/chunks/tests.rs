@@ -743,6 +743,69 @@ fn gc_frees_only_the_dead_in_memory() {
     gc_frees_only_the_dead(&open_on(memory()));
 }
 
+/// A run whose lock another run took (it judged it abandoned) stops at
+/// its next step: it deletes nothing more, writes no state, and leaves
+/// the other run's lock in place; the lock is written again as it goes.
+#[test]
+fn a_gc_run_that_lost_its_lock_stops_and_leaves_the_others() {
+    let store = open_on(memory());
+    let mut base: Option<VersionRecord> = None;
+    for epoch in 1..=3u64 {
+        let changes: Model = [(0, epoch * 10)].into();
+        base = Some(
+            publish(&store, VOL, base.as_ref(), BLOCK, &changes, epoch)
+                .unwrap()
+                .record,
+        );
+    }
+    // Version 1 goes, its pack condemned.
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert_eq!((r.versions_deleted, r.packs_condemned), (1, 1), "{r:?}");
+    let lock = ObjPath::from("gc/lock");
+    assert!(
+        store.run(store.get(&lock)).is_err(),
+        "a run deletes its own lock"
+    );
+    let packs = || store.run(store.list("packs")).unwrap().len();
+    let before = packs();
+    let state = || store.run(store.get(&ObjPath::from("gc/state"))).unwrap();
+    let state_before = state();
+    // The next run would delete it; its lock is taken while it marks.
+    let foreign = Bytes::from_static(br#"{"server":"other","nonce":"00"}"#);
+    let mut seen = Vec::new();
+    let e = store
+        .gc(Duration::ZERO, |step| {
+            seen.push(step.to_string());
+            if step == "sweeping" {
+                // The run wrote its lock again at the step before.
+                let held = store.run(store.get(&lock)).unwrap();
+                assert!(String::from_utf8_lossy(&held).contains("nonce"));
+                store
+                    .run(store.store.put(&lock, PutPayload::from(foreign.clone())))
+                    .unwrap();
+            }
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("another run took its lock"), "{e}");
+    assert_eq!(seen, ["marking", "sweeping"]);
+    assert_eq!(packs(), before, "a run that lost its lock deleted a pack");
+    assert_eq!(
+        state(),
+        state_before,
+        "a run that lost its lock wrote the state"
+    );
+    assert_eq!(
+        store.run(store.get(&lock)).unwrap(),
+        foreign,
+        "the other's lock was deleted"
+    );
+    // The other run done, the next one deletes the pack.
+    store.run(store.store.delete(&lock)).unwrap();
+    let r = store.gc(Duration::ZERO, |_| {}).unwrap();
+    assert_eq!(r.packs_deleted, 1, "{r:?}");
+    assert_eq!(packs(), before - 1);
+}
+
 #[test]
 fn gc_frees_only_the_dead_on_seaweedfs() {
     let weed = seaweed::Seaweed::start();
