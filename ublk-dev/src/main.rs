@@ -1705,9 +1705,12 @@ fn sync_note(m: &ublk_dev::replicator::MirrorStatus) -> String {
     let yields = m
         .yielding
         .then_some("giving way to the device's I/O (--mirror-min-rate)");
+    // Connected, but what it ships failed since the last publication.
+    let failing = m.last_error.as_ref().map(|e| format!("last failure: {e}"));
     rounds
         .into_iter()
         .chain(yields.map(String::from))
+        .chain(failing)
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -1866,11 +1869,23 @@ fn status(json: bool, stale: Span) -> anyhow::Result<usize> {
     let mut behind = 0;
     for (d, s) in &devices {
         let Some(s) = s else { continue };
+        let name = d.record.as_ref().map_or("-", |r| r.name.as_str());
         let Some(ms) = mirror_behind_ms(s, now).filter(|&ms| ms >= limit) else {
+            // Not behind for long yet, but say why mirroring fails.
+            if let Some((link, e)) = s
+                .mirror
+                .as_ref()
+                .and_then(|m| Some((&m.link, m.last_error.as_ref()?)))
+            {
+                writeln!(
+                    out,
+                    "{} ({name}): mirror {link}, last failure: {e}",
+                    d.device.display()
+                )?;
+            }
             continue;
         };
         behind += 1;
-        let name = d.record.as_ref().map_or("-", |r| r.name.as_str());
         let why = s
             .mirror
             .as_ref()
@@ -2011,6 +2026,12 @@ mod tests {
         assert_eq!(sync_note(&down), "mirror disconnected");
         down.last_error = Some("connection refused".into());
         assert_eq!(sync_note(&down), "mirror disconnected: connection refused");
+        let mut refused = m("connected", 1, false);
+        refused.last_error = Some("the server's disk is full".into());
+        assert_eq!(
+            sync_note(&refused),
+            "1 pre-copy round staged, last failure: the server's disk is full"
+        );
     }
 
     #[test]

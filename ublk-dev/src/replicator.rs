@@ -364,7 +364,10 @@ pub struct MirrorStatus {
     pub server: String,
     /// `connecting`, `connected`, or `disconnected`.
     pub link: String,
-    /// Why the link is down, when it is.
+    /// The last failure of mirroring (the link, or the server refusing
+    /// what was shipped): kept while it fails again and again, also
+    /// across reconnections, and cleared once an epoch is published or
+    /// nothing is left to ship.
     pub last_error: Option<String>,
     /// The epoch the server's image holds.
     pub server_epoch: u64,
@@ -954,8 +957,9 @@ impl Context {
             "mirror link up"
         );
         self.set(|s| {
+            // last_error stays until this link gets somewhere: a server
+            // that takes the link and then refuses every epoch is failing.
             s.link = "connected".into();
-            s.last_error = None;
             s.server_epoch = info.published_epoch;
         });
         let mut last_cut = Instant::now();
@@ -1020,6 +1024,8 @@ impl Context {
                     forced = false;
                     let flush_wait = match cut {
                         Cut::Wait(wait) => {
+                            // Nothing left to ship: no failure stands.
+                            self.set(|s| s.last_error = None);
                             tokio::select! {
                                 () = tokio::time::sleep(wait) => {}
                                 () = self.kick.notified() => forced = true,
@@ -1174,6 +1180,7 @@ impl Context {
         self.set(|s| {
             s.server_epoch = remote;
             s.epochs_shipped += 1;
+            s.last_error = None;
         });
         self.release(epoch)?;
         // The epoch's buffers are free now: give them back, so that an
@@ -1453,6 +1460,7 @@ impl Context {
             s.server_epoch = run.remote;
             s.epochs_shipped += 1;
             s.precopy_rounds = 0;
+            s.last_error = None;
         });
         *self.run_lock() = None;
         tracing::info!(
