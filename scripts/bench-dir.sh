@@ -7,8 +7,9 @@
 # anything else is refused. What the run put
 # there goes at the end; the directory itself only if it is left empty.
 
-# bench_dir_take NAME DIR: make DIR the run's, empty.
-bench_dir_take() {
+# bench_dir_check NAME DIR: refuse DIR (exit 2) unless a run may take
+# it; changes nothing (a benchmark checks before it builds).
+bench_dir_check() {
   local who=$1 dir=$2
   if [ -e "$dir" ] && [ ! -d "$dir" ]; then
     echo "$who: --dir $dir is not a directory" >&2; exit 2
@@ -20,6 +21,12 @@ bench_dir_take() {
     echo "$who: --dir $dir holds files of its own: give a new or empty directory (what a run puts there is removed after it)" >&2
     exit 2
   fi
+}
+
+# bench_dir_take NAME DIR: make DIR the run's, empty.
+bench_dir_take() {
+  local dir=$2
+  bench_dir_check "$1" "$dir"
   mkdir -p "$dir"
   find "$dir" -mindepth 1 -delete
   touch "$dir/.ublk-mirror-bench"
