@@ -574,9 +574,11 @@ impl ChunkStore {
         index.packs.insert(pack, info);
         for e in entries {
             let loc = Loc { pack, entry: *e };
-            let condemned = index.chunks.get(&e.hash).is_some_and(|l| {
-                index.condemned.packs.contains_key(&l.pack) || index.bad(l, &e.hash)
-            }) && !index.damaged.contains(&(pack, e.hash));
+            // The copy known is not usable (condemned, damaged, or a patch
+            // whose chain is broken): this one takes its place.
+            let condemned = index.chunks.contains_key(&e.hash)
+                && index.chain(&e.hash).is_none()
+                && !index.damaged.contains(&(pack, e.hash));
             match index.chunks.entry(e.hash) {
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(loc);
@@ -600,9 +602,11 @@ impl ChunkStore {
         self.refresh_index()
     }
 
-    /// Does the store hold the chunk `hash` (in a pack not condemned)?
+    /// Does the store hold the chunk `hash` in a pack not condemned, and
+    /// every base down its chain if it is a patch (a patch's pack may
+    /// outlive its base's: it is kept whole for its other chunks)?
     pub fn has(&self, hash: &Digest) -> bool {
-        self.index().usable(hash).is_some()
+        self.index().chain(hash).is_some()
     }
 
     /// What the store holds, by its chunk index.

@@ -806,6 +806,48 @@ fn a_gc_run_that_lost_its_lock_stops_and_leaves_the_others() {
     assert_eq!(packs(), before - 1);
 }
 
+/// A chunk stored as a patch whose base's pack is gone (collected: the
+/// patch's pack lived on for other chunks) is not there to deduplicate
+/// against: a publication of that content stores it again, and publishes.
+#[test]
+fn a_patch_whose_base_is_gone_is_stored_again() {
+    let store = open_on(memory());
+    let size = 2 * BLOCK;
+    let v1 = publish(&store, VOL, None, size, &[(0, 1), (1, 2)].into(), 1).unwrap();
+    let mut image = expected(size, &[(0, 1), (1, 2)].into());
+    let base = format::sha256(&image[BLOCK as usize..]);
+    publish_write(&store, &v1.record, &mut image, BLOCK, 3, 2);
+    let block = image[BLOCK as usize..].to_vec();
+    let patch = format::sha256(&block);
+    assert_eq!(
+        store.index().chain(&patch),
+        Some(1),
+        "not stored as a patch"
+    );
+    assert!(store.has(&patch));
+    // The base's pack goes (as a collection would have it go).
+    let pack = store.index().chunks[&base].pack;
+    for dir in ["idx", "packs"] {
+        store
+            .run(
+                store
+                    .store
+                    .delete(&ObjPath::from(format::spread(dir, &pack))),
+            )
+            .unwrap();
+    }
+    store.rebuild_index().unwrap();
+    assert!(
+        !store.has(&patch),
+        "a patch on a base that is gone is deduplicated against"
+    );
+    let mut p = store.publication("vol2", None, BLOCK).unwrap();
+    p.put(0, Some(&block), patch).unwrap();
+    let v = p.finish(1, None, "").unwrap();
+    assert_eq!(store.index().chain(&patch), Some(0));
+    assert_eq!(read_all(&store, &v.record), block);
+}
+
 #[test]
 fn gc_frees_only_the_dead_on_seaweedfs() {
     let weed = seaweed::Seaweed::start();
