@@ -986,6 +986,9 @@ fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("making {}", args.state_dir.display()))?;
     let state = fill_state_path(&args.state_dir, &target);
+    if let Some(why) = ublk_dev::ondemand::finished(&state, &target) {
+        return Err(Error::InvalidConfig(why).into());
+    }
     let timeout = (!args.timeout.0.is_zero()).then_some(args.timeout.0);
     let mut opened_backing = None;
     let fetcher = Fetcher::open(

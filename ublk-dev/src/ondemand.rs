@@ -55,7 +55,11 @@
 //! travel; a block the server calls the same becomes `Clean` where it
 //! lies), and, when no read waits, a *fill* walks the absent blocks in
 //! order. When every block is local the fill state is removed and the
-//! device is an ordinary one.
+//! device is an ordinary one; a *finished marker* takes the state's place
+//! (`STATE.done`, JSON `{"format":1,"volume":V,"snapshot":S,"target":T,
+//! "finished_ms":MS}`, written durably before the state is removed), so
+//! that the same `restore --instant` run again, after a reboot say, is
+//! refused instead of undoing the writes made since ([`finished`]).
 //!
 //! **The fill state** (a file, [`FILL_VERSION`]) says which blocks are
 //! local, so that after `kill -9` (the device is recoverable) or a reboot
@@ -413,6 +417,49 @@ struct Counters {
     wire: AtomicU64,
     timed_out: AtomicU64,
     link_up: AtomicBool,
+}
+
+/// The finished marker of the fill state `state` (see the module docs).
+pub fn finished_marker(state: &Path) -> PathBuf {
+    let mut p = state.as_os_str().to_owned();
+    p.push(".done");
+    PathBuf::from(p)
+}
+
+/// An instant restore with fill state `state` onto `target` finished
+/// before, and its target (there still) has been an ordinary disk since:
+/// restoring onto it again would undo every write made since. `None`
+/// when a restore may go on (a fill state to resume, no marker, or no
+/// target: a new one is made); else what to tell the user.
+pub fn finished(state: &Path, target: &Path) -> Option<String> {
+    let marker = finished_marker(state);
+    if state.exists() || !marker.exists() || !target.exists() {
+        return None;
+    }
+    let what = std::fs::read(&marker)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|v| {
+            let at = v["finished_ms"]
+                .as_i64()
+                .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+                .map_or_else(String::new, |t| format!(" at {t:.0}"));
+            format!(
+                "of {}@{}{at}",
+                v["volume"].as_str().unwrap_or("?"),
+                v["snapshot"].as_str().unwrap_or("?")
+            )
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "{} finished an instant restore {what}: it is an ordinary disk since, and restoring \
+         onto it again would undo every write made to it since. Serve it with \
+         `ublk-mirror add --backing {}` (with `--mirror VOLUME` to keep mirroring it); to \
+         restore over it all the same, remove {} first",
+        target.display(),
+        target.display(),
+        marker.display()
+    ))
 }
 
 /// The shared state of an on-demand device: the queue threads prepare and
@@ -1003,6 +1050,20 @@ impl OnDemand {
         // No persist may write the state after it is removed; the device
         // is ordinary only once the removal is durable.
         let _one = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
+        // The marker first: a crash before the state goes resumes the fill
+        // (nothing left to fetch) and finishes again.
+        let marker = serde_json::json!({
+            "format": 1,
+            "volume": self.opts.volume,
+            "snapshot": self.info.snapshot,
+            "target": self.fill.as_ref().map(|f| f.target.display().to_string()),
+            "finished_ms": ublk_mirror_common::clock::now_ms(),
+        });
+        ublk_mirror_common::fsutil::write_durably(
+            &finished_marker(path),
+            marker.to_string().as_bytes(),
+        )
+        .map_err(|e| Error::io("writing the restore's finished marker", e))?;
         for p in [Some(path), self.live_path.as_ref()].into_iter().flatten() {
             match std::fs::remove_file(p) {
                 Ok(()) => {}

@@ -343,6 +343,12 @@ fn an_instant_restore_is_the_version_plus_the_writes_across_a_daemon_kill_and_a_
     );
     od.stop();
     fetching.join().unwrap();
+    // The same restore run again (after a reboot, say) is refused: it
+    // would undo the writes; with the marker removed, it restores.
+    let why = ublk_dev::ondemand::finished(&state, &target).expect("not refused");
+    assert!(why.contains("root@v") && why.contains("undo"), "{why}");
+    std::fs::remove_file(ublk_dev::ondemand::finished_marker(&state)).unwrap();
+    assert_eq!(ublk_dev::ondemand::finished(&state, &target), None);
 
     // Restoring the version again onto that target moves only the blocks
     // the writes changed.
