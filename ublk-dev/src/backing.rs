@@ -55,7 +55,7 @@ impl Backing {
                     return Err(unusable("not a regular file or block device".to_string()));
                 }
                 (
-                    open_rw(path, false).map_err(|e| open_error(path, e))?,
+                    open_rw(path, false, ft.is_block_device()).map_err(|e| open_error(path, e))?,
                     false,
                 )
             }
@@ -63,7 +63,7 @@ impl Backing {
                 let Some(size) = opts.size.filter(|_| opts.create) else {
                     return Err(Error::BackingMissing(path.to_path_buf()));
                 };
-                let file = open_rw(path, true).map_err(|e| open_error(path, e))?;
+                let file = open_rw(path, true, false).map_err(|e| open_error(path, e))?;
                 if let Err(e) = file.set_len(size) {
                     let _ = std::fs::remove_file(path);
                     return Err(unusable(format!("cannot make it {size} bytes: {e}")));
@@ -181,12 +181,16 @@ impl Backing {
     }
 }
 
-fn open_rw(path: &Path, create: bool) -> std::io::Result<File> {
+/// Open read-write; a block device exclusively (`O_EXCL`: refused while a
+/// file system is mounted on it, or on one of its partitions, or another
+/// program holds it so), as writing under a mounted file system corrupts it.
+fn open_rw(path: &Path, create: bool, block_device: bool) -> std::io::Result<File> {
+    let excl = if block_device { libc::O_EXCL } else { 0 };
     OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(create)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | excl)
         .open(path)
 }
 
@@ -197,6 +201,11 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
         }
         Some(libc::EROFS) => "it is on a read-only file system".to_string(),
         Some(libc::ETXTBSY) => "it is busy (an executable being run?)".to_string(),
+        Some(libc::EBUSY) => {
+            "it is in use: mounted (it or one of its partitions), or held by another program \
+             (a RAID, LVM, swap, another device)"
+                .to_string()
+        }
         Some(libc::ENOENT) => "its directory does not exist".to_string(),
         _ => return Error::io(format!("cannot open {}", path.display()), e),
     };

@@ -13,6 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,8 +67,28 @@ fn link_err(e: ublk_mirror_common::Error) -> Error {
 }
 
 /// Open (or make) the target for a volume of `size` bytes; `true` when it
-/// is new (all zeroes).
+/// is new (all zeroes). It is locked as a device's backing file is
+/// (`flock`): a restore onto the backing file of a running device, or onto
+/// the target of an instant restore, is refused.
 fn open_target(path: &Path, size: u64) -> Result<(File, bool)> {
+    let (file, fresh) = open_target_unlocked(path, size)?;
+    // SAFETY: flock on a descriptor we own; it touches no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::BackingInUse {
+                path: path.to_path_buf(),
+                holder: ": a ublk-mirror device serves it (`ublk-mirror list`); delete that \
+                         device first"
+                    .into(),
+            });
+        }
+        return Err(Error::io(format!("locking {}", path.display()), e));
+    }
+    Ok((file, fresh))
+}
+
+fn open_target_unlocked(path: &Path, size: u64) -> Result<(File, bool)> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -268,5 +289,34 @@ fn write_block(file: &File, block: &BlockToWrite, streamed: &fsutil::Streamed) -
         }
         None => fsutil::punch_or_zero(file, offset, u64::from(len))
             .map_err(|e| Error::io("zeroing in the restore target", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target that a device holds (the backing file's `flock`) is
+    /// refused, and nothing is written to it; free, it opens.
+    #[test]
+    fn a_target_a_device_holds_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let held = crate::backing::Backing::open(&crate::backing::BackingOptions {
+            path: &path,
+            size: None,
+            create: false,
+            block_size: 512,
+            direct_io: false,
+        })
+        .unwrap();
+        let e = open_target(&path, 8192).unwrap_err();
+        assert!(matches!(e, Error::BackingInUse { .. }), "{e}");
+        assert!(e.to_string().contains("delete that device"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 8192]);
+        drop(held);
+        let (_, fresh) = open_target(&path, 8192).unwrap();
+        assert!(!fresh);
     }
 }
