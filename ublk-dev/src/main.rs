@@ -1868,6 +1868,15 @@ fn status(json: bool, stale: Span) -> anyhow::Result<usize> {
             [-4, -13, -24, -9, 9, 9, 9, 10, 10, -5, 8, 0],
             rows,
         )?;
+        for (d, a) in &attached {
+            if let Some(e) = &a.last_error {
+                writeln!(
+                    out,
+                    "{}: fetching from the mirror fails: {e}",
+                    d.device.display()
+                )?;
+            }
+        }
     }
     let mut behind = 0;
     for (d, s) in &devices {

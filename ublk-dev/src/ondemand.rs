@@ -35,6 +35,11 @@
 //! [`MAX_BACKOFF`]) and re-opens the same version by its snapshot's name;
 //! waiting reads resume. A read that has waited longer than the timeout the
 //! user set fails with `EIO`; with no timeout it waits for the link.
+//! Anything but a broken link (the server refuses the version: deleted,
+//! changed, access revoked; or the target cannot be written) that goes on
+//! for [`FAIL_AFTER`] fails the reads that wait, and every read of a block
+//! not local, at once with `EIO` (instead of hanging them forever), until a
+//! fetch succeeds again; the fetcher keeps trying, and `status` says why.
 //!
 //! **Read-ahead.** A miss right after the previous run fetched doubles the
 //! run asked for (up to [`MAX_RUN`] blocks); a random miss asks for
@@ -139,6 +144,9 @@ pub const FIRST_RUN: usize = 2;
 pub const MAX_RUN: usize = 64;
 /// Longest pause between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long fetches may fail for anything but the link before reads of
+/// blocks not local fail (see the module docs).
+pub const FAIL_AFTER: Duration = Duration::from_secs(30);
 /// Runs asked at once (the answers stream while the next are asked).
 pub const PIPELINE: usize = 4;
 /// How often the fill state is written while the fill goes on.
@@ -331,6 +339,9 @@ pub struct AttachStatus {
     /// An instant restore whose every block is local.
     #[serde(default)]
     pub filled: bool,
+    /// Why fetching fails, while it does (absent in older daemons').
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// A request waiting for blocks: the queue polls its [`Wake`] on its
@@ -409,6 +420,20 @@ struct State {
     saved_durable: Vec<u8>,
     /// The bitmap last written to the live fill state.
     saved_live: Vec<u8>,
+    /// Why fetching fails, since when, and whether reads of blocks not
+    /// local fail at once (it failed for more than [`FAIL_AFTER`], for
+    /// anything but the link).
+    failing: Option<Failing>,
+}
+
+#[derive(Debug)]
+struct Failing {
+    why: String,
+    /// When fetches began failing for anything but the link (`None`: the
+    /// link is what fails).
+    since: Option<Instant>,
+    /// Reads of blocks not local fail at once.
+    failed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -515,6 +540,7 @@ impl OnDemand {
             cursor: 0,
             saved_durable: resumed.map_or_else(|| vec![0; blocks.div_ceil(8)], <[u8]>::to_vec),
             saved_live: resumed.map_or_else(|| vec![0; blocks.div_ceil(8)], <[u8]>::to_vec),
+            failing: None,
         };
         if let Some(bitmap) = resumed {
             for b in 0..blocks {
@@ -613,8 +639,9 @@ impl OnDemand {
             }
         }
         if !missing.is_empty() {
-            if s.stop {
-                // No fetcher any more: nothing would wake a wait.
+            if s.stop || s.failing.as_ref().is_some_and(|f| f.failed) {
+                // No fetcher any more, or it cannot fetch: nothing would
+                // wake a wait.
                 return Err(Errno::IO);
             }
             let waiter = Arc::new(Waiter {
@@ -844,9 +871,14 @@ impl OnDemand {
 
     /// What `status` shows.
     pub fn status(&self) -> AttachStatus {
-        let (cached, dirty, waiting) = {
+        let (cached, dirty, waiting, last_error) = {
             let s = self.lock();
-            (s.clean, s.dirty, s.waiters.len() as u64)
+            (
+                s.clean,
+                s.dirty,
+                s.waiters.len() as u64,
+                s.failing.as_ref().map(|f| f.why.clone()),
+            )
         };
         let fetched = self.counters.fetched.load(Ordering::Relaxed);
         let rate = {
@@ -877,6 +909,7 @@ impl OnDemand {
             timed_out: self.counters.timed_out.load(Ordering::Relaxed),
             restore_target: self.fill.as_ref().map(|h| h.target.clone()),
             filled: self.filled.load(Ordering::Relaxed),
+            last_error,
         }
     }
 
@@ -1077,6 +1110,43 @@ impl OnDemand {
         }
         self.filled.store(true, Ordering::Release);
         Ok(true)
+    }
+
+    /// A fetch failed with `e`: note why, and once it has failed for
+    /// anything but the link for [`FAIL_AFTER`], fail the reads that wait
+    /// (and, until a fetch succeeds, every read of a block not local).
+    fn failed_fetch(&self, s: &mut State, e: &Error) {
+        let link = e.kind() == crate::error::ErrorKind::Link;
+        let now = Instant::now();
+        let since = match &s.failing {
+            // What was refused stays failed until a fetch succeeds.
+            Some(Failing {
+                since: Some(t),
+                failed: true,
+                ..
+            }) => Some(*t),
+            _ if link => None,
+            Some(Failing { since: Some(t), .. }) => Some(*t),
+            _ => Some(now),
+        };
+        let failed = since.is_some_and(|t| now.duration_since(t) >= FAIL_AFTER);
+        if failed && !s.failing.as_ref().is_some_and(|f| f.failed) {
+            tracing::error!(
+                "the mirror has refused this restore for {}s ({e}): reads of blocks not here fail (EIO) until it can be read again",
+                FAIL_AFTER.as_secs()
+            );
+        }
+        if failed {
+            for w in s.waiters.drain(..) {
+                w.wake.signal(false);
+            }
+            s.wanted.clear();
+        }
+        s.failing = Some(Failing {
+            why: e.to_string(),
+            since,
+            failed,
+        });
     }
 
     /// After a run: wake the waiters whose blocks are all local, fail
@@ -1421,6 +1491,9 @@ impl Fetcher {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
                     od.counters.link_up.store(true, Ordering::Relaxed);
+                    if od.lock().failing.take().is_some_and(|f| f.failed) {
+                        tracing::info!("the mirror can be read again: reads of blocks not here wait for them again");
+                    }
                     if persisted.elapsed() >= PERSIST_EVERY {
                         persisted = Instant::now();
                         if let Err(e) = od.persist() {
@@ -1436,6 +1509,7 @@ impl Fetcher {
                     }
                     self.session = None;
                     let mut s = od.lock();
+                    od.failed_fetch(&mut s, &e);
                     od.settle(&mut s, 0..0);
                     if !s.stop {
                         let _ = od.work.wait_timeout(s, backoff);
@@ -1696,6 +1770,60 @@ mod tests {
         od.release(go(od.prepare(&Request::read(2 * BLOCK, 4096))));
         od.persist().unwrap();
         assert!(bit(dir.path(), 2) && !bit(dir.path(), 1));
+    }
+
+    /// A server that refuses the version (deleted, say) for longer than
+    /// [`FAIL_AFTER`] fails the reads waiting for it, and later reads of
+    /// blocks not local, at once; a broken link never does (reads wait for
+    /// it); a fetch that succeeds again makes reads wait again.
+    #[test]
+    fn reads_fail_once_the_server_refuses_the_version_for_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let od = od(dir.path(), false, true, u64::MAX);
+        let Ok(Prepared::Wait(waiter)) = od.prepare(&Request::read(BLOCK, 4096)) else {
+            panic!("an absent block's read went");
+        };
+        let refused = Error::Mirror(ublk_mirror_common::Error::Refused(
+            "there is no snapshot v of root".into(),
+        ));
+        let link = Error::Mirror(ublk_mirror_common::Error::Link("timed out".into()));
+        // A link down for long: the read waits.
+        {
+            let mut s = od.lock();
+            od.failed_fetch(&mut s, &link);
+            s.failing.as_mut().unwrap().since = None;
+            od.failed_fetch(&mut s, &link);
+        }
+        assert!(!waiter.wake().is_set());
+        // Refused, lately: still waits; status says why.
+        od.failed_fetch(&mut od.lock(), &refused);
+        assert!(!waiter.wake().is_set());
+        assert!(od.status().last_error.unwrap().contains("no snapshot v"));
+        // Refused for longer than FAIL_AFTER: the read fails, and so do the
+        // next ones of blocks not here; local blocks still read.
+        {
+            let mut s = od.lock();
+            s.failing.as_mut().unwrap().since = Some(Instant::now() - FAIL_AFTER);
+            od.failed_fetch(&mut s, &refused);
+        }
+        assert!(waiter.wake().is_set() && waiter.wake().failed());
+        assert_eq!(
+            od.prepare(&Request::read(2 * BLOCK, 4096)).unwrap_err(),
+            Errno::IO
+        );
+        od.store(3 * BLOCK, Some(&[1u8; BLOCK as usize]), BLOCK as u32)
+            .unwrap();
+        od.release(go(od.prepare(&Request::read(3 * BLOCK, 4096))));
+        // A broken link meanwhile keeps what was refused failing.
+        od.failed_fetch(&mut od.lock(), &link);
+        assert!(od.lock().failing.as_ref().unwrap().failed);
+        // Fetched again: reads wait again.
+        od.lock().failing = None;
+        assert!(matches!(
+            od.prepare(&Request::read(2 * BLOCK, 4096)),
+            Ok(Prepared::Wait(_))
+        ));
+        assert_eq!(od.status().last_error, None);
     }
 
     #[test]
