@@ -513,6 +513,8 @@ struct Initiator {
     itt: u32,
     /// What we declared as MaxRecvDataSegmentLength.
     max_recv: usize,
+    /// The negotiated MaxBurstLength: a Data-In sequence's most.
+    max_burst: usize,
 }
 
 impl Initiator {
@@ -587,6 +589,11 @@ impl Initiator {
         let rsp = exchange(OPERATIONAL_TO_FFP, &keys);
         assert_ne!(u16::from_be_bytes([rsp.bhs[14], rsp.bhs[15]]), 0, "no TSIH");
         let answers = parse_text(&rsp.data);
+        let max_burst = answers
+            .iter()
+            .find(|(k, _)| k == "MaxBurstLength")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(262_144);
         (
             Initiator {
                 stream,
@@ -594,6 +601,7 @@ impl Initiator {
                 stat_sn,
                 itt: 1,
                 max_recv: MAX_RECV,
+                max_burst,
             },
             answers,
         )
@@ -685,6 +693,24 @@ impl Initiator {
                     );
                     assert_eq!(p.u32_at(36), data_sn, "DataSN");
                     assert_eq!(p.u32_at(40) as usize, data.len(), "buffer offset");
+                    // Sequences of at most MaxBurstLength, each ending
+                    // with F (RFC 7143 §11.7.1).
+                    let (at, end) = (data.len(), data.len() + p.data.len());
+                    if end > at {
+                        assert_eq!(
+                            at / self.max_burst,
+                            (end - 1) / self.max_burst,
+                            "a Data-In crossing a {}-byte burst's end",
+                            self.max_burst
+                        );
+                    }
+                    if p.flags() & 0x01 == 0 {
+                        assert_eq!(
+                            p.flags() & 0x80 != 0,
+                            end % self.max_burst == 0,
+                            "F not at (only at) a burst's end: {end}"
+                        );
+                    }
                     data_sn += 1;
                     data.extend_from_slice(&p.data);
                     if p.flags() & 0x01 != 0 {
@@ -1340,6 +1366,7 @@ fn accepted(stream: TcpStream, req: &Pdu, rsp: &Pdu) -> Initiator {
         stat_sn: rsp.u32_at(24).wrapping_add(1),
         itt: 1,
         max_recv: MAX_RECV,
+        max_burst: 262_144,
     }
 }
 
@@ -1649,8 +1676,60 @@ fn hostile_input_gets_its_answer_and_other_sessions_go_on() {
     unsolicited_data_out(&server, &image);
     garbage_logins(&server, &image);
     discovery_and_text(&server);
+    cold_reset_refused(&server);
     cdb_fuzz(&server, &image);
     wind_up(server, a, before, &image);
+}
+
+/// A TARGET COLD RESET from a normal session (any initiator an export
+/// lets in) would end every session of every export: it is refused
+/// (function authorization failed), and session A goes on, told of no
+/// reset. (A warm reset, what Linux's error handling sends, is done.)
+fn cold_reset_refused(s: &Server) {
+    let mut a = Initiator::login(s);
+    for (function, want) in [(7u8, 6u8)] {
+        let mut t = Pdu::new(op::TMF_REQ);
+        t.bhs[0] |= 0x40;
+        t.bhs[1] = 0x80 | function;
+        t.set_u32(16, a.next_itt());
+        t.set_u32(20, 0xffff_ffff);
+        t.set_u32(24, a.cmd_sn);
+        t.set_u32(28, a.stat_sn);
+        a.send(&t);
+        let r = a.recv();
+        assert_eq!(
+            r.opcode(),
+            op::TMF_RSP,
+            "function {function}: {:02x?}",
+            r.bhs
+        );
+        assert_eq!(r.bhs[2], want, "function {function}'s response");
+        a.check_status(&r);
+    }
+    a.logout();
+}
+
+/// A session that negotiated a small MaxBurstLength reads in sequences of
+/// at most that, each ending with F (checked for every read by
+/// `Initiator::finish`), and reads right.
+#[test]
+fn reads_come_in_sequences_of_the_negotiated_burst() {
+    let server = Server::start(false);
+    let image = image();
+    let (mut a, answers) = Initiator::login_with(
+        &server,
+        &Login {
+            extra: &[("MaxBurstLength", "16384"), ("FirstBurstLength", "65536")],
+            ..Login::default()
+        },
+    );
+    assert!(
+        answers.contains(&("FirstBurstLength".into(), "16384".into())),
+        "{answers:?}"
+    );
+    assert_eq!(a.max_burst, 16384);
+    a.assert_unit(&image);
+    a.logout();
 }
 
 /// Write `data` at `lba` into `expected` (the model of the unit).

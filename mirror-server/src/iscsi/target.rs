@@ -200,13 +200,6 @@ impl Target {
         }
     }
 
-    /// End every session in the full feature phase.
-    fn end_all(&self) {
-        for l in self.live.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            l.ended.end();
-        }
-    }
-
     fn tsih(&self) -> u16 {
         loop {
             let n = self
@@ -286,11 +279,9 @@ enum End {
 }
 
 impl End {
-    /// A new login reinstated the session, or a target cold reset ended it.
+    /// A new login reinstated the session.
     fn replaced() -> End {
-        End::Error(
-            "the session was ended (a new login reinstated it, or a target cold reset)".into(),
-        )
+        End::Error("the session was ended (a new login reinstated it)".into())
     }
 }
 
@@ -918,25 +909,26 @@ impl Connection {
                         // LUN-addressed: only LUN 0 exists.
                         2 | 4 | 5 if !lun0 || self.export.is_none() => 2,
                         2..=4 => 0,
-                        5..=7 => {
-                            // LUN RESET, TARGET WARM/COLD RESET: the one
-                            // unit resets (RESERVE(6) released, others
-                            // told).
+                        5 | 6 => {
+                            // LUN RESET, TARGET WARM RESET: the one unit
+                            // resets (RESERVE(6) released, others told).
                             if let (Some(e), Some(nexus)) = (&self.export, &self.nexus) {
                                 e.unit.reset(nexus, function != 5);
                             }
                             0
                         }
+                        // TARGET COLD RESET would end every session of
+                        // every export, other initiators' too: function
+                        // authorization failed (as LIO answers by default).
+                        7 => 6,
+                        // TASK REASSIGN: allegiance reassignment is not
+                        // supported at ErrorRecoveryLevel 0 (§11.5.1).
+                        8 => 4,
                         _ => 5,
                     };
                     rsp.set_u32(16, p.itt());
                     self.stamp(&mut rsp, true);
                     self.send(&rsp).await?;
-                    if function == 7 && rsp.bhs[2] == 0 {
-                        // TARGET COLD RESET: every session ends, this one
-                        // after its response (RFC 7143 §11.5.1).
-                        self.target.end_all();
-                    }
                 }
                 op::DATA_OUT => {
                     // Not solicited (InitialR2T=Yes): a protocol error.
@@ -1161,13 +1153,23 @@ impl Connection {
                     return self.status(cmd, scsi::GOOD, None, flag, residual).await;
                 }
                 let step = self.params.max_send_data.max(512);
+                // Sequences of at most MaxBurstLength, each ending with F
+                // (RFC 7143 §11.7.1, §13.13); DataSN runs on across them.
+                let burst = self.params.max_burst.max(512);
                 let mut at = 0usize;
                 let mut data_sn = 0u32;
                 while at < sent {
-                    let end = (at + step).min(sent);
+                    let burst_end = (at / burst + 1) * burst;
+                    let end = (at + step).min(sent).min(burst_end);
                     let last = end == sent;
                     let mut rsp = Pdu::new(op::DATA_IN);
-                    rsp.bhs[1] = if last { 0x80 | 0x01 | flag } else { 0 };
+                    rsp.bhs[1] = if last {
+                        0x80 | 0x01 | flag
+                    } else if end == burst_end {
+                        0x80
+                    } else {
+                        0
+                    };
                     rsp.set_u32(16, cmd.itt());
                     rsp.set_u32(20, 0xffff_ffff);
                     if last {

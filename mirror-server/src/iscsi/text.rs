@@ -130,19 +130,31 @@ pub fn negotiate(offered: &[(String, String)], params: &mut Params) -> Vec<(Stri
                 params.immediate_data = v == "Yes";
                 if params.immediate_data { "Yes" } else { "No" }.into()
             }
-            "MaxBurstLength" => {
-                let n = number(v).unwrap_or(262_144).clamp(512, 262_144);
-                params.max_burst = n as usize;
-                n.to_string()
-            }
-            "FirstBurstLength" => {
-                let n = number(v).unwrap_or(65_536).clamp(512, 65_536);
-                params.first_burst = n as usize;
-                n.to_string()
-            }
+            // Minimum of the offer and ours; an offer out of the range
+            // RFC 7143 §13.13, §13.14 allow is rejected (the default holds).
+            "MaxBurstLength" => match number(v) {
+                Some(n) if (512..=16_777_215).contains(&n) => {
+                    let n = n.min(262_144);
+                    params.max_burst = n as usize;
+                    n.to_string()
+                }
+                _ => "Reject".into(),
+            },
+            "FirstBurstLength" => match number(v) {
+                Some(n) if (512..=16_777_215).contains(&n) => {
+                    let n = n.min(65_536);
+                    params.first_burst = n as usize;
+                    n.to_string()
+                }
+                _ => "Reject".into(),
+            },
             "MaxOutstandingR2T" | "MaxConnections" => "1".into(),
             "ErrorRecoveryLevel" => "0".into(),
-            "DefaultTime2Wait" => "2".into(),
+            // Maximum of the offer and ours (§13.15).
+            "DefaultTime2Wait" => match number(v) {
+                Some(n) if n <= 3600 => n.max(2).to_string(),
+                _ => "Reject".into(),
+            },
             "DefaultTime2Retain" => "0".into(),
             "DataPDUInOrder" | "DataSequenceInOrder" => "Yes".into(),
             "IFMarker" | "OFMarker" => "No".into(),
@@ -152,7 +164,14 @@ pub fn negotiate(offered: &[(String, String)], params: &mut Params) -> Vec<(Stri
         answers.insert(i, (k.clone(), answer));
     }
     if params.first_burst > params.max_burst {
+        // FirstBurstLength never exceeds MaxBurstLength (§13.14): the
+        // answer says the value that holds.
         params.first_burst = params.max_burst;
+        for (k, v) in answers.values_mut() {
+            if k == "FirstBurstLength" && v != "Reject" {
+                *v = params.first_burst.to_string();
+            }
+        }
     }
     answers.into_values().collect()
 }
@@ -232,6 +251,49 @@ mod tests {
         let mut q = Params::default();
         negotiate(&kv(&[("HeaderDigest", "CRC32C,None")]), &mut q);
         assert!(q.header_digest);
+    }
+
+    /// Burst lengths are the minimum of offer and ours, FirstBurstLength
+    /// never past MaxBurstLength in the answer either; out of range or not
+    /// numbers, they are rejected. DefaultTime2Wait is the maximum.
+    #[test]
+    fn burst_lengths_and_time_to_wait_follow_their_result_functions() {
+        let mut p = Params::default();
+        let answers = negotiate(
+            &kv(&[
+                ("FirstBurstLength", "65536"),
+                ("MaxBurstLength", "16384"),
+                ("DefaultTime2Wait", "5"),
+            ]),
+            &mut p,
+        );
+        assert_eq!(
+            answers,
+            kv(&[
+                ("FirstBurstLength", "16384"),
+                ("MaxBurstLength", "16384"),
+                ("DefaultTime2Wait", "5"),
+            ])
+        );
+        assert_eq!((p.first_burst, p.max_burst), (16384, 16384));
+        let mut q = Params::default();
+        let answers = negotiate(
+            &kv(&[
+                ("MaxBurstLength", "256"),
+                ("FirstBurstLength", "lots"),
+                ("DefaultTime2Wait", "0"),
+            ]),
+            &mut q,
+        );
+        assert_eq!(
+            answers,
+            kv(&[
+                ("MaxBurstLength", "Reject"),
+                ("FirstBurstLength", "Reject"),
+                ("DefaultTime2Wait", "2"),
+            ])
+        );
+        assert_eq!((q.first_burst, q.max_burst), (65_536, 262_144));
     }
 
     #[test]
