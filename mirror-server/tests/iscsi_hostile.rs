@@ -1687,25 +1687,24 @@ fn hostile_input_gets_its_answer_and_other_sessions_go_on() {
 /// reset. (A warm reset, what Linux's error handling sends, is done.)
 fn cold_reset_refused(s: &Server) {
     let mut a = Initiator::login(s);
-    for (function, want) in [(7u8, 6u8)] {
-        let mut t = Pdu::new(op::TMF_REQ);
-        t.bhs[0] |= 0x40;
-        t.bhs[1] = 0x80 | function;
-        t.set_u32(16, a.next_itt());
-        t.set_u32(20, 0xffff_ffff);
-        t.set_u32(24, a.cmd_sn);
-        t.set_u32(28, a.stat_sn);
-        a.send(&t);
-        let r = a.recv();
-        assert_eq!(
-            r.opcode(),
-            op::TMF_RSP,
-            "function {function}: {:02x?}",
-            r.bhs
-        );
-        assert_eq!(r.bhs[2], want, "function {function}'s response");
-        a.check_status(&r);
-    }
+    let (function, want) = (7u8, 6u8);
+    let mut t = Pdu::new(op::TMF_REQ);
+    t.bhs[0] |= 0x40;
+    t.bhs[1] = 0x80 | function;
+    t.set_u32(16, a.next_itt());
+    t.set_u32(20, 0xffff_ffff);
+    t.set_u32(24, a.cmd_sn);
+    t.set_u32(28, a.stat_sn);
+    a.send(&t);
+    let r = a.recv();
+    assert_eq!(
+        r.opcode(),
+        op::TMF_RSP,
+        "function {function}: {:02x?}",
+        r.bhs
+    );
+    assert_eq!(r.bhs[2], want, "function {function}'s response");
+    a.check_status(&r);
     a.logout();
 }
 
