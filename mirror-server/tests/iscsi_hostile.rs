@@ -1488,6 +1488,68 @@ fn garbage_logins(s: &Server, image: &[u8]) {
     }
 }
 
+/// A discovery login: the stream and the login response.
+fn discovery_login(s: &Server) -> (TcpStream, Pdu, Pdu) {
+    let req = login_request(
+        fresh_isid(),
+        OPERATIONAL_TO_FFP,
+        text(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]),
+        1,
+        1,
+    );
+    let mut stream = connect(s.addr);
+    stream.write_all(&req.encode(false, false)).unwrap();
+    let rsp = read_pdu(&mut stream).expect("a login response");
+    (stream, req, rsp)
+}
+
+/// Discovery sessions (no CHAP, no allow-list) never take the places of
+/// sessions to the export: past four at once, a discovery login is
+/// refused (out of resources), while a normal one goes on; one ended
+/// gives its place back.
+#[test]
+fn discovery_sessions_cannot_lock_out_the_exports() {
+    let mut server = Server::start(false);
+    let image = image();
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let (stream, _, rsp) = discovery_login(&server);
+            assert_eq!(
+                (rsp.bhs[36], rsp.bhs[37]),
+                (0, 0),
+                "a discovery login refused"
+            );
+            stream
+        })
+        .collect();
+    let (_, _, rsp) = discovery_login(&server);
+    assert_eq!(
+        (rsp.bhs[36], rsp.bhs[37]),
+        (3, 2),
+        "a fifth discovery session"
+    );
+    let mut normal = Initiator::login(&server);
+    normal.assert_unit(&image);
+    normal.logout();
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, rsp) = discovery_login(&server);
+        if (rsp.bhs[36], rsp.bhs[37]) == (0, 0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was not given back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server exited"
+    );
+}
+
 /// A discovery session takes no SCSI command (rejected, never carried
 /// out); text it cannot parse gets an empty answer; SendTargets lists the
 /// export, and keys it does not know are answered NotUnderstood.

@@ -27,10 +27,17 @@ const MAX_LOGIN_TEXT: usize = 64 << 10;
 /// ends; an initiator has at most a window of commands outstanding).
 const MAX_PENDING: usize = 2 * WINDOW as usize;
 /// Connections one target takes at once.
-const MAX_CONNECTIONS: usize = 16;
+const MAX_CONNECTIONS: usize = 32;
+/// Discovery sessions at once (they only list targets, and need no CHAP
+/// nor allow-list: at most these, so that they never take the places of
+/// sessions to the exports).
+const MAX_DISCOVERY: usize = 4;
 /// A session silent this long is closed (initiators ping every few
 /// seconds: open-iscsi's NOP-Out interval is 5 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// A discovery session silent this long is closed (one lists the targets,
+/// then logs out).
+const DISCOVERY_IDLE: Duration = Duration::from_secs(30);
 
 /// CHAP credentials (RFC 7143 §12.1.3, MD5): what an initiator must
 /// prove, and for mutual CHAP, what the target proves back.
@@ -120,6 +127,30 @@ pub struct Target {
     next_live: AtomicU64,
     /// TCP connections open now (an export's readers, for the metrics).
     connections: std::sync::atomic::AtomicUsize,
+    /// Discovery sessions now (at most [`MAX_DISCOVERY`]).
+    discovery: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A discovery session's place among [`MAX_DISCOVERY`], given back when
+/// its connection ends.
+#[derive(Debug)]
+struct DiscoveryPlace(Arc<std::sync::atomic::AtomicUsize>);
+
+impl DiscoveryPlace {
+    fn take(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<DiscoveryPlace> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_DISCOVERY).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| DiscoveryPlace(count.clone()))
+    }
+}
+
+impl Drop for DiscoveryPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A session in the full feature phase, as the target knows it.
@@ -157,6 +188,7 @@ impl Target {
             live: std::sync::Mutex::new(HashMap::new()),
             next_live: AtomicU64::new(0),
             connections: std::sync::atomic::AtomicUsize::new(0),
+            discovery: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 
@@ -332,6 +364,8 @@ const MISSING_PARAMETER: Refusal = Refusal::new(0x02, 0x07);
 const SESSION_DOES_NOT_EXIST: Refusal = Refusal::new(0x02, 0x0a);
 /// The target failed (no random challenge).
 const TARGET_ERROR: Refusal = Refusal::new(0x03, 0x00);
+/// Out of resources (here: discovery sessions).
+const OUT_OF_RESOURCES: Refusal = Refusal::new(0x03, 0x02);
 
 /// The stages a login request is in and asks for (its flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -423,6 +457,8 @@ struct Connection {
     /// PDUs read while waiting for solicited data, to handle after.
     pending: VecDeque<Pdu>,
     next_ttt: u32,
+    /// A discovery session's place, held while it lives.
+    discovery: Option<DiscoveryPlace>,
 }
 
 impl Connection {
@@ -443,6 +479,7 @@ impl Connection {
             reinstated: None,
             pending: VecDeque::new(),
             next_ttt: 1,
+            discovery: None,
         }
     }
 
@@ -487,9 +524,13 @@ impl Connection {
         if let Some(p) = self.pending.pop_front() {
             return Ok(p);
         }
-        tokio::time::timeout(IDLE_TIMEOUT, self.read_wire())
+        let idle = match self.kind {
+            SessionType::Discovery => DISCOVERY_IDLE,
+            SessionType::Normal => IDLE_TIMEOUT,
+        };
+        tokio::time::timeout(idle, self.read_wire())
             .await
-            .map_err(|_| End::Error(format!("nothing received for {IDLE_TIMEOUT:?}")))?
+            .map_err(|_| End::Error(format!("nothing received for {idle:?}")))?
     }
 
     async fn read_wire(&mut self) -> Result<Pdu, End> {
@@ -683,6 +724,13 @@ impl Connection {
             Some("Discovery") => SessionType::Discovery,
             Some(_) => return Err(INITIATOR_ERROR),
         };
+        if self.kind == SessionType::Discovery && self.discovery.is_none() {
+            let Some(place) = DiscoveryPlace::take(&self.target.discovery) else {
+                tracing::warn!(peer = %self.peer, "{MAX_DISCOVERY} discovery sessions already; refusing another");
+                return Err(OUT_OF_RESOURCES);
+            };
+            self.discovery = Some(place);
+        }
         if self.kind == SessionType::Normal {
             let Some(name) = key(keys, "TargetName") else {
                 return Err(MISSING_PARAMETER);
