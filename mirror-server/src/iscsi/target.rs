@@ -38,6 +38,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// A discovery session silent this long is closed (one lists the targets,
 /// then logs out).
 const DISCOVERY_IDLE: Duration = Duration::from_secs(30);
+/// A normal session silent this long is pinged (a NOP-In that asks for an
+/// answer, RFC 7143 §11.19); one that answers nothing for as long again is
+/// closed. Initiators that do not ping by themselves (the Microsoft
+/// initiator; open-iscsi with its NOP-Out interval at 0) stay logged in.
+const PING_AFTER: Duration = Duration::from_secs(30);
 
 /// CHAP credentials (RFC 7143 §12.1.3, MD5): what an initiator must
 /// prove, and for mutual CHAP, what the target proves back.
@@ -129,6 +134,8 @@ pub struct Target {
     connections: std::sync::atomic::AtomicUsize,
     /// Discovery sessions now (at most [`MAX_DISCOVERY`]).
     discovery: Arc<std::sync::atomic::AtomicUsize>,
+    /// [`PING_AFTER`], shorter in tests.
+    ping_after: Duration,
 }
 
 /// A discovery session's place among [`MAX_DISCOVERY`], given back when
@@ -189,7 +196,14 @@ impl Target {
             next_live: AtomicU64::new(0),
             connections: std::sync::atomic::AtomicUsize::new(0),
             discovery: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            ping_after: PING_AFTER,
         }
+    }
+
+    /// Ping silent sessions after `d` instead of [`PING_AFTER`].
+    pub fn with_ping_after(mut self, d: Duration) -> Target {
+        self.ping_after = d;
+        self
     }
 
     /// TCP connections open now.
@@ -524,13 +538,45 @@ impl Connection {
         if let Some(p) = self.pending.pop_front() {
             return Ok(p);
         }
-        let idle = match self.kind {
-            SessionType::Discovery => DISCOVERY_IDLE,
-            SessionType::Normal => IDLE_TIMEOUT,
-        };
-        tokio::time::timeout(idle, self.read_wire())
+        if self.kind == SessionType::Discovery {
+            return tokio::time::timeout(DISCOVERY_IDLE, self.read_wire())
+                .await
+                .map_err(|_| End::Error(format!("nothing received for {DISCOVERY_IDLE:?}")))?;
+        }
+        // Wait for the next PDU's first byte (peeked: cancel-safe, nothing
+        // is consumed; readiness alone may be stale), pinging once the
+        // session has been silent for a while.
+        let ping_after = self.target.ping_after;
+        let mut pinged = false;
+        let mut first = [0u8; 1];
+        loop {
+            match tokio::time::timeout(ping_after, self.stream.peek(&mut first)).await {
+                Ok(peeked) => {
+                    // At the end of the stream too: the read says so.
+                    peeked?;
+                    break;
+                }
+                Err(_) if pinged => {
+                    return Err(End::Error(format!(
+                        "no answer to a ping for {ping_after:?}"
+                    )))
+                }
+                Err(_) => {
+                    let mut ping = Pdu::new(op::NOP_IN);
+                    ping.bhs[1] = 0x80;
+                    ping.set_u32(16, 0xffff_ffff);
+                    let ttt = self.next_ttt;
+                    self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
+                    ping.set_u32(20, ttt);
+                    self.stamp(&mut ping, false);
+                    self.send(&ping).await?;
+                    pinged = true;
+                }
+            }
+        }
+        tokio::time::timeout(IDLE_TIMEOUT, self.read_wire())
             .await
-            .map_err(|_| End::Error(format!("nothing received for {idle:?}")))?
+            .map_err(|_| End::Error(format!("nothing received for {IDLE_TIMEOUT:?}")))?
     }
 
     async fn read_wire(&mut self) -> Result<Pdu, End> {
@@ -1289,6 +1335,83 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::time::Instant;
+
+    /// A PDU from the target (no digests, no AHS).
+    fn read_pdu(s: &mut std::net::TcpStream) -> std::io::Result<Pdu> {
+        let mut p = Pdu::new(0);
+        s.read_exact(&mut p.bhs)?;
+        let len = u32::from_be_bytes([0, p.bhs[5], p.bhs[6], p.bhs[7]]) as usize;
+        let mut data = vec![0u8; crate::iscsi::pdu::pad4(len)];
+        s.read_exact(&mut data)?;
+        data.truncate(len);
+        p.data = data;
+        Ok(p)
+    }
+
+    /// A session that says nothing is pinged (NOP-In asking for an
+    /// answer); answered, it stays; not answered, it is closed.
+    #[test]
+    fn a_silent_session_is_pinged_and_kept_while_it_answers() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let export = Arc::new(Export {
+            iqn: "iqn.2026-12.test:ping".into(),
+            unit: Arc::new(Unit::new(Arc::new(
+                crate::iscsi::scsi::testing::RwMem::new(vec![0; 1 << 20]),
+            ))),
+            allowed: Vec::new(),
+            chap: None,
+        });
+        let ping = Duration::from_millis(300);
+        let target = Arc::new(Target::new(vec![export]).with_ping_after(ping));
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(serve(listener, target, std::future::pending()));
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut login = Pdu::new(op::LOGIN_REQ);
+        login.bhs[0] |= 0x40;
+        login.bhs[1] = 0x87;
+        login.bhs[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 1]);
+        login.set_u32(16, 1);
+        login.data = super::super::text::encode(&[
+            ("InitiatorName".into(), "iqn.2026-12.test:init".into()),
+            ("TargetName".into(), "iqn.2026-12.test:ping".into()),
+        ]);
+        s.write_all(&login.encode(false, false)).unwrap();
+        let rsp = read_pdu(&mut s).unwrap();
+        assert_eq!((rsp.opcode(), rsp.bhs[36]), (op::LOGIN_RSP, 0));
+        let started = Instant::now();
+        // Three pings, each answered: the session stays.
+        let mut last_stat_sn = None;
+        for _ in 0..3 {
+            let p = read_pdu(&mut s).unwrap();
+            assert_eq!(p.opcode(), op::NOP_IN, "{:02x?}", p.bhs);
+            assert_eq!(p.itt(), 0xffff_ffff);
+            let ttt = p.u32_at(20);
+            assert_ne!(ttt, 0xffff_ffff, "a ping asks for an answer");
+            // StatSN is not advanced by a ping.
+            let stat_sn = p.u32_at(24);
+            assert!(last_stat_sn.is_none_or(|l| l == stat_sn));
+            last_stat_sn = Some(stat_sn);
+            let mut answer = Pdu::new(op::NOP_OUT);
+            answer.bhs[0] |= 0x40;
+            answer.bhs[1] = 0x80;
+            answer.set_u32(16, 0xffff_ffff);
+            answer.set_u32(20, ttt);
+            answer.set_u32(24, 1);
+            answer.set_u32(28, stat_sn);
+            s.write_all(&answer.encode(false, false)).unwrap();
+        }
+        assert!(started.elapsed() >= 3 * ping);
+        // Not answered: the next ping, then the end.
+        let p = read_pdu(&mut s).unwrap();
+        assert_eq!(p.opcode(), op::NOP_IN);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{} bytes after the ping", rest.len());
+    }
 
     #[test]
     fn chap_values_are_hex_and_anything_else_is_refused_without_a_panic() {
