@@ -107,3 +107,42 @@ mod tests {
         );
     }
 }
+
+/// Exit status of a command whose output's reader went away (`| head`):
+/// what a shell reports for a program ended by SIGPIPE.
+pub const BROKEN_PIPE_EXIT: u8 = 141;
+
+/// Make a command whose standard output or error is a pipe closed early
+/// (`cmd | head -1`) end quietly with [`BROKEN_PIPE_EXIT`], as other Unix
+/// tools do, instead of a panic: `println!` panics when it cannot write.
+/// (SIGPIPE itself stays ignored: the daemons write to sockets whose
+/// peers may go at any time.)
+pub fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
+            std::process::exit(i32::from(BROKEN_PIPE_EXIT));
+        }
+        default(info)
+    }));
+}
+
+/// Whether `e`, or an error it was caused by, is a write to a closed pipe.
+pub fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            return true;
+        }
+        at = e.source();
+    }
+    false
+}

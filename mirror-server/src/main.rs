@@ -283,6 +283,7 @@ enum ClientCommand {
 }
 
 fn main() -> ExitCode {
+    ublk_mirror_common::docs::quiet_broken_pipe();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -401,8 +402,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if ublk_mirror_common::docs::is_broken_pipe(&e) => {
+            // Its reader went away (`| head`): nothing to say.
+            ExitCode::from(ublk_mirror_common::docs::BROKEN_PIPE_EXIT)
+        }
         Err(e) => {
-            eprintln!("mirror-server: error: {e}");
+            let _ = writeln!(std::io::stderr(), "mirror-server: error: {e}");
             ExitCode::from(exit_code(&e))
         }
     }

@@ -544,12 +544,17 @@ struct AttachArgs {
 
 fn main() -> ExitCode {
     ublk_dev::system::limit_heap_arenas();
+    ublk_mirror_common::docs::quiet_broken_pipe();
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.chain().any(ublk_mirror_common::docs::is_broken_pipe) => {
+            // Its reader went away (`| head`): nothing to say.
+            ExitCode::from(ublk_mirror_common::docs::BROKEN_PIPE_EXIT)
+        }
         Err(e) => {
-            eprintln!("ublk-mirror: error: {e:#}");
+            let _ = writeln!(std::io::stderr(), "ublk-mirror: error: {e:#}");
             let kind = e.downcast_ref::<Error>().map(Error::kind);
             ExitCode::from(kind.map_or(1, ErrorKind::exit_code))
         }
