@@ -77,37 +77,6 @@ pub fn completions(shell: Shell, mut cmd: clap::Command) -> Vec<u8> {
     script
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cli() -> clap::Command {
-        clap::Command::new("tool")
-            .about("Does things")
-            .subcommand(
-                clap::Command::new("add")
-                    .about("Adds")
-                    .arg(clap::Arg::new("size").long("size")),
-            )
-            .subcommand(clap::Command::new("secret").hide(true))
-    }
-
-    #[test]
-    fn a_page_for_each_visible_command_and_completions_name_the_options() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(write_man_pages(cli(), dir.path()).unwrap(), 2);
-        let add = std::fs::read_to_string(dir.path().join("tool-add.1")).unwrap();
-        assert!(add.contains("\\-\\-size"), "{add}");
-        assert!(!dir.path().join("tool-secret.1").exists());
-
-        let bash = String::from_utf8(completions(Shell::Bash, cli())).unwrap();
-        assert!(
-            bash.contains("--size") && bash.contains("complete -F"),
-            "{bash}"
-        );
-    }
-}
-
 /// Exit status of a command whose output's reader went away (`| head`):
 /// what a shell reports for a program ended by SIGPIPE.
 pub const BROKEN_PIPE_EXIT: u8 = 141;
@@ -145,4 +114,35 @@ pub fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
         at = e.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli() -> clap::Command {
+        clap::Command::new("tool")
+            .about("Does things")
+            .subcommand(
+                clap::Command::new("add")
+                    .about("Adds")
+                    .arg(clap::Arg::new("size").long("size")),
+            )
+            .subcommand(clap::Command::new("secret").hide(true))
+    }
+
+    #[test]
+    fn a_page_for_each_visible_command_and_completions_name_the_options() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(write_man_pages(cli(), dir.path()).unwrap(), 2);
+        let add = std::fs::read_to_string(dir.path().join("tool-add.1")).unwrap();
+        assert!(add.contains("\\-\\-size"), "{add}");
+        assert!(!dir.path().join("tool-secret.1").exists());
+
+        let bash = String::from_utf8(completions(Shell::Bash, cli())).unwrap();
+        assert!(
+            bash.contains("--size") && bash.contains("complete -F"),
+            "{bash}"
+        );
+    }
 }
