@@ -109,7 +109,7 @@ enum Command {
     /// all further I/O.
     Del {
         /// Device id (N in /dev/ublkbN).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        #[arg(required_unless_present = "all", conflicts_with = "all", value_parser = device_id)]
         id: Option<u32>,
         /// Delete every ublk-mirror device.
         #[arg(long)]
@@ -147,6 +147,7 @@ enum Command {
     /// 4 if the timeout passes first (the link state is in `status`).
     Sync {
         /// Device id (N in /dev/ublkbN).
+        #[arg(value_parser = device_id)]
         id: u32,
         /// How long to wait at most.
         #[arg(long, default_value = "5m", value_name = "DURATION")]
@@ -159,6 +160,7 @@ enum Command {
     /// deleted (`mirror-server delete VOLUME@NAME`).
     Snapshot {
         /// Device id (N in /dev/ublkbN).
+        #[arg(value_parser = device_id)]
         id: u32,
         /// Its name [default: the time, e.g. 2026-11-22T16.30.05Z].
         name: Option<String>,
@@ -305,6 +307,7 @@ enum Command {
     /// error seen by applications.
     Recover {
         /// Device id (N in /dev/ublkbN).
+        #[arg(value_parser = device_id)]
         id: u32,
     },
     #[command(flatten)]
@@ -320,6 +323,7 @@ enum EpochCommand {
     /// none comes (an idle device), or at once with --now.
     Seal {
         /// Device id (N in /dev/ublkbN).
+        #[arg(value_parser = device_id)]
         id: u32,
         /// Cut at once instead of at the next FLUSH.
         #[arg(long)]
@@ -331,6 +335,7 @@ enum EpochCommand {
     /// List the current epoch and the sealed, unreleased ones.
     List {
         /// Device id (N in /dev/ublkbN).
+        #[arg(value_parser = device_id)]
         id: u32,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -343,6 +348,7 @@ enum EpochCommand {
     /// becomes the device at this cut. Zeroed ranges become holes.
     Apply {
         /// Device id (N in /dev/ublkbN).
+        #[arg(value_parser = device_id)]
         id: u32,
         /// The sealed epoch.
         epoch: u64,
@@ -357,6 +363,7 @@ enum EpochCommand {
     /// are cleared from the journal. Releasing an epoch twice is harmless.
     Release {
         /// Device id (N in /dev/ublkbN).
+        #[arg(value_parser = device_id)]
         id: u32,
         /// The epoch (the oldest sealed one).
         epoch: u64,
@@ -1141,14 +1148,18 @@ fn recover_instant(
     })
 }
 
+/// A device named by its id (`3`) or its path (`/dev/ublkb3`, as `add`
+/// prints it).
+fn device_id(s: &str) -> Result<u32, String> {
+    s.strip_prefix("/dev/ublkb")
+        .unwrap_or(s)
+        .parse()
+        .map_err(|_| format!("{s:?}: give a device id (N) or its path, /dev/ublkbN"))
+}
+
 fn detach(device: &str) -> anyhow::Result<()> {
     require_root("delete block devices")?;
-    let id: u32 = device
-        .trim_start_matches("/dev/ublkb")
-        .parse()
-        .map_err(|_| {
-            Error::InvalidConfig(format!("{device}: give a device id (N) or /dev/ublkbN"))
-        })?;
+    let id = device_id(device).map_err(Error::InvalidConfig)?;
     let d = ublk::info(id)?;
     if d.record
         .as_ref()
