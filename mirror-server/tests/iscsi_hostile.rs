@@ -1602,6 +1602,13 @@ fn discovery_and_text(s: &Server) {
                 ("X-Hostile".to_string(), "NotUnderstood".to_string()),
             ],
         ),
+        // A value that is no target's name, nor All: rejected; a name
+        // that is not here: nothing.
+        (
+            text(&[("SendTargets", "Alle")]),
+            vec![("SendTargets".to_string(), "Reject".to_string())],
+        ),
+        (text(&[("SendTargets", "iqn.2026-01.no:such")]), Vec::new()),
     ] {
         let mut t = Pdu::new(op::TEXT_REQ);
         t.bhs[1] = 0x80;

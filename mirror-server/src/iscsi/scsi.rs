@@ -961,11 +961,9 @@ fn mode_sense(cdb: &[u8; 16], lun: &dyn Lun) -> Result<Vec<u8>, Sense> {
     let mut descriptor = Vec::new();
     if !dbd {
         descriptor = vec![0u8; 8];
-        let n = if blocks > 0xff_ffff {
-            0xff_ffff
-        } else {
-            blocks
-        } as u32;
+        // The short block descriptor's count is 4 bytes (SBC-3 §6.4.2);
+        // past it, all ones.
+        let n = blocks.min(0xffff_ffff) as u32;
         descriptor[..4].copy_from_slice(&n.to_be_bytes());
         descriptor[4] = 0;
         descriptor[5..8].copy_from_slice(&(BLOCK as u32).to_be_bytes()[1..]);
@@ -1092,6 +1090,43 @@ mod tests {
         let mut c = [0u8; 16];
         c[..bytes.len()].copy_from_slice(bytes);
         c
+    }
+
+    /// A unit of `.0` bytes, all holes.
+    struct Sized(u64);
+
+    impl Lun for Sized {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read(&self, _: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn extent(&self, offset: u64) -> std::io::Result<(bool, u64)> {
+            Ok((false, self.0 - offset))
+        }
+        fn id(&self) -> u64 {
+            1
+        }
+    }
+
+    /// MODE SENSE's block descriptor counts up to 2^32 - 1 blocks (a 16
+    /// GiB unit has 2^25; it said 2^24 - 1), all ones past it.
+    #[test]
+    fn the_mode_block_descriptor_counts_past_eight_gib() {
+        for (size, want) in [
+            (16u64 << 30, (16u64 << 30) / BLOCK),
+            (4u64 << 40, 0xffff_ffff),
+        ] {
+            let d = mode_sense(&cdb(&[0x1a, 0, 0x3f, 0, 255, 0]), &Sized(size)).unwrap();
+            // Header (4 bytes), then the descriptor.
+            assert_eq!(d[3], 8, "block descriptor length");
+            assert_eq!(
+                u64::from(u32::from_be_bytes(d[4..8].try_into().unwrap())),
+                want
+            );
+        }
     }
 
     #[test]

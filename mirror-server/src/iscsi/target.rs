@@ -1048,6 +1048,13 @@ impl Connection {
         let mut answers = Vec::new();
         for (k, v) in &keys {
             if k == "SendTargets" {
+                let name = ["iqn.", "eui.", "naa."].iter().any(|p| v.starts_with(p));
+                if !(v == "All" || v.is_empty() || name) {
+                    // Neither All, nor this session's target, nor an iSCSI
+                    // name: a value out of range (RFC 7143 §6.2).
+                    answers.push((k.clone(), "Reject".to_string()));
+                    continue;
+                }
                 let address = self
                     .stream
                     .local_addr()
