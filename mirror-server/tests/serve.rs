@@ -1661,6 +1661,13 @@ async fn a_client_fails_over_to_another_server_on_the_same_store_and_nothing_is_
     // top of B's epoch 2.
     drop(link);
     let a = Server::start(&data_a);
+    // Asked for the volume's version now before any client opened it
+    // there, A looks in the store first: B's epoch 2, not its own 1.
+    let reading = Link::connect(&id, fp, &a.address).await.unwrap();
+    let read = reading.read_version("root", None).await.unwrap();
+    assert_eq!(read.info().epoch, 2, "A served its stale image as now");
+    read.finish();
+    drop(reading);
     let link = Link::connect(&id, fp, &format!("{},{}", a.address, b.address))
         .await
         .unwrap();
@@ -1680,6 +1687,36 @@ async fn a_client_fails_over_to_another_server_on_the_same_store_and_nothing_is_
     assert!(a.image("laptop", "root") == three);
     let store = store_json(&data_a);
     assert_eq!(store["volumes"][0]["versions"], 3, "{store}");
+
+    // The client moves to B while A lives on (a network split): B
+    // publishes epoch 4. Asked for the volume now, or for a snapshot of
+    // it, A (whose cache holds epoch 3) looks in the store first.
+    drop(link);
+    let link = Link::connect(&id, fp, &b.address).await.unwrap();
+    assert_eq!(
+        link.open_volume("root", size)
+            .await
+            .unwrap()
+            .published_epoch,
+        3
+    );
+    let mut four = three.clone();
+    four[65536..2 * 65536].fill(7);
+    link.send_epoch("root", 4, w(4), &[(65536, 65536)], 3, reader(four.clone()))
+        .await
+        .unwrap();
+    drop(link);
+    let reading = Link::connect(&id, fp, &a.address).await.unwrap();
+    let read = reading.read_version("root", None).await.unwrap();
+    assert_eq!(read.info().epoch, 4, "A served its stale cache as now");
+    read.finish();
+    let snap = a.cli(&["snapshot", "laptop/root", "after-four"]);
+    assert!(snap.status.success(), "{snap:?}");
+    assert!(
+        String::from_utf8_lossy(&snap.stdout).contains("epoch 4"),
+        "{}",
+        String::from_utf8_lossy(&snap.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -697,9 +697,12 @@ impl OnDemand {
         }))
     }
 
-    /// A request prepared with [`Prepared::Go`] completed.
-    pub fn release(&self, pinned: Pinned) {
-        self.release_as(pinned, true);
+    /// A request prepared with [`Prepared::Go`] completed. `false` when
+    /// the fill state that had to say its blocks are here (the live one;
+    /// for FUA the durable one too) could not be written: the request must
+    /// fail (`EIO`), or after a crash the fill would write over it.
+    pub fn release(&self, pinned: Pinned) -> bool {
+        self.release_as(pinned, true)
     }
 
     /// A request prepared with [`Prepared::Go`] failed, or was never
@@ -710,9 +713,9 @@ impl OnDemand {
         self.release_as(pinned, false);
     }
 
-    fn release_as(&self, pinned: Pinned, ok: bool) {
+    fn release_as(&self, pinned: Pinned, ok: bool) -> bool {
         if pinned.blocks.is_empty() && pinned.written.is_empty() {
-            return;
+            return true;
         }
         let mut s = self.lock();
         for b in pinned.blocks {
@@ -760,20 +763,24 @@ impl OnDemand {
             s.changed = true;
         }
         drop(s);
+        let mut saved = true;
         if live {
             if let Err(e) = self.save_live() {
-                tracing::error!("cannot save the fill state: {e}");
+                tracing::error!("cannot save the fill state (the write fails): {e}");
+                saved = false;
             }
         }
         if durable {
             if let Err(e) = self.persist() {
-                tracing::error!("cannot persist the fill state: {e}");
+                tracing::error!("cannot persist the fill state (the write fails): {e}");
+                saved = false;
             }
         }
         if !pinned.unsettled.is_empty() {
             // The fill may be waiting for writes to settle.
             self.work.notify_all();
         }
+        saved
     }
 
     /// Write the fill state (instant restore; see the module docs), if it
@@ -1305,6 +1312,28 @@ impl Fetcher {
                 .await
                 .map_err(mirror_err)?;
             let at = match (&resumed, &opts.at) {
+                (Some((h, _)), Some(asked)) if *asked != h.snapshot => {
+                    // A time, say, that may name the same snapshot: what
+                    // it names now decides.
+                    let read = link
+                        .read_version(&opts.volume, Some(asked))
+                        .await
+                        .map_err(mirror_err)?;
+                    let names = read.info().snapshot.clone();
+                    read.finish();
+                    if names != h.snapshot {
+                        return Err(Error::InvalidConfig(format!(
+                            "{} holds an unfinished restore of {}@{}, not of {}@{names}: run the restore without --at (or with --at {}) to finish it, or remove the fill state {} to start over",
+                            h.target.display(),
+                            h.volume,
+                            h.snapshot,
+                            opts.volume,
+                            h.snapshot,
+                            opts.fill.as_ref().map_or(String::new(), |f| f.state.display().to_string())
+                        )));
+                    }
+                    h.snapshot.clone()
+                }
                 (Some((h, _)), _) => h.snapshot.clone(),
                 (None, Some(at)) => at.clone(),
                 (None, None) => {
@@ -1881,8 +1910,18 @@ mod tests {
         let mut fua = Request::write(5 * BLOCK, BLOCK);
         fua.fua = true;
         let pin = go(od.prepare(&fua));
-        od.release(pin);
+        assert!(od.release(pin));
         assert!(bit(dir.path(), 5));
+        // One whose block cannot be saved as here (the state cannot be
+        // written) fails: after a crash the fill would write over it.
+        std::fs::create_dir(dir.path().join("fill.tmp")).unwrap();
+        let mut fua = Request::write(6 * BLOCK, BLOCK);
+        fua.fua = true;
+        assert!(
+            !od.release(go(od.prepare(&fua))),
+            "a FUA write not saved went well"
+        );
+        assert!(!bit(dir.path(), 6));
     }
 
     /// ... in the live one.

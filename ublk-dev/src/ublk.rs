@@ -1215,11 +1215,14 @@ async fn serve_tag(
                 if let (Some(t), Some(ticket)) = (tracker, ticket) {
                     t.after_write(ticket);
                 }
+                let mut res = res;
                 if let (Some(od), Some(pin)) = (od, pinned) {
                     if res < 0 {
                         od.release_failed(pin);
-                    } else {
-                        od.release(pin);
+                    } else if !od.release(pin) {
+                        // Its blocks are not saved as here: after a crash
+                        // the fill would write over it.
+                        res = -libc::EIO;
                     }
                 }
                 res

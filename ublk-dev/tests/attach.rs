@@ -224,9 +224,19 @@ fn instant(
     target: &Path,
     state: &Path,
 ) -> (std::sync::Arc<OnDemand>, std::thread::JoinHandle<()>) {
+    instant_at(client_dir, target, state, "v").unwrap()
+}
+
+/// An instant restore of version `at` onto `target`, its fill running.
+fn instant_at(
+    client_dir: &Path,
+    target: &Path,
+    state: &Path,
+    at: &str,
+) -> ublk_dev::Result<(std::sync::Arc<OnDemand>, std::thread::JoinHandle<()>)> {
     let opts = OnDemandOptions {
         volume: "root".into(),
-        at: Some("v".into()),
+        at: Some(at.into()),
         client_dir: client_dir.to_path_buf(),
         writable: true,
         cache_limit: u64::MAX,
@@ -252,10 +262,33 @@ fn instant(
             file.set_len(info.size).unwrap();
         }
         Ok((file, fresh))
-    })
-    .unwrap();
+    })?;
     let od = fetcher.shared().clone();
-    (od, std::thread::spawn(move || fetcher.run()))
+    Ok((od, std::thread::spawn(move || fetcher.run())))
+}
+
+/// An unfinished restore of one version is not taken for another: run
+/// again naming another snapshot, it is refused (it would have gone on
+/// with the first, saying nothing); naming the same, it goes on.
+#[test]
+fn an_unfinished_restore_is_not_taken_for_another_version() {
+    let m = mirrored(&[(4, Some("v")), (5, Some("w"))]);
+    let (target, state) = (m.dir.path().join("t.img"), m.dir.path().join("t.fill"));
+    let (od, fetching) = instant(&m.client_dir, &target, &state);
+    od.stop();
+    fetching.join().unwrap();
+    assert!(state.exists() && !od.status().filled);
+    let err = instant_at(&m.client_dir, &target, &state, "w")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unfinished restore of root@v, not of root@w"),
+        "{err}"
+    );
+    let (od, fetching) = instant_at(&m.client_dir, &target, &state, "v").unwrap();
+    assert_eq!(od.status().snapshot, "v");
+    od.stop();
+    fetching.join().unwrap();
 }
 
 /// Random writes and reads through `od` (an overlay, or a restore while it

@@ -371,6 +371,18 @@ impl Volume {
     pub fn snapshot(&mut self, name: Option<&str>, kind: Kind) -> Result<SnapshotInfo> {
         // Never a snapshot of half an epoch.
         self.unpoison()?;
+        // Nor of a stale image: another server on the store may have
+        // published since (the client moved there); the image catches up
+        // first (a head check when this server is the writer).
+        if self.chunks.is_some() && self.catching_up.is_none() {
+            if let Err(e) = self.refresh() {
+                if self.catching_up.is_none() {
+                    return Err(Error::Store(format!(
+                        "the chunk store cannot be checked for a newer version of this volume (another server may have published one), so no version is taken now: {e}"
+                    )));
+                }
+            }
+        }
         if let Some(to) = self.catching_up {
             // Nor of half a catch-up: finish it first.
             let refreshed = self.refresh();
@@ -2968,9 +2980,10 @@ mod tests {
     }
 
     /// An epoch stored in the chunk store whose commit marker could not
-    /// be written (the staging disk failed) is not what the image holds:
-    /// a snapshot taken then pins the version the image holds; the next
-    /// refresh catches the image up to the stored epoch.
+    /// be written (the staging disk failed) is not what the image holds: a
+    /// snapshot taken then catches the image up to the stored epoch first
+    /// (as it does whenever the store has a newer version), and pins the
+    /// version the image then holds.
     #[test]
     fn a_snapshot_after_a_failed_commit_marker_pins_what_the_image_holds() {
         const B: u64 = block::BLOCK;
@@ -2995,22 +3008,22 @@ mod tests {
         assert_eq!(store.head("c/vol").unwrap().unwrap().epoch, 2, "not stored");
         std::fs::remove_dir_all(&blocker).unwrap();
         let snap = v.snapshot(Some("s"), Kind::Manual).unwrap();
-        assert_eq!(snap.epoch, 1);
+        assert_eq!(snap.epoch, 2);
         assert_eq!(
             store.pins("c/vol").unwrap().get("s"),
-            Some(&1),
+            Some(&2),
             "the snapshot pins a version its image does not hold"
         );
-        // The client comes back for epoch 2: the store has it, and the
-        // image catches up with it (the client is told it is published).
+        let mut image = vec![0u8; SIZE as usize];
+        v.reader().read(snap.id, &mut image, 0).unwrap();
+        assert!(image == two, "the snapshot is not the stored epoch");
+        // The client comes back for epoch 2: the store has it, and so has
+        // the image (the client is told it is published).
         let err = v.begin(2, me(2)).unwrap_err().to_string();
         assert!(err.contains("not newer"), "{err}");
         assert_eq!(v.state().published_epoch, 2);
-        let mut image = vec![0u8; SIZE as usize];
         v.read_at(&mut image, 0).unwrap();
         assert!(image == two, "the image did not catch up");
-        v.reader().read(snap.id, &mut image, 0).unwrap();
-        assert!(image == one, "the snapshot changed");
     }
 
     /// A block staged again, same bytes, same place, nothing staged over
