@@ -63,7 +63,8 @@ md5sum "$MNT/docs/new2" | sed "s#$MNT/##" >> "$WORK/new.md5"
 for _ in $(seq 600); do [ "$(fill_status "$RID" filled)" = true ] && break; sleep 1; done
 [ "$(fill_status "$RID" filled)" = true ] || { "$UBLK_MIRROR" status; fail "the fill did not finish"; }
 "$UBLK_MIRROR" status
-[ -z "$(ls "$WORK/state")" ] || fail "the fill state outlived the fill"
+ls "$WORK/state"/*.fill 2>/dev/null && fail "the fill state outlived the fill"
+ls "$WORK/state"/*.fill.done >/dev/null || fail "no finished marker beside the fill state"
 echo 3 > /proc/sys/vm/drop_caches
 (cd "$MNT" && md5sum -c --quiet "$WORK/old.md5" && md5sum -c --quiet "$WORK/new.md5") \
   || fail "after the fill, the files are not right"
@@ -75,13 +76,44 @@ e2fsck -fn "$RDEV" || fail "e2fsck finds the restored file system damaged"
 kill -TERM "$RPID"; wait "$RPID" || { cat "$WORK/r2.log" >&2; fail "the restore daemon did not stop cleanly"; }
 for _ in $(seq 50); do [ -e "$RDEV" ] || break; sleep 0.1; done
 e2fsck -fn "$TARGET" || fail "the target file does not pass e2fsck"
-log "filled: every file right, e2fsck clean, an ordinary image, mirrored"
+# The same restore run again (after a reboot, say) would undo the
+# writes made since: refused, nothing served, the target untouched.
+sum=$(md5sum < "$TARGET")
+rc=0
+"$UBLK_MIRROR" restore --instant --mirror --volume root --at base --to "$TARGET" \
+  --client-dir "$WORK/client" --state-dir "$WORK/state" > "$WORK/r3.out" 2> "$WORK/r3.log" || rc=$?
+[ "$rc" = 2 ] && grep -q "finished an instant restore" "$WORK/r3.log" \
+  || { cat "$WORK/r3.log" >&2; fail "the same restore run again after the fill was not refused (rc $rc)"; }
+[ "$(md5sum < "$TARGET")" = "$sum" ] || fail "a refused restore changed the target"
+log "filled: every file right, e2fsck clean, an ordinary image, mirrored; the same restore again is refused"
 "$UBLK_MIRROR" restore --volume root --to "$WORK/mirror.img" --client-dir "$WORK/client" \
   || fail "restoring the volume's newest version failed"
 cmp "$WORK/mirror.img" "$TARGET" || fail "the mirror is not the restored device"
 "$UBLK_MIRROR" restore --volume root --at base --to "$WORK/base.img" --client-dir "$WORK/client" \
   || fail "the volume's history was lost"
-rm -f "$WORK/mirror.img" "$WORK/base.img"
+# Onto a disk bigger than the volume (a new laptop's): the device is
+# the volume's size, the disk's first 256 MiB become the version, the
+# rest is left as it was.
+truncate -s 320M "$WORK/big.img"
+printf 'tail' | dd of="$WORK/big.img" bs=1 seek=$((300 * 1024 * 1024)) conv=notrunc status=none
+LOOP=$(losetup -f --show "$WORK/big.img")
+"$UBLK_MIRROR" restore --instant --volume root --at base --to "$LOOP" \
+  --client-dir "$WORK/client" --state-dir "$WORK/state" > "$WORK/r4.out" 2> "$WORK/r4.log" &
+RPID=$!
+BDEV=$(wait_line "$WORK/r4.out")
+[ -b "$BDEV" ] || { cat "$WORK/r4.log" >&2; losetup -d "$LOOP"; fail "restore --instant onto a bigger disk printed no device: '$BDEV'"; }
+[ "$(blockdev --getsize64 "$BDEV")" = $((256 * 1024 * 1024)) ] || fail "the device is not the volume's size"
+BID=${BDEV#/dev/ublkb}
+for _ in $(seq 600); do [ "$(fill_status "$BID" filled)" = true ] && break; sleep 1; done
+[ "$(fill_status "$BID" filled)" = true ] || { "$UBLK_MIRROR" status; fail "the fill onto the bigger disk did not finish"; }
+kill -TERM "$RPID"; wait "$RPID" || { cat "$WORK/r4.log" >&2; fail "the restore daemon did not stop cleanly"; }
+for _ in $(seq 50); do [ -e "$BDEV" ] || break; sleep 0.1; done
+cmp -n $((256 * 1024 * 1024)) "$LOOP" "$WORK/base.img" || { losetup -d "$LOOP"; fail "the bigger disk does not start with the version"; }
+[ "$(dd if="$LOOP" bs=1 skip=$((300 * 1024 * 1024)) count=4 status=none)" = tail ] \
+  || { losetup -d "$LOOP"; fail "the restore wrote past the volume on the bigger disk"; }
+losetup -d "$LOOP"
+rm -f "$WORK/mirror.img" "$WORK/base.img" "$WORK/big.img"
+log "restored onto a bigger disk: its first 256 MiB are the version, the rest untouched"
 # The lost laptop comes back online: its device is refused by the mirror.
 start_dev --backing "$IMG" --mirror root --client-dir "$WORK/client" --mirror-interval 1s
 dd if=/dev/urandom of="$DEV" bs=1M count=1 oflag=direct status=none

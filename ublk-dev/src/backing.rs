@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 pub struct BackingOptions<'a> {
     /// The file (or block device).
     pub path: &'a Path,
-    /// The size the file must have, if known.
+    /// The size the file must have, if known (a block device may be
+    /// larger: its first `size` bytes are served).
     pub size: Option<u64>,
     /// Create a sparse file of `size` bytes when it does not exist.
     pub create: bool,
@@ -99,10 +100,20 @@ impl Backing {
             },
             e => Error::io(format!("cannot lock {}", path.display()), e.into()),
         })?;
-        let size = (&self.file)
+        let mut size = (&self.file)
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(format!("cannot size {}", path.display()), e))?;
         if let Some(wanted) = opts.size {
+            // A block device larger than asked serves its first `wanted`
+            // bytes (a volume restored onto a bigger disk); a file is
+            // exactly its size.
+            let block_device = self
+                .file
+                .metadata()
+                .is_ok_and(|m| m.file_type().is_block_device());
+            if block_device && wanted > 0 && wanted < size {
+                size = wanted;
+            }
             if wanted != size {
                 return Err(Error::SizeMismatch {
                     path,

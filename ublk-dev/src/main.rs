@@ -381,7 +381,9 @@ struct AddArgs {
     backing: Option<PathBuf>,
 
     /// Create the backing file as a sparse file of this size if it does not
-    /// exist (e.g. 20G, 512M); if it exists, it must have this size.
+    /// exist (e.g. 20G, 512M); if it exists, it must have this size. A
+    /// block device may be larger: the device is its first SIZE bytes (a
+    /// volume restored onto a bigger disk).
     #[arg(long, short = 's')]
     size: Option<ByteSize>,
 
@@ -1019,6 +1021,16 @@ fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
             }),
         },
         |info| {
+            // An empty file (made for the restore) is a new target, as a
+            // missing one is: sized, all zeroes.
+            let empty = std::fs::metadata(&target).is_ok_and(|m| m.is_file() && m.len() == 0);
+            if empty {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&target)
+                    .and_then(|f| f.set_len(info.size))
+                    .map_err(|e| Error::io(format!("sizing {}", target.display()), e))?;
+            }
             let backing = open_backing(
                 &on_demand_spec(&target, info.size, String::new(), None),
                 true,
@@ -1029,7 +1041,7 @@ fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
             // error.
             let file = ublk_mirror_common::fsutil::reopen(backing.file())
                 .map_err(|e| Error::io("opening the target", e))?;
-            let fresh = backing.created();
+            let fresh = backing.created() || empty;
             opened_backing = Some(backing);
             Ok((file, fresh))
         },
