@@ -64,9 +64,7 @@ impl FromStr for Token {
             hex::decode::<32>(secret).ok_or_else(|| bad("the secret is not 64 hex digits"))?;
         let server =
             hex::decode::<32>(fp).ok_or_else(|| bad("the fingerprint is not 64 hex digits"))?;
-        if address.is_empty() || !address.contains(':') {
-            return Err(bad("the server address has no port"));
-        }
+        check_addresses(address).map_err(|e| bad(&e))?;
         Ok(Token {
             name: name.to_string(),
             secret,
@@ -74,6 +72,40 @@ impl FromStr for Token {
             address: address.to_string(),
         })
     }
+}
+
+/// Check a token's server addresses: `HOST:PORT[,HOST:PORT...]` (an IPv6
+/// address in brackets), each with a port from 1 to 65535; what is wrong,
+/// if anything.
+pub fn check_addresses(list: &str) -> Result<(), String> {
+    if list.is_empty() {
+        return Err("the server address is empty".into());
+    }
+    for address in list.split(',') {
+        let Some((host, port)) = address.rsplit_once(':') else {
+            return Err(format!(
+                "the server address {address:?} has no port (HOST:PORT)"
+            ));
+        };
+        let host_ok = if let Some(inner) = host.strip_prefix('[') {
+            inner
+                .strip_suffix(']')
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        } else {
+            !host.is_empty() && !host.contains(|c: char| c == ':' || c.is_whitespace() || c == '/')
+        };
+        if !host_ok {
+            return Err(format!(
+                "the server address {address:?} has no usable host (HOST:PORT; an IPv6 address in brackets)"
+            ));
+        }
+        if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Err(format!(
+                "the server address {address:?} has no usable port (1 to 65535)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -101,6 +133,17 @@ mod tests {
             let err = bad.parse::<Token>().unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
+        for (list, why) in [
+            ("host:99999", "usable port"),
+            ("a:1,,b:2", "no port"),
+            ("nohost", "no port"),
+            (":4747", "usable host"),
+            ("[::1:4747", "usable host"),
+        ] {
+            let err = check_addresses(list).unwrap_err();
+            assert!(err.contains(why), "{list}: {err}");
+        }
+        check_addresses("mirror.example:4747,[2001:db8::2]:4747,10.0.0.1:1").unwrap();
         // Interchangeable servers: several addresses, tried in order.
         let several = Token {
             address: "a.example:4747,[2001:db8::2]:4747".into(),

@@ -280,10 +280,27 @@ impl ServerConfig {
 
     /// Read the config file at `path` (see [`locate`]).
     pub fn load(path: &Path) -> Result<ServerConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        let config: ServerConfig = toml::from_str(&text)
-            .map_err(|e| Error::Invalid(format!("{}: {}", path.display(), e.message())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Invalid(format!(
+                    "{} does not exist: run `mirror-server init` (with the same --data) first, or give --config",
+                    path.display()
+                ))
+            } else {
+                Error::io(format!("reading {}", path.display()), e)
+            }
+        })?;
+        let config: ServerConfig = toml::from_str(&text).map_err(|e| {
+            // "TOML parse error at line L, column C": where, then what.
+            let first = e.to_string();
+            let at = first
+                .lines()
+                .next()
+                .and_then(|l| l.split(" at ").nth(1))
+                .map(|a| format!("{a}: "))
+                .unwrap_or_default();
+            Error::Invalid(format!("{}: {at}{}", path.display(), e.message()))
+        })?;
         config
             .check()
             .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;

@@ -1066,16 +1066,38 @@ fn client(data: &Path, cfg: &Path, command: ClientCommand) -> mirror_server::Res
             let identity = Identity::load(&data.join("identity")).map_err(|e| {
                 mirror_server::Error::Invalid(format!("{e} (run `mirror-server init` first)"))
             })?;
+            if ttl.0 < std::time::Duration::from_secs(60) {
+                return Err(mirror_server::Error::Invalid(format!(
+                    "--ttl {ttl} is too short to enroll with: give at least 1m (default 24h)"
+                )));
+            }
             let address = match address {
-                Some(a) => a,
+                Some(a) => {
+                    ublk_mirror_common::token::check_addresses(&a)
+                        .map_err(|e| mirror_server::Error::Invalid(format!("--address: {e}")))?;
+                    a
+                }
                 None => {
                     let port = ServerConfig::load(cfg)?.listen.port();
                     let host = nix::unistd::gethostname()
                         .map_err(|e| mirror_server::Error::io("reading the host name", e.into()))?;
-                    format!("{}:{port}", host.to_string_lossy())
+                    let a = format!("{}:{port}", host.to_string_lossy());
+                    eprintln!(
+                        "clients will connect to {a} (this host's name and the listen port); give --address HOST:PORT if they reach this server another way"
+                    );
+                    a
                 }
             };
+            let replaced = registry
+                .list()?
+                .iter()
+                .any(|c| c.name == name && c.fingerprint.is_none() && !c.revoked);
             let secret = registry.add(&name, ttl.0)?;
+            if replaced {
+                eprintln!(
+                    "the token issued before for {name} no longer works: this one replaces it"
+                );
+            }
             let token = Token {
                 name: name.clone(),
                 secret,

@@ -105,6 +105,22 @@ pub struct DeviceConfig {
     pub client_dir: Option<PathBuf>,
 }
 
+/// A TOML error as one line: where (line and column), then what.
+fn toml_error(e: &toml::de::Error) -> String {
+    let at = e.span().map(|_| {
+        // The first line of its Display: "TOML parse error at line L, column C".
+        e.to_string()
+            .lines()
+            .next()
+            .and_then(|l| l.split(" at ").nth(1).map(str::to_string))
+            .unwrap_or_default()
+    });
+    match at.filter(|a| !a.is_empty()) {
+        Some(at) => format!("{at}: {}", e.message()),
+        None => e.message().to_string(),
+    }
+}
+
 impl DeviceConfig {
     /// Read a TOML device config.
     pub fn load(path: &Path) -> Result<DeviceConfig> {
@@ -114,7 +130,7 @@ impl DeviceConfig {
         })?;
         let mut config: DeviceConfig = toml::from_str(&text).map_err(|e| Error::ConfigFile {
             path: path.to_path_buf(),
-            reason: e.message().to_string(),
+            reason: toml_error(&e),
         })?;
         // A relative backing path in a config file is relative to the file.
         if let (Some(b), Some(dir)) = (&config.backing, path.parent()) {
@@ -242,6 +258,26 @@ impl DeviceConfig {
                 .cow_memory
                 .map_or(crate::epoch::DEFAULT_COW_MEMORY, |s| s.0),
         };
+        // The mirror's settings are checked also without --mirror (a
+        // config file may hold them for later): out of range is an error.
+        let interval = self
+            .mirror_interval
+            .map_or(DEFAULT_MIRROR_INTERVAL, |s| s.0);
+        if interval < std::time::Duration::from_millis(100) {
+            return invalid("--mirror-interval must be at least 100ms".into());
+        }
+        let zstd_level = self.zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL);
+        if !(1..=19).contains(&zstd_level) {
+            return invalid(format!("--zstd-level {zstd_level} is out of range (1-19)"));
+        }
+        let min_rate = self.mirror_min_rate.map_or(DEFAULT_MIN_RATE, |b| b.0);
+        if min_rate > 0 && min_rate < MIN_MIN_RATE {
+            return invalid(format!(
+                "--mirror-min-rate {} is below {} a second (\"0\" turns the yielding off)",
+                ByteSize(min_rate),
+                ByteSize(MIN_MIN_RATE)
+            ));
+        }
         let mirror = match self.mirror {
             None => None,
             Some(volume) => {
@@ -249,24 +285,6 @@ impl DeviceConfig {
                     .map_err(|e| Error::InvalidConfig(format!("--mirror: {e}")))?;
                 if !tracking.enabled {
                     return invalid("--mirror needs change tracking; drop --no-tracking".into());
-                }
-                let interval = self
-                    .mirror_interval
-                    .map_or(DEFAULT_MIRROR_INTERVAL, |s| s.0);
-                if interval < std::time::Duration::from_millis(100) {
-                    return invalid("--mirror-interval must be at least 100ms".into());
-                }
-                let zstd_level = self.zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL);
-                if !(1..=19).contains(&zstd_level) {
-                    return invalid(format!("--zstd-level {zstd_level} is out of range (1-19)"));
-                }
-                let min_rate = self.mirror_min_rate.map_or(DEFAULT_MIN_RATE, |b| b.0);
-                if min_rate > 0 && min_rate < MIN_MIN_RATE {
-                    return invalid(format!(
-                        "--mirror-min-rate {} is below {} a second (\"0\" turns the yielding off)",
-                        ByteSize(min_rate),
-                        ByteSize(MIN_MIN_RATE)
-                    ));
                 }
                 Some(MirrorSpec {
                     volume,
