@@ -6,8 +6,14 @@
 //! {"format":1,"name":"laptop-7","created_ms":..,
 //!  "token":{"secret_sha256":"<hex>","expires_ms":..} | null,
 //!  "fingerprint":"<hex of the client certificate's sha256>" | null,
-//!  "revoked":false}
+//!  "revoked":false, "retired":["<hex>", ...]}
 //! ```
+//!
+//! `retired` (absent in files written before it: none) lists certificates
+//! the name had before `client add NAME --replace` (a new machine for the
+//! same client, the old one lost or stolen): they are cut off like a
+//! revoked client's, at once, and the name's volumes go to whoever enrolls
+//! with the new token.
 //!
 //! `client add` writes a pending client with a token (the secret itself is
 //! printed once and never stored); `enroll` consumes the token and records
@@ -67,6 +73,9 @@ pub struct Client {
     pub fingerprint: Option<String>,
     /// Cut off for good.
     pub revoked: bool,
+    /// Certificates it had before a `--replace` (cut off).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<String>,
 }
 
 impl Client {
@@ -180,16 +189,27 @@ impl Registry {
 
     /// Add a client, or give a pending one a new token; returns the secret
     /// (shown once). An enrolled or revoked client is not touched.
-    pub fn add(&self, name: &str, ttl: Duration) -> Result<[u8; 32]> {
+    ///
+    /// With `replace`, an enrolled or revoked client gets a token too (a
+    /// new machine for the same name and its volumes): the certificate it
+    /// had is cut off at once (`retired`), and the name is pending until
+    /// the new token enrolls.
+    pub fn add(&self, name: &str, ttl: Duration, replace: bool) -> Result<[u8; 32]> {
         let _lock = self.lock()?;
         let mut client = match self.get(name)? {
-            Some(c) if c.state() != "pending" => {
+            Some(c) if c.state() != "pending" && !replace => {
                 return Err(Error::Invalid(format!(
-                    "client {name} is {} already; pick another name",
+                    "client {name} is {} already; pick another name, or give --replace to enroll a new machine as {name} (the one it has now is cut off)",
                     c.state()
                 )))
             }
-            Some(c) => c,
+            Some(mut c) => {
+                if let Some(old) = c.fingerprint.take() {
+                    c.retired.push(old);
+                }
+                c.revoked = false;
+                c
+            }
             None => Client {
                 format: FORMAT,
                 name: name.to_string(),
@@ -197,6 +217,7 @@ impl Registry {
                 token: None,
                 fingerprint: None,
                 revoked: false,
+                retired: Vec::new(),
             },
         };
         let mut secret = [0u8; 32];
@@ -238,6 +259,10 @@ impl Registry {
                 "this certificate is enrolled under another name already".into(),
             ));
         }
+        if client.retired.contains(&fp) {
+            // The machine a --replace cut off.
+            return Err(refused());
+        }
         let Some(token) = client.token.as_ref().filter(|_| !client.revoked) else {
             return Err(refused());
         };
@@ -263,13 +288,13 @@ impl Registry {
         self.put(&client)
     }
 
-    /// Whether this certificate belongs to a revoked client.
+    /// Whether this certificate belongs to a revoked client, or was
+    /// replaced (`client add --replace`).
     pub fn revoked(&self, fingerprint: Fingerprint) -> Result<bool> {
         let fp = hex(&fingerprint.0);
-        Ok(self
-            .snapshot()?
-            .iter()
-            .any(|c| c.revoked && c.fingerprint.as_deref() == Some(fp.as_str())))
+        Ok(self.snapshot()?.iter().any(|c| {
+            (c.revoked && c.fingerprint.as_deref() == Some(fp.as_str())) || c.retired.contains(&fp)
+        }))
     }
 
     /// The enrolled, unrevoked client with this certificate.
@@ -291,11 +316,47 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// A client enrolled on a machine that was lost: --replace gives its
+    /// name a new token, the old certificate is cut off at once (and can
+    /// never enroll again), and the new machine enrolls as the same name.
+    #[test]
+    fn a_replaced_client_is_cut_off_and_its_name_enrolls_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path()).unwrap();
+        let secret = r.add("laptop", DEFAULT_TOKEN_TTL, false).unwrap();
+        let (old, new) = (Fingerprint([1; 32]), Fingerprint([2; 32]));
+        r.enroll("laptop", &secret, old).unwrap();
+        let err = r
+            .add("laptop", DEFAULT_TOKEN_TTL, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--replace"), "{err}");
+        let secret = r.add("laptop", DEFAULT_TOKEN_TTL, true).unwrap();
+        assert_eq!(r.get("laptop").unwrap().unwrap().state(), "pending");
+        assert_eq!(r.who(old).unwrap(), None);
+        assert!(r.revoked(old).unwrap(), "the lost machine is not cut off");
+        assert!(
+            r.enroll("laptop", &secret, old).is_err(),
+            "the lost machine enrolled again"
+        );
+        r.enroll("laptop", &secret, new).unwrap();
+        assert_eq!(r.who(new).unwrap().as_deref(), Some("laptop"));
+        assert!(!r.revoked(new).unwrap());
+        assert!(r.revoked(old).unwrap());
+        // A revoked client too.
+        r.revoke("laptop").unwrap();
+        let secret = r.add("laptop", DEFAULT_TOKEN_TTL, true).unwrap();
+        let third = Fingerprint([3; 32]);
+        r.enroll("laptop", &secret, third).unwrap();
+        assert_eq!(r.who(third).unwrap().as_deref(), Some("laptop"));
+        assert!(r.revoked(new).unwrap() && r.revoked(old).unwrap());
+    }
+
     #[test]
     fn a_token_enrolls_once_and_revocation_cuts_off() {
         let dir = tempfile::tempdir().unwrap();
         let r = Registry::open(dir.path()).unwrap();
-        let secret = r.add("laptop", DEFAULT_TOKEN_TTL).unwrap();
+        let secret = r.add("laptop", DEFAULT_TOKEN_TTL, false).unwrap();
         assert_eq!(r.get("laptop").unwrap().unwrap().state(), "pending");
         let fp = Fingerprint([7; 32]);
         assert!(
@@ -313,7 +374,7 @@ mod tests {
         );
         assert_eq!(r.who(fp).unwrap().as_deref(), Some("laptop"));
         assert!(
-            r.add("laptop", DEFAULT_TOKEN_TTL).is_err(),
+            r.add("laptop", DEFAULT_TOKEN_TTL, false).is_err(),
             "an enrolled client got a new token"
         );
         assert!(!r.revoked(fp).unwrap());
@@ -322,7 +383,7 @@ mod tests {
         assert!(r.revoked(fp).unwrap());
         assert_eq!(r.list().unwrap()[0].state(), "revoked");
         // An expired token is refused.
-        let s = r.add("old", Duration::ZERO).unwrap();
+        let s = r.add("old", Duration::ZERO, false).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         assert!(r.enroll("old", &s, fp).is_err());
         assert!(r.get("../etc").is_err(), "a path as a name");
@@ -332,7 +393,7 @@ mod tests {
     fn another_process_s_changes_are_seen_at_once_and_none_is_lost() {
         let dir = tempfile::tempdir().unwrap();
         let server = Registry::open(dir.path()).unwrap();
-        let secret = server.add("laptop", DEFAULT_TOKEN_TTL).unwrap();
+        let secret = server.add("laptop", DEFAULT_TOKEN_TTL, false).unwrap();
         let fp = Fingerprint([3; 32]);
         server.enroll("laptop", &secret, fp).unwrap();
         assert_eq!(server.who(fp).unwrap().as_deref(), Some("laptop"));
@@ -349,7 +410,7 @@ mod tests {
                 let r = Registry::open(dir.path()).unwrap();
                 std::thread::spawn(move || {
                     let name = format!("c{i}");
-                    let s = r.add(&name, DEFAULT_TOKEN_TTL).unwrap();
+                    let s = r.add(&name, DEFAULT_TOKEN_TTL, false).unwrap();
                     r.enroll(&name, &s, Fingerprint([i as u8 + 10; 32]))
                         .unwrap();
                 })

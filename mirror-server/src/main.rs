@@ -267,6 +267,11 @@ enum ClientCommand {
         /// How long the token is good for.
         #[arg(long, default_value = "24h", value_name = "DURATION")]
         ttl: Span,
+        /// A new machine for a client that exists (its laptop lost or
+        /// stolen): the token enrolls the new machine as NAME, with NAME's
+        /// volumes; the certificate NAME has now is cut off at once.
+        #[arg(long)]
+        replace: bool,
     },
     /// List clients: pending, enrolled or revoked.
     List {
@@ -1062,7 +1067,12 @@ fn serve(
 fn client(data: &Path, cfg: &Path, command: ClientCommand) -> mirror_server::Result<()> {
     let registry = Registry::open(data)?;
     match command {
-        ClientCommand::Add { name, address, ttl } => {
+        ClientCommand::Add {
+            name,
+            address,
+            ttl,
+            replace,
+        } => {
             let identity = Identity::load(&data.join("identity")).map_err(|e| {
                 mirror_server::Error::Invalid(format!("{e} (run `mirror-server init` first)"))
             })?;
@@ -1088,15 +1098,16 @@ fn client(data: &Path, cfg: &Path, command: ClientCommand) -> mirror_server::Res
                     a
                 }
             };
-            let replaced = registry
-                .list()?
-                .iter()
-                .any(|c| c.name == name && c.fingerprint.is_none() && !c.revoked);
-            let secret = registry.add(&name, ttl.0)?;
-            if replaced {
-                eprintln!(
+            let before = registry.get(&name)?;
+            let secret = registry.add(&name, ttl.0, replace)?;
+            match before.as_ref().map(|c| c.state()) {
+                Some("pending") => eprintln!(
                     "the token issued before for {name} no longer works: this one replaces it"
-                );
+                ),
+                Some(state) => eprintln!(
+                    "client {name} was {state}: its certificate is cut off now; the machine that enrolls with this token is {name}, with its volumes"
+                ),
+                None => {}
             }
             let token = Token {
                 name: name.clone(),
