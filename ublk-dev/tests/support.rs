@@ -121,7 +121,7 @@ impl TestServer {
     pub fn token(&self, data: &Path, name: &str) -> Token {
         let secret = Registry::open(data)
             .unwrap()
-            .add(name, Duration::from_secs(60))
+            .add(name, Duration::from_secs(60), false)
             .unwrap();
         Token {
             name: name.into(),
