@@ -419,7 +419,7 @@ where
 pub async fn resolve(address: &str) -> Result<SocketAddr> {
     tokio::net::lookup_host(address)
         .await
-        .map_err(|e| Error::io(format!("resolving {address}"), e))?
+        .map_err(|e| Error::Link(format!("resolving {address}: {e}")))?
         .next()
         .ok_or_else(|| Error::Link(format!("{address} resolves to no address")))
 }
@@ -442,7 +442,9 @@ impl Link {
             let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(one).await {
                 Ok(a) => a.collect(),
                 Err(e) => {
-                    last = Some(Error::io(format!("resolving {one}"), e));
+                    // Offline, or the name service down: the link, as an
+                    // address that does not answer.
+                    last = Some(Error::Link(format!("resolving {one}: {e}")));
                     continue;
                 }
             };

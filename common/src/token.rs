@@ -81,7 +81,7 @@ pub fn check_addresses(list: &str) -> Result<(), String> {
     if list.is_empty() {
         return Err("the server address is empty".into());
     }
-    for address in list.split(',') {
+    for address in list.split(',').map(str::trim) {
         let Some((host, port)) = address.rsplit_once(':') else {
             return Err(format!(
                 "the server address {address:?} has no port (HOST:PORT)"
@@ -92,7 +92,10 @@ pub fn check_addresses(list: &str) -> Result<(), String> {
                 .strip_suffix(']')
                 .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
         } else {
-            !host.is_empty() && !host.contains(|c: char| c == ':' || c.is_whitespace() || c == '/')
+            // A name, an IPv4 address, or an IPv6 one without brackets.
+            host.parse::<std::net::Ipv6Addr>().is_ok()
+                || !host.is_empty()
+                    && !host.contains(|c: char| c == ':' || c.is_whitespace() || c == '/')
         };
         if !host_ok {
             return Err(format!(
@@ -143,7 +146,8 @@ mod tests {
             let err = check_addresses(list).unwrap_err();
             assert!(err.contains(why), "{list}: {err}");
         }
-        check_addresses("mirror.example:4747,[2001:db8::2]:4747,10.0.0.1:1").unwrap();
+        check_addresses("mirror.example:4747, [2001:db8::2]:4747,10.0.0.1:1,2001:db8::3:4747")
+            .unwrap();
         // Interchangeable servers: several addresses, tried in order.
         let several = Token {
             address: "a.example:4747,[2001:db8::2]:4747".into(),

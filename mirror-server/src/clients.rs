@@ -259,8 +259,8 @@ impl Registry {
                 "this certificate is enrolled under another name already".into(),
             ));
         }
-        if client.retired.contains(&fp) {
-            // The machine a --replace cut off.
+        if self.list()?.iter().any(|c| c.retired.contains(&fp)) {
+            // A machine a --replace cut off, under any name.
             return Err(refused());
         }
         let Some(token) = client.token.as_ref().filter(|_| !client.revoked) else {
@@ -338,6 +338,11 @@ mod tests {
         assert!(
             r.enroll("laptop", &secret, old).is_err(),
             "the lost machine enrolled again"
+        );
+        let other = r.add("desk", DEFAULT_TOKEN_TTL, false).unwrap();
+        assert!(
+            r.enroll("desk", &other, old).is_err(),
+            "the lost machine enrolled as another"
         );
         r.enroll("laptop", &secret, new).unwrap();
         assert_eq!(r.who(new).unwrap().as_deref(), Some("laptop"));

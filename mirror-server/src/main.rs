@@ -407,7 +407,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if ublk_mirror_common::docs::is_broken_pipe(&e) => {
+        Err(mirror_server::Error::Io {
+            ref context,
+            ref source,
+        }) if context.contains("stdout") && source.kind() == std::io::ErrorKind::BrokenPipe => {
             // Its reader went away (`| head`): nothing to say.
             ExitCode::from(ublk_mirror_common::docs::BROKEN_PIPE_EXIT)
         }

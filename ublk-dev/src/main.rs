@@ -1412,6 +1412,19 @@ fn open_backing(spec: &DeviceSpec, create: bool) -> anyhow::Result<Backing> {
         block_size: spec.logical_block_size,
         direct_io: spec.direct_io,
     });
+    // A block device another of our devices holds is refused by its
+    // exclusive open (EBUSY) before the lock: say who holds it too.
+    let opened = match opened {
+        Err(Error::BackingUnusable { path, reason })
+            if reason.starts_with("it is in use") && holder_of(&path).is_some() =>
+        {
+            Err(Error::BackingInUse {
+                path,
+                holder: String::new(),
+            })
+        }
+        other => other,
+    };
     match opened {
         Err(Error::BackingInUse { path, .. }) => {
             let holder = holder_of(&path)

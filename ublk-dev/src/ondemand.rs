@@ -461,9 +461,21 @@ pub fn finished(state: &Path, target: &Path) -> Option<String> {
     if state.exists() || !marker.exists() || !target.exists() {
         return None;
     }
-    let what = std::fs::read(&marker)
+    let recorded = std::fs::read(&marker)
         .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    // A disk bigger than the volume serves the volume's size: say it.
+    let size = recorded
+        .as_ref()
+        .and_then(|v| v["size"].as_u64())
+        .filter(|_| {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device())
+        })
+        .map_or_else(String::new, |n| {
+            format!(" --size {}", ublk_mirror_common::size::ByteSize(n))
+        });
+    let what = recorded
         .map(|v| {
             let at = v["finished_ms"]
                 .as_i64()
@@ -479,7 +491,7 @@ pub fn finished(state: &Path, target: &Path) -> Option<String> {
     Some(format!(
         "{} finished an instant restore {what}: it is an ordinary disk since, and restoring \
          onto it again would undo every write made to it since. Serve it with \
-         `ublk-mirror add --backing {}` (with `--mirror VOLUME` to keep mirroring it); to \
+         `ublk-mirror add --backing {}{size}` (with `--mirror VOLUME` to keep mirroring it); to \
          restore over it all the same, remove {} first",
         target.display(),
         target.display(),
@@ -639,9 +651,20 @@ impl OnDemand {
             }
         }
         if !missing.is_empty() {
-            if s.stop || s.failing.as_ref().is_some_and(|f| f.failed) {
-                // No fetcher any more, or it cannot fetch: nothing would
-                // wake a wait.
+            if s.stop {
+                // No fetcher any more: nothing would wake a wait.
+                return Err(Errno::IO);
+            }
+            if s.failing.as_ref().is_some_and(|f| f.failed) {
+                // The server refuses: the read fails at once, and what it
+                // wanted is asked for again (a success ends the failure).
+                for b in missing {
+                    if !s.wanted.contains(&b) {
+                        s.wanted.push_back(b);
+                    }
+                }
+                drop(s);
+                self.work.notify_all();
                 return Err(Errno::IO);
             }
             let waiter = Arc::new(Waiter {
@@ -1097,6 +1120,7 @@ impl OnDemand {
             "volume": self.opts.volume,
             "snapshot": self.info.snapshot,
             "target": self.fill.as_ref().map(|f| f.target.display().to_string()),
+            "size": self.info.size,
             "finished_ms": ublk_mirror_common::clock::now_ms(),
         });
         ublk_mirror_common::fsutil::write_durably(
@@ -1123,7 +1147,13 @@ impl OnDemand {
     /// anything but the link for [`FAIL_AFTER`], fail the reads that wait
     /// (and, until a fetch succeeds, every read of a block not local).
     fn failed_fetch(&self, s: &mut State, e: &Error) {
-        let link = e.kind() == crate::error::ErrorKind::Link;
+        // Only the server saying no (the version deleted or changed,
+        // access revoked) counts; a link down (offline, no name service),
+        // or anything else, only makes reads wait.
+        let link = !matches!(
+            e.kind(),
+            crate::error::ErrorKind::Refused | crate::error::ErrorKind::Usage
+        );
         let now = Instant::now();
         let since = match &s.failing {
             // What was refused stays failed until a fetch succeeds.
@@ -1144,10 +1174,11 @@ impl OnDemand {
             );
         }
         if failed {
+            // What they wanted stays wanted: the fetcher keeps trying it,
+            // and its first success ends the failure.
             for w in s.waiters.drain(..) {
                 w.wake.signal(false);
             }
-            s.wanted.clear();
         }
         s.failing = Some(Failing {
             why: e.to_string(),
@@ -1816,12 +1847,19 @@ mod tests {
             "there is no snapshot v of root".into(),
         ));
         let link = Error::Mirror(ublk_mirror_common::Error::Link("timed out".into()));
+        // Not the server's answer either: a local error (a full disk).
+        let local = Error::io(
+            "writing the target",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
         // A link down for long: the read waits.
         {
             let mut s = od.lock();
             od.failed_fetch(&mut s, &link);
             s.failing.as_mut().unwrap().since = None;
             od.failed_fetch(&mut s, &link);
+            od.failed_fetch(&mut s, &local);
+            assert_eq!(s.failing.as_ref().unwrap().since, None);
         }
         assert!(!waiter.wake().is_set());
         // Refused, lately: still waits; status says why.
@@ -1840,6 +1878,9 @@ mod tests {
             od.prepare(&Request::read(2 * BLOCK, 4096)).unwrap_err(),
             Errno::IO
         );
+        // What the reads wanted is still asked for: the fetcher keeps
+        // trying, and its first success ends the failure.
+        assert!(od.lock().wanted.contains(&1) && od.lock().wanted.contains(&2));
         od.store(3 * BLOCK, Some(&[1u8; BLOCK as usize]), BLOCK as u32)
             .unwrap();
         od.release(go(od.prepare(&Request::read(3 * BLOCK, 4096))));

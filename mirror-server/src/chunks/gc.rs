@@ -307,16 +307,19 @@ impl ChunkStore {
         )
     }
 
-    /// Whether the lock in the store is `lock` (its nonce).
-    async fn holds(&self, lock: &RunLock) -> Result<bool> {
+    /// Whether the lock in the store is `lock` (its nonce), and its
+    /// version (e-tag) when the store has one.
+    async fn holds(&self, lock: &RunLock) -> Result<(bool, Option<String>)> {
         let path = ObjPath::from(LOCK);
         match self.store.get(&path).await {
             Ok(r) => {
+                let e_tag = r.meta.e_tag.clone();
                 let bytes = r.bytes().await.map_err(|e| store_err(LOCK, e))?;
                 let held: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                Ok(held.get("nonce").and_then(|n| n.as_str()) == Some(lock.nonce.as_str()))
+                let ours = held.get("nonce").and_then(|n| n.as_str()) == Some(lock.nonce.as_str());
+                Ok((ours, e_tag))
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(object_store::Error::NotFound { .. }) => Ok((false, None)),
             Err(e) => Err(store_err(format!("reading {}/{LOCK}", self.describe), e)),
         }
     }
@@ -327,19 +330,39 @@ impl ChunkStore {
         if !now && lock.kept.get().elapsed() < KEEP_LOCK {
             return Ok(());
         }
-        if !self.run(self.holds(lock))? {
-            return Err(Error::Invalid(format!(
+        let lost = || {
+            Error::Invalid(format!(
                 "garbage collection of {} stopped: another run took its lock \
                  (this one was taken for abandoned); nothing more was deleted",
                 self.describe
-            )));
+            ))
+        };
+        let (ours, e_tag) = self.run(self.holds(lock))?;
+        if !ours {
+            return Err(lost());
         }
+        // Written only over the version just read (If-Match): a run that
+        // took the lock in between is not written over.
         let path = ObjPath::from(LOCK);
-        self.run(
-            self.store
-                .put(&path, PutPayload::from(self.lock_body(lock))),
-        )
-        .map_err(|e| store_err(format!("writing {}/{LOCK}", self.describe), e))?;
+        let body = || PutPayload::from(self.lock_body(lock));
+        let opts = PutOptions {
+            mode: PutMode::Update(object_store::UpdateVersion {
+                e_tag,
+                version: None,
+            }),
+            ..Default::default()
+        };
+        match self.run(self.store.put_opts(&path, body(), opts)) {
+            Ok(_) => {}
+            Err(object_store::Error::Precondition { .. }) => return Err(lost()),
+            // A store without conditional updates (a local directory:
+            // one machine) is written over.
+            Err(object_store::Error::NotImplemented { .. }) => {
+                self.run(self.store.put(&path, body()))
+                    .map_err(|e| store_err(format!("writing {}/{LOCK}", self.describe), e))?;
+            }
+            Err(e) => return Err(store_err(format!("writing {}/{LOCK}", self.describe), e)),
+        }
         lock.kept.set(std::time::Instant::now());
         Ok(())
     }
@@ -350,7 +373,7 @@ impl ChunkStore {
         let lock = self.run(self.lock())?;
         let result = self.gc_locked(window, &lock, &mut progress);
         // Only this run's own lock is deleted.
-        if let Ok(true) = self.run(self.holds(&lock)) {
+        if let Ok((true, _)) = self.run(self.holds(&lock)) {
             let _ = self.run(self.store.delete(&ObjPath::from(LOCK)));
         }
         result

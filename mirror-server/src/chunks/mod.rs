@@ -729,8 +729,13 @@ impl ChunkStore {
                 )));
             }
         }
-        // What garbage collection condemned is not deduplicated against.
+        // What garbage collection condemned is not deduplicated against,
+        // nor what verify found damaged, here or on another server.
         self.sync_gc()?;
+        let damaged = self.run(self.read_damaged())?;
+        self.index()
+            .damaged
+            .extend(damaged.into_iter().map(|(hash, pack)| (pack, hash)));
         Ok(Publication {
             store: self,
             volume: volume.to_string(),

@@ -944,6 +944,30 @@ fn verify_finds_damage_and_repairs_it(store: &Arc<ChunkStore>) {
     );
 }
 
+/// A server running since before another's verify found a chunk damaged
+/// learns it when it next publishes: it stores the chunk again rather
+/// than name the damaged copy.
+#[test]
+fn damage_found_by_another_server_is_not_deduplicated_against() {
+    let store = open_on(memory());
+    publish(&store, VOL, None, BLOCK, &[(0, 1)].into(), 1).unwrap();
+    let other = open_on_same(&store);
+    let h1 = format::sha256(&block_of(1, BLOCK as usize));
+    assert!(other.has(&h1));
+    corrupt(&store, &h1);
+    let r = store.verify(None, |_, _, _| None, |_, _| {}).unwrap();
+    assert!(!r.is_clean(), "{r:?}");
+    let mut p = other.publication("vol2", None, BLOCK).unwrap();
+    assert!(
+        !other.has(&h1),
+        "a server running before verify dedups against damage"
+    );
+    p.put(0, Some(&block_of(1, BLOCK as usize)), h1).unwrap();
+    let v = p.finish(1, None, "").unwrap();
+    assert_eq!(v.packs, 1, "nothing was stored");
+    assert_eq!(read_all(&other, &v.record), block_of(1, BLOCK as usize));
+}
+
 #[test]
 fn verify_finds_damage_and_repairs_it_in_memory() {
     verify_finds_damage_and_repairs_it(&open_on(memory()));
