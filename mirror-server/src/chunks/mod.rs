@@ -559,49 +559,99 @@ impl ChunkStore {
     }
 
     fn remember(&self, pack: Digest, entries: &[Entry]) {
-        let mut index = self.index();
-        let info = PackInfo {
-            hashes: entries.iter().map(|e| e.hash).collect(),
-            patches: entries
-                .iter()
-                .filter_map(|e| match e.codec {
-                    format::Codec::Patch { base } => Some((e.hash, base)),
-                    _ => None,
-                })
-                .collect(),
-            stored: entries.iter().map(|e| u64::from(e.stored)).sum(),
-        };
-        index.packs.insert(pack, info);
-        for e in entries {
-            let loc = Loc { pack, entry: *e };
-            // The copy known is not usable (condemned, damaged, or a patch
-            // whose chain is broken): this one takes its place.
-            let condemned = index.chunks.contains_key(&e.hash)
-                && index.chain(&e.hash).is_none()
-                && !index.damaged.contains(&(pack, e.hash));
-            match index.chunks.entry(e.hash) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(loc);
-                }
-                std::collections::hash_map::Entry::Occupied(mut o) if condemned => {
-                    o.insert(loc);
-                }
-                std::collections::hash_map::Entry::Occupied(_) => {}
-            }
-        }
+        remember_in(&mut self.index(), pack, entries);
     }
 
     /// Forget every pack and read the indexes again (after garbage
-    /// collection deleted some).
+    /// collection deleted some). The new index is built aside and then put
+    /// in place: meanwhile publications and reads use the old one whole (a
+    /// half-built one made them store chunks again, or refuse to publish);
+    /// packs this process stored meanwhile are carried over.
     fn rebuild_index(&self) -> Result<()> {
-        {
-            let mut index = self.index();
-            index.chunks.clear();
-            index.packs.clear();
+        let before: HashSet<Digest> = self.index().packs.keys().copied().collect();
+        let mut fresh = {
+            let old = self.index();
+            Index {
+                condemned: old.condemned.clone(),
+                generation: old.generation.clone(),
+                gc_window_ms: old.gc_window_ms,
+                damaged: old.damaged.clone(),
+                ..Index::default()
+            }
+        };
+        for path in self.run(self.list("idx"))? {
+            let Some(id) = path
+                .filename()
+                .and_then(ublk_mirror_common::hex::decode::<32>)
+            else {
+                continue;
+            };
+            let bytes = self.run(self.get(&path))?;
+            let entries = format::decode_index(&bytes, &format!("{}/{path}", self.describe))?;
+            remember_in(&mut fresh, id, &entries);
         }
-        self.refresh_index()
+        let mut index = self.index();
+        // Packs remembered since the listing (this process's uploads).
+        let added: HashSet<Digest> = index
+            .packs
+            .keys()
+            .filter(|&id| !before.contains(id) && !fresh.packs.contains_key(id))
+            .copied()
+            .collect();
+        for id in &added {
+            if let Some(info) = index.packs.get(id) {
+                fresh.packs.insert(*id, info.clone());
+            }
+        }
+        for (hash, loc) in index.chunks.iter().filter(|(_, l)| added.contains(&l.pack)) {
+            if fresh.chain(hash).is_none() {
+                fresh.chunks.insert(*hash, *loc);
+            }
+        }
+        // What changed in the old one meanwhile (a newer state, damage).
+        fresh.condemned = index.condemned.clone();
+        fresh.generation = index.generation.clone();
+        fresh.gc_window_ms = index.gc_window_ms;
+        fresh.damaged.extend(index.damaged.iter().copied());
+        *index = fresh;
+        Ok(())
     }
+}
 
+/// Add what pack `pack` holds (its index's `entries`) to `index`.
+fn remember_in(index: &mut Index, pack: Digest, entries: &[Entry]) {
+    let info = PackInfo {
+        hashes: entries.iter().map(|e| e.hash).collect(),
+        patches: entries
+            .iter()
+            .filter_map(|e| match e.codec {
+                format::Codec::Patch { base } => Some((e.hash, base)),
+                _ => None,
+            })
+            .collect(),
+        stored: entries.iter().map(|e| u64::from(e.stored)).sum(),
+    };
+    index.packs.insert(pack, info);
+    for e in entries {
+        let loc = Loc { pack, entry: *e };
+        // The copy known is not usable (condemned, damaged, or a patch
+        // whose chain is broken): this one takes its place.
+        let condemned = index.chunks.contains_key(&e.hash)
+            && index.chain(&e.hash).is_none()
+            && !index.damaged.contains(&(pack, e.hash));
+        match index.chunks.entry(e.hash) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(loc);
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) if condemned => {
+                o.insert(loc);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {}
+        }
+    }
+}
+
+impl ChunkStore {
     /// Does the store hold the chunk `hash` in a pack not condemned, and
     /// every base down its chain if it is a patch (a patch's pack may
     /// outlive its base's: it is kept whole for its other chunks)?
