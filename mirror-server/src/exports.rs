@@ -54,6 +54,9 @@ impl Exports {
     /// Start `spec`, its volume found in `volumes`; answers what
     /// [`export_json`] shows. A target name exported already is refused.
     pub async fn start(&self, volumes: &Volumes, spec: ExportSpec) -> Result<serde_json::Value> {
+        for name in &spec.allow {
+            check_initiator(name)?;
+        }
         let ExportSpec {
             volume,
             at,
@@ -206,6 +209,18 @@ pub fn split_target(target: &str) -> (String, Option<String>) {
         Some((v, a)) => (v.to_string(), Some(a.to_string())),
         None => (target.to_string(), None),
     }
+}
+
+/// Check an initiator's name (`--allow`): an iSCSI name (iqn., eui. or
+/// naa.); any other never matches a login, and would lock everyone out.
+pub fn check_initiator(name: &str) -> Result<()> {
+    let form = ["iqn.", "eui.", "naa."].iter().any(|p| name.starts_with(p));
+    if !form || name.len() > 223 || name.contains(char::is_whitespace) {
+        return Err(Error::Invalid(format!(
+            "--allow {name:?} is not an initiator's iSCSI name (iqn.YYYY-MM.domain:anything, eui.HEX or naa.HEX; see /etc/iscsi/initiatorname.iscsi on the initiator)"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuse what is not an iSCSI qualified name.

@@ -633,6 +633,13 @@ fn import(
             data.display()
         )));
     }
+    if Registry::open(data)?.get(client)?.is_none() {
+        // Seeding a volume before its client is added is fine; a typo is
+        // worth a word.
+        eprintln!(
+            "mirror-server: note: there is no client {client} yet (`mirror-server client list`): the volume is theirs once `client add {client}` enrolls"
+        );
+    }
     let dir = data.join(store::VOLUMES_DIR).join(client).join(name);
     // A progress bar on a terminal; nothing otherwise.
     let bar = indicatif::ProgressBar::new(0);
@@ -697,6 +704,9 @@ fn export(
         .map_err(|e| mirror_server::Error::Invalid(e.to_string()))?;
     if let Some(iqn) = &name {
         exports::check_iqn(iqn)?;
+    }
+    for initiator in &allow {
+        exports::check_initiator(initiator)?;
     }
     let show = |info: &serde_json::Value| {
         let iqn = info["iqn"].as_str().unwrap_or_default();
@@ -854,6 +864,12 @@ fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_s
             last = std::time::Instant::now();
         }
     })?;
+    if let (Some(v), 0) = (volume, r.versions) {
+        // Nothing of it in the store: a misspelt name is not "clean".
+        return Err(mirror_server::Error::Invalid(format!(
+            "the chunk store holds no version of {v} (`mirror-server volumes` lists them)"
+        )));
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
     } else {

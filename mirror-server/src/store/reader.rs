@@ -169,6 +169,14 @@ pub fn import(
     if size == 0 {
         return Err(Error::Invalid(format!("{} is empty", from.display())));
     }
+    if size % 512 != 0 {
+        // A disk is whole sectors; a device of this size could not be
+        // restored onto one, nor exported.
+        return Err(Error::Invalid(format!(
+            "{} is {size} bytes, not a multiple of 512: not a disk image",
+            from.display()
+        )));
+    }
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
