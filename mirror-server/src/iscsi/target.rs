@@ -166,6 +166,12 @@ struct Live {
     id: u64,
     /// Set, and notified, when a new login reinstates the session.
     ended: Arc<Ended>,
+    /// Held while one of the nexus's commands runs, handed from a session
+    /// to the one that reinstates it: a command the old one had running
+    /// ends before any of the new one's starts (RFC 7143 §6.3.5: the old
+    /// tasks end first), so a write the initiator sends again never lands
+    /// before its older copy.
+    exec: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Tells a session that it was replaced.
@@ -217,14 +223,24 @@ impl Target {
     /// nexus is lost (its RESERVE(6) goes), then it is told. All under
     /// the one lock, so that an ending session cannot detach its
     /// successor.
-    fn enter(&self, export: &Export, nexus: &Nexus, id: u64) -> (Arc<Ended>, bool) {
+    fn enter(
+        &self,
+        export: &Export,
+        nexus: &Nexus,
+        id: u64,
+    ) -> (Arc<Ended>, Arc<tokio::sync::Mutex<()>>, bool) {
         let ended = Arc::new(Ended::default());
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (export.iqn.clone(), nexus.clone());
+        let exec = live
+            .get(&key)
+            .map_or_else(|| Arc::new(tokio::sync::Mutex::new(())), |l| l.exec.clone());
         let old = live.insert(
-            (export.iqn.clone(), nexus.clone()),
+            key,
             Live {
                 id,
                 ended: ended.clone(),
+                exec: exec.clone(),
             },
         );
         if let Some(old) = &old {
@@ -232,7 +248,7 @@ impl Target {
             old.ended.end();
         }
         export.unit.attach(nexus);
-        (ended, old.is_some())
+        (ended, exec, old.is_some())
     }
 
     /// Session `id` of `nexus` on `export` ended: detached from the unit,
@@ -473,6 +489,8 @@ struct Connection {
     next_ttt: u32,
     /// A discovery session's place, held while it lives.
     discovery: Option<DiscoveryPlace>,
+    /// The nexus's command gate (see [`Live::exec`]).
+    exec: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Connection {
@@ -494,6 +512,7 @@ impl Connection {
             pending: VecDeque::new(),
             next_ttt: 1,
             discovery: None,
+            exec: None,
         }
     }
 
@@ -516,11 +535,12 @@ impl Connection {
         let export = self.export.clone();
         let id = self.target.next_live.fetch_add(1, Ordering::Relaxed);
         if let (Some(export), Some(nexus)) = (&export, &self.nexus) {
-            let (ended, replaced) = self.target.enter(export, nexus, id);
+            let (ended, exec, replaced) = self.target.enter(export, nexus, id);
             if replaced {
                 tracing::info!(peer = %self.peer, initiator = %self.initiator, "session reinstated");
             }
             self.reinstated = Some(ended);
+            self.exec = Some(exec);
         }
         let ended = self.full_feature().await;
         // Logout or a lost connection: the I_T nexus is gone (unless a
@@ -1137,6 +1157,11 @@ impl Connection {
                 }
             }
         };
+        // The old session's command, if one runs, ends first.
+        let running = match &self.exec {
+            Some(gate) => Some(gate.clone().lock_owned().await),
+            None => None,
+        };
         if self.reinstated.as_ref().is_some_and(|e| e.is_ended()) {
             // A new login took the session over while this command's data
             // came: it does not run.
@@ -1148,6 +1173,7 @@ impl Connection {
         })
         .await
         .map_err(|e| End::Error(format!("a command failed: {e}")))?;
+        drop(running);
         self.respond(&p, outcome, edtl, write, need).await
     }
 
