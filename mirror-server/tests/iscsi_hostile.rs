@@ -1554,16 +1554,7 @@ fn discovery_sessions_cannot_lock_out_the_exports() {
 /// out); text it cannot parse gets an empty answer; SendTargets lists the
 /// export, and keys it does not know are answered NotUnderstood.
 fn discovery_and_text(s: &Server) {
-    let req = login_request(
-        fresh_isid(),
-        OPERATIONAL_TO_FFP,
-        text(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]),
-        1,
-        1,
-    );
-    let mut stream = connect(s.addr);
-    stream.write_all(&req.encode(false, false)).unwrap();
-    let rsp = read_pdu(&mut stream).expect("a login response");
+    let (stream, req, rsp) = discovery_login(s);
     let mut a = accepted(stream, &req, &rsp);
     // Its CmdSN is taken (the session goes on in order).
     let p = a.command_pdu(&cdb(0x28, 0, 1), F_SIMPLE | F_READ, 512);
