@@ -1399,7 +1399,26 @@ impl Fetcher {
                 )));
             }
         }
-        let (file, fresh) = open_file(&info)?;
+        let auto = resumed.is_none() && opts.at.is_none();
+        let (file, fresh) = open_file(&info).map_err(|e| {
+            if !auto {
+                return e;
+            }
+            // The snapshot taken for this read stays on the server (no
+            // client may delete one): say so, rather than leave it unknown.
+            let note = format!(
+                " (the server kept snapshot {}@{} taken for it: `mirror-server delete {}/{}@{}` there, or name a version with --at next time)",
+                opts.volume, info.snapshot, enrollment.name, opts.volume, info.snapshot
+            );
+            match e {
+                Error::InvalidConfig(m) => Error::InvalidConfig(m + &note),
+                Error::Io { context, error } => Error::Io {
+                    context: context + &note,
+                    error,
+                },
+                other => other,
+            }
+        })?;
         if let (false, Some((h, _))) = (fresh, &resumed) {
             tracing::info!(
                 "resuming the restore of {}@{} from its fill state",

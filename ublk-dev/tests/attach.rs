@@ -267,6 +267,27 @@ fn instant_at(
     Ok((od, std::thread::spawn(move || fetcher.run())))
 }
 
+/// An attach of the volume now whose local file cannot be made says that
+/// the snapshot taken for it stays on the server, and how to delete it.
+#[test]
+fn an_attach_that_fails_locally_names_the_snapshot_it_left() {
+    let m = mirrored(&[(4, None)]);
+    let err = Fetcher::open(options(&m.client_dir, None, 1 << 20), |_| {
+        Err(ublk_dev::Error::InvalidConfig(
+            "no room for the cache".into(),
+        ))
+    })
+    .err()
+    .expect("opened")
+    .to_string();
+    assert!(
+        err.contains("no room for the cache")
+            && err.contains("kept snapshot root@attach-")
+            && err.contains("mirror-server delete laptop/root@attach-"),
+        "{err}"
+    );
+}
+
 /// An unfinished restore of one version is not taken for another: run
 /// again naming another snapshot, it is refused (it would have gone on
 /// with the first, saying nothing); naming the same, it goes on.
