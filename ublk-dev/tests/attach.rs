@@ -272,14 +272,14 @@ fn instant_at(
 #[test]
 fn an_attach_that_fails_locally_names_the_snapshot_it_left() {
     let m = mirrored(&[(4, None)]);
-    let err = Fetcher::open(options(&m.client_dir, None, 1 << 20), |_| {
+    let Err(err) = Fetcher::open(options(&m.client_dir, None, 1 << 20), |_| {
         Err(ublk_dev::Error::InvalidConfig(
             "no room for the cache".into(),
         ))
-    })
-    .err()
-    .expect("opened")
-    .to_string();
+    }) else {
+        panic!("opened");
+    };
+    let err = err.to_string();
     assert!(
         err.contains("no room for the cache")
             && err.contains("kept snapshot root@attach-")
