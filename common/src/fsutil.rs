@@ -332,8 +332,8 @@ mod tests {
 /// write-back error once per open file, so two parts that each sync the
 /// same file (the device's FLUSH, the tracker's syncs before a release)
 /// must not share one, or whichever syncs first takes the error and the
-/// other is told all is durable. Falls back to a duplicate where
-/// `/proc` is not mounted.
+/// other is told all is durable. An error where `/proc` is not mounted
+/// (a duplicate would share the error, unseen).
 pub fn reopen(file: &File) -> std::io::Result<File> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     use std::os::fd::AsRawFd;
@@ -348,7 +348,10 @@ pub fn reopen(file: &File) -> std::io::Result<File> {
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
     {
         Ok(f) => Ok(f),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => file.try_clone(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(std::io::Error::new(
+            e.kind(),
+            "reopening a file needs /proc mounted (/proc/self/fd)",
+        )),
         Err(e) => Err(e),
     }
 }

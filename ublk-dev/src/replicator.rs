@@ -1090,7 +1090,12 @@ impl Context {
                 // Published before the link broke (the server says whose
                 // epoch its image holds), or no longer readable as its cut
                 // (its changes move into the current epoch as resync ranges).
-                Plan::AlreadyPublished | Plan::Broken => return self.release(epoch),
+                Plan::AlreadyPublished => {
+                    // Confirmed before its regions go, as after an answer.
+                    Association::confirm(self.tracker.state_dir(), info.published_epoch)?;
+                    return self.release(epoch);
+                }
+                Plan::Broken => return self.release(epoch),
                 Plan::Ship {
                     blocks,
                     candidates,
@@ -1306,6 +1311,7 @@ impl Context {
                     remote = r.remote,
                     "the pre-copy run was published before the link broke"
                 );
+                Association::confirm(self.tracker.state_dir(), r.remote)?;
                 for id in r.rounds.iter().copied().chain(r.cut) {
                     self.release(id)?;
                 }
@@ -1372,7 +1378,12 @@ impl Context {
             // first round is a pre-copy epoch, which never breaks).
             let holes = self.fresh_holes(info, epoch, &sealed).await?;
             match plan(info, me, &sealed, size, &holes) {
-                Plan::AlreadyPublished | Plan::Broken => {
+                Plan::AlreadyPublished => {
+                    *self.run_lock() = None;
+                    Association::confirm(self.tracker.state_dir(), info.published_epoch)?;
+                    return self.release(epoch);
+                }
+                Plan::Broken => {
                     *self.run_lock() = None;
                     return self.release(epoch);
                 }

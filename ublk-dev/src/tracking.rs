@@ -631,6 +631,11 @@ pub struct Tracker {
     flushed: AtomicBool,
     /// The backing file (a duplicate of the device's descriptor).
     file: Arc<File>,
+    /// A sync of the backing file failed: some written data may never have
+    /// reached the disk, and the kernel reports that only once. No epoch
+    /// is released from then on (its regions stay marked, and the next
+    /// start compares them with the mirror), until the daemon restarts.
+    backing_failed: AtomicBool,
     resync_pending: AtomicBool,
     journal_syncs: AtomicU64,
     cow_waits: AtomicU64,
@@ -715,7 +720,18 @@ impl Tracker {
         }
         create_dir_durably(state_dir)?;
         let (mut journal, report) = if path.exists() {
-            let (j, report) = Journal::open(&path, device_size, id)?;
+            let (mut j, report) = Journal::open(&path, device_size, id)?;
+            if opts.history == History::NewFile {
+                // A journal left by an earlier file of this name (removed,
+                // made anew; the inode number reused): this file holds
+                // none of what it says is clean. Every region is compared
+                // with the mirror; the device and its epochs go on.
+                tracing::warn!(
+                    journal = %path.display(),
+                    "the backing file is new but a journal of an earlier one is here: every region is marked (compared with the mirror by hash)"
+                );
+                j.mark_all()?;
+            }
             if j.header().region_size != opts.region_size {
                 tracing::info!(
                     region_size = j.header().region_size,
@@ -801,6 +817,7 @@ impl Tracker {
             seal_requested: AtomicU64::new(0),
             flushed: AtomicBool::new(false),
             file: Arc::new(file),
+            backing_failed: AtomicBool::new(false),
             journal_syncs: AtomicU64::new(0),
             cow_waits: AtomicU64::new(0),
             jobs: Arc::new(Jobs::default()),
@@ -1181,9 +1198,18 @@ impl Tracker {
     /// marked longer is always safe: the journal's promise is only that
     /// every change is in a marked region.
     pub fn release_keeping(&self, id: u64, hot: Duration) -> Result<Released> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("syncing the backing file before a release", e))?;
+        if self.backing_failed.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                "releasing an epoch after a sync of the backing file failed (its regions stay marked until a restart compares them with the mirror)",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        if let Err(e) = self.file.sync_data() {
+            // The error is reported once: a sync tried again would answer
+            // Ok over data that never reached the disk.
+            self.backing_failed.store(true, Ordering::SeqCst);
+            return Err(Error::io("syncing the backing file before a release", e));
+        }
         let mut journal = lock(&self.journal);
         let (released, clear, resync_done) = {
             let mut live = lock(&self.live);
@@ -2103,6 +2129,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (t, report) = open(dir.path(), History::ExistingFile).unwrap();
         assert!(report.is_none());
+        assert_eq!(t.marked_regions().len(), 64);
+        assert!(t.status().resync_pending);
+    }
+
+    /// A backing file made anew where an earlier one's journal was left
+    /// (its state directory kept, the inode number reused): nothing the
+    /// journal calls clean holds for it, so every region is marked.
+    #[test]
+    fn a_new_file_with_an_earlier_files_journal_marks_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tracker(dir.path());
+        apply(&t, &Request::write(0, 4096));
+        t.close_clean().unwrap();
+        drop(t);
+        let (t, report) = open(dir.path(), History::NewFile).unwrap();
+        assert!(report.is_some());
         assert_eq!(t.marked_regions().len(), 64);
         assert!(t.status().resync_pending);
     }
