@@ -127,6 +127,10 @@ fn rank(units: Units, unit: u32) -> u64 {
     u64::from((units & ((1u32 << unit) - 1) as Units).count_ones()) * UNIT
 }
 
+/// Snapshots of one volume not taken by the schedule (by hand, for
+/// readers) at most.
+pub const MAX_KEPT: usize = 1000;
+
 /// Why a snapshot exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -755,6 +759,18 @@ impl Snapshots {
         if self.get(&name).is_some() {
             return Err(Error::Invalid(format!(
                 "there is a snapshot called {name} already"
+            )));
+        }
+        // Each holds two open files while its volume is open: a client
+        // asking for snapshots in a loop would take the server's files.
+        let kept = self
+            .list()
+            .iter()
+            .filter(|s| s.kind != Kind::Scheduled)
+            .count();
+        if kind != Kind::Scheduled && kept >= MAX_KEPT {
+            return Err(Error::Invalid(format!(
+                "volume has {kept} snapshots taken by hand or for readers (at most {MAX_KEPT}): delete some first (`mirror-server snapshots`, `mirror-server delete`)"
             )));
         }
         let id = self.manifest.next_id;

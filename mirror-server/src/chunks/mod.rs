@@ -1275,10 +1275,21 @@ impl Publication<'_> {
         }
         let store = self.store;
         let mut new_segments: Vec<(Digest, Vec<u8>)> = Vec::new();
+        // Each distinct segment is kept (and uploaded) once: a first
+        // version of a big sparse volume is mostly the same all-hole
+        // segment, made once (not once per 256 MiB, in memory).
+        let mut made: HashSet<Digest> = HashSet::new();
+        let mut holes: HashMap<usize, Digest> = HashMap::new();
         for s in 0..segs {
             let changes = touched.get(&s);
             if s < ids.len() && changes.is_none() {
                 continue;
+            }
+            if s >= ids.len() && changes.is_none() {
+                if let Some(&id) = holes.get(&segment_len(self.size, s)) {
+                    ids.push(id);
+                    continue;
+                }
             }
             let mut digests = if s < ids.len() {
                 store.segment(&ids[s])?
@@ -1310,8 +1321,13 @@ impl Publication<'_> {
                 ids[s] = id;
             } else {
                 ids.push(id);
+                if changes.is_none() {
+                    holes.insert(segment_len(self.size, s), id);
+                }
             }
-            new_segments.push((id, bytes));
+            if made.insert(id) {
+                new_segments.push((id, bytes));
+            }
         }
         store.run(async {
             for (id, bytes) in new_segments {

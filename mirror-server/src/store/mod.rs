@@ -224,6 +224,10 @@ fn sync_dir(dir: &Path) -> Result<()> {
     fsutil::sync_dir(dir).map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
+/// The largest volume (1 PiB): its image, its staging's bookkeeping and
+/// its map must fit on a server.
+pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
+
 impl Volume {
     /// Create a volume of `size` bytes in `dir` (which must not exist).
     pub fn create(dir: &Path, size: u64) -> Result<Volume> {
@@ -233,11 +237,21 @@ impl Volume {
                 dir.display()
             )));
         }
+        if size == 0 || size > MAX_VOLUME_SIZE {
+            return Err(Error::Invalid(format!(
+                "a volume of {size} bytes: volumes are 1 byte to {} (1 PiB)",
+                MAX_VOLUME_SIZE
+            )));
+        }
         std::fs::create_dir_all(dir.join(STAGING))
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let image = File::create(dir.join(IMAGE))
             .and_then(|f| f.set_len(size).map(|()| f))
-            .map_err(|e| Error::io(format!("creating the image in {}", dir.display()), e))?;
+            .map_err(|e| {
+                // Nothing of it stays: the name is free to try again.
+                let _ = std::fs::remove_dir_all(dir);
+                Error::io(format!("creating the image in {}", dir.display()), e)
+            })?;
         image
             .sync_all()
             .map_err(|e| Error::io("syncing the new image", e))?;
@@ -558,6 +572,10 @@ impl Volume {
     /// committed but not published (a failed publication) is published
     /// first.
     pub fn begin(&mut self, epoch: u64, writer: Writer) -> Result<Arc<Staging>> {
+        if epoch == u64::MAX {
+            // No epoch could follow it (a take-over numbers the next).
+            return Err(Error::Invalid(format!("epoch {epoch} is out of range")));
+        }
         self.unpoison()?;
         // Another server on the same store may have published since. A
         // store out of reach does not stop the staging: the epoch's blocks
@@ -690,7 +708,12 @@ impl Volume {
         for (n, _) in staging_epochs(&self.dir)? {
             remove_staging(&self.dir, n);
         }
-        let epoch = self.state.published_epoch + 1;
+        let epoch = self.state.published_epoch.checked_add(1).ok_or_else(|| {
+            Error::Invalid(format!(
+                "volume at epoch {}: no epoch can follow",
+                self.state.published_epoch
+            ))
+        })?;
         let staging = Arc::new(Staging::create(
             &self.dir,
             epoch,
@@ -2264,6 +2287,24 @@ mod tests {
         assert!(!Arc::ptr_eq(&s, &other));
         let err = v.sync_round(&s).unwrap_err().to_string();
         assert!(err.contains("no longer being staged"), "{err}");
+    }
+
+    /// A client's numbers out of range are refused, leaving nothing: a
+    /// volume bigger than 1 PiB (or of 0 bytes), an epoch with no
+    /// successor.
+    #[test]
+    fn sizes_and_epochs_out_of_range_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for size in [0, MAX_VOLUME_SIZE + 1, u64::MAX] {
+            let vdir = dir.path().join(format!("v{size}"));
+            let err = Volume::create(&vdir, size).err().unwrap().to_string();
+            assert!(err.contains("1 PiB"), "{err}");
+            assert!(!vdir.exists(), "a refused volume left its directory");
+        }
+        let mut v = Volume::create(&dir.path().join("v"), SIZE).unwrap();
+        let err = v.begin(u64::MAX, me(u64::MAX)).err().unwrap().to_string();
+        assert!(err.contains("out of range"), "{err}");
+        assert_eq!(v.state().published_epoch, 0);
     }
 
     #[test]

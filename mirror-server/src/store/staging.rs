@@ -62,6 +62,9 @@ pub(super) fn is_direct(dir: &Path, epoch: u64) -> bool {
 
 /// An epoch being received: verified blocks, staged on disk. Shared by
 /// the data streams that carry it: blocks are decoded and verified outside
+/// What an epoch may stage beyond four times its volume's size.
+const STAGING_MARGIN: u64 = 256 << 20;
+
 /// its lock, which covers only the bookkeeping.
 #[derive(Debug)]
 pub struct Staging {
@@ -467,6 +470,18 @@ impl Staging {
                     offset
                 } else {
                     let mut inner = self.lock();
+                    // One epoch stages at most four times the volume (a
+                    // pre-copy run's rounds sum to less than twice; blocks
+                    // sent again after a lost link) and a margin: a
+                    // client sending blocks over and over would fill the
+                    // server's disk.
+                    let most = self.size.saturating_mul(4).saturating_add(STAGING_MARGIN);
+                    if inner.data_len + u64::from(len) > most {
+                        return Err(Error::Invalid(format!(
+                            "epoch {} has staged {} bytes of a {}-byte volume: no more is taken",
+                            self.epoch, inner.data_len, self.size
+                        )));
+                    }
                     inner.data_len += u64::from(len);
                     inner.data_len - u64::from(len)
                 };
