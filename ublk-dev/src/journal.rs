@@ -500,8 +500,9 @@ impl Journal {
             damaged_headers,
         };
         let mut header_dirty = !report.damaged_headers.is_empty();
-        if (report.unclean || !report.damaged_blocks.is_empty()) && !journal.header.resync {
-            journal.header.resync = true;
+        let mut repaired = journal.header;
+        if (report.unclean || !report.damaged_blocks.is_empty()) && !repaired.resync {
+            repaired.resync = true;
             header_dirty = true;
         }
         // Rewrite what was damaged, so the file is whole again (the marks
@@ -513,10 +514,8 @@ impl Journal {
         if header_dirty {
             // Both copies, so that a damaged one is whole again: one at a
             // time, synced, so that the repair cannot tear both.
-            journal.write_header()?;
-            journal.sync()?;
-            journal.write_header()?;
-            journal.sync()?;
+            journal.commit_header(repaired)?;
+            journal.commit_header(repaired)?;
         }
         Ok((journal, report))
     }
@@ -567,9 +566,9 @@ impl Journal {
                 std::io::Error::from_raw_os_error(libc::EIO),
             ));
         }
-        self.header.state = state;
-        self.write_header()?;
-        self.sync()
+        let mut h = self.header;
+        h.state = state;
+        self.commit_header(h)
     }
 
     /// Mark every region and flag a resync: for a backing file whose
@@ -577,16 +576,16 @@ impl Journal {
     pub fn mark_all(&mut self) -> Result<()> {
         let n = self.header.regions();
         self.mark(0..n)?;
-        self.header.resync = true;
-        self.write_header()?;
-        self.sync()
+        let mut h = self.header;
+        h.resync = true;
+        self.commit_header(h)
     }
 
     /// The regions of an unclean stop have been settled with the mirror.
     pub fn resync_done(&mut self) -> Result<()> {
-        self.header.resync = false;
-        self.write_header()?;
-        self.sync()
+        let mut h = self.header;
+        h.resync = false;
+        self.commit_header(h)
     }
 
     /// Record that the consumer released every epoch up to `epoch`, and
@@ -594,16 +593,15 @@ impl Journal {
     /// before the released regions are cleared: a crash in between leaves
     /// them marked, which only costs a resync.
     pub fn set_released(&mut self, epoch: u64, resync_done: bool) -> Result<()> {
-        let before = (self.header.released_epoch, self.header.resync);
-        self.header.released_epoch = epoch;
+        let mut h = self.header;
+        h.released_epoch = epoch;
         if resync_done {
-            self.header.resync = false;
+            h.resync = false;
         }
-        if (self.header.released_epoch, self.header.resync) == before {
+        if (h.released_epoch, h.resync) == (self.header.released_epoch, self.header.resync) {
             return Ok(());
         }
-        self.write_header()?;
-        self.sync()
+        self.commit_header(h)
     }
 
     /// Record that epoch numbers up to `epoch` may be in use, before the
@@ -612,9 +610,9 @@ impl Journal {
         if epoch <= self.header.sealed_epoch {
             return Ok(());
         }
-        self.header.sealed_epoch = epoch;
-        self.write_header()?;
-        self.sync()
+        let mut h = self.header;
+        h.sealed_epoch = epoch;
+        self.commit_header(h)
     }
 
     /// Swap the file under the journal (tests of write failures).
@@ -686,12 +684,33 @@ impl Journal {
         self.write_block(2 + b, &image)
     }
 
-    /// Write the next header sequence into the copy it belongs to.
-    fn write_header(&mut self) -> Result<()> {
-        self.header.sequence += 1;
-        let copy = self.header.sequence % 2;
-        let image = self.header.encode();
-        self.write_block(copy, &image)
+    /// Write `h` as the next header sequence into the copy it belongs
+    /// to, and sync; only then is it the header. A failed write or sync
+    /// stops the journal (as a failed bitmap update does): what is on disk
+    /// is unknown, and the header in memory stays the last one written, so
+    /// a retry writes it again instead of taking it as done (and the next
+    /// sequence never goes over the last good copy).
+    fn commit_header(&mut self, mut h: Header) -> Result<()> {
+        if self.failed {
+            return Err(Error::io(
+                format!("journal {} failed earlier", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        h.sequence = self.header.sequence + 1;
+        let written = self
+            .write_block(h.sequence % 2, &h.encode())
+            .and_then(|()| self.sync());
+        match written {
+            Ok(()) => {
+                self.header = h;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
     }
 
     fn write_block(&self, index: u64, image: &[u8; BLOCK]) -> Result<()> {
@@ -749,6 +768,30 @@ mod tests {
         f.read_exact_at(&mut b, offset).unwrap();
         b[0] ^= 0x5a;
         f.write_all_at(&b, offset).unwrap();
+    }
+
+    /// A header that cannot be written stops the journal and is not
+    /// taken as written: the epoch it was to seal is not recorded, a retry
+    /// fails too (it did nothing before), and the copy on disk stays the
+    /// last good one.
+    #[test]
+    fn a_header_that_cannot_be_written_stops_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, path) = journal(dir.path(), GIB);
+        j.set_sealed(3).unwrap();
+        let good = *j.header();
+        j.replace_file_for_test(File::open(&path).unwrap());
+        assert!(j.set_sealed(4).is_err());
+        assert_eq!(
+            *j.header(),
+            good,
+            "a header not written was taken as written"
+        );
+        assert!(j.set_sealed(4).is_err(), "a retry took the seal as done");
+        assert!(j.mark([1]).is_err());
+        drop(j);
+        let (j, _) = Journal::open(&path, GIB, ID).unwrap();
+        assert_eq!(j.header().sealed_epoch, 3);
     }
 
     #[test]
