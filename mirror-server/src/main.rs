@@ -633,7 +633,10 @@ fn import(
             data.display()
         )));
     }
-    if Registry::open(data)?.get(client)?.is_none() {
+    let client_file = data
+        .join(mirror_server::clients::CLIENTS_DIR)
+        .join(format!("{client}.json"));
+    if !client_file.exists() {
         // Seeding a volume before its client is added is fine; a typo is
         // worth a word.
         eprintln!(

@@ -127,8 +127,8 @@ fn rank(units: Units, unit: u32) -> u64 {
     u64::from((units & ((1u32 << unit) - 1) as Units).count_ones()) * UNIT
 }
 
-/// Snapshots of one volume not taken by the schedule (by hand, for
-/// readers) at most.
+/// Snapshots of one volume taken by hand (also for attaches and instant
+/// restores) at most.
 pub const MAX_KEPT: usize = 1000;
 
 /// Why a snapshot exists.
@@ -763,14 +763,15 @@ impl Snapshots {
         }
         // Each holds two open files while its volume is open: a client
         // asking for snapshots in a loop would take the server's files.
+        // (Scheduled ones are pruned; a reader's own go when it is done.)
         let kept = self
             .list()
             .iter()
-            .filter(|s| s.kind != Kind::Scheduled)
+            .filter(|s| s.kind == Kind::Manual)
             .count();
-        if kind != Kind::Scheduled && kept >= MAX_KEPT {
+        if kind == Kind::Manual && kept >= MAX_KEPT {
             return Err(Error::Invalid(format!(
-                "volume has {kept} snapshots taken by hand or for readers (at most {MAX_KEPT}): delete some first (`mirror-server snapshots`, `mirror-server delete`)"
+                "volume has {kept} snapshots taken by hand (or for attaches and instant restores; at most {MAX_KEPT}): delete some first (`mirror-server snapshots`, `mirror-server delete`)"
             )));
         }
         let id = self.manifest.next_id;

@@ -632,8 +632,8 @@ pub struct Tracker {
     /// The backing file (a duplicate of the device's descriptor).
     file: Arc<File>,
     /// A sync of the backing file failed: some written data may never have
-    /// reached the disk, and the kernel reports that only once. No epoch
-    /// is released from then on (its regions stay marked, and the next
+    /// reached the disk, and the kernel reports that only once. Epochs are
+    /// still released, but no region is cleared from then on (the next
     /// start compares them with the mirror), until the daemon restarts.
     backing_failed: AtomicBool,
     resync_pending: AtomicBool,
@@ -1198,18 +1198,20 @@ impl Tracker {
     /// marked longer is always safe: the journal's promise is only that
     /// every change is in a marked region.
     pub fn release_keeping(&self, id: u64, hot: Duration) -> Result<Released> {
-        if self.backing_failed.load(Ordering::SeqCst) {
-            return Err(Error::io(
-                "releasing an epoch after a sync of the backing file failed (its regions stay marked until a restart compares them with the mirror)",
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
+        if !self.backing_failed.load(Ordering::SeqCst) {
+            if let Err(e) = self.file.sync_data() {
+                // The error is reported once: a sync tried again would
+                // answer Ok over data that never reached the disk. From
+                // now on epochs are released (mirroring goes on) but no
+                // region is cleared: a restart compares them all with the
+                // mirror.
+                self.backing_failed.store(true, Ordering::SeqCst);
+                tracing::error!(
+                    "syncing the backing file failed ({e}): what was written may not be on the disk; no journal region is cleared until the daemon restarts and compares them with the mirror"
+                );
+            }
         }
-        if let Err(e) = self.file.sync_data() {
-            // The error is reported once: a sync tried again would answer
-            // Ok over data that never reached the disk.
-            self.backing_failed.store(true, Ordering::SeqCst);
-            return Err(Error::io("syncing the backing file before a release", e));
-        }
+        let keep_all = self.backing_failed.load(Ordering::SeqCst);
         let mut journal = lock(&self.journal);
         let (released, clear, resync_done) = {
             let mut live = lock(&self.live);
@@ -1236,10 +1238,15 @@ impl Tracker {
                 }
                 live.recent.push_back((now, regions));
             }
-            let clear = self.cold_regions(&mut live, hot, now);
+            let clear = if keep_all {
+                Vec::new()
+            } else {
+                self.cold_regions(&mut live, hot, now)
+            };
             // Settled when the last epoch carrying resync ranges is taken.
-            let resync_done =
-                self.resync_pending.load(Ordering::Relaxed) && !live.epochs.resync_outstanding();
+            let resync_done = !keep_all
+                && self.resync_pending.load(Ordering::Relaxed)
+                && !live.epochs.resync_outstanding();
             (true, clear, resync_done)
         };
         journal.set_released(id, resync_done)?;

@@ -210,6 +210,13 @@ impl ChunkStore {
         if known.as_ref() == Some(&generation) {
             return Ok(false);
         }
+        // One rebuild at a time; one that finished meanwhile may have
+        // applied this generation already.
+        let _one = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+        let known = self.index().generation.clone();
+        if known.as_ref() == Some(&generation) {
+            return Ok(false);
+        }
         // What is condemned first, so that the indexes read again place
         // each chunk in a pack that is not.
         {

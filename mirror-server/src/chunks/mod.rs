@@ -276,6 +276,9 @@ pub struct ChunkStore {
     store: Arc<dyn ObjectStore>,
     describe: String,
     index: Mutex<Index>,
+    /// Held while the index is rebuilt for a new GC generation: one
+    /// rebuild at a time (each holds a whole index aside).
+    rebuilding: Mutex<()>,
     pack_target: usize,
     server: String,
     cache: Mutex<ChunkCache>,
@@ -361,6 +364,7 @@ impl ChunkStore {
             store,
             describe,
             index: Mutex::new(Index::default()),
+            rebuilding: Mutex::new(()),
             pack_target: pack_target.max(1 << 20),
             server: format!("{host}/{}", std::process::id()),
             cache: Mutex::new(ChunkCache {

@@ -206,7 +206,7 @@ impl Target {
         }
     }
 
-    /// Ping silent sessions after `d` instead of [`PING_AFTER`].
+    /// Ping silent sessions after `d` instead of 30 s.
     pub fn with_ping_after(mut self, d: Duration) -> Target {
         self.ping_after = d;
         self

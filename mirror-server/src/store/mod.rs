@@ -245,13 +245,20 @@ impl Volume {
         }
         std::fs::create_dir_all(dir.join(STAGING))
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let made = Volume::make(dir, size);
+        if made.is_err() {
+            // Nothing of it stays: the name is free to try again (a
+            // directory without its state would be refused for good).
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        made
+    }
+
+    /// [`Volume::create`]'s work once its directory is made.
+    fn make(dir: &Path, size: u64) -> Result<Volume> {
         let image = File::create(dir.join(IMAGE))
             .and_then(|f| f.set_len(size).map(|()| f))
-            .map_err(|e| {
-                // Nothing of it stays: the name is free to try again.
-                let _ = std::fs::remove_dir_all(dir);
-                Error::io(format!("creating the image in {}", dir.display()), e)
-            })?;
+            .map_err(|e| Error::io(format!("creating the image in {}", dir.display()), e))?;
         image
             .sync_all()
             .map_err(|e| Error::io("syncing the new image", e))?;
@@ -605,12 +612,18 @@ impl Volume {
         // epoch of the same device taken over.
         let mut verify = true;
         let mut reserved = 0u64;
+        // A staging that staged all it may starts over (resumed, it would
+        // refuse every attempt).
+        let mut overflowed = false;
         if let Some(s) = self.active.take() {
-            if s.epoch == epoch && s.writer == writer && s.is_open() {
+            overflowed = s.overflowed();
+            if s.epoch == epoch && s.writer == writer && s.is_open() && !overflowed {
                 self.active = Some(s.clone());
                 return Ok(s);
             }
-            if s.epoch == epoch && s.writer.device == writer.device {
+            if overflowed {
+                let _ = s.close_for_adoption();
+            } else if s.epoch == epoch && s.writer.device == writer.device {
                 if let Some(end) = s.close_for_adoption() {
                     // Its blocks are in this process's page cache: no need
                     // to read them back (unless a write went unlogged).
@@ -631,8 +644,14 @@ impl Volume {
         // the same epoch or a later one (a daemon that restarted numbers
         // on; an earlier epoch is one sealed before the staged one and
         // sent after it, which must not vouch for its blocks).
+        let data_len =
+            std::fs::metadata(staging_path(&self.dir, epoch, "data")).map_or(0, |m| m.len());
         let resumable = left.is_some_and(|w| w.device == writer.device && w.epoch <= writer.epoch)
-            && (!is_direct(&self.dir, epoch) || self.is_new());
+            && (!is_direct(&self.dir, epoch) || self.is_new())
+            && !overflowed
+            && (is_direct(&self.dir, epoch)
+                || data_len + u64::from(ublk_mirror_common::proto::MAX_BLOCK)
+                    <= Staging::most(self.state.size));
         for (n, _) in staging_epochs(&self.dir)? {
             if !(resumable && n == epoch) {
                 remove_staging(&self.dir, n);
@@ -2287,6 +2306,49 @@ mod tests {
         assert!(!Arc::ptr_eq(&s, &other));
         let err = v.sync_round(&s).unwrap_err().to_string();
         assert!(err.contains("no longer being staged"), "{err}");
+    }
+
+    /// An epoch that staged all it may (blocks sent over and over) is
+    /// refused more, and the next attempt at it starts over instead of
+    /// resuming what would refuse it again, in this process or after a
+    /// restart.
+    #[test]
+    fn an_epoch_that_staged_all_it_may_starts_over() {
+        const B: u64 = block::BLOCK;
+        let dir = tempfile::tempdir().unwrap();
+        let vdir = dir.path().join("vol");
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        // Not direct (a snapshot exists): blocks go to the data file.
+        v.snapshot(Some("s"), Kind::Manual).unwrap();
+        let most = staging::Staging::most(SIZE);
+        let s = v.begin(1, me(1)).unwrap();
+        let mut refused = None;
+        for i in 0..(most / B + 2) {
+            let b = block((i % 250) as u8 + 1, B as usize);
+            if let Err(e) = s.add(0, B as u32, &digest(&b), Encoding::Raw, &b) {
+                refused = Some((i, e.to_string()));
+                break;
+            }
+        }
+        let (i, err) = refused.expect("never refused");
+        assert!(err.contains("no more is taken"), "{err}");
+        assert_eq!(i, most / B, "refused at {i}");
+        // The same writer again: a fresh staging takes blocks.
+        let s = v.begin(1, me(1)).unwrap();
+        let b = block(7, B as usize);
+        s.add(0, B as u32, &digest(&b), Encoding::Raw, &b).unwrap();
+        // Filled again, then the server restarts: not resumed either.
+        for i in 0u64.. {
+            let b = block((i % 250) as u8 + 2, B as usize);
+            if s.add(0, B as u32, &digest(&b), Encoding::Raw, &b).is_err() {
+                break;
+            }
+        }
+        drop(s);
+        drop(v);
+        let (mut v, _) = Volume::open(&vdir).unwrap();
+        let s = v.begin(1, me(1)).unwrap();
+        s.add(0, B as u32, &digest(&b), Encoding::Raw, &b).unwrap();
     }
 
     /// A client's numbers out of range are refused, leaving nothing: a

@@ -60,11 +60,15 @@ pub(super) fn is_direct(dir: &Path, epoch: u64) -> bool {
     staging_path(dir, epoch, "direct").exists()
 }
 
+/// What an epoch may stage beyond four times its volume's size.
+#[cfg(not(test))]
+const STAGING_MARGIN: u64 = 256 << 20;
+/// (Small in tests, to reach it.)
+#[cfg(test)]
+const STAGING_MARGIN: u64 = 1 << 20;
+
 /// An epoch being received: verified blocks, staged on disk. Shared by
 /// the data streams that carry it: blocks are decoded and verified outside
-/// What an epoch may stage beyond four times its volume's size.
-const STAGING_MARGIN: u64 = 256 << 20;
-
 /// its lock, which covers only the bookkeeping.
 #[derive(Debug)]
 pub struct Staging {
@@ -119,6 +123,9 @@ struct Inner {
     failed: BTreeSet<(u64, u32)>,
     /// Committing: nothing more is staged.
     closed: bool,
+    /// It staged all it may ([`Staging::most`]): the next attempt at the
+    /// epoch starts over instead of resuming it.
+    overflowed: bool,
 }
 
 impl Inner {
@@ -365,6 +372,19 @@ impl Staging {
         !self.lock().closed
     }
 
+    /// The most bytes an epoch of a `size`-byte volume stages: four times
+    /// the volume (a pre-copy run's rounds sum to less than twice; blocks
+    /// sent again after a lost link) and a margin. A client sending
+    /// blocks over and over would fill the server's disk.
+    pub(super) fn most(size: u64) -> u64 {
+        size.saturating_mul(4).saturating_add(STAGING_MARGIN)
+    }
+
+    /// It staged all it may: the next attempt starts the epoch over.
+    pub(super) fn overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+
     /// Stop staging, for the commit; refused while blocks that failed
     /// their checks were not staged since.
     pub(super) fn close(&self) -> Result<()> {
@@ -470,15 +490,11 @@ impl Staging {
                     offset
                 } else {
                     let mut inner = self.lock();
-                    // One epoch stages at most four times the volume (a
-                    // pre-copy run's rounds sum to less than twice; blocks
-                    // sent again after a lost link) and a margin: a
-                    // client sending blocks over and over would fill the
-                    // server's disk.
-                    let most = self.size.saturating_mul(4).saturating_add(STAGING_MARGIN);
-                    if inner.data_len + u64::from(len) > most {
+                    if inner.data_len + u64::from(len) > Staging::most(self.size) {
+                        // Starting over is left to the next attempt.
+                        inner.overflowed = true;
                         return Err(Error::Invalid(format!(
-                            "epoch {} has staged {} bytes of a {}-byte volume: no more is taken",
+                            "epoch {} has staged {} bytes of a {}-byte volume: no more is taken (it starts over at the next attempt)",
                             self.epoch, inner.data_len, self.size
                         )));
                     }
