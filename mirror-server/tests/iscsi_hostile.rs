@@ -620,6 +620,18 @@ impl Initiator {
         self.itt
     }
 
+    /// An immediate task management request of `function` for LUN 0.
+    fn tmf(&mut self, function: u8) -> Pdu {
+        let mut t = Pdu::new(op::TMF_REQ);
+        t.bhs[0] |= 0x40;
+        t.bhs[1] = 0x80 | function;
+        t.set_u32(16, self.next_itt());
+        t.set_u32(20, 0xffff_ffff);
+        t.set_u32(24, self.cmd_sn);
+        t.set_u32(28, self.stat_sn);
+        t
+    }
+
     /// Check the status numbers of a PDU that carries a status: StatSN in
     /// order, ExpCmdSN past every command we sent, an open window.
     fn check_status(&mut self, p: &Pdu) {
@@ -1571,13 +1583,7 @@ fn discovery_and_text(s: &Server) {
     a.check_status(&r);
     // Nor a task management function: a TARGET COLD RESET from a
     // discovery session (no CHAP, no allow-list) would end every session.
-    let mut t = Pdu::new(op::TMF_REQ);
-    t.bhs[0] |= 0x40;
-    t.bhs[1] = 0x80 | 7;
-    t.set_u32(16, a.next_itt());
-    t.set_u32(20, 0xffff_ffff);
-    t.set_u32(24, a.cmd_sn);
-    t.set_u32(28, a.stat_sn);
+    let t = a.tmf(7);
     a.send(&t);
     let r = a.recv();
     assert_eq!(r.opcode(), op::REJECT, "a TMF in discovery: {:02x?}", r.bhs);
@@ -1747,23 +1753,11 @@ fn hostile_input_gets_its_answer_and_other_sessions_go_on() {
 /// reset. (A warm reset, what Linux's error handling sends, is done.)
 fn cold_reset_refused(s: &Server) {
     let mut a = Initiator::login(s);
-    let (function, want) = (7u8, 6u8);
-    let mut t = Pdu::new(op::TMF_REQ);
-    t.bhs[0] |= 0x40;
-    t.bhs[1] = 0x80 | function;
-    t.set_u32(16, a.next_itt());
-    t.set_u32(20, 0xffff_ffff);
-    t.set_u32(24, a.cmd_sn);
-    t.set_u32(28, a.stat_sn);
+    let t = a.tmf(7);
     a.send(&t);
     let r = a.recv();
-    assert_eq!(
-        r.opcode(),
-        op::TMF_RSP,
-        "function {function}: {:02x?}",
-        r.bhs
-    );
-    assert_eq!(r.bhs[2], want, "function {function}'s response");
+    assert_eq!(r.opcode(), op::TMF_RSP, "a cold reset: {:02x?}", r.bhs);
+    assert_eq!(r.bhs[2], 6, "a cold reset's response");
     a.check_status(&r);
     a.logout();
 }

@@ -229,7 +229,7 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
 /// An exclusive `flock`, held as long as the file stays open in this
 /// process: a second device (or a second daemon for the same device) is
 /// refused, and a killed daemon releases it with its last descriptor.
-fn lock(file: &File) -> nix::Result<()> {
+pub(crate) fn lock(file: &File) -> nix::Result<()> {
     // SAFETY: flock on a descriptor we own; it touches no memory.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {

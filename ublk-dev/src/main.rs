@@ -1412,32 +1412,30 @@ fn open_backing(spec: &DeviceSpec, create: bool) -> anyhow::Result<Backing> {
         block_size: spec.logical_block_size,
         direct_io: spec.direct_io,
     });
-    // A block device another of our devices holds is refused by its
-    // exclusive open (EBUSY) before the lock: say who holds it too.
-    let opened = match opened {
-        Err(Error::BackingUnusable { path, reason })
-            if reason.starts_with("it is in use") && holder_of(&path).is_some() =>
-        {
-            Err(Error::BackingInUse {
-                path,
-                holder: String::new(),
-            })
-        }
-        other => other,
+    let holder = |d: DeviceInfo| {
+        format!(
+            ": ublk-mirror device {}, {}, pid {}",
+            d.id,
+            d.device.display(),
+            d.pid
+        )
     };
     match opened {
         Err(Error::BackingInUse { path, .. }) => {
-            let holder = holder_of(&path)
-                .map(|d| {
-                    format!(
-                        ": ublk-mirror device {}, {}, pid {}",
-                        d.id,
-                        d.device.display(),
-                        d.pid
-                    )
-                })
-                .unwrap_or_default();
+            let holder = holder_of(&path).map(holder).unwrap_or_default();
             Err(Error::BackingInUse { path, holder }.into())
+        }
+        // A block device another of our devices holds is refused by its
+        // exclusive open (EBUSY) before the lock: say who holds it too.
+        Err(Error::BackingUnusable { path, reason }) if reason.starts_with("it is in use") => {
+            Err(match holder_of(&path) {
+                Some(d) => Error::BackingInUse {
+                    holder: holder(d),
+                    path,
+                },
+                None => Error::BackingUnusable { path, reason },
+            }
+            .into())
         }
         other => Ok(other?),
     }

@@ -1321,6 +1321,11 @@ impl Fetcher {
                 Err(e) => tracing::warn!("ignoring the live fill state: {e}"),
             }
         }
+        // The fill state, for the messages that say to remove it.
+        let state_shown = opts
+            .fill
+            .as_ref()
+            .map_or(String::new(), |f| f.state.display().to_string());
         if let Some((h, _)) = &resumed {
             if h.volume != opts.volume {
                 return Err(Error::InvalidConfig(format!(
@@ -1329,7 +1334,7 @@ impl Fetcher {
                     h.volume,
                     h.snapshot,
                     opts.volume,
-                    opts.fill.as_ref().map_or(String::new(), |f| f.state.display().to_string())
+                    state_shown
                 )));
             }
         }
@@ -1360,7 +1365,7 @@ impl Fetcher {
                             h.snapshot,
                             opts.volume,
                             h.snapshot,
-                            opts.fill.as_ref().map_or(String::new(), |f| f.state.display().to_string())
+                            state_shown
                         )));
                     }
                     h.snapshot.clone()

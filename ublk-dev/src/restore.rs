@@ -13,7 +13,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,20 +71,16 @@ fn link_err(e: ublk_mirror_common::Error) -> Error {
 /// the target of an instant restore, is refused.
 fn open_target(path: &Path, size: u64) -> Result<(File, bool)> {
     let (file, fresh) = open_target_unlocked(path, size)?;
-    // SAFETY: flock on a descriptor we own; it touches no memory.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::BackingInUse {
-                path: path.to_path_buf(),
-                holder: ": a ublk-mirror device serves it (`ublk-mirror list`); delete that \
-                         device first"
-                    .into(),
-            });
-        }
-        return Err(Error::io(format!("locking {}", path.display()), e));
+    match crate::backing::lock(&file) {
+        Ok(()) => Ok((file, fresh)),
+        Err(nix::errno::Errno::EWOULDBLOCK) => Err(Error::BackingInUse {
+            path: path.to_path_buf(),
+            holder: ": a ublk-mirror device serves it (`ublk-mirror list`); delete that device \
+                     first"
+                .into(),
+        }),
+        Err(e) => Err(Error::io(format!("locking {}", path.display()), e.into())),
     }
-    Ok((file, fresh))
 }
 
 fn open_target_unlocked(path: &Path, size: u64) -> Result<(File, bool)> {

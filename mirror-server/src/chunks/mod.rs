@@ -541,21 +541,29 @@ impl ChunkStore {
     /// Read the indexes of packs this process does not know yet (written
     /// by another server, or before this one started).
     pub fn refresh_index(&self) -> Result<()> {
-        let paths = self.run(self.list("idx"))?;
         let known: HashSet<Digest> = self.index().packs.keys().copied().collect();
-        let new: Vec<(Digest, ObjPath)> = paths
-            .into_iter()
-            .filter_map(|p| {
-                let id = ublk_mirror_common::hex::decode::<32>(p.filename()?)?;
-                (!known.contains(&id)).then_some((id, p))
-            })
-            .collect();
-        for (id, path) in new {
-            let bytes = self.run(self.get(&path))?;
-            let entries = format::decode_index(&bytes, &format!("{}/{path}", self.describe))?;
-            self.remember(id, &entries);
+        for (id, path) in self.pack_indexes()? {
+            if !known.contains(&id) {
+                let entries = self.read_pack_index(&path)?;
+                self.remember(id, &entries);
+            }
         }
         Ok(())
+    }
+
+    /// Every pack index in the store: the pack's name and the index's path.
+    fn pack_indexes(&self) -> Result<Vec<(Digest, ObjPath)>> {
+        Ok(self
+            .run(self.list("idx"))?
+            .into_iter()
+            .filter_map(|p| Some((ublk_mirror_common::hex::decode::<32>(p.filename()?)?, p)))
+            .collect())
+    }
+
+    /// The entries of the pack index at `path`.
+    fn read_pack_index(&self, path: &ObjPath) -> Result<Vec<Entry>> {
+        let bytes = self.run(self.get(path))?;
+        format::decode_index(&bytes, &format!("{}/{path}", self.describe))
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -583,15 +591,8 @@ impl ChunkStore {
                 ..Index::default()
             }
         };
-        for path in self.run(self.list("idx"))? {
-            let Some(id) = path
-                .filename()
-                .and_then(ublk_mirror_common::hex::decode::<32>)
-            else {
-                continue;
-            };
-            let bytes = self.run(self.get(&path))?;
-            let entries = format::decode_index(&bytes, &format!("{}/{path}", self.describe))?;
+        for (id, path) in self.pack_indexes()? {
+            let entries = self.read_pack_index(&path)?;
             remember_in(&mut fresh, id, &entries);
         }
         let mut index = self.index();

@@ -132,22 +132,19 @@ pub fn negotiate(offered: &[(String, String)], params: &mut Params) -> Vec<(Stri
             }
             // Minimum of the offer and ours; an offer out of the range
             // RFC 7143 §13.13, §13.14 allow is rejected (the default holds).
-            "MaxBurstLength" => match number(v) {
-                Some(n) if (512..=16_777_215).contains(&n) => {
-                    let n = n.min(262_144);
-                    params.max_burst = n as usize;
-                    n.to_string()
+            "MaxBurstLength" | "FirstBurstLength" => {
+                match number(v).filter(|n| (512..=16_777_215).contains(n)) {
+                    Some(n) if k == "MaxBurstLength" => {
+                        params.max_burst = n.min(262_144) as usize;
+                        params.max_burst.to_string()
+                    }
+                    Some(n) => {
+                        params.first_burst = n.min(65_536) as usize;
+                        params.first_burst.to_string()
+                    }
+                    None => "Reject".into(),
                 }
-                _ => "Reject".into(),
-            },
-            "FirstBurstLength" => match number(v) {
-                Some(n) if (512..=16_777_215).contains(&n) => {
-                    let n = n.min(65_536);
-                    params.first_burst = n as usize;
-                    n.to_string()
-                }
-                _ => "Reject".into(),
-            },
+            }
             "MaxOutstandingR2T" | "MaxConnections" => "1".into(),
             "ErrorRecoveryLevel" => "0".into(),
             // Maximum of the offer and ours (§13.15).

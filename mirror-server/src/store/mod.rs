@@ -393,30 +393,24 @@ impl Volume {
         // Never a snapshot of half an epoch.
         self.unpoison()?;
         // Nor of a stale image: another server on the store may have
-        // published since (the client moved there); the image catches up
-        // first (a head check when this server is the writer).
-        if self.chunks.is_some() && self.catching_up.is_none() {
-            if let Err(e) = self.refresh() {
-                if self.catching_up.is_none() {
-                    return Err(Error::Store(format!(
-                        "the chunk store cannot be checked for a newer version of this volume (another server may have published one), so no version is taken now: {e}"
-                    )));
-                }
-            }
-        }
+        // published since (the client moved there); nor of half a
+        // catch-up. The image catches up first (a head check when this
+        // server is the writer; nothing when no store is attached).
+        let refreshed = self.refresh();
         if let Some(to) = self.catching_up {
-            // Nor of half a catch-up: finish it first.
-            let refreshed = self.refresh();
-            if self.catching_up.is_some() {
-                let why = refreshed.err().map_or_else(
-                    || "the chunk store is not attached".to_string(),
-                    |e| e.to_string(),
-                );
-                return Err(Error::Store(format!(
-                    "the image is part way through catching up with version {to} of the chunk store, and cannot be snapshotted until that ends: {why}"
-                )));
-            }
+            let why = refreshed.err().map_or_else(
+                || "the chunk store is not attached".to_string(),
+                |e| e.to_string(),
+            );
+            return Err(Error::Store(format!(
+                "the image is part way through catching up with version {to} of the chunk store, and cannot be snapshotted until that ends: {why}"
+            )));
         }
+        refreshed.map_err(|e| {
+            Error::Store(format!(
+                "the chunk store cannot be checked for a newer version of this volume (another server may have published one), so no version is taken now: {e}"
+            ))
+        })?;
         let info = self.snapshots_mut().create(
             name,
             self.state.published_epoch,
