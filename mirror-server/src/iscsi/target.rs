@@ -76,14 +76,22 @@ pub fn chap_response(id: u8, secret: &[u8], challenge: &[u8]) -> [u8; 16] {
     h.finalize().into()
 }
 
-/// A CHAP binary value (RFC 7143 §6.1: "0x" and hex digits), at most
-/// 1024 bytes.
-fn hex_value(v: &str) -> Option<Vec<u8>> {
-    let digits = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X"))?;
-    if digits.len() > 2048 {
+/// A CHAP binary value (RFC 7143 §6.1: "0x" and hex digits, or "0b"
+/// and base64, which some initiators send), at most 1024 bytes.
+fn binary_value(v: &str) -> Option<Vec<u8>> {
+    if let Some(digits) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        if digits.len() > 2048 {
+            return None;
+        }
+        return ublk_mirror_common::hex::decode_vec(digits);
+    }
+    let encoded = v.strip_prefix("0b").or_else(|| v.strip_prefix("0B"))?;
+    if encoded.len() > 1368 {
         return None;
     }
-    ublk_mirror_common::hex::decode_vec(digits)
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
+    (bytes.len() <= 1024).then_some(bytes)
 }
 
 fn hex_string(bytes: &[u8]) -> String {
@@ -886,7 +894,7 @@ impl Connection {
         answers: &mut Vec<(String, String)>,
     ) -> Result<(), Refusal> {
         let expected = chap_response(id, &chap.secret, c);
-        let proven = name == chap.user && hex_value(response).is_some_and(|r| r == expected);
+        let proven = name == chap.user && binary_value(response).is_some_and(|r| r == expected);
         if !proven {
             tracing::warn!(peer = %self.peer, initiator = %self.initiator, user = %name, "CHAP authentication failed");
             return Err(AUTHENTICATION_FAILURE);
@@ -894,7 +902,7 @@ impl Connection {
         // Mutual: the initiator challenges the target back.
         if let (Some(their_id), Some(their_c)) = (key(keys, "CHAP_I"), key(keys, "CHAP_C")) {
             let (Some((user, secret)), Ok(their_id), Some(their_c)) =
-                (&chap.mutual, their_id.parse::<u8>(), hex_value(&their_c))
+                (&chap.mutual, their_id.parse::<u8>(), binary_value(&their_c))
             else {
                 return Err(AUTHENTICATION_FAILURE);
             };
@@ -1447,15 +1455,25 @@ mod tests {
     }
 
     #[test]
-    fn chap_values_are_hex_and_anything_else_is_refused_without_a_panic() {
-        assert_eq!(hex_value("0x00ab"), Some(vec![0, 0xab]));
-        assert_eq!(hex_value("0X00AB"), Some(vec![0, 0xab]));
+    fn chap_values_are_hex_or_base64_and_anything_else_is_refused_without_a_panic() {
+        assert_eq!(binary_value("0x00ab"), Some(vec![0, 0xab]));
+        // Base64 (RFC 7143 §6.1 "0b"), as some initiators answer.
+        assert_eq!(binary_value("0bAKs="), Some(vec![0, 0xab]));
+        assert_eq!(binary_value("0BAKs="), Some(vec![0, 0xab]));
+        assert_eq!(binary_value("0bAK"), None, "unpadded");
+        assert_eq!(binary_value("0b!!!!"), None, "not base64");
+        let long = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode([7u8; 1025])
+        };
+        assert_eq!(binary_value(&format!("0b{long}")), None, "long");
+        assert_eq!(binary_value("0X00AB"), Some(vec![0, 0xab]));
         assert_eq!(hex_string(&[0, 0xab]), "0x00ab");
-        assert_eq!(hex_value("00ab"), None, "no 0x");
-        assert_eq!(hex_value("0xabc"), None, "odd");
-        assert_eq!(hex_value(&format!("0x{}", "00".repeat(1025))), None, "long");
+        assert_eq!(binary_value("00ab"), None, "no 0x");
+        assert_eq!(binary_value("0xabc"), None, "odd");
+        assert_eq!(binary_value(&format!("0x{}", "00".repeat(1025))), None, "long");
         // A CHAP_R from a stranger, before authentication: a character
         // boundary inside a digit pair once panicked the connection.
-        assert_eq!(hex_value("0xaéa"), None);
+        assert_eq!(binary_value("0xaéa"), None);
     }
 }
