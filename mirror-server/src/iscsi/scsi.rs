@@ -121,6 +121,9 @@ impl Sense {
 pub const INVALID_OPCODE: Sense = Sense::new(0x05, 0x20, 0x00);
 /// ILLEGAL REQUEST / INVALID FIELD IN CDB.
 pub const INVALID_FIELD: Sense = Sense::new(0x05, 0x24, 0x00);
+/// ILLEGAL REQUEST / INVALID FIELD IN INFORMATION UNIT: an iSCSI
+/// expected length the command cannot be carried out with.
+pub const INVALID_FIELD_IN_IU: Sense = Sense::new(0x05, 0x0e, 0x03);
 /// ILLEGAL REQUEST / LOGICAL BLOCK ADDRESS OUT OF RANGE.
 pub const LBA_OUT_OF_RANGE: Sense = Sense::new(0x05, 0x21, 0x00);
 /// ILLEGAL REQUEST / LOGICAL UNIT NOT SUPPORTED.

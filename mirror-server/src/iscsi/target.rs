@@ -90,7 +90,9 @@ fn binary_value(v: &str) -> Option<Vec<u8>> {
         return None;
     }
     use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
     (bytes.len() <= 1024).then_some(bytes)
 }
 
@@ -1155,6 +1157,20 @@ impl Connection {
                         .respond(&p, Outcome::Check(scsi::INVALID_FIELD), edtl, write, 0)
                         .await;
                 }
+                if edtl < need && edtl as u64 % scsi::BLOCK != 0 {
+                    // Fewer bytes than the CDB's blocks, and not whole
+                    // blocks: nothing is written (FCP-4 §9.4.2's (b)),
+                    // the overflow still told.
+                    return self
+                        .status(
+                            &p,
+                            scsi::CHECK_CONDITION,
+                            Some(scsi::INVALID_FIELD_IN_IU),
+                            0x04,
+                            need - edtl,
+                        )
+                        .await;
+                }
                 match self.collect(&p, edtl.min(need)).await? {
                     Ok(data) => data,
                     Err(sense) => {
@@ -1471,7 +1487,11 @@ mod tests {
         assert_eq!(hex_string(&[0, 0xab]), "0x00ab");
         assert_eq!(binary_value("00ab"), None, "no 0x");
         assert_eq!(binary_value("0xabc"), None, "odd");
-        assert_eq!(binary_value(&format!("0x{}", "00".repeat(1025))), None, "long");
+        assert_eq!(
+            binary_value(&format!("0x{}", "00".repeat(1025))),
+            None,
+            "long"
+        );
         // A CHAP_R from a stranger, before authentication: a character
         // boundary inside a digit pair once panicked the connection.
         assert_eq!(binary_value("0xaéa"), None);
