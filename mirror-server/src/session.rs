@@ -174,15 +174,17 @@ pub(crate) async fn serve_restore(
             Ok(b) => b,
             Err(reason) => return refuse(send, reason).await,
         };
-        // Read through the snapshot reader: publishing goes on meanwhile
-        // (it preserves old chunks in the snapshot before it overwrites
-        // them); hash and compress after.
-        let data = match tokio::task::block_in_place(|| read_blocks(reader, &blocks)) {
-            Ok(d) => d,
-            Err(e) => return refuse(send, format!("restore: {e}")).await,
-        };
+        // Each block read through the snapshot reader (publishing goes on
+        // meanwhile: it preserves old chunks in the snapshot before it
+        // overwrites them), compared, and sent before the next is read:
+        // a stream holds one block, not its batch (up to 64 MiB), however
+        // many streams a client opens.
         let mut same = 0u64;
-        for ((&(o, _), bytes), theirs) in blocks.iter().zip(data).zip(&digests) {
+        for (&(o, l), theirs) in blocks.iter().zip(&digests) {
+            let bytes = match tokio::task::block_in_place(|| read_block(reader, o, l)) {
+                Ok(d) => d,
+                Err(e) => return refuse(send, format!("restore: {e}")).await,
+            };
             let mine = block::digest(&bytes);
             if *theirs == mine {
                 same += 1;
@@ -191,8 +193,7 @@ pub(crate) async fn serve_restore(
             // Hashed once: the digest compared is the one that travels.
             let (header, payload) =
                 tokio::task::block_in_place(|| block::encode_owned(o, bytes, mine, 3));
-            // A client that reads nothing does not hold the batch (up to
-            // 64 MiB) and the stream for good.
+            // A client that reads nothing does not hold the stream for good.
             tokio::time::timeout(
                 MESSAGE_TIMEOUT,
                 wire::send_with_data(send, &header, payload),
@@ -206,16 +207,11 @@ pub(crate) async fn serve_restore(
     Ok(())
 }
 
-/// The bytes of `blocks` of the version `reader` reads.
-fn read_blocks(reader: &VersionSource, blocks: &[(u64, u32)]) -> crate::Result<Vec<Vec<u8>>> {
-    blocks
-        .iter()
-        .map(|&(o, l)| {
-            let mut buf = vec![0u8; l as usize];
-            reader.read(&mut buf, o)?;
-            Ok(buf)
-        })
-        .collect()
+/// The `len` bytes at `offset` of the version `reader` reads.
+fn read_block(reader: &VersionSource, offset: u64, len: u32) -> crate::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    reader.read(&mut buf, offset)?;
+    Ok(buf)
 }
 
 /// Chunks fetched from the store for a data stream's `Known` blocks, at

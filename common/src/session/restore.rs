@@ -23,8 +23,12 @@ use crate::{Error, Result};
 pub const BATCH: usize = 256;
 /// Batches asked for at once.
 pub const IN_FLIGHT: usize = 4;
-/// Most bytes one batch may cover (the server reads a batch whole).
+/// Most bytes one batch may cover.
 pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+
+/// The largest block a [`Message::Have`] may name: the server holds one
+/// at a time per stream (clients ask for [`BLOCK`]s).
+pub const MAX_HAVE_BLOCK: u64 = 1 << 20;
 
 /// What is being restored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -429,6 +433,11 @@ pub fn plan_have(
     if u64::from(len) * digests as u64 > MAX_BATCH_BYTES {
         return Err("restore: a batch of more than 64 MiB".into());
     }
+    if u64::from(len) > MAX_HAVE_BLOCK {
+        return Err(format!(
+            "restore: blocks of {len} bytes (at most {MAX_HAVE_BLOCK})"
+        ));
+    }
     if len == 0 || offset >= size || offset % u64::from(len) != 0 {
         return Err(format!("restore: blocks at {offset} are not in the volume"));
     }
@@ -641,5 +650,10 @@ mod tests {
         assert!(plan_have(0, BLOCK as u32, 1025, size)
             .unwrap_err()
             .contains("64 MiB"));
+        // One block of 64 MiB fits the batch, not the block limit.
+        assert!(plan_have(0, 64 << 20, 1, 128 << 20)
+            .unwrap_err()
+            .contains("at most"));
+        assert!(plan_have(0, MAX_HAVE_BLOCK as u32, 2, 128 << 20).is_ok());
     }
 }
