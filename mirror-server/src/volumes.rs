@@ -48,8 +48,14 @@ impl Quota {
 pub struct Volumes {
     data: PathBuf,
     quota: Quota,
-    /// Open volumes by (client, volume), with their size.
-    open: Mutex<HashMap<(String, String), (u64, SharedVolume)>>,
+    /// Volumes by (client, volume): each slot is filled once it is open
+    /// (with its size). Opening one (recovery, a rebuild from the store)
+    /// holds its own slot only: the map's lock is held just to find it,
+    /// so a slow store stalls no other volume's open.
+    open: Mutex<HashMap<(String, String), Arc<Mutex<Option<(u64, SharedVolume)>>>>>,
+    /// Held while a new volume is checked against its client's quota and
+    /// made, so that two made at once cannot both pass.
+    creating: Mutex<()>,
     /// The chunk store every volume is attached to when opened (none:
     /// images only, as commands that run without the server use them).
     chunks: Option<Arc<ChunkStore>>,
@@ -65,6 +71,7 @@ impl Volumes {
             data: data.to_path_buf(),
             quota,
             open: Mutex::new(HashMap::new()),
+            creating: Mutex::new(()),
             chunks: None,
             refs: Refs::new(),
         }
@@ -312,8 +319,17 @@ impl Volumes {
     /// commit) and shared; created when `size` is given and it is new.
     pub fn open(&self, client: &str, volume: &str, size: Option<u64>) -> Result<SharedVolume> {
         let key = (client.to_string(), volume.to_string());
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((have, v)) = open.get(&key) {
+        let slot = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        // Another request opening this volume is waited for.
+        let mut slot =
+            tokio::task::block_in_place(|| slot.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some((have, v)) = &*slot {
             if let Some(size) = size.filter(|s| s != have) {
                 return Err(size_mismatch(volume, *have, size));
             }
@@ -348,9 +364,10 @@ impl Volumes {
                     "there is no volume {volume}: open it first"
                 )));
             };
-            tokio::task::block_in_place(|| self.check_quota(client, size))?;
-            tracing::info!(client, volume, size, "new volume");
             tokio::task::block_in_place(|| {
+                let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+                self.check_quota(client, size)?;
+                tracing::info!(client, volume, size, "new volume");
                 let mut v = Volume::create(&dir, size)?;
                 if let Some(store) = &self.chunks {
                     v.attach(store.clone(), &format!("{client}/{volume}"))?;
@@ -360,7 +377,7 @@ impl Volumes {
         };
         let have = opened.state().size;
         let v = Arc::new(tokio::sync::Mutex::new(opened));
-        open.insert(key, (have, v.clone()));
+        *slot = Some((have, v.clone()));
         Ok(v)
     }
 
