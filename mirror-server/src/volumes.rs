@@ -23,6 +23,10 @@ use crate::store::{Recovery, Volume, VOLUMES_DIR};
 /// A volume shared by the connections (and exports) that use it.
 pub type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
 
+/// A volume's place among the open ones: filled (with its size) once it
+/// is open.
+type Slot = Mutex<Option<(u64, SharedVolume)>>;
+
 /// What one client's volumes may add up to (`server.toml`'s limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
@@ -52,7 +56,7 @@ pub struct Volumes {
     /// (with its size). Opening one (recovery, a rebuild from the store)
     /// holds its own slot only: the map's lock is held just to find it,
     /// so a slow store stalls no other volume's open.
-    open: Mutex<HashMap<(String, String), Arc<Mutex<Option<(u64, SharedVolume)>>>>>,
+    open: Mutex<HashMap<(String, String), Arc<Slot>>>,
     /// Held while a new volume is checked against its client's quota and
     /// made, so that two made at once cannot both pass.
     creating: Mutex<()>,
