@@ -501,9 +501,11 @@ impl Volume {
                         "there is no snapshot {a} (name one, or give a time like 2026-11-22T16:30Z)"
                     )));
                 };
+                // Times come to the second (as `snapshots` shows them): a
+                // snapshot of 16:30:05.734 is "as old as 16:30:05".
                 let name = self
                     .snapshots()
-                    .at(ms)
+                    .at(ms.saturating_add(999))
                     .map(|s| s.name.clone())
                     .ok_or_else(|| Error::Invalid(format!("there is no snapshot as old as {a}")))?;
                 self.snapshots_mut().pin(&name)
@@ -2157,6 +2159,42 @@ mod tests {
             publish(&mut v, epoch);
         }
         checker.stop();
+    }
+
+    /// A time given to the second, as `snapshots` shows it, picks the
+    /// snapshot taken within that second (not the one before it).
+    #[test]
+    fn a_time_to_the_second_picks_the_snapshot_of_that_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = Volume::create(&dir.path().join("vol"), 1 << 20).unwrap();
+        publish_whole(&mut v, 1, &vec![1u8; 1 << 20]);
+        let one = v.snapshot(Some("one"), Kind::Manual).unwrap();
+        // The next one in another second.
+        std::thread::sleep(std::time::Duration::from_millis(
+            1000 - one.epoch_ms % 1000 + 10,
+        ));
+        publish_whole(&mut v, 2, &vec![2u8; 1 << 20]);
+        let two = v.snapshot(Some("two"), Kind::Manual).unwrap();
+        assert_ne!(one.epoch_ms / 1000, two.epoch_ms / 1000);
+        let shown = |ms: u64| {
+            jiff::Timestamp::from_millisecond(ms as i64)
+                .unwrap()
+                .strftime("%Y-%m-%dT%H:%M:%SZ")
+                .to_string()
+        };
+        for want in [&one, &two] {
+            let (got, pin) = v.pin_version(Some(&shown(want.epoch_ms))).unwrap();
+            assert_eq!(
+                got.name,
+                want.name,
+                "{} given as {}",
+                want.epoch_ms,
+                shown(want.epoch_ms)
+            );
+            v.done_reading(&got, Some(pin)).unwrap();
+        }
+        // A second before the first: none.
+        assert!(v.pin_version(Some(&shown(one.epoch_ms - 1000))).is_err());
     }
 
     /// Deleting a newer snapshot (its chunks handed to the older one, a
