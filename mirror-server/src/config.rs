@@ -21,7 +21,7 @@
 //!
 //! [[exports]]                     # served over iSCSI while the server runs
 //!                                 # (each on an address of its own)
-//! target = "laptop/root@2026-11-20"   # as `mirror-server export` takes it
+//! target = "laptop/root@2026-11-20"   # a snapshot's name, or a date or time (local)
 //! listen = "127.0.0.1:3260"       # the default
 //! # name = "iqn.…"                # default: made from the names
 //! # allow = ["iqn.1993-08.org.debian:01:restore-box"]
@@ -166,6 +166,7 @@ impl ExportConfig {
     /// The export to start, its secrets read from their files.
     pub fn spec(&self) -> Result<ExportSpec> {
         let (volume, at) = crate::exports::split_target(&self.target);
+        let at = at.map(|a| fixed_version(&a)).transpose()?;
         if let Some(name) = &self.name {
             crate::exports::check_iqn(name)?;
         }
@@ -184,6 +185,32 @@ impl ExportConfig {
             writable: self.writable,
             chap,
         })
+    }
+}
+
+/// The version a configured export's `@…` names, as the server asks its
+/// store for it: a snapshot's name as it is, a date or time in this
+/// machine's zone (as `export` reads it) as an instant. A relative time
+/// (`yesterday 18:00`, `2h ago`, `now`) is refused: it would name another
+/// version at each start.
+fn fixed_version(at: &str) -> Result<String> {
+    let now = jiff::Zoned::now();
+    match ublk_mirror_common::when::parse_at(at, &now) {
+        Ok(None) => Ok(at.to_string()),
+        Ok(Some(ts)) => {
+            let lower = at.trim().to_ascii_lowercase();
+            let relative = ["now", "today", "yesterday"]
+                .iter()
+                .any(|w| lower.split_whitespace().next() == Some(w))
+                || lower.ends_with("ago");
+            if relative {
+                return Err(Error::Invalid(format!(
+                    "export target @{at}: a relative time would name another version at each start; give a snapshot's name or a date and time (2026-11-20 18:00)"
+                )));
+            }
+            Ok(ublk_mirror_common::when::wire(ts))
+        }
+        Err(e) => Err(Error::Invalid(format!("export target @{at}: {e}"))),
     }
 }
 
@@ -516,7 +543,26 @@ mod tests {
         assert_eq!(e.listen, "127.0.0.1:3260".parse().unwrap());
         let spec = e.spec().unwrap();
         assert_eq!(spec.volume, "laptop/root");
-        assert_eq!(spec.at.as_deref(), Some("2026-11-20"));
+        // A date is local midnight here, as `export` reads it.
+        assert_eq!(
+            spec.at,
+            Some(ublk_mirror_common::when::resolve_at("2026-11-20").unwrap())
+        );
+        assert!(spec.at.unwrap().ends_with('Z'));
+        // A snapshot's name stays a name; a relative time is refused.
+        let named = ExportConfig {
+            target: "laptop/root@before-upgrade".into(),
+            ..e.clone()
+        };
+        assert_eq!(named.spec().unwrap().at.as_deref(), Some("before-upgrade"));
+        for relative in ["yesterday 18:00", "2h ago", "now"] {
+            let r = ExportConfig {
+                target: format!("laptop/root@{relative}"),
+                ..e.clone()
+            };
+            let err = r.spec().unwrap_err().to_string();
+            assert!(err.contains("relative time"), "{relative}: {err}");
+        }
         assert_eq!(spec.chap.unwrap().secret, "twelve-chars-ok");
         // A secret file that is not there, or half a CHAP setting: told.
         let missing = ExportConfig {
