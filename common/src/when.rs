@@ -60,10 +60,13 @@ pub fn parse_at(text: &str, now: &Zoned) -> Result<Option<Timestamp>, Error> {
     }
     // "2h ago", "3 days ago".
     if let Some(span) = lower.strip_suffix("ago") {
-        let span: Span = span
-            .trim()
-            .parse()
-            .map_err(|e| invalid(text, format!("expected e.g. `2h ago` ({e})")))?;
+        let parsed = span.trim().parse::<Span>();
+        // `chicago` is a name; `2h ago` and `2hago` are times.
+        if parsed.is_err() && !span.ends_with(char::is_whitespace) {
+            return Ok(None);
+        }
+        let span: Span =
+            parsed.map_err(|e| invalid(text, format!("expected e.g. `2h ago` ({e})")))?;
         return now
             .checked_sub(span)
             .map(|z| Some(z.timestamp()))
@@ -179,6 +182,8 @@ mod tests {
         assert_eq!(at("2026-07-01 18:00"), "2026-07-01T16:00:00Z");
         // Snapshot names pass through.
         assert_eq!(at("before-upgrade"), "before-upgrade");
+        assert_eq!(at("chicago"), "chicago");
+        assert_eq!(at("2hago"), "2026-12-03T07:00:00Z");
         assert_eq!(at("2026-11-22T16.30.05Z"), "2026-11-22T16.30.05Z");
     }
 

@@ -744,6 +744,16 @@ impl Snapshots {
         let name = match name {
             Some(n) => {
                 check_name(n).map_err(|e| Error::Invalid(e.to_string()))?;
+                // `--at` and `VOLUME@…` read such a name as a time, so it
+                // could never be asked for by name.
+                if !matches!(
+                    ublk_mirror_common::when::parse_at(n, &jiff::Zoned::now()),
+                    Ok(None)
+                ) {
+                    return Err(Error::Invalid(format!(
+                        "a snapshot cannot be called {n}: `--at {n}` would be read as a time (add a word: before-{n})"
+                    )));
+                }
                 n.to_string()
             }
             None => {
@@ -1499,6 +1509,33 @@ mod tests {
     /// Units copied aside and never kept (the publication failed after
     /// copying, and is tried again, again and again) take no space: the
     /// next copy writes over them, also after a restart.
+    #[test]
+    fn a_name_that_reads_as_a_time_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Snapshots::open(dir.path()).unwrap();
+        for name in [
+            "2026-11-20",
+            "2026-11-20-pre-upgrade",
+            "today",
+            "2hago",
+            "now",
+        ] {
+            let err = s
+                .create(Some(name), 1, 1000, 1000, Kind::Manual)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("read as a time"), "{name}: {err}");
+        }
+        for name in [
+            "before-2026-11-20",
+            "nightly",
+            "chicago",
+            "2026-11-22T16.30.05Z",
+        ] {
+            s.create(Some(name), 1, 1000, 1000, Kind::Manual).unwrap();
+        }
+    }
+
     #[test]
     fn units_copied_aside_and_never_kept_take_no_space() {
         let size = 16 * CHUNK;
