@@ -48,6 +48,32 @@ dd if="$WORK/chunk" of="$DEV" bs=1M seek=5 oflag=direct status=none
 stop_dev
 cmp <(dd if="$WORK/laptop.img" bs=1M skip=5 count=1 status=none) "$WORK/chunk" || fail "data lost after SIGTERM"
 
+# The record directory is root's alone (libublk would make it 0777).
+[ "$(stat -c %a /run/ublksrvd)" = 755 ] || fail "/run/ublksrvd is $(stat -c %a /run/ublksrvd)"
+
+# A mounted device: SIGHUP (a closed terminal) is ignored; `del` refuses
+# it; a SIGTERM stop (systemctl stop, Ctrl-C) writes the file system back
+# first, so what it held in memory is in the backing file.
+start_dev --backing "$WORK/m.img" --size 64M
+MDEV=$DEV; MPID=$DEV_PID; M=$DEV_ID
+mkfs.ext4 -q "$MDEV"
+mkdir -p "$WORK/mnt"; mount "$MDEV" "$WORK/mnt"
+kill -HUP "$MPID"; sleep 0.5
+kill -0 "$MPID" || fail "SIGHUP killed the daemon"
+expect_fail 4 "is in use" $U del "$M"
+[ -e "$MDEV" ] || fail "del of a mounted device removed it"
+head -c 3M /dev/urandom > "$WORK/mounted.dat"
+cp "$WORK/mounted.dat" "$WORK/mnt/data"   # in the page cache, not synced
+kill -TERM "$MPID"; rc=0; wait "$MPID" || rc=$?
+[ $rc = 0 ] || fail "daemon of a mounted device exited $rc on SIGTERM"
+umount -l "$WORK/mnt" 2>/dev/null || true
+grep -q "is in use" "$WORK/daemon.$DAEMONS.log" || fail "the stop did not say the device was mounted"
+loop=$(losetup -f --show "$WORK/m.img")
+mount -o ro "$loop" "$WORK/mnt" || fail "the file system of the stopped device does not mount"
+cmp "$WORK/mnt/data" "$WORK/mounted.dat" || fail "a file written before the stop of a mounted device is not whole"
+umount "$WORK/mnt"; losetup -d "$loop"
+log "a mounted device: SIGHUP ignored, del refused, a stop wrote its file system back first"
+
 start_dev --backing "$WORK/c.img" --size 64M
 CPID=$DEV_PID
 $U del --all

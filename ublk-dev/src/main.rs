@@ -114,6 +114,11 @@ enum Command {
         /// Delete every ublk-mirror device.
         #[arg(long)]
         all: bool,
+        /// Delete a device even while it is mounted or held (file systems
+        /// are written back first, but a mounted one then fails every
+        /// later write: unmount instead).
+        #[arg(long)]
+        force: bool,
     },
 
     /// Cut, read and release epochs: consistent point-in-time pictures of
@@ -586,6 +591,13 @@ fn init_logging(json: bool) {
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
+    if matches!(
+        command,
+        Command::Add(_) | Command::Recover { .. } | Command::Attach(_) | Command::Restore { .. }
+    ) {
+        // Commands that serve a device, before any thread starts.
+        system::io_flusher();
+    }
     match command {
         Command::Docs(d) => Ok(d.run(<Cli as clap::CommandFactory>::command())?),
         Command::Add(args) => add(&args),
@@ -597,7 +609,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Del { id, all } => del(id, all),
+        Command::Del { id, all, force } => del(id, all, force),
         Command::Metrics { textfile } => metrics(textfile),
         Command::Recover { id } => recover(id),
         Command::Epoch { command } => epoch(command),
@@ -1952,7 +1964,7 @@ fn status(json: bool, stale: Span) -> anyhow::Result<usize> {
     Ok(behind)
 }
 
-fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
+fn del(id: Option<u32>, all: bool, force: bool) -> anyhow::Result<()> {
     require_root("delete block devices")?;
     let ids: Vec<u32> = if all {
         ublk::list()?
@@ -1972,6 +1984,21 @@ fn del(id: Option<u32>, all: bool) -> anyhow::Result<()> {
         }
         vec![id]
     };
+    if !force {
+        // Nothing is deleted when one of them is in use.
+        for &id in &ids {
+            let live = ublk::info(id).is_ok_and(|d| d.state == ublk::DeviceState::Live);
+            if live && ublk::in_use(id) {
+                return Err(Error::DeviceState {
+                    id,
+                    reason: format!(
+                        "/dev/ublkb{id} is in use (mounted, or held by LVM, md or a VM): unmount it first (or --force, and the file system fails its later writes)"
+                    ),
+                }
+                .into());
+            }
+        }
+    }
     for id in ids {
         ublk::delete(id)?;
         println!("deleted /dev/ublkb{id}");

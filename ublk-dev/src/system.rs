@@ -185,6 +185,26 @@ pub fn detach_output(log: &std::path::Path) {
     }
 }
 
+/// Mark this process as one that writes back memory (PR_SET_IO_FLUSHER:
+/// its allocations do no I/O reclaim and it is not throttled as a dirtier),
+/// as a driver serving a block device must be: otherwise a copy-on-write
+/// thread, the on-demand fetcher or the replicator, short of memory, can
+/// wait on writes to the very device that waits on it. Threads inherit
+/// it, so it is called before any is started; without CAP_SYS_RESOURCE it
+/// is only logged.
+pub fn io_flusher() {
+    /// `PR_SET_IO_FLUSHER` (linux/prctl.h, since 5.6; not in the libc crate).
+    const PR_SET_IO_FLUSHER: libc::c_int = 57;
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if r != 0 {
+        tracing::debug!(
+            "PR_SET_IO_FLUSHER: {} (memory reclaim may wait on this device's own I/O)",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Move this process into a mount namespace of its own, with no mount
 /// propagation from the host, holding no file system that lives on a ublk
 /// device.

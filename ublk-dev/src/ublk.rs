@@ -306,7 +306,16 @@ fn describe(id: u32, ctrl: &UblkCtrl) -> DeviceInfo {
     let di = ctrl.dev_info();
     let record = ctrl
         .get_target_data_from_json()
-        .and_then(|v| serde_json::from_value::<TargetRecord>(v).ok());
+        .and_then(|v| serde_json::from_value::<TargetRecord>(v).ok())
+        .filter(|_| {
+            let trusted = record_trusted(id);
+            if !trusted {
+                tracing::warn!(
+                    "{RUN_DIR}/{id}.json is not root's alone (owner or mode): its record is not trusted"
+                );
+            }
+            trusted
+        });
     DeviceInfo {
         id,
         device: PathBuf::from(ctrl.get_bdev_path()),
@@ -355,6 +364,7 @@ pub fn delete(id: u32) -> Result<()> {
         )
         .map_err(|e| Error::io(format!("stopping device {id}'s daemon"), e.into()))?;
     } else {
+        flush_before_stop(id);
         ctrl.kill_dev()
             .map_err(|e| driver_error(format!("stopping device {id}"), e))?;
     }
@@ -542,9 +552,59 @@ impl StopState {
     }
 }
 
+/// Whether `/dev/ublkbN` is held: mounted (in any mount namespace), or
+/// claimed by a device mapper, md or another exclusive opener. Only asked
+/// of a live device (an open of a quiesced one could wait on its I/O).
+pub fn in_use(id: u32) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(format!("/dev/ublkb{id}"));
+    matches!(opened, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+}
+
+/// How long a stop waits for file systems to write back before it goes on.
+const SYNC_BEFORE_STOP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Before a live device is stopped: what is written to it but still in
+/// memory is written back while the queues still serve. A device with
+/// user recovery fails every new request once stopping begins, before the
+/// kernel would flush a mounted file system itself, so a file system
+/// still mounted (a stop without `umount`) would lose its dirty pages.
+/// Its mounts may be in other namespaces, so all file systems are synced
+/// (for at most [`SYNC_BEFORE_STOP`]: a hung network mount does not hold
+/// the stop); the device's own cache is synced in any case.
+fn flush_before_stop(id: u32) {
+    if in_use(id) {
+        tracing::warn!(
+            id,
+            "/dev/ublkb{id} is in use (mounted, or held by another device): writing back file systems before it stops; unmount it first next time"
+        );
+        let (done, wait) = std::sync::mpsc::channel();
+        let _ = std::thread::Builder::new()
+            .name("sync".into())
+            .spawn(move || {
+                // SAFETY: sync(2) takes no arguments and cannot fail.
+                unsafe { libc::sync() };
+                let _ = done.send(());
+            });
+        if wait.recv_timeout(SYNC_BEFORE_STOP).is_err() {
+            tracing::warn!(
+                id,
+                "file systems still writing back after {SYNC_BEFORE_STOP:?}: stopping anyway"
+            );
+        }
+    } else if let Ok(dev) = std::fs::File::open(format!("/dev/ublkb{id}")) {
+        let _ = dev.sync_all();
+    }
+}
+
 /// Ask the driver to stop device `id` from a thread other than the one that
-/// added it (the control ring is per thread; `new_simple` makes one here).
+/// added it (the control ring is per thread; `new_simple` makes one here),
+/// once what is written to it is written back.
 fn kill(id: u32) {
+    flush_before_stop(id);
     match UblkCtrl::new_simple(id as i32).and_then(|c| c.kill_dev()) {
         Ok(_) => tracing::info!(id, "stopping device"),
         Err(e) => tracing::warn!(id, "cannot stop device: {e}"),
@@ -808,9 +868,65 @@ fn start_replicator(
     Ok(Some(Arc::new(replicator)))
 }
 
+/// Make sure the directory of device records is root's alone. libublk
+/// makes `/run/ublksrvd` mode 0777 (no sticky bit) when it is missing,
+/// where any user could replace a record that `recover`, `del` and a
+/// restart trust (its backing file, state directory, mirror enrollment).
+fn secure_run_dir() -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = Path::new(RUN_DIR);
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(dir)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| Error::io(format!("creating {RUN_DIR}"), e))?,
+        Err(e) => return Err(Error::io(format!("looking at {RUN_DIR}"), e)),
+        Ok(m) if !m.is_dir() || m.uid() != 0 => {
+            return Err(Error::io(
+                format!(
+                "{RUN_DIR} is not a directory of root's (uid {}): someone else made it; remove it",
+                m.uid()
+            ),
+                std::io::ErrorKind::PermissionDenied.into(),
+            ))
+        }
+        Ok(m) if m.mode() & 0o022 != 0 => {
+            tracing::info!("{RUN_DIR} was writable by others: made 0755");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| Error::io(format!("securing {RUN_DIR}"), e))?;
+        }
+        Ok(_) => {}
+    }
+    Ok(())
+}
+
+/// Where libublk keeps device records (`NNNN.json`).
+const RUN_DIR: &str = "/run/ublksrvd";
+
+/// Whether device `id`'s record can be trusted: root's, and writable by
+/// root alone (with its directory).
+fn record_trusted(id: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let safe = |p: &Path| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
+    };
+    let dir = Path::new(RUN_DIR);
+    let file = dir.join(format!("{id}.json"));
+    // The directory may be libublk's 0777 from before this daemon fixed
+    // it: the file then counts only if root's and not writable by others
+    // (it may still have been swapped; a daemon's start secures the
+    // directory for next time).
+    safe(&file)
+}
+
 /// Add the device to the driver, or take over a quiesced one to recover it.
 /// A device that is not `recoverable` fails its I/O when its daemon dies.
 fn create_device(spec: &DeviceSpec, start: Start, recoverable: bool) -> Result<UblkCtrl> {
+    secure_run_dir()?;
     let mut ctrl_flags = if recoverable {
         u64::from(sys::UBLK_F_USER_RECOVERY) | u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE)
     } else {
@@ -1000,17 +1116,27 @@ fn leave(ctrl: &UblkCtrl, start: Start, result: Result<()>) -> Result<()> {
     result
 }
 
-/// Handle SIGTERM/SIGINT by stopping the device. The returned handle ends
-/// the watcher thread when closed.
+/// Handle SIGTERM/SIGINT by stopping the device. SIGHUP (the terminal of
+/// a foreground daemon closed, an ssh session lost) and SIGQUIT are
+/// logged and ignored: dying of them would leave the device quiesced,
+/// its I/O waiting, and stopping would pull it from under its users. The
+/// returned handle ends the watcher thread when closed.
 fn watch_signals(stop: Arc<StopState>) -> Result<signal_hook::iterator::Handle> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGQUIT])
         .map_err(|e| Error::io("installing signal handlers", e))?;
     let handle = signals.handle();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP || sig == SIGQUIT {
+                    tracing::info!(
+                        signal = sig,
+                        "ignored: the device keeps serving (stop it with `ublk-mirror del` or SIGTERM)"
+                    );
+                    continue;
+                }
                 tracing::info!(signal = sig, "stop requested");
                 stop.request();
             }
@@ -1163,70 +1289,97 @@ async fn serve_tag(
         .await?;
     let zero_ptr = zeroes.as_slice().as_ptr();
     loop {
-        let iod = q.get_iod(tag);
-        // Tracking marks the write's regions durably before it is issued;
-        // this may block the queue for one journal sync, only on the first
-        // write into a region.
-        let started = Request::decode(iod.op_flags, iod.start_sector, iod.nr_sectors)
-            .and_then(|req| engine.start(req));
-        // An attached device's blocks are made local first; the request
-        // waits on the ring meanwhile, not the queue.
-        let (started, pinned) = match (started, od) {
-            (Ok(io), Some(od)) => match local(od, io.request()).await {
-                Ok(pin) => (Ok(io), Some(pin)),
-                Err(e) => (Err(e), None),
-            },
-            (started, _) => (started, None),
-        };
-        let started = match (started, tracker) {
-            (Ok(io), Some(t)) => tracked(t, io.request()).await.map(|ticket| (io, ticket)),
-            (started, _) => started.map(|io| (io, None)),
-        };
-        let res = match started {
-            Err(e) => {
-                tracing::debug!(tag, "refused request: {e:?}");
-                if let (Some(od), Some(pin)) = (od, pinned) {
-                    od.release_failed(pin);
-                }
-                e.negated()
-            }
-            Ok((io, ticket)) => {
-                let request_buf = match buf.as_mut() {
-                    Some(b) => RequestBuf::Memory(b.as_mut_slice()),
-                    None => RequestBuf::Registered,
+        // A bug that panics while a request is handled must not leave it
+        // unanswered: the kernel would wait for it for good, and a later
+        // stop with it. It is answered EIO, and said loudly.
+        let res = {
+            let handled = std::pin::pin!(async {
+                let iod = q.get_iod(tag);
+                // Tracking marks the write's regions durably before it is issued;
+                // this may block the queue for one journal sync, only on the first
+                // write into a region.
+                let started = Request::decode(iod.op_flags, iod.start_sector, iod.nr_sectors)
+                    .and_then(|req| engine.start(req));
+                // An attached device's blocks are made local first; the request
+                // waits on the ring meanwhile, not the queue.
+                let (started, pinned) = match (started, od) {
+                    (Ok(io), Some(od)) => match local(od, io.request()).await {
+                        Ok(pin) => (Ok(io), Some(pin)),
+                        Err(e) => (Err(e), None),
+                    },
+                    (started, _) => (started, None),
                 };
-                let res = engine::drive(io, request_buf, |step, base| {
-                    let target = match base {
-                        Some(addr) => uring::BufRef::Addr(addr),
-                        None => uring::BufRef::Registered {
-                            index: tag,
-                            zero_file: ZERO_FILE,
-                        },
-                    };
-                    let sqe =
-                        uring::sqe(step, uring::FileRef::Fixed(BACKING_FILE), target, zero_ptr);
-                    async move {
-                        ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
-                            .await
-                            .unwrap_or(-libc::EIO)
+                let started = match (started, tracker) {
+                    (Ok(io), Some(t)) => tracked(t, io.request()).await.map(|ticket| (io, ticket)),
+                    (started, _) => started.map(|io| (io, None)),
+                };
+                match started {
+                    Err(e) => {
+                        tracing::debug!(tag, "refused request: {e:?}");
+                        if let (Some(od), Some(pin)) = (od, pinned) {
+                            od.release_failed(pin);
+                        }
+                        e.negated()
                     }
-                })
-                .await;
-                if let (Some(t), Some(ticket)) = (tracker, ticket) {
-                    t.after_write(ticket);
-                }
-                let mut res = res;
-                if let (Some(od), Some(pin)) = (od, pinned) {
-                    if res < 0 {
-                        od.release_failed(pin);
-                    } else if !od.release(pin) {
-                        // Its blocks are not saved as here: after a crash
-                        // the fill would write over it.
-                        res = -libc::EIO;
+                    Ok((io, ticket)) => {
+                        let request_buf = match buf.as_mut() {
+                            Some(b) => RequestBuf::Memory(b.as_mut_slice()),
+                            None => RequestBuf::Registered,
+                        };
+                        let res = engine::drive(io, request_buf, |step, base| {
+                            let target = match base {
+                                Some(addr) => uring::BufRef::Addr(addr),
+                                None => uring::BufRef::Registered {
+                                    index: tag,
+                                    zero_file: ZERO_FILE,
+                                },
+                            };
+                            let sqe = uring::sqe(
+                                step,
+                                uring::FileRef::Fixed(BACKING_FILE),
+                                target,
+                                zero_ptr,
+                            );
+                            async move {
+                                ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+                                    .await
+                                    .unwrap_or(-libc::EIO)
+                            }
+                        })
+                        .await;
+                        if let (Some(t), Some(ticket)) = (tracker, ticket) {
+                            t.after_write(ticket);
+                        }
+                        let mut res = res;
+                        if let (Some(od), Some(pin)) = (od, pinned) {
+                            if res < 0 {
+                                od.release_failed(pin);
+                            } else if !od.release(pin) {
+                                // Its blocks are not saved as here: after a crash
+                                // the fill would write over it.
+                                res = -libc::EIO;
+                            }
+                        }
+                        res
                     }
                 }
-                res
-            }
+            });
+            let mut handled = handled;
+            std::future::poll_fn(|cx| {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    std::future::Future::poll(handled.as_mut(), cx)
+                })) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        tracing::error!(
+                            tag,
+                            "handling a request panicked (a bug): answered EIO; restart the daemon (`ublk-mirror del` and `add`, or `kill -9` and `recover`)"
+                        );
+                        std::task::Poll::Ready(-libc::EIO)
+                    }
+                }
+            })
+            .await
         };
         q.submit_io_commit_cmd(tag, desc(&buf, auto_reg), res)
             .await?;
