@@ -308,10 +308,11 @@ fn describe(id: u32, ctrl: &UblkCtrl) -> DeviceInfo {
         .get_target_data_from_json()
         .and_then(|v| serde_json::from_value::<TargetRecord>(v).ok())
         .filter(|_| {
-            let trusted = record_trusted(id);
+            let path = ctrl.run_path();
+            let trusted = record_trusted(Path::new(&path));
             if !trusted {
                 tracing::warn!(
-                    "{RUN_DIR}/{id}.json is not root's alone (owner or mode): its record is not trusted"
+                    "{path} is not root's alone (owner or mode): its record is not trusted"
                 );
             }
             trusted
@@ -907,20 +908,12 @@ fn secure_run_dir() -> Result<()> {
 /// Where libublk keeps device records (`NNNN.json`).
 const RUN_DIR: &str = "/run/ublksrvd";
 
-/// Whether device `id`'s record can be trusted: root's, and writable by
-/// root alone (with its directory).
-fn record_trusted(id: u32) -> bool {
+/// Whether the device record at `path` can be trusted: root's, and
+/// writable by root alone. (Its directory may still be libublk's 0777
+/// from before a daemon of ours secured it; the next start does.)
+fn record_trusted(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let safe = |p: &Path| {
-        std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
-    };
-    let dir = Path::new(RUN_DIR);
-    let file = dir.join(format!("{id}.json"));
-    // The directory may be libublk's 0777 from before this daemon fixed
-    // it: the file then counts only if root's and not writable by others
-    // (it may still have been swapped; a daemon's start secures the
-    // directory for next time).
-    safe(&file)
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0)
 }
 
 /// Add the device to the driver, or take over a quiesced one to recover it.
