@@ -428,44 +428,54 @@ pub async fn resolve(address: &str) -> Result<SocketAddr> {
 /// one of a server list is tried.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
+/// How long the last (or only) address may take: a slow link (a lossy or
+/// bufferbloated one, with a handshake packet or two lost) still connects.
+pub const LAST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Link {
     /// Connect to the server at `address`, trusting only `server`.
     ///
     /// `address` may name several interchangeable servers, comma-separated
     /// (`a.example:4747,b.example:4747`), and each name may resolve to
     /// several addresses: they are tried in order, each for at most
-    /// [`CONNECT_TIMEOUT`], and the first that answers (with the pinned
-    /// certificate) is used.
+    /// [`CONNECT_TIMEOUT`] (the last for [`LAST_CONNECT_TIMEOUT`]), and the
+    /// first that answers (with the pinned certificate) is used.
     pub async fn connect(identity: &Identity, server: Fingerprint, address: &str) -> Result<Link> {
         let mut last = None;
+        let mut all: Vec<(&str, SocketAddr)> = Vec::new();
         for one in address.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(one).await {
-                Ok(a) => a.collect(),
+            match tokio::net::lookup_host(one).await {
+                Ok(a) => {
+                    let before = all.len();
+                    all.extend(a.map(|addr| (one, addr)));
+                    if all.len() == before {
+                        last = Some(Error::Link(format!("{one} resolves to no address")));
+                    }
+                }
                 Err(e) => {
                     // Offline, or the name service down: the link, as an
                     // address that does not answer.
                     last = Some(Error::Link(format!("resolving {one}: {e}")));
-                    continue;
                 }
-            };
-            if addrs.is_empty() {
-                last = Some(Error::Link(format!("{one} resolves to no address")));
             }
-            for addr in addrs {
-                match tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    Link::connect_to(identity, server, one, addr),
-                )
-                .await
-                {
-                    Ok(Ok(link)) => return Ok(link),
-                    Ok(Err(e)) => last = Some(e),
-                    Err(_) => {
-                        last = Some(Error::Link(format!(
-                            "connecting to {one} ({addr}): no answer in {}s",
-                            CONNECT_TIMEOUT.as_secs()
-                        )))
-                    }
+        }
+        let count = all.len();
+        for (i, (one, addr)) in all.into_iter().enumerate() {
+            let timeout = if i + 1 == count {
+                LAST_CONNECT_TIMEOUT
+            } else {
+                CONNECT_TIMEOUT
+            };
+            match tokio::time::timeout(timeout, Link::connect_to(identity, server, one, addr)).await
+            {
+                Ok(Ok(link)) => return Ok(link),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(Error::Link(format!(
+                        "connecting to {one} ({addr}): no answer in {}s (is UDP port {} blocked on this network?)",
+                        timeout.as_secs(),
+                        addr.port()
+                    )))
                 }
             }
         }

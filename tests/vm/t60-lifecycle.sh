@@ -64,9 +64,14 @@ expect_fail 4 "is in use" $U del "$M"
 [ -e "$MDEV" ] || fail "del of a mounted device removed it"
 head -c 3M /dev/urandom > "$WORK/mounted.dat"
 cp "$WORK/mounted.dat" "$WORK/mnt/data"   # in the page cache, not synced
-kill -TERM "$MPID"; rc=0; wait "$MPID" || rc=$?
-[ $rc = 0 ] || fail "daemon of a mounted device exited $rc on SIGTERM"
+kill -TERM "$MPID"
+# The device goes; its deletion then waits for the mount to end (the
+# kernel holds the disk while it is mounted).
+for _ in $(seq 100); do [ -e "$MDEV" ] || break; sleep 0.1; done
+[ ! -e "$MDEV" ] || fail "$MDEV still there after SIGTERM"
 umount -l "$WORK/mnt" 2>/dev/null || true
+rc=0; wait "$MPID" || rc=$?
+[ $rc = 0 ] || fail "daemon of a mounted device exited $rc on SIGTERM"
 grep -q "is in use" "$WORK/daemon.$DAEMONS.log" || fail "the stop did not say the device was mounted"
 loop=$(losetup -f --show "$WORK/m.img")
 mount -o ro "$loop" "$WORK/mnt" || fail "the file system of the stopped device does not mount"

@@ -828,6 +828,16 @@ impl Context {
             self.set(|s| s.link = "connecting".into());
             let mut connected = false;
             let ended = self.session(&mut connected).await;
+            // The link got somewhere (an epoch shipped, or nothing left to
+            // ship) since the last failure: that failure's error is gone.
+            // A link that comes up and is refused at once did not.
+            let progressed = connected
+                && self
+                    .status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .last_error
+                    .is_none();
             // Readers of a round still sleeping for the device read no
             // more: their link is gone.
             if let Some(y) = &self.yielder {
@@ -840,7 +850,7 @@ impl Context {
                 down_since = Some(Instant::now());
                 let_go = false;
             }
-            let mut wait = backoff.after(e.kind(), connected);
+            let mut wait = backoff.after(e.kind(), progressed);
             if let (false, Some(t)) = (let_go, down_since) {
                 // Not past the time to let go of the cuts.
                 wait = wait.min(self.settings.let_go_after.saturating_sub(t.elapsed()));
@@ -1092,10 +1102,10 @@ impl Context {
                 // (its changes move into the current epoch as resync ranges).
                 Plan::AlreadyPublished => {
                     // Confirmed before its regions go, as after an answer.
-                    Association::confirm(self.tracker.state_dir(), info.published_epoch)?;
-                    return self.release(epoch);
+                    self.confirm(info.published_epoch).await?;
+                    return self.release(epoch).await;
                 }
-                Plan::Broken => return self.release(epoch),
+                Plan::Broken => return self.release(epoch).await,
                 Plan::Ship {
                     blocks,
                     candidates,
@@ -1178,7 +1188,7 @@ impl Context {
         }
         info.published_epoch = remote;
         info.writer = Some(me);
-        Association::confirm(self.tracker.state_dir(), remote)?;
+        self.confirm(remote).await?;
         // The status first: whoever sees the epoch released sees its
         // figures.
         self.count_shipped(&shipped, started);
@@ -1187,7 +1197,7 @@ impl Context {
             s.epochs_shipped += 1;
             s.last_error = None;
         });
-        self.release(epoch)?;
+        self.release(epoch).await?;
         // The epoch's buffers are free now: give them back, so that an
         // idle daemon is small again after a big epoch.
         crate::system::return_free_memory();
@@ -1214,8 +1224,26 @@ impl Context {
         self.tracker.demote(epoch)
     }
 
-    fn release(&self, epoch: u64) -> Result<()> {
-        self.tracker.release_keeping(epoch, KEEP_MARKED).map(drop)
+    /// Release `epoch` (see [`Tracker::release_keeping`]) off this thread:
+    /// its sync of the backing file can take long under write-back
+    /// pressure, and this thread drives the link (no ACKs or keep-alives
+    /// would go meanwhile, and the server would drop it).
+    async fn release(&self, epoch: u64) -> Result<()> {
+        let tracker = self.tracker.clone();
+        blocking("releasing an epoch", move || {
+            tracker.release_keeping(epoch, KEEP_MARKED).map(drop)
+        })
+        .await
+    }
+
+    /// Record that the server published `epoch` (`mirror.json`, synced),
+    /// off this thread as [`Self::release`] is.
+    async fn confirm(&self, epoch: u64) -> Result<()> {
+        let dir = self.tracker.state_dir().to_path_buf();
+        blocking("recording the published epoch", move || {
+            Association::confirm(&dir, epoch)
+        })
+        .await
     }
 
     /// For a fresh volume (zeroes), what `sealed` changed that is a hole
@@ -1313,7 +1341,7 @@ impl Context {
                 );
                 Association::confirm(self.tracker.state_dir(), r.remote)?;
                 for id in r.rounds.iter().copied().chain(r.cut) {
-                    self.release(id)?;
+                    self.tracker.release_keeping(id, KEEP_MARKED)?;
                 }
             }
             self.set(|s| s.precopy_rounds = 0);
@@ -1380,12 +1408,12 @@ impl Context {
             match plan(info, me, &sealed, size, &holes) {
                 Plan::AlreadyPublished => {
                     *self.run_lock() = None;
-                    Association::confirm(self.tracker.state_dir(), info.published_epoch)?;
-                    return self.release(epoch);
+                    self.confirm(info.published_epoch).await?;
+                    return self.release(epoch).await;
                 }
                 Plan::Broken => {
                     *self.run_lock() = None;
-                    return self.release(epoch);
+                    return self.release(epoch).await;
                 }
                 Plan::Ship {
                     mut blocks,
@@ -1466,7 +1494,7 @@ impl Context {
         }
         info.published_epoch = run.remote;
         info.writer = Some(me);
-        Association::confirm(self.tracker.state_dir(), run.remote)?;
+        self.confirm(run.remote).await?;
         self.set(|s| {
             s.server_epoch = run.remote;
             s.epochs_shipped += 1;
@@ -1481,9 +1509,9 @@ impl Context {
             "pre-copy run published"
         );
         for id in run.rounds {
-            self.release(id)?;
+            self.release(id).await?;
         }
-        self.release(epoch)?;
+        self.release(epoch).await?;
         crate::system::return_free_memory();
         Ok(())
     }
@@ -1569,10 +1597,13 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// How long to wait after a failure of `kind`; `connected`: the link
-    /// had come up before it failed.
-    fn after(&mut self, kind: ErrorKind, connected: bool) -> Duration {
-        if connected {
+    /// How long to wait after a failure of `kind`; `progressed`: the link
+    /// had got somewhere before it failed (a server that takes the link
+    /// and refuses at once is not tried every second). The wait is jittered
+    /// (half to all of it), so that a fleet cut off by one server restart
+    /// does not come back in step.
+    fn after(&mut self, kind: ErrorKind, progressed: bool) -> Duration {
+        if progressed {
             self.next = Duration::from_secs(1);
         }
         let wait = match kind {
@@ -1580,8 +1611,18 @@ impl Backoff {
             _ => MAX_BACKOFF,
         };
         self.next = (self.next * 2).min(MAX_BACKOFF);
-        wait
+        jitter(wait)
     }
+}
+
+/// `wait` made between half of it and all of it, at random.
+fn jitter(wait: Duration) -> Duration {
+    let mut r = [0u8; 2];
+    if getrandom::fill(&mut r).is_err() {
+        return wait;
+    }
+    let part = u32::from(u16::from_le_bytes(r)) + 65536;
+    wait.mul_f64(f64::from(part) / 131072.0)
 }
 
 /// Whether the mirror holds this device's past.
@@ -1835,20 +1876,28 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_on_link_failures_and_resets_after_a_link_came_up() {
+    fn backoff_doubles_on_failures_and_resets_after_the_link_got_somewhere() {
+        // Each wait is half to all of the doubling one.
+        let within = |got: Duration, full: Duration| got <= full && got >= full / 2;
         let mut b = Backoff::default();
-        let waits: Vec<u64> = (0..7)
-            .map(|_| b.after(ErrorKind::Link, false).as_secs())
+        for full in [1, 2, 4, 8, 16, 30, 30] {
+            let got = b.after(ErrorKind::Link, false);
+            assert!(within(got, full * SEC), "{got:?} for {full} s");
+        }
+        assert!(within(b.after(ErrorKind::Link, true), SEC));
+        // A refusal (also right after the link came up) backs off as
+        // much; a broken server or a local failure: no hammering.
+        let mut b = Backoff::default();
+        assert!(within(b.after(ErrorKind::Refused, false), SEC));
+        assert!(within(b.after(ErrorKind::Refused, false), 2 * SEC));
+        assert!(within(b.after(ErrorKind::Peer, false), MAX_BACKOFF));
+        assert!(within(b.after(ErrorKind::System, true), MAX_BACKOFF));
+        assert!(within(b.after(ErrorKind::Link, false), 2 * SEC));
+        // Not all in step.
+        let waits: std::collections::HashSet<Duration> = (0..20)
+            .map(|_| Backoff::default().after(ErrorKind::Link, false))
             .collect();
-        assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
-        assert_eq!(b.after(ErrorKind::Link, true), SEC);
-        // A refusal is tried again as often; a broken server or a local
-        // failure: no hammering.
-        let mut b = Backoff::default();
-        assert_eq!(b.after(ErrorKind::Refused, false), SEC);
-        assert_eq!(b.after(ErrorKind::Peer, false), MAX_BACKOFF);
-        assert_eq!(b.after(ErrorKind::System, true), MAX_BACKOFF);
-        assert_eq!(b.after(ErrorKind::Link, false), 2 * SEC);
+        assert!(waits.len() > 1, "no jitter");
     }
 
     fn volume(published_epoch: u64, writer: Option<Writer>) -> VolumeInfo {
