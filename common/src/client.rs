@@ -15,9 +15,9 @@ use crate::session::restore::{
     BlockReader, BlockToWrite, Progress, ReadStep, RestoreInfo, RestoreReader, RestoreStep,
 };
 pub use crate::session::send::Finish;
-use crate::session::send::{DataSender, EpochSender, SendAction, SendEvent};
+use crate::session::send::{DataSender, EpochSender, Held, SendAction, SendEvent};
 use crate::session::{unexpected, Pacer};
-use crate::{tls, wire, Error, RangeSet, Result};
+use crate::{tls, wire, Error, Result};
 
 pub use crate::session::Shipped;
 
@@ -441,6 +441,18 @@ impl Link {
     /// [`CONNECT_TIMEOUT`] (the last for [`LAST_CONNECT_TIMEOUT`]), and the
     /// first that answers (with the pinned certificate) is used.
     pub async fn connect(identity: &Identity, server: Fingerprint, address: &str) -> Result<Link> {
+        Link::connect_preferring(identity, server, address, None).await
+    }
+
+    /// [`Link::connect`], trying `prefer` first when `address` resolves to
+    /// it (the server a pre-copy run is staged on, so that a run does not
+    /// move between servers with every reconnect).
+    pub async fn connect_preferring(
+        identity: &Identity,
+        server: Fingerprint,
+        address: &str,
+        prefer: Option<SocketAddr>,
+    ) -> Result<Link> {
         let mut last = None;
         let mut all: Vec<(&str, SocketAddr)> = Vec::new();
         for one in address.split(',').map(str::trim).filter(|a| !a.is_empty()) {
@@ -458,6 +470,10 @@ impl Link {
                     last = Some(Error::Link(format!("resolving {one}: {e}")));
                 }
             }
+        }
+        if let Some(p) = prefer {
+            // Stable: the rest keep their order.
+            all.sort_by_key(|&(_, a)| a != p);
         }
         let count = all.len();
         for (i, (one, addr)) in all.into_iter().enumerate() {
@@ -480,6 +496,11 @@ impl Link {
             }
         }
         Err(last.unwrap_or_else(|| Error::Link(format!("{address:?} names no server address"))))
+    }
+
+    /// The address of the server this link reached.
+    pub fn server_address(&self) -> SocketAddr {
+        self.conn.remote_address()
     }
 
     async fn connect_to(
@@ -706,7 +727,7 @@ impl Link {
         blocks: &[(u64, u32)],
         level: i32,
         finish: Finish,
-        held: Option<RangeSet>,
+        held: Option<Held>,
         read: R,
     ) -> Result<(Finish, Shipped)>
     where

@@ -122,6 +122,7 @@ use ublk_mirror_common::fsutil;
 use ublk_mirror_common::hex::{self, encode as hex_encode};
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Writer;
+use ublk_mirror_common::session::send::Held;
 use ublk_mirror_common::session::Shipped;
 use ublk_mirror_common::RangeSet;
 
@@ -731,6 +732,10 @@ struct Run {
     /// The cut sent to end the run, once sent: if the server published it
     /// but the answer was lost, the rounds and it are released.
     cut: Option<u64>,
+    /// The server address the rounds were staged on: tried first, and if
+    /// the run goes on elsewhere, what that server holds of it is not
+    /// trusted (it may be an older round's copy).
+    server: Option<std::net::SocketAddr>,
 }
 
 /// Most pre-copy rounds before the cut that ends a run.
@@ -947,9 +952,11 @@ impl Context {
 
     /// One connection's life: ship epochs until stopped or the link fails.
     async fn session(&self, connected: &mut bool) -> Result<()> {
-        let mut link = Link::connect(&self.identity, self.server, &self.address)
-            .await
-            .map_err(Error::Mirror)?;
+        let staged_on = self.run_lock().as_ref().and_then(|r| r.server);
+        let mut link =
+            Link::connect_preferring(&self.identity, self.server, &self.address, staged_on)
+                .await
+                .map_err(Error::Mirror)?;
         link.set_bandwidth(self.settings.bandwidth);
         let size = self.tracker.device_size();
         let mut info = link
@@ -1381,6 +1388,7 @@ impl Context {
             last_bytes: u64::MAX,
             min_cut: 0,
             cut: None,
+            server: None,
         });
         let me = Writer {
             device: self.device,
@@ -1433,7 +1441,11 @@ impl Context {
             // round).
             (split(&sealed.changes.touched(), size), 0)
         };
-        let held = (!first_round).then(|| run.held.clone());
+        let here = link.server_address();
+        let held = (!first_round).then(|| Held {
+            ranges: run.held.clone(),
+            here: run.server == Some(here),
+        });
         let bytes = blocks.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
         tracing::info!(
             epoch,
@@ -1483,6 +1495,7 @@ impl Context {
             }
             run.cut = None;
             run.min_cut = self.tracker.current_epoch();
+            run.server = Some(here);
             run.rounds.push(epoch);
             for &(offset, len) in &blocks {
                 run.held.insert(offset..offset + u64::from(len));

@@ -132,7 +132,7 @@ pub struct EpochSender {
     shipped: Shipped,
     finish: Finish,
     /// A later pre-copy round: what the earlier ones sent.
-    held: Option<RangeSet>,
+    held: Option<Held>,
     /// Part of a pre-copy run ([`EpochSender::round`]): may end as a
     /// round instead of publishing.
     rounds: bool,
@@ -148,15 +148,15 @@ impl EpochSender {
     }
 
     /// A pre-copy round (see the module docs): `blocks` of epoch `epoch`,
-    /// ended as `finish` says; `held`: the bytes earlier rounds of the
-    /// same epoch and writer sent (`None`: this is the first).
+    /// ended as `finish` says; `held`: what earlier rounds of the same
+    /// epoch and writer sent (`None`: this is the first).
     pub fn round(
         volume: &str,
         epoch: u64,
         writer: Writer,
         blocks: Vec<(u64, u32)>,
         finish: Finish,
-        held: Option<RangeSet>,
+        held: Option<Held>,
     ) -> EpochSender {
         EpochSender {
             volume: volume.to_string(),
@@ -347,8 +347,19 @@ impl EpochSender {
             }
         }
         if let Some(held) = &self.held {
-            let mut missing = held.clone();
-            missing.subtract(&self.staged);
+            let mut missing = held.ranges.clone();
+            if held.here {
+                missing.subtract(&self.staged);
+            } else if !missing.is_empty() {
+                // Staged on another server: what this one holds of the
+                // run may be an older round's copy of a block rewritten
+                // since, and would be published as it is.
+                tracing::warn!(
+                    epoch = self.epoch,
+                    bytes = missing.len(),
+                    "earlier pre-copy rounds were staged on another server: sending them again"
+                );
+            }
             let mine: RangeSet = self
                 .blocks
                 .iter()
@@ -403,6 +414,18 @@ impl EpochSender {
             Finish::Round => Message::EndRound,
         })
     }
+}
+
+/// What earlier pre-copy rounds of a run sent, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The bytes they sent.
+    pub ranges: RangeSet,
+    /// They were staged on the server this round goes to. When not (the
+    /// client moved to another server and back, say), a staged copy of
+    /// one of them there may be an older round's, of a block rewritten
+    /// since: all of them are sent again.
+    pub here: bool,
 }
 
 /// One data stream of an epoch: opened, blocks counted as they go, ended
@@ -532,11 +555,14 @@ mod tests {
         assert!(s.handle(round_ok(&[])).is_err());
     }
 
-    fn held(n: u64) -> RangeSet {
-        blocks(n)
-            .into_iter()
-            .map(|(o, l)| o..o + u64::from(l))
-            .collect()
+    fn held(n: u64) -> Held {
+        Held {
+            ranges: blocks(n)
+                .into_iter()
+                .map(|(o, l)| o..o + u64::from(l))
+                .collect(),
+            here: true,
+        }
     }
 
     #[test]
@@ -612,6 +638,26 @@ mod tests {
                 .unwrap(),
             Some(SendAction::Published(_))
         ));
+        // Earlier rounds staged on another server: this one's copies
+        // (all four blocks staged) may be an older round's; all of them
+        // go again, read now, and the cut is a round.
+        let mut s = EpochSender::round(
+            "v",
+            5,
+            me(),
+            vec![(2 * b, B)],
+            Finish::Publish,
+            Some(Held {
+                here: false,
+                ..held(4)
+            }),
+        );
+        s.start();
+        assert_eq!(
+            s.handle(staged(vec![(0, 4 * b)], false, true)).unwrap(),
+            Some(SendAction::Round(blocks(4)))
+        );
+        assert_eq!(s.finish(), Finish::Round);
     }
 
     #[test]
