@@ -17,7 +17,7 @@
 //! weekly = 0                      # then one a week (0: forever)
 //!
 //! [volumes."laptop/root"]         # one volume's own schedule (keys left
-//! every = "15m"                   # out take the defaults above)
+//! every = "15m"                   # out are [snapshots]'s)
 //!
 //! [[exports]]                     # served over iSCSI while the server runs
 //!                                 # (each on an address of its own)
@@ -101,9 +101,10 @@ pub struct ServerConfig {
     /// The snapshot schedule and retention of every volume.
     #[serde(default)]
     pub snapshots: SnapshotPolicy,
-    /// Volumes (`CLIENT/VOLUME`) with a schedule of their own.
+    /// Volumes (`CLIENT/VOLUME`) with a schedule of their own: each key
+    /// given replaces `[snapshots]`'s, the others are `[snapshots]`'s.
     #[serde(default)]
-    pub volumes: BTreeMap<String, SnapshotPolicy>,
+    pub volumes: BTreeMap<String, PolicyOverride>,
     /// iSCSI exports started with the server.
     #[serde(default)]
     pub exports: Vec<ExportConfig>,
@@ -212,6 +213,25 @@ fn fixed_version(at: &str) -> Result<String> {
         }
         Err(e) => Err(Error::Invalid(format!("export target @{at}: {e}"))),
     }
+}
+
+/// One volume's `[volumes."CLIENT/VOLUME"]`: the keys of
+/// [`SnapshotPolicy`] it changes; those left out are `[snapshots]`'s.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyOverride {
+    /// `every`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<Span>,
+    /// `hourly`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hourly: Option<u32>,
+    /// `daily`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily: Option<u32>,
+    /// `weekly`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weekly: Option<u32>,
 }
 
 /// When scheduled snapshots are taken and how long they are kept.
@@ -357,7 +377,23 @@ impl ServerConfig {
 
     /// The snapshot policy of volume `CLIENT/VOLUME`.
     pub fn policy(&self, volume: &str) -> SnapshotPolicy {
-        self.volumes.get(volume).copied().unwrap_or(self.snapshots)
+        let base = self.snapshots;
+        match self.volumes.get(volume) {
+            None => base,
+            Some(o) => SnapshotPolicy {
+                every: o.every.unwrap_or(base.every),
+                retention: Retention {
+                    hourly: o.hourly.unwrap_or(base.retention.hourly),
+                    daily: o.daily.unwrap_or(base.retention.daily),
+                    weekly: o.weekly.unwrap_or(base.retention.weekly),
+                },
+            },
+        }
+    }
+
+    /// Every schedule in use: `[snapshots]`'s and each volume's.
+    pub fn policies(&self) -> impl Iterator<Item = SnapshotPolicy> + '_ {
+        std::iter::once(self.snapshots).chain(self.volumes.keys().map(|v| self.policy(v)))
     }
 
     /// Write this config as the file `path`, refusing to replace one.
@@ -469,6 +505,26 @@ mod tests {
             locate(dir.path(), Some(Path::new("/x.toml"))),
             Path::new("/x.toml")
         );
+    }
+
+    #[test]
+    fn a_volume_s_own_schedule_changes_only_the_keys_it_gives() {
+        let c: ServerConfig = toml::from_str(
+            "[snapshots]\nevery = \"2h\"\ndaily = 90\nweekly = 52\n\n[volumes.\"laptop/root\"]\nevery = \"15m\"\n",
+        )
+        .unwrap();
+        let p = c.policy("laptop/root");
+        assert_eq!(p.every.0, std::time::Duration::from_secs(15 * 60));
+        assert_eq!(
+            (p.retention.hourly, p.retention.daily, p.retention.weekly),
+            (24, 90, 52),
+            "[snapshots]' keys, not the built-in ones"
+        );
+        assert_eq!(
+            c.policy("laptop/home").every.0,
+            std::time::Duration::from_secs(7200)
+        );
+        assert!(toml::from_str::<ServerConfig>("[volumes.\"a/b\"]\neverry = \"1h\"\n").is_err());
     }
 
     #[test]

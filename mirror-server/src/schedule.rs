@@ -16,23 +16,76 @@ use crate::volumes::Volumes;
 /// Run the schedule of `config` over `volumes`, forever (returns at once
 /// when no volume takes scheduled snapshots).
 pub async fn run(config: ServerConfig, volumes: Arc<Volumes>, metrics: Arc<Metrics>) {
-    let every: Vec<Duration> = std::iter::once(config.snapshots.every.0)
-        .chain(config.volumes.values().map(|p| p.every.0))
+    let every: Vec<Duration> = config
+        .policies()
+        .map(|p| p.every.0)
         .filter(|d| !d.is_zero())
         .collect();
     let Some(shortest) = every.iter().min().copied() else {
         return;
     };
     let tick = (shortest / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    let mut clock = ClockWatch::default();
     loop {
         tokio::time::sleep(tick).await;
+        let prune = clock.prune_allowed(std::time::Instant::now(), wall_ms());
         for (client, name) in volumes.cached() {
             let policy = config.policy(&format!("{client}/{name}"));
             if policy.every.0.is_zero() {
                 continue;
             }
-            visit(&volumes, &client, &name, &policy, &metrics).await;
+            visit(&volumes, &client, &name, &policy, &metrics, prune).await;
         }
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Retention ages snapshots by the wall clock: a clock set months ahead
+/// for a while (a bad RTC, a restored VM, before NTP puts it right) would
+/// thin every tier at once, for good. The schedule compares the wall
+/// clock with the monotonic one between its ticks; after a jump ahead of
+/// more than [`CLOCK_JUMP`] nothing is pruned for [`CLOCK_HOLD`], time
+/// for the clock to be put right (a jump that was a correction ends the
+/// hold when it is over, and pruning catches up).
+#[derive(Debug, Default)]
+struct ClockWatch {
+    last: Option<(std::time::Instant, u64)>,
+    hold_until: Option<std::time::Instant>,
+}
+
+/// A wall-clock step ahead this much past the monotonic clock is a jump.
+const CLOCK_JUMP: Duration = Duration::from_secs(3600);
+/// How long pruning waits after a jump.
+const CLOCK_HOLD: Duration = Duration::from_secs(6 * 3600);
+
+impl ClockWatch {
+    /// Whether pruning may run at `now` (monotonic), the wall clock
+    /// saying `wall_ms`.
+    fn prune_allowed(&mut self, now: std::time::Instant, wall_ms: u64) -> bool {
+        if let Some((then, then_ms)) = self.last {
+            let passed = now.duration_since(then).as_millis() as u64;
+            let moved = wall_ms.saturating_sub(then_ms);
+            if moved > passed + CLOCK_JUMP.as_millis() as u64 {
+                tracing::error!(
+                    ahead_s = (moved - passed) / 1000,
+                    "the wall clock jumped ahead: no snapshot is pruned for {}h, in case it is wrong (retention ages snapshots by it)",
+                    CLOCK_HOLD.as_secs() / 3600
+                );
+                self.hold_until = Some(now + CLOCK_HOLD);
+            } else if then_ms > wall_ms + CLOCK_JUMP.as_millis() as u64 {
+                tracing::warn!(
+                    behind_s = (then_ms - wall_ms) / 1000,
+                    "the wall clock went back: snapshots taken since are named by the earlier time"
+                );
+            }
+        }
+        self.last = Some((now, wall_ms));
+        self.hold_until.is_none_or(|t| now >= t)
     }
 }
 
@@ -97,9 +150,15 @@ async fn visit(
     name: &str,
     policy: &SnapshotPolicy,
     metrics: &Metrics,
+    prune: bool,
 ) {
-    let Ok(v) = volumes.open(client, name, None) else {
-        return;
+    let v = match volumes.open(client, name, None) {
+        Ok(v) => v,
+        Err(e) => {
+            // No snapshot and no pruning for it: said, each turn.
+            tracing::error!(volume = %format!("{client}/{name}"), "snapshot schedule: the volume cannot be opened: {e}");
+            return;
+        }
     };
     let mut v = v.lock().await;
     let now = std::time::SystemTime::now()
@@ -111,14 +170,18 @@ async fn visit(
             .list()
             .last()
             .is_none_or(|s| s.epoch < published);
-    let due = v
-        .snapshots()
-        .last_scheduled_ms()
-        .is_none_or(|last| now.saturating_sub(last) >= policy.every.0.as_millis() as u64);
+    // A last one "in the future" (the clock went back) does not stop the
+    // schedule until the clock catches up with it.
+    let due = v.snapshots().last_scheduled_ms().is_none_or(|last| {
+        last > now || now.saturating_sub(last) >= policy.every.0.as_millis() as u64
+    });
     let done = tokio::task::block_in_place(|| -> Result<()> {
         if changed && due {
             let info = v.snapshot(None, Kind::Scheduled)?;
             tracing::info!(volume = %format!("{client}/{name}"), snapshot = %info.name, epoch = info.epoch, "scheduled snapshot");
+        }
+        if !prune {
+            return Ok(());
         }
         let pruned = v.prune_snapshots(&policy.retention)?;
         if !pruned.is_empty() {
@@ -129,5 +192,35 @@ async fn visit(
     });
     if let Err(e) = done {
         tracing::error!(volume = %format!("{client}/{name}"), "snapshot schedule: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_wall_clock_jump_ahead_holds_pruning_off_for_a_while() {
+        let t0 = Instant::now();
+        let day = 24 * 3600 * 1000u64;
+        let w0 = 1_800_000_000_000u64;
+        let mut c = ClockWatch::default();
+        assert!(c.prune_allowed(t0, w0));
+        // 30 s later, the clock says 30 s later: fine.
+        let t1 = t0 + Duration::from_secs(30);
+        assert!(c.prune_allowed(t1, w0 + 30_000));
+        // 30 s later, the clock says 90 days later: held.
+        let t2 = t1 + Duration::from_secs(30);
+        assert!(!c.prune_allowed(t2, w0 + 90 * day));
+        // Still held an hour on, whatever the clock says now...
+        let t3 = t2 + Duration::from_secs(3600);
+        assert!(!c.prune_allowed(t3, w0 + 60_000 + 3_600_000));
+        // ...and allowed once the hold is over.
+        let t4 = t2 + CLOCK_HOLD;
+        assert!(c.prune_allowed(t4, w0 + 60_000 + CLOCK_HOLD.as_millis() as u64));
+        // A clock that goes back does not stop pruning.
+        let t5 = t4 + Duration::from_secs(30);
+        assert!(c.prune_allowed(t5, w0 - day));
     }
 }

@@ -84,10 +84,25 @@ pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
         v.sort();
         Ok(v)
     };
+    // A stray or damaged directory is skipped (and said), so that one
+    // does not hide every other volume from listings and metrics.
     let mut out = Vec::new();
     for (client, cdir) in dirs(&root)? {
-        for (volume, vdir) in dirs(&cdir)? {
-            out.push((format!("{client}/{volume}"), read_state(&vdir)?));
+        let volumes = match dirs(&cdir) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("skipped: {e}");
+                continue;
+            }
+        };
+        for (volume, vdir) in volumes {
+            match read_state(&vdir) {
+                Ok(state) => out.push((format!("{client}/{volume}"), state)),
+                Err(e) => tracing::warn!(
+                    "skipped {}: not a volume that can be read: {e}",
+                    vdir.display()
+                ),
+            }
         }
     }
     Ok(out)
