@@ -152,9 +152,18 @@ impl Registry {
         check_name(name).map_err(|e| Error::Invalid(e.to_string()))?;
         let path = self.path(name);
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display()))),
+            Ok(text) => {
+                let c: Client = serde_json::from_str(&text)
+                    .map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))?;
+                if c.format > FORMAT {
+                    return Err(Error::Corrupt(format!(
+                        "{}: format {} is a newer mirror-server's (this one reads {FORMAT})",
+                        path.display(),
+                        c.format
+                    )));
+                }
+                Ok(Some(c))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
         }

@@ -1071,6 +1071,17 @@ fn serve(
     if let Some(l) = listen {
         config.listen = l;
     }
+    tracing::info!(config = %cfg.display(), "settings read");
+    let system = Path::new(config::SYSTEM_CONFIG);
+    if cfg != system && system.exists() {
+        // A hand install moved to the package: edits in /etc would do
+        // nothing, silently.
+        tracing::warn!(
+            "{} is not read: {} is (the data directory's own file wins; merge them, and remove one)",
+            system.display(),
+            cfg.display()
+        );
+    }
     runtime()?.block_on(async {
         let shutdown = stop_asked();
         mirror_server::serve::run(

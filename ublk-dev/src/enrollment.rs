@@ -54,10 +54,20 @@ impl Enrollment {
                 e,
             )
         })?;
-        serde_json::from_str(&text).map_err(|e| Error::ConfigFile {
-            path,
+        let e: Enrollment = serde_json::from_str(&text).map_err(|e| Error::ConfigFile {
+            path: path.clone(),
             reason: e.to_string(),
-        })
+        })?;
+        if e.format > FORMAT {
+            return Err(Error::ConfigFile {
+                path,
+                reason: format!(
+                    "format {} is a newer ublk-mirror's (this one reads {FORMAT}): run that one",
+                    e.format
+                ),
+            });
+        }
+        Ok(e)
     }
 }
 

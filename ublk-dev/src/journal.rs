@@ -238,9 +238,13 @@ impl Header {
             a.copy_from_slice(&b[i..i + 8]);
             u64::from_le_bytes(a)
         };
-        // The version decides where the crc is; an unknown version is
-        // reported as such only if the block is otherwise intact.
+        // The version decides where the crc is. A newer one (a small
+        // number past ours: a newer ublk-mirror wrote it, and may have
+        // moved the crc) is said as such before the crc is looked at.
         let version = u32_at(8);
+        if version > VERSION && version < 1 << 16 {
+            return Err(FormatError::Version(version));
+        }
         let crc_at = if version == 1 {
             HEADER_CRC_AT_V1
         } else {
@@ -454,6 +458,12 @@ impl Journal {
             }
         }
         let Some(header) = copies.into_iter().max_by_key(|h| h.sequence) else {
+            if let Some(FormatError::Version(v)) = first_error {
+                return Err(Error::InvalidConfig(format!(
+                    "journal {}: written by a newer ublk-mirror (journal format {v}; this one reads up to {VERSION}): run that one, or move the journal away to start over with a full resync",
+                    path.display()
+                )));
+            }
             return Err(corrupt(format!(
                 "no valid header ({})",
                 first_error.map_or_else(|| "empty".into(), |e| e.to_string())
@@ -846,6 +856,9 @@ mod tests {
         b[8..12].copy_from_slice(&9u32.to_le_bytes());
         let crc = crc32c::crc32c(&b[..72]);
         b[72..76].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Header::decode(&b), Err(FormatError::Version(9)));
+        // Also with its crc elsewhere (a newer format may move it).
+        b[72..76].copy_from_slice(&[0; 4]);
         assert_eq!(Header::decode(&b), Err(FormatError::Version(9)));
     }
 

@@ -1803,9 +1803,30 @@ impl Association {
         dir.join("mirror.json")
     }
 
+    /// The record, if there is one that can be read: one that cannot
+    /// (damaged, or a newer ublk-mirror's) means a comparison of the whole
+    /// device with the mirror, which is said.
     fn load(dir: &Path) -> Option<Association> {
-        let text = std::fs::read_to_string(Self::path(dir)).ok()?;
-        serde_json::from_str(&text).ok()
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).ok()?;
+        match serde_json::from_str::<Association>(&text) {
+            Ok(a) if a.format <= 1 => Some(a),
+            Ok(a) => {
+                tracing::warn!(
+                    "{}: format {} is a newer ublk-mirror's: not read, so the device is compared with the mirror whole",
+                    path.display(),
+                    a.format
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{}: cannot be read ({e}), so the device is compared with the mirror whole",
+                    path.display()
+                );
+                None
+            }
+        }
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
