@@ -117,7 +117,13 @@ pub const MAX_BLOCK: u32 = 1 << 20;
 pub const MAX_BLOCK_DATA: u32 = MAX_BLOCK;
 
 /// Protocol versions; a line in the module docs per bump.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// On the wire a version is its index (V1 is 0) as a varint, as postcard
+/// writes an enum's variant; a number past the newest this build knows
+/// reads as [`Version::CURRENT`] (a newer peer speaks ours with us), so
+/// that a newer client is answered in our version, not cut off with an
+/// undecodable hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Version {
     /// First version.
     V1,
@@ -132,10 +138,35 @@ pub enum Version {
 }
 
 impl Version {
+    /// Every version, oldest first (a version's index is its wire number).
+    const ALL: [Version; 5] = [
+        Version::V1,
+        Version::V2,
+        Version::V3,
+        Version::V4,
+        Version::V5,
+    ];
+
     /// The newest version this build speaks.
     pub const CURRENT: Version = Version::V5;
     /// The oldest version this build still speaks (as a server).
     pub const OLDEST: Version = Version::V2;
+}
+
+impl Serialize for Version {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(*self as u32)
+    }
+}
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u32::deserialize(d)?;
+        Ok(Version::ALL
+            .get(n as usize)
+            .copied()
+            .unwrap_or(Version::CURRENT))
+    }
 }
 
 /// How a block's bytes travel.
@@ -673,7 +704,11 @@ impl Message {
         // One message, one encoding: an overlong varint (postcard reads
         // `[142, 0]` as 14) is refused, so that no two peers can read the
         // same bytes differently. Found by the fuzz target.
-        if postcard::to_allocvec(&message).map_or(true, |canonical| canonical != body) {
+        // (A hello is the exception: a newer peer's version number reads
+        // as ours, see [`Version`].)
+        if !matches!(message, Message::Hello { .. })
+            && postcard::to_allocvec(&message).map_or(true, |canonical| canonical != body)
+        {
             return Err(ProtoError::Malformed("not in canonical form".into()));
         }
         message.validate()?;
@@ -719,6 +754,14 @@ mod tests {
                 .unwrap()
                 .check_hello(),
             Ok(Version::V5)
+        );
+        // A newer peer's hello (a version this build does not know) is
+        // answered in ours.
+        assert_eq!(
+            Message::decode(&[0, b'U', b'B', b'M', b'R', 9])
+                .unwrap()
+                .check_hello(),
+            Ok(Version::CURRENT)
         );
         // A V2 peer is spoken to in V2; a V1 peer is told what we speak.
         assert_eq!(
