@@ -227,7 +227,17 @@ enum Command {
     /// store. The server does the same for each volume when it is first
     /// opened; this does them all now, volume by volume, and says what it
     /// did. Refused while the server runs.
-    Upgrade,
+    Upgrade {
+        /// Keep every volume in the chunk store server.toml names from
+        /// now on, though it was kept in another (a store moved, or
+        /// lost): each image is stored there as its volume's first
+        /// version. A volume the store has versions of already is left
+        /// as it is. Without it, a volume kept in another store is
+        /// refused (a mistyped [store] would otherwise fill a new store
+        /// unnoticed).
+        #[arg(long)]
+        move_to_this_store: bool,
+    },
     /// Stop an export the running server serves.
     Unexport {
         /// Its target name (as `export` printed it).
@@ -382,7 +392,7 @@ fn main() -> ExitCode {
             .expect("opened before")
             .and_then(|source| import(&cli.data, cfg, &volume, source, &from)),
         Command::Store { json } => store_info(&cli.data, cfg, json),
-        Command::Upgrade => upgrade(&cli.data, cfg),
+        Command::Upgrade { move_to_this_store } => upgrade(&cli.data, cfg, move_to_this_store),
         Command::Gc { window } => gc(&cli.data, cfg, window),
         Command::Verify { volume, json } => verify(&cli.data, cfg, volume.as_deref(), json),
         Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
@@ -918,16 +928,30 @@ fn gc(data: &Path, cfg: &Path, window: Option<Span>) -> mirror_server::Result<()
     Ok(())
 }
 
-fn upgrade(data: &Path, cfg: &Path) -> mirror_server::Result<()> {
+fn upgrade(data: &Path, cfg: &Path, move_to_this_store: bool) -> mirror_server::Result<()> {
     let _lock = admin::ServerLock::take(data)?;
     let config = ServerConfig::load(cfg)?;
     runtime()?.block_on(async {
         let store = config.chunk_store(data)?;
         println!("chunk store: {}", store.describe());
-        let volumes = Volumes::new(data, Quota::none()).with_store(store);
+        let volumes = Volumes::new(data, Quota::none()).with_store(store.clone());
         let mut failed = 0;
         for (client, volume) in volumes.all() {
             let name = format!("{client}/{volume}");
+            if move_to_this_store {
+                let dir = volumes.dir(&client, &volume);
+                match tokio::task::block_in_place(|| {
+                    mirror_server::store::move_to_store(&dir, &store, &name)
+                }) {
+                    Ok(true) => println!("{name}: to be kept in this store"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{name}: {e}");
+                        continue;
+                    }
+                }
+            }
             match volumes.open(&client, &volume, None) {
                 Ok(v) => {
                     let v = v.lock().await;

@@ -39,6 +39,11 @@ fn imported() -> Vec<u8> {
     out
 }
 
+fn state_json(data: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(data.join("volumes/laptop/root/state.json")).unwrap())
+        .unwrap()
+}
+
 #[test]
 fn a_data_directory_from_before_the_chunk_store_is_upgraded_with_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
@@ -90,6 +95,45 @@ fn a_data_directory_from_before_the_chunk_store_is_upgraded_with_nothing_lost() 
     let store2 = run(&data, &["store", "--json"]);
     let store2: serde_json::Value = serde_json::from_slice(&store2.stdout).unwrap();
     assert_eq!(store2["volumes"][0]["versions"], 1, "{store2}");
+
+    // [store] pointed at another, empty store (a typo, a mount missing):
+    // the volume is not stored there as if new; on purpose it is.
+    let stored_in = state_json(&data)["store_id"].as_str().unwrap().to_string();
+    let toml = std::fs::read_to_string(data.join("server.toml")).unwrap();
+    std::fs::write(
+        data.join("server.toml"),
+        format!("{toml}\n[store]\nurl = \"other-store\"\n"),
+    )
+    .unwrap();
+    let wrong = run(&data, &["upgrade"]);
+    assert!(!wrong.status.success(), "{wrong:?}");
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(said.contains("is kept in the chunk store"), "{said}");
+    assert!(said.contains("--move-to-this-store"), "{said}");
+    let store3 = run(&data, &["store", "--json"]);
+    let store3: serde_json::Value = serde_json::from_slice(&store3.stdout).unwrap();
+    assert_eq!(store3["chunks"], 0, "stored in the wrong store: {store3}");
+    let moved = run(&data, &["upgrade", "--move-to-this-store"]);
+    assert!(moved.status.success(), "{moved:?}");
+    assert!(
+        String::from_utf8_lossy(&moved.stdout).contains("laptop/root: version 1 in the store"),
+        "{moved:?}"
+    );
+    let now_in = state_json(&data)["store_id"].as_str().unwrap().to_string();
+    assert_ne!(now_in, stored_in, "the state names the new store");
+    // Back to the first store: its id is not the one the state names.
+    std::fs::write(data.join("server.toml"), &toml).unwrap();
+    let back = run(&data, &["upgrade"]);
+    assert!(!back.status.success(), "{back:?}");
+    assert!(
+        String::from_utf8_lossy(&back.stderr).contains("is kept in the chunk store"),
+        "{back:?}"
+    );
+    std::fs::write(
+        data.join("server.toml"),
+        format!("{toml}\n[store]\nurl = \"other-store\"\n"),
+    )
+    .unwrap();
 
     // The images are now a cache: made again from the store alone.
     std::fs::remove_dir_all(data.join("volumes")).unwrap();

@@ -111,6 +111,12 @@ struct StoreRecord {
     block: u64,
     hash: String,
     segment_blocks: usize,
+    /// Made with the store (random, hex): a volume's state names the
+    /// store it is kept in, so that another store (a mistyped prefix, a
+    /// missing mount) is never taken for it. Stores made before it have
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
 }
 
 impl StoreRecord {
@@ -121,6 +127,17 @@ impl StoreRecord {
             block: BLOCK,
             hash: "sha256".into(),
             segment_blocks: SEGMENT_BLOCKS,
+            id: None,
+        }
+    }
+
+    /// A new store's record, with a fresh id.
+    fn new_store() -> StoreRecord {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).expect("the system's random source");
+        StoreRecord {
+            id: Some(ublk_mirror_common::hex::encode(&id)),
+            ..StoreRecord::ours()
         }
     }
 }
@@ -285,6 +302,9 @@ pub struct ChunkStore {
     /// The directory of a local store: what is written there is dropped
     /// from the page cache once durable (see [`fsutil::Streamed`]).
     local: Option<std::path::PathBuf>,
+    /// The store's id (`store.json`), once claimed; none for a store made
+    /// before ids.
+    id: std::sync::OnceLock<Option<String>>,
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -372,6 +392,7 @@ impl ChunkStore {
                 ..ChunkCache::default()
             }),
             local: None,
+            id: std::sync::OnceLock::new(),
         };
         Ok(chunks)
     }
@@ -391,6 +412,11 @@ impl ChunkStore {
         }
         chunks.refresh_index()?;
         Ok(chunks)
+    }
+
+    /// The store's id, if it has one (see `store.json`).
+    pub fn id(&self) -> Option<&str> {
+        self.id.get().and_then(|i| i.as_deref())
     }
 
     /// Where the store is, for messages.
@@ -413,7 +439,7 @@ impl ChunkStore {
     /// `store.json`: read it, or write it into an empty store.
     async fn claim(&self) -> Result<()> {
         let path = ObjPath::from(STORE_RECORD);
-        let ours = StoreRecord::ours();
+        let ours = StoreRecord::new_store();
         match self.store.get(&path).await {
             Ok(r) => {
                 let bytes = r.bytes().await.map_err(|e| store_err(&self.describe, e))?;
@@ -437,7 +463,8 @@ impl ChunkStore {
         let json = serde_json::to_vec_pretty(&ours).map_err(|e| Error::Corrupt(e.to_string()))?;
         match self.create(&path, json.into()).await {
             Ok(true) => {
-                tracing::info!(store = %self.describe, "a new chunk store");
+                tracing::info!(store = %self.describe, id = ?ours.id, "a new chunk store");
+                let _ = self.id.set(ours.id);
                 Ok(())
             }
             Ok(false) => {
@@ -462,12 +489,17 @@ impl ChunkStore {
                 self.describe
             )));
         }
-        if record != StoreRecord::ours() {
+        if (StoreRecord {
+            id: None,
+            ..record.clone()
+        }) != StoreRecord::ours()
+        {
             return Err(Error::Invalid(format!(
                 "{} is a chunk store of format {} (block {}, {} blocks a segment); this server reads format {STORE_FORMAT}",
                 self.describe, record.format, record.block, record.segment_blocks
             )));
         }
+        let _ = self.id.set(record.id);
         Ok(())
     }
 

@@ -156,6 +156,11 @@ pub struct VolumeState {
     /// upgraded when the volume is attached to one).
     #[serde(default)]
     pub store_seq: u64,
+    /// The id of the chunk store that version is in (absent: written
+    /// before store ids, or a store without one); another store is never
+    /// taken for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<String>,
 }
 
 impl VolumeState {
@@ -274,6 +279,7 @@ impl Volume {
             owner: None,
             writer_epoch: 0,
             store_seq: 0,
+            store_id: None,
         };
         write_state(dir, &state)?;
         // The directories made (VOLUME, CLIENT, volumes), so that the
@@ -867,6 +873,10 @@ impl Volume {
         // refresh catches the image up to the store's newest.
         if let Some(seq) = stored {
             self.state.store_seq = seq;
+            self.state.store_id = self
+                .chunks
+                .as_ref()
+                .and_then(|(store, _)| store.id().map(str::to_string));
         }
         if stop == Some(CommitStep::Marked) {
             return Ok(());
@@ -1137,12 +1147,31 @@ impl Volume {
         // catch-up writes only the blocks that differ from the version the
         // state names, and the image must be that version.
         self.unpoison()?;
+        if let (Some(mine), Some(theirs)) = (self.state.store_id.as_deref(), store.id()) {
+            if mine != theirs {
+                return Err(Error::Corrupt(format!(
+                    "volume {name} is kept in the chunk store {mine}, but {} is the store {theirs}: is [store] in server.toml the right one? (to keep the volume in this store from now on: `mirror-server upgrade --move-to-this-store`, with the server stopped)",
+                    store.describe()
+                )));
+            }
+        }
         let head = store.head(&name)?;
         match head {
+            None if self.state.store_seq > 0 => {
+                // Stored before, and this store has none of it: not the
+                // store it was kept in (or one emptied). Storing the image
+                // here as a first version would go on silently elsewhere.
+                return Err(Error::Corrupt(format!(
+                    "volume {name}: this image holds version {} of a chunk store, but {} has no version of it: is [store] in server.toml the right one, and reachable? (to keep the volume in this store from now on: `mirror-server upgrade --move-to-this-store`, with the server stopped)",
+                    self.state.store_seq,
+                    store.describe()
+                )));
+            }
             None if !self.is_new() => {
                 tracing::info!(volume = %name, "storing the image as the volume's first version (upgrade)");
                 let seq = self.store_image(&store, &name)?;
                 self.state.store_seq = seq;
+                self.state.store_id = store.id().map(str::to_string);
                 write_state(&self.dir, &self.state)?;
             }
             None => {}
@@ -1174,6 +1203,11 @@ impl Volume {
                     h.seq
                 )));
             }
+        }
+        if self.state.store_seq > 0 && self.state.store_id.as_deref() != store.id() {
+            // Named from now on (a state from before store ids).
+            self.state.store_id = store.id().map(str::to_string);
+            write_state(&self.dir, &self.state)?;
         }
         Ok(())
     }
@@ -1357,6 +1391,7 @@ impl Volume {
                 .or(self.state.owner.clone()),
             writer_epoch: new.writer.map_or(self.state.writer_epoch, |w| w.epoch),
             store_seq: new.seq,
+            store_id: store.id().map(str::to_string),
             uuid: if new.uuid.is_empty() {
                 self.state.uuid.clone()
             } else {
@@ -2022,6 +2057,29 @@ fn read_marker(path: &Path) -> Result<Marker> {
     let bytes =
         std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
+}
+
+/// Let the volume in `dir` be kept in `store` from now on, which holds
+/// no version of it (`name`): its image is stored there as its first
+/// version when it is next opened. Refused when the store has a version
+/// of it (it may be the store it was in; nothing is changed then). For
+/// `mirror-server upgrade --move-to-this-store`, with the server stopped.
+pub fn move_to_store(dir: &Path, store: &ChunkStore, name: &str) -> Result<bool> {
+    let mut state = read_state(dir)?;
+    if state.store_seq == 0 && state.store_id.is_none() {
+        return Ok(false);
+    }
+    if let Some(h) = store.head(name)? {
+        return Err(Error::Invalid(format!(
+            "volume {name}: {} holds version {} of it already: not moved (is it the store it is kept in?)",
+            store.describe(),
+            h.seq
+        )));
+    }
+    state.store_seq = 0;
+    state.store_id = None;
+    write_state(dir, &state)?;
+    Ok(true)
 }
 
 fn write_state(dir: &Path, state: &VolumeState) -> Result<()> {
