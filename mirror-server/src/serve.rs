@@ -588,7 +588,17 @@ async fn restore(
     };
     let opened = {
         let mut v = v.lock().await;
-        tokio::task::block_in_place(|| v.open_version(at))
+        tokio::task::block_in_place(|| {
+            let opened = v.open_version(at)?;
+            // A version asked for by name or time is kept from now on:
+            // an attach or instant restore reads it for as long as its
+            // fill takes, across reboots and lost links, and retention
+            // must not take it meanwhile.
+            if at.is_some() && v.keep_snapshot(&opened.0.name)? {
+                tracing::info!(client, volume, snapshot = %opened.0.name, "restored from: kept as a manual snapshot from now on");
+            }
+            Ok::<_, Error>(opened)
+        })
     };
     let (info, pin, source) = match opened {
         Ok(p) => p,

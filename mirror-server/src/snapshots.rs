@@ -826,6 +826,31 @@ impl Snapshots {
         }
     }
 
+    /// Keep scheduled snapshot `name` until it is deleted (it becomes a
+    /// manual one): a version a device restores or attaches by name or
+    /// time, whose fill may take days across reboots and lost links,
+    /// must not be pruned before it ends. `false`: nothing to change (not
+    /// a scheduled snapshot, or none of that name).
+    pub fn keep_until_deleted(&mut self, name: &str) -> Result<bool> {
+        let Some(i) = self
+            .manifest
+            .snapshots
+            .iter()
+            .position(|s| s.name == name && s.kind == Kind::Scheduled)
+        else {
+            return Ok(false);
+        };
+        self.manifest.snapshots[i].kind = Kind::Manual;
+        match self.write_manifest() {
+            Err(e) => {
+                self.manifest.snapshots[i].kind = Kind::Scheduled;
+                Err(e)
+            }
+            Ok(Written::Durably) => Ok(true),
+            Ok(Written::InPlace(e)) => Err(e),
+        }
+    }
+
     /// Before the image's `units` (chunk, its units) are overwritten: keep
     /// their content in the newest snapshot (where it lacks them),
     /// durably.
@@ -1660,16 +1685,23 @@ mod tests {
             daily: 0,
             weekly: 1,
         };
+        let kept = s.create(None, 1, 1500, 1500, Kind::Scheduled).unwrap();
         s.create(None, 2, 2000, 2000, Kind::Scheduled).unwrap();
         s.create(None, 3, 3000, 3000, Kind::Scheduled).unwrap();
+        // One a device restores from is kept until deleted (a manual
+        // one); asked again, nothing changes.
+        assert!(s.keep_until_deleted(&kept.name).unwrap());
+        assert!(!s.keep_until_deleted(&kept.name).unwrap());
+        assert!(!s.keep_until_deleted("nope").unwrap());
         assert_eq!(
             s.prune(&retention, 100 * DAY).unwrap().len(),
             1,
-            "the newest is kept"
+            "the newest is kept, and the one restored from"
         );
+        assert!(s.get(&kept.name).is_some_and(|k| k.kind == Kind::Manual));
         drop(pin);
         s.delete("a").unwrap();
-        assert!(s.get("a").is_none() && s.list().len() == 1);
+        assert!(s.get("a").is_none() && s.list().len() == 2);
     }
 
     #[test]

@@ -478,6 +478,12 @@ impl Volume {
         Ok(names)
     }
 
+    /// Keep scheduled snapshot `name` until it is deleted (see
+    /// [`Snapshots::keep_until_deleted`]).
+    pub fn keep_snapshot(&mut self, name: &str) -> Result<bool> {
+        self.snapshots_mut().keep_until_deleted(name)
+    }
+
     /// Keep snapshot `name` while the pin lives (for readers).
     pub fn pin_snapshot(&mut self, name: &str) -> Result<(SnapshotInfo, Pin)> {
         self.snapshots_mut().pin(name)
