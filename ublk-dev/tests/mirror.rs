@@ -450,6 +450,8 @@ fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone()
         };
         s["epoch_ms"] = ms.into();
         s["created_ms"] = ms.into();
+        // As the schedule would have taken them.
+        s["kind"] = "scheduled".into();
     }
     std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
     let _server = TestServer::start(&data, &listen);
@@ -478,6 +480,12 @@ fn at_yesterday_18_00_restores_the_snapshot_of_that_evening_in_the_user_s_zone()
             std::fs::read(&to).unwrap() == *state,
             "{tz}: not {want}'s data"
         );
+    }
+    // Restored from, both are kept from now on (retention no longer
+    // takes them).
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    for s in m["snapshots"].as_array().unwrap() {
+        assert_eq!(s["kind"], "manual", "{s}");
     }
     // Before both: nothing to restore, and it says so.
     let out = restore_at(zones[0].0, "yesterday 16:00", &dir.path().join("none.img"));
