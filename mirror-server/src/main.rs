@@ -365,7 +365,7 @@ fn main() -> ExitCode {
         Command::Serve { listen } => serve(&cli.data, cfg, listen),
         Command::Client(c) => client(&cli.data, cfg, c),
         Command::Snapshot { volume, name } => {
-            admin::request(&cli.data, admin::Op::Snapshot { volume: volume.clone(), name })
+            admin::request(&cli.data, cfg, admin::Op::Snapshot { volume: volume.clone(), name })
                 .and_then(snapshot_info)
                 .map(|info| {
                     println!(
@@ -395,7 +395,7 @@ fn main() -> ExitCode {
         Command::Upgrade { move_to_this_store } => upgrade(&cli.data, cfg, move_to_this_store),
         Command::Gc { window } => gc(&cli.data, cfg, window),
         Command::Verify { volume, json } => verify(&cli.data, cfg, volume.as_deref(), json),
-        Command::Unexport { name } => admin::request(&cli.data, admin::Op::Unexport { name: name.clone() })
+        Command::Unexport { name } => admin::request(&cli.data, cfg, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
         Command::Snapshots { volume, json, utc } => {
             list_snapshots(&cli.data, cfg, &volume, json, utc)
@@ -403,6 +403,7 @@ fn main() -> ExitCode {
         Command::Delete { target } => match target.split_once('@') {
             Some((volume, snapshot)) => admin::request(
                 &cli.data,
+                cfg,
                 admin::Op::Delete {
                     volume: volume.to_string(),
                     snapshot: snapshot.to_string(),
@@ -750,7 +751,7 @@ fn export(
         chap,
     };
     if admin::server_running(data) {
-        let info = admin::request(data, admin::Op::Export(spec))?;
+        let info = admin::request(data, cfg, admin::Op::Export(spec))?;
         show(&info);
         println!(
             "the server serves it until `mirror-server unexport {}`",

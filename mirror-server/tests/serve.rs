@@ -780,6 +780,12 @@ async fn snapshots_are_taken_listed_and_deleted_with_the_server_running_or_not()
     let second = list[1]["name"].as_str().unwrap().to_string();
     let out = server.cli(&["delete", &format!("laptop/v@{second}")]);
     assert!(out.status.success(), "{out:?}");
+    // Done here as the server does: the snapshot taken pins its version
+    // in the chunk store (else GC takes it), the one deleted no longer.
+    let config = mirror_server::config::ServerConfig::load(&data.join("server.toml")).unwrap();
+    let pins = config.chunk_store(&data).unwrap().pins("laptop/v").unwrap();
+    assert!(pins.contains_key("offline"), "{pins:?}");
+    assert!(!pins.contains_key(&second), "{pins:?}");
     // "first" still reads as epoch 1, through what "second" handed it.
     let vdir = data.join("volumes/laptop/v");
     let (v, _) = mirror_server::store::Volume::open(&vdir).unwrap();

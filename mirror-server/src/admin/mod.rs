@@ -135,7 +135,7 @@ pub fn snapshot_json(info: &SnapshotInfo) -> serde_json::Value {
 /// Carry out `op`: through the running server, or here when none runs
 /// (snapshot and delete; an export without a server is the caller's to
 /// run in the foreground).
-pub fn request(data: &Path, op: Op) -> Result<serde_json::Value> {
+pub fn request(data: &Path, cfg: &Path, op: Op) -> Result<serde_json::Value> {
     if let Some(volume) = volume_of(&op) {
         volume_dir(data, volume)?;
     }
@@ -170,6 +170,11 @@ pub fn request(data: &Path, op: Op) -> Result<serde_json::Value> {
             };
             let _lock = ServerLock::take(data)?;
             let (mut volume, _) = Volume::open(&volume_dir(data, name)?)?;
+            // With its chunk store, as the server has it: a snapshot pins
+            // its version there (else GC would take it), is of the store's
+            // newest version, and a delete unpins it.
+            let store = crate::config::ServerConfig::load(cfg)?.chunk_store(data)?;
+            volume.attach(store, name)?;
             apply(&mut volume, &op).map(|info| snapshot_json(&info))
         }
     }
