@@ -654,6 +654,28 @@ fn import(
             "mirror-server: note: there is no client {client} yet (`mirror-server client list`): the volume is theirs once `client add {client}` enrolls"
         );
     }
+    // With no server running, the volume is made and stored here under
+    // the server's lock; under a running server it is only made (put in
+    // place whole), and the server stores it when it first opens it: two
+    // processes never store one volume at once.
+    let running = admin::server_running(data);
+    let _lock = if running {
+        None
+    } else {
+        Some(admin::ServerLock::take(data)?)
+    };
+    // A volume the chunk store has (kept by another server of the fleet,
+    // or this one's cache lost) is not new: its versions would replace
+    // the import when it is first opened.
+    if let Ok(Some(head)) = ServerConfig::load(cfg)
+        .and_then(|c| c.chunk_store_for_listing(data))
+        .and_then(|store| store.head(volume))
+    {
+        return Err(mirror_server::Error::Invalid(format!(
+            "the chunk store holds volume {volume} already (version {}, epoch {}): import a new name",
+            head.seq, head.epoch
+        )));
+    }
     let dir = data.join(store::VOLUMES_DIR).join(client).join(name);
     // A progress bar on a terminal; nothing otherwise.
     let bar = indicatif::ProgressBar::new(0);
@@ -676,6 +698,12 @@ fn import(
         ByteSize(state.size),
         state.published_epoch
     );
+    if running {
+        println!(
+            "  the running server stores it in the chunk store when it first opens it (a client's link, an export, its schedule)"
+        );
+        return Ok(());
+    }
     // Into the chunk store at once (the image here is its cache): what
     // other servers serve, and what survives this machine.
     let stored = ServerConfig::load(cfg).and_then(|config| {

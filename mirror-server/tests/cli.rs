@@ -100,6 +100,18 @@ fn volumes_flags_the_stale_ones_for_cron_and_reads_the_store_too() {
     assert_eq!(rows[0]["only_in_store"], true);
     assert_eq!(rows[0]["size"], 1 << 20);
     assert_eq!(rows[0]["stale"], false);
+    // Imported again under that name: refused, the store's versions
+    // would replace it when first opened.
+    let out = server(
+        &data,
+        &["import", "test/fresh", "--from", img.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds volume test/fresh already"),
+        "{out:?}"
+    );
+    assert!(!data.join("volumes/test/fresh").exists());
     // A bad threshold is a usage error.
     assert_eq!(
         server(&data, &["volumes", "--stale", "soon"]).status.code(),
