@@ -524,7 +524,17 @@ impl Link {
             .connect(addr, tls::SERVER_NAME)
             .map_err(|e| Error::Link(format!("connecting to {address}: {e}")))?
             .await
-            .map_err(|e| Error::Link(format!("connecting to {address}: {e}")))?;
+            .map_err(|e| {
+                let said = e.to_string();
+                if said.contains(tls::NOT_PINNED) {
+                    // Not the network: trying again will not help.
+                    Error::Refused(format!(
+                        "{address} ({addr}) is not the server this machine enrolled with: its identity changed (`mirror-server init` anew, or another server at that address); enroll again (`ublk-mirror enroll`) if it is meant to be"
+                    ))
+                } else {
+                    Error::Link(format!("connecting to {address}: {e}"))
+                }
+            })?;
         Ok(Link {
             endpoint,
             conn,

@@ -230,6 +230,23 @@ struct PinnedServer {
     provider: Arc<CryptoProvider>,
 }
 
+/// A server whose certificate is not the pinned one: its name in a failed
+/// connection's error (rustls shows it in its debug form) is how that is
+/// told apart from a network fault.
+#[derive(Debug)]
+struct NotPinned;
+
+/// How [`NotPinned`] shows in a connection's error.
+pub const NOT_PINNED: &str = "NotPinned";
+
+impl std::fmt::Display for NotPinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server's certificate is not the one this machine enrolled with")
+    }
+}
+
+impl std::error::Error for NotPinned {}
+
 impl ServerCertVerifier for PinnedServer {
     fn verify_server_cert(
         &self,
@@ -242,9 +259,9 @@ impl ServerCertVerifier for PinnedServer {
         if Fingerprint::of(end_entity) == self.fingerprint {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(NotPinned)),
+            )))
         }
     }
 

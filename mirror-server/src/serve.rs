@@ -329,11 +329,13 @@ async fn request(
     let registry = shared.registry.clone();
     let client = tokio::task::block_in_place(|| registry.who(fingerprint))?;
     let Some(client) = client.as_deref() else {
-        return refuse(
-            &mut send,
-            "this client is not enrolled: run `ublk-mirror enroll TOKEN` with a token from `mirror-server client add`".into(),
-        )
-        .await;
+        let revoked = tokio::task::block_in_place(|| registry.revoked(fingerprint))?;
+        let why = if revoked {
+            "this machine's enrollment was revoked on the server (`mirror-server client revoke`, or another machine enrolled in its place with `client add --replace`): ask the server's admin"
+        } else {
+            "this client is not enrolled: run `ublk-mirror enroll TOKEN` with a token from `mirror-server client add`"
+        };
+        return refuse(&mut send, why.into()).await;
     };
     let to = Handler {
         volumes: &shared.volumes,

@@ -470,11 +470,15 @@ async fn strangers_reused_tokens_wrong_fingerprints_and_revoked_clients_are_refu
 
     // A client that pinned another server does not connect.
     let impostor = Identity::create(&dir.path().join("impostor")).unwrap();
+    let err = Link::connect(&mine, impostor.fingerprint(), &server.address)
+        .await
+        .unwrap_err();
     assert!(
-        Link::connect(&mine, impostor.fingerprint(), &server.address)
-            .await
-            .is_err()
+        err.to_string()
+            .contains("not the server this machine enrolled with"),
+        "{err}"
     );
+    assert_eq!(err.kind(), ublk_mirror_common::ErrorKind::Refused, "{err}");
 
     // Revocation closes the live connection and refuses new ones.
     link.open_volume("root", 4096).await.unwrap();
@@ -497,7 +501,7 @@ async fn strangers_reused_tokens_wrong_fingerprints_and_revoked_clients_are_refu
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("not enrolled"), "{err}");
+    assert!(err.contains("enrollment was revoked"), "{err}");
     let listed = String::from_utf8_lossy(&server.cli(&["client", "list"]).stdout).to_string();
     assert!(listed.contains("revoked"), "{listed}");
 }
