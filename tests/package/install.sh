@@ -39,7 +39,8 @@ say "apt install $(cd "$DEBS" && echo ./*.deb)"
   > /tmp/apt.log 2>&1 || { cat /tmp/apt.log; fail "apt install"; }
 files > /tmp/installed
 for f in /usr/bin/mirror-server /usr/bin/ublk-mirror /etc/mirror-server/server.toml \
-         /etc/ublk-mirror/device.toml.example /usr/lib/sysusers.d/mirror-server.conf; do
+         /etc/ublk-mirror/device.toml.example /usr/lib/sysusers.d/mirror-server.conf \
+         /etc/needrestart/conf.d/ublk-mirror.conf /usr/lib/tmpfiles.d/ublk-mirror.conf; do
   grep -qx "$f" /tmp/installed || fail "$f is not installed"
 done
 grep -q "certificate fingerprint" /tmp/apt.log || { cat /tmp/apt.log; fail "postinst did not run mirror-server init"; }
