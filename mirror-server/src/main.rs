@@ -231,8 +231,8 @@ enum Command {
         /// Keep every volume in the chunk store server.toml names from
         /// now on, though it was kept in another (a store moved, or
         /// lost): each image is stored there as its volume's first
-        /// version. A volume the store has versions of already is left
-        /// as it is. Without it, a volume kept in another store is
+        /// version. A volume this store has other versions of is refused
+        /// (not moved). Without it, a volume kept in another store is
         /// refused (a mistyped [store] would otherwise fill a new store
         /// unnoticed).
         #[arg(long)]

@@ -170,11 +170,13 @@ async fn visit(
             .list()
             .last()
             .is_none_or(|s| s.epoch < published);
-    // A last one "in the future" (the clock went back) does not stop the
-    // schedule until the clock catches up with it.
-    let due = v.snapshots().last_scheduled_ms().is_none_or(|last| {
-        last > now || now.saturating_sub(last) >= policy.every.0.as_millis() as u64
-    });
+    // Counted from the newest taken by now: ones "in the future" (the
+    // clock went back) neither stop the schedule until the clock catches
+    // up with them, nor make every turn take one.
+    let due = v
+        .snapshots()
+        .last_scheduled_ms_by(now)
+        .is_none_or(|last| now.saturating_sub(last) >= policy.every.0.as_millis() as u64);
     let done = tokio::task::block_in_place(|| -> Result<()> {
         if changed && due {
             let info = v.snapshot(None, Kind::Scheduled)?;

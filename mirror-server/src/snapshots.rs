@@ -1206,12 +1206,13 @@ impl Snapshots {
         self.deltas.values().map(|d| d.data_len).sum()
     }
 
-    /// The newest scheduled snapshot's creation time, if any.
-    pub fn last_scheduled_ms(&self) -> Option<u64> {
+    /// When the newest scheduled snapshot taken at or before `now_ms` was
+    /// taken (one "after" now: the clock went back since).
+    pub fn last_scheduled_ms_by(&self, now_ms: u64) -> Option<u64> {
         self.manifest
             .snapshots
             .iter()
-            .filter(|s| s.kind == Kind::Scheduled)
+            .filter(|s| s.kind == Kind::Scheduled && s.created_ms <= now_ms)
             .map(|s| s.created_ms)
             .max()
     }

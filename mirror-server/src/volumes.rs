@@ -327,12 +327,41 @@ impl Volumes {
             .open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
+            .entry(key.clone())
             .or_default()
             .clone();
-        // Another request opening this volume is waited for.
-        let mut slot =
-            tokio::task::block_in_place(|| slot.lock().unwrap_or_else(|p| p.into_inner()));
+        // Another request opening this volume is waited for (off the
+        // async worker: that may take long).
+        let mut guard = match slot.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                tokio::task::block_in_place(|| slot.lock().unwrap_or_else(|p| p.into_inner()))
+            }
+        };
+        let opened = self.open_in(&mut guard, client, volume, size);
+        if opened.is_err() && guard.is_none() {
+            drop(guard);
+            // A slot no volume filled goes, unless another request waits
+            // on it: names asked for that are not there (or refused) do
+            // not pile up.
+            let mut map = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) && Arc::strong_count(&slot) == 2
+            {
+                map.remove(&key);
+            }
+        }
+        opened
+    }
+
+    /// [`Volumes::open`] with the volume's slot held.
+    fn open_in(
+        &self,
+        slot: &mut Option<(u64, SharedVolume)>,
+        client: &str,
+        volume: &str,
+        size: Option<u64>,
+    ) -> Result<SharedVolume> {
         if let Some((have, v)) = &*slot {
             if let Some(size) = size.filter(|s| s != have) {
                 return Err(size_mismatch(volume, *have, size));
@@ -431,4 +460,27 @@ fn size_mismatch(volume: &str, have: u64, asked: u64) -> Error {
     Error::Invalid(format!(
         "volume {volume} is {have} bytes on the server, not {asked}: a volume's size never changes (use another volume name)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names asked for that are not there, or refused, leave nothing
+    /// behind; an open volume is shared, and a size that differs refused.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn opens_that_fail_leave_no_slot_and_open_volumes_are_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(VOLUMES_DIR)).unwrap();
+        let volumes = Volumes::new(dir.path(), Quota::none());
+        for i in 0..50 {
+            assert!(volumes.open("c", &format!("nope{i}"), None).is_err());
+        }
+        assert_eq!(volumes.open.lock().unwrap().len(), 0);
+        let a = volumes.open("c", "v", Some(1 << 20)).unwrap();
+        let b = volumes.open("c", "v", None).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(volumes.open("c", "v", Some(2 << 20)).is_err());
+        assert_eq!(volumes.open.lock().unwrap().len(), 1, "the open one stays");
+    }
 }

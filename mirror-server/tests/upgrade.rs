@@ -121,6 +121,13 @@ fn a_data_directory_from_before_the_chunk_store_is_upgraded_with_nothing_lost() 
     );
     let now_in = state_json(&data)["store_id"].as_str().unwrap().to_string();
     assert_ne!(now_in, stored_in, "the state names the new store");
+    // Again: nothing to move, and no failure.
+    let again = run(&data, &["upgrade", "--move-to-this-store"]);
+    assert!(again.status.success(), "{again:?}");
+    assert!(
+        !String::from_utf8_lossy(&again.stdout).contains("to be kept in this store"),
+        "{again:?}"
+    );
     // Back to the first store: its id is not the one the state names.
     std::fs::write(data.join("server.toml"), &toml).unwrap();
     let back = run(&data, &["upgrade"]);

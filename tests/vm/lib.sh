@@ -88,7 +88,7 @@ fresh_status() {
 allocated() { echo $(( $(stat -c %b "$1") * $(stat -c %B "$1") )); }
 
 cleanup_devices() {
-  "$UBLK_MIRROR" del --all >/dev/null 2>&1 || true
+  "$UBLK_MIRROR" del --all --force >/dev/null 2>&1 || true
 }
 
 modprobe ublk_drv

@@ -51,7 +51,7 @@ for t in "${tests[@]}"; do
   else
     failed+=("$t"); echo "--- FAIL $t ($((SECONDS - start)) s)"
   fi
-  "$UBLK_MIRROR" del --all >/dev/null 2>&1 || true
+  "$UBLK_MIRROR" del --all --force >/dev/null 2>&1 || true
   # A failed test may leave its mirror server running, holding the port.
   if pkill -x mirror-server 2>/dev/null; then
     for _ in $(seq 50); do pgrep -x mirror-server >/dev/null || break; sleep 0.1; done

@@ -953,10 +953,14 @@ impl Context {
     /// One connection's life: ship epochs until stopped or the link fails.
     async fn session(&self, connected: &mut bool) -> Result<()> {
         let staged_on = self.run_lock().as_ref().and_then(|r| r.server);
-        let mut link =
-            Link::connect_preferring(&self.identity, self.server, &self.address, staged_on)
-                .await
-                .map_err(Error::Mirror)?;
+        // A stop does not wait for a connection attempt (up to 10 s on a
+        // slow or dead link).
+        let connecting =
+            Link::connect_preferring(&self.identity, self.server, &self.address, staged_on);
+        let mut link = tokio::select! {
+            link = connecting => link.map_err(Error::Mirror)?,
+            () = self.stopped.notified() => return Ok(()),
+        };
         link.set_bandwidth(self.settings.bandwidth);
         let size = self.tracker.device_size();
         let mut info = link
@@ -1501,7 +1505,11 @@ impl Context {
                 run.held.insert(offset..offset + u64::from(len));
             }
             run.last_bytes = sealed.changes.touched().len();
-            self.set(|s| s.precopy_rounds = run.rounds.len() as u64);
+            self.set(|s| {
+                s.precopy_rounds = run.rounds.len() as u64;
+                // Staged: the link gets somewhere.
+                s.last_error = None;
+            });
             *self.run_lock() = Some(run);
             return Ok(());
         }

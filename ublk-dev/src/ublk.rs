@@ -348,7 +348,10 @@ const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 pub fn delete(id: u32) -> Result<()> {
     let ctrl = open_ctrl(id)?;
     let info = describe(id, &ctrl);
-    let daemon_alive = info.state == DeviceState::Live && pid_alive(info.pid);
+    // Not live: a daemon setting the device up, or the pid of one that
+    // died (which another process may have by now: it must be ours).
+    let daemon_alive =
+        pid_alive(info.pid) && (info.state == DeviceState::Live || is_our_daemon(info.pid));
     if !daemon_alive {
         return ctrl
             .del_dev()
@@ -356,7 +359,9 @@ pub fn delete(id: u32) -> Result<()> {
             .map_err(|e| driver_error(format!("deleting device {id}"), e));
     }
     let on_demand = info.record.as_ref().is_some_and(|r| r.attached.is_some());
-    if on_demand {
+    // A daemon still setting its device up (not live yet) is asked too:
+    // it stops the device once it is up, never under its set-up.
+    if on_demand || info.state != DeviceState::Live {
         // Its daemon stops it: it first fails the reads that wait for the
         // mirror, which the driver would otherwise wait for.
         nix::sys::signal::kill(
@@ -403,6 +408,15 @@ fn device_exists(id: u32) -> bool {
 
 fn pid_alive(pid: i32) -> bool {
     pid > 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether process `pid` runs ublk-mirror (also a binary an upgrade
+/// replaced: "ublk-mirror (deleted)").
+fn is_our_daemon(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ublk-mirror"))
+    })
 }
 
 /// How [`serve`] gets its device.
@@ -535,8 +549,15 @@ impl StopState {
         }
     }
 
-    /// Stop the device if it exists (called on SIGTERM/SIGINT).
+    /// Stop the device if it exists (called on SIGTERM/SIGINT): what is
+    /// written to it is written back first, while everything (the
+    /// on-demand fetcher too) still serves; then the `first` hook; then
+    /// the stop.
     fn request(&self) {
+        let up = self.id.load(Ordering::SeqCst);
+        if up >= 0 {
+            flush_before_stop(up as u32);
+        }
         if let Some(first) = self
             .first
             .lock()
@@ -545,6 +566,8 @@ impl StopState {
         {
             first();
         }
+        // Marked before the id is read again: `when_up` stores the id
+        // before it reads the mark, so one of the two stops the device.
         self.requested.store(true, Ordering::SeqCst);
         let id = self.id.load(Ordering::SeqCst);
         if id >= 0 {
@@ -577,6 +600,13 @@ const SYNC_BEFORE_STOP: std::time::Duration = std::time::Duration::from_secs(60)
 /// (for at most [`SYNC_BEFORE_STOP`]: a hung network mount does not hold
 /// the stop); the device's own cache is synced in any case.
 fn flush_before_stop(id: u32) {
+    // Only a live device: I/O to a quiesced one (a recovery under way or
+    // failed) would wait until it is live again.
+    let live = UblkCtrl::new_simple(id as i32)
+        .is_ok_and(|c| DeviceState::from_raw(c.dev_info().state) == DeviceState::Live);
+    if !live {
+        return;
+    }
     if in_use(id) {
         tracing::warn!(
             id,
@@ -602,10 +632,8 @@ fn flush_before_stop(id: u32) {
 }
 
 /// Ask the driver to stop device `id` from a thread other than the one that
-/// added it (the control ring is per thread; `new_simple` makes one here),
-/// once what is written to it is written back.
+/// added it (the control ring is per thread; `new_simple` makes one here).
 fn kill(id: u32) {
-    flush_before_stop(id);
     match UblkCtrl::new_simple(id as i32).and_then(|c| c.kill_dev()) {
         Ok(_) => tracing::info!(id, "stopping device"),
         Err(e) => tracing::warn!(id, "cannot stop device: {e}"),
@@ -736,7 +764,9 @@ where
     let ctrl = create_device(spec, start, od.is_none() || restoring)?;
     let dev_id = ctrl.dev_info().dev_id;
     let _span = tracing::info_span!("device", id = dev_id, name = %spec.name).entered();
-    stop.id.store(i64::from(dev_id), Ordering::SeqCst);
+    // (The id is handed to the signal thread once the device is up, in
+    // `when_up`: a stop sent to a device the driver has not started yet
+    // would cancel its queues while START_DEV goes on.)
     if stop.requested.load(Ordering::SeqCst) {
         tracing::info!("stop requested during set-up; not starting");
         return leave(&ctrl, start, Ok(()));
@@ -973,6 +1003,10 @@ where
 {
     move |ctrl: &UblkCtrl| {
         unpin_queue_threads(ctrl);
+        // From now on a signal stops the device itself; one that came
+        // before (it only marked the stop as asked) is carried out below.
+        stop.id
+            .store(i64::from(ctrl.dev_info().dev_id), Ordering::SeqCst);
         on_ready(&Ready {
             id: ctrl.dev_info().dev_id,
             device: PathBuf::from(ctrl.get_bdev_path()),
@@ -980,6 +1014,7 @@ where
             zero_copy: ctrl.dev_info().flags & u64::from(sys::UBLK_F_AUTO_BUF_REG) != 0,
         });
         if stop.requested.load(Ordering::SeqCst) {
+            flush_before_stop(ctrl.dev_info().dev_id);
             if let Err(e) = ctrl.kill_dev() {
                 tracing::warn!("cannot stop device: {e}");
             }
@@ -1137,6 +1172,10 @@ fn watch_signals(stop: Arc<StopState>) -> Result<signal_hook::iterator::Handle> 
         .map_err(|e| Error::io("starting the signal thread", e))?;
     Ok(handle)
 }
+
+/// Whether this kernel's ublk driver is one [`known_driver_bug`] names.
+static DRIVER_BUG: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| kernel_release().is_none_or(|r| known_driver_bug(&r).is_some()));
 
 /// Registered file index of the backing file (0 is `/dev/ublkcN`).
 const BACKING_FILE: u32 = 1;
@@ -1364,9 +1403,23 @@ async fn serve_tag(
                 })) {
                     Ok(p) => p,
                     Err(_) => {
+                        if !*DRIVER_BUG {
+                            // Tracking may be half way through this
+                            // request: the daemon ends, the device stays
+                            // quiesced, and a restart (systemd's, or
+                            // `recover`) reissues the request and rebuilds
+                            // tracking from the journal. Users see a pause.
+                            tracing::error!(
+                                tag,
+                                "handling a request panicked (a bug): the daemon ends for a recovery"
+                            );
+                            std::process::abort();
+                        }
+                        // A kernel whose driver crashes when its daemon
+                        // dies: the request fails instead.
                         tracing::error!(
                             tag,
-                            "handling a request panicked (a bug): answered EIO; restart the daemon (`ublk-mirror del` and `add`, or `kill -9` and `recover`)"
+                            "handling a request panicked (a bug): answered EIO; stop the device (`ublk-mirror del`, after umount) and start it again"
                         );
                         std::task::Poll::Ready(-libc::EIO)
                     }

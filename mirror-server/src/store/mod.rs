@@ -2071,11 +2071,18 @@ fn read_marker(path: &Path) -> Result<Marker> {
 /// of it (it may be the store it was in; nothing is changed then). For
 /// `mirror-server upgrade --move-to-this-store`, with the server stopped.
 pub fn move_to_store(dir: &Path, store: &ChunkStore, name: &str) -> Result<bool> {
-    let mut state = read_state(dir)?;
+    // Only in the store (no image here): nothing to move.
+    let Ok(mut state) = read_state(dir) else {
+        return Ok(false);
+    };
     if state.store_seq == 0 && state.store_id.is_none() {
         return Ok(false);
     }
     if let Some(h) = store.head(name)? {
+        if state.store_id.is_some() && state.store_id.as_deref() == store.id() {
+            // Moved already (or kept here all along).
+            return Ok(false);
+        }
         return Err(Error::Invalid(format!(
             "volume {name}: {} holds version {} of it already: not moved (is it the store it is kept in?)",
             store.describe(),
