@@ -526,6 +526,9 @@ pub fn recoverable(id: u32) -> Result<TargetRecord> {
 struct StopState {
     id: AtomicI64,
     requested: AtomicBool,
+    /// Whoever sets it carries the stop out (the signal thread, or
+    /// `when_up` for a stop asked during set-up): once.
+    claimed: AtomicBool,
     /// Run first on a stop: an on-demand device fails the requests that
     /// wait for the mirror, or the queues could never drain.
     first: std::sync::Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
@@ -545,19 +548,31 @@ impl StopState {
         StopState {
             id: AtomicI64::new(-1),
             requested: AtomicBool::new(false),
+            claimed: AtomicBool::new(false),
             first: std::sync::Mutex::new(None),
         }
     }
 
-    /// Stop the device if it exists (called on SIGTERM/SIGINT): what is
-    /// written to it is written back first, while everything (the
-    /// on-demand fetcher too) still serves; then the `first` hook; then
-    /// the stop.
+    /// Stop the device (called on SIGTERM/SIGINT): at once if it is up,
+    /// else `when_up` does once it is. The request is marked before the
+    /// id is read, and `when_up` stores the id before it reads the mark,
+    /// so one of the two sees the other.
     fn request(&self) {
-        let up = self.id.load(Ordering::SeqCst);
-        if up >= 0 {
-            flush_before_stop(up as u32);
+        self.requested.store(true, Ordering::SeqCst);
+        let id = self.id.load(Ordering::SeqCst);
+        if id >= 0 {
+            self.carry_out(id as u32);
         }
+    }
+
+    /// The stop itself, once: what is written to the device is written
+    /// back while everything (the on-demand fetcher too) still serves,
+    /// then the `first` hook, then the driver is told.
+    fn carry_out(&self, id: u32) {
+        if self.claimed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        flush_before_stop(id);
         if let Some(first) = self
             .first
             .lock()
@@ -566,13 +581,7 @@ impl StopState {
         {
             first();
         }
-        // Marked before the id is read again: `when_up` stores the id
-        // before it reads the mark, so one of the two stops the device.
-        self.requested.store(true, Ordering::SeqCst);
-        let id = self.id.load(Ordering::SeqCst);
-        if id >= 0 {
-            kill(id as u32);
-        }
+        kill(id);
     }
 }
 
@@ -607,27 +616,30 @@ fn flush_before_stop(id: u32) {
     if !live {
         return;
     }
-    if in_use(id) {
+    let mounted = in_use(id);
+    if mounted {
         tracing::warn!(
             id,
             "/dev/ublkb{id} is in use (mounted, or held by another device): writing back file systems before it stops; unmount it first next time"
         );
-        let (done, wait) = std::sync::mpsc::channel();
-        let _ = std::thread::Builder::new()
-            .name("sync".into())
-            .spawn(move || {
+    }
+    let (done, wait) = std::sync::mpsc::channel();
+    let _ = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || {
+            if mounted {
                 // SAFETY: sync(2) takes no arguments and cannot fail.
                 unsafe { libc::sync() };
-                let _ = done.send(());
-            });
-        if wait.recv_timeout(SYNC_BEFORE_STOP).is_err() {
-            tracing::warn!(
-                id,
-                "file systems still writing back after {SYNC_BEFORE_STOP:?}: stopping anyway"
-            );
-        }
-    } else if let Ok(dev) = std::fs::File::open(format!("/dev/ublkb{id}")) {
-        let _ = dev.sync_all();
+            } else if let Ok(dev) = std::fs::File::open(format!("/dev/ublkb{id}")) {
+                let _ = dev.sync_all();
+            }
+            let _ = done.send(());
+        });
+    if wait.recv_timeout(SYNC_BEFORE_STOP).is_err() {
+        tracing::warn!(
+            id,
+            "still writing back after {SYNC_BEFORE_STOP:?}: stopping anyway"
+        );
     }
 }
 
@@ -767,7 +779,10 @@ where
     // (The id is handed to the signal thread once the device is up, in
     // `when_up`: a stop sent to a device the driver has not started yet
     // would cancel its queues while START_DEV goes on.)
-    if stop.requested.load(Ordering::SeqCst) {
+    // A new device asked to stop during set-up is not started. A device
+    // being recovered is: a file system may be mounted on it with pages
+    // to write back, which `when_up` does before it stops it.
+    if start == Start::Add && stop.requested.load(Ordering::SeqCst) {
         tracing::info!("stop requested during set-up; not starting");
         return leave(&ctrl, start, Ok(()));
     }
@@ -1014,10 +1029,7 @@ where
             zero_copy: ctrl.dev_info().flags & u64::from(sys::UBLK_F_AUTO_BUF_REG) != 0,
         });
         if stop.requested.load(Ordering::SeqCst) {
-            flush_before_stop(ctrl.dev_info().dev_id);
-            if let Err(e) = ctrl.kill_dev() {
-                tracing::warn!("cannot stop device: {e}");
-            }
+            stop.carry_out(ctrl.dev_info().dev_id);
         }
     }
 }
@@ -1171,6 +1183,20 @@ fn watch_signals(stop: Arc<StopState>) -> Result<signal_hook::iterator::Handle> 
         })
         .map_err(|e| Error::io("starting the signal thread", e))?;
     Ok(handle)
+}
+
+/// Whether this is the device's first panic since the machine started:
+/// a recovery reissues the request that panicked, and a panic that comes
+/// back each time must not make the daemon end and recover for good (the
+/// second one is answered EIO). Marked in /run (gone at reboot).
+fn first_panic(id: u32) -> bool {
+    let dir = Path::new("/run/ublk-mirror");
+    let marker = dir.join(format!("panicked.{id}"));
+    if marker.exists() {
+        return false;
+    }
+    let _ = std::fs::create_dir_all(dir);
+    std::fs::write(&marker, b"").is_ok()
 }
 
 /// Whether this kernel's ublk driver is one [`known_driver_bug`] names.
@@ -1403,7 +1429,10 @@ async fn serve_tag(
                 })) {
                     Ok(p) => p,
                     Err(_) => {
-                        if !*DRIVER_BUG {
+                        let recoverable = q.dev.dev_info.flags
+                            & u64::from(sys::UBLK_F_USER_RECOVERY)
+                            != 0;
+                        if recoverable && !*DRIVER_BUG && first_panic(q.dev.dev_info.dev_id) {
                             // Tracking may be half way through this
                             // request: the daemon ends, the device stays
                             // quiesced, and a restart (systemd's, or
@@ -1415,8 +1444,10 @@ async fn serve_tag(
                             );
                             std::process::abort();
                         }
-                        // A kernel whose driver crashes when its daemon
-                        // dies: the request fails instead.
+                        // A device that fails its I/O when its daemon
+                        // dies, a kernel whose driver crashes then, or a
+                        // panic that came back after a recovery: the
+                        // request fails instead.
                         tracing::error!(
                             tag,
                             "handling a request panicked (a bug): answered EIO; stop the device (`ublk-mirror del`, after umount) and start it again"

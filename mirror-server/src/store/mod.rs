@@ -2072,9 +2072,10 @@ fn read_marker(path: &Path) -> Result<Marker> {
 /// `mirror-server upgrade --move-to-this-store`, with the server stopped.
 pub fn move_to_store(dir: &Path, store: &ChunkStore, name: &str) -> Result<bool> {
     // Only in the store (no image here): nothing to move.
-    let Ok(mut state) = read_state(dir) else {
+    if !dir.join(STATE).exists() {
         return Ok(false);
-    };
+    }
+    let mut state = read_state(dir)?;
     if state.store_seq == 0 && state.store_id.is_none() {
         return Ok(false);
     }
