@@ -236,7 +236,8 @@ struct PinnedServer {
 #[derive(Debug)]
 struct NotPinned;
 
-/// How [`NotPinned`] shows in a connection's error.
+/// How a certificate that is not the pinned one shows in a connection's
+/// error.
 pub const NOT_PINNED: &str = "NotPinned";
 
 impl std::fmt::Display for NotPinned {
