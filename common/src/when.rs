@@ -97,6 +97,17 @@ pub fn parse_at(text: &str, now: &Zoned) -> Result<Option<Timestamp>, Error> {
     }
 }
 
+/// Whether `text`, a time [`parse_at`] reads, is relative to now (`now`,
+/// `today …`, `yesterday …`, `… ago`): another instant each time it is
+/// read.
+pub fn is_relative(text: &str) -> bool {
+    let lower = text.trim().to_ascii_lowercase();
+    matches!(
+        lower.split_whitespace().next(),
+        Some("now" | "today" | "yesterday")
+    ) || lower.ends_with("ago")
+}
+
 fn parse_time_of_day(text: &str) -> Option<Time> {
     let mut parts = text.split(':');
     let h: i8 = parts.next()?.parse().ok()?;

@@ -199,12 +199,7 @@ fn fixed_version(at: &str) -> Result<String> {
     match ublk_mirror_common::when::parse_at(at, &now) {
         Ok(None) => Ok(at.to_string()),
         Ok(Some(ts)) => {
-            let lower = at.trim().to_ascii_lowercase();
-            let relative = ["now", "today", "yesterday"]
-                .iter()
-                .any(|w| lower.split_whitespace().next() == Some(w))
-                || lower.ends_with("ago");
-            if relative {
+            if ublk_mirror_common::when::is_relative(at) {
                 return Err(Error::Invalid(format!(
                     "export target @{at}: a relative time would name another version at each start; give a snapshot's name or a date and time (2026-11-20 18:00)"
                 )));

@@ -667,10 +667,11 @@ fn import(
     // A volume the chunk store has (kept by another server of the fleet,
     // or this one's cache lost) is not new: its versions would replace
     // the import when it is first opened.
-    if let Ok(Some(head)) = ServerConfig::load(cfg)
-        .and_then(|c| c.chunk_store_for_listing(data))
-        .and_then(|store| store.head(volume))
-    {
+    let config = ServerConfig::load(cfg);
+    if let Some(Ok(Some(head))) = config.as_ref().ok().map(|c| {
+        c.chunk_store_for_listing(data)
+            .and_then(|store| store.head(volume))
+    }) {
         return Err(mirror_server::Error::Invalid(format!(
             "the chunk store holds volume {volume} already (version {}, epoch {}): import a new name",
             head.seq, head.epoch
@@ -706,7 +707,7 @@ fn import(
     }
     // Into the chunk store at once (the image here is its cache): what
     // other servers serve, and what survives this machine.
-    let stored = ServerConfig::load(cfg).and_then(|config| {
+    let stored = config.and_then(|config| {
         runtime()?.block_on(async {
             let volumes = Volumes::new(data, Quota::none()).with_store(config.chunk_store(data)?);
             let v = volumes.open(client, name, None)?;

@@ -1898,27 +1898,24 @@ fn lying_write_lengths(a: &mut Initiator, expected: &mut [u8]) {
     // One block, 200 bytes expected: not a whole block, so nothing is
     // written (FCP-4's choice (b), as libiscsi's Residuals tests accept):
     // CHECK CONDITION, INVALID FIELD IN INFORMATION UNIT, the residual
-    // still told.
-    let d = noise(0x2004, 200);
-    let r = a.write(&cdb(0x2a, 405, 1), &d, 200);
-    assert_check(
-        &r,
-        ILLEGAL_REQUEST,
-        0x0e,
-        "WRITE(10) of 1 block with 200 bytes",
-    );
-    assert_eq!(r.sense[13], 0x03, "INVALID FIELD IN INFORMATION UNIT");
-    assert_eq!((r.flags & 0x06, r.residual), (0x04, 312), "overflow");
-    // Two blocks, 700 bytes expected: nothing written either.
-    let d = noise(0x2005, 700);
-    let r = a.write(&cdb(0x2a, 406, 2), &d, 700);
-    assert_check(
-        &r,
-        ILLEGAL_REQUEST,
-        0x0e,
-        "WRITE(10) of 2 blocks with 700 bytes",
-    );
-    assert_eq!((r.flags & 0x06, r.residual), (0x04, 324), "overflow");
+    // still told. Two blocks, 700 bytes expected: nothing written either.
+    for (seed, lba, blocks, sent, residual) in
+        [(0x2004, 405, 1, 200, 312), (0x2005, 406, 2, 700, 324)]
+    {
+        let d = noise(seed, sent);
+        let r = a.write(&cdb(0x2a, lba, blocks), &d, sent);
+        let what = format!("WRITE(10) of {blocks} blocks with {sent} bytes");
+        assert_check(&r, ILLEGAL_REQUEST, 0x0e, &what);
+        assert_eq!(
+            r.sense[13], 0x03,
+            "{what}: INVALID FIELD IN INFORMATION UNIT"
+        );
+        assert_eq!(
+            (r.flags & 0x06, r.residual),
+            (0x04, residual),
+            "{what}: overflow"
+        );
+    }
     // No W flag.
     let mut p = a.command_pdu(&cdb(0x2a, 410, 1), F_SIMPLE | F_READ, 512);
     p.data = vec![0xee; 512];
