@@ -1757,12 +1757,20 @@ mod tests {
         history: History,
         cow_memory: u64,
     ) -> Result<(Tracker, Option<OpenReport>)> {
+        // The backing file goes inside the test's temporary state directory,
+        // so that it goes with it; beside a state directory that a test left
+        // out (inside that test's own temporary directory).
+        let backing = if dir.is_dir() {
+            dir.join("backing.img")
+        } else {
+            dir.with_extension("img")
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(dir.with_extension("img"))
+            .open(backing)
             .unwrap();
         file.set_len(64 * MIB).unwrap();
         Tracker::open(&TrackerOptions {
