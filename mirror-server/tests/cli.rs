@@ -151,3 +151,29 @@ fn snapshot_times_show_in_the_local_time_zone_or_utc() {
     let utc = list("Asia/Tokyo", &["--utc"]);
     assert!(utc.contains(" UTC") && !utc.contains("JST"), "{utc}");
 }
+
+#[test]
+fn a_server_toml_it_cannot_use_exits_2_and_the_unit_does_not_loop_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(server(&data, &["init"]).status.success());
+    let cfg = data.join("server.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}\nlisten_typo = 1\n")).unwrap();
+    let out = server(&data, &["serve"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen_typo"), "{err}");
+    // The systemd unit fails at once on this status, with the reason in
+    // `systemctl status`, instead of starting the same config again.
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/mirror-server.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.lines().any(|l| l
+            .strip_prefix("RestartPreventExitStatus=")
+            .is_some_and(|v| v.split_whitespace().any(|c| c == "2"))),
+        "the unit restarts on a config it cannot use"
+    );
+}

@@ -1,6 +1,8 @@
 #!/bin/bash
 # Discards reach the backing file as holes: fstrim on a mounted ext4 and
-# blkdiscard on the raw device make the file's allocated size shrink.
+# blkdiscard on the raw device make the file's allocated size shrink. A
+# backing that cannot punch holes gets no discards at all (a discard is
+# mirrored as zeroes, so one it ignored would leave the mirror different).
 source "$(dirname "$0")/lib.sh"
 
 IMG=$WORK/disk.img
@@ -33,4 +35,23 @@ dd if=/dev/urandom of="$DEV" bs=1M count=8 oflag=direct status=none
 blkdiscard -z -o 0 -l $((8 << 20)) "$DEV"
 cmp -n $((8 << 20)) "$DEV" /dev/zero || fail "write-zeroes range does not read as zeroes"
 log "blkdiscard -z reads back zeroes"
+
+# A backing on a file system that cannot punch holes (ramfs has no
+# fallocate): the second device offers no discard, and write-zeroes still
+# reads back zeroes.
+mkdir -p "$WORK/ram"; mount -t ramfs ramfs "$WORK/ram"
+FIRST_PID=$DEV_PID FIRST_DEV=$DEV
+start_dev --backing "$WORK/ram/noholes.img" --size 32M --name noholes --id 9
+q=/sys/block/ublkb$DEV_ID/queue
+[ "$(cat $q/discard_max_bytes)" = 0 ] || fail "a backing without holes, yet discard offered ($(cat $q/discard_max_bytes))"
+[ "$(cat $q/write_zeroes_max_bytes)" -gt 0 ] || fail "write zeroes not offered"
+if blkdiscard "$DEV" 2>"$WORK/blkdiscard.err"; then fail "blkdiscard succeeded on a device without discard"; fi
+log "blkdiscard refused: $(cat "$WORK/blkdiscard.err")"
+dd if=/dev/urandom of="$DEV" bs=1M count=4 oflag=direct status=none
+blkdiscard -z -o 0 -l $((4 << 20)) "$DEV"
+cmp -n $((4 << 20)) "$DEV" /dev/zero || fail "write-zeroes on a backing without holes does not read as zeroes"
+grep -q "cannot punch holes" "$WORK/daemon.$DAEMONS.log" || fail "the daemon did not say why there is no discard"
+stop_dev
+umount "$WORK/ram"
+DEV_PID=$FIRST_PID DEV=$FIRST_DEV
 stop_dev

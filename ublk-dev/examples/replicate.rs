@@ -119,6 +119,7 @@ fn engine(size: u64) -> Engine {
         size,
         block_size: 4096,
         max_io: MAX_IO_BYTES,
+        discard: true,
     })
 }
 

@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::engine::AlignedBuf;
@@ -39,6 +39,7 @@ pub struct Backing {
     size: u64,
     direct_io: bool,
     created: bool,
+    punches_holes: bool,
 }
 
 impl Backing {
@@ -80,6 +81,7 @@ impl Backing {
             size: 0,
             direct_io: false,
             created,
+            punches_holes: false,
         };
         // From here on, a failure must not leave a file we created behind.
         match backing.check_and_lock(opts) {
@@ -138,6 +140,10 @@ impl Backing {
             });
         }
         self.size = size;
+        self.punches_holes = punches_holes(&self.file, size);
+        if !self.punches_holes {
+            tracing::info!(path = %path.display(), "the backing cannot punch holes: the device offers no discard");
+        }
         if opts.direct_io {
             match enable_direct_io(&self.file, opts.block_size) {
                 Ok(()) => self.direct_io = true,
@@ -169,6 +175,14 @@ impl Backing {
         self.direct_io
     }
 
+    /// Whether the backing punches holes (`fallocate` `PUNCH_HOLE`), which
+    /// is what a DISCARD does: only then is DISCARD offered to the kernel.
+    /// A discard is recorded as zeroes for the mirror, so one the backing
+    /// ignored would leave the mirror different from the device.
+    pub fn punches_holes(&self) -> bool {
+        self.punches_holes
+    }
+
     /// Whether this open created the file.
     pub fn created(&self) -> bool {
         self.created
@@ -190,6 +204,40 @@ impl Backing {
             }
         }
     }
+}
+
+/// Whether `fallocate(PUNCH_HOLE)` works on the backing. A regular file is
+/// asked with a hole past its end (which changes nothing: `KEEP_SIZE`); a
+/// block device punches holes by writing zeroes without a fallback, so it
+/// can if its queue offers WRITE_ZEROES (sysfs, its disk's for a
+/// partition). Anything unclear answers no: the device then offers no
+/// discard, which costs a file system nothing but trimming.
+fn punches_holes(file: &File, size: u64) -> bool {
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    if meta.file_type().is_block_device() {
+        let rdev = meta.rdev();
+        let dev = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
+        return ["queue", "../queue"].iter().any(|q| {
+            std::fs::read_to_string(format!("{dev}/{q}/write_zeroes_max_bytes"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        });
+    }
+    let past_end = size.next_multiple_of(4096);
+    // SAFETY: fallocate on an open descriptor; the range lies past the end
+    // of the file and KEEP_SIZE keeps its size, so no byte of it changes.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            past_end as libc::off_t,
+            4096,
+        )
+    };
+    r == 0
 }
 
 /// Open read-write; a block device exclusively (`O_EXCL`: refused while a
@@ -318,6 +366,39 @@ mod tests {
             block_size: 512,
             direct_io: true,
         }
+    }
+
+    #[test]
+    fn the_hole_probe_changes_nothing_and_agrees_with_a_real_punch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        let b = Backing::open(&BackingOptions {
+            create: false,
+            ..opts(&path)
+        })
+        .unwrap();
+        let says = b.punches_holes();
+        drop(b);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            data,
+            "the probe changed the file"
+        );
+        // Whatever this file system is, the probe's answer is what a punch
+        // inside a file does.
+        let scratch = File::options().read(true).write(true).open(&path).unwrap();
+        // SAFETY: fallocate on a descriptor we own, inside the file.
+        let r = unsafe {
+            libc::fallocate(
+                scratch.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                4096,
+                4096,
+            )
+        };
+        assert_eq!(says, r == 0, "the probe said {says}, a punch returned {r}");
     }
 
     #[test]

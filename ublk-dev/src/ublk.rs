@@ -750,6 +750,7 @@ where
         size: backing.size(),
         block_size: spec.logical_block_size,
         max_io: engine::MAX_IO_BYTES,
+        discard: backing.punches_holes(),
     };
     let engine = Arc::new(Engine::new(geometry));
     // The journal is opened (and marked open) before any write can arrive;
@@ -1230,8 +1231,16 @@ fn init_target(
     tgt.dev_size = g.size;
     let lbs_shift = g.block_size.trailing_zeros() as u8;
     // Discard and write-zeroes requests are bounded by what one fallocate
-    // comfortably does; the block layer splits larger ones.
-    let max_discard_sectors = (1u32 << 30) >> 9;
+    // comfortably does; the block layer splits larger ones. No discard
+    // where the backing cannot punch holes (the kernel then refuses them,
+    // and file systems stop asking); write-zeroes always, zeroed by hand
+    // where need be.
+    let max_write_zeroes_sectors = (1u32 << 30) >> 9;
+    let max_discard_sectors = if g.discard {
+        max_write_zeroes_sectors
+    } else {
+        0
+    };
     tgt.params = sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
         basic: sys::ublk_param_basic {
@@ -1253,7 +1262,7 @@ fn init_target(
         discard: sys::ublk_param_discard {
             discard_granularity: g.block_size.max(4096),
             max_discard_sectors,
-            max_write_zeroes_sectors: max_discard_sectors,
+            max_write_zeroes_sectors,
             max_discard_segments: 1,
             ..Default::default()
         },

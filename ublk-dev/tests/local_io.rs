@@ -32,6 +32,7 @@ fn device(size: u64, block_size: u32, direct_io: bool) -> Device {
         size,
         block_size,
         max_io: MAX_IO_BYTES,
+        discard: true,
     });
     Device {
         _dir: dir,

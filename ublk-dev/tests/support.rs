@@ -56,6 +56,7 @@ impl TrackedDevice {
             size,
             block_size: 4096,
             max_io: MAX_IO_BYTES,
+            discard: true,
         });
         TrackedDevice {
             backing,

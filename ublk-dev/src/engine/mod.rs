@@ -20,7 +20,8 @@
 //! | READ           | `read`; a short read at end of file is zero-filled          |
 //! | WRITE          | `write`, with `RWF_DSYNC` when the request carries FUA      |
 //! | FLUSH          | `fdatasync`                                                 |
-//! | DISCARD        | punch a hole; a file system without holes ignores it        |
+//! | DISCARD        | punch a hole (offered only where the backing can); a range |
+//! |                | the backing refuses is zeroed by hand, as the mirror is     |
 //! | WRITE_ZEROES   | punch a hole, or zero the range in place with NOUNMAP;      |
 //! |                | writes zeroes where the file system cannot do either        |
 //!
@@ -218,6 +219,9 @@ pub struct Geometry {
     pub block_size: u32,
     /// Largest READ/WRITE, the size of the request buffer.
     pub max_io: u32,
+    /// The backing punches holes, so DISCARD is offered to the kernel
+    /// ([`crate::backing::Backing::punches_holes`]).
+    pub discard: bool,
 }
 
 /// How to change allocation with `fallocate`.
@@ -308,7 +312,7 @@ pub struct Stats {
     pub discards: AtomicU64,
     /// Requests that failed.
     pub errors: AtomicU64,
-    /// Discards the file system could not honour (ignored).
+    /// Discards the backing refused (zeroed by hand instead).
     pub discards_unsupported: AtomicU64,
 }
 
@@ -510,19 +514,20 @@ impl Io<'_> {
             // EINVAL: a block device under us refuses ranges that are not
             // multiples of its logical block size (a 4Kn disk under a
             // device of 512-byte blocks). Both mean: not this way.
-            (Phase::Allocate(_), e) if e == -libc::EOPNOTSUPP || e == -libc::EINVAL => match req.op
-            {
-                Op::Discard => {
-                    // Discard is advisory: a file system without holes keeps
-                    // the data, which is allowed (we do not promise zeroes).
+            (Phase::Allocate(_), e) if e == -libc::EOPNOTSUPP || e == -libc::EINVAL => {
+                // DISCARD is offered only where the backing punches holes,
+                // so this is a range it refused. A discard is recorded as
+                // zeroes for the mirror: data kept here would leave the
+                // device and its mirror different, so the range is zeroed
+                // by hand, as for WRITE_ZEROES.
+                if req.op == Op::Discard {
                     engine
                         .stats
                         .discards_unsupported
                         .fetch_add(1, Ordering::Relaxed);
-                    self.after_allocation()
                 }
-                _ => Phase::ZeroWrite { done: 0 },
-            },
+                Phase::ZeroWrite { done: 0 }
+            }
             (_, e) if e < 0 => return Some(engine.fail(Errno(-e)).negated()),
             (Phase::Transfer { done }, n) => {
                 let done = done + n as u64;
@@ -696,6 +701,7 @@ mod tests {
             size: 4 * MIB,
             block_size: 512,
             max_io: MAX_IO_BYTES,
+            discard: true,
         })
     }
 
@@ -901,31 +907,41 @@ mod tests {
     }
 
     #[test]
-    fn discard_without_hole_support_is_ignored_and_counted() {
+    fn a_discard_the_backing_refuses_zeroes_the_range_and_is_counted() {
+        // The mirror records a discard as zeroes: the device must read them.
         let e = engine();
-        let (_, res) = run(&e, Request::new(Op::Discard, 0, 4096), |_| {
-            -libc::EOPNOTSUPP
-        });
-        assert_eq!(res, 0);
-        assert_eq!(e.stats().discards_unsupported.load(Ordering::Relaxed), 1);
-        // A block device that refuses the range (a 4Kn disk under 512-byte
-        // blocks): the same.
-        let (_, res) = run(&e, Request::new(Op::Discard, 512, 512), |_| -libc::EINVAL);
-        assert_eq!(res, 0);
-        assert_eq!(e.stats().discards_unsupported.load(Ordering::Relaxed), 2);
-        let (steps, res) = run(&e, Request::new(Op::WriteZeroes, 512, 512), |s| match s {
-            Step::Fallocate { .. } => -libc::EINVAL,
+        let (steps, res) = run(&e, Request::new(Op::Discard, 0, 4096), |s| match s {
+            Step::Fallocate { .. } => -libc::EOPNOTSUPP,
             s => full(s),
         });
         assert_eq!(res, 0);
+        assert_eq!(e.stats().discards_unsupported.load(Ordering::Relaxed), 1);
         assert!(matches!(
             steps[1],
             Step::WriteZeroBuf {
-                offset: 512,
-                len: 512,
+                offset: 0,
+                len: 4096,
                 ..
             }
         ));
+        // A block device that refuses the range (a 4Kn disk under 512-byte
+        // blocks): the same, for discards and write-zeroes.
+        for op in [Op::Discard, Op::WriteZeroes] {
+            let (steps, res) = run(&e, Request::new(op, 512, 512), |s| match s {
+                Step::Fallocate { .. } => -libc::EINVAL,
+                s => full(s),
+            });
+            assert_eq!(res, 0);
+            assert!(matches!(
+                steps[1],
+                Step::WriteZeroBuf {
+                    offset: 512,
+                    len: 512,
+                    ..
+                }
+            ));
+        }
+        assert_eq!(e.stats().discards_unsupported.load(Ordering::Relaxed), 2);
     }
 
     #[test]
