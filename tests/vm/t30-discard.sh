@@ -53,5 +53,20 @@ cmp -n $((4 << 20)) "$DEV" /dev/zero || fail "write-zeroes on a backing without 
 grep -q "cannot punch holes" "$WORK/daemon.$DAEMONS.log" || fail "the daemon did not say why there is no discard"
 stop_dev
 umount "$WORK/ram"
+
+# A device whose backing file lives on a file system on another ublk
+# device (the daemon's own mount namespace holds none of those).
+mkfs.ext4 -q -F "$FIRST_DEV"
+mount "$FIRST_DEV" "$WORK/mnt"
+start_dev --backing "$WORK/mnt/stacked.img" --size 16M --name stacked --id 10
+head -c 1M /dev/urandom > "$WORK/pattern"
+dd if="$WORK/pattern" of="$DEV" bs=1M oflag=direct status=none
+cmp -n $((1 << 20)) "$WORK/pattern" "$DEV" || fail "a stacked device does not read back what was written"
+"$UBLK_MIRROR" list --json | jq -e --arg p "$WORK/mnt/stacked.img" '.[] | select(.id == 10) | .backing == $p' >/dev/null ||
+  fail "a stacked device's record does not name its backing: $("$UBLK_MIRROR" list --json)"
+stop_dev
+cmp -n $((1 << 20)) "$WORK/pattern" "$WORK/mnt/stacked.img" || fail "the stacked device's backing file lacks the data"
+umount "$WORK/mnt"
+log "a device stacked on another's file system works"
 DEV_PID=$FIRST_PID DEV=$FIRST_DEV
 stop_dev

@@ -36,6 +36,7 @@ pub struct BackingOptions<'a> {
 pub struct Backing {
     file: File,
     path: PathBuf,
+    resolved: PathBuf,
     size: u64,
     direct_io: bool,
     created: bool,
@@ -75,9 +76,22 @@ impl Backing {
             }
             Err(e) => return Err(open_error(path, e)),
         };
+        // Resolved now: the daemon's own mount namespace, entered later,
+        // has no file system that lives on a ublk device, where this file
+        // may be (a device stacked on another's file system).
+        let resolved = match std::fs::canonicalize(path) {
+            Ok(p) => p,
+            Err(e) => {
+                if created {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(Error::io(format!("resolving {}", path.display()), e));
+            }
+        };
         let mut backing = Backing {
             file,
             path: path.to_path_buf(),
+            resolved,
             size: 0,
             direct_io: false,
             created,
@@ -163,6 +177,11 @@ impl Backing {
     /// Its path as given.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Its absolute path, symbolic links resolved, as it was when opened.
+    pub fn resolved_path(&self) -> &Path {
+        &self.resolved
     }
 
     /// Its size in bytes (the device size).

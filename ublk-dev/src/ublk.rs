@@ -829,11 +829,11 @@ fn target_record(
     // An attached device's cache is unlinked once open: its path is only
     // a name then.
     let backing_path = if canonical {
-        std::fs::canonicalize(backing.path())
-            .map_err(|e| Error::io("resolving the backing path", e))?
+        backing.resolved_path()
     } else {
-        backing.path().to_path_buf()
-    };
+        backing.path()
+    }
+    .to_path_buf();
     Ok(TargetRecord {
         version: RECORD_VERSION,
         name: spec.name.clone(),
