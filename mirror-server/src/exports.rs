@@ -157,7 +157,10 @@ pub fn export_json(running: &iscsi::Running) -> serde_json::Value {
     serde_json::json!({
         "iqn": running.iqn,
         "portal": running.portal,
+        "volume": running.volume,
+        "writable": running.writable,
         "snapshot": running.snapshot.name,
+        "kind": running.snapshot.kind,
         "epoch": running.snapshot.epoch,
         "epoch_ms": running.snapshot.epoch_ms,
         "connections": running.connections(),
@@ -195,7 +198,10 @@ async fn launch(
     });
     let lun = Arc::new(lun);
     match iscsi::start(lun.clone(), overlay, iqn, listen, allow, chap).await {
-        Ok(running) => Ok(running),
+        Ok(mut running) => {
+            running.volume = format!("{client}/{name}");
+            Ok(running)
+        }
         Err(e) => {
             let _ = tokio::task::spawn_blocking(move || lun.release()).await;
             Err(e)

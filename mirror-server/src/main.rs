@@ -238,6 +238,21 @@ enum Command {
         #[arg(long)]
         move_to_this_store: bool,
     },
+    /// List the exports the running server serves: each one's volume,
+    /// the version it shows, where it listens, whether writes go to a
+    /// throwaway overlay, the initiators connected now, and its target
+    /// name (what `unexport` takes).
+    ///
+    /// With no server running, nothing is exported (said on stderr; the
+    /// list is empty, status 0).
+    Exports {
+        /// Print JSON (an array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Show times in UTC instead of the local time zone.
+        #[arg(long)]
+        utc: bool,
+    },
     /// Stop an export the running server serves.
     Unexport {
         /// Its target name (as `export` printed it).
@@ -395,6 +410,7 @@ fn main() -> ExitCode {
         Command::Upgrade { move_to_this_store } => upgrade(&cli.data, cfg, move_to_this_store),
         Command::Gc { window } => gc(&cli.data, cfg, window),
         Command::Verify { volume, json } => verify(&cli.data, cfg, volume.as_deref(), json),
+        Command::Exports { json, utc } => list_exports(&cli.data, cfg, json, utc),
         Command::Unexport { name } => admin::request(&cli.data, cfg, admin::Op::Unexport { name: name.clone() })
             .map(|_| println!("stopped exporting {name}")),
         Command::Snapshots { volume, json, utc } => {
@@ -1072,6 +1088,65 @@ fn list_snapshots(
             ublk_mirror_common::when::show(s.epoch_ms, utc),
             format!("{:?}", s.kind).to_lowercase(),
             ByteSize(*bytes).to_string()
+        )
+        .map_err(io)?;
+    }
+    Ok(())
+}
+
+fn list_exports(data: &Path, cfg: &Path, json: bool, utc: bool) -> mirror_server::Result<()> {
+    if !admin::server_running(data) {
+        eprintln!(
+            "mirror-server: no server runs on {}: nothing is exported",
+            data.display()
+        );
+    }
+    let rows = match admin::request(data, cfg, admin::Op::Exports)? {
+        serde_json::Value::Array(rows) => rows,
+        other => {
+            return Err(mirror_server::Error::Invalid(format!(
+                "the server answered {other} to a list of exports"
+            )))
+        }
+    };
+    if json {
+        return print_json(&rows);
+    }
+    let mut out = std::io::stdout().lock();
+    let io = |e| mirror_server::Error::io("writing to stdout", e);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<24} {:<20} {:<24} {:<21} {:<9} {:>5}  IQN",
+        "VOLUME", "VERSION", "SHOWS", "PORTAL", "MODE", "CONNS"
+    )
+    .map_err(io)?;
+    for r in &rows {
+        let text = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        writeln!(
+            out,
+            "{:<24} {:<20} {:<24} {:<21} {:<9} {:>5}  {}",
+            text("volume"),
+            // "now" is the published epoch when it was exported, held by
+            // a snapshot of its own.
+            if r["kind"] == "temporary" {
+                "now".to_string()
+            } else {
+                text("snapshot")
+            },
+            ublk_mirror_common::when::show(r["epoch_ms"].as_u64().unwrap_or(0), utc),
+            r["portal"]
+                .as_str()
+                .map_or_else(|| r["portal"].to_string(), str::to_string),
+            if r["writable"].as_bool() == Some(true) {
+                "writable"
+            } else {
+                "read-only"
+            },
+            r["connections"].as_u64().unwrap_or(0),
+            text("iqn"),
         )
         .map_err(io)?;
     }

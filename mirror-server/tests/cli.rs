@@ -31,6 +31,14 @@ fn init_makes_an_identity_once_and_volumes_lists_what_is_stored() {
     let empty = server(&data, &["volumes", "--json"]);
     assert!(empty.status.success(), "{empty:?}");
     assert_eq!(String::from_utf8_lossy(&empty.stdout).trim(), "[]");
+    // No server runs: nothing is exported, and it says why.
+    let exports = server(&data, &["exports", "--json"]);
+    assert!(exports.status.success(), "{exports:?}");
+    assert_eq!(String::from_utf8_lossy(&exports.stdout).trim(), "[]");
+    assert!(
+        String::from_utf8_lossy(&exports.stderr).contains("no server runs"),
+        "{exports:?}"
+    );
 
     mirror_server::store::Volume::create(&data.join("volumes/laptop/root"), 1 << 30).unwrap();
     let listed = server(&data, &["volumes"]);

@@ -1462,6 +1462,25 @@ async fn metrics_are_served_in_prometheus_format_and_move_with_the_data() {
     };
     assert_eq!(sample(&m, "mirror_exports", &[]), 1.0);
     assert_eq!(readers(&m), 1.0);
+    // `exports` lists it, with the reader, as a table and as JSON.
+    let out = server.cli(&["exports"]);
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.ends_with(iqn))
+        .unwrap_or_else(|| panic!("{table}"));
+    for want in ["laptop/root", &portal, "read-only", " 1  "] {
+        assert!(row.contains(want), "{want:?} not in {row:?}");
+    }
+    let out = server.cli(&["exports", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["iqn"], iqn);
+    assert_eq!(list[0]["volume"], "laptop/root");
+    assert_eq!(list[0]["portal"], portal.as_str());
+    assert_eq!(list[0]["writable"], false);
+    assert_eq!(list[0]["connections"], 1);
     drop(reader_conn);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while readers(&scrape(&metrics)) != 0.0 {
@@ -1473,6 +1492,8 @@ async fn metrics_are_served_in_prometheus_format_and_move_with_the_data() {
     }
     let out = server.cli(&["unexport", iqn]);
     assert!(out.status.success(), "{out:?}");
+    let out = server.cli(&["exports", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]", "{out:?}");
     let m = scrape(&metrics);
     assert_eq!(sample(&m, "mirror_exports", &[]), 0.0);
     assert!(

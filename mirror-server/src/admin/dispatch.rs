@@ -87,6 +87,7 @@ pub async fn dispatch(volumes: &Volumes, exports: &Exports, op: Op) -> Result<se
     match op {
         Op::Export(spec) => exports.start(volumes, spec).await,
         Op::Unexport { name } => exports.stop(&name).await,
+        Op::Exports => Ok(serde_json::Value::Array(exports.list())),
         op => {
             let volume = volume_of(&op).unwrap_or_default();
             let v = volumes.open_named(volume)?;

@@ -14,8 +14,10 @@
 //! -> {"v":1,"op":"export","volume":"laptop/root","at":"before-upgrade",
 //!     "listen":"127.0.0.1:3260","name":null,"allow":[]}
 //! -> {"v":1,"op":"unexport","name":"iqn.2026-11.org.ublk-mirror:laptop.root.before-upgrade"}
+//! -> {"v":1,"op":"exports"}
 //! <- {"ok":{"id":3,"name":"..","epoch":..,"epoch_ms":..,"created_ms":..,"kind":"manual"}}
 //! <- {"ok":{"iqn":"..","portal":"127.0.0.1:3260","snapshot":"..","epoch":..}}
+//! <- {"ok":[{"iqn":"..","portal":"..","volume":"..","snapshot":"..",..},..]}
 //! <- {"error":"there is no snapshot x"}
 //! ```
 //!
@@ -67,6 +69,9 @@ pub enum Op {
         /// Its target name.
         name: String,
     },
+    /// List the running exports (an older server answers that it does not
+    /// know the op).
+    Exports,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -107,7 +112,7 @@ pub fn apply(volume: &mut Volume, op: &Op) -> Result<SnapshotInfo> {
     match op {
         Op::Snapshot { name, .. } => volume.snapshot(name.as_deref(), Kind::Manual),
         Op::Delete { snapshot, .. } => volume.delete_snapshot(snapshot),
-        Op::Export(_) | Op::Unexport { .. } => {
+        Op::Export(_) | Op::Unexport { .. } | Op::Exports => {
             Err(Error::Invalid("exports run in a server process".into()))
         }
     }
@@ -118,7 +123,7 @@ pub fn volume_of(op: &Op) -> Option<&str> {
     match op {
         Op::Snapshot { volume, .. } | Op::Delete { volume, .. } => Some(volume),
         Op::Export(spec) => Some(&spec.volume),
-        Op::Unexport { .. } => None,
+        Op::Unexport { .. } | Op::Exports => None,
     }
 }
 
@@ -162,6 +167,9 @@ pub fn request(data: &Path, cfg: &Path, op: Op) -> Result<serde_json::Value> {
         }
         Err(_) => {
             // No server: do it here, as the server would, holding its lock.
+            if op == Op::Exports {
+                return Ok(serde_json::Value::Array(Vec::new()));
+            }
             let Some(name) = volume_of(&op) else {
                 return Err(Error::Invalid(format!(
                     "no mirror-server serves {} (nothing is exported)",

@@ -282,6 +282,10 @@ pub struct Running {
     pub portal: SocketAddr,
     /// The snapshot it serves.
     pub snapshot: SnapshotInfo,
+    /// `CLIENT/VOLUME` (set by whoever started it; empty if none did).
+    pub volume: String,
+    /// Writes go to a throwaway overlay.
+    pub writable: bool,
     target: Arc<target::Target>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -350,6 +354,8 @@ pub async fn start(
         iqn,
         portal,
         snapshot,
+        volume: String::new(),
+        writable: overlay.is_some(),
         target,
         stop: Some(stop),
         task: Some(task),
