@@ -116,7 +116,9 @@ enum Command {
         all: bool,
         /// Delete a device even while it is mounted or held (file systems
         /// are written back first, but a mounted one then fails every
-        /// later write: unmount instead).
+        /// later write: unmount instead). Also deletes a device left with
+        /// no description and no daemon (an `add` killed while setting it
+        /// up).
         #[arg(long)]
         force: bool,
     },
@@ -1975,12 +1977,8 @@ fn del(id: Option<u32>, all: bool, force: bool) -> anyhow::Result<()> {
     } else {
         let id = id.context("give a device id or --all")?;
         let d = ublk::info(id)?;
-        if !d.is_ours() {
-            return Err(Error::DeviceState {
-                id,
-                reason: "it is not a ublk-mirror device; not touching it".into(),
-            }
-            .into());
+        if let Err(reason) = d.deletable(force) {
+            return Err(Error::DeviceState { id, reason }.into());
         }
         vec![id]
     };

@@ -201,6 +201,29 @@ impl DeviceInfo {
     pub fn is_ours(&self) -> bool {
         self.target.as_deref() == Some(TARGET_TYPE) && self.record.is_some()
     }
+
+    /// Whether `del` may delete this device: one of ours; or, with
+    /// `force`, one its daemon left with no description at all and no
+    /// process serving it (an `add` killed while setting its device up).
+    /// Another program's devices are never touched. Err: why not.
+    pub fn deletable(&self, force: bool) -> std::result::Result<(), String> {
+        if self.is_ours() {
+            return Ok(());
+        }
+        let described = self.target.is_some() || self.record.is_some();
+        let served = self.pid > 0 && pid_alive(self.pid);
+        match (described, served, force) {
+            (false, false, true) => Ok(()),
+            (false, false, false) => Err(
+                "it has no description (its daemon died while setting it up, or it is another program's) and no process serves it: if it is one `ublk-mirror add` left, `del --force` deletes it".into(),
+            ),
+            (false, true, _) => Err(format!(
+                "it has no description yet and process {} serves it (a device being set up?); not touching it",
+                self.pid
+            )),
+            (true, ..) => Err("it is not a ublk-mirror device; not touching it".into()),
+        }
+    }
 }
 
 /// The errno inside a libublk error, if it carries one (positive).
@@ -1651,7 +1674,39 @@ async fn woken(wake: &Wake) -> std::result::Result<(), engine::Errno> {
 
 #[cfg(test)]
 mod tests {
-    use super::known_driver_bug;
+    use super::{known_driver_bug, DeviceInfo, DeviceState};
+
+    #[test]
+    fn del_takes_an_undescribed_device_only_with_force_and_no_daemon() {
+        let gone = DeviceInfo {
+            id: 3,
+            device: "/dev/ublkb3".into(),
+            state: DeviceState::Dead,
+            pid: -1,
+            queues: 1,
+            depth: 64,
+            target: None,
+            record: None,
+            recoverable: false,
+        };
+        assert!(gone.deletable(false).unwrap_err().contains("--force"));
+        assert_eq!(gone.deletable(true), Ok(()));
+        // A process serves it: perhaps a daemon setting it up.
+        let served = DeviceInfo {
+            pid: std::process::id() as i32,
+            ..gone.clone()
+        };
+        assert!(served.deletable(true).is_err());
+        // Another program's device, even without a daemon: never.
+        let theirs = DeviceInfo {
+            target: Some("loop".into()),
+            ..gone
+        };
+        assert!(theirs
+            .deletable(true)
+            .unwrap_err()
+            .contains("not a ublk-mirror device"));
+    }
 
     #[test]
     fn the_cancel_race_is_known_by_kernel_version() {
