@@ -43,6 +43,17 @@ fi
 expect_fail 3 "not a regular file or block device" $U add --backing "$WORK"
 expect_fail 3 "not a regular file or block device" $U add --backing /dev/null
 
+# A device left with no description and no daemon (an `add` killed while
+# setting it up; made here by killing a daemon and removing its record):
+# `del` says to use --force, and --force deletes it.
+start_dev --backing "$WORK/undescribed.img" --size 64M --id 21
+crash_dev
+rm -f "/run/ublksrvd/$(printf %04d 21).json"
+expect_fail 4 "del --force" $U del 21
+$U del 21 --force >/dev/null || fail "del --force did not delete a device with no description"
+[ ! -e /dev/ublkb21 ] || fail "/dev/ublkb21 is still there after del --force"
+log "a device left with no description was deleted with --force"
+
 # No driver: unload it (no device may exist), then `add` explains how to load it.
 cleanup_devices
 rmmod ublk_drv || fail "cannot unload ublk_drv"
