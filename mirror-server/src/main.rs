@@ -1040,17 +1040,7 @@ fn list_snapshots(
                 continue;
             }
             if let Ok(record) = store.version(volume, seq) {
-                list.push((
-                    snapshots::SnapshotInfo {
-                        id: 0,
-                        name,
-                        epoch: record.epoch,
-                        epoch_ms: record.created_ms,
-                        created_ms: record.created_ms,
-                        kind: snapshots::Kind::Stored,
-                    },
-                    0,
-                ));
+                list.push((mirror_server::store::stored_info(&name, &record), 0));
             }
         }
         list.sort_by_key(|(s, _)| (s.epoch_ms, s.created_ms));

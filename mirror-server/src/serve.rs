@@ -606,7 +606,7 @@ async fn restore(
         Ok(p) => p,
         Err(e) => return refuse(send, e.to_string()).await,
     };
-    tracing::info!(client, volume, snapshot = %info.name, from_store = pin.is_none(), "restore started");
+    tracing::info!(client, volume, snapshot = %info.name, from_store = matches!(source, crate::store::VersionSource::Store(_)), "restore started");
     let served = serve_restore(&source, &info, send, recv).await;
     let mut locked = v.lock().await;
     if let Err(e) = tokio::task::block_in_place(|| locked.done_reading(&info, pin)) {

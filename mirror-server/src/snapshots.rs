@@ -618,6 +618,15 @@ enum Written {
 #[derive(Debug)]
 pub struct Pin(Arc<AtomicUsize>);
 
+impl Pin {
+    /// A pin counted in `readers` (a version kept elsewhere, such as one
+    /// only the chunk store keeps).
+    pub fn on(readers: &Arc<AtomicUsize>) -> Pin {
+        readers.fetch_add(1, Ordering::AcqRel);
+        Pin(readers.clone())
+    }
+}
+
 impl Drop for Pin {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);

@@ -256,6 +256,68 @@ fn a_snapshot_the_cache_lost_is_exported_from_the_chunk_store() {
         "{allocated} bytes allocated: holes were copied"
     );
     drop(export);
+    // By a time too (to the second, as `snapshots` shows it): the newest
+    // snapshot at or before it is the store's, though this cache has none.
+    let listed = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args(["snapshots", "laptop/root", "--json"])
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let first_ms = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "first")
+        .and_then(|s| s["epoch_ms"].as_u64())
+        .unwrap_or_else(|| panic!("{listed}"));
+    let when = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}", first_ms / 1000),
+            "+%Y-%m-%dT%H:%M:%SZ",
+        ])
+        .output()
+        .unwrap();
+    let when = String::from_utf8(when.stdout).unwrap();
+    let export = Export::start(&data, &format!("laptop/root@{}", when.trim()), port(), &[]);
+    let by_time = dir.path().join("by-time.raw");
+    copy(&export.url, &by_time);
+    assert!(
+        std::fs::read(&by_time).unwrap() == one,
+        "the copy by time is not snapshot first"
+    );
+    drop(export);
+    // And it can be deleted here: its pin goes from the store.
+    let deleted = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args(["delete", "laptop/root@first"])
+        .output()
+        .unwrap();
+    assert!(deleted.status.success(), "{deleted:?}");
+    let listed = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args(["snapshots", "laptop/root"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(!listed.contains("first"), "{listed}");
+    let gone = Command::new(bin())
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "export",
+            "laptop/root@first",
+            "--listen",
+            &format!("127.0.0.1:{}", port()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(gone.status.code(), Some(2), "{gone:?}");
     // A name neither has is still refused.
     let none = Command::new(bin())
         .arg("--data")

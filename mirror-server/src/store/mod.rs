@@ -97,6 +97,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
@@ -219,6 +220,9 @@ pub struct Volume {
     /// (`catching-up`): the image may hold part of it, so no snapshot is
     /// taken until a catch-up ends.
     catching_up: Option<u64>,
+    /// Readers of snapshots only the chunk store keeps, by name: such a
+    /// snapshot is not deleted while one reads it.
+    stored_readers: BTreeMap<String, Arc<AtomicUsize>>,
 }
 
 /// Chunks whose units are preserved for snapshots per hold of the
@@ -311,6 +315,7 @@ impl Volume {
             snapshots: Arc::new(RwLock::new(Snapshots::open(dir)?)),
             chunks: None,
             catching_up: None,
+            stored_readers: BTreeMap::new(),
         };
         volume.catching_up = read_catching_up(dir)?.filter(|&to| to > volume.state.store_seq);
         let recovery = volume.recover()?;
@@ -442,6 +447,11 @@ impl Volume {
     /// lock, so readers of other snapshots go on meanwhile, and kept there
     /// with one sync per [`KEEP_AT_ONCE`] chunks.
     pub fn delete_snapshot(&mut self, name: &str) -> Result<SnapshotInfo> {
+        if self.snapshots().get(name).is_none() {
+            if let Some(info) = self.delete_stored(name)? {
+                return Ok(info);
+            }
+        }
         // Planned once; each batch under its own hold of the lock (only
         // this volume's holder changes snapshots, so the plan stays true).
         let plan = self.snapshots().hand_over_plan(name);
@@ -467,6 +477,32 @@ impl Volume {
             }
         }
         deleted
+    }
+
+    /// Delete snapshot `name` that only the chunk store keeps (taken on
+    /// another server on the store, or before this cache was rebuilt):
+    /// its pin goes, and the store's GC frees what no other version needs.
+    /// `None`: the store has no such snapshot either.
+    fn delete_stored(&mut self, name: &str) -> Result<Option<SnapshotInfo>> {
+        let Some((store, volume)) = &self.chunks else {
+            return Ok(None);
+        };
+        let Some(&seq) = store.pins(volume)?.get(name) else {
+            return Ok(None);
+        };
+        if self
+            .stored_readers
+            .get(name)
+            .is_some_and(|n| n.load(std::sync::atomic::Ordering::Acquire) > 0)
+        {
+            return Err(Error::Invalid(format!(
+                "snapshot {name} is being read (an export or a restore); try again when it is done"
+            )));
+        }
+        let info = stored_info(name, &store.version(volume, seq)?);
+        store.unpin(volume, name)?;
+        tracing::info!(volume = %volume, snapshot = name, "deleted a snapshot only the chunk store kept");
+        Ok(Some(info))
     }
 
     /// Prune scheduled snapshots by `retention`; their names.
@@ -1226,6 +1262,23 @@ impl Volume {
         &mut self,
         at: Option<&str>,
     ) -> Result<(SnapshotInfo, Option<Pin>, VersionSource)> {
+        // A time: the newest snapshot at or before it, whichever server
+        // took it (one the chunk store pins, taken on another server on
+        // the store or before this cache was rebuilt, may be newer than
+        // any here).
+        if let Some(ms) = at
+            .filter(|a| self.snapshots().get(a).is_none())
+            .and_then(crate::snapshots::parse_time)
+        {
+            let limit = ms.saturating_add(999);
+            let here = self.snapshots().at(limit).map(|s| s.epoch_ms);
+            if let Some((reader, info)) = self.stored_at(limit)? {
+                if here.is_none_or(|h| info.epoch_ms > h) {
+                    let pin = self.pin_stored(&info.name);
+                    return Ok((info, Some(pin), VersionSource::Store(reader)));
+                }
+            }
+        }
         match self.pin_version(at) {
             Ok((info, pin)) => {
                 let source = VersionSource::Cache {
@@ -1239,10 +1292,21 @@ impl Volume {
                 .transpose()?
                 .flatten()
             {
-                Some((reader, info)) => Ok((info, None, VersionSource::Store(reader))),
+                Some((reader, info)) => {
+                    let pin = self.pin_stored(&info.name);
+                    Ok((info, Some(pin), VersionSource::Store(reader)))
+                }
                 None => Err(e),
             },
         }
+    }
+
+    /// Keep snapshot `name`, which only the chunk store keeps, from being
+    /// deleted here while the pin lives.
+    fn pin_stored(&mut self, name: &str) -> Pin {
+        self.stored_readers
+            .retain(|_, n| n.load(std::sync::atomic::Ordering::Acquire) > 0);
+        Pin::on(self.stored_readers.entry(name.to_string()).or_default())
     }
 
     /// Snapshot `name` as the chunk store keeps it (its pin), if it does.
@@ -1257,15 +1321,34 @@ impl Volume {
             return Ok(None);
         };
         let record = store.version(volume, seq)?;
-        let info = SnapshotInfo {
-            id: 0,
-            name: name.to_string(),
-            epoch: record.epoch,
-            epoch_ms: record.created_ms,
-            created_ms: record.created_ms,
-            kind: Kind::Stored,
-        };
+        let info = stored_info(name, &record);
         Ok(Some((store.reader(&record)?, info)))
+    }
+
+    /// The newest snapshot only the chunk store keeps (a pin with no
+    /// snapshot of that name here) that shows the volume at or before
+    /// `ms`, if any.
+    fn stored_at(&self, ms: u64) -> Result<Option<(crate::chunks::VersionReader, SnapshotInfo)>> {
+        let Some((store, volume)) = &self.chunks else {
+            return Ok(None);
+        };
+        let mut best: Option<(VersionRecord, SnapshotInfo)> = None;
+        for (name, seq) in store.pins(volume)? {
+            if self.snapshots().get(&name).is_some() {
+                continue;
+            }
+            let record = store.version(volume, seq)?;
+            let info = stored_info(&name, &record);
+            if info.epoch_ms <= ms
+                && best
+                    .as_ref()
+                    .is_none_or(|(_, b)| (info.epoch_ms, info.epoch) > (b.epoch_ms, b.epoch))
+            {
+                best = Some((record, info));
+            }
+        }
+        best.map(|(record, info)| Ok((store.reader(&record)?, info)))
+            .transpose()
     }
 
     /// The chunk store version the image holds, if attached.
@@ -1702,6 +1785,19 @@ impl Volume {
 
 /// The length of block `n` of a volume of `size` bytes (the last may be
 /// short).
+/// A snapshot only the chunk store keeps, as listed: pin `name` of
+/// version `record`.
+pub fn stored_info(name: &str, record: &VersionRecord) -> SnapshotInfo {
+    SnapshotInfo {
+        id: 0,
+        name: name.to_string(),
+        epoch: record.epoch,
+        epoch_ms: record.created_ms,
+        created_ms: record.created_ms,
+        kind: Kind::Stored,
+    }
+}
+
 fn block_len(size: u64, n: u64) -> u64 {
     (size - n * block::BLOCK).min(block::BLOCK)
 }
