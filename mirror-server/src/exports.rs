@@ -271,6 +271,13 @@ impl ChapSpec {
         mutual_secret_file: Option<&Path>,
     ) -> Result<Option<ChapSpec>> {
         let read = |p: &Path| -> Result<String> {
+            use std::os::unix::fs::PermissionsExt;
+            // Whoever reads the secret can read the backup.
+            if let Ok(meta) = std::fs::metadata(p) {
+                if meta.permissions().mode() & 0o004 != 0 {
+                    tracing::warn!(file = %p.display(), "the CHAP secret file can be read by every user: chmod 600 it (or 640 with the server's group)");
+                }
+            }
             let text = std::fs::read_to_string(p)
                 .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
             Ok(text.trim_end_matches(['\n', '\r']).to_string())

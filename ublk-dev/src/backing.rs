@@ -264,10 +264,13 @@ fn punches_holes(file: &File, size: u64) -> bool {
 /// program holds it so), as writing under a mounted file system corrupts it.
 fn open_rw(path: &Path, create: bool, block_device: bool) -> std::io::Result<File> {
     let excl = if block_device { libc::O_EXCL } else { 0 };
+    // A whole disk: made readable by its owner only (0600), like the
+    // disk it stands for.
     OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(create)
+        .mode(0o600)
         .custom_flags(libc::O_CLOEXEC | excl)
         .open(path)
 }
@@ -439,6 +442,8 @@ mod tests {
             "not sparse: {} blocks",
             meta.blocks()
         );
+        // A whole disk: its owner's alone, whatever the umask.
+        assert_eq!(meta.mode() & 0o777, 0o600);
     }
 
     #[test]

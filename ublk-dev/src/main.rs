@@ -1265,7 +1265,7 @@ fn epoch(command: EpochCommand) -> anyhow::Result<()> {
 }
 
 fn apply_epoch(id: u32, epoch: u64, to: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let size = ublk::info(id)?
         .record
         .map(|r| r.size)
@@ -1275,6 +1275,7 @@ fn apply_epoch(id: u32, epoch: u64, to: &Path) -> anyhow::Result<()> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(to)
         .with_context(|| format!("opening {}", to.display()))?;
     let have = file.metadata()?.len();

@@ -87,10 +87,12 @@ fn open_target_unlocked(path: &Path, size: u64) -> Result<(File, bool)> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A whole disk: readable by its owner only, as the device is.
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(path)
                 .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
             file.set_len(size)

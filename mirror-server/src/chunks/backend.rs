@@ -250,13 +250,14 @@ pub struct Credentials {
 }
 
 /// Read a credentials file (see the module docs), refusing one others can
-/// read.
+/// read or its group write (group read is how root's file is given to
+/// the server's user: `install -m 640 -g mirror-server`).
 pub fn read_credentials(path: &Path) -> Result<Credentials> {
     let what = || format!("[store] credentials_file {}", path.display());
     let meta = std::fs::metadata(path).map_err(|e| Error::io(what(), e))?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    if meta.permissions().mode() & 0o037 != 0 {
         return Err(Error::Invalid(format!(
-            "{}: readable by others (chmod 600 it)",
+            "{}: others can read it or its group write it (chmod 600 it, or 640 with the server's group)",
             what()
         )));
     }
@@ -346,7 +347,11 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = read_credentials(&p).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_credentials(&p).unwrap().key_id, "K");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o660)).unwrap();
+        assert!(read_credentials(&p).is_err(), "its group may write it");
+        for mode in [0o600, 0o640, 0o400] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(read_credentials(&p).unwrap().key_id, "K", "{mode:o}");
+        }
     }
 }
