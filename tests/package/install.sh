@@ -44,6 +44,9 @@ for f in /usr/bin/mirror-server /usr/bin/ublk-mirror /etc/mirror-server/server.t
   grep -qx "$f" /tmp/installed || fail "$f is not installed"
 done
 grep -q "certificate fingerprint" /tmp/apt.log || { cat /tmp/apt.log; fail "postinst did not run mirror-server init"; }
+# The postinst applies the tmpfiles rule by its installed name.
+grep -q "systemd-tmpfiles --create ublk-mirror.conf" /var/lib/dpkg/info/ublk-mirror.postinst ||
+  fail "ublk-mirror's postinst does not apply /usr/lib/tmpfiles.d/ublk-mirror.conf"
 
 # 2. the server, as systemd runs it
 [ "$(systemctl is-enabled mirror-server)" = enabled ] || fail "mirror-server.service is not enabled"
