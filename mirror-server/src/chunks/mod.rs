@@ -992,6 +992,15 @@ impl ChunkStore {
                 Err(object_store::Error::NotFound { .. }) if self.sync_gc()? => {
                     return self.read_chained(hashes, depth);
                 }
+                // Gone, and no collection explains it: damage (what verify
+                // records), not a store out of reach.
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(Error::Corrupt(format!(
+                        "pack {} is missing from the store {}",
+                        format::hex(&pack),
+                        self.describe
+                    )))
+                }
                 Err(e) => return Err(store_err(format!("reading {}/{path}", self.describe), e)),
             };
             for (&i, bytes) in which.iter().zip(got) {

@@ -968,6 +968,52 @@ fn damage_found_by_another_server_is_not_deduplicated_against() {
     assert_eq!(read_all(&other, &v.record), block_of(1, BLOCK as usize));
 }
 
+/// A read the store fails (out of reach, an error after its retries) is
+/// not damage: wherever it strikes, the run stops or finishes, no good
+/// chunk is marked, and the last run's records stand.
+#[test]
+fn a_store_failing_under_verify_marks_nothing_good_and_keeps_the_last_findings() {
+    let faulty = Arc::new(Faulty::new(memory()));
+    let store = open_on(faulty.clone());
+    let size = 2 * BLOCK;
+    publish(&store, VOL, None, size, &[(0, 1), (1, 2)].into(), 1).unwrap();
+    let h1 = format::sha256(&block_of(1, BLOCK as usize));
+    let h2 = format::sha256(&block_of(2, BLOCK as usize));
+    corrupt(&store, &h1);
+    let r = store.verify(None, |_, _, _| None, |_, _| {}).unwrap();
+    assert!(r.damaged.contains_key(&format::hex(&h1)), "{r:?}");
+    let mut stopped = 0;
+    for k in 0.. {
+        let before = faulty.count.load(Ordering::SeqCst);
+        faulty.arm(k, false);
+        let run = store.verify(None, |_, _, _| None, |_, _| {});
+        let struck = faulty.count.load(Ordering::SeqCst) - before > k;
+        faulty.fail_at.store(usize::MAX, Ordering::SeqCst);
+        match run {
+            Ok(r) => {
+                // Retried past the fault, or not struck at all: the same
+                // findings.
+                assert_eq!(r.damaged.keys().collect::<Vec<_>>(), [&format::hex(&h1)]);
+            }
+            Err(e) => {
+                stopped += 1;
+                assert!(matches!(e, Error::Store(_)), "{e}");
+            }
+        }
+        assert!(store.has(&h2), "a good chunk marked damaged (fault at {k})");
+        assert!(open_on_same(&store).has(&h2), "fault at {k}");
+        assert_eq!(
+            store.damaged_versions(VOL).unwrap(),
+            vec![1],
+            "the last findings were lost (fault at {k})"
+        );
+        if !struck {
+            break;
+        }
+    }
+    assert!(stopped > 0, "no fault ever stopped a run");
+}
+
 #[test]
 fn verify_finds_damage_and_repairs_it_in_memory() {
     verify_finds_damage_and_repairs_it(&open_on(memory()));

@@ -9,7 +9,10 @@
 //! marker stays after a repair, as the damaged copy does, so that no server
 //! ever reads that copy again), and `vol/CLIENT/VOLUME/damaged/SEQ` (JSON
 //! `{"chunks":["HASH",..],"segments":["ID",..]}`) for each version that
-//! needs it, which `mirror-server store` shows.
+//! needs it, which `mirror-server store` shows. Only what the store holds
+//! wrong or has lost is damage: a read the store fails (out of reach, an
+//! error after its retries) stops the run, and the last run's records
+//! stand.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -74,17 +77,21 @@ impl ChunkStore {
         let mut needs: BTreeMap<Digest, BTreeSet<String>> = BTreeMap::new();
         let mut in_head: BTreeMap<Digest, (String, u64)> = BTreeMap::new();
         let mut bad_segments: BTreeMap<Digest, BTreeSet<String>> = BTreeMap::new();
+        // This run's findings replace the last run's, once it has them all:
+        // a run the store stops part way changes nothing.
+        let mut earlier: Vec<ObjPath> = Vec::new();
         for name in &volumes {
-            // This run's findings replace the last run's.
-            for path in self.run(self.list(&format!("vol/{name}/damaged")))? {
-                self.run(self.store.delete(&path))
-                    .map_err(|e| store_err(format!("deleting {}/{path}", self.describe), e))?;
-            }
+            earlier.extend(self.run(self.list(&format!("vol/{name}/damaged")))?);
             let seqs = self.versions(name)?;
             let head = seqs.last().copied();
             for seq in seqs {
+                let record = match self.version(name, seq) {
+                    Ok(r) => r,
+                    // Collected meanwhile (not kept): nothing to verify.
+                    Err(_) if !self.versions(name)?.contains(&seq) => continue,
+                    Err(e) => return Err(e),
+                };
                 report.versions += 1;
-                let record = self.version(name, seq)?;
                 let label = format!("{name}@{seq}");
                 for (s, id) in record.segment_ids()?.iter().enumerate() {
                     match self.segment(id) {
@@ -102,10 +109,11 @@ impl ChunkStore {
                                 }
                             }
                         }
-                        Err(e) => {
+                        Err(e) if is_damage(&e) => {
                             tracing::error!("{label}: map segment {}: {e}", format::hex(id));
                             bad_segments.entry(*id).or_default().insert(label.clone());
                         }
+                        Err(e) => return Err(stopped(e)),
                     }
                 }
             }
@@ -129,10 +137,11 @@ impl ChunkStore {
                 for (h, r) in chunk.iter().zip(self.chunks_each(chunk)) {
                     match r {
                         Ok(raw) => report.bytes += raw.len() as u64,
-                        Err(e) => {
+                        Err(e) if is_damage(&e) => {
                             tracing::error!("pack {}: {e}", format::hex(&pack));
                             bad.insert(*h);
                         }
+                        Err(e) => return Err(stopped(e)),
                     }
                 }
                 done += chunk.len() as u64;
@@ -190,12 +199,20 @@ impl ChunkStore {
             record(&versions, format::hex(&id), true);
             report.damaged_segments.insert(format::hex(&id), versions);
         }
+        let mut written = BTreeSet::new();
         for (label, damage) in per_version {
             let (name, seq) = label.rsplit_once('@').expect("labels are NAME@SEQ");
             let body = serde_json::to_vec(&damage).map_err(|e| Error::Corrupt(e.to_string()))?;
             let path = ObjPath::from(format!("vol/{name}/damaged/{seq}"));
             self.run(self.store.put(&path, PutPayload::from(body)))
                 .map_err(|e| store_err(format!("writing {}/{path}", self.describe), e))?;
+            written.insert(path);
+        }
+        for path in earlier.into_iter().filter(|p| !written.contains(p)) {
+            match self.run(self.store.delete(&path)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_err(format!("deleting {}/{path}", self.describe), e)),
+            }
         }
         Ok(report)
     }
@@ -249,5 +266,22 @@ impl ChunkStore {
             .collect();
         out.sort_unstable();
         Ok(out)
+    }
+}
+
+/// Whether a read failed because what the store holds is damaged or gone
+/// (recorded), rather than because the store could not be asked (which
+/// stops the run: a network blip must not mark good chunks for good).
+fn is_damage(e: &Error) -> bool {
+    matches!(e, Error::Corrupt(_) | Error::BadBlock(_))
+}
+
+/// A verify run the store stopped: nothing of it was recorded.
+fn stopped(e: Error) -> Error {
+    match e {
+        Error::Store(why) => Error::Store(format!(
+            "verify stopped, nothing recorded (run it again): {why}"
+        )),
+        e => e,
     }
 }
