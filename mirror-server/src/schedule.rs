@@ -102,7 +102,7 @@ pub async fn collect(volumes: Arc<Volumes>, every: Duration, window: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let store = store.clone();
-        let done = tokio::task::spawn_blocking(move || store.gc(window, |_| {})).await;
+        let done = tokio::task::spawn_blocking(move || store.gc_at_least(window, |_| {})).await;
         match done {
             Ok(Ok(r)) => tracing::info!(?r, "chunk store garbage collection"),
             Ok(Err(e)) => tracing::warn!("chunk store garbage collection: {e}"),

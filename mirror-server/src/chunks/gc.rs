@@ -31,6 +31,13 @@
 //! 1. it was condemned at least the window ago, and
 //! 2. it is dead again at this run's mark.
 //!
+//! A server's scheduled run never goes by a window shorter than the one
+//! the state recorded (publications judged by that one; another server
+//! on the store may have a longer `gc_window`), and records the window it
+//! went by; only `mirror-server gc --window`, asked for by hand, goes by
+//! exactly the window given. A copy of a chunk that verify found damaged
+//! does not count as holding it elsewhere.
+//!
 //! Every publication reads `gc/state` first and never relies on a
 //! condemned object: a chunk only a condemned pack holds is stored again
 //! (in a new pack: pack names are random), a segment whose name is
@@ -374,11 +381,31 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// One garbage collection run with safety window `window` (see the
-    /// module docs). `progress` is told what the run is doing.
-    pub fn gc(&self, window: Duration, mut progress: impl FnMut(&str)) -> Result<Report> {
+    /// One garbage collection run with safety window `window` exactly (see
+    /// the module docs), as an administrator asks for one (`mirror-server
+    /// gc --window`): shorter than the window publications go by is only
+    /// safe when no server publishes meanwhile. `progress` is told what the
+    /// run is doing.
+    pub fn gc(&self, window: Duration, progress: impl FnMut(&str)) -> Result<Report> {
+        self.gc_run(window, true, progress)
+    }
+
+    /// [`ChunkStore::gc`] with a window of at least `window`, and never
+    /// shorter than the one the store's state recorded, which publications
+    /// judged what they rely on by (another server's longer `gc_window`):
+    /// what a server's schedule runs.
+    pub fn gc_at_least(&self, window: Duration, progress: impl FnMut(&str)) -> Result<Report> {
+        self.gc_run(window, false, progress)
+    }
+
+    fn gc_run(
+        &self,
+        window: Duration,
+        exact: bool,
+        mut progress: impl FnMut(&str),
+    ) -> Result<Report> {
         let lock = self.run(self.lock())?;
-        let result = self.gc_locked(window, &lock, &mut progress);
+        let result = self.gc_locked(window, exact, &lock, &mut progress);
         // Only this run's own lock is deleted.
         if let Ok((true, _)) = self.run(self.holds(&lock)) {
             let _ = self.run(self.store.delete(&ObjPath::from(LOCK)));
@@ -389,13 +416,22 @@ impl ChunkStore {
     fn gc_locked(
         &self,
         window: Duration,
+        exact: bool,
         lock: &RunLock,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Report> {
-        let now = now_ms();
-        let old = now.saturating_sub(window.as_millis() as u64);
         let mut report = Report::default();
-        let ((generation, _), before, _) = self.run(self.read_state())?;
+        let ((generation, _), before, recorded_window_ms) = self.run(self.read_state())?;
+        // Publications judged what they rely on by the window the state
+        // recorded: unless asked for exactly, nothing they judged safe is
+        // deleted under a shorter one (another server's gc_window).
+        let now = now_ms();
+        let window_ms = if exact {
+            window.as_millis() as u64
+        } else {
+            (window.as_millis() as u64).max(recorded_window_ms)
+        };
+        let old = now.saturating_sub(window_ms);
         // Mark: the versions kept, their segments, their chunks.
         progress("marking");
         self.keep_lock(lock, true)?;
@@ -488,10 +524,18 @@ impl ChunkStore {
         let mut condemned = super::gc::Condemned::default();
         // A live chunk also held by a pack that is not condemned does not
         // keep a condemned pack (a publication stored it again).
+        // A copy verify found damaged holds nothing.
+        let damaged: HashSet<(Digest, Digest)> =
+            self.run(self.read_damaged())?.into_iter().collect();
         let mut held_elsewhere: HashSet<Digest> = HashSet::new();
         for (id, hashes, _) in &packs {
             if !before.packs.contains_key(id) {
-                held_elsewhere.extend(hashes.iter().copied());
+                held_elsewhere.extend(
+                    hashes
+                        .iter()
+                        .filter(|h| !damaged.contains(&(**h, *id)))
+                        .copied(),
+                );
             }
         }
         for (id, hashes, bytes) in packs {
@@ -560,7 +604,7 @@ impl ChunkStore {
             format: STATE_FORMAT,
             generation: generation + 1,
             nonce: ublk_mirror_common::hex::encode(&nonce),
-            window_ms: window.as_millis() as u64,
+            window_ms,
             packs: to_hex(&condemned.packs),
             segments: to_hex(&condemned.segments),
         };
