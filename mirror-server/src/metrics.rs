@@ -351,6 +351,12 @@ impl Metrics {
         self.verify_last.set(now);
     }
 
+    /// The last scheduled verification ended at `ms` (Unix ms): one a
+    /// restart's process did not run itself.
+    pub fn verified_at(&self, ms: u64) {
+        self.verify_last.set(ms as f64 / 1000.0);
+    }
+
     /// `client` published an epoch.
     pub fn published(&self, client: &str) {
         self.epochs.get_or_create(&client_label(client)).inc();

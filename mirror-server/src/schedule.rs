@@ -4,8 +4,11 @@
 //! `every` has passed since the last scheduled one; then pruning by its
 //! retention. What a snapshot is belongs to [`crate::snapshots`].
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+use ublk_mirror_common::clock::now_ms;
 
 use crate::config::{ServerConfig, SnapshotPolicy};
 use crate::error::Result;
@@ -89,20 +92,107 @@ impl ClockWatch {
     }
 }
 
+/// The store-wide chores a server runs on a clock of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chore {
+    /// Garbage collection of the chunk store.
+    Gc,
+    /// Verification of the chunk store.
+    Verify,
+}
+
+/// When each chore last ran here (or, before its first run, when its
+/// clock started), so that a restart (an upgrade, a reboot) does not start
+/// the clocks again: a server restarted more often than `verify_every`
+/// would never verify. `DATA/chores.json`, format 1:
+/// `{"format":1,"gc_ms":MS,"verify_ms":MS}`, replaced whole (written to a
+/// temporary file, synced, renamed); a missing or unreadable one starts
+/// the clocks now, which only delays a run.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Chores {
+    #[serde(default)]
+    format: u32,
+    #[serde(default)]
+    gc_ms: Option<u64>,
+    #[serde(default)]
+    verify_ms: Option<u64>,
+}
+
+const CHORES: &str = "chores.json";
+const CHORES_FORMAT: u32 = 1;
+
+impl Chores {
+    fn read(data: &Path) -> Chores {
+        let path = data.join(CHORES);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), "unreadable, the chores' clocks start now: {e}");
+                Chores::default()
+            }),
+            Err(_) => Chores::default(),
+        }
+    }
+
+    fn slot(&mut self, chore: Chore) -> &mut Option<u64> {
+        match chore {
+            Chore::Gc => &mut self.gc_ms,
+            Chore::Verify => &mut self.verify_ms,
+        }
+    }
+}
+
+/// Note that `chore` ran (or its clock started) at `ms`.
+fn note(data: &Path, chore: Chore, ms: u64) {
+    let mut chores = Chores::read(data);
+    chores.format = CHORES_FORMAT;
+    *chores.slot(chore) = Some(ms);
+    let path = data.join(CHORES);
+    let written = serde_json::to_vec(&chores)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| ublk_mirror_common::fsutil::replace(&path, &bytes));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), "cannot note when {chore:?} ran: {e}");
+    }
+}
+
+/// How long to wait for the first run of `chore`, which runs `every`: what
+/// is left of `every` since it last ran here (none left: at once). Never
+/// ran: its clock starts now.
+fn first_wait(data: &Path, chore: Chore, every: Duration) -> Duration {
+    let now = now_ms();
+    match *Chores::read(data).slot(chore) {
+        // A clock set back leaves a last run "in the future": a whole turn.
+        Some(last) if last <= now => every.saturating_sub(Duration::from_millis(now - last)),
+        _ => {
+            note(data, chore, now);
+            every
+        }
+    }
+}
+
+/// When `chore` last ran here (ms), if it did.
+pub fn last_ran(data: &Path, chore: Chore) -> Option<u64> {
+    *Chores::read(data).slot(chore)
+}
+
 /// Garbage-collect the chunk store every `every`, with the store's window,
-/// forever (`every` zero: never). Another server's run at the same time
+/// forever (`every` zero: never), counting from its last run here (kept in
+/// the data directory `data`). Another server's run at the same time
 /// is refused by the store's lock, and this one tries at its next turn.
-pub async fn collect(volumes: Arc<Volumes>, every: Duration, window: Duration) {
+pub async fn collect(volumes: Arc<Volumes>, data: PathBuf, every: Duration, window: Duration) {
     let Some(store) = volumes.chunk_store().cloned() else {
         return;
     };
     if every.is_zero() {
         return;
     }
+    let mut wait = first_wait(&data, Chore::Gc, every);
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
+        wait = every;
         let store = store.clone();
         let done = tokio::task::spawn_blocking(move || store.gc_at_least(window, |_| {})).await;
+        note(&data, Chore::Gc, now_ms());
         match done {
             Ok(Ok(r)) => tracing::info!(?r, "chunk store garbage collection"),
             Ok(Err(e)) => tracing::warn!("chunk store garbage collection: {e}"),
@@ -111,20 +201,24 @@ pub async fn collect(volumes: Arc<Volumes>, every: Duration, window: Duration) {
     }
 }
 
-/// Verify the chunk store every `every` ("0s": never), repairing from this
+/// Verify the chunk store every `every` ("0s": never), counting from its
+/// last run here (kept in the data directory `data`), repairing from this
 /// server's images what they still hold; damage left is logged as an error
 /// and shown in the metrics.
-pub async fn verify(volumes: Arc<Volumes>, every: Duration, metrics: Arc<Metrics>) {
+pub async fn verify(volumes: Arc<Volumes>, data: PathBuf, every: Duration, metrics: Arc<Metrics>) {
     if every.is_zero() || volumes.chunk_store().is_none() {
         return;
     }
+    let mut wait = first_wait(&data, Chore::Verify, every);
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
+        wait = every;
         let v = volumes.clone();
         let done = tokio::task::spawn_blocking(move || v.verify(None, |_, _| {})).await;
         if let Ok(Ok(r)) = &done {
             let unrepaired = r.damaged.len() + r.damaged_segments.len();
             metrics.verified(r.repaired.len(), unrepaired);
+            note(&data, Chore::Verify, now_ms());
         }
         match done {
             Ok(Ok(r)) if r.is_clean() => {
@@ -201,6 +295,41 @@ async fn visit(
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn the_chores_clocks_go_on_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        let week = Duration::from_secs(7 * 86400);
+        let day = Duration::from_secs(86400);
+        // Never ran: a whole turn, and the clock starts now (a restart
+        // tomorrow waits six days, not seven).
+        assert_eq!(first_wait(data, Chore::Verify, week), week);
+        let started = last_ran(data, Chore::Verify).unwrap();
+        assert!(now_ms() - started < 60_000);
+        assert!(
+            last_ran(data, Chore::Gc).is_none(),
+            "one chore's clock is not the other's"
+        );
+        note(data, Chore::Verify, now_ms() - 6 * 86_400_000);
+        let left = first_wait(data, Chore::Verify, week);
+        assert!(
+            left <= day && left > day - Duration::from_secs(60),
+            "{left:?}"
+        );
+        // Overdue: at once.
+        note(data, Chore::Verify, now_ms() - 8 * 86_400_000);
+        assert_eq!(first_wait(data, Chore::Verify, week), Duration::ZERO);
+        // GC's own clock, untouched by verify's.
+        assert_eq!(first_wait(data, Chore::Gc, day), day);
+        // A last run "in the future" (the clock was set back): a whole turn.
+        note(data, Chore::Verify, now_ms() + 86_400_000);
+        assert_eq!(first_wait(data, Chore::Verify, week), week);
+        // An unreadable file only starts the clocks again.
+        std::fs::write(data.join(CHORES), b"{oops").unwrap();
+        assert_eq!(first_wait(data, Chore::Verify, week), week);
+        assert!(last_ran(data, Chore::Verify).is_some());
+    }
 
     #[test]
     fn a_wall_clock_jump_ahead_holds_pruning_off_for_a_while() {

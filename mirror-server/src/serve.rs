@@ -174,11 +174,18 @@ pub async fn run(
     config.start_exports(&exports, &volumes).await;
     tokio::spawn(schedule::collect(
         volumes.clone(),
+        data.to_path_buf(),
         config.store.gc_every.0,
         config.store.gc_window.0,
     ));
+    // The last verification, as the metrics show it, is the one this
+    // server ran before it was restarted, if any.
+    if let Some(ms) = schedule::last_ran(data, schedule::Chore::Verify) {
+        metrics.verified_at(ms);
+    }
     tokio::spawn(schedule::verify(
         volumes.clone(),
+        data.to_path_buf(),
         config.store.verify_every.0,
         metrics.clone(),
     ));
