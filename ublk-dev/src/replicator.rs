@@ -1078,6 +1078,19 @@ impl Context {
                     (id, precopy)
                 }
             };
+            // Another seal (`ublk-mirror epoch seal`, a FLUSH that carried
+            // out a seal asked for earlier) may have come between the look
+            // at the sealed epochs and this one's: the oldest unshipped
+            // epoch always goes first, or a version would hold a later
+            // epoch's writes without an earlier one's.
+            let skipped = self
+                .tracker
+                .sealed_epochs()
+                .iter()
+                .any(|(e, _)| *e < epoch && run.as_ref().is_none_or(|r| !r.rounds.contains(e)));
+            if skipped {
+                continue;
+            }
             // A stop abandons the transfer (the epoch stays sealed and its
             // regions marked; the server keeps what it staged).
             let shipping = async {
