@@ -1277,28 +1277,6 @@ impl Publication<'_> {
         while !self.uploads.is_empty() {
             self.join_one()?;
         }
-        // And still there to rely on: garbage collection may have deleted
-        // what this publication packed or found in the store, or condemned
-        // it nearly a window ago, if it took long (see [`gc`]).
-        self.store.sync_gc()?;
-        {
-            let index = self.store.index();
-            let now = now_ms();
-            let gone = self
-                .changes
-                .values()
-                .filter(|&&d| d != HOLE && !index.lasting(&d, now))
-                .count();
-            if gone > 0 {
-                return Err(Error::Store(format!(
-                    "garbage collection of {} deleted {gone} chunks (or is about to) while version {} of {} was made ({} s): it is made again",
-                    self.store.describe,
-                    self.base.as_ref().map_or(1, |(seq, _)| seq + 1),
-                    self.volume,
-                    self.started.elapsed().as_secs()
-                )));
-            }
-        }
         let segs = blocks_of(self.size).div_ceil(SEGMENT_BLOCKS as u64) as usize;
         let mut ids: Vec<Digest> = match &self.base {
             Some((_, ids)) if ids.len() == segs => ids.clone(),
@@ -1383,6 +1361,30 @@ impl Publication<'_> {
             }
             Ok::<_, Error>(())
         })?;
+        // And still there to rely on: garbage collection may have deleted
+        // what this publication packed or found in the store, or condemned
+        // it nearly a window ago, if it took long (see [`gc`]). Asked last,
+        // after the map segments are up, so that the version record follows
+        // the answer at once.
+        store.sync_gc()?;
+        {
+            let index = store.index();
+            let now = now_ms();
+            let gone = self
+                .changes
+                .values()
+                .filter(|&&d| d != HOLE && !index.lasting(&d, now))
+                .count();
+            if gone > 0 {
+                return Err(Error::Store(format!(
+                    "garbage collection of {} deleted {gone} chunks (or is about to) while version {} of {} was made ({} s): it is made again",
+                    store.describe,
+                    self.base.as_ref().map_or(1, |(seq, _)| seq + 1),
+                    self.volume,
+                    self.started.elapsed().as_secs()
+                )));
+            }
+        }
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
         let seq = self.base.as_ref().map_or(1, |(seq, _)| seq + 1);
