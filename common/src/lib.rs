@@ -20,6 +20,7 @@ pub mod clock;
 pub mod docs;
 pub mod duration;
 mod error;
+pub mod exposition;
 pub mod fsutil;
 pub mod hex;
 pub mod identity;

@@ -402,7 +402,8 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.lock());
-        out
+        // As the content type says: text format 0.0.4.
+        ublk_mirror_common::exposition::classic(&out)
     }
 }
 

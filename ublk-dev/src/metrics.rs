@@ -289,7 +289,8 @@ pub fn render(devices: &[Device]) -> String {
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
-    out
+    // node_exporter's textfile collector reads text format 0.0.4.
+    ublk_mirror_common::exposition::classic(&out)
 }
 
 /// Write `text` to `path` atomically (a temporary file renamed over it),
