@@ -88,6 +88,20 @@ grep -q '"pkgtest/disk"' /tmp/volumes.json || { cat /tmp/volumes.json; fail "the
 cmp -n 1048576 /tmp/data /var/lib/mirror-server/volumes/pkgtest/disk/image ||
   fail "the server's image does not hold what was written"
 say "what was written on $dev is on the server"
+# a whole disk: root's alone
+[ "$(stat -c %a /var/lib/ublk-mirror/pkgtest.img)" = 600 ] ||
+  fail "the backing file is mode $(stat -c %a /var/lib/ublk-mirror/pkgtest.img), not 600"
+[ "$(stat -c %a /var/lib/ublk-mirror)" = 700 ] || fail "/var/lib/ublk-mirror is not 0700"
+# the metrics unit (sandboxed, as its timer starts it) writes the device's
+# metrics for node_exporter, in the format its textfile collector reads
+mkdir -p /var/lib/prometheus/node-exporter
+systemctl start ublk-mirror-metrics.service || fail "ublk-mirror-metrics.service failed"
+prom=/var/lib/prometheus/node-exporter/ublk-mirror.prom
+grep -q '^# TYPE ublk_mirror_epochs_shipped_total counter' "$prom" &&
+  grep -q '^ublk_mirror_epochs_shipped_total{' "$prom" ||
+  { cat "$prom"; fail "ublk-mirror-metrics.service wrote no counters for the device"; }
+rm -r /var/lib/prometheus
+say "ublk-mirror-metrics.service writes the device's metrics"
 # root imports an image only root reads (opened before the command acts
 # as the data's owner)
 head -c 1M /dev/urandom > /root/seed.img
