@@ -102,6 +102,25 @@ grep -q '^# TYPE ublk_mirror_epochs_shipped_total counter' "$prom" &&
   { cat "$prom"; fail "ublk-mirror-metrics.service wrote no counters for the device"; }
 rm -r /var/lib/prometheus
 say "ublk-mirror-metrics.service writes the device's metrics"
+# an upgrade (both packages, a newer version) while the device is mounted:
+# its daemon goes on, not restarted, and the file system stays writable
+mkfs.ext4 -q -F "$dev"
+mkdir -p /tmp/pkgmnt && mount "$dev" /tmp/pkgmnt && echo before > /tmp/pkgmnt/f && sync
+pid=$(systemctl show -p MainPID --value ublk-mirror@pkgtest)
+for p in ublk-mirror mirror-server; do
+  rm -rf /tmp/repack && dpkg-deb -R "$DEBS"/${p}_*.deb /tmp/repack
+  sed -i 's/^Version: .*/&.1/' /tmp/repack/DEBIAN/control
+  dpkg-deb -b /tmp/repack "/tmp/${p}_next.deb" > /dev/null || fail "repacking $p as a newer version"
+done
+(cd /tmp && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ./mirror-server_next.deb ./ublk-mirror_next.deb) \
+  > /tmp/upgrade.log 2>&1 || { cat /tmp/upgrade.log; fail "apt install of the newer packages"; }
+dpkg-query -W -f '${Version}' ublk-mirror | grep -q '\.1$' || fail "ublk-mirror was not upgraded"
+[ "$(systemctl show -p MainPID --value ublk-mirror@pkgtest)" = "$pid" ] ||
+  fail "the upgrade restarted ublk-mirror@pkgtest under a mounted file system"
+{ echo after >> /tmp/pkgmnt/f && sync; } || fail "the file system on $dev is not writable after the upgrade"
+umount /tmp/pkgmnt
+wait_for 60 "mirror-server.service is not active after the upgrade" systemctl is-active --quiet mirror-server
+say "an upgrade left the mounted device's daemon running (pid $pid) and the server active"
 # root imports an image only root reads (opened before the command acts
 # as the data's owner)
 head -c 1M /dev/urandom > /root/seed.img
