@@ -59,6 +59,9 @@ umount "$WORK/ram"
 mkfs.ext4 -q -F "$FIRST_DEV"
 mount "$FIRST_DEV" "$WORK/mnt"
 start_dev --backing "$WORK/mnt/stacked.img" --size 16M --name stacked --id 10
+# its tracking state beside it, on the same file system (not in the
+# mount point's directory underneath)
+[ -f "$WORK/mnt/stacked.img.ublk-mirror/journal" ] || fail "the stacked device's journal is not beside its backing file: $(ls -la "$WORK/mnt")"
 head -c 1M /dev/urandom > "$WORK/pattern"
 dd if="$WORK/pattern" of="$DEV" bs=1M oflag=direct status=none
 cmp -n $((1 << 20)) "$WORK/pattern" "$DEV" || fail "a stacked device does not read back what was written"

@@ -4,6 +4,7 @@
 //! stopped; `list` and `del` manage devices from another shell.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -760,7 +761,7 @@ fn start_on_demand_daemon(background: bool) -> anyhow::Result<()> {
             std::process::exit(code);
         }
     }
-    system::private_mount_namespace()?;
+    system::private_mount_namespace(&[])?;
     Ok(())
 }
 
@@ -773,10 +774,12 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let cache_path =
         args.cache_dir
             .join(format!("attach-{}-{}.img", args.volume, std::process::id()));
+    // The volume's data: its owner's alone, like the disk it comes from.
     let cache = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&cache_path)
         .with_context(|| format!("making the cache {}", cache_path.display()))?;
     let opened = Fetcher::open(
@@ -1132,7 +1135,7 @@ fn recover_instant(
         spec
     };
     let backing = open_backing(&spec, false)?;
-    system::private_mount_namespace()?;
+    system::private_mount_namespace(&[backing.resolved_path(), &spec.tracking.state_dir])?;
     if !state.exists() {
         // Filled before the daemon died: an ordinary device, mirrored if
         // it was to be.
@@ -1265,7 +1268,7 @@ fn epoch(command: EpochCommand) -> anyhow::Result<()> {
 }
 
 fn apply_epoch(id: u32, epoch: u64, to: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::unix::fs::FileExt;
     let size = ublk::info(id)?
         .record
         .map(|r| r.size)
@@ -1521,7 +1524,7 @@ fn run_device(
     config: Option<PathBuf>,
     served: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    system::private_mount_namespace()?;
+    system::private_mount_namespace(&[backing.resolved_path(), &spec.tracking.state_dir])?;
     let direct = if backing.direct_io() {
         "O_DIRECT"
     } else {

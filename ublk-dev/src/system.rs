@@ -2,6 +2,7 @@
 //! readiness notification to systemd, and a heap that stays small.
 
 use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 
 use crate::error::{Error, Result};
 
@@ -215,10 +216,26 @@ pub fn io_flusher() {
 /// have to unmount it, which needs I/O that only the exiting daemon could
 /// serve (libublk-rs issue #50). A daemon started after the file system was
 /// mounted (`recover`) inherits such mounts, so they are detached here;
-/// propagation being off, the host's mounts are untouched.
+/// propagation being off, the host's mounts are untouched. A ublk file
+/// system that holds one of `keep` (the device's backing file, its state
+/// directory: a device stacked on another's file system) stays: the
+/// daemon holds it open anyway, and needs its paths.
 /// Must be called before any thread is started.
-pub fn private_mount_namespace() -> Result<()> {
+pub fn private_mount_namespace(keep: &[&Path]) -> Result<()> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    // Resolved before anything is detached (a state directory not made yet
+    // by its parent).
+    let keep: Vec<std::path::PathBuf> = keep
+        .iter()
+        .map(|p| {
+            std::fs::canonicalize(p).unwrap_or_else(|_| {
+                match (p.parent().map(std::fs::canonicalize), p.file_name()) {
+                    (Some(Ok(dir)), Some(name)) => dir.join(name),
+                    _ => p.to_path_buf(),
+                }
+            })
+        })
+        .collect();
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| Error::io("creating a private mount namespace", e.into()))?;
     mount(
@@ -232,6 +249,10 @@ pub fn private_mount_namespace() -> Result<()> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
     for mount_point in mounts_of(&mountinfo, &ublk_block_devices()) {
+        if keep.iter().any(|k| k.starts_with(&mount_point)) {
+            tracing::debug!(%mount_point, "kept in the daemon's namespace: the device's files live on it");
+            continue;
+        }
         match umount2(mount_point.as_str(), MntFlags::MNT_DETACH) {
             Ok(()) => {
                 tracing::debug!(%mount_point, "detached a ublk file system from the daemon's namespace")
