@@ -960,6 +960,7 @@ fn gc(data: &Path, cfg: &Path, window: Option<Span>) -> mirror_server::Result<()
     let config = ServerConfig::load(cfg)?;
     let store = config.chunk_store(data)?;
     let progress = |step: &str| eprintln!("gc: {step}");
+    let exact = window.is_some();
     // Asked for: that window exactly (its help says when a shorter one is
     // safe); else the server's, never shorter than the store recorded.
     let (window, r) = match window {
@@ -970,14 +971,19 @@ fn gc(data: &Path, cfg: &Path, window: Option<Span>) -> mirror_server::Result<()
         }
     };
     println!(
-        "versions: {} deleted, {} kept; packs: {} deleted ({} freed), {} condemned; map segments: {} deleted, {} condemned (condemned objects go at a run {window} or more from now if still unused)",
+        "versions: {} deleted, {} kept; packs: {} deleted ({} freed), {} condemned; map segments: {} deleted, {} condemned (condemned objects go at a run {window}{} or more from now if still unused)",
         r.versions_deleted,
         r.versions_kept,
         r.packs_deleted,
         human(r.bytes_freed),
         r.packs_condemned,
         r.segments_deleted,
-        r.segments_condemned
+        r.segments_condemned,
+        if exact {
+            ""
+        } else {
+            " (or the longer window the store recorded)"
+        }
     );
     Ok(())
 }
@@ -1093,13 +1099,14 @@ fn list_snapshots(
 }
 
 fn list_exports(data: &Path, cfg: &Path, json: bool, utc: bool) -> mirror_server::Result<()> {
+    let answer = admin::request(data, cfg, admin::Op::Exports)?;
     if !admin::server_running(data) {
         eprintln!(
             "mirror-server: no server runs on {}: nothing is exported",
             data.display()
         );
     }
-    let rows = match admin::request(data, cfg, admin::Op::Exports)? {
+    let rows = match answer {
         serde_json::Value::Array(rows) => rows,
         other => {
             return Err(mirror_server::Error::Invalid(format!(

@@ -101,21 +101,26 @@ pub enum Chore {
     Verify,
 }
 
-/// When each chore last ran here (or, before its first run, when its
-/// clock started), so that a restart (an upgrade, a reboot) does not start
+/// When each chore last ran here, and when its clock started (its first
+/// start here), so that a restart (an upgrade, a reboot) does not start
 /// the clocks again: a server restarted more often than `verify_every`
 /// would never verify. `DATA/chores.json`, format 1:
-/// `{"format":1,"gc_ms":MS,"verify_ms":MS}`, replaced whole (written to a
-/// temporary file, synced, renamed); a missing or unreadable one starts
-/// the clocks now, which only delays a run.
+/// `{"format":1,"gc_ms":MS,"verify_ms":MS,"gc_from_ms":MS,"verify_from_ms":MS}`
+/// (each absent until known), replaced whole (written to a temporary file,
+/// synced, renamed); a missing or unreadable one starts the clocks now,
+/// which only delays a run.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Chores {
     #[serde(default)]
     format: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     gc_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     verify_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gc_from_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    verify_from_ms: Option<u64>,
 }
 
 const CHORES: &str = "chores.json";
@@ -133,19 +138,26 @@ impl Chores {
         }
     }
 
-    fn slot(&mut self, chore: Chore) -> &mut Option<u64> {
-        match chore {
-            Chore::Gc => &mut self.gc_ms,
-            Chore::Verify => &mut self.verify_ms,
+    /// When `chore` last ran (`ran`), or its clock started.
+    fn slot(&mut self, chore: Chore, ran: bool) -> &mut Option<u64> {
+        match (chore, ran) {
+            (Chore::Gc, true) => &mut self.gc_ms,
+            (Chore::Verify, true) => &mut self.verify_ms,
+            (Chore::Gc, false) => &mut self.gc_from_ms,
+            (Chore::Verify, false) => &mut self.verify_from_ms,
         }
     }
 }
 
-/// Note that `chore` ran (or its clock started) at `ms`.
+/// Note that `chore` ran at `ms`.
 fn note(data: &Path, chore: Chore, ms: u64) {
+    note_slot(data, chore, true, ms);
+}
+
+fn note_slot(data: &Path, chore: Chore, ran: bool, ms: u64) {
     let mut chores = Chores::read(data);
     chores.format = CHORES_FORMAT;
-    *chores.slot(chore) = Some(ms);
+    *chores.slot(chore, ran) = Some(ms);
     let path = data.join(CHORES);
     let written = serde_json::to_vec(&chores)
         .map_err(std::io::Error::other)
@@ -160,11 +172,13 @@ fn note(data: &Path, chore: Chore, ms: u64) {
 /// ran: its clock starts now.
 fn first_wait(data: &Path, chore: Chore, every: Duration) -> Duration {
     let now = now_ms();
-    match *Chores::read(data).slot(chore) {
+    let mut chores = Chores::read(data);
+    let since = chores.slot(chore, true).or(*chores.slot(chore, false));
+    match since {
         // A clock set back leaves a last run "in the future": a whole turn.
         Some(last) if last <= now => every.saturating_sub(Duration::from_millis(now - last)),
         _ => {
-            note(data, chore, now);
+            note_slot(data, chore, false, now);
             every
         }
     }
@@ -172,7 +186,7 @@ fn first_wait(data: &Path, chore: Chore, every: Duration) -> Duration {
 
 /// When `chore` last ran here (ms), if it did.
 pub fn last_ran(data: &Path, chore: Chore) -> Option<u64> {
-    *Chores::read(data).slot(chore)
+    *Chores::read(data).slot(chore, true)
 }
 
 /// Garbage-collect the chunk store every `every`, with the store's window,
@@ -305,8 +319,15 @@ mod tests {
         // Never ran: a whole turn, and the clock starts now (a restart
         // tomorrow waits six days, not seven).
         assert_eq!(first_wait(data, Chore::Verify, week), week);
-        let started = last_ran(data, Chore::Verify).unwrap();
-        assert!(now_ms() - started < 60_000);
+        assert!(
+            last_ran(data, Chore::Verify).is_none(),
+            "a clock started is no run"
+        );
+        let left = first_wait(data, Chore::Verify, week);
+        assert!(
+            left <= week && left > week - Duration::from_secs(60),
+            "{left:?}"
+        );
         assert!(
             last_ran(data, Chore::Gc).is_none(),
             "one chore's clock is not the other's"
@@ -328,7 +349,7 @@ mod tests {
         // An unreadable file only starts the clocks again.
         std::fs::write(data.join(CHORES), b"{oops").unwrap();
         assert_eq!(first_wait(data, Chore::Verify, week), week);
-        assert!(last_ran(data, Chore::Verify).is_some());
+        assert!(last_ran(data, Chore::Verify).is_none());
     }
 
     #[test]

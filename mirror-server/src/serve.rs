@@ -119,11 +119,16 @@ pub async fn run(
     let identity = Identity::load(&data.join("identity"))
         .map_err(|e| Error::Invalid(format!("{e} (run `mirror-server init` first)")))?;
     raise_open_files();
-    let _lock = ServerLock::take(data).map_err(|_| {
-        Error::Invalid(format!(
-            "another mirror-server serves {} already",
-            data.display()
-        ))
+    // Not a config error (exit status 1, not 2): the unit tries again, as
+    // a command holding the lock for a while (an import, an upgrade) ends.
+    let _lock = ServerLock::take(data).map_err(|e| {
+        Error::io(
+            format!(
+                "another mirror-server (or an admin command) holds {}",
+                data.display()
+            ),
+            std::io::Error::other(e.to_string()),
+        )
     })?;
     let server_config = tls::server_config(&identity).map_err(|e| Error::Invalid(e.to_string()))?;
     let chunks = tokio::task::block_in_place(|| config.chunk_store(data))?;

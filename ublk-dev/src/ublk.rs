@@ -218,8 +218,10 @@ impl DeviceInfo {
                 "it has no description (its daemon died while setting it up, or it is another program's) and no process serves it: if it is one `ublk-mirror add` left, `del --force` deletes it".into(),
             ),
             (false, true, _) => Err(format!(
-                "it has no description yet and process {} serves it (a device being set up?); not touching it",
-                self.pid
+                "it has no description yet and process {} ({}) serves it (a device being set up?); not touching it",
+                self.pid,
+                std::fs::read_to_string(format!("/proc/{}/comm", self.pid))
+                    .map_or_else(|_| "?".to_string(), |c| c.trim().to_string())
             )),
             (true, ..) => Err("it is not a ublk-mirror device; not touching it".into()),
         }

@@ -165,10 +165,18 @@ pub fn request(data: &Path, cfg: &Path, op: Op) -> Result<serde_json::Value> {
                 ))),
             }
         }
-        Err(_) => {
+        Err(e) => {
             // No server: do it here, as the server would, holding its lock.
             if op == Op::Exports {
-                return Ok(serde_json::Value::Array(Vec::new()));
+                return match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                        Ok(serde_json::Value::Array(Vec::new()))
+                    }
+                    _ => Err(Error::io(
+                        format!("asking the server on {}", data.join(SOCKET).display()),
+                        e,
+                    )),
+                };
             }
             let Some(name) = volume_of(&op) else {
                 return Err(Error::Invalid(format!(

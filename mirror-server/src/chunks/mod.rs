@@ -883,7 +883,23 @@ impl ChunkStore {
 
     /// The digests of segment `id`.
     pub(crate) fn segment(&self, id: &Digest) -> Result<Vec<Digest>> {
-        let bytes = self.run(self.get(&ObjPath::from(format::spread("maps", id))))?;
+        let path = ObjPath::from(format::spread("maps", id));
+        let got = self.run(async {
+            let r = self.store.get(&path).await?;
+            r.bytes().await
+        });
+        let bytes = match got {
+            Ok(b) => b,
+            // Gone: damage (what verify records), not a store out of reach.
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::Corrupt(format!(
+                    "map segment {} is missing from the store {}",
+                    format::hex(id),
+                    self.describe
+                )))
+            }
+            Err(e) => return Err(store_err(format!("reading {}/{path}", self.describe), e)),
+        };
         format::decode_segment(&bytes, id)
     }
 

@@ -1020,6 +1020,19 @@ fn a_store_failing_under_verify_marks_nothing_good_and_keeps_the_last_findings()
         }
     }
     assert!(stopped > 0, "no fault ever stopped a run");
+    // A map segment gone from the store is damage, recorded, not a run
+    // stopped.
+    let head = store.head(VOL).unwrap().unwrap();
+    let id = head.segment_ids().unwrap()[0];
+    store
+        .run(
+            store
+                .store
+                .delete(&ObjPath::from(format::spread("maps", &id))),
+        )
+        .unwrap();
+    let r = store.verify(None, |_, _, _| None, |_, _| {}).unwrap();
+    assert!(r.damaged_segments.contains_key(&format::hex(&id)), "{r:?}");
 }
 
 #[test]

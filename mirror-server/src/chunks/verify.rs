@@ -109,6 +109,10 @@ impl ChunkStore {
                                 }
                             }
                         }
+                        // Collected meanwhile, with its version: not damage.
+                        Err(e) if is_damage(&e) && !self.versions(name)?.contains(&seq) => {
+                            break;
+                        }
                         Err(e) if is_damage(&e) => {
                             tracing::error!("{label}: map segment {}: {e}", format::hex(id));
                             bad_segments.entry(*id).or_default().insert(label.clone());

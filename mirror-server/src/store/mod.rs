@@ -1255,9 +1255,11 @@ impl Volume {
     }
 
     /// Version `at` of the volume to read (see [`Volume::pin_version`]),
-    /// from the cache's snapshots, or else, for a snapshot name the chunk
-    /// store pins, from the store. The pin (none for the store's: its pin
-    /// keeps it) goes back with [`Volume::done_reading`].
+    /// from the cache's snapshots, or from the chunk store for a snapshot
+    /// only it keeps (by name, or the newest at or before a time whichever
+    /// server took it). The pin (for the store's, one that keeps it from
+    /// being deleted here while read) goes back with
+    /// [`Volume::done_reading`].
     pub fn open_version(
         &mut self,
         at: Option<&str>,
@@ -1271,9 +1273,20 @@ impl Volume {
             .and_then(crate::snapshots::parse_time)
         {
             let limit = ms.saturating_add(999);
-            let here = self.snapshots().at(limit).map(|s| s.epoch_ms);
-            if let Some((reader, info)) = self.stored_at(limit)? {
-                if here.is_none_or(|h| info.epoch_ms > h) {
+            let here = self.snapshots().at(limit).map(|s| s.epoch);
+            let stored = match self.stored_at(limit) {
+                Ok(s) => s,
+                // The store out of reach: this server's own answer, said so.
+                Err(e) if here.is_some() => {
+                    tracing::warn!("looking for snapshots only the chunk store keeps: {e}; answered from this server's own");
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some((reader, info)) = stored {
+                // The newer version wins (the store's time is when the
+                // version got there, a little after its epoch).
+                if here.is_none_or(|h| info.epoch > h) {
                     let pin = self.pin_stored(&info.name);
                     return Ok((info, Some(pin), VersionSource::Store(reader)));
                 }
@@ -1783,8 +1796,6 @@ impl Volume {
     }
 }
 
-/// The length of block `n` of a volume of `size` bytes (the last may be
-/// short).
 /// A snapshot only the chunk store keeps, as listed: pin `name` of
 /// version `record`.
 pub fn stored_info(name: &str, record: &VersionRecord) -> SnapshotInfo {
@@ -1798,6 +1809,8 @@ pub fn stored_info(name: &str, record: &VersionRecord) -> SnapshotInfo {
     }
 }
 
+/// The length of block `n` of a volume of `size` bytes (the last may be
+/// short).
 fn block_len(size: u64, n: u64) -> u64 {
     (size - n * block::BLOCK).min(block::BLOCK)
 }
