@@ -1293,6 +1293,9 @@ impl Publication<'_> {
         while !self.uploads.is_empty() {
             self.join_one()?;
         }
+        // The map segments are named on a fresh state: a name condemned
+        // meanwhile is salted (see [`gc`]).
+        self.store.sync_gc()?;
         let segs = blocks_of(self.size).div_ceil(SEGMENT_BLOCKS as u64) as usize;
         let mut ids: Vec<Digest> = match &self.base {
             Some((_, ids)) if ids.len() == segs => ids.clone(),
