@@ -59,6 +59,15 @@ fn counters(
 /// The text exposition of `devices`.
 pub fn render(devices: &[Device]) -> String {
     let mut r = Registry::default();
+    // One series for every device, whatever its status: a device whose
+    // daemon published none (it failed before, or a newer format) would
+    // otherwise vanish, and no alert on its status could fire.
+    let readable = gauges(
+        &mut r,
+        "ublk_mirror_status_readable",
+        "1 if the device's daemon published a status this version reads, else 0",
+        None,
+    );
     let updated = Family::<Labels, FloatGauge>::default();
     r.register_with_unit(
         "ublk_mirror_status_updated_timestamp",
@@ -232,11 +241,14 @@ pub fn render(devices: &[Device]) -> String {
         None,
     );
     for d in devices {
-        let Some(s) = &d.status else { continue };
         let l: Labels = vec![
             ("device".into(), d.device.clone()),
             ("name".into(), d.name.clone()),
         ];
+        readable
+            .get_or_create(&l)
+            .set(i64::from(d.status.is_some()));
+        let Some(s) = &d.status else { continue };
         let with_op = |op: &str| {
             let mut l = l.clone();
             l.push(("op".into(), op.into()));
@@ -301,4 +313,30 @@ pub fn write_textfile(path: &std::path::Path, text: &str) -> std::io::Result<()>
     let tmp = std::path::PathBuf::from(tmp);
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_without_a_readable_status_still_has_a_series() {
+        let text = render(&[Device {
+            device: "ublkb3".into(),
+            name: "home".into(),
+            status: None,
+        }]);
+        assert!(
+            text.contains("ublk_mirror_status_readable{device=\"ublkb3\",name=\"home\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE ublk_mirror_status_readable gauge"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("ublk_mirror_status_updated_timestamp_seconds{"),
+            "{text}"
+        );
+    }
 }

@@ -56,7 +56,13 @@ pub fn path(id: u32) -> PathBuf {
 /// Read device `id`'s last published status, if any.
 pub fn read(id: u32) -> Option<DeviceStatus> {
     let text = std::fs::read_to_string(path(id)).ok()?;
-    serde_json::from_str(&text).ok()
+    serde_json::from_str(&text)
+        .inspect_err(|e| {
+            tracing::warn!(
+                "device {id}'s status cannot be read (a daemon of another version?): {e}"
+            );
+        })
+        .ok()
 }
 
 fn snapshot(
