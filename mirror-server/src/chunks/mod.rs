@@ -941,7 +941,12 @@ impl ChunkStore {
         let missing: Vec<usize> = (0..hashes.len()).filter(|&i| out[i].is_none()).collect();
         if !missing.is_empty() {
             let wanted: Vec<Digest> = missing.iter().map(|&i| hashes[i]).collect();
-            let got = self.read_chunks(&wanted)?;
+            let got = match self.read_chunks(&wanted) {
+                // A copy another server's verify found damaged, and perhaps
+                // stored again elsewhere: read once more, knowing it.
+                Err(Error::Corrupt(_)) if self.learn_damage()? => self.read_chunks(&wanted)?,
+                r => r?,
+            };
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             for (&i, data) in missing.iter().zip(got) {
                 cache.put(hashes[i], &data);
@@ -952,6 +957,25 @@ impl ChunkStore {
             .into_iter()
             .map(|d| d.expect("every chunk read"))
             .collect())
+    }
+
+    /// Learn the damage markers other servers' verify runs wrote since
+    /// this index was built; if any is new, build the index again, which
+    /// then places each chunk in a copy not found damaged, if the store
+    /// has one (a repair). Whether any was new.
+    fn learn_damage(&self) -> Result<bool> {
+        let markers = self.run(self.read_damaged())?;
+        let new = {
+            let mut index = self.index();
+            markers.into_iter().fold(false, |new, (hash, pack)| {
+                index.damaged.insert((pack, hash)) || new
+            })
+        };
+        if new {
+            let _one = self.rebuilding.lock().unwrap_or_else(|p| p.into_inner());
+            self.rebuild_index()?;
+        }
+        Ok(new)
     }
 
     /// [`ChunkStore::chunks`] from the store itself, never the cache (what

@@ -1035,6 +1035,27 @@ fn a_store_failing_under_verify_marks_nothing_good_and_keeps_the_last_findings()
     assert!(r.damaged_segments.contains_key(&format::hex(&id)), "{r:?}");
 }
 
+/// A server whose index was built before another's verify repaired a
+/// chunk (marked its copy damaged, stored it again) reads the repair, not
+/// the damaged copy, without waiting for the next garbage collection.
+#[test]
+fn a_repair_by_another_server_s_verify_is_read_at_once() {
+    let store = open_on(memory());
+    let v1 = publish(&store, VOL, None, BLOCK, &[(0, 1)].into(), 1).unwrap();
+    let stale = open_on_same(&store);
+    let h1 = format::sha256(&block_of(1, BLOCK as usize));
+    corrupt(&store, &h1);
+    let r = store
+        .verify(
+            None,
+            |v, n, _| (v == VOL && n == 0).then(|| block_of(1, BLOCK as usize)),
+            |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(r.repaired, vec![format::hex(&h1)], "{r:?}");
+    assert_eq!(read_all(&stale, &v1.record), block_of(1, BLOCK as usize));
+}
+
 #[test]
 fn verify_finds_damage_and_repairs_it_in_memory() {
     verify_finds_damage_and_repairs_it(&open_on(memory()));
