@@ -219,23 +219,21 @@ fn a_snapshot_the_cache_lost_is_exported_from_the_chunk_store() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (one, two) = make_volume_in(&data, true);
+    let server = |args: &[&str]| {
+        Command::new(bin())
+            .arg("--data")
+            .arg(&data)
+            .args(args)
+            .output()
+            .unwrap()
+    };
     // The cache is lost (or this is another server on the same store):
     // the image comes back from the store, the snapshot stays there.
     std::fs::remove_dir_all(data.join("volumes")).unwrap();
-    let up = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .arg("upgrade")
-        .output()
-        .unwrap();
+    let up = server(&["upgrade"]);
     assert!(up.status.success(), "{up:?}");
     assert!(std::fs::read(data.join("volumes/laptop/root/image")).unwrap() == two);
-    let listed = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .args(["snapshots", "laptop/root"])
-        .output()
-        .unwrap();
+    let listed = server(&["snapshots", "laptop/root"]);
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(
         listed
@@ -258,12 +256,7 @@ fn a_snapshot_the_cache_lost_is_exported_from_the_chunk_store() {
     drop(export);
     // By a time too (to the second, as `snapshots` shows it): the newest
     // snapshot at or before it is the store's, though this cache has none.
-    let listed = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .args(["snapshots", "laptop/root", "--json"])
-        .output()
-        .unwrap();
+    let listed = server(&["snapshots", "laptop/root", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     let first_ms = listed
         .as_array()
@@ -291,46 +284,21 @@ fn a_snapshot_the_cache_lost_is_exported_from_the_chunk_store() {
     );
     drop(export);
     // And it can be deleted here: its pin goes from the store.
-    let deleted = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .args(["delete", "laptop/root@first"])
-        .output()
-        .unwrap();
+    let deleted = server(&["delete", "laptop/root@first"]);
     assert!(deleted.status.success(), "{deleted:?}");
-    let listed = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .args(["snapshots", "laptop/root"])
-        .output()
-        .unwrap();
+    let listed = server(&["snapshots", "laptop/root"]);
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(!listed.contains("first"), "{listed}");
-    let gone = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .args([
+    // Neither it, nor a name neither has, is exported.
+    for name in ["first", "nothing"] {
+        let refused = server(&[
             "export",
-            "laptop/root@first",
+            &format!("laptop/root@{name}"),
             "--listen",
             &format!("127.0.0.1:{}", port()),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(gone.status.code(), Some(2), "{gone:?}");
-    // A name neither has is still refused.
-    let none = Command::new(bin())
-        .arg("--data")
-        .arg(&data)
-        .args([
-            "export",
-            "laptop/root@nothing",
-            "--listen",
-            &format!("127.0.0.1:{}", port()),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(none.status.code(), Some(2), "{none:?}");
+        ]);
+        assert_eq!(refused.status.code(), Some(2), "{name}: {refused:?}");
+    }
 }
 
 #[test]

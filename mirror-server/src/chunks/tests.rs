@@ -885,6 +885,18 @@ fn corrupt(store: &ChunkStore, hash: &Digest) {
     });
 }
 
+/// Verify, with an image cache that still holds block 0 of `VOL` as
+/// `seed` wrote it.
+fn verify_with_block_0_cached(store: &ChunkStore, seed: u64) -> verify::Report {
+    store
+        .verify(
+            None,
+            |v, n, _| (v == VOL && n == 0).then(|| block_of(seed, BLOCK as usize)),
+            |_, _| {},
+        )
+        .unwrap()
+}
+
 fn verify_finds_damage_and_repairs_it(store: &Arc<ChunkStore>) {
     let size = 2 * BLOCK;
     let v1 = publish(store, VOL, None, size, &[(0, 1), (1, 2)].into(), 1).unwrap();
@@ -914,13 +926,7 @@ fn verify_finds_damage_and_repairs_it(store: &Arc<ChunkStore>) {
     assert!(!open_on_same(store).has(&h1));
 
     // An image cache still has it: repaired, and every version reads.
-    let r = store
-        .verify(
-            None,
-            |v, n, _| (v == VOL && n == 0).then(|| block_of(1, BLOCK as usize)),
-            |_, _| {},
-        )
-        .unwrap();
+    let r = verify_with_block_0_cached(store, 1);
     assert_eq!(r.repaired, vec![format::hex(&h1)], "{r:?}");
     assert!(r.is_clean(), "{r:?}");
     assert!(store.damaged_versions(VOL).unwrap().is_empty());
@@ -1045,13 +1051,7 @@ fn a_repair_by_another_server_s_verify_is_read_at_once() {
     let stale = open_on_same(&store);
     let h1 = format::sha256(&block_of(1, BLOCK as usize));
     corrupt(&store, &h1);
-    let r = store
-        .verify(
-            None,
-            |v, n, _| (v == VOL && n == 0).then(|| block_of(1, BLOCK as usize)),
-            |_, _| {},
-        )
-        .unwrap();
+    let r = verify_with_block_0_cached(&store, 1);
     assert_eq!(r.repaired, vec![format::hex(&h1)], "{r:?}");
     assert_eq!(read_all(&stale, &v1.record), block_of(1, BLOCK as usize));
 }
