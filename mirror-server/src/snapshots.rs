@@ -750,6 +750,24 @@ impl Snapshots {
         now_ms: u64,
         kind: Kind,
     ) -> Result<SnapshotInfo> {
+        self.create_beside(name, epoch, epoch_ms, now_ms, kind, &BTreeSet::new())
+    }
+
+    /// [`Snapshots::create`], where `elsewhere` names snapshots of the
+    /// volume kept elsewhere (pinned in the chunk store, by another server
+    /// on it): a name given that is one of them is refused, a name made
+    /// from the time steps around them, as around this volume's own (else
+    /// the new snapshot's pin would take the place of the other's).
+    pub fn create_beside(
+        &mut self,
+        name: Option<&str>,
+        epoch: u64,
+        epoch_ms: u64,
+        now_ms: u64,
+        kind: Kind,
+        elsewhere: &BTreeSet<String>,
+    ) -> Result<SnapshotInfo> {
+        let taken = |s: &Self, n: &str| s.get(n).is_some() || elsewhere.contains(n);
         let name = match name {
             Some(n) => {
                 check_name(n).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -768,14 +786,14 @@ impl Snapshots {
             None => {
                 let mut n = time_name(now_ms);
                 let mut k = 1;
-                while self.get(&n).is_some() {
+                while taken(self, &n) {
                     k += 1;
                     n = format!("{}-{k}", time_name(now_ms));
                 }
                 n
             }
         };
-        if self.get(&name).is_some() {
+        if taken(self, &name) {
             return Err(Error::Invalid(format!(
                 "there is a snapshot called {name} already"
             )));
@@ -1189,25 +1207,43 @@ impl Snapshots {
     /// The scheduled snapshots `retention` no longer keeps at `now_ms`
     /// (never one being read), oldest first.
     pub fn prunable(&self, retention: &Retention, now_ms: u64) -> Vec<String> {
-        let scheduled: Vec<(u64, u64)> = self
+        self.prunable_with(retention, now_ms, &[])
+    }
+
+    /// [`Snapshots::prunable`], counting `others` too: scheduled snapshots
+    /// (name, point in time ms) kept elsewhere (only the chunk store has
+    /// them: taken on another server on the store), which fill retention's
+    /// buckets as this volume's own do. Those of them to prune are named
+    /// too; whether one is being read is for the caller to check.
+    pub fn prunable_with(
+        &self,
+        retention: &Retention,
+        now_ms: u64,
+        others: &[(String, u64)],
+    ) -> Vec<String> {
+        let own = self
             .manifest
             .snapshots
             .iter()
             .filter(|s| s.kind == Kind::Scheduled)
-            .map(|s| (s.id, s.epoch_ms.max(s.created_ms)))
-            .collect();
-        retention
-            .prune(&scheduled, now_ms)
+            .map(|s| (s.id, s.epoch_ms.max(s.created_ms), s.name.as_str()));
+        // Ids of their own for the others, past any of this volume's.
+        let others = others
+            .iter()
+            .enumerate()
+            .filter(|(_, (name, _))| self.get(name).is_none())
+            .map(|(i, (name, at))| (u64::MAX - i as u64, *at, name.as_str()));
+        let all: Vec<(u64, u64, &str)> = own.chain(others).collect();
+        let times: Vec<(u64, u64)> = all.iter().map(|&(id, at, _)| (id, at)).collect();
+        // Newest first from `prune`.
+        let mut names: Vec<String> = retention
+            .prune(&times, now_ms)
             .into_iter()
             .filter(|&id| !self.pinned(id))
-            .filter_map(|id| {
-                self.manifest
-                    .snapshots
-                    .iter()
-                    .find(|s| s.id == id)
-                    .map(|s| s.name.clone())
-            })
-            .collect()
+            .filter_map(|id| all.iter().find(|a| a.0 == id).map(|a| a.2.to_string()))
+            .collect();
+        names.reverse();
+        names
     }
 
     /// Bytes the snapshots take on disk (data files).

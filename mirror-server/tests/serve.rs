@@ -1750,6 +1750,114 @@ async fn a_client_fails_over_to_another_server_on_the_same_store_and_nothing_is_
     );
 }
 
+/// The scheduled snapshots one server took, pinned in the shared chunk
+/// store, are pruned by the retention of the server the client moved to
+/// (which lists them as `stored`): else nothing ever pruned them, and
+/// the store kept their versions for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_prunes_the_scheduled_snapshots_another_server_took() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_a = dir.path().join("a");
+    let data_b = dir.path().join("b");
+    let every_second = |data: &Path| {
+        let config = std::fs::read_to_string(data.join("server.toml")).unwrap();
+        assert!(config.contains("every = \"1h\""), "{config}");
+        let config = config.replace("every = \"1h\"", "every = \"1s\"");
+        std::fs::write(data.join("server.toml"), config).unwrap();
+    };
+    let init = cli_at(&data_a, &["init", "--listen", "127.0.0.1:0"]);
+    assert!(init.status.success(), "{init:?}");
+    if std::env::var("MIRROR_TEST_STORE").as_deref() == Ok("s3") {
+        on_seaweed(&data_a);
+    }
+    every_second(&data_a);
+    let mut a = Server::start(&data_a);
+    let (id, link) = enrolled(&a, dir.path(), "laptop").await;
+    let fp = token_fp(&data_a);
+    link.open_volume("root", 1 << 20).await.unwrap();
+    let listed = |data: &Path| -> Vec<(String, String)> {
+        let out = cli_at(data, &["snapshots", "laptop/root", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let field = |k: &str| s[k].as_str().unwrap().to_string();
+                (field("name"), field("kind"))
+            })
+            .collect()
+    };
+    // All in one hour (retention's buckets): a run that would cross an
+    // hour's end waits for it first.
+    let into_hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 3600;
+    if into_hour > 3600 - 90 {
+        tokio::time::sleep(Duration::from_secs(3600 - into_hour + 1)).await;
+    }
+    // A takes a scheduled snapshot of each of three epochs (and prunes
+    // its own: one an hour, and the newest).
+    for epoch in 1..=3u64 {
+        let content = noise(40 + epoch, 1 << 20);
+        link.send_epoch("root", epoch, w(epoch), &[(0, 65536)], 3, reader(content))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = cli_at(&data_a, &["snapshots", "laptop/root", "--json"]);
+            let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if listed
+                .as_array()
+                .and_then(|a| a.last())
+                .map(|s| s["epoch"].clone())
+                == Some(epoch.into())
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{listed}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    drop(link);
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let of_a: Vec<String> = listed(&data_a).into_iter().map(|(n, _)| n).collect();
+    // Two, or three where A was killed before it pruned the last turn's.
+    assert!(of_a.len() >= 2, "{of_a:?}");
+
+    // The client moves to B, on the same store, whose schedule then takes
+    // its own snapshot and prunes A's: in the same hour as B's, the older
+    // goes (the newer stays: the first in the hour after the newest of
+    // all, B's).
+    second_server_dir(&data_a, &data_b);
+    every_second(&data_b);
+    let b = Server::start(&data_b);
+    let link = Link::connect(&id, fp, &b.address).await.unwrap();
+    assert_eq!(
+        link.open_volume("root", 1 << 20)
+            .await
+            .unwrap()
+            .published_epoch,
+        3
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = listed(&data_b);
+        let stored: Vec<_> = now.iter().filter(|(_, k)| k == "stored").collect();
+        let own = now.iter().filter(|(_, k)| k == "scheduled").count();
+        if own == 1 && stored.len() == 1 {
+            assert_eq!(Some(&stored[0].0), of_a.last(), "{now:?} {of_a:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_collection_keeps_what_snapshots_and_the_newest_versions_need() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,10 @@
 //!
 //! A volume keeps its newest two versions and every version a pin names
 //! (`vol/CLIENT/VOLUME/pins/NAME`: a snapshot of the volume, JSON
-//! `{"seq":N}`). Other version records are deleted at once: a record is
+//! `{"seq":N}`, with `"scheduled_ms":T` for a scheduled snapshot, which
+//! retention prunes, showing the volume at T ms since the Unix epoch; a
+//! pin without it, such as those written before it, is never pruned).
+//! Other version records are deleted at once: a record is
 //! whole once written, no publication builds on any but the newest, and a
 //! server whose image holds a deleted version catches up by comparing
 //! every block instead of the changed segments. Kept versions make their map segments
@@ -65,7 +68,7 @@
 //! once, before deleting anything more or writing the state, and never
 //! deletes a lock that is not its own.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -142,10 +145,18 @@ fn from_hex(m: &BTreeMap<String, u64>) -> Result<BTreeMap<Digest, u64>> {
         .collect()
 }
 
-/// A snapshot's pin of a version.
+/// A snapshot's pin of a version (`vol/CLIENT/VOLUME/pins/NAME`; see
+/// the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct PinRecord {
-    seq: u64,
+pub struct PinRecord {
+    /// The version kept.
+    pub seq: u64,
+    /// For a scheduled snapshot (one retention prunes, whichever server
+    /// took it): when it shows the volume, ms since the Unix epoch.
+    /// `None` for the others, and in pins from before this field: never
+    /// pruned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_ms: Option<u64>,
 }
 
 /// What a run did.
@@ -174,10 +185,11 @@ fn pin_path(volume: &str, name: &str) -> ObjPath {
 
 impl ChunkStore {
     /// Keep version `seq` of `volume` as long as the pin `name` (a
-    /// snapshot's name) exists.
-    pub fn pin(&self, volume: &str, name: &str, seq: u64) -> Result<()> {
-        let body =
-            serde_json::to_vec(&PinRecord { seq }).map_err(|e| Error::Corrupt(e.to_string()))?;
+    /// snapshot's name) exists; `scheduled_ms`: see
+    /// [`PinRecord::scheduled_ms`].
+    pub fn pin(&self, volume: &str, name: &str, seq: u64, scheduled_ms: Option<u64>) -> Result<()> {
+        let body = serde_json::to_vec(&PinRecord { seq, scheduled_ms })
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
         let path = pin_path(volume, name);
         self.run(self.store.put(&path, PutPayload::from(body)))
             .map_err(|e| store_err(format!("writing {}/{path}", self.describe), e))?;
@@ -195,6 +207,25 @@ impl ChunkStore {
 
     /// The pins of `volume`: name → version.
     pub fn pins(&self, volume: &str) -> Result<BTreeMap<String, u64>> {
+        Ok(self
+            .pin_records(volume)?
+            .into_iter()
+            .map(|(name, pin)| (name, pin.seq))
+            .collect())
+    }
+
+    /// The names of `volume`'s pins (a listing; no pin is read).
+    pub fn pin_names(&self, volume: &str) -> Result<BTreeSet<String>> {
+        let prefix = format!("vol/{volume}/pins");
+        Ok(self
+            .run(self.list(&prefix))?
+            .into_iter()
+            .filter_map(|path| path.filename().map(str::to_string))
+            .collect())
+    }
+
+    /// The pins of `volume`, whole: name → record.
+    pub fn pin_records(&self, volume: &str) -> Result<BTreeMap<String, PinRecord>> {
         let prefix = format!("vol/{volume}/pins");
         let mut out = BTreeMap::new();
         for path in self.run(self.list(&prefix))? {
@@ -204,7 +235,7 @@ impl ChunkStore {
             let bytes = self.run(self.get(&path))?;
             let pin: PinRecord = serde_json::from_slice(&bytes)
                 .map_err(|e| Error::Corrupt(format!("{}/{path}: {e}", self.describe)))?;
-            out.insert(name, pin.seq);
+            out.insert(name, pin);
         }
         Ok(out)
     }

@@ -578,7 +578,7 @@ fn gc_frees_only_the_dead(store: &Arc<ChunkStore>) {
     // (it serves restores): its index goes stale.
     let stale = open_on_same(store);
     stale.refresh_index().unwrap();
-    store.pin(VOL, "before", 1).unwrap();
+    store.pin(VOL, "before", 1, None).unwrap();
     assert_eq!(store.pins(VOL).unwrap(), [("before".to_string(), 1)].into());
     // Version 2 goes at once (neither pinned nor one of the newest two);
     // its pack is condemned, and not deleted while the window lasts.

@@ -422,18 +422,29 @@ impl Volume {
                 "the chunk store cannot be checked for a newer version of this volume (another server may have published one), so no version is taken now: {e}"
             ))
         })?;
-        let info = self.snapshots_mut().create(
+        // Never the name of a snapshot another server on the store took
+        // (its pin would be overwritten, its version left unkept).
+        let elsewhere = match &self.chunks {
+            Some((store, volume)) if kind != Kind::Temporary => store.pin_names(volume)?,
+            _ => BTreeSet::new(),
+        };
+        let info = self.snapshots_mut().create_beside(
             name,
             self.state.published_epoch,
             self.state.published_ms,
             now_ms(),
             kind,
+            &elsewhere,
         )?;
         // A snapshot pins its version in the chunk store (a reader's
         // temporary one needs none: it reads the cache).
         if let Some((store, volume)) = &self.chunks {
             if kind != Kind::Temporary && self.state.store_seq > 0 {
-                if let Err(e) = store.pin(volume, &info.name, self.state.store_seq) {
+                // Retention prunes a scheduled one by its time, also on
+                // other servers on the store.
+                let scheduled =
+                    (kind == Kind::Scheduled).then(|| info.epoch_ms.max(info.created_ms));
+                if let Err(e) = store.pin(volume, &info.name, self.state.store_seq, scheduled) {
                     let _ = self.snapshots_mut().delete(&info.name);
                     return Err(e);
                 }
@@ -505,13 +516,50 @@ impl Volume {
         Ok(Some(info))
     }
 
-    /// Prune scheduled snapshots by `retention`; their names.
+    /// Prune scheduled snapshots by `retention`, this server's own and
+    /// those only the chunk store keeps (taken on another server on the
+    /// store, or before this cache was rebuilt: else nothing ever pruned
+    /// those), counted together; their names. Never one being read. With
+    /// the store out of reach, only this server's own are pruned, by
+    /// themselves (which prunes no more than counting all would).
     pub fn prune_snapshots(&mut self, retention: &Retention) -> Result<Vec<String>> {
-        let names = self.snapshots().prunable(retention, now_ms());
-        for name in &names {
-            self.delete_snapshot(name)?;
+        let stored = match self.stored_scheduled() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(
+                    "pruning snapshots: those only the chunk store keeps are left for now: {e}"
+                );
+                Vec::new()
+            }
+        };
+        let names = self.snapshots().prunable_with(retention, now_ms(), &stored);
+        let mut pruned = Vec::with_capacity(names.len());
+        for name in names {
+            let being_read = self
+                .stored_readers
+                .get(&name)
+                .is_some_and(|n| n.load(std::sync::atomic::Ordering::Acquire) > 0);
+            if self.snapshots().get(&name).is_none() && being_read {
+                continue;
+            }
+            self.delete_snapshot(&name)?;
+            pruned.push(name);
         }
-        Ok(names)
+        Ok(pruned)
+    }
+
+    /// The scheduled snapshots only the chunk store keeps (pins with no
+    /// snapshot of that name here), as (name, point in time ms).
+    fn stored_scheduled(&self) -> Result<Vec<(String, u64)>> {
+        let Some((store, volume)) = &self.chunks else {
+            return Ok(Vec::new());
+        };
+        Ok(store
+            .pin_records(volume)?
+            .into_iter()
+            .filter(|(name, _)| self.snapshots().get(name).is_none())
+            .filter_map(|(name, pin)| pin.scheduled_ms.map(|at| (name, at)))
+            .collect())
     }
 
     /// Keep scheduled snapshot `name` until it is deleted (see
@@ -3293,6 +3341,94 @@ mod tests {
         );
         v.read_at(&mut image, 0).unwrap();
         assert!(image == two);
+    }
+
+    /// Retention prunes the scheduled snapshots only the chunk store
+    /// keeps (taken on another server on the store) with this server's
+    /// own, counted in the same buckets; never a manual one (nor a pin
+    /// from before pins said which they were), nor one being read.
+    #[test]
+    fn retention_prunes_scheduled_snapshots_other_servers_took() {
+        const HOUR: u64 = 3600 * 1000;
+        const DAY: u64 = 24 * HOUR;
+        let dir = tempfile::tempdir().unwrap();
+        let (memory, store) = memory_store();
+        let mut v = Volume::create(&dir.path().join("vol"), SIZE).unwrap();
+        v.attach(store.clone(), "c/vol").unwrap();
+        publish_whole(&mut v, 1, &block(1, SIZE as usize));
+        let seq = v.state().store_seq;
+        // Another server's, as it pins them: two in one hour two hours ago
+        // (one day bucket: the older goes), one a month old (older than
+        // every tier), a manual one and an unmarked one as old.
+        let now = now_ms();
+        let two_hours_ago = (now / HOUR) * HOUR - 2 * HOUR;
+        for (name, at) in [
+            ("b-early", Some(two_hours_ago + 60_000)),
+            ("b-late", Some(two_hours_ago + 120_000)),
+            ("b-month", Some(now - 30 * DAY)),
+            ("b-read", Some(now - 31 * DAY)),
+            ("b-manual", None),
+        ] {
+            store.pin("c/vol", name, seq, at).unwrap();
+        }
+        use object_store::ObjectStoreExt as _;
+        let legacy = object_store::path::Path::from("vol/c/vol/pins/b-legacy");
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(memory.put(&legacy, br#"{"seq":1}"#.to_vec().into()))
+            .unwrap();
+        // This server's own, now: the newest of all, kept; pinned as
+        // scheduled at its time.
+        let own = v.snapshot(None, Kind::Scheduled).unwrap();
+        let pinned = store.pin_records("c/vol").unwrap();
+        assert_eq!(
+            pinned[&own.name].scheduled_ms,
+            Some(own.epoch_ms.max(own.created_ms))
+        );
+        assert_eq!(pinned["b-manual"].scheduled_ms, None);
+        // One of the other server's is being read (an export).
+        let (info, reading, _) = v.open_version(Some("b-read")).unwrap();
+        assert_eq!(info.kind, Kind::Stored);
+        let retention = Retention {
+            hourly: 1,
+            daily: 1,
+            weekly: 1,
+        };
+        let pruned = v.prune_snapshots(&retention).unwrap();
+        assert_eq!(pruned, ["b-month", "b-early"], "oldest first");
+        let left: Vec<String> = store.pins("c/vol").unwrap().into_keys().collect();
+        assert_eq!(
+            left,
+            [
+                own.name.as_str(),
+                "b-late",
+                "b-legacy",
+                "b-manual",
+                "b-read"
+            ]
+        );
+        // Once read, it goes too; and a second turn prunes nothing more.
+        drop(reading);
+        assert_eq!(v.prune_snapshots(&retention).unwrap(), ["b-read"]);
+        assert!(v.prune_snapshots(&retention).unwrap().is_empty());
+        assert_eq!(store.pins("c/vol").unwrap().len(), 4);
+        assert!(v.snapshots().get(&own.name).is_some(), "its own was pruned");
+        // A new snapshot never takes another server's name (its pin would
+        // take the place of the other's): given, it is refused; made from
+        // the time, it steps around it.
+        let err = v.snapshot(Some("b-manual"), Kind::Manual).unwrap_err();
+        assert!(err.to_string().contains("already"), "{err}");
+        v.delete_snapshot(&own.name).unwrap();
+        let now = now_ms();
+        let theirs: Vec<String> = (0..3)
+            .map(|s| crate::snapshots::time_name(now + s * 1000))
+            .collect();
+        for name in &theirs {
+            store.pin("c/vol", name, seq, Some(now)).unwrap();
+        }
+        let mine = v.snapshot(None, Kind::Scheduled).unwrap();
+        assert!(!theirs.contains(&mine.name), "{} taken over", mine.name);
+        assert_eq!(store.pin_records("c/vol").unwrap().len(), 3 + 3 + 1);
     }
 
     /// An epoch stored in the chunk store whose commit marker could not
