@@ -293,7 +293,12 @@ async fn visit(
         if !prune {
             return Ok(());
         }
-        let pruned = v.prune_snapshots(&policy.retention)?;
+        // The store's snapshots once per `every`, as they are taken (an
+        // hour where none are).
+        let stored_every = Some(policy.every.0)
+            .filter(|e| !e.is_zero())
+            .unwrap_or(Duration::from_secs(3600));
+        let pruned = v.prune_snapshots(&policy.retention, stored_every)?;
         if !pruned.is_empty() {
             tracing::info!(volume = %format!("{client}/{name}"), ?pruned, "snapshots pruned");
             metrics.pruned(&format!("{client}/{name}"), pruned.len());

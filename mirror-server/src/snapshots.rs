@@ -1221,25 +1221,34 @@ impl Snapshots {
         now_ms: u64,
         others: &[(String, u64)],
     ) -> Vec<String> {
+        // (id, point in time, name, whether this volume's own)
         let own = self
             .manifest
             .snapshots
             .iter()
             .filter(|s| s.kind == Kind::Scheduled)
-            .map(|s| (s.id, s.epoch_ms.max(s.created_ms), s.name.as_str()));
+            .map(|s| (s.id, s.epoch_ms.max(s.created_ms), s.name.as_str(), true));
         // Ids of their own for the others, past any of this volume's.
         let others = others
             .iter()
             .enumerate()
             .filter(|(_, (name, _))| self.get(name).is_none())
-            .map(|(i, (name, at))| (u64::MAX - i as u64, *at, name.as_str()));
-        let all: Vec<(u64, u64, &str)> = own.chain(others).collect();
-        let times: Vec<(u64, u64)> = all.iter().map(|&(id, at, _)| (id, at)).collect();
+            .map(|(i, (name, at))| (u64::MAX - i as u64, *at, name.as_str(), false));
+        let all: Vec<(u64, u64, &str, bool)> = own.chain(others).collect();
+        let times: Vec<(u64, u64)> = all.iter().map(|a| (a.0, a.1)).collect();
+        // This volume's newest stays, whatever the others' times (a
+        // server whose clock runs ahead would else have it pruned, and the
+        // schedule take another, at every turn).
+        let newest_own = all
+            .iter()
+            .filter(|a| a.3)
+            .max_by_key(|a| (a.1, a.0))
+            .map(|a| a.0);
         // Newest first from `prune`.
         let mut names: Vec<String> = retention
             .prune(&times, now_ms)
             .into_iter()
-            .filter(|&id| !self.pinned(id))
+            .filter(|&id| !self.pinned(id) && Some(id) != newest_own)
             .filter_map(|id| all.iter().find(|a| a.0 == id).map(|a| a.2.to_string()))
             .collect();
         names.reverse();

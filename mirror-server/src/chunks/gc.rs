@@ -224,6 +224,23 @@ impl ChunkStore {
             .collect())
     }
 
+    /// The pin `name` of `volume`, if there is one.
+    pub fn pin_record(&self, volume: &str, name: &str) -> Result<Option<PinRecord>> {
+        let path = pin_path(volume, name);
+        match self.run(self.store.get(&path)) {
+            Ok(r) => {
+                let bytes = self
+                    .run(r.bytes())
+                    .map_err(|e| store_err(format!("reading {}/{path}", self.describe), e))?;
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| Error::Corrupt(format!("{}/{path}: {e}", self.describe)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err(format!("reading {}/{path}", self.describe), e)),
+        }
+    }
+
     /// The pins of `volume`, whole: name → record.
     pub fn pin_records(&self, volume: &str) -> Result<BTreeMap<String, PinRecord>> {
         let prefix = format!("vol/{volume}/pins");

@@ -111,6 +111,7 @@ pub use self::reader::{import, list, SnapshotReader, VersionSource};
 pub use self::staging::Staging;
 use self::staging::{is_direct, remove_staging, staging_epochs, staging_path, STAGING};
 use crate::chunks::format::{self, VersionRecord, WriterRecord, HOLE};
+use crate::chunks::gc::PinRecord;
 use crate::chunks::{blocks_of, ChunkStore, Publication};
 use crate::error::{Error, Result};
 use crate::snapshots::{
@@ -223,6 +224,9 @@ pub struct Volume {
     /// Readers of snapshots only the chunk store keeps, by name: such a
     /// snapshot is not deleted while one reads it.
     stored_readers: BTreeMap<String, Arc<AtomicUsize>>,
+    /// When retention last went over the snapshots only the chunk store
+    /// keeps (a listing and a read per pin: not at every turn).
+    stored_pruned: Option<std::time::Instant>,
 }
 
 /// Chunks whose units are preserved for snapshots per hold of the
@@ -316,6 +320,7 @@ impl Volume {
             chunks: None,
             catching_up: None,
             stored_readers: BTreeMap::new(),
+            stored_pruned: None,
         };
         volume.catching_up = read_catching_up(dir)?.filter(|&to| to > volume.state.store_seq);
         let recovery = volume.recover()?;
@@ -425,7 +430,13 @@ impl Volume {
         // Never the name of a snapshot another server on the store took
         // (its pin would be overwritten, its version left unkept).
         let elsewhere = match &self.chunks {
-            Some((store, volume)) if kind != Kind::Temporary => store.pin_names(volume)?,
+            Some((store, volume)) if kind != Kind::Temporary => {
+                store.pin_names(volume).map_err(|e| {
+                    Error::Store(format!(
+                        "the chunk store's snapshots of this volume cannot be listed (a new one must not take another's name), so no version is taken now: {e}"
+                    ))
+                })?
+            }
             _ => BTreeSet::new(),
         };
         let info = self.snapshots_mut().create_beside(
@@ -519,33 +530,66 @@ impl Volume {
     /// Prune scheduled snapshots by `retention`, this server's own and
     /// those only the chunk store keeps (taken on another server on the
     /// store, or before this cache was rebuilt: else nothing ever pruned
-    /// those), counted together; their names. Never one being read. With
-    /// the store out of reach, only this server's own are pruned, by
-    /// themselves (which prunes no more than counting all would).
-    pub fn prune_snapshots(&mut self, retention: &Retention) -> Result<Vec<String>> {
-        let stored = match self.stored_scheduled() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(
-                    "pruning snapshots: those only the chunk store keeps are left for now: {e}"
-                );
-                Vec::new()
+    /// those), counted together; their names. The store's are looked at
+    /// once per `stored_every` (a listing and a read per pin), and only
+    /// this server's own otherwise, by themselves (which prunes no more
+    /// than counting all would); so too while the store is out of reach.
+    /// Never one being read here; one a reader on another server reads
+    /// from the store may go (its version then lasts until that store's
+    /// garbage collection). Every server prunes by its own retention:
+    /// where they differ, the one keeping least wins.
+    pub fn prune_snapshots(
+        &mut self,
+        retention: &Retention,
+        stored_every: std::time::Duration,
+    ) -> Result<Vec<String>> {
+        let due = self
+            .stored_pruned
+            .is_none_or(|at| at.elapsed() >= stored_every);
+        let stored = if due && self.chunks.is_some() {
+            self.stored_pruned = Some(std::time::Instant::now());
+            match self.stored_scheduled() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(
+                        "pruning snapshots: those only the chunk store keeps are left for now: {e}"
+                    );
+                    Vec::new()
+                }
             }
+        } else {
+            Vec::new()
         };
         let names = self.snapshots().prunable_with(retention, now_ms(), &stored);
         let mut pruned = Vec::with_capacity(names.len());
         for name in names {
-            let being_read = self
-                .stored_readers
-                .get(&name)
-                .is_some_and(|n| n.load(std::sync::atomic::Ordering::Acquire) > 0);
-            if self.snapshots().get(&name).is_none() && being_read {
+            if self.snapshots().get(&name).is_some() {
+                self.delete_snapshot(&name)?;
+            } else if !self.prune_stored(&name)? {
                 continue;
             }
-            self.delete_snapshot(&name)?;
             pruned.push(name);
         }
         Ok(pruned)
+    }
+
+    /// Prune snapshot `name`, which only the chunk store keeps: its pin
+    /// goes (gone already, as where another server pruned it meanwhile,
+    /// is as good). False if it is being read here.
+    fn prune_stored(&mut self, name: &str) -> Result<bool> {
+        let Some((store, volume)) = &self.chunks else {
+            return Ok(false);
+        };
+        let being_read = self
+            .stored_readers
+            .get(name)
+            .is_some_and(|n| n.load(std::sync::atomic::Ordering::Acquire) > 0);
+        if being_read {
+            return Ok(false);
+        }
+        store.unpin(volume, name)?;
+        tracing::info!(volume = %volume, snapshot = name, "pruned a scheduled snapshot only the chunk store kept");
+        Ok(true)
     }
 
     /// The scheduled snapshots only the chunk store keeps (pins with no
@@ -563,9 +607,29 @@ impl Volume {
     }
 
     /// Keep scheduled snapshot `name` until it is deleted (see
-    /// [`Snapshots::keep_until_deleted`]).
+    /// [`Snapshots::keep_until_deleted`]), here and in its pin, so that no
+    /// server's retention takes it (one only the store keeps too):
+    /// whether it was scheduled. The pin is best effort (warned): a
+    /// restore from this server's own snapshot goes on with the store out
+    /// of reach.
     pub fn keep_snapshot(&mut self, name: &str) -> Result<bool> {
-        self.snapshots_mut().keep_until_deleted(name)
+        let mut kept = self.snapshots_mut().keep_until_deleted(name)?;
+        if let Some((store, volume)) = &self.chunks {
+            let unmarked = store.pin_record(volume, name).and_then(|pin| match pin {
+                Some(PinRecord {
+                    seq,
+                    scheduled_ms: Some(_),
+                }) => store.pin(volume, name, seq, None).map(|()| true),
+                _ => Ok(false),
+            });
+            match unmarked {
+                Ok(u) => kept |= u,
+                Err(e) => {
+                    tracing::warn!(volume = %volume, snapshot = name, "the snapshot's pin in the chunk store still says scheduled: {e}")
+                }
+            }
+        }
+        Ok(kept)
     }
 
     /// Keep snapshot `name` while the pin lives (for readers).
@@ -3346,28 +3410,38 @@ mod tests {
     /// Retention prunes the scheduled snapshots only the chunk store
     /// keeps (taken on another server on the store) with this server's
     /// own, counted in the same buckets; never a manual one (nor a pin
-    /// from before pins said which they were), nor one being read.
+    /// from before pins said which they were, nor one kept for a restore
+    /// since), nor one being read, nor this server's newest (whatever
+    /// another server's clock says); and it reads the store's pins once
+    /// per turn it is given, not at every call.
     #[test]
     fn retention_prunes_scheduled_snapshots_other_servers_took() {
         const HOUR: u64 = 3600 * 1000;
         const DAY: u64 = 24 * HOUR;
+        use std::time::Duration;
+        const ALWAYS: Duration = Duration::ZERO;
         let dir = tempfile::tempdir().unwrap();
         let (memory, store) = memory_store();
         let mut v = Volume::create(&dir.path().join("vol"), SIZE).unwrap();
         v.attach(store.clone(), "c/vol").unwrap();
         publish_whole(&mut v, 1, &block(1, SIZE as usize));
         let seq = v.state().store_seq;
-        // Another server's, as it pins them: two in one hour two hours ago
-        // (one day bucket: the older goes), one a month old (older than
-        // every tier), a manual one and an unmarked one as old.
+        // Another server's, as it pins them: three in one hour two hours
+        // ago (one day bucket: the newest stays), two a month old (older
+        // than every tier), a manual one and an unmarked one as old, and
+        // two a second or two from now (its clock is ahead: in this hour,
+        // newer than this server's newest).
         let now = now_ms();
         let two_hours_ago = (now / HOUR) * HOUR - 2 * HOUR;
         for (name, at) in [
-            ("b-early", Some(two_hours_ago + 60_000)),
+            ("b-first", Some(two_hours_ago + 30_000)),
+            ("b-kept", Some(two_hours_ago + 60_000)),
             ("b-late", Some(two_hours_ago + 120_000)),
             ("b-month", Some(now - 30 * DAY)),
             ("b-read", Some(now - 31 * DAY)),
             ("b-manual", None),
+            ("b-ahead", Some(now + 2000)),
+            ("b-ahead2", Some(now + 1000)),
         ] {
             store.pin("c/vol", name, seq, at).unwrap();
         }
@@ -3377,8 +3451,7 @@ mod tests {
             .unwrap()
             .block_on(memory.put(&legacy, br#"{"seq":1}"#.to_vec().into()))
             .unwrap();
-        // This server's own, now: the newest of all, kept; pinned as
-        // scheduled at its time.
+        // This server's own, now: pinned as scheduled at its time.
         let own = v.snapshot(None, Kind::Scheduled).unwrap();
         let pinned = store.pin_records("c/vol").unwrap();
         assert_eq!(
@@ -3386,33 +3459,49 @@ mod tests {
             Some(own.epoch_ms.max(own.created_ms))
         );
         assert_eq!(pinned["b-manual"].scheduled_ms, None);
-        // One of the other server's is being read (an export).
+        // One of the other server's is being read (an export), one was
+        // restored from (kept from now on: its pin says so).
         let (info, reading, _) = v.open_version(Some("b-read")).unwrap();
         assert_eq!(info.kind, Kind::Stored);
+        assert!(v.keep_snapshot("b-kept").unwrap());
+        assert_eq!(
+            store
+                .pin_record("c/vol", "b-kept")
+                .unwrap()
+                .unwrap()
+                .scheduled_ms,
+            None
+        );
         let retention = Retention {
             hourly: 1,
             daily: 1,
             weekly: 1,
         };
-        let pruned = v.prune_snapshots(&retention).unwrap();
-        assert_eq!(pruned, ["b-month", "b-early"], "oldest first");
+        let pruned = v.prune_snapshots(&retention, ALWAYS).unwrap();
+        assert_eq!(pruned, ["b-month", "b-first"], "oldest first");
         let left: Vec<String> = store.pins("c/vol").unwrap().into_keys().collect();
         assert_eq!(
             left,
             [
                 own.name.as_str(),
+                "b-ahead",
+                "b-ahead2",
+                "b-kept",
                 "b-late",
                 "b-legacy",
                 "b-manual",
                 "b-read"
             ]
         );
-        // Once read, it goes too; and a second turn prunes nothing more.
-        drop(reading);
-        assert_eq!(v.prune_snapshots(&retention).unwrap(), ["b-read"]);
-        assert!(v.prune_snapshots(&retention).unwrap().is_empty());
-        assert_eq!(store.pins("c/vol").unwrap().len(), 4);
         assert!(v.snapshots().get(&own.name).is_some(), "its own was pruned");
+        // Once read, it goes too; but only when the store's pins are
+        // looked at again.
+        drop(reading);
+        let hour = Duration::from_secs(3600);
+        assert!(v.prune_snapshots(&retention, hour).unwrap().is_empty());
+        assert_eq!(v.prune_snapshots(&retention, ALWAYS).unwrap(), ["b-read"]);
+        assert!(v.prune_snapshots(&retention, ALWAYS).unwrap().is_empty());
+        assert_eq!(store.pins("c/vol").unwrap().len(), 7);
         // A new snapshot never takes another server's name (its pin would
         // take the place of the other's): given, it is refused; made from
         // the time, it steps around it.
@@ -3420,7 +3509,7 @@ mod tests {
         assert!(err.to_string().contains("already"), "{err}");
         v.delete_snapshot(&own.name).unwrap();
         let now = now_ms();
-        let theirs: Vec<String> = (0..3)
+        let theirs: Vec<String> = (0..60)
             .map(|s| crate::snapshots::time_name(now + s * 1000))
             .collect();
         for name in &theirs {
@@ -3428,7 +3517,7 @@ mod tests {
         }
         let mine = v.snapshot(None, Kind::Scheduled).unwrap();
         assert!(!theirs.contains(&mine.name), "{} taken over", mine.name);
-        assert_eq!(store.pin_records("c/vol").unwrap().len(), 3 + 3 + 1);
+        assert_eq!(store.pin_records("c/vol").unwrap().len(), 6 + 60 + 1);
     }
 
     /// An epoch stored in the chunk store whose commit marker could not
