@@ -1003,6 +1003,17 @@ impl Restoring {
         self.reader.is_done()
     }
 
+    /// The counts so far.
+    pub fn progress(&self) -> Progress {
+        self.reader.progress()
+    }
+
+    /// Go on from an earlier restore of this same version that was cut
+    /// short (see [`RestoreReader::resume`]).
+    pub fn resume(&mut self, earlier: Progress) {
+        self.reader.resume(earlier);
+    }
+
     /// End the restore: the server lets go of the version it pinned.
     pub fn finish(mut self) {
         if let Some(mut send) = self.send.take() {

@@ -722,7 +722,16 @@ fn restore(
     };
     let done = ublk_dev::restore::restore(&req, shown);
     bar.finish_and_clear();
-    let r = done?;
+    let r = match done {
+        // Once under way, it tried again for RETRY_FOR already.
+        Err(e) if e.kind() == ErrorKind::Link => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "the restore to {} stopped: run the same command again once the mirror can be reached (it compares what the target holds, and moves only what differs)",
+                req.to.display()
+            )))
+        }
+        done => done?,
+    };
     let version = match &req.at {
         Some(_) => format!("{}@{}", req.volume, r.snapshot),
         None => format!("{} as it is now", req.volume),

@@ -4,7 +4,9 @@
 //! The target's blocks are hashed here and the digests sent; the server
 //! answers with only the blocks whose content differs (zero blocks as
 //! holes), so restoring onto an older copy moves only what changed, and a
-//! restore that was interrupted is finished by running it again. A new
+//! restore that was interrupted is finished by running it again. One that
+//! loses the mirror under way tries again by itself for [`RETRY_FOR`],
+//! going on from the last batch done, with the same version. A new
 //! file is made sparse and counts as all zeroes, so only the data travels.
 //! What to ask and what to accept is decided by
 //! [`ublk_mirror_common::session::restore::RestoreReader`] (up to
@@ -16,6 +18,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ublk_mirror_common::block::{self, BLOCK};
 use ublk_mirror_common::client::{Link, Restoring, Taken};
@@ -24,9 +27,10 @@ use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Digest;
 use ublk_mirror_common::session::restore::BlockToWrite;
 pub use ublk_mirror_common::session::restore::{Progress, IN_FLIGHT};
+use ublk_mirror_common::ByteSize;
 
 use crate::enrollment::Enrollment;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::{blocking, joined};
 
 /// What to restore, and where.
@@ -173,8 +177,45 @@ fn local_digests(
         .collect()
 }
 
-/// Restore per `req`, calling `progress` after each batch.
+/// How long a restore under way whose link to the mirror fails keeps
+/// trying again, counted from the first failure since it last moved on:
+/// it reconnects and goes on where it was (the same version, the batches
+/// done not compared again), so that a dropped link or a server restart
+/// does not end an hours-long restore. (A mirror out of reach when the
+/// restore starts is an error at once.)
+pub const RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// The longest wait between two tries.
+const RETRY_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// Where a restore whose link failed was: the version it read, and how
+/// far it got.
+#[derive(Debug, Clone)]
+struct Resume {
+    /// The snapshot read (asked for by name on the next try when the
+    /// user named a version: a time is read again as another instant).
+    snapshot: String,
+    epoch: u64,
+    size: u64,
+    /// The target was new (all zeroes) when the restore began: past
+    /// `progress.done` it still is, or holds this version's blocks.
+    fresh: bool,
+    progress: Progress,
+}
+
+/// Restore per `req`, calling `progress` after each batch. A failed link
+/// is tried again for [`RETRY_FOR`] (said in the log), going on where the
+/// restore was.
 pub fn restore(req: &RestoreRequest, progress: impl FnMut(&Progress) + Send) -> Result<Restored> {
+    restore_retrying(req, progress, RETRY_FOR)
+}
+
+/// [`restore`], trying a failed link again for `retry_for`.
+fn restore_retrying(
+    req: &RestoreRequest,
+    mut progress: impl FnMut(&Progress) + Send,
+    retry_for: Duration,
+) -> Result<Restored> {
     let enrollment = Enrollment::load(&req.client_dir)?;
     let identity = Identity::load(&req.client_dir).map_err(|e| {
         Error::InvalidConfig(format!("{e} (enroll first: `ublk-mirror enroll TOKEN`)"))
@@ -186,30 +227,99 @@ pub fn restore(req: &RestoreRequest, progress: impl FnMut(&Progress) + Send) -> 
         .build()
         .map_err(|e| Error::io("starting the network runtime", e))?;
     rt.block_on(async {
-        let link = Link::connect(&identity, server, &enrollment.address)
-            .await
-            .map_err(link_err)?;
-        let done = run(&link, req, progress).await;
-        link.close().await;
-        done
+        let mut resume: Option<Resume> = None;
+        let mut failing: Option<(Instant, u64)> = None;
+        let mut wait = Duration::from_secs(1);
+        loop {
+            let tried = async {
+                let link = Link::connect(&identity, server, &enrollment.address)
+                    .await
+                    .map_err(link_err)?;
+                let done = run(&link, req, &mut resume, &mut progress).await;
+                link.close().await;
+                done
+            }
+            .await;
+            // A mirror out of reach from the start is said at once; one
+            // lost under way is waited for.
+            let e = match tried {
+                Err(e) if e.kind() == ErrorKind::Link && resume.is_some() => e,
+                done => return done,
+            };
+            let done = resume.as_ref().map_or(0, |r| r.progress.done);
+            // Counted from the first failure since the restore moved on.
+            let since = match failing {
+                Some((since, at)) if at == done => since,
+                _ => {
+                    wait = Duration::from_secs(1);
+                    Instant::now()
+                }
+            };
+            failing = Some((since, done));
+            if since.elapsed() >= retry_for {
+                return Err(e);
+            }
+            tracing::warn!(
+                "the restore lost the mirror ({e}); trying again in {}s, going on from {}",
+                wait.as_secs(),
+                ByteSize(done)
+            );
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_WAIT_MAX);
+        }
     })
 }
 
 async fn run(
     link: &Link,
     req: &RestoreRequest,
-    mut progress: impl FnMut(&Progress) + Send,
+    resume: &mut Option<Resume>,
+    progress: &mut (impl FnMut(&Progress) + Send),
 ) -> Result<Restored> {
+    // A version named by the user is asked for again by the snapshot's
+    // name (a time would be read as another instant now); the mirror
+    // "now" is asked for again, and gone on with where it is the same
+    // epoch.
+    let at = match (&req.at, resume.as_ref()) {
+        (Some(_), Some(r)) => Some(r.snapshot.clone()),
+        _ => req.at.clone(),
+    };
     let mut restoring = link
-        .restore(&req.volume, req.at.as_deref())
+        .restore(&req.volume, at.as_deref())
         .await
         .map_err(link_err)?;
     let info = restoring.info().clone();
     let size = info.size;
     let to = req.to.clone();
     let (file, fresh) = blocking("a restore worker", move || open_target(&to, size)).await?;
+    // Another version than an earlier try's (the mirror moved on) is
+    // compared from the start (the target, no longer new, holds part of
+    // that one).
+    let same = resume.take().filter(|r| {
+        r.epoch == info.epoch && r.size == size && (req.at.is_none() || r.snapshot == info.snapshot)
+    });
+    let fresh = match &same {
+        Some(r) => {
+            restoring.resume(r.progress);
+            r.fresh
+        }
+        None => fresh,
+    };
     let file = Arc::new(file);
-    let last = exchange(&mut restoring, &file, fresh, &mut progress).await?;
+    let mut state = same.unwrap_or(Resume {
+        snapshot: info.snapshot.clone(),
+        epoch: info.epoch,
+        size,
+        fresh,
+        progress: Progress {
+            total: size,
+            ..Progress::default()
+        },
+    });
+    state.progress = restoring.progress();
+    *resume = Some(state);
+    let track = resume.as_mut().map(|r| &mut r.progress);
+    let last = exchange(&mut restoring, &file, fresh, progress, track).await?;
     restoring.finish();
     let f = file.clone();
     blocking("a restore worker", move || {
@@ -238,11 +348,9 @@ async fn exchange(
     file: &Arc<File>,
     fresh: bool,
     progress: &mut (impl FnMut(&Progress) + Send),
+    mut track: Option<&mut Progress>,
 ) -> Result<Progress> {
-    let mut last = Progress {
-        total: restoring.info().size,
-        ..Progress::default()
-    };
+    let mut last = restoring.progress();
     // A whole volume passes through: it is kept out of the page cache.
     let streamed = Arc::new(fsutil::Streamed::new());
     let hash = |batch: Vec<(u64, u32)>| {
@@ -268,6 +376,9 @@ async fn exchange(
             }
             Taken::Progress(p) => {
                 last = p;
+                if let Some(t) = track.as_deref_mut() {
+                    *t = p;
+                }
                 progress(&p);
             }
         }

@@ -255,6 +255,63 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
     );
 }
 
+/// A restore that loses its server (stopped part way, started again a
+/// little later) goes on by itself once the server is back: the same
+/// snapshot, from where it was (the batches done are not compared
+/// again), and the target ends as the snapshot.
+#[test]
+fn a_restore_goes_on_where_it_was_across_a_server_restart() {
+    let Mirrored {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+        versions,
+    } = mirrored(&[(1, Some("before")), (2, None)]);
+    let target = dir.path().join("restored.img");
+    let req = ublk_dev::restore::RestoreRequest {
+        volume: "root".into(),
+        at: Some("before".into()),
+        to: target.clone(),
+        client_dir,
+    };
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let restoring = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let noted = &mut seen;
+        let restored = ublk_dev::restore::restore(&req, move |p| {
+            if noted.is_empty() {
+                // Held here until the server is gone.
+                first_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+            }
+            noted.push(p.done);
+        });
+        (restored, seen)
+    });
+    first_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    drop(server);
+    go_tx.send(()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let _server = TestServer::start(&data, &listen);
+    let (restored, seen) = restoring.join().unwrap();
+    let r = restored.unwrap();
+    assert_eq!(r.snapshot, "before");
+    assert!(
+        std::fs::read(&target).unwrap() == versions[0],
+        "the restore is not the snapshot"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "compared again from the start: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&SIZE), "{seen:?}");
+    let blocks = SIZE / ublk_mirror_common::block::BLOCK;
+    assert_eq!(r.blocks_same + r.blocks_received, blocks, "{r:?}");
+}
+
 #[test]
 fn a_snapshot_asked_by_the_device_holds_what_was_written_before_it() {
     let dir = tempfile::tempdir().unwrap();

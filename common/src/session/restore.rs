@@ -208,6 +208,24 @@ impl RestoreReader {
         self.finished >= self.batches
     }
 
+    /// Go on from `earlier`, the progress of a restore of this same
+    /// version that was cut short (its link failed): the batches it
+    /// finished are not asked for again, and its counts go on. Called
+    /// before any batch is asked for; a later call does nothing.
+    pub fn resume(&mut self, earlier: Progress) {
+        if self.asked > 0 {
+            return;
+        }
+        let batches = (earlier.done / Self::batch_bytes()).min(self.batches);
+        self.asked = batches;
+        self.finished = batches;
+        self.progress = Progress {
+            total: self.info.size,
+            done: (batches * Self::batch_bytes()).min(self.info.size),
+            ..earlier
+        };
+    }
+
     /// A message from the server.
     pub fn on_message(&mut self, m: Message) -> Result<RestoreStep> {
         if self.header.is_some() {
