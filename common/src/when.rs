@@ -7,7 +7,14 @@
 //! - a span ago: `2h ago`, `3 days ago`, `90m ago`;
 //! - a local date or date and time: `2026-12-02`, `2026-12-02 18:00`,
 //!   `2026-12-02T18:00:05`;
-//! - an instant: `2026-12-02T17:00:00Z`, `2026-12-02T18:00+01:00`.
+//! - an instant: `2026-12-02T17:00:00Z`, `2026-12-02T18:00+01:00`;
+//! - a date and time with a zone, as times are shown
+//!   (`2026-12-02 18:00:05 CET`, `… UTC`) or an offset (`… +01:00`): a
+//!   zone's abbreviation is read only where it is this machine's zone
+//!   then (or UTC); another is refused, asking for UTC or an offset.
+//!
+//! A bare time of day (`18:00`) is refused, asking for its day; so is
+//! anything else with a colon or a space (no name has one).
 //!
 //! Local means the time zone of the machine the command runs on (`TZ`,
 //! else `/etc/localtime`). The client turns a time into an instant before
@@ -78,6 +85,16 @@ pub fn parse_at(text: &str, now: &Zoned) -> Result<Option<Timestamp>, Error> {
         && t.as_bytes()[7] == b'-'
         && t.as_bytes()[..4].iter().all(u8::is_ascii_digit);
     if !looks_like_date {
+        // No name has a colon or a space: a time this does not read.
+        if parse_time_of_day(t).is_some() {
+            return Err(invalid(
+                text,
+                format!("a time of day needs its day: `today {t}` or `yesterday {t}`"),
+            ));
+        }
+        if t.contains(':') || t.contains(char::is_whitespace) {
+            return Err(invalid(text, FORMS));
+        }
         return Ok(None);
     }
     // A snapshot's own name (`2026-11-22T16.30.05Z`) is a name.
@@ -86,6 +103,39 @@ pub fn parse_at(text: &str, now: &Zoned) -> Result<Option<Timestamp>, Error> {
     }
     if let Ok(ts) = t.parse::<Timestamp>() {
         return Ok(Some(ts));
+    }
+    // A zone after a date and time, as `snapshots` shows times
+    // (`2026-12-02 18:00:05 CET`), or an offset (`… +01:00`).
+    if let Some((civil, zone)) = t.rsplit_once(' ').filter(|(c, _)| c.contains([' ', 'T'])) {
+        let dt = civil
+            .replacen(' ', "T", 1)
+            .parse::<DateTime>()
+            .map_err(|e| invalid(text, e))?;
+        if zone.starts_with(['+', '-']) {
+            let instant = format!("{dt}{zone}");
+            return instant
+                .parse::<Timestamp>()
+                .map(Some)
+                .map_err(|e| invalid(text, format!("the offset should be like +01:00 ({e})")));
+        }
+        let upper = zone.to_ascii_uppercase();
+        if matches!(upper.as_str(), "UTC" | "GMT" | "Z") {
+            return dt
+                .to_zoned(TimeZone::UTC)
+                .map(|z| Some(z.timestamp()))
+                .map_err(|e| invalid(text, e));
+        }
+        let local = dt.to_zoned(tz.clone()).map_err(|e| invalid(text, e))?;
+        if local.strftime("%Z").to_string().eq_ignore_ascii_case(zone) {
+            return Ok(Some(local.timestamp()));
+        }
+        return Err(invalid(
+            text,
+            format!(
+                "{zone} is not this machine's time zone ({}): give the time in UTC (`mirror-server snapshots --utc` shows it so) or with an offset, e.g. `{civil} +01:00`",
+                local.strftime("%Z")
+            ),
+        ));
     }
     let normal = t.replacen(' ', "T", 1);
     if let Ok(dt) = normal.parse::<DateTime>() {
@@ -107,6 +157,9 @@ pub fn is_relative(text: &str) -> bool {
         Some("now" | "today" | "yesterday")
     ) || lower.ends_with("ago")
 }
+
+/// The forms of a time, for errors.
+const FORMS: &str = "a time is `now`, `today 9:30`, `yesterday 18:00`, `2h ago`, `2026-12-02 18:00[:05] [ZONE|+01:00]` or `2026-12-02T17:00:00Z`; a snapshot's name has no colon or space";
 
 fn parse_time_of_day(text: &str) -> Option<Time> {
     let mut parts = text.split(':');
@@ -211,6 +264,40 @@ mod tests {
             let e = resolve_at_in(bad, &now).unwrap_err();
             assert!(e.to_string().contains(bad), "{bad}: {e}");
         }
+    }
+
+    /// A time as `snapshots` shows it, pasted, is the instant shown: with
+    /// this machine's zone, UTC, or an offset; another zone's abbreviation
+    /// (which this machine cannot read for sure) is refused, saying how.
+    #[test]
+    fn a_time_as_shown_reads_back_as_the_same_instant() {
+        let now = berlin_at("2026-12-03T10:00:00");
+        let at = |t: &str| resolve_at_in(t, &now);
+        let berlin = TimeZone::get("Europe/Berlin").unwrap();
+        for ms in [1_795_365_005_000u64, 1_782_921_600_000] {
+            // A winter time and a summer one (CET, CEST).
+            for shown in [show_in(ms, berlin.clone()), show_in(ms, TimeZone::UTC)] {
+                let instant = wire(Timestamp::from_millisecond(ms as i64).unwrap());
+                assert_eq!(at(&shown).unwrap(), instant, "{shown}");
+            }
+        }
+        assert_eq!(
+            at("2026-12-02 18:00:05 +05:00").unwrap(),
+            "2026-12-02T13:00:05Z"
+        );
+        assert_eq!(at("2026-12-02T18:00 utc").unwrap(), "2026-12-02T18:00:00Z");
+        let e = at("2026-12-02 18:00:05 JST").unwrap_err().to_string();
+        assert!(
+            e.contains("not this machine's time zone (CET)") && e.contains("--utc"),
+            "{e}"
+        );
+        let e = at("2026-12-02 18:00:05 +5 hours").unwrap_err().to_string();
+        assert!(e.contains("2026-12-02 18:00:05 +5 hours"), "{e}");
+        // A time of day alone, or words no time or name is made of.
+        let e = at("18:00").unwrap_err().to_string();
+        assert!(e.contains("`today 18:00` or `yesterday 18:00`"), "{e}");
+        let e = at("last tuesday").unwrap_err().to_string();
+        assert!(e.contains("a snapshot's name has no colon or space"), "{e}");
     }
 
     #[test]

@@ -215,7 +215,8 @@ enum Command {
         volume: String,
         /// A snapshot's name, or a time for the newest snapshot at or before
         /// it, in this machine's time zone: `yesterday 18:00`, `today 9:30`,
-        /// `2h ago`, `2026-12-02 18:00`, or an instant with Z or an offset
+        /// `2h ago`, `2026-12-02 18:00`, an instant with Z or an offset, or
+        /// a time as `mirror-server snapshots` shows it (with its zone)
         /// [default: the mirror now].
         #[arg(long, value_name = "SNAPSHOT|TIME")]
         at: Option<String>,
@@ -529,7 +530,8 @@ struct AttachArgs {
     volume: String,
     /// A snapshot's name, or a time for the newest snapshot at or before
     /// it, in this machine's time zone: `yesterday 18:00`, `2h ago`,
-    /// `2026-12-02 18:00` [default: a snapshot of the mirror now].
+    /// `2026-12-02 18:00`, or as `mirror-server snapshots` shows it (with
+    /// its zone) [default: a snapshot of the mirror now].
     #[arg(long, value_name = "SNAPSHOT|TIME")]
     at: Option<String>,
     /// Accept writes, kept in a local overlay (never sent to the mirror).
