@@ -785,14 +785,6 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let cache_path =
         args.cache_dir
             .join(format!("attach-{}-{}.img", args.volume, std::process::id()));
-    // The volume's data: its owner's alone, like the disk it comes from.
-    let cache = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&cache_path)
-        .with_context(|| format!("making the cache {}", cache_path.display()))?;
     let opened = Fetcher::open(
         OnDemandOptions {
             volume: args.volume.clone(),
@@ -803,7 +795,17 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
             timeout: (!args.timeout.0.is_zero()).then_some(args.timeout.0),
             fill: None,
         },
+        // Made once the server has answered (which may take long), not
+        // before: interrupted meanwhile, nothing is left behind. The
+        // volume's data: its owner's alone, like the disk it comes from.
         |info| {
+            let cache = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&cache_path)
+                .map_err(|e| Error::io(format!("making the cache {}", cache_path.display()), e))?;
             cache
                 .set_len(info.size)
                 .map_err(|e| Error::io("sizing the cache", e))?;

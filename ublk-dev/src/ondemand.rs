@@ -35,11 +35,13 @@
 //! [`MAX_BACKOFF`]) and re-opens the same version by its snapshot's name;
 //! waiting reads resume. A read that has waited longer than the timeout the
 //! user set fails with `EIO`; with no timeout it waits for the link.
-//! Anything but a broken link (the server refuses the version: deleted,
-//! changed, access revoked; or the target cannot be written) that goes on
-//! for [`FAIL_AFTER`] fails the reads that wait, and every read of a block
+//! The server refusing the version (deleted, changed, access revoked) for
+//! [`FAIL_AFTER`] fails the reads that wait, and every read of a block
 //! not local, at once with `EIO` (instead of hanging them forever), until a
 //! fetch succeeds again; the fetcher keeps trying, and `status` says why.
+//! A local failure (the target or the cache cannot be written: its file
+//! system full) is waited for as a broken link is, said in the log as
+//! what it is: freeing space lets the reads go on.
 //!
 //! **Read-ahead.** A miss right after the previous run fetched doubles the
 //! run asked for (up to [`MAX_RUN`] blocks); a random miss asks for
@@ -1586,10 +1588,18 @@ impl Fetcher {
                     }
                 }
                 Err(e) => {
+                    let local = matches!(
+                        e.kind(),
+                        crate::error::ErrorKind::System | crate::error::ErrorKind::Environment
+                    );
                     if od.counters.link_up.swap(false, Ordering::Relaxed) {
-                        tracing::warn!("the mirror cannot be read ({e}); retrying");
+                        if local {
+                            tracing::warn!("what the mirror sent cannot be written here ({e}): reads of blocks not here wait until it can (is its file system full?); retrying");
+                        } else {
+                            tracing::warn!("the mirror cannot be read ({e}); retrying");
+                        }
                     } else {
-                        tracing::debug!("the mirror cannot be read: {e}");
+                        tracing::debug!("a fetch failed: {e}");
                     }
                     self.session = None;
                     let mut s = od.lock();
