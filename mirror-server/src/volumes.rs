@@ -393,8 +393,27 @@ impl Volumes {
             v
         } else {
             let Some(size) = size else {
+                // Asked for by name (a restore, a snapshot): say what there
+                // is, and the likely mistake (a machine enrolled anew is a
+                // new client, with no volumes).
+                let mut theirs: Vec<String> = dir
+                    .parent()
+                    .and_then(|d| std::fs::read_dir(d).ok())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect();
+                theirs.sort();
+                let listed = if theirs.is_empty() {
+                    "none".to_string()
+                } else {
+                    theirs.join(", ")
+                };
                 return Err(Error::Invalid(format!(
-                    "there is no volume {volume}: open it first"
+                    "client {client} has no volume {volume} on this server (its volumes: {listed}); a machine enrolled anew is a new client: a token from `mirror-server client add OLD-NAME --replace` enrolls it as the old one, with its volumes"
                 )));
             };
             tokio::task::block_in_place(|| {

@@ -715,15 +715,29 @@ fn restore(
         to,
         client_dir,
     };
-    // A progress bar on a terminal; nothing otherwise.
+    // A progress bar on a terminal; otherwise (systemd, cron, a pipe) a
+    // line in the log every half minute.
     let bar = progress_bar("restoring");
-    let shown = |p: &ublk_dev::restore::Progress| {
+    let finished = bar.clone();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut logged = std::time::Instant::now();
+    let shown = move |p: &ublk_dev::restore::Progress| {
         bar.set_length(p.total);
         bar.set_position(p.done);
         bar.set_message(format!("{} received", ByteSize(p.received).approx()));
+        if !terminal && logged.elapsed() >= std::time::Duration::from_secs(30) && p.done < p.total {
+            logged = std::time::Instant::now();
+            tracing::info!(
+                "restoring: {} of {} compared ({}%), {} received",
+                ByteSize(p.done).approx(),
+                ByteSize(p.total).approx(),
+                p.done * 100 / p.total.max(1),
+                ByteSize(p.received).approx()
+            );
+        }
     };
     let done = ublk_dev::restore::restore(&req, shown);
-    bar.finish_and_clear();
+    finished.finish_and_clear();
     let r = match done {
         // Once under way, it tried again for RETRY_FOR already.
         Err(e) if e.kind() == ErrorKind::Link => {
@@ -1033,6 +1047,23 @@ fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
     if let Some(why) = ublk_dev::ondemand::finished(&state, &target) {
         return Err(Error::InvalidConfig(why).into());
     }
+    // Run again to finish an unfinished restore (after a reboot, say), a
+    // relative time (`2h ago`, `yesterday 18:00`) would now name another
+    // snapshot: the one the restore began with is meant.
+    let relative = args
+        .at
+        .as_deref()
+        .is_some_and(ublk_mirror_common::when::is_relative);
+    let at = if relative && state.exists() {
+        tracing::info!(
+            "an unfinished restore of {} is there: --at {} is taken as the snapshot it began with",
+            target.display(),
+            args.at.as_deref().unwrap_or_default()
+        );
+        None
+    } else {
+        at
+    };
     let timeout = (!args.timeout.0.is_zero()).then_some(args.timeout.0);
     let mut opened_backing = None;
     let fetcher = Fetcher::open(

@@ -79,8 +79,8 @@ fn open_target(path: &Path, size: u64) -> Result<(File, bool)> {
         Ok(()) => Ok((file, fresh)),
         Err(nix::errno::Errno::EWOULDBLOCK) => Err(Error::BackingInUse {
             path: path.to_path_buf(),
-            holder: ": a ublk-mirror device serves it (`ublk-mirror list`); delete that device \
-                     first"
+            holder: ": a ublk-mirror device serves it (`ublk-mirror list`: delete that device \
+                     first), or another restore writes it (let it finish)"
                 .into(),
         }),
         Err(e) => Err(Error::io(format!("locking {}", path.display()), e.into())),

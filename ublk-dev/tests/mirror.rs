@@ -274,7 +274,7 @@ fn a_restore_goes_on_where_it_was_across_a_server_restart() {
         volume: "root".into(),
         at: Some("before".into()),
         to: target.clone(),
-        client_dir,
+        client_dir: client_dir.clone(),
     };
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
@@ -310,6 +310,25 @@ fn a_restore_goes_on_where_it_was_across_a_server_restart() {
     assert_eq!(seen.last(), Some(&SIZE), "{seen:?}");
     let blocks = SIZE / ublk_mirror_common::block::BLOCK;
     assert_eq!(r.blocks_same + r.blocks_received, blocks, "{r:?}");
+    // A volume the client does not have: said at once (no retrying), with
+    // the volumes it has; no target is made.
+    let nope = dir.path().join("nope.img");
+    let err = ublk_dev::restore::restore(
+        &ublk_dev::restore::RestoreRequest {
+            volume: "nope".into(),
+            at: None,
+            to: nope.clone(),
+            client_dir,
+        },
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("client laptop has no volume nope") && err.contains("its volumes: root"),
+        "{err}"
+    );
+    assert!(!nope.exists());
 }
 
 #[test]
