@@ -120,6 +120,12 @@ pub struct RestoreReader {
     finished: u64,
     /// The header of the block whose data is awaited.
     header: Option<(u64, u32, Digest, Encoding)>,
+    /// Blocks received of the batch being answered (the oldest asked),
+    /// and where the last of them ended: the server answers the batches
+    /// in order, each block once, ascending, then says how many were the
+    /// same; blocks and same make up the batch, or the answer is wrong.
+    batch_blocks: u64,
+    batch_end: u64,
     progress: Progress,
 }
 
@@ -154,6 +160,8 @@ impl RestoreReader {
             asked: 0,
             finished: 0,
             header: None,
+            batch_blocks: 0,
+            batch_end: 0,
             progress: Progress {
                 total: info.size,
                 ..Progress::default()
@@ -219,6 +227,7 @@ impl RestoreReader {
         let batches = (earlier.done / Self::batch_bytes()).min(self.batches);
         self.asked = batches;
         self.finished = batches;
+        self.batch_end = (batches * Self::batch_bytes()).min(self.info.size);
         self.progress = Progress {
             total: self.info.size,
             done: (batches * Self::batch_bytes()).min(self.info.size),
@@ -247,17 +256,40 @@ impl RestoreReader {
                         "a block at {offset} is past the volume's end"
                     )));
                 }
-                let asked = (self.finished * Self::batch_bytes())
-                    ..(self.asked * Self::batch_bytes()).min(self.info.size);
-                if !asked.contains(&offset) {
+                // In the batch being answered, after the last block of it,
+                // a whole block of the volume.
+                let batch = (self.finished * Self::batch_bytes())
+                    ..((self.finished + 1) * Self::batch_bytes()).min(self.info.size);
+                if self.finished >= self.asked || !batch.contains(&offset) {
                     return Err(Error::Peer(format!(
-                        "a block at {offset}, outside the batches asked for"
+                        "a block at {offset}, outside the batch being answered"
                     )));
                 }
+                if offset < self.batch_end
+                    || offset % BLOCK != 0
+                    || u64::from(len) != BLOCK.min(self.info.size - offset)
+                {
+                    return Err(Error::Peer(format!(
+                        "a block at {offset} of {len} bytes: not the volume's next block in the batch"
+                    )));
+                }
+                self.batch_blocks += 1;
+                self.batch_end = offset + u64::from(len);
                 self.header = Some((offset, len, sha256, encoding));
                 Ok(RestoreStep::ReadData(data_len))
             }
             Message::HaveDone { same } if self.finished < self.asked => {
+                let start = self.finished * Self::batch_bytes();
+                let end = (start + Self::batch_bytes()).min(self.info.size);
+                let blocks = (end - start).div_ceil(BLOCK);
+                if self.batch_blocks.checked_add(same) != Some(blocks) {
+                    return Err(Error::Peer(format!(
+                        "the batch at {start} has {blocks} blocks, answered with {} sent and {same} the same",
+                        self.batch_blocks
+                    )));
+                }
+                self.batch_blocks = 0;
+                self.batch_end = end;
                 self.finished += 1;
                 self.progress.blocks_same += same;
                 self.progress.done = (self.finished * Self::batch_bytes()).min(self.info.size);
@@ -572,20 +604,29 @@ mod tests {
                 digests: vec![]
             }
         );
-        let RestoreStep::Progress(p) = r.on_message(Message::HaveDone { same: 7 }).unwrap() else {
+        // A batch's answer counts all its blocks (none sent here: all the
+        // same); fewer is the peer's fault.
+        let whole = batch_bytes() / BLOCK;
+        let short = r.clone().on_message(Message::HaveDone { same: whole - 1 });
+        assert_eq!(short.unwrap_err().kind(), ErrorKind::Peer);
+        let RestoreStep::Progress(p) = r.on_message(Message::HaveDone { same: whole }).unwrap()
+        else {
             panic!("no progress")
         };
-        assert_eq!((p.done, p.blocks_same, p.total), (batch_bytes(), 7, size));
+        assert_eq!(
+            (p.done, p.blocks_same, p.total),
+            (batch_bytes(), whole, size)
+        );
         // One answered: one more may be asked.
         assert!(r.next_batch().is_some());
         assert!(r.next_batch().is_none());
         for _ in 0..IN_FLIGHT {
-            r.on_message(Message::HaveDone { same: 0 }).unwrap();
+            r.on_message(Message::HaveDone { same: whole }).unwrap();
         }
         let last = r.next_batch().unwrap();
         assert_eq!(last, vec![(5 * batch_bytes(), 3)]);
         assert!(!r.is_done());
-        let RestoreStep::Progress(p) = r.on_message(Message::HaveDone { same: 0 }).unwrap() else {
+        let RestoreStep::Progress(p) = r.on_message(Message::HaveDone { same: 1 }).unwrap() else {
             panic!("no progress")
         };
         assert_eq!(p.done, size);
@@ -599,7 +640,7 @@ mod tests {
         let size = 2 * batch_bytes();
         let mut r = RestoreReader::new(info(size)).unwrap();
         let first = r.next_batch().unwrap();
-        let data = vec![9u8; 1000];
+        let data = vec![9u8; BLOCK as usize];
         let (header, payload) = block::encode(first[3].0, &data, 3);
         let RestoreStep::ReadData(n) = r.on_message(header.clone()).unwrap() else {
             panic!("no data asked")
@@ -608,10 +649,32 @@ mod tests {
         let RestoreStep::Write(w) = r.on_data(payload.clone()).unwrap() else {
             panic!("nothing to write")
         };
-        assert_eq!((w.offset, w.len), (first[3].0, 1000));
-        assert_eq!(w.decode().unwrap(), Some(data));
+        assert_eq!((w.offset, u64::from(w.len)), (first[3].0, BLOCK));
+        assert_eq!(w.decode().unwrap(), Some(data.clone()));
         assert_eq!(r.progress().blocks_received, 1);
+        // The same block again, or one before it, or one not where a
+        // block of the volume starts, is the peer's fault.
+        assert_eq!(
+            r.clone().on_message(header).unwrap_err().kind(),
+            ErrorKind::Peer
+        );
+        let (before, _) = block::encode(first[1].0, &data, 3);
+        assert_eq!(
+            r.clone().on_message(before).unwrap_err().kind(),
+            ErrorKind::Peer
+        );
+        let (askew, _) = block::encode(first[4].0 + 512, &data, 3);
+        assert_eq!(
+            r.clone().on_message(askew).unwrap_err().kind(),
+            ErrorKind::Peer
+        );
+        let (short, _) = block::encode(first[4].0, &data[..1000], 3);
+        assert_eq!(
+            r.clone().on_message(short).unwrap_err().kind(),
+            ErrorKind::Peer
+        );
         // Damaged bytes are the peer's fault and never written.
+        let (header, payload) = block::encode(first[4].0, &data, 3);
         r.on_message(header).unwrap();
         let mut bad = payload;
         bad[0] ^= 0xff;
@@ -619,6 +682,12 @@ mod tests {
             panic!("nothing to write")
         };
         assert_eq!(w.decode().unwrap_err().kind(), ErrorKind::Peer);
+        // Two sent and the rest the same: the batch is answered.
+        let rest = batch_bytes() / BLOCK - 2;
+        assert!(matches!(
+            r.on_message(Message::HaveDone { same: rest }).unwrap(),
+            RestoreStep::Progress(_)
+        ));
         // In the second batch, not asked for yet.
         let (header, _) = block::encode(batch_bytes(), &[1], 3);
         assert_eq!(r.on_message(header).unwrap_err().kind(), ErrorKind::Peer);
