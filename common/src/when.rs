@@ -125,10 +125,18 @@ pub fn parse_at(text: &str, now: &Zoned) -> Result<Option<Timestamp>, Error> {
                 .map(|z| Some(z.timestamp()))
                 .map_err(|e| invalid(text, e));
         }
-        let local = dt.to_zoned(tz.clone()).map_err(|e| invalid(text, e))?;
-        if local.strftime("%Z").to_string().eq_ignore_ascii_case(zone) {
-            return Ok(Some(local.timestamp()));
+        // In the hour a clock turns back, the zone tells which of the
+        // two times it is (`02:30 CEST`, then `02:30 CET`).
+        let ambiguous = tz.to_ambiguous_zoned(dt);
+        for z in [ambiguous.clone().earlier(), ambiguous.later()]
+            .into_iter()
+            .flatten()
+        {
+            if z.strftime("%Z").to_string().eq_ignore_ascii_case(zone) {
+                return Ok(Some(z.timestamp()));
+            }
         }
+        let local = dt.to_zoned(tz.clone()).map_err(|e| invalid(text, e))?;
         return Err(invalid(
             text,
             format!(
@@ -274,8 +282,17 @@ mod tests {
         let now = berlin_at("2026-12-03T10:00:00");
         let at = |t: &str| resolve_at_in(t, &now);
         let berlin = TimeZone::get("Europe/Berlin").unwrap();
-        for ms in [1_795_365_005_000u64, 1_782_921_600_000] {
-            // A winter time and a summer one (CET, CEST).
+        // 2026-10-25 00:30 and 01:30 UTC are both 02:30 in Berlin (CEST,
+        // then CET: the clock turned back at 01:00 UTC).
+        let turned = 1_792_888_200_000u64;
+        for ms in [
+            1_795_365_005_000u64,
+            1_782_921_600_000,
+            turned,
+            turned + 3_600_000,
+        ] {
+            // A winter time and a summer one (CET, CEST), and both times of
+            // the hour the clock turned back.
             for shown in [show_in(ms, berlin.clone()), show_in(ms, TimeZone::UTC)] {
                 let instant = wire(Timestamp::from_millisecond(ms as i64).unwrap());
                 assert_eq!(at(&shown).unwrap(), instant, "{shown}");

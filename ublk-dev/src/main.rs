@@ -742,7 +742,7 @@ fn restore(
         // Once under way, it tried again for RETRY_FOR already.
         Err(e) if e.kind() == ErrorKind::Link => {
             return Err(anyhow::Error::new(e).context(format!(
-                "the restore to {} stopped: run the same command again once the mirror can be reached (it compares what the target holds, and moves only what differs)",
+                "the restore to {} stopped: run it again once the mirror can be reached (it compares what the target holds, and moves only what differs; for a time asked for, with --at the snapshot the log names)",
                 req.to.display()
             )))
         }
@@ -752,8 +752,13 @@ fn restore(
         Some(_) => format!("{}@{}", req.volume, r.snapshot),
         None => format!("{} as it is now", req.volume),
     };
+    let reconnected = match r.reconnects {
+        0 => String::new(),
+        1 => ", the link lost and found again once".to_string(),
+        n => format!(", the link lost and found again {n} times"),
+    };
     println!(
-        "restored {version} (epoch {}) to {}: {} blocks received ({} on the wire), {} already the same",
+        "restored {version} (epoch {}) to {}: {} blocks received ({} on the wire), {} already the same{reconnected}",
         r.epoch,
         req.to.display(),
         r.blocks_received,
@@ -799,6 +804,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let cache_path =
         args.cache_dir
             .join(format!("attach-{}-{}.img", args.volume, std::process::id()));
+    let made = std::cell::Cell::new(false);
     let opened = Fetcher::open(
         OnDemandOptions {
             volume: args.volume.clone(),
@@ -820,6 +826,7 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
                 .mode(0o600)
                 .open(&cache_path)
                 .map_err(|e| Error::io(format!("making the cache {}", cache_path.display()), e))?;
+            made.set(true);
             cache
                 .set_len(info.size)
                 .map_err(|e| Error::io("sizing the cache", e))?;
@@ -829,7 +836,10 @@ fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let fetcher = match opened {
         Ok(f) => f,
         Err(e) => {
-            let _ = std::fs::remove_file(&cache_path);
+            // Only this one's own (another's of that name stays).
+            if made.get() {
+                let _ = std::fs::remove_file(&cache_path);
+            }
             return Err(e.into());
         }
     };
@@ -1047,23 +1057,6 @@ fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
     if let Some(why) = ublk_dev::ondemand::finished(&state, &target) {
         return Err(Error::InvalidConfig(why).into());
     }
-    // Run again to finish an unfinished restore (after a reboot, say), a
-    // relative time (`2h ago`, `yesterday 18:00`) would now name another
-    // snapshot: the one the restore began with is meant.
-    let relative = args
-        .at
-        .as_deref()
-        .is_some_and(ublk_mirror_common::when::is_relative);
-    let at = if relative && state.exists() {
-        tracing::info!(
-            "an unfinished restore of {} is there: --at {} is taken as the snapshot it began with",
-            target.display(),
-            args.at.as_deref().unwrap_or_default()
-        );
-        None
-    } else {
-        at
-    };
     let timeout = (!args.timeout.0.is_zero()).then_some(args.timeout.0);
     let mut opened_backing = None;
     let fetcher = Fetcher::open(

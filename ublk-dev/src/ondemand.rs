@@ -1594,7 +1594,7 @@ impl Fetcher {
                     );
                     if od.counters.link_up.swap(false, Ordering::Relaxed) {
                         if local {
-                            tracing::warn!("what the mirror sent cannot be written here ({e}): reads of blocks not here wait until it can (is its file system full?); retrying");
+                            tracing::warn!("a fetch failed here, not on the link ({e}): reads of blocks not here wait until it works again; retrying");
                         } else {
                             tracing::warn!("the mirror cannot be read ({e}); retrying");
                         }

@@ -63,6 +63,8 @@ pub struct Restored {
     pub blocks_received: u64,
     /// Their bytes on the wire.
     pub wire_bytes: u64,
+    /// Times the link was lost under way and the restore went on.
+    pub reconnects: u64,
 }
 
 fn link_err(e: ublk_mirror_common::Error) -> Error {
@@ -201,6 +203,9 @@ struct Resume {
     /// `progress.done` it still is, or holds this version's blocks.
     fresh: bool,
     progress: Progress,
+    /// The target, kept open (and locked) between tries: nothing else
+    /// writes it meanwhile.
+    file: Arc<File>,
 }
 
 /// Restore per `req`, calling `progress` after each batch. A failed link
@@ -228,6 +233,7 @@ fn restore_retrying(
         .map_err(|e| Error::io("starting the network runtime", e))?;
     rt.block_on(async {
         let mut resume: Option<Resume> = None;
+        let mut reconnects = 0;
         let mut failing: Option<(Instant, u64)> = None;
         let mut wait = Duration::from_secs(1);
         loop {
@@ -244,7 +250,8 @@ fn restore_retrying(
             // lost under way is waited for.
             let e = match tried {
                 Err(e) if e.kind() == ErrorKind::Link && resume.is_some() => e,
-                done => return done,
+                Ok(r) => return Ok(Restored { reconnects, ..r }),
+                Err(e) => return Err(e),
             };
             let done = resume.as_ref().map_or(0, |r| r.progress.done);
             // Counted from the first failure since the restore moved on.
@@ -257,8 +264,16 @@ fn restore_retrying(
             };
             failing = Some((since, done));
             if since.elapsed() >= retry_for {
+                // A time asked for would name another snapshot later.
+                if let (Some(_), Some(r)) = (&req.at, &resume) {
+                    tracing::warn!(
+                        "to finish this restore, run it again with --at {}: the snapshot it read",
+                        r.snapshot
+                    );
+                }
                 return Err(e);
             }
+            reconnects += 1;
             tracing::warn!(
                 "the restore lost the mirror ({e}); trying again in {}s, going on from {}",
                 wait.as_secs(),
@@ -290,14 +305,22 @@ async fn run(
         .map_err(link_err)?;
     let info = restoring.info().clone();
     let size = info.size;
-    let to = req.to.clone();
-    let (file, fresh) = blocking("a restore worker", move || open_target(&to, size)).await?;
+    // The target an earlier try kept open (a volume whose size changed
+    // meanwhile: opened again, and refused for its size).
+    let prior = resume.take().filter(|r| r.size == size);
+    let (file, fresh) = match &prior {
+        Some(r) => (r.file.clone(), false),
+        None => {
+            let to = req.to.clone();
+            let (f, fresh) = blocking("a restore worker", move || open_target(&to, size)).await?;
+            (Arc::new(f), fresh)
+        }
+    };
     // Another version than an earlier try's (the mirror moved on) is
     // compared from the start (the target, no longer new, holds part of
     // that one).
-    let same = resume.take().filter(|r| {
-        r.epoch == info.epoch && r.size == size && (req.at.is_none() || r.snapshot == info.snapshot)
-    });
+    let same = prior
+        .filter(|r| r.epoch == info.epoch && (req.at.is_none() || r.snapshot == info.snapshot));
     let fresh = match &same {
         Some(r) => {
             restoring.resume(r.progress);
@@ -305,7 +328,6 @@ async fn run(
         }
         None => fresh,
     };
-    let file = Arc::new(file);
     let mut state = same.unwrap_or(Resume {
         snapshot: info.snapshot.clone(),
         epoch: info.epoch,
@@ -315,6 +337,7 @@ async fn run(
             total: size,
             ..Progress::default()
         },
+        file: file.clone(),
     });
     state.progress = restoring.progress();
     *resume = Some(state);
@@ -335,6 +358,7 @@ async fn run(
         blocks_same: last.blocks_same,
         blocks_received: last.blocks_received,
         wire_bytes: last.received,
+        reconnects: 0,
     })
 }
 

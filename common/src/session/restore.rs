@@ -699,6 +699,45 @@ mod tests {
         assert_eq!(r.on_message(header).unwrap_err().kind(), ErrorKind::Peer);
     }
 
+    /// Going on from an earlier restore's progress: the batches it
+    /// finished are not asked for again (one part done is, whole), its
+    /// counts go on, and the answers are checked from the batch it goes
+    /// on at.
+    #[test]
+    fn a_restore_goes_on_from_the_batches_an_earlier_one_finished() {
+        let size = 3 * batch_bytes();
+        let mut r = RestoreReader::new(info(size)).unwrap();
+        r.resume(Progress {
+            done: batch_bytes() + 5,
+            total: size,
+            received: 10,
+            blocks_same: 3,
+            blocks_received: 2,
+        });
+        assert_eq!(
+            (r.progress().done, r.progress().blocks_same),
+            (batch_bytes(), 3)
+        );
+        assert_eq!(r.next_batch().unwrap()[0].0, batch_bytes());
+        let (before, _) = block::encode(0, &vec![1u8; BLOCK as usize], 3);
+        assert_eq!(
+            r.clone().on_message(before).unwrap_err().kind(),
+            ErrorKind::Peer
+        );
+        let whole = batch_bytes() / BLOCK;
+        let RestoreStep::Progress(p) = r.on_message(Message::HaveDone { same: whole }).unwrap()
+        else {
+            panic!("no progress")
+        };
+        assert_eq!(
+            (p.done, p.blocks_same, p.blocks_received, p.received),
+            (2 * batch_bytes(), 3 + whole, 2, 10)
+        );
+        // Once under way, a resume changes nothing.
+        r.resume(Progress::default());
+        assert_eq!(r.progress().done, 2 * batch_bytes());
+    }
+
     #[test]
     fn refusals_and_surprises_keep_their_kind() {
         let e = RestoreReader::new(Message::Refused {
