@@ -166,6 +166,14 @@ pub struct SnapshotInfo {
     pub kind: Kind,
 }
 
+impl SnapshotInfo {
+    /// The point in time it shows, ms since the Unix epoch, as retention
+    /// ages it: its epoch's time, or when it was taken if that is later.
+    pub fn shows_ms(&self) -> u64 {
+        self.epoch_ms.max(self.created_ms)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Manifest {
     format: u32,
@@ -1227,7 +1235,7 @@ impl Snapshots {
             .snapshots
             .iter()
             .filter(|s| s.kind == Kind::Scheduled)
-            .map(|s| (s.id, s.epoch_ms.max(s.created_ms), s.name.as_str(), true));
+            .map(|s| (s.id, s.shows_ms(), s.name.as_str(), true));
         // Ids of their own for the others, past any of this volume's.
         let others = others
             .iter()

@@ -396,17 +396,13 @@ impl Volumes {
                 // Asked for by name (a restore, a snapshot): say what there
                 // is, and the likely mistake (a machine enrolled anew is a
                 // new client, with no volumes).
-                let mut theirs: Vec<String> = dir
+                let theirs: Vec<String> = dir
                     .parent()
-                    .and_then(|d| std::fs::read_dir(d).ok())
+                    .and_then(|d| crate::store::subdirs(d).ok())
                     .into_iter()
                     .flatten()
-                    .flatten()
-                    .filter(|e| e.path().is_dir())
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| !n.starts_with('.'))
+                    .map(|(name, _)| name)
                     .collect();
-                theirs.sort();
                 let listed = if theirs.is_empty() {
                     "none".to_string()
                 } else {

@@ -718,10 +718,9 @@ fn restore(
     // A progress bar on a terminal; otherwise (systemd, cron, a pipe) a
     // line in the log every half minute.
     let bar = progress_bar("restoring");
-    let finished = bar.clone();
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut logged = std::time::Instant::now();
-    let shown = move |p: &ublk_dev::restore::Progress| {
+    let shown = |p: &ublk_dev::restore::Progress| {
         bar.set_length(p.total);
         bar.set_position(p.done);
         bar.set_message(format!("{} received", ByteSize(p.received).approx()));
@@ -737,7 +736,7 @@ fn restore(
         }
     };
     let done = ublk_dev::restore::restore(&req, shown);
-    finished.finish_and_clear();
+    bar.finish_and_clear();
     let r = match done {
         // Once under way, it tried again for RETRY_FOR already.
         Err(e) if e.kind() == ErrorKind::Link => {

@@ -211,15 +211,9 @@ struct Resume {
 /// Restore per `req`, calling `progress` after each batch. A failed link
 /// is tried again for [`RETRY_FOR`] (said in the log), going on where the
 /// restore was.
-pub fn restore(req: &RestoreRequest, progress: impl FnMut(&Progress) + Send) -> Result<Restored> {
-    restore_retrying(req, progress, RETRY_FOR)
-}
-
-/// [`restore`], trying a failed link again for `retry_for`.
-fn restore_retrying(
+pub fn restore(
     req: &RestoreRequest,
     mut progress: impl FnMut(&Progress) + Send,
-    retry_for: Duration,
 ) -> Result<Restored> {
     let enrollment = Enrollment::load(&req.client_dir)?;
     let identity = Identity::load(&req.client_dir).map_err(|e| {
@@ -263,7 +257,7 @@ fn restore_retrying(
                 }
             };
             failing = Some((since, done));
-            if since.elapsed() >= retry_for {
+            if since.elapsed() >= RETRY_FOR {
                 // A time asked for would name another snapshot later.
                 if let (Some(_), Some(r)) = (&req.at, &resume) {
                     tracing::warn!(
@@ -328,21 +322,19 @@ async fn run(
         }
         None => fresh,
     };
-    let mut state = same.unwrap_or(Resume {
+    let mut state = same.unwrap_or_else(|| Resume {
         snapshot: info.snapshot.clone(),
         epoch: info.epoch,
         size,
         fresh,
-        progress: Progress {
-            total: size,
-            ..Progress::default()
-        },
+        progress: Progress::default(),
         file: file.clone(),
     });
     state.progress = restoring.progress();
-    *resume = Some(state);
-    let track = resume.as_mut().map(|r| &mut r.progress);
-    let last = exchange(&mut restoring, &file, fresh, progress, track).await?;
+    // Kept where the next try finds it, moving on with each batch.
+    let state = resume.insert(state);
+    exchange(&mut restoring, &file, fresh, progress, &mut state.progress).await?;
+    let last = state.progress;
     restoring.finish();
     let f = file.clone();
     blocking("a restore worker", move || {
@@ -364,7 +356,7 @@ async fn run(
 
 /// Ask (the target's digests, a window of batches ahead) and take (the
 /// blocks that differ, verified, written in place) until every batch is
-/// answered; the last progress. The batch to ask next is hashed on a
+/// answered, keeping the progress in `last`. The batch to ask next is hashed on a
 /// blocking thread while blocks are taken, so reading the target and
 /// writing it overlap.
 async fn exchange(
@@ -372,9 +364,8 @@ async fn exchange(
     file: &Arc<File>,
     fresh: bool,
     progress: &mut (impl FnMut(&Progress) + Send),
-    mut track: Option<&mut Progress>,
-) -> Result<Progress> {
-    let mut last = restoring.progress();
+    last: &mut Progress,
+) -> Result<()> {
     // A whole volume passes through: it is kept out of the page cache.
     let streamed = Arc::new(fsutil::Streamed::new());
     let hash = |batch: Vec<(u64, u32)>| {
@@ -391,7 +382,7 @@ async fn exchange(
             ahead = restoring.upcoming().map(hash);
         }
         if restoring.is_done() {
-            return Ok(last);
+            return Ok(());
         }
         match restoring.next().await.map_err(link_err)? {
             Taken::Write(block) => {
@@ -399,10 +390,7 @@ async fn exchange(
                 blocking("a restore worker", move || write_block(&f, &block, &s)).await?;
             }
             Taken::Progress(p) => {
-                last = p;
-                if let Some(t) = track.as_deref_mut() {
-                    *t = p;
-                }
+                *last = p;
                 progress(&p);
             }
         }

@@ -232,9 +232,7 @@ impl ChunkStore {
                 let bytes = self
                     .run(r.bytes())
                     .map_err(|e| store_err(format!("reading {}/{path}", self.describe), e))?;
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| Error::Corrupt(format!("{}/{path}: {e}", self.describe)))
+                self.parse_pin(&path, &bytes).map(Some)
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(store_err(format!("reading {}/{path}", self.describe), e)),
@@ -243,18 +241,19 @@ impl ChunkStore {
 
     /// The pins of `volume`, whole: name → record.
     pub fn pin_records(&self, volume: &str) -> Result<BTreeMap<String, PinRecord>> {
-        let prefix = format!("vol/{volume}/pins");
-        let mut out = BTreeMap::new();
-        for path in self.run(self.list(&prefix))? {
-            let Some(name) = path.filename().map(str::to_string) else {
-                continue;
-            };
-            let bytes = self.run(self.get(&path))?;
-            let pin: PinRecord = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Corrupt(format!("{}/{path}: {e}", self.describe)))?;
-            out.insert(name, pin);
-        }
-        Ok(out)
+        self.pin_names(volume)?
+            .into_iter()
+            .map(|name| {
+                let path = pin_path(volume, &name);
+                let bytes = self.run(self.get(&path))?;
+                Ok((name, self.parse_pin(&path, &bytes)?))
+            })
+            .collect()
+    }
+
+    fn parse_pin(&self, path: &ObjPath, bytes: &[u8]) -> Result<PinRecord> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::Corrupt(format!("{}/{path}: {e}", self.describe)))
     }
 
     /// Read `gc/state` and apply it to the index if it changed: whether

@@ -107,6 +107,7 @@ use ublk_mirror_common::proto::{Digest, Writer};
 use ublk_mirror_common::{block, fsutil};
 
 use self::log::{read_log_header, Entry, LogReader};
+pub(crate) use self::reader::subdirs;
 pub use self::reader::{import, list, SnapshotReader, VersionSource};
 pub use self::staging::Staging;
 use self::staging::{is_direct, remove_staging, staging_epochs, staging_path, STAGING};
@@ -453,8 +454,7 @@ impl Volume {
             if kind != Kind::Temporary && self.state.store_seq > 0 {
                 // Retention prunes a scheduled one by its time, also on
                 // other servers on the store.
-                let scheduled =
-                    (kind == Kind::Scheduled).then(|| info.epoch_ms.max(info.created_ms));
+                let scheduled = (kind == Kind::Scheduled).then(|| info.shows_ms());
                 if let Err(e) = store.pin(volume, &info.name, self.state.store_seq, scheduled) {
                     let _ = self.snapshots_mut().delete(&info.name);
                     return Err(e);
@@ -512,11 +512,7 @@ impl Volume {
         let Some(&seq) = store.pins(volume)?.get(name) else {
             return Ok(None);
         };
-        if self
-            .stored_readers
-            .get(name)
-            .is_some_and(|n| n.load(std::sync::atomic::Ordering::Acquire) > 0)
-        {
+        if self.stored_being_read(name) {
             return Err(Error::Invalid(format!(
                 "snapshot {name} is being read (an export or a restore); try again when it is done"
             )));
@@ -580,11 +576,7 @@ impl Volume {
         let Some((store, volume)) = &self.chunks else {
             return Ok(false);
         };
-        let being_read = self
-            .stored_readers
-            .get(name)
-            .is_some_and(|n| n.load(std::sync::atomic::Ordering::Acquire) > 0);
-        if being_read {
+        if self.stored_being_read(name) {
             return Ok(false);
         }
         store.unpin(volume, name)?;
@@ -592,8 +584,9 @@ impl Volume {
         Ok(true)
     }
 
-    /// The scheduled snapshots only the chunk store keeps (pins with no
-    /// snapshot of that name here), as (name, point in time ms).
+    /// The scheduled snapshots the chunk store pins, as (name, point in
+    /// time ms): those of a name here are this server's own, which
+    /// [`Snapshots::prunable_with`] counts as such.
     fn stored_scheduled(&self) -> Result<Vec<(String, u64)>> {
         let Some((store, volume)) = &self.chunks else {
             return Ok(Vec::new());
@@ -601,9 +594,16 @@ impl Volume {
         Ok(store
             .pin_records(volume)?
             .into_iter()
-            .filter(|(name, _)| self.snapshots().get(name).is_none())
             .filter_map(|(name, pin)| pin.scheduled_ms.map(|at| (name, at)))
             .collect())
+    }
+
+    /// Whether snapshot `name`, which only the chunk store keeps, is
+    /// being read here.
+    fn stored_being_read(&self, name: &str) -> bool {
+        self.stored_readers
+            .get(name)
+            .is_some_and(|n| n.load(std::sync::atomic::Ordering::Acquire) > 0)
     }
 
     /// Keep scheduled snapshot `name` until it is deleted (see

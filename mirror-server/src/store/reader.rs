@@ -61,6 +61,20 @@ impl SnapshotReader {
     }
 }
 
+/// The directories in `p` (not hidden ones), by name, sorted: a data
+/// directory's clients, or a client's volumes.
+pub(crate) fn subdirs(p: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(p)
+        .map_err(|e| Error::io(format!("listing {}", p.display()), e))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// Every volume under `data`, as `CLIENT/VOLUME` with its state, sorted.
 /// Reads only (no recovery): a volume whose commit was interrupted shows
 /// the epoch published before it until the server opens it.
@@ -73,22 +87,11 @@ pub fn list(data: &Path) -> Result<Vec<(String, VolumeState)>> {
             data.display()
         )));
     }
-    let dirs = |p: &Path| -> Result<Vec<(String, PathBuf)>> {
-        let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(p)
-            .map_err(|e| Error::io(format!("listing {}", p.display()), e))?
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-            .collect();
-        v.sort();
-        Ok(v)
-    };
     // A stray or damaged directory is skipped (and said), so that one
     // does not hide every other volume from listings and metrics.
     let mut out = Vec::new();
-    for (client, cdir) in dirs(&root)? {
-        let volumes = match dirs(&cdir) {
+    for (client, cdir) in subdirs(&root)? {
+        let volumes = match subdirs(&cdir) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!("skipped: {e}");
