@@ -34,6 +34,17 @@ pub struct VolumeInfo {
     pub writer: Option<Writer>,
 }
 
+/// A volume's snapshots as the server lists them
+/// ([`Link::list_snapshots`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotListing {
+    /// Oldest point in time first.
+    pub snapshots: Vec<proto::ListedSnapshot>,
+    /// Why the list may lack snapshots, if it may (the server could not
+    /// read its chunk store, where snapshots other servers took are).
+    pub incomplete: Option<String>,
+}
+
 /// A connection to the server.
 #[derive(Debug)]
 pub struct Link {
@@ -645,6 +656,46 @@ impl Link {
                 epoch_ms,
             } => Ok((name, epoch, epoch_ms)),
             other => Err(unexpected(&other, "as an answer")),
+        }
+    }
+
+    /// The snapshots of `volume` (V6), oldest point in time first, and
+    /// the server's note if the list may lack some (its chunk store out
+    /// of reach). A server that speaks only V5 or older is refused here,
+    /// with what to do, before it is asked anything it cannot read.
+    pub async fn list_snapshots(&self, volume: &str) -> Result<SnapshotListing> {
+        let (mut send, mut recv, version) = open_stream(&self.conn).await?;
+        if version < Version::V6 {
+            return Err(Error::Refused(format!(
+                "it speaks protocol {version:?}, and listing snapshots needs {:?}: upgrade mirror-server there (its own `mirror-server snapshots CLIENT/{volume}` lists them meanwhile)",
+                Version::V6
+            )));
+        }
+        wire::send(
+            &mut send,
+            &Message::ListSnapshots {
+                volume: volume.to_string(),
+            },
+        )
+        .await?;
+        let _ = send.finish();
+        let mut listing = SnapshotListing::default();
+        loop {
+            match wire::expect(&mut recv).await? {
+                Message::SnapshotList {
+                    snapshots,
+                    done,
+                    incomplete,
+                } => {
+                    listing.snapshots.extend(snapshots);
+                    if done {
+                        listing.incomplete = incomplete;
+                        return Ok(listing);
+                    }
+                }
+                Message::Refused { reason } => return Err(Error::Refused(reason)),
+                other => return Err(unexpected(&other, "in a list of snapshots")),
+            }
         }
     }
 

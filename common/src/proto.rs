@@ -68,6 +68,13 @@
 //!   published once, with the consistent cut that ends it (see the
 //!   client's `replicator`). A V5 server speaks V4 and older to older
 //!   clients; a V5 client needs a V5 server (upgrade servers first).
+//! - [`Version::V6`]: a client lists its volume's snapshots
+//!   ([`Message::ListSnapshots`], answered by [`Message::SnapshotList`]
+//!   frames of at most [`MAX_LISTED`] snapshots each, the last marked
+//!   `done`), so that a laptop finds the version to restore without the
+//!   server's command line. A V6 server speaks V5 and older to older
+//!   clients. A V6 client speaks everything else with a V5 server and
+//!   refuses only the listing there, asking for the server's upgrade.
 //!
 //! # An epoch, step by step (V2)
 //!
@@ -135,20 +142,23 @@ pub enum Version {
     V4,
     /// Pre-copy rounds ([`Message::EndRound`]).
     V5,
+    /// Listing snapshots ([`Message::ListSnapshots`]).
+    V6,
 }
 
 impl Version {
     /// Every version, oldest first (a version's index is its wire number).
-    const ALL: [Version; 5] = [
+    const ALL: [Version; 6] = [
         Version::V1,
         Version::V2,
         Version::V3,
         Version::V4,
         Version::V5,
+        Version::V6,
     ];
 
     /// The newest version this build speaks.
-    pub const CURRENT: Version = Version::V5;
+    pub const CURRENT: Version = Version::V6;
     /// The oldest version this build still speaks (as a server).
     pub const OLDEST: Version = Version::V2;
 }
@@ -436,6 +446,43 @@ pub enum Message {
         /// The epoch.
         epoch: u64,
     },
+    /// Client (V6): the snapshots of one of its volumes, as a restore's
+    /// `at` may name them. Answered by [`Message::SnapshotList`] frames
+    /// until one is `done` (or [`Message::Refused`]).
+    ListSnapshots {
+        /// Volume name.
+        volume: String,
+    },
+    /// Server (V6): some of the volume's snapshots, in the order shown
+    /// (oldest point in time first), at most [`MAX_LISTED`].
+    SnapshotList {
+        /// These snapshots.
+        snapshots: Vec<ListedSnapshot>,
+        /// The last frame of the answer.
+        done: bool,
+        /// On the last frame: why the list may lack snapshots (the chunk
+        /// store, where snapshots other servers took are kept, could not
+        /// be read), for the user; at most [`MAX_NOTE`] bytes.
+        incomplete: Option<String>,
+    },
+}
+
+/// One snapshot as [`Message::SnapshotList`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedSnapshot {
+    /// Its name (what a restore's `at` takes).
+    pub name: String,
+    /// The published epoch it holds.
+    pub epoch: u64,
+    /// When that epoch was published (ms since the Unix epoch): the point
+    /// in time it shows.
+    pub epoch_ms: u64,
+    /// When the snapshot was taken (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// How the server keeps it, in the words `mirror-server snapshots`
+    /// uses (`manual`, `scheduled`, `temporary`, `stored`): a name, so
+    /// that a kind a newer server adds reaches an older client as text.
+    pub kind: String,
 }
 
 /// Most ranges one [`Message::Staged`] carries (it must fit in a frame).
@@ -453,6 +500,14 @@ pub const MAX_HASH_BLOCKS: usize = 1024;
 
 /// Longest client or volume name.
 pub const MAX_NAME: usize = 64;
+
+/// Most snapshots one [`Message::SnapshotList`] carries: each is its name
+/// and kind (at most [`MAX_NAME`] bytes each) and three numbers, so the
+/// frame stays well inside [`MAX_FRAME`] (a test checks).
+pub const MAX_LISTED: usize = 256;
+
+/// Longest note in a [`Message::SnapshotList`].
+pub const MAX_NOTE: usize = 2048;
 
 /// Check a client or volume name: 1 to [`MAX_NAME`] characters of
 /// `A-Z a-z 0-9 . _ -`, not starting with a dot (names become directories).
@@ -555,6 +610,8 @@ impl Message {
             Message::TakeOver { .. } => Some((Version::V4, "TakeOver")),
             Message::EndRound => Some((Version::V5, "EndRound")),
             Message::RoundStaged { .. } => Some((Version::V5, "RoundStaged")),
+            Message::ListSnapshots { .. } => Some((Version::V6, "ListSnapshots")),
+            Message::SnapshotList { .. } => Some((Version::V6, "SnapshotList")),
             Message::KnownChunks { .. } => Some((Version::V3, "KnownChunks")),
             Message::Block {
                 encoding: Encoding::Known,
@@ -580,7 +637,27 @@ impl Message {
             | Message::VolumeInfo { volume, .. }
             | Message::BeginEpoch { volume, .. }
             | Message::TakeOver { volume, .. }
+            | Message::ListSnapshots { volume }
             | Message::EpochData { volume, .. } => check_name(volume)?,
+            Message::SnapshotList {
+                snapshots,
+                incomplete,
+                ..
+            } => {
+                if snapshots.len() > MAX_LISTED {
+                    return Err(ProtoError::Malformed(format!(
+                        "{} snapshots in one list (at most {MAX_LISTED})",
+                        snapshots.len()
+                    )));
+                }
+                if incomplete.as_ref().is_some_and(|n| n.len() > MAX_NOTE) {
+                    return Err(ProtoError::Malformed("an overlong note".into()));
+                }
+                for s in snapshots {
+                    check_name(&s.name)?;
+                    check_name(&s.kind)?;
+                }
+            }
             Message::TakeSnapshot { volume, name } => {
                 check_name(volume)?;
                 if let Some(name) = name {
@@ -738,6 +815,10 @@ mod tests {
         // Changing these bytes breaks every peer: bump the version instead.
         assert_eq!(
             Message::hello().encode(),
+            [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 5]
+        );
+        assert_eq!(
+            Message::hello_at(Version::V5).encode(),
             [6, 0, 0, 0, 0, b'U', b'B', b'M', b'R', 4]
         );
         assert_eq!(
@@ -756,7 +837,7 @@ mod tests {
             Message::decode(&Message::hello().encode()[4..])
                 .unwrap()
                 .check_hello(),
-            Ok(Version::V5)
+            Ok(Version::V6)
         );
         // A newer peer's hello (a version this build does not know) is
         // answered in ours.
@@ -781,6 +862,70 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("upgrade the client"));
+    }
+
+    fn listed(name: &str) -> ListedSnapshot {
+        ListedSnapshot {
+            name: name.to_string(),
+            epoch: u64::MAX,
+            epoch_ms: u64::MAX,
+            created_ms: u64::MAX,
+            kind: "k".repeat(MAX_NAME),
+        }
+    }
+
+    #[test]
+    fn a_full_snapshot_list_fits_a_frame_and_is_refused_on_a_v5_stream() {
+        let full = Message::SnapshotList {
+            snapshots: (0..MAX_LISTED)
+                .map(|i| listed(&format!("{i:0>64}")))
+                .collect(),
+            done: true,
+            incomplete: Some("n".repeat(MAX_NOTE)),
+        };
+        let bytes = full.encode();
+        assert!(bytes.len() - 4 <= MAX_FRAME as usize, "{}", bytes.len());
+        assert_eq!(Message::decode(&bytes[4..]).unwrap(), full);
+        assert_eq!(full.validate(), Ok(()));
+        let ask = Message::ListSnapshots {
+            volume: "root".into(),
+        };
+        for m in [&full, &ask] {
+            assert_eq!(m.check_version(Version::V6), Ok(()));
+            assert!(matches!(
+                m.check_version(Version::V5),
+                Err(ProtoError::TooNew(_, Version::V5))
+            ));
+        }
+        // One more snapshot, a longer note, or a name no snapshot has: refused.
+        let Message::SnapshotList { snapshots, .. } = &full else {
+            unreachable!()
+        };
+        let mut more = snapshots.clone();
+        more.push(listed("one-more"));
+        let bad = [
+            Message::SnapshotList {
+                snapshots: more,
+                done: true,
+                incomplete: None,
+            },
+            Message::SnapshotList {
+                snapshots: vec![],
+                done: true,
+                incomplete: Some("n".repeat(MAX_NOTE + 1)),
+            },
+            Message::SnapshotList {
+                snapshots: vec![listed("../etc")],
+                done: false,
+                incomplete: None,
+            },
+            Message::ListSnapshots {
+                volume: "a/b".into(),
+            },
+        ];
+        for m in bad {
+            assert!(m.validate().is_err(), "{m:?}");
+        }
     }
 
     #[test]

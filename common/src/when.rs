@@ -140,7 +140,7 @@ pub fn parse_at(text: &str, now: &Zoned) -> Result<Option<Timestamp>, Error> {
         return Err(invalid(
             text,
             format!(
-                "{zone} is not this machine's time zone ({}): give the time in UTC (`mirror-server snapshots --utc` shows it so) or with an offset, e.g. `{civil} +01:00`",
+                "{zone} is not this machine's time zone ({}): give the time in UTC (`snapshots --utc` shows it so) or with an offset, e.g. `{civil} +01:00`",
                 local.strftime("%Z")
             ),
         ));

@@ -1049,12 +1049,11 @@ fn list_snapshots(
     // exports and restores read them from the store. Shown as kind
     // "stored", keeping nothing here.
     if let Ok(store) = ServerConfig::load(cfg).and_then(|c| c.chunk_store(data)) {
-        for (name, seq) in store.pins(volume).unwrap_or_default() {
-            if list.iter().any(|(s, _)| s.name == name) {
-                continue;
-            }
-            if let Ok(record) = store.version(volume, seq) {
-                list.push((mirror_server::store::stored_info(&name, &record), 0));
+        let here = |name: &str| list.iter().any(|(s, _)| s.name == name);
+        match mirror_server::store::stored_snapshots(&store, volume, here) {
+            Ok(stored) => list.extend(stored.into_iter().map(|(info, _)| (info, 0))),
+            Err(e) => {
+                eprintln!("mirror-server: snapshots only the chunk store keeps are not listed: {e}")
             }
         }
         list.sort_by_key(|(s, _)| (s.epoch_ms, s.created_ms));

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ublk_mirror_common::identity::{Fingerprint, Identity};
-use ublk_mirror_common::proto::{Digest, Message, Version, Writer};
+use ublk_mirror_common::proto::{self, Digest, ListedSnapshot, Message, Version, Writer};
 use ublk_mirror_common::{tls, wire};
 
 use crate::admin::{self, ServerLock};
@@ -460,6 +460,7 @@ async fn dispatch(
         Message::TakeSnapshot { volume, name } => {
             take_snapshot(volumes, client, &volume, name.as_deref(), send).await
         }
+        Message::ListSnapshots { volume } => list_snapshots(volumes, client, &volume, send).await,
         Message::HashRequest { volume, blocks } => {
             hash_request(volumes, client, &volume, &blocks, send).await
         }
@@ -662,6 +663,62 @@ async fn take_snapshot(
         }
         Err(e) => refuse(send, e.to_string()).await,
     }
+}
+
+/// `ListSnapshots`: the volume's snapshots, as many frames as they take
+/// (V6).
+async fn list_snapshots(
+    volumes: &Volumes,
+    client: &str,
+    volume: &str,
+    send: &mut quinn::SendStream,
+) -> std::result::Result<(), Fault> {
+    let v = match volumes.open(client, volume, None) {
+        Ok(v) => v,
+        Err(e) => return refuse(send, e.to_string()).await,
+    };
+    // The store is read under the lock, as a restore's `at` is resolved:
+    // the same snapshots, by the same rules.
+    let (list, incomplete) = {
+        let v = v.lock().await;
+        tokio::task::block_in_place(|| v.listing())
+    };
+    let incomplete = incomplete.map(|e| {
+        tracing::warn!(client, volume, "listing snapshots: the chunk store: {e}");
+        let note = format!(
+            "snapshots only the chunk store keeps (taken on another server) are not listed: {e}"
+        );
+        note.chars().take(proto::MAX_NOTE / 4).collect::<String>()
+    });
+    let listed: Vec<ListedSnapshot> = list
+        .into_iter()
+        .map(|s| ListedSnapshot {
+            kind: format!("{:?}", s.kind).to_lowercase(),
+            name: s.name,
+            epoch: s.epoch,
+            epoch_ms: s.epoch_ms,
+            created_ms: s.created_ms,
+        })
+        .collect();
+    // At least one frame: an empty list is a `done` one.
+    let mut pieces: Vec<&[ListedSnapshot]> = listed.chunks(proto::MAX_LISTED).collect();
+    if pieces.is_empty() {
+        pieces.push(&[]);
+    }
+    let last = pieces.len() - 1;
+    for (i, piece) in pieces.into_iter().enumerate() {
+        wire::send(
+            send,
+            &Message::SnapshotList {
+                snapshots: piece.to_vec(),
+                done: i == last,
+                incomplete: if i == last { incomplete.clone() } else { None },
+            },
+        )
+        .await?;
+    }
+    let _ = send.finish();
+    Ok(())
 }
 
 /// `TakeOver`: make `device` the volume's writer (V4).

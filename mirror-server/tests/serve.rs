@@ -1861,11 +1861,131 @@ async fn retention_prunes_the_scheduled_snapshots_another_server_took() {
         let own = now.iter().filter(|(_, k)| k == "scheduled").count();
         if own == 1 && stored.len() == 1 {
             assert_eq!(Some(&stored[0].0), of_a.last(), "{now:?} {of_a:?}");
+            // The client's own listing (V6) shows A's as stored too (B's
+            // own may have moved on since).
+            let listing = link.list_snapshots("root").await.unwrap();
+            let stored_too: Vec<String> = listing
+                .snapshots
+                .into_iter()
+                .filter(|s| s.kind == "stored")
+                .map(|s| s.name)
+                .collect();
+            assert_eq!(stored_too, [stored[0].0.clone()]);
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{now:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A client lists its own volume's snapshots (V6): every one, oldest
+/// first, over as many frames as they take; a volume it does not have is
+/// refused with the ones it has; a V5 stream may not ask.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_lists_its_snapshots_in_as_many_frames_as_they_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    link.open_volume("root", 1 << 20).await.unwrap();
+    let listing = link.list_snapshots("root").await.unwrap();
+    assert!(listing.snapshots.is_empty(), "{listing:?}");
+    assert_eq!(listing.incomplete, None);
+    link.send_epoch("root", 1, w(1), &[(0, 65536)], 3, reader(noise(1, 1 << 20)))
+        .await
+        .unwrap();
+    link.snapshot("root", Some("first")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    link.send_epoch("root", 2, w(2), &[(0, 65536)], 3, reader(noise(2, 1 << 20)))
+        .await
+        .unwrap();
+    // More than one frame holds.
+    let many = ublk_mirror_common::proto::MAX_LISTED + 44;
+    for i in 0..many {
+        link.snapshot("root", Some(&format!("s{i:03}")))
+            .await
+            .unwrap();
+    }
+    let listing = link.list_snapshots("root").await.unwrap();
+    assert_eq!(listing.incomplete, None);
+    let got = &listing.snapshots;
+    assert_eq!(got.len(), many + 1);
+    assert_eq!(
+        (got[0].name.as_str(), got[0].epoch, got[0].kind.as_str()),
+        ("first", 1, "manual")
+    );
+    let mut names: Vec<&str> = got[1..].iter().map(|s| s.name.as_str()).collect();
+    names.sort();
+    let want: Vec<String> = (0..many).map(|i| format!("s{i:03}")).collect();
+    assert_eq!(names, want.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(got[1..].iter().all(|s| s.epoch == 2 && s.kind == "manual"));
+    assert!(
+        got.windows(2)
+            .all(|p| (p[0].epoch_ms, p[0].created_ms) <= (p[1].epoch_ms, p[1].created_ms)),
+        "not oldest first"
+    );
+    // The server's own listing says the same.
+    let out = server.cli(&["snapshots", "laptop/root", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let theirs: Vec<(String, u64)> = theirs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["epoch"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let ours: Vec<(String, u64)> = got.iter().map(|s| (s.name.clone(), s.epoch)).collect();
+    assert_eq!(ours, theirs);
+
+    // A chunk store that cannot be read (here a damaged pin): the
+    // server's own snapshots, and a note saying the list may lack some.
+    if std::env::var("MIRROR_TEST_STORE").as_deref() != Ok("s3") {
+        let pins = walkdir(&data)
+            .into_iter()
+            .find(|p| p.ends_with("pins/first"))
+            .expect("the store's pin of snapshot first")
+            .with_file_name("damaged");
+        std::fs::write(&pins, b"not a pin").unwrap();
+        let listing = link.list_snapshots("root").await.unwrap();
+        assert_eq!(listing.snapshots.len(), many + 1);
+        let note = listing.incomplete.expect("the store's failure said");
+        assert!(
+            note.contains("not listed") && note.contains("damaged"),
+            "{note}"
+        );
+        std::fs::remove_file(&pins).unwrap();
+    }
+
+    // Another client sees none of them: "root" is not its volume.
+    let (_other_id, other) = enrolled(&server, dir.path(), "desk").await;
+    other.open_volume("home", 1 << 20).await.unwrap();
+    let err = other.list_snapshots("root").await.unwrap_err().to_string();
+    assert!(
+        err.contains("no volume root") && err.contains("home"),
+        "{err}"
+    );
+
+    // On a stream that speaks V5, asking is a protocol violation.
+    let (mut send, mut recv, version) = link.stream_at(Version::V5).await.unwrap();
+    assert_eq!(version, Version::V5);
+    wire::send(
+        &mut send,
+        &Message::ListSnapshots {
+            volume: "root".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let got = wire::recv(&mut recv).await;
+    assert!(
+        !matches!(got, Ok(Some(Message::SnapshotList { .. }))),
+        "{got:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -2055,4 +2175,21 @@ async fn an_unreachable_store_refuses_the_commit_and_the_epoch_resumes_when_it_i
     assert!(server.image("laptop", "root") == two);
     let store = store_json(&data);
     assert_eq!(store["volumes"][0]["versions"], 2, "{store}");
+}
+
+/// Every file under `dir`, at any depth.
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
 }

@@ -177,6 +177,34 @@ enum Command {
         timeout: Span,
     },
 
+    /// List a volume's snapshots on the mirror: the versions `restore --at`
+    /// and `attach --at` take, by name or by a time shown here.
+    ///
+    /// SHOWS is when the snapshot's epoch reached the mirror (the point in
+    /// time it holds), in this machine's time zone; KIND says how the
+    /// server keeps it: manual (until deleted), scheduled (pruned by the
+    /// server's retention), temporary (held while something reads it),
+    /// stored (taken by another server on the same chunk store).
+    ///
+    ///   ublk-mirror snapshots --volume root
+    ///   ublk-mirror restore --volume root --at before-upgrade --to /var/tmp/root.img
+    #[command(verbatim_doc_comment)]
+    Snapshots {
+        /// The volume on the mirror server (this machine's).
+        #[arg(long)]
+        volume: String,
+        /// Show times in UTC.
+        #[arg(long)]
+        utc: bool,
+        /// Print one JSON array (name, epoch, epoch_ms, created_ms, kind;
+        /// times in ms since the Unix epoch).
+        #[arg(long)]
+        json: bool,
+        /// Where this machine's enrollment is kept.
+        #[arg(long, value_name = "DIR", default_value = ublk_dev::enrollment::DEFAULT_CLIENT_DIR, env = "UBLK_MIRROR_CLIENT_DIR")]
+        client_dir: PathBuf,
+    },
+
     /// Restore a volume from the mirror: as of a snapshot, a time, or now,
     /// into a file or a block device.
     ///
@@ -216,7 +244,7 @@ enum Command {
         /// A snapshot's name, or a time for the newest snapshot at or before
         /// it, in this machine's time zone: `yesterday 18:00`, `today 9:30`,
         /// `2h ago`, `2026-12-02 18:00`, an instant with Z or an offset, or
-        /// a time as `mirror-server snapshots` shows it (with its zone)
+        /// a time as `ublk-mirror snapshots` shows it (with its zone)
         /// [default: the mirror now].
         #[arg(long, value_name = "SNAPSHOT|TIME")]
         at: Option<String>,
@@ -530,7 +558,7 @@ struct AttachArgs {
     volume: String,
     /// A snapshot's name, or a time for the newest snapshot at or before
     /// it, in this machine's time zone: `yesterday 18:00`, `2h ago`,
-    /// `2026-12-02 18:00`, or as `mirror-server snapshots` shows it (with
+    /// `2026-12-02 18:00`, or as `ublk-mirror snapshots` shows it (with
     /// its zone) [default: a snapshot of the mirror now].
     #[arg(long, value_name = "SNAPSHOT|TIME")]
     at: Option<String>,
@@ -653,6 +681,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Snapshots {
+            volume,
+            utc,
+            json,
+            client_dir,
+        } => list_snapshots(&volume, utc, json, &client_dir),
         Command::Restore {
             volume,
             at,
@@ -764,6 +798,57 @@ fn restore(
         ByteSize(r.wire_bytes).approx(),
         r.blocks_same
     );
+    Ok(())
+}
+
+/// `snapshots`: the volume's snapshots, as the server lists them.
+fn list_snapshots(volume: &str, utc: bool, json: bool, client_dir: &Path) -> anyhow::Result<()> {
+    ublk_mirror_common::proto::check_name(volume)
+        .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    let listing = ublk_dev::replicator::list_snapshots(client_dir, volume)?;
+    if let Some(note) = &listing.incomplete {
+        tracing::warn!("the server says: {note}");
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        let rows: Vec<_> = listing
+            .snapshots
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "epoch": s.epoch,
+                    "epoch_ms": s.epoch_ms,
+                    "created_ms": s.created_ms,
+                    "kind": s.kind,
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    if listing.snapshots.is_empty() {
+        eprintln!(
+            "volume {volume} has no snapshots yet: `ublk-mirror snapshot N` takes one (N: the device mirrored to it); a restore without --at restores the mirror as it is now"
+        );
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<28} {:>7} {:<24} {:<10}",
+        "SNAPSHOT", "EPOCH", "SHOWS", "KIND"
+    )?;
+    for s in &listing.snapshots {
+        writeln!(
+            out,
+            "{:<28} {:>7} {:<24} {:<10}",
+            s.name,
+            s.epoch,
+            ublk_mirror_common::when::show(s.epoch_ms, utc),
+            s.kind
+        )?;
+    }
     Ok(())
 }
 

@@ -144,6 +144,16 @@ pub fn take_snapshot(
     with_link(client_dir, async |link| link.snapshot(volume, name).await)
 }
 
+/// The snapshots of `volume` on the server this machine is enrolled with
+/// (`client_dir`), oldest point in time first, and the server's note if
+/// the list may lack some.
+pub fn list_snapshots(
+    client_dir: &Path,
+    volume: &str,
+) -> Result<ublk_mirror_common::client::SnapshotListing> {
+    with_link(client_dir, async |link| link.list_snapshots(volume).await)
+}
+
 /// Run `ask` over a link to the server this machine is enrolled with
 /// (`client_dir`), on a runtime of its own; the link is closed after.
 fn with_link<T>(

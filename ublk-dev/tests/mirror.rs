@@ -823,3 +823,86 @@ fn a_sync_waiting_on_a_refusing_server_retries_at_most_once_a_second() {
     assert!(why.contains("max_bytes_per_client"), "{why}");
     assert_eq!(device.tracker.released_epoch(), 0);
 }
+
+/// `ublk-mirror snapshots` on the laptop lists the volume's snapshots as
+/// the server keeps them, and a time it shows, pasted into `restore --at`,
+/// restores that snapshot; a volume the client does not have is refused
+/// with the ones it has.
+#[test]
+fn the_laptop_lists_its_snapshots_and_restores_one_by_the_time_shown() {
+    let m = mirrored(&[(1, Some("first")), (2, Some("second")), (3, None)]);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+            .env("TZ", "Europe/Berlin")
+            .args(args)
+            .arg("--client-dir")
+            .arg(&m.client_dir)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["snapshots", "--volume", "root"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    assert_eq!(rows[0], ["SNAPSHOT", "EPOCH", "SHOWS", "KIND"], "{text}");
+    // NAME EPOCH DATE TIME ZONE KIND
+    assert!(
+        rows[1..].iter().all(|r| r.len() == 6 && r[5] == "manual"),
+        "{text}"
+    );
+    assert_eq!((rows[1][0], rows[2][0]), ("first", "second"), "{text}");
+    assert!(rows[2][4] == "CET" || rows[2][4] == "CEST", "{text}");
+
+    let out = cli(&["snapshots", "--volume", "root", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let epochs: Vec<(String, u64)> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["epoch"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(epochs.len(), 2, "{json}");
+    assert!(epochs[0].1 < epochs[1].1, "{json}");
+    assert_eq!(rows[2][1], epochs[1].1.to_string(), "{text}");
+
+    // The newest snapshot's time, as shown, restores it.
+    let shown = rows[2][2..5].join(" ");
+    let to = m.dir.path().join("second.img");
+    let out = cli(&[
+        "restore",
+        "--volume",
+        "root",
+        "--at",
+        &shown,
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{shown}: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("second"),
+        "{out:?}"
+    );
+    assert!(std::fs::read(&to).unwrap() == m.versions[1]);
+
+    // Not this client's volume: refused (exit 6), naming the ones it has;
+    // a name no volume may have is bad usage (exit 2), asked of no one.
+    let out = cli(&["snapshots", "--volume", "nope"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no volume nope") && err.contains("root"),
+        "{err}"
+    );
+    let out = cli(&["snapshots", "--volume", "a/b"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

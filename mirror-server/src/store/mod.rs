@@ -1458,12 +1458,8 @@ impl Volume {
             return Ok(None);
         };
         let mut best: Option<(VersionRecord, SnapshotInfo)> = None;
-        for (name, seq) in store.pins(volume)? {
-            if self.snapshots().get(&name).is_some() {
-                continue;
-            }
-            let record = store.version(volume, seq)?;
-            let info = stored_info(&name, &record);
+        let here = |name: &str| self.snapshots().get(name).is_some();
+        for (info, record) in stored_snapshots(store, volume, here)? {
             if info.epoch_ms <= ms
                 && best
                     .as_ref()
@@ -1474,6 +1470,25 @@ impl Volume {
         }
         best.map(|(record, info)| Ok((store.reader(&record)?, info)))
             .transpose()
+    }
+
+    /// Every snapshot a restore of the volume may name, in the order
+    /// `mirror-server snapshots` shows them (oldest point in time first):
+    /// this server's own and those only the chunk store keeps. With the
+    /// store out of reach, this server's own and why the list may lack
+    /// some.
+    pub fn listing(&self) -> (Vec<SnapshotInfo>, Option<Error>) {
+        let mut list = self.snapshots().list().to_vec();
+        let mut incomplete = None;
+        if let Some((store, volume)) = &self.chunks {
+            let here = |name: &str| self.snapshots().get(name).is_some();
+            match stored_snapshots(store, volume, here) {
+                Ok(stored) => list.extend(stored.into_iter().map(|(info, _)| info)),
+                Err(e) => incomplete = Some(e),
+            }
+        }
+        list.sort_by_key(|s| (s.epoch_ms, s.created_ms));
+        (list, incomplete)
     }
 
     /// The chunk store version the image holds, if attached.
@@ -1906,6 +1921,25 @@ impl Volume {
         prefix.update(&block[if differed { 0 } else { shared }..]);
         Ok((block, prefix.finalize().into(), differed))
     }
+}
+
+/// The snapshots only the chunk store keeps of `volume` (a pin whose name
+/// `here` does not know: taken on another server on the store, or before
+/// this server's cache was rebuilt), as listed, with their versions.
+pub fn stored_snapshots(
+    store: &ChunkStore,
+    volume: &str,
+    here: impl Fn(&str) -> bool,
+) -> Result<Vec<(SnapshotInfo, VersionRecord)>> {
+    let mut stored = Vec::new();
+    for (name, seq) in store.pins(volume)? {
+        if here(&name) {
+            continue;
+        }
+        let record = store.version(volume, seq)?;
+        stored.push((stored_info(&name, &record), record));
+    }
+    Ok(stored)
 }
 
 /// A snapshot only the chunk store keeps, as listed: pin `name` of
