@@ -666,8 +666,9 @@ impl Link {
     pub async fn list_snapshots(&self, volume: &str) -> Result<SnapshotListing> {
         let (mut send, mut recv, version) = open_stream(&self.conn).await?;
         if version < Version::V6 {
-            return Err(Error::Refused(format!(
-                "it speaks protocol {version:?}, and listing snapshots needs {:?}: upgrade mirror-server there (its own `mirror-server snapshots CLIENT/{volume}` lists them meanwhile)",
+            let _ = send.finish();
+            return Err(Error::TooOld(format!(
+                "the mirror server speaks protocol {version:?}, and listing snapshots needs {:?}: upgrade mirror-server there (its own `mirror-server snapshots CLIENT/{volume}` lists them meanwhile)",
                 Version::V6
             )));
         }

@@ -31,6 +31,9 @@ pub enum Error {
     /// The peer refused the request.
     #[error("the server refused: {0}")]
     Refused(String),
+    /// The server is too old for the request (it was not asked).
+    #[error("{0}")]
+    TooOld(String),
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -84,7 +87,7 @@ impl Error {
             Error::Identity(_) | Error::Tls(_) | Error::Io { .. } => ErrorKind::Local,
             Error::Link(_) => ErrorKind::Link,
             Error::Proto(_) | Error::Peer(_) => ErrorKind::Peer,
-            Error::Refused(_) => ErrorKind::Refused,
+            Error::Refused(_) | Error::TooOld(_) => ErrorKind::Refused,
         }
     }
 

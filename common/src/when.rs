@@ -39,6 +39,12 @@ fn invalid(input: &str, reason: impl std::fmt::Display) -> Error {
 /// name), an error when it is but is not a valid one.
 pub fn parse_at(text: &str, now: &Zoned) -> Result<Option<Timestamp>, Error> {
     let t = text.trim();
+    if t.is_empty() {
+        return Err(invalid(
+            text,
+            "it is empty: give a snapshot's name or a time",
+        ));
+    }
     let lower = t.to_ascii_lowercase();
     let tz = now.time_zone();
     let at_local = |dt: DateTime| {
@@ -315,6 +321,11 @@ mod tests {
         assert!(e.contains("`today 18:00` or `yesterday 18:00`"), "{e}");
         let e = at("last tuesday").unwrap_err().to_string();
         assert!(e.contains("a snapshot's name has no colon or space"), "{e}");
+        // Nothing at all (an empty variable pasted) is neither.
+        for empty in ["", "  "] {
+            let e = at(empty).unwrap_err().to_string();
+            assert!(e.contains("it is empty"), "{e}");
+        }
     }
 
     #[test]

@@ -1051,7 +1051,12 @@ fn list_snapshots(
     if let Ok(store) = ServerConfig::load(cfg).and_then(|c| c.chunk_store(data)) {
         let here = |name: &str| list.iter().any(|(s, _)| s.name == name);
         match mirror_server::store::stored_snapshots(&store, volume, here) {
-            Ok(stored) => list.extend(stored.into_iter().map(|(info, _)| (info, 0))),
+            Ok(stored) => {
+                for (name, e) in stored.unreadable {
+                    eprintln!("mirror-server: snapshot {name}, kept only in the chunk store, is not listed: {e}");
+                }
+                list.extend(stored.found.into_iter().map(|(info, _)| (info, 0)));
+            }
             Err(e) => {
                 eprintln!("mirror-server: snapshots only the chunk store keeps are not listed: {e}")
             }

@@ -677,18 +677,17 @@ async fn list_snapshots(
         Ok(v) => v,
         Err(e) => return refuse(send, e.to_string()).await,
     };
-    // The store is read under the lock, as a restore's `at` is resolved:
-    // the same snapshots, by the same rules.
-    let (list, incomplete) = {
-        let v = v.lock().await;
-        tokio::task::block_in_place(|| v.listing())
-    };
-    let incomplete = incomplete.map(|e| {
-        tracing::warn!(client, volume, "listing snapshots: the chunk store: {e}");
-        let note = format!(
-            "snapshots only the chunk store keeps (taken on another server) are not listed: {e}"
-        );
-        note.chars().take(proto::MAX_NOTE / 4).collect::<String>()
+    // The chunk store is read without the volume's lock (epochs wait for
+    // it), by the rules a restore's `at` is resolved by.
+    let listing = v.lock().await.listing();
+    let (list, problems) = tokio::task::block_in_place(|| listing.finish());
+    for e in &problems {
+        tracing::warn!(client, volume, "listing snapshots: {e}");
+    }
+    // What the store said stays in this log: its paths are not the
+    // client's business.
+    let incomplete = (!problems.is_empty()).then(|| {
+        "the server could not read its chunk store: snapshots only it keeps (taken on another server) may be missing from this list (the server's log says why)".to_string()
     });
     let listed: Vec<ListedSnapshot> = list
         .into_iter()

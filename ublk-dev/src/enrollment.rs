@@ -45,14 +45,15 @@ impl Enrollment {
     /// Read the enrollment in `dir`.
     pub fn load(dir: &Path) -> Result<Enrollment> {
         let path = dir.join(SERVER_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            Error::io(
+        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotEnrolled(path.clone()),
+            _ => Error::io(
                 format!(
                     "reading {} (enroll first: `ublk-mirror enroll TOKEN`)",
                     path.display()
                 ),
                 e,
-            )
+            ),
         })?;
         let e: Enrollment = serde_json::from_str(&text).map_err(|e| Error::ConfigFile {
             path: path.clone(),

@@ -12,6 +12,11 @@ pub enum Error {
     #[error("{0}")]
     InvalidConfig(String),
 
+    /// This machine is not enrolled with a mirror server (no enrollment in
+    /// the client directory).
+    #[error("this machine is not enrolled with a mirror server ({0} does not exist): run `ublk-mirror enroll TOKEN` with the line `mirror-server client add NAME` printed (or give --client-dir where it was enrolled)")]
+    NotEnrolled(PathBuf),
+
     /// The device config file could not be read or parsed.
     #[error("config file {path}: {reason}")]
     ConfigFile {
@@ -172,7 +177,8 @@ impl Error {
             | Error::NoDriver { .. }
             | Error::NotRoot(_)
             | Error::JournalCorrupt { .. }
-            | Error::BackingInUse { .. } => ErrorKind::Environment,
+            | Error::BackingInUse { .. }
+            | Error::NotEnrolled(_) => ErrorKind::Environment,
             Error::Mirror(e) => match e.kind() {
                 MirrorKind::Link => ErrorKind::Link,
                 MirrorKind::Refused => ErrorKind::Refused,

@@ -178,7 +178,9 @@ enum Command {
     },
 
     /// List a volume's snapshots on the mirror: the versions `restore --at`
-    /// and `attach --at` take, by name or by a time shown here.
+    /// and `attach --at` take, by name or by a time shown here (a time
+    /// picks the newest snapshot at or before that second: of two taken
+    /// in the same second, give the older one's name).
     ///
     /// SHOWS is when the snapshot's epoch reached the mirror (the point in
     /// time it holds), in this machine's time zone; KIND says how the
@@ -807,7 +809,8 @@ fn list_snapshots(volume: &str, utc: bool, json: bool, client_dir: &Path) -> any
         .map_err(|e| Error::InvalidConfig(e.to_string()))?;
     let listing = ublk_dev::replicator::list_snapshots(client_dir, volume)?;
     if let Some(note) = &listing.incomplete {
-        tracing::warn!("the server says: {note}");
+        // Said whatever the log's settings, also beside --json.
+        eprintln!("ublk-mirror: warning: {note}");
     }
     let mut out = std::io::stdout().lock();
     if json {
@@ -836,13 +839,13 @@ fn list_snapshots(volume: &str, utc: bool, json: bool, client_dir: &Path) -> any
     }
     writeln!(
         out,
-        "{:<28} {:>7} {:<24} {:<10}",
-        "SNAPSHOT", "EPOCH", "SHOWS", "KIND"
+        "{:<28} {:>7} {:<24} KIND",
+        "SNAPSHOT", "EPOCH", "SHOWS"
     )?;
     for s in &listing.snapshots {
         writeln!(
             out,
-            "{:<28} {:>7} {:<24} {:<10}",
+            "{:<28} {:>7} {:<24} {}",
             s.name,
             s.epoch,
             ublk_mirror_common::when::show(s.epoch_ms, utc),

@@ -116,6 +116,37 @@ fn out_of_range_values_are_refused_before_touching_anything() {
     }
 }
 
+/// Asking the mirror before this machine is enrolled says how to enroll
+/// (exit 3: the environment), and makes nothing.
+#[test]
+fn a_machine_not_enrolled_is_told_how_to_enroll() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = dir.path().join("client");
+    let to = dir.path().join("r.img");
+    let (client_s, to_s) = (client.to_str().unwrap(), to.to_str().unwrap());
+    for args in [
+        &["snapshots", "--volume", "root", "--client-dir", client_s][..],
+        &[
+            "restore",
+            "--volume",
+            "root",
+            "--to",
+            to_s,
+            "--client-dir",
+            client_s,
+        ],
+    ] {
+        let o = ublk_mirror(args);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("not enrolled") && stderr(&o).contains("ublk-mirror enroll TOKEN"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert!(!client.exists() && !to.exists());
+}
+
 #[test]
 fn a_missing_backing_file_needs_a_size() {
     let dir = tempfile::tempdir().unwrap();

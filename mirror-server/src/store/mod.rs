@@ -1459,7 +1459,13 @@ impl Volume {
         };
         let mut best: Option<(VersionRecord, SnapshotInfo)> = None;
         let here = |name: &str| self.snapshots().get(name).is_some();
-        for (info, record) in stored_snapshots(store, volume, here)? {
+        let stored = stored_snapshots(store, volume, here)?;
+        // A pin that cannot be read may be the one asked for: no answer
+        // rather than an older snapshot's.
+        if let Some((_, e)) = stored.unreadable.into_iter().next() {
+            return Err(e);
+        }
+        for (info, record) in stored.found {
             if info.epoch_ms <= ms
                 && best
                     .as_ref()
@@ -1472,23 +1478,15 @@ impl Volume {
             .transpose()
     }
 
-    /// Every snapshot a restore of the volume may name, in the order
-    /// `mirror-server snapshots` shows them (oldest point in time first):
-    /// this server's own and those only the chunk store keeps. With the
-    /// store out of reach, this server's own and why the list may lack
-    /// some.
-    pub fn listing(&self) -> (Vec<SnapshotInfo>, Option<Error>) {
-        let mut list = self.snapshots().list().to_vec();
-        let mut incomplete = None;
-        if let Some((store, volume)) = &self.chunks {
-            let here = |name: &str| self.snapshots().get(name).is_some();
-            match stored_snapshots(store, volume, here) {
-                Ok(stored) => list.extend(stored.into_iter().map(|(info, _)| info)),
-                Err(e) => incomplete = Some(e),
-            }
+    /// Where a listing of the volume's snapshots starts, taken under the
+    /// volume's lock: this server's own, and the chunk store to look in
+    /// for the rest ([`Listing::finish`], without the lock: on an object
+    /// store that is a request per snapshot, and epochs wait for the lock).
+    pub fn listing(&self) -> Listing {
+        Listing {
+            own: self.snapshots().list().to_vec(),
+            store: self.chunks.clone(),
         }
-        list.sort_by_key(|s| (s.epoch_ms, s.created_ms));
-        (list, incomplete)
     }
 
     /// The chunk store version the image holds, if attached.
@@ -1923,21 +1921,71 @@ impl Volume {
     }
 }
 
+/// A volume's snapshots being listed ([`Volume::listing`]).
+#[derive(Debug)]
+pub struct Listing {
+    own: Vec<SnapshotInfo>,
+    store: Option<(Arc<ChunkStore>, String)>,
+}
+
+impl Listing {
+    /// Every snapshot a restore of the volume may name, in the order
+    /// `mirror-server snapshots` shows them (oldest point in time first):
+    /// this server's own and those only the chunk store keeps; and what
+    /// of the store could not be read (its snapshots are missing here).
+    pub fn finish(self) -> (Vec<SnapshotInfo>, Vec<Error>) {
+        let Listing { mut own, store } = self;
+        let mut problems = Vec::new();
+        if let Some((store, volume)) = store {
+            let names: BTreeSet<String> = own.iter().map(|s| s.name.clone()).collect();
+            match stored_snapshots(&store, &volume, |n| names.contains(n)) {
+                Ok(stored) => {
+                    own.extend(stored.found.into_iter().map(|(info, _)| info));
+                    problems.extend(stored.unreadable.into_iter().map(|(_, e)| e));
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        own.sort_by_key(|s| (s.epoch_ms, s.created_ms));
+        (own, problems)
+    }
+}
+
+/// The snapshots only the chunk store keeps of a volume
+/// ([`stored_snapshots`]).
+#[derive(Debug, Default)]
+pub struct StoredSnapshots {
+    /// As listed, with their versions.
+    pub found: Vec<(SnapshotInfo, VersionRecord)>,
+    /// Pins that could not be read, or whose version could not: their
+    /// names, and why.
+    pub unreadable: Vec<(String, Error)>,
+}
+
 /// The snapshots only the chunk store keeps of `volume` (a pin whose name
 /// `here` does not know: taken on another server on the store, or before
-/// this server's cache was rebuilt), as listed, with their versions.
+/// this server's cache was rebuilt). Only those pins are read; one gone
+/// since the store was listed (another server's retention) is passed
+/// over, one that cannot be read is said apart from the rest. Fails only
+/// if the store cannot be listed.
 pub fn stored_snapshots(
     store: &ChunkStore,
     volume: &str,
     here: impl Fn(&str) -> bool,
-) -> Result<Vec<(SnapshotInfo, VersionRecord)>> {
-    let mut stored = Vec::new();
-    for (name, seq) in store.pins(volume)? {
+) -> Result<StoredSnapshots> {
+    let mut stored = StoredSnapshots::default();
+    for name in store.pin_names(volume)? {
         if here(&name) {
             continue;
         }
-        let record = store.version(volume, seq)?;
-        stored.push((stored_info(&name, &record), record));
+        let read = store
+            .pin_record(volume, &name)
+            .and_then(|pin| pin.map(|p| store.version(volume, p.seq)).transpose());
+        match read {
+            Ok(Some(record)) => stored.found.push((stored_info(&name, &record), record)),
+            Ok(None) => {}
+            Err(e) => stored.unreadable.push((name, e)),
+        }
     }
     Ok(stored)
 }
