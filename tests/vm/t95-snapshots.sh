@@ -37,6 +37,19 @@ umount "$MNT"
 
 "$UBLK_MIRROR" restore --volume root --at before-edits --to "$WORK/then.img" --client-dir "$WORK/client" \
   || fail "restore of the snapshot failed"
+# The laptop lists it too, and a time it shows (pasted with its zone)
+# restores what the name did (a scheduled snapshot of the same epoch,
+# taken in the same second, may be the one picked: the same bytes).
+"$UBLK_MIRROR" snapshots --volume root --client-dir "$WORK/client" || fail "the laptop cannot list snapshots"
+"$UBLK_MIRROR" snapshots --volume root --client-dir "$WORK/client" --json \
+  | jq -e '.[0].name == "before-edits" and .[0].kind == "manual"' >/dev/null \
+  || fail "the laptop's list lacks the snapshot"
+SHOWN=$("$UBLK_MIRROR" snapshots --volume root --client-dir "$WORK/client" | awk '$1 == "before-edits" { print $3" "$4" "$5 }')
+"$UBLK_MIRROR" restore --volume root --at "$SHOWN" --to "$WORK/shown.img" --client-dir "$WORK/client" \
+  || fail "restore --at '$SHOWN' (as listed) failed"
+cmp "$WORK/shown.img" "$WORK/then.img" || fail "restore --at '$SHOWN' (as listed) is not before-edits"
+rm -f "$WORK/shown.img"
+log "the laptop lists before-edits; its time, as shown, restores it"
 e2fsck -fn "$WORK/then.img" || fail "the restored snapshot does not pass e2fsck"
 mkdir -p "$WORK/then"
 mount -o ro,loop "$WORK/then.img" "$WORK/then"
