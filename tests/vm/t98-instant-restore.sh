@@ -4,7 +4,8 @@
 # once and its files read right while the background fill runs; files are
 # written; the daemon is killed with SIGKILL mid-fill and recovered; the
 # fill goes on from its crash-safe state; at the end every old and new
-# file is right, e2fsck is clean, and the fill state is gone. With
+# file is right, e2fsck is clean, and the fill state is gone. A restore
+# stopped mid-fill starts again where the mirror cannot be reached. With
 # --mirror the restored device took the volume over: once filled it
 # mirrors, the mirror ends equal to it, and the lost laptop's device is
 # refused.
@@ -97,13 +98,35 @@ cmp "$WORK/mirror.img" "$TARGET" || fail "the mirror is not the restored device"
 truncate -s 320M "$WORK/big.img"
 printf 'tail' | dd of="$WORK/big.img" bs=1 seek=$((300 * 1024 * 1024)) conv=notrunc status=none
 LOOP=$(losetup -f --show "$WORK/big.img")
-"$UBLK_MIRROR" restore --instant --volume root --at base --to "$LOOP" \
+"$UBLK_MIRROR" restore --instant --volume root --at base --to "$LOOP" --fill-rate 8M \
   --client-dir "$WORK/client" --state-dir "$WORK/state" > "$WORK/r4.out" 2> "$WORK/r4.log" &
 RPID=$!
 BDEV=$(wait_line "$WORK/r4.out")
 [ -b "$BDEV" ] || { cat "$WORK/r4.log" >&2; losetup -d "$LOOP"; fail "restore --instant onto a bigger disk printed no device: '$BDEV'"; }
 [ "$(blockdev --getsize64 "$BDEV")" = $((256 * 1024 * 1024)) ] || fail "the device is not the volume's size"
 BID=${BDEV#/dev/ublkb}
+# Shut down mid-fill, then started again where the mirror cannot be
+# reached (a reboot away from the network): what is here is served at
+# once, and the fill goes on once the mirror is back.
+for _ in $(seq 600); do [ "$(fill_status "$BID" remaining_bytes)" -lt $((255 * 1024 * 1024)) ] && break; sleep 0.2; done
+kill -TERM "$RPID"; wait "$RPID" || { cat "$WORK/r4.log" >&2; fail "the restore daemon did not stop cleanly mid-fill"; }
+for _ in $(seq 50); do [ -e "$BDEV" ] || break; sleep 0.1; done
+stop_mirror_server
+"$UBLK_MIRROR" restore --instant --volume root --at base --to "$LOOP" \
+  --client-dir "$WORK/client" --state-dir "$WORK/state" > "$WORK/r5.out" 2> "$WORK/r5.log" &
+RPID=$!
+BDEV=$(wait_line "$WORK/r5.out")
+[ -b "$BDEV" ] || { cat "$WORK/r5.log" >&2; losetup -d "$LOOP"; fail "the restore under way did not start again without the mirror: '$BDEV'"; }
+BID=${BDEV#/dev/ublkb}
+[ "$(fresh_status "$BID" .status.attach.link_up)" = false ] || { "$UBLK_MIRROR" status; fail "the link is said to be up with no mirror"; }
+# The first block was filled before the stop (O_DIRECT: no read-ahead
+# into blocks that would wait for the mirror).
+dd if="$BDEV" of="$WORK/first" bs=64k count=1 iflag=direct status=none || fail "reading what is here failed"
+cmp -n 65536 "$WORK/first" "$WORK/base.img" || fail "what was here is not served right without the mirror"
+"$MS" --data "$DATA" serve > "$WORK/server3.out" 2> "$WORK/server3.log" &
+SPID=$!
+for _ in $(seq 100); do grep -q "listening on" "$WORK/server3.out" && break; sleep 0.1; done
+log "a restore under way started again without the mirror, served what was here, and went on once it was back"
 for _ in $(seq 600); do [ "$(fill_status "$BID" filled)" = true ] && break; sleep 1; done
 [ "$(fill_status "$BID" filled)" = true ] || { "$UBLK_MIRROR" status; fail "the fill onto the bigger disk did not finish"; }
 kill -TERM "$RPID"; wait "$RPID" || { cat "$WORK/r4.log" >&2; fail "the restore daemon did not stop cleanly"; }

@@ -78,6 +78,11 @@
 //! u32 LE crc32c of all the bytes before
 //! ```
 //!
+//! Resumed, it names the version: a restore under way starts again (after
+//! a reboot, or `recover`) even where the mirror cannot be reached, with
+//! what is local, and reads of other blocks wait for the mirror, whose
+//! version is checked (epoch and size) when it is reached.
+//!
 //! It is replaced whole (temporary file, fsync, rename, fsync of the
 //! directory), so it is always one complete version. Its crash argument:
 //! a bit is set in a written state only if the block's content is the
@@ -1345,7 +1350,7 @@ impl Fetcher {
             .build()
             .map_err(|e| Error::io("starting the network runtime", e))?;
         let server = enrollment.server()?;
-        let (link, read) = rt.block_on(async {
+        let connected = rt.block_on(async {
             let link = Link::connect(&identity, server, &enrollment.address)
                 .await
                 .map_err(mirror_err)?;
@@ -1396,8 +1401,47 @@ impl Fetcher {
                 .await
                 .map_err(mirror_err)?;
             Ok::<_, Error>((link, read))
-        })?;
-        let info = read.info().clone();
+        });
+        let (session, info) = match connected {
+            Ok((link, read)) => {
+                let info = read.info().clone();
+                let session = Session {
+                    link,
+                    read: Some((read, Instant::now())),
+                };
+                (Some(session), info)
+            }
+            // A restore under way goes on with what is here when the
+            // mirror cannot be reached (a reboot away from the network):
+            // its fill state names the version; the fetcher connects when
+            // it can and checks the version is still that one.
+            Err(e) if e.kind() == crate::error::ErrorKind::Link => {
+                let Some((h, _)) = &resumed else {
+                    return Err(e);
+                };
+                if opts.at.as_ref().is_some_and(|a| *a != h.snapshot) {
+                    return Err(Error::Mirror(ublk_mirror_common::Error::Link(format!(
+                        "{e}; to go on with the restore of {}@{} without the mirror, run it without --at (or with --at {})",
+                        h.volume, h.snapshot, h.snapshot
+                    ))));
+                }
+                tracing::warn!(
+                    "the mirror cannot be reached ({e}): serving what is here of {}@{}; reads of blocks not here wait for it",
+                    h.volume,
+                    h.snapshot
+                );
+                let info = RestoreInfo {
+                    size: h.size,
+                    snapshot: h.snapshot.clone(),
+                    epoch: h.epoch,
+                    // Not in the fill state: unknown until the mirror is
+                    // back (`status` shows 0).
+                    epoch_ms: 0,
+                };
+                (None, info)
+            }
+            Err(e) => return Err(e),
+        };
         if let Some((h, _)) = &resumed {
             if h.epoch != info.epoch || h.size != info.size {
                 return Err(Error::InvalidConfig(format!(
@@ -1462,16 +1506,16 @@ impl Fetcher {
         let shared = Arc::new(OnDemand::new(opts, info, file, fresh, bitmap));
         // The version is recorded before anything is written to the target.
         shared.persist()?;
-        shared.counters.link_up.store(true, Ordering::Relaxed);
+        shared
+            .counters
+            .link_up
+            .store(session.is_some(), Ordering::Relaxed);
         Ok(Fetcher {
             shared,
             rt,
             identity,
             enrollment,
-            session: Some(Session {
-                link,
-                read: Some((read, Instant::now())),
-            }),
+            session,
         })
     }
 

@@ -421,6 +421,68 @@ fn an_instant_restore_is_the_version_plus_the_writes_across_a_daemon_kill_and_a_
     drop(server);
 }
 
+/// An instant restore under way starts again without the mirror (a
+/// reboot away from the network): what is local is served at once, a read
+/// of a block not here waits for the mirror, and once it is back the fill
+/// ends as the version. Asked for by a time, which only the mirror can
+/// say is the same snapshot, it is refused with what to do.
+#[test]
+fn an_instant_restore_under_way_starts_again_without_the_mirror() {
+    let Mirrored {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+        mut versions,
+    } = mirrored(&[(4, Some("v"))]);
+    let version = versions.remove(0);
+    let target = dir.path().join("restored.img");
+    let state = dir.path().join("restored.fill");
+    let (od, fetching) = instant(&client_dir, &target, &state);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while od.status().remaining_bytes > SIZE - (2 << 20) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", od.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    od.stop();
+    fetching.join().unwrap();
+    drop(server);
+
+    let Err(err) = instant_at(&client_dir, &target, &state, "2026-12-01T00:00:00Z") else {
+        panic!("a time was taken for the snapshot without the mirror");
+    };
+    assert_eq!(err.kind(), ublk_dev::ErrorKind::Link, "{err}");
+    assert!(err.to_string().contains("without --at"), "{err}");
+
+    let (od, fetching) = instant(&client_dir, &target, &state);
+    let s = od.status();
+    assert!(!s.link_up, "{s:?}");
+    assert!(s.remaining_bytes < SIZE, "nothing resumed: {s:?}");
+    // The fill walks from the start: the first block is here.
+    let mut buf = vec![0u8; 4096];
+    od.read_blocking(&mut buf, 0).unwrap();
+    assert!(buf == version[..4096]);
+    // The last is not: its read waits for the mirror.
+    let waiting = {
+        let od = od.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            od.read_blocking(&mut buf, SIZE - 4096).map(|()| buf)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!waiting.is_finished(), "a block not here was served");
+    let _server = TestServer::start(&data, &listen);
+    let last = waiting.join().unwrap().unwrap();
+    assert!(last == version[SIZE as usize - 4096..]);
+    wait_filled(&od);
+    assert!(od.status().link_up);
+    assert!(std::fs::read(&target).unwrap() == version);
+    od.stop();
+    fetching.join().unwrap();
+}
+
 /// A restore that starts over (its target and fill state removed) takes
 /// nothing from the live fill state an earlier one left when its daemon
 /// was killed: recovered, it is the version, whole.
