@@ -1214,17 +1214,38 @@ fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
         .validate()?;
         spec.tracking = mirrored.tracking;
         spec.mirror = mirrored.mirror;
-        let epoch = ublk_dev::replicator::take_over(
-            &args.client_dir,
-            &args.volume,
-            info.size,
-            &spec.tracking.state_dir,
-        )?;
-        tracing::info!(
-            volume = %args.volume,
-            epoch,
-            "this device is the volume's writer; it mirrors once every block is here"
-        );
+        // Started again where the mirror cannot be reached (the fetcher
+        // found so): no second wait for it. Either way, the take-over is
+        // marked to do until the server took it, and the replicator does
+        // it before this device mirrors.
+        let taken = if fetcher.shared().status().link_up {
+            ublk_dev::replicator::take_over(
+                &args.client_dir,
+                &args.volume,
+                info.size,
+                &spec.tracking.state_dir,
+            )
+            .map(Some)
+        } else {
+            ublk_dev::replicator::take_over_later(&spec.tracking.state_dir).map(|_| None)
+        };
+        let later = "this device takes it over when it can, before it mirrors";
+        match taken {
+            Ok(Some(epoch)) => tracing::info!(
+                volume = %args.volume,
+                epoch,
+                "this device is the volume's writer; it mirrors once every block is here"
+            ),
+            Ok(None) => tracing::warn!(
+                volume = %args.volume,
+                "the mirror cannot be reached to take the volume over: {later}"
+            ),
+            Err(e) if e.kind() == ublk_dev::ErrorKind::Link => tracing::warn!(
+                volume = %args.volume,
+                "the mirror cannot be reached to take the volume over ({e}): {later}"
+            ),
+            Err(e) => return Err(e.into()),
+        }
     }
     serve_on_demand(OnDemandRun {
         spec,

@@ -113,7 +113,9 @@
 //!
 //! **Mirroring on** (`restore --instant --mirror`). The device takes the
 //! volume over first ([`crate::replicator::take_over`]: it becomes the
-//! writer; the volume's versions stay) and tracks its writes from the
+//! writer; the volume's versions stay; started again where the mirror
+//! cannot be reached, a marker says the take-over is still to do, and the
+//! replicator does it before anything ships) and tracks its writes from the
 //! start, like any mirrored device; its replicator is held until the fill
 //! is done ([`crate::replicator::Hold`], [`OnDemand::filled`]). The fill
 //! writes the target behind the tracking's back, so the device's first

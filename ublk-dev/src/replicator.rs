@@ -189,9 +189,28 @@ fn with_link<T>(
 /// volume by hash (what travels is only what differs). Returns the
 /// server epoch that holds the change; a device that is the writer
 /// already changes nothing on the server.
+///
+/// Asked for, it is done: until the server took the change, a marker in
+/// `state_dir` says it is still to do, and the device's replicator does
+/// it before anything else (so a restore that starts again where the
+/// mirror cannot be reached goes on, and takes the volume over when it
+/// can, before it mirrors).
 pub fn take_over(client_dir: &Path, volume: &str, size: u64, state_dir: &Path) -> Result<u64> {
     // Enrolled, before anything changes here.
     Enrollment::load(client_dir)?;
+    let device = take_over_later(state_dir)?;
+    let epoch = with_link(client_dir, async |link| {
+        let info = link.open_volume(volume, size).await?;
+        link.take_over(volume, info.writer, device).await
+    })?;
+    fsutil::remove_durably(&state_dir.join(TAKE_OVER))
+        .map_err(|e| Error::io("removing the take-over marker", e))?;
+    Ok(epoch)
+}
+
+/// [`take_over`] without the server (known to be out of reach): what it
+/// does here, the take-over marked to do; the device's id.
+pub fn take_over_later(state_dir: &Path) -> Result<[u8; 16]> {
     std::fs::create_dir_all(state_dir)
         .map_err(|e| Error::io(format!("making {}", state_dir.display()), e))?;
     let device = device_id(state_dir)?;
@@ -199,12 +218,15 @@ pub fn take_over(client_dir: &Path, volume: &str, size: u64, state_dir: &Path) -
     // it (`add --backing TARGET` too): its unfilled blocks are not the
     // disk yet.
     write_durably(&state_dir.join(RESTORING), b"")?;
+    write_durably(&state_dir.join(TAKE_OVER), b"")?;
     Association::forget(state_dir)?;
-    with_link(client_dir, async |link| {
-        let info = link.open_volume(volume, size).await?;
-        link.take_over(volume, info.writer, device).await
-    })
+    Ok(device)
 }
+
+/// In a device's state directory while taking the volume over was asked
+/// for ([`take_over`]) and the server has not taken it yet: the
+/// replicator does it first.
+const TAKE_OVER: &str = "take-over";
 
 /// In a device's state directory while it is an instant restore that
 /// will mirror and is not yet filled ([`take_over`] makes it,
@@ -977,6 +999,30 @@ impl Context {
             .open_volume(&self.settings.volume, size)
             .await
             .map_err(Error::Mirror)?;
+        let take_over = self.tracker.state_dir().join(TAKE_OVER);
+        if take_over.exists() {
+            // Asked for where the mirror could not be reached: done
+            // before anything of this device ships.
+            let device = device_id(self.tracker.state_dir())?;
+            let epoch = link
+                .take_over(&self.settings.volume, info.writer, device)
+                .await
+                .map_err(Error::Mirror)?;
+            blocking("a replicator worker", move || {
+                fsutil::remove_durably(&take_over)
+                    .map_err(|e| Error::io("removing the take-over marker", e))
+            })
+            .await?;
+            tracing::info!(
+                volume = %self.settings.volume,
+                epoch,
+                "this device took the volume over (asked while the mirror could not be reached)"
+            );
+            info = link
+                .open_volume(&self.settings.volume, size)
+                .await
+                .map_err(Error::Mirror)?;
+        }
         *connected = true;
         self.associate(&info).await?;
         // A restore's first epoch (the whole device, compared) is open now.

@@ -677,6 +677,66 @@ fn an_instant_restore_that_mirrors_takes_the_volume_over_and_ships_only_what_dif
     drop(server);
 }
 
+/// Taking the volume over, asked for where the mirror cannot be reached
+/// (a restore with --mirror started again away from the network), is
+/// done by the device's replicator when it can, before anything of the
+/// device ships: the mirror ends as the restored device, and the old
+/// device is refused.
+#[test]
+fn a_take_over_asked_without_the_mirror_is_done_before_the_device_mirrors() {
+    let Mirrored {
+        dir,
+        data,
+        listen,
+        client_dir,
+        server,
+        versions,
+    } = mirrored(&[(4, Some("v"))]);
+    let old_device = ublk_dev::replicator::device_id(&dir.path().join("state")).unwrap();
+    let target = dir.path().join("restored.img");
+    let state = dir.path().join("restored.fill");
+    let tracking = target.with_extension("ublk-mirror");
+    let (od, fetching) = instant(&client_dir, &target, &state);
+    drop(server);
+    let err = ublk_dev::replicator::take_over(&client_dir, "root", SIZE, &tracking).unwrap_err();
+    assert_eq!(err.kind(), ublk_dev::ErrorKind::Link, "{err}");
+    assert!(
+        tracking.join("take-over").exists(),
+        "the take-over is not marked to do"
+    );
+
+    let _server = TestServer::start(&data, &listen);
+    let tracker = tracked_target(&target, ublk_dev::tracking::History::NewFile);
+    let filled = {
+        let od = od.clone();
+        std::sync::Arc::new(move || !od.filled()) as ublk_dev::replicator::Hold
+    };
+    let replicator = Replicator::start_held(
+        tracker.clone(),
+        settings(&client_dir, 3, None),
+        Some(filled),
+    )
+    .unwrap();
+    let mut expected = versions[0].clone();
+    let mut x = 41u64;
+    tracked_writes(&od, &tracker, &mut expected, 20, &mut x);
+    wait_filled(&od);
+    assert!(synced(&tracker, &replicator), "{:?}", replicator.status());
+    assert!(
+        !tracking.join("take-over").exists(),
+        "the take-over marker stayed"
+    );
+    assert!(
+        image(&data) == expected,
+        "the mirror is not the restored device"
+    );
+    let err = refused_epoch(&client_dir, old_device);
+    assert!(err.contains("another device"), "{err}");
+    drop(replicator);
+    od.stop();
+    fetching.join().unwrap();
+}
+
 /// What the server answers an epoch of `device` on volume "root".
 fn refused_epoch(client_dir: &Path, device: [u8; 16]) -> String {
     let enrollment = ublk_dev::enrollment::Enrollment::load(client_dir).unwrap();
