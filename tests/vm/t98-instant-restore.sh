@@ -129,7 +129,7 @@ for _ in $(seq 100); do grep -q "listening on" "$WORK/server3.out" && break; sle
 log "a restore under way started again without the mirror, served what was here, and went on once it was back"
 for _ in $(seq 600); do [ "$(fill_status "$BID" filled)" = true ] && break; sleep 1; done
 [ "$(fill_status "$BID" filled)" = true ] || { "$UBLK_MIRROR" status; fail "the fill onto the bigger disk did not finish"; }
-kill -TERM "$RPID"; wait "$RPID" || { cat "$WORK/r4.log" >&2; fail "the restore daemon did not stop cleanly"; }
+kill -TERM "$RPID"; wait "$RPID" || { cat "$WORK/r5.log" >&2; fail "the restore daemon did not stop cleanly"; }
 for _ in $(seq 50); do [ -e "$BDEV" ] || break; sleep 0.1; done
 cmp -n $((256 * 1024 * 1024)) "$LOOP" "$WORK/base.img" || { losetup -d "$LOOP"; fail "the bigger disk does not start with the version"; }
 [ "$(dd if="$LOOP" bs=1 skip=$((300 * 1024 * 1024)) count=4 status=none)" = tail ] \

@@ -233,7 +233,9 @@ enum Command {
     ///
     /// With --mirror as well, this device becomes the volume's writer (the
     /// device that wrote it before is refused from then on; the volume's
-    /// versions are kept) and, once every block is here, goes on mirroring
+    /// versions are kept; run again where the mirror cannot be reached
+    /// before that was done, it is done once the mirror is back, before the
+    /// device mirrors) and, once every block is here, goes on mirroring
     /// to it: its writes meanwhile are tracked, and its first epoch sends
     /// only the blocks that differ from the mirror.
     ///
@@ -1227,7 +1229,7 @@ fn instant_restore(args: InstantArgs) -> anyhow::Result<()> {
             )
             .map(Some)
         } else {
-            ublk_dev::replicator::take_over_later(&spec.tracking.state_dir).map(|_| None)
+            ublk_dev::replicator::take_over_later(&spec.tracking.state_dir, &args.volume)
         };
         let later = "this device takes it over when it can, before it mirrors";
         match taken {

@@ -1436,8 +1436,8 @@ impl Fetcher {
                     size: h.size,
                     snapshot: h.snapshot.clone(),
                     epoch: h.epoch,
-                    // Not in the fill state: unknown until the mirror is
-                    // back (`status` shows 0).
+                    // Not in the fill state: unknown to this daemon
+                    // (`status` shows 0).
                     epoch_ms: 0,
                 };
                 (None, info)

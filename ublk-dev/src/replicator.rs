@@ -191,42 +191,99 @@ fn with_link<T>(
 /// already changes nothing on the server.
 ///
 /// Asked for, it is done: until the server took the change, a marker in
-/// `state_dir` says it is still to do, and the device's replicator does
-/// it before anything else (so a restore that starts again where the
-/// mirror cannot be reached goes on, and takes the volume over when it
-/// can, before it mirrors).
+/// `state_dir` names the volume to take over, and the device's
+/// replicator does that first, before anything of the device ships (a
+/// restore started again where the mirror cannot be reached goes on, and
+/// takes the volume over once it is filled and the mirror is back). Once
+/// the server took it, a record says so until the fill is done: the same
+/// restore run again asks nothing more (the volume's writer since may be
+/// another restore's device, and stays so).
 pub fn take_over(client_dir: &Path, volume: &str, size: u64, state_dir: &Path) -> Result<u64> {
     // Enrolled, before anything changes here.
     Enrollment::load(client_dir)?;
-    let device = take_over_later(state_dir)?;
+    if let Some(epoch) = take_over_later(state_dir, volume)? {
+        return Ok(epoch);
+    }
+    let device = device_id(state_dir)?;
     let epoch = with_link(client_dir, async |link| {
         let info = link.open_volume(volume, size).await?;
         link.take_over(volume, info.writer, device).await
     })?;
+    let done = TakeOver {
+        volume: volume.to_string(),
+        epoch: Some(epoch),
+    };
+    write_durably(&state_dir.join(TAKEN_OVER), &done.encode())?;
     fsutil::remove_durably(&state_dir.join(TAKE_OVER))
         .map_err(|e| Error::io("removing the take-over marker", e))?;
     Ok(epoch)
 }
 
 /// [`take_over`] without the server (known to be out of reach): what it
-/// does here, the take-over marked to do; the device's id.
-pub fn take_over_later(state_dir: &Path) -> Result<[u8; 16]> {
+/// does here, and the take-over of `volume` marked to do (`None`), or the
+/// server epoch of the take-over done before (`Some`: nothing to do).
+pub fn take_over_later(state_dir: &Path, volume: &str) -> Result<Option<u64>> {
     std::fs::create_dir_all(state_dir)
         .map_err(|e| Error::io(format!("making {}", state_dir.display()), e))?;
-    let device = device_id(state_dir)?;
+    if let Some(done) = TakeOver::read(&state_dir.join(TAKEN_OVER))? {
+        if done.volume == volume {
+            return Ok(done.epoch);
+        }
+    }
+    device_id(state_dir)?;
     // Until the fill is done this device must not mirror, whoever runs
     // it (`add --backing TARGET` too): its unfilled blocks are not the
     // disk yet.
     write_durably(&state_dir.join(RESTORING), b"")?;
-    write_durably(&state_dir.join(TAKE_OVER), b"")?;
+    let asked = TakeOver {
+        volume: volume.to_string(),
+        epoch: None,
+    };
+    write_durably(&state_dir.join(TAKE_OVER), &asked.encode())?;
     Association::forget(state_dir)?;
-    Ok(device)
+    Ok(None)
 }
 
-/// In a device's state directory while taking the volume over was asked
+/// In a device's state directory while taking a volume over was asked
 /// for ([`take_over`]) and the server has not taken it yet: the
-/// replicator does it first.
+/// replicator does it first (only for the volume it names).
 const TAKE_OVER: &str = "take-over";
+
+/// In a device's state directory once the server took the volume over,
+/// until the restore is filled ([`restore_filled`]).
+const TAKEN_OVER: &str = "taken-over";
+
+/// What [`TAKE_OVER`] and [`TAKEN_OVER`] hold, as JSON (format 1):
+/// `{"volume":V}` to take over, `{"volume":V,"epoch":E}` taken over at
+/// server epoch `E`. Written whole and durably (temporary file, rename).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct TakeOver {
+    volume: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    epoch: Option<u64>,
+}
+
+impl TakeOver {
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The marker at `path`, if there is one.
+    fn read(path: &Path) -> Result<Option<TakeOver>> {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| Error::JournalCorrupt {
+                        path: path.to_path_buf(),
+                        reason: format!("not a take-over marker: {e}"),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+}
 
 /// In a device's state directory while it is an instant restore that
 /// will mirror and is not yet filled ([`take_over`] makes it,
@@ -237,7 +294,10 @@ const RESTORING: &str = "restoring";
 /// filled: it may mirror. Durable before it returns.
 pub fn restore_filled(state_dir: &Path) -> Result<()> {
     fsutil::remove_durably(&state_dir.join(RESTORING))
-        .map_err(|e| Error::io("removing the restore marker", e))
+        .map_err(|e| Error::io("removing the restore marker", e))?;
+    // A later restore onto the same disk takes the volume over anew.
+    fsutil::remove_durably(&state_dir.join(TAKEN_OVER))
+        .map_err(|e| Error::io("removing the take-over record", e))
 }
 
 /// The blocks of `candidates` whose content at `epoch` differs from the
@@ -847,9 +907,10 @@ impl Context {
                 }
             }
             self.filling.store(false, Ordering::SeqCst);
-        } else {
+        } else if !self.tracker.state_dir().join(TAKE_OVER).exists() {
             // No whole-device comparison to wait for: what is sealed from
-            // now on ships as it is.
+            // now on ships as it is. (A take-over still to do drops the
+            // device's past: the session starts after it.)
             self.started.store(true, Ordering::SeqCst);
         }
         let mut backoff = Backoff::default();
@@ -1000,12 +1061,21 @@ impl Context {
             .await
             .map_err(Error::Mirror)?;
         let take_over = self.tracker.state_dir().join(TAKE_OVER);
-        if take_over.exists() {
+        if let Some(asked) = TakeOver::read(&take_over)? {
             // Asked for where the mirror could not be reached: done
-            // before anything of this device ships.
-            let device = device_id(self.tracker.state_dir())?;
+            // before anything of this device ships; only of the volume
+            // the restore named.
+            if asked.volume != self.settings.volume {
+                return Err(Error::InvalidConfig(format!(
+                    "this disk was restored to take volume {} over, not {}: mirror it to {} (or remove {} to mirror it to another volume as a new device would)",
+                    asked.volume,
+                    self.settings.volume,
+                    asked.volume,
+                    take_over.display()
+                )));
+            }
             let epoch = link
-                .take_over(&self.settings.volume, info.writer, device)
+                .take_over(&self.settings.volume, info.writer, self.device)
                 .await
                 .map_err(Error::Mirror)?;
             blocking("a replicator worker", move || {
