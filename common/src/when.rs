@@ -103,8 +103,10 @@ pub fn parse_at(text: &str, now: &Zoned) -> Result<Option<Timestamp>, Error> {
         }
         return Ok(None);
     }
-    // A snapshot's own name (`2026-11-22T16.30.05Z`) is a name.
-    if t.contains('.') {
+    // A snapshot's own name (`2026-11-22T16.30.05Z`) is a name; with a
+    // colon or a space (no name has either) the dot is a second's
+    // fraction (`2026-12-07T21:14:33.27+00:00`, as Python writes it).
+    if t.contains('.') && !t.contains(':') && !t.contains(char::is_whitespace) {
         return Ok(None);
     }
     if let Ok(ts) = t.parse::<Timestamp>() {
@@ -321,6 +323,20 @@ mod tests {
         assert!(e.contains("`today 18:00` or `yesterday 18:00`"), "{e}");
         let e = at("last tuesday").unwrap_err().to_string();
         assert!(e.contains("a snapshot's name has no colon or space"), "{e}");
+        // A second's fraction, as other tools write instants.
+        assert_eq!(
+            at("2026-12-07T21:14:33.270000+00:00").unwrap(),
+            "2026-12-07T21:14:33Z"
+        );
+        assert_eq!(
+            at("2026-12-07T21:14:33.5Z").unwrap(),
+            "2026-12-07T21:14:33Z"
+        );
+        assert_eq!(
+            at("2026-12-07 22:14:33.5").unwrap(),
+            "2026-12-07T21:14:33Z",
+            "local (Berlin) with a fraction"
+        );
         // Nothing at all (an empty variable pasted) is neither.
         for empty in ["", "  "] {
             let e = at(empty).unwrap_err().to_string();

@@ -95,7 +95,7 @@ enum Command {
     /// deleted (scheduled ones follow server.toml's [snapshots]).
     ///
     /// A snapshot costs no space when taken; afterwards, what publishing
-    /// overwrites is kept for it (64 KiB chunks). Works with the server
+    /// overwrites is kept for it (in 4 KiB units). Works with the server
     /// running (it asks it) or not.
     Snapshot {
         /// The volume, as CLIENT/VOLUME (see `mirror-server volumes`).

@@ -72,6 +72,35 @@ impl Enrollment {
     }
 }
 
+/// This machine's identity (its key and certificate, made when it
+/// enrolled) from `dir`: missing, this machine is not enrolled there.
+pub fn load_identity(dir: &Path) -> Result<Identity> {
+    let key = dir.join("key.pem");
+    match std::fs::metadata(&key) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotEnrolled(key));
+        }
+        Err(e) => {
+            return Err(Error::io(
+                format!("reading this machine's key {}", key.display()),
+                e,
+            ))
+        }
+        Ok(_) => {}
+    }
+    Identity::load(dir).map_err(|e| match e {
+        // Unreadable (not root?): what the system said, by its kind.
+        ublk_mirror_common::Error::Io { source, .. } => Error::io(
+            format!("reading this machine's identity in {}", dir.display()),
+            source,
+        ),
+        other => Error::ConfigFile {
+            path: key.clone(),
+            reason: format!("{other}: enroll this machine anew (`ublk-mirror enroll TOKEN` with a new --client-dir)"),
+        },
+    })
+}
+
 fn common_error(e: ublk_mirror_common::Error) -> Error {
     Error::io("enrolling", std::io::Error::other(e.to_string()))
 }

@@ -189,7 +189,17 @@ impl Error {
             Error::NoSuchDevice(_) | Error::DeviceState { .. } | Error::Epoch(_) => {
                 ErrorKind::Device
             }
-            Error::Driver { .. } | Error::Io { .. } => ErrorKind::System,
+            // What the system refused for want of rights, or a file
+            // system mounted read-only, is this machine's setting; a busy
+            // device (mounted, in use) is a device's state.
+            Error::Io { error, .. } => match error.kind() {
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                    ErrorKind::Environment
+                }
+                std::io::ErrorKind::ResourceBusy => ErrorKind::Device,
+                _ => ErrorKind::System,
+            },
+            Error::Driver { .. } => ErrorKind::System,
             Error::Daemon { kind, .. } => *kind,
         }
     }
@@ -233,6 +243,22 @@ mod tests {
                 (ErrorKind::Peer, 7),
                 (ErrorKind::System, 1)
             ]
+        );
+    }
+
+    #[test]
+    fn a_system_call_refused_for_rights_or_a_busy_device_says_so_in_its_exit_code() {
+        let code = |errno| Error::io("opening t", std::io::Error::from_raw_os_error(errno)).kind();
+        assert_eq!(code(libc::EACCES), ErrorKind::Environment);
+        assert_eq!(code(libc::EPERM), ErrorKind::Environment);
+        assert_eq!(code(libc::EROFS), ErrorKind::Environment);
+        assert_eq!(code(libc::EBUSY), ErrorKind::Device);
+        assert_eq!(code(libc::EIO), ErrorKind::System);
+        assert_eq!(
+            Error::NotEnrolled("/x/server.json".into())
+                .kind()
+                .exit_code(),
+            3
         );
     }
 

@@ -32,7 +32,8 @@ use ublk_mirror_common::{fsutil, ByteSize, Span};
 /// Needs root and the kernel's ublk driver (`modprobe ublk_drv`, Linux 6.0+).
 ///
 /// Exit status: 0 done; 1 the system failed; 2 bad usage (nothing changed);
-/// 3 the environment is not as needed (driver, files, root); 4 a device is
+/// 3 the environment is not as needed (driver, files, root, rights, a
+/// read-only file system, no enrollment); 4 a device is
 /// missing, busy or in the wrong state; 5 the mirror server could not be
 /// reached or the link failed (try again); 6 the mirror server refused; 7
 /// the mirror server broke the protocol.
@@ -753,12 +754,32 @@ fn restore(
         to,
         client_dir,
     };
+    // Stopped by a signal (Ctrl-C): said, with what the target holds.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("watching for signals")?;
+    let target = req.to.display().to_string();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!(
+                "\nublk-mirror: the restore was stopped (signal {sig}): {target} may hold part of the version; run the same command again to finish it (it compares what the target holds, and moves only what differs)"
+            );
+            std::process::exit(128 + sig);
+        }
+    });
     // A progress bar on a terminal; otherwise (systemd, cron, a pipe) a
     // line in the log every half minute.
     let bar = progress_bar("restoring");
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut logged = std::time::Instant::now();
+    let wrote = std::sync::atomic::AtomicBool::new(false);
     let shown = |p: &ublk_dev::restore::Progress| {
+        if p.received > 0 {
+            wrote.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         bar.set_length(p.total);
         bar.set_position(p.done);
         bar.set_message(format!("{} received", ByteSize(p.received).approx()));
@@ -780,6 +801,13 @@ fn restore(
         Err(e) if e.kind() == ErrorKind::Link => {
             return Err(anyhow::Error::new(e).context(format!(
                 "the restore to {} stopped: run it again once the mirror can be reached (it compares what the target holds, and moves only what differs; for a time asked for, with --at the snapshot the log names)",
+                req.to.display()
+            )))
+        }
+        // Part way: the target is neither what it was nor the version.
+        Err(e) if wrote.load(std::sync::atomic::Ordering::Relaxed) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "the restore to {} stopped part way: the target holds part of the version; run it again to finish (only what differs moves), or restore another version over it",
                 req.to.display()
             )))
         }
@@ -858,10 +886,16 @@ fn list_snapshots(volume: &str, utc: bool, json: bool, client_dir: &Path) -> any
 }
 
 /// The volume's name checked, and `--at` made an instant in this
-/// machine's time zone (a snapshot's name stays as it is).
+/// machine's time zone (a snapshot's name stays as it is; `now` is no
+/// `--at`).
 fn version_asked(volume: &str, at: Option<&str>) -> anyhow::Result<Option<String>> {
     ublk_mirror_common::proto::check_name(volume)
         .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    // `now` is the mirror as it is now, as no --at asks (the newest
+    // snapshot at or before now would be an older version).
+    if at.is_some_and(|a| a.trim().eq_ignore_ascii_case("now")) {
+        return Ok(None);
+    }
     Ok(at
         .map(ublk_mirror_common::when::resolve_at)
         .transpose()

@@ -1302,9 +1302,7 @@ impl Fetcher {
         open_file: impl FnOnce(&RestoreInfo) -> Result<(File, bool)>,
     ) -> Result<Fetcher> {
         let enrollment = Enrollment::load(&opts.client_dir)?;
-        let identity = Identity::load(&opts.client_dir).map_err(|e| {
-            Error::InvalidConfig(format!("{e} (enroll first: `ublk-mirror enroll TOKEN`)"))
-        })?;
+        let identity = crate::enrollment::load_identity(&opts.client_dir)?;
         let mut resumed = match &opts.fill {
             Some(f) => read_fill_state(&f.state)?,
             None => None,

@@ -161,9 +161,7 @@ fn with_link<T>(
     ask: impl AsyncFnOnce(&Link) -> ublk_mirror_common::Result<T>,
 ) -> Result<T> {
     let enrollment = Enrollment::load(client_dir)?;
-    let identity = Identity::load(client_dir).map_err(|e| {
-        Error::InvalidConfig(format!("{e} (enroll first: `ublk-mirror enroll TOKEN`)"))
-    })?;
+    let identity = crate::enrollment::load_identity(client_dir)?;
     let server = enrollment.server()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -630,9 +628,7 @@ impl Replicator {
         hold: Option<Hold>,
     ) -> Result<Replicator> {
         let enrollment = Enrollment::load(&settings.client_dir)?;
-        let identity = Identity::load(&settings.client_dir).map_err(|e| {
-            Error::InvalidConfig(format!("{e} (enroll first: `ublk-mirror enroll TOKEN`)"))
-        })?;
+        let identity = crate::enrollment::load_identity(&settings.client_dir)?;
         let server = enrollment.server()?;
         let status = Arc::new(Mutex::new(MirrorStatus {
             volume: settings.volume.clone(),

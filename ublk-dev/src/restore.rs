@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use ublk_mirror_common::block::{self, BLOCK};
 use ublk_mirror_common::client::{Link, Restoring, Taken};
 use ublk_mirror_common::fsutil;
-use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::Digest;
 use ublk_mirror_common::session::restore::BlockToWrite;
 pub use ublk_mirror_common::session::restore::{Progress, IN_FLIGHT};
@@ -216,9 +215,7 @@ pub fn restore(
     mut progress: impl FnMut(&Progress) + Send,
 ) -> Result<Restored> {
     let enrollment = Enrollment::load(&req.client_dir)?;
-    let identity = Identity::load(&req.client_dir).map_err(|e| {
-        Error::InvalidConfig(format!("{e} (enroll first: `ublk-mirror enroll TOKEN`)"))
-    })?;
+    let identity = crate::enrollment::load_identity(&req.client_dir)?;
     let server = enrollment.server()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -893,6 +893,19 @@ fn the_laptop_lists_its_snapshots_and_restores_one_by_the_time_shown() {
         "{out:?}"
     );
     assert!(std::fs::read(&to).unwrap() == m.versions[1]);
+    // `--at now` is the mirror now, as no --at (not the newest snapshot).
+    let now = m.dir.path().join("now.img");
+    let out = cli(&[
+        "restore",
+        "--volume",
+        "root",
+        "--at",
+        "now",
+        "--to",
+        now.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read(&now).unwrap() == m.versions[2]);
 
     // Not this client's volume: refused (exit 6), naming the ones it has;
     // a name no volume may have is bad usage (exit 2), asked of no one.
