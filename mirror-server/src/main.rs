@@ -678,7 +678,7 @@ fn import(
     let _lock = if running {
         None
     } else {
-        Some(admin::ServerLock::take(data)?)
+        Some(admin::ServerLock::take(data, &format!("import {volume}"))?)
     };
     // A volume the chunk store has (kept by another server of the fleet,
     // or this one's cache lost) is not new: its versions would replace
@@ -805,7 +805,10 @@ fn export(
         return Ok(());
     }
     // No server: serve it here until Ctrl-C, as the server would.
-    let _lock = admin::ServerLock::take(data)?;
+    let _lock = admin::ServerLock::take(
+        data,
+        &format!("export {volume} (in the foreground, until Ctrl-C)"),
+    )?;
     admin::volume_dir(data, &volume)?;
     let chunks = ServerConfig::load(cfg)?.chunk_store(data)?;
     runtime()?.block_on(async {
@@ -989,7 +992,7 @@ fn gc(data: &Path, cfg: &Path, window: Option<Span>) -> mirror_server::Result<()
 }
 
 fn upgrade(data: &Path, cfg: &Path, move_to_this_store: bool) -> mirror_server::Result<()> {
-    let _lock = admin::ServerLock::take(data)?;
+    let _lock = admin::ServerLock::take(data, "upgrade")?;
     let config = ServerConfig::load(cfg)?;
     runtime()?.block_on(async {
         let store = config.chunk_store(data)?;
@@ -1105,10 +1108,16 @@ fn list_snapshots(
 fn list_exports(data: &Path, cfg: &Path, json: bool, utc: bool) -> mirror_server::Result<()> {
     let answer = admin::request(data, cfg, admin::Op::Exports)?;
     if !admin::server_running(data) {
-        eprintln!(
-            "mirror-server: no server runs on {}: nothing is exported",
-            data.display()
-        );
+        match admin::ServerLock::holder(data) {
+            Some(holder) => eprintln!(
+                "mirror-server: no server runs on {}; {holder} holds it (what a foreground `export` serves is listed by nothing else, and stops with it)",
+                data.display()
+            ),
+            None => eprintln!(
+                "mirror-server: no server runs on {}: nothing is exported",
+                data.display()
+            ),
+        }
     }
     let rows = match answer {
         serde_json::Value::Array(rows) => rows,

@@ -121,12 +121,9 @@ pub async fn run(
     raise_open_files();
     // Not a config error (exit status 1, not 2): the unit tries again, as
     // a command holding the lock for a while (an import, an upgrade) ends.
-    let _lock = ServerLock::take(data).map_err(|e| {
+    let _lock = ServerLock::take(data, "serve").map_err(|e| {
         Error::io(
-            format!(
-                "another mirror-server (or an admin command) holds {}",
-                data.display()
-            ),
+            "cannot serve".to_string(),
             std::io::Error::other(e.to_string()),
         )
     })?;

@@ -2194,3 +2194,19 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// A second server (or an upgrade) on the same data directory is
+/// refused, naming the process that serves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_server_on_the_same_data_names_the_one_that_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let holder = format!("pid {}: serve", server.child.id());
+    for args in [&["serve"][..], &["upgrade"]] {
+        let out = server.cli(args);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&holder), "{args:?}: {err}");
+    }
+}

@@ -179,12 +179,15 @@ pub fn request(data: &Path, cfg: &Path, op: Op) -> Result<serde_json::Value> {
                 };
             }
             let Some(name) = volume_of(&op) else {
+                let holder = ServerLock::holder(data).map_or(String::new(), |h| {
+                    format!("; {h} holds it: a foreground `export` stops with Ctrl-C there")
+                });
                 return Err(Error::Invalid(format!(
-                    "no mirror-server serves {} (nothing is exported)",
+                    "no mirror-server serves {} (nothing is exported){holder}",
                     data.display()
                 )));
             };
-            let _lock = ServerLock::take(data)?;
+            let _lock = ServerLock::take(data, &format!("{op:?}"))?;
             let (mut volume, _) = Volume::open(&volume_dir(data, name)?)?;
             // With its chunk store, as the server has it: a snapshot pins
             // its version there (else GC would take it), is of the store's
@@ -197,21 +200,54 @@ pub fn request(data: &Path, cfg: &Path, op: Op) -> Result<serde_json::Value> {
 }
 
 /// The data directory's lock: one process at a time changes volumes.
+///
+/// The lock file (`DATA/server.lock`) also says who holds it, for the
+/// message another process gives: one line, `pid N: WHAT` (written by the holder
+/// once it has the lock; an older build left it empty). It means nothing
+/// once its holder is gone.
 #[derive(Debug)]
 pub struct ServerLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
 
 impl ServerLock {
-    /// Take it, or say who has it.
-    pub fn take(data: &Path) -> Result<ServerLock> {
+    /// Take it for `what` (`serve`, `export laptop/root@x`, …), or say who
+    /// has it.
+    pub fn take(data: &Path, what: &str) -> Result<ServerLock> {
         let path = data.join(LOCK);
         match ublk_mirror_common::fsutil::lock_file(&path, false) {
-            Ok(lock) => Ok(ServerLock(lock)),
+            Ok(lock) => {
+                // Who holds it, for the others' messages: best effort.
+                let line = format!("pid {}: {what}\n", std::process::id());
+                let _ = lock
+                    .set_len(0)
+                    .and_then(|()| std::os::unix::fs::FileExt::write_all_at(&*lock, line.as_bytes(), 0));
+                Ok(ServerLock(lock))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(Error::Invalid(format!(
-                "another mirror-server is using {} (its admin socket does not answer: is it starting?)",
-                data.display()
+                "{} is in use by {}: one mirror-server process at a time changes its volumes; stop that one, or try again once it is done",
+                data.display(),
+                holder_of(&path)
             ))),
             Err(e) => Err(Error::io(format!("locking {}", path.display()), e)),
         }
+    }
+
+    /// Who holds the lock of `data` now, if someone does.
+    pub fn holder(data: &Path) -> Option<String> {
+        let path = data.join(LOCK);
+        match ublk_mirror_common::fsutil::lock_file(&path, false) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(holder_of(&path)),
+            _ => None,
+        }
+    }
+}
+
+/// The holder a lock file names, in words.
+fn holder_of(path: &Path) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.starts_with("pid ") => {
+            format!("another mirror-server ({})", text.trim())
+        }
+        _ => "another mirror-server".to_string(),
     }
 }
 
