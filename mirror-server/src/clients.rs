@@ -204,6 +204,7 @@ impl Registry {
     /// had is cut off at once (`retired`), and the name is pending until
     /// the new token enrolls.
     pub fn add(&self, name: &str, ttl: Duration, replace: bool) -> Result<[u8; 32]> {
+        crate::snapshots::check_new_name(name)?;
         let _lock = self.lock()?;
         let mut client = match self.get(name)? {
             Some(c) if c.state() != "pending" && !replace => {

@@ -71,6 +71,19 @@ use ublk_mirror_common::{block, fsutil};
 
 use crate::error::{Error, Result};
 
+/// A name about to be given (a client's, a snapshot's): one the protocol
+/// takes ([`check_name`]) that no command reads as an option (a leading
+/// `-`). Names given before stay usable.
+pub fn check_new_name(name: &str) -> Result<()> {
+    check_name(name).map_err(|e| Error::Invalid(e.to_string()))?;
+    if name.starts_with('-') {
+        return Err(Error::Invalid(format!(
+            "{name}: a name may not start with '-' (commands would read it as an option)"
+        )));
+    }
+    Ok(())
+}
+
 /// Bytes of a chunk: the index names units by the chunk they are in.
 pub const CHUNK: u64 = 64 << 10;
 
@@ -778,7 +791,7 @@ impl Snapshots {
         let taken = |s: &Self, n: &str| s.get(n).is_some() || elsewhere.contains(n);
         let name = match name {
             Some(n) => {
-                check_name(n).map_err(|e| Error::Invalid(e.to_string()))?;
+                check_new_name(n)?;
                 // `--at` and `VOLUME@…` read such a name as a time, so it
                 // could never be asked for by name.
                 if !matches!(

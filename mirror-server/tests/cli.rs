@@ -46,6 +46,21 @@ fn init_makes_an_identity_once_and_volumes_lists_what_is_stored() {
     assert!(text.contains("laptop/root"), "{text}");
     assert!(text.contains("1GiB"), "{text}");
     assert!(text.contains("never"), "{text}");
+
+    // A new client's or snapshot's name that commands would read as an
+    // option is refused, before anything is made.
+    for args in [
+        &["client", "add", "--address", "127.0.0.1:7000", "--", "-x"][..],
+        &["snapshot", "laptop/root", "--", "-x"],
+    ] {
+        let out = server(&data, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("may not start with '-'"),
+            "{args:?}: {out:?}"
+        );
+    }
+    assert!(!data.join("clients/-x.json").exists());
 }
 
 #[test]

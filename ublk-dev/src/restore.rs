@@ -310,8 +310,15 @@ async fn run(
     // Another version than an earlier try's (the mirror moved on) is
     // compared from the start (the target, no longer new, holds part of
     // that one).
+    let earlier = prior.as_ref().map(|r| r.epoch);
     let same = prior
         .filter(|r| r.epoch == info.epoch && (req.at.is_none() || r.snapshot == info.snapshot));
+    if let (Some(was), None) = (earlier, &same) {
+        tracing::warn!(
+            "the mirror now is another version (epoch {}, was {was}): comparing the target from the start",
+            info.epoch
+        );
+    }
     let fresh = match &same {
         Some(r) => {
             restoring.resume(r.progress);
