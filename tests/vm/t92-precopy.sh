@@ -156,6 +156,9 @@ log "the mirror away: the epoch let go of its cut, and fio's writes into it wait
 "$MS" --data "$DATA" serve > "$WORK/server.out" 2> "$WORK/server.log" &
 SPID=$!
 wait $SYNC || { cat "$WORK/sync4.out" "$WORK/daemon.$DAEMONS.log"; fail "the sync across the mirror's absence failed"; }
+# That sync was asked before fio's writes while the mirror was away: they
+# are on the mirror after a sync asked now.
+"$UBLK_MIRROR" sync "$ID" --timeout 600s || fail "the sync after the mirror came back failed"
 stop_dev
 cmp "$IMG" "$SERVER_IMG" || fail "after a sync the server's image differs from the backing file"
 log "after a sync the server's image is the backing file"
