@@ -844,20 +844,8 @@ fn list_snapshots(volume: &str, utc: bool, json: bool, client_dir: &Path) -> any
     }
     let mut out = std::io::stdout().lock();
     if json {
-        let rows: Vec<_> = listing
-            .snapshots
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "name": s.name,
-                    "epoch": s.epoch,
-                    "epoch_ms": s.epoch_ms,
-                    "created_ms": s.created_ms,
-                    "kind": s.kind,
-                })
-            })
-            .collect();
-        serde_json::to_writer_pretty(&mut out, &rows)?;
+        // The wire's own record is the row (name, epoch, times, kind).
+        serde_json::to_writer_pretty(&mut out, &listing.snapshots)?;
         writeln!(out)?;
         return Ok(());
     }
