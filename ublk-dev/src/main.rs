@@ -286,9 +286,10 @@ enum Command {
         /// (--instant) Device id to ask for (N in /dev/ublkbN).
         #[arg(long, requires = "instant")]
         id: Option<u32>,
-        /// (--instant) Most bytes per second the background fill fetches
-        /// (e.g. 20M); reads that wait are never held back [default: no
-        /// limit].
+        /// (--instant) Most bytes per second the background fill takes
+        /// from the link, as sent (compressed; holes and blocks the target
+        /// holds already cost nothing), e.g. 20M; reads that wait are never
+        /// held back [default: no limit].
         #[arg(long, value_name = "SIZE", requires = "instant")]
         fill_rate: Option<ByteSize>,
         /// (--instant) Take the volume over and go on mirroring to it once

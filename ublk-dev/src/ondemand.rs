@@ -202,8 +202,9 @@ pub struct FillOptions {
     pub live: PathBuf,
     /// The target's path (recorded in the state).
     pub target: PathBuf,
-    /// Bytes per second the background fill may fetch (`None`: as fast
-    /// as it can); reads that wait are never held back.
+    /// Bytes per second the background fill may take from the link, as
+    /// sent (`None`: as fast as it can); holes and blocks the target holds
+    /// already cost nothing, and reads that wait are never held back.
     pub rate: Option<u64>,
 }
 
@@ -1542,6 +1543,10 @@ impl Fetcher {
         // waits behind little.
         let fill_run = rate.map_or(MAX_RUN, |r| ((r / 4 / BLOCK) as usize).clamp(1, MAX_RUN));
         let mut fill_not_before = Instant::now();
+        // A limited fill is charged what its runs took from the link, once
+        // they are answered (holes and blocks the target holds already
+        // cost nothing): the next run waits for its turn.
+        let mut charge: Option<(Instant, u64)> = None;
         // A limited fill asks one run at a time.
         let fill_pipeline = if rate.is_some() { 1 } else { PIPELINE };
         loop {
@@ -1582,10 +1587,8 @@ impl Fetcher {
                                     _ => break,
                                 }
                             }
-                            if let Some(r) = rate {
-                                let bytes: u64 = runs.iter().map(|r| r.1 as u64 * BLOCK).sum();
-                                let secs = bytes as f64 / r as f64;
-                                fill_not_before = now + Duration::from_secs_f64(secs);
+                            if rate.is_some() {
+                                charge = Some((now, od.counters.wire.load(Ordering::Relaxed)));
                             }
                             break Some(runs);
                         }
@@ -1617,7 +1620,16 @@ impl Fetcher {
             let Some(runs) = run else {
                 break;
             };
-            match self.fetch(&runs) {
+            let fetched = self.fetch(&runs);
+            if let (Some((asked, wire)), Some(r)) = (charge.take(), rate) {
+                let took = od
+                    .counters
+                    .wire
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(wire);
+                fill_not_before = asked + Duration::from_secs_f64(took as f64 / r as f64);
+            }
+            match fetched {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
                     od.counters.link_up.store(true, Ordering::Relaxed);

@@ -234,6 +234,20 @@ fn instant_at(
     state: &Path,
     at: &str,
 ) -> ublk_dev::Result<(std::sync::Arc<OnDemand>, std::thread::JoinHandle<()>)> {
+    // The version's few MiB of data in about 6 s: the work below happens
+    // while it fills.
+    instant_limited(client_dir, target, state, at, 512 << 10)
+}
+
+/// An instant restore of version `at` onto `target`, its fill running at
+/// most at `rate` bytes per second.
+fn instant_limited(
+    client_dir: &Path,
+    target: &Path,
+    state: &Path,
+    at: &str,
+    rate: u64,
+) -> ublk_dev::Result<(std::sync::Arc<OnDemand>, std::thread::JoinHandle<()>)> {
     let opts = OnDemandOptions {
         volume: "root".into(),
         at: Some(at.into()),
@@ -245,8 +259,7 @@ fn instant_at(
             live: state.with_extension("live"),
             state: state.to_path_buf(),
             target: target.to_path_buf(),
-            // 32 MiB in about 8 s: the work below happens while it fills.
-            rate: Some(4 << 20),
+            rate: Some(rate),
         }),
     };
     let fetcher = Fetcher::open(opts, |info| {
@@ -331,6 +344,43 @@ fn random_writes_and_reads(od: &OnDemand, expected: &mut [u8], ops: usize, x: &m
             );
         }
     }
+}
+
+/// A limited fill is charged what it takes from the link: the version's
+/// holes (most of it) cost nothing, so it is filled in about its data's
+/// time at the rate, not the volume's; and the limit holds for the data.
+#[test]
+fn a_limited_fill_is_charged_what_it_sends_not_the_holes() {
+    let m = mirrored(&[(4, Some("v"))]);
+    let (target, state) = (m.dir.path().join("t.img"), m.dir.path().join("t.fill"));
+    let rate = 1 << 20;
+    let started = std::time::Instant::now();
+    let (od, fetching) = instant_limited(&m.client_dir, &target, &state, "v", rate).unwrap();
+    wait_filled(&od);
+    let took = started.elapsed().as_secs_f64();
+    let s = od.status();
+    od.stop();
+    fetching.join().unwrap();
+    assert!(std::fs::read(&target).unwrap() == m.versions[0]);
+    // The volume at the rate would take 32 s; its data about 3.
+    let volume_time = SIZE as f64 / rate as f64;
+    let data_time = s.wire_bytes as f64 / rate as f64;
+    assert!(
+        s.wire_bytes > 1 << 20 && data_time < volume_time / 4.0,
+        "the version is not mostly holes: {s:?}"
+    );
+    assert!(
+        took < volume_time / 2.0,
+        "the holes were charged: filled in {took:.1} s; {s:?}"
+    );
+    // The first run goes at once; each later one waits for the bytes
+    // before it.
+    let last_run = (rate / 4) as f64 / rate as f64;
+    assert!(
+        took >= data_time - 2.0 * last_run,
+        "the rate was not kept: {} bytes in {took:.1} s",
+        s.wire_bytes
+    );
 }
 
 fn wait_filled(od: &OnDemand) {
