@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use mirror_server::clients::Registry;
 use mirror_server::config::{self, ServerConfig};
 use mirror_server::exports::{self, Exports};
+use mirror_server::store::ImageCheck;
 use mirror_server::volumes::{Quota, Volumes};
 use mirror_server::{admin, snapshots, store};
 use ublk_mirror_common::identity::Identity;
@@ -206,15 +207,21 @@ enum Command {
         #[arg(long, value_name = "DURATION")]
         window: Option<Span>,
     },
-    /// Verify the chunk store: re-read every chunk and map segment that a
-    /// volume's versions need and check each against its sha256.
+    /// Verify the chunk store and this server's images: re-read every
+    /// chunk and map segment that a volume's versions need and check each
+    /// against its sha256; then check each image here against the version
+    /// it holds.
     ///
     /// A damaged chunk that this server's image of the volume still holds
     /// is stored again (repaired). Any other is reported with the versions
     /// that need it, recorded in the store, never served and never
     /// deduplicated against: the next time a device sends that content it
-    /// is stored again. Exit status 1 when damage is left. The running
-    /// server does it every `verify_every` (server.toml's [store]).
+    /// is stored again. A block of an image that differs from its version
+    /// (this disk's damage) is made the version's again from the store
+    /// (restores and exports never serve it meanwhile: they check each
+    /// block they read from the image). Exit status 1 when damage is left.
+    /// The running server does it every `verify_every` (server.toml's
+    /// [store]); run while it serves, the images are checked through it.
     Verify {
         /// Only this volume (CLIENT/VOLUME) [default: all].
         volume: Option<String>,
@@ -913,6 +920,17 @@ fn human(bytes: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
+/// What `verify` found of the images here.
+#[derive(Debug, Default, serde::Serialize)]
+struct ImagesChecked {
+    /// Images checked.
+    volumes: u64,
+    /// Their blocks.
+    blocks: u64,
+    /// The images with blocks that differed from their versions.
+    damaged: std::collections::BTreeMap<String, ImageCheck>,
+}
+
 fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_server::Result<()> {
     if let Some(v) = volume {
         mirror_server::volumes::split_volume(v)?;
@@ -932,8 +950,50 @@ fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_s
             "the chunk store holds no version of {v} (`mirror-server volumes` lists them)"
         )));
     }
+    // The images here, each against the version it holds: through the
+    // running server, which owns them, or here holding its lock.
+    let here: Vec<String> = match volume {
+        Some(v) => vec![v.to_string()],
+        // None (the images lost, a store read elsewhere): none to check.
+        None => mirror_server::store::list(data)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect(),
+    };
+    let mut images = ImagesChecked::default();
+    for name in here {
+        if admin::volume_dir(data, &name).is_err() {
+            continue; // only in the store (another server's)
+        }
+        eprintln!("verify: checking the image of {name} against its version");
+        let check: ImageCheck = admin::request(
+            data,
+            cfg,
+            admin::Op::CheckImage {
+                volume: name.clone(),
+            },
+        )
+        .and_then(|v| {
+            serde_json::from_value(v).map_err(|e| {
+                mirror_server::Error::Invalid(format!("the server's answer on {name}'s image: {e}"))
+            })
+        })?;
+        images.volumes += 1;
+        images.blocks += check.blocks;
+        if check.damaged > 0 {
+            images.damaged.insert(name, check);
+        }
+    }
+    let unrepaired: u64 = images
+        .damaged
+        .values()
+        .map(|c| c.damaged - c.repaired)
+        .sum();
     if json {
-        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+        let mut out = serde_json::to_value(&r).unwrap_or_default();
+        out["images"] = serde_json::to_value(&images).unwrap_or_default();
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         println!(
             "{} versions, {} chunks ({}) read and checked; {} repaired from the images here; {} damaged, {} map segments damaged",
@@ -947,6 +1007,24 @@ fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_s
         for (chunk, versions) in r.damaged.iter().chain(&r.damaged_segments) {
             println!("  damaged {chunk}: needed by {}", versions.join(", "));
         }
+        println!(
+            "{} images here ({} blocks) checked against their versions: {} blocks differed, {} made the version's again from the store",
+            images.volumes,
+            images.blocks,
+            images.damaged.values().map(|c| c.damaged).sum::<u64>(),
+            images.damaged.values().map(|c| c.repaired).sum::<u64>(),
+        );
+        for (name, c) in &images.damaged {
+            println!(
+                "  image of {name}: {} blocks differed, {} repaired",
+                c.damaged, c.repaired
+            );
+        }
+    }
+    if unrepaired > 0 {
+        return Err(mirror_server::Error::Corrupt(format!(
+            "{unrepaired} blocks of the images here differ from their versions and could not be made the version's (the chunk store could not give them; see above)"
+        )));
     }
     if r.is_clean() {
         Ok(())

@@ -268,12 +268,12 @@ impl Metrics {
         );
         r.register(
             "mirror_verify_unrepaired_objects",
-            "Chunks and segments the last verification found damaged and could not repair here",
+            "Chunks, map segments and image blocks the last verification found damaged and could not repair here",
             m.verify_unrepaired.clone(),
         );
         r.register(
             "mirror_verify_repaired_chunks",
-            "Damaged chunks verification stored again from this server's images",
+            "Damaged chunks verification stored again from this server's images, and damaged image blocks it made their version's again from the store",
             m.verify_repaired.clone(),
         );
         r.register_with_unit(

@@ -230,8 +230,9 @@ pub async fn verify(volumes: Arc<Volumes>, data: PathBuf, every: Duration, metri
         let v = volumes.clone();
         let done = tokio::task::spawn_blocking(move || v.verify(None, |_, _| {})).await;
         if let Ok(Ok(r)) = &done {
-            let unrepaired = r.damaged.len() + r.damaged_segments.len();
-            metrics.verified(r.repaired.len(), unrepaired);
+            let (repaired, unrepaired) = check_images(&volumes).await;
+            let unrepaired = r.damaged.len() + r.damaged_segments.len() + unrepaired;
+            metrics.verified(r.repaired.len() + repaired, unrepaired);
             note(&data, Chore::Verify, now_ms());
         }
         match done {
@@ -249,6 +250,28 @@ pub async fn verify(volumes: Arc<Volumes>, data: PathBuf, every: Duration, metri
             Err(e) => tracing::error!("chunk store verify panicked: {e}"),
         }
     }
+}
+
+/// Check each image here against the version it holds, repairing what
+/// differs ([`Volumes::check_image`]): the blocks repaired, and those left
+/// differing.
+async fn check_images(volumes: &Volumes) -> (usize, usize) {
+    let (mut repaired, mut left) = (0, 0);
+    for (name, _) in volumes.states() {
+        match volumes.check_image(&name).await {
+            Ok(c) => {
+                repaired += c.repaired as usize;
+                left += (c.damaged - c.repaired) as usize;
+                if c.damaged > c.repaired {
+                    tracing::error!(volume = %name, ?c, "blocks of the image differ from its version and could not be repaired");
+                } else if c.damaged > 0 {
+                    tracing::warn!(volume = %name, ?c, "blocks of the image differed from its version: repaired from the chunk store");
+                }
+            }
+            Err(e) => tracing::warn!(volume = %name, "checking the image: {e}"),
+        }
+    }
+    (repaired, left)
 }
 
 /// One volume's turn: its snapshot if one is due, then its pruning.

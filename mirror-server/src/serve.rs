@@ -616,13 +616,13 @@ async fn restore(
         Ok(p) => p,
         Err(e) => return refuse(send, e.to_string()).await,
     };
-    tracing::info!(client, volume, snapshot = %info.name, from_store = matches!(source, crate::store::VersionSource::Store(_)), "restore started");
+    tracing::info!(client, volume, snapshot = %info.name, from_store = matches!(source, crate::store::VersionSource::Store(_)), checked = source.checked(), "restore started");
     let served = serve_restore(&source, &info, send, recv).await;
     let mut locked = v.lock().await;
     if let Err(e) = tokio::task::block_in_place(|| locked.done_reading(&info, pin)) {
         tracing::warn!(client, volume, "after a restore: {e}");
     }
-    tracing::info!(client, volume, snapshot = %info.name, ok = served.is_ok(), "restore ended");
+    tracing::info!(client, volume, snapshot = %info.name, ok = served.is_ok(), damaged_in_cache = source.damaged(), "restore ended");
     served
 }
 

@@ -181,11 +181,11 @@ pub(crate) async fn serve_restore(
         // many streams a client opens.
         let mut same = 0u64;
         for (&(o, l), theirs) in blocks.iter().zip(&digests) {
-            let bytes = match tokio::task::block_in_place(|| read_block(reader, o, l)) {
+            let (bytes, known) = match tokio::task::block_in_place(|| reader.read_block(o, l)) {
                 Ok(d) => d,
                 Err(e) => return refuse(send, format!("restore: {e}")).await,
             };
-            let mine = block::digest(&bytes);
+            let mine = known.unwrap_or_else(|| block::digest(&bytes));
             if *theirs == mine {
                 same += 1;
                 continue;
@@ -205,13 +205,6 @@ pub(crate) async fn serve_restore(
     }
     let _ = send.finish();
     Ok(())
-}
-
-/// The `len` bytes at `offset` of the version `reader` reads.
-fn read_block(reader: &VersionSource, offset: u64, len: u32) -> crate::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
-    reader.read(&mut buf, offset)?;
-    Ok(buf)
 }
 
 /// Chunks fetched from the store for a data stream's `Known` blocks, at

@@ -18,7 +18,7 @@ use ublk_mirror_common::ByteSize;
 use crate::chunks::refs::Refs;
 use crate::chunks::ChunkStore;
 use crate::error::{Error, Result};
-use crate::store::{Recovery, Volume, VOLUMES_DIR};
+use crate::store::{ImageCheck, Recovery, Volume, VOLUMES_DIR};
 
 /// A volume shared by the connections (and exports) that use it.
 pub type SharedVolume = Arc<tokio::sync::Mutex<Volume>>;
@@ -121,6 +121,25 @@ impl Volumes {
             .as_ref()
             .ok_or_else(|| Error::Invalid("this server has no chunk store".into()))?;
         store.verify(volume, |v, n, _| self.cached_block(v, n), progress)
+    }
+
+    /// Check the image of volume `name` (`CLIENT/VOLUME`) against the
+    /// chunk store's version it holds, and make each block that differs
+    /// the version's again ([`crate::store::ImageProbe`]): read without
+    /// the volume's lock (epochs go on being published), repaired under
+    /// it.
+    pub async fn check_image(&self, name: &str) -> Result<ImageCheck> {
+        let v = self.open_named(name)?;
+        let Some(probe) = v.lock().await.image_probe()? else {
+            return Ok(ImageCheck::default());
+        };
+        let (blocks, suspects) = tokio::task::spawn_blocking(move || probe.scan(|_, _| {}))
+            .await
+            .map_err(|e| Error::Invalid(format!("checking the image of {name}: {e}")))??;
+        let mut v = v.lock().await;
+        let mut check = tokio::task::block_in_place(|| v.repair_image(&suspects))?;
+        check.blocks = blocks;
+        Ok(check)
     }
 
     /// Every volume of this data directory with its state (as `state.json`

@@ -2128,6 +2128,65 @@ async fn verify_repairs_from_the_image_and_reports_what_it_cannot() {
     );
 }
 
+/// A block a disk damaged in an image is found by `verify`, which checks
+/// each image here against the version it holds, and made the version's
+/// again from the chunk store: through the running server (which owns the
+/// image), or by `verify` itself when none runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_makes_a_damaged_image_block_the_version_s_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    let size: u64 = 1 << 20;
+    let all: Vec<(u64, u32)> = (0..size / 65536).map(|i| (i * 65536, 65536)).collect();
+    link.open_volume("root", size).await.unwrap();
+    let mut model = noise(43, size as usize);
+    model[5 << 16..6 << 16].fill(0); // a hole: zeroes are checked too
+    link.send_epoch("root", 1, w(1), &all, 3, reader(model.clone()))
+        .await
+        .unwrap();
+    let image = data.join("volumes/laptop/root/image");
+    let damage = |at: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all_at(b"rot", at).unwrap();
+    };
+    damage(3 << 16);
+    damage((5 << 16) + 7);
+    let ok = server.cli(&["verify"]);
+    assert!(ok.status.success(), "{ok:?}");
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        said.contains("1 images here (16 blocks)")
+            && said.contains("2 blocks differed, 2 made the version's again"),
+        "{said}"
+    );
+    assert!(std::fs::read(&image).unwrap() == model, "not repaired");
+    let clean = server.cli(&["verify", "laptop/root"]);
+    assert!(
+        String::from_utf8_lossy(&clean.stdout).contains("0 blocks differed"),
+        "{clean:?}"
+    );
+    // No server: verify repairs it itself, holding the server's lock.
+    drop(link);
+    drop(server);
+    damage(0);
+    let ok = cli_at(&data, &["verify", "laptop/root", "--json"]);
+    assert!(ok.status.success(), "{ok:?}");
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(
+        report["images"]["damaged"]["laptop/root"],
+        serde_json::json!({"blocks": 16, "damaged": 1, "repaired": 1}),
+        "{report}"
+    );
+    assert_eq!(report["images"]["blocks"], 16, "{report}");
+    assert!(std::fs::read(&image).unwrap() == model, "not repaired");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_store_refuses_the_commit_and_the_epoch_resumes_when_it_is_back() {
     let dir = tempfile::tempdir().unwrap();

@@ -255,6 +255,49 @@ fn the_mirror_follows_the_device_across_a_server_restart() {
     );
 }
 
+/// Blocks a disk damaged in the server's image cache (the volume now)
+/// and in what a snapshot preserved are not restored as the version: the
+/// server checks each block it reads from its cache against the chunk
+/// store's copy and serves the store's where they differ.
+#[test]
+fn a_restore_never_gets_blocks_damaged_in_the_server_s_cache() {
+    let m = mirrored(&[(1, Some("before")), (2, None)]);
+    let vol = m.data.join("volumes/laptop/root");
+    let snapshot = mirror_server::snapshots::list(&vol)
+        .unwrap()
+        .into_iter()
+        .find(|(s, _)| s.name == "before")
+        .unwrap()
+        .0;
+    let damage = |path: &Path, at: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let len = f.metadata().unwrap().len();
+        assert!(len > at + 4096, "{} is {len} bytes", path.display());
+        f.write_all_at(&[0x5A; 4096], at).unwrap();
+    };
+    // Every 1 MiB of the image (the version now), and the first bytes the
+    // snapshot preserved.
+    for at in (0..SIZE).step_by(1 << 20) {
+        damage(&vol.join("image"), at + 8192);
+    }
+    damage(&vol.join(format!("snapshots/{}/data", snapshot.id)), 0);
+    for (at, want) in [(None, &m.versions[1]), (Some("before"), &m.versions[0])] {
+        let target = m.dir.path().join(format!("{}.img", at.unwrap_or("now")));
+        let req = ublk_dev::restore::RestoreRequest {
+            volume: "root".into(),
+            at: at.map(str::to_string),
+            to: target.clone(),
+            client_dir: m.client_dir.clone(),
+        };
+        ublk_dev::restore::restore(&req, |_| {}).unwrap();
+        assert!(
+            std::fs::read(&target).unwrap() == *want,
+            "{at:?}: the server's damaged cache was restored"
+        );
+    }
+}
+
 /// A restore that loses its server (stopped part way, started again a
 /// little later) goes on by itself once the server is back: the same
 /// snapshot, from where it was (the batches done are not compared

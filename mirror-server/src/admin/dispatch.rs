@@ -88,6 +88,17 @@ pub async fn dispatch(volumes: &Volumes, exports: &Exports, op: Op) -> Result<se
         Op::Export(spec) => exports.start(volumes, spec).await,
         Op::Unexport { name } => exports.stop(&name).await,
         Op::Exports => Ok(serde_json::Value::Array(exports.list())),
+        Op::CheckImage { volume } => {
+            let check = volumes.check_image(&volume).await?;
+            if check.damaged > 0 {
+                tracing::warn!(
+                    volume,
+                    ?check,
+                    "image checked: blocks differed from the version"
+                );
+            }
+            Ok(serde_json::json!(check))
+        }
         op => {
             let volume = volume_of(&op).unwrap_or_default();
             let v = volumes.open_named(volume)?;

@@ -15,9 +15,11 @@
 //!     "listen":"127.0.0.1:3260","name":null,"allow":[]}
 //! -> {"v":1,"op":"unexport","name":"iqn.2026-11.org.ublk-mirror:laptop.root.before-upgrade"}
 //! -> {"v":1,"op":"exports"}
+//! -> {"v":1,"op":"check-image","volume":"laptop/root"}
 //! <- {"ok":{"id":3,"name":"..","epoch":..,"epoch_ms":..,"created_ms":..,"kind":"manual"}}
 //! <- {"ok":{"iqn":"..","portal":"127.0.0.1:3260","snapshot":"..","epoch":..}}
 //! <- {"ok":[{"iqn":"..","portal":"..","volume":"..","snapshot":"..",..},..]}
+//! <- {"ok":{"blocks":4096,"damaged":1,"repaired":1}}
 //! <- {"error":"there is no snapshot x"}
 //! ```
 //!
@@ -72,6 +74,14 @@ pub enum Op {
     /// List the running exports (an older server answers that it does not
     /// know the op).
     Exports,
+    /// Check a volume's image against the chunk store's version it holds
+    /// and repair what differs (`verify`); answered with an
+    /// [`ImageCheck`](crate::store::ImageCheck).
+    #[serde(rename = "check-image")]
+    CheckImage {
+        /// `CLIENT/VOLUME`.
+        volume: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -115,13 +125,18 @@ pub fn apply(volume: &mut Volume, op: &Op) -> Result<SnapshotInfo> {
         Op::Export(_) | Op::Unexport { .. } | Op::Exports => {
             Err(Error::Invalid("exports run in a server process".into()))
         }
+        Op::CheckImage { .. } => Err(Error::Invalid(
+            "an image is checked by `verify` or the server".into(),
+        )),
     }
 }
 
 /// The volume `op` is about, if any.
 pub fn volume_of(op: &Op) -> Option<&str> {
     match op {
-        Op::Snapshot { volume, .. } | Op::Delete { volume, .. } => Some(volume),
+        Op::Snapshot { volume, .. } | Op::Delete { volume, .. } | Op::CheckImage { volume } => {
+            Some(volume)
+        }
         Op::Export(spec) => Some(&spec.volume),
         Op::Unexport { .. } | Op::Exports => None,
     }
@@ -194,6 +209,16 @@ pub fn request(data: &Path, cfg: &Path, op: Op) -> Result<serde_json::Value> {
             // newest version, and a delete unpins it.
             let store = crate::config::ServerConfig::load(cfg)?.chunk_store(data)?;
             volume.attach(store, name)?;
+            if let Op::CheckImage { .. } = op {
+                // Nothing else writes the image while the lock is held.
+                let Some(probe) = volume.image_probe()? else {
+                    return Ok(serde_json::json!(crate::store::ImageCheck::default()));
+                };
+                let (blocks, suspects) = probe.scan(|_, _| {})?;
+                let mut check = volume.repair_image(&suspects)?;
+                check.blocks = blocks;
+                return Ok(serde_json::json!(check));
+            }
             apply(&mut volume, &op).map(|info| snapshot_json(&info))
         }
     }

@@ -68,7 +68,7 @@ pub mod gc;
 pub mod refs;
 pub mod verify;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -909,7 +909,7 @@ impl ChunkStore {
             store: self.clone(),
             segments: record.segment_ids()?,
             size: record.size,
-            cached: Mutex::new(None),
+            cached: Mutex::new(VecDeque::new()),
             next: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
     }
@@ -1479,7 +1479,8 @@ pub struct VersionReader {
     store: Arc<ChunkStore>,
     segments: Vec<Digest>,
     size: u64,
-    cached: Mutex<Option<(usize, Arc<Vec<Digest>>)>>,
+    /// The segments read last, newest first (at most [`SEGMENTS_KEPT`]).
+    cached: Mutex<VecDeque<(usize, Arc<Vec<Digest>>)>>,
     /// Where the last read ended: a read that starts there is sequential,
     /// and the blocks after it are fetched with it (into the chunk cache).
     next: std::sync::atomic::AtomicU64,
@@ -1487,6 +1488,11 @@ pub struct VersionReader {
 
 /// Blocks fetched ahead of a sequential read (2 MiB).
 const READAHEAD: u64 = 32;
+
+/// Map segments a [`VersionReader`] keeps read (128 KiB each, for 256 MiB
+/// of the volume): an export's scattered reads, and checks of the image
+/// cache against the map, do not read the same segment again and again.
+const SEGMENTS_KEPT: usize = 8;
 
 impl VersionReader {
     /// The version's size.
@@ -1497,10 +1503,11 @@ impl VersionReader {
     /// The digests of segment `n` (all of the segment's blocks).
     pub fn segment(&self, n: usize) -> Result<Arc<Vec<Digest>>> {
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((m, d)) = cached.as_ref() {
-            if *m == n {
-                return Ok(d.clone());
-            }
+        if let Some(at) = cached.iter().position(|(m, _)| *m == n) {
+            let hit = cached.remove(at).expect("found");
+            let d = hit.1.clone();
+            cached.push_front(hit);
+            return Ok(d);
         }
         let id = self
             .segments
@@ -1515,7 +1522,8 @@ impl VersionReader {
                 segment_len(self.size, n)
             )));
         }
-        *cached = Some((n, d.clone()));
+        cached.push_front((n, d.clone()));
+        cached.truncate(SEGMENTS_KEPT);
         Ok(d)
     }
 

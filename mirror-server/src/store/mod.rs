@@ -87,6 +87,20 @@
 //! to resume, and dropped when another epoch begins. Readers of snapshots
 //! (exports, restores) need no lock on the volume: see
 //! [`SnapshotReader`].
+//!
+//! # A disk's damage in the image
+//!
+//! The image and a snapshot's preserved blocks carry no checksums of their
+//! own; the chunk store's map of each version names every block by its
+//! sha256. So a version read from the cache is checked block by block
+//! against that map as it is read ([`CacheCheck`]: a block that differs is
+//! served from the store, whose chunks are checked against their names),
+//! and `verify` checks the whole image against the version it holds
+//! ([`ImageProbe`]) and writes the store's block over each that differs
+//! ([`Volume::repair_image`], under the volume's lock: the same bytes as
+//! the version, so snapshots reading that block from the image are mended
+//! too). A publication also checks each block it patches against the
+//! version before it builds on it (see `Volume::rebuild`).
 
 mod frames;
 pub mod log;
@@ -108,7 +122,7 @@ use ublk_mirror_common::{block, fsutil};
 
 use self::log::{read_log_header, Entry, LogReader};
 pub(crate) use self::reader::subdirs;
-pub use self::reader::{import, list, SnapshotReader, VersionSource};
+pub use self::reader::{import, list, CacheCheck, SnapshotReader, VersionSource};
 pub use self::staging::Staging;
 use self::staging::{is_direct, remove_staging, staging_epochs, staging_path, STAGING};
 use crate::chunks::format::{self, VersionRecord, WriterRecord, HOLE};
@@ -710,6 +724,77 @@ impl Volume {
         self.image
             .read_exact_at(buf, offset)
             .map_err(|e| Error::io("reading the image", e))
+    }
+
+    /// Where checking the image against the chunk store's version it
+    /// holds starts ([`ImageProbe`]); none where there is nothing to
+    /// check against: no chunk store, no version stored yet, or the image
+    /// being caught up to a newer one (it holds parts of two).
+    pub fn image_probe(&self) -> Result<Option<ImageProbe>> {
+        let Some((store, volume)) = &self.chunks else {
+            return Ok(None);
+        };
+        if self.state.store_seq == 0 || self.catching_up.is_some() || self.poisoned {
+            return Ok(None);
+        }
+        let record = store.version(volume, self.state.store_seq)?;
+        Ok(Some(ImageProbe {
+            image: self.image.clone(),
+            size: self.state.size,
+            store: store.reader(&record)?,
+            label: format!("{volume}@{}", record.seq),
+        }))
+    }
+
+    /// Blocks `suspects` of the image (an [`ImageProbe::scan`]'s) checked
+    /// again against the version it holds now (under the volume's lock:
+    /// no publication writes it meanwhile), and each that still differs
+    /// made the version's from the chunk store (whose chunks are checked
+    /// against their names). The same bytes as the version: snapshots that
+    /// read the block from the image are mended with it.
+    pub fn repair_image(&mut self, suspects: &[u64]) -> Result<ImageCheck> {
+        let mut check = ImageCheck::default();
+        if suspects.is_empty() {
+            return Ok(check);
+        }
+        let Some(probe) = self.image_probe()? else {
+            return Ok(check);
+        };
+        let mut buf = Vec::new();
+        for &n in suspects {
+            if probe.differs(n, &mut buf)?.is_none() {
+                continue;
+            }
+            check.damaged += 1;
+            let good = match probe.store.blocks(&[n]) {
+                Ok(mut b) => b.remove(0),
+                Err(e) => {
+                    tracing::error!("{}: block {n} of the image differs from the version and the chunk store cannot give it: {e}", probe.label);
+                    continue;
+                }
+            };
+            let len = block_len(self.state.size, n) as usize;
+            let good = good.unwrap_or_else(|| vec![0u8; len]);
+            if good.len() != len {
+                tracing::error!(
+                    "{}: block {n} is {} bytes in the chunk store, not {len}",
+                    probe.label,
+                    good.len()
+                );
+                continue;
+            }
+            self.image
+                .write_all_at(&good, n * block::BLOCK)
+                .map_err(|e| Error::io("repairing the image", e))?;
+            check.repaired += 1;
+            tracing::warn!("{}: block {n} of the image differed from the version (damaged on this disk?): made the chunk store's again", probe.label);
+        }
+        if check.repaired > 0 {
+            self.image
+                .sync_data()
+                .map_err(|e| Error::io("syncing the repaired image", e))?;
+        }
+        Ok(check)
     }
 
     /// The sha256 of each block of the image (the published epoch).
@@ -1409,6 +1494,7 @@ impl Volume {
                 let source = VersionSource::Cache {
                     reader: self.reader(),
                     id: info.id,
+                    check: self.cache_check(&info).map(Box::new),
                 };
                 Ok((info, Some(pin), source))
             }
@@ -1423,6 +1509,48 @@ impl Volume {
                 }
                 None => Err(e),
             },
+        }
+    }
+
+    /// What the cache's blocks of snapshot `info` are checked against as
+    /// they are read ([`reader::CacheCheck`]): the chunk store's version
+    /// it holds (its pin; for a temporary snapshot of the head, the
+    /// version the image holds, unless the image is being caught up to a
+    /// newer one). None where the store has no such version, or cannot be
+    /// read now (said: the cache serves unchecked).
+    fn cache_check(&self, info: &SnapshotInfo) -> Option<reader::CacheCheck> {
+        let (store, volume) = self.chunks.as_ref()?;
+        let label = format!("{volume}@{}", info.name);
+        let seq = if info.kind == Kind::Temporary {
+            (self.state.store_seq > 0 && self.catching_up.is_none()).then_some(self.state.store_seq)
+        } else {
+            match store.pin_record(volume, &info.name) {
+                Ok(pin) => pin.map(|p| p.seq),
+                Err(e) => {
+                    tracing::warn!("{label}: the chunk store cannot be read to check the image cache's blocks ({e}): served unchecked");
+                    None
+                }
+            }
+        };
+        let Some(seq) = seq else {
+            tracing::debug!("{label}: the chunk store keeps no version of it: the image cache's blocks are served unchecked");
+            return None;
+        };
+        match store
+            .version(volume, seq)
+            .and_then(|r| Ok((r.epoch, store.reader(&r)?)))
+        {
+            Ok((epoch, reader)) if epoch == info.epoch => {
+                Some(reader::CacheCheck::new(reader, label))
+            }
+            Ok((epoch, _)) => {
+                tracing::warn!("{label}: the chunk store's version {seq} holds epoch {epoch}, not {}: the image cache's blocks are served unchecked", info.epoch);
+                None
+            }
+            Err(e) => {
+                tracing::warn!("{label}: the chunk store cannot be read to check the image cache's blocks ({e}): served unchecked");
+                None
+            }
         }
     }
 
@@ -1918,6 +2046,71 @@ impl Volume {
         }
         prefix.update(&block[if differed { 0 } else { shared }..]);
         Ok((block, prefix.finalize().into(), differed))
+    }
+}
+
+/// What checking a volume's image against the chunk store's version it
+/// holds found ([`Volume::image_probe`], [`Volume::repair_image`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageCheck {
+    /// Blocks read and checked.
+    pub blocks: u64,
+    /// Blocks that differed from the version.
+    pub damaged: u64,
+    /// Of those, made the version's again from the chunk store.
+    pub repaired: u64,
+}
+
+/// The image of a volume checked against the chunk store's version it
+/// holds, read without the volume's lock ([`ImageProbe::scan`]): the
+/// image and the chunk store have no checksums in common but the
+/// version's map, so each block is hashed and compared with it. A
+/// publication meanwhile may make a block differ for a moment (the image
+/// gets the next version's blocks after the store does): what differs is
+/// checked again under the lock ([`Volume::repair_image`]).
+#[derive(Debug)]
+pub struct ImageProbe {
+    image: Arc<File>,
+    size: u64,
+    store: crate::chunks::VersionReader,
+    /// `CLIENT/VOLUME@SEQ`, for the log.
+    label: String,
+}
+
+impl ImageProbe {
+    /// The blocks of the image that differ from the version; `progress`
+    /// gets the bytes checked so far and the image's size.
+    pub fn scan(&self, mut progress: impl FnMut(u64, u64)) -> Result<(u64, Vec<u64>)> {
+        let blocks = blocks_of(self.size);
+        let mut suspects = Vec::new();
+        let mut buf = Vec::new();
+        for n in 0..blocks {
+            if n % 256 == 0 {
+                fsutil::will_need(&self.image, n * block::BLOCK, 256 * block::BLOCK);
+                progress(n * block::BLOCK, self.size);
+            }
+            if self.differs(n, &mut buf)?.is_some() {
+                suspects.push(n);
+            }
+        }
+        progress(self.size, self.size);
+        Ok((blocks, suspects))
+    }
+
+    /// Whether block `n` of the image differs from the version (read into
+    /// `buf`): the version's digest if it does.
+    fn differs(&self, n: u64, buf: &mut Vec<u8>) -> Result<Option<Digest>> {
+        buf.resize(block_len(self.size, n) as usize, 0);
+        self.image
+            .read_exact_at(buf, n * block::BLOCK)
+            .map_err(|e| Error::io("reading the image", e))?;
+        let want = self.store.digest(n)?;
+        let right = if want == HOLE {
+            block::is_zero(buf)
+        } else {
+            block::digest(buf) == want
+        };
+        Ok((!right).then_some(want))
     }
 }
 
@@ -3487,6 +3680,80 @@ mod tests {
         );
         v.read_at(&mut image, 0).unwrap();
         assert!(image == two);
+    }
+
+    /// The image cache and a snapshot's preserved blocks are plain files:
+    /// a block a disk damaged there is not served as the version. Each
+    /// block read from the cache is checked against the chunk store's map
+    /// of the same version, and one that differs is read from the store
+    /// instead and counted; its digest is the version's. A block checked
+    /// once is not hashed again. With no version in the store to check
+    /// against, the cache is read as it is.
+    #[test]
+    fn a_block_damaged_in_the_image_cache_is_served_from_the_store() {
+        const B: u64 = block::BLOCK;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = memory_store();
+        let vdir = dir.path().join("vol");
+        let mut v = Volume::create(&vdir, SIZE).unwrap();
+        v.attach(store.clone(), "c/vol").unwrap();
+        let one = block(1, SIZE as usize);
+        publish_whole(&mut v, 1, &one);
+        let kept = v.snapshot(Some("one"), Kind::Manual).unwrap();
+        let mut two = one.clone();
+        two[(3 * B) as usize..(5 * B) as usize].copy_from_slice(&block(2, 2 * B as usize));
+        publish_whole(&mut v, 2, &two);
+        // A disk flips bytes: in the image (block 1, the head's) and in
+        // what the snapshot preserved (of blocks 3 and 4).
+        let damage = |path: &Path, at: u64| {
+            let f = OpenOptions::new().write(true).open(path).unwrap();
+            f.write_all_at(&[0xEE; 100], at).unwrap();
+        };
+        damage(&vdir.join("image"), B + 10);
+        damage(
+            &vdir
+                .join("snapshots")
+                .join(kept.id.to_string())
+                .join("data"),
+            10,
+        );
+
+        for (at, want) in [(None, &two), (Some("one"), &one)] {
+            let (info, pin, source) = v.open_version(at).unwrap();
+            assert!(source.checked(), "{at:?}");
+            // A small read inside a damaged block, then the whole volume
+            // in odd pieces.
+            let mut small = vec![0u8; 512];
+            source.read(&mut small, B + 1024).unwrap();
+            assert!(small == want[(B + 1024) as usize..][..512], "{at:?}");
+            let mut got = vec![0u8; SIZE as usize];
+            for (i, piece) in got.chunks_mut(96 << 10).enumerate() {
+                source.read(piece, i as u64 * (96 << 10)).unwrap();
+            }
+            assert!(&got == want, "{at:?}: the damage was served");
+            assert_eq!(source.damaged(), 1, "{at:?}");
+            // Read a block at a time as a restore does: the version's
+            // digest comes with each.
+            for n in 0..SIZE / B {
+                let (bytes, known) = source.read_block(n * B, B as u32).unwrap();
+                assert!(bytes == want[(n * B) as usize..][..B as usize]);
+                if let Some(d) = known {
+                    assert_eq!(d, digest(&bytes), "block {n}");
+                }
+            }
+            assert_eq!(source.damaged(), 1, "{at:?}");
+            v.done_reading(&info, pin).unwrap();
+        }
+        // A volume the store does not keep: read as the cache holds it.
+        let mut plain = Volume::create(&dir.path().join("plain"), SIZE).unwrap();
+        publish_whole(&mut plain, 1, &one);
+        damage(&dir.path().join("plain").join("image"), 10);
+        let (info, pin, source) = plain.open_version(None).unwrap();
+        assert!(!source.checked());
+        let mut got = vec![0u8; SIZE as usize];
+        source.read(&mut got, 0).unwrap();
+        assert!(got[10..110] == [0xEE; 100]);
+        plain.done_reading(&info, pin).unwrap();
     }
 
     /// Retention prunes the scheduled snapshots only the chunk store

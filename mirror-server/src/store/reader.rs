@@ -1,15 +1,21 @@
 //! Reading volumes without owning them: [`SnapshotReader`], which reads a
 //! volume's snapshots without the volume's lock while epochs are
-//! published; [`list`], the volumes of a data directory as their
+//! published; [`VersionSource`], a version to read wherever it is, whose
+//! cache reads are checked against the chunk store ([`CacheCheck`]);
+//! [`list`], the volumes of a data directory as their
 //! `state.json` says, with no recovery; and [`import`], which makes a
 //! volume from an image file.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
+use ublk_mirror_common::block::{self, BLOCK};
 use ublk_mirror_common::clock::now_ms;
+use ublk_mirror_common::proto::Digest;
 
 use super::{read_state, sync_dir, write_state, Volume, VolumeState, VOLUMES_DIR};
 use crate::error::{Error, Result};
@@ -123,8 +129,12 @@ pub enum VersionSource {
         reader: SnapshotReader,
         /// Which one.
         id: u64,
+        /// The chunk store's copy of the same version, which each block
+        /// read from the cache is checked against (none: the store has no
+        /// such version, or could not be read when it was opened).
+        check: Option<Box<CacheCheck>>,
     },
-    /// A version in the chunk store.
+    /// A version in the chunk store (every chunk checked as it is read).
     Store(crate::chunks::VersionReader),
 }
 
@@ -140,8 +150,66 @@ impl VersionSource {
     /// Read `buf.len()` bytes at `offset`.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match self {
-            VersionSource::Cache { reader, id } => reader.read(*id, buf, offset),
+            VersionSource::Cache {
+                reader,
+                id,
+                check: Some(check),
+            } => check.read(reader, *id, buf, offset).map(|_| ()),
+            VersionSource::Cache { reader, id, .. } => reader.read(*id, buf, offset),
             VersionSource::Store(r) => r.read_at(buf, offset),
+        }
+    }
+
+    /// The `len` bytes at `offset` with their sha256 where it is known
+    /// without hashing them again: a whole block of the store's, or one
+    /// the cache check hashed.
+    pub fn read_block(&self, offset: u64, len: u32) -> Result<(Vec<u8>, Option<Digest>)> {
+        let mut buf = vec![0u8; len as usize];
+        let whole = offset % BLOCK == 0 && u64::from(len) == block_len(self.size(), offset / BLOCK);
+        let known = match self {
+            VersionSource::Cache {
+                reader,
+                id,
+                check: Some(check),
+            } => check.read(reader, *id, &mut buf, offset)?.filter(|_| whole),
+            VersionSource::Cache { reader, id, .. } => {
+                reader.read(*id, &mut buf, offset)?;
+                None
+            }
+            VersionSource::Store(r) => {
+                r.read_at(&mut buf, offset)?;
+                if whole {
+                    Some(stored_digest(r.digest(offset / BLOCK)?, len))
+                } else {
+                    None
+                }
+            }
+        };
+        Ok((buf, known))
+    }
+
+    /// Blocks of the cache found differing from the chunk store's copy of
+    /// the version so far (served from the store instead).
+    pub fn damaged(&self) -> u64 {
+        match self {
+            VersionSource::Cache {
+                check: Some(check), ..
+            } => check
+                .damaged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Whether the cache's blocks are checked against the chunk store.
+    pub fn checked(&self) -> bool {
+        match self {
+            VersionSource::Cache { check, .. } => check
+                .as_ref()
+                .is_some_and(|c| !c.off.load(Ordering::Relaxed)),
+            VersionSource::Store(_) => true,
         }
     }
 
@@ -149,7 +217,7 @@ impl VersionSource {
     /// answer goes.
     pub fn extent(&self, offset: u64) -> Result<(bool, u64)> {
         match self {
-            VersionSource::Cache { reader, id } => reader.extent(*id, offset),
+            VersionSource::Cache { reader, id, .. } => reader.extent(*id, offset),
             VersionSource::Store(r) => {
                 let block = ublk_mirror_common::block::BLOCK;
                 let n = offset / block;
@@ -158,6 +226,169 @@ impl VersionSource {
                 Ok((mapped, end - offset))
             }
         }
+    }
+}
+
+/// The sha256 of a block of `len` bytes the chunk store names `d`
+/// ([`HOLE`](crate::chunks::format::HOLE): zeroes).
+fn stored_digest(d: Digest, len: u32) -> Digest {
+    if d == crate::chunks::format::HOLE {
+        block::zero_digest(len)
+    } else {
+        d
+    }
+}
+
+/// The length of block `n` of a volume of `size` bytes (the last may be
+/// short).
+fn block_len(size: u64, n: u64) -> u64 {
+    size.saturating_sub(n * BLOCK).min(BLOCK)
+}
+
+/// What a cache snapshot's blocks are checked against as they are read:
+/// the chunk store's copy of the same version. The image and a
+/// snapshot's preserved blocks are plain files with no checksums of
+/// their own; a block a disk damaged there would be served as the
+/// version (a restore checks what it receives against the digest the
+/// server sends, which the server would compute from the damaged bytes).
+/// So each block is hashed the first time it is read and compared with
+/// the version's map; one that differs is read from the store instead
+/// (whose chunks are checked against their names), counted and logged;
+/// one that matches is not hashed again for this reader (a bit each:
+/// 2 MiB for 1 TiB). The store out of reach does not stop the reading:
+/// the cache is then served unchecked, said once in the log.
+#[derive(Debug)]
+pub struct CacheCheck {
+    store: crate::chunks::VersionReader,
+    /// `CLIENT/VOLUME@SNAPSHOT`, for the log.
+    label: String,
+    /// The blocks found right, one bit each.
+    right: Mutex<Vec<u64>>,
+    /// The blocks found damaged (read from the store at each read).
+    damaged: Mutex<BTreeSet<u64>>,
+    /// The store could not be read for a check: unchecked from then on.
+    off: AtomicBool,
+}
+
+impl CacheCheck {
+    /// Checks against `store`, the chunk store's reader of the version
+    /// (`label` names it in the log).
+    pub fn new(store: crate::chunks::VersionReader, label: String) -> Self {
+        let words = crate::chunks::blocks_of(store.size()).div_ceil(64) as usize;
+        CacheCheck {
+            store,
+            label,
+            right: Mutex::new(vec![0; words]),
+            damaged: Mutex::new(BTreeSet::new()),
+            off: AtomicBool::new(false),
+        }
+    }
+
+    fn is_right(&self, n: u64) -> bool {
+        let right = self.right.lock().unwrap_or_else(|p| p.into_inner());
+        right
+            .get((n / 64) as usize)
+            .is_some_and(|w| w & (1 << (n % 64)) != 0)
+    }
+
+    fn set_right(&self, n: u64) {
+        let mut right = self.right.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = right.get_mut((n / 64) as usize) {
+            *w |= 1 << (n % 64);
+        }
+    }
+
+    /// Read snapshot `id` of `reader` at `offset`, each block not yet
+    /// found right checked (read whole for it). The sha256 of the bytes
+    /// read where they are one block this call hashed.
+    fn read(
+        &self,
+        reader: &SnapshotReader,
+        id: u64,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<Option<Digest>> {
+        let size = reader.size();
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= size)
+            .ok_or_else(|| {
+                Error::Invalid(format!("read at {offset} is past the end of the volume"))
+            })?;
+        let mut hashed = None;
+        let mut at = offset;
+        while at < end {
+            let n = at / BLOCK;
+            let start = n * BLOCK;
+            let len = block_len(size, n);
+            let to = end.min(start + len);
+            let dst = &mut buf[(at - offset) as usize..(to - offset) as usize];
+            if self.off.load(Ordering::Relaxed) || self.is_right(n) {
+                reader.read(id, dst, at)?;
+            } else if at == start && to == start + len {
+                reader.read(id, dst, start)?;
+                hashed = self.check(n, dst)?;
+            } else {
+                let mut whole = vec![0u8; len as usize];
+                reader.read(id, &mut whole, start)?;
+                self.check(n, &mut whole)?;
+                dst.copy_from_slice(&whole[(at - start) as usize..(to - start) as usize]);
+            }
+            at = to;
+        }
+        Ok(hashed.filter(|_| offset % BLOCK == 0 && end - offset <= BLOCK))
+    }
+
+    /// Check block `n` as the cache holds it (`data`, the whole block)
+    /// against the version's map: made the store's where it differs. Its
+    /// sha256, if hashed.
+    fn check(&self, n: u64, data: &mut [u8]) -> Result<Option<Digest>> {
+        let want = match self.store.digest(n) {
+            Ok(d) => d,
+            Err(e) => {
+                if !self.off.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "{}: the chunk store cannot be read to check the image cache's blocks ({e}): served unchecked",
+                        self.label
+                    );
+                }
+                return Ok(None);
+            }
+        };
+        let (right, hashed) = if want == crate::chunks::format::HOLE {
+            (block::is_zero(data), None)
+        } else {
+            let d = block::digest(data);
+            (d == want, Some(d))
+        };
+        if right {
+            self.set_right(n);
+            return Ok(hashed);
+        }
+        let first = self
+            .damaged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(n);
+        if first {
+            tracing::error!(
+                "{}: block {n} of the image cache differs from the version in the chunk store (damaged on this server's disk?): served from the store (`mirror-server verify` repairs the image; a block a snapshot preserved is read from the store each time)",
+                self.label
+            );
+        }
+        match self.store.blocks(&[n])?.remove(0) {
+            Some(good) if good.len() == data.len() => data.copy_from_slice(&good),
+            Some(good) => {
+                return Err(Error::Corrupt(format!(
+                    "{}: block {n} is {} bytes in the chunk store, not {}",
+                    self.label,
+                    good.len(),
+                    data.len()
+                )))
+            }
+            None => data.fill(0),
+        }
+        Ok(Some(stored_digest(want, data.len() as u32)))
     }
 }
 
