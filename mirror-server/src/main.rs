@@ -854,7 +854,8 @@ fn store_info(data: &Path, cfg: &Path, json: bool) -> mirror_server::Result<()> 
             "head": head.as_ref().map(|h| h.seq),
             "epoch": head.as_ref().map(|h| h.epoch),
             "size": head.as_ref().map(|h| h.size),
-            "published": head.as_ref().map(|h| snapshots::time_name(h.created_ms)),
+            // ms since the Unix epoch, as `volumes --json` has it.
+            "published_ms": head.as_ref().map(|h| h.created_ms),
         }));
     }
     let (objects, object_bytes) = store.objects()?;
@@ -895,7 +896,10 @@ fn store_info(data: &Path, cfg: &Path, json: bool) -> mirror_server::Result<()> 
             r["versions"],
             r["head"],
             r["epoch"],
-            r["published"].as_str().unwrap_or("-"),
+            r["published_ms"].as_u64().map_or_else(
+                || "-".to_string(),
+                |ms| ublk_mirror_common::when::show(ms, false)
+            ),
             match r["damaged"].as_array() {
                 Some(d) if !d.is_empty() => format!("; DAMAGED versions {}", r["damaged"]),
                 _ => String::new(),
@@ -1323,6 +1327,14 @@ fn serve(
 }
 
 fn client(data: &Path, cfg: &Path, command: ClientCommand) -> mirror_server::Result<()> {
+    // A mistyped --data is said, not made into an empty registry.
+    if !data.join("identity").is_dir() {
+        return Err(mirror_server::Error::Invalid(format!(
+            "{} is not a data directory (it has no identity/): check --data, or run `mirror-server init --data {}` first",
+            data.display(),
+            data.display()
+        )));
+    }
     let registry = Registry::open(data)?;
     match command {
         ClientCommand::Add {
@@ -1384,7 +1396,23 @@ fn client(data: &Path, cfg: &Path, command: ClientCommand) -> mirror_server::Res
             let mut out = std::io::stdout().lock();
             let io = |e| mirror_server::Error::io("writing to stdout", e);
             if json {
-                return print_json(&list);
+                // What a listing needs, not the file: a pending token's
+                // hash stays in the data directory.
+                let listed: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.name,
+                            "state": c.state(),
+                            "created_ms": c.created_ms,
+                            "fingerprint": c.fingerprint,
+                            "token_expires_ms": c.token.as_ref().map(|t| t.expires_ms),
+                            "revoked": c.revoked,
+                            "retired": c.retired,
+                        })
+                    })
+                    .collect();
+                return print_json(&listed);
             }
             writeln!(out, "{:<24} {:<9} CERTIFICATE", "CLIENT", "STATE").map_err(io)?;
             for c in &list {

@@ -141,6 +141,10 @@ pub(crate) async fn receive_epoch(
     Ok(())
 }
 
+/// The QUIC stream reset code of a restore whose version the chunk store
+/// cannot give now (out of reach): the client asks again later.
+pub(crate) const RESET_STORE_UNAVAILABLE: u32 = 4;
+
 /// A restore's stream: `RestoreInfo`, then for each `Have` the blocks of
 /// the snapshot whose digests differ from the target's, and `HaveDone`.
 pub(crate) async fn serve_restore(
@@ -183,6 +187,14 @@ pub(crate) async fn serve_restore(
         for (&(o, l), theirs) in blocks.iter().zip(&digests) {
             let (bytes, known) = match tokio::task::block_in_place(|| reader.read_block(o, l)) {
                 Ok(d) => d,
+                Err(e @ Error::Store(_)) => {
+                    // Out of reach for now: the stream is reset, which the
+                    // client takes for a lost link and asks again (it goes
+                    // on where it was); a refusal would end its restore.
+                    tracing::warn!("restore: {e}; the client is left to ask again");
+                    let _ = send.reset(RESET_STORE_UNAVAILABLE.into());
+                    return Err(Fault::Other(e));
+                }
                 Err(e) => return refuse(send, format!("restore: {e}")).await,
             };
             let mine = known.unwrap_or_else(|| block::digest(&bytes));

@@ -66,10 +66,42 @@ fn init_makes_an_identity_once_and_volumes_lists_what_is_stored() {
 #[test]
 fn a_missing_data_directory_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = server(&dir.path().join("nothing"), &["volumes"]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("mirror-server init --data"), "{err}");
+    let nothing = dir.path().join("nothing");
+    for args in [
+        &["volumes"][..],
+        &["client", "list"],
+        &["client", "revoke", "x"],
+    ] {
+        let out = server(&nothing, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("mirror-server init --data"), "{args:?}: {err}");
+    }
+    assert!(!nothing.exists(), "a mistyped --data was made");
+}
+
+/// `client list --json` shows what a listing needs: a pending token's
+/// expiry, never its hash.
+#[test]
+fn the_client_list_shows_each_client_s_state_and_no_token_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(server(&data, &["init", "--listen", "127.0.0.1:7000"])
+        .status
+        .success());
+    let add = server(
+        &data,
+        &["client", "add", "laptop", "--address", "127.0.0.1:7000"],
+    );
+    assert!(add.status.success(), "{add:?}");
+    let out = server(&data, &["client", "list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("secret"), "{text}");
+    let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(list[0]["name"], "laptop", "{list}");
+    assert_eq!(list[0]["state"], "pending", "{list}");
+    assert!(list[0]["token_expires_ms"].as_u64().unwrap() > 0, "{list}");
 }
 
 #[test]

@@ -16,6 +16,7 @@ use ublk_mirror_common::block::encode as encode_block;
 use ublk_mirror_common::client::Link;
 use ublk_mirror_common::identity::Identity;
 use ublk_mirror_common::proto::{Encoding, Message, Version, Writer};
+use ublk_mirror_common::session::restore::ReadStep;
 use ublk_mirror_common::token::Token;
 use ublk_mirror_common::wire;
 
@@ -2235,6 +2236,68 @@ async fn an_unreachable_store_refuses_the_commit_and_the_epoch_resumes_when_it_i
     assert!(server.image("laptop", "root") == two);
     let store = store_json(&data);
     assert_eq!(store["volumes"][0]["versions"], 2, "{store}");
+}
+
+/// A restore read from the chunk store (a snapshot this server's cache
+/// does not hold) whose store goes out of reach part way is not refused:
+/// the stream is reset, which the client takes for a lost link and asks
+/// again; once the store is back, it reads on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_is_not_refused_while_the_chunk_store_is_out_of_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let init = cli_at(&data, &["init", "--listen", "127.0.0.1:0"]);
+    assert!(init.status.success(), "{init:?}");
+    let mut weed = common::seaweed::Seaweed::start();
+    use_seaweed(&data, &weed);
+    // Every chunk read from the bucket: none kept in memory.
+    let config = data.join("server.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replacen("[store]\n", "[store]\nchunk_cache = \"0\"\n", 1);
+    assert!(text.contains("chunk_cache"), "{text}");
+    std::fs::write(&config, text).unwrap();
+    let server = Server::start(&data);
+    let (id, link) = enrolled(&server, dir.path(), "laptop").await;
+    let size: u64 = 4 << 20;
+    let all: Vec<(u64, u32)> = (0..size / 65536).map(|i| (i * 65536, 65536)).collect();
+    link.open_volume("root", size).await.unwrap();
+    let one = noise(61, size as usize);
+    link.send_epoch("root", 1, w(1), &all, 3, reader(one.clone()))
+        .await
+        .unwrap();
+    link.snapshot("root", Some("s1")).await.unwrap();
+    drop(link);
+    drop(server);
+    // The cache lost: s1 is the store's only.
+    std::fs::remove_dir_all(data.join("volumes/laptop/root")).unwrap();
+    let server = Server::start(&data);
+    let link = Link::connect(&id, token_fp(&data), &server.address)
+        .await
+        .unwrap();
+    let block = |n: usize| &one[n * 65536..][..65536];
+    let read_one = async |read: &mut ublk_mirror_common::client::VersionRead, n: u64| {
+        read.ask(n * 65536, 1, vec![[0u8; 32]]).await?;
+        let mut got = None;
+        loop {
+            match read.next().await? {
+                ReadStep::Block(b) => got = b.decode()?,
+                ReadStep::Answered { .. } => return Ok::<_, ublk_mirror_common::Error>(got),
+                ReadStep::ReadData(_) => unreachable!(),
+            }
+        }
+    };
+    let mut read = link.read_version("root", Some("s1")).await.unwrap();
+    assert_eq!(read.info().epoch, 1);
+    assert!(read_one(&mut read, 0).await.unwrap().as_deref() == Some(block(0)));
+    weed.stop();
+    match read_one(&mut read, 60).await {
+        Err(e) => assert_eq!(e.kind(), ublk_mirror_common::ErrorKind::Link, "{e}"),
+        Ok(_) => panic!("a block was read with the store out of reach (from a cache?)"),
+    }
+    weed.restart();
+    let mut read = link.read_version("root", Some("s1")).await.unwrap();
+    assert!(read_one(&mut read, 60).await.unwrap().as_deref() == Some(block(60)));
+    read.finish();
 }
 
 /// Every file under `dir`, at any depth.

@@ -128,7 +128,18 @@ pub fn enroll(dir: &Path, token: &Token) -> Result<PathBuf> {
         .map_err(|e| Error::io("starting the async runtime", e))?;
     let name = runtime
         .block_on(async {
-            let link = Link::connect(&identity, token.server, &token.address).await?;
+            let link = Link::connect(&identity, token.server, &token.address)
+                .await
+                .map_err(|e| match e {
+                    // Pinning failed: not yet enrolled, so nothing "changed".
+                    ublk_mirror_common::Error::Refused(_) => {
+                        ublk_mirror_common::Error::Refused(format!(
+                            "the server at {} is not the one that made this token (its certificate is not the one the token names): the token's address may be another server's (`mirror-server client add --address HOST:PORT` makes one with the right address), or that server's identity was made anew since the token was made (make a new one there)",
+                            token.address
+                        ))
+                    }
+                    e => e,
+                })?;
             let name = link.enroll(&token.name, token.secret).await;
             link.close().await;
             name

@@ -249,6 +249,8 @@ pub fn restore(
             let since = match failing {
                 Some((since, at)) if at == done => since,
                 _ => {
+                    // A loss (tries that fail meanwhile are not counted).
+                    reconnects += 1;
                     wait = Duration::from_secs(1);
                     Instant::now()
                 }
@@ -264,7 +266,6 @@ pub fn restore(
                 }
                 return Err(e);
             }
-            reconnects += 1;
             tracing::warn!(
                 "the restore lost the mirror ({e}); trying again in {}s, going on from {}",
                 wait.as_secs(),

@@ -53,6 +53,20 @@ fn a_token_enrolls_this_machine_once() {
     assert_eq!(other.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&other.stderr).contains("refused"));
 
+    // A token whose address reaches another server (or one whose
+    // identity was made anew): refused, saying so, nothing saved.
+    let mut elsewhere = server.token(&data, "desk");
+    elsewhere.server = Identity::create(&dir.path().join("someone"))
+        .unwrap()
+        .fingerprint();
+    let fourth = dir.path().join("fourth");
+    let out = enroll(&elsewhere.to_string(), &fourth);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not the one that made this token"), "{err}");
+    assert!(!err.contains("changed"), "{err}");
+    assert!(ublk_dev::enrollment::Enrollment::load(&fourth).is_err());
+
     // Not a token at all.
     let bad = enroll("hello", &dir.path().join("third"));
     assert_eq!(bad.status.code(), Some(2));

@@ -9,6 +9,10 @@
 //! <- HaveDone{same}                        per Have, in order
 //! ```
 //!
+//! A server whose chunk store is out of reach mid-restore resets the
+//! stream (code 4) rather than refusing: the reader sees a lost link and
+//! asks again, going on where it was.
+//!
 //! The reader asks up to [`IN_FLIGHT`] batches ahead, checks that each
 //! block it receives lies inside a batch it asked for and inside the
 //! volume, and has its bytes verified ([`BlockToWrite::decode`]) before
