@@ -218,8 +218,9 @@ enum Command {
     /// deduplicated against: the next time a device sends that content it
     /// is stored again. A block of an image that differs from its version
     /// (this disk's damage) is made the version's again from the store
-    /// (restores and exports never serve it meanwhile: they check each
-    /// block they read from the image). Exit status 1 when damage is left.
+    /// (restores and exports do not serve it meanwhile: they check each
+    /// block they read from the image while the store can be read). Exit
+    /// status 1 when damage is left.
     /// The running server does it every `verify_every` (server.toml's
     /// [store]); run while it serves, the images are checked through it.
     Verify {
@@ -933,6 +934,8 @@ struct ImagesChecked {
     blocks: u64,
     /// The images with blocks that differed from their versions.
     damaged: std::collections::BTreeMap<String, ImageCheck>,
+    /// The images that could not be checked, and why.
+    unchecked: std::collections::BTreeMap<String, String>,
 }
 
 fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_server::Result<()> {
@@ -971,7 +974,7 @@ fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_s
             continue; // only in the store (another server's)
         }
         eprintln!("verify: checking the image of {name} against its version");
-        let check: ImageCheck = admin::request(
+        let checked = admin::request(
             data,
             cfg,
             admin::Op::CheckImage {
@@ -979,10 +982,19 @@ fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_s
             },
         )
         .and_then(|v| {
-            serde_json::from_value(v).map_err(|e| {
+            serde_json::from_value::<ImageCheck>(v).map_err(|e| {
                 mirror_server::Error::Invalid(format!("the server's answer on {name}'s image: {e}"))
             })
-        })?;
+        });
+        // One image that cannot be checked does not hide the others.
+        let check = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("verify: the image of {name} was not checked: {e}");
+                images.unchecked.insert(name, e.to_string());
+                continue;
+            }
+        };
         images.volumes += 1;
         images.blocks += check.blocks;
         if check.damaged > 0 {
@@ -1024,10 +1036,19 @@ fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_s
                 c.damaged, c.repaired
             );
         }
+        for (name, why) in &images.unchecked {
+            println!("  image of {name}: not checked: {why}");
+        }
     }
     if unrepaired > 0 {
         return Err(mirror_server::Error::Corrupt(format!(
             "{unrepaired} blocks of the images here differ from their versions and could not be made the version's (the chunk store could not give them; see above)"
+        )));
+    }
+    if !images.unchecked.is_empty() && r.is_clean() {
+        return Err(mirror_server::Error::Invalid(format!(
+            "the chunk store is sound, but {} images here could not be checked (see above)",
+            images.unchecked.len()
         )));
     }
     if r.is_clean() {

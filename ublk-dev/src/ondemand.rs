@@ -1541,7 +1541,11 @@ impl Fetcher {
         // A quarter of a second's worth per run when the fill is limited.
         // Fill runs stay small enough that a read that comes meanwhile
         // waits behind little.
-        let fill_run = rate.map_or(MAX_RUN, |r| ((r / 4 / BLOCK) as usize).clamp(1, MAX_RUN));
+        let base_run = rate.map_or(MAX_RUN, |r| ((r / 4 / BLOCK) as usize).clamp(1, MAX_RUN));
+        // Runs that cost the link next to nothing (holes, blocks the
+        // target holds) grow, so that walking them is not one round trip
+        // per few blocks; one that carried data starts small again.
+        let mut fill_run = base_run;
         let mut fill_not_before = Instant::now();
         // A limited fill is charged what its runs took from the link, once
         // they are answered (holes and blocks the target holds already
@@ -1628,6 +1632,12 @@ impl Fetcher {
                     .load(Ordering::Relaxed)
                     .saturating_sub(wire);
                 fill_not_before = asked + Duration::from_secs_f64(took as f64 / r as f64);
+                let asked_bytes: u64 = runs.iter().map(|r| r.1 as u64 * BLOCK).sum();
+                fill_run = if took.saturating_mul(8) < asked_bytes {
+                    (fill_run * 2).min(MAX_RUN)
+                } else {
+                    base_run
+                };
             }
             match fetched {
                 Ok(()) => {

@@ -737,7 +737,23 @@ impl Volume {
         if self.state.store_seq == 0 || self.catching_up.is_some() || self.poisoned {
             return Ok(None);
         }
-        let record = store.version(volume, self.state.store_seq)?;
+        let seq = self.state.store_seq;
+        let record = match store.version(volume, seq) {
+            Ok(r) => r,
+            // Collected (the volume went on on another server, whose newer
+            // versions this image has not caught up with): nothing to
+            // check against until it is opened for a client again.
+            Err(_) if !store.versions(volume)?.contains(&seq) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if record.epoch != self.state.published_epoch {
+            tracing::warn!(
+                "{volume}: the chunk store's version {seq} holds epoch {}, the image {}: not checked",
+                record.epoch,
+                self.state.published_epoch
+            );
+            return Ok(None);
+        }
         Ok(Some(ImageProbe {
             image: self.image.clone(),
             size: self.state.size,
@@ -774,18 +790,23 @@ impl Volume {
                 }
             };
             let len = block_len(self.state.size, n) as usize;
-            let good = good.unwrap_or_else(|| vec![0u8; len]);
-            if good.len() != len {
-                tracing::error!(
-                    "{}: block {n} is {} bytes in the chunk store, not {len}",
-                    probe.label,
-                    good.len()
-                );
-                continue;
+            match good {
+                // A hole stays one.
+                None => fsutil::punch_or_zero(&self.image, n * block::BLOCK, len as u64)
+                    .map_err(|e| Error::io("repairing the image", e))?,
+                Some(good) if good.len() != len => {
+                    tracing::error!(
+                        "{}: block {n} is {} bytes in the chunk store, not {len}",
+                        probe.label,
+                        good.len()
+                    );
+                    continue;
+                }
+                Some(good) => self
+                    .image
+                    .write_all_at(&good, n * block::BLOCK)
+                    .map_err(|e| Error::io("repairing the image", e))?,
             }
-            self.image
-                .write_all_at(&good, n * block::BLOCK)
-                .map_err(|e| Error::io("repairing the image", e))?;
             check.repaired += 1;
             tracing::warn!("{}: block {n} of the image differed from the version (damaged on this disk?): made the chunk store's again", probe.label);
         }
@@ -3704,7 +3725,7 @@ mod tests {
         two[(3 * B) as usize..(5 * B) as usize].copy_from_slice(&block(2, 2 * B as usize));
         publish_whole(&mut v, 2, &two);
         // A disk flips bytes: in the image (block 1, the head's) and in
-        // what the snapshot preserved (of blocks 3 and 4).
+        // what the snapshot preserved (its first unit).
         let damage = |path: &Path, at: u64| {
             let f = OpenOptions::new().write(true).open(path).unwrap();
             f.write_all_at(&[0xEE; 100], at).unwrap();
@@ -3719,8 +3740,21 @@ mod tests {
         );
 
         for (at, want) in [(None, &two), (Some("one"), &one)] {
+            // Read a block at a time as a restore does: each comes with
+            // its digest, the version's.
             let (info, pin, source) = v.open_version(at).unwrap();
             assert!(source.checked(), "{at:?}");
+            for n in 0..SIZE / B {
+                let (bytes, known) = source.read_block(n * B, B as u32).unwrap();
+                assert!(
+                    bytes == want[(n * B) as usize..][..B as usize],
+                    "{at:?} {n}"
+                );
+                assert_eq!(known, Some(digest(&bytes)), "{at:?}: block {n}");
+            }
+            assert_eq!(source.damaged(), 1, "{at:?}");
+            v.done_reading(&info, pin).unwrap();
+            let (info, pin, source) = v.open_version(at).unwrap();
             // A small read inside a damaged block, then the whole volume
             // in odd pieces.
             let mut small = vec![0u8; 512];
@@ -3732,18 +3766,47 @@ mod tests {
             }
             assert!(&got == want, "{at:?}: the damage was served");
             assert_eq!(source.damaged(), 1, "{at:?}");
-            // Read a block at a time as a restore does: the version's
-            // digest comes with each.
+            // Read again, the blocks found right are not hashed again (no
+            // digest comes with them); the damaged one still comes from
+            // the store, with the version's digest.
+            let mut hashed = Vec::new();
             for n in 0..SIZE / B {
                 let (bytes, known) = source.read_block(n * B, B as u32).unwrap();
                 assert!(bytes == want[(n * B) as usize..][..B as usize]);
                 if let Some(d) = known {
                     assert_eq!(d, digest(&bytes), "block {n}");
+                    hashed.push(n);
                 }
             }
+            assert_eq!(hashed.len(), 1, "{at:?}: {hashed:?}");
             assert_eq!(source.damaged(), 1, "{at:?}");
             v.done_reading(&info, pin).unwrap();
         }
+        // A volume whose last block is short: checked as it is.
+        let odd = SIZE - 3 * 4096;
+        let mut short = Volume::create(&dir.path().join("short"), odd).unwrap();
+        short.attach(store.clone(), "c/short").unwrap();
+        let bytes = block(9, odd as usize);
+        let s = short.begin(1, me(1)).unwrap();
+        s.add(0, odd as u32, &digest(&bytes), Encoding::Raw, &bytes)
+            .unwrap();
+        short.commit(&s).unwrap();
+        damage(&dir.path().join("short").join("image"), odd - 200);
+        let (info, pin, source) = short.open_version(None).unwrap();
+        assert!(source.checked());
+        let last = (odd / B) * B;
+        let (got, known) = source.read_block(last, (odd - last) as u32).unwrap();
+        assert!(
+            got == bytes[last as usize..],
+            "the short block's damage was served"
+        );
+        assert_eq!(known, Some(digest(&got)));
+        let mut tail = vec![0u8; 300];
+        source.read(&mut tail, odd - 300).unwrap();
+        assert!(tail == bytes[(odd - 300) as usize..]);
+        assert_eq!(source.damaged(), 1);
+        short.done_reading(&info, pin).unwrap();
+
         // A volume the store does not keep: read as the cache holds it.
         let mut plain = Volume::create(&dir.path().join("plain"), SIZE).unwrap();
         publish_whole(&mut plain, 1, &one);

@@ -10,7 +10,6 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use ublk_mirror_common::block::{self, BLOCK};
@@ -206,9 +205,7 @@ impl VersionSource {
     /// Whether the cache's blocks are checked against the chunk store.
     pub fn checked(&self) -> bool {
         match self {
-            VersionSource::Cache { check, .. } => check
-                .as_ref()
-                .is_some_and(|c| !c.off.load(Ordering::Relaxed)),
+            VersionSource::Cache { check, .. } => check.as_ref().is_some_and(|c| !c.off()),
             VersionSource::Store(_) => true,
         }
     }
@@ -255,8 +252,9 @@ fn block_len(size: u64, n: u64) -> u64 {
 /// the version's map; one that differs is read from the store instead
 /// (whose chunks are checked against their names), counted and logged;
 /// one that matches is not hashed again for this reader (a bit each:
-/// 2 MiB for 1 TiB). The store out of reach does not stop the reading:
-/// the cache is then served unchecked, said once in the log.
+/// 2 MiB for 1 TiB). The store's map out of reach does not stop the
+/// reading: the cache is then served unchecked for a while (said in the
+/// log), and checked again once the map can be read.
 #[derive(Debug)]
 pub struct CacheCheck {
     store: crate::chunks::VersionReader,
@@ -266,9 +264,14 @@ pub struct CacheCheck {
     right: Mutex<Vec<u64>>,
     /// The blocks found damaged (read from the store at each read).
     damaged: Mutex<BTreeSet<u64>>,
-    /// The store could not be read for a check: unchecked from then on.
-    off: AtomicBool,
+    /// The store's map could not be read for a check: unchecked until
+    /// then.
+    off_until: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long the cache is served unchecked after the store's map could not
+/// be read.
+const UNCHECKED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl CacheCheck {
     /// Checks against `store`, the chunk store's reader of the version
@@ -280,8 +283,29 @@ impl CacheCheck {
             label,
             right: Mutex::new(vec![0; words]),
             damaged: Mutex::new(BTreeSet::new()),
-            off: AtomicBool::new(false),
+            off_until: Mutex::new(None),
         }
+    }
+
+    /// Whether the cache is served unchecked now (the store's map could
+    /// not be read lately).
+    fn off(&self) -> bool {
+        let mut off = self.off_until.lock().unwrap_or_else(|p| p.into_inner());
+        match *off {
+            Some(until) if std::time::Instant::now() < until => true,
+            Some(_) => {
+                *off = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn is_damaged(&self, n: u64) -> bool {
+        self.damaged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&n)
     }
 
     fn is_right(&self, n: u64) -> bool {
@@ -323,7 +347,18 @@ impl CacheCheck {
             let len = block_len(size, n);
             let to = end.min(start + len);
             let dst = &mut buf[(at - offset) as usize..(to - offset) as usize];
-            if self.off.load(Ordering::Relaxed) || self.is_right(n) {
+            if self.is_damaged(n) {
+                let whole = self.store_block(n, len as usize)?;
+                dst.copy_from_slice(&whole[(at - start) as usize..(to - start) as usize]);
+                if at == start && to == start + len {
+                    // The store's block is the one its map names.
+                    hashed = self
+                        .store
+                        .digest(n)
+                        .ok()
+                        .map(|d| stored_digest(d, len as u32));
+                }
+            } else if self.is_right(n) || self.off() {
                 reader.read(id, dst, at)?;
             } else if at == start && to == start + len {
                 reader.read(id, dst, start)?;
@@ -346,12 +381,13 @@ impl CacheCheck {
         let want = match self.store.digest(n) {
             Ok(d) => d,
             Err(e) => {
-                if !self.off.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "{}: the chunk store cannot be read to check the image cache's blocks ({e}): served unchecked",
-                        self.label
-                    );
-                }
+                *self.off_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(std::time::Instant::now() + UNCHECKED_FOR);
+                tracing::warn!(
+                    "{}: the chunk store's map cannot be read to check the image cache's blocks ({e}): served unchecked for {}s",
+                    self.label,
+                    UNCHECKED_FOR.as_secs()
+                );
                 return Ok(None);
             }
         };
@@ -376,19 +412,22 @@ impl CacheCheck {
                 self.label
             );
         }
-        match self.store.blocks(&[n])?.remove(0) {
-            Some(good) if good.len() == data.len() => data.copy_from_slice(&good),
-            Some(good) => {
-                return Err(Error::Corrupt(format!(
-                    "{}: block {n} is {} bytes in the chunk store, not {}",
-                    self.label,
-                    good.len(),
-                    data.len()
-                )))
-            }
-            None => data.fill(0),
-        }
+        data.copy_from_slice(&self.store_block(n, data.len())?);
         Ok(Some(stored_digest(want, data.len() as u32)))
+    }
+
+    /// Block `n` (`len` bytes) from the chunk store (checked there against
+    /// its name).
+    fn store_block(&self, n: u64, len: usize) -> Result<Vec<u8>> {
+        match self.store.blocks(&[n])?.remove(0) {
+            Some(good) if good.len() == len => Ok(good),
+            Some(good) => Err(Error::Corrupt(format!(
+                "{}: block {n} is {} bytes in the chunk store, not {len}",
+                self.label,
+                good.len()
+            ))),
+            None => Ok(vec![0u8; len]),
+        }
     }
 }
 
