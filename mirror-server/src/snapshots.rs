@@ -23,7 +23,9 @@
 //! ```text
 //! VOLUME_DIR/snapshots/
 //!   manifest.json   {"format":2,"next_id":N,"snapshots":[{"id":..,"name":"..",
-//!                    "epoch":..,"epoch_ms":..,"created_ms":..,"kind":"manual"|"scheduled"}, ..]}
+//!                    "epoch":..,"epoch_ms":..,"created_ms":..,"kind":"manual"|"scheduled",
+//!                    "by_schedule":true (only when set: a scheduled one kept
+//!                    since, for a restore)}, ..]}
 //!                   oldest first; replaced whole (write, sync, rename)
 //!   ID/data         preserved units, appended: a record's units, 4 KiB each,
 //!                   in ascending order, one after the other
@@ -177,6 +179,10 @@ pub struct SnapshotInfo {
     pub created_ms: u64,
     /// Manual or scheduled.
     pub kind: Kind,
+    /// Taken by the schedule, though kept until deleted since (restored
+    /// from): the schedule counts from it as from a scheduled one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_schedule: bool,
 }
 
 impl SnapshotInfo {
@@ -853,6 +859,7 @@ impl Snapshots {
             epoch_ms,
             created_ms: now_ms,
             kind,
+            by_schedule: false,
         };
         self.manifest.next_id += 1;
         self.manifest.snapshots.push(info.clone());
@@ -889,9 +896,11 @@ impl Snapshots {
             return Ok(false);
         };
         self.manifest.snapshots[i].kind = Kind::Manual;
+        self.manifest.snapshots[i].by_schedule = true;
         match self.write_manifest() {
             Err(e) => {
                 self.manifest.snapshots[i].kind = Kind::Scheduled;
+                self.manifest.snapshots[i].by_schedule = false;
                 Err(e)
             }
             Ok(Written::Durably) => Ok(true),
@@ -1282,12 +1291,13 @@ impl Snapshots {
     }
 
     /// When the newest scheduled snapshot taken at or before `now_ms` was
-    /// taken (one "after" now: the clock went back since).
+    /// taken (one "after" now: the clock went back since), counting one
+    /// the schedule took and a restore kept since.
     pub fn last_scheduled_ms_by(&self, now_ms: u64) -> Option<u64> {
         self.manifest
             .snapshots
             .iter()
-            .filter(|s| s.kind == Kind::Scheduled && s.created_ms <= now_ms)
+            .filter(|s| (s.kind == Kind::Scheduled || s.by_schedule) && s.created_ms <= now_ms)
             .map(|s| s.created_ms)
             .max()
     }
@@ -1778,6 +1788,16 @@ mod tests {
         drop(pin);
         s.delete("a").unwrap();
         assert!(s.get("a").is_none() && s.list().len() == 2);
+        // The schedule counts from the newest it took, kept or not (else
+        // a restore from it would bring the next one early), across an
+        // open.
+        let newest = s.create(None, 4, 4000, 4000, Kind::Scheduled).unwrap();
+        assert!(s.keep_until_deleted(&newest.name).unwrap());
+        let s = Snapshots::open(dir.path()).unwrap();
+        assert_eq!(s.last_scheduled_ms_by(10_000), Some(4000));
+        assert!(s
+            .get(&newest.name)
+            .is_some_and(|k| k.kind == Kind::Manual && k.by_schedule));
     }
 
     #[test]

@@ -223,6 +223,10 @@ pub struct FillHeader {
     pub snapshot: String,
     /// The epoch it holds.
     pub epoch: u64,
+    /// When that epoch was published (ms since the Unix epoch; 0 in a
+    /// state written before this field).
+    #[serde(default)]
+    pub epoch_ms: u64,
     /// The volume's size.
     pub size: u64,
     /// Bytes per bit.
@@ -578,6 +582,7 @@ impl OnDemand {
             volume: opts.volume.clone(),
             snapshot: info.snapshot.clone(),
             epoch: info.epoch,
+            epoch_ms: info.epoch_ms,
             size: info.size,
             block: BLOCK,
             target: f.target.clone(),
@@ -1435,9 +1440,7 @@ impl Fetcher {
                     size: h.size,
                     snapshot: h.snapshot.clone(),
                     epoch: h.epoch,
-                    // Not in the fill state: unknown to this daemon
-                    // (`status` shows 0).
-                    epoch_ms: 0,
+                    epoch_ms: h.epoch_ms,
                 };
                 (None, info)
             }
@@ -2105,6 +2108,7 @@ mod tests {
             volume: "root".into(),
             snapshot: "v".into(),
             epoch: 9,
+            epoch_ms: 1_796_000_000_000,
             size: 20 * BLOCK,
             block: BLOCK,
             target: "/dev/sdb".into(),

@@ -490,6 +490,8 @@ fn an_instant_restore_under_way_starts_again_without_the_mirror() {
     let target = dir.path().join("restored.img");
     let state = dir.path().join("restored.fill");
     let (od, fetching) = instant(&client_dir, &target, &state);
+    let epoch_ms = od.status().epoch_ms;
+    assert!(epoch_ms > 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while od.status().remaining_bytes > SIZE - (2 << 20) {
         assert!(std::time::Instant::now() < deadline, "{:?}", od.status());
@@ -508,6 +510,7 @@ fn an_instant_restore_under_way_starts_again_without_the_mirror() {
     let (od, fetching) = instant(&client_dir, &target, &state);
     let s = od.status();
     assert!(!s.link_up, "{s:?}");
+    assert_eq!(s.epoch_ms, epoch_ms, "the version's time was lost");
     assert!(s.remaining_bytes < SIZE, "nothing resumed: {s:?}");
     // The fill walks from the start: the first block is here.
     let mut buf = vec![0u8; 4096];

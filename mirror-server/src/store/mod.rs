@@ -2214,6 +2214,7 @@ pub fn stored_info(name: &str, record: &VersionRecord) -> SnapshotInfo {
         epoch_ms: record.created_ms,
         created_ms: record.created_ms,
         kind: Kind::Stored,
+        by_schedule: false,
     }
 }
 
