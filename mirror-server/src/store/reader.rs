@@ -214,6 +214,16 @@ impl VersionSource {
     /// answer goes.
     pub fn extent(&self, offset: u64) -> Result<(bool, u64)> {
         match self {
+            // The version's map says, not the cache's files: a hole the
+            // disk made where data was would have a reader skip the data.
+            VersionSource::Cache {
+                check: Some(check),
+                reader,
+                id,
+            } => match check.extent(offset) {
+                Some(answer) => Ok(answer),
+                None => reader.extent(*id, offset),
+            },
             VersionSource::Cache { reader, id, .. } => reader.extent(*id, offset),
             VersionSource::Store(r) => {
                 let block = ublk_mirror_common::block::BLOCK;
@@ -322,6 +332,44 @@ impl CacheCheck {
         }
     }
 
+    /// Whether the version holds data at `offset` (a block its map does
+    /// not call a hole), and how far the same answer goes (to the end of
+    /// the map segment at most); `None` while the map cannot be read.
+    fn extent(&self, offset: u64) -> Option<(bool, u64)> {
+        if self.off() {
+            return None;
+        }
+        let size = self.store.size();
+        let n = offset / BLOCK;
+        let hole = crate::chunks::format::HOLE;
+        let mapped = match self.store.digest(n) {
+            Ok(d) => d != hole,
+            Err(e) => {
+                self.pause(&e);
+                return None;
+            }
+        };
+        let segment = crate::chunks::format::SEGMENT_BLOCKS as u64;
+        let last = ((n / segment + 1) * segment).min(crate::chunks::blocks_of(size));
+        let mut m = n + 1;
+        while m < last && self.store.digest(m).is_ok_and(|d| (d != hole) == mapped) {
+            m += 1;
+        }
+        Some((mapped, (m * BLOCK).min(size) - offset))
+    }
+
+    /// The store's map could not be read: the cache is served unchecked
+    /// for [`UNCHECKED_FOR`].
+    fn pause(&self, e: &Error) {
+        *self.off_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now() + UNCHECKED_FOR);
+        tracing::warn!(
+            "{}: the chunk store's map cannot be read to check the image cache's blocks ({e}): served unchecked for {}s",
+            self.label,
+            UNCHECKED_FOR.as_secs()
+        );
+    }
+
     /// Read snapshot `id` of `reader` at `offset`, each block not yet
     /// found right checked (read whole for it). The sha256 of the bytes
     /// read where they are one block this call hashed.
@@ -381,18 +429,15 @@ impl CacheCheck {
         let want = match self.store.digest(n) {
             Ok(d) => d,
             Err(e) => {
-                *self.off_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(std::time::Instant::now() + UNCHECKED_FOR);
-                tracing::warn!(
-                    "{}: the chunk store's map cannot be read to check the image cache's blocks ({e}): served unchecked for {}s",
-                    self.label,
-                    UNCHECKED_FOR.as_secs()
-                );
+                self.pause(&e);
                 return Ok(None);
             }
         };
         let (right, hashed) = if want == crate::chunks::format::HOLE {
-            (block::is_zero(data), None)
+            (
+                block::is_zero(data),
+                Some(block::zero_digest(data.len() as u32)),
+            )
         } else {
             let d = block::digest(data);
             (d == want, Some(d))
