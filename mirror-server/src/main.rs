@@ -932,8 +932,9 @@ struct ImagesChecked {
     volumes: u64,
     /// Their blocks.
     blocks: u64,
-    /// The images with blocks that differed from their versions.
-    damaged: std::collections::BTreeMap<String, ImageCheck>,
+    /// The images with blocks that differed from their versions: how
+    /// many, and how many of those were repaired.
+    differed: std::collections::BTreeMap<String, ImageCheck>,
     /// The images that could not be checked, and why.
     unchecked: std::collections::BTreeMap<String, String>,
 }
@@ -998,11 +999,11 @@ fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_s
         images.volumes += 1;
         images.blocks += check.blocks;
         if check.damaged > 0 {
-            images.damaged.insert(name, check);
+            images.differed.insert(name, check);
         }
     }
     let unrepaired: u64 = images
-        .damaged
+        .differed
         .values()
         .map(|c| c.damaged - c.repaired)
         .sum();
@@ -1027,10 +1028,10 @@ fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_s
             "{} images here ({} blocks) checked against their versions: {} blocks differed, {} made the version's again from the store",
             images.volumes,
             images.blocks,
-            images.damaged.values().map(|c| c.damaged).sum::<u64>(),
-            images.damaged.values().map(|c| c.repaired).sum::<u64>(),
+            images.differed.values().map(|c| c.damaged).sum::<u64>(),
+            images.differed.values().map(|c| c.repaired).sum::<u64>(),
         );
-        for (name, c) in &images.damaged {
+        for (name, c) in &images.differed {
             println!(
                 "  image of {name}: {} blocks differed, {} repaired",
                 c.damaged, c.repaired
@@ -1046,7 +1047,7 @@ fn verify(data: &Path, cfg: &Path, volume: Option<&str>, json: bool) -> mirror_s
         )));
     }
     if !images.unchecked.is_empty() && r.is_clean() {
-        return Err(mirror_server::Error::Invalid(format!(
+        return Err(mirror_server::Error::Corrupt(format!(
             "the chunk store is sound, but {} images here could not be checked (see above)",
             images.unchecked.len()
         )));

@@ -176,7 +176,10 @@ pub(crate) async fn serve_restore(
         };
         let blocks = match plan_have(offset, len, digests.len(), size) {
             Ok(b) => b,
-            Err(reason) => return refuse(send, reason).await,
+            Err(reason) => {
+                tracing::warn!("restore refused: {reason}");
+                return refuse(send, reason).await;
+            }
         };
         // Each block read through the snapshot reader (publishing goes on
         // meanwhile: it preserves old chunks in the snapshot before it
@@ -195,7 +198,10 @@ pub(crate) async fn serve_restore(
                     let _ = send.reset(RESET_STORE_UNAVAILABLE.into());
                     return Err(Fault::Other(e));
                 }
-                Err(e) => return refuse(send, format!("restore: {e}")).await,
+                Err(e) => {
+                    tracing::error!("restore refused: {e}");
+                    return refuse(send, format!("restore: {e}")).await;
+                }
             };
             let mine = known.unwrap_or_else(|| block::digest(&bytes));
             if *theirs == mine {

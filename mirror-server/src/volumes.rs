@@ -249,6 +249,34 @@ impl Volumes {
         Ok(Some(v))
     }
 
+    /// Volume `client/volume`'s image is gone (the cache lost, not the
+    /// volume): where the chunk store has the volume, its directory is
+    /// set aside (hidden, kept for whoever wants to look) so that the
+    /// volume is made again from the store; its snapshots stay listed and
+    /// readable from the store's pins. Without a store version, nothing is
+    /// done (opening it says the image is missing).
+    fn set_lost_image_aside(&self, client: &str, volume: &str, dir: &Path) -> Result<()> {
+        let Some(store) = &self.chunks else {
+            return Ok(());
+        };
+        let name = format!("{client}/{volume}");
+        if store.head(&name)?.is_none() {
+            return Ok(());
+        }
+        let aside = dir.with_file_name(format!(
+            ".lost-image-{volume}-{}",
+            ublk_mirror_common::clock::now_ms()
+        ));
+        std::fs::rename(dir, &aside)
+            .map_err(|e| Error::io(format!("setting {} aside", dir.display()), e))?;
+        tracing::warn!(
+            volume = %name,
+            aside = %aside.display(),
+            "the volume's image is missing: it is made again from the chunk store (the old directory is kept aside)"
+        );
+        Ok(())
+    }
+
     /// Where volume `client/volume` lives (whether or not it exists).
     pub fn dir(&self, client: &str, volume: &str) -> PathBuf {
         self.data.join(VOLUMES_DIR).join(client).join(volume)
@@ -388,6 +416,9 @@ impl Volumes {
             return Ok(v.clone());
         }
         let dir = self.dir(client, volume);
+        if dir.join("state.json").exists() && !dir.join("image").exists() {
+            tokio::task::block_in_place(|| self.set_lost_image_aside(client, volume, &dir))?;
+        }
         let rebuilt = if dir.exists() {
             None
         } else {

@@ -2138,7 +2138,7 @@ async fn verify_makes_a_damaged_image_block_the_version_s_again() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = Server::start(&data);
-    let (_id, link) = enrolled(&server, dir.path(), "laptop").await;
+    let (id, link) = enrolled(&server, dir.path(), "laptop").await;
     let size: u64 = 1 << 20;
     let all: Vec<(u64, u32)> = (0..size / 65536).map(|i| (i * 65536, 65536)).collect();
     link.open_volume("root", size).await.unwrap();
@@ -2180,12 +2180,54 @@ async fn verify_makes_a_damaged_image_block_the_version_s_again() {
     assert!(ok.status.success(), "{ok:?}");
     let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert_eq!(
-        report["images"]["damaged"]["laptop/root"],
+        report["images"]["differed"]["laptop/root"],
         serde_json::json!({"blocks": 16, "damaged": 1, "repaired": 1}),
         "{report}"
     );
     assert_eq!(report["images"]["blocks"], 16, "{report}");
     assert!(std::fs::read(&image).unwrap() == model, "not repaired");
+    // Cut short (a file system's repair): made whole again.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(size / 2 + 100)
+        .unwrap();
+    let ok = cli_at(&data, &["verify", "laptop/root", "--json"]);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        std::fs::read(&image).unwrap() == model,
+        "a short image was not made whole"
+    );
+    // Gone: the server makes the volume again from the store when it is
+    // asked for, and serves it.
+    std::fs::remove_file(&image).unwrap();
+    let server = Server::start(&data);
+    let link = Link::connect(&id, token_fp(&data), &server.address)
+        .await
+        .unwrap();
+    let mut read = link.read_version("root", None).await.unwrap();
+    assert_eq!(read.info().epoch, 1);
+    read.ask(0, 16, vec![[0u8; 32]; 16]).await.unwrap();
+    let mut got = vec![0u8; size as usize];
+    loop {
+        match read.next().await.unwrap() {
+            ReadStep::Block(b) => {
+                let at = b.offset as usize;
+                if let Some(d) = b.decode().unwrap() {
+                    got[at..at + d.len()].copy_from_slice(&d);
+                }
+            }
+            ReadStep::Answered { .. } => break,
+            ReadStep::ReadData(_) => unreachable!(),
+        }
+    }
+    read.finish();
+    assert!(got == model, "the volume made again is not the version");
+    assert!(
+        std::fs::read(&image).unwrap() == model,
+        "no image made again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -282,6 +282,13 @@ fn a_restore_never_gets_blocks_damaged_in_the_server_s_cache() {
         damage(&vol.join("image"), at + 8192);
     }
     damage(&vol.join(format!("snapshots/{}/data", snapshot.id)), 0);
+    // And cut short: the blocks past the cut cannot be read at all.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(vol.join("image"))
+        .unwrap()
+        .set_len(SIZE - (3 << 20) + 100)
+        .unwrap();
     for (at, want) in [(None, &m.versions[1]), (Some("before"), &m.versions[0])] {
         let target = m.dir.path().join(format!("{}.img", at.unwrap_or("now")));
         let req = ublk_dev::restore::RestoreRequest {

@@ -776,6 +776,23 @@ impl Volume {
         let Some(probe) = self.image_probe()? else {
             return Ok(check);
         };
+        // A short image (cut by a disk's trouble) is made whole first: its
+        // blocks past the cut are then holes, put right below.
+        let len = self
+            .image
+            .metadata()
+            .map_err(|e| Error::io("reading the image's size", e))?
+            .len();
+        if len < self.state.size {
+            tracing::warn!(
+                "{}: the image is {len} bytes, not {}: extended",
+                probe.label,
+                self.state.size
+            );
+            if let Err(e) = self.image.set_len(self.state.size) {
+                tracing::error!("{}: the image cannot be extended: {e}", probe.label);
+            }
+        }
         let mut buf = Vec::new();
         for &n in suspects {
             if probe.differs(n, &mut buf)?.is_none() {
@@ -790,10 +807,9 @@ impl Volume {
                 }
             };
             let len = block_len(self.state.size, n) as usize;
-            match good {
+            let written = match good {
                 // A hole stays one.
-                None => fsutil::punch_or_zero(&self.image, n * block::BLOCK, len as u64)
-                    .map_err(|e| Error::io("repairing the image", e))?,
+                None => fsutil::punch_or_zero(&self.image, n * block::BLOCK, len as u64),
                 Some(good) if good.len() != len => {
                     tracing::error!(
                         "{}: block {n} is {} bytes in the chunk store, not {len}",
@@ -802,18 +818,22 @@ impl Volume {
                     );
                     continue;
                 }
-                Some(good) => self
-                    .image
-                    .write_all_at(&good, n * block::BLOCK)
-                    .map_err(|e| Error::io("repairing the image", e))?,
+                Some(good) => self.image.write_all_at(&good, n * block::BLOCK),
+            };
+            // One that cannot be written (a read-only or failing disk) is
+            // left damaged, said; the others go on.
+            if let Err(e) = written {
+                tracing::error!("{}: block {n} of the image differs from the version and cannot be written: {e}", probe.label);
+                continue;
             }
             check.repaired += 1;
             tracing::warn!("{}: block {n} of the image differed from the version (damaged on this disk?): made the chunk store's again", probe.label);
         }
         if check.repaired > 0 {
-            self.image
-                .sync_data()
-                .map_err(|e| Error::io("syncing the repaired image", e))?;
+            if let Err(e) = self.image.sync_data() {
+                tracing::error!("{}: the repaired image cannot be synced: {e}", probe.label);
+                check.repaired = 0;
+            }
         }
         Ok(check)
     }
@@ -2122,10 +2142,13 @@ impl ImageProbe {
     /// `buf`): the version's digest if it does.
     fn differs(&self, n: u64, buf: &mut Vec<u8>) -> Result<Option<Digest>> {
         buf.resize(block_len(self.size, n) as usize, 0);
-        self.image
-            .read_exact_at(buf, n * block::BLOCK)
-            .map_err(|e| Error::io("reading the image", e))?;
         let want = self.store.digest(n)?;
+        // A block that cannot be read (a short image, a disk's read
+        // error) differs: writing it again is the repair.
+        if let Err(e) = self.image.read_exact_at(buf, n * block::BLOCK) {
+            tracing::debug!("{}: block {n} of the image cannot be read: {e}", self.label);
+            return Ok(Some(want));
+        }
         let right = if want == HOLE {
             block::is_zero(buf)
         } else {

@@ -407,14 +407,33 @@ impl CacheCheck {
                         .map(|d| stored_digest(d, len as u32));
                 }
             } else if self.is_right(n) || self.off() {
-                reader.read(id, dst, at)?;
+                if let Err(e) = reader.read(id, dst, at) {
+                    if self.off() {
+                        return Err(e);
+                    }
+                    // Read right before, unreadable now (the disk).
+                    let whole = self.unreadable(n, len as usize, &e)?;
+                    dst.copy_from_slice(&whole[(at - start) as usize..(to - start) as usize]);
+                }
             } else if at == start && to == start + len {
-                reader.read(id, dst, start)?;
-                hashed = self.check(n, dst)?;
+                hashed = match reader.read(id, dst, start) {
+                    Ok(()) => self.check(n, dst)?,
+                    Err(e) => {
+                        dst.copy_from_slice(&self.unreadable(n, len as usize, &e)?);
+                        self.store
+                            .digest(n)
+                            .ok()
+                            .map(|d| stored_digest(d, len as u32))
+                    }
+                };
             } else {
                 let mut whole = vec![0u8; len as usize];
-                reader.read(id, &mut whole, start)?;
-                self.check(n, &mut whole)?;
+                match reader.read(id, &mut whole, start) {
+                    Ok(()) => {
+                        self.check(n, &mut whole)?;
+                    }
+                    Err(e) => whole = self.unreadable(n, len as usize, &e)?,
+                }
                 dst.copy_from_slice(&whole[(at - start) as usize..(to - start) as usize]);
             }
             at = to;
@@ -459,6 +478,24 @@ impl CacheCheck {
         }
         data.copy_from_slice(&self.store_block(n, data.len())?);
         Ok(Some(stored_digest(want, data.len() as u32)))
+    }
+
+    /// Block `n` (`len` bytes) could not be read from the cache (`e`: a
+    /// short image, a disk's read error): counted as damaged, and read
+    /// from the store.
+    fn unreadable(&self, n: u64, len: usize, e: &Error) -> Result<Vec<u8>> {
+        let first = self
+            .damaged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(n);
+        if first {
+            tracing::error!(
+                "{}: block {n} of the image cache cannot be read ({e}): served from the store (`mirror-server verify` repairs the image)",
+                self.label
+            );
+        }
+        self.store_block(n, len)
     }
 
     /// Block `n` (`len` bytes) from the chunk store (checked there against
