@@ -1530,7 +1530,9 @@ impl VersionReader {
     /// The digest of block `n` ([`HOLE`] for zeroes).
     pub fn digest(&self, n: u64) -> Result<Digest> {
         let seg = self.segment(n as usize / SEGMENT_BLOCKS)?;
-        Ok(seg[n as usize % SEGMENT_BLOCKS])
+        seg.get(n as usize % SEGMENT_BLOCKS)
+            .copied()
+            .ok_or_else(|| Error::Invalid(format!("block {n} is past the end of the version")))
     }
 
     /// Blocks `ns` (`None`: zeroes), each checked against its digest.

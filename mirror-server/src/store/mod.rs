@@ -3795,6 +3795,12 @@ mod tests {
             assert_eq!(source.extent(6 * B).unwrap(), data, "{at:?}");
             assert_eq!(source.extent(8 * B).unwrap(), hole, "{at:?}");
             assert_eq!(source.extent(9 * B + 7).unwrap(), (true, SIZE - 9 * B - 7));
+            // Asked past the end: the cache's answer, and the checks go on.
+            let _ = source.extent(SIZE);
+            assert!(
+                source.checked(),
+                "{at:?}: a question past the end paused the checks"
+            );
             v.done_reading(&info, pin).unwrap();
             let (info, pin, source) = v.open_version(at).unwrap();
             // A small read inside a damaged block, then the whole volume

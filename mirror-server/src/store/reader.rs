@@ -336,10 +336,11 @@ impl CacheCheck {
     /// not call a hole), and how far the same answer goes (to the end of
     /// the map segment at most); `None` while the map cannot be read.
     fn extent(&self, offset: u64) -> Option<(bool, u64)> {
-        if self.off() {
+        let size = self.store.size();
+        // Past the end: the cache's answer (its bounds check).
+        if offset >= size || self.off() {
             return None;
         }
-        let size = self.store.size();
         let n = offset / BLOCK;
         let hole = crate::chunks::format::HOLE;
         let mapped = match self.store.digest(n) {
