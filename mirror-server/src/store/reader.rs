@@ -466,17 +466,10 @@ impl CacheCheck {
             self.set_right(n);
             return Ok(hashed);
         }
-        let first = self
-            .damaged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(n);
-        if first {
-            tracing::error!(
-                "{}: block {n} of the image cache differs from the version in the chunk store (damaged on this server's disk?): served from the store (`mirror-server verify` repairs the image; a block a snapshot preserved is read from the store each time)",
-                self.label
-            );
-        }
+        self.note_damaged(
+            n,
+            "differs from the version in the chunk store (damaged on this server's disk?)",
+        );
         data.copy_from_slice(&self.store_block(n, data.len())?);
         Ok(Some(stored_digest(want, data.len() as u32)))
     }
@@ -485,6 +478,13 @@ impl CacheCheck {
     /// short image, a disk's read error): counted as damaged, and read
     /// from the store.
     fn unreadable(&self, n: u64, len: usize, e: &Error) -> Result<Vec<u8>> {
+        self.note_damaged(n, &format!("cannot be read ({e})"));
+        self.store_block(n, len)
+    }
+
+    /// Block `n` of the cache is damaged (`how`): read from the store
+    /// from now on, said the first time.
+    fn note_damaged(&self, n: u64, how: &str) {
         let first = self
             .damaged
             .lock()
@@ -492,11 +492,10 @@ impl CacheCheck {
             .insert(n);
         if first {
             tracing::error!(
-                "{}: block {n} of the image cache cannot be read ({e}): served from the store (`mirror-server verify` repairs the image)",
+                "{}: block {n} of the image cache {how}: served from the store (`mirror-server verify` repairs the image; a block a snapshot preserved is read from the store each time)",
                 self.label
             );
         }
-        self.store_block(n, len)
     }
 
     /// Block `n` (`len` bytes) from the chunk store (checked there against
