@@ -2149,12 +2149,7 @@ impl ImageProbe {
             tracing::debug!("{}: block {n} of the image cannot be read: {e}", self.label);
             return Ok(Some(want));
         }
-        let right = if want == HOLE {
-            block::is_zero(buf)
-        } else {
-            block::digest(buf) == want
-        };
-        Ok((!right).then_some(want))
+        Ok((!reader::holds(buf, want).0).then_some(want))
     }
 }
 
@@ -2244,7 +2239,7 @@ pub fn stored_info(name: &str, record: &VersionRecord) -> SnapshotInfo {
 /// The length of block `n` of a volume of `size` bytes (the last may be
 /// short).
 fn block_len(size: u64, n: u64) -> u64 {
-    (size - n * block::BLOCK).min(block::BLOCK)
+    size.saturating_sub(n * block::BLOCK).min(block::BLOCK)
 }
 
 /// What a direct staging's log (`N.log`) says of the blocks of a volume

@@ -16,7 +16,7 @@ use ublk_mirror_common::block::{self, BLOCK};
 use ublk_mirror_common::clock::now_ms;
 use ublk_mirror_common::proto::Digest;
 
-use super::{read_state, sync_dir, write_state, Volume, VolumeState, VOLUMES_DIR};
+use super::{block_len, read_state, sync_dir, write_state, Volume, VolumeState, VOLUMES_DIR};
 use crate::error::{Error, Result};
 use crate::snapshots::Snapshots;
 
@@ -246,10 +246,16 @@ fn stored_digest(d: Digest, len: u32) -> Digest {
     }
 }
 
-/// The length of block `n` of a volume of `size` bytes (the last may be
-/// short).
-fn block_len(size: u64, n: u64) -> u64 {
-    size.saturating_sub(n * BLOCK).min(BLOCK)
+/// Whether `data`, a whole block, is what the version's map names
+/// `want` ([`HOLE`](crate::chunks::format::HOLE): zeroes), and its sha256
+/// (a hole's without hashing it).
+pub(super) fn holds(data: &[u8], want: Digest) -> (bool, Digest) {
+    if want == crate::chunks::format::HOLE {
+        (block::is_zero(data), block::zero_digest(data.len() as u32))
+    } else {
+        let d = block::digest(data);
+        (d == want, d)
+    }
 }
 
 /// What a cache snapshot's blocks are checked against as they are read:
@@ -453,18 +459,10 @@ impl CacheCheck {
                 return Ok(None);
             }
         };
-        let (right, hashed) = if want == crate::chunks::format::HOLE {
-            (
-                block::is_zero(data),
-                Some(block::zero_digest(data.len() as u32)),
-            )
-        } else {
-            let d = block::digest(data);
-            (d == want, Some(d))
-        };
+        let (right, hashed) = holds(data, want);
         if right {
             self.set_right(n);
-            return Ok(hashed);
+            return Ok(Some(hashed));
         }
         self.note_damaged(
             n,
